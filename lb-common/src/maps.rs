@@ -1,0 +1,47 @@
+//! Names and capacities of every BPF map, in one place for both sides.
+
+/// Services: `ServiceKey` -> `ServiceValue`.
+pub const SERVICES: &str = "SERVICES";
+/// Maglev lookup tables of all services, back to back: `u32` index -> backend slot.
+/// A service owns a region `[table_offset, table_offset + table_size)`; updates write a fresh
+/// region and then flip the service's offset, so no packet sees a half-written table.
+pub const MAGLEV_POOL: &str = "MAGLEV_POOL";
+/// Backends: slot -> `Backend`.
+pub const BACKENDS: &str = "BACKENDS";
+/// Connection table: `FlowKey` -> `FlowState` (LRU).
+pub const CONNTRACK: &str = "CONNTRACK";
+/// Egress interfaces for XDP_REDIRECT: ifindex -> ifindex (devmap hash).
+pub const TX_PORTS: &str = "TX_PORTS";
+/// Per-CPU traffic counters per service id.
+pub const SERVICE_STATS: &str = "SERVICE_STATS";
+/// Per-CPU traffic counters per backend slot.
+pub const BACKEND_STATS: &str = "BACKEND_STATS";
+/// Per-CPU global counters, indexed by `Counter`.
+pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
+
+/// Every map that is pinned under `/sys/fs/bpf/<instance>/maps/`.
+pub const PINNED: [&str; 8] = [
+    SERVICES,
+    MAGLEV_POOL,
+    BACKENDS,
+    CONNTRACK,
+    TX_PORTS,
+    SERVICE_STATS,
+    BACKEND_STATS,
+    GLOBAL_STATS,
+];
+
+/// The XDP balancer program.
+pub const PROG_LB: &str = "lb";
+/// A program that passes every frame: veth peers need one to receive XDP_TX/redirect frames.
+pub const PROG_PASS: &str = "xdp_pass";
+
+pub const MAX_SERVICES: u32 = 1024;
+pub const MAX_BACKENDS: u32 = 16384;
+pub const MAX_TX_PORTS: u32 = 64;
+/// Compile-time defaults; the daemon resizes these from its config before loading.
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 65536;
+/// Room for 16 services of the default table size, each double-buffered.
+pub const DEFAULT_POOL_SLOTS: u32 = 32 * 65537;
+/// Default Maglev table size (prime).
+pub const DEFAULT_TABLE_SIZE: u32 = 65537;

@@ -1,0 +1,61 @@
+//! Counters.
+
+/// Per service or per backend traffic, per CPU.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct TrafficStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+const _: () = assert!(core::mem::size_of::<TrafficStats>() == 24);
+
+macro_rules! counters {
+    ($($name:ident = $idx:expr, $label:expr;)*) => {
+        /// Global counters: every verdict and every reason to pass or drop.
+        #[repr(u32)]
+        #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+        pub enum Counter { $($name = $idx,)* }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$name,)*];
+            /// Stable name used by the CLI and metrics.
+            pub const fn name(self) -> &'static str {
+                match self { $(Counter::$name => $label,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    // Verdicts for VIP traffic.
+    Tx = 0, "tx";
+    Redirect = 1, "redirect";
+    // Passed to the kernel untouched.
+    PassNotIp = 2, "pass_not_ip";
+    PassNotVip = 3, "pass_not_vip";
+    PassNotTcpUdp = 4, "pass_not_tcp_udp";
+    PassIpv4Fragment = 5, "pass_ipv4_fragment";
+    PassIpv6ExtHeader = 6, "pass_ipv6_ext_header";
+    PassIpv6Fragment = 7, "pass_ipv6_fragment";
+    PassStackedVlan = 8, "pass_stacked_vlan";
+    // Dropped: malformed packets.
+    DropTruncatedL2 = 9, "drop_truncated_l2";
+    DropTruncatedL3 = 10, "drop_truncated_l3";
+    DropBadIpHeader = 11, "drop_bad_ip_header";
+    DropTruncatedL4 = 12, "drop_truncated_l4";
+    DropBadL4Header = 13, "drop_bad_l4_header";
+    // Dropped: VIP traffic that cannot be forwarded.
+    DropNoBackend = 14, "drop_no_backend";
+    DropBackendMissing = 15, "drop_backend_missing";
+    DropRedirectFailed = 16, "drop_redirect_failed";
+    // Connection table.
+    ConntrackHit = 17, "conntrack_hit";
+    ConntrackMiss = 18, "conntrack_miss";
+    ConntrackStale = 19, "conntrack_stale";
+    ConntrackInsertFailed = 20, "conntrack_insert_failed";
+}
+
+/// Size of the global counter map.
+pub const COUNTER_SLOTS: u32 = 32;
+const _: () = assert!((Counter::ConntrackInsertFailed as u32) < COUNTER_SLOTS);

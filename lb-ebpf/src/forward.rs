@@ -1,0 +1,34 @@
+//! Forwarding: the one seam every mode goes through. Today: L2 direct server return.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{Backend, Counter, ServiceValue};
+use lb_ebpf::{Frame, Verdict};
+use network_types::eth::EthHdr;
+
+use crate::maps::TX_PORTS;
+
+#[inline(always)]
+pub fn forward(ctx: &XdpContext, frame: &Frame, _service: &ServiceValue, backend: &Backend) -> Verdict {
+    dsr_l2(ctx, frame, backend)
+}
+
+/// Rewrites only the Ethernet addresses; the IP packet reaches the backend as the client sent
+/// it, and the backend (VIP on its loopback) answers the client directly.
+#[inline(always)]
+fn dsr_l2(ctx: &XdpContext, frame: &Frame, backend: &Backend) -> Verdict {
+    let Some(eth) = frame.ptr_at::<EthHdr>(0) else {
+        return Verdict::Drop(Counter::DropTruncatedL2);
+    };
+    // SAFETY: bounds checked by ptr_at; XDP owns the frame.
+    unsafe {
+        (*eth).dst_addr = backend.dst_mac;
+        (*eth).src_addr = backend.src_mac;
+    }
+    if backend.ifindex == ctx.ingress_ifindex() as u32 {
+        return Verdict::Tx;
+    }
+    match TX_PORTS.redirect(backend.ifindex, 0) {
+        Ok(action) => Verdict::Redirect(action),
+        Err(_) => Verdict::Drop(Counter::DropRedirectFailed),
+    }
+}

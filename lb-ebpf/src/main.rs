@@ -1,0 +1,53 @@
+//! XDP entry points. Thin: parse, select, forward live in their own modules.
+#![no_std]
+#![no_main]
+
+mod forward;
+mod maps;
+mod select;
+mod stats;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_ebpf::{Frame, Verdict, parse_flow};
+
+/// The balancer: every frame on the attached interface goes through here.
+#[xdp]
+pub fn lb(ctx: XdpContext) -> u32 {
+    let frame = Frame::new(ctx.data(), ctx.data_end());
+    let verdict = balance(&ctx, &frame);
+    stats::finish(verdict)
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext, frame: &Frame) -> Verdict {
+    let key = match parse_flow(frame) {
+        Ok(key) => key,
+        Err(verdict) => return verdict,
+    };
+    let Some(service) = select::service(&key) else {
+        return Verdict::Pass(lb_common::Counter::PassNotVip);
+    };
+    let chosen = match select::backend(&key, &service) {
+        Ok(chosen) => chosen,
+        Err(verdict) => return verdict,
+    };
+    stats::traffic(service.id, chosen.slot, frame.len() as u64, chosen.new_flow);
+    forward::forward(ctx, frame, &service, &chosen.backend)
+}
+
+/// Passes everything. A veth only receives XDP_TX/redirected frames if its peer runs an XDP
+/// program, so test topologies attach this to the peers.
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,43 @@
+//! Every map of the data plane. Names and capacities come from `lb_common::maps`; the daemon
+//! resizes CONNTRACK and MAGLEV_POOL before loading. All are pinned by name.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats,
+    maps::{DEFAULT_CONNTRACK_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS},
+    stats::COUNTER_SLOTS,
+};
+
+/// Not preallocated, so an update replaces the value under RCU: a packet that already looked
+/// up a service keeps reading the old value intact.
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// mmap-able so the daemon writes a whole table with memcpy instead of one syscall per slot.
+#[map]
+pub static MAGLEV_POOL: Array<u32> = Array::pinned(DEFAULT_POOL_SLOTS, BPF_F_MMAPABLE);
+
+#[map]
+pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+/// Shared (not per-CPU) LRU: a flow must stay put even when its packets arrive on another CPU.
+#[map]
+pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::pinned(DEFAULT_CONNTRACK_SIZE, 0);
+
+#[map]
+pub static TX_PORTS: DevMapHash = DevMapHash::pinned(MAX_TX_PORTS, 0);
+
+#[map]
+pub static SERVICE_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+#[map]
+pub static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+#[map]
+pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);

@@ -1,0 +1,297 @@
+//! Header parsing: Ethernet (one 802.1Q/802.1ad tag), IPv4 with options, IPv6 without extension
+//! headers, TCP and UDP. Malformed headers are dropped; anything we do not balance is passed.
+
+use core::mem::size_of;
+
+use lb_common::{Counter, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+use crate::Verdict;
+
+const ETH_P_IPV4: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
+const ETH_P_8021Q: u16 = 0x8100u16.to_be();
+const ETH_P_8021AD: u16 = 0x88A8u16.to_be();
+
+/// The bytes of one frame: `[start, end)` as addresses, as XDP hands them over.
+#[derive(Copy, Clone)]
+pub struct Frame {
+    start: usize,
+    end: usize,
+}
+
+impl Frame {
+    #[inline(always)]
+    pub const fn new(start: usize, end: usize) -> Self {
+        Self { start, end }
+    }
+
+    #[inline(always)]
+    pub const fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    #[inline(always)]
+    pub const fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    /// A bounds-checked pointer to a `T` at `offset`: the one check the verifier needs.
+    #[inline(always)]
+    pub fn ptr_at<T>(&self, offset: usize) -> Option<*mut T> {
+        if self.start + offset + size_of::<T>() > self.end {
+            return None;
+        }
+        Some((self.start + offset) as *mut T)
+    }
+}
+
+/// Parses a frame into its flow key, or says why it is not balanced.
+#[inline(always)]
+pub fn parse_flow(frame: &Frame) -> Result<FlowKey, Verdict> {
+    let eth: *const EthHdr = frame.ptr_at(0).ok_or(Verdict::Drop(Counter::DropTruncatedL2))?;
+    // SAFETY: bounds checked by ptr_at.
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut offset = EthHdr::LEN;
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        let vlan: *const VlanHdr =
+            frame.ptr_at(offset).ok_or(Verdict::Drop(Counter::DropTruncatedL2))?;
+        ether_type = unsafe { (*vlan).ether_type };
+        offset += VlanHdr::LEN;
+        if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+            return Err(Verdict::Pass(Counter::PassStackedVlan));
+        }
+    }
+    match ether_type {
+        ETH_P_IPV4 => parse_ipv4(frame, offset),
+        ETH_P_IPV6 => parse_ipv6(frame, offset),
+        _ => Err(Verdict::Pass(Counter::PassNotIp)),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(frame: &Frame, offset: usize) -> Result<FlowKey, Verdict> {
+    let ip: *const Ipv4Hdr = frame.ptr_at(offset).ok_or(Verdict::Drop(Counter::DropTruncatedL3))?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    if ip.vihl >> 4 != 4 {
+        return Err(Verdict::Drop(Counter::DropBadIpHeader));
+    }
+    let header_len = ((ip.vihl & 0x0f) as usize) << 2;
+    if header_len < Ipv4Hdr::LEN || (u16::from_be_bytes(ip.tot_len) as usize) < header_len {
+        return Err(Verdict::Drop(Counter::DropBadIpHeader));
+    }
+    // MF set or a non-zero offset: a fragment. Only the first one has ports.
+    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+        return Err(Verdict::Pass(Counter::PassIpv4Fragment));
+    }
+    let proto = ip.proto;
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src[..4].copy_from_slice(&ip.src_addr);
+    dst[..4].copy_from_slice(&ip.dst_addr);
+    let (sport, dport) = parse_ports(frame, offset + header_len, proto)?;
+    Ok(FlowKey::new(FAMILY_V4, proto, src, dst, sport, dport))
+}
+
+#[inline(always)]
+fn parse_ipv6(frame: &Frame, offset: usize) -> Result<FlowKey, Verdict> {
+    let ip: *const Ipv6Hdr = frame.ptr_at(offset).ok_or(Verdict::Drop(Counter::DropTruncatedL3))?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(Verdict::Drop(Counter::DropBadIpHeader));
+    }
+    let proto = ip.next_hdr;
+    match proto {
+        PROTO_TCP | PROTO_UDP => {}
+        44 => return Err(Verdict::Pass(Counter::PassIpv6Fragment)),
+        // Hop-by-hop, routing, destination options, AH, mobility, HIP, shim6, experimental.
+        0 | 43 | 60 | 51 | 135 | 139 | 140 | 253 | 254 => {
+            return Err(Verdict::Pass(Counter::PassIpv6ExtHeader));
+        }
+        _ => return Err(Verdict::Pass(Counter::PassNotTcpUdp)),
+    }
+    let (sport, dport) = parse_ports(frame, offset + Ipv6Hdr::LEN, proto)?;
+    Ok(FlowKey::new(FAMILY_V6, proto, ip.src_addr, ip.dst_addr, sport, dport))
+}
+
+/// Source and destination ports, in network byte order.
+#[inline(always)]
+fn parse_ports(frame: &Frame, offset: usize, proto: u8) -> Result<(u16, u16), Verdict> {
+    match proto {
+        PROTO_TCP => {
+            let tcp: *const TcpHdr =
+                frame.ptr_at(offset).ok_or(Verdict::Drop(Counter::DropTruncatedL4))?;
+            // SAFETY: bounds checked by ptr_at.
+            let tcp = unsafe { &*tcp };
+            if tcp.doff() < 5 {
+                return Err(Verdict::Drop(Counter::DropBadL4Header));
+            }
+            Ok((u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest)))
+        }
+        PROTO_UDP => {
+            let udp: *const UdpHdr =
+                frame.ptr_at(offset).ok_or(Verdict::Drop(Counter::DropTruncatedL4))?;
+            // SAFETY: bounds checked by ptr_at.
+            let udp = unsafe { &*udp };
+            Ok((u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst)))
+        }
+        _ => Err(Verdict::Pass(Counter::PassNotTcpUdp)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eth(ethertype: u16) -> Vec<u8> {
+        let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f
+    }
+
+    fn ipv4(proto: u8, ihl_words: u8, frags: u16, payload: &[u8]) -> Vec<u8> {
+        let hl = ihl_words as usize * 4;
+        let mut h = vec![0u8; hl];
+        h[0] = 0x40 | ihl_words;
+        h[2..4].copy_from_slice(&((hl + payload.len()) as u16).to_be_bytes());
+        h[6..8].copy_from_slice(&frags.to_be_bytes());
+        h[8] = 64;
+        h[9] = proto;
+        h[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        h[16..20].copy_from_slice(&[10, 0, 0, 100]);
+        h.extend_from_slice(payload);
+        h
+    }
+
+    fn tcp(sport: u16, dport: u16) -> Vec<u8> {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&sport.to_be_bytes());
+        t[2..4].copy_from_slice(&dport.to_be_bytes());
+        t[12] = 5 << 4;
+        t
+    }
+
+    fn udp(sport: u16, dport: u16) -> Vec<u8> {
+        let mut u = vec![0u8; 8];
+        u[0..2].copy_from_slice(&sport.to_be_bytes());
+        u[2..4].copy_from_slice(&dport.to_be_bytes());
+        u[4..6].copy_from_slice(&8u16.to_be_bytes());
+        u
+    }
+
+    fn run(bytes: &[u8]) -> Result<FlowKey, Verdict> {
+        let start = bytes.as_ptr() as usize;
+        parse_flow(&Frame::new(start, start + bytes.len()))
+    }
+
+    fn frame(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    #[test]
+    fn ipv4_tcp_key() {
+        let f = frame(&[&eth(0x0800), &ipv4(6, 5, 0x4000, &tcp(40000, 80))]);
+        let k = run(&f).expect("parsed");
+        assert_eq!(k.family, FAMILY_V4);
+        assert_eq!(k.proto, PROTO_TCP);
+        assert_eq!(&k.src_addr[..4], &[10, 0, 0, 1]);
+        assert_eq!(&k.dst_addr[..4], &[10, 0, 0, 100]);
+        assert_eq!(k.src_addr[4..], [0; 12]);
+        assert_eq!(u16::from_be(k.src_port), 40000);
+        assert_eq!(u16::from_be(k.dst_port), 80);
+    }
+
+    #[test]
+    fn ipv4_options_are_skipped() {
+        let f = frame(&[&eth(0x0800), &ipv4(17, 7, 0, &udp(5353, 53))]);
+        let k = run(&f).expect("parsed");
+        assert_eq!(u16::from_be(k.src_port), 5353);
+        assert_eq!(u16::from_be(k.dst_port), 53);
+    }
+
+    #[test]
+    fn vlan_tag_is_skipped_and_double_tag_passed() {
+        let mut f = eth(0x8100);
+        f.extend_from_slice(&[0x00, 0x64, 0x08, 0x00]);
+        f.extend_from_slice(&ipv4(6, 5, 0, &tcp(1, 2)));
+        assert_eq!(u16::from_be(run(&f).expect("parsed").dst_port), 2);
+
+        let mut qinq = eth(0x88a8);
+        qinq.extend_from_slice(&[0x00, 0x64, 0x81, 0x00, 0x00, 0x65, 0x08, 0x00]);
+        qinq.extend_from_slice(&ipv4(6, 5, 0, &tcp(1, 2)));
+        assert_eq!(run(&qinq), Err(Verdict::Pass(Counter::PassStackedVlan)));
+    }
+
+    #[test]
+    fn ipv6_udp_key_and_ext_headers() {
+        let mut ip6 = vec![0u8; 40];
+        ip6[0] = 0x60;
+        ip6[4..6].copy_from_slice(&8u16.to_be_bytes());
+        ip6[6] = 17;
+        ip6[8..24].copy_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        ip6[24..40].copy_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x64]);
+        let f = frame(&[&eth(0x86dd), &ip6, &udp(7, 9)]);
+        let k = run(&f).expect("parsed");
+        assert_eq!(k.family, FAMILY_V6);
+        assert_eq!(k.dst_addr[15], 0x64);
+        assert_eq!(u16::from_be(k.dst_port), 9);
+
+        ip6[6] = 0; // hop-by-hop
+        let f = frame(&[&eth(0x86dd), &ip6, &udp(7, 9)]);
+        assert_eq!(run(&f), Err(Verdict::Pass(Counter::PassIpv6ExtHeader)));
+        ip6[6] = 44;
+        let f = frame(&[&eth(0x86dd), &ip6, &udp(7, 9)]);
+        assert_eq!(run(&f), Err(Verdict::Pass(Counter::PassIpv6Fragment)));
+    }
+
+    #[test]
+    fn malformed_and_other_traffic() {
+        assert_eq!(run(&[0u8; 10]), Err(Verdict::Drop(Counter::DropTruncatedL2)));
+        assert_eq!(run(&eth(0x0806)), Err(Verdict::Pass(Counter::PassNotIp)));
+        let f = frame(&[&eth(0x0800), &[0x45, 0, 0]]);
+        assert_eq!(run(&f), Err(Verdict::Drop(Counter::DropTruncatedL3)));
+        let mut bad = ipv4(6, 5, 0, &tcp(1, 2));
+        bad[0] = 0x44; // IHL 4 < 5
+        assert_eq!(run(&frame(&[&eth(0x0800), &bad])), Err(Verdict::Drop(Counter::DropBadIpHeader)));
+        let mut v6_in_v4 = ipv4(6, 5, 0, &tcp(1, 2));
+        v6_in_v4[0] = 0x65;
+        assert_eq!(
+            run(&frame(&[&eth(0x0800), &v6_in_v4])),
+            Err(Verdict::Drop(Counter::DropBadIpHeader))
+        );
+        let short_tcp = ipv4(6, 5, 0, &tcp(1, 2)[..10]);
+        assert_eq!(
+            run(&frame(&[&eth(0x0800), &short_tcp])),
+            Err(Verdict::Drop(Counter::DropTruncatedL4))
+        );
+        let mut bad_doff = tcp(1, 2);
+        bad_doff[12] = 4 << 4;
+        assert_eq!(
+            run(&frame(&[&eth(0x0800), &ipv4(6, 5, 0, &bad_doff)])),
+            Err(Verdict::Drop(Counter::DropBadL4Header))
+        );
+        // Options claimed but missing: the TCP header read runs past the end.
+        let f = frame(&[&eth(0x0800), &ipv4(6, 15, 0, &[])]);
+        assert_eq!(run(&f[..f.len() - 30]), Err(Verdict::Drop(Counter::DropTruncatedL4)));
+        assert_eq!(
+            run(&frame(&[&eth(0x0800), &ipv4(1, 5, 0, &[8, 0, 0, 0])])),
+            Err(Verdict::Pass(Counter::PassNotTcpUdp))
+        );
+        assert_eq!(
+            run(&frame(&[&eth(0x0800), &ipv4(17, 5, 0x2000, &udp(1, 2))])),
+            Err(Verdict::Pass(Counter::PassIpv4Fragment))
+        );
+        assert_eq!(
+            run(&frame(&[&eth(0x0800), &ipv4(17, 5, 0x0010, &[])])),
+            Err(Verdict::Pass(Counter::PassIpv4Fragment))
+        );
+    }
+}

@@ -1,0 +1,59 @@
+//! Per-CPU counters.
+
+use aya_ebpf::bindings::xdp_action;
+use lb_common::Counter;
+use lb_ebpf::Verdict;
+
+use crate::maps::{BACKEND_STATS, GLOBAL_STATS, SERVICE_STATS};
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(c) = GLOBAL_STATS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no other writer while we run.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn traffic(service: u32, backend: u32, bytes: u64, new_flow: bool) {
+    let new = new_flow as u64;
+    if let Some(s) = SERVICE_STATS.get_ptr_mut(service) {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes;
+            (*s).new_flows += new;
+        }
+    }
+    if let Some(b) = BACKEND_STATS.get_ptr_mut(backend) {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            (*b).packets += 1;
+            (*b).bytes += bytes;
+            (*b).new_flows += new;
+        }
+    }
+}
+
+/// Counts the verdict and turns it into the XDP action.
+#[inline(always)]
+pub fn finish(verdict: Verdict) -> u32 {
+    match verdict {
+        Verdict::Pass(reason) => {
+            count(reason);
+            xdp_action::XDP_PASS
+        }
+        Verdict::Drop(reason) => {
+            count(reason);
+            xdp_action::XDP_DROP
+        }
+        Verdict::Tx => {
+            count(Counter::Tx);
+            xdp_action::XDP_TX
+        }
+        Verdict::Redirect(action) => {
+            count(Counter::Redirect);
+            action
+        }
+    }
+}

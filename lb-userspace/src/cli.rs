@@ -1,0 +1,257 @@
+//! Command line: `lb daemon` runs the daemon; every other verb talks to it over its socket.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::{
+    api::{self, Request},
+    config::{self, BackendSpec, Forwarding, HashMode, Protocol, ServiceSpec},
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "lb", version, about = "XDP layer-4 load balancer: daemon and control CLI")]
+pub struct Cli {
+    /// Daemon instance to talk to (names its socket and its pins under /sys/fs/bpf).
+    #[arg(long, global = true, default_value = "default")]
+    pub instance: String,
+    /// Directory of the daemon's control socket.
+    #[arg(long, global = true, default_value = "/run/lb")]
+    pub run_dir: PathBuf,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: load or adopt the data plane, apply the config, serve the CLI.
+    Daemon {
+        /// TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Detach XDP from every interface and remove the instance's pins and state.
+    Detach,
+    /// Show the daemon's instance, interfaces and attach modes.
+    Status,
+    /// List, add and remove services.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Add, remove and reweight backends.
+    #[command(subcommand)]
+    Backend(BackendCmd),
+    /// Show per-service and per-backend traffic and the global counters.
+    Stats,
+    /// Show which backend a flow gets.
+    Lookup {
+        #[arg(long, short = 'p', default_value = "tcp")]
+        protocol: Protocol,
+        /// Client address and port, e.g. 10.0.0.1:40000 or [fd00::1]:40000.
+        #[arg(long)]
+        src: SocketAddr,
+        /// VIP and port.
+        #[arg(long)]
+        dst: SocketAddr,
+    },
+    /// Re-read the config file and replace the running services with it.
+    Reload,
+    /// Stop the daemon (the data plane keeps forwarding).
+    Shutdown,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServiceCmd {
+    /// List services and their backends.
+    List,
+    /// Add a service.
+    Add(ServiceArgs),
+    /// Remove a service and its backends.
+    Remove { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct ServiceArgs {
+    pub name: String,
+    #[arg(long)]
+    pub vip: IpAddr,
+    /// 0 = every port of the VIP.
+    #[arg(long)]
+    pub port: u16,
+    #[arg(long, short = 'p', default_value = "tcp")]
+    pub protocol: Protocol,
+    /// Maglev table size; must be prime.
+    #[arg(long, default_value_t = lb_common::maps::DEFAULT_TABLE_SIZE)]
+    pub table_size: u32,
+    /// Hash the source address only (client affinity) instead of the 5-tuple.
+    #[arg(long)]
+    pub source_hash: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackendCmd {
+    /// Register a backend with a service.
+    Add(BackendArgs),
+    /// Deregister a backend.
+    Remove { service: String, id: String },
+    /// Change a backend's weight (0 drains it: no new flows).
+    Weight { service: String, id: String, weight: u32 },
+}
+
+#[derive(Args, Debug)]
+pub struct BackendArgs {
+    pub service: String,
+    pub id: String,
+    #[arg(long)]
+    pub address: IpAddr,
+    /// Defaults to the service port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    #[arg(long, default_value_t = config::DEFAULT_WEIGHT)]
+    pub weight: u32,
+    #[arg(long)]
+    pub region: Option<String>,
+    #[arg(long)]
+    pub zone: Option<String>,
+}
+
+/// Runs a client verb. Returns the process exit code.
+pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
+    let request = match &cli.command {
+        Command::Daemon { .. } | Command::Detach => unreachable!("handled by main"),
+        Command::Status => Request::Status,
+        Command::Service(ServiceCmd::List) => Request::ListServices,
+        Command::Service(ServiceCmd::Add(a)) => Request::AddService {
+            service: ServiceSpec {
+                name: a.name.clone(),
+                vip: a.vip,
+                port: a.port,
+                protocol: a.protocol,
+                table_size: a.table_size,
+                hash: if a.source_hash { HashMode::Source } else { HashMode::FiveTuple },
+                forwarding: Forwarding::Dsr,
+                backends: Vec::new(),
+            },
+        },
+        Command::Service(ServiceCmd::Remove { name }) => Request::RemoveService { name: name.clone() },
+        Command::Backend(BackendCmd::Add(a)) => Request::AddBackend {
+            service: a.service.clone(),
+            backend: BackendSpec {
+                id: a.id.clone(),
+                address: a.address,
+                port: a.port,
+                weight: a.weight,
+                region: a.region.clone(),
+                zone: a.zone.clone(),
+                labels: Default::default(),
+            },
+        },
+        Command::Backend(BackendCmd::Remove { service, id }) => {
+            Request::RemoveBackend { service: service.clone(), id: id.clone() }
+        }
+        Command::Backend(BackendCmd::Weight { service, id, weight }) => {
+            Request::SetWeight { service: service.clone(), id: id.clone(), weight: *weight }
+        }
+        Command::Stats => Request::Stats,
+        Command::Lookup { protocol, src, dst } => Request::Lookup { protocol: *protocol, src: *src, dst: *dst },
+        Command::Reload => Request::Reload,
+        Command::Shutdown => Request::Shutdown,
+    };
+    let socket = config::socket_path(&cli.run_dir, &cli.instance);
+    let response = api::call(&socket, &request, Duration::from_secs(30))?;
+    for w in &response.warnings {
+        eprintln!("warning: {w}");
+    }
+    if !response.ok {
+        eprintln!("error: {}", response.error.as_deref().unwrap_or("unknown error"));
+        return Ok(1);
+    }
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&response.data)?);
+    } else {
+        print_human(&cli.command, &response.data);
+    }
+    Ok(0)
+}
+
+fn print_human(command: &Command, data: &Value) {
+    match command {
+        Command::Service(ServiceCmd::List) => {
+            for s in data.as_array().into_iter().flatten() {
+                println!(
+                    "{} {}:{}/{} table={} hash={} forwarding={}",
+                    s["name"].as_str().unwrap_or_default(),
+                    fmt_ip(&s["vip"]),
+                    s["port"],
+                    s["protocol"].as_str().unwrap_or_default(),
+                    s["table_size"],
+                    s["hash"].as_str().unwrap_or_default(),
+                    s["forwarding"].as_str().unwrap_or_default(),
+                );
+                for b in s["backends"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {:<16} {:<24} port={:<5} weight={:<5} slots={:<6} {}",
+                        b["id"].as_str().unwrap_or_default(),
+                        fmt_ip(&b["address"]),
+                        b["port"],
+                        b["weight"],
+                        b["table_slots"],
+                        if b["resolved"].as_bool() == Some(true) {
+                            format!("mac={} dev={}", b["mac"].as_str().unwrap_or_default(), b["interface"].as_str().unwrap_or_default())
+                        } else {
+                            "unresolved".to_string()
+                        }
+                    );
+                }
+            }
+        }
+        Command::Stats => {
+            for s in data["services"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<20} packets={:<10} bytes={:<12} new_flows={}",
+                    s["name"].as_str().unwrap_or_default(),
+                    s["packets"],
+                    s["bytes"],
+                    s["new_flows"]
+                );
+                for b in s["backends"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {:<18} packets={:<10} bytes={:<12} new_flows={}",
+                        b["id"].as_str().unwrap_or_default(),
+                        b["packets"],
+                        b["bytes"],
+                        b["new_flows"]
+                    );
+                }
+            }
+            println!("counters:");
+            for (name, value) in data["counters"].as_object().into_iter().flatten() {
+                if value.as_u64() != Some(0) {
+                    println!("  {name:<24} {value}");
+                }
+            }
+        }
+        Command::Lookup { .. } => println!(
+            "{} -> {} ({}) via {}",
+            data["service"].as_str().unwrap_or_default(),
+            data["backend"].as_str().unwrap_or_default(),
+            fmt_ip(&data["address"]),
+            data["source"].as_str().unwrap_or_default()
+        ),
+        _ => match data {
+            Value::String(s) => println!("{s}"),
+            other => println!("{}", serde_json::to_string_pretty(other).unwrap_or_default()),
+        },
+    }
+}
+
+fn fmt_ip(v: &Value) -> String {
+    v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())
+}

@@ -1,0 +1,422 @@
+//! The TOML config: daemon settings and the services with their backends. Validation is strict
+//! and whole-file: one bad field rejects the file and nothing is applied.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use lb_common::maps::{DEFAULT_CONNTRACK_SIZE, DEFAULT_POOL_SLOTS, DEFAULT_TABLE_SIZE, MAX_SERVICES};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::{Error, Result},
+    maglev::{MAX_TABLE_SIZE, is_prime},
+};
+
+pub const MAX_WEIGHT: u32 = 10_000;
+pub const DEFAULT_WEIGHT: u32 = 100;
+pub const MAX_BACKENDS_PER_SERVICE: usize = 4096;
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceSpec>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Names the pin directory `/sys/fs/bpf/<instance>` and the control socket.
+    #[serde(default = "default_instance")]
+    pub instance: String,
+    /// Interfaces the balancer attaches to.
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub xdp_mode: XdpModeSetting,
+    /// Connection-table capacity (flows).
+    #[serde(default = "default_conntrack")]
+    pub conntrack_size: u32,
+    /// Capacity of the Maglev table pool, in slots. Each service needs twice its table size.
+    #[serde(default = "default_pool")]
+    pub table_pool_slots: u32,
+    /// Directory of the control socket and the state file.
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+    /// How often backend MACs are re-read from the neighbour table.
+    #[serde(default = "default_refresh")]
+    pub neighbour_refresh_ms: u64,
+}
+
+fn default_instance() -> String {
+    "default".into()
+}
+fn default_conntrack() -> u32 {
+    DEFAULT_CONNTRACK_SIZE
+}
+fn default_pool() -> u32 {
+    DEFAULT_POOL_SLOTS
+}
+pub fn default_run_dir() -> PathBuf {
+    PathBuf::from("/run/lb")
+}
+fn default_refresh() -> u64 {
+    1000
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Native (driver) mode, falling back to generic with a warning.
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => lb_common::PROTO_TCP,
+            Self::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Self::Tcp),
+            "udp" => Ok(Self::Udp),
+            _ => Err(Error::invalid(format!("unknown protocol {s:?} (expected tcp or udp)"))),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashMode {
+    /// Source and destination address and port, and protocol.
+    #[default]
+    FiveTuple,
+    /// Source address only: a client always lands on the same backend.
+    Source,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Forwarding {
+    /// L2 direct server return: rewrite MACs, backend answers the client directly.
+    #[default]
+    Dsr,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub vip: IpAddr,
+    /// 0 = every port of the VIP.
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default = "default_table_size")]
+    pub table_size: u32,
+    #[serde(default)]
+    pub hash: HashMode,
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendSpec>,
+}
+
+fn default_table_size() -> u32 {
+    DEFAULT_TABLE_SIZE
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    pub id: String,
+    pub address: IpAddr,
+    /// The backend's port; in DSR mode packets keep the service port, so this defaults to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// 0 drains the backend: no new flows, existing ones stay.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::config(format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| Error::config(format!("{}: {e}", path.display())))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            // toml's messages span several lines (with a source excerpt); keep the first.
+            let msg = e.message().to_string();
+            let at = e.span().map(|s| line_of(text, s.start)).map(|l| format!("line {l}: ")).unwrap_or_default();
+            Error::config(format!("{at}{}", msg.lines().next().unwrap_or("invalid TOML")))
+        })?;
+        cfg.daemon.validate()?;
+        validate_services(&cfg.services)?;
+        Ok(cfg)
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+impl DaemonConfig {
+    pub fn validate(&self) -> Result<()> {
+        validate_name("instance", &self.instance, 32)?;
+        if self.interfaces.is_empty() {
+            return Err(Error::config("daemon.interfaces is empty: name at least one interface"));
+        }
+        let mut seen = HashSet::new();
+        for i in &self.interfaces {
+            if i.is_empty() || i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace) {
+                return Err(Error::config(format!("invalid interface name {i:?}")));
+            }
+            if !seen.insert(i) {
+                return Err(Error::config(format!("interface {i} is listed twice")));
+            }
+        }
+        if self.conntrack_size < 1024 {
+            return Err(Error::config(format!(
+                "daemon.conntrack_size {} is too small (minimum 1024)",
+                self.conntrack_size
+            )));
+        }
+        if self.table_pool_slots < 2 * 3 {
+            return Err(Error::config("daemon.table_pool_slots is too small"));
+        }
+        if self.neighbour_refresh_ms < 100 {
+            return Err(Error::config("daemon.neighbour_refresh_ms must be at least 100"));
+        }
+        Ok(())
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        socket_path(&self.run_dir, &self.instance)
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.run_dir.join(format!("{}.state.json", self.instance))
+    }
+}
+
+pub fn socket_path(run_dir: &Path, instance: &str) -> PathBuf {
+    run_dir.join(format!("{instance}.sock"))
+}
+
+/// Names: 1..=max characters of `[A-Za-z0-9._-]`.
+pub fn validate_name(what: &str, name: &str, max: usize) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= max
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid {what} {name:?}: use 1 to {max} characters of letters, digits, '.', '_' or '-'"
+        )))
+    }
+}
+
+pub fn validate_weight(weight: u32) -> Result<()> {
+    if weight > MAX_WEIGHT {
+        return Err(Error::invalid(format!("weight {weight} is out of range 0..={MAX_WEIGHT}")));
+    }
+    Ok(())
+}
+
+pub fn validate_table_size(size: u32) -> Result<()> {
+    if size < 3 || size > MAX_TABLE_SIZE || !is_prime(size) {
+        return Err(Error::invalid(format!(
+            "table size {size} must be a prime between 3 and {MAX_TABLE_SIZE} (for example 65537)"
+        )));
+    }
+    Ok(())
+}
+
+impl ServiceSpec {
+    pub fn validate(&self) -> Result<()> {
+        validate_name("service name", &self.name, 64)?;
+        validate_table_size(self.table_size)?;
+        if self.vip.is_unspecified() || self.vip.is_multicast() {
+            return Err(Error::invalid(format!("service {}: invalid VIP {}", self.name, self.vip)));
+        }
+        if self.backends.len() > MAX_BACKENDS_PER_SERVICE {
+            return Err(Error::invalid(format!(
+                "service {}: {} backends is more than the maximum {MAX_BACKENDS_PER_SERVICE}",
+                self.name,
+                self.backends.len()
+            )));
+        }
+        let mut ids = HashSet::new();
+        let mut endpoints = HashSet::new();
+        for b in &self.backends {
+            b.validate(self)?;
+            if !ids.insert(b.id.as_str()) {
+                return Err(Error::invalid(format!("service {}: duplicate backend id {}", self.name, b.id)));
+            }
+            if !endpoints.insert((b.address, b.port(self))) {
+                return Err(Error::invalid(format!(
+                    "service {}: backend {} duplicates address {} port {}",
+                    self.name,
+                    b.id,
+                    b.address,
+                    b.port(self)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn backend(&self, id: &str) -> Option<&BackendSpec> {
+        self.backends.iter().find(|b| b.id == id)
+    }
+}
+
+impl BackendSpec {
+    pub fn port(&self, service: &ServiceSpec) -> u16 {
+        self.port.unwrap_or(service.port)
+    }
+
+    pub fn validate(&self, service: &ServiceSpec) -> Result<()> {
+        validate_name("backend id", &self.id, 64)?;
+        validate_weight(self.weight).map_err(|e| Error::invalid(format!("backend {}: {e}", self.id)))?;
+        if self.address.is_ipv4() != service.vip.is_ipv4() {
+            return Err(Error::invalid(format!(
+                "backend {} address {} is not of the same IP family as VIP {}",
+                self.id, self.address, service.vip
+            )));
+        }
+        if self.address.is_unspecified() || self.address.is_multicast() || self.address.is_loopback() {
+            return Err(Error::invalid(format!("backend {}: invalid address {}", self.id, self.address)));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a whole set of services: each one, and what must be unique across them.
+pub fn validate_services(services: &[ServiceSpec]) -> Result<()> {
+    if services.len() > MAX_SERVICES as usize {
+        return Err(Error::invalid(format!("{} services is more than the maximum {MAX_SERVICES}", services.len())));
+    }
+    let mut names = HashSet::new();
+    let mut keys = HashSet::new();
+    for s in services {
+        s.validate()?;
+        if !names.insert(s.name.as_str()) {
+            return Err(Error::invalid(format!("duplicate service name {}", s.name)));
+        }
+        if !keys.insert((s.vip, s.port, s.protocol)) {
+            return Err(Error::invalid(format!(
+                "service {} duplicates VIP {} port {} {}",
+                s.name, s.vip, s.port, s.protocol
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[daemon]
+instance = "t1"
+interfaces = ["eth0"]
+
+[[service]]
+name = "auth-service"
+vip = "10.0.0.100"
+port = 80
+protocol = "tcp"
+
+[[service.backend]]
+id = "auth-1"
+address = "10.0.0.11"
+weight = 100
+region = "eu-west"
+
+[[service.backend]]
+id = "auth-2"
+address = "10.0.0.12"
+"#;
+
+    #[test]
+    fn parses_defaults() {
+        let c = Config::parse(GOOD).expect("valid");
+        let s = &c.services[0];
+        assert_eq!(s.table_size, 65537);
+        assert_eq!(s.hash, HashMode::FiveTuple);
+        assert_eq!(s.backends[1].weight, DEFAULT_WEIGHT);
+        assert_eq!(s.backends[1].port(s), 80);
+        assert_eq!(s.backends[0].region.as_deref(), Some("eu-west"));
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text).expect_err("must be rejected").to_string()
+    }
+
+    #[test]
+    fn rejects_bad_files_with_one_line() {
+        let cases = [
+            (GOOD.replace("65537", "x").replace("port = 80", "port = 80\ntable_size = 65536"), "prime"),
+            (GOOD.replace("weight = 100", "weight = 100000"), "out of range"),
+            (GOOD.replace("auth-2", "auth-1"), "duplicate backend id"),
+            (GOOD.replace("10.0.0.12", "10.0.0.300"), "line"),
+            (GOOD.replace("10.0.0.12", "fd00::12"), "same IP family"),
+            (GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""), "line"),
+            (GOOD.replace("[\"eth0\"]", "[]"), "interfaces is empty"),
+            (GOOD.replace("region", "regoin"), "unknown field"),
+        ];
+        for (text, needle) in cases {
+            let e = err(&text);
+            assert!(e.contains(needle), "{e:?} should mention {needle:?}");
+            assert!(!e.contains('\n'), "one line: {e:?}");
+        }
+        let dup = format!("{GOOD}\n[[service]]\nname = \"auth-service\"\nvip = \"10.0.0.101\"\nport = 80\nprotocol = \"tcp\"\n");
+        assert!(err(&dup).contains("duplicate service name"));
+        let dupkey = format!("{GOOD}\n[[service]]\nname = \"other\"\nvip = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n");
+        assert!(err(&dupkey).contains("duplicates VIP"));
+    }
+}

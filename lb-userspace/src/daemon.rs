@@ -1,0 +1,440 @@
+//! The daemon: owns the data plane, serves the control socket, keeps backend MACs fresh.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::future::join_all;
+use lb_common::{Counter, FlowKey};
+use log::{error, info, warn};
+use serde_json::json;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{Mutex, watch},
+};
+
+use crate::{
+    api::{Request, Response},
+    config::{Config, DaemonConfig, ServiceSpec, validate_services, validate_weight},
+    dataplane::{
+        self, DataPlane,
+        sync::{Reconciler, addr_bytes, backend_key},
+    },
+    error::{Error, Result},
+    neigh::{NextHop, ResolveError, Resolver},
+    state::Persisted,
+};
+
+const RESOLVE_TIMEOUT: Duration = Duration::from_millis(1000);
+
+pub struct Daemon {
+    config_path: PathBuf,
+    cfg: DaemonConfig,
+    services: Vec<ServiceSpec>,
+    dp: DataPlane,
+    rec: Reconciler,
+    hops: HashMap<IpAddr, NextHop>,
+    resolver: Resolver,
+}
+
+/// Runs the daemon until SIGINT/SIGTERM or a shutdown request. Forwarding continues after.
+pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&config_path)?;
+    let cfg = config.daemon.clone();
+    let socket = cfg.socket_path();
+    prepare_run_dir(&cfg.run_dir)?;
+    if UnixStream::connect(&socket).await.is_ok() {
+        anyhow::bail!("a daemon for instance {} is already running (socket {})", cfg.instance, socket.display());
+    }
+    let _ = std::fs::remove_file(&socket);
+
+    let dp = dataplane::open(&cfg)?;
+    for a in &dp.attachments {
+        info!("{}: {} ({})", a.interface, a.mode, if a.adopted { "adopted" } else { "attached" });
+    }
+    let resolver = Resolver::new()?;
+    let persisted = if dp.adopted { Persisted::load(&cfg.state_path())? } else { None };
+    let (services, rec) = match persisted {
+        Some(p) => {
+            info!("restored {} services from {}", p.services.len(), cfg.state_path().display());
+            let rec = Reconciler::adopt(&dp, p.assignments);
+            (p.services, rec)
+        }
+        None => (config.services.clone(), Reconciler::new(&dp)),
+    };
+    let mut daemon = Daemon { config_path, cfg: cfg.clone(), services: Vec::new(), dp, rec, hops: HashMap::new(), resolver };
+    let warnings = daemon.replace_services(services).await?;
+    for w in warnings {
+        warn!("{w}");
+    }
+    let daemon = Arc::new(Mutex::new(daemon));
+
+    let listener = UnixListener::bind(&socket)?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    info!("listening on {}", socket.display());
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+
+    let refresher = tokio::spawn(refresh_loop(daemon.clone(), Duration::from_millis(cfg.neighbour_refresh_ms)));
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => { tokio::spawn(serve(stream, daemon.clone(), stop_tx.clone())); }
+                Err(e) => error!("accept: {e}"),
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            _ = stop_rx.changed() => break,
+        }
+    }
+    refresher.abort();
+    let _ = std::fs::remove_file(&socket);
+    info!("daemon stopped; the data plane stays attached (`lb detach` removes it)");
+    Ok(())
+}
+
+fn prepare_run_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(format!("chmod {}", dir.display()), e))
+}
+
+async fn serve(stream: UnixStream, daemon: Arc<Mutex<Daemon>>, stop: watch::Sender<bool>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let (response, shutdown) = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Shutdown) => (Response::ok(json!("stopping"), vec![]), true),
+            Ok(request) => (daemon.lock().await.handle(request).await, false),
+            Err(e) => (Response::error(format!("malformed request: {e}")), false),
+        };
+        let mut out = serde_json::to_string(&response).unwrap_or_else(|_| r#"{"ok":false,"error":"serialize"}"#.into());
+        out.push('\n');
+        if write.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+        if shutdown {
+            let _ = stop.send(true);
+            return;
+        }
+    }
+}
+
+/// Re-reads backend MACs; a change (or a backend resolving late) rewrites the maps.
+async fn refresh_loop(daemon: Arc<Mutex<Daemon>>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut d = daemon.lock().await;
+        if let Err(e) = d.refresh_hops().await {
+            warn!("neighbour refresh: {e}");
+        }
+    }
+}
+
+impl Daemon {
+    async fn handle(&mut self, request: Request) -> Response {
+        let result = match request {
+            Request::Status => Ok((self.status(), vec![])),
+            Request::ListServices => Ok((self.list(), vec![])),
+            Request::Stats => self.stats().map(|d| (d, vec![])),
+            Request::Lookup { protocol, src, dst } => self.lookup(protocol, src, dst).map(|d| (d, vec![])),
+            Request::Reload => match Config::load(&self.config_path) {
+                Ok(cfg) => {
+                    if cfg.daemon != self.cfg {
+                        warn!("reload: [daemon] changes take effect only after a restart");
+                    }
+                    self.replace_services(cfg.services).await.map(|w| (json!("reloaded"), w))
+                }
+                Err(e) => Err(e),
+            },
+            Request::AddService { service } => {
+                self.mutate(|s| {
+                    if s.iter().any(|x| x.name == service.name) {
+                        return Err(Error::Exists(format!("service {} already exists", service.name)));
+                    }
+                    s.push(service);
+                    Ok(())
+                })
+                .await
+            }
+            Request::RemoveService { name } => {
+                self.mutate(|s| {
+                    let before = s.len();
+                    s.retain(|x| x.name != name);
+                    if s.len() == before {
+                        return Err(unknown_service(&name));
+                    }
+                    Ok(())
+                })
+                .await
+            }
+            Request::AddBackend { service, backend } => {
+                self.mutate(|s| {
+                    let svc = s.iter_mut().find(|x| x.name == service).ok_or_else(|| unknown_service(&service))?;
+                    if svc.backend(&backend.id).is_some() {
+                        return Err(Error::Exists(format!("service {service} already has a backend {}", backend.id)));
+                    }
+                    svc.backends.push(backend);
+                    Ok(())
+                })
+                .await
+            }
+            Request::RemoveBackend { service, id } => {
+                self.mutate(|s| {
+                    let svc = s.iter_mut().find(|x| x.name == service).ok_or_else(|| unknown_service(&service))?;
+                    let before = svc.backends.len();
+                    svc.backends.retain(|b| b.id != id);
+                    if svc.backends.len() == before {
+                        return Err(unknown_backend(&service, &id));
+                    }
+                    Ok(())
+                })
+                .await
+            }
+            Request::SetWeight { service, id, weight } => {
+                self.mutate(|s| {
+                    validate_weight(weight)?;
+                    let svc = s.iter_mut().find(|x| x.name == service).ok_or_else(|| unknown_service(&service))?;
+                    let b = svc.backends.iter_mut().find(|b| b.id == id).ok_or_else(|| unknown_backend(&service, &id))?;
+                    b.weight = weight;
+                    Ok(())
+                })
+                .await
+            }
+            Request::Shutdown => Ok((json!("stopping"), vec![])),
+        };
+        match result {
+            Ok((data, warnings)) => Response::ok(data, warnings),
+            Err(e) => Response::error(e.to_string()),
+        }
+    }
+
+    /// Applies a change to a copy of the services; nothing changes unless all of it is valid.
+    async fn mutate(
+        &mut self,
+        change: impl FnOnce(&mut Vec<ServiceSpec>) -> Result<()>,
+    ) -> Result<(serde_json::Value, Vec<String>)> {
+        let mut next = self.services.clone();
+        change(&mut next)?;
+        let warnings = self.replace_services(next).await?;
+        Ok((json!("ok"), warnings))
+    }
+
+    /// Validates, resolves new backends, rewrites the maps and persists. On error the old state stays.
+    async fn replace_services(&mut self, next: Vec<ServiceSpec>) -> Result<Vec<String>> {
+        validate_services(&next)?;
+        let mut warnings = Vec::new();
+        let mut hops = self.hops.clone();
+        let wanted: Vec<IpAddr> = {
+            let mut v: Vec<IpAddr> = next.iter().flat_map(|s| s.backends.iter().map(|b| b.address)).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        hops.retain(|a, _| wanted.contains(a));
+        let missing: Vec<IpAddr> = wanted.iter().copied().filter(|a| !hops.contains_key(a)).collect();
+        let results = join_all(missing.iter().map(|&a| self.resolver.resolve(a, RESOLVE_TIMEOUT))).await;
+        for (addr, result) in missing.iter().zip(results) {
+            match result {
+                Ok(hop) => {
+                    hops.insert(*addr, hop);
+                }
+                Err(e @ ResolveError::Unresolved { .. }) => {
+                    warnings.push(format!("{e}; the backend stays out of the tables until it resolves"))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if let Err(e) = self.rec.apply(&mut self.dp, &next, &hops) {
+            // Put the maps back as they were.
+            if let Err(undo) = self.rec.apply(&mut self.dp, &self.services, &self.hops) {
+                error!("rollback failed: {undo}");
+            }
+            return Err(e);
+        }
+        self.services = next;
+        self.hops = hops;
+        self.persist()?;
+        Ok(warnings)
+    }
+
+    fn persist(&self) -> Result<()> {
+        Persisted { services: self.services.clone(), assignments: self.rec.assignments.clone() }.save(&self.cfg.state_path())
+    }
+
+    async fn refresh_hops(&mut self) -> Result<()> {
+        let mut addrs: Vec<IpAddr> = self.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)).collect();
+        addrs.sort();
+        addrs.dedup();
+        let resolver = &self.resolver;
+        let results = join_all(addrs.iter().map(|&a| async move {
+            match resolver.lookup(a).await {
+                Ok(hop) => Ok(hop),
+                Err(_) => resolver.resolve(a, Duration::from_millis(200)).await,
+            }
+        }))
+        .await;
+        let mut hops = HashMap::new();
+        for (addr, r) in addrs.iter().zip(results) {
+            match r {
+                Ok(hop) => {
+                    hops.insert(*addr, hop);
+                }
+                Err(e) => {
+                    if self.hops.contains_key(addr) {
+                        warn!("backend {addr} no longer resolves ({e}); taking it out of the tables");
+                    }
+                }
+            }
+        }
+        if hops != self.hops {
+            info!("backend next hops changed; rewriting the maps");
+            self.rec.apply(&mut self.dp, &self.services, &hops)?;
+            self.hops = hops;
+            self.persist()?;
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        json!({
+            "instance": self.cfg.instance,
+            "pin_dir": dataplane::pin_dir(&self.cfg.instance),
+            "adopted": self.dp.adopted,
+            "interfaces": self.dp.attachments,
+            "services": self.services.len(),
+            "backends": self.services.iter().map(|s| s.backends.len()).sum::<usize>(),
+            "table_pool": { "capacity": self.rec.regions.capacity(), "free": self.rec.regions.free_slots() },
+        })
+    }
+
+    /// Table slots each backend slot owns in a service's active table.
+    fn slot_counts(&self, name: &str) -> HashMap<u32, u32> {
+        let mut counts = HashMap::new();
+        if let Some(r) = self.rec.assignments.services.get(name).and_then(|s| s.active) {
+            if let Some(table) = self.dp.pool.read(r.offset, r.size) {
+                for &slot in table {
+                    *counts.entry(slot).or_insert(0) += 1;
+                }
+            }
+        }
+        counts
+    }
+
+    fn list(&self) -> serde_json::Value {
+        let services: Vec<_> = self
+            .services
+            .iter()
+            .map(|s| {
+                let counts = self.slot_counts(&s.name);
+                let backends: Vec<_> = s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let slot = self.rec.assignments.backends.get(&backend_key(&s.name, &b.id)).map(|x| x.slot);
+                        let hop = self.hops.get(&b.address);
+                        json!({
+                            "id": b.id, "address": b.address, "port": b.port(s), "weight": b.weight,
+                            "region": b.region, "zone": b.zone, "labels": b.labels,
+                            "resolved": hop.is_some(),
+                            "mac": hop.map(|h| mac_string(&h.dst_mac)),
+                            "interface": hop.map(|h| h.ifname.clone()),
+                            "table_slots": slot.and_then(|x| counts.get(&x)).copied().unwrap_or(0),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": s.name, "vip": s.vip, "port": s.port, "protocol": s.protocol,
+                    "table_size": s.table_size, "hash": s.hash, "forwarding": s.forwarding,
+                    "backends": backends,
+                })
+            })
+            .collect();
+        json!(services)
+    }
+
+    fn stats(&self) -> Result<serde_json::Value> {
+        let mut services = Vec::new();
+        for s in &self.services {
+            let Some(slot) = self.rec.assignments.services.get(&s.name) else { continue };
+            let t = self.dp.service_traffic(slot.id)?;
+            let mut backends = Vec::new();
+            for b in &s.backends {
+                if let Some(bs) = self.rec.assignments.backends.get(&backend_key(&s.name, &b.id)) {
+                    let bt = self.dp.backend_traffic(bs.slot)?;
+                    backends.push(json!({"id": b.id, "packets": bt.packets, "bytes": bt.bytes, "new_flows": bt.new_flows}));
+                }
+            }
+            services.push(json!({"name": s.name, "packets": t.packets, "bytes": t.bytes, "new_flows": t.new_flows, "backends": backends}));
+        }
+        let mut counters = serde_json::Map::new();
+        for &c in Counter::ALL {
+            counters.insert(c.name().into(), json!(self.dp.counter(c)?));
+        }
+        Ok(json!({"services": services, "counters": counters}))
+    }
+
+    fn lookup(&self, protocol: crate::config::Protocol, src: std::net::SocketAddr, dst: std::net::SocketAddr) -> Result<serde_json::Value> {
+        if src.is_ipv4() != dst.is_ipv4() {
+            return Err(Error::invalid("source and destination are of different IP families"));
+        }
+        let svc = self
+            .services
+            .iter()
+            .find(|s| s.vip == dst.ip() && s.port == dst.port() && s.protocol == protocol)
+            .or_else(|| self.services.iter().find(|s| s.vip == dst.ip() && s.port == 0 && s.protocol == protocol))
+            .ok_or_else(|| Error::NotFound(format!("no service for {protocol} {dst}: the packet would be passed to the kernel")))?;
+        let (src_addr, family) = addr_bytes(src.ip());
+        let (dst_addr, _) = addr_bytes(dst.ip());
+        let key = FlowKey::new(family, protocol.number(), src_addr, dst_addr, src.port().to_be(), dst.port().to_be());
+        let by_slot = |slot: u32| {
+            svc.backends.iter().find(|b| {
+                self.rec.assignments.backends.get(&backend_key(&svc.name, &b.id)).is_some_and(|x| x.slot == slot)
+            })
+        };
+        if let Ok(state) = self.dp.conntrack.get(&key, 0) {
+            let live = self.dp.backends.get(&state.backend, 0).is_ok_and(|b| b.is_active() && b.generation == state.generation);
+            if let (true, Some(b)) = (live, by_slot(state.backend)) {
+                return Ok(json!({"service": svc.name, "backend": b.id, "address": b.address, "source": "connection-table"}));
+            }
+        }
+        let slot_info = self.rec.assignments.services.get(&svc.name).and_then(|s| s.active);
+        let Some(region) = slot_info else {
+            return Err(Error::NotFound(format!("service {} has no usable backend: the packet would be dropped", svc.name)));
+        };
+        let hash = if svc.hash == crate::config::HashMode::Source {
+            lb_common::hash::source_hash(&key)
+        } else {
+            lb_common::hash::flow_hash(&key)
+        };
+        let index = hash % region.size;
+        let slot = self
+            .dp
+            .pool
+            .read(region.offset + index, 1)
+            .and_then(|s| s.first().copied())
+            .ok_or_else(|| Error::dataplane("table region outside the pool"))?;
+        let b = by_slot(slot).ok_or_else(|| Error::dataplane(format!("table names unknown backend slot {slot}")))?;
+        Ok(json!({"service": svc.name, "backend": b.id, "address": b.address, "source": "maglev", "table_index": index}))
+    }
+}
+
+fn unknown_service(name: &str) -> Error {
+    Error::NotFound(format!("unknown service {name}"))
+}
+
+fn unknown_backend(service: &str, id: &str) -> Error {
+    Error::NotFound(format!("service {service} has no backend {id}"))
+}
+
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}

@@ -1,0 +1,205 @@
+//! Loading, attaching and pinning; adopting what an earlier daemon pinned.
+//!
+//! Layout under `/sys/fs/bpf/<instance>/`: one file per map (pinned by name), `prog_lb`, and
+//! `link_<interface>` for each attachment. While the pins exist, forwarding goes on without a
+//! daemon; a restarted daemon opens them instead of loading again, so no flow is lost.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{Map, MapData},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+    },
+};
+use aya_obj::programs::XdpAttachType;
+use lb_common::maps;
+use log::{info, warn};
+
+use super::{Attachment, DataPlane, Pool};
+use crate::{
+    config::{DaemonConfig, XdpModeSetting},
+    error::{Error, Result},
+};
+
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+pub fn pin_dir(instance: &str) -> PathBuf {
+    Path::new(BPFFS).join(instance)
+}
+
+fn prog_pin(dir: &Path) -> PathBuf {
+    dir.join("prog_lb")
+}
+
+fn link_pin(dir: &Path, iface: &str) -> PathBuf {
+    dir.join(format!("link_{iface}"))
+}
+
+/// Opens the instance's data plane: adopts pinned state when present, else loads and attaches.
+pub fn open(cfg: &DaemonConfig) -> Result<DataPlane> {
+    let dir = pin_dir(&cfg.instance);
+    let adopting = prog_pin(&dir).exists();
+    let mut maps_by_name = if adopting {
+        info!("adopting pinned data plane in {}", dir.display());
+        open_pinned_maps(&dir)?
+    } else {
+        None.into_iter().collect()
+    };
+    let mut attachments = Vec::new();
+    let mut program: Option<Xdp> = None;
+    if !adopting {
+        fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .map_max_entries(maps::CONNTRACK, cfg.conntrack_size)
+            .map_max_entries(maps::MAGLEV_POOL, cfg.table_pool_slots)
+            .load(crate::EBPF_OBJECT)
+            .map_err(|e| Error::dataplane(format!("load eBPF object: {e}")))?;
+        for name in maps::PINNED {
+            let map = ebpf
+                .take_map(name)
+                .ok_or_else(|| Error::dataplane(format!("map {name} missing from the eBPF object")))?;
+            maps_by_name.push((name, map));
+        }
+        let prog: &mut Xdp = ebpf
+            .program_mut(maps::PROG_LB)
+            .ok_or_else(|| Error::dataplane("program lb missing from the eBPF object"))?
+            .try_into()
+            .map_err(Error::dataplane)?;
+        prog.load().map_err(|e| Error::dataplane(format!("verifier rejected lb: {e}")))?;
+        prog.pin(prog_pin(&dir)).map_err(|e| Error::dataplane(format!("pin program: {e}")))?;
+        program = Some(Xdp::from_pin(prog_pin(&dir), XdpAttachType::Interface)
+            .map_err(|e| Error::dataplane(format!("reopen pinned program: {e}")))?);
+    }
+    for iface in &cfg.interfaces {
+        let pin = link_pin(&dir, iface);
+        if pin.exists() {
+            attachments.push(Attachment { interface: iface.clone(), mode: "pinned", adopted: true });
+            continue;
+        }
+        if program.is_none() {
+            program = Some(
+                Xdp::from_pin(prog_pin(&dir), XdpAttachType::Interface)
+                    .map_err(|e| Error::dataplane(format!("open pinned program: {e}")))?,
+            );
+        }
+        let prog = program.as_mut().expect("set above");
+        let mode = attach(prog, iface, cfg.xdp_mode, &pin)?;
+        attachments.push(Attachment { interface: iface.clone(), mode, adopted: false });
+    }
+
+    let mut take = |name: &str| -> Result<Map> {
+        let idx = maps_by_name
+            .iter()
+            .position(|(n, _)| *n == name)
+            .ok_or_else(|| Error::dataplane(format!("map {name} not found")))?;
+        Ok(maps_by_name.swap_remove(idx).1)
+    };
+    let typed = |e: aya::maps::MapError| Error::dataplane(format!("map type mismatch: {e}"));
+    let pool = match take(maps::MAGLEV_POOL)? {
+        Map::Array(data) => Pool::new(data)?,
+        _ => return Err(Error::dataplane("MAGLEV_POOL is not an array")),
+    };
+    Ok(DataPlane {
+        services: take(maps::SERVICES)?.try_into().map_err(typed)?,
+        backends: take(maps::BACKENDS)?.try_into().map_err(typed)?,
+        conntrack: take(maps::CONNTRACK)?.try_into().map_err(typed)?,
+        tx_ports: take(maps::TX_PORTS)?.try_into().map_err(typed)?,
+        service_stats: take(maps::SERVICE_STATS)?.try_into().map_err(typed)?,
+        backend_stats: take(maps::BACKEND_STATS)?.try_into().map_err(typed)?,
+        global_stats: take(maps::GLOBAL_STATS)?.try_into().map_err(typed)?,
+        pool,
+        attachments,
+        adopted: adopting,
+    })
+}
+
+fn open_pinned_maps(dir: &Path) -> Result<Vec<(&'static str, Map)>> {
+    maps::PINNED
+        .iter()
+        .map(|&name| {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path)
+                .map_err(|e| Error::dataplane(format!("open pinned map {}: {e}", path.display())))?;
+            let map = Map::from_map_data(data).map_err(Error::dataplane)?;
+            Ok((name, map))
+        })
+        .collect()
+}
+
+/// Attaches in the configured mode (auto: native, then generic with a warning) and pins the link.
+fn attach(prog: &mut Xdp, iface: &str, setting: XdpModeSetting, pin: &Path) -> Result<&'static str> {
+    let tries: &[(XdpMode, &'static str)] = match setting {
+        XdpModeSetting::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+        XdpModeSetting::Native => &[(XdpMode::Driver, "native")],
+        XdpModeSetting::Generic => &[(XdpMode::Skb, "generic")],
+    };
+    let mut last_error = String::new();
+    for &(mode, name) in tries {
+        match prog.attach(iface, mode) {
+            Ok(id) => {
+                let link = prog.take_link(id).map_err(Error::dataplane)?;
+                let link = FdLink::try_from(link)
+                    .map_err(|e| Error::dataplane(format!("{iface}: XDP link cannot be pinned: {e}")))?;
+                link.pin(pin).map_err(|e| Error::dataplane(format!("pin link {}: {e}", pin.display())))?;
+                if !last_error.is_empty() {
+                    warn!("{iface}: attached in {name} mode because native mode failed: {last_error}");
+                } else {
+                    info!("{iface}: attached in {name} mode");
+                }
+                return Ok(name);
+            }
+            Err(aya::programs::ProgramError::UnknownInterface { name }) => {
+                return Err(Error::invalid(format!("unknown interface {name}")));
+            }
+            Err(e) => last_error = error_chain(&e),
+        }
+    }
+    Err(Error::dataplane(format!("cannot attach XDP to {iface}: {last_error}")))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// Detaches every link and removes every pin of an instance. Returns what was removed.
+pub fn detach_instance(instance: &str) -> Result<Vec<String>> {
+    let dir = pin_dir(instance);
+    if !dir.exists() {
+        return Err(Error::NotFound(format!("instance {instance} has no pinned data plane in {}", dir.display())));
+    }
+    let mut removed = Vec::new();
+    let entries = fs::read_dir(&dir).map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    for path in paths {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        if name.starts_with("link_") {
+            // Unpinning drops the last reference, which detaches the program.
+            match PinnedLink::from_pin(&path) {
+                Ok(link) => {
+                    link.unpin().map_err(|e| Error::io(format!("unpin {}", path.display()), e))?;
+                }
+                Err(_) => fs::remove_file(&path).map_err(|e| Error::io(format!("remove {}", path.display()), e))?,
+            }
+        } else {
+            fs::remove_file(&path).map_err(|e| Error::io(format!("remove {}", path.display()), e))?;
+        }
+        removed.push(name);
+    }
+    fs::remove_dir(&dir).map_err(|e| Error::io(format!("remove {}", dir.display()), e))?;
+    Ok(removed)
+}

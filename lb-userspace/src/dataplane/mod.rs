@@ -1,0 +1,77 @@
+//! The data plane as userspace sees it: loading and adopting the pinned program, typed handles
+//! to every map, and the reconciler that writes the desired state into them.
+
+mod load;
+mod pool;
+pub mod sync;
+
+use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
+use lb_common::{Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats};
+use serde::Serialize;
+
+pub use load::{detach_instance, open, pin_dir};
+pub use pool::{Pool, RegionAllocator};
+
+use crate::error::{Error, Result};
+
+/// How the program sits on one interface.
+#[derive(Clone, Debug, Serialize)]
+pub struct Attachment {
+    pub interface: String,
+    pub mode: &'static str,
+    /// Found pinned from an earlier daemon run rather than attached now.
+    pub adopted: bool,
+}
+
+pub struct DataPlane {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub backends: Array<MapData, Backend>,
+    pub conntrack: HashMap<MapData, FlowKey, FlowState>,
+    pub tx_ports: DevMapHash<MapData>,
+    pub service_stats: PerCpuArray<MapData, TrafficStats>,
+    pub backend_stats: PerCpuArray<MapData, TrafficStats>,
+    pub global_stats: PerCpuArray<MapData, u64>,
+    pub pool: Pool,
+    pub attachments: Vec<Attachment>,
+    /// True when the program and maps were adopted from pins.
+    pub adopted: bool,
+}
+
+impl DataPlane {
+    /// Sum of a backend slot's per-CPU counters.
+    pub fn backend_traffic(&self, slot: u32) -> Result<TrafficStats> {
+        sum_traffic(self.backend_stats.get(&slot, 0).map_err(Error::dataplane)?)
+    }
+
+    pub fn service_traffic(&self, id: u32) -> Result<TrafficStats> {
+        sum_traffic(self.service_stats.get(&id, 0).map_err(Error::dataplane)?)
+    }
+
+    pub fn counter(&self, counter: lb_common::Counter) -> Result<u64> {
+        let values = self.global_stats.get(&(counter as u32), 0).map_err(Error::dataplane)?;
+        Ok(values.iter().sum())
+    }
+
+    pub fn reset_service_traffic(&mut self, id: u32) -> Result<()> {
+        let zeros = zeroed_per_cpu()?;
+        self.service_stats.set(id, zeros, 0).map_err(Error::dataplane)
+    }
+
+    pub fn reset_backend_traffic(&mut self, slot: u32) -> Result<()> {
+        let zeros = zeroed_per_cpu()?;
+        self.backend_stats.set(slot, zeros, 0).map_err(Error::dataplane)
+    }
+}
+
+fn sum_traffic(values: PerCpuValues<TrafficStats>) -> Result<TrafficStats> {
+    Ok(values.iter().fold(TrafficStats::default(), |acc, v| TrafficStats {
+        packets: acc.packets + v.packets,
+        bytes: acc.bytes + v.bytes,
+        new_flows: acc.new_flows + v.new_flows,
+    }))
+}
+
+fn zeroed_per_cpu() -> Result<PerCpuValues<TrafficStats>> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("count CPUs", e))?;
+    PerCpuValues::try_from(vec![TrafficStats::default(); cpus]).map_err(|e| Error::io("per-CPU values", e))
+}

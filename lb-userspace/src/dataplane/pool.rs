@@ -1,0 +1,188 @@
+//! The Maglev table pool: one mmap-able BPF array shared by all services, written with memcpy.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd, AsRawFd},
+    ptr::NonNull,
+    sync::atomic,
+};
+
+use aya::maps::MapData;
+
+use crate::error::{Error, Result};
+
+/// The pool mapped into our address space.
+pub struct Pool {
+    ptr: NonNull<u32>,
+    slots: u32,
+    bytes: usize,
+    _map: MapData,
+}
+
+// SAFETY: the mapping is owned by this struct and only touched through &self/&mut self.
+unsafe impl Send for Pool {}
+unsafe impl Sync for Pool {}
+
+impl Pool {
+    pub fn new(map: MapData) -> Result<Self> {
+        let info = map.info().map_err(Error::dataplane)?;
+        let slots = info.max_entries();
+        if info.value_size() != 4 {
+            return Err(Error::dataplane("MAGLEV_POOL value size is not 4"));
+        }
+        let page = 4096usize;
+        let bytes = (slots as usize * 4).div_ceil(page) * page;
+        // SAFETY: mapping a BPF_F_MMAPABLE array fd; length rounded up to pages as the kernel wants.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::io("mmap MAGLEV_POOL", std::io::Error::last_os_error()));
+        }
+        let ptr = NonNull::new(ptr.cast::<u32>()).ok_or_else(|| Error::dataplane("mmap returned null"))?;
+        Ok(Self { ptr, slots, bytes, _map: map })
+    }
+
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    /// Writes a table at `offset`, then fences so the later service-map update publishes it whole.
+    pub fn write(&mut self, offset: u32, table: &[u32]) -> Result<()> {
+        let end = offset as usize + table.len();
+        if end > self.slots as usize {
+            return Err(Error::dataplane(format!("table region {offset}..{end} is outside the pool")));
+        }
+        // SAFETY: bounds checked above; the region is not in use by any service value yet.
+        unsafe {
+            std::ptr::copy_nonoverlapping(table.as_ptr(), self.ptr.as_ptr().add(offset as usize), table.len());
+        }
+        atomic::fence(atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub fn read(&self, offset: u32, len: u32) -> Option<&[u32]> {
+        let end = offset as usize + len as usize;
+        if end > self.slots as usize {
+            return None;
+        }
+        // SAFETY: bounds checked; u32 reads of a shared mapping (the kernel never writes it).
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset as usize), len as usize) })
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what new() mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+/// First-fit allocator of pool regions, coalescing freed neighbours.
+#[derive(Debug, Clone)]
+pub struct RegionAllocator {
+    /// offset -> length of each free run.
+    free: BTreeMap<u32, u32>,
+    capacity: u32,
+}
+
+impl RegionAllocator {
+    pub fn new(capacity: u32) -> Self {
+        let mut free = BTreeMap::new();
+        if capacity > 0 {
+            free.insert(0, capacity);
+        }
+        Self { free, capacity }
+    }
+
+    pub fn free_slots(&self) -> u64 {
+        self.free.values().map(|&l| l as u64).sum()
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    pub fn alloc(&mut self, len: u32) -> Option<u32> {
+        let (&offset, &run) = self.free.iter().find(|&(_, &run)| run >= len)?;
+        self.free.remove(&offset);
+        if run > len {
+            self.free.insert(offset + len, run - len);
+        }
+        Some(offset)
+    }
+
+    /// Marks a region as used (adopting tables found in the maps). False if it is not free.
+    pub fn reserve(&mut self, offset: u32, len: u32) -> bool {
+        let Some((&start, &run)) = self.free.range(..=offset).next_back() else {
+            return false;
+        };
+        if offset + len > start + run {
+            return false;
+        }
+        self.free.remove(&start);
+        if offset > start {
+            self.free.insert(start, offset - start);
+        }
+        if start + run > offset + len {
+            self.free.insert(offset + len, start + run - (offset + len));
+        }
+        true
+    }
+
+    pub fn release(&mut self, offset: u32, len: u32) {
+        let mut start = offset;
+        let mut run = len;
+        if let Some((&prev, &prev_len)) = self.free.range(..offset).next_back() {
+            if prev + prev_len == offset {
+                self.free.remove(&prev);
+                start = prev;
+                run += prev_len;
+            }
+        }
+        if let Some(&next_len) = self.free.get(&(offset + len)) {
+            self.free.remove(&(offset + len));
+            run += next_len;
+        }
+        self.free.insert(start, run);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RegionAllocator;
+
+    #[test]
+    fn alloc_release_coalesce() {
+        let mut a = RegionAllocator::new(100);
+        let x = a.alloc(30).expect("room");
+        let y = a.alloc(30).expect("room");
+        let z = a.alloc(30).expect("room");
+        assert_eq!((x, y, z), (0, 30, 60));
+        assert!(a.alloc(30).is_none());
+        a.release(y, 30);
+        assert_eq!(a.alloc(20), Some(30));
+        a.release(30, 20);
+        a.release(x, 30);
+        a.release(z, 30);
+        assert_eq!(a.free_slots(), 100);
+        assert_eq!(a.alloc(100), Some(0));
+    }
+
+    #[test]
+    fn reserve_splits_free_runs() {
+        let mut a = RegionAllocator::new(100);
+        assert!(a.reserve(40, 20));
+        assert!(!a.reserve(50, 5));
+        assert_eq!(a.free_slots(), 80);
+        assert_eq!(a.alloc(40), Some(0));
+        assert_eq!(a.alloc(40), Some(60));
+    }
+}

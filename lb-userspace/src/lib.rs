@@ -1,0 +1,15 @@
+//! Control plane of the XDP load balancer: config, data-plane loading and map management,
+//! Maglev tables, backend next-hop resolution, the daemon and its control API.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod error;
+pub mod maglev;
+pub mod neigh;
+pub mod state;
+
+/// The compiled data plane, embedded at build time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

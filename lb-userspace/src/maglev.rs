@@ -1,0 +1,637 @@
+//! Weighted Maglev consistent hashing (Eisenbud et al., "Maglev: A Fast and Reliable Software
+//! Network Load Balancer", NSDI'16).
+//!
+//! The lookup table maps a flow hash (`hash % m`) to a backend. Each backend walks its own
+//! pseudo-random permutation of the `m` slots, derived only from its id, and claims the first
+//! free slot whenever it takes a turn. Because the permutations do not depend on the other
+//! backends, adding or removing one backend moves few slots that belonged to the others.
+//!
+//! Weights are handled in two steps:
+//! 1. Quotas: every backend is allotted exactly `floor` or `ceil` of `m * weight / total_weight`
+//!    slots (largest-remainder apportionment), so shares are as exact as integers allow.
+//! 2. Turn order: backend `i` takes its `k`-th turn (0-based) at virtual time `k / weight_i`,
+//!    ties broken by id. This is a credit scheme: a backend of weight 2 takes two turns for each
+//!    turn of a backend of weight 1, interleaved evenly. A backend's turn times depend only on
+//!    its own weight, so adding or removing a backend does not reorder the others' turns.
+//!
+//! With equal weights this is exactly classic Maglev: round-robin over the backends (sorted by
+//! id), each taking one turn per round until the table is full.
+//!
+//! Everything is deterministic across hosts, builds and Rust versions: the permutation comes
+//! from SipHash-2-4 with fixed keys implemented here, and the iteration order comes from the
+//! ids, not from the order of the input slice.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+/// Largest accepted table size: the smallest prime above 2^24.
+///
+/// Bounds the memory of one table (64 MiB of `u32`) and its build time (~8 s for 1000 backends
+/// on a slow core, versus milliseconds for 65537), and keeps every intermediate product in
+/// `u64` (see the assertion below). Real tables are far smaller (the default is 65537).
+pub const MAX_TABLE_SIZE: u32 = 16_777_259;
+
+// Turn-order comparisons multiply a turn count (< m) by a weight (< 2^32); this keeps them in u64.
+const _: () = assert!(MAX_TABLE_SIZE <= 1 << 31);
+
+/// One backend as the table builder sees it.
+///
+/// `id` is the backend's stable, user-given name (e.g. "auth-1"); its permutation is derived
+/// from it, so the table depends neither on insertion order nor on slot numbers. Ids should be
+/// unique: two backends with the same id share one permutation and compete for the same slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaglevBackend<'a> {
+    pub id: &'a str,
+    pub weight: u32,
+}
+
+/// Builds a weighted Maglev lookup table of length `m`; each entry is an index into `backends`.
+///
+/// Backends with weight 0 get no entries and do not influence the others. Returns an empty
+/// `Vec` if no backend has a positive weight, or if `m` is not a prime `<= MAX_TABLE_SIZE`
+/// (a prime `m` guarantees each permutation visits every slot). Never panics.
+///
+/// Cost: O(m log m) slot probes (the table fills up like a coupon collector) plus
+/// O(m log n) for the turn order.
+pub fn build_table(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
+    // `EMPTY` must not be a valid index.
+    if m > MAX_TABLE_SIZE || !is_prime(m) || backends.len() >= EMPTY as usize {
+        return Vec::new();
+    }
+
+    // Iterate in id order so the result does not depend on the order of `backends`.
+    let mut order: Vec<usize> = (0..backends.len())
+        .filter(|&i| backends[i].weight > 0)
+        .collect();
+    if order.is_empty() {
+        return Vec::new();
+    }
+    order.sort_by(|&a, &b| backends[a].id.cmp(backends[b].id).then(a.cmp(&b)));
+
+    let weights: Vec<u32> = order.iter().map(|&i| backends[i].weight).collect();
+    let quotas = apportion(&weights, m);
+
+    let m64 = u64::from(m);
+    let mut lanes: Vec<Lane> = order
+        .iter()
+        .zip(&quotas)
+        .map(|(&i, &quota)| {
+            let id = backends[i].id.as_bytes();
+            Lane {
+                // `i < EMPTY` was checked above, so this is lossless.
+                index: i as u32,
+                pos: siphash24(OFFSET_KEY, id) % m64,
+                skip: siphash24(SKIP_KEY, id) % (m64 - 1) + 1,
+                quota,
+            }
+        })
+        .collect();
+
+    let mut heap: BinaryHeap<Turn> = weights
+        .iter()
+        .zip(&quotas)
+        .enumerate()
+        .filter(|&(_, (_, &quota))| quota > 0)
+        .map(|(rank, (&weight, _))| Turn {
+            taken: 0,
+            weight: u64::from(weight),
+            rank,
+        })
+        .collect();
+
+    let mut table = vec![EMPTY; m as usize];
+    // Every turn fills exactly one slot and the quotas sum to `m`, so a free slot exists at each
+    // turn; a prime `m` and `1 <= skip < m` make the walk visit every slot, so the probe loop ends.
+    while let Some(mut turn) = heap.pop() {
+        let lane = &mut lanes[turn.rank];
+        loop {
+            let slot = lane.pos as usize;
+            lane.pos += lane.skip;
+            if lane.pos >= m64 {
+                lane.pos -= m64;
+            }
+            if table[slot] == EMPTY {
+                table[slot] = lane.index;
+                break;
+            }
+        }
+        turn.taken += 1;
+        if turn.taken < lane.quota {
+            heap.push(turn);
+        }
+    }
+    table
+}
+
+/// Deterministic primality test by trial division over 6k ± 1; at most ~22k divisions for any
+/// `u32`, microseconds for table-sized inputs.
+pub fn is_prime(n: u32) -> bool {
+    if n < 4 {
+        return n >= 2;
+    }
+    if n.is_multiple_of(2) || n.is_multiple_of(3) {
+        return false;
+    }
+    let n = u64::from(n);
+    let mut d = 5u64;
+    while d * d <= n {
+        if n.is_multiple_of(d) || n.is_multiple_of(d + 2) {
+            return false;
+        }
+        d += 6;
+    }
+    true
+}
+
+/// Marks a free slot while building.
+const EMPTY: u32 = u32::MAX;
+
+/// SipHash keys for the permutation offset and skip. Arbitrary but fixed forever: changing
+/// them reshuffles every table on every host. Distinct keys make offset and skip independent.
+const OFFSET_KEY: (u64, u64) = (0x6d61_676c_6576_2d6f, 0x9e37_79b9_7f4a_7c15);
+const SKIP_KEY: (u64, u64) = (0x6d61_676c_6576_2d73, 0xc2b2_ae3d_27d4_eb4f);
+
+/// Per-backend walk state; `pos` is the next slot of the permutation `offset + j * skip mod m`.
+struct Lane {
+    index: u32,
+    pos: u64,
+    skip: u64,
+    quota: u64,
+}
+
+/// A backend's next turn, due at virtual time `taken / weight`; `rank` (id order) breaks ties.
+/// Ordered so that `BinaryHeap` (a max-heap) pops the earliest turn first.
+struct Turn {
+    taken: u64,
+    weight: u64,
+    rank: usize,
+}
+
+impl Ord for Turn {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // self.taken / self.weight vs other.taken / other.weight, cross-multiplied, reversed.
+        (other.taken * self.weight)
+            .cmp(&(self.taken * other.weight))
+            .then(other.rank.cmp(&self.rank))
+    }
+}
+
+impl PartialOrd for Turn {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Turn {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Turn {}
+
+/// Splits `m` slots in proportion to `weights` (all > 0) by largest remainder: each share is
+/// `floor` or `ceil` of its exact value and the shares sum to `m`. Ties go to the lower rank,
+/// which with equal weights gives classic Maglev's extra turn to the first backends in order.
+fn apportion(weights: &[u32], m: u32) -> Vec<u64> {
+    let total: u128 = weights.iter().map(|&w| u128::from(w)).sum();
+    let m = u128::from(m);
+    let mut quotas = Vec::with_capacity(weights.len());
+    let mut remainders = Vec::with_capacity(weights.len());
+    let mut assigned = 0u128;
+    for (rank, &w) in weights.iter().enumerate() {
+        let exact = m * u128::from(w);
+        let quota = exact / total;
+        assigned += quota;
+        // quota <= m < 2^32, so the cast is lossless.
+        quotas.push(quota as u64);
+        remainders.push((exact % total, rank));
+    }
+    // The remainders are each < total and sum to (m - assigned) * total, so fewer than
+    // `weights.len()` slots are left over.
+    let left = (m - assigned) as usize;
+    remainders.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for &(_, rank) in remainders.iter().take(left) {
+        quotas[rank] += 1;
+    }
+    quotas
+}
+
+/// SipHash-2-4 (Aumasson & Bernstein) with a 128-bit key, written from the specification.
+/// Chosen for its fixed, well-studied output, unlike std's hashers, which are unspecified.
+fn siphash24(key: (u64, u64), data: &[u8]) -> u64 {
+    let (k0, k1) = key;
+    let mut v = [
+        k0 ^ 0x736f_6d65_7073_6575,
+        k1 ^ 0x646f_7261_6e64_6f6d,
+        k0 ^ 0x6c79_6765_6e65_7261,
+        k1 ^ 0x7465_6462_7974_6573,
+    ];
+    let le = |bytes: &[u8]| {
+        bytes
+            .iter()
+            .rev()
+            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+    };
+    let mut chunks = data.chunks_exact(8);
+    for chunk in &mut chunks {
+        let word = le(chunk);
+        v[3] ^= word;
+        sip_round(&mut v);
+        sip_round(&mut v);
+        v[0] ^= word;
+    }
+    // The last word carries the length's low byte on top of the trailing bytes.
+    let word = le(chunks.remainder()) | ((data.len() as u64) << 56);
+    v[3] ^= word;
+    sip_round(&mut v);
+    sip_round(&mut v);
+    v[0] ^= word;
+    v[2] ^= 0xff;
+    for _ in 0..4 {
+        sip_round(&mut v);
+    }
+    v[0] ^ v[1] ^ v[2] ^ v[3]
+}
+
+fn sip_round(v: &mut [u64; 4]) {
+    v[0] = v[0].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(13) ^ v[0];
+    v[0] = v[0].rotate_left(32);
+    v[2] = v[2].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(16) ^ v[2];
+    v[0] = v[0].wrapping_add(v[3]);
+    v[3] = v[3].rotate_left(21) ^ v[0];
+    v[2] = v[2].wrapping_add(v[1]);
+    v[1] = v[1].rotate_left(17) ^ v[2];
+    v[2] = v[2].rotate_left(32);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: u32 = 65537;
+
+    /// Zero-padded so that id order equals index order.
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("backend-{i:04}")).collect()
+    }
+
+    fn with_weight(names: &[String], weight: u32) -> Vec<MaglevBackend<'_>> {
+        names
+            .iter()
+            .map(|id| MaglevBackend { id, weight })
+            .collect()
+    }
+
+    /// The table as backend ids, for comparing tables whose indices differ.
+    fn owners<'a>(backends: &[MaglevBackend<'a>], table: &[u32]) -> Vec<&'a str> {
+        table.iter().map(|&i| backends[i as usize].id).collect()
+    }
+
+    fn counts(table: &[u32], n: usize) -> Vec<usize> {
+        let mut counts = vec![0; n];
+        for &i in table {
+            counts[i as usize] += 1;
+        }
+        counts
+    }
+
+    /// Classic unweighted Maglev (the paper's pseudocode), iterating in slice order.
+    fn classic(ids: &[&str], m: u32) -> Vec<u32> {
+        let m64 = u64::from(m);
+        let perm: Vec<(u64, u64)> = ids
+            .iter()
+            .map(|id| {
+                let offset = siphash24(OFFSET_KEY, id.as_bytes()) % m64;
+                let skip = siphash24(SKIP_KEY, id.as_bytes()) % (m64 - 1) + 1;
+                (offset, skip)
+            })
+            .collect();
+        let mut next = vec![0u64; ids.len()];
+        let mut table = vec![EMPTY; m as usize];
+        let mut filled = 0;
+        loop {
+            for (i, &(offset, skip)) in perm.iter().enumerate() {
+                let mut c = (offset + next[i] * skip) % m64;
+                while table[c as usize] != EMPTY {
+                    next[i] += 1;
+                    c = (offset + next[i] * skip) % m64;
+                }
+                table[c as usize] = i as u32;
+                next[i] += 1;
+                filled += 1;
+                if filled == m {
+                    return table;
+                }
+            }
+        }
+    }
+
+    /// Deterministic Fisher-Yates shuffle (xorshift64), no external crates.
+    fn shuffle<T>(items: &mut [T], mut seed: u64) {
+        for i in (1..items.len()).rev() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            items.swap(i, (seed % (i as u64 + 1)) as usize);
+        }
+    }
+
+    #[test]
+    fn siphash_matches_reference_vector() {
+        // From the SipHash paper: key 00..0f, message 00..0e.
+        let key = (0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908);
+        let msg: Vec<u8> = (0..15).collect();
+        assert_eq!(siphash24(key, &msg), 0xa129_ca61_49be_45e5);
+        // Several full words plus a tail; value cross-checked once against std's SipHasher.
+        let msg = b"a longer message of 37 bytes length!!";
+        assert_eq!(siphash24((1, 2), msg), 0xb232_65dc_1f4e_b5bd);
+    }
+
+    #[test]
+    fn equal_weights_balance() {
+        let mut worst: f64 = 0.0;
+        for n in [1, 2, 3, 10, 100, 257, 650] {
+            let names = names(n);
+            let table = build_table(&with_weight(&names, 1), M);
+            assert_eq!(table.len(), M as usize);
+            let ideal = f64::from(M) / n as f64;
+            let counts = counts(&table, n);
+            let max = counts.iter().copied().max().unwrap_or(0) as f64;
+            let min = counts.iter().copied().min().unwrap_or(0) as f64;
+            let ratio = max / ideal;
+            assert!(ratio <= 1.01, "n={n}: max/ideal = {ratio}");
+            assert!(min >= ideal.floor(), "n={n}: min {min} < floor({ideal})");
+            worst = worst.max(ratio);
+        }
+        eprintln!("worst max/ideal: {worst:.5}");
+    }
+
+    #[test]
+    fn equal_weights_are_classic_maglev() {
+        for (n, m, w) in [(1, 13, 1), (3, 13, 7), (10, 251, 1), (37, M, 5)] {
+            let names = names(n);
+            let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+            assert_eq!(build_table(&with_weight(&names, w), m), classic(&ids, m));
+        }
+    }
+
+    #[test]
+    fn removal_disrupts_little() {
+        let mut worst: f64 = 0.0;
+        for n in [10, 100, 650] {
+            let names = names(n);
+            let before_set = with_weight(&names, 1);
+            let removed = n / 2;
+            let mut after_set = before_set.clone();
+            after_set.remove(removed);
+            let before = owners(&before_set, &build_table(&before_set, M));
+            let after = owners(&after_set, &build_table(&after_set, M));
+            let removed_id = before_set[removed].id;
+            assert!(!after.contains(&removed_id));
+            let kept = before.iter().filter(|&&id| id != removed_id).count();
+            let moved = before
+                .iter()
+                .zip(&after)
+                .filter(|&(&b, &a)| b != removed_id && a != b)
+                .count();
+            let share = moved as f64 / kept as f64;
+            assert!(share <= 0.01, "n={n}: {moved}/{kept} kept slots moved");
+            worst = worst.max(share);
+        }
+        eprintln!("worst removal disruption: {:.3}%", worst * 100.0);
+    }
+
+    #[test]
+    fn addition_moves_about_one_share() {
+        let mut worst: f64 = 0.0;
+        for n in [1, 10, 100, 650] {
+            let mut names = names(n + 1);
+            // A new id that sorts into the middle, the hardest place for classic round-robin.
+            names[n] = format!("backend-{:04}x", n / 2);
+            let after_set = with_weight(&names, 1);
+            let before_set = &after_set[..n];
+            let before = owners(before_set, &build_table(before_set, M));
+            let after = owners(&after_set, &build_table(&after_set, M));
+            let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+            let share = moved as f64 / f64::from(M);
+            let bound = 1.0 / (n + 1) as f64 + 0.01;
+            assert!(share <= bound, "n={n}: moved {share} > {bound}");
+            worst = worst.max(share - 1.0 / (n + 1) as f64);
+        }
+        eprintln!("worst addition excess over 1/(n+1): {:.3}%", worst * 100.0);
+    }
+
+    /// Relative error `|count - ideal| / ideal` for each backend.
+    fn weight_errors(weights: &[u32], m: u32) -> Vec<f64> {
+        let names = names(weights.len());
+        let backends: Vec<MaglevBackend<'_>> = names
+            .iter()
+            .zip(weights)
+            .map(|(id, &weight)| MaglevBackend { id, weight })
+            .collect();
+        let table = build_table(&backends, m);
+        let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+        counts(&table, weights.len())
+            .iter()
+            .zip(weights)
+            .map(|(&count, &w)| {
+                let ideal = f64::from(m) * f64::from(w) / total;
+                // Apportionment guarantees floor or ceil of the ideal share.
+                assert!((count as f64 - ideal).abs() < 1.0, "{count} vs {ideal}");
+                (count as f64 - ideal).abs() / ideal
+            })
+            .collect()
+    }
+
+    #[test]
+    fn weighted_shares_within_one_percent_relative() {
+        // Relative bound: every backend within 1% of its own ideal share. For weights 1..=100
+        // the weight-1 ideal is ~12.98 slots, so this holds only because counts are the
+        // floor/ceil of the ideal and the large remainders round up (13 slots, error 0.18%).
+        let worst = [
+            weight_errors(&[1, 2, 3, 4], M),
+            weight_errors(&(1..=100).collect::<Vec<_>>(), M),
+        ]
+        .iter()
+        .flatten()
+        .fold(0.0f64, |a, &b| a.max(b));
+        assert!(worst <= 0.01, "worst relative error {worst}");
+        eprintln!("worst relative weight error: {:.4}%", worst * 100.0);
+
+        // Uneven weights that need not round nicely: still within one slot of ideal.
+        let uneven: Vec<u32> = (0..300).map(|i| 1 + (i * 7919) % 97).collect();
+        weight_errors(&uneven, M);
+        weight_errors(&[u32::MAX, u32::MAX - 1, 1, 3], M);
+    }
+
+    #[test]
+    fn weights_scale_invariant_and_zero_weight_inert() {
+        let names = names(20);
+        let base: Vec<MaglevBackend<'_>> = names
+            .iter()
+            .enumerate()
+            .map(|(i, id)| MaglevBackend {
+                id,
+                weight: 1 + i as u32 % 4,
+            })
+            .collect();
+        let table = build_table(&base, M);
+        let tripled: Vec<_> = base
+            .iter()
+            .map(|b| MaglevBackend {
+                weight: b.weight * 3,
+                ..*b
+            })
+            .collect();
+        assert_eq!(build_table(&tripled, M), table);
+
+        let mut with_zero = base.clone();
+        with_zero.insert(
+            7,
+            MaglevBackend {
+                id: "idle",
+                weight: 0,
+            },
+        );
+        let with_zero_table = build_table(&with_zero, M);
+        assert!(!with_zero_table.contains(&7));
+        assert_eq!(owners(&with_zero, &with_zero_table), owners(&base, &table));
+    }
+
+    #[test]
+    fn deterministic_and_order_independent() {
+        let names = names(50);
+        let backends: Vec<MaglevBackend<'_>> = names
+            .iter()
+            .enumerate()
+            .map(|(i, id)| MaglevBackend {
+                id,
+                weight: 1 + i as u32 % 5,
+            })
+            .collect();
+        let table = build_table(&backends, M);
+        assert_eq!(build_table(&backends, M), table);
+        let expected = owners(&backends, &table);
+        for seed in [1, 0xdead_beef, 42] {
+            let mut shuffled = backends.clone();
+            shuffle(&mut shuffled, seed);
+            assert_ne!(shuffled, backends);
+            assert_eq!(owners(&shuffled, &build_table(&shuffled, M)), expected);
+        }
+    }
+
+    #[test]
+    fn golden_values() {
+        // Pins the hash keys and the algorithm: a change here reshuffles deployed tables.
+        let backends = [
+            MaglevBackend {
+                id: "auth-1",
+                weight: 1,
+            },
+            MaglevBackend {
+                id: "auth-2",
+                weight: 1,
+            },
+            MaglevBackend {
+                id: "auth-3",
+                weight: 2,
+            },
+        ];
+        assert_eq!(build_table(&backends, M)[..8], GOLDEN_65537);
+        assert_eq!(build_table(&backends, 13), GOLDEN_13);
+        assert_eq!(siphash24(OFFSET_KEY, b"auth-1") % 65537, GOLDEN_OFFSET);
+    }
+
+    const GOLDEN_65537: [u32; 8] = [2, 0, 2, 1, 1, 2, 1, 0];
+    const GOLDEN_13: [u32; 13] = [2, 0, 2, 2, 2, 0, 2, 0, 1, 2, 2, 1, 1];
+    const GOLDEN_OFFSET: u64 = 36205;
+
+    #[test]
+    fn edge_cases() {
+        let zero = [
+            MaglevBackend { id: "a", weight: 0 },
+            MaglevBackend { id: "b", weight: 0 },
+        ];
+        assert!(build_table(&zero, M).is_empty());
+        assert!(build_table(&[], M).is_empty());
+
+        let one = [
+            MaglevBackend { id: "a", weight: 0 },
+            MaglevBackend { id: "b", weight: 9 },
+        ];
+        let table = build_table(&one, M);
+        assert_eq!(table.len(), M as usize);
+        assert!(table.iter().all(|&i| i == 1));
+
+        // Invalid sizes are refused instead of looping or panicking.
+        let two = [
+            MaglevBackend { id: "a", weight: 1 },
+            MaglevBackend { id: "b", weight: 1 },
+        ];
+        for m in [0, 1, 4, 65536, 4_294_967_291, u32::MAX] {
+            assert!(build_table(&two, m).is_empty(), "m={m}");
+        }
+        // Tiny primes work, including more backends than slots.
+        assert_eq!(counts(&build_table(&two, 2), 2), [1, 1]);
+        let many = names(20);
+        let table = build_table(&with_weight(&many, 1), 7);
+        assert_eq!(table.len(), 7);
+        assert!(counts(&table, 20).iter().all(|&c| c <= 1));
+
+        // Duplicate ids do not break anything.
+        let dup = [
+            MaglevBackend { id: "x", weight: 1 },
+            MaglevBackend { id: "x", weight: 1 },
+        ];
+        assert_eq!(counts(&build_table(&dup, 13), 2), [7, 6]);
+    }
+
+    #[test]
+    fn primes() {
+        for p in [
+            2,
+            3,
+            5,
+            13,
+            251,
+            65537,
+            655_373,
+            MAX_TABLE_SIZE,
+            4_294_967_291,
+        ] {
+            assert!(is_prime(p), "{p}");
+        }
+        for c in [
+            0,
+            1,
+            4,
+            9,
+            25,
+            49,
+            65536,
+            65535,
+            655_371,
+            16_777_216,
+            u32::MAX,
+        ] {
+            assert!(!is_prime(c), "{c}");
+        }
+        // 2^24 < MAX_TABLE_SIZE and nothing prime lies in between.
+        assert!((1 << 24..MAX_TABLE_SIZE).all(|n| !is_prime(n)));
+        // Cross-check against a sieve.
+        let mut sieve = vec![true; 10_000];
+        sieve[0] = false;
+        sieve[1] = false;
+        for i in 2..100 {
+            if sieve[i] {
+                (i * i..10_000).step_by(i).for_each(|j| sieve[j] = false);
+            }
+        }
+        for (n, &p) in sieve.iter().enumerate() {
+            assert_eq!(is_prime(n as u32), p, "{n}");
+        }
+    }
+}

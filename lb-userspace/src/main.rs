@@ -1,0 +1,68 @@
+//! `lb`: the daemon and its CLI in one binary.
+
+use clap::Parser;
+use lb_userspace::{
+    cli::{Cli, Command, run_client},
+    config, dataplane,
+};
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // One line: clap's first line says what is wrong.
+            let text = e.to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("error: invalid arguments"));
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    };
+    let code = match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: &Cli) -> anyhow::Result<i32> {
+    match &cli.command {
+        Command::Daemon { config } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(lb_userspace::daemon::run(config.clone()))?;
+            Ok(0)
+        }
+        Command::Detach => {
+            let socket = config::socket_path(&cli.run_dir, &cli.instance);
+            if socket.exists()
+                && lb_userspace::api::call(&socket, &lb_userspace::api::Request::Shutdown, std::time::Duration::from_secs(5)).is_ok()
+            {
+                wait_gone(&socket);
+            }
+            let removed = dataplane::detach_instance(&cli.instance)?;
+            let _ = std::fs::remove_file(cli.run_dir.join(format!("{}.state.json", cli.instance)));
+            if cli.json {
+                println!("{}", serde_json::json!({ "removed": removed }));
+            } else {
+                println!("detached instance {} ({} pins removed)", cli.instance, removed.len());
+            }
+            Ok(0)
+        }
+        _ => run_client(cli),
+    }
+}
+
+/// Waits (bounded) for a stopping daemon to remove its socket.
+fn wait_gone(socket: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while socket.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ").replace('\n', " ")
+}

@@ -1,0 +1,173 @@
+//! Developer tasks for the load balancer workspace, run as `cargo xtask <command>`.
+//!
+//! This crate depends on nothing from the workspace so that `cargo xtask setup`
+//! builds on a fresh machine, before bpf-linker or the nightly toolchain exist.
+
+mod ctx;
+mod setup;
+
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::ctx::Ctx;
+
+/// Developer tasks for the XDP load balancer workspace.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install missing build and test prerequisites (Debian 12)
+    ///
+    /// Checks, and installs when missing: the LLVM 22 dev packages that
+    /// bpf-linker links against, iproute2 and ethtool, the nightly toolchain's
+    /// rust-src, bpf-linker itself (cargo install, several minutes), and a
+    /// bpffs mount at /sys/fs/bpf. Idempotent: takes about a second when
+    /// everything is present. Installing Debian packages and mounting bpffs
+    /// require root.
+    Setup,
+    /// Run setup, build all workspace targets, run all tests
+    ///
+    /// Runs `cargo build --all-targets`, the host unit tests of the eBPF
+    /// crate's parser (`cargo test -p lb-ebpf --lib`), then `cargo test
+    /// -- --test-threads=1` over the default members (integration tests share
+    /// kernel state, so one thread). Needs root.
+    Test {
+        /// Extra arguments for the test binaries, e.g. `cargo xtask test -- --nocapture NAME`
+        #[arg(last = true, value_name = "TEST_ARGS")]
+        args: Vec<OsString>,
+    },
+    /// Run setup, build the demo and the daemon, run the end-to-end demo
+    ///
+    /// Builds `lb-demo` (lb-tests) and `lb` (lb-userspace), then runs lb-demo
+    /// with LB_BIN set to the `lb` binary. The demo creates network namespaces,
+    /// runs the daemon, drives traffic, prints the results and tears down.
+    /// Exits with the demo's exit code. Needs root.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version: print as usual.
+        Err(err) if !err.use_stderr() => {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        // Usage errors: one line, exit code 1 like every other failure.
+        Err(err) => {
+            let rendered = err.render().to_string();
+            let line = rendered.lines().next().unwrap_or("invalid arguments");
+            let line = line.strip_prefix("error: ").unwrap_or(line);
+            eprintln!("error: {line} (see `cargo xtask --help`)");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` joins the context chain on one line: "outer: inner: cause".
+            let msg = format!("{err:#}").replace('\n', " ");
+            eprintln!("error: {}", msg.trim());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let ctx = Ctx::new()?;
+    match cli.command {
+        Command::Setup => setup::setup(&ctx),
+        Command::Test { args } => test(&ctx, args),
+        Command::Demo => demo(&ctx),
+    }
+}
+
+fn header(step: usize, total: usize, what: &str) {
+    eprintln!("==> [{step}/{total}] {what}");
+}
+
+fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
+    const STEPS: usize = 4;
+
+    header(1, STEPS, "setup");
+    setup::setup(ctx)?;
+
+    let mut build = ctx.cargo();
+    // Not --workspace: lb-ebpf only builds for the bpf target (lb-userspace's build.rs does that).
+    build.args(["build", "--all-targets"]);
+    header(2, STEPS, &ctx::display(&build));
+    ctx::run(&mut build)?;
+
+    let mut parser = ctx.cargo();
+    parser.args(["test", "-p", "lb-ebpf", "--lib"]);
+    header(3, STEPS, &ctx::display(&parser));
+    ctx::run(&mut parser)?;
+
+    let mut test = ctx.cargo();
+    test.args(["test", "--"]);
+    // Respect an explicit --test-threads from the caller; default to one thread.
+    let has_threads = extra
+        .iter()
+        .any(|a| a.to_string_lossy().starts_with("--test-threads"));
+    if !has_threads {
+        test.arg("--test-threads=1");
+    }
+    test.args(&extra);
+    header(4, STEPS, &ctx::display(&test));
+    ctx::run(&mut test)?;
+
+    eprintln!("==> all steps passed");
+    Ok(())
+}
+
+fn demo(ctx: &Ctx) -> Result<()> {
+    const STEPS: usize = 4;
+
+    header(1, STEPS, "setup");
+    setup::setup(ctx)?;
+
+    let mut build = ctx.cargo();
+    build.args([
+        "build",
+        "--package",
+        "lb-tests",
+        "--bin",
+        "lb-demo",
+        "--package",
+        "lb-userspace",
+        "--bin",
+        "lb",
+    ]);
+    header(2, STEPS, &ctx::display(&build));
+    ctx::run(&mut build)?;
+
+    let debug_dir = ctx.target_dir().join("debug");
+    let demo_bin = debug_dir.join("lb-demo");
+    let lb_bin = debug_dir.join("lb");
+    for bin in [&demo_bin, &lb_bin] {
+        if !bin.is_file() {
+            bail!("{} was not produced by the build", bin.display());
+        }
+    }
+
+    let mut demo = ctx.command(&demo_bin);
+    demo.env("LB_BIN", &lb_bin);
+    header(
+        3,
+        STEPS,
+        &format!("LB_BIN={} {}", lb_bin.display(), demo_bin.display()),
+    );
+    // Replace this process with the demo: its exit code and its handling of
+    // Ctrl-C (teardown) then apply directly, with no xtask in between.
+    let err = demo.exec();
+    Err(err).with_context(|| format!("failed to run {}", demo_bin.display()))
+}
