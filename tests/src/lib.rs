@@ -1,1 +1,37 @@
+//! Test harness: network namespaces joined by veth, a DSR topology, real servers in the backend
+//! namespaces, the daemon started inside the balancer namespace, and teardown on drop (also when
+//! a test panics).
 
+pub mod netns;
+pub mod servers;
+pub mod topology;
+
+pub use netns::{NetNs, in_ns};
+pub use topology::{Daemon, Topology};
+
+/// The `lb` binary: `LB_BIN`, else next to the test executable's directory (target/debug/lb).
+pub fn lb_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("LB_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join("lb")
+}
+
+/// Waits for `cond` up to `timeout`, polling; returns whether it became true.
+pub fn wait_until(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

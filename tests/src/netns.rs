@@ -1,0 +1,84 @@
+//! Named network namespaces with guaranteed removal.
+
+use std::{
+    fs::File,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::PathBuf,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context, Result, bail};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A namespace from `ip netns add`, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// Unique per process and call, so parallel or aborted runs never collide.
+    pub fn new(tag: &str) -> Result<Self> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("lbt-{}-{n}-{tag}", std::process::id());
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Self { name };
+        ns.sh("ip link set lo up")?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// A command that runs inside this namespace (setns before exec; /sys stays as it is, so
+    /// /sys/fs/bpf stays visible, unlike `ip netns exec`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let file = File::open(self.path()).expect("netns file");
+        let mut cmd = Command::new(program);
+        // SAFETY: setns is async-signal-safe; the fd stays open until exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Runs a shell command line in the namespace; fails with its stderr.
+    pub fn sh(&self, line: &str) -> Result<String> {
+        let out = run(self.command("sh").args(["-c", line]))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(out)
+}
+
+/// Runs `f` on a fresh thread that has entered `ns`. Sockets made there stay in `ns`.
+pub fn in_ns<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let file = File::open(ns.path()).expect("netns file");
+    std::thread::spawn(move || {
+        // SAFETY: setns on this thread only.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("thread in namespace panicked")
+}

@@ -1,0 +1,97 @@
+//! Real TCP and UDP servers in a backend namespace. Each answers every line or datagram with
+//! its backend id, so the client sees which backend served it.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::netns::{NetNs, in_ns};
+
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Servers {
+    /// Starts TCP and UDP servers on each address (the VIPs) at `port`.
+    pub fn start(ns: &NetNs, id: &str, addrs: &[SocketAddr]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for &addr in addrs {
+            let (tcp, udp) = in_ns(ns, move || {
+                let tcp = TcpListener::bind(addr).expect("bind tcp");
+                tcp.set_nonblocking(true).expect("nonblocking");
+                let udp = UdpSocket::bind(addr).expect("bind udp");
+                udp.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+                (tcp, udp)
+            });
+            let (id1, stop1) = (id.to_string(), stop.clone());
+            threads.push(std::thread::spawn(move || tcp_loop(tcp, id1, stop1)));
+            let (id2, stop2) = (id.to_string(), stop.clone());
+            threads.push(std::thread::spawn(move || udp_loop(udp, id2, stop2)));
+        }
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn tcp_loop(listener: TcpListener, id: String, stop: Arc<AtomicBool>) {
+    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let (id, stop) = (id.clone(), stop.clone());
+                conns.push(std::thread::spawn(move || {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+                    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                    let mut writer = stream;
+                    let mut line = String::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        match reader.read_line(&mut line) {
+                            Ok(0) => return,
+                            Ok(_) => {
+                                if writer.write_all(format!("{id}\n").as_bytes()).is_err() {
+                                    return;
+                                }
+                                line.clear();
+                            }
+                            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                            Err(_) => return,
+                        }
+                    }
+                }));
+                conns.retain(|c| !c.is_finished());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    for c in conns {
+        let _ = c.join();
+    }
+}
+
+fn udp_loop(socket: UdpSocket, id: String, stop: Arc<AtomicBool>) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(id.as_bytes(), peer);
+        }
+    }
+}

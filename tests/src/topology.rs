@@ -1,0 +1,286 @@
+//! The L2 DSR topology: a switch namespace with a bridge, and a client, the balancer and the
+//! backends each joined to it by a veth pair. The client routes the VIPs via the balancer; the
+//! backends hold the VIPs on loopback and answer the client directly.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    EbpfLoader,
+    programs::{Xdp, XdpMode},
+};
+
+use crate::{
+    lb_bin,
+    netns::{NetNs, in_ns},
+    servers::Servers,
+    wait_until,
+};
+
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0x100, 0, 0, 0, 0, 0, 1);
+pub const PORT: u16 = 8080;
+const LB4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+const LB6: Ipv6Addr = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, 2);
+
+pub struct Backend {
+    pub id: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+    pub ns: NetNs,
+}
+
+pub struct Topology {
+    // Field order is drop order: servers, the pass program, then the namespaces.
+    servers: Vec<Servers>,
+    _pass: aya::Ebpf,
+    pub backends: Vec<Backend>,
+    pub client: NetNs,
+    pub lb: NetNs,
+    pub switch: NetNs,
+    next_port: u32,
+    next_host: u8,
+}
+
+impl Topology {
+    /// Builds the topology with backends `b1..=bN` running their servers.
+    pub fn new(backends: usize) -> Result<Self> {
+        let switch = NetNs::new("sw")?;
+        switch.sh("ip link add br0 type bridge && ip link set br0 up")?;
+        let client = NetNs::new("cl")?;
+        let lb = NetNs::new("lb")?;
+        let mut topo = Self {
+            servers: Vec::new(),
+            _pass: empty_ebpf()?,
+            backends: Vec::new(),
+            client,
+            lb,
+            switch,
+            next_port: 0,
+            next_host: 11,
+        };
+        join(&topo.switch, &mut topo.next_port, &topo.client, "10.99.0.1", "fd99::1")?;
+        join(&topo.switch, &mut topo.next_port, &topo.lb, "10.99.0.2", "fd99::2")?;
+        let lb_port = format!("p{}", topo.next_port - 1);
+        // Senders use partial checksums on veth; XDP_TX frames would leave with them unfilled.
+        topo.client.sh(&format!(
+            "ethtool -K eth0 tx off >/dev/null && ip route add {VIP4}/32 via {LB4} && ip -6 route add {VIP6}/128 via {LB6}"
+        ))?;
+        topo.lb.sh("sysctl -qw net.ipv4.ip_forward=0")?;
+        topo._pass = attach_pass(&topo.switch, &lb_port)?;
+        for i in 1..=backends {
+            topo.add_backend(&format!("b{i}"))?;
+        }
+        Ok(topo)
+    }
+
+    /// Adds a backend namespace with the VIPs on loopback and its servers running.
+    pub fn add_backend(&mut self, id: &str) -> Result<&Backend> {
+        let host = self.next_host;
+        self.next_host += 1;
+        let ns = NetNs::new(id)?;
+        let v4 = Ipv4Addr::new(10, 99, 0, host);
+        let v6 = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, host as u16);
+        join(&self.switch, &mut self.next_port, &ns, &v4.to_string(), &v6.to_string())?;
+        ns.sh(&format!(
+            "ip addr add {VIP4}/32 dev lo && ip addr add {VIP6}/128 dev lo nodad && \
+             sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 && \
+             ethtool -K eth0 tx off >/dev/null"
+        ))?;
+        let servers = Servers::start(
+            &ns,
+            id,
+            &[SocketAddr::new(IpAddr::V4(VIP4), PORT), SocketAddr::new(IpAddr::V6(VIP6), PORT)],
+        );
+        self.servers.push(servers);
+        self.backends.push(Backend { id: id.to_string(), v4, v6, ns });
+        Ok(self.backends.last().expect("just pushed"))
+    }
+
+    pub fn backend(&self, id: &str) -> &Backend {
+        self.backends.iter().find(|b| b.id == id).expect("known backend")
+    }
+
+    /// A config for the daemon with one TCP and one UDP service per family on the given backends.
+    pub fn config(&self, instance: &str, run_dir: &std::path::Path, backends: &[&str]) -> String {
+        let mut text = format!(
+            "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\nconntrack_size = 65536\ntable_pool_slots = 1048576\nneighbour_refresh_ms = 500\n",
+            run_dir.display()
+        );
+        for (name, vip, proto) in
+            [("web4", IpAddr::V4(VIP4), "tcp"), ("dns4", IpAddr::V4(VIP4), "udp"), ("web6", IpAddr::V6(VIP6), "tcp"), ("dns6", IpAddr::V6(VIP6), "udp")]
+        {
+            text.push_str(&format!(
+                "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {PORT}\nprotocol = \"{proto}\"\n"
+            ));
+            for id in backends {
+                let b = self.backend(id);
+                let addr: IpAddr = if vip.is_ipv4() { b.v4.into() } else { b.v6.into() };
+                text.push_str(&format!("\n[[service.backend]]\nid = \"{id}\"\naddress = \"{addr}\"\nweight = 100\n"));
+            }
+        }
+        text
+    }
+}
+
+/// Joins `ns` to the switch: `eth0` inside, port `p<N>` on the bridge.
+fn join(switch: &NetNs, next_port: &mut u32, ns: &NetNs, v4: &str, v6: &str) -> Result<()> {
+    let port = format!("p{next_port}");
+    *next_port += 1;
+    switch.sh(&format!(
+        "ip link add {port} type veth peer name eth0 netns {} && ip link set {port} master br0 up",
+        ns.name
+    ))?;
+    ns.sh(&format!("ip addr add {v4}/24 dev eth0 && ip addr add {v6}/64 dev eth0 nodad && ip link set eth0 up"))?;
+    Ok(())
+}
+
+/// Attaches the pass program to a veth port so it receives the balancer's XDP_TX frames.
+fn attach_pass(ns: &NetNs, port: &str) -> Result<aya::Ebpf> {
+    let port = port.to_string();
+    in_ns(ns, move || -> Result<aya::Ebpf> {
+        let mut ebpf = empty_ebpf()?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(lb_common::maps::PROG_PASS)
+            .context("xdp_pass missing")?
+            .try_into()?;
+        prog.load()?;
+        prog.attach(&port, XdpMode::Driver).with_context(|| format!("attach xdp_pass to {port}"))?;
+        Ok(ebpf)
+    })
+}
+
+static PIN_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Loads the object with its maps pinned in a private directory that is removed at once, so
+/// nothing is left in /sys/fs/bpf.
+pub fn empty_ebpf() -> Result<aya::Ebpf> {
+    let dir = PathBuf::from(format!(
+        "/sys/fs/bpf/lbt-{}-{}",
+        std::process::id(),
+        PIN_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let loaded = EbpfLoader::new().default_map_pin_directory(&dir).load(lb_userspace::EBPF_OBJECT);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(loaded?)
+}
+
+static DAEMON_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The daemon running in the balancer namespace. Drop stops it and detaches its instance.
+pub struct Daemon {
+    child: Option<Child>,
+    pub instance: String,
+    pub run_dir: PathBuf,
+    pub config: PathBuf,
+    lb_ns: PathBuf,
+}
+
+impl Daemon {
+    pub fn new_paths() -> (String, PathBuf) {
+        let n = DAEMON_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let instance = format!("lbt{}n{n}", std::process::id());
+        let run_dir = std::env::temp_dir().join(format!("{instance}-run"));
+        (instance, run_dir)
+    }
+
+    /// Writes `config` and starts the daemon; waits (bounded) until its socket answers.
+    pub fn start(topo: &Topology, instance: &str, run_dir: &std::path::Path, config: &str) -> Result<Self> {
+        std::fs::create_dir_all(run_dir)?;
+        let path = run_dir.join("lb.toml");
+        std::fs::write(&path, config)?;
+        let mut d = Self {
+            child: None,
+            instance: instance.into(),
+            run_dir: run_dir.into(),
+            config: path,
+            lb_ns: topo.lb.path(),
+        };
+        d.spawn(topo)?;
+        Ok(d)
+    }
+
+    fn spawn(&mut self, topo: &Topology) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.run_dir.join("daemon.log"))?;
+        let child = topo
+            .lb
+            .command(lb_bin())
+            .args(["daemon", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawn lb daemon")?;
+        self.child = Some(child);
+        let socket = self.run_dir.join(format!("{}.sock", self.instance));
+        let ready = wait_until(Duration::from_secs(30), || {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return true;
+            }
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+            bail!("daemon exited with {status}: {}", self.log());
+        }
+        if !ready {
+            bail!("daemon did not open its socket within 30 s: {}", self.log());
+        }
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.run_dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Runs `lb <args>` against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(lb_bin())
+            .args(["--instance", &self.instance, "--run-dir"])
+            .arg(&self.run_dir)
+            .args(args)
+            .output()
+            .expect("run lb")
+    }
+
+    /// `lb --json <args>`, which must succeed; returns the parsed output.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(out.status.success(), "lb {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("json output")
+    }
+
+    /// SIGKILL, no cleanup: what a crash looks like.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self, topo: &Topology) -> Result<()> {
+        self.kill9();
+        self.spawn(topo)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = Command::new(lb_bin())
+            .args(["--instance", &self.instance, "--run-dir"])
+            .arg(&self.run_dir)
+            .arg("detach")
+            .output();
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+        let _ = &self.lb_ns;
+    }
+}
