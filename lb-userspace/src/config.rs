@@ -181,7 +181,10 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::config(format!("cannot read {}: {e}", path.display())))?;
-        Self::parse(&text).map_err(|e| Error::config(format!("{}: {e}", path.display())))
+        Self::parse(&text).map_err(|e| match e {
+            Error::Config(m) | Error::Invalid(m) => Error::config(format!("{}: {m}", path.display())),
+            other => Error::config(format!("{}: {other}", path.display())),
+        })
     }
 
     pub fn parse(text: &str) -> Result<Self> {

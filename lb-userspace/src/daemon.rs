@@ -321,7 +321,7 @@ impl Daemon {
         let mut counts = HashMap::new();
         if let Some(r) = self.rec.assignments.services.get(name).and_then(|s| s.active) {
             if let Some(table) = self.dp.pool.read(r.offset, r.size) {
-                for &slot in table {
+                for slot in table {
                     *counts.entry(slot).or_insert(0) += 1;
                 }
             }

@@ -43,8 +43,25 @@ fn link_pin(dir: &Path, iface: &str) -> PathBuf {
 
 /// Opens the instance's data plane: adopts pinned state when present, else loads and attaches.
 pub fn open(cfg: &DaemonConfig) -> Result<DataPlane> {
+    for iface in &cfg.interfaces {
+        let name = std::ffi::CString::new(iface.as_str()).map_err(|_| Error::invalid(format!("invalid interface name {iface:?}")))?;
+        // SAFETY: valid NUL-terminated string.
+        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+            return Err(Error::invalid(format!("unknown interface {iface}")));
+        }
+    }
     let dir = pin_dir(&cfg.instance);
     let adopting = prog_pin(&dir).exists();
+    let result = open_inner(cfg, &dir, adopting);
+    if result.is_err() && !adopting {
+        // A failed first start leaves nothing pinned behind.
+        let _ = detach_instance(&cfg.instance);
+    }
+    result
+}
+
+fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlane> {
+    let dir = dir.to_path_buf();
     let mut maps_by_name = if adopting {
         info!("adopting pinned data plane in {}", dir.display());
         open_pinned_maps(&dir)?

@@ -11,6 +11,10 @@ use aya::maps::MapData;
 
 use crate::error::{Error, Result};
 
+/// The kernel lays array elements out at an 8-byte stride, so slot `i` is the low `u32` of
+/// the 8 bytes at `8 * i` in the mapping.
+const STRIDE: usize = 2;
+
 /// The pool mapped into our address space.
 pub struct Pool {
     ptr: NonNull<u32>,
@@ -31,7 +35,7 @@ impl Pool {
             return Err(Error::dataplane("MAGLEV_POOL value size is not 4"));
         }
         let page = 4096usize;
-        let bytes = (slots as usize * 4).div_ceil(page) * page;
+        let bytes = (slots as usize * STRIDE * 4).div_ceil(page) * page;
         // SAFETY: mapping a BPF_F_MMAPABLE array fd; length rounded up to pages as the kernel wants.
         let ptr = unsafe {
             libc::mmap(
@@ -60,21 +64,23 @@ impl Pool {
         if end > self.slots as usize {
             return Err(Error::dataplane(format!("table region {offset}..{end} is outside the pool")));
         }
-        // SAFETY: bounds checked above; the region is not in use by any service value yet.
-        unsafe {
-            std::ptr::copy_nonoverlapping(table.as_ptr(), self.ptr.as_ptr().add(offset as usize), table.len());
+        let base = self.ptr.as_ptr();
+        for (i, &slot) in table.iter().enumerate() {
+            // SAFETY: bounds checked above; the region is not in use by any service value yet.
+            unsafe { base.add((offset as usize + i) * STRIDE).write(slot) };
         }
         atomic::fence(atomic::Ordering::SeqCst);
         Ok(())
     }
 
-    pub fn read(&self, offset: u32, len: u32) -> Option<&[u32]> {
+    pub fn read(&self, offset: u32, len: u32) -> Option<Vec<u32>> {
         let end = offset as usize + len as usize;
         if end > self.slots as usize {
             return None;
         }
-        // SAFETY: bounds checked; u32 reads of a shared mapping (the kernel never writes it).
-        Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset as usize), len as usize) })
+        let base = self.ptr.as_ptr();
+        // SAFETY: bounds checked; reads of a shared mapping the kernel never writes.
+        Some((offset as usize..end).map(|i| unsafe { base.add(i * STRIDE).read() }).collect())
     }
 }
 

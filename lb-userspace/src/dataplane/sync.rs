@@ -254,7 +254,7 @@ impl Reconciler {
                 _reserved: 0,
             };
             let unchanged = svc.active.is_some_and(|r| {
-                r.size as usize == table.len() && dp.pool.read(r.offset, r.size) == Some(table.as_slice())
+                r.size as usize == table.len() && dp.pool.read(r.offset, r.size).as_deref() == Some(table.as_slice())
             });
             if unchanged {
                 let r = svc.active.expect("checked");
