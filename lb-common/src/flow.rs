@@ -25,7 +25,15 @@ impl FlowKey {
         src_port_be: u16,
         dst_port_be: u16,
     ) -> Self {
-        Self { src_addr, dst_addr, src_port: src_port_be, dst_port: dst_port_be, proto, family, _pad: [0; 2] }
+        Self {
+            src_addr,
+            dst_addr,
+            src_port: src_port_be,
+            dst_port: dst_port_be,
+            proto,
+            family,
+            _pad: [0; 2],
+        }
     }
 }
 

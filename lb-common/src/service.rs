@@ -14,7 +14,12 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 
 impl ServiceKey {
     pub const fn new(family: u8, proto: u8, addr: [u8; 16], port_be: u16) -> Self {
-        Self { addr, port: port_be, proto, family }
+        Self {
+            addr,
+            port: port_be,
+            proto,
+            family,
+        }
     }
 }
 

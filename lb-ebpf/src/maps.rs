@@ -15,8 +15,7 @@ use lb_common::{
 /// Not preallocated, so an update replaces the value under RCU: a packet that already looked
 /// up a service keeps reading the old value intact.
 #[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 /// mmap-able so the daemon writes a whole table with memcpy instead of one syscall per slot.
 #[map]
@@ -27,8 +26,7 @@ pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 
 /// Shared (not per-CPU) LRU: a flow must stay put even when its packets arrive on another CPU.
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
-    LruHashMap::pinned(DEFAULT_CONNTRACK_SIZE, 0);
+pub static CONNTRACK: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(DEFAULT_CONNTRACK_SIZE, 0);
 
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::pinned(MAX_TX_PORTS, 0);

@@ -60,8 +60,9 @@ pub fn parse_flow(frame: &Frame) -> Result<FlowKey, Verdict> {
     let mut ether_type = unsafe { (*eth).ether_type };
     let mut offset = EthHdr::LEN;
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
-        let vlan: *const VlanHdr =
-            frame.ptr_at(offset).ok_or(Verdict::Drop(Counter::DropTruncatedL2))?;
+        let vlan: *const VlanHdr = frame
+            .ptr_at(offset)
+            .ok_or(Verdict::Drop(Counter::DropTruncatedL2))?;
         ether_type = unsafe { (*vlan).ether_type };
         offset += VlanHdr::LEN;
         if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
@@ -77,7 +78,9 @@ pub fn parse_flow(frame: &Frame) -> Result<FlowKey, Verdict> {
 
 #[inline(always)]
 fn parse_ipv4(frame: &Frame, offset: usize) -> Result<FlowKey, Verdict> {
-    let ip: *const Ipv4Hdr = frame.ptr_at(offset).ok_or(Verdict::Drop(Counter::DropTruncatedL3))?;
+    let ip: *const Ipv4Hdr = frame
+        .ptr_at(offset)
+        .ok_or(Verdict::Drop(Counter::DropTruncatedL3))?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
     if ip.vihl >> 4 != 4 {
@@ -102,7 +105,9 @@ fn parse_ipv4(frame: &Frame, offset: usize) -> Result<FlowKey, Verdict> {
 
 #[inline(always)]
 fn parse_ipv6(frame: &Frame, offset: usize) -> Result<FlowKey, Verdict> {
-    let ip: *const Ipv6Hdr = frame.ptr_at(offset).ok_or(Verdict::Drop(Counter::DropTruncatedL3))?;
+    let ip: *const Ipv6Hdr = frame
+        .ptr_at(offset)
+        .ok_or(Verdict::Drop(Counter::DropTruncatedL3))?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
     if ip.vcf[0] >> 4 != 6 {
@@ -119,7 +124,14 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<FlowKey, Verdict> {
         _ => return Err(Verdict::Pass(Counter::PassNotTcpUdp)),
     }
     let (sport, dport) = parse_ports(frame, offset + Ipv6Hdr::LEN, proto)?;
-    Ok(FlowKey::new(FAMILY_V6, proto, ip.src_addr, ip.dst_addr, sport, dport))
+    Ok(FlowKey::new(
+        FAMILY_V6,
+        proto,
+        ip.src_addr,
+        ip.dst_addr,
+        sport,
+        dport,
+    ))
 }
 
 /// Source and destination ports, in network byte order.
@@ -127,8 +139,9 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<FlowKey, Verdict> {
 fn parse_ports(frame: &Frame, offset: usize, proto: u8) -> Result<(u16, u16), Verdict> {
     match proto {
         PROTO_TCP => {
-            let tcp: *const TcpHdr =
-                frame.ptr_at(offset).ok_or(Verdict::Drop(Counter::DropTruncatedL4))?;
+            let tcp: *const TcpHdr = frame
+                .ptr_at(offset)
+                .ok_or(Verdict::Drop(Counter::DropTruncatedL4))?;
             // SAFETY: bounds checked by ptr_at.
             let tcp = unsafe { &*tcp };
             if tcp.doff() < 5 {
@@ -137,8 +150,9 @@ fn parse_ports(frame: &Frame, offset: usize, proto: u8) -> Result<(u16, u16), Ve
             Ok((u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest)))
         }
         PROTO_UDP => {
-            let udp: *const UdpHdr =
-                frame.ptr_at(offset).ok_or(Verdict::Drop(Counter::DropTruncatedL4))?;
+            let udp: *const UdpHdr = frame
+                .ptr_at(offset)
+                .ok_or(Verdict::Drop(Counter::DropTruncatedL4))?;
             // SAFETY: bounds checked by ptr_at.
             let udp = unsafe { &*udp };
             Ok((u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst)))
@@ -260,7 +274,10 @@ mod tests {
         assert_eq!(run(&f), Err(Verdict::Drop(Counter::DropTruncatedL3)));
         let mut bad = ipv4(6, 5, 0, &tcp(1, 2));
         bad[0] = 0x44; // IHL 4 < 5
-        assert_eq!(run(&frame(&[&eth(0x0800), &bad])), Err(Verdict::Drop(Counter::DropBadIpHeader)));
+        assert_eq!(
+            run(&frame(&[&eth(0x0800), &bad])),
+            Err(Verdict::Drop(Counter::DropBadIpHeader))
+        );
         let mut v6_in_v4 = ipv4(6, 5, 0, &tcp(1, 2));
         v6_in_v4[0] = 0x65;
         assert_eq!(
@@ -280,7 +297,10 @@ mod tests {
         );
         // Options claimed but missing: the TCP header read runs past the end.
         let f = frame(&[&eth(0x0800), &ipv4(6, 15, 0, &[])]);
-        assert_eq!(run(&f[..f.len() - 30]), Err(Verdict::Drop(Counter::DropTruncatedL4)));
+        assert_eq!(
+            run(&f[..f.len() - 30]),
+            Err(Verdict::Drop(Counter::DropTruncatedL4))
+        );
         assert_eq!(
             run(&frame(&[&eth(0x0800), &ipv4(1, 5, 0, &[8, 0, 0, 0])])),
             Err(Verdict::Pass(Counter::PassNotTcpUdp))

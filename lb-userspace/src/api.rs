@@ -18,13 +18,31 @@ use crate::config::{BackendSpec, Protocol, ServiceSpec};
 pub enum Request {
     Status,
     ListServices,
-    AddService { service: ServiceSpec },
-    RemoveService { name: String },
-    AddBackend { service: String, backend: BackendSpec },
-    RemoveBackend { service: String, id: String },
-    SetWeight { service: String, id: String, weight: u32 },
+    AddService {
+        service: ServiceSpec,
+    },
+    RemoveService {
+        name: String,
+    },
+    AddBackend {
+        service: String,
+        backend: BackendSpec,
+    },
+    RemoveBackend {
+        service: String,
+        id: String,
+    },
+    SetWeight {
+        service: String,
+        id: String,
+        weight: u32,
+    },
     Stats,
-    Lookup { protocol: Protocol, src: SocketAddr, dst: SocketAddr },
+    Lookup {
+        protocol: Protocol,
+        src: SocketAddr,
+        dst: SocketAddr,
+    },
     /// Re-read the config file and replace the running services with it.
     Reload,
     /// Stop the daemon; the data plane stays attached.
@@ -44,10 +62,20 @@ pub struct Response {
 
 impl Response {
     pub fn ok(data: serde_json::Value, warnings: Vec<String>) -> Self {
-        Self { ok: true, error: None, warnings, data }
+        Self {
+            ok: true,
+            error: None,
+            warnings,
+            data,
+        }
     }
     pub fn error(message: impl Into<String>) -> Self {
-        Self { ok: false, error: Some(message.into()), warnings: Vec::new(), data: serde_json::Value::Null }
+        Self {
+            ok: false,
+            error: Some(message.into()),
+            warnings: Vec::new(),
+            data: serde_json::Value::Null,
+        }
     }
 }
 
@@ -59,7 +87,15 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> anyhow::Resu
             std::io::ErrorKind::PermissionDenied => "the control socket is root-only",
             _ => "",
         };
-        anyhow::anyhow!("cannot reach the daemon at {}: {e}{}", socket.display(), if hint.is_empty() { String::new() } else { format!(" ({hint})") })
+        anyhow::anyhow!(
+            "cannot reach the daemon at {}: {e}{}",
+            socket.display(),
+            if hint.is_empty() {
+                String::new()
+            } else {
+                format!(" ({hint})")
+            }
+        )
     })?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;

@@ -15,7 +15,11 @@ use crate::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "lb", version, about = "XDP layer-4 load balancer: daemon and control CLI")]
+#[command(
+    name = "lb",
+    version,
+    about = "XDP layer-4 load balancer: daemon and control CLI"
+)]
 pub struct Cli {
     /// Daemon instance to talk to (names its socket and its pins under /sys/fs/bpf).
     #[arg(long, global = true, default_value = "default")]
@@ -102,7 +106,11 @@ pub enum BackendCmd {
     /// Deregister a backend.
     Remove { service: String, id: String },
     /// Change a backend's weight (0 drains it: no new flows).
-    Weight { service: String, id: String, weight: u32 },
+    Weight {
+        service: String,
+        id: String,
+        weight: u32,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -135,7 +143,11 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                 port: a.port,
                 protocol: a.protocol,
                 table_size: a.table_size,
-                hash: if a.source_hash { HashMode::Source } else { HashMode::FiveTuple },
+                hash: if a.source_hash {
+                    HashMode::Source
+                } else {
+                    HashMode::FiveTuple
+                },
                 forwarding: Forwarding::Dsr,
                 backends: Vec::new(),
             },
@@ -153,14 +165,21 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                 labels: Default::default(),
             },
         },
-        Command::Backend(BackendCmd::Remove { service, id }) => {
-            Request::RemoveBackend { service: service.clone(), id: id.clone() }
-        }
-        Command::Backend(BackendCmd::Weight { service, id, weight }) => {
-            Request::SetWeight { service: service.clone(), id: id.clone(), weight: *weight }
-        }
+        Command::Backend(BackendCmd::Remove { service, id }) => Request::RemoveBackend {
+            service: service.clone(),
+            id: id.clone(),
+        },
+        Command::Backend(BackendCmd::Weight { service, id, weight }) => Request::SetWeight {
+            service: service.clone(),
+            id: id.clone(),
+            weight: *weight,
+        },
         Command::Stats => Request::Stats,
-        Command::Lookup { protocol, src, dst } => Request::Lookup { protocol: *protocol, src: *src, dst: *dst },
+        Command::Lookup { protocol, src, dst } => Request::Lookup {
+            protocol: *protocol,
+            src: *src,
+            dst: *dst,
+        },
         Command::Reload => Request::Reload,
         Command::Shutdown => Request::Shutdown,
     };
@@ -204,7 +223,11 @@ fn print_human(command: &Command, data: &Value) {
                         b["weight"],
                         b["table_slots"],
                         if b["resolved"].as_bool() == Some(true) {
-                            format!("mac={} dev={}", b["mac"].as_str().unwrap_or_default(), b["interface"].as_str().unwrap_or_default())
+                            format!(
+                                "mac={} dev={}",
+                                b["mac"].as_str().unwrap_or_default(),
+                                b["interface"].as_str().unwrap_or_default()
+                            )
                         } else {
                             "unresolved".to_string()
                         }

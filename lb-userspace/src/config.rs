@@ -109,7 +109,9 @@ impl std::str::FromStr for Protocol {
         match s.to_ascii_lowercase().as_str() {
             "tcp" => Ok(Self::Tcp),
             "udp" => Ok(Self::Udp),
-            _ => Err(Error::invalid(format!("unknown protocol {s:?} (expected tcp or udp)"))),
+            _ => Err(Error::invalid(format!(
+                "unknown protocol {s:?} (expected tcp or udp)"
+            ))),
         }
     }
 }
@@ -191,7 +193,11 @@ impl Config {
         let cfg: Config = toml::from_str(text).map_err(|e| {
             // toml's messages span several lines (with a source excerpt); keep the first.
             let msg = e.message().to_string();
-            let at = e.span().map(|s| line_of(text, s.start)).map(|l| format!("line {l}: ")).unwrap_or_default();
+            let at = e
+                .span()
+                .map(|s| line_of(text, s.start))
+                .map(|l| format!("line {l}: "))
+                .unwrap_or_default();
             Error::config(format!("{at}{}", msg.lines().next().unwrap_or("invalid TOML")))
         })?;
         cfg.daemon.validate()?;
@@ -208,7 +214,9 @@ impl DaemonConfig {
     pub fn validate(&self) -> Result<()> {
         validate_name("instance", &self.instance, 32)?;
         if self.interfaces.is_empty() {
-            return Err(Error::config("daemon.interfaces is empty: name at least one interface"));
+            return Err(Error::config(
+                "daemon.interfaces is empty: name at least one interface",
+            ));
         }
         let mut seen = HashSet::new();
         for i in &self.interfaces {
@@ -251,7 +259,9 @@ pub fn socket_path(run_dir: &Path, instance: &str) -> PathBuf {
 pub fn validate_name(what: &str, name: &str, max: usize) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= max
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(())
     } else {
@@ -263,13 +273,15 @@ pub fn validate_name(what: &str, name: &str, max: usize) -> Result<()> {
 
 pub fn validate_weight(weight: u32) -> Result<()> {
     if weight > MAX_WEIGHT {
-        return Err(Error::invalid(format!("weight {weight} is out of range 0..={MAX_WEIGHT}")));
+        return Err(Error::invalid(format!(
+            "weight {weight} is out of range 0..={MAX_WEIGHT}"
+        )));
     }
     Ok(())
 }
 
 pub fn validate_table_size(size: u32) -> Result<()> {
-    if size < 3 || size > MAX_TABLE_SIZE || !is_prime(size) {
+    if !(3..=MAX_TABLE_SIZE).contains(&size) || !is_prime(size) {
         return Err(Error::invalid(format!(
             "table size {size} must be a prime between 3 and {MAX_TABLE_SIZE} (for example 65537)"
         )));
@@ -282,7 +294,10 @@ impl ServiceSpec {
         validate_name("service name", &self.name, 64)?;
         validate_table_size(self.table_size)?;
         if self.vip.is_unspecified() || self.vip.is_multicast() {
-            return Err(Error::invalid(format!("service {}: invalid VIP {}", self.name, self.vip)));
+            return Err(Error::invalid(format!(
+                "service {}: invalid VIP {}",
+                self.name, self.vip
+            )));
         }
         if self.backends.len() > MAX_BACKENDS_PER_SERVICE {
             return Err(Error::invalid(format!(
@@ -296,7 +311,10 @@ impl ServiceSpec {
         for b in &self.backends {
             b.validate(self)?;
             if !ids.insert(b.id.as_str()) {
-                return Err(Error::invalid(format!("service {}: duplicate backend id {}", self.name, b.id)));
+                return Err(Error::invalid(format!(
+                    "service {}: duplicate backend id {}",
+                    self.name, b.id
+                )));
             }
             if !endpoints.insert((b.address, b.port(self))) {
                 return Err(Error::invalid(format!(
@@ -331,7 +349,10 @@ impl BackendSpec {
             )));
         }
         if self.address.is_unspecified() || self.address.is_multicast() || self.address.is_loopback() {
-            return Err(Error::invalid(format!("backend {}: invalid address {}", self.id, self.address)));
+            return Err(Error::invalid(format!(
+                "backend {}: invalid address {}",
+                self.id, self.address
+            )));
         }
         Ok(())
     }
@@ -340,7 +361,10 @@ impl BackendSpec {
 /// Checks a whole set of services: each one, and what must be unique across them.
 pub fn validate_services(services: &[ServiceSpec]) -> Result<()> {
     if services.len() > MAX_SERVICES as usize {
-        return Err(Error::invalid(format!("{} services is more than the maximum {MAX_SERVICES}", services.len())));
+        return Err(Error::invalid(format!(
+            "{} services is more than the maximum {MAX_SERVICES}",
+            services.len()
+        )));
     }
     let mut names = HashSet::new();
     let mut keys = HashSet::new();
@@ -403,7 +427,11 @@ address = "10.0.0.12"
     #[test]
     fn rejects_bad_files_with_one_line() {
         let cases = [
-            (GOOD.replace("65537", "x").replace("port = 80", "port = 80\ntable_size = 65536"), "prime"),
+            (
+                GOOD.replace("65537", "x")
+                    .replace("port = 80", "port = 80\ntable_size = 65536"),
+                "prime",
+            ),
             (GOOD.replace("weight = 100", "weight = 100000"), "out of range"),
             (GOOD.replace("auth-2", "auth-1"), "duplicate backend id"),
             (GOOD.replace("10.0.0.12", "10.0.0.300"), "line"),
@@ -417,9 +445,13 @@ address = "10.0.0.12"
             assert!(e.contains(needle), "{e:?} should mention {needle:?}");
             assert!(!e.contains('\n'), "one line: {e:?}");
         }
-        let dup = format!("{GOOD}\n[[service]]\nname = \"auth-service\"\nvip = \"10.0.0.101\"\nport = 80\nprotocol = \"tcp\"\n");
+        let dup = format!(
+            "{GOOD}\n[[service]]\nname = \"auth-service\"\nvip = \"10.0.0.101\"\nport = 80\nprotocol = \"tcp\"\n"
+        );
         assert!(err(&dup).contains("duplicate service name"));
-        let dupkey = format!("{GOOD}\n[[service]]\nname = \"other\"\nvip = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n");
+        let dupkey = format!(
+            "{GOOD}\n[[service]]\nname = \"other\"\nvip = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n"
+        );
         assert!(err(&dupkey).contains("duplicates VIP"));
     }
 }

@@ -50,25 +50,50 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let socket = cfg.socket_path();
     prepare_run_dir(&cfg.run_dir)?;
     if UnixStream::connect(&socket).await.is_ok() {
-        anyhow::bail!("a daemon for instance {} is already running (socket {})", cfg.instance, socket.display());
+        anyhow::bail!(
+            "a daemon for instance {} is already running (socket {})",
+            cfg.instance,
+            socket.display()
+        );
     }
     let _ = std::fs::remove_file(&socket);
 
     let dp = dataplane::open(&cfg)?;
     for a in &dp.attachments {
-        info!("{}: {} ({})", a.interface, a.mode, if a.adopted { "adopted" } else { "attached" });
+        info!(
+            "{}: {} ({})",
+            a.interface,
+            a.mode,
+            if a.adopted { "adopted" } else { "attached" }
+        );
     }
     let resolver = Resolver::new()?;
-    let persisted = if dp.adopted { Persisted::load(&cfg.state_path())? } else { None };
+    let persisted = if dp.adopted {
+        Persisted::load(&cfg.state_path())?
+    } else {
+        None
+    };
     let (services, rec) = match persisted {
         Some(p) => {
-            info!("restored {} services from {}", p.services.len(), cfg.state_path().display());
+            info!(
+                "restored {} services from {}",
+                p.services.len(),
+                cfg.state_path().display()
+            );
             let rec = Reconciler::adopt(&dp, p.assignments);
             (p.services, rec)
         }
         None => (config.services.clone(), Reconciler::new(&dp)),
     };
-    let mut daemon = Daemon { config_path, cfg: cfg.clone(), services: Vec::new(), dp, rec, hops: HashMap::new(), resolver };
+    let mut daemon = Daemon {
+        config_path,
+        cfg: cfg.clone(),
+        services: Vec::new(),
+        dp,
+        rec,
+        hops: HashMap::new(),
+        resolver,
+    };
     let warnings = daemon.replace_services(services).await?;
     for w in warnings {
         warn!("{w}");
@@ -80,7 +105,10 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     info!("listening on {}", socket.display());
     let (stop_tx, mut stop_rx) = watch::channel(false);
 
-    let refresher = tokio::spawn(refresh_loop(daemon.clone(), Duration::from_millis(cfg.neighbour_refresh_ms)));
+    let refresher = tokio::spawn(refresh_loop(
+        daemon.clone(),
+        Duration::from_millis(cfg.neighbour_refresh_ms),
+    ));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -114,7 +142,8 @@ async fn serve(stream: UnixStream, daemon: Arc<Mutex<Daemon>>, stop: watch::Send
             Ok(request) => (daemon.lock().await.handle(request).await, false),
             Err(e) => (Response::error(format!("malformed request: {e}")), false),
         };
-        let mut out = serde_json::to_string(&response).unwrap_or_else(|_| r#"{"ok":false,"error":"serialize"}"#.into());
+        let mut out =
+            serde_json::to_string(&response).unwrap_or_else(|_| r#"{"ok":false,"error":"serialize"}"#.into());
         out.push('\n');
         if write.write_all(out.as_bytes()).await.is_err() {
             return;
@@ -151,7 +180,9 @@ impl Daemon {
                     if cfg.daemon != self.cfg {
                         warn!("reload: [daemon] changes take effect only after a restart");
                     }
-                    self.replace_services(cfg.services).await.map(|w| (json!("reloaded"), w))
+                    self.replace_services(cfg.services)
+                        .await
+                        .map(|w| (json!("reloaded"), w))
                 }
                 Err(e) => Err(e),
             },
@@ -178,9 +209,15 @@ impl Daemon {
             }
             Request::AddBackend { service, backend } => {
                 self.mutate(|s| {
-                    let svc = s.iter_mut().find(|x| x.name == service).ok_or_else(|| unknown_service(&service))?;
+                    let svc = s
+                        .iter_mut()
+                        .find(|x| x.name == service)
+                        .ok_or_else(|| unknown_service(&service))?;
                     if svc.backend(&backend.id).is_some() {
-                        return Err(Error::Exists(format!("service {service} already has a backend {}", backend.id)));
+                        return Err(Error::Exists(format!(
+                            "service {service} already has a backend {}",
+                            backend.id
+                        )));
                     }
                     svc.backends.push(backend);
                     Ok(())
@@ -189,7 +226,10 @@ impl Daemon {
             }
             Request::RemoveBackend { service, id } => {
                 self.mutate(|s| {
-                    let svc = s.iter_mut().find(|x| x.name == service).ok_or_else(|| unknown_service(&service))?;
+                    let svc = s
+                        .iter_mut()
+                        .find(|x| x.name == service)
+                        .ok_or_else(|| unknown_service(&service))?;
                     let before = svc.backends.len();
                     svc.backends.retain(|b| b.id != id);
                     if svc.backends.len() == before {
@@ -202,8 +242,15 @@ impl Daemon {
             Request::SetWeight { service, id, weight } => {
                 self.mutate(|s| {
                     validate_weight(weight)?;
-                    let svc = s.iter_mut().find(|x| x.name == service).ok_or_else(|| unknown_service(&service))?;
-                    let b = svc.backends.iter_mut().find(|b| b.id == id).ok_or_else(|| unknown_backend(&service, &id))?;
+                    let svc = s
+                        .iter_mut()
+                        .find(|x| x.name == service)
+                        .ok_or_else(|| unknown_service(&service))?;
+                    let b = svc
+                        .backends
+                        .iter_mut()
+                        .find(|b| b.id == id)
+                        .ok_or_else(|| unknown_backend(&service, &id))?;
                     b.weight = weight;
                     Ok(())
                 })
@@ -234,7 +281,10 @@ impl Daemon {
         let mut warnings = Vec::new();
         let mut hops = self.hops.clone();
         let wanted: Vec<IpAddr> = {
-            let mut v: Vec<IpAddr> = next.iter().flat_map(|s| s.backends.iter().map(|b| b.address)).collect();
+            let mut v: Vec<IpAddr> = next
+                .iter()
+                .flat_map(|s| s.backends.iter().map(|b| b.address))
+                .collect();
             v.sort();
             v.dedup();
             v
@@ -247,9 +297,9 @@ impl Daemon {
                 Ok(hop) => {
                     hops.insert(*addr, hop);
                 }
-                Err(e @ ResolveError::Unresolved { .. }) => {
-                    warnings.push(format!("{e}; the backend stays out of the tables until it resolves"))
-                }
+                Err(e @ ResolveError::Unresolved { .. }) => warnings.push(format!(
+                    "{e}; the backend stays out of the tables until it resolves"
+                )),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -267,11 +317,19 @@ impl Daemon {
     }
 
     fn persist(&self) -> Result<()> {
-        Persisted { services: self.services.clone(), assignments: self.rec.assignments.clone() }.save(&self.cfg.state_path())
+        Persisted {
+            services: self.services.clone(),
+            assignments: self.rec.assignments.clone(),
+        }
+        .save(&self.cfg.state_path())
     }
 
     async fn refresh_hops(&mut self) -> Result<()> {
-        let mut addrs: Vec<IpAddr> = self.services.iter().flat_map(|s| s.backends.iter().map(|b| b.address)).collect();
+        let mut addrs: Vec<IpAddr> = self
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.address))
+            .collect();
         addrs.sort();
         addrs.dedup();
         let resolver = &self.resolver;
@@ -319,11 +377,10 @@ impl Daemon {
     /// Table slots each backend slot owns in a service's active table.
     fn slot_counts(&self, name: &str) -> HashMap<u32, u32> {
         let mut counts = HashMap::new();
-        if let Some(r) = self.rec.assignments.services.get(name).and_then(|s| s.active) {
-            if let Some(table) = self.dp.pool.read(r.offset, r.size) {
-                for slot in table {
-                    *counts.entry(slot).or_insert(0) += 1;
-                }
+        let active = self.rec.assignments.services.get(name).and_then(|s| s.active);
+        if let Some(table) = active.and_then(|r| self.dp.pool.read(r.offset, r.size)) {
+            for slot in table {
+                *counts.entry(slot).or_insert(0) += 1;
             }
         }
         counts
@@ -339,7 +396,12 @@ impl Daemon {
                     .backends
                     .iter()
                     .map(|b| {
-                        let slot = self.rec.assignments.backends.get(&backend_key(&s.name, &b.id)).map(|x| x.slot);
+                        let slot = self
+                            .rec
+                            .assignments
+                            .backends
+                            .get(&backend_key(&s.name, &b.id))
+                            .map(|x| x.slot);
                         let hop = self.hops.get(&b.address);
                         json!({
                             "id": b.id, "address": b.address, "port": b.port(s), "weight": b.weight,
@@ -364,7 +426,9 @@ impl Daemon {
     fn stats(&self) -> Result<serde_json::Value> {
         let mut services = Vec::new();
         for s in &self.services {
-            let Some(slot) = self.rec.assignments.services.get(&s.name) else { continue };
+            let Some(slot) = self.rec.assignments.services.get(&s.name) else {
+                continue;
+            };
             let t = self.dp.service_traffic(slot.id)?;
             let mut backends = Vec::new();
             for b in &s.backends {
@@ -382,33 +446,73 @@ impl Daemon {
         Ok(json!({"services": services, "counters": counters}))
     }
 
-    fn lookup(&self, protocol: crate::config::Protocol, src: std::net::SocketAddr, dst: std::net::SocketAddr) -> Result<serde_json::Value> {
+    fn lookup(
+        &self,
+        protocol: crate::config::Protocol,
+        src: std::net::SocketAddr,
+        dst: std::net::SocketAddr,
+    ) -> Result<serde_json::Value> {
         if src.is_ipv4() != dst.is_ipv4() {
-            return Err(Error::invalid("source and destination are of different IP families"));
+            return Err(Error::invalid(
+                "source and destination are of different IP families",
+            ));
         }
         let svc = self
             .services
             .iter()
             .find(|s| s.vip == dst.ip() && s.port == dst.port() && s.protocol == protocol)
-            .or_else(|| self.services.iter().find(|s| s.vip == dst.ip() && s.port == 0 && s.protocol == protocol))
-            .ok_or_else(|| Error::NotFound(format!("no service for {protocol} {dst}: the packet would be passed to the kernel")))?;
+            .or_else(|| {
+                self.services
+                    .iter()
+                    .find(|s| s.vip == dst.ip() && s.port == 0 && s.protocol == protocol)
+            })
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "no service for {protocol} {dst}: the packet would be passed to the kernel"
+                ))
+            })?;
         let (src_addr, family) = addr_bytes(src.ip());
         let (dst_addr, _) = addr_bytes(dst.ip());
-        let key = FlowKey::new(family, protocol.number(), src_addr, dst_addr, src.port().to_be(), dst.port().to_be());
+        let key = FlowKey::new(
+            family,
+            protocol.number(),
+            src_addr,
+            dst_addr,
+            src.port().to_be(),
+            dst.port().to_be(),
+        );
         let by_slot = |slot: u32| {
             svc.backends.iter().find(|b| {
-                self.rec.assignments.backends.get(&backend_key(&svc.name, &b.id)).is_some_and(|x| x.slot == slot)
+                self.rec
+                    .assignments
+                    .backends
+                    .get(&backend_key(&svc.name, &b.id))
+                    .is_some_and(|x| x.slot == slot)
             })
         };
         if let Ok(state) = self.dp.conntrack.get(&key, 0) {
-            let live = self.dp.backends.get(&state.backend, 0).is_ok_and(|b| b.is_active() && b.generation == state.generation);
+            let live = self
+                .dp
+                .backends
+                .get(&state.backend, 0)
+                .is_ok_and(|b| b.is_active() && b.generation == state.generation);
             if let (true, Some(b)) = (live, by_slot(state.backend)) {
-                return Ok(json!({"service": svc.name, "backend": b.id, "address": b.address, "source": "connection-table"}));
+                return Ok(
+                    json!({"service": svc.name, "backend": b.id, "address": b.address, "source": "connection-table"}),
+                );
             }
         }
-        let slot_info = self.rec.assignments.services.get(&svc.name).and_then(|s| s.active);
+        let slot_info = self
+            .rec
+            .assignments
+            .services
+            .get(&svc.name)
+            .and_then(|s| s.active);
         let Some(region) = slot_info else {
-            return Err(Error::NotFound(format!("service {} has no usable backend: the packet would be dropped", svc.name)));
+            return Err(Error::NotFound(format!(
+                "service {} has no usable backend: the packet would be dropped",
+                svc.name
+            )));
         };
         let hash = if svc.hash == crate::config::HashMode::Source {
             lb_common::hash::source_hash(&key)
@@ -422,8 +526,11 @@ impl Daemon {
             .read(region.offset + index, 1)
             .and_then(|s| s.first().copied())
             .ok_or_else(|| Error::dataplane("table region outside the pool"))?;
-        let b = by_slot(slot).ok_or_else(|| Error::dataplane(format!("table names unknown backend slot {slot}")))?;
-        Ok(json!({"service": svc.name, "backend": b.id, "address": b.address, "source": "maglev", "table_index": index}))
+        let b = by_slot(slot)
+            .ok_or_else(|| Error::dataplane(format!("table names unknown backend slot {slot}")))?;
+        Ok(
+            json!({"service": svc.name, "backend": b.id, "address": b.address, "source": "maglev", "table_index": index}),
+        )
     }
 }
 
@@ -436,5 +543,8 @@ fn unknown_backend(service: &str, id: &str) -> Error {
 }
 
 pub fn mac_string(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

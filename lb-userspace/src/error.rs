@@ -40,6 +40,9 @@ impl Error {
         Self::DataPlane(msg.to_string())
     }
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io { context: context.into(), source }
+        Self::Io {
+            context: context.into(),
+            source,
+        }
     }
 }

@@ -60,9 +60,7 @@ pub fn build_table(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
     }
 
     // Iterate in id order so the result does not depend on the order of `backends`.
-    let mut order: Vec<usize> = (0..backends.len())
-        .filter(|&i| backends[i].weight > 0)
-        .collect();
+    let mut order: Vec<usize> = (0..backends.len()).filter(|&i| backends[i].weight > 0).collect();
     if order.is_empty() {
         return Vec::new();
     }
@@ -227,12 +225,7 @@ fn siphash24(key: (u64, u64), data: &[u8]) -> u64 {
         k0 ^ 0x6c79_6765_6e65_7261,
         k1 ^ 0x7465_6462_7974_6573,
     ];
-    let le = |bytes: &[u8]| {
-        bytes
-            .iter()
-            .rev()
-            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
-    };
+    let le = |bytes: &[u8]| bytes.iter().rev().fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
     let mut chunks = data.chunks_exact(8);
     for chunk in &mut chunks {
         let word = le(chunk);
@@ -279,10 +272,7 @@ mod tests {
     }
 
     fn with_weight(names: &[String], weight: u32) -> Vec<MaglevBackend<'_>> {
-        names
-            .iter()
-            .map(|id| MaglevBackend { id, weight })
-            .collect()
+        names.iter().map(|id| MaglevBackend { id, weight }).collect()
     }
 
     /// The table as backend ids, for comparing tables whose indices differ.
@@ -591,32 +581,10 @@ mod tests {
 
     #[test]
     fn primes() {
-        for p in [
-            2,
-            3,
-            5,
-            13,
-            251,
-            65537,
-            655_373,
-            MAX_TABLE_SIZE,
-            4_294_967_291,
-        ] {
+        for p in [2, 3, 5, 13, 251, 65537, 655_373, MAX_TABLE_SIZE, 4_294_967_291] {
             assert!(is_prime(p), "{p}");
         }
-        for c in [
-            0,
-            1,
-            4,
-            9,
-            25,
-            49,
-            65536,
-            65535,
-            655_371,
-            16_777_216,
-            u32::MAX,
-        ] {
+        for c in [0, 1, 4, 9, 25, 49, 65536, 65535, 655_371, 16_777_216, u32::MAX] {
             assert!(!is_prime(c), "{c}");
         }
         // 2^24 < MAX_TABLE_SIZE and nothing prime lies in between.

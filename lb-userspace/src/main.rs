@@ -31,14 +31,22 @@ fn main() {
 fn run(cli: &Cli) -> anyhow::Result<i32> {
     match &cli.command {
         Command::Daemon { config } => {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             rt.block_on(lb_userspace::daemon::run(config.clone()))?;
             Ok(0)
         }
         Command::Detach => {
             let socket = config::socket_path(&cli.run_dir, &cli.instance);
             if socket.exists()
-                && lb_userspace::api::call(&socket, &lb_userspace::api::Request::Shutdown, std::time::Duration::from_secs(5)).is_ok()
+                && lb_userspace::api::call(
+                    &socket,
+                    &lb_userspace::api::Request::Shutdown,
+                    std::time::Duration::from_secs(5),
+                )
+                .is_ok()
             {
                 wait_gone(&socket);
             }
@@ -47,7 +55,11 @@ fn run(cli: &Cli) -> anyhow::Result<i32> {
             if cli.json {
                 println!("{}", serde_json::json!({ "removed": removed }));
             } else {
-                println!("detached instance {} ({} pins removed)", cli.instance, removed.len());
+                println!(
+                    "detached instance {} ({} pins removed)",
+                    cli.instance,
+                    removed.len()
+                );
             }
             Ok(0)
         }
@@ -64,5 +76,9 @@ fn wait_gone(socket: &std::path::Path) {
 }
 
 fn one_line(e: &anyhow::Error) -> String {
-    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ").replace('\n', " ")
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+        .replace('\n', " ")
 }

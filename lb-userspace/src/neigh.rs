@@ -36,7 +36,11 @@ pub enum ResolveError {
     #[error(
         "backend {addr} is not on a directly connected network (route via {gateway} on {ifname}); L2 DSR needs an on-link backend"
     )]
-    NotOnLink { addr: IpAddr, gateway: IpAddr, ifname: String },
+    NotOnLink {
+        addr: IpAddr,
+        gateway: IpAddr,
+        ifname: String,
+    },
     #[error("interface {ifname} has no Ethernet address")]
     NoLinkAddress { ifname: String },
     #[error("backend {addr} does not answer ARP/ND on {ifname}")]
@@ -82,7 +86,10 @@ impl Resolver {
                 return Ok(hop(route, mac));
             }
             if Instant::now() >= deadline {
-                return Err(ResolveError::Unresolved { addr, ifname: route.ifname });
+                return Err(ResolveError::Unresolved {
+                    addr,
+                    ifname: route.ifname,
+                });
             }
         }
     }
@@ -92,7 +99,10 @@ impl Resolver {
         let route = self.route(addr).await?;
         match self.neighbour(addr, route.ifindex).await? {
             Some(mac) => Ok(hop(route, mac)),
-            None => Err(ResolveError::Unresolved { addr, ifname: route.ifname }),
+            None => Err(ResolveError::Unresolved {
+                addr,
+                ifname: route.ifname,
+            }),
         }
     }
 
@@ -124,9 +134,17 @@ impl Resolver {
         let ifindex = ifindex.ok_or(ResolveError::NoRoute { addr })?;
         let (ifname, src_mac) = self.link(ifindex).await?;
         if let Some(gateway) = gateway {
-            return Err(ResolveError::NotOnLink { addr, gateway, ifname });
+            return Err(ResolveError::NotOnLink {
+                addr,
+                gateway,
+                ifname,
+            });
         }
-        Ok(Route { ifindex, ifname, src_mac })
+        Ok(Route {
+            ifindex,
+            ifname,
+            src_mac,
+        })
     }
 
     async fn link(&self, ifindex: u32) -> Result<(String, [u8; 6]), ResolveError> {
@@ -158,11 +176,23 @@ impl Resolver {
     /// A usable MAC for `addr` on `ifindex`: any state with a link-layer address except
     /// INCOMPLETE and FAILED.
     async fn neighbour(&self, addr: IpAddr, ifindex: u32) -> Result<Option<[u8; 6]>, ResolveError> {
-        let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-        let mut stream = self.handle.neighbours().get().set_address_family(family).execute();
+        let family = if addr.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let mut stream = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute();
         while let Some(n) = stream.try_next().await.map_err(nl)? {
             if n.header.ifindex != ifindex
-                || matches!(n.header.state, NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None)
+                || matches!(
+                    n.header.state,
+                    NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
+                )
             {
                 continue;
             }
@@ -170,16 +200,20 @@ impl Resolver {
             let mut lladdr = None;
             for a in &n.attributes {
                 match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                        dst = Some(IpAddr::V4(*v4))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                        dst = Some(IpAddr::V6(*v6))
+                    }
                     NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => lladdr = Some(mac6(b)),
                     _ => {}
                 }
             }
-            if dst == Some(addr) {
-                if let Some(mac) = lladdr.filter(|m| *m != [0; 6]) {
-                    return Ok(Some(mac));
-                }
+            if dst == Some(addr)
+                && let Some(mac) = lladdr.filter(|m| *m != [0; 6])
+            {
+                return Ok(Some(mac));
             }
         }
         Ok(None)
@@ -199,7 +233,12 @@ impl Resolver {
 }
 
 fn hop(route: Route, dst_mac: [u8; 6]) -> NextHop {
-    NextHop { ifindex: route.ifindex, ifname: route.ifname, src_mac: route.src_mac, dst_mac }
+    NextHop {
+        ifindex: route.ifindex,
+        ifname: route.ifname,
+        src_mac: route.src_mac,
+        dst_mac,
+    }
 }
 
 fn mac6(b: &[u8]) -> [u8; 6] {

@@ -30,7 +30,8 @@ impl Persisted {
 
     pub fn save(&self, path: &Path) -> Result<()> {
         let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::dataplane(format!("serialize state: {e}")))?;
+        let bytes =
+            serde_json::to_vec_pretty(self).map_err(|e| Error::dataplane(format!("serialize state: {e}")))?;
         std::fs::write(&tmp, bytes).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("rename {}", path.display()), e))
     }

@@ -2,6 +2,7 @@
 //! namespaces, the daemon started inside the balancer namespace, and teardown on drop (also when
 //! a test panics).
 
+pub mod client;
 pub mod netns;
 pub mod servers;
 pub mod topology;

@@ -29,7 +29,8 @@ impl Servers {
                 let tcp = TcpListener::bind(addr).expect("bind tcp");
                 tcp.set_nonblocking(true).expect("nonblocking");
                 let udp = UdpSocket::bind(addr).expect("bind udp");
-                udp.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+                udp.set_read_timeout(Some(Duration::from_millis(50)))
+                    .expect("timeout");
                 (tcp, udp)
             });
             let (id1, stop1) = (id.to_string(), stop.clone());
@@ -71,14 +72,20 @@ fn tcp_loop(listener: TcpListener, id: String, stop: Arc<AtomicBool>) {
                                 }
                                 line.clear();
                             }
-                            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
                             Err(_) => return,
                         }
                     }
                 }));
                 conns.retain(|c| !c.is_finished());
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }

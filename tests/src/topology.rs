@@ -65,8 +65,20 @@ impl Topology {
             next_port: 0,
             next_host: 11,
         };
-        join(&topo.switch, &mut topo.next_port, &topo.client, "10.99.0.1", "fd99::1")?;
-        join(&topo.switch, &mut topo.next_port, &topo.lb, "10.99.0.2", "fd99::2")?;
+        join(
+            &topo.switch,
+            &mut topo.next_port,
+            &topo.client,
+            "10.99.0.1",
+            "fd99::1",
+        )?;
+        join(
+            &topo.switch,
+            &mut topo.next_port,
+            &topo.lb,
+            "10.99.0.2",
+            "fd99::2",
+        )?;
         let lb_port = format!("p{}", topo.next_port - 1);
         // Senders use partial checksums on veth; XDP_TX frames would leave with them unfilled.
         topo.client.sh(&format!(
@@ -87,7 +99,13 @@ impl Topology {
         let ns = NetNs::new(id)?;
         let v4 = Ipv4Addr::new(10, 99, 0, host);
         let v6 = Ipv6Addr::new(0xfd99, 0, 0, 0, 0, 0, 0, host as u16);
-        join(&self.switch, &mut self.next_port, &ns, &v4.to_string(), &v6.to_string())?;
+        join(
+            &self.switch,
+            &mut self.next_port,
+            &ns,
+            &v4.to_string(),
+            &v6.to_string(),
+        )?;
         ns.sh(&format!(
             "ip addr add {VIP4}/32 dev lo && ip addr add {VIP6}/128 dev lo nodad && \
              sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 && \
@@ -96,10 +114,18 @@ impl Topology {
         let servers = Servers::start(
             &ns,
             id,
-            &[SocketAddr::new(IpAddr::V4(VIP4), PORT), SocketAddr::new(IpAddr::V6(VIP6), PORT)],
+            &[
+                SocketAddr::new(IpAddr::V4(VIP4), PORT),
+                SocketAddr::new(IpAddr::V6(VIP6), PORT),
+            ],
         );
         self.servers.push(servers);
-        self.backends.push(Backend { id: id.to_string(), v4, v6, ns });
+        self.backends.push(Backend {
+            id: id.to_string(),
+            v4,
+            v6,
+            ns,
+        });
         Ok(self.backends.last().expect("just pushed"))
     }
 
@@ -113,16 +139,21 @@ impl Topology {
             "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\nconntrack_size = 65536\ntable_pool_slots = 1048576\nneighbour_refresh_ms = 500\n",
             run_dir.display()
         );
-        for (name, vip, proto) in
-            [("web4", IpAddr::V4(VIP4), "tcp"), ("dns4", IpAddr::V4(VIP4), "udp"), ("web6", IpAddr::V6(VIP6), "tcp"), ("dns6", IpAddr::V6(VIP6), "udp")]
-        {
+        for (name, vip, proto) in [
+            ("web4", IpAddr::V4(VIP4), "tcp"),
+            ("dns4", IpAddr::V4(VIP4), "udp"),
+            ("web6", IpAddr::V6(VIP6), "tcp"),
+            ("dns6", IpAddr::V6(VIP6), "udp"),
+        ] {
             text.push_str(&format!(
                 "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {PORT}\nprotocol = \"{proto}\"\n"
             ));
             for id in backends {
                 let b = self.backend(id);
                 let addr: IpAddr = if vip.is_ipv4() { b.v4.into() } else { b.v6.into() };
-                text.push_str(&format!("\n[[service.backend]]\nid = \"{id}\"\naddress = \"{addr}\"\nweight = 100\n"));
+                text.push_str(&format!(
+                    "\n[[service.backend]]\nid = \"{id}\"\naddress = \"{addr}\"\nweight = 100\n"
+                ));
             }
         }
         text
@@ -137,7 +168,9 @@ fn join(switch: &NetNs, next_port: &mut u32, ns: &NetNs, v4: &str, v6: &str) -> 
         "ip link add {port} type veth peer name eth0 netns {} && ip link set {port} master br0 up",
         ns.name
     ))?;
-    ns.sh(&format!("ip addr add {v4}/24 dev eth0 && ip addr add {v6}/64 dev eth0 nodad && ip link set eth0 up"))?;
+    ns.sh(&format!(
+        "ip addr add {v4}/24 dev eth0 && ip addr add {v6}/64 dev eth0 nodad && ip link set eth0 up"
+    ))?;
     Ok(())
 }
 
@@ -151,7 +184,8 @@ fn attach_pass(ns: &NetNs, port: &str) -> Result<aya::Ebpf> {
             .context("xdp_pass missing")?
             .try_into()?;
         prog.load()?;
-        prog.attach(&port, XdpMode::Driver).with_context(|| format!("attach xdp_pass to {port}"))?;
+        prog.attach(&port, XdpMode::Driver)
+            .with_context(|| format!("attach xdp_pass to {port}"))?;
         Ok(ebpf)
     })
 }
@@ -167,7 +201,9 @@ pub fn empty_ebpf() -> Result<aya::Ebpf> {
         PIN_COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir)?;
-    let loaded = EbpfLoader::new().default_map_pin_directory(&dir).load(lb_userspace::EBPF_OBJECT);
+    let loaded = EbpfLoader::new()
+        .default_map_pin_directory(&dir)
+        .load(lb_userspace::EBPF_OBJECT);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(loaded?)
 }
@@ -208,7 +244,10 @@ impl Daemon {
     }
 
     fn spawn(&mut self, topo: &Topology) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.run_dir.join("daemon.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.run_dir.join("daemon.log"))?;
         let child = topo
             .lb
             .command(lb_bin())
@@ -254,7 +293,11 @@ impl Daemon {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
         let out = self.cli(&all);
-        assert!(out.status.success(), "lb {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "lb {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("json output")
     }
 

@@ -1,20 +1,14 @@
 //! End to end: real TCP and UDP through the XDP balancer in network namespaces joined by veth,
 //! with the daemon and CLI as users run them.
 
-use std::{
-    collections::HashMap,
-    io::{BufRead, BufReader, Write},
-    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
-    time::Duration,
-};
+use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use lb_tests::{
-    Daemon, Topology, in_ns,
+    Daemon, Topology,
+    client::{tcp_flows, udp_flows},
     topology::{PORT, VIP4, VIP6},
     wait_until,
 };
-
-const TIMEOUT: Duration = Duration::from_secs(3);
 
 fn start(backends: &[&str], total: usize) -> (Topology, Daemon) {
     let topo = Topology::new(total).expect("topology");
@@ -30,96 +24,39 @@ fn wait_resolved(d: &Daemon) {
     let ok = wait_until(Duration::from_secs(15), || {
         let list = d.json(&["service", "list"]);
         list.as_array().into_iter().flatten().all(|s| {
-            s["backends"].as_array().into_iter().flatten().all(|b| b["resolved"] == true && b["table_slots"].as_u64() > Some(0))
+            s["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|b| b["resolved"] == true && b["table_slots"].as_u64() > Some(0))
         })
     });
-    assert!(ok, "backends did not resolve: {}\n{}", d.json(&["service", "list"]), d.log());
-}
-
-/// A persistent connection that asks "who are you" and reads the backend id.
-struct Conn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Conn {
-    fn ask(&mut self) -> std::io::Result<String> {
-        self.writer.write_all(b"who\n")?;
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
-        }
-        Ok(line.trim().to_string())
-    }
-}
-
-fn connect(vip: IpAddr) -> Conn {
-    let s = TcpStream::connect_timeout(&SocketAddr::new(vip, PORT), TIMEOUT).expect("connect to VIP");
-    s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
-    Conn { reader: BufReader::new(s.try_clone().expect("clone")), writer: s }
-}
-
-/// Opens `n` connections from the client namespace; each asks 3 times and must get one answer.
-fn tcp_flows(topo: &Topology, vip: IpAddr, n: usize, keep: bool) -> (HashMap<String, usize>, Vec<(Conn, String)>) {
-    in_ns(&topo.client, move || {
-        let mut counts = HashMap::new();
-        let mut kept = Vec::new();
-        for _ in 0..n {
-            let mut c = connect(vip);
-            let first = c.ask().expect("first answer");
-            for _ in 0..2 {
-                assert_eq!(c.ask().expect("answer"), first, "a TCP flow changed backend");
-            }
-            *counts.entry(first.clone()).or_insert(0) += 1;
-            if keep {
-                kept.push((c, first));
-            }
-        }
-        (counts, kept)
-    })
-}
-
-/// `n` UDP flows (one socket each); every datagram of a flow must reach the same backend.
-fn udp_flows(topo: &Topology, vip: IpAddr, n: usize) -> HashMap<String, usize> {
-    in_ns(&topo.client, move || {
-        let mut counts = HashMap::new();
-        let bind: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
-        for _ in 0..n {
-            let s = UdpSocket::bind(bind).expect("bind");
-            s.connect(SocketAddr::new(vip, PORT)).expect("connect");
-            s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
-            let mut first: Option<String> = None;
-            for _ in 0..3 {
-                // UDP can lose a datagram; retry a bounded number of times.
-                let mut answer = None;
-                for _ in 0..5 {
-                    s.send(b"who").expect("send");
-                    let mut buf = [0u8; 64];
-                    if let Ok(len) = s.recv(&mut buf) {
-                        answer = Some(String::from_utf8_lossy(&buf[..len]).to_string());
-                        break;
-                    }
-                }
-                let answer = answer.expect("UDP answer within 5 tries");
-                match &first {
-                    None => first = Some(answer),
-                    Some(f) => assert_eq!(&answer, f, "a UDP flow changed backend"),
-                }
-            }
-            *counts.entry(first.expect("answered")).or_insert(0) += 1;
-        }
-        counts
-    })
+    assert!(
+        ok,
+        "backends did not resolve: {}\n{}",
+        d.json(&["service", "list"]),
+        d.log()
+    );
 }
 
 fn assert_fair(counts: &HashMap<String, usize>, backends: &[&str], flows: usize, what: &str) {
     let fair = flows as f64 / backends.len() as f64;
     for b in backends {
         let got = *counts.get(*b).unwrap_or(&0) as f64;
-        assert!((got - fair).abs() <= fair * 0.25, "{what}: {b} got {got} of {flows} flows (fair {fair:.0} ± 25%): {counts:?}");
+        assert!(
+            (got - fair).abs() <= fair * 0.25,
+            "{what}: {b} got {got} of {flows} flows (fair {fair:.0} ± 25%): {counts:?}"
+        );
     }
-    assert_eq!(counts.values().sum::<usize>(), flows, "{what}: every flow answered");
-    assert!(counts.keys().all(|k| backends.contains(&k.as_str())), "{what}: unexpected backend in {counts:?}");
+    assert_eq!(
+        counts.values().sum::<usize>(),
+        flows,
+        "{what}: every flow answered"
+    );
+    assert!(
+        counts.keys().all(|k| backends.contains(&k.as_str())),
+        "{what}: unexpected backend in {counts:?}"
+    );
 }
 
 #[test]
@@ -136,16 +73,33 @@ fn tcp_and_udp_reach_all_backends_fairly_in_both_families() {
     assert!(stats["counters"]["tx"].as_u64() > Some(2400), "{stats}");
     for s in stats["services"].as_array().expect("services") {
         // UDP sockets may get a recycled source port, which is the same flow again.
-        let min = if s["name"].as_str().is_some_and(|n| n.starts_with("web")) { 600 } else { 500 };
+        let min = if s["name"].as_str().is_some_and(|n| n.starts_with("web")) {
+            600
+        } else {
+            500
+        };
         assert!(s["new_flows"].as_u64() >= Some(min), "every flow counted: {s}");
-        let per_backend: u64 = s["backends"].as_array().expect("backends").iter().map(|b| b["new_flows"].as_u64().unwrap_or(0)).sum();
+        let per_backend: u64 = s["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .map(|b| b["new_flows"].as_u64().unwrap_or(0))
+            .sum();
         assert_eq!(Some(per_backend), s["new_flows"].as_u64(), "{s}");
     }
     // The CLI's lookup agrees with where a live connection landed.
     let (_, mut kept) = tcp_flows(&topo, IpAddr::V4(VIP4), 5, true);
     for (conn, id) in kept.iter_mut() {
         let local = conn.writer.local_addr().expect("local addr");
-        let answer = d.json(&["lookup", "--protocol", "tcp", "--src", &local.to_string(), "--dst", &format!("{VIP4}:{PORT}")]);
+        let answer = d.json(&[
+            "lookup",
+            "--protocol",
+            "tcp",
+            "--src",
+            &local.to_string(),
+            "--dst",
+            &format!("{VIP4}:{PORT}"),
+        ]);
         assert_eq!(answer["backend"].as_str(), Some(id.as_str()), "{answer}");
     }
 }
@@ -154,7 +108,10 @@ fn tcp_and_udp_reach_all_backends_fairly_in_both_families() {
 fn backend_changes_keep_unaffected_connections_and_move_new_flows() {
     let (mut topo, d) = start(&["b1", "b2", "b3"], 3);
     let (_, mut open) = tcp_flows(&topo, IpAddr::V4(VIP4), 60, true);
-    assert!(open.iter().filter(|(_, id)| id != "b1").count() >= 30, "enough connections on b2/b3");
+    assert!(
+        open.iter().filter(|(_, id)| id != "b1").count() >= 30,
+        "enough connections on b2/b3"
+    );
 
     let b4 = topo.add_backend("b4").expect("b4").v4;
     let out = d.cli(&["backend", "add", "web4", "b4", "--address", &b4.to_string()]);
@@ -164,11 +121,16 @@ fn backend_changes_keep_unaffected_connections_and_move_new_flows() {
     wait_resolved(&d);
 
     for (conn, id) in open.iter_mut().filter(|(_, id)| id != "b1") {
-        let answer = conn.ask().unwrap_or_else(|e| panic!("connection on {id} broke after the change: {e}"));
+        let answer = conn
+            .ask()
+            .unwrap_or_else(|e| panic!("connection on {id} broke after the change: {e}"));
         assert_eq!(&answer, id, "an unaffected connection moved");
     }
     let (counts, _) = tcp_flows(&topo, IpAddr::V4(VIP4), 300, false);
-    assert!(!counts.contains_key("b1"), "new flows still reach the removed backend: {counts:?}");
+    assert!(
+        !counts.contains_key("b1"),
+        "new flows still reach the removed backend: {counts:?}"
+    );
     assert_fair(&counts, &["b2", "b3", "b4"], 300, "after the change");
 }
 
@@ -188,7 +150,11 @@ fn sigkill_restart_keeps_connections_and_state() {
     let status = d.json(&["status"]);
     assert_eq!(status["adopted"], true, "{status}");
     assert!(status["interfaces"][0]["adopted"] == true, "{status}");
-    assert_eq!(d.json(&["service", "list"]), before, "the CLI sees the same state");
+    assert_eq!(
+        d.json(&["service", "list"]),
+        before,
+        "the CLI sees the same state"
+    );
     for (conn, id) in open.iter_mut() {
         assert_eq!(&conn.ask().expect("connection survives the restart"), id);
     }
@@ -200,7 +166,10 @@ fn assert_one_line_error(out: &std::process::Output, needle: &str, what: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{what}: must fail");
     assert_eq!(err.trim_end().lines().count(), 1, "{what}: one line, got {err:?}");
-    assert!(err.to_lowercase().contains(&needle.to_lowercase()), "{what}: {err:?} should mention {needle:?}");
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "{what}: {err:?} should mention {needle:?}"
+    );
 }
 
 #[test]
@@ -208,33 +177,94 @@ fn bad_input_gets_one_line_errors_and_changes_nothing() {
     let (topo, d) = start(&["b1", "b2"], 2);
     let before = d.json(&["service", "list"]);
     let cases: &[(&[&str], &str)] = &[
-        (&["backend", "add", "nosuch", "x", "--address", "10.99.0.50"], "unknown service"),
-        (&["backend", "add", "web4", "b1", "--address", "10.99.0.60"], "already has a backend b1"),
-        (&["backend", "add", "web4", "b9", "--address", "10.99.0.300"], "invalid value"),
-        (&["backend", "add", "web4", "b9", "--address", "fd99::11"], "same IP family"),
-        (&["backend", "add", "web4", "b9", "--address", "10.98.0.1"], "10.98.0.1"),
-        (&["backend", "add", "web4", "b 9", "--address", "10.99.0.61"], "invalid backend id"),
+        (
+            &["backend", "add", "nosuch", "x", "--address", "10.99.0.50"],
+            "unknown service",
+        ),
+        (
+            &["backend", "add", "web4", "b1", "--address", "10.99.0.60"],
+            "already has a backend b1",
+        ),
+        (
+            &["backend", "add", "web4", "b9", "--address", "10.99.0.300"],
+            "invalid value",
+        ),
+        (
+            &["backend", "add", "web4", "b9", "--address", "fd99::11"],
+            "same IP family",
+        ),
+        (
+            &["backend", "add", "web4", "b9", "--address", "10.98.0.1"],
+            "10.98.0.1",
+        ),
+        (
+            &["backend", "add", "web4", "b 9", "--address", "10.99.0.61"],
+            "invalid backend id",
+        ),
         (&["backend", "weight", "web4", "b1", "100000"], "out of range"),
         (&["backend", "weight", "web4", "nosuch", "10"], "has no backend"),
         (&["backend", "remove", "web4", "nosuch"], "has no backend"),
-        (&["service", "add", "new", "--vip", "10.100.0.5", "--port", "80", "--table-size", "65536"], "prime"),
-        (&["service", "add", "web4", "--vip", "10.100.0.5", "--port", "80"], "already exists"),
-        (&["service", "add", "dup", "--vip", "10.100.0.1", "--port", "8080"], "duplicates VIP"),
-        (&["service", "add", "x", "--vip", "10.100.0.5", "--port", "80", "--protocol", "sctp"], "invalid value"),
+        (
+            &[
+                "service",
+                "add",
+                "new",
+                "--vip",
+                "10.100.0.5",
+                "--port",
+                "80",
+                "--table-size",
+                "65536",
+            ],
+            "prime",
+        ),
+        (
+            &["service", "add", "web4", "--vip", "10.100.0.5", "--port", "80"],
+            "already exists",
+        ),
+        (
+            &["service", "add", "dup", "--vip", "10.100.0.1", "--port", "8080"],
+            "duplicates VIP",
+        ),
+        (
+            &[
+                "service",
+                "add",
+                "x",
+                "--vip",
+                "10.100.0.5",
+                "--port",
+                "80",
+                "--protocol",
+                "sctp",
+            ],
+            "invalid value",
+        ),
         (&["service", "remove", "nosuch"], "unknown service"),
-        (&["lookup", "--src", "10.99.0.1:1000", "--dst", "10.100.0.77:80"], "no service"),
+        (
+            &["lookup", "--src", "10.99.0.1:1000", "--dst", "10.100.0.77:80"],
+            "no service",
+        ),
     ];
     for (args, needle) in cases {
         assert_one_line_error(&d.cli(args), needle, &format!("lb {args:?}"));
     }
-    assert_eq!(d.json(&["service", "list"]), before, "bad input changed the services");
+    assert_eq!(
+        d.json(&["service", "list"]),
+        before,
+        "bad input changed the services"
+    );
 
     // A reload with a broken config is rejected whole.
     let good = std::fs::read_to_string(&d.config).expect("config");
     std::fs::write(&d.config, good.replace("weight = 100", "weight = 100000")).expect("write");
     assert_one_line_error(&d.cli(&["reload"]), "out of range", "reload of a bad config");
     std::fs::write(&d.config, &good).expect("restore");
-    assert_eq!(d.json(&["service", "list"]), before, "a bad reload changed the services");
+    assert_eq!(
+        d.json(&["service", "list"]),
+        before,
+        "a bad reload changed the services"
+    );
 
     // No daemon behind the socket.
     let out = std::process::Command::new(lb_tests::lb_bin())
@@ -247,18 +277,41 @@ fn bad_input_gets_one_line_errors_and_changes_nothing() {
     let (instance, run_dir) = Daemon::new_paths();
     let base = topo.config(&instance, &run_dir, &["b1"]);
     for (text, needle) in [
-        (base.replace("table_pool_slots = 1048576", "table_pool_slots = 1048576\nbogus = 1"), "unknown field"),
-        (base.replace("interfaces = [\"eth0\"]", "interfaces = [\"nosuch0\"]"), "unknown interface nosuch0"),
-        (base.replace("protocol = \"udp\"", "protocol = \"udp\"\ntable_size = 100"), "prime"),
+        (
+            base.replace(
+                "table_pool_slots = 1048576",
+                "table_pool_slots = 1048576\nbogus = 1",
+            ),
+            "unknown field",
+        ),
+        (
+            base.replace("interfaces = [\"eth0\"]", "interfaces = [\"nosuch0\"]"),
+            "unknown interface nosuch0",
+        ),
+        (
+            base.replace("protocol = \"udp\"", "protocol = \"udp\"\ntable_size = 100"),
+            "prime",
+        ),
     ] {
-        let err = Daemon::start(&topo, &instance, &run_dir, &text).err().expect("daemon must refuse");
+        let err = Daemon::start(&topo, &instance, &run_dir, &text)
+            .err()
+            .expect("daemon must refuse");
         let log = err.to_string();
         assert!(log.contains(needle), "{log}");
         // The harness error is "daemon exited with <status>: <daemon stderr>".
-        let stderr = log.split_once("exit status: 1: ").map(|(_, e)| e).unwrap_or_default();
+        let stderr = log
+            .split_once("exit status: 1: ")
+            .map(|(_, e)| e)
+            .unwrap_or_default();
         let last = stderr.trim_end().lines().last().unwrap_or_default().to_string();
-        assert!(last.starts_with("error:") && last.contains(needle), "the daemon ends with a one-line error: {last:?}");
-        assert!(!std::path::Path::new("/sys/fs/bpf").join(&instance).exists(), "no pins left after a refused start");
+        assert!(
+            last.starts_with("error:") && last.contains(needle),
+            "the daemon ends with a one-line error: {last:?}"
+        );
+        assert!(
+            !std::path::Path::new("/sys/fs/bpf").join(&instance).exists(),
+            "no pins left after a refused start"
+        );
     }
     let _ = std::fs::remove_dir_all(&run_dir);
 }

@@ -6,9 +6,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
-    Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue,
-    backend::BACKEND_F_ACTIVE,
-    maps,
+    Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue, backend::BACKEND_F_ACTIVE, maps,
 };
 use lb_tests::{NetNs, in_ns, topology::empty_ebpf};
 
@@ -39,7 +37,11 @@ struct Dp {
 impl Dp {
     fn new() -> Self {
         let mut ebpf = empty_ebpf().expect("load object");
-        let prog: &mut Xdp = ebpf.program_mut(maps::PROG_LB).expect("lb").try_into().expect("xdp");
+        let prog: &mut Xdp = ebpf
+            .program_mut(maps::PROG_LB)
+            .expect("lb")
+            .try_into()
+            .expect("xdp");
         prog.load().expect("verifier accepts lb");
         let mut take = |n: &str| ebpf.take_map(n).expect(n);
         let services = take(maps::SERVICES).try_into().expect("services");
@@ -48,7 +50,15 @@ impl Dp {
         let global = take(maps::GLOBAL_STATS).try_into().expect("global");
         let conntrack = take(maps::CONNTRACK).try_into().expect("conntrack");
         let tx_ports = take(maps::TX_PORTS).try_into().expect("tx ports");
-        let mut dp = Self { ebpf, services, backends, pool, global, conntrack, tx_ports };
+        let mut dp = Self {
+            ebpf,
+            services,
+            backends,
+            pool,
+            global,
+            conntrack,
+            tx_ports,
+        };
         // Backend slot 1 -> b1, slot 2 -> b2, both reached through ifindex 1 (lo: test_run's ingress).
         dp.backend(1, B1_MAC, 1);
         dp.backend(2, B2_MAC, 1);
@@ -76,17 +86,33 @@ impl Dp {
         for i in 0..13 {
             self.pool.set(offset + i, slot, 0).expect("pool");
         }
-        let v = ServiceValue { id: offset / 13, flags: 0, table_offset: offset, table_size: 13, forward: 0, _reserved: 0 };
-        self.services.insert(ServiceKey::new(family, proto, a, port.to_be()), v, 0).expect("service");
+        let v = ServiceValue {
+            id: offset / 13,
+            flags: 0,
+            table_offset: offset,
+            table_size: 13,
+            forward: 0,
+            _reserved: 0,
+        };
+        self.services
+            .insert(ServiceKey::new(family, proto, a, port.to_be()), v, 0)
+            .expect("service");
     }
 
     fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &Xdp = self.ebpf.program(maps::PROG_LB).expect("lb").try_into().expect("xdp");
+        let prog: &Xdp = self
+            .ebpf
+            .program(maps::PROG_LB)
+            .expect("lb")
+            .try_into()
+            .expect("xdp");
         let mut out = vec![0u8; input.len() + 64];
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(input);
-        opts.data_out = Some(&mut out);
-        opts.repeat = 1;
+        let opts = TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        };
         let r = prog.test_run(opts).expect("test_run");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
@@ -146,7 +172,10 @@ fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 fn checksum(b: &[u8]) -> u16 {
-    let mut s: u32 = b.chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32).sum();
+    let mut s: u32 = b
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
     while s > 0xffff {
         s = (s & 0xffff) + (s >> 16);
     }
@@ -180,10 +209,38 @@ fn vip_traffic_is_rewritten_and_sent_back_out() {
     in_fresh_ns(|| {
         let dp = standard();
         let cases = [
-            ("tcp4", [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(6, CLIENT4, VIP4, &tcp(40000, 80, 0x02))].concat()),
-            ("udp4", [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(17, CLIENT4, VIP4, &udp(40000, 53, b"hello"))].concat()),
-            ("tcp6", [eth(LB_MAC, CLIENT_MAC, 0x86dd), ipv6(6, CLIENT6, VIP6, &tcp(40000, 80, 0x02))].concat()),
-            ("udp6", [eth(LB_MAC, CLIENT_MAC, 0x86dd), ipv6(17, CLIENT6, VIP6, &udp(40000, 53, b"hello"))].concat()),
+            (
+                "tcp4",
+                [
+                    eth(LB_MAC, CLIENT_MAC, 0x0800),
+                    ipv4(6, CLIENT4, VIP4, &tcp(40000, 80, 0x02)),
+                ]
+                .concat(),
+            ),
+            (
+                "udp4",
+                [
+                    eth(LB_MAC, CLIENT_MAC, 0x0800),
+                    ipv4(17, CLIENT4, VIP4, &udp(40000, 53, b"hello")),
+                ]
+                .concat(),
+            ),
+            (
+                "tcp6",
+                [
+                    eth(LB_MAC, CLIENT_MAC, 0x86dd),
+                    ipv6(6, CLIENT6, VIP6, &tcp(40000, 80, 0x02)),
+                ]
+                .concat(),
+            ),
+            (
+                "udp6",
+                [
+                    eth(LB_MAC, CLIENT_MAC, 0x86dd),
+                    ipv6(17, CLIENT6, VIP6, &udp(40000, 53, b"hello")),
+                ]
+                .concat(),
+            ),
         ];
         for (name, input) in cases {
             let (verdict, out) = dp.run(&input);
@@ -213,23 +270,84 @@ fn non_vip_traffic_passes_byte_for_byte() {
     in_fresh_ns(|| {
         let dp = standard();
         let cases = [
-            ("other address", [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(6, CLIENT4, [10, 100, 0, 2], &tcp(1, 80, 2))].concat(), Counter::PassNotVip),
-            ("other port", [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(6, CLIENT4, VIP4, &tcp(1, 81, 2))].concat(), Counter::PassNotVip),
-            ("other protocol on the port", [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(17, CLIENT4, VIP4, &udp(1, 80, b""))].concat(), Counter::PassNotVip),
-            ("icmp", [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(1, CLIENT4, VIP4, &[8, 0, 0, 0, 0, 0, 0, 0])].concat(), Counter::PassNotTcpUdp),
-            ("arp", [eth([0xff; 6], CLIENT_MAC, 0x0806), vec![0u8; 28]].concat(), Counter::PassNotIp),
-            ("ipv6 hop-by-hop", [eth(LB_MAC, CLIENT_MAC, 0x86dd), ipv6(0, CLIENT6, VIP6, &[6, 0, 0, 0, 0, 0, 0, 0])].concat(), Counter::PassIpv6ExtHeader),
-            ("ipv6 fragment", [eth(LB_MAC, CLIENT_MAC, 0x86dd), ipv6(44, CLIENT6, VIP6, &[6, 0, 0, 0, 0, 0, 0, 0])].concat(), Counter::PassIpv6Fragment),
+            (
+                "other address",
+                [
+                    eth(LB_MAC, CLIENT_MAC, 0x0800),
+                    ipv4(6, CLIENT4, [10, 100, 0, 2], &tcp(1, 80, 2)),
+                ]
+                .concat(),
+                Counter::PassNotVip,
+            ),
+            (
+                "other port",
+                [
+                    eth(LB_MAC, CLIENT_MAC, 0x0800),
+                    ipv4(6, CLIENT4, VIP4, &tcp(1, 81, 2)),
+                ]
+                .concat(),
+                Counter::PassNotVip,
+            ),
+            (
+                "other protocol on the port",
+                [
+                    eth(LB_MAC, CLIENT_MAC, 0x0800),
+                    ipv4(17, CLIENT4, VIP4, &udp(1, 80, b"")),
+                ]
+                .concat(),
+                Counter::PassNotVip,
+            ),
+            (
+                "icmp",
+                [
+                    eth(LB_MAC, CLIENT_MAC, 0x0800),
+                    ipv4(1, CLIENT4, VIP4, &[8, 0, 0, 0, 0, 0, 0, 0]),
+                ]
+                .concat(),
+                Counter::PassNotTcpUdp,
+            ),
+            (
+                "arp",
+                [eth([0xff; 6], CLIENT_MAC, 0x0806), vec![0u8; 28]].concat(),
+                Counter::PassNotIp,
+            ),
+            (
+                "ipv6 hop-by-hop",
+                [
+                    eth(LB_MAC, CLIENT_MAC, 0x86dd),
+                    ipv6(0, CLIENT6, VIP6, &[6, 0, 0, 0, 0, 0, 0, 0]),
+                ]
+                .concat(),
+                Counter::PassIpv6ExtHeader,
+            ),
+            (
+                "ipv6 fragment",
+                [
+                    eth(LB_MAC, CLIENT_MAC, 0x86dd),
+                    ipv6(44, CLIENT6, VIP6, &[6, 0, 0, 0, 0, 0, 0, 0]),
+                ]
+                .concat(),
+                Counter::PassIpv6Fragment,
+            ),
         ];
         for (name, input, counter) in cases {
             let before = dp.counter(counter);
             let (verdict, out) = dp.run(&input);
             assert_eq!(verdict, XDP_PASS, "{name}");
             assert_eq!(out, input, "{name}: unchanged");
-            assert_eq!(dp.counter(counter), before + 1, "{name}: counted as {}", counter.name());
+            assert_eq!(
+                dp.counter(counter),
+                before + 1,
+                "{name}: counted as {}",
+                counter.name()
+            );
         }
         // A fragment of a VIP datagram: MF set.
-        let mut frag = [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(17, CLIENT4, VIP4, &udp(1, 53, b"x"))].concat();
+        let mut frag = [
+            eth(LB_MAC, CLIENT_MAC, 0x0800),
+            ipv4(17, CLIENT4, VIP4, &udp(1, 53, b"x")),
+        ]
+        .concat();
         frag[14 + 6] = 0x20;
         let (verdict, out) = dp.run(&frag);
         assert_eq!((verdict, out), (XDP_PASS, frag.clone()));
@@ -241,7 +359,11 @@ fn non_vip_traffic_passes_byte_for_byte() {
 fn malformed_packets_are_dropped_unchanged_and_counted() {
     in_fresh_ns(|| {
         let dp = standard();
-        let good = [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(6, CLIENT4, VIP4, &tcp(40000, 80, 0x02))].concat();
+        let good = [
+            eth(LB_MAC, CLIENT_MAC, 0x0800),
+            ipv4(6, CLIENT4, VIP4, &tcp(40000, 80, 0x02)),
+        ]
+        .concat();
         let mut bad_ihl = good.clone();
         bad_ihl[14] = 0x44;
         let mut bad_version = good.clone();
@@ -251,21 +373,46 @@ fn malformed_packets_are_dropped_unchanged_and_counted() {
         let mut options_missing = good.clone();
         options_missing[14] = 0x4f; // claims 60 bytes of header
         let cases = [
-            ("truncated ipv4", good[..14 + 10].to_vec(), Counter::DropTruncatedL3),
-            ("truncated tcp", good[..14 + 20 + 10].to_vec(), Counter::DropTruncatedL4),
+            (
+                "truncated ipv4",
+                good[..14 + 10].to_vec(),
+                Counter::DropTruncatedL3,
+            ),
+            (
+                "truncated tcp",
+                good[..14 + 20 + 10].to_vec(),
+                Counter::DropTruncatedL4,
+            ),
             ("ihl below 5", bad_ihl, Counter::DropBadIpHeader),
             ("version 5", bad_version, Counter::DropBadIpHeader),
             ("tcp data offset below 5", bad_doff, Counter::DropBadL4Header),
             ("options past the end", options_missing, Counter::DropBadIpHeader),
-            ("truncated ipv6", [eth(LB_MAC, CLIENT_MAC, 0x86dd), vec![0x60, 0, 0, 0]].concat(), Counter::DropTruncatedL3),
-            ("truncated udp6", [eth(LB_MAC, CLIENT_MAC, 0x86dd), ipv6(17, CLIENT6, VIP6, &[0, 1, 0])].concat(), Counter::DropTruncatedL4),
+            (
+                "truncated ipv6",
+                [eth(LB_MAC, CLIENT_MAC, 0x86dd), vec![0x60, 0, 0, 0]].concat(),
+                Counter::DropTruncatedL3,
+            ),
+            (
+                "truncated udp6",
+                [
+                    eth(LB_MAC, CLIENT_MAC, 0x86dd),
+                    ipv6(17, CLIENT6, VIP6, &[0, 1, 0]),
+                ]
+                .concat(),
+                Counter::DropTruncatedL4,
+            ),
         ];
         for (name, input, counter) in cases {
             let before = dp.counter(counter);
             let (verdict, out) = dp.run(&input);
             assert_eq!(verdict, XDP_DROP, "{name}");
             assert_eq!(out, input, "{name}: never rewritten");
-            assert_eq!(dp.counter(counter), before + 1, "{name}: counted as {}", counter.name());
+            assert_eq!(
+                dp.counter(counter),
+                before + 1,
+                "{name}: counted as {}",
+                counter.name()
+            );
         }
     });
 }
@@ -274,14 +421,22 @@ fn malformed_packets_are_dropped_unchanged_and_counted() {
 fn connection_table_keeps_flows_after_the_table_changes() {
     in_fresh_ns(|| {
         let mut dp = standard();
-        let flow = [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(6, CLIENT4, VIP4, &tcp(40000, 80, 0x02))].concat();
+        let flow = [
+            eth(LB_MAC, CLIENT_MAC, 0x0800),
+            ipv4(6, CLIENT4, VIP4, &tcp(40000, 80, 0x02)),
+        ]
+        .concat();
         assert_eq!(dp.run(&flow).1, rewritten(&flow, B1_MAC));
         // Swap the table to b2: the existing flow stays on b1, a new one goes to b2.
         dp.service(4, 6, &VIP4, 80, 52, 2);
         let (verdict, out) = dp.run(&flow);
         assert_eq!((verdict, out), (XDP_TX, rewritten(&flow, B1_MAC)));
         assert_eq!(dp.counter(Counter::ConntrackHit), 1);
-        let other = [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(6, CLIENT4, VIP4, &tcp(40001, 80, 0x02))].concat();
+        let other = [
+            eth(LB_MAC, CLIENT_MAC, 0x0800),
+            ipv4(6, CLIENT4, VIP4, &tcp(40001, 80, 0x02)),
+        ]
+        .concat();
         assert_eq!(dp.run(&other).1, rewritten(&other, B2_MAC));
         assert_eq!(dp.conntrack.keys().count(), 2);
         // b1 is retired: its flow is picked again from the current table.
@@ -298,14 +453,31 @@ fn wildcard_port_service_and_empty_table() {
     in_fresh_ns(|| {
         let mut dp = standard();
         dp.service(4, 17, &[10, 100, 0, 9], 0, 65, 2);
-        let any_port = [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(17, CLIENT4, [10, 100, 0, 9], &udp(5000, 9999, b"x"))].concat();
+        let any_port = [
+            eth(LB_MAC, CLIENT_MAC, 0x0800),
+            ipv4(17, CLIENT4, [10, 100, 0, 9], &udp(5000, 9999, b"x")),
+        ]
+        .concat();
         assert_eq!(dp.run(&any_port), (XDP_TX, rewritten(&any_port, B2_MAC)));
 
         let mut key = [0u8; 16];
         key[..4].copy_from_slice(&[10, 100, 0, 7]);
-        let empty = ServiceValue { id: 9, flags: 0, table_offset: 0, table_size: 0, forward: 0, _reserved: 0 };
-        dp.services.insert(ServiceKey::new(4, 6, key, 80u16.to_be()), empty, 0).expect("insert");
-        let input = [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(6, CLIENT4, [10, 100, 0, 7], &tcp(1, 80, 2))].concat();
+        let empty = ServiceValue {
+            id: 9,
+            flags: 0,
+            table_offset: 0,
+            table_size: 0,
+            forward: 0,
+            _reserved: 0,
+        };
+        dp.services
+            .insert(ServiceKey::new(4, 6, key, 80u16.to_be()), empty, 0)
+            .expect("insert");
+        let input = [
+            eth(LB_MAC, CLIENT_MAC, 0x0800),
+            ipv4(6, CLIENT4, [10, 100, 0, 7], &tcp(1, 80, 2)),
+        ]
+        .concat();
         assert_eq!(dp.run(&input), (XDP_DROP, input.clone()));
         assert_eq!(dp.counter(Counter::DropNoBackend), 1);
     });
@@ -326,7 +498,11 @@ fn backend_behind_another_interface_is_redirected() {
         let mut dp = standard();
         dp.backend(3, B2_MAC, ifindex);
         dp.service(4, 6, &VIP4, 443, 78, 3);
-        let input = [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(6, CLIENT4, VIP4, &tcp(1, 443, 2))].concat();
+        let input = [
+            eth(LB_MAC, CLIENT_MAC, 0x0800),
+            ipv4(6, CLIENT4, VIP4, &tcp(1, 443, 2)),
+        ]
+        .concat();
         // Not in TX_PORTS yet: counted drop, not a blind redirect.
         assert_eq!(dp.run(&input).0, XDP_DROP);
         assert_eq!(dp.counter(Counter::DropRedirectFailed), 1);

@@ -59,10 +59,7 @@ impl Ctx {
         let manifest_dir = env::var_os("CARGO_MANIFEST_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-        if let Some(parent) = manifest_dir
-            .parent()
-            .filter(|p| p.join("Cargo.toml").is_file())
-        {
+        if let Some(parent) = manifest_dir.parent().filter(|p| p.join("Cargo.toml").is_file()) {
             return Ok(parent.to_path_buf());
         }
         let mut locate = self.command(&self.cargo);
@@ -105,13 +102,11 @@ impl Ctx {
     /// The first executable named `name` on the augmented PATH.
     pub fn which(&self, name: &OsStr) -> Option<PathBuf> {
         use std::os::unix::fs::PermissionsExt;
-        env::split_paths(&self.path)
-            .map(|dir| dir.join(name))
-            .find(|p| {
-                p.metadata()
-                    .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                    .unwrap_or(false)
-            })
+        env::split_paths(&self.path).map(|dir| dir.join(name)).find(|p| {
+            p.metadata()
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
     }
 
     /// Cargo's target directory ($CARGO_TARGET_DIR, else `<root>/target`).
@@ -167,9 +162,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Run capturing stdout and stderr; the exit status is left to the caller.
 pub fn output(cmd: &mut Command) -> Result<Output> {
-    cmd.stdin(Stdio::null())
-        .output()
-        .map_err(|e| spawn_error(cmd, e))
+    cmd.stdin(Stdio::null()).output().map_err(|e| spawn_error(cmd, e))
 }
 
 /// The first non-empty line of some output, for one-line error messages.

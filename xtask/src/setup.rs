@@ -59,9 +59,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
         if !packages.is_empty() {
             let pkgs = packages.join(" ");
             missing.push(format!("install Debian packages {pkgs}"));
-            fixes.push(format!(
-                "sudo apt-get update && sudo apt-get install -y {pkgs}"
-            ));
+            fixes.push(format!("sudo apt-get update && sudo apt-get install -y {pkgs}"));
         }
         if need_bpffs {
             missing.push(format!("mount bpffs at {BPFFS}"));
@@ -141,10 +139,7 @@ fn missing_packages(ctx: &Ctx) -> Result<Vec<&'static str>> {
         );
     }
     let installed = installed_packages(ctx, &wanted)?;
-    Ok(wanted
-        .into_iter()
-        .filter(|p| !installed.contains(*p))
-        .collect())
+    Ok(wanted.into_iter().filter(|p| !installed.contains(*p)).collect())
 }
 
 /// Which of `pkgs` dpkg reports as "install ok installed" (one dpkg-query call;
@@ -178,11 +173,7 @@ fn install_packages(ctx: &Ctx, pkgs: &[&str]) -> Result<()> {
     ctx::run(&mut install).with_context(|| format!("cannot install {list} (fix: {fix})"))?;
 
     let installed = installed_packages(ctx, pkgs)?;
-    let still: Vec<&str> = pkgs
-        .iter()
-        .copied()
-        .filter(|p| !installed.contains(*p))
-        .collect();
+    let still: Vec<&str> = pkgs.iter().copied().filter(|p| !installed.contains(*p)).collect();
     if !still.is_empty() {
         bail!(
             "Debian packages still missing after apt-get install: {} (fix: {fix})",
@@ -261,10 +252,7 @@ fn install_nightly(ctx: &Ctx) -> Result<()> {
 fn install_rust_src(ctx: &Ctx) -> Result<()> {
     let mut cmd = rustup(ctx)?;
     cmd.args(["component", "add", "rust-src", "--toolchain", "nightly"]);
-    eprintln!(
-        "setup: installing nightly rust-src ({})",
-        ctx::display(&cmd)
-    );
+    eprintln!("setup: installing nightly rust-src ({})", ctx::display(&cmd));
     let shown = ctx::display(&cmd);
     ctx::run(&mut cmd).with_context(|| format!("nightly rust-src missing (fix: {shown})"))
 }
@@ -323,9 +311,8 @@ fn mount_bpffs(ctx: &Ctx) -> Result<()> {
     let fix = format!("mount -t bpf bpf {BPFFS}");
     eprintln!("setup: mounting bpffs at {BPFFS}");
     if !Path::new(BPFFS).is_dir() {
-        fs::create_dir_all(BPFFS).with_context(|| {
-            format!("cannot create {BPFFS} for bpffs (fix: mkdir -p {BPFFS} && {fix})")
-        })?;
+        fs::create_dir_all(BPFFS)
+            .with_context(|| format!("cannot create {BPFFS} for bpffs (fix: mkdir -p {BPFFS} && {fix})"))?;
     }
     let mut cmd = ctx.command("mount");
     cmd.args(["-t", "bpf", "bpf", BPFFS]);

@@ -44,7 +44,8 @@ fn link_pin(dir: &Path, iface: &str) -> PathBuf {
 /// Opens the instance's data plane: adopts pinned state when present, else loads and attaches.
 pub fn open(cfg: &DaemonConfig) -> Result<DataPlane> {
     for iface in &cfg.interfaces {
-        let name = std::ffi::CString::new(iface.as_str()).map_err(|_| Error::invalid(format!("invalid interface name {iface:?}")))?;
+        let name = std::ffi::CString::new(iface.as_str())
+            .map_err(|_| Error::invalid(format!("invalid interface name {iface:?}")))?;
         // SAFETY: valid NUL-terminated string.
         if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
             return Err(Error::invalid(format!("unknown interface {iface}")));
@@ -89,15 +90,23 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
             .ok_or_else(|| Error::dataplane("program lb missing from the eBPF object"))?
             .try_into()
             .map_err(Error::dataplane)?;
-        prog.load().map_err(|e| Error::dataplane(format!("verifier rejected lb: {e}")))?;
-        prog.pin(prog_pin(&dir)).map_err(|e| Error::dataplane(format!("pin program: {e}")))?;
-        program = Some(Xdp::from_pin(prog_pin(&dir), XdpAttachType::Interface)
-            .map_err(|e| Error::dataplane(format!("reopen pinned program: {e}")))?);
+        prog.load()
+            .map_err(|e| Error::dataplane(format!("verifier rejected lb: {e}")))?;
+        prog.pin(prog_pin(&dir))
+            .map_err(|e| Error::dataplane(format!("pin program: {e}")))?;
+        program = Some(
+            Xdp::from_pin(prog_pin(&dir), XdpAttachType::Interface)
+                .map_err(|e| Error::dataplane(format!("reopen pinned program: {e}")))?,
+        );
     }
     for iface in &cfg.interfaces {
         let pin = link_pin(&dir, iface);
         if pin.exists() {
-            attachments.push(Attachment { interface: iface.clone(), mode: "pinned", adopted: true });
+            attachments.push(Attachment {
+                interface: iface.clone(),
+                mode: "pinned",
+                adopted: true,
+            });
             continue;
         }
         if program.is_none() {
@@ -108,7 +117,11 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
         }
         let prog = program.as_mut().expect("set above");
         let mode = attach(prog, iface, cfg.xdp_mode, &pin)?;
-        attachments.push(Attachment { interface: iface.clone(), mode, adopted: false });
+        attachments.push(Attachment {
+            interface: iface.clone(),
+            mode,
+            adopted: false,
+        });
     }
 
     let mut take = |name: &str| -> Result<Map> {
@@ -164,7 +177,8 @@ fn attach(prog: &mut Xdp, iface: &str, setting: XdpModeSetting, pin: &Path) -> R
                 let link = prog.take_link(id).map_err(Error::dataplane)?;
                 let link = FdLink::try_from(link)
                     .map_err(|e| Error::dataplane(format!("{iface}: XDP link cannot be pinned: {e}")))?;
-                link.pin(pin).map_err(|e| Error::dataplane(format!("pin link {}: {e}", pin.display())))?;
+                link.pin(pin)
+                    .map_err(|e| Error::dataplane(format!("pin link {}: {e}", pin.display())))?;
                 if !last_error.is_empty() {
                     warn!("{iface}: attached in {name} mode because native mode failed: {last_error}");
                 } else {
@@ -178,7 +192,9 @@ fn attach(prog: &mut Xdp, iface: &str, setting: XdpModeSetting, pin: &Path) -> R
             Err(e) => last_error = error_chain(&e),
         }
     }
-    Err(Error::dataplane(format!("cannot attach XDP to {iface}: {last_error}")))
+    Err(Error::dataplane(format!(
+        "cannot attach XDP to {iface}: {last_error}"
+    )))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -196,21 +212,31 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 pub fn detach_instance(instance: &str) -> Result<Vec<String>> {
     let dir = pin_dir(instance);
     if !dir.exists() {
-        return Err(Error::NotFound(format!("instance {instance} has no pinned data plane in {}", dir.display())));
+        return Err(Error::NotFound(format!(
+            "instance {instance} has no pinned data plane in {}",
+            dir.display()
+        )));
     }
     let mut removed = Vec::new();
     let entries = fs::read_dir(&dir).map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
     let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     paths.sort();
     for path in paths {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
         if name.starts_with("link_") {
             // Unpinning drops the last reference, which detaches the program.
             match PinnedLink::from_pin(&path) {
                 Ok(link) => {
-                    link.unpin().map_err(|e| Error::io(format!("unpin {}", path.display()), e))?;
+                    link.unpin()
+                        .map_err(|e| Error::io(format!("unpin {}", path.display()), e))?;
                 }
-                Err(_) => fs::remove_file(&path).map_err(|e| Error::io(format!("remove {}", path.display()), e))?,
+                Err(_) => {
+                    fs::remove_file(&path).map_err(|e| Error::io(format!("remove {}", path.display()), e))?
+                }
             }
         } else {
             fs::remove_file(&path).map_err(|e| Error::io(format!("remove {}", path.display()), e))?;

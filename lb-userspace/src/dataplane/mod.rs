@@ -48,7 +48,10 @@ impl DataPlane {
     }
 
     pub fn counter(&self, counter: lb_common::Counter) -> Result<u64> {
-        let values = self.global_stats.get(&(counter as u32), 0).map_err(Error::dataplane)?;
+        let values = self
+            .global_stats
+            .get(&(counter as u32), 0)
+            .map_err(Error::dataplane)?;
         Ok(values.iter().sum())
     }
 
@@ -64,11 +67,13 @@ impl DataPlane {
 }
 
 fn sum_traffic(values: PerCpuValues<TrafficStats>) -> Result<TrafficStats> {
-    Ok(values.iter().fold(TrafficStats::default(), |acc, v| TrafficStats {
-        packets: acc.packets + v.packets,
-        bytes: acc.bytes + v.bytes,
-        new_flows: acc.new_flows + v.new_flows,
-    }))
+    Ok(values
+        .iter()
+        .fold(TrafficStats::default(), |acc, v| TrafficStats {
+            packets: acc.packets + v.packets,
+            bytes: acc.bytes + v.bytes,
+            new_flows: acc.new_flows + v.new_flows,
+        }))
 }
 
 fn zeroed_per_cpu() -> Result<PerCpuValues<TrafficStats>> {

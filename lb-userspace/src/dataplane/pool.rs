@@ -51,7 +51,12 @@ impl Pool {
             return Err(Error::io("mmap MAGLEV_POOL", std::io::Error::last_os_error()));
         }
         let ptr = NonNull::new(ptr.cast::<u32>()).ok_or_else(|| Error::dataplane("mmap returned null"))?;
-        Ok(Self { ptr, slots, bytes, _map: map })
+        Ok(Self {
+            ptr,
+            slots,
+            bytes,
+            _map: map,
+        })
     }
 
     pub fn slots(&self) -> u32 {
@@ -62,7 +67,9 @@ impl Pool {
     pub fn write(&mut self, offset: u32, table: &[u32]) -> Result<()> {
         let end = offset as usize + table.len();
         if end > self.slots as usize {
-            return Err(Error::dataplane(format!("table region {offset}..{end} is outside the pool")));
+            return Err(Error::dataplane(format!(
+                "table region {offset}..{end} is outside the pool"
+            )));
         }
         let base = self.ptr.as_ptr();
         for (i, &slot) in table.iter().enumerate() {
@@ -80,7 +87,11 @@ impl Pool {
         }
         let base = self.ptr.as_ptr();
         // SAFETY: bounds checked; reads of a shared mapping the kernel never writes.
-        Some((offset as usize..end).map(|i| unsafe { base.add(i * STRIDE).read() }).collect())
+        Some(
+            (offset as usize..end)
+                .map(|i| unsafe { base.add(i * STRIDE).read() })
+                .collect(),
+        )
     }
 }
 
@@ -146,12 +157,12 @@ impl RegionAllocator {
     pub fn release(&mut self, offset: u32, len: u32) {
         let mut start = offset;
         let mut run = len;
-        if let Some((&prev, &prev_len)) = self.free.range(..offset).next_back() {
-            if prev + prev_len == offset {
-                self.free.remove(&prev);
-                start = prev;
-                run += prev_len;
-            }
+        if let Some((&prev, &prev_len)) = self.free.range(..offset).next_back()
+            && prev + prev_len == offset
+        {
+            self.free.remove(&prev);
+            start = prev;
+            run += prev_len;
         }
         if let Some(&next_len) = self.free.get(&(offset + len)) {
             self.free.remove(&(offset + len));

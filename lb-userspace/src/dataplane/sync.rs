@@ -91,7 +91,12 @@ pub fn service_key(spec: &ServiceSpec) -> ServiceKey {
 }
 
 fn key_repr(k: &ServiceKey) -> ServiceKeyRepr {
-    ServiceKeyRepr { addr: k.addr, port: k.port, proto: k.proto, family: k.family }
+    ServiceKeyRepr {
+        addr: k.addr,
+        port: k.port,
+        proto: k.proto,
+        family: k.family,
+    }
 }
 
 /// In-memory side of the reconciler: assignments plus the pool's free space.
@@ -109,15 +114,20 @@ impl Reconciler {
             slot.previous = None;
             slot.active = slot.key.and_then(|k| {
                 let v = dp.services.get(&ServiceKey::from(k), 0).ok()?;
-                (v.table_size > 0 && regions.reserve(v.table_offset, v.table_size))
-                    .then_some(Region { offset: v.table_offset, size: v.table_size })
+                (v.table_size > 0 && regions.reserve(v.table_offset, v.table_size)).then_some(Region {
+                    offset: v.table_offset,
+                    size: v.table_size,
+                })
             });
         }
         Self { assignments, regions }
     }
 
     pub fn new(dp: &DataPlane) -> Self {
-        Self { assignments: Assignments::default(), regions: RegionAllocator::new(dp.pool.slots()) }
+        Self {
+            assignments: Assignments::default(),
+            regions: RegionAllocator::new(dp.pool.slots()),
+        }
     }
 
     /// Pool slots the desired services need beyond what they hold now (checked before touching maps).
@@ -142,14 +152,23 @@ impl Reconciler {
 
     /// Makes the maps match `services`. `hops` holds the resolved next hop of each backend
     /// address; unresolved backends stay out of the tables.
-    pub fn apply(&mut self, dp: &mut DataPlane, services: &[ServiceSpec], hops: &HashMap<IpAddr, NextHop>) -> Result<()> {
+    pub fn apply(
+        &mut self,
+        dp: &mut DataPlane,
+        services: &[ServiceSpec],
+        hops: &HashMap<IpAddr, NextHop>,
+    ) -> Result<()> {
         self.check_pool(services)?;
         let a = &mut self.assignments;
 
         // Service ids.
         let wanted: BTreeSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
-        let mut used_ids: BTreeSet<u32> =
-            a.services.iter().filter(|(n, _)| wanted.contains(n.as_str())).map(|(_, s)| s.id).collect();
+        let mut used_ids: BTreeSet<u32> = a
+            .services
+            .iter()
+            .filter(|(n, _)| wanted.contains(n.as_str()))
+            .map(|(_, s)| s.id)
+            .collect();
         let mut new_service_ids = Vec::new();
         for s in services {
             if !a.services.contains_key(&s.name) {
@@ -157,7 +176,13 @@ impl Reconciler {
                     .find(|i| !used_ids.contains(i))
                     .ok_or_else(|| Error::invalid("no free service id"))?;
                 used_ids.insert(id);
-                a.services.insert(s.name.clone(), ServiceSlot { id, ..Default::default() });
+                a.services.insert(
+                    s.name.clone(),
+                    ServiceSlot {
+                        id,
+                        ..Default::default()
+                    },
+                );
                 new_service_ids.push(id);
             }
         }
@@ -165,11 +190,18 @@ impl Reconciler {
         // Backend slots: keep a slot while the backend keeps its address.
         let wanted_backends: BTreeMap<String, (&ServiceSpec, usize)> = services
             .iter()
-            .flat_map(|s| s.backends.iter().enumerate().map(move |(i, b)| (backend_key(&s.name, &b.id), (s, i))))
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, b)| (backend_key(&s.name, &b.id), (s, i)))
+            })
             .collect();
         let mut retired: Vec<u32> = Vec::new();
         a.backends.retain(|k, slot| {
-            let keep = wanted_backends.get(k).is_some_and(|(s, i)| s.backends[*i].address == slot.address);
+            let keep = wanted_backends
+                .get(k)
+                .is_some_and(|(s, i)| s.backends[*i].address == slot.address);
             if !keep {
                 retired.push(slot.slot);
             }
@@ -187,7 +219,13 @@ impl Reconciler {
                 .find(|i| !used_slots.contains(i) && !reserved.contains(i))
                 .ok_or_else(|| Error::invalid("no free backend slot"))?;
             used_slots.insert(slot);
-            a.backends.insert(k.clone(), BackendSlot { slot, address: s.backends[*i].address });
+            a.backends.insert(
+                k.clone(),
+                BackendSlot {
+                    slot,
+                    address: s.backends[*i].address,
+                },
+            );
             fresh_slots.push(slot);
         }
 
@@ -196,7 +234,11 @@ impl Reconciler {
             let spec = &s.backends[*i];
             let slot = a.backends[k].slot;
             let current = dp.backends.get(&slot, 0).map_err(Error::dataplane)?;
-            let generation = if fresh_slots.contains(&slot) { current.generation.wrapping_add(1) } else { current.generation };
+            let generation = if fresh_slots.contains(&slot) {
+                current.generation.wrapping_add(1)
+            } else {
+                current.generation
+            };
             let (addr, family) = addr_bytes(spec.address);
             let mut entry = Backend {
                 addr,
@@ -232,29 +274,45 @@ impl Reconciler {
         }
 
         // 2. Tables and service values.
-        let live_keys: BTreeSet<ServiceKeyRepr> = services.iter().map(|s| key_repr(&service_key(s))).collect();
+        let live_keys: BTreeSet<ServiceKeyRepr> =
+            services.iter().map(|s| key_repr(&service_key(s))).collect();
         for s in services {
             let slot_of = |id: &str| a.backends[&backend_key(&s.name, id)].slot;
-            let mut eligible: Vec<&crate::config::BackendSpec> =
-                s.backends.iter().filter(|b| b.weight > 0 && hops.contains_key(&b.address)).collect();
+            let mut eligible: Vec<&crate::config::BackendSpec> = s
+                .backends
+                .iter()
+                .filter(|b| b.weight > 0 && hops.contains_key(&b.address))
+                .collect();
             eligible.sort_by(|x, y| x.id.cmp(&y.id));
-            let members: Vec<MaglevBackend<'_>> =
-                eligible.iter().map(|b| MaglevBackend { id: &b.id, weight: b.weight }).collect();
-            let table: Vec<u32> =
-                build_table(&members, s.table_size).into_iter().map(|i| slot_of(&eligible[i as usize].id)).collect();
+            let members: Vec<MaglevBackend<'_>> = eligible
+                .iter()
+                .map(|b| MaglevBackend {
+                    id: &b.id,
+                    weight: b.weight,
+                })
+                .collect();
+            let table: Vec<u32> = build_table(&members, s.table_size)
+                .into_iter()
+                .map(|i| slot_of(&eligible[i as usize].id))
+                .collect();
 
             let key = service_key(s);
             let svc = a.services.get_mut(&s.name).expect("assigned above");
             let mut value = ServiceValue {
                 id: svc.id,
-                flags: if s.hash == HashMode::Source { SVC_F_HASH_SOURCE } else { 0 },
+                flags: if s.hash == HashMode::Source {
+                    SVC_F_HASH_SOURCE
+                } else {
+                    0
+                },
                 table_offset: 0,
                 table_size: 0,
                 forward: FWD_DSR_L2,
                 _reserved: 0,
             };
             let unchanged = svc.active.is_some_and(|r| {
-                r.size as usize == table.len() && dp.pool.read(r.offset, r.size).as_deref() == Some(table.as_slice())
+                r.size as usize == table.len()
+                    && dp.pool.read(r.offset, r.size).as_deref() == Some(table.as_slice())
             });
             if unchanged {
                 let r = svc.active.expect("checked");
@@ -306,7 +364,12 @@ impl Reconciler {
             entry.flags = 0;
             dp.backends.set(slot, entry, 0).map_err(Error::dataplane)?;
         }
-        let gone: Vec<String> = a.services.keys().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
+        let gone: Vec<String> = a
+            .services
+            .keys()
+            .filter(|n| !wanted.contains(n.as_str()))
+            .cloned()
+            .collect();
         for name in gone {
             if let Some(slot) = a.services.remove(&name) {
                 for r in [slot.active, slot.previous].into_iter().flatten() {
