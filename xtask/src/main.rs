@@ -110,7 +110,8 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
     let mut parser = ctx.cargo();
     parser.args(["test", "-p", "lb-ebpf", "--lib"]);
     header(3, STEPS, &ctx::display(&parser));
-    ctx::run(&mut parser)?;
+    let mut totals = ctx::TestTotals::default();
+    ctx::run_tests(&mut parser, &mut totals)?;
 
     let mut test = ctx.cargo();
     test.args(["test", "--"]);
@@ -123,7 +124,13 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
     }
     test.args(&extra);
     header(4, STEPS, &ctx::display(&test));
-    ctx::run(&mut test)?;
+    let result = ctx::run_tests(&mut test, &mut totals);
+    // One summary over every test binary, as the last line.
+    println!(
+        "{} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    result?;
 
     eprintln!("==> all steps passed");
     Ok(())
