@@ -1,248 +1,1097 @@
-//! Backend next hops from the kernel: the egress interface (route lookup), its MAC, and the
-//! backend's MAC from the neighbour table. Resolution is triggered the kernel's own way
-//! (RTM_NEWNEIGH with NTF_USE), never by typing MACs in.
+//! Next hops of backends for L2 direct server return, learned from the kernel.
+//!
+//! The data plane rewrites a packet's Ethernet addresses and transmits it on the interface that
+//! reaches the backend, so for every backend address the daemon needs the egress interface (its
+//! index, name and MAC) and the backend's MAC. All of it comes from the kernel over route
+//! netlink, never from the user:
+//!
+//! 1. `RTM_GETROUTE` for the backend address (what `ip route get` does) gives the egress
+//!    interface, and whether the route has a gateway. A backend behind a gateway cannot be
+//!    reached at L2, so that is an error ([`ResolveError::NotOnLink`]).
+//! 2. `RTM_GETLINK` on that interface gives its name and MAC (the source MAC of forwarded
+//!    frames). It must be an Ethernet interface.
+//! 3. `RTM_GETNEIGH` for (interface, backend) reads the neighbour table. Entries whose state
+//!    carries a valid link-layer address (REACHABLE, STALE, DELAY, PROBE, PERMANENT, NOARP) are
+//!    usable; NONE, INCOMPLETE and FAILED are not.
+//! 4. If there is no usable entry, [`Resolver::resolve`] asks the kernel to resolve the address
+//!    with `RTM_NEWNEIGH` carrying `NTF_USE` (the kernel then runs `neigh_event_send`, exactly as
+//!    if a packet were waiting for the neighbour: ARP or ND starts, and the normal state machine
+//!    and retransmit timers apply), and polls the table every 20 ms until the entry becomes usable,
+//!    the kernel gives up (FAILED), or the caller's timeout passes.
+//!
+//! `NTF_USE` needs `CAP_NET_ADMIN` (the daemon has it anyway to load XDP programs). Should the
+//! kernel refuse it, resolution is triggered instead by sending one empty UDP datagram from a
+//! connected socket to the backend's discard port (9): the kernel queues it on the neighbour
+//! entry and resolves the address to deliver it. Nothing is sent to any other address, and the
+//! discard service ignores the datagram if the backend runs one.
+//!
+//! When [`Resolver::resolve`] finds a usable but STALE entry it returns the cached MAC at once and
+//! also sends `NTF_USE` (without waiting), which makes the kernel re-confirm the MAC with unicast
+//! probes: frames forwarded by XDP never pass through the kernel's neighbour code, so nothing
+//! else would ever re-check an entry that only the data plane uses. [`Resolver::lookup`] never
+//! does this; it only reads.
+//!
+//! Limits: IPv6 link-local backends are refused (an address without a scope names no
+//! interface). The kernel sends neighbour solicitations for an entry with no queued packet from
+//! the interface's link-local address, so on an interface that has just come up, ND can take the
+//! second or two of duplicate address detection before it starts (both ends' link-local
+//! addresses matter); test topologies should add their link-local addresses with `nodad`.
 
 use std::{
-    net::IpAddr,
-    time::{Duration, Instant},
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
 };
 
-use futures::TryStreamExt;
+use futures::StreamExt;
+use log::{debug, warn};
 use rtnetlink::{
     Handle,
+    packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
     packet_route::{
-        AddressFamily,
-        link::LinkAttribute,
-        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteMessage},
+        AddressFamily, RouteNetlinkMessage,
+        link::{LinkAttribute, LinkLayerType, LinkMessage},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
     },
 };
-use thiserror::Error;
+use tokio::time::Instant;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// How often [`Resolver::resolve`] re-reads the neighbour table while the kernel resolves.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Longest wait for the kernel's answer to one netlink request. The kernel answers at once; this
+/// only guards against a reply that cannot be decoded (netlink-proto drops those, and the
+/// request would otherwise wait forever).
+const NETLINK_TIMEOUT: Duration = Duration::from_secs(2);
+/// The discard service (RFC 863): the target of the fallback resolution trigger.
+const DISCARD_PORT: u16 = 9;
+
+/// Neighbour states whose entry holds a link-layer address the kernel itself would send to.
+const USABLE_STATES: u16 = libc::NUD_REACHABLE
+    | libc::NUD_STALE
+    | libc::NUD_DELAY
+    | libc::NUD_PROBE
+    | libc::NUD_PERMANENT
+    | libc::NUD_NOARP;
+/// Entries set by an administrator; the kernel never resolves them, so they are never triggered.
+const STATIC_STATES: u16 = libc::NUD_PERMANENT | libc::NUD_NOARP;
+
+/// Where and how to send frames to one backend.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct NextHop {
+    /// The egress interface (the route's output interface).
     pub ifindex: u32,
     pub ifname: String,
-    /// MAC of the egress interface.
+    /// The egress interface's MAC: the source of forwarded frames.
     pub src_mac: [u8; 6],
-    /// The backend's MAC.
+    /// The backend's MAC, from the kernel's neighbour table.
     pub dst_mac: [u8; 6],
 }
 
-#[derive(Debug, Error)]
+/// Why a backend has no usable next hop. Every message is one line naming the backend.
+#[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
-    #[error("backend {addr}: no route")]
+    /// The kernel has no route to the backend.
+    #[error("no route to backend {addr}")]
     NoRoute { addr: IpAddr },
+    /// The route to the backend goes through a gateway.
     #[error(
-        "backend {addr} is not on a directly connected network (route via {gateway} on {ifname}); L2 DSR needs an on-link backend"
+        "backend {addr} is not on a directly connected network (route via {gateway} on {ifname}); \
+         L2 DSR needs an on-link backend"
     )]
     NotOnLink {
         addr: IpAddr,
         gateway: IpAddr,
         ifname: String,
     },
-    #[error("interface {ifname} has no Ethernet address")]
-    NoLinkAddress { ifname: String },
-    #[error("backend {addr} does not answer ARP/ND on {ifname}")]
-    Unresolved { addr: IpAddr, ifname: String },
+    /// The address is routable but not a unicast host on a link (local, broadcast, multicast,
+    /// blackholed, prohibited, IPv6 link-local without a scope).
+    #[error("backend {addr} cannot be reached at L2: {reason}")]
+    Unroutable { addr: IpAddr, reason: String },
+    /// The egress interface has no Ethernet address (loopback, a tunnel, WireGuard, ...).
+    #[error(
+        "backend {addr} is reached through {ifname}, which has no Ethernet address; \
+         L2 DSR needs an Ethernet interface"
+    )]
+    NoLinkAddress { addr: IpAddr, ifname: String },
+    /// The neighbour table has no usable entry: for [`Resolver::resolve`], the backend did not
+    /// answer ARP/ND in time (`waited` > 0); for [`Resolver::lookup`], nothing was tried.
+    #[error("backend {addr} is unresolved on {ifname}: {}", unresolved_detail(.waited))]
+    Unresolved {
+        addr: IpAddr,
+        ifname: String,
+        waited: Duration,
+    },
+    /// Talking to the kernel failed.
     #[error("netlink: {0}")]
     Netlink(String),
 }
 
-fn nl(e: impl std::fmt::Display) -> ResolveError {
-    ResolveError::Netlink(e.to_string().replace('\n', " "))
+fn unresolved_detail(waited: &Duration) -> String {
+    if waited.is_zero() {
+        "no usable neighbour entry".to_string()
+    } else {
+        format!("no ARP/ND answer within {} ms", waited.as_millis())
+    }
 }
 
+/// Resolves backends' next hops over its own route netlink connection.
 pub struct Resolver {
     handle: Handle,
+    /// Set once the kernel has refused `NTF_USE`, so the fallback is logged once, not per backend.
+    ntf_use_refused: AtomicBool,
+}
+
+impl Resolver {
+    /// Opens a route netlink socket and spawns its connection task on the current tokio runtime
+    /// (so this must be called inside one). The socket belongs to the calling thread's network
+    /// namespace. The task ends when the resolver is dropped.
+    pub fn new() -> Result<Self, ResolveError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            ResolveError::Netlink("the next-hop resolver must be created inside a tokio runtime".to_string())
+        })?;
+        let (connection, handle, _unsolicited) = rtnetlink::new_connection()
+            .map_err(|e| ResolveError::Netlink(format!("cannot open a route netlink socket: {e}")))?;
+        runtime.spawn(connection);
+        Ok(Self {
+            handle,
+            ntf_use_refused: AtomicBool::new(false),
+        })
+    }
+
+    /// The next hop of `addr`, asking the kernel to resolve its MAC (ARP or ND) if the neighbour
+    /// table has no usable entry, and waiting up to `timeout` (counted from the call) for it.
+    /// Route, interface and gateway problems fail at once; a backend that does not answer in time
+    /// gives [`ResolveError::Unresolved`].
+    pub async fn resolve(&self, addr: IpAddr, timeout: Duration) -> Result<NextHop, ResolveError> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let egress = self.egress(addr).await?;
+        let mut entry = self.neighbour(addr, &egress).await?;
+        if let Some(mac) = entry.as_ref().and_then(Neighbour::usable_mac) {
+            if entry.as_ref().is_some_and(|n| n.state & libc::NUD_STALE != 0) {
+                // Have the kernel re-confirm the cached MAC (STALE -> DELAY -> PROBE); the
+                // periodic lookup notices if it fails.
+                if let Err(e) = self.request_resolution(addr, &egress).await {
+                    debug!(
+                        "cannot have the kernel re-confirm backend {addr} on {}: {e}",
+                        egress.name
+                    );
+                }
+            }
+            return Ok(egress.next_hop(mac));
+        }
+        if entry.as_ref().is_some_and(|n| n.state & STATIC_STATES != 0) {
+            // A static entry without a usable address: triggering would not change it (and
+            // NTF_USE would strip NUD_PERMANENT from it).
+            return Err(egress.unresolved(addr, Duration::ZERO));
+        }
+        self.trigger(addr, &egress).await?;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(egress.unresolved(addr, now - start));
+            }
+            tokio::time::sleep_until(deadline.min(now + POLL_INTERVAL)).await;
+            entry = self.neighbour(addr, &egress).await?;
+            if let Some(n) = &entry {
+                if let Some(mac) = n.usable_mac() {
+                    debug!(
+                        "backend {addr} resolved to {} on {}",
+                        MacDisplay(&mac),
+                        egress.name
+                    );
+                    return Ok(egress.next_hop(mac));
+                }
+                if n.state & libc::NUD_FAILED != 0 {
+                    // The kernel has run out of probes; waiting longer cannot help.
+                    return Err(egress.unresolved(addr, start.elapsed()));
+                }
+            }
+        }
+    }
+
+    /// The next hop of `addr` if the neighbour table already holds a usable MAC for it. Never
+    /// triggers resolution and never waits: meant for periodic refreshes.
+    pub async fn lookup(&self, addr: IpAddr) -> Result<NextHop, ResolveError> {
+        let egress = self.egress(addr).await?;
+        match self
+            .neighbour(addr, &egress)
+            .await?
+            .as_ref()
+            .and_then(Neighbour::usable_mac)
+        {
+            Some(mac) => Ok(egress.next_hop(mac)),
+            None => Err(egress.unresolved(addr, Duration::ZERO)),
+        }
+    }
+
+    /// Route and interface checks: the on-link egress interface towards `addr`.
+    async fn egress(&self, addr: IpAddr) -> Result<Egress, ResolveError> {
+        let bad_address = if addr.is_unspecified() {
+            Some("it is the unspecified address")
+        } else if addr.is_multicast() || matches!(addr, IpAddr::V4(v4) if v4.is_broadcast()) {
+            Some("it is not a unicast address")
+        } else if matches!(addr, IpAddr::V6(v6) if v6.is_unicast_link_local()) {
+            Some("an IPv6 link-local address names no interface; use a global or unique local address")
+        } else {
+            None
+        };
+        if let Some(reason) = bad_address {
+            return Err(ResolveError::Unroutable {
+                addr,
+                reason: reason.to_string(),
+            });
+        }
+        let route = self.route(addr).await?;
+        let link = self.link(addr, route.ifindex).await?;
+        if let Some(gateway) = route.gateway {
+            return Err(ResolveError::NotOnLink {
+                addr,
+                gateway,
+                ifname: link.name,
+            });
+        }
+        let Some(mac) = link.mac else {
+            return Err(ResolveError::NoLinkAddress {
+                addr,
+                ifname: link.name,
+            });
+        };
+        Ok(Egress {
+            ifindex: route.ifindex,
+            name: link.name,
+            mac,
+        })
+    }
+
+    /// `ip route get ADDR`: the kernel's own forwarding decision, policy rules included.
+    async fn route(&self, addr: IpAddr) -> Result<Route, ResolveError> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = family(addr);
+        msg.header.destination_prefix_length = if addr.is_ipv4() { 32 } else { 128 };
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::from(addr)));
+        let replies = self
+            .exchange(RouteNetlinkMessage::GetRoute(msg), NLM_F_REQUEST)
+            .await
+            .map_err(|f| {
+                let unroutable = |reason: &str| ResolveError::Unroutable {
+                    addr,
+                    reason: reason.to_string(),
+                };
+                match f {
+                    Failure::Errno(libc::ENETUNREACH | libc::EHOSTUNREACH) => ResolveError::NoRoute { addr },
+                    // The errors the kernel gives for `prohibit` and `blackhole` routes.
+                    Failure::Errno(libc::EACCES) => unroutable("a prohibit route covers it"),
+                    Failure::Errno(libc::EINVAL) => {
+                        unroutable("the kernel refuses to route to it (a blackhole route?)")
+                    }
+                    f => ResolveError::Netlink(format!("route lookup for backend {addr}: {f}")),
+                }
+            })?;
+        let Some(route) = replies.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(r) => Some(r),
+            _ => None,
+        }) else {
+            return Err(ResolveError::Netlink(format!(
+                "route lookup for backend {addr}: the kernel sent no route"
+            )));
+        };
+        let reason = match route.header.kind {
+            RouteType::Unicast => None,
+            RouteType::Local => Some("it is an address of this host".to_string()),
+            RouteType::Broadcast => Some("it is a broadcast address".to_string()),
+            RouteType::Multicast => Some("it is a multicast address".to_string()),
+            RouteType::Anycast => Some("it is an anycast address of this host".to_string()),
+            RouteType::BlackHole | RouteType::Unreachable | RouteType::Prohibit | RouteType::Throw => {
+                return Err(ResolveError::NoRoute { addr });
+            }
+            other => Some(format!("its route has type {other:?}, not unicast")),
+        };
+        if let Some(reason) = reason {
+            return Err(ResolveError::Unroutable { addr, reason });
+        }
+        let mut ifindex = None;
+        let mut gateway = None;
+        for attr in &route.attributes {
+            match attr {
+                RouteAttribute::Oif(index) => ifindex = Some(*index),
+                RouteAttribute::Gateway(RouteAddress::Inet(a)) | RouteAttribute::Via(RouteVia::Inet(a)) => {
+                    gateway = Some(IpAddr::V4(*a))
+                }
+                RouteAttribute::Gateway(RouteAddress::Inet6(a)) | RouteAttribute::Via(RouteVia::Inet6(a)) => {
+                    gateway = Some(IpAddr::V6(*a))
+                }
+                _ => {}
+            }
+        }
+        let Some(ifindex) = ifindex else {
+            return Err(ResolveError::Netlink(format!(
+                "route lookup for backend {addr}: the route names no output interface"
+            )));
+        };
+        // A route "via" the backend itself still delivers straight to it.
+        Ok(Route {
+            ifindex,
+            gateway: gateway.filter(|g| *g != addr),
+        })
+    }
+
+    /// `ip link show` of the egress interface: its name and, if it is Ethernet, its MAC.
+    async fn link(&self, addr: IpAddr, ifindex: u32) -> Result<Link, ResolveError> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = ifindex;
+        let replies = self
+            .exchange(RouteNetlinkMessage::GetLink(msg), NLM_F_REQUEST)
+            .await
+            .map_err(|f| {
+                ResolveError::Netlink(format!("interface #{ifindex} (the route to backend {addr}): {f}"))
+            })?;
+        let Some(link) = replies.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some(l),
+            _ => None,
+        }) else {
+            return Err(ResolveError::Netlink(format!(
+                "interface #{ifindex} (the route to backend {addr}): the kernel sent no link"
+            )));
+        };
+        let mut name = None;
+        let mut mac = None;
+        for attr in link.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => name = Some(n),
+                LinkAttribute::Address(a) if link.header.link_layer_type == LinkLayerType::Ether => {
+                    mac = ethernet_unicast(&a)
+                }
+                _ => {}
+            }
+        }
+        Ok(Link {
+            name: name.unwrap_or_else(|| format!("#{ifindex}")),
+            mac,
+        })
+    }
+
+    /// `ip neigh get ADDR dev IF`: the kernel's entry, or `None` if it has none.
+    async fn neighbour(&self, addr: IpAddr, egress: &Egress) -> Result<Option<Neighbour>, ResolveError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family(addr);
+        msg.header.ifindex = egress.ifindex;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::from(addr)));
+        let replies = match self
+            .exchange(RouteNetlinkMessage::GetNeighbour(msg), NLM_F_REQUEST)
+            .await
+        {
+            Ok(replies) => replies,
+            Err(Failure::Errno(libc::ENOENT)) => return Ok(None),
+            Err(f) => {
+                return Err(ResolveError::Netlink(format!(
+                    "neighbour lookup for backend {addr} on {}: {f}",
+                    egress.name
+                )));
+            }
+        };
+        Ok(replies.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewNeighbour(n) => Some(Neighbour {
+                state: u16::from(n.header.state),
+                mac: n.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::LinkLayerAddress(l) => ethernet_unicast(l),
+                    _ => None,
+                }),
+            }),
+            _ => None,
+        }))
+    }
+
+    /// Starts ARP/ND for `addr`: `NTF_USE`, or the datagram fallback if the kernel refuses it.
+    async fn trigger(&self, addr: IpAddr, egress: &Egress) -> Result<(), ResolveError> {
+        let refused = match self.request_resolution(addr, egress).await {
+            Ok(()) => return Ok(()),
+            Err(f) => f,
+        };
+        if !self.ntf_use_refused.swap(true, Ordering::Relaxed) {
+            warn!(
+                "the kernel refused NTF_USE for backend {addr} on {} ({refused}); triggering neighbour \
+                 resolution with an empty UDP datagram to the backend's discard port instead",
+                egress.name
+            );
+        }
+        send_discard_datagram(addr).map_err(|e| {
+            ResolveError::Netlink(format!(
+                "cannot start neighbour resolution of backend {addr} on {}: NTF_USE failed ({refused}), \
+                 and so did a datagram to port {DISCARD_PORT} ({e})",
+                egress.name
+            ))
+        })
+    }
+
+    /// `RTM_NEWNEIGH` with `NTF_USE`: the kernel creates the entry if needed and runs
+    /// `neigh_event_send` on it, as for a packet waiting on the neighbour. With `NTF_USE` the
+    /// kernel ignores the message's state, and it carries no link-layer address, so an existing
+    /// entry keeps its address; only `NUD_PERMANENT` would be cleared, which is why static
+    /// entries are never sent this.
+    async fn request_resolution(&self, addr: IpAddr, egress: &Egress) -> Result<(), Failure> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family(addr);
+        msg.header.ifindex = egress.ifindex;
+        msg.header.flags = NeighbourFlags::Use;
+        msg.header.state = NeighbourState::None;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::from(addr)));
+        self.exchange(
+            RouteNetlinkMessage::NewNeighbour(msg),
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Sends one request and collects its replies. An ACK ends the stream with no reply.
+    async fn exchange(
+        &self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>, Failure> {
+        let mut request = NetlinkMessage::from(msg);
+        request.header.flags = flags;
+        let mut handle = self.handle.clone();
+        let responses = handle
+            .request(request)
+            .map_err(|e| Failure::Broken(format!("the netlink connection is gone ({e})")))?;
+        let collect = async {
+            let mut responses = std::pin::pin!(responses);
+            let mut replies = Vec::new();
+            while let Some(response) = responses.next().await {
+                match response.payload {
+                    NetlinkPayload::InnerMessage(m) => replies.push(m),
+                    NetlinkPayload::Error(e) if e.code.is_some() => {
+                        return Err(Failure::Errno(e.raw_code().abs()));
+                    }
+                    NetlinkPayload::Overrun(_) => {
+                        return Err(Failure::Broken("the netlink receive buffer overran".to_string()));
+                    }
+                    _ => {}
+                }
+            }
+            Ok(replies)
+        };
+        tokio::time::timeout(NETLINK_TIMEOUT, collect)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failure::Broken(format!(
+                    "no usable answer from the kernel within {} s",
+                    NETLINK_TIMEOUT.as_secs()
+                )))
+            })
+    }
+}
+
+/// The fallback trigger: one empty UDP datagram to `addr`'s discard port, from a connected socket
+/// that the kernel routes like any other. The datagram waits in the neighbour entry's queue,
+/// which starts ARP/ND; it is sent to the backend once resolved, and dropped if resolution fails.
+fn send_discard_datagram(addr: IpAddr) -> std::io::Result<()> {
+    let local = match addr {
+        IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    let socket = UdpSocket::bind(local)?;
+    socket.set_nonblocking(true)?;
+    socket.connect(SocketAddr::new(addr, DISCARD_PORT))?;
+    match socket.send(&[]) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Why a netlink request failed.
+enum Failure {
+    /// The kernel answered with this (positive) errno.
+    Errno(i32),
+    /// No answer, or one that cannot be used.
+    Broken(String),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Errno(e) => write!(f, "{}", std::io::Error::from_raw_os_error(*e)),
+            Self::Broken(s) => f.write_str(s),
+        }
+    }
 }
 
 struct Route {
     ifindex: u32,
-    ifname: String,
-    src_mac: [u8; 6],
+    gateway: Option<IpAddr>,
 }
 
-impl Resolver {
-    /// Opens a netlink connection; must run inside a tokio runtime.
-    pub fn new() -> Result<Self, ResolveError> {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(nl)?;
-        tokio::spawn(conn);
-        Ok(Self { handle })
-    }
+struct Link {
+    name: String,
+    mac: Option<[u8; 6]>,
+}
 
-    /// Resolves `addr`, triggering ARP/ND when the neighbour table has no usable entry, and
-    /// waiting up to `timeout` for it.
-    pub async fn resolve(&self, addr: IpAddr, timeout: Duration) -> Result<NextHop, ResolveError> {
-        let route = self.route(addr).await?;
-        if let Some(mac) = self.neighbour(addr, route.ifindex).await? {
-            return Ok(hop(route, mac));
-        }
-        self.trigger(addr, route.ifindex).await?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            if let Some(mac) = self.neighbour(addr, route.ifindex).await? {
-                return Ok(hop(route, mac));
-            }
-            if Instant::now() >= deadline {
-                return Err(ResolveError::Unresolved {
-                    addr,
-                    ifname: route.ifname,
-                });
-            }
+/// An on-link egress interface with an Ethernet address.
+struct Egress {
+    ifindex: u32,
+    name: String,
+    mac: [u8; 6],
+}
+
+impl Egress {
+    fn next_hop(&self, dst_mac: [u8; 6]) -> NextHop {
+        NextHop {
+            ifindex: self.ifindex,
+            ifname: self.name.clone(),
+            src_mac: self.mac,
+            dst_mac,
         }
     }
 
-    /// The current usable next hop, without triggering resolution.
-    pub async fn lookup(&self, addr: IpAddr) -> Result<NextHop, ResolveError> {
-        let route = self.route(addr).await?;
-        match self.neighbour(addr, route.ifindex).await? {
-            Some(mac) => Ok(hop(route, mac)),
-            None => Err(ResolveError::Unresolved {
-                addr,
-                ifname: route.ifname,
-            }),
+    fn unresolved(&self, addr: IpAddr, waited: Duration) -> ResolveError {
+        ResolveError::Unresolved {
+            addr,
+            ifname: self.name.clone(),
+            waited,
         }
     }
+}
 
-    async fn route(&self, addr: IpAddr) -> Result<Route, ResolveError> {
-        let mut msg = RouteMessage::default();
-        let (family, len, dst) = match addr {
-            IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
-            IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
-        };
-        msg.header.address_family = family;
-        msg.header.destination_prefix_length = len;
-        msg.attributes.push(RouteAttribute::Destination(dst));
-        let route = match self.handle.route().get(msg).execute().try_next().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err(ResolveError::NoRoute { addr }),
-            // ENETUNREACH / EHOSTUNREACH from the lookup itself.
-            Err(_) => return Err(ResolveError::NoRoute { addr }),
-        };
-        let mut ifindex = None;
-        let mut gateway = None;
-        for a in &route.attributes {
-            match a {
-                RouteAttribute::Oif(i) => ifindex = Some(*i),
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
-                RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
-                _ => {}
-            }
-        }
-        let ifindex = ifindex.ok_or(ResolveError::NoRoute { addr })?;
-        let (ifname, src_mac) = self.link(ifindex).await?;
-        if let Some(gateway) = gateway {
-            return Err(ResolveError::NotOnLink {
-                addr,
-                gateway,
-                ifname,
-            });
-        }
-        Ok(Route {
-            ifindex,
-            ifname,
-            src_mac,
-        })
-    }
+/// A neighbour table entry: its `NUD_*` state and its MAC if that is a unicast Ethernet address.
+struct Neighbour {
+    state: u16,
+    mac: Option<[u8; 6]>,
+}
 
-    async fn link(&self, ifindex: u32) -> Result<(String, [u8; 6]), ResolveError> {
-        let link = self
-            .handle
-            .link()
-            .get()
-            .match_index(ifindex)
-            .execute()
-            .try_next()
-            .await
-            .map_err(nl)?
-            .ok_or_else(|| nl(format!("interface #{ifindex} vanished")))?;
-        let mut name = format!("#{ifindex}");
-        let mut mac = None;
-        for a in &link.attributes {
-            match a {
-                LinkAttribute::IfName(n) => name = n.clone(),
-                LinkAttribute::Address(bytes) if bytes.len() == 6 => mac = Some(mac6(bytes)),
-                _ => {}
-            }
-        }
-        match mac {
-            Some(mac) => Ok((name, mac)),
-            None => Err(ResolveError::NoLinkAddress { ifname: name }),
-        }
-    }
-
-    /// A usable MAC for `addr` on `ifindex`: any state with a link-layer address except
-    /// INCOMPLETE and FAILED.
-    async fn neighbour(&self, addr: IpAddr, ifindex: u32) -> Result<Option<[u8; 6]>, ResolveError> {
-        let family = if addr.is_ipv4() {
-            AddressFamily::Inet
+impl Neighbour {
+    fn usable_mac(&self) -> Option<[u8; 6]> {
+        if self.state & USABLE_STATES != 0 {
+            self.mac
         } else {
-            AddressFamily::Inet6
-        };
-        let mut stream = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(family)
-            .execute();
-        while let Some(n) = stream.try_next().await.map_err(nl)? {
-            if n.header.ifindex != ifindex
-                || matches!(
-                    n.header.state,
-                    NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
-                )
-            {
-                continue;
+            None
+        }
+    }
+}
+
+fn family(addr: IpAddr) -> AddressFamily {
+    match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+/// `bytes` as a MAC a frame can be sent to: six bytes, not all zero, not a group address.
+fn ethernet_unicast(bytes: &[u8]) -> Option<[u8; 6]> {
+    let mac: [u8; 6] = bytes.try_into().ok()?;
+    (mac != [0; 6] && mac[0] & 1 == 0).then_some(mac)
+}
+
+struct MacDisplay<'a>(&'a [u8; 6]);
+
+impl fmt::Display for MacDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        fs::File, os::fd::AsRawFd, process::Command, sync::atomic::AtomicU32, time::Instant as StdInstant,
+    };
+
+    use super::*;
+
+    #[test]
+    fn usable_entries_need_a_unicast_mac_and_a_valid_state() {
+        let mac = Some([0x02, 0, 0, 0, 0, 1]);
+        for state in [
+            libc::NUD_REACHABLE,
+            libc::NUD_STALE,
+            libc::NUD_DELAY,
+            libc::NUD_PROBE,
+            libc::NUD_PERMANENT,
+        ] {
+            assert_eq!(Neighbour { state, mac }.usable_mac(), mac, "state {state:#x}");
+        }
+        for state in [libc::NUD_NONE, libc::NUD_INCOMPLETE, libc::NUD_FAILED] {
+            assert_eq!(Neighbour { state, mac }.usable_mac(), None, "state {state:#x}");
+        }
+        assert_eq!(
+            Neighbour {
+                state: libc::NUD_REACHABLE,
+                mac: None
             }
-            let mut dst = None;
-            let mut lladdr = None;
-            for a in &n.attributes {
-                match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
-                        dst = Some(IpAddr::V4(*v4))
+            .usable_mac(),
+            None
+        );
+        assert_eq!(ethernet_unicast(&[0x02, 0, 0, 0, 0, 1]), mac);
+        assert_eq!(ethernet_unicast(&[0; 6]), None);
+        assert_eq!(ethernet_unicast(&[0xff; 6]), None);
+        assert_eq!(ethernet_unicast(&[0x01, 0, 0x5e, 0, 0, 1]), None);
+        assert_eq!(ethernet_unicast(&[0x02, 0, 0, 0, 1]), None);
+    }
+
+    #[test]
+    fn messages_are_one_line_and_name_backend_and_interface() {
+        let addr: IpAddr = "10.1.0.5".parse().unwrap();
+        let not_on_link = ResolveError::NotOnLink {
+            addr,
+            gateway: "10.1.0.1".parse().unwrap(),
+            ifname: "eth0".to_string(),
+        };
+        assert_eq!(
+            not_on_link.to_string(),
+            "backend 10.1.0.5 is not on a directly connected network (route via 10.1.0.1 on eth0); \
+             L2 DSR needs an on-link backend"
+        );
+        let waited = ResolveError::Unresolved {
+            addr,
+            ifname: "eth0".to_string(),
+            waited: Duration::from_millis(300),
+        };
+        assert_eq!(
+            waited.to_string(),
+            "backend 10.1.0.5 is unresolved on eth0: no ARP/ND answer within 300 ms"
+        );
+        let looked = ResolveError::Unresolved {
+            addr,
+            ifname: "eth0".to_string(),
+            waited: Duration::ZERO,
+        };
+        assert_eq!(
+            looked.to_string(),
+            "backend 10.1.0.5 is unresolved on eth0: no usable neighbour entry"
+        );
+        let no_mac = ResolveError::NoLinkAddress {
+            addr,
+            ifname: "wg0".to_string(),
+        };
+        assert!(no_mac.to_string().contains("10.1.0.5") && no_mac.to_string().contains("wg0"));
+        for e in [
+            not_on_link,
+            waited,
+            looked,
+            no_mac,
+            ResolveError::NoRoute { addr },
+        ] {
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+    }
+
+    /// The daemon awaits these inside spawned tasks; this only has to compile.
+    #[allow(dead_code)]
+    fn resolver_and_its_futures_are_send(r: &Resolver, a: IpAddr) {
+        fn send<T: Send>(_: T) {}
+        fn sync<T: Sync>(_: &T) {}
+        sync(r);
+        send(r.resolve(a, Duration::ZERO));
+        send(r.lookup(a));
+    }
+
+    // ---- Real kernel tests: two network namespaces joined by a veth pair (need root). ----
+
+    const A4: &str = "10.200.0.1";
+    const B4: &str = "10.200.0.2";
+    const B4_SPARE: &str = "10.200.0.3";
+    const NOBODY4: &str = "10.200.0.77";
+    const STATIC4: &str = "10.200.0.50";
+    const GATEWAY4: &str = "10.200.0.254";
+    const ROUTED4: &str = "10.200.1.5";
+    const UNROUTED4: &str = "10.201.0.1";
+    const BLACKHOLE4: &str = "10.202.0.1";
+    const PROHIBIT4: &str = "10.203.0.1";
+    const B6: &str = "fd00:200::2";
+    const B6_SPARE: &str = "fd00:200::3";
+    const NOBODY6: &str = "fd00:200::77";
+    const GATEWAY6: &str = "fd00:200::fe";
+    const ROUTED6: &str = "fd00:201::5";
+    const UNROUTED6: &str = "fd00:202::1";
+
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+    fn ip(args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("spawn ip {args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "ip {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn addr(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// Namespace A (the load balancer, interface `va`) and B (the backends, interface `vb`),
+    /// deleted on drop, so also when a test fails or panics.
+    struct Topology {
+        a: String,
+        b: String,
+    }
+
+    impl Drop for Topology {
+        fn drop(&mut self) {
+            for ns in [&self.a, &self.b] {
+                let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            }
+        }
+    }
+
+    /// What the resolver must find from inside A.
+    struct Expected {
+        ifindex: u32,
+        a_mac: [u8; 6],
+        b_mac: [u8; 6],
+    }
+
+    impl Topology {
+        /// `None` (the test is skipped) unless running as root with iproute2.
+        fn new(tag: &str) -> Option<Self> {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 || Command::new("ip").arg("-V").output().is_err() {
+                eprintln!("skipping: needs root and iproute2 to create network namespaces");
+                return None;
+            }
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let stem = format!("lbneigh-{}-{n}-{tag}", std::process::id());
+            let topo = Self {
+                a: format!("{stem}-a"),
+                b: format!("{stem}-b"),
+            };
+            ip(&["netns", "add", &topo.a]);
+            ip(&["netns", "add", &topo.b]);
+            let (a, b) = (topo.a.as_str(), topo.b.as_str());
+            ip(&[
+                "-n", a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b,
+            ]);
+            for (ns, dev, v4, v6) in [(a, "va", A4, "fd00:200::1"), (b, "vb", B4, B6)] {
+                ip(&["-n", ns, "link", "set", "lo", "up"]);
+                // ND solicitations come from the link-local address, which would stay tentative
+                // (unusable) for a second or two of duplicate address detection: add it by hand.
+                ip(&["-n", ns, "link", "set", dev, "addrgenmode", "none"]);
+                let link_local = if dev == "va" { "fe80::a/64" } else { "fe80::b/64" };
+                ip(&["-n", ns, "addr", "add", link_local, "dev", dev, "nodad"]);
+                ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
+                ip(&["-n", ns, "addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
+                ip(&["-n", ns, "link", "set", dev, "up"]);
+            }
+            ip(&["-n", b, "addr", "add", &format!("{B4_SPARE}/24"), "dev", "vb"]);
+            ip(&[
+                "-n",
+                b,
+                "addr",
+                "add",
+                &format!("{B6_SPARE}/64"),
+                "dev",
+                "vb",
+                "nodad",
+            ]);
+            ip(&["-n", a, "route", "add", "10.200.1.0/24", "via", GATEWAY4]);
+            ip(&["-n", a, "route", "add", "fd00:201::/64", "via", GATEWAY6]);
+            ip(&["-n", a, "route", "add", "blackhole", "10.202.0.0/24"]);
+            ip(&["-n", a, "route", "add", "prohibit", "10.203.0.0/24"]);
+            Some(topo)
+        }
+
+        fn expected(&self) -> Expected {
+            let (ifindex, a_mac) = link_of(&self.a, "va");
+            let (_, b_mac) = link_of(&self.b, "vb");
+            Expected {
+                ifindex,
+                a_mac,
+                b_mac,
+            }
+        }
+
+        fn neigh_state(&self, addr: &str) -> String {
+            ip(&["-n", &self.a, "neigh", "show", addr, "dev", "va"])
+        }
+
+        /// Runs `scenario` on a thread that has entered namespace A, in a current-thread runtime
+        /// (so the netlink socket, the timers and any datagram all live in A).
+        fn run_in_a<F: Future<Output = ()>>(&self, scenario: impl FnOnce() -> F + Send + 'static) {
+            let file = File::open(format!("/run/netns/{}", self.a)).expect("open the namespace file");
+            let thread = std::thread::spawn(move || {
+                // SAFETY: setns affects only this thread; the fd is open.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime
+                    .block_on(async { tokio::time::timeout(Duration::from_secs(8), scenario()).await })
+                    .expect("the scenario took more than 8 s");
+            });
+            if let Err(panic) = thread.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+
+    /// The ifindex and MAC of `dev` in `ns`, as iproute2 reports them.
+    fn link_of(ns: &str, dev: &str) -> (u32, [u8; 6]) {
+        let out = ip(&["-n", ns, "-o", "link", "show", "dev", dev]);
+        let ifindex = out.split(':').next().unwrap().trim().parse().unwrap();
+        let mut words = out.split_whitespace().skip_while(|w| *w != "link/ether");
+        let mac = words.nth(1).unwrap_or_else(|| panic!("no link/ether in {out:?}"));
+        let bytes: Vec<u8> = mac
+            .split(':')
+            .map(|x| u8::from_str_radix(x, 16).unwrap())
+            .collect();
+        (ifindex, bytes.try_into().unwrap())
+    }
+
+    #[test]
+    fn resolves_on_link_backends_and_explains_the_rest() {
+        let Some(topo) = Topology::new("resolve") else {
+            return;
+        };
+        let want = topo.expected();
+        let hop = NextHop {
+            ifindex: want.ifindex,
+            ifname: "va".to_string(),
+            src_mac: want.a_mac,
+            dst_mac: want.b_mac,
+        };
+        let ns = topo.a.clone();
+        let b_mac = MacDisplay(&want.b_mac).to_string();
+
+        topo.run_in_a(move || async move {
+            let r = Resolver::new().expect("resolver");
+            let t = Duration::from_secs(3);
+
+            // lookup neither triggers nor waits.
+            match r.lookup(addr(B4)).await {
+                Err(ResolveError::Unresolved { ifname, waited, .. }) => {
+                    assert_eq!(ifname, "va");
+                    assert_eq!(waited, Duration::ZERO);
+                }
+                other => panic!("lookup before resolution: {other:?}"),
+            }
+
+            for a in [B4, B6] {
+                let start = StdInstant::now();
+                let got = r
+                    .resolve(addr(a), t)
+                    .await
+                    .unwrap_or_else(|e| panic!("resolve {a}: {e}"));
+                assert_eq!(got, hop, "resolve {a}");
+                eprintln!("resolved {a} in {:?}", start.elapsed());
+                assert_eq!(
+                    r.lookup(addr(a)).await.unwrap(),
+                    hop,
+                    "lookup {a} after resolution"
+                );
+            }
+            assert!(
+                !r.ntf_use_refused.load(Ordering::Relaxed),
+                "the kernel refused NTF_USE"
+            );
+
+            // A STALE entry is returned at once, and the kernel is asked to re-confirm it.
+            ip(&[
+                "-n", &ns, "neigh", "replace", B4, "lladdr", &b_mac, "dev", "va", "nud", "stale",
+            ]);
+            assert_eq!(r.resolve(addr(B4), Duration::ZERO).await.unwrap(), hop);
+            let state = ip(&["-n", &ns, "neigh", "show", B4, "dev", "va"]);
+            assert!(
+                !state.contains("STALE"),
+                "the stale entry was not nudged: {state}"
+            );
+
+            // A permanent entry is usable as it is, and stays permanent.
+            ip(&[
+                "-n",
+                &ns,
+                "neigh",
+                "add",
+                STATIC4,
+                "lladdr",
+                "02:00:00:00:00:50",
+                "dev",
+                "va",
+                "nud",
+                "permanent",
+            ]);
+            let got = r.resolve(addr(STATIC4), t).await.unwrap();
+            assert_eq!(got.dst_mac, [2, 0, 0, 0, 0, 0x50]);
+            let state = ip(&["-n", &ns, "neigh", "show", STATIC4, "dev", "va"]);
+            assert!(state.contains("PERMANENT"), "{state}");
+
+            for (a, gw) in [(ROUTED4, GATEWAY4), (ROUTED6, GATEWAY6)] {
+                match r.resolve(addr(a), t).await {
+                    Err(e @ ResolveError::NotOnLink { .. }) => {
+                        let ResolveError::NotOnLink {
+                            gateway, ref ifname, ..
+                        } = e
+                        else {
+                            unreachable!()
+                        };
+                        assert_eq!((gateway, ifname.as_str()), (addr(gw), "va"));
+                        eprintln!("{e}");
                     }
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
-                        dst = Some(IpAddr::V6(*v6))
-                    }
-                    NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => lladdr = Some(mac6(b)),
-                    _ => {}
+                    other => panic!("{a}: want NotOnLink, got {other:?}"),
+                }
+                assert!(matches!(
+                    r.lookup(addr(a)).await,
+                    Err(ResolveError::NotOnLink { .. })
+                ));
+            }
+
+            for a in [UNROUTED4, UNROUTED6] {
+                match r.resolve(addr(a), t).await {
+                    Err(e @ ResolveError::NoRoute { .. }) => eprintln!("{e}"),
+                    other => panic!("{a}: want NoRoute, got {other:?}"),
                 }
             }
-            if dst == Some(addr)
-                && let Some(mac) = lladdr.filter(|m| *m != [0; 6])
-            {
-                return Ok(Some(mac));
+
+            for a in [
+                A4,
+                "10.200.0.255",
+                BLACKHOLE4,
+                PROHIBIT4,
+                "fe80::1",
+                "224.0.0.5",
+                "ff02::1",
+                "0.0.0.0",
+                "::1",
+            ] {
+                match r.resolve(addr(a), t).await {
+                    Err(e @ ResolveError::Unroutable { .. }) => eprintln!("{e}"),
+                    other => panic!("{a}: want Unroutable, got {other:?}"),
+                }
             }
+
+            for a in [NOBODY4, NOBODY6] {
+                let start = StdInstant::now();
+                let result = r.resolve(addr(a), Duration::from_millis(300)).await;
+                let took = start.elapsed();
+                match result {
+                    Err(e @ ResolveError::Unresolved { .. }) => eprintln!("{e} (after {took:?})"),
+                    other => panic!("{a}: want Unresolved, got {other:?}"),
+                }
+                assert!(
+                    took >= Duration::from_millis(300) && took < Duration::from_millis(1500),
+                    "{a}: took {took:?}"
+                );
+            }
+        });
+        // Resolution went through the kernel's state machine: the unanswered entries are being
+        // resolved (or have failed), not absent.
+        let state = topo.neigh_state(NOBODY4);
+        assert!(
+            state.contains("INCOMPLETE") || state.contains("FAILED"),
+            "{state}"
+        );
+    }
+
+    /// Drops CAP_NET_ADMIN from the calling thread's effective set (capabilities are per thread),
+    /// so that the kernel refuses RTM_NEWNEIGH from sockets this thread opens afterwards.
+    fn drop_net_admin_on_this_thread() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
         }
-        Ok(None)
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        const CAP_NET_ADMIN: u32 = 12;
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget/capset with a version-3 header and two data structs, for this thread.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                0,
+                "capget"
+            );
+            data[0].effective &= !(1 << CAP_NET_ADMIN);
+            assert_eq!(
+                libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+                0,
+                "capset"
+            );
+        }
     }
 
-    /// RTM_NEWNEIGH with NTF_USE: the kernel creates the entry if needed and starts ARP/ND.
-    async fn trigger(&self, addr: IpAddr, ifindex: u32) -> Result<(), ResolveError> {
-        self.handle
-            .neighbours()
-            .add(ifindex, addr)
-            .flags(NeighbourFlags::Use)
-            .replace()
-            .execute()
-            .await
-            .map_err(nl)
+    #[test]
+    fn falls_back_to_a_datagram_when_ntf_use_is_refused() {
+        let Some(topo) = Topology::new("refused") else {
+            return;
+        };
+        let want = topo.expected();
+        topo.run_in_a(move || async move {
+            drop_net_admin_on_this_thread();
+            let r = Resolver::new().expect("resolver");
+            for a in [B4, B6] {
+                let hop = r
+                    .resolve(addr(a), Duration::from_secs(3))
+                    .await
+                    .unwrap_or_else(|e| panic!("resolve {a}: {e}"));
+                assert_eq!(
+                    (hop.ifindex, hop.src_mac, hop.dst_mac),
+                    (want.ifindex, want.a_mac, want.b_mac),
+                    "{a}"
+                );
+            }
+            assert!(
+                r.ntf_use_refused.load(Ordering::Relaxed),
+                "NTF_USE worked without CAP_NET_ADMIN"
+            );
+        });
     }
-}
 
-fn hop(route: Route, dst_mac: [u8; 6]) -> NextHop {
-    NextHop {
-        ifindex: route.ifindex,
-        ifname: route.ifname,
-        src_mac: route.src_mac,
-        dst_mac,
+    #[test]
+    fn discard_datagram_fallback_triggers_resolution() {
+        let Some(topo) = Topology::new("fallback") else {
+            return;
+        };
+        let want = topo.expected();
+        topo.run_in_a(move || async move {
+            let r = Resolver::new().expect("resolver");
+            for a in [B4_SPARE, B6_SPARE] {
+                assert!(
+                    matches!(r.lookup(addr(a)).await, Err(ResolveError::Unresolved { .. })),
+                    "{a}"
+                );
+                send_discard_datagram(addr(a)).unwrap_or_else(|e| panic!("datagram to {a}: {e}"));
+                let deadline = StdInstant::now() + Duration::from_secs(3);
+                let hop = loop {
+                    match r.lookup(addr(a)).await {
+                        Ok(hop) => break hop,
+                        Err(e) if StdInstant::now() > deadline => panic!("{a}: {e}"),
+                        Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
+                    }
+                };
+                assert_eq!(
+                    (hop.ifindex, hop.src_mac, hop.dst_mac),
+                    (want.ifindex, want.a_mac, want.b_mac),
+                    "{a}"
+                );
+            }
+        });
     }
-}
-
-fn mac6(b: &[u8]) -> [u8; 6] {
-    let mut m = [0u8; 6];
-    m.copy_from_slice(&b[..6]);
-    m
 }
