@@ -247,8 +247,12 @@ impl DaemonConfig {
     }
 
     pub fn state_path(&self) -> PathBuf {
-        self.run_dir.join(format!("{}.state.json", self.instance))
+        state_path(&self.run_dir, &self.instance)
     }
+}
+
+pub fn state_path(run_dir: &Path, instance: &str) -> PathBuf {
+    run_dir.join(format!("{instance}.state.json"))
 }
 
 pub fn socket_path(run_dir: &Path, instance: &str) -> PathBuf {

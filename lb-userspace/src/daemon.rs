@@ -280,15 +280,7 @@ impl Daemon {
         validate_services(&next)?;
         let mut warnings = Vec::new();
         let mut hops = self.hops.clone();
-        let wanted: Vec<IpAddr> = {
-            let mut v: Vec<IpAddr> = next
-                .iter()
-                .flat_map(|s| s.backends.iter().map(|b| b.address))
-                .collect();
-            v.sort();
-            v.dedup();
-            v
-        };
+        let wanted = backend_addresses(&next);
         hops.retain(|a, _| wanted.contains(a));
         let missing: Vec<IpAddr> = wanted.iter().copied().filter(|a| !hops.contains_key(a)).collect();
         let results = join_all(missing.iter().map(|&a| self.resolver.resolve(a, RESOLVE_TIMEOUT))).await;
@@ -325,13 +317,7 @@ impl Daemon {
     }
 
     async fn refresh_hops(&mut self) -> Result<()> {
-        let mut addrs: Vec<IpAddr> = self
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| b.address))
-            .collect();
-        addrs.sort();
-        addrs.dedup();
+        let addrs = backend_addresses(&self.services);
         let resolver = &self.resolver;
         let results = join_all(addrs.iter().map(|&a| async move {
             match resolver.lookup(a).await {
@@ -532,6 +518,17 @@ impl Daemon {
             json!({"service": svc.name, "backend": b.id, "address": b.address, "source": "maglev", "table_index": index}),
         )
     }
+}
+
+/// Every distinct backend address, sorted.
+fn backend_addresses(services: &[ServiceSpec]) -> Vec<IpAddr> {
+    let mut addrs: Vec<IpAddr> = services
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|b| b.address))
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs
 }
 
 fn unknown_service(name: &str) -> Error {

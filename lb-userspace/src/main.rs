@@ -51,7 +51,7 @@ fn run(cli: &Cli) -> anyhow::Result<i32> {
                 wait_gone(&socket);
             }
             let removed = dataplane::detach_instance(&cli.instance)?;
-            let _ = std::fs::remove_file(cli.run_dir.join(format!("{}.state.json", cli.instance)));
+            let _ = std::fs::remove_file(config::state_path(&cli.run_dir, &cli.instance));
             if cli.json {
                 println!("{}", serde_json::json!({ "removed": removed }));
             } else {

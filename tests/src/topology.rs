@@ -216,7 +216,6 @@ pub struct Daemon {
     pub instance: String,
     pub run_dir: PathBuf,
     pub config: PathBuf,
-    lb_ns: PathBuf,
 }
 
 impl Daemon {
@@ -237,7 +236,6 @@ impl Daemon {
             instance: instance.into(),
             run_dir: run_dir.into(),
             config: path,
-            lb_ns: topo.lb.path(),
         };
         d.spawn(topo)?;
         Ok(d)
@@ -324,6 +322,5 @@ impl Drop for Daemon {
             .arg("detach")
             .output();
         let _ = std::fs::remove_dir_all(&self.run_dir);
-        let _ = &self.lb_ns;
     }
 }
