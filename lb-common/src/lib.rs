@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod backend;
+pub mod bench;
 pub mod flow;
 pub mod hash;
 pub mod maps;
@@ -33,4 +34,5 @@ mod pod {
     unsafe impl aya::Pod for crate::ServiceValue {}
     unsafe impl aya::Pod for crate::Backend {}
     unsafe impl aya::Pod for crate::TrafficStats {}
+    unsafe impl aya::Pod for crate::bench::BenchFrame {}
 }

@@ -13,3 +13,6 @@ pub mod state;
 
 /// The compiled data plane, embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// The benchmark wrapper and floor programs (`cargo xtask bench`); not used by the daemon.
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench-ebpf"));

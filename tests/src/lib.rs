@@ -2,8 +2,10 @@
 //! namespaces, the daemon started inside the balancer namespace, and teardown on drop (also when
 //! a test panics).
 
+pub mod bench;
 pub mod client;
 pub mod netns;
+pub mod packets;
 pub mod servers;
 pub mod topology;
 

@@ -228,6 +228,11 @@ impl Daemon {
 
     /// Writes `config` and starts the daemon; waits (bounded) until its socket answers.
     pub fn start(topo: &Topology, instance: &str, run_dir: &std::path::Path, config: &str) -> Result<Self> {
+        Self::start_in(&topo.lb, instance, run_dir, config)
+    }
+
+    /// As `start`, in any namespace.
+    pub fn start_in(ns: &NetNs, instance: &str, run_dir: &std::path::Path, config: &str) -> Result<Self> {
         std::fs::create_dir_all(run_dir)?;
         let path = run_dir.join("lb.toml");
         std::fs::write(&path, config)?;
@@ -237,17 +242,16 @@ impl Daemon {
             run_dir: run_dir.into(),
             config: path,
         };
-        d.spawn(topo)?;
+        d.spawn(ns)?;
         Ok(d)
     }
 
-    fn spawn(&mut self, topo: &Topology) -> Result<()> {
+    fn spawn(&mut self, ns: &NetNs) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.run_dir.join("daemon.log"))?;
-        let child = topo
-            .lb
+        let child = ns
             .command(lb_bin())
             .args(["daemon", "--config"])
             .arg(&self.config)
@@ -270,6 +274,10 @@ impl Daemon {
             bail!("daemon did not open its socket within 30 s: {}", self.log());
         }
         Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     pub fn log(&self) -> String {
@@ -309,7 +317,7 @@ impl Daemon {
 
     pub fn restart(&mut self, topo: &Topology) -> Result<()> {
         self.kill9();
-        self.spawn(topo)
+        self.spawn(&topo.lb)
     }
 }
 

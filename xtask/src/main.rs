@@ -52,6 +52,22 @@ enum Command {
     /// runs the daemon, drives traffic, prints the results and tears down.
     /// Exits with the demo's exit code. Needs root.
     Demo,
+    /// Run setup, build in release, run the benchmarks
+    ///
+    /// Builds `lb-bench` (lb-tests) and `lb` (lb-userspace) in release and
+    /// runs lb-bench: data-plane cost per packet through BPF_PROG_TEST_RUN,
+    /// end-to-end forwarding through veth against nftables and HAProxy, and
+    /// control-plane speed. Prints a table and writes results.json and
+    /// dataplane.svg to target/bench. About 5 minutes; `--quick` (the CI smoke
+    /// test, no thresholds) well under one. Needs root.
+    Bench {
+        /// Short runs: fewer repeats and shorter windows
+        #[arg(long)]
+        quick: bool,
+        /// Run only this part (repeatable): dataplane, e2e, control
+        #[arg(long, value_name = "PART")]
+        only: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -88,6 +104,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Setup => setup::setup(&ctx),
         Command::Test { args } => test(&ctx, args),
         Command::Demo => demo(&ctx),
+        Command::Bench { quick, only } => bench(&ctx, quick, &only),
     }
 }
 
@@ -134,6 +151,46 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
 
     eprintln!("==> all steps passed");
     Ok(())
+}
+
+fn bench(ctx: &Ctx, quick: bool, only: &[String]) -> Result<()> {
+    const STEPS: usize = 3;
+
+    header(1, STEPS, "setup");
+    setup::setup(ctx)?;
+
+    let mut build = ctx.cargo();
+    build.args([
+        "build",
+        "--release",
+        "--package",
+        "lb-tests",
+        "--bin",
+        "lb-bench",
+        "--package",
+        "lb-userspace",
+        "--bin",
+        "lb",
+    ]);
+    header(2, STEPS, &ctx::display(&build));
+    ctx::run(&mut build)?;
+
+    let release = ctx.target_dir().join("release");
+    let bench_bin = release.join("lb-bench");
+    let lb_bin = release.join("lb");
+    let mut bench = ctx.command(&bench_bin);
+    bench
+        .env("LB_BIN", &lb_bin)
+        .arg("--out")
+        .arg(ctx.target_dir().join("bench"));
+    if quick {
+        bench.arg("--quick");
+    }
+    for part in only {
+        bench.args(["--only", part]);
+    }
+    header(3, STEPS, &ctx::display(&bench));
+    ctx::run(&mut bench)
 }
 
 fn demo(ctx: &Ctx) -> Result<()> {

@@ -19,8 +19,9 @@ const LLVM_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "libxml2-dev",
 ];
-/// Tools used by the integration tests and the demo.
-const TOOL_PACKAGES: &[&str] = &["iproute2", "ethtool"];
+/// Tools used by the integration tests and the demo, and the bench's contenders and load
+/// generator (nftables, HAProxy, trafgen from netsniff-ng).
+const TOOL_PACKAGES: &[&str] = &["iproute2", "ethtool", "nftables", "haproxy", "netsniff-ng"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -168,6 +169,8 @@ fn install_packages(ctx: &Ctx, pkgs: &[&str]) -> Result<()> {
     let mut install = ctx.command("apt-get");
     install
         .env("DEBIAN_FRONTEND", "noninteractive")
+        // Don't start HAProxy's system service: the bench starts its own instance.
+        .env("RUNLEVEL", "1")
         .args(["install", "-y"])
         .args(pkgs);
     ctx::run(&mut install).with_context(|| format!("cannot install {list} (fix: {fix})"))?;

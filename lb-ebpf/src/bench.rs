@@ -1,0 +1,99 @@
+//! Benchmark programs, built as a separate object so the balancer's object carries none of them.
+//!
+//! BPF_PROG_TEST_RUN does not reset the packet between repeats, so a rewriting program would see
+//! its own output from the second iteration on. `bench_wrap` restores the original frame (length
+//! and bytes) from BENCH_FRAME, optionally stamps a sequence number to make every iteration a new
+//! flow (one shared counter, so flows stay new when runs land on different CPUs), then tail-calls
+//! the program under test. The floor goes through the same
+//! wrapper, so the wrapper's own cost cancels out of the ratio.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::bpf_xdp_adjust_head,
+    macros::{map, xdp},
+    maps::{Array, ProgramArray},
+    programs::XdpContext,
+};
+use lb_common::bench::{BENCH_FRAME_WORDS, BenchFrame};
+
+#[map]
+static BENCH_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+#[map]
+static BENCH_FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
+
+#[map]
+static BENCH_SEQ: Array<u32> = Array::with_max_entries(1, 0);
+
+#[xdp]
+pub fn bench_wrap(ctx: XdpContext) -> u32 {
+    let Some(frame) = BENCH_FRAME.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let want = frame.len as i64;
+    let have = (ctx.data_end() - ctx.data()) as i64;
+    // An encapsulating program grew the head on the previous iteration: give it back.
+    if have != want {
+        // SAFETY: plain helper call on our own context.
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, (have - want) as i32) } != 0 {
+            return xdp_action::XDP_ABORTED;
+        }
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let words = (frame.len / 8) as usize;
+    for i in 0..BENCH_FRAME_WORDS {
+        if i >= words {
+            break;
+        }
+        let p = data + i * 8;
+        if p + 8 > end {
+            return xdp_action::XDP_ABORTED;
+        }
+        // SAFETY: bounds checked above.
+        unsafe { (p as *mut u64).write_unaligned(frame.words[i]) };
+    }
+    if frame.vary_offset != 0 {
+        let Some(seq) = BENCH_SEQ.get_ptr_mut(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        let p = data + (frame.vary_offset & 0x7f) as usize;
+        if p + 4 > end {
+            return xdp_action::XDP_ABORTED;
+        }
+        // SAFETY: one test_run at a time writes the slot; packet bounds checked above.
+        unsafe {
+            *seq = (*seq).wrapping_add(1);
+            (p as *mut u32).write_unaligned(*seq);
+        }
+    }
+    // SAFETY: on success control never comes back.
+    unsafe { BENCH_PROGS.tail_call(&ctx, frame.target) };
+    xdp_action::XDP_ABORTED
+}
+
+/// The floor: the least an XDP forwarder does. Parse Ethernet and IPv4, send it back.
+#[xdp]
+pub fn bench_floor(ctx: XdpContext) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + 14 + 20 > end {
+        return xdp_action::XDP_DROP;
+    }
+    // SAFETY: bounds checked above.
+    let (ethertype, version) = unsafe { (*((data + 12) as *const u16), *((data + 14) as *const u8) >> 4) };
+    if ethertype != 0x0800u16.to_be() || version != 4 {
+        return xdp_action::XDP_PASS;
+    }
+    xdp_action::XDP_TX
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,227 @@
+//! Control-plane speed: Maglev table builds, writing and swapping a table into the live maps,
+//! and the daemon's memory at idle with 100 services of 100 backends.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{FAMILY_V4, PROTO_TCP, ServiceKey, ServiceValue, maps};
+use lb_userspace::{
+    dataplane::Pool,
+    maglev::{MaglevBackend, build_table},
+};
+use serde::Serialize;
+
+use crate::{NetNs, topology::Daemon, topology::empty_ebpf, wait_until};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MaglevResult {
+    pub m: u32,
+    pub n: u32,
+    /// Median over `runs`.
+    pub build_us: f64,
+    pub runs: Vec<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Rss {
+    pub services: u32,
+    pub backends_per_service: u32,
+    /// VmRSS of the daemon.
+    pub rss_bytes: u64,
+    /// The part of it that is the daemon's own heap and stacks (RssAnon); the rest is mostly
+    /// the mmap-ed table pool, which is kernel memory shared with the data plane.
+    pub rss_anon_bytes: u64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn ids(n: u32) -> Vec<String> {
+    (1..=n).map(|i| format!("backend-{i}")).collect()
+}
+
+pub fn maglev(runs: usize) -> Result<Vec<MaglevResult>> {
+    let mut out = Vec::new();
+    for m in [65537u32, 655373] {
+        for n in [10u32, 100, 1000] {
+            let ids = ids(n);
+            let members: Vec<_> = ids.iter().map(|id| MaglevBackend { id, weight: 100 }).collect();
+            let mut times = Vec::with_capacity(runs);
+            for _ in 0..runs {
+                let t = Instant::now();
+                let table = std::hint::black_box(build_table(std::hint::black_box(&members), m));
+                times.push(t.elapsed().as_secs_f64() * 1e6);
+                ensure!(
+                    table.len() == m as usize,
+                    "M={m} N={n}: table has {} slots",
+                    table.len()
+                );
+            }
+            out.push(MaglevResult {
+                m,
+                n,
+                build_us: median(&times),
+                runs: times,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Writes a full M = 65537 table into a free pool region and swaps the service to it, as the
+/// daemon does on every change; alternates between two regions. Returns (median µs, runs).
+pub fn table_swap(runs: usize) -> Result<(f64, Vec<f64>)> {
+    const M: u32 = 65537;
+    let mut lb = empty_ebpf()?;
+    let mut services: HashMap<MapData, ServiceKey, ServiceValue> =
+        lb.take_map(maps::SERVICES).context("SERVICES")?.try_into()?;
+    let mut pool = match lb.take_map(maps::MAGLEV_POOL).context("MAGLEV_POOL")? {
+        Map::Array(data) => Pool::new(data)?,
+        _ => bail!("MAGLEV_POOL is not an array"),
+    };
+    ensure!(pool.slots() >= 2 * M, "pool has only {} slots", pool.slots());
+    let ids = ids(100);
+    let members: Vec<_> = ids.iter().map(|id| MaglevBackend { id, weight: 100 }).collect();
+    let table: Vec<u32> = build_table(&members, M).iter().map(|&i| i + 1).collect();
+    let key = ServiceKey::new(
+        FAMILY_V4,
+        PROTO_TCP,
+        [10, 100, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        80u16.to_be(),
+    );
+    let mut times = Vec::with_capacity(runs);
+    for run in 0..runs {
+        let offset = (run as u32 % 2) * M;
+        let t = Instant::now();
+        pool.write(offset, &table)?;
+        let value = ServiceValue {
+            id: 0,
+            flags: 0,
+            table_offset: offset,
+            table_size: M,
+            forward: 0,
+            _reserved: 0,
+        };
+        services.insert(key, value, 0)?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        ensure!(
+            pool.read(offset, M).as_deref() == Some(&table[..]),
+            "table readback differs"
+        );
+    }
+    Ok((median(&times), times))
+}
+
+/// Starts the real daemon with `services` services of `per_service` backends each (backends
+/// resolved through permanent neighbour entries), waits until every table is built, then reads
+/// its memory once it has settled.
+pub fn daemon_rss(services: u32, per_service: u32) -> Result<Rss> {
+    let ns = NetNs::new("rss")?;
+    ns.sh(
+        "ip link add eth0 type veth peer name peer0 && ip link set peer0 up && ip link set eth0 up && \
+           ip addr add 10.97.0.1/16 dev eth0",
+    )?;
+    let mut neigh = String::new();
+    for i in 1..=per_service {
+        neigh.push_str(&format!(
+            "neigh add 10.97.{}.{} lladdr 02:00:00:00:{:02x}:{:02x} dev eth0 nud permanent\n",
+            1 + i / 250,
+            1 + i % 250,
+            i >> 8,
+            i & 0xff
+        ));
+    }
+    let (instance, run_dir) = Daemon::new_paths();
+    std::fs::create_dir_all(&run_dir)?;
+    let batch = run_dir.join("neigh.batch");
+    std::fs::write(&batch, neigh)?;
+    ns.sh(&format!("ip -batch {}", batch.display()))?;
+
+    let mut config = format!(
+        "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\n\
+         conntrack_size = 65536\ntable_pool_slots = {}\nneighbour_refresh_ms = 1000\n",
+        run_dir.display(),
+        services * 65537
+    );
+    for s in 0..services {
+        config.push_str(&format!(
+            "\n[[service]]\nname = \"svc{s}\"\nvip = \"10.100.0.1\"\nport = {}\nprotocol = \"tcp\"\n",
+            1000 + s
+        ));
+        for i in 1..=per_service {
+            config.push_str(&format!(
+                "[[service.backend]]\nid = \"b{i}\"\naddress = \"10.97.{}.{}\"\n",
+                1 + i / 250,
+                1 + i % 250
+            ));
+        }
+    }
+    let daemon = Daemon::start_in(&ns, &instance, &run_dir, &config)?;
+    let ready = wait_until(Duration::from_secs(60), || {
+        let out = daemon.cli(&["--json", "service", "list"]);
+        let Ok(list) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            return false;
+        };
+        let Some(list) = list.as_array() else { return false };
+        list.len() == services as usize
+            && list.iter().all(|s| {
+                s["backends"].as_array().is_some_and(|b| {
+                    b.len() == per_service as usize
+                        && b.iter().all(|b| b["table_slots"].as_u64().unwrap_or(0) > 0)
+                })
+            })
+    });
+    ensure!(
+        ready,
+        "the daemon did not build every table within 60 s: {}",
+        daemon.log()
+    );
+    let pid = daemon.pid().context("daemon pid")?;
+    // Idle: wait (bounded) until two readings a second apart agree within 64 KiB.
+    let mut last = read_rss(pid)?;
+    let mut settled = false;
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = read_rss(pid)?;
+        if now.0.abs_diff(last.0) <= 64 << 10 {
+            settled = true;
+            break;
+        }
+        last = now;
+    }
+    ensure!(settled, "daemon memory kept changing for 10 s");
+    Ok(Rss {
+        services,
+        backends_per_service: per_service,
+        rss_bytes: last.0,
+        rss_anon_bytes: last.1,
+    })
+}
+
+/// (VmRSS, RssAnon) in bytes.
+fn read_rss(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<u64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("{name} missing in /proc/{pid}/status"))?;
+        let kb: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .with_context(|| format!("parse {line}"))?;
+        Ok(kb * 1024)
+    };
+    Ok((field("VmRSS:")?, field("RssAnon:")?))
+}

@@ -1,0 +1,404 @@
+//! Data-plane cost per packet through BPF_PROG_TEST_RUN.
+//!
+//! Every case runs through `bench_wrap` (lb-ebpf/src/bench.rs), which restores the original frame
+//! before each iteration and tail-calls the balancer; the floor (parse Ethernet + IPv4, XDP_TX)
+//! goes through the same wrapper. Each run checks the verdict and that the balancer's own
+//! counters moved by exactly `repeat` on the intended path and nowhere else.
+
+use anyhow::{Context, Result, bail, ensure};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray},
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use lb_common::{
+    Backend, Counter, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue,
+    backend::BACKEND_F_ACTIVE,
+    bench::{BENCH_TARGET_FLOOR, BENCH_TARGET_LB, BenchFrame},
+    maps,
+};
+use lb_userspace::{
+    dataplane::Pool,
+    maglev::{MaglevBackend, build_table},
+};
+use serde::Serialize;
+
+use crate::{
+    packets::{eth, ipv4, ipv6, tcp, udp},
+    topology::empty_ebpf,
+};
+
+pub const BACKENDS: u32 = 100;
+pub const TABLE_SIZE: u32 = 65537;
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x1b];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
+const VIP4: [u8; 4] = [10, 100, 0, 1];
+const VIP6: [u8; 16] = [0xfd, 0x99, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const CLIENT4: [u8; 4] = [10, 99, 0, 1];
+const CLIENT6: [u8; 16] = [0xfd, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const OTHER4: [u8; 4] = [10, 200, 0, 1];
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// Byte offset of the IPv4 source address in an untagged frame.
+const IPV4_SRC: u32 = 14 + 12;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CaseResult {
+    pub case: String,
+    /// Median of the runs, as the kernel reports it (whole nanoseconds per iteration).
+    pub ns_per_packet: f64,
+    pub floor_ns_per_packet: f64,
+    pub ratio_to_floor: f64,
+    /// Our target for this case, where the issue sets one.
+    pub target_ns: Option<f64>,
+    pub runs: Vec<u64>,
+    pub repeat: u32,
+}
+
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    target: u32,
+    vary_offset: u32,
+    verdict: u32,
+    /// Counters that must move by `repeat` per run; every other counter must stay still.
+    counters: &'static [Counter],
+    target_ns: Option<f64>,
+}
+
+fn cases() -> Vec<Case> {
+    let v4 =
+        |proto, l4: Vec<u8>, dst| [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(proto, CLIENT4, dst, &l4)].concat();
+    let v6 = |proto, l4: Vec<u8>| [eth(LB_MAC, CLIENT_MAC, 0x86dd), ipv6(proto, CLIENT6, VIP6, &l4)].concat();
+    let payload = [0x5au8; 18];
+    let hit: &[Counter] = &[Counter::ConntrackHit, Counter::Tx];
+    vec![
+        Case {
+            name: "floor",
+            frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), VIP4),
+            target: BENCH_TARGET_FLOOR,
+            vary_offset: 0,
+            verdict: XDP_TX,
+            counters: &[],
+            target_ns: None,
+        },
+        Case {
+            name: "tcp4_syn",
+            frame: v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), VIP4),
+            target: BENCH_TARGET_LB,
+            vary_offset: IPV4_SRC,
+            verdict: XDP_TX,
+            counters: &[Counter::ConntrackMiss, Counter::Tx],
+            target_ns: Some(100.0),
+        },
+        Case {
+            name: "tcp4_established",
+            frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), VIP4),
+            target: BENCH_TARGET_LB,
+            vary_offset: 0,
+            verdict: XDP_TX,
+            counters: hit,
+            target_ns: Some(45.0),
+        },
+        Case {
+            name: "udp4",
+            frame: v4(PROTO_UDP, udp(40000, 53, &payload), VIP4),
+            target: BENCH_TARGET_LB,
+            vary_offset: 0,
+            verdict: XDP_TX,
+            counters: hit,
+            target_ns: Some(50.0),
+        },
+        Case {
+            name: "tcp6_established",
+            frame: v6(PROTO_TCP, tcp(40000, 80, TCP_ACK)),
+            target: BENCH_TARGET_LB,
+            vary_offset: 0,
+            verdict: XDP_TX,
+            counters: hit,
+            target_ns: None,
+        },
+        Case {
+            name: "udp6",
+            frame: v6(PROTO_UDP, udp(40000, 53, &payload)),
+            target: BENCH_TARGET_LB,
+            vary_offset: 0,
+            verdict: XDP_TX,
+            counters: hit,
+            target_ns: None,
+        },
+        Case {
+            name: "nonvip_pass",
+            frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), OTHER4),
+            target: BENCH_TARGET_LB,
+            vary_offset: 0,
+            verdict: XDP_PASS,
+            counters: &[Counter::PassNotVip],
+            target_ns: Some(15.0),
+        },
+    ]
+}
+
+/// The balancer loaded with one service per family and protocol, each on the same 100-backend
+/// Maglev table of 65537 slots, and the wrapper pointing at it.
+struct Bench {
+    _lb: Ebpf,
+    // The kernel clears a program array when its last user-space fd closes: keep it open.
+    _progs: ProgramArray<MapData>,
+    wrapper: Ebpf,
+    global: PerCpuArray<MapData, u64>,
+    frame: Array<MapData, BenchFrame>,
+    // Held so the service tables stay mapped for the whole run.
+    _pool: Pool,
+}
+
+impl Bench {
+    fn new() -> Result<Self> {
+        let mut lb = empty_ebpf().context("load the balancer object")?;
+        let prog: &mut Xdp = lb.program_mut(maps::PROG_LB).context("lb program")?.try_into()?;
+        prog.load().context("verifier rejected lb")?;
+        let mut take = |n: &str| lb.take_map(n).with_context(|| format!("map {n}"));
+        let mut services: HashMap<MapData, ServiceKey, ServiceValue> = take(maps::SERVICES)?.try_into()?;
+        let mut backends: Array<MapData, Backend> = take(maps::BACKENDS)?.try_into()?;
+        let global: PerCpuArray<MapData, u64> = take(maps::GLOBAL_STATS)?.try_into()?;
+        let mut pool = match take(maps::MAGLEV_POOL)? {
+            aya::maps::Map::Array(data) => Pool::new(data)?,
+            _ => bail!("MAGLEV_POOL is not an array"),
+        };
+
+        let ids: Vec<String> = (1..=BACKENDS).map(|i| format!("b{i}")).collect();
+        let members: Vec<MaglevBackend<'_>> =
+            ids.iter().map(|id| MaglevBackend { id, weight: 100 }).collect();
+        // Slot 0 stays unused, as in the daemon; backend i lives in slot i + 1.
+        let table: Vec<u32> = build_table(&members, TABLE_SIZE).iter().map(|&i| i + 1).collect();
+        ensure!(
+            table.len() == TABLE_SIZE as usize,
+            "Maglev table has {} slots",
+            table.len()
+        );
+        pool.write(0, &table)?;
+        for slot in 1..=BACKENDS {
+            let b = Backend {
+                addr: [0; 16],
+                family: FAMILY_V4,
+                flags: BACKEND_F_ACTIVE,
+                port: 0,
+                generation: 1,
+                // lo: test_run's ingress interface, so the verdict is XDP_TX.
+                ifindex: 1,
+                dst_mac: [0x02, 0, 0, 0, (slot >> 8) as u8, slot as u8],
+                src_mac: LB_MAC,
+            };
+            backends.set(slot, b, 0)?;
+        }
+        for (id, (family, proto, port)) in [
+            (FAMILY_V4, PROTO_TCP, 80u16),
+            (FAMILY_V4, PROTO_UDP, 53),
+            (FAMILY_V6, PROTO_TCP, 80),
+            (FAMILY_V6, PROTO_UDP, 53),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut addr = [0u8; 16];
+            if family == FAMILY_V4 {
+                addr[..4].copy_from_slice(&VIP4);
+            } else {
+                addr = VIP6;
+            }
+            let value = ServiceValue {
+                id: id as u32,
+                flags: 0,
+                table_offset: 0,
+                table_size: TABLE_SIZE,
+                forward: 0,
+                _reserved: 0,
+            };
+            services.insert(ServiceKey::new(family, proto, addr, port.to_be()), value, 0)?;
+        }
+
+        let mut wrapper = EbpfLoader::new()
+            .load(lb_userspace::BENCH_OBJECT)
+            .context("load the bench object")?;
+        for name in ["bench_wrap", "bench_floor"] {
+            let p: &mut Xdp = wrapper.program_mut(name).context(name)?.try_into()?;
+            p.load().with_context(|| format!("verifier rejected {name}"))?;
+        }
+        let mut progs: ProgramArray<MapData> = wrapper
+            .take_map("BENCH_PROGS")
+            .context("BENCH_PROGS")?
+            .try_into()?;
+        let lb_prog: &Xdp = lb.program(maps::PROG_LB).context("lb")?.try_into()?;
+        progs.set(BENCH_TARGET_LB, lb_prog.fd()?, 0)?;
+        let floor: &Xdp = wrapper.program("bench_floor").context("floor")?.try_into()?;
+        progs.set(BENCH_TARGET_FLOOR, floor.fd()?, 0)?;
+        let frame = wrapper
+            .take_map("BENCH_FRAME")
+            .context("BENCH_FRAME")?
+            .try_into()?;
+        Ok(Self {
+            _lb: lb,
+            _progs: progs,
+            wrapper,
+            global,
+            frame,
+            _pool: pool,
+        })
+    }
+
+    fn counters(&self) -> Result<Vec<u64>> {
+        Counter::ALL
+            .iter()
+            .map(|&c| Ok(self.global.get(&(c as u32), 0)?.iter().sum()))
+            .collect()
+    }
+
+    /// One test_run of the wrapper; returns (verdict, kernel ns per iteration).
+    fn run(&self, input: &[u8], repeat: u32) -> Result<(u32, u64)> {
+        let prog: &Xdp = self
+            .wrapper
+            .program("bench_wrap")
+            .context("bench_wrap")?
+            .try_into()?;
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(input),
+            repeat,
+            ..Default::default()
+        })?;
+        Ok((r.return_value, r.duration.as_nanos() as u64))
+    }
+
+    fn measure(&mut self, case: &Case, repeat: u32, runs: usize) -> Result<Vec<u64>> {
+        let frame = BenchFrame::new(&case.frame, case.target, case.vary_offset)
+            .with_context(|| format!("{}: frame too long", case.name))?;
+        self.frame.set(0, frame, 0)?;
+        let input = &frame_bytes(&frame)[..frame.len as usize];
+        // One iteration first, so established cases find their flow in the connection table.
+        let (verdict, _) = self.run(input, 1)?;
+        ensure!(
+            verdict == case.verdict,
+            "{}: warm-up verdict {verdict}",
+            case.name
+        );
+        let mut out = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let before = self.counters()?;
+            let (verdict, ns) = self.run(input, repeat)?;
+            let after = self.counters()?;
+            ensure!(
+                verdict == case.verdict,
+                "{}: verdict {verdict}, expected {}",
+                case.name,
+                case.verdict
+            );
+            for (i, c) in Counter::ALL.iter().enumerate() {
+                let moved = after[i] - before[i];
+                let want = if case.counters.contains(c) {
+                    repeat as u64
+                } else {
+                    0
+                };
+                if moved != want {
+                    bail!(
+                        "{}: counter {} moved by {moved} in {repeat} iterations, expected {want}",
+                        case.name,
+                        c.name()
+                    );
+                }
+            }
+            out.push(ns);
+        }
+        Ok(out)
+    }
+}
+
+fn frame_bytes(frame: &BenchFrame) -> Vec<u8> {
+    frame.words.iter().flat_map(|w| w.to_ne_bytes()).collect()
+}
+
+fn median(v: &[u64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2] as f64
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) as f64 / 2.0
+    }
+}
+
+/// Runs every case (`repeat` iterations, `runs` times) in the current thread, which it pins to
+/// one CPU so runs don't migrate mid-measurement.
+pub fn run(repeat: u32, runs: usize) -> Result<Vec<CaseResult>> {
+    pin_to_cpu(1)?;
+    let mut bench = Bench::new()?;
+    let mut measured = Vec::new();
+    for case in cases() {
+        let ns = bench.measure(&case, repeat, runs)?;
+        measured.push((case, ns));
+    }
+    let floor = measured
+        .iter()
+        .find(|(c, _)| c.target == BENCH_TARGET_FLOOR)
+        .map(|(_, ns)| median(ns))
+        .context("no floor case")?;
+    Ok(measured
+        .into_iter()
+        .map(|(case, runs_ns)| {
+            let ns = median(&runs_ns);
+            CaseResult {
+                case: case.name.to_string(),
+                ns_per_packet: ns,
+                floor_ns_per_packet: floor,
+                ratio_to_floor: if floor > 0.0 { ns / floor } else { f64::NAN },
+                target_ns: case.target_ns,
+                runs: runs_ns,
+                repeat,
+            }
+        })
+        .collect())
+}
+
+/// Pins the calling thread to `cpu` (the last CPU if there are fewer).
+pub fn pin_to_cpu(cpu: usize) -> Result<()> {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpu = cpu.min(cpus - 1);
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Diagnostic: the floor program run directly, with no wrapper.
+pub fn direct_floor(repeat: u32) -> Result<Vec<u64>> {
+    pin_to_cpu(1)?;
+    let mut wrapper = EbpfLoader::new().load(lb_userspace::BENCH_OBJECT)?;
+    let p: &mut Xdp = wrapper.program_mut("bench_floor").context("f")?.try_into()?;
+    p.load()?;
+    let frame = [
+        eth(LB_MAC, CLIENT_MAC, 0x0800),
+        ipv4(PROTO_TCP, CLIENT4, VIP4, &tcp(1, 80, TCP_ACK)),
+    ]
+    .concat();
+    let mut out = vec![];
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let r = p.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            repeat,
+            ..Default::default()
+        })?;
+        out.push(r.duration.as_nanos() as u64);
+        out.push(t.elapsed().as_nanos() as u64 / repeat as u64);
+    }
+    Ok(out)
+}

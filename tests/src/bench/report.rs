@@ -1,0 +1,216 @@
+//! The bench's outputs: a table on stdout, `results.json`, and an SVG of ns per packet per case.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use super::{
+    control::{MaglevResult, Rss},
+    dataplane::CaseResult,
+    e2e::E2eResult,
+};
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub kernel: String,
+}
+
+impl Machine {
+    pub fn detect() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        Self {
+            cpu,
+            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            kernel,
+        }
+    }
+}
+
+/// Everything one run measured; parts that were not run are `None`.
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub quick: bool,
+    pub dataplane: Option<Vec<CaseResult>>,
+    pub e2e: Option<Vec<E2eResult>>,
+    pub maglev: Option<Vec<MaglevResult>>,
+    pub table_swap_us: Option<f64>,
+    pub table_swap_runs_us: Option<Vec<f64>>,
+    pub rss_bytes: Option<u64>,
+    pub rss: Option<Rss>,
+    pub machine: Machine,
+}
+
+impl Results {
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let json = dir.join("results.json");
+        std::fs::write(&json, serde_json::to_string_pretty(self)? + "\n")
+            .with_context(|| format!("write {}", json.display()))?;
+        if let Some(cases) = &self.dataplane {
+            let svg = dir.join("dataplane.svg");
+            std::fs::write(&svg, svg_chart(cases, &self.machine))
+                .with_context(|| format!("write {}", svg.display()))?;
+        }
+        Ok(())
+    }
+
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(s, "machine: {} ({} cores), kernel {}", m.cpu, m.cores, m.kernel);
+        if let Some(cases) = &self.dataplane {
+            let _ = writeln!(
+                s,
+                "\ndata plane, BPF_PROG_TEST_RUN through the restoring wrapper (median)"
+            );
+            let _ = writeln!(
+                s,
+                "{:<20} {:>8} {:>9} {:>8}  runs (ns)",
+                "case", "ns/pkt", "x floor", "target"
+            );
+            for c in cases {
+                let target = c.target_ns.map(|t| {
+                    let mark = if c.ns_per_packet <= t { "met" } else { "MISSED" };
+                    format!("{t:.0} {mark}")
+                });
+                let _ = writeln!(
+                    s,
+                    "{:<20} {:>8.1} {:>9.2} {:>8}  {:?}",
+                    c.case,
+                    c.ns_per_packet,
+                    c.ratio_to_floor,
+                    target.unwrap_or_default(),
+                    c.runs
+                );
+            }
+        }
+        if let Some(e2e) = &self.e2e {
+            let _ = writeln!(s, "\nend to end through veth");
+            let _ = writeln!(
+                s,
+                "{:<18} {:<15} {:>12} {:>12} {:>12} {:>9} {:>9}",
+                "case", "unit", "lb", "nftables", "haproxy", "lb/nft", "lb/hap"
+            );
+            let fmt = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "-".into(),
+            };
+            for r in e2e {
+                let _ = writeln!(
+                    s,
+                    "{:<18} {:<15} {:>12} {:>12} {:>12} {:>9} {:>9}",
+                    r.case,
+                    r.unit,
+                    fmt(r.lb),
+                    fmt(r.nftables),
+                    fmt(r.haproxy),
+                    ratio(r.lb, r.nftables),
+                    ratio(r.lb, r.haproxy)
+                );
+            }
+        }
+        if let Some(maglev) = &self.maglev {
+            let _ = writeln!(s, "\nMaglev table build (median)");
+            let _ = writeln!(s, "{:>8} {:>6} {:>12}", "M", "N", "build µs");
+            for r in maglev {
+                let _ = writeln!(s, "{:>8} {:>6} {:>12.0}", r.m, r.n, r.build_us);
+            }
+        }
+        if let Some(us) = self.table_swap_us {
+            let _ = writeln!(s, "\ntable write + atomic swap, M = 65537: {us:.0} µs (median)");
+        }
+        if let Some(rss) = &self.rss {
+            let _ = writeln!(
+                s,
+                "daemon RSS at idle, {} services x {} backends: {:.1} MiB ({:.1} MiB anonymous)",
+                rss.services,
+                rss.backends_per_service,
+                rss.rss_bytes as f64 / 1048576.0,
+                rss.rss_anon_bytes as f64 / 1048576.0
+            );
+        }
+        s
+    }
+}
+
+/// A horizontal bar per case, with the floor drawn as a line across every bar.
+fn svg_chart(cases: &[CaseResult], machine: &Machine) -> String {
+    let (left, bar_h, gap, width) = (150.0, 22.0, 10.0, 720.0);
+    let top = 50.0;
+    let max = cases
+        .iter()
+        .map(|c| c.ns_per_packet)
+        .fold(1.0, f64::max)
+        .max(cases.first().map_or(1.0, |c| c.floor_ns_per_packet));
+    let scale = (width - left - 80.0) / max;
+    let height = top + cases.len() as f64 * (bar_h + gap) + 40.0;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="13">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="20" font-size="15">ns per packet (BPF_PROG_TEST_RUN, median); dashed line: floor</text>"#
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="10" y="38" fill="#555">{} ({} cores), kernel {}</text>"##,
+        xml(&machine.cpu),
+        machine.cores,
+        xml(&machine.kernel)
+    );
+    for (i, c) in cases.iter().enumerate() {
+        let y = top + i as f64 * (bar_h + gap);
+        let w = c.ns_per_packet * scale;
+        let fill = if c.case == "floor" { "#999" } else { "#2b6cb0" };
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+            left - 8.0,
+            y + 16.0,
+            xml(&c.case)
+        );
+        let _ = writeln!(
+            s,
+            r#"<rect x="{left}" y="{y}" width="{w:.1}" height="{bar_h}" fill="{fill}"/>"#
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{}">{:.0} ns ({:.2}x)</text>"#,
+            left + w + 6.0,
+            y + 16.0,
+            c.ns_per_packet,
+            c.ratio_to_floor
+        );
+    }
+    if let Some(floor) = cases.first().map(|c| c.floor_ns_per_packet) {
+        let x = left + floor * scale;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x:.1}" y1="{}" x2="{x:.1}" y2="{}" stroke="#c53030" stroke-dasharray="4 3"/>"##,
+            top - 6.0,
+            height - 34.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}

@@ -1,0 +1,81 @@
+//! The benchmark runner behind `cargo xtask bench`.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, ValueEnum};
+use lb_tests::bench::{
+    control, dataplane, e2e,
+    report::{Machine, Results},
+};
+
+/// Benchmarks the data plane, end-to-end forwarding and the control plane.
+#[derive(Parser)]
+#[command(name = "lb-bench")]
+struct Args {
+    /// Short runs for a smoke test (CI): fewer repeats, shorter windows, no thresholds
+    #[arg(long)]
+    quick: bool,
+    /// Run only these parts (repeatable); all parts by default
+    #[arg(long, value_enum)]
+    only: Vec<Part>,
+    /// Where results.json and dataplane.svg go
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Part {
+    Dataplane,
+    E2e,
+    Control,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    let wants = |p: Part| args.only.is_empty() || args.only.contains(&p);
+    let mut results = Results {
+        quick: args.quick,
+        dataplane: None,
+        e2e: None,
+        maglev: None,
+        table_swap_us: None,
+        table_swap_runs_us: None,
+        rss_bytes: None,
+        rss: None,
+        machine: Machine::detect(),
+    };
+    if wants(Part::Dataplane) {
+        let (repeat, runs) = if args.quick { (100_000, 3) } else { (1_000_000, 5) };
+        eprintln!("==> data plane: {runs} runs of {repeat} iterations per case");
+        results.dataplane = Some(dataplane::run(repeat, runs)?);
+    }
+    if wants(Part::Control) {
+        let runs = if args.quick { 3 } else { 7 };
+        eprintln!("==> control plane: Maglev builds, table swap, daemon RSS");
+        results.maglev = Some(control::maglev(runs)?);
+        let (swap, swap_runs) = control::table_swap(runs)?;
+        results.table_swap_us = Some(swap);
+        results.table_swap_runs_us = Some(swap_runs);
+        let rss = control::daemon_rss(100, 100)?;
+        results.rss_bytes = Some(rss.rss_bytes);
+        results.rss = Some(rss);
+    }
+    if wants(Part::E2e) {
+        eprintln!("==> end to end through veth: lb, nftables, HAProxy");
+        results.e2e = Some(e2e::run(args.quick)?);
+    }
+    print!("{}", results.table());
+    results.write(&args.out)?;
+    eprintln!("==> wrote {}", args.out.join("results.json").display());
+    Ok(())
+}
