@@ -1,12 +1,13 @@
 //! Flow key and connection-table value.
 
-/// A flow's 5-tuple. IPv4 addresses sit in the first 4 bytes, the rest zero.
-/// Ports are kept in network byte order, exactly as on the wire.
+/// A flow's 5-tuple. Addresses are 32-bit words holding the wire bytes (network byte order in
+/// memory), so the data plane copies them with word loads; an IPv4 address is word 0, the rest
+/// zero. Ports are kept in network byte order, exactly as on the wire.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
-    pub src_addr: [u8; 16],
-    pub dst_addr: [u8; 16],
+    pub src_addr: [u32; 4],
+    pub dst_addr: [u32; 4],
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
@@ -16,12 +17,32 @@ pub struct FlowKey {
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
 impl FlowKey {
-    /// Builds a key with padding zeroed (the kernel hashes every byte of a key).
+    /// Builds a key from address bytes, padding zeroed (the kernel hashes every byte of a key).
     pub const fn new(
         family: u8,
         proto: u8,
         src_addr: [u8; 16],
         dst_addr: [u8; 16],
+        src_port_be: u16,
+        dst_port_be: u16,
+    ) -> Self {
+        Self::from_words(
+            family,
+            proto,
+            crate::addr_words(src_addr),
+            crate::addr_words(dst_addr),
+            src_port_be,
+            dst_port_be,
+        )
+    }
+
+    /// As `new`, with addresses already in words.
+    #[inline(always)]
+    pub const fn from_words(
+        family: u8,
+        proto: u8,
+        src_addr: [u32; 4],
+        dst_addr: [u32; 4],
         src_port_be: u16,
         dst_port_be: u16,
     ) -> Self {
@@ -39,10 +60,14 @@ impl FlowKey {
 
 /// Connection-table value: which backend slot a flow is pinned to. `generation` must match the
 /// backend's, so a flow never follows a slot that was freed and handed to another backend.
+/// It also carries what forwarding needs from the service (its stats id and mode), so a packet
+/// of a known flow needs no service lookup.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct FlowState {
     pub backend: u32,
     pub generation: u32,
+    pub service: u32,
+    pub forward: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowState>() == 8);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 16);

@@ -10,11 +10,6 @@ const fn mix(h: u64, w: u32) -> u64 {
     (h ^ w as u64).wrapping_mul(K).rotate_left(31)
 }
 
-#[inline(always)]
-const fn word(b: &[u8; 16], i: usize) -> u32 {
-    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
-}
-
 /// Final avalanche (MurmurHash3 fmix64) so every input bit reaches the low bits used by `% M`.
 #[inline(always)]
 const fn fmix(mut h: u64) -> u64 {
@@ -30,14 +25,14 @@ const fn fmix(mut h: u64) -> u64 {
 #[inline(always)]
 pub const fn flow_hash(k: &FlowKey) -> u32 {
     let mut h = K ^ ((k.family as u64) << 8 | k.proto as u64);
-    h = mix(h, word(&k.src_addr, 0));
-    h = mix(h, word(&k.src_addr, 4));
-    h = mix(h, word(&k.src_addr, 8));
-    h = mix(h, word(&k.src_addr, 12));
-    h = mix(h, word(&k.dst_addr, 0));
-    h = mix(h, word(&k.dst_addr, 4));
-    h = mix(h, word(&k.dst_addr, 8));
-    h = mix(h, word(&k.dst_addr, 12));
+    h = mix(h, k.src_addr[0]);
+    h = mix(h, k.src_addr[1]);
+    h = mix(h, k.src_addr[2]);
+    h = mix(h, k.src_addr[3]);
+    h = mix(h, k.dst_addr[0]);
+    h = mix(h, k.dst_addr[1]);
+    h = mix(h, k.dst_addr[2]);
+    h = mix(h, k.dst_addr[3]);
     h = mix(h, (k.src_port as u32) << 16 | k.dst_port as u32);
     fmix(h) as u32
 }
@@ -46,9 +41,9 @@ pub const fn flow_hash(k: &FlowKey) -> u32 {
 #[inline(always)]
 pub const fn source_hash(k: &FlowKey) -> u32 {
     let mut h = K ^ (k.family as u64) << 8;
-    h = mix(h, word(&k.src_addr, 0));
-    h = mix(h, word(&k.src_addr, 4));
-    h = mix(h, word(&k.src_addr, 8));
-    h = mix(h, word(&k.src_addr, 12));
+    h = mix(h, k.src_addr[0]);
+    h = mix(h, k.src_addr[1]);
+    h = mix(h, k.src_addr[2]);
+    h = mix(h, k.src_addr[3]);
     fmix(h) as u32
 }

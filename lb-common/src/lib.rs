@@ -14,7 +14,7 @@ pub mod stats;
 
 pub use backend::Backend;
 pub use flow::{FlowKey, FlowState};
-pub use service::{ServiceKey, ServiceValue};
+pub use service::{ServiceKey, ServiceValue, VipFilter};
 pub use stats::{Counter, TrafficStats};
 
 /// Address family tag used in keys (values match the IP version number).
@@ -25,6 +25,29 @@ pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
+/// Address bytes (IPv4 in the first 4) as the words keys hold: each word keeps the wire bytes.
+pub const fn addr_words(b: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+/// The inverse of `addr_words`.
+pub const fn addr_bytes(w: [u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3],
+    ]
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all these types are repr(C), Copy, have no implicit padding and accept any bit pattern.
@@ -34,5 +57,6 @@ mod pod {
     unsafe impl aya::Pod for crate::ServiceValue {}
     unsafe impl aya::Pod for crate::Backend {}
     unsafe impl aya::Pod for crate::TrafficStats {}
+    unsafe impl aya::Pod for crate::VipFilter {}
     unsafe impl aya::Pod for crate::bench::BenchFrame {}
 }

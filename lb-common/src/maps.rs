@@ -2,6 +2,8 @@
 
 /// Services: `ServiceKey` -> `ServiceValue`.
 pub const SERVICES: &str = "SERVICES";
+/// One `VipFilter` at index 0: which addresses may be VIPs.
+pub const VIP_FILTER: &str = "VIP_FILTER";
 /// Maglev lookup tables of all services, back to back: `u32` index -> backend slot.
 /// A service owns a region `[table_offset, table_offset + table_size)`; updates write a fresh
 /// region and then flip the service's offset, so no packet sees a half-written table.
@@ -20,8 +22,9 @@ pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
 
 /// Every map that is pinned under `/sys/fs/bpf/<instance>/maps/`.
-pub const PINNED: [&str; 8] = [
+pub const PINNED: [&str; 9] = [
     SERVICES,
+    VIP_FILTER,
     MAGLEV_POOL,
     BACKENDS,
     CONNTRACK,

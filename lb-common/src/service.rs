@@ -4,7 +4,8 @@
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceKey {
-    pub addr: [u8; 16],
+    /// Address bytes as 32-bit words, like `FlowKey`'s.
+    pub addr: [u32; 4],
     /// Network byte order.
     pub port: u16,
     pub proto: u8,
@@ -14,12 +15,22 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 
 impl ServiceKey {
     pub const fn new(family: u8, proto: u8, addr: [u8; 16], port_be: u16) -> Self {
+        Self::from_words(family, proto, crate::addr_words(addr), port_be)
+    }
+
+    #[inline(always)]
+    pub const fn from_words(family: u8, proto: u8, addr: [u32; 4], port_be: u16) -> Self {
         Self {
             addr,
             port: port_be,
             proto,
             family,
         }
+    }
+
+    /// The address as bytes.
+    pub const fn addr_bytes(&self) -> [u8; 16] {
+        crate::addr_bytes(self.addr)
     }
 }
 
@@ -45,3 +56,99 @@ pub struct ServiceValue {
     pub _reserved: u32,
 }
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
+
+/// A bitmap over VIP addresses, checked before any hash lookup so that traffic to addresses that
+/// are no VIP (most of what reaches an edge host) passes after one array read. A set bit means
+/// "maybe a VIP" (collisions just cost the lookups); a clear bit means certainly not.
+/// `wildcard` marks addresses that may have an all-ports (port 0) service, so a miss on the exact
+/// port only tries the wildcard when one may exist.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct VipFilter {
+    pub any: [u64; VIP_FILTER_WORDS],
+    pub wildcard: [u64; VIP_FILTER_WORDS],
+}
+pub const VIP_FILTER_WORDS: usize = 64;
+const _: () = assert!(core::mem::size_of::<VipFilter>() == 16 * VIP_FILTER_WORDS);
+
+impl VipFilter {
+    pub const EMPTY: Self = Self {
+        any: [0; VIP_FILTER_WORDS],
+        wildcard: [0; VIP_FILTER_WORDS],
+    };
+
+    /// The bit for an address: a multiplicative hash of its words, top 12 bits.
+    #[inline(always)]
+    pub const fn bit(addr: &[u32; 4]) -> usize {
+        ((addr[0] ^ addr[1] ^ addr[2] ^ addr[3]).wrapping_mul(0x9E37_79B1) >> 20) as usize
+    }
+
+    #[inline(always)]
+    pub const fn may_be_vip(&self, bit: usize) -> bool {
+        self.any[(bit >> 6) & (VIP_FILTER_WORDS - 1)] & (1 << (bit & 63)) != 0
+    }
+
+    #[inline(always)]
+    pub const fn may_have_wildcard(&self, bit: usize) -> bool {
+        self.wildcard[(bit >> 6) & (VIP_FILTER_WORDS - 1)] & (1 << (bit & 63)) != 0
+    }
+
+    pub fn add(&mut self, key: &ServiceKey) {
+        let bit = Self::bit(&key.addr);
+        self.any[bit >> 6] |= 1 << (bit & 63);
+        if key.port == 0 {
+            self.wildcard[bit >> 6] |= 1 << (bit & 63);
+        }
+    }
+
+    pub fn union(&mut self, other: &Self) {
+        for i in 0..VIP_FILTER_WORDS {
+            self.any[i] |= other.any[i];
+            self.wildcard[i] |= other.wildcard[i];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_knows_its_vips_and_wildcards() {
+        let v4 = ServiceKey::new(
+            4,
+            6,
+            [10, 100, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            80u16.to_be(),
+        );
+        let mut wild = v4;
+        wild.addr = crate::addr_words([10, 100, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        wild.port = 0;
+        let mut f = VipFilter::EMPTY;
+        f.add(&v4);
+        f.add(&wild);
+        assert!(f.may_be_vip(VipFilter::bit(&v4.addr)));
+        assert!(!f.may_have_wildcard(VipFilter::bit(&v4.addr)));
+        assert!(f.may_be_vip(VipFilter::bit(&wild.addr)));
+        assert!(f.may_have_wildcard(VipFilter::bit(&wild.addr)));
+        // Of 1000 other addresses, only collisions pass (2 of 4096 bits are set).
+        let passed = (0..1000u32)
+            .filter(|i| f.may_be_vip(VipFilter::bit(&[(10 << 24 | 200 << 16 | i).to_be(), 0, 0, 0])))
+            .count();
+        assert!(
+            passed < 10,
+            "{passed} of 1000 non-VIP addresses passed the filter"
+        );
+        let mut g = VipFilter::EMPTY;
+        g.union(&f);
+        assert_eq!(f, g);
+    }
+
+    #[test]
+    fn address_words_round_trip() {
+        let b: [u8; 16] = core::array::from_fn(|i| i as u8 * 7);
+        assert_eq!(crate::addr_bytes(crate::addr_words(b)), b);
+        let k = ServiceKey::new(6, 17, b, 53);
+        assert_eq!(k.addr_bytes(), b);
+    }
+}

@@ -1,14 +1,14 @@
 //! Forwarding: the one seam every mode goes through. Today: L2 direct server return.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Backend, Counter, ServiceValue};
+use lb_common::{Backend, Counter};
 use lb_ebpf::{Frame, Verdict};
 use network_types::eth::EthHdr;
 
 use crate::maps::TX_PORTS;
 
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, frame: &Frame, _service: &ServiceValue, backend: &Backend) -> Verdict {
+pub fn forward(ctx: &XdpContext, frame: &Frame, _mode: u32, backend: &Backend) -> Verdict {
     dsr_l2(ctx, frame, backend)
 }
 

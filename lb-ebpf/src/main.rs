@@ -24,15 +24,12 @@ fn balance(ctx: &XdpContext, frame: &Frame) -> Verdict {
         Ok(key) => key,
         Err(verdict) => return verdict,
     };
-    let Some(service) = select::service(&key) else {
-        return Verdict::Pass(lb_common::Counter::PassNotVip);
-    };
-    let chosen = match select::backend(&key, &service) {
+    let chosen = match select::choose(&key) {
         Ok(chosen) => chosen,
         Err(verdict) => return verdict,
     };
-    stats::traffic(service.id, chosen.slot, frame.len() as u64, chosen.new_flow);
-    forward::forward(ctx, frame, &service, &chosen.backend)
+    stats::traffic(chosen.service, chosen.slot, frame.len() as u64, chosen.new_flow);
+    forward::forward(ctx, frame, chosen.forward, &chosen.backend)
 }
 
 /// Passes everything. A veth only receives XDP_TX/redirected frames if its peer runs an XDP

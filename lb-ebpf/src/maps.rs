@@ -2,12 +2,12 @@
 //! resizes CONNTRACK and MAGLEV_POOL before loading. All are pinned by name.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats,
+    Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats, VipFilter,
     maps::{DEFAULT_CONNTRACK_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS},
     stats::COUNTER_SLOTS,
 };
@@ -17,6 +17,9 @@ use lb_common::{
 #[map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
+#[map]
+pub static VIP_FILTER: Array<VipFilter> = Array::pinned(1, 0);
+
 /// mmap-able so the daemon writes a whole table with memcpy instead of one syscall per slot.
 #[map]
 pub static MAGLEV_POOL: Array<u32> = Array::pinned(DEFAULT_POOL_SLOTS, BPF_F_MMAPABLE);
@@ -24,9 +27,12 @@ pub static MAGLEV_POOL: Array<u32> = Array::pinned(DEFAULT_POOL_SLOTS, BPF_F_MMA
 #[map]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 
-/// Shared (not per-CPU) LRU: a flow must stay put even when its packets arrive on another CPU.
+/// One table shared by all CPUs, so a flow stays put even when its packets arrive on another
+/// CPU; but each CPU keeps its own LRU list (BPF_F_NO_COMMON_LRU), so inserting a new flow takes
+/// no global lock. Each CPU can hold up to size / CPUs entries before it evicts its oldest.
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(DEFAULT_CONNTRACK_SIZE, 0);
+pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::pinned(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
 
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::pinned(MAX_TX_PORTS, 0);

@@ -95,12 +95,10 @@ fn parse_ipv4(frame: &Frame, offset: usize) -> Result<FlowKey, Verdict> {
         return Err(Verdict::Pass(Counter::PassIpv4Fragment));
     }
     let proto = ip.proto;
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src[..4].copy_from_slice(&ip.src_addr);
-    dst[..4].copy_from_slice(&ip.dst_addr);
+    let src = [load_word(ip.src_addr.as_ptr()), 0, 0, 0];
+    let dst = [load_word(ip.dst_addr.as_ptr()), 0, 0, 0];
     let (sport, dport) = parse_ports(frame, offset + header_len, proto)?;
-    Ok(FlowKey::new(FAMILY_V4, proto, src, dst, sport, dport))
+    Ok(FlowKey::from_words(FAMILY_V4, proto, src, dst, sport, dport))
 }
 
 #[inline(always)]
@@ -124,14 +122,35 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<FlowKey, Verdict> {
         _ => return Err(Verdict::Pass(Counter::PassNotTcpUdp)),
     }
     let (sport, dport) = parse_ports(frame, offset + Ipv6Hdr::LEN, proto)?;
-    Ok(FlowKey::new(
+    Ok(FlowKey::from_words(
         FAMILY_V6,
         proto,
-        ip.src_addr,
-        ip.dst_addr,
+        load_words(ip.src_addr.as_ptr()),
+        load_words(ip.dst_addr.as_ptr()),
         sport,
         dport,
     ))
+}
+
+/// Four wire bytes as one word (the bytes keep their order in memory). One load on the kernel
+/// target, which is built to allow misaligned access (lb-ebpf/build.rs).
+#[inline(always)]
+fn load_word(p: *const u8) -> u32 {
+    // SAFETY: callers pass a pointer into a header that ptr_at bounds-checked.
+    unsafe { p.cast::<u32>().read_unaligned() }
+}
+
+#[inline(always)]
+fn load_words(p: *const u8) -> [u32; 4] {
+    // SAFETY: as load_word; an IPv6 address is 16 bytes.
+    unsafe {
+        [
+            load_word(p),
+            load_word(p.add(4)),
+            load_word(p.add(8)),
+            load_word(p.add(12)),
+        ]
+    }
 }
 
 /// Source and destination ports, in network byte order.
@@ -216,9 +235,14 @@ mod tests {
         let k = run(&f).expect("parsed");
         assert_eq!(k.family, FAMILY_V4);
         assert_eq!(k.proto, PROTO_TCP);
-        assert_eq!(&k.src_addr[..4], &[10, 0, 0, 1]);
-        assert_eq!(&k.dst_addr[..4], &[10, 0, 0, 100]);
-        assert_eq!(k.src_addr[4..], [0; 12]);
+        let (src, dst) = (
+            lb_common::addr_bytes(k.src_addr),
+            lb_common::addr_bytes(k.dst_addr),
+        );
+        assert_eq!(&src[..4], &[10, 0, 0, 1]);
+        assert_eq!(&dst[..4], &[10, 0, 0, 100]);
+        assert_eq!(src[4..], [0; 12]);
+        assert_eq!(dst[4..], [0; 12]);
         assert_eq!(u16::from_be(k.src_port), 40000);
         assert_eq!(u16::from_be(k.dst_port), 80);
     }
@@ -255,7 +279,7 @@ mod tests {
         let f = frame(&[&eth(0x86dd), &ip6, &udp(7, 9)]);
         let k = run(&f).expect("parsed");
         assert_eq!(k.family, FAMILY_V6);
-        assert_eq!(k.dst_addr[15], 0x64);
+        assert_eq!(lb_common::addr_bytes(k.dst_addr)[15], 0x64);
         assert_eq!(u16::from_be(k.dst_port), 9);
 
         ip6[6] = 0; // hop-by-hop

@@ -1,14 +1,14 @@
-//! Service lookup and backend selection: connection table first, then the Maglev table.
+//! Backend selection: VIP filter, connection table, then the service's Maglev table.
 
 use lb_common::{
-    Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue,
+    Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue, VipFilter,
     hash::{flow_hash, source_hash},
     service::SVC_F_HASH_SOURCE,
 };
 use lb_ebpf::Verdict;
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, MAGLEV_POOL, SERVICES},
+    maps::{BACKENDS, CONNTRACK, MAGLEV_POOL, SERVICES, VIP_FILTER},
     stats::count,
 };
 
@@ -16,22 +16,25 @@ pub struct Chosen {
     pub slot: u32,
     pub backend: Backend,
     pub new_flow: bool,
+    /// The service's stats id and forwarding mode.
+    pub service: u32,
+    pub forward: u32,
 }
 
-/// Exact (VIP, port, proto) first, then the VIP's all-ports wildcard.
+/// Picks the backend for a parsed flow, or says why the packet is not balanced.
+///
+/// Order, cheapest answer first: the VIP filter (one array read turns away non-VIP traffic),
+/// the connection table (a known flow needs nothing else), then the service (exact port, then
+/// the VIP's all-ports wildcard if it may have one) and its Maglev table.
 #[inline(always)]
-pub fn service(key: &FlowKey) -> Option<ServiceValue> {
-    let mut skey = ServiceKey::new(key.family, key.proto, key.dst_addr, key.dst_port);
-    // SAFETY: the map is not preallocated, so a value we read is never recycled under us.
-    if let Some(v) = unsafe { SERVICES.get(skey) } {
-        return Some(*v);
+pub fn choose(key: &FlowKey) -> Result<Chosen, Verdict> {
+    let not_vip = Verdict::Pass(Counter::PassNotVip);
+    let filter = VIP_FILTER.get(0).ok_or(not_vip)?;
+    let bit = VipFilter::bit(&key.dst_addr);
+    if !filter.may_be_vip(bit) {
+        return Err(not_vip);
     }
-    skey.port = 0;
-    unsafe { SERVICES.get(skey) }.copied()
-}
-
-#[inline(always)]
-pub fn backend(key: &FlowKey, service: &ServiceValue) -> Result<Chosen, Verdict> {
+    let mut stale = false;
     if let Some(state) = CONNTRACK.get_ptr(key) {
         // SAFETY: pointer from a successful lookup; FlowState is plain data.
         let state = unsafe { *state };
@@ -44,14 +47,39 @@ pub fn backend(key: &FlowKey, service: &ServiceValue) -> Result<Chosen, Verdict>
                 slot: state.backend,
                 backend: *backend,
                 new_flow: false,
+                service: state.service,
+                forward: state.forward,
             });
         }
         // The backend was removed or its slot reused: pick again.
-        count(Counter::ConntrackStale);
-    } else {
-        count(Counter::ConntrackMiss);
+        stale = true;
     }
+    let service = service(key, filter, bit).ok_or(not_vip)?;
+    count(if stale {
+        Counter::ConntrackStale
+    } else {
+        Counter::ConntrackMiss
+    });
+    pick(key, &service)
+}
 
+#[inline(always)]
+fn service(key: &FlowKey, filter: &VipFilter, bit: usize) -> Option<ServiceValue> {
+    let mut skey = ServiceKey::from_words(key.family, key.proto, key.dst_addr, key.dst_port);
+    // SAFETY: the map is not preallocated, so a value we read is never recycled under us.
+    if let Some(v) = unsafe { SERVICES.get(skey) } {
+        return Some(*v);
+    }
+    if !filter.may_have_wildcard(bit) {
+        return None;
+    }
+    skey.port = 0;
+    unsafe { SERVICES.get(skey) }.copied()
+}
+
+/// A new (or re-picked) flow: hash into the service's Maglev table and remember the choice.
+#[inline(always)]
+fn pick(key: &FlowKey, service: &ServiceValue) -> Result<Chosen, Verdict> {
     let size = service.table_size;
     if size == 0 {
         return Err(Verdict::Drop(Counter::DropNoBackend));
@@ -74,6 +102,8 @@ pub fn backend(key: &FlowKey, service: &ServiceValue) -> Result<Chosen, Verdict>
     let state = FlowState {
         backend: slot,
         generation: backend.generation,
+        service: service.id,
+        forward: service.forward,
     };
     if CONNTRACK.insert(key, state, 0).is_err() {
         count(Counter::ConntrackInsertFailed);
@@ -82,5 +112,7 @@ pub fn backend(key: &FlowKey, service: &ServiceValue) -> Result<Chosen, Verdict>
         slot,
         backend,
         new_flow: true,
+        service: service.id,
+        forward: service.forward,
     })
 }

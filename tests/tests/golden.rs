@@ -6,7 +6,8 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
-    Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue, backend::BACKEND_F_ACTIVE, maps,
+    Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue, VipFilter, backend::BACKEND_F_ACTIVE,
+    maps,
 };
 use lb_tests::{
     NetNs, in_ns,
@@ -31,6 +32,7 @@ const CLIENT6: [u8; 16] = [0xfd, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
 struct Dp {
     ebpf: aya::Ebpf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    vip_filter: Array<MapData, VipFilter>,
     backends: Array<MapData, Backend>,
     pool: Array<MapData, u32>,
     global: PerCpuArray<MapData, u64>,
@@ -49,6 +51,7 @@ impl Dp {
         prog.load().expect("verifier accepts lb");
         let mut take = |n: &str| ebpf.take_map(n).expect(n);
         let services = take(maps::SERVICES).try_into().expect("services");
+        let vip_filter = take(maps::VIP_FILTER).try_into().expect("vip filter");
         let backends = take(maps::BACKENDS).try_into().expect("backends");
         let pool = take(maps::MAGLEV_POOL).try_into().expect("pool");
         let global = take(maps::GLOBAL_STATS).try_into().expect("global");
@@ -57,6 +60,7 @@ impl Dp {
         let mut dp = Self {
             ebpf,
             services,
+            vip_filter,
             backends,
             pool,
             global,
@@ -98,9 +102,15 @@ impl Dp {
             forward: 0,
             _reserved: 0,
         };
-        self.services
-            .insert(ServiceKey::new(family, proto, a, port.to_be()), v, 0)
-            .expect("service");
+        self.insert_service(ServiceKey::new(family, proto, a, port.to_be()), v);
+    }
+
+    /// As the daemon does it: the VIP filter learns the address, then the service appears.
+    fn insert_service(&mut self, key: ServiceKey, value: ServiceValue) {
+        let mut filter = self.vip_filter.get(&0, 0).expect("filter");
+        filter.add(&key);
+        self.vip_filter.set(0, filter, 0).expect("filter");
+        self.services.insert(key, value, 0).expect("service");
     }
 
     fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
@@ -415,9 +425,7 @@ fn wildcard_port_service_and_empty_table() {
             forward: 0,
             _reserved: 0,
         };
-        dp.services
-            .insert(ServiceKey::new(4, 6, key, 80u16.to_be()), empty, 0)
-            .expect("insert");
+        dp.insert_service(ServiceKey::new(4, 6, key, 80u16.to_be()), empty);
         let input = [
             eth(LB_MAC, CLIENT_MAC, 0x0800),
             ipv4(6, CLIENT4, [10, 100, 0, 7], &tcp(1, 80, 2)),

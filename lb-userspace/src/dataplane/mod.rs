@@ -6,7 +6,7 @@ mod pool;
 pub mod sync;
 
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
-use lb_common::{Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats};
+use lb_common::{Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats, VipFilter};
 use serde::Serialize;
 
 pub use load::{detach_instance, open, pin_dir};
@@ -25,6 +25,7 @@ pub struct Attachment {
 
 pub struct DataPlane {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub vip_filter: Array<MapData, VipFilter>,
     pub backends: Array<MapData, Backend>,
     pub conntrack: HashMap<MapData, FlowKey, FlowState>,
     pub tx_ports: DevMapHash<MapData>,

@@ -9,7 +9,7 @@ use std::{
 };
 
 use lb_common::{
-    Backend, FAMILY_V4, FAMILY_V6, ServiceKey, ServiceValue,
+    Backend, FAMILY_V4, FAMILY_V6, ServiceKey, ServiceValue, VipFilter,
     backend::BACKEND_F_ACTIVE,
     maps::{MAX_BACKENDS, MAX_SERVICES},
     service::{FWD_DSR_L2, SVC_F_HASH_SOURCE},
@@ -92,7 +92,7 @@ pub fn service_key(spec: &ServiceSpec) -> ServiceKey {
 
 fn key_repr(k: &ServiceKey) -> ServiceKeyRepr {
     ServiceKeyRepr {
-        addr: k.addr,
+        addr: k.addr_bytes(),
         port: k.port,
         proto: k.proto,
         family: k.family,
@@ -276,6 +276,15 @@ impl Reconciler {
         // 2. Tables and service values.
         let live_keys: BTreeSet<ServiceKeyRepr> =
             services.iter().map(|s| key_repr(&service_key(s))).collect();
+        // The filter must let a VIP through before its service value appears, and may only
+        // forget it once the value is gone: widen it now, narrow it after step 3.
+        let mut wanted_filter = VipFilter::EMPTY;
+        for s in services {
+            wanted_filter.add(&service_key(s));
+        }
+        let mut widened = dp.vip_filter.get(&0, 0).map_err(Error::dataplane)?;
+        widened.union(&wanted_filter);
+        dp.vip_filter.set(0, widened, 0).map_err(Error::dataplane)?;
         for s in services {
             let slot_of = |id: &str| a.backends[&backend_key(&s.name, id)].slot;
             let mut eligible: Vec<&crate::config::BackendSpec> = s
@@ -359,6 +368,7 @@ impl Reconciler {
         for k in stray {
             dp.services.remove(&k).map_err(Error::dataplane)?;
         }
+        dp.vip_filter.set(0, wanted_filter, 0).map_err(Error::dataplane)?;
         for slot in retired {
             let mut entry = dp.backends.get(&slot, 0).map_err(Error::dataplane)?;
             entry.flags = 0;

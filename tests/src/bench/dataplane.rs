@@ -12,7 +12,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
-    Backend, Counter, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue,
+    Backend, Counter, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue, VipFilter,
     backend::BACKEND_F_ACTIVE,
     bench::{BENCH_TARGET_FLOOR, BENCH_TARGET_LB, BenchFrame},
     maps,
@@ -61,6 +61,9 @@ pub struct CaseResult {
 
 struct Case {
     name: &'static str,
+    /// Run the program in `target` itself rather than through the wrapper: only for the
+    /// `floor_unwrapped` case, which shows what the harness alone costs on this machine.
+    unwrapped: bool,
     frame: Vec<u8>,
     target: u32,
     vary_offset: u32,
@@ -78,6 +81,17 @@ fn cases() -> Vec<Case> {
     let hit: &[Counter] = &[Counter::ConntrackHit, Counter::Tx];
     vec![
         Case {
+            unwrapped: true,
+            name: "floor_unwrapped",
+            frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), VIP4),
+            target: BENCH_TARGET_FLOOR,
+            vary_offset: 0,
+            verdict: XDP_TX,
+            counters: &[],
+            target_ns: None,
+        },
+        Case {
+            unwrapped: false,
             name: "floor",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), VIP4),
             target: BENCH_TARGET_FLOOR,
@@ -87,6 +101,7 @@ fn cases() -> Vec<Case> {
             target_ns: None,
         },
         Case {
+            unwrapped: false,
             name: "tcp4_syn",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), VIP4),
             target: BENCH_TARGET_LB,
@@ -96,6 +111,7 @@ fn cases() -> Vec<Case> {
             target_ns: Some(100.0),
         },
         Case {
+            unwrapped: false,
             name: "tcp4_established",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), VIP4),
             target: BENCH_TARGET_LB,
@@ -105,6 +121,7 @@ fn cases() -> Vec<Case> {
             target_ns: Some(45.0),
         },
         Case {
+            unwrapped: false,
             name: "udp4",
             frame: v4(PROTO_UDP, udp(40000, 53, &payload), VIP4),
             target: BENCH_TARGET_LB,
@@ -114,6 +131,7 @@ fn cases() -> Vec<Case> {
             target_ns: Some(50.0),
         },
         Case {
+            unwrapped: false,
             name: "tcp6_established",
             frame: v6(PROTO_TCP, tcp(40000, 80, TCP_ACK)),
             target: BENCH_TARGET_LB,
@@ -123,6 +141,7 @@ fn cases() -> Vec<Case> {
             target_ns: None,
         },
         Case {
+            unwrapped: false,
             name: "udp6",
             frame: v6(PROTO_UDP, udp(40000, 53, &payload)),
             target: BENCH_TARGET_LB,
@@ -132,6 +151,7 @@ fn cases() -> Vec<Case> {
             target_ns: None,
         },
         Case {
+            unwrapped: false,
             name: "nonvip_pass",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), OTHER4),
             target: BENCH_TARGET_LB,
@@ -165,6 +185,8 @@ impl Bench {
         let mut services: HashMap<MapData, ServiceKey, ServiceValue> = take(maps::SERVICES)?.try_into()?;
         let mut backends: Array<MapData, Backend> = take(maps::BACKENDS)?.try_into()?;
         let global: PerCpuArray<MapData, u64> = take(maps::GLOBAL_STATS)?.try_into()?;
+        let mut vip_filter: Array<MapData, VipFilter> = take(maps::VIP_FILTER)?.try_into()?;
+        let mut filter = VipFilter::EMPTY;
         let mut pool = match take(maps::MAGLEV_POOL)? {
             aya::maps::Map::Array(data) => Pool::new(data)?,
             _ => bail!("MAGLEV_POOL is not an array"),
@@ -218,8 +240,11 @@ impl Bench {
                 forward: 0,
                 _reserved: 0,
             };
-            services.insert(ServiceKey::new(family, proto, addr, port.to_be()), value, 0)?;
+            let key = ServiceKey::new(family, proto, addr, port.to_be());
+            filter.add(&key);
+            services.insert(key, value, 0)?;
         }
+        vip_filter.set(0, filter, 0)?;
 
         let mut wrapper = EbpfLoader::new()
             .load(lb_userspace::BENCH_OBJECT)
@@ -257,13 +282,11 @@ impl Bench {
             .collect()
     }
 
-    /// One test_run of the wrapper; returns (verdict, kernel ns per iteration).
-    fn run(&self, input: &[u8], repeat: u32) -> Result<(u32, u64)> {
-        let prog: &Xdp = self
-            .wrapper
-            .program("bench_wrap")
-            .context("bench_wrap")?
-            .try_into()?;
+    /// One test_run of the wrapper (or of the floor alone); returns (verdict, kernel ns per
+    /// iteration).
+    fn run(&self, input: &[u8], repeat: u32, unwrapped: bool) -> Result<(u32, u64)> {
+        let name = if unwrapped { "bench_floor" } else { "bench_wrap" };
+        let prog: &Xdp = self.wrapper.program(name).context(name)?.try_into()?;
         let r = prog.test_run(TestRunOptions {
             data_in: Some(input),
             repeat,
@@ -278,7 +301,7 @@ impl Bench {
         self.frame.set(0, frame, 0)?;
         let input = &frame_bytes(&frame)[..frame.len as usize];
         // One iteration first, so established cases find their flow in the connection table.
-        let (verdict, _) = self.run(input, 1)?;
+        let (verdict, _) = self.run(input, 1, case.unwrapped)?;
         ensure!(
             verdict == case.verdict,
             "{}: warm-up verdict {verdict}",
@@ -287,7 +310,7 @@ impl Bench {
         let mut out = Vec::with_capacity(runs);
         for _ in 0..runs {
             let before = self.counters()?;
-            let (verdict, ns) = self.run(input, repeat)?;
+            let (verdict, ns) = self.run(input, repeat, case.unwrapped)?;
             let after = self.counters()?;
             ensure!(
                 verdict == case.verdict,
@@ -333,17 +356,20 @@ fn median(v: &[u64]) -> f64 {
 
 /// Runs every case (`repeat` iterations, `runs` times) in the current thread, which it pins to
 /// one CPU so runs don't migrate mid-measurement.
-pub fn run(repeat: u32, runs: usize) -> Result<Vec<CaseResult>> {
+pub fn run(repeat: u32, runs: usize, only: Option<&str>) -> Result<Vec<CaseResult>> {
     pin_to_cpu(1)?;
     let mut bench = Bench::new()?;
     let mut measured = Vec::new();
     for case in cases() {
+        if case.target != BENCH_TARGET_FLOOR && only.is_some_and(|o| !case.name.contains(o)) {
+            continue;
+        }
         let ns = bench.measure(&case, repeat, runs)?;
         measured.push((case, ns));
     }
     let floor = measured
         .iter()
-        .find(|(c, _)| c.target == BENCH_TARGET_FLOOR)
+        .find(|(c, _)| c.target == BENCH_TARGET_FLOOR && !c.unwrapped)
         .map(|(_, ns)| median(ns))
         .context("no floor case")?;
     Ok(measured
@@ -376,29 +402,4 @@ pub fn pin_to_cpu(cpu: usize) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Diagnostic: the floor program run directly, with no wrapper.
-pub fn direct_floor(repeat: u32) -> Result<Vec<u64>> {
-    pin_to_cpu(1)?;
-    let mut wrapper = EbpfLoader::new().load(lb_userspace::BENCH_OBJECT)?;
-    let p: &mut Xdp = wrapper.program_mut("bench_floor").context("f")?.try_into()?;
-    p.load()?;
-    let frame = [
-        eth(LB_MAC, CLIENT_MAC, 0x0800),
-        ipv4(PROTO_TCP, CLIENT4, VIP4, &tcp(1, 80, TCP_ACK)),
-    ]
-    .concat();
-    let mut out = vec![];
-    for _ in 0..5 {
-        let t = std::time::Instant::now();
-        let r = p.test_run(TestRunOptions {
-            data_in: Some(&frame),
-            repeat,
-            ..Default::default()
-        })?;
-        out.push(r.duration.as_nanos() as u64);
-        out.push(t.elapsed().as_nanos() as u64 / repeat as u64);
-    }
-    Ok(out)
 }

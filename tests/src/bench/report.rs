@@ -177,7 +177,11 @@ fn svg_chart(cases: &[CaseResult], machine: &Machine) -> String {
     for (i, c) in cases.iter().enumerate() {
         let y = top + i as f64 * (bar_h + gap);
         let w = c.ns_per_packet * scale;
-        let fill = if c.case == "floor" { "#999" } else { "#2b6cb0" };
+        let fill = if c.case.starts_with("floor") {
+            "#999"
+        } else {
+            "#2b6cb0"
+        };
         let _ = writeln!(
             s,
             r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,

@@ -18,6 +18,9 @@ struct Args {
     /// Run only these parts (repeatable); all parts by default
     #[arg(long, value_enum)]
     only: Vec<Part>,
+    /// Data plane: run only the cases whose name contains this (the floor always runs)
+    #[arg(long)]
+    case: Option<String>,
     /// Where results.json and dataplane.svg go
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -57,7 +60,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if wants(Part::Dataplane) {
         let (repeat, runs) = if args.quick { (100_000, 3) } else { (1_000_000, 5) };
         eprintln!("==> data plane: {runs} runs of {repeat} iterations per case");
-        results.dataplane = Some(dataplane::run(repeat, runs)?);
+        results.dataplane = Some(dataplane::run(repeat, runs, args.case.as_deref())?);
     }
     if wants(Part::Control) {
         let runs = if args.quick { 3 } else { 7 };
