@@ -5,5 +5,5 @@
 pub mod parse;
 pub mod verdict;
 
-pub use parse::{Frame, parse_flow};
+pub use parse::{Flow, Frame, parse_flow};
 pub use verdict::Verdict;

@@ -20,11 +20,11 @@ pub fn lb(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext, frame: &Frame) -> Verdict {
-    let key = match parse_flow(frame) {
-        Ok(key) => key,
+    let flow = match parse_flow(frame) {
+        Ok(flow) => flow,
         Err(verdict) => return verdict,
     };
-    let chosen = match select::choose(&key) {
+    let chosen = match select::choose(&flow) {
         Ok(chosen) => chosen,
         Err(verdict) => return verdict,
     };

@@ -52,9 +52,17 @@ impl Frame {
     }
 }
 
-/// Parses a frame into its flow key, or says why it is not balanced.
+/// A parsed packet: its flow, and whether it opens one (a TCP SYN without ACK), in which case
+/// the connection table need not be searched.
+#[derive(Copy, Clone, Debug)]
+pub struct Flow {
+    pub key: FlowKey,
+    pub syn: bool,
+}
+
+/// Parses a frame into its flow, or says why it is not balanced.
 #[inline(always)]
-pub fn parse_flow(frame: &Frame) -> Result<FlowKey, Verdict> {
+pub fn parse_flow(frame: &Frame) -> Result<Flow, Verdict> {
     let eth: *const EthHdr = frame.ptr_at(0).ok_or(Verdict::Drop(Counter::DropTruncatedL2))?;
     // SAFETY: bounds checked by ptr_at.
     let mut ether_type = unsafe { (*eth).ether_type };
@@ -77,7 +85,7 @@ pub fn parse_flow(frame: &Frame) -> Result<FlowKey, Verdict> {
 }
 
 #[inline(always)]
-fn parse_ipv4(frame: &Frame, offset: usize) -> Result<FlowKey, Verdict> {
+fn parse_ipv4(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
     let ip: *const Ipv4Hdr = frame
         .ptr_at(offset)
         .ok_or(Verdict::Drop(Counter::DropTruncatedL3))?;
@@ -97,12 +105,15 @@ fn parse_ipv4(frame: &Frame, offset: usize) -> Result<FlowKey, Verdict> {
     let proto = ip.proto;
     let src = [load_word(ip.src_addr.as_ptr()), 0, 0, 0];
     let dst = [load_word(ip.dst_addr.as_ptr()), 0, 0, 0];
-    let (sport, dport) = parse_ports(frame, offset + header_len, proto)?;
-    Ok(FlowKey::from_words(FAMILY_V4, proto, src, dst, sport, dport))
+    let (sport, dport, syn) = parse_ports(frame, offset + header_len, proto)?;
+    Ok(Flow {
+        key: FlowKey::from_words(FAMILY_V4, proto, src, dst, sport, dport),
+        syn,
+    })
 }
 
 #[inline(always)]
-fn parse_ipv6(frame: &Frame, offset: usize) -> Result<FlowKey, Verdict> {
+fn parse_ipv6(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
     let ip: *const Ipv6Hdr = frame
         .ptr_at(offset)
         .ok_or(Verdict::Drop(Counter::DropTruncatedL3))?;
@@ -121,15 +132,18 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<FlowKey, Verdict> {
         }
         _ => return Err(Verdict::Pass(Counter::PassNotTcpUdp)),
     }
-    let (sport, dport) = parse_ports(frame, offset + Ipv6Hdr::LEN, proto)?;
-    Ok(FlowKey::from_words(
-        FAMILY_V6,
-        proto,
-        load_words(ip.src_addr.as_ptr()),
-        load_words(ip.dst_addr.as_ptr()),
-        sport,
-        dport,
-    ))
+    let (sport, dport, syn) = parse_ports(frame, offset + Ipv6Hdr::LEN, proto)?;
+    Ok(Flow {
+        key: FlowKey::from_words(
+            FAMILY_V6,
+            proto,
+            load_words(ip.src_addr.as_ptr()),
+            load_words(ip.dst_addr.as_ptr()),
+            sport,
+            dport,
+        ),
+        syn,
+    })
 }
 
 /// Four wire bytes as one word (the bytes keep their order in memory). One load on the kernel
@@ -153,9 +167,9 @@ fn load_words(p: *const u8) -> [u32; 4] {
     }
 }
 
-/// Source and destination ports, in network byte order.
+/// Source and destination ports, in network byte order, and whether this is a TCP SYN without ACK.
 #[inline(always)]
-fn parse_ports(frame: &Frame, offset: usize, proto: u8) -> Result<(u16, u16), Verdict> {
+fn parse_ports(frame: &Frame, offset: usize, proto: u8) -> Result<(u16, u16, bool), Verdict> {
     match proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = frame
@@ -166,7 +180,8 @@ fn parse_ports(frame: &Frame, offset: usize, proto: u8) -> Result<(u16, u16), Ve
             if tcp.doff() < 5 {
                 return Err(Verdict::Drop(Counter::DropBadL4Header));
             }
-            Ok((u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest)))
+            let syn = tcp.syn() != 0 && tcp.ack() == 0;
+            Ok((u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest), syn))
         }
         PROTO_UDP => {
             let udp: *const UdpHdr = frame
@@ -174,7 +189,7 @@ fn parse_ports(frame: &Frame, offset: usize, proto: u8) -> Result<(u16, u16), Ve
                 .ok_or(Verdict::Drop(Counter::DropTruncatedL4))?;
             // SAFETY: bounds checked by ptr_at.
             let udp = unsafe { &*udp };
-            Ok((u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst)))
+            Ok((u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst), false))
         }
         _ => Err(Verdict::Pass(Counter::PassNotTcpUdp)),
     }
@@ -222,7 +237,7 @@ mod tests {
 
     fn run(bytes: &[u8]) -> Result<FlowKey, Verdict> {
         let start = bytes.as_ptr() as usize;
-        parse_flow(&Frame::new(start, start + bytes.len()))
+        parse_flow(&Frame::new(start, start + bytes.len())).map(|f| f.key)
     }
 
     fn frame(parts: &[&[u8]]) -> Vec<u8> {

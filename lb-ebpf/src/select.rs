@@ -5,7 +5,7 @@ use lb_common::{
     hash::{flow_hash, source_hash},
     service::SVC_F_HASH_SOURCE,
 };
-use lb_ebpf::Verdict;
+use lb_ebpf::{Flow, Verdict};
 
 use crate::{
     maps::{BACKENDS, CONNTRACK, MAGLEV_POOL, SERVICES, VIP_FILTER},
@@ -24,10 +24,12 @@ pub struct Chosen {
 /// Picks the backend for a parsed flow, or says why the packet is not balanced.
 ///
 /// Order, cheapest answer first: the VIP filter (one array read turns away non-VIP traffic),
-/// the connection table (a known flow needs nothing else), then the service (exact port, then
+/// the connection table (a known flow needs nothing else; a TCP SYN opens a new flow, so it
+/// skips the search and its insert replaces any old entry), then the service (exact port, then
 /// the VIP's all-ports wildcard if it may have one) and its Maglev table.
 #[inline(always)]
-pub fn choose(key: &FlowKey) -> Result<Chosen, Verdict> {
+pub fn choose(flow: &Flow) -> Result<Chosen, Verdict> {
+    let key = &flow.key;
     let not_vip = Verdict::Pass(Counter::PassNotVip);
     let filter = VIP_FILTER.get(0).ok_or(not_vip)?;
     let bit = VipFilter::bit(&key.dst_addr);
@@ -35,7 +37,9 @@ pub fn choose(key: &FlowKey) -> Result<Chosen, Verdict> {
         return Err(not_vip);
     }
     let mut stale = false;
-    if let Some(state) = CONNTRACK.get_ptr(key) {
+    if !flow.syn
+        && let Some(state) = CONNTRACK.get_ptr(key)
+    {
         // SAFETY: pointer from a successful lookup; FlowState is plain data.
         let state = unsafe { *state };
         if let Some(backend) = BACKENDS.get(state.backend)

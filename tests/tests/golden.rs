@@ -376,12 +376,17 @@ fn malformed_packets_are_dropped_unchanged_and_counted() {
 fn connection_table_keeps_flows_after_the_table_changes() {
     in_fresh_ns(|| {
         let mut dp = standard();
-        let flow = [
+        let syn = [
             eth(LB_MAC, CLIENT_MAC, 0x0800),
             ipv4(6, CLIENT4, VIP4, &tcp(40000, 80, 0x02)),
         ]
         .concat();
-        assert_eq!(dp.run(&flow).1, rewritten(&flow, B1_MAC));
+        let flow = [
+            eth(LB_MAC, CLIENT_MAC, 0x0800),
+            ipv4(6, CLIENT4, VIP4, &tcp(40000, 80, 0x10)),
+        ]
+        .concat();
+        assert_eq!(dp.run(&syn).1, rewritten(&syn, B1_MAC));
         // Swap the table to b2: the existing flow stays on b1, a new one goes to b2.
         dp.service(4, 6, &VIP4, 80, 52, 2);
         let (verdict, out) = dp.run(&flow);
@@ -400,6 +405,17 @@ fn connection_table_keeps_flows_after_the_table_changes() {
         dp.backends.set(1, b1, 0).expect("retire b1");
         assert_eq!(dp.run(&flow).1, rewritten(&flow, B2_MAC));
         assert_eq!(dp.counter(Counter::ConntrackStale), 1);
+
+        // A SYN opens a flow: it is not searched for, it picks from the current table and its
+        // entry replaces the old one. Bring b1 back and point the table at it again.
+        b1.flags = BACKEND_F_ACTIVE;
+        dp.backends.set(1, b1, 0).expect("revive b1");
+        dp.service(4, 6, &VIP4, 80, 52, 1);
+        let misses = dp.counter(Counter::ConntrackMiss);
+        assert_eq!(dp.run(&syn).1, rewritten(&syn, B1_MAC));
+        assert_eq!(dp.counter(Counter::ConntrackMiss), misses + 1);
+        assert_eq!(dp.run(&flow).1, rewritten(&flow, B1_MAC));
+        assert_eq!(dp.conntrack.keys().count(), 2);
     });
 }
 
