@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod dpconfig;
 pub mod flow;
 pub mod hash;
 pub mod maps;
@@ -24,6 +25,26 @@ pub const FAMILY_V6: u8 = 6;
 /// IP protocol numbers the balancer handles.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+
+/// An address alone, as a map key (the decapsulator's local VIPs).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AddrKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
+
+impl AddrKey {
+    pub const fn new(family: u8, addr: [u32; 4]) -> Self {
+        Self {
+            addr,
+            family,
+            _pad: [0; 3],
+        }
+    }
+}
 
 /// Address bytes (IPv4 in the first 4) as the words keys hold: each word keeps the wire bytes.
 pub const fn addr_words(b: [u8; 16]) -> [u32; 4] {
@@ -58,5 +79,7 @@ mod pod {
     unsafe impl aya::Pod for crate::Backend {}
     unsafe impl aya::Pod for crate::TrafficStats {}
     unsafe impl aya::Pod for crate::VipFilter {}
+    unsafe impl aya::Pod for crate::dpconfig::DataPlaneConfig {}
+    unsafe impl aya::Pod for crate::AddrKey {}
     unsafe impl aya::Pod for crate::bench::BenchFrame {}
 }

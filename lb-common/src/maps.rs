@@ -21,9 +21,13 @@ pub const BACKEND_STATS: &str = "BACKEND_STATS";
 /// Per-CPU global counters, indexed by `Counter`.
 pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
 
+/// `DataPlaneConfig` at index 0.
+pub const DP_CONFIG: &str = "DP_CONFIG";
+
 /// Every map that is pinned under `/sys/fs/bpf/<instance>/maps/`.
-pub const PINNED: [&str; 9] = [
+pub const PINNED: [&str; 10] = [
     SERVICES,
+    DP_CONFIG,
     VIP_FILTER,
     MAGLEV_POOL,
     BACKENDS,
@@ -33,6 +37,12 @@ pub const PINNED: [&str; 9] = [
     BACKEND_STATS,
     GLOBAL_STATS,
 ];
+
+/// The decapsulator (its own object, on backends): local VIPs and per-CPU counters.
+pub const DECAP_VIPS: &str = "DECAP_VIPS";
+pub const DECAP_STATS: &str = "DECAP_STATS";
+/// Its program.
+pub const PROG_DECAP: &str = "decap";
 
 /// The XDP balancer program.
 pub const PROG_LB: &str = "lb";

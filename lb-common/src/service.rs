@@ -37,8 +37,12 @@ impl ServiceKey {
 /// Hash only the source address (client affinity) instead of the 5-tuple.
 pub const SVC_F_HASH_SOURCE: u32 = 1;
 
-/// Forwarding modes. Only L2 DSR exists today; the value selects the forwarding seam.
+/// Forwarding modes; the value selects the forwarding seam.
+/// L2 direct server return: rewrite MACs only; backends share the balancer's segment.
 pub const FWD_DSR_L2: u32 = 0;
+/// IPIP: wrap the packet in an outer IPv4 (IPv6) header to the backend, routed by the kernel's
+/// FIB; the backend strips it and answers the client directly.
+pub const FWD_IPIP: u32 = 1;
 
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]

@@ -54,8 +54,18 @@ counters! {
     ConntrackMiss = 18, "conntrack_miss";
     ConntrackStale = 19, "conntrack_stale";
     ConntrackInsertFailed = 20, "conntrack_insert_failed";
+    // Encapsulation (IPIP): the next hop comes from the kernel's FIB.
+    // No route to the backend (or forwarding is off on the ingress interface): passed as it came.
+    PassNoRoute = 21, "pass_no_route";
+    // Route found but the next hop's MAC is not known yet: passed encapsulated, so the kernel
+    // forwards it and resolves the neighbour.
+    PassEncapNoNeigh = 22, "pass_encap_no_neigh";
+    // The encapsulated packet would exceed the egress MTU.
+    DropEncapTooBig = 23, "drop_encap_too_big";
+    // The kernel refused to grow the frame's headroom.
+    DropEncapFailed = 24, "drop_encap_failed";
 }
 
 /// Size of the global counter map.
 pub const COUNTER_SLOTS: u32 = 32;
-const _: () = assert!((Counter::ConntrackInsertFailed as u32) < COUNTER_SLOTS);
+const _: () = assert!((Counter::DropEncapFailed as u32) < COUNTER_SLOTS);

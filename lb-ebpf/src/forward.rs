@@ -1,15 +1,18 @@
-//! Forwarding: the one seam every mode goes through. Today: L2 direct server return.
+//! Forwarding: the one seam every mode goes through: L2 direct server return, IPIP.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Backend, Counter};
-use lb_ebpf::{Frame, Verdict};
+use lb_common::{Backend, Counter, service::FWD_IPIP};
+use lb_ebpf::{Flow, Frame, Verdict};
 use network_types::eth::EthHdr;
 
-use crate::maps::TX_PORTS;
+use crate::{encap, maps::TX_PORTS};
 
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, frame: &Frame, _mode: u32, backend: &Backend) -> Verdict {
-    dsr_l2(ctx, frame, backend)
+pub fn forward(ctx: &XdpContext, frame: &Frame, flow: &Flow, mode: u32, backend: &Backend) -> Verdict {
+    match mode {
+        FWD_IPIP => encap::ipip(ctx, frame, flow, backend),
+        _ => dsr_l2(ctx, frame, backend),
+    }
 }
 
 /// Rewrites only the Ethernet addresses; the IP packet reaches the backend as the client sent
@@ -24,10 +27,17 @@ fn dsr_l2(ctx: &XdpContext, frame: &Frame, backend: &Backend) -> Verdict {
         (*eth).dst_addr = backend.dst_mac;
         (*eth).src_addr = backend.src_mac;
     }
-    if backend.ifindex == ctx.ingress_ifindex() as u32 {
+    send(ctx, backend.ifindex)
+}
+
+/// Out through `ifindex`: XDP_TX when it is the ingress interface, else a devmap redirect (the
+/// daemon lists every egress interface in TX_PORTS).
+#[inline(always)]
+pub fn send(ctx: &XdpContext, ifindex: u32) -> Verdict {
+    if ifindex == ctx.ingress_ifindex() as u32 {
         return Verdict::Tx;
     }
-    match TX_PORTS.redirect(backend.ifindex, 0) {
+    match TX_PORTS.redirect(ifindex, 0) {
         Ok(action) => Verdict::Redirect(action),
         Err(_) => Verdict::Drop(Counter::DropRedirectFailed),
     }

@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod encap;
 mod forward;
 mod maps;
 mod select;
@@ -29,7 +30,7 @@ fn balance(ctx: &XdpContext, frame: &Frame) -> Verdict {
         Err(verdict) => return verdict,
     };
     stats::traffic(chosen.service, chosen.slot, frame.len() as u64, chosen.new_flow);
-    forward::forward(ctx, frame, chosen.forward, &chosen.backend)
+    forward::forward(ctx, frame, &flow, chosen.forward, &chosen.backend)
 }
 
 /// Passes everything. A veth only receives XDP_TX/redirected frames if its peer runs an XDP

@@ -8,6 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats, VipFilter,
+    dpconfig::DataPlaneConfig,
     maps::{DEFAULT_CONNTRACK_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS},
     stats::COUNTER_SLOTS,
 };
@@ -16,6 +17,9 @@ use lb_common::{
 /// up a service keeps reading the old value intact.
 #[map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static DP_CONFIG: Array<DataPlaneConfig> = Array::pinned(1, 0);
 
 #[map]
 pub static VIP_FILTER: Array<VipFilter> = Array::pinned(1, 0);

@@ -58,6 +58,8 @@ impl Frame {
 pub struct Flow {
     pub key: FlowKey,
     pub syn: bool,
+    /// Offset of the IP header in the frame (after Ethernet and any VLAN tag).
+    pub l3: usize,
 }
 
 /// Parses a frame into its flow, or says why it is not balanced.
@@ -109,6 +111,7 @@ fn parse_ipv4(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
     Ok(Flow {
         key: FlowKey::from_words(FAMILY_V4, proto, src, dst, sport, dport),
         syn,
+        l3: offset,
     })
 }
 
@@ -143,6 +146,7 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
             dport,
         ),
         syn,
+        l3: offset,
     })
 }
 

@@ -195,15 +195,18 @@ static PIN_COUNTER: AtomicU32 = AtomicU32::new(0);
 /// Loads the object with its maps pinned in a private directory that is removed at once, so
 /// nothing is left in /sys/fs/bpf.
 pub fn empty_ebpf() -> Result<aya::Ebpf> {
+    load_object(lb_userspace::EBPF_OBJECT)
+}
+
+/// Loads any of our objects with its pinned maps in a private directory removed at once.
+pub fn load_object(object: &[u8]) -> Result<aya::Ebpf> {
     let dir = PathBuf::from(format!(
         "/sys/fs/bpf/lbt-{}-{}",
         std::process::id(),
         PIN_COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir)?;
-    let loaded = EbpfLoader::new()
-        .default_map_pin_directory(&dir)
-        .load(lb_userspace::EBPF_OBJECT);
+    let loaded = EbpfLoader::new().default_map_pin_directory(&dir).load(object);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(loaded?)
 }

@@ -6,13 +6,16 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
-    Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue, VipFilter, backend::BACKEND_F_ACTIVE,
+    AddrKey, Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue, VipFilter, addr_words,
+    backend::BACKEND_F_ACTIVE,
+    dpconfig::{DataPlaneConfig, encap_variation},
     maps,
+    service::{FWD_DSR_L2, FWD_IPIP},
 };
 use lb_tests::{
     NetNs, in_ns,
     packets::{eth, ipv4, ipv6, tcp, udp},
-    topology::empty_ebpf,
+    topology::{empty_ebpf, load_object},
 };
 
 const XDP_DROP: u32 = 1;
@@ -38,6 +41,7 @@ struct Dp {
     global: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
     tx_ports: DevMapHash<MapData>,
+    dp_config: Array<MapData, DataPlaneConfig>,
 }
 
 impl Dp {
@@ -57,6 +61,7 @@ impl Dp {
         let global = take(maps::GLOBAL_STATS).try_into().expect("global");
         let conntrack = take(maps::CONNTRACK).try_into().expect("conntrack");
         let tx_ports = take(maps::TX_PORTS).try_into().expect("tx ports");
+        let dp_config = take(maps::DP_CONFIG).try_into().expect("dp config");
         let mut dp = Self {
             ebpf,
             services,
@@ -66,6 +71,7 @@ impl Dp {
             global,
             conntrack,
             tx_ports,
+            dp_config,
         };
         // Backend slot 1 -> b1, slot 2 -> b2, both reached through ifindex 1 (lo: test_run's ingress).
         dp.backend(1, B1_MAC, 1);
@@ -89,6 +95,20 @@ impl Dp {
 
     /// A service whose 13-slot table at `offset` names `slot` everywhere.
     fn service(&mut self, family: u8, proto: u8, addr: &[u8], port: u16, offset: u32, slot: u32) {
+        self.service_mode(family, proto, addr, port, offset, slot, FWD_DSR_L2);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn service_mode(
+        &mut self,
+        family: u8,
+        proto: u8,
+        addr: &[u8],
+        port: u16,
+        offset: u32,
+        slot: u32,
+        forward: u32,
+    ) {
         let mut a = [0u8; 16];
         a[..addr.len()].copy_from_slice(addr);
         for i in 0..13 {
@@ -99,7 +119,7 @@ impl Dp {
             flags: 0,
             table_offset: offset,
             table_size: 13,
-            forward: 0,
+            forward,
             _reserved: 0,
         };
         self.insert_service(ServiceKey::new(family, proto, a, port.to_be()), v);
@@ -480,5 +500,249 @@ fn backend_behind_another_interface_is_redirected() {
         assert_eq!(verdict, XDP_REDIRECT);
         assert_eq!(out, rewritten(&input, B2_MAC));
         assert_eq!(dp.counter(Counter::Redirect), 1);
+    });
+}
+
+/// Routed backends for IPIP: 10.60.0.0/24 and fd60::/64 behind a router (10.50.0.2, fd50::2)
+/// on `lbt-e`, a route with a 100-byte MTU to 10.61.0.0/24, and an on-link address (10.50.0.7)
+/// with no neighbour entry. Returns lbt-e's ifindex.
+fn encap_routes() -> u32 {
+    let script = "ip link add lbt-e type veth peer name lbt-f && ip link set lbt-e address 02:00:00:00:00:1b && \
+        ip link set lbt-e up && ip link set lbt-f up && \
+        ip addr add 10.50.0.1/24 dev lbt-e && ip addr add fd50::1/64 dev lbt-e nodad && \
+        ip neigh add 10.50.0.2 lladdr 02:00:00:00:00:50 dev lbt-e nud permanent && \
+        ip neigh add fd50::2 lladdr 02:00:00:00:00:50 dev lbt-e nud permanent && \
+        ip route add 10.60.0.0/24 via 10.50.0.2 && ip -6 route add fd60::/64 via fd50::2 && \
+        ip route add 10.61.0.0/24 via 10.50.0.2 mtu lock 100 && \
+        sysctl -qw net.ipv4.conf.all.forwarding=1 net.ipv4.conf.lo.forwarding=1 net.ipv6.conf.all.forwarding=1";
+    let out = std::process::Command::new("sh")
+        .args(["-c", script])
+        .output()
+        .expect("sh");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let name = std::ffi::CString::new("lbt-e").expect("name");
+    // SAFETY: valid C string; resolved in this thread's namespace.
+    unsafe { libc::if_nametoindex(name.as_ptr()) }
+}
+
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x50];
+const ENCAP_SRC4: [u8; 4] = [172, 16, 0, 0];
+const ENCAP_SRC6: [u8; 16] = [0xfd, 0, 0, 0x1b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+impl Dp {
+    fn encap_backend(&mut self, slot: u32, family: u8, addr: &[u8]) {
+        let mut a = [0u8; 16];
+        a[..addr.len()].copy_from_slice(addr);
+        let b = Backend {
+            addr: a,
+            family,
+            flags: BACKEND_F_ACTIVE,
+            port: 0,
+            generation: 1,
+            ifindex: 0,
+            dst_mac: [0; 6],
+            src_mac: [0; 6],
+        };
+        self.backends.set(slot, b, 0).expect("set backend");
+    }
+
+    fn encap_config(&mut self) {
+        let mut src4 = [0u8; 16];
+        src4[..4].copy_from_slice(&ENCAP_SRC4);
+        let cfg = DataPlaneConfig {
+            encap_src4: addr_words(src4)[0],
+            _pad: 0,
+            encap_src6: addr_words(ENCAP_SRC6),
+        };
+        self.dp_config.set(0, cfg, 0).expect("dp config");
+    }
+}
+
+/// The outer source a flow gets: the prefix with the flow's variation in the last 16 bits.
+fn outer_src4(client: [u8; 4], sport: u16) -> [u8; 4] {
+    let v = encap_variation(u32::from_ne_bytes(client), sport.to_be()) as u16;
+    [ENCAP_SRC4[0], ENCAP_SRC4[1], (v >> 8) as u8, v as u8]
+}
+
+#[test]
+fn ipip_wraps_the_packet_for_a_routed_backend() {
+    in_fresh_ns(|| {
+        let ifindex = encap_routes();
+        let mut dp = standard();
+        dp.encap_config();
+        dp.tx_ports.insert(ifindex, ifindex, None, 0).expect("tx port");
+        dp.encap_backend(5, 4, &[10, 60, 0, 5]);
+        dp.encap_backend(6, 6, &[0xfd, 0x60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5]);
+        dp.service_mode(4, 6, &VIP4, 8080, 91, 5, FWD_IPIP);
+        dp.service_mode(4, 17, &VIP4, 8080, 104, 5, FWD_IPIP);
+        dp.service_mode(6, 6, &VIP6, 8080, 117, 6, FWD_IPIP);
+        dp.service_mode(6, 17, &VIP6, 8080, 130, 6, FWD_IPIP);
+
+        for (name, proto, l4) in [
+            ("tcp4", 6u8, tcp(40000, 8080, 2)),
+            ("udp4", 17, udp(40000, 8080, b"hello")),
+        ] {
+            let mut inner = ipv4(proto, CLIENT4, VIP4, &l4);
+            inner[1] = 0x28; // a DSCP, copied to the outer header
+            let input = [eth(LB_MAC, CLIENT_MAC, 0x0800), inner.clone()].concat();
+            let mut outer = ipv4(4, outer_src4(CLIENT4, 40000), [10, 60, 0, 5], &inner);
+            outer[1] = 0x28;
+            outer[4..6].copy_from_slice(&[0, 0]); // id 0
+            outer[6] = 0; // no DF: routers may fragment the outer packet
+            outer[10..12].copy_from_slice(&[0, 0]);
+            let sum = lb_tests::packets::checksum(&outer[..20]);
+            outer[10..12].copy_from_slice(&sum.to_be_bytes());
+            let want = [eth(ROUTER_MAC, LB_MAC, 0x0800), outer].concat();
+            assert_eq!(dp.run(&input), (XDP_REDIRECT, want), "{name}");
+        }
+        for (name, proto, l4) in [
+            ("tcp6", 6u8, tcp(40000, 8080, 2)),
+            ("udp6", 17, udp(40000, 8080, b"hello")),
+        ] {
+            let inner = ipv6(proto, CLIENT6, VIP6, &l4);
+            let input = [eth(LB_MAC, CLIENT_MAC, 0x86dd), inner.clone()].concat();
+            let v = encap_variation(
+                u32::from_ne_bytes([CLIENT6[0], CLIENT6[1], CLIENT6[2], CLIENT6[3]]),
+                40000u16.to_be(),
+            );
+            let mut src = ENCAP_SRC6;
+            src[12..].copy_from_slice(&v.to_be_bytes());
+            let mut outer = ipv6(
+                41,
+                src,
+                [0xfd, 0x60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5],
+                &inner,
+            );
+            // Flow label: the variation, so receivers hash flows apart.
+            outer[1] = (v >> 16) as u8 & 0x0f;
+            outer[2] = (v >> 8) as u8;
+            outer[3] = v as u8;
+            let want = [eth(ROUTER_MAC, LB_MAC, 0x86dd), outer].concat();
+            assert_eq!(dp.run(&input), (XDP_REDIRECT, want), "{name}");
+        }
+        assert_eq!(dp.counter(Counter::Redirect), 4);
+        // Flows from other ports get other outer sources.
+        assert_ne!(outer_src4(CLIENT4, 40000), outer_src4(CLIENT4, 40001));
+    });
+}
+
+#[test]
+fn ipip_without_route_neighbour_or_mtu_is_counted() {
+    in_fresh_ns(|| {
+        let ifindex = encap_routes();
+        let mut dp = standard();
+        dp.encap_config();
+        dp.tx_ports.insert(ifindex, ifindex, None, 0).expect("tx port");
+        dp.encap_backend(5, 4, &[10, 70, 0, 5]); // no route
+        dp.encap_backend(6, 4, &[10, 50, 0, 7]); // on link, no neighbour entry
+        dp.encap_backend(7, 4, &[10, 61, 0, 5]); // route MTU 100
+        dp.service_mode(4, 6, &VIP4, 1000, 91, 5, FWD_IPIP);
+        dp.service_mode(4, 6, &VIP4, 1001, 104, 6, FWD_IPIP);
+        dp.service_mode(4, 6, &VIP4, 1002, 117, 7, FWD_IPIP);
+        let packet = |port: u16, payload: usize| {
+            let mut l4 = tcp(40000, port, 2);
+            l4.extend(std::iter::repeat_n(0u8, payload));
+            [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(6, CLIENT4, VIP4, &l4)].concat()
+        };
+        let input = packet(1000, 0);
+        assert_eq!(dp.run(&input), (XDP_PASS, input.clone()));
+        assert_eq!(dp.counter(Counter::PassNoRoute), 1);
+
+        // Passed encapsulated: the kernel forwards it and resolves the neighbour.
+        let input = packet(1001, 0);
+        let (verdict, out) = dp.run(&input);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out.len(), input.len() + 20);
+        assert_eq!(&out[14 + 9..14 + 10], &[4], "outer protocol IPIP");
+        assert_eq!(&out[14 + 16..14 + 20], &[10, 50, 0, 7]);
+        assert_eq!(&out[34..], &input[14..]);
+        assert_eq!(dp.counter(Counter::PassEncapNoNeigh), 1);
+
+        // 40 + 20 bytes fit in 100; 80 more do not once encapsulated.
+        assert_eq!(dp.run(&packet(1002, 0)).0, XDP_REDIRECT);
+        let big = packet(1002, 50);
+        assert_eq!(dp.run(&big), (XDP_DROP, big.clone()));
+        assert_eq!(dp.counter(Counter::DropEncapTooBig), 1);
+    });
+}
+
+#[test]
+fn decap_strips_ipip_for_local_vips_only() {
+    in_fresh_ns(|| {
+        let mut ebpf = load_object(lb_userspace::DECAP_OBJECT).expect("load decap object");
+        let prog: &mut Xdp = ebpf
+            .program_mut(maps::PROG_DECAP)
+            .expect("decap")
+            .try_into()
+            .expect("xdp");
+        prog.load().expect("verifier accepts decap");
+        let mut vips: HashMap<MapData, AddrKey, u32> = ebpf
+            .take_map(maps::DECAP_VIPS)
+            .expect("vips")
+            .try_into()
+            .expect("hash");
+        let stats: PerCpuArray<MapData, u64> = ebpf
+            .take_map(maps::DECAP_STATS)
+            .expect("stats")
+            .try_into()
+            .expect("array");
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&VIP4);
+        vips.insert(AddrKey::new(4, addr_words(v4)), 1, 0).expect("vip4");
+        vips.insert(AddrKey::new(6, addr_words(VIP6)), 1, 0)
+            .expect("vip6");
+        let prog: &Xdp = ebpf
+            .program(maps::PROG_DECAP)
+            .expect("decap")
+            .try_into()
+            .expect("xdp");
+        let run = |input: &[u8]| {
+            let mut out = vec![0u8; input.len() + 64];
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(input),
+                    data_out: Some(&mut out),
+                    repeat: 1,
+                    ..Default::default()
+                })
+                .expect("test_run");
+            out.truncate(r.data_size_out as usize);
+            (r.return_value, out)
+        };
+        let count = |i: u32| -> u64 { stats.get(&i, 0).expect("stat").iter().sum() };
+
+        let inner4 = ipv4(6, CLIENT4, VIP4, &tcp(40000, 8080, 2));
+        let outer4 = ipv4(4, [172, 16, 1, 2], [10, 60, 0, 5], &inner4);
+        let input = [eth(B1_MAC, ROUTER_MAC, 0x0800), outer4].concat();
+        assert_eq!(
+            run(&input),
+            (XDP_PASS, [eth(B1_MAC, ROUTER_MAC, 0x0800), inner4].concat())
+        );
+
+        let inner6 = ipv6(17, CLIENT6, VIP6, &udp(40000, 8080, b"hi"));
+        let outer6 = ipv6(41, ENCAP_SRC6, CLIENT6, &inner6);
+        let input = [eth(B1_MAC, ROUTER_MAC, 0x86dd), outer6].concat();
+        assert_eq!(
+            run(&input),
+            (XDP_PASS, [eth(B1_MAC, ROUTER_MAC, 0x86dd), inner6].concat())
+        );
+        assert_eq!(count(0), 2);
+
+        // Not a local VIP, or not IPIP at all: untouched.
+        let other = ipv4(6, CLIENT4, [10, 100, 0, 99], &tcp(1, 80, 2));
+        let input = [
+            eth(B1_MAC, ROUTER_MAC, 0x0800),
+            ipv4(4, [172, 16, 1, 2], [10, 60, 0, 5], &other),
+        ]
+        .concat();
+        assert_eq!(run(&input), (XDP_PASS, input.clone()));
+        assert_eq!(count(1), 1);
+        let plain = [
+            eth(B1_MAC, ROUTER_MAC, 0x0800),
+            ipv4(6, CLIENT4, VIP4, &tcp(1, 80, 2)),
+        ]
+        .concat();
+        assert_eq!(run(&plain), (XDP_PASS, plain.clone()));
+        assert_eq!(count(0), 2);
     });
 }

@@ -58,12 +58,92 @@ impl Results {
         let json = dir.join("results.json");
         std::fs::write(&json, serde_json::to_string_pretty(self)? + "\n")
             .with_context(|| format!("write {}", json.display()))?;
+        let md = dir.join("results.md");
+        std::fs::write(&md, self.markdown()).with_context(|| format!("write {}", md.display()))?;
         if let Some(cases) = &self.dataplane {
             let svg = dir.join("dataplane.svg");
             std::fs::write(&svg, svg_chart(cases, &self.machine))
                 .with_context(|| format!("write {}", svg.display()))?;
         }
         Ok(())
+    }
+
+    /// The same figures as Markdown tables, for BENCHMARKS.md.
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(s, "Machine: {}, {} cores, kernel {}.\n", m.cpu, m.cores, m.kernel);
+        if let Some(cases) = &self.dataplane {
+            let _ = writeln!(s, "| case | ns/packet (median) | × floor | target | runs (ns) |");
+            let _ = writeln!(s, "|---|---:|---:|---:|---|");
+            for c in cases {
+                let target = c
+                    .target_ns
+                    .map(|t| format!("≤ {t:.0} {}", if c.ns_per_packet <= t { "met" } else { "missed" }))
+                    .unwrap_or_default();
+                let runs: Vec<String> = c.runs.iter().map(|r| r.to_string()).collect();
+                let _ = writeln!(
+                    s,
+                    "| `{}` | {:.0} | {:.2} | {target} | {} |",
+                    c.case,
+                    c.ns_per_packet,
+                    c.ratio_to_floor,
+                    runs.join(", ")
+                );
+            }
+            s.push('\n');
+        }
+        if let Some(e2e) = &self.e2e {
+            let fmt = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "n/a".into());
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                _ => "n/a".into(),
+            };
+            let _ = writeln!(
+                s,
+                "| case | unit | lb | nftables | HAProxy | lb / nftables | lb / HAProxy |"
+            );
+            let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
+            for r in e2e {
+                let _ = writeln!(
+                    s,
+                    "| `{}` | {} | {} | {} | {} | {} | {} |",
+                    r.case,
+                    r.unit,
+                    fmt(r.lb),
+                    fmt(r.nftables),
+                    fmt(r.haproxy),
+                    ratio(r.lb, r.nftables),
+                    ratio(r.lb, r.haproxy)
+                );
+            }
+            s.push('\n');
+        }
+        if let Some(maglev) = &self.maglev {
+            let _ = writeln!(s, "| M | N | build (µs, median) |");
+            let _ = writeln!(s, "|---:|---:|---:|");
+            for r in maglev {
+                let _ = writeln!(s, "| {} | {} | {:.0} |", r.m, r.n, r.build_us);
+            }
+            s.push('\n');
+        }
+        if let Some(us) = self.table_swap_us {
+            let _ = writeln!(
+                s,
+                "- Write and swap a full table (M = 65537): {us:.0} µs (median)."
+            );
+        }
+        if let Some(rss) = &self.rss {
+            let _ = writeln!(
+                s,
+                "- Daemon RSS at idle, {} services × {} backends: {:.1} MiB, of which {:.1} MiB anonymous.",
+                rss.services,
+                rss.backends_per_service,
+                rss.rss_bytes as f64 / 1048576.0,
+                rss.rss_anon_bytes as f64 / 1048576.0
+            );
+        }
+        s
     }
 
     pub fn table(&self) -> String {
