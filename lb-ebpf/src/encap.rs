@@ -86,6 +86,17 @@ pub fn ipip(ctx: &XdpContext, frame: &Frame, flow: &Flow, backend: &Backend) -> 
     // SAFETY: reading the source union member we wrote above.
     let (src4, src6) = unsafe { (fib.__bindgen_anon_3.ipv4_src, fib.__bindgen_anon_3.ipv6_src) };
 
+    // Unresolved next hop: the kernel forwards the packet and resolves the neighbour, but only
+    // accepts a frame addressed to this host, so it keeps the MACs it arrived with.
+    if !resolved {
+        let Some(eth) = frame.ptr_at::<[u8; 12]>(0) else {
+            return Verdict::Drop(Counter::DropTruncatedL2);
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let macs = unsafe { eth.read_unaligned() };
+        fib.dmac.copy_from_slice(&macs[..6]);
+        fib.smac.copy_from_slice(&macs[6..]);
+    }
     // Grow the head so that [Ethernet][outer][inner IP...] fits; any VLAN tag is dropped, the
     // egress is decided by the FIB.
     let delta = flow.l3 as i32 - (14 + outer_len as i32);

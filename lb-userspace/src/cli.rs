@@ -69,6 +69,35 @@ pub enum Command {
     Reload,
     /// Stop the daemon (the data plane keeps forwarding).
     Shutdown,
+    /// On a backend: set up, check or undo what IPIP forwarding needs (no daemon involved).
+    #[command(subcommand)]
+    BackendHost(BackendHostCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackendHostCmd {
+    /// Attach the decapsulator to an interface, put the VIPs on lo, set arp_ignore=1,
+    /// arp_announce=2 and a non-strict rp_filter. Idempotent.
+    Setup(BackendHostArgs),
+    /// Say which of those settings is wrong on a backend that receives traffic but does not
+    /// answer. Exits 1 if any is.
+    Check(BackendHostArgs),
+    /// Detach the decapsulator and remove its pins (VIPs and sysctls are left as they are).
+    Teardown {
+        /// The interface encapsulated traffic arrives on.
+        #[arg(long)]
+        interface: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct BackendHostArgs {
+    /// The interface encapsulated traffic arrives on.
+    #[arg(long)]
+    pub interface: String,
+    /// A VIP this backend serves (repeatable).
+    #[arg(long = "vip", required = true)]
+    pub vips: Vec<IpAddr>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,6 +126,10 @@ pub struct ServiceArgs {
     /// Hash the source address only (client affinity) instead of the 5-tuple.
     #[arg(long)]
     pub source_hash: bool,
+    /// How packets reach the backends: dsr (same segment, MACs rewritten) or ipip (routed
+    /// backends that strip the outer header: `lb backend-host setup`).
+    #[arg(long, default_value = "dsr")]
+    pub forwarding: Forwarding,
 }
 
 #[derive(Subcommand, Debug)]
@@ -133,7 +166,7 @@ pub struct BackendArgs {
 /// Runs a client verb. Returns the process exit code.
 pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
     let request = match &cli.command {
-        Command::Daemon { .. } | Command::Detach => unreachable!("handled by main"),
+        Command::Daemon { .. } | Command::Detach | Command::BackendHost(_) => unreachable!("handled by main"),
         Command::Status => Request::Status,
         Command::Service(ServiceCmd::List) => Request::ListServices,
         Command::Service(ServiceCmd::Add(a)) => Request::AddService {
@@ -148,7 +181,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                 } else {
                     HashMode::FiveTuple
                 },
-                forwarding: Forwarding::Dsr,
+                forwarding: a.forwarding,
                 backends: Vec::new(),
             },
         },

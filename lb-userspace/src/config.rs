@@ -50,6 +50,20 @@ pub struct DaemonConfig {
     /// How often backend MACs are re-read from the neighbour table.
     #[serde(default = "default_refresh")]
     pub neighbour_refresh_ms: u64,
+    /// Outer source of IPIP packets: its first two bytes are kept, the last two vary per flow
+    /// (receivers spread flows over queues by it). Backends never answer it.
+    #[serde(default = "default_encap_source4")]
+    pub encap_source4: std::net::Ipv4Addr,
+    /// The IPv6 outer source: its first 96 bits are kept, the last 32 vary per flow.
+    #[serde(default = "default_encap_source6")]
+    pub encap_source6: std::net::Ipv6Addr,
+}
+
+fn default_encap_source4() -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(172, 16, 0, 0)
+}
+fn default_encap_source6() -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(0xfd00, 0x4c42, 0, 0, 0, 0, 0, 0)
 }
 
 fn default_instance() -> String {
@@ -132,6 +146,29 @@ pub enum Forwarding {
     /// L2 direct server return: rewrite MACs, backend answers the client directly.
     #[default]
     Dsr,
+    /// IPIP (IPv4-in-IPv4, IPv6-in-IPv6) to routed backends, which strip it (`lb backend-host
+    /// setup`) and answer the client directly.
+    Ipip,
+}
+
+impl std::str::FromStr for Forwarding {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "dsr" => Ok(Self::Dsr),
+            "ipip" => Ok(Self::Ipip),
+            _ => Err(Error::invalid(format!(
+                "unknown forwarding mode {s:?} (expected dsr or ipip)"
+            ))),
+        }
+    }
+}
+
+impl Forwarding {
+    /// Whether backends must be on-link with a resolved MAC (else only a route is needed).
+    pub fn needs_l2(self) -> bool {
+        self == Forwarding::Dsr
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

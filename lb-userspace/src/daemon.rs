@@ -58,7 +58,8 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&socket);
 
-    let dp = dataplane::open(&cfg)?;
+    let mut dp = dataplane::open(&cfg)?;
+    dp.set_config(&cfg)?;
     for a in &dp.attachments {
         info!(
             "{}: {} ({})",
@@ -281,9 +282,24 @@ impl Daemon {
         let mut warnings = Vec::new();
         let mut hops = self.hops.clone();
         let wanted = backend_addresses(&next);
-        hops.retain(|a, _| wanted.contains(a));
-        let missing: Vec<IpAddr> = wanted.iter().copied().filter(|a| !hops.contains_key(a)).collect();
-        let results = join_all(missing.iter().map(|&a| self.resolver.resolve(a, RESOLVE_TIMEOUT))).await;
+        // A backend's needs can change with its services' modes: resolve again then.
+        let current = backend_addresses(&self.services);
+        hops.retain(|a, _| wanted.contains_key(a) && current.get(a) == wanted.get(a));
+        let missing: Vec<(IpAddr, bool)> = wanted
+            .iter()
+            .filter(|(a, _)| !hops.contains_key(a))
+            .map(|(a, l2)| (*a, *l2))
+            .collect();
+        let resolver = &self.resolver;
+        let results = join_all(missing.iter().map(|&(a, l2)| async move {
+            if l2 {
+                resolver.resolve(a, RESOLVE_TIMEOUT).await
+            } else {
+                resolver.route_hop(a).await
+            }
+        }))
+        .await;
+        let missing: Vec<IpAddr> = missing.into_iter().map(|(a, _)| a).collect();
         for (addr, result) in missing.iter().zip(results) {
             match result {
                 Ok(hop) => {
@@ -302,6 +318,7 @@ impl Daemon {
             }
             return Err(e);
         }
+        warnings.extend(forwarding_warnings(&self.cfg.interfaces, &next));
         self.services = next;
         self.hops = hops;
         self.persist()?;
@@ -317,9 +334,13 @@ impl Daemon {
     }
 
     async fn refresh_hops(&mut self) -> Result<()> {
-        let addrs = backend_addresses(&self.services);
+        let wanted = backend_addresses(&self.services);
+        let addrs: Vec<IpAddr> = wanted.keys().copied().collect();
         let resolver = &self.resolver;
-        let results = join_all(addrs.iter().map(|&a| async move {
+        let results = join_all(wanted.iter().map(|(&a, &l2)| async move {
+            if !l2 {
+                return resolver.route_hop(a).await;
+            }
             match resolver.lookup(a).await {
                 Ok(hop) => Ok(hop),
                 Err(_) => resolver.resolve(a, Duration::from_millis(200)).await,
@@ -521,13 +542,39 @@ impl Daemon {
 }
 
 /// Every distinct backend address, sorted.
-fn backend_addresses(services: &[ServiceSpec]) -> Vec<IpAddr> {
-    let mut addrs: Vec<IpAddr> = services
-        .iter()
-        .flat_map(|s| s.backends.iter().map(|b| b.address))
-        .collect();
-    addrs.sort();
-    addrs.dedup();
+/// bpf_fib_lookup answers only for interfaces that forward: without it IPIP traffic is passed
+/// to the kernel (counted as pass_no_route). Says so, with the fix.
+fn forwarding_warnings(interfaces: &[String], services: &[ServiceSpec]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (family, v4) in [("ipv4", true), ("ipv6", false)] {
+        let encap = services
+            .iter()
+            .any(|s| s.forwarding == crate::config::Forwarding::Ipip && s.vip.is_ipv4() == v4);
+        if !encap {
+            continue;
+        }
+        for iface in interfaces {
+            let path = format!("/proc/sys/net/{family}/conf/{iface}/forwarding");
+            if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "0") {
+                out.push(format!(
+                    "IPIP services need forwarding on {iface} for the FIB lookup; until then their \
+                     packets are passed to the kernel (fix: sysctl -w net.{family}.conf.{iface}.forwarding=1)"
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Every backend address, and whether it must be resolved at L2 (some DSR service uses it) or
+/// only needs a route (encapsulation).
+fn backend_addresses(services: &[ServiceSpec]) -> std::collections::BTreeMap<IpAddr, bool> {
+    let mut addrs = std::collections::BTreeMap::new();
+    for s in services {
+        for b in &s.backends {
+            *addrs.entry(b.address).or_insert(false) |= s.forwarding.needs_l2();
+        }
+    }
     addrs
 }
 

@@ -2,6 +2,7 @@
 //! Maglev tables, backend next-hop resolution, the daemon and its control API.
 
 pub mod api;
+pub mod backend_host;
 pub mod cli;
 pub mod config;
 pub mod daemon;

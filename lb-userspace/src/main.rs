@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use lb_userspace::{
-    cli::{Cli, Command, run_client},
+    cli::{BackendHostCmd, Cli, Command, run_client},
     config, dataplane,
 };
 
@@ -63,7 +63,53 @@ fn run(cli: &Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::BackendHost(cmd) => backend_host(cmd, cli.json),
         _ => run_client(cli),
+    }
+}
+
+fn backend_host(cmd: &BackendHostCmd, json: bool) -> anyhow::Result<i32> {
+    use lb_userspace::backend_host as host;
+    match cmd {
+        BackendHostCmd::Setup(a) => {
+            let changed = host::setup(&a.interface, &a.vips)?;
+            if json {
+                println!("{}", serde_json::json!({ "changed": changed }));
+            } else if changed.is_empty() {
+                println!("{}: already set up", a.interface);
+            } else {
+                for c in changed {
+                    println!("{c}");
+                }
+            }
+            Ok(0)
+        }
+        BackendHostCmd::Check(a) => {
+            let findings = host::check(&a.interface, &a.vips)?;
+            let bad = findings.iter().filter(|f| !f.ok).count();
+            if json {
+                println!("{}", serde_json::json!({ "ok": bad == 0, "findings": findings }));
+            } else {
+                for f in &findings {
+                    match &f.fix {
+                        Some(fix) if !f.ok => println!("FAIL {} (fix: {fix})", f.what),
+                        _ => println!("{} {}", if f.ok { "ok  " } else { "FAIL" }, f.what),
+                    }
+                }
+            }
+            Ok(if bad == 0 { 0 } else { 1 })
+        }
+        BackendHostCmd::Teardown { interface } => {
+            let removed = host::teardown(interface)?;
+            if json {
+                println!("{}", serde_json::json!({ "removed": removed }));
+            } else if removed {
+                println!("{interface}: decapsulator detached");
+            } else {
+                println!("{interface}: no decapsulator was set up");
+            }
+            Ok(0)
+        }
     }
 }
 

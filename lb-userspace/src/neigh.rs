@@ -227,23 +227,24 @@ impl Resolver {
         }
     }
 
+    /// The egress interface towards `addr` for encapsulated forwarding: the route may go
+    /// through a gateway and the data plane finds the next hop's MAC itself (bpf_fib_lookup),
+    /// so only the interface matters (the daemon lists it in TX_PORTS). `dst_mac` is zero.
+    pub async fn route_hop(&self, addr: IpAddr) -> Result<NextHop, ResolveError> {
+        check_unicast(addr)?;
+        let route = self.route(addr).await?;
+        let link = self.link(addr, route.ifindex).await?;
+        Ok(NextHop {
+            ifindex: route.ifindex,
+            ifname: link.name,
+            src_mac: link.mac.unwrap_or_default(),
+            dst_mac: [0; 6],
+        })
+    }
+
     /// Route and interface checks: the on-link egress interface towards `addr`.
     async fn egress(&self, addr: IpAddr) -> Result<Egress, ResolveError> {
-        let bad_address = if addr.is_unspecified() {
-            Some("it is the unspecified address")
-        } else if addr.is_multicast() || matches!(addr, IpAddr::V4(v4) if v4.is_broadcast()) {
-            Some("it is not a unicast address")
-        } else if matches!(addr, IpAddr::V6(v6) if v6.is_unicast_link_local()) {
-            Some("an IPv6 link-local address names no interface; use a global or unique local address")
-        } else {
-            None
-        };
-        if let Some(reason) = bad_address {
-            return Err(ResolveError::Unroutable {
-                addr,
-                reason: reason.to_string(),
-            });
-        }
+        check_unicast(addr)?;
         let route = self.route(addr).await?;
         let link = self.link(addr, route.ifindex).await?;
         if let Some(gateway) = route.gateway {
@@ -535,6 +536,25 @@ struct Link {
 }
 
 /// An on-link egress interface with an Ethernet address.
+fn check_unicast(addr: IpAddr) -> Result<(), ResolveError> {
+    let bad_address = if addr.is_unspecified() {
+        Some("it is the unspecified address")
+    } else if addr.is_multicast() || matches!(addr, IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some("it is not a unicast address")
+    } else if matches!(addr, IpAddr::V6(v6) if v6.is_unicast_link_local()) {
+        Some("an IPv6 link-local address names no interface; use a global or unique local address")
+    } else {
+        None
+    };
+    match bad_address {
+        Some(reason) => Err(ResolveError::Unroutable {
+            addr,
+            reason: reason.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
 struct Egress {
     ifindex: u32,
     name: String,

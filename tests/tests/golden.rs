@@ -653,6 +653,7 @@ fn ipip_without_route_neighbour_or_mtu_is_counted() {
         let (verdict, out) = dp.run(&input);
         assert_eq!(verdict, XDP_PASS);
         assert_eq!(out.len(), input.len() + 20);
+        assert_eq!(&out[..12], &input[..12], "addressed to this host, as it came");
         assert_eq!(&out[14 + 9..14 + 10], &[4], "outer protocol IPIP");
         assert_eq!(&out[14 + 16..14 + 20], &[10, 50, 0, 7]);
         assert_eq!(&out[34..], &input[14..]);

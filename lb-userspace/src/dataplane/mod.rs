@@ -6,7 +6,10 @@ mod pool;
 pub mod sync;
 
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
-use lb_common::{Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats, VipFilter};
+use lb_common::{
+    Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats, VipFilter, addr_words,
+    dpconfig::DataPlaneConfig,
+};
 use serde::Serialize;
 
 pub use load::{detach_instance, open, pin_dir};
@@ -26,6 +29,7 @@ pub struct Attachment {
 pub struct DataPlane {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub vip_filter: Array<MapData, VipFilter>,
+    pub dp_config: Array<MapData, DataPlaneConfig>,
     pub backends: Array<MapData, Backend>,
     pub conntrack: HashMap<MapData, FlowKey, FlowState>,
     pub tx_ports: DevMapHash<MapData>,
@@ -39,6 +43,18 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
+    /// Writes the daemon-wide data-plane settings (encapsulation sources).
+    pub fn set_config(&mut self, cfg: &crate::config::DaemonConfig) -> Result<()> {
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&cfg.encap_source4.octets());
+        let value = DataPlaneConfig {
+            encap_src4: addr_words(v4)[0],
+            _pad: 0,
+            encap_src6: addr_words(cfg.encap_source6.octets()),
+        };
+        self.dp_config.set(0, value, 0).map_err(Error::dataplane)
+    }
+
     /// Sum of a backend slot's per-CPU counters.
     pub fn backend_traffic(&self, slot: u32) -> Result<TrafficStats> {
         sum_traffic(self.backend_stats.get(&slot, 0).map_err(Error::dataplane)?)

@@ -12,14 +12,14 @@ use lb_common::{
     Backend, FAMILY_V4, FAMILY_V6, ServiceKey, ServiceValue, VipFilter,
     backend::BACKEND_F_ACTIVE,
     maps::{MAX_BACKENDS, MAX_SERVICES},
-    service::{FWD_DSR_L2, SVC_F_HASH_SOURCE},
+    service::{FWD_DSR_L2, FWD_IPIP, SVC_F_HASH_SOURCE},
 };
 use log::debug;
 use serde::{Deserialize, Serialize};
 
 use super::{DataPlane, RegionAllocator};
 use crate::{
-    config::{HashMode, ServiceSpec},
+    config::{Forwarding, HashMode, ServiceSpec},
     error::{Error, Result},
     maglev::{MaglevBackend, build_table},
     neigh::NextHop,
@@ -316,7 +316,10 @@ impl Reconciler {
                 },
                 table_offset: 0,
                 table_size: 0,
-                forward: FWD_DSR_L2,
+                forward: match s.forwarding {
+                    Forwarding::Dsr => FWD_DSR_L2,
+                    Forwarding::Ipip => FWD_IPIP,
+                },
                 _reserved: 0,
             };
             let unchanged = svc.active.is_some_and(|r| {

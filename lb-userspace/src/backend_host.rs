@@ -1,0 +1,335 @@
+//! `lb backend-host`: prepares a backend for encapsulated (IPIP) forwarding in one go, checks
+//! one that receives traffic but does not answer, and undoes the setup.
+//!
+//! A backend needs: the decapsulator on its interface (this kernel may have no ipip module), the
+//! VIPs on loopback (so the inner packet is local and replies come from the VIP), no ARP/ND
+//! answers for those VIPs on the wire (arp_ignore/arp_announce), and a reverse-path filter that
+//! does not drop packets whose client is routed through another interface.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    EbpfLoader,
+    maps::{HashMap, Map, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode, links::FdLink},
+};
+use futures::TryStreamExt;
+use lb_common::{AddrKey, FAMILY_V4, FAMILY_V6, addr_words, maps};
+use log::{info, warn};
+use rtnetlink::packet_route::address::AddressAttribute;
+use serde::Serialize;
+
+/// Pins of one interface's decapsulator: `<dir>/link`, `<dir>/DECAP_VIPS`, `<dir>/DECAP_STATS`,
+/// under `/sys/fs/bpf/lb-decap/<network namespace inode>/<interface>`: bpffs is shared by all
+/// namespaces, interface names are not.
+pub fn pin_dir(interface: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let ns = std::fs::metadata("/proc/thread-self/ns/net")
+        .context("read this thread's network namespace")?
+        .ino();
+    Ok(PathBuf::from("/sys/fs/bpf/lb-decap")
+        .join(ns.to_string())
+        .join(interface))
+}
+
+/// One finding of `check`: what was looked at, whether it is right, and the fix when not.
+#[derive(Debug, Serialize)]
+pub struct Finding {
+    pub ok: bool,
+    pub what: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+fn addr_key(vip: IpAddr) -> AddrKey {
+    match vip {
+        IpAddr::V4(v4) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&v4.octets());
+            AddrKey::new(FAMILY_V4, addr_words(b))
+        }
+        IpAddr::V6(v6) => AddrKey::new(FAMILY_V6, addr_words(v6.octets())),
+    }
+}
+
+fn ifindex(interface: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(interface).context("invalid interface name")?;
+    // SAFETY: valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => bail!("unknown interface {interface}"),
+        i => Ok(i),
+    }
+}
+
+fn validate_vips(vips: &[IpAddr]) -> Result<()> {
+    if vips.is_empty() {
+        bail!("name at least one --vip");
+    }
+    for v in vips {
+        if v.is_unspecified() || v.is_multicast() || v.is_loopback() {
+            bail!("invalid VIP {v}");
+        }
+    }
+    Ok(())
+}
+
+/// Sets everything up; idempotent. Returns what it changed.
+pub fn setup(interface: &str, vips: &[IpAddr]) -> Result<Vec<String>> {
+    validate_vips(vips)?;
+    ifindex(interface)?;
+    let mut changed = Vec::new();
+    let dir = pin_dir(interface)?;
+    let link_pin = dir.join("link");
+    if !link_pin.exists() {
+        attach(interface, &dir, &link_pin).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&dir);
+        })?;
+        changed.push(format!("attached the decapsulator to {interface}"));
+    }
+    let mut map = open_vips(&dir)?;
+    for &vip in vips {
+        if map.get(&addr_key(vip), 0).is_err() {
+            map.insert(addr_key(vip), 1, 0)
+                .with_context(|| format!("add {vip} to the decapsulator"))?;
+            changed.push(format!("decapsulating for {vip}"));
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    for &vip in vips {
+        if runtime.block_on(add_to_loopback(vip))? {
+            changed.push(format!("added {vip} to lo"));
+        }
+    }
+    for (path, want) in sysctls(interface) {
+        let have = read_sysctl(&path)?;
+        if !want.satisfied_by(have) {
+            write_sysctl(&path, want.value())?;
+            changed.push(format!("{} = {}", sysctl_name(&path), want.value()));
+        }
+    }
+    Ok(changed)
+}
+
+/// Removes the decapsulator and its pins. VIPs stay on loopback and sysctls stay as they are:
+/// they may predate the setup.
+pub fn teardown(interface: &str) -> Result<bool> {
+    let dir = pin_dir(interface)?;
+    if !dir.exists() {
+        return Ok(false);
+    }
+    // Removing the link pin drops the last reference: the program detaches.
+    std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    // Parents go only when empty: other interfaces or namespaces may be set up.
+    for parent in dir.ancestors().skip(1).take(2) {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(true)
+}
+
+/// Looks at every setting a backend needs and says which is wrong.
+pub fn check(interface: &str, vips: &[IpAddr]) -> Result<Vec<Finding>> {
+    validate_vips(vips)?;
+    ifindex(interface)?;
+    let mut out = Vec::new();
+    let dir = pin_dir(interface)?;
+    let attached = dir.join("link").exists();
+    out.push(Finding {
+        ok: attached,
+        what: format!("decapsulator attached to {interface}"),
+        fix: (!attached).then(|| format!("lb backend-host setup --interface {interface} --vip ...")),
+    });
+    let map = if attached { open_vips(&dir).ok() } else { None };
+    for &vip in vips {
+        let known = map.as_ref().is_some_and(|m| m.get(&addr_key(vip), 0).is_ok());
+        out.push(Finding {
+            ok: known,
+            what: format!("decapsulator knows VIP {vip}"),
+            fix: (!known).then(|| format!("lb backend-host setup --interface {interface} --vip {vip}")),
+        });
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let on_lo = runtime.block_on(loopback_addresses())?;
+    for &vip in vips {
+        let ok = on_lo.contains(&vip);
+        let len = if vip.is_ipv4() { 32 } else { 128 };
+        out.push(Finding {
+            ok,
+            what: format!("{vip} is on lo (else the kernel drops the decapsulated packet)"),
+            fix: (!ok).then(|| format!("ip addr add {vip}/{len} dev lo")),
+        });
+    }
+    for (path, want) in sysctls(interface) {
+        let have = read_sysctl(&path)?;
+        let ok = want.satisfied_by(have);
+        out.push(Finding {
+            ok,
+            what: format!("{} = {have} ({})", sysctl_name(&path), want.why()),
+            fix: (!ok).then(|| format!("sysctl -w {}={}", sysctl_name(&path), want.value())),
+        });
+    }
+    if attached && let Ok(stats) = open_stats(&dir) {
+        let sum = |i: u32| -> u64 { stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+        let (decapped, foreign) = (sum(0), sum(1));
+        out.push(Finding {
+            ok: foreign == 0,
+            what: format!(
+                "{decapped} packets decapsulated; {foreign} IPIP packets for an inner address that is no listed VIP"
+            ),
+            fix: (foreign > 0)
+                .then(|| "add the VIPs the balancer sends here: lb backend-host setup ... --vip VIP".to_string()),
+        });
+    }
+    Ok(out)
+}
+
+fn attach(interface: &str, dir: &Path, link_pin: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(crate::DECAP_OBJECT)
+        .context("load the decapsulator")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(maps::PROG_DECAP)
+        .context("decap program missing")?
+        .try_into()?;
+    prog.load().context("the verifier rejected the decapsulator")?;
+    let mut last = String::new();
+    for (mode, name) in [(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")] {
+        match prog.attach(interface, mode) {
+            Ok(id) => {
+                let link = FdLink::try_from(prog.take_link(id)?).context("XDP link cannot be pinned")?;
+                link.pin(link_pin)
+                    .with_context(|| format!("pin {}", link_pin.display()))?;
+                if last.is_empty() {
+                    info!("{interface}: decapsulator attached in {name} mode");
+                } else {
+                    warn!("{interface}: decapsulator attached in {name} mode; native failed: {last}");
+                }
+                return Ok(());
+            }
+            Err(e) => last = e.to_string(),
+        }
+    }
+    bail!("cannot attach the decapsulator to {interface}: {last}")
+}
+
+fn open_vips(dir: &Path) -> Result<HashMap<MapData, AddrKey, u32>> {
+    let path = dir.join(maps::DECAP_VIPS);
+    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+    Ok(Map::from_map_data(data)?.try_into()?)
+}
+
+fn open_stats(dir: &Path) -> Result<PerCpuArray<MapData, u64>> {
+    let path = dir.join(maps::DECAP_STATS);
+    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+    Ok(Map::from_map_data(data)?.try_into()?)
+}
+
+/// Adds `vip` to lo; false if it was there already.
+async fn add_to_loopback(vip: IpAddr) -> Result<bool> {
+    if loopback_addresses().await?.contains(&vip) {
+        return Ok(false);
+    }
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(connection);
+    let len = if vip.is_ipv4() { 32 } else { 128 };
+    handle
+        .address()
+        .add(ifindex("lo")?, vip, len)
+        .execute()
+        .await
+        .with_context(|| format!("add {vip}/{len} to lo"))?;
+    Ok(true)
+}
+
+async fn loopback_addresses() -> Result<Vec<IpAddr>> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(connection);
+    let mut stream = handle
+        .address()
+        .get()
+        .set_link_index_filter(ifindex("lo")?)
+        .execute();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.try_next().await.context("list lo's addresses")? {
+        for attr in msg.attributes {
+            if let AddressAttribute::Address(a) = attr {
+                out.push(a);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What a sysctl must be. The kernel uses the larger of `all` and the interface's value for
+/// these three, so both are set.
+#[derive(Clone, Copy)]
+enum Want {
+    /// arp_ignore: answer ARP only for addresses on the receiving interface (not the VIPs on lo).
+    AtLeast1,
+    /// arp_announce: never use a VIP as the source of our own ARP requests.
+    AtLeast2,
+    /// rp_filter: strict (1) drops decapsulated packets whose client is routed through another
+    /// interface; loose (2) or off (0) do not.
+    NotStrict,
+}
+
+impl Want {
+    fn satisfied_by(self, have: u32) -> bool {
+        match self {
+            Want::AtLeast1 => have >= 1,
+            Want::AtLeast2 => have >= 2,
+            Want::NotStrict => have != 1,
+        }
+    }
+    fn value(self) -> u32 {
+        match self {
+            Want::AtLeast1 => 1,
+            Want::AtLeast2 | Want::NotStrict => 2,
+        }
+    }
+    fn why(self) -> &'static str {
+        match self {
+            Want::AtLeast1 => "must be >= 1: do not answer ARP for the VIPs",
+            Want::AtLeast2 => "must be >= 2: never announce a VIP",
+            Want::NotStrict => "must not be 1: strict reverse-path filtering can drop client packets",
+        }
+    }
+}
+
+fn sysctls(interface: &str) -> Vec<(PathBuf, Want)> {
+    let mut out = Vec::new();
+    for dev in ["all", interface] {
+        let base = PathBuf::from("/proc/sys/net/ipv4/conf").join(dev);
+        out.push((base.join("arp_ignore"), Want::AtLeast1));
+        out.push((base.join("arp_announce"), Want::AtLeast2));
+        out.push((base.join("rp_filter"), Want::NotStrict));
+    }
+    out
+}
+
+fn sysctl_name(path: &Path) -> String {
+    path.strip_prefix("/proc/sys")
+        .unwrap_or(path)
+        .to_string_lossy()
+        .replace('/', ".")
+}
+
+fn read_sysctl(path: &Path) -> Result<u32> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{} holds {text:?}", path.display()))
+}
+
+fn write_sysctl(path: &Path, value: u32) -> Result<()> {
+    std::fs::write(path, format!("{value}\n")).with_context(|| format!("write {}", path.display()))
+}

@@ -1,0 +1,348 @@
+//! IPIP end to end: backends in their own subnets behind a router, the balancer encapsulating
+//! to them, each backend stripping the outer header with the shipped decapsulator (set up with
+//! `lb backend-host setup`) and answering the client directly, not through the balancer.
+//!
+//! ```text
+//!  client 10.81.0.2 ──┐            ┌── b1 10.83.1.2 (VIPs on lo, decap on eth0)
+//!                     router ──────┤
+//!  lb 10.82.0.2 ──────┘            └── b2 10.83.2.2
+//! ```
+//! The client routes to the VIPs via the router, the router via the balancer. Replies go from
+//! the backends to the router to the client.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::Result;
+use aya::programs::{Xdp, XdpMode};
+use lb_tests::{
+    NetNs, client, in_ns, lb_bin,
+    servers::Servers,
+    topology::{Daemon, PORT, VIP4, VIP6, empty_ebpf},
+    wait_until,
+};
+
+const BACKENDS: u8 = 2;
+
+/// The namespaces, with the backends' decapsulators torn down before the namespaces go.
+struct Routed {
+    servers: Vec<Servers>,
+    backends: Vec<NetNs>,
+    _pass: aya::Ebpf,
+    client: NetNs,
+    lb: NetNs,
+    _router: NetNs,
+}
+
+impl Drop for Routed {
+    fn drop(&mut self) {
+        self.servers.clear();
+        for b in &self.backends {
+            let _ = b
+                .command(lb_bin())
+                .args(["backend-host", "teardown", "--interface", "eth0"])
+                .output();
+        }
+    }
+}
+
+fn veth(a: &NetNs, a_name: &str, b: &NetNs, b_name: &str) -> Result<()> {
+    a.sh(&format!(
+        "ip link add {a_name} type veth peer name {b_name} netns {} && ip link set {a_name} up",
+        b.name
+    ))?;
+    b.sh(&format!("ip link set {b_name} up"))?;
+    Ok(())
+}
+
+impl Routed {
+    fn new() -> Result<Self> {
+        let router = NetNs::new("rt")?;
+        let client = NetNs::new("cl")?;
+        let lb = NetNs::new("lb")?;
+        router.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")?;
+        veth(&router, "c0", &client, "eth0")?;
+        veth(&router, "l0", &lb, "eth0")?;
+        router.sh(
+            "ip addr add 10.81.0.1/24 dev c0 && ip addr add fd81::1/64 dev c0 nodad && \
+             ip addr add 10.82.0.1/24 dev l0 && ip addr add fd82::1/64 dev l0 nodad && \
+             ip link set l0 mtu 1600 && ethtool -K c0 tx off >/dev/null && ethtool -K l0 tx off >/dev/null",
+        )?;
+        router.sh(&format!(
+            "ip route add {VIP4}/32 via 10.82.0.2 && ip -6 route add {VIP6}/128 via fd82::2"
+        ))?;
+        client.sh(
+            "ip addr add 10.81.0.2/24 dev eth0 && ip addr add fd81::2/64 dev eth0 nodad && \
+             ip route add default via 10.81.0.1 && ip -6 route add default via fd81::1 && \
+             ethtool -K eth0 tx off >/dev/null",
+        )?;
+        // The balancer forwards (bpf_fib_lookup answers only for forwarding interfaces).
+        lb.sh(
+            "ip addr add 10.82.0.2/24 dev eth0 && ip addr add fd82::2/64 dev eth0 nodad && ip link set eth0 mtu 1600 && \
+             ip route add default via 10.82.0.1 && ip -6 route add default via fd82::1 && \
+             sysctl -qw net.ipv4.conf.all.forwarding=1 net.ipv4.conf.eth0.forwarding=1 net.ipv6.conf.all.forwarding=1",
+        )?;
+        // The router's side of the balancer's link receives XDP_TX frames only with XDP on it.
+        let pass = in_ns(&router, || -> Result<aya::Ebpf> {
+            let mut ebpf = empty_ebpf()?;
+            let prog: &mut Xdp = ebpf
+                .program_mut(lb_common::maps::PROG_PASS)
+                .expect("pass")
+                .try_into()?;
+            prog.load()?;
+            prog.attach("l0", XdpMode::Driver)?;
+            Ok(ebpf)
+        })?;
+        let mut routed = Self {
+            servers: Vec::new(),
+            backends: Vec::new(),
+            _pass: pass,
+            client,
+            lb,
+            _router: router,
+        };
+        for i in 1..=BACKENDS {
+            let b = NetNs::new(&format!("b{i}"))?;
+            veth(&routed._router, &format!("b{i}"), &b, "eth0")?;
+            routed._router.sh(&format!(
+                "ip addr add 10.83.{i}.1/24 dev b{i} && ip addr add fd83:{i}::1/64 dev b{i} nodad && \
+                 ip link set b{i} mtu 1600"
+            ))?;
+            b.sh(&format!(
+                "ip addr add 10.83.{i}.2/24 dev eth0 && ip addr add fd83:{i}::2/64 dev eth0 nodad && \
+                 ip link set eth0 mtu 1600 && ip route add default via 10.83.{i}.1 && \
+                 ip -6 route add default via fd83:{i}::1 && ethtool -K eth0 tx off >/dev/null"
+            ))?;
+            routed.backends.push(b);
+        }
+        Ok(routed)
+    }
+
+    fn backend_host(&self, i: usize, args: &[&str]) -> std::process::Output {
+        self.backends[i]
+            .command(lb_bin())
+            .arg("backend-host")
+            .args(args)
+            .output()
+            .expect("run lb backend-host")
+    }
+
+    fn start_servers(&mut self) {
+        for (i, b) in self.backends.iter().enumerate() {
+            let addrs = [
+                SocketAddr::new(IpAddr::V4(VIP4), PORT),
+                SocketAddr::new(IpAddr::V6(VIP6), PORT),
+            ];
+            self.servers
+                .push(Servers::start(b, &format!("b{}", i + 1), &addrs));
+        }
+    }
+
+    fn config(&self, instance: &str, run_dir: &std::path::Path) -> String {
+        let mut text = format!(
+            "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\n",
+            run_dir.display()
+        );
+        for (name, vip, proto) in [
+            ("web4", IpAddr::V4(VIP4), "tcp"),
+            ("dns4", IpAddr::V4(VIP4), "udp"),
+            ("web6", IpAddr::V6(VIP6), "tcp"),
+            ("dns6", IpAddr::V6(VIP6), "udp"),
+        ] {
+            text.push_str(&format!(
+                "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {PORT}\nprotocol = \"{proto}\"\nforwarding = \"ipip\"\n"
+            ));
+            for i in 1..=BACKENDS {
+                let addr = if vip.is_ipv4() {
+                    format!("10.83.{i}.2")
+                } else {
+                    format!("fd83:{i}::2")
+                };
+                text.push_str(&format!(
+                    "\n[[service.backend]]\nid = \"b{i}\"\naddress = \"{addr}\"\n"
+                ));
+            }
+        }
+        text
+    }
+}
+
+/// `n` TCP connections and `n` UDP flows to `vip` from the client; returns answers per backend.
+fn traffic(client_ns: &NetNs, vip: IpAddr, n: usize) -> (HashMap<String, usize>, HashMap<String, usize>) {
+    in_ns(client_ns, move || {
+        let mut tcp = HashMap::new();
+        for _ in 0..n {
+            let mut c = client::connect(vip);
+            let first = c.ask().expect("TCP answer through IPIP");
+            assert_eq!(
+                c.ask().expect("second answer"),
+                first,
+                "a TCP flow changed backend"
+            );
+            *tcp.entry(first).or_insert(0) += 1;
+        }
+        let mut udp = HashMap::new();
+        let bind: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+            .parse()
+            .expect("addr");
+        for _ in 0..n {
+            let s = UdpSocket::bind(bind).expect("bind");
+            s.connect(SocketAddr::new(vip, PORT)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+            let mut buf = [0u8; 64];
+            let mut answer = None;
+            // UDP may lose the first datagram while neighbours resolve: bounded retries.
+            for _ in 0..5 {
+                s.send(b"who\n").expect("send");
+                if let Ok(len) = s.recv(&mut buf) {
+                    answer = Some(String::from_utf8_lossy(&buf[..len]).trim().to_string());
+                    break;
+                }
+            }
+            *udp.entry(answer.expect("UDP answer through IPIP")).or_insert(0) += 1;
+        }
+        (tcp, udp)
+    })
+}
+
+#[test]
+fn ipip_reaches_routed_backends_that_answer_directly() {
+    let mut net = Routed::new().expect("topology");
+
+    // A backend that is not set up: check names what is missing and fails.
+    let out = net.backend_host(0, &["check", "--interface", "eth0", "--vip", &VIP4.to_string()]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("FAIL decapsulator attached to eth0"), "{text}");
+    assert!(text.contains(&format!("FAIL {VIP4} is on lo")), "{text}");
+    assert!(text.contains("arp_ignore"), "{text}");
+
+    for i in 0..BACKENDS as usize {
+        let out = net.backend_host(
+            i,
+            &[
+                "setup",
+                "--interface",
+                "eth0",
+                "--vip",
+                &VIP4.to_string(),
+                "--vip",
+                &VIP6.to_string(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "setup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = net.backend_host(
+            i,
+            &[
+                "check",
+                "--interface",
+                "eth0",
+                "--vip",
+                &VIP4.to_string(),
+                "--vip",
+                &VIP6.to_string(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "check after setup: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // Idempotent.
+        let out = net.backend_host(
+            i,
+            &[
+                "--json",
+                "setup",
+                "--interface",
+                "eth0",
+                "--vip",
+                &VIP4.to_string(),
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(
+            v["changed"],
+            serde_json::json!([]),
+            "second setup changed something"
+        );
+    }
+    net.start_servers();
+
+    let (instance, run_dir) = Daemon::new_paths();
+    let config = net.config(&instance, &run_dir);
+    let daemon = Daemon::start_in(&net.lb, &instance, &run_dir, &config).expect("daemon");
+    // IPv6 neighbour discovery needs the fresh links' addresses out of duplicate address
+    // detection first.
+    for ns in [&net.client, &net.lb, &net._router]
+        .into_iter()
+        .chain(net.backends.iter())
+    {
+        assert!(
+            wait_until(Duration::from_secs(15), || ns
+                .sh("ip -6 addr show tentative")
+                .is_ok_and(|o| o.trim().is_empty())),
+            "DAD did not finish in {}",
+            ns.name
+        );
+    }
+    for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        let (tcp, udp) = traffic(&net.client, vip, 40);
+        for (what, counts) in [("tcp", &tcp), ("udp", &udp)] {
+            assert_eq!(counts.values().sum::<usize>(), 40, "{vip} {what}: {counts:?}");
+            assert_eq!(
+                counts.len(),
+                BACKENDS as usize,
+                "{vip} {what}: every backend serves: {counts:?}"
+            );
+        }
+    }
+    // Forwarded by XDP (the router's side got XDP_TX frames), decapsulated on the backends.
+    let stats = daemon.json(&["stats"]);
+    let tx = stats["counters"]["tx"].as_u64().unwrap_or(0);
+    assert!(tx >= 160, "tx counter {tx}: {stats}");
+    for i in 0..BACKENDS as usize {
+        let out = net.backend_host(
+            i,
+            &[
+                "--json",
+                "check",
+                "--interface",
+                "eth0",
+                "--vip",
+                &VIP4.to_string(),
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let line = v["findings"]
+            .as_array()
+            .and_then(|f| {
+                f.iter().find(|f| {
+                    f["what"]
+                        .as_str()
+                        .is_some_and(|w| w.contains("packets decapsulated"))
+                })
+            })
+            .cloned()
+            .unwrap_or_default();
+        let decapped: u64 = line["what"]
+            .as_str()
+            .and_then(|w| w.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(decapped > 0, "backend {i}: {line}");
+    }
+    drop(daemon);
+}
