@@ -19,3 +19,23 @@ pub const fn encap_variation(src_word0: u32, src_port: u16) -> u32 {
     let v = src_word0 ^ (src_word0 >> 16) ^ src_port as u32;
     v & 0xffff
 }
+
+/// A backend's next hop as one CPU last learnt it from the FIB (`NEXT_HOPS`, per backend slot).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    pub expires_ns: u64,
+    /// The backend's generation when learnt: a reused slot is looked up again.
+    pub generation: u32,
+    pub ifindex: u32,
+    /// Largest outer packet the route takes.
+    pub mtu: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// `HOP_F_*`.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<NextHop>() == 40);
+
+/// The neighbour is resolved: `dmac` is the next hop's.
+pub const HOP_F_RESOLVED: u32 = 1;

@@ -81,5 +81,6 @@ mod pod {
     unsafe impl aya::Pod for crate::VipFilter {}
     unsafe impl aya::Pod for crate::dpconfig::DataPlaneConfig {}
     unsafe impl aya::Pod for crate::AddrKey {}
+    unsafe impl aya::Pod for crate::dpconfig::NextHop {}
     unsafe impl aya::Pod for crate::bench::BenchFrame {}
 }

@@ -24,6 +24,9 @@ pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
 /// `DataPlaneConfig` at index 0.
 pub const DP_CONFIG: &str = "DP_CONFIG";
 
+/// Per-CPU next-hop cache of encapsulated forwarding, by backend slot (`NextHop`).
+pub const NEXT_HOPS: &str = "NEXT_HOPS";
+
 /// Every map that is pinned under `/sys/fs/bpf/<instance>/maps/`.
 pub const PINNED: [&str; 10] = [
     SERVICES,

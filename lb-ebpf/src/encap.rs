@@ -1,19 +1,26 @@
 //! IPIP encapsulation: the packet, as the client sent it, inside an outer IPv4 (IPv6) header
 //! addressed to the backend. The next hop comes from the kernel's FIB (bpf_fib_lookup), never
 //! from configuration: no route passes the packet untouched, an unresolved neighbour passes it
-//! encapsulated so the kernel resolves it.
+//! encapsulated so the kernel resolves it. Each CPU caches a backend's next hop (egress, MACs,
+//! route MTU) for NEXT_HOP_TTL_NS: two FIB lookups per packet would cost more than the rest.
 
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
-use lb_common::{Backend, Counter, FAMILY_V4, addr_words, dpconfig::encap_variation};
+use lb_common::{
+    Backend, Counter, FAMILY_V4, addr_words,
+    dpconfig::{HOP_F_RESOLVED, NextHop, encap_variation},
+};
 use lb_ebpf::{Flow, Frame, Verdict};
 
-use crate::{forward::send, maps::DP_CONFIG};
+use crate::{
+    forward::send,
+    maps::{DP_CONFIG, FIB_SCRATCH, NEXT_HOPS},
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -21,8 +28,12 @@ const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_IPV6: u8 = 41;
 const OUTER_TTL: u8 = 64;
 
+/// How long a CPU trusts a cached next hop before asking the FIB again: route and neighbour
+/// changes take effect within this.
+const NEXT_HOP_TTL_NS: u64 = 100_000_000;
+
 #[inline(always)]
-pub fn ipip(ctx: &XdpContext, frame: &Frame, flow: &Flow, backend: &Backend) -> Verdict {
+pub fn ipip(ctx: &XdpContext, frame: &Frame, flow: &Flow, slot: u32, backend: &Backend) -> Verdict {
     let Some(cfg) = DP_CONFIG.get(0) else {
         return Verdict::Pass(Counter::PassNoRoute);
     };
@@ -30,62 +41,26 @@ pub fn ipip(ctx: &XdpContext, frame: &Frame, flow: &Flow, backend: &Backend) -> 
     let inner_len = frame.len() - flow.l3;
     let variation = encap_variation(key.src_addr[0], key.src_port);
     let dst = addr_words(backend.addr);
-    // SAFETY: a zeroed bpf_fib_lookup is a valid input (all plain integers).
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    let outer_len;
-    if key.family == FAMILY_V4 {
-        outer_len = 20;
-        fib.family = AF_INET;
-        fib.l4_protocol = IPPROTO_IPIP;
-        fib.__bindgen_anon_1.tot_len = (inner_len + outer_len) as u16;
-        // Wire bytes [prefix, prefix, variation (big-endian)].
-        let v = (variation as u16).to_be_bytes();
-        fib.__bindgen_anon_3.ipv4_src = (cfg.encap_src4 & u32::from_ne_bytes([0xff, 0xff, 0, 0]))
-            | u32::from_ne_bytes([0, 0, v[0], v[1]]);
-        fib.__bindgen_anon_4.ipv4_dst = dst[0];
-    } else {
-        outer_len = 40;
-        fib.family = AF_INET6;
-        fib.l4_protocol = IPPROTO_IPV6;
-        fib.__bindgen_anon_1.tot_len = (inner_len + outer_len) as u16;
-        let src = [
-            cfg.encap_src6[0],
-            cfg.encap_src6[1],
-            cfg.encap_src6[2],
-            (variation as u32).to_be(),
-        ];
-        // Word by word with volatile stores: LLVM (built to allow misaligned access) would
-        // otherwise merge pairs into 8-byte stores at 4-byte stack offsets, which the verifier
-        // rejects.
-        // SAFETY: writes within the union fields of a local struct.
-        unsafe {
-            let s = fib.__bindgen_anon_3.ipv6_src.as_mut_ptr();
-            let d = fib.__bindgen_anon_4.ipv6_dst.as_mut_ptr();
-            for i in 0..4 {
-                s.add(i).write_volatile(src[i]);
-                d.add(i).write_volatile(dst[i]);
-            }
-        }
+    let v4 = key.family == FAMILY_V4;
+    let outer_len = if v4 { 20 } else { 40 };
+    // Wire bytes [prefix, prefix, variation (big-endian)].
+    let v = (variation as u16).to_be_bytes();
+    let src4 =
+        (cfg.encap_src4 & u32::from_ne_bytes([0xff, 0xff, 0, 0])) | u32::from_ne_bytes([0, 0, v[0], v[1]]);
+    let src6 = [
+        cfg.encap_src6[0],
+        cfg.encap_src6[1],
+        cfg.encap_src6[2],
+        (variation as u32).to_be(),
+    ];
+    let mut hop = match next_hop(ctx, slot, backend, v4, src4, &src6, &dst) {
+        Ok(hop) => hop,
+        Err(verdict) => return verdict,
+    };
+    if (inner_len + outer_len) as u32 > hop.mtu {
+        return Verdict::Drop(Counter::DropEncapTooBig);
     }
-    // SAFETY: helper call with a stack struct of the size we pass.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.ctx.cast(),
-            &mut fib,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
-    let resolved = match rc as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS if rc >= 0 => true,
-        BPF_FIB_LKUP_RET_NO_NEIGH => false,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Verdict::Drop(Counter::DropEncapTooBig),
-        _ => return Verdict::Pass(Counter::PassNoRoute),
-    };
-    // SAFETY: reading the source union member we wrote above.
-    let (src4, src6) = unsafe { (fib.__bindgen_anon_3.ipv4_src, fib.__bindgen_anon_3.ipv6_src) };
-
+    let resolved = hop.flags & HOP_F_RESOLVED != 0;
     // Unresolved next hop: the kernel forwards the packet and resolves the neighbour, but only
     // accepts a frame addressed to this host, so it keeps the MACs it arrived with.
     if !resolved {
@@ -94,8 +69,8 @@ pub fn ipip(ctx: &XdpContext, frame: &Frame, flow: &Flow, backend: &Backend) -> 
         };
         // SAFETY: bounds checked by ptr_at.
         let macs = unsafe { eth.read_unaligned() };
-        fib.dmac.copy_from_slice(&macs[..6]);
-        fib.smac.copy_from_slice(&macs[6..]);
+        hop.dmac.copy_from_slice(&macs[..6]);
+        hop.smac.copy_from_slice(&macs[6..]);
     }
     // Grow the head so that [Ethernet][outer][inner IP...] fits; any VLAN tag is dropped, the
     // egress is decided by the FIB.
@@ -113,7 +88,7 @@ pub fn ipip(ctx: &XdpContext, frame: &Frame, flow: &Flow, backend: &Backend) -> 
         let hdr = hdr.cast::<u8>();
         // SAFETY: 36 bytes bounds-checked above.
         unsafe {
-            write_eth(hdr, &fib, 0x0800);
+            write_eth(hdr, &hop, 0x0800);
             let tos = *hdr.add(14 + 20 + 1);
             write_ipv4(hdr.add(14), tos, inner_len as u16 + 20, src4, dst[0]);
         }
@@ -124,7 +99,7 @@ pub fn ipip(ctx: &XdpContext, frame: &Frame, flow: &Flow, backend: &Backend) -> 
         let hdr = hdr.cast::<u8>();
         // SAFETY: 56 bytes bounds-checked above.
         unsafe {
-            write_eth(hdr, &fib, 0x86dd);
+            write_eth(hdr, &hop, 0x86dd);
             // Traffic class from the inner header; the flow label carries the variation too.
             let tc = (*hdr.add(54) & 0x0f) << 4 | *hdr.add(55) >> 4;
             write_ipv6(hdr.add(14), tc, variation, inner_len as u16, &src6, &dst);
@@ -133,15 +108,158 @@ pub fn ipip(ctx: &XdpContext, frame: &Frame, flow: &Flow, backend: &Backend) -> 
     if !resolved {
         return Verdict::Pass(Counter::PassEncapNoNeigh);
     }
-    send(ctx, fib.ifindex)
+    send(ctx, hop.ifindex)
+}
+
+/// The backend's next hop from this CPU's cache, or from the FIB (and then cached). An
+/// unresolved neighbour is not cached: the kernel is resolving it and the next packet asks again.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn next_hop(
+    ctx: &XdpContext,
+    slot: u32,
+    backend: &Backend,
+    v4: bool,
+    src4: u32,
+    src6: &[u32; 4],
+    dst: &[u32; 4],
+) -> Result<NextHop, Verdict> {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let cached = NEXT_HOPS.get_ptr_mut(slot);
+    if let Some(c) = cached {
+        // SAFETY: per-CPU slot, only this CPU touches it.
+        let c = unsafe { &*c };
+        if c.expires_ns > now && c.generation == backend.generation {
+            return Ok(*c);
+        }
+    }
+    let no_route = Verdict::Pass(Counter::PassNoRoute);
+    let mut fib = FibQuery::new(ctx, v4, src4, src6, dst).ok_or(no_route)?;
+    let resolved = match fib.lookup(ctx) {
+        BPF_FIB_LKUP_RET_SUCCESS => true,
+        BPF_FIB_LKUP_RET_NO_NEIGH => false,
+        _ => return Err(no_route),
+    };
+    let (ifindex, dmac, smac) = fib.result();
+    let mut hop = NextHop {
+        expires_ns: now + NEXT_HOP_TTL_NS,
+        generation: backend.generation,
+        ifindex,
+        // The kernel forwards unresolved packets itself, fragmenting or answering as it must.
+        mtu: u32::MAX,
+        dmac,
+        smac,
+        flags: 0,
+    };
+    if !resolved {
+        return Ok(hop);
+    }
+    hop.flags = HOP_F_RESOLVED;
+    // The route's MTU: ask for the largest packet, the FIB answers with the limit.
+    let mut probe = FibQuery::new(ctx, v4, src4, src6, dst).ok_or(no_route)?;
+    probe.set_tot_len(u16::MAX);
+    hop.mtu = match probe.lookup(ctx) {
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => probe.mtu_result() as u32,
+        _ => u16::MAX as u32,
+    };
+    if let Some(c) = cached {
+        // SAFETY: per-CPU slot.
+        unsafe { *c = hop };
+    }
+    Ok(hop)
+}
+
+/// A `bpf_fib_lookup` in this CPU's scratch slot (FIB_SCRATCH): 64 bytes is too much for the
+/// 512-byte stack next to the rest, and on the stack LLVM (told it may access memory misaligned,
+/// for packet headers) would merge neighbouring fields into misaligned accesses the verifier
+/// rejects there. Fields are written and read one at a time at their uapi offsets.
+struct FibQuery {
+    buf: *mut u8,
+}
+const _: () = assert!(core::mem::size_of::<bpf_fib_lookup>() == 64);
+
+impl FibQuery {
+    /// A query for the outer packet as received on the ingress interface, without MTU check.
+    #[inline(always)]
+    fn new(ctx: &XdpContext, v4: bool, src4: u32, src6: &[u32; 4], dst: &[u32; 4]) -> Option<Self> {
+        let scratch = FIB_SCRATCH.get_ptr_mut(0)?;
+        let q = Self {
+            buf: scratch.cast::<u8>(),
+        };
+        let p = q.buf;
+        // SAFETY: offsets within this CPU's 64-byte slot (the layout of struct bpf_fib_lookup
+        // in the kernel's uapi); nothing else runs on this CPU meanwhile.
+        unsafe {
+            scratch.write_volatile([0; 8]);
+            p.write_volatile(if v4 { AF_INET } else { AF_INET6 });
+            p.add(1)
+                .write_volatile(if v4 { IPPROTO_IPIP } else { IPPROTO_IPV6 });
+            (p.add(8) as *mut u32).write_volatile(ctx.ingress_ifindex() as u32);
+            let s = p.add(16) as *mut u32;
+            let d = p.add(32) as *mut u32;
+            if v4 {
+                s.write_volatile(src4);
+                d.write_volatile(dst[0]);
+            } else {
+                for i in 0..4 {
+                    s.add(i).write_volatile(src6[i]);
+                    d.add(i).write_volatile(dst[i]);
+                }
+            }
+        }
+        Some(q)
+    }
+
+    #[inline(always)]
+    fn set_tot_len(&mut self, len: u16) {
+        // SAFETY: tot_len is the u16 at offset 6.
+        unsafe { (self.buf.add(6) as *mut u16).write_volatile(len) };
+    }
+
+    #[inline(always)]
+    fn mtu_result(&self) -> u16 {
+        // SAFETY: mtu_result shares offset 6 with tot_len.
+        unsafe { (self.buf.add(6) as *const u16).read_volatile() }
+    }
+
+    #[inline(always)]
+    fn lookup(&mut self, ctx: &XdpContext) -> u32 {
+        // SAFETY: helper call with a buffer of the size we pass.
+        let rc = unsafe {
+            fib_lookup(
+                ctx.ctx.cast(),
+                self.buf.cast::<bpf_fib_lookup>(),
+                core::mem::size_of::<bpf_fib_lookup>() as i32,
+                0,
+            )
+        };
+        if rc < 0 { u32::MAX } else { rc as u32 }
+    }
+
+    /// (egress ifindex, next hop MAC, egress MAC) after a successful lookup.
+    #[inline(always)]
+    fn result(&self) -> (u32, [u8; 6], [u8; 6]) {
+        let p = self.buf;
+        let mut dmac = [0u8; 6];
+        let mut smac = [0u8; 6];
+        // SAFETY: ifindex at 8, smac at 52, dmac at 58, all within the buffer.
+        unsafe {
+            for i in 0..6 {
+                smac[i] = p.add(52 + i).read_volatile();
+                dmac[i] = p.add(58 + i).read_volatile();
+            }
+            ((p.add(8) as *const u32).read_volatile(), dmac, smac)
+        }
+    }
 }
 
 #[inline(always)]
-unsafe fn write_eth(p: *mut u8, fib: &bpf_fib_lookup, ethertype: u16) {
+unsafe fn write_eth(p: *mut u8, hop: &NextHop, ethertype: u16) {
     // SAFETY: the caller checked 14 bytes at p.
     unsafe {
-        core::ptr::copy_nonoverlapping(fib.dmac.as_ptr(), p, 6);
-        core::ptr::copy_nonoverlapping(fib.smac.as_ptr(), p.add(6), 6);
+        core::ptr::copy_nonoverlapping(hop.dmac.as_ptr(), p, 6);
+        core::ptr::copy_nonoverlapping(hop.smac.as_ptr(), p.add(6), 6);
         (p.add(12) as *mut u16).write_unaligned(ethertype.to_be());
     }
 }

@@ -8,9 +8,16 @@ use network_types::eth::EthHdr;
 use crate::{encap, maps::TX_PORTS};
 
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, frame: &Frame, flow: &Flow, mode: u32, backend: &Backend) -> Verdict {
+pub fn forward(
+    ctx: &XdpContext,
+    frame: &Frame,
+    flow: &Flow,
+    mode: u32,
+    slot: u32,
+    backend: &Backend,
+) -> Verdict {
     match mode {
-        FWD_IPIP => encap::ipip(ctx, frame, flow, backend),
+        FWD_IPIP => encap::ipip(ctx, frame, flow, slot, backend),
         _ => dsr_l2(ctx, frame, backend),
     }
 }

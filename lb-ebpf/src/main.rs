@@ -30,7 +30,7 @@ fn balance(ctx: &XdpContext, frame: &Frame) -> Verdict {
         Err(verdict) => return verdict,
     };
     stats::traffic(chosen.service, chosen.slot, frame.len() as u64, chosen.new_flow);
-    forward::forward(ctx, frame, &flow, chosen.forward, &chosen.backend)
+    forward::forward(ctx, frame, &flow, chosen.forward, chosen.slot, &chosen.backend)
 }
 
 /// Passes everything. A veth only receives XDP_TX/redirected frames if its peer runs an XDP

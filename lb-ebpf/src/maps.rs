@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats, VipFilter,
-    dpconfig::DataPlaneConfig,
+    dpconfig::{DataPlaneConfig, NextHop},
     maps::{DEFAULT_CONNTRACK_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS},
     stats::COUNTER_SLOTS,
 };
@@ -20,6 +20,14 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SER
 
 #[map]
 pub static DP_CONFIG: Array<DataPlaneConfig> = Array::pinned(1, 0);
+
+/// Per-CPU room for one bpf_fib_lookup query (64 bytes): too big for the stack next to the rest.
+#[map]
+pub static FIB_SCRATCH: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Not pinned: a cache, rebuilt from the FIB after any restart.
+#[map]
+pub static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 #[map]
 pub static VIP_FILTER: Array<VipFilter> = Array::pinned(1, 0);

@@ -190,6 +190,24 @@ fn attach_pass(ns: &NetNs, port: &str) -> Result<aya::Ebpf> {
     })
 }
 
+/// Routed backends for IPIP: 10.60.0.0/24 and fd60::/64 behind a router (10.50.0.2, fd50::2)
+/// on `lbt-e`, a route with a 100-byte MTU to 10.61.0.0/24, and an on-link address (10.50.0.7)
+/// with no neighbour entry, in the calling thread's namespace. Returns lbt-e's ifindex.
+pub fn ipip_routes() -> Result<u32> {
+    let script = "ip link add lbt-e type veth peer name lbt-f && ip link set lbt-e address 02:00:00:00:00:1b && \
+        ip link set lbt-e up && ip link set lbt-f up && \
+        ip addr add 10.50.0.1/24 dev lbt-e && ip addr add fd50::1/64 dev lbt-e nodad && \
+        ip neigh add 10.50.0.2 lladdr 02:00:00:00:00:50 dev lbt-e nud permanent && \
+        ip neigh add fd50::2 lladdr 02:00:00:00:00:50 dev lbt-e nud permanent && \
+        ip route add 10.60.0.0/24 via 10.50.0.2 && ip -6 route add fd60::/64 via fd50::2 && \
+        ip route add 10.61.0.0/24 via 10.50.0.2 mtu lock 100 && \
+        sysctl -qw net.ipv4.conf.all.forwarding=1 net.ipv4.conf.lo.forwarding=1 net.ipv6.conf.all.forwarding=1";
+    crate::netns::run(std::process::Command::new("sh").args(["-c", script]))?;
+    let name = std::ffi::CString::new("lbt-e")?;
+    // SAFETY: valid C string; resolved in this thread's namespace.
+    Ok(unsafe { libc::if_nametoindex(name.as_ptr()) })
+}
+
 static PIN_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// Loads the object with its maps pinned in a private directory that is removed at once, so

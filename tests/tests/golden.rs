@@ -15,7 +15,7 @@ use lb_common::{
 use lb_tests::{
     NetNs, in_ns,
     packets::{eth, ipv4, ipv6, tcp, udp},
-    topology::{empty_ebpf, load_object},
+    topology::{empty_ebpf, ipip_routes, load_object},
 };
 
 const XDP_DROP: u32 = 1;
@@ -503,28 +503,6 @@ fn backend_behind_another_interface_is_redirected() {
     });
 }
 
-/// Routed backends for IPIP: 10.60.0.0/24 and fd60::/64 behind a router (10.50.0.2, fd50::2)
-/// on `lbt-e`, a route with a 100-byte MTU to 10.61.0.0/24, and an on-link address (10.50.0.7)
-/// with no neighbour entry. Returns lbt-e's ifindex.
-fn encap_routes() -> u32 {
-    let script = "ip link add lbt-e type veth peer name lbt-f && ip link set lbt-e address 02:00:00:00:00:1b && \
-        ip link set lbt-e up && ip link set lbt-f up && \
-        ip addr add 10.50.0.1/24 dev lbt-e && ip addr add fd50::1/64 dev lbt-e nodad && \
-        ip neigh add 10.50.0.2 lladdr 02:00:00:00:00:50 dev lbt-e nud permanent && \
-        ip neigh add fd50::2 lladdr 02:00:00:00:00:50 dev lbt-e nud permanent && \
-        ip route add 10.60.0.0/24 via 10.50.0.2 && ip -6 route add fd60::/64 via fd50::2 && \
-        ip route add 10.61.0.0/24 via 10.50.0.2 mtu lock 100 && \
-        sysctl -qw net.ipv4.conf.all.forwarding=1 net.ipv4.conf.lo.forwarding=1 net.ipv6.conf.all.forwarding=1";
-    let out = std::process::Command::new("sh")
-        .args(["-c", script])
-        .output()
-        .expect("sh");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let name = std::ffi::CString::new("lbt-e").expect("name");
-    // SAFETY: valid C string; resolved in this thread's namespace.
-    unsafe { libc::if_nametoindex(name.as_ptr()) }
-}
-
 const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x50];
 const ENCAP_SRC4: [u8; 4] = [172, 16, 0, 0];
 const ENCAP_SRC6: [u8; 16] = [0xfd, 0, 0, 0x1b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -567,7 +545,7 @@ fn outer_src4(client: [u8; 4], sport: u16) -> [u8; 4] {
 #[test]
 fn ipip_wraps_the_packet_for_a_routed_backend() {
     in_fresh_ns(|| {
-        let ifindex = encap_routes();
+        let ifindex = ipip_routes().expect("routes");
         let mut dp = standard();
         dp.encap_config();
         dp.tx_ports.insert(ifindex, ifindex, None, 0).expect("tx port");
@@ -629,7 +607,7 @@ fn ipip_wraps_the_packet_for_a_routed_backend() {
 #[test]
 fn ipip_without_route_neighbour_or_mtu_is_counted() {
     in_fresh_ns(|| {
-        let ifindex = encap_routes();
+        let ifindex = ipip_routes().expect("routes");
         let mut dp = standard();
         dp.encap_config();
         dp.tx_ports.insert(ifindex, ifindex, None, 0).expect("tx port");

@@ -8,14 +8,17 @@
 use anyhow::{Context, Result, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray},
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, ProgramArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
     Backend, Counter, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue, VipFilter,
+    addr_words,
     backend::BACKEND_F_ACTIVE,
     bench::{BENCH_TARGET_FLOOR, BENCH_TARGET_LB, BenchFrame},
+    dpconfig::DataPlaneConfig,
     maps,
+    service::{FWD_DSR_L2, FWD_IPIP},
 };
 use lb_userspace::{
     dataplane::Pool,
@@ -24,8 +27,9 @@ use lb_userspace::{
 use serde::Serialize;
 
 use crate::{
+    NetNs, in_ns,
     packets::{eth, ipv4, ipv6, tcp, udp},
-    topology::empty_ebpf,
+    topology::{empty_ebpf, ipip_routes},
 };
 
 pub const BACKENDS: u32 = 100;
@@ -33,6 +37,9 @@ pub const TABLE_SIZE: u32 = 65537;
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+/// The IPIP services' port; their backends are routed (crate::topology::ipip_routes).
+const IPIP_PORT: u16 = 8080;
 
 const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x1b];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
@@ -152,6 +159,26 @@ fn cases() -> Vec<Case> {
         },
         Case {
             unwrapped: false,
+            name: "tcp4_established_ipip",
+            frame: v4(PROTO_TCP, tcp(40000, IPIP_PORT, TCP_ACK), VIP4),
+            target: BENCH_TARGET_LB,
+            vary_offset: 0,
+            verdict: XDP_REDIRECT,
+            counters: &[Counter::ConntrackHit, Counter::Redirect],
+            target_ns: None,
+        },
+        Case {
+            unwrapped: false,
+            name: "tcp6_established_ipip",
+            frame: v6(PROTO_TCP, tcp(40000, IPIP_PORT, TCP_ACK)),
+            target: BENCH_TARGET_LB,
+            vary_offset: 0,
+            verdict: XDP_REDIRECT,
+            counters: &[Counter::ConntrackHit, Counter::Redirect],
+            target_ns: None,
+        },
+        Case {
+            unwrapped: false,
             name: "nonvip_pass",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), OTHER4),
             target: BENCH_TARGET_LB,
@@ -203,6 +230,35 @@ impl Bench {
             table.len()
         );
         pool.write(0, &table)?;
+        // IPIP: 100 routed backends per family, each family on its own table.
+        for (region, family) in [(1u32, FAMILY_V4), (2, FAMILY_V6)] {
+            let first = region * BACKENDS + 1;
+            let table: Vec<u32> = build_table(&members, TABLE_SIZE)
+                .iter()
+                .map(|&i| i + first)
+                .collect();
+            pool.write(region * TABLE_SIZE, &table)?;
+            for i in 0..BACKENDS {
+                let mut addr = [0u8; 16];
+                if family == FAMILY_V4 {
+                    addr[..4].copy_from_slice(&[10, 60, (i >> 8) as u8, i as u8 + 1]);
+                } else {
+                    addr[..2].copy_from_slice(&[0xfd, 0x60]);
+                    addr[15] = i as u8 + 1;
+                }
+                let b = Backend {
+                    addr,
+                    family,
+                    flags: BACKEND_F_ACTIVE,
+                    port: 0,
+                    generation: 1,
+                    ifindex: 0,
+                    dst_mac: [0; 6],
+                    src_mac: [0; 6],
+                };
+                backends.set(first + i, b, 0)?;
+            }
+        }
         for slot in 1..=BACKENDS {
             let b = Backend {
                 addr: [0; 16],
@@ -217,11 +273,13 @@ impl Bench {
             };
             backends.set(slot, b, 0)?;
         }
-        for (id, (family, proto, port)) in [
-            (FAMILY_V4, PROTO_TCP, 80u16),
-            (FAMILY_V4, PROTO_UDP, 53),
-            (FAMILY_V6, PROTO_TCP, 80),
-            (FAMILY_V6, PROTO_UDP, 53),
+        for (id, (family, proto, port, region, forward)) in [
+            (FAMILY_V4, PROTO_TCP, 80u16, 0u32, FWD_DSR_L2),
+            (FAMILY_V4, PROTO_UDP, 53, 0, FWD_DSR_L2),
+            (FAMILY_V6, PROTO_TCP, 80, 0, FWD_DSR_L2),
+            (FAMILY_V6, PROTO_UDP, 53, 0, FWD_DSR_L2),
+            (FAMILY_V4, PROTO_TCP, IPIP_PORT, 1, FWD_IPIP),
+            (FAMILY_V6, PROTO_TCP, IPIP_PORT, 2, FWD_IPIP),
         ]
         .into_iter()
         .enumerate()
@@ -235,9 +293,9 @@ impl Bench {
             let value = ServiceValue {
                 id: id as u32,
                 flags: 0,
-                table_offset: 0,
+                table_offset: region * TABLE_SIZE,
                 table_size: TABLE_SIZE,
-                forward: 0,
+                forward,
                 _reserved: 0,
             };
             let key = ServiceKey::new(family, proto, addr, port.to_be());
@@ -245,6 +303,16 @@ impl Bench {
             services.insert(key, value, 0)?;
         }
         vip_filter.set(0, filter, 0)?;
+        let egress = ipip_routes()?;
+        let mut tx_ports: DevMapHash<MapData> = take(maps::TX_PORTS)?.try_into()?;
+        tx_ports.insert(egress, egress, None, 0)?;
+        let mut dp_config: Array<MapData, DataPlaneConfig> = take(maps::DP_CONFIG)?.try_into()?;
+        let cfg = DataPlaneConfig {
+            encap_src4: u32::from_ne_bytes([172, 16, 0, 0]),
+            _pad: 0,
+            encap_src6: addr_words([0xfd, 0, 0, 0x1b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+        };
+        dp_config.set(0, cfg, 0)?;
 
         let mut wrapper = EbpfLoader::new()
             .load(lb_userspace::BENCH_OBJECT)
@@ -357,6 +425,13 @@ fn median(v: &[u64]) -> f64 {
 /// Runs every case (`repeat` iterations, `runs` times) in the current thread, which it pins to
 /// one CPU so runs don't migrate mid-measurement.
 pub fn run(repeat: u32, runs: usize, only: Option<&str>) -> Result<Vec<CaseResult>> {
+    // A private namespace: the IPIP cases need routes and neighbours of their own.
+    let ns = NetNs::new("bench")?;
+    let only = only.map(str::to_string);
+    in_ns(&ns, move || run_here(repeat, runs, only.as_deref()))
+}
+
+fn run_here(repeat: u32, runs: usize, only: Option<&str>) -> Result<Vec<CaseResult>> {
     pin_to_cpu(1)?;
     let mut bench = Bench::new()?;
     let mut measured = Vec::new();
