@@ -64,8 +64,10 @@ counters! {
     DropEncapTooBig = 23, "drop_encap_too_big";
     // The kernel refused to grow the frame's headroom.
     DropEncapFailed = 24, "drop_encap_failed";
+    // An ICMP error about a VIP flow, sent on to the flow's backend.
+    IcmpErrorForwarded = 25, "icmp_error_forwarded";
 }
 
 /// Size of the global counter map.
 pub const COUNTER_SLOTS: u32 = 32;
-const _: () = assert!((Counter::DropEncapFailed as u32) < COUNTER_SLOTS);
+const _: () = assert!((Counter::IcmpErrorForwarded as u32) < COUNTER_SLOTS);

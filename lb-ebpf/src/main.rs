@@ -29,6 +29,9 @@ fn balance(ctx: &XdpContext, frame: &Frame) -> Verdict {
         Ok(chosen) => chosen,
         Err(verdict) => return verdict,
     };
+    if flow.icmp_error {
+        stats::count(lb_common::Counter::IcmpErrorForwarded);
+    }
     stats::traffic(chosen.service, chosen.slot, frame.len() as u64, chosen.new_flow);
     forward::forward(ctx, frame, &flow, chosen.forward, chosen.slot, &chosen.backend)
 }

@@ -14,6 +14,8 @@ use network_types::{
 
 use crate::Verdict;
 
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
 const ETH_P_IPV4: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
 const ETH_P_8021Q: u16 = 0x8100u16.to_be();
@@ -60,6 +62,10 @@ pub struct Flow {
     pub syn: bool,
     /// Offset of the IP header in the frame (after Ethernet and any VLAN tag).
     pub l3: usize,
+    /// An ICMP error (fragmentation needed / packet too big, port unreachable) about this
+    /// flow: `key` is the flow of the packet it quotes, direction reversed, so the error goes to
+    /// the backend that owns the flow.
+    pub icmp_error: bool,
 }
 
 /// Parses a frame into its flow, or says why it is not balanced.
@@ -107,11 +113,90 @@ fn parse_ipv4(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
     let proto = ip.proto;
     let src = [load_word(ip.src_addr.as_ptr()), 0, 0, 0];
     let dst = [load_word(ip.dst_addr.as_ptr()), 0, 0, 0];
+    if proto == PROTO_ICMP {
+        return icmp4_error(frame, offset, offset + header_len, dst);
+    }
     let (sport, dport, syn) = parse_ports(frame, offset + header_len, proto)?;
     Ok(Flow {
         key: FlowKey::from_words(FAMILY_V4, proto, src, dst, sport, dport),
         syn,
         l3: offset,
+        icmp_error: false,
+    })
+}
+
+/// An ICMPv4 error sent to a VIP quotes the header of a packet the VIP sent (a backend's reply):
+/// source VIP, destination client. Reversed, that is the client's flow.
+#[inline(always)]
+fn icmp4_error(frame: &Frame, l3: usize, offset: usize, outer_dst: [u32; 4]) -> Result<Flow, Verdict> {
+    let not_ours = Verdict::Pass(Counter::PassNotTcpUdp);
+    let icmp: *const [u8; 8] = frame.ptr_at(offset).ok_or(not_ours)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (kind, code) = unsafe { ((*icmp)[0], (*icmp)[1]) };
+    // Destination unreachable: port unreachable (3) or fragmentation needed (4).
+    if kind != 3 || (code != 3 && code != 4) {
+        return Err(not_ours);
+    }
+    let inner_at = offset + 8;
+    let inner: *const Ipv4Hdr = frame.ptr_at(inner_at).ok_or(not_ours)?;
+    // SAFETY: bounds checked by ptr_at.
+    let inner = unsafe { &*inner };
+    let inner_len = ((inner.vihl & 0x0f) as usize) << 2;
+    if inner.vihl >> 4 != 4 || inner_len < Ipv4Hdr::LEN || u16::from_be_bytes(inner.frags) & 0x1fff != 0 {
+        return Err(not_ours);
+    }
+    let proto = inner.proto;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(not_ours);
+    }
+    let vip = [load_word(inner.src_addr.as_ptr()), 0, 0, 0];
+    let client = [load_word(inner.dst_addr.as_ptr()), 0, 0, 0];
+    // The quote is about a packet from this VIP, to which the error is addressed.
+    if vip != outer_dst {
+        return Err(not_ours);
+    }
+    let ports: *const [u16; 2] = frame.ptr_at(inner_at + inner_len).ok_or(not_ours)?;
+    // SAFETY: bounds checked by ptr_at; the first 4 bytes of TCP and UDP are the ports.
+    let [vip_port, client_port] = unsafe { ports.read_unaligned() };
+    Ok(Flow {
+        key: FlowKey::from_words(FAMILY_V4, proto, client, vip, client_port, vip_port),
+        syn: false,
+        l3,
+        icmp_error: true,
+    })
+}
+
+/// As `icmp4_error`, for ICMPv6 packet too big (2) and port unreachable (type 1, code 4).
+#[inline(always)]
+fn icmp6_error(frame: &Frame, l3: usize, offset: usize, outer_dst: [u32; 4]) -> Result<Flow, Verdict> {
+    let not_ours = Verdict::Pass(Counter::PassNotTcpUdp);
+    let icmp: *const [u8; 8] = frame.ptr_at(offset).ok_or(not_ours)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (kind, code) = unsafe { ((*icmp)[0], (*icmp)[1]) };
+    if kind != 2 && !(kind == 1 && code == 4) {
+        return Err(not_ours);
+    }
+    let inner_at = offset + 8;
+    let inner: *const Ipv6Hdr = frame.ptr_at(inner_at).ok_or(not_ours)?;
+    // SAFETY: bounds checked by ptr_at.
+    let inner = unsafe { &*inner };
+    let proto = inner.next_hdr;
+    if inner.vcf[0] >> 4 != 6 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+        return Err(not_ours);
+    }
+    let vip = load_words(inner.src_addr.as_ptr());
+    if vip != outer_dst {
+        return Err(not_ours);
+    }
+    let client = load_words(inner.dst_addr.as_ptr());
+    let ports: *const [u16; 2] = frame.ptr_at(inner_at + Ipv6Hdr::LEN).ok_or(not_ours)?;
+    // SAFETY: bounds checked by ptr_at.
+    let [vip_port, client_port] = unsafe { ports.read_unaligned() };
+    Ok(Flow {
+        key: FlowKey::from_words(FAMILY_V6, proto, client, vip, client_port, vip_port),
+        syn: false,
+        l3,
+        icmp_error: true,
     })
 }
 
@@ -128,6 +213,14 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
     let proto = ip.next_hdr;
     match proto {
         PROTO_TCP | PROTO_UDP => {}
+        PROTO_ICMPV6 => {
+            return icmp6_error(
+                frame,
+                offset,
+                offset + Ipv6Hdr::LEN,
+                load_words(ip.dst_addr.as_ptr()),
+            );
+        }
         44 => return Err(Verdict::Pass(Counter::PassIpv6Fragment)),
         // Hop-by-hop, routing, destination options, AH, mobility, HIP, shim6, experimental.
         0 | 43 | 60 | 51 | 135 | 139 | 140 | 253 | 254 => {
@@ -147,6 +240,7 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
         ),
         syn,
         l3: offset,
+        icmp_error: false,
     })
 }
 
@@ -355,6 +449,47 @@ mod tests {
         assert_eq!(
             run(&frame(&[&eth(0x0800), &ipv4(17, 5, 0x0010, &[])])),
             Err(Verdict::Pass(Counter::PassIpv4Fragment))
+        );
+    }
+
+    #[test]
+    fn icmp_errors_map_to_the_quoted_flow_reversed() {
+        // The backend's reply VIP:8080 -> client:40000, quoted in a fragmentation-needed
+        // error sent to the VIP.
+        let mut quoted = ipv4(6, 5, 0, &tcp(8080, 40000));
+        quoted[12..16].copy_from_slice(&[10, 0, 0, 100]);
+        quoted[16..20].copy_from_slice(&[10, 0, 0, 1]);
+        let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0xdc];
+        icmp.extend_from_slice(&quoted[..28]);
+        let mut outer = ipv4(1, 5, 0, &icmp);
+        outer[12..16].copy_from_slice(&[192, 0, 2, 1]);
+        let f = frame(&[&eth(0x0800), &outer]);
+        let start = f.as_ptr() as usize;
+        let flow = parse_flow(&Frame::new(start, start + f.len())).expect("parsed");
+        assert!(flow.icmp_error);
+        let k = flow.key;
+        assert_eq!(lb_common::addr_bytes(k.src_addr)[..4], [10, 0, 0, 1]);
+        assert_eq!(lb_common::addr_bytes(k.dst_addr)[..4], [10, 0, 0, 100]);
+        assert_eq!(
+            (u16::from_be(k.src_port), u16::from_be(k.dst_port)),
+            (40000, 8080)
+        );
+        assert_eq!(k.proto, 6);
+
+        // Quoting a packet from another address than the one the error is sent to: not ours.
+        let mut other = outer.clone();
+        other[16..20].copy_from_slice(&[10, 0, 0, 7]);
+        assert_eq!(
+            run(&frame(&[&eth(0x0800), &other])),
+            Err(Verdict::Pass(Counter::PassNotTcpUdp))
+        );
+        // Other ICMP (an echo request): not ours either.
+        let mut echo = outer.clone();
+        echo[20] = 8;
+        echo[21] = 0;
+        assert_eq!(
+            run(&frame(&[&eth(0x0800), &echo])),
+            Err(Verdict::Pass(Counter::PassNotTcpUdp))
         );
     }
 }

@@ -725,3 +725,96 @@ fn decap_strips_ipip_for_local_vips_only() {
         assert_eq!(count(0), 2);
     });
 }
+
+#[test]
+fn icmp_errors_reach_the_backend_that_owns_the_flow() {
+    in_fresh_ns(|| {
+        let mut dp = standard();
+        const ROUTER4: [u8; 4] = [192, 0, 2, 1];
+        const ROUTER6: [u8; 16] = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        // Flows pinned to b1, then both tables moved to b2: only the connection table knows.
+        let tcp4 = [
+            eth(LB_MAC, CLIENT_MAC, 0x0800),
+            ipv4(6, CLIENT4, VIP4, &tcp(40000, 80, 2)),
+        ]
+        .concat();
+        let udp4 = [
+            eth(LB_MAC, CLIENT_MAC, 0x0800),
+            ipv4(17, CLIENT4, VIP4, &udp(40000, 53, b"q")),
+        ]
+        .concat();
+        let tcp6 = [
+            eth(LB_MAC, CLIENT_MAC, 0x86dd),
+            ipv6(6, CLIENT6, VIP6, &tcp(40000, 80, 2)),
+        ]
+        .concat();
+        for p in [&tcp4, &udp4, &tcp6] {
+            assert_eq!(dp.run(p).1, rewritten(p, B1_MAC));
+        }
+        dp.service(4, 6, &VIP4, 80, 143, 2);
+        dp.service(4, 17, &VIP4, 53, 156, 2);
+        dp.service(6, 6, &VIP6, 80, 169, 2);
+
+        // What the backend sent (VIP -> client), quoted by a router's error to the VIP.
+        let quote4 = |proto: u8, l4: Vec<u8>| ipv4(proto, VIP4, CLIENT4, &l4)[..28].to_vec();
+        let error4 = |kind: u8, code: u8, quote: Vec<u8>| {
+            let mut icmp = vec![kind, code, 0, 0, 0, 0, 0x05, 0x00];
+            icmp.extend_from_slice(&quote);
+            let sum = lb_tests::packets::checksum(&icmp);
+            icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+            [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(1, ROUTER4, VIP4, &icmp)].concat()
+        };
+        let frag_needed = error4(3, 4, quote4(6, tcp(80, 40000, 0x12)));
+        let port_unreachable = error4(3, 3, quote4(17, udp(53, 40000, b"answer")));
+        let mut icmp6 = vec![2, 0, 0, 0, 0, 0, 0x05, 0x00];
+        icmp6.extend_from_slice(&ipv6(6, VIP6, CLIENT6, &tcp(80, 40000, 0x12))[..48]);
+        let too_big = [eth(LB_MAC, CLIENT_MAC, 0x86dd), ipv6(58, ROUTER6, VIP6, &icmp6)].concat();
+        for (name, p) in [
+            ("frag needed", &frag_needed),
+            ("port unreachable", &port_unreachable),
+            ("packet too big", &too_big),
+        ] {
+            assert_eq!(dp.run(p), (XDP_TX, rewritten(p, B1_MAC)), "{name}");
+        }
+        assert_eq!(dp.counter(Counter::IcmpErrorForwarded), 3);
+
+        // An error about a flow nobody has seen goes where the flow would go: the table (b2).
+        let fresh = error4(3, 4, quote4(6, tcp(80, 40999, 0x12)));
+        assert_eq!(dp.run(&fresh), (XDP_TX, rewritten(&fresh, B2_MAC)));
+        // Errors not about a VIP flow pass untouched.
+        let unrelated = error4(
+            3,
+            4,
+            ipv4(6, [10, 1, 1, 1], CLIENT4, &tcp(80, 40000, 0x12))[..28].to_vec(),
+        );
+        assert_eq!(dp.run(&unrelated), (XDP_PASS, unrelated.clone()));
+        assert_eq!(dp.counter(Counter::IcmpErrorForwarded), 4);
+    });
+}
+
+#[test]
+fn icmp_error_for_an_ipip_flow_is_encapsulated_to_its_backend() {
+    in_fresh_ns(|| {
+        let ifindex = ipip_routes().expect("routes");
+        let mut dp = standard();
+        dp.encap_config();
+        dp.tx_ports.insert(ifindex, ifindex, None, 0).expect("tx port");
+        dp.encap_backend(5, 4, &[10, 60, 0, 5]);
+        dp.service_mode(4, 6, &VIP4, 8080, 91, 5, FWD_IPIP);
+        let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0x00];
+        icmp.extend_from_slice(&ipv4(6, VIP4, CLIENT4, &tcp(8080, 40000, 0x12))[..28]);
+        let inner = ipv4(1, [192, 0, 2, 1], VIP4, &icmp);
+        let input = [eth(LB_MAC, CLIENT_MAC, 0x0800), inner.clone()].concat();
+        let (verdict, out) = dp.run(&input);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(&out[14 + 9], &4, "outer protocol IPIP");
+        assert_eq!(
+            &out[14 + 12..14 + 16],
+            &outer_src4(CLIENT4, 40000),
+            "the flow's outer source"
+        );
+        assert_eq!(&out[14 + 16..14 + 20], &[10, 60, 0, 5]);
+        assert_eq!(&out[34..], &inner[..]);
+        assert_eq!(dp.counter(Counter::IcmpErrorForwarded), 1);
+    });
+}
