@@ -6,11 +6,15 @@ pub struct DataPlaneConfig {
     /// Outer IPv4 source of encapsulated packets, wire order: the first two bytes are the
     /// configured prefix, the last two vary per flow so receivers spread flows over queues.
     pub encap_src4: u32,
-    pub _pad: u32,
+    /// `DP_F_*`.
+    pub flags: u32,
     /// Outer IPv6 source: the first 12 bytes are the prefix, the last word varies per flow.
     pub encap_src6: [u32; 4],
 }
 const _: () = assert!(core::mem::size_of::<DataPlaneConfig>() == 24);
+
+/// Answer ICMP echo requests to VIP addresses from the data plane (else pass them on).
+pub const DP_F_ECHO_REPLY: u32 = 1;
 
 /// The per-flow part of an outer source: source port mixed with the source address, the way
 /// Katran spreads flows, so no hash is needed on the packet path.

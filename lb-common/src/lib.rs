@@ -28,7 +28,7 @@ pub const PROTO_UDP: u8 = 17;
 
 /// An address alone, as a map key (the decapsulator's local VIPs).
 #[repr(C)]
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct AddrKey {
     pub addr: [u32; 4],
     pub family: u8,

@@ -2,6 +2,8 @@
 
 /// Services: `ServiceKey` -> `ServiceValue`.
 pub const SERVICES: &str = "SERVICES";
+/// Every VIP address (`AddrKey` -> 1): the exact answer where the filter may err (echo replies).
+pub const VIP_ADDRS: &str = "VIP_ADDRS";
 /// One `VipFilter` at index 0: which addresses may be VIPs.
 pub const VIP_FILTER: &str = "VIP_FILTER";
 /// Maglev lookup tables of all services, back to back: `u32` index -> backend slot.
@@ -28,8 +30,9 @@ pub const DP_CONFIG: &str = "DP_CONFIG";
 pub const NEXT_HOPS: &str = "NEXT_HOPS";
 
 /// Every map that is pinned under `/sys/fs/bpf/<instance>/maps/`.
-pub const PINNED: [&str; 10] = [
+pub const PINNED: [&str; 11] = [
     SERVICES,
+    VIP_ADDRS,
     DP_CONFIG,
     VIP_FILTER,
     MAGLEV_POOL,

@@ -66,8 +66,10 @@ counters! {
     DropEncapFailed = 24, "drop_encap_failed";
     // An ICMP error about a VIP flow, sent on to the flow's backend.
     IcmpErrorForwarded = 25, "icmp_error_forwarded";
+    // An ICMP echo request to a VIP, answered by the balancer.
+    EchoReplied = 26, "echo_replied";
 }
 
 /// Size of the global counter map.
 pub const COUNTER_SLOTS: u32 = 32;
-const _: () = assert!((Counter::IcmpErrorForwarded as u32) < COUNTER_SLOTS);
+const _: () = assert!((Counter::EchoReplied as u32) < COUNTER_SLOTS);

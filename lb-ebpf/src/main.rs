@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod echo;
 mod encap;
 mod forward;
 mod maps;
@@ -25,6 +26,9 @@ fn balance(ctx: &XdpContext, frame: &Frame) -> Verdict {
         Ok(flow) => flow,
         Err(verdict) => return verdict,
     };
+    if flow.echo {
+        return echo::reply(ctx, frame, &flow);
+    }
     let chosen = match select::choose(&flow) {
         Ok(chosen) => chosen,
         Err(verdict) => return verdict,

@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats, VipFilter,
+    AddrKey, Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats, VipFilter,
     dpconfig::{DataPlaneConfig, NextHop},
     maps::{DEFAULT_CONNTRACK_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS},
     stats::COUNTER_SLOTS,
@@ -28,6 +28,9 @@ pub static FIB_SCRATCH: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1,
 /// Not pinned: a cache, rebuilt from the FIB after any restart.
 #[map]
 pub static NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map]
+pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_SERVICES, 0);
 
 #[map]
 pub static VIP_FILTER: Array<VipFilter> = Array::pinned(1, 0);

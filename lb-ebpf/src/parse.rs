@@ -14,8 +14,8 @@ use network_types::{
 
 use crate::Verdict;
 
-const PROTO_ICMP: u8 = 1;
-const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 const ETH_P_IPV4: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
 const ETH_P_8021Q: u16 = 0x8100u16.to_be();
@@ -66,6 +66,8 @@ pub struct Flow {
     /// flow: `key` is the flow of the packet it quotes, direction reversed, so the error goes to
     /// the backend that owns the flow.
     pub icmp_error: bool,
+    /// An ICMP echo request (`key`: client -> destination, protocol ICMP/ICMPv6, no ports).
+    pub echo: bool,
 }
 
 /// Parses a frame into its flow, or says why it is not balanced.
@@ -114,6 +116,9 @@ fn parse_ipv4(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
     let src = [load_word(ip.src_addr.as_ptr()), 0, 0, 0];
     let dst = [load_word(ip.dst_addr.as_ptr()), 0, 0, 0];
     if proto == PROTO_ICMP {
+        if is_echo_request(frame, offset + header_len, 8) {
+            return Ok(echo(FAMILY_V4, PROTO_ICMP, src, dst, offset));
+        }
         return icmp4_error(frame, offset, offset + header_len, dst);
     }
     let (sport, dport, syn) = parse_ports(frame, offset + header_len, proto)?;
@@ -122,7 +127,28 @@ fn parse_ipv4(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
         syn,
         l3: offset,
         icmp_error: false,
+        echo: false,
     })
+}
+
+#[inline(always)]
+fn is_echo_request(frame: &Frame, offset: usize, request_type: u8) -> bool {
+    // The whole 8-byte echo header must be there to be answered.
+    frame
+        .ptr_at::<[u8; 8]>(offset)
+        // SAFETY: bounds checked by ptr_at.
+        .is_some_and(|h| unsafe { (*h)[0] == request_type && (*h)[1] == 0 })
+}
+
+#[inline(always)]
+fn echo(family: u8, proto: u8, src: [u32; 4], dst: [u32; 4], l3: usize) -> Flow {
+    Flow {
+        key: FlowKey::from_words(family, proto, src, dst, 0, 0),
+        syn: false,
+        l3,
+        icmp_error: false,
+        echo: true,
+    }
 }
 
 /// An ICMPv4 error sent to a VIP quotes the header of a packet the VIP sent (a backend's reply):
@@ -163,6 +189,7 @@ fn icmp4_error(frame: &Frame, l3: usize, offset: usize, outer_dst: [u32; 4]) -> 
         syn: false,
         l3,
         icmp_error: true,
+        echo: false,
     })
 }
 
@@ -197,6 +224,7 @@ fn icmp6_error(frame: &Frame, l3: usize, offset: usize, outer_dst: [u32; 4]) -> 
         syn: false,
         l3,
         icmp_error: true,
+        echo: false,
     })
 }
 
@@ -214,12 +242,12 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
     match proto {
         PROTO_TCP | PROTO_UDP => {}
         PROTO_ICMPV6 => {
-            return icmp6_error(
-                frame,
-                offset,
-                offset + Ipv6Hdr::LEN,
-                load_words(ip.dst_addr.as_ptr()),
-            );
+            let dst = load_words(ip.dst_addr.as_ptr());
+            if is_echo_request(frame, offset + Ipv6Hdr::LEN, 128) {
+                let src = load_words(ip.src_addr.as_ptr());
+                return Ok(echo(FAMILY_V6, PROTO_ICMPV6, src, dst, offset));
+            }
+            return icmp6_error(frame, offset, offset + Ipv6Hdr::LEN, dst);
         }
         44 => return Err(Verdict::Pass(Counter::PassIpv6Fragment)),
         // Hop-by-hop, routing, destination options, AH, mobility, HIP, shim6, experimental.
@@ -241,6 +269,7 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
         syn,
         l3: offset,
         icmp_error: false,
+        echo: false,
     })
 }
 
@@ -483,10 +512,16 @@ mod tests {
             run(&frame(&[&eth(0x0800), &other])),
             Err(Verdict::Pass(Counter::PassNotTcpUdp))
         );
-        // Other ICMP (an echo request): not ours either.
+        // An echo request is its own kind; an echo reply is not ours.
         let mut echo = outer.clone();
         echo[20] = 8;
         echo[21] = 0;
+        let f = frame(&[&eth(0x0800), &echo]);
+        let start = f.as_ptr() as usize;
+        let flow = parse_flow(&Frame::new(start, start + f.len())).expect("echo");
+        assert!(flow.echo && !flow.icmp_error);
+        assert_eq!(lb_common::addr_bytes(flow.key.dst_addr)[..4], [10, 0, 0, 100]);
+        echo[20] = 0;
         assert_eq!(
             run(&frame(&[&eth(0x0800), &echo])),
             Err(Verdict::Pass(Counter::PassNotTcpUdp))

@@ -57,6 +57,17 @@ pub struct DaemonConfig {
     /// The IPv6 outer source: its first 96 bits are kept, the last 32 vary per flow.
     #[serde(default = "default_encap_source6")]
     pub encap_source6: std::net::Ipv6Addr,
+    /// ICMP echo requests to a VIP address: answered by the data plane, or passed to the kernel.
+    #[serde(default)]
+    pub icmp_echo: EchoPolicy,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EchoPolicy {
+    #[default]
+    Reply,
+    Pass,
 }
 
 fn default_encap_source4() -> std::net::Ipv4Addr {

@@ -139,6 +139,7 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
     Ok(DataPlane {
         services: take(maps::SERVICES)?.try_into().map_err(typed)?,
         vip_filter: take(maps::VIP_FILTER)?.try_into().map_err(typed)?,
+        vip_addrs: take(maps::VIP_ADDRS)?.try_into().map_err(typed)?,
         dp_config: take(maps::DP_CONFIG)?.try_into().map_err(typed)?,
         backends: take(maps::BACKENDS)?.try_into().map_err(typed)?,
         conntrack: take(maps::CONNTRACK)?.try_into().map_err(typed)?,

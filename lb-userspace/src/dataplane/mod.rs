@@ -7,7 +7,7 @@ pub mod sync;
 
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
-    Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats, VipFilter, addr_words,
+    AddrKey, Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats, VipFilter, addr_words,
     dpconfig::DataPlaneConfig,
 };
 use serde::Serialize;
@@ -29,6 +29,7 @@ pub struct Attachment {
 pub struct DataPlane {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub vip_filter: Array<MapData, VipFilter>,
+    pub vip_addrs: HashMap<MapData, AddrKey, u32>,
     pub dp_config: Array<MapData, DataPlaneConfig>,
     pub backends: Array<MapData, Backend>,
     pub conntrack: HashMap<MapData, FlowKey, FlowState>,
@@ -43,13 +44,16 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    /// Writes the daemon-wide data-plane settings (encapsulation sources).
+    /// Writes the daemon-wide data-plane settings (encapsulation sources, echo policy).
     pub fn set_config(&mut self, cfg: &crate::config::DaemonConfig) -> Result<()> {
         let mut v4 = [0u8; 16];
         v4[..4].copy_from_slice(&cfg.encap_source4.octets());
         let value = DataPlaneConfig {
             encap_src4: addr_words(v4)[0],
-            _pad: 0,
+            flags: match cfg.icmp_echo {
+                crate::config::EchoPolicy::Reply => lb_common::dpconfig::DP_F_ECHO_REPLY,
+                crate::config::EchoPolicy::Pass => 0,
+            },
             encap_src6: addr_words(cfg.encap_source6.octets()),
         };
         self.dp_config.set(0, value, 0).map_err(Error::dataplane)

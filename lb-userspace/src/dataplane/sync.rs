@@ -9,7 +9,7 @@ use std::{
 };
 
 use lb_common::{
-    Backend, FAMILY_V4, FAMILY_V6, ServiceKey, ServiceValue, VipFilter,
+    AddrKey, Backend, FAMILY_V4, FAMILY_V6, ServiceKey, ServiceValue, VipFilter,
     backend::BACKEND_F_ACTIVE,
     maps::{MAX_BACKENDS, MAX_SERVICES},
     service::{FWD_DSR_L2, FWD_IPIP, SVC_F_HASH_SOURCE},
@@ -285,6 +285,16 @@ impl Reconciler {
         let mut widened = dp.vip_filter.get(&0, 0).map_err(Error::dataplane)?;
         widened.union(&wanted_filter);
         dp.vip_filter.set(0, widened, 0).map_err(Error::dataplane)?;
+        let wanted_addrs: BTreeSet<AddrKey> = services
+            .iter()
+            .map(|s| {
+                let k = service_key(s);
+                AddrKey::new(k.family, k.addr)
+            })
+            .collect();
+        for a in &wanted_addrs {
+            dp.vip_addrs.insert(a, 1, 0).map_err(Error::dataplane)?;
+        }
         for s in services {
             let slot_of = |id: &str| a.backends[&backend_key(&s.name, id)].slot;
             let mut eligible: Vec<&crate::config::BackendSpec> = s
@@ -372,6 +382,15 @@ impl Reconciler {
             dp.services.remove(&k).map_err(Error::dataplane)?;
         }
         dp.vip_filter.set(0, wanted_filter, 0).map_err(Error::dataplane)?;
+        let stray_addrs: Vec<AddrKey> = dp
+            .vip_addrs
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted_addrs.contains(k))
+            .collect();
+        for a in stray_addrs {
+            dp.vip_addrs.remove(&a).map_err(Error::dataplane)?;
+        }
         for slot in retired {
             let mut entry = dp.backends.get(&slot, 0).map_err(Error::dataplane)?;
             entry.flags = 0;

@@ -309,7 +309,7 @@ impl Bench {
         let mut dp_config: Array<MapData, DataPlaneConfig> = take(maps::DP_CONFIG)?.try_into()?;
         let cfg = DataPlaneConfig {
             encap_src4: u32::from_ne_bytes([172, 16, 0, 0]),
-            _pad: 0,
+            flags: 0,
             encap_src6: addr_words([0xfd, 0, 0, 0x1b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
         };
         dp_config.set(0, cfg, 0)?;
