@@ -2,6 +2,8 @@
 
 /// Services: `ServiceKey` -> `ServiceValue`.
 pub const SERVICES: &str = "SERVICES";
+/// (VIP, protocol, port 0) -> the service that takes the VIP's fragments.
+pub const FRAGMENT_SERVICES: &str = "FRAGMENT_SERVICES";
 /// Every VIP address (`AddrKey` -> 1): the exact answer where the filter may err (echo replies).
 pub const VIP_ADDRS: &str = "VIP_ADDRS";
 /// One `VipFilter` at index 0: which addresses may be VIPs.
@@ -30,8 +32,9 @@ pub const DP_CONFIG: &str = "DP_CONFIG";
 pub const NEXT_HOPS: &str = "NEXT_HOPS";
 
 /// Every map that is pinned under `/sys/fs/bpf/<instance>/maps/`.
-pub const PINNED: [&str; 11] = [
+pub const PINNED: [&str; 12] = [
     SERVICES,
+    FRAGMENT_SERVICES,
     VIP_ADDRS,
     DP_CONFIG,
     VIP_FILTER,

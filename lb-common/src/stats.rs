@@ -68,8 +68,10 @@ counters! {
     IcmpErrorForwarded = 25, "icmp_error_forwarded";
     // An ICMP echo request to a VIP, answered by the balancer.
     EchoReplied = 26, "echo_replied";
+    // An IP fragment sent to the backend its 3-tuple hashes to.
+    FragmentForwarded = 27, "fragment_forwarded";
 }
 
 /// Size of the global counter map.
 pub const COUNTER_SLOTS: u32 = 32;
-const _: () = assert!((Counter::EchoReplied as u32) < COUNTER_SLOTS);
+const _: () = assert!((Counter::FragmentForwarded as u32) < COUNTER_SLOTS);

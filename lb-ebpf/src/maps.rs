@@ -35,6 +35,11 @@ pub static VIP_ADDRS: HashMap<AddrKey, u32> = HashMap::pinned(MAX_SERVICES, 0);
 #[map]
 pub static VIP_FILTER: Array<VipFilter> = Array::pinned(1, 0);
 
+/// Per (VIP, protocol): the service whose table takes that VIP's fragments (port 0 in the key).
+#[map]
+pub static FRAGMENT_SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
 /// mmap-able so the daemon writes a whole table with memcpy instead of one syscall per slot.
 #[map]
 pub static MAGLEV_POOL: Array<u32> = Array::pinned(DEFAULT_POOL_SLOTS, BPF_F_MMAPABLE);

@@ -68,6 +68,9 @@ pub struct Flow {
     pub icmp_error: bool,
     /// An ICMP echo request (`key`: client -> destination, protocol ICMP/ICMPv6, no ports).
     pub echo: bool,
+    /// An IP fragment: `key` has no ports (later fragments have none), so every fragment of a
+    /// datagram has the same key.
+    pub fragment: bool,
 }
 
 /// Parses a frame into its flow, or says why it is not balanced.
@@ -108,13 +111,16 @@ fn parse_ipv4(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
     if header_len < Ipv4Hdr::LEN || (u16::from_be_bytes(ip.tot_len) as usize) < header_len {
         return Err(Verdict::Drop(Counter::DropBadIpHeader));
     }
-    // MF set or a non-zero offset: a fragment. Only the first one has ports.
-    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
-        return Err(Verdict::Pass(Counter::PassIpv4Fragment));
-    }
     let proto = ip.proto;
     let src = [load_word(ip.src_addr.as_ptr()), 0, 0, 0];
     let dst = [load_word(ip.dst_addr.as_ptr()), 0, 0, 0];
+    // MF set or a non-zero offset: a fragment. Only the first one has ports.
+    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return Err(Verdict::Pass(Counter::PassIpv4Fragment));
+        }
+        return Ok(fragment(FAMILY_V4, proto, src, dst, offset));
+    }
     if proto == PROTO_ICMP {
         if is_echo_request(frame, offset + header_len, 8) {
             return Ok(echo(FAMILY_V4, PROTO_ICMP, src, dst, offset));
@@ -128,7 +134,20 @@ fn parse_ipv4(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
         l3: offset,
         icmp_error: false,
         echo: false,
+        fragment: false,
     })
+}
+
+#[inline(always)]
+fn fragment(family: u8, proto: u8, src: [u32; 4], dst: [u32; 4], l3: usize) -> Flow {
+    Flow {
+        key: FlowKey::from_words(family, proto, src, dst, 0, 0),
+        syn: false,
+        l3,
+        icmp_error: false,
+        echo: false,
+        fragment: true,
+    }
 }
 
 #[inline(always)]
@@ -148,6 +167,7 @@ fn echo(family: u8, proto: u8, src: [u32; 4], dst: [u32; 4], l3: usize) -> Flow 
         l3,
         icmp_error: false,
         echo: true,
+        fragment: false,
     }
 }
 
@@ -190,6 +210,7 @@ fn icmp4_error(frame: &Frame, l3: usize, offset: usize, outer_dst: [u32; 4]) -> 
         l3,
         icmp_error: true,
         echo: false,
+        fragment: false,
     })
 }
 
@@ -225,6 +246,7 @@ fn icmp6_error(frame: &Frame, l3: usize, offset: usize, outer_dst: [u32; 4]) -> 
         l3,
         icmp_error: true,
         echo: false,
+        fragment: false,
     })
 }
 
@@ -249,7 +271,18 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
             }
             return icmp6_error(frame, offset, offset + Ipv6Hdr::LEN, dst);
         }
-        44 => return Err(Verdict::Pass(Counter::PassIpv6Fragment)),
+        44 => {
+            // The fragment header: the upper protocol is its next header.
+            let pass = Verdict::Pass(Counter::PassIpv6Fragment);
+            let frag: *const [u8; 8] = frame.ptr_at(offset + Ipv6Hdr::LEN).ok_or(pass)?;
+            // SAFETY: bounds checked by ptr_at.
+            let upper = unsafe { (*frag)[0] };
+            if upper != PROTO_TCP && upper != PROTO_UDP {
+                return Err(pass);
+            }
+            let (src, dst) = (load_words(ip.src_addr.as_ptr()), load_words(ip.dst_addr.as_ptr()));
+            return Ok(fragment(FAMILY_V6, upper, src, dst, offset));
+        }
         // Hop-by-hop, routing, destination options, AH, mobility, HIP, shim6, experimental.
         0 | 43 | 60 | 51 | 135 | 139 | 140 | 253 | 254 => {
             return Err(Verdict::Pass(Counter::PassIpv6ExtHeader));
@@ -270,6 +303,7 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
         l3: offset,
         icmp_error: false,
         echo: false,
+        fragment: false,
     })
 }
 
@@ -428,7 +462,13 @@ mod tests {
         let f = frame(&[&eth(0x86dd), &ip6, &udp(7, 9)]);
         assert_eq!(run(&f), Err(Verdict::Pass(Counter::PassIpv6ExtHeader)));
         ip6[6] = 44;
-        let f = frame(&[&eth(0x86dd), &ip6, &udp(7, 9)]);
+        // A fragment header whose upper protocol is UDP: a portless fragment key.
+        let f = frame(&[&eth(0x86dd), &ip6, &[17, 0, 0, 1, 0, 0, 0, 7], &udp(7, 9)]);
+        let start = f.as_ptr() as usize;
+        let flow = parse_flow(&Frame::new(start, start + f.len())).expect("fragment");
+        assert!(flow.fragment);
+        assert_eq!((flow.key.proto, flow.key.src_port, flow.key.dst_port), (17, 0, 0));
+        let f = frame(&[&eth(0x86dd), &ip6, &[58, 0, 0, 1, 0, 0, 0, 7]]);
         assert_eq!(run(&f), Err(Verdict::Pass(Counter::PassIpv6Fragment)));
     }
 
@@ -471,12 +511,13 @@ mod tests {
             run(&frame(&[&eth(0x0800), &ipv4(1, 5, 0, &[8, 0, 0, 0])])),
             Err(Verdict::Pass(Counter::PassNotTcpUdp))
         );
+        // First and later fragments of one datagram: the same portless key.
+        let first = run(&frame(&[&eth(0x0800), &ipv4(17, 5, 0x2000, &udp(1, 2))])).expect("first");
+        let later = run(&frame(&[&eth(0x0800), &ipv4(17, 5, 0x0010, &[])])).expect("later");
+        assert_eq!(first, later);
+        assert_eq!((first.src_port, first.dst_port), (0, 0));
         assert_eq!(
-            run(&frame(&[&eth(0x0800), &ipv4(17, 5, 0x2000, &udp(1, 2))])),
-            Err(Verdict::Pass(Counter::PassIpv4Fragment))
-        );
-        assert_eq!(
-            run(&frame(&[&eth(0x0800), &ipv4(17, 5, 0x0010, &[])])),
+            run(&frame(&[&eth(0x0800), &ipv4(1, 5, 0x0010, &[])])),
             Err(Verdict::Pass(Counter::PassIpv4Fragment))
         );
     }

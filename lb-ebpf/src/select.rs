@@ -1,14 +1,14 @@
 //! Backend selection: VIP filter, connection table, then the service's Maglev table.
 
 use lb_common::{
-    Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue, VipFilter,
+    Backend, Counter, FAMILY_V4, FlowKey, FlowState, ServiceKey, ServiceValue, VipFilter,
     hash::{flow_hash, source_hash},
     service::SVC_F_HASH_SOURCE,
 };
 use lb_ebpf::{Flow, Verdict};
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, MAGLEV_POOL, SERVICES, VIP_FILTER},
+    maps::{BACKENDS, CONNTRACK, FRAGMENT_SERVICES, MAGLEV_POOL, SERVICES, VIP_FILTER},
     stats::count,
 };
 
@@ -35,6 +35,9 @@ pub fn choose(flow: &Flow) -> Result<Chosen, Verdict> {
     let bit = VipFilter::bit(&key.dst_addr);
     if !filter.may_be_vip(bit) {
         return Err(not_vip);
+    }
+    if flow.fragment {
+        return fragment(key);
     }
     let mut stale = false;
     if !flow.syn
@@ -64,7 +67,24 @@ pub fn choose(flow: &Flow) -> Result<Chosen, Verdict> {
     } else {
         Counter::ConntrackMiss
     });
-    pick(key, &service)
+    pick(key, &service, true)
+}
+
+/// A fragment goes to the backend its (source, destination, protocol) hashes to in the table of
+/// the VIP's fragment service, if the VIP has one (`fragments = "hash"`); else to the kernel.
+/// Nothing is remembered: every fragment hashes the same way.
+#[inline(always)]
+fn fragment(key: &FlowKey) -> Result<Chosen, Verdict> {
+    let pass = Verdict::Pass(if key.family == FAMILY_V4 {
+        Counter::PassIpv4Fragment
+    } else {
+        Counter::PassIpv6Fragment
+    });
+    let skey = ServiceKey::from_words(key.family, key.proto, key.dst_addr, 0);
+    // SAFETY: the map is not preallocated, so a value we read is never recycled under us.
+    let service = unsafe { FRAGMENT_SERVICES.get(skey) }.copied().ok_or(pass)?;
+    count(Counter::FragmentForwarded);
+    pick(key, &service, false)
 }
 
 #[inline(always)]
@@ -81,9 +101,9 @@ fn service(key: &FlowKey, filter: &VipFilter, bit: usize) -> Option<ServiceValue
     unsafe { SERVICES.get(skey) }.copied()
 }
 
-/// A new (or re-picked) flow: hash into the service's Maglev table and remember the choice.
+/// A new (or re-picked) flow: hash into the service's Maglev table and (`remember`) pin it.
 #[inline(always)]
-fn pick(key: &FlowKey, service: &ServiceValue) -> Result<Chosen, Verdict> {
+fn pick(key: &FlowKey, service: &ServiceValue, remember: bool) -> Result<Chosen, Verdict> {
     let size = service.table_size;
     if size == 0 {
         return Err(Verdict::Drop(Counter::DropNoBackend));
@@ -109,7 +129,7 @@ fn pick(key: &FlowKey, service: &ServiceValue) -> Result<Chosen, Verdict> {
         service: service.id,
         forward: service.forward,
     };
-    if CONNTRACK.insert(key, state, 0).is_err() {
+    if remember && CONNTRACK.insert(key, state, 0).is_err() {
         count(Counter::ConntrackInsertFailed);
     }
     Ok(Chosen {

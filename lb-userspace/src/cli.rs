@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::{
     api::{self, Request},
-    config::{self, BackendSpec, Forwarding, HashMode, Protocol, ServiceSpec},
+    config::{self, BackendSpec, Forwarding, FragmentPolicy, HashMode, Protocol, ServiceSpec},
 };
 
 #[derive(Parser, Debug)]
@@ -130,6 +130,10 @@ pub struct ServiceArgs {
     /// backends that strip the outer header: `lb backend-host setup`).
     #[arg(long, default_value = "dsr")]
     pub forwarding: Forwarding,
+    /// IP fragments to the VIP: pass (to the kernel) or hash (by source, destination and
+    /// protocol into this service's table).
+    #[arg(long, default_value = "pass")]
+    pub fragments: FragmentPolicy,
 }
 
 #[derive(Subcommand, Debug)]
@@ -182,6 +186,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                     HashMode::FiveTuple
                 },
                 forwarding: a.forwarding,
+                fragments: a.fragments,
                 backends: Vec::new(),
             },
         },

@@ -162,6 +162,27 @@ pub enum Forwarding {
     Ipip,
 }
 
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FragmentPolicy {
+    #[default]
+    Pass,
+    Hash,
+}
+
+impl std::str::FromStr for FragmentPolicy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "pass" => Ok(Self::Pass),
+            "hash" => Ok(Self::Hash),
+            _ => Err(Error::invalid(format!(
+                "unknown fragment policy {s:?} (expected pass or hash)"
+            ))),
+        }
+    }
+}
+
 impl std::str::FromStr for Forwarding {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -196,6 +217,11 @@ pub struct ServiceSpec {
     pub hash: HashMode,
     #[serde(default)]
     pub forwarding: Forwarding,
+    /// IP fragments to the VIP: passed to the kernel, or hashed by (source, destination,
+    /// protocol) into this service's table so every fragment of a datagram reaches one backend.
+    /// At most one service per VIP and protocol may hash them.
+    #[serde(default)]
+    pub fragments: FragmentPolicy,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendSpec>,
 }
@@ -420,7 +446,14 @@ pub fn validate_services(services: &[ServiceSpec]) -> Result<()> {
     }
     let mut names = HashSet::new();
     let mut keys = HashSet::new();
+    let mut fragment_owners = HashSet::new();
     for s in services {
+        if s.fragments == FragmentPolicy::Hash && !fragment_owners.insert((s.vip, s.protocol)) {
+            return Err(Error::invalid(format!(
+                "service {}: another service already hashes the fragments of {} {}",
+                s.name, s.vip, s.protocol
+            )));
+        }
         s.validate()?;
         if !names.insert(s.name.as_str()) {
             return Err(Error::invalid(format!("duplicate service name {}", s.name)));
@@ -505,5 +538,25 @@ address = "10.0.0.12"
             "{GOOD}\n[[service]]\nname = \"other\"\nvip = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n"
         );
         assert!(err(&dupkey).contains("duplicates VIP"));
+    }
+
+    #[test]
+    fn one_fragment_owner_per_vip_and_protocol() {
+        let text = |second_port: u16, second_policy: &str| {
+            format!(
+                "[daemon]\ninterfaces = [\"eth0\"]\n\
+                 [[service]]\nname = \"a\"\nvip = \"10.0.0.1\"\nport = 53\nprotocol = \"udp\"\nfragments = \"hash\"\n\
+                 [[service]]\nname = \"b\"\nvip = \"10.0.0.1\"\nport = {second_port}\nprotocol = \"udp\"\nfragments = \"{second_policy}\"\n"
+            )
+        };
+        assert!(Config::parse(&text(5353, "pass")).is_ok());
+        let err = Config::parse(&text(5353, "hash"))
+            .expect_err("two owners")
+            .to_string();
+        assert!(err.contains("already hashes the fragments"), "{err}");
+        let err = Config::parse(&text(5353, "split"))
+            .expect_err("bad policy")
+            .to_string();
+        assert!(err.contains("unknown variant `split`"), "{err}");
     }
 }

@@ -422,7 +422,7 @@ impl Daemon {
                     .collect();
                 json!({
                     "name": s.name, "vip": s.vip, "port": s.port, "protocol": s.protocol,
-                    "table_size": s.table_size, "hash": s.hash, "forwarding": s.forwarding,
+                    "table_size": s.table_size, "hash": s.hash, "forwarding": s.forwarding, "fragments": s.fragments,
                     "backends": backends,
                 })
             })

@@ -35,6 +35,7 @@ const CLIENT6: [u8; 16] = [0xfd, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
 struct Dp {
     ebpf: aya::Ebpf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    fragment_services: HashMap<MapData, ServiceKey, ServiceValue>,
     vip_filter: Array<MapData, VipFilter>,
     vip_addrs: HashMap<MapData, AddrKey, u32>,
     backends: Array<MapData, Backend>,
@@ -56,6 +57,9 @@ impl Dp {
         prog.load().expect("verifier accepts lb");
         let mut take = |n: &str| ebpf.take_map(n).expect(n);
         let services = take(maps::SERVICES).try_into().expect("services");
+        let fragment_services = take(maps::FRAGMENT_SERVICES)
+            .try_into()
+            .expect("fragment services");
         let vip_filter = take(maps::VIP_FILTER).try_into().expect("vip filter");
         let vip_addrs = take(maps::VIP_ADDRS).try_into().expect("vip addrs");
         let backends = take(maps::BACKENDS).try_into().expect("backends");
@@ -67,6 +71,7 @@ impl Dp {
         let mut dp = Self {
             ebpf,
             services,
+            fragment_services,
             vip_filter,
             vip_addrs,
             backends,
@@ -883,5 +888,99 @@ fn echo_requests_to_a_vip_are_answered_or_passed() {
         .concat();
         assert_eq!(dp.run(&other), (XDP_PASS, other.clone()));
         assert_eq!(dp.counter(Counter::EchoReplied), 2);
+    });
+}
+
+#[test]
+fn fragments_of_a_datagram_reach_one_backend_when_the_vip_hashes_them() {
+    in_fresh_ns(|| {
+        let mut dp = standard();
+        // A 13-slot table alternating b1 and b2, for UDP port 5353.
+        let offset = 195;
+        for i in 0..13 {
+            dp.pool.set(offset + i, 1 + i % 2, 0).expect("pool");
+        }
+        let mut vip = [0u8; 16];
+        vip[..4].copy_from_slice(&VIP4);
+        let value = ServiceValue {
+            id: 15,
+            flags: 0,
+            table_offset: offset,
+            table_size: 13,
+            forward: FWD_DSR_L2,
+            _reserved: 0,
+        };
+        dp.insert_service(ServiceKey::new(4, 17, vip, 5353u16.to_be()), value);
+        let datagram = |client: [u8; 4]| {
+            let mut l4 = udp(40000, 5353, &[7u8; 40]);
+            let first = ipv4(17, client, VIP4, &l4[..24]);
+            let mut first = first;
+            first[6] = 0x20; // more fragments
+            let later_payload = l4.split_off(24);
+            let mut later = ipv4(17, client, VIP4, &later_payload);
+            later[6] = 0;
+            later[7] = 2; // offset 16 bytes (2 units of 8)
+            // The builders computed the checksums before the flag edits; fix them up.
+            for h in [&mut first, &mut later] {
+                h[10..12].copy_from_slice(&[0, 0]);
+                let sum = lb_tests::packets::checksum(&h[..20]);
+                h[10..12].copy_from_slice(&sum.to_be_bytes());
+            }
+            (
+                [eth(LB_MAC, CLIENT_MAC, 0x0800), first].concat(),
+                [eth(LB_MAC, CLIENT_MAC, 0x0800), later].concat(),
+            )
+        };
+        let (first, _) = datagram(CLIENT4);
+        // No fragment service yet: the kernel reassembles.
+        assert_eq!(dp.run(&first), (XDP_PASS, first.clone()));
+        assert_eq!(dp.counter(Counter::PassIpv4Fragment), 1);
+
+        dp.fragment_services
+            .insert(ServiceKey::new(4, 17, vip, 0), value, 0)
+            .expect("fragment service");
+        let conntrack_before = dp.conntrack.keys().count();
+        let mut seen = std::collections::BTreeSet::new();
+        for c in 1..=8u8 {
+            let client = [10, 99, 0, c];
+            let (first, later) = datagram(client);
+            // Where the 3-tuple hashes to, independently of the data plane.
+            let k = FlowKey::new(
+                4,
+                17,
+                {
+                    let mut a = [0u8; 16];
+                    a[..4].copy_from_slice(&client);
+                    a
+                },
+                vip,
+                0,
+                0,
+            );
+            let slot = 1 + (lb_common::hash::flow_hash(&k) % 13) % 2;
+            let mac = if slot == 1 { B1_MAC } else { B2_MAC };
+            assert_eq!(
+                dp.run(&first),
+                (XDP_TX, rewritten(&first, mac)),
+                "client {c} first"
+            );
+            assert_eq!(
+                dp.run(&later),
+                (XDP_TX, rewritten(&later, mac)),
+                "client {c} later"
+            );
+            seen.insert(slot);
+        }
+        assert_eq!(
+            seen.len(),
+            2,
+            "datagrams of different clients spread over both backends"
+        );
+        assert_eq!(dp.counter(Counter::FragmentForwarded), 16);
+        assert_eq!(
+            dp.conntrack.keys().count(),
+            conntrack_before,
+            "fragments are not remembered"
+        );
     });
 }

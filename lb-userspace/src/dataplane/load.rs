@@ -138,6 +138,7 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
     };
     Ok(DataPlane {
         services: take(maps::SERVICES)?.try_into().map_err(typed)?,
+        fragment_services: take(maps::FRAGMENT_SERVICES)?.try_into().map_err(typed)?,
         vip_filter: take(maps::VIP_FILTER)?.try_into().map_err(typed)?,
         vip_addrs: take(maps::VIP_ADDRS)?.try_into().map_err(typed)?,
         dp_config: take(maps::DP_CONFIG)?.try_into().map_err(typed)?,

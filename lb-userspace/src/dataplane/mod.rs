@@ -28,6 +28,7 @@ pub struct Attachment {
 
 pub struct DataPlane {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub fragment_services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub vip_filter: Array<MapData, VipFilter>,
     pub vip_addrs: HashMap<MapData, AddrKey, u32>,
     pub dp_config: Array<MapData, DataPlaneConfig>,

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{DataPlane, RegionAllocator};
 use crate::{
-    config::{Forwarding, HashMode, ServiceSpec},
+    config::{Forwarding, FragmentPolicy, HashMode, ServiceSpec},
     error::{Error, Result},
     maglev::{MaglevBackend, build_table},
     neigh::NextHop,
@@ -88,6 +88,11 @@ pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
 pub fn service_key(spec: &ServiceSpec) -> ServiceKey {
     let (addr, family) = addr_bytes(spec.vip);
     ServiceKey::new(family, spec.protocol.number(), addr, spec.port.to_be())
+}
+
+/// The key of a VIP's fragment service: its address and protocol, port 0.
+fn fragment_key(k: &ServiceKey) -> ServiceKey {
+    ServiceKey::from_words(k.family, k.proto, k.addr, 0)
 }
 
 fn key_repr(k: &ServiceKey) -> ServiceKeyRepr {
@@ -365,6 +370,14 @@ impl Reconciler {
             if current != Some(value) {
                 dp.services.insert(key, value, 0).map_err(Error::dataplane)?;
             }
+            if s.fragments == FragmentPolicy::Hash {
+                let fkey = fragment_key(&key);
+                if dp.fragment_services.get(&fkey, 0).ok() != Some(value) {
+                    dp.fragment_services
+                        .insert(fkey, value, 0)
+                        .map_err(Error::dataplane)?;
+                }
+            }
             let old_key = svc.key.replace(key_repr(&key));
             if let Some(old) = old_key.filter(|k| !live_keys.contains(k)) {
                 let _ = dp.services.remove(&ServiceKey::from(old));
@@ -380,6 +393,20 @@ impl Reconciler {
             .collect();
         for k in stray {
             dp.services.remove(&k).map_err(Error::dataplane)?;
+        }
+        let fragment_keys: BTreeSet<ServiceKeyRepr> = services
+            .iter()
+            .filter(|s| s.fragments == FragmentPolicy::Hash)
+            .map(|s| key_repr(&fragment_key(&service_key(s))))
+            .collect();
+        let stray_fragments: Vec<ServiceKey> = dp
+            .fragment_services
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !fragment_keys.contains(&key_repr(k)))
+            .collect();
+        for k in stray_fragments {
+            dp.fragment_services.remove(&k).map_err(Error::dataplane)?;
         }
         dp.vip_filter.set(0, wanted_filter, 0).map_err(Error::dataplane)?;
         let stray_addrs: Vec<AddrKey> = dp
