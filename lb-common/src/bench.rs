@@ -1,4 +1,5 @@
-//! The frame the benchmark wrapper restores before every iteration of BPF_PROG_TEST_RUN.
+//! The frame the benchmark wrapper restores before every iteration of BPF_PROG_TEST_RUN, and the
+//! end-to-end bench's generator and sink.
 
 /// Largest frame the wrapper restores, in 8-byte words.
 pub const BENCH_FRAME_WORDS: usize = 16;
@@ -42,5 +43,49 @@ impl BenchFrame {
             _pad: 0,
             words,
         })
+    }
+}
+
+/// The end-to-end bench's traffic generator (XDP, run by BPF_PROG_TEST_RUN in live-frames mode)
+/// and its per-backend sink, both in the bench object.
+pub const PROG_E2E_GEN: &str = "e2e_gen";
+pub const PROG_E2E_SINK: &str = "e2e_sink";
+/// Global (`.rodata`, set at load): the generator's `E2eHeaders`.
+pub const E2E_GEN_HEADERS: &str = "E2E_GEN_HEADERS";
+/// Global (`.rodata`, set at load): the sink's UDP destination port, in network byte order.
+pub const E2E_SINK_PORT: &str = "E2E_SINK_PORT";
+/// Per-CPU `u64` at index 0: UDP datagrams the sink counted and dropped.
+pub const E2E_SINK_COUNT: &str = "E2E_SINK_COUNT";
+
+/// The generator writes source port `E2E_SPORT_BASE + (random & E2E_SPORT_MASK)`: 1024 flows.
+pub const E2E_SPORT_BASE: u16 = 10_000;
+pub const E2E_SPORT_MASK: u32 = 1023;
+/// Ethernet, IPv4 without options, UDP: what the generator rewrites in every frame.
+pub const E2E_HEADERS_LEN: usize = 14 + 20 + 8;
+/// Where the UDP source port sits in those headers.
+pub const E2E_SPORT_OFFSET: usize = 14 + 20;
+const _: () = assert!(E2E_SPORT_BASE as u32 + E2E_SPORT_MASK <= u16::MAX as u32);
+// The generator stores whole words and one u16 tail.
+const _: () = assert!(E2E_HEADERS_LEN % 8 == 2);
+
+/// The generator's template headers, zero-padded to whole words.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct E2eHeaders {
+    pub words: [u64; E2E_HEADERS_LEN.div_ceil(8)],
+}
+const _: () = assert!(core::mem::size_of::<E2eHeaders>() == 48);
+
+impl E2eHeaders {
+    /// The first `E2E_HEADERS_LEN` bytes of `frame`; `None` when it is shorter.
+    pub fn new(frame: &[u8]) -> Option<Self> {
+        let headers = frame.get(..E2E_HEADERS_LEN)?;
+        let mut words = [0u64; E2E_HEADERS_LEN.div_ceil(8)];
+        for (i, chunk) in headers.chunks(8).enumerate() {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            words[i] = u64::from_ne_bytes(w);
+        }
+        Some(Self { words })
     }
 }

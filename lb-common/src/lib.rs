@@ -83,4 +83,5 @@ mod pod {
     unsafe impl aya::Pod for crate::AddrKey {}
     unsafe impl aya::Pod for crate::dpconfig::NextHop {}
     unsafe impl aya::Pod for crate::bench::BenchFrame {}
+    unsafe impl aya::Pod for crate::bench::E2eHeaders {}
 }

@@ -70,15 +70,18 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
-/// Runs `f` on a fresh thread that has entered `ns`. Sockets made there stay in `ns`.
-pub fn in_ns<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'static) -> T {
+/// Runs `f` on a fresh thread that has entered `ns`. Sockets made there stay in `ns`. The thread
+/// is scoped, so `f` may borrow (to attach a program it does not own, for example).
+pub fn in_ns<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
     let file = File::open(ns.path()).expect("netns file");
-    std::thread::spawn(move || {
-        // SAFETY: setns on this thread only.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: setns on this thread only.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread in namespace panicked")
     })
-    .join()
-    .expect("thread in namespace panicked")
 }

@@ -21,18 +21,20 @@
 //!
 //! **UDP packets/s** (`udp4_pps`): 64-byte frames (60 + FCS) to VIP:8080 from 1024 flows
 //! (random source ports 10000–11023), counted when they reach the backends.
-//! - Generator: a 30-instruction XDP program run with `BPF_PROG_TEST_RUN` in live-frames mode
-//!   (the mechanism of xdp-tools' xdp-trafficgen), transmitting from the client's veth with
-//!   `XDP_TX`. Frames reach the balancer namespace as raw frames, as from a NIC: XDP gets them
-//!   without an skb and the kernel path has to build one, as in production. (An AF_PACKET
-//!   generator such as trafgen hands veth ready-made skbs, which XDP must copy back into pages
-//!   while the kernel path gets them for free; trafgen 0.6.8 also exits on the EAGAIN that
-//!   veth's backpressure causes.) Offered load exceeds what any contender forwards; the excess
-//!   is dropped at the forwarder's receive ring, as a NIC would.
-//! - Sink: each backend's veth runs an XDP program that counts and drops UDP datagrams to the
-//!   service port and passes everything else. The figure is the sum of these counts over the
-//!   window. The bench fails if, with no contender, anything reaches the sinks, or if any
-//!   datagram reaches a backend's UDP stack (it would have bypassed a sink).
+//! - Generator: `e2e_gen` of the bench object (lb-ebpf/src/bench.rs), an XDP program that
+//!   rewrites the headers and a random source port of each copy, run with `BPF_PROG_TEST_RUN` in
+//!   live-frames mode (the mechanism of xdp-tools' xdp-trafficgen), transmitting from the
+//!   client's veth with `XDP_TX`. Frames reach the balancer namespace as raw frames, as from a
+//!   NIC: XDP gets them without an skb and the kernel path has to build one, as in production.
+//!   (An AF_PACKET generator such as trafgen hands veth ready-made skbs, which XDP must copy
+//!   back into pages while the kernel path gets them for free; trafgen 0.6.8 also exits on the
+//!   EAGAIN that veth's backpressure causes.) Offered load exceeds what any contender forwards;
+//!   the excess is dropped at the forwarder's receive ring, as a NIC would.
+//! - Sink: each backend's veth runs `e2e_sink` (same object), which counts and drops UDP
+//!   datagrams to the service port in a per-CPU array and passes everything else. The figure is
+//!   the sum of these counts over the window. The bench fails if, with no contender, anything
+//!   reaches the sinks, or if any datagram reaches a backend's UDP stack (it would have bypassed
+//!   a sink).
 //!
 //! **TCP connections/s** (`tcp4_conn_per_s`): an epoll client keeps 128 exchanges in flight,
 //! each connect to VIP:8080, send one line, read the answer to EOF, close; exchanges completed

@@ -10,9 +10,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use lb_common::bench::E2E_SPORT_BASE;
 
 use super::{
-    bpf::{Generator, SPORT_BASE},
+    bpf::Generator,
     net::{
         CLIENT_DEV, CLIENT_IP, CLIENT_MAC, FORWARDER_CPU, LB_MAC, LOAD_CPU, PORT, Topology, VIP, spawn_in_ns,
     },
@@ -51,7 +52,7 @@ pub fn udp_frame() -> Vec<u8> {
     let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     f.extend_from_slice(&ip);
-    f.extend_from_slice(&(SPORT_BASE as u16).to_be_bytes());
+    f.extend_from_slice(&E2E_SPORT_BASE.to_be_bytes());
     f.extend_from_slice(&PORT.to_be_bytes());
     f.extend_from_slice(&(udp_len as u16).to_be_bytes());
     f.extend_from_slice(&[0, 0]);

@@ -1,17 +1,10 @@
 //! The routed topology shared by every contender, threaded NAPI and CPU pinning.
 
-use std::{
-    ffi::CString,
-    fs::File,
-    net::Ipv4Addr,
-    os::fd::{AsRawFd, OwnedFd},
-    process::Command,
-    thread::JoinHandle,
-};
+use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd, process::Command, thread::JoinHandle};
 
 use anyhow::{Context, Result, bail};
 
-use super::bpf::{self, Generator, Sink};
+use super::bpf::{Generator, Sink};
 use crate::{NetNs, in_ns, netns::run};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 1);
@@ -55,11 +48,10 @@ fn mac(m: [u8; 6]) -> String {
 /// balancer namespace's kernel. Backends hold the VIP on loopback (for DSR) and route
 /// everything else, replies included, via the balancer namespace.
 pub struct Topology {
-    // Field order is drop order: the sink links, then the namespaces.
-    links: Vec<OwnedFd>,
+    // Field order is drop order: the sink (and its attachments), then the namespaces.
+    pub sink: Sink,
     /// Each veth's NAPI kthreads, and whether they belong to the forwarder's side.
     napi: Vec<(String, bool, Vec<i32>)>,
-    pub sink: Sink,
     pub backends: Vec<NetNs>,
     pub client: NetNs,
     pub lb: NetNs,
@@ -70,9 +62,8 @@ impl Topology {
         let lb = NetNs::new("e2lb")?;
         let client = NetNs::new("e2cl")?;
         let mut topo = Self {
-            links: Vec::new(),
-            napi: Vec::new(),
             sink: Sink::new(PORT)?,
+            napi: Vec::new(),
             backends: Vec::new(),
             client,
             lb,
@@ -135,12 +126,9 @@ impl Topology {
             napi.push((dev, ns.name == topo.lb.name, mine));
         }
         topo.napi = napi;
-        for i in 1..=BACKENDS {
-            let ns = &topo.backends[i - 1];
-            let ifindex = ifindex_in(ns, &backend_dev(i))?;
-            let prog = topo.sink.prog_fd()?;
-            let sink_link = in_ns(ns, move || bpf::attach(&prog, ifindex))?;
-            topo.links.push(sink_link);
+        for (i, ns) in topo.backends.iter().enumerate() {
+            let sink = &mut topo.sink;
+            in_ns(ns, || sink.attach(&backend_dev(i + 1)))?;
         }
         topo.pin_napi(false)?;
         Ok(topo)
@@ -149,10 +137,7 @@ impl Topology {
     /// The UDP generator, parked in the client namespace.
     pub fn generator(&self, frame: Vec<u8>) -> Result<Generator> {
         let mut generator = Generator::new(frame)?;
-        let ifindex = ifindex_in(&self.client, PARKING_DEV)?;
-        let prog = generator.prog_fd()?;
-        let link = in_ns(&self.client, move || bpf::attach(&prog, ifindex))?;
-        generator.park(link);
+        in_ns(&self.client, || generator.park(PARKING_DEV))?;
         Ok(generator)
     }
 
@@ -238,16 +223,6 @@ fn set_threaded(ns: &NetNs, dev: &str) -> Result<()> {
     ]))
     .with_context(|| format!("enable threaded NAPI on {dev}"))?;
     Ok(())
-}
-
-fn ifindex_in(ns: &NetNs, dev: &str) -> Result<u32> {
-    let name = CString::new(dev)?;
-    // SAFETY: name is a valid C string.
-    let index = in_ns(ns, move || unsafe { libc::if_nametoindex(name.as_ptr()) });
-    if index == 0 {
-        bail!("no interface {dev} in {}", ns.name);
-    }
-    Ok(index)
 }
 
 /// Kernel threads named `napi/<dev>-<napi id>`.
