@@ -10,8 +10,11 @@ pub struct DataPlaneConfig {
     pub flags: u32,
     /// Outer IPv6 source: the first 12 bytes are the prefix, the last word varies per flow.
     pub encap_src6: [u32; 4],
+    /// UDP destination port of GUE-encapsulated packets (host order).
+    pub gue_port: u16,
+    pub _reserved: [u16; 3],
 }
-const _: () = assert!(core::mem::size_of::<DataPlaneConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<DataPlaneConfig>() == 32);
 
 /// Answer ICMP echo requests to VIP addresses from the data plane (else pass them on).
 pub const DP_F_ECHO_REPLY: u32 = 1;

@@ -50,6 +50,7 @@ pub const PINNED: [&str; 12] = [
 /// The decapsulator (its own object, on backends): local VIPs and per-CPU counters.
 pub const DECAP_VIPS: &str = "DECAP_VIPS";
 pub const DECAP_STATS: &str = "DECAP_STATS";
+pub const DECAP_GUE_PORT: &str = "DECAP_GUE_PORT";
 /// Its program.
 pub const PROG_DECAP: &str = "decap";
 

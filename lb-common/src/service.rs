@@ -43,6 +43,9 @@ pub const FWD_DSR_L2: u32 = 0;
 /// IPIP: wrap the packet in an outer IPv4 (IPv6) header to the backend, routed by the kernel's
 /// FIB; the backend strips it and answers the client directly.
 pub const FWD_IPIP: u32 = 1;
+/// GUE: as IPIP, inside UDP to the configured port (for networks that filter IP protocols 4 and
+/// 41); the UDP source port varies per flow.
+pub const FWD_GUE: u32 = 2;
 
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]

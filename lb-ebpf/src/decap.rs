@@ -1,4 +1,4 @@
-//! The backend side of IPIP: strips the outer header of packets whose inner destination is one
+//! The backend side of IPIP and GUE: strips the outer headers of packets whose inner destination is one
 //! of this host's VIPs and hands the inner packet to the stack, for kernels without (or
 //! without loaded) ipip modules. Built as its own object: a backend needs none of the
 //! balancer's maps.
@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{AddrKey, FAMILY_V4, FAMILY_V6};
@@ -19,6 +19,10 @@ use lb_ebpf::Frame;
 #[map]
 static DECAP_VIPS: HashMap<AddrKey, u32> = HashMap::pinned(1024, 0);
 
+/// The UDP port GUE arrives on (0: GUE off), set by the backend setup command.
+#[map]
+static DECAP_GUE_PORT: Array<u32> = Array::pinned(1, 0);
+
 /// Per-CPU: [0] decapsulated, [1] IPIP for an address that is not a local VIP (passed as is).
 #[map]
 static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
@@ -27,6 +31,9 @@ const ETH_P_IPV4: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6: u16 = 0x86DDu16.to_be();
 const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_IPV6: u8 = 41;
+const IPPROTO_UDP: u8 = 17;
+/// UDP header and GUE header.
+const GUE_LEN: usize = 12;
 
 #[xdp]
 pub fn decap(ctx: XdpContext) -> u32 {
@@ -44,32 +51,37 @@ pub fn decap(ctx: XdpContext) -> u32 {
         // SAFETY: 20 bytes bounds-checked. Only option-less outer headers, as the balancer
         // writes them; anything else is the stack's business.
         let (vihl, proto) = unsafe { (*ip, *ip.add(9)) };
-        if vihl != 0x45 || proto != IPPROTO_IPIP {
+        if vihl != 0x45 {
             return xdp_action::XDP_PASS;
         }
-        (20usize, FAMILY_V4)
+        match proto {
+            IPPROTO_IPIP => (20usize, FAMILY_V4),
+            IPPROTO_UDP if is_gue(&frame, 14 + 20, IPPROTO_IPIP) => (20 + GUE_LEN, FAMILY_V4),
+            _ => return xdp_action::XDP_PASS,
+        }
     } else if ethertype == ETH_P_IPV6 {
         let Some(ip) = frame.ptr_at::<[u8; 40]>(14) else {
             return xdp_action::XDP_PASS;
         };
         // SAFETY: 40 bytes bounds-checked.
-        if unsafe { *ip.cast::<u8>().add(6) } != IPPROTO_IPV6 {
-            return xdp_action::XDP_PASS;
+        match unsafe { *ip.cast::<u8>().add(6) } {
+            IPPROTO_IPV6 => (40usize, FAMILY_V6),
+            IPPROTO_UDP if is_gue(&frame, 14 + 40, IPPROTO_IPV6) => (40 + GUE_LEN, FAMILY_V6),
+            _ => return xdp_action::XDP_PASS,
         }
-        (40usize, FAMILY_V6)
     } else {
         return xdp_action::XDP_PASS;
     };
     // The inner destination must be a local VIP.
     let key = if family == FAMILY_V4 {
-        let Some(inner) = frame.ptr_at::<[u8; 20]>(14 + 20) else {
+        let Some(inner) = frame.ptr_at::<[u8; 20]>(14 + outer_len) else {
             return xdp_action::XDP_PASS;
         };
         // SAFETY: 20 bytes bounds-checked; the destination is at 16.
         let dst = unsafe { (inner.cast::<u8>().add(16) as *const u32).read_unaligned() };
         AddrKey::new(FAMILY_V4, [dst, 0, 0, 0])
     } else {
-        let Some(inner) = frame.ptr_at::<[u8; 40]>(14 + 40) else {
+        let Some(inner) = frame.ptr_at::<[u8; 40]>(14 + outer_len) else {
             return xdp_action::XDP_PASS;
         };
         let d = inner.cast::<u8>();
@@ -98,6 +110,23 @@ pub fn decap(ctx: XdpContext) -> u32 {
     }
     count(0);
     xdp_action::XDP_PASS
+}
+
+/// UDP to the configured GUE port carrying a version-0, option-less GUE header for `inner`.
+#[inline(always)]
+fn is_gue(frame: &Frame, udp_at: usize, inner: u8) -> bool {
+    let Some(port) = DECAP_GUE_PORT.get(0) else {
+        return false;
+    };
+    let Some(h) = frame.ptr_at::<[u8; GUE_LEN]>(udp_at) else {
+        return false;
+    };
+    // SAFETY: 12 bytes bounds-checked: UDP header, then the GUE header.
+    let (dport, gue0, gue_proto) = unsafe {
+        let h = h.cast::<u8>();
+        (u16::from_be_bytes([*h.add(2), *h.add(3)]), *h.add(8), *h.add(9))
+    };
+    *port != 0 && dport as u32 == *port && gue0 == 0 && gue_proto == inner
 }
 
 #[inline(always)]

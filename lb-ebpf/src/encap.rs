@@ -26,14 +26,26 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_IPV6: u8 = 41;
+const IPPROTO_UDP: u8 = 17;
 const OUTER_TTL: u8 = 64;
 
 /// How long a CPU trusts a cached next hop before asking the FIB again: route and neighbour
 /// changes take effect within this.
 const NEXT_HOP_TTL_NS: u64 = 100_000_000;
 
+/// Bytes of UDP + GUE header (version 0, no options) in front of the inner packet.
+const GUE_LEN: usize = 12;
+
+/// Encapsulates the packet for `backend`: IPIP, or with `gue` IP/UDP/GUE.
 #[inline(always)]
-pub fn ipip(ctx: &XdpContext, frame: &Frame, flow: &Flow, slot: u32, backend: &Backend) -> Verdict {
+pub fn encapsulate(
+    ctx: &XdpContext,
+    frame: &Frame,
+    flow: &Flow,
+    slot: u32,
+    backend: &Backend,
+    gue: bool,
+) -> Verdict {
     let Some(cfg) = DP_CONFIG.get(0) else {
         return Verdict::Pass(Counter::PassNoRoute);
     };
@@ -42,7 +54,9 @@ pub fn ipip(ctx: &XdpContext, frame: &Frame, flow: &Flow, slot: u32, backend: &B
     let variation = encap_variation(key.src_addr[0], key.src_port);
     let dst = addr_words(backend.addr);
     let v4 = key.family == FAMILY_V4;
-    let outer_len = if v4 { 20 } else { 40 };
+    let ip_len = if v4 { 20 } else { 40 };
+    let outer_len = if gue { ip_len + GUE_LEN } else { ip_len };
+    let gue_port = cfg.gue_port;
     // Wire bytes [prefix, prefix, variation (big-endian)].
     let v = (variation as u16).to_be_bytes();
     let src4 =
@@ -80,30 +94,37 @@ pub fn ipip(ctx: &XdpContext, frame: &Frame, flow: &Flow, slot: u32, backend: &B
         return Verdict::Drop(Counter::DropEncapFailed);
     }
     let out = Frame::new(ctx.data(), ctx.data_end());
-    if outer_len == 20 {
-        // Ethernet, outer header, and the inner header's first two bytes (for its TOS).
-        let Some(hdr) = out.ptr_at::<[u8; 14 + 20 + 2]>(0) else {
-            return Verdict::Drop(Counter::DropEncapFailed);
-        };
-        let hdr = hdr.cast::<u8>();
-        // SAFETY: 36 bytes bounds-checked above.
-        unsafe {
-            write_eth(hdr, &hop, 0x0800);
-            let tos = *hdr.add(14 + 20 + 1);
-            write_ipv4(hdr.add(14), tos, inner_len as u16 + 20, src4, dst[0]);
-        }
-    } else {
-        let Some(hdr) = out.ptr_at::<[u8; 14 + 40 + 2]>(0) else {
-            return Verdict::Drop(Counter::DropEncapFailed);
-        };
-        let hdr = hdr.cast::<u8>();
-        // SAFETY: 56 bytes bounds-checked above.
-        unsafe {
-            write_eth(hdr, &hop, 0x86dd);
-            // Traffic class from the inner header; the flow label carries the variation too.
-            let tc = (*hdr.add(54) & 0x0f) << 4 | *hdr.add(55) >> 4;
-            write_ipv6(hdr.add(14), tc, variation, inner_len as u16, &src6, &dst);
-        }
+    let inner = inner_len as u16;
+    // Each shape is bounds-checked with its own size: Ethernet, the outer headers, and the inner
+    // header's first two bytes (for its TOS / traffic class).
+    let written = match (v4, gue) {
+        (true, false) => out.ptr_at::<[u8; 14 + 20 + 2]>(0).map(|h| {
+            // SAFETY: 36 bytes bounds-checked.
+            unsafe { write_v4(h.cast(), &hop, 20, IPPROTO_IPIP, inner, src4, dst[0]) }
+        }),
+        (true, true) => out.ptr_at::<[u8; 14 + 32 + 2]>(0).map(|h| {
+            // SAFETY: 48 bytes bounds-checked.
+            unsafe {
+                let h = h.cast::<u8>();
+                write_v4(h, &hop, 32, IPPROTO_UDP, inner, src4, dst[0]);
+                write_gue(h.add(34), variation, gue_port, inner, IPPROTO_IPIP);
+            }
+        }),
+        (false, false) => out.ptr_at::<[u8; 14 + 40 + 2]>(0).map(|h| {
+            // SAFETY: 56 bytes bounds-checked.
+            unsafe { write_v6(h.cast(), &hop, 40, IPPROTO_IPV6, inner, variation, &src6, &dst) }
+        }),
+        (false, true) => out.ptr_at::<[u8; 14 + 52 + 2]>(0).map(|h| {
+            // SAFETY: 68 bytes bounds-checked.
+            unsafe {
+                let h = h.cast::<u8>();
+                write_v6(h, &hop, 52, IPPROTO_UDP, inner, variation, &src6, &dst);
+                write_gue(h.add(54), variation, gue_port, inner, IPPROTO_IPV6);
+            }
+        }),
+    };
+    if written.is_none() {
+        return Verdict::Drop(Counter::DropEncapFailed);
     }
     if !resolved {
         return Verdict::Pass(Counter::PassEncapNoNeigh);
@@ -264,10 +285,71 @@ unsafe fn write_eth(p: *mut u8, hop: &NextHop, ethertype: u16) {
     }
 }
 
+/// Ethernet and the outer IPv4 header; `outer_len` is every outer byte after Ethernet.
+///
+/// # Safety
+/// `p` must hold 14 + `outer_len` + 2 bytes (the inner header's TOS is read from there).
 #[inline(always)]
-unsafe fn write_ipv4(p: *mut u8, tos: u8, total_len: u16, src: u32, dst: u32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_v4(p: *mut u8, hop: &NextHop, outer_len: usize, proto: u8, inner: u16, src: u32, dst: u32) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        write_eth(p, hop, 0x0800);
+        let tos = *p.add(14 + outer_len + 1);
+        write_ipv4(p.add(14), tos, proto, inner + outer_len as u16, src, dst);
+    }
+}
+
+/// Ethernet and the outer IPv6 header.
+///
+/// # Safety
+/// `p` must hold 14 + `outer_len` + 2 bytes.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_v6(
+    p: *mut u8,
+    hop: &NextHop,
+    outer_len: usize,
+    next: u8,
+    inner: u16,
+    label: u32,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        write_eth(p, hop, 0x86dd);
+        // Traffic class from the inner header; the flow label carries the variation too.
+        let at = 14 + outer_len;
+        let tc = (*p.add(at) & 0x0f) << 4 | *p.add(at + 1) >> 4;
+        let payload = inner + (outer_len - 40) as u16;
+        write_ipv6(p.add(14), tc, next, label, payload, src, dst);
+    }
+}
+
+/// UDP (source port from the flow, so receivers spread flows; checksum 0: the inner packet
+/// carries its own) and a GUE header (version 0, no options, the inner protocol).
+///
+/// # Safety
+/// `p` must hold 12 bytes.
+#[inline(always)]
+unsafe fn write_gue(p: *mut u8, variation: u32, port: u16, inner: u16, proto: u8) {
+    let sport = 0xc000 | (variation as u16 & 0x3fff);
+    // SAFETY: the caller's contract.
+    unsafe {
+        let u = p as *mut u16;
+        u.write_unaligned(sport.to_be());
+        u.add(1).write_unaligned(port.to_be());
+        u.add(2).write_unaligned((inner + GUE_LEN as u16).to_be());
+        u.add(3).write_unaligned(0);
+        (p.add(8) as *mut u32).write_unaligned(u32::from_ne_bytes([0, proto, 0, 0]));
+    }
+}
+
+#[inline(always)]
+unsafe fn write_ipv4(p: *mut u8, tos: u8, proto: u8, total_len: u16, src: u32, dst: u32) {
     let w0 = 0x4500u16 | tos as u16;
-    let w4 = (OUTER_TTL as u16) << 8 | IPPROTO_IPIP as u16;
+    let w4 = (OUTER_TTL as u16) << 8 | proto as u16;
     // Addresses are in wire order; sum their big-endian halves.
     let (s, d) = (u32::from_be(src), u32::from_be(dst));
     let mut sum = w0 as u32 + total_len as u32 + w4 as u32;
@@ -290,13 +372,21 @@ unsafe fn write_ipv4(p: *mut u8, tos: u8, total_len: u16, src: u32, dst: u32) {
 }
 
 #[inline(always)]
-unsafe fn write_ipv6(p: *mut u8, tc: u8, label: u32, payload_len: u16, src: &[u32; 4], dst: &[u32; 4]) {
+unsafe fn write_ipv6(
+    p: *mut u8,
+    tc: u8,
+    next: u8,
+    label: u32,
+    payload_len: u16,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+) {
     let first = 6u32 << 28 | (tc as u32) << 20 | (label & 0xf_ffff);
     // SAFETY: the caller checked 40 bytes at p.
     unsafe {
         (p as *mut u32).write_unaligned(first.to_be());
         (p.add(4) as *mut u16).write_unaligned(payload_len.to_be());
-        *p.add(6) = IPPROTO_IPV6;
+        *p.add(6) = next;
         *p.add(7) = OUTER_TTL;
         let s = p.add(8) as *mut u32;
         let d = p.add(24) as *mut u32;

@@ -1,7 +1,10 @@
 //! Forwarding: the one seam every mode goes through: L2 direct server return, IPIP.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Backend, Counter, service::FWD_IPIP};
+use lb_common::{
+    Backend, Counter,
+    service::{FWD_GUE, FWD_IPIP},
+};
 use lb_ebpf::{Flow, Frame, Verdict};
 use network_types::eth::EthHdr;
 
@@ -17,7 +20,8 @@ pub fn forward(
     backend: &Backend,
 ) -> Verdict {
     match mode {
-        FWD_IPIP => encap::ipip(ctx, frame, flow, slot, backend),
+        FWD_IPIP => encap::encapsulate(ctx, frame, flow, slot, backend, false),
+        FWD_GUE => encap::encapsulate(ctx, frame, flow, slot, backend, true),
         _ => dsr_l2(ctx, frame, backend),
     }
 }

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{Xdp, XdpMode, links::FdLink},
 };
 use futures::TryStreamExt;
@@ -78,7 +78,7 @@ fn validate_vips(vips: &[IpAddr]) -> Result<()> {
 }
 
 /// Sets everything up; idempotent. Returns what it changed.
-pub fn setup(interface: &str, vips: &[IpAddr]) -> Result<Vec<String>> {
+pub fn setup(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<String>> {
     validate_vips(vips)?;
     ifindex(interface)?;
     let mut changed = Vec::new();
@@ -89,6 +89,15 @@ pub fn setup(interface: &str, vips: &[IpAddr]) -> Result<Vec<String>> {
             let _ = std::fs::remove_dir_all(&dir);
         })?;
         changed.push(format!("attached the decapsulator to {interface}"));
+    }
+    let mut port = open_gue_port(&dir)?;
+    if port.get(&0, 0).ok() != Some(gue_port as u32) {
+        port.set(0, gue_port as u32, 0).context("set the GUE port")?;
+        changed.push(if gue_port == 0 {
+            "GUE off (IPIP only)".to_string()
+        } else {
+            format!("decapsulating GUE on UDP port {gue_port}")
+        });
     }
     let mut map = open_vips(&dir)?;
     for &vip in vips {
@@ -133,7 +142,7 @@ pub fn teardown(interface: &str) -> Result<bool> {
 }
 
 /// Looks at every setting a backend needs and says which is wrong.
-pub fn check(interface: &str, vips: &[IpAddr]) -> Result<Vec<Finding>> {
+pub fn check(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Finding>> {
     validate_vips(vips)?;
     ifindex(interface)?;
     let mut out = Vec::new();
@@ -145,6 +154,20 @@ pub fn check(interface: &str, vips: &[IpAddr]) -> Result<Vec<Finding>> {
         fix: (!attached).then(|| format!("lb backend-host setup --interface {interface} --vip ...")),
     });
     let map = if attached { open_vips(&dir).ok() } else { None };
+    if attached {
+        let have = open_gue_port(&dir)
+            .ok()
+            .and_then(|m| m.get(&0, 0).ok())
+            .unwrap_or(0);
+        let ok = have == gue_port as u32;
+        out.push(Finding {
+            ok,
+            what: format!("decapsulator takes GUE on UDP port {have} (0: none)"),
+            fix: (!ok).then(|| {
+                format!("lb backend-host setup --interface {interface} --gue-port {gue_port} --vip ...")
+            }),
+        });
+    }
     for &vip in vips {
         let known = map.as_ref().is_some_and(|m| m.get(&addr_key(vip), 0).is_ok());
         out.push(Finding {
@@ -223,6 +246,12 @@ fn attach(interface: &str, dir: &Path, link_pin: &Path) -> Result<()> {
 
 fn open_vips(dir: &Path) -> Result<HashMap<MapData, AddrKey, u32>> {
     let path = dir.join(maps::DECAP_VIPS);
+    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+    Ok(Map::from_map_data(data)?.try_into()?)
+}
+
+fn open_gue_port(dir: &Path) -> Result<Array<MapData, u32>> {
+    let path = dir.join(maps::DECAP_GUE_PORT);
     let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
     Ok(Map::from_map_data(data)?.try_into()?)
 }

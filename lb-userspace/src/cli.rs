@@ -98,6 +98,9 @@ pub struct BackendHostArgs {
     /// A VIP this backend serves (repeatable).
     #[arg(long = "vip", required = true)]
     pub vips: Vec<IpAddr>,
+    /// UDP port of GUE encapsulation (the balancer's `gue_port`); 0 accepts IPIP only.
+    #[arg(long, default_value_t = config::DEFAULT_GUE_PORT)]
+    pub gue_port: u16,
 }
 
 #[derive(Subcommand, Debug)]

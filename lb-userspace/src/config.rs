@@ -57,6 +57,9 @@ pub struct DaemonConfig {
     /// The IPv6 outer source: its first 96 bits are kept, the last 32 vary per flow.
     #[serde(default = "default_encap_source6")]
     pub encap_source6: std::net::Ipv6Addr,
+    /// UDP port of GUE encapsulation (`forwarding = "gue"`); backends decapsulate on it.
+    #[serde(default = "default_gue_port")]
+    pub gue_port: u16,
     /// ICMP echo requests to a VIP address: answered by the data plane, or passed to the kernel.
     #[serde(default)]
     pub icmp_echo: EchoPolicy,
@@ -70,6 +73,10 @@ pub enum EchoPolicy {
     Pass,
 }
 
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+fn default_gue_port() -> u16 {
+    DEFAULT_GUE_PORT
+}
 fn default_encap_source4() -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::new(172, 16, 0, 0)
 }
@@ -160,6 +167,8 @@ pub enum Forwarding {
     /// IPIP (IPv4-in-IPv4, IPv6-in-IPv6) to routed backends, which strip it (`lb backend-host
     /// setup`) and answer the client directly.
     Ipip,
+    /// As IPIP, inside UDP to `gue_port` (GUE), for networks that filter IP protocols 4 and 41.
+    Gue,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -189,8 +198,9 @@ impl std::str::FromStr for Forwarding {
         match s.to_ascii_lowercase().as_str() {
             "dsr" => Ok(Self::Dsr),
             "ipip" => Ok(Self::Ipip),
+            "gue" => Ok(Self::Gue),
             _ => Err(Error::invalid(format!(
-                "unknown forwarding mode {s:?} (expected dsr or ipip)"
+                "unknown forwarding mode {s:?} (expected dsr, ipip or gue)"
             ))),
         }
     }
@@ -287,6 +297,9 @@ fn line_of(text: &str, offset: usize) -> usize {
 impl DaemonConfig {
     pub fn validate(&self) -> Result<()> {
         validate_name("instance", &self.instance, 32)?;
+        if self.gue_port == 0 {
+            return Err(Error::config("daemon.gue_port must not be 0"));
+        }
         if self.interfaces.is_empty() {
             return Err(Error::config(
                 "daemon.interfaces is empty: name at least one interface",

@@ -549,7 +549,7 @@ fn forwarding_warnings(interfaces: &[String], services: &[ServiceSpec]) -> Vec<S
     for (family, v4) in [("ipv4", true), ("ipv6", false)] {
         let encap = services
             .iter()
-            .any(|s| s.forwarding == crate::config::Forwarding::Ipip && s.vip.is_ipv4() == v4);
+            .any(|s| !s.forwarding.needs_l2() && s.vip.is_ipv4() == v4);
         if !encap {
             continue;
         }
@@ -557,7 +557,7 @@ fn forwarding_warnings(interfaces: &[String], services: &[ServiceSpec]) -> Vec<S
             let path = format!("/proc/sys/net/{family}/conf/{iface}/forwarding");
             if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "0") {
                 out.push(format!(
-                    "IPIP services need forwarding on {iface} for the FIB lookup; until then their \
+                    "IPIP/GUE services need forwarding on {iface} for the FIB lookup; until then their \
                      packets are passed to the kernel (fix: sysctl -w net.{family}.conf.{iface}.forwarding=1)"
                 ));
             }

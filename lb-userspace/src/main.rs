@@ -72,7 +72,7 @@ fn backend_host(cmd: &BackendHostCmd, json: bool) -> anyhow::Result<i32> {
     use lb_userspace::backend_host as host;
     match cmd {
         BackendHostCmd::Setup(a) => {
-            let changed = host::setup(&a.interface, &a.vips)?;
+            let changed = host::setup(&a.interface, &a.vips, a.gue_port)?;
             if json {
                 println!("{}", serde_json::json!({ "changed": changed }));
             } else if changed.is_empty() {
@@ -85,7 +85,7 @@ fn backend_host(cmd: &BackendHostCmd, json: bool) -> anyhow::Result<i32> {
             Ok(0)
         }
         BackendHostCmd::Check(a) => {
-            let findings = host::check(&a.interface, &a.vips)?;
+            let findings = host::check(&a.interface, &a.vips, a.gue_port)?;
             let bad = findings.iter().filter(|f| !f.ok).count();
             if json {
                 println!("{}", serde_json::json!({ "ok": bad == 0, "findings": findings }));

@@ -1,4 +1,4 @@
-//! IPIP end to end: backends in their own subnets behind a router, the balancer encapsulating
+//! IPIP and GUE end to end: backends in their own subnets behind a router, the balancer encapsulating
 //! to them, each backend stripping the outer header with the shipped decapsulator (set up with
 //! `lb backend-host setup`) and answering the client directly, not through the balancer.
 //!
@@ -141,7 +141,7 @@ impl Routed {
         }
     }
 
-    fn config(&self, instance: &str, run_dir: &std::path::Path) -> String {
+    fn config(&self, instance: &str, run_dir: &std::path::Path, mode: &str) -> String {
         let mut text = format!(
             "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\n",
             run_dir.display()
@@ -153,7 +153,7 @@ impl Routed {
             ("dns6", IpAddr::V6(VIP6), "udp"),
         ] {
             text.push_str(&format!(
-                "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {PORT}\nprotocol = \"{proto}\"\nforwarding = \"ipip\"\n"
+                "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {PORT}\nprotocol = \"{proto}\"\nforwarding = \"{mode}\"\n"
             ));
             for i in 1..=BACKENDS {
                 let addr = if vip.is_ipv4() {
@@ -281,9 +281,6 @@ fn ipip_reaches_routed_backends_that_answer_directly() {
     }
     net.start_servers();
 
-    let (instance, run_dir) = Daemon::new_paths();
-    let config = net.config(&instance, &run_dir);
-    let daemon = Daemon::start_in(&net.lb, &instance, &run_dir, &config).expect("daemon");
     // IPv6 neighbour discovery needs the fresh links' addresses out of duplicate address
     // detection first.
     for ns in [&net.client, &net.lb, &net._router]
@@ -298,51 +295,63 @@ fn ipip_reaches_routed_backends_that_answer_directly() {
             ns.name
         );
     }
-    for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
-        let (tcp, udp) = traffic(&net.client, vip, 40);
-        for (what, counts) in [("tcp", &tcp), ("udp", &udp)] {
-            assert_eq!(counts.values().sum::<usize>(), 40, "{vip} {what}: {counts:?}");
-            assert_eq!(
-                counts.len(),
-                BACKENDS as usize,
-                "{vip} {what}: every backend serves: {counts:?}"
-            );
+    // The same backends, set up once, take IPIP and GUE alike: one daemon per mode.
+    let mut decapped_before = vec![0u64; BACKENDS as usize];
+    for mode in ["ipip", "gue"] {
+        let (instance, run_dir) = Daemon::new_paths();
+        let config = net.config(&instance, &run_dir, mode);
+        let daemon = Daemon::start_in(&net.lb, &instance, &run_dir, &config).expect("daemon");
+        for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+            let (tcp, udp) = traffic(&net.client, vip, 40);
+            for (what, counts) in [("tcp", &tcp), ("udp", &udp)] {
+                assert_eq!(
+                    counts.values().sum::<usize>(),
+                    40,
+                    "{mode} {vip} {what}: {counts:?}"
+                );
+                assert_eq!(
+                    counts.len(),
+                    BACKENDS as usize,
+                    "{vip} {what}: every backend serves: {counts:?}"
+                );
+            }
         }
-    }
-    // Forwarded by XDP (the router's side got XDP_TX frames), decapsulated on the backends.
-    let stats = daemon.json(&["stats"]);
-    let tx = stats["counters"]["tx"].as_u64().unwrap_or(0);
-    assert!(tx >= 160, "tx counter {tx}: {stats}");
-    for i in 0..BACKENDS as usize {
-        let out = net.backend_host(
-            i,
-            &[
-                "--json",
-                "check",
-                "--interface",
-                "eth0",
-                "--vip",
-                &VIP4.to_string(),
-            ],
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        let line = v["findings"]
-            .as_array()
-            .and_then(|f| {
-                f.iter().find(|f| {
-                    f["what"]
-                        .as_str()
-                        .is_some_and(|w| w.contains("packets decapsulated"))
+        // Forwarded by XDP (the router's side got XDP_TX frames), decapsulated on the backends.
+        let stats = daemon.json(&["stats"]);
+        let tx = stats["counters"]["tx"].as_u64().unwrap_or(0);
+        assert!(tx >= 160, "tx counter {tx}: {stats}");
+        for (i, before) in decapped_before.iter_mut().enumerate() {
+            let out = net.backend_host(
+                i,
+                &[
+                    "--json",
+                    "check",
+                    "--interface",
+                    "eth0",
+                    "--vip",
+                    &VIP4.to_string(),
+                ],
+            );
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+            let line = v["findings"]
+                .as_array()
+                .and_then(|f| {
+                    f.iter().find(|f| {
+                        f["what"]
+                            .as_str()
+                            .is_some_and(|w| w.contains("packets decapsulated"))
+                    })
                 })
-            })
-            .cloned()
-            .unwrap_or_default();
-        let decapped: u64 = line["what"]
-            .as_str()
-            .and_then(|w| w.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        assert!(decapped > 0, "backend {i}: {line}");
+                .cloned()
+                .unwrap_or_default();
+            let decapped: u64 = line["what"]
+                .as_str()
+                .and_then(|w| w.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            assert!(decapped > *before, "{mode}: backend {i}: {line}");
+            *before = decapped;
+        }
+        drop(daemon);
     }
-    drop(daemon);
 }

@@ -10,7 +10,7 @@ use lb_common::{
     backend::BACKEND_F_ACTIVE,
     dpconfig::{DataPlaneConfig, encap_variation},
     maps,
-    service::{FWD_DSR_L2, FWD_IPIP},
+    service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP},
 };
 use lb_tests::{
     NetNs, in_ns,
@@ -514,6 +514,7 @@ fn backend_behind_another_interface_is_redirected() {
     });
 }
 
+const GUE_PORT: u16 = 6080;
 const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x50];
 const ENCAP_SRC4: [u8; 4] = [172, 16, 0, 0];
 const ENCAP_SRC6: [u8; 16] = [0xfd, 0, 0, 0x1b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -542,6 +543,8 @@ impl Dp {
             encap_src4: addr_words(src4)[0],
             flags: 0,
             encap_src6: addr_words(ENCAP_SRC6),
+            gue_port: GUE_PORT,
+            _reserved: [0; 3],
         };
         self.dp_config.set(0, cfg, 0).expect("dp config");
     }
@@ -982,5 +985,127 @@ fn fragments_of_a_datagram_reach_one_backend_when_the_vip_hashes_them() {
             conntrack_before,
             "fragments are not remembered"
         );
+    });
+}
+
+#[test]
+fn gue_wraps_the_packet_in_udp_to_the_configured_port() {
+    in_fresh_ns(|| {
+        let ifindex = ipip_routes().expect("routes");
+        let mut dp = standard();
+        dp.encap_config();
+        dp.tx_ports.insert(ifindex, ifindex, None, 0).expect("tx port");
+        dp.encap_backend(5, 4, &[10, 60, 0, 5]);
+        dp.encap_backend(6, 6, &[0xfd, 0x60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5]);
+        dp.service_mode(4, 6, &VIP4, 8443, 91, 5, FWD_GUE);
+        dp.service_mode(6, 17, &VIP6, 8443, 104, 6, FWD_GUE);
+
+        let inner4 = ipv4(6, CLIENT4, VIP4, &tcp(40000, 8443, 2));
+        let input = [eth(LB_MAC, CLIENT_MAC, 0x0800), inner4.clone()].concat();
+        let v = encap_variation(u32::from_ne_bytes(CLIENT4), 40000u16.to_be());
+        let sport = 0xc000 | (v as u16 & 0x3fff);
+        let gue4 = udp(sport, GUE_PORT, &[&[0u8, 4, 0, 0][..], &inner4].concat());
+        let mut outer = ipv4(17, outer_src4(CLIENT4, 40000), [10, 60, 0, 5], &gue4);
+        outer[4..8].copy_from_slice(&[0, 0, 0, 0]); // id 0, no DF
+        outer[10..12].copy_from_slice(&[0, 0]);
+        let sum = lb_tests::packets::checksum(&outer[..20]);
+        outer[10..12].copy_from_slice(&sum.to_be_bytes());
+        let want = [eth(ROUTER_MAC, LB_MAC, 0x0800), outer].concat();
+        assert_eq!(dp.run(&input), (XDP_REDIRECT, want));
+
+        let inner6 = ipv6(17, CLIENT6, VIP6, &udp(40000, 8443, b"hello"));
+        let input = [eth(LB_MAC, CLIENT_MAC, 0x86dd), inner6.clone()].concat();
+        let v = encap_variation(
+            u32::from_ne_bytes([CLIENT6[0], CLIENT6[1], CLIENT6[2], CLIENT6[3]]),
+            40000u16.to_be(),
+        );
+        let mut src = ENCAP_SRC6;
+        src[12..].copy_from_slice(&v.to_be_bytes());
+        let gue6 = udp(
+            0xc000 | (v as u16 & 0x3fff),
+            GUE_PORT,
+            &[&[0u8, 41, 0, 0][..], &inner6].concat(),
+        );
+        let mut outer = ipv6(
+            17,
+            src,
+            [0xfd, 0x60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5],
+            &gue6,
+        );
+        outer[1] = (v >> 16) as u8 & 0x0f;
+        outer[2] = (v >> 8) as u8;
+        outer[3] = v as u8;
+        let want = [eth(ROUTER_MAC, LB_MAC, 0x86dd), outer].concat();
+        assert_eq!(dp.run(&input), (XDP_REDIRECT, want));
+    });
+}
+
+#[test]
+fn decap_strips_gue_on_its_port_only() {
+    in_fresh_ns(|| {
+        let mut ebpf = load_object(lb_userspace::DECAP_OBJECT).expect("load decap object");
+        let prog: &mut Xdp = ebpf
+            .program_mut(maps::PROG_DECAP)
+            .expect("decap")
+            .try_into()
+            .expect("xdp");
+        prog.load().expect("verifier accepts decap");
+        let mut vips: HashMap<MapData, AddrKey, u32> = ebpf
+            .take_map(maps::DECAP_VIPS)
+            .expect("vips")
+            .try_into()
+            .expect("hash");
+        let mut port: Array<MapData, u32> = ebpf
+            .take_map(maps::DECAP_GUE_PORT)
+            .expect("port")
+            .try_into()
+            .expect("array");
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&VIP4);
+        vips.insert(AddrKey::new(4, addr_words(v4)), 1, 0).expect("vip4");
+        let prog: &Xdp = ebpf
+            .program(maps::PROG_DECAP)
+            .expect("decap")
+            .try_into()
+            .expect("xdp");
+        let run = |input: &[u8]| {
+            let mut out = vec![0u8; input.len() + 64];
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(input),
+                    data_out: Some(&mut out),
+                    repeat: 1,
+                    ..Default::default()
+                })
+                .expect("test_run");
+            out.truncate(r.data_size_out as usize);
+            (r.return_value, out)
+        };
+        let inner = ipv4(6, CLIENT4, VIP4, &tcp(40000, 8443, 2));
+        let gue = udp(0xc123, GUE_PORT, &[&[0u8, 4, 0, 0][..], &inner].concat());
+        let input = [
+            eth(B1_MAC, ROUTER_MAC, 0x0800),
+            ipv4(17, [172, 16, 1, 2], [10, 60, 0, 5], &gue),
+        ]
+        .concat();
+        // GUE off: an ordinary UDP packet for the stack.
+        assert_eq!(run(&input), (XDP_PASS, input.clone()));
+        port.set(0, GUE_PORT as u32, 0).expect("port");
+        assert_eq!(
+            run(&input),
+            (XDP_PASS, [eth(B1_MAC, ROUTER_MAC, 0x0800), inner].concat())
+        );
+        // Another UDP port: untouched.
+        let other = udp(
+            0xc123,
+            4789,
+            &[&[0u8, 4, 0, 0][..], &ipv4(6, CLIENT4, VIP4, &tcp(1, 2, 2))].concat(),
+        );
+        let input = [
+            eth(B1_MAC, ROUTER_MAC, 0x0800),
+            ipv4(17, [172, 16, 1, 2], [10, 60, 0, 5], &other),
+        ]
+        .concat();
+        assert_eq!(run(&input), (XDP_PASS, input.clone()));
     });
 }

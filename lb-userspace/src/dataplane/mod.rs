@@ -56,6 +56,8 @@ impl DataPlane {
                 crate::config::EchoPolicy::Pass => 0,
             },
             encap_src6: addr_words(cfg.encap_source6.octets()),
+            gue_port: cfg.gue_port,
+            _reserved: [0; 3],
         };
         self.dp_config.set(0, value, 0).map_err(Error::dataplane)
     }

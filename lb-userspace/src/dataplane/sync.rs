@@ -12,7 +12,7 @@ use lb_common::{
     AddrKey, Backend, FAMILY_V4, FAMILY_V6, ServiceKey, ServiceValue, VipFilter,
     backend::BACKEND_F_ACTIVE,
     maps::{MAX_BACKENDS, MAX_SERVICES},
-    service::{FWD_DSR_L2, FWD_IPIP, SVC_F_HASH_SOURCE},
+    service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP, SVC_F_HASH_SOURCE},
 };
 use log::debug;
 use serde::{Deserialize, Serialize};
@@ -334,6 +334,7 @@ impl Reconciler {
                 forward: match s.forwarding {
                     Forwarding::Dsr => FWD_DSR_L2,
                     Forwarding::Ipip => FWD_IPIP,
+                    Forwarding::Gue => FWD_GUE,
                 },
                 _reserved: 0,
             };

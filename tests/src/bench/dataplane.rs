@@ -38,6 +38,7 @@ pub const TABLE_SIZE: u32 = 65537;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
+const GUE_PORT: u16 = 6080;
 /// The IPIP services' port; their backends are routed (crate::topology::ipip_routes).
 const IPIP_PORT: u16 = 8080;
 
@@ -311,6 +312,8 @@ impl Bench {
             encap_src4: u32::from_ne_bytes([172, 16, 0, 0]),
             flags: 0,
             encap_src6: addr_words([0xfd, 0, 0, 0x1b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            gue_port: GUE_PORT,
+            _reserved: [0; 3],
         };
         dp_config.set(0, cfg, 0)?;
 
