@@ -18,7 +18,7 @@ use lb_common::{
     bench::{BENCH_TARGET_FLOOR, BENCH_TARGET_LB, BenchFrame},
     dpconfig::DataPlaneConfig,
     maps,
-    service::{FWD_DSR_L2, FWD_IPIP},
+    service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP},
 };
 use lb_userspace::{
     dataplane::Pool,
@@ -39,6 +39,8 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 const GUE_PORT: u16 = 6080;
+/// The GUE services' port (same routed backends as IPIP).
+const GUE_SERVICE_PORT: u16 = 8443;
 /// The IPIP services' port; their backends are routed (crate::topology::ipip_routes).
 const IPIP_PORT: u16 = 8080;
 
@@ -180,6 +182,26 @@ fn cases() -> Vec<Case> {
         },
         Case {
             unwrapped: false,
+            name: "tcp4_established_gue",
+            frame: v4(PROTO_TCP, tcp(40000, GUE_SERVICE_PORT, TCP_ACK), VIP4),
+            target: BENCH_TARGET_LB,
+            vary_offset: 0,
+            verdict: XDP_REDIRECT,
+            counters: &[Counter::ConntrackHit, Counter::Redirect],
+            target_ns: None,
+        },
+        Case {
+            unwrapped: false,
+            name: "tcp6_established_gue",
+            frame: v6(PROTO_TCP, tcp(40000, GUE_SERVICE_PORT, TCP_ACK)),
+            target: BENCH_TARGET_LB,
+            vary_offset: 0,
+            verdict: XDP_REDIRECT,
+            counters: &[Counter::ConntrackHit, Counter::Redirect],
+            target_ns: None,
+        },
+        Case {
+            unwrapped: false,
             name: "nonvip_pass",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), OTHER4),
             target: BENCH_TARGET_LB,
@@ -281,6 +303,8 @@ impl Bench {
             (FAMILY_V6, PROTO_UDP, 53, 0, FWD_DSR_L2),
             (FAMILY_V4, PROTO_TCP, IPIP_PORT, 1, FWD_IPIP),
             (FAMILY_V6, PROTO_TCP, IPIP_PORT, 2, FWD_IPIP),
+            (FAMILY_V4, PROTO_TCP, GUE_SERVICE_PORT, 1, FWD_GUE),
+            (FAMILY_V6, PROTO_TCP, GUE_SERVICE_PORT, 2, FWD_GUE),
         ]
         .into_iter()
         .enumerate()
