@@ -18,6 +18,9 @@ const _: () = assert!(core::mem::size_of::<DataPlaneConfig>() == 32);
 
 /// Answer ICMP echo requests to VIP addresses from the data plane (else pass them on).
 pub const DP_F_ECHO_REPLY: u32 = 1;
+/// Answer packets that encapsulation would make too big with ICMP "fragmentation needed" /
+/// "packet too big" (else drop and count them).
+pub const DP_F_TOO_BIG_ICMP: u32 = 2;
 
 /// The per-flow part of an outer source: source port mixed with the source address, the way
 /// Katran spreads flows, so no hash is needed on the packet path.

@@ -70,8 +70,10 @@ counters! {
     EchoReplied = 26, "echo_replied";
     // An IP fragment sent to the backend its 3-tuple hashes to.
     FragmentForwarded = 27, "fragment_forwarded";
+    // Encapsulation would exceed the MTU: the client was told the MTU to use.
+    IcmpTooBigSent = 28, "icmp_too_big_sent";
 }
 
 /// Size of the global counter map.
 pub const COUNTER_SLOTS: u32 = 32;
-const _: () = assert!((Counter::FragmentForwarded as u32) < COUNTER_SLOTS);
+const _: () = assert!((Counter::IcmpTooBigSent as u32) < COUNTER_SLOTS);

@@ -13,13 +13,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Counter, FAMILY_V4, addr_words,
-    dpconfig::{HOP_F_RESOLVED, NextHop, encap_variation},
+    dpconfig::{DP_F_TOO_BIG_ICMP, HOP_F_RESOLVED, NextHop, encap_variation},
 };
 use lb_ebpf::{Flow, Frame, Verdict};
 
 use crate::{
     forward::send,
     maps::{DP_CONFIG, FIB_SCRATCH, NEXT_HOPS},
+    too_big,
 };
 
 const AF_INET: u8 = 2;
@@ -72,6 +73,9 @@ pub fn encapsulate(
         Err(verdict) => return verdict,
     };
     if (inner_len + outer_len) as u32 > hop.mtu {
+        if cfg.flags & DP_F_TOO_BIG_ICMP != 0 {
+            return too_big::answer(ctx, flow, hop.mtu - outer_len as u32);
+        }
         return Verdict::Drop(Counter::DropEncapTooBig);
     }
     let resolved = hop.flags & HOP_F_RESOLVED != 0;

@@ -8,6 +8,7 @@ mod forward;
 mod maps;
 mod select;
 mod stats;
+mod too_big;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_ebpf::{Frame, Verdict, parse_flow};

@@ -60,9 +60,22 @@ pub struct DaemonConfig {
     /// UDP port of GUE encapsulation (`forwarding = "gue"`); backends decapsulate on it.
     #[serde(default = "default_gue_port")]
     pub gue_port: u16,
+    /// Packets that encapsulation would make larger than the route MTU: answered with ICMP
+    /// "fragmentation needed" / "packet too big" (the client's path MTU discovery then sends
+    /// smaller ones), or dropped. Both are counted.
+    #[serde(default)]
+    pub encap_too_big: TooBigPolicy,
     /// ICMP echo requests to a VIP address: answered by the data plane, or passed to the kernel.
     #[serde(default)]
     pub icmp_echo: EchoPolicy,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum TooBigPolicy {
+    #[default]
+    Icmp,
+    Drop,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]

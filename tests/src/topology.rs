@@ -201,6 +201,7 @@ pub fn ipip_routes() -> Result<u32> {
         ip neigh add fd50::2 lladdr 02:00:00:00:00:50 dev lbt-e nud permanent && \
         ip route add 10.60.0.0/24 via 10.50.0.2 && ip -6 route add fd60::/64 via fd50::2 && \
         ip route add 10.61.0.0/24 via 10.50.0.2 mtu lock 100 && \
+        ip -6 route add fd61::/64 via fd50::2 mtu lock 1280 && \
         sysctl -qw net.ipv4.conf.all.forwarding=1 net.ipv4.conf.lo.forwarding=1 net.ipv6.conf.all.forwarding=1";
     crate::netns::run(std::process::Command::new("sh").args(["-c", script]))?;
     let name = std::ffi::CString::new("lbt-e")?;

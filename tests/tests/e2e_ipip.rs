@@ -12,6 +12,7 @@
 
 use std::{
     collections::HashMap,
+    io::{BufRead, Write},
     net::{IpAddr, SocketAddr, UdpSocket},
     time::Duration,
 };
@@ -83,6 +84,8 @@ impl Routed {
         lb.sh(
             "ip addr add 10.82.0.2/24 dev eth0 && ip addr add fd82::2/64 dev eth0 nodad && ip link set eth0 mtu 1600 && \
              ip route add default via 10.82.0.1 && ip -6 route add default via fd82::1 && \
+             ip route add 10.83.0.0/16 via 10.82.0.1 mtu lock 1500 && \
+             ip -6 route add fd83::/16 via fd82::1 mtu lock 1500 && \
              sysctl -qw net.ipv4.conf.all.forwarding=1 net.ipv4.conf.eth0.forwarding=1 net.ipv6.conf.all.forwarding=1",
         )?;
         // The router's side of the balancer's link receives XDP_TX frames only with XDP on it.
@@ -316,6 +319,26 @@ fn ipip_reaches_routed_backends_that_answer_directly() {
                 );
             }
         }
+        // The route to the backends takes 1500 bytes, as does the client's link: full-sized
+        // client packets no longer fit once encapsulated. The balancer answers "too big" with
+        // the MTU that fits, the client's path MTU discovery shrinks its segments, and a
+        // transfer much larger than the MTU completes.
+        for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+            let answer = in_ns(&net.client, move || {
+                let mut c = client::connect(vip);
+                let mut line = vec![b'x'; 200_000];
+                line.push(b'\n');
+                c.writer.write_all(&line).expect("upload");
+                let mut answer = String::new();
+                c.reader.read_line(&mut answer).expect("answer after the upload");
+                answer
+            });
+            assert!(answer.trim().starts_with('b'), "{mode} {vip}: {answer:?}");
+        }
+        let too_big = daemon.json(&["stats"])["counters"]["icmp_too_big_sent"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(too_big > 0, "{mode}: no packet-too-big answers were needed");
         // Forwarded by XDP (the router's side got XDP_TX frames), decapsulated on the backends.
         let stats = daemon.json(&["stats"]);
         let tx = stats["counters"]["tx"].as_u64().unwrap_or(0);

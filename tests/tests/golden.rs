@@ -151,16 +151,7 @@ impl Dp {
             .expect("lb")
             .try_into()
             .expect("xdp");
-        let mut out = vec![0u8; input.len() + 64];
-        let opts = TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        };
-        let r = prog.test_run(opts).expect("test_run");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        run_once(prog, input)
     }
 
     fn counter(&self, c: Counter) -> u64 {
@@ -174,6 +165,20 @@ fn rewritten(input: &[u8], dst: [u8; 6]) -> Vec<u8> {
     out[0..6].copy_from_slice(&dst);
     out[6..12].copy_from_slice(&LB_MAC);
     out
+}
+
+/// One test_run: the verdict and the frame as the program left it.
+fn run_once(prog: &Xdp, input: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 64];
+    let opts = TestRunOptions {
+        data_in: Some(input),
+        data_out: Some(&mut out),
+        repeat: 1,
+        ..Default::default()
+    };
+    let r = prog.test_run(opts).expect("test_run");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
 }
 
 fn in_fresh_ns(f: impl FnOnce() + Send + 'static) {
@@ -689,19 +694,7 @@ fn decap_strips_ipip_for_local_vips_only() {
             .expect("decap")
             .try_into()
             .expect("xdp");
-        let run = |input: &[u8]| {
-            let mut out = vec![0u8; input.len() + 64];
-            let r = prog
-                .test_run(TestRunOptions {
-                    data_in: Some(input),
-                    data_out: Some(&mut out),
-                    repeat: 1,
-                    ..Default::default()
-                })
-                .expect("test_run");
-            out.truncate(r.data_size_out as usize);
-            (r.return_value, out)
-        };
+        let run = |input: &[u8]| run_once(prog, input);
         let count = |i: u32| -> u64 { stats.get(&i, 0).expect("stat").iter().sum() };
 
         let inner4 = ipv4(6, CLIENT4, VIP4, &tcp(40000, 8080, 2));
@@ -1068,19 +1061,7 @@ fn decap_strips_gue_on_its_port_only() {
             .expect("decap")
             .try_into()
             .expect("xdp");
-        let run = |input: &[u8]| {
-            let mut out = vec![0u8; input.len() + 64];
-            let r = prog
-                .test_run(TestRunOptions {
-                    data_in: Some(input),
-                    data_out: Some(&mut out),
-                    repeat: 1,
-                    ..Default::default()
-                })
-                .expect("test_run");
-            out.truncate(r.data_size_out as usize);
-            (r.return_value, out)
-        };
+        let run = |input: &[u8]| run_once(prog, input);
         let inner = ipv4(6, CLIENT4, VIP4, &tcp(40000, 8443, 2));
         let gue = udp(0xc123, GUE_PORT, &[&[0u8, 4, 0, 0][..], &inner].concat());
         let input = [
@@ -1107,5 +1088,57 @@ fn decap_strips_gue_on_its_port_only() {
         ]
         .concat();
         assert_eq!(run(&input), (XDP_PASS, input.clone()));
+    });
+}
+
+#[test]
+fn too_big_for_the_tunnel_is_answered_with_the_mtu_to_use() {
+    in_fresh_ns(|| {
+        let ifindex = ipip_routes().expect("routes");
+        let mut dp = standard();
+        dp.encap_config();
+        let mut cfg = dp.dp_config.get(&0, 0).expect("cfg");
+        cfg.flags = lb_common::dpconfig::DP_F_TOO_BIG_ICMP;
+        dp.dp_config.set(0, cfg, 0).expect("cfg");
+        dp.tx_ports.insert(ifindex, ifindex, None, 0).expect("tx port");
+        dp.encap_backend(5, 4, &[10, 61, 0, 5]); // route MTU 100
+        dp.encap_backend(6, 6, &[0xfd, 0x61, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5]); // 1280
+        dp.service_mode(4, 6, &VIP4, 9000, 91, 5, FWD_IPIP);
+        dp.service_mode(6, 6, &VIP6, 9000, 104, 6, FWD_IPIP);
+
+        // IPv4 with DF, 110 bytes once encapsulated: "fragmentation needed, MTU 80" from the VIP.
+        let mut l4 = tcp(40000, 9000, 0x10);
+        l4.extend_from_slice(&[9u8; 50]);
+        let inner = ipv4(6, CLIENT4, VIP4, &l4);
+        let input = [eth(LB_MAC, CLIENT_MAC, 0x0800), inner.clone()].concat();
+        let mut icmp = vec![3, 4, 0, 0, 0, 0, 0, 80];
+        icmp.extend_from_slice(&inner[..28]);
+        let sum = lb_tests::packets::checksum(&icmp);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        let mut ip = ipv4(1, VIP4, CLIENT4, &icmp);
+        ip[4..8].copy_from_slice(&[0, 0, 0, 0]);
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let sum = lb_tests::packets::checksum(&ip[..20]);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        let want = [eth(CLIENT_MAC, LB_MAC, 0x0800), ip].concat();
+        assert_eq!(dp.run(&input), (XDP_TX, want));
+        // Without DF a router would fragment; we cannot, so it is a counted drop.
+        let mut no_df = input.clone();
+        no_df[14 + 6] = 0;
+        assert_eq!(dp.run(&no_df).0, XDP_DROP);
+        assert_eq!(dp.counter(Counter::DropEncapTooBig), 1);
+
+        // IPv6, 1400 bytes once encapsulated on a 1280 route: "packet too big, MTU 1240".
+        let mut l4 = tcp(40000, 9000, 0x10);
+        l4.extend_from_slice(&[9u8; 1300]);
+        let inner = ipv6(6, CLIENT6, VIP6, &l4);
+        let input = [eth(LB_MAC, CLIENT_MAC, 0x86dd), inner.clone()].concat();
+        let mut msg = vec![2, 0, 0, 0, 0, 0, 0x04, 0xd8];
+        msg.extend_from_slice(&inner[..48]);
+        let sum = icmp6_checksum(VIP6, CLIENT6, &msg);
+        msg[2..4].copy_from_slice(&sum.to_be_bytes());
+        let want = [eth(CLIENT_MAC, LB_MAC, 0x86dd), ipv6(58, VIP6, CLIENT6, &msg)].concat();
+        assert_eq!(dp.run(&input), (XDP_TX, want));
+        assert_eq!(dp.counter(Counter::IcmpTooBigSent), 2);
     });
 }

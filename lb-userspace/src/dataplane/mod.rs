@@ -54,6 +54,9 @@ impl DataPlane {
             flags: match cfg.icmp_echo {
                 crate::config::EchoPolicy::Reply => lb_common::dpconfig::DP_F_ECHO_REPLY,
                 crate::config::EchoPolicy::Pass => 0,
+            } | match cfg.encap_too_big {
+                crate::config::TooBigPolicy::Icmp => lb_common::dpconfig::DP_F_TOO_BIG_ICMP,
+                crate::config::TooBigPolicy::Drop => 0,
             },
             encap_src6: addr_words(cfg.encap_source6.octets()),
             gue_port: cfg.gue_port,
