@@ -50,8 +50,9 @@ pub fn decap(ctx: XdpContext) -> u32 {
         let ip = ip.cast::<u8>();
         // SAFETY: 20 bytes bounds-checked. Only option-less outer headers, as the balancer
         // writes them; anything else is the stack's business.
-        let (vihl, proto) = unsafe { (*ip, *ip.add(9)) };
-        if vihl != 0x45 {
+        let (vihl, proto, frags) = unsafe { (*ip, *ip.add(9), u16::from_be_bytes([*ip.add(6), *ip.add(7)])) };
+        // An outer fragment holds no whole inner packet: the stack's business.
+        if vihl != 0x45 || frags & 0x3fff != 0 {
             return xdp_action::XDP_PASS;
         }
         match proto {

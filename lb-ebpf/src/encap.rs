@@ -51,7 +51,8 @@ pub fn encapsulate(
         return Verdict::Pass(Counter::PassNoRoute);
     };
     let key = &flow.key;
-    let inner_len = frame.len() - flow.l3;
+    // The inner packet's own length: a short frame may carry Ethernet padding after it.
+    let inner_len = inner_length(frame, flow).unwrap_or(frame.len() - flow.l3);
     let variation = encap_variation(key.src_addr[0], key.src_port);
     let dst = addr_words(backend.addr);
     let v4 = key.family == FAMILY_V4;
@@ -73,8 +74,9 @@ pub fn encapsulate(
         Err(verdict) => return verdict,
     };
     if (inner_len + outer_len) as u32 > hop.mtu {
-        if cfg.flags & DP_F_TOO_BIG_ICMP != 0 {
-            return too_big::answer(ctx, flow, hop.mtu - outer_len as u32);
+        // Never an ICMP error about an ICMP error (RFC 1122, RFC 4443 2.4(e)).
+        if cfg.flags & DP_F_TOO_BIG_ICMP != 0 && !flow.icmp_error {
+            return too_big::answer(ctx, flow, hop.mtu.saturating_sub(outer_len as u32));
         }
         return Verdict::Drop(Counter::DropEncapTooBig);
     }
@@ -136,6 +138,22 @@ pub fn encapsulate(
     send(ctx, hop.ifindex)
 }
 
+/// The IP packet's length from its header (IPv4 total length, IPv6 header + payload length),
+/// capped by what the frame holds.
+#[inline(always)]
+fn inner_length(frame: &Frame, flow: &Flow) -> Option<usize> {
+    let ip = frame.ptr_at::<[u8; 6]>(flow.l3)?.cast::<u8>();
+    // SAFETY: 6 bytes bounds-checked.
+    let len = unsafe {
+        if flow.key.family == FAMILY_V4 {
+            u16::from_be_bytes([*ip.add(2), *ip.add(3)]) as usize
+        } else {
+            40 + u16::from_be_bytes([*ip.add(4), *ip.add(5)]) as usize
+        }
+    };
+    Some(len.min(frame.len() - flow.l3))
+}
+
 /// The backend's next hop from this CPU's cache, or from the FIB (and then cached). An
 /// unresolved neighbour is not cached: the kernel is resolving it and the next packet asks again.
 #[inline(always)]
@@ -171,24 +189,22 @@ fn next_hop(
         expires_ns: now + NEXT_HOP_TTL_NS,
         generation: backend.generation,
         ifindex,
-        // The kernel forwards unresolved packets itself, fragmenting or answering as it must.
-        mtu: u32::MAX,
+        mtu: u16::MAX as u32,
         dmac,
         smac,
-        flags: 0,
+        flags: if resolved { HOP_F_RESOLVED } else { 0 },
     };
-    if !resolved {
-        return Ok(hop);
-    }
-    hop.flags = HOP_F_RESOLVED;
-    // The route's MTU: ask for the largest packet, the FIB answers with the limit.
+    // The route's MTU: ask for the largest packet, the FIB answers with the limit (before it
+    // looks at the neighbour, so unresolved next hops get it too).
     let mut probe = FibQuery::new(ctx, v4, src4, src6, dst).ok_or(no_route)?;
     probe.set_tot_len(u16::MAX);
     hop.mtu = match probe.lookup(ctx) {
         BPF_FIB_LKUP_RET_FRAG_NEEDED => probe.mtu_result() as u32,
         _ => u16::MAX as u32,
     };
-    if let Some(c) = cached {
+    // An unresolved neighbour is not cached: the kernel is resolving it; the next packet asks
+    // again.
+    if resolved && let Some(c) = cached {
         // SAFETY: per-CPU slot.
         unsafe { *c = hop };
     }
@@ -354,9 +370,12 @@ unsafe fn write_gue(p: *mut u8, variation: u32, port: u16, inner: u16, proto: u8
 unsafe fn write_ipv4(p: *mut u8, tos: u8, proto: u8, total_len: u16, src: u32, dst: u32) {
     let w0 = 0x4500u16 | tos as u16;
     let w4 = (OUTER_TTL as u16) << 8 | proto as u16;
+    // DF: the backend's decapsulator cannot reassemble outer fragments; a path narrower than the
+    // route MTU must say so instead of fragmenting.
+    let w3 = 0x4000u16;
     // Addresses are in wire order; sum their big-endian halves.
     let (s, d) = (u32::from_be(src), u32::from_be(dst));
-    let mut sum = w0 as u32 + total_len as u32 + w4 as u32;
+    let mut sum = w0 as u32 + total_len as u32 + w3 as u32 + w4 as u32;
     sum += (s >> 16) + (s & 0xffff) + (d >> 16) + (d & 0xffff);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
@@ -367,7 +386,7 @@ unsafe fn write_ipv4(p: *mut u8, tos: u8, proto: u8, total_len: u16, src: u32, d
         h.write_unaligned(w0.to_be());
         h.add(1).write_unaligned(total_len.to_be());
         h.add(2).write_unaligned(0);
-        h.add(3).write_unaligned(0);
+        h.add(3).write_unaligned(w3.to_be());
         h.add(4).write_unaligned(w4.to_be());
         h.add(5).write_unaligned(csum.to_be());
         (p.add(12) as *mut u32).write_unaligned(src);

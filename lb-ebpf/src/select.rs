@@ -67,7 +67,9 @@ pub fn choose(flow: &Flow) -> Result<Chosen, Verdict> {
     } else {
         Counter::ConntrackMiss
     });
-    pick(key, &service, true)
+    // An ICMP error's quote must not create a connection-table entry: spoofed errors, each
+    // quoting another tuple, would fill the table.
+    pick(key, &service, !flow.icmp_error)
 }
 
 /// A fragment goes to the backend its (source, destination, protocol) hashes to in the table of

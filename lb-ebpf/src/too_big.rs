@@ -23,6 +23,10 @@ pub fn answer(ctx: &XdpContext, flow: &Flow, mtu: u32) -> Verdict {
     let too_big = Verdict::Drop(Counter::DropEncapTooBig);
     let frame = Frame::new(ctx.data(), ctx.data_end());
     let l3 = flow.l3;
+    // The answer is built untagged: a VLAN-tagged client would not get it.
+    if l3 != 14 {
+        return too_big;
+    }
     // The client's MACs and addresses, read before the frame is rewritten.
     let Some(eth) = frame.ptr_at::<[u8; 12]>(0) else {
         return too_big;

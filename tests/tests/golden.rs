@@ -585,7 +585,7 @@ fn ipip_wraps_the_packet_for_a_routed_backend() {
             let mut outer = ipv4(4, outer_src4(CLIENT4, 40000), [10, 60, 0, 5], &inner);
             outer[1] = 0x28;
             outer[4..6].copy_from_slice(&[0, 0]); // id 0
-            outer[6] = 0; // no DF: routers may fragment the outer packet
+            // DF stays set (0x40, as the builder writes it): the decapsulator cannot reassemble.
             outer[10..12].copy_from_slice(&[0, 0]);
             let sum = lb_tests::packets::checksum(&outer[..20]);
             outer[10..12].copy_from_slice(&sum.to_be_bytes());
@@ -714,6 +714,13 @@ fn decap_strips_ipip_for_local_vips_only() {
         );
         assert_eq!(count(0), 2);
 
+        // An outer fragment holds no whole inner packet: untouched.
+        let inner4b = ipv4(6, CLIENT4, VIP4, &tcp(40000, 8080, 2));
+        let mut fragment = ipv4(4, [172, 16, 1, 2], [10, 60, 0, 5], &inner4b);
+        fragment[6] = 0x20;
+        let input = [eth(B1_MAC, ROUTER_MAC, 0x0800), fragment].concat();
+        assert_eq!(run(&input), (XDP_PASS, input.clone()));
+        assert_eq!(count(0), 2);
         // Not a local VIP, or not IPIP at all: untouched.
         let other = ipv4(6, CLIENT4, [10, 100, 0, 99], &tcp(1, 80, 2));
         let input = [
@@ -787,7 +794,10 @@ fn icmp_errors_reach_the_backend_that_owns_the_flow() {
 
         // An error about a flow nobody has seen goes where the flow would go: the table (b2).
         let fresh = error4(3, 4, quote4(6, tcp(80, 40999, 0x12)));
+        let entries = dp.conntrack.keys().count();
         assert_eq!(dp.run(&fresh), (XDP_TX, rewritten(&fresh, B2_MAC)));
+        // ... without creating an entry: spoofed errors must not fill the table.
+        assert_eq!(dp.conntrack.keys().count(), entries);
         // Errors not about a VIP flow pass untouched.
         let unrelated = error4(
             3,
@@ -999,7 +1009,7 @@ fn gue_wraps_the_packet_in_udp_to_the_configured_port() {
         let sport = 0xc000 | (v as u16 & 0x3fff);
         let gue4 = udp(sport, GUE_PORT, &[&[0u8, 4, 0, 0][..], &inner4].concat());
         let mut outer = ipv4(17, outer_src4(CLIENT4, 40000), [10, 60, 0, 5], &gue4);
-        outer[4..8].copy_from_slice(&[0, 0, 0, 0]); // id 0, no DF
+        outer[4..6].copy_from_slice(&[0, 0]); // id 0; DF set
         outer[10..12].copy_from_slice(&[0, 0]);
         let sum = lb_tests::packets::checksum(&outer[..20]);
         outer[10..12].copy_from_slice(&sum.to_be_bytes());
