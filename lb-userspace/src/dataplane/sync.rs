@@ -278,6 +278,22 @@ impl Reconciler {
             dp.reset_service_traffic(id)?;
         }
 
+        // Fragment entries that are no longer wanted go first: one left behind (say, after a
+        // restart) could point at a pool region this pass hands to another table.
+        let fragment_keys: BTreeSet<ServiceKeyRepr> = services
+            .iter()
+            .filter(|s| s.fragments == FragmentPolicy::Hash)
+            .map(|s| key_repr(&fragment_key(&service_key(s))))
+            .collect();
+        let stray_fragments: Vec<ServiceKey> = dp
+            .fragment_services
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !fragment_keys.contains(&key_repr(k)))
+            .collect();
+        for k in stray_fragments {
+            dp.fragment_services.remove(&k).map_err(Error::dataplane)?;
+        }
         // 2. Tables and service values.
         let live_keys: BTreeSet<ServiceKeyRepr> =
             services.iter().map(|s| key_repr(&service_key(s))).collect();
@@ -394,20 +410,6 @@ impl Reconciler {
             .collect();
         for k in stray {
             dp.services.remove(&k).map_err(Error::dataplane)?;
-        }
-        let fragment_keys: BTreeSet<ServiceKeyRepr> = services
-            .iter()
-            .filter(|s| s.fragments == FragmentPolicy::Hash)
-            .map(|s| key_repr(&fragment_key(&service_key(s))))
-            .collect();
-        let stray_fragments: Vec<ServiceKey> = dp
-            .fragment_services
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !fragment_keys.contains(&key_repr(k)))
-            .collect();
-        for k in stray_fragments {
-            dp.fragment_services.remove(&k).map_err(Error::dataplane)?;
         }
         dp.vip_filter.set(0, wanted_filter, 0).map_err(Error::dataplane)?;
         let stray_addrs: Vec<AddrKey> = dp
