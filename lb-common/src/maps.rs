@@ -51,6 +51,7 @@ pub const PINNED: [&str; 12] = [
 pub const DECAP_VIPS: &str = "DECAP_VIPS";
 pub const DECAP_STATS: &str = "DECAP_STATS";
 pub const DECAP_GUE_PORT: &str = "DECAP_GUE_PORT";
+pub const DECAP_MAC: &str = "DECAP_MAC";
 /// Its program.
 pub const PROG_DECAP: &str = "decap";
 

@@ -23,6 +23,12 @@ static DECAP_VIPS: HashMap<AddrKey, u32> = HashMap::pinned(1024, 0);
 #[map]
 static DECAP_GUE_PORT: Array<u32> = Array::pinned(1, 0);
 
+/// The interface's MAC (in the first 6 bytes; all zero: not checked). Only frames addressed to
+/// it are ours: on a bridge or hypervisor port, an IPIP packet for another backend (VIPs are
+/// shared by all backends) must not be taken.
+#[map]
+static DECAP_MAC: Array<[u8; 8]> = Array::pinned(1, 0);
+
 /// Per-CPU: [0] decapsulated, [1] IPIP for an address that is not a local VIP (passed as is).
 #[map]
 static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
@@ -42,7 +48,19 @@ pub fn decap(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     // SAFETY: bounds checked by ptr_at.
-    let ethertype = unsafe { (eth.cast::<u8>().add(12) as *const u16).read_unaligned() };
+    let (ethertype, dst_mac) = unsafe {
+        let e = eth.cast::<u8>();
+        (
+            (e.add(12) as *const u16).read_unaligned(),
+            (e as *const [u8; 6]).read_unaligned(),
+        )
+    };
+    if let Some(mine) = DECAP_MAC.get(0)
+        && mine[..6] != [0; 6]
+        && mine[..6] != dst_mac
+    {
+        return xdp_action::XDP_PASS;
+    }
     let (outer_len, family) = if ethertype == ETH_P_IPV4 {
         let Some(ip) = frame.ptr_at::<[u8; 20]>(14) else {
             return xdp_action::XDP_PASS;

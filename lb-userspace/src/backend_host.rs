@@ -20,8 +20,10 @@ use aya::{
 use futures::TryStreamExt;
 use lb_common::{AddrKey, FAMILY_V4, FAMILY_V6, addr_words, maps};
 use log::{info, warn};
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::{address::AddressAttribute, link::LinkAttribute};
 use serde::Serialize;
+
+use crate::daemon::mac_string;
 
 /// Pins of one interface's decapsulator: `<dir>/link`, `<dir>/DECAP_VIPS`, `<dir>/DECAP_STATS`,
 /// under `/sys/fs/bpf/lb-decap/<network namespace inode>/<interface>`: bpffs is shared by all
@@ -99,6 +101,17 @@ pub fn setup(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Stri
             format!("decapsulating GUE on UDP port {gue_port}")
         });
     }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mac = runtime.block_on(link_mac(interface))?;
+    let mut mac_map = open_array::<[u8; 8]>(&dir, maps::DECAP_MAC)?;
+    let mut want = [0u8; 8];
+    want[..6].copy_from_slice(&mac);
+    if mac_map.get(&0, 0).ok() != Some(want) {
+        mac_map.set(0, want, 0).context("set the interface MAC")?;
+        changed.push(format!("decapsulating frames to {}", mac_string(&mac)));
+    }
     let mut map = open_vips(&dir)?;
     for &vip in vips {
         if map.get(&addr_key(vip), 0).is_err() {
@@ -107,9 +120,6 @@ pub fn setup(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Stri
             changed.push(format!("decapsulating for {vip}"));
         }
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     for &vip in vips {
         if runtime.block_on(add_to_loopback(vip))? {
             changed.push(format!("added {vip} to lo"));
@@ -154,6 +164,26 @@ pub fn check(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Find
         fix: (!attached).then(|| format!("lb backend-host setup --interface {interface} --vip ...")),
     });
     let map = if attached { open_vips(&dir).ok() } else { None };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    if attached {
+        let mac = runtime.block_on(link_mac(interface))?;
+        let have = open_array::<[u8; 8]>(&dir, maps::DECAP_MAC)
+            .ok()
+            .and_then(|m| m.get(&0, 0).ok())
+            .unwrap_or_default();
+        let ok = have[..6] == mac;
+        out.push(Finding {
+            ok,
+            what: format!(
+                "decapsulator takes frames to {} ({interface} has {})",
+                mac_string(&have[..6].try_into().unwrap_or_default()),
+                mac_string(&mac)
+            ),
+            fix: (!ok).then(|| format!("lb backend-host setup --interface {interface} --vip ...")),
+        });
+    }
     if attached {
         let have = open_gue_port(&dir)
             .ok()
@@ -176,9 +206,6 @@ pub fn check(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Find
             fix: (!known).then(|| format!("lb backend-host setup --interface {interface} --vip {vip}")),
         });
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let on_lo = runtime.block_on(loopback_addresses())?;
     for &vip in vips {
         let ok = on_lo.contains(&vip);
@@ -251,9 +278,32 @@ fn open_vips(dir: &Path) -> Result<HashMap<MapData, AddrKey, u32>> {
 }
 
 fn open_gue_port(dir: &Path) -> Result<Array<MapData, u32>> {
-    let path = dir.join(maps::DECAP_GUE_PORT);
+    open_array(dir, maps::DECAP_GUE_PORT)
+}
+
+fn open_array<V: aya::Pod>(dir: &Path, name: &str) -> Result<Array<MapData, V>> {
+    let path = dir.join(name);
     let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
     Ok(Map::from_map_data(data)?.try_into()?)
+}
+
+/// The interface's Ethernet address, from the kernel (this thread's network namespace).
+async fn link_mac(interface: &str) -> Result<[u8; 6]> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(connection);
+    let mut links = handle.link().get().match_index(ifindex(interface)?).execute();
+    while let Some(msg) = links.try_next().await.context("read the interface")? {
+        for attr in msg.attributes {
+            if let LinkAttribute::Address(a) = attr
+                && a.len() == 6
+            {
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(&a);
+                return Ok(mac);
+            }
+        }
+    }
+    bail!("{interface} has no Ethernet address")
 }
 
 fn open_stats(dir: &Path) -> Result<PerCpuArray<MapData, u64>> {

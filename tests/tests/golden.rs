@@ -684,6 +684,11 @@ fn decap_strips_ipip_for_local_vips_only() {
             .expect("stats")
             .try_into()
             .expect("array");
+        let mut mac: Array<MapData, [u8; 8]> = ebpf
+            .take_map(maps::DECAP_MAC)
+            .expect("mac")
+            .try_into()
+            .expect("array");
         let mut v4 = [0u8; 16];
         v4[..4].copy_from_slice(&VIP4);
         vips.insert(AddrKey::new(4, addr_words(v4)), 1, 0).expect("vip4");
@@ -714,13 +719,34 @@ fn decap_strips_ipip_for_local_vips_only() {
         );
         assert_eq!(count(0), 2);
 
+        // Frames to another host's MAC (a bridge or hypervisor port): not ours.
+        mac.set(0, [0x02, 0, 0, 0, 0, 0xb2, 0, 0], 0).expect("mac");
+        let to_b1 = [
+            eth(B1_MAC, ROUTER_MAC, 0x0800),
+            ipv4(
+                4,
+                [172, 16, 1, 2],
+                [10, 60, 0, 5],
+                &ipv4(6, CLIENT4, VIP4, &tcp(1, 8080, 2)),
+            ),
+        ]
+        .concat();
+        assert_eq!(run(&to_b1), (XDP_PASS, to_b1.clone()));
+        assert_eq!(count(0), 2);
+        mac.set(0, [0x02, 0, 0, 0, 0, 0xb1, 0, 0], 0).expect("mac");
+        assert_eq!(
+            run(&to_b1).1.len(),
+            to_b1.len() - 20,
+            "to our own MAC: decapsulated"
+        );
+        assert_eq!(count(0), 3);
         // An outer fragment holds no whole inner packet: untouched.
         let inner4b = ipv4(6, CLIENT4, VIP4, &tcp(40000, 8080, 2));
         let mut fragment = ipv4(4, [172, 16, 1, 2], [10, 60, 0, 5], &inner4b);
         fragment[6] = 0x20;
         let input = [eth(B1_MAC, ROUTER_MAC, 0x0800), fragment].concat();
         assert_eq!(run(&input), (XDP_PASS, input.clone()));
-        assert_eq!(count(0), 2);
+        assert_eq!(count(0), 3);
         // Not a local VIP, or not IPIP at all: untouched.
         let other = ipv4(6, CLIENT4, [10, 100, 0, 99], &tcp(1, 80, 2));
         let input = [
@@ -736,7 +762,7 @@ fn decap_strips_ipip_for_local_vips_only() {
         ]
         .concat();
         assert_eq!(run(&plain), (XDP_PASS, plain.clone()));
-        assert_eq!(count(0), 2);
+        assert_eq!(count(0), 3);
     });
 }
 
