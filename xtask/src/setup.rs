@@ -19,9 +19,9 @@ const LLVM_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "libxml2-dev",
 ];
-/// Tools used by the integration tests and the demo, and the bench's contenders and load
-/// generator (nftables, HAProxy, trafgen from netsniff-ng).
-const TOOL_PACKAGES: &[&str] = &["iproute2", "ethtool", "nftables", "haproxy", "netsniff-ng"];
+/// Tools used by the integration tests and the demo, and the bench's contenders (nftables,
+/// HAProxy; its load generator is our own XDP program).
+const TOOL_PACKAGES: &[&str] = &["iproute2", "ethtool", "nftables", "haproxy"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
 
