@@ -1,5 +1,17 @@
 //! Packet builders for golden tests and benchmarks: headers with correct lengths and IPv4
-//! header checksums.
+//! header checksums; and the addresses and verdicts both use.
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x1b];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
+pub const VIP4: [u8; 4] = [10, 100, 0, 1];
+pub const VIP6: [u8; 16] = [0xfd, 0x99, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+pub const CLIENT4: [u8; 4] = [10, 99, 0, 1];
+pub const CLIENT6: [u8; 16] = [0xfd, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 pub fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
     let mut f = dst.to_vec();
@@ -47,6 +59,14 @@ pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
     u.extend_from_slice(payload);
     u
+}
+
+/// Recomputes the header checksum of the IPv4 packet `h` after its header was edited.
+pub fn fix_ipv4_checksum(h: &mut [u8]) {
+    let len = ((h[0] & 0x0f) as usize) * 4;
+    h[10..12].copy_from_slice(&[0, 0]);
+    let sum = checksum(&h[..len]);
+    h[10..12].copy_from_slice(&sum.to_be_bytes());
 }
 
 pub fn checksum(b: &[u8]) -> u16 {

@@ -139,25 +139,39 @@ impl Topology {
             "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\nconntrack_size = 65536\ntable_pool_slots = 1048576\nneighbour_refresh_ms = 500\n",
             run_dir.display()
         );
-        for (name, vip, proto) in [
-            ("web4", IpAddr::V4(VIP4), "tcp"),
-            ("dns4", IpAddr::V4(VIP4), "udp"),
-            ("web6", IpAddr::V6(VIP6), "tcp"),
-            ("dns6", IpAddr::V6(VIP6), "udp"),
-        ] {
-            text.push_str(&format!(
-                "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {PORT}\nprotocol = \"{proto}\"\n"
-            ));
-            for id in backends {
+        let members: Vec<_> = backends
+            .iter()
+            .map(|id| {
                 let b = self.backend(id);
-                let addr: IpAddr = if vip.is_ipv4() { b.v4.into() } else { b.v6.into() };
-                text.push_str(&format!(
-                    "\n[[service.backend]]\nid = \"{id}\"\naddress = \"{addr}\"\nweight = 100\n"
-                ));
-            }
-        }
+                (id.to_string(), IpAddr::V4(b.v4), IpAddr::V6(b.v6))
+            })
+            .collect();
+        text.push_str(&four_services("dsr", &members));
         text
     }
+}
+
+/// The `[[service]]` sections of one TCP and one UDP service per family on VIP4/VIP6 at PORT,
+/// forwarded by `mode`, each with every backend of `backends` (id, IPv4 address, IPv6 address).
+pub fn four_services(mode: &str, backends: &[(String, IpAddr, IpAddr)]) -> String {
+    let mut text = String::new();
+    for (name, vip, proto) in [
+        ("web4", IpAddr::V4(VIP4), "tcp"),
+        ("dns4", IpAddr::V4(VIP4), "udp"),
+        ("web6", IpAddr::V6(VIP6), "tcp"),
+        ("dns6", IpAddr::V6(VIP6), "udp"),
+    ] {
+        text.push_str(&format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {PORT}\nprotocol = \"{proto}\"\nforwarding = \"{mode}\"\n"
+        ));
+        for (id, v4, v6) in backends {
+            let addr = if vip.is_ipv4() { v4 } else { v6 };
+            text.push_str(&format!(
+                "\n[[service.backend]]\nid = \"{id}\"\naddress = \"{addr}\"\nweight = 100\n"
+            ));
+        }
+    }
+    text
 }
 
 /// Joins `ns` to the switch: `eth0` inside, port `p<N>` on the bridge.

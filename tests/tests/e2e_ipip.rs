@@ -22,7 +22,7 @@ use aya::programs::{Xdp, XdpMode};
 use lb_tests::{
     NetNs, client, in_ns, lb_bin,
     servers::Servers,
-    topology::{Daemon, PORT, VIP4, VIP6, empty_ebpf},
+    topology::{Daemon, PORT, VIP4, VIP6, empty_ebpf, four_services},
     wait_until,
 };
 
@@ -124,13 +124,17 @@ impl Routed {
         Ok(routed)
     }
 
-    fn backend_host(&self, i: usize, args: &[&str]) -> std::process::Output {
-        self.backends[i]
-            .command(lb_bin())
-            .arg("backend-host")
-            .args(args)
-            .output()
-            .expect("run lb backend-host")
+    /// `lb [--json] backend-host VERB --interface eth0 --vip ...` on backend `i`.
+    fn backend_host(&self, i: usize, json: bool, verb: &str, vips: &[IpAddr]) -> std::process::Output {
+        let mut cmd = self.backends[i].command(lb_bin());
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.args(["backend-host", verb, "--interface", "eth0"]);
+        for vip in vips {
+            cmd.arg("--vip").arg(vip.to_string());
+        }
+        cmd.output().expect("run lb backend-host")
     }
 
     fn start_servers(&mut self) {
@@ -149,26 +153,14 @@ impl Routed {
             "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\n",
             run_dir.display()
         );
-        for (name, vip, proto) in [
-            ("web4", IpAddr::V4(VIP4), "tcp"),
-            ("dns4", IpAddr::V4(VIP4), "udp"),
-            ("web6", IpAddr::V6(VIP6), "tcp"),
-            ("dns6", IpAddr::V6(VIP6), "udp"),
-        ] {
-            text.push_str(&format!(
-                "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {PORT}\nprotocol = \"{proto}\"\nforwarding = \"{mode}\"\n"
-            ));
-            for i in 1..=BACKENDS {
-                let addr = if vip.is_ipv4() {
-                    format!("10.83.{i}.2")
-                } else {
-                    format!("fd83:{i}::2")
-                };
-                text.push_str(&format!(
-                    "\n[[service.backend]]\nid = \"b{i}\"\naddress = \"{addr}\"\n"
-                ));
-            }
-        }
+        let backends: Vec<_> = (1..=BACKENDS)
+            .map(|i| {
+                let v4: IpAddr = format!("10.83.{i}.2").parse().expect("address");
+                let v6: IpAddr = format!("fd83:{i}::2").parse().expect("address");
+                (format!("b{i}"), v4, v6)
+            })
+            .collect();
+        text.push_str(&four_services(mode, &backends));
         text
     }
 }
@@ -216,7 +208,7 @@ fn ipip_reaches_routed_backends_that_answer_directly() {
     let mut net = Routed::new().expect("topology");
 
     // A backend that is not set up: check names what is missing and fails.
-    let out = net.backend_host(0, &["check", "--interface", "eth0", "--vip", &VIP4.to_string()]);
+    let out = net.backend_host(0, false, "check", &[IpAddr::V4(VIP4)]);
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -228,53 +220,22 @@ fn ipip_reaches_routed_backends_that_answer_directly() {
     assert!(text.contains(&format!("FAIL {VIP4} is on lo")), "{text}");
     assert!(text.contains("arp_ignore"), "{text}");
 
+    let both = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)];
     for i in 0..BACKENDS as usize {
-        let out = net.backend_host(
-            i,
-            &[
-                "setup",
-                "--interface",
-                "eth0",
-                "--vip",
-                &VIP4.to_string(),
-                "--vip",
-                &VIP6.to_string(),
-            ],
-        );
+        let out = net.backend_host(i, false, "setup", &both);
         assert!(
             out.status.success(),
             "setup: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let out = net.backend_host(
-            i,
-            &[
-                "check",
-                "--interface",
-                "eth0",
-                "--vip",
-                &VIP4.to_string(),
-                "--vip",
-                &VIP6.to_string(),
-            ],
-        );
+        let out = net.backend_host(i, false, "check", &both);
         assert!(
             out.status.success(),
             "check after setup: {}",
             String::from_utf8_lossy(&out.stdout)
         );
         // Idempotent.
-        let out = net.backend_host(
-            i,
-            &[
-                "--json",
-                "setup",
-                "--interface",
-                "eth0",
-                "--vip",
-                &VIP4.to_string(),
-            ],
-        );
+        let out = net.backend_host(i, true, "setup", &[IpAddr::V4(VIP4)]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         assert_eq!(
             v["changed"],
@@ -344,17 +305,7 @@ fn ipip_reaches_routed_backends_that_answer_directly() {
         let tx = stats["counters"]["tx"].as_u64().unwrap_or(0);
         assert!(tx >= 160, "tx counter {tx}: {stats}");
         for (i, before) in decapped_before.iter_mut().enumerate() {
-            let out = net.backend_host(
-                i,
-                &[
-                    "--json",
-                    "check",
-                    "--interface",
-                    "eth0",
-                    "--vip",
-                    &VIP4.to_string(),
-                ],
-            );
+            let out = net.backend_host(i, true, "check", &[IpAddr::V4(VIP4)]);
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
             let line = v["findings"]
                 .as_array()

@@ -14,23 +14,16 @@ use lb_common::{
 };
 use lb_tests::{
     NetNs, in_ns,
-    packets::{eth, ipv4, ipv6, tcp, udp},
+    packets::{
+        CLIENT_MAC, CLIENT4, CLIENT6, LB_MAC, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, eth,
+        ipv4, ipv6, tcp, udp,
+    },
     topology::{empty_ebpf, ipip_routes, load_object},
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-
-const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x1b];
 const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb1];
 const B2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb2];
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
-const VIP4: [u8; 4] = [10, 100, 0, 1];
-const VIP6: [u8; 16] = [0xfd, 0x99, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const CLIENT4: [u8; 4] = [10, 99, 0, 1];
-const CLIENT6: [u8; 16] = [0xfd, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const GUE_PORT: u16 = lb_userspace::config::DEFAULT_GUE_PORT;
 
 struct Dp {
     ebpf: aya::Ebpf,
@@ -519,7 +512,6 @@ fn backend_behind_another_interface_is_redirected() {
     });
 }
 
-const GUE_PORT: u16 = 6080;
 const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x50];
 const ENCAP_SRC4: [u8; 4] = [172, 16, 0, 0];
 const ENCAP_SRC6: [u8; 16] = [0xfd, 0, 0, 0x1b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -561,15 +553,56 @@ fn outer_src4(client: [u8; 4], sport: u16) -> [u8; 4] {
     [ENCAP_SRC4[0], ENCAP_SRC4[1], (v >> 8) as u8, v as u8]
 }
 
+/// The standard services plus what encapsulation needs: routed backends (`ipip_routes`), the
+/// encapsulation sources, and the egress in TX_PORTS.
+fn encap_dp() -> Dp {
+    let ifindex = ipip_routes().expect("routes");
+    let mut dp = standard();
+    dp.encap_config();
+    dp.tx_ports.insert(ifindex, ifindex, None, 0).expect("tx port");
+    dp
+}
+
+const BACKEND4: [u8; 4] = [10, 60, 0, 5];
+const BACKEND6: [u8; 16] = [0xfd, 0x60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+
+/// The per-flow variation of a flow from CLIENT6 port 40000.
+fn variation6() -> u32 {
+    encap_variation(
+        u32::from_ne_bytes([CLIENT6[0], CLIENT6[1], CLIENT6[2], CLIENT6[3]]),
+        40000u16.to_be(),
+    )
+}
+
+/// The outer IPv4 header the balancer writes for a flow from CLIENT4 port 40000 to BACKEND4:
+/// TOS from the inner packet, id 0, DF set (the decapsulator cannot reassemble), TTL 64.
+fn outer4(proto: u8, tos: u8, payload: &[u8]) -> Vec<u8> {
+    let mut outer = ipv4(proto, outer_src4(CLIENT4, 40000), BACKEND4, payload);
+    outer[1] = tos;
+    outer[4..6].copy_from_slice(&[0, 0]);
+    lb_tests::packets::fix_ipv4_checksum(&mut outer);
+    outer
+}
+
+/// The outer IPv6 header for a flow from CLIENT6 port 40000 to BACKEND6: the variation in the
+/// last source word and in the flow label, so receivers hash flows apart.
+fn outer6(next: u8, payload: &[u8]) -> Vec<u8> {
+    let v = variation6();
+    let mut src = ENCAP_SRC6;
+    src[12..].copy_from_slice(&v.to_be_bytes());
+    let mut outer = ipv6(next, src, BACKEND6, payload);
+    outer[1] = (v >> 16) as u8 & 0x0f;
+    outer[2] = (v >> 8) as u8;
+    outer[3] = v as u8;
+    outer
+}
+
 #[test]
 fn ipip_wraps_the_packet_for_a_routed_backend() {
     in_fresh_ns(|| {
-        let ifindex = ipip_routes().expect("routes");
-        let mut dp = standard();
-        dp.encap_config();
-        dp.tx_ports.insert(ifindex, ifindex, None, 0).expect("tx port");
-        dp.encap_backend(5, 4, &[10, 60, 0, 5]);
-        dp.encap_backend(6, 6, &[0xfd, 0x60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5]);
+        let mut dp = encap_dp();
+        dp.encap_backend(5, 4, &BACKEND4);
+        dp.encap_backend(6, 6, &BACKEND6);
         dp.service_mode(4, 6, &VIP4, 8080, 91, 5, FWD_IPIP);
         dp.service_mode(4, 17, &VIP4, 8080, 104, 5, FWD_IPIP);
         dp.service_mode(6, 6, &VIP6, 8080, 117, 6, FWD_IPIP);
@@ -582,14 +615,7 @@ fn ipip_wraps_the_packet_for_a_routed_backend() {
             let mut inner = ipv4(proto, CLIENT4, VIP4, &l4);
             inner[1] = 0x28; // a DSCP, copied to the outer header
             let input = [eth(LB_MAC, CLIENT_MAC, 0x0800), inner.clone()].concat();
-            let mut outer = ipv4(4, outer_src4(CLIENT4, 40000), [10, 60, 0, 5], &inner);
-            outer[1] = 0x28;
-            outer[4..6].copy_from_slice(&[0, 0]); // id 0
-            // DF stays set (0x40, as the builder writes it): the decapsulator cannot reassemble.
-            outer[10..12].copy_from_slice(&[0, 0]);
-            let sum = lb_tests::packets::checksum(&outer[..20]);
-            outer[10..12].copy_from_slice(&sum.to_be_bytes());
-            let want = [eth(ROUTER_MAC, LB_MAC, 0x0800), outer].concat();
+            let want = [eth(ROUTER_MAC, LB_MAC, 0x0800), outer4(4, 0x28, &inner)].concat();
             assert_eq!(dp.run(&input), (XDP_REDIRECT, want), "{name}");
         }
         for (name, proto, l4) in [
@@ -598,23 +624,7 @@ fn ipip_wraps_the_packet_for_a_routed_backend() {
         ] {
             let inner = ipv6(proto, CLIENT6, VIP6, &l4);
             let input = [eth(LB_MAC, CLIENT_MAC, 0x86dd), inner.clone()].concat();
-            let v = encap_variation(
-                u32::from_ne_bytes([CLIENT6[0], CLIENT6[1], CLIENT6[2], CLIENT6[3]]),
-                40000u16.to_be(),
-            );
-            let mut src = ENCAP_SRC6;
-            src[12..].copy_from_slice(&v.to_be_bytes());
-            let mut outer = ipv6(
-                41,
-                src,
-                [0xfd, 0x60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5],
-                &inner,
-            );
-            // Flow label: the variation, so receivers hash flows apart.
-            outer[1] = (v >> 16) as u8 & 0x0f;
-            outer[2] = (v >> 8) as u8;
-            outer[3] = v as u8;
-            let want = [eth(ROUTER_MAC, LB_MAC, 0x86dd), outer].concat();
+            let want = [eth(ROUTER_MAC, LB_MAC, 0x86dd), outer6(41, &inner)].concat();
             assert_eq!(dp.run(&input), (XDP_REDIRECT, want), "{name}");
         }
         assert_eq!(dp.counter(Counter::Redirect), 4);
@@ -626,10 +636,7 @@ fn ipip_wraps_the_packet_for_a_routed_backend() {
 #[test]
 fn ipip_without_route_neighbour_or_mtu_is_counted() {
     in_fresh_ns(|| {
-        let ifindex = ipip_routes().expect("routes");
-        let mut dp = standard();
-        dp.encap_config();
-        dp.tx_ports.insert(ifindex, ifindex, None, 0).expect("tx port");
+        let mut dp = encap_dp();
         dp.encap_backend(5, 4, &[10, 70, 0, 5]); // no route
         dp.encap_backend(6, 4, &[10, 50, 0, 7]); // on link, no neighbour entry
         dp.encap_backend(7, 4, &[10, 61, 0, 5]); // route MTU 100
@@ -664,9 +671,16 @@ fn ipip_without_route_neighbour_or_mtu_is_counted() {
     });
 }
 
-#[test]
-fn decap_strips_ipip_for_local_vips_only() {
-    in_fresh_ns(|| {
+/// The backend's decapsulator, loaded with VIP4 and VIP6 as its local VIPs.
+struct Decap {
+    ebpf: aya::Ebpf,
+    stats: PerCpuArray<MapData, u64>,
+    mac: Array<MapData, [u8; 8]>,
+    gue_port: Array<MapData, u32>,
+}
+
+impl Decap {
+    fn new() -> Self {
         let mut ebpf = load_object(lb_userspace::DECAP_OBJECT).expect("load decap object");
         let prog: &mut Xdp = ebpf
             .program_mut(maps::PROG_DECAP)
@@ -674,39 +688,49 @@ fn decap_strips_ipip_for_local_vips_only() {
             .try_into()
             .expect("xdp");
         prog.load().expect("verifier accepts decap");
-        let mut vips: HashMap<MapData, AddrKey, u32> = ebpf
-            .take_map(maps::DECAP_VIPS)
-            .expect("vips")
-            .try_into()
-            .expect("hash");
-        let stats: PerCpuArray<MapData, u64> = ebpf
-            .take_map(maps::DECAP_STATS)
-            .expect("stats")
-            .try_into()
-            .expect("array");
-        let mut mac: Array<MapData, [u8; 8]> = ebpf
-            .take_map(maps::DECAP_MAC)
-            .expect("mac")
-            .try_into()
-            .expect("array");
+        let mut take = |n: &str| ebpf.take_map(n).expect(n);
+        let mut vips: HashMap<MapData, AddrKey, u32> = take(maps::DECAP_VIPS).try_into().expect("hash");
+        let stats = take(maps::DECAP_STATS).try_into().expect("array");
+        let mac = take(maps::DECAP_MAC).try_into().expect("array");
+        let gue_port = take(maps::DECAP_GUE_PORT).try_into().expect("array");
         let mut v4 = [0u8; 16];
         v4[..4].copy_from_slice(&VIP4);
         vips.insert(AddrKey::new(4, addr_words(v4)), 1, 0).expect("vip4");
         vips.insert(AddrKey::new(6, addr_words(VIP6)), 1, 0)
             .expect("vip6");
-        let prog: &Xdp = ebpf
+        Self {
+            ebpf,
+            stats,
+            mac,
+            gue_port,
+        }
+    }
+
+    fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &Xdp = self
+            .ebpf
             .program(maps::PROG_DECAP)
             .expect("decap")
             .try_into()
             .expect("xdp");
-        let run = |input: &[u8]| run_once(prog, input);
-        let count = |i: u32| -> u64 { stats.get(&i, 0).expect("stat").iter().sum() };
+        run_once(prog, input)
+    }
 
+    /// Per-CPU counter `i` summed: 0 decapsulated, 1 IPIP for an address that is no local VIP.
+    fn count(&self, i: u32) -> u64 {
+        self.stats.get(&i, 0).expect("stat").iter().sum()
+    }
+}
+
+#[test]
+fn decap_strips_ipip_for_local_vips_only() {
+    in_fresh_ns(|| {
+        let mut decap = Decap::new();
         let inner4 = ipv4(6, CLIENT4, VIP4, &tcp(40000, 8080, 2));
         let outer4 = ipv4(4, [172, 16, 1, 2], [10, 60, 0, 5], &inner4);
         let input = [eth(B1_MAC, ROUTER_MAC, 0x0800), outer4].concat();
         assert_eq!(
-            run(&input),
+            decap.run(&input),
             (XDP_PASS, [eth(B1_MAC, ROUTER_MAC, 0x0800), inner4].concat())
         );
 
@@ -714,13 +738,13 @@ fn decap_strips_ipip_for_local_vips_only() {
         let outer6 = ipv6(41, ENCAP_SRC6, CLIENT6, &inner6);
         let input = [eth(B1_MAC, ROUTER_MAC, 0x86dd), outer6].concat();
         assert_eq!(
-            run(&input),
+            decap.run(&input),
             (XDP_PASS, [eth(B1_MAC, ROUTER_MAC, 0x86dd), inner6].concat())
         );
-        assert_eq!(count(0), 2);
+        assert_eq!(decap.count(0), 2);
 
         // Frames to another host's MAC (a bridge or hypervisor port): not ours.
-        mac.set(0, [0x02, 0, 0, 0, 0, 0xb2, 0, 0], 0).expect("mac");
+        decap.mac.set(0, [0x02, 0, 0, 0, 0, 0xb2, 0, 0], 0).expect("mac");
         let to_b1 = [
             eth(B1_MAC, ROUTER_MAC, 0x0800),
             ipv4(
@@ -731,22 +755,22 @@ fn decap_strips_ipip_for_local_vips_only() {
             ),
         ]
         .concat();
-        assert_eq!(run(&to_b1), (XDP_PASS, to_b1.clone()));
-        assert_eq!(count(0), 2);
-        mac.set(0, [0x02, 0, 0, 0, 0, 0xb1, 0, 0], 0).expect("mac");
+        assert_eq!(decap.run(&to_b1), (XDP_PASS, to_b1.clone()));
+        assert_eq!(decap.count(0), 2);
+        decap.mac.set(0, [0x02, 0, 0, 0, 0, 0xb1, 0, 0], 0).expect("mac");
         assert_eq!(
-            run(&to_b1).1.len(),
+            decap.run(&to_b1).1.len(),
             to_b1.len() - 20,
             "to our own MAC: decapsulated"
         );
-        assert_eq!(count(0), 3);
+        assert_eq!(decap.count(0), 3);
         // An outer fragment holds no whole inner packet: untouched.
         let inner4b = ipv4(6, CLIENT4, VIP4, &tcp(40000, 8080, 2));
         let mut fragment = ipv4(4, [172, 16, 1, 2], [10, 60, 0, 5], &inner4b);
         fragment[6] = 0x20;
         let input = [eth(B1_MAC, ROUTER_MAC, 0x0800), fragment].concat();
-        assert_eq!(run(&input), (XDP_PASS, input.clone()));
-        assert_eq!(count(0), 3);
+        assert_eq!(decap.run(&input), (XDP_PASS, input.clone()));
+        assert_eq!(decap.count(0), 3);
         // Not a local VIP, or not IPIP at all: untouched.
         let other = ipv4(6, CLIENT4, [10, 100, 0, 99], &tcp(1, 80, 2));
         let input = [
@@ -754,15 +778,15 @@ fn decap_strips_ipip_for_local_vips_only() {
             ipv4(4, [172, 16, 1, 2], [10, 60, 0, 5], &other),
         ]
         .concat();
-        assert_eq!(run(&input), (XDP_PASS, input.clone()));
-        assert_eq!(count(1), 1);
+        assert_eq!(decap.run(&input), (XDP_PASS, input.clone()));
+        assert_eq!(decap.count(1), 1);
         let plain = [
             eth(B1_MAC, ROUTER_MAC, 0x0800),
             ipv4(6, CLIENT4, VIP4, &tcp(1, 80, 2)),
         ]
         .concat();
-        assert_eq!(run(&plain), (XDP_PASS, plain.clone()));
-        assert_eq!(count(0), 3);
+        assert_eq!(decap.run(&plain), (XDP_PASS, plain.clone()));
+        assert_eq!(decap.count(0), 3);
     });
 }
 
@@ -838,11 +862,8 @@ fn icmp_errors_reach_the_backend_that_owns_the_flow() {
 #[test]
 fn icmp_error_for_an_ipip_flow_is_encapsulated_to_its_backend() {
     in_fresh_ns(|| {
-        let ifindex = ipip_routes().expect("routes");
-        let mut dp = standard();
-        dp.encap_config();
-        dp.tx_ports.insert(ifindex, ifindex, None, 0).expect("tx port");
-        dp.encap_backend(5, 4, &[10, 60, 0, 5]);
+        let mut dp = encap_dp();
+        dp.encap_backend(5, 4, &BACKEND4);
         dp.service_mode(4, 6, &VIP4, 8080, 91, 5, FWD_IPIP);
         let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0x00];
         icmp.extend_from_slice(&ipv4(6, VIP4, CLIENT4, &tcp(8080, 40000, 0x12))[..28]);
@@ -856,7 +877,7 @@ fn icmp_error_for_an_ipip_flow_is_encapsulated_to_its_backend() {
             &outer_src4(CLIENT4, 40000),
             "the flow's outer source"
         );
-        assert_eq!(&out[14 + 16..14 + 20], &[10, 60, 0, 5]);
+        assert_eq!(&out[14 + 16..14 + 20], &BACKEND4);
         assert_eq!(&out[34..], &inner[..]);
         assert_eq!(dp.counter(Counter::IcmpErrorForwarded), 1);
     });
@@ -953,11 +974,8 @@ fn fragments_of_a_datagram_reach_one_backend_when_the_vip_hashes_them() {
             later[6] = 0;
             later[7] = 2; // offset 16 bytes (2 units of 8)
             // The builders computed the checksums before the flag edits; fix them up.
-            for h in [&mut first, &mut later] {
-                h[10..12].copy_from_slice(&[0, 0]);
-                let sum = lb_tests::packets::checksum(&h[..20]);
-                h[10..12].copy_from_slice(&sum.to_be_bytes());
-            }
+            lb_tests::packets::fix_ipv4_checksum(&mut first);
+            lb_tests::packets::fix_ipv4_checksum(&mut later);
             (
                 [eth(LB_MAC, CLIENT_MAC, 0x0800), first].concat(),
                 [eth(LB_MAC, CLIENT_MAC, 0x0800), later].concat(),
@@ -1020,12 +1038,9 @@ fn fragments_of_a_datagram_reach_one_backend_when_the_vip_hashes_them() {
 #[test]
 fn gue_wraps_the_packet_in_udp_to_the_configured_port() {
     in_fresh_ns(|| {
-        let ifindex = ipip_routes().expect("routes");
-        let mut dp = standard();
-        dp.encap_config();
-        dp.tx_ports.insert(ifindex, ifindex, None, 0).expect("tx port");
-        dp.encap_backend(5, 4, &[10, 60, 0, 5]);
-        dp.encap_backend(6, 6, &[0xfd, 0x60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5]);
+        let mut dp = encap_dp();
+        dp.encap_backend(5, 4, &BACKEND4);
+        dp.encap_backend(6, 6, &BACKEND6);
         dp.service_mode(4, 6, &VIP4, 8443, 91, 5, FWD_GUE);
         dp.service_mode(6, 17, &VIP6, 8443, 104, 6, FWD_GUE);
 
@@ -1034,37 +1049,18 @@ fn gue_wraps_the_packet_in_udp_to_the_configured_port() {
         let v = encap_variation(u32::from_ne_bytes(CLIENT4), 40000u16.to_be());
         let sport = 0xc000 | (v as u16 & 0x3fff);
         let gue4 = udp(sport, GUE_PORT, &[&[0u8, 4, 0, 0][..], &inner4].concat());
-        let mut outer = ipv4(17, outer_src4(CLIENT4, 40000), [10, 60, 0, 5], &gue4);
-        outer[4..6].copy_from_slice(&[0, 0]); // id 0; DF set
-        outer[10..12].copy_from_slice(&[0, 0]);
-        let sum = lb_tests::packets::checksum(&outer[..20]);
-        outer[10..12].copy_from_slice(&sum.to_be_bytes());
-        let want = [eth(ROUTER_MAC, LB_MAC, 0x0800), outer].concat();
+        let want = [eth(ROUTER_MAC, LB_MAC, 0x0800), outer4(17, 0, &gue4)].concat();
         assert_eq!(dp.run(&input), (XDP_REDIRECT, want));
 
         let inner6 = ipv6(17, CLIENT6, VIP6, &udp(40000, 8443, b"hello"));
         let input = [eth(LB_MAC, CLIENT_MAC, 0x86dd), inner6.clone()].concat();
-        let v = encap_variation(
-            u32::from_ne_bytes([CLIENT6[0], CLIENT6[1], CLIENT6[2], CLIENT6[3]]),
-            40000u16.to_be(),
-        );
-        let mut src = ENCAP_SRC6;
-        src[12..].copy_from_slice(&v.to_be_bytes());
+        let v = variation6();
         let gue6 = udp(
             0xc000 | (v as u16 & 0x3fff),
             GUE_PORT,
             &[&[0u8, 41, 0, 0][..], &inner6].concat(),
         );
-        let mut outer = ipv6(
-            17,
-            src,
-            [0xfd, 0x60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5],
-            &gue6,
-        );
-        outer[1] = (v >> 16) as u8 & 0x0f;
-        outer[2] = (v >> 8) as u8;
-        outer[3] = v as u8;
-        let want = [eth(ROUTER_MAC, LB_MAC, 0x86dd), outer].concat();
+        let want = [eth(ROUTER_MAC, LB_MAC, 0x86dd), outer6(17, &gue6)].concat();
         assert_eq!(dp.run(&input), (XDP_REDIRECT, want));
     });
 }
@@ -1072,32 +1068,7 @@ fn gue_wraps_the_packet_in_udp_to_the_configured_port() {
 #[test]
 fn decap_strips_gue_on_its_port_only() {
     in_fresh_ns(|| {
-        let mut ebpf = load_object(lb_userspace::DECAP_OBJECT).expect("load decap object");
-        let prog: &mut Xdp = ebpf
-            .program_mut(maps::PROG_DECAP)
-            .expect("decap")
-            .try_into()
-            .expect("xdp");
-        prog.load().expect("verifier accepts decap");
-        let mut vips: HashMap<MapData, AddrKey, u32> = ebpf
-            .take_map(maps::DECAP_VIPS)
-            .expect("vips")
-            .try_into()
-            .expect("hash");
-        let mut port: Array<MapData, u32> = ebpf
-            .take_map(maps::DECAP_GUE_PORT)
-            .expect("port")
-            .try_into()
-            .expect("array");
-        let mut v4 = [0u8; 16];
-        v4[..4].copy_from_slice(&VIP4);
-        vips.insert(AddrKey::new(4, addr_words(v4)), 1, 0).expect("vip4");
-        let prog: &Xdp = ebpf
-            .program(maps::PROG_DECAP)
-            .expect("decap")
-            .try_into()
-            .expect("xdp");
-        let run = |input: &[u8]| run_once(prog, input);
+        let mut decap = Decap::new();
         let inner = ipv4(6, CLIENT4, VIP4, &tcp(40000, 8443, 2));
         let gue = udp(0xc123, GUE_PORT, &[&[0u8, 4, 0, 0][..], &inner].concat());
         let input = [
@@ -1106,10 +1077,10 @@ fn decap_strips_gue_on_its_port_only() {
         ]
         .concat();
         // GUE off: an ordinary UDP packet for the stack.
-        assert_eq!(run(&input), (XDP_PASS, input.clone()));
-        port.set(0, GUE_PORT as u32, 0).expect("port");
+        assert_eq!(decap.run(&input), (XDP_PASS, input.clone()));
+        decap.gue_port.set(0, GUE_PORT as u32, 0).expect("port");
         assert_eq!(
-            run(&input),
+            decap.run(&input),
             (XDP_PASS, [eth(B1_MAC, ROUTER_MAC, 0x0800), inner].concat())
         );
         // Another UDP port: untouched.
@@ -1123,20 +1094,17 @@ fn decap_strips_gue_on_its_port_only() {
             ipv4(17, [172, 16, 1, 2], [10, 60, 0, 5], &other),
         ]
         .concat();
-        assert_eq!(run(&input), (XDP_PASS, input.clone()));
+        assert_eq!(decap.run(&input), (XDP_PASS, input.clone()));
     });
 }
 
 #[test]
 fn too_big_for_the_tunnel_is_answered_with_the_mtu_to_use() {
     in_fresh_ns(|| {
-        let ifindex = ipip_routes().expect("routes");
-        let mut dp = standard();
-        dp.encap_config();
+        let mut dp = encap_dp();
         let mut cfg = dp.dp_config.get(&0, 0).expect("cfg");
         cfg.flags = lb_common::dpconfig::DP_F_TOO_BIG_ICMP;
         dp.dp_config.set(0, cfg, 0).expect("cfg");
-        dp.tx_ports.insert(ifindex, ifindex, None, 0).expect("tx port");
         dp.encap_backend(5, 4, &[10, 61, 0, 5]); // route MTU 100
         dp.encap_backend(6, 6, &[0xfd, 0x61, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5]); // 1280
         dp.service_mode(4, 6, &VIP4, 9000, 91, 5, FWD_IPIP);
@@ -1153,9 +1121,7 @@ fn too_big_for_the_tunnel_is_answered_with_the_mtu_to_use() {
         icmp[2..4].copy_from_slice(&sum.to_be_bytes());
         let mut ip = ipv4(1, VIP4, CLIENT4, &icmp);
         ip[4..8].copy_from_slice(&[0, 0, 0, 0]);
-        ip[10..12].copy_from_slice(&[0, 0]);
-        let sum = lb_tests::packets::checksum(&ip[..20]);
-        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        lb_tests::packets::fix_ipv4_checksum(&mut ip);
         let want = [eth(CLIENT_MAC, LB_MAC, 0x0800), ip].concat();
         assert_eq!(dp.run(&input), (XDP_TX, want));
         // Without DF a router would fragment; we cannot, so it is a counted drop.

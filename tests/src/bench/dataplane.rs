@@ -28,28 +28,22 @@ use serde::Serialize;
 
 use crate::{
     NetNs, in_ns,
-    packets::{eth, ipv4, ipv6, tcp, udp},
+    packets::{
+        CLIENT_MAC, CLIENT4, CLIENT6, LB_MAC, VIP4, VIP6, XDP_PASS, XDP_REDIRECT, XDP_TX, eth, ipv4, ipv6,
+        tcp, udp,
+    },
     topology::{empty_ebpf, ipip_routes},
 };
 
 pub const BACKENDS: u32 = 100;
 pub const TABLE_SIZE: u32 = 65537;
 
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-const GUE_PORT: u16 = 6080;
+const GUE_PORT: u16 = lb_userspace::config::DEFAULT_GUE_PORT;
 /// The GUE services' port (same routed backends as IPIP).
 const GUE_SERVICE_PORT: u16 = 8443;
 /// The IPIP services' port; their backends are routed (crate::topology::ipip_routes).
 const IPIP_PORT: u16 = 8080;
 
-const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x1b];
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
-const VIP4: [u8; 4] = [10, 100, 0, 1];
-const VIP6: [u8; 16] = [0xfd, 0x99, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const CLIENT4: [u8; 4] = [10, 99, 0, 1];
-const CLIENT6: [u8; 16] = [0xfd, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const OTHER4: [u8; 4] = [10, 200, 0, 1];
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;

@@ -94,27 +94,17 @@ impl Results {
             s.push('\n');
         }
         if let Some(e2e) = &self.e2e {
-            let fmt = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "n/a".into());
-            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-                _ => "n/a".into(),
-            };
             let _ = writeln!(
                 s,
                 "| case | unit | lb | nftables | HAProxy | lb / nftables | lb / HAProxy |"
             );
             let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
             for r in e2e {
+                let [lb, nft, hap, lb_nft, lb_hap] = e2e_cells(r, "n/a");
                 let _ = writeln!(
                     s,
-                    "| `{}` | {} | {} | {} | {} | {} | {} |",
-                    r.case,
-                    r.unit,
-                    fmt(r.lb),
-                    fmt(r.nftables),
-                    fmt(r.haproxy),
-                    ratio(r.lb, r.nftables),
-                    ratio(r.lb, r.haproxy)
+                    "| `{}` | {} | {lb} | {nft} | {hap} | {lb_nft} | {lb_hap} |",
+                    r.case, r.unit
                 );
             }
             s.push('\n');
@@ -183,22 +173,12 @@ impl Results {
                 "{:<18} {:<15} {:>12} {:>12} {:>12} {:>9} {:>9}",
                 "case", "unit", "lb", "nftables", "haproxy", "lb/nft", "lb/hap"
             );
-            let fmt = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
-            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-                _ => "-".into(),
-            };
             for r in e2e {
+                let [lb, nft, hap, lb_nft, lb_hap] = e2e_cells(r, "-");
                 let _ = writeln!(
                     s,
-                    "{:<18} {:<15} {:>12} {:>12} {:>12} {:>9} {:>9}",
-                    r.case,
-                    r.unit,
-                    fmt(r.lb),
-                    fmt(r.nftables),
-                    fmt(r.haproxy),
-                    ratio(r.lb, r.nftables),
-                    ratio(r.lb, r.haproxy)
+                    "{:<18} {:<15} {lb:>12} {nft:>12} {hap:>12} {lb_nft:>9} {lb_hap:>9}",
+                    r.case, r.unit
                 );
             }
         }
@@ -224,6 +204,22 @@ impl Results {
         }
         s
     }
+}
+
+/// An end-to-end row's rates and ratios as text; `none` stands where a figure does not exist.
+fn e2e_cells(r: &E2eResult, none: &str) -> [String; 5] {
+    let rate = |v: Option<f64>| v.map_or_else(|| none.to_string(), |v| format!("{v:.0}"));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => none.to_string(),
+    };
+    [
+        rate(r.lb),
+        rate(r.nftables),
+        rate(r.haproxy),
+        ratio(r.lb, r.nftables),
+        ratio(r.lb, r.haproxy),
+    ]
 }
 
 /// A horizontal bar per case, with the floor drawn as a line across every bar.
