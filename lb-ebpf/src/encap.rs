@@ -15,7 +15,7 @@ use lb_common::{
     Backend, Counter, FAMILY_V4, addr_words,
     dpconfig::{DP_F_TOO_BIG_ICMP, HOP_F_RESOLVED, NextHop, encap_variation},
 };
-use lb_ebpf::{Flow, Frame, Verdict};
+use lb_ebpf::{Flow, FlowKind, Frame, Verdict};
 
 use crate::{
     forward::send,
@@ -75,7 +75,7 @@ pub fn encapsulate(
     };
     if (inner_len + outer_len) as u32 > hop.mtu {
         // Never an ICMP error about an ICMP error (RFC 1122, RFC 4443 2.4(e)).
-        if cfg.flags & DP_F_TOO_BIG_ICMP != 0 && !flow.icmp_error {
+        if cfg.flags & DP_F_TOO_BIG_ICMP != 0 && flow.kind != FlowKind::IcmpError {
             return too_big::answer(ctx, flow, hop.mtu.saturating_sub(outer_len as u32));
         }
         return Verdict::Drop(Counter::DropEncapTooBig);

@@ -5,5 +5,5 @@
 pub mod parse;
 pub mod verdict;
 
-pub use parse::{Flow, Frame, parse_flow};
+pub use parse::{Flow, FlowKind, Frame, parse_flow};
 pub use verdict::Verdict;

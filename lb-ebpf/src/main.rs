@@ -11,7 +11,7 @@ mod stats;
 mod too_big;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_ebpf::{Frame, Verdict, parse_flow};
+use lb_ebpf::{FlowKind, Frame, Verdict, parse_flow};
 
 /// The balancer: every frame on the attached interface goes through here.
 #[xdp]
@@ -27,14 +27,14 @@ fn balance(ctx: &XdpContext, frame: &Frame) -> Verdict {
         Ok(flow) => flow,
         Err(verdict) => return verdict,
     };
-    if flow.echo {
+    if flow.kind == FlowKind::Echo {
         return echo::reply(ctx, frame, &flow);
     }
     let chosen = match select::choose(&flow) {
         Ok(chosen) => chosen,
         Err(verdict) => return verdict,
     };
-    if flow.icmp_error {
+    if flow.kind == FlowKind::IcmpError {
         stats::count(lb_common::Counter::IcmpErrorForwarded);
     }
     stats::traffic(chosen.service, chosen.slot, frame.len() as u64, chosen.new_flow);

@@ -54,23 +54,36 @@ impl Frame {
     }
 }
 
-/// A parsed packet: its flow, and whether it opens one (a TCP SYN without ACK), in which case
-/// the connection table need not be searched.
+/// A parsed packet: its flow key, what kind of packet it is, and where its IP header starts.
 #[derive(Copy, Clone, Debug)]
 pub struct Flow {
     pub key: FlowKey,
-    pub syn: bool,
+    pub kind: FlowKind,
     /// Offset of the IP header in the frame (after Ethernet and any VLAN tag).
     pub l3: usize,
-    /// An ICMP error (fragmentation needed / packet too big, port unreachable) about this
-    /// flow: `key` is the flow of the packet it quotes, direction reversed, so the error goes to
-    /// the backend that owns the flow.
-    pub icmp_error: bool,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FlowKind {
+    /// TCP or UDP. `syn`: a TCP SYN without ACK opens a flow, so the connection table need not
+    /// be searched.
+    Transport { syn: bool },
+    /// An ICMP error (fragmentation needed / packet too big, port unreachable) about a flow:
+    /// `key` is the flow of the packet it quotes, direction reversed, so the error goes to the
+    /// backend that owns the flow.
+    IcmpError,
     /// An ICMP echo request (`key`: client -> destination, protocol ICMP/ICMPv6, no ports).
-    pub echo: bool,
+    Echo,
     /// An IP fragment: `key` has no ports (later fragments have none), so every fragment of a
     /// datagram has the same key.
-    pub fragment: bool,
+    Fragment,
+}
+
+impl Flow {
+    #[inline(always)]
+    fn new(kind: FlowKind, l3: usize, key: FlowKey) -> Self {
+        Self { key, kind, l3 }
+    }
 }
 
 /// Parses a frame into its flow, or says why it is not balanced.
@@ -128,26 +141,17 @@ fn parse_ipv4(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
         return icmp4_error(frame, offset, offset + header_len, dst);
     }
     let (sport, dport, syn) = parse_ports(frame, offset + header_len, proto)?;
-    Ok(Flow {
-        key: FlowKey::from_words(FAMILY_V4, proto, src, dst, sport, dport),
-        syn,
-        l3: offset,
-        icmp_error: false,
-        echo: false,
-        fragment: false,
-    })
+    let key = FlowKey::from_words(FAMILY_V4, proto, src, dst, sport, dport);
+    Ok(Flow::new(FlowKind::Transport { syn }, offset, key))
 }
 
 #[inline(always)]
 fn fragment(family: u8, proto: u8, src: [u32; 4], dst: [u32; 4], l3: usize) -> Flow {
-    Flow {
-        key: FlowKey::from_words(family, proto, src, dst, 0, 0),
-        syn: false,
+    Flow::new(
+        FlowKind::Fragment,
         l3,
-        icmp_error: false,
-        echo: false,
-        fragment: true,
-    }
+        FlowKey::from_words(family, proto, src, dst, 0, 0),
+    )
 }
 
 #[inline(always)]
@@ -161,14 +165,11 @@ fn is_echo_request(frame: &Frame, offset: usize, request_type: u8) -> bool {
 
 #[inline(always)]
 fn echo(family: u8, proto: u8, src: [u32; 4], dst: [u32; 4], l3: usize) -> Flow {
-    Flow {
-        key: FlowKey::from_words(family, proto, src, dst, 0, 0),
-        syn: false,
+    Flow::new(
+        FlowKind::Echo,
         l3,
-        icmp_error: false,
-        echo: true,
-        fragment: false,
-    }
+        FlowKey::from_words(family, proto, src, dst, 0, 0),
+    )
 }
 
 /// An ICMPv4 error sent to a VIP quotes the header of a packet the VIP sent (a backend's reply):
@@ -204,14 +205,8 @@ fn icmp4_error(frame: &Frame, l3: usize, offset: usize, outer_dst: [u32; 4]) -> 
     let ports: *const [u16; 2] = frame.ptr_at(inner_at + inner_len).ok_or(not_ours)?;
     // SAFETY: bounds checked by ptr_at; the first 4 bytes of TCP and UDP are the ports.
     let [vip_port, client_port] = unsafe { ports.read_unaligned() };
-    Ok(Flow {
-        key: FlowKey::from_words(FAMILY_V4, proto, client, vip, client_port, vip_port),
-        syn: false,
-        l3,
-        icmp_error: true,
-        echo: false,
-        fragment: false,
-    })
+    let key = FlowKey::from_words(FAMILY_V4, proto, client, vip, client_port, vip_port);
+    Ok(Flow::new(FlowKind::IcmpError, l3, key))
 }
 
 /// As `icmp4_error`, for ICMPv6 packet too big (2) and port unreachable (type 1, code 4).
@@ -240,14 +235,8 @@ fn icmp6_error(frame: &Frame, l3: usize, offset: usize, outer_dst: [u32; 4]) -> 
     let ports: *const [u16; 2] = frame.ptr_at(inner_at + Ipv6Hdr::LEN).ok_or(not_ours)?;
     // SAFETY: bounds checked by ptr_at.
     let [vip_port, client_port] = unsafe { ports.read_unaligned() };
-    Ok(Flow {
-        key: FlowKey::from_words(FAMILY_V6, proto, client, vip, client_port, vip_port),
-        syn: false,
-        l3,
-        icmp_error: true,
-        echo: false,
-        fragment: false,
-    })
+    let key = FlowKey::from_words(FAMILY_V6, proto, client, vip, client_port, vip_port);
+    Ok(Flow::new(FlowKind::IcmpError, l3, key))
 }
 
 #[inline(always)]
@@ -290,21 +279,9 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
         _ => return Err(Verdict::Pass(Counter::PassNotTcpUdp)),
     }
     let (sport, dport, syn) = parse_ports(frame, offset + Ipv6Hdr::LEN, proto)?;
-    Ok(Flow {
-        key: FlowKey::from_words(
-            FAMILY_V6,
-            proto,
-            load_words(ip.src_addr.as_ptr()),
-            load_words(ip.dst_addr.as_ptr()),
-            sport,
-            dport,
-        ),
-        syn,
-        l3: offset,
-        icmp_error: false,
-        echo: false,
-        fragment: false,
-    })
+    let (src, dst) = (load_words(ip.src_addr.as_ptr()), load_words(ip.dst_addr.as_ptr()));
+    let key = FlowKey::from_words(FAMILY_V6, proto, src, dst, sport, dport);
+    Ok(Flow::new(FlowKind::Transport { syn }, offset, key))
 }
 
 /// Four wire bytes as one word (the bytes keep their order in memory). One load on the kernel
@@ -466,7 +443,7 @@ mod tests {
         let f = frame(&[&eth(0x86dd), &ip6, &[17, 0, 0, 1, 0, 0, 0, 7], &udp(7, 9)]);
         let start = f.as_ptr() as usize;
         let flow = parse_flow(&Frame::new(start, start + f.len())).expect("fragment");
-        assert!(flow.fragment);
+        assert_eq!(flow.kind, FlowKind::Fragment);
         assert_eq!((flow.key.proto, flow.key.src_port, flow.key.dst_port), (17, 0, 0));
         let f = frame(&[&eth(0x86dd), &ip6, &[58, 0, 0, 1, 0, 0, 0, 7]]);
         assert_eq!(run(&f), Err(Verdict::Pass(Counter::PassIpv6Fragment)));
@@ -536,7 +513,7 @@ mod tests {
         let f = frame(&[&eth(0x0800), &outer]);
         let start = f.as_ptr() as usize;
         let flow = parse_flow(&Frame::new(start, start + f.len())).expect("parsed");
-        assert!(flow.icmp_error);
+        assert_eq!(flow.kind, FlowKind::IcmpError);
         let k = flow.key;
         assert_eq!(lb_common::addr_bytes(k.src_addr)[..4], [10, 0, 0, 1]);
         assert_eq!(lb_common::addr_bytes(k.dst_addr)[..4], [10, 0, 0, 100]);
@@ -560,7 +537,7 @@ mod tests {
         let f = frame(&[&eth(0x0800), &echo]);
         let start = f.as_ptr() as usize;
         let flow = parse_flow(&Frame::new(start, start + f.len())).expect("echo");
-        assert!(flow.echo && !flow.icmp_error);
+        assert_eq!(flow.kind, FlowKind::Echo);
         assert_eq!(lb_common::addr_bytes(flow.key.dst_addr)[..4], [10, 0, 0, 100]);
         echo[20] = 0;
         assert_eq!(

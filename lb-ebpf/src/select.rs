@@ -5,7 +5,7 @@ use lb_common::{
     hash::{flow_hash, source_hash},
     service::SVC_F_HASH_SOURCE,
 };
-use lb_ebpf::{Flow, Verdict};
+use lb_ebpf::{Flow, FlowKind, Verdict};
 
 use crate::{
     maps::{BACKENDS, CONNTRACK, FRAGMENT_SERVICES, MAGLEV_POOL, SERVICES, VIP_FILTER},
@@ -36,11 +36,11 @@ pub fn choose(flow: &Flow) -> Result<Chosen, Verdict> {
     if !filter.may_be_vip(bit) {
         return Err(not_vip);
     }
-    if flow.fragment {
+    if flow.kind == FlowKind::Fragment {
         return fragment(key);
     }
     let mut stale = false;
-    if !flow.syn
+    if flow.kind != (FlowKind::Transport { syn: true })
         && let Some(state) = CONNTRACK.get_ptr(key)
     {
         // SAFETY: pointer from a successful lookup; FlowState is plain data.
@@ -69,7 +69,7 @@ pub fn choose(flow: &Flow) -> Result<Chosen, Verdict> {
     });
     // An ICMP error's quote must not create a connection-table entry: spoofed errors, each
     // quoting another tuple, would fill the table.
-    pick(key, &service, !flow.icmp_error)
+    pick(key, &service, flow.kind != FlowKind::IcmpError)
 }
 
 /// A fragment goes to the backend its (source, destination, protocol) hashes to in the table of
