@@ -8,6 +8,7 @@ mod setup;
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
@@ -159,25 +160,7 @@ fn bench(ctx: &Ctx, quick: bool, only: &[String]) -> Result<()> {
     header(1, STEPS, "setup");
     setup::setup(ctx)?;
 
-    let mut build = ctx.cargo();
-    build.args([
-        "build",
-        "--release",
-        "--package",
-        "lb-tests",
-        "--bin",
-        "lb-bench",
-        "--package",
-        "lb-userspace",
-        "--bin",
-        "lb",
-    ]);
-    header(2, STEPS, &ctx::display(&build));
-    ctx::run(&mut build)?;
-
-    let release = ctx.target_dir().join("release");
-    let bench_bin = release.join("lb-bench");
-    let lb_bin = release.join("lb");
+    let (bench_bin, lb_bin) = build_with_lb(ctx, "lb-bench", true, 2, STEPS)?;
     let mut bench = ctx.command(&bench_bin);
     bench
         .env("LB_BIN", &lb_bin)
@@ -193,35 +176,50 @@ fn bench(ctx: &Ctx, quick: bool, only: &[String]) -> Result<()> {
     ctx::run(&mut bench)
 }
 
+/// Builds lb-tests' binary `tool` and the `lb` binary (in release or debug, as step `step` of
+/// `steps`); returns their paths.
+fn build_with_lb(
+    ctx: &Ctx,
+    tool: &str,
+    release: bool,
+    step: usize,
+    steps: usize,
+) -> Result<(PathBuf, PathBuf)> {
+    let mut build = ctx.cargo();
+    build.arg("build");
+    if release {
+        build.arg("--release");
+    }
+    build.args([
+        "--package",
+        "lb-tests",
+        "--bin",
+        tool,
+        "--package",
+        "lb-userspace",
+        "--bin",
+        "lb",
+    ]);
+    header(step, steps, &ctx::display(&build));
+    ctx::run(&mut build)?;
+
+    let dir = ctx.target_dir().join(if release { "release" } else { "debug" });
+    let (tool_bin, lb_bin) = (dir.join(tool), dir.join("lb"));
+    for bin in [&tool_bin, &lb_bin] {
+        if !bin.is_file() {
+            bail!("{} was not produced by the build", bin.display());
+        }
+    }
+    Ok((tool_bin, lb_bin))
+}
+
 fn demo(ctx: &Ctx) -> Result<()> {
     const STEPS: usize = 4;
 
     header(1, STEPS, "setup");
     setup::setup(ctx)?;
 
-    let mut build = ctx.cargo();
-    build.args([
-        "build",
-        "--package",
-        "lb-tests",
-        "--bin",
-        "lb-demo",
-        "--package",
-        "lb-userspace",
-        "--bin",
-        "lb",
-    ]);
-    header(2, STEPS, &ctx::display(&build));
-    ctx::run(&mut build)?;
-
-    let debug_dir = ctx.target_dir().join("debug");
-    let demo_bin = debug_dir.join("lb-demo");
-    let lb_bin = debug_dir.join("lb");
-    for bin in [&demo_bin, &lb_bin] {
-        if !bin.is_file() {
-            bail!("{} was not produced by the build", bin.display());
-        }
-    }
+    let (demo_bin, lb_bin) = build_with_lb(ctx, "lb-demo", false, 2, STEPS)?;
 
     let mut demo = ctx.command(&demo_bin);
     demo.env("LB_BIN", &lb_bin);
