@@ -6,11 +6,10 @@ use lb_common::{AddrKey, Counter, FAMILY_V4, VipFilter, dpconfig::DP_F_ECHO_REPL
 use lb_ebpf::{Flow, Frame, Verdict};
 
 use crate::{
+    headers::{TTL, fold},
     maps::{DP_CONFIG, VIP_ADDRS, VIP_FILTER},
     stats::count,
 };
-
-const REPLY_TTL: u8 = 64;
 
 #[inline(always)]
 pub fn reply(_ctx: &XdpContext, frame: &Frame, flow: &Flow) -> Verdict {
@@ -70,8 +69,8 @@ fn reply_v4(frame: &Frame, l3: usize) -> Option<()> {
         (ip.add(16) as *mut u32).write_unaligned(src);
         // TTL and protocol share a 16-bit word of the header checksum.
         let old = u16::from_be_bytes([*ip.add(8), *ip.add(9)]);
-        *ip.add(8) = REPLY_TTL;
-        let new = u16::from_be_bytes([REPLY_TTL, *ip.add(9)]);
+        *ip.add(8) = TTL;
+        let new = u16::from_be_bytes([TTL, *ip.add(9)]);
         csum_replace(ip.add(10), old, new);
         // Echo request (8) -> echo reply (0): the type is the high byte of the first word.
         let old = u16::from_be_bytes([*icmp, *icmp.add(1)]);
@@ -96,7 +95,7 @@ fn reply_v6(frame: &Frame, l3: usize) -> Option<()> {
             s.write_unaligned(b);
             d.write_unaligned(a);
         }
-        *ip.add(7) = REPLY_TTL;
+        *ip.add(7) = TTL;
         // Echo request (128) -> echo reply (129).
         let old = u16::from_be_bytes([*icmp, *icmp.add(1)]);
         *icmp = 129;
@@ -115,10 +114,7 @@ unsafe fn csum_replace(at: *mut u8, old: u16, new: u16) {
     // SAFETY: the caller's contract.
     unsafe {
         let hc = u16::from_be_bytes([*at, *at.add(1)]);
-        let mut sum = (!hc) as u32 + (!old) as u32 + new as u32;
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        let out = (!(sum as u16)).to_be_bytes();
+        let out = (!fold((!hc) as u32 + (!old) as u32 + new as u32)).to_be_bytes();
         *at = out[0];
         *at.add(1) = out[1];
     }

@@ -19,6 +19,7 @@ use lb_ebpf::{Flow, FlowKind, Frame, Verdict};
 
 use crate::{
     forward::send,
+    headers::{IPV4_DF, TTL, write_eth, write_ipv4},
     maps::{DP_CONFIG, FIB_SCRATCH, NEXT_HOPS},
     too_big,
 };
@@ -28,7 +29,6 @@ const AF_INET6: u8 = 10;
 const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_IPV6: u8 = 41;
 const IPPROTO_UDP: u8 = 17;
-const OUTER_TTL: u8 = 64;
 
 /// How long a CPU trusts a cached next hop before asking the FIB again: route and neighbour
 /// changes take effect within this.
@@ -295,16 +295,6 @@ impl FibQuery {
     }
 }
 
-#[inline(always)]
-unsafe fn write_eth(p: *mut u8, hop: &NextHop, ethertype: u16) {
-    // SAFETY: the caller checked 14 bytes at p.
-    unsafe {
-        core::ptr::copy_nonoverlapping(hop.dmac.as_ptr(), p, 6);
-        core::ptr::copy_nonoverlapping(hop.smac.as_ptr(), p.add(6), 6);
-        (p.add(12) as *mut u16).write_unaligned(ethertype.to_be());
-    }
-}
-
 /// Ethernet and the outer IPv4 header; `outer_len` is every outer byte after Ethernet.
 ///
 /// # Safety
@@ -314,9 +304,11 @@ unsafe fn write_eth(p: *mut u8, hop: &NextHop, ethertype: u16) {
 unsafe fn write_v4(p: *mut u8, hop: &NextHop, outer_len: usize, proto: u8, inner: u16, src: u32, dst: u32) {
     // SAFETY: the caller's contract.
     unsafe {
-        write_eth(p, hop, 0x0800);
+        write_eth(p, hop.dmac.as_ptr(), hop.smac.as_ptr(), 0x0800);
         let tos = *p.add(14 + outer_len + 1);
-        write_ipv4(p.add(14), tos, proto, inner + outer_len as u16, src, dst);
+        // DF: the backend's decapsulator cannot reassemble outer fragments; a path narrower than
+        // the route MTU must say so instead of fragmenting.
+        write_ipv4(p.add(14), tos, proto, inner + outer_len as u16, IPV4_DF, src, dst);
     }
 }
 
@@ -338,7 +330,7 @@ unsafe fn write_v6(
 ) {
     // SAFETY: the caller's contract.
     unsafe {
-        write_eth(p, hop, 0x86dd);
+        write_eth(p, hop.dmac.as_ptr(), hop.smac.as_ptr(), 0x86dd);
         // Traffic class from the inner header; the flow label carries the variation too.
         let at = 14 + outer_len;
         let tc = (*p.add(at) & 0x0f) << 4 | *p.add(at + 1) >> 4;
@@ -367,34 +359,6 @@ unsafe fn write_gue(p: *mut u8, variation: u32, port: u16, inner: u16, proto: u8
 }
 
 #[inline(always)]
-unsafe fn write_ipv4(p: *mut u8, tos: u8, proto: u8, total_len: u16, src: u32, dst: u32) {
-    let w0 = 0x4500u16 | tos as u16;
-    let w4 = (OUTER_TTL as u16) << 8 | proto as u16;
-    // DF: the backend's decapsulator cannot reassemble outer fragments; a path narrower than the
-    // route MTU must say so instead of fragmenting.
-    let w3 = 0x4000u16;
-    // Addresses are in wire order; sum their big-endian halves.
-    let (s, d) = (u32::from_be(src), u32::from_be(dst));
-    let mut sum = w0 as u32 + total_len as u32 + w3 as u32 + w4 as u32;
-    sum += (s >> 16) + (s & 0xffff) + (d >> 16) + (d & 0xffff);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    let csum = !(sum as u16);
-    // SAFETY: the caller checked 20 bytes at p.
-    unsafe {
-        let h = p as *mut u16;
-        h.write_unaligned(w0.to_be());
-        h.add(1).write_unaligned(total_len.to_be());
-        h.add(2).write_unaligned(0);
-        h.add(3).write_unaligned(w3.to_be());
-        h.add(4).write_unaligned(w4.to_be());
-        h.add(5).write_unaligned(csum.to_be());
-        (p.add(12) as *mut u32).write_unaligned(src);
-        (p.add(16) as *mut u32).write_unaligned(dst);
-    }
-}
-
-#[inline(always)]
 unsafe fn write_ipv6(
     p: *mut u8,
     tc: u8,
@@ -410,7 +374,7 @@ unsafe fn write_ipv6(
         (p as *mut u32).write_unaligned(first.to_be());
         (p.add(4) as *mut u16).write_unaligned(payload_len.to_be());
         *p.add(6) = next;
-        *p.add(7) = OUTER_TTL;
+        *p.add(7) = TTL;
         let s = p.add(8) as *mut u32;
         let d = p.add(24) as *mut u32;
         for i in 0..4 {

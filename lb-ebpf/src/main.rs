@@ -5,6 +5,7 @@
 mod echo;
 mod encap;
 mod forward;
+mod headers;
 mod maps;
 mod select;
 mod stats;

@@ -9,9 +9,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{Counter, FAMILY_V4};
-use lb_ebpf::{Flow, Frame, Verdict};
+use lb_ebpf::{Flow, Frame, Verdict, parse::PROTO_ICMP};
 
-const TTL: u8 = 64;
+use crate::headers::{TTL, fold, sum_words, write_eth, write_ipv4};
+
 /// What an IPv4 answer quotes: an option-less header and the first 8 bytes after it.
 const QUOTE4: usize = 28;
 /// What an IPv6 answer quotes: the header and the first 8 bytes after it.
@@ -96,18 +97,9 @@ unsafe fn write_v4(p: *mut u8, macs: &[u8; 12], mtu: u32) {
         let quote = p.add(42);
         let client = (quote.add(12) as *const u32).read_unaligned();
         let vip = (quote.add(16) as *const u32).read_unaligned();
-        write_eth(p, macs, 0x0800);
-        let ip = p.add(14);
-        let total = (20 + 8 + QUOTE4) as u16;
-        let words = [0x4500u16, total, 0, 0, (TTL as u16) << 8 | 1];
-        for (i, w) in words.iter().enumerate() {
-            (ip.add(2 * i) as *mut u16).write_unaligned(w.to_be());
-        }
-        (ip.add(10) as *mut u16).write_unaligned(0);
-        (ip.add(12) as *mut u32).write_unaligned(vip);
-        (ip.add(16) as *mut u32).write_unaligned(client);
-        let sum = fold(sum_words(ip, 20));
-        (ip.add(10) as *mut u16).write_unaligned((!sum).to_be());
+        // Back to where the packet came from.
+        write_eth(p, macs.as_ptr().add(6), macs.as_ptr(), 0x0800);
+        write_ipv4(p.add(14), 0, PROTO_ICMP, (20 + 8 + QUOTE4) as u16, 0, vip, client);
         let icmp = p.add(34);
         let mtu = mtu.min(u16::MAX as u32) as u16;
         let head = [0x0304u16, 0, 0, mtu];
@@ -128,7 +120,7 @@ unsafe fn write_v6(p: *mut u8, macs: &[u8; 12], mtu: u32) {
     // SAFETY: the caller's contract.
     unsafe {
         let quote = p.add(62);
-        write_eth(p, macs, 0x86dd);
+        write_eth(p, macs.as_ptr().add(6), macs.as_ptr(), 0x86dd);
         let ip = p.add(14);
         (ip as *mut u32).write_unaligned((6u32 << 28).to_be());
         let payload = (8 + QUOTE6) as u16;
@@ -150,34 +142,4 @@ unsafe fn write_v6(p: *mut u8, macs: &[u8; 12], mtu: u32) {
         sum += sum_words(icmp, 8 + QUOTE6);
         (icmp.add(2) as *mut u16).write_unaligned((!fold(sum)).to_be());
     }
-}
-
-#[inline(always)]
-unsafe fn write_eth(p: *mut u8, macs: &[u8; 12], ethertype: u16) {
-    // SAFETY: the caller checked 14 bytes; back to where the packet came from.
-    unsafe {
-        core::ptr::copy_nonoverlapping(macs.as_ptr().add(6), p, 6);
-        core::ptr::copy_nonoverlapping(macs.as_ptr(), p.add(6), 6);
-        (p.add(12) as *mut u16).write_unaligned(ethertype.to_be());
-    }
-}
-
-/// Sum of the big-endian 16-bit words of `len` bytes (even) at `p`, unfolded.
-#[inline(always)]
-unsafe fn sum_words(p: *const u8, len: usize) -> u32 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < len {
-        // SAFETY: the caller guarantees `len` readable bytes.
-        sum += unsafe { u16::from_be((p.add(i) as *const u16).read_unaligned()) } as u32;
-        i += 2;
-    }
-    sum
-}
-
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
 }
