@@ -92,7 +92,7 @@ pub fn setup(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Stri
         })?;
         changed.push(format!("attached the decapsulator to {interface}"));
     }
-    let mut port = open_gue_port(&dir)?;
+    let mut port = open_pinned::<Array<MapData, u32>>(&dir, maps::DECAP_GUE_PORT)?;
     if port.get(&0, 0).ok() != Some(gue_port as u32) {
         port.set(0, gue_port as u32, 0).context("set the GUE port")?;
         changed.push(if gue_port == 0 {
@@ -105,14 +105,14 @@ pub fn setup(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Stri
         .enable_all()
         .build()?;
     let mac = runtime.block_on(link_mac(interface))?;
-    let mut mac_map = open_array::<[u8; 8]>(&dir, maps::DECAP_MAC)?;
+    let mut mac_map = open_pinned::<Array<MapData, [u8; 8]>>(&dir, maps::DECAP_MAC)?;
     let mut want = [0u8; 8];
     want[..6].copy_from_slice(&mac);
     if mac_map.get(&0, 0).ok() != Some(want) {
         mac_map.set(0, want, 0).context("set the interface MAC")?;
         changed.push(format!("decapsulating frames to {}", mac_string(&mac)));
     }
-    let mut map = open_vips(&dir)?;
+    let mut map = open_pinned::<HashMap<MapData, AddrKey, u32>>(&dir, maps::DECAP_VIPS)?;
     for &vip in vips {
         if map.get(&addr_key(vip), 0).is_err() {
             map.insert(addr_key(vip), 1, 0)
@@ -163,13 +163,17 @@ pub fn check(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Find
         what: format!("decapsulator attached to {interface}"),
         fix: (!attached).then(|| format!("lb backend-host setup --interface {interface} --vip ...")),
     });
-    let map = if attached { open_vips(&dir).ok() } else { None };
+    let map = if attached {
+        open_pinned::<HashMap<MapData, AddrKey, u32>>(&dir, maps::DECAP_VIPS).ok()
+    } else {
+        None
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     if attached {
         let mac = runtime.block_on(link_mac(interface))?;
-        let have = open_array::<[u8; 8]>(&dir, maps::DECAP_MAC)
+        let have = open_pinned::<Array<MapData, [u8; 8]>>(&dir, maps::DECAP_MAC)
             .ok()
             .and_then(|m| m.get(&0, 0).ok())
             .unwrap_or_default();
@@ -185,7 +189,7 @@ pub fn check(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Find
         });
     }
     if attached {
-        let have = open_gue_port(&dir)
+        let have = open_pinned::<Array<MapData, u32>>(&dir, maps::DECAP_GUE_PORT)
             .ok()
             .and_then(|m| m.get(&0, 0).ok())
             .unwrap_or(0);
@@ -225,7 +229,7 @@ pub fn check(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Find
             fix: (!ok).then(|| format!("sysctl -w {}={}", sysctl_name(&path), want.value())),
         });
     }
-    if attached && let Ok(stats) = open_stats(&dir) {
+    if attached && let Ok(stats) = open_pinned::<PerCpuArray<MapData, u64>>(&dir, maps::DECAP_STATS) {
         let sum = |i: u32| -> u64 { stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
         let (decapped, foreign) = (sum(0), sum(1));
         out.push(Finding {
@@ -271,17 +275,11 @@ fn attach(interface: &str, dir: &Path, link_pin: &Path) -> Result<()> {
     bail!("cannot attach the decapsulator to {interface}: {last}")
 }
 
-fn open_vips(dir: &Path) -> Result<HashMap<MapData, AddrKey, u32>> {
-    let path = dir.join(maps::DECAP_VIPS);
-    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
-    Ok(Map::from_map_data(data)?.try_into()?)
-}
-
-fn open_gue_port(dir: &Path) -> Result<Array<MapData, u32>> {
-    open_array(dir, maps::DECAP_GUE_PORT)
-}
-
-fn open_array<V: aya::Pod>(dir: &Path, name: &str) -> Result<Array<MapData, V>> {
+/// One of the decapsulator's maps, pinned under `dir`.
+fn open_pinned<T>(dir: &Path, name: &str) -> Result<T>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
     let path = dir.join(name);
     let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
     Ok(Map::from_map_data(data)?.try_into()?)
@@ -304,12 +302,6 @@ async fn link_mac(interface: &str) -> Result<[u8; 6]> {
         }
     }
     bail!("{interface} has no Ethernet address")
-}
-
-fn open_stats(dir: &Path) -> Result<PerCpuArray<MapData, u64>> {
-    let path = dir.join(maps::DECAP_STATS);
-    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
-    Ok(Map::from_map_data(data)?.try_into()?)
 }
 
 /// Adds `vip` to lo; false if it was there already.
