@@ -12,6 +12,7 @@ use lb_userspace::{
 };
 use serde::Serialize;
 
+use super::median;
 use crate::{NetNs, topology::Daemon, topology::empty_ebpf, wait_until};
 
 #[derive(Clone, Debug, Serialize)]
@@ -32,17 +33,6 @@ pub struct Rss {
     /// The part of it that is the daemon's own heap and stacks (RssAnon); the rest is mostly
     /// the mmap-ed table pool, which is kernel memory shared with the data plane.
     pub rss_anon_bytes: u64,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
 }
 
 fn ids(n: u32) -> Vec<String> {
@@ -69,7 +59,7 @@ pub fn maglev(runs: usize) -> Result<Vec<MaglevResult>> {
             out.push(MaglevResult {
                 m,
                 n,
-                build_us: median(&times),
+                build_us: median(times.iter().copied()).unwrap_or(f64::NAN),
                 runs: times,
             });
         }
@@ -118,7 +108,7 @@ pub fn table_swap(runs: usize) -> Result<(f64, Vec<f64>)> {
             "table readback differs"
         );
     }
-    Ok((median(&times), times))
+    Ok((median(times.iter().copied()).unwrap_or(f64::NAN), times))
 }
 
 /// Starts the real daemon with `services` services of `per_service` backends each (backends

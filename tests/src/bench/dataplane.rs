@@ -26,6 +26,7 @@ use lb_userspace::{
 };
 use serde::Serialize;
 
+use super::median;
 use crate::{
     NetNs, in_ns,
     packets::{
@@ -432,17 +433,6 @@ fn frame_bytes(frame: &BenchFrame) -> Vec<u8> {
     frame.words.iter().flat_map(|w| w.to_ne_bytes()).collect()
 }
 
-fn median(v: &[u64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_unstable();
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2] as f64
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) as f64 / 2.0
-    }
-}
-
 /// Runs every case (`repeat` iterations, `runs` times) in the current thread, which it pins to
 /// one CPU so runs don't migrate mid-measurement.
 pub fn run(repeat: u32, runs: usize, only: Option<&str>) -> Result<Vec<CaseResult>> {
@@ -466,12 +456,12 @@ fn run_here(repeat: u32, runs: usize, only: Option<&str>) -> Result<Vec<CaseResu
     let floor = measured
         .iter()
         .find(|(c, _)| c.target == BENCH_TARGET_FLOOR && !c.unwrapped)
-        .map(|(_, ns)| median(ns))
+        .and_then(|(_, ns)| median(ns.iter().map(|&v| v as f64)))
         .context("no floor case")?;
     Ok(measured
         .into_iter()
         .map(|(case, runs_ns)| {
-            let ns = median(&runs_ns);
+            let ns = median(runs_ns.iter().map(|&v| v as f64)).unwrap_or(f64::NAN);
             CaseResult {
                 case: case.name.to_string(),
                 ns_per_packet: ns,

@@ -87,6 +87,7 @@ use self::{
     net::{PinnedSelf, Topology},
     tcp::Servers,
 };
+use super::median;
 use crate::lb_bin;
 
 /// One measured case: absolute rates for each contender (`None` where it does not apply).
@@ -269,13 +270,4 @@ fn expect_delivered(topo: &Topology, who: &str, m: &Measured) -> Result<()> {
         bail!("{who}: {missed} UDP datagrams reached the backends' stacks without passing their sinks");
     }
     Ok(())
-}
-
-fn median(v: impl Iterator<Item = f64>) -> Option<f64> {
-    let mut s: Vec<f64> = v.collect();
-    if s.is_empty() {
-        return None;
-    }
-    s.sort_by(f64::total_cmp);
-    Some(s[s.len() / 2])
 }
