@@ -12,9 +12,15 @@ pub struct DataPlaneConfig {
     pub encap_src6: [u32; 4],
     /// UDP destination port of GUE-encapsulated packets (host order).
     pub gue_port: u16,
-    pub _reserved: [u16; 3],
+    /// SNAT source ports: `[nat_port_first, nat_port_first + nat_port_count)`, host order.
+    pub nat_port_first: u16,
+    pub nat_port_count: u32,
+    /// SNAT source addresses (the balancer's, on the backends' network), wire order.
+    pub nat_src6: [u32; 4],
+    pub nat_src4: u32,
+    pub _reserved: u32,
 }
-const _: () = assert!(core::mem::size_of::<DataPlaneConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<DataPlaneConfig>() == 56);
 
 /// Answer ICMP echo requests to VIP addresses from the data plane (else pass them on).
 pub const DP_F_ECHO_REPLY: u32 = 1;

@@ -10,11 +10,13 @@ pub mod dpconfig;
 pub mod flow;
 pub mod hash;
 pub mod maps;
+pub mod nat;
 pub mod service;
 pub mod stats;
 
 pub use backend::Backend;
 pub use flow::{FlowKey, FlowState};
+pub use nat::NatEntry;
 pub use service::{ServiceKey, ServiceValue, VipFilter};
 pub use stats::{Counter, TrafficStats};
 
@@ -81,6 +83,7 @@ mod pod {
     unsafe impl aya::Pod for crate::VipFilter {}
     unsafe impl aya::Pod for crate::dpconfig::DataPlaneConfig {}
     unsafe impl aya::Pod for crate::AddrKey {}
+    unsafe impl aya::Pod for crate::NatEntry {}
     unsafe impl aya::Pod for crate::dpconfig::NextHop {}
     unsafe impl aya::Pod for crate::bench::BenchFrame {}
     unsafe impl aya::Pod for crate::bench::E2eHeaders {}

@@ -16,6 +16,8 @@ pub const MAGLEV_POOL: &str = "MAGLEV_POOL";
 pub const BACKENDS: &str = "BACKENDS";
 /// Connection table: `FlowKey` -> `FlowState` (LRU).
 pub const CONNTRACK: &str = "CONNTRACK";
+/// NAT entries, both directions of each connection: `FlowKey` -> `NatEntry` (see `nat`).
+pub const NAT_FLOWS: &str = "NAT_FLOWS";
 /// Egress interfaces for XDP_REDIRECT: ifindex -> ifindex (devmap hash).
 pub const TX_PORTS: &str = "TX_PORTS";
 /// Per-CPU traffic counters per service id.
@@ -32,7 +34,7 @@ pub const DP_CONFIG: &str = "DP_CONFIG";
 pub const NEXT_HOPS: &str = "NEXT_HOPS";
 
 /// Every map that is pinned under `/sys/fs/bpf/<instance>/maps/`.
-pub const PINNED: [&str; 12] = [
+pub const PINNED: [&str; 13] = [
     SERVICES,
     FRAGMENT_SERVICES,
     VIP_ADDRS,
@@ -41,6 +43,7 @@ pub const PINNED: [&str; 12] = [
     MAGLEV_POOL,
     BACKENDS,
     CONNTRACK,
+    NAT_FLOWS,
     TX_PORTS,
     SERVICE_STATS,
     BACKEND_STATS,
@@ -65,6 +68,8 @@ pub const MAX_BACKENDS: u32 = 16384;
 pub const MAX_TX_PORTS: u32 = 64;
 /// Compile-time defaults; the daemon resizes these from its config before loading.
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 65536;
+/// NAT entries (two per connection).
+pub const DEFAULT_NAT_SIZE: u32 = 262144;
 /// Room for 16 services of the default table size, each double-buffered.
 pub const DEFAULT_POOL_SLOTS: u32 = 32 * 65537;
 /// Default Maglev table size (prime).

@@ -46,6 +46,12 @@ pub const FWD_IPIP: u32 = 1;
 /// GUE: as IPIP, inside UDP to the configured port (for networks that filter IP protocols 4 and
 /// 41); the UDP source port varies per flow.
 pub const FWD_GUE: u32 = 2;
+/// NAT: rewrite the destination to the backend's address and port; replies come back through
+/// the balancer (the backend routes the client's network via it) and are rewritten back.
+pub const FWD_NAT: u32 = 3;
+/// As `FWD_NAT`, and the source is rewritten to the balancer's NAT address and a port from its
+/// range, so replies come back whatever the backend's routing (full NAT).
+pub const FWD_SNAT: u32 = 4;
 
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
@@ -74,14 +80,21 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
 pub struct VipFilter {
     pub any: [u64; VIP_FILTER_WORDS],
     pub wildcard: [u64; VIP_FILTER_WORDS],
+    /// Addresses NAT entries may be keyed by: VIPs of NAT services (destination of requests)
+    /// and their backends (source of replies). Only these packets look in the NAT table.
+    pub nat: [u64; VIP_FILTER_WORDS],
+    /// Non-zero when any NAT service exists: other traffic skips the NAT bits altogether.
+    pub nat_in_use: u64,
 }
 pub const VIP_FILTER_WORDS: usize = 64;
-const _: () = assert!(core::mem::size_of::<VipFilter>() == 16 * VIP_FILTER_WORDS);
+const _: () = assert!(core::mem::size_of::<VipFilter>() == 24 * VIP_FILTER_WORDS + 8);
 
 impl VipFilter {
     pub const EMPTY: Self = Self {
         any: [0; VIP_FILTER_WORDS],
         wildcard: [0; VIP_FILTER_WORDS],
+        nat: [0; VIP_FILTER_WORDS],
+        nat_in_use: 0,
     };
 
     /// The bit for an address: a multiplicative hash of its words, top 12 bits.
@@ -100,6 +113,23 @@ impl VipFilter {
         self.wildcard[(bit >> 6) & (VIP_FILTER_WORDS - 1)] & (1 << (bit & 63)) != 0
     }
 
+    #[inline(always)]
+    pub const fn nat_in_use(&self) -> bool {
+        self.nat_in_use != 0
+    }
+
+    #[inline(always)]
+    pub const fn may_be_nat(&self, bit: usize) -> bool {
+        self.nat[(bit >> 6) & (VIP_FILTER_WORDS - 1)] & (1 << (bit & 63)) != 0
+    }
+
+    /// Marks an address that NAT entries may be keyed by (a NAT VIP or a NAT backend).
+    pub fn add_nat(&mut self, addr: &[u32; 4]) {
+        let bit = Self::bit(addr);
+        self.nat[bit >> 6] |= 1 << (bit & 63);
+        self.nat_in_use = 1;
+    }
+
     pub fn add(&mut self, key: &ServiceKey) {
         let bit = Self::bit(&key.addr);
         self.any[bit >> 6] |= 1 << (bit & 63);
@@ -112,7 +142,9 @@ impl VipFilter {
         for i in 0..VIP_FILTER_WORDS {
             self.any[i] |= other.any[i];
             self.wildcard[i] |= other.wildcard[i];
+            self.nat[i] |= other.nat[i];
         }
+        self.nat_in_use |= other.nat_in_use;
     }
 }
 

@@ -72,8 +72,20 @@ counters! {
     FragmentForwarded = 27, "fragment_forwarded";
     // Encapsulation would exceed the MTU: the client was told the MTU to use.
     IcmpTooBigSent = 28, "icmp_too_big_sent";
+    // NAT: a connection got its pair of entries (and, with SNAT, a port).
+    NatCreated = 29, "nat_created";
+    // NAT: a reply rewritten back to the client.
+    NatReply = 30, "nat_reply";
+    // NAT: a TCP packet other than SYN (or an ICMP error) for a connection with no entry.
+    DropNatNoEntry = 31, "drop_nat_no_entry";
+    // SNAT: every probed port was taken for that backend.
+    DropNatNoPort = 32, "drop_nat_no_port";
+    // NAT: the entry table is full (daemon.nat.table_size).
+    DropNatTableFull = 33, "drop_nat_table_full";
+    // NAT: the same tuple belongs to another connection (two VIPs sharing a backend, same client port).
+    DropNatCollision = 34, "drop_nat_collision";
 }
 
 /// Size of the global counter map.
-pub const COUNTER_SLOTS: u32 = 32;
-const _: () = assert!((Counter::IcmpTooBigSent as u32) < COUNTER_SLOTS);
+pub const COUNTER_SLOTS: u32 = 48;
+const _: () = assert!((Counter::DropNatCollision as u32) < COUNTER_SLOTS);

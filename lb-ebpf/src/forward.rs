@@ -1,27 +1,23 @@
-//! Forwarding: the one seam every mode goes through: L2 direct server return, IPIP.
+//! Forwarding: the one seam every mode goes through: L2 direct server return, IPIP, GUE, NAT.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     Backend, Counter,
-    service::{FWD_GUE, FWD_IPIP},
+    service::{FWD_GUE, FWD_IPIP, FWD_NAT, FWD_SNAT},
 };
 use lb_ebpf::{Flow, Frame, Verdict};
 use network_types::eth::EthHdr;
 
-use crate::{encap, maps::TX_PORTS};
+use crate::{encap, maps::TX_PORTS, nat, select::Chosen};
 
 #[inline(always)]
-pub fn forward(
-    ctx: &XdpContext,
-    frame: &Frame,
-    flow: &Flow,
-    mode: u32,
-    slot: u32,
-    backend: &Backend,
-) -> Verdict {
-    match mode {
+pub fn forward(ctx: &XdpContext, frame: &Frame, flow: &Flow, chosen: &Chosen) -> Verdict {
+    let (slot, backend) = (chosen.slot, &chosen.backend);
+    match chosen.forward {
         FWD_IPIP => encap::encapsulate(ctx, frame, flow, slot, backend, false),
         FWD_GUE => encap::encapsulate(ctx, frame, flow, slot, backend, true),
+        FWD_NAT => nat::open(ctx, frame, flow, slot, backend, chosen.service, false),
+        FWD_SNAT => nat::open(ctx, frame, flow, slot, backend, chosen.service, true),
         _ => dsr_l2(ctx, frame, backend),
     }
 }

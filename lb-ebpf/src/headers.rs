@@ -69,3 +69,33 @@ pub fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16
 }
+
+/// What a 32-bit word changing from `old` to `new` adds to a checksum's complement (RFC 1624,
+/// `~m + m'`, for both 16-bit halves). The words are as read from the wire: one's-complement
+/// sums do not depend on byte order, so no swapping is needed.
+#[inline(always)]
+pub fn word_delta(old: u32, new: u32) -> u32 {
+    (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16)
+}
+
+/// As `word_delta`, for a 16-bit field.
+#[inline(always)]
+pub fn half_delta(old: u16, new: u16) -> u32 {
+    (!old) as u32 + new as u32
+}
+
+/// Updates the checksum at `at` by `delta` (from `word_delta`/`half_delta`): `~(~HC + delta)`.
+/// Returns the new checksum as read from the wire.
+///
+/// # Safety
+/// `at` must point at two writable bytes.
+#[inline(always)]
+pub unsafe fn csum_apply(at: *mut u8, delta: u32) -> u16 {
+    let p = at as *mut u16;
+    // SAFETY: the caller's contract.
+    unsafe {
+        let new = !fold((!p.read_unaligned()) as u32 + delta);
+        p.write_unaligned(new);
+        new
+    }
+}

@@ -7,6 +7,7 @@ mod encap;
 mod forward;
 mod headers;
 mod maps;
+mod nat;
 mod select;
 mod stats;
 mod too_big;
@@ -32,14 +33,17 @@ fn balance(ctx: &XdpContext, frame: &Frame) -> Verdict {
         return echo::reply(ctx, frame, &flow);
     }
     let chosen = match select::choose(&flow) {
-        Ok(chosen) => chosen,
+        Ok(select::Choice::Backend(chosen)) => chosen,
+        Ok(select::Choice::Nat { entry, backend }) => {
+            return nat::translate(ctx, frame, &flow, entry, backend);
+        }
         Err(verdict) => return verdict,
     };
     if flow.kind == FlowKind::IcmpError {
         stats::count(lb_common::Counter::IcmpErrorForwarded);
     }
     stats::traffic(chosen.service, chosen.slot, frame.len() as u64, chosen.new_flow);
-    forward::forward(ctx, frame, &flow, chosen.forward, chosen.slot, &chosen.backend)
+    forward::forward(ctx, frame, &flow, &chosen)
 }
 
 /// Passes everything. A veth only receives XDP_TX/redirected frames if its peer runs an XDP

@@ -7,9 +7,12 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats, VipFilter,
+    AddrKey, Backend, FlowKey, FlowState, NatEntry, ServiceKey, ServiceValue, TrafficStats, VipFilter,
     dpconfig::{DataPlaneConfig, NextHop},
-    maps::{DEFAULT_CONNTRACK_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS},
+    maps::{
+        DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, MAX_SERVICES,
+        MAX_TX_PORTS,
+    },
     stats::COUNTER_SLOTS,
 };
 
@@ -53,6 +56,16 @@ pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
     LruHashMap::pinned(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// NAT entries, both directions (`lb_common::nat`). A plain hash map, not LRU: evicting a live
+/// connection would break it, so a full table refuses new connections (counted) and the daemon
+/// expires entries. Not preallocated, so a value a packet holds is never recycled under it.
+#[map]
+pub static NAT_FLOWS: HashMap<FlowKey, NatEntry> = HashMap::pinned(DEFAULT_NAT_SIZE, BPF_F_NO_PREALLOC);
+
+/// Per-CPU room to build a new NAT connection's entries.
+#[map]
+pub static NAT_SCRATCH: PerCpuArray<crate::nat::NatScratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::pinned(MAX_TX_PORTS, 0);

@@ -1,16 +1,27 @@
 //! Backend selection: VIP filter, connection table, then the service's Maglev table.
 
 use lb_common::{
-    Backend, Counter, FAMILY_V4, FlowKey, FlowState, ServiceKey, ServiceValue, VipFilter,
+    Backend, Counter, FAMILY_V4, FlowKey, FlowState, NatEntry, ServiceKey, ServiceValue, VipFilter,
     hash::{flow_hash, source_hash},
-    service::SVC_F_HASH_SOURCE,
+    service::{FWD_NAT, SVC_F_HASH_SOURCE},
 };
 use lb_ebpf::{Flow, FlowKind, Verdict};
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, FRAGMENT_SERVICES, MAGLEV_POOL, SERVICES, VIP_FILTER},
+    maps::{BACKENDS, CONNTRACK, FRAGMENT_SERVICES, MAGLEV_POOL, NAT_FLOWS, SERVICES, VIP_FILTER},
     stats::count,
 };
+
+/// What the balancer does with a packet it takes.
+pub enum Choice {
+    /// Balance (or keep) the flow on this backend, in the service's forwarding mode.
+    Backend(Chosen),
+    /// A packet of a NAT connection: its entry, and for a request the (live) backend.
+    Nat {
+        entry: *mut NatEntry,
+        backend: Option<Backend>,
+    },
+}
 
 pub struct Chosen {
     pub slot: u32,
@@ -23,21 +34,45 @@ pub struct Chosen {
 
 /// Picks the backend for a parsed flow, or says why the packet is not balanced.
 ///
-/// Order, cheapest answer first: the VIP filter (one array read turns away non-VIP traffic),
-/// the connection table (a known flow needs nothing else; a TCP SYN opens a new flow, so it
-/// skips the search and its insert replaces any old entry), then the service (exact port, then
-/// the VIP's all-ports wildcard if it may have one) and its Maglev table.
+/// Order, cheapest answer first: the VIP filter (one array read turns away non-VIP traffic,
+/// except replies from NAT backends, which its NAT bits let through to the NAT table), the NAT
+/// table for VIPs with NAT services, the connection table (a known flow needs nothing else; a
+/// TCP SYN opens a new flow, so it skips the search and its insert replaces any old entry),
+/// then the service (exact port, then the VIP's all-ports wildcard if it may have one) and its
+/// Maglev table.
 #[inline(always)]
-pub fn choose(flow: &Flow) -> Result<Chosen, Verdict> {
+pub fn choose(flow: &Flow) -> Result<Choice, Verdict> {
     let key = &flow.key;
     let not_vip = Verdict::Pass(Counter::PassNotVip);
     let filter = VIP_FILTER.get(0).ok_or(not_vip)?;
     let bit = VipFilter::bit(&key.dst_addr);
+    // ICMP errors carry the key of the flow they quote, so they find its NAT entry too.
+    let transport = matches!(flow.kind, FlowKind::Transport { .. } | FlowKind::IcmpError);
     if !filter.may_be_vip(bit) {
+        // Not to a VIP: it may be a reply from a NAT backend.
+        if filter.nat_in_use()
+            && transport
+            && filter.may_be_nat(VipFilter::bit(&key.src_addr))
+            && let Some(entry) = NAT_FLOWS.get_ptr_mut(key)
+        {
+            return Ok(Choice::Nat { entry, backend: None });
+        }
         return Err(not_vip);
     }
     if flow.kind == FlowKind::Fragment {
-        return fragment(key);
+        return fragment(key).map(Choice::Backend);
+    }
+    if transport
+        && filter.may_be_nat(bit)
+        && let Some(entry) = NAT_FLOWS.get_ptr_mut(key)
+    {
+        if let Some(backend) = nat_backend(key, entry) {
+            return Ok(Choice::Nat {
+                entry,
+                backend: Some(backend),
+            });
+        }
+        // The pair is gone with its backend: a new connection may open below.
     }
     let mut stale = false;
     if flow.kind != (FlowKind::Transport { syn: true })
@@ -50,13 +85,13 @@ pub fn choose(flow: &Flow) -> Result<Chosen, Verdict> {
             && backend.generation == state.generation
         {
             count(Counter::ConntrackHit);
-            return Ok(Chosen {
+            return Ok(Choice::Backend(Chosen {
                 slot: state.backend,
                 backend: *backend,
                 new_flow: false,
                 service: state.service,
                 forward: state.forward,
-            });
+            }));
         }
         // The backend was removed or its slot reused: pick again.
         stale = true;
@@ -69,7 +104,27 @@ pub fn choose(flow: &Flow) -> Result<Chosen, Verdict> {
     });
     // An ICMP error's quote must not create a connection-table entry: spoofed errors, each
     // quoting another tuple, would fill the table.
-    pick(key, &service, flow.kind != FlowKind::IcmpError)
+    pick(key, &service, flow.kind != FlowKind::IcmpError).map(Choice::Backend)
+}
+
+/// The backend of a NAT request's entry (a reply entry has none to check). If the backend was
+/// removed or its slot reused, the connection cannot go on: both entries are removed.
+#[inline(always)]
+fn nat_backend(key: &FlowKey, entry: *mut NatEntry) -> Option<Backend> {
+    // SAFETY: a pointer from a successful lookup; plain data.
+    let e = unsafe { &*entry };
+    if e.is_reply() {
+        return None;
+    }
+    if let Some(b) = BACKENDS.get(e.backend)
+        && b.is_active()
+        && b.generation == e.generation
+    {
+        return Some(*b);
+    }
+    let _ = NAT_FLOWS.remove(&e.twin_key(key.family, key.proto));
+    let _ = NAT_FLOWS.remove(key);
+    None
 }
 
 /// A fragment goes to the backend its (source, destination, protocol) hashes to in the table of
@@ -131,7 +186,8 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: bool) -> Result<Chosen,
         service: service.id,
         forward: service.forward,
     };
-    if remember && CONNTRACK.insert(key, state, 0).is_err() {
+    // NAT connections are pinned by their NAT entries instead.
+    if remember && service.forward < FWD_NAT && CONNTRACK.insert(key, state, 0).is_err() {
         count(Counter::ConntrackInsertFailed);
     }
     Ok(Chosen {

@@ -129,10 +129,14 @@ pub struct ServiceArgs {
     /// Hash the source address only (client affinity) instead of the 5-tuple.
     #[arg(long)]
     pub source_hash: bool,
-    /// How packets reach the backends: dsr (same segment, MACs rewritten) or ipip (routed
-    /// backends that strip the outer header: `lb backend-host setup`).
+    /// How packets reach the backends: dsr (same segment, MACs rewritten), ipip or gue (routed
+    /// backends that strip the outer header: `lb backend-host setup`), or nat (unmodified
+    /// backends; replies come back through the balancer).
     #[arg(long, default_value = "dsr")]
     pub forwarding: Forwarding,
+    /// With --forwarding nat: also rewrite the source to the balancer's daemon.nat address.
+    #[arg(long)]
+    pub snat: bool,
     /// IP fragments to the VIP: pass (to the kernel) or hash (by source, destination and
     /// protocol into this service's table).
     #[arg(long, default_value = "pass")]
@@ -190,6 +194,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                 },
                 forwarding: a.forwarding,
                 fragments: a.fragments,
+                snat: a.snat,
                 backends: Vec::new(),
             },
         },
@@ -246,7 +251,7 @@ fn print_human(command: &Command, data: &Value) {
         Command::Service(ServiceCmd::List) => {
             for s in data.as_array().into_iter().flatten() {
                 println!(
-                    "{} {}:{}/{} table={} hash={} forwarding={}",
+                    "{} {}:{}/{} table={} hash={} forwarding={}{}",
                     s["name"].as_str().unwrap_or_default(),
                     fmt_ip(&s["vip"]),
                     s["port"],
@@ -254,6 +259,7 @@ fn print_human(command: &Command, data: &Value) {
                     s["table_size"],
                     s["hash"].as_str().unwrap_or_default(),
                     s["forwarding"].as_str().unwrap_or_default(),
+                    if s["snat"] == true { " snat" } else { "" },
                 );
                 for b in s["backends"].as_array().into_iter().flatten() {
                     println!(

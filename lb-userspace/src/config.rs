@@ -8,7 +8,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use lb_common::maps::{DEFAULT_CONNTRACK_SIZE, DEFAULT_POOL_SLOTS, DEFAULT_TABLE_SIZE, MAX_SERVICES};
+use lb_common::maps::{
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, DEFAULT_TABLE_SIZE, MAX_SERVICES,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -68,6 +70,93 @@ pub struct DaemonConfig {
     /// ICMP echo requests to a VIP address: answered by the data plane, or passed to the kernel.
     #[serde(default)]
     pub icmp_echo: EchoPolicy,
+    /// NAT services (`forwarding = "nat"`): source addresses and ports, table size, timeouts.
+    #[serde(default)]
+    pub nat: NatConfig,
+}
+
+/// `[daemon.nat]`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatConfig {
+    /// The balancer's address on the backends' IPv4 network: the source of SNAT connections
+    /// (`snat = true`). It must be assigned on the backend-facing interface.
+    pub source4: Option<std::net::Ipv4Addr>,
+    pub source6: Option<std::net::Ipv6Addr>,
+    /// SNAT source ports, `"first-last"`. A port is unique per backend address and port, so each
+    /// backend can hold this many connections at once. Keep it clear of the kernel's
+    /// `ip_local_port_range` on the source address.
+    pub ports: PortRange,
+    /// Entries (two per connection). Full: new connections are dropped and counted.
+    pub table_size: u32,
+    /// Idle time after which a TCP connection's entries are removed.
+    pub tcp_timeout_s: u64,
+    /// The same once a FIN or RST was seen.
+    pub tcp_closing_timeout_s: u64,
+    pub udp_timeout_s: u64,
+    /// How often the daemon looks for expired entries.
+    pub gc_interval_ms: u64,
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        Self {
+            source4: None,
+            source6: None,
+            ports: PortRange {
+                first: 10000,
+                last: 32767,
+            },
+            table_size: DEFAULT_NAT_SIZE,
+            tcp_timeout_s: 900,
+            tcp_closing_timeout_s: 10,
+            udp_timeout_s: 30,
+            gc_interval_ms: 1000,
+        }
+    }
+}
+
+/// A port range written `"first-last"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn len(&self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn overlaps(&self, first: u16, last: u16) -> bool {
+        self.first <= last && first <= self.last
+    }
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        let bad =
+            || format!("invalid port range {s:?}: write \"first-last\" with 1 <= first <= last <= 65535");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let first: u16 = a.trim().parse().map_err(|_| bad())?;
+        let last: u16 = b.trim().parse().map_err(|_| bad())?;
+        if first == 0 || first > last {
+            return Err(bad());
+        }
+        Ok(Self { first, last })
+    }
+}
+
+impl From<PortRange> for String {
+    fn from(r: PortRange) -> Self {
+        format!("{}-{}", r.first, r.last)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -182,6 +271,10 @@ pub enum Forwarding {
     Ipip,
     /// As IPIP, inside UDP to `gue_port` (GUE), for networks that filter IP protocols 4 and 41.
     Gue,
+    /// NAT for unmodified backends: the destination becomes the backend's address and port,
+    /// replies come back through the balancer and leave from the VIP. With `snat = true` the
+    /// source becomes the balancer's `daemon.nat` address and port too.
+    Nat,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -212,8 +305,9 @@ impl std::str::FromStr for Forwarding {
             "dsr" => Ok(Self::Dsr),
             "ipip" => Ok(Self::Ipip),
             "gue" => Ok(Self::Gue),
+            "nat" => Ok(Self::Nat),
             _ => Err(Error::invalid(format!(
-                "unknown forwarding mode {s:?} (expected dsr, ipip or gue)"
+                "unknown forwarding mode {s:?} (expected dsr, ipip, gue or nat)"
             ))),
         }
     }
@@ -222,7 +316,7 @@ impl std::str::FromStr for Forwarding {
 impl Forwarding {
     /// Whether backends must be on-link with a resolved MAC (else only a route is needed).
     pub fn needs_l2(self) -> bool {
-        self == Forwarding::Dsr
+        matches!(self, Forwarding::Dsr | Forwarding::Nat)
     }
 }
 
@@ -245,6 +339,10 @@ pub struct ServiceSpec {
     /// At most one service per VIP and protocol may hash them.
     #[serde(default)]
     pub fragments: FragmentPolicy,
+    /// NAT only: also rewrite the source to the balancer's NAT address and a port of its range,
+    /// so replies return through the balancer whatever the backends' routes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snat: bool,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendSpec>,
 }
@@ -299,6 +397,7 @@ impl Config {
         })?;
         cfg.daemon.validate()?;
         validate_services(&cfg.services)?;
+        validate_against(&cfg.daemon, &cfg.services)?;
         Ok(cfg)
     }
 }
@@ -339,7 +438,7 @@ impl DaemonConfig {
         if self.neighbour_refresh_ms < 100 {
             return Err(Error::config("daemon.neighbour_refresh_ms must be at least 100"));
         }
-        Ok(())
+        self.nat.validate()
     }
 
     pub fn socket_path(&self) -> PathBuf {
@@ -403,6 +502,18 @@ impl ServiceSpec {
                 self.name, self.vip
             )));
         }
+        if self.snat && self.forwarding != Forwarding::Nat {
+            return Err(Error::invalid(format!(
+                "service {}: snat needs forwarding = \"nat\"",
+                self.name
+            )));
+        }
+        if self.forwarding == Forwarding::Nat && self.fragments == FragmentPolicy::Hash {
+            return Err(Error::invalid(format!(
+                "service {}: NAT cannot translate fragments (later ones carry no ports); use fragments = \"pass\"",
+                self.name
+            )));
+        }
         if self.backends.len() > MAX_BACKENDS_PER_SERVICE {
             return Err(Error::invalid(format!(
                 "service {}: {} backends is more than the maximum {MAX_BACKENDS_PER_SERVICE}",
@@ -460,6 +571,68 @@ impl BackendSpec {
         }
         Ok(())
     }
+}
+
+impl NatConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.table_size < 1024 {
+            return Err(Error::config(format!(
+                "daemon.nat.table_size {} is too small (minimum 1024)",
+                self.table_size
+            )));
+        }
+        if self.gc_interval_ms < 10 {
+            return Err(Error::config("daemon.nat.gc_interval_ms must be at least 10"));
+        }
+        for (name, v) in [
+            ("tcp_timeout_s", self.tcp_timeout_s),
+            ("tcp_closing_timeout_s", self.tcp_closing_timeout_s),
+            ("udp_timeout_s", self.udp_timeout_s),
+        ] {
+            if !(1..=7 * 24 * 3600).contains(&v) {
+                return Err(Error::config(format!(
+                    "daemon.nat.{name} {v} is out of range 1..=604800"
+                )));
+            }
+        }
+        if let Some(a) = self.source4
+            && (a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_loopback())
+        {
+            return Err(Error::config(format!(
+                "daemon.nat.source4 {a} is not a unicast address"
+            )));
+        }
+        if let Some(a) = self.source6
+            && (a.is_unspecified() || a.is_multicast() || a.is_loopback())
+        {
+            return Err(Error::config(format!(
+                "daemon.nat.source6 {a} is not a unicast address"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The SNAT source for a VIP's family, if configured.
+    pub fn source_for(&self, vip: IpAddr) -> Option<IpAddr> {
+        match vip {
+            IpAddr::V4(_) => self.source4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.source6.map(IpAddr::V6),
+        }
+    }
+}
+
+/// Checks services against the daemon settings they depend on (SNAT needs a source address).
+pub fn validate_against(daemon: &DaemonConfig, services: &[ServiceSpec]) -> Result<()> {
+    for s in services.iter().filter(|s| s.snat) {
+        if daemon.nat.source_for(s.vip).is_none() {
+            let which = if s.vip.is_ipv4() { "source4" } else { "source6" };
+            return Err(Error::invalid(format!(
+                "service {}: snat needs daemon.nat.{which} (the balancer's address facing the backends)",
+                s.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks a whole set of services: each one, and what must be unique across them.
@@ -584,5 +757,46 @@ address = "10.0.0.12"
             .expect_err("bad policy")
             .to_string();
         assert!(err.contains("unknown variant `split`"), "{err}");
+    }
+
+    #[test]
+    fn nat_settings_are_checked_with_one_line() {
+        let nat = |daemon_extra: &str, service_extra: &str| {
+            format!(
+                "[daemon]\ninterfaces = [\"eth0\"]\n{daemon_extra}\n\
+                 [[service]]\nname = \"web\"\nvip = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\n{service_extra}\n"
+            )
+        };
+        let ok = Config::parse(&nat(
+            "[daemon.nat]\nsource4 = \"10.97.0.1\"\nports = \"40000-40999\"\nudp_timeout_s = 5",
+            "forwarding = \"nat\"\nsnat = true",
+        ))
+        .expect("valid");
+        assert_eq!(ok.daemon.nat.ports.len(), 1000);
+        assert_eq!(ok.daemon.nat.udp_timeout_s, 5);
+        assert_eq!(ok.daemon.nat.tcp_closing_timeout_s, 10);
+        assert!(ok.services[0].snat);
+        let cases = [
+            (nat("", "forwarding = \"nat\"\nsnat = true"), "daemon.nat.source4"),
+            (nat("", "snat = true"), "snat needs forwarding"),
+            (
+                nat("", "forwarding = \"nat\"\nfragments = \"hash\""),
+                "cannot translate fragments",
+            ),
+            (
+                nat("[daemon.nat]\nports = \"5000-4000\"", ""),
+                "invalid port range",
+            ),
+            (nat("[daemon.nat]\nports = \"0-10\"", ""), "invalid port range"),
+            (nat("[daemon.nat]\ntcp_timeout_s = 0", ""), "out of range"),
+            (nat("[daemon.nat]\nsource4 = \"224.0.0.1\"", ""), "not a unicast"),
+            (nat("[daemon.nat]\ntable_size = 10", ""), "too small"),
+            (nat("[daemon.nat]\nport_range = \"1-2\"", ""), "unknown field"),
+        ];
+        for (text, needle) in cases {
+            let e = err(&text);
+            assert!(e.contains(needle), "{e:?} should mention {needle:?}");
+            assert!(!e.contains('\n'), "one line: {e:?}");
+        }
     }
 }

@@ -5,7 +5,10 @@ use std::{
     net::IpAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -21,7 +24,7 @@ use tokio::{
 
 use crate::{
     api::{Request, Response},
-    config::{Config, DaemonConfig, ServiceSpec, validate_services, validate_weight},
+    config::{Config, DaemonConfig, ServiceSpec, validate_against, validate_services, validate_weight},
     dataplane::{
         self, DataPlane,
         sync::{Reconciler, addr_bytes, backend_key},
@@ -41,6 +44,8 @@ pub struct Daemon {
     rec: Reconciler,
     hops: HashMap<IpAddr, NextHop>,
     resolver: Resolver,
+    /// NAT connections the collector has expired since the daemon started.
+    nat_expired: Arc<AtomicU64>,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM or a shutdown request. Forwarding continues after.
@@ -94,6 +99,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         rec,
         hops: HashMap::new(),
         resolver,
+        nat_expired: Arc::new(AtomicU64::new(0)),
     };
     let warnings = daemon.replace_services(services).await?;
     for w in warnings {
@@ -110,6 +116,14 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         daemon.clone(),
         Duration::from_millis(cfg.neighbour_refresh_ms),
     ));
+    let nat_pin = dataplane::pin_dir(&cfg.instance).join(lb_common::maps::NAT_FLOWS);
+    let nat_expired = daemon.lock().await.nat_expired.clone();
+    let nat_cfg = cfg.nat.clone();
+    let collector = tokio::spawn(async move {
+        if let Err(e) = crate::nat::collect(&nat_pin, nat_cfg, nat_expired).await {
+            error!("NAT expiry stopped: {e}");
+        }
+    });
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -123,6 +137,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         }
     }
     refresher.abort();
+    collector.abort();
     let _ = std::fs::remove_file(&socket);
     info!("daemon stopped; the data plane stays attached (`lb detach` removes it)");
     Ok(())
@@ -279,6 +294,7 @@ impl Daemon {
     /// Validates, resolves new backends, rewrites the maps and persists. On error the old state stays.
     async fn replace_services(&mut self, next: Vec<ServiceSpec>) -> Result<Vec<String>> {
         validate_services(&next)?;
+        validate_against(&self.cfg, &next)?;
         let mut warnings = Vec::new();
         let mut hops = self.hops.clone();
         let wanted = backend_addresses(&next);
@@ -319,6 +335,7 @@ impl Daemon {
             return Err(e);
         }
         warnings.extend(forwarding_warnings(&self.cfg.interfaces, &next));
+        warnings.extend(nat_warnings(&self.cfg, &next));
         self.services = next;
         self.hops = hops;
         self.persist()?;
@@ -422,7 +439,7 @@ impl Daemon {
                     .collect();
                 json!({
                     "name": s.name, "vip": s.vip, "port": s.port, "protocol": s.protocol,
-                    "table_size": s.table_size, "hash": s.hash, "forwarding": s.forwarding, "fragments": s.fragments,
+                    "table_size": s.table_size, "hash": s.hash, "forwarding": s.forwarding, "fragments": s.fragments, "snat": s.snat,
                     "backends": backends,
                 })
             })
@@ -450,7 +467,9 @@ impl Daemon {
         for &c in Counter::ALL {
             counters.insert(c.name().into(), json!(self.dp.counter(c)?));
         }
-        Ok(json!({"services": services, "counters": counters}))
+        let mut nat = serde_json::to_value(crate::nat::census(&self.dp.nat)).unwrap_or_default();
+        nat["expired"] = json!(self.nat_expired.load(Ordering::Relaxed));
+        Ok(json!({"services": services, "counters": counters, "nat": nat}))
     }
 
     fn lookup(
@@ -497,6 +516,19 @@ impl Daemon {
                     .is_some_and(|x| x.slot == slot)
             })
         };
+        if svc.forwarding == crate::config::Forwarding::Nat
+            && let Ok(e) = self.dp.nat.get(&key, 0)
+            && let Some(b) = by_slot(e.backend)
+        {
+            let (src, dst) = (
+                socket_of(e.src_addr, e.src_port, family),
+                socket_of(e.dst_addr, e.dst_port, family),
+            );
+            return Ok(json!({
+                "service": svc.name, "backend": b.id, "address": b.address, "source": "nat-table",
+                "translated": {"source": src, "destination": dst},
+            }));
+        }
         if let Ok(state) = self.dp.conntrack.get(&key, 0) {
             let live = self
                 .dp
@@ -566,6 +598,40 @@ fn forwarding_warnings(interfaces: &[String], services: &[ServiceSpec]) -> Vec<S
     out
 }
 
+/// SNAT needs its source address on this host (backends' replies are sent to it), and a port
+/// range the kernel does not also hand out from that address.
+fn nat_warnings(cfg: &DaemonConfig, services: &[ServiceSpec]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut sources: Vec<IpAddr> = services
+        .iter()
+        .filter(|s| s.snat)
+        .filter_map(|s| cfg.nat.source_for(s.vip))
+        .collect();
+    sources.sort();
+    sources.dedup();
+    for a in &sources {
+        if std::net::UdpSocket::bind((*a, 0)).is_err() {
+            out.push(format!(
+                "daemon.nat source {a} is not an address of this host: backends' replies to it will not reach the balancer (fix: assign it on the backend-facing interface)"
+            ));
+        }
+    }
+    let local = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let range = local.as_deref().and_then(|t| {
+        let mut it = t.split_whitespace().map(|x| x.parse::<u16>().ok());
+        Some((it.next()??, it.next()??))
+    });
+    if let (false, Some((lo, hi))) = (sources.is_empty(), range)
+        && cfg.nat.ports.overlaps(lo, hi)
+    {
+        out.push(format!(
+            "daemon.nat.ports {}-{} overlaps the kernel's ip_local_port_range {lo}-{hi}: a local connection from the SNAT address could take a port in use (fix: move one of them)",
+            cfg.nat.ports.first, cfg.nat.ports.last
+        ));
+    }
+    out
+}
+
 /// Every backend address, and whether it must be resolved at L2 (some DSR service uses it) or
 /// only needs a route (encapsulation).
 fn backend_addresses(services: &[ServiceSpec]) -> std::collections::BTreeMap<IpAddr, bool> {
@@ -576,6 +642,17 @@ fn backend_addresses(services: &[ServiceSpec]) -> std::collections::BTreeMap<IpA
         }
     }
     addrs
+}
+
+/// A NAT entry's address words and network-order port as a socket address.
+fn socket_of(words: [u32; 4], port_be: u16, family: u8) -> std::net::SocketAddr {
+    let b = lb_common::addr_bytes(words);
+    let ip: IpAddr = if family == lb_common::FAMILY_V4 {
+        IpAddr::from([b[0], b[1], b[2], b[3]])
+    } else {
+        IpAddr::from(b)
+    };
+    std::net::SocketAddr::new(ip, u16::from_be(port_be))
 }
 
 fn unknown_service(name: &str) -> Error {

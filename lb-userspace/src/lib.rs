@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod error;
 pub mod maglev;
+pub mod nat;
 pub mod neigh;
 pub mod state;
 

@@ -79,3 +79,29 @@ pub fn checksum(b: &[u8]) -> u16 {
     }
     !(s as u16)
 }
+
+/// Fills in the TCP or UDP checksum of the IPv4 or IPv6 packet `ip` (no extension headers),
+/// over the pseudo-header and the whole segment. A UDP checksum that comes out 0 is sent as
+/// 0xffff.
+pub fn fix_l4_checksum(ip: &mut [u8]) {
+    let (proto, l4, mut pseudo) = if ip[0] >> 4 == 4 {
+        let hl = ((ip[0] & 0x0f) as usize) * 4;
+        let mut p = ip[12..20].to_vec();
+        p.extend_from_slice(&[0, ip[9]]);
+        p.extend_from_slice(&((ip.len() - hl) as u16).to_be_bytes());
+        (ip[9], hl, p)
+    } else {
+        let mut p = ip[8..40].to_vec();
+        p.extend_from_slice(&((ip.len() - 40) as u32).to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, ip[6]]);
+        (ip[6], 40, p)
+    };
+    let at = l4 + if proto == 6 { 16 } else { 6 };
+    ip[at..at + 2].copy_from_slice(&[0, 0]);
+    pseudo.extend_from_slice(&ip[l4..]);
+    let mut sum = checksum(&pseudo);
+    if proto == 17 && sum == 0 {
+        sum = 0xffff;
+    }
+    ip[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+}

@@ -1,5 +1,6 @@
 //! Real TCP and UDP servers in a backend namespace. Each answers every line or datagram with
-//! its backend id, so the client sees which backend served it.
+//! its backend id (and, if asked, the address the request came from), so the client sees which
+//! backend served it and as whom.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -22,6 +23,15 @@ pub struct Servers {
 impl Servers {
     /// Starts TCP and UDP servers on each address (the VIPs) at `port`.
     pub fn start(ns: &NetNs, id: &str, addrs: &[SocketAddr]) -> Self {
+        Self::start_with(ns, id, addrs, false)
+    }
+
+    /// As `start`; the answers are `"<id> <peer address>"`.
+    pub fn start_reporting_peer(ns: &NetNs, id: &str, addrs: &[SocketAddr]) -> Self {
+        Self::start_with(ns, id, addrs, true)
+    }
+
+    fn start_with(ns: &NetNs, id: &str, addrs: &[SocketAddr], peer: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for &addr in addrs {
@@ -34,9 +44,9 @@ impl Servers {
                 (tcp, udp)
             });
             let (id1, stop1) = (id.to_string(), stop.clone());
-            threads.push(std::thread::spawn(move || tcp_loop(tcp, id1, stop1)));
+            threads.push(std::thread::spawn(move || tcp_loop(tcp, id1, peer, stop1)));
             let (id2, stop2) = (id.to_string(), stop.clone());
-            threads.push(std::thread::spawn(move || udp_loop(udp, id2, stop2)));
+            threads.push(std::thread::spawn(move || udp_loop(udp, id2, peer, stop2)));
         }
         Self { stop, threads }
     }
@@ -51,12 +61,19 @@ impl Drop for Servers {
     }
 }
 
-fn tcp_loop(listener: TcpListener, id: String, stop: Arc<AtomicBool>) {
+fn answer(id: &str, peer: Option<SocketAddr>) -> String {
+    match peer {
+        Some(p) => format!("{id} {}", p.ip()),
+        None => id.to_string(),
+    }
+}
+
+fn tcp_loop(listener: TcpListener, id: String, report_peer: bool, stop: Arc<AtomicBool>) {
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
-            Ok((stream, _)) => {
-                let (id, stop) = (id.clone(), stop.clone());
+            Ok((stream, peer)) => {
+                let (id, stop) = (answer(&id, report_peer.then_some(peer)), stop.clone());
                 conns.push(std::thread::spawn(move || {
                     let _ = stream.set_nonblocking(false);
                     let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
@@ -94,11 +111,11 @@ fn tcp_loop(listener: TcpListener, id: String, stop: Arc<AtomicBool>) {
     }
 }
 
-fn udp_loop(socket: UdpSocket, id: String, stop: Arc<AtomicBool>) {
+fn udp_loop(socket: UdpSocket, id: String, report_peer: bool, stop: Arc<AtomicBool>) {
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
         if let Ok((_, peer)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(id.as_bytes(), peer);
+            let _ = socket.send_to(answer(&id, report_peer.then_some(peer)).as_bytes(), peer);
         }
     }
 }

@@ -6,17 +6,17 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
-    AddrKey, Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue, VipFilter, addr_words,
+    AddrKey, Backend, Counter, FlowKey, FlowState, NatEntry, ServiceKey, ServiceValue, VipFilter, addr_words,
     backend::BACKEND_F_ACTIVE,
     dpconfig::{DataPlaneConfig, encap_variation},
     maps,
-    service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP},
+    service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP, FWD_NAT, FWD_SNAT},
 };
 use lb_tests::{
     NetNs, in_ns,
     packets::{
         CLIENT_MAC, CLIENT4, CLIENT6, LB_MAC, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, eth,
-        ipv4, ipv6, tcp, udp,
+        fix_l4_checksum, ipv4, ipv6, tcp, udp,
     },
     topology::{empty_ebpf, ipip_routes, load_object},
 };
@@ -35,6 +35,7 @@ struct Dp {
     pool: Array<MapData, u32>,
     global: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
+    nat: HashMap<MapData, FlowKey, NatEntry>,
     tx_ports: DevMapHash<MapData>,
     dp_config: Array<MapData, DataPlaneConfig>,
 }
@@ -59,6 +60,7 @@ impl Dp {
         let pool = take(maps::MAGLEV_POOL).try_into().expect("pool");
         let global = take(maps::GLOBAL_STATS).try_into().expect("global");
         let conntrack = take(maps::CONNTRACK).try_into().expect("conntrack");
+        let nat = take(maps::NAT_FLOWS).try_into().expect("nat");
         let tx_ports = take(maps::TX_PORTS).try_into().expect("tx ports");
         let dp_config = take(maps::DP_CONFIG).try_into().expect("dp config");
         let mut dp = Self {
@@ -71,6 +73,7 @@ impl Dp {
             pool,
             global,
             conntrack,
+            nat,
             tx_ports,
             dp_config,
         };
@@ -541,7 +544,7 @@ impl Dp {
             flags: 0,
             encap_src6: addr_words(ENCAP_SRC6),
             gue_port: GUE_PORT,
-            _reserved: [0; 3],
+            ..Default::default()
         };
         self.dp_config.set(0, cfg, 0).expect("dp config");
     }
@@ -1142,5 +1145,499 @@ fn too_big_for_the_tunnel_is_answered_with_the_mtu_to_use() {
         let want = [eth(CLIENT_MAC, LB_MAC, 0x86dd), ipv6(58, VIP6, CLIENT6, &msg)].concat();
         assert_eq!(dp.run(&input), (XDP_TX, want));
         assert_eq!(dp.counter(Counter::IcmpTooBigSent), 2);
+    });
+}
+
+// NAT: backends that know nothing of the VIP. Slot 7 is the IPv4 backend, slot 8 the IPv6 one,
+// both listening on port 8080; SNAT has a one-port range, so its port is known in advance.
+const NAT_B4: [u8; 4] = [10, 97, 0, 11];
+const NAT_B6: [u8; 16] = [0xfd, 0x97, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
+const SNAT4: [u8; 4] = [10, 97, 0, 1];
+const SNAT6: [u8; 16] = [0xfd, 0x97, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const SNAT_PORT: u16 = 40000;
+const NAT_BACKEND_PORT: u16 = 8080;
+const SYN: u8 = 0x02;
+const SYN_ACK: u8 = 0x12;
+const ACK: u8 = 0x10;
+const FIN_ACK: u8 = 0x11;
+
+fn words(addr: &[u8]) -> [u32; 4] {
+    let mut a = [0u8; 16];
+    a[..addr.len()].copy_from_slice(addr);
+    addr_words(a)
+}
+
+impl Dp {
+    fn nat_backend(&mut self, slot: u32, addr: &[u8], generation: u32) {
+        let mut a = [0u8; 16];
+        a[..addr.len()].copy_from_slice(addr);
+        let b = Backend {
+            addr: a,
+            family: if addr.len() == 4 { 4 } else { 6 },
+            flags: BACKEND_F_ACTIVE,
+            port: NAT_BACKEND_PORT.to_be(),
+            generation,
+            ifindex: 1,
+            dst_mac: B1_MAC,
+            src_mac: LB_MAC,
+        };
+        self.backends.set(slot, b, 0).expect("set backend");
+    }
+
+    fn mark_nat(&mut self, addrs: &[&[u8]]) {
+        let mut filter = self.vip_filter.get(&0, 0).expect("filter");
+        for a in addrs {
+            filter.add_nat(&words(a));
+        }
+        self.vip_filter.set(0, filter, 0).expect("filter");
+    }
+
+    fn nat_entries(&self) -> Vec<(FlowKey, NatEntry)> {
+        self.nat.iter().map(|r| r.expect("entry")).collect()
+    }
+}
+
+/// TCP and UDP services on both VIPs, forwarded by NAT (`snat`: full NAT).
+fn nat_dp(snat: bool) -> Dp {
+    let mut dp = Dp::new();
+    dp.nat_backend(7, &NAT_B4, 1);
+    dp.nat_backend(8, &NAT_B6, 1);
+    let mode = if snat { FWD_SNAT } else { FWD_NAT };
+    dp.service_mode(4, 6, &VIP4, 80, 0, 7, mode);
+    dp.service_mode(4, 17, &VIP4, 53, 13, 7, mode);
+    dp.service_mode(6, 6, &VIP6, 80, 26, 8, mode);
+    dp.service_mode(6, 17, &VIP6, 53, 39, 8, mode);
+    dp.mark_nat(&[&VIP4, &VIP6, &NAT_B4, &NAT_B6]);
+    let cfg = DataPlaneConfig {
+        nat_src4: words(&SNAT4)[0],
+        nat_src6: words(&SNAT6),
+        nat_port_first: SNAT_PORT,
+        nat_port_count: 1,
+        ..Default::default()
+    };
+    dp.dp_config.set(0, cfg, 0).expect("dp config");
+    dp
+}
+
+/// An Ethernet frame carrying a TCP segment (`flags`) or a UDP datagram, with every checksum right.
+fn nat_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    proto: u8,
+    src: &[u8],
+    dst: &[u8],
+    ports: (u16, u16),
+    flags: u8,
+) -> Vec<u8> {
+    let l4 = if proto == 6 {
+        tcp(ports.0, ports.1, flags)
+    } else {
+        udp(ports.0, ports.1, b"query")
+    };
+    let (ethertype, mut ip) = if src.len() == 4 {
+        (
+            0x0800,
+            ipv4(
+                proto,
+                src.try_into().expect("v4"),
+                dst.try_into().expect("v4"),
+                &l4,
+            ),
+        )
+    } else {
+        (
+            0x86dd,
+            ipv6(
+                proto,
+                src.try_into().expect("v6"),
+                dst.try_into().expect("v6"),
+                &l4,
+            ),
+        )
+    };
+    fix_l4_checksum(&mut ip);
+    [eth(dst_mac, src_mac, ethertype), ip].concat()
+}
+
+#[test]
+fn nat_translates_both_directions_with_exact_checksums() {
+    in_fresh_ns(|| {
+        for snat in [false, true] {
+            let dp = nat_dp(snat);
+            for (client, vip, backend, snat_addr) in [
+                (&CLIENT4[..], &VIP4[..], &NAT_B4[..], &SNAT4[..]),
+                (&CLIENT6[..], &VIP6[..], &NAT_B6[..], &SNAT6[..]),
+            ] {
+                for (proto, vport, opening) in [(6, 80, SYN), (17, 53, 0)] {
+                    let what = format!("snat={snat} {}-byte addresses proto {proto}", client.len());
+                    let cport = 40001;
+                    // What the backend sees the connection come from.
+                    let (src, sport) = if snat {
+                        (snat_addr, SNAT_PORT)
+                    } else {
+                        (client, cport)
+                    };
+                    let request = nat_frame(LB_MAC, CLIENT_MAC, proto, client, vip, (cport, vport), opening);
+                    let (verdict, out) = dp.run(&request);
+                    assert_eq!(verdict, XDP_TX, "{what}: request");
+                    let expected = nat_frame(
+                        B1_MAC,
+                        LB_MAC,
+                        proto,
+                        src,
+                        backend,
+                        (sport, NAT_BACKEND_PORT),
+                        opening,
+                    );
+                    assert_eq!(out, expected, "{what}: request rewritten to the backend");
+
+                    let reply_flags = if proto == 6 { SYN_ACK } else { 0 };
+                    let reply = nat_frame(
+                        LB_MAC,
+                        B1_MAC,
+                        proto,
+                        backend,
+                        src,
+                        (NAT_BACKEND_PORT, sport),
+                        reply_flags,
+                    );
+                    let (verdict, out) = dp.run(&reply);
+                    assert_eq!(verdict, XDP_TX, "{what}: reply");
+                    let expected = nat_frame(
+                        CLIENT_MAC,
+                        LB_MAC,
+                        proto,
+                        vip,
+                        client,
+                        (vport, cport),
+                        reply_flags,
+                    );
+                    assert_eq!(out, expected, "{what}: reply rewritten to come from the VIP");
+
+                    // The connection goes on: the next request takes the same translation.
+                    let next_flags = if proto == 6 { ACK } else { 0 };
+                    let next = nat_frame(LB_MAC, CLIENT_MAC, proto, client, vip, (cport, vport), next_flags);
+                    let expected = nat_frame(
+                        B1_MAC,
+                        LB_MAC,
+                        proto,
+                        src,
+                        backend,
+                        (sport, NAT_BACKEND_PORT),
+                        next_flags,
+                    );
+                    assert_eq!(dp.run(&next), (XDP_TX, expected), "{what}: established");
+                }
+            }
+            assert_eq!(dp.counter(Counter::NatCreated), 4);
+            assert_eq!(dp.counter(Counter::NatReply), 4);
+            assert_eq!(dp.counter(Counter::Tx), 12);
+            // One pair per connection; NAT flows stay out of the connection table.
+            let entries = dp.nat_entries();
+            assert_eq!(entries.len(), 8);
+            assert_eq!(entries.iter().filter(|(_, e)| e.is_reply()).count(), 4);
+            assert_eq!(dp.conntrack.keys().count(), 0);
+        }
+    });
+}
+
+#[test]
+fn nat_drops_what_it_cannot_translate_and_never_reuses_a_port_in_use() {
+    in_fresh_ns(|| {
+        let dp = nat_dp(true);
+        // A segment of a connection the balancer never saw open: dropped as it came.
+        let stray = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &VIP4, (40001, 80), ACK);
+        assert_eq!(dp.run(&stray).0, XDP_DROP);
+        assert_eq!(dp.counter(Counter::DropNatNoEntry), 1);
+        assert!(dp.nat_entries().is_empty());
+
+        // The one SNAT port goes to the first connection; a second one to the same backend
+        // finds no free port and is dropped, rather than sharing it.
+        let first = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &VIP4, (40001, 80), SYN);
+        assert_eq!(dp.run(&first).0, XDP_TX);
+        let second = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &VIP4, (40002, 80), SYN);
+        assert_eq!(dp.run(&second).0, XDP_DROP);
+        assert_eq!(dp.counter(Counter::DropNatNoPort), 1);
+        assert_eq!(dp.nat_entries().len(), 2);
+
+        // A reply for a port no connection holds is not ours: the kernel gets it unchanged.
+        let unknown = nat_frame(LB_MAC, B1_MAC, 6, &NAT_B4, &SNAT4, (NAT_BACKEND_PORT, 40001), ACK);
+        assert_eq!(dp.run(&unknown), (XDP_PASS, unknown.clone()));
+
+        // IPv4 UDP without a checksum (0) keeps none; everything else is as usual.
+        let mut bare = nat_frame(LB_MAC, CLIENT_MAC, 17, &CLIENT4, &VIP4, (5000, 53), 0);
+        bare[14 + 26..14 + 28].copy_from_slice(&[0, 0]);
+        let (verdict, out) = dp.run(&bare);
+        assert_eq!(verdict, XDP_TX);
+        let mut expected = nat_frame(
+            B1_MAC,
+            LB_MAC,
+            17,
+            &SNAT4,
+            &NAT_B4,
+            (SNAT_PORT, NAT_BACKEND_PORT),
+            0,
+        );
+        expected[14 + 26..14 + 28].copy_from_slice(&[0, 0]);
+        assert_eq!(out, expected);
+
+        // Without SNAT, two VIPs sharing a backend collide when one client port talks to both:
+        // the backend could not tell the replies apart, so the second is a counted drop.
+        let mut dp = nat_dp(false);
+        let vip2 = [10, 100, 0, 2];
+        dp.service_mode(4, 6, &vip2, 80, 52, 7, FWD_NAT);
+        dp.mark_nat(&[&vip2]);
+        let to_vip1 = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &VIP4, (40001, 80), SYN);
+        assert_eq!(dp.run(&to_vip1).0, XDP_TX);
+        let to_vip2 = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &vip2, (40001, 80), SYN);
+        assert_eq!(dp.run(&to_vip2).0, XDP_DROP);
+        assert_eq!(dp.counter(Counter::DropNatCollision), 1);
+        assert_eq!(dp.nat_entries().len(), 2);
+    });
+}
+
+#[test]
+fn nat_entries_close_expire_and_follow_backend_changes() {
+    use lb_common::nat::NAT_F_CLOSING;
+    use lb_userspace::{
+        config::NatConfig,
+        nat::{census, monotonic_ns, sweep},
+    };
+    in_fresh_ns(|| {
+        let mut dp = nat_dp(false);
+        let cfg = NatConfig::default();
+        let syn = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &VIP4, (40001, 80), SYN);
+        let closing = |dp: &Dp| {
+            dp.nat_entries()
+                .iter()
+                .find(|(_, e)| !e.is_reply())
+                .map(|(_, e)| e.flags & NAT_F_CLOSING != 0)
+                .expect("forward entry")
+        };
+        assert_eq!(dp.run(&syn).0, XDP_TX);
+        assert!(!closing(&dp));
+        // The backend closes: the reply's FIN marks the connection as closing.
+        let fin = nat_frame(
+            LB_MAC,
+            B1_MAC,
+            6,
+            &NAT_B4,
+            &CLIENT4,
+            (NAT_BACKEND_PORT, 40001),
+            FIN_ACK,
+        );
+        assert_eq!(dp.run(&fin).0, XDP_TX);
+        assert!(closing(&dp));
+        // The client opens the same tuple again: it lives anew.
+        assert_eq!(dp.run(&syn).0, XDP_TX);
+        assert!(!closing(&dp));
+
+        // Expiry on the real table: idle pairs go after their timeout, not before.
+        let now = monotonic_ns();
+        assert_eq!(sweep(&mut dp.nat, &cfg, now).expect("sweep"), 0);
+        assert_eq!(census(&dp.nat).connections, 1);
+        let tcp_idle = cfg.tcp_timeout_s * 1_000_000_000;
+        assert_eq!(
+            sweep(&mut dp.nat, &cfg, now + tcp_idle - 1_000_000_000).expect("sweep"),
+            0
+        );
+        assert_eq!(
+            sweep(&mut dp.nat, &cfg, now + tcp_idle + 1_000_000_000).expect("sweep"),
+            1
+        );
+        assert_eq!(census(&dp.nat).entries, 0);
+        // Closing connections go after the shorter timeout.
+        assert_eq!(dp.run(&syn).0, XDP_TX);
+        assert_eq!(dp.run(&fin).0, XDP_TX);
+        let closing_idle = cfg.tcp_closing_timeout_s * 1_000_000_000;
+        assert_eq!(
+            sweep(&mut dp.nat, &cfg, monotonic_ns() + closing_idle + 1_000_000_000).expect("sweep"),
+            1
+        );
+        assert_eq!(census(&dp.nat).entries, 0);
+        // UDP after its idle timeout.
+        let udp = nat_frame(LB_MAC, CLIENT_MAC, 17, &CLIENT6, &VIP6, (5000, 53), 0);
+        assert_eq!(dp.run(&udp).0, XDP_TX);
+        let udp_idle = cfg.udp_timeout_s * 1_000_000_000;
+        let now = monotonic_ns();
+        assert_eq!(
+            sweep(&mut dp.nat, &cfg, now + udp_idle - 1_000_000_000).expect("sweep"),
+            0
+        );
+        assert_eq!(
+            sweep(&mut dp.nat, &cfg, now + udp_idle + 1_000_000_000).expect("sweep"),
+            1
+        );
+        // A half pair (its twin lost) is removed once past the grace period.
+        assert_eq!(dp.run(&syn).0, XDP_TX);
+        let (fwd_key, _) = dp
+            .nat_entries()
+            .into_iter()
+            .find(|(_, e)| !e.is_reply())
+            .expect("forward");
+        dp.nat.remove(&fwd_key).expect("remove forward");
+        assert_eq!(sweep(&mut dp.nat, &cfg, monotonic_ns()).expect("sweep"), 0);
+        assert_eq!(census(&dp.nat).entries, 1, "within the grace period");
+        sweep(&mut dp.nat, &cfg, monotonic_ns() + 3_000_000_000).expect("sweep");
+        assert_eq!(census(&dp.nat).entries, 0);
+
+        // The backend's slot is given to another backend: the old pair is removed and the
+        // connection cannot continue; a new one is translated afresh.
+        assert_eq!(dp.run(&syn).0, XDP_TX);
+        dp.nat_backend(7, &NAT_B4, 2);
+        let ack = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &VIP4, (40001, 80), ACK);
+        let drops = dp.counter(Counter::DropNatNoEntry);
+        assert_eq!(dp.run(&ack).0, XDP_DROP);
+        assert_eq!(dp.counter(Counter::DropNatNoEntry), drops + 1);
+        assert!(dp.nat_entries().is_empty());
+        assert_eq!(dp.run(&syn).0, XDP_TX);
+        assert!(dp.nat_entries().iter().all(|(_, e)| e.generation == 2));
+    });
+}
+
+#[test]
+fn icmp_errors_about_nat_connections_are_translated_both_ways() {
+    const ROUTER4: [u8; 4] = [192, 0, 2, 1];
+    const ROUTER6: [u8; 16] = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    /// The first bytes of a packet (IP header and 8 bytes of TCP/UDP), as an error quotes it.
+    fn quote(proto: u8, src: &[u8], dst: &[u8], ports: (u16, u16), flags: u8) -> Vec<u8> {
+        let ip_len = if src.len() == 4 { 20 } else { 40 };
+        nat_frame(LB_MAC, LB_MAC, proto, src, dst, ports, flags)[14..14 + ip_len + 8].to_vec()
+    }
+    fn error4(
+        macs: ([u8; 6], [u8; 6]),
+        src: [u8; 4],
+        dst: [u8; 4],
+        kind: u8,
+        code: u8,
+        quoted: &[u8],
+    ) -> Vec<u8> {
+        let mut icmp = vec![kind, code, 0, 0, 0, 0, 0x05, 0x00];
+        icmp.extend_from_slice(quoted);
+        let sum = lb_tests::packets::checksum(&icmp);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        [eth(macs.0, macs.1, 0x0800), ipv4(1, src, dst, &icmp)].concat()
+    }
+    fn error6(
+        macs: ([u8; 6], [u8; 6]),
+        src: [u8; 16],
+        dst: [u8; 16],
+        kind: u8,
+        code: u8,
+        quoted: &[u8],
+    ) -> Vec<u8> {
+        let mut icmp = vec![kind, code, 0, 0, 0, 0, 0x05, 0x00];
+        icmp.extend_from_slice(quoted);
+        let sum = icmp6_checksum(src, dst, &icmp);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        [eth(macs.0, macs.1, 0x86dd), ipv6(58, src, dst, &icmp)].concat()
+    }
+    in_fresh_ns(|| {
+        // SNAT: a router on the client's path says "fragmentation needed" about the reply it
+        // got from the VIP; the backend gets it about the reply it sent, from the SNAT address.
+        let dp = nat_dp(true);
+        let syn = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &VIP4, (40001, 80), SYN);
+        assert_eq!(dp.run(&syn).0, XDP_TX);
+        let input = error4(
+            (LB_MAC, CLIENT_MAC),
+            ROUTER4,
+            VIP4,
+            3,
+            4,
+            &quote(6, &VIP4, &CLIENT4, (80, 40001), SYN_ACK),
+        );
+        let expected = error4(
+            (B1_MAC, LB_MAC),
+            SNAT4,
+            NAT_B4,
+            3,
+            4,
+            &quote(6, &NAT_B4, &SNAT4, (NAT_BACKEND_PORT, SNAT_PORT), SYN_ACK),
+        );
+        assert_eq!(dp.run(&input), (XDP_TX, expected), "client-side error, SNAT");
+        // The same over IPv6: "packet too big".
+        let syn6 = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT6, &VIP6, (40001, 80), SYN);
+        assert_eq!(dp.run(&syn6).0, XDP_TX);
+        let input = error6(
+            (LB_MAC, CLIENT_MAC),
+            ROUTER6,
+            VIP6,
+            2,
+            0,
+            &quote(6, &VIP6, &CLIENT6, (80, 40001), SYN_ACK),
+        );
+        let expected = error6(
+            (B1_MAC, LB_MAC),
+            SNAT6,
+            NAT_B6,
+            2,
+            0,
+            &quote(6, &NAT_B6, &SNAT6, (NAT_BACKEND_PORT, SNAT_PORT), SYN_ACK),
+        );
+        assert_eq!(
+            dp.run(&input),
+            (XDP_TX, expected),
+            "client-side error, SNAT, IPv6"
+        );
+
+        // Plain NAT, the other way: the backend has no socket for a UDP request and says "port
+        // unreachable" to the client it saw; the client gets it from the VIP, about the packet
+        // it sent to the VIP. The quoted UDP checksum is left as it was.
+        let dp = nat_dp(false);
+        for (client, vip, backend) in [
+            (&CLIENT4[..], &VIP4[..], &NAT_B4[..]),
+            (&CLIENT6[..], &VIP6[..], &NAT_B6[..]),
+        ] {
+            let request = nat_frame(LB_MAC, CLIENT_MAC, 17, client, vip, (5000, 53), 0);
+            assert_eq!(dp.run(&request).0, XDP_TX);
+            let seen = quote(17, client, backend, (5000, NAT_BACKEND_PORT), 0);
+            let mut meant = quote(17, client, vip, (5000, 53), 0);
+            let csum_at = meant.len() - 2;
+            meant[csum_at..].copy_from_slice(&seen[csum_at..]);
+            let (input, expected) = if client.len() == 4 {
+                let (c, v, b) = (CLIENT4, VIP4, NAT_B4);
+                (
+                    error4((LB_MAC, B1_MAC), b, c, 3, 3, &seen),
+                    error4((CLIENT_MAC, LB_MAC), v, c, 3, 3, &meant),
+                )
+            } else {
+                let (c, v, b) = (CLIENT6, VIP6, NAT_B6);
+                (
+                    error6((LB_MAC, B1_MAC), b, c, 1, 4, &seen),
+                    error6((CLIENT_MAC, LB_MAC), v, c, 1, 4, &meant),
+                )
+            };
+            assert_eq!(
+                dp.run(&input),
+                (XDP_TX, expected),
+                "backend-side error, {}-byte addresses",
+                client.len()
+            );
+        }
+        assert_eq!(dp.counter(Counter::IcmpErrorForwarded), 2);
+
+        // Errors about connections the table does not hold: from the client side a counted
+        // drop, from the backend side not ours (the kernel gets it).
+        let unknown = error4(
+            (LB_MAC, CLIENT_MAC),
+            ROUTER4,
+            VIP4,
+            3,
+            4,
+            &quote(6, &VIP4, &CLIENT4, (80, 40999), SYN_ACK),
+        );
+        assert_eq!(dp.run(&unknown).0, XDP_DROP);
+        assert_eq!(dp.counter(Counter::DropNatNoEntry), 1);
+        let unknown = error4(
+            (LB_MAC, B1_MAC),
+            NAT_B4,
+            CLIENT4,
+            3,
+            3,
+            &quote(17, &CLIENT4, &NAT_B4, (5999, NAT_BACKEND_PORT), 0),
+        );
+        assert_eq!(dp.run(&unknown), (XDP_PASS, unknown.clone()));
+        // Errors create nothing.
+        assert_eq!(dp.nat_entries().len(), 4);
     });
 }

@@ -44,12 +44,7 @@ fn link_pin(dir: &Path, iface: &str) -> PathBuf {
 /// Opens the instance's data plane: adopts pinned state when present, else loads and attaches.
 pub fn open(cfg: &DaemonConfig) -> Result<DataPlane> {
     for iface in &cfg.interfaces {
-        let name = std::ffi::CString::new(iface.as_str())
-            .map_err(|_| Error::invalid(format!("invalid interface name {iface:?}")))?;
-        // SAFETY: valid NUL-terminated string.
-        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
-            return Err(Error::invalid(format!("unknown interface {iface}")));
-        }
+        super::ifindex(iface)?;
     }
     let dir = pin_dir(&cfg.instance);
     let adopting = prog_pin(&dir).exists();
@@ -76,6 +71,7 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .map_max_entries(maps::CONNTRACK, cfg.conntrack_size)
+            .map_max_entries(maps::NAT_FLOWS, cfg.nat.table_size)
             .map_max_entries(maps::MAGLEV_POOL, cfg.table_pool_slots)
             .load(crate::EBPF_OBJECT)
             .map_err(|e| Error::dataplane(format!("load eBPF object: {e}")))?;
@@ -144,6 +140,7 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
         dp_config: take(maps::DP_CONFIG)?.try_into().map_err(typed)?,
         backends: take(maps::BACKENDS)?.try_into().map_err(typed)?,
         conntrack: take(maps::CONNTRACK)?.try_into().map_err(typed)?,
+        nat: take(maps::NAT_FLOWS)?.try_into().map_err(typed)?,
         tx_ports: take(maps::TX_PORTS)?.try_into().map_err(typed)?,
         service_stats: take(maps::SERVICE_STATS)?.try_into().map_err(typed)?,
         backend_stats: take(maps::BACKEND_STATS)?.try_into().map_err(typed)?,

@@ -7,8 +7,8 @@ pub mod sync;
 
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
-    AddrKey, Backend, FlowKey, FlowState, ServiceKey, ServiceValue, TrafficStats, VipFilter, addr_words,
-    dpconfig::DataPlaneConfig,
+    AddrKey, Backend, FlowKey, FlowState, NatEntry, ServiceKey, ServiceValue, TrafficStats, VipFilter,
+    addr_words, dpconfig::DataPlaneConfig,
 };
 use serde::Serialize;
 
@@ -34,6 +34,7 @@ pub struct DataPlane {
     pub dp_config: Array<MapData, DataPlaneConfig>,
     pub backends: Array<MapData, Backend>,
     pub conntrack: HashMap<MapData, FlowKey, FlowState>,
+    pub nat: HashMap<MapData, FlowKey, NatEntry>,
     pub tx_ports: DevMapHash<MapData>,
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
     pub backend_stats: PerCpuArray<MapData, TrafficStats>,
@@ -45,12 +46,24 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    /// Writes the daemon-wide data-plane settings (encapsulation sources, echo policy).
+    /// Writes the daemon-wide data-plane settings (encapsulation and NAT sources, echo policy)
+    /// and lists the attached interfaces as redirect targets (NAT replies leave by the
+    /// interface their client's packets came in on).
     pub fn set_config(&mut self, cfg: &crate::config::DaemonConfig) -> Result<()> {
-        let mut v4 = [0u8; 16];
-        v4[..4].copy_from_slice(&cfg.encap_source4.octets());
+        for iface in &cfg.interfaces {
+            let index = ifindex(iface)?;
+            self.tx_ports
+                .insert(index, index, None, 0)
+                .map_err(|e| Error::dataplane(format!("add {iface} to TX_PORTS: {e}")))?;
+        }
+        let v4_word = |a: std::net::Ipv4Addr| {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            addr_words(b)[0]
+        };
+        let nat = &cfg.nat;
         let value = DataPlaneConfig {
-            encap_src4: addr_words(v4)[0],
+            encap_src4: v4_word(cfg.encap_source4),
             flags: match cfg.icmp_echo {
                 crate::config::EchoPolicy::Reply => lb_common::dpconfig::DP_F_ECHO_REPLY,
                 crate::config::EchoPolicy::Pass => 0,
@@ -60,7 +73,11 @@ impl DataPlane {
             },
             encap_src6: addr_words(cfg.encap_source6.octets()),
             gue_port: cfg.gue_port,
-            _reserved: [0; 3],
+            nat_port_first: nat.ports.first,
+            nat_port_count: nat.ports.len(),
+            nat_src6: nat.source6.map_or([0; 4], |a| addr_words(a.octets())),
+            nat_src4: nat.source4.map_or(0, v4_word),
+            _reserved: 0,
         };
         self.dp_config.set(0, value, 0).map_err(Error::dataplane)
     }
@@ -90,6 +107,16 @@ impl DataPlane {
     pub fn reset_backend_traffic(&mut self, slot: u32) -> Result<()> {
         let zeros = zeroed_per_cpu()?;
         self.backend_stats.set(slot, zeros, 0).map_err(Error::dataplane)
+    }
+}
+
+pub fn ifindex(iface: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(iface)
+        .map_err(|_| Error::invalid(format!("invalid interface name {iface:?}")))?;
+    // SAFETY: a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(Error::invalid(format!("unknown interface {iface}"))),
+        i => Ok(i),
     }
 }
 

@@ -9,10 +9,10 @@ use std::{
 };
 
 use lb_common::{
-    AddrKey, Backend, FAMILY_V4, FAMILY_V6, ServiceKey, ServiceValue, VipFilter,
+    AddrKey, Backend, FAMILY_V4, FAMILY_V6, ServiceKey, ServiceValue, VipFilter, addr_words,
     backend::BACKEND_F_ACTIVE,
     maps::{MAX_BACKENDS, MAX_SERVICES},
-    service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP, SVC_F_HASH_SOURCE},
+    service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP, FWD_NAT, FWD_SNAT, SVC_F_HASH_SOURCE},
 };
 use log::debug;
 use serde::{Deserialize, Serialize};
@@ -301,7 +301,15 @@ impl Reconciler {
         // forget it once the value is gone: widen it now, narrow it after step 3.
         let mut wanted_filter = VipFilter::EMPTY;
         for s in services {
-            wanted_filter.add(&service_key(s));
+            let key = service_key(s);
+            wanted_filter.add(&key);
+            if s.forwarding == Forwarding::Nat {
+                // Requests to the VIP and replies from its backends look in the NAT table.
+                wanted_filter.add_nat(&key.addr);
+                for b in &s.backends {
+                    wanted_filter.add_nat(&addr_words(addr_bytes(b.address).0));
+                }
+            }
         }
         let mut widened = dp.vip_filter.get(&0, 0).map_err(Error::dataplane)?;
         widened.union(&wanted_filter);
@@ -351,6 +359,8 @@ impl Reconciler {
                     Forwarding::Dsr => FWD_DSR_L2,
                     Forwarding::Ipip => FWD_IPIP,
                     Forwarding::Gue => FWD_GUE,
+                    Forwarding::Nat if s.snat => FWD_SNAT,
+                    Forwarding::Nat => FWD_NAT,
                 },
                 _reserved: 0,
             };

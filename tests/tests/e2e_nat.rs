@@ -1,0 +1,449 @@
+//! NAT end to end: backends are plain namespaces with a TCP and a UDP server on their own
+//! address, no VIP and no setup, on a network behind the balancer.
+//!
+//! ```text
+//!  client 10.98.0.1 ── eth0 [lb] eth1 10.97.0.1 ── switch ──┬── b1 10.97.0.11
+//!                                                           ├── b2 10.97.0.12
+//!                                                           └── b3 10.97.0.13
+//! ```
+//! The client routes the VIPs via the balancer. The balancer does not forward (ip_forward=0):
+//! only XDP moves packets between its interfaces. With plain NAT the backends must route the
+//! clients' network via the balancer; with SNAT they need no route at all.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use aya::programs::{Xdp, XdpMode};
+use lb_tests::{
+    NetNs, in_ns,
+    servers::Servers,
+    topology::{Daemon, VIP4, VIP6, empty_ebpf},
+    wait_until,
+};
+
+const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd98, 0, 0, 0, 0, 0, 0, 1);
+const SNAT4: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 1);
+const SNAT6: Ipv6Addr = Ipv6Addr::new(0xfd97, 0, 0, 0, 0, 0, 0, 1);
+/// Plain NAT services listen here, SNAT ones on the next port; backends serve on BACKEND_PORT.
+const NAT_PORT: u16 = 80;
+const SNAT_PORT: u16 = 81;
+const BACKEND_PORT: u16 = 8080;
+/// UDP services whose backends' port has no socket (plain NAT and SNAT).
+const CLOSED_NAT_PORT: u16 = 82;
+const CLOSED_SNAT_PORT: u16 = 83;
+const CLOSED_BACKEND_PORT: u16 = 9999;
+const BACKENDS: u8 = 3;
+
+struct Net {
+    servers: Vec<Servers>,
+    _pass: Vec<aya::Ebpf>,
+    backends: Vec<NetNs>,
+    client: NetNs,
+    lb: NetNs,
+    switch: NetNs,
+}
+
+fn backend4(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 97, 0, 10 + i)
+}
+
+fn backend6(i: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd97, 0, 0, 0, 0, 0, 0, 0x10 + i as u16)
+}
+
+/// Attaches the pass program in `ns` to `iface`: a veth only takes frames redirected to its
+/// peer when it runs XDP itself.
+fn pass_on(ns: &NetNs, iface: &str) -> Result<aya::Ebpf> {
+    in_ns(ns, || -> Result<aya::Ebpf> {
+        let mut ebpf = empty_ebpf()?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(lb_common::maps::PROG_PASS)
+            .expect("pass")
+            .try_into()?;
+        prog.load()?;
+        prog.attach(iface, XdpMode::Driver)?;
+        Ok(ebpf)
+    })
+}
+
+impl Net {
+    fn new() -> Result<Self> {
+        let switch = NetNs::new("sw")?;
+        let client = NetNs::new("cl")?;
+        let lb = NetNs::new("lb")?;
+        switch.sh("ip link add br0 type bridge && ip link set br0 up")?;
+        client.sh(&format!(
+            "ip link add eth0 type veth peer name eth0 netns {} && ip link set eth0 up && \
+             ip addr add {CLIENT4}/24 dev eth0 && ip addr add {CLIENT6}/64 dev eth0 nodad && \
+             ethtool -K eth0 tx off >/dev/null && \
+             ip route add {VIP4}/32 via 10.98.0.2 && ip -6 route add {VIP6}/128 via fd98::2",
+            lb.name
+        ))?;
+        switch.sh(&format!(
+            "ip link add lbport type veth peer name eth1 netns {} && ip link set lbport master br0 up",
+            lb.name
+        ))?;
+        lb.sh(&format!(
+            "ip link set eth0 up && ip link set eth1 up && \
+             ip addr add 10.98.0.2/24 dev eth0 && ip addr add fd98::2/64 dev eth0 nodad && \
+             ip addr add {SNAT4}/24 dev eth1 && ip addr add {SNAT6}/64 dev eth1 nodad && \
+             sysctl -qw net.ipv4.ip_forward=0 net.ipv6.conf.all.forwarding=0"
+        ))?;
+        let pass = vec![pass_on(&client, "eth0")?, pass_on(&switch, "lbport")?];
+        let mut net = Self {
+            servers: Vec::new(),
+            _pass: pass,
+            backends: Vec::new(),
+            client,
+            lb,
+            switch,
+        };
+        for i in 1..=BACKENDS {
+            let b = NetNs::new(&format!("b{i}"))?;
+            net.switch.sh(&format!(
+                "ip link add p{i} type veth peer name eth0 netns {} && ip link set p{i} master br0 up",
+                b.name
+            ))?;
+            b.sh(&format!(
+                "ip link set eth0 up && ip addr add {}/24 dev eth0 && ip addr add {}/64 dev eth0 nodad && \
+                 ethtool -K eth0 tx off >/dev/null",
+                backend4(i),
+                backend6(i)
+            ))?;
+            let addrs = [
+                SocketAddr::new(IpAddr::V4(backend4(i)), BACKEND_PORT),
+                SocketAddr::new(IpAddr::V6(backend6(i)), BACKEND_PORT),
+            ];
+            net.servers
+                .push(Servers::start_reporting_peer(&b, &format!("b{i}"), &addrs));
+            net.backends.push(b);
+        }
+        for ns in [&net.client, &net.lb].into_iter().chain(net.backends.iter()) {
+            assert!(
+                wait_until(Duration::from_secs(15), || ns
+                    .sh("ip -6 addr show tentative")
+                    .is_ok_and(|o| o.trim().is_empty())),
+                "DAD did not finish in {}",
+                ns.name
+            );
+        }
+        Ok(net)
+    }
+
+    /// Plain NAT needs the backends to send replies for the clients' network to the balancer.
+    fn route_clients_via_balancer(&self, on: bool) -> Result<()> {
+        let verb = if on { "add" } else { "del" };
+        for b in &self.backends {
+            b.sh(&format!(
+                "ip route {verb} 10.98.0.0/24 via {SNAT4} && ip -6 route {verb} fd98::/64 via {SNAT6}"
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// TCP and UDP services on both VIPs: plain NAT on NAT_PORT, SNAT on SNAT_PORT.
+    fn config(&self, instance: &str, run_dir: &std::path::Path, nat: &str) -> String {
+        let mut text = format!(
+            "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\", \"eth1\"]\nxdp_mode = \"native\"\n\
+             run_dir = \"{}\"\nneighbour_refresh_ms = 500\n\n[daemon.nat]\nsource4 = \"{SNAT4}\"\n\
+             source6 = \"{SNAT6}\"\n{nat}\n",
+            run_dir.display()
+        );
+        let mut services = Vec::new();
+        for proto in ["tcp", "udp"] {
+            services.push((proto, NAT_PORT, false, BACKEND_PORT));
+            services.push((proto, SNAT_PORT, true, BACKEND_PORT));
+        }
+        // UDP to a port nothing listens on: the backends answer "port unreachable".
+        services.push(("udp", CLOSED_NAT_PORT, false, CLOSED_BACKEND_PORT));
+        services.push(("udp", CLOSED_SNAT_PORT, true, CLOSED_BACKEND_PORT));
+        for (vip, family) in [(IpAddr::V4(VIP4), "4"), (IpAddr::V6(VIP6), "6")] {
+            for &(proto, port, snat, backend_port) in &services {
+                text.push_str(&format!(
+                    "\n[[service]]\nname = \"{proto}{family}-{port}\"\nvip = \"{vip}\"\nport = {port}\n\
+                     protocol = \"{proto}\"\nforwarding = \"nat\"\nsnat = {snat}\n"
+                ));
+                for i in 1..=BACKENDS {
+                    let addr = if vip.is_ipv4() {
+                        IpAddr::V4(backend4(i))
+                    } else {
+                        IpAddr::V6(backend6(i))
+                    };
+                    text.push_str(&format!(
+                        "\n[[service.backend]]\nid = \"b{i}\"\naddress = \"{addr}\"\nport = {backend_port}\n"
+                    ));
+                }
+            }
+        }
+        text
+    }
+}
+
+/// Waits (bounded) until every backend has a MAC and table slots.
+fn wait_resolved(d: &Daemon) {
+    let ok = wait_until(Duration::from_secs(15), || {
+        d.json(&["service", "list"])
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|s| {
+                s["backends"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .all(|b| b["resolved"] == true && b["table_slots"].as_u64() > Some(0))
+            })
+    });
+    assert!(ok, "backends did not resolve: {}", d.log());
+}
+
+/// One TCP request on a fresh connection: the answer `"<backend> <peer the backend saw>"`.
+fn tcp_ask(target: SocketAddr) -> std::io::Result<String> {
+    let s = TcpStream::connect_timeout(&target, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    (&s).write_all(b"who\n")?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    Ok(line.trim().to_string())
+}
+
+/// One UDP request from a fresh socket (bounded retries: a datagram may be lost).
+fn udp_ask(target: SocketAddr) -> Option<String> {
+    let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .expect("addr");
+    let s = UdpSocket::bind(bind).ok()?;
+    s.connect(target).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    let mut buf = [0u8; 128];
+    for _ in 0..5 {
+        s.send(b"who").ok()?;
+        if let Ok(len) = s.recv(&mut buf) {
+            return Some(String::from_utf8_lossy(&buf[..len]).to_string());
+        }
+    }
+    None
+}
+
+/// `n` TCP connections and `n` UDP flows from the client; every one must be answered with
+/// `peer` as the address the backend saw. Returns the answers per backend, per protocol.
+fn traffic(net: &Net, target: SocketAddr, n: usize, peer: IpAddr) -> [HashMap<String, usize>; 2] {
+    let answers = in_ns(&net.client, move || {
+        let tcp: Vec<String> = (0..n)
+            .map(|_| tcp_ask(target).unwrap_or_else(|e| panic!("TCP to {target}: {e}")))
+            .collect();
+        let udp: Vec<String> = (0..n)
+            .map(|_| udp_ask(target).unwrap_or_else(|| panic!("no UDP answer from {target}")))
+            .collect();
+        [tcp, udp]
+    });
+    answers.map(|list| {
+        let mut counts = HashMap::new();
+        for a in list {
+            let (id, seen) = a.split_once(' ').unwrap_or((&a, ""));
+            assert_eq!(seen, peer.to_string(), "{target}: the backend saw {a:?}");
+            *counts.entry(id.to_string()).or_insert(0) += 1;
+        }
+        counts
+    })
+}
+
+fn counter(stats: &serde_json::Value, name: &str) -> u64 {
+    stats["counters"][name].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn nat_and_snat_serve_unmodified_backends_in_both_families() {
+    let net = Net::new().expect("topology");
+    net.route_clients_via_balancer(true).expect("routes");
+    let (instance, run_dir) = Daemon::new_paths();
+    let config = net.config(&instance, &run_dir, "");
+    let daemon = Daemon::start_in(&net.lb, &instance, &run_dir, &config).expect("daemon");
+    wait_resolved(&daemon);
+
+    for (vip, client, snat) in [
+        (IpAddr::V4(VIP4), IpAddr::V4(CLIENT4), IpAddr::V4(SNAT4)),
+        (IpAddr::V6(VIP6), IpAddr::V6(CLIENT6), IpAddr::V6(SNAT6)),
+    ] {
+        // Plain NAT: the backend sees the client; SNAT: it sees the balancer.
+        for (port, peer) in [(NAT_PORT, client), (SNAT_PORT, snat)] {
+            let target = SocketAddr::new(vip, port);
+            for (proto, counts) in ["tcp", "udp"].iter().zip(traffic(&net, target, 30, peer)) {
+                assert_eq!(counts.values().sum::<usize>(), 30, "{proto} {target}: {counts:?}");
+                assert_eq!(
+                    counts.len(),
+                    BACKENDS as usize,
+                    "{proto} {target}: every backend serves: {counts:?}"
+                );
+            }
+        }
+    }
+    // A backend's "port unreachable" reaches the client as if from the VIP, about the datagram
+    // the client sent: the client's connected UDP socket reports the refusal.
+    for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        for port in [CLOSED_NAT_PORT, CLOSED_SNAT_PORT] {
+            let target = SocketAddr::new(vip, port);
+            let refused = in_ns(&net.client, move || {
+                let bind: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+                    .parse()
+                    .expect("addr");
+                let s = UdpSocket::bind(bind).expect("bind");
+                s.connect(target).expect("connect");
+                s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+                s.send(b"anyone?").expect("send");
+                s.recv(&mut [0u8; 16]).map_err(|e| e.kind())
+            });
+            assert_eq!(
+                refused,
+                Err(std::io::ErrorKind::ConnectionRefused),
+                "{target}: the backend's port unreachable"
+            );
+        }
+    }
+
+    // `lb lookup` reads an open connection's translation from the NAT table.
+    let target = SocketAddr::new(IpAddr::V4(VIP4), SNAT_PORT);
+    let open = in_ns(&net.client, move || TcpStream::connect(target).expect("connect"));
+    let local = open.local_addr().expect("local address");
+    let found = daemon.json(&[
+        "lookup",
+        "--src",
+        &local.to_string(),
+        "--dst",
+        &target.to_string(),
+    ]);
+    assert_eq!(found["source"], "nat-table", "{found}");
+    let translated_src = found["translated"]["source"].as_str().unwrap_or_default();
+    assert!(translated_src.starts_with(&format!("{SNAT4}:")), "{found}");
+    let backend = found["address"].as_str().unwrap_or_default();
+    assert_eq!(
+        found["translated"]["destination"].as_str(),
+        Some(format!("{backend}:{BACKEND_PORT}").as_str()),
+        "{found}"
+    );
+    drop(open);
+
+    // Without the backends' route back, SNAT still works: replies go to the balancer's address.
+    net.route_clients_via_balancer(false).expect("routes");
+    for (vip, snat) in [
+        (IpAddr::V4(VIP4), IpAddr::V4(SNAT4)),
+        (IpAddr::V6(VIP6), IpAddr::V6(SNAT6)),
+    ] {
+        let counts = traffic(&net, SocketAddr::new(vip, SNAT_PORT), 10, snat);
+        assert!(
+            counts.iter().all(|c| c.values().sum::<usize>() == 10),
+            "{counts:?}"
+        );
+    }
+
+    let stats = daemon.json(&["stats"]);
+    // 141 TCP connections, each opened once; 144 UDP flows, of which a few may share a
+    // recycled source port (the same flow again). All answered through the reply path.
+    let created = counter(&stats, "nat_created");
+    assert!((141 + 130..=285).contains(&created), "{stats}");
+    assert_eq!(counter(&stats, "icmp_error_forwarded"), 4, "{stats}");
+    assert!(counter(&stats, "nat_reply") >= created, "{stats}");
+    for drop in [
+        "drop_nat_no_entry",
+        "drop_nat_no_port",
+        "drop_nat_table_full",
+        "drop_nat_collision",
+    ] {
+        assert_eq!(counter(&stats, drop), 0, "{drop}: {stats}");
+    }
+    assert!(stats["nat"]["connections"].as_u64() > Some(0), "{stats}");
+    assert!(stats["nat"]["snat_ports_in_use"].as_u64() > Some(0), "{stats}");
+}
+
+/// Many short connections through a small SNAT port range: entries expire after FIN and UDP
+/// idle time, ports are reused, and afterwards nothing is left: entries and ports in use are
+/// back to zero.
+#[test]
+fn nat_reclaims_entries_and_ports_after_ten_thousand_connections() {
+    const TCP_CONNECTIONS: usize = 10_000;
+    const UDP_FLOWS: usize = 2_000;
+    const CLIENT_THREADS: usize = 16;
+    let net = Net::new().expect("topology");
+    let (instance, run_dir) = Daemon::new_paths();
+    // 3 backends x 2,048 ports hold fewer than 10,000 connections: ports must be reused.
+    let config = net.config(
+        &instance,
+        &run_dir,
+        "ports = \"40000-42047\"\ntcp_closing_timeout_s = 1\nudp_timeout_s = 1\ngc_interval_ms = 200\n",
+    );
+    let daemon = Daemon::start_in(&net.lb, &instance, &run_dir, &config).expect("daemon");
+    wait_resolved(&daemon);
+    let nat = |d: &Daemon| d.json(&["stats"])["nat"].clone();
+    assert_eq!(nat(&daemon)["entries"], 0, "baseline");
+
+    let target = SocketAddr::new(IpAddr::V4(VIP4), SNAT_PORT);
+    let started = Instant::now();
+    let failures = Arc::new(AtomicUsize::new(0));
+    let failed = failures.clone();
+    in_ns(&net.client, move || {
+        std::thread::scope(|s| {
+            for _ in 0..CLIENT_THREADS {
+                let failed = failed.clone();
+                s.spawn(move || {
+                    for _ in 0..TCP_CONNECTIONS / CLIENT_THREADS {
+                        if !tcp_ask(target).is_ok_and(|a| a.ends_with(&SNAT4.to_string())) {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        for _ in 0..UDP_FLOWS {
+            if udp_ask(target).is_none() {
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let elapsed = started.elapsed();
+    let stats = daemon.json(&["stats"]);
+    eprintln!(
+        "{TCP_CONNECTIONS} TCP connections and {UDP_FLOWS} UDP flows in {elapsed:?}; peak NAT: {}; \
+         drop_nat_no_port {}",
+        stats["nat"],
+        counter(&stats, "drop_nat_no_port")
+    );
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "unanswered requests: {stats}"
+    );
+    // Every TCP connection had its own entries; a UDP socket may get a source port that was
+    // used a moment ago, which is the same flow again.
+    let created = counter(&stats, "nat_created");
+    assert!(
+        created >= (TCP_CONNECTIONS + UDP_FLOWS * 9 / 10) as u64,
+        "{stats}"
+    );
+    assert_eq!(counter(&stats, "drop_nat_table_full"), 0, "{stats}");
+
+    // Everything expires: closing TCP after 1 s, UDP after 1 s idle, swept every 200 ms.
+    let drained = wait_until(Duration::from_secs(30), || {
+        let n = nat(&daemon);
+        n["entries"] == 0 && n["snat_ports_in_use"] == 0
+    });
+    let stats = daemon.json(&["stats"]);
+    assert!(drained, "NAT entries left behind: {}", stats["nat"]);
+    assert_eq!(
+        stats["nat"]["expired"].as_u64(),
+        Some(created),
+        "every connection expired, none was lost another way: {stats}"
+    );
+    // The ports are free again: a new round gets through at once.
+    let answer = in_ns(&net.client, move || tcp_ask(target)).expect("connection after the run");
+    assert!(answer.ends_with(&SNAT4.to_string()), "{answer}");
+}
