@@ -38,8 +38,14 @@ const _: () = assert!(core::mem::size_of::<NatEntry>() == 80);
 pub const NAT_F_REPLY: u32 = 1;
 /// The connection's source is translated to the balancer's address and an allocated port.
 pub const NAT_F_SNAT: u32 = 2;
-/// A FIN or RST was seen (kept on the forward entry): the connection expires sooner.
-pub const NAT_F_CLOSING: u32 = 4;
+/// TCP state, kept on the forward entry (the reply path sets it through the twin): the client
+/// sent a FIN, the backend sent a FIN, either sent a RST. Both FINs or a RST: closing.
+pub const NAT_F_FIN_CLIENT: u32 = 4;
+pub const NAT_F_FIN_BACKEND: u32 = 8;
+pub const NAT_F_RST: u32 = 16;
+/// On the reply entry: a reply has passed, so the connection was answered (until then a TCP
+/// connection gets the short SYN timeout, so a SYN flood cannot hold the table).
+pub const NAT_F_ANSWERED: u32 = 32;
 
 /// Entries are refreshed at most this often.
 pub const NAT_TOUCH_NS: u64 = 100_000_000;
@@ -50,6 +56,13 @@ pub const NAT_PORT_PROBES: u32 = 8;
 impl NatEntry {
     pub const fn is_reply(&self) -> bool {
         self.flags & NAT_F_REPLY != 0
+    }
+
+    /// A forward entry's TCP connection is closing: a RST, or a FIN each way. One FIN alone is
+    /// a half-close, which may stay idle for long.
+    pub const fn is_closing(&self) -> bool {
+        let fins = NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND;
+        self.flags & NAT_F_RST != 0 || self.flags & fins == fins
     }
 
     /// The key of the other direction: this entry's rewritten tuple, turned around.

@@ -39,10 +39,13 @@ fn balance(ctx: &XdpContext, frame: &Frame) -> Verdict {
         }
         Err(verdict) => return verdict,
     };
-    if flow.kind == FlowKind::IcmpError {
-        stats::count(lb_common::Counter::IcmpErrorForwarded);
+    // A NAT connection counts once its entries exist (nat::open).
+    if chosen.forward < lb_common::service::FWD_NAT {
+        if flow.kind == FlowKind::IcmpError {
+            stats::count(lb_common::Counter::IcmpErrorForwarded);
+        }
+        stats::traffic(chosen.service, chosen.slot, frame.len() as u64, chosen.new_flow);
     }
-    stats::traffic(chosen.service, chosen.slot, frame.len() as u64, chosen.new_flow);
     forward::forward(ctx, frame, &flow, &chosen)
 }
 

@@ -12,7 +12,10 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, programs::XdpCo
 use lb_common::{
     Backend, Counter, FAMILY_V4, FlowKey, NatEntry, PROTO_TCP, addr_words,
     hash::flow_hash,
-    nat::{NAT_F_CLOSING, NAT_F_REPLY, NAT_F_SNAT, NAT_PORT_PROBES, NAT_TOUCH_NS, snat_port},
+    nat::{
+        NAT_F_ANSWERED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_REPLY, NAT_F_RST, NAT_F_SNAT,
+        NAT_PORT_PROBES, NAT_TOUCH_NS, snat_port,
+    },
 };
 use lb_ebpf::{Flow, FlowKind, Frame, Verdict};
 
@@ -62,11 +65,15 @@ pub fn translate(
         e.last_seen_ns = now;
     }
     if e.flags & NAT_F_REPLY != 0 {
-        if flags & (TCP_FIN | TCP_RST) != 0
+        if e.flags & NAT_F_ANSWERED == 0 {
+            e.flags |= NAT_F_ANSWERED;
+        }
+        let state = tcp_state(flags, NAT_F_FIN_BACKEND);
+        if state != 0
             && let Some(fwd) = NAT_FLOWS.get_ptr_mut(&e.twin_key(key.family, key.proto))
         {
             // SAFETY: as above.
-            unsafe { (*fwd).flags |= NAT_F_CLOSING };
+            unsafe { (*fwd).flags |= state };
         }
         if rewrite(frame, flow, e).is_none() {
             return Verdict::Drop(Counter::DropTruncatedL4);
@@ -83,11 +90,11 @@ pub fn translate(
     let Some(backend) = backend.filter(|b| b.is_active() && b.generation == e.generation) else {
         return Verdict::Drop(Counter::DropBackendMissing);
     };
-    if flags & (TCP_FIN | TCP_RST) != 0 {
-        e.flags |= NAT_F_CLOSING;
-    } else if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         // The client opens the same tuple again: the connection lives anew.
-        e.flags &= !NAT_F_CLOSING;
+        e.flags &= !(NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST);
+    } else {
+        e.flags |= tcp_state(flags, NAT_F_FIN_CLIENT);
     }
     if rewrite(frame, flow, e).is_none() {
         return Verdict::Drop(Counter::DropTruncatedL4);
@@ -217,6 +224,7 @@ pub fn open(
         };
     }
     count(Counter::NatCreated);
+    traffic(service, slot, frame.len() as u64, true);
     // SAFETY: as above.
     if rewrite(frame, flow, unsafe { &(*s).fwd }).is_none() {
         return Verdict::Drop(Counter::DropTruncatedL4);
@@ -279,6 +287,19 @@ fn set_macs(frame: &Frame, dst: &[u8; 6], src: &[u8; 6]) -> Option<()> {
         core::ptr::copy_nonoverlapping(src.as_ptr(), p.add(6), 6);
     }
     Some(())
+}
+
+/// The state bits a segment's flags set: `fin` for a FIN from its side, `NAT_F_RST` for a RST.
+#[inline(always)]
+fn tcp_state(flags: u8, fin: u32) -> u32 {
+    let mut state = 0;
+    if flags & TCP_FIN != 0 {
+        state |= fin;
+    }
+    if flags & TCP_RST != 0 {
+        state |= NAT_F_RST;
+    }
+    state
 }
 
 /// Offset of the TCP/UDP header.

@@ -34,9 +34,9 @@ pub struct Chosen {
 
 /// Picks the backend for a parsed flow, or says why the packet is not balanced.
 ///
-/// Order, cheapest answer first: the VIP filter (one array read turns away non-VIP traffic,
-/// except replies from NAT backends, which its NAT bits let through to the NAT table), the NAT
-/// table for VIPs with NAT services, the connection table (a known flow needs nothing else; a
+/// Order, cheapest answer first: the NAT table, only while NAT services exist and only for
+/// addresses the VIP filter marks as NAT VIPs or NAT backends; the VIP filter (one array read
+/// turns away non-VIP traffic), the connection table (a known flow needs nothing else; a
 /// TCP SYN opens a new flow, so it skips the search and its insert replaces any old entry),
 /// then the service (exact port, then the VIP's all-ports wildcard if it may have one) and its
 /// Maglev table.
@@ -46,33 +46,31 @@ pub fn choose(flow: &Flow) -> Result<Choice, Verdict> {
     let not_vip = Verdict::Pass(Counter::PassNotVip);
     let filter = VIP_FILTER.get(0).ok_or(not_vip)?;
     let bit = VipFilter::bit(&key.dst_addr);
-    // ICMP errors carry the key of the flow they quote, so they find its NAT entry too.
-    let transport = matches!(flow.kind, FlowKind::Transport { .. } | FlowKind::IcmpError);
-    if !filter.may_be_vip(bit) {
-        // Not to a VIP: it may be a reply from a NAT backend.
-        if filter.nat_in_use()
-            && transport
-            && filter.may_be_nat(VipFilter::bit(&key.src_addr))
-            && let Some(entry) = NAT_FLOWS.get_ptr_mut(key)
-        {
-            return Ok(Choice::Nat { entry, backend: None });
+    // NAT connections first: requests to a NAT VIP and replies from a NAT backend, whatever a
+    // reply's destination (a client or the SNAT address may share a filter bit with a VIP).
+    // ICMP errors carry the key of the flow they quote, so they find its entry too.
+    if filter.nat_in_use()
+        && matches!(flow.kind, FlowKind::Transport { .. } | FlowKind::IcmpError)
+        && (filter.may_be_nat(bit) || filter.may_be_nat(VipFilter::bit(&key.src_addr)))
+        && let Some(entry) = NAT_FLOWS.get_ptr_mut(key)
+    {
+        match nat_backend(key, entry) {
+            NatHit::Reply => return Ok(Choice::Nat { entry, backend: None }),
+            NatHit::Request(b) => {
+                return Ok(Choice::Nat {
+                    entry,
+                    backend: Some(b),
+                });
+            }
+            // The pair went with its backend: a new connection may open below.
+            NatHit::Gone => {}
         }
+    }
+    if !filter.may_be_vip(bit) {
         return Err(not_vip);
     }
     if flow.kind == FlowKind::Fragment {
         return fragment(key).map(Choice::Backend);
-    }
-    if transport
-        && filter.may_be_nat(bit)
-        && let Some(entry) = NAT_FLOWS.get_ptr_mut(key)
-    {
-        if let Some(backend) = nat_backend(key, entry) {
-            return Ok(Choice::Nat {
-                entry,
-                backend: Some(backend),
-            });
-        }
-        // The pair is gone with its backend: a new connection may open below.
     }
     let mut stale = false;
     if flow.kind != (FlowKind::Transport { syn: true })
@@ -107,24 +105,31 @@ pub fn choose(flow: &Flow) -> Result<Choice, Verdict> {
     pick(key, &service, flow.kind != FlowKind::IcmpError).map(Choice::Backend)
 }
 
-/// The backend of a NAT request's entry (a reply entry has none to check). If the backend was
-/// removed or its slot reused, the connection cannot go on: both entries are removed.
+enum NatHit {
+    Reply,
+    Request(Backend),
+    Gone,
+}
+
+/// What a NAT entry leads to: a reply (sent where the client's packets came from), or a
+/// request and its live backend. If the backend was removed or its slot reused, the connection
+/// cannot go on: both entries are removed.
 #[inline(always)]
-fn nat_backend(key: &FlowKey, entry: *mut NatEntry) -> Option<Backend> {
+fn nat_backend(key: &FlowKey, entry: *mut NatEntry) -> NatHit {
     // SAFETY: a pointer from a successful lookup; plain data.
     let e = unsafe { &*entry };
     if e.is_reply() {
-        return None;
+        return NatHit::Reply;
     }
     if let Some(b) = BACKENDS.get(e.backend)
         && b.is_active()
         && b.generation == e.generation
     {
-        return Some(*b);
+        return NatHit::Request(*b);
     }
     let _ = NAT_FLOWS.remove(&e.twin_key(key.family, key.proto));
     let _ = NAT_FLOWS.remove(key);
-    None
+    NatHit::Gone
 }
 
 /// A fragment goes to the backend its (source, destination, protocol) hashes to in the table of

@@ -307,6 +307,11 @@ fn print_human(command: &Command, data: &Value) {
                     println!("  {name:<24} {value}");
                 }
             }
+            let nat = &data["nat"];
+            println!(
+                "nat: connections={} entries={} snat_ports_in_use={} expired={}",
+                nat["connections"], nat["entries"], nat["snat_ports_in_use"], nat["expired"]
+            );
         }
         Command::Lookup { .. } => println!(
             "{} -> {} ({}) via {}",

@@ -91,7 +91,10 @@ pub struct NatConfig {
     pub table_size: u32,
     /// Idle time after which a TCP connection's entries are removed.
     pub tcp_timeout_s: u64,
-    /// The same once a FIN or RST was seen.
+    /// The same before the backend has answered (a SYN flood cannot hold the table longer).
+    pub tcp_syn_timeout_s: u64,
+    /// The same once it closes: a FIN each way, or a RST. At least the backends' TIME_WAIT
+    /// (60 s on Linux), so a SNAT port is not reused while the backend still remembers it.
     pub tcp_closing_timeout_s: u64,
     pub udp_timeout_s: u64,
     /// How often the daemon looks for expired entries.
@@ -109,7 +112,8 @@ impl Default for NatConfig {
             },
             table_size: DEFAULT_NAT_SIZE,
             tcp_timeout_s: 900,
-            tcp_closing_timeout_s: 10,
+            tcp_syn_timeout_s: 30,
+            tcp_closing_timeout_s: 60,
             udp_timeout_s: 30,
             gc_interval_ms: 1000,
         }
@@ -508,6 +512,15 @@ impl ServiceSpec {
                 self.name
             )));
         }
+        if self.forwarding == Forwarding::Nat
+            && self.port == 0
+            && let Some(b) = self.backends.iter().find(|b| b.port.is_none())
+        {
+            return Err(Error::invalid(format!(
+                "service {}: NAT on all ports needs a port for backend {} (the destination is rewritten to it)",
+                self.name, b.id
+            )));
+        }
         if self.forwarding == Forwarding::Nat && self.fragments == FragmentPolicy::Hash {
             return Err(Error::invalid(format!(
                 "service {}: NAT cannot translate fragments (later ones carry no ports); use fragments = \"pass\"",
@@ -581,11 +594,15 @@ impl NatConfig {
                 self.table_size
             )));
         }
-        if self.gc_interval_ms < 10 {
-            return Err(Error::config("daemon.nat.gc_interval_ms must be at least 10"));
+        if !(10..=60_000).contains(&self.gc_interval_ms) {
+            return Err(Error::config(format!(
+                "daemon.nat.gc_interval_ms {} is out of range 10..=60000",
+                self.gc_interval_ms
+            )));
         }
         for (name, v) in [
             ("tcp_timeout_s", self.tcp_timeout_s),
+            ("tcp_syn_timeout_s", self.tcp_syn_timeout_s),
             ("tcp_closing_timeout_s", self.tcp_closing_timeout_s),
             ("udp_timeout_s", self.udp_timeout_s),
         ] {
@@ -623,6 +640,30 @@ impl NatConfig {
 
 /// Checks services against the daemon settings they depend on (SNAT needs a source address).
 pub fn validate_against(daemon: &DaemonConfig, services: &[ServiceSpec]) -> Result<()> {
+    // Replies to the SNAT source must never be taken for VIP or backend traffic.
+    for a in [
+        daemon.nat.source4.map(IpAddr::V4),
+        daemon.nat.source6.map(IpAddr::V6),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Some(s) = services.iter().find(|s| s.vip == a) {
+            return Err(Error::invalid(format!(
+                "daemon.nat source {a} is the VIP of service {}: use the balancer's own address",
+                s.name
+            )));
+        }
+        if let Some(s) = services
+            .iter()
+            .find(|s| s.backends.iter().any(|b| b.address == a))
+        {
+            return Err(Error::invalid(format!(
+                "daemon.nat source {a} is a backend of service {}: use the balancer's own address",
+                s.name
+            )));
+        }
+    }
     for s in services.iter().filter(|s| s.snat) {
         if daemon.nat.source_for(s.vip).is_none() {
             let which = if s.vip.is_ipv4() { "source4" } else { "source6" };
@@ -774,7 +815,7 @@ address = "10.0.0.12"
         .expect("valid");
         assert_eq!(ok.daemon.nat.ports.len(), 1000);
         assert_eq!(ok.daemon.nat.udp_timeout_s, 5);
-        assert_eq!(ok.daemon.nat.tcp_closing_timeout_s, 10);
+        assert_eq!(ok.daemon.nat.tcp_closing_timeout_s, 60);
         assert!(ok.services[0].snat);
         let cases = [
             (nat("", "forwarding = \"nat\"\nsnat = true"), "daemon.nat.source4"),
@@ -792,6 +833,29 @@ address = "10.0.0.12"
             (nat("[daemon.nat]\nsource4 = \"224.0.0.1\"", ""), "not a unicast"),
             (nat("[daemon.nat]\ntable_size = 10", ""), "too small"),
             (nat("[daemon.nat]\nport_range = \"1-2\"", ""), "unknown field"),
+            (
+                nat("[daemon.nat]\ngc_interval_ms = 100000000", ""),
+                "out of range",
+            ),
+            (
+                nat("[daemon.nat]\nsource4 = \"10.0.0.1\"", "forwarding = \"nat\""),
+                "is the VIP of service web",
+            ),
+            (
+                nat(
+                    "[daemon.nat]\nsource4 = \"10.0.0.9\"",
+                    "forwarding = \"nat\"\n[[service.backend]]\nid = \"b\"\naddress = \"10.0.0.9\"",
+                ),
+                "is a backend of service web",
+            ),
+            (
+                nat(
+                    "",
+                    "forwarding = \"nat\"\n[[service.backend]]\nid = \"b\"\naddress = \"10.0.0.9\"",
+                )
+                .replace("port = 80", "port = 0"),
+                "needs a port for backend b",
+            ),
         ];
         for (text, needle) in cases {
             let e = err(&text);

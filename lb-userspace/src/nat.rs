@@ -16,7 +16,7 @@ use std::{
 use aya::maps::{HashMap, MapData};
 use lb_common::{
     FlowKey, NatEntry, PROTO_TCP,
-    nat::{NAT_F_CLOSING, NAT_F_SNAT},
+    nat::{NAT_F_ANSWERED, NAT_F_REPLY, NAT_F_SNAT},
 };
 use log::warn;
 use serde::Serialize;
@@ -67,10 +67,12 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn timeout_ns(cfg: &NatConfig, key: &FlowKey, forward: &NatEntry) -> u64 {
+fn timeout_ns(cfg: &NatConfig, key: &FlowKey, forward: &NatEntry, reply: &NatEntry) -> u64 {
     let s = if key.proto != PROTO_TCP {
         cfg.udp_timeout_s
-    } else if forward.flags & NAT_F_CLOSING != 0 {
+    } else if reply.flags & NAT_F_ANSWERED == 0 {
+        cfg.tcp_syn_timeout_s
+    } else if forward.is_closing() {
         cfg.tcp_closing_timeout_s
     } else {
         cfg.tcp_timeout_s
@@ -78,7 +80,45 @@ fn timeout_ns(cfg: &NatConfig, key: &FlowKey, forward: &NatEntry) -> u64 {
     s * 1_000_000_000
 }
 
+/// The same connection: a fresh read of a key may hold a newer connection on the same tuple.
+fn same(a: &NatEntry, b: &NatEntry) -> bool {
+    (
+        a.src_addr,
+        a.dst_addr,
+        a.src_port,
+        a.dst_port,
+        a.backend,
+        a.generation,
+        a.flags & NAT_F_REPLY,
+    ) == (
+        b.src_addr,
+        b.dst_addr,
+        b.src_port,
+        b.dst_port,
+        b.backend,
+        b.generation,
+        b.flags & NAT_F_REPLY,
+    )
+}
+
+/// Removes `key` if it still holds `entry`'s connection.
+fn remove_if_same(map: &mut NatMap, key: &FlowKey, entry: &NatEntry) -> Result<()> {
+    if !map.get(key, 0).is_ok_and(|now| same(&now, entry)) {
+        return Ok(());
+    }
+    match map.remove(key) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        Err(e) => Err(Error::dataplane(format!("remove NAT entry: {e}"))),
+    }
+}
+
 /// One pass: removes expired pairs and orphans. Returns how many connections expired.
+///
+/// Each pair is read again right before it goes, and removed at once, so a packet that
+/// refreshes it meanwhile keeps it; a key that now holds another connection is left alone.
 pub fn sweep(map: &mut NatMap, cfg: &NatConfig, now: u64) -> Result<u64> {
     let snapshot: StdHashMap<FlowKey, NatEntry> = map.iter().filter_map(|r| r.ok()).collect();
     let twin_of = |k: &FlowKey, e: &NatEntry| {
@@ -90,39 +130,31 @@ pub fn sweep(map: &mut NatMap, cfg: &NatConfig, now: u64) -> Result<u64> {
             .map(|te| (t, *te))
     };
     let mut expired = 0;
-    let mut doomed: Vec<FlowKey> = Vec::new();
     for (k, e) in &snapshot {
         let Some((tk, te)) = twin_of(k, e) else {
             if now.saturating_sub(e.last_seen_ns) > ORPHAN_GRACE_NS {
-                doomed.push(*k);
+                remove_if_same(map, k, e)?;
             }
             continue;
         };
         if e.is_reply() {
             continue; // judged with its forward entry
         }
-        if now.saturating_sub(e.last_seen_ns.max(te.last_seen_ns)) <= timeout_ns(cfg, k, e) {
+        if now.saturating_sub(e.last_seen_ns.max(te.last_seen_ns)) <= timeout_ns(cfg, k, e, &te) {
             continue;
         }
-        // A packet may have refreshed the pair since the snapshot: read both again.
-        let fresh = |key: &FlowKey| map.get(key, 0).ok();
-        let (Some(f), Some(r)) = (fresh(k), fresh(&tk)) else {
-            doomed.extend([tk, *k]);
-            continue;
+        let (Ok(f), Ok(r)) = (map.get(k, 0), map.get(&tk, 0)) else {
+            continue; // half gone: the orphan rule takes the rest next time
         };
-        if now.saturating_sub(f.last_seen_ns.max(r.last_seen_ns)) > timeout_ns(cfg, k, &f) {
+        if !same(&f, e) || !same(&r, &te) {
+            continue;
+        }
+        if now.saturating_sub(f.last_seen_ns.max(r.last_seen_ns)) > timeout_ns(cfg, k, &f, &r) {
             // The reply entry first: a new connection on the same tuple, opened between the
             // two removals, then never collides with the old reply entry.
-            doomed.extend([tk, *k]);
+            remove_if_same(map, &tk, &te)?;
+            remove_if_same(map, k, e)?;
             expired += 1;
-        }
-    }
-    for k in doomed {
-        match map.remove(&k) {
-            Ok(()) => {}
-            Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(Error::dataplane(format!("remove NAT entry: {e}"))),
         }
     }
     Ok(expired)

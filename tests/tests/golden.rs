@@ -1398,76 +1398,103 @@ fn nat_drops_what_it_cannot_translate_and_never_reuses_a_port_in_use() {
 
 #[test]
 fn nat_entries_close_expire_and_follow_backend_changes() {
-    use lb_common::nat::NAT_F_CLOSING;
     use lb_userspace::{
         config::NatConfig,
         nat::{census, monotonic_ns, sweep},
     };
+    const SEC: u64 = 1_000_000_000;
     in_fresh_ns(|| {
         let mut dp = nat_dp(false);
         let cfg = NatConfig::default();
         let syn = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &VIP4, (40001, 80), SYN);
-        let closing = |dp: &Dp| {
-            dp.nat_entries()
-                .iter()
-                .find(|(_, e)| !e.is_reply())
-                .map(|(_, e)| e.flags & NAT_F_CLOSING != 0)
-                .expect("forward entry")
-        };
-        assert_eq!(dp.run(&syn).0, XDP_TX);
-        assert!(!closing(&dp));
-        // The backend closes: the reply's FIN marks the connection as closing.
-        let fin = nat_frame(
+        let syn_ack = nat_frame(
             LB_MAC,
             B1_MAC,
             6,
             &NAT_B4,
             &CLIENT4,
             (NAT_BACKEND_PORT, 40001),
-            FIN_ACK,
+            SYN_ACK,
         );
-        assert_eq!(dp.run(&fin).0, XDP_TX);
+        let client = |flags| nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &VIP4, (40001, 80), flags);
+        let backend = |flags| {
+            nat_frame(
+                LB_MAC,
+                B1_MAC,
+                6,
+                &NAT_B4,
+                &CLIENT4,
+                (NAT_BACKEND_PORT, 40001),
+                flags,
+            )
+        };
+        let closing = |dp: &Dp| {
+            dp.nat_entries()
+                .iter()
+                .find(|(_, e)| !e.is_reply())
+                .map(|(_, e)| e.is_closing())
+                .expect("forward entry")
+        };
+        let open = |dp: &Dp| {
+            assert_eq!(dp.run(&syn).0, XDP_TX);
+            assert_eq!(dp.run(&syn_ack).0, XDP_TX);
+        };
+        open(&dp);
+        assert!(!closing(&dp));
+        // The backend closes its side: a half-close, still open for the client's data.
+        assert_eq!(dp.run(&backend(FIN_ACK)).0, XDP_TX);
+        assert!(!closing(&dp), "one FIN is a half-close");
+        // The client's FIN too: closing.
+        assert_eq!(dp.run(&client(FIN_ACK)).0, XDP_TX);
         assert!(closing(&dp));
         // The client opens the same tuple again: it lives anew.
         assert_eq!(dp.run(&syn).0, XDP_TX);
         assert!(!closing(&dp));
+        // A RST from either side closes at once.
+        assert_eq!(dp.run(&backend(0x04)).0, XDP_TX);
+        assert!(closing(&dp));
+        assert_eq!(dp.run(&syn).0, XDP_TX);
+        assert_eq!(dp.run(&client(0x14)).0, XDP_TX);
+        assert!(closing(&dp));
+        assert_eq!(dp.run(&syn).0, XDP_TX);
 
         // Expiry on the real table: idle pairs go after their timeout, not before.
         let now = monotonic_ns();
         assert_eq!(sweep(&mut dp.nat, &cfg, now).expect("sweep"), 0);
         assert_eq!(census(&dp.nat).connections, 1);
-        let tcp_idle = cfg.tcp_timeout_s * 1_000_000_000;
+        let tcp_idle = cfg.tcp_timeout_s * SEC;
+        assert_eq!(sweep(&mut dp.nat, &cfg, now + tcp_idle - SEC).expect("sweep"), 0);
+        assert_eq!(sweep(&mut dp.nat, &cfg, now + tcp_idle + SEC).expect("sweep"), 1);
+        assert_eq!(census(&dp.nat).entries, 0);
+        // A SYN the backend never answered goes after the short SYN timeout: a SYN flood
+        // cannot hold the table for the established one.
+        assert_eq!(dp.run(&syn).0, XDP_TX);
+        let now = monotonic_ns();
+        let syn_idle = cfg.tcp_syn_timeout_s * SEC;
+        assert_eq!(sweep(&mut dp.nat, &cfg, now + syn_idle - SEC).expect("sweep"), 0);
+        assert_eq!(sweep(&mut dp.nat, &cfg, now + syn_idle + SEC).expect("sweep"), 1);
+        // Closing connections go after the closing timeout.
+        open(&dp);
+        assert_eq!(dp.run(&backend(FIN_ACK)).0, XDP_TX);
+        assert_eq!(dp.run(&client(FIN_ACK)).0, XDP_TX);
+        let now = monotonic_ns();
+        let closing_idle = cfg.tcp_closing_timeout_s * SEC;
         assert_eq!(
-            sweep(&mut dp.nat, &cfg, now + tcp_idle - 1_000_000_000).expect("sweep"),
+            sweep(&mut dp.nat, &cfg, now + closing_idle - SEC).expect("sweep"),
             0
         );
         assert_eq!(
-            sweep(&mut dp.nat, &cfg, now + tcp_idle + 1_000_000_000).expect("sweep"),
-            1
-        );
-        assert_eq!(census(&dp.nat).entries, 0);
-        // Closing connections go after the shorter timeout.
-        assert_eq!(dp.run(&syn).0, XDP_TX);
-        assert_eq!(dp.run(&fin).0, XDP_TX);
-        let closing_idle = cfg.tcp_closing_timeout_s * 1_000_000_000;
-        assert_eq!(
-            sweep(&mut dp.nat, &cfg, monotonic_ns() + closing_idle + 1_000_000_000).expect("sweep"),
+            sweep(&mut dp.nat, &cfg, now + closing_idle + SEC).expect("sweep"),
             1
         );
         assert_eq!(census(&dp.nat).entries, 0);
         // UDP after its idle timeout.
         let udp = nat_frame(LB_MAC, CLIENT_MAC, 17, &CLIENT6, &VIP6, (5000, 53), 0);
         assert_eq!(dp.run(&udp).0, XDP_TX);
-        let udp_idle = cfg.udp_timeout_s * 1_000_000_000;
+        let udp_idle = cfg.udp_timeout_s * SEC;
         let now = monotonic_ns();
-        assert_eq!(
-            sweep(&mut dp.nat, &cfg, now + udp_idle - 1_000_000_000).expect("sweep"),
-            0
-        );
-        assert_eq!(
-            sweep(&mut dp.nat, &cfg, now + udp_idle + 1_000_000_000).expect("sweep"),
-            1
-        );
+        assert_eq!(sweep(&mut dp.nat, &cfg, now + udp_idle - SEC).expect("sweep"), 0);
+        assert_eq!(sweep(&mut dp.nat, &cfg, now + udp_idle + SEC).expect("sweep"), 1);
         // A half pair (its twin lost) is removed once past the grace period.
         assert_eq!(dp.run(&syn).0, XDP_TX);
         let (fwd_key, _) = dp
@@ -1478,16 +1505,15 @@ fn nat_entries_close_expire_and_follow_backend_changes() {
         dp.nat.remove(&fwd_key).expect("remove forward");
         assert_eq!(sweep(&mut dp.nat, &cfg, monotonic_ns()).expect("sweep"), 0);
         assert_eq!(census(&dp.nat).entries, 1, "within the grace period");
-        sweep(&mut dp.nat, &cfg, monotonic_ns() + 3_000_000_000).expect("sweep");
+        sweep(&mut dp.nat, &cfg, monotonic_ns() + 3 * SEC).expect("sweep");
         assert_eq!(census(&dp.nat).entries, 0);
 
         // The backend's slot is given to another backend: the old pair is removed and the
         // connection cannot continue; a new one is translated afresh.
         assert_eq!(dp.run(&syn).0, XDP_TX);
         dp.nat_backend(7, &NAT_B4, 2);
-        let ack = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &VIP4, (40001, 80), ACK);
         let drops = dp.counter(Counter::DropNatNoEntry);
-        assert_eq!(dp.run(&ack).0, XDP_DROP);
+        assert_eq!(dp.run(&client(ACK)).0, XDP_DROP);
         assert_eq!(dp.counter(Counter::DropNatNoEntry), drops + 1);
         assert!(dp.nat_entries().is_empty());
         assert_eq!(dp.run(&syn).0, XDP_TX);
@@ -1628,6 +1654,11 @@ fn icmp_errors_about_nat_connections_are_translated_both_ways() {
         );
         assert_eq!(dp.run(&unknown).0, XDP_DROP);
         assert_eq!(dp.counter(Counter::DropNatNoEntry), 1);
+        assert_eq!(
+            dp.counter(Counter::IcmpErrorForwarded),
+            2,
+            "a dropped error is not counted as forwarded"
+        );
         let unknown = error4(
             (LB_MAC, B1_MAC),
             NAT_B4,
@@ -1639,5 +1670,120 @@ fn icmp_errors_about_nat_connections_are_translated_both_ways() {
         assert_eq!(dp.run(&unknown), (XDP_PASS, unknown.clone()));
         // Errors create nothing.
         assert_eq!(dp.nat_entries().len(), 4);
+
+        // Plain NAT, client side: the router's address stays the source (the backend sees
+        // the client's own address on the connection, so nothing else needs hiding).
+        let syn = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &VIP4, (40001, 80), SYN);
+        assert_eq!(dp.run(&syn).0, XDP_TX);
+        let input = error4(
+            (LB_MAC, CLIENT_MAC),
+            ROUTER4,
+            VIP4,
+            3,
+            4,
+            &quote(6, &VIP4, &CLIENT4, (80, 40001), SYN_ACK),
+        );
+        let expected = error4(
+            (B1_MAC, LB_MAC),
+            ROUTER4,
+            NAT_B4,
+            3,
+            4,
+            &quote(6, &NAT_B4, &CLIENT4, (NAT_BACKEND_PORT, 40001), SYN_ACK),
+        );
+        assert_eq!(dp.run(&input), (XDP_TX, expected), "client-side error, plain NAT");
+
+        // SNAT, backend side, from a router on the backends' network: to the client, from the
+        // VIP, about the datagram the client sent.
+        let dp = nat_dp(true);
+        let request = nat_frame(LB_MAC, CLIENT_MAC, 17, &CLIENT4, &VIP4, (5000, 53), 0);
+        assert_eq!(dp.run(&request).0, XDP_TX);
+        let seen = quote(17, &SNAT4, &NAT_B4, (SNAT_PORT, NAT_BACKEND_PORT), 0);
+        let mut meant = quote(17, &CLIENT4, &VIP4, (5000, 53), 0);
+        let csum_at = meant.len() - 2;
+        meant[csum_at..].copy_from_slice(&seen[csum_at..]);
+        let input = error4((LB_MAC, B1_MAC), [10, 97, 0, 254], SNAT4, 3, 4, &seen);
+        let expected = error4((CLIENT_MAC, LB_MAC), VIP4, CLIENT4, 3, 4, &meant);
+        assert_eq!(dp.run(&input), (XDP_TX, expected), "backend-side error, SNAT");
+    });
+}
+
+#[test]
+fn nat_replies_ports_and_checksums_in_the_corners() {
+    in_fresh_ns(|| {
+        // A reply whose destination is also a VIP address (here the client's own address is a
+        // DSR VIP too): the NAT table is asked first, so the reply is still translated.
+        let mut dp = nat_dp(false);
+        dp.service(4, 6, &CLIENT4, 9999, 52, 1);
+        let syn = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &VIP4, (40001, 80), SYN);
+        assert_eq!(dp.run(&syn).0, XDP_TX);
+        let reply = nat_frame(
+            LB_MAC,
+            B1_MAC,
+            6,
+            &NAT_B4,
+            &CLIENT4,
+            (NAT_BACKEND_PORT, 40001),
+            SYN_ACK,
+        );
+        let expected = nat_frame(CLIENT_MAC, LB_MAC, 6, &VIP4, &CLIENT4, (80, 40001), SYN_ACK);
+        assert_eq!(dp.run(&reply), (XDP_TX, expected));
+
+        // A UDP checksum that comes out 0 after translation is sent as 0xffff (0 would mean
+        // "no checksum"). The payload is chosen so the translated datagram sums to exactly that.
+        let dp = nat_dp(false);
+        let with_payload = |src: &[u8], dst: &[u8], ports: (u16, u16), payload: &[u8]| {
+            let mut ip = ipv4(
+                17,
+                src.try_into().expect("v4"),
+                dst.try_into().expect("v4"),
+                &udp(ports.0, ports.1, payload),
+            );
+            fix_l4_checksum(&mut ip);
+            ip
+        };
+        let probe = with_payload(&CLIENT4, &NAT_B4, (5000, NAT_BACKEND_PORT), &[0, 0]);
+        // The payload word that makes the translated datagram's sum 0xffff: its checksum then.
+        let word = u16::from_be_bytes([probe[26], probe[27]]);
+        let out_ip = with_payload(&CLIENT4, &NAT_B4, (5000, NAT_BACKEND_PORT), &word.to_be_bytes());
+        assert_eq!(
+            &out_ip[26..28],
+            &[0xff, 0xff],
+            "the translated datagram needs 0xffff"
+        );
+        let input = [
+            eth(LB_MAC, CLIENT_MAC, 0x0800),
+            with_payload(&CLIENT4, &VIP4, (5000, 53), &word.to_be_bytes()),
+        ]
+        .concat();
+        let expected = [eth(B1_MAC, LB_MAC, 0x0800), out_ip].concat();
+        assert_eq!(dp.run(&input), (XDP_TX, expected));
+
+        // Four SNAT ports: four connections to one backend get four different ones, a fifth
+        // none.
+        let dp = nat_dp(true);
+        let mut cfg = dp.dp_config.get(&0, 0).expect("config");
+        cfg.nat_port_count = 4;
+        let mut dp = dp;
+        dp.dp_config.set(0, cfg, 0).expect("config");
+        for cport in 40001..=40005 {
+            let syn = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &VIP4, (cport, 80), SYN);
+            let (verdict, _) = dp.run(&syn);
+            assert_eq!(
+                verdict,
+                if cport <= 40004 { XDP_TX } else { XDP_DROP },
+                "client port {cport}"
+            );
+        }
+        let mut ports: Vec<u16> = dp
+            .nat_entries()
+            .iter()
+            .filter(|(_, e)| !e.is_reply())
+            .map(|(_, e)| u16::from_be(e.src_port))
+            .collect();
+        ports.sort();
+        assert_eq!(ports, [SNAT_PORT, SNAT_PORT + 1, SNAT_PORT + 2, SNAT_PORT + 3]);
+        assert_eq!(dp.counter(Counter::DropNatNoPort), 1);
+        assert_eq!(dp.counter(Counter::NatCreated), 4);
     });
 }
