@@ -18,7 +18,7 @@ use lb_common::{
     bench::{BENCH_TARGET_FLOOR, BENCH_TARGET_LB, BenchFrame},
     dpconfig::DataPlaneConfig,
     maps,
-    service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP},
+    service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP, FWD_NAT},
 };
 use lb_userspace::{
     dataplane::Pool,
@@ -46,6 +46,12 @@ const GUE_SERVICE_PORT: u16 = 8443;
 const IPIP_PORT: u16 = 8080;
 
 const OTHER4: [u8; 4] = [10, 200, 0, 1];
+/// The NAT service: its own VIP (so the other cases' VIPs have no NAT bits), one backend.
+const NAT_VIP4: [u8; 4] = [10, 100, 0, 9];
+const NAT_BACKEND4: [u8; 4] = [10, 97, 0, 11];
+const NAT_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x97, 0x11];
+const NAT_BACKEND_PORT: u16 = 8080;
+const NAT_SLOT: u32 = 3 * BACKENDS + 1;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 /// Byte offset of the IPv4 source address in an untagged frame.
@@ -70,6 +76,8 @@ struct Case {
     /// `floor_unwrapped` case, which shows what the harness alone costs on this machine.
     unwrapped: bool,
     frame: Vec<u8>,
+    /// Run once before the warm-up iteration (a NAT connection's SYN).
+    setup: Option<Vec<u8>>,
     target: u32,
     vary_offset: u32,
     verdict: u32,
@@ -89,6 +97,7 @@ fn cases() -> Vec<Case> {
             unwrapped: true,
             name: "floor_unwrapped",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), VIP4),
+            setup: None,
             target: BENCH_TARGET_FLOOR,
             vary_offset: 0,
             verdict: XDP_TX,
@@ -99,6 +108,7 @@ fn cases() -> Vec<Case> {
             unwrapped: false,
             name: "floor",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), VIP4),
+            setup: None,
             target: BENCH_TARGET_FLOOR,
             vary_offset: 0,
             verdict: XDP_TX,
@@ -109,6 +119,7 @@ fn cases() -> Vec<Case> {
             unwrapped: false,
             name: "tcp4_syn",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), VIP4),
+            setup: None,
             target: BENCH_TARGET_LB,
             vary_offset: IPV4_SRC,
             verdict: XDP_TX,
@@ -119,6 +130,7 @@ fn cases() -> Vec<Case> {
             unwrapped: false,
             name: "tcp4_established",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), VIP4),
+            setup: None,
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_TX,
@@ -129,6 +141,7 @@ fn cases() -> Vec<Case> {
             unwrapped: false,
             name: "udp4",
             frame: v4(PROTO_UDP, udp(40000, 53, &payload), VIP4),
+            setup: None,
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_TX,
@@ -139,6 +152,7 @@ fn cases() -> Vec<Case> {
             unwrapped: false,
             name: "tcp6_established",
             frame: v6(PROTO_TCP, tcp(40000, 80, TCP_ACK)),
+            setup: None,
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_TX,
@@ -149,6 +163,7 @@ fn cases() -> Vec<Case> {
             unwrapped: false,
             name: "udp6",
             frame: v6(PROTO_UDP, udp(40000, 53, &payload)),
+            setup: None,
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_TX,
@@ -159,6 +174,7 @@ fn cases() -> Vec<Case> {
             unwrapped: false,
             name: "tcp4_established_ipip",
             frame: v4(PROTO_TCP, tcp(40000, IPIP_PORT, TCP_ACK), VIP4),
+            setup: None,
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_REDIRECT,
@@ -169,6 +185,7 @@ fn cases() -> Vec<Case> {
             unwrapped: false,
             name: "tcp6_established_ipip",
             frame: v6(PROTO_TCP, tcp(40000, IPIP_PORT, TCP_ACK)),
+            setup: None,
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_REDIRECT,
@@ -179,6 +196,7 @@ fn cases() -> Vec<Case> {
             unwrapped: false,
             name: "tcp4_established_gue",
             frame: v4(PROTO_TCP, tcp(40000, GUE_SERVICE_PORT, TCP_ACK), VIP4),
+            setup: None,
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_REDIRECT,
@@ -189,6 +207,7 @@ fn cases() -> Vec<Case> {
             unwrapped: false,
             name: "tcp6_established_gue",
             frame: v6(PROTO_TCP, tcp(40000, GUE_SERVICE_PORT, TCP_ACK)),
+            setup: None,
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_REDIRECT,
@@ -199,11 +218,43 @@ fn cases() -> Vec<Case> {
             unwrapped: false,
             name: "nonvip_pass",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), OTHER4),
+            setup: None,
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_PASS,
             counters: &[Counter::PassNotVip],
             target_ns: Some(15.0),
+        },
+        Case {
+            unwrapped: false,
+            name: "tcp4_established_nat",
+            frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), NAT_VIP4),
+            setup: Some(v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), NAT_VIP4)),
+            target: BENCH_TARGET_LB,
+            vary_offset: 0,
+            verdict: XDP_TX,
+            counters: &[Counter::Tx],
+            target_ns: None,
+        },
+        Case {
+            unwrapped: false,
+            name: "tcp4_nat_reply",
+            frame: [
+                eth(LB_MAC, NAT_BACKEND_MAC, 0x0800),
+                ipv4(
+                    PROTO_TCP,
+                    NAT_BACKEND4,
+                    CLIENT4,
+                    &tcp(NAT_BACKEND_PORT, 40000, TCP_ACK),
+                ),
+            ]
+            .concat(),
+            setup: Some(v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), NAT_VIP4)),
+            target: BENCH_TARGET_LB,
+            vary_offset: 0,
+            verdict: XDP_TX,
+            counters: &[Counter::NatReply, Counter::Tx],
+            target_ns: None,
         },
     ]
 }
@@ -277,6 +328,22 @@ impl Bench {
                 backends.set(first + i, b, 0)?;
             }
         }
+        // NAT: one on-link backend (slot NAT_SLOT), its table in region 3.
+        pool.write(3 * TABLE_SIZE, &vec![NAT_SLOT; TABLE_SIZE as usize])?;
+        let mut nat_addr = [0u8; 16];
+        nat_addr[..4].copy_from_slice(&NAT_BACKEND4);
+        let nat_backend = Backend {
+            addr: nat_addr,
+            family: FAMILY_V4,
+            flags: BACKEND_F_ACTIVE,
+            port: NAT_BACKEND_PORT.to_be(),
+            generation: 1,
+            ifindex: 1,
+            dst_mac: NAT_BACKEND_MAC,
+            src_mac: LB_MAC,
+        };
+        backends.set(NAT_SLOT, nat_backend, 0)?;
+        filter.add_nat(&addr_words(nat_addr));
         for slot in 1..=BACKENDS {
             let b = Backend {
                 addr: [0; 16],
@@ -300,12 +367,15 @@ impl Bench {
             (FAMILY_V6, PROTO_TCP, IPIP_PORT, 2, FWD_IPIP),
             (FAMILY_V4, PROTO_TCP, GUE_SERVICE_PORT, 1, FWD_GUE),
             (FAMILY_V6, PROTO_TCP, GUE_SERVICE_PORT, 2, FWD_GUE),
+            (FAMILY_V4, PROTO_TCP, 80, 3, FWD_NAT),
         ]
         .into_iter()
         .enumerate()
         {
             let mut addr = [0u8; 16];
-            if family == FAMILY_V4 {
+            if forward == FWD_NAT {
+                addr[..4].copy_from_slice(&NAT_VIP4);
+            } else if family == FAMILY_V4 {
                 addr[..4].copy_from_slice(&VIP4);
             } else {
                 addr = VIP6;
@@ -320,6 +390,9 @@ impl Bench {
             };
             let key = ServiceKey::new(family, proto, addr, port.to_be());
             filter.add(&key);
+            if forward == FWD_NAT {
+                filter.add_nat(&key.addr);
+            }
             services.insert(key, value, 0)?;
         }
         vip_filter.set(0, filter, 0)?;
@@ -332,7 +405,7 @@ impl Bench {
             flags: 0,
             encap_src6: addr_words([0xfd, 0, 0, 0x1b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
             gue_port: GUE_PORT,
-            _reserved: [0; 3],
+            ..Default::default()
         };
         dp_config.set(0, cfg, 0)?;
 
@@ -390,6 +463,13 @@ impl Bench {
             .with_context(|| format!("{}: frame too long", case.name))?;
         self.frame.set(0, frame, 0)?;
         let input = &frame_bytes(&frame)[..frame.len as usize];
+        if let Some(setup) = &case.setup {
+            let f = BenchFrame::new(setup, case.target, 0)
+                .with_context(|| format!("{}: setup frame", case.name))?;
+            self.frame.set(0, f, 0)?;
+            self.run(&frame_bytes(&f)[..f.len as usize], 1, false)?;
+            self.frame.set(0, frame, 0)?;
+        }
         // One iteration first, so established cases find their flow in the connection table.
         let (verdict, _) = self.run(input, 1, case.unwrapped)?;
         ensure!(
