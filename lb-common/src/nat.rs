@@ -51,7 +51,7 @@ pub const NAT_F_ANSWERED: u32 = 32;
 pub const NAT_TOUCH_NS: u64 = 100_000_000;
 
 /// Port probes per new SNAT connection before it is dropped (`drop_nat_no_port`).
-pub const NAT_PORT_PROBES: u32 = 8;
+pub const NAT_PORT_PROBES: u32 = 16;
 
 impl NatEntry {
     pub const fn is_reply(&self) -> bool {

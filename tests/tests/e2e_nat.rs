@@ -430,7 +430,7 @@ fn nat_reclaims_entries_and_ports_after_ten_thousand_connections() {
         "{stats}"
     );
     assert_eq!(counter(&stats, "drop_nat_table_full"), 0, "{stats}");
-    // Under this churn a few SYNs find all 8 probed ports of their backend still closing; the
+    // Under this churn a SYN may find all 16 probed ports of its backend still closing; the
     // client's retransmit gets through later. More than 1% would mean ports are not reused.
     assert!(
         counter(&stats, "drop_nat_no_port") < (TCP_CONNECTIONS / 100) as u64,

@@ -12,6 +12,10 @@
 //!   L2 DSR (MAC rewrite + `XDP_REDIRECT` to the backend's veth). Each measurement checks that
 //!   the balancer's `redirect` counter grew by at least the delivered count, so the figure is
 //!   never the kernel's path in disguise.
+//! - `lb-nat`: the same daemon in NAT mode (`forwarding = "nat"`), the job nftables does below:
+//!   attached to the backend-facing veths too, since replies come back through it and are
+//!   translated there, and redirected to the client's veth (which gets a pass program so that
+//!   it takes them). Checked the same way.
 //! - `nftables`: a prerouting DNAT rule (`numgen inc mod 4`, i.e. round robin per new flow) in
 //!   the balancer namespace; conntrack un-NATs replies. Its TCP TIME_WAIT conntrack timeout is
 //!   lowered to 1 s: with the default 120 s the measured connections would fill the table.
@@ -96,14 +100,17 @@ pub struct E2eResult {
     pub case: String,
     pub unit: String,
     pub lb: Option<f64>,
+    /// lb in NAT mode: the same job as nftables DNAT.
+    pub lb_nat: Option<f64>,
     pub nftables: Option<f64>,
     pub haproxy: Option<f64>,
 }
 
 const LB: usize = 0;
-const NFT: usize = 1;
-const HAPROXY: usize = 2;
-const NAMES: [&str; 3] = ["lb", "nftables", "haproxy"];
+const LB_NAT: usize = 1;
+const NFT: usize = 2;
+const HAPROXY: usize = 3;
+const NAMES: [&str; 4] = ["lb", "lb-nat", "nftables", "haproxy"];
 
 pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
     let started = Instant::now();
@@ -149,8 +156,8 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
 
     let servers = Servers::start(&topo.backends)?;
     // Per contender: each round's measurement.
-    let mut udp: [Vec<Measured>; 3] = Default::default();
-    let mut tcp: [Vec<Measured>; 3] = Default::default();
+    let mut udp: [Vec<Measured>; 4] = Default::default();
+    let mut tcp: [Vec<Measured>; 4] = Default::default();
     for round in 1..=rounds {
         let tag = |case: &str, who: usize, m: &Measured, unit: &str| {
             eprintln!(
@@ -161,35 +168,39 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
                 m.detail
             );
         };
-        {
-            let lb = Balancer::start(&topo).context("start the balancer")?;
+        for (who, nat) in [(LB, false), (LB_NAT, true)] {
+            let name = NAMES[who];
+            let lb = Balancer::start(&topo, nat).with_context(|| format!("start {name}"))?;
             let probe = || lb.redirects();
             let threads = topo.pin_napi(true)?;
-            let m = load::udp(&topo, &generator, w, &probe, &threads).context("lb: UDP")?;
-            expect_delivered(&topo, "lb", &m)?;
+            let m =
+                load::udp(&topo, &generator, w, &probe, &threads).with_context(|| format!("{name}: UDP"))?;
+            expect_delivered(&topo, name, &m)?;
             if m.extra < m.count {
                 bail!(
-                    "lb: the backends received {} datagrams but the balancer redirected only {}: \
+                    "{name}: the backends received {} datagrams but the balancer redirected only {}: \
                      traffic bypassed XDP",
                     m.count,
                     m.extra
                 );
             }
-            tag("udp4_pps", LB, &m, "packets/s");
-            udp[LB].push(m);
-            tcp::ready(&topo.client).context("lb: TCP")?;
+            tag("udp4_pps", who, &m, "packets/s");
+            udp[who].push(m);
+            tcp::ready(&topo.client).with_context(|| format!("{name}: TCP"))?;
             let threads = topo.pin_napi(false)?;
-            let m = tcp::measure(&topo, &servers, w, &probe, &threads).context("lb: TCP")?;
-            // Each connection sends at least SYN, ACK+data and FIN through the balancer.
+            let m =
+                tcp::measure(&topo, &servers, w, &probe, &threads).with_context(|| format!("{name}: TCP"))?;
+            // Each connection sends at least SYN, ACK+data and FIN through the balancer (and in
+            // NAT mode the replies too).
             if m.extra < 3 * m.count {
                 bail!(
-                    "lb: {} connections completed but the balancer redirected only {} frames",
+                    "{name}: {} connections completed but the balancer redirected only {} frames",
                     m.count,
                     m.extra
                 );
             }
-            tag("tcp4_conn_per_s", LB, &m, "connections/s");
-            tcp[LB].push(m);
+            tag("tcp4_conn_per_s", who, &m, "connections/s");
+            tcp[who].push(m);
         }
         {
             let _nft = Nftables::start(&topo).context("set up nftables DNAT")?;
@@ -224,12 +235,17 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
         let per_cpu = |who: usize| median(series[who].iter().map(|m| m.rate / m.forwarder_cpu.max(1e-3)));
         let busy = |who: usize| median(series[who].iter().map(|m| m.forwarder_cpu));
         let line = |value: &dyn Fn(usize) -> Option<f64>| {
-            let mut parts: Vec<String> = (0..3)
+            let mut parts: Vec<String> = (0..NAMES.len())
                 .filter_map(|who| value(who).map(|v| format!("{} {v:.0}", NAMES[who])))
                 .collect();
-            for other in [NFT, HAPROXY] {
-                if let (Some(a), Some(b)) = (value(LB), value(other)) {
-                    parts.push(format!("lb/{} {:.2}x", NAMES[other], a / b.max(1e-9)));
+            for (mine, other) in [(LB, NFT), (LB, HAPROXY), (LB_NAT, NFT)] {
+                if let (Some(a), Some(b)) = (value(mine), value(other)) {
+                    parts.push(format!(
+                        "{}/{} {:.2}x",
+                        NAMES[mine],
+                        NAMES[other],
+                        a / b.max(1e-9)
+                    ));
                 }
             }
             parts.join(", ")
@@ -239,7 +255,7 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
             "e2e: {case} (median of {rounds}) per forwarder CPU-second: {}",
             line(&per_cpu)
         );
-        let busy: Vec<String> = (0..3)
+        let busy: Vec<String> = (0..NAMES.len())
             .filter_map(|who| busy(who).map(|b| format!("{} {:.0}%", NAMES[who], 100.0 * b)))
             .collect();
         eprintln!(
@@ -250,6 +266,7 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
             case: case.into(),
             unit: unit.into(),
             lb: rate(LB),
+            lb_nat: rate(LB_NAT),
             nftables: rate(NFT),
             // HAProxy does not proxy UDP: no series, None.
             haproxy: rate(HAPROXY),

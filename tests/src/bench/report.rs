@@ -96,14 +96,14 @@ impl Results {
         if let Some(e2e) = &self.e2e {
             let _ = writeln!(
                 s,
-                "| case | unit | lb | nftables | HAProxy | lb / nftables | lb / HAProxy |"
+                "| case | unit | lb | lb NAT | nftables | HAProxy | lb / nftables | lb / HAProxy | lb NAT / nftables |"
             );
-            let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
+            let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
             for r in e2e {
-                let [lb, nft, hap, lb_nft, lb_hap] = e2e_cells(r, "n/a");
+                let [lb, nat, nft, hap, lb_nft, lb_hap, nat_nft] = e2e_cells(r, "n/a");
                 let _ = writeln!(
                     s,
-                    "| `{}` | {} | {lb} | {nft} | {hap} | {lb_nft} | {lb_hap} |",
+                    "| `{}` | {} | {lb} | {nat} | {nft} | {hap} | {lb_nft} | {lb_hap} | {nat_nft} |",
                     r.case, r.unit
                 );
             }
@@ -170,14 +170,14 @@ impl Results {
             let _ = writeln!(s, "\nend to end through veth");
             let _ = writeln!(
                 s,
-                "{:<18} {:<15} {:>12} {:>12} {:>12} {:>9} {:>9}",
-                "case", "unit", "lb", "nftables", "haproxy", "lb/nft", "lb/hap"
+                "{:<18} {:<15} {:>12} {:>12} {:>12} {:>12} {:>9} {:>9} {:>11}",
+                "case", "unit", "lb", "lb-nat", "nftables", "haproxy", "lb/nft", "lb/hap", "lb-nat/nft"
             );
             for r in e2e {
-                let [lb, nft, hap, lb_nft, lb_hap] = e2e_cells(r, "-");
+                let [lb, nat, nft, hap, lb_nft, lb_hap, nat_nft] = e2e_cells(r, "-");
                 let _ = writeln!(
                     s,
-                    "{:<18} {:<15} {lb:>12} {nft:>12} {hap:>12} {lb_nft:>9} {lb_hap:>9}",
+                    "{:<18} {:<15} {lb:>12} {nat:>12} {nft:>12} {hap:>12} {lb_nft:>9} {lb_hap:>9} {nat_nft:>11}",
                     r.case, r.unit
                 );
             }
@@ -207,7 +207,7 @@ impl Results {
 }
 
 /// An end-to-end row's rates and ratios as text; `none` stands where a figure does not exist.
-fn e2e_cells(r: &E2eResult, none: &str) -> [String; 5] {
+fn e2e_cells(r: &E2eResult, none: &str) -> [String; 7] {
     let rate = |v: Option<f64>| v.map_or_else(|| none.to_string(), |v| format!("{v:.0}"));
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
@@ -215,10 +215,12 @@ fn e2e_cells(r: &E2eResult, none: &str) -> [String; 5] {
     };
     [
         rate(r.lb),
+        rate(r.lb_nat),
         rate(r.nftables),
         rate(r.haproxy),
         ratio(r.lb, r.nftables),
         ratio(r.lb, r.haproxy),
+        ratio(r.lb_nat, r.nftables),
     ]
 }
 

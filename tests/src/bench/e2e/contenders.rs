@@ -8,8 +8,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::net::{BACKENDS, FORWARDER_CPU, LB_DEV, PORT, Topology, VIP, backend_ip};
-use crate::{lb_bin, wait_until};
+use super::net::{
+    BACKENDS, CLIENT_DEV, FORWARDER_CPU, LB_DEV, PORT, Topology, VIP, backend_ip, lb_backend_dev,
+};
+use crate::{in_ns, lb_bin, topology::empty_ebpf, wait_until};
 
 fn private_dir(what: &str) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("lb-e2e-{}-{what}", std::process::id()));
@@ -17,26 +19,37 @@ fn private_dir(what: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Our balancer: `lb daemon` in the balancer namespace, attached (native XDP) to the
-/// client-facing veth only, one UDP and one TCP service on VIP:PORT over the 4 backends.
+/// Our balancer: `lb daemon` in the balancer namespace, one UDP and one TCP service on
+/// VIP:PORT over the 4 backends, attached in native XDP mode. In DSR mode only the client-facing
+/// veth has it (replies go through the balancer namespace's kernel); in NAT mode the backend-
+/// facing veths too, since replies must be translated, and the client's veth gets a pass
+/// program so that it takes the replies the balancer redirects to it.
 pub struct Balancer {
     child: Option<Child>,
     instance: String,
     dir: PathBuf,
+    _client_pass: Option<aya::Ebpf>,
 }
 
 impl Balancer {
-    pub fn start(topo: &Topology) -> Result<Self> {
+    pub fn start(topo: &Topology, nat: bool) -> Result<Self> {
         let instance = format!("e2e{}", std::process::id());
         let dir = private_dir("lb")?;
+        let mut interfaces = vec![format!("\"{LB_DEV}\"")];
+        if nat {
+            interfaces.extend((1..=BACKENDS).map(|i| format!("\"{}\"", lb_backend_dev(i))));
+        }
         let mut config = format!(
-            "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"{LB_DEV}\"]\nxdp_mode = \"native\"\n\
+            "[daemon]\ninstance = \"{instance}\"\ninterfaces = [{}]\nxdp_mode = \"native\"\n\
              run_dir = \"{}\"\nneighbour_refresh_ms = 1000\n",
+            interfaces.join(", "),
             dir.display()
         );
+        let forwarding = if nat { "nat" } else { "dsr" };
         for proto in ["udp", "tcp"] {
             config.push_str(&format!(
-                "\n[[service]]\nname = \"{proto}\"\nvip = \"{VIP}\"\nport = {PORT}\nprotocol = \"{proto}\"\n"
+                "\n[[service]]\nname = \"{proto}\"\nvip = \"{VIP}\"\nport = {PORT}\nprotocol = \"{proto}\"\n\
+                 forwarding = \"{forwarding}\"\n"
             ));
             for i in 1..=BACKENDS {
                 config.push_str(&format!(
@@ -48,10 +61,26 @@ impl Balancer {
         let path = dir.join("lb.toml");
         std::fs::write(&path, config).with_context(|| format!("write {}", path.display()))?;
         let log = std::fs::File::create(dir.join("daemon.log")).context("create the daemon log")?;
+        let client_pass = if nat {
+            Some(in_ns(&topo.client, || -> Result<aya::Ebpf> {
+                let mut ebpf = empty_ebpf()?;
+                let prog: &mut aya::programs::Xdp = ebpf
+                    .program_mut(lb_common::maps::PROG_PASS)
+                    .context("xdp_pass")?
+                    .try_into()?;
+                prog.load()?;
+                prog.attach(CLIENT_DEV, aya::programs::XdpMode::Driver)
+                    .with_context(|| format!("attach xdp_pass to {CLIENT_DEV}"))?;
+                Ok(ebpf)
+            })?)
+        } else {
+            None
+        };
         let mut me = Self {
             child: None,
             instance,
             dir,
+            _client_pass: client_pass,
         };
         me.child = Some(
             topo.lb

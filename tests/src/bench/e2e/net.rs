@@ -34,7 +34,7 @@ fn backend_gw(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 98, 10 + i as u8, 1)
 }
 /// The balancer's interface towards backend `i` (1-based).
-fn lb_backend_dev(i: usize) -> String {
+pub fn lb_backend_dev(i: usize) -> String {
     format!("e2l{i}")
 }
 fn backend_dev(i: usize) -> String {
