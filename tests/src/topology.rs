@@ -188,8 +188,9 @@ fn join(switch: &NetNs, next_port: &mut u32, ns: &NetNs, v4: &str, v6: &str) -> 
     Ok(())
 }
 
-/// Attaches the pass program to a veth port so it receives the balancer's XDP_TX frames.
-fn attach_pass(ns: &NetNs, port: &str) -> Result<aya::Ebpf> {
+/// Attaches the pass program in `ns` to a veth so it receives the frames the balancer sends it
+/// (a veth takes XDP_TX/redirected frames only when it runs XDP itself). Detached on drop.
+pub fn attach_pass(ns: &NetNs, port: &str) -> Result<aya::Ebpf> {
     let port = port.to_string();
     in_ns(ns, move || -> Result<aya::Ebpf> {
         let mut ebpf = empty_ebpf()?;

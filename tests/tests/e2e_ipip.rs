@@ -18,11 +18,10 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::programs::{Xdp, XdpMode};
 use lb_tests::{
     NetNs, client, in_ns, lb_bin,
     servers::Servers,
-    topology::{Daemon, PORT, VIP4, VIP6, empty_ebpf, four_services},
+    topology::{Daemon, PORT, VIP4, VIP6, attach_pass, four_services},
     wait_until,
 };
 
@@ -89,16 +88,7 @@ impl Routed {
              sysctl -qw net.ipv4.conf.all.forwarding=1 net.ipv4.conf.eth0.forwarding=1 net.ipv6.conf.all.forwarding=1",
         )?;
         // The router's side of the balancer's link receives XDP_TX frames only with XDP on it.
-        let pass = in_ns(&router, || -> Result<aya::Ebpf> {
-            let mut ebpf = empty_ebpf()?;
-            let prog: &mut Xdp = ebpf
-                .program_mut(lb_common::maps::PROG_PASS)
-                .expect("pass")
-                .try_into()?;
-            prog.load()?;
-            prog.attach("l0", XdpMode::Driver)?;
-            Ok(ebpf)
-        })?;
+        let pass = attach_pass(&router, "l0")?;
         let mut routed = Self {
             servers: Vec::new(),
             backends: Vec::new(),

@@ -22,11 +22,10 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::programs::{Xdp, XdpMode};
 use lb_tests::{
     NetNs, in_ns,
     servers::Servers,
-    topology::{Daemon, VIP4, VIP6, empty_ebpf},
+    topology::{Daemon, VIP4, VIP6, attach_pass},
     wait_until,
 };
 
@@ -61,21 +60,6 @@ fn backend6(i: u8) -> Ipv6Addr {
     Ipv6Addr::new(0xfd97, 0, 0, 0, 0, 0, 0, 0x10 + i as u16)
 }
 
-/// Attaches the pass program in `ns` to `iface`: a veth only takes frames redirected to its
-/// peer when it runs XDP itself.
-fn pass_on(ns: &NetNs, iface: &str) -> Result<aya::Ebpf> {
-    in_ns(ns, || -> Result<aya::Ebpf> {
-        let mut ebpf = empty_ebpf()?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(lb_common::maps::PROG_PASS)
-            .expect("pass")
-            .try_into()?;
-        prog.load()?;
-        prog.attach(iface, XdpMode::Driver)?;
-        Ok(ebpf)
-    })
-}
-
 impl Net {
     fn new() -> Result<Self> {
         let switch = NetNs::new("sw")?;
@@ -99,7 +83,7 @@ impl Net {
              ip addr add {SNAT4}/24 dev eth1 && ip addr add {SNAT6}/64 dev eth1 nodad && \
              sysctl -qw net.ipv4.ip_forward=0 net.ipv6.conf.all.forwarding=0"
         ))?;
-        let pass = vec![pass_on(&client, "eth0")?, pass_on(&switch, "lbport")?];
+        let pass = vec![attach_pass(&client, "eth0")?, attach_pass(&switch, "lbport")?];
         let mut net = Self {
             servers: Vec::new(),
             _pass: pass,

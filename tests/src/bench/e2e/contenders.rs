@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use super::net::{
     BACKENDS, CLIENT_DEV, FORWARDER_CPU, LB_DEV, PORT, Topology, VIP, backend_ip, lb_backend_dev,
 };
-use crate::{in_ns, lb_bin, topology::empty_ebpf, wait_until};
+use crate::{lb_bin, topology::attach_pass, wait_until};
 
 fn private_dir(what: &str) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("lb-e2e-{}-{what}", std::process::id()));
@@ -62,17 +62,7 @@ impl Balancer {
         std::fs::write(&path, config).with_context(|| format!("write {}", path.display()))?;
         let log = std::fs::File::create(dir.join("daemon.log")).context("create the daemon log")?;
         let client_pass = if nat {
-            Some(in_ns(&topo.client, || -> Result<aya::Ebpf> {
-                let mut ebpf = empty_ebpf()?;
-                let prog: &mut aya::programs::Xdp = ebpf
-                    .program_mut(lb_common::maps::PROG_PASS)
-                    .context("xdp_pass")?
-                    .try_into()?;
-                prog.load()?;
-                prog.attach(CLIENT_DEV, aya::programs::XdpMode::Driver)
-                    .with_context(|| format!("attach xdp_pass to {CLIENT_DEV}"))?;
-                Ok(ebpf)
-            })?)
+            Some(attach_pass(&topo.client, CLIENT_DEV)?)
         } else {
             None
         };
