@@ -5,10 +5,7 @@ use std::{
     net::IpAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -44,8 +41,8 @@ pub struct Daemon {
     rec: Reconciler,
     hops: HashMap<IpAddr, NextHop>,
     resolver: Resolver,
-    /// NAT connections the collector has expired since the daemon started.
-    nat_expired: Arc<AtomicU64>,
+    /// What the NAT collector last saw.
+    nat: Arc<std::sync::Mutex<crate::nat::NatStatus>>,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM or a shutdown request. Forwarding continues after.
@@ -99,7 +96,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         rec,
         hops: HashMap::new(),
         resolver,
-        nat_expired: Arc::new(AtomicU64::new(0)),
+        nat: Arc::default(),
     };
     let warnings = daemon.replace_services(services).await?;
     for w in warnings {
@@ -117,13 +114,10 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         Duration::from_millis(cfg.neighbour_refresh_ms),
     ));
     let nat_pin = dataplane::pin_dir(&cfg.instance).join(lb_common::maps::NAT_FLOWS);
-    let nat_expired = daemon.lock().await.nat_expired.clone();
-    let nat_cfg = cfg.nat.clone();
-    let collector = tokio::spawn(async move {
-        if let Err(e) = crate::nat::collect(&nat_pin, nat_cfg, nat_expired).await {
-            error!("NAT expiry stopped: {e}");
-        }
-    });
+    let nat_status = daemon.lock().await.nat.clone();
+    let stop_collector = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let collector =
+        crate::nat::spawn_collector(&nat_pin, cfg.nat.clone(), nat_status, stop_collector.clone())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -137,7 +131,8 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         }
     }
     refresher.abort();
-    collector.abort();
+    stop_collector.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = collector.join();
     let _ = std::fs::remove_file(&socket);
     info!("daemon stopped; the data plane stays attached (`lb detach` removes it)");
     Ok(())
@@ -467,8 +462,13 @@ impl Daemon {
         for &c in Counter::ALL {
             counters.insert(c.name().into(), json!(self.dp.counter(c)?));
         }
-        let mut nat = serde_json::to_value(crate::nat::census(&self.dp.nat)).unwrap_or_default();
-        nat["expired"] = json!(self.nat_expired.load(Ordering::Relaxed));
+        // As of the collector's last sweep (every daemon.nat.gc_interval_ms).
+        let status = *self.nat.lock().unwrap_or_else(|p| p.into_inner());
+        let mut nat = serde_json::to_value(status).unwrap_or_default();
+        nat["as_of_ms_ago"] = json!(
+            (status.swept_ns > 0)
+                .then(|| crate::nat::monotonic_ns().saturating_sub(status.swept_ns) / 1_000_000)
+        );
         Ok(json!({"services": services, "counters": counters, "nat": nat}))
     }
 

@@ -7,8 +7,8 @@ use std::{
     collections::HashMap as StdHashMap,
     path::Path,
     sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
@@ -42,18 +42,43 @@ pub struct Census {
     pub snat_ports_in_use: u64,
 }
 
-pub fn census(map: &NatMap) -> Census {
-    let mut c = Census::default();
-    for (_, e) in map.iter().filter_map(|r| r.ok()) {
-        c.entries += 1;
+impl Census {
+    fn add(&mut self, e: &NatEntry) {
+        self.entries += 1;
         if !e.is_reply() {
-            c.connections += 1;
+            self.connections += 1;
             if e.flags & NAT_F_SNAT != 0 {
-                c.snat_ports_in_use += 1;
+                self.snat_ports_in_use += 1;
             }
         }
     }
+}
+
+/// Counts the table now (one pass over it).
+pub fn census(map: &NatMap) -> Census {
+    let mut c = Census::default();
+    for (_, e) in map.iter().filter_map(|r| r.ok()) {
+        c.add(&e);
+    }
     c
+}
+
+/// What the collector last saw, for `lb stats` (which must not walk a large table itself).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct NatStatus {
+    #[serde(flatten)]
+    pub census: Census,
+    /// Connections expired since the daemon started.
+    pub expired: u64,
+    /// CLOCK_MONOTONIC of the last sweep (0: none yet).
+    #[serde(skip)]
+    pub swept_ns: u64,
+}
+
+/// One sweep's outcome: connections expired, and what is left.
+pub struct Sweep {
+    pub expired: u64,
+    pub left: Census,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
@@ -115,11 +140,11 @@ fn remove_if_same(map: &mut NatMap, key: &FlowKey, entry: &NatEntry) -> Result<(
     }
 }
 
-/// One pass: removes expired pairs and orphans. Returns how many connections expired.
+/// One pass: removes expired pairs and orphans.
 ///
 /// Each pair is read again right before it goes, and removed at once, so a packet that
 /// refreshes it meanwhile keeps it; a key that now holds another connection is left alone.
-pub fn sweep(map: &mut NatMap, cfg: &NatConfig, now: u64) -> Result<u64> {
+pub fn sweep(map: &mut NatMap, cfg: &NatConfig, now: u64) -> Result<Sweep> {
     let snapshot: StdHashMap<FlowKey, NatEntry> = map.iter().filter_map(|r| r.ok()).collect();
     let twin_of = |k: &FlowKey, e: &NatEntry| {
         let t = e.twin_key(k.family, k.proto);
@@ -130,10 +155,12 @@ pub fn sweep(map: &mut NatMap, cfg: &NatConfig, now: u64) -> Result<u64> {
             .map(|te| (t, *te))
     };
     let mut expired = 0;
+    let mut gone = std::collections::HashSet::new();
     for (k, e) in &snapshot {
         let Some((tk, te)) = twin_of(k, e) else {
             if now.saturating_sub(e.last_seen_ns) > ORPHAN_GRACE_NS {
                 remove_if_same(map, k, e)?;
+                gone.insert(*k);
             }
             continue;
         };
@@ -154,28 +181,56 @@ pub fn sweep(map: &mut NatMap, cfg: &NatConfig, now: u64) -> Result<u64> {
             // two removals, then never collides with the old reply entry.
             remove_if_same(map, &tk, &te)?;
             remove_if_same(map, k, e)?;
+            gone.extend([tk, *k]);
             expired += 1;
         }
     }
-    Ok(expired)
+    let mut left = Census::default();
+    for (k, e) in &snapshot {
+        if !gone.contains(k) {
+            left.add(e);
+        }
+    }
+    Ok(Sweep { expired, left })
 }
 
-/// Runs the collector on its own handle to the pinned table, so it never holds up the daemon.
-pub async fn collect(pin: &Path, cfg: NatConfig, expired_total: Arc<AtomicU64>) -> Result<()> {
+/// Runs the collector on its own thread and its own handle to the pinned table, so it never
+/// holds up the daemon (a sweep of a large table is many syscalls) and the daemon's tasks never
+/// hold it up. Stops when `stop` is set.
+pub fn spawn_collector(
+    pin: &Path,
+    cfg: NatConfig,
+    status: Arc<Mutex<NatStatus>>,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>> {
     let data = MapData::from_pin(pin)
         .map_err(|e| Error::dataplane(format!("open pinned {}: {e}", pin.display())))?;
     let mut map: NatMap = aya::maps::Map::HashMap(data)
         .try_into()
         .map_err(|e| Error::dataplane(format!("NAT table type: {e}")))?;
-    let mut tick = tokio::time::interval(Duration::from_millis(cfg.gc_interval_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        match tokio::task::block_in_place(|| sweep(&mut map, &cfg, monotonic_ns())) {
-            Ok(n) => {
-                expired_total.fetch_add(n, Ordering::Relaxed);
+    let every = Duration::from_millis(cfg.gc_interval_ms);
+    std::thread::Builder::new()
+        .name("nat-expiry".into())
+        .spawn(move || {
+            let mut next = std::time::Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                let now = std::time::Instant::now();
+                if now < next {
+                    std::thread::sleep((next - now).min(Duration::from_millis(100)));
+                    continue;
+                }
+                next = now + every;
+                let at = monotonic_ns();
+                match sweep(&mut map, &cfg, at) {
+                    Ok(swept) => {
+                        let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+                        s.expired += swept.expired;
+                        s.census = swept.left;
+                        s.swept_ns = at;
+                    }
+                    Err(e) => warn!("NAT expiry: {e}"),
+                }
             }
-            Err(e) => warn!("NAT expiry: {e}"),
-        }
-    }
+        })
+        .map_err(|e| Error::io("start the NAT expiry thread", e))
 }

@@ -345,8 +345,16 @@ fn nat_and_snat_serve_unmodified_backends_in_both_families() {
     ] {
         assert_eq!(counter(&stats, drop), 0, "{drop}: {stats}");
     }
-    assert!(stats["nat"]["connections"].as_u64() > Some(0), "{stats}");
-    assert!(stats["nat"]["snat_ports_in_use"].as_u64() > Some(0), "{stats}");
+    // The table's census comes from the collector's last sweep (every second here).
+    let counted = wait_until(Duration::from_secs(5), || {
+        let nat = &daemon.json(&["stats"])["nat"];
+        nat["connections"].as_u64() > Some(0) && nat["snat_ports_in_use"].as_u64() > Some(0)
+    });
+    assert!(
+        counted,
+        "no NAT connections counted: {}",
+        daemon.json(&["stats"])["nat"]
+    );
 }
 
 /// Many short connections through a small SNAT port range: entries expire after FIN and UDP

@@ -1460,19 +1460,42 @@ fn nat_entries_close_expire_and_follow_backend_changes() {
 
         // Expiry on the real table: idle pairs go after their timeout, not before.
         let now = monotonic_ns();
-        assert_eq!(sweep(&mut dp.nat, &cfg, now).expect("sweep"), 0);
+        let swept = sweep(&mut dp.nat, &cfg, now).expect("sweep");
+        assert_eq!(swept.expired, 0);
         assert_eq!(census(&dp.nat).connections, 1);
+        // What the collector reports (for `lb stats`) is what the table holds.
+        assert_eq!(swept.left, census(&dp.nat));
         let tcp_idle = cfg.tcp_timeout_s * SEC;
-        assert_eq!(sweep(&mut dp.nat, &cfg, now + tcp_idle - SEC).expect("sweep"), 0);
-        assert_eq!(sweep(&mut dp.nat, &cfg, now + tcp_idle + SEC).expect("sweep"), 1);
+        assert_eq!(
+            sweep(&mut dp.nat, &cfg, now + tcp_idle - SEC)
+                .expect("sweep")
+                .expired,
+            0
+        );
+        assert_eq!(
+            sweep(&mut dp.nat, &cfg, now + tcp_idle + SEC)
+                .expect("sweep")
+                .expired,
+            1
+        );
         assert_eq!(census(&dp.nat).entries, 0);
         // A SYN the backend never answered goes after the short SYN timeout: a SYN flood
         // cannot hold the table for the established one.
         assert_eq!(dp.run(&syn).0, XDP_TX);
         let now = monotonic_ns();
         let syn_idle = cfg.tcp_syn_timeout_s * SEC;
-        assert_eq!(sweep(&mut dp.nat, &cfg, now + syn_idle - SEC).expect("sweep"), 0);
-        assert_eq!(sweep(&mut dp.nat, &cfg, now + syn_idle + SEC).expect("sweep"), 1);
+        assert_eq!(
+            sweep(&mut dp.nat, &cfg, now + syn_idle - SEC)
+                .expect("sweep")
+                .expired,
+            0
+        );
+        assert_eq!(
+            sweep(&mut dp.nat, &cfg, now + syn_idle + SEC)
+                .expect("sweep")
+                .expired,
+            1
+        );
         // Closing connections go after the closing timeout.
         open(&dp);
         assert_eq!(dp.run(&backend(FIN_ACK)).0, XDP_TX);
@@ -1480,11 +1503,15 @@ fn nat_entries_close_expire_and_follow_backend_changes() {
         let now = monotonic_ns();
         let closing_idle = cfg.tcp_closing_timeout_s * SEC;
         assert_eq!(
-            sweep(&mut dp.nat, &cfg, now + closing_idle - SEC).expect("sweep"),
+            sweep(&mut dp.nat, &cfg, now + closing_idle - SEC)
+                .expect("sweep")
+                .expired,
             0
         );
         assert_eq!(
-            sweep(&mut dp.nat, &cfg, now + closing_idle + SEC).expect("sweep"),
+            sweep(&mut dp.nat, &cfg, now + closing_idle + SEC)
+                .expect("sweep")
+                .expired,
             1
         );
         assert_eq!(census(&dp.nat).entries, 0);
@@ -1493,8 +1520,18 @@ fn nat_entries_close_expire_and_follow_backend_changes() {
         assert_eq!(dp.run(&udp).0, XDP_TX);
         let udp_idle = cfg.udp_timeout_s * SEC;
         let now = monotonic_ns();
-        assert_eq!(sweep(&mut dp.nat, &cfg, now + udp_idle - SEC).expect("sweep"), 0);
-        assert_eq!(sweep(&mut dp.nat, &cfg, now + udp_idle + SEC).expect("sweep"), 1);
+        assert_eq!(
+            sweep(&mut dp.nat, &cfg, now + udp_idle - SEC)
+                .expect("sweep")
+                .expired,
+            0
+        );
+        assert_eq!(
+            sweep(&mut dp.nat, &cfg, now + udp_idle + SEC)
+                .expect("sweep")
+                .expired,
+            1
+        );
         // A half pair (its twin lost) is removed once past the grace period.
         assert_eq!(dp.run(&syn).0, XDP_TX);
         let (fwd_key, _) = dp
@@ -1503,7 +1540,10 @@ fn nat_entries_close_expire_and_follow_backend_changes() {
             .find(|(_, e)| !e.is_reply())
             .expect("forward");
         dp.nat.remove(&fwd_key).expect("remove forward");
-        assert_eq!(sweep(&mut dp.nat, &cfg, monotonic_ns()).expect("sweep"), 0);
+        assert_eq!(
+            sweep(&mut dp.nat, &cfg, monotonic_ns()).expect("sweep").expired,
+            0
+        );
         assert_eq!(census(&dp.nat).entries, 1, "within the grace period");
         sweep(&mut dp.nat, &cfg, monotonic_ns() + 3 * SEC).expect("sweep");
         assert_eq!(census(&dp.nat).entries, 0);
