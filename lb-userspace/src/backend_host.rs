@@ -79,7 +79,8 @@ fn validate_vips(vips: &[IpAddr]) -> Result<()> {
     Ok(())
 }
 
-/// Sets everything up; idempotent. Returns what it changed.
+/// Sets everything up for exactly `vips` (ones an earlier setup listed and these do not are
+/// dropped); idempotent. Returns what it changed.
 pub fn setup(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<String>> {
     validate_vips(vips)?;
     ifindex(interface)?;
@@ -114,15 +115,34 @@ pub fn setup(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Stri
     }
     let mut map = open_pinned::<HashMap<MapData, AddrKey, u32>>(&dir, maps::DECAP_VIPS)?;
     for &vip in vips {
-        if map.get(&addr_key(vip), 0).is_err() {
-            map.insert(addr_key(vip), 1, 0)
+        let had = map.get(&addr_key(vip), 0).ok();
+        let added = runtime.block_on(add_to_loopback(vip))?;
+        if added {
+            changed.push(format!("added {vip} to lo"));
+        }
+        let want = had.unwrap_or(VIP_LISTED) | if added { VIP_ADDED_TO_LO } else { 0 };
+        if had != Some(want) {
+            map.insert(addr_key(vip), want, 0)
                 .with_context(|| format!("add {vip} to the decapsulator"))?;
+        }
+        if had.is_none() {
             changed.push(format!("decapsulating for {vip}"));
         }
     }
-    for &vip in vips {
-        if runtime.block_on(add_to_loopback(vip))? {
-            changed.push(format!("added {vip} to lo"));
+    // The list is the whole truth: VIPs an earlier setup listed and this one does not are
+    // dropped, and taken off lo if that setup put them there.
+    let stale: Vec<(AddrKey, u32)> = map
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(k, _)| !vips.iter().any(|&v| addr_key(v) == *k))
+        .collect();
+    for (key, flags) in stale {
+        let vip = key_addr(&key);
+        map.remove(&key)
+            .with_context(|| format!("remove {vip} from the decapsulator"))?;
+        changed.push(format!("stopped decapsulating for {vip}"));
+        if flags & VIP_ADDED_TO_LO != 0 && runtime.block_on(remove_from_loopback(vip))? {
+            changed.push(format!("removed {vip} from lo"));
         }
     }
     for (path, want) in sysctls(interface) {
@@ -302,6 +322,47 @@ async fn link_mac(interface: &str) -> Result<[u8; 6]> {
         }
     }
     bail!("{interface} has no Ethernet address")
+}
+
+/// DECAP_VIPS values: the VIP is listed; setup put it on lo (so a later setup without it takes
+/// it off again; an address that was there before stays).
+const VIP_LISTED: u32 = 1;
+const VIP_ADDED_TO_LO: u32 = 2;
+
+fn key_addr(key: &AddrKey) -> IpAddr {
+    let b = lb_common::addr_bytes(key.addr);
+    if key.family == lb_common::FAMILY_V4 {
+        IpAddr::from([b[0], b[1], b[2], b[3]])
+    } else {
+        IpAddr::from(b)
+    }
+}
+
+/// Removes `vip` from lo; false if it was not there.
+async fn remove_from_loopback(vip: IpAddr) -> Result<bool> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(connection);
+    let mut stream = handle
+        .address()
+        .get()
+        .set_link_index_filter(ifindex("lo")?)
+        .execute();
+    while let Some(msg) = stream.try_next().await.context("list lo's addresses")? {
+        let matches = msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Address(x) if *x == vip));
+        if matches {
+            handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .with_context(|| format!("remove {vip} from lo"))?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Adds `vip` to lo; false if it was there already.

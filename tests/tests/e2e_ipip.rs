@@ -225,7 +225,7 @@ fn ipip_reaches_routed_backends_that_answer_directly() {
             String::from_utf8_lossy(&out.stdout)
         );
         // Idempotent.
-        let out = net.backend_host(i, true, "setup", &[IpAddr::V4(VIP4)]);
+        let out = net.backend_host(i, true, "setup", &both);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         assert_eq!(
             v["changed"],
@@ -233,6 +233,30 @@ fn ipip_reaches_routed_backends_that_answer_directly() {
             "second setup changed something"
         );
     }
+    // The list is the whole truth: a VIP dropped from it is no longer decapsulated and comes
+    // off lo (setup put it there); listing it again restores it.
+    let changed = |out: std::process::Output| {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        v["changed"].clone()
+    };
+    assert_eq!(
+        changed(net.backend_host(0, true, "setup", &[IpAddr::V4(VIP4)])),
+        serde_json::json!([
+            format!("stopped decapsulating for {VIP6}"),
+            format!("removed {VIP6} from lo")
+        ])
+    );
+    let out = net.backend_host(0, false, "check", &both);
+    assert_eq!(out.status.code(), Some(1), "check must miss {VIP6}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("FAIL {VIP6} is on lo")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        changed(net.backend_host(0, true, "setup", &both)),
+        serde_json::json!([format!("added {VIP6} to lo"), format!("decapsulating for {VIP6}")])
+    );
     net.start_servers();
 
     // IPv6 neighbour discovery needs the fresh links' addresses out of duplicate address
