@@ -330,11 +330,65 @@ impl Daemon {
             return Err(e);
         }
         warnings.extend(forwarding_warnings(&self.cfg.interfaces, &next));
+        warnings.extend(self.encap_mtu_warnings(&next, &hops).await);
         warnings.extend(nat_warnings(&self.cfg, &next));
         self.services = next;
         self.hops = hops;
         self.persist()?;
         Ok(warnings)
+    }
+
+    /// Encapsulated services whose backends' routes cannot carry a full-size client packet
+    /// plus the outer headers: such packets get "too big" answers, or are dropped. Says so,
+    /// with the fix.
+    async fn encap_mtu_warnings(
+        &self,
+        services: &[ServiceSpec],
+        hops: &HashMap<IpAddr, NextHop>,
+    ) -> Vec<String> {
+        let mut client = (0, "");
+        for iface in &self.cfg.interfaces {
+            let Ok(index) = dataplane::ifindex(iface) else {
+                continue;
+            };
+            if let Some(mtu) = self.resolver.interface_mtu(index).await
+                && mtu > client.0
+            {
+                client = (mtu, iface.as_str());
+            }
+        }
+        let (client_mtu, client_if) = client;
+        let mut out = Vec::new();
+        for s in services {
+            let overhead = match (s.forwarding, s.vip.is_ipv4()) {
+                (crate::config::Forwarding::Ipip, true) => 20,
+                (crate::config::Forwarding::Ipip, false) => 40,
+                (crate::config::Forwarding::Gue, true) => 32,
+                (crate::config::Forwarding::Gue, false) => 52,
+                _ => continue,
+            };
+            let need = client_mtu + overhead;
+            let short: Vec<(&str, u32)> = s
+                .backends
+                .iter()
+                .filter_map(|b| {
+                    let hop = hops.get(&b.address)?;
+                    (hop.mtu > 0 && hop.mtu < need).then_some((b.id.as_str(), hop.mtu))
+                })
+                .collect();
+            if let Some(&(id, mtu)) = short.iter().min_by_key(|(_, m)| *m) {
+                out.push(format!(
+                    "service {}: the routes to {} of its {} backends take less than the {need} bytes a full-size \
+                     client packet ({client_if} MTU {client_mtu}) needs once encapsulated (smallest: {id}, {mtu}); \
+                     such packets get ICMP \"too big\" answers, or are dropped (fix: raise the MTU towards the \
+                     backends to {need})",
+                    s.name,
+                    short.len(),
+                    s.backends.len()
+                ));
+            }
+        }
+        out
     }
 
     fn persist(&self) -> Result<()> {

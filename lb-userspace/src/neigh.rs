@@ -53,7 +53,7 @@ use rtnetlink::{
         AddressFamily, RouteNetlinkMessage,
         link::{LinkAttribute, LinkLayerType, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteType, RouteVia},
     },
 };
 use tokio::time::Instant;
@@ -87,6 +87,9 @@ pub struct NextHop {
     pub src_mac: [u8; 6],
     /// The backend's MAC, from the kernel's neighbour table.
     pub dst_mac: [u8; 6],
+    /// Largest packet the route takes (its MTU metric, else the interface's); 0 when not
+    /// looked up (on-link backends).
+    pub mtu: u32,
 }
 
 /// Why a backend has no usable next hop. Every message is one line naming the backend.
@@ -239,7 +242,14 @@ impl Resolver {
             ifname: link.name,
             src_mac: link.mac.unwrap_or_default(),
             dst_mac: [0; 6],
+            mtu: route.mtu.or(link.mtu).unwrap_or(0),
         })
+    }
+
+    /// An interface's MTU, from the kernel (in this thread's network namespace).
+    pub async fn interface_mtu(&self, ifindex: u32) -> Option<u32> {
+        let unspecified = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        self.link(unspecified, ifindex).await.ok().and_then(|l| l.mtu)
     }
 
     /// Route and interface checks: the on-link egress interface towards `addr`.
@@ -316,9 +326,16 @@ impl Resolver {
         }
         let mut ifindex = None;
         let mut gateway = None;
+        let mut mtu = None;
         for attr in &route.attributes {
             match attr {
                 RouteAttribute::Oif(index) => ifindex = Some(*index),
+                RouteAttribute::Metrics(metrics) => {
+                    mtu = metrics.iter().find_map(|m| match m {
+                        RouteMetric::Mtu(v) if *v > 0 => Some(*v),
+                        _ => None,
+                    })
+                }
                 RouteAttribute::Gateway(RouteAddress::Inet(a)) | RouteAttribute::Via(RouteVia::Inet(a)) => {
                     gateway = Some(IpAddr::V4(*a))
                 }
@@ -337,6 +354,7 @@ impl Resolver {
         Ok(Route {
             ifindex,
             gateway: gateway.filter(|g| *g != addr),
+            mtu,
         })
     }
 
@@ -360,9 +378,11 @@ impl Resolver {
         };
         let mut name = None;
         let mut mac = None;
+        let mut mtu = None;
         for attr in link.attributes {
             match attr {
                 LinkAttribute::IfName(n) => name = Some(n),
+                LinkAttribute::Mtu(v) => mtu = Some(v),
                 LinkAttribute::Address(a) if link.header.link_layer_type == LinkLayerType::Ether => {
                     mac = ethernet_unicast(&a)
                 }
@@ -372,6 +392,7 @@ impl Resolver {
         Ok(Link {
             name: name.unwrap_or_else(|| format!("#{ifindex}")),
             mac,
+            mtu,
         })
     }
 
@@ -528,11 +549,14 @@ impl fmt::Display for Failure {
 struct Route {
     ifindex: u32,
     gateway: Option<IpAddr>,
+    /// The route's MTU metric, if it has one.
+    mtu: Option<u32>,
 }
 
 struct Link {
     name: String,
     mac: Option<[u8; 6]>,
+    mtu: Option<u32>,
 }
 
 /// An on-link egress interface with an Ethernet address.
@@ -568,6 +592,7 @@ impl Egress {
             ifname: self.name.clone(),
             src_mac: self.mac,
             dst_mac,
+            mtu: 0,
         }
     }
 
@@ -886,6 +911,7 @@ mod tests {
             ifname: "va".to_string(),
             src_mac: want.a_mac,
             dst_mac: want.b_mac,
+            mtu: 0,
         };
         let ns = topo.a.clone();
         let b_mac = MacDisplay(&want.b_mac).to_string();

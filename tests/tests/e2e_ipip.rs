@@ -279,6 +279,18 @@ fn ipip_reaches_routed_backends_that_answer_directly() {
         let (instance, run_dir) = Daemon::new_paths();
         let config = net.config(&instance, &run_dir, mode);
         let daemon = Daemon::start_in(&net.lb, &instance, &run_dir, &config).expect("daemon");
+        // The route to the backends takes 1500 bytes (its MTU metric; the link takes 1600, as
+        // does the clients'): the daemon says that full-size packets will not fit once
+        // encapsulated.
+        let log = daemon.log();
+        for service in ["web4", "dns4", "web6", "dns6"] {
+            let warning = format!("service {service}: the routes to 2 of its 2 backends take less than");
+            let line = log.lines().find(|l| l.contains(&warning));
+            assert!(
+                line.is_some_and(|l| l.contains("MTU 1600") && l.contains(", 1500);")),
+                "{mode}: no MTU warning for {service} naming the route's 1500 bytes: {log}"
+            );
+        }
         for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
             let (tcp, udp) = traffic(&net.client, vip, 40);
             for (what, counts) in [("tcp", &tcp), ("udp", &udp)] {
