@@ -20,7 +20,10 @@ use aya::{
 use futures::TryStreamExt;
 use lb_common::{AddrKey, FAMILY_V4, FAMILY_V6, addr_words, maps};
 use log::{info, warn};
-use rtnetlink::packet_route::{address::AddressAttribute, link::LinkAttribute};
+use rtnetlink::packet_route::{
+    address::{AddressAttribute, AddressMessage},
+    link::LinkAttribute,
+};
 use serde::Serialize;
 
 use crate::daemon::mac_string;
@@ -338,51 +341,9 @@ fn key_addr(key: &AddrKey) -> IpAddr {
     }
 }
 
-/// Removes `vip` from lo; false if it was not there.
-async fn remove_from_loopback(vip: IpAddr) -> Result<bool> {
-    let (connection, handle, _) = rtnetlink::new_connection()?;
-    tokio::spawn(connection);
-    let mut stream = handle
-        .address()
-        .get()
-        .set_link_index_filter(ifindex("lo")?)
-        .execute();
-    while let Some(msg) = stream.try_next().await.context("list lo's addresses")? {
-        let matches = msg
-            .attributes
-            .iter()
-            .any(|a| matches!(a, AddressAttribute::Address(x) if *x == vip));
-        if matches {
-            handle
-                .address()
-                .del(msg)
-                .execute()
-                .await
-                .with_context(|| format!("remove {vip} from lo"))?;
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
-/// Adds `vip` to lo; false if it was there already.
-async fn add_to_loopback(vip: IpAddr) -> Result<bool> {
-    if loopback_addresses().await?.contains(&vip) {
-        return Ok(false);
-    }
-    let (connection, handle, _) = rtnetlink::new_connection()?;
-    tokio::spawn(connection);
-    let len = if vip.is_ipv4() { 32 } else { 128 };
-    handle
-        .address()
-        .add(ifindex("lo")?, vip, len)
-        .execute()
-        .await
-        .with_context(|| format!("add {vip}/{len} to lo"))?;
-    Ok(true)
-}
-
-async fn loopback_addresses() -> Result<Vec<IpAddr>> {
+/// lo's addresses, each with its netlink message, and the handle of the connection that read
+/// them (to change them on).
+async fn loopback() -> Result<(rtnetlink::Handle, Vec<(IpAddr, AddressMessage)>)> {
     let (connection, handle, _) = rtnetlink::new_connection()?;
     tokio::spawn(connection);
     let mut stream = handle
@@ -392,13 +353,50 @@ async fn loopback_addresses() -> Result<Vec<IpAddr>> {
         .execute();
     let mut out = Vec::new();
     while let Some(msg) = stream.try_next().await.context("list lo's addresses")? {
-        for attr in msg.attributes {
-            if let AddressAttribute::Address(a) = attr {
-                out.push(a);
-            }
+        let addr = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(x) => Some(*x),
+            _ => None,
+        });
+        if let Some(addr) = addr {
+            out.push((addr, msg));
         }
     }
-    Ok(out)
+    Ok((handle, out))
+}
+
+async fn loopback_addresses() -> Result<Vec<IpAddr>> {
+    Ok(loopback().await?.1.into_iter().map(|(a, _)| a).collect())
+}
+
+/// Removes `vip` from lo; false if it was not there.
+async fn remove_from_loopback(vip: IpAddr) -> Result<bool> {
+    let (handle, addrs) = loopback().await?;
+    let Some((_, msg)) = addrs.into_iter().find(|(a, _)| *a == vip) else {
+        return Ok(false);
+    };
+    handle
+        .address()
+        .del(msg)
+        .execute()
+        .await
+        .with_context(|| format!("remove {vip} from lo"))?;
+    Ok(true)
+}
+
+/// Adds `vip` to lo; false if it was there already.
+async fn add_to_loopback(vip: IpAddr) -> Result<bool> {
+    let (handle, addrs) = loopback().await?;
+    if addrs.iter().any(|(a, _)| *a == vip) {
+        return Ok(false);
+    }
+    let len = if vip.is_ipv4() { 32 } else { 128 };
+    handle
+        .address()
+        .add(ifindex("lo")?, vip, len)
+        .execute()
+        .await
+        .with_context(|| format!("add {vip}/{len} to lo"))?;
+    Ok(true)
 }
 
 /// What a sysctl must be. The kernel uses the larger of `all` and the interface's value for
