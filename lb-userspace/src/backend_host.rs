@@ -90,6 +90,15 @@ pub fn setup(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Stri
     let mut changed = Vec::new();
     let dir = pin_dir(interface)?;
     let link_pin = dir.join("link");
+    if link_pin.exists() && attachment(&link_pin, ifindex(interface)?) == Attachment::Elsewhere {
+        // An earlier interface of this name was removed (and maybe made again): its pinned
+        // link attaches nothing. A new link, on the same pinned maps, replaces it.
+        std::fs::remove_file(&link_pin).with_context(|| format!("remove {}", link_pin.display()))?;
+        attach(interface, &dir, &link_pin)?;
+        changed.push(format!(
+            "re-attached the decapsulator to {interface} (the old attachment was to a removed interface)"
+        ));
+    }
     if !link_pin.exists() {
         attach(interface, &dir, &link_pin).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&dir);
@@ -180,11 +189,17 @@ pub fn check(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Find
     ifindex(interface)?;
     let mut out = Vec::new();
     let dir = pin_dir(interface)?;
-    let attached = dir.join("link").exists();
+    let link_pin = dir.join("link");
+    let attached = link_pin.exists();
+    let here = attached && attachment(&link_pin, ifindex(interface)?) != Attachment::Elsewhere;
     out.push(Finding {
-        ok: attached,
-        what: format!("decapsulator attached to {interface}"),
-        fix: (!attached).then(|| format!("lb backend-host setup --interface {interface} --vip ...")),
+        ok: here,
+        what: if attached && !here {
+            format!("decapsulator attached to {interface} (its pinned attachment is to a removed interface)")
+        } else {
+            format!("decapsulator attached to {interface}")
+        },
+        fix: (!here).then(|| format!("lb backend-host setup --interface {interface} --vip ...")),
     });
     let map = if attached {
         open_pinned::<HashMap<MapData, AddrKey, u32>>(&dir, maps::DECAP_VIPS).ok()
@@ -265,6 +280,88 @@ pub fn check(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Find
         });
     }
     Ok(out)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Attachment {
+    /// The pinned link attaches the decapsulator to the interface of this name now.
+    Here,
+    /// To another interface: one that was removed (ifindex 0), or an older one of the name.
+    Elsewhere,
+    /// The kernel would not say: taken as attached, as before this check existed.
+    Unknown,
+}
+
+/// Where the XDP link pinned at `pin` is attached, compared with `ifindex`. aya's link info
+/// has no interface, so this asks the kernel directly (BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD).
+fn attachment(pin: &Path, ifindex: u32) -> Attachment {
+    use std::os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let Ok(path) = std::ffi::CString::new(pin.as_os_str().as_bytes()) else {
+        return Attachment::Unknown;
+    };
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: a valid bpf_attr prefix for BPF_OBJ_GET, and its size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Attachment::Unknown;
+    }
+    // SAFETY: the kernel just gave us this descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned, at 16) the per-type union,
+    // whose XDP member starts with the ifindex (0 once the interface is gone).
+    let mut info = [0u8; 64];
+    let by_fd = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: a valid bpf_attr prefix for BPF_OBJ_GET_INFO_BY_FD pointing at `info`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &by_fd as *const InfoByFd,
+            size_of::<InfoByFd>(),
+        )
+    };
+    let word = |at: usize| u32::from_ne_bytes([info[at], info[at + 1], info[at + 2], info[at + 3]]);
+    if rc != 0 || word(0) != BPF_LINK_TYPE_XDP {
+        return Attachment::Unknown;
+    }
+    if word(16) == ifindex {
+        Attachment::Here
+    } else {
+        Attachment::Elsewhere
+    }
 }
 
 fn attach(interface: &str, dir: &Path, link_pin: &Path) -> Result<()> {

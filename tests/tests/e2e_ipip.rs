@@ -355,3 +355,52 @@ fn ipip_reaches_routed_backends_that_answer_directly() {
         drop(daemon);
     }
 }
+
+/// Tears the decapsulator down when the test ends, also when it fails.
+struct Decap<'a>(&'a NetNs, &'static str);
+
+impl Drop for Decap<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .command(lb_bin())
+            .args(["backend-host", "teardown", "--interface", self.1])
+            .output();
+    }
+}
+
+#[test]
+fn backend_host_replaces_an_attachment_to_a_removed_interface() {
+    let ns = NetNs::new("bh").expect("namespace");
+    let link = "ip link add d0 type veth peer name d1 && ip link set d0 up && ip link set d1 up";
+    ns.sh(link).expect("veth");
+    let _decap = Decap(&ns, "d0");
+    let host = |verb: &str| {
+        ns.command(lb_bin())
+            .args(["--json", "backend-host", verb, "--interface", "d0", "--vip"])
+            .arg(VIP4.to_string())
+            .output()
+            .expect("run lb backend-host")
+    };
+    let out = host("setup");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(host("check").status.success());
+    // The interface goes and comes back under the same name: the pinned link is defunct.
+    ns.sh(&format!("ip link del d0 && {link}")).expect("recreate");
+    let out = host("check");
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("attachment is to a removed interface"), "{text}");
+    let out = host("setup");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        v["changed"][0]
+            .as_str()
+            .is_some_and(|c| c.starts_with("re-attached the decapsulator to d0")),
+        "{v}"
+    );
+    assert!(host("check").status.success(), "check after setup");
+    // Once is enough: a second setup changes nothing.
+    let v: serde_json::Value = serde_json::from_slice(&host("setup").stdout).expect("json");
+    assert_eq!(v["changed"], serde_json::json!([]));
+}
