@@ -26,4 +26,10 @@ impl Backend {
     pub const fn is_active(&self) -> bool {
         self.flags & BACKEND_F_ACTIVE != 0
     }
+
+    /// Whether a flow pinned to this slot at `generation` may still use it: the backend is live
+    /// and the slot was not given to another one since.
+    pub const fn serves(&self, generation: u32) -> bool {
+        self.is_active() && self.generation == generation
+    }
 }

@@ -71,6 +71,16 @@ pub const fn addr_bytes(w: [u32; 4]) -> [u8; 16] {
     ]
 }
 
+/// The address words of a key (IPv4 in word 0) as an `IpAddr` of `family`.
+pub fn ip_addr(family: u8, words: [u32; 4]) -> core::net::IpAddr {
+    let b = addr_bytes(words);
+    if family == FAMILY_V4 {
+        core::net::IpAddr::from([b[0], b[1], b[2], b[3]])
+    } else {
+        core::net::IpAddr::from(b)
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all these types are repr(C), Copy, have no implicit padding and accept any bit pattern.

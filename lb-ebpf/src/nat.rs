@@ -80,14 +80,9 @@ pub fn translate(
         }
         count(Counter::NatReply);
         traffic(e.service, e.backend, len, false);
-        let (dst, src, ifindex) = (e.dst_mac, e.src_mac, e.ifindex);
-        return match set_macs(frame, &dst, &src) {
-            Some(()) => send(ctx, ifindex),
-            None => Verdict::Drop(Counter::DropTruncatedL2),
-        };
+        return to_client(ctx, frame, e);
     }
-    let backend = backend.or_else(|| BACKENDS.get(e.backend).copied());
-    let Some(backend) = backend.filter(|b| b.is_active() && b.generation == e.generation) else {
+    let Some(backend) = backend.or_else(|| backend_of(e)) else {
         return Verdict::Drop(Counter::DropBackendMissing);
     };
     if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -114,14 +109,9 @@ fn error(ctx: &XdpContext, frame: &Frame, flow: &Flow, e: &NatEntry, backend: Op
     count(Counter::IcmpErrorForwarded);
     traffic(e.service, e.backend, frame.len() as u64, false);
     if e.flags & NAT_F_REPLY != 0 {
-        let (dst, src, ifindex) = (e.dst_mac, e.src_mac, e.ifindex);
-        return match set_macs(frame, &dst, &src) {
-            Some(()) => send(ctx, ifindex),
-            None => Verdict::Drop(Counter::DropTruncatedL2),
-        };
+        return to_client(ctx, frame, e);
     }
-    let backend = backend.or_else(|| BACKENDS.get(e.backend).copied());
-    match backend.filter(|b| b.is_active() && b.generation == e.generation) {
+    match backend.or_else(|| backend_of(e)) {
         Some(b) => to_backend(ctx, frame, &b),
         None => Verdict::Drop(Counter::DropBackendMissing),
     }
@@ -266,6 +256,25 @@ fn place(key: &FlowKey, entry: &NatEntry, taken: Counter) -> Result<(), Verdict>
         Ok(()) => Ok(()),
         Err(e) if e == -EEXIST => Err(Verdict::Drop(taken)),
         Err(_) => Err(Verdict::Drop(Counter::DropNatTableFull)),
+    }
+}
+
+/// The live backend of a request entry, if its slot still serves the connection.
+#[inline(always)]
+pub fn backend_of(e: &NatEntry) -> Option<Backend> {
+    BACKENDS
+        .get(e.backend)
+        .filter(|b| b.serves(e.generation))
+        .copied()
+}
+
+/// A reply goes out where the client's packets came in, to the MAC they came from.
+#[inline(always)]
+fn to_client(ctx: &XdpContext, frame: &Frame, reply: &NatEntry) -> Verdict {
+    let (dst, src, ifindex) = (reply.dst_mac, reply.src_mac, reply.ifindex);
+    match set_macs(frame, &dst, &src) {
+        Some(()) => send(ctx, ifindex),
+        None => Verdict::Drop(Counter::DropTruncatedL2),
     }
 }
 

@@ -79,8 +79,7 @@ pub fn choose(flow: &Flow) -> Result<Choice, Verdict> {
         // SAFETY: pointer from a successful lookup; FlowState is plain data.
         let state = unsafe { *state };
         if let Some(backend) = BACKENDS.get(state.backend)
-            && backend.is_active()
-            && backend.generation == state.generation
+            && backend.serves(state.generation)
         {
             count(Counter::ConntrackHit);
             return Ok(Choice::Backend(Chosen {
@@ -121,11 +120,8 @@ fn nat_backend(key: &FlowKey, entry: *mut NatEntry) -> NatHit {
     if e.is_reply() {
         return NatHit::Reply;
     }
-    if let Some(b) = BACKENDS.get(e.backend)
-        && b.is_active()
-        && b.generation == e.generation
-    {
-        return NatHit::Request(*b);
+    if let Some(b) = crate::nat::backend_of(e) {
+        return NatHit::Request(b);
     }
     let _ = NAT_FLOWS.remove(&e.twin_key(key.family, key.proto));
     let _ = NAT_FLOWS.remove(key);

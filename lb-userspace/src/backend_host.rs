@@ -149,7 +149,7 @@ pub fn setup(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Stri
         .filter(|(k, _)| !vips.iter().any(|&v| addr_key(v) == *k))
         .collect();
     for (key, flags) in stale {
-        let vip = key_addr(&key);
+        let vip = lb_common::ip_addr(key.family, key.addr);
         map.remove(&key)
             .with_context(|| format!("remove {vip} from the decapsulator"))?;
         changed.push(format!("stopped decapsulating for {vip}"));
@@ -428,15 +428,6 @@ async fn link_mac(interface: &str) -> Result<[u8; 6]> {
 /// it off again; an address that was there before stays).
 const VIP_LISTED: u32 = 1;
 const VIP_ADDED_TO_LO: u32 = 2;
-
-fn key_addr(key: &AddrKey) -> IpAddr {
-    let b = lb_common::addr_bytes(key.addr);
-    if key.family == lb_common::FAMILY_V4 {
-        IpAddr::from([b[0], b[1], b[2], b[3]])
-    } else {
-        IpAddr::from(b)
-    }
-}
 
 /// lo's addresses, each with its netlink message, and the handle of the connection that read
 /// them (to change them on).

@@ -588,7 +588,7 @@ impl Daemon {
                 .dp
                 .backends
                 .get(&state.backend, 0)
-                .is_ok_and(|b| b.is_active() && b.generation == state.generation);
+                .is_ok_and(|b| b.serves(state.generation));
             if let (true, Some(b)) = (live, by_slot(state.backend)) {
                 return Ok(
                     json!({"service": svc.name, "backend": b.id, "address": b.address, "source": "connection-table"}),
@@ -700,13 +700,7 @@ fn backend_addresses(services: &[ServiceSpec]) -> std::collections::BTreeMap<IpA
 
 /// A NAT entry's address words and network-order port as a socket address.
 fn socket_of(words: [u32; 4], port_be: u16, family: u8) -> std::net::SocketAddr {
-    let b = lb_common::addr_bytes(words);
-    let ip: IpAddr = if family == lb_common::FAMILY_V4 {
-        IpAddr::from([b[0], b[1], b[2], b[3]])
-    } else {
-        IpAddr::from(b)
-    };
-    std::net::SocketAddr::new(ip, u16::from_be(port_be))
+    std::net::SocketAddr::new(lb_common::ip_addr(family, words), u16::from_be(port_be))
 }
 
 fn unknown_service(name: &str) -> Error {
