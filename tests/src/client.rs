@@ -66,33 +66,40 @@ pub fn tcp_flows(
     })
 }
 
+/// A UDP socket on any address of `target`'s family, connected to `target`; a receive waits
+/// at most `timeout`.
+pub fn udp_socket(target: SocketAddr, timeout: Duration) -> std::io::Result<UdpSocket> {
+    let any: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .expect("addr");
+    let s = UdpSocket::bind(any)?;
+    s.connect(target)?;
+    s.set_read_timeout(Some(timeout))?;
+    Ok(s)
+}
+
+/// Asks on a connected UDP socket until an answer comes, at most 5 times: UDP may lose a
+/// datagram (the first ones, say, while neighbours resolve).
+pub fn udp_ask(s: &UdpSocket) -> Option<String> {
+    let mut buf = [0u8; 128];
+    for _ in 0..5 {
+        s.send(b"who").ok()?;
+        if let Ok(len) = s.recv(&mut buf) {
+            return Some(String::from_utf8_lossy(&buf[..len]).trim().to_string());
+        }
+    }
+    None
+}
+
 /// `n` UDP flows (one socket each); every datagram of a flow must reach the same backend.
 pub fn udp_flows(topo: &Topology, vip: IpAddr, n: usize) -> HashMap<String, usize> {
     in_ns(&topo.client, move || {
         let mut counts = HashMap::new();
-        let bind: SocketAddr = if vip.is_ipv4() {
-            "0.0.0.0:0".parse().expect("addr")
-        } else {
-            "[::]:0".parse().expect("addr")
-        };
         for _ in 0..n {
-            let s = UdpSocket::bind(bind).expect("bind");
-            s.connect(SocketAddr::new(vip, PORT)).expect("connect");
-            s.set_read_timeout(Some(Duration::from_millis(500)))
-                .expect("timeout");
+            let s = udp_socket(SocketAddr::new(vip, PORT), Duration::from_millis(500)).expect("UDP socket");
             let mut first: Option<String> = None;
             for _ in 0..3 {
-                // UDP can lose a datagram; retry a bounded number of times.
-                let mut answer = None;
-                for _ in 0..5 {
-                    s.send(b"who").expect("send");
-                    let mut buf = [0u8; 64];
-                    if let Ok(len) = s.recv(&mut buf) {
-                        answer = Some(String::from_utf8_lossy(&buf[..len]).to_string());
-                        break;
-                    }
-                }
-                let answer = answer.expect("UDP answer within 5 tries");
+                let answer = udp_ask(&s).expect("UDP answer within 5 tries");
                 match &first {
                     None => first = Some(answer),
                     Some(f) => assert_eq!(&answer, f, "a UDP flow changed backend"),

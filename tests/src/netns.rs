@@ -49,6 +49,25 @@ impl NetNs {
         cmd
     }
 
+    /// A veth pair: `name` here, `peer_name` in `peer`, both up.
+    pub fn veth(&self, name: &str, peer: &NetNs, peer_name: &str) -> Result<()> {
+        self.sh(&format!(
+            "ip link add {name} type veth peer name {peer_name} netns {} && ip link set {name} up",
+            peer.name
+        ))?;
+        peer.sh(&format!("ip link set {peer_name} up"))?;
+        Ok(())
+    }
+
+    /// Waits (bounded) until no IPv6 address here is tentative: neighbour discovery needs fresh
+    /// links' addresses out of duplicate address detection first. Says whether they are.
+    pub fn wait_dad(&self, timeout: std::time::Duration) -> bool {
+        crate::wait_until(timeout, || {
+            self.sh("ip -6 addr show tentative")
+                .is_ok_and(|o| o.trim().is_empty())
+        })
+    }
+
     /// Runs a shell command line in the namespace; fails with its stderr.
     pub fn sh(&self, line: &str) -> Result<String> {
         let out = run(self.command("sh").args(["-c", line]))?;

@@ -13,7 +13,7 @@
 use std::{
     collections::HashMap,
     io::{BufRead, Write},
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -22,7 +22,6 @@ use lb_tests::{
     NetNs, client, in_ns, lb_bin,
     servers::Servers,
     topology::{Daemon, PORT, VIP4, VIP6, attach_pass, four_services},
-    wait_until,
 };
 
 const BACKENDS: u8 = 2;
@@ -49,23 +48,14 @@ impl Drop for Routed {
     }
 }
 
-fn veth(a: &NetNs, a_name: &str, b: &NetNs, b_name: &str) -> Result<()> {
-    a.sh(&format!(
-        "ip link add {a_name} type veth peer name {b_name} netns {} && ip link set {a_name} up",
-        b.name
-    ))?;
-    b.sh(&format!("ip link set {b_name} up"))?;
-    Ok(())
-}
-
 impl Routed {
     fn new() -> Result<Self> {
         let router = NetNs::new("rt")?;
         let client = NetNs::new("cl")?;
         let lb = NetNs::new("lb")?;
         router.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1")?;
-        veth(&router, "c0", &client, "eth0")?;
-        veth(&router, "l0", &lb, "eth0")?;
+        router.veth("c0", &client, "eth0")?;
+        router.veth("l0", &lb, "eth0")?;
         router.sh(
             "ip addr add 10.81.0.1/24 dev c0 && ip addr add fd81::1/64 dev c0 nodad && \
              ip addr add 10.82.0.1/24 dev l0 && ip addr add fd82::1/64 dev l0 nodad && \
@@ -99,7 +89,7 @@ impl Routed {
         };
         for i in 1..=BACKENDS {
             let b = NetNs::new(&format!("b{i}"))?;
-            veth(&routed._router, &format!("b{i}"), &b, "eth0")?;
+            routed._router.veth(&format!("b{i}"), &b, "eth0")?;
             routed._router.sh(&format!(
                 "ip addr add 10.83.{i}.1/24 dev b{i} && ip addr add fd83:{i}::1/64 dev b{i} nodad && \
                  ip link set b{i} mtu 1600"
@@ -170,23 +160,10 @@ fn traffic(client_ns: &NetNs, vip: IpAddr, n: usize) -> (HashMap<String, usize>,
             *tcp.entry(first).or_insert(0) += 1;
         }
         let mut udp = HashMap::new();
-        let bind: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-            .parse()
-            .expect("addr");
         for _ in 0..n {
-            let s = UdpSocket::bind(bind).expect("bind");
-            s.connect(SocketAddr::new(vip, PORT)).expect("connect");
-            s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
-            let mut buf = [0u8; 64];
-            let mut answer = None;
-            // UDP may lose the first datagram while neighbours resolve: bounded retries.
-            for _ in 0..5 {
-                s.send(b"who\n").expect("send");
-                if let Ok(len) = s.recv(&mut buf) {
-                    answer = Some(String::from_utf8_lossy(&buf[..len]).trim().to_string());
-                    break;
-                }
-            }
+            let target = SocketAddr::new(vip, PORT);
+            let s = client::udp_socket(target, Duration::from_secs(3)).expect("UDP socket");
+            let answer = client::udp_ask(&s);
             *udp.entry(answer.expect("UDP answer through IPIP")).or_insert(0) += 1;
         }
         (tcp, udp)
@@ -266,9 +243,7 @@ fn ipip_reaches_routed_backends_that_answer_directly() {
         .chain(net.backends.iter())
     {
         assert!(
-            wait_until(Duration::from_secs(15), || ns
-                .sh("ip -6 addr show tentative")
-                .is_ok_and(|o| o.trim().is_empty())),
+            ns.wait_dad(Duration::from_secs(15)),
             "DAD did not finish in {}",
             ns.name
         );

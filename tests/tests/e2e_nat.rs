@@ -13,7 +13,7 @@
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::Result;
 use lb_tests::{
-    NetNs, in_ns,
+    NetNs, client, in_ns,
     servers::Servers,
     topology::{Daemon, VIP4, VIP6, attach_pass},
     wait_until,
@@ -66,20 +66,16 @@ impl Net {
         let client = NetNs::new("cl")?;
         let lb = NetNs::new("lb")?;
         switch.sh("ip link add br0 type bridge && ip link set br0 up")?;
+        client.veth("eth0", &lb, "eth0")?;
         client.sh(&format!(
-            "ip link add eth0 type veth peer name eth0 netns {} && ip link set eth0 up && \
-             ip addr add {CLIENT4}/24 dev eth0 && ip addr add {CLIENT6}/64 dev eth0 nodad && \
+            "ip addr add {CLIENT4}/24 dev eth0 && ip addr add {CLIENT6}/64 dev eth0 nodad && \
              ethtool -K eth0 tx off >/dev/null && \
-             ip route add {VIP4}/32 via 10.98.0.2 && ip -6 route add {VIP6}/128 via fd98::2",
-            lb.name
+             ip route add {VIP4}/32 via 10.98.0.2 && ip -6 route add {VIP6}/128 via fd98::2"
         ))?;
-        switch.sh(&format!(
-            "ip link add lbport type veth peer name eth1 netns {} && ip link set lbport master br0 up",
-            lb.name
-        ))?;
+        switch.veth("lbport", &lb, "eth1")?;
+        switch.sh("ip link set lbport master br0")?;
         lb.sh(&format!(
-            "ip link set eth0 up && ip link set eth1 up && \
-             ip addr add 10.98.0.2/24 dev eth0 && ip addr add fd98::2/64 dev eth0 nodad && \
+            "ip addr add 10.98.0.2/24 dev eth0 && ip addr add fd98::2/64 dev eth0 nodad && \
              ip addr add {SNAT4}/24 dev eth1 && ip addr add {SNAT6}/64 dev eth1 nodad && \
              sysctl -qw net.ipv4.ip_forward=0 net.ipv6.conf.all.forwarding=0"
         ))?;
@@ -94,12 +90,10 @@ impl Net {
         };
         for i in 1..=BACKENDS {
             let b = NetNs::new(&format!("b{i}"))?;
-            net.switch.sh(&format!(
-                "ip link add p{i} type veth peer name eth0 netns {} && ip link set p{i} master br0 up",
-                b.name
-            ))?;
+            net.switch.veth(&format!("p{i}"), &b, "eth0")?;
+            net.switch.sh(&format!("ip link set p{i} master br0"))?;
             b.sh(&format!(
-                "ip link set eth0 up && ip addr add {}/24 dev eth0 && ip addr add {}/64 dev eth0 nodad && \
+                "ip addr add {}/24 dev eth0 && ip addr add {}/64 dev eth0 nodad && \
                  ethtool -K eth0 tx off >/dev/null",
                 backend4(i),
                 backend6(i)
@@ -114,9 +108,7 @@ impl Net {
         }
         for ns in [&net.client, &net.lb].into_iter().chain(net.backends.iter()) {
             assert!(
-                wait_until(Duration::from_secs(15), || ns
-                    .sh("ip -6 addr show tentative")
-                    .is_ok_and(|o| o.trim().is_empty())),
+                ns.wait_dad(Duration::from_secs(15)),
                 "DAD did not finish in {}",
                 ns.name
             );
@@ -201,22 +193,9 @@ fn tcp_ask(target: SocketAddr) -> std::io::Result<String> {
     Ok(line.trim().to_string())
 }
 
-/// One UDP request from a fresh socket (bounded retries: a datagram may be lost).
+/// One UDP request from a fresh socket.
 fn udp_ask(target: SocketAddr) -> Option<String> {
-    let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-        .parse()
-        .expect("addr");
-    let s = UdpSocket::bind(bind).ok()?;
-    s.connect(target).ok()?;
-    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
-    let mut buf = [0u8; 128];
-    for _ in 0..5 {
-        s.send(b"who").ok()?;
-        if let Ok(len) = s.recv(&mut buf) {
-            return Some(String::from_utf8_lossy(&buf[..len]).to_string());
-        }
-    }
-    None
+    client::udp_ask(&client::udp_socket(target, Duration::from_millis(500)).ok()?)
 }
 
 /// `n` TCP connections and `n` UDP flows from the client; every one must be answered with
@@ -278,12 +257,7 @@ fn nat_and_snat_serve_unmodified_backends_in_both_families() {
         for port in [CLOSED_NAT_PORT, CLOSED_SNAT_PORT] {
             let target = SocketAddr::new(vip, port);
             let refused = in_ns(&net.client, move || {
-                let bind: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-                    .parse()
-                    .expect("addr");
-                let s = UdpSocket::bind(bind).expect("bind");
-                s.connect(target).expect("connect");
-                s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+                let s = client::udp_socket(target, Duration::from_secs(2)).expect("UDP socket");
                 s.send(b"anyone?").expect("send");
                 s.recv(&mut [0u8; 16]).map_err(|e| e.kind())
             });
