@@ -38,6 +38,19 @@ pub enum Request {
         weight: u32,
     },
     Stats,
+    /// Every backend's health, or one service's.
+    Health {
+        #[serde(default)]
+        service: Option<String>,
+    },
+    /// Set a backend's external health score (0..1), optionally for `ttl` seconds.
+    SetHealth {
+        service: String,
+        id: String,
+        score: f64,
+        #[serde(default)]
+        ttl: Option<f64>,
+    },
     Lookup {
         protocol: Protocol,
         src: SocketAddr,

@@ -26,7 +26,7 @@ use rtnetlink::packet_route::{
 };
 use serde::Serialize;
 
-use crate::daemon::mac_string;
+use crate::control::queries::mac_string;
 
 /// Pins of one interface's decapsulator: `<dir>/link`, `<dir>/DECAP_VIPS`, `<dir>/DECAP_STATS`,
 /// under `/sys/fs/bpf/lb-decap/<network namespace inode>/<interface>`: bpffs is shared by all

@@ -54,6 +54,11 @@ pub enum Command {
     Backend(BackendCmd),
     /// Show per-service and per-backend traffic and the global counters.
     Stats,
+    /// Show each backend's health: state, score and its inputs, last check, since when.
+    Health {
+        /// Only this service.
+        service: Option<String>,
+    },
     /// Show which backend a flow gets.
     Lookup {
         #[arg(long, short = 'p', default_value = "tcp")]
@@ -155,6 +160,16 @@ pub enum BackendCmd {
         id: String,
         weight: u32,
     },
+    /// Set a backend's external health score, 0..1 (0 excludes it); it multiplies the score
+    /// of the active checks.
+    Health {
+        service: String,
+        id: String,
+        score: f64,
+        /// Seconds until the score expires (default: never).
+        #[arg(long)]
+        ttl: Option<f64>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -195,6 +210,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                 forwarding: a.forwarding,
                 fragments: a.fragments,
                 snat: a.snat,
+                health: None,
                 backends: Vec::new(),
             },
         },
@@ -209,6 +225,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                 region: a.region.clone(),
                 zone: a.zone.clone(),
                 labels: Default::default(),
+                health: None,
             },
         },
         Command::Backend(BackendCmd::Remove { service, id }) => Request::RemoveBackend {
@@ -220,7 +237,21 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             id: id.clone(),
             weight: *weight,
         },
+        Command::Backend(BackendCmd::Health {
+            service,
+            id,
+            score,
+            ttl,
+        }) => Request::SetHealth {
+            service: service.clone(),
+            id: id.clone(),
+            score: *score,
+            ttl: *ttl,
+        },
         Command::Stats => Request::Stats,
+        Command::Health { service } => Request::Health {
+            service: service.clone(),
+        },
         Command::Lookup { protocol, src, dst } => Request::Lookup {
             protocol: *protocol,
             src: *src,
@@ -312,6 +343,45 @@ fn print_human(command: &Command, data: &Value) {
                 "nat: connections={} entries={} snat_ports_in_use={} expired={}",
                 nat["connections"], nat["entries"], nat["snat_ports_in_use"], nat["expired"]
             );
+        }
+        Command::Health { .. } => {
+            for s in data.as_array().into_iter().flatten() {
+                println!(
+                    "{}{}",
+                    s["service"].as_str().unwrap_or_default(),
+                    if s["panic"] == true { " PANIC" } else { "" }
+                );
+                for b in s["backends"].as_array().into_iter().flatten() {
+                    let check = &b["check"];
+                    let last = if check.is_null() {
+                        "not checked".to_string()
+                    } else {
+                        let l = &check["last"];
+                        format!(
+                            "{} {}: {} ({:.1} ms) since {}",
+                            check["kind"].as_str().unwrap_or_default(),
+                            check["target"].as_str().unwrap_or_default(),
+                            l["detail"].as_str().unwrap_or("no result yet"),
+                            l["latency_ms"].as_f64().unwrap_or(0.0),
+                            check["reason"].as_str().unwrap_or_default(),
+                        )
+                    };
+                    let external = b["external"]["score"]
+                        .as_f64()
+                        .map(|x| format!(" external={x}"))
+                        .unwrap_or_default();
+                    println!(
+                        "  {:<16} {:<5} score={:<4} weight={}/{}{} {}",
+                        b["id"].as_str().unwrap_or_default(),
+                        b["state"].as_str().unwrap_or_default(),
+                        b["health_score"],
+                        b["effective_weight"],
+                        b["weight"],
+                        external,
+                        last
+                    );
+                }
+            }
         }
         Command::Lookup { .. } => println!(
             "{} -> {} ({}) via {}",

@@ -3,31 +3,37 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    fmt,
     net::IpAddr,
     path::{Path, PathBuf},
 };
 
-use lb_common::maps::{
-    DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, DEFAULT_TABLE_SIZE, MAX_SERVICES,
-};
+use lb_common::maps::{DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, DEFAULT_TABLE_SIZE};
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::{
+    DEFAULT_WEIGHT, Forwarding, FragmentPolicy, HashMode, MAX_WEIGHT, Protocol, validate_name,
+    validate_services, validate_table_size, validate_weight,
+};
 use crate::{
     error::{Error, Result},
-    maglev::{MAX_TABLE_SIZE, is_prime},
+    health::HealthSettings,
+    model::{Backend, Service},
 };
 
-pub const MAX_WEIGHT: u32 = 10_000;
-pub const DEFAULT_WEIGHT: u32 = 100;
-pub const MAX_BACKENDS_PER_SERVICE: usize = 4096;
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// A loaded config: the daemon's settings and the services, as the model.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub daemon: DaemonConfig,
+    pub services: Vec<Service>,
+}
+
+/// The file as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    daemon: DaemonConfig,
     #[serde(default, rename = "service")]
-    pub services: Vec<ServiceSpec>,
+    services: Vec<ServiceSpec>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -216,114 +222,7 @@ pub enum XdpModeSetting {
     Generic,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    pub const fn number(self) -> u8 {
-        match self {
-            Self::Tcp => lb_common::PROTO_TCP,
-            Self::Udp => lb_common::PROTO_UDP,
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-        })
-    }
-}
-
-impl std::str::FromStr for Protocol {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "tcp" => Ok(Self::Tcp),
-            "udp" => Ok(Self::Udp),
-            _ => Err(Error::invalid(format!(
-                "unknown protocol {s:?} (expected tcp or udp)"
-            ))),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum HashMode {
-    /// Source and destination address and port, and protocol.
-    #[default]
-    FiveTuple,
-    /// Source address only: a client always lands on the same backend.
-    Source,
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum Forwarding {
-    /// L2 direct server return: rewrite MACs, backend answers the client directly.
-    #[default]
-    Dsr,
-    /// IPIP (IPv4-in-IPv4, IPv6-in-IPv6) to routed backends, which strip it (`lb backend-host
-    /// setup`) and answer the client directly.
-    Ipip,
-    /// As IPIP, inside UDP to `gue_port` (GUE), for networks that filter IP protocols 4 and 41.
-    Gue,
-    /// NAT for unmodified backends: the destination becomes the backend's address and port,
-    /// replies come back through the balancer and leave from the VIP. With `snat = true` the
-    /// source becomes the balancer's `daemon.nat` address and port too.
-    Nat,
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum FragmentPolicy {
-    #[default]
-    Pass,
-    Hash,
-}
-
-impl std::str::FromStr for FragmentPolicy {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "pass" => Ok(Self::Pass),
-            "hash" => Ok(Self::Hash),
-            _ => Err(Error::invalid(format!(
-                "unknown fragment policy {s:?} (expected pass or hash)"
-            ))),
-        }
-    }
-}
-
-impl std::str::FromStr for Forwarding {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "dsr" => Ok(Self::Dsr),
-            "ipip" => Ok(Self::Ipip),
-            "gue" => Ok(Self::Gue),
-            "nat" => Ok(Self::Nat),
-            _ => Err(Error::invalid(format!(
-                "unknown forwarding mode {s:?} (expected dsr, ipip, gue or nat)"
-            ))),
-        }
-    }
-}
-
-impl Forwarding {
-    /// Whether backends must be on-link with a resolved MAC (else only a route is needed).
-    pub fn needs_l2(self) -> bool {
-        matches!(self, Forwarding::Dsr | Forwarding::Nat)
-    }
-}
-
+/// A service as written in the config file, sent by the CLI and kept in the state file.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
@@ -347,6 +246,9 @@ pub struct ServiceSpec {
     /// so replies return through the balancer whatever the backends' routes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub snat: bool,
+    /// `[service.health]`: active checks and what health does to traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSettings>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendSpec>,
 }
@@ -372,6 +274,75 @@ pub struct BackendSpec {
     pub zone: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// `[service.backend.health]`: this backend's overrides of the service's settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSettings>,
+}
+
+impl From<ServiceSpec> for Service {
+    fn from(s: ServiceSpec) -> Self {
+        Service {
+            name: s.name,
+            vip: s.vip,
+            port: s.port,
+            protocol: s.protocol,
+            table_size: s.table_size,
+            hash: s.hash,
+            forwarding: s.forwarding,
+            fragments: s.fragments,
+            snat: s.snat,
+            health: s.health,
+            backends: s.backends.into_iter().map(Backend::from).collect(),
+        }
+    }
+}
+
+impl From<BackendSpec> for Backend {
+    fn from(b: BackendSpec) -> Self {
+        Backend {
+            id: b.id,
+            address: b.address,
+            port: b.port,
+            weight: b.weight,
+            region: b.region,
+            zone: b.zone,
+            labels: b.labels,
+            health: b.health,
+        }
+    }
+}
+
+impl From<&Service> for ServiceSpec {
+    fn from(s: &Service) -> Self {
+        ServiceSpec {
+            name: s.name.clone(),
+            vip: s.vip,
+            port: s.port,
+            protocol: s.protocol,
+            table_size: s.table_size,
+            hash: s.hash,
+            forwarding: s.forwarding,
+            fragments: s.fragments,
+            snat: s.snat,
+            health: s.health.clone(),
+            backends: s.backends.iter().map(BackendSpec::from).collect(),
+        }
+    }
+}
+
+impl From<&Backend> for BackendSpec {
+    fn from(b: &Backend) -> Self {
+        BackendSpec {
+            id: b.id.clone(),
+            address: b.address,
+            port: b.port,
+            weight: b.weight,
+            region: b.region.clone(),
+            zone: b.zone.clone(),
+            labels: b.labels.clone(),
+            health: b.health.clone(),
+        }
+    }
 }
 
 fn default_weight() -> u32 {
@@ -389,7 +360,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Self> {
-        let cfg: Config = toml::from_str(text).map_err(|e| {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| {
             // toml's messages span several lines (with a source excerpt); keep the first.
             let msg = e.message().to_string();
             let at = e
@@ -399,6 +370,10 @@ impl Config {
                 .unwrap_or_default();
             Error::config(format!("{at}{}", msg.lines().next().unwrap_or("invalid TOML")))
         })?;
+        let cfg = Config {
+            daemon: file.daemon,
+            services: file.services.into_iter().map(Service::from).collect(),
+        };
         cfg.daemon.validate()?;
         validate_services(&cfg.services)?;
         validate_against(&cfg.daemon, &cfg.services)?;
@@ -462,130 +437,6 @@ pub fn socket_path(run_dir: &Path, instance: &str) -> PathBuf {
     run_dir.join(format!("{instance}.sock"))
 }
 
-/// Names: 1..=max characters of `[A-Za-z0-9._-]`.
-pub fn validate_name(what: &str, name: &str, max: usize) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= max
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "invalid {what} {name:?}: use 1 to {max} characters of letters, digits, '.', '_' or '-'"
-        )))
-    }
-}
-
-pub fn validate_weight(weight: u32) -> Result<()> {
-    if weight > MAX_WEIGHT {
-        return Err(Error::invalid(format!(
-            "weight {weight} is out of range 0..={MAX_WEIGHT}"
-        )));
-    }
-    Ok(())
-}
-
-pub fn validate_table_size(size: u32) -> Result<()> {
-    if !(3..=MAX_TABLE_SIZE).contains(&size) || !is_prime(size) {
-        return Err(Error::invalid(format!(
-            "table size {size} must be a prime between 3 and {MAX_TABLE_SIZE} (for example 65537)"
-        )));
-    }
-    Ok(())
-}
-
-impl ServiceSpec {
-    pub fn validate(&self) -> Result<()> {
-        validate_name("service name", &self.name, 64)?;
-        validate_table_size(self.table_size)?;
-        if self.vip.is_unspecified() || self.vip.is_multicast() {
-            return Err(Error::invalid(format!(
-                "service {}: invalid VIP {}",
-                self.name, self.vip
-            )));
-        }
-        if self.snat && self.forwarding != Forwarding::Nat {
-            return Err(Error::invalid(format!(
-                "service {}: snat needs forwarding = \"nat\"",
-                self.name
-            )));
-        }
-        if self.forwarding == Forwarding::Nat
-            && self.port == 0
-            && let Some(b) = self.backends.iter().find(|b| b.port.is_none())
-        {
-            return Err(Error::invalid(format!(
-                "service {}: NAT on all ports needs a port for backend {} (the destination is rewritten to it)",
-                self.name, b.id
-            )));
-        }
-        if self.forwarding == Forwarding::Nat && self.fragments == FragmentPolicy::Hash {
-            return Err(Error::invalid(format!(
-                "service {}: NAT cannot translate fragments (later ones carry no ports); use fragments = \"pass\"",
-                self.name
-            )));
-        }
-        if self.backends.len() > MAX_BACKENDS_PER_SERVICE {
-            return Err(Error::invalid(format!(
-                "service {}: {} backends is more than the maximum {MAX_BACKENDS_PER_SERVICE}",
-                self.name,
-                self.backends.len()
-            )));
-        }
-        let mut ids = HashSet::new();
-        let mut endpoints = HashSet::new();
-        for b in &self.backends {
-            b.validate(self)?;
-            if !ids.insert(b.id.as_str()) {
-                return Err(Error::invalid(format!(
-                    "service {}: duplicate backend id {}",
-                    self.name, b.id
-                )));
-            }
-            if !endpoints.insert((b.address, b.port(self))) {
-                return Err(Error::invalid(format!(
-                    "service {}: backend {} duplicates address {} port {}",
-                    self.name,
-                    b.id,
-                    b.address,
-                    b.port(self)
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    pub fn backend(&self, id: &str) -> Option<&BackendSpec> {
-        self.backends.iter().find(|b| b.id == id)
-    }
-}
-
-impl BackendSpec {
-    pub fn port(&self, service: &ServiceSpec) -> u16 {
-        self.port.unwrap_or(service.port)
-    }
-
-    pub fn validate(&self, service: &ServiceSpec) -> Result<()> {
-        validate_name("backend id", &self.id, 64)?;
-        validate_weight(self.weight).map_err(|e| Error::invalid(format!("backend {}: {e}", self.id)))?;
-        if self.address.is_ipv4() != service.vip.is_ipv4() {
-            return Err(Error::invalid(format!(
-                "backend {} address {} is not of the same IP family as VIP {}",
-                self.id, self.address, service.vip
-            )));
-        }
-        if self.address.is_unspecified() || self.address.is_multicast() || self.address.is_loopback() {
-            return Err(Error::invalid(format!(
-                "backend {}: invalid address {}",
-                self.id, self.address
-            )));
-        }
-        Ok(())
-    }
-}
-
 impl NatConfig {
     pub fn validate(&self) -> Result<()> {
         if self.table_size < 1024 {
@@ -639,7 +490,7 @@ impl NatConfig {
 }
 
 /// Checks services against the daemon settings they depend on (SNAT needs a source address).
-pub fn validate_against(daemon: &DaemonConfig, services: &[ServiceSpec]) -> Result<()> {
+pub fn validate_against(daemon: &DaemonConfig, services: &[Service]) -> Result<()> {
     // Replies to the SNAT source must never be taken for VIP or backend traffic.
     for a in [
         daemon.nat.source4.map(IpAddr::V4),
@@ -670,38 +521,6 @@ pub fn validate_against(daemon: &DaemonConfig, services: &[ServiceSpec]) -> Resu
             return Err(Error::invalid(format!(
                 "service {}: snat needs daemon.nat.{which} (the balancer's address facing the backends)",
                 s.name
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Checks a whole set of services: each one, and what must be unique across them.
-pub fn validate_services(services: &[ServiceSpec]) -> Result<()> {
-    if services.len() > MAX_SERVICES as usize {
-        return Err(Error::invalid(format!(
-            "{} services is more than the maximum {MAX_SERVICES}",
-            services.len()
-        )));
-    }
-    let mut names = HashSet::new();
-    let mut keys = HashSet::new();
-    let mut fragment_owners = HashSet::new();
-    for s in services {
-        if s.fragments == FragmentPolicy::Hash && !fragment_owners.insert((s.vip, s.protocol)) {
-            return Err(Error::invalid(format!(
-                "service {}: another service already hashes the fragments of {} {}",
-                s.name, s.vip, s.protocol
-            )));
-        }
-        s.validate()?;
-        if !names.insert(s.name.as_str()) {
-            return Err(Error::invalid(format!("duplicate service name {}", s.name)));
-        }
-        if !keys.insert((s.vip, s.port, s.protocol)) {
-            return Err(Error::invalid(format!(
-                "service {} duplicates VIP {} port {} {}",
-                s.name, s.vip, s.port, s.protocol
             )));
         }
     }

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::ServiceSpec,
-    dataplane::sync::Assignments,
     error::{Error, Result},
+    reconcile::plan::Assignments,
 };
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

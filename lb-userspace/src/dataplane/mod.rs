@@ -1,9 +1,9 @@
-//! The data plane as userspace sees it: loading and adopting the pinned program, typed handles
-//! to every map, and the reconciler that writes the desired state into them.
+//! The data plane as userspace sees it: loading and adopting the pinned program, and typed
+//! handles to every map: the writer's (`DataPlane`, owned by the reconciler) and the readers'
+//! (`Readers`, their own handles to the pins, so a read never waits for the writer).
 
 mod load;
 mod pool;
-pub mod sync;
 
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
@@ -82,6 +82,54 @@ impl DataPlane {
         self.dp_config.set(0, value, 0).map_err(Error::dataplane)
     }
 
+    pub fn reset_service_traffic(&mut self, id: u32) -> Result<()> {
+        let zeros = zeroed_per_cpu()?;
+        self.service_stats.set(id, zeros, 0).map_err(Error::dataplane)
+    }
+
+    pub fn reset_backend_traffic(&mut self, slot: u32) -> Result<()> {
+        let zeros = zeroed_per_cpu()?;
+        self.backend_stats.set(slot, zeros, 0).map_err(Error::dataplane)
+    }
+}
+
+/// Read-only handles of a running instance's maps, opened from its pins.
+pub struct Readers {
+    pub conntrack: HashMap<MapData, FlowKey, FlowState>,
+    pub nat: HashMap<MapData, FlowKey, NatEntry>,
+    pub backends: Array<MapData, Backend>,
+    pub service_stats: PerCpuArray<MapData, TrafficStats>,
+    pub backend_stats: PerCpuArray<MapData, TrafficStats>,
+    pub global_stats: PerCpuArray<MapData, u64>,
+    pub pool: Pool,
+}
+
+impl Readers {
+    pub fn open(instance: &str) -> Result<Self> {
+        let dir = pin_dir(instance);
+        let map = |name: &str| -> Result<aya::maps::Map> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path)
+                .map_err(|e| Error::dataplane(format!("open pinned map {}: {e}", path.display())))?;
+            aya::maps::Map::from_map_data(data).map_err(Error::dataplane)
+        };
+        let typed = |e: aya::maps::MapError| Error::dataplane(format!("map type mismatch: {e}"));
+        use lb_common::maps;
+        let pool = match map(maps::MAGLEV_POOL)? {
+            aya::maps::Map::Array(data) => Pool::new(data)?,
+            _ => return Err(Error::dataplane("MAGLEV_POOL is not an array")),
+        };
+        Ok(Self {
+            conntrack: map(maps::CONNTRACK)?.try_into().map_err(typed)?,
+            nat: map(maps::NAT_FLOWS)?.try_into().map_err(typed)?,
+            backends: map(maps::BACKENDS)?.try_into().map_err(typed)?,
+            service_stats: map(maps::SERVICE_STATS)?.try_into().map_err(typed)?,
+            backend_stats: map(maps::BACKEND_STATS)?.try_into().map_err(typed)?,
+            global_stats: map(maps::GLOBAL_STATS)?.try_into().map_err(typed)?,
+            pool,
+        })
+    }
+
     /// Sum of a backend slot's per-CPU counters.
     pub fn backend_traffic(&self, slot: u32) -> Result<TrafficStats> {
         sum_traffic(self.backend_stats.get(&slot, 0).map_err(Error::dataplane)?)
@@ -97,16 +145,6 @@ impl DataPlane {
             .get(&(counter as u32), 0)
             .map_err(Error::dataplane)?;
         Ok(values.iter().sum())
-    }
-
-    pub fn reset_service_traffic(&mut self, id: u32) -> Result<()> {
-        let zeros = zeroed_per_cpu()?;
-        self.service_stats.set(id, zeros, 0).map_err(Error::dataplane)
-    }
-
-    pub fn reset_backend_traffic(&mut self, slot: u32) -> Result<()> {
-        let zeros = zeroed_per_cpu()?;
-        self.backend_stats.set(slot, zeros, 0).map_err(Error::dataplane)
     }
 }
 

@@ -1,77 +1,29 @@
-//! Reconciles the maps with the desired services. The order keeps every packet safe:
-//! backend slots are written before any table names them, tables are swapped whole (write a
-//! fresh pool region, then flip the service value), and slots are retired only after no table
-//! names them any more.
+//! Carries a plan out on the maps. The order keeps every packet safe: backend slots are
+//! written (and activated) before any table names them, tables are swapped whole (write a fresh
+//! pool region, then flip the service value), and a slot is deactivated or retired only after
+//! no table names it any more.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
-};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use lb_common::{
     AddrKey, Backend, FAMILY_V4, FAMILY_V6, ServiceKey, ServiceValue, VipFilter, addr_words,
     backend::BACKEND_F_ACTIVE,
-    maps::{MAX_BACKENDS, MAX_SERVICES},
     service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP, FWD_NAT, FWD_SNAT, SVC_F_HASH_SOURCE},
 };
 use log::debug;
-use serde::{Deserialize, Serialize};
 
-use super::{DataPlane, RegionAllocator};
+use super::plan::{Assignments, Plan, Region, ServiceKeyRepr, TableInput};
 use crate::{
-    config::{Forwarding, FragmentPolicy, HashMode, ServiceSpec},
+    dataplane::{DataPlane, RegionAllocator},
     error::{Error, Result},
     maglev::{MaglevBackend, build_table},
-    neigh::NextHop,
+    model::{Forwarding, FragmentPolicy, HashMode, Service},
 };
-
-/// A pool region holding one table.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Region {
-    pub offset: u32,
-    pub size: u32,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ServiceSlot {
-    pub id: u32,
-    pub key: Option<ServiceKeyRepr>,
-    pub active: Option<Region>,
-    /// The table before the last swap; kept so in-flight readers never see it rewritten.
-    pub previous: Option<Region>,
-}
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ServiceKeyRepr {
-    pub addr: [u8; 16],
-    pub port: u16,
-    pub proto: u8,
-    pub family: u8,
-}
 
 impl From<ServiceKeyRepr> for ServiceKey {
     fn from(k: ServiceKeyRepr) -> Self {
         ServiceKey::new(k.family, k.proto, k.addr, k.port)
     }
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct BackendSlot {
-    pub slot: u32,
-    pub address: IpAddr,
-}
-
-/// Which map slots the daemon gave to which service and backend. Persisted with the services
-/// so a restarted daemon finds its slots again.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Assignments {
-    pub services: BTreeMap<String, ServiceSlot>,
-    /// Keyed by `service/backend-id`.
-    pub backends: BTreeMap<String, BackendSlot>,
-}
-
-pub fn backend_key(service: &str, id: &str) -> String {
-    format!("{service}/{id}")
 }
 
 pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
@@ -85,7 +37,7 @@ pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
     }
 }
 
-pub fn service_key(spec: &ServiceSpec) -> ServiceKey {
+pub fn service_key(spec: &Service) -> ServiceKey {
     let (addr, family) = addr_bytes(spec.vip);
     ServiceKey::new(family, spec.protocol.number(), addr, spec.port.to_be())
 }
@@ -135,13 +87,16 @@ impl Reconciler {
         }
     }
 
-    /// Pool slots the desired services need beyond what they hold now (checked before touching maps).
-    fn check_pool(&self, services: &[ServiceSpec]) -> Result<()> {
+    /// Pool slots the rebuilt tables need beyond what they free (checked before touching maps).
+    fn check_pool(&self, plan: &Plan) -> Result<()> {
         let mut need: u64 = 0;
         let mut held: u64 = 0;
-        for s in services {
-            need += s.table_size as u64;
-            if let Some(slot) = self.assignments.services.get(&s.name) {
+        for (name, input) in &plan.rebuild {
+            if input.members.is_empty() {
+                continue;
+            }
+            need += input.size as u64;
+            if let Some(slot) = self.assignments.services.get(name) {
                 held += slot.previous.map_or(0, |r| r.size as u64);
             }
         }
@@ -155,123 +110,65 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Makes the maps match `services`. `hops` holds the resolved next hop of each backend
-    /// address; unresolved backends stay out of the tables.
-    pub fn apply(
-        &mut self,
-        dp: &mut DataPlane,
-        services: &[ServiceSpec],
-        hops: &HashMap<IpAddr, NextHop>,
-    ) -> Result<()> {
-        self.check_pool(services)?;
+    /// Makes the maps match `services` as `plan` (made from them) says.
+    pub fn apply(&mut self, dp: &mut DataPlane, services: &[Service], plan: Plan) -> Result<Applied> {
+        self.check_pool(&plan)?;
+        let Plan {
+            assignments,
+            new_service_ids,
+            backends,
+            retired,
+            rebuild,
+        } = plan;
+        self.assignments = assignments;
         let a = &mut self.assignments;
+        let mut applied = Applied::default();
 
-        // Service ids.
-        let wanted: BTreeSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
-        let mut used_ids: BTreeSet<u32> = a
-            .services
-            .iter()
-            .filter(|(n, _)| wanted.contains(n.as_str()))
-            .map(|(_, s)| s.id)
-            .collect();
-        let mut new_service_ids = Vec::new();
-        for s in services {
-            if !a.services.contains_key(&s.name) {
-                let id = (0..MAX_SERVICES)
-                    .find(|i| !used_ids.contains(i))
-                    .ok_or_else(|| Error::invalid("no free service id"))?;
-                used_ids.insert(id);
-                a.services.insert(
-                    s.name.clone(),
-                    ServiceSlot {
-                        id,
-                        ..Default::default()
-                    },
-                );
-                new_service_ids.push(id);
-            }
-        }
-
-        // Backend slots: keep a slot while the backend keeps its address.
-        let wanted_backends: BTreeMap<String, (&ServiceSpec, usize)> = services
-            .iter()
-            .flat_map(|s| {
-                s.backends
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, b)| (backend_key(&s.name, &b.id), (s, i)))
-            })
-            .collect();
-        let mut retired: Vec<u32> = Vec::new();
-        a.backends.retain(|k, slot| {
-            let keep = wanted_backends
-                .get(k)
-                .is_some_and(|(s, i)| s.backends[*i].address == slot.address);
-            if !keep {
-                retired.push(slot.slot);
-            }
-            keep
-        });
-        let mut used_slots: BTreeSet<u32> = a.backends.values().map(|b| b.slot).collect();
-        // A retired slot is not reused in the same pass: tables may still name it until swapped.
-        let reserved: BTreeSet<u32> = retired.iter().copied().collect();
-        let mut fresh_slots = Vec::new();
-        for (k, (s, i)) in &wanted_backends {
-            if a.backends.contains_key(k) {
-                continue;
-            }
-            let slot = (0..MAX_BACKENDS)
-                .find(|i| !used_slots.contains(i) && !reserved.contains(i))
-                .ok_or_else(|| Error::invalid("no free backend slot"))?;
-            used_slots.insert(slot);
-            a.backends.insert(
-                k.clone(),
-                BackendSlot {
-                    slot,
-                    address: s.backends[*i].address,
-                },
-            );
-            fresh_slots.push(slot);
-        }
-
-        // 1. Backend entries.
-        for (k, (s, i)) in &wanted_backends {
-            let spec = &s.backends[*i];
-            let slot = a.backends[k].slot;
-            let current = dp.backends.get(&slot, 0).map_err(Error::dataplane)?;
-            let generation = if fresh_slots.contains(&slot) {
+        // 1. Backend entries. A slot that stops serving is written only after the tables no
+        // longer name it (step 3), so no packet meets a dead slot in between.
+        let mut deactivate = Vec::new();
+        for w in &backends {
+            let current = dp.backends.get(&w.slot, 0).map_err(Error::dataplane)?;
+            let generation = if w.fresh {
                 current.generation.wrapping_add(1)
             } else {
                 current.generation
             };
-            let (addr, family) = addr_bytes(spec.address);
+            let (addr, family) = addr_bytes(w.address);
             let mut entry = Backend {
                 addr,
                 family,
                 flags: 0,
-                port: spec.port(s).to_be(),
+                port: w.port_be,
                 generation,
                 ifindex: 0,
                 dst_mac: [0; 6],
                 src_mac: [0; 6],
             };
-            if let Some(hop) = hops.get(&spec.address) {
-                entry.flags = BACKEND_F_ACTIVE;
+            if let Some(hop) = &w.hop {
                 entry.ifindex = hop.ifindex;
                 entry.dst_mac = hop.dst_mac;
                 entry.src_mac = hop.src_mac;
+                if w.active {
+                    entry.flags = BACKEND_F_ACTIVE;
+                }
                 if dp.tx_ports.get(hop.ifindex, 0).is_err() {
                     dp.tx_ports
                         .insert(hop.ifindex, hop.ifindex, None, 0)
                         .map_err(|e| Error::dataplane(format!("add {} to TX_PORTS: {e}", hop.ifname)))?;
                 }
             }
-            if fresh_slots.contains(&slot) {
-                dp.reset_backend_traffic(slot)?;
+            if w.fresh {
+                dp.reset_backend_traffic(w.slot)?;
             }
-            if entry != current {
-                debug!("backend {k} slot {slot}: {entry:?}");
-                dp.backends.set(slot, entry, 0).map_err(Error::dataplane)?;
+            if entry == current {
+                continue;
+            }
+            if current.is_active() && !entry.is_active() && !w.fresh {
+                deactivate.push((w.slot, entry));
+            } else {
+                debug!("backend {} slot {}: {entry:?}", w.key, w.slot);
+                dp.backends.set(w.slot, entry, 0).map_err(Error::dataplane)?;
             }
         }
         for id in new_service_ids {
@@ -324,28 +221,10 @@ impl Reconciler {
         for a in &wanted_addrs {
             dp.vip_addrs.insert(a, 1, 0).map_err(Error::dataplane)?;
         }
+        let mut rebuild: std::collections::BTreeMap<String, TableInput> = rebuild.into_iter().collect();
         for s in services {
-            let slot_of = |id: &str| a.backends[&backend_key(&s.name, id)].slot;
-            let mut eligible: Vec<&crate::config::BackendSpec> = s
-                .backends
-                .iter()
-                .filter(|b| b.weight > 0 && hops.contains_key(&b.address))
-                .collect();
-            eligible.sort_by(|x, y| x.id.cmp(&y.id));
-            let members: Vec<MaglevBackend<'_>> = eligible
-                .iter()
-                .map(|b| MaglevBackend {
-                    id: &b.id,
-                    weight: b.weight,
-                })
-                .collect();
-            let table: Vec<u32> = build_table(&members, s.table_size)
-                .into_iter()
-                .map(|i| slot_of(&eligible[i as usize].id))
-                .collect();
-
             let key = service_key(s);
-            let svc = a.services.get_mut(&s.name).expect("assigned above");
+            let svc = a.services.get_mut(&s.name).expect("planned");
             let mut value = ServiceValue {
                 id: svc.id,
                 flags: if s.hash == HashMode::Source {
@@ -364,34 +243,39 @@ impl Reconciler {
                 },
                 _reserved: 0,
             };
-            let unchanged = svc.active.is_some_and(|r| {
-                r.size as usize == table.len()
-                    && dp.pool.read(r.offset, r.size).as_deref() == Some(table.as_slice())
-            });
-            if unchanged {
-                let r = svc.active.expect("checked");
+            if let Some(input) = rebuild.remove(&s.name) {
+                let started = std::time::Instant::now();
+                let table = build(&input);
+                applied.built += 1;
+                applied.build_time += started.elapsed();
+                // After a restart the inputs are unknown, but the table may be the same.
+                let unchanged = svc.active.is_some_and(|r| {
+                    r.size as usize == table.len()
+                        && dp.pool.read(r.offset, r.size).as_deref() == Some(table.as_slice())
+                });
+                if !unchanged {
+                    if let Some(prev) = svc.previous.take() {
+                        self.regions.release(prev.offset, prev.size);
+                    }
+                    let new_region = if table.is_empty() {
+                        None
+                    } else {
+                        let size = table.len() as u32;
+                        let offset = self.regions.alloc(size).ok_or_else(|| {
+                            Error::invalid(format!("not enough Maglev table space for service {}", s.name))
+                        })?;
+                        dp.pool.write(offset, &table)?;
+                        Some(Region { offset, size })
+                    };
+                    svc.previous = svc.active.take();
+                    svc.active = new_region;
+                    applied.swapped += 1;
+                }
+                svc.built = Some(input);
+            }
+            if let Some(r) = svc.active {
                 value.table_offset = r.offset;
                 value.table_size = r.size;
-            } else {
-                if let Some(prev) = svc.previous.take() {
-                    self.regions.release(prev.offset, prev.size);
-                }
-                let new_region = if table.is_empty() {
-                    None
-                } else {
-                    let size = table.len() as u32;
-                    let offset = self.regions.alloc(size).ok_or_else(|| {
-                        Error::invalid(format!("not enough Maglev table space for service {}", s.name))
-                    })?;
-                    dp.pool.write(offset, &table)?;
-                    Some(Region { offset, size })
-                };
-                if let Some(r) = new_region {
-                    value.table_offset = r.offset;
-                    value.table_size = r.size;
-                }
-                svc.previous = svc.active.take();
-                svc.active = new_region;
             }
             let current = dp.services.get(&key, 0).ok();
             if current != Some(value) {
@@ -431,11 +315,15 @@ impl Reconciler {
         for a in stray_addrs {
             dp.vip_addrs.remove(&a).map_err(Error::dataplane)?;
         }
+        for (slot, entry) in deactivate {
+            dp.backends.set(slot, entry, 0).map_err(Error::dataplane)?;
+        }
         for slot in retired {
             let mut entry = dp.backends.get(&slot, 0).map_err(Error::dataplane)?;
             entry.flags = 0;
             dp.backends.set(slot, entry, 0).map_err(Error::dataplane)?;
         }
+        let wanted: BTreeSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
         let gone: Vec<String> = a
             .services
             .keys()
@@ -449,6 +337,27 @@ impl Reconciler {
                 }
             }
         }
-        Ok(())
+        Ok(applied)
     }
+}
+
+/// What one pass did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Applied {
+    pub built: usize,
+    pub swapped: usize,
+    pub build_time: std::time::Duration,
+}
+
+/// The Maglev table of a plan's members, as backend slots.
+fn build(input: &TableInput) -> Vec<u32> {
+    let members: Vec<MaglevBackend<'_>> = input
+        .members
+        .iter()
+        .map(|(id, weight, _)| MaglevBackend { id, weight: *weight })
+        .collect();
+    build_table(&members, input.size)
+        .into_iter()
+        .map(|i| input.members[i as usize].2)
+        .collect()
 }

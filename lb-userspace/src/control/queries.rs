@@ -1,0 +1,303 @@
+//! Answers to the read-only requests (status, list, stats, lookup, health), from the writer's
+//! last snapshot and the readers' own map handles: a read never waits for a table build.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use lb_common::{Counter, FlowKey};
+use serde_json::json;
+
+use crate::{
+    dataplane::{self, Readers},
+    error::{Error, Result},
+    health::{State, monitor::Board},
+    model::BackendRef,
+    nat::NatStatus,
+    reconcile::{Snapshot, apply::addr_bytes, plan::backend_key},
+};
+
+/// One request's view: the snapshot taken when it arrived.
+pub struct Queries<'a> {
+    pub instance: &'a str,
+    pub snap: Arc<Snapshot>,
+    pub readers: &'a Readers,
+    pub nat: &'a Mutex<NatStatus>,
+    pub board: &'a Board,
+}
+
+impl Queries<'_> {
+    pub fn status(&self) -> serde_json::Value {
+        json!({
+            "instance": self.instance,
+            "pin_dir": dataplane::pin_dir(self.instance),
+            "adopted": self.snap.adopted,
+            "interfaces": self.snap.attachments,
+            "services": self.snap.services.len(),
+            "backends": self.snap.services.iter().map(|s| s.backends.len()).sum::<usize>(),
+            "table_pool": { "capacity": self.snap.pool_capacity, "free": self.snap.pool_free },
+            "reconciler": self.snap.counters,
+        })
+    }
+
+    /// Each backend's health: state, score and its inputs, the last check, since when.
+    pub fn health(&self, service: Option<&str>) -> Result<serde_json::Value> {
+        if let Some(name) = service
+            && !self.snap.services.iter().any(|s| s.name == name)
+        {
+            return Err(Error::NotFound(format!("unknown service {name}")));
+        }
+        let board = self.board.read().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let default = crate::status::BackendStatus::default();
+        let mut out = Vec::new();
+        for s in self
+            .snap
+            .services
+            .iter()
+            .filter(|s| service.is_none_or(|n| n == s.name))
+        {
+            let weights = self.snap.weights.get(&s.name);
+            let mut backends = Vec::new();
+            for b in &s.backends {
+                let key = BackendRef::new(&s.name, &b.id);
+                let st = self.snap.status.get(&key).unwrap_or(&default);
+                let e = weights
+                    .and_then(|w| w.backends.get(&b.id))
+                    .copied()
+                    .unwrap_or_default();
+                let check = board.get(&key).map(|v| {
+                    json!({
+                        "kind": v.kind, "target": v.target, "checks": v.checks, "failed": v.failed,
+                        "consecutive_ok": v.consecutive_ok, "consecutive_failed": v.consecutive_failed,
+                        "last": v.last.as_ref().map(|o| json!({"ok": o.ok, "latency_ms": o.latency.as_secs_f64() * 1000.0, "detail": o.detail})),
+                        "since_ms": v.since_ms, "reason": v.reason,
+                    })
+                });
+                let external = st.external.map(|x| {
+                    json!({"score": x.score, "ttl_left_s": x.expires.map(|t| t.saturating_duration_since(now).as_secs_f64())})
+                });
+                backends.push(json!({
+                    "id": b.id,
+                    "state": match st.health { State::Up => "up", State::Down => "down" },
+                    "resolved": self.snap.hops.contains_key(&b.address),
+                    "health_score": st.score,
+                    "external": external,
+                    "slow_start_factor": st.ramp(now),
+                    "weight": b.weight,
+                    "effective_weight": e.weight,
+                    "serves_pinned_flows": e.active,
+                    "check": check,
+                }));
+            }
+            out.push(json!({
+                "service": s.name,
+                "panic": weights.is_some_and(|w| w.panic),
+                "backends": backends,
+            }));
+        }
+        Ok(json!(out))
+    }
+
+    /// Table slots each backend slot owns in a service's active table.
+    pub fn slot_counts(&self, name: &str) -> HashMap<u32, u32> {
+        let mut counts = HashMap::new();
+        let active = self.snap.assignments.services.get(name).and_then(|s| s.active);
+        if let Some(table) = active.and_then(|r| self.readers.pool.read(r.offset, r.size)) {
+            for slot in table {
+                *counts.entry(slot).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    pub fn list(&self) -> serde_json::Value {
+        let services: Vec<_> = self
+            .snap
+            .services
+            .iter()
+            .map(|s| {
+                let counts = self.slot_counts(&s.name);
+                let backends: Vec<_> = s
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let slot = self
+                            .snap
+                            .assignments
+                            .backends
+                            .get(&backend_key(&s.name, &b.id))
+                            .map(|x| x.slot);
+                        let hop = self.snap.hops.get(&b.address);
+                        let effective = self.snap.weights.get(&s.name).and_then(|w| w.backends.get(&b.id));
+                        let health = self.snap.status.get(&BackendRef::new(&s.name, &b.id)).map_or("up", |st| match st.health {
+                            State::Up => "up",
+                            State::Down => "down",
+                        });
+                        json!({
+                            "id": b.id, "address": b.address, "port": b.port(s), "weight": b.weight,
+                            "effective_weight": effective.map_or(0, |e| e.weight), "health": health,
+                            "region": b.region, "zone": b.zone, "labels": b.labels,
+                            "resolved": hop.is_some(),
+                            "mac": hop.map(|h| mac_string(&h.dst_mac)),
+                            "interface": hop.map(|h| h.ifname.clone()),
+                            "table_slots": slot.and_then(|x| counts.get(&x)).copied().unwrap_or(0),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": s.name, "vip": s.vip, "port": s.port, "protocol": s.protocol,
+                    "table_size": s.table_size, "hash": s.hash, "forwarding": s.forwarding, "fragments": s.fragments, "snat": s.snat,
+                    "panic": self.snap.weights.get(&s.name).is_some_and(|w| w.panic),
+                    "backends": backends,
+                })
+            })
+            .collect();
+        json!(services)
+    }
+
+    pub fn stats(&self) -> Result<serde_json::Value> {
+        let mut services = Vec::new();
+        for s in self.snap.services.iter() {
+            let Some(slot) = self.snap.assignments.services.get(&s.name) else {
+                continue;
+            };
+            let t = self.readers.service_traffic(slot.id)?;
+            let mut backends = Vec::new();
+            for b in &s.backends {
+                if let Some(bs) = self.snap.assignments.backends.get(&backend_key(&s.name, &b.id)) {
+                    let bt = self.readers.backend_traffic(bs.slot)?;
+                    backends.push(json!({"id": b.id, "packets": bt.packets, "bytes": bt.bytes, "new_flows": bt.new_flows}));
+                }
+            }
+            services.push(json!({"name": s.name, "packets": t.packets, "bytes": t.bytes, "new_flows": t.new_flows, "backends": backends}));
+        }
+        let mut counters = serde_json::Map::new();
+        for &c in Counter::ALL {
+            counters.insert(c.name().into(), json!(self.readers.counter(c)?));
+        }
+        // As of the collector's last sweep (every daemon.nat.gc_interval_ms).
+        let status = *self.nat.lock().unwrap_or_else(|p| p.into_inner());
+        let mut nat = serde_json::to_value(status).unwrap_or_default();
+        nat["as_of_ms_ago"] = json!(
+            (status.swept_ns > 0)
+                .then(|| crate::nat::monotonic_ns().saturating_sub(status.swept_ns) / 1_000_000)
+        );
+        Ok(json!({"services": services, "counters": counters, "nat": nat}))
+    }
+
+    pub fn lookup(
+        &self,
+        protocol: crate::model::Protocol,
+        src: std::net::SocketAddr,
+        dst: std::net::SocketAddr,
+    ) -> Result<serde_json::Value> {
+        if src.is_ipv4() != dst.is_ipv4() {
+            return Err(Error::invalid(
+                "source and destination are of different IP families",
+            ));
+        }
+        let svc = self
+            .snap
+            .services
+            .iter()
+            .find(|s| s.vip == dst.ip() && s.port == dst.port() && s.protocol == protocol)
+            .or_else(|| {
+                self.snap
+                    .services
+                    .iter()
+                    .find(|s| s.vip == dst.ip() && s.port == 0 && s.protocol == protocol)
+            })
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "no service for {protocol} {dst}: the packet would be passed to the kernel"
+                ))
+            })?;
+        let (src_addr, family) = addr_bytes(src.ip());
+        let (dst_addr, _) = addr_bytes(dst.ip());
+        let key = FlowKey::new(
+            family,
+            protocol.number(),
+            src_addr,
+            dst_addr,
+            src.port().to_be(),
+            dst.port().to_be(),
+        );
+        let by_slot = |slot: u32| {
+            svc.backends.iter().find(|b| {
+                self.snap
+                    .assignments
+                    .backends
+                    .get(&backend_key(&svc.name, &b.id))
+                    .is_some_and(|x| x.slot == slot)
+            })
+        };
+        if svc.forwarding == crate::model::Forwarding::Nat
+            && let Ok(e) = self.readers.nat.get(&key, 0)
+            && let Some(b) = by_slot(e.backend)
+        {
+            let (src, dst) = (
+                socket_of(e.src_addr, e.src_port, family),
+                socket_of(e.dst_addr, e.dst_port, family),
+            );
+            return Ok(json!({
+                "service": svc.name, "backend": b.id, "address": b.address, "source": "nat-table",
+                "translated": {"source": src, "destination": dst},
+            }));
+        }
+        if let Ok(state) = self.readers.conntrack.get(&key, 0) {
+            let live = self
+                .readers
+                .backends
+                .get(&state.backend, 0)
+                .is_ok_and(|b| b.serves(state.generation));
+            if let (true, Some(b)) = (live, by_slot(state.backend)) {
+                return Ok(
+                    json!({"service": svc.name, "backend": b.id, "address": b.address, "source": "connection-table"}),
+                );
+            }
+        }
+        let slot_info = self
+            .snap
+            .assignments
+            .services
+            .get(&svc.name)
+            .and_then(|s| s.active);
+        let Some(region) = slot_info else {
+            return Err(Error::NotFound(format!(
+                "service {} has no usable backend: the packet would be dropped",
+                svc.name
+            )));
+        };
+        let hash = if svc.hash == crate::model::HashMode::Source {
+            lb_common::hash::source_hash(&key)
+        } else {
+            lb_common::hash::flow_hash(&key)
+        };
+        let index = hash % region.size;
+        let slot = self
+            .readers
+            .pool
+            .read(region.offset + index, 1)
+            .and_then(|s| s.first().copied())
+            .ok_or_else(|| Error::dataplane("table region outside the pool"))?;
+        let b = by_slot(slot)
+            .ok_or_else(|| Error::dataplane(format!("table names unknown backend slot {slot}")))?;
+        Ok(
+            json!({"service": svc.name, "backend": b.id, "address": b.address, "source": "maglev", "table_index": index}),
+        )
+    }
+}
+
+/// A NAT entry's address words and network-order port as a socket address.
+fn socket_of(words: [u32; 4], port_be: u16, family: u8) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(lb_common::ip_addr(family, words), u16::from_be(port_be))
+}
+
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}

@@ -1,0 +1,159 @@
+//! The active checks: one attempt each, bounded by the check's timeout.
+
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty};
+use hyper::{Request, body::Bytes};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpStream, UdpSocket};
+
+use super::{
+    settings::{CheckSpec, Probe},
+    tracker::Outcome,
+};
+
+/// Largest HTTP body read for `expect_body`.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Runs one check of `spec`.
+pub async fn check(spec: &CheckSpec) -> Outcome {
+    let start = Instant::now();
+    let result = tokio::time::timeout(spec.timeout, attempt(spec)).await;
+    let latency = start.elapsed();
+    let (ok, detail) = match result {
+        Ok(Ok(detail)) => (true, detail),
+        Ok(Err(detail)) => (false, detail),
+        Err(_) => (false, format!("no answer within {} ms", spec.timeout.as_millis())),
+    };
+    Outcome { ok, latency, detail }
+}
+
+async fn attempt(spec: &CheckSpec) -> Result<String, String> {
+    match &spec.probe {
+        Probe::None => Ok("not checked".into()),
+        Probe::Tcp => {
+            TcpStream::connect(spec.target)
+                .await
+                .map_err(|e| format!("connect: {}", io_text(&e)))?;
+            Ok("connected".into())
+        }
+        Probe::Http {
+            path,
+            host,
+            status,
+            body,
+        } => http(spec, path, host.as_deref(), *status, body.as_deref()).await,
+        Probe::Udp { send, expect } => udp(spec, send, expect.as_deref()).await,
+    }
+}
+
+async fn http(
+    spec: &CheckSpec,
+    path: &str,
+    host: Option<&str>,
+    (lo, hi): (u16, u16),
+    want: Option<&str>,
+) -> Result<String, String> {
+    let stream = TcpStream::connect(spec.target)
+        .await
+        .map_err(|e| format!("connect: {}", io_text(&e)))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("http: {e}"))?;
+    let driver = tokio::spawn(conn);
+    let host = host.map_or_else(|| spec.target.to_string(), str::to_string);
+    let request = Request::get(path)
+        .header(hyper::header::HOST, host)
+        .header(hyper::header::USER_AGENT, "lb-health-check")
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("http request: {e}"))?;
+    let result = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("http: {e}"))?;
+        let code = response.status().as_u16();
+        if !(lo..=hi).contains(&code) {
+            return Err(format!("status {code}, expected {lo}-{hi}"));
+        }
+        if let Some(want) = want {
+            let mut body = response.into_body();
+            let mut seen = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| format!("http body: {e}"))?;
+                if let Some(data) = frame.data_ref() {
+                    seen.extend_from_slice(data);
+                }
+                if contains(&seen, want.as_bytes()) {
+                    return Ok(format!("status {code}, body holds {want:?}"));
+                }
+                if seen.len() > MAX_BODY {
+                    break;
+                }
+            }
+            return Err(format!("status {code}, body lacks {want:?}"));
+        }
+        Ok(format!("status {code}"))
+    }
+    .await;
+    driver.abort();
+    result
+}
+
+async fn udp(spec: &CheckSpec, send: &[u8], expect: Option<&[u8]>) -> Result<String, String> {
+    let local: std::net::SocketAddr = if spec.target.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let socket = UdpSocket::bind(local)
+        .await
+        .map_err(|e| format!("bind: {}", io_text(&e)))?;
+    // Connected, so an ICMP port unreachable comes back as ECONNREFUSED.
+    socket
+        .connect(spec.target)
+        .await
+        .map_err(|e| format!("connect: {}", io_text(&e)))?;
+    socket
+        .send(send)
+        .await
+        .map_err(|e| format!("send: {}", io_text(&e)))?;
+    let mut buf = vec![0u8; 2048];
+    let n = socket.recv(&mut buf).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "port unreachable".to_string(),
+        _ => format!("recv: {}", io_text(&e)),
+    })?;
+    match expect {
+        Some(want) if !contains(&buf[..n], want) => Err(format!(
+            "reply of {n} bytes lacks {:?}",
+            String::from_utf8_lossy(want)
+        )),
+        _ => Ok(format!("reply of {n} bytes")),
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The OS error's text without the "(os error N)" tail.
+fn io_text(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error") {
+        Some(i) => text[..i].to_lowercase(),
+        None => text.to_lowercase(),
+    }
+}
+
+/// The wait before a backend's next check: the interval (the fast one while unsettled) with
+/// up to `jitter` of it added or taken away, from a per-check random draw in 0..1.
+pub fn next_delay(spec: &CheckSpec, unsettled: bool, draw: f64) -> Duration {
+    let base = if unsettled {
+        spec.fast_interval
+    } else {
+        spec.interval
+    };
+    let spread = spec.jitter * (2.0 * draw.clamp(0.0, 1.0) - 1.0);
+    base.mul_f64((1.0 + spread).max(0.05))
+}

@@ -1,0 +1,302 @@
+//! `[service.health]` and `[service.backend.health]`: the settings as written (every key
+//! optional), and the resolved check of one backend (service settings, then the backend's
+//! overrides key by key, then the defaults).
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Backend, Protocol, Service};
+
+/// What the checks probe.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    None,
+    Tcp,
+    Http,
+    Udp,
+}
+
+/// Flows pinned to a backend that goes down: picked again from the tables (the default) or
+/// left where they are.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DownFlows {
+    #[default]
+    Repick,
+    Keep,
+}
+
+/// With fewer than `panic_threshold` of its backends up, a service spreads over all of them
+/// (`all`, Envoy's panic mode) or keeps to the healthy ones (`healthy`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnPanic {
+    #[default]
+    All,
+    Healthy,
+}
+
+/// The keys as written. `None` = not set here.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSettings {
+    pub kind: Option<CheckKind>,
+    /// Seconds between checks of a backend in a settled state.
+    pub interval: Option<f64>,
+    /// Seconds a check may take.
+    pub timeout: Option<f64>,
+    /// Seconds between checks while a backend is between states (HAProxy's fastinter).
+    pub fast_interval: Option<f64>,
+    /// Random spread of each interval, as a fraction of it.
+    pub jitter: Option<f64>,
+    /// Consecutive failures that take a backend down.
+    pub error_threshold: Option<u32>,
+    /// Consecutive successes that bring it back.
+    pub recovery_threshold: Option<u32>,
+    /// Port to check (default: the backend's port).
+    pub port: Option<u16>,
+    /// `http`: the path to GET, and the Host header (default: the backend's address).
+    pub path: Option<String>,
+    pub host: Option<String>,
+    /// `http`: statuses that pass, `"200-399"` or `"200"`.
+    pub expect_status: Option<String>,
+    /// `http`: text the body must hold.
+    pub expect_body: Option<String>,
+    /// `udp`: the datagram to send, and text the reply must hold.
+    pub send: Option<String>,
+    pub expect: Option<String>,
+    /// A score below this takes a backend down.
+    pub min_score: Option<f64>,
+    pub down_flows: Option<DownFlows>,
+    /// Seconds over which a recovered backend's weight ramps up linearly (0 = off).
+    pub slow_start: Option<f64>,
+    /// Service only: the share of backends that must be up to leave panic mode.
+    pub panic_threshold: Option<f64>,
+    /// Service only.
+    pub on_panic: Option<OnPanic>,
+}
+
+pub const DEFAULT_INTERVAL: f64 = 5.0;
+pub const DEFAULT_TIMEOUT: f64 = 1.0;
+pub const DEFAULT_FAST_INTERVAL: f64 = 1.0;
+pub const DEFAULT_JITTER: f64 = 0.2;
+pub const DEFAULT_ERROR_THRESHOLD: u32 = 3;
+pub const DEFAULT_RECOVERY_THRESHOLD: u32 = 2;
+pub const DEFAULT_MIN_SCORE: f64 = 0.1;
+pub const DEFAULT_PANIC_THRESHOLD: f64 = 0.5;
+
+/// What one check does.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Probe {
+    None,
+    Tcp,
+    Http {
+        path: String,
+        host: Option<String>,
+        status: (u16, u16),
+        body: Option<String>,
+    },
+    Udp {
+        send: Vec<u8>,
+        expect: Option<Vec<u8>>,
+    },
+}
+
+/// One backend's resolved check.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckSpec {
+    pub probe: Probe,
+    pub target: SocketAddr,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub fast_interval: Duration,
+    pub jitter: f64,
+    pub error_threshold: u32,
+    pub recovery_threshold: u32,
+    pub min_score: f64,
+    pub down_flows: DownFlows,
+    pub slow_start: Duration,
+}
+
+/// A service's panic settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PanicSpec {
+    pub threshold: f64,
+    pub on_panic: OnPanic,
+}
+
+impl PanicSpec {
+    pub fn of(service: &Service) -> Self {
+        let s = service.health.as_ref();
+        Self {
+            threshold: s
+                .and_then(|s| s.panic_threshold)
+                .unwrap_or(DEFAULT_PANIC_THRESHOLD),
+            on_panic: s.and_then(|s| s.on_panic).unwrap_or_default(),
+        }
+    }
+}
+
+/// The backend's setting if it has one, else the service's.
+fn pick<T: Clone>(
+    service: Option<&HealthSettings>,
+    backend: Option<&HealthSettings>,
+    key: fn(&HealthSettings) -> &Option<T>,
+) -> Option<T> {
+    backend
+        .and_then(|b| key(b).clone())
+        .or_else(|| service.and_then(|s| key(s).clone()))
+}
+
+fn secs(v: f64) -> Duration {
+    Duration::from_secs_f64(v)
+}
+
+/// Parses `"200-399"` or `"204"`.
+pub fn parse_status_range(text: &str) -> Result<(u16, u16), String> {
+    let bad = || {
+        format!("expect_status {text:?} must be a status (\"200\") or a range (\"200-399\") within 100..=599")
+    };
+    let (a, b) = text.split_once('-').unwrap_or((text, text));
+    let lo: u16 = a.trim().parse().map_err(|_| bad())?;
+    let hi: u16 = b.trim().parse().map_err(|_| bad())?;
+    if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+        return Err(bad());
+    }
+    Ok((lo, hi))
+}
+
+/// The check of one backend, or `None` when it is not checked (no `[service.health]`, or kind
+/// `none`). Validated settings only (see [`validate_service`]).
+pub fn resolve(service: &Service, backend: &Backend) -> Result<Option<CheckSpec>, String> {
+    let (s, b) = (service.health.as_ref(), backend.health.as_ref());
+    if s.is_none() && b.is_none() {
+        return Ok(None);
+    }
+    let kind = pick(s, b, |h| &h.kind).unwrap_or(match service.protocol {
+        Protocol::Tcp => CheckKind::Tcp,
+        // A UDP service has no default probe: what to send is the user's to say.
+        Protocol::Udp => {
+            return Err("a UDP service's health check needs kind = \"udp\" (with send) or \"none\"".into());
+        }
+    });
+    let probe = match kind {
+        CheckKind::None => return Ok(None),
+        CheckKind::Tcp => Probe::Tcp,
+        CheckKind::Http => {
+            let path = pick(s, b, |h| &h.path).ok_or("an http check needs a path")?;
+            if !path.starts_with('/') || path.chars().any(|c| c.is_control() || c == ' ') {
+                return Err(format!(
+                    "http check path {path:?} must start with / and hold no spaces or control characters"
+                ));
+            }
+            let host = pick(s, b, |h| &h.host);
+            if let Some(h) = &host
+                && (h.is_empty() || h.chars().any(|c| c.is_control() || c == ' '))
+            {
+                return Err(format!("http check host {h:?} is not a host name"));
+            }
+            let status = match pick(s, b, |h| &h.expect_status) {
+                Some(t) => parse_status_range(&t)?,
+                None => (200, 399),
+            };
+            Probe::Http {
+                path,
+                host,
+                status,
+                body: pick(s, b, |h| &h.expect_body),
+            }
+        }
+        CheckKind::Udp => {
+            let send = pick(s, b, |h| &h.send).ok_or("a udp check needs send (the datagram to send)")?;
+            if send.is_empty() {
+                return Err("a udp check's send must not be empty".into());
+            }
+            Probe::Udp {
+                send: send.into_bytes(),
+                expect: pick(s, b, |h| &h.expect).map(String::into_bytes),
+            }
+        }
+    };
+    let interval = pick(s, b, |h| &h.interval).unwrap_or(DEFAULT_INTERVAL);
+    let timeout = pick(s, b, |h| &h.timeout).unwrap_or(DEFAULT_TIMEOUT.min(interval));
+    let fast = pick(s, b, |h| &h.fast_interval).unwrap_or(DEFAULT_FAST_INTERVAL.min(interval));
+    let jitter = pick(s, b, |h| &h.jitter).unwrap_or(DEFAULT_JITTER);
+    let slow_start = pick(s, b, |h| &h.slow_start).unwrap_or(0.0);
+    let min_score = pick(s, b, |h| &h.min_score).unwrap_or(DEFAULT_MIN_SCORE);
+    for (name, v, lo, hi) in [
+        ("interval", interval, 0.01, 3600.0),
+        ("timeout", timeout, 0.001, 3600.0),
+        ("fast_interval", fast, 0.01, 3600.0),
+        ("jitter", jitter, 0.0, 1.0),
+        ("slow_start", slow_start, 0.0, 3600.0),
+        ("min_score", min_score, 0.0, 1.0),
+    ] {
+        if !v.is_finite() || v < lo || v > hi {
+            return Err(format!("health {name} {v} is out of range {lo}..={hi}"));
+        }
+    }
+    if timeout > interval {
+        return Err(format!(
+            "health timeout {timeout} is longer than the interval {interval}"
+        ));
+    }
+    if timeout > fast {
+        return Err(format!(
+            "health timeout {timeout} is longer than the fast_interval {fast}"
+        ));
+    }
+    let error_threshold = pick(s, b, |h| &h.error_threshold).unwrap_or(DEFAULT_ERROR_THRESHOLD);
+    let recovery_threshold = pick(s, b, |h| &h.recovery_threshold).unwrap_or(DEFAULT_RECOVERY_THRESHOLD);
+    for (name, v) in [
+        ("error_threshold", error_threshold),
+        ("recovery_threshold", recovery_threshold),
+    ] {
+        if !(1..=100).contains(&v) {
+            return Err(format!("health {name} {v} is out of range 1..=100"));
+        }
+    }
+    let port = pick(s, b, |h| &h.port).unwrap_or_else(|| backend.port(service));
+    if port == 0 {
+        return Err(format!(
+            "backend {} has no port to check (the service takes every port): set health port",
+            backend.id
+        ));
+    }
+    Ok(Some(CheckSpec {
+        probe,
+        target: SocketAddr::new(backend.address, port),
+        interval: secs(interval),
+        timeout: secs(timeout),
+        fast_interval: secs(fast),
+        jitter,
+        error_threshold,
+        recovery_threshold,
+        min_score,
+        down_flows: pick(s, b, |h| &h.down_flows).unwrap_or_default(),
+        slow_start: secs(slow_start),
+    }))
+}
+
+/// Checks every backend's resolved settings and the service-only keys.
+pub fn validate_service(service: &Service) -> Result<(), String> {
+    if let Some(t) = service.health.as_ref().and_then(|h| h.panic_threshold)
+        && !(t.is_finite() && (0.0..=1.0).contains(&t))
+    {
+        return Err(format!("health panic_threshold {t} is out of range 0..=1"));
+    }
+    for b in &service.backends {
+        if let Some(h) = &b.health
+            && (h.panic_threshold.is_some() || h.on_panic.is_some())
+        {
+            return Err(format!(
+                "backend {}: panic_threshold and on_panic are service settings ([service.health])",
+                b.id
+            ));
+        }
+        resolve(service, b).map_err(|e| format!("backend {}: {e}", b.id))?;
+    }
+    Ok(())
+}

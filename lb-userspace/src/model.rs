@@ -1,0 +1,353 @@
+//! Services and backends as the user declared them: a domain model with no I/O. The TOML file
+//! (`config`), the control protocol (`api`) and the state file (`state`) convert to and from it;
+//! the reconciler and the health monitor read only this.
+
+use std::{collections::BTreeMap, collections::HashSet, fmt, net::IpAddr};
+
+use lb_common::maps::MAX_SERVICES;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::{Error, Result},
+    health::HealthSettings,
+    maglev::{MAX_TABLE_SIZE, is_prime},
+};
+
+pub const MAX_WEIGHT: u32 = 10_000;
+pub const DEFAULT_WEIGHT: u32 = 100;
+pub const MAX_BACKENDS_PER_SERVICE: usize = 4096;
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => lb_common::PROTO_TCP,
+            Self::Udp => lb_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Self::Tcp),
+            "udp" => Ok(Self::Udp),
+            _ => Err(Error::invalid(format!(
+                "unknown protocol {s:?} (expected tcp or udp)"
+            ))),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashMode {
+    /// Source and destination address and port, and protocol.
+    #[default]
+    FiveTuple,
+    /// Source address only: a client always lands on the same backend.
+    Source,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Forwarding {
+    /// L2 direct server return: rewrite MACs, backend answers the client directly.
+    #[default]
+    Dsr,
+    /// IPIP (IPv4-in-IPv4, IPv6-in-IPv6) to routed backends, which strip it (`lb backend-host
+    /// setup`) and answer the client directly.
+    Ipip,
+    /// As IPIP, inside UDP to `gue_port` (GUE), for networks that filter IP protocols 4 and 41.
+    Gue,
+    /// NAT for unmodified backends: the destination becomes the backend's address and port,
+    /// replies come back through the balancer and leave from the VIP. With `snat = true` the
+    /// source becomes the balancer's `daemon.nat` address and port too.
+    Nat,
+}
+
+impl std::str::FromStr for Forwarding {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "dsr" => Ok(Self::Dsr),
+            "ipip" => Ok(Self::Ipip),
+            "gue" => Ok(Self::Gue),
+            "nat" => Ok(Self::Nat),
+            _ => Err(Error::invalid(format!(
+                "unknown forwarding mode {s:?} (expected dsr, ipip, gue or nat)"
+            ))),
+        }
+    }
+}
+
+impl Forwarding {
+    /// Whether backends must be on-link with a resolved MAC (else only a route is needed).
+    pub fn needs_l2(self) -> bool {
+        matches!(self, Forwarding::Dsr | Forwarding::Nat)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FragmentPolicy {
+    #[default]
+    Pass,
+    Hash,
+}
+
+impl std::str::FromStr for FragmentPolicy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "pass" => Ok(Self::Pass),
+            "hash" => Ok(Self::Hash),
+            _ => Err(Error::invalid(format!(
+                "unknown fragment policy {s:?} (expected pass or hash)"
+            ))),
+        }
+    }
+}
+
+/// A service as declared.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub vip: IpAddr,
+    /// 0 = every port of the VIP.
+    pub port: u16,
+    pub protocol: Protocol,
+    pub table_size: u32,
+    pub hash: HashMode,
+    pub forwarding: Forwarding,
+    pub fragments: FragmentPolicy,
+    pub snat: bool,
+    /// `[service.health]` as written; each backend's own settings override it key by key.
+    pub health: Option<HealthSettings>,
+    pub backends: Vec<Backend>,
+}
+
+/// A backend as declared: where it is, its weight, its metadata. Its status (next hop, health)
+/// lives apart, in `status`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Backend {
+    pub id: String,
+    pub address: IpAddr,
+    /// The backend's port; in DSR mode packets keep the service port, so this defaults to it.
+    pub port: Option<u16>,
+    /// 0 drains the backend: no new flows, existing ones stay.
+    pub weight: u32,
+    pub region: Option<String>,
+    pub zone: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// `[service.backend.health]`: overrides of the service's health settings.
+    pub health: Option<HealthSettings>,
+}
+
+/// Names: 1..=max characters of `[A-Za-z0-9._-]`.
+pub fn validate_name(what: &str, name: &str, max: usize) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= max
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid {what} {name:?}: use 1 to {max} characters of letters, digits, '.', '_' or '-'"
+        )))
+    }
+}
+
+pub fn validate_weight(weight: u32) -> Result<()> {
+    if weight > MAX_WEIGHT {
+        return Err(Error::invalid(format!(
+            "weight {weight} is out of range 0..={MAX_WEIGHT}"
+        )));
+    }
+    Ok(())
+}
+
+pub fn validate_table_size(size: u32) -> Result<()> {
+    if !(3..=MAX_TABLE_SIZE).contains(&size) || !is_prime(size) {
+        return Err(Error::invalid(format!(
+            "table size {size} must be a prime between 3 and {MAX_TABLE_SIZE} (for example 65537)"
+        )));
+    }
+    Ok(())
+}
+
+impl Service {
+    pub fn validate(&self) -> Result<()> {
+        validate_name("service name", &self.name, 64)?;
+        validate_table_size(self.table_size)?;
+        if self.vip.is_unspecified() || self.vip.is_multicast() {
+            return Err(Error::invalid(format!(
+                "service {}: invalid VIP {}",
+                self.name, self.vip
+            )));
+        }
+        if self.snat && self.forwarding != Forwarding::Nat {
+            return Err(Error::invalid(format!(
+                "service {}: snat needs forwarding = \"nat\"",
+                self.name
+            )));
+        }
+        if self.forwarding == Forwarding::Nat
+            && self.port == 0
+            && let Some(b) = self.backends.iter().find(|b| b.port.is_none())
+        {
+            return Err(Error::invalid(format!(
+                "service {}: NAT on all ports needs a port for backend {} (the destination is rewritten to it)",
+                self.name, b.id
+            )));
+        }
+        if self.forwarding == Forwarding::Nat && self.fragments == FragmentPolicy::Hash {
+            return Err(Error::invalid(format!(
+                "service {}: NAT cannot translate fragments (later ones carry no ports); use fragments = \"pass\"",
+                self.name
+            )));
+        }
+        if self.backends.len() > MAX_BACKENDS_PER_SERVICE {
+            return Err(Error::invalid(format!(
+                "service {}: {} backends is more than the maximum {MAX_BACKENDS_PER_SERVICE}",
+                self.name,
+                self.backends.len()
+            )));
+        }
+        crate::health::validate_service(self)
+            .map_err(|e| Error::invalid(format!("service {}: {e}", self.name)))?;
+        let mut ids = HashSet::new();
+        let mut endpoints = HashSet::new();
+        for b in &self.backends {
+            b.validate(self)?;
+            if !ids.insert(b.id.as_str()) {
+                return Err(Error::invalid(format!(
+                    "service {}: duplicate backend id {}",
+                    self.name, b.id
+                )));
+            }
+            if !endpoints.insert((b.address, b.port(self))) {
+                return Err(Error::invalid(format!(
+                    "service {}: backend {} duplicates address {} port {}",
+                    self.name,
+                    b.id,
+                    b.address,
+                    b.port(self)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn backend(&self, id: &str) -> Option<&Backend> {
+        self.backends.iter().find(|b| b.id == id)
+    }
+}
+
+impl Backend {
+    pub fn port(&self, service: &Service) -> u16 {
+        self.port.unwrap_or(service.port)
+    }
+
+    pub fn validate(&self, service: &Service) -> Result<()> {
+        validate_name("backend id", &self.id, 64)?;
+        validate_weight(self.weight).map_err(|e| Error::invalid(format!("backend {}: {e}", self.id)))?;
+        if self.address.is_ipv4() != service.vip.is_ipv4() {
+            return Err(Error::invalid(format!(
+                "backend {} address {} is not of the same IP family as VIP {}",
+                self.id, self.address, service.vip
+            )));
+        }
+        if self.address.is_unspecified() || self.address.is_multicast() || self.address.is_loopback() {
+            return Err(Error::invalid(format!(
+                "backend {}: invalid address {}",
+                self.id, self.address
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a whole set of services: each one, and what must be unique across them.
+pub fn validate_services(services: &[Service]) -> Result<()> {
+    if services.len() > MAX_SERVICES as usize {
+        return Err(Error::invalid(format!(
+            "{} services is more than the maximum {MAX_SERVICES}",
+            services.len()
+        )));
+    }
+    let mut names = HashSet::new();
+    let mut keys = HashSet::new();
+    let mut fragment_owners = HashSet::new();
+    for s in services {
+        if s.fragments == FragmentPolicy::Hash && !fragment_owners.insert((s.vip, s.protocol)) {
+            return Err(Error::invalid(format!(
+                "service {}: another service already hashes the fragments of {} {}",
+                s.name, s.vip, s.protocol
+            )));
+        }
+        s.validate()?;
+        if !names.insert(s.name.as_str()) {
+            return Err(Error::invalid(format!("duplicate service name {}", s.name)));
+        }
+        if !keys.insert((s.vip, s.port, s.protocol)) {
+            return Err(Error::invalid(format!(
+                "service {} duplicates VIP {} port {} {}",
+                s.name, s.vip, s.port, s.protocol
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Every backend address, and whether it must be resolved at L2 (some DSR or NAT service uses
+/// it) or only needs a route (encapsulation).
+pub fn backend_addresses(services: &[Service]) -> BTreeMap<IpAddr, bool> {
+    let mut addrs = BTreeMap::new();
+    for s in services {
+        for b in &s.backends {
+            *addrs.entry(b.address).or_insert(false) |= s.forwarding.needs_l2();
+        }
+    }
+    addrs
+}
+
+/// Identifies one backend of one service (ids are unique within a service only).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BackendRef {
+    pub service: String,
+    pub id: String,
+}
+
+impl BackendRef {
+    pub fn new(service: &str, id: &str) -> Self {
+        Self {
+            service: service.to_string(),
+            id: id.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for BackendRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.service, self.id)
+    }
+}

@@ -1,0 +1,536 @@
+//! The one writer of the control plane. A single task owns the desired services, every
+//! backend's status and the maps; API changes, health updates and next-hop changes reach it
+//! over one channel. What queues up while a pass runs is taken together in the next pass, so a
+//! burst of flaps costs one pass; the pass rebuilds only the tables whose inputs changed, and
+//! does its map work (table builds included) on a blocking thread, off the async workers.
+//! Readers work from the snapshot it publishes after each pass, and their own map handles.
+
+pub mod apply;
+pub mod hops;
+pub mod plan;
+pub mod warnings;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use log::{error, info, warn};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{
+    config::{DaemonConfig, ServiceSpec, validate_against, validate_services, validate_weight},
+    dataplane::{Attachment, DataPlane},
+    error::{Error, Result},
+    health::{State, settings::DownFlows},
+    model::{Backend, BackendRef, Service, backend_addresses},
+    neigh::{NextHop, Resolver},
+    state::Persisted,
+    status::{BackendStatus, External, ServiceWeights, effective_weights},
+};
+pub use apply::Reconciler;
+use plan::{Assignments, Desired};
+
+/// A change to the desired state, from the API.
+#[derive(Debug)]
+pub enum Change {
+    /// Replace every service (reload).
+    Replace(Vec<Service>),
+    AddService(Service),
+    RemoveService(String),
+    AddBackend {
+        service: String,
+        backend: Backend,
+    },
+    RemoveBackend {
+        service: String,
+        id: String,
+    },
+    SetWeight {
+        service: String,
+        id: String,
+        weight: u32,
+    },
+    /// The external score of one backend (0..1), optionally for `ttl` only.
+    SetExternal {
+        service: String,
+        id: String,
+        score: f64,
+        ttl: Option<Duration>,
+    },
+}
+
+/// A backend's health as the monitor last published it.
+#[derive(Clone, Debug)]
+pub struct HealthUpdate {
+    pub backend: BackendRef,
+    pub state: State,
+    pub score: f64,
+    pub down_flows: DownFlows,
+    pub slow_start: Duration,
+}
+
+pub enum Command {
+    Change {
+        change: Box<Change>,
+        /// The warnings of the pass that applied it, or why it was refused.
+        reply: oneshot::Sender<Result<Vec<String>>>,
+    },
+    /// Next hops looked up again: `None` = no longer resolves.
+    Hops(Vec<(IpAddr, Option<NextHop>)>),
+    Health(HealthUpdate),
+}
+
+/// What readers see: the state as of the last pass.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: Arc<Vec<Service>>,
+    pub assignments: Assignments,
+    pub hops: HashMap<IpAddr, NextHop>,
+    pub status: BTreeMap<BackendRef, BackendStatus>,
+    pub weights: BTreeMap<String, ServiceWeights>,
+    pub pool_capacity: u32,
+    pub pool_free: u64,
+    pub attachments: Vec<Attachment>,
+    pub adopted: bool,
+    pub counters: PassCounters,
+}
+
+/// Totals since the daemon started.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct PassCounters {
+    pub passes: u64,
+    pub commands: u64,
+    pub tables_built: u64,
+    pub tables_swapped: u64,
+}
+
+struct Engine {
+    dp: DataPlane,
+    rec: Reconciler,
+}
+
+pub struct Writer {
+    cfg: DaemonConfig,
+    engine: Arc<Mutex<Engine>>,
+    resolver: Arc<Resolver>,
+    services: Vec<Service>,
+    hops: HashMap<IpAddr, NextHop>,
+    status: BTreeMap<BackendRef, BackendStatus>,
+    panicking: std::collections::BTreeSet<String>,
+    counters: PassCounters,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    /// The services alone, for the health monitor: it wakes only when they change.
+    declared: watch::Sender<Arc<Vec<Service>>>,
+    state_path: PathBuf,
+}
+
+/// The channels to and from a started writer.
+pub struct Handles {
+    pub commands: mpsc::Sender<Command>,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub services: watch::Receiver<Arc<Vec<Service>>>,
+}
+
+impl Writer {
+    /// Applies the first state (restored or from the config) and returns the writer, ready to
+    /// run, with its warnings.
+    pub async fn start(
+        cfg: DaemonConfig,
+        dp: DataPlane,
+        rec: Reconciler,
+        resolver: Arc<Resolver>,
+        services: Vec<Service>,
+    ) -> Result<(Self, Handles, mpsc::Receiver<Command>, Vec<String>)> {
+        let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (declared, declared_rx) = watch::channel(Arc::new(Vec::new()));
+        let (tx, rx) = mpsc::channel(4096);
+        let mut writer = Self {
+            state_path: cfg.state_path(),
+            cfg,
+            engine: Arc::new(Mutex::new(Engine { dp, rec })),
+            resolver,
+            services: Vec::new(),
+            hops: HashMap::new(),
+            status: BTreeMap::new(),
+            panicking: Default::default(),
+            counters: PassCounters::default(),
+            snapshot,
+            declared,
+        };
+        let warnings = writer
+            .commit(services, writer.status.clone(), HashMap::new())
+            .await?;
+        let handles = Handles {
+            commands: tx,
+            snapshot: snapshot_rx,
+            services: declared_rx,
+        };
+        Ok((writer, handles, rx, warnings))
+    }
+
+    /// Runs until every sender is gone.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        loop {
+            let timer = self.next_timer();
+            let first = tokio::select! {
+                c = rx.recv() => match c {
+                    Some(c) => Some(c),
+                    None => break,
+                },
+                _ = sleep_until(timer) => None,
+            };
+            let mut batch: Vec<Command> = first.into_iter().collect();
+            while batch.len() < 4096
+                && let Ok(c) = rx.try_recv()
+            {
+                batch.push(c);
+            }
+            self.pass(batch).await;
+        }
+    }
+
+    /// The next TTL expiry or slow-start step, if any.
+    fn next_timer(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.status
+            .values()
+            .flat_map(|s| [s.external.and_then(|e| e.expires), s.next_ramp_step(now)])
+            .flatten()
+            .min()
+    }
+
+    async fn pass(&mut self, batch: Vec<Command>) {
+        self.counters.commands += batch.len() as u64;
+        let mut services = self.services.clone();
+        let mut status = self.status.clone();
+        let mut hop_updates = HashMap::new();
+        let mut replies = Vec::new();
+        let now = Instant::now();
+        for command in batch {
+            match command {
+                Command::Change { change, reply } => {
+                    let mut next = services.clone();
+                    let mut next_status = status.clone();
+                    match change_state(&self.cfg, &mut next, &mut next_status, *change, now) {
+                        Ok(()) => {
+                            services = next;
+                            status = next_status;
+                            replies.push(reply);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Command::Hops(updates) => hop_updates.extend(updates),
+                Command::Health(u) => {
+                    let st = status.entry(u.backend.clone()).or_default();
+                    if st.health == State::Down && u.state == State::Up {
+                        st.up_at = Some(now);
+                    }
+                    st.health = u.state;
+                    st.score = u.score;
+                    st.down_flows = u.down_flows;
+                    st.slow_start = u.slow_start;
+                }
+            }
+        }
+        for (b, st) in status.iter_mut() {
+            if let Some(e) = st.external
+                && e.expires.is_some_and(|t| t <= now)
+            {
+                info!("backend {b}: external score {} expired", e.score);
+                st.external = None;
+            }
+            if st.up_at.is_some() && st.next_ramp_step(now).is_none() {
+                st.up_at = None;
+            }
+        }
+        let changed = services != self.services;
+        let mut result = self.commit(services, status.clone(), hop_updates.clone()).await;
+        if result.is_err() && changed {
+            // The changes were refused; health and next hops still apply.
+            if let Err(e) = self.commit(self.services.clone(), status, hop_updates).await {
+                warn!("reconcile: {e}");
+            }
+        }
+        if let Err(e) = &mut result {
+            *e = Error::invalid(e.to_string());
+        }
+        for reply in replies {
+            let _ = reply.send(match &result {
+                Ok(w) => Ok(w.clone()),
+                Err(e) => Err(Error::invalid(e.to_string())),
+            });
+        }
+        if let (Err(e), false) = (&result, changed) {
+            warn!("reconcile: {e}");
+        }
+    }
+
+    /// Makes `services` with `status` the applied state: resolves new backends, plans, applies,
+    /// persists and publishes. On error the applied state stays as it was.
+    async fn commit(
+        &mut self,
+        services: Vec<Service>,
+        mut status: BTreeMap<BackendRef, BackendStatus>,
+        hop_updates: HashMap<IpAddr, Option<NextHop>>,
+    ) -> Result<Vec<String>> {
+        let mut warnings = Vec::new();
+        let wanted = backend_addresses(&services);
+        let mut next_hops = self.hops.clone();
+        for (addr, hop) in hop_updates {
+            match hop {
+                Some(h) => {
+                    next_hops.insert(addr, h);
+                }
+                None => {
+                    next_hops.remove(&addr);
+                }
+            }
+        }
+        // A backend's needs can change with its services' modes: resolve again then.
+        let current = backend_addresses(&self.services);
+        next_hops.retain(|a, _| {
+            wanted.contains_key(a) && current.get(a).is_none_or(|l2| wanted.get(a) == Some(l2))
+        });
+        let (found, unresolved) = hops::resolve_missing(&self.resolver, &wanted, &next_hops).await?;
+        next_hops.extend(found);
+        warnings.extend(unresolved);
+        let live: std::collections::BTreeSet<BackendRef> = services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| BackendRef::new(&s.name, &b.id)))
+            .collect();
+        status.retain(|b, _| live.contains(b));
+
+        let now = Instant::now();
+        let weights: BTreeMap<String, ServiceWeights> = services
+            .iter()
+            .map(|s| {
+                let w = effective_weights(s, &status, |a| next_hops.contains_key(&a), now);
+                (s.name.clone(), w)
+            })
+            .collect();
+        let engine = self.engine.clone();
+        let (plan_services, plan_weights, plan_hops) = (services.clone(), weights.clone(), next_hops.clone());
+        let (old_services, old_weights, old_hops) =
+            (self.services.clone(), self.last_weights(), self.hops.clone());
+        let started = Instant::now();
+        let applied = tokio::task::spawn_blocking(move || {
+            let mut guard = engine.lock().unwrap_or_else(|p| p.into_inner());
+            let Engine { dp, rec } = &mut *guard;
+            let desired = Desired {
+                services: &plan_services,
+                weights: &plan_weights,
+                hops: &plan_hops,
+            };
+            let result =
+                plan::plan(&desired, &rec.assignments).and_then(|p| rec.apply(dp, &plan_services, p));
+            if let Err(e) = &result {
+                // Put the maps back as they were.
+                let old = Desired {
+                    services: &old_services,
+                    weights: &old_weights,
+                    hops: &old_hops,
+                };
+                if let Err(undo) =
+                    plan::plan(&old, &rec.assignments).and_then(|p| rec.apply(dp, &old_services, p))
+                {
+                    error!("rollback after \"{e}\" failed: {undo}");
+                }
+            }
+            result.map(|a| {
+                (
+                    a,
+                    rec.assignments.clone(),
+                    rec.regions.capacity(),
+                    rec.regions.free_slots(),
+                )
+            })
+        })
+        .await
+        .map_err(|e| Error::dataplane(format!("reconcile task: {e}")))?;
+        let (applied, assignments, capacity, free) = applied?;
+        self.counters.passes += 1;
+        self.counters.tables_built += applied.built as u64;
+        self.counters.tables_swapped += applied.swapped as u64;
+        if applied.built > 0 {
+            log::debug!(
+                "pass: {} tables built in {:?}, {} swapped, {:?} in all",
+                applied.built,
+                applied.build_time,
+                applied.swapped,
+                started.elapsed()
+            );
+        }
+        for (name, w) in &weights {
+            let was = self.panicking.contains(name);
+            if w.panic && !was {
+                warn!(
+                    "service {name}: panic: fewer than its panic_threshold of backends are up; spreading per on_panic"
+                );
+                self.panicking.insert(name.clone());
+            } else if !w.panic && was {
+                info!("service {name}: out of panic");
+                self.panicking.remove(name);
+            }
+        }
+        self.panicking.retain(|n| weights.contains_key(n));
+
+        warnings.extend(warnings::forwarding(&self.cfg.interfaces, &services));
+        warnings
+            .extend(warnings::encap_mtu(&self.resolver, &self.cfg.interfaces, &services, &next_hops).await);
+        warnings.extend(warnings::nat(&self.cfg, &services));
+        let declared_changed = services != self.services;
+        self.services = services;
+        self.hops = next_hops;
+        self.status = status;
+        Persisted {
+            services: self.services.iter().map(ServiceSpec::from).collect(),
+            assignments: assignments.clone(),
+        }
+        .save(&self.state_path)?;
+        let (attachments, adopted) = {
+            let guard = self.engine.lock().unwrap_or_else(|p| p.into_inner());
+            (guard.dp.attachments.clone(), guard.dp.adopted)
+        };
+        let services = Arc::new(self.services.clone());
+        if declared_changed || self.declared.borrow().is_empty() {
+            self.declared.send_replace(services.clone());
+        }
+        self.snapshot.send_replace(Arc::new(Snapshot {
+            services,
+            assignments,
+            hops: self.hops.clone(),
+            status: self.status.clone(),
+            weights,
+            pool_capacity: capacity,
+            pool_free: free,
+            attachments,
+            adopted,
+            counters: self.counters,
+        }));
+        Ok(warnings)
+    }
+
+    fn last_weights(&self) -> BTreeMap<String, ServiceWeights> {
+        self.snapshot.borrow().weights.clone()
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn unknown_service(name: &str) -> Error {
+    Error::NotFound(format!("unknown service {name}"))
+}
+
+fn unknown_backend(service: &str, id: &str) -> Error {
+    Error::NotFound(format!("service {service} has no backend {id}"))
+}
+
+fn find_service<'a>(services: &'a mut [Service], name: &str) -> Result<&'a mut Service> {
+    services
+        .iter_mut()
+        .find(|s| s.name == name)
+        .ok_or_else(|| unknown_service(name))
+}
+
+/// Applies one change to copies of the services and statuses, validating the result whole.
+fn change_state(
+    cfg: &DaemonConfig,
+    services: &mut Vec<Service>,
+    status: &mut BTreeMap<BackendRef, BackendStatus>,
+    change: Change,
+    now: Instant,
+) -> Result<()> {
+    match change {
+        Change::Replace(next) => *services = next,
+        Change::AddService(s) => {
+            if services.iter().any(|x| x.name == s.name) {
+                return Err(Error::Exists(format!("service {} already exists", s.name)));
+            }
+            services.push(s);
+        }
+        Change::RemoveService(name) => {
+            let before = services.len();
+            services.retain(|x| x.name != name);
+            if services.len() == before {
+                return Err(unknown_service(&name));
+            }
+        }
+        Change::AddBackend { service, backend } => {
+            let svc = find_service(services, &service)?;
+            if svc.backend(&backend.id).is_some() {
+                return Err(Error::Exists(format!(
+                    "service {service} already has a backend {}",
+                    backend.id
+                )));
+            }
+            svc.backends.push(backend);
+        }
+        Change::RemoveBackend { service, id } => {
+            let svc = find_service(services, &service)?;
+            let before = svc.backends.len();
+            svc.backends.retain(|b| b.id != id);
+            if svc.backends.len() == before {
+                return Err(unknown_backend(&service, &id));
+            }
+        }
+        Change::SetWeight { service, id, weight } => {
+            validate_weight(weight)?;
+            let svc = find_service(services, &service)?;
+            let b = svc
+                .backends
+                .iter_mut()
+                .find(|b| b.id == id)
+                .ok_or_else(|| unknown_backend(&service, &id))?;
+            b.weight = weight;
+        }
+        Change::SetExternal {
+            service,
+            id,
+            score,
+            ttl,
+        } => {
+            if !(score.is_finite() && (0.0..=1.0).contains(&score)) {
+                return Err(Error::invalid(format!(
+                    "health score {score} is out of range 0..=1"
+                )));
+            }
+            if let Some(t) = ttl
+                && (t.is_zero() || t > Duration::from_secs(30 * 24 * 3600))
+            {
+                return Err(Error::invalid(format!(
+                    "ttl {} s is out of range (0, 2592000]",
+                    t.as_secs_f64()
+                )));
+            }
+            let svc = find_service(services, &service)?;
+            if svc.backend(&id).is_none() {
+                return Err(unknown_backend(&service, &id));
+            }
+            let st = status.entry(BackendRef::new(&service, &id)).or_default();
+            st.external = Some(External {
+                score,
+                expires: ttl.map(|t| now + t),
+            });
+            info!(
+                "backend {service}/{id}: external score {score}{}",
+                ttl.map(|t| format!(" for {} s", t.as_secs_f64()))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    validate_services(services)?;
+    validate_against(cfg, services)?;
+    Ok(())
+}

@@ -1,0 +1,368 @@
+//! The plan: which map slots each service and backend gets, what each backend entry must hold,
+//! and which services' tables must be rebuilt. Pure: desired services, their effective weights
+//! and the next hops in; no maps, no kernel. `apply` carries a plan out in a safe order.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
+
+use lb_common::maps::{MAX_BACKENDS, MAX_SERVICES};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::{Error, Result},
+    model::Service,
+    neigh::NextHop,
+    status::ServiceWeights,
+};
+
+/// A pool region holding one table.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Region {
+    pub offset: u32,
+    pub size: u32,
+}
+
+/// What a service's table was built from: equal inputs give an equal table, so it is not
+/// built again.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TableInput {
+    pub size: u32,
+    /// (backend id, effective weight, backend slot) of every member, by id.
+    pub members: Vec<(String, u32, u32)>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServiceSlot {
+    pub id: u32,
+    pub key: Option<ServiceKeyRepr>,
+    pub active: Option<Region>,
+    /// The table before the last swap; kept so in-flight readers never see it rewritten.
+    pub previous: Option<Region>,
+    /// The inputs of the active table.
+    #[serde(default)]
+    pub built: Option<TableInput>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceKeyRepr {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackendSlot {
+    pub slot: u32,
+    pub address: IpAddr,
+}
+
+/// Which map slots the daemon gave to which service and backend. Persisted with the services
+/// so a restarted daemon finds its slots again.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Assignments {
+    pub services: BTreeMap<String, ServiceSlot>,
+    /// Keyed by `service/backend-id`.
+    pub backends: BTreeMap<String, BackendSlot>,
+}
+
+pub fn backend_key(service: &str, id: &str) -> String {
+    format!("{service}/{id}")
+}
+
+/// What the maps should hold.
+pub struct Desired<'a> {
+    pub services: &'a [Service],
+    /// Effective weights by service name (`status::effective_weights`).
+    pub weights: &'a BTreeMap<String, ServiceWeights>,
+    pub hops: &'a HashMap<IpAddr, NextHop>,
+}
+
+/// One backend entry to write.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendWrite {
+    pub key: String,
+    pub slot: u32,
+    pub address: IpAddr,
+    /// Network order.
+    pub port_be: u16,
+    pub hop: Option<NextHop>,
+    /// Serves flows (pinned or new). An active entry has a hop.
+    pub active: bool,
+    /// A slot new to this backend: its generation moves on so old flows are not taken for it.
+    pub fresh: bool,
+}
+
+#[derive(Debug)]
+pub struct Plan {
+    /// Service ids and backend slots after this pass (regions and built inputs as they are).
+    pub assignments: Assignments,
+    pub new_service_ids: Vec<u32>,
+    pub backends: Vec<BackendWrite>,
+    /// Slots no backend holds any more: deactivated once no table names them.
+    pub retired: Vec<u32>,
+    /// Services whose table must be built, with its inputs.
+    pub rebuild: Vec<(String, TableInput)>,
+}
+
+pub fn plan(desired: &Desired<'_>, current: &Assignments) -> Result<Plan> {
+    let mut a = current.clone();
+    let services = desired.services;
+
+    // Service ids: kept by name.
+    let wanted: BTreeSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
+    let mut used_ids: BTreeSet<u32> = a
+        .services
+        .iter()
+        .filter(|(n, _)| wanted.contains(n.as_str()))
+        .map(|(_, s)| s.id)
+        .collect();
+    let mut new_service_ids = Vec::new();
+    for s in services {
+        if !a.services.contains_key(&s.name) {
+            let id = (0..MAX_SERVICES)
+                .find(|i| !used_ids.contains(i))
+                .ok_or_else(|| Error::invalid("no free service id"))?;
+            used_ids.insert(id);
+            a.services.insert(
+                s.name.clone(),
+                ServiceSlot {
+                    id,
+                    ..Default::default()
+                },
+            );
+            new_service_ids.push(id);
+        }
+    }
+
+    // Backend slots: kept while the backend keeps its address.
+    let wanted_backends: BTreeMap<String, (&Service, usize)> = services
+        .iter()
+        .flat_map(|s| {
+            s.backends
+                .iter()
+                .enumerate()
+                .map(move |(i, b)| (backend_key(&s.name, &b.id), (s, i)))
+        })
+        .collect();
+    let mut retired = Vec::new();
+    a.backends.retain(|k, slot| {
+        let keep = wanted_backends
+            .get(k)
+            .is_some_and(|(s, i)| s.backends[*i].address == slot.address);
+        if !keep {
+            retired.push(slot.slot);
+        }
+        keep
+    });
+    let mut used_slots: BTreeSet<u32> = a.backends.values().map(|b| b.slot).collect();
+    // A retired slot is not reused in the same pass: tables may still name it until swapped.
+    let reserved: BTreeSet<u32> = retired.iter().copied().collect();
+    let mut fresh = BTreeSet::new();
+    for (k, (s, i)) in &wanted_backends {
+        if a.backends.contains_key(k) {
+            continue;
+        }
+        let slot = (0..MAX_BACKENDS)
+            .find(|i| !used_slots.contains(i) && !reserved.contains(i))
+            .ok_or_else(|| Error::invalid("no free backend slot"))?;
+        used_slots.insert(slot);
+        a.backends.insert(
+            k.clone(),
+            BackendSlot {
+                slot,
+                address: s.backends[*i].address,
+            },
+        );
+        fresh.insert(slot);
+    }
+
+    let none = ServiceWeights::default();
+    let mut backends = Vec::new();
+    let mut rebuild = Vec::new();
+    for s in services {
+        let weights = desired.weights.get(&s.name).unwrap_or(&none);
+        let mut members = Vec::new();
+        for b in &s.backends {
+            let k = backend_key(&s.name, &b.id);
+            let slot = a.backends[&k].slot;
+            let hop = desired.hops.get(&b.address).cloned();
+            let e = weights.backends.get(&b.id).copied().unwrap_or_default();
+            // No hop, no frames: whatever the weights say, the slot cannot serve.
+            let usable = hop.is_some();
+            if usable && e.weight > 0 {
+                members.push((b.id.clone(), e.weight, slot));
+            }
+            backends.push(BackendWrite {
+                key: k,
+                slot,
+                address: b.address,
+                port_be: b.port(s).to_be(),
+                hop,
+                active: usable && e.active,
+                fresh: fresh.contains(&slot),
+            });
+        }
+        members.sort();
+        let input = TableInput {
+            size: s.table_size,
+            members,
+        };
+        if a.services[&s.name].built.as_ref() != Some(&input) {
+            rebuild.push((s.name.clone(), input));
+        }
+    }
+    Ok(Plan {
+        assignments: a,
+        new_service_ids,
+        backends,
+        retired,
+        rebuild,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        health::State,
+        model::{Backend, Forwarding, FragmentPolicy, HashMode, Protocol},
+        status::{BackendStatus, effective_weights},
+    };
+    use std::time::Instant;
+
+    fn hop() -> NextHop {
+        NextHop {
+            ifindex: 2,
+            ifname: "eth0".into(),
+            src_mac: [2; 6],
+            dst_mac: [4; 6],
+            mtu: 0,
+        }
+    }
+
+    fn services(n: usize, per: usize) -> Vec<Service> {
+        (0..n)
+            .map(|i| Service {
+                name: format!("svc{i}"),
+                vip: format!("10.1.{}.{}", i / 250, i % 250 + 1).parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                table_size: 1031,
+                hash: HashMode::FiveTuple,
+                forwarding: Forwarding::Dsr,
+                fragments: FragmentPolicy::Pass,
+                snat: false,
+                health: None,
+                backends: (0..per)
+                    .map(|j| Backend {
+                        id: format!("b{j}"),
+                        address: format!("10.2.{}.{}", j / 250, j % 250 + 1).parse().unwrap(),
+                        port: None,
+                        weight: 100,
+                        region: None,
+                        zone: None,
+                        labels: Default::default(),
+                        health: None,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Plans, then marks every table as built, as a successful apply would.
+    fn plan_and_build(
+        services: &[Service],
+        status: &BTreeMap<crate::model::BackendRef, BackendStatus>,
+        hops: &HashMap<IpAddr, NextHop>,
+        current: &Assignments,
+    ) -> Plan {
+        let now = Instant::now();
+        let weights: BTreeMap<String, ServiceWeights> = services
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    effective_weights(s, status, |a| hops.contains_key(&a), now),
+                )
+            })
+            .collect();
+        plan(
+            &Desired {
+                services,
+                weights: &weights,
+                hops,
+            },
+            current,
+        )
+        .expect("plan")
+    }
+
+    fn built(mut p: Plan) -> Assignments {
+        for (name, input) in p.rebuild.drain(..) {
+            p.assignments.services.get_mut(&name).unwrap().built = Some(input);
+        }
+        p.assignments
+    }
+
+    #[test]
+    fn one_flap_among_100_services_rebuilds_one_table() {
+        let svcs = services(100, 100);
+        let hops: HashMap<IpAddr, NextHop> = svcs
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| (b.address, hop())))
+            .collect();
+        let mut status = BTreeMap::new();
+        let first = plan_and_build(&svcs, &status, &hops, &Assignments::default());
+        assert_eq!(first.rebuild.len(), 100, "every table is new");
+        assert_eq!(first.new_service_ids.len(), 100);
+        let a = built(first);
+        let again = plan_and_build(&svcs, &status, &hops, &a);
+        assert!(again.rebuild.is_empty(), "nothing changed, nothing rebuilt");
+
+        status.insert(
+            crate::model::BackendRef::new("svc42", "b7"),
+            BackendStatus {
+                health: State::Down,
+                score: 0.0,
+                ..Default::default()
+            },
+        );
+        let flap = plan_and_build(&svcs, &status, &hops, &a);
+        let names: Vec<&str> = flap.rebuild.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["svc42"]);
+        assert_eq!(flap.rebuild[0].1.members.len(), 99);
+        let write = flap.backends.iter().find(|w| w.key == "svc42/b7").unwrap();
+        assert!(
+            !write.active,
+            "down with down_flows = repick: pinned flows move too"
+        );
+        assert!(flap.retired.is_empty() && flap.new_service_ids.is_empty());
+    }
+
+    #[test]
+    fn slots_are_kept_and_never_reused_in_the_pass_that_retires_them() {
+        let mut svcs = services(1, 3);
+        let hops: HashMap<IpAddr, NextHop> = svcs[0].backends.iter().map(|b| (b.address, hop())).collect();
+        let status = BTreeMap::new();
+        let a = built(plan_and_build(&svcs, &status, &hops, &Assignments::default()));
+        let slot_of = |a: &Assignments, id: &str| a.backends[&backend_key("svc0", id)].slot;
+        let b1 = slot_of(&a, "b1");
+        // b1 moves to a new address: a new slot, the old one retired.
+        svcs[0].backends[1].address = "10.2.9.9".parse().unwrap();
+        let mut hops2 = hops.clone();
+        hops2.insert("10.2.9.9".parse().unwrap(), hop());
+        let p = plan_and_build(&svcs, &status, &hops2, &a);
+        assert_eq!(p.retired, vec![b1]);
+        let new_b1 = p.assignments.backends[&backend_key("svc0", "b1")].slot;
+        assert_ne!(new_b1, b1);
+        assert!(p.backends.iter().any(|w| w.slot == new_b1 && w.fresh));
+        assert_eq!(slot_of(&p.assignments, "b0"), slot_of(&a, "b0"));
+        // Unresolved: inactive and out of the table.
+        let p = plan_and_build(&svcs, &status, &HashMap::new(), &a);
+        assert!(p.backends.iter().all(|w| !w.active));
+        assert!(p.rebuild[0].1.members.is_empty());
+    }
+}

@@ -1,0 +1,275 @@
+//! Each backend's status, kept apart from its config: health (from the monitor), an external
+//! score (`lb backend health`), and, beside them in the reconciler, its next hop. One pure
+//! function turns a service's config and its backends' status into effective weights.
+//!
+//! Effective weight = configured weight × health score × external score × slow-start ramp,
+//! rounded, at least 1 while all factors are positive. A backend gets none (no new flows) when
+//! it is unresolved, down, drained (weight 0) or externally scored 0. Its slot stays active for
+//! pinned flows unless it is unresolved, or down/scored 0 with `down_flows = "repick"`.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    health::{
+        State,
+        settings::{DownFlows, OnPanic, PanicSpec},
+        tracker::quantize,
+    },
+    model::{BackendRef, Service},
+};
+
+/// Steps of the slow-start ramp: the weight changes (and tables are rebuilt) this many times.
+pub const RAMP_STEPS: u32 = 10;
+
+/// A score set from outside (`lb backend health SERVICE ID SCORE [--ttl S]`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct External {
+    pub score: f64,
+    pub expires: Option<Instant>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendStatus {
+    pub health: State,
+    pub score: f64,
+    pub down_flows: DownFlows,
+    /// When it last came back up, and over how long its weight ramps from then.
+    pub up_at: Option<Instant>,
+    pub slow_start: Duration,
+    pub external: Option<External>,
+}
+
+impl Default for BackendStatus {
+    fn default() -> Self {
+        Self {
+            health: State::Up,
+            score: 1.0,
+            down_flows: DownFlows::Repick,
+            up_at: None,
+            slow_start: Duration::ZERO,
+            external: None,
+        }
+    }
+}
+
+impl BackendStatus {
+    /// The slow-start factor at `now`, in steps of 1/RAMP_STEPS; 1 when not ramping.
+    pub fn ramp(&self, now: Instant) -> f64 {
+        match self.up_at {
+            Some(at) if !self.slow_start.is_zero() => {
+                let done = now.saturating_duration_since(at).as_secs_f64() / self.slow_start.as_secs_f64();
+                if done >= 1.0 {
+                    1.0
+                } else {
+                    // Start at the first step, not at 0: a recovered backend takes some flows.
+                    ((done * RAMP_STEPS as f64).floor() + 1.0).min(RAMP_STEPS as f64) / RAMP_STEPS as f64
+                }
+            }
+            _ => 1.0,
+        }
+    }
+
+    /// When the ramp next changes step, if it is ramping.
+    pub fn next_ramp_step(&self, now: Instant) -> Option<Instant> {
+        let at = self.up_at?;
+        if self.slow_start.is_zero() || now >= at + self.slow_start {
+            return None;
+        }
+        let step = self.slow_start / RAMP_STEPS;
+        let done = now.saturating_duration_since(at).as_nanos() / step.as_nanos().max(1);
+        Some(at + step * (done as u32 + 1))
+    }
+
+    fn external_score(&self) -> f64 {
+        self.external.map_or(1.0, |e| e.score)
+    }
+}
+
+/// What the tables and the backend map get for one backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Eligibility {
+    /// Weight in the service's tables; 0 = no new flows.
+    pub weight: u32,
+    /// The slot keeps serving flows pinned to it.
+    pub active: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ServiceWeights {
+    pub backends: BTreeMap<String, Eligibility>,
+    /// Fewer than `panic_threshold` of the backends were up.
+    pub panic: bool,
+}
+
+/// The effective weights of one service's backends.
+pub fn effective_weights(
+    service: &Service,
+    status: &BTreeMap<BackendRef, BackendStatus>,
+    resolved: impl Fn(std::net::IpAddr) -> bool,
+    now: Instant,
+) -> ServiceWeights {
+    let default = BackendStatus::default();
+    let mut out = ServiceWeights::default();
+    let (mut candidates, mut healthy) = (0usize, 0usize);
+    for b in &service.backends {
+        let st = status
+            .get(&BackendRef::new(&service.name, &b.id))
+            .unwrap_or(&default);
+        let reachable = resolved(b.address);
+        let excluded = st.health == State::Down || st.external_score() <= 0.0;
+        let candidate = reachable && b.weight > 0;
+        candidates += usize::from(candidate);
+        healthy += usize::from(candidate && !excluded);
+        let factor = quantize(st.score * st.external_score()) * st.ramp(now);
+        let weight = if candidate && !excluded {
+            ((f64::from(b.weight) * factor).round() as u32).max(1)
+        } else {
+            0
+        };
+        let active = reachable && (!excluded || st.down_flows == DownFlows::Keep);
+        out.backends.insert(b.id.clone(), Eligibility { weight, active });
+    }
+    let panic = PanicSpec::of(service);
+    if candidates > 0 && (healthy as f64) < panic.threshold * candidates as f64 {
+        out.panic = true;
+        if panic.on_panic == OnPanic::All {
+            // Spread over every backend that can be reached, at its configured weight: better
+            // some answers than none when most of the health checks may be wrong.
+            for b in &service.backends {
+                if resolved(b.address) && b.weight > 0 {
+                    out.backends.insert(
+                        b.id.clone(),
+                        Eligibility {
+                            weight: b.weight,
+                            active: true,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        health::HealthSettings,
+        model::{Backend, Forwarding, FragmentPolicy, HashMode, Protocol},
+    };
+
+    fn service(n: usize, panic: Option<f64>) -> Service {
+        Service {
+            name: "web".into(),
+            vip: "10.0.0.1".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            table_size: 13,
+            hash: HashMode::FiveTuple,
+            forwarding: Forwarding::Dsr,
+            fragments: FragmentPolicy::Pass,
+            snat: false,
+            health: Some(HealthSettings {
+                panic_threshold: panic,
+                ..Default::default()
+            }),
+            backends: (0..n)
+                .map(|i| Backend {
+                    id: format!("b{i}"),
+                    address: format!("10.0.1.{}", i + 1).parse().unwrap(),
+                    port: None,
+                    weight: 100,
+                    region: None,
+                    zone: None,
+                    labels: Default::default(),
+                    health: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn down(down_flows: DownFlows) -> BackendStatus {
+        BackendStatus {
+            health: State::Down,
+            score: 0.0,
+            down_flows,
+            ..Default::default()
+        }
+    }
+
+    fn weights(w: &ServiceWeights) -> Vec<(u32, bool)> {
+        w.backends.values().map(|e| (e.weight, e.active)).collect()
+    }
+
+    #[test]
+    fn health_external_score_and_drain_shape_weights() {
+        let mut s = service(4, Some(0.0));
+        s.backends[3].weight = 0;
+        let mut st = BTreeMap::new();
+        st.insert(BackendRef::new("web", "b0"), down(DownFlows::Repick));
+        st.insert(
+            BackendRef::new("web", "b1"),
+            BackendStatus {
+                external: Some(External {
+                    score: 0.2,
+                    expires: None,
+                }),
+                ..Default::default()
+            },
+        );
+        st.insert(BackendRef::new("web", "b2"), down(DownFlows::Keep));
+        let now = Instant::now();
+        let w = effective_weights(&s, &st, |_| true, now);
+        assert_eq!(weights(&w), vec![(0, false), (20, true), (0, true), (0, true)]);
+        assert!(!w.panic);
+        // Unresolved: no flows, no pinned flows.
+        let w = effective_weights(&s, &st, |a| a.to_string() != "10.0.1.2", now);
+        assert_eq!(
+            w.backends["b1"],
+            Eligibility {
+                weight: 0,
+                active: false
+            }
+        );
+    }
+
+    #[test]
+    fn panic_spreads_over_all_reachable_backends() {
+        let s = service(3, Some(0.8));
+        let mut st = BTreeMap::new();
+        st.insert(BackendRef::new("web", "b0"), down(DownFlows::Repick));
+        st.insert(BackendRef::new("web", "b1"), down(DownFlows::Repick));
+        let w = effective_weights(&s, &st, |_| true, Instant::now());
+        assert!(w.panic);
+        assert_eq!(weights(&w), vec![(100, true), (100, true), (100, true)]);
+        // Default threshold 0.5: one of three up is panic too; two of three is not.
+        let s = service(3, None);
+        assert!(effective_weights(&s, &st, |_| true, Instant::now()).panic);
+        st.remove(&BackendRef::new("web", "b1"));
+        let w = effective_weights(&s, &st, |_| true, Instant::now());
+        assert!(!w.panic);
+        assert_eq!(weights(&w), vec![(0, false), (100, true), (100, true)]);
+    }
+
+    #[test]
+    fn slow_start_ramps_in_steps() {
+        let at = Instant::now();
+        let st = BackendStatus {
+            up_at: Some(at),
+            slow_start: Duration::from_secs(10),
+            ..Default::default()
+        };
+        assert_eq!(st.ramp(at), 0.1);
+        assert_eq!(st.ramp(at + Duration::from_millis(4500)), 0.5);
+        assert_eq!(st.ramp(at + Duration::from_secs(10)), 1.0);
+        assert_eq!(
+            st.next_ramp_step(at + Duration::from_millis(4500)),
+            Some(at + Duration::from_secs(5))
+        );
+        assert_eq!(st.next_ramp_step(at + Duration::from_secs(11)), None);
+    }
+}
