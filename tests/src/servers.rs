@@ -119,3 +119,111 @@ fn udp_loop(socket: UdpSocket, id: String, report_peer: bool, stop: Arc<AtomicBo
         }
     }
 }
+
+/// What a backend's health responder answers, changeable while it runs.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// An HTTP response with this status line code and body, to any request.
+    Http(u16, String),
+    /// A HAProxy agent-check line (sent on connect, then closed).
+    Agent(String),
+}
+
+/// A health endpoint on a backend's own addresses: TCP (HTTP or agent replies) and UDP (a
+/// datagram answered with `udp_reply`, or nothing when it is `None`). Stops on drop.
+pub struct Responder {
+    pub reply: Arc<std::sync::Mutex<Reply>>,
+    pub udp_reply: Arc<std::sync::Mutex<Option<String>>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Responder {
+    pub fn start(ns: &NetNs, addrs: &[SocketAddr], reply: Reply, udp_reply: Option<&str>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let reply = Arc::new(std::sync::Mutex::new(reply));
+        let udp_reply = Arc::new(std::sync::Mutex::new(udp_reply.map(str::to_string)));
+        let mut threads = Vec::new();
+        for &addr in addrs {
+            let (tcp, udp) = in_ns(ns, move || {
+                let tcp = TcpListener::bind(addr).expect("bind health tcp");
+                tcp.set_nonblocking(true).expect("nonblocking");
+                let udp = UdpSocket::bind(addr).expect("bind health udp");
+                udp.set_read_timeout(Some(Duration::from_millis(50)))
+                    .expect("timeout");
+                (tcp, udp)
+            });
+            let (r, s) = (reply.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    match tcp.accept() {
+                        Ok((stream, _)) => respond(stream, &r.lock().expect("reply").clone()),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(2))
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            }));
+            let (u, s) = (udp_reply.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !s.load(Ordering::Relaxed) {
+                    if let Ok((_, peer)) = udp.recv_from(&mut buf)
+                        && let Some(text) = u.lock().expect("udp reply").clone()
+                    {
+                        let _ = udp.send_to(text.as_bytes(), peer);
+                    }
+                }
+            }));
+        }
+        Self {
+            reply,
+            udp_reply,
+            stop,
+            threads,
+        }
+    }
+
+    pub fn set(&self, reply: Reply) {
+        *self.reply.lock().expect("reply") = reply;
+    }
+}
+
+fn respond(stream: std::net::TcpStream, reply: &Reply) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut writer = stream.try_clone().expect("clone");
+    match reply {
+        Reply::Agent(line) => {
+            let _ = writer.write_all(format!("{line}\n").as_bytes());
+        }
+        Reply::Http(status, body) => {
+            // Read the request head, then answer and close.
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                if line == "\r\n" || line == "\n" {
+                    break;
+                }
+                line.clear();
+            }
+            let _ = writer.write_all(
+                format!(
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

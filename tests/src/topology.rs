@@ -38,7 +38,7 @@ pub struct Backend {
 
 pub struct Topology {
     // Field order is drop order: servers, the pass program, then the namespaces.
-    servers: Vec<Servers>,
+    servers: Vec<(String, Servers)>,
     _pass: aya::Ebpf,
     pub backends: Vec<Backend>,
     pub client: NetNs,
@@ -111,15 +111,8 @@ impl Topology {
              sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 && \
              ethtool -K eth0 tx off >/dev/null"
         ))?;
-        let servers = Servers::start(
-            &ns,
-            id,
-            &[
-                SocketAddr::new(IpAddr::V4(VIP4), PORT),
-                SocketAddr::new(IpAddr::V6(VIP6), PORT),
-            ],
-        );
-        self.servers.push(servers);
+        let servers = Servers::start(&ns, id, &vip_addrs());
+        self.servers.push((id.to_string(), servers));
         self.backends.push(Backend {
             id: id.to_string(),
             v4,
@@ -127,6 +120,17 @@ impl Topology {
             ns,
         });
         Ok(self.backends.last().expect("just pushed"))
+    }
+
+    /// Stops a backend's servers: its sockets close, new connections are refused.
+    pub fn stop_servers(&mut self, id: &str) {
+        self.servers.retain(|(b, _)| b != id);
+    }
+
+    /// Starts a backend's servers again.
+    pub fn start_servers(&mut self, id: &str) {
+        let servers = Servers::start(&self.backend(id).ns, id, &vip_addrs());
+        self.servers.push((id.to_string(), servers));
     }
 
     pub fn backend(&self, id: &str) -> &Backend {
@@ -172,6 +176,14 @@ pub fn four_services(mode: &str, backends: &[(String, IpAddr, IpAddr)]) -> Strin
         }
     }
     text
+}
+
+/// Where the backends' servers listen: the VIPs at PORT.
+fn vip_addrs() -> [SocketAddr; 2] {
+    [
+        SocketAddr::new(IpAddr::V4(VIP4), PORT),
+        SocketAddr::new(IpAddr::V6(VIP6), PORT),
+    ]
 }
 
 /// Joins `ns` to the switch: `eth0` inside, port `p<N>` on the bridge.

@@ -175,13 +175,14 @@ pub fn resolve(service: &Service, backend: &Backend) -> Result<Option<CheckSpec>
     if s.is_none() && b.is_none() {
         return Ok(None);
     }
-    let kind = pick(s, b, |h| &h.kind).unwrap_or(match service.protocol {
-        Protocol::Tcp => CheckKind::Tcp,
+    let kind = match (pick(s, b, |h| &h.kind), service.protocol) {
+        (Some(kind), _) => kind,
+        (None, Protocol::Tcp) => CheckKind::Tcp,
         // A UDP service has no default probe: what to send is the user's to say.
-        Protocol::Udp => {
+        (None, Protocol::Udp) => {
             return Err("a UDP service's health check needs kind = \"udp\" (with send) or \"none\"".into());
         }
-    });
+    };
     let probe = match kind {
         CheckKind::None => return Ok(None),
         CheckKind::Tcp => Probe::Tcp,

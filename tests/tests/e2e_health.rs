@@ -1,0 +1,342 @@
+//! Health end to end: real checks against real servers in backend namespaces, real failures
+//! (a stopped server, a link pulled, a wrong answer), and the data plane's tables read back
+//! through the CLI. Every wait is on a condition, with a bound; detection times are measured.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    Daemon, Topology,
+    client::tcp_flows,
+    servers::{Reply, Responder},
+    topology::{PORT, VIP4, VIP6},
+    wait_until,
+};
+
+/// The backends' health endpoint (on their own addresses, not the VIP).
+const HEALTH_PORT: u16 = 8081;
+
+/// Fast checks, as the detection goal sets them.
+const FAST_TCP: &str = "kind = \"tcp\"\ninterval = 0.2\ntimeout = 0.2\nfast_interval = 0.2\nerror_threshold = 2\nrecovery_threshold = 2\njitter = 0.1\n";
+
+/// A config with one TCP and one UDP service per family, `tcp_health` under each TCP service
+/// and `udp_health` under each UDP one (empty = no checks), the port set to HEALTH_PORT.
+fn config(
+    topo: &Topology,
+    d: (&str, &std::path::Path),
+    backends: &[&str],
+    tcp_health: &str,
+    udp_health: &str,
+) -> String {
+    let (instance, run_dir) = d;
+    let mut text = format!(
+        "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\nconntrack_size = 65536\ntable_pool_slots = 1048576\nneighbour_refresh_ms = 500\n",
+        run_dir.display()
+    );
+    for (name, vip, proto) in [
+        ("web4", IpAddr::V4(VIP4), "tcp"),
+        ("dns4", IpAddr::V4(VIP4), "udp"),
+        ("web6", IpAddr::V6(VIP6), "tcp"),
+        ("dns6", IpAddr::V6(VIP6), "udp"),
+    ] {
+        text.push_str(&format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {PORT}\nprotocol = \"{proto}\"\ntable_size = 1031\n"
+        ));
+        let health = if proto == "tcp" { tcp_health } else { udp_health };
+        if !health.is_empty() {
+            text.push_str(&format!("\n[service.health]\nport = {HEALTH_PORT}\n{health}"));
+        }
+        for id in backends {
+            let b = topo.backend(id);
+            let addr = if vip.is_ipv4() {
+                IpAddr::V4(b.v4)
+            } else {
+                IpAddr::V6(b.v6)
+            };
+            text.push_str(&format!(
+                "\n[[service.backend]]\nid = \"{id}\"\naddress = \"{addr}\"\nweight = 100\n"
+            ));
+        }
+    }
+    text
+}
+
+/// A health responder on each backend's own addresses.
+fn responders(
+    topo: &Topology,
+    backends: &[&str],
+    reply: Reply,
+    udp: Option<&str>,
+) -> HashMap<String, Responder> {
+    backends
+        .iter()
+        .map(|id| {
+            let b = topo.backend(id);
+            let addrs = [
+                SocketAddr::new(IpAddr::V4(b.v4), HEALTH_PORT),
+                SocketAddr::new(IpAddr::V6(b.v6), HEALTH_PORT),
+            ];
+            (
+                id.to_string(),
+                Responder::start(&b.ns, &addrs, reply.clone(), udp),
+            )
+        })
+        .collect()
+}
+
+fn start(topo: &Topology, backends: &[&str], tcp_health: &str, udp_health: &str) -> Daemon {
+    let (instance, run_dir) = Daemon::new_paths();
+    let text = config(topo, (&instance, &run_dir), backends, tcp_health, udp_health);
+    let d = Daemon::start(topo, &instance, &run_dir, &text).expect("daemon starts");
+    let ok = wait_until(Duration::from_secs(15), || {
+        slots(&d).values().all(|per| per.values().all(|&n| n > 0))
+    });
+    assert!(
+        ok,
+        "backends did not resolve: {}\n{}",
+        d.json(&["service", "list"]),
+        d.log()
+    );
+    d
+}
+
+/// Table slots per backend, per service, as the data plane's active tables hold them.
+fn slots(d: &Daemon) -> HashMap<String, HashMap<String, u64>> {
+    let list = d.json(&["service", "list"]);
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let per = s["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    (
+                        b["id"].as_str().unwrap_or_default().to_string(),
+                        b["table_slots"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect();
+            (s["name"].as_str().unwrap_or_default().to_string(), per)
+        })
+        .collect()
+}
+
+/// One backend's entry in `lb health`.
+fn health_of(d: &Daemon, service: &str, id: &str) -> serde_json::Value {
+    let h = d.json(&["health", service]);
+    h[0]["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|b| b["id"] == id)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits until every checked backend has been checked at least `n` times.
+fn wait_checked(d: &Daemon, services: &[&str], n: u64) {
+    let ok = wait_until(Duration::from_secs(10), || {
+        services.iter().all(|s| {
+            d.json(&["health", s])[0]["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|b| b["check"]["checks"].as_u64() >= Some(n))
+        })
+    });
+    assert!(ok, "checks did not run: {}", d.json(&["health"]));
+}
+
+/// Time until `cond` holds, polled; panics after `bound`.
+fn time_until(bound: Duration, what: &str, d: &Daemon, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    let ok = wait_until(bound, &mut cond);
+    let took = start.elapsed();
+    assert!(
+        ok,
+        "{what} did not happen within {bound:?}: {}\n{}",
+        d.json(&["health"]),
+        d.log()
+    );
+    took
+}
+
+#[test]
+fn a_stopped_server_is_out_within_a_second_and_back_after_recovery() {
+    let mut topo = Topology::new(3).expect("topology");
+    let all = ["b1", "b2", "b3"];
+    let health = responders(&topo, &all, Reply::Http(200, "ok".into()), None);
+    let d = start(&topo, &all, &format!("{FAST_TCP}slow_start = 2.0\n"), "");
+    wait_checked(&d, &["web4", "web6"], 3);
+    let (_, mut open) = tcp_flows(&topo, IpAddr::V4(VIP4), 60, true);
+    assert!(open.iter().filter(|(_, id)| id != "b2").count() >= 30);
+
+    // Stop b2's servers, the service and its health endpoint, as a crashed process would.
+    let mut health = health;
+    let stopped = Instant::now();
+    topo.stop_servers("b2");
+    drop(health.remove("b2"));
+    let ok = wait_until(Duration::from_secs(3), || {
+        let s = slots(&d);
+        s["web4"]["b2"] == 0 && s["web6"]["b2"] == 0
+    });
+    let took = stopped.elapsed();
+    assert!(ok, "b2 still in the tables: {}\n{}", d.json(&["health"]), d.log());
+    println!(
+        "refused server: out of both tables {} ms after it stopped",
+        took.as_millis()
+    );
+    assert!(took <= Duration::from_secs(1), "took {took:?}");
+    let h = health_of(&d, "web4", "b2");
+    assert_eq!(h["state"], "down", "{h}");
+    assert!(
+        h["check"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("connection refused"),
+        "the reason names what the check saw: {h}"
+    );
+    assert!(
+        d.log().contains("backend web4/b2 is down"),
+        "logged once with its reason"
+    );
+
+    // The other backends' open connections are untouched, and new flows all succeed.
+    for (conn, id) in open.iter_mut().filter(|(_, id)| id != "b2") {
+        let answer = conn
+            .ask()
+            .unwrap_or_else(|e| panic!("connection on {id} broke while b2 went out: {e}"));
+        assert_eq!(&answer, id);
+    }
+    for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        let (counts, _) = tcp_flows(&topo, vip, 200, false);
+        assert!(!counts.contains_key("b2"), "{counts:?}");
+        assert_eq!(counts.values().sum::<usize>(), 200);
+    }
+
+    // Recovery: back after recovery_threshold passed checks, its weight ramping over 2 s.
+    topo.start_servers("b2");
+    let b2 = topo.backend("b2");
+    health.insert(
+        "b2".into(),
+        Responder::start(
+            &b2.ns,
+            &[
+                SocketAddr::new(IpAddr::V4(b2.v4), HEALTH_PORT),
+                SocketAddr::new(IpAddr::V6(b2.v6), HEALTH_PORT),
+            ],
+            Reply::Http(200, "ok".into()),
+            None,
+        ),
+    );
+    let mut seen = Vec::new();
+    let back = time_until(Duration::from_secs(5), "full weight after slow start", &d, || {
+        let w = health_of(&d, "web4", "b2")["effective_weight"]
+            .as_u64()
+            .unwrap_or(0);
+        if seen.last() != Some(&w) {
+            seen.push(w);
+        }
+        w == 100
+    });
+    println!(
+        "recovered and ramped to full weight in {} ms, weights seen {seen:?}",
+        back.as_millis()
+    );
+    let ramp: Vec<u64> = seen.iter().copied().filter(|&w| w > 0).collect();
+    assert!(ramp.len() >= 3, "the weight ramps in steps: {seen:?}");
+    assert!(ramp.windows(2).all(|w| w[0] < w[1]), "and only up: {seen:?}");
+    assert!(slots(&d)["web4"]["b2"] > 0);
+}
+
+#[test]
+fn a_pulled_link_is_out_within_two_seconds() {
+    let topo = Topology::new(3).expect("topology");
+    let all = ["b1", "b2", "b3"];
+    let _health = responders(&topo, &all, Reply::Http(200, "ok".into()), None);
+    let d = start(&topo, &all, FAST_TCP, "");
+    wait_checked(&d, &["web4"], 3);
+    topo.backend("b3")
+        .ns
+        .sh("ip link set eth0 down")
+        .expect("link down");
+    let took = time_until(
+        Duration::from_secs(5),
+        "b3 out after its link went down",
+        &d,
+        || {
+            let s = slots(&d);
+            s["web4"]["b3"] == 0 && s["web6"]["b3"] == 0
+        },
+    );
+    println!(
+        "blackholed backend: out of both tables {} ms after its link went down",
+        took.as_millis()
+    );
+    assert!(took <= Duration::from_secs(2), "took {took:?}");
+    let (counts, _) = tcp_flows(&topo, IpAddr::V4(VIP4), 100, false);
+    assert!(
+        !counts.contains_key("b3") && counts.values().sum::<usize>() == 100,
+        "{counts:?}"
+    );
+}
+
+#[test]
+fn http_and_udp_checks_take_out_wrong_answers() {
+    let topo = Topology::new(3).expect("topology");
+    let all = ["b1", "b2", "b3"];
+    let health = responders(&topo, &all, Reply::Http(200, "healthy".into()), Some("pong"));
+    // One of three up is under the default panic threshold (0.5), which would spread flows over
+    // all three: this test is about exclusion, so it allows a third.
+    let http = "panic_threshold = 0.3\nkind = \"http\"\npath = \"/health\"\nexpect_status = \"200-299\"\nexpect_body = \"healthy\"\ninterval = 0.2\ntimeout = 0.2\nfast_interval = 0.2\nerror_threshold = 2\n";
+    let udp = "kind = \"udp\"\nsend = \"ping\"\nexpect = \"pong\"\ninterval = 0.2\ntimeout = 0.2\nfast_interval = 0.2\nerror_threshold = 2\n";
+    let d = start(&topo, &all, http, udp);
+    wait_checked(&d, &["web4", "dns4", "web6", "dns6"], 3);
+    assert!(
+        slots(&d).values().all(|per| per.values().all(|&n| n > 0)),
+        "all up first"
+    );
+
+    health["b1"].set(Reply::Http(503, "healthy".into()));
+    health["b2"].set(Reply::Http(200, "sick".into()));
+    *health["b3"].udp_reply.lock().expect("udp") = None;
+    let took = time_until(Duration::from_secs(5), "wrong answers taken out", &d, || {
+        let s = slots(&d);
+        ["web4", "web6"]
+            .iter()
+            .all(|w| s[*w]["b1"] == 0 && s[*w]["b2"] == 0 && s[*w]["b3"] > 0)
+            && ["dns4", "dns6"]
+                .iter()
+                .all(|u| s[*u]["b3"] == 0 && s[*u]["b1"] > 0 && s[*u]["b2"] > 0)
+    });
+    println!("http status/body and silent udp: out in {} ms", took.as_millis());
+    let h = health_of(&d, "web4", "b1");
+    assert!(
+        h["check"]["last"]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("status 503"),
+        "{h}"
+    );
+    let h = health_of(&d, "web4", "b2");
+    assert!(
+        h["check"]["last"]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("lacks \"healthy\""),
+        "{h}"
+    );
+    let h = health_of(&d, "dns4", "b3");
+    assert!(
+        h["check"]["last"]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no answer"),
+        "{h}"
+    );
+}
