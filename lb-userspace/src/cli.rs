@@ -165,6 +165,7 @@ pub enum BackendCmd {
     Health {
         service: String,
         id: String,
+        #[arg(value_parser = parse_score)]
         score: f64,
         /// Seconds until the score expires (default: never).
         #[arg(long)]
@@ -187,6 +188,15 @@ pub struct BackendArgs {
     pub region: Option<String>,
     #[arg(long)]
     pub zone: Option<String>,
+}
+
+/// A health score: a number in 0..=1 (JSON has no NaN, so it is refused here).
+fn parse_score(text: &str) -> Result<f64, String> {
+    let v: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
+    if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
+        return Err(format!("score {text} is out of range 0..=1"));
+    }
+    Ok(v)
 }
 
 /// Runs a client verb. Returns the process exit code.

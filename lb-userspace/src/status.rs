@@ -15,7 +15,8 @@ use std::{
 use crate::{
     health::{
         State,
-        settings::{DownFlows, OnPanic, PanicSpec},
+        agent::AgentState,
+        settings::{DownFlows, OnPanic, PanicSpec, down_flows},
         tracker::quantize,
     },
     model::{BackendRef, Service},
@@ -35,7 +36,8 @@ pub struct External {
 pub struct BackendStatus {
     pub health: State,
     pub score: f64,
-    pub down_flows: DownFlows,
+    /// What the backend's agent last said (`None`: no agent, or it has said nothing yet).
+    pub agent: Option<AgentState>,
     /// When it last came back up, and over how long its weight ramps from then.
     pub up_at: Option<Instant>,
     pub slow_start: Duration,
@@ -47,7 +49,7 @@ impl Default for BackendStatus {
         Self {
             health: State::Up,
             score: 1.0,
-            down_flows: DownFlows::Repick,
+            agent: None,
             up_at: None,
             slow_start: Duration::ZERO,
             external: None,
@@ -119,17 +121,26 @@ pub fn effective_weights(
             .get(&BackendRef::new(&service.name, &b.id))
             .unwrap_or(&default);
         let reachable = resolved(b.address);
-        let excluded = st.health == State::Down || st.external_score() <= 0.0;
-        let candidate = reachable && b.weight > 0;
+        let agent = st.agent.as_ref();
+        let configured = agent.map_or(b.weight, |a| a.weight(b.weight));
+        let unhealthy = st.health == State::Down || st.external_score() <= 0.0;
+        let excluded = unhealthy || agent.is_some_and(AgentState::excluded);
+        // Drained (weight 0 or the agent's drain) backends are no panic candidates.
+        let candidate = reachable && configured > 0 && !agent.is_some_and(|a| a.drain || a.maint);
         candidates += usize::from(candidate);
         healthy += usize::from(candidate && !excluded);
         let factor = quantize(st.score * st.external_score()) * st.ramp(now);
         let weight = if candidate && !excluded {
-            ((f64::from(b.weight) * factor).round() as u32).max(1)
+            ((f64::from(configured) * factor).round() as u32).max(1)
         } else {
             0
         };
-        let active = reachable && (!excluded || st.down_flows == DownFlows::Keep);
+        let keeps = if unhealthy || agent.is_some_and(|a| a.down.is_some()) {
+            down_flows(service, b) == DownFlows::Keep
+        } else {
+            agent.is_none_or(AgentState::keeps_pinned_flows)
+        };
+        let active = reachable && keeps;
         out.backends.insert(b.id.clone(), Eligibility { weight, active });
     }
     let panic = PanicSpec::of(service);
@@ -139,11 +150,16 @@ pub fn effective_weights(
             // Spread over every backend that can be reached, at its configured weight: better
             // some answers than none when most of the health checks may be wrong.
             for b in &service.backends {
-                if resolved(b.address) && b.weight > 0 {
+                let agent = status
+                    .get(&BackendRef::new(&service.name, &b.id))
+                    .and_then(|s| s.agent.as_ref());
+                let configured = agent.map_or(b.weight, |a| a.weight(b.weight));
+                let drained = agent.is_some_and(|a| a.drain || a.maint);
+                if resolved(b.address) && configured > 0 && !drained {
                     out.backends.insert(
                         b.id.clone(),
                         Eligibility {
-                            weight: b.weight,
+                            weight: configured,
                             active: true,
                         },
                     );
@@ -192,11 +208,10 @@ mod tests {
         }
     }
 
-    fn down(down_flows: DownFlows) -> BackendStatus {
+    fn down() -> BackendStatus {
         BackendStatus {
             health: State::Down,
             score: 0.0,
-            down_flows,
             ..Default::default()
         }
     }
@@ -209,8 +224,12 @@ mod tests {
     fn health_external_score_and_drain_shape_weights() {
         let mut s = service(4, Some(0.0));
         s.backends[3].weight = 0;
+        s.backends[2].health = Some(HealthSettings {
+            down_flows: Some(DownFlows::Keep),
+            ..Default::default()
+        });
         let mut st = BTreeMap::new();
-        st.insert(BackendRef::new("web", "b0"), down(DownFlows::Repick));
+        st.insert(BackendRef::new("web", "b0"), down());
         st.insert(
             BackendRef::new("web", "b1"),
             BackendStatus {
@@ -221,7 +240,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        st.insert(BackendRef::new("web", "b2"), down(DownFlows::Keep));
+        st.insert(BackendRef::new("web", "b2"), down());
         let now = Instant::now();
         let w = effective_weights(&s, &st, |_| true, now);
         assert_eq!(weights(&w), vec![(0, false), (20, true), (0, true), (0, true)]);
@@ -241,8 +260,8 @@ mod tests {
     fn panic_spreads_over_all_reachable_backends() {
         let s = service(3, Some(0.8));
         let mut st = BTreeMap::new();
-        st.insert(BackendRef::new("web", "b0"), down(DownFlows::Repick));
-        st.insert(BackendRef::new("web", "b1"), down(DownFlows::Repick));
+        st.insert(BackendRef::new("web", "b0"), down());
+        st.insert(BackendRef::new("web", "b1"), down());
         let w = effective_weights(&s, &st, |_| true, Instant::now());
         assert!(w.panic);
         assert_eq!(weights(&w), vec![(100, true), (100, true), (100, true)]);
@@ -253,6 +272,30 @@ mod tests {
         let w = effective_weights(&s, &st, |_| true, Instant::now());
         assert!(!w.panic);
         assert_eq!(weights(&w), vec![(0, false), (100, true), (100, true)]);
+    }
+
+    #[test]
+    fn the_agent_drains_weighs_and_takes_down() {
+        let s = service(3, Some(0.0));
+        let agent = |line: &str| BackendStatus {
+            agent: Some(crate::health::agent::apply(&Default::default(), line).unwrap()),
+            ..Default::default()
+        };
+        let mut st = BTreeMap::new();
+        st.insert(BackendRef::new("web", "b0"), agent("drain"));
+        st.insert(BackendRef::new("web", "b1"), agent("50%"));
+        st.insert(BackendRef::new("web", "b2"), agent("maint"));
+        let w = effective_weights(&s, &st, |_| true, Instant::now());
+        assert_eq!(weights(&w), vec![(0, true), (50, true), (0, false)]);
+        st.insert(BackendRef::new("web", "b2"), agent("down #disk"));
+        let w = effective_weights(&s, &st, |_| true, Instant::now());
+        assert_eq!(
+            w.backends["b2"],
+            Eligibility {
+                weight: 0,
+                active: false
+            }
+        );
     }
 
     #[test]

@@ -340,3 +340,180 @@ fn http_and_udp_checks_take_out_wrong_answers() {
         "{h}"
     );
 }
+
+/// A backend's share of its service's table.
+fn share(d: &Daemon, service: &str, id: &str) -> f64 {
+    let s = slots(d);
+    let per = &s[service];
+    per[id] as f64 / per.values().sum::<u64>() as f64
+}
+
+#[test]
+fn the_agent_drains_weighs_and_takes_down_and_an_unreachable_agent_changes_nothing() {
+    let topo = Topology::new(3).expect("topology");
+    let all = ["b1", "b2", "b3"];
+    let agents = responders(&topo, &all, Reply::Agent("up ready".into()), None);
+    let agent = format!(
+        "kind = \"agent\"\nagent_port = {HEALTH_PORT}\nagent_send = \"hello\"\ninterval = 0.2\ntimeout = 0.2\npanic_threshold = 0.0\n"
+    );
+    let d = start(&topo, &all, &agent, "");
+    let asked =
+        |n: u64| move |d: &Daemon, id: &str| health_of(d, "web4", id)["agent"]["asked"].as_u64() >= Some(n);
+    assert!(wait_until(Duration::from_secs(10), || all
+        .iter()
+        .all(|id| asked(2)(&d, id))));
+    let (_, mut open) = tcp_flows(&topo, IpAddr::V4(VIP4), 40, true);
+
+    // drain: no new flows, open connections keep working.
+    agents["b1"].set(Reply::Agent("drain".into()));
+    time_until(Duration::from_secs(3), "b1 drained", &d, || {
+        slots(&d)["web4"]["b1"] == 0
+    });
+    for (conn, id) in open.iter_mut() {
+        assert_eq!(&conn.ask().expect("open connections survive a drain"), id);
+    }
+    let (counts, _) = tcp_flows(&topo, IpAddr::V4(VIP4), 100, false);
+    assert!(!counts.contains_key("b1"), "{counts:?}");
+    agents["b1"].set(Reply::Agent("ready".into()));
+    time_until(Duration::from_secs(3), "b1 ready again", &d, || {
+        slots(&d)["web4"]["b1"] > 0
+    });
+
+    // 50%: its share halves (1/3 -> 50/250 = 1/5), within 15%.
+    agents["b2"].set(Reply::Agent("weight:50%".into()));
+    time_until(Duration::from_secs(3), "b2 at half weight", &d, || {
+        health_of(&d, "web4", "b2")["effective_weight"] == 50
+    });
+    let got = share(&d, "web4", "b2");
+    println!("agent 50%: b2 holds {:.3} of the table (goal 0.200)", got);
+    assert!((got - 0.2).abs() <= 0.2 * 0.15, "share {got}");
+    agents["b2"].set(Reply::Agent("100%".into()));
+
+    // maint, down, and only the agent's own word undoing them.
+    for (word, undo, not_undo) in [("maint", "ready", "up"), ("down #disk full", "up", "ready")] {
+        agents["b3"].set(Reply::Agent(word.into()));
+        time_until(Duration::from_secs(3), word, &d, || slots(&d)["web4"]["b3"] == 0);
+        agents["b3"].set(Reply::Agent(not_undo.into()));
+        let before = health_of(&d, "web4", "b3")["agent"]["asked"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(wait_until(Duration::from_secs(3), || asked(before + 3)(&d, "b3")));
+        assert_eq!(slots(&d)["web4"]["b3"], 0, "{not_undo:?} does not undo {word:?}");
+        agents["b3"].set(Reply::Agent(undo.into()));
+        time_until(Duration::from_secs(3), undo, &d, || slots(&d)["web4"]["b3"] > 0);
+    }
+    let h = d.json(&["health", "web4"]);
+    assert!(d.log().contains("disk full"), "the agent's reason is logged: {h}");
+
+    // Malformed replies and an unreachable agent change nothing.
+    let before = slots(&d);
+    agents["b1"].set(Reply::Agent("sleepy".into()));
+    assert!(wait_until(Duration::from_secs(3), || {
+        health_of(&d, "web4", "b1")["agent"]["malformed"].as_u64() >= Some(3)
+    }));
+    let mut agents = agents;
+    drop(agents.remove("b2"));
+    assert!(wait_until(Duration::from_secs(3), || {
+        health_of(&d, "web4", "b2")["agent"]["unreachable"].as_u64() >= Some(3)
+    }));
+    assert_eq!(
+        slots(&d),
+        before,
+        "nothing moved: {}",
+        d.json(&["health", "web4"])
+    );
+    assert_eq!(health_of(&d, "web4", "b2")["state"], "up");
+}
+
+#[test]
+fn external_scores_weigh_expire_and_bad_ones_change_nothing() {
+    let topo = Topology::new(3).expect("topology");
+    let all = ["b1", "b2", "b3"];
+    let d = start(&topo, &all, "", "");
+    let out = d.cli(&["backend", "health", "web4", "b2", "0.2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let want = 0.2 / 2.2;
+    let got = share(&d, "web4", "b2");
+    println!("external 0.2: b2 holds {got:.4} of the table (goal {want:.4})");
+    assert!((got - want).abs() <= want * 0.2, "share {got}");
+    // Flows follow the table: 1100 new connections, b2 within 5 binomial deviations.
+    let (counts, _) = tcp_flows(&topo, IpAddr::V4(VIP4), 1100, false);
+    let n = *counts.get("b2").unwrap_or(&0) as f64;
+    let sd = (1100.0 * want * (1.0 - want)).sqrt();
+    assert!((n - 1100.0 * want).abs() <= 5.0 * sd, "{counts:?}");
+
+    // Bad scores and unknown names: one line, nothing changed.
+    let before = slots(&d);
+    for (args, needle) in [
+        (vec!["backend", "health", "web4", "b2", "1.5"], "out of range"),
+        (
+            vec!["backend", "health", "web4", "b2", "--", "-0.1"],
+            "out of range",
+        ),
+        (vec!["backend", "health", "web4", "b2", "NaN"], "out of range"),
+        (
+            vec!["backend", "health", "web4", "nope", "0.5"],
+            "has no backend nope",
+        ),
+        (vec!["backend", "health", "nosvc", "b2", "0.5"], "unknown service"),
+        (
+            vec!["backend", "health", "web4", "b2", "0.5", "--ttl", "0"],
+            "ttl",
+        ),
+        (vec!["backend", "health", "web4", "b2", "zero"], "invalid"),
+        (vec!["health", "nosvc"], "unknown service"),
+    ] {
+        let out = d.cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    assert_eq!(slots(&d), before);
+
+    // 0 excludes; with a TTL the score expires by itself.
+    let out = d.cli(&["backend", "health", "web4", "b2", "0", "--ttl", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(slots(&d)["web4"]["b2"], 0);
+    let took = time_until(Duration::from_secs(4), "the TTL expired", &d, || {
+        health_of(&d, "web4", "b2")["effective_weight"] == 100
+    });
+    println!(
+        "ttl 1 s: weight back {} ms after the call returned",
+        took.as_millis()
+    );
+    assert!(
+        took >= Duration::from_millis(800),
+        "not before its time: {took:?}"
+    );
+    assert!(health_of(&d, "web4", "b2")["external"].is_null());
+}
+
+#[test]
+fn panic_spreads_over_all_backends_when_too_few_are_up() {
+    let topo = Topology::new(3).expect("topology");
+    let all = ["b1", "b2", "b3"];
+    let health = responders(&topo, &all, Reply::Http(200, "ok".into()), None);
+    let d = start(&topo, &all, &format!("{FAST_TCP}panic_threshold = 0.8\n"), "");
+    wait_checked(&d, &["web4"], 3);
+    // b1 down alone: 2 of 3 up is under 0.8, so panic already.
+    let mut health = health;
+    drop(health.remove("b1"));
+    time_until(Duration::from_secs(3), "b1 down", &d, || {
+        health_of(&d, "web4", "b1")["state"] == "down"
+    });
+    drop(health.remove("b2"));
+    time_until(Duration::from_secs(3), "b2 down", &d, || {
+        health_of(&d, "web4", "b2")["state"] == "down"
+    });
+    let h = d.json(&["health", "web4"]);
+    assert_eq!(h[0]["panic"], true, "{h}");
+    assert!(slots(&d)["web4"].values().all(|&n| n > 0), "{:?}", slots(&d));
+    assert!(d.log().contains("service web4: panic"));
+    // The VIP servers still run: flows spread over all three.
+    let (counts, _) = tcp_flows(&topo, IpAddr::V4(VIP4), 150, false);
+    assert!(
+        all.iter().all(|id| counts.get(*id).copied().unwrap_or(0) > 20),
+        "{counts:?}"
+    );
+}

@@ -67,7 +67,8 @@ impl Queries<'_> {
                     .and_then(|w| w.backends.get(&b.id))
                     .copied()
                     .unwrap_or_default();
-                let check = board.get(&key).map(|v| {
+                let agent = board.agents.get(&key).map(|v| json!(v));
+                let check = board.checks.get(&key).map(|v| {
                     json!({
                         "kind": v.kind, "target": v.target, "checks": v.checks, "failed": v.failed,
                         "consecutive_ok": v.consecutive_ok, "consecutive_failed": v.consecutive_failed,
@@ -89,6 +90,7 @@ impl Queries<'_> {
                     "effective_weight": e.weight,
                     "serves_pinned_flows": e.active,
                     "check": check,
+                    "agent": agent,
                 }));
             }
             out.push(json!({

@@ -2,6 +2,7 @@
 //! score of one backend (`tracker`), and the settings (`settings`). The monitor only reports;
 //! the reconciler turns health into effective weights (`status`).
 
+pub mod agent;
 pub mod monitor;
 pub mod probe;
 pub mod settings;

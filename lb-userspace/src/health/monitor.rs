@@ -1,5 +1,5 @@
-//! Schedules every backend's active checks, feeds the results to its tracker, and tells the
-//! reconciler when a backend's state or published score changes. Checks run concurrently,
+//! Schedules every backend's active checks and agent checks, feeds the results to its tracker
+//! (or the agent's state), and tells the reconciler when what it publishes changes. Checks run concurrently,
 //! bounded by a semaphore; each backend has its own timer task, so a slow check never delays
 //! another backend's schedule.
 
@@ -17,8 +17,9 @@ use tokio::{
 };
 
 use super::{
-    probe,
-    settings::{CheckSpec, Probe, resolve},
+    agent::{self, AgentState},
+    probe::{self, AgentAnswer},
+    settings::{AgentSpec, CheckSpec, Probe, resolve},
     tracker::{Outcome, State, Tracker},
 };
 use crate::{
@@ -43,20 +44,57 @@ pub struct CheckView {
     pub failed: u64,
 }
 
-/// The checks' state of every checked backend, for readers.
-pub type Board = Arc<RwLock<BTreeMap<BackendRef, CheckView>>>;
+/// What `lb health` shows of one backend's agent.
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentView {
+    pub target: std::net::SocketAddr,
+    pub state: AgentState,
+    /// The last line the agent sent, or why there was none.
+    pub last: Option<String>,
+    pub asked: u64,
+    pub unreachable: u64,
+    pub malformed: u64,
+}
+
+/// The checks' and agents' state of every checked backend, for readers.
+#[derive(Default)]
+pub struct Views {
+    pub checks: BTreeMap<BackendRef, CheckView>,
+    pub agents: BTreeMap<BackendRef, AgentView>,
+}
+
+pub type Board = Arc<RwLock<Views>>;
+
+/// A backend's check or its agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    Check,
+    Agent,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Job {
+    Check(CheckSpec),
+    Agent(AgentSpec),
+}
+
+enum Observed {
+    Check(Outcome),
+    Agent(AgentAnswer),
+}
 
 struct Target {
-    spec: CheckSpec,
+    job: Job,
     generation: u64,
     tracker: Tracker,
+    agent: AgentState,
     task: JoinHandle<()>,
 }
 
 struct Result {
-    backend: BackendRef,
+    key: (BackendRef, Role),
     generation: u64,
-    outcome: Outcome,
+    observed: Observed,
     /// Answered with whether the backend is now between states (next check at the fast
     /// interval), once the tracker has taken the result.
     ack: oneshot::Sender<bool>,
@@ -68,14 +106,19 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Every checked backend of `services` with its resolved check.
-pub fn targets(services: &[Service]) -> BTreeMap<BackendRef, CheckSpec> {
+/// Every check and agent of `services`.
+fn targets(services: &[Service]) -> BTreeMap<(BackendRef, Role), Job> {
     let mut out = BTreeMap::new();
     for s in services {
         for b in &s.backends {
             // Settings were validated with the services; an error here cannot happen.
-            if let Ok(Some(spec)) = resolve(s, b) {
-                out.insert(BackendRef::new(&s.name, &b.id), spec);
+            let Ok(checks) = resolve(s, b) else { continue };
+            let key = BackendRef::new(&s.name, &b.id);
+            if let Some(spec) = checks.check {
+                out.insert((key.clone(), Role::Check), Job::Check(spec));
+            }
+            if let Some(spec) = checks.agent {
+                out.insert((key, Role::Agent), Job::Agent(spec));
             }
         }
     }
@@ -100,7 +143,7 @@ pub async fn run(
 ) {
     let permits = Arc::new(Semaphore::new(max_concurrent.max(1)));
     let (results_tx, mut results) = mpsc::channel::<Result>(4096);
-    let mut live: BTreeMap<BackendRef, Target> = BTreeMap::new();
+    let mut live: BTreeMap<(BackendRef, Role), Target> = BTreeMap::new();
     let mut generation = 0u64;
     let mut sync = true;
     loop {
@@ -108,48 +151,71 @@ pub async fn run(
             sync = false;
             let wanted = targets(&services.borrow_and_update());
             live.retain(|k, t| {
-                let keep = wanted.get(k) == Some(&t.spec);
+                let keep = wanted.get(k) == Some(&t.job);
                 if !keep {
                     t.task.abort();
                 }
                 keep
             });
-            let mut view = board.write().unwrap_or_else(|p| p.into_inner());
-            view.retain(|k, _| live.contains_key(k));
-            for (k, spec) in wanted {
+            let mut views = board.write().unwrap_or_else(|p| p.into_inner());
+            views
+                .checks
+                .retain(|k, _| live.contains_key(&(k.clone(), Role::Check)));
+            views
+                .agents
+                .retain(|k, _| live.contains_key(&(k.clone(), Role::Agent)));
+            for (k, job) in wanted {
                 if live.contains_key(&k) {
                     continue;
                 }
                 generation += 1;
+                match &job {
+                    Job::Check(spec) => {
+                        views.checks.insert(
+                            k.0.clone(),
+                            CheckView {
+                                kind: kind_name(&spec.probe),
+                                target: spec.target,
+                                state: State::Up,
+                                score: 1.0,
+                                since_ms: now_ms(),
+                                reason: "not checked yet (assumed up)".into(),
+                                last: None,
+                                consecutive_ok: 0,
+                                consecutive_failed: 0,
+                                checks: 0,
+                                failed: 0,
+                            },
+                        );
+                    }
+                    Job::Agent(spec) => {
+                        views.agents.insert(
+                            k.0.clone(),
+                            AgentView {
+                                target: spec.target,
+                                state: AgentState::default(),
+                                last: None,
+                                asked: 0,
+                                unreachable: 0,
+                                malformed: 0,
+                            },
+                        );
+                    }
+                }
                 let task = tokio::spawn(schedule(
                     k.clone(),
                     generation,
-                    spec.clone(),
+                    job.clone(),
                     permits.clone(),
                     results_tx.clone(),
                 ));
-                view.insert(
-                    k.clone(),
-                    CheckView {
-                        kind: kind_name(&spec.probe),
-                        target: spec.target,
-                        state: State::Up,
-                        score: 1.0,
-                        since_ms: now_ms(),
-                        reason: "not checked yet (assumed up)".into(),
-                        last: None,
-                        consecutive_ok: 0,
-                        consecutive_failed: 0,
-                        checks: 0,
-                        failed: 0,
-                    },
-                );
                 live.insert(
                     k,
                     Target {
-                        spec,
+                        job,
                         generation,
                         tracker: Tracker::default(),
+                        agent: AgentState::default(),
                         task,
                     },
                 );
@@ -163,47 +229,73 @@ pub async fn run(
                 sync = true;
             }
             Some(r) = results.recv() => {
-                let Some(t) = live.get_mut(&r.backend).filter(|t| t.generation == r.generation) else {
+                let Some(t) = live.get_mut(&r.key).filter(|t| t.generation == r.generation) else {
                     continue;
                 };
-                let change = t.tracker.record(&r.outcome, &t.spec);
-                let _ = r.ack.send(t.tracker.unsettled());
-                let (oks, fails) = t.tracker.consecutive();
+                let backend = r.key.0.clone();
+                let command = match (r.observed, &t.job) {
+                    (Observed::Check(outcome), Job::Check(spec)) => {
+                        let change = t.tracker.record(&outcome, spec);
+                        let _ = r.ack.send(t.tracker.unsettled());
+                        record_check(&board, &backend, &t.tracker, &outcome, change.as_ref().and_then(|c| c.transition.clone()));
+                        change.map(|change| {
+                            if let Some(reason) = &change.transition {
+                                match change.state {
+                                    State::Down => warn!("backend {backend} is down: {} check of {}: {reason}", kind_name(&spec.probe), spec.target),
+                                    State::Up => info!("backend {backend} is up: {} check of {}: {reason}", kind_name(&spec.probe), spec.target),
+                                }
+                            }
+                            Command::Health(HealthUpdate {
+                                backend: backend.clone(),
+                                state: change.state,
+                                score: change.score,
+                                slow_start: spec.slow_start,
+                            })
+                        })
+                    }
+                    (Observed::Agent(answer), Job::Agent(spec)) => {
+                        let _ = r.ack.send(false);
+                        let mut views = board.write().unwrap_or_else(|p| p.into_inner());
+                        let mut view = views.agents.get_mut(&backend);
+                        let (next, last) = match answer {
+                            AgentAnswer::Line(line) => match agent::apply(&t.agent, &line) {
+                                Ok(next) => (Some(next), line),
+                                Err(e) => {
+                                    warn!("backend {backend}: agent at {}: {e}; nothing changed", spec.target);
+                                    if let Some(v) = view.as_deref_mut() { v.malformed += 1; }
+                                    (None, format!("{line:?}: {e}"))
+                                }
+                            },
+                            AgentAnswer::Malformed(e) => {
+                                warn!("backend {backend}: agent at {}: {e}; nothing changed", spec.target);
+                                if let Some(v) = view.as_deref_mut() { v.malformed += 1; }
+                                (None, e)
+                            }
+                            AgentAnswer::Unreachable(e) => {
+                                if let Some(v) = view.as_deref_mut() { v.unreachable += 1; }
+                                (None, format!("unreachable: {e}"))
+                            }
+                        };
+                        let changed = next.filter(|n| *n != t.agent);
+                        if let Some(v) = view {
+                            v.asked += 1;
+                            v.last = Some(last);
+                            if let Some(n) = &changed {
+                                v.state = n.clone();
+                            }
+                        }
+                        changed.map(|n| {
+                            info!("backend {backend}: agent at {} now says down={:?} drain={} maint={} weight={:?} maxconn={:?}", spec.target, n.down, n.drain, n.maint, n.weight, n.maxconn);
+                            t.agent = n.clone();
+                            Command::Agent { backend: backend.clone(), state: n }
+                        })
+                    }
+                    _ => None,
+                };
+                if let Some(command) = command
+                    && writer.send(command).await.is_err()
                 {
-                    let mut view = board.write().unwrap_or_else(|p| p.into_inner());
-                    if let Some(v) = view.get_mut(&r.backend) {
-                        v.checks += 1;
-                        v.failed += u64::from(!r.outcome.ok);
-                        v.consecutive_ok = oks;
-                        v.consecutive_failed = fails;
-                        v.score = t.tracker.score();
-                        v.state = t.tracker.state();
-                        if let Some(reason) = change.as_ref().and_then(|c| c.transition.clone()) {
-                            v.since_ms = now_ms();
-                            v.reason = reason;
-                        } else if v.last.is_none() {
-                            v.reason = "checked".into();
-                        }
-                        v.last = Some(r.outcome.clone());
-                    }
-                }
-                if let Some(change) = change {
-                    if let Some(reason) = &change.transition {
-                        match change.state {
-                            State::Down => warn!("backend {} is down: {} check of {}: {reason}", r.backend, kind_name(&t.spec.probe), t.spec.target),
-                            State::Up => info!("backend {} is up: {} check of {}: {reason}", r.backend, kind_name(&t.spec.probe), t.spec.target),
-                        }
-                    }
-                    let update = HealthUpdate {
-                        backend: r.backend,
-                        state: change.state,
-                        score: change.score,
-                        down_flows: t.spec.down_flows,
-                        slow_start: t.spec.slow_start,
-                    };
-                    if writer.send(Command::Health(update)).await.is_err() {
-                        break;
-                    }
+                    break;
                 }
             }
         }
@@ -213,30 +305,64 @@ pub async fn run(
     }
 }
 
-/// One backend's timer: wait, take a permit, check, report; forever (aborted on removal).
+fn record_check(
+    board: &Board,
+    backend: &BackendRef,
+    tracker: &Tracker,
+    outcome: &Outcome,
+    transition: Option<String>,
+) {
+    let mut views = board.write().unwrap_or_else(|p| p.into_inner());
+    let Some(v) = views.checks.get_mut(backend) else {
+        return;
+    };
+    let (oks, fails) = tracker.consecutive();
+    v.checks += 1;
+    v.failed += u64::from(!outcome.ok);
+    v.consecutive_ok = oks;
+    v.consecutive_failed = fails;
+    v.score = tracker.score();
+    v.state = tracker.state();
+    if let Some(reason) = transition {
+        v.since_ms = now_ms();
+        v.reason = reason;
+    } else if v.last.is_none() {
+        v.reason = "checked".into();
+    }
+    v.last = Some(outcome.clone());
+}
+
+/// One check's timer: wait, take a permit, check, report; forever (aborted on removal).
 async fn schedule(
-    backend: BackendRef,
+    key: (BackendRef, Role),
     generation: u64,
-    spec: CheckSpec,
+    job: Job,
     permits: Arc<Semaphore>,
     results: mpsc::Sender<Result>,
 ) {
+    let interval = match &job {
+        Job::Check(spec) => spec.interval,
+        Job::Agent(spec) => spec.interval,
+    };
     // Spread the first checks of many backends over one interval.
-    let mut delay = spec.interval.mul_f64(fastrand::f64());
+    let mut delay = interval.mul_f64(fastrand::f64());
     loop {
         tokio::time::sleep(delay).await;
         let started = tokio::time::Instant::now();
-        let outcome = {
+        let observed = {
             let Ok(_permit) = permits.acquire().await else {
                 return;
             };
-            probe::check(&spec).await
+            match &job {
+                Job::Check(spec) => Observed::Check(probe::check(spec).await),
+                Job::Agent(spec) => Observed::Agent(probe::agent(spec).await),
+            }
         };
         let (ack, unsettled) = oneshot::channel();
         let sent = Result {
-            backend: backend.clone(),
+            key: key.clone(),
             generation,
-            outcome,
+            observed,
             ack,
         };
         if results.send(sent).await.is_err() {
@@ -247,7 +373,12 @@ async fn schedule(
             return;
         };
         // The interval runs from one check's start to the next's, as HAProxy's does.
-        let wait = probe::next_delay(&spec, unsettled, fastrand::f64());
+        let wait = match &job {
+            Job::Check(spec) => probe::next_delay(spec, unsettled, fastrand::f64()),
+            Job::Agent(spec) => spec
+                .interval
+                .mul_f64((1.0 + spec.jitter * (2.0 * fastrand::f64() - 1.0)).max(0.05)),
+        };
         delay = wait
             .saturating_sub(started.elapsed())
             .max(Duration::from_millis(1));

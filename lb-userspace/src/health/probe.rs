@@ -5,10 +5,13 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Empty};
 use hyper::{Request, body::Bytes};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpStream, UdpSocket},
+};
 
 use super::{
-    settings::{CheckSpec, Probe},
+    settings::{AgentSpec, CheckSpec, Probe},
     tracker::Outcome,
 };
 
@@ -130,6 +133,61 @@ async fn udp(spec: &CheckSpec, send: &[u8], expect: Option<&[u8]>) -> Result<Str
             String::from_utf8_lossy(want)
         )),
         _ => Ok(format!("reply of {n} bytes")),
+    }
+}
+
+/// Longest agent line read.
+const MAX_AGENT_LINE: usize = 1024;
+
+/// What an agent said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentAnswer {
+    Line(String),
+    /// No connection or no answer in time: not a health failure (HAProxy's rule).
+    Unreachable(String),
+    /// An answer that is no agent line.
+    Malformed(String),
+}
+
+/// Asks the agent once for its first line.
+pub async fn agent(spec: &AgentSpec) -> AgentAnswer {
+    let ask = async {
+        let mut stream = match TcpStream::connect(spec.target).await {
+            Ok(s) => s,
+            Err(e) => return AgentAnswer::Unreachable(format!("connect: {}", io_text(&e))),
+        };
+        if let Some(send) = &spec.send
+            && let Err(e) = stream.write_all(send).await
+        {
+            return AgentAnswer::Unreachable(format!("send: {}", io_text(&e)));
+        }
+        let mut line = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            let n = match stream.read(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => return AgentAnswer::Unreachable(format!("read: {}", io_text(&e))),
+            };
+            line.extend_from_slice(&buf[..n]);
+            if let Some(end) = line.iter().position(|&c| c == b'\n') {
+                line.truncate(end);
+                break;
+            }
+            if n == 0 {
+                break;
+            }
+            if line.len() > MAX_AGENT_LINE {
+                return AgentAnswer::Malformed(format!("agent line longer than {MAX_AGENT_LINE} bytes"));
+            }
+        }
+        match String::from_utf8(line) {
+            Ok(l) => AgentAnswer::Line(l),
+            Err(_) => AgentAnswer::Malformed("agent line is not UTF-8".into()),
+        }
+    };
+    match tokio::time::timeout(spec.timeout, ask).await {
+        Ok(a) => a,
+        Err(_) => AgentAnswer::Unreachable(format!("no answer within {} ms", spec.timeout.as_millis())),
     }
 }
 

@@ -16,6 +16,8 @@ pub enum CheckKind {
     Tcp,
     Http,
     Udp,
+    /// Only the agent (`agent_port`): no check of the service itself.
+    Agent,
 }
 
 /// Flows pinned to a backend that goes down: picked again from the tables (the default) or
@@ -67,6 +69,11 @@ pub struct HealthSettings {
     /// `udp`: the datagram to send, and text the reply must hold.
     pub send: Option<String>,
     pub expect: Option<String>,
+    /// HAProxy agent-check: the agent's port (beside any `kind`, or alone with `kind = "agent"`),
+    /// what to send it first, and how often to ask (default: `interval`).
+    pub agent_port: Option<u16>,
+    pub agent_send: Option<String>,
+    pub agent_interval: Option<f64>,
     /// A score below this takes a backend down.
     pub min_score: Option<f64>,
     pub down_flows: Option<DownFlows>,
@@ -116,8 +123,24 @@ pub struct CheckSpec {
     pub error_threshold: u32,
     pub recovery_threshold: u32,
     pub min_score: f64,
-    pub down_flows: DownFlows,
     pub slow_start: Duration,
+}
+
+/// One backend's agent check.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentSpec {
+    pub target: SocketAddr,
+    pub send: Option<Vec<u8>>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub jitter: f64,
+}
+
+/// What runs against one backend.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Checks {
+    pub check: Option<CheckSpec>,
+    pub agent: Option<AgentSpec>,
 }
 
 /// A service's panic settings.
@@ -137,6 +160,14 @@ impl PanicSpec {
             on_panic: s.and_then(|s| s.on_panic).unwrap_or_default(),
         }
     }
+}
+
+/// What happens to a down backend's pinned flows.
+pub fn down_flows(service: &Service, backend: &Backend) -> DownFlows {
+    pick(service.health.as_ref(), backend.health.as_ref(), |h| {
+        &h.down_flows
+    })
+    .unwrap_or_default()
 }
 
 /// The backend's setting if it has one, else the service's.
@@ -168,13 +199,60 @@ pub fn parse_status_range(text: &str) -> Result<(u16, u16), String> {
     Ok((lo, hi))
 }
 
-/// The check of one backend, or `None` when it is not checked (no `[service.health]`, or kind
-/// `none`). Validated settings only (see [`validate_service`]).
-pub fn resolve(service: &Service, backend: &Backend) -> Result<Option<CheckSpec>, String> {
+/// What runs against one backend: nothing without `[service.health]` (or with kind `none` and
+/// no agent).
+pub fn resolve(service: &Service, backend: &Backend) -> Result<Checks, String> {
     let (s, b) = (service.health.as_ref(), backend.health.as_ref());
     if s.is_none() && b.is_none() {
-        return Ok(None);
+        return Ok(Checks::default());
     }
+    let check = resolve_check(service, backend)?;
+    let agent = match pick(s, b, |h| &h.agent_port) {
+        None if pick(s, b, |h| &h.kind) == Some(CheckKind::Agent) => {
+            return Err("kind = \"agent\" needs agent_port".into());
+        }
+        None => None,
+        Some(0) => return Err("agent_port must not be 0".into()),
+        Some(port) => {
+            let interval = pick(s, b, |h| &h.agent_interval)
+                .or_else(|| pick(s, b, |h| &h.interval))
+                .unwrap_or(DEFAULT_INTERVAL);
+            let timeout = pick(s, b, |h| &h.timeout).unwrap_or(DEFAULT_TIMEOUT.min(interval));
+            if !interval.is_finite() || !(0.01..=3600.0).contains(&interval) {
+                return Err(format!(
+                    "health agent_interval {interval} is out of range 0.01..=3600"
+                ));
+            }
+            if timeout > interval {
+                return Err(format!(
+                    "health timeout {timeout} is longer than the agent_interval {interval}"
+                ));
+            }
+            let jitter = pick(s, b, |h| &h.jitter).unwrap_or(DEFAULT_JITTER);
+            if !(0.0..=1.0).contains(&jitter) {
+                return Err(format!("health jitter {jitter} is out of range 0..=1"));
+            }
+            Some(AgentSpec {
+                target: SocketAddr::new(backend.address, port),
+                send: pick(s, b, |h| &h.agent_send).map(|t| {
+                    let mut bytes = t.into_bytes();
+                    if !bytes.ends_with(b"\n") {
+                        bytes.push(b'\n');
+                    }
+                    bytes
+                }),
+                interval: secs(interval),
+                timeout: secs(timeout),
+                jitter,
+            })
+        }
+    };
+    Ok(Checks { check, agent })
+}
+
+/// The active check of one backend, if any.
+fn resolve_check(service: &Service, backend: &Backend) -> Result<Option<CheckSpec>, String> {
+    let (s, b) = (service.health.as_ref(), backend.health.as_ref());
     let kind = match (pick(s, b, |h| &h.kind), service.protocol) {
         (Some(kind), _) => kind,
         (None, Protocol::Tcp) => CheckKind::Tcp,
@@ -184,7 +262,7 @@ pub fn resolve(service: &Service, backend: &Backend) -> Result<Option<CheckSpec>
         }
     };
     let probe = match kind {
-        CheckKind::None => return Ok(None),
+        CheckKind::None | CheckKind::Agent => return Ok(None),
         CheckKind::Tcp => Probe::Tcp,
         CheckKind::Http => {
             let path = pick(s, b, |h| &h.path).ok_or("an http check needs a path")?;
@@ -276,7 +354,6 @@ pub fn resolve(service: &Service, backend: &Backend) -> Result<Option<CheckSpec>
         error_threshold,
         recovery_threshold,
         min_score,
-        down_flows: pick(s, b, |h| &h.down_flows).unwrap_or_default(),
         slow_start: secs(slow_start),
     }))
 }

@@ -185,7 +185,7 @@ pub fn quantize(score: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::settings::{DownFlows, Probe};
+    use crate::health::settings::Probe;
 
     fn spec(errors: u32, recoveries: u32) -> CheckSpec {
         CheckSpec {
@@ -198,7 +198,6 @@ mod tests {
             error_threshold: errors,
             recovery_threshold: recoveries,
             min_score: 0.1,
-            down_flows: DownFlows::Repick,
             slow_start: Duration::ZERO,
         }
     }

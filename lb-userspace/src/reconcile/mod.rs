@@ -25,7 +25,7 @@ use crate::{
     config::{DaemonConfig, ServiceSpec, validate_against, validate_services, validate_weight},
     dataplane::{Attachment, DataPlane},
     error::{Error, Result},
-    health::{State, settings::DownFlows},
+    health::{State, agent::AgentState},
     model::{Backend, BackendRef, Service, backend_addresses},
     neigh::{NextHop, Resolver},
     state::Persisted,
@@ -69,7 +69,6 @@ pub struct HealthUpdate {
     pub backend: BackendRef,
     pub state: State,
     pub score: f64,
-    pub down_flows: DownFlows,
     pub slow_start: Duration,
 }
 
@@ -82,6 +81,11 @@ pub enum Command {
     /// Next hops looked up again: `None` = no longer resolves.
     Hops(Vec<(IpAddr, Option<NextHop>)>),
     Health(HealthUpdate),
+    /// What a backend's agent now says.
+    Agent {
+        backend: BackendRef,
+        state: AgentState,
+    },
 }
 
 /// What readers see: the state as of the last pass.
@@ -234,8 +238,10 @@ impl Writer {
                     }
                     st.health = u.state;
                     st.score = u.score;
-                    st.down_flows = u.down_flows;
                     st.slow_start = u.slow_start;
+                }
+                Command::Agent { backend, state } => {
+                    status.entry(backend).or_default().agent = Some(state);
                 }
             }
         }

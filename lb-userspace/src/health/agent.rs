@@ -1,0 +1,164 @@
+//! The HAProxy agent-check protocol: the backend's own agent answers one line of words
+//! separated by spaces or commas, and the balancer follows what it says. Pure: a line in, the
+//! agent's state out.
+//!
+//! Words: `up`, `down`, `fail`, `stopped` (any of the last three may carry `#reason`, which
+//! runs to the end of the line), `maint`, `drain`, `ready`; `N%` or `weight:N%` (weight relative
+//! to the configured one), `weight:N` (an absolute weight); `maxconn:N`. What the agent set
+//! stays until the agent itself undoes it: `up` undoes `down`, `ready` undoes `drain` and
+//! `maint`. An agent that cannot be reached changes nothing.
+
+use serde::Serialize;
+
+use crate::model::MAX_WEIGHT;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct AgentState {
+    /// Set by `down`, `fail` or `stopped`, with the reason given.
+    pub down: Option<String>,
+    pub drain: bool,
+    pub maint: bool,
+    pub weight: Option<AgentWeight>,
+    /// Stored and shown; concurrency limits use it.
+    pub maxconn: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentWeight {
+    /// Percent of the configured weight.
+    Percent(u32),
+    Absolute(u32),
+}
+
+impl AgentState {
+    /// Takes no new flows (down, drained or in maintenance).
+    pub fn excluded(&self) -> bool {
+        self.down.is_some() || self.drain || self.maint
+    }
+
+    /// Pinned flows stay (drain) or go (down, maintenance).
+    pub fn keeps_pinned_flows(&self) -> bool {
+        self.down.is_none() && !self.maint
+    }
+
+    /// The weight the agent asks for, from the configured one.
+    pub fn weight(&self, configured: u32) -> u32 {
+        match self.weight {
+            None => configured,
+            Some(AgentWeight::Percent(p)) => {
+                ((u64::from(configured) * u64::from(p) + 50) / 100).min(u64::from(MAX_WEIGHT)) as u32
+            }
+            Some(AgentWeight::Absolute(w)) => w,
+        }
+    }
+}
+
+/// Applies one reply line to `state`. A malformed line changes nothing and says why.
+pub fn apply(state: &AgentState, line: &str) -> Result<AgentState, String> {
+    let line = line.trim();
+    if line.is_empty() {
+        return Err("empty agent reply".into());
+    }
+    let (words, reason) = match line.split_once('#') {
+        Some((w, r)) => (w, Some(r.trim().to_string())),
+        None => (line, None),
+    };
+    let mut next = state.clone();
+    let mut any = false;
+    for word in words.split([' ', ',', '\t']).filter(|w| !w.is_empty()) {
+        any = true;
+        let lower = word.to_ascii_lowercase();
+        let number = |text: &str, max: u32| -> Result<u32, String> {
+            text.parse::<u32>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| format!("agent reply {word:?}: {text:?} is not a number in 0..={max}"))
+        };
+        match lower.as_str() {
+            "up" => next.down = None,
+            "down" | "fail" | "stopped" => {
+                next.down = Some(match &reason {
+                    Some(r) if !r.is_empty() => format!("agent says {lower}: {r}"),
+                    _ => format!("agent says {lower}"),
+                })
+            }
+            "drain" => next.drain = true,
+            "maint" => next.maint = true,
+            "ready" => {
+                next.drain = false;
+                next.maint = false;
+            }
+            w => {
+                if let Some(n) = w.strip_prefix("maxconn:") {
+                    next.maxconn = Some(number(n, 1_000_000_000)?);
+                } else if let Some(p) = w.strip_prefix("weight:").unwrap_or(w).strip_suffix('%') {
+                    next.weight = Some(AgentWeight::Percent(number(p, 256)?));
+                } else if let Some(n) = w.strip_prefix("weight:") {
+                    next.weight = Some(AgentWeight::Absolute(number(n, MAX_WEIGHT)?));
+                } else {
+                    return Err(format!("agent reply has an unknown word {word:?}"));
+                }
+            }
+        }
+    }
+    if !any {
+        return Err(format!("agent reply {line:?} holds no word"));
+    }
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn after(lines: &[&str]) -> AgentState {
+        lines
+            .iter()
+            .fold(AgentState::default(), |s, l| apply(&s, l).expect(l))
+    }
+
+    #[test]
+    fn words_do_what_they_say_and_only_the_agent_undoes_them() {
+        assert!(after(&["drain"]).drain && after(&["drain"]).keeps_pinned_flows());
+        assert!(!after(&["drain", "ready"]).excluded());
+        assert!(after(&["maint"]).excluded() && !after(&["maint"]).keeps_pinned_flows());
+        let down = after(&["down #disk full"]);
+        assert_eq!(down.down.as_deref(), Some("agent says down: disk full"));
+        assert!(after(&["down", "ready"]).excluded(), "ready does not undo down");
+        assert!(!after(&["down", "up"]).excluded());
+        assert!(after(&["stopped"]).excluded() && after(&["fail"]).excluded());
+        assert_eq!(after(&["50%"]).weight(100), 50);
+        assert_eq!(after(&["weight:25%"]).weight(200), 50);
+        assert_eq!(after(&["weight:7"]).weight(200), 7);
+        assert_eq!(
+            after(&["75%", "up"]).weight(100),
+            75,
+            "the weight stays until changed"
+        );
+        let all = after(&["up, 80% maxconn:30 ready"]);
+        assert_eq!(
+            (all.weight(100), all.maxconn, all.excluded()),
+            (80, Some(30), false)
+        );
+    }
+
+    #[test]
+    fn malformed_replies_change_nothing() {
+        let s = after(&["50%"]);
+        for bad in [
+            "",
+            "   ",
+            "sleepy",
+            "weight:x%",
+            "maxconn:-1",
+            "300%",
+            "weight:99999",
+            "drain bogus",
+            ",",
+        ] {
+            let e = apply(&s, bad).expect_err(bad);
+            assert!(!e.contains('\n') && !e.is_empty(), "{e}");
+        }
+    }
+}
