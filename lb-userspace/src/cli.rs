@@ -376,19 +376,27 @@ fn print_human(command: &Command, data: &Value) {
                             check["reason"].as_str().unwrap_or_default(),
                         )
                     };
+                    let breaker = check["breaker"]
+                        .as_str()
+                        .map(|x| format!(" breaker={x}"))
+                        .unwrap_or_default();
+                    let agent = &b["agent"];
+                    let agent = if agent.is_null() {
+                        String::new()
+                    } else {
+                        format!(" agent=\"{}\"", agent["last"].as_str().unwrap_or_default())
+                    };
                     let external = b["external"]["score"]
                         .as_f64()
                         .map(|x| format!(" external={x}"))
                         .unwrap_or_default();
                     println!(
-                        "  {:<16} {:<5} score={:<4} weight={}/{}{} {}",
+                        "  {:<16} {:<5} score={:<4} weight={}/{}{external}{breaker}{agent} {last}",
                         b["id"].as_str().unwrap_or_default(),
                         b["state"].as_str().unwrap_or_default(),
                         b["health_score"],
                         b["effective_weight"],
                         b["weight"],
-                        external,
-                        last
                     );
                 }
             }

@@ -620,6 +620,96 @@ address = "10.0.0.12"
     }
 
     #[test]
+    fn health_settings_resolve_and_bad_ones_get_one_line() {
+        let with = |service_health: &str, backend_health: &str| {
+            format!(
+                "[daemon]\ninterfaces = [\"eth0\"]\n[[service]]\nname = \"web\"\nvip = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\n\
+                 [service.health]\n{service_health}\n[[service.backend]]\nid = \"b\"\naddress = \"10.0.0.9\"\n{backend_health}\n"
+            )
+        };
+        let c = Config::parse(&with(
+            "interval = 2.0",
+            "[service.backend.health]\nkind = \"http\"\npath = \"/hc\"\nport = 9000",
+        ))
+        .expect("valid");
+        let s = &c.services[0];
+        let checks = crate::health::settings::resolve(s, &s.backends[0]).expect("resolves");
+        let spec = checks.check.expect("checked");
+        assert_eq!(spec.target, "10.0.0.9:9000".parse().unwrap());
+        assert_eq!(
+            spec.interval,
+            std::time::Duration::from_secs(2),
+            "the service's key"
+        );
+        assert_eq!(spec.timeout, std::time::Duration::from_secs(1), "the default");
+        assert_eq!((spec.error_threshold, spec.recovery_threshold), (3, 2));
+        assert!(
+            matches!(spec.probe, crate::health::settings::Probe::Http { ref path, status: (200, 399), .. } if path == "/hc")
+        );
+        assert!(checks.agent.is_none());
+        let none = Config::parse(&with("kind = \"none\"", "")).expect("valid");
+        assert_eq!(
+            crate::health::settings::resolve(&none.services[0], &none.services[0].backends[0]).unwrap(),
+            Default::default()
+        );
+        let cases = [
+            (with("kind = \"http\"", ""), "needs a path"),
+            (
+                with("kind = \"http\"\npath = \"no-slash\"", ""),
+                "must start with /",
+            ),
+            (
+                with("timeout = 3.0\ninterval = 2.0", ""),
+                "longer than the interval",
+            ),
+            (
+                with("error_threshold = 0", ""),
+                "error_threshold 0 is out of range",
+            ),
+            (
+                with("recovery_threshold = 0", ""),
+                "recovery_threshold 0 is out of range",
+            ),
+            (with("kind = \"icmp\"", ""), "unknown variant"),
+            (with("min_score = 2.0", ""), "min_score 2 is out of range"),
+            (with("jitter = -0.5", ""), "jitter -0.5 is out of range"),
+            (with("interval = nan", ""), "out of range"),
+            (
+                with("kind = \"http\"\npath = \"/\"\nexpect_status = \"600\"", ""),
+                "expect_status",
+            ),
+            (with("kind = \"udp\"", ""), "needs send"),
+            (with("kind = \"agent\"", ""), "needs agent_port"),
+            (with("agent_port = 0", ""), "agent_port must not be 0"),
+            (
+                with("panic_threshold = 1.5", ""),
+                "panic_threshold 1.5 is out of range",
+            ),
+            (
+                with("", "[service.backend.health]\npanic_threshold = 0.5"),
+                "are service settings",
+            ),
+            (
+                with("breaker_failures = 0", ""),
+                "breaker_failures 0 is out of range",
+            ),
+            (
+                with("breaker_failures = 3\nhalf_open_share = 0.0", ""),
+                "half_open_share 0 is out of range",
+            ),
+            (with("intervall = 1.0", ""), "unknown field"),
+        ];
+        for (text, needle) in cases {
+            let e = err(&text);
+            assert!(e.contains(needle), "{e:?} should mention {needle:?}");
+            assert!(!e.contains('\n'), "one line: {e:?}");
+        }
+        // A UDP service names its probe.
+        let udp = with("", "").replace("protocol = \"tcp\"", "protocol = \"udp\"");
+        assert!(err(&udp).contains("needs kind = \"udp\""));
+    }
+
+    #[test]
     fn nat_settings_are_checked_with_one_line() {
         let nat = |daemon_extra: &str, service_extra: &str| {
             format!(

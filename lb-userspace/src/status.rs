@@ -2,10 +2,12 @@
 //! score (`lb backend health`), and, beside them in the reconciler, its next hop. One pure
 //! function turns a service's config and its backends' status into effective weights.
 //!
-//! Effective weight = configured weight × health score × external score × slow-start ramp,
-//! rounded, at least 1 while all factors are positive. A backend gets none (no new flows) when
-//! it is unresolved, down, drained (weight 0) or externally scored 0. Its slot stays active for
-//! pinned flows unless it is unresolved, or down/scored 0 with `down_flows = "repick"`.
+//! Effective weight = weight (the configured one, or the agent's) × health score × external
+//! score × slow-start ramp × half-open share, rounded, at least 1 while all are positive. A
+//! backend gets none (no new flows) when it is unresolved, down (checks, agent or an external
+//! score of 0), drained (weight 0, or the agent's drain or maint) or its breaker is open. Its
+//! slot keeps serving pinned flows unless it is unresolved, in maintenance, or down with
+//! `down_flows = "repick"` (the default).
 
 use std::{
     collections::BTreeMap,
@@ -16,6 +18,7 @@ use crate::{
     health::{
         State,
         agent::AgentState,
+        breaker::BreakerState,
         settings::{DownFlows, OnPanic, PanicSpec, down_flows},
         tracker::quantize,
     },
@@ -38,6 +41,8 @@ pub struct BackendStatus {
     pub score: f64,
     /// What the backend's agent last said (`None`: no agent, or it has said nothing yet).
     pub agent: Option<AgentState>,
+    pub breaker: BreakerState,
+    pub half_open_share: f64,
     /// When it last came back up, and over how long its weight ramps from then.
     pub up_at: Option<Instant>,
     pub slow_start: Duration,
@@ -50,6 +55,8 @@ impl Default for BackendStatus {
             health: State::Up,
             score: 1.0,
             agent: None,
+            breaker: BreakerState::Closed,
+            half_open_share: 1.0,
             up_at: None,
             slow_start: Duration::ZERO,
             external: None,
@@ -124,12 +131,19 @@ pub fn effective_weights(
         let agent = st.agent.as_ref();
         let configured = agent.map_or(b.weight, |a| a.weight(b.weight));
         let unhealthy = st.health == State::Down || st.external_score() <= 0.0;
-        let excluded = unhealthy || agent.is_some_and(AgentState::excluded);
+        // An open breaker takes no new flows; its pinned flows stay.
+        let excluded =
+            unhealthy || agent.is_some_and(AgentState::excluded) || st.breaker == BreakerState::Open;
         // Drained (weight 0 or the agent's drain) backends are no panic candidates.
         let candidate = reachable && configured > 0 && !agent.is_some_and(|a| a.drain || a.maint);
         candidates += usize::from(candidate);
         healthy += usize::from(candidate && !excluded);
-        let factor = quantize(st.score * st.external_score()) * st.ramp(now);
+        let half_open = if st.breaker == BreakerState::HalfOpen {
+            st.half_open_share
+        } else {
+            1.0
+        };
+        let factor = quantize(st.score * st.external_score()) * st.ramp(now) * half_open;
         let weight = if candidate && !excluded {
             ((f64::from(configured) * factor).round() as u32).max(1)
         } else {

@@ -517,3 +517,76 @@ fn panic_spreads_over_all_backends_when_too_few_are_up() {
         "{counts:?}"
     );
 }
+
+#[test]
+fn the_breaker_opens_half_opens_and_closes_as_configured() {
+    let topo = Topology::new(3).expect("topology");
+    let all = ["b1", "b2", "b3"];
+    let health = responders(&topo, &all, Reply::Http(200, "ok".into()), None);
+    // The checks alone never take b1 down here (error_threshold 100, min_score 0): what moves
+    // it is the breaker.
+    let settings = "kind = \"http\"\npath = \"/\"\ninterval = 0.2\ntimeout = 0.2\nfast_interval = 0.2\nerror_threshold = 100\nmin_score = 0.0\nrecovery_threshold = 5\nbreaker_failures = 2\nbreaker_cooldown = 1.0\nhalf_open_share = 0.1\npanic_threshold = 0.0\n";
+    let d = start(&topo, &all, settings, "");
+    wait_checked(&d, &["web4"], 3);
+    let breaker = |d: &Daemon| {
+        health_of(d, "web4", "b1")["check"]["breaker"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(breaker(&d), "closed");
+
+    health["b1"].set(Reply::Http(500, "".into()));
+    let opened = time_until(Duration::from_secs(3), "breaker open", &d, || {
+        breaker(&d) == "open"
+    });
+    assert_eq!(slots(&d)["web4"]["b1"], 0, "open: no new flows");
+    assert_eq!(
+        health_of(&d, "web4", "b1")["state"],
+        "up",
+        "the breaker, not the checks"
+    );
+    // After its cooldown it half-opens; the next failure opens it again.
+    let reopened = time_until(Duration::from_secs(4), "half-open, then open again", &d, || {
+        let log = d.log();
+        log.matches("web4/b1: circuit breaker HalfOpen after its cooldown")
+            .count()
+            >= 1
+            && log.matches("web4/b1: circuit breaker Open after").count() >= 2
+    });
+    assert!(
+        reopened >= Duration::from_millis(800),
+        "not before the cooldown: {reopened:?}"
+    );
+    println!(
+        "breaker: open {} ms after the first 500, half-open and open again {} ms later",
+        opened.as_millis(),
+        reopened.as_millis()
+    );
+
+    health["b1"].set(Reply::Http(200, "ok".into()));
+    let mut half_open_weights = Vec::new();
+    time_until(
+        Duration::from_secs(6),
+        "closed after recovery_threshold successes",
+        &d,
+        || {
+            let h = health_of(&d, "web4", "b1");
+            if h["check"]["breaker"] == "half-open" {
+                half_open_weights.push(h["effective_weight"].as_u64().unwrap_or(0));
+            }
+            h["check"]["breaker"] == "closed"
+        },
+    );
+    assert!(!half_open_weights.is_empty(), "half-open was seen");
+    assert!(
+        half_open_weights.iter().all(|&w| (1..=10).contains(&w)),
+        "half-open: at most half_open_share of its weight: {half_open_weights:?}"
+    );
+    time_until(
+        Duration::from_secs(5),
+        "full weight once the window is clean",
+        &d,
+        || health_of(&d, "web4", "b1")["effective_weight"] == 100,
+    );
+}

@@ -3,6 +3,7 @@
 //! the reconciler turns health into effective weights (`status`).
 
 pub mod agent;
+pub mod breaker;
 pub mod monitor;
 pub mod probe;
 pub mod settings;

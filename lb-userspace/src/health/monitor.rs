@@ -18,6 +18,7 @@ use tokio::{
 
 use super::{
     agent::{self, AgentState},
+    breaker::{Breaker, BreakerState},
     probe::{self, AgentAnswer},
     settings::{AgentSpec, CheckSpec, Probe, resolve},
     tracker::{Outcome, State, Tracker},
@@ -42,6 +43,8 @@ pub struct CheckView {
     pub consecutive_failed: u32,
     pub checks: u64,
     pub failed: u64,
+    /// `None`: no breaker configured.
+    pub breaker: Option<BreakerState>,
 }
 
 /// What `lb health` shows of one backend's agent.
@@ -87,6 +90,7 @@ struct Target {
     job: Job,
     generation: u64,
     tracker: Tracker,
+    breaker: Breaker,
     agent: AgentState,
     task: JoinHandle<()>,
 }
@@ -185,6 +189,7 @@ pub async fn run(
                                 consecutive_failed: 0,
                                 checks: 0,
                                 failed: 0,
+                                breaker: spec.breaker.map(|_| BreakerState::Closed),
                             },
                         );
                     }
@@ -215,6 +220,7 @@ pub async fn run(
                         job,
                         generation,
                         tracker: Tracker::default(),
+                        breaker: Breaker::default(),
                         agent: AgentState::default(),
                         task,
                     },
@@ -235,9 +241,32 @@ pub async fn run(
                 let backend = r.key.0.clone();
                 let command = match (r.observed, &t.job) {
                     (Observed::Check(outcome), Job::Check(spec)) => {
-                        let change = t.tracker.record(&outcome, spec);
-                        let _ = r.ack.send(t.tracker.unsettled());
+                        let mut change = t.tracker.record(&outcome, spec);
+                        let mut tripped = false;
+                        if let Some(b) = &spec.breaker {
+                            let now = std::time::Instant::now();
+                            if let Some(state) = t.breaker.tick(b, now) {
+                                info!("backend {backend}: circuit breaker {state:?} after its cooldown");
+                                tripped = true;
+                            }
+                            if let Some(state) = t.breaker.record(outcome.ok, b, now) {
+                                warn!("backend {backend}: circuit breaker {state:?} after: {}", outcome.detail);
+                                tripped = true;
+                            }
+                        }
+                        if tripped {
+                            change.get_or_insert(super::tracker::Change {
+                                state: t.tracker.state(),
+                                score: t.tracker.score(),
+                                transition: None,
+                            });
+                        }
+                        let unsettled = t.tracker.unsettled() || t.breaker.state() != BreakerState::Closed;
+                        let _ = r.ack.send(unsettled);
                         record_check(&board, &backend, &t.tracker, &outcome, change.as_ref().and_then(|c| c.transition.clone()));
+                        if let Some(v) = board.write().unwrap_or_else(|p| p.into_inner()).checks.get_mut(&backend) {
+                            v.breaker = spec.breaker.map(|_| t.breaker.state());
+                        }
                         change.map(|change| {
                             if let Some(reason) = &change.transition {
                                 match change.state {
@@ -250,6 +279,8 @@ pub async fn run(
                                 state: change.state,
                                 score: change.score,
                                 slow_start: spec.slow_start,
+                                breaker: t.breaker.state(),
+                                half_open_share: spec.breaker.map_or(1.0, |b| b.half_open_share),
                             })
                         })
                     }

@@ -6,6 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
+use super::breaker::BreakerSpec;
 use crate::model::{Backend, Protocol, Service};
 
 /// What the checks probe.
@@ -74,6 +75,11 @@ pub struct HealthSettings {
     pub agent_port: Option<u16>,
     pub agent_send: Option<String>,
     pub agent_interval: Option<f64>,
+    /// Circuit breaker: consecutive failures that open it (unset: no breaker), seconds it stays
+    /// open, and the share of its normal weight it gets while half-open.
+    pub breaker_failures: Option<u32>,
+    pub breaker_cooldown: Option<f64>,
+    pub half_open_share: Option<f64>,
     /// A score below this takes a backend down.
     pub min_score: Option<f64>,
     pub down_flows: Option<DownFlows>,
@@ -93,6 +99,8 @@ pub const DEFAULT_ERROR_THRESHOLD: u32 = 3;
 pub const DEFAULT_RECOVERY_THRESHOLD: u32 = 2;
 pub const DEFAULT_MIN_SCORE: f64 = 0.1;
 pub const DEFAULT_PANIC_THRESHOLD: f64 = 0.5;
+pub const DEFAULT_BREAKER_COOLDOWN: f64 = 30.0;
+pub const DEFAULT_HALF_OPEN_SHARE: f64 = 0.1;
 
 /// What one check does.
 #[derive(Clone, Debug, PartialEq)]
@@ -124,6 +132,7 @@ pub struct CheckSpec {
     pub recovery_threshold: u32,
     pub min_score: f64,
     pub slow_start: Duration,
+    pub breaker: Option<BreakerSpec>,
 }
 
 /// One backend's agent check.
@@ -337,6 +346,32 @@ fn resolve_check(service: &Service, backend: &Backend) -> Result<Option<CheckSpe
             return Err(format!("health {name} {v} is out of range 1..=100"));
         }
     }
+    let breaker = match pick(s, b, |h| &h.breaker_failures) {
+        None => None,
+        Some(failures) => {
+            let cooldown = pick(s, b, |h| &h.breaker_cooldown).unwrap_or(DEFAULT_BREAKER_COOLDOWN);
+            let share = pick(s, b, |h| &h.half_open_share).unwrap_or(DEFAULT_HALF_OPEN_SHARE);
+            if !(1..=1000).contains(&failures) {
+                return Err(format!(
+                    "health breaker_failures {failures} is out of range 1..=1000"
+                ));
+            }
+            if !cooldown.is_finite() || !(0.01..=86400.0).contains(&cooldown) {
+                return Err(format!(
+                    "health breaker_cooldown {cooldown} is out of range 0.01..=86400"
+                ));
+            }
+            if !share.is_finite() || !(0.0..=1.0).contains(&share) || share == 0.0 {
+                return Err(format!("health half_open_share {share} is out of range (0, 1]"));
+            }
+            Some(BreakerSpec {
+                failures,
+                cooldown: secs(cooldown),
+                half_open_share: share,
+                recovery: recovery_threshold,
+            })
+        }
+    };
     let port = pick(s, b, |h| &h.port).unwrap_or_else(|| backend.port(service));
     if port == 0 {
         return Err(format!(
@@ -355,6 +390,7 @@ fn resolve_check(service: &Service, backend: &Backend) -> Result<Option<CheckSpe
         recovery_threshold,
         min_score,
         slow_start: secs(slow_start),
+        breaker,
     }))
 }
 

@@ -198,6 +198,7 @@ mod tests {
             error_threshold: errors,
             recovery_threshold: recoveries,
             min_score: 0.1,
+            breaker: None,
             slow_start: Duration::ZERO,
         }
     }

@@ -25,7 +25,7 @@ use crate::{
     config::{DaemonConfig, ServiceSpec, validate_against, validate_services, validate_weight},
     dataplane::{Attachment, DataPlane},
     error::{Error, Result},
-    health::{State, agent::AgentState},
+    health::{State, agent::AgentState, breaker::BreakerState},
     model::{Backend, BackendRef, Service, backend_addresses},
     neigh::{NextHop, Resolver},
     state::Persisted,
@@ -70,6 +70,9 @@ pub struct HealthUpdate {
     pub state: State,
     pub score: f64,
     pub slow_start: Duration,
+    pub breaker: BreakerState,
+    /// The weight share while half-open.
+    pub half_open_share: f64,
 }
 
 pub enum Command {
@@ -239,6 +242,8 @@ impl Writer {
                     st.health = u.state;
                     st.score = u.score;
                     st.slow_start = u.slow_start;
+                    st.breaker = u.breaker;
+                    st.half_open_share = u.half_open_share;
                 }
                 Command::Agent { backend, state } => {
                     status.entry(backend).or_default().agent = Some(state);
