@@ -35,9 +35,11 @@ async fn attempt(spec: &CheckSpec) -> Result<String, String> {
     match &spec.probe {
         Probe::None => Ok("not checked".into()),
         Probe::Tcp => {
-            TcpStream::connect(spec.target)
+            let stream = TcpStream::connect(spec.target)
                 .await
                 .map_err(|e| format!("connect: {}", io_text(&e)))?;
+            // Close with a reset: thousands of checks a second leave no TIME_WAIT behind.
+            let _ = stream.set_zero_linger();
             Ok("connected".into())
         }
         Probe::Http {

@@ -350,7 +350,7 @@ pub struct Applied {
 }
 
 /// The Maglev table of a plan's members, as backend slots.
-fn build(input: &TableInput) -> Vec<u32> {
+pub fn build(input: &TableInput) -> Vec<u32> {
     let members: Vec<MaglevBackend<'_>> = input
         .members
         .iter()

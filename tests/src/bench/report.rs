@@ -9,6 +9,7 @@ use super::{
     control::{MaglevResult, Rss},
     dataplane::CaseResult,
     e2e::E2eResult,
+    health::HealthResult,
 };
 
 #[derive(Debug, Serialize)]
@@ -49,6 +50,7 @@ pub struct Results {
     pub table_swap_runs_us: Option<Vec<f64>>,
     pub rss_bytes: Option<u64>,
     pub rss: Option<Rss>,
+    pub health: Option<HealthResult>,
     pub machine: Machine,
 }
 
@@ -133,6 +135,9 @@ impl Results {
                 rss.rss_anon_bytes as f64 / 1048576.0
             );
         }
+        if let Some(h) = &self.health {
+            s.push_str(&health_lines(h, "- "));
+        }
         s
     }
 
@@ -202,8 +207,46 @@ impl Results {
                 rss.rss_anon_bytes as f64 / 1048576.0
             );
         }
+        if let Some(h) = &self.health {
+            s.push_str("\nhealth\n");
+            s.push_str(&health_lines(h, ""));
+        }
         s
     }
+}
+
+/// The health figures, one per line.
+fn health_lines(h: &HealthResult, bullet: &str) -> String {
+    let c = &h.checks;
+    let f = &h.flap;
+    format!(
+        "{bullet}Failed backend to the first table without it (median): refused server {:.0} ms {:?}, blackhole {:.0} ms {:?}.\n\
+         {bullet}Checks: {} targets at {} s: {:.0} checks/s of {:.0} scheduled ({:.1}%), {:.2} CPU cores.\n\
+         {bullet}One flap, {} services × {} backends, M = {}: {:.0} µs ({} table rebuilt) against {:.0} µs for every table: {:.0}× less.\n",
+        h.detect_refused_ms,
+        h.detect_refused_runs_ms
+            .iter()
+            .map(|v| v.round())
+            .collect::<Vec<_>>(),
+        h.detect_blackhole_ms,
+        h.detect_blackhole_runs_ms
+            .iter()
+            .map(|v| v.round())
+            .collect::<Vec<_>>(),
+        c.targets,
+        c.interval_s,
+        c.checks_per_s,
+        c.scheduled_per_s,
+        100.0 * c.checks_per_s / c.scheduled_per_s,
+        c.cpu_cores,
+        f.services,
+        f.backends_per_service,
+        f.table_size,
+        f.one_flap_us,
+        f.tables_rebuilt,
+        f.full_rebuild_us,
+        f.ratio,
+    )
 }
 
 /// An end-to-end row's rates and ratios as text; `none` stands where a figure does not exist.

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, ValueEnum};
 use lb_tests::bench::{
-    control, dataplane, e2e,
+    control, dataplane, e2e, health,
     report::{Machine, Results},
 };
 
@@ -31,6 +31,7 @@ enum Part {
     Dataplane,
     E2e,
     Control,
+    Health,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +56,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         table_swap_runs_us: None,
         rss_bytes: None,
         rss: None,
+        health: None,
         machine: Machine::detect(),
     };
     if wants(Part::Dataplane) {
@@ -72,6 +74,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
         let rss = control::daemon_rss(100, 100)?;
         results.rss_bytes = Some(rss.rss_bytes);
         results.rss = Some(rss);
+    }
+    if wants(Part::Health) {
+        eprintln!("==> health: detection times, checks per second, cost of a flap");
+        results.health = Some(health::run(args.quick)?);
     }
     if wants(Part::E2e) {
         eprintln!("==> end to end through veth: lb, nftables, HAProxy");
