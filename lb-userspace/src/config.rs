@@ -79,6 +79,30 @@ pub struct DaemonConfig {
     /// NAT services (`forwarding = "nat"`): source addresses and ports, table size, timeouts.
     #[serde(default)]
     pub nat: NatConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[daemon.metrics]`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// Address of `GET /metrics`; localhost unless set otherwise.
+    pub listen: std::net::SocketAddr,
+    /// A file holding the bearer token scrapes must present (optional).
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9464)),
+            token_file: None,
+        }
+    }
 }
 
 /// `[daemon.nat]`.

@@ -20,6 +20,7 @@ use crate::{
     dataplane::{self, Readers},
     error::{Error, Result},
     health::monitor,
+    metrics,
     model::Service,
     neigh::Resolver,
     reconcile::{Reconciler, Writer, hops},
@@ -72,9 +73,33 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         }
         None => (config.services.clone(), Reconciler::new(&dp)),
     };
-    let readers = Readers::open(&cfg.instance)?;
-    let (writer, handles, commands, warnings) =
-        Writer::start(cfg.clone(), dp, rec, resolver.clone(), services).await?;
+    let readers = Arc::new(Readers::open(&cfg.instance)?);
+    // Bound before anything runs, so a taken port is an error at start, with its fix.
+    let metrics_listener = if cfg.metrics.enabled {
+        let token = match &cfg.metrics.token_file {
+            Some(path) => Some(read_token(path)?),
+            None => None,
+        };
+        let listener = tokio::net::TcpListener::bind(cfg.metrics.listen).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot serve metrics on {}: {e} (fix: set [daemon.metrics] listen to a free address, or enabled = false)",
+                cfg.metrics.listen
+            )
+        })?;
+        Some((listener, token))
+    } else {
+        None
+    };
+    let histograms = metrics::Histograms::new();
+    let (writer, handles, commands, warnings) = Writer::start(
+        cfg.clone(),
+        dp,
+        rec,
+        resolver.clone(),
+        services,
+        histograms.clone(),
+    )
+    .await?;
     for w in warnings {
         warn!("{w}");
     }
@@ -86,6 +111,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         handles.commands.clone(),
         board.clone(),
         MAX_CONCURRENT_CHECKS,
+        Some(histograms.check.clone()),
     ));
     let refresher = tokio::spawn(hops::refresh(
         resolver,
@@ -107,6 +133,30 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     info!("listening on {}", socket.display());
     let (stop_tx, mut stop_rx) = watch::channel(false);
+    let metrics_task = match metrics_listener {
+        Some((listener, token)) => {
+            let registry = metrics::registry(
+                metrics::Sources {
+                    snapshot: handles.snapshot.clone(),
+                    readers: readers.clone(),
+                    board: board.clone(),
+                    nat: nat_status.clone(),
+                    nat_capacity: u64::from(cfg.nat.table_size),
+                    conntrack_capacity: u64::from(cfg.conntrack_size),
+                },
+                &histograms,
+            )
+            .map_err(|e| anyhow::anyhow!("metrics registry: {e}"))?;
+            info!("metrics on http://{}/metrics", cfg.metrics.listen);
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                registry,
+                token,
+                stop_tx.subscribe(),
+            )))
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         config_path,
         cfg: cfg.clone(),
@@ -126,6 +176,9 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     server.abort();
+    if let Some(t) = metrics_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
     health.abort();
     refresher.abort();
     // With every sender gone, the writer finishes its pass and stops.
@@ -138,6 +191,17 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     info!("daemon stopped; the data plane stays attached (`lb detach` removes it)");
     Ok(())
+}
+
+/// A bearer token from a file: its first line, which must not be empty.
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read token file {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim().to_string();
+    if token.is_empty() {
+        anyhow::bail!("token file {} is empty", path.display());
+    }
+    Ok(token)
 }
 
 fn prepare_run_dir(dir: &Path) -> Result<()> {

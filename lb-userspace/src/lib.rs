@@ -19,6 +19,7 @@ pub mod dataplane;
 pub mod error;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod model;
 pub mod nat;
 pub mod neigh;

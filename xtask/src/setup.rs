@@ -19,9 +19,10 @@ const LLVM_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "libxml2-dev",
 ];
-/// Tools used by the integration tests and the demo, and the bench's contenders (nftables,
-/// HAProxy; its load generator is our own XDP program).
-const TOOL_PACKAGES: &[&str] = &["iproute2", "ethtool", "nftables", "haproxy"];
+/// Tools used by the integration tests and the demo, the bench's contenders (nftables,
+/// HAProxy; its load generator is our own XDP program), and Prometheus with promtool (the
+/// metrics tests scrape the daemon with a real server).
+const TOOL_PACKAGES: &[&str] = &["iproute2", "ethtool", "nftables", "haproxy", "prometheus"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
 

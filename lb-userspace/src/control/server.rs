@@ -33,7 +33,7 @@ pub struct Shared {
     pub cfg: DaemonConfig,
     pub writer: mpsc::Sender<Command>,
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
-    pub readers: Readers,
+    pub readers: Arc<Readers>,
     pub nat: Arc<Mutex<NatStatus>>,
     pub board: Board,
     pub stop: watch::Sender<bool>,

@@ -144,6 +144,7 @@ pub async fn run(
     writer: mpsc::Sender<Command>,
     board: Board,
     max_concurrent: usize,
+    durations: Option<prometheus::HistogramVec>,
 ) {
     let permits = Arc::new(Semaphore::new(max_concurrent.max(1)));
     let (results_tx, mut results) = mpsc::channel::<Result>(4096);
@@ -241,6 +242,10 @@ pub async fn run(
                 let backend = r.key.0.clone();
                 let command = match (r.observed, &t.job) {
                     (Observed::Check(outcome), Job::Check(spec)) => {
+                        if let Some(h) = &durations {
+                            h.with_label_values(&[backend.service.as_str(), kind_name(&spec.probe)])
+                                .observe(outcome.latency.as_secs_f64());
+                        }
                         let mut change = t.tracker.record(&outcome, spec);
                         let mut tripped = false;
                         if let Some(b) = &spec.breaker {

@@ -269,6 +269,7 @@ impl Reconciler {
                     };
                     svc.previous = svc.active.take();
                     svc.active = new_region;
+                    svc.generation += 1;
                     applied.swapped += 1;
                 }
                 svc.built = Some(input);

@@ -133,6 +133,7 @@ pub struct Writer {
     /// The services alone, for the health monitor: it wakes only when they change.
     declared: watch::Sender<Arc<Vec<Service>>>,
     state_path: PathBuf,
+    histograms: crate::metrics::Histograms,
 }
 
 /// The channels to and from a started writer.
@@ -151,6 +152,7 @@ impl Writer {
         rec: Reconciler,
         resolver: Arc<Resolver>,
         services: Vec<Service>,
+        histograms: crate::metrics::Histograms,
     ) -> Result<(Self, Handles, mpsc::Receiver<Command>, Vec<String>)> {
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
         let (declared, declared_rx) = watch::channel(Arc::new(Vec::new()));
@@ -167,6 +169,7 @@ impl Writer {
             counters: PassCounters::default(),
             snapshot,
             declared,
+            histograms,
         };
         let warnings = writer
             .commit(services, writer.status.clone(), HashMap::new())
@@ -369,7 +372,15 @@ impl Writer {
         self.counters.passes += 1;
         self.counters.tables_built += applied.built as u64;
         self.counters.tables_swapped += applied.swapped as u64;
+        self.histograms
+            .map_write
+            .with_label_values(&[] as &[&str])
+            .observe(started.elapsed().as_secs_f64());
         if applied.built > 0 {
+            self.histograms
+                .rebuild
+                .with_label_values(&[] as &[&str])
+                .observe(applied.build_time.as_secs_f64());
             log::debug!(
                 "pass: {} tables built in {:?}, {} swapped, {:?} in all",
                 applied.built,

@@ -43,6 +43,9 @@ pub struct ServiceSlot {
     /// The inputs of the active table.
     #[serde(default)]
     pub built: Option<TableInput>,
+    /// Tables swapped in since the service was created.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]

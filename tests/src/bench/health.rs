@@ -269,7 +269,14 @@ fn checks_per_second(window_s: f64) -> Result<ChecksResult> {
         let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
         let (_services_tx, services_rx) = tokio::sync::watch::channel(Arc::new(services));
         checker.spawn(async move { while rx.recv().await.is_some() {} });
-        checker.spawn(monitor::run(services_rx, tx, board.clone(), 1024));
+        let durations = lb_userspace::metrics::Histograms::new().check;
+        checker.spawn(monitor::run(
+            services_rx,
+            tx,
+            board.clone(),
+            1024,
+            Some(durations),
+        ));
         let checks = |board: &monitor::Board| -> (u64, u64) {
             let v = board.read().expect("board");
             let done = v.checks.values().map(|c| c.checks).sum();

@@ -1,0 +1,289 @@
+//! Metrics end to end: the daemon's exposition passes `promtool check metrics`, a real
+//! Prometheus server scrapes it in the balancer's namespace while UDP flows, and PromQL gives
+//! each backend's packet rate within 20% of what the test sent. A token keeps scrapes out.
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    net::{IpAddr, SocketAddr},
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    Daemon, NetNs, Topology,
+    client::{http_get, udp_ask, udp_socket},
+    in_ns,
+    topology::{PORT, VIP4},
+    wait_until,
+};
+
+const METRICS: &str = "127.0.0.1:9464";
+const PROMETHEUS: &str = "127.0.0.1:9090";
+
+fn start(topo: &Topology, extra: &str) -> Daemon {
+    let (instance, run_dir) = Daemon::new_paths();
+    let text = topo.config(&instance, &run_dir, &["b1", "b2", "b3"]).replacen(
+        "neighbour_refresh_ms = 500\n",
+        &format!("neighbour_refresh_ms = 500\n{extra}"),
+        1,
+    );
+    let d = Daemon::start(topo, &instance, &run_dir, &text).expect("daemon starts");
+    let ok = wait_until(Duration::from_secs(15), || {
+        d.json(&["service", "list"])
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|s| {
+                s["backends"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .all(|b| b["table_slots"].as_u64() > Some(0))
+            })
+    });
+    assert!(ok, "backends did not resolve: {}", d.log());
+    d
+}
+
+fn scrape(ns: &NetNs, token: Option<&str>) -> (u16, String) {
+    http_get(ns, METRICS.parse().unwrap(), "/metrics", token).expect("scrape")
+}
+
+/// A Prometheus server in `ns`, killed on drop.
+struct Prometheus {
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Prometheus {
+    fn start(ns: &NetNs) -> Self {
+        let dir = std::env::temp_dir().join(format!("lbt-prom-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("prometheus dir");
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: lb\n    static_configs:\n      - targets: ['{METRICS}']\n"
+            ),
+        )
+        .expect("config");
+        let child = ns
+            .command("prometheus")
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address={PROMETHEUS}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("log")).expect("log"))
+            .spawn()
+            .expect("start prometheus (cargo xtask setup installs it)");
+        let p = Self { child, dir };
+        let ready = wait_until(Duration::from_secs(30), || {
+            http_get(ns, PROMETHEUS.parse().unwrap(), "/-/ready", None).is_ok_and(|(s, _)| s == 200)
+        });
+        assert!(ready, "prometheus did not get ready: {}", p.log());
+        p
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    /// An instant PromQL query now; the result vector as (labels, value).
+    fn query(&self, ns: &NetNs, promql: &str) -> Vec<(serde_json::Value, f64)> {
+        self.query_inner(ns, promql, None)
+    }
+
+    /// The same, evaluated at `at` (Unix seconds).
+    fn query_at(&self, ns: &NetNs, promql: &str, at: f64) -> Vec<(serde_json::Value, f64)> {
+        self.query_inner(ns, promql, Some(at))
+    }
+
+    fn query_inner(&self, ns: &NetNs, promql: &str, at: Option<f64>) -> Vec<(serde_json::Value, f64)> {
+        let encoded: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (status, body) = http_get(
+            ns,
+            PROMETHEUS.parse().unwrap(),
+            &format!(
+                "/api/v1/query?query={encoded}{}",
+                at.map(|t| format!("&time={t:.3}")).unwrap_or_default()
+            ),
+            None,
+        )
+        .expect("query");
+        assert_eq!(status, 200, "{promql}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        v["data"]["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let value = r["value"][1]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(f64::NAN);
+                (r["metric"].clone(), value)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn exposition_passes_promtool_and_prometheus_sees_each_backends_rate() {
+    let topo = Topology::new(3).expect("topology");
+    let d = start(&topo, "");
+
+    let (status, text) = scrape(&topo.lb, None);
+    assert_eq!(status, 200, "{text}");
+    for family in [
+        "lb_backend_packets_total{",
+        "lb_dataplane_packets_total{reason=\"pass_not_vip\"}",
+        "lb_backend_up{",
+        "lb_backend_effective_weight{",
+        "lb_service_table_generation{",
+        "lb_xdp_attached{interface=\"eth0\",mode=\"native\"} 1",
+        "lb_conntrack_capacity_entries 65536",
+        "lb_build_info{version=",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(text.contains(family), "no {family} in the exposition:\n{text}");
+    }
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs it)");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = promtool.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let prom = Prometheus::start(&topo.lb);
+    // Its first scrape comes a few seconds after it is ready; a rate over a window that starts
+    // before the series does is extrapolated short, so wait for it.
+    let scraping = wait_until(Duration::from_secs(30), || {
+        prom.query(&topo.lb, "up{job=\"lb\"}").first().map(|(_, v)| *v) == Some(1.0)
+    });
+    assert!(scraping, "prometheus never scraped the daemon: {}", prom.log());
+    // 24 UDP flows, each pinned to one backend, each sending one datagram every 10 ms.
+    let flows: Vec<(std::net::UdpSocket, String)> = in_ns(&topo.client, || {
+        (0..24)
+            .map(|_| {
+                let s =
+                    udp_socket(SocketAddr::new(IpAddr::V4(VIP4), PORT), Duration::from_secs(1)).expect("udp");
+                let id = udp_ask(&s).expect("an answer");
+                s.set_nonblocking(true).expect("nonblocking");
+                (s, id)
+            })
+            .collect()
+    });
+    let run_for = Duration::from_secs(16);
+    let started = Instant::now();
+    let sender = std::thread::spawn(move || {
+        let mut sent: HashMap<String, u64> = HashMap::new();
+        let mut buf = [0u8; 64];
+        let mut next = Instant::now();
+        while started.elapsed() < run_for {
+            for (s, id) in &flows {
+                if s.send(b"who").is_ok() {
+                    *sent.entry(id.clone()).or_default() += 1;
+                }
+                while s.recv(&mut buf).is_ok() {}
+            }
+            next += Duration::from_millis(10);
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        (sent, started.elapsed())
+    });
+    // Query while the traffic still flows, over 10 s of it, evaluated 2 s back so the last
+    // scrapes are in.
+    let ok = wait_until(Duration::from_secs(15), || {
+        started.elapsed() >= Duration::from_secs(14)
+    });
+    assert!(ok);
+    let at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64()
+        - 2.0;
+    let rates = prom.query_at(
+        &topo.lb,
+        "rate(lb_backend_packets_total{service=\"dns4\"}[10s])",
+        at,
+    );
+    let scrape_s = prom.query(
+        &topo.lb,
+        "max_over_time(scrape_duration_seconds{job=\"lb\"}[15s])",
+    );
+    println!(
+        "longest scrape in the last 15 s: {:?} s",
+        scrape_s.first().map(|(_, v)| *v)
+    );
+    let up = prom.query(&topo.lb, "up{job=\"lb\"}");
+    let (sent, elapsed) = sender.join().expect("sender");
+    assert_eq!(
+        up.first().map(|(_, v)| *v),
+        Some(1.0),
+        "prometheus scrapes the daemon: {}",
+        prom.log()
+    );
+    assert_eq!(rates.len(), 3, "one rate per backend: {rates:?}");
+    for (labels, rate) in &rates {
+        let id = labels["backend"].as_str().unwrap_or_default();
+        let want = *sent.get(id).unwrap_or(&0) as f64 / elapsed.as_secs_f64();
+        println!("{id}: prometheus says {rate:.1} packets/s, the test sent {want:.1}/s");
+        assert!(want > 0.0, "{id} got flows: {sent:?}");
+        assert!(
+            (rate - want).abs() <= 0.2 * want,
+            "{id}: {rate:.1}/s against {want:.1}/s"
+        );
+    }
+    drop(d);
+}
+
+#[test]
+fn a_token_keeps_scrapes_out() {
+    let topo = Topology::new(3).expect("topology");
+    let token_file = std::env::temp_dir().join(format!("lbt-token-{}", std::process::id()));
+    std::fs::write(&token_file, "s3cret-token\n").expect("token");
+    let d = start(
+        &topo,
+        &format!("[daemon.metrics]\ntoken_file = \"{}\"\n", token_file.display()),
+    );
+    assert_eq!(scrape(&topo.lb, None).0, 401);
+    assert_eq!(scrape(&topo.lb, Some("wrong")).0, 401);
+    let (status, text) = scrape(&topo.lb, Some("s3cret-token"));
+    assert_eq!(status, 200);
+    assert!(text.contains("lb_backend_packets_total"));
+    drop(d);
+    let _ = std::fs::remove_file(&token_file);
+}
