@@ -129,6 +129,12 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         stop_collector.clone(),
     )?;
 
+    let conntrack = Arc::<std::sync::Mutex<dataplane::census::ConntrackCensus>>::default();
+    let census = dataplane::census::spawn(
+        &dataplane::pin_dir(&cfg.instance).join(lb_common::maps::CONNTRACK),
+        conntrack.clone(),
+        stop_collector.clone(),
+    )?;
     let listener = UnixListener::bind(&socket)?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     info!("listening on {}", socket.display());
@@ -143,6 +149,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
                     nat: nat_status.clone(),
                     nat_capacity: u64::from(cfg.nat.table_size),
                     conntrack_capacity: u64::from(cfg.conntrack_size),
+                    conntrack,
                 },
                 &histograms,
             )
@@ -188,6 +195,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(10), writer_task).await;
     stop_collector.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = collector.join();
+    let _ = census.join();
     let _ = std::fs::remove_file(&socket);
     info!("daemon stopped; the data plane stays attached (`lb detach` removes it)");
     Ok(())

@@ -7,10 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use lb_common::Counter;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, Registry, TextEncoder,
     core::{Collector, Desc},
-    proto::MetricFamily,
+    proto::{self, LabelPair, Metric, MetricFamily, MetricType},
 };
 use tokio::sync::watch;
 
@@ -76,289 +75,320 @@ pub struct Sources {
     pub nat: Arc<Mutex<NatStatus>>,
     pub nat_capacity: u64,
     pub conntrack_capacity: u64,
+    pub conntrack: Arc<Mutex<crate::dataplane::census::ConntrackCensus>>,
 }
 
-/// Every family the collector fills, made once so their descriptors stay fixed.
-struct Families {
-    service_packets: IntCounterVec,
-    service_bytes: IntCounterVec,
-    service_new_flows: IntCounterVec,
-    backend_packets: IntCounterVec,
-    backend_bytes: IntCounterVec,
-    backend_new_flows: IntCounterVec,
-    dataplane: IntCounterVec,
-    backend_up: IntGaugeVec,
-    backend_score: GaugeVec,
-    backend_weight: IntGaugeVec,
-    backend_effective_weight: IntGaugeVec,
-    backend_breaker: IntGaugeVec,
-    checks: IntCounterVec,
-    agent: IntCounterVec,
-    service_panic: IntGaugeVec,
-    table_generation: IntGaugeVec,
-    reconcile_passes: IntCounterVec,
-    tables_built: IntCounterVec,
-    pool_slots: IntGaugeVec,
-    xdp_attached: IntGaugeVec,
-    nat_entries: IntGauge,
-    nat_capacity: IntGauge,
-    nat_ports: IntGauge,
-    nat_expired: IntCounterVec,
-    conntrack_capacity: IntGauge,
-    build_info: Gauge,
+/// The families the collector builds on each scrape: name, help, type, label names.
+const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
+    (
+        "lb_service_packets_total",
+        "Packets forwarded for a service.",
+        MetricType::COUNTER,
+        &["service"],
+    ),
+    (
+        "lb_service_bytes_total",
+        "Bytes forwarded for a service.",
+        MetricType::COUNTER,
+        &["service"],
+    ),
+    (
+        "lb_service_new_flows_total",
+        "New flows of a service.",
+        MetricType::COUNTER,
+        &["service"],
+    ),
+    (
+        "lb_backend_packets_total",
+        "Packets forwarded to a backend.",
+        MetricType::COUNTER,
+        &["service", "backend"],
+    ),
+    (
+        "lb_backend_bytes_total",
+        "Bytes forwarded to a backend.",
+        MetricType::COUNTER,
+        &["service", "backend"],
+    ),
+    (
+        "lb_backend_new_flows_total",
+        "New flows sent to a backend.",
+        MetricType::COUNTER,
+        &["service", "backend"],
+    ),
+    (
+        "lb_dataplane_packets_total",
+        "Packets by what the data plane did with them: forwarded, passed or dropped, and why.",
+        MetricType::COUNTER,
+        &["reason"],
+    ),
+    (
+        "lb_backend_up",
+        "1 when a backend's health checks say up.",
+        MetricType::GAUGE,
+        &["service", "backend"],
+    ),
+    (
+        "lb_backend_health_score",
+        "A backend's health score (0..1), external score included.",
+        MetricType::GAUGE,
+        &["service", "backend"],
+    ),
+    (
+        "lb_backend_effective_weight",
+        "A backend's weight in its service's table (0: no new flows).",
+        MetricType::GAUGE,
+        &["service", "backend"],
+    ),
+    (
+        "lb_backend_breaker_state",
+        "A backend's circuit breaker state (the series of the current state, at 1), for backends with a breaker.",
+        MetricType::GAUGE,
+        &["service", "backend", "state"],
+    ),
+    (
+        "lb_health_checks_total",
+        "Active health checks by outcome.",
+        MetricType::COUNTER,
+        &["service", "backend", "outcome"],
+    ),
+    (
+        "lb_health_agent_replies_total",
+        "Agent-check answers by outcome.",
+        MetricType::COUNTER,
+        &["service", "backend", "outcome"],
+    ),
+    (
+        "lb_service_panic",
+        "1 while a service is in panic mode.",
+        MetricType::GAUGE,
+        &["service"],
+    ),
+    (
+        "lb_service_table_generation",
+        "Maglev tables a service has had (swaps since it was created).",
+        MetricType::GAUGE,
+        &["service"],
+    ),
+    (
+        "lb_reconcile_passes_total",
+        "Reconciler passes.",
+        MetricType::COUNTER,
+        &[],
+    ),
+    (
+        "lb_tables_built_total",
+        "Maglev tables built by the reconciler.",
+        MetricType::COUNTER,
+        &[],
+    ),
+    (
+        "lb_table_pool_slots",
+        "Maglev table pool slots.",
+        MetricType::GAUGE,
+        &["state"],
+    ),
+    (
+        "lb_xdp_attached",
+        "1 for each interface the balancer is attached to, by XDP mode.",
+        MetricType::GAUGE,
+        &["interface", "mode"],
+    ),
+    (
+        "lb_nat_entries",
+        "NAT table entries (two per connection), as of the last sweep.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_nat_capacity_entries",
+        "NAT table capacity.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_nat_snat_ports_in_use",
+        "SNAT source ports in use, as of the last sweep.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_nat_expired_total",
+        "NAT connections expired by the collector.",
+        MetricType::COUNTER,
+        &[],
+    ),
+    (
+        "lb_conntrack_capacity_entries",
+        "Connection table capacity.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_conntrack_entries",
+        "Connection table entries, as of the last census (every 10 s or more).",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_build_info",
+        "The daemon's version.",
+        MetricType::GAUGE,
+        &["version"],
+    ),
+];
+
+/// One family being filled: samples are appended in order, with no per-sample lookup.
+struct Family {
+    mf: MetricFamily,
+    kind: MetricType,
+    labels: &'static [&'static str],
+}
+
+impl Family {
+    fn new(
+        &(name, help, kind, labels): &(&'static str, &'static str, MetricType, &'static [&'static str]),
+    ) -> Self {
+        let mut mf = MetricFamily::default();
+        mf.set_name(name.to_string());
+        mf.set_help(help.to_string());
+        mf.set_field_type(kind);
+        Self { mf, kind, labels }
+    }
+
+    fn add(&mut self, values: &[&str], v: f64) {
+        let labels = self
+            .labels
+            .iter()
+            .zip(values)
+            .map(|(n, v)| {
+                let mut l = LabelPair::default();
+                l.set_name(n.to_string());
+                l.set_value(v.to_string());
+                l
+            })
+            .collect();
+        let mut m = Metric::from_label(labels);
+        if self.kind == MetricType::COUNTER {
+            let mut c = proto::Counter::default();
+            c.set_value(v);
+            m.set_counter(c);
+        } else {
+            let mut g = proto::Gauge::default();
+            g.set_value(v);
+            m.set_gauge(g);
+        }
+        self.mf.mut_metric().push(m);
+    }
 }
 
 struct DataPlaneCollector {
     sources: Sources,
-    f: Families,
-    /// One scrape at a time: the families are reset and refilled per scrape.
-    lock: Mutex<()>,
-}
-
-fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter")
-}
-
-fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge")
-}
-
-impl Families {
-    fn new() -> Self {
-        let sb = ["service", "backend"];
-        Self {
-            service_packets: counter(
-                "lb_service_packets_total",
-                "Packets forwarded for a service.",
-                &["service"],
-            ),
-            service_bytes: counter(
-                "lb_service_bytes_total",
-                "Bytes forwarded for a service.",
-                &["service"],
-            ),
-            service_new_flows: counter(
-                "lb_service_new_flows_total",
-                "New flows of a service.",
-                &["service"],
-            ),
-            backend_packets: counter("lb_backend_packets_total", "Packets forwarded to a backend.", &sb),
-            backend_bytes: counter("lb_backend_bytes_total", "Bytes forwarded to a backend.", &sb),
-            backend_new_flows: counter("lb_backend_new_flows_total", "New flows sent to a backend.", &sb),
-            dataplane: counter(
-                "lb_dataplane_packets_total",
-                "Packets by what the data plane did with them: forwarded, passed or dropped, and why.",
-                &["reason"],
-            ),
-            backend_up: gauge("lb_backend_up", "1 when a backend's health checks say up.", &sb),
-            backend_score: GaugeVec::new(
-                Opts::new(
-                    "lb_backend_health_score",
-                    "A backend's health score (0..1), external score included.",
-                ),
-                &sb,
-            )
-            .expect("valid gauge"),
-            backend_weight: gauge("lb_backend_weight", "A backend's configured weight.", &sb),
-            backend_effective_weight: gauge(
-                "lb_backend_effective_weight",
-                "A backend's weight in its service's table (0: no new flows).",
-                &sb,
-            ),
-            backend_breaker: gauge(
-                "lb_backend_breaker_state",
-                "1 for a backend's circuit breaker state.",
-                &["service", "backend", "state"],
-            ),
-            checks: counter(
-                "lb_health_checks_total",
-                "Active health checks by outcome.",
-                &["service", "backend", "outcome"],
-            ),
-            agent: counter(
-                "lb_health_agent_replies_total",
-                "Agent-check answers by outcome.",
-                &["service", "backend", "outcome"],
-            ),
-            service_panic: gauge(
-                "lb_service_panic",
-                "1 while a service is in panic mode.",
-                &["service"],
-            ),
-            table_generation: gauge(
-                "lb_service_table_generation",
-                "Maglev tables a service has had (swaps since it was created).",
-                &["service"],
-            ),
-            reconcile_passes: counter("lb_reconcile_passes_total", "Reconciler passes.", &[]),
-            tables_built: counter(
-                "lb_tables_built_total",
-                "Maglev tables built by the reconciler.",
-                &[],
-            ),
-            pool_slots: gauge("lb_table_pool_slots", "Maglev table pool slots.", &["state"]),
-            xdp_attached: gauge(
-                "lb_xdp_attached",
-                "1 for each interface the balancer is attached to, by XDP mode.",
-                &["interface", "mode"],
-            ),
-            nat_entries: IntGauge::new(
-                "lb_nat_entries",
-                "NAT table entries (two per connection), as of the last sweep.",
-            )
-            .expect("valid gauge"),
-            nat_capacity: IntGauge::new("lb_nat_capacity_entries", "NAT table capacity.")
-                .expect("valid gauge"),
-            nat_ports: IntGauge::new(
-                "lb_nat_snat_ports_in_use",
-                "SNAT source ports in use, as of the last sweep.",
-            )
-            .expect("valid gauge"),
-            nat_expired: counter(
-                "lb_nat_expired_total",
-                "NAT connections expired by the collector.",
-                &[],
-            ),
-            conntrack_capacity: IntGauge::new("lb_conntrack_capacity_entries", "Connection table capacity.")
-                .expect("valid gauge"),
-            build_info: Gauge::with_opts(
-                Opts::new("lb_build_info", "The daemon's version.")
-                    .const_label("version", env!("CARGO_PKG_VERSION")),
-            )
-            .expect("valid gauge"),
-        }
-    }
-
-    fn collectors(&self) -> Vec<&dyn Collector> {
-        vec![
-            &self.service_packets,
-            &self.service_bytes,
-            &self.service_new_flows,
-            &self.backend_packets,
-            &self.backend_bytes,
-            &self.backend_new_flows,
-            &self.dataplane,
-            &self.backend_up,
-            &self.backend_score,
-            &self.backend_weight,
-            &self.backend_effective_weight,
-            &self.backend_breaker,
-            &self.checks,
-            &self.agent,
-            &self.service_panic,
-            &self.table_generation,
-            &self.reconcile_passes,
-            &self.tables_built,
-            &self.pool_slots,
-            &self.xdp_attached,
-            &self.nat_entries,
-            &self.nat_capacity,
-            &self.nat_ports,
-            &self.nat_expired,
-            &self.conntrack_capacity,
-            &self.build_info,
-        ]
-    }
+    descs: Vec<Desc>,
 }
 
 impl DataPlaneCollector {
-    fn fill(&self) {
-        let f = &self.f;
+    fn new(sources: Sources) -> prometheus::Result<Self> {
+        let descs = FAMILIES
+            .iter()
+            .map(|(name, help, _, labels)| {
+                Desc::new(
+                    name.to_string(),
+                    help.to_string(),
+                    labels.iter().map(|l| l.to_string()).collect(),
+                    Default::default(),
+                )
+            })
+            .collect::<prometheus::Result<_>>()?;
+        Ok(Self { sources, descs })
+    }
+
+    fn families(&self) -> Vec<MetricFamily> {
         let s = &self.sources;
         let snap = s.snapshot.borrow().clone();
-        for v in [
-            &f.service_packets,
-            &f.service_bytes,
-            &f.service_new_flows,
-            &f.backend_packets,
-            &f.backend_bytes,
-            &f.backend_new_flows,
-            &f.dataplane,
-            &f.checks,
-            &f.agent,
-            &f.reconcile_passes,
-            &f.tables_built,
-            &f.nat_expired,
-        ] {
-            v.reset();
-        }
-        for v in [
-            &f.backend_up,
-            &f.backend_weight,
-            &f.backend_effective_weight,
-            &f.backend_breaker,
-            &f.service_panic,
-            &f.table_generation,
-            &f.pool_slots,
-            &f.xdp_attached,
-        ] {
-            v.reset();
-        }
-        f.backend_score.reset();
+        let mut f: Vec<Family> = FAMILIES.iter().map(Family::new).collect();
+        // Indices into `f`, in FAMILIES order.
+        let [
+            service_packets,
+            service_bytes,
+            service_new_flows,
+            backend_packets,
+            backend_bytes,
+            backend_new_flows,
+            dataplane,
+            backend_up,
+            backend_score,
+            backend_effective_weight,
+            backend_breaker,
+            checks,
+            agent,
+            service_panic,
+            table_generation,
+            reconcile_passes,
+            tables_built,
+            pool_slots,
+            xdp_attached,
+            nat_entries,
+            nat_capacity,
+            nat_ports,
+            nat_expired,
+            conntrack_capacity,
+            conntrack_entries,
+            build_info,
+        ]: [usize; 26] = std::array::from_fn(|i| i);
         let board = s.board.read().unwrap_or_else(|p| p.into_inner());
-        for svc in snap.services.iter() {
+        let default = crate::status::BackendStatus::default();
+        // In label order, so the registry's sort of each family finds it sorted already.
+        let mut services: Vec<&crate::model::Service> = snap.services.iter().collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        for svc in services {
             let Some(slot) = snap.assignments.services.get(&svc.name) else {
                 continue;
             };
             let name = svc.name.as_str();
+            let mut backends: Vec<&crate::model::Backend> = svc.backends.iter().collect();
+            backends.sort_by(|a, b| a.id.cmp(&b.id));
             if let Ok(t) = s.readers.service_traffic(slot.id) {
-                f.service_packets.with_label_values(&[name]).inc_by(t.packets);
-                f.service_bytes.with_label_values(&[name]).inc_by(t.bytes);
-                f.service_new_flows.with_label_values(&[name]).inc_by(t.new_flows);
+                f[service_packets].add(&[name], t.packets as f64);
+                f[service_bytes].add(&[name], t.bytes as f64);
+                f[service_new_flows].add(&[name], t.new_flows as f64);
             }
-            f.table_generation
-                .with_label_values(&[name])
-                .set(slot.generation as i64);
+            f[table_generation].add(&[name], slot.generation as f64);
             let weights = snap.weights.get(&svc.name);
-            f.service_panic
-                .with_label_values(&[name])
-                .set(i64::from(weights.is_some_and(|w| w.panic)));
-            for b in &svc.backends {
-                let labels = [name, b.id.as_str()];
+            f[service_panic].add(&[name], f64::from(u8::from(weights.is_some_and(|w| w.panic))));
+            for b in backends {
+                let id = b.id.as_str();
+                let labels = [name, id];
                 if let Some(bs) = snap
                     .assignments
                     .backends
                     .get(&crate::reconcile::plan::backend_key(&svc.name, &b.id))
                     && let Ok(t) = s.readers.backend_traffic(bs.slot)
                 {
-                    f.backend_packets.with_label_values(&labels).inc_by(t.packets);
-                    f.backend_bytes.with_label_values(&labels).inc_by(t.bytes);
-                    f.backend_new_flows.with_label_values(&labels).inc_by(t.new_flows);
+                    f[backend_packets].add(&labels, t.packets as f64);
+                    f[backend_bytes].add(&labels, t.bytes as f64);
+                    f[backend_new_flows].add(&labels, t.new_flows as f64);
                 }
                 let key = BackendRef::new(&svc.name, &b.id);
-                let st = snap.status.get(&key).cloned().unwrap_or_default();
-                f.backend_up
-                    .with_label_values(&labels)
-                    .set(i64::from(st.health == State::Up));
+                let st = snap.status.get(&key).unwrap_or(&default);
+                f[backend_up].add(&labels, f64::from(u8::from(st.health == State::Up)));
                 let external = st.external.map_or(1.0, |e| e.score);
-                f.backend_score
-                    .with_label_values(&labels)
-                    .set(st.score * external);
-                f.backend_weight
-                    .with_label_values(&labels)
-                    .set(i64::from(b.weight));
+                f[backend_score].add(&labels, st.score * external);
                 let effective = weights
                     .and_then(|w| w.backends.get(&b.id))
                     .map_or(0, |e| e.weight);
-                f.backend_effective_weight
-                    .with_label_values(&labels)
-                    .set(i64::from(effective));
-                for (state, label) in [
-                    (BreakerState::Closed, "closed"),
-                    (BreakerState::Open, "open"),
-                    (BreakerState::HalfOpen, "half-open"),
-                ] {
-                    f.backend_breaker
-                        .with_label_values(&[name, b.id.as_str(), label])
-                        .set(i64::from(st.breaker == state));
-                }
+                f[backend_effective_weight].add(&labels, f64::from(effective));
                 if let Some(c) = board.checks.get(&key) {
-                    f.checks
-                        .with_label_values(&[name, b.id.as_str(), "passed"])
-                        .inc_by(c.checks - c.failed);
-                    f.checks
-                        .with_label_values(&[name, b.id.as_str(), "failed"])
-                        .inc_by(c.failed);
+                    f[checks].add(&[name, id, "passed"], (c.checks - c.failed) as f64);
+                    f[checks].add(&[name, id, "failed"], c.failed as f64);
+                    if c.breaker.is_some() {
+                        let state = match st.breaker {
+                            BreakerState::Closed => "closed",
+                            BreakerState::Open => "open",
+                            BreakerState::HalfOpen => "half-open",
+                        };
+                        f[backend_breaker].add(&[name, id, state], 1.0);
+                    }
                 }
                 if let Some(a) = board.agents.get(&key) {
                     let ok = a.asked - a.malformed - a.unreachable;
@@ -367,9 +397,7 @@ impl DataPlaneCollector {
                         ("malformed", a.malformed),
                         ("unreachable", a.unreachable),
                     ] {
-                        f.agent
-                            .with_label_values(&[name, b.id.as_str(), outcome])
-                            .inc_by(n);
+                        f[agent].add(&[name, id, outcome], n as f64);
                     }
                 }
             }
@@ -377,60 +405,47 @@ impl DataPlaneCollector {
         drop(board);
         for &c in Counter::ALL {
             if let Ok(v) = s.readers.counter(c) {
-                f.dataplane.with_label_values(&[c.name()]).inc_by(v);
+                f[dataplane].add(&[c.name()], v as f64);
             }
         }
-        f.reconcile_passes
-            .with_label_values(&[] as &[&str])
-            .inc_by(snap.counters.passes);
-        f.tables_built
-            .with_label_values(&[] as &[&str])
-            .inc_by(snap.counters.tables_built);
-        f.pool_slots
-            .with_label_values(&["capacity"])
-            .set(i64::from(snap.pool_capacity));
-        f.pool_slots
-            .with_label_values(&["free"])
-            .set(snap.pool_free as i64);
+        f[reconcile_passes].add(&[], snap.counters.passes as f64);
+        f[tables_built].add(&[], snap.counters.tables_built as f64);
+        f[pool_slots].add(&["capacity"], f64::from(snap.pool_capacity));
+        f[pool_slots].add(&["free"], snap.pool_free as f64);
         for a in &snap.attachments {
-            f.xdp_attached.with_label_values(&[&a.interface, a.mode]).set(1);
+            f[xdp_attached].add(&[&a.interface, a.mode], 1.0);
         }
         let nat = *s.nat.lock().unwrap_or_else(|p| p.into_inner());
-        f.nat_entries.set(nat.census.entries as i64);
-        f.nat_ports.set(nat.census.snat_ports_in_use as i64);
-        f.nat_expired
-            .with_label_values(&[] as &[&str])
-            .inc_by(nat.expired);
-        f.nat_capacity.set(s.nat_capacity as i64);
-        f.conntrack_capacity.set(s.conntrack_capacity as i64);
-        f.build_info.set(1.0);
+        f[nat_entries].add(&[], nat.census.entries as f64);
+        f[nat_ports].add(&[], nat.census.snat_ports_in_use as f64);
+        f[nat_expired].add(&[], nat.expired as f64);
+        f[nat_capacity].add(&[], s.nat_capacity as f64);
+        f[conntrack_capacity].add(&[], s.conntrack_capacity as f64);
+        let census = *s.conntrack.lock().unwrap_or_else(|p| p.into_inner());
+        f[conntrack_entries].add(&[], census.entries as f64);
+        f[build_info].add(&[env!("CARGO_PKG_VERSION")], 1.0);
+        // A family with no sample is left out, as the client library does.
+        f.into_iter()
+            .map(|f| f.mf)
+            .filter(|mf| !mf.get_metric().is_empty())
+            .collect()
     }
 }
 
 impl Collector for DataPlaneCollector {
     fn desc(&self) -> Vec<&Desc> {
-        self.f.collectors().into_iter().flat_map(|c| c.desc()).collect()
+        self.descs.iter().collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.fill();
-        self.f
-            .collectors()
-            .into_iter()
-            .flat_map(|c| c.collect())
-            .collect()
+        self.families()
     }
 }
 
 /// The registry the endpoint serves.
 pub fn registry(sources: Sources, histograms: &Histograms) -> prometheus::Result<Registry> {
     let registry = Registry::new();
-    registry.register(Box::new(DataPlaneCollector {
-        sources,
-        f: Families::new(),
-        lock: Mutex::new(()),
-    }))?;
+    registry.register(Box::new(DataPlaneCollector::new(sources)?))?;
     registry.register(Box::new(histograms.check.clone()))?;
     registry.register(Box::new(histograms.rebuild.clone()))?;
     registry.register(Box::new(histograms.map_write.clone()))?;

@@ -287,3 +287,109 @@ fn a_token_keeps_scrapes_out() {
     drop(d);
     let _ = std::fs::remove_file(&token_file);
 }
+
+/// Every `expr` in the dashboard.
+fn dashboard_queries() -> Vec<String> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/grafana-dashboard.json");
+    let text = std::fs::read_to_string(path).expect("dashboard");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is valid JSON");
+    let mut out = Vec::new();
+    walk(&json, &mut out);
+    out
+}
+
+/// The metric names a PromQL expression refers to (ours and the process collector's).
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut word = String::new();
+    for c in expr.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+            word.push(c);
+        } else {
+            if (word.starts_with("lb_") || word.starts_with("process_")) && !names.contains(&word) {
+                names.push(word.clone());
+            }
+            word.clear();
+        }
+    }
+    names
+}
+
+#[test]
+fn the_dashboard_queries_only_what_the_daemon_exports_and_prometheus_accepts_them() {
+    let topo = Topology::new(3).expect("topology");
+    let _health: Vec<_> = ["b1", "b2", "b3"]
+        .iter()
+        .map(|id| {
+            let b = topo.backend(id);
+            lb_tests::servers::Responder::start(
+                &b.ns,
+                &[SocketAddr::new(IpAddr::V4(b.v4), 8081)],
+                lb_tests::servers::Reply::Http(200, "ok".into()),
+                None,
+            )
+        })
+        .collect();
+    let d = start(&topo, "");
+    // Checks (and a breaker) on web4, so the check-latency histogram and the breaker have series.
+    let text = std::fs::read_to_string(&d.config).expect("config").replacen(
+        "forwarding = \"dsr\"\n",
+        "forwarding = \"dsr\"\n[service.health]\nport = 8081\ninterval = 0.2\ntimeout = 0.2\nfast_interval = 0.2\nbreaker_failures = 5\n",
+        1,
+    );
+    std::fs::write(&d.config, text).expect("config");
+    let out = d.cli(&["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(wait_until(Duration::from_secs(5), || {
+        scrape(&topo.lb, None)
+            .1
+            .contains("lb_health_check_duration_seconds_bucket")
+    }));
+    let (_, exposition) = scrape(&topo.lb, None);
+    let exported: std::collections::HashSet<&str> = exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 10, "{queries:?}");
+    let mut names = Vec::new();
+    for q in &queries {
+        for n in metric_names(q) {
+            assert!(
+                exported.contains(n.as_str()),
+                "the dashboard's {q:?} names {n}, which the daemon does not export"
+            );
+            names.push(n);
+        }
+    }
+    for needed in [
+        "lb_backend_packets_total",
+        "lb_backend_health_score",
+        "lb_dataplane_packets_total",
+        "lb_conntrack_entries",
+        "lb_health_check_duration_seconds_bucket",
+    ] {
+        assert!(names.iter().any(|n| n == needed), "the dashboard shows {needed}");
+    }
+    // Prometheus parses and evaluates each one.
+    let prom = Prometheus::start(&topo.lb);
+    for q in &queries {
+        let q = q.replace("$service", ".*");
+        let _ = prom.query(&topo.lb, &q);
+    }
+}

@@ -2,6 +2,7 @@
 //! handles to every map: the writer's (`DataPlane`, owned by the reconciler) and the readers'
 //! (`Readers`, their own handles to the pins, so a read never waits for the writer).
 
+pub mod census;
 mod load;
 mod pool;
 

@@ -33,6 +33,11 @@ pub struct Rss {
     /// The part of it that is the daemon's own heap and stacks (RssAnon); the rest is mostly
     /// the mmap-ed table pool, which is kernel memory shared with the data plane.
     pub rss_anon_bytes: u64,
+    /// One `GET /metrics` of this daemon, median ms over `scrape_runs_ms`.
+    pub scrape_ms: f64,
+    pub scrape_runs_ms: Vec<f64>,
+    /// Samples in one scrape.
+    pub scrape_samples: usize,
 }
 
 fn ids(n: u32) -> Vec<String> {
@@ -189,11 +194,26 @@ pub fn daemon_rss(services: u32, per_service: u32) -> Result<Rss> {
         last = now;
     }
     ensure!(settled, "daemon memory kept changing for 10 s");
+    let mut scrapes = Vec::new();
+    let mut samples = 0;
+    for _ in 0..7 {
+        let t = Instant::now();
+        let (status, body) = crate::client::http_get(&ns, "127.0.0.1:9464".parse()?, "/metrics", None)?;
+        scrapes.push(t.elapsed().as_secs_f64() * 1000.0);
+        ensure!(status == 200, "scrape answered {status}");
+        samples = body
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .count();
+    }
     Ok(Rss {
         services,
         backends_per_service: per_service,
         rss_bytes: last.0,
         rss_anon_bytes: last.1,
+        scrape_ms: median(scrapes.iter().copied()).unwrap_or(f64::NAN),
+        scrape_runs_ms: scrapes,
+        scrape_samples: samples,
     })
 }
 

@@ -128,11 +128,13 @@ impl Results {
         if let Some(rss) = &self.rss {
             let _ = writeln!(
                 s,
-                "- Daemon RSS at idle, {} services × {} backends: {:.1} MiB, of which {:.1} MiB anonymous.",
+                "- Daemon RSS at idle, {} services × {} backends: {:.1} MiB, of which {:.1} MiB anonymous.\n- One scrape of `/metrics` there: {:.1} ms (median), {} samples.",
                 rss.services,
                 rss.backends_per_service,
                 rss.rss_bytes as f64 / 1048576.0,
-                rss.rss_anon_bytes as f64 / 1048576.0
+                rss.rss_anon_bytes as f64 / 1048576.0,
+                rss.scrape_ms,
+                rss.scrape_samples
             );
         }
         if let Some(h) = &self.health {
@@ -200,11 +202,17 @@ impl Results {
         if let Some(rss) = &self.rss {
             let _ = writeln!(
                 s,
-                "daemon RSS at idle, {} services x {} backends: {:.1} MiB ({:.1} MiB anonymous)",
+                "daemon RSS at idle, {} services x {} backends: {:.1} MiB ({:.1} MiB anonymous)\nscrape of /metrics there: {:.1} ms (median of {:?}), {} samples",
                 rss.services,
                 rss.backends_per_service,
                 rss.rss_bytes as f64 / 1048576.0,
-                rss.rss_anon_bytes as f64 / 1048576.0
+                rss.rss_anon_bytes as f64 / 1048576.0,
+                rss.scrape_ms,
+                rss.scrape_runs_ms
+                    .iter()
+                    .map(|v| (v * 10.0).round() / 10.0)
+                    .collect::<Vec<_>>(),
+                rss.scrape_samples
             );
         }
         if let Some(h) = &self.health {
