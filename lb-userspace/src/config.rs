@@ -82,6 +82,21 @@ pub struct DaemonConfig {
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The HTTP control API on TCP (it is always on the Unix socket).
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+/// `[daemon.api]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Also serve the API on this TCP address (off by default).
+    pub listen: Option<std::net::SocketAddr>,
+    /// The admin token (every request); required with `listen`.
+    pub token_file: Option<PathBuf>,
+    /// A token that may only read (GET).
+    pub read_token_file: Option<PathBuf>,
 }
 
 /// `[daemon.metrics]`.
@@ -247,10 +262,11 @@ pub enum XdpModeSetting {
 }
 
 /// A service as written in the config file, sent by the CLI and kept in the state file.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub name: String,
+    #[schema(value_type = String, example = "10.0.0.100")]
     pub vip: IpAddr,
     /// 0 = every port of the VIP.
     pub port: u16,
@@ -281,10 +297,11 @@ fn default_table_size() -> u32 {
     DEFAULT_TABLE_SIZE
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendSpec {
     pub id: String,
+    #[schema(value_type = String, example = "10.0.0.11")]
     pub address: IpAddr,
     /// The backend's port; in DSR mode packets keep the service port, so this defaults to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -437,6 +454,11 @@ impl DaemonConfig {
         }
         if self.table_pool_slots < 2 * 3 {
             return Err(Error::config("daemon.table_pool_slots is too small"));
+        }
+        if self.api.listen.is_some() && self.api.token_file.is_none() {
+            return Err(Error::config(
+                "daemon.api.listen needs daemon.api.token_file: the API on TCP takes bearer tokens only",
+            ));
         }
         if self.neighbour_refresh_ms < 100 {
             return Err(Error::config("daemon.neighbour_refresh_ms must be at least 100"));

@@ -15,8 +15,8 @@ use tokio::{
 };
 
 use crate::{
+    api::server::{self, Shared, Tokens},
     config::Config,
-    control::server::{self, Shared},
     dataplane::{self, Readers},
     error::{Error, Result},
     health::monitor,
@@ -89,6 +89,31 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         Some((listener, token))
     } else {
         None
+    };
+    let api_listener = match cfg.api.listen {
+        Some(addr) => {
+            let tokens = Tokens {
+                admin: cfg
+                    .api
+                    .token_file
+                    .as_deref()
+                    .map(read_token)
+                    .transpose()?
+                    .map(Arc::new),
+                read: cfg
+                    .api
+                    .read_token_file
+                    .as_deref()
+                    .map(read_token)
+                    .transpose()?
+                    .map(Arc::new),
+            };
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                anyhow::anyhow!("cannot serve the control API on {addr}: {e} (fix: set [daemon.api] listen to a free address)")
+            })?;
+            Some((listener, tokens))
+        }
+        None => None,
     };
     let histograms = metrics::Histograms::new();
     let (writer, handles, commands, warnings) = Writer::start(
@@ -174,7 +199,36 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         board,
         stop: stop_tx.clone(),
     });
-    let server = tokio::spawn(server::serve(listener, shared));
+    let server = tokio::spawn(server::serve_unix(listener, shared.clone()));
+    let tcp_api = match api_listener {
+        Some((listener, tokens)) => {
+            info!(
+                "control API on http://{}",
+                cfg.api.listen.map(|a| a.to_string()).unwrap_or_default()
+            );
+            Some(tokio::spawn(server::serve_tcp(listener, shared.clone(), tokens)))
+        }
+        None => None,
+    };
+    // SIGHUP reloads the config file, as `lb reload` does.
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let reloader = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while sighup.recv().await.is_some() {
+                match server::reload_config(&shared).await {
+                    Ok(warnings) => {
+                        info!("SIGHUP: reloaded {}", shared.config_path.display());
+                        for w in warnings {
+                            warn!("{w}");
+                        }
+                    }
+                    Err(e) => warn!("SIGHUP: reload refused, nothing changed: {e}"),
+                }
+            }
+        })
+    };
+    drop(shared);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -182,14 +236,18 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         _ = stop_rx.changed() => {}
     }
     let _ = stop_tx.send(true);
-    server.abort();
+    reloader.abort();
+    let _ = reloader.await;
+    if let Some(t) = tcp_api {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     if let Some(t) = metrics_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
     health.abort();
     refresher.abort();
     // With every sender gone, the writer finishes its pass and stops.
-    let _ = server.await;
     let _ = health.await;
     let _ = refresher.await;
     let _ = tokio::time::timeout(Duration::from_secs(10), writer_task).await;

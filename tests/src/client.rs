@@ -119,9 +119,23 @@ pub fn http_get(
     path: &str,
     token: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
+    http_request(ns, addr, "GET", path, token, None)
+}
+
+/// Any method, with an optional body sent as JSON (as given, so it may be malformed).
+pub fn http_request(
+    ns: &crate::NetNs,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     use std::io::Read;
+    let body = body.unwrap_or_default();
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n{body}",
+        body.len(),
         token
             .map(|t| format!("Authorization: Bearer {t}\r\n"))
             .unwrap_or_default()

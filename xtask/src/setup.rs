@@ -107,6 +107,10 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
         mount_bpffs(ctx)?;
         done.push(format!("bpffs at {BPFFS}"));
     }
+    if !python_env_ready(ctx) {
+        install_python_env(ctx)?;
+        done.push(format!("Python test environment ({})", PY_PACKAGES.join(" ")));
+    }
 
     let secs = start.elapsed().as_secs_f64();
     if done.is_empty() {
@@ -128,6 +132,40 @@ fn is_root() -> bool {
                 .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
         })
         .unwrap_or(false)
+}
+
+// ---- Python test environment -------------------------------------------------
+
+/// What the API tests run: schemathesis against the live API, and the Python client's own
+/// dependency. Pinned, in a virtual environment under the target directory.
+const PY_PACKAGES: &[&str] = &["schemathesis==4.32.5", "httpx==0.28.1"];
+
+/// The virtual environment's directory; tests find it as `target/py`.
+pub fn python_env(ctx: &Ctx) -> std::path::PathBuf {
+    ctx.target_dir().join("py")
+}
+
+fn python_env_ready(ctx: &Ctx) -> bool {
+    let marker = python_env(ctx).join("lb-packages");
+    fs::read_to_string(marker).is_ok_and(|m| m == PY_PACKAGES.join(" "))
+}
+
+fn install_python_env(ctx: &Ctx) -> Result<()> {
+    let dir = python_env(ctx);
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| ctx.which(OsStr::new(p)).is_some())
+        .context("python3 not found (fix: apt-get install python3 python3-venv)")?;
+    let mut venv = ctx.command(python);
+    venv.args(["-m", "venv"]).arg(&dir);
+    ctx::run(&mut venv).context("create the Python test environment (fix: apt-get install python3-venv)")?;
+    let mut pip = ctx.command(dir.join("bin/pip"));
+    pip.args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(PY_PACKAGES);
+    ctx::run(&mut pip).context("install the Python test packages")?;
+    fs::write(dir.join("lb-packages"), PY_PACKAGES.join(" "))
+        .with_context(|| format!("write {}", dir.display()))?;
+    Ok(())
 }
 
 // ---- Debian packages -------------------------------------------------------

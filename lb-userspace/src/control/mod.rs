@@ -1,4 +1,3 @@
-//! The control socket: transport and dispatch (`server`) and the read-only answers (`queries`).
+//! The read-only answers (status, list, stats, lookup, pick, health) the API serves.
 
 pub mod queries;
-pub mod server;

@@ -41,6 +41,49 @@ impl Queries<'_> {
         })
     }
 
+    /// The backend a flow from `src` to `dst` gets in service `name` (`get_instance`). Without
+    /// `src`, a fresh flow from a random client; without `dst`, the service's VIP and port.
+    pub fn pick(
+        &self,
+        name: &str,
+        src: Option<std::net::SocketAddr>,
+        dst: Option<std::net::SocketAddr>,
+    ) -> Result<serde_json::Value> {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+        let svc = self
+            .snap
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| Error::NotFound(format!("unknown service {name}")))?;
+        let dst = dst.unwrap_or(SocketAddr::new(svc.vip, svc.port));
+        if dst.ip() != svc.vip || (svc.port != 0 && dst.port() != svc.port) {
+            return Err(Error::invalid(format!(
+                "dst {dst} is not service {name}'s VIP and port ({}:{})",
+                svc.vip, svc.port
+            )));
+        }
+        let src = src.unwrap_or_else(|| {
+            // A client from the documentation ranges: it only feeds the hash.
+            let ip = if svc.vip.is_ipv4() {
+                IpAddr::V4(Ipv4Addr::new(198, 18, fastrand::u8(..), fastrand::u8(1..)))
+            } else {
+                IpAddr::V6(Ipv6Addr::new(
+                    0x2001,
+                    0xdb8,
+                    0,
+                    0,
+                    0,
+                    0,
+                    fastrand::u16(..),
+                    fastrand::u16(1..),
+                ))
+            };
+            SocketAddr::new(ip, fastrand::u16(1024..))
+        });
+        self.lookup(svc.protocol, src, dst)
+    }
+
     /// Each backend's health: state, score and its inputs, the last check, since when.
     pub fn health(&self, service: Option<&str>) -> Result<serde_json::Value> {
         if let Some(name) = service
@@ -244,7 +287,7 @@ impl Queries<'_> {
                 socket_of(e.dst_addr, e.dst_port, family),
             );
             return Ok(json!({
-                "service": svc.name, "backend": b.id, "address": b.address, "source": "nat-table",
+                "service": svc.name, "backend": b.id, "address": b.address, "port": b.port(svc), "source": "nat-table",
                 "translated": {"source": src, "destination": dst},
             }));
         }
@@ -256,7 +299,7 @@ impl Queries<'_> {
                 .is_ok_and(|b| b.serves(state.generation));
             if let (true, Some(b)) = (live, by_slot(state.backend)) {
                 return Ok(
-                    json!({"service": svc.name, "backend": b.id, "address": b.address, "source": "connection-table"}),
+                    json!({"service": svc.name, "backend": b.id, "address": b.address, "port": b.port(svc), "source": "connection-table"}),
                 );
             }
         }
@@ -287,7 +330,7 @@ impl Queries<'_> {
         let b = by_slot(slot)
             .ok_or_else(|| Error::dataplane(format!("table names unknown backend slot {slot}")))?;
         Ok(
-            json!({"service": svc.name, "backend": b.id, "address": b.address, "source": "maglev", "table_index": index}),
+            json!({"service": svc.name, "backend": b.id, "address": b.address, "port": b.port(svc), "source": "maglev", "table_index": index}),
         )
     }
 }

@@ -10,7 +10,7 @@ use super::breaker::BreakerSpec;
 use crate::model::{Backend, Protocol, Service};
 
 /// What the checks probe.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckKind {
     None,
@@ -23,7 +23,7 @@ pub enum CheckKind {
 
 /// Flows pinned to a backend that goes down: picked again from the tables (the default) or
 /// left where they are.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DownFlows {
     #[default]
@@ -33,7 +33,7 @@ pub enum DownFlows {
 
 /// With fewer than `panic_threshold` of its backends up, a service spreads over all of them
 /// (`all`, Envoy's panic mode) or keeps to the healthy ones (`healthy`).
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OnPanic {
     #[default]
@@ -42,7 +42,7 @@ pub enum OnPanic {
 }
 
 /// The keys as written. `None` = not set here.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthSettings {
     pub kind: Option<CheckKind>,
@@ -400,6 +400,21 @@ pub fn validate_service(service: &Service) -> Result<(), String> {
         && !(t.is_finite() && (0.0..=1.0).contains(&t))
     {
         return Err(format!("health panic_threshold {t} is out of range 0..=1"));
+    }
+    // The service's own settings, as a backend with none of its own would get them: a bad key
+    // is refused before any backend is added.
+    if service.health.is_some() {
+        let probe = Backend {
+            id: "probe".into(),
+            address: service.vip,
+            port: Some(service.port.max(1)),
+            weight: 0,
+            region: None,
+            zone: None,
+            labels: Default::default(),
+            health: None,
+        };
+        resolve(service, &probe)?;
     }
     for b in &service.backends {
         if let Some(h) = &b.health

@@ -1,0 +1,478 @@
+//! The HTTP/JSON router. Changes go to the writer and wait for its pass; reads are answered
+//! from its snapshot. The same router serves the root-only Unix socket (no token) and,
+//! optionally, TCP, where every request needs a bearer token: the read token for reads, the
+//! admin token for anything else.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    extract::{
+        Path, Query, Request as HttpRequest, State,
+        rejection::{JsonRejection, PathRejection, QueryRejection},
+    },
+    http::{HeaderMap, Method, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response as HttpResponse},
+    routing::{get, post, put},
+};
+use log::warn;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{ApiError, Envelope};
+use crate::{
+    config::{BackendSpec, Config, DaemonConfig, ServiceSpec},
+    control::queries::Queries,
+    dataplane::Readers,
+    error::Error,
+    health::monitor::Board,
+    model::{Protocol, Service},
+    nat::NatStatus,
+    reconcile::{Change, Command, Snapshot},
+};
+
+/// What every request shares.
+pub struct Shared {
+    pub config_path: PathBuf,
+    pub cfg: DaemonConfig,
+    pub writer: mpsc::Sender<Command>,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub readers: Arc<Readers>,
+    pub nat: Arc<Mutex<NatStatus>>,
+    pub board: Board,
+    pub stop: watch::Sender<bool>,
+}
+
+type Ctx = State<Arc<Shared>>;
+
+/// An error as the API answers it.
+pub struct Failure(StatusCode, String);
+
+impl Failure {
+    fn new(status: StatusCode, detail: impl Into<String>) -> Self {
+        Self(status, detail.into().replace('\n', " "))
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        let status = match &e {
+            Error::Config(_) | Error::Invalid(_) | Error::Resolve(_) => StatusCode::BAD_REQUEST,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Exists(_) => StatusCode::CONFLICT,
+            Error::DataPlane(_) | Error::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> HttpResponse {
+        let kind = match self.0 {
+            StatusCode::BAD_REQUEST => "invalid",
+            StatusCode::NOT_FOUND => "not-found",
+            StatusCode::CONFLICT => "exists",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+            _ => "internal",
+        };
+        (
+            self.0,
+            Json(ApiError {
+                error: kind.into(),
+                detail: self.1,
+            }),
+        )
+            .into_response()
+    }
+}
+
+type Answer = Result<Json<Envelope>, Failure>;
+
+fn ok(data: serde_json::Value, warnings: Vec<String>) -> Answer {
+    Ok(Json(Envelope { data, warnings }))
+}
+
+fn bad_body(r: JsonRejection) -> Failure {
+    Failure::new(
+        StatusCode::BAD_REQUEST,
+        format!("malformed request body: {}", r.body_text()),
+    )
+}
+
+fn bad_path(r: PathRejection) -> Failure {
+    Failure::new(
+        StatusCode::BAD_REQUEST,
+        format!("malformed path: {}", r.body_text()),
+    )
+}
+
+fn bad_query(r: QueryRejection) -> Failure {
+    Failure::new(
+        StatusCode::BAD_REQUEST,
+        format!("malformed query: {}", r.body_text()),
+    )
+}
+
+fn queries(s: &Shared) -> Queries<'_> {
+    Queries {
+        instance: &s.cfg.instance,
+        snap: s.snapshot.borrow().clone(),
+        readers: &s.readers,
+        nat: &s.nat,
+        board: &s.board,
+    }
+}
+
+/// Hands a change to the writer and waits for the pass that applies (or refuses) it.
+pub async fn submit(writer: &mpsc::Sender<Command>, change: Change) -> crate::error::Result<Vec<String>> {
+    let (reply, answer) = oneshot::channel();
+    writer
+        .send(Command::Change {
+            change: Box::new(change),
+            reply,
+        })
+        .await
+        .map_err(|_| Error::dataplane("the reconciler has stopped"))?;
+    answer
+        .await
+        .map_err(|_| Error::dataplane("the reconciler dropped the request"))?
+}
+
+async fn change(s: &Shared, c: Change) -> Answer {
+    let warnings = submit(&s.writer, c).await?;
+    ok(json!("ok"), warnings)
+}
+
+#[utoipa::path(get, path = "/v1/status", tag = "daemon",
+    responses((status = 200, description = "Instance, interfaces and attach modes, table pool, reconciler counters", body = Envelope)))]
+pub async fn status(State(s): Ctx) -> Answer {
+    ok(queries(&s).status(), vec![])
+}
+
+#[utoipa::path(get, path = "/v1/services", tag = "services",
+    responses((status = 200, description = "Every service with its backends, weights, health and table slots", body = Envelope)))]
+pub async fn list_services(State(s): Ctx) -> Answer {
+    ok(queries(&s).list(), vec![])
+}
+
+#[utoipa::path(get, path = "/v1/services/{name}", tag = "services",
+    params(("name" = String, Path, description = "Service name")),
+    responses((status = 200, body = Envelope), (status = 404, body = ApiError), (status = 400, body = ApiError)))]
+pub async fn get_service(State(s): Ctx, name: Result<Path<String>, PathRejection>) -> Answer {
+    let Path(name) = name.map_err(bad_path)?;
+    let list = queries(&s).list();
+    let found = list
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == name.as_str()))
+        .cloned()
+        .ok_or_else(|| Failure::new(StatusCode::NOT_FOUND, format!("unknown service {name}")))?;
+    ok(found, vec![])
+}
+
+#[utoipa::path(post, path = "/v1/services", tag = "services", request_body = ServiceSpec,
+    responses((status = 200, body = Envelope), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn add_service(State(s): Ctx, body: Result<Json<ServiceSpec>, JsonRejection>) -> Answer {
+    let Json(spec) = body.map_err(bad_body)?;
+    change(&s, Change::AddService(Service::from(spec))).await
+}
+
+#[utoipa::path(delete, path = "/v1/services/{name}", tag = "services",
+    params(("name" = String, Path, description = "Service name")),
+    responses((status = 200, body = Envelope), (status = 404, body = ApiError), (status = 400, body = ApiError)))]
+pub async fn remove_service(State(s): Ctx, name: Result<Path<String>, PathRejection>) -> Answer {
+    let Path(name) = name.map_err(bad_path)?;
+    change(&s, Change::RemoveService(name)).await
+}
+
+#[utoipa::path(post, path = "/v1/services/{name}/instances", tag = "instances", request_body = BackendSpec,
+    params(("name" = String, Path, description = "Service name")),
+    responses((status = 200, body = Envelope), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn add_instance(
+    State(s): Ctx,
+    name: Result<Path<String>, PathRejection>,
+    body: Result<Json<BackendSpec>, JsonRejection>,
+) -> Answer {
+    let Path(service) = name.map_err(bad_path)?;
+    let Json(backend) = body.map_err(bad_body)?;
+    change(
+        &s,
+        Change::AddBackend {
+            service,
+            backend: backend.into(),
+        },
+    )
+    .await
+}
+
+#[utoipa::path(delete, path = "/v1/services/{name}/instances/{id}", tag = "instances",
+    params(("name" = String, Path, description = "Service name"), ("id" = String, Path, description = "Instance (backend) id")),
+    responses((status = 200, body = Envelope), (status = 404, body = ApiError), (status = 400, body = ApiError)))]
+pub async fn remove_instance(State(s): Ctx, path: Result<Path<(String, String)>, PathRejection>) -> Answer {
+    let Path((service, id)) = path.map_err(bad_path)?;
+    change(&s, Change::RemoveBackend { service, id }).await
+}
+
+/// A new weight.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WeightBody {
+    /// 0..=10000; 0 drains.
+    pub weight: u32,
+}
+
+#[utoipa::path(put, path = "/v1/services/{name}/instances/{id}/weight", tag = "instances", request_body = WeightBody,
+    params(("name" = String, Path, description = "Service name"), ("id" = String, Path, description = "Instance (backend) id")),
+    responses((status = 200, body = Envelope), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn set_weight(
+    State(s): Ctx,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Json<WeightBody>, JsonRejection>,
+) -> Answer {
+    let Path((service, id)) = path.map_err(bad_path)?;
+    let Json(WeightBody { weight }) = body.map_err(bad_body)?;
+    change(&s, Change::SetWeight { service, id, weight }).await
+}
+
+/// An external health score (`update_instance_health`).
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealthBody {
+    /// 0..1; 0 excludes the instance.
+    pub score: f64,
+    /// Seconds until the score expires (default: never).
+    #[serde(default)]
+    pub ttl: Option<f64>,
+}
+
+#[utoipa::path(put, path = "/v1/services/{name}/instances/{id}/health", tag = "instances", request_body = HealthBody,
+    params(("name" = String, Path, description = "Service name"), ("id" = String, Path, description = "Instance (backend) id")),
+    responses((status = 200, body = Envelope), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn set_health(
+    State(s): Ctx,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Json<HealthBody>, JsonRejection>,
+) -> Answer {
+    let Path((service, id)) = path.map_err(bad_path)?;
+    let Json(HealthBody { score, ttl }) = body.map_err(bad_body)?;
+    let ttl = match ttl {
+        None => None,
+        Some(t) if t.is_finite() && t > 0.0 && t <= 30.0 * 24.0 * 3600.0 => Some(Duration::from_secs_f64(t)),
+        Some(t) => {
+            return Err(Failure::new(
+                StatusCode::BAD_REQUEST,
+                format!("ttl {t} s is out of range (0, 2592000]"),
+            ));
+        }
+    };
+    change(
+        &s,
+        Change::SetExternal {
+            service,
+            id,
+            score,
+            ttl,
+        },
+    )
+    .await
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct HealthQuery {
+    /// Only this service.
+    pub service: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/health", tag = "health", params(HealthQuery),
+    responses((status = 200, body = Envelope), (status = 404, body = ApiError), (status = 400, body = ApiError)))]
+pub async fn health(State(s): Ctx, q: Result<Query<HealthQuery>, QueryRejection>) -> Answer {
+    let Query(q) = q.map_err(bad_query)?;
+    ok(queries(&s).health(q.service.as_deref())?, vec![])
+}
+
+#[utoipa::path(get, path = "/v1/stats", tag = "daemon",
+    responses((status = 200, description = "Traffic per service and backend, every data-plane counter, the NAT census", body = Envelope)))]
+pub async fn stats(State(s): Ctx) -> Answer {
+    ok(queries(&s).stats()?, vec![])
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LookupQuery {
+    pub protocol: Protocol,
+    /// Client address and port, `IP:PORT` or `[IPv6]:PORT`.
+    #[param(value_type = String)]
+    pub src: SocketAddr,
+    /// VIP and port.
+    #[param(value_type = String)]
+    pub dst: SocketAddr,
+}
+
+#[utoipa::path(get, path = "/v1/lookup", tag = "services", params(LookupQuery),
+    responses((status = 200, body = Envelope), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn lookup(State(s): Ctx, q: Result<Query<LookupQuery>, QueryRejection>) -> Answer {
+    let Query(q) = q.map_err(bad_query)?;
+    ok(queries(&s).lookup(q.protocol, q.src, q.dst)?, vec![])
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PickQuery {
+    /// Client address and port; without it, the pick for a fresh flow from a random client.
+    #[param(value_type = Option<String>)]
+    pub src: Option<SocketAddr>,
+    /// VIP and port (default: the service's).
+    #[param(value_type = Option<String>)]
+    pub dst: Option<SocketAddr>,
+}
+
+#[utoipa::path(get, path = "/v1/services/{name}/pick", tag = "services", params(("name" = String, Path, description = "Service name"), PickQuery),
+    responses((status = 200, description = "The instance that flow gets, and why (NAT table, connection table or Maglev)", body = Envelope),
+        (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn pick(
+    State(s): Ctx,
+    name: Result<Path<String>, PathRejection>,
+    q: Result<Query<PickQuery>, QueryRejection>,
+) -> Answer {
+    let Path(name) = name.map_err(bad_path)?;
+    let Query(q) = q.map_err(bad_query)?;
+    let queries = queries(&s);
+    ok(queries.pick(&name, q.src, q.dst)?, vec![])
+}
+
+#[utoipa::path(post, path = "/v1/reload", tag = "daemon",
+    responses((status = 200, body = Envelope), (status = 400, body = ApiError)))]
+pub async fn reload(State(s): Ctx) -> Answer {
+    let warnings = reload_config(&s).await?;
+    ok(json!("reloaded"), warnings)
+}
+
+/// Reads the config file again and applies it whole (only what differs is rebuilt).
+pub async fn reload_config(s: &Shared) -> crate::error::Result<Vec<String>> {
+    let cfg = Config::load(&s.config_path)?;
+    if cfg.daemon != s.cfg {
+        warn!("reload: [daemon] changes take effect only after a restart");
+    }
+    submit(&s.writer, Change::Replace(cfg.services)).await
+}
+
+#[utoipa::path(post, path = "/v1/shutdown", tag = "daemon",
+    responses((status = 200, description = "Stops the daemon; the data plane keeps forwarding", body = Envelope)))]
+pub async fn shutdown(State(s): Ctx) -> Answer {
+    let _ = s.stop.send(true);
+    ok(json!("stopping"), vec![])
+}
+
+pub async fn openapi_json() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::openapi::document(),
+    )
+}
+
+async fn not_found() -> Failure {
+    Failure::new(StatusCode::NOT_FOUND, "no such resource (see /v1/openapi.json)")
+}
+
+async fn method_not_allowed() -> Failure {
+    Failure::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this resource",
+    )
+}
+
+/// Every route.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/services", get(list_services).post(add_service))
+        .route("/v1/services/{name}", get(get_service).delete(remove_service))
+        .route("/v1/services/{name}/instances", post(add_instance))
+        .route(
+            "/v1/services/{name}/instances/{id}",
+            axum::routing::delete(remove_instance),
+        )
+        .route("/v1/services/{name}/instances/{id}/weight", put(set_weight))
+        .route("/v1/services/{name}/instances/{id}/health", put(set_health))
+        .route("/v1/services/{name}/pick", get(pick))
+        .route("/v1/health", get(health))
+        .route("/v1/stats", get(stats))
+        .route("/v1/lookup", get(lookup))
+        .route("/v1/reload", post(reload))
+        .route("/v1/shutdown", post(shutdown))
+        .route("/v1/openapi.json", get(openapi_json))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(shared)
+}
+
+/// The tokens of the TCP listener.
+#[derive(Clone)]
+pub struct Tokens {
+    pub admin: Option<Arc<String>>,
+    pub read: Option<Arc<String>>,
+}
+
+fn same(given: &str, want: &Option<Arc<String>>) -> bool {
+    want.as_ref()
+        .is_some_and(|w| bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), w.as_bytes())))
+}
+
+/// TCP only: a read needs the read or the admin token, anything else the admin token.
+async fn authorize(
+    State(tokens): State<Tokens>,
+    headers: HeaderMap,
+    request: HttpRequest,
+    next: Next,
+) -> HttpResponse {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(given) = given else {
+        return Failure::new(StatusCode::UNAUTHORIZED, "a bearer token is required").into_response();
+    };
+    let admin = same(given, &tokens.admin);
+    let read = admin || same(given, &tokens.read);
+    if !read {
+        return Failure::new(StatusCode::UNAUTHORIZED, "unknown bearer token").into_response();
+    }
+    let reading = request.method() == Method::GET || request.method() == Method::HEAD;
+    if !reading && !admin {
+        return Failure::new(StatusCode::FORBIDDEN, "this token may only read").into_response();
+    }
+    next.run(request).await
+}
+
+/// Serves on the Unix socket until `stop` is set.
+pub async fn serve_unix(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
+    let mut stop = shared.stop.subscribe();
+    let app = router(shared);
+    let done = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(done).await {
+        warn!("control socket: {e}");
+    }
+}
+
+/// Serves on TCP, behind the tokens, until `stop` is set.
+pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: Arc<Shared>, tokens: Tokens) {
+    let mut stop = shared.stop.subscribe();
+    let app = router(shared).layer(middleware::from_fn_with_state(tokens, authorize));
+    let done = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(done).await {
+        warn!("control API: {e}");
+    }
+}

@@ -1,0 +1,632 @@
+//! The HTTP/JSON API end to end: tokens on TCP (none, wrong, read-only on a change: 401/403,
+//! and nothing changed), bad input across the API, the CLI and the config file (one-line
+//! errors, and the state byte-for-byte as before), schemathesis against the live API, and the
+//! Python client running the seed's usage example as written.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use lb_tests::{Daemon, Topology, client::http_request, wait_until};
+
+const API: &str = "127.0.0.1:8443";
+const ADMIN: &str = "admin-token-7f3a";
+const READER: &str = "read-token-91c2";
+
+struct Api {
+    topo: Topology,
+    d: Daemon,
+}
+
+fn start() -> Api {
+    let topo = Topology::new(4).expect("topology");
+    let (instance, run_dir) = Daemon::new_paths();
+    std::fs::create_dir_all(&run_dir).expect("run dir");
+    std::fs::write(run_dir.join("admin.token"), format!("{ADMIN}\n")).expect("token");
+    std::fs::write(run_dir.join("read.token"), format!("{READER}\n")).expect("token");
+    let api = format!(
+        "[daemon.api]\nlisten = \"{API}\"\ntoken_file = \"{}\"\nread_token_file = \"{}\"\n",
+        run_dir.join("admin.token").display(),
+        run_dir.join("read.token").display()
+    );
+    let text = topo.config(&instance, &run_dir, &["b1", "b2", "b3"]).replacen(
+        "neighbour_refresh_ms = 500\n",
+        &format!("neighbour_refresh_ms = 500\n{api}"),
+        1,
+    );
+    let d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
+    let ok = wait_until(Duration::from_secs(15), || {
+        d.json(&["service", "list"])
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|s| {
+                s["backends"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .all(|b| b["table_slots"].as_u64() > Some(0))
+            })
+    });
+    assert!(ok, "backends did not resolve: {}", d.log());
+    Api { topo, d }
+}
+
+impl Api {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let (status, text) =
+            http_request(&self.topo.lb, API.parse().unwrap(), method, path, token, body).expect("request");
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text:?}"));
+        (status, json)
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.d.run_dir.join(format!("{}.state.json", self.d.instance))
+    }
+
+    /// Everything a change could touch: the state file, and services with backends, weights
+    /// and table slots as the daemon reports them.
+    fn dump(&self) -> String {
+        let state = std::fs::read_to_string(self.state_file()).expect("state file");
+        let list = self.d.json(&["service", "list"]);
+        format!("{state}\n{list}")
+    }
+}
+
+fn error_line(v: &serde_json::Value) -> String {
+    let detail = v["detail"].as_str().unwrap_or_default().to_string();
+    assert!(
+        v["error"].is_string() && !detail.is_empty(),
+        "a JSON error with a detail: {v}"
+    );
+    assert!(!detail.contains('\n'), "one line: {detail:?}");
+    detail
+}
+
+#[test]
+fn tokens_guard_tcp_and_refused_calls_change_nothing() {
+    let a = start();
+    let before = a.dump();
+    let body = r#"{"id": "x9", "address": "10.99.0.14"}"#;
+    let change = [
+        ("POST", "/v1/services/web4/instances", Some(body)),
+        (
+            "PUT",
+            "/v1/services/web4/instances/b1/weight",
+            Some(r#"{"weight": 1}"#),
+        ),
+        ("DELETE", "/v1/services/web4", None),
+        ("POST", "/v1/shutdown", None),
+        ("POST", "/v1/reload", None),
+    ];
+    for (method, path, body) in change {
+        for (token, want) in [(None, 401), (Some("wrong-token"), 401), (Some(READER), 403)] {
+            let (status, v) = a.call(method, path, token, body);
+            assert_eq!(status, want, "{method} {path} with {token:?}: {v}");
+            error_line(&v);
+        }
+    }
+    for (token, want) in [
+        (None, 401),
+        (Some("nope"), 401),
+        (Some(READER), 200),
+        (Some(ADMIN), 200),
+    ] {
+        let (status, v) = a.call("GET", "/v1/services", token, None);
+        assert_eq!(status, want, "{v}");
+    }
+    assert_eq!(a.dump(), before, "refused calls changed the state");
+    // The admin token may change things.
+    let (status, v) = a.call(
+        "PUT",
+        "/v1/services/web4/instances/b1/weight",
+        Some(ADMIN),
+        Some(r#"{"weight": 50}"#),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_ne!(a.dump(), before);
+}
+
+#[test]
+fn bad_input_over_api_cli_and_config_gets_one_line_errors_and_changes_nothing() {
+    let a = start();
+    let before = a.dump();
+    let spec = |extra: &str| {
+        format!(r#"{{"name": "new", "vip": "10.100.0.9", "port": 80, "protocol": "tcp"{extra}}}"#)
+    };
+    let api: Vec<(&str, String, Option<String>, u16, &str)> = vec![
+        (
+            "POST",
+            "/v1/services".into(),
+            Some("{".into()),
+            400,
+            "malformed request body",
+        ),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some("[]".into()),
+            400,
+            "malformed request body",
+        ),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some(r#"{"name": "x"}"#.into()),
+            400,
+            "missing field",
+        ),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some(spec(r#", "colour": "red""#)),
+            400,
+            "unknown field",
+        ),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some(spec(r#", "table_size": 65536"#)),
+            400,
+            "prime",
+        ),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some(spec(r#", "forwarding": "teleport""#)),
+            400,
+            "unknown variant",
+        ),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some(spec(r#", "snat": true"#)),
+            400,
+            "snat needs",
+        ),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some(spec(r#", "health": {"kind": "http"}"#)),
+            400,
+            "needs a path",
+        ),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some(spec(r#", "health": {"timeout": 9.0, "interval": 1.0}"#)),
+            400,
+            "longer than the interval",
+        ),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some(spec(r#", "health": {"error_threshold": 0}"#)),
+            400,
+            "out of range",
+        ),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some(r#"{"name": "web4", "vip": "10.100.0.9", "port": 80, "protocol": "tcp"}"#.into()),
+            409,
+            "already exists",
+        ),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some(r#"{"name": "dup", "vip": "10.100.0.1", "port": 8080, "protocol": "tcp"}"#.into()),
+            400,
+            "duplicates VIP",
+        ),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some(r#"{"name": "bad name", "vip": "10.100.0.9", "port": 80, "protocol": "tcp"}"#.into()),
+            400,
+            "invalid service name",
+        ),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some(r#"{"name": "v", "vip": "300.1.1.1", "port": 80, "protocol": "tcp"}"#.into()),
+            400,
+            "malformed request body",
+        ),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some(r#"{"name": "v", "vip": "10.100.0.9", "port": 70000, "protocol": "tcp"}"#.into()),
+            400,
+            "malformed request body",
+        ),
+        (
+            "POST",
+            "/v1/services".into(),
+            Some(r#"{"name": "v", "vip": "224.0.0.1", "port": 80, "protocol": "tcp"}"#.into()),
+            400,
+            "invalid VIP",
+        ),
+        (
+            "DELETE",
+            "/v1/services/nosuch".into(),
+            None,
+            404,
+            "unknown service",
+        ),
+        ("GET", "/v1/services/nosuch".into(), None, 404, "unknown service"),
+        (
+            "POST",
+            "/v1/services/nosuch/instances".into(),
+            Some(r#"{"id": "a", "address": "10.99.0.14"}"#.into()),
+            404,
+            "unknown service",
+        ),
+        (
+            "POST",
+            "/v1/services/web4/instances".into(),
+            Some(r#"{"id": "b1", "address": "10.99.0.14"}"#.into()),
+            409,
+            "already has a backend b1",
+        ),
+        (
+            "POST",
+            "/v1/services/web4/instances".into(),
+            Some(r#"{"id": "z", "address": "fd99::14"}"#.into()),
+            400,
+            "same IP family",
+        ),
+        (
+            "POST",
+            "/v1/services/web4/instances".into(),
+            Some(r#"{"id": "z", "address": "127.0.0.1"}"#.into()),
+            400,
+            "invalid address",
+        ),
+        (
+            "POST",
+            "/v1/services/web4/instances".into(),
+            Some(r#"{"id": "z", "address": "10.99.0.14", "weight": 20000}"#.into()),
+            400,
+            "out of range",
+        ),
+        (
+            "POST",
+            "/v1/services/web4/instances".into(),
+            Some(r#"{"id": "z", "address": "10.99.0.14", "weight": -1}"#.into()),
+            400,
+            "malformed request body",
+        ),
+        (
+            "POST",
+            "/v1/services/web4/instances".into(),
+            Some(r#"{"id": "z", "address": "10.99.0.14", "health": {"panic_threshold": 0.5}}"#.into()),
+            400,
+            "service settings",
+        ),
+        (
+            "POST",
+            "/v1/services/web4/instances".into(),
+            Some(r#"{"id": "z", "address": "10.99.0.11"}"#.into()),
+            400,
+            "duplicates address",
+        ),
+        (
+            "DELETE",
+            "/v1/services/web4/instances/nosuch".into(),
+            None,
+            404,
+            "has no backend",
+        ),
+        (
+            "PUT",
+            "/v1/services/web4/instances/b1/weight".into(),
+            Some(r#"{"weight": 100001}"#.into()),
+            400,
+            "out of range",
+        ),
+        (
+            "PUT",
+            "/v1/services/web4/instances/b1/weight".into(),
+            Some(r#"{"weight": "heavy"}"#.into()),
+            400,
+            "malformed request body",
+        ),
+        (
+            "PUT",
+            "/v1/services/web4/instances/b1/weight".into(),
+            Some(r#"{}"#.into()),
+            400,
+            "missing field",
+        ),
+        (
+            "PUT",
+            "/v1/services/web4/instances/nosuch/weight".into(),
+            Some(r#"{"weight": 5}"#.into()),
+            404,
+            "has no backend",
+        ),
+        (
+            "PUT",
+            "/v1/services/web4/instances/b1/health".into(),
+            Some(r#"{"score": 1.5}"#.into()),
+            400,
+            "out of range",
+        ),
+        (
+            "PUT",
+            "/v1/services/web4/instances/b1/health".into(),
+            Some(r#"{"score": -0.5}"#.into()),
+            400,
+            "out of range",
+        ),
+        (
+            "PUT",
+            "/v1/services/web4/instances/b1/health".into(),
+            Some(r#"{"score": 0.5, "ttl": 0}"#.into()),
+            400,
+            "ttl",
+        ),
+        (
+            "PUT",
+            "/v1/services/web4/instances/b1/health".into(),
+            Some(r#"{"score": 0.5, "ttl": -3}"#.into()),
+            400,
+            "ttl",
+        ),
+        (
+            "PUT",
+            "/v1/services/web4/instances/nosuch/health".into(),
+            Some(r#"{"score": 0.5}"#.into()),
+            404,
+            "has no backend",
+        ),
+        (
+            "PUT",
+            "/v1/services/nosuch/instances/b1/health".into(),
+            Some(r#"{"score": 0.5}"#.into()),
+            404,
+            "unknown service",
+        ),
+        (
+            "GET",
+            "/v1/services/web4/pick?src=nonsense".into(),
+            None,
+            400,
+            "malformed query",
+        ),
+        (
+            "GET",
+            "/v1/services/web4/pick?dst=10.100.0.2:8080".into(),
+            None,
+            400,
+            "not service web4's VIP",
+        ),
+        (
+            "GET",
+            "/v1/services/nosuch/pick".into(),
+            None,
+            404,
+            "unknown service",
+        ),
+        (
+            "GET",
+            "/v1/lookup?protocol=sctp&src=1.2.3.4:5&dst=10.100.0.1:8080".into(),
+            None,
+            400,
+            "malformed query",
+        ),
+        (
+            "GET",
+            "/v1/lookup?protocol=tcp&src=[fd00::1]:5&dst=10.100.0.1:8080".into(),
+            None,
+            400,
+            "different IP families",
+        ),
+        (
+            "GET",
+            "/v1/lookup?protocol=tcp&src=1.2.3.4:5&dst=10.100.0.7:8080".into(),
+            None,
+            404,
+            "no service",
+        ),
+        (
+            "GET",
+            "/v1/health?service=nosuch".into(),
+            None,
+            404,
+            "unknown service",
+        ),
+        (
+            "GET",
+            "/v1/health?colour=red".into(),
+            None,
+            400,
+            "malformed query",
+        ),
+        ("GET", "/v1/nothing-here".into(), None, 404, "no such resource"),
+        ("PATCH", "/v1/services".into(), None, 405, "method not allowed"),
+    ];
+    for (method, path, body, want, needle) in &api {
+        let (status, v) = a.call(method, path, Some(ADMIN), body.as_deref());
+        assert_eq!(status, *want, "{method} {path} {body:?}: {v}");
+        let detail = error_line(&v);
+        assert!(
+            detail.contains(needle),
+            "{method} {path}: {detail:?} should mention {needle:?}"
+        );
+        assert_eq!(a.dump(), before, "{method} {path} {body:?} changed the state");
+    }
+
+    let cli: &[(&[&str], &str)] = &[
+        (&["backend", "health", "web4", "b1", "2"], "out of range"),
+        (&["backend", "health", "web4", "b1", "0.5", "--ttl=-1"], "ttl"),
+        (&["backend", "weight", "web4", "b1", "-4"], "unexpected argument"),
+        (
+            &[
+                "service",
+                "add",
+                "n",
+                "--vip",
+                "10.100.0.9",
+                "--port",
+                "80",
+                "--forwarding",
+                "warp",
+            ],
+            "unknown forwarding mode",
+        ),
+        (
+            &["lookup", "--src", "1.2.3.4", "--dst", "10.100.0.1:8080"],
+            "invalid",
+        ),
+        (&["health", "nosuch"], "unknown service"),
+    ];
+    for (args, needle) in cli {
+        let out = a.d.cli(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
+        assert_eq!(a.dump(), before, "{args:?} changed the state");
+    }
+
+    // A bad config file on reload is refused whole, over every way in.
+    let good = std::fs::read_to_string(&a.d.config).expect("config");
+    let bad_files = [
+        (good.replace("weight = 100", "weight = 100000"), "out of range"),
+        (good.replace("protocol = \"tcp\"", "protocol = \"sctp\""), "line"),
+        (good.replace("[daemon]", "[daemon]\ncolour = 1"), "unknown field"),
+        (
+            format!("{good}\n[service.health]\nkind = \"http\"\n"),
+            "needs a path",
+        ),
+        (
+            good.replacen("forwarding = \"dsr\"", "forwarding = \"dsr\"\nsnat = true", 1),
+            "snat needs",
+        ),
+        ("not toml at all [".to_string(), "invalid config"),
+    ];
+    for (text, needle) in &bad_files {
+        std::fs::write(&a.d.config, text).expect("write config");
+        let (status, v) = a.call("POST", "/v1/reload", Some(ADMIN), None);
+        assert_eq!(status, 400, "{v}");
+        assert!(error_line(&v).contains(needle), "{v} should mention {needle:?}");
+        let out = a.d.cli(&["reload"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(needle));
+        assert_eq!(a.dump(), before, "a bad file changed the state");
+    }
+    // SIGHUP with a bad file: refused, logged, nothing changed.
+    let pid = a.d.pid().expect("pid");
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    assert!(wait_until(Duration::from_secs(5), || a
+        .d
+        .log()
+        .contains("SIGHUP: reload refused")));
+    assert_eq!(a.dump(), before);
+    std::fs::write(&a.d.config, &good).expect("restore config");
+    let total = api.len() + cli.len() + 2 * bad_files.len() + 1;
+    println!("{total} bad inputs refused with one line, state unchanged after each");
+    assert!(total >= 50, "{total}");
+}
+
+#[test]
+fn schemathesis_finds_no_server_error_and_every_response_conforms() {
+    let a = start();
+    let st = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/py/bin/schemathesis"
+    ));
+    assert!(
+        st.exists(),
+        "{} is missing: `cargo xtask setup` installs it",
+        st.display()
+    );
+    let out = a
+        .topo
+        .lb
+        .command(&st)
+        .args([
+            "run",
+            &format!("http://{API}/v1/openapi.json"),
+            "--header",
+            &format!("Authorization: Bearer {ADMIN}"),
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--exclude-path",
+            "/v1/shutdown",
+            "--max-examples",
+            "25",
+            "--seed",
+            "7",
+            "--workers",
+            "1",
+            "--no-color",
+        ])
+        .output()
+        .expect("run schemathesis");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("passed") || l.contains("failed") || l.contains("error"))
+        .collect();
+    println!("schemathesis: {}", summary.last().unwrap_or(&"(no summary)"));
+    assert!(
+        out.status.success(),
+        "schemathesis failed:\n{text}\n{}",
+        a.d.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(1), || a.d.pid().is_some()),
+        "the daemon still runs"
+    );
+    let (status, _) = a.call("GET", "/v1/status", Some(READER), None);
+    assert_eq!(status, 200, "the daemon still answers");
+}
+
+#[test]
+fn the_python_client_runs_the_seeds_usage_example() {
+    let a = start();
+    let python = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py/bin/python"));
+    let script = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../python/tests/seed_usage.py"
+    ));
+    let socket = a.d.run_dir.join(format!("{}.sock", a.d.instance));
+    let b4 = a.topo.backend("b4").v4.to_string();
+    let out = a
+        .topo
+        .lb
+        .command(&python)
+        .arg(&script)
+        .arg(&socket)
+        .arg("web4")
+        .arg(&b4)
+        .arg(format!("http://{API}"))
+        .arg(READER)
+        .output()
+        .expect("run python");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.lines().last().is_some_and(|l| l.ends_with("0 failed")),
+        "{text}"
+    );
+    let _ = SocketAddr::from(([127, 0, 0, 1], 0));
+}
