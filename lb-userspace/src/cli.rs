@@ -41,6 +41,9 @@ pub enum Command {
         /// TOML config file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Log lines as text (leveled, one event per line) or as one JSON object per line.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
     },
     /// Detach XDP from every interface and remove the instance's pins and state.
     Detach,

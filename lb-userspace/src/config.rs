@@ -55,6 +55,9 @@ pub struct DaemonConfig {
     /// Directory of the control socket and the state file.
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
+    /// Reload the config file whenever it changes (as SIGHUP and `lb reload` do).
+    #[serde(default)]
+    pub watch_config: bool,
     /// How often backend MACs are re-read from the neighbour table.
     #[serde(default = "default_refresh")]
     pub neighbour_refresh_ms: u64,

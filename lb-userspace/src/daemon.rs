@@ -228,6 +228,11 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
             }
         })
     };
+    let watcher = if cfg.watch_config {
+        Some(watch_config(shared.clone())?)
+    } else {
+        None
+    };
     drop(shared);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -238,6 +243,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     reloader.abort();
     let _ = reloader.await;
+    drop(watcher);
     if let Some(t) = tcp_api {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
@@ -257,6 +263,50 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     info!("daemon stopped; the data plane stays attached (`lb detach` removes it)");
     Ok(())
+}
+
+/// Reloads when the config file changes: watches its directory (editors replace files), and
+/// waits for writes to settle (200 ms) before reading it.
+fn watch_config(
+    shared: Arc<Shared>,
+) -> anyhow::Result<(notify::RecommendedWatcher, tokio::task::JoinHandle<()>)> {
+    use notify::Watcher;
+    let path = std::fs::canonicalize(&shared.config_path)?;
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let file = path.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(e) = event
+            && e.paths.iter().any(|p| p == &file)
+            && !matches!(e.kind, notify::EventKind::Access(_))
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    let task = tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            // Coalesce the burst of events one save makes.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            while rx.try_recv().is_ok() {}
+            match server::reload_config(&shared).await {
+                Ok(warnings) => {
+                    info!("{} changed: reloaded", shared.config_path.display());
+                    for w in warnings {
+                        warn!("{w}");
+                    }
+                }
+                Err(e) => warn!(
+                    "{} changed, reload refused, nothing changed: {e}",
+                    shared.config_path.display()
+                ),
+            }
+        }
+    });
+    Ok((watcher, task))
 }
 
 /// A bearer token from a file: its first line, which must not be empty.

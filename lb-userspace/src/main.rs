@@ -7,8 +7,24 @@ use lb_userspace::{
 };
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = match Cli::try_parse() {
+    let cli = Cli::try_parse();
+    let json_logs =
+        matches!(&cli, Ok(Cli { command: Command::Daemon { log_format, .. }, .. }) if log_format == "json");
+    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if json_logs {
+        logger.format(|buf, record| {
+            use std::io::Write;
+            let line = serde_json::json!({
+                "ts": buf.timestamp_millis().to_string(),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    }
+    logger.init();
+    let cli = match cli {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
             // One line: clap's first line says what is wrong.
@@ -30,7 +46,7 @@ fn main() {
 
 fn run(cli: &Cli) -> anyhow::Result<i32> {
     match &cli.command {
-        Command::Daemon { config } => {
+        Command::Daemon { config, .. } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
