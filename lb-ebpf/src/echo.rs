@@ -8,11 +8,19 @@ use lb_ebpf::{Flow, Frame, Verdict};
 use crate::{
     headers::{TTL, fold},
     maps::{DP_CONFIG, VIP_ADDRS, VIP_FILTER},
-    stats::count,
+    stats::{count, finish},
 };
 
+/// Answers or passes an echo request; returns the counted XDP action. A stage of its own (see
+/// `stats::finish`).
+#[inline(never)]
+pub fn reply(ctx: &XdpContext, flow: &Flow) -> u32 {
+    finish(reply_verdict(ctx, flow))
+}
+
 #[inline(always)]
-pub fn reply(_ctx: &XdpContext, frame: &Frame, flow: &Flow) -> Verdict {
+fn reply_verdict(ctx: &XdpContext, flow: &Flow) -> Verdict {
+    let frame = &crate::forward::frame_of(ctx);
     let key = &flow.key;
     let filter = VIP_FILTER.get(0);
     if !filter.is_some_and(|f| f.may_be_vip(VipFilter::bit(&key.dst_addr))) {
@@ -26,7 +34,7 @@ pub fn reply(_ctx: &XdpContext, frame: &Frame, flow: &Flow) -> Verdict {
     if !DP_CONFIG.get(0).is_some_and(|c| c.flags & DP_F_ECHO_REPLY != 0) {
         return Verdict::Pass(Counter::PassNotTcpUdp);
     }
-    let l3 = flow.l3;
+    let l3 = flow.l3();
     let done = if key.family == FAMILY_V4 {
         reply_v4(frame, l3)
     } else {

@@ -14,13 +14,16 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Counter, FAMILY_V4, addr_words,
     dpconfig::{DP_F_TOO_BIG_ICMP, HOP_F_RESOLVED, NextHop, encap_variation},
+    service::FWD_GUE,
 };
 use lb_ebpf::{Flow, FlowKind, Frame, Verdict};
 
 use crate::{
     forward::send,
     headers::{IPV4_DF, TTL, write_eth, write_ipv4},
-    maps::{DP_CONFIG, FIB_SCRATCH, NEXT_HOPS},
+    maps::{DP_CONFIG, FIB_SCRATCH, HOP_SCRATCH, NEXT_HOPS},
+    select::Chosen,
+    stats::finish,
     too_big,
 };
 
@@ -37,22 +40,23 @@ const NEXT_HOP_TTL_NS: u64 = 100_000_000;
 /// Bytes of UDP + GUE header (version 0, no options) in front of the inner packet.
 const GUE_LEN: usize = 12;
 
-/// Encapsulates the packet for `backend`: IPIP, or with `gue` IP/UDP/GUE.
+/// Encapsulates the packet for the chosen backend (IPIP, or for FWD_GUE IP/UDP/GUE); returns
+/// the counted XDP action. A stage of its own (see `stats::finish`).
+#[inline(never)]
+pub fn encapsulate(ctx: &XdpContext, flow: &Flow, chosen: &Chosen) -> u32 {
+    finish(encapsulate_verdict(ctx, flow, chosen))
+}
+
 #[inline(always)]
-pub fn encapsulate(
-    ctx: &XdpContext,
-    frame: &Frame,
-    flow: &Flow,
-    slot: u32,
-    backend: &Backend,
-    gue: bool,
-) -> Verdict {
+fn encapsulate_verdict(ctx: &XdpContext, flow: &Flow, chosen: &Chosen) -> Verdict {
+    let frame = &crate::forward::frame_of(ctx);
+    let (slot, backend, gue) = (chosen.slot, &chosen.backend, chosen.forward == FWD_GUE);
     let Some(cfg) = DP_CONFIG.get(0) else {
         return Verdict::Pass(Counter::PassNoRoute);
     };
     let key = &flow.key;
     // The inner packet's own length: a short frame may carry Ethernet padding after it.
-    let inner_len = inner_length(frame, flow).unwrap_or(frame.len() - flow.l3);
+    let inner_len = inner_length(frame, flow).unwrap_or(frame.len() - flow.l3());
     let variation = encap_variation(key.src_addr[0], key.src_port);
     let dst = addr_words(backend.addr);
     let v4 = key.family == FAMILY_V4;
@@ -69,8 +73,9 @@ pub fn encapsulate(
         cfg.encap_src6[2],
         (variation as u32).to_be(),
     ];
-    let mut hop = match next_hop(ctx, slot, backend, v4, src4, &src6, &dst) {
-        Ok(hop) => hop,
+    let hop = match next_hop(ctx, slot, backend, v4, src4, &src6, &dst) {
+        // SAFETY: a per-CPU map value; nothing else on this CPU touches it meanwhile.
+        Ok(hop) => unsafe { &mut *hop },
         Err(verdict) => return verdict,
     };
     if (inner_len + outer_len) as u32 > hop.mtu {
@@ -87,14 +92,16 @@ pub fn encapsulate(
         let Some(eth) = frame.ptr_at::<[u8; 12]>(0) else {
             return Verdict::Drop(Counter::DropTruncatedL2);
         };
-        // SAFETY: bounds checked by ptr_at.
-        let macs = unsafe { eth.read_unaligned() };
-        hop.dmac.copy_from_slice(&macs[..6]);
-        hop.smac.copy_from_slice(&macs[6..]);
+        // SAFETY: bounds checked by ptr_at; `hop` is not a cache slot (unresolved).
+        unsafe {
+            let m = eth.cast::<u8>();
+            core::ptr::copy_nonoverlapping(m, hop.dmac.as_mut_ptr(), 6);
+            core::ptr::copy_nonoverlapping(m.add(6), hop.smac.as_mut_ptr(), 6);
+        }
     }
     // Grow the head so that [Ethernet][outer][inner IP...] fits; any VLAN tag is dropped, the
     // egress is decided by the FIB.
-    let delta = flow.l3 as i32 - (14 + outer_len as i32);
+    let delta = flow.l3() as i32 - (14 + outer_len as i32);
     // SAFETY: plain helper call on our own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
         return Verdict::Drop(Counter::DropEncapFailed);
@@ -106,25 +113,25 @@ pub fn encapsulate(
     let written = match (v4, gue) {
         (true, false) => out.ptr_at::<[u8; 14 + 20 + 2]>(0).map(|h| {
             // SAFETY: 36 bytes bounds-checked.
-            unsafe { write_v4(h.cast(), &hop, 20, IPPROTO_IPIP, inner, src4, dst[0]) }
+            unsafe { write_v4(h.cast(), hop, 20, IPPROTO_IPIP, inner, src4, dst[0]) }
         }),
         (true, true) => out.ptr_at::<[u8; 14 + 32 + 2]>(0).map(|h| {
             // SAFETY: 48 bytes bounds-checked.
             unsafe {
                 let h = h.cast::<u8>();
-                write_v4(h, &hop, 32, IPPROTO_UDP, inner, src4, dst[0]);
+                write_v4(h, hop, 32, IPPROTO_UDP, inner, src4, dst[0]);
                 write_gue(h.add(34), variation, gue_port, inner, IPPROTO_IPIP);
             }
         }),
         (false, false) => out.ptr_at::<[u8; 14 + 40 + 2]>(0).map(|h| {
             // SAFETY: 56 bytes bounds-checked.
-            unsafe { write_v6(h.cast(), &hop, 40, IPPROTO_IPV6, inner, variation, &src6, &dst) }
+            unsafe { write_v6(h.cast(), hop, 40, IPPROTO_IPV6, inner, variation, &src6, &dst) }
         }),
         (false, true) => out.ptr_at::<[u8; 14 + 52 + 2]>(0).map(|h| {
             // SAFETY: 68 bytes bounds-checked.
             unsafe {
                 let h = h.cast::<u8>();
-                write_v6(h, &hop, 52, IPPROTO_UDP, inner, variation, &src6, &dst);
+                write_v6(h, hop, 52, IPPROTO_UDP, inner, variation, &src6, &dst);
                 write_gue(h.add(54), variation, gue_port, inner, IPPROTO_IPV6);
             }
         }),
@@ -142,7 +149,7 @@ pub fn encapsulate(
 /// capped by what the frame holds.
 #[inline(always)]
 fn inner_length(frame: &Frame, flow: &Flow) -> Option<usize> {
-    let ip = frame.ptr_at::<[u8; 6]>(flow.l3)?.cast::<u8>();
+    let ip = frame.ptr_at::<[u8; 6]>(flow.l3())?.cast::<u8>();
     // SAFETY: 6 bytes bounds-checked.
     let len = unsafe {
         if flow.key.family == FAMILY_V4 {
@@ -151,11 +158,14 @@ fn inner_length(frame: &Frame, flow: &Flow) -> Option<usize> {
             40 + u16::from_be_bytes([*ip.add(4), *ip.add(5)]) as usize
         }
     };
-    Some(len.min(frame.len() - flow.l3))
+    Some(len.min(frame.len() - flow.l3()))
 }
 
 /// The backend's next hop from this CPU's cache, or from the FIB (and then cached). An
 /// unresolved neighbour is not cached: the kernel is resolving it and the next packet asks again.
+///
+/// The answer stays in map memory (the cache slot, or this CPU's HOP_SCRATCH for an unresolved
+/// one) and is used through the pointer: as a value, its MAC bytes took a stack slot each.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn next_hop(
@@ -166,16 +176,15 @@ fn next_hop(
     src4: u32,
     src6: &[u32; 4],
     dst: &[u32; 4],
-) -> Result<NextHop, Verdict> {
+) -> Result<*mut NextHop, Verdict> {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let cached = NEXT_HOPS.get_ptr_mut(slot);
-    if let Some(c) = cached {
+    if let Some(c) = cached
         // SAFETY: per-CPU slot, only this CPU touches it.
-        let c = unsafe { &*c };
-        if c.expires_ns > now && c.generation == backend.generation {
-            return Ok(*c);
-        }
+        && unsafe { (*c).expires_ns > now && (*c).generation == backend.generation }
+    {
+        return Ok(c);
     }
     let no_route = Verdict::Pass(Counter::PassNoRoute);
     let mut fib = FibQuery::new(ctx, v4, src4, src6, dst).ok_or(no_route)?;
@@ -184,29 +193,30 @@ fn next_hop(
         BPF_FIB_LKUP_RET_NO_NEIGH => false,
         _ => return Err(no_route),
     };
-    let (ifindex, dmac, smac) = fib.result();
-    let mut hop = NextHop {
-        expires_ns: now + NEXT_HOP_TTL_NS,
-        generation: backend.generation,
-        ifindex,
-        mtu: u16::MAX as u32,
-        dmac,
-        smac,
-        flags: if resolved { HOP_F_RESOLVED } else { 0 },
+    let hop = match cached {
+        Some(c) if resolved => c,
+        _ => HOP_SCRATCH.get_ptr_mut(0).ok_or(no_route)?,
     };
+    // SAFETY: a per-CPU slot of either map, only this CPU touches it. Until expires_ns is
+    // written below, a cache slot being refilled is still expired.
+    unsafe {
+        (*hop).expires_ns = 0;
+        fib.result_into(&mut *hop);
+        (*hop).generation = backend.generation;
+        (*hop).flags = if resolved { HOP_F_RESOLVED } else { 0 };
+    }
     // The route's MTU: ask for the largest packet, the FIB answers with the limit (before it
     // looks at the neighbour, so unresolved next hops get it too).
     let mut probe = FibQuery::new(ctx, v4, src4, src6, dst).ok_or(no_route)?;
     probe.set_tot_len(u16::MAX);
-    hop.mtu = match probe.lookup(ctx) {
+    let mtu = match probe.lookup(ctx) {
         BPF_FIB_LKUP_RET_FRAG_NEEDED => probe.mtu_result() as u32,
         _ => u16::MAX as u32,
     };
-    // An unresolved neighbour is not cached: the kernel is resolving it; the next packet asks
-    // again.
-    if resolved && let Some(c) = cached {
-        // SAFETY: per-CPU slot.
-        unsafe { *c = hop };
+    // SAFETY: as above.
+    unsafe {
+        (*hop).mtu = mtu;
+        (*hop).expires_ns = now + NEXT_HOP_TTL_NS;
     }
     Ok(hop)
 }
@@ -278,19 +288,17 @@ impl FibQuery {
         if rc < 0 { u32::MAX } else { rc as u32 }
     }
 
-    /// (egress ifindex, next hop MAC, egress MAC) after a successful lookup.
+    /// Egress ifindex, next hop MAC and egress MAC after a successful lookup, into `hop`.
     #[inline(always)]
-    fn result(&self) -> (u32, [u8; 6], [u8; 6]) {
+    fn result_into(&self, hop: &mut NextHop) {
         let p = self.buf;
-        let mut dmac = [0u8; 6];
-        let mut smac = [0u8; 6];
         // SAFETY: ifindex at 8, smac at 52, dmac at 58, all within the buffer.
         unsafe {
             for i in 0..6 {
-                smac[i] = p.add(52 + i).read_volatile();
-                dmac[i] = p.add(58 + i).read_volatile();
+                hop.smac[i] = p.add(52 + i).read_volatile();
+                hop.dmac[i] = p.add(58 + i).read_volatile();
             }
-            ((p.add(8) as *const u32).read_volatile(), dmac, smac)
+            hop.ifindex = (p.add(8) as *const u32).read_volatile();
         }
     }
 }

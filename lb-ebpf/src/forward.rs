@@ -8,17 +8,32 @@ use lb_common::{
 use lb_ebpf::{Flow, Frame, Verdict};
 use network_types::eth::EthHdr;
 
-use crate::{encap, maps::TX_PORTS, nat, select::Chosen};
+use crate::{
+    encap,
+    maps::{NAT_FLOWS, TX_PORTS},
+    nat,
+    select::Chosen,
+    stats::finish,
+};
 
+/// Forwards in the chosen backend's mode; returns the counted XDP action.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, frame: &Frame, flow: &Flow, chosen: &Chosen) -> Verdict {
-    let (slot, backend) = (chosen.slot, &chosen.backend);
+pub fn forward(ctx: &XdpContext, frame: &Frame, flow: &Flow, chosen: &Chosen) -> u32 {
     match chosen.forward {
-        FWD_IPIP => encap::encapsulate(ctx, frame, flow, slot, backend, false),
-        FWD_GUE => encap::encapsulate(ctx, frame, flow, slot, backend, true),
-        FWD_NAT => nat::open(ctx, frame, flow, slot, backend, chosen.service, false),
-        FWD_SNAT => nat::open(ctx, frame, flow, slot, backend, chosen.service, true),
-        _ => dsr_l2(ctx, frame, backend),
+        FWD_IPIP | FWD_GUE => encap::encapsulate(ctx, flow, chosen),
+        FWD_NAT | FWD_SNAT => {
+            let mut raced = false;
+            let action = nat::open(ctx, flow, chosen, &mut raced);
+            if !raced {
+                return action;
+            }
+            // Another CPU opened this connection a moment ago: go with its entries.
+            match NAT_FLOWS.get_ptr_mut(&flow.key) {
+                Some(entry) => nat::translate(ctx, flow, entry, None),
+                None => finish(Verdict::Drop(Counter::DropNatCollision)),
+            }
+        }
+        _ => finish(dsr_l2(ctx, frame, &chosen.backend)),
     }
 }
 
@@ -35,6 +50,21 @@ fn dsr_l2(ctx: &XdpContext, frame: &Frame, backend: &Backend) -> Verdict {
         (*eth).src_addr = backend.src_mac;
     }
     send(ctx, backend.ifindex)
+}
+
+/// The frame's bounds, for a stage that is a function of its own. Read volatile: LLVM would
+/// otherwise move these loads into the caller and pass the values, zero-extending them in the
+/// callee, and the verifier refuses arithmetic on a packet-end pointer.
+#[inline(always)]
+pub fn frame_of(ctx: &XdpContext) -> Frame {
+    // SAFETY: the context the kernel handed us.
+    unsafe {
+        let md = ctx.ctx;
+        Frame::new(
+            core::ptr::addr_of!((*md).data).read_volatile() as usize,
+            core::ptr::addr_of!((*md).data_end).read_volatile() as usize,
+        )
+    }
 }
 
 /// Out through `ifindex`: XDP_TX when it is the ingress interface, else a devmap redirect (the

@@ -16,6 +16,7 @@ use lb_common::{
         NAT_F_ANSWERED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_REPLY, NAT_F_RST, NAT_F_SNAT,
         NAT_PORT_PROBES, NAT_TOUCH_NS, snat_port,
     },
+    service::FWD_SNAT,
 };
 use lb_ebpf::{Flow, FlowKind, Frame, Verdict};
 
@@ -23,7 +24,8 @@ use crate::{
     forward::send,
     headers::{csum_apply, half_delta, word_delta},
     maps::{BACKENDS, DP_CONFIG, NAT_FLOWS, NAT_SCRATCH},
-    stats::{count, traffic},
+    select::Chosen,
+    stats::{count, finish, traffic},
 };
 
 const EEXIST: i32 = 17;
@@ -41,16 +43,22 @@ pub struct NatScratch {
     pub rev_key: FlowKey,
 }
 
-/// A packet of a NAT connection, with its entry: translated and sent on. `backend` is the
-/// request's backend when the caller has already checked it.
+/// A packet of a NAT connection, with its entry: translated and sent on; returns the counted
+/// XDP action. `backend` is the request's backend when the caller has already checked it. A
+/// stage of its own (see `stats::finish`).
+#[inline(never)]
+pub fn translate(ctx: &XdpContext, flow: &Flow, entry: *mut NatEntry, backend: Option<&Backend>) -> u32 {
+    finish(translate_verdict(ctx, flow, entry, backend))
+}
+
 #[inline(always)]
-pub fn translate(
+fn translate_verdict(
     ctx: &XdpContext,
-    frame: &Frame,
     flow: &Flow,
     entry: *mut NatEntry,
-    backend: Option<Backend>,
+    backend: Option<&Backend>,
 ) -> Verdict {
+    let frame = &crate::forward::frame_of(ctx);
     let key = &flow.key;
     // SAFETY: a pointer from a successful lookup; plain data. Concurrent writers only store
     // whole fields (the timestamp, flag bits), which a torn read at worst sees one update late.
@@ -82,7 +90,7 @@ pub fn translate(
         traffic(e.service, e.backend, len, false);
         return to_client(ctx, frame, e);
     }
-    let Some(backend) = backend.or_else(|| backend_of(e)) else {
+    let Some(backend) = backend.copied().or_else(|| backend_of(e)) else {
         return Verdict::Drop(Counter::DropBackendMissing);
     };
     if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -102,7 +110,7 @@ pub fn translate(
 /// unreachable), from either side: the outer addresses and the quoted packet are translated
 /// as the connection's packets are, and it goes where they go. It keeps no connection alive.
 #[inline(always)]
-fn error(ctx: &XdpContext, frame: &Frame, flow: &Flow, e: &NatEntry, backend: Option<Backend>) -> Verdict {
+fn error(ctx: &XdpContext, frame: &Frame, flow: &Flow, e: &NatEntry, backend: Option<&Backend>) -> Verdict {
     if rewrite_icmp(frame, flow, e).is_none() {
         return Verdict::Drop(Counter::DropTruncatedL4);
     }
@@ -111,24 +119,31 @@ fn error(ctx: &XdpContext, frame: &Frame, flow: &Flow, e: &NatEntry, backend: Op
     if e.flags & NAT_F_REPLY != 0 {
         return to_client(ctx, frame, e);
     }
-    match backend.or_else(|| backend_of(e)) {
+    match backend.copied().or_else(|| backend_of(e)) {
         Some(b) => to_backend(ctx, frame, &b),
         None => Verdict::Drop(Counter::DropBackendMissing),
     }
 }
 
-/// A new connection to a NAT service (`snat`: full NAT): makes its pair of entries, then
-/// translates the packet to `backend`.
+/// A new connection to a NAT service (FWD_SNAT: full NAT): makes its pair of entries, then
+/// translates the packet to the chosen backend; returns the counted XDP action. A stage of its
+/// own (see `stats::finish`). If another CPU opened the connection first, it sets `raced` and
+/// counts nothing, and the caller goes on with `translate` (so that frame does not add to
+/// this one's).
+#[inline(never)]
+pub fn open(ctx: &XdpContext, flow: &Flow, chosen: &Chosen, raced: &mut bool) -> u32 {
+    let verdict = open_verdict(ctx, flow, chosen, raced);
+    if *raced {
+        return 0;
+    }
+    finish(verdict)
+}
+
 #[inline(always)]
-pub fn open(
-    ctx: &XdpContext,
-    frame: &Frame,
-    flow: &Flow,
-    slot: u32,
-    backend: &Backend,
-    service: u32,
-    snat: bool,
-) -> Verdict {
+fn open_verdict(ctx: &XdpContext, flow: &Flow, chosen: &Chosen, raced: &mut bool) -> Verdict {
+    let frame = &crate::forward::frame_of(ctx);
+    let (slot, backend, service) = (chosen.slot, &chosen.backend, chosen.service);
+    let snat = chosen.forward == FWD_SNAT;
     let key = &flow.key;
     let FlowKind::Transport { syn } = flow.kind else {
         return Verdict::Drop(Counter::DropNatNoEntry);
@@ -207,11 +222,9 @@ pub fn open(
         if e != -EEXIST {
             return Verdict::Drop(Counter::DropNatTableFull);
         }
-        // Another CPU opened this connection a moment ago: go with its entries.
-        return match NAT_FLOWS.get_ptr_mut(key) {
-            Some(entry) => translate(ctx, frame, flow, entry, None),
-            None => Verdict::Drop(Counter::DropNatCollision),
-        };
+        // Another CPU opened this connection a moment ago: the caller goes with its entries.
+        *raced = true;
+        return Verdict::Drop(Counter::DropNatCollision);
     }
     count(Counter::NatCreated);
     traffic(service, slot, frame.len() as u64, true);
@@ -315,11 +328,11 @@ fn tcp_state(flags: u8, fin: u32) -> u32 {
 #[inline(always)]
 fn l4_offset(frame: &Frame, flow: &Flow) -> Option<usize> {
     if flow.key.family != FAMILY_V4 {
-        return Some(flow.l3 + 40);
+        return Some(flow.l3() + 40);
     }
-    let vihl = frame.ptr_at::<u8>(flow.l3)?;
+    let vihl = frame.ptr_at::<u8>(flow.l3())?;
     // SAFETY: one bounds-checked byte.
-    Some(flow.l3 + ((unsafe { *vihl } & 0x0f) as usize) * 4)
+    Some(flow.l3() + ((unsafe { *vihl } & 0x0f) as usize) * 4)
 }
 
 /// The TCP flags byte, or 0 for UDP.
@@ -343,7 +356,7 @@ fn tcp_flags(frame: &Frame, flow: &Flow) -> u8 {
 #[inline(always)]
 fn rewrite_icmp(frame: &Frame, flow: &Flow, to: &NatEntry) -> Option<()> {
     let key = &flow.key;
-    let l3 = flow.l3;
+    let l3 = flow.l3();
     let src_changes = key.src_addr != to.src_addr;
     let ports_delta = half_delta(key.dst_port, to.dst_port) + half_delta(key.src_port, to.src_port);
     // SAFETY: every pointer below is inside a bounds-checked header.
@@ -405,7 +418,7 @@ fn rewrite_icmp(frame: &Frame, flow: &Flow, to: &NatEntry) -> Option<()> {
 #[inline(always)]
 fn rewrite(frame: &Frame, flow: &Flow, to: &NatEntry) -> Option<()> {
     let key = &flow.key;
-    let l3 = flow.l3;
+    let l3 = flow.l3();
     let l4 = l4_offset(frame, flow)?;
     let tcp = key.proto == PROTO_TCP;
     // Every header is checked before the first byte changes: a short packet stays as it came.

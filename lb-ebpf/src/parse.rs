@@ -80,6 +80,19 @@ pub enum FlowKind {
 }
 
 impl Flow {
+    /// `l3`, as one of its two values: read back from map memory (the data plane keeps the
+    /// parsed flow there between its stages) it would be a number the verifier knows nothing
+    /// about, and packet accesses at a variable offset are refused. Here each branch is a
+    /// constant.
+    #[inline(always)]
+    pub fn l3(&self) -> usize {
+        if self.l3 == EthHdr::LEN + VlanHdr::LEN {
+            EthHdr::LEN + VlanHdr::LEN
+        } else {
+            EthHdr::LEN
+        }
+    }
+
     #[inline(always)]
     fn new(kind: FlowKind, l3: usize, key: FlowKey) -> Self {
         Self { key, kind, l3 }

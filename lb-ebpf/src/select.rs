@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// What the balancer does with a packet it takes.
-pub enum Choice {
+enum Choice {
     /// Balance (or keep) the flow on this backend, in the service's forwarding mode.
     Backend(Chosen),
     /// A packet of a NAT connection: its entry, and for a request the (live) backend.
@@ -40,8 +40,42 @@ pub struct Chosen {
 /// TCP SYN opens a new flow, so it skips the search and its insert replaces any old entry),
 /// then the service (exact port, then the VIP's all-ports wildcard if it may have one) and its
 /// Maglev table.
+///
+/// A function of its own (a BPF-to-BPF call), so its frame is not added to the per-mode paths'
+/// that run after it. It writes the backend into `out`: all of it for `Found::Backend`, the
+/// `backend` field for `Found::NatRequest`.
+#[inline(never)]
+pub fn choose(flow: &Flow, out: *mut Chosen) -> Result<Found, Verdict> {
+    // SAFETY: `out` is the caller's room for one Chosen.
+    unsafe {
+        match choice(flow)? {
+            Choice::Backend(c) => {
+                out.write(c);
+                Ok(Found::Backend)
+            }
+            Choice::Nat { entry, backend: None } => Ok(Found::NatReply(entry)),
+            Choice::Nat {
+                entry,
+                backend: Some(b),
+            } => {
+                core::ptr::addr_of_mut!((*out).backend).write(b);
+                Ok(Found::NatRequest(entry))
+            }
+        }
+    }
+}
+
+/// What `choose` found.
+pub enum Found {
+    Backend,
+    /// A reply of a NAT connection, with its entry.
+    NatReply(*mut NatEntry),
+    /// A request of a NAT connection, with its entry (its live backend is in `Chosen::backend`).
+    NatRequest(*mut NatEntry),
+}
+
 #[inline(always)]
-pub fn choose(flow: &Flow) -> Result<Choice, Verdict> {
+fn choice(flow: &Flow) -> Result<Choice, Verdict> {
     let key = &flow.key;
     let not_vip = Verdict::Pass(Counter::PassNotVip);
     let filter = VIP_FILTER.get(0).ok_or(not_vip)?;

@@ -36,6 +36,11 @@ pub fn traffic(service: u32, backend: u32, bytes: u64, new_flow: bool) {
 }
 
 /// Counts the verdict and turns it into the XDP action.
+///
+/// The per-mode paths (echo, encapsulation, NAT) are stages: BPF-to-BPF calls, so their frames
+/// are not added to the balancer's. A stage counts its own verdict and returns the action: a
+/// Verdict (an enum with data) would come back through the caller's stack, leaving in r0
+/// whatever LLVM had there, and the verifier refuses a stack pointer there on return.
 #[inline(always)]
 pub fn finish(verdict: Verdict) -> u32 {
     match verdict {

@@ -22,8 +22,8 @@ const QUOTE6: usize = 48;
 #[inline(always)]
 pub fn answer(ctx: &XdpContext, flow: &Flow, mtu: u32) -> Verdict {
     let too_big = Verdict::Drop(Counter::DropEncapTooBig);
-    let frame = Frame::new(ctx.data(), ctx.data_end());
-    let l3 = flow.l3;
+    let frame = crate::forward::frame_of(ctx);
+    let l3 = flow.l3();
     // The answer is built untagged: a VLAN-tagged client would not get it.
     if l3 != 14 {
         return too_big;
