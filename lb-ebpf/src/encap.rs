@@ -14,7 +14,6 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Counter, FAMILY_V4, addr_words,
     dpconfig::{DP_F_TOO_BIG_ICMP, HOP_F_RESOLVED, NextHop, encap_variation},
-    service::FWD_GUE,
 };
 use lb_ebpf::{Flow, FlowKind, Frame, Verdict};
 
@@ -22,7 +21,6 @@ use crate::{
     forward::send,
     headers::{IPV4_DF, TTL, write_eth, write_ipv4},
     maps::{DP_CONFIG, FIB_SCRATCH, HOP_SCRATCH, NEXT_HOPS},
-    select::Chosen,
     stats::finish,
     too_big,
 };
@@ -40,17 +38,16 @@ const NEXT_HOP_TTL_NS: u64 = 100_000_000;
 /// Bytes of UDP + GUE header (version 0, no options) in front of the inner packet.
 const GUE_LEN: usize = 12;
 
-/// Encapsulates the packet for the chosen backend (IPIP, or for FWD_GUE IP/UDP/GUE); returns
+/// Encapsulates the packet for the backend in `slot` (IPIP, or with `gue` IP/UDP/GUE); returns
 /// the counted XDP action. A stage of its own (see `stats::finish`).
 #[inline(never)]
-pub fn encapsulate(ctx: &XdpContext, flow: &Flow, chosen: &Chosen) -> u32 {
-    finish(encapsulate_verdict(ctx, flow, chosen))
+pub fn encapsulate(ctx: &XdpContext, flow: &Flow, slot: u32, backend: &Backend, gue: bool) -> u32 {
+    finish(encapsulate_verdict(ctx, flow, slot, backend, gue))
 }
 
 #[inline(always)]
-fn encapsulate_verdict(ctx: &XdpContext, flow: &Flow, chosen: &Chosen) -> Verdict {
+fn encapsulate_verdict(ctx: &XdpContext, flow: &Flow, slot: u32, backend: &Backend, gue: bool) -> Verdict {
     let frame = &crate::forward::frame_of(ctx);
-    let (slot, backend, gue) = (chosen.slot, &chosen.backend, chosen.forward == FWD_GUE);
     let Some(cfg) = DP_CONFIG.get(0) else {
         return Verdict::Pass(Counter::PassNoRoute);
     };
@@ -242,7 +239,10 @@ impl FibQuery {
         // SAFETY: offsets within this CPU's 64-byte slot (the layout of struct bpf_fib_lookup
         // in the kernel's uapi); nothing else runs on this CPU meanwhile.
         unsafe {
-            scratch.write_volatile([0; 8]);
+            // Word by word: as one array, the zeros were built on the stack first (64 bytes).
+            for i in 0..8 {
+                scratch.cast::<u64>().add(i).write_volatile(0);
+            }
             p.write_volatile(if v4 { AF_INET } else { AF_INET6 });
             p.add(1)
                 .write_volatile(if v4 { IPPROTO_IPIP } else { IPPROTO_IPV6 });

@@ -10,21 +10,24 @@ use network_types::eth::EthHdr;
 
 use crate::{
     encap,
+    headers::copy_mac,
     maps::{NAT_FLOWS, TX_PORTS},
     nat,
     select::Chosen,
     stats::finish,
 };
 
-/// Forwards in the chosen backend's mode; returns the counted XDP action.
+/// Forwards in the chosen backend's mode; returns the counted XDP action. L2 DSR inline, the
+/// others in functions of their own.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, frame: &Frame, flow: &Flow, chosen: &Chosen) -> u32 {
+    let (slot, backend) = (chosen.slot, chosen.backend);
     match chosen.forward {
-        FWD_IPIP | FWD_GUE => encap::encapsulate(ctx, flow, chosen),
+        FWD_IPIP => encap::encapsulate(ctx, flow, slot, backend, false),
+        FWD_GUE => encap::encapsulate(ctx, flow, slot, backend, true),
         FWD_NAT | FWD_SNAT => {
-            let mut raced = false;
-            let action = nat::open(ctx, flow, chosen, &mut raced);
-            if !raced {
+            let action = nat::open(ctx, flow, slot, chosen.service, chosen.forward == FWD_SNAT);
+            if action != nat::RACED {
                 return action;
             }
             // Another CPU opened this connection a moment ago: go with its entries.
@@ -33,7 +36,7 @@ pub fn forward(ctx: &XdpContext, frame: &Frame, flow: &Flow, chosen: &Chosen) ->
                 None => finish(Verdict::Drop(Counter::DropNatCollision)),
             }
         }
-        _ => finish(dsr_l2(ctx, frame, &chosen.backend)),
+        _ => finish(dsr_l2(ctx, frame, backend)),
     }
 }
 
@@ -46,8 +49,8 @@ fn dsr_l2(ctx: &XdpContext, frame: &Frame, backend: &Backend) -> Verdict {
     };
     // SAFETY: bounds checked by ptr_at; XDP owns the frame.
     unsafe {
-        (*eth).dst_addr = backend.dst_mac;
-        (*eth).src_addr = backend.src_mac;
+        copy_mac((*eth).dst_addr.as_mut_ptr(), backend.dst_mac.as_ptr());
+        copy_mac((*eth).src_addr.as_mut_ptr(), backend.src_mac.as_ptr());
     }
     send(ctx, backend.ifindex)
 }

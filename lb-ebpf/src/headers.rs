@@ -5,6 +5,23 @@
 pub const IPV4_DF: u16 = 0x4000;
 pub const TTL: u8 = 64;
 
+/// Copies a 6-byte MAC as a 4- and a 2-byte word. As a byte copy from map memory into the
+/// packet, LLVM (unable to tell the two apart) calls memmove: a BPF-to-BPF call and a byte loop.
+///
+/// # Safety
+/// `dst` must hold 6 writable bytes, `src` 6 readable ones.
+#[inline(always)]
+pub unsafe fn copy_mac(dst: *mut u8, src: *const u8) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        dst.cast::<u32>()
+            .write_unaligned(src.cast::<u32>().read_unaligned());
+        dst.add(4)
+            .cast::<u16>()
+            .write_unaligned(src.add(4).cast::<u16>().read_unaligned());
+    }
+}
+
 /// Ethernet header: the 6-byte addresses at `dst` and `src`, then `ethertype`.
 ///
 /// # Safety

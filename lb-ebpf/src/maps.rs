@@ -28,10 +28,6 @@ pub static DP_CONFIG: Array<DataPlaneConfig> = Array::pinned(1, 0);
 #[map]
 pub static FIB_SCRATCH: PerCpuArray<[u64; 8]> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per-CPU room for the packet being balanced (its flow and backend), off the stack.
-#[map]
-pub static PACKET: PerCpuArray<crate::Packet> = PerCpuArray::with_max_entries(1, 0);
-
 /// Per-CPU room for a next hop that is not cached (unresolved neighbour).
 #[map]
 pub static HOP_SCRATCH: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(1, 0);

@@ -16,15 +16,13 @@ use lb_common::{
         NAT_F_ANSWERED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_REPLY, NAT_F_RST, NAT_F_SNAT,
         NAT_PORT_PROBES, NAT_TOUCH_NS, snat_port,
     },
-    service::FWD_SNAT,
 };
 use lb_ebpf::{Flow, FlowKind, Frame, Verdict};
 
 use crate::{
     forward::send,
-    headers::{csum_apply, half_delta, word_delta},
+    headers::{copy_mac, csum_apply, half_delta, word_delta},
     maps::{BACKENDS, DP_CONFIG, NAT_FLOWS, NAT_SCRATCH},
-    select::Chosen,
     stats::{count, finish, traffic},
 };
 
@@ -90,7 +88,7 @@ fn translate_verdict(
         traffic(e.service, e.backend, len, false);
         return to_client(ctx, frame, e);
     }
-    let Some(backend) = backend.copied().or_else(|| backend_of(e)) else {
+    let Some(backend) = backend.or_else(|| backend_of(e)) else {
         return Verdict::Drop(Counter::DropBackendMissing);
     };
     if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -103,7 +101,7 @@ fn translate_verdict(
         return Verdict::Drop(Counter::DropTruncatedL4);
     }
     traffic(e.service, e.backend, len, false);
-    to_backend(ctx, frame, &backend)
+    to_backend(ctx, frame, backend)
 }
 
 /// An ICMP error about a NAT connection (fragmentation needed / packet too big, port
@@ -119,31 +117,43 @@ fn error(ctx: &XdpContext, frame: &Frame, flow: &Flow, e: &NatEntry, backend: Op
     if e.flags & NAT_F_REPLY != 0 {
         return to_client(ctx, frame, e);
     }
-    match backend.copied().or_else(|| backend_of(e)) {
-        Some(b) => to_backend(ctx, frame, &b),
+    match backend.or_else(|| backend_of(e)) {
+        Some(b) => to_backend(ctx, frame, b),
         None => Verdict::Drop(Counter::DropBackendMissing),
     }
 }
 
-/// A new connection to a NAT service (FWD_SNAT: full NAT): makes its pair of entries, then
-/// translates the packet to the chosen backend; returns the counted XDP action. A stage of its
-/// own (see `stats::finish`). If another CPU opened the connection first, it sets `raced` and
-/// counts nothing, and the caller goes on with `translate` (so that frame does not add to
-/// this one's).
+/// What `open` returns when another CPU opened the connection first (it counted nothing): the
+/// caller goes on with `translate`, so that frame is not stacked on this one.
+pub const RACED: u32 = u32::MAX;
+
+/// A new connection to a NAT service (`snat`: full NAT): makes its pair of entries, then
+/// translates the packet to the backend in `slot`; returns the counted XDP action, or RACED. A
+/// stage of its own (see `stats::finish`).
 #[inline(never)]
-pub fn open(ctx: &XdpContext, flow: &Flow, chosen: &Chosen, raced: &mut bool) -> u32 {
-    let verdict = open_verdict(ctx, flow, chosen, raced);
-    if *raced {
-        return 0;
+pub fn open(ctx: &XdpContext, flow: &Flow, slot: u32, service: u32, snat: bool) -> u32 {
+    let mut raced = false;
+    let verdict = open_verdict(ctx, flow, slot, service, snat, &mut raced);
+    if raced {
+        return RACED;
     }
     finish(verdict)
 }
 
 #[inline(always)]
-fn open_verdict(ctx: &XdpContext, flow: &Flow, chosen: &Chosen, raced: &mut bool) -> Verdict {
+fn open_verdict(
+    ctx: &XdpContext,
+    flow: &Flow,
+    slot: u32,
+    service: u32,
+    snat: bool,
+    raced: &mut bool,
+) -> Verdict {
     let frame = &crate::forward::frame_of(ctx);
-    let (slot, backend, service) = (chosen.slot, &chosen.backend, chosen.service);
-    let snat = chosen.forward == FWD_SNAT;
+    // Read again from its slot: five arguments are all a call takes.
+    let Some(backend) = BACKENDS.get(slot).filter(|b| b.is_active()) else {
+        return Verdict::Drop(Counter::DropBackendMissing);
+    };
     let key = &flow.key;
     let FlowKind::Transport { syn } = flow.kind else {
         return Verdict::Drop(Counter::DropNatNoEntry);
@@ -274,19 +284,15 @@ fn place(key: &FlowKey, entry: &NatEntry, taken: Counter) -> Result<(), Verdict>
 
 /// The live backend of a request entry, if its slot still serves the connection.
 #[inline(always)]
-pub fn backend_of(e: &NatEntry) -> Option<Backend> {
-    BACKENDS
-        .get(e.backend)
-        .filter(|b| b.serves(e.generation))
-        .copied()
+pub fn backend_of(e: &NatEntry) -> Option<&'static Backend> {
+    BACKENDS.get(e.backend).filter(|b| b.serves(e.generation))
 }
 
 /// A reply goes out where the client's packets came in, to the MAC they came from.
 #[inline(always)]
 fn to_client(ctx: &XdpContext, frame: &Frame, reply: &NatEntry) -> Verdict {
-    let (dst, src, ifindex) = (reply.dst_mac, reply.src_mac, reply.ifindex);
-    match set_macs(frame, &dst, &src) {
-        Some(()) => send(ctx, ifindex),
+    match set_macs(frame, &reply.dst_mac, &reply.src_mac) {
+        Some(()) => send(ctx, reply.ifindex),
         None => Verdict::Drop(Counter::DropTruncatedL2),
     }
 }
@@ -305,8 +311,8 @@ fn set_macs(frame: &Frame, dst: &[u8; 6], src: &[u8; 6]) -> Option<()> {
     // SAFETY: 12 bounds-checked bytes.
     unsafe {
         let p = eth.cast::<u8>();
-        core::ptr::copy_nonoverlapping(dst.as_ptr(), p, 6);
-        core::ptr::copy_nonoverlapping(src.as_ptr(), p.add(6), 6);
+        copy_mac(p, dst.as_ptr());
+        copy_mac(p.add(6), src.as_ptr());
     }
     Some(())
 }

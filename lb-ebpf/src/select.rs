@@ -1,5 +1,7 @@
 //! Backend selection: VIP filter, connection table, then the service's Maglev table.
 
+use core::mem::MaybeUninit;
+
 use lb_common::{
     Backend, Counter, FAMILY_V4, FlowKey, FlowState, NatEntry, ServiceKey, ServiceValue, VipFilter,
     hash::{flow_hash, source_hash},
@@ -9,28 +11,34 @@ use lb_ebpf::{Flow, FlowKind, Verdict};
 
 use crate::{
     maps::{BACKENDS, CONNTRACK, FRAGMENT_SERVICES, MAGLEV_POOL, NAT_FLOWS, SERVICES, VIP_FILTER},
-    stats::count,
+    stats::{count, finish},
 };
 
 /// What the balancer does with a packet it takes.
-enum Choice {
+pub enum Choice {
     /// Balance (or keep) the flow on this backend, in the service's forwarding mode.
     Backend(Chosen),
     /// A packet of a NAT connection: its entry, and for a request the (live) backend.
     Nat {
         entry: *mut NatEntry,
-        backend: Option<Backend>,
+        backend: Option<&'static Backend>,
     },
+    /// Not balanced: the counted XDP action.
+    Done(u32),
 }
 
 pub struct Chosen {
     pub slot: u32,
-    pub backend: Backend,
+    /// The backend's slot in BACKENDS, read in place.
+    pub backend: &'static Backend,
     pub new_flow: bool,
     /// The service's stats id and forwarding mode.
     pub service: u32,
     pub forward: u32,
 }
+
+/// What `pick_new` returns when it found a backend (else the counted XDP action).
+const PICKED: u32 = u32::MAX;
 
 /// Picks the backend for a parsed flow, or says why the packet is not balanced.
 ///
@@ -41,37 +49,15 @@ pub struct Chosen {
 /// then the service (exact port, then the VIP's all-ports wildcard if it may have one) and its
 /// Maglev table.
 ///
-/// A function of its own (a BPF-to-BPF call), so its frame is not added to the per-mode paths'
-/// that run after it. It writes the backend into `out`: all of it for `Found::Backend`, the
-/// `backend` field for `Found::NatRequest`.
-#[inline(never)]
-pub fn choose(flow: &Flow, out: *mut Chosen) -> Result<Found, Verdict> {
-    // SAFETY: `out` is the caller's room for one Chosen.
-    unsafe {
-        match choice(flow)? {
-            Choice::Backend(c) => {
-                out.write(c);
-                Ok(Found::Backend)
-            }
-            Choice::Nat { entry, backend: None } => Ok(Found::NatReply(entry)),
-            Choice::Nat {
-                entry,
-                backend: Some(b),
-            } => {
-                core::ptr::addr_of_mut!((*out).backend).write(b);
-                Ok(Found::NatRequest(entry))
-            }
-        }
+/// Inline up to a connection-table hit; a new flow (or a fragment) is picked by `pick_new`, a
+/// function of its own: its frame, the deepest of this path, is not stacked on the per-mode
+/// paths'.
+#[inline(always)]
+pub fn choose(flow: &Flow) -> Choice {
+    match choice(flow) {
+        Ok(choice) => choice,
+        Err(verdict) => Choice::Done(finish(verdict)),
     }
-}
-
-/// What `choose` found.
-pub enum Found {
-    Backend,
-    /// A reply of a NAT connection, with its entry.
-    NatReply(*mut NatEntry),
-    /// A request of a NAT connection, with its entry (its live backend is in `Chosen::backend`).
-    NatRequest(*mut NatEntry),
 }
 
 #[inline(always)]
@@ -103,22 +89,21 @@ fn choice(flow: &Flow) -> Result<Choice, Verdict> {
     if !filter.may_be_vip(bit) {
         return Err(not_vip);
     }
-    if flow.kind == FlowKind::Fragment {
-        return fragment(key).map(Choice::Backend);
-    }
     let mut stale = false;
     if flow.kind != (FlowKind::Transport { syn: true })
+        && flow.kind != FlowKind::Fragment
         && let Some(state) = CONNTRACK.get_ptr(key)
     {
         // SAFETY: pointer from a successful lookup; FlowState is plain data.
-        let state = unsafe { *state };
-        if let Some(backend) = BACKENDS.get(state.backend)
+        let state = unsafe { &*state };
+        let slot = state.backend;
+        if let Some(backend) = BACKENDS.get(slot)
             && backend.serves(state.generation)
         {
             count(Counter::ConntrackHit);
             return Ok(Choice::Backend(Chosen {
-                slot: state.backend,
-                backend: *backend,
+                slot,
+                backend,
                 new_flow: false,
                 service: state.service,
                 forward: state.forward,
@@ -127,7 +112,54 @@ fn choice(flow: &Flow) -> Result<Choice, Verdict> {
         // The backend was removed or its slot reused: pick again.
         stale = true;
     }
-    let service = service(key, filter, bit).ok_or(not_vip)?;
+    let mut picked = Picked(MaybeUninit::uninit());
+    let action = pick_new(flow, stale, &mut picked);
+    if action != PICKED {
+        return Ok(Choice::Done(action));
+    }
+    // SAFETY: pick_new wrote it.
+    let picked = unsafe { picked.0.assume_init_ref() };
+    let backend = BACKENDS
+        .get(picked.backend)
+        .ok_or(Verdict::Drop(Counter::DropBackendMissing))?;
+    Ok(Choice::Backend(Chosen {
+        slot: picked.backend,
+        backend,
+        new_flow: true,
+        service: picked.service,
+        forward: picked.forward,
+    }))
+}
+
+/// Room in the caller's frame for what `pick_new` picked. 8-aligned: LLVM merges neighbouring
+/// fields into 8-byte accesses, and the verifier refuses misaligned ones on the stack.
+#[repr(C, align(8))]
+struct Picked(MaybeUninit<FlowState>);
+
+/// A flow the connection table does not know (or a fragment): its service's Maglev table picks
+/// the backend, into `out`. Returns PICKED, or the counted XDP action.
+#[inline(never)]
+fn pick_new(flow: &Flow, stale: bool, out: &mut Picked) -> u32 {
+    let picked = if flow.kind == FlowKind::Fragment {
+        fragment(&flow.key)
+    } else {
+        service_pick(flow, stale)
+    };
+    match picked {
+        Ok(state) => {
+            out.0.write(state);
+            PICKED
+        }
+        Err(verdict) => finish(verdict),
+    }
+}
+
+#[inline(always)]
+fn service_pick(flow: &Flow, stale: bool) -> Result<FlowState, Verdict> {
+    let key = &flow.key;
+    let not_vip = Verdict::Pass(Counter::PassNotVip);
+    let filter = VIP_FILTER.get(0).ok_or(not_vip)?;
+    let service = service(key, filter, VipFilter::bit(&key.dst_addr)).ok_or(not_vip)?;
     count(if stale {
         Counter::ConntrackStale
     } else {
@@ -135,12 +167,12 @@ fn choice(flow: &Flow) -> Result<Choice, Verdict> {
     });
     // An ICMP error's quote must not create a connection-table entry: spoofed errors, each
     // quoting another tuple, would fill the table.
-    pick(key, &service, flow.kind != FlowKind::IcmpError).map(Choice::Backend)
+    pick(key, &service, flow.kind != FlowKind::IcmpError)
 }
 
 enum NatHit {
     Reply,
-    Request(Backend),
+    Request(&'static Backend),
     Gone,
 }
 
@@ -157,16 +189,23 @@ fn nat_backend(key: &FlowKey, entry: *mut NatEntry) -> NatHit {
     if let Some(b) = crate::nat::backend_of(e) {
         return NatHit::Request(b);
     }
+    forget(key, e);
+    NatHit::Gone
+}
+
+/// Removes both entries of a NAT connection. Out of line: the twin's key would take 40 bytes
+/// of the balancer's frame.
+#[inline(never)]
+fn forget(key: &FlowKey, e: &NatEntry) {
     let _ = NAT_FLOWS.remove(&e.twin_key(key.family, key.proto));
     let _ = NAT_FLOWS.remove(key);
-    NatHit::Gone
 }
 
 /// A fragment goes to the backend its (source, destination, protocol) hashes to in the table of
 /// the VIP's fragment service, if the VIP has one (`fragments = "hash"`); else to the kernel.
 /// Nothing is remembered: every fragment hashes the same way.
 #[inline(always)]
-fn fragment(key: &FlowKey) -> Result<Chosen, Verdict> {
+fn fragment(key: &FlowKey) -> Result<FlowState, Verdict> {
     let pass = Verdict::Pass(if key.family == FAMILY_V4 {
         Counter::PassIpv4Fragment
     } else {
@@ -195,7 +234,7 @@ fn service(key: &FlowKey, filter: &VipFilter, bit: usize) -> Option<ServiceValue
 
 /// A new (or re-picked) flow: hash into the service's Maglev table and (`remember`) pin it.
 #[inline(always)]
-fn pick(key: &FlowKey, service: &ServiceValue, remember: bool) -> Result<Chosen, Verdict> {
+fn pick(key: &FlowKey, service: &ServiceValue, remember: bool) -> Result<FlowState, Verdict> {
     let size = service.table_size;
     if size == 0 {
         return Err(Verdict::Drop(Counter::DropNoBackend));
@@ -209,7 +248,7 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: bool) -> Result<Chosen,
     let slot = *MAGLEV_POOL
         .get(index)
         .ok_or(Verdict::Drop(Counter::DropBackendMissing))?;
-    let backend = *BACKENDS
+    let backend = BACKENDS
         .get(slot)
         .ok_or(Verdict::Drop(Counter::DropBackendMissing))?;
     if !backend.is_active() {
@@ -225,11 +264,5 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: bool) -> Result<Chosen,
     if remember && service.forward < FWD_NAT && CONNTRACK.insert(key, state, 0).is_err() {
         count(Counter::ConntrackInsertFailed);
     }
-    Ok(Chosen {
-        slot,
-        backend,
-        new_flow: true,
-        service: service.id,
-        forward: service.forward,
-    })
+    Ok(state)
 }
