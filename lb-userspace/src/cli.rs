@@ -57,6 +57,13 @@ pub enum Command {
     Backend(BackendCmd),
     /// Show per-service and per-backend traffic and the global counters.
     Stats,
+    /// A live view refreshed every second: per backend packets/s, new flows/s, state, score,
+    /// weight, breaker, sorted by rate; drops/s by reason. `q` quits.
+    Top {
+        /// Print one frame (two samples a second apart) as plain text and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Show each backend's health: state, score and its inputs, last check, since when.
     Health {
         /// Only this service.
@@ -206,6 +213,15 @@ fn parse_score(text: &str) -> Result<f64, String> {
 pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
     let request = match &cli.command {
         Command::Daemon { .. } | Command::Detach | Command::BackendHost(_) => unreachable!("handled by main"),
+        Command::Top { once } => {
+            let socket = config::socket_path(&cli.run_dir, &cli.instance);
+            if *once {
+                print!("{}", crate::top::once(&socket)?);
+            } else {
+                crate::top::live(&socket)?;
+            }
+            return Ok(0);
+        }
         Command::Status => Request::Status,
         Command::Service(ServiceCmd::List) => Request::ListServices,
         Command::Service(ServiceCmd::Add(a)) => Request::AddService {

@@ -630,3 +630,56 @@ fn the_python_client_runs_the_seeds_usage_example() {
     );
     let _ = SocketAddr::from(([127, 0, 0, 1], 0));
 }
+
+#[test]
+fn top_once_prints_a_frame_sorted_by_rate() {
+    let a = start();
+    let target = SocketAddr::new(
+        std::net::IpAddr::V4(lb_tests::topology::VIP4),
+        lb_tests::topology::PORT,
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        let ns = std::fs::File::open(a.topo.client.path()).expect("netns");
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this thread only.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let s = lb_tests::client::udp_socket(target, Duration::from_millis(100)).expect("udp");
+            let mut buf = [0u8; 64];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = s.send(b"who");
+                let _ = s.recv(&mut buf);
+            }
+        })
+    };
+    let out = a.d.cli(&["top", "--once"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.join().expect("sender");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut lines = text.lines();
+    let header = lines.next().unwrap_or_default();
+    assert!(
+        header.starts_with("service") && header.contains("packets/s") && header.contains("breaker"),
+        "{header}"
+    );
+    let rows: Vec<Vec<&str>> = lines
+        .take_while(|l| !l.starts_with("drops/s"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 12, "4 services x 3 backends: {text}");
+    let rates: Vec<f64> = rows.iter().map(|r| r[2].parse().expect("a rate")).collect();
+    assert!(
+        rates.windows(2).all(|w| w[0] >= w[1]),
+        "sorted by rate: {rates:?}"
+    );
+    assert!(
+        rows[0][0] == "dns4" && rates[0] > 10.0,
+        "the UDP flow's backend leads: {text}"
+    );
+    assert!(rows.iter().all(|r| r[4] == "up"), "{text}");
+    assert!(text.lines().last().is_some_and(|l| l.starts_with("drops/s:")));
+}
