@@ -68,6 +68,19 @@ pub struct FlowState {
     pub backend: u32,
     pub generation: u32,
     pub service: u32,
-    pub forward: u32,
+    /// The service's forwarding mode (`FWD_*`).
+    pub forward: u16,
+    /// When the flow's SYN opened the entry, in units of 2^30 ns (about a second), wrapping:
+    /// a SYN that finds its own entry this fresh is the client's retransmit.
+    pub opened: u16,
+}
+
+/// A SYN that finds its flow's entry pinned to the same backend within this many units of
+/// `FlowState::opened` (about 3 s) is a retransmit: the backend did not answer the first one.
+pub const SYN_RETRANSMIT_WINDOW: u16 = 3;
+
+/// `opened`'s clock from a nanosecond time.
+pub const fn coarse_seconds(ns: u64) -> u16 {
+    (ns >> 30) as u16
 }
 const _: () = assert!(core::mem::size_of::<FlowState>() == 16);

@@ -7,8 +7,10 @@ pub struct TrafficStats {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// Client SYNs for a flow this backend was just given (backends only): passive health.
+    pub syn_retransmits: u64,
 }
-const _: () = assert!(core::mem::size_of::<TrafficStats>() == 24);
+const _: () = assert!(core::mem::size_of::<TrafficStats>() == 32);
 
 macro_rules! counters {
     ($($name:ident = $idx:expr, $label:expr;)*) => {

@@ -2,8 +2,11 @@
 
 use core::mem::MaybeUninit;
 
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+
 use lb_common::{
     Backend, Counter, FAMILY_V4, FlowKey, FlowState, NatEntry, ServiceKey, ServiceValue, VipFilter,
+    flow::{SYN_RETRANSMIT_WINDOW, coarse_seconds},
     hash::{flow_hash, source_hash},
     service::{FWD_NAT, SVC_F_HASH_SOURCE},
 };
@@ -106,7 +109,7 @@ fn choice(flow: &Flow) -> Result<Choice, Verdict> {
                 backend,
                 new_flow: false,
                 service: state.service,
-                forward: state.forward,
+                forward: u32::from(state.forward),
             }));
         }
         // The backend was removed or its slot reused: pick again.
@@ -127,7 +130,7 @@ fn choice(flow: &Flow) -> Result<Choice, Verdict> {
         backend,
         new_flow: true,
         service: picked.service,
-        forward: picked.forward,
+        forward: u32::from(picked.forward),
     }))
 }
 
@@ -167,7 +170,22 @@ fn service_pick(flow: &Flow, stale: bool) -> Result<FlowState, Verdict> {
     });
     // An ICMP error's quote must not create a connection-table entry: spoofed errors, each
     // quoting another tuple, would fill the table.
-    pick(key, &service, flow.kind != FlowKind::IcmpError)
+    let remember = if flow.kind == FlowKind::IcmpError {
+        Remember::No
+    } else if flow.kind == (FlowKind::Transport { syn: true }) {
+        Remember::Syn
+    } else {
+        Remember::Yes
+    };
+    pick(key, &service, remember)
+}
+
+/// Whether `pick` pins the flow, and whether it is a SYN (which may be a retransmit).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Remember {
+    No,
+    Yes,
+    Syn,
 }
 
 enum NatHit {
@@ -215,7 +233,7 @@ fn fragment(key: &FlowKey) -> Result<FlowState, Verdict> {
     // SAFETY: the map is not preallocated, so a value we read is never recycled under us.
     let service = unsafe { FRAGMENT_SERVICES.get(skey) }.copied().ok_or(pass)?;
     count(Counter::FragmentForwarded);
-    pick(key, &service, false)
+    pick(key, &service, Remember::No)
 }
 
 #[inline(always)]
@@ -234,7 +252,7 @@ fn service(key: &FlowKey, filter: &VipFilter, bit: usize) -> Option<ServiceValue
 
 /// A new (or re-picked) flow: hash into the service's Maglev table and (`remember`) pin it.
 #[inline(always)]
-fn pick(key: &FlowKey, service: &ServiceValue, remember: bool) -> Result<FlowState, Verdict> {
+fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<FlowState, Verdict> {
     let size = service.table_size;
     if size == 0 {
         return Err(Verdict::Drop(Counter::DropNoBackend));
@@ -254,14 +272,39 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: bool) -> Result<FlowSta
     if !backend.is_active() {
         return Err(Verdict::Drop(Counter::DropBackendMissing));
     }
+    // SAFETY: a helper without arguments.
+    let now = coarse_seconds(unsafe { bpf_ktime_get_ns() });
     let state = FlowState {
         backend: slot,
         generation: backend.generation,
         service: service.id,
-        forward: service.forward,
+        forward: service.forward as u16,
+        opened: now,
     };
     // NAT connections are pinned by their NAT entries instead.
-    if remember && service.forward < FWD_NAT && CONNTRACK.insert(key, state, 0).is_err() {
+    if remember == Remember::No || service.forward >= FWD_NAT {
+        return Ok(state);
+    }
+    // A SYN inserts only where there is no entry, so the common case costs one insert; one
+    // that finds a fresh entry of its own backend is the client retrying: counted for passive
+    // health, and the entry (and its age) stays.
+    if remember == Remember::Syn && CONNTRACK.insert(key, state, BPF_NOEXIST as u64).is_ok() {
+        return Ok(state);
+    }
+    if remember == Remember::Syn
+        && let Some(old) = CONNTRACK.get_ptr(key)
+    {
+        // SAFETY: a pointer from a successful lookup; plain data.
+        let old = unsafe { &*old };
+        if old.backend == slot
+            && old.generation == state.generation
+            && now.wrapping_sub(old.opened) <= SYN_RETRANSMIT_WINDOW
+        {
+            crate::stats::syn_retransmit(slot);
+            return Ok(state);
+        }
+    }
+    if CONNTRACK.insert(key, state, 0).is_err() {
         count(Counter::ConntrackInsertFailed);
     }
     Ok(state)

@@ -35,6 +35,15 @@ pub fn traffic(service: u32, backend: u32, bytes: u64, new_flow: bool) {
     }
 }
 
+/// A client's SYN retransmit to a backend's flow.
+#[inline(always)]
+pub fn syn_retransmit(backend: u32) {
+    if let Some(b) = BACKEND_STATS.get_ptr_mut(backend) {
+        // SAFETY: per-CPU slot.
+        unsafe { (*b).syn_retransmits += 1 };
+    }
+}
+
 /// Counts the verdict and turns it into the XDP action.
 ///
 /// The per-mode paths (echo, encapsulation, NAT) are stages: BPF-to-BPF calls, so their frames

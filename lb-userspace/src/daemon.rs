@@ -137,6 +137,10 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         board.clone(),
         MAX_CONCURRENT_CHECKS,
         Some(histograms.check.clone()),
+        Some(monitor::PassiveSource {
+            readers: readers.clone(),
+            snapshot: handles.snapshot.clone(),
+        }),
     ));
     let refresher = tokio::spawn(hops::refresh(
         resolver,

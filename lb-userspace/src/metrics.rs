@@ -236,7 +236,21 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         MetricType::GAUGE,
         &["version"],
     ),
+    (
+        "lb_backend_syn_retransmits_total",
+        "Client SYN retransmits for flows just pinned to a backend (passive health's signal).",
+        MetricType::COUNTER,
+        &["service", "backend"],
+    ),
+    (
+        "lb_health_passive_failures_total",
+        "Failures passive health recorded for a backend.",
+        MetricType::COUNTER,
+        &["service", "backend"],
+    ),
 ];
+/// `families` names each family by its index in FAMILIES.
+const _: () = assert!(FAMILIES.len() == 28);
 
 /// One family being filled: samples are appended in order, with no per-sample lookup.
 struct Family {
@@ -335,7 +349,9 @@ impl DataPlaneCollector {
             conntrack_capacity,
             conntrack_entries,
             build_info,
-        ]: [usize; 26] = std::array::from_fn(|i| i);
+            backend_syn_retransmits,
+            passive_failures,
+        ]: [usize; 28] = std::array::from_fn(|i| i);
         let board = s.board.read().unwrap_or_else(|p| p.into_inner());
         let default = crate::status::BackendStatus::default();
         // In label order, so the registry's sort of each family finds it sorted already.
@@ -368,6 +384,7 @@ impl DataPlaneCollector {
                     f[backend_packets].add(&labels, t.packets as f64);
                     f[backend_bytes].add(&labels, t.bytes as f64);
                     f[backend_new_flows].add(&labels, t.new_flows as f64);
+                    f[backend_syn_retransmits].add(&labels, t.syn_retransmits as f64);
                 }
                 let key = BackendRef::new(&svc.name, &b.id);
                 let st = snap.status.get(&key).unwrap_or(&default);
@@ -379,6 +396,7 @@ impl DataPlaneCollector {
                     .map_or(0, |e| e.weight);
                 f[backend_effective_weight].add(&labels, f64::from(effective));
                 if let Some(c) = board.checks.get(&key) {
+                    f[passive_failures].add(&labels, c.passive_failures as f64);
                     f[checks].add(&[name, id, "passed"], (c.checks - c.failed) as f64);
                     f[checks].add(&[name, id, "failed"], c.failed as f64);
                     if c.breaker.is_some() {

@@ -572,10 +572,11 @@ fn the_breaker_opens_half_opens_and_closes_as_configured() {
         &d,
         || {
             let h = health_of(&d, "web4", "b1");
-            if h["check"]["breaker"] == "half-open" {
+            // The backend's breaker and weight as the tables have them, from one snapshot.
+            if h["breaker"] == "half-open" {
                 half_open_weights.push(h["effective_weight"].as_u64().unwrap_or(0));
             }
-            h["check"]["breaker"] == "closed"
+            h["breaker"] == "closed"
         },
     );
     assert!(!half_open_weights.is_empty(), "half-open was seen");
@@ -588,5 +589,89 @@ fn the_breaker_opens_half_opens_and_closes_as_configured() {
         "full weight once the window is clean",
         &d,
         || health_of(&d, "web4", "b1")["effective_weight"] == 100,
+    );
+}
+
+#[test]
+fn with_the_default_checks_passive_signals_take_a_blackholed_backend_out_within_three_seconds() {
+    let topo = Topology::new(3).expect("topology");
+    let all = ["b1", "b2", "b3"];
+    let _health = responders(&topo, &all, Reply::Http(200, "ok".into()), None);
+    // The seed's defaults: a 5 s interval, 1 s timeout, 3 failures; passive health on.
+    let d = start(&topo, &all, "kind = \"tcp\"\n", "");
+    // Clients opening a connection every 5 ms whatever became of the earlier ones (open loop,
+    // as independent clients do), each waiting up to 2.5 s: SYN retransmits come after 1 s.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let target = SocketAddr::new(IpAddr::V4(VIP4), PORT);
+    let clients: Vec<_> = {
+        let (stop, done) = (stop.clone(), done.clone());
+        let ns = std::fs::File::open(topo.client.path()).expect("netns");
+        vec![std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this thread only; the runtime's threads start from it.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(5));
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    tick.tick().await;
+                    let done = done.clone();
+                    tokio::spawn(async move {
+                        let attempt = tokio::time::timeout(
+                            Duration::from_millis(2500),
+                            tokio::net::TcpStream::connect(target),
+                        );
+                        if let Ok(Ok(_)) = attempt.await {
+                            done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    });
+                }
+            });
+        })]
+    };
+    assert!(wait_until(Duration::from_secs(10), || done
+        .load(std::sync::atomic::Ordering::Relaxed)
+        > 300));
+    let pulled = Instant::now();
+    topo.backend("b3")
+        .ns
+        .sh("ip link set eth0 down")
+        .expect("link down");
+    let ok = wait_until(Duration::from_secs(10), || slots(&d)["web4"]["b3"] == 0);
+    let took = pulled.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        let _ = c.join();
+    }
+    let h = health_of(&d, "web4", "b3");
+    assert!(ok, "b3 stayed in: {h}\n{}", d.log());
+    println!(
+        "blackhole, default checks: out {} ms after the link went down; {} passive failures, {} active checks",
+        took.as_millis(),
+        h["check"]["passive_failures"],
+        h["check"]["checks"]
+    );
+    assert_eq!(h["state"], "down", "health took it out: {h}");
+    assert!(
+        h["check"]["passive_failures"].as_u64() >= Some(2),
+        "passive signals counted: {h}"
+    );
+    assert!(took <= Duration::from_secs(3), "took {took:?}: {h}");
+    let m = lb_tests::client::http_get(&topo.lb, "127.0.0.1:9464".parse().unwrap(), "/metrics", None)
+        .expect("scrape")
+        .1;
+    assert!(
+        m.lines().any(
+            |l| l.starts_with("lb_backend_syn_retransmits_total{service=\"web4\",backend=\"b3\"}")
+                && !l.ends_with(" 0")
+        ),
+        "the retransmits are exported: {:?}",
+        m.lines()
+            .filter(|l| l.contains("syn_retransmits"))
+            .collect::<Vec<_>>()
     );
 }

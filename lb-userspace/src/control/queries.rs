@@ -116,7 +116,7 @@ impl Queries<'_> {
                         "kind": v.kind, "target": v.target, "checks": v.checks, "failed": v.failed,
                         "consecutive_ok": v.consecutive_ok, "consecutive_failed": v.consecutive_failed,
                         "last": v.last.as_ref().map(|o| json!({"ok": o.ok, "latency_ms": o.latency.as_secs_f64() * 1000.0, "detail": o.detail})),
-                        "since_ms": v.since_ms, "reason": v.reason, "breaker": v.breaker,
+                        "since_ms": v.since_ms, "reason": v.reason, "breaker": v.breaker, "passive_failures": v.passive_failures,
                     })
                 });
                 let external = st.external.map(|x| {
@@ -131,6 +131,8 @@ impl Queries<'_> {
                     "slow_start_factor": st.ramp(now),
                     "weight": b.weight,
                     "effective_weight": e.weight,
+                    // As the tables have it (the check's own view may be a pass ahead).
+                    "breaker": st.breaker,
                     "serves_pinned_flows": e.active,
                     "check": check,
                     "agent": agent,

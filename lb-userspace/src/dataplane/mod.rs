@@ -166,6 +166,7 @@ fn sum_traffic(values: PerCpuValues<TrafficStats>) -> Result<TrafficStats> {
             packets: acc.packets + v.packets,
             bytes: acc.bytes + v.bytes,
             new_flows: acc.new_flows + v.new_flows,
+            syn_retransmits: acc.syn_retransmits + v.syn_retransmits,
         }))
 }
 

@@ -45,6 +45,8 @@ pub struct CheckView {
     pub failed: u64,
     /// `None`: no breaker configured.
     pub breaker: Option<BreakerState>,
+    /// Failures the passive signals (client SYN retransmits) have recorded.
+    pub passive_failures: u64,
 }
 
 /// What `lb health` shows of one backend's agent.
@@ -92,7 +94,15 @@ struct Target {
     tracker: Tracker,
     breaker: Breaker,
     agent: AgentState,
+    /// The backend's (new flows, SYN retransmits) at the last passive looks, oldest first.
+    passive: std::collections::VecDeque<(u64, u64)>,
     task: JoinHandle<()>,
+}
+
+/// Where passive signals come from: the backends' per-CPU counters, by slot.
+pub struct PassiveSource {
+    pub readers: Arc<crate::dataplane::Readers>,
+    pub snapshot: watch::Receiver<Arc<crate::reconcile::Snapshot>>,
 }
 
 struct Result {
@@ -145,8 +155,11 @@ pub async fn run(
     board: Board,
     max_concurrent: usize,
     durations: Option<prometheus::HistogramVec>,
+    passive: Option<PassiveSource>,
 ) {
     let permits = Arc::new(Semaphore::new(max_concurrent.max(1)));
+    let mut passive_tick = tokio::time::interval(super::passive::INTERVAL);
+    passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (results_tx, mut results) = mpsc::channel::<Result>(4096);
     let mut live: BTreeMap<(BackendRef, Role), Target> = BTreeMap::new();
     let mut generation = 0u64;
@@ -191,6 +204,7 @@ pub async fn run(
                                 checks: 0,
                                 failed: 0,
                                 breaker: spec.breaker.map(|_| BreakerState::Closed),
+                                passive_failures: 0,
                             },
                         );
                     }
@@ -223,6 +237,7 @@ pub async fn run(
                         tracker: Tracker::default(),
                         breaker: Breaker::default(),
                         agent: AgentState::default(),
+                        passive: Default::default(),
                         task,
                     },
                 );
@@ -235,6 +250,32 @@ pub async fn run(
                 }
                 sync = true;
             }
+            _ = passive_tick.tick(), if passive.is_some() => {
+                let Some(source) = &passive else { continue };
+                let snap = source.snapshot.borrow().clone();
+                let mut commands = Vec::new();
+                for ((backend, role), t) in live.iter_mut() {
+                    let (Role::Check, Job::Check(spec)) = (role, &t.job) else { continue };
+                    let Some(p) = spec.passive else { continue };
+                    let Some(slot) = snap.assignments.backends.get(&crate::reconcile::plan::backend_key(&backend.service, &backend.id)) else { continue };
+                    let Ok(traffic) = source.readers.backend_traffic(slot.slot) else { continue };
+                    let now = (traffic.new_flows, traffic.syn_retransmits);
+                    let before = if t.passive.len() >= super::passive::WINDOW { t.passive.pop_front() } else { t.passive.front().copied() };
+                    t.passive.push_back(now);
+                    let Some(outcome) = before.and_then(|b| super::passive::evaluate(b, now, &p)) else { continue };
+                    if let Some(v) = board.write().unwrap_or_else(|p| p.into_inner()).checks.get_mut(backend) {
+                        v.passive_failures += 1;
+                    }
+                    let spec = spec.clone();
+                    let (command, _) = take_outcome(t, &spec, backend, &outcome, &board);
+                    commands.extend(command);
+                }
+                for command in commands {
+                    if writer.send(command).await.is_err() {
+                        return;
+                    }
+                }
+            }
             Some(r) = results.recv() => {
                 let Some(t) = live.get_mut(&r.key).filter(|t| t.generation == r.generation) else {
                     continue;
@@ -246,48 +287,10 @@ pub async fn run(
                             h.with_label_values(&[backend.service.as_str(), kind_name(&spec.probe)])
                                 .observe(outcome.latency.as_secs_f64());
                         }
-                        let mut change = t.tracker.record(&outcome, spec);
-                        let mut tripped = false;
-                        if let Some(b) = &spec.breaker {
-                            let now = std::time::Instant::now();
-                            if let Some(state) = t.breaker.tick(b, now) {
-                                info!("backend {backend}: circuit breaker {state:?} after its cooldown");
-                                tripped = true;
-                            }
-                            if let Some(state) = t.breaker.record(outcome.ok, b, now) {
-                                warn!("backend {backend}: circuit breaker {state:?} after: {}", outcome.detail);
-                                tripped = true;
-                            }
-                        }
-                        if tripped {
-                            change.get_or_insert(super::tracker::Change {
-                                state: t.tracker.state(),
-                                score: t.tracker.score(),
-                                transition: None,
-                            });
-                        }
-                        let unsettled = t.tracker.unsettled() || t.breaker.state() != BreakerState::Closed;
+                        let spec = spec.clone();
+                        let (command, unsettled) = take_outcome(t, &spec, &backend, &outcome, &board);
                         let _ = r.ack.send(unsettled);
-                        record_check(&board, &backend, &t.tracker, &outcome, change.as_ref().and_then(|c| c.transition.clone()));
-                        if let Some(v) = board.write().unwrap_or_else(|p| p.into_inner()).checks.get_mut(&backend) {
-                            v.breaker = spec.breaker.map(|_| t.breaker.state());
-                        }
-                        change.map(|change| {
-                            if let Some(reason) = &change.transition {
-                                match change.state {
-                                    State::Down => warn!("backend {backend} is down: {} check of {}: {reason}", kind_name(&spec.probe), spec.target),
-                                    State::Up => info!("backend {backend} is up: {} check of {}: {reason}", kind_name(&spec.probe), spec.target),
-                                }
-                            }
-                            Command::Health(HealthUpdate {
-                                backend: backend.clone(),
-                                state: change.state,
-                                score: change.score,
-                                slow_start: spec.slow_start,
-                                breaker: t.breaker.state(),
-                                half_open_share: spec.breaker.map_or(1.0, |b| b.half_open_share),
-                            })
-                        })
+                        command
                     }
                     (Observed::Agent(answer), Job::Agent(spec)) => {
                         let _ = r.ack.send(false);
@@ -339,6 +342,81 @@ pub async fn run(
     for t in live.values() {
         t.task.abort();
     }
+}
+
+/// One result (an active check's, or a passive failure) through the tracker and the breaker:
+/// what the reconciler must hear, and whether the backend is between states.
+fn take_outcome(
+    t: &mut Target,
+    spec: &CheckSpec,
+    backend: &BackendRef,
+    outcome: &Outcome,
+    board: &Board,
+) -> (Option<Command>, bool) {
+    let mut change = t.tracker.record(outcome, spec);
+    let mut tripped = false;
+    if let Some(b) = &spec.breaker {
+        let now = std::time::Instant::now();
+        if let Some(state) = t.breaker.tick(b, now) {
+            info!("backend {backend}: circuit breaker {state:?} after its cooldown");
+            tripped = true;
+        }
+        if let Some(state) = t.breaker.record(outcome.ok, b, now) {
+            warn!(
+                "backend {backend}: circuit breaker {state:?} after: {}",
+                outcome.detail
+            );
+            tripped = true;
+        }
+    }
+    if tripped {
+        change.get_or_insert(super::tracker::Change {
+            state: t.tracker.state(),
+            score: t.tracker.score(),
+            transition: None,
+        });
+    }
+    let unsettled = t.tracker.unsettled() || t.breaker.state() != BreakerState::Closed;
+    record_check(
+        board,
+        backend,
+        &t.tracker,
+        outcome,
+        change.as_ref().and_then(|c| c.transition.clone()),
+    );
+    if let Some(v) = board
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .checks
+        .get_mut(backend)
+    {
+        v.breaker = spec.breaker.map(|_| t.breaker.state());
+    }
+    let command = change.map(|change| {
+        if let Some(reason) = &change.transition {
+            match change.state {
+                State::Down => warn!(
+                    "backend {backend} is down: {} check of {}: {reason}",
+                    kind_name(&spec.probe),
+                    spec.target
+                ),
+                State::Up => info!(
+                    "backend {backend} is up: {} check of {}: {reason}",
+                    kind_name(&spec.probe),
+                    spec.target
+                ),
+            }
+        }
+        Command::Health(HealthUpdate {
+            backend: backend.clone(),
+            state: change.state,
+            score: change.score,
+            slow_start: spec.slow_start,
+            breaker: t.breaker.state(),
+            half_open_share: spec.breaker.map_or(1.0, |b| b.half_open_share),
+        })
+    });
+    (command, unsettled)
 }
 
 fn record_check(

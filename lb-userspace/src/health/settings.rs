@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use super::breaker::BreakerSpec;
+use super::{breaker::BreakerSpec, passive::PassiveSpec};
 use crate::model::{Backend, Protocol, Service};
 
 /// What the checks probe.
@@ -80,6 +80,12 @@ pub struct HealthSettings {
     pub breaker_failures: Option<u32>,
     pub breaker_cooldown: Option<f64>,
     pub half_open_share: Option<f64>,
+    /// Passive health (TCP services): client SYN retransmits count as failures. On by default.
+    pub passive: Option<bool>,
+    /// Retransmits per first SYN in an interval (0.5 s) that make one failure.
+    pub passive_threshold: Option<f64>,
+    /// First SYNs an interval needs to be judged.
+    pub passive_min_samples: Option<u32>,
     /// A score below this takes a backend down.
     pub min_score: Option<f64>,
     pub down_flows: Option<DownFlows>,
@@ -133,6 +139,7 @@ pub struct CheckSpec {
     pub min_score: f64,
     pub slow_start: Duration,
     pub breaker: Option<BreakerSpec>,
+    pub passive: Option<PassiveSpec>,
 }
 
 /// One backend's agent check.
@@ -372,6 +379,27 @@ fn resolve_check(service: &Service, backend: &Backend) -> Result<Option<CheckSpe
             })
         }
     };
+    let passive = if pick(s, b, |h| &h.passive) != Some(false) && service.protocol == Protocol::Tcp {
+        let threshold = pick(s, b, |h| &h.passive_threshold).unwrap_or(super::passive::DEFAULT_THRESHOLD);
+        let min_samples =
+            pick(s, b, |h| &h.passive_min_samples).unwrap_or(super::passive::DEFAULT_MIN_SAMPLES);
+        if !threshold.is_finite() || !(0.01..=100.0).contains(&threshold) {
+            return Err(format!(
+                "health passive_threshold {threshold} is out of range 0.01..=100"
+            ));
+        }
+        if !(1..=1_000_000).contains(&min_samples) {
+            return Err(format!(
+                "health passive_min_samples {min_samples} is out of range 1..=1000000"
+            ));
+        }
+        Some(PassiveSpec {
+            threshold,
+            min_samples,
+        })
+    } else {
+        None
+    };
     let port = pick(s, b, |h| &h.port).unwrap_or_else(|| backend.port(service));
     if port == 0 {
         return Err(format!(
@@ -391,6 +419,7 @@ fn resolve_check(service: &Service, backend: &Backend) -> Result<Option<CheckSpe
         min_score,
         slow_start: secs(slow_start),
         breaker,
+        passive,
     }))
 }
 

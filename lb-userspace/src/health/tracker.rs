@@ -199,6 +199,7 @@ mod tests {
             recovery_threshold: recoveries,
             min_score: 0.1,
             breaker: None,
+            passive: None,
             slow_start: Duration::ZERO,
         }
     }

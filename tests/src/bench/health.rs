@@ -276,6 +276,7 @@ fn checks_per_second(window_s: f64) -> Result<ChecksResult> {
             board.clone(),
             1024,
             Some(durations),
+            None,
         ));
         let checks = |board: &monitor::Board| -> (u64, u64) {
             let v = board.read().expect("board");

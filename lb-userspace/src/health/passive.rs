@@ -1,0 +1,75 @@
+//! Passive health from the data plane. DSR, IPIP and GUE see only the client's direction, but a
+//! client's SYN for a flow just pinned to a backend is a retransmit: the backend did not
+//! answer. The data plane counts those per backend; every [`INTERVAL`] the monitor compares
+//! them with the backend's new flows over the last [`WINDOW`] readings (a sliding window of
+//! 500 ms), and a share of retransmits over `passive_threshold`, with at least
+//! `passive_min_samples` SYNs, is one failure for the backend's tracker and breaker, as a
+//! failed check would be. With `error_threshold = 3`, a blackholed backend is out about 0.5 s
+//! after its clients' first retransmits (1 s after their first unanswered SYNs).
+
+use std::time::Duration;
+
+use super::tracker::Outcome;
+
+/// How often the counters are compared.
+pub const INTERVAL: Duration = Duration::from_millis(250);
+/// Readings the window spans: the interval judged is `WINDOW × INTERVAL`.
+pub const WINDOW: usize = 2;
+pub const DEFAULT_THRESHOLD: f64 = 0.3;
+pub const DEFAULT_MIN_SAMPLES: u32 = 5;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PassiveSpec {
+    /// Retransmits per first SYN that make a failure.
+    pub threshold: f64,
+    /// First SYNs needed in an interval to judge it.
+    pub min_samples: u32,
+}
+
+/// A failure if the interval between two readings of (new flows, SYN retransmits) crosses the
+/// threshold. New flows count retransmits too (each SYN is picked), so the first SYNs are
+/// their difference.
+pub fn evaluate(before: (u64, u64), now: (u64, u64), spec: &PassiveSpec) -> Option<Outcome> {
+    let syns = now.0.saturating_sub(before.0);
+    let retransmits = now.1.saturating_sub(before.1).min(syns);
+    let first = syns - retransmits;
+    if first < u64::from(spec.min_samples) && retransmits < u64::from(spec.min_samples) {
+        return None;
+    }
+    let ratio = retransmits as f64 / first.max(1) as f64;
+    (ratio > spec.threshold).then(|| Outcome {
+        ok: false,
+        latency: Duration::ZERO,
+        detail: format!(
+            "passive: {retransmits} client SYN retransmits to {first} new flows in {} ms",
+            INTERVAL.as_millis() * WINDOW as u128
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retransmits_over_the_threshold_with_enough_samples_are_a_failure() {
+        let spec = PassiveSpec {
+            threshold: 0.3,
+            min_samples: 5,
+        };
+        assert!(evaluate((100, 0), (120, 0), &spec).is_none(), "no retransmits");
+        assert!(evaluate((100, 0), (120, 4), &spec).is_none(), "4 to 16: 0.25");
+        assert!(evaluate((100, 0), (120, 5), &spec).is_some(), "5 to 15: 0.33");
+        let f = evaluate((100, 0), (120, 10), &spec).expect("10 retransmits to 10 first SYNs");
+        assert!(
+            f.detail.contains("10 client SYN retransmits to 10 new flows"),
+            "{}",
+            f.detail
+        );
+        assert!(evaluate((100, 0), (103, 1), &spec).is_none(), "too few samples");
+        assert!(
+            evaluate((100, 0), (106, 6), &spec).is_some(),
+            "a blackhole: every SYN a retransmit"
+        );
+    }
+}
