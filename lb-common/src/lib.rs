@@ -12,6 +12,7 @@ pub mod hash;
 pub mod maps;
 pub mod nat;
 pub mod service;
+pub mod shed;
 pub mod stats;
 
 pub use backend::Backend;
@@ -90,6 +91,7 @@ mod pod {
     unsafe impl aya::Pod for crate::ServiceValue {}
     unsafe impl aya::Pod for crate::Backend {}
     unsafe impl aya::Pod for crate::TrafficStats {}
+    unsafe impl aya::Pod for crate::shed::ShedBucket {}
     unsafe impl aya::Pod for crate::VipFilter {}
     unsafe impl aya::Pod for crate::dpconfig::DataPlaneConfig {}
     unsafe impl aya::Pod for crate::AddrKey {}

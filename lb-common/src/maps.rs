@@ -27,6 +27,9 @@ pub const BACKEND_STATS: &str = "BACKEND_STATS";
 /// Per-CPU global counters, indexed by `Counter`.
 pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
 
+/// New-flow limits: `ShedBucket` by backend slot, then by `MAX_BACKENDS + service id`.
+pub const SHED: &str = "SHED";
+
 /// `DataPlaneConfig` at index 0.
 pub const DP_CONFIG: &str = "DP_CONFIG";
 
@@ -34,7 +37,8 @@ pub const DP_CONFIG: &str = "DP_CONFIG";
 pub const NEXT_HOPS: &str = "NEXT_HOPS";
 
 /// Every map that is pinned under `/sys/fs/bpf/<instance>/maps/`.
-pub const PINNED: [&str; 13] = [
+pub const PINNED: [&str; 14] = [
+    SHED,
     SERVICES,
     FRAGMENT_SERVICES,
     VIP_ADDRS,

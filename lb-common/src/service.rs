@@ -36,6 +36,10 @@ impl ServiceKey {
 
 /// Hash only the source address (client affinity) instead of the 5-tuple.
 pub const SVC_F_HASH_SOURCE: u32 = 1;
+/// A new flow over its backend's limit is dropped, not spilled to the next candidate.
+pub const SVC_F_SHED_DROP: u32 = 2;
+/// Some backend of the service (or the service) has a new-flow limit: check the buckets.
+pub const SVC_F_SHED: u32 = 4;
 
 /// Forwarding modes; the value selects the forwarding seam.
 /// L2 direct server return: rewrite MACs only; backends share the balancer's segment.

@@ -86,8 +86,12 @@ counters! {
     DropNatTableFull = 33, "drop_nat_table_full";
     // NAT: the same tuple belongs to another connection (two VIPs sharing a backend, same client port).
     DropNatCollision = 34, "drop_nat_collision";
+    // Shedding: a new flow over its backend's max_new_flows_per_s, sent to the next candidate.
+    ShedSpilled = 35, "shed_spilled";
+    // Shedding: a new flow over its service's or backend's limit, dropped (the client retries).
+    DropShed = 36, "drop_shed";
 }
 
 /// Size of the global counter map.
 pub const COUNTER_SLOTS: u32 = 48;
-const _: () = assert!((Counter::DropNatCollision as u32) < COUNTER_SLOTS);
+const _: () = assert!((Counter::DropShed as u32) < COUNTER_SLOTS);

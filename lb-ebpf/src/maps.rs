@@ -13,6 +13,7 @@ use lb_common::{
         DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, MAX_SERVICES,
         MAX_TX_PORTS,
     },
+    shed::ShedBucket,
     stats::COUNTER_SLOTS,
 };
 
@@ -79,6 +80,10 @@ pub static SERVICE_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_SE
 
 #[map]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// New-flow limits (see `lb_common::shed`).
+#[map]
+pub static SHED: Array<ShedBucket> = Array::pinned(MAX_BACKENDS + MAX_SERVICES, 0);
 
 #[map]
 pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);

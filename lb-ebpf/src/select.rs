@@ -5,15 +5,17 @@ use core::mem::MaybeUninit;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 
 use lb_common::{
-    Backend, Counter, FAMILY_V4, FlowKey, FlowState, NatEntry, ServiceKey, ServiceValue, VipFilter,
+    Backend, Counter, FAMILY_V4, FlowKey, FlowState, NatEntry, PROTO_UDP, ServiceKey, ServiceValue,
+    VipFilter,
     flow::{SYN_RETRANSMIT_WINDOW, coarse_seconds},
     hash::{flow_hash, source_hash},
-    service::{FWD_NAT, SVC_F_HASH_SOURCE},
+    service::{FWD_NAT, SVC_F_HASH_SOURCE, SVC_F_SHED, SVC_F_SHED_DROP},
+    shed::service_bucket,
 };
 use lb_ebpf::{Flow, FlowKind, Verdict};
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, FRAGMENT_SERVICES, MAGLEV_POOL, NAT_FLOWS, SERVICES, VIP_FILTER},
+    maps::{BACKENDS, CONNTRACK, FRAGMENT_SERVICES, MAGLEV_POOL, NAT_FLOWS, SERVICES, SHED, VIP_FILTER},
     stats::{count, finish},
 };
 
@@ -250,7 +252,8 @@ fn service(key: &FlowKey, filter: &VipFilter, bit: usize) -> Option<ServiceValue
     unsafe { SERVICES.get(skey) }.copied()
 }
 
-/// A new (or re-picked) flow: hash into the service's Maglev table and (`remember`) pin it.
+/// A new (or re-picked) flow: hash into the service's Maglev table, shed it if a limit says
+/// so, and (`remember`) pin it.
 #[inline(always)]
 fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<FlowState, Verdict> {
     let size = service.table_size;
@@ -262,18 +265,62 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
     } else {
         flow_hash(key)
     };
-    let index = service.table_offset + hash % size;
-    let slot = *MAGLEV_POOL
-        .get(index)
+    let index = hash % size;
+    let mut slot = *MAGLEV_POOL
+        .get(service.table_offset + index)
         .ok_or(Verdict::Drop(Counter::DropBackendMissing))?;
-    let backend = BACKENDS
+    let mut backend = BACKENDS
         .get(slot)
         .ok_or(Verdict::Drop(Counter::DropBackendMissing))?;
     if !backend.is_active() {
         return Err(Verdict::Drop(Counter::DropBackendMissing));
     }
     // SAFETY: a helper without arguments.
-    let now = coarse_seconds(unsafe { bpf_ktime_get_ns() });
+    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let now = coarse_seconds(now_ns);
+    // A new flow, as shedding counts them: a SYN, or a UDP flow's first datagram. A TCP
+    // segment of an unknown flow is an established connection that lost its entry: never shed.
+    let new_flow = remember == Remember::Syn || (remember == Remember::Yes && key.proto == PROTO_UDP);
+    if new_flow && service.flags & SVC_F_SHED != 0 {
+        if remember == Remember::Syn && retransmit(key, slot, backend.generation, now) {
+            return Ok(FlowState {
+                backend: slot,
+                generation: backend.generation,
+                service: service.id,
+                forward: service.forward as u16,
+                opened: now,
+            });
+        }
+        if !take(service_bucket(service.id), now_ns) {
+            return Err(Verdict::Drop(Counter::DropShed));
+        }
+        if !take(slot, now_ns) {
+            if service.flags & SVC_F_SHED_DROP != 0 {
+                return Err(Verdict::Drop(Counter::DropShed));
+            }
+            // Spill to the next candidates of the table, as Maglev's own order has them.
+            let mut spilled = None;
+            for step in 1..=SPILL_TRIES {
+                let Some(&other) = MAGLEV_POOL.get(service.table_offset + (index + step) % size) else {
+                    break;
+                };
+                if other == slot {
+                    continue;
+                }
+                if let Some(b) = BACKENDS.get(other)
+                    && b.is_active()
+                    && take(other, now_ns)
+                {
+                    spilled = Some((other, b));
+                    break;
+                }
+            }
+            let (other, b) = spilled.ok_or(Verdict::Drop(Counter::DropShed))?;
+            count(Counter::ShedSpilled);
+            slot = other;
+            backend = b;
+        }
+    }
     let state = FlowState {
         backend: slot,
         generation: backend.generation,
@@ -291,21 +338,56 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
     if remember == Remember::Syn && CONNTRACK.insert(key, state, BPF_NOEXIST as u64).is_ok() {
         return Ok(state);
     }
-    if remember == Remember::Syn
-        && let Some(old) = CONNTRACK.get_ptr(key)
-    {
-        // SAFETY: a pointer from a successful lookup; plain data.
-        let old = unsafe { &*old };
-        if old.backend == slot
-            && old.generation == state.generation
-            && now.wrapping_sub(old.opened) <= SYN_RETRANSMIT_WINDOW
-        {
-            crate::stats::syn_retransmit(slot);
-            return Ok(state);
-        }
+    if remember == Remember::Syn && retransmit(key, slot, state.generation, now) {
+        return Ok(state);
     }
     if CONNTRACK.insert(key, state, 0).is_err() {
         count(Counter::ConntrackInsertFailed);
     }
     Ok(state)
+}
+
+/// Candidates after the first that a shed flow may spill to.
+const SPILL_TRIES: u32 = 3;
+
+/// Whether a SYN's flow is pinned, freshly, to this backend: the client's retransmit (counted
+/// for passive health).
+#[inline(always)]
+fn retransmit(key: &FlowKey, slot: u32, generation: u32, now: u16) -> bool {
+    let Some(old) = CONNTRACK.get_ptr(key) else {
+        return false;
+    };
+    // SAFETY: a pointer from a successful lookup; plain data.
+    let old = unsafe { &*old };
+    let fresh = old.backend == slot
+        && old.generation == generation
+        && now.wrapping_sub(old.opened) <= SYN_RETRANSMIT_WINDOW;
+    if fresh {
+        crate::stats::syn_retransmit(slot);
+    }
+    fresh
+}
+
+/// Takes one new flow from a bucket; false when its window is full. Racy by design: two CPUs
+/// may both reset a window at its turn, or count at once and lose one of the two adds (the BPF
+/// target has no atomic add in Rust), so a limit may let a few more through, never fewer.
+#[inline(always)]
+fn take(index: u32, now_ns: u64) -> bool {
+    let Some(b) = SHED.get_ptr_mut(index) else {
+        return true;
+    };
+    // SAFETY: a pointer into an array slot; plain data, updated by every CPU.
+    let b = unsafe { &mut *b };
+    if b.limit == 0 {
+        return true;
+    }
+    if now_ns.wrapping_sub(b.window_start) >= u64::from(b.window_ms) * 1_000_000 {
+        b.window_start = now_ns;
+        b.count = 0;
+    }
+    if b.count >= u64::from(b.limit) {
+        return false;
+    }
+    b.count += 1;
+    true
 }

@@ -240,6 +240,8 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                 fragments: a.fragments,
                 snat: a.snat,
                 health: None,
+                max_new_flows_per_s: None,
+                on_shed: Default::default(),
                 backends: Vec::new(),
             },
         },
@@ -255,6 +257,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                 zone: a.zone.clone(),
                 labels: Default::default(),
                 health: None,
+                max_new_flows_per_s: None,
             },
         },
         Command::Backend(BackendCmd::Remove { service, id }) => Request::RemoveBackend {

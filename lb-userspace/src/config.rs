@@ -292,8 +292,18 @@ pub struct ServiceSpec {
     /// `[service.health]`: active checks and what health does to traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthSettings>,
+    /// Load shedding: new flows per second the whole service takes (beyond: dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_new_flows_per_s: Option<u32>,
+    /// A new flow over its backend's `max_new_flows_per_s`: spill (to the next candidate) or drop.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub on_shed: crate::model::OnShed,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendSpec>,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 fn default_table_size() -> u32 {
@@ -321,6 +331,9 @@ pub struct BackendSpec {
     /// `[service.backend.health]`: this backend's overrides of the service's settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthSettings>,
+    /// Load shedding: new flows per second this backend takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_new_flows_per_s: Option<u32>,
 }
 
 impl From<ServiceSpec> for Service {
@@ -336,6 +349,8 @@ impl From<ServiceSpec> for Service {
             fragments: s.fragments,
             snat: s.snat,
             health: s.health,
+            max_new_flows_per_s: s.max_new_flows_per_s,
+            on_shed: s.on_shed,
             backends: s.backends.into_iter().map(Backend::from).collect(),
         }
     }
@@ -352,6 +367,7 @@ impl From<BackendSpec> for Backend {
             zone: b.zone,
             labels: b.labels,
             health: b.health,
+            max_new_flows_per_s: b.max_new_flows_per_s,
         }
     }
 }
@@ -369,6 +385,8 @@ impl From<&Service> for ServiceSpec {
             fragments: s.fragments,
             snat: s.snat,
             health: s.health.clone(),
+            max_new_flows_per_s: s.max_new_flows_per_s,
+            on_shed: s.on_shed,
             backends: s.backends.iter().map(BackendSpec::from).collect(),
         }
     }
@@ -385,6 +403,7 @@ impl From<&Backend> for BackendSpec {
             zone: b.zone.clone(),
             labels: b.labels.clone(),
             health: b.health.clone(),
+            max_new_flows_per_s: b.max_new_flows_per_s,
         }
     }
 }
@@ -747,6 +766,10 @@ address = "10.0.0.12"
                 "half_open_share 0 is out of range",
             ),
             (with("intervall = 1.0", ""), "unknown field"),
+            (
+                with("", "max_new_flows_per_s = 0"),
+                "backend b: max_new_flows_per_s 0 is out of range",
+            ),
         ];
         for (text, needle) in cases {
             let e = err(&text);

@@ -140,8 +140,23 @@ pub struct Service {
     pub snat: bool,
     /// `[service.health]` as written; each backend's own settings override it key by key.
     pub health: Option<HealthSettings>,
+    /// Load shedding: new flows per second the whole service takes (beyond: dropped).
+    pub max_new_flows_per_s: Option<u32>,
+    /// A new flow over its backend's limit: spilled to the next candidate, or dropped.
+    pub on_shed: OnShed,
     pub backends: Vec<Backend>,
 }
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnShed {
+    #[default]
+    Spill,
+    Drop,
+}
+
+/// Largest new-flow rate a limit may name.
+pub const MAX_NEW_FLOWS_PER_S: u32 = 100_000_000;
 
 /// A backend as declared: where it is, its weight, its metadata. Its status (next hop, health)
 /// lives apart, in `status`.
@@ -158,6 +173,8 @@ pub struct Backend {
     pub labels: BTreeMap<String, String>,
     /// `[service.backend.health]`: overrides of the service's health settings.
     pub health: Option<HealthSettings>,
+    /// Load shedding: new flows per second this backend takes.
+    pub max_new_flows_per_s: Option<u32>,
 }
 
 /// Names: 1..=max characters of `[A-Za-z0-9._-]`.
@@ -231,6 +248,20 @@ impl Service {
                 self.name,
                 self.backends.len()
             )));
+        }
+        for (what, rate) in std::iter::once((String::from("service"), self.max_new_flows_per_s)).chain(
+            self.backends
+                .iter()
+                .map(|b| (format!("backend {}", b.id), b.max_new_flows_per_s)),
+        ) {
+            if let Some(r) = rate
+                && !(1..=MAX_NEW_FLOWS_PER_S).contains(&r)
+            {
+                return Err(Error::invalid(format!(
+                    "service {}: {what}: max_new_flows_per_s {r} is out of range 1..={MAX_NEW_FLOWS_PER_S}",
+                    self.name
+                )));
+            }
         }
         crate::health::validate_service(self)
             .map_err(|e| Error::invalid(format!("service {}: {e}", self.name)))?;

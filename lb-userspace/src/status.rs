@@ -207,6 +207,8 @@ mod tests {
                 panic_threshold: panic,
                 ..Default::default()
             }),
+            max_new_flows_per_s: None,
+            on_shed: Default::default(),
             backends: (0..n)
                 .map(|i| Backend {
                     id: format!("b{i}"),
@@ -217,6 +219,7 @@ mod tests {
                     zone: None,
                     labels: Default::default(),
                     health: None,
+                    max_new_flows_per_s: None,
                 })
                 .collect(),
         }

@@ -145,6 +145,7 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
         service_stats: take(maps::SERVICE_STATS)?.try_into().map_err(typed)?,
         backend_stats: take(maps::BACKEND_STATS)?.try_into().map_err(typed)?,
         global_stats: take(maps::GLOBAL_STATS)?.try_into().map_err(typed)?,
+        shed: take(maps::SHED)?.try_into().map_err(typed)?,
         pool,
         attachments,
         adopted: adopting,

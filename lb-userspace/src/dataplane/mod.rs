@@ -40,6 +40,7 @@ pub struct DataPlane {
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
     pub backend_stats: PerCpuArray<MapData, TrafficStats>,
     pub global_stats: PerCpuArray<MapData, u64>,
+    pub shed: Array<MapData, lb_common::shed::ShedBucket>,
     pub pool: Pool,
     pub attachments: Vec<Attachment>,
     /// True when the program and maps were adopted from pins.
@@ -81,6 +82,16 @@ impl DataPlane {
             _reserved: 0,
         };
         self.dp_config.set(0, value, 0).map_err(Error::dataplane)
+    }
+
+    /// Sets a bucket's new-flow limit (0: none), keeping its running window when unchanged.
+    pub fn set_shed(&mut self, index: u32, rate: u32) -> Result<()> {
+        let want = lb_common::shed::ShedBucket::for_rate(rate);
+        let current = self.shed.get(&index, 0).map_err(Error::dataplane)?;
+        if !current.same_limit(&want) {
+            self.shed.set(index, want, 0).map_err(Error::dataplane)?;
+        }
+        Ok(())
     }
 
     pub fn reset_service_traffic(&mut self, id: u32) -> Result<()> {

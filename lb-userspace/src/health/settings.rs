@@ -442,6 +442,7 @@ pub fn validate_service(service: &Service) -> Result<(), String> {
             zone: None,
             labels: Default::default(),
             health: None,
+            max_new_flows_per_s: None,
         };
         resolve(service, &probe)?;
     }

@@ -8,7 +8,9 @@ use std::{collections::BTreeSet, net::IpAddr};
 use lb_common::{
     AddrKey, Backend, FAMILY_V4, FAMILY_V6, ServiceKey, ServiceValue, VipFilter, addr_words,
     backend::BACKEND_F_ACTIVE,
-    service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP, FWD_NAT, FWD_SNAT, SVC_F_HASH_SOURCE},
+    service::{
+        FWD_DSR_L2, FWD_GUE, FWD_IPIP, FWD_NAT, FWD_SNAT, SVC_F_HASH_SOURCE, SVC_F_SHED, SVC_F_SHED_DROP,
+    },
 };
 use log::debug;
 
@@ -161,6 +163,7 @@ impl Reconciler {
             if w.fresh {
                 dp.reset_backend_traffic(w.slot)?;
             }
+            dp.set_shed(w.slot, w.max_new_flows_per_s.unwrap_or(0))?;
             if entry == current {
                 continue;
             }
@@ -225,13 +228,24 @@ impl Reconciler {
         for s in services {
             let key = service_key(s);
             let svc = a.services.get_mut(&s.name).expect("planned");
+            let shedding =
+                s.max_new_flows_per_s.is_some() || s.backends.iter().any(|b| b.max_new_flows_per_s.is_some());
+            dp.set_shed(
+                lb_common::shed::service_bucket(svc.id),
+                s.max_new_flows_per_s.unwrap_or(0),
+            )?;
             let mut value = ServiceValue {
                 id: svc.id,
                 flags: if s.hash == HashMode::Source {
                     SVC_F_HASH_SOURCE
                 } else {
                     0
-                },
+                } | if shedding { SVC_F_SHED } else { 0 }
+                    | if s.on_shed == crate::model::OnShed::Drop {
+                        SVC_F_SHED_DROP
+                    } else {
+                        0
+                    },
                 table_offset: 0,
                 table_size: 0,
                 forward: match s.forwarding {

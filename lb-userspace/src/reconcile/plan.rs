@@ -96,6 +96,8 @@ pub struct BackendWrite {
     pub active: bool,
     /// A slot new to this backend: its generation moves on so old flows are not taken for it.
     pub fresh: bool,
+    /// Its new-flow limit.
+    pub max_new_flows_per_s: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -206,6 +208,7 @@ pub fn plan(desired: &Desired<'_>, current: &Assignments) -> Result<Plan> {
                 hop,
                 active: usable && e.active,
                 fresh: fresh.contains(&slot),
+                max_new_flows_per_s: b.max_new_flows_per_s,
             });
         }
         members.sort();
@@ -259,6 +262,8 @@ mod tests {
                 fragments: FragmentPolicy::Pass,
                 snat: false,
                 health: None,
+                max_new_flows_per_s: None,
+                on_shed: Default::default(),
                 backends: (0..per)
                     .map(|j| Backend {
                         id: format!("b{j}"),
@@ -269,6 +274,7 @@ mod tests {
                         zone: None,
                         labels: Default::default(),
                         health: None,
+                        max_new_flows_per_s: None,
                     })
                     .collect(),
             })

@@ -245,6 +245,8 @@ fn checks_per_second(window_s: f64) -> Result<ChecksResult> {
                     timeout: Some(1.0),
                     ..Default::default()
                 }),
+                max_new_flows_per_s: None,
+                on_shed: Default::default(),
                 backends: (0..ADDRS)
                     .map(|a| Backend {
                         id: format!("b{a}"),
@@ -255,6 +257,7 @@ fn checks_per_second(window_s: f64) -> Result<ChecksResult> {
                         zone: None,
                         labels: Default::default(),
                         health: None,
+                        max_new_flows_per_s: None,
                     })
                     .collect(),
             })
@@ -321,6 +324,8 @@ fn flap_services(n: usize, per: usize) -> Vec<Service> {
             fragments: FragmentPolicy::Pass,
             snat: false,
             health: None,
+            max_new_flows_per_s: None,
+            on_shed: Default::default(),
             backends: (0..per)
                 .map(|j| Backend {
                     id: format!("b{j}"),
@@ -331,6 +336,7 @@ fn flap_services(n: usize, per: usize) -> Vec<Service> {
                     zone: None,
                     labels: Default::default(),
                     health: None,
+                    max_new_flows_per_s: None,
                 })
                 .collect(),
         })
