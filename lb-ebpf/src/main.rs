@@ -4,6 +4,7 @@
 
 mod echo;
 mod encap;
+mod events;
 mod forward;
 mod headers;
 mod maps;

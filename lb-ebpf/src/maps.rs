@@ -81,6 +81,10 @@ pub static SERVICE_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_SE
 #[map]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);
 
+/// When each CPU may next log each kind of rare event (see `events`).
+#[map]
+pub static EVENT_NEXT: PerCpuArray<u64> = PerCpuArray::with_max_entries(crate::events::EVENTS, 0);
+
 /// New-flow limits (see `lb_common::shed`).
 #[map]
 pub static SHED: Array<ShedBucket> = Array::pinned(MAX_BACKENDS + MAX_SERVICES, 0);

@@ -292,9 +292,11 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
             });
         }
         if !take(service_bucket(service.id), now_ns) {
+            crate::events::note(crate::events::Event::Shed, slot);
             return Err(Verdict::Drop(Counter::DropShed));
         }
         if !take(slot, now_ns) {
+            crate::events::note(crate::events::Event::Shed, slot);
             if service.flags & SVC_F_SHED_DROP != 0 {
                 return Err(Verdict::Drop(Counter::DropShed));
             }
@@ -343,6 +345,7 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
     }
     if CONNTRACK.insert(key, state, 0).is_err() {
         count(Counter::ConntrackInsertFailed);
+        crate::events::note(crate::events::Event::ConntrackInsertFailed, slot);
     }
     Ok(state)
 }

@@ -55,6 +55,13 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
             if a.adopted { "adopted" } else { "attached" }
         );
     }
+    let data_plane_log = dp.program_id.and_then(|id| match spawn_data_plane_log(id) {
+        Ok(task) => Some(task),
+        Err(e) => {
+            warn!("data-plane events will not be logged: {e}");
+            None
+        }
+    });
     let resolver = Arc::new(Resolver::new()?);
     let persisted = if dp.adopted {
         Persisted::load(&cfg.state_path())?
@@ -264,6 +271,9 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     stop_collector.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = collector.join();
     let _ = census.join();
+    if let Some(t) = data_plane_log {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     info!("daemon stopped; the data plane stays attached (`lb detach` removes it)");
     Ok(())
@@ -311,6 +321,20 @@ fn watch_config(
         }
     });
     Ok((watcher, task))
+}
+
+/// Forwards the data plane's rare-event records (aya-log) to this process's log.
+fn spawn_data_plane_log(program_id: u32) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let logger = aya_log::EbpfLogger::init_from_id(program_id)?;
+    // SAFETY: the logger owns its ring buffer's fd for as long as the AsyncFd holds it.
+    let mut fd =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }?;
+    Ok(tokio::spawn(async move {
+        while let Ok(mut ready) = fd.readable_mut().await {
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    }))
 }
 
 /// A bearer token from a file: its first line, which must not be empty.

@@ -155,6 +155,20 @@ fn a_limited_backend_gets_its_rate_and_the_rest_is_spilled_or_dropped() {
             }
         }
     }
+    // The data plane said so itself, through aya-log, rate-limited (one a second per CPU).
+    assert!(
+        wait_until(Duration::from_secs(3), || d
+            .log()
+            .contains("shedding: new flows over the limit")),
+        "no data-plane log record: {}",
+        d.log()
+    );
+    let records = d.log().matches("shedding: new flows over the limit").count();
+    println!("data-plane log records about shedding: {records}");
+    assert!(
+        records <= 2 * 2 * 8,
+        "rate-limited to one a second per CPU: {records}"
+    );
     // The established flows on b1 were never shed.
     in_ns(&topo.client, || {
         for (s, id) in &kept {

@@ -120,6 +120,14 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
         });
     }
 
+    // The program's id, for reading its log records (aya-log) whether it was loaded or adopted.
+    let program_id = match &program {
+        Some(p) => p.info().ok().map(|i| i.id()),
+        None => Xdp::from_pin(prog_pin(&dir), XdpAttachType::Interface)
+            .ok()
+            .and_then(|p| p.info().ok())
+            .map(|i| i.id()),
+    };
     let mut take = |name: &str| -> Result<Map> {
         let idx = maps_by_name
             .iter()
@@ -149,6 +157,7 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
         pool,
         attachments,
         adopted: adopting,
+        program_id,
     })
 }
 

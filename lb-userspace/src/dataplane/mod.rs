@@ -45,6 +45,8 @@ pub struct DataPlane {
     pub attachments: Vec<Attachment>,
     /// True when the program and maps were adopted from pins.
     pub adopted: bool,
+    /// The balancer program's kernel id.
+    pub program_id: Option<u32>,
 }
 
 impl DataPlane {
