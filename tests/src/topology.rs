@@ -356,6 +356,33 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).expect("json output")
     }
 
+    /// Whether every backend of every service has a next hop and table slots now.
+    pub fn all_in_tables(&self) -> bool {
+        self.json(&["service", "list"])
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|s| {
+                s["backends"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .all(|b| b["resolved"] == true && b["table_slots"].as_u64() > Some(0))
+            })
+    }
+
+    /// Waits (bounded) until every backend is in its service's table; panics with the daemon's
+    /// view and log if not.
+    pub fn wait_all_in_tables(&self) {
+        let ok = wait_until(Duration::from_secs(15), || self.all_in_tables());
+        assert!(
+            ok,
+            "backends did not resolve: {}\n{}",
+            self.json(&["service", "list"]),
+            self.log()
+        );
+    }
+
     /// SIGKILL, no cleanup: what a crash looks like.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -1,13 +1,12 @@
 //! End to end: real TCP and UDP through the XDP balancer in network namespaces joined by veth,
 //! with the daemon and CLI as users run them.
 
-use std::{collections::HashMap, net::IpAddr, time::Duration};
+use std::{collections::HashMap, net::IpAddr};
 
 use lb_tests::{
     Daemon, Topology,
     client::{tcp_flows, udp_flows},
     topology::{PORT, VIP4, VIP6},
-    wait_until,
 };
 
 fn start(backends: &[&str], total: usize) -> (Topology, Daemon) {
@@ -21,22 +20,7 @@ fn start(backends: &[&str], total: usize) -> (Topology, Daemon) {
 
 /// Waits (bounded) until every backend of every service has a MAC and table slots.
 fn wait_resolved(d: &Daemon) {
-    let ok = wait_until(Duration::from_secs(15), || {
-        let list = d.json(&["service", "list"]);
-        list.as_array().into_iter().flatten().all(|s| {
-            s["backends"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .all(|b| b["resolved"] == true && b["table_slots"].as_u64() > Some(0))
-        })
-    });
-    assert!(
-        ok,
-        "backends did not resolve: {}\n{}",
-        d.json(&["service", "list"]),
-        d.log()
-    );
+    d.wait_all_in_tables();
 }
 
 /// Each backend's share must be within 5 binomial standard deviations of fair (about ±25% at

@@ -33,20 +33,7 @@ fn start() -> Api {
         1,
     );
     let d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
-    let ok = wait_until(Duration::from_secs(15), || {
-        d.json(&["service", "list"])
-            .as_array()
-            .into_iter()
-            .flatten()
-            .all(|s| {
-                s["backends"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .all(|b| b["table_slots"].as_u64() > Some(0))
-            })
-    });
-    assert!(ok, "backends did not resolve: {}", d.log());
+    d.wait_all_in_tables();
     Api { topo, d }
 }
 

@@ -167,20 +167,7 @@ impl Net {
 
 /// Waits (bounded) until every backend has a MAC and table slots.
 fn wait_resolved(d: &Daemon) {
-    let ok = wait_until(Duration::from_secs(15), || {
-        d.json(&["service", "list"])
-            .as_array()
-            .into_iter()
-            .flatten()
-            .all(|s| {
-                s["backends"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .all(|b| b["resolved"] == true && b["table_slots"].as_u64() > Some(0))
-            })
-    });
-    assert!(ok, "backends did not resolve: {}", d.log());
+    d.wait_all_in_tables();
 }
 
 /// One TCP request on a fresh connection: the answer `"<backend> <peer the backend saw>"`.

@@ -60,19 +60,7 @@ fn a_limited_backend_gets_its_rate_and_the_rest_is_spilled_or_dropped() {
         }
     }
     let d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
-    assert!(wait_until(Duration::from_secs(15), || {
-        d.json(&["service", "list"])
-            .as_array()
-            .into_iter()
-            .flatten()
-            .all(|s| {
-                s["backends"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .all(|b| b["table_slots"].as_u64() > Some(0))
-            })
-    }));
+    d.wait_all_in_tables();
     // An established flow on b1 before the load: it must never be shed.
     let kept: Vec<(UdpSocket, String)> = in_ns(&topo.client, || {
         let mut kept = Vec::new();

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod breaker;
 pub mod monitor;
+pub mod outcome;
 pub mod passive;
 pub mod probe;
 pub mod settings;

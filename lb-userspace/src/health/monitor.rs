@@ -19,9 +19,10 @@ use tokio::{
 use super::{
     agent::{self, AgentState},
     breaker::{Breaker, BreakerState},
+    outcome::Outcome,
     probe::{self, AgentAnswer},
     settings::{AgentSpec, CheckSpec, Probe, resolve},
-    tracker::{Outcome, State, Tracker},
+    tracker::{State, Tracker},
 };
 use crate::{
     model::{BackendRef, Service},

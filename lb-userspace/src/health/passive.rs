@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use super::tracker::Outcome;
+use super::outcome::Outcome;
 
 /// How often the counters are compared.
 pub const INTERVAL: Duration = Duration::from_millis(250);

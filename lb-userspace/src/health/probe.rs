@@ -11,8 +11,8 @@ use tokio::{
 };
 
 use super::{
+    outcome::Outcome,
     settings::{AgentSpec, CheckSpec, Probe},
-    tracker::Outcome,
 };
 
 /// Largest HTTP body read for `expect_body`.

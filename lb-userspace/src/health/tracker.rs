@@ -15,6 +15,7 @@ use std::{collections::VecDeque, time::Duration};
 
 use serde::Serialize;
 
+pub use super::outcome::Outcome;
 use super::settings::CheckSpec;
 
 pub const WINDOW: usize = 10;
@@ -26,15 +27,6 @@ pub const HYSTERESIS: f64 = 0.15;
 pub enum State {
     Up,
     Down,
-}
-
-/// What one check saw.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Outcome {
-    pub ok: bool,
-    pub latency: Duration,
-    /// One line: what passed or what failed ("connect: connection refused", "status 503").
-    pub detail: String,
 }
 
 /// The published view changed: the reconciler needs to know.

@@ -133,7 +133,7 @@ pub struct Writer {
     /// The services alone, for the health monitor: it wakes only when they change.
     declared: watch::Sender<Arc<Vec<Service>>>,
     state_path: PathBuf,
-    histograms: crate::metrics::Histograms,
+    histograms: crate::metrics::histograms::Histograms,
 }
 
 /// The channels to and from a started writer.
@@ -152,7 +152,7 @@ impl Writer {
         rec: Reconciler,
         resolver: Arc<Resolver>,
         services: Vec<Service>,
-        histograms: crate::metrics::Histograms,
+        histograms: crate::metrics::histograms::Histograms,
     ) -> Result<(Self, Handles, mpsc::Receiver<Command>, Vec<String>)> {
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
         let (declared, declared_rx) = watch::channel(Arc::new(Vec::new()));

@@ -1,0 +1,51 @@
+//! The histograms observed where the work happens (the monitor, the reconciler); the registry
+//! serves them beside the collector. Apart from the collector, so the reconciler that observes
+//! them does not depend on what reads its snapshot.
+
+use prometheus::{HistogramOpts, HistogramVec};
+
+/// The histograms observed outside the collector; cheap to clone.
+#[derive(Clone)]
+pub struct Histograms {
+    /// `lb_health_check_duration_seconds{service,kind}`.
+    pub check: HistogramVec,
+    /// `lb_table_rebuild_duration_seconds`: the table builds of one reconciler pass.
+    pub rebuild: HistogramVec,
+    /// `lb_map_write_duration_seconds`: one pass's map work, builds included.
+    pub map_write: HistogramVec,
+}
+
+impl Histograms {
+    pub fn new() -> Self {
+        let buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
+        let h = |name: &str, help: &str, labels: &[&str]| {
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.clone()), labels)
+                .expect("valid histogram")
+        };
+        Self {
+            check: h(
+                "lb_health_check_duration_seconds",
+                "Duration of active health checks.",
+                &["service", "kind"],
+            ),
+            rebuild: h(
+                "lb_table_rebuild_duration_seconds",
+                "Time spent building Maglev tables in one reconciler pass that built any.",
+                &[],
+            ),
+            map_write: h(
+                "lb_map_write_duration_seconds",
+                "Duration of one reconciler pass's map work (table builds included).",
+                &[],
+            ),
+        }
+    }
+}
+
+impl Default for Histograms {
+    fn default() -> Self {
+        Self::new()
+    }
+}
