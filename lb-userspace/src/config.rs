@@ -100,6 +100,9 @@ pub struct ApiConfig {
     pub token_file: Option<PathBuf>,
     /// A token that may only read (GET).
     pub read_token_file: Option<PathBuf>,
+    /// TLS on the TCP listener: a PEM certificate chain and its private key (both, or neither).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 /// `[daemon.metrics]`.
@@ -482,6 +485,14 @@ impl DaemonConfig {
                 "daemon.api.listen needs daemon.api.token_file: the API on TCP takes bearer tokens only",
             ));
         }
+        if self.api.cert_file.is_some() != self.api.key_file.is_some() {
+            return Err(Error::config("daemon.api.cert_file and key_file go together"));
+        }
+        if self.api.cert_file.is_some() && self.api.listen.is_none() {
+            return Err(Error::config(
+                "daemon.api.cert_file needs daemon.api.listen (TLS is for the TCP listener)",
+            ));
+        }
         if self.neighbour_refresh_ms < 100 {
             return Err(Error::config("daemon.neighbour_refresh_ms must be at least 100"));
         }
@@ -651,6 +662,17 @@ address = "10.0.0.12"
             (GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""), "line"),
             (GOOD.replace("[\"eth0\"]", "[]"), "interfaces is empty"),
             (GOOD.replace("region", "regoin"), "unknown field"),
+            (
+                GOOD.replace("interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\n[daemon.api]\nlisten = \"127.0.0.1:1\""),
+                "needs daemon.api.token_file",
+            ),
+            (
+                GOOD.replace(
+                    "interfaces = [\"eth0\"]",
+                    "interfaces = [\"eth0\"]\n[daemon.api]\nlisten = \"127.0.0.1:1\"\ntoken_file = \"/t\"\ncert_file = \"/c\"",
+                ),
+                "cert_file and key_file go together",
+            ),
         ];
         for (text, needle) in cases {
             let e = err(&text);

@@ -115,10 +115,14 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
                     .transpose()?
                     .map(Arc::new),
             };
+            let tls = match (&cfg.api.cert_file, &cfg.api.key_file) {
+                (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key)?),
+                _ => None,
+            };
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                 anyhow::anyhow!("cannot serve the control API on {addr}: {e} (fix: set [daemon.api] listen to a free address)")
             })?;
-            Some((listener, tokens))
+            Some((listener, tokens, tls))
         }
         None => None,
     };
@@ -212,12 +216,18 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     });
     let server = tokio::spawn(server::serve_unix(listener, shared.clone()));
     let tcp_api = match api_listener {
-        Some((listener, tokens)) => {
+        Some((listener, tokens, tls)) => {
+            let scheme = if tls.is_some() { "https" } else { "http" };
             info!(
-                "control API on http://{}",
+                "control API on {scheme}://{}",
                 cfg.api.listen.map(|a| a.to_string()).unwrap_or_default()
             );
-            Some(tokio::spawn(server::serve_tcp(listener, shared.clone(), tokens)))
+            Some(tokio::spawn(server::serve_tcp(
+                listener,
+                shared.clone(),
+                tokens,
+                tls,
+            )))
         }
         None => None,
     };

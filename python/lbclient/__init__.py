@@ -106,7 +106,9 @@ class LoadBalancer:
         url: Optional[str] = None,
         token: Optional[str] = None,
         timeout: float = 10.0,
+        verify: Any = True,
     ):
+        """`verify`: for https URLs, True (the system's CAs), a CA bundle's path, or False."""
         if (socket is None) == (url is None):
             raise ValueError("give exactly one of socket= or url=")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -116,7 +118,7 @@ class LoadBalancer:
                 transport=transport, base_url="http://lb", headers=headers, timeout=timeout
             )
         else:
-            self._http = httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout)
+            self._http = httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, verify=verify)
 
     async def __aenter__(self) -> "LoadBalancer":
         return self

@@ -17,13 +17,19 @@ struct Api {
 }
 
 fn start() -> Api {
+    start_with(|_| String::new())
+}
+
+/// As `start`, with more `[daemon.api]` keys, made from the run directory.
+fn start_with(extra: impl FnOnce(&std::path::Path) -> String) -> Api {
     let topo = Topology::new(4).expect("topology");
     let (instance, run_dir) = Daemon::new_paths();
     std::fs::create_dir_all(&run_dir).expect("run dir");
+    let extra = extra(&run_dir);
     std::fs::write(run_dir.join("admin.token"), format!("{ADMIN}\n")).expect("token");
     std::fs::write(run_dir.join("read.token"), format!("{READER}\n")).expect("token");
     let api = format!(
-        "[daemon.api]\nlisten = \"{API}\"\ntoken_file = \"{}\"\nread_token_file = \"{}\"\n",
+        "[daemon.api]\nlisten = \"{API}\"\ntoken_file = \"{}\"\nread_token_file = \"{}\"\n{extra}",
         run_dir.join("admin.token").display(),
         run_dir.join("read.token").display()
     );
@@ -669,4 +675,101 @@ fn top_once_prints_a_frame_sorted_by_rate() {
     );
     assert!(rows.iter().all(|r| r[4] == "up"), "{text}");
     assert!(text.lines().last().is_some_and(|l| l.starts_with("drops/s:")));
+}
+
+#[test]
+fn tls_on_tcp_serves_the_api_behind_the_tokens() {
+    let mut cert = PathBuf::new();
+    let a = start_with(|dir| {
+        cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        format!(
+            "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        )
+    });
+    // Plain HTTP to the TLS port gets no answer.
+    let plain = http_request(
+        &a.topo.lb,
+        API.parse().unwrap(),
+        "GET",
+        "/v1/status",
+        Some(READER),
+        None,
+    );
+    assert!(
+        plain.map_or(true, |(status, _)| status != 200),
+        "plain HTTP was served"
+    );
+    let python = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py/bin/python"));
+    let client = concat!(env!("CARGO_MANIFEST_DIR"), "/../python");
+    let script = format!(
+        r#"
+import asyncio, sys
+sys.path.insert(0, {client:?})
+from lbclient import LoadBalancer, Unauthorized, Forbidden
+async def main():
+    async with LoadBalancer(url="https://{API}", token={READER:?}, verify={cert:?}) as lb:
+        services = await lb.services()
+        assert len(services) == 4, services
+        try:
+            await lb.set_weight("web4", "b1", 5)
+            raise SystemExit("a read token changed something over TLS")
+        except Forbidden:
+            pass
+    async with LoadBalancer(url="https://{API}", verify={cert:?}) as lb:
+        try:
+            await lb.services()
+            raise SystemExit("no token was accepted over TLS")
+        except Unauthorized:
+            pass
+    print("tls ok")
+asyncio.run(main())
+"#,
+        cert = cert.display().to_string()
+    );
+    let out = a
+        .topo
+        .lb
+        .command(&python)
+        .args(["-c", &script])
+        .output()
+        .expect("python");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("tls ok"),
+        "{text}\n{}",
+        a.d.log()
+    );
+    assert!(a.d.log().contains("control API on https://"));
 }

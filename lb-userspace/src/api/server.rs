@@ -465,14 +465,72 @@ pub async fn serve_unix(listener: tokio::net::UnixListener, shared: Arc<Shared>)
     }
 }
 
-/// Serves on TCP, behind the tokens, until `stop` is set.
-pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: Arc<Shared>, tokens: Tokens) {
+/// Serves on TCP, behind the tokens (and TLS, if given), until `stop` is set.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    tokens: Tokens,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let mut stop = shared.stop.subscribe();
     let app = router(shared).layer(middleware::from_fn_with_state(tokens, authorize));
-    let done = async move {
-        let _ = stop.wait_for(|s| *s).await;
+    let Some(acceptor) = tls else {
+        let done = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(done).await {
+            warn!("control API: {e}");
+        }
+        return;
     };
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(done).await {
-        warn!("control API: {e}");
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!("control API: accept: {e}");
+                    continue;
+                }
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            // A bad handshake is the client's problem; said once at debug level.
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return log::debug!("control API: TLS handshake with {peer}: {e}"),
+                Err(_) => return log::debug!("control API: TLS handshake with {peer} timed out"),
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
     }
+}
+
+/// A TLS acceptor from a PEM certificate chain and key. Each problem is one line naming the file.
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| anyhow::anyhow!("cannot read certificates from {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("bad certificate in {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        anyhow::bail!("no certificate in {}", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("cannot read a private key from {}: {e}", key.display()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow::anyhow!("TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| anyhow::anyhow!("TLS: the key does not fit the certificate, or is unusable: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
