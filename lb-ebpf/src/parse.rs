@@ -134,9 +134,15 @@ fn parse_ipv4(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
         return Err(Verdict::Drop(Counter::DropBadIpHeader));
     }
     let header_len = ((ip.vihl & 0x0f) as usize) << 2;
-    if header_len < Ipv4Hdr::LEN || (u16::from_be_bytes(ip.tot_len) as usize) < header_len {
+    let total_len = u16::from_be_bytes(ip.tot_len) as usize;
+    if header_len < Ipv4Hdr::LEN || total_len < header_len {
         return Err(Verdict::Drop(Counter::DropBadIpHeader));
     }
+    // The packet must fit the frame (trailing padding is allowed, and kept).
+    if offset + total_len > frame.len() {
+        return Err(Verdict::Drop(Counter::DropTruncatedL3));
+    }
+    let end = offset + total_len;
     let proto = ip.proto;
     let src = [load_word(ip.src_addr.as_ptr()), 0, 0, 0];
     let dst = [load_word(ip.dst_addr.as_ptr()), 0, 0, 0];
@@ -153,7 +159,7 @@ fn parse_ipv4(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
         }
         return icmp4_error(frame, offset, offset + header_len, dst);
     }
-    let (sport, dport, syn) = parse_ports(frame, offset + header_len, proto)?;
+    let (sport, dport, syn) = parse_ports(frame, offset + header_len, end, proto)?;
     let key = FlowKey::from_words(FAMILY_V4, proto, src, dst, sport, dport);
     Ok(Flow::new(FlowKind::Transport { syn }, offset, key))
 }
@@ -262,6 +268,10 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
     if ip.vcf[0] >> 4 != 6 {
         return Err(Verdict::Drop(Counter::DropBadIpHeader));
     }
+    let end = offset + Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize;
+    if end > frame.len() {
+        return Err(Verdict::Drop(Counter::DropTruncatedL3));
+    }
     let proto = ip.next_hdr;
     match proto {
         PROTO_TCP | PROTO_UDP => {}
@@ -291,7 +301,7 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
         }
         _ => return Err(Verdict::Pass(Counter::PassNotTcpUdp)),
     }
-    let (sport, dport, syn) = parse_ports(frame, offset + Ipv6Hdr::LEN, proto)?;
+    let (sport, dport, syn) = parse_ports(frame, offset + Ipv6Hdr::LEN, end, proto)?;
     let (src, dst) = (load_words(ip.src_addr.as_ptr()), load_words(ip.dst_addr.as_ptr()));
     let key = FlowKey::from_words(FAMILY_V6, proto, src, dst, sport, dport);
     Ok(Flow::new(FlowKind::Transport { syn }, offset, key))
@@ -319,16 +329,20 @@ fn load_words(p: *const u8) -> [u32; 4] {
 }
 
 /// Source and destination ports, in network byte order, and whether this is a TCP SYN without ACK.
+/// The header must lie within the IP packet, which ends at `end`.
 #[inline(always)]
-fn parse_ports(frame: &Frame, offset: usize, proto: u8) -> Result<(u16, u16, bool), Verdict> {
+fn parse_ports(frame: &Frame, offset: usize, end: usize, proto: u8) -> Result<(u16, u16, bool), Verdict> {
     match proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = frame
                 .ptr_at(offset)
                 .ok_or(Verdict::Drop(Counter::DropTruncatedL4))?;
+            if offset + TcpHdr::LEN > end {
+                return Err(Verdict::Drop(Counter::DropTruncatedL4));
+            }
             // SAFETY: bounds checked by ptr_at.
             let tcp = unsafe { &*tcp };
-            if tcp.doff() < 5 {
+            if tcp.doff() < 5 || offset + ((tcp.doff() as usize) << 2) > end {
                 return Err(Verdict::Drop(Counter::DropBadL4Header));
             }
             let syn = tcp.syn() != 0 && tcp.ack() == 0;
@@ -338,6 +352,9 @@ fn parse_ports(frame: &Frame, offset: usize, proto: u8) -> Result<(u16, u16, boo
             let udp: *const UdpHdr = frame
                 .ptr_at(offset)
                 .ok_or(Verdict::Drop(Counter::DropTruncatedL4))?;
+            if offset + UdpHdr::LEN > end {
+                return Err(Verdict::Drop(Counter::DropTruncatedL4));
+            }
             // SAFETY: bounds checked by ptr_at.
             let udp = unsafe { &*udp };
             Ok((u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst), false))
@@ -462,6 +479,60 @@ mod tests {
         assert_eq!(run(&f), Err(Verdict::Pass(Counter::PassIpv6Fragment)));
     }
 
+    /// The length fields must agree with the frame and with each other (padding after the
+    /// packet is allowed).
+    #[test]
+    fn lengths_that_disagree_are_dropped() {
+        let set_total = |p: &mut Vec<u8>, n: u16| p[2..4].copy_from_slice(&n.to_be_bytes());
+        // Total length past the frame.
+        let mut long = ipv4(6, 5, 0, &tcp(1, 2));
+        set_total(&mut long, 41);
+        assert_eq!(
+            run(&frame(&[&eth(0x0800), &long])),
+            Err(Verdict::Drop(Counter::DropTruncatedL3))
+        );
+        // Total length too small for the TCP header the ports come from (the bytes are there).
+        let mut short = ipv4(6, 5, 0, &tcp(1, 2));
+        set_total(&mut short, 30);
+        assert_eq!(
+            run(&frame(&[&eth(0x0800), &short])),
+            Err(Verdict::Drop(Counter::DropTruncatedL4))
+        );
+        // A data offset past the segment.
+        let mut doff = tcp(1, 2);
+        doff[12] = 8 << 4;
+        assert_eq!(
+            run(&frame(&[&eth(0x0800), &ipv4(6, 5, 0, &doff)])),
+            Err(Verdict::Drop(Counter::DropBadL4Header))
+        );
+        // A UDP header past the payload.
+        let mut udp_short = ipv4(17, 5, 0, &udp(1, 2));
+        set_total(&mut udp_short, 24);
+        assert_eq!(
+            run(&frame(&[&eth(0x0800), &udp_short])),
+            Err(Verdict::Drop(Counter::DropTruncatedL4))
+        );
+        // Padding after the packet (a 60-byte minimum frame) is fine.
+        let padded = frame(&[&eth(0x0800), &ipv4(17, 5, 0, &udp(1, 2)), &[0u8; 18]]);
+        assert!(run(&padded).is_ok());
+        // IPv6: payload length past the frame, and too short for the UDP header.
+        let mut ip6 = vec![0u8; 40];
+        ip6[0] = 0x60;
+        ip6[6] = 17;
+        ip6[4..6].copy_from_slice(&9u16.to_be_bytes());
+        assert_eq!(
+            run(&frame(&[&eth(0x86dd), &ip6, &udp(1, 2)])),
+            Err(Verdict::Drop(Counter::DropTruncatedL3))
+        );
+        ip6[4..6].copy_from_slice(&4u16.to_be_bytes());
+        assert_eq!(
+            run(&frame(&[&eth(0x86dd), &ip6, &udp(1, 2)])),
+            Err(Verdict::Drop(Counter::DropTruncatedL4))
+        );
+        ip6[4..6].copy_from_slice(&8u16.to_be_bytes());
+        assert!(run(&frame(&[&eth(0x86dd), &ip6, &udp(1, 2)])).is_ok());
+    }
+
     #[test]
     fn malformed_and_other_traffic() {
         assert_eq!(run(&[0u8; 10]), Err(Verdict::Drop(Counter::DropTruncatedL2)));
@@ -491,11 +562,11 @@ mod tests {
             run(&frame(&[&eth(0x0800), &ipv4(6, 5, 0, &bad_doff)])),
             Err(Verdict::Drop(Counter::DropBadL4Header))
         );
-        // Options claimed but missing: the TCP header read runs past the end.
+        // Options claimed but missing: the packet is shorter than its total length.
         let f = frame(&[&eth(0x0800), &ipv4(6, 15, 0, &[])]);
         assert_eq!(
             run(&f[..f.len() - 30]),
-            Err(Verdict::Drop(Counter::DropTruncatedL4))
+            Err(Verdict::Drop(Counter::DropTruncatedL3))
         );
         assert_eq!(
             run(&frame(&[&eth(0x0800), &ipv4(1, 5, 0, &[8, 0, 0, 0])])),

@@ -359,6 +359,12 @@ fn malformed_packets_are_dropped_unchanged_and_counted() {
         bad_doff[14 + 20 + 12] = 0x30;
         let mut options_missing = good.clone();
         options_missing[14] = 0x4f; // claims 60 bytes of header
+        // The total length leaves room for 10 bytes of TCP header; the frame holds all 20.
+        let mut tcp_past_total = good.clone();
+        tcp_past_total[16..18].copy_from_slice(&30u16.to_be_bytes());
+        // The total length runs past the frame.
+        let mut total_past_frame = good.clone();
+        total_past_frame[16..18].copy_from_slice(&((good.len() - 14 + 1) as u16).to_be_bytes());
         let cases = [
             (
                 "truncated ipv4",
@@ -366,9 +372,19 @@ fn malformed_packets_are_dropped_unchanged_and_counted() {
                 Counter::DropTruncatedL3,
             ),
             (
-                "truncated tcp",
+                "truncated tcp (the packet shorter than its total length)",
                 good[..14 + 20 + 10].to_vec(),
+                Counter::DropTruncatedL3,
+            ),
+            (
+                "tcp header past the total length",
+                tcp_past_total,
                 Counter::DropTruncatedL4,
+            ),
+            (
+                "total length past the frame",
+                total_past_frame,
+                Counter::DropTruncatedL3,
             ),
             ("ihl below 5", bad_ihl, Counter::DropBadIpHeader),
             ("version 5", bad_version, Counter::DropBadIpHeader),
