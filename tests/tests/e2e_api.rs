@@ -546,6 +546,8 @@ fn schemathesis_finds_no_server_error_and_every_response_conforms() {
         .topo
         .lb
         .command(&st)
+        // Its caches go to the test's run directory, not the source tree.
+        .current_dir(&a.d.run_dir)
         .args([
             "run",
             &format!("http://{API}/v1/openapi.json"),
