@@ -203,9 +203,7 @@ pub fn spawn_collector(
     status: Arc<Mutex<NatStatus>>,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>> {
-    let data = MapData::from_pin(pin)
-        .map_err(|e| Error::dataplane(format!("open pinned {}: {e}", pin.display())))?;
-    let mut map: NatMap = aya::maps::Map::HashMap(data)
+    let mut map: NatMap = crate::dataplane::open_pinned(pin)?
         .try_into()
         .map_err(|e| Error::dataplane(format!("NAT table type: {e}")))?;
     let every = Duration::from_millis(cfg.gc_interval_ms);

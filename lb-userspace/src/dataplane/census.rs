@@ -31,10 +31,7 @@ pub fn spawn(
     out: Arc<Mutex<ConntrackCensus>>,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>> {
-    let data = MapData::from_pin(pin)
-        .map_err(|e| Error::dataplane(format!("open pinned {}: {e}", pin.display())))?;
-    let map: HashMap<MapData, FlowKey, FlowState> = aya::maps::Map::from_map_data(data)
-        .map_err(Error::dataplane)?
+    let map: HashMap<MapData, FlowKey, FlowState> = super::open_pinned(pin)?
         .try_into()
         .map_err(|e| Error::dataplane(format!("connection table type: {e}")))?;
     std::thread::Builder::new()

@@ -135,11 +135,7 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
             .ok_or_else(|| Error::dataplane(format!("map {name} not found")))?;
         Ok(maps_by_name.swap_remove(idx).1)
     };
-    let typed = |e: aya::maps::MapError| Error::dataplane(format!("map type mismatch: {e}"));
-    let pool = match take(maps::MAGLEV_POOL)? {
-        Map::Array(data) => Pool::new(data)?,
-        _ => return Err(Error::dataplane("MAGLEV_POOL is not an array")),
-    };
+    let pool = pool_of(take(maps::MAGLEV_POOL)?)?;
     Ok(DataPlane {
         services: take(maps::SERVICES)?.try_into().map_err(typed)?,
         fragment_services: take(maps::FRAGMENT_SERVICES)?.try_into().map_err(typed)?,
@@ -164,14 +160,28 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
 fn open_pinned_maps(dir: &Path) -> Result<Vec<(&'static str, Map)>> {
     maps::PINNED
         .iter()
-        .map(|&name| {
-            let path = dir.join(name);
-            let data = MapData::from_pin(&path)
-                .map_err(|e| Error::dataplane(format!("open pinned map {}: {e}", path.display())))?;
-            let map = Map::from_map_data(data).map_err(Error::dataplane)?;
-            Ok((name, map))
-        })
+        .map(|&name| Ok((name, open_pinned(&dir.join(name))?)))
         .collect()
+}
+
+/// A pinned map, its own handle (the daemon's, the readers', the NAT collector's, the census').
+pub fn open_pinned(path: &Path) -> Result<Map> {
+    let data = MapData::from_pin(path)
+        .map_err(|e| Error::dataplane(format!("open pinned map {}: {e}", path.display())))?;
+    Map::from_map_data(data).map_err(Error::dataplane)
+}
+
+/// A map of the expected kind, or one line saying it is not.
+pub fn typed(e: aya::maps::MapError) -> Error {
+    Error::dataplane(format!("map type mismatch: {e}"))
+}
+
+/// The mmap-ed table pool of a MAGLEV_POOL map.
+pub fn pool_of(map: Map) -> Result<Pool> {
+    match map {
+        Map::Array(data) => Pool::new(data),
+        _ => Err(Error::dataplane("MAGLEV_POOL is not an array")),
+    }
 }
 
 /// Attaches in the configured mode (auto: native, then generic with a warning) and pins the link.

@@ -13,7 +13,7 @@ use lb_common::{
 };
 use serde::Serialize;
 
-pub use load::{detach_instance, open, pin_dir};
+pub use load::{detach_instance, open, open_pinned, pin_dir};
 pub use pool::{Pool, RegionAllocator};
 
 use crate::error::{Error, Result};
@@ -120,19 +120,11 @@ pub struct Readers {
 
 impl Readers {
     pub fn open(instance: &str) -> Result<Self> {
-        let dir = pin_dir(instance);
-        let map = |name: &str| -> Result<aya::maps::Map> {
-            let path = dir.join(name);
-            let data = MapData::from_pin(&path)
-                .map_err(|e| Error::dataplane(format!("open pinned map {}: {e}", path.display())))?;
-            aya::maps::Map::from_map_data(data).map_err(Error::dataplane)
-        };
-        let typed = |e: aya::maps::MapError| Error::dataplane(format!("map type mismatch: {e}"));
         use lb_common::maps;
-        let pool = match map(maps::MAGLEV_POOL)? {
-            aya::maps::Map::Array(data) => Pool::new(data)?,
-            _ => return Err(Error::dataplane("MAGLEV_POOL is not an array")),
-        };
+        use load::{open_pinned, pool_of, typed};
+        let dir = pin_dir(instance);
+        let map = |name: &str| open_pinned(&dir.join(name));
+        let pool = pool_of(map(maps::MAGLEV_POOL)?)?;
         Ok(Self {
             conntrack: map(maps::CONNTRACK)?.try_into().map_err(typed)?,
             nat: map(maps::NAT_FLOWS)?.try_into().map_err(typed)?,
