@@ -172,7 +172,7 @@ impl Writer {
             histograms,
         };
         let warnings = writer
-            .commit(services, writer.status.clone(), HashMap::new())
+            .commit(services, writer.status.clone(), HashMap::new(), true)
             .await?;
         let handles = Handles {
             commands: tx,
@@ -265,10 +265,18 @@ impl Writer {
             }
         }
         let changed = services != self.services;
-        let mut result = self.commit(services, status.clone(), hop_updates.clone()).await;
+        // Only a change's answer carries warnings: a pass for health or next hops alone skips
+        // their sysctl reads, netlink queries and socket binds.
+        let answering = !replies.is_empty();
+        let mut result = self
+            .commit(services, status.clone(), hop_updates.clone(), answering)
+            .await;
         if result.is_err() && changed {
             // The changes were refused; health and next hops still apply.
-            if let Err(e) = self.commit(self.services.clone(), status, hop_updates).await {
+            if let Err(e) = self
+                .commit(self.services.clone(), status, hop_updates, false)
+                .await
+            {
                 warn!("reconcile: {e}");
             }
         }
@@ -293,6 +301,7 @@ impl Writer {
         services: Vec<Service>,
         mut status: BTreeMap<BackendRef, BackendStatus>,
         hop_updates: HashMap<IpAddr, Option<NextHop>>,
+        with_warnings: bool,
     ) -> Result<Vec<String>> {
         let mut warnings = Vec::new();
         let wanted = backend_addresses(&services);
@@ -403,10 +412,13 @@ impl Writer {
         }
         self.panicking.retain(|n| weights.contains_key(n));
 
-        warnings.extend(warnings::forwarding(&self.cfg.interfaces, &services));
-        warnings
-            .extend(warnings::encap_mtu(&self.resolver, &self.cfg.interfaces, &services, &next_hops).await);
-        warnings.extend(warnings::nat(&self.cfg, &services));
+        if with_warnings {
+            warnings.extend(warnings::forwarding(&self.cfg.interfaces, &services));
+            warnings.extend(
+                warnings::encap_mtu(&self.resolver, &self.cfg.interfaces, &services, &next_hops).await,
+            );
+            warnings.extend(warnings::nat(&self.cfg, &services));
+        }
         let declared_changed = services != self.services;
         self.services = services;
         self.hops = next_hops;
