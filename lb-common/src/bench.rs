@@ -7,6 +7,11 @@ pub const BENCH_FRAME_WORDS: usize = 16;
 /// Program array slots the wrapper tail-calls into.
 pub const BENCH_TARGET_LB: u32 = 0;
 pub const BENCH_TARGET_FLOOR: u32 = 1;
+/// Katran's balancer (default build) and its build with the flood guard held open
+/// (tests/src/bench/katran.rs), for the same-run comparison.
+pub const BENCH_TARGET_KATRAN: u32 = 2;
+pub const BENCH_TARGET_KATRAN_NO_GUARD: u32 = 3;
+pub const BENCH_TARGETS: u32 = 4;
 
 #[repr(C)]
 #[derive(Copy, Clone, Debug)]

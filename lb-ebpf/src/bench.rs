@@ -21,12 +21,12 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::bench::{
-    BENCH_FRAME_WORDS, BenchFrame, E2E_HEADERS_LEN, E2E_SPORT_BASE, E2E_SPORT_MASK, E2E_SPORT_OFFSET,
-    E2eHeaders,
+    BENCH_FRAME_WORDS, BENCH_TARGETS, BenchFrame, E2E_HEADERS_LEN, E2E_SPORT_BASE, E2E_SPORT_MASK,
+    E2E_SPORT_OFFSET, E2eHeaders,
 };
 
 #[map]
-static BENCH_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+static BENCH_PROGS: ProgramArray = ProgramArray::with_max_entries(BENCH_TARGETS, 0);
 
 #[map]
 static BENCH_FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);

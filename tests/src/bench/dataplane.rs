@@ -4,6 +4,10 @@
 //! before each iteration and tail-calls the balancer; the floor (parse Ethernet + IPv4, XDP_TX)
 //! goes through the same wrapper. Each run checks the verdict and that the balancer's own
 //! counters moved by exactly `repeat` on the intended path and nowhere else.
+//!
+//! Katran (`katran_*` cases, when `../shared/katran` is there) runs through the same wrapper on
+//! the same frames, and its runs are checked the same way: its output once, its counters and its
+//! LRU every run. Runs are interleaved across all cases, so a slow spell hits every contender.
 
 use anyhow::{Context, Result, bail, ensure};
 use aya::{
@@ -15,7 +19,9 @@ use lb_common::{
     Backend, Counter, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue, VipFilter,
     addr_words,
     backend::BACKEND_F_ACTIVE,
-    bench::{BENCH_TARGET_FLOOR, BENCH_TARGET_LB, BenchFrame},
+    bench::{
+        BENCH_TARGET_FLOOR, BENCH_TARGET_KATRAN, BENCH_TARGET_KATRAN_NO_GUARD, BENCH_TARGET_LB, BenchFrame,
+    },
     dpconfig::DataPlaneConfig,
     maps,
     service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP, FWD_NAT},
@@ -26,7 +32,10 @@ use lb_userspace::{
 };
 use serde::Serialize;
 
-use super::median;
+use super::{
+    katran::{self, Katran},
+    median,
+};
 use crate::{
     NetNs, in_ns,
     packets::{
@@ -81,18 +90,37 @@ struct Case {
     target: u32,
     vary_offset: u32,
     verdict: u32,
-    /// Counters that must move by `repeat` per run; every other counter must stay still.
-    counters: &'static [Counter],
+    check: Check,
     target_ns: Option<f64>,
 }
 
-fn cases() -> Vec<Case> {
+/// What a run must have done besides returning the verdict.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Our counters that must move by `repeat` per run; every other counter must stay still.
+    Ours(&'static [Counter]),
+    /// Katran's: the warm-up's output is IPIP (or ip6ip6) of the input to one of the reals, and
+    /// each run moved Katran's counters as this path does.
+    Katran(KatranPath),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KatranPath {
+    /// A flow in the LRU: no miss.
+    Established,
+    /// A new flow per iteration; `inserted`: whether the flood guard lets it into the LRU.
+    Syn { inserted: bool },
+    /// Not a VIP: XDP_PASS, nothing rewritten.
+    Pass,
+}
+
+fn cases(katran: bool) -> Vec<Case> {
     let v4 =
         |proto, l4: Vec<u8>, dst| [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(proto, CLIENT4, dst, &l4)].concat();
     let v6 = |proto, l4: Vec<u8>| [eth(LB_MAC, CLIENT_MAC, 0x86dd), ipv6(proto, CLIENT6, VIP6, &l4)].concat();
     let payload = [0x5au8; 18];
     let hit: &[Counter] = &[Counter::ConntrackHit, Counter::Tx];
-    vec![
+    let mut ours = vec![
         Case {
             unwrapped: true,
             name: "floor_unwrapped",
@@ -101,7 +129,7 @@ fn cases() -> Vec<Case> {
             target: BENCH_TARGET_FLOOR,
             vary_offset: 0,
             verdict: XDP_TX,
-            counters: &[],
+            check: Check::Ours(&[]),
             target_ns: None,
         },
         Case {
@@ -112,7 +140,7 @@ fn cases() -> Vec<Case> {
             target: BENCH_TARGET_FLOOR,
             vary_offset: 0,
             verdict: XDP_TX,
-            counters: &[],
+            check: Check::Ours(&[]),
             target_ns: None,
         },
         Case {
@@ -123,7 +151,7 @@ fn cases() -> Vec<Case> {
             target: BENCH_TARGET_LB,
             vary_offset: IPV4_SRC,
             verdict: XDP_TX,
-            counters: &[Counter::ConntrackMiss, Counter::Tx],
+            check: Check::Ours(&[Counter::ConntrackMiss, Counter::Tx]),
             target_ns: Some(100.0),
         },
         Case {
@@ -134,7 +162,7 @@ fn cases() -> Vec<Case> {
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_TX,
-            counters: hit,
+            check: Check::Ours(hit),
             target_ns: Some(45.0),
         },
         Case {
@@ -145,7 +173,7 @@ fn cases() -> Vec<Case> {
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_TX,
-            counters: hit,
+            check: Check::Ours(hit),
             target_ns: Some(50.0),
         },
         Case {
@@ -156,7 +184,7 @@ fn cases() -> Vec<Case> {
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_TX,
-            counters: hit,
+            check: Check::Ours(hit),
             target_ns: None,
         },
         Case {
@@ -167,7 +195,7 @@ fn cases() -> Vec<Case> {
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_TX,
-            counters: hit,
+            check: Check::Ours(hit),
             target_ns: None,
         },
         Case {
@@ -178,7 +206,7 @@ fn cases() -> Vec<Case> {
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_REDIRECT,
-            counters: &[Counter::ConntrackHit, Counter::Redirect],
+            check: Check::Ours(&[Counter::ConntrackHit, Counter::Redirect]),
             target_ns: None,
         },
         Case {
@@ -189,7 +217,7 @@ fn cases() -> Vec<Case> {
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_REDIRECT,
-            counters: &[Counter::ConntrackHit, Counter::Redirect],
+            check: Check::Ours(&[Counter::ConntrackHit, Counter::Redirect]),
             target_ns: None,
         },
         Case {
@@ -200,7 +228,7 @@ fn cases() -> Vec<Case> {
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_REDIRECT,
-            counters: &[Counter::ConntrackHit, Counter::Redirect],
+            check: Check::Ours(&[Counter::ConntrackHit, Counter::Redirect]),
             target_ns: None,
         },
         Case {
@@ -211,7 +239,7 @@ fn cases() -> Vec<Case> {
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_REDIRECT,
-            counters: &[Counter::ConntrackHit, Counter::Redirect],
+            check: Check::Ours(&[Counter::ConntrackHit, Counter::Redirect]),
             target_ns: None,
         },
         Case {
@@ -222,7 +250,7 @@ fn cases() -> Vec<Case> {
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_PASS,
-            counters: &[Counter::PassNotVip],
+            check: Check::Ours(&[Counter::PassNotVip]),
             target_ns: Some(15.0),
         },
         Case {
@@ -233,7 +261,7 @@ fn cases() -> Vec<Case> {
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_TX,
-            counters: &[Counter::Tx],
+            check: Check::Ours(&[Counter::Tx]),
             target_ns: None,
         },
         Case {
@@ -253,10 +281,85 @@ fn cases() -> Vec<Case> {
             target: BENCH_TARGET_LB,
             vary_offset: 0,
             verdict: XDP_TX,
-            counters: &[Counter::NatReply, Counter::Tx],
+            check: Check::Ours(&[Counter::NatReply, Counter::Tx]),
             target_ns: None,
         },
-    ]
+    ];
+    if !katran {
+        return ours;
+    }
+    // Katran, on the same frames: its VIPs are ours (TCP 80, UDP 53 on VIP4 and VIP6).
+    let k = |name, frame, target, vary_offset, verdict, path| Case {
+        unwrapped: false,
+        name,
+        frame,
+        setup: None,
+        target,
+        vary_offset,
+        verdict,
+        check: Check::Katran(path),
+        target_ns: None,
+    };
+    let established = KatranPath::Established;
+    ours.extend([
+        k(
+            "katran_tcp4_established",
+            v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), VIP4),
+            BENCH_TARGET_KATRAN,
+            0,
+            XDP_TX,
+            established,
+        ),
+        k(
+            "katran_udp4",
+            v4(PROTO_UDP, udp(40000, 53, &payload), VIP4),
+            BENCH_TARGET_KATRAN,
+            0,
+            XDP_TX,
+            established,
+        ),
+        k(
+            "katran_tcp4_syn",
+            v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), VIP4),
+            BENCH_TARGET_KATRAN_NO_GUARD,
+            IPV4_SRC,
+            XDP_TX,
+            KatranPath::Syn { inserted: true },
+        ),
+        k(
+            "katran_tcp4_syn_guarded",
+            v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), VIP4),
+            BENCH_TARGET_KATRAN,
+            IPV4_SRC,
+            XDP_TX,
+            KatranPath::Syn { inserted: false },
+        ),
+        k(
+            "katran_tcp6_established",
+            v6(PROTO_TCP, tcp(40000, 80, TCP_ACK)),
+            BENCH_TARGET_KATRAN,
+            0,
+            XDP_TX,
+            established,
+        ),
+        k(
+            "katran_udp6",
+            v6(PROTO_UDP, udp(40000, 53, &payload)),
+            BENCH_TARGET_KATRAN,
+            0,
+            XDP_TX,
+            established,
+        ),
+        k(
+            "katran_nonvip_pass",
+            v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), OTHER4),
+            BENCH_TARGET_KATRAN,
+            0,
+            XDP_PASS,
+            KatranPath::Pass,
+        ),
+    ]);
+    ours
 }
 
 /// The balancer loaded with one service per family and protocol, each on the same 100-backend
@@ -268,12 +371,17 @@ struct Bench {
     wrapper: Ebpf,
     global: PerCpuArray<MapData, u64>,
     frame: Array<MapData, BenchFrame>,
+    seq: Array<MapData, u32>,
     // Held so the service tables stay mapped for the whole run.
     _pool: Pool,
+    /// Katran's default build and its build with the flood guard held open.
+    katran: Option<(Katran, Katran)>,
+    /// The CPU this thread is pinned to (Katran's LRU is per CPU).
+    cpu: usize,
 }
 
 impl Bench {
-    fn new() -> Result<Self> {
+    fn new(cpu: usize) -> Result<Self> {
         let mut lb = empty_ebpf().context("load the balancer object")?;
         let prog: &mut Xdp = lb.program_mut(maps::PROG_LB).context("lb program")?.try_into()?;
         prog.load().context("verifier rejected lb")?;
@@ -424,17 +532,54 @@ impl Bench {
         progs.set(BENCH_TARGET_LB, lb_prog.fd()?, 0)?;
         let floor: &Xdp = wrapper.program("bench_floor").context("floor")?.try_into()?;
         progs.set(BENCH_TARGET_FLOOR, floor.fd()?, 0)?;
+        let katran = match katran::find_dir() {
+            Some(dir) => {
+                let default = Katran::load(&dir.join("balancer.bpf.o"))?;
+                let open = Katran::load(&dir.join("balancer_no_flood_guard.bpf.o"))?;
+                progs.set(BENCH_TARGET_KATRAN, default.program()?.fd()?, 0)?;
+                progs.set(BENCH_TARGET_KATRAN_NO_GUARD, open.program()?.fd()?, 0)?;
+                Some((default, open))
+            }
+            None => {
+                eprintln!(
+                    "    Katran not found (../shared/katran beside the checkout, or LB_KATRAN_DIR): skipping the katran_* cases"
+                );
+                None
+            }
+        };
         let frame = wrapper
             .take_map("BENCH_FRAME")
             .context("BENCH_FRAME")?
             .try_into()?;
+        let seq = wrapper.take_map("BENCH_SEQ").context("BENCH_SEQ")?.try_into()?;
         Ok(Self {
             _lb: lb,
             _progs: progs,
             wrapper,
             global,
             frame,
+            seq,
             _pool: pool,
+            katran,
+            cpu,
+        })
+    }
+
+    fn katran_mut(&mut self, target: u32) -> Result<&mut Katran> {
+        let (default, open) = self.katran.as_mut().context("Katran is not loaded")?;
+        Ok(if target == BENCH_TARGET_KATRAN_NO_GUARD {
+            open
+        } else {
+            default
+        })
+    }
+
+    fn katran(&self, target: u32) -> Result<&Katran> {
+        let (default, open) = self.katran.as_ref().context("Katran is not loaded")?;
+        Ok(if target == BENCH_TARGET_KATRAN_NO_GUARD {
+            open
+        } else {
+            default
         })
     }
 
@@ -446,67 +591,185 @@ impl Bench {
     }
 
     /// One test_run of the wrapper (or of the floor alone); returns (verdict, kernel ns per
-    /// iteration).
-    fn run(&self, input: &[u8], repeat: u32, unwrapped: bool) -> Result<(u32, u64)> {
+    /// iteration, the last iteration's frame).
+    fn run(&self, input: &[u8], repeat: u32, unwrapped: bool) -> Result<(u32, u64, Vec<u8>)> {
         let name = if unwrapped { "bench_floor" } else { "bench_wrap" };
         let prog: &Xdp = self.wrapper.program(name).context(name)?.try_into()?;
+        let mut out = vec![0u8; 256];
         let r = prog.test_run(TestRunOptions {
             data_in: Some(input),
+            data_out: Some(&mut out),
             repeat,
             ..Default::default()
         })?;
-        Ok((r.return_value, r.duration.as_nanos() as u64))
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, r.duration.as_nanos() as u64, out))
     }
 
-    fn measure(&mut self, case: &Case, repeat: u32, runs: usize) -> Result<Vec<u64>> {
+    /// Before each timed run: the case's frame in place, its setup sent, and one iteration, so
+    /// established cases find their flow (an interleaved SYN case may have evicted it).
+    fn warm(&mut self, case: &Case) -> Result<Vec<u8>> {
+        if let Check::Katran(_) = case.check {
+            self.katran_mut(case.target)?.set_flood_guard(false)?;
+        }
         let frame = BenchFrame::new(&case.frame, case.target, case.vary_offset)
             .with_context(|| format!("{}: frame too long", case.name))?;
-        self.frame.set(0, frame, 0)?;
-        let input = &frame_bytes(&frame)[..frame.len as usize];
         if let Some(setup) = &case.setup {
             let f = BenchFrame::new(setup, case.target, 0)
                 .with_context(|| format!("{}: setup frame", case.name))?;
             self.frame.set(0, f, 0)?;
             self.run(&frame_bytes(&f)[..f.len as usize], 1, false)?;
-            self.frame.set(0, frame, 0)?;
         }
-        // One iteration first, so established cases find their flow in the connection table.
-        let (verdict, _) = self.run(input, 1, case.unwrapped)?;
+        self.frame.set(0, frame, 0)?;
+        let input = frame_bytes(&frame)[..frame.len as usize].to_vec();
+        let (verdict, _, out) = self.run(&input, 1, case.unwrapped)?;
         ensure!(
             verdict == case.verdict,
             "{}: warm-up verdict {verdict}",
             case.name
         );
-        let mut out = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            let before = self.counters()?;
-            let (verdict, ns) = self.run(input, repeat, case.unwrapped)?;
-            let after = self.counters()?;
-            ensure!(
-                verdict == case.verdict,
-                "{}: verdict {verdict}, expected {}",
-                case.name,
-                case.verdict
-            );
-            for (i, c) in Counter::ALL.iter().enumerate() {
-                let moved = after[i] - before[i];
-                let want = if case.counters.contains(c) {
-                    repeat as u64
-                } else {
-                    0
+        if let Check::Katran(path) = case.check {
+            check_katran_output(case.name, &input, &out, path, case.vary_offset as usize)?;
+        }
+        Ok(input)
+    }
+
+    /// One timed run of `repeat` iterations, checked; returns the kernel's ns per iteration.
+    fn run_once(&mut self, case: &Case, repeat: u32) -> Result<u64> {
+        let input = self.warm(case)?;
+        match case.check {
+            Check::Ours(counters) => {
+                let before = self.counters()?;
+                let (verdict, ns, _) = self.run(&input, repeat, case.unwrapped)?;
+                let after = self.counters()?;
+                check_verdict(case, verdict)?;
+                for (i, c) in Counter::ALL.iter().enumerate() {
+                    let moved = after[i] - before[i];
+                    let want = if counters.contains(c) { repeat as u64 } else { 0 };
+                    if moved != want {
+                        bail!(
+                            "{}: counter {} moved by {moved} in {repeat} iterations, expected {want}",
+                            case.name,
+                            c.name()
+                        );
+                    }
+                }
+                Ok(ns)
+            }
+            Check::Katran(path) => {
+                // At rest for every case (an earlier case may have tripped it), held tripped
+                // for the guarded one.
+                let tripped = path == (KatranPath::Syn { inserted: false });
+                self.katran_mut(case.target)?.set_flood_guard(tripped)?;
+                let before = self.katran(case.target)?.counters()?;
+                let (verdict, ns, _) = self.run(&input, repeat, false)?;
+                let katran = self.katran(case.target)?;
+                let moved = katran.counters()?.since(&before);
+                check_verdict(case, verdict)?;
+                let r = repeat as u64;
+                let want = match path {
+                    KatranPath::Pass => katran::Counters {
+                        pass: r,
+                        ..Default::default()
+                    },
+                    KatranPath::Established => katran::Counters {
+                        tx: r,
+                        ..Default::default()
+                    },
+                    KatranPath::Syn { .. } => katran::Counters {
+                        tx: r,
+                        lru_miss: r,
+                        syn_miss: r,
+                        ..Default::default()
+                    },
                 };
-                if moved != want {
-                    bail!(
-                        "{}: counter {} moved by {moved} in {repeat} iterations, expected {want}",
-                        case.name,
-                        c.name()
+                ensure!(
+                    moved == want,
+                    "{}: Katran's counters moved by {moved:?} in {repeat} iterations, expected {want:?}",
+                    case.name
+                );
+                if let KatranPath::Syn { inserted } = path {
+                    // The last 1000 stamped flows: all in this CPU's LRU, or none of them.
+                    let last = self.seq.get(&0, 0)?;
+                    let mut found = 0;
+                    for seq in last.saturating_sub(999)..=last {
+                        let mut src = [0u8; 16];
+                        src[..4].copy_from_slice(&seq.to_ne_bytes());
+                        let mut dst = [0u8; 16];
+                        dst[..4].copy_from_slice(&VIP4);
+                        let key = katran::FlowKey {
+                            src,
+                            dst,
+                            sport_be: 40000u16.to_be(),
+                            dport_be: 80u16.to_be(),
+                            proto: PROTO_TCP,
+                            pad: [0; 3],
+                        };
+                        found += katran.has_flow(self.cpu, &key)? as u32;
+                    }
+                    let ok = if inserted { found >= 990 } else { found == 0 };
+                    ensure!(
+                        ok,
+                        "{}: {found} of the last 1000 new flows are in Katran's LRU",
+                        case.name
                     );
                 }
+                Ok(ns)
             }
-            out.push(ns);
         }
-        Ok(out)
     }
+}
+
+fn check_verdict(case: &Case, verdict: u32) -> Result<()> {
+    ensure!(
+        verdict == case.verdict,
+        "{}: verdict {verdict}, expected {}",
+        case.name,
+        case.verdict
+    );
+    Ok(())
+}
+
+/// Katran's output for one iteration: for a VIP, the input behind a new Ethernet header to the
+/// next hop and an outer IPIP (IPv4) or ip6ip6 header to one of the family's reals; for a
+/// non-VIP, the input unchanged. `vary`: the offset of the source the wrapper stamped, if any.
+fn check_katran_output(name: &str, input: &[u8], out: &[u8], path: KatranPath, vary: usize) -> Result<()> {
+    if path == KatranPath::Pass {
+        ensure!(out == input, "{name}: Katran rewrote a non-VIP packet");
+        return Ok(());
+    }
+    let v6 = input[12..14] == [0x86, 0xdd];
+    let outer = if v6 { 40 } else { 20 };
+    ensure!(
+        out.len() == input.len() + outer,
+        "{name}: Katran's output is {} bytes for {} in",
+        out.len(),
+        input.len()
+    );
+    ensure!(
+        out[..6] == katran::NEXT_HOP_MAC,
+        "{name}: dst MAC is not the next hop's"
+    );
+    let mut inner = input[14..].to_vec();
+    if vary != 0 {
+        let at = vary - 14;
+        inner[at..at + 4].copy_from_slice(&out[outer + vary..outer + vary + 4]);
+    }
+    ensure!(out[14 + outer..] == inner[..], "{name}: the inner packet changed");
+    let (ethertype, proto, dst) = if v6 {
+        ([0x86, 0xdd], out[14 + 6], &out[14 + 24..14 + 40])
+    } else {
+        ([0x08, 0x00], out[14 + 9], &out[14 + 16..14 + 20])
+    };
+    ensure!(
+        out[12..14] == ethertype,
+        "{name}: outer ethertype {:02x?}",
+        &out[12..14]
+    );
+    ensure!(proto == if v6 { 41 } else { 4 }, "{name}: outer protocol {proto}");
+    let real = (1..=katran::REALS).any(|i| &katran::real_addr(v6, i)[..dst.len()] == dst);
+    ensure!(real, "{name}: outer destination {dst:02x?} is not a real");
+    Ok(())
 }
 
 fn frame_bytes(frame: &BenchFrame) -> Vec<u8> {
@@ -523,23 +786,29 @@ pub fn run(repeat: u32, runs: usize, only: Option<&str>) -> Result<Vec<CaseResul
 }
 
 fn run_here(repeat: u32, runs: usize, only: Option<&str>) -> Result<Vec<CaseResult>> {
-    pin_to_cpu(1)?;
-    let mut bench = Bench::new()?;
-    let mut measured = Vec::new();
-    for case in cases() {
-        if case.target != BENCH_TARGET_FLOOR && only.is_some_and(|o| !case.name.contains(o)) {
-            continue;
+    let cpu = pin_to_cpu(1)?;
+    let mut bench = Bench::new(cpu)?;
+    let cases: Vec<Case> = cases(bench.katran.is_some())
+        .into_iter()
+        .filter(|c| c.target == BENCH_TARGET_FLOOR || only.is_none_or(|o| c.name.contains(o)))
+        .collect();
+    // Interleaved: run r of every case, then run r + 1, so that a slow spell of the machine
+    // falls on all contenders alike.
+    let mut measured: Vec<Vec<u64>> = vec![Vec::with_capacity(runs); cases.len()];
+    for _ in 0..runs {
+        for (case, ns) in cases.iter().zip(&mut measured) {
+            ns.push(bench.run_once(case, repeat)?);
         }
-        let ns = bench.measure(&case, repeat, runs)?;
-        measured.push((case, ns));
     }
-    let floor = measured
+    let floor = cases
         .iter()
+        .zip(&measured)
         .find(|(c, _)| c.target == BENCH_TARGET_FLOOR && !c.unwrapped)
         .and_then(|(_, ns)| median(ns.iter().map(|&v| v as f64)))
         .context("no floor case")?;
-    Ok(measured
+    Ok(cases
         .into_iter()
+        .zip(measured)
         .map(|(case, runs_ns)| {
             let ns = median(runs_ns.iter().map(|&v| v as f64)).unwrap_or(f64::NAN);
             CaseResult {
@@ -555,8 +824,72 @@ fn run_here(repeat: u32, runs: usize, only: Option<&str>) -> Result<Vec<CaseResu
         .collect())
 }
 
-/// Pins the calling thread to `cpu` (the last CPU if there are fewer).
-pub fn pin_to_cpu(cpu: usize) -> Result<()> {
+/// One of our cases beside Katran's, from the same run.
+#[derive(Clone, Debug, Serialize)]
+pub struct VsKatran {
+    pub case: String,
+    pub katran_case: String,
+    /// ns per packet, medians.
+    pub ours: f64,
+    pub katran: f64,
+    /// ours ÷ Katran.
+    pub ratio: f64,
+    /// The same with the wrapper's floor taken off both.
+    pub ratio_above_floor: f64,
+    /// "same" when ours does Katran's work (IPIP out), "less" when ours is DSR (a MAC rewrite
+    /// where Katran builds an outer header).
+    pub work: &'static str,
+    /// The goal for the ratio, where it sets one.
+    pub goal: Option<f64>,
+}
+
+/// Our cases paired with Katran's: (ours, Katran's, same work, goal).
+const PAIRS: &[(&str, &str, bool, Option<f64>)] = &[
+    ("tcp4_established", "katran_tcp4_established", false, Some(0.5)),
+    (
+        "tcp4_established_ipip",
+        "katran_tcp4_established",
+        true,
+        Some(0.6),
+    ),
+    ("tcp6_established", "katran_tcp6_established", false, None),
+    (
+        "tcp6_established_ipip",
+        "katran_tcp6_established",
+        true,
+        Some(0.8),
+    ),
+    ("udp4", "katran_udp4", false, Some(0.4)),
+    ("udp6", "katran_udp6", false, None),
+    ("tcp4_syn", "katran_tcp4_syn", false, Some(0.5)),
+    ("tcp4_syn_guarded", "katran_tcp4_syn_guarded", false, Some(0.8)),
+    ("nonvip_pass", "katran_nonvip_pass", true, Some(0.6)),
+];
+
+/// The pairs that both ran.
+pub fn vs_katran(results: &[CaseResult]) -> Vec<VsKatran> {
+    let get = |name: &str| results.iter().find(|r| r.case == name);
+    PAIRS
+        .iter()
+        .filter_map(|&(ours, theirs, same, goal)| {
+            let (o, k) = (get(ours)?, get(theirs)?);
+            let floor = o.floor_ns_per_packet;
+            Some(VsKatran {
+                case: ours.to_string(),
+                katran_case: theirs.to_string(),
+                ours: o.ns_per_packet,
+                katran: k.ns_per_packet,
+                ratio: o.ns_per_packet / k.ns_per_packet,
+                ratio_above_floor: (o.ns_per_packet - floor) / (k.ns_per_packet - floor),
+                work: if same { "same" } else { "less" },
+                goal,
+            })
+        })
+        .collect()
+}
+
+/// Pins the calling thread to `cpu` (the last CPU if there are fewer); returns the CPU.
+pub fn pin_to_cpu(cpu: usize) -> Result<usize> {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let cpu = cpu.min(cpus - 1);
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
@@ -567,5 +900,5 @@ pub fn pin_to_cpu(cpu: usize) -> Result<()> {
             bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
         }
     }
-    Ok(())
+    Ok(cpu)
 }

@@ -6,6 +6,7 @@ pub mod control;
 pub mod dataplane;
 pub mod e2e;
 pub mod health;
+pub mod katran;
 pub mod report;
 
 /// The median (the mean of the middle two for an even count); `None` for no values.

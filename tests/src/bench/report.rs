@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::{
     control::{MaglevResult, Rss},
-    dataplane::CaseResult,
+    dataplane::{CaseResult, VsKatran},
     e2e::E2eResult,
     health::HealthResult,
 };
@@ -44,6 +44,8 @@ impl Machine {
 pub struct Results {
     pub quick: bool,
     pub dataplane: Option<Vec<CaseResult>>,
+    /// Our data-plane cases beside Katran's from the same run (empty without ../shared/katran).
+    pub vs_katran: Option<Vec<VsKatran>>,
     pub e2e: Option<Vec<E2eResult>>,
     pub maglev: Option<Vec<MaglevResult>>,
     pub table_swap_us: Option<f64>,
@@ -91,6 +93,32 @@ impl Results {
                     c.ns_per_packet,
                     c.ratio_to_floor,
                     runs.join(", ")
+                );
+            }
+            s.push('\n');
+        }
+        if let Some(vs) = self.vs_katran.as_ref().filter(|v| !v.is_empty()) {
+            let _ = writeln!(
+                s,
+                "| ours | Katran | work | ours ns | Katran ns | ours ÷ Katran | above floor | goal |"
+            );
+            let _ = writeln!(s, "|---|---|---|---:|---:|---:|---:|---|");
+            for v in vs {
+                let _ = writeln!(
+                    s,
+                    "| `{}` | `{}` | {} | {:.0} | {:.0} | {:.2} | {:.2} | {} |",
+                    v.case,
+                    v.katran_case,
+                    if v.work == "same" {
+                        "same (IPIP)"
+                    } else {
+                        "less (DSR)"
+                    },
+                    v.ours,
+                    v.katran,
+                    v.ratio,
+                    v.ratio_above_floor,
+                    goal_cell(v)
                 );
             }
             s.push('\n');
@@ -154,7 +182,7 @@ impl Results {
             );
             let _ = writeln!(
                 s,
-                "{:<20} {:>8} {:>9} {:>8}  runs (ns)",
+                "{:<24} {:>8} {:>9} {:>8}  runs (ns)",
                 "case", "ns/pkt", "x floor", "target"
             );
             for c in cases {
@@ -164,12 +192,34 @@ impl Results {
                 });
                 let _ = writeln!(
                     s,
-                    "{:<20} {:>8.1} {:>9.2} {:>8}  {:?}",
+                    "{:<24} {:>8.1} {:>9.2} {:>8}  {:?}",
                     c.case,
                     c.ns_per_packet,
                     c.ratio_to_floor,
                     target.unwrap_or_default(),
                     c.runs
+                );
+            }
+        }
+        if let Some(vs) = self.vs_katran.as_ref().filter(|v| !v.is_empty()) {
+            let _ = writeln!(s, "\nagainst Katran, same run (ns per packet, median)");
+            let _ = writeln!(
+                s,
+                "{:<22} {:<24} {:<5} {:>8} {:>8} {:>7} {:>11}  goal",
+                "ours", "katran", "work", "ours", "katran", "ratio", "above floor"
+            );
+            for v in vs {
+                let _ = writeln!(
+                    s,
+                    "{:<22} {:<24} {:<5} {:>8.1} {:>8.1} {:>7.2} {:>11.2}  {}",
+                    v.case,
+                    v.katran_case,
+                    v.work,
+                    v.ours,
+                    v.katran,
+                    v.ratio,
+                    v.ratio_above_floor,
+                    goal_cell(v)
                 );
             }
         }
@@ -257,6 +307,12 @@ fn health_lines(h: &HealthResult, bullet: &str) -> String {
     )
 }
 
+fn goal_cell(v: &VsKatran) -> String {
+    v.goal
+        .map(|g| format!("≤ {g} {}", if v.ratio <= g { "met" } else { "missed" }))
+        .unwrap_or_default()
+}
+
 /// An end-to-end row's rates and ratios as text; `none` stands where a figure does not exist.
 fn e2e_cells(r: &E2eResult, none: &str) -> [String; 7] {
     let rate = |v: Option<f64>| v.map_or_else(|| none.to_string(), |v| format!("{v:.0}"));
@@ -294,7 +350,7 @@ fn svg_chart(cases: &[CaseResult], machine: &Machine) -> String {
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="10" y="20" font-size="15">ns per packet (BPF_PROG_TEST_RUN, median); dashed line: floor</text>"#
+        r#"<text x="10" y="20" font-size="15">ns per packet (BPF_PROG_TEST_RUN, median); orange: Katran, same run; dashed line: floor</text>"#
     );
     let _ = writeln!(
         s,
@@ -308,6 +364,8 @@ fn svg_chart(cases: &[CaseResult], machine: &Machine) -> String {
         let w = c.ns_per_packet * scale;
         let fill = if c.case.starts_with("floor") {
             "#999"
+        } else if c.case.starts_with("katran_") {
+            "#dd6b20"
         } else {
             "#2b6cb0"
         };

@@ -50,6 +50,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let mut results = Results {
         quick: args.quick,
         dataplane: None,
+        vs_katran: None,
         e2e: None,
         maglev: None,
         table_swap_us: None,
@@ -62,7 +63,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if wants(Part::Dataplane) {
         let (repeat, runs) = if args.quick { (100_000, 3) } else { (1_000_000, 5) };
         eprintln!("==> data plane: {runs} runs of {repeat} iterations per case");
-        results.dataplane = Some(dataplane::run(repeat, runs, args.case.as_deref())?);
+        let cases = dataplane::run(repeat, runs, args.case.as_deref())?;
+        results.vs_katran = Some(dataplane::vs_katran(&cases));
+        results.dataplane = Some(cases);
     }
     if wants(Part::Control) {
         let runs = if args.quick { 3 } else { 7 };
