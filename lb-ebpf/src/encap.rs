@@ -8,7 +8,7 @@ use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns, bpf_xdp_adjust_head},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 use lb_common::{
@@ -174,8 +174,7 @@ fn next_hop(
     src6: &[u32; 4],
     dst: &[u32; 4],
 ) -> Result<*mut NextHop, Verdict> {
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::clock::now_ns();
     let cached = NEXT_HOPS.get_ptr_mut(slot);
     if let Some(c) = cached
         // SAFETY: per-CPU slot, only this CPU touches it.

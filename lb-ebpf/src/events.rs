@@ -1,7 +1,6 @@
 //! Rare data-plane events, logged through aya-log to the daemon's log: at most one per kind per
 //! second per CPU, and never from the path of a packet that is forwarded as usual.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_log_ebpf::warn;
 
 use crate::maps::EVENT_NEXT;
@@ -27,8 +26,7 @@ pub fn note(event: Event, slot: u32) {
     let Some(next) = EVENT_NEXT.get_ptr_mut(event as u32) else {
         return;
     };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::clock::now_ns();
     // SAFETY: this CPU's slot; nothing else writes it while we run.
     unsafe {
         if now < *next {

@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 
+mod clock;
 mod echo;
 mod encap;
 mod events;

@@ -8,7 +8,7 @@
 //! an entry is a counted drop, so stray segments cannot fill the table. `select::choose` finds
 //! a packet's entry (the VIP filter's NAT bits keep other traffic away from the table).
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use lb_common::{
     Backend, Counter, FAMILY_V4, FlowKey, NatEntry, PROTO_TCP, addr_words,
     hash::flow_hash,
@@ -66,7 +66,7 @@ fn translate_verdict(
         return error(ctx, frame, flow, e, backend);
     }
     let flags = tcp_flags(frame, flow);
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::clock::now_ns();
     if now.wrapping_sub(e.last_seen_ns) > NAT_TOUCH_NS {
         e.last_seen_ns = now;
     }
@@ -169,7 +169,7 @@ fn open_verdict(
         return Verdict::Drop(Counter::DropNatTableFull);
     };
     let v4 = key.family == FAMILY_V4;
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = crate::clock::now_ns();
     let (family, proto) = (key.family, key.proto);
     // SAFETY: a per-CPU map value of NatScratch; `eth` is 12 bounds-checked bytes.
     unsafe {

@@ -2,7 +2,7 @@
 
 use core::mem::MaybeUninit;
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::bindings::BPF_NOEXIST;
 
 use lb_common::{
     Backend, Counter, FAMILY_V4, FlowKey, FlowState, NatEntry, PROTO_UDP, ServiceKey, ServiceValue,
@@ -275,8 +275,7 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
     if !backend.is_active() {
         return Err(Verdict::Drop(Counter::DropBackendMissing));
     }
-    // SAFETY: a helper without arguments.
-    let now_ns = unsafe { bpf_ktime_get_ns() };
+    let now_ns = crate::clock::now_ns();
     let now = coarse_seconds(now_ns);
     // A new flow, as shedding counts them: a SYN, or a UDP flow's first datagram. A TCP
     // segment of an unknown flow is an established connection that lost its entry: never shed.
