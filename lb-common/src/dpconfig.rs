@@ -18,9 +18,30 @@ pub struct DataPlaneConfig {
     /// SNAT source addresses (the balancer's, on the backends' network), wire order.
     pub nat_src6: [u32; 4],
     pub nat_src4: u32,
-    pub _reserved: u32,
+    /// Flood guard: new flows one CPU remembers per `FLOOD_WINDOW_NS`; past that, new flows
+    /// still go by the Maglev table but are not inserted. 0: no guard.
+    pub flood_limit: u32,
 }
 const _: () = assert!(core::mem::size_of::<DataPlaneConfig>() == 56);
+
+/// The flood guard's window.
+pub const FLOOD_WINDOW_NS: u64 = 100_000_000;
+/// Per-CPU state of the flood guard (the `FLOOD` map).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct FloodWindow {
+    pub start_ns: u64,
+    pub count: u64,
+}
+
+/// The per-window limit for a rate of new flows per second per CPU (0 = no guard).
+pub const fn flood_limit(per_cpu_per_s: u32) -> u32 {
+    if per_cpu_per_s == 0 {
+        return 0;
+    }
+    let per_window = per_cpu_per_s as u64 * FLOOD_WINDOW_NS / 1_000_000_000;
+    if per_window == 0 { 1 } else { per_window as u32 }
+}
 
 /// Answer ICMP echo requests to VIP addresses from the data plane (else pass them on).
 pub const DP_F_ECHO_REPLY: u32 = 1;

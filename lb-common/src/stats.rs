@@ -90,8 +90,11 @@ counters! {
     ShedSpilled = 35, "shed_spilled";
     // Shedding: a new flow over its service's or backend's limit, dropped (the client retries).
     DropShed = 36, "drop_shed";
+    // Flood guard: a new flow forwarded by its Maglev table but not remembered, because this
+    // CPU saw more new flows than daemon.flood_guard_per_cpu allows this 100 ms window.
+    ConntrackFloodSkipped = 37, "conntrack_flood_skipped";
 }
 
 /// Size of the global counter map.
 pub const COUNTER_SLOTS: u32 = 48;
-const _: () = assert!((Counter::DropShed as u32) < COUNTER_SLOTS);
+const _: () = assert!((Counter::ConntrackFloodSkipped as u32) < COUNTER_SLOTS);

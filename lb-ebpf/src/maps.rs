@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, Backend, FlowKey, FlowState, NatEntry, ServiceKey, ServiceValue, TrafficStats, VipFilter,
-    dpconfig::{DataPlaneConfig, NextHop},
+    dpconfig::{DataPlaneConfig, FloodWindow, NextHop},
     maps::{
         DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, MAX_SERVICES,
         MAX_TX_PORTS,
@@ -61,6 +61,11 @@ pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
     LruHashMap::pinned(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// The flood guard's window, per CPU (see `select::flooded`). Not pinned: a restart only
+/// starts a new window.
+#[map]
+pub static FLOOD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0);
 
 /// NAT entries, both directions (`lb_common::nat`). A plain hash map, not LRU: evicting a live
 /// connection would break it, so a full table refuses new connections (counted) and the daemon

@@ -7,6 +7,7 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
     Backend, Counter, FAMILY_V4, FlowKey, FlowState, NatEntry, PROTO_UDP, ServiceKey, ServiceValue,
     VipFilter,
+    dpconfig::FLOOD_WINDOW_NS,
     flow::{SYN_RETRANSMIT_WINDOW, coarse_seconds},
     hash::{flow_hash, source_hash},
     service::{FWD_NAT, SVC_F_HASH_SOURCE, SVC_F_SHED, SVC_F_SHED_DROP},
@@ -15,7 +16,10 @@ use lb_common::{
 use lb_ebpf::{Flow, FlowKind, Verdict};
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, FRAGMENT_SERVICES, MAGLEV_POOL, NAT_FLOWS, SERVICES, SHED, VIP_FILTER},
+    maps::{
+        BACKENDS, CONNTRACK, DP_CONFIG, FLOOD, FRAGMENT_SERVICES, MAGLEV_POOL, NAT_FLOWS, SERVICES, SHED,
+        VIP_FILTER,
+    },
     stats::{count, finish},
 };
 
@@ -333,6 +337,10 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
     if remember == Remember::No || service.forward >= FWD_NAT {
         return Ok(state);
     }
+    if flooded(now_ns) {
+        count(Counter::ConntrackFloodSkipped);
+        return Ok(state);
+    }
     // A SYN inserts only where there is no entry, so the common case costs one insert; one
     // that finds a fresh entry of its own backend is the client retrying: counted for passive
     // health, and the entry (and its age) stays.
@@ -347,6 +355,29 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
         crate::events::note(crate::events::Event::ConntrackInsertFailed, slot);
     }
     Ok(state)
+}
+
+/// Whether this CPU is past its budget of remembered new flows for the current window
+/// (`DataPlaneConfig::flood_limit`). Past it, a flood of new flows (each one a fresh tuple)
+/// would only evict live flows from the LRU: Maglev sends them to the same backend without an
+/// entry, and a table change in between is what second chance is for. Katran's guard, per CPU.
+#[inline(always)]
+fn flooded(now_ns: u64) -> bool {
+    let limit = match DP_CONFIG.get(0) {
+        Some(c) if c.flood_limit != 0 => u64::from(c.flood_limit),
+        _ => return false,
+    };
+    let Some(w) = FLOOD.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a per-CPU slot; nothing else on this CPU touches it meanwhile.
+    let w = unsafe { &mut *w };
+    if now_ns.wrapping_sub(w.start_ns) >= FLOOD_WINDOW_NS {
+        w.start_ns = now_ns;
+        w.count = 0;
+    }
+    w.count += 1;
+    w.count > limit
 }
 
 /// Candidates after the first that a shed flow may spill to.

@@ -49,6 +49,12 @@ pub struct DaemonConfig {
     /// Connection-table capacity (flows).
     #[serde(default = "default_conntrack")]
     pub conntrack_size: u32,
+    /// Flood guard: new flows per second one CPU inserts into the connection table. Past it
+    /// (a SYN flood), new flows still go to their Maglev table's backend but are not
+    /// remembered, so the flood does not evict live flows; counted as
+    /// `conntrack_flood_skipped`. 0 turns the guard off.
+    #[serde(default = "default_flood_guard")]
+    pub flood_guard_per_cpu: u32,
     /// Capacity of the Maglev table pool, in slots. Each service needs twice its table size.
     #[serde(default = "default_pool")]
     pub table_pool_slots: u32,
@@ -246,6 +252,11 @@ fn default_instance() -> String {
 }
 fn default_conntrack() -> u32 {
     DEFAULT_CONNTRACK_SIZE
+}
+/// Twice Katran's 125,000: far above what one CPU's legitimate new connections reach.
+pub const DEFAULT_FLOOD_GUARD_PER_CPU: u32 = 250_000;
+fn default_flood_guard() -> u32 {
+    DEFAULT_FLOOD_GUARD_PER_CPU
 }
 fn default_pool() -> u32 {
     DEFAULT_POOL_SLOTS

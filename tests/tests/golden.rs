@@ -468,6 +468,66 @@ fn connection_table_keeps_flows_after_the_table_changes() {
 }
 
 #[test]
+fn flood_guard_forwards_new_flows_past_its_limit_without_remembering_them() {
+    in_fresh_ns(|| {
+        let mut dp = standard();
+        let syn = |port: u16| {
+            [
+                eth(LB_MAC, CLIENT_MAC, 0x0800),
+                ipv4(6, CLIENT4, VIP4, &tcp(port, 80, 0x02)),
+            ]
+            .concat()
+        };
+        let set_limit = |dp: &mut Dp, flood_limit| {
+            let mut cfg = dp.dp_config.get(&0, 0).expect("dp config");
+            cfg.flood_limit = flood_limit;
+            dp.dp_config.set(0, cfg, 0).expect("set dp config");
+        };
+        // Two new flows per 100 ms window on this CPU. The five SYNs must fall in one window;
+        // a machine slow enough to cross a window boundary gets another try (bounded).
+        set_limit(&mut dp, 2);
+        let mut done = false;
+        for attempt in 0..5u16 {
+            let skipped = dp.counter(Counter::ConntrackFloodSkipped);
+            let entries = dp.conntrack.keys().count();
+            let start = std::time::Instant::now();
+            for i in 0..5 {
+                let input = syn(41000 + attempt * 10 + i);
+                let (verdict, out) = dp.run(&input);
+                // Every one still goes to its Maglev table's backend.
+                assert_eq!((verdict, out), (XDP_TX, rewritten(&input, B1_MAC)));
+            }
+            if start.elapsed() > std::time::Duration::from_millis(80) {
+                continue;
+            }
+            let now_skipped = dp.counter(Counter::ConntrackFloodSkipped) - skipped;
+            let now_entries = dp.conntrack.keys().count() - entries;
+            assert_eq!(now_skipped + now_entries as u64, 5);
+            if now_entries == 2 {
+                assert_eq!(now_skipped, 3);
+                done = true;
+                break;
+            }
+            // The window may have turned between two SYNs: at most one more got in.
+            assert!(
+                now_entries <= 4,
+                "{now_entries} of 5 new flows remembered past a limit of 2"
+            );
+        }
+        assert!(done, "five SYNs never fell within one window");
+        // Off (0): every new flow is remembered.
+        set_limit(&mut dp, 0);
+        let skipped = dp.counter(Counter::ConntrackFloodSkipped);
+        let entries = dp.conntrack.keys().count();
+        for i in 0..5 {
+            dp.run(&syn(42000 + i));
+        }
+        assert_eq!(dp.counter(Counter::ConntrackFloodSkipped), skipped);
+        assert_eq!(dp.conntrack.keys().count(), entries + 5);
+    });
+}
+
+#[test]
 fn wildcard_port_service_and_empty_table() {
     in_fresh_ns(|| {
         let mut dp = standard();

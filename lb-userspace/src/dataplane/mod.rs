@@ -81,7 +81,7 @@ impl DataPlane {
             nat_port_count: nat.ports.len(),
             nat_src6: nat.source6.map_or([0; 4], |a| addr_words(a.octets())),
             nat_src4: nat.source4.map_or(0, v4_word),
-            _reserved: 0,
+            flood_limit: lb_common::dpconfig::flood_limit(cfg.flood_guard_per_cpu),
         };
         self.dp_config.set(0, value, 0).map_err(Error::dataplane)
     }
