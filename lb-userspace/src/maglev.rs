@@ -85,6 +85,37 @@ pub fn build_table(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
         })
         .collect();
 
+    let mut table = vec![EMPTY; m as usize];
+    // Which slots are taken, one bit each: the probe loop reads this (8 KiB at m = 65537, in
+    // L1) rather than the table (32 times larger).
+    let mut taken = vec![0u64; (m as usize).div_ceil(64)];
+    // Every turn fills exactly one slot and the quotas sum to `m`, so a free slot exists at each
+    // turn; a prime `m` and `1 <= skip < m` make the walk visit every slot, so the probe loop ends.
+    let mut claim = |lane: &mut Lane| loop {
+        let slot = lane.pos as usize;
+        lane.pos += lane.skip;
+        if lane.pos >= m64 {
+            lane.pos -= m64;
+        }
+        let (word, bit) = (slot / 64, 1u64 << (slot % 64));
+        if taken[word] & bit == 0 {
+            taken[word] |= bit;
+            table[slot] = lane.index;
+            break;
+        }
+    };
+    if weights.iter().all(|&w| w == weights[0]) {
+        // Equal weights: every turn time is `taken / w`, so the turn order below is rounds in
+        // rank order, each rank taking one turn per round until its quota is spent. The same
+        // order without the heap.
+        let rounds = lanes.iter().map(|l| l.quota).max().unwrap_or(0);
+        for round in 0..rounds {
+            for lane in lanes.iter_mut().filter(|l| l.quota > round) {
+                claim(lane);
+            }
+        }
+        return table;
+    }
     let mut heap: BinaryHeap<Turn> = weights
         .iter()
         .zip(&quotas)
@@ -96,23 +127,9 @@ pub fn build_table(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
             rank,
         })
         .collect();
-
-    let mut table = vec![EMPTY; m as usize];
-    // Every turn fills exactly one slot and the quotas sum to `m`, so a free slot exists at each
-    // turn; a prime `m` and `1 <= skip < m` make the walk visit every slot, so the probe loop ends.
     while let Some(mut turn) = heap.pop() {
         let lane = &mut lanes[turn.rank];
-        loop {
-            let slot = lane.pos as usize;
-            lane.pos += lane.skip;
-            if lane.pos >= m64 {
-                lane.pos -= m64;
-            }
-            if table[slot] == EMPTY {
-                table[slot] = lane.index;
-                break;
-            }
-        }
+        claim(lane);
         turn.taken += 1;
         if turn.taken < lane.quota {
             heap.push(turn);
