@@ -69,6 +69,19 @@ enum Command {
         #[arg(long, value_name = "PART")]
         only: Vec<String>,
     },
+    /// Run setup, then the data-plane fuzzer with more cases than the test command runs
+    ///
+    /// Generated frames through the balancer with BPF_PROG_TEST_RUN, each checked against the
+    /// model (tests/tests/fuzz_dataplane.rs). Prints the seed; `--seed` replays a run. Needs
+    /// root. A million cases take about 3 minutes.
+    Fuzz {
+        /// Number of generated frames
+        #[arg(long, default_value_t = 1_000_000)]
+        cases: u32,
+        /// Replay a run's seed
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -106,7 +119,31 @@ fn run(cli: Cli) -> Result<()> {
         Command::Test { args } => test(&ctx, args),
         Command::Demo => demo(&ctx),
         Command::Bench { quick, only } => bench(&ctx, quick, &only),
+        Command::Fuzz { cases, seed } => fuzz(&ctx, cases, seed),
     }
+}
+
+fn fuzz(ctx: &Ctx, cases: u32, seed: Option<u64>) -> Result<()> {
+    const STEPS: usize = 2;
+    header(1, STEPS, "setup");
+    setup::setup(ctx)?;
+    let mut run = ctx.cargo();
+    run.args([
+        "test",
+        "--release",
+        "-p",
+        "lb-tests",
+        "--test",
+        "fuzz_dataplane",
+        "--",
+        "--nocapture",
+    ]);
+    run.env("LB_FUZZ_CASES", cases.to_string());
+    if let Some(seed) = seed {
+        run.env("LB_FUZZ_SEED", seed.to_string());
+    }
+    header(2, STEPS, &format!("LB_FUZZ_CASES={cases} {}", ctx::display(&run)));
+    ctx::run(&mut run)
 }
 
 fn header(step: usize, total: usize, what: &str) {

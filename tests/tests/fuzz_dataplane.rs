@@ -1,0 +1,531 @@
+//! Generated frames through the balancer (BPF_PROG_TEST_RUN), each checked against a model.
+//!
+//! The model is the host build of the data plane's own parser (`lb_ebpf::parse_flow`) plus the
+//! map state (VIP filter, services, connection table) read from the kernel before each case: it
+//! says whether the program must pass the frame unchanged, drop it unchanged, or forward it
+//! (L2 DSR: the MACs rewritten, nothing else), and which counters move. An independent check
+//! of the frame's own length fields backs the rule that a malformed frame is never forwarded,
+//! so a parser that let one through would fail here even though the model shares its code.
+//!
+//! Scope of this step: the balancer in L2 DSR mode, with services for both families and
+//! protocols, echo replies off and fragments passed. `LB_FUZZ_CASES` sets the number of cases
+//! (default 100,000), `LB_FUZZ_SEED` replays a run; the seed is printed.
+
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use lb_common::{
+    AddrKey, Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue, VipFilter,
+    backend::BACKEND_F_ACTIVE, maps, service::FWD_DSR_L2,
+};
+use lb_ebpf::{Flow, FlowKind, Frame, Verdict, parse_flow};
+use lb_tests::{
+    NetNs, in_ns,
+    packets::{
+        CLIENT_MAC, CLIENT4, CLIENT6, LB_MAC, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_TX, eth, ipv4, ipv6, tcp,
+        udp,
+    },
+    topology::empty_ebpf,
+};
+use proptest::{
+    prelude::*,
+    test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner},
+};
+
+const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb1];
+const OTHER4: [u8; 4] = [10, 200, 0, 7];
+const OTHER6: [u8; 16] = [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+const TABLE: u32 = 13;
+
+struct Dp {
+    ebpf: aya::Ebpf,
+    filter: VipFilter,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    global: PerCpuArray<MapData, u64>,
+    conntrack: HashMap<MapData, FlowKey, FlowState>,
+    vips: Vec<([u32; 4], u8)>,
+}
+
+impl Dp {
+    fn new() -> Self {
+        let mut ebpf = empty_ebpf().expect("load object");
+        let prog: &mut Xdp = ebpf
+            .program_mut(maps::PROG_LB)
+            .expect("lb")
+            .try_into()
+            .expect("xdp");
+        prog.load().expect("verifier accepts lb");
+        let mut take = |n: &str| ebpf.take_map(n).expect(n);
+        let mut services: HashMap<MapData, ServiceKey, ServiceValue> =
+            take(maps::SERVICES).try_into().expect("services");
+        let mut vip_filter: Array<MapData, VipFilter> = take(maps::VIP_FILTER).try_into().expect("filter");
+        let mut vip_addrs: HashMap<MapData, AddrKey, u32> = take(maps::VIP_ADDRS).try_into().expect("addrs");
+        let mut backends: Array<MapData, Backend> = take(maps::BACKENDS).try_into().expect("backends");
+        let mut pool: Array<MapData, u32> = take(maps::MAGLEV_POOL).try_into().expect("pool");
+        let global = take(maps::GLOBAL_STATS).try_into().expect("global");
+        let conntrack = take(maps::CONNTRACK).try_into().expect("conntrack");
+        // Slot 1: a backend on lo (test_run's ingress), so forwarding is XDP_TX.
+        let b = Backend {
+            addr: [0; 16],
+            family: 4,
+            flags: BACKEND_F_ACTIVE,
+            port: 0,
+            generation: 1,
+            ifindex: 1,
+            dst_mac: B1_MAC,
+            src_mac: LB_MAC,
+        };
+        backends.set(1, b, 0).expect("backend");
+        for i in 0..TABLE {
+            pool.set(i, 1, 0).expect("pool");
+        }
+        let mut filter = VipFilter::EMPTY;
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&VIP4);
+        let mut vips = Vec::new();
+        for (id, (family, proto, addr, port)) in [
+            (4u8, 6u8, v4, 80u16),
+            (4, 17, v4, 53),
+            (6, 6, VIP6, 80),
+            (6, 17, VIP6, 53),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let key = ServiceKey::new(family, proto, addr, port.to_be());
+            let value = ServiceValue {
+                id: id as u32,
+                flags: 0,
+                table_offset: 0,
+                table_size: TABLE,
+                forward: FWD_DSR_L2,
+                _reserved: 0,
+            };
+            filter.add(&key);
+            vip_addrs
+                .insert(AddrKey::new(family, key.addr), 1, 0)
+                .expect("vip addr");
+            services.insert(key, value, 0).expect("service");
+            vips.push((key.addr, family));
+        }
+        vip_filter.set(0, filter, 0).expect("filter");
+        Self {
+            ebpf,
+            filter,
+            services,
+            global,
+            conntrack,
+            vips,
+        }
+    }
+
+    fn counters(&self) -> Vec<u64> {
+        Counter::ALL
+            .iter()
+            .map(|&c| self.global.get(&(c as u32), 0).expect("counter").iter().sum())
+            .collect()
+    }
+
+    fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &Xdp = self
+            .ebpf
+            .program(maps::PROG_LB)
+            .expect("lb")
+            .try_into()
+            .expect("xdp");
+        let mut out = vec![0u8; input.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(input),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("test_run");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+}
+
+/// What the program must do with a frame.
+#[derive(Debug, PartialEq, Eq)]
+struct Expect {
+    action: u32,
+    /// The counters that move by one; every other stays still.
+    counters: Vec<Counter>,
+    /// The frame out: the input unchanged, or with the MACs rewritten.
+    output: Vec<u8>,
+}
+
+fn model(dp: &Dp, input: &[u8]) -> Expect {
+    let frame = Frame::new(input.as_ptr() as usize, input.as_ptr() as usize + input.len());
+    let same = input.to_vec();
+    let pass = |c| Expect {
+        action: XDP_PASS,
+        counters: vec![c],
+        output: same.clone(),
+    };
+    let flow: Flow = match parse_flow(&frame) {
+        Ok(flow) => flow,
+        Err(Verdict::Pass(c)) => return pass(c),
+        Err(Verdict::Drop(c)) => {
+            return Expect {
+                action: XDP_DROP,
+                counters: vec![c],
+                output: same,
+            };
+        }
+        Err(v) => panic!("the parser decided {v:?} on its own"),
+    };
+    let key = &flow.key;
+    let may_be_vip = dp.filter.may_be_vip(VipFilter::bit(&key.dst_addr));
+    if !may_be_vip {
+        return pass(Counter::PassNotVip);
+    }
+    match flow.kind {
+        FlowKind::Echo => {
+            let own = dp.vips.iter().any(|&(a, f)| a == key.dst_addr && f == key.family);
+            pass(if own {
+                Counter::PassNotTcpUdp
+            } else {
+                Counter::PassNotVip
+            })
+        }
+        FlowKind::Fragment => pass(if key.family == 4 {
+            Counter::PassIpv4Fragment
+        } else {
+            Counter::PassIpv6Fragment
+        }),
+        FlowKind::Transport { .. } | FlowKind::IcmpError => {
+            let mut counters = Vec::new();
+            let searched = flow.kind != (FlowKind::Transport { syn: true });
+            if searched && dp.conntrack.get(key, 0).is_ok() {
+                counters.push(Counter::ConntrackHit);
+            } else {
+                let skey = ServiceKey::from_words(key.family, key.proto, key.dst_addr, key.dst_port);
+                if dp.services.get(&skey, 0).is_err() {
+                    return pass(Counter::PassNotVip);
+                }
+                counters.push(Counter::ConntrackMiss);
+            }
+            if flow.kind == FlowKind::IcmpError {
+                counters.push(Counter::IcmpErrorForwarded);
+            }
+            counters.push(Counter::Tx);
+            let mut output = same;
+            output[..6].copy_from_slice(&B1_MAC);
+            output[6..12].copy_from_slice(&LB_MAC);
+            Expect {
+                action: XDP_TX,
+                counters,
+                output,
+            }
+        }
+    }
+}
+
+/// Independent of the parser: whether a frame the program forwarded is well-formed by its own
+/// length fields (IPv4: IHL ≥ 5, IHL × 4 ≤ total length ≤ what follows Ethernet; IPv6: 40 +
+/// payload length ≤ that; the TCP header, with its data offset, or the UDP header within the
+/// IP payload; an ICMP error's quote holds its IP header and 8 bytes).
+fn well_formed(f: &[u8]) -> Result<(), String> {
+    let mut l3 = 14;
+    let mut ethertype = u16::from_be_bytes([f[12], f[13]]);
+    if ethertype == 0x8100 || ethertype == 0x88a8 {
+        ethertype = u16::from_be_bytes([*f.get(16).ok_or("cut tag")?, *f.get(17).ok_or("cut tag")?]);
+        l3 = 18;
+    }
+    let ip = f.get(l3..).ok_or("no IP header")?;
+    let (proto, l4) = match ethertype {
+        0x0800 => {
+            let ihl = (*ip.first().ok_or("no IPv4")? & 0xf) as usize * 4;
+            let total = u16::from_be_bytes([*ip.get(2).ok_or("cut")?, *ip.get(3).ok_or("cut")?]) as usize;
+            if ihl < 20 || total < ihl || total > ip.len() {
+                return Err(format!("IPv4 ihl {ihl} total {total} in {} bytes", ip.len()));
+            }
+            (ip[9], &ip[ihl..total])
+        }
+        0x86dd => {
+            if ip.len() < 40 {
+                return Err("IPv6 header cut".into());
+            }
+            let payload = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+            if 40 + payload > ip.len() {
+                return Err(format!("IPv6 payload {payload} in {} bytes", ip.len() - 40));
+            }
+            (ip[6], &ip[40..40 + payload])
+        }
+        t => return Err(format!("ethertype {t:#06x} forwarded")),
+    };
+    match proto {
+        6 => {
+            let doff = (*l4.get(12).ok_or("TCP header cut")? >> 4) as usize * 4;
+            if l4.len() < 20 || doff < 20 || doff > l4.len() {
+                return Err(format!("TCP data offset {doff} in a {}-byte segment", l4.len()));
+            }
+        }
+        17 if l4.len() < 8 => return Err("UDP header cut".into()),
+        17 => {}
+        1 | 58 => {
+            // An ICMP error: its quote must hold an IP header and the 8 bytes after it.
+            let quote = l4.get(8..).ok_or("ICMP header cut")?;
+            let needed = if proto == 1 {
+                (*quote.first().ok_or("empty quote")? & 0xf) as usize * 4 + 8
+            } else {
+                48
+            };
+            if quote.len() < needed {
+                return Err(format!("ICMP quote of {} bytes", quote.len()));
+            }
+        }
+        p => return Err(format!("protocol {p} forwarded")),
+    }
+    Ok(())
+}
+
+fn icmp4_error(quoted: &[u8]) -> Vec<u8> {
+    let mut m = vec![3, 4, 0, 0, 0, 0, 0x05, 0xdc];
+    m.extend_from_slice(quoted);
+    m
+}
+
+fn icmp6_error(quoted: &[u8]) -> Vec<u8> {
+    let mut m = vec![2, 0, 0, 0, 0, 0, 0x05, 0x00];
+    m.extend_from_slice(quoted);
+    m
+}
+
+/// A valid frame of one kind, before mutation.
+fn template() -> impl Strategy<Value = Vec<u8>> {
+    (
+        0u8..12,
+        any::<bool>(),
+        prop_oneof![Just(80u16), Just(53), any::<u16>()],
+        1024u16..65535,
+        0u8..3,
+        prop::collection::vec(any::<u8>(), 0..40),
+    )
+        .prop_map(|(kind, to_vip, dport, sport, tags, payload)| {
+            let dst4 = if to_vip { VIP4 } else { OTHER4 };
+            let dst6 = if to_vip { VIP6 } else { OTHER6 };
+            let flags = [0x02u8, 0x10, 0x12, 0x11, 0x04][kind as usize % 5];
+            let (ethertype, l3) = match kind {
+                0 | 1 => (
+                    0x0800,
+                    ipv4(6, CLIENT4, dst4, &[tcp(sport, dport, flags), payload].concat()),
+                ),
+                2 => (0x0800, ipv4(17, CLIENT4, dst4, &udp(sport, dport, &payload))),
+                3 | 4 => (
+                    0x86dd,
+                    ipv6(6, CLIENT6, dst6, &[tcp(sport, dport, flags), payload].concat()),
+                ),
+                5 => (0x86dd, ipv6(17, CLIENT6, dst6, &udp(sport, dport, &payload))),
+                6 => (0x0800, ipv4(1, CLIENT4, dst4, &[8, 0, 0, 0, 0, 1, 0, 1])),
+                7 => (0x86dd, ipv6(58, CLIENT6, dst6, &[128, 0, 0, 0, 0, 1, 0, 1])),
+                8 => {
+                    // The backend's reply as the client's stack quotes it.
+                    let quoted = ipv4(6, dst4, CLIENT4, &tcp(dport, sport, 0x12));
+                    (0x0800, ipv4(1, [192, 0, 2, 1], dst4, &icmp4_error(&quoted[..28])))
+                }
+                9 => {
+                    let quoted = ipv6(17, dst6, CLIENT6, &udp(dport, sport, &payload));
+                    let n = quoted.len().min(48);
+                    (0x86dd, ipv6(58, CLIENT6, dst6, &icmp6_error(&quoted[..n])))
+                }
+                10 => {
+                    // An IPv4 fragment (more fragments set).
+                    let mut p = ipv4(17, CLIENT4, dst4, &udp(sport, dport, &payload));
+                    p[6] = 0x20;
+                    lb_tests::packets::fix_ipv4_checksum(&mut p);
+                    (0x0800, p)
+                }
+                _ => (0x0806, vec![0u8; 28]),
+            };
+            let mut f = eth(LB_MAC, CLIENT_MAC, if tags > 0 { 0x8100 } else { ethertype });
+            for t in 0..tags {
+                let next = if t + 1 < tags { 0x8100 } else { ethertype };
+                f.extend_from_slice(&[0, 5]);
+                f.extend_from_slice(&u16::to_be_bytes(next));
+            }
+            f.extend_from_slice(&l3);
+            f
+        })
+}
+
+#[derive(Clone, Debug)]
+enum Mutation {
+    Truncate(usize),
+    Flip(usize, u8),
+    /// A 16-bit field at an offset from the IP header, set to a boundary value.
+    Field16(usize, u16),
+    /// A byte at an offset from the IP header (IHL, data offset, flags, next header).
+    Field8(usize, u8),
+    /// A random frame in place of the template.
+    Random(Vec<u8>),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    let boundary16 = prop_oneof![
+        Just(0u16),
+        Just(1),
+        Just(7),
+        Just(8),
+        Just(19),
+        Just(20),
+        Just(27),
+        Just(28),
+        Just(39),
+        Just(40),
+        Just(41),
+        Just(60),
+        Just(1500),
+        Just(u16::MAX),
+        any::<u16>()
+    ];
+    let boundary8 = prop_oneof![
+        Just(0u8),
+        Just(0x40),
+        Just(0x44),
+        Just(0x45),
+        Just(0x46),
+        Just(0x4f),
+        Just(0x50),
+        Just(0x60),
+        Just(0xf0),
+        Just(0x20),
+        Just(0x3f),
+        Just(0x1f),
+        Just(44),
+        Just(0),
+        any::<u8>()
+    ];
+    prop_oneof![
+        3 => (0usize..200).prop_map(Mutation::Truncate),
+        3 => (0usize..200, any::<u8>()).prop_map(|(i, b)| Mutation::Flip(i, b)),
+        // Total length / payload length (2 or 4), fragment word (6), UDP length (IP + 24/44),
+        // the L4 ports and checksums.
+        3 => (prop_oneof![Just(2usize), Just(4), Just(6), Just(24), Just(44), Just(0)], boundary16)
+            .prop_map(|(o, v)| Mutation::Field16(o, v)),
+        // Version/IHL (0), next header (6), TTL/proto (9), TCP data offset (32 / 52).
+        3 => (prop_oneof![Just(0usize), Just(6), Just(9), Just(32), Just(52), Just(20), Just(40)], boundary8)
+            .prop_map(|(o, v)| Mutation::Field8(o, v)),
+        1 => prop::collection::vec(any::<u8>(), 14..160).prop_map(Mutation::Random),
+    ]
+}
+
+fn apply(mut f: Vec<u8>, muts: &[Mutation]) -> Vec<u8> {
+    let l3 = if f.len() >= 14 && f[12..14] == [0x81, 0x00] {
+        18
+    } else {
+        14
+    };
+    for m in muts {
+        match m {
+            Mutation::Truncate(n) => f.truncate((*n).max(14)),
+            Mutation::Flip(i, b) => {
+                if let Some(x) = f.get_mut(*i) {
+                    *x ^= b | 1;
+                }
+            }
+            Mutation::Field16(o, v) => {
+                if let Some(x) = f.get_mut(l3 + o..l3 + o + 2) {
+                    x.copy_from_slice(&v.to_be_bytes());
+                }
+            }
+            Mutation::Field8(o, v) => {
+                if let Some(x) = f.get_mut(l3 + o) {
+                    *x = *v;
+                }
+            }
+            Mutation::Random(r) => f = r.clone(),
+        }
+    }
+    f
+}
+
+fn verdict_counter(c: Counter) -> bool {
+    let n = c.name();
+    n == "tx" || n == "redirect" || n.starts_with("pass_") || n.starts_with("drop_")
+}
+
+#[test]
+fn generated_frames_match_the_model() {
+    let ns = NetNs::new("fuzz").expect("netns");
+    in_ns(&ns, || {
+        let cases: u32 = std::env::var("LB_FUZZ_CASES")
+            .ok()
+            .map(|v| v.parse().expect("LB_FUZZ_CASES: a number"))
+            .unwrap_or(100_000);
+        let seed: u64 = std::env::var("LB_FUZZ_SEED")
+            .ok()
+            .map(|v| v.parse().expect("LB_FUZZ_SEED: a number"))
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+        println!("fuzz: {cases} cases, LB_FUZZ_SEED={seed}");
+        let dp = Dp::new();
+        let mut bytes = [0u8; 32];
+        bytes[..8].copy_from_slice(&seed.to_le_bytes());
+        let config = Config {
+            cases,
+            failure_persistence: None,
+            max_shrink_iters: 2000,
+            ..Config::default()
+        };
+        let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
+        let strategy = (template(), prop::collection::vec(mutation(), 0..3));
+        let start_counters = dp.counters();
+        let before = std::cell::RefCell::new(start_counters.clone());
+        let (ran, forwarded) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+        let result = runner.run(&strategy, |(template, muts)| {
+            let input = apply(template, &muts);
+            let want = model(&dp, &input);
+            let (action, output) = dp.run(&input);
+            let after = dp.counters();
+            let moved: Vec<(Counter, u64)> = Counter::ALL
+                .iter()
+                .zip(after.iter().zip(before.borrow().iter()))
+                .filter(|(_, (a, b))| a != b)
+                .map(|(&c, (a, b))| (c, a - b))
+                .collect();
+            *before.borrow_mut() = after;
+            ran.set(ran.get() + 1);
+            prop_assert_eq!(action, want.action, "verdict; input {:02x?}", input);
+            prop_assert_eq!(&output, &want.output, "output bytes; input {:02x?}", input);
+            let mut want_moved: Vec<(Counter, u64)> = want.counters.iter().map(|&c| (c, 1)).collect();
+            want_moved.sort_by_key(|(c, _)| *c as u32);
+            prop_assert_eq!(&moved, &want_moved, "counters; input {:02x?}", input);
+            if action == XDP_TX {
+                forwarded.set(forwarded.get() + 1);
+                well_formed(&input).map_err(|e| {
+                    TestCaseError::fail(format!("forwarded a malformed frame: {e}; input {input:02x?}"))
+                })?;
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            panic!("LB_FUZZ_SEED={seed}: {e}");
+        }
+        // Over the whole run, exactly one verdict per frame.
+        let (ran, forwarded) = (ran.get(), forwarded.get());
+        let end = dp.counters();
+        let verdicts: u64 = Counter::ALL
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| verdict_counter(**c))
+            .map(|(i, _)| end[i] - start_counters[i])
+            .sum();
+        assert_eq!(verdicts, ran, "verdict counters over the run");
+        println!("fuzz: {ran} frames, {forwarded} forwarded, every one as the model said");
+        // The generator must reach both sides of the rule, or the run proves little.
+        assert!(
+            forwarded > ran / 50,
+            "only {forwarded} of {ran} frames were forwarded"
+        );
+        assert!(forwarded < ran, "every frame was forwarded");
+    });
+}
