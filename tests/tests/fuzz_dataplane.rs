@@ -8,7 +8,7 @@
 //! so a parser that let one through would fail here even though the model shares its code.
 //!
 //! Scope of this step: the balancer in L2 DSR mode, with services for both families and
-//! protocols, echo replies off and fragments passed. `LB_FUZZ_CASES` sets the number of cases
+//! protocols, echo replies off, IPv4 UDP fragments hashed to a backend and the others passed. `LB_FUZZ_CASES` sets the number of cases
 //! (default 100,000), `LB_FUZZ_SEED` replays a run; the seed is printed.
 
 use aya::{
@@ -44,6 +44,7 @@ struct Dp {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     global: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
+    fragment_services: HashMap<MapData, ServiceKey, ServiceValue>,
     vips: Vec<([u32; 4], u8)>,
 }
 
@@ -65,6 +66,9 @@ impl Dp {
         let mut pool: Array<MapData, u32> = take(maps::MAGLEV_POOL).try_into().expect("pool");
         let global = take(maps::GLOBAL_STATS).try_into().expect("global");
         let conntrack = take(maps::CONNTRACK).try_into().expect("conntrack");
+        let mut fragment_services: HashMap<MapData, ServiceKey, ServiceValue> = take(maps::FRAGMENT_SERVICES)
+            .try_into()
+            .expect("fragment services");
         // Slot 1: a backend on lo (test_run's ingress), so forwarding is XDP_TX.
         let b = Backend {
             addr: [0; 16],
@@ -110,12 +114,26 @@ impl Dp {
             vips.push((key.addr, family));
         }
         vip_filter.set(0, filter, 0).expect("filter");
+        // IPv4 UDP fragments hash to a backend (`fragments = "hash"`); the others pass.
+        let frag_key = ServiceKey::new(4, 17, v4, 0);
+        let frag_value = ServiceValue {
+            id: 9,
+            flags: 0,
+            table_offset: 0,
+            table_size: TABLE,
+            forward: FWD_DSR_L2,
+            _reserved: 0,
+        };
+        fragment_services
+            .insert(frag_key, frag_value, 0)
+            .expect("fragment service");
         Self {
             ebpf,
             filter,
             services,
             global,
             conntrack,
+            fragment_services,
             vips,
         }
     }
@@ -192,11 +210,17 @@ fn model(dp: &Dp, input: &[u8]) -> Expect {
                 Counter::PassNotVip
             })
         }
-        FlowKind::Fragment => pass(if key.family == 4 {
-            Counter::PassIpv4Fragment
-        } else {
-            Counter::PassIpv6Fragment
-        }),
+        FlowKind::Fragment => {
+            let fkey = ServiceKey::from_words(key.family, key.proto, key.dst_addr, 0);
+            if dp.fragment_services.get(&fkey, 0).is_err() {
+                return pass(if key.family == 4 {
+                    Counter::PassIpv4Fragment
+                } else {
+                    Counter::PassIpv6Fragment
+                });
+            }
+            forward(same, vec![Counter::FragmentForwarded, Counter::Tx])
+        }
         FlowKind::Transport { .. } | FlowKind::IcmpError => {
             let mut counters = Vec::new();
             let searched = flow.kind != (FlowKind::Transport { syn: true });
@@ -213,15 +237,19 @@ fn model(dp: &Dp, input: &[u8]) -> Expect {
                 counters.push(Counter::IcmpErrorForwarded);
             }
             counters.push(Counter::Tx);
-            let mut output = same;
-            output[..6].copy_from_slice(&B1_MAC);
-            output[6..12].copy_from_slice(&LB_MAC);
-            Expect {
-                action: XDP_TX,
-                counters,
-                output,
-            }
+            forward(same, counters)
         }
+    }
+}
+
+/// Sent back out to backend 1 by L2 DSR: the MACs rewritten, nothing else.
+fn forward(mut output: Vec<u8>, counters: Vec<Counter>) -> Expect {
+    output[..6].copy_from_slice(&B1_MAC);
+    output[6..12].copy_from_slice(&LB_MAC);
+    Expect {
+        action: XDP_TX,
+        counters,
+        output,
     }
 }
 
@@ -244,6 +272,10 @@ fn well_formed(f: &[u8]) -> Result<(), String> {
             if ihl < 20 || total < ihl || total > ip.len() {
                 return Err(format!("IPv4 ihl {ihl} total {total} in {} bytes", ip.len()));
             }
+            // A fragment carries no transport header, or only part of one.
+            if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+                return Ok(());
+            }
             (ip[9], &ip[ihl..total])
         }
         0x86dd => {
@@ -259,6 +291,7 @@ fn well_formed(f: &[u8]) -> Result<(), String> {
         t => return Err(format!("ethertype {t:#06x} forwarded")),
     };
     match proto {
+        44 => {}
         6 => {
             let doff = (*l4.get(12).ok_or("TCP header cut")? >> 4) as usize * 4;
             if l4.len() < 20 || doff < 20 || doff > l4.len() {
@@ -299,7 +332,7 @@ fn icmp6_error(quoted: &[u8]) -> Vec<u8> {
 /// A valid frame of one kind, before mutation.
 fn template() -> impl Strategy<Value = Vec<u8>> {
     (
-        0u8..12,
+        0u8..13,
         any::<bool>(),
         prop_oneof![Just(80u16), Just(53), any::<u16>()],
         1024u16..65535,
@@ -339,6 +372,11 @@ fn template() -> impl Strategy<Value = Vec<u8>> {
                     p[6] = 0x20;
                     lb_tests::packets::fix_ipv4_checksum(&mut p);
                     (0x0800, p)
+                }
+                11 => {
+                    // An IPv6 first fragment (fragment header, more fragments set) of UDP.
+                    let frag = [&[17u8, 0, 0, 1, 0, 0, 0, 7][..], &udp(sport, dport, &payload)].concat();
+                    (0x86dd, ipv6(44, CLIENT6, dst6, &frag))
                 }
                 _ => (0x0806, vec![0u8; 28]),
             };
