@@ -104,6 +104,32 @@ pub struct E2eResult {
     pub lb_nat: Option<f64>,
     pub nftables: Option<f64>,
     pub haproxy: Option<f64>,
+    /// The same per second of forwarder CPU (CPU 1 busy time of the forwarder's threads): the
+    /// honest ratio, since the load generator shares CPU 0 with the servers.
+    pub per_forwarder_cpu_s: PerContender,
+    /// The forwarder's CPU share while measured (0..1): below about 0.95 the load side set
+    /// the rate.
+    pub forwarder_busy: PerContender,
+}
+
+/// One figure per contender (`None` where it does not apply).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PerContender {
+    pub lb: Option<f64>,
+    pub lb_nat: Option<f64>,
+    pub nftables: Option<f64>,
+    pub haproxy: Option<f64>,
+}
+
+impl PerContender {
+    fn of(value: impl Fn(usize) -> Option<f64>) -> Self {
+        Self {
+            lb: value(LB),
+            lb_nat: value(LB_NAT),
+            nftables: value(NFT),
+            haproxy: value(HAPROXY),
+        }
+    }
 }
 
 const LB: usize = 0;
@@ -270,6 +296,8 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
             nftables: rate(NFT),
             // HAProxy does not proxy UDP: no series, None.
             haproxy: rate(HAPROXY),
+            per_forwarder_cpu_s: PerContender::of(per_cpu),
+            forwarder_busy: PerContender::of(|who| median(series[who].iter().map(|m| m.forwarder_cpu))),
         });
     }
     drop(servers);
