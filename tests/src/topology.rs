@@ -244,6 +244,33 @@ pub fn empty_ebpf() -> Result<aya::Ebpf> {
     load_object(lb_userspace::EBPF_OBJECT)
 }
 
+/// The balancer object with its `lb` program loaded (through the verifier), as the golden
+/// tests, the fuzzer and the bench use it.
+pub fn loaded_lb() -> Result<aya::Ebpf> {
+    let mut ebpf = empty_ebpf()?;
+    let prog: &mut aya::programs::Xdp = ebpf
+        .program_mut(lb_common::maps::PROG_LB)
+        .context("no lb program")?
+        .try_into()?;
+    prog.load().context("verifier rejected lb")?;
+    Ok(ebpf)
+}
+
+/// One BPF_PROG_TEST_RUN of `prog` on `input`: the verdict and the frame as the program left
+/// it (room for the largest encapsulation).
+pub fn run_xdp(prog: &aya::programs::Xdp, input: &[u8]) -> Result<(u32, Vec<u8>)> {
+    use aya::programs::{TestRun, TestRunOptions};
+    let mut out = vec![0u8; input.len() + 256];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(input),
+        data_out: Some(&mut out),
+        repeat: 1,
+        ..Default::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out))
+}
+
 /// Loads any of our objects with its pinned maps in a private directory removed at once.
 pub fn load_object(object: &[u8]) -> Result<aya::Ebpf> {
     let dir = PathBuf::from(format!(

@@ -13,7 +13,7 @@
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::Xdp,
 };
 use lb_common::{
     AddrKey, Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue, VipFilter,
@@ -26,7 +26,7 @@ use lb_tests::{
         CLIENT_MAC, CLIENT4, CLIENT6, LB_MAC, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_TX, eth, ipv4, ipv6, tcp,
         udp,
     },
-    topology::empty_ebpf,
+    topology::{loaded_lb, run_xdp},
 };
 use proptest::{
     prelude::*,
@@ -50,13 +50,7 @@ struct Dp {
 
 impl Dp {
     fn new() -> Self {
-        let mut ebpf = empty_ebpf().expect("load object");
-        let prog: &mut Xdp = ebpf
-            .program_mut(maps::PROG_LB)
-            .expect("lb")
-            .try_into()
-            .expect("xdp");
-        prog.load().expect("verifier accepts lb");
+        let mut ebpf = loaded_lb().expect("load lb");
         let mut take = |n: &str| ebpf.take_map(n).expect(n);
         let mut services: HashMap<MapData, ServiceKey, ServiceValue> =
             take(maps::SERVICES).try_into().expect("services");
@@ -152,17 +146,7 @@ impl Dp {
             .expect("lb")
             .try_into()
             .expect("xdp");
-        let mut out = vec![0u8; input.len() + 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(input),
-                data_out: Some(&mut out),
-                repeat: 1,
-                ..Default::default()
-            })
-            .expect("test_run");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        run_xdp(prog, input).expect("test_run")
     }
 }
 

@@ -3,7 +3,7 @@
 
 use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::Xdp,
 };
 use lb_common::{
     AddrKey, Backend, Counter, FlowKey, FlowState, NatEntry, ServiceKey, ServiceValue, VipFilter, addr_words,
@@ -18,7 +18,7 @@ use lb_tests::{
         CLIENT_MAC, CLIENT4, CLIENT6, LB_MAC, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, eth,
         fix_l4_checksum, ipv4, ipv6, tcp, udp,
     },
-    topology::{empty_ebpf, ipip_routes, load_object},
+    topology::{ipip_routes, load_object, loaded_lb, run_xdp},
 };
 
 const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb1];
@@ -42,13 +42,7 @@ struct Dp {
 
 impl Dp {
     fn new() -> Self {
-        let mut ebpf = empty_ebpf().expect("load object");
-        let prog: &mut Xdp = ebpf
-            .program_mut(maps::PROG_LB)
-            .expect("lb")
-            .try_into()
-            .expect("xdp");
-        prog.load().expect("verifier accepts lb");
+        let mut ebpf = loaded_lb().expect("load lb");
         let mut take = |n: &str| ebpf.take_map(n).expect(n);
         let services = take(maps::SERVICES).try_into().expect("services");
         let fragment_services = take(maps::FRAGMENT_SERVICES)
@@ -165,16 +159,7 @@ fn rewritten(input: &[u8], dst: [u8; 6]) -> Vec<u8> {
 
 /// One test_run: the verdict and the frame as the program left it.
 fn run_once(prog: &Xdp, input: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; input.len() + 64];
-    let opts = TestRunOptions {
-        data_in: Some(input),
-        data_out: Some(&mut out),
-        repeat: 1,
-        ..Default::default()
-    };
-    let r = prog.test_run(opts).expect("test_run");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
+    run_xdp(prog, input).expect("test_run")
 }
 
 fn in_fresh_ns(f: impl FnOnce() + Send + 'static) {

@@ -42,7 +42,7 @@ use crate::{
         CLIENT_MAC, CLIENT4, CLIENT6, LB_MAC, VIP4, VIP6, XDP_PASS, XDP_REDIRECT, XDP_TX, eth, ipv4, ipv6,
         tcp, udp,
     },
-    topology::{empty_ebpf, ipip_routes},
+    topology::{ipip_routes, loaded_lb},
 };
 
 pub const BACKENDS: u32 = 100;
@@ -417,9 +417,7 @@ struct Bench {
 
 impl Bench {
     fn new(cpu: usize) -> Result<Self> {
-        let mut lb = empty_ebpf().context("load the balancer object")?;
-        let prog: &mut Xdp = lb.program_mut(maps::PROG_LB).context("lb program")?.try_into()?;
-        prog.load().context("verifier rejected lb")?;
+        let mut lb = loaded_lb().context("load the balancer")?;
         let mut take = |n: &str| lb.take_map(n).with_context(|| format!("map {n}"));
         let mut services: HashMap<MapData, ServiceKey, ServiceValue> = take(maps::SERVICES)?.try_into()?;
         let mut backends: Array<MapData, Backend> = take(maps::BACKENDS)?.try_into()?;
@@ -709,10 +707,10 @@ impl Bench {
                 Ok(ns)
             }
             Check::Katran(path) => {
-                // At rest for every case (an earlier case may have tripped it), held tripped
-                // for the guarded one.
-                let tripped = path == (KatranPath::Syn { inserted: false });
-                self.katran_mut(case.target)?.set_flood_guard(tripped)?;
+                // `warm` put the guard at rest; the guarded case holds it tripped.
+                if path == (KatranPath::Syn { inserted: false }) {
+                    self.katran_mut(case.target)?.set_flood_guard(true)?;
+                }
                 let before = self.katran(case.target)?.counters()?;
                 let (verdict, ns, _) = self.run(&input, repeat, false)?;
                 let katran = self.katran(case.target)?;
