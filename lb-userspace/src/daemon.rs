@@ -181,7 +181,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let metrics_task = match metrics_listener {
         Some((listener, token)) => {
-            let registry = metrics::registry(
+            let metrics = metrics::registry(
                 metrics::Sources {
                     snapshot: handles.snapshot.clone(),
                     readers: readers.clone(),
@@ -197,7 +197,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
             info!("metrics on http://{}/metrics", cfg.metrics.listen);
             Some(tokio::spawn(metrics::serve(
                 listener,
-                registry,
+                metrics,
                 token,
                 stop_tx.subscribe(),
             )))

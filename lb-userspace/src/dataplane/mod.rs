@@ -2,6 +2,7 @@
 //! handles to every map: the writer's (`DataPlane`, owned by the reconciler) and the readers'
 //! (`Readers`, their own handles to the pins, so a read never waits for the writer).
 
+mod batch;
 pub mod census;
 mod load;
 mod pool;
@@ -145,6 +146,27 @@ impl Readers {
         sum_traffic(self.service_stats.get(&id, 0).map_err(Error::dataplane)?)
     }
 
+    /// Every backend slot's traffic below `slots`, in one syscall.
+    pub fn backends_traffic(&self, slots: u32) -> Result<Vec<TrafficStats>> {
+        all_traffic(&self.backend_stats, slots)
+    }
+
+    /// Every service id's traffic below `ids`, in one syscall.
+    pub fn services_traffic(&self, ids: u32) -> Result<Vec<TrafficStats>> {
+        all_traffic(&self.service_stats, ids)
+    }
+
+    /// Every global counter, indexed by `Counter as usize`, in one syscall.
+    pub fn counters(&self) -> Result<Vec<u64>> {
+        use aya::maps::IterableMap;
+        batch::per_cpu_sums(
+            self.global_stats.map(),
+            lb_common::stats::COUNTER_SLOTS,
+            |a, b| *a += b,
+        )
+        .map_err(|e| Error::dataplane(format!("read counters: {e}")))
+    }
+
     pub fn counter(&self, counter: lb_common::Counter) -> Result<u64> {
         let values = self
             .global_stats
@@ -164,15 +186,25 @@ pub fn ifindex(iface: &str) -> Result<u32> {
     }
 }
 
+fn all_traffic(map: &PerCpuArray<MapData, TrafficStats>, count: u32) -> Result<Vec<TrafficStats>> {
+    use aya::maps::IterableMap;
+    batch::per_cpu_sums(map.map(), count, add_traffic)
+        .map_err(|e| Error::dataplane(format!("read traffic: {e}")))
+}
+
+fn add_traffic(acc: &mut TrafficStats, v: &TrafficStats) {
+    acc.packets += v.packets;
+    acc.bytes += v.bytes;
+    acc.new_flows += v.new_flows;
+    acc.syn_retransmits += v.syn_retransmits;
+}
+
 fn sum_traffic(values: PerCpuValues<TrafficStats>) -> Result<TrafficStats> {
-    Ok(values
-        .iter()
-        .fold(TrafficStats::default(), |acc, v| TrafficStats {
-            packets: acc.packets + v.packets,
-            bytes: acc.bytes + v.bytes,
-            new_flows: acc.new_flows + v.new_flows,
-            syn_retransmits: acc.syn_retransmits + v.syn_retransmits,
-        }))
+    let mut sum = TrafficStats::default();
+    for v in values.iter() {
+        add_traffic(&mut sum, v);
+    }
+    Ok(sum)
 }
 
 fn zeroed_per_cpu() -> Result<PerCpuValues<TrafficStats>> {

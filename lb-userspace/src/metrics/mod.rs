@@ -210,11 +210,15 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
 /// `families` names each family by its index in FAMILIES.
 const _: () = assert!(FAMILIES.len() == 28);
 
-/// One family being filled: samples are appended in order, with no per-sample lookup.
+/// One family: samples in the order the walk adds them.
 struct Family {
     mf: MetricFamily,
     kind: MetricType,
     labels: &'static [&'static str],
+    /// The walk's n-th sample is `mf`'s metric `order[n]` (the registry sorts by label values).
+    order: Vec<u32>,
+    /// `mf` is out with the registry (see `restore`).
+    lent: bool,
 }
 
 impl Family {
@@ -225,10 +229,39 @@ impl Family {
         mf.set_name(name.to_string());
         mf.set_help(help.to_string());
         mf.set_field_type(kind);
-        Self { mf, kind, labels }
+        Self {
+            mf,
+            kind,
+            labels,
+            order: Vec::new(),
+            lent: false,
+        }
     }
 
-    fn add(&mut self, values: &[&str], v: f64) {
+    /// Sorts the samples as the registry's `gather` does (by label values, stably), so its sort
+    /// leaves them where they are, and records where each of the walk's samples went.
+    fn sort(&mut self) {
+        let metrics = self.mf.mut_metric();
+        let mut idx: Vec<u32> = (0..metrics.len() as u32).collect();
+        let values = |m: &Metric| {
+            m.get_label()
+                .iter()
+                .map(|l| l.value().to_string())
+                .collect::<Vec<_>>()
+        };
+        let keys: Vec<Vec<String>> = metrics.iter().map(values).collect();
+        idx.sort_by(|&a, &b| keys[a as usize].cmp(&keys[b as usize]));
+        let mut taken: Vec<Option<Metric>> = std::mem::take(metrics).into_iter().map(Some).collect();
+        self.order = vec![0; idx.len()];
+        for (pos, &i) in idx.iter().enumerate() {
+            self.order[i as usize] = pos as u32;
+            if let Some(m) = taken[i as usize].take() {
+                metrics.push(m);
+            }
+        }
+    }
+
+    fn push(&mut self, values: &[&str], v: f64) {
         let labels = self
             .labels
             .iter()
@@ -241,22 +274,107 @@ impl Family {
             })
             .collect();
         let mut m = Metric::from_label(labels);
-        if self.kind == MetricType::COUNTER {
-            let mut c = proto::Counter::default();
-            c.set_value(v);
-            m.set_counter(c);
-        } else {
-            let mut g = proto::Gauge::default();
-            g.set_value(v);
-            m.set_gauge(g);
-        }
+        set_value(&mut m, self.kind, v);
         self.mf.mut_metric().push(m);
     }
+}
+
+fn set_value(m: &mut Metric, kind: MetricType, v: f64) {
+    if kind == MetricType::COUNTER {
+        let mut c = proto::Counter::default();
+        c.set_value(v);
+        m.set_counter(c);
+    } else {
+        let mut g = proto::Gauge::default();
+        g.set_value(v);
+        m.set_gauge(g);
+    }
+}
+
+/// Where the walk puts samples: a new layout (labels built) or the cached one (values only).
+trait Sink {
+    fn add(&mut self, family: usize, labels: &[&str], v: f64);
+    /// Which optional series a backend has (checks, breaker, agent): the layout's shape.
+    fn shape(&mut self, bits: u8);
+}
+
+/// Builds every sample, labels included: once per snapshot (or when the shape changes).
+struct Build {
+    families: Vec<Family>,
+    shape: Vec<u8>,
+}
+
+impl Sink for Build {
+    fn add(&mut self, family: usize, labels: &[&str], v: f64) {
+        self.families[family].push(labels, v);
+    }
+    fn shape(&mut self, bits: u8) {
+        self.shape.push(bits);
+    }
+}
+
+/// Writes values into a cached layout, in the walk's order; `fits` turns false when the walk
+/// does not match the layout (the cache is then rebuilt).
+struct Fill<'a> {
+    families: &'a mut [Family],
+    expected: &'a [u8],
+    cursor: [usize; FAMILIES.len()],
+    shape: usize,
+    fits: bool,
+}
+
+impl Sink for Fill<'_> {
+    fn add(&mut self, family: usize, _labels: &[&str], v: f64) {
+        let f = &mut self.families[family];
+        let i = self.cursor[family];
+        let at = f.order.get(i).map_or(usize::MAX, |&p| p as usize);
+        match f.mf.mut_metric().get_mut(at) {
+            Some(m) => set_value(m, f.kind, v),
+            None => self.fits = false,
+        }
+        self.cursor[family] = i + 1;
+    }
+    fn shape(&mut self, bits: u8) {
+        if self.expected.get(self.shape) != Some(&bits) {
+            self.fits = false;
+        }
+        self.shape += 1;
+    }
+}
+
+impl Fill<'_> {
+    fn complete(&self) -> bool {
+        self.fits
+            && self.shape == self.expected.len()
+            && self
+                .cursor
+                .iter()
+                .zip(self.families.iter())
+                .all(|(&n, f)| n == f.mf.get_metric().len())
+    }
+}
+
+/// The samples of the last scrape, labels and all, for the snapshot they were built from: a
+/// scrape only rewrites their values, so its cost is reading the maps and encoding the text.
+struct Layout {
+    snapshot: Arc<Snapshot>,
+    families: Vec<Family>,
+    shape: Vec<u8>,
+}
+
+/// The counters a scrape reads, each map in one syscall.
+struct Traffic {
+    services: Vec<lb_common::TrafficStats>,
+    backends: Vec<lb_common::TrafficStats>,
+    counters: Vec<u64>,
 }
 
 struct DataPlaneCollector {
     sources: Sources,
     descs: Vec<Desc>,
+    /// Taken by `collect` and given back by `render` after encoding, so the samples are built
+    /// and encoded without a copy.
+    layout: Mutex<Option<Layout>>,
 }
 
 impl DataPlaneCollector {
@@ -272,14 +390,119 @@ impl DataPlaneCollector {
                 )
             })
             .collect::<prometheus::Result<_>>()?;
-        Ok(Self { sources, descs })
+        Ok(Self {
+            sources,
+            descs,
+            layout: Mutex::new(None),
+        })
     }
 
+    fn traffic(&self, snap: &Snapshot) -> Traffic {
+        let r = &self.sources.readers;
+        let services = snap
+            .assignments
+            .services
+            .values()
+            .map(|s| s.id + 1)
+            .max()
+            .unwrap_or(0);
+        let backends = snap
+            .assignments
+            .backends
+            .values()
+            .map(|b| b.slot + 1)
+            .max()
+            .unwrap_or(0);
+        fn read<T>(what: &str, v: crate::error::Result<Vec<T>>) -> Vec<T> {
+            v.unwrap_or_else(|e| {
+                log::warn!("metrics: {what}: {e}");
+                Vec::new()
+            })
+        }
+        Traffic {
+            services: read("service traffic", r.services_traffic(services)),
+            backends: read("backend traffic", r.backends_traffic(backends)),
+            counters: read("counters", r.counters()),
+        }
+    }
+
+    /// This scrape's families: the cached layout with fresh values, or a new layout.
     fn families(&self) -> Vec<MetricFamily> {
+        let snap = self.sources.snapshot.borrow().clone();
+        let traffic = self.traffic(&snap);
+        let mut cached = self.layout.lock().unwrap_or_else(|p| p.into_inner());
+        let layout = match cached.take() {
+            Some(mut layout) if Arc::ptr_eq(&layout.snapshot, &snap) && !layout.families.is_empty() => {
+                let mut fill = Fill {
+                    families: &mut layout.families,
+                    expected: &layout.shape,
+                    cursor: [0; FAMILIES.len()],
+                    shape: 0,
+                    fits: true,
+                };
+                self.walk(&snap, &traffic, &mut fill);
+                let fits = fill.complete();
+                fits.then_some(layout)
+            }
+            _ => None,
+        };
+        let mut layout = layout.unwrap_or_else(|| {
+            let mut build = Build {
+                families: FAMILIES.iter().map(Family::new).collect(),
+                shape: Vec::new(),
+            };
+            self.walk(&snap, &traffic, &mut build);
+            for f in &mut build.families {
+                f.sort();
+            }
+            Layout {
+                snapshot: snap,
+                families: build.families,
+                shape: build.shape,
+            }
+        });
+        // Lent to the registry, which gives them back after encoding (`restore`). A family
+        // with no sample is left out, as the client library does.
+        let mut out = Vec::new();
+        for f in &mut layout.families {
+            if !f.mf.get_metric().is_empty() {
+                f.lent = true;
+                out.push(std::mem::take(&mut f.mf));
+            }
+        }
+        *cached = Some(layout);
+        out
+    }
+
+    /// Gives the families `render` encoded back to the layout they were lent from; if one is
+    /// missing or changed size, the layout is rebuilt on the next scrape.
+    fn restore(&self, gathered: Vec<MetricFamily>) {
+        let mut cached = self.layout.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(layout) = cached.as_mut() else { return };
+        let mut by_name: std::collections::HashMap<String, MetricFamily> = gathered
+            .into_iter()
+            .map(|mf| (mf.name().to_string(), mf))
+            .collect();
+        let mut whole = true;
+        for (f, def) in layout.families.iter_mut().zip(FAMILIES) {
+            if !f.lent {
+                continue;
+            }
+            f.lent = false;
+            match by_name.remove(def.0) {
+                Some(mf) if mf.get_metric().len() == f.order.len() => f.mf = mf,
+                _ => whole = false,
+            }
+        }
+        if !whole {
+            *cached = None;
+        }
+    }
+
+    /// Every sample, in label order (so the registry's sort finds each family sorted).
+    fn walk(&self, snap: &Snapshot, traffic: &Traffic, f: &mut impl Sink) {
         let s = &self.sources;
-        let snap = s.snapshot.borrow().clone();
-        let mut f: Vec<Family> = FAMILIES.iter().map(Family::new).collect();
-        // Indices into `f`, in FAMILIES order.
+        // Indices into FAMILIES.
         let [
             service_packets,
             service_bytes,
@@ -312,7 +535,6 @@ impl DataPlaneCollector {
         ]: [usize; 28] = std::array::from_fn(|i| i);
         let board = s.board.read().unwrap_or_else(|p| p.into_inner());
         let default = crate::status::BackendStatus::default();
-        // In label order, so the registry's sort of each family finds it sorted already.
         let mut services: Vec<&crate::model::Service> = snap.services.iter().collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
         for svc in services {
@@ -322,121 +544,149 @@ impl DataPlaneCollector {
             let name = svc.name.as_str();
             let mut backends: Vec<&crate::model::Backend> = svc.backends.iter().collect();
             backends.sort_by(|a, b| a.id.cmp(&b.id));
-            if let Ok(t) = s.readers.service_traffic(slot.id) {
-                f[service_packets].add(&[name], t.packets as f64);
-                f[service_bytes].add(&[name], t.bytes as f64);
-                f[service_new_flows].add(&[name], t.new_flows as f64);
+            if let Some(t) = traffic.services.get(slot.id as usize) {
+                f.add(service_packets, &[name], t.packets as f64);
+                f.add(service_bytes, &[name], t.bytes as f64);
+                f.add(service_new_flows, &[name], t.new_flows as f64);
             }
-            f[table_generation].add(&[name], slot.generation as f64);
+            f.add(table_generation, &[name], slot.generation as f64);
             let weights = snap.weights.get(&svc.name);
-            f[service_panic].add(&[name], f64::from(u8::from(weights.is_some_and(|w| w.panic))));
+            f.add(
+                service_panic,
+                &[name],
+                f64::from(u8::from(weights.is_some_and(|w| w.panic))),
+            );
             for b in backends {
                 let id = b.id.as_str();
                 let labels = [name, id];
-                if let Some(bs) = snap
+                let stats = snap
                     .assignments
                     .backends
                     .get(&crate::reconcile::plan::backend_key(&svc.name, &b.id))
-                    && let Ok(t) = s.readers.backend_traffic(bs.slot)
-                {
-                    f[backend_packets].add(&labels, t.packets as f64);
-                    f[backend_bytes].add(&labels, t.bytes as f64);
-                    f[backend_new_flows].add(&labels, t.new_flows as f64);
-                    f[backend_syn_retransmits].add(&labels, t.syn_retransmits as f64);
+                    .and_then(|bs| traffic.backends.get(bs.slot as usize));
+                if let Some(t) = stats {
+                    f.add(backend_packets, &labels, t.packets as f64);
+                    f.add(backend_bytes, &labels, t.bytes as f64);
+                    f.add(backend_new_flows, &labels, t.new_flows as f64);
+                    f.add(backend_syn_retransmits, &labels, t.syn_retransmits as f64);
                 }
                 let key = BackendRef::new(&svc.name, &b.id);
                 let st = snap.status.get(&key).unwrap_or(&default);
-                f[backend_up].add(&labels, f64::from(u8::from(st.health == State::Up)));
+                f.add(backend_up, &labels, f64::from(u8::from(st.health == State::Up)));
                 let external = st.external.map_or(1.0, |e| e.score);
-                f[backend_score].add(&labels, st.score * external);
+                f.add(backend_score, &labels, st.score * external);
                 let effective = weights
                     .and_then(|w| w.backends.get(&b.id))
                     .map_or(0, |e| e.weight);
-                f[backend_effective_weight].add(&labels, f64::from(effective));
-                if let Some(c) = board.checks.get(&key) {
-                    f[passive_failures].add(&labels, c.passive_failures as f64);
-                    f[checks].add(&[name, id, "passed"], (c.checks - c.failed) as f64);
-                    f[checks].add(&[name, id, "failed"], c.failed as f64);
+                f.add(backend_effective_weight, &labels, f64::from(effective));
+                let check = board.checks.get(&key);
+                let agent_view = board.agents.get(&key);
+                f.shape(
+                    u8::from(stats.is_some())
+                        | u8::from(check.is_some()) << 1
+                        | u8::from(check.is_some_and(|c| c.breaker.is_some())) << 2
+                        | u8::from(agent_view.is_some()) << 3,
+                );
+                if let Some(c) = check {
+                    f.add(passive_failures, &labels, c.passive_failures as f64);
+                    f.add(checks, &[name, id, "failed"], c.failed as f64);
+                    f.add(checks, &[name, id, "passed"], (c.checks - c.failed) as f64);
                     if c.breaker.is_some() {
-                        let state = match st.breaker {
-                            BreakerState::Closed => "closed",
-                            BreakerState::Open => "open",
-                            BreakerState::HalfOpen => "half-open",
-                        };
-                        f[backend_breaker].add(&[name, id, state], 1.0);
+                        // A state set: one series per state, the current one at 1.
+                        for (label, state) in [
+                            ("closed", BreakerState::Closed),
+                            ("half-open", BreakerState::HalfOpen),
+                            ("open", BreakerState::Open),
+                        ] {
+                            f.add(
+                                backend_breaker,
+                                &[name, id, label],
+                                f64::from(u8::from(st.breaker == state)),
+                            );
+                        }
                     }
                 }
-                if let Some(a) = board.agents.get(&key) {
+                if let Some(a) = agent_view {
                     let ok = a.asked - a.malformed - a.unreachable;
                     for (outcome, n) in [
-                        ("ok", ok),
                         ("malformed", a.malformed),
+                        ("ok", ok),
                         ("unreachable", a.unreachable),
                     ] {
-                        f[agent].add(&[name, id, outcome], n as f64);
+                        f.add(agent, &[name, id, outcome], n as f64);
                     }
                 }
             }
         }
         drop(board);
-        for &c in Counter::ALL {
-            if let Ok(v) = s.readers.counter(c) {
-                f[dataplane].add(&[c.name()], v as f64);
+        let mut counters: Vec<Counter> = Counter::ALL.to_vec();
+        counters.sort_by_key(|c| c.name());
+        for c in counters {
+            if let Some(&v) = traffic.counters.get(c as usize) {
+                f.add(dataplane, &[c.name()], v as f64);
             }
         }
-        f[reconcile_passes].add(&[], snap.counters.passes as f64);
-        f[tables_built].add(&[], snap.counters.tables_built as f64);
-        f[pool_slots].add(&["capacity"], f64::from(snap.pool_capacity));
-        f[pool_slots].add(&["free"], snap.pool_free as f64);
+        f.add(reconcile_passes, &[], snap.counters.passes as f64);
+        f.add(tables_built, &[], snap.counters.tables_built as f64);
+        f.add(pool_slots, &["capacity"], f64::from(snap.pool_capacity));
+        f.add(pool_slots, &["free"], snap.pool_free as f64);
         for a in &snap.attachments {
-            f[xdp_attached].add(&[&a.interface, a.mode], 1.0);
+            f.add(xdp_attached, &[&a.interface, a.mode], 1.0);
         }
         let nat = *s.nat.lock().unwrap_or_else(|p| p.into_inner());
-        f[nat_entries].add(&[], nat.census.entries as f64);
-        f[nat_ports].add(&[], nat.census.snat_ports_in_use as f64);
-        f[nat_expired].add(&[], nat.expired as f64);
-        f[nat_capacity].add(&[], s.nat_capacity as f64);
-        f[conntrack_capacity].add(&[], s.conntrack_capacity as f64);
+        f.add(nat_entries, &[], nat.census.entries as f64);
+        f.add(nat_ports, &[], nat.census.snat_ports_in_use as f64);
+        f.add(nat_expired, &[], nat.expired as f64);
+        f.add(nat_capacity, &[], s.nat_capacity as f64);
+        f.add(conntrack_capacity, &[], s.conntrack_capacity as f64);
         let census = *s.conntrack.lock().unwrap_or_else(|p| p.into_inner());
-        f[conntrack_entries].add(&[], census.entries as f64);
-        f[build_info].add(&[env!("CARGO_PKG_VERSION")], 1.0);
-        // A family with no sample is left out, as the client library does.
-        f.into_iter()
-            .map(|f| f.mf)
-            .filter(|mf| !mf.get_metric().is_empty())
-            .collect()
-    }
-}
-
-impl Collector for DataPlaneCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        self.families()
+        f.add(conntrack_entries, &[], census.entries as f64);
+        f.add(build_info, &[env!("CARGO_PKG_VERSION")], 1.0);
     }
 }
 
 /// The registry the endpoint serves.
-pub fn registry(sources: Sources, histograms: &Histograms) -> prometheus::Result<Registry> {
+pub fn registry(sources: Sources, histograms: &Histograms) -> prometheus::Result<Metrics> {
     let registry = Registry::new();
-    registry.register(Box::new(DataPlaneCollector::new(sources)?))?;
+    let dataplane = Arc::new(DataPlaneCollector::new(sources)?);
+    registry.register(Box::new(Lend(dataplane.clone())))?;
     registry.register(Box::new(histograms.check.clone()))?;
     registry.register(Box::new(histograms.rebuild.clone()))?;
     registry.register(Box::new(histograms.map_write.clone()))?;
     registry.register(Box::new(
         prometheus::process_collector::ProcessCollector::for_self(),
     ))?;
-    Ok(registry)
+    Ok(Metrics { registry, dataplane })
+}
+
+/// The registry, and the collector whose families come back to it after each scrape.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    dataplane: Arc<DataPlaneCollector>,
+}
+
+/// The collector as the registry holds it.
+struct Lend(Arc<DataPlaneCollector>);
+
+impl Collector for Lend {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.families()
+    }
 }
 
 /// The text exposition of everything registered.
-pub fn render(registry: &Registry) -> Vec<u8> {
+pub fn render(metrics: &Metrics) -> Vec<u8> {
     let mut out = Vec::new();
-    if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut out) {
+    let gathered = metrics.registry.gather();
+    if let Err(e) = TextEncoder::new().encode(&gathered, &mut out) {
         log::warn!("metrics: {e}");
     }
+    metrics.dataplane.restore(gathered);
     out
 }
 
@@ -444,7 +694,7 @@ pub fn render(registry: &Registry) -> Vec<u8> {
 /// `Authorization: Bearer <token>` (compared in constant time).
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    registry: Registry,
+    metrics: Metrics,
     token: Option<String>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -456,7 +706,7 @@ pub async fn serve(
     };
     #[derive(Clone)]
     struct Endpoint {
-        registry: Registry,
+        metrics: Metrics,
         token: Option<Arc<String>>,
     }
     async fn scrape(State(e): State<Endpoint>, headers: HeaderMap) -> axum::response::Response {
@@ -470,9 +720,9 @@ pub async fn serve(
                 return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
             }
         }
-        // Summing per-CPU maps is one syscall per counter: off the async workers.
-        let registry = e.registry.clone();
-        match tokio::task::spawn_blocking(move || render(&registry)).await {
+        // Reading the maps and encoding take milliseconds: off the async workers.
+        let metrics = e.metrics.clone();
+        match tokio::task::spawn_blocking(move || render(&metrics)).await {
             Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response(),
             Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "scrape failed\n").into_response(),
         }
@@ -480,7 +730,7 @@ pub async fn serve(
     let app = axum::Router::new()
         .route("/metrics", get(scrape))
         .with_state(Endpoint {
-            registry,
+            metrics,
             token: token.map(Arc::new),
         });
     let shutdown = async move {
@@ -488,5 +738,117 @@ pub async fn serve(
     };
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
         log::warn!("metrics endpoint: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the registry holds in the test: the families lent to it.
+    struct Given(Mutex<Vec<MetricFamily>>, Vec<Desc>);
+
+    impl Collector for Given {
+        fn desc(&self) -> Vec<&Desc> {
+            self.1.iter().collect()
+        }
+        fn collect(&self) -> Vec<MetricFamily> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    fn value(m: &Metric) -> f64 {
+        m.get_counter().get_value()
+    }
+
+    /// A cached layout is filled in the walk's order, which is not the exposition's: each value
+    /// must still land on its own labels after the registry's sort, scrape after scrape.
+    #[test]
+    fn a_filled_layout_keeps_each_value_on_its_labels() {
+        const PACKETS: usize = 3; // lb_backend_packets_total
+        let walk = [("svc-b", "2"), ("svc-a", "10"), ("svc-a", "9"), ("svc-c", "1")];
+        let mut build = Build {
+            families: FAMILIES.iter().map(Family::new).collect(),
+            shape: Vec::new(),
+        };
+        for (i, (s, b)) in walk.iter().enumerate() {
+            build.add(PACKETS, &[s, b], i as f64);
+            build.shape(1);
+        }
+        for f in &mut build.families {
+            f.sort();
+        }
+        let (mut families, shape) = (build.families, build.shape);
+        for round in 1..=3u32 {
+            let mut fill = Fill {
+                families: &mut families,
+                expected: &shape,
+                cursor: [0; FAMILIES.len()],
+                shape: 0,
+                fits: true,
+            };
+            for (i, (s, b)) in walk.iter().enumerate() {
+                fill.add(PACKETS, &[s, b], f64::from(round * 100) + i as f64);
+                fill.shape(1);
+            }
+            assert!(fill.complete(), "round {round}: the walk fits its own layout");
+            let lent = std::mem::take(&mut families[PACKETS].mf);
+            let registry = Registry::new();
+            let desc = Desc::new(
+                FAMILIES[PACKETS].0.into(),
+                "h".into(),
+                vec!["service".into(), "backend".into()],
+                Default::default(),
+            )
+            .unwrap();
+            registry
+                .register(Box::new(Given(Mutex::new(vec![lent]), vec![desc])))
+                .unwrap();
+            let gathered = registry.gather();
+            let metrics = gathered[0].get_metric();
+            let seen: Vec<(String, String, f64)> = metrics
+                .iter()
+                .map(|m| {
+                    (
+                        m.get_label()[0].value().into(),
+                        m.get_label()[1].value().into(),
+                        value(m),
+                    )
+                })
+                .collect();
+            let mut want: Vec<(String, String, f64)> = walk
+                .iter()
+                .enumerate()
+                .map(|(i, (s, b))| (s.to_string(), b.to_string(), f64::from(round * 100) + i as f64))
+                .collect();
+            want.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+            assert_eq!(seen, want, "round {round}");
+            families[PACKETS].mf = gathered.into_iter().next().unwrap();
+        }
+        // A walk that differs from the layout (a backend gained a check) does not fit.
+        let mut fill = Fill {
+            families: &mut families,
+            expected: &shape,
+            cursor: [0; FAMILIES.len()],
+            shape: 0,
+            fits: true,
+        };
+        for (i, (s, b)) in walk.iter().enumerate() {
+            fill.add(PACKETS, &[s, b], 0.0);
+            fill.shape(if i == 2 { 3 } else { 1 });
+        }
+        assert!(!fill.complete());
+        // Nor does one with a sample more.
+        let mut fill = Fill {
+            families: &mut families,
+            expected: &shape,
+            cursor: [0; FAMILIES.len()],
+            shape: 0,
+            fits: true,
+        };
+        for (s, b) in walk.iter().chain(&[("svc-d", "1")]) {
+            fill.add(PACKETS, &[s, b], 0.0);
+        }
+        assert!(!fill.complete());
     }
 }
