@@ -16,7 +16,7 @@ pub fn per_cpu_sums<V: aya::Pod + Default>(
     count: u32,
     add: impl Fn(&mut V, &V),
 ) -> std::io::Result<Vec<V>> {
-    const { assert!(size_of::<V>() % 8 == 0 && size_of::<V>() > 0) };
+    const { assert!(size_of::<V>().is_multiple_of(8) && size_of::<V>() > 0) };
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
     let mut out = Vec::with_capacity(count as usize);
     if count == 0 {

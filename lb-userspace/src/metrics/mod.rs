@@ -294,11 +294,12 @@ fn set_value(m: &mut Metric, kind: MetricType, v: f64) {
 /// Where the walk puts samples: a new layout (labels built) or the cached one (values only).
 trait Sink {
     fn add(&mut self, family: usize, labels: &[&str], v: f64);
-    /// Which optional series a backend has (checks, breaker, agent): the layout's shape.
-    fn shape(&mut self, bits: u8);
+    /// What the labels that follow depend on (a name, which optional series exist): the
+    /// layout's shape. A cached layout fits only a walk with the same shape.
+    fn shape(&mut self, part: &[u8]);
 }
 
-/// Builds every sample, labels included: once per snapshot (or when the shape changes).
+/// Builds every sample, labels included: when the shape changes.
 struct Build {
     families: Vec<Family>,
     shape: Vec<u8>,
@@ -308,8 +309,8 @@ impl Sink for Build {
     fn add(&mut self, family: usize, labels: &[&str], v: f64) {
         self.families[family].push(labels, v);
     }
-    fn shape(&mut self, bits: u8) {
-        self.shape.push(bits);
+    fn shape(&mut self, part: &[u8]) {
+        self.shape.extend_from_slice(part);
     }
 }
 
@@ -334,11 +335,12 @@ impl Sink for Fill<'_> {
         }
         self.cursor[family] = i + 1;
     }
-    fn shape(&mut self, bits: u8) {
-        if self.expected.get(self.shape) != Some(&bits) {
+    fn shape(&mut self, part: &[u8]) {
+        let end = self.shape + part.len();
+        if self.expected.get(self.shape..end) != Some(part) {
             self.fits = false;
         }
-        self.shape += 1;
+        self.shape = end;
     }
 }
 
@@ -354,10 +356,10 @@ impl Fill<'_> {
     }
 }
 
-/// The samples of the last scrape, labels and all, for the snapshot they were built from: a
-/// scrape only rewrites their values, so its cost is reading the maps and encoding the text.
+/// The samples of the last scrape, labels and all: while the services, backends and optional
+/// series stay the same, a scrape only rewrites their values, so its cost is reading the maps
+/// and encoding the text.
 struct Layout {
-    snapshot: Arc<Snapshot>,
     families: Vec<Family>,
     shape: Vec<u8>,
 }
@@ -432,7 +434,7 @@ impl DataPlaneCollector {
         let traffic = self.traffic(&snap);
         let mut cached = self.layout.lock().unwrap_or_else(|p| p.into_inner());
         let layout = match cached.take() {
-            Some(mut layout) if Arc::ptr_eq(&layout.snapshot, &snap) && !layout.families.is_empty() => {
+            Some(mut layout) if !layout.families.is_empty() => {
                 let mut fill = Fill {
                     families: &mut layout.families,
                     expected: &layout.shape,
@@ -456,7 +458,6 @@ impl DataPlaneCollector {
                 f.sort();
             }
             Layout {
-                snapshot: snap,
                 families: build.families,
                 shape: build.shape,
             }
@@ -542,6 +543,8 @@ impl DataPlaneCollector {
                 continue;
             };
             let name = svc.name.as_str();
+            f.shape(name.as_bytes());
+            f.shape(&[0, u8::from(traffic.services.get(slot.id as usize).is_some())]);
             let mut backends: Vec<&crate::model::Backend> = svc.backends.iter().collect();
             backends.sort_by(|a, b| a.id.cmp(&b.id));
             if let Some(t) = traffic.services.get(slot.id as usize) {
@@ -581,12 +584,14 @@ impl DataPlaneCollector {
                 f.add(backend_effective_weight, &labels, f64::from(effective));
                 let check = board.checks.get(&key);
                 let agent_view = board.agents.get(&key);
-                f.shape(
+                f.shape(id.as_bytes());
+                f.shape(&[
+                    0,
                     u8::from(stats.is_some())
                         | u8::from(check.is_some()) << 1
                         | u8::from(check.is_some_and(|c| c.breaker.is_some())) << 2
                         | u8::from(agent_view.is_some()) << 3,
-                );
+                ]);
                 if let Some(c) = check {
                     f.add(passive_failures, &labels, c.passive_failures as f64);
                     f.add(checks, &[name, id, "failed"], c.failed as f64);
@@ -631,6 +636,10 @@ impl DataPlaneCollector {
         f.add(pool_slots, &["capacity"], f64::from(snap.pool_capacity));
         f.add(pool_slots, &["free"], snap.pool_free as f64);
         for a in &snap.attachments {
+            f.shape(a.interface.as_bytes());
+            f.shape(&[0]);
+            f.shape(a.mode.as_bytes());
+            f.shape(&[0]);
             f.add(xdp_attached, &[&a.interface, a.mode], 1.0);
         }
         let nat = *s.nat.lock().unwrap_or_else(|p| p.into_inner());
@@ -773,7 +782,7 @@ mod tests {
         };
         for (i, (s, b)) in walk.iter().enumerate() {
             build.add(PACKETS, &[s, b], i as f64);
-            build.shape(1);
+            build.shape(b"x\0\x01");
         }
         for f in &mut build.families {
             f.sort();
@@ -789,7 +798,7 @@ mod tests {
             };
             for (i, (s, b)) in walk.iter().enumerate() {
                 fill.add(PACKETS, &[s, b], f64::from(round * 100) + i as f64);
-                fill.shape(1);
+                fill.shape(b"x\0\x01");
             }
             assert!(fill.complete(), "round {round}: the walk fits its own layout");
             let lent = std::mem::take(&mut families[PACKETS].mf);
@@ -835,7 +844,7 @@ mod tests {
         };
         for (i, (s, b)) in walk.iter().enumerate() {
             fill.add(PACKETS, &[s, b], 0.0);
-            fill.shape(if i == 2 { 3 } else { 1 });
+            fill.shape(if i == 2 { b"x\0\x03" } else { b"x\0\x01" });
         }
         assert!(!fill.complete());
         // Nor does one with a sample more.
