@@ -68,11 +68,24 @@ pub struct FlowState {
     pub backend: u32,
     pub generation: u32,
     pub service: u32,
-    /// The service's forwarding mode (`FWD_*`).
+    /// The service's forwarding mode (`FWD_*`), and `FLOW_COUNTED` while the flow counts in its
+    /// backend's active flows.
     pub forward: u16,
     /// When the flow's SYN opened the entry, in units of 2^30 ns (about a second), wrapping:
     /// a SYN that finds its own entry this fresh is the client's retransmit.
     pub opened: u16,
+}
+
+/// `FlowState::forward` bit: the flow was counted in its backend's active flows (`ACTIVE`) and
+/// no FIN or RST has taken it off yet.
+pub const FLOW_COUNTED: u16 = 0x8000;
+
+impl FlowState {
+    /// The forwarding mode without the flag bits.
+    #[inline(always)]
+    pub const fn mode(&self) -> u16 {
+        self.forward & !FLOW_COUNTED
+    }
 }
 
 /// A SYN that finds its flow's entry pinned to the same backend within this many units of

@@ -14,6 +14,7 @@ pub mod nat;
 pub mod service;
 pub mod shed;
 pub mod stats;
+pub mod strategy;
 
 pub use backend::Backend;
 pub use flow::{FlowKey, FlowState};

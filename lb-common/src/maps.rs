@@ -14,6 +14,8 @@ pub const VIP_FILTER: &str = "VIP_FILTER";
 pub const MAGLEV_POOL: &str = "MAGLEV_POOL";
 /// Backends: slot -> `Backend`.
 pub const BACKENDS: &str = "BACKENDS";
+/// Active flows per backend slot (i64, atomic adds), for the counting strategies.
+pub const ACTIVE: &str = "ACTIVE";
 /// Connection table: `FlowKey` -> `FlowState` (LRU).
 pub const CONNTRACK: &str = "CONNTRACK";
 /// NAT entries, both directions of each connection: `FlowKey` -> `NatEntry` (see `nat`).
@@ -37,8 +39,9 @@ pub const DP_CONFIG: &str = "DP_CONFIG";
 pub const NEXT_HOPS: &str = "NEXT_HOPS";
 
 /// Every map that is pinned under `/sys/fs/bpf/<instance>/maps/`.
-pub const PINNED: [&str; 14] = [
+pub const PINNED: [&str; 15] = [
     SHED,
+    ACTIVE,
     SERVICES,
     FRAGMENT_SERVICES,
     VIP_ADDRS,

@@ -70,7 +70,8 @@ pub struct ServiceValue {
     pub table_size: u32,
     /// `FWD_*` mode.
     pub forward: u32,
-    pub _reserved: u32,
+    /// `strategy::STRATEGY_*`: what the region at `table_offset` holds and how a new flow picks.
+    pub strategy: u32,
 }
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
 

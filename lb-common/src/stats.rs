@@ -93,8 +93,10 @@ counters! {
     // Flood guard: a new flow forwarded by its Maglev table but not remembered, because this
     // CPU saw more new flows than daemon.flood_guard_per_cpu allows this 100 ms window.
     ConntrackFloodSkipped = 37, "conntrack_flood_skipped";
+    // Least connections / two choices: every candidate was at its connection cap (maxconn).
+    DropMaxconn = 38, "drop_maxconn";
 }
 
 /// Size of the global counter map.
 pub const COUNTER_SLOTS: u32 = 48;
-const _: () = assert!((Counter::ConntrackFloodSkipped as u32) < COUNTER_SLOTS);
+const _: () = assert!((Counter::DropMaxconn as u32) < COUNTER_SLOTS);

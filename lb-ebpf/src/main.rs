@@ -1,6 +1,9 @@
 //! XDP entry points. Thin: parse, select, forward live in their own modules.
 #![no_std]
 #![no_main]
+// Atomic adds (`select::active_add`): the BPF target has no atomic RMW in core::sync.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod clock;
 mod echo;

@@ -55,6 +55,16 @@ pub static MAGLEV_POOL: Array<u32> = Array::pinned(DEFAULT_POOL_SLOTS, BPF_F_MMA
 #[map]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 
+/// Active flows per backend slot, for the counting strategies: +1 when a new flow is pinned,
+/// −1 at the client's FIN or RST, by atomic adds from every CPU. mmap-able so the daemon can
+/// correct drift (flows evicted from the connection table) with atomic adds of its own.
+#[map]
+pub static ACTIVE: Array<i64> = Array::pinned(MAX_BACKENDS, BPF_F_MMAPABLE);
+
+/// Round robin's cursor, per service and per CPU. Not pinned: a restart only restarts the walk.
+#[map]
+pub static CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
 /// One table shared by all CPUs, so a flow stays put even when its packets arrive on another
 /// CPU; but each CPU keeps its own LRU list (BPF_F_NO_COMMON_LRU), so inserting a new flow takes
 /// no global lock. Each CPU can hold up to size / CPUs entries before it evicts its oldest.

@@ -155,7 +155,7 @@ fn open_verdict(
         return Verdict::Drop(Counter::DropBackendMissing);
     };
     let key = &flow.key;
-    let FlowKind::Transport { syn } = flow.kind else {
+    let FlowKind::Transport { syn, .. } = flow.kind else {
         return Verdict::Drop(Counter::DropNatNoEntry);
     };
     if key.proto == PROTO_TCP && !syn {

@@ -66,8 +66,9 @@ pub struct Flow {
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum FlowKind {
     /// TCP or UDP. `syn`: a TCP SYN without ACK opens a flow, so the connection table need not
-    /// be searched.
-    Transport { syn: bool },
+    /// be searched. `close`: a TCP FIN or RST, which ends the flow's place in its backend's
+    /// active-flow count.
+    Transport { syn: bool, close: bool },
     /// An ICMP error (fragmentation needed / packet too big, port unreachable) about a flow:
     /// `key` is the flow of the packet it quotes, direction reversed, so the error goes to the
     /// backend that owns the flow.
@@ -159,9 +160,9 @@ fn parse_ipv4(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
         }
         return icmp4_error(frame, offset, offset + header_len, end, dst);
     }
-    let (sport, dport, syn) = parse_ports(frame, offset + header_len, end, proto)?;
+    let (sport, dport, syn, close) = parse_ports(frame, offset + header_len, end, proto)?;
     let key = FlowKey::from_words(FAMILY_V4, proto, src, dst, sport, dport);
-    Ok(Flow::new(FlowKind::Transport { syn }, offset, key))
+    Ok(Flow::new(FlowKind::Transport { syn, close }, offset, key))
 }
 
 #[inline(always)]
@@ -328,10 +329,10 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
         }
         _ => return Err(Verdict::Pass(Counter::PassNotTcpUdp)),
     }
-    let (sport, dport, syn) = parse_ports(frame, offset + Ipv6Hdr::LEN, end, proto)?;
+    let (sport, dport, syn, close) = parse_ports(frame, offset + Ipv6Hdr::LEN, end, proto)?;
     let (src, dst) = (load_words(ip.src_addr.as_ptr()), load_words(ip.dst_addr.as_ptr()));
     let key = FlowKey::from_words(FAMILY_V6, proto, src, dst, sport, dport);
-    Ok(Flow::new(FlowKind::Transport { syn }, offset, key))
+    Ok(Flow::new(FlowKind::Transport { syn, close }, offset, key))
 }
 
 /// Four wire bytes as one word (the bytes keep their order in memory). One load on the kernel
@@ -355,10 +356,16 @@ fn load_words(p: *const u8) -> [u32; 4] {
     }
 }
 
-/// Source and destination ports, in network byte order, and whether this is a TCP SYN without ACK.
-/// The header must lie within the IP packet, which ends at `end`.
+/// Source and destination ports, in network byte order, whether this is a TCP SYN without ACK,
+/// and whether it is a TCP FIN or RST. The header must lie within the IP packet, which ends at
+/// `end`.
 #[inline(always)]
-fn parse_ports(frame: &Frame, offset: usize, end: usize, proto: u8) -> Result<(u16, u16, bool), Verdict> {
+fn parse_ports(
+    frame: &Frame,
+    offset: usize,
+    end: usize,
+    proto: u8,
+) -> Result<(u16, u16, bool, bool), Verdict> {
     match proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = frame
@@ -373,7 +380,13 @@ fn parse_ports(frame: &Frame, offset: usize, end: usize, proto: u8) -> Result<(u
                 return Err(Verdict::Drop(Counter::DropBadL4Header));
             }
             let syn = tcp.syn() != 0 && tcp.ack() == 0;
-            Ok((u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest), syn))
+            let close = tcp.fin() != 0 || tcp.rst() != 0;
+            Ok((
+                u16::from_ne_bytes(tcp.source),
+                u16::from_ne_bytes(tcp.dest),
+                syn,
+                close,
+            ))
         }
         PROTO_UDP => {
             let udp: *const UdpHdr = frame
@@ -384,7 +397,12 @@ fn parse_ports(frame: &Frame, offset: usize, end: usize, proto: u8) -> Result<(u
             }
             // SAFETY: bounds checked by ptr_at.
             let udp = unsafe { &*udp };
-            Ok((u16::from_ne_bytes(udp.src), u16::from_ne_bytes(udp.dst), false))
+            Ok((
+                u16::from_ne_bytes(udp.src),
+                u16::from_ne_bytes(udp.dst),
+                false,
+                false,
+            ))
         }
         _ => Err(Verdict::Pass(Counter::PassNotTcpUdp)),
     }

@@ -8,17 +8,18 @@ use lb_common::{
     Backend, Counter, FAMILY_V4, FlowKey, FlowState, NatEntry, PROTO_UDP, ServiceKey, ServiceValue,
     VipFilter,
     dpconfig::FLOOD_WINDOW_NS,
-    flow::{SYN_RETRANSMIT_WINDOW, coarse_seconds},
+    flow::{FLOW_COUNTED, SYN_RETRANSMIT_WINDOW, coarse_seconds},
     hash::{flow_hash, source_hash},
     service::{FWD_NAT, SVC_F_HASH_SOURCE, SVC_F_SHED, SVC_F_SHED_DROP},
     shed::service_bucket,
+    strategy::{self, LC_SCAN, MEMBER_STRIDE},
 };
 use lb_ebpf::{Flow, FlowKind, Verdict};
 
 use crate::{
     maps::{
-        BACKENDS, CONNTRACK, DP_CONFIG, FLOOD, FRAGMENT_SERVICES, MAGLEV_POOL, NAT_FLOWS, SERVICES, SHED,
-        VIP_FILTER,
+        ACTIVE, BACKENDS, CONNTRACK, CURSORS, DP_CONFIG, FLOOD, FRAGMENT_SERVICES, MAGLEV_POOL, NAT_FLOWS,
+        SERVICES, SHED, VIP_FILTER,
     },
     stats::{count, finish},
 };
@@ -99,23 +100,30 @@ fn choice(flow: &Flow) -> Result<Choice, Verdict> {
         return Err(not_vip);
     }
     let mut stale = false;
-    if flow.kind != (FlowKind::Transport { syn: true })
+    if !matches!(flow.kind, FlowKind::Transport { syn: true, .. })
         && flow.kind != FlowKind::Fragment
-        && let Some(state) = CONNTRACK.get_ptr(key)
+        && let Some(state) = CONNTRACK.get_ptr_mut(key)
     {
         // SAFETY: pointer from a successful lookup; FlowState is plain data.
-        let state = unsafe { &*state };
+        let state = unsafe { &mut *state };
         let slot = state.backend;
         if let Some(backend) = BACKENDS.get(slot)
             && backend.serves(state.generation)
         {
             count(Counter::ConntrackHit);
+            // The client's FIN or RST: the flow leaves its backend's active count, once.
+            if state.forward & FLOW_COUNTED != 0
+                && matches!(flow.kind, FlowKind::Transport { close: true, .. })
+            {
+                state.forward &= !FLOW_COUNTED;
+                active_add(slot, -1);
+            }
             return Ok(Choice::Backend(Chosen {
                 slot,
                 backend,
                 new_flow: false,
                 service: state.service,
-                forward: u32::from(state.forward),
+                forward: u32::from(state.mode()),
             }));
         }
         // The backend was removed or its slot reused: pick again.
@@ -178,7 +186,7 @@ fn service_pick(flow: &Flow, stale: bool) -> Result<FlowState, Verdict> {
     // quoting another tuple, would fill the table.
     let remember = if flow.kind == FlowKind::IcmpError {
         Remember::No
-    } else if flow.kind == (FlowKind::Transport { syn: true }) {
+    } else if matches!(flow.kind, FlowKind::Transport { syn: true, .. }) {
         Remember::Syn
     } else {
         Remember::Yes
@@ -269,7 +277,21 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
     } else {
         flow_hash(key)
     };
-    let index = hash % size;
+    // Where the strategy's region is read: a Maglev slot, the cursor's next entry, or the
+    // least loaded member's word (a multiple of MEMBER_STRIDE).
+    let counting = strategy::counts(service.strategy);
+    let stride = if counting { MEMBER_STRIDE } else { 1 };
+    let index = if strategy::cursor(service.strategy) {
+        next_cursor(service.id) % size
+    } else if counting {
+        let i = least_loaded(service.table_offset, size, hash, service.strategy);
+        if i == NONE_UNDER_CAP {
+            return Err(Verdict::Drop(Counter::DropMaxconn));
+        }
+        i
+    } else {
+        hash % size
+    };
     let mut slot = *MAGLEV_POOL
         .get(service.table_offset + index)
         .ok_or(Verdict::Drop(Counter::DropBackendMissing))?;
@@ -306,7 +328,8 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
             // Spill to the next candidates of the table, as Maglev's own order has them.
             let mut spilled = None;
             for step in 1..=SPILL_TRIES {
-                let Some(&other) = MAGLEV_POOL.get(service.table_offset + (index + step) % size) else {
+                let Some(&other) = MAGLEV_POOL.get(service.table_offset + (index + step * stride) % size)
+                else {
                     break;
                 };
                 if other == slot {
@@ -326,7 +349,7 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
             backend = b;
         }
     }
-    let state = FlowState {
+    let mut state = FlowState {
         backend: slot,
         generation: backend.generation,
         service: service.id,
@@ -344,17 +367,147 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
     // A SYN inserts only where there is no entry, so the common case costs one insert; one
     // that finds a fresh entry of its own backend is the client retrying: counted for passive
     // health, and the entry (and its age) stays.
-    if remember == Remember::Syn && CONNTRACK.insert(key, state, BPF_NOEXIST as u64).is_ok() {
+    let counted = if counting { FLOW_COUNTED } else { 0 };
+    let entry = FlowState {
+        forward: state.forward | counted,
+        ..state
+    };
+    if remember == Remember::Syn && CONNTRACK.insert(key, entry, BPF_NOEXIST as u64).is_ok() {
+        if counting {
+            active_add(slot, 1);
+        }
         return Ok(state);
     }
     if remember == Remember::Syn && retransmit(key, slot, state.generation, now) {
         return Ok(state);
     }
-    if CONNTRACK.insert(key, state, 0).is_err() {
+    if CONNTRACK.insert(key, entry, 0).is_err() {
         count(Counter::ConntrackInsertFailed);
         crate::events::note(crate::events::Event::ConntrackInsertFailed, slot);
+    } else if counting {
+        active_add(slot, 1);
     }
+    state.forward = entry.mode();
     Ok(state)
+}
+
+/// Adds `delta` to a backend slot's active-flow count, atomically (every CPU adds to it).
+#[inline(always)]
+fn active_add(slot: u32, delta: i64) {
+    if let Some(p) = ACTIVE.get_ptr_mut(slot) {
+        // SAFETY: a pointer into an array slot of an i64; the add is one atomic instruction.
+        unsafe {
+            core::intrinsics::atomic_xadd::<i64, i64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, delta)
+        };
+    }
+}
+
+/// A slot's active flows (a race with a FIN on another CPU may leave it briefly below 0).
+#[inline(always)]
+fn active(slot: u32) -> u64 {
+    ACTIVE.get(slot).map_or(0, |&a| if a < 0 { 0 } else { a as u64 })
+}
+
+/// This CPU's next position in a cursor strategy's region (the caller takes it modulo size).
+#[inline(always)]
+fn next_cursor(service: u32) -> u32 {
+    let Some(c) = CURSORS.get_ptr_mut(service) else {
+        return 0;
+    };
+    // SAFETY: a per-CPU slot; nothing else on this CPU touches it meanwhile.
+    let c = unsafe { &mut *c };
+    let at = *c;
+    *c = at.wrapping_add(1);
+    at
+}
+
+/// What `least_loaded` returns when every candidate is at its connection cap.
+const NONE_UNDER_CAP: u32 = u32::MAX;
+
+/// The word index (in the region at `offset`, `size` words) of the least loaded candidate
+/// member: every member up to LC_SCAN (least connections; a window of LC_SCAN members from the
+/// hash's start above that), or the better of two hashed ones (power of two choices). Members
+/// at their cap are skipped. The scan runs under `bpf_loop`, so the verifier checks its body
+/// once instead of every path through 32 unrolled comparisons.
+#[inline(never)]
+fn least_loaded(offset: u32, size: u32, hash: u32, strategy_id: u32) -> u32 {
+    let n = size / MEMBER_STRIDE;
+    if n == 0 {
+        return NONE_UNDER_CAP;
+    }
+    let mut scan = Scan {
+        offset: u64::from(offset),
+        n: u64::from(n),
+        first: u64::from(hash % n),
+        step: 1,
+        best: u64::from(NONE_UNDER_CAP),
+        best_weight: 0,
+        best_active: 0,
+    };
+    let loops = if strategy_id == strategy::STRATEGY_POWER_OF_TWO && n > 1 {
+        let (a, b) = strategy::two_choices(hash, n);
+        scan.first = u64::from(a);
+        // The second candidate as the first plus a distance, so one formula walks both.
+        scan.step = u64::from(if b > a { b - a } else { b + n - a });
+        2
+    } else if n < LC_SCAN {
+        n
+    } else {
+        LC_SCAN
+    };
+    // SAFETY: the callback reads only `scan`, which outlives the call.
+    unsafe {
+        aya_ebpf::helpers::bpf_loop(
+            loops,
+            scan_member as *mut core::ffi::c_void,
+            core::ptr::from_mut(&mut scan).cast(),
+            0,
+        );
+    }
+    scan.best as u32
+}
+
+/// `least_loaded`'s state across `bpf_loop` calls. 8-aligned: LLVM merges neighbouring fields
+/// into 8-byte stack accesses, which the verifier wants aligned.
+#[repr(C, align(8))]
+struct Scan {
+    // Every field a word: LLVM merges neighbouring u32 stores into 8-byte ones at 4-byte
+    // offsets, which the verifier refuses on the stack.
+    offset: u64,
+    n: u64,
+    first: u64,
+    step: u64,
+    best: u64,
+    best_weight: u64,
+    best_active: u64,
+}
+
+/// One candidate of `least_loaded`: the i-th member from `first`, `step` apart.
+extern "C" fn scan_member(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `least_loaded` passes its own Scan.
+    let s = unsafe { &mut *ctx.cast::<Scan>() };
+    if s.n == 0 {
+        return 1;
+    }
+    let member = ((s.first + i * s.step) % s.n) as u32;
+    let word = s.offset as u32 + member * MEMBER_STRIDE;
+    let (Some(&slot), Some(&weight), Some(&cap)) = (
+        MAGLEV_POOL.get(word),
+        MAGLEV_POOL.get(word + 1),
+        MAGLEV_POOL.get(word + 2),
+    ) else {
+        return 1;
+    };
+    let a = active(slot);
+    if strategy::under_cap(a, cap)
+        && (s.best == u64::from(NONE_UNDER_CAP)
+            || strategy::less_loaded(a, weight, s.best_active, s.best_weight as u32))
+    {
+        s.best = u64::from(member * MEMBER_STRIDE);
+        s.best_active = a;
+        s.best_weight = u64::from(weight);
+    }
+    0
 }
 
 /// Whether this CPU is past its budget of remembered new flows for the current window

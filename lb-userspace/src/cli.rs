@@ -126,6 +126,11 @@ pub enum ServiceCmd {
     Add(ServiceArgs),
     /// Remove a service and its backends.
     Remove { name: String },
+    /// Set a service's strategy (new flows only: established ones stay where they are).
+    Strategy {
+        name: String,
+        strategy: crate::model::Strategy,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -156,6 +161,10 @@ pub struct ServiceArgs {
     /// protocol into this service's table).
     #[arg(long, default_value = "pass")]
     pub fragments: FragmentPolicy,
+    /// How a new flow picks its backend: maglev, round-robin, weighted-round-robin,
+    /// least-connections or power-of-two.
+    #[arg(long, default_value = "maglev")]
+    pub strategy: crate::model::Strategy,
 }
 
 #[derive(Subcommand, Debug)]
@@ -242,10 +251,15 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                 health: None,
                 max_new_flows_per_s: None,
                 on_shed: Default::default(),
+                strategy: a.strategy,
                 backends: Vec::new(),
             },
         },
         Command::Service(ServiceCmd::Remove { name }) => Request::RemoveService { name: name.clone() },
+        Command::Service(ServiceCmd::Strategy { name, strategy }) => Request::SetStrategy {
+            service: name.clone(),
+            strategy: *strategy,
+        },
         Command::Backend(BackendCmd::Add(a)) => Request::AddBackend {
             service: a.service.clone(),
             backend: BackendSpec {
@@ -258,6 +272,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                 labels: Default::default(),
                 health: None,
                 max_new_flows_per_s: None,
+                maxconn: None,
             },
         },
         Command::Backend(BackendCmd::Remove { service, id }) => Request::RemoveBackend {
@@ -313,8 +328,10 @@ fn print_human(command: &Command, data: &Value) {
     match command {
         Command::Service(ServiceCmd::List) => {
             for s in data.as_array().into_iter().flatten() {
+                let strategy = s["strategy"].as_str().unwrap_or("maglev");
+                let counting = matches!(strategy, "least-connections" | "power-of-two");
                 println!(
-                    "{} {}:{}/{} table={} hash={} forwarding={}{}",
+                    "{} {}:{}/{} table={} hash={} forwarding={}{}{}",
                     s["name"].as_str().unwrap_or_default(),
                     fmt_ip(&s["vip"]),
                     s["port"],
@@ -323,15 +340,25 @@ fn print_human(command: &Command, data: &Value) {
                     s["hash"].as_str().unwrap_or_default(),
                     s["forwarding"].as_str().unwrap_or_default(),
                     if s["snat"] == true { " snat" } else { "" },
+                    if strategy == "maglev" {
+                        String::new()
+                    } else {
+                        format!(" strategy={strategy}")
+                    },
                 );
                 for b in s["backends"].as_array().into_iter().flatten() {
                     println!(
-                        "  {:<16} {:<24} port={:<5} weight={:<5} slots={:<6} {}",
+                        "  {:<16} {:<24} port={:<5} weight={:<5} slots={:<6} {}{}",
                         b["id"].as_str().unwrap_or_default(),
                         fmt_ip(&b["address"]),
                         b["port"],
                         b["weight"],
                         b["table_slots"],
+                        if counting {
+                            format!("active={:<6} ", b["active_flows"])
+                        } else {
+                            String::new()
+                        },
                         if b["resolved"].as_bool() == Some(true) {
                             format!(
                                 "mac={} dev={}",

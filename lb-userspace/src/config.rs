@@ -292,6 +292,9 @@ pub struct ServiceSpec {
     pub table_size: u32,
     #[serde(default)]
     pub hash: HashMode,
+    /// How a new flow picks its backend.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub strategy: crate::model::Strategy,
     #[serde(default)]
     pub forwarding: Forwarding,
     /// IP fragments to the VIP: passed to the kernel, or hashed by (source, destination,
@@ -348,6 +351,9 @@ pub struct BackendSpec {
     /// Load shedding: new flows per second this backend takes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_new_flows_per_s: Option<u32>,
+    /// Most active flows the counting strategies (least-connections, power-of-two) give it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maxconn: Option<u32>,
 }
 
 impl From<ServiceSpec> for Service {
@@ -359,6 +365,7 @@ impl From<ServiceSpec> for Service {
             protocol: s.protocol,
             table_size: s.table_size,
             hash: s.hash,
+            strategy: s.strategy,
             forwarding: s.forwarding,
             fragments: s.fragments,
             snat: s.snat,
@@ -382,6 +389,7 @@ impl From<BackendSpec> for Backend {
             labels: b.labels,
             health: b.health,
             max_new_flows_per_s: b.max_new_flows_per_s,
+            maxconn: b.maxconn,
         }
     }
 }
@@ -395,6 +403,7 @@ impl From<&Service> for ServiceSpec {
             protocol: s.protocol,
             table_size: s.table_size,
             hash: s.hash,
+            strategy: s.strategy,
             forwarding: s.forwarding,
             fragments: s.fragments,
             snat: s.snat,
@@ -418,6 +427,7 @@ impl From<&Backend> for BackendSpec {
             labels: b.labels.clone(),
             health: b.health.clone(),
             max_new_flows_per_s: b.max_new_flows_per_s,
+            maxconn: b.maxconn,
         }
     }
 }
@@ -698,6 +708,40 @@ address = "10.0.0.12"
             "{GOOD}\n[[service]]\nname = \"other\"\nvip = \"10.0.0.100\"\nport = 80\nprotocol = \"tcp\"\n"
         );
         assert!(err(&dupkey).contains("duplicates VIP"));
+    }
+
+    #[test]
+    fn strategies_parse_and_bad_ones_get_one_line() {
+        let c = Config::parse(&GOOD.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nstrategy = \"power-of-two\"",
+        ))
+        .expect("valid");
+        assert_eq!(c.services[0].strategy, crate::model::Strategy::PowerOfTwo);
+        assert_eq!(
+            Config::parse(GOOD).unwrap().services[0].strategy,
+            crate::model::Strategy::Maglev
+        );
+        let cases = [
+            ("strategy = \"fastest\"", "unknown variant `fastest`"),
+            (
+                "strategy = \"least-connections\"\nforwarding = \"nat\"",
+                "NAT services",
+            ),
+            (
+                "strategy = \"round-robin\"\nfragments = \"hash\"",
+                "needs strategy = \"maglev\"",
+            ),
+        ];
+        for (extra, needle) in cases {
+            let e = err(&GOOD.replace("protocol = \"tcp\"", &format!("protocol = \"tcp\"\n{extra}")));
+            assert!(e.contains(needle), "{e:?} should mention {needle:?}");
+            assert!(!e.contains('\n'), "one line: {e:?}");
+        }
+        for bad in ["0", "1000000001"] {
+            let e = err(&GOOD.replace("weight = 100", &format!("weight = 100\nmaxconn = {bad}")));
+            assert!(e.contains("maxconn") && e.contains("out of range"), "{e}");
+        }
     }
 
     #[test]

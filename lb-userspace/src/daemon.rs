@@ -171,7 +171,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
 
     let conntrack = Arc::<std::sync::Mutex<dataplane::census::ConntrackCensus>>::default();
     let census = dataplane::census::spawn(
-        &dataplane::pin_dir(&cfg.instance).join(lb_common::maps::CONNTRACK),
+        &dataplane::pin_dir(&cfg.instance),
         conntrack.clone(),
         stop_collector.clone(),
     )?;

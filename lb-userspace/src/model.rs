@@ -65,6 +65,70 @@ pub enum HashMode {
     Source,
 }
 
+/// How a service picks a new flow's backend (the connection table keeps it there after).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Weighted Maglev hashing (consistent hashing): a flow's hash picks its backend.
+    #[default]
+    Maglev,
+    /// Each backend in turn, per CPU.
+    RoundRobin,
+    /// Smooth weighted round robin (nginx's): in turn, in proportion to effective weights.
+    WeightedRoundRobin,
+    /// The backend with the fewest active flows per unit of effective weight.
+    LeastConnections,
+    /// The less loaded of two backends chosen by two hashes of the flow.
+    PowerOfTwo,
+}
+
+impl Strategy {
+    pub const fn id(self) -> u32 {
+        use lb_common::strategy::*;
+        match self {
+            Self::Maglev => STRATEGY_MAGLEV,
+            Self::RoundRobin => STRATEGY_ROUND_ROBIN,
+            Self::WeightedRoundRobin => STRATEGY_WEIGHTED_ROUND_ROBIN,
+            Self::LeastConnections => STRATEGY_LEAST_CONNECTIONS,
+            Self::PowerOfTwo => STRATEGY_POWER_OF_TWO,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Maglev => "maglev",
+            Self::RoundRobin => "round-robin",
+            Self::WeightedRoundRobin => "weighted-round-robin",
+            Self::LeastConnections => "least-connections",
+            Self::PowerOfTwo => "power-of-two",
+        }
+    }
+
+    /// Whether it counts each backend's active flows.
+    pub const fn counts(self) -> bool {
+        lb_common::strategy::counts(self.id())
+    }
+
+    pub const ALL: [Self; 5] = [
+        Self::Maglev,
+        Self::RoundRobin,
+        Self::WeightedRoundRobin,
+        Self::LeastConnections,
+        Self::PowerOfTwo,
+    ];
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|x| x.name() == s).ok_or_else(|| {
+            Error::invalid(format!(
+                "unknown strategy {s:?} (expected maglev, round-robin, weighted-round-robin, least-connections or power-of-two)"
+            ))
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Forwarding {
@@ -135,6 +199,7 @@ pub struct Service {
     pub protocol: Protocol,
     pub table_size: u32,
     pub hash: HashMode,
+    pub strategy: Strategy,
     pub forwarding: Forwarding,
     pub fragments: FragmentPolicy,
     pub snat: bool,
@@ -175,7 +240,13 @@ pub struct Backend {
     pub health: Option<HealthSettings>,
     /// Load shedding: new flows per second this backend takes.
     pub max_new_flows_per_s: Option<u32>,
+    /// Most active flows the counting strategies give it (the agent's `maxconn:N` too: the
+    /// lower of the two holds).
+    pub maxconn: Option<u32>,
 }
+
+/// Largest `maxconn`.
+pub const MAX_MAXCONN: u32 = 1_000_000_000;
 
 /// Names: 1..=max characters of `[A-Za-z0-9._-]`.
 pub fn validate_name(what: &str, name: &str, max: usize) -> Result<()> {
@@ -240,6 +311,31 @@ impl Service {
             return Err(Error::invalid(format!(
                 "service {}: NAT cannot translate fragments (later ones carry no ports); use fragments = \"pass\"",
                 self.name
+            )));
+        }
+        if self.strategy.counts() && self.forwarding == Forwarding::Nat {
+            return Err(Error::invalid(format!(
+                "service {}: strategy {} counts flows in the connection table, which NAT services do not use; use dsr, ipip or gue, or another strategy",
+                self.name,
+                self.strategy.name()
+            )));
+        }
+        if self.strategy != Strategy::Maglev && self.fragments == FragmentPolicy::Hash {
+            return Err(Error::invalid(format!(
+                "service {}: fragments = \"hash\" needs strategy = \"maglev\" (every fragment of a datagram must hash to one backend)",
+                self.name
+            )));
+        }
+        if let Some(b) = self
+            .backends
+            .iter()
+            .find(|b| b.maxconn.is_some_and(|m| m == 0 || m > MAX_MAXCONN))
+        {
+            return Err(Error::invalid(format!(
+                "service {}: backend {}: maxconn {} is out of range 1..={MAX_MAXCONN}",
+                self.name,
+                b.id,
+                b.maxconn.unwrap_or(0)
             )));
         }
         if self.backends.len() > MAX_BACKENDS_PER_SERVICE {

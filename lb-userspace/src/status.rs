@@ -104,6 +104,18 @@ pub struct Eligibility {
     pub weight: u32,
     /// The slot keeps serving flows pinned to it.
     pub active: bool,
+    /// Most active flows the counting strategies give it (0: no cap): the lower of its
+    /// configured `maxconn` and its agent's.
+    pub maxconn: u32,
+}
+
+/// The lower of a backend's configured connection cap and its agent's (0: none).
+fn maxconn(b: &crate::model::Backend, agent: Option<&AgentState>) -> u32 {
+    match (b.maxconn, agent.and_then(|a| a.maxconn)) {
+        (Some(x), Some(y)) => x.min(y),
+        (Some(x), None) | (None, Some(x)) => x,
+        (None, None) => 0,
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -155,7 +167,14 @@ pub fn effective_weights(
             agent.is_none_or(AgentState::keeps_pinned_flows)
         };
         let active = reachable && keeps;
-        out.backends.insert(b.id.clone(), Eligibility { weight, active });
+        out.backends.insert(
+            b.id.clone(),
+            Eligibility {
+                weight,
+                active,
+                maxconn: maxconn(b, agent),
+            },
+        );
     }
     let panic = PanicSpec::of(service);
     if candidates > 0 && (healthy as f64) < panic.threshold * candidates as f64 {
@@ -175,6 +194,7 @@ pub fn effective_weights(
                         Eligibility {
                             weight: configured,
                             active: true,
+                            maxconn: maxconn(b, agent),
                         },
                     );
                 }
@@ -209,6 +229,7 @@ mod tests {
             }),
             max_new_flows_per_s: None,
             on_shed: Default::default(),
+            strategy: Default::default(),
             backends: (0..n)
                 .map(|i| Backend {
                     id: format!("b{i}"),
@@ -220,6 +241,7 @@ mod tests {
                     labels: Default::default(),
                     health: None,
                     max_new_flows_per_s: None,
+                    maxconn: None,
                 })
                 .collect(),
         }
@@ -268,7 +290,8 @@ mod tests {
             w.backends["b1"],
             Eligibility {
                 weight: 0,
-                active: false
+                active: false,
+                maxconn: 0,
             }
         );
     }
@@ -310,7 +333,8 @@ mod tests {
             w.backends["b2"],
             Eligibility {
                 weight: 0,
-                active: false
+                active: false,
+                maxconn: 0,
             }
         );
     }

@@ -98,7 +98,7 @@ impl Dp {
                 table_offset: 0,
                 table_size: TABLE,
                 forward: FWD_DSR_L2,
-                _reserved: 0,
+                strategy: 0,
             };
             filter.add(&key);
             vip_addrs
@@ -116,7 +116,7 @@ impl Dp {
             table_offset: 0,
             table_size: TABLE,
             forward: FWD_DSR_L2,
-            _reserved: 0,
+            strategy: 0,
         };
         fragment_services
             .insert(frag_key, frag_value, 0)
@@ -207,7 +207,7 @@ fn model(dp: &Dp, input: &[u8]) -> Expect {
         }
         FlowKind::Transport { .. } | FlowKind::IcmpError => {
             let mut counters = Vec::new();
-            let searched = flow.kind != (FlowKind::Transport { syn: true });
+            let searched = !matches!(flow.kind, FlowKind::Transport { syn: true, .. });
             if searched && dp.conntrack.get(key, 0).is_ok() {
                 counters.push(Counter::ConntrackHit);
             } else {

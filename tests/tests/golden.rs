@@ -118,7 +118,7 @@ impl Dp {
             table_offset: offset,
             table_size: 13,
             forward,
-            _reserved: 0,
+            strategy: 0,
         };
         self.insert_service(ServiceKey::new(family, proto, a, port.to_be()), v);
     }
@@ -532,7 +532,7 @@ fn wildcard_port_service_and_empty_table() {
             table_offset: 0,
             table_size: 0,
             forward: 0,
-            _reserved: 0,
+            strategy: 0,
         };
         dp.insert_service(ServiceKey::new(4, 6, key, 80u16.to_be()), empty);
         let input = [
@@ -1025,7 +1025,7 @@ fn fragments_of_a_datagram_reach_one_backend_when_the_vip_hashes_them() {
             table_offset: offset,
             table_size: 13,
             forward: FWD_DSR_L2,
-            _reserved: 0,
+            strategy: 0,
         };
         dp.insert_service(ServiceKey::new(4, 17, vip, 5353u16.to_be()), value);
         let datagram = |client: [u8; 4]| {

@@ -37,6 +37,10 @@ pub enum Request {
         id: String,
         weight: u32,
     },
+    SetStrategy {
+        service: String,
+        strategy: crate::model::Strategy,
+    },
     Stats,
     /// Every backend's health, or one service's.
     Health {
@@ -121,6 +125,11 @@ impl Request {
                 "PUT",
                 format!("/v1/services/{}/instances/{}/weight", seg(service), seg(id)),
                 Some(json!({ "weight": weight })),
+            ),
+            Self::SetStrategy { service, strategy } => (
+                "PUT",
+                format!("/v1/services/{}/strategy", seg(service)),
+                Some(json!({ "strategy": strategy })),
             ),
             Self::Stats => ("GET", "/v1/stats".into(), None),
             Self::Health { service } => (

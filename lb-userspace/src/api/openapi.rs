@@ -20,6 +20,7 @@ use super::{ApiError, Envelope, server};
         server::add_instance,
         server::remove_instance,
         server::set_weight,
+        server::set_strategy,
         server::set_health,
         server::pick,
         server::health,

@@ -242,6 +242,26 @@ pub async fn set_weight(
     change(&s, Change::SetWeight { service, id, weight }).await
 }
 
+/// A new strategy.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StrategyBody {
+    pub strategy: crate::model::Strategy,
+}
+
+#[utoipa::path(put, path = "/v1/services/{name}/strategy", tag = "services", request_body = StrategyBody,
+    params(("name" = String, Path, description = "Service name")),
+    responses((status = 200, body = Envelope), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn set_strategy(
+    State(s): Ctx,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<StrategyBody>, JsonRejection>,
+) -> Answer {
+    let Path(service) = path.map_err(bad_path)?;
+    let Json(StrategyBody { strategy }) = body.map_err(bad_body)?;
+    change(&s, Change::SetStrategy { service, strategy }).await
+}
+
 /// An external health score (`update_instance_health`).
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -402,6 +422,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             axum::routing::delete(remove_instance),
         )
         .route("/v1/services/{name}/instances/{id}/weight", put(set_weight))
+        .route("/v1/services/{name}/strategy", put(set_strategy))
         .route("/v1/services/{name}/instances/{id}/health", put(set_health))
         .route("/v1/services/{name}/pick", get(pick))
         .route("/v1/health", get(health))

@@ -147,12 +147,19 @@ impl Queries<'_> {
         Ok(json!(out))
     }
 
-    /// Table slots each backend slot owns in a service's active table.
+    /// Entries each backend slot owns in a service's active region: Maglev table slots, round
+    /// robin turns per period, or 1 per member of a counting strategy.
     pub fn slot_counts(&self, name: &str) -> HashMap<u32, u32> {
         let mut counts = HashMap::new();
+        let service = self.snap.services.iter().find(|s| s.name == name);
+        let stride = if service.is_some_and(|s| s.strategy.counts()) {
+            lb_common::strategy::MEMBER_STRIDE as usize
+        } else {
+            1
+        };
         let active = self.snap.assignments.services.get(name).and_then(|s| s.active);
         if let Some(table) = active.and_then(|r| self.readers.pool.read(r.offset, r.size)) {
-            for slot in table {
+            for slot in table.into_iter().step_by(stride) {
                 *counts.entry(slot).or_insert(0) += 1;
             }
         }
@@ -190,12 +197,14 @@ impl Queries<'_> {
                             "mac": hop.map(|h| mac_string(&h.dst_mac)),
                             "interface": hop.map(|h| h.ifname.clone()),
                             "table_slots": slot.and_then(|x| counts.get(&x)).copied().unwrap_or(0),
+                            "active_flows": slot.map(|x| self.readers.active.get(x)),
+                            "maxconn": effective.map_or(0, |e| e.maxconn),
                         })
                     })
                     .collect();
                 json!({
                     "name": s.name, "vip": s.vip, "port": s.port, "protocol": s.protocol,
-                    "table_size": s.table_size, "hash": s.hash, "forwarding": s.forwarding, "fragments": s.fragments, "snat": s.snat,
+                    "table_size": s.table_size, "hash": s.hash, "strategy": s.strategy, "forwarding": s.forwarding, "fragments": s.fragments, "snat": s.snat,
                     "panic": self.snap.weights.get(&s.name).is_some_and(|w| w.panic),
                     "backends": backends,
                 })
@@ -322,19 +331,71 @@ impl Queries<'_> {
         } else {
             lb_common::hash::flow_hash(&key)
         };
-        let index = hash % region.size;
-        let slot = self
+        let region_words = self
             .readers
             .pool
-            .read(region.offset + index, 1)
-            .and_then(|s| s.first().copied())
+            .read(region.offset, region.size)
             .ok_or_else(|| Error::dataplane("table region outside the pool"))?;
+        let strategy = svc.strategy;
+        let (index, source) = if strategy.counts() {
+            // As the data plane does it, on the counts as they are now.
+            let members: Vec<(u32, u32, u32)> = region_words
+                .chunks_exact(lb_common::strategy::MEMBER_STRIDE as usize)
+                .map(|m| (m[0], m[1], m[2]))
+                .collect();
+            let active = |slot: u32| self.readers.active.get(slot).max(0) as u64;
+            let i = least_loaded(&members, hash, strategy.id(), active).ok_or_else(|| {
+                Error::NotFound(format!(
+                    "service {}: every candidate is at its maxconn: the packet would be dropped",
+                    svc.name
+                ))
+            })?;
+            (i * lb_common::strategy::MEMBER_STRIDE, strategy.name())
+        } else if lb_common::strategy::cursor(strategy.id()) {
+            // The receiving CPU's cursor decides; its position is the data plane's own.
+            (hash % region.size, "schedule-entry-by-hash")
+        } else {
+            (hash % region.size, "maglev")
+        };
+        let slot = region_words[index as usize];
         let b = by_slot(slot)
             .ok_or_else(|| Error::dataplane(format!("table names unknown backend slot {slot}")))?;
         Ok(
-            json!({"service": svc.name, "backend": b.id, "address": b.address, "port": b.port(svc), "source": "maglev", "table_index": index}),
+            json!({"service": svc.name, "backend": b.id, "address": b.address, "port": b.port(svc), "source": source, "strategy": strategy.name(), "table_index": index}),
         )
     }
+}
+
+/// The member a counting strategy gives a new flow, as the data plane picks it (select.rs):
+/// every member up to LC_SCAN from the hash's start, or two hashed ones (power of two choices);
+/// members at their cap skipped. `members`: (slot, weight, cap).
+pub fn least_loaded(
+    members: &[(u32, u32, u32)],
+    hash: u32,
+    strategy: u32,
+    active: impl Fn(u32) -> u64,
+) -> Option<u32> {
+    use lb_common::strategy::{LC_SCAN, STRATEGY_POWER_OF_TWO, less_loaded, two_choices, under_cap};
+    let n = members.len() as u32;
+    if n == 0 {
+        return None;
+    }
+    let (first, step, loops) = if strategy == STRATEGY_POWER_OF_TWO && n > 1 {
+        let (a, b) = two_choices(hash, n);
+        (a, if b > a { b - a } else { b + n - a }, 2)
+    } else {
+        (hash % n, 1, n.min(LC_SCAN))
+    };
+    let mut best: Option<(u32, u64, u32)> = None;
+    for i in 0..loops {
+        let m = ((u64::from(first) + u64::from(i) * u64::from(step)) % u64::from(n)) as u32;
+        let (slot, weight, cap) = members[m as usize];
+        let a = active(slot);
+        if under_cap(a, cap) && best.is_none_or(|(_, ba, bw)| less_loaded(a, weight, ba, bw)) {
+            best = Some((m, a, weight));
+        }
+    }
+    best.map(|b| b.0)
 }
 
 /// A NAT entry's address words and network-order port as a socket address.

@@ -1,6 +1,8 @@
 //! Counts the connection table's entries now and then, on a thread of its own with its own
 //! handle to the pin. The LRU map has no count the kernel keeps, and walking it is one syscall
 //! per entry, so the walk is spaced out: every 10 s, or 20 times its own duration if longer.
+//! The same walk counts each backend's counted flows and corrects the data plane's active-flow
+//! counts (`active`) to it.
 
 use std::{
     path::Path,
@@ -24,16 +26,26 @@ pub struct ConntrackCensus {
     pub at: Option<Instant>,
     /// How long the walk took.
     pub took: Duration,
+    /// Active-flow counts the last walk corrected, and by how many flows in all.
+    pub active_corrected: u64,
+    pub active_drift: u64,
+    /// Corrections since the daemon started.
+    pub active_corrections_total: u64,
 }
 
 pub fn spawn(
-    pin: &Path,
+    pins: &Path,
     out: Arc<Mutex<ConntrackCensus>>,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>> {
-    let map: HashMap<MapData, FlowKey, FlowState> = super::open_pinned(pin)?
-        .try_into()
-        .map_err(|e| Error::dataplane(format!("connection table type: {e}")))?;
+    let map: HashMap<MapData, FlowKey, FlowState> =
+        super::open_pinned(&pins.join(lb_common::maps::CONNTRACK))?
+            .try_into()
+            .map_err(|e| Error::dataplane(format!("connection table type: {e}")))?;
+    let active = match super::open_pinned(&pins.join(lb_common::maps::ACTIVE))? {
+        aya::maps::Map::Array(data) => super::active::ActiveCounts::new(data)?,
+        _ => return Err(Error::dataplane("ACTIVE is not an array")),
+    };
     std::thread::Builder::new()
         .name("conntrack-census".into())
         .spawn(move || {
@@ -44,13 +56,30 @@ pub fn spawn(
                     std::thread::sleep((next - now).min(Duration::from_millis(100)));
                     continue;
                 }
-                let entries = map.keys().filter(|k| k.is_ok()).count() as u64;
+                let before: Vec<i64> = (0..active.slots()).map(|s| active.get(s)).collect();
+                let mut entries = 0u64;
+                let mut truth = std::collections::HashMap::<u32, i64>::new();
+                for (_, state) in map.iter().flatten() {
+                    entries += 1;
+                    if state.forward & lb_common::flow::FLOW_COUNTED != 0 {
+                        *truth.entry(state.backend).or_default() += 1;
+                    }
+                }
+                let fixes = super::active::corrections(&before, &truth);
+                for &(slot, delta) in &fixes {
+                    active.add(slot, delta);
+                }
                 let took = now.elapsed();
-                *out.lock().unwrap_or_else(|p| p.into_inner()) = ConntrackCensus {
+                let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                *o = ConntrackCensus {
                     entries,
                     at: Some(Instant::now()),
                     took,
+                    active_corrected: fixes.len() as u64,
+                    active_drift: fixes.iter().map(|f| f.1.unsigned_abs()).sum(),
+                    active_corrections_total: o.active_corrections_total + fixes.len() as u64,
                 };
+                drop(o);
                 next = Instant::now() + (took * 20).max(Duration::from_secs(10));
             }
         })

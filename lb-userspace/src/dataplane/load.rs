@@ -150,6 +150,7 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
         backend_stats: take(maps::BACKEND_STATS)?.try_into().map_err(typed)?,
         global_stats: take(maps::GLOBAL_STATS)?.try_into().map_err(typed)?,
         shed: take(maps::SHED)?.try_into().map_err(typed)?,
+        active: take(maps::ACTIVE)?.try_into().map_err(typed)?,
         pool,
         attachments,
         adopted: adopting,

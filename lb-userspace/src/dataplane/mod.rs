@@ -2,6 +2,7 @@
 //! handles to every map: the writer's (`DataPlane`, owned by the reconciler) and the readers'
 //! (`Readers`, their own handles to the pins, so a read never waits for the writer).
 
+pub mod active;
 mod batch;
 pub mod census;
 mod load;
@@ -42,6 +43,7 @@ pub struct DataPlane {
     pub backend_stats: PerCpuArray<MapData, TrafficStats>,
     pub global_stats: PerCpuArray<MapData, u64>,
     pub shed: Array<MapData, lb_common::shed::ShedBucket>,
+    pub active: Array<MapData, i64>,
     pub pool: Pool,
     pub attachments: Vec<Attachment>,
     /// True when the program and maps were adopted from pins.
@@ -102,7 +104,9 @@ impl DataPlane {
         self.service_stats.set(id, zeros, 0).map_err(Error::dataplane)
     }
 
+    /// A slot given to a new backend starts with no traffic and no active flows.
     pub fn reset_backend_traffic(&mut self, slot: u32) -> Result<()> {
+        self.active.set(slot, 0, 0).map_err(Error::dataplane)?;
         let zeros = zeroed_per_cpu()?;
         self.backend_stats.set(slot, zeros, 0).map_err(Error::dataplane)
     }
@@ -116,6 +120,7 @@ pub struct Readers {
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
     pub backend_stats: PerCpuArray<MapData, TrafficStats>,
     pub global_stats: PerCpuArray<MapData, u64>,
+    pub active: active::ActiveCounts,
     pub pool: Pool,
 }
 
@@ -133,6 +138,10 @@ impl Readers {
             service_stats: map(maps::SERVICE_STATS)?.try_into().map_err(typed)?,
             backend_stats: map(maps::BACKEND_STATS)?.try_into().map_err(typed)?,
             global_stats: map(maps::GLOBAL_STATS)?.try_into().map_err(typed)?,
+            active: match map(maps::ACTIVE)? {
+                aya::maps::Map::Array(data) => active::ActiveCounts::new(data)?,
+                _ => return Err(Error::dataplane("ACTIVE is not an array")),
+            },
             pool,
         })
     }

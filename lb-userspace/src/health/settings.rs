@@ -443,6 +443,7 @@ pub fn validate_service(service: &Service) -> Result<(), String> {
             labels: Default::default(),
             health: None,
             max_new_flows_per_s: None,
+            maxconn: None,
         };
         resolve(service, &probe)?;
     }

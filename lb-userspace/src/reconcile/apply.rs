@@ -255,7 +255,7 @@ impl Reconciler {
                     Forwarding::Nat if s.snat => FWD_SNAT,
                     Forwarding::Nat => FWD_NAT,
                 },
-                _reserved: 0,
+                strategy: s.strategy.id(),
             };
             if let Some(input) = rebuild.remove(&s.name) {
                 let started = std::time::Instant::now();
@@ -364,8 +364,36 @@ pub struct Applied {
     pub build_time: std::time::Duration,
 }
 
-/// The Maglev table of a plan's members, as backend slots.
+/// A service's pool region for a plan's members (see `lb_common::strategy`): the Maglev table,
+/// the members in turn, one period of smooth weighted round robin, or (slot, weight, cap) per
+/// member.
 pub fn build(input: &TableInput) -> Vec<u32> {
+    use crate::model::Strategy;
+    let slots = input.members.iter().map(|m| m.2);
+    match input.strategy {
+        Strategy::Maglev => maglev(input),
+        Strategy::RoundRobin => slots.collect(),
+        Strategy::WeightedRoundRobin => {
+            let mut weights: Vec<u32> = input.members.iter().map(|m| m.1).collect();
+            // A period no longer than the Maglev table the service would have.
+            lb_common::strategy::wrr_weights(&mut weights, input.size);
+            let total: usize = weights.iter().map(|&w| w as usize).sum();
+            let mut current = vec![0i64; weights.len()];
+            let mut order = vec![0u32; total];
+            let n = lb_common::strategy::smooth_wrr(&weights, &mut current, &mut order);
+            order[..n].iter().map(|&i| input.members[i as usize].2).collect()
+        }
+        Strategy::LeastConnections | Strategy::PowerOfTwo => input
+            .members
+            .iter()
+            .enumerate()
+            .flat_map(|(i, m)| [m.2, m.1, input.caps.get(i).copied().unwrap_or(0)])
+            .collect(),
+    }
+}
+
+/// The Maglev table of a plan's members, as backend slots.
+fn maglev(input: &TableInput) -> Vec<u32> {
     let members: Vec<MaglevBackend<'_>> = input
         .members
         .iter()

@@ -54,6 +54,11 @@ pub enum Change {
         id: String,
         weight: u32,
     },
+    /// A service's strategy (new flows only).
+    SetStrategy {
+        service: String,
+        strategy: crate::model::Strategy,
+    },
     /// The external score of one backend (0..1), optionally for `ttl` only.
     SetExternal {
         service: String,
@@ -528,6 +533,9 @@ fn change_state(
                 .find(|b| b.id == id)
                 .ok_or_else(|| unknown_backend(&service, &id))?;
             b.weight = weight;
+        }
+        Change::SetStrategy { service, strategy } => {
+            find_service(services, &service)?.strategy = strategy;
         }
         Change::SetExternal {
             service,

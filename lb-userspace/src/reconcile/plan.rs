@@ -31,6 +31,12 @@ pub struct TableInput {
     pub size: u32,
     /// (backend id, effective weight, backend slot) of every member, by id.
     pub members: Vec<(String, u32, u32)>,
+    /// What the region holds (see `lb_common::strategy`).
+    #[serde(default)]
+    pub strategy: crate::model::Strategy,
+    /// Each member's connection cap (0: none), for the counting strategies; else empty.
+    #[serde(default)]
+    pub caps: Vec<u32>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -198,7 +204,7 @@ pub fn plan(desired: &Desired<'_>, current: &Assignments) -> Result<Plan> {
             // No hop, no frames: whatever the weights say, the slot cannot serve.
             let usable = hop.is_some();
             if usable && e.weight > 0 {
-                members.push((b.id.clone(), e.weight, slot));
+                members.push((b.id.clone(), e.weight, slot, e.maxconn));
             }
             backends.push(BackendWrite {
                 key: k,
@@ -212,9 +218,19 @@ pub fn plan(desired: &Desired<'_>, current: &Assignments) -> Result<Plan> {
             });
         }
         members.sort();
+        let caps = if s.strategy.counts() {
+            members.iter().map(|m| m.3).collect()
+        } else {
+            Vec::new()
+        };
         let input = TableInput {
             size: s.table_size,
-            members,
+            members: members
+                .into_iter()
+                .map(|(id, w, slot, _)| (id, w, slot))
+                .collect(),
+            strategy: s.strategy,
+            caps,
         };
         if a.services[&s.name].built.as_ref() != Some(&input) {
             rebuild.push((s.name.clone(), input));
@@ -264,6 +280,7 @@ mod tests {
                 health: None,
                 max_new_flows_per_s: None,
                 on_shed: Default::default(),
+                strategy: Default::default(),
                 backends: (0..per)
                     .map(|j| Backend {
                         id: format!("b{j}"),
@@ -275,6 +292,7 @@ mod tests {
                         labels: Default::default(),
                         health: None,
                         max_new_flows_per_s: None,
+                        maxconn: None,
                     })
                     .collect(),
             })

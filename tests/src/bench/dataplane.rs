@@ -527,7 +527,7 @@ impl Bench {
                 table_offset: region * TABLE_SIZE,
                 table_size: TABLE_SIZE,
                 forward,
-                _reserved: 0,
+                strategy: 0,
             };
             let key = ServiceKey::new(family, proto, addr, port.to_be());
             filter.add(&key);

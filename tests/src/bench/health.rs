@@ -247,6 +247,7 @@ fn checks_per_second(window_s: f64) -> Result<ChecksResult> {
                 }),
                 max_new_flows_per_s: None,
                 on_shed: Default::default(),
+                strategy: Default::default(),
                 backends: (0..ADDRS)
                     .map(|a| Backend {
                         id: format!("b{a}"),
@@ -258,6 +259,7 @@ fn checks_per_second(window_s: f64) -> Result<ChecksResult> {
                         labels: Default::default(),
                         health: None,
                         max_new_flows_per_s: None,
+                        maxconn: None,
                     })
                     .collect(),
             })
@@ -326,6 +328,7 @@ fn flap_services(n: usize, per: usize) -> Vec<Service> {
             health: None,
             max_new_flows_per_s: None,
             on_shed: Default::default(),
+            strategy: Default::default(),
             backends: (0..per)
                 .map(|j| Backend {
                     id: format!("b{j}"),
@@ -337,6 +340,7 @@ fn flap_services(n: usize, per: usize) -> Vec<Service> {
                     labels: Default::default(),
                     health: None,
                     max_new_flows_per_s: None,
+                    maxconn: None,
                 })
                 .collect(),
         })

@@ -1,0 +1,248 @@
+//! Strategies end to end, real traffic through the balancer in namespaces: round robin's and
+//! weighted round robin's shares, least connections steering around a loaded backend, its
+//! active-flow counts back to zero after 10,000 short connections, and power of two choices
+//! against Maglev under a skewed load of long-lived connections.
+
+use std::{collections::HashMap, net::IpAddr, time::Duration};
+
+use lb_tests::{
+    Daemon, Topology,
+    client::tcp_flows,
+    in_ns,
+    topology::{VIP4, VIP6},
+    wait_until,
+};
+
+/// The topology's config with every service on `strategy`.
+fn start(topo: &Topology, strategy: &str) -> Daemon {
+    let (instance, run_dir) = Daemon::new_paths();
+    let mut text = String::new();
+    for line in topo.config(&instance, &run_dir, &["b1", "b2", "b3"]).lines() {
+        text.push_str(line);
+        text.push('\n');
+        if line.starts_with("forwarding = ") {
+            text.push_str(&format!("strategy = \"{strategy}\"\n"));
+        }
+    }
+    let d = Daemon::start(topo, &instance, &run_dir, &text).expect("daemon starts");
+    d.wait_all_in_tables();
+    d
+}
+
+fn ok(d: &Daemon, args: &[&str]) {
+    let out = d.cli(args);
+    assert!(
+        out.status.success(),
+        "lb {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// (table entries, active flows) of each backend of a service, as `service list` shows them.
+fn backends(d: &Daemon, service: &str) -> HashMap<String, (u64, i64)> {
+    d.json(&["service", "list"])
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+        .map(|b| {
+            (
+                b["id"].as_str().unwrap_or_default().to_string(),
+                (
+                    b["table_slots"].as_u64().unwrap_or(0),
+                    b["active_flows"].as_i64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Sets weights and waits (bounded) until the service's table has exactly the backends with a
+/// weight above 0.
+fn set_weights(d: &Daemon, service: &str, weights: &[(&str, u32)]) {
+    for (id, w) in weights {
+        ok(d, &["backend", "weight", service, id, &w.to_string()]);
+    }
+    let settled = wait_until(Duration::from_secs(10), || {
+        let b = backends(d, service);
+        weights
+            .iter()
+            .all(|(id, w)| (b.get(*id).map_or(0, |x| x.0) > 0) == (*w > 0))
+    });
+    assert!(
+        settled,
+        "{service}: weights not in the table: {:?}",
+        backends(d, service)
+    );
+}
+
+/// `n` new UDP flows, each socket held until all are done: a freed source port could come back
+/// as the same 5-tuple, a flow the connection table already knows.
+fn udp_new_flows(topo: &Topology, vip: IpAddr, n: usize) -> HashMap<String, usize> {
+    in_ns(&topo.client, move || {
+        let target = std::net::SocketAddr::new(vip, lb_tests::topology::PORT);
+        let mut held = Vec::new();
+        let mut counts = HashMap::new();
+        for _ in 0..n {
+            let s = lb_tests::client::udp_socket(target, Duration::from_millis(500)).expect("UDP socket");
+            let id = lb_tests::client::udp_ask(&s).expect("UDP answer within 5 tries");
+            *counts.entry(id).or_insert(0) += 1;
+            held.push(s);
+        }
+        counts
+    })
+}
+
+fn share(counts: &HashMap<String, usize>, id: &str) -> usize {
+    counts.get(id).copied().unwrap_or(0)
+}
+
+#[test]
+fn round_robin_and_weighted_round_robin_give_their_shares() {
+    let topo = Topology::new(3).expect("topology");
+    let d = start(&topo, "round-robin");
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    // Round robin: each CPU's cursor gives each backend its turn, so 600 flows are 200 each,
+    // within one per CPU.
+    for (vip, service) in [(IpAddr::V4(VIP4), "dns4"), (IpAddr::V6(VIP6), "dns6")] {
+        let counts = udp_new_flows(&topo, vip, 600);
+        println!("{service} round-robin: {counts:?}");
+        for id in ["b1", "b2", "b3"] {
+            let n = share(&counts, id);
+            assert!(n.abs_diff(200) <= cpus, "{service} {id}: {n} of 600 ({counts:?})");
+        }
+    }
+    let (tcp, _) = tcp_flows(&topo, IpAddr::V4(VIP4), 300, false);
+    println!("web4 round-robin: {tcp:?}");
+    for id in ["b1", "b2", "b3"] {
+        assert!(share(&tcp, id).abs_diff(100) <= cpus, "web4 {id}: {tcp:?}");
+    }
+
+    // A flow opened now stays on its backend through the switch to weighted round robin.
+    let kept = in_ns(&topo.client, || {
+        let s = lb_tests::client::udp_socket(
+            std::net::SocketAddr::new(IpAddr::V4(VIP4), lb_tests::topology::PORT),
+            Duration::from_secs(1),
+        )
+        .expect("udp");
+        let id = lb_tests::client::udp_ask(&s).expect("answer");
+        (s, id)
+    });
+    ok(&d, &["service", "strategy", "dns4", "weighted-round-robin"]);
+    set_weights(&d, "dns4", &[("b1", 100), ("b2", 200), ("b3", 300)]);
+    let counts = udp_new_flows(&topo, IpAddr::V4(VIP4), 1000);
+    println!("dns4 weighted-round-robin 1:2:3: {counts:?}");
+    for (id, want) in [("b1", 1.0 / 6.0), ("b2", 2.0 / 6.0), ("b3", 3.0 / 6.0)] {
+        let got = share(&counts, id) as f64 / 1000.0;
+        assert!((got - want).abs() <= 0.02, "{id}: share {got:.3}, want {want:.3}");
+    }
+    let again = in_ns(&topo.client, || lb_tests::client::udp_ask(&kept.0));
+    assert_eq!(
+        again.as_deref(),
+        Some(kept.1.as_str()),
+        "the strategy change moved a flow"
+    );
+
+    // Bad input changes nothing.
+    let out = d.cli(&["service", "strategy", "dns4", "fastest"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fastest") && err.lines().count() <= 3, "{err}");
+    let out = d.cli(&["service", "strategy", "nosuch", "round-robin"]);
+    assert!(!out.status.success());
+    let list = d.json(&["service", "list"]);
+    let strategy_of = |name: &str| {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == name)
+            .map(|s| s["strategy"].clone())
+    };
+    assert_eq!(
+        strategy_of("dns4"),
+        Some(serde_json::json!("weighted-round-robin"))
+    );
+    assert_eq!(strategy_of("web4"), Some(serde_json::json!("round-robin")));
+}
+
+#[test]
+fn least_connections_steers_around_a_loaded_backend_and_its_counts_do_not_drift() {
+    let topo = Topology::new(3).expect("topology");
+    let d = start(&topo, "least-connections");
+    // 50 long-lived connections on b1 alone.
+    set_weights(&d, "web4", &[("b1", 100), ("b2", 0), ("b3", 0)]);
+    let (loaded, held) = tcp_flows(&topo, IpAddr::V4(VIP4), 50, true);
+    assert_eq!(share(&loaded, "b1"), 50, "{loaded:?}");
+    set_weights(&d, "web4", &[("b2", 100), ("b3", 100)]);
+    let counted = wait_until(Duration::from_secs(5), || backends(&d, "web4")["b1"].1 == 50);
+    assert!(counted, "b1's active flows: {:?}", backends(&d, "web4"));
+    // The next 100 go to b2 and b3 until they catch up with b1's 50.
+    let (next, held2) = tcp_flows(&topo, IpAddr::V4(VIP4), 100, true);
+    println!("web4 least-connections, 100 new flows after 50 on b1: {next:?}");
+    assert_eq!(share(&next, "b1"), 0, "{next:?}");
+    assert!(share(&next, "b2").abs_diff(50) <= 1, "{next:?}");
+    let counts = backends(&d, "web4");
+    println!("active flows: {counts:?}");
+    let active: i64 = counts.values().map(|c| c.1).sum();
+    assert_eq!(active, 150, "{counts:?}");
+    // Closing them takes each off its backend's count (the client's FIN).
+    drop(held);
+    drop(held2);
+    let closed = wait_until(Duration::from_secs(5), || {
+        backends(&d, "web4").values().all(|c| c.1 == 0)
+    });
+    assert!(closed, "after closing: {:?}", backends(&d, "web4"));
+
+    // 10,000 short connections: the counts come back to 0 (±1% of them).
+    let done = in_ns(&topo.client, || {
+        let mut done = 0;
+        for _ in 0..10_000 {
+            let mut c = lb_tests::client::connect(IpAddr::V4(VIP4));
+            if c.ask().is_ok() {
+                done += 1;
+            }
+        }
+        done
+    });
+    assert_eq!(done, 10_000);
+    let mut left = 0;
+    let settled = wait_until(Duration::from_secs(5), || {
+        left = backends(&d, "web4").values().map(|c| c.1.abs()).sum::<i64>();
+        left <= 100
+    });
+    println!("after 10,000 short connections: {left} active flows counted");
+    assert!(settled, "drift: {left} ({:?})", backends(&d, "web4"));
+    let stats = d.json(&["stats"]);
+    assert_eq!(stats["counters"]["drop_maxconn"], 0, "{}", stats["counters"]);
+}
+
+#[test]
+fn power_of_two_choices_keeps_the_most_loaded_backend_lower_than_maglev() {
+    let topo = Topology::new(3).expect("topology");
+    let d = start(&topo, "maglev");
+    // The same skew for both: 40 long-lived connections on b1, then 120 more for all three.
+    let mut max = HashMap::new();
+    for strategy in ["maglev", "power-of-two"] {
+        ok(&d, &["service", "strategy", "web4", strategy]);
+        set_weights(&d, "web4", &[("b1", 100), ("b2", 0), ("b3", 0)]);
+        let (first, held) = tcp_flows(&topo, IpAddr::V4(VIP4), 40, true);
+        assert_eq!(share(&first, "b1"), 40);
+        set_weights(&d, "web4", &[("b2", 100), ("b3", 100)]);
+        let (next, held2) = tcp_flows(&topo, IpAddr::V4(VIP4), 120, true);
+        let per: Vec<usize> = ["b1", "b2", "b3"]
+            .iter()
+            .map(|id| share(&first, id) + share(&next, id))
+            .collect();
+        println!("web4 {strategy}: open connections per backend {per:?}");
+        max.insert(strategy, per.iter().copied().max().unwrap_or(0));
+        drop(held);
+        drop(held2);
+    }
+    assert!(
+        max["power-of-two"] < max["maglev"],
+        "most loaded backend: power-of-two {} against maglev {}",
+        max["power-of-two"],
+        max["maglev"]
+    );
+}
