@@ -206,9 +206,21 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         MetricType::COUNTER,
         &["service", "backend"],
     ),
+    (
+        "lb_backend_active_flows",
+        "Active flows the data plane counts for a backend (services on least-connections or power-of-two).",
+        MetricType::GAUGE,
+        &["service", "backend"],
+    ),
+    (
+        "lb_active_flow_corrections_total",
+        "Backend active-flow counts the connection-table census corrected (flows that left without FIN or RST).",
+        MetricType::COUNTER,
+        &[],
+    ),
 ];
 /// `families` names each family by its index in FAMILIES.
-const _: () = assert!(FAMILIES.len() == 28);
+const _: () = assert!(FAMILIES.len() == 30);
 
 /// One family: samples in the order the walk adds them.
 struct Family {
@@ -533,7 +545,9 @@ impl DataPlaneCollector {
             build_info,
             backend_syn_retransmits,
             passive_failures,
-        ]: [usize; 28] = std::array::from_fn(|i| i);
+            backend_active,
+            active_corrections,
+        ]: [usize; 30] = std::array::from_fn(|i| i);
         let board = s.board.read().unwrap_or_else(|p| p.into_inner());
         let default = crate::status::BackendStatus::default();
         let mut services: Vec<&crate::model::Service> = snap.services.iter().collect();
@@ -544,7 +558,11 @@ impl DataPlaneCollector {
             };
             let name = svc.name.as_str();
             f.shape(name.as_bytes());
-            f.shape(&[0, u8::from(traffic.services.get(slot.id as usize).is_some())]);
+            let counting = svc.strategy.counts();
+            f.shape(&[
+                0,
+                u8::from(traffic.services.get(slot.id as usize).is_some()) | u8::from(counting) << 1,
+            ]);
             let mut backends: Vec<&crate::model::Backend> = svc.backends.iter().collect();
             backends.sort_by(|a, b| a.id.cmp(&b.id));
             if let Some(t) = traffic.services.get(slot.id as usize) {
@@ -562,11 +580,15 @@ impl DataPlaneCollector {
             for b in backends {
                 let id = b.id.as_str();
                 let labels = [name, id];
-                let stats = snap
+                let assigned = snap
                     .assignments
                     .backends
-                    .get(&crate::reconcile::plan::backend_key(&svc.name, &b.id))
-                    .and_then(|bs| traffic.backends.get(bs.slot as usize));
+                    .get(&crate::reconcile::plan::backend_key(&svc.name, &b.id));
+                let stats = assigned.and_then(|bs| traffic.backends.get(bs.slot as usize));
+                if counting {
+                    let n = assigned.map_or(0, |bs| s.readers.active.get(bs.slot).max(0));
+                    f.add(backend_active, &labels, n as f64);
+                }
                 if let Some(t) = stats {
                     f.add(backend_packets, &labels, t.packets as f64);
                     f.add(backend_bytes, &labels, t.bytes as f64);
@@ -650,6 +672,7 @@ impl DataPlaneCollector {
         f.add(conntrack_capacity, &[], s.conntrack_capacity as f64);
         let census = *s.conntrack.lock().unwrap_or_else(|p| p.into_inner());
         f.add(conntrack_entries, &[], census.entries as f64);
+        f.add(active_corrections, &[], census.active_corrections_total as f64);
         f.add(build_info, &[env!("CARGO_PKG_VERSION")], 1.0);
     }
 }

@@ -29,6 +29,8 @@ use lb_common::{
 use lb_userspace::{
     dataplane::Pool,
     maglev::{MaglevBackend, build_table},
+    model::Strategy,
+    reconcile::{apply::build, plan::TableInput},
 };
 use serde::Serialize;
 
@@ -53,6 +55,23 @@ const GUE_PORT: u16 = lb_userspace::config::DEFAULT_GUE_PORT;
 const GUE_SERVICE_PORT: u16 = 8443;
 /// The IPIP services' port; their backends are routed (crate::topology::ipip_routes).
 const IPIP_PORT: u16 = 8080;
+/// VIP4 TCP services on the other strategies, one port each from here, each on the same 100
+/// backends as the Maglev cases (pool regions 4.. in STRATEGIES' order).
+const STRATEGY_PORT: u16 = 81;
+const STRATEGIES: [(Strategy, &str, &str); 4] = [
+    (Strategy::RoundRobin, "tcp4_syn_round_robin", "tcp4_established_round_robin"),
+    (
+        Strategy::WeightedRoundRobin,
+        "tcp4_syn_weighted_round_robin",
+        "tcp4_established_weighted_round_robin",
+    ),
+    (
+        Strategy::LeastConnections,
+        "tcp4_syn_least_connections",
+        "tcp4_established_least_connections",
+    ),
+    (Strategy::PowerOfTwo, "tcp4_syn_power_of_two", "tcp4_established_power_of_two"),
+];
 
 const OTHER4: [u8; 4] = [10, 200, 0, 1];
 /// The NAT service: its own VIP (so the other cases' VIPs have no NAT bits), one backend.
@@ -317,6 +336,28 @@ fn cases(katran: bool) -> Vec<Case> {
             target_ns: None,
         },
     ];
+    // Each strategy's new-flow and established cost, on the same frames as tcp4_syn and
+    // tcp4_established but for its own port.
+    for (k, (_, syn, established)) in STRATEGIES.iter().enumerate() {
+        let port = STRATEGY_PORT + k as u16;
+        for (name, flags, vary_offset, check) in [
+            (*syn, TCP_SYN, IPV4_SRC, &[Counter::ConntrackMiss, Counter::Tx][..]),
+            (*established, TCP_ACK, 0, hit),
+        ] {
+            ours.push(Case {
+                guarded: false,
+                unwrapped: false,
+                name,
+                frame: v4(PROTO_TCP, tcp(40000, port, flags), VIP4),
+                setup: None,
+                target: BENCH_TARGET_LB,
+                vary_offset,
+                verdict: XDP_TX,
+                check: Check::Ours(check),
+                target_ns: None,
+            });
+        }
+    }
     if !katran {
         return ours;
     }
@@ -535,6 +576,37 @@ impl Bench {
                 filter.add_nat(&key.addr);
             }
             services.insert(key, value, 0)?;
+        }
+        // The other strategies' regions, built as the daemon builds them: uneven weights
+        // (1..=4 × 25) so weighted round robin has a real period.
+        for (k, (strategy, _, _)) in STRATEGIES.iter().enumerate() {
+            let region = 4 + k as u32;
+            let input = TableInput {
+                size: TABLE_SIZE,
+                members: (1..=BACKENDS)
+                    .map(|i| (format!("b{i:03}"), 25 * (1 + i % 4), i))
+                    .collect(),
+                strategy: *strategy,
+                caps: vec![0; BACKENDS as usize],
+            };
+            let table = build(&input);
+            pool.write(region * TABLE_SIZE, &table)?;
+            let mut vip = [0u8; 16];
+            vip[..4].copy_from_slice(&VIP4);
+            let key = ServiceKey::new(FAMILY_V4, PROTO_TCP, vip, (STRATEGY_PORT + k as u16).to_be());
+            filter.add(&key);
+            services.insert(
+                key,
+                ServiceValue {
+                    id: 16 + k as u32,
+                    flags: 0,
+                    table_offset: region * TABLE_SIZE,
+                    table_size: table.len() as u32,
+                    forward: FWD_DSR_L2,
+                    strategy: strategy.id(),
+                },
+                0,
+            )?;
         }
         vip_filter.set(0, filter, 0)?;
         let egress = ipip_routes()?;

@@ -182,7 +182,7 @@ impl Results {
             );
             let _ = writeln!(
                 s,
-                "{:<24} {:>8} {:>9} {:>8}  runs (ns)",
+                "{:<37} {:>8} {:>9} {:>8}  runs (ns)",
                 "case", "ns/pkt", "x floor", "target"
             );
             for c in cases {
@@ -192,7 +192,7 @@ impl Results {
                 });
                 let _ = writeln!(
                     s,
-                    "{:<24} {:>8.1} {:>9.2} {:>8}  {:?}",
+                    "{:<37} {:>8.1} {:>9.2} {:>8}  {:?}",
                     c.case,
                     c.ns_per_packet,
                     c.ratio_to_floor,
