@@ -72,8 +72,13 @@ pub struct ServiceValue {
     pub forward: u32,
     /// `strategy::STRATEGY_*`: what the region at `table_offset` holds and how a new flow picks.
     pub strategy: u32,
+    /// The Maglev table before the last swap (size 0: none, or not Maglev): second chance.
+    /// A TCP segment of a flow the connection table does not know goes to that table's owner
+    /// of its hash when it is still live and differs from the current one.
+    pub prev_offset: u32,
+    pub prev_size: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 32);
 
 /// A bitmap over VIP addresses, checked before any hash lookup so that traffic to addresses that
 /// are no VIP (most of what reaches an edge host) passes after one array read. A set bit means

@@ -95,8 +95,11 @@ counters! {
     ConntrackFloodSkipped = 37, "conntrack_flood_skipped";
     // Least connections / two choices: every candidate was at its connection cap (maxconn).
     DropMaxconn = 38, "drop_maxconn";
+    // Second chance: a TCP segment of a flow the connection table did not know, sent to the
+    // previous Maglev table's (live) owner of its hash instead of the current one's.
+    SecondChanceHit = 39, "second_chance_hit";
 }
 
 /// Size of the global counter map.
 pub const COUNTER_SLOTS: u32 = 48;
-const _: () = assert!((Counter::DropMaxconn as u32) < COUNTER_SLOTS);
+const _: () = assert!((Counter::SecondChanceHit as u32) < COUNTER_SLOTS);

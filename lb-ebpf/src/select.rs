@@ -5,8 +5,8 @@ use core::mem::MaybeUninit;
 use aya_ebpf::bindings::BPF_NOEXIST;
 
 use lb_common::{
-    Backend, Counter, FAMILY_V4, FlowKey, FlowState, NatEntry, PROTO_UDP, ServiceKey, ServiceValue,
-    VipFilter,
+    Backend, Counter, FAMILY_V4, FlowKey, FlowState, NatEntry, PROTO_TCP, PROTO_UDP, ServiceKey,
+    ServiceValue, VipFilter,
     dpconfig::FLOOD_WINDOW_NS,
     flow::{FLOW_COUNTED, SYN_RETRANSMIT_WINDOW, coarse_seconds},
     hash::{flow_hash, source_hash},
@@ -191,7 +191,7 @@ fn service_pick(flow: &Flow, stale: bool) -> Result<FlowState, Verdict> {
     } else {
         Remember::Yes
     };
-    pick(key, &service, remember)
+    pick(key, service, remember)
 }
 
 /// Whether `pick` pins the flow, and whether it is a SYN (which may be a retransmit).
@@ -245,23 +245,24 @@ fn fragment(key: &FlowKey) -> Result<FlowState, Verdict> {
     });
     let skey = ServiceKey::from_words(key.family, key.proto, key.dst_addr, 0);
     // SAFETY: the map is not preallocated, so a value we read is never recycled under us.
-    let service = unsafe { FRAGMENT_SERVICES.get(skey) }.copied().ok_or(pass)?;
+    let service = unsafe { FRAGMENT_SERVICES.get(skey) }.ok_or(pass)?;
     count(Counter::FragmentForwarded);
-    pick(key, &service, Remember::No)
+    pick(key, service, Remember::No)
 }
 
+/// The service's value, read in place (not copied into the new-flow frame).
 #[inline(always)]
-fn service(key: &FlowKey, filter: &VipFilter, bit: usize) -> Option<ServiceValue> {
+fn service(key: &FlowKey, filter: &VipFilter, bit: usize) -> Option<&'static ServiceValue> {
     let mut skey = ServiceKey::from_words(key.family, key.proto, key.dst_addr, key.dst_port);
     // SAFETY: the map is not preallocated, so a value we read is never recycled under us.
     if let Some(v) = unsafe { SERVICES.get(skey) } {
-        return Some(*v);
+        return Some(v);
     }
     if !filter.may_have_wildcard(bit) {
         return None;
     }
     skey.port = 0;
-    unsafe { SERVICES.get(skey) }.copied()
+    unsafe { SERVICES.get(skey) }
 }
 
 /// A new (or re-picked) flow: hash into the service's Maglev table, shed it if a limit says
@@ -277,24 +278,28 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
     } else {
         flow_hash(key)
     };
-    // Where the strategy's region is read: a Maglev slot, the cursor's next entry, or the
-    // least loaded member's word (a multiple of MEMBER_STRIDE).
     let counting = strategy::counts(service.strategy);
     let stride = if counting { MEMBER_STRIDE } else { 1 };
-    let index = if strategy::cursor(service.strategy) {
-        next_cursor(service.id) % size
-    } else if counting {
+    // The counting strategies' scan, called from here so its frame is not stacked on
+    // first_choice's.
+    let picked = if counting {
         let i = least_loaded(service.table_offset, size, hash, service.strategy);
         if i == NONE_UNDER_CAP {
             return Err(Verdict::Drop(Counter::DropMaxconn));
         }
         i
     } else {
-        hash % size
+        UNPICKED
     };
-    let mut slot = *MAGLEV_POOL
-        .get(service.table_offset + index)
-        .ok_or(Verdict::Drop(Counter::DropBackendMissing))?;
+    // Second chance: a TCP segment of a connection the table does not know (evicted, a
+    // restarted daemon, another node's flow) most likely belongs to the backend the previous
+    // table gave its hash, if the tables changed since and that backend still serves.
+    let second = remember == Remember::Yes && key.proto == PROTO_TCP;
+    // One register back: the word in the high half, the slot in the low (no stack slot for
+    // an out-parameter in this frame).
+    let both = first_choice(service, hash, second, picked);
+    let index = (both >> 32) as u32;
+    let mut slot = both as u32;
     let mut backend = BACKENDS
         .get(slot)
         .ok_or(Verdict::Drop(Counter::DropBackendMissing))?;
@@ -389,6 +394,44 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
     }
     state.forward = entry.mode();
     Ok(state)
+}
+
+/// `index` before `first_choice`: no counting strategy picked a word.
+const UNPICKED: u32 = u32::MAX;
+
+/// The strategy's pick for a new flow: the word of the service's region it came from (shedding
+/// spills from there; a counting strategy's scan gives it as `picked`) in the high half, the
+/// backend slot in the low half (u32::MAX, no such slot, when the region cannot be read). With `second` (a TCP
+/// segment the connection table did not know), a Maglev service whose previous table gives the
+/// hash to another live backend picks that one. Out of line: its state stays out of the
+/// new-flow frame.
+#[inline(never)]
+fn first_choice(service: &ServiceValue, hash: u32, second: bool, picked: u32) -> u64 {
+    let size = service.table_size;
+    if size == 0 {
+        return u64::from(u32::MAX);
+    }
+    let i = if picked != UNPICKED {
+        picked
+    } else if strategy::cursor(service.strategy) {
+        next_cursor(service.id) % size
+    } else {
+        hash % size
+    };
+    let at = u64::from(i) << 32;
+    let Some(&slot) = MAGLEV_POOL.get(service.table_offset + i) else {
+        return at | u64::from(u32::MAX);
+    };
+    if second && service.prev_size != 0 && service.strategy == strategy::STRATEGY_MAGLEV {
+        match MAGLEV_POOL.get(service.prev_offset + hash % service.prev_size) {
+            Some(&prev) if prev != slot && BACKENDS.get(prev).is_some_and(|b| b.is_active()) => {
+                count(Counter::SecondChanceHit);
+                return at | u64::from(prev);
+            }
+            _ => {}
+        }
+    }
+    at | u64::from(slot)
 }
 
 /// Adds `delta` to a backend slot's active-flow count, atomically (every CPU adds to it).

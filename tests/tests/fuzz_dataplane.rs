@@ -99,6 +99,8 @@ impl Dp {
                 table_size: TABLE,
                 forward: FWD_DSR_L2,
                 strategy: 0,
+                prev_offset: 0,
+                prev_size: 0,
             };
             filter.add(&key);
             vip_addrs
@@ -117,6 +119,8 @@ impl Dp {
             table_size: TABLE,
             forward: FWD_DSR_L2,
             strategy: 0,
+            prev_offset: 0,
+            prev_size: 0,
         };
         fragment_services
             .insert(frag_key, frag_value, 0)

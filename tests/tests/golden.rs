@@ -119,6 +119,8 @@ impl Dp {
             table_size: 13,
             forward,
             strategy: 0,
+            prev_offset: 0,
+            prev_size: 0,
         };
         self.insert_service(ServiceKey::new(family, proto, a, port.to_be()), v);
     }
@@ -533,6 +535,8 @@ fn wildcard_port_service_and_empty_table() {
             table_size: 0,
             forward: 0,
             strategy: 0,
+            prev_offset: 0,
+            prev_size: 0,
         };
         dp.insert_service(ServiceKey::new(4, 6, key, 80u16.to_be()), empty);
         let input = [
@@ -1026,6 +1030,8 @@ fn fragments_of_a_datagram_reach_one_backend_when_the_vip_hashes_them() {
             table_size: 13,
             forward: FWD_DSR_L2,
             strategy: 0,
+            prev_offset: 0,
+            prev_size: 0,
         };
         dp.insert_service(ServiceKey::new(4, 17, vip, 5353u16.to_be()), value);
         let datagram = |client: [u8; 4]| {

@@ -225,6 +225,7 @@ impl Reconciler {
             dp.vip_addrs.insert(a, 1, 0).map_err(Error::dataplane)?;
         }
         let mut rebuild: std::collections::BTreeMap<String, TableInput> = rebuild.into_iter().collect();
+        let mut release_after: Vec<Region> = Vec::new();
         for s in services {
             let key = service_key(s);
             let svc = a.services.get_mut(&s.name).expect("planned");
@@ -256,6 +257,8 @@ impl Reconciler {
                     Forwarding::Nat => FWD_NAT,
                 },
                 strategy: s.strategy.id(),
+                prev_offset: 0,
+                prev_size: 0,
             };
             if let Some(input) = rebuild.remove(&s.name) {
                 let started = std::time::Instant::now();
@@ -268,19 +271,32 @@ impl Reconciler {
                         && dp.pool.read(r.offset, r.size).as_deref() == Some(table.as_slice())
                 });
                 if !unchanged {
-                    if let Some(prev) = svc.previous.take() {
-                        self.regions.release(prev.offset, prev.size);
-                    }
+                    // The service value names the previous table (second chance) until it is
+                    // replaced below: that region is released after, unless the pool has no
+                    // room for the new table beside it.
+                    let mut old_previous = svc.previous.take();
                     let new_region = if table.is_empty() {
                         None
                     } else {
                         let size = table.len() as u32;
-                        let offset = self.regions.alloc(size).ok_or_else(|| {
+                        let mut offset = self.regions.alloc(size);
+                        if offset.is_none()
+                            && let Some(prev) = old_previous.take()
+                        {
+                            self.regions.release(prev.offset, prev.size);
+                            offset = self.regions.alloc(size);
+                        }
+                        let offset = offset.ok_or_else(|| {
                             Error::invalid(format!("not enough Maglev table space for service {}", s.name))
                         })?;
                         dp.pool.write(offset, &table)?;
                         Some(Region { offset, size })
                     };
+                    release_after.extend(old_previous);
+                    svc.previous_maglev = svc
+                        .built
+                        .as_ref()
+                        .is_some_and(|b| b.strategy == crate::model::Strategy::Maglev);
                     svc.previous = svc.active.take();
                     svc.active = new_region;
                     svc.generation += 1;
@@ -292,9 +308,19 @@ impl Reconciler {
                 value.table_offset = r.offset;
                 value.table_size = r.size;
             }
+            if s.strategy == crate::model::Strategy::Maglev
+                && svc.previous_maglev
+                && let Some(p) = svc.previous
+            {
+                value.prev_offset = p.offset;
+                value.prev_size = p.size;
+            }
             let current = dp.services.get(&key, 0).ok();
             if current != Some(value) {
                 dp.services.insert(key, value, 0).map_err(Error::dataplane)?;
+            }
+            for r in release_after.drain(..) {
+                self.regions.release(r.offset, r.size);
             }
             if s.fragments == FragmentPolicy::Hash {
                 let fkey = fragment_key(&key);

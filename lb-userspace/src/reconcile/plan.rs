@@ -44,8 +44,12 @@ pub struct ServiceSlot {
     pub id: u32,
     pub key: Option<ServiceKeyRepr>,
     pub active: Option<Region>,
-    /// The table before the last swap; kept so in-flight readers never see it rewritten.
+    /// The table before the last swap; kept so in-flight readers never see it rewritten, and
+    /// (when it was a Maglev table) for second chance.
     pub previous: Option<Region>,
+    /// `previous` holds a Maglev table.
+    #[serde(default)]
+    pub previous_maglev: bool,
     /// The inputs of the active table.
     #[serde(default)]
     pub built: Option<TableInput>,

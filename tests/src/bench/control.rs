@@ -105,6 +105,8 @@ pub fn table_swap(runs: usize) -> Result<(f64, Vec<f64>)> {
             table_size: M,
             forward: 0,
             strategy: 0,
+            prev_offset: 0,
+            prev_size: 0,
         };
         services.insert(key, value, 0)?;
         times.push(t.elapsed().as_secs_f64() * 1e6);

@@ -59,7 +59,11 @@ const IPIP_PORT: u16 = 8080;
 /// backends as the Maglev cases (pool regions 4.. in STRATEGIES' order).
 const STRATEGY_PORT: u16 = 81;
 const STRATEGIES: [(Strategy, &str, &str); 4] = [
-    (Strategy::RoundRobin, "tcp4_syn_round_robin", "tcp4_established_round_robin"),
+    (
+        Strategy::RoundRobin,
+        "tcp4_syn_round_robin",
+        "tcp4_established_round_robin",
+    ),
     (
         Strategy::WeightedRoundRobin,
         "tcp4_syn_weighted_round_robin",
@@ -70,7 +74,11 @@ const STRATEGIES: [(Strategy, &str, &str); 4] = [
         "tcp4_syn_least_connections",
         "tcp4_established_least_connections",
     ),
-    (Strategy::PowerOfTwo, "tcp4_syn_power_of_two", "tcp4_established_power_of_two"),
+    (
+        Strategy::PowerOfTwo,
+        "tcp4_syn_power_of_two",
+        "tcp4_established_power_of_two",
+    ),
 ];
 
 const OTHER4: [u8; 4] = [10, 200, 0, 1];
@@ -341,7 +349,12 @@ fn cases(katran: bool) -> Vec<Case> {
     for (k, (_, syn, established)) in STRATEGIES.iter().enumerate() {
         let port = STRATEGY_PORT + k as u16;
         for (name, flags, vary_offset, check) in [
-            (*syn, TCP_SYN, IPV4_SRC, &[Counter::ConntrackMiss, Counter::Tx][..]),
+            (
+                *syn,
+                TCP_SYN,
+                IPV4_SRC,
+                &[Counter::ConntrackMiss, Counter::Tx][..],
+            ),
             (*established, TCP_ACK, 0, hit),
         ] {
             ours.push(Case {
@@ -569,6 +582,8 @@ impl Bench {
                 table_size: TABLE_SIZE,
                 forward,
                 strategy: 0,
+                prev_offset: 0,
+                prev_size: 0,
             };
             let key = ServiceKey::new(family, proto, addr, port.to_be());
             filter.add(&key);
@@ -604,6 +619,8 @@ impl Bench {
                     table_size: table.len() as u32,
                     forward: FWD_DSR_L2,
                     strategy: strategy.id(),
+                    prev_offset: 0,
+                    prev_size: 0,
                 },
                 0,
             )?;
