@@ -256,11 +256,8 @@ fn flush_conntrack(d: &Daemon) -> usize {
     let mut map: aya::maps::HashMap<aya::maps::MapData, lb_common::FlowKey, lb_common::FlowState> =
         aya::maps::Map::LruHashMap(data).try_into().expect("typed");
     let keys: Vec<_> = map.keys().filter_map(Result::ok).collect();
-    for k in &keys {
-        let _ = map.remove(k);
-    }
-    assert_eq!(map.keys().count(), 0, "the connection table is empty");
-    keys.len()
+    // Packets in flight may add an entry meanwhile; each of these is gone.
+    keys.iter().filter(|k| map.remove(k).is_ok()).count()
 }
 
 #[test]
@@ -305,18 +302,25 @@ fn second_chance_keeps_connections_whose_entries_were_lost_across_a_table_change
     assert!(share(&counts, "b4") >= 20, "new flows: {counts:?}");
 
     // Round robin cannot recompute a lost choice (docs/strategies.md): a connection whose
-    // entry is lost is picked again by the cursor, and most land elsewhere and are reset.
+    // entry is lost is picked again by the cursor, as a new flow would be, with no second
+    // chance; whether it lands on its own backend again is the cursor's luck.
     drop(open);
     ok(&d, &["service", "strategy", "web4", "round-robin"]);
     let (_, mut open) = tcp_flows(&topo, IpAddr::V4(VIP4), 40, true);
     flush_conntrack(&d);
+    let counter = |name: &str| d.json(&["stats"])["counters"][name].as_u64().unwrap_or(0);
+    let (miss, second) = (counter("conntrack_miss"), counter("second_chance_hit"));
     let mut kept = 0;
     for (conn, id) in open.iter_mut() {
         kept += usize::from(conn.ask().is_ok_and(|a| &a == id));
     }
     println!("round robin after a flush: {kept} of 40 connections kept their backend");
-    assert!(
-        kept < 30,
-        "{kept} of 40 kept: a lost entry is re-picked, not recomputed"
+    let misses = counter("conntrack_miss") - miss;
+    // (An LRU walk racing inserts may skip an entry or two: most, not all, are flushed.)
+    assert!(misses >= 30, "the lost entries are picked again: {misses} misses");
+    assert_eq!(
+        counter("second_chance_hit"),
+        second,
+        "no second chance off Maglev"
     );
 }
