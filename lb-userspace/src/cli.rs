@@ -84,6 +84,10 @@ pub enum Command {
     Reload,
     /// Stop the daemon (the data plane keeps forwarding).
     Shutdown,
+    /// Show what a change would do before applying it: per service, the table entries that
+    /// would change owner and the live flows that would change backend if their entry were lost.
+    #[command(subcommand)]
+    Plan(PlanCmd),
     /// On a backend: set up, check or undo what IPIP forwarding needs (no daemon involved).
     #[command(subcommand)]
     BackendHost(BackendHostCmd),
@@ -209,6 +213,46 @@ pub struct BackendArgs {
     pub zone: Option<String>,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum PlanCmd {
+    /// A backend's new weight.
+    Weight {
+        service: String,
+        id: String,
+        weight: u32,
+    },
+    /// A new backend.
+    AddBackend(BackendArgs),
+    RemoveBackend {
+        service: String,
+        id: String,
+    },
+    /// A service's new strategy.
+    Strategy {
+        service: String,
+        strategy: crate::model::Strategy,
+    },
+    /// A whole config file (its services; [daemon] is not previewed).
+    Config {
+        file: std::path::PathBuf,
+    },
+}
+
+fn backend_spec(a: &BackendArgs) -> BackendSpec {
+    BackendSpec {
+        id: a.id.clone(),
+        address: a.address,
+        port: a.port,
+        weight: a.weight,
+        region: a.region.clone(),
+        zone: a.zone.clone(),
+        labels: Default::default(),
+        health: None,
+        max_new_flows_per_s: None,
+        maxconn: None,
+    }
+}
+
 /// A health score: a number in 0..=1 (JSON has no NaN, so it is refused here).
 fn parse_score(text: &str) -> Result<f64, String> {
     let v: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
@@ -262,18 +306,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
         },
         Command::Backend(BackendCmd::Add(a)) => Request::AddBackend {
             service: a.service.clone(),
-            backend: BackendSpec {
-                id: a.id.clone(),
-                address: a.address,
-                port: a.port,
-                weight: a.weight,
-                region: a.region.clone(),
-                zone: a.zone.clone(),
-                labels: Default::default(),
-                health: None,
-                max_new_flows_per_s: None,
-                maxconn: None,
-            },
+            backend: backend_spec(a),
         },
         Command::Backend(BackendCmd::Remove { service, id }) => Request::RemoveBackend {
             service: service.clone(),
@@ -306,6 +339,34 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
         },
         Command::Reload => Request::Reload,
         Command::Shutdown => Request::Shutdown,
+        Command::Plan(p) => {
+            use crate::control::preview::PlanChange;
+            Request::Plan {
+                change: match p {
+                    PlanCmd::Weight { service, id, weight } => PlanChange::Weight {
+                        service: service.clone(),
+                        id: id.clone(),
+                        weight: *weight,
+                    },
+                    PlanCmd::AddBackend(a) => PlanChange::AddBackend {
+                        service: a.service.clone(),
+                        backend: Box::new(backend_spec(a)),
+                    },
+                    PlanCmd::RemoveBackend { service, id } => PlanChange::RemoveBackend {
+                        service: service.clone(),
+                        id: id.clone(),
+                    },
+                    PlanCmd::Strategy { service, strategy } => PlanChange::Strategy {
+                        service: service.clone(),
+                        strategy: *strategy,
+                    },
+                    PlanCmd::Config { file } => PlanChange::Config {
+                        text: std::fs::read_to_string(file)
+                            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?,
+                    },
+                },
+            }
+        }
     };
     let socket = config::socket_path(&cli.run_dir, &cli.instance);
     let response = api::call(&socket, &request, Duration::from_secs(30))?;
@@ -370,6 +431,29 @@ fn print_human(command: &Command, data: &Value) {
                         }
                     );
                 }
+            }
+        }
+        Command::Plan(_) => {
+            for s in data["services"].as_array().into_iter().flatten() {
+                let name = s["service"].as_str().unwrap_or_default();
+                if s["removed"] == true {
+                    println!(
+                        "{name}: removed; {} live flows lose their backend",
+                        s["live_flows"]
+                    );
+                    continue;
+                }
+                let moved = match (s["entries_moved"].as_u64(), s["share_moved"].as_f64()) {
+                    (Some(m), Some(f)) => format!("{m} moved ({:.1}%)", f * 100.0),
+                    _ => "new".to_string(),
+                };
+                println!(
+                    "{name}: {} {} entries, {moved}; {} live flows, {} would change backend if their entry were lost",
+                    s["strategy"].as_str().unwrap_or_default(),
+                    s["entries"],
+                    s["live_flows"],
+                    s["flows_moving_if_lost"],
+                );
             }
         }
         Command::Stats => {

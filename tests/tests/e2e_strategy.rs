@@ -324,3 +324,84 @@ fn second_chance_keeps_connections_whose_entries_were_lost_across_a_table_change
         "no second chance off Maglev"
     );
 }
+
+#[test]
+fn the_disruption_preview_matches_the_change_when_it_is_applied() {
+    let mut topo = Topology::new(3).expect("topology");
+    let d = start(&topo, "maglev");
+    let (_, mut open) = tcp_flows(&topo, IpAddr::V4(VIP4), 100, true);
+    let b4 = topo.add_backend("b4").expect("b4").v4;
+    let before = d.json(&["service", "list"]);
+    let plan = d.json(&["plan", "add-backend", "web4", "b4", "--address", &b4.to_string()]);
+    let web4 = plan["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["service"] == "web4")
+        .cloned()
+        .expect("web4 in the plan");
+    println!("plan: {web4}");
+    assert_eq!(d.json(&["service", "list"]), before, "a plan changes nothing");
+    let share = web4["share_moved"].as_f64().expect("share_moved");
+    assert!(
+        (0.2..=0.3).contains(&share),
+        "a fourth backend takes about a quarter: {share}"
+    );
+    assert!(web4["live_flows"].as_u64() >= Some(100), "{web4}");
+    let moving = web4["flows_moving_if_lost"]
+        .as_u64()
+        .expect("flows_moving_if_lost");
+    // Bad input gets one line and changes nothing.
+    for args in [
+        &["plan", "weight", "web4", "nosuch", "5"][..],
+        &["plan", "weight", "web4", "b1", "100000"],
+        &["plan", "strategy", "nosuch", "round-robin"],
+    ] {
+        let out = d.cli(args);
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim().lines().count(),
+            1,
+            "{args:?}"
+        );
+    }
+
+    // Applied for real: the table is the one the plan showed...
+    ok(
+        &d,
+        &["backend", "add", "web4", "b4", "--address", &b4.to_string()],
+    );
+    let ready = wait_until(Duration::from_secs(10), || {
+        backends(&d, "web4").get("b4").is_some_and(|b| b.0 > 0)
+    });
+    assert!(ready, "b4 not in the table");
+    let now = backends(&d, "web4");
+    for (id, n) in web4["entries_per_backend"]
+        .as_object()
+        .expect("entries_per_backend")
+    {
+        assert_eq!(
+            Some(now[id].0),
+            n.as_u64(),
+            "{id}: table entries against the plan"
+        );
+    }
+    // ...and the flows it said would move if their entries were lost are those second chance
+    // takes back to their old backend once the entries are gone.
+    let hits0 = d.json(&["stats"])["counters"]["second_chance_hit"]
+        .as_u64()
+        .unwrap_or(0);
+    flush_conntrack(&d);
+    for (conn, id) in open.iter_mut() {
+        assert_eq!(conn.ask().expect("answer").as_str(), id.as_str());
+    }
+    let hits = d.json(&["stats"])["counters"]["second_chance_hit"]
+        .as_u64()
+        .unwrap_or(0)
+        - hits0;
+    println!("plan said {moving} of the live flows would move; second chance took {hits} back");
+    assert!(
+        hits <= moving && hits + 3 >= moving,
+        "plan {moving}, second chance {hits}"
+    );
+}

@@ -62,6 +62,10 @@ pub enum Request {
     Reload,
     /// Stop the daemon; the data plane stays attached.
     Shutdown,
+    /// What a change would do, applied to nothing (disruption preview).
+    Plan {
+        change: crate::control::preview::PlanChange,
+    },
 }
 
 /// A successful answer: the data, and warnings about the system around the balancer.
@@ -161,6 +165,7 @@ impl Request {
             ),
             Self::Reload => ("POST", "/v1/reload".into(), None),
             Self::Shutdown => ("POST", "/v1/shutdown".into(), None),
+            Self::Plan { change } => ("POST", "/v1/plan".into(), Some(json!(change))),
         }
     }
 }

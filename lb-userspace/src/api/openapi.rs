@@ -21,6 +21,7 @@ use super::{ApiError, Envelope, server};
         server::remove_instance,
         server::set_weight,
         server::set_strategy,
+        server::plan,
         server::set_health,
         server::pick,
         server::health,

@@ -27,6 +27,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{ApiError, Envelope};
+use crate::control::preview::PlanChange;
 use crate::{
     config::{BackendSpec, Config, DaemonConfig, ServiceSpec},
     control::queries::Queries,
@@ -385,6 +386,21 @@ pub async fn reload_config(s: &Shared) -> crate::error::Result<Vec<String>> {
     submit(&s.writer, Change::Replace(cfg.services)).await
 }
 
+#[utoipa::path(post, path = "/v1/plan", tag = "services", request_body = PlanChange,
+    responses((status = 200, description = "Per service: table entries that would change owner, live flows that would change backend if their entry were lost", body = Envelope),
+        (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn plan(State(s): Ctx, body: Result<Json<PlanChange>, JsonRejection>) -> Answer {
+    let Json(p) = body.map_err(bad_body)?;
+    let change = p.into_change()?;
+    let (snap, readers, cfg) = (s.snapshot.borrow().clone(), s.readers.clone(), s.cfg.clone());
+    // Builds tables and walks the connection table: off the async workers.
+    let preview =
+        tokio::task::spawn_blocking(move || crate::control::preview::preview(&cfg, &snap, &readers, change))
+            .await
+            .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, format!("plan: {e}")))??;
+    ok(preview, vec![])
+}
+
 #[utoipa::path(post, path = "/v1/shutdown", tag = "daemon",
     responses((status = 200, description = "Stops the daemon; the data plane keeps forwarding", body = Envelope)))]
 pub async fn shutdown(State(s): Ctx) -> Answer {
@@ -423,6 +439,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v1/services/{name}/instances/{id}/weight", put(set_weight))
         .route("/v1/services/{name}/strategy", put(set_strategy))
+        .route("/v1/plan", post(plan))
         .route("/v1/services/{name}/instances/{id}/health", put(set_health))
         .route("/v1/services/{name}/pick", get(pick))
         .route("/v1/health", get(health))

@@ -484,7 +484,7 @@ fn find_service<'a>(services: &'a mut [Service], name: &str) -> Result<&'a mut S
 }
 
 /// Applies one change to copies of the services and statuses, validating the result whole.
-fn change_state(
+pub(crate) fn change_state(
     cfg: &DaemonConfig,
     services: &mut Vec<Service>,
     status: &mut BTreeMap<BackendRef, BackendStatus>,
