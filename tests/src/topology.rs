@@ -384,6 +384,17 @@ impl Daemon {
     }
 
     /// Whether every backend of every service has a next hop and table slots now.
+    /// One service's backends as `service list --json` shows them (none if no such service).
+    pub fn backends_of(&self, service: &str) -> Vec<serde_json::Value> {
+        self.json(&["service", "list"])
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["name"] == service)
+            .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
     pub fn all_in_tables(&self) -> bool {
         self.json(&["service", "list"])
             .as_array()

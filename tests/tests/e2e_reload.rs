@@ -33,12 +33,8 @@ fn drops(d: &Daemon) -> HashMap<String, u64> {
 }
 
 fn slots(d: &Daemon, service: &str) -> HashMap<String, u64> {
-    let list = d.json(&["service", "list"]);
-    list.as_array()
+    d.backends_of(service)
         .into_iter()
-        .flatten()
-        .filter(|s| s["name"] == service)
-        .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
         .map(|b| {
             (
                 b["id"].as_str().unwrap_or_default().to_string(),

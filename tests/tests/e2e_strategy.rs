@@ -40,12 +40,8 @@ fn ok(d: &Daemon, args: &[&str]) {
 
 /// (table entries, active flows) of each backend of a service, as `service list` shows them.
 fn backends(d: &Daemon, service: &str) -> HashMap<String, (u64, i64)> {
-    d.json(&["service", "list"])
-        .as_array()
+    d.backends_of(service)
         .into_iter()
-        .flatten()
-        .filter(|s| s["name"] == service)
-        .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
         .map(|b| {
             (
                 b["id"].as_str().unwrap_or_default().to_string(),

@@ -3,63 +3,27 @@
 //! them: a count drifts up when a counted flow leaves the connection table without a FIN or
 //! RST (evicted), and the census walk puts it back to what the table holds.
 
-use std::{
-    os::fd::{AsFd, AsRawFd},
-    ptr::NonNull,
-    sync::atomic::{AtomicI64, Ordering},
-};
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use aya::maps::MapData;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 pub struct ActiveCounts {
-    ptr: NonNull<AtomicI64>,
-    slots: u32,
-    bytes: usize,
-    _map: MapData,
+    map: super::mapping::Mapping,
 }
-
-// SAFETY: the mapping is owned by this struct and only touched through atomics.
-unsafe impl Send for ActiveCounts {}
-unsafe impl Sync for ActiveCounts {}
 
 impl ActiveCounts {
     pub fn new(map: MapData) -> Result<Self> {
-        let info = map.info().map_err(Error::dataplane)?;
-        if info.value_size() != 8 {
-            return Err(Error::dataplane("ACTIVE value size is not 8"));
-        }
-        let slots = info.max_entries();
-        let bytes = (slots as usize * 8).div_ceil(4096) * 4096;
-        // SAFETY: mapping a BPF_F_MMAPABLE array fd, length rounded up to pages.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(Error::io("mmap ACTIVE", std::io::Error::last_os_error()));
-        }
-        let ptr =
-            NonNull::new(ptr.cast::<AtomicI64>()).ok_or_else(|| Error::dataplane("mmap returned null"))?;
         Ok(Self {
-            ptr,
-            slots,
-            bytes,
-            _map: map,
+            map: super::mapping::Mapping::new(map, 8, "ACTIVE")?,
         })
     }
 
     fn cell(&self, slot: u32) -> Option<&AtomicI64> {
         // SAFETY: in bounds; an 8-aligned i64 of a shared mapping, accessed only atomically
         // (the data plane's adds are atomic too).
-        (slot < self.slots).then(|| unsafe { &*self.ptr.as_ptr().add(slot as usize) })
+        (slot < self.map.entries).then(|| unsafe { &*self.map.base().cast::<AtomicI64>().add(slot as usize) })
     }
 
     /// A slot's count as the data plane keeps it.
@@ -74,14 +38,7 @@ impl ActiveCounts {
     }
 
     pub fn slots(&self) -> u32 {
-        self.slots
-    }
-}
-
-impl Drop for ActiveCounts {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what new() mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+        self.map.entries
     }
 }
 

@@ -6,6 +6,7 @@ pub mod active;
 mod batch;
 pub mod census;
 mod load;
+mod mapping;
 mod pool;
 
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};

@@ -1,11 +1,6 @@
 //! The Maglev table pool: one mmap-able BPF array shared by all services, written with memcpy.
 
-use std::{
-    collections::BTreeMap,
-    os::fd::{AsFd, AsRawFd},
-    ptr::NonNull,
-    sync::atomic,
-};
+use std::{collections::BTreeMap, sync::atomic};
 
 use aya::maps::MapData;
 
@@ -17,45 +12,16 @@ const STRIDE: usize = 2;
 
 /// The pool mapped into our address space.
 pub struct Pool {
-    ptr: NonNull<u32>,
+    map: super::mapping::Mapping,
     slots: u32,
-    bytes: usize,
-    _map: MapData,
 }
-
-// SAFETY: the mapping is owned by this struct and only touched through &self/&mut self.
-unsafe impl Send for Pool {}
-unsafe impl Sync for Pool {}
 
 impl Pool {
     pub fn new(map: MapData) -> Result<Self> {
-        let info = map.info().map_err(Error::dataplane)?;
-        let slots = info.max_entries();
-        if info.value_size() != 4 {
-            return Err(Error::dataplane("MAGLEV_POOL value size is not 4"));
-        }
-        let page = 4096usize;
-        let bytes = (slots as usize * STRIDE * 4).div_ceil(page) * page;
-        // SAFETY: mapping a BPF_F_MMAPABLE array fd; length rounded up to pages as the kernel wants.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(Error::io("mmap MAGLEV_POOL", std::io::Error::last_os_error()));
-        }
-        let ptr = NonNull::new(ptr.cast::<u32>()).ok_or_else(|| Error::dataplane("mmap returned null"))?;
+        let map = super::mapping::Mapping::new(map, 4, "MAGLEV_POOL")?;
         Ok(Self {
-            ptr,
-            slots,
-            bytes,
-            _map: map,
+            slots: map.entries,
+            map,
         })
     }
 
@@ -71,7 +37,7 @@ impl Pool {
                 "table region {offset}..{end} is outside the pool"
             )));
         }
-        let base = self.ptr.as_ptr();
+        let base = self.map.base().cast::<u32>();
         for (i, &slot) in table.iter().enumerate() {
             // SAFETY: bounds checked above; the region is not in use by any service value yet.
             unsafe { base.add((offset as usize + i) * STRIDE).write(slot) };
@@ -85,20 +51,13 @@ impl Pool {
         if end > self.slots as usize {
             return None;
         }
-        let base = self.ptr.as_ptr();
+        let base = self.map.base().cast::<u32>();
         // SAFETY: bounds checked; reads of a shared mapping the kernel never writes.
         Some(
             (offset as usize..end)
                 .map(|i| unsafe { base.add(i * STRIDE).read() })
                 .collect(),
         )
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what new() mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
     }
 }
 

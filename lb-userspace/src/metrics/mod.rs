@@ -356,7 +356,17 @@ impl Sink for Fill<'_> {
     }
 }
 
-impl Fill<'_> {
+impl<'a> Fill<'a> {
+    fn new(families: &'a mut [Family], expected: &'a [u8]) -> Self {
+        Self {
+            families,
+            expected,
+            cursor: [0; FAMILIES.len()],
+            shape: 0,
+            fits: true,
+        }
+    }
+
     fn complete(&self) -> bool {
         self.fits
             && self.shape == self.expected.len()
@@ -447,13 +457,7 @@ impl DataPlaneCollector {
         let mut cached = self.layout.lock().unwrap_or_else(|p| p.into_inner());
         let layout = match cached.take() {
             Some(mut layout) if !layout.families.is_empty() => {
-                let mut fill = Fill {
-                    families: &mut layout.families,
-                    expected: &layout.shape,
-                    cursor: [0; FAMILIES.len()],
-                    shape: 0,
-                    fits: true,
-                };
+                let mut fill = Fill::new(&mut layout.families, &layout.shape);
                 self.walk(&snap, &traffic, &mut fill);
                 let fits = fill.complete();
                 fits.then_some(layout)
@@ -812,13 +816,7 @@ mod tests {
         }
         let (mut families, shape) = (build.families, build.shape);
         for round in 1..=3u32 {
-            let mut fill = Fill {
-                families: &mut families,
-                expected: &shape,
-                cursor: [0; FAMILIES.len()],
-                shape: 0,
-                fits: true,
-            };
+            let mut fill = Fill::new(&mut families, &shape);
             for (i, (s, b)) in walk.iter().enumerate() {
                 fill.add(PACKETS, &[s, b], f64::from(round * 100) + i as f64);
                 fill.shape(b"x\0\x01");
@@ -858,26 +856,14 @@ mod tests {
             families[PACKETS].mf = gathered.into_iter().next().unwrap();
         }
         // A walk that differs from the layout (a backend gained a check) does not fit.
-        let mut fill = Fill {
-            families: &mut families,
-            expected: &shape,
-            cursor: [0; FAMILIES.len()],
-            shape: 0,
-            fits: true,
-        };
+        let mut fill = Fill::new(&mut families, &shape);
         for (i, (s, b)) in walk.iter().enumerate() {
             fill.add(PACKETS, &[s, b], 0.0);
             fill.shape(if i == 2 { b"x\0\x03" } else { b"x\0\x01" });
         }
         assert!(!fill.complete());
         // Nor does one with a sample more.
-        let mut fill = Fill {
-            families: &mut families,
-            expected: &shape,
-            cursor: [0; FAMILIES.len()],
-            shape: 0,
-            fits: true,
-        };
+        let mut fill = Fill::new(&mut families, &shape);
         for (s, b) in walk.iter().chain(&[("svc-d", "1")]) {
             fill.add(PACKETS, &[s, b], 0.0);
         }
