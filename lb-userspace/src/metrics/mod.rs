@@ -218,9 +218,15 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         MetricType::COUNTER,
         &[],
     ),
+    (
+        "lb_conntrack_census_duration_seconds",
+        "How long the last connection-table census (entry count, active-flow correction) took.",
+        MetricType::GAUGE,
+        &[],
+    ),
 ];
 /// `families` names each family by its index in FAMILIES.
-const _: () = assert!(FAMILIES.len() == 30);
+const _: () = assert!(FAMILIES.len() == 31);
 
 /// One family: samples in the order the walk adds them.
 struct Family {
@@ -551,7 +557,8 @@ impl DataPlaneCollector {
             passive_failures,
             backend_active,
             active_corrections,
-        ]: [usize; 30] = std::array::from_fn(|i| i);
+            census_duration,
+        ]: [usize; 31] = std::array::from_fn(|i| i);
         let board = s.board.read().unwrap_or_else(|p| p.into_inner());
         let default = crate::status::BackendStatus::default();
         let mut services: Vec<&crate::model::Service> = snap.services.iter().collect();
@@ -677,6 +684,7 @@ impl DataPlaneCollector {
         let census = *s.conntrack.lock().unwrap_or_else(|p| p.into_inner());
         f.add(conntrack_entries, &[], census.entries as f64);
         f.add(active_corrections, &[], census.active_corrections_total as f64);
+        f.add(census_duration, &[], census.took.as_secs_f64());
         f.add(build_info, &[env!("CARGO_PKG_VERSION")], 1.0);
     }
 }
