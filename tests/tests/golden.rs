@@ -1894,3 +1894,110 @@ fn nat_replies_ports_and_checksums_in_the_corners() {
         assert_eq!(dp.counter(Counter::NatCreated), 4);
     });
 }
+
+/// The counting strategies pick by the active-flow counts and skip members at their cap (the
+/// counts move +1 at a pinned flow, −1 once at the client's FIN); second chance sends a
+/// segment whose entry is lost to the previous table's live owner.
+#[test]
+fn strategies_pick_by_counts_and_caps_and_second_chance_takes_the_previous_table() {
+    use lb_common::strategy::{STRATEGY_LEAST_CONNECTIONS, STRATEGY_MAGLEV};
+    in_fresh_ns(|| {
+        let mut dp = Dp::new();
+        let mut active: Array<MapData, i64> = dp
+            .ebpf
+            .take_map(maps::ACTIVE)
+            .expect("ACTIVE")
+            .try_into()
+            .expect("typed");
+        let key = |port: u16| {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&VIP4);
+            ServiceKey::new(4, 6, a, port.to_be())
+        };
+        let frame = |sport: u16, dport: u16, flags: u8| {
+            [
+                eth(LB_MAC, CLIENT_MAC, 0x0800),
+                ipv4(6, CLIENT4, VIP4, &tcp(sport, dport, flags)),
+            ]
+            .concat()
+        };
+        let set_region = |dp: &mut Dp, offset: u32, words: &[u32]| {
+            for (i, w) in words.iter().enumerate() {
+                dp.pool.set(offset + i as u32, *w, 0).expect("pool");
+            }
+        };
+        // Least connections over b1 and b2 (slot, weight, cap).
+        set_region(&mut dp, 100, &[1, 100, 0, 2, 100, 0]);
+        let lc = ServiceValue {
+            id: 20,
+            flags: 0,
+            table_offset: 100,
+            table_size: 6,
+            forward: FWD_DSR_L2,
+            strategy: STRATEGY_LEAST_CONNECTIONS,
+            prev_offset: 0,
+            prev_size: 0,
+        };
+        dp.insert_service(key(90), lc);
+        active.set(1, 5, 0).unwrap();
+        active.set(2, 3, 0).unwrap();
+        let syn = frame(41000, 90, 0x02);
+        assert_eq!(
+            dp.run(&syn),
+            (XDP_TX, rewritten(&syn, B2_MAC)),
+            "the less loaded b2"
+        );
+        assert_eq!(active.get(&2, 0).unwrap(), 4, "+1 for the pinned flow");
+        active.set(2, 10, 0).unwrap();
+        let syn = frame(41001, 90, 0x02);
+        assert_eq!(dp.run(&syn), (XDP_TX, rewritten(&syn, B1_MAC)), "now b1 is");
+        assert_eq!(active.get(&1, 0).unwrap(), 6);
+        // Its client's FIN takes it off b1's count, once.
+        let fin = frame(41001, 90, 0x11);
+        assert_eq!(dp.run(&fin).0, XDP_TX);
+        assert_eq!(dp.run(&fin).0, XDP_TX);
+        assert_eq!(active.get(&1, 0).unwrap(), 5, "−1 once");
+        // Both at their caps (5 and 10): the new flow is dropped and counted.
+        set_region(&mut dp, 100, &[1, 100, 5, 2, 100, 10]);
+        let dropped = dp.counter(Counter::DropMaxconn);
+        let syn = frame(41002, 90, 0x02);
+        assert_eq!(dp.run(&syn).0, XDP_DROP);
+        assert_eq!(dp.counter(Counter::DropMaxconn), dropped + 1);
+
+        // Second chance: the current table gives every hash to b1, the previous one to b2.
+        set_region(&mut dp, 200, &[1; 13]);
+        set_region(&mut dp, 213, &[2; 13]);
+        let maglev = ServiceValue {
+            id: 21,
+            flags: 0,
+            table_offset: 200,
+            table_size: 13,
+            forward: FWD_DSR_L2,
+            strategy: STRATEGY_MAGLEV,
+            prev_offset: 213,
+            prev_size: 13,
+        };
+        dp.insert_service(key(91), maglev);
+        let hits = dp.counter(Counter::SecondChanceHit);
+        let lost = frame(42000, 91, 0x10);
+        assert_eq!(
+            dp.run(&lost),
+            (XDP_TX, rewritten(&lost, B2_MAC)),
+            "a lost entry's segment"
+        );
+        assert_eq!(dp.counter(Counter::SecondChanceHit), hits + 1);
+        let syn = frame(42001, 91, 0x02);
+        assert_eq!(
+            dp.run(&syn),
+            (XDP_TX, rewritten(&syn, B1_MAC)),
+            "a SYN takes the current table"
+        );
+        // The previous owner gone: the current table's.
+        let mut b2 = dp.backends.get(&2, 0).unwrap();
+        b2.flags = 0;
+        dp.backends.set(2, b2, 0).unwrap();
+        let lost = frame(42002, 91, 0x10);
+        assert_eq!(dp.run(&lost), (XDP_TX, rewritten(&lost, B1_MAC)));
+        assert_eq!(dp.counter(Counter::SecondChanceHit), hits + 1);
+    });
+}
