@@ -28,6 +28,40 @@ pub const fn counts(strategy: u32) -> bool {
     strategy == STRATEGY_LEAST_CONNECTIONS || strategy == STRATEGY_POWER_OF_TWO
 }
 
+/// Words per member in a strategy's region: MEMBER_STRIDE for the counting strategies, else
+/// one backend slot per entry.
+pub const fn stride(strategy: u32) -> u32 {
+    if counts(strategy) { MEMBER_STRIDE } else { 1 }
+}
+
+/// Which of `n` members a counting strategy compares for a flow of hash `hash`: `loops`
+/// members, the i-th being `(first + i * step) % n`. Least connections: every member up to
+/// LC_SCAN, from the hash's; power of two choices: the two members `two_choices` names. None
+/// of none (and no division by zero: the data plane has no panic path).
+#[inline(always)]
+pub const fn scan_plan(hash: u32, n: u32, strategy: u32) -> (u32, u32, u32) {
+    if n == 0 {
+        (0, 1, 0)
+    } else if strategy == STRATEGY_POWER_OF_TWO && n > 1 {
+        let (a, b) = two_choices(hash, n);
+        // The second candidate as the first plus a distance, so one formula walks both.
+        (a, if b > a { b - a } else { b + n - a }, 2)
+    } else if n < LC_SCAN {
+        (hash % n, 1, n)
+    } else {
+        (hash % n, 1, LC_SCAN)
+    }
+}
+
+/// The i-th member `scan_plan` names (0 when there are none).
+#[inline(always)]
+pub const fn scan_member(first: u32, step: u32, i: u32, n: u32) -> u32 {
+    match (first as u64 + i as u64 * step as u64).checked_rem(n as u64) {
+        Some(m) => m as u32,
+        None => 0,
+    }
+}
+
 /// Whether a strategy walks its region with the per-CPU cursor.
 pub const fn cursor(strategy: u32) -> bool {
     strategy == STRATEGY_ROUND_ROBIN || strategy == STRATEGY_WEIGHTED_ROUND_ROBIN

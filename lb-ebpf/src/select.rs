@@ -12,7 +12,7 @@ use lb_common::{
     hash::{flow_hash, source_hash},
     service::{FWD_NAT, SVC_F_HASH_SOURCE, SVC_F_SHED, SVC_F_SHED_DROP},
     shed::service_bucket,
-    strategy::{self, LC_SCAN, MEMBER_STRIDE},
+    strategy::{self, MEMBER_STRIDE},
 };
 use lb_ebpf::{Flow, FlowKind, Verdict};
 
@@ -279,7 +279,7 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
         flow_hash(key)
     };
     let counting = strategy::counts(service.strategy);
-    let stride = if counting { MEMBER_STRIDE } else { 1 };
+    let stride = strategy::stride(service.strategy);
     // The counting strategies' scan, called from here so its frame is not stacked on
     // first_choice's.
     let picked = if counting {
@@ -354,7 +354,7 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
             backend = b;
         }
     }
-    let mut state = FlowState {
+    let state = FlowState {
         backend: slot,
         generation: backend.generation,
         service: service.id,
@@ -392,7 +392,6 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
     } else if counting {
         active_add(slot, 1);
     }
-    state.forward = entry.mode();
     Ok(state)
 }
 
@@ -478,25 +477,15 @@ fn least_loaded(offset: u32, size: u32, hash: u32, strategy_id: u32) -> u32 {
     if n == 0 {
         return NONE_UNDER_CAP;
     }
+    let (first, step, loops) = strategy::scan_plan(hash, n, strategy_id);
     let mut scan = Scan {
         offset: u64::from(offset),
         n: u64::from(n),
-        first: u64::from(hash % n),
-        step: 1,
+        first: u64::from(first),
+        step: u64::from(step),
         best: u64::from(NONE_UNDER_CAP),
         best_weight: 0,
         best_active: 0,
-    };
-    let loops = if strategy_id == strategy::STRATEGY_POWER_OF_TWO && n > 1 {
-        let (a, b) = strategy::two_choices(hash, n);
-        scan.first = u64::from(a);
-        // The second candidate as the first plus a distance, so one formula walks both.
-        scan.step = u64::from(if b > a { b - a } else { b + n - a });
-        2
-    } else if n < LC_SCAN {
-        n
-    } else {
-        LC_SCAN
     };
     // SAFETY: the callback reads only `scan`, which outlives the call.
     unsafe {
@@ -532,7 +521,7 @@ extern "C" fn scan_member(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     if s.n == 0 {
         return 1;
     }
-    let member = ((s.first + i * s.step) % s.n) as u32;
+    let member = strategy::scan_member(s.first as u32, s.step as u32, i as u32, s.n as u32);
     let word = s.offset as u32 + member * MEMBER_STRIDE;
     let (Some(&slot), Some(&weight), Some(&cap)) = (
         MAGLEV_POOL.get(word),

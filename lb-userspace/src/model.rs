@@ -109,6 +109,11 @@ impl Strategy {
         lb_common::strategy::counts(self.id())
     }
 
+    /// Words per entry of its region: a member's (slot, weight, cap), or one slot.
+    pub const fn stride(self) -> usize {
+        lb_common::strategy::stride(self.id()) as usize
+    }
+
     pub const ALL: [Self; 5] = [
         Self::Maglev,
         Self::RoundRobin,

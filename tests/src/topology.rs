@@ -271,6 +271,15 @@ pub fn run_xdp(prog: &aya::programs::Xdp, input: &[u8]) -> Result<(u32, Vec<u8>)
     Ok((r.return_value, out))
 }
 
+/// One test run of the balancer program of `ebpf` (as `loaded_lb` returns it).
+pub fn run_lb(ebpf: &aya::Ebpf, input: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let prog: &aya::programs::Xdp = ebpf
+        .program(lb_common::maps::PROG_LB)
+        .context("the lb program")?
+        .try_into()?;
+    run_xdp(prog, input)
+}
+
 /// Loads any of our objects with its pinned maps in a private directory removed at once.
 pub fn load_object(object: &[u8]) -> Result<aya::Ebpf> {
     let dir = PathBuf::from(format!(

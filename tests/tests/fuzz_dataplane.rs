@@ -11,10 +11,7 @@
 //! protocols, echo replies off, IPv4 UDP fragments hashed to a backend and the others passed. `LB_FUZZ_CASES` sets the number of cases
 //! (default 100,000), `LB_FUZZ_SEED` replays a run; the seed is printed.
 
-use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::Xdp,
-};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use lb_common::{
     AddrKey, Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue, VipFilter,
     backend::BACKEND_F_ACTIVE, maps, service::FWD_DSR_L2,
@@ -26,7 +23,7 @@ use lb_tests::{
         CLIENT_MAC, CLIENT4, CLIENT6, LB_MAC, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_TX, eth, ipv4, ipv6, tcp,
         udp,
     },
-    topology::{loaded_lb, run_xdp},
+    topology::{loaded_lb, run_lb},
 };
 use proptest::{
     prelude::*,
@@ -82,6 +79,13 @@ impl Dp {
         let mut v4 = [0u8; 16];
         v4[..4].copy_from_slice(&VIP4);
         let mut vips = Vec::new();
+        // Every service on the one table at offset 0, in L2 DSR.
+        let service = |id: u32| ServiceValue {
+            id,
+            table_size: TABLE,
+            forward: FWD_DSR_L2,
+            ..Default::default()
+        };
         for (id, (family, proto, addr, port)) in [
             (4u8, 6u8, v4, 80u16),
             (4, 17, v4, 53),
@@ -92,16 +96,7 @@ impl Dp {
         .enumerate()
         {
             let key = ServiceKey::new(family, proto, addr, port.to_be());
-            let value = ServiceValue {
-                id: id as u32,
-                flags: 0,
-                table_offset: 0,
-                table_size: TABLE,
-                forward: FWD_DSR_L2,
-                strategy: 0,
-                prev_offset: 0,
-                prev_size: 0,
-            };
+            let value = service(id as u32);
             filter.add(&key);
             vip_addrs
                 .insert(AddrKey::new(family, key.addr), 1, 0)
@@ -112,18 +107,8 @@ impl Dp {
         vip_filter.set(0, filter, 0).expect("filter");
         // IPv4 UDP fragments hash to a backend (`fragments = "hash"`); the others pass.
         let frag_key = ServiceKey::new(4, 17, v4, 0);
-        let frag_value = ServiceValue {
-            id: 9,
-            flags: 0,
-            table_offset: 0,
-            table_size: TABLE,
-            forward: FWD_DSR_L2,
-            strategy: 0,
-            prev_offset: 0,
-            prev_size: 0,
-        };
         fragment_services
-            .insert(frag_key, frag_value, 0)
+            .insert(frag_key, service(9), 0)
             .expect("fragment service");
         Self {
             ebpf,
@@ -144,13 +129,7 @@ impl Dp {
     }
 
     fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &Xdp = self
-            .ebpf
-            .program(maps::PROG_LB)
-            .expect("lb")
-            .try_into()
-            .expect("xdp");
-        run_xdp(prog, input).expect("test_run")
+        run_lb(&self.ebpf, input).expect("test_run")
     }
 }
 

@@ -18,7 +18,7 @@ use lb_tests::{
         CLIENT_MAC, CLIENT4, CLIENT6, LB_MAC, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, eth,
         fix_l4_checksum, ipv4, ipv6, tcp, udp,
     },
-    topology::{ipip_routes, load_object, loaded_lb, run_xdp},
+    topology::{ipip_routes, load_object, loaded_lb, run_lb, run_xdp},
 };
 
 const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb1];
@@ -118,9 +118,7 @@ impl Dp {
             table_offset: offset,
             table_size: 13,
             forward,
-            strategy: 0,
-            prev_offset: 0,
-            prev_size: 0,
+            ..Default::default()
         };
         self.insert_service(ServiceKey::new(family, proto, a, port.to_be()), v);
     }
@@ -137,13 +135,7 @@ impl Dp {
     }
 
     fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &Xdp = self
-            .ebpf
-            .program(maps::PROG_LB)
-            .expect("lb")
-            .try_into()
-            .expect("xdp");
-        run_once(prog, input)
+        run_lb(&self.ebpf, input).expect("test_run")
     }
 
     fn counter(&self, c: Counter) -> u64 {
@@ -534,9 +526,7 @@ fn wildcard_port_service_and_empty_table() {
             table_offset: 0,
             table_size: 0,
             forward: 0,
-            strategy: 0,
-            prev_offset: 0,
-            prev_size: 0,
+            ..Default::default()
         };
         dp.insert_service(ServiceKey::new(4, 6, key, 80u16.to_be()), empty);
         let input = [
@@ -1029,9 +1019,7 @@ fn fragments_of_a_datagram_reach_one_backend_when_the_vip_hashes_them() {
             table_offset: offset,
             table_size: 13,
             forward: FWD_DSR_L2,
-            strategy: 0,
-            prev_offset: 0,
-            prev_size: 0,
+            ..Default::default()
         };
         dp.insert_service(ServiceKey::new(4, 17, vip, 5353u16.to_be()), value);
         let datagram = |client: [u8; 4]| {
@@ -1935,8 +1923,7 @@ fn strategies_pick_by_counts_and_caps_and_second_chance_takes_the_previous_table
             table_size: 6,
             forward: FWD_DSR_L2,
             strategy: STRATEGY_LEAST_CONNECTIONS,
-            prev_offset: 0,
-            prev_size: 0,
+            ..Default::default()
         };
         dp.insert_service(key(90), lc);
         active.set(1, 5, 0).unwrap();

@@ -78,6 +78,7 @@ fn proposed(
     weights: &crate::status::ServiceWeights,
     resolved: &impl Fn(IpAddr) -> bool,
 ) -> Table {
+    // Slots stand in as indices into the id-sorted members, which TableInput::new keeps.
     let mut members: Vec<(String, u32, u32, u32)> = s
         .backends
         .iter()
@@ -91,25 +92,11 @@ fn proposed(
     for (i, m) in members.iter_mut().enumerate() {
         m.2 = i as u32;
     }
-    let input = TableInput {
-        size: s.table_size,
-        caps: if s.strategy.counts() {
-            members.iter().map(|m| m.3).collect()
-        } else {
-            Vec::new()
-        },
-        members: members.iter().map(|m| (m.0.clone(), m.1, m.2)).collect(),
-        strategy: s.strategy,
-    };
-    let stride = if s.strategy.counts() {
-        lb_common::strategy::MEMBER_STRIDE as usize
-    } else {
-        1
-    };
+    let input = TableInput::new(s, members);
     let owners = build(&input)
         .into_iter()
-        .step_by(stride)
-        .map(|i| members[i as usize].0.clone())
+        .step_by(s.strategy.stride())
+        .map(|i| input.members[i as usize].0.clone())
         .collect();
     Table {
         strategy: s.strategy,
@@ -117,12 +104,9 @@ fn proposed(
     }
 }
 
-/// The table a service has now, read from the pool, as ids.
-fn current(snap: &Snapshot, readers: &Readers, s: &Service) -> Option<Table> {
-    let region = snap.assignments.services.get(&s.name)?.active?;
-    let words = readers.pool.read(region.offset, region.size)?;
-    let by_slot: HashMap<u32, &str> = s
-        .backends
+/// A service's backends by the slot the snapshot gave them.
+fn slot_ids<'a>(snap: &Snapshot, s: &'a Service) -> HashMap<u32, &'a str> {
+    s.backends
         .iter()
         .filter_map(|b| {
             Some((
@@ -130,17 +114,18 @@ fn current(snap: &Snapshot, readers: &Readers, s: &Service) -> Option<Table> {
                 b.id.as_str(),
             ))
         })
-        .collect();
-    let stride = if s.strategy.counts() {
-        lb_common::strategy::MEMBER_STRIDE as usize
-    } else {
-        1
-    };
+        .collect()
+}
+
+/// The table a service has now, read from the pool, as ids.
+fn current(snap: &Snapshot, readers: &Readers, s: &Service, by_slot: &HashMap<u32, &str>) -> Option<Table> {
+    let region = snap.assignments.services.get(&s.name)?.active?;
+    let words = readers.pool.read(region.offset, region.size)?;
     Some(Table {
         strategy: s.strategy,
         owners: words
             .into_iter()
-            .step_by(stride)
+            .step_by(s.strategy.stride())
             .map(|slot| {
                 by_slot
                     .get(&slot)
@@ -174,7 +159,8 @@ pub fn preview(cfg: &DaemonConfig, snap: &Snapshot, readers: &Readers, change: C
         let before = snap.services.iter().find(|x| x.name == s.name);
         let weights = effective_weights(s, &status, resolved, now);
         let next = proposed(s, &weights, &resolved);
-        let now_table = before.and_then(|b| current(snap, readers, b));
+        let by_slot = before.map(|b| slot_ids(snap, b)).unwrap_or_default();
+        let now_table = before.and_then(|b| current(snap, readers, b, &by_slot));
         let mut entry = json!({
             "service": s.name,
             "strategy": s.strategy,
@@ -205,19 +191,6 @@ pub fn preview(cfg: &DaemonConfig, snap: &Snapshot, readers: &Readers, change: C
         // new owner of their hash; the other strategies pick again, so any flow may move.
         let id = snap.assignments.services.get(&s.name).map(|x| x.id);
         let live = id.and_then(|i| flows.get(&i)).map_or(&[][..], |v| v.as_slice());
-        let by_slot: HashMap<u32, &str> = before
-            .map(|b| {
-                b.backends
-                    .iter()
-                    .filter_map(|x| {
-                        Some((
-                            snap.assignments.backends.get(&backend_key(&b.name, &x.id))?.slot,
-                            x.id.as_str(),
-                        ))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
         entry["live_flows"] = json!(live.len());
         if next.strategy == Strategy::Maglev && !next.owners.is_empty() {
             let moving = live

@@ -152,11 +152,7 @@ impl Queries<'_> {
     pub fn slot_counts(&self, name: &str) -> HashMap<u32, u32> {
         let mut counts = HashMap::new();
         let service = self.snap.services.iter().find(|s| s.name == name);
-        let stride = if service.is_some_and(|s| s.strategy.counts()) {
-            lb_common::strategy::MEMBER_STRIDE as usize
-        } else {
-            1
-        };
+        let stride = service.map_or(1, |s| s.strategy.stride());
         let active = self.snap.assignments.services.get(name).and_then(|s| s.active);
         if let Some(table) = active.and_then(|r| self.readers.pool.read(r.offset, r.size)) {
             for slot in table.into_iter().step_by(stride) {
@@ -375,20 +371,15 @@ pub fn least_loaded(
     strategy: u32,
     active: impl Fn(u32) -> u64,
 ) -> Option<u32> {
-    use lb_common::strategy::{LC_SCAN, STRATEGY_POWER_OF_TWO, less_loaded, two_choices, under_cap};
+    use lb_common::strategy::{less_loaded, scan_member, scan_plan, under_cap};
     let n = members.len() as u32;
     if n == 0 {
         return None;
     }
-    let (first, step, loops) = if strategy == STRATEGY_POWER_OF_TWO && n > 1 {
-        let (a, b) = two_choices(hash, n);
-        (a, if b > a { b - a } else { b + n - a }, 2)
-    } else {
-        (hash % n, 1, n.min(LC_SCAN))
-    };
+    let (first, step, loops) = scan_plan(hash, n, strategy);
     let mut best: Option<(u32, u64, u32)> = None;
     for i in 0..loops {
-        let m = ((u64::from(first) + u64::from(i) * u64::from(step)) % u64::from(n)) as u32;
+        let m = scan_member(first, step, i, n);
         let (slot, weight, cap) = members[m as usize];
         let a = active(slot);
         if under_cap(a, cap) && best.is_none_or(|(_, ba, bw)| less_loaded(a, weight, ba, bw)) {

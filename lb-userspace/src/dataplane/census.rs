@@ -26,10 +26,7 @@ pub struct ConntrackCensus {
     pub at: Option<Instant>,
     /// How long the walk took.
     pub took: Duration,
-    /// Active-flow counts the last walk corrected, and by how many flows in all.
-    pub active_corrected: u64,
-    pub active_drift: u64,
-    /// Corrections since the daemon started.
+    /// Active-flow counts corrected since the daemon started.
     pub active_corrections_total: u64,
 }
 
@@ -75,8 +72,6 @@ pub fn spawn(
                     entries,
                     at: Some(Instant::now()),
                     took,
-                    active_corrected: fixes.len() as u64,
-                    active_drift: fixes.iter().map(|f| f.1.unsigned_abs()).sum(),
                     active_corrections_total: o.active_corrections_total + fixes.len() as u64,
                 };
                 drop(o);

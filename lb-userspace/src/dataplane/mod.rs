@@ -106,7 +106,7 @@ impl DataPlane {
     }
 
     /// A slot given to a new backend starts with no traffic and no active flows.
-    pub fn reset_backend_traffic(&mut self, slot: u32) -> Result<()> {
+    pub fn reset_backend_slot(&mut self, slot: u32) -> Result<()> {
         self.active.set(slot, 0, 0).map_err(Error::dataplane)?;
         let zeros = zeroed_per_cpu()?;
         self.backend_stats.set(slot, zeros, 0).map_err(Error::dataplane)

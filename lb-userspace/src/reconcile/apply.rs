@@ -161,7 +161,7 @@ impl Reconciler {
                 }
             }
             if w.fresh {
-                dp.reset_backend_traffic(w.slot)?;
+                dp.reset_backend_slot(w.slot)?;
             }
             dp.set_shed(w.slot, w.max_new_flows_per_s.unwrap_or(0))?;
             if entry == current {
@@ -225,7 +225,6 @@ impl Reconciler {
             dp.vip_addrs.insert(a, 1, 0).map_err(Error::dataplane)?;
         }
         let mut rebuild: std::collections::BTreeMap<String, TableInput> = rebuild.into_iter().collect();
-        let mut release_after: Vec<Region> = Vec::new();
         for s in services {
             let key = service_key(s);
             let svc = a.services.get_mut(&s.name).expect("planned");
@@ -260,6 +259,8 @@ impl Reconciler {
                 prev_offset: 0,
                 prev_size: 0,
             };
+            // The previous table this pass replaces, released once the value no longer names it.
+            let mut release_after = None;
             if let Some(input) = rebuild.remove(&s.name) {
                 let started = std::time::Instant::now();
                 let table = build(&input);
@@ -292,7 +293,7 @@ impl Reconciler {
                         dp.pool.write(offset, &table)?;
                         Some(Region { offset, size })
                     };
-                    release_after.extend(old_previous);
+                    release_after = old_previous;
                     svc.previous_maglev = svc
                         .built
                         .as_ref()
@@ -319,7 +320,7 @@ impl Reconciler {
             if current != Some(value) {
                 dp.services.insert(key, value, 0).map_err(Error::dataplane)?;
             }
-            for r in release_after.drain(..) {
+            if let Some(r) = release_after {
                 self.regions.release(r.offset, r.size);
             }
             if s.fragments == FragmentPolicy::Hash {

@@ -39,6 +39,28 @@ pub struct TableInput {
     pub caps: Vec<u32>,
 }
 
+impl TableInput {
+    /// A service's inputs from its members (id, effective weight, slot, connection cap), in
+    /// any order: sorted by id, caps kept only for the counting strategies.
+    pub fn new(s: &Service, mut members: Vec<(String, u32, u32, u32)>) -> Self {
+        members.sort();
+        let caps = if s.strategy.counts() {
+            members.iter().map(|m| m.3).collect()
+        } else {
+            Vec::new()
+        };
+        Self {
+            size: s.table_size,
+            members: members
+                .into_iter()
+                .map(|(id, w, slot, _)| (id, w, slot))
+                .collect(),
+            strategy: s.strategy,
+            caps,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ServiceSlot {
     pub id: u32,
@@ -221,21 +243,7 @@ pub fn plan(desired: &Desired<'_>, current: &Assignments) -> Result<Plan> {
                 max_new_flows_per_s: b.max_new_flows_per_s,
             });
         }
-        members.sort();
-        let caps = if s.strategy.counts() {
-            members.iter().map(|m| m.3).collect()
-        } else {
-            Vec::new()
-        };
-        let input = TableInput {
-            size: s.table_size,
-            members: members
-                .into_iter()
-                .map(|(id, w, slot, _)| (id, w, slot))
-                .collect(),
-            strategy: s.strategy,
-            caps,
-        };
+        let input = TableInput::new(s, members);
         if a.services[&s.name].built.as_ref() != Some(&input) {
             rebuild.push((s.name.clone(), input));
         }

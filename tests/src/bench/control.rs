@@ -104,9 +104,7 @@ pub fn table_swap(runs: usize) -> Result<(f64, Vec<f64>)> {
             table_offset: offset,
             table_size: M,
             forward: 0,
-            strategy: 0,
-            prev_offset: 0,
-            prev_size: 0,
+            ..Default::default()
         };
         services.insert(key, value, 0)?;
         times.push(t.elapsed().as_secs_f64() * 1e6);

@@ -581,9 +581,7 @@ impl Bench {
                 table_offset: region * TABLE_SIZE,
                 table_size: TABLE_SIZE,
                 forward,
-                strategy: 0,
-                prev_offset: 0,
-                prev_size: 0,
+                ..Default::default()
             };
             let key = ServiceKey::new(family, proto, addr, port.to_be());
             filter.add(&key);
@@ -619,8 +617,7 @@ impl Bench {
                     table_size: table.len() as u32,
                     forward: FWD_DSR_L2,
                     strategy: strategy.id(),
-                    prev_offset: 0,
-                    prev_size: 0,
+                    ..Default::default()
                 },
                 0,
             )?;
