@@ -40,6 +40,9 @@ pub const SVC_F_HASH_SOURCE: u32 = 1;
 pub const SVC_F_SHED_DROP: u32 = 2;
 /// Some backend of the service (or the service) has a new-flow limit: check the buckets.
 pub const SVC_F_SHED: u32 = 4;
+/// Count each backend's active flows even though the strategy does not pick by them (adaptive
+/// services measure imbalance with them).
+pub const SVC_F_COUNT: u32 = 8;
 
 /// Forwarding modes; the value selects the forwarding seam.
 /// L2 direct server return: rewrite MACs only; backends share the balancer's segment.

@@ -10,7 +10,7 @@ use lb_common::{
     dpconfig::FLOOD_WINDOW_NS,
     flow::{FLOW_COUNTED, SYN_RETRANSMIT_WINDOW, coarse_seconds},
     hash::{flow_hash, source_hash},
-    service::{FWD_NAT, SVC_F_HASH_SOURCE, SVC_F_SHED, SVC_F_SHED_DROP},
+    service::{FWD_NAT, SVC_F_COUNT, SVC_F_HASH_SOURCE, SVC_F_SHED, SVC_F_SHED_DROP},
     shed::service_bucket,
     strategy::{self, MEMBER_STRIDE},
 };
@@ -372,6 +372,7 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
     // A SYN inserts only where there is no entry, so the common case costs one insert; one
     // that finds a fresh entry of its own backend is the client retrying: counted for passive
     // health, and the entry (and its age) stays.
+    let counting = counting || service.flags & SVC_F_COUNT != 0;
     let counted = if counting { FLOW_COUNTED } else { 0 };
     let entry = FlowState {
         forward: state.forward | counted,

@@ -166,7 +166,7 @@ pub struct ServiceArgs {
     #[arg(long, default_value = "pass")]
     pub fragments: FragmentPolicy,
     /// How a new flow picks its backend: maglev, round-robin, weighted-round-robin,
-    /// least-connections or power-of-two.
+    /// least-connections, power-of-two, resource-aware or adaptive.
     #[arg(long, default_value = "maglev")]
     pub strategy: crate::model::Strategy,
 }
@@ -191,6 +191,21 @@ pub enum BackendCmd {
         #[arg(value_parser = parse_score)]
         score: f64,
         /// Seconds until the score expires (default: never).
+        #[arg(long)]
+        ttl: Option<f64>,
+    },
+    /// Report a backend's own load (resource-aware services weigh by it): CPU and memory in
+    /// use (0..1), open connections (against its maxconn).
+    Load {
+        service: String,
+        id: String,
+        #[arg(long, value_parser = parse_score)]
+        cpu: Option<f64>,
+        #[arg(long, value_parser = parse_score)]
+        memory: Option<f64>,
+        #[arg(long)]
+        connections: Option<u64>,
+        /// Seconds the report holds (default 30, at most 3600).
         #[arg(long)]
         ttl: Option<f64>,
     },
@@ -257,7 +272,7 @@ fn backend_spec(a: &BackendArgs) -> BackendSpec {
 fn parse_score(text: &str) -> Result<f64, String> {
     let v: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
     if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
-        return Err(format!("score {text} is out of range 0..=1"));
+        return Err(format!("{text} is out of range 0..=1"));
     }
     Ok(v)
 }
@@ -295,6 +310,8 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                 health: None,
                 max_new_flows_per_s: None,
                 on_shed: Default::default(),
+                resource: None,
+                adaptive: None,
                 strategy: a.strategy,
                 backends: Vec::new(),
             },
@@ -326,6 +343,23 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             service: service.clone(),
             id: id.clone(),
             score: *score,
+            ttl: *ttl,
+        },
+        Command::Backend(BackendCmd::Load {
+            service,
+            id,
+            cpu,
+            memory,
+            connections,
+            ttl,
+        }) => Request::ReportLoad {
+            service: service.clone(),
+            id: id.clone(),
+            report: crate::strategy::resource::LoadReport {
+                cpu: *cpu,
+                memory: *memory,
+                connections: *connections,
+            },
             ttl: *ttl,
         },
         Command::Stats => Request::Stats,
@@ -390,7 +424,9 @@ fn print_human(command: &Command, data: &Value) {
         Command::Service(ServiceCmd::List) => {
             for s in data.as_array().into_iter().flatten() {
                 let strategy = s["strategy"].as_str().unwrap_or("maglev");
-                let counting = matches!(strategy, "least-connections" | "power-of-two");
+                let in_effect = s["in_effect"].as_str().unwrap_or(strategy);
+                let counting =
+                    matches!(in_effect, "least-connections" | "power-of-two") || strategy == "adaptive";
                 println!(
                     "{} {}:{}/{} table={} hash={} forwarding={}{}{}",
                     s["name"].as_str().unwrap_or_default(),
@@ -401,10 +437,15 @@ fn print_human(command: &Command, data: &Value) {
                     s["hash"].as_str().unwrap_or_default(),
                     s["forwarding"].as_str().unwrap_or_default(),
                     if s["snat"] == true { " snat" } else { "" },
-                    if strategy == "maglev" {
-                        String::new()
-                    } else {
-                        format!(" strategy={strategy}")
+                    match (strategy, s["adaptive"].as_object()) {
+                        ("maglev", _) => String::new(),
+                        (_, Some(a)) => format!(
+                            " strategy=adaptive now={in_effect} ({}, for {:.0} s, {} switches)",
+                            a["reason"].as_str().unwrap_or_default(),
+                            a["for_s"].as_f64().unwrap_or(0.0),
+                            a["switches"]
+                        ),
+                        _ => format!(" strategy={strategy}"),
                     },
                 );
                 for b in s["backends"].as_array().into_iter().flatten() {
@@ -523,6 +564,16 @@ fn print_human(command: &Command, data: &Value) {
                         .as_f64()
                         .map(|x| format!(" external={x}"))
                         .unwrap_or_default();
+                    let load = &b["load"];
+                    let external = if load.is_null() {
+                        external
+                    } else {
+                        format!(
+                            "{external} load={:.2} factor={:.2}",
+                            load["smoothed"].as_f64().unwrap_or(0.0),
+                            load["factor"].as_f64().unwrap_or(1.0)
+                        )
+                    };
                     println!(
                         "  {:<16} {:<5} score={:<4} weight={}/{}{external}{breaker}{agent} {last}",
                         b["id"].as_str().unwrap_or_default(),

@@ -315,6 +315,12 @@ pub struct ServiceSpec {
     /// A new flow over its backend's `max_new_flows_per_s`: spill (to the next candidate) or drop.
     #[serde(default, skip_serializing_if = "is_default")]
     pub on_shed: crate::model::OnShed,
+    /// `[service.resource]`: how the backends' load becomes weight (resource-aware).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<crate::strategy::resource::ResourceSettings>,
+    /// `[service.adaptive]`: when an adaptive service switches strategy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<crate::strategy::adaptive::AdaptiveSettings>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendSpec>,
 }
@@ -372,6 +378,8 @@ impl From<ServiceSpec> for Service {
             health: s.health,
             max_new_flows_per_s: s.max_new_flows_per_s,
             on_shed: s.on_shed,
+            resource: s.resource,
+            adaptive: s.adaptive,
             backends: s.backends.into_iter().map(Backend::from).collect(),
         }
     }
@@ -410,6 +418,8 @@ impl From<&Service> for ServiceSpec {
             health: s.health.clone(),
             max_new_flows_per_s: s.max_new_flows_per_s,
             on_shed: s.on_shed,
+            resource: s.resource,
+            adaptive: s.adaptive,
             backends: s.backends.iter().map(BackendSpec::from).collect(),
         }
     }

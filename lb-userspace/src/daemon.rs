@@ -153,6 +153,11 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
             snapshot: handles.snapshot.clone(),
         }),
     ));
+    let adaptive = tokio::spawn(crate::strategy::adaptive::run(
+        handles.snapshot.clone(),
+        readers.clone(),
+        handles.commands.clone(),
+    ));
     let refresher = tokio::spawn(hops::refresh(
         resolver,
         handles.snapshot.clone(),
@@ -274,9 +279,11 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     }
     health.abort();
     refresher.abort();
+    adaptive.abort();
     // With every sender gone, the writer finishes its pass and stops.
     let _ = health.await;
     let _ = refresher.await;
+    let _ = adaptive.await;
     let _ = tokio::time::timeout(Duration::from_secs(10), writer_task).await;
     stop_collector.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = collector.join();

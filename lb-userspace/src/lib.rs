@@ -26,6 +26,7 @@ pub mod neigh;
 pub mod reconcile;
 pub mod state;
 pub mod status;
+pub mod strategy;
 pub mod top;
 /// The compiled data plane, embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

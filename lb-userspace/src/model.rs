@@ -80,13 +80,21 @@ pub enum Strategy {
     LeastConnections,
     /// The less loaded of two backends chosen by two hashes of the flow.
     PowerOfTwo,
+    /// Maglev, with weights from the backends' own load (agent `N%`, load reports), smoothed
+    /// and moved in bounded steps (`[service.resource]`).
+    ResourceAware,
+    /// The daemon picks maglev, least-connections or resource-aware from measured signals
+    /// (`[service.adaptive]`).
+    Adaptive,
 }
 
 impl Strategy {
+    /// What the data plane runs: resource-aware is Maglev over its own weights; adaptive is
+    /// whatever it picked (see `ServiceWeights::strategy`), Maglev until it picks.
     pub const fn id(self) -> u32 {
         use lb_common::strategy::*;
         match self {
-            Self::Maglev => STRATEGY_MAGLEV,
+            Self::Maglev | Self::ResourceAware | Self::Adaptive => STRATEGY_MAGLEV,
             Self::RoundRobin => STRATEGY_ROUND_ROBIN,
             Self::WeightedRoundRobin => STRATEGY_WEIGHTED_ROUND_ROBIN,
             Self::LeastConnections => STRATEGY_LEAST_CONNECTIONS,
@@ -101,7 +109,23 @@ impl Strategy {
             Self::WeightedRoundRobin => "weighted-round-robin",
             Self::LeastConnections => "least-connections",
             Self::PowerOfTwo => "power-of-two",
+            Self::ResourceAware => "resource-aware",
+            Self::Adaptive => "adaptive",
         }
+    }
+
+    /// The kind of pool region its tables are: resource-aware and adaptive (until it picks)
+    /// build Maglev tables.
+    pub const fn table(self) -> Self {
+        match self {
+            Self::ResourceAware | Self::Adaptive => Self::Maglev,
+            s => s,
+        }
+    }
+
+    /// Whether its tables hash flows (so a lost connection-table entry finds its backend again).
+    pub const fn hashes(self) -> bool {
+        matches!(self.table(), Self::Maglev)
     }
 
     /// Whether it counts each backend's active flows.
@@ -114,12 +138,14 @@ impl Strategy {
         lb_common::strategy::stride(self.id()) as usize
     }
 
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 7] = [
         Self::Maglev,
         Self::RoundRobin,
         Self::WeightedRoundRobin,
         Self::LeastConnections,
         Self::PowerOfTwo,
+        Self::ResourceAware,
+        Self::Adaptive,
     ];
 }
 
@@ -128,7 +154,7 @@ impl std::str::FromStr for Strategy {
     fn from_str(s: &str) -> Result<Self> {
         Self::ALL.into_iter().find(|x| x.name() == s).ok_or_else(|| {
             Error::invalid(format!(
-                "unknown strategy {s:?} (expected maglev, round-robin, weighted-round-robin, least-connections or power-of-two)"
+                "unknown strategy {s:?} (expected maglev, round-robin, weighted-round-robin, least-connections, power-of-two, resource-aware or adaptive)"
             ))
         })
     }
@@ -214,6 +240,10 @@ pub struct Service {
     pub max_new_flows_per_s: Option<u32>,
     /// A new flow over its backend's limit: spilled to the next candidate, or dropped.
     pub on_shed: OnShed,
+    /// `[service.resource]`: how load becomes weight (resource-aware, and adaptive's pick).
+    pub resource: Option<crate::strategy::resource::ResourceSettings>,
+    /// `[service.adaptive]`: when an adaptive service switches.
+    pub adaptive: Option<crate::strategy::adaptive::AdaptiveSettings>,
     pub backends: Vec<Backend>,
 }
 
@@ -318,16 +348,28 @@ impl Service {
                 self.name
             )));
         }
-        if self.strategy.counts() && self.forwarding == Forwarding::Nat {
+        if let Some(r) = &self.resource {
+            r.validate()
+                .map_err(|e| Error::invalid(format!("service {}: {e}", self.name)))?;
+        }
+        if let Some(a) = &self.adaptive {
+            a.validate()
+                .map_err(|e| Error::invalid(format!("service {}: {e}", self.name)))?;
+        }
+        if (self.strategy.counts() || self.strategy == Strategy::Adaptive)
+            && self.forwarding == Forwarding::Nat
+        {
             return Err(Error::invalid(format!(
                 "service {}: strategy {} counts flows in the connection table, which NAT services do not use; use dsr, ipip or gue, or another strategy",
                 self.name,
                 self.strategy.name()
             )));
         }
-        if self.strategy != Strategy::Maglev && self.fragments == FragmentPolicy::Hash {
+        if !matches!(self.strategy, Strategy::Maglev | Strategy::ResourceAware)
+            && self.fragments == FragmentPolicy::Hash
+        {
             return Err(Error::invalid(format!(
-                "service {}: fragments = \"hash\" needs strategy = \"maglev\" (every fragment of a datagram must hash to one backend)",
+                "service {}: fragments = \"hash\" needs strategy = \"maglev\" or \"resource-aware\" (every fragment of a datagram must hash to one backend)",
                 self.name
             )));
         }

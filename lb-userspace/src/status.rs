@@ -22,7 +22,7 @@ use crate::{
         settings::{DownFlows, OnPanic, PanicSpec, down_flows},
         tracker::quantize,
     },
-    model::{BackendRef, Service},
+    model::{BackendRef, Service, Strategy},
 };
 
 /// Steps of the slow-start ramp: the weight changes (and tables are rebuilt) this many times.
@@ -47,6 +47,8 @@ pub struct BackendStatus {
     pub up_at: Option<Instant>,
     pub slow_start: Duration,
     pub external: Option<External>,
+    /// Its own load (reports, agent `N%`) and the factor resource-aware weighting gives it.
+    pub load: crate::strategy::resource::LoadState,
 }
 
 impl Default for BackendStatus {
@@ -60,6 +62,7 @@ impl Default for BackendStatus {
             up_at: None,
             slow_start: Duration::ZERO,
             external: None,
+            load: Default::default(),
         }
     }
 }
@@ -121,19 +124,31 @@ fn maxconn(b: &crate::model::Backend, agent: Option<&AgentState>) -> u32 {
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct ServiceWeights {
     pub backends: BTreeMap<String, Eligibility>,
+    /// What its tables are built as (the strategy in effect's table kind).
+    pub strategy: Strategy,
+    /// Count active flows though the strategy does not pick by them (adaptive).
+    pub count: bool,
     /// Fewer than `panic_threshold` of the backends were up.
     pub panic: bool,
 }
 
-/// The effective weights of one service's backends.
+/// The effective weights of one service's backends, under the strategy in effect (the
+/// declared one, or an adaptive service's pick).
 pub fn effective_weights(
     service: &Service,
+    in_effect: Strategy,
     status: &BTreeMap<BackendRef, BackendStatus>,
     resolved: impl Fn(std::net::IpAddr) -> bool,
     now: Instant,
 ) -> ServiceWeights {
     let default = BackendStatus::default();
-    let mut out = ServiceWeights::default();
+    let mut out = ServiceWeights {
+        strategy: in_effect.table(),
+        count: service.strategy == Strategy::Adaptive,
+        ..Default::default()
+    };
+    // Resource-aware reads the agent's `N%` as load, through its bounded steps.
+    let resource = in_effect == Strategy::ResourceAware;
     let (mut candidates, mut healthy) = (0usize, 0usize);
     for b in &service.backends {
         let st = status
@@ -141,7 +156,10 @@ pub fn effective_weights(
             .unwrap_or(&default);
         let reachable = resolved(b.address);
         let agent = st.agent.as_ref();
-        let configured = agent.map_or(b.weight, |a| a.weight(b.weight));
+        let configured = match agent {
+            Some(a) if !(resource && a.percent().is_some()) => a.weight(b.weight),
+            _ => b.weight,
+        };
         let unhealthy = st.health == State::Down || st.external_score() <= 0.0;
         // An open breaker takes no new flows; its pinned flows stay.
         let excluded =
@@ -155,7 +173,8 @@ pub fn effective_weights(
         } else {
             1.0
         };
-        let factor = quantize(st.score * st.external_score()) * st.ramp(now) * half_open;
+        let load = if resource { st.load.factor } else { 1.0 };
+        let factor = quantize(st.score * st.external_score()) * st.ramp(now) * half_open * load;
         let weight = if candidate && !excluded {
             ((f64::from(configured) * factor).round() as u32).max(1)
         } else {
@@ -229,6 +248,8 @@ mod tests {
             }),
             max_new_flows_per_s: None,
             on_shed: Default::default(),
+            resource: None,
+            adaptive: None,
             strategy: Default::default(),
             backends: (0..n)
                 .map(|i| Backend {
@@ -281,11 +302,11 @@ mod tests {
         );
         st.insert(BackendRef::new("web", "b2"), down());
         let now = Instant::now();
-        let w = effective_weights(&s, &st, |_| true, now);
+        let w = effective_weights(&s, s.strategy, &st, |_| true, now);
         assert_eq!(weights(&w), vec![(0, false), (20, true), (0, true), (0, true)]);
         assert!(!w.panic);
         // Unresolved: no flows, no pinned flows.
-        let w = effective_weights(&s, &st, |a| a.to_string() != "10.0.1.2", now);
+        let w = effective_weights(&s, s.strategy, &st, |a| a.to_string() != "10.0.1.2", now);
         assert_eq!(
             w.backends["b1"],
             Eligibility {
@@ -302,14 +323,14 @@ mod tests {
         let mut st = BTreeMap::new();
         st.insert(BackendRef::new("web", "b0"), down());
         st.insert(BackendRef::new("web", "b1"), down());
-        let w = effective_weights(&s, &st, |_| true, Instant::now());
+        let w = effective_weights(&s, s.strategy, &st, |_| true, Instant::now());
         assert!(w.panic);
         assert_eq!(weights(&w), vec![(100, true), (100, true), (100, true)]);
         // Default threshold 0.5: one of three up is panic too; two of three is not.
         let s = service(3, None);
-        assert!(effective_weights(&s, &st, |_| true, Instant::now()).panic);
+        assert!(effective_weights(&s, s.strategy, &st, |_| true, Instant::now()).panic);
         st.remove(&BackendRef::new("web", "b1"));
-        let w = effective_weights(&s, &st, |_| true, Instant::now());
+        let w = effective_weights(&s, s.strategy, &st, |_| true, Instant::now());
         assert!(!w.panic);
         assert_eq!(weights(&w), vec![(0, false), (100, true), (100, true)]);
     }
@@ -325,10 +346,10 @@ mod tests {
         st.insert(BackendRef::new("web", "b0"), agent("drain"));
         st.insert(BackendRef::new("web", "b1"), agent("50%"));
         st.insert(BackendRef::new("web", "b2"), agent("maint"));
-        let w = effective_weights(&s, &st, |_| true, Instant::now());
+        let w = effective_weights(&s, s.strategy, &st, |_| true, Instant::now());
         assert_eq!(weights(&w), vec![(0, true), (50, true), (0, false)]);
         st.insert(BackendRef::new("web", "b2"), agent("down #disk"));
-        let w = effective_weights(&s, &st, |_| true, Instant::now());
+        let w = effective_weights(&s, s.strategy, &st, |_| true, Instant::now());
         assert_eq!(
             w.backends["b2"],
             Eligibility {

@@ -178,6 +178,26 @@ class LoadBalancer:
             body,
         )
 
+    async def report_load(
+        self,
+        service_name: str,
+        instance_id: str,
+        cpu: Optional[float] = None,
+        memory: Optional[float] = None,
+        connections: Optional[int] = None,
+        ttl: Optional[float] = None,
+    ) -> None:
+        """Reports the instance's own load (CPU and memory in use 0..1, open connections);
+        resource-aware services weigh by it. It holds `ttl` seconds (default 30)."""
+        body: dict[str, Any] = {
+            k: v for k, v in (("cpu", cpu), ("memory", memory), ("connections", connections), ("ttl", ttl)) if v is not None
+        }
+        await self._call(
+            "PUT",
+            f"/v1/services/{self._seg(service_name)}/instances/{self._seg(instance_id)}/load",
+            body,
+        )
+
     async def set_weight(self, service_name: str, instance_id: str, weight: int) -> None:
         await self._call(
             "PUT",

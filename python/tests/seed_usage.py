@@ -45,11 +45,16 @@ async def main():
     health = await lb.health(service)
     auth1 = [b for b in health[0]["backends"] if b["id"] == "auth-1"][0]
     check("update_instance_health set the external score", auth1["external"]["score"] == 0.8, str(auth1["external"]))
+    await lb.report_load(service, "auth-1", cpu=0.7, connections=12, ttl=60)
+    auth1 = [b for b in (await lb.health(service))[0]["backends"] if b["id"] == "auth-1"][0]
+    check("report_load stored the report", auth1["load"]["report"]["cpu"] == 0.7, str(auth1.get("load")))
 
     for call, exc, needle in [
         (lb.get_instance("no-such-service"), NotFound, "unknown service"),
         (lb.update_instance_health(service, "nope", 0.5), NotFound, "has no backend nope"),
         (lb.update_instance_health(service, "auth-1", 1.5), InvalidRequest, "out of range"),
+        (lb.report_load(service, "auth-1", cpu=1.5), InvalidRequest, "cpu 1.5 is out of range"),
+        (lb.report_load(service, "auth-1"), InvalidRequest, "needs cpu, memory or connections"),
         (lb.register_instance(service, ServiceInstance(id="auth-1", address=address)), Conflict, "already has"),
         (lb.register_instance(service, ServiceInstance(id="bad id", address=address)), InvalidRequest, "invalid backend id"),
     ]:

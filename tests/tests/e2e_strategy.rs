@@ -15,13 +15,18 @@ use lb_tests::{
 
 /// The topology's config with every service on `strategy`.
 fn start(topo: &Topology, strategy: &str) -> Daemon {
+    start_with(topo, strategy, "")
+}
+
+/// As `start`, with `extra` (keys of the service table) in every service.
+fn start_with(topo: &Topology, strategy: &str, extra: &str) -> Daemon {
     let (instance, run_dir) = Daemon::new_paths();
     let mut text = String::new();
     for line in topo.config(&instance, &run_dir, &["b1", "b2", "b3"]).lines() {
         text.push_str(line);
         text.push('\n');
         if line.starts_with("forwarding = ") {
-            text.push_str(&format!("strategy = \"{strategy}\"\n"));
+            text.push_str(&format!("strategy = \"{strategy}\"\n{extra}"));
         }
     }
     let d = Daemon::start(topo, &instance, &run_dir, &text).expect("daemon starts");
@@ -400,4 +405,166 @@ fn the_disruption_preview_matches_the_change_when_it_is_applied() {
         hits <= moving && hits + 3 >= moving,
         "plan {moving}, second chance {hits}"
     );
+}
+
+/// b1's share of a service's table slots, as the daemon reads them from the pool map.
+fn slot_share(d: &Daemon, service: &str, id: &str) -> f64 {
+    let b = backends(d, service);
+    let total: u64 = b.values().map(|x| x.0).sum();
+    b.get(id).map_or(0, |x| x.0) as f64 / total.max(1) as f64
+}
+
+#[test]
+fn resource_aware_follows_load_reports_in_bounded_steps() {
+    let topo = Topology::new(3).expect("topology");
+    let d = start(&topo, "resource-aware");
+    let start = slot_share(&d, "dns4", "b1");
+    assert!((start - 1.0 / 3.0).abs() < 0.01, "{start}");
+    // b1 reports 90% CPU once a second (the default update interval); the table is sampled
+    // between reports. Each update may move at most 10% of the slots: b1's share can change by
+    // no more than that from one table to the next.
+    let t0 = std::time::Instant::now();
+    let mut shares = vec![(0.0, start)];
+    let mut first_drop = None;
+    for _ in 0..8 {
+        ok(
+            &d,
+            &["backend", "load", "dns4", "b1", "--cpu", "0.9", "--ttl", "3"],
+        );
+        let report = std::time::Instant::now();
+        while report.elapsed() < Duration::from_secs(1) {
+            let s = slot_share(&d, "dns4", "b1");
+            if (s - shares.last().unwrap().1).abs() > 1e-9 {
+                shares.push((t0.elapsed().as_secs_f64(), s));
+                first_drop.get_or_insert(t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    println!("b1's slot share over time (s, share): {shares:?}");
+    let first_drop = first_drop.expect("b1's share never dropped");
+    assert!(
+        first_drop < Duration::from_secs(2),
+        "first drop after {first_drop:?}"
+    );
+    for w in shares.windows(2) {
+        assert!(
+            w[1].1 < w[0].1,
+            "b1's share rose while it reported 90% CPU: {shares:?}"
+        );
+        assert!(
+            w[0].1 - w[1].1 <= 0.10 + 1e-3,
+            "one update moved more than 10%: {shares:?}"
+        );
+    }
+    // Converged: factor 0.1 against two at 1, a share of 0.1/2.1.
+    let last = shares.last().unwrap().1;
+    assert!((last - 0.1 / 2.1).abs() < 0.01, "b1 ended at {last}");
+    // New flows follow the table.
+    let counts = udp_new_flows(&topo, IpAddr::V4(VIP4), 300);
+    println!("300 new flows with b1 at 90% CPU: {counts:?}");
+    assert!(share(&counts, "b1") <= 30, "{counts:?}");
+    let h = d.json(&["health", "dns4"]);
+    let b1 = h[0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == "b1")
+        .unwrap()
+        .clone();
+    assert_eq!(b1["load"]["report"]["cpu"], 0.9, "{b1}");
+    // The reports stop and the last expires (ttl 3 s): b1 climbs back to a third, in steps.
+    let back = wait_until(Duration::from_secs(20), || {
+        (slot_share(&d, "dns4", "b1") - 1.0 / 3.0).abs() < 0.01
+    });
+    assert!(back, "b1 did not come back: {}", slot_share(&d, "dns4", "b1"));
+    // Bad reports change nothing.
+    for (args, needle) in [
+        (vec!["--cpu", "1.5"], "out of range 0..=1"),
+        (vec!["--memory=-0.1"], "out of range"),
+        (vec!["--ttl", "5"], "needs cpu, memory or connections"),
+        (
+            vec!["--cpu", "0.5", "--ttl", "99999"],
+            "ttl 99999 s is out of range",
+        ),
+    ] {
+        let mut a = vec!["backend", "load", "dns4", "b1"];
+        a.extend(args);
+        let out = d.cli(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(needle), "{a:?}: {err}");
+    }
+    let out = d.cli(&["backend", "load", "dns4", "nope", "--cpu", "0.5"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no backend nope"));
+}
+
+#[test]
+fn adaptive_switches_on_imbalance_and_load_and_back_when_calm() {
+    let topo = Topology::new(3).expect("topology");
+    let dwell = 2.0;
+    let d = start_with(
+        &topo,
+        "adaptive",
+        &format!("adaptive = {{ dwell = {dwell}, interval = 0.2, min_flows = 20 }}\n"),
+    );
+    // (strategy in effect, switches so far, seconds since the last switch)
+    let current = |d: &Daemon| -> (String, u64, f64) {
+        let list = d.json(&["service", "list"]);
+        let s = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "web4")
+            .unwrap()
+            .clone();
+        (
+            s["in_effect"].as_str().unwrap_or_default().to_string(),
+            s["adaptive"]["switches"].as_u64().unwrap_or(0),
+            s["adaptive"]["for_s"].as_f64().unwrap_or(0.0),
+        )
+    };
+    let t0 = std::time::Instant::now();
+    // When each switch happened (by the daemon's own clock of it), and to what.
+    let mut switches: Vec<(f64, String)> = Vec::new();
+    let mut wait_for = |d: &Daemon, want: &str, within: u64| {
+        let mut seen = None;
+        let ok = wait_until(Duration::from_secs(within), || {
+            let c = current(d);
+            let hit = c.0 == want;
+            if hit {
+                seen = Some(t0.elapsed().as_secs_f64() - c.2);
+            }
+            hit
+        });
+        assert!(ok, "never switched to {want}: {:?}", current(d));
+        switches.push((seen.unwrap(), want.to_string()));
+    };
+    assert_eq!(current(&d).0, "maglev");
+    // Imbalance: 40 long-lived connections on b1 alone, then all three take flows again.
+    set_weights(&d, "web4", &[("b1", 100), ("b2", 0), ("b3", 0)]);
+    let (_, held) = tcp_flows(&topo, IpAddr::V4(VIP4), 40, true);
+    set_weights(&d, "web4", &[("b2", 100), ("b3", 100)]);
+    wait_for(&d, "least-connections", 10);
+    // Least connections now steers the next flows around b1.
+    let (next, held2) = tcp_flows(&topo, IpAddr::V4(VIP4), 40, true);
+    assert_eq!(share(&next, "b1"), 0, "{next:?}");
+    // Load reports: resource-aware, once the dwell since the last switch is over.
+    ok(
+        &d,
+        &["backend", "load", "web4", "b2", "--cpu", "0.5", "--ttl", "3"],
+    );
+    wait_for(&d, "resource-aware", 10);
+    // The report expires and the connections close: calm, back to Maglev.
+    drop(held);
+    drop(held2);
+    wait_for(&d, "maglev", 15);
+    println!("adaptive switches (s, to): {switches:?}");
+    for w in switches.windows(2) {
+        assert!(
+            w[1].0 - w[0].0 >= dwell - 0.1,
+            "a switch within the dwell: {switches:?}"
+        );
+    }
+    assert_eq!(current(&d).1, 3, "exactly three switches");
+    // The established flows were never moved: no connection failed above (each asks thrice).
 }

@@ -53,6 +53,13 @@ pub enum Request {
         score: f64,
         ttl: Option<f64>,
     },
+    /// A backend's own load report, holding `ttl` seconds (default 30).
+    ReportLoad {
+        service: String,
+        id: String,
+        report: crate::strategy::resource::LoadReport,
+        ttl: Option<f64>,
+    },
     Lookup {
         protocol: Protocol,
         src: SocketAddr,
@@ -154,6 +161,22 @@ impl Request {
                 format!("/v1/services/{}/instances/{}/health", seg(service), seg(id)),
                 Some(json!({ "score": score, "ttl": ttl })),
             ),
+            Self::ReportLoad {
+                service,
+                id,
+                report,
+                ttl,
+            } => {
+                let mut body = json!(report);
+                if let Some(t) = ttl {
+                    body["ttl"] = json!(t);
+                }
+                (
+                    "PUT",
+                    format!("/v1/services/{}/instances/{}/load", seg(service), seg(id)),
+                    Some(body),
+                )
+            }
             Self::Lookup { protocol, src, dst } => (
                 "GET",
                 format!(

@@ -23,6 +23,7 @@ use super::{ApiError, Envelope, server};
         server::set_strategy,
         server::plan,
         server::set_health,
+        server::report_load,
         server::pick,
         server::health,
         server::stats,
@@ -30,7 +31,7 @@ use super::{ApiError, Envelope, server};
         server::reload,
         server::shutdown,
     ),
-    components(schemas(Envelope, ApiError, server::WeightBody, server::HealthBody)),
+    components(schemas(Envelope, ApiError, server::WeightBody, server::HealthBody, server::LoadBody)),
     modifiers(&Bearer),
     security(("bearer" = []))
 )]

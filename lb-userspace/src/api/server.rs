@@ -306,6 +306,61 @@ pub async fn set_health(
     .await
 }
 
+/// A backend's own load (resource-aware weighting).
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBody {
+    /// CPU in use, 0..1.
+    #[serde(default)]
+    pub cpu: Option<f64>,
+    /// Memory in use, 0..1.
+    #[serde(default)]
+    pub memory: Option<f64>,
+    /// Open connections (a load against the backend's maxconn).
+    #[serde(default)]
+    pub connections: Option<u64>,
+    /// Seconds the report holds (default 30, at most 3600).
+    #[serde(default)]
+    pub ttl: Option<f64>,
+}
+
+#[utoipa::path(put, path = "/v1/services/{name}/instances/{id}/load", tag = "instances", request_body = LoadBody,
+    params(("name" = String, Path, description = "Service name"), ("id" = String, Path, description = "Instance (backend) id")),
+    responses((status = 200, body = Envelope), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn report_load(
+    State(s): Ctx,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Json<LoadBody>, JsonRejection>,
+) -> Answer {
+    let Path((service, id)) = path.map_err(bad_path)?;
+    let Json(b) = body.map_err(bad_body)?;
+    let ttl = match b.ttl {
+        None => None,
+        Some(t) if t.is_finite() && t > 0.0 && t <= 3600.0 => Some(Duration::from_secs_f64(t)),
+        Some(t) => {
+            return Err(Failure::new(
+                StatusCode::BAD_REQUEST,
+                format!("ttl {t} s is out of range (0, 3600]"),
+            ));
+        }
+    };
+    let report = crate::strategy::resource::LoadReport {
+        cpu: b.cpu,
+        memory: b.memory,
+        connections: b.connections,
+    };
+    change(
+        &s,
+        Change::ReportLoad {
+            service,
+            id,
+            report,
+            ttl,
+        },
+    )
+    .await
+}
+
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct HealthQuery {
@@ -441,6 +496,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/services/{name}/strategy", put(set_strategy))
         .route("/v1/plan", post(plan))
         .route("/v1/services/{name}/instances/{id}/health", put(set_health))
+        .route("/v1/services/{name}/instances/{id}/load", put(report_load))
         .route("/v1/services/{name}/pick", get(pick))
         .route("/v1/health", get(health))
         .route("/v1/stats", get(stats))

@@ -92,14 +92,14 @@ fn proposed(
     for (i, m) in members.iter_mut().enumerate() {
         m.2 = i as u32;
     }
-    let input = TableInput::new(s, members);
+    let input = TableInput::new(s, weights.strategy, members);
     let owners = build(&input)
         .into_iter()
-        .step_by(s.strategy.stride())
+        .step_by(input.strategy.stride())
         .map(|i| input.members[i as usize].0.clone())
         .collect();
     Table {
-        strategy: s.strategy,
+        strategy: input.strategy,
         owners,
     }
 }
@@ -119,13 +119,15 @@ fn slot_ids<'a>(snap: &Snapshot, s: &'a Service) -> HashMap<u32, &'a str> {
 
 /// The table a service has now, read from the pool, as ids.
 fn current(snap: &Snapshot, readers: &Readers, s: &Service, by_slot: &HashMap<u32, &str>) -> Option<Table> {
-    let region = snap.assignments.services.get(&s.name)?.active?;
+    let slot = snap.assignments.services.get(&s.name)?;
+    let region = slot.active?;
+    let strategy = slot.built.as_ref().map_or(s.strategy.table(), |b| b.strategy);
     let words = readers.pool.read(region.offset, region.size)?;
     Some(Table {
-        strategy: s.strategy,
+        strategy,
         owners: words
             .into_iter()
-            .step_by(s.strategy.stride())
+            .step_by(strategy.stride())
             .map(|slot| {
                 by_slot
                     .get(&slot)
@@ -157,7 +159,7 @@ pub fn preview(cfg: &DaemonConfig, snap: &Snapshot, readers: &Readers, change: C
     let mut out = Vec::new();
     for s in &services {
         let before = snap.services.iter().find(|x| x.name == s.name);
-        let weights = effective_weights(s, &status, resolved, now);
+        let weights = effective_weights(s, snap.in_effect(s), &status, resolved, now);
         let next = proposed(s, &weights, &resolved);
         let by_slot = before.map(|b| slot_ids(snap, b)).unwrap_or_default();
         let now_table = before.and_then(|b| current(snap, readers, b, &by_slot));

@@ -122,9 +122,16 @@ impl Queries<'_> {
                 let external = st.external.map(|x| {
                     json!({"score": x.score, "ttl_left_s": x.expires.map(|t| t.saturating_duration_since(now).as_secs_f64())})
                 });
+                let l = &st.load;
+                let load = (!l.settled()).then(|| json!({
+                    "report": l.report.map(|(r, _)| r),
+                    "report_ttl_left_s": l.report.map(|(_, t)| t.saturating_duration_since(now).as_secs_f64()),
+                    "smoothed": l.smoothed, "target_factor": l.target, "factor": l.factor,
+                }));
                 backends.push(json!({
                     "id": b.id,
                     "state": match st.health { State::Up => "up", State::Down => "down" },
+                    "load": load,
                     "resolved": self.snap.hops.contains_key(&b.address),
                     "health_score": st.score,
                     "external": external,
@@ -202,6 +209,11 @@ impl Queries<'_> {
                     "name": s.name, "vip": s.vip, "port": s.port, "protocol": s.protocol,
                     "table_size": s.table_size, "hash": s.hash, "strategy": s.strategy, "forwarding": s.forwarding, "fragments": s.fragments, "snat": s.snat,
                     "panic": self.snap.weights.get(&s.name).is_some_and(|w| w.panic),
+                    "in_effect": self.snap.in_effect(s),
+                    "adaptive": self.snap.adaptive.get(&s.name).map(|a| json!({
+                        "current": a.current, "reason": a.reason, "switches": a.switches,
+                        "for_s": a.since.elapsed().as_secs_f64(),
+                    })),
                     "backends": backends,
                 })
             })

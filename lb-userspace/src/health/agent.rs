@@ -42,6 +42,15 @@ impl AgentState {
         self.down.is_none() && !self.maint
     }
 
+    /// The agent's `N%`, if that is how it last gave its weight (resource-aware services read
+    /// it as load).
+    pub fn percent(&self) -> Option<u32> {
+        match self.weight {
+            Some(AgentWeight::Percent(p)) => Some(p),
+            _ => None,
+        }
+    }
+
     /// The weight the agent asks for, from the configured one.
     pub fn weight(&self, configured: u32) -> u32 {
         match self.weight {

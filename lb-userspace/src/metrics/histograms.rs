@@ -13,6 +13,8 @@ pub struct Histograms {
     pub rebuild: HistogramVec,
     /// `lb_map_write_duration_seconds`: one pass's map work, builds included.
     pub map_write: HistogramVec,
+    /// `lb_strategy_switches_total{service,from,to}`: adaptive services' switches.
+    pub switches: prometheus::IntCounterVec,
 }
 
 impl Histograms {
@@ -40,6 +42,14 @@ impl Histograms {
                 "Duration of one reconciler pass's map work (table builds included).",
                 &[],
             ),
+            switches: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "lb_strategy_switches_total",
+                    "Strategy switches of adaptive services (the reason is in the log and in lb service list).",
+                ),
+                &["service", "from", "to"],
+            )
+            .expect("valid counter"),
         }
     }
 }

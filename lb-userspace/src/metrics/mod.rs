@@ -224,9 +224,27 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         MetricType::GAUGE,
         &[],
     ),
+    (
+        "lb_service_strategy",
+        "The strategy a service runs now, at 1 (an adaptive service has a series per strategy it can pick).",
+        MetricType::GAUGE,
+        &["service", "strategy"],
+    ),
+    (
+        "lb_backend_load",
+        "A backend's smoothed load (0..1, from its reports and agent), for services running resource-aware.",
+        MetricType::GAUGE,
+        &["service", "backend"],
+    ),
+    (
+        "lb_backend_load_factor",
+        "The factor resource-aware weighting applies to a backend's weight now.",
+        MetricType::GAUGE,
+        &["service", "backend"],
+    ),
 ];
 /// `families` names each family by its index in FAMILIES.
-const _: () = assert!(FAMILIES.len() == 31);
+const _: () = assert!(FAMILIES.len() == 34);
 
 /// One family: samples in the order the walk adds them.
 struct Family {
@@ -558,7 +576,10 @@ impl DataPlaneCollector {
             backend_active,
             active_corrections,
             census_duration,
-        ]: [usize; 31] = std::array::from_fn(|i| i);
+            service_strategy,
+            backend_load,
+            backend_load_factor,
+        ]: [usize; 34] = std::array::from_fn(|i| i);
         let board = s.board.read().unwrap_or_else(|p| p.into_inner());
         let default = crate::status::BackendStatus::default();
         let mut services: Vec<&crate::model::Service> = snap.services.iter().collect();
@@ -569,11 +590,32 @@ impl DataPlaneCollector {
             };
             let name = svc.name.as_str();
             f.shape(name.as_bytes());
-            let counting = svc.strategy.counts();
+            let adaptive = svc.strategy == crate::model::Strategy::Adaptive;
+            let counting = svc.strategy.counts() || adaptive;
+            let in_effect = snap.in_effect(svc);
+            let resource = in_effect == crate::model::Strategy::ResourceAware;
+            f.shape(svc.strategy.name().as_bytes());
             f.shape(&[
                 0,
-                u8::from(traffic.services.get(slot.id as usize).is_some()) | u8::from(counting) << 1,
+                u8::from(traffic.services.get(slot.id as usize).is_some())
+                    | u8::from(counting) << 1
+                    | u8::from(resource) << 2,
             ]);
+            if adaptive {
+                for c in [
+                    crate::model::Strategy::Maglev,
+                    crate::model::Strategy::LeastConnections,
+                    crate::model::Strategy::ResourceAware,
+                ] {
+                    f.add(
+                        service_strategy,
+                        &[name, c.name()],
+                        f64::from(u8::from(c == in_effect)),
+                    );
+                }
+            } else {
+                f.add(service_strategy, &[name, svc.strategy.name()], 1.0);
+            }
             let mut backends: Vec<&crate::model::Backend> = svc.backends.iter().collect();
             backends.sort_by(|a, b| a.id.cmp(&b.id));
             if let Some(t) = traffic.services.get(slot.id as usize) {
@@ -615,6 +657,10 @@ impl DataPlaneCollector {
                     .and_then(|w| w.backends.get(&b.id))
                     .map_or(0, |e| e.weight);
                 f.add(backend_effective_weight, &labels, f64::from(effective));
+                if resource {
+                    f.add(backend_load, &labels, st.load.smoothed);
+                    f.add(backend_load_factor, &labels, st.load.factor);
+                }
                 let check = board.checks.get(&key);
                 let agent_view = board.agents.get(&key);
                 f.shape(id.as_bytes());
@@ -697,6 +743,7 @@ pub fn registry(sources: Sources, histograms: &Histograms) -> prometheus::Result
     registry.register(Box::new(histograms.check.clone()))?;
     registry.register(Box::new(histograms.rebuild.clone()))?;
     registry.register(Box::new(histograms.map_write.clone()))?;
+    registry.register(Box::new(histograms.switches.clone()))?;
     registry.register(Box::new(
         prometheus::process_collector::ProcessCollector::for_self(),
     ))?;

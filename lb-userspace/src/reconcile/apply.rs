@@ -245,6 +245,12 @@ impl Reconciler {
                         SVC_F_SHED_DROP
                     } else {
                         0
+                    }
+                    // Adaptive services measure imbalance by the counts, whatever they run.
+                    | if s.strategy == crate::model::Strategy::Adaptive {
+                        lb_common::service::SVC_F_COUNT
+                    } else {
+                        0
                     },
                 table_offset: 0,
                 table_size: 0,
@@ -255,7 +261,7 @@ impl Reconciler {
                     Forwarding::Nat if s.snat => FWD_SNAT,
                     Forwarding::Nat => FWD_NAT,
                 },
-                strategy: s.strategy.id(),
+                strategy: 0,
                 prev_offset: 0,
                 prev_size: 0,
             };
@@ -309,7 +315,10 @@ impl Reconciler {
                 value.table_offset = r.offset;
                 value.table_size = r.size;
             }
-            if s.strategy == crate::model::Strategy::Maglev
+            // What the region holds says how the data plane reads it.
+            let built = svc.built.as_ref().map_or(s.strategy.table(), |b| b.strategy);
+            value.strategy = built.id();
+            if built == crate::model::Strategy::Maglev
                 && svc.previous_maglev
                 && let Some(p) = svc.previous
             {
@@ -398,7 +407,7 @@ pub fn build(input: &TableInput) -> Vec<u32> {
     use crate::model::Strategy;
     let slots = input.members.iter().map(|m| m.2);
     match input.strategy {
-        Strategy::Maglev => maglev(input),
+        Strategy::Maglev | Strategy::ResourceAware | Strategy::Adaptive => maglev(input),
         Strategy::RoundRobin => slots.collect(),
         Strategy::WeightedRoundRobin => {
             let mut weights: Vec<u32> = input.members.iter().map(|m| m.1).collect();

@@ -26,10 +26,14 @@ use crate::{
     dataplane::{Attachment, DataPlane},
     error::{Error, Result},
     health::{State, agent::AgentState, breaker::BreakerState},
-    model::{Backend, BackendRef, Service, backend_addresses},
+    model::{Backend, BackendRef, Service, Strategy, backend_addresses},
     neigh::{NextHop, Resolver},
     state::Persisted,
     status::{BackendStatus, External, ServiceWeights, effective_weights},
+    strategy::{
+        adaptive::AdaptiveState,
+        resource::{DEFAULT_REPORT_TTL, LoadReport, MAX_REPORT_TTL},
+    },
 };
 pub use apply::Reconciler;
 use plan::{Assignments, Desired};
@@ -66,6 +70,13 @@ pub enum Change {
         score: f64,
         ttl: Option<Duration>,
     },
+    /// A backend's own load report, holding for `ttl` (default 30 s).
+    ReportLoad {
+        service: String,
+        id: String,
+        report: LoadReport,
+        ttl: Option<Duration>,
+    },
 }
 
 /// A backend's health as the monitor last published it.
@@ -94,6 +105,12 @@ pub enum Command {
         backend: BackendRef,
         state: AgentState,
     },
+    /// An adaptive service's switch (`strategy::adaptive`).
+    Adapt {
+        service: String,
+        to: crate::model::Strategy,
+        reason: String,
+    },
 }
 
 /// What readers see: the state as of the last pass.
@@ -109,6 +126,22 @@ pub struct Snapshot {
     pub attachments: Vec<Attachment>,
     pub adopted: bool,
     pub counters: PassCounters,
+    /// Each adaptive service's pick, and why.
+    pub adaptive: BTreeMap<String, AdaptiveState>,
+}
+
+impl Snapshot {
+    /// The strategy a service runs now: the declared one, or an adaptive service's pick.
+    pub fn in_effect(&self, s: &Service) -> Strategy {
+        in_effect(&self.adaptive, s)
+    }
+}
+
+fn in_effect(adaptive: &BTreeMap<String, AdaptiveState>, s: &Service) -> Strategy {
+    match s.strategy {
+        Strategy::Adaptive => adaptive.get(&s.name).map_or(Strategy::Maglev, |a| a.current),
+        other => other,
+    }
 }
 
 /// Totals since the daemon started.
@@ -118,6 +151,8 @@ pub struct PassCounters {
     pub commands: u64,
     pub tables_built: u64,
     pub tables_swapped: u64,
+    /// Resource-aware updates that changed some backend's weight factor.
+    pub resource_steps: u64,
 }
 
 struct Engine {
@@ -139,6 +174,9 @@ pub struct Writer {
     declared: watch::Sender<Arc<Vec<Service>>>,
     state_path: PathBuf,
     histograms: crate::metrics::histograms::Histograms,
+    adaptive: BTreeMap<String, AdaptiveState>,
+    /// The next resource-aware update, while some service has load to follow.
+    resource_due: Option<Instant>,
 }
 
 /// The channels to and from a started writer.
@@ -175,6 +213,8 @@ impl Writer {
             snapshot,
             declared,
             histograms,
+            adaptive: BTreeMap::new(),
+            resource_due: None,
         };
         let warnings = writer
             .commit(services, writer.status.clone(), HashMap::new(), true)
@@ -208,14 +248,104 @@ impl Writer {
         }
     }
 
-    /// The next TTL expiry or slow-start step, if any.
+    /// The next TTL expiry, slow-start step or resource-aware update, if any.
     fn next_timer(&self) -> Option<Instant> {
         let now = Instant::now();
         self.status
             .values()
             .flat_map(|s| [s.external.and_then(|e| e.expires), s.next_ramp_step(now)])
             .flatten()
+            .chain(self.resource_due)
             .min()
+    }
+
+    /// One resource-aware update of every service running it, if due: smooth each backend's
+    /// load, move targets past the hysteresis, and step the factors by at most `max_move` of
+    /// the table. Returns whether any factor changed.
+    async fn resource_update(
+        &mut self,
+        services: &[Service],
+        status: &mut BTreeMap<BackendRef, BackendStatus>,
+        reported: bool,
+        now: Instant,
+    ) -> bool {
+        let due = self.resource_due.is_some_and(|t| t <= now);
+        // Idle until a load signal arrives; then every interval while there is load to follow.
+        let wake = reported && self.resource_due.is_none();
+        if !(due || wake) {
+            return false;
+        }
+        let mut jobs = Vec::new();
+        let mut next: Option<Duration> = None;
+        for s in services
+            .iter()
+            .filter(|s| in_effect(&self.adaptive, s) == Strategy::ResourceAware)
+        {
+            let r = s.resource.unwrap_or_default().resolve();
+            let mut members = Vec::new();
+            for b in &s.backends {
+                let st = status.entry(BackendRef::new(&s.name, &b.id)).or_default();
+                if st.load.report.is_some_and(|(_, exp)| exp <= now) {
+                    info!("backend {}/{}: load report expired", s.name, b.id);
+                    st.load.report = None;
+                }
+                let agent = st.agent.as_ref().and_then(AgentState::percent);
+                let maxconn = b
+                    .maxconn
+                    .or(st.agent.as_ref().and_then(|a| a.maxconn))
+                    .unwrap_or(0);
+                let x = crate::strategy::resource::sample(st.load.report.as_ref(), agent, maxconn, now);
+                st.load.observe(x, &r);
+                members.push((b.id.clone(), b.weight, st.load.factor, st.load.target));
+            }
+            let busy = s.backends.iter().any(|b| {
+                status
+                    .get(&BackendRef::new(&s.name, &b.id))
+                    .is_some_and(|st| !st.load.settled())
+            });
+            if busy {
+                next = Some(next.map_or(r.interval, |n| n.min(r.interval)));
+            }
+            if members.iter().any(|m| m.2 != m.3) {
+                jobs.push((s.name.clone(), s.table_size, r.max_move, members));
+            }
+        }
+        self.resource_due = next.map(|d| now + d);
+        if jobs.is_empty() {
+            return false;
+        }
+        let steps = tokio::task::spawn_blocking(move || {
+            jobs.into_iter()
+                .map(|(name, size, max_move, members)| {
+                    let view: Vec<_> = members
+                        .iter()
+                        .map(|(id, w, f, t)| crate::strategy::resource::Member {
+                            id,
+                            weight: *w,
+                            factor: *f,
+                            target: *t,
+                        })
+                        .collect();
+                    let (factors, moved) = crate::strategy::resource::bounded_step(&view, size, max_move);
+                    (name, members, factors, moved)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (name, members, factors, moved) in steps {
+            for ((id, ..), f) in members.iter().zip(factors) {
+                if let Some(st) = status.get_mut(&BackendRef::new(&name, id)) {
+                    st.load.factor = f;
+                }
+            }
+            self.counters.resource_steps += 1;
+            log::debug!(
+                "service {name}: resource-aware step moves {:.1}% of the table",
+                moved * 100.0
+            );
+        }
+        true
     }
 
     async fn pass(&mut self, batch: Vec<Command>) {
@@ -225,9 +355,12 @@ impl Writer {
         let mut hop_updates = HashMap::new();
         let mut replies = Vec::new();
         let now = Instant::now();
+        // A load signal arrived: start the resource-aware updates if they are idle.
+        let mut reported = false;
         for command in batch {
             match command {
                 Command::Change { change, reply } => {
+                    reported |= matches!(*change, Change::ReportLoad { .. });
                     let mut next = services.clone();
                     let mut next_status = status.clone();
                     match change_state(&self.cfg, &mut next, &mut next_status, *change, now) {
@@ -254,10 +387,52 @@ impl Writer {
                     st.half_open_share = u.half_open_share;
                 }
                 Command::Agent { backend, state } => {
+                    reported |= state.percent().is_some();
                     status.entry(backend).or_default().agent = Some(state);
+                }
+                Command::Adapt { service, to, reason } => {
+                    let Some(s) = services
+                        .iter()
+                        .find(|s| s.name == service && s.strategy == Strategy::Adaptive)
+                    else {
+                        continue;
+                    };
+                    let st = self
+                        .adaptive
+                        .entry(s.name.clone())
+                        .or_insert_with(|| AdaptiveState::new(now));
+                    if st.current != to {
+                        info!(
+                            "service {service}: adaptive: {} -> {} ({reason})",
+                            st.current.name(),
+                            to.name()
+                        );
+                        self.histograms
+                            .switches
+                            .with_label_values(&[service.as_str(), st.current.name(), to.name()])
+                            .inc();
+                        *st = AdaptiveState {
+                            current: to,
+                            reason,
+                            since: now,
+                            switches: st.switches + 1,
+                        };
+                    }
                 }
             }
         }
+        // Adaptive services start calm, on Maglev; the others have no pick.
+        self.adaptive.retain(|n, _| {
+            services
+                .iter()
+                .any(|s| &s.name == n && s.strategy == Strategy::Adaptive)
+        });
+        for s in services.iter().filter(|s| s.strategy == Strategy::Adaptive) {
+            self.adaptive
+                .entry(s.name.clone())
+                .or_insert_with(|| AdaptiveState::new(now));
+        }
+        self.resource_update(&services, &mut status, reported, now).await;
         for (b, st) in status.iter_mut() {
             if let Some(e) = st.external
                 && e.expires.is_some_and(|t| t <= now)
@@ -339,7 +514,13 @@ impl Writer {
         let weights: BTreeMap<String, ServiceWeights> = services
             .iter()
             .map(|s| {
-                let w = effective_weights(s, &status, |a| next_hops.contains_key(&a), now);
+                let w = effective_weights(
+                    s,
+                    in_effect(&self.adaptive, s),
+                    &status,
+                    |a| next_hops.contains_key(&a),
+                    now,
+                );
                 (s.name.clone(), w)
             })
             .collect();
@@ -452,6 +633,7 @@ impl Writer {
             attachments,
             adopted,
             counters: self.counters,
+            adaptive: self.adaptive.clone(),
         }));
         Ok(warnings)
     }
@@ -569,6 +751,35 @@ pub(crate) fn change_state(
                 "backend {service}/{id}: external score {score}{}",
                 ttl.map(|t| format!(" for {} s", t.as_secs_f64()))
                     .unwrap_or_default()
+            );
+        }
+        Change::ReportLoad {
+            service,
+            id,
+            report,
+            ttl,
+        } => {
+            report.validate().map_err(Error::invalid)?;
+            let ttl = ttl.unwrap_or(DEFAULT_REPORT_TTL);
+            if ttl.is_zero() || ttl > MAX_REPORT_TTL {
+                return Err(Error::invalid(format!(
+                    "ttl {} s is out of range (0, {}]",
+                    ttl.as_secs_f64(),
+                    MAX_REPORT_TTL.as_secs()
+                )));
+            }
+            let svc = find_service(services, &service)?;
+            if svc.backend(&id).is_none() {
+                return Err(unknown_backend(&service, &id));
+            }
+            status
+                .entry(BackendRef::new(&service, &id))
+                .or_default()
+                .load
+                .report = Some((report, now + ttl));
+            log::debug!(
+                "backend {service}/{id}: load report {report:?} for {} s",
+                ttl.as_secs_f64()
             );
         }
     }

@@ -42,9 +42,14 @@ pub struct TableInput {
 impl TableInput {
     /// A service's inputs from its members (id, effective weight, slot, connection cap), in
     /// any order: sorted by id, caps kept only for the counting strategies.
-    pub fn new(s: &Service, mut members: Vec<(String, u32, u32, u32)>) -> Self {
+    pub fn new(
+        s: &Service,
+        strategy: crate::model::Strategy,
+        mut members: Vec<(String, u32, u32, u32)>,
+    ) -> Self {
+        let strategy = strategy.table();
         members.sort();
-        let caps = if s.strategy.counts() {
+        let caps = if strategy.counts() {
             members.iter().map(|m| m.3).collect()
         } else {
             Vec::new()
@@ -55,7 +60,7 @@ impl TableInput {
                 .into_iter()
                 .map(|(id, w, slot, _)| (id, w, slot))
                 .collect(),
-            strategy: s.strategy,
+            strategy,
             caps,
         }
     }
@@ -243,7 +248,7 @@ pub fn plan(desired: &Desired<'_>, current: &Assignments) -> Result<Plan> {
                 max_new_flows_per_s: b.max_new_flows_per_s,
             });
         }
-        let input = TableInput::new(s, members);
+        let input = TableInput::new(s, weights.strategy, members);
         if a.services[&s.name].built.as_ref() != Some(&input) {
             rebuild.push((s.name.clone(), input));
         }
@@ -292,6 +297,8 @@ mod tests {
                 health: None,
                 max_new_flows_per_s: None,
                 on_shed: Default::default(),
+                resource: None,
+                adaptive: None,
                 strategy: Default::default(),
                 backends: (0..per)
                     .map(|j| Backend {
@@ -324,7 +331,7 @@ mod tests {
             .map(|s| {
                 (
                     s.name.clone(),
-                    effective_weights(s, status, |a| hops.contains_key(&a), now),
+                    effective_weights(s, s.strategy, status, |a| hops.contains_key(&a), now),
                 )
             })
             .collect();

@@ -247,6 +247,8 @@ fn checks_per_second(window_s: f64) -> Result<ChecksResult> {
                 }),
                 max_new_flows_per_s: None,
                 on_shed: Default::default(),
+                resource: None,
+                adaptive: None,
                 strategy: Default::default(),
                 backends: (0..ADDRS)
                     .map(|a| Backend {
@@ -328,6 +330,8 @@ fn flap_services(n: usize, per: usize) -> Vec<Service> {
             health: None,
             max_new_flows_per_s: None,
             on_shed: Default::default(),
+            resource: None,
+            adaptive: None,
             strategy: Default::default(),
             backends: (0..per)
                 .map(|j| Backend {
@@ -370,7 +374,7 @@ fn flap_cost(runs: usize, services: usize) -> Result<FlapResult> {
             .map(|s| {
                 (
                     s.name.clone(),
-                    effective_weights(s, status, |a| hops.contains_key(&a), now),
+                    effective_weights(s, s.strategy, status, |a| hops.contains_key(&a), now),
                 )
             })
             .collect()

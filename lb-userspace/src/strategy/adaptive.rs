@@ -1,0 +1,346 @@
+//! Adaptive services: the daemon picks the strategy from what it measures, for new flows only
+//! (the connection table keeps established flows where they are).
+//!
+//! - backends report their load (a load report or an agent `N%`) → resource-aware;
+//! - else the active flows are unbalanced (the busiest backend holds `imbalance` times its
+//!   weight's share, over at least `min_flows` flows) → least-connections;
+//! - else, once calm again (under `calm`) → Maglev.
+//!
+//! A switch waits `dwell` after the last one. `decide` is pure; `run` is the task that feeds
+//! it the data plane's active-flow counts and hands its switches to the writer.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    dataplane::Readers,
+    model::{BackendRef, Strategy},
+    reconcile::{Command, Snapshot, plan::backend_key},
+};
+
+/// `[service.adaptive]` as written; unset keys take the defaults below.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveSettings {
+    /// Least seconds between two switches (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dwell: Option<f64>,
+    /// The busiest backend's active flows over its weight's share that switch to
+    /// least-connections (default 1.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imbalance: Option<f64>,
+    /// Imbalance under which the service is calm again (default 1.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calm: Option<f64>,
+    /// Fewest active flows for an imbalance to count (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_flows: Option<u64>,
+    /// Seconds between looks, 0.1..=60 (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Adaptive {
+    pub dwell: Duration,
+    pub imbalance: f64,
+    pub calm: f64,
+    pub min_flows: u64,
+    pub interval: Duration,
+}
+
+impl AdaptiveSettings {
+    pub fn resolve(&self) -> Adaptive {
+        Adaptive {
+            dwell: Duration::from_secs_f64(self.dwell.unwrap_or(30.0).clamp(0.0, 86_400.0)),
+            imbalance: self.imbalance.unwrap_or(1.5),
+            calm: self.calm.unwrap_or(1.2),
+            min_flows: self.min_flows.unwrap_or(20),
+            interval: Duration::from_secs_f64(self.interval.unwrap_or(1.0).clamp(0.1, 60.0)),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(d) = self.dwell
+            && !(d.is_finite() && (0.0..=86_400.0).contains(&d))
+        {
+            return Err(format!("adaptive.dwell = {d} is out of range [0, 86400] s"));
+        }
+        if let Some(i) = self.interval
+            && !(i.is_finite() && (0.1..=60.0).contains(&i))
+        {
+            return Err(format!("adaptive.interval = {i} is out of range [0.1, 60] s"));
+        }
+        let a = self.resolve();
+        if !(a.imbalance.is_finite() && a.calm.is_finite() && a.calm >= 1.0 && a.imbalance > a.calm) {
+            return Err(format!(
+                "adaptive: need 1 <= calm < imbalance (calm = {}, imbalance = {})",
+                a.calm, a.imbalance
+            ));
+        }
+        if a.min_flows > 1_000_000_000 {
+            return Err(format!(
+                "adaptive.min_flows = {} is out of range 0..=1000000000",
+                a.min_flows
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What one look measured.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Signals {
+    /// Some backend has an unexpired load report or an agent weight in percent.
+    pub reporting: bool,
+    /// Active flows of the backends that take new flows.
+    pub flows: u64,
+    /// The busiest backend's active flows ÷ its weight's share of them (1 = balanced).
+    pub imbalance: f64,
+}
+
+/// The imbalance of (active flows, effective weight) pairs: max of flows ÷ expected flows,
+/// over backends with weight; 1 with no flows.
+pub fn imbalance(members: &[(u64, u32)]) -> (u64, f64) {
+    let total: u64 = members.iter().filter(|m| m.1 > 0).map(|m| m.0).sum();
+    let weight: u64 = members.iter().map(|m| u64::from(m.1)).sum();
+    if total == 0 || weight == 0 {
+        return (total, 1.0);
+    }
+    let worst = members
+        .iter()
+        .filter(|m| m.1 > 0)
+        .map(|&(n, w)| n as f64 / (total as f64 * f64::from(w) / weight as f64))
+        .fold(0.0, f64::max);
+    (total, worst)
+}
+
+/// The strategy in effect of an adaptive service, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdaptiveState {
+    pub current: Strategy,
+    pub reason: String,
+    pub since: Instant,
+    pub switches: u64,
+}
+
+impl AdaptiveState {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            current: Strategy::Maglev,
+            reason: "start: calm until measured".into(),
+            since: now,
+            switches: 0,
+        }
+    }
+}
+
+/// Where the service should be now, and why; `None` to stay (as wanted, or within the dwell).
+pub fn decide(state: &AdaptiveState, s: &Signals, a: &Adaptive, now: Instant) -> Option<(Strategy, String)> {
+    let (want, reason) = if s.reporting {
+        (Strategy::ResourceAware, "backends report their load".to_string())
+    } else if s.flows >= a.min_flows && s.imbalance >= a.imbalance {
+        (
+            Strategy::LeastConnections,
+            format!(
+                "active-flow imbalance {:.2} >= {} over {} flows",
+                s.imbalance, a.imbalance, s.flows
+            ),
+        )
+    } else if state.current == Strategy::LeastConnections && s.flows >= a.min_flows && s.imbalance > a.calm {
+        return None;
+    } else {
+        (
+            Strategy::Maglev,
+            format!(
+                "calm: imbalance {:.2} <= {} over {} flows, no load reports",
+                s.imbalance, a.calm, s.flows
+            ),
+        )
+    };
+    if want == state.current || now.saturating_duration_since(state.since) < a.dwell {
+        return None;
+    }
+    Some((want, reason))
+}
+
+/// Looks at every adaptive service each `interval` (the shortest of theirs) and sends the
+/// writer each switch `decide` makes.
+pub async fn run(
+    mut snapshot: watch::Receiver<Arc<Snapshot>>,
+    readers: Arc<Readers>,
+    commands: mpsc::Sender<Command>,
+) {
+    loop {
+        let snap = snapshot.borrow_and_update().clone();
+        let adaptive: Vec<_> = snap
+            .services
+            .iter()
+            .filter(|s| s.strategy == Strategy::Adaptive)
+            .collect();
+        let every = adaptive
+            .iter()
+            .map(|s| s.adaptive.unwrap_or_default().resolve().interval)
+            .min();
+        let now = Instant::now();
+        for s in adaptive {
+            let a = s.adaptive.unwrap_or_default().resolve();
+            let Some(state) = snap.adaptive.get(&s.name) else {
+                continue;
+            };
+            let weights = snap.weights.get(&s.name);
+            let members: Vec<(u64, u32)> = s
+                .backends
+                .iter()
+                .map(|b| {
+                    let slot = snap
+                        .assignments
+                        .backends
+                        .get(&backend_key(&s.name, &b.id))
+                        .map(|x| x.slot);
+                    let n = slot.map_or(0, |slot| readers.active.get(slot).max(0) as u64);
+                    let w = weights
+                        .and_then(|w| w.backends.get(&b.id))
+                        .map_or(0, |e| e.weight);
+                    (n, w)
+                })
+                .collect();
+            let (flows, imbalance) = imbalance(&members);
+            let reporting = s.backends.iter().any(|b| {
+                snap.status
+                    .get(&BackendRef::new(&s.name, &b.id))
+                    .is_some_and(|st| {
+                        st.load.report.is_some_and(|(_, exp)| exp > now)
+                            || st.agent.as_ref().is_some_and(|ag| ag.percent().is_some())
+                    })
+            });
+            let signals = Signals {
+                reporting,
+                flows,
+                imbalance,
+            };
+            if let Some((to, reason)) = decide(state, &signals, &a, now) {
+                let _ = commands
+                    .send(Command::Adapt {
+                        service: s.name.clone(),
+                        to,
+                        reason,
+                    })
+                    .await;
+            }
+        }
+        match every {
+            Some(d) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    r = snapshot.changed() => if r.is_err() { return },
+                }
+            }
+            None => {
+                if snapshot.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn imbalance_is_the_busiest_over_its_share() {
+        assert_eq!(imbalance(&[(0, 100), (0, 100)]), (0, 1.0));
+        assert_eq!(imbalance(&[(50, 100), (50, 100)]), (100, 1.0));
+        let (n, i) = imbalance(&[(60, 100), (20, 100), (10, 100)]);
+        assert_eq!(n, 90);
+        assert!((i - 2.0).abs() < 1e-9);
+        // Weights set the shares; weight-0 backends take none.
+        let (_, i) = imbalance(&[(60, 200), (30, 100), (99, 0)]);
+        assert!((i - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_scripted_scenario_switches_in_order_and_never_within_the_dwell() {
+        let a = AdaptiveSettings {
+            dwell: Some(10.0),
+            ..Default::default()
+        }
+        .resolve();
+        let t0 = Instant::now();
+        let mut st = AdaptiveState::new(t0);
+        let calm = Signals {
+            reporting: false,
+            flows: 100,
+            imbalance: 1.05,
+        };
+        let skewed = Signals {
+            imbalance: 2.5,
+            ..calm
+        };
+        let settling = Signals {
+            imbalance: 1.3,
+            ..calm
+        };
+        let reporting = Signals {
+            reporting: true,
+            ..calm
+        };
+        // (seconds, signals, expected switch)
+        let script = [
+            (1, calm, None),
+            (5, skewed, None), // within the dwell of the start
+            (11, skewed, Some(Strategy::LeastConnections)),
+            (12, calm, None),     // dwell
+            (25, settling, None), // hysteresis: not calm enough to leave
+            (30, reporting, Some(Strategy::ResourceAware)),
+            (35, calm, None),
+            (41, calm, Some(Strategy::Maglev)),
+            (60, Signals { flows: 5, ..skewed }, None), // too few flows to count
+        ];
+        let mut switches = Vec::new();
+        for (sec, signals, want) in script {
+            let now = t0 + Duration::from_secs(sec);
+            let got = decide(&st, &signals, &a, now);
+            assert_eq!(got.as_ref().map(|g| g.0), want, "at {sec} s: {got:?}");
+            if let Some((to, reason)) = got {
+                assert!(now.duration_since(st.since) >= a.dwell);
+                switches.push((sec, to, reason));
+                st = AdaptiveState {
+                    current: to,
+                    reason: String::new(),
+                    since: now,
+                    switches: st.switches + 1,
+                };
+            }
+        }
+        assert_eq!(switches.len(), 3);
+        assert!(switches[0].2.contains("imbalance 2.50"), "{}", switches[0].2);
+    }
+
+    #[test]
+    fn settings_are_validated() {
+        assert!(AdaptiveSettings::default().validate().is_ok());
+        let e = AdaptiveSettings {
+            calm: Some(2.0),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.contains("calm < imbalance"), "{e}");
+        assert!(
+            AdaptiveSettings {
+                dwell: Some(-1.0),
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+    }
+}
