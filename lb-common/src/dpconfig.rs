@@ -48,6 +48,8 @@ pub const DP_F_ECHO_REPLY: u32 = 1;
 /// Answer packets that encapsulation would make too big with ICMP "fragmentation needed" /
 /// "packet too big" (else drop and count them).
 pub const DP_F_TOO_BIG_ICMP: u32 = 2;
+/// Region lookups use `GEO_B` (else `GEO_A`): flipped by a geo data reload.
+pub const DP_F_GEO_B: u32 = 4;
 
 /// The per-flow part of an outer source: source port mixed with the source address, the way
 /// Katran spreads flows, so no hash is needed on the packet path.

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod bench;
 pub mod dpconfig;
 pub mod flow;
+pub mod geo;
 pub mod hash;
 pub mod maps;
 pub mod nat;
@@ -91,6 +92,7 @@ mod pod {
     unsafe impl aya::Pod for crate::ServiceKey {}
     unsafe impl aya::Pod for crate::ServiceValue {}
     unsafe impl aya::Pod for crate::Backend {}
+    unsafe impl aya::Pod for crate::geo::GeoKey {}
     unsafe impl aya::Pod for crate::TrafficStats {}
     unsafe impl aya::Pod for crate::shed::ShedBucket {}
     unsafe impl aya::Pod for crate::VipFilter {}

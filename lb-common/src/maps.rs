@@ -16,6 +16,11 @@ pub const MAGLEV_POOL: &str = "MAGLEV_POOL";
 pub const BACKENDS: &str = "BACKENDS";
 /// Active flows per backend slot (i64, atomic adds), for the counting strategies.
 pub const ACTIVE: &str = "ACTIVE";
+/// Client prefix -> region id (LPM tries, see `geo`): the data set in use and the other.
+pub const GEO_A: &str = "GEO_A";
+pub const GEO_B: &str = "GEO_B";
+/// `GeoKey` (service id, region id) -> that region's `ServiceValue`.
+pub const GEO_SERVICES: &str = "GEO_SERVICES";
 /// Connection table: `FlowKey` -> `FlowState` (LRU).
 pub const CONNTRACK: &str = "CONNTRACK";
 /// NAT entries, both directions of each connection: `FlowKey` -> `NatEntry` (see `nat`).
@@ -39,7 +44,10 @@ pub const DP_CONFIG: &str = "DP_CONFIG";
 pub const NEXT_HOPS: &str = "NEXT_HOPS";
 
 /// Every map that is pinned under `/sys/fs/bpf/<instance>/maps/`.
-pub const PINNED: [&str; 15] = [
+pub const PINNED: [&str; 18] = [
+    GEO_A,
+    GEO_B,
+    GEO_SERVICES,
     SHED,
     ACTIVE,
     SERVICES,

@@ -15,6 +15,9 @@ pub const STRATEGY_ROUND_ROBIN: u32 = 1;
 pub const STRATEGY_WEIGHTED_ROUND_ROBIN: u32 = 2;
 pub const STRATEGY_LEAST_CONNECTIONS: u32 = 3;
 pub const STRATEGY_POWER_OF_TWO: u32 = 4;
+/// Geographic: the client's region (`geo`) names the service value, and so the Maglev table,
+/// that serves it; no region known, this value's own table (the default region's).
+pub const STRATEGY_GEO: u32 = 5;
 
 /// Words per member in a counting strategy's region: slot, weight, maxconn (0: none).
 pub const MEMBER_STRIDE: u32 = 3;

@@ -4,11 +4,12 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     AddrKey, Backend, FlowKey, FlowState, NatEntry, ServiceKey, ServiceValue, TrafficStats, VipFilter,
     dpconfig::{DataPlaneConfig, FloodWindow, NextHop},
+    geo::{GeoData, GeoKey, MAX_GEO_PREFIXES, MAX_REGIONS},
     maps::{
         DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, MAX_SERVICES,
         MAX_TX_PORTS,
@@ -16,6 +17,17 @@ use lb_common::{
     shed::ShedBucket,
     stats::COUNTER_SLOTS,
 };
+
+/// Client prefix -> region id; the daemon fills the one not in use, then flips `DP_F_GEO_B`.
+#[map]
+pub static GEO_A: LpmTrie<GeoData, u32> = LpmTrie::pinned(MAX_GEO_PREFIXES, 0);
+#[map]
+pub static GEO_B: LpmTrie<GeoData, u32> = LpmTrie::pinned(MAX_GEO_PREFIXES, 0);
+
+/// (service id, region id) -> the service value that serves the region's clients.
+#[map]
+pub static GEO_SERVICES: HashMap<GeoKey, ServiceValue> =
+    HashMap::pinned(MAX_SERVICES * MAX_REGIONS, BPF_F_NO_PREALLOC);
 
 /// Not preallocated, so an update replaces the value under RCU: a packet that already looked
 /// up a service keeps reading the old value intact.

@@ -7,8 +7,10 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use lb_common::{
     Backend, Counter, FAMILY_V4, FlowKey, FlowState, NatEntry, PROTO_TCP, PROTO_UDP, ServiceKey,
     ServiceValue, VipFilter,
+    dpconfig::DP_F_GEO_B,
     dpconfig::FLOOD_WINDOW_NS,
     flow::{FLOW_COUNTED, SYN_RETRANSMIT_WINDOW, coarse_seconds},
+    geo::GeoKey,
     hash::{flow_hash, source_hash},
     service::{FWD_NAT, SVC_F_COUNT, SVC_F_HASH_SOURCE, SVC_F_SHED, SVC_F_SHED_DROP},
     shed::service_bucket,
@@ -18,8 +20,8 @@ use lb_ebpf::{Flow, FlowKind, Verdict};
 
 use crate::{
     maps::{
-        ACTIVE, BACKENDS, CONNTRACK, CURSORS, DP_CONFIG, FLOOD, FRAGMENT_SERVICES, MAGLEV_POOL, NAT_FLOWS,
-        SERVICES, SHED, VIP_FILTER,
+        ACTIVE, BACKENDS, CONNTRACK, CURSORS, DP_CONFIG, FLOOD, FRAGMENT_SERVICES, GEO_A, GEO_B,
+        GEO_SERVICES, MAGLEV_POOL, NAT_FLOWS, SERVICES, SHED, VIP_FILTER,
     },
     stats::{count, finish},
 };
@@ -268,7 +270,12 @@ fn service(key: &FlowKey, filter: &VipFilter, bit: usize) -> Option<&'static Ser
 /// A new (or re-picked) flow: hash into the service's Maglev table, shed it if a limit says
 /// so, and (`remember`) pin it.
 #[inline(always)]
-fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<FlowState, Verdict> {
+fn pick(key: &FlowKey, service: &'static ServiceValue, remember: Remember) -> Result<FlowState, Verdict> {
+    let service = if service.strategy == strategy::STRATEGY_GEO {
+        geo_service(key, service)
+    } else {
+        service
+    };
     let size = service.table_size;
     if size == 0 {
         return Err(Verdict::Drop(Counter::DropNoBackend));
@@ -394,6 +401,26 @@ fn pick(key: &FlowKey, service: &ServiceValue, remember: Remember) -> Result<Flo
         active_add(slot, 1);
     }
     Ok(state)
+}
+
+/// A geo service's value for this client: its region's (failover resolved by the daemon), or
+/// the service's own (the default region's) when the client's prefix has no region. Out of
+/// line: the trie key stays out of the new-flow frame.
+#[inline(never)]
+fn geo_service(key: &FlowKey, service: &'static ServiceValue) -> &'static ServiceValue {
+    let b = DP_CONFIG.get(0).is_some_and(|c| c.flags & DP_F_GEO_B != 0);
+    let (len, data) = lb_common::geo::key(key.family, key.src_addr, lb_common::geo::max_prefix(key.family));
+    let k = aya_ebpf::maps::lpm_trie::Key::new(len, data);
+    let region = if b { GEO_B.get(&k) } else { GEO_A.get(&k) };
+    let Some(&region) = region else {
+        return service;
+    };
+    let k = GeoKey {
+        service: service.id,
+        region,
+    };
+    // SAFETY: the map is not preallocated, so a value we read is never recycled under us.
+    unsafe { GEO_SERVICES.get(&k) }.unwrap_or(service)
 }
 
 /// `index` before `first_choice`: no counting strategy picked a word.

@@ -82,6 +82,9 @@ pub enum Command {
     },
     /// Re-read the config file and replace the running services with it.
     Reload,
+    /// Geographic routing: the data in use, and which region serves each region's clients.
+    #[command(subcommand)]
+    Geo(GeoCmd),
     /// Stop the daemon (the data plane keeps forwarding).
     Shutdown,
     /// Show what a change would do before applying it: per service, the table entries that
@@ -91,6 +94,16 @@ pub enum Command {
     /// On a backend: set up, check or undo what IPIP forwarding needs (no daemon involved).
     #[command(subcommand)]
     BackendHost(BackendHostCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GeoCmd {
+    /// The data set in use (prefixes per region) and, per geo service and region, the region
+    /// whose backends serve it.
+    Show,
+    /// Read `[daemon.geo] data` again and swap it in whole; a bad file is refused (naming its
+    /// line) and the running data stays.
+    Reload,
 }
 
 #[derive(Subcommand, Debug)]
@@ -372,6 +385,8 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             dst: *dst,
         },
         Command::Reload => Request::Reload,
+        Command::Geo(GeoCmd::Show) => Request::Geo,
+        Command::Geo(GeoCmd::Reload) => Request::GeoReload,
         Command::Shutdown => Request::Shutdown,
         Command::Plan(p) => {
             use crate::control::preview::PlanChange;

@@ -88,6 +88,9 @@ pub struct DaemonConfig {
     /// NAT services (`forwarding = "nat"`): source addresses and ports, table size, timeouts.
     #[serde(default)]
     pub nat: NatConfig,
+    /// `[daemon.geo]`: regions, their failover, the client prefix data (strategy = "geo").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub geo: Option<crate::strategy::geo::GeoSettings>,
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
@@ -485,6 +488,9 @@ fn line_of(text: &str, offset: usize) -> usize {
 impl DaemonConfig {
     pub fn validate(&self) -> Result<()> {
         validate_name("instance", &self.instance, 32)?;
+        if let Some(g) = &self.geo {
+            g.validate().map_err(Error::config)?;
+        }
         if self.gue_port == 0 {
             return Err(Error::config("daemon.gue_port must not be 0"));
         }
@@ -601,6 +607,30 @@ impl NatConfig {
 
 /// Checks services against the daemon settings they depend on (SNAT needs a source address).
 pub fn validate_against(daemon: &DaemonConfig, services: &[Service]) -> Result<()> {
+    for s in services
+        .iter()
+        .filter(|s| s.strategy == crate::model::Strategy::Geo)
+    {
+        let Some(geo) = &daemon.geo else {
+            return Err(Error::invalid(format!(
+                "service {}: strategy = \"geo\" needs [daemon.geo] (regions and their failover)",
+                s.name
+            )));
+        };
+        if let Some(b) = s
+            .backends
+            .iter()
+            .find(|b| b.region.as_deref().is_none_or(|r| geo.id(r).is_none()))
+        {
+            return Err(Error::invalid(format!(
+                "service {}: backend {} needs a region of [daemon.geo] ({}), not {:?}",
+                s.name,
+                b.id,
+                geo.regions().join(", "),
+                b.region.as_deref().unwrap_or("none")
+            )));
+        }
+    }
     // Replies to the SNAT source must never be taken for VIP or backend traffic.
     for a in [
         daemon.nat.source4.map(IpAddr::V4),
@@ -742,6 +772,16 @@ address = "10.0.0.12"
                 "strategy = \"round-robin\"\nfragments = \"hash\"",
                 "needs strategy = \"maglev\"",
             ),
+            ("strategy = \"geo\"", "needs [daemon.geo]"),
+            (
+                "strategy = \"resource-aware\"\nresource = { max_move = 0.0 }",
+                "resource.max_move = 0 is out of range (0, 1]",
+            ),
+            (
+                "strategy = \"adaptive\"\nadaptive = { calm = 2.0 }",
+                "need 1 <= calm < imbalance",
+            ),
+            ("strategy = \"adaptive\"\nforwarding = \"nat\"", "NAT services"),
         ];
         for (extra, needle) in cases {
             let e = err(&GOOD.replace("protocol = \"tcp\"", &format!("protocol = \"tcp\"\n{extra}")));

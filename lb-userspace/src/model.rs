@@ -86,6 +86,9 @@ pub enum Strategy {
     /// The daemon picks maglev, least-connections or resource-aware from measured signals
     /// (`[service.adaptive]`).
     Adaptive,
+    /// The client's region (`[daemon.geo]`) picks a Maglev table of that region's backends, or
+    /// of the next region in its failover list.
+    Geo,
 }
 
 impl Strategy {
@@ -95,6 +98,7 @@ impl Strategy {
         use lb_common::strategy::*;
         match self {
             Self::Maglev | Self::ResourceAware | Self::Adaptive => STRATEGY_MAGLEV,
+            Self::Geo => STRATEGY_GEO,
             Self::RoundRobin => STRATEGY_ROUND_ROBIN,
             Self::WeightedRoundRobin => STRATEGY_WEIGHTED_ROUND_ROBIN,
             Self::LeastConnections => STRATEGY_LEAST_CONNECTIONS,
@@ -111,6 +115,7 @@ impl Strategy {
             Self::PowerOfTwo => "power-of-two",
             Self::ResourceAware => "resource-aware",
             Self::Adaptive => "adaptive",
+            Self::Geo => "geo",
         }
     }
 
@@ -118,7 +123,7 @@ impl Strategy {
     /// build Maglev tables.
     pub const fn table(self) -> Self {
         match self {
-            Self::ResourceAware | Self::Adaptive => Self::Maglev,
+            Self::ResourceAware | Self::Adaptive | Self::Geo => Self::Maglev,
             s => s,
         }
     }
@@ -138,7 +143,7 @@ impl Strategy {
         lb_common::strategy::stride(self.id()) as usize
     }
 
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Maglev,
         Self::RoundRobin,
         Self::WeightedRoundRobin,
@@ -146,6 +151,7 @@ impl Strategy {
         Self::PowerOfTwo,
         Self::ResourceAware,
         Self::Adaptive,
+        Self::Geo,
     ];
 }
 
@@ -154,7 +160,7 @@ impl std::str::FromStr for Strategy {
     fn from_str(s: &str) -> Result<Self> {
         Self::ALL.into_iter().find(|x| x.name() == s).ok_or_else(|| {
             Error::invalid(format!(
-                "unknown strategy {s:?} (expected maglev, round-robin, weighted-round-robin, least-connections, power-of-two, resource-aware or adaptive)"
+                "unknown strategy {s:?} (expected maglev, round-robin, weighted-round-robin, least-connections, power-of-two, resource-aware, adaptive or geo)"
             ))
         })
     }

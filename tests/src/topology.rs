@@ -122,6 +122,17 @@ impl Topology {
         Ok(self.backends.last().expect("just pushed"))
     }
 
+    /// Another client namespace on the switch at `v4`/`v6` (host addresses of the switch's
+    /// subnets, below the backends'), routing the VIPs via the balancer.
+    pub fn add_client(&mut self, name: &str, v4: &str, v6: &str) -> Result<NetNs> {
+        let ns = NetNs::new(name)?;
+        join(&self.switch, &mut self.next_port, &ns, v4, v6)?;
+        ns.sh(&format!(
+            "ethtool -K eth0 tx off >/dev/null && ip route add {VIP4}/32 via {LB4} && ip -6 route add {VIP6}/128 via {LB6}"
+        ))?;
+        Ok(ns)
+    }
+
     /// Stops a backend's servers: its sockets close, new connections are refused.
     pub fn stop_servers(&mut self, id: &str) {
         self.servers.retain(|(b, _)| b != id);

@@ -568,3 +568,134 @@ fn adaptive_switches_on_imbalance_and_load_and_back_when_calm() {
     assert_eq!(current(&d).1, 3, "exactly three switches");
     // The established flows were never moved: no connection failed above (each asks thrice).
 }
+
+/// `n` new UDP flows from `ns` to the VIP, sockets held until all are done.
+fn udp_flows_from(ns: &lb_tests::netns::NetNs, vip: IpAddr, n: usize) -> HashMap<String, usize> {
+    in_ns(ns, move || {
+        let target = std::net::SocketAddr::new(vip, lb_tests::topology::PORT);
+        let mut held = Vec::new();
+        let mut counts = HashMap::new();
+        for _ in 0..n {
+            let s = lb_tests::client::udp_socket(target, Duration::from_millis(500)).expect("UDP socket");
+            let id = lb_tests::client::udp_ask(&s).expect("UDP answer within 5 tries");
+            *counts.entry(id).or_insert(0) += 1;
+            held.push(s);
+        }
+        counts
+    })
+}
+
+#[test]
+fn geo_sends_each_region_to_its_backends_and_fails_over() {
+    let mut topo = Topology::new(3).expect("topology");
+    let far = topo
+        .add_client("cl2", "10.99.0.5", "fd99::5")
+        .expect("second client");
+    let (instance, run_dir) = Daemon::new_paths();
+    std::fs::create_dir_all(&run_dir).expect("run dir");
+    let data = run_dir.join("geo.csv");
+    std::fs::write(
+        &data,
+        "# client prefix,region\n10.99.0.0/30,eu\nfd99::/126,eu\n10.99.0.4/30,us\nfd99::4/126,us\n",
+    )
+    .expect("geo data");
+    let health = lb_tests::servers::Responder::start(
+        &topo.backend("b3").ns,
+        &[
+            std::net::SocketAddr::new(IpAddr::V4(topo.backend("b3").v4), 8081),
+            std::net::SocketAddr::new(IpAddr::V6(topo.backend("b3").v6), 8081),
+        ],
+        lb_tests::servers::Reply::Http(200, "ok".into()),
+        None,
+    );
+    let region = |id: &str| if id == "b3" { "us" } else { "eu" };
+    let mut text = String::new();
+    for line in topo.config(&instance, &run_dir, &["b1", "b2", "b3"]).lines() {
+        if line == "[[service]]" && !text.contains("[daemon.geo]") {
+            text.push_str(&format!(
+                "[daemon.geo]\ndata = \"{}\"\ndefault_region = \"eu\"\nfailover = {{ eu = [\"us\"], us = [\"eu\"] }}\n\n",
+                data.display()
+            ));
+        }
+        text.push_str(line);
+        text.push('\n');
+        if line.starts_with("forwarding = ") {
+            text.push_str("strategy = \"geo\"\n");
+        }
+        if let Some(id) = line.strip_prefix("id = \"").and_then(|r| r.strip_suffix('"')) {
+            text.push_str(&format!("region = \"{}\"\n", region(id)));
+            if id == "b3" {
+                // Only b3 is checked: its region fails over when it fails.
+                text.push_str("health = { kind = \"tcp\", port = 8081, interval = 0.2, timeout = 0.2, fast_interval = 0.2, error_threshold = 2 }\n");
+            }
+        }
+    }
+    let d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
+    // Each region served by its own backends: eu by b1 and b2 (the default region, so the
+    // services' own tables too), us by b3.
+    let ready = wait_until(Duration::from_secs(15), || {
+        let g = d.json(&["geo", "show"]);
+        g["services"].as_array().is_some_and(|v| v.len() == 4)
+            && g["services"].as_array().into_iter().flatten().all(|s| {
+                s["regions"].as_array().into_iter().flatten().all(|r| {
+                    let want: &[&str] = if r["region"] == "us" {
+                        &["b3"]
+                    } else {
+                        &["b1", "b2"]
+                    };
+                    r["serving"] == r["region"] && r["backends"] == serde_json::json!(want)
+                })
+            })
+    });
+    assert!(ready, "{}", d.json(&["geo", "show"]));
+    let geo = d.json(&["geo", "show"]);
+    println!("lb geo show: {geo}");
+    assert_eq!(geo["data"]["prefixes"], 4, "{geo}");
+    assert_eq!(geo["data"]["prefixes_per_region"]["us"], 2, "{geo}");
+    for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        let near = udp_flows_from(&topo.client, vip, 60);
+        let farc = udp_flows_from(&far, vip, 60);
+        println!("{vip}: eu client {near:?}, us client {farc:?}");
+        assert_eq!(share(&near, "b1") + share(&near, "b2"), 60, "{near:?}");
+        assert!(share(&near, "b1") > 0 && share(&near, "b2") > 0, "{near:?}");
+        assert_eq!(share(&farc, "b3"), 60, "{farc:?}");
+    }
+    // A malformed data file is refused, naming its line; the running data stays.
+    std::fs::write(&data, "10.99.0.0/30,eu\n10.99.0.4/33,us\n").expect("bad data");
+    let out = d.cli(&["geo", "reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("line 2"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(share(&udp_flows_from(&far, IpAddr::V4(VIP4), 20), "b3"), 20);
+    // b3 fails its checks: the us clients fail over to eu.
+    drop(health);
+    let failed_over = wait_until(Duration::from_secs(10), || {
+        let g = d.json(&["geo", "show"]);
+        g["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["service"] == "dns4")
+            .all(|s| {
+                s["regions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .all(|r| r["serving"] == "eu")
+            })
+    });
+    assert!(
+        failed_over,
+        "{}\n{}",
+        d.json(&["geo", "show"]),
+        d.json(&["health"])
+    );
+    let farc = udp_flows_from(&far, IpAddr::V4(VIP4), 40);
+    println!("us client after b3 failed: {farc:?}");
+    assert_eq!(share(&farc, "b3"), 0, "{farc:?}");
+    // A good reload swaps the data whole: everyone is eu now.
+    std::fs::write(&data, "10.99.0.0/29,eu\n").expect("data");
+    let out = d.cli(&["geo", "reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(d.json(&["geo", "show"])["data"]["prefixes"], 1);
+}

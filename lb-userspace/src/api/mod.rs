@@ -67,6 +67,10 @@ pub enum Request {
     },
     /// Re-read the config file and apply what changed.
     Reload,
+    /// The geo data in use and each geo service's serving regions.
+    Geo,
+    /// Load the geo data file again.
+    GeoReload,
     /// Stop the daemon; the data plane stays attached.
     Shutdown,
     /// What a change would do, applied to nothing (disruption preview).
@@ -187,6 +191,8 @@ impl Request {
                 None,
             ),
             Self::Reload => ("POST", "/v1/reload".into(), None),
+            Self::Geo => ("GET", "/v1/geo".into(), None),
+            Self::GeoReload => ("POST", "/v1/geo/reload".into(), None),
             Self::Shutdown => ("POST", "/v1/shutdown".into(), None),
             Self::Plan { change } => ("POST", "/v1/plan".into(), Some(json!(change))),
         }

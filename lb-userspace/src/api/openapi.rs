@@ -29,6 +29,8 @@ use super::{ApiError, Envelope, server};
         server::stats,
         server::lookup,
         server::reload,
+        server::geo,
+        server::geo_reload,
         server::shutdown,
     ),
     components(schemas(Envelope, ApiError, server::WeightBody, server::HealthBody, server::LoadBody)),

@@ -126,6 +126,7 @@ fn bad_query(r: QueryRejection) -> Failure {
 fn queries(s: &Shared) -> Queries<'_> {
     Queries {
         instance: &s.cfg.instance,
+        cfg: &s.cfg,
         snap: s.snapshot.borrow().clone(),
         readers: &s.readers,
         nat: &s.nat,
@@ -425,6 +426,18 @@ pub async fn pick(
     ok(queries.pick(&name, q.src, q.dst)?, vec![])
 }
 
+#[utoipa::path(get, path = "/v1/geo", tag = "geo",
+    responses((status = 200, description = "The geo data in use (counts per region, never a client) and each geo service's serving region per region", body = Envelope)))]
+pub async fn geo(State(s): Ctx) -> Answer {
+    ok(queries(&s).geo(), vec![])
+}
+
+#[utoipa::path(post, path = "/v1/geo/reload", tag = "geo",
+    responses((status = 200, body = Envelope), (status = 400, body = ApiError)))]
+pub async fn geo_reload(State(s): Ctx) -> Answer {
+    change(&s, Change::ReloadGeo).await
+}
+
 #[utoipa::path(post, path = "/v1/reload", tag = "daemon",
     responses((status = 200, body = Envelope), (status = 400, body = ApiError)))]
 pub async fn reload(State(s): Ctx) -> Answer {
@@ -502,6 +515,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/lookup", get(lookup))
         .route("/v1/reload", post(reload))
+        .route("/v1/geo", get(geo))
+        .route("/v1/geo/reload", post(geo_reload))
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/openapi.json", get(openapi_json))
         .fallback(not_found)

@@ -21,6 +21,7 @@ use crate::{
 /// One request's view: the snapshot taken when it arrived.
 pub struct Queries<'a> {
     pub instance: &'a str,
+    pub cfg: &'a crate::config::DaemonConfig,
     pub snap: Arc<Snapshot>,
     pub readers: &'a Readers,
     pub nat: &'a Mutex<NatStatus>,
@@ -85,6 +86,42 @@ impl Queries<'_> {
     }
 
     /// Each backend's health: state, score and its inputs, the last check, since when.
+    /// The geo data in use, and per geo service and region the serving region and backends.
+    pub fn geo(&self) -> serde_json::Value {
+        let services: Vec<_> = self
+            .snap
+            .services
+            .iter()
+            .filter(|s| s.strategy == crate::model::Strategy::Geo)
+            .map(|s| {
+                let slot = self.snap.assignments.services.get(&s.name);
+                let regions: Vec<_> = self
+                    .cfg
+                    .geo
+                    .as_ref()
+                    .map(|g| g.regions())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        let g = slot.and_then(|x| x.geo.get(&(i as u32)));
+                        json!({
+                            "region": r,
+                            "serving": g.and_then(|g| g.serving.clone()),
+                            "backends": g.and_then(|g| g.built.as_ref()).map(|b| b.members.iter().map(|m| m.0.clone()).collect::<Vec<_>>()),
+                        })
+                    })
+                    .collect();
+                json!({"service": s.name, "regions": regions})
+            })
+            .collect();
+        json!({
+            "default_region": self.cfg.geo.as_ref().map(|g| g.default_region.clone()),
+            "data": self.snap.geo,
+            "services": services,
+        })
+    }
+
     pub fn health(&self, service: Option<&str>) -> Result<serde_json::Value> {
         if let Some(name) = service
             && !self.snap.services.iter().any(|s| s.name == name)

@@ -151,6 +151,11 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
         global_stats: take(maps::GLOBAL_STATS)?.try_into().map_err(typed)?,
         shed: take(maps::SHED)?.try_into().map_err(typed)?,
         active: take(maps::ACTIVE)?.try_into().map_err(typed)?,
+        geo: [
+            take(maps::GEO_A)?.try_into().map_err(typed)?,
+            take(maps::GEO_B)?.try_into().map_err(typed)?,
+        ],
+        geo_services: take(maps::GEO_SERVICES)?.try_into().map_err(typed)?,
         pool,
         attachments,
         adopted: adopting,

@@ -9,10 +9,12 @@ mod load;
 mod mapping;
 mod pool;
 
-use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues, lpm_trie::LpmTrie};
 use lb_common::{
     AddrKey, Backend, FlowKey, FlowState, NatEntry, ServiceKey, ServiceValue, TrafficStats, VipFilter,
-    addr_words, dpconfig::DataPlaneConfig,
+    addr_words,
+    dpconfig::{DP_F_GEO_B, DataPlaneConfig},
+    geo::{GeoData, GeoKey},
 };
 use serde::Serialize;
 
@@ -45,6 +47,9 @@ pub struct DataPlane {
     pub global_stats: PerCpuArray<MapData, u64>,
     pub shed: Array<MapData, lb_common::shed::ShedBucket>,
     pub active: Array<MapData, i64>,
+    /// The region tries, A and B (`DP_F_GEO_B` says which is in use).
+    pub geo: [LpmTrie<MapData, GeoData, u32>; 2],
+    pub geo_services: HashMap<MapData, GeoKey, ServiceValue>,
     pub pool: Pool,
     pub attachments: Vec<Attachment>,
     /// True when the program and maps were adopted from pins.
@@ -70,6 +75,8 @@ impl DataPlane {
             addr_words(b)[0]
         };
         let nat = &cfg.nat;
+        // Which region trie is in use is the geo loader's to say.
+        let geo_b = self.dp_config.get(&0, 0).map_or(0, |c| c.flags & DP_F_GEO_B);
         let value = DataPlaneConfig {
             encap_src4: v4_word(cfg.encap_source4),
             flags: match cfg.icmp_echo {
@@ -78,7 +85,7 @@ impl DataPlane {
             } | match cfg.encap_too_big {
                 crate::config::TooBigPolicy::Icmp => lb_common::dpconfig::DP_F_TOO_BIG_ICMP,
                 crate::config::TooBigPolicy::Drop => 0,
-            },
+            } | geo_b,
             encap_src6: addr_words(cfg.encap_source6.octets()),
             gue_port: cfg.gue_port,
             nat_port_first: nat.ports.first,
@@ -88,6 +95,35 @@ impl DataPlane {
             flood_limit: lb_common::dpconfig::flood_limit(cfg.flood_guard_per_cpu),
         };
         self.dp_config.set(0, value, 0).map_err(Error::dataplane)
+    }
+
+    /// Loads a geo data set atomically: fills the trie not in use (emptied first), flips
+    /// `DP_F_GEO_B` so every packet after reads it, then empties the other. Returns the
+    /// prefixes loaded.
+    pub fn load_geo(&mut self, prefixes: &[crate::strategy::geo::GeoPrefix]) -> Result<usize> {
+        use aya::maps::lpm_trie::Key;
+        let mut cfg = self.dp_config.get(&0, 0).map_err(Error::dataplane)?;
+        let in_use = usize::from(cfg.flags & DP_F_GEO_B != 0);
+        let next = 1 - in_use;
+        clear_trie(&mut self.geo[next])?;
+        for p in prefixes {
+            let (family, bytes) = match p.addr {
+                std::net::IpAddr::V4(a) => {
+                    let mut b = [0u8; 16];
+                    b[..4].copy_from_slice(&a.octets());
+                    (lb_common::FAMILY_V4, b)
+                }
+                std::net::IpAddr::V6(a) => (lb_common::FAMILY_V6, a.octets()),
+            };
+            let (len, data) = lb_common::geo::key(family, addr_words(bytes), u32::from(p.len));
+            self.geo[next]
+                .insert(&Key::new(len, data), p.region, 0)
+                .map_err(|e| Error::dataplane(format!("geo prefix {}/{}: {e}", p.addr, p.len)))?;
+        }
+        cfg.flags = (cfg.flags & !DP_F_GEO_B) | if next == 1 { DP_F_GEO_B } else { 0 };
+        self.dp_config.set(0, cfg, 0).map_err(Error::dataplane)?;
+        clear_trie(&mut self.geo[in_use])?;
+        Ok(prefixes.len())
     }
 
     /// Sets a bucket's new-flow limit (0: none), keeping its running window when unchanged.
@@ -111,6 +147,14 @@ impl DataPlane {
         let zeros = zeroed_per_cpu()?;
         self.backend_stats.set(slot, zeros, 0).map_err(Error::dataplane)
     }
+}
+
+fn clear_trie(t: &mut LpmTrie<MapData, GeoData, u32>) -> Result<()> {
+    let keys: Vec<_> = t.keys().filter_map(|k| k.ok()).collect();
+    for k in keys {
+        t.remove(&k).map_err(Error::dataplane)?;
+    }
+    Ok(())
 }
 
 /// Read-only handles of a running instance's maps, opened from its pins.

@@ -8,6 +8,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 use lb_common::{
     AddrKey, Backend, FAMILY_V4, FAMILY_V6, ServiceKey, ServiceValue, VipFilter, addr_words,
     backend::BACKEND_F_ACTIVE,
+    geo::GeoKey,
     service::{
         FWD_DSR_L2, FWD_GUE, FWD_IPIP, FWD_NAT, FWD_SNAT, SVC_F_HASH_SOURCE, SVC_F_SHED, SVC_F_SHED_DROP,
     },
@@ -121,7 +122,13 @@ impl Reconciler {
             backends,
             retired,
             rebuild,
+            geo,
         } = plan;
+        let mut geo_inputs: std::collections::BTreeMap<String, Vec<(u32, TableInput, Option<String>)>> =
+            std::collections::BTreeMap::new();
+        for (name, region, input, serving) in geo {
+            geo_inputs.entry(name).or_default().push((region, input, serving));
+        }
         self.assignments = assignments;
         let a = &mut self.assignments;
         let mut applied = Applied::default();
@@ -317,7 +324,11 @@ impl Reconciler {
             }
             // What the region holds says how the data plane reads it.
             let built = svc.built.as_ref().map_or(s.strategy.table(), |b| b.strategy);
-            value.strategy = built.id();
+            value.strategy = if s.strategy == crate::model::Strategy::Geo {
+                lb_common::strategy::STRATEGY_GEO
+            } else {
+                built.id()
+            };
             if built == crate::model::Strategy::Maglev
                 && svc.previous_maglev
                 && let Some(p) = svc.previous
@@ -340,6 +351,8 @@ impl Reconciler {
                         .map_err(Error::dataplane)?;
                 }
             }
+            let inputs = geo_inputs.remove(&s.name).unwrap_or_default();
+            apply_geo(dp, &mut self.regions, svc, &value, inputs, &mut applied)?;
             let old_key = svc.key.replace(key_repr(&key));
             if let Some(old) = old_key.filter(|k| !live_keys.contains(k)) {
                 let _ = dp.services.remove(&ServiceKey::from(old));
@@ -386,10 +399,103 @@ impl Reconciler {
                 for r in [slot.active, slot.previous].into_iter().flatten() {
                     self.regions.release(r.offset, r.size);
                 }
+                for (region, g) in slot.geo {
+                    let _ = dp.geo_services.remove(&GeoKey {
+                        service: slot.id,
+                        region,
+                    });
+                    for r in [g.active, g.previous].into_iter().flatten() {
+                        self.regions.release(r.offset, r.size);
+                    }
+                }
             }
         }
         Ok(applied)
     }
+}
+
+/// A geo service's per-region tables and their service values: each region's table is built
+/// when its inputs changed and swapped in by rewriting the region's value (which keeps the
+/// one before for second chance); regions no longer wanted go, value first.
+fn apply_geo(
+    dp: &mut DataPlane,
+    regions: &mut RegionAllocator,
+    svc: &mut super::plan::ServiceSlot,
+    main: &ServiceValue,
+    inputs: Vec<(u32, TableInput, Option<String>)>,
+    applied: &mut Applied,
+) -> Result<()> {
+    let wanted: BTreeSet<u32> = inputs.iter().map(|i| i.0).collect();
+    for (region, input, serving) in inputs {
+        let g = svc.geo.entry(region).or_default();
+        g.serving = serving;
+        if g.built.as_ref() != Some(&input) {
+            let started = std::time::Instant::now();
+            let table = build(&input);
+            applied.built += 1;
+            applied.build_time += started.elapsed();
+            let new_region = if table.is_empty() {
+                None
+            } else {
+                let size = table.len() as u32;
+                let offset = regions.alloc(size).ok_or_else(|| {
+                    Error::invalid("not enough Maglev table space for a geo region's table")
+                })?;
+                dp.pool.write(offset, &table)?;
+                Some(Region { offset, size })
+            };
+            let release = g.previous.take();
+            g.previous = g.active.take();
+            g.active = new_region;
+            g.built = Some(input);
+            applied.swapped += 1;
+            write_geo_value(dp, svc.id, region, main, svc.geo.get(&region).expect("just set"))?;
+            if let Some(r) = release {
+                regions.release(r.offset, r.size);
+            }
+        } else {
+            write_geo_value(dp, svc.id, region, main, g)?;
+        }
+    }
+    let stale: Vec<u32> = svc.geo.keys().copied().filter(|r| !wanted.contains(r)).collect();
+    for region in stale {
+        let _ = dp.geo_services.remove(&GeoKey {
+            service: svc.id,
+            region,
+        });
+        if let Some(g) = svc.geo.remove(&region) {
+            for r in [g.active, g.previous].into_iter().flatten() {
+                regions.release(r.offset, r.size);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A region's service value: the service's, on the region's Maglev table (and its previous one
+/// for second chance).
+fn write_geo_value(
+    dp: &mut DataPlane,
+    id: u32,
+    region: u32,
+    main: &ServiceValue,
+    g: &super::plan::GeoSlot,
+) -> Result<()> {
+    let (table_offset, table_size) = g.active.map_or((0, 0), |r| (r.offset, r.size));
+    let (prev_offset, prev_size) = g.previous.map_or((0, 0), |r| (r.offset, r.size));
+    let value = ServiceValue {
+        table_offset,
+        table_size,
+        strategy: lb_common::strategy::STRATEGY_MAGLEV,
+        prev_offset,
+        prev_size,
+        ..*main
+    };
+    let key = GeoKey { service: id, region };
+    if dp.geo_services.get(&key, 0).ok() != Some(value) {
+        dp.geo_services.insert(key, value, 0).map_err(Error::dataplane)?;
+    }
+    Ok(())
 }
 
 /// What one pass did.
@@ -407,7 +513,7 @@ pub fn build(input: &TableInput) -> Vec<u32> {
     use crate::model::Strategy;
     let slots = input.members.iter().map(|m| m.2);
     match input.strategy {
-        Strategy::Maglev | Strategy::ResourceAware | Strategy::Adaptive => maglev(input),
+        Strategy::Maglev | Strategy::ResourceAware | Strategy::Adaptive | Strategy::Geo => maglev(input),
         Strategy::RoundRobin => slots.collect(),
         Strategy::WeightedRoundRobin => {
             let mut weights: Vec<u32> = input.members.iter().map(|m| m.1).collect();

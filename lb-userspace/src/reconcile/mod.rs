@@ -70,6 +70,8 @@ pub enum Change {
         score: f64,
         ttl: Option<Duration>,
     },
+    /// Read `[daemon.geo] data` again and load it whole, or refuse it and keep what runs.
+    ReloadGeo,
     /// A backend's own load report, holding for `ttl` (default 30 s).
     ReportLoad {
         service: String,
@@ -128,6 +130,18 @@ pub struct Snapshot {
     pub counters: PassCounters,
     /// Each adaptive service's pick, and why.
     pub adaptive: BTreeMap<String, AdaptiveState>,
+    /// The geo data in use.
+    pub geo: Option<GeoStatus>,
+}
+
+/// The geo data set in the data plane: counts only (no client is ever named).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct GeoStatus {
+    pub source: String,
+    pub prefixes: usize,
+    pub prefixes_per_region: BTreeMap<String, usize>,
+    /// Seconds since the Unix epoch.
+    pub loaded_at: u64,
 }
 
 impl Snapshot {
@@ -175,6 +189,7 @@ pub struct Writer {
     state_path: PathBuf,
     histograms: crate::metrics::histograms::Histograms,
     adaptive: BTreeMap<String, AdaptiveState>,
+    geo: Option<GeoStatus>,
     /// The next resource-aware update, while some service has load to follow.
     resource_due: Option<Instant>,
 }
@@ -214,8 +229,17 @@ impl Writer {
             declared,
             histograms,
             adaptive: BTreeMap::new(),
+            geo: None,
             resource_due: None,
         };
+        if writer.cfg.geo.as_ref().is_some_and(|g| g.data.is_some()) {
+            match writer.load_geo().await {
+                Ok(n) => info!("geo: {n} prefixes loaded"),
+                Err(e) => {
+                    warn!("geo: {e}; every client goes to the default region until `lb geo reload` succeeds")
+                }
+            }
+        }
         let warnings = writer
             .commit(services, writer.status.clone(), HashMap::new(), true)
             .await?;
@@ -246,6 +270,56 @@ impl Writer {
             }
             self.pass(batch).await;
         }
+    }
+
+    /// Reads, parses and loads the geo data file; on any error nothing changes.
+    async fn load_geo(&mut self) -> Result<usize> {
+        let Some(geo) = self.cfg.geo.clone() else {
+            return Err(Error::invalid("no [daemon.geo] in the config"));
+        };
+        let Some(path) = geo.data.clone() else {
+            return Err(Error::invalid("[daemon.geo] names no data file"));
+        };
+        let engine = self.engine.clone();
+        let (n, per_region) =
+            tokio::task::spawn_blocking(move || -> Result<(usize, BTreeMap<String, usize>)> {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| Error::invalid(format!("geo data {}: {e}", path.display())))?;
+                let prefixes = crate::strategy::geo::parse_csv(&text, &geo)
+                    .map_err(|e| Error::invalid(format!("geo data {}: {e}", path.display())))?;
+                let regions = geo.regions();
+                let mut per_region: BTreeMap<String, usize> = BTreeMap::new();
+                for p in &prefixes {
+                    *per_region
+                        .entry(regions[p.region as usize].to_string())
+                        .or_default() += 1;
+                }
+                let mut guard = engine.lock().unwrap_or_else(|p| p.into_inner());
+                let n = guard.dp.load_geo(&prefixes)?;
+                Ok((n, per_region))
+            })
+            .await
+            .map_err(|e| Error::dataplane(format!("geo load task: {e}")))??;
+        self.geo = Some(GeoStatus {
+            source: self
+                .cfg
+                .geo
+                .as_ref()
+                .and_then(|g| g.data.as_ref())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            prefixes: n,
+            prefixes_per_region: per_region,
+            loaded_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        });
+        self.snapshot.send_modify(|s| {
+            let mut next = (**s).clone();
+            next.geo = self.geo.clone();
+            *s = Arc::new(next);
+        });
+        Ok(n)
     }
 
     /// The next TTL expiry, slow-start step or resource-aware update, if any.
@@ -359,6 +433,19 @@ impl Writer {
         let mut reported = false;
         for command in batch {
             match command {
+                Command::Change { change, reply } if matches!(*change, Change::ReloadGeo) => {
+                    let answer = match self.load_geo().await {
+                        Ok(n) => {
+                            info!("geo: reloaded, {n} prefixes");
+                            Ok(vec![])
+                        }
+                        Err(e) => {
+                            warn!("geo: reload refused, the running data stays: {e}");
+                            Err(e)
+                        }
+                    };
+                    let _ = reply.send(answer);
+                }
                 Command::Change { change, reply } => {
                     reported |= matches!(*change, Change::ReportLoad { .. });
                     let mut next = services.clone();
@@ -529,6 +616,7 @@ impl Writer {
         let (old_services, old_weights, old_hops) =
             (self.services.clone(), self.last_weights(), self.hops.clone());
         let started = Instant::now();
+        let geo = self.cfg.geo.clone();
         let applied = tokio::task::spawn_blocking(move || {
             let mut guard = engine.lock().unwrap_or_else(|p| p.into_inner());
             let Engine { dp, rec } = &mut *guard;
@@ -536,6 +624,7 @@ impl Writer {
                 services: &plan_services,
                 weights: &plan_weights,
                 hops: &plan_hops,
+                geo: geo.as_ref(),
             };
             let result =
                 plan::plan(&desired, &rec.assignments).and_then(|p| rec.apply(dp, &plan_services, p));
@@ -545,6 +634,7 @@ impl Writer {
                     services: &old_services,
                     weights: &old_weights,
                     hops: &old_hops,
+                    geo: geo.as_ref(),
                 };
                 if let Err(undo) =
                     plan::plan(&old, &rec.assignments).and_then(|p| rec.apply(dp, &old_services, p))
@@ -634,6 +724,7 @@ impl Writer {
             adopted,
             counters: self.counters,
             adaptive: self.adaptive.clone(),
+            geo: self.geo.clone(),
         }));
         Ok(warnings)
     }
@@ -753,6 +844,8 @@ pub(crate) fn change_state(
                     .unwrap_or_default()
             );
         }
+        // The writer loads geo data itself, before any change reaches here.
+        Change::ReloadGeo => {}
         Change::ReportLoad {
             service,
             id,

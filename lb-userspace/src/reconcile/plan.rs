@@ -83,6 +83,20 @@ pub struct ServiceSlot {
     /// Tables swapped in since the service was created.
     #[serde(default)]
     pub generation: u64,
+    /// A geo service's table per region id (the default region's is `active`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub geo: BTreeMap<u32, GeoSlot>,
+}
+
+/// One region's table of a geo service.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct GeoSlot {
+    pub active: Option<Region>,
+    pub previous: Option<Region>,
+    pub built: Option<TableInput>,
+    /// The region whose backends serve it (itself, or one of its failover list).
+    #[serde(default)]
+    pub serving: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -118,6 +132,8 @@ pub struct Desired<'a> {
     /// Effective weights by service name (`status::effective_weights`).
     pub weights: &'a BTreeMap<String, ServiceWeights>,
     pub hops: &'a HashMap<IpAddr, NextHop>,
+    /// `[daemon.geo]`, for geo services.
+    pub geo: Option<&'a crate::strategy::geo::GeoSettings>,
 }
 
 /// One backend entry to write.
@@ -147,6 +163,8 @@ pub struct Plan {
     pub retired: Vec<u32>,
     /// Services whose table must be built, with its inputs.
     pub rebuild: Vec<(String, TableInput)>,
+    /// Every geo service's table per region id: the inputs, and the region that serves it.
+    pub geo: Vec<(String, u32, TableInput, Option<String>)>,
 }
 
 pub fn plan(desired: &Desired<'_>, current: &Assignments) -> Result<Plan> {
@@ -224,6 +242,7 @@ pub fn plan(desired: &Desired<'_>, current: &Assignments) -> Result<Plan> {
     let none = ServiceWeights::default();
     let mut backends = Vec::new();
     let mut rebuild = Vec::new();
+    let mut geo = Vec::new();
     for s in services {
         let weights = desired.weights.get(&s.name).unwrap_or(&none);
         let mut members = Vec::new();
@@ -248,6 +267,29 @@ pub fn plan(desired: &Desired<'_>, current: &Assignments) -> Result<Plan> {
                 max_new_flows_per_s: b.max_new_flows_per_s,
             });
         }
+        if s.strategy == crate::model::Strategy::Geo
+            && let Some(g) = desired.geo
+        {
+            let region_of = |id: &str| s.backend(id).and_then(|b| b.region.as_deref());
+            let live = |r: &str| members.iter().any(|m| region_of(&m.0) == Some(r));
+            let of = |serving: Option<&str>| -> Vec<(String, u32, u32, u32)> {
+                members
+                    .iter()
+                    .filter(|m| serving.is_none_or(|r| region_of(&m.0) == Some(r)))
+                    .cloned()
+                    .collect()
+            };
+            for (id, region) in g.regions().into_iter().enumerate() {
+                let serving = g.serving(region, live);
+                geo.push((
+                    s.name.clone(),
+                    id as u32,
+                    TableInput::new(s, weights.strategy, of(serving)),
+                    serving.map(str::to_string),
+                ));
+            }
+            members = of(g.serving(&g.default_region, live));
+        }
         let input = TableInput::new(s, weights.strategy, members);
         if a.services[&s.name].built.as_ref() != Some(&input) {
             rebuild.push((s.name.clone(), input));
@@ -259,6 +301,7 @@ pub fn plan(desired: &Desired<'_>, current: &Assignments) -> Result<Plan> {
         backends,
         retired,
         rebuild,
+        geo,
     })
 }
 
@@ -340,6 +383,7 @@ mod tests {
                 services,
                 weights: &weights,
                 hops,
+                geo: None,
             },
             current,
         )

@@ -389,6 +389,7 @@ fn flap_cost(runs: usize, services: usize) -> Result<FlapResult> {
                     services: &svcs,
                     weights: &weights,
                     hops: &hops,
+                    geo: None,
                 },
                 current,
             )?;
@@ -404,6 +405,7 @@ fn flap_cost(runs: usize, services: usize) -> Result<FlapResult> {
             services: &svcs,
             weights: &weights,
             hops: &hops,
+            geo: None,
         },
         &Assignments::default(),
     )?;

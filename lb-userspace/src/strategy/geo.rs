@@ -1,0 +1,222 @@
+//! Geographic routing: the `[geo]` settings (regions and their failover order, the data file,
+//! the default region), the data file's parser (a CSV of `prefix,region`), and which backends
+//! serve each region. Pure: text in, prefixes out; the writer loads them into the data plane's
+//! tries. Per-client lookups are never logged or exported, only per-region counts.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use lb_common::geo::MAX_REGIONS;
+
+/// `[geo]`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeoSettings {
+    /// The client prefix → region data: a CSV of `prefix,region` lines.
+    #[serde(default)]
+    pub data: Option<PathBuf>,
+    /// Where clients of no known prefix go.
+    pub default_region: String,
+    /// Every region, each with the regions that take its clients, in order, when it has no
+    /// healthy backend.
+    #[serde(default)]
+    pub failover: BTreeMap<String, Vec<String>>,
+}
+
+impl GeoSettings {
+    /// Every region, sorted: a region's id is its index.
+    pub fn regions(&self) -> Vec<&str> {
+        let mut r: Vec<&str> = self
+            .failover
+            .iter()
+            .flat_map(|(k, v)| std::iter::once(k.as_str()).chain(v.iter().map(String::as_str)))
+            .chain(std::iter::once(self.default_region.as_str()))
+            .collect();
+        r.sort_unstable();
+        r.dedup();
+        r
+    }
+
+    pub fn id(&self, region: &str) -> Option<u32> {
+        self.regions().iter().position(|r| *r == region).map(|i| i as u32)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let regions = self.regions();
+        for r in &regions {
+            crate::model::validate_name("region", r, 64).map_err(|e| format!("geo: {e}"))?;
+        }
+        if regions.len() > MAX_REGIONS as usize {
+            return Err(format!("geo: {} regions, at most {MAX_REGIONS}", regions.len()));
+        }
+        for (r, order) in &self.failover {
+            if order.contains(r) {
+                return Err(format!("geo: region {r} lists itself in its failover"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The regions a region's clients try, in order: itself, then its failover list.
+    fn chain<'a>(&'a self, region: &'a str) -> impl Iterator<Item = &'a str> {
+        std::iter::once(region).chain(
+            self.failover
+                .get(region)
+                .into_iter()
+                .flatten()
+                .map(String::as_str),
+        )
+    }
+
+    /// Which region serves `region`'s clients, given which regions have a backend that takes
+    /// new flows: the first of its chain that has one; `None` when none has (then every
+    /// backend that takes new flows serves them).
+    pub fn serving<'a>(&'a self, region: &'a str, live: impl Fn(&str) -> bool) -> Option<&'a str> {
+        self.chain(region).find(|r| live(r))
+    }
+}
+
+/// One line of geo data: a prefix and its region's id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GeoPrefix {
+    pub addr: IpAddr,
+    pub len: u8,
+    pub region: u32,
+}
+
+/// Parses `prefix,region` lines (`#` comments and blank lines skipped). A bad line is refused
+/// with its number; regions must be in `[geo]`.
+pub fn parse_csv(text: &str, geo: &GeoSettings) -> Result<Vec<GeoPrefix>, String> {
+    let mut out = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = |e: String| format!("line {}: {e}: {line:?}", n + 1);
+        let (prefix, region) = line
+            .split_once(',')
+            .ok_or_else(|| at("expected prefix,region".into()))?;
+        let (prefix, region) = (prefix.trim(), region.trim());
+        let (addr, len) = match prefix.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (prefix, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| at(format!("{addr:?} is not an IP address")))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| at(format!("prefix length {l:?} is not 0..={max}")))?,
+            None => max,
+        };
+        if masked(addr, len) != addr {
+            return Err(at(format!("{prefix} has host bits set")));
+        }
+        let region = geo.id(region).ok_or_else(|| {
+            at(format!(
+                "region {region:?} is not in [geo] (failover or default_region)"
+            ))
+        })?;
+        out.push(GeoPrefix { addr, len, region });
+    }
+    if out.len() > lb_common::geo::MAX_GEO_PREFIXES as usize {
+        return Err(format!(
+            "{} prefixes, at most {}",
+            out.len(),
+            lb_common::geo::MAX_GEO_PREFIXES
+        ));
+    }
+    Ok(out)
+}
+
+fn masked(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
+            IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geo() -> GeoSettings {
+        GeoSettings {
+            data: None,
+            default_region: "eu".into(),
+            failover: [
+                ("eu".to_string(), vec!["us".to_string()]),
+                ("us".to_string(), vec!["eu".to_string(), "ap".to_string()]),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    #[test]
+    fn regions_have_stable_ids_and_failover_in_order() {
+        let g = geo();
+        assert_eq!(g.regions(), vec!["ap", "eu", "us"]);
+        assert_eq!(g.id("us"), Some(2));
+        assert_eq!(g.serving("us", |r| r != "us"), Some("eu"));
+        assert_eq!(g.serving("us", |r| r == "ap"), Some("ap"));
+        assert_eq!(g.serving("eu", |r| r == "ap"), None);
+        assert!(g.validate().is_ok());
+        let mut bad = g.clone();
+        bad.failover.insert("ap".into(), vec!["ap".into()]);
+        assert!(bad.validate().unwrap_err().contains("lists itself"));
+    }
+
+    #[test]
+    fn csv_lines_parse_or_name_the_bad_line() {
+        let g = geo();
+        let p = parse_csv(
+            "# clients\n10.0.0.0/8,eu\n\n2001:db8::/32, us\n192.0.2.7,ap\n",
+            &g,
+        )
+        .unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(
+            p[0],
+            GeoPrefix {
+                addr: "10.0.0.0".parse().unwrap(),
+                len: 8,
+                region: 1
+            }
+        );
+        assert_eq!(p[2].len, 32);
+        for (text, needle) in [
+            ("10.0.0.0/8,eu\n10.0.0.0/33,eu", "line 2: prefix length \"33\""),
+            ("10.0.0.1/8,eu", "line 1: 10.0.0.1/8 has host bits set"),
+            ("10.0.0.0/8,mars", "line 1: region \"mars\" is not in [geo]"),
+            ("nonsense", "line 1: expected prefix,region"),
+            (
+                "10.0.0.0/8,eu\n\nfoo/8,eu",
+                "line 3: \"foo\" is not an IP address",
+            ),
+        ] {
+            let e = parse_csv(text, &g).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+}
