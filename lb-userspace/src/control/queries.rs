@@ -105,10 +105,14 @@ impl Queries<'_> {
                     .enumerate()
                     .map(|(i, r)| {
                         let g = slot.and_then(|x| x.geo.get(&(i as u32)));
+                        // A region without a table of its own shares the service's.
+                        let own = g.and_then(|g| g.built.as_ref());
+                        let built = own.or(slot.and_then(|x| x.built.as_ref()));
                         json!({
                             "region": r,
                             "serving": g.and_then(|g| g.serving.clone()),
-                            "backends": g.and_then(|g| g.built.as_ref()).map(|b| b.members.iter().map(|m| m.0.clone()).collect::<Vec<_>>()),
+                            "backends": built.map(|b| b.members.iter().map(|m| m.0.clone()).collect::<Vec<_>>()),
+                            "own_table": own.is_some(),
                         })
                     })
                     .collect();

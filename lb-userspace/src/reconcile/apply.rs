@@ -426,10 +426,19 @@ fn apply_geo(
     applied: &mut Applied,
 ) -> Result<()> {
     let wanted: BTreeSet<u32> = inputs.iter().map(|i| i.0).collect();
+    let main_input = svc.built.clone();
     for (region, input, serving) in inputs {
         let g = svc.geo.entry(region).or_default();
         g.serving = serving;
-        if g.built.as_ref() != Some(&input) {
+        // A region served like the default region (itself, or a failover to it) shares the
+        // service's own table: no table of its own.
+        let shared = main_input.as_ref() == Some(&input);
+        let mut release = Vec::new();
+        if shared {
+            release.extend(g.active.take());
+            release.extend(g.previous.take());
+            g.built = None;
+        } else if g.built.as_ref() != Some(&input) {
             let started = std::time::Instant::now();
             let table = build(&input);
             applied.built += 1;
@@ -438,23 +447,47 @@ fn apply_geo(
                 None
             } else {
                 let size = table.len() as u32;
-                let offset = regions.alloc(size).ok_or_else(|| {
-                    Error::invalid("not enough Maglev table space for a geo region's table")
+                let mut offset = regions.alloc(size);
+                // No room beside the previous table: this region gives up its second chance.
+                if offset.is_none()
+                    && let Some(prev) = g.previous.take()
+                {
+                    regions.release(prev.offset, prev.size);
+                    offset = regions.alloc(size);
+                }
+                let offset = offset.ok_or_else(|| {
+                    Error::invalid(format!(
+                        "not enough Maglev table space for a geo region's table ({size} slots): raise daemon.table_pool_slots"
+                    ))
                 })?;
                 dp.pool.write(offset, &table)?;
                 Some(Region { offset, size })
             };
-            let release = g.previous.take();
+            release.extend(g.previous.take());
             g.previous = g.active.take();
             g.active = new_region;
             g.built = Some(input);
             applied.swapped += 1;
-            write_geo_value(dp, svc.id, region, main, svc.geo.get(&region).expect("just set"))?;
-            if let Some(r) = release {
-                regions.release(r.offset, r.size);
+        }
+        let g = svc.geo.get(&region).expect("just set");
+        let value = if shared {
+            ServiceValue {
+                strategy: lb_common::strategy::STRATEGY_MAGLEV,
+                ..*main
             }
         } else {
-            write_geo_value(dp, svc.id, region, main, g)?;
+            geo_value(main, g)
+        };
+        let key = GeoKey {
+            service: svc.id,
+            region,
+        };
+        if dp.geo_services.get(&key, 0).ok() != Some(value) {
+            dp.geo_services.insert(key, value, 0).map_err(Error::dataplane)?;
+        }
+        // Released only once the value no longer names them.
+        for r in release {
+            regions.release(r.offset, r.size);
         }
     }
     let stale: Vec<u32> = svc.geo.keys().copied().filter(|r| !wanted.contains(r)).collect();
@@ -472,30 +505,19 @@ fn apply_geo(
     Ok(())
 }
 
-/// A region's service value: the service's, on the region's Maglev table (and its previous one
-/// for second chance).
-fn write_geo_value(
-    dp: &mut DataPlane,
-    id: u32,
-    region: u32,
-    main: &ServiceValue,
-    g: &super::plan::GeoSlot,
-) -> Result<()> {
+/// A region's service value: the service's, on the region's own Maglev table (and its
+/// previous one, for second chance).
+fn geo_value(main: &ServiceValue, g: &super::plan::GeoSlot) -> ServiceValue {
     let (table_offset, table_size) = g.active.map_or((0, 0), |r| (r.offset, r.size));
     let (prev_offset, prev_size) = g.previous.map_or((0, 0), |r| (r.offset, r.size));
-    let value = ServiceValue {
+    ServiceValue {
         table_offset,
         table_size,
         strategy: lb_common::strategy::STRATEGY_MAGLEV,
         prev_offset,
         prev_size,
         ..*main
-    };
-    let key = GeoKey { service: id, region };
-    if dp.geo_services.get(&key, 0).ok() != Some(value) {
-        dp.geo_services.insert(key, value, 0).map_err(Error::dataplane)?;
     }
-    Ok(())
 }
 
 /// What one pass did.

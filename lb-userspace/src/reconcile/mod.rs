@@ -192,7 +192,17 @@ pub struct Writer {
     geo: Option<GeoStatus>,
     /// The next resource-aware update, while some service has load to follow.
     resource_due: Option<Instant>,
+    /// Health and next hops a failed pass could not apply (the monitor and the refresher say
+    /// a thing once): the next pass starts from them, and one is due after `RETRY`.
+    unapplied: Option<(
+        BTreeMap<BackendRef, BackendStatus>,
+        HashMap<IpAddr, Option<NextHop>>,
+        Instant,
+    )>,
 }
+
+/// How soon a failed pass's health and next hops are tried again.
+const RETRY: Duration = Duration::from_secs(1);
 
 /// The channels to and from a started writer.
 pub struct Handles {
@@ -231,6 +241,7 @@ impl Writer {
             adaptive: BTreeMap::new(),
             geo: None,
             resource_due: None,
+            unapplied: None,
         };
         if writer.cfg.geo.as_ref().is_some_and(|g| g.data.is_some()) {
             match writer.load_geo().await {
@@ -330,6 +341,7 @@ impl Writer {
             .flat_map(|s| [s.external.and_then(|e| e.expires), s.next_ramp_step(now)])
             .flatten()
             .chain(self.resource_due)
+            .chain(self.unapplied.as_ref().map(|u| u.2))
             .min()
     }
 
@@ -425,8 +437,10 @@ impl Writer {
     async fn pass(&mut self, batch: Vec<Command>) {
         self.counters.commands += batch.len() as u64;
         let mut services = self.services.clone();
-        let mut status = self.status.clone();
-        let mut hop_updates = HashMap::new();
+        let (mut status, mut hop_updates) = match self.unapplied.take() {
+            Some((status, hops, _)) => (status, hops),
+            None => (self.status.clone(), HashMap::new()),
+        };
         let mut replies = Vec::new();
         let now = Instant::now();
         // A load signal arrived: start the resource-aware updates if they are idle.
@@ -541,11 +555,14 @@ impl Writer {
         if result.is_err() && changed {
             // The changes were refused; health and next hops still apply.
             if let Err(e) = self
-                .commit(self.services.clone(), status, hop_updates, false)
+                .commit(self.services.clone(), status.clone(), hop_updates.clone(), false)
                 .await
             {
-                warn!("reconcile: {e}");
+                warn!("reconcile: {e}; health and next hops are tried again in {RETRY:?}");
+                self.unapplied = Some((status, hop_updates, Instant::now() + RETRY));
             }
+        } else if result.is_err() {
+            self.unapplied = Some((status, hop_updates, Instant::now() + RETRY));
         }
         if let Err(e) = &mut result {
             *e = Error::invalid(e.to_string());
@@ -557,7 +574,7 @@ impl Writer {
             });
         }
         if let (Err(e), false) = (&result, changed) {
-            warn!("reconcile: {e}");
+            warn!("reconcile: {e}; health and next hops are tried again in {RETRY:?}");
         }
     }
 
