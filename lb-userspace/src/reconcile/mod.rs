@@ -194,12 +194,15 @@ pub struct Writer {
     resource_due: Option<Instant>,
     /// Health and next hops a failed pass could not apply (the monitor and the refresher say
     /// a thing once): the next pass starts from them, and one is due after `RETRY`.
-    unapplied: Option<(
-        BTreeMap<BackendRef, BackendStatus>,
-        HashMap<IpAddr, Option<NextHop>>,
-        Instant,
-    )>,
+    unapplied: Option<Unapplied>,
 }
+
+/// What a failed pass could not apply: statuses, next-hop updates, and when to try again.
+type Unapplied = (
+    BTreeMap<BackendRef, BackendStatus>,
+    HashMap<IpAddr, Option<NextHop>>,
+    Instant,
+);
 
 /// How soon a failed pass's health and next hops are tried again.
 const RETRY: Duration = Duration::from_secs(1);
