@@ -585,20 +585,22 @@ fn udp_flows_from(ns: &lb_tests::netns::NetNs, vip: IpAddr, n: usize) -> HashMap
     })
 }
 
-#[test]
-fn geo_sends_each_region_to_its_backends_and_fails_over() {
-    let mut topo = Topology::new(3).expect("topology");
-    let far = topo
-        .add_client("cl2", "10.99.0.5", "fd99::5")
-        .expect("second client");
+/// A daemon with every service on geo: eu = b1, b2 (the default region), us = b3 (checked on
+/// port 8081 by TCP; the responder returned answers until dropped), each failing over to the
+/// other. The geo data is `contents` in the daemon's run directory as `file` (its path comes
+/// back); `mapping` holds any more keys of `[daemon.geo]`. Waits until each region is served
+/// by its own backends.
+fn start_geo(
+    topo: &Topology,
+    file: &str,
+    contents: &[u8],
+    mapping: &str,
+) -> (Daemon, lb_tests::servers::Responder, std::path::PathBuf) {
     let (instance, run_dir) = Daemon::new_paths();
     std::fs::create_dir_all(&run_dir).expect("run dir");
-    let data = run_dir.join("geo.csv");
-    std::fs::write(
-        &data,
-        "# client prefix,region\n10.99.0.0/30,eu\nfd99::/126,eu\n10.99.0.4/30,us\nfd99::4/126,us\n",
-    )
-    .expect("geo data");
+    let data = run_dir.join(file);
+    std::fs::write(&data, contents).expect("geo data");
+    let geo = format!("data = \"{}\"\n{mapping}", data.display());
     let health = lb_tests::servers::Responder::start(
         &topo.backend("b3").ns,
         &[
@@ -618,8 +620,7 @@ fn geo_sends_each_region_to_its_backends_and_fails_over() {
     for line in config.lines() {
         if line == "[[service]]" && !text.contains("[daemon.geo]") {
             text.push_str(&format!(
-                "[daemon.geo]\ndata = \"{}\"\ndefault_region = \"eu\"\nfailover = {{ eu = [\"us\"], us = [\"eu\"] }}\n\n",
-                data.display()
+                "[daemon.geo]\ndefault_region = \"eu\"\nfailover = {{ eu = [\"us\"], us = [\"eu\"] }}\n{geo}\n"
             ));
         }
         text.push_str(line);
@@ -635,7 +636,7 @@ fn geo_sends_each_region_to_its_backends_and_fails_over() {
             }
         }
     }
-    let d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
+    let d = Daemon::start(topo, &instance, &run_dir, &text).expect("daemon starts");
     // Each region served by its own backends: eu by b1 and b2 (the default region, so the
     // services' own tables too), us by b3.
     let ready = wait_until(Duration::from_secs(15), || {
@@ -653,6 +654,21 @@ fn geo_sends_each_region_to_its_backends_and_fails_over() {
             })
     });
     assert!(ready, "{}", d.json(&["geo", "show"]));
+    (d, health, data)
+}
+
+#[test]
+fn geo_sends_each_region_to_its_backends_and_fails_over() {
+    let mut topo = Topology::new(3).expect("topology");
+    let far = topo
+        .add_client("cl2", "10.99.0.5", "fd99::5")
+        .expect("second client");
+    let (d, health, data) = start_geo(
+        &topo,
+        "geo.csv",
+        b"# client prefix,region\n10.99.0.0/30,eu\nfd99::/126,eu\n10.99.0.4/30,us\nfd99::4/126,us\n",
+        "",
+    );
     let geo = d.json(&["geo", "show"]);
     println!("lb geo show: {geo}");
     assert_eq!(geo["data"]["prefixes"], 4, "{geo}");
@@ -699,4 +715,63 @@ fn geo_sends_each_region_to_its_backends_and_fails_over() {
     let out = d.cli(&["geo", "reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(d.json(&["geo", "show"])["data"]["prefixes"], 1);
+}
+
+#[test]
+fn geo_reads_a_maxmind_database_through_countries_and_continents() {
+    let mut topo = Topology::new(3).expect("topology");
+    let far = topo
+        .add_client("cl2", "10.99.0.5", "fd99::5")
+        .expect("second client");
+    // A MaxMind country database, made by mmdb-writer: the near client's prefixes in DE (EU),
+    // the far client's in US, and its IPv6 prefix in CA, which only its continent (NA) maps.
+    let script = r#"
+import sys
+from mmdb_writer import MMDBWriter
+from netaddr import IPSet
+w = MMDBWriter(ip_version=6, database_type="GeoIP2-Country", ipv4_compatible=True)
+w.insert_network(IPSet(["10.99.0.0/30", "fd99::/126"]), {"country": {"iso_code": "DE"}, "continent": {"code": "EU"}})
+w.insert_network(IPSet(["10.99.0.4/30"]), {"country": {"iso_code": "US"}, "continent": {"code": "NA"}})
+w.insert_network(IPSet(["fd99::4/126"]), {"country": {"iso_code": "CA"}, "continent": {"code": "NA"}})
+w.insert_network(IPSet(["192.0.2.0/24"]), {"country": {"iso_code": "JP"}, "continent": {"code": "AS"}})
+w.to_db_file(sys.argv[1])
+"#;
+    let python = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py/bin/python"));
+    let tmp = std::env::temp_dir().join(format!("lb-geo-{}.mmdb", std::process::id()));
+    let made = std::process::Command::new(&python)
+        .args(["-c", script])
+        .arg(&tmp)
+        .output()
+        .expect("python");
+    let bytes = std::fs::read(&tmp);
+    let _ = std::fs::remove_file(&tmp);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (d, _health, data) = start_geo(
+        &topo,
+        "geo.mmdb",
+        &bytes.expect("mmdb written"),
+        "countries = { DE = \"eu\", US = \"us\" }\ncontinents = { NA = \"us\" }",
+    );
+    let geo = d.json(&["geo", "show"]);
+    println!("lb geo show: {}", geo["data"]);
+    // JP (AS) maps to no region: left out, its clients get the default region.
+    assert_eq!(geo["data"]["prefixes"], 4, "{geo}\n{}", d.log());
+    assert_eq!(geo["data"]["prefixes_per_region"]["us"], 2, "{geo}");
+    for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        let near = udp_flows_from(&topo.client, vip, 40);
+        let farc = udp_flows_from(&far, vip, 40);
+        println!("{vip}: DE client {near:?}, US/CA client {farc:?}");
+        assert_eq!(share(&near, "b1") + share(&near, "b2"), 40, "{near:?}");
+        assert_eq!(share(&farc, "b3"), 40, "{farc:?}");
+    }
+    // A file that is no MaxMind database is refused in one line; the running data stays.
+    std::fs::write(&data, b"garbage").expect("bad data");
+    let out = d.cli(&["geo", "reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not a MaxMind database"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(share(&udp_flows_from(&far, IpAddr::V4(VIP4), 20), "b3"), 20);
 }

@@ -137,8 +137,13 @@ fn is_root() -> bool {
 // ---- Python test environment -------------------------------------------------
 
 /// What the API tests run: schemathesis against the live API, and the Python client's own
-/// dependency. Pinned, in a virtual environment under the target directory.
-const PY_PACKAGES: &[&str] = &["schemathesis==4.32.5", "httpx==0.28.1"];
+/// dependency; mmdb-writer makes the MaxMind files the geo test loads. Pinned, in a virtual environment under the target directory.
+const PY_PACKAGES: &[&str] = &[
+    "schemathesis==4.32.5",
+    "httpx==0.28.1",
+    "mmdb-writer==0.2.7",
+    "netaddr==1.3.0",
+];
 
 /// The virtual environment's directory; tests find it as `target/py`.
 pub fn python_env(ctx: &Ctx) -> std::path::PathBuf {

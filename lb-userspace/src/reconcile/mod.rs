@@ -297,10 +297,8 @@ impl Writer {
         let engine = self.engine.clone();
         let (n, per_region) =
             tokio::task::spawn_blocking(move || -> Result<(usize, BTreeMap<String, usize>)> {
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| Error::invalid(format!("geo data {}: {e}", path.display())))?;
-                let prefixes = crate::strategy::geo::parse_csv(&text, &geo)
-                    .map_err(|e| Error::invalid(format!("geo data {}: {e}", path.display())))?;
+                let prefixes = crate::strategy::geo::load(&path, &geo)
+                    .map_err(|e| Error::invalid(format!("geo data {e}")))?;
                 let regions = geo.regions();
                 let mut per_region: BTreeMap<String, usize> = BTreeMap::new();
                 for p in &prefixes {

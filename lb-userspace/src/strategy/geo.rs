@@ -1,6 +1,7 @@
 //! Geographic routing: the `[geo]` settings (regions and their failover order, the data file,
-//! the default region), the data file's parser (a CSV of `prefix,region`), and which backends
-//! serve each region. Pure: text in, prefixes out; the writer loads them into the data plane's
+//! the default region), the data file's parsers (a CSV of `prefix,region`, or a MaxMind
+//! `.mmdb` whose countries and continents map to regions), and which backends serve each
+//! region. Pure: text in, prefixes out; the writer loads them into the data plane's
 //! tries. Per-client lookups are never logged or exported, only per-region counts.
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
@@ -13,9 +14,16 @@ use lb_common::geo::MAX_REGIONS;
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GeoSettings {
-    /// The client prefix → region data: a CSV of `prefix,region` lines.
+    /// The client prefix → region data: a CSV of `prefix,region` lines, or (by its `.mmdb`
+    /// extension) a MaxMind country or city database read through `countries` and `continents`.
     #[serde(default)]
     pub data: Option<PathBuf>,
+    /// MaxMind data: ISO country code → region (checked first).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub countries: BTreeMap<String, String>,
+    /// MaxMind data: continent code (EU, NA, AS, ...) → region, for countries not listed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub continents: BTreeMap<String, String>,
     /// Where clients of no known prefix go.
     pub default_region: String,
     /// Every region, each with the regions that take its clients, in order, when it has no
@@ -32,6 +40,12 @@ impl GeoSettings {
             .iter()
             .flat_map(|(k, v)| std::iter::once(k.as_str()).chain(v.iter().map(String::as_str)))
             .chain(std::iter::once(self.default_region.as_str()))
+            .chain(
+                self.countries
+                    .values()
+                    .chain(self.continents.values())
+                    .map(String::as_str),
+            )
             .collect();
         r.sort_unstable();
         r.dedup();
@@ -83,6 +97,60 @@ pub struct GeoPrefix {
     pub addr: IpAddr,
     pub len: u8,
     pub region: u32,
+}
+
+/// The data file at `path`, parsed as its extension says (`.mmdb`: MaxMind; else CSV).
+pub fn load(path: &std::path::Path, geo: &GeoSettings) -> Result<Vec<GeoPrefix>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let parsed = if path.extension().is_some_and(|e| e == "mmdb") {
+        parse_mmdb(bytes, geo)
+    } else {
+        let text = String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))?;
+        parse_csv(&text, geo)
+    };
+    parsed.map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A MaxMind database's networks, each given the region of its country (`countries`) or else
+/// its continent (`continents`); networks of neither stay out (their clients get the default
+/// region).
+pub fn parse_mmdb(bytes: Vec<u8>, geo: &GeoSettings) -> Result<Vec<GeoPrefix>, String> {
+    use maxminddb::geoip2::Country;
+    let reader = maxminddb::Reader::from_source(bytes).map_err(|e| format!("not a MaxMind database: {e}"))?;
+    let mut out = Vec::new();
+    let networks = reader
+        .networks(Default::default())
+        .map_err(|e| format!("MaxMind database: {e}"))?;
+    for item in networks {
+        let item = item.map_err(|e| format!("MaxMind database: {e}"))?;
+        let net = item.network().map_err(|e| format!("MaxMind database: {e}"))?;
+        let Some(rec) = item
+            .decode::<Country<'_>>()
+            .map_err(|e| format!("MaxMind record of {net}: {e}"))?
+        else {
+            continue;
+        };
+        let region = rec
+            .country
+            .iso_code
+            .and_then(|c| geo.countries.get(c))
+            .or_else(|| rec.continent.code.and_then(|c| geo.continents.get(c)));
+        let Some(region) = region.and_then(|r| geo.id(r)) else {
+            continue;
+        };
+        out.push(GeoPrefix {
+            addr: net.network(),
+            len: net.prefix(),
+            region,
+        });
+        if out.len() > lb_common::geo::MAX_GEO_PREFIXES as usize {
+            return Err(format!(
+                "more than {} mapped networks",
+                lb_common::geo::MAX_GEO_PREFIXES
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// Parses `prefix,region` lines (`#` comments and blank lines skipped). A bad line is refused
@@ -170,6 +238,7 @@ mod tests {
             ]
             .into_iter()
             .collect(),
+            ..Default::default()
         }
     }
 
@@ -184,6 +253,7 @@ mod tests {
         assert!(g.validate().is_ok());
         let mut bad = g.clone();
         bad.failover.insert("ap".into(), vec!["ap".into()]);
+        bad.countries.insert("DE".into(), "eu".into());
         assert!(bad.validate().unwrap_err().contains("lists itself"));
     }
 
@@ -218,5 +288,7 @@ mod tests {
             let e = parse_csv(text, &g).unwrap_err();
             assert!(e.contains(needle), "{e}");
         }
+        let e = parse_mmdb(b"not a database".to_vec(), &g).unwrap_err();
+        assert!(e.starts_with("not a MaxMind database"), "{e}");
     }
 }
