@@ -65,7 +65,7 @@ enum Command {
         /// Short runs: fewer repeats and shorter windows
         #[arg(long)]
         quick: bool,
-        /// Run only this part (repeatable): dataplane, e2e, control, health
+        /// Run only this part (repeatable): dataplane, e2e, control, health, spread
         #[arg(long, value_name = "PART")]
         only: Vec<String>,
     },

@@ -81,6 +81,11 @@ const STRATEGIES: [(Strategy, &str, &str); 4] = [
     ),
 ];
 
+/// The geo case's service: after the strategies' ports, its main table in the region after
+/// theirs and its clients' region table in the next; the trie holds GEO_PREFIXES prefixes.
+const GEO_PORT: u16 = STRATEGY_PORT + STRATEGIES.len() as u16;
+const GEO_PREFIXES: u32 = 10_000;
+
 const OTHER4: [u8; 4] = [10, 200, 0, 1];
 /// The NAT service: its own VIP (so the other cases' VIPs have no NAT bits), one backend.
 const NAT_VIP4: [u8; 4] = [10, 100, 0, 9];
@@ -371,6 +376,28 @@ fn cases(katran: bool) -> Vec<Case> {
             });
         }
     }
+    for (name, flags, vary_offset, check) in [
+        (
+            "tcp4_syn_geo",
+            TCP_SYN,
+            IPV4_SRC,
+            &[Counter::ConntrackMiss, Counter::Tx][..],
+        ),
+        ("tcp4_established_geo", TCP_ACK, 0, hit),
+    ] {
+        ours.push(Case {
+            guarded: false,
+            unwrapped: false,
+            name,
+            frame: v4(PROTO_TCP, tcp(40000, GEO_PORT, flags), VIP4),
+            setup: None,
+            target: BENCH_TARGET_LB,
+            vary_offset,
+            verdict: XDP_TX,
+            check: Check::Ours(check),
+            target_ns: None,
+        });
+    }
     if !katran {
         return ours;
     }
@@ -621,6 +648,63 @@ impl Bench {
                 },
                 0,
             )?;
+        }
+        // Geo: every client matches a region (0.0.0.0/0 → region 0, beside 10,000 /24s of
+        // region 1 spread over the space, so lookups walk a real trie); region 0's value has a
+        // table of half the backends, region 1's the service's own.
+        {
+            let main = 4 + STRATEGIES.len() as u32;
+            let half: Vec<MaglevBackend<'_>> = members[..BACKENDS as usize / 2].to_vec();
+            let region_table: Vec<u32> = build_table(&half, TABLE_SIZE).iter().map(|&i| i + 1).collect();
+            pool.write(main * TABLE_SIZE, &table)?;
+            pool.write((main + 1) * TABLE_SIZE, &region_table)?;
+            let mut vip = [0u8; 16];
+            vip[..4].copy_from_slice(&VIP4);
+            let key = ServiceKey::new(FAMILY_V4, PROTO_TCP, vip, GEO_PORT.to_be());
+            filter.add(&key);
+            let value = ServiceValue {
+                id: 16 + STRATEGIES.len() as u32,
+                table_offset: main * TABLE_SIZE,
+                table_size: TABLE_SIZE,
+                forward: FWD_DSR_L2,
+                strategy: lb_common::strategy::STRATEGY_GEO,
+                ..Default::default()
+            };
+            services.insert(key, value, 0)?;
+            let mut trie: aya::maps::lpm_trie::LpmTrie<MapData, lb_common::geo::GeoData, u32> =
+                take(maps::GEO_A)?.try_into()?;
+            let entry = |addr: [u8; 4], len: u32| {
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&addr);
+                let (len, data) = lb_common::geo::key(FAMILY_V4, addr_words(b), len);
+                aya::maps::lpm_trie::Key::new(len, data)
+            };
+            trie.insert(&entry([0; 4], 0), 0, 0)?;
+            for i in 0..GEO_PREFIXES {
+                let x = i.wrapping_mul(2_654_435_761);
+                trie.insert(
+                    &entry([(x >> 24) as u8, (x >> 16) as u8, (x >> 8) as u8, 0], 24),
+                    1,
+                    0,
+                )?;
+            }
+            let mut geo: HashMap<MapData, lb_common::geo::GeoKey, ServiceValue> =
+                take(maps::GEO_SERVICES)?.try_into()?;
+            for (region, offset) in [(0, (main + 1) * TABLE_SIZE), (1, main * TABLE_SIZE)] {
+                let v = ServiceValue {
+                    table_offset: offset,
+                    strategy: lb_common::strategy::STRATEGY_MAGLEV,
+                    ..value
+                };
+                geo.insert(
+                    lb_common::geo::GeoKey {
+                        service: value.id,
+                        region,
+                    },
+                    v,
+                    0,
+                )?;
+            }
         }
         vip_filter.set(0, filter, 0)?;
         let egress = ipip_routes()?;

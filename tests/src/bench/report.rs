@@ -53,6 +53,8 @@ pub struct Results {
     pub rss_bytes: Option<u64>,
     pub rss: Option<Rss>,
     pub health: Option<HealthResult>,
+    /// Busiest backend ÷ mean of long-lived connections, per strategy (`spread`).
+    pub spread: Option<Vec<super::spread::SpreadResult>>,
     pub machine: Machine,
 }
 
@@ -165,6 +167,25 @@ impl Results {
                 rss.scrape_samples
             );
         }
+        if let Some(sp) = &self.spread {
+            let _ = writeln!(
+                s,
+                "\n| strategy | connections | open (mean) | busiest ÷ mean | p95 | worst |"
+            );
+            let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+            for r in sp {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.1} | {:.3} | {:.3} | {:.3} |",
+                    r.strategy,
+                    r.connections,
+                    r.mean_open,
+                    r.max_over_mean_avg,
+                    r.max_over_mean_p95,
+                    r.max_over_mean_worst
+                );
+            }
+        }
         if let Some(h) = &self.health {
             s.push_str(&health_lines(h, "- "));
         }
@@ -264,6 +285,21 @@ impl Results {
                     .collect::<Vec<_>>(),
                 rss.scrape_samples
             );
+        }
+        if let Some(sp) = &self.spread {
+            let _ = writeln!(s, "\nspread of long-lived connections (busiest backend ÷ mean)");
+            for r in sp {
+                let _ = writeln!(
+                    s,
+                    "{:<20} {:>6.3} (p95 {:.3}, worst {:.3}) over {} connections, {:.1} open on average",
+                    r.strategy,
+                    r.max_over_mean_avg,
+                    r.max_over_mean_p95,
+                    r.max_over_mean_worst,
+                    r.connections,
+                    r.mean_open
+                );
+            }
         }
         if let Some(h) = &self.health {
             s.push_str("\nhealth\n");

@@ -6,6 +6,7 @@ use clap::{Parser, ValueEnum};
 use lb_tests::bench::{
     control, dataplane, e2e, health,
     report::{Machine, Results},
+    spread,
 };
 
 /// Benchmarks the data plane, end-to-end forwarding and the control plane.
@@ -32,6 +33,7 @@ enum Part {
     E2e,
     Control,
     Health,
+    Spread,
 }
 
 fn main() -> ExitCode {
@@ -58,6 +60,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         rss_bytes: None,
         rss: None,
         health: None,
+        spread: None,
         machine: Machine::detect(),
     };
     if wants(Part::Dataplane) {
@@ -81,6 +84,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if wants(Part::Health) {
         eprintln!("==> health: detection times, checks per second, cost of a flap");
         results.health = Some(health::run(args.quick)?);
+    }
+    if wants(Part::Spread) {
+        eprintln!("==> spread of long-lived connections: maglev, least connections, power of two");
+        results.spread = Some(spread::run(args.quick)?);
     }
     if wants(Part::E2e) {
         eprintln!("==> end to end through veth: lb, nftables, HAProxy");
