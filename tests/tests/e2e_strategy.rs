@@ -681,6 +681,26 @@ fn geo_sends_each_region_to_its_backends_and_fails_over() {
         assert!(share(&near, "b1") > 0 && share(&near, "b2") > 0, "{near:?}");
         assert_eq!(share(&farc, "b3"), 60, "{farc:?}");
     }
+    // lb lookup answers as the data plane picks: by the client's region.
+    let port = lb_tests::topology::PORT;
+    for (src, want, region) in [
+        ("10.99.0.5:7", &["b3"][..], "us"),
+        ("10.99.0.1:7", &["b1", "b2"][..], "eu"),
+    ] {
+        let l = d.json(&[
+            "lookup",
+            "-p",
+            "udp",
+            "--src",
+            src,
+            "--dst",
+            &format!("{VIP4}:{port}"),
+        ]);
+        assert!(
+            want.iter().any(|w| l["backend"] == *w) && l["region"] == region,
+            "lookup from {src}: {l}"
+        );
+    }
     // A malformed data file is refused, naming its line; the running data stays.
     std::fs::write(&data, "10.99.0.0/30,eu\n10.99.0.4/33,us\n").expect("bad data");
     let out = d.cli(&["geo", "reload"]);

@@ -85,7 +85,6 @@ impl Queries<'_> {
         self.lookup(svc.protocol, src, dst)
     }
 
-    /// Each backend's health: state, score and its inputs, the last check, since when.
     /// The geo data in use, and per geo service and region the serving region and backends.
     pub fn geo(&self) -> serde_json::Value {
         let services: Vec<_> = self
@@ -126,6 +125,7 @@ impl Queries<'_> {
         })
     }
 
+    /// Each backend's health: state, score and its inputs, the last check, since when.
     pub fn health(&self, service: Option<&str>) -> Result<serde_json::Value> {
         if let Some(name) = service
             && !self.snap.services.iter().any(|s| s.name == name)
@@ -363,12 +363,24 @@ impl Queries<'_> {
                 );
             }
         }
-        let slot_info = self
-            .snap
-            .assignments
-            .services
-            .get(&svc.name)
-            .and_then(|s| s.active);
+        let slot = self.snap.assignments.services.get(&svc.name);
+        let mut slot_info = slot.and_then(|s| s.active);
+        // A geo service: the client's region's table, as the data plane picks it.
+        let mut geo_region = None;
+        if svc.strategy == crate::model::Strategy::Geo
+            && let Some(id) = slot.map(|s| s.id)
+            && let Some((region, value)) = self.readers.geo_value(id, src.ip())
+        {
+            geo_region = self
+                .cfg
+                .geo
+                .as_ref()
+                .and_then(|g| g.regions().get(region as usize).map(|r| r.to_string()));
+            slot_info = (value.table_size > 0).then_some(crate::reconcile::plan::Region {
+                offset: value.table_offset,
+                size: value.table_size,
+            });
+        }
         let Some(region) = slot_info else {
             return Err(Error::NotFound(format!(
                 "service {} has no usable backend: the packet would be dropped",
@@ -385,7 +397,13 @@ impl Queries<'_> {
             .pool
             .read(region.offset, region.size)
             .ok_or_else(|| Error::dataplane("table region outside the pool"))?;
-        let strategy = svc.strategy;
+        // What the service's region holds: an adaptive service's pick, Maglev for
+        // resource-aware and geo.
+        let strategy = self
+            .snap
+            .weights
+            .get(&svc.name)
+            .map_or(svc.strategy.table(), |w| w.strategy);
         let (index, source) = if strategy.counts() {
             // As the data plane does it, on the counts as they are now.
             let members: Vec<(u32, u32, u32)> = region_words
@@ -409,9 +427,11 @@ impl Queries<'_> {
         let slot = region_words[index as usize];
         let b = by_slot(slot)
             .ok_or_else(|| Error::dataplane(format!("table names unknown backend slot {slot}")))?;
-        Ok(
-            json!({"service": svc.name, "backend": b.id, "address": b.address, "port": b.port(svc), "source": source, "strategy": strategy.name(), "table_index": index}),
-        )
+        let mut answer = json!({"service": svc.name, "backend": b.id, "address": b.address, "port": b.port(svc), "source": source, "strategy": strategy.name(), "table_index": index});
+        if svc.strategy == crate::model::Strategy::Geo {
+            answer["region"] = json!(geo_region);
+        }
+        Ok(answer)
     }
 }
 

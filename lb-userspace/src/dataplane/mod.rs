@@ -167,9 +167,36 @@ pub struct Readers {
     pub global_stats: PerCpuArray<MapData, u64>,
     pub active: active::ActiveCounts,
     pub pool: Pool,
+    pub dp_config: Array<MapData, DataPlaneConfig>,
+    pub geo: [LpmTrie<MapData, GeoData, u32>; 2],
+    pub geo_services: HashMap<MapData, GeoKey, ServiceValue>,
 }
 
 impl Readers {
+    /// A geo service's value for a client, as the data plane finds it: the client's region
+    /// in the trie in use, then that region's value; `None` when the client has no region (or
+    /// the region no value), and the service's own value applies.
+    pub fn geo_value(&self, service: u32, client: std::net::IpAddr) -> Option<(u32, ServiceValue)> {
+        use aya::maps::lpm_trie::Key;
+        let in_use = self
+            .dp_config
+            .get(&0, 0)
+            .ok()
+            .map_or(0, |c| usize::from(c.flags & DP_F_GEO_B != 0));
+        let (family, bytes) = match client {
+            std::net::IpAddr::V4(a) => {
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&a.octets());
+                (lb_common::FAMILY_V4, b)
+            }
+            std::net::IpAddr::V6(a) => (lb_common::FAMILY_V6, a.octets()),
+        };
+        let (len, data) = lb_common::geo::key(family, addr_words(bytes), lb_common::geo::max_prefix(family));
+        let region = self.geo[in_use].get(&Key::new(len, data), 0).ok()?;
+        let value = self.geo_services.get(&GeoKey { service, region }, 0).ok()?;
+        Some((region, value))
+    }
+
     pub fn open(instance: &str) -> Result<Self> {
         use lb_common::maps;
         use load::{open_pinned, pool_of, typed};
@@ -188,6 +215,12 @@ impl Readers {
                 _ => return Err(Error::dataplane("ACTIVE is not an array")),
             },
             pool,
+            dp_config: map(maps::DP_CONFIG)?.try_into().map_err(typed)?,
+            geo: [
+                map(maps::GEO_A)?.try_into().map_err(typed)?,
+                map(maps::GEO_B)?.try_into().map_err(typed)?,
+            ],
+            geo_services: map(maps::GEO_SERVICES)?.try_into().map_err(typed)?,
         })
     }
 
