@@ -46,6 +46,11 @@ pub const NAT_F_RST: u32 = 16;
 /// On the reply entry: a reply has passed, so the connection was answered (until then a TCP
 /// connection gets the short SYN timeout, so a SYN flood cannot hold the table).
 pub const NAT_F_ANSWERED: u32 = 32;
+/// On the forward entry: its service counts active flows (least connections, power of two,
+/// adaptive), and the connection is in its backend's count now. It leaves the count once,
+/// when it is closing (a RST, or a FIN each way), or when its entries are removed.
+pub const NAT_F_COUNTS: u32 = 64;
+pub const NAT_F_COUNTED: u32 = 128;
 
 /// Entries are refreshed at most this often.
 pub const NAT_TOUCH_NS: u64 = 100_000_000;

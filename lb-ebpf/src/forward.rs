@@ -22,11 +22,16 @@ use crate::{
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, frame: &Frame, flow: &Flow, chosen: &Chosen) -> u32 {
     let (slot, backend) = (chosen.slot, chosen.backend);
-    match chosen.forward {
+    // A new NAT connection of a counting service carries FLOW_COUNTED.
+    let counted = chosen.forward & u32::from(lb_common::flow::FLOW_COUNTED) != 0;
+    let mode = chosen.forward & !u32::from(lb_common::flow::FLOW_COUNTED);
+    match mode {
         FWD_IPIP => encap::encapsulate(ctx, flow, slot, backend, false),
         FWD_GUE => encap::encapsulate(ctx, flow, slot, backend, true),
         FWD_NAT | FWD_SNAT => {
-            let action = nat::open(ctx, flow, slot, chosen.service, chosen.forward == FWD_SNAT);
+            let how =
+                if mode == FWD_SNAT { nat::OPEN_SNAT } else { 0 } | if counted { nat::OPEN_COUNT } else { 0 };
+            let action = nat::open(ctx, flow, slot, chosen.service, how);
             if action != nat::RACED {
                 return action;
             }

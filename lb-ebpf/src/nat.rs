@@ -13,8 +13,8 @@ use lb_common::{
     Backend, Counter, FAMILY_V4, FlowKey, NatEntry, PROTO_TCP, addr_words,
     hash::flow_hash,
     nat::{
-        NAT_F_ANSWERED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_REPLY, NAT_F_RST, NAT_F_SNAT,
-        NAT_PORT_PROBES, NAT_TOUCH_NS, snat_port,
+        NAT_F_ANSWERED, NAT_F_COUNTED, NAT_F_COUNTS, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_REPLY,
+        NAT_F_RST, NAT_F_SNAT, NAT_PORT_PROBES, NAT_TOUCH_NS, snat_port,
     },
 };
 use lb_ebpf::{Flow, FlowKind, Frame, Verdict};
@@ -79,7 +79,7 @@ fn translate_verdict(
             && let Some(fwd) = NAT_FLOWS.get_ptr_mut(&e.twin_key(key.family, key.proto))
         {
             // SAFETY: as above.
-            unsafe { (*fwd).flags |= state };
+            settle(unsafe { &mut *fwd }, state);
         }
         if rewrite(frame, flow, e).is_none() {
             return Verdict::Drop(Counter::DropTruncatedL4);
@@ -92,10 +92,16 @@ fn translate_verdict(
         return Verdict::Drop(Counter::DropBackendMissing);
     };
     if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        // The client opens the same tuple again: the connection lives anew.
+        // The client opens the same tuple again: the connection lives anew (and counts again).
         e.flags &= !(NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST);
+        if e.flags & NAT_F_COUNTS != 0 && atomic_or(&mut e.flags, NAT_F_COUNTED) & NAT_F_COUNTED == 0 {
+            crate::select::active_add(e.backend, 1);
+        }
     } else {
-        e.flags |= tcp_state(flags, NAT_F_FIN_CLIENT);
+        let state = tcp_state(flags, NAT_F_FIN_CLIENT);
+        if state != 0 {
+            settle(e, state);
+        }
     }
     if rewrite(frame, flow, e).is_none() {
         return Verdict::Drop(Counter::DropTruncatedL4);
@@ -127,13 +133,18 @@ fn error(ctx: &XdpContext, frame: &Frame, flow: &Flow, e: &NatEntry, backend: Op
 /// caller goes on with `translate`, so that frame is not stacked on this one.
 pub const RACED: u32 = u32::MAX;
 
-/// A new connection to a NAT service (`snat`: full NAT): makes its pair of entries, then
+/// `open`'s `how`: full NAT (the source translated too).
+pub const OPEN_SNAT: u32 = 1;
+/// `open`'s `how`: the service counts active flows; the connection joins its backend's count.
+pub const OPEN_COUNT: u32 = 2;
+
+/// A new connection to a NAT service (`how`: OPEN_* bits): makes its pair of entries, then
 /// translates the packet to the backend in `slot`; returns the counted XDP action, or RACED. A
 /// stage of its own (see `stats::finish`).
 #[inline(never)]
-pub fn open(ctx: &XdpContext, flow: &Flow, slot: u32, service: u32, snat: bool) -> u32 {
+pub fn open(ctx: &XdpContext, flow: &Flow, slot: u32, service: u32, how: u32) -> u32 {
     let mut raced = false;
-    let verdict = open_verdict(ctx, flow, slot, service, snat, &mut raced);
+    let verdict = open_verdict(ctx, flow, slot, service, how, &mut raced);
     if raced {
         return RACED;
     }
@@ -146,9 +157,11 @@ fn open_verdict(
     flow: &Flow,
     slot: u32,
     service: u32,
-    snat: bool,
+    how: u32,
     raced: &mut bool,
 ) -> Verdict {
+    let snat = how & OPEN_SNAT != 0;
+    let counts = how & OPEN_COUNT != 0;
     let frame = &crate::forward::frame_of(ctx);
     // Read again from its slot: five arguments are all a call takes.
     let Some(backend) = BACKENDS.get(slot).filter(|b| b.is_active()) else {
@@ -206,6 +219,9 @@ fn open_verdict(
             fwd.flags = NAT_F_SNAT;
             rev.flags = NAT_F_REPLY | NAT_F_SNAT;
         }
+        if counts {
+            fwd.flags |= NAT_F_COUNTS | NAT_F_COUNTED;
+        }
     }
     let placed = if snat {
         place_snat(
@@ -237,6 +253,9 @@ fn open_verdict(
         return Verdict::Drop(Counter::DropNatCollision);
     }
     count(Counter::NatCreated);
+    if counts {
+        crate::select::active_add(slot, 1);
+    }
     traffic(service, slot, frame.len() as u64, true);
     // SAFETY: as above.
     if rewrite(frame, flow, unsafe { &(*s).fwd }).is_none() {
@@ -315,6 +334,54 @@ fn set_macs(frame: &Frame, dst: &[u8; 6], src: &[u8; 6]) -> Option<()> {
         copy_mac(p.add(6), src.as_ptr());
     }
     Some(())
+}
+
+/// Sets a forward entry's TCP `state` bits; a counted connection that is now closing leaves
+/// its backend's active count, once (whichever CPU clears NAT_F_COUNTED takes it off).
+#[inline(always)]
+fn settle(fwd: &mut NatEntry, state: u32) {
+    let flags = atomic_or(&mut fwd.flags, state) | state;
+    let closing = NatEntry {
+        flags,
+        ..Default::default()
+    }
+    .is_closing();
+    if closing
+        && flags & NAT_F_COUNTED != 0
+        && atomic_and(&mut fwd.flags, !NAT_F_COUNTED) & NAT_F_COUNTED != 0
+    {
+        crate::select::active_add(fwd.backend, -1);
+    }
+}
+
+// `flags` and `_pad` are the 8-aligned word at offset 72, `flags` its low half (little
+// endian): the atomics work on that word, since BPF has 32-bit fetch atomics only from cpu v3.
+const _: () = assert!(core::mem::offset_of!(NatEntry, flags) == 72 && core::mem::align_of::<NatEntry>() == 8);
+
+/// Atomic `|=` on an entry's flags; returns the flags before.
+#[inline(always)]
+fn atomic_or(flags: &mut u32, bits: u32) -> u32 {
+    let word = (flags as *mut u32).cast::<u64>();
+    // SAFETY: `flags` starts the 8-aligned word of `flags` and `_pad` (asserted above).
+    unsafe {
+        core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            word,
+            u64::from(bits),
+        ) as u32
+    }
+}
+
+/// Atomic `&=` on an entry's flags; returns the flags before.
+#[inline(always)]
+fn atomic_and(flags: &mut u32, bits: u32) -> u32 {
+    let word = (flags as *mut u32).cast::<u64>();
+    // SAFETY: as atomic_or; the high half (`_pad`) is kept.
+    unsafe {
+        core::intrinsics::atomic_and::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            word,
+            u64::from(bits) | 0xffff_ffff_0000_0000,
+        ) as u32
+    }
 }
 
 /// The state bits a segment's flags set: `fin` for a FIN from its side, `NAT_F_RST` for a RST.

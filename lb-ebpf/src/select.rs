@@ -232,7 +232,9 @@ fn nat_backend(key: &FlowKey, entry: *mut NatEntry) -> NatHit {
 #[inline(never)]
 fn forget(key: &FlowKey, e: &NatEntry) {
     let _ = NAT_FLOWS.remove(&e.twin_key(key.family, key.proto));
-    let _ = NAT_FLOWS.remove(key);
+    if NAT_FLOWS.remove(key).is_ok() && e.flags & lb_common::nat::NAT_F_COUNTED != 0 {
+        active_add(e.backend, -1);
+    }
 }
 
 /// A fragment goes to the backend its (source, destination, protocol) hashes to in the table of
@@ -368,9 +370,17 @@ fn pick(key: &FlowKey, service: &'static ServiceValue, remember: Remember) -> Re
         forward: service.forward as u16,
         opened: now,
     };
-    // NAT connections are pinned by their NAT entries instead.
-    if remember == Remember::No || service.forward >= FWD_NAT {
+    if remember == Remember::No {
         return Ok(state);
+    }
+    // NAT connections are pinned by their NAT entries instead; `nat::open` counts them (it
+    // learns that it should from FLOW_COUNTED).
+    if service.forward >= FWD_NAT {
+        let counting = counting || service.flags & SVC_F_COUNT != 0;
+        return Ok(FlowState {
+            forward: state.forward | if counting { FLOW_COUNTED } else { 0 },
+            ..state
+        });
     }
     if flooded(now_ns) {
         count(Counter::ConntrackFloodSkipped);
@@ -463,7 +473,7 @@ fn first_choice(service: &ServiceValue, hash: u32, second: bool, picked: u32) ->
 
 /// Adds `delta` to a backend slot's active-flow count, atomically (every CPU adds to it).
 #[inline(always)]
-fn active_add(slot: u32, delta: i64) {
+pub fn active_add(slot: u32, delta: i64) {
     if let Some(p) = ACTIVE.get_ptr_mut(slot) {
         // SAFETY: a pointer into an array slot of an i64; the add is one atomic instruction.
         unsafe {

@@ -765,10 +765,6 @@ address = "10.0.0.12"
         let cases = [
             ("strategy = \"fastest\"", "unknown variant `fastest`"),
             (
-                "strategy = \"least-connections\"\nforwarding = \"nat\"",
-                "NAT services",
-            ),
-            (
                 "strategy = \"round-robin\"\nfragments = \"hash\"",
                 "needs strategy = \"maglev\"",
             ),
@@ -781,7 +777,6 @@ address = "10.0.0.12"
                 "strategy = \"adaptive\"\nadaptive = { calm = 2.0 }",
                 "need 1 <= calm < imbalance",
             ),
-            ("strategy = \"adaptive\"\nforwarding = \"nat\"", "NAT services"),
         ];
         for (extra, needle) in cases {
             let e = err(&GOOD.replace("protocol = \"tcp\"", &format!("protocol = \"tcp\"\n{extra}")));

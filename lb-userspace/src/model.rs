@@ -362,15 +362,6 @@ impl Service {
             a.validate()
                 .map_err(|e| Error::invalid(format!("service {}: {e}", self.name)))?;
         }
-        if (self.strategy.counts() || self.strategy == Strategy::Adaptive)
-            && self.forwarding == Forwarding::Nat
-        {
-            return Err(Error::invalid(format!(
-                "service {}: strategy {} counts flows in the connection table, which NAT services do not use; use dsr, ipip or gue, or another strategy",
-                self.name,
-                self.strategy.name()
-            )));
-        }
         if !matches!(self.strategy, Strategy::Maglev | Strategy::ResourceAware)
             && self.fragments == FragmentPolicy::Hash
         {

@@ -79,6 +79,8 @@ pub struct NatStatus {
 pub struct Sweep {
     pub expired: u64,
     pub left: Census,
+    /// Backend slots of the counted connections removed (each leaves its active count).
+    pub uncounted: Vec<u32>,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
@@ -155,6 +157,7 @@ pub fn sweep(map: &mut NatMap, cfg: &NatConfig, now: u64) -> Result<Sweep> {
             .map(|te| (t, *te))
     };
     let mut expired = 0;
+    let mut uncounted = Vec::new();
     let mut gone = std::collections::HashSet::new();
     for (k, e) in &snapshot {
         let Some((tk, te)) = twin_of(k, e) else {
@@ -183,6 +186,9 @@ pub fn sweep(map: &mut NatMap, cfg: &NatConfig, now: u64) -> Result<Sweep> {
             remove_if_same(map, k, e)?;
             gone.extend([tk, *k]);
             expired += 1;
+            if f.flags & lb_common::nat::NAT_F_COUNTED != 0 {
+                uncounted.push(f.backend);
+            }
         }
     }
     let mut left = Census::default();
@@ -191,7 +197,11 @@ pub fn sweep(map: &mut NatMap, cfg: &NatConfig, now: u64) -> Result<Sweep> {
             left.add(e);
         }
     }
-    Ok(Sweep { expired, left })
+    Ok(Sweep {
+        expired,
+        left,
+        uncounted,
+    })
 }
 
 /// Runs the collector on its own thread and its own handle to the pinned table, so it never
@@ -207,6 +217,10 @@ pub fn spawn_collector(
         .try_into()
         .map_err(|e| Error::dataplane(format!("NAT table type: {e}")))?;
     let every = Duration::from_millis(cfg.gc_interval_ms);
+    let active = match crate::dataplane::open_pinned(&pin.with_file_name(lb_common::maps::ACTIVE))? {
+        aya::maps::Map::Array(data) => crate::dataplane::active::ActiveCounts::new(data)?,
+        _ => return Err(Error::dataplane("ACTIVE is not an array")),
+    };
     std::thread::Builder::new()
         .name("nat-expiry".into())
         .spawn(move || {
@@ -221,6 +235,11 @@ pub fn spawn_collector(
                 let at = monotonic_ns();
                 match sweep(&mut map, &cfg, at) {
                     Ok(swept) => {
+                        // An expired counted connection leaves its backend's count (the
+                        // census corrects a rare race with its own FIN).
+                        for &slot in &swept.uncounted {
+                            active.add(slot, -1);
+                        }
                         let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
                         s.expired += swept.expired;
                         s.census = swept.left;

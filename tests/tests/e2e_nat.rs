@@ -406,3 +406,103 @@ fn nat_reclaims_entries_and_ports_after_ten_thousand_connections() {
     let answer = in_ns(&net.client, move || tcp_ask(target)).expect("connection after the run");
     assert!(answer.ends_with(&SNAT4.to_string()), "{answer}");
 }
+
+/// (active flows) of each backend of a service, as `service list` shows them.
+fn active_of(d: &Daemon, service: &str) -> HashMap<String, i64> {
+    d.backends_of(service)
+        .into_iter()
+        .map(|b| {
+            (
+                b["id"].as_str().unwrap_or_default().to_string(),
+                b["active_flows"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn least_connections_counts_nat_connections_until_both_sides_close() {
+    let net = Net::new().expect("topology");
+    let (instance, run_dir) = Daemon::new_paths();
+    let config = net.config(&instance, &run_dir, "").replace(
+        "name = \"tcp4-81\"\n",
+        "name = \"tcp4-81\"\nstrategy = \"least-connections\"\n",
+    );
+    let d = Daemon::start_in(&net.lb, &instance, &run_dir, &config).expect("daemon");
+    wait_resolved(&d);
+    let service = "tcp4-81";
+    let target = SocketAddr::new(IpAddr::V4(VIP4), SNAT_PORT);
+    let weights = |w: [u32; 3]| {
+        for (i, w) in w.iter().enumerate() {
+            let out = d.cli(&[
+                "backend",
+                "weight",
+                service,
+                &format!("b{}", i + 1),
+                &w.to_string(),
+            ]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    };
+    // Opens `n` connections and keeps them, each with its first answer's backend.
+    let hold = |n: usize| {
+        in_ns(&net.client, move || {
+            (0..n)
+                .map(|_| {
+                    let s = TcpStream::connect_timeout(&target, Duration::from_secs(10)).expect("connect");
+                    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+                    (&s).write_all(b"who\n").expect("send");
+                    let mut line = String::new();
+                    BufReader::new(&s).read_line(&mut line).expect("answer");
+                    let id = line.split(' ').next().unwrap_or_default().to_string();
+                    (s, id)
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    // 20 long-lived connections on b1 alone.
+    weights([100, 0, 0]);
+    assert!(wait_until(Duration::from_secs(5), || d
+        .backends_of(service)
+        .iter()
+        .filter(|b| b["table_slots"].as_u64() > Some(0))
+        .count()
+        == 1));
+    let first = hold(20);
+    assert!(first.iter().all(|(_, id)| id == "b1"));
+    weights([100, 100, 100]);
+    assert!(wait_until(Duration::from_secs(5), || d
+        .backends_of(service)
+        .iter()
+        .all(|b| b["table_slots"].as_u64() > Some(0))));
+    let counted = wait_until(Duration::from_secs(5), || active_of(&d, service)["b1"] == 20);
+    assert!(counted, "{:?}", active_of(&d, service));
+    // The next 20 go around b1, 10 each to b2 and b3.
+    let next = hold(20);
+    let mut per: HashMap<String, usize> = HashMap::new();
+    for (_, id) in &next {
+        *per.entry(id.clone()).or_default() += 1;
+    }
+    println!("NAT least-connections, 20 new after 20 on b1: {per:?}");
+    assert_eq!(per.get("b1"), None, "{per:?}");
+    assert_eq!(per.get("b2"), Some(&10), "{per:?}");
+    // Closing them (a FIN each way) takes each off its backend's count, once.
+    drop(first);
+    drop(next);
+    let closed = wait_until(Duration::from_secs(5), || {
+        active_of(&d, service).values().all(|&n| n == 0)
+    });
+    assert!(closed, "after closing: {:?}", active_of(&d, service));
+    // 2,000 short connections: the counts come back to 0 (±1%).
+    let done = in_ns(&net.client, move || {
+        (0..2000).filter(|_| tcp_ask(target).is_ok()).count()
+    });
+    assert_eq!(done, 2000);
+    let mut left = 0;
+    let settled = wait_until(Duration::from_secs(5), || {
+        left = active_of(&d, service).values().map(|n| n.abs()).sum::<i64>();
+        left <= 20
+    });
+    println!("after 2,000 short NAT connections: {left} active flows counted");
+    assert!(settled, "drift: {:?}", active_of(&d, service));
+}

@@ -1,8 +1,9 @@
 //! Counts the connection table's entries now and then, on a thread of its own with its own
 //! handle to the pin. The LRU map has no count the kernel keeps, and walking it is one syscall
 //! per entry, so the walk is spaced out: every 10 s, or 20 times its own duration if longer.
-//! The same walk counts each backend's counted flows and corrects the data plane's active-flow
-//! counts (`active`) to it.
+//! The same walk counts each backend's counted flows (connection-table entries, and NAT
+//! connections' forward entries) and corrects the data plane's active-flow counts (`active`)
+//! to it.
 
 use std::{
     path::Path,
@@ -39,6 +40,10 @@ pub fn spawn(
         super::open_pinned(&pins.join(lb_common::maps::CONNTRACK))?
             .try_into()
             .map_err(|e| Error::dataplane(format!("connection table type: {e}")))?;
+    let nat: HashMap<MapData, FlowKey, lb_common::NatEntry> =
+        super::open_pinned(&pins.join(lb_common::maps::NAT_FLOWS))?
+            .try_into()
+            .map_err(|e| Error::dataplane(format!("NAT table type: {e}")))?;
     let active = match super::open_pinned(&pins.join(lb_common::maps::ACTIVE))? {
         aya::maps::Map::Array(data) => super::active::ActiveCounts::new(data)?,
         _ => return Err(Error::dataplane("ACTIVE is not an array")),
@@ -60,6 +65,12 @@ pub fn spawn(
                     entries += 1;
                     if state.forward & lb_common::flow::FLOW_COUNTED != 0 {
                         *truth.entry(state.backend).or_default() += 1;
+                    }
+                }
+                // NAT connections count on their forward entries.
+                for (_, e) in nat.iter().flatten() {
+                    if e.flags & lb_common::nat::NAT_F_COUNTED != 0 {
+                        *truth.entry(e.backend).or_default() += 1;
                     }
                 }
                 let fixes = super::active::corrections(&before, &truth);
