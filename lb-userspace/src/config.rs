@@ -861,6 +861,10 @@ address = "10.0.0.12"
                 "recovery_threshold 0 is out of range",
             ),
             (with("kind = \"icmp\"", ""), "unknown variant"),
+            (
+                with("kind = \"http\"\npath = \"/\"\ntls_ca = \"/etc/ca.pem\"", ""),
+                "tls_ca needs https = true",
+            ),
             (with("min_score = 2.0", ""), "min_score 2 is out of range"),
             (with("jitter = -0.5", ""), "jitter -0.5 is out of range"),
             (with("interval = nan", ""), "out of range"),

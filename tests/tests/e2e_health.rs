@@ -683,3 +683,127 @@ fn with_the_default_checks_passive_signals_take_a_blackholed_backend_out_within_
             .collect::<Vec<_>>()
     );
 }
+
+/// `openssl s_server -www` in a backend's namespace (stopped on drop), with a fresh
+/// self-signed certificate for `name` written to `dir`.
+struct TlsServer(std::process::Child);
+
+impl TlsServer {
+    fn start(
+        ns: &lb_tests::NetNs,
+        dir: &std::path::Path,
+        name: &str,
+        port: u16,
+    ) -> (Self, std::path::PathBuf) {
+        let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "1",
+            ])
+            .args(["-subj", &format!("/CN={name}")])
+            .args(["-addext", &format!("subjectAltName=DNS:{name}")])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .args(["-addext", "extendedKeyUsage=serverAuth"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl req");
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let child = ns
+            .command("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept", &port.to_string()])
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl s_server");
+        (Self(child), cert)
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn https_checks_pass_verify_and_fail_as_configured() {
+    const TLS_PORT: u16 = 8443;
+    let topo = Topology::new(3).expect("topology");
+    let (instance, run_dir) = Daemon::new_paths();
+    std::fs::create_dir_all(&run_dir).expect("run dir");
+    let mut servers = HashMap::new();
+    let mut certs = HashMap::new();
+    for id in ["b1", "b2", "b3"] {
+        let (server, cert) =
+            TlsServer::start(&topo.backend(id).ns, &run_dir, &format!("{id}.test"), TLS_PORT);
+        servers.insert(id, server);
+        certs.insert(id, cert);
+    }
+    // b1: HTTPS, not verified; b2: verified against its own certificate as the CA; b3:
+    // verified against b2's, which did not sign b3's: it must fail.
+    let per_backend = |id: &str| match id {
+        "b1" => String::new(),
+        "b2" => format!("host = \"b2.test\"\ntls_ca = \"{}\"\n", certs["b2"].display()),
+        _ => format!("host = \"b3.test\"\ntls_ca = \"{}\"\n", certs["b2"].display()),
+    };
+    let mut text = format!(
+        "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\nneighbour_refresh_ms = 500\n\n[[service]]\nname = \"web4\"\nvip = \"{VIP4}\"\nport = {PORT}\nprotocol = \"tcp\"\ntable_size = 1031\n\n[service.health]\npanic_threshold = 0.3\nkind = \"http\"\nhttps = true\npath = \"/\"\nport = {TLS_PORT}\ninterval = 0.5\ntimeout = 0.5\nfast_interval = 0.5\nerror_threshold = 2\n",
+        run_dir.display()
+    );
+    for id in ["b1", "b2", "b3"] {
+        text.push_str(&format!(
+            "\n[[service.backend]]\nid = \"{id}\"\naddress = \"{}\"\nweight = 100\n[service.backend.health]\n{}",
+            topo.backend(id).v4,
+            per_backend(id)
+        ));
+    }
+    let d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
+    let settled = wait_until(Duration::from_secs(15), || {
+        let s = slots(&d);
+        s["web4"]["b1"] > 0 && s["web4"]["b2"] > 0 && s["web4"]["b3"] == 0
+    });
+    let h3 = health_of(&d, "web4", "b3");
+    assert!(settled, "{:?}\n{h3}\n{}", slots(&d), d.log());
+    for id in ["b1", "b2"] {
+        let h = health_of(&d, "web4", id);
+        assert_eq!(h["state"], "up", "{h}");
+        assert_eq!(h["check"]["kind"], "https", "{h}");
+        assert!(
+            h["check"]["last"]["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("status 200"),
+            "{h}"
+        );
+    }
+    let detail = h3["check"]["last"]["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    println!("b3 with the wrong CA: {detail}");
+    assert!(
+        detail.starts_with("tls:") && detail.contains("certificate"),
+        "{h3}"
+    );
+    // b1's TLS server stops: b1 goes out too.
+    servers.remove("b1");
+    let out = wait_until(Duration::from_secs(5), || slots(&d)["web4"]["b1"] == 0);
+    assert!(out, "{}", health_of(&d, "web4", "b1"));
+}

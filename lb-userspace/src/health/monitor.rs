@@ -144,6 +144,7 @@ fn kind_name(p: &Probe) -> &'static str {
     match p {
         Probe::None => "none",
         Probe::Tcp => "tcp",
+        Probe::Http { tls: Some(_), .. } => "https",
         Probe::Http { .. } => "http",
         Probe::Udp { .. } => "udp",
     }

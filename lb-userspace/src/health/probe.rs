@@ -47,22 +47,59 @@ async fn attempt(spec: &CheckSpec) -> Result<String, String> {
             host,
             status,
             body,
-        } => http(spec, path, host.as_deref(), *status, body.as_deref()).await,
+            tls,
+        } => {
+            let stream = TcpStream::connect(spec.target)
+                .await
+                .map_err(|e| format!("connect: {}", io_text(&e)))?;
+            match tls {
+                None => {
+                    http(
+                        TokioIo::new(stream),
+                        spec,
+                        path,
+                        host.as_deref(),
+                        *status,
+                        body.as_deref(),
+                    )
+                    .await
+                }
+                Some(ca) => {
+                    let config = tls::client_config(ca.as_deref())?;
+                    let name = tls::server_name(host.as_deref(), spec.target)?;
+                    let stream = tokio_rustls::TlsConnector::from(config)
+                        .connect(name, stream)
+                        .await
+                        .map_err(|e| format!("tls: {}", io_text(&e)))?;
+                    http(
+                        TokioIo::new(stream),
+                        spec,
+                        path,
+                        host.as_deref(),
+                        *status,
+                        body.as_deref(),
+                    )
+                    .await
+                }
+            }
+        }
         Probe::Udp { send, expect } => udp(spec, send, expect.as_deref()).await,
     }
 }
 
-async fn http(
+/// One GET on a connected stream (plain or TLS).
+async fn http<IO>(
+    io: IO,
     spec: &CheckSpec,
     path: &str,
     host: Option<&str>,
     (lo, hi): (u16, u16),
     want: Option<&str>,
-) -> Result<String, String> {
-    let stream = TcpStream::connect(spec.target)
-        .await
-        .map_err(|e| format!("connect: {}", io_text(&e)))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+) -> Result<String, String>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(|e| format!("http: {e}"))?;
     let driver = tokio::spawn(conn);
@@ -216,4 +253,121 @@ pub fn next_delay(spec: &CheckSpec, unsettled: bool, draw: f64) -> Duration {
     };
     let spread = spec.jitter * (2.0 * draw.clamp(0.0, 1.0) - 1.0);
     base.mul_f64((1.0 + spread).max(0.05))
+}
+
+/// HTTPS checks' TLS: a client config per CA file (or none: not verified), built once.
+mod tls {
+    use std::{
+        collections::HashMap,
+        sync::{Arc, Mutex, OnceLock},
+    };
+
+    use rustls_pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
+    use tokio_rustls::rustls::{
+        self, ClientConfig, DigitallySignedStruct, SignatureScheme,
+        client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        crypto::CryptoProvider,
+    };
+
+    /// Accepts any certificate (the signatures of the handshake are still checked): for
+    /// checks without `tls_ca`.
+    #[derive(Debug)]
+    struct Unverified(Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for Unverified {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    type Cache = Mutex<HashMap<Option<String>, Arc<ClientConfig>>>;
+
+    /// The config for `ca` (a PEM file of CA certificates), read once; a file that cannot be
+    /// read fails the check with why (and is tried again next time).
+    pub fn client_config(ca: Option<&str>) -> Result<Arc<ClientConfig>, String> {
+        static CACHE: OnceLock<Cache> = OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        let key = ca.map(str::to_string);
+        if let Some(c) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(c.clone());
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("tls: {e}"))?;
+        let config = match ca {
+            None => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
+                .with_no_client_auth(),
+            Some(path) => {
+                let mut roots = rustls::RootCertStore::empty();
+                let certs = CertificateDer::pem_file_iter(path)
+                    .map_err(|e| format!("tls_ca {path}: {e}"))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("tls_ca {path}: {e}"))?;
+                let (added, _) = roots.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(format!("tls_ca {path}: no CA certificate"));
+                }
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+        };
+        let config = Arc::new(config);
+        cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, config.clone());
+        Ok(config)
+    }
+
+    /// The name the certificate must carry: the check's host, else the backend's address.
+    pub fn server_name(
+        host: Option<&str>,
+        target: std::net::SocketAddr,
+    ) -> Result<ServerName<'static>, String> {
+        match host {
+            Some(h) => ServerName::try_from(h.to_string()).map_err(|e| format!("tls: host {h:?}: {e}")),
+            None => Ok(ServerName::IpAddress(target.ip().into())),
+        }
+    }
 }

@@ -67,6 +67,12 @@ pub struct HealthSettings {
     pub expect_status: Option<String>,
     /// `http`: text the body must hold.
     pub expect_body: Option<String>,
+    /// `http`: over TLS (HTTPS). Without `tls_ca` the backend's certificate is not checked
+    /// (the check is encrypted, not authenticated), as HAProxy's `check-ssl verify none`.
+    pub https: Option<bool>,
+    /// `http` with `https`: a PEM file of CA certificates the backend's certificate must chain
+    /// to, for the name in `host` (default: the backend's address).
+    pub tls_ca: Option<String>,
     /// `udp`: the datagram to send, and text the reply must hold.
     pub send: Option<String>,
     pub expect: Option<String>,
@@ -118,6 +124,9 @@ pub enum Probe {
         host: Option<String>,
         status: (u16, u16),
         body: Option<String>,
+        /// HTTPS: `Some(ca)`, with the CA file that must vouch for the backend (`None`: not
+        /// verified).
+        tls: Option<Option<String>>,
     },
     Udp {
         send: Vec<u8>,
@@ -297,11 +306,22 @@ fn resolve_check(service: &Service, backend: &Backend) -> Result<Option<CheckSpe
                 Some(t) => parse_status_range(&t)?,
                 None => (200, 399),
             };
+            let https = pick(s, b, |h| &h.https).unwrap_or(false);
+            let ca = pick(s, b, |h| &h.tls_ca);
+            if ca.is_some() && !https {
+                return Err("tls_ca needs https = true".into());
+            }
+            if let Some(c) = &ca
+                && c.is_empty()
+            {
+                return Err("tls_ca must name a PEM file".into());
+            }
             Probe::Http {
                 path,
                 host,
                 status,
                 body: pick(s, b, |h| &h.expect_body),
+                tls: https.then_some(ca),
             }
         }
         CheckKind::Udp => {
