@@ -1,7 +1,8 @@
 //! Load shedding end to end: a backend limited to 200 new flows/s, offered about 1,000/s of
 //! new UDP flows, gets 200/s (±20%); the rest is spilled to the other backends (dns4,
 //! `on_shed = "spill"`) or dropped (dns6, `"drop"`), and counted. Established flows are never
-//! shed.
+//! shed. A service limited to 500 new flows/s, offered about 3,000/s, takes 500/s (±20%) and
+//! drops the rest.
 
 use std::{
     collections::HashMap,
@@ -38,6 +39,72 @@ fn new_flows(d: &Daemon) -> (HashMap<(String, String), u64>, HashMap<String, u64
         .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
         .collect();
     (per, counters)
+}
+
+/// About 3,000 new UDP flows a second to `target` for 3 s, each from a fresh socket: (sent,
+/// seconds).
+fn offer(topo: &Topology, target: SocketAddr) -> (u64, f64) {
+    in_ns(&topo.client, move || {
+        let local: SocketAddr = if target.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let start = Instant::now();
+        let mut sent = 0u64;
+        let mut next = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            for _ in 0..30 {
+                let s = UdpSocket::bind(local).expect("bind");
+                if s.send_to(b"who", target).is_ok() {
+                    sent += 1;
+                }
+            }
+            next += Duration::from_millis(10);
+            if let Some(w) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(w);
+            }
+        }
+        (sent, start.elapsed().as_secs_f64())
+    })
+}
+
+#[test]
+fn a_limited_service_takes_its_rate_and_drops_the_rest() {
+    let topo = Topology::new(3).expect("topology");
+    let (instance, run_dir) = Daemon::new_paths();
+    let mut text = String::new();
+    for line in topo.config(&instance, &run_dir, &["b1", "b2", "b3"]).lines() {
+        text.push_str(line);
+        text.push('\n');
+        if line == "name = \"dns4\"" {
+            text.push_str("max_new_flows_per_s = 500\n");
+        }
+    }
+    let d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
+    d.wait_all_in_tables();
+    let (before, counters_before) = new_flows(&d);
+    let (sent, secs) = offer(&topo, SocketAddr::new(IpAddr::V4(VIP4), PORT));
+    let settled = wait_until(Duration::from_secs(2), || {
+        let c = new_flows(&d).1;
+        (c["tx"] - counters_before["tx"]) + (c["drop_shed"] - counters_before["drop_shed"]) >= sent * 95 / 100
+    });
+    assert!(
+        settled,
+        "{sent} sent, counters {}",
+        d.json(&["stats"])["counters"]
+    );
+    let (after, counters) = new_flows(&d);
+    let took: u64 = ["b1", "b2", "b3"]
+        .iter()
+        .map(|b| after[&("dns4".to_string(), b.to_string())] - before[&("dns4".to_string(), b.to_string())])
+        .sum();
+    let rate = took as f64 / secs;
+    let dropped = counters["drop_shed"] - counters_before["drop_shed"];
+    println!("dns4 limited to 500/s: {sent} new flows in {secs:.1} s, {rate:.0}/s taken, {dropped} dropped");
+    assert!((400.0..=600.0).contains(&rate), "the service took {rate:.0}/s");
+    assert!(dropped > sent / 2, "dropped {dropped} of {sent}");
+    assert_eq!(counters["shed_spilled"] - counters_before["shed_spilled"], 0);
 }
 
 #[test]
@@ -82,29 +149,7 @@ fn a_limited_backend_gets_its_rate_and_the_rest_is_spilled_or_dropped() {
         let (before, counters_before) = new_flows(&d);
         // About 3,000 new flows a second over the three backends: 1,000/s hash to b1.
         let target = SocketAddr::new(vip, PORT);
-        let (sent, secs) = in_ns(&topo.client, move || {
-            let local: SocketAddr = if target.is_ipv4() {
-                "0.0.0.0:0".parse().unwrap()
-            } else {
-                "[::]:0".parse().unwrap()
-            };
-            let start = Instant::now();
-            let mut sent = 0u64;
-            let mut next = Instant::now();
-            while start.elapsed() < Duration::from_secs(3) {
-                for _ in 0..30 {
-                    let s = UdpSocket::bind(local).expect("bind");
-                    if s.send_to(b"who", target).is_ok() {
-                        sent += 1;
-                    }
-                }
-                next += Duration::from_millis(10);
-                if let Some(w) = next.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(w);
-                }
-            }
-            (sent, start.elapsed().as_secs_f64())
-        });
+        let (sent, secs) = offer(&topo, target);
         // Counters settle as soon as the last datagram passed the balancer (sent on, or shed).
         let settled = wait_until(Duration::from_secs(2), || {
             let c = new_flows(&d).1;
