@@ -9,8 +9,11 @@ pub struct TrafficStats {
     pub new_flows: u64,
     /// Client SYNs for a flow this backend was just given (backends only): passive health.
     pub syn_retransmits: u64,
+    /// NAT only: connections the backend refused (a RST as its first answer to the SYN):
+    /// passive health.
+    pub refused: u64,
 }
-const _: () = assert!(core::mem::size_of::<TrafficStats>() == 32);
+const _: () = assert!(core::mem::size_of::<TrafficStats>() == 40);
 
 macro_rules! counters {
     ($($name:ident = $idx:expr, $label:expr;)*) => {

@@ -71,10 +71,17 @@ fn translate_verdict(
         e.last_seen_ns = now;
     }
     if e.flags & NAT_F_REPLY != 0 {
-        if e.flags & NAT_F_ANSWERED == 0 {
+        // The backend's first answer marks both entries answered (the forward one tells a
+        // client's SYN retransmit from a reopened tuple); a RST as that answer is a refusal,
+        // counted for passive health.
+        let first = e.flags & NAT_F_ANSWERED == 0;
+        if first {
             e.flags |= NAT_F_ANSWERED;
+            if flags & TCP_RST != 0 {
+                crate::stats::refused(e.backend);
+            }
         }
-        let state = tcp_state(flags, NAT_F_FIN_BACKEND);
+        let state = tcp_state(flags, NAT_F_FIN_BACKEND) | if first { NAT_F_ANSWERED } else { 0 };
         if state != 0
             && let Some(fwd) = NAT_FLOWS.get_ptr_mut(&e.twin_key(key.family, key.proto))
         {
@@ -91,7 +98,13 @@ fn translate_verdict(
     let Some(backend) = backend.or_else(|| backend_of(e)) else {
         return Verdict::Drop(Counter::DropBackendMissing);
     };
-    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    let mut retransmit = false;
+    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN && e.flags & NAT_F_ANSWERED == 0 && !e.is_closing() {
+        // The client's SYN again, and the backend never answered: a retransmit, counted for
+        // passive health (and as a new flow, as the other modes count each SYN they pick).
+        retransmit = true;
+        crate::stats::syn_retransmit(e.backend);
+    } else if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         // The client opens the same tuple again: the connection lives anew (and counts again).
         e.flags &= !(NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST);
         if e.flags & NAT_F_COUNTS != 0 && atomic_or(&mut e.flags, NAT_F_COUNTED) & NAT_F_COUNTED == 0 {
@@ -106,7 +119,7 @@ fn translate_verdict(
     if rewrite(frame, flow, e).is_none() {
         return Verdict::Drop(Counter::DropTruncatedL4);
     }
-    traffic(e.service, e.backend, len, false);
+    traffic(e.service, e.backend, len, retransmit);
     to_backend(ctx, frame, backend)
 }
 

@@ -44,6 +44,15 @@ pub fn syn_retransmit(backend: u32) {
     }
 }
 
+/// A backend refused a NAT connection: a RST was its first answer.
+#[inline(always)]
+pub fn refused(backend: u32) {
+    if let Some(b) = BACKEND_STATS.get_ptr_mut(backend) {
+        // SAFETY: per-CPU slot.
+        unsafe { (*b).refused += 1 };
+    }
+}
+
 /// Counts the verdict and turns it into the XDP action.
 ///
 /// The per-mode paths (echo, encapsulation, NAT) are stages: BPF-to-BPF calls, so their frames

@@ -506,3 +506,96 @@ fn least_connections_counts_nat_connections_until_both_sides_close() {
     println!("after 2,000 short NAT connections: {left} active flows counted");
     assert!(settled, "drift: {:?}", active_of(&d, service));
 }
+
+#[test]
+fn nat_passive_signals_take_out_a_refusing_and_a_blackholed_backend_long_before_the_checks() {
+    let mut net = Net::new().expect("topology");
+    let (instance, run_dir) = Daemon::new_paths();
+    // The default checks: TCP every 5 s, three failures to go down (up to 15 s); passive
+    // health is on by default. No panic mode: two of three backends go out here.
+    let config = net.config(&instance, &run_dir, "").replace(
+        "name = \"tcp4-81\"\n",
+        "name = \"tcp4-81\"\nhealth = { kind = \"tcp\", panic_threshold = 0.0 }\n",
+    );
+    let d = Daemon::start_in(&net.lb, &instance, &run_dir, &config).expect("daemon");
+    wait_resolved(&d);
+    let service = "tcp4-81";
+    let target = SocketAddr::new(IpAddr::V4(VIP4), SNAT_PORT);
+    let slots = |d: &Daemon, id: &str| {
+        d.backends_of(service)
+            .iter()
+            .find(|b| b["id"] == id)
+            .and_then(|b| b["table_slots"].as_u64())
+            .unwrap_or(0)
+    };
+    // Client load while a fault is on: 32 threads connecting over and over (each connect
+    // bounded by 2 s, paced to at most 50 a second per thread, as clients back off), until
+    // `stop`.
+    let load = |client: &NetNs, stop: Arc<std::sync::atomic::AtomicBool>| {
+        in_ns(client, move || {
+            let threads: Vec<_> = (0..32)
+                .map(|_| {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            let pace = Instant::now() + Duration::from_millis(20);
+                            if let Ok(s) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+                                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                                let _ = (&s).write_all(b"who\n");
+                                let mut line = String::new();
+                                let _ = BufReader::new(&s).read_line(&mut line);
+                            }
+                            if let Some(w) = pace.checked_duration_since(Instant::now()) {
+                                std::thread::sleep(w);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            threads
+        })
+    };
+    for (id, fault) in [("b1", "refuse"), ("b2", "blackhole")] {
+        assert!(slots(&d, id) > 0, "{id} in the table first");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = load(&net.client, stop.clone());
+        // Let the load settle into a steady state, then the fault.
+        assert!(wait_until(
+            Duration::from_secs(2),
+            || d.json(&["stats"])["counters"]["nat_created"].as_u64() > Some(200)
+        ));
+        match fault {
+            "refuse" => {
+                net.servers.remove(0); // b1's servers stop: its port refuses (RST)
+            }
+            _ => {
+                net.switch.sh("ip link set p2 down").expect("link down");
+            }
+        }
+        // From when the fault is complete (a server's threads take a moment to stop).
+        let start = Instant::now();
+        let out = wait_until(Duration::from_secs(5), || slots(&d, id) == 0);
+        let took = start.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            let _ = t.join();
+        }
+        let h = d.json(&["health", service]);
+        let b = h[0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == id)
+            .unwrap()
+            .clone();
+        println!(
+            "NAT {fault}: {id} out of the table in {} ms: {}",
+            took.as_millis(),
+            b["check"]["reason"]
+        );
+        // A refusal answers at once; a blackhole shows only when clients retransmit (1 s).
+        let bound = Duration::from_secs(if fault == "refuse" { 3 } else { 5 });
+        assert!(out && took < bound, "{id} ({fault}) still in after {took:?}: {b}");
+        assert!(b["check"]["passive_failures"].as_u64() > Some(0), "{b}");
+    }
+}

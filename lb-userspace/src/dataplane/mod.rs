@@ -284,6 +284,7 @@ fn add_traffic(acc: &mut TrafficStats, v: &TrafficStats) {
     acc.bytes += v.bytes;
     acc.new_flows += v.new_flows;
     acc.syn_retransmits += v.syn_retransmits;
+    acc.refused += v.refused;
 }
 
 fn sum_traffic(values: PerCpuValues<TrafficStats>) -> Result<TrafficStats> {

@@ -96,7 +96,7 @@ struct Target {
     breaker: Breaker,
     agent: AgentState,
     /// The backend's (new flows, SYN retransmits) at the last passive looks, oldest first.
-    passive: std::collections::VecDeque<(u64, u64)>,
+    passive: std::collections::VecDeque<super::passive::Reading>,
     task: JoinHandle<()>,
 }
 
@@ -261,7 +261,7 @@ pub async fn run(
                     let Some(p) = spec.passive else { continue };
                     let Some(slot) = snap.assignments.backends.get(&crate::reconcile::plan::backend_key(&backend.service, &backend.id)) else { continue };
                     let Ok(traffic) = source.readers.backend_traffic(slot.slot) else { continue };
-                    let now = (traffic.new_flows, traffic.syn_retransmits);
+                    let now = (traffic.new_flows, traffic.syn_retransmits, traffic.refused);
                     let before = if t.passive.len() >= super::passive::WINDOW { t.passive.pop_front() } else { t.passive.front().copied() };
                     t.passive.push_back(now);
                     let Some(outcome) = before.and_then(|b| super::passive::evaluate(b, now, &p)) else { continue };

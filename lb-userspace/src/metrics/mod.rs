@@ -237,6 +237,12 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         &["service", "backend"],
     ),
     (
+        "lb_backend_refused_total",
+        "NAT services: connections a backend refused (a RST as its first answer to the SYN); passive health counts them.",
+        MetricType::COUNTER,
+        &["service", "backend"],
+    ),
+    (
         "lb_backend_load_factor",
         "The factor resource-aware weighting applies to a backend's weight now.",
         MetricType::GAUGE,
@@ -244,7 +250,7 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
     ),
 ];
 /// `families` names each family by its index in FAMILIES.
-const _: () = assert!(FAMILIES.len() == 34);
+const _: () = assert!(FAMILIES.len() == 35);
 
 /// One family: samples in the order the walk adds them.
 struct Family {
@@ -578,8 +584,9 @@ impl DataPlaneCollector {
             census_duration,
             service_strategy,
             backend_load,
+            backend_refused,
             backend_load_factor,
-        ]: [usize; 34] = std::array::from_fn(|i| i);
+        ]: [usize; 35] = std::array::from_fn(|i| i);
         let board = s.board.read().unwrap_or_else(|p| p.into_inner());
         let default = crate::status::BackendStatus::default();
         let mut services: Vec<&crate::model::Service> = snap.services.iter().collect();
@@ -647,6 +654,7 @@ impl DataPlaneCollector {
                     f.add(backend_bytes, &labels, t.bytes as f64);
                     f.add(backend_new_flows, &labels, t.new_flows as f64);
                     f.add(backend_syn_retransmits, &labels, t.syn_retransmits as f64);
+                    f.add(backend_refused, &labels, t.refused as f64);
                 }
                 let key = BackendRef::new(&svc.name, &b.id);
                 let st = snap.status.get(&key).unwrap_or(&default);
