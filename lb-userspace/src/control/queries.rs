@@ -273,7 +273,7 @@ impl Queries<'_> {
             for b in &s.backends {
                 if let Some(bs) = self.snap.assignments.backends.get(&backend_key(&s.name, &b.id)) {
                     let bt = self.readers.backend_traffic(bs.slot)?;
-                    backends.push(json!({"id": b.id, "packets": bt.packets, "bytes": bt.bytes, "new_flows": bt.new_flows}));
+                    backends.push(json!({"id": b.id, "packets": bt.packets, "bytes": bt.bytes, "new_flows": bt.new_flows, "syn_retransmits": bt.syn_retransmits, "refused": bt.refused}));
                 }
             }
             services.push(json!({"name": s.name, "packets": t.packets, "bytes": t.bytes, "new_flows": t.new_flows, "backends": backends}));
