@@ -81,18 +81,7 @@ fn set_weights(d: &Daemon, service: &str, weights: &[(&str, u32)]) {
 /// `n` new UDP flows, each socket held until all are done: a freed source port could come back
 /// as the same 5-tuple, a flow the connection table already knows.
 fn udp_new_flows(topo: &Topology, vip: IpAddr, n: usize) -> HashMap<String, usize> {
-    in_ns(&topo.client, move || {
-        let target = std::net::SocketAddr::new(vip, lb_tests::topology::PORT);
-        let mut held = Vec::new();
-        let mut counts = HashMap::new();
-        for _ in 0..n {
-            let s = lb_tests::client::udp_socket(target, Duration::from_millis(500)).expect("UDP socket");
-            let id = lb_tests::client::udp_ask(&s).expect("UDP answer within 5 tries");
-            *counts.entry(id).or_insert(0) += 1;
-            held.push(s);
-        }
-        counts
-    })
+    udp_flows_from(&topo.client, vip, n)
 }
 
 fn share(counts: &HashMap<String, usize>, id: &str) -> usize {
@@ -569,7 +558,7 @@ fn adaptive_switches_on_imbalance_and_load_and_back_when_calm() {
     // The established flows were never moved: no connection failed above (each asks thrice).
 }
 
-/// `n` new UDP flows from `ns` to the VIP, sockets held until all are done.
+/// As `udp_new_flows`, from any client namespace.
 fn udp_flows_from(ns: &lb_tests::netns::NetNs, vip: IpAddr, n: usize) -> HashMap<String, usize> {
     in_ns(ns, move || {
         let target = std::net::SocketAddr::new(vip, lb_tests::topology::PORT);

@@ -350,17 +350,16 @@ fn cases(katran: bool) -> Vec<Case> {
         },
     ];
     // Each strategy's new-flow and established cost, on the same frames as tcp4_syn and
-    // tcp4_established but for its own port.
-    for (k, (_, syn, established)) in STRATEGIES.iter().enumerate() {
-        let port = STRATEGY_PORT + k as u16;
+    // tcp4_established but for its own port; geo's after theirs.
+    let ports = STRATEGIES
+        .iter()
+        .enumerate()
+        .map(|(k, (_, syn, established))| (STRATEGY_PORT + k as u16, *syn, *established))
+        .chain([(GEO_PORT, "tcp4_syn_geo", "tcp4_established_geo")]);
+    for (port, syn, established) in ports {
         for (name, flags, vary_offset, check) in [
-            (
-                *syn,
-                TCP_SYN,
-                IPV4_SRC,
-                &[Counter::ConntrackMiss, Counter::Tx][..],
-            ),
-            (*established, TCP_ACK, 0, hit),
+            (syn, TCP_SYN, IPV4_SRC, &[Counter::ConntrackMiss, Counter::Tx][..]),
+            (established, TCP_ACK, 0, hit),
         ] {
             ours.push(Case {
                 guarded: false,
@@ -375,28 +374,6 @@ fn cases(katran: bool) -> Vec<Case> {
                 target_ns: None,
             });
         }
-    }
-    for (name, flags, vary_offset, check) in [
-        (
-            "tcp4_syn_geo",
-            TCP_SYN,
-            IPV4_SRC,
-            &[Counter::ConntrackMiss, Counter::Tx][..],
-        ),
-        ("tcp4_established_geo", TCP_ACK, 0, hit),
-    ] {
-        ours.push(Case {
-            guarded: false,
-            unwrapped: false,
-            name,
-            frame: v4(PROTO_TCP, tcp(40000, GEO_PORT, flags), VIP4),
-            setup: None,
-            target: BENCH_TARGET_LB,
-            vary_offset,
-            verdict: XDP_TX,
-            check: Check::Ours(check),
-            target_ns: None,
-        });
     }
     if !katran {
         return ours;
