@@ -69,15 +69,20 @@ enum Command {
         #[arg(long, value_name = "PART")]
         only: Vec<String>,
     },
-    /// Run setup, then the data-plane fuzzer with more cases than the test command runs
+    /// Run setup, then the fuzzers with more cases than the test command runs
     ///
     /// Generated frames through the balancer with BPF_PROG_TEST_RUN, each checked against the
-    /// model (tests/tests/fuzz_dataplane.rs). Prints the seed; `--seed` replays a run. Needs
-    /// root. A million cases take about 3 minutes.
+    /// model (tests/tests/fuzz_dataplane.rs); then config files, CLI arguments, service bodies,
+    /// agent replies and geo data, each for `--input-seconds` (tests/tests/fuzz_inputs.rs).
+    /// Prints the seeds; `--seed` replays a run. Needs root. A million frames take about 3
+    /// minutes.
     Fuzz {
         /// Number of generated frames
         #[arg(long, default_value_t = 1_000_000)]
         cases: u32,
+        /// Seconds per input target (config, CLI, service body, agent, geo CSV, geo mmdb)
+        #[arg(long, default_value_t = 60)]
+        input_seconds: u32,
         /// Replay a run's seed
         #[arg(long)]
         seed: Option<u64>,
@@ -119,12 +124,16 @@ fn run(cli: Cli) -> Result<()> {
         Command::Test { args } => test(&ctx, args),
         Command::Demo => demo(&ctx),
         Command::Bench { quick, only } => bench(&ctx, quick, &only),
-        Command::Fuzz { cases, seed } => fuzz(&ctx, cases, seed),
+        Command::Fuzz {
+            cases,
+            input_seconds,
+            seed,
+        } => fuzz(&ctx, cases, input_seconds, seed),
     }
 }
 
-fn fuzz(ctx: &Ctx, cases: u32, seed: Option<u64>) -> Result<()> {
-    const STEPS: usize = 2;
+fn fuzz(ctx: &Ctx, cases: u32, input_seconds: u32, seed: Option<u64>) -> Result<()> {
+    const STEPS: usize = 3;
     header(1, STEPS, "setup");
     setup::setup(ctx)?;
     let mut run = ctx.cargo();
@@ -143,7 +152,29 @@ fn fuzz(ctx: &Ctx, cases: u32, seed: Option<u64>) -> Result<()> {
         run.env("LB_FUZZ_SEED", seed.to_string());
     }
     header(2, STEPS, &format!("LB_FUZZ_CASES={cases} {}", ctx::display(&run)));
-    ctx::run(&mut run)
+    ctx::run(&mut run)?;
+    let mut inputs = ctx.cargo();
+    inputs.args([
+        "test",
+        "--release",
+        "-p",
+        "lb-tests",
+        "--test",
+        "fuzz_inputs",
+        "--",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    inputs.env("LB_FUZZ_INPUT_SECONDS", input_seconds.to_string());
+    if let Some(seed) = seed {
+        inputs.env("LB_FUZZ_SEED", seed.to_string());
+    }
+    header(
+        3,
+        STEPS,
+        &format!("LB_FUZZ_INPUT_SECONDS={input_seconds} {}", ctx::display(&inputs)),
+    );
+    ctx::run(&mut inputs)
 }
 
 fn header(step: usize, total: usize, what: &str) {
