@@ -153,7 +153,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
             snapshot: handles.snapshot.clone(),
         }),
     ));
-    let adaptive = tokio::spawn(crate::strategy::adaptive::run(
+    let adaptive = tokio::spawn(crate::reconcile::adapt::run(
         handles.snapshot.clone(),
         readers.clone(),
         handles.commands.clone(),

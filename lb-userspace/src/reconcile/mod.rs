@@ -5,6 +5,7 @@
 //! does its map work (table builds included) on a blocking thread, off the async workers.
 //! Readers work from the snapshot it publishes after each pass, and their own map handles.
 
+pub mod adapt;
 pub mod apply;
 pub mod hops;
 pub mod plan;

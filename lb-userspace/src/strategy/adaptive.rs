@@ -6,22 +6,14 @@
 //!   weight's share, over at least `min_flows` flows) → least-connections;
 //! - else, once calm again (under `calm`) → Maglev.
 //!
-//! A switch waits `dwell` after the last one. `decide` is pure; `run` is the task that feeds
-//! it the data plane's active-flow counts and hands its switches to the writer.
+//! A switch waits `dwell` after the last one. `decide` is pure; `reconcile::adapt` is the
+//! task that feeds it the data plane's active-flow counts and hands its switches to the writer.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
 
-use crate::{
-    dataplane::Readers,
-    model::{BackendRef, Strategy},
-    reconcile::{Command, Snapshot, plan::backend_key},
-};
+use crate::model::Strategy;
 
 /// `[service.adaptive]` as written; unset keys take the defaults below.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Deserialize, Serialize, utoipa::ToSchema)]
@@ -167,87 +159,6 @@ pub fn decide(state: &AdaptiveState, s: &Signals, a: &Adaptive, now: Instant) ->
         return None;
     }
     Some((want, reason))
-}
-
-/// Looks at every adaptive service each `interval` (the shortest of theirs) and sends the
-/// writer each switch `decide` makes.
-pub async fn run(
-    mut snapshot: watch::Receiver<Arc<Snapshot>>,
-    readers: Arc<Readers>,
-    commands: mpsc::Sender<Command>,
-) {
-    loop {
-        let snap = snapshot.borrow_and_update().clone();
-        let adaptive: Vec<_> = snap
-            .services
-            .iter()
-            .filter(|s| s.strategy == Strategy::Adaptive)
-            .collect();
-        let every = adaptive
-            .iter()
-            .map(|s| s.adaptive.unwrap_or_default().resolve().interval)
-            .min();
-        let now = Instant::now();
-        for s in adaptive {
-            let a = s.adaptive.unwrap_or_default().resolve();
-            let Some(state) = snap.adaptive.get(&s.name) else {
-                continue;
-            };
-            let weights = snap.weights.get(&s.name);
-            let members: Vec<(u64, u32)> = s
-                .backends
-                .iter()
-                .map(|b| {
-                    let slot = snap
-                        .assignments
-                        .backends
-                        .get(&backend_key(&s.name, &b.id))
-                        .map(|x| x.slot);
-                    let n = slot.map_or(0, |slot| readers.active.get(slot).max(0) as u64);
-                    let w = weights
-                        .and_then(|w| w.backends.get(&b.id))
-                        .map_or(0, |e| e.weight);
-                    (n, w)
-                })
-                .collect();
-            let (flows, imbalance) = imbalance(&members);
-            let reporting = s.backends.iter().any(|b| {
-                snap.status
-                    .get(&BackendRef::new(&s.name, &b.id))
-                    .is_some_and(|st| {
-                        st.load.report.is_some_and(|(_, exp)| exp > now)
-                            || st.agent.as_ref().is_some_and(|ag| ag.percent().is_some())
-                    })
-            });
-            let signals = Signals {
-                reporting,
-                flows,
-                imbalance,
-            };
-            if let Some((to, reason)) = decide(state, &signals, &a, now) {
-                let _ = commands
-                    .send(Command::Adapt {
-                        service: s.name.clone(),
-                        to,
-                        reason,
-                    })
-                    .await;
-            }
-        }
-        match every {
-            Some(d) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(d) => {}
-                    r = snapshot.changed() => if r.is_err() { return },
-                }
-            }
-            None => {
-                if snapshot.changed().await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
