@@ -21,7 +21,7 @@ use futures::TryStreamExt;
 use lb_common::{AddrKey, FAMILY_V4, FAMILY_V6, addr_words, maps};
 use log::{info, warn};
 use rtnetlink::packet_route::{
-    address::{AddressAttribute, AddressMessage},
+    address::{AddressAttribute, AddressHeaderFlags, AddressMessage},
     link::LinkAttribute,
 };
 use serde::Serialize;
@@ -478,10 +478,11 @@ async fn add_to_loopback(vip: IpAddr) -> Result<bool> {
         return Ok(false);
     }
     let len = if vip.is_ipv4() { 32 } else { 128 };
-    handle
-        .address()
-        .add(ifindex("lo")?, vip, len)
-        .execute()
+    let mut add = handle.address().add(ifindex("lo")?, vip, len);
+    // No duplicate address detection: the VIP is meant to be on many hosts, and a tentative
+    // address cannot be bound until DAD's work has run.
+    add.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+    add.execute()
         .await
         .with_context(|| format!("add {vip}/{len} to lo"))?;
     Ok(true)
