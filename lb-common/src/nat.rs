@@ -52,6 +52,14 @@ pub const NAT_F_ANSWERED: u32 = 32;
 pub const NAT_F_COUNTS: u32 = 64;
 pub const NAT_F_COUNTED: u32 = 128;
 
+/// Whether a forward entry's `flags` say its TCP connection is closing: a RST, or a FIN each
+/// way. One FIN alone is a half-close, which may stay idle for long.
+#[inline(always)]
+pub const fn closing(flags: u32) -> bool {
+    let fins = NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND;
+    flags & NAT_F_RST != 0 || flags & fins == fins
+}
+
 /// Entries are refreshed at most this often.
 pub const NAT_TOUCH_NS: u64 = 100_000_000;
 
@@ -66,8 +74,7 @@ impl NatEntry {
     /// A forward entry's TCP connection is closing: a RST, or a FIN each way. One FIN alone is
     /// a half-close, which may stay idle for long.
     pub const fn is_closing(&self) -> bool {
-        let fins = NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND;
-        self.flags & NAT_F_RST != 0 || self.flags & fins == fins
+        closing(self.flags)
     }
 
     /// The key of the other direction: this entry's rewritten tuple, turned around.

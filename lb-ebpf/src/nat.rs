@@ -354,12 +354,7 @@ fn set_macs(frame: &Frame, dst: &[u8; 6], src: &[u8; 6]) -> Option<()> {
 #[inline(always)]
 fn settle(fwd: &mut NatEntry, state: u32) {
     let flags = atomic_or(&mut fwd.flags, state) | state;
-    let closing = NatEntry {
-        flags,
-        ..Default::default()
-    }
-    .is_closing();
-    if closing
+    if lb_common::nat::closing(flags)
         && flags & NAT_F_COUNTED != 0
         && atomic_and(&mut fwd.flags, !NAT_F_COUNTED) & NAT_F_COUNTED != 0
     {
