@@ -113,7 +113,7 @@ pub struct Eligibility {
 }
 
 /// The lower of a backend's configured connection cap and its agent's (0: none).
-fn maxconn(b: &crate::model::Backend, agent: Option<&AgentState>) -> u32 {
+pub(crate) fn maxconn(b: &crate::model::Backend, agent: Option<&AgentState>) -> u32 {
     match (b.maxconn, agent.and_then(|a| a.maxconn)) {
         (Some(x), Some(y)) => x.min(y),
         (Some(x), None) | (None, Some(x)) => x,

@@ -295,6 +295,7 @@ impl Writer {
         let Some(path) = geo.data.clone() else {
             return Err(Error::invalid("[daemon.geo] names no data file"));
         };
+        let source = path.display().to_string();
         let engine = self.engine.clone();
         let (n, per_region) =
             tokio::task::spawn_blocking(move || -> Result<(usize, BTreeMap<String, usize>)> {
@@ -314,13 +315,7 @@ impl Writer {
             .await
             .map_err(|e| Error::dataplane(format!("geo load task: {e}")))??;
         self.geo = Some(GeoStatus {
-            source: self
-                .cfg
-                .geo
-                .as_ref()
-                .and_then(|g| g.data.as_ref())
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
+            source,
             prefixes: n,
             prefixes_per_region: per_region,
             loaded_at: std::time::SystemTime::now()
@@ -349,19 +344,19 @@ impl Writer {
 
     /// One resource-aware update of every service running it, if due: smooth each backend's
     /// load, move targets past the hysteresis, and step the factors by at most `max_move` of
-    /// the table. Returns whether any factor changed.
+    /// the table.
     async fn resource_update(
         &mut self,
         services: &[Service],
         status: &mut BTreeMap<BackendRef, BackendStatus>,
         reported: bool,
         now: Instant,
-    ) -> bool {
+    ) {
         let due = self.resource_due.is_some_and(|t| t <= now);
         // Idle until a load signal arrives; then every interval while there is load to follow.
         let wake = reported && self.resource_due.is_none();
         if !(due || wake) {
-            return false;
+            return;
         }
         let mut jobs = Vec::new();
         let mut next: Option<Duration> = None;
@@ -378,10 +373,7 @@ impl Writer {
                     st.load.report = None;
                 }
                 let agent = st.agent.as_ref().and_then(AgentState::percent);
-                let maxconn = b
-                    .maxconn
-                    .or(st.agent.as_ref().and_then(|a| a.maxconn))
-                    .unwrap_or(0);
+                let maxconn = crate::status::maxconn(b, st.agent.as_ref());
                 let x = crate::strategy::resource::sample(st.load.report.as_ref(), agent, maxconn, now);
                 st.load.observe(x, &r);
                 members.push((b.id.clone(), b.weight, st.load.factor, st.load.target));
@@ -400,7 +392,7 @@ impl Writer {
         }
         self.resource_due = next.map(|d| now + d);
         if jobs.is_empty() {
-            return false;
+            return;
         }
         let steps = tokio::task::spawn_blocking(move || {
             jobs.into_iter()
@@ -433,7 +425,6 @@ impl Writer {
                 moved * 100.0
             );
         }
-        true
     }
 
     async fn pass(&mut self, batch: Vec<Command>) {
