@@ -15,6 +15,7 @@ pub mod nat;
 pub mod service;
 pub mod shed;
 pub mod stats;
+pub mod steer;
 pub mod strategy;
 
 pub use backend::Backend;

@@ -75,6 +75,10 @@ pub const PROG_DECAP: &str = "decap";
 
 /// The XDP balancer program.
 pub const PROG_LB: &str = "lb";
+/// Checks through the data path (`steer`): the check device's egress classifier, and the XDP
+/// program on its peer.
+pub const PROG_STEER_MARK: &str = "steer_mark";
+pub const PROG_STEER: &str = "steer";
 /// A program that passes every frame: veth peers need one to receive XDP_TX/redirect frames.
 pub const PROG_PASS: &str = "xdp_pass";
 

@@ -101,8 +101,12 @@ counters! {
     // Second chance: a TCP segment of a flow the connection table did not know, sent to the
     // previous Maglev table's (live) owner of its hash instead of the current one's.
     SecondChanceHit = 39, "second_chance_hit";
+    // A check's packet steered to its backend (`through = "vip"`).
+    CheckSteered = 40, "check_steered";
+    // A check's packet whose slot or service was not there (a backend removed meanwhile).
+    DropCheckNoTarget = 41, "drop_check_no_target";
 }
 
 /// Size of the global counter map.
 pub const COUNTER_SLOTS: u32 = 48;
-const _: () = assert!((Counter::SecondChanceHit as u32) < COUNTER_SLOTS);
+const _: () = assert!((Counter::DropCheckNoTarget as u32) < COUNTER_SLOTS);

@@ -48,7 +48,7 @@ pub fn forward(ctx: &XdpContext, frame: &Frame, flow: &Flow, chosen: &Chosen) ->
 /// Rewrites only the Ethernet addresses; the IP packet reaches the backend as the client sent
 /// it, and the backend (VIP on its loopback) answers the client directly.
 #[inline(always)]
-fn dsr_l2(ctx: &XdpContext, frame: &Frame, backend: &Backend) -> Verdict {
+pub fn dsr_l2(ctx: &XdpContext, frame: &Frame, backend: &Backend) -> Verdict {
     let Some(eth) = frame.ptr_at::<EthHdr>(0) else {
         return Verdict::Drop(Counter::DropTruncatedL2);
     };

@@ -15,9 +15,14 @@ mod maps;
 mod nat;
 mod select;
 mod stats;
+mod steer;
 mod too_big;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use core::mem::MaybeUninit;
 
 use lb_common::{Counter, service::FWD_NAT};
@@ -76,6 +81,24 @@ fn parse(ctx: &XdpContext, out: &mut MaybeUninit<Flow>) -> u32 {
         }
         Err(verdict) => stats::finish(verdict),
     }
+}
+
+/// Checks through the data path: the check device's egress (see `steer`).
+#[classifier]
+pub fn steer_mark(ctx: TcContext) -> i32 {
+    steer::mark(&ctx)
+}
+
+/// Checks through the data path: the check device's peer (see `steer`).
+#[xdp]
+pub fn steer(ctx: XdpContext) -> u32 {
+    let mut flow = MaybeUninit::<Flow>::uninit();
+    let action = parse(&ctx, &mut flow);
+    if action != PARSED {
+        return action;
+    }
+    // SAFETY: parse wrote it.
+    steer::forward(&ctx, unsafe { flow.assume_init_ref() })
 }
 
 /// Passes everything. A veth only receives XDP_TX/redirected frames if its peer runs an XDP

@@ -254,6 +254,17 @@ fn fragment(key: &FlowKey) -> Result<FlowState, Verdict> {
     pick(key, service, Remember::No)
 }
 
+/// The forwarding mode of the service a packet is addressed to (checks through the VIP).
+#[inline(always)]
+pub fn service_mode(key: &FlowKey) -> Option<u32> {
+    let filter = VIP_FILTER.get(0)?;
+    let bit = VipFilter::bit(&key.dst_addr);
+    if !filter.may_be_vip(bit) {
+        return None;
+    }
+    service(key, filter, bit).map(|s| s.forward)
+}
+
 /// The service's value, read in place (not copied into the new-flow frame).
 #[inline(always)]
 fn service(key: &FlowKey, filter: &VipFilter, bit: usize) -> Option<&'static ServiceValue> {

@@ -905,6 +905,45 @@ address = "10.0.0.12"
         // A UDP service names its probe.
         let udp = with("", "").replace("protocol = \"tcp\"", "protocol = \"udp\"");
         assert!(err(&udp).contains("needs kind = \"udp\""));
+
+        // Through the VIP: the VIP and the service's port, steered to the backend's address.
+        let c = Config::parse(&with("through = \"vip\"", "")).expect("valid");
+        let s = &c.services[0];
+        let spec = crate::health::settings::resolve(s, &s.backends[0])
+            .expect("resolves")
+            .check
+            .expect("checked");
+        assert_eq!(spec.target, "10.0.0.1:80".parse().unwrap());
+        assert_eq!(spec.steered_to, Some("10.0.0.9".parse().unwrap()));
+        let plain = Config::parse(&with("", "")).expect("valid");
+        let p = &plain.services[0];
+        let spec = crate::health::settings::resolve(p, &p.backends[0])
+            .unwrap()
+            .check
+            .unwrap();
+        assert_eq!(
+            (spec.target, spec.steered_to),
+            ("10.0.0.9:80".parse().unwrap(), None)
+        );
+        for (text, needle) in [
+            (
+                with("through = \"vip\"\nport = 81", ""),
+                "does not apply with through",
+            ),
+            (
+                with("through = \"vip\"", "").replace("port = 80\n", "port = 80\nforwarding = \"nat\"\n"),
+                "for dsr, ipip and gue",
+            ),
+            (
+                with("through = \"vip\"", "").replace("10.0.0.9", "fd00::9"),
+                "in the VIP's address family",
+            ),
+            (with("through = \"tunnel\"", ""), "unknown variant"),
+        ] {
+            let e = err(&text);
+            assert!(e.contains(needle), "{e:?} should mention {needle:?}");
+            assert!(!e.contains('\n'), "one line: {e:?}");
+        }
     }
 
     #[test]

@@ -142,6 +142,10 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let writer_task = tokio::spawn(writer.run(commands));
 
     let board = monitor::Board::default();
+    let steering = Arc::new(crate::health::through::Steering::new(
+        cfg.clone(),
+        handles.snapshot.clone(),
+    ));
     let health = tokio::spawn(monitor::run(
         handles.services.clone(),
         handles.commands.clone(),
@@ -152,6 +156,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
             readers: readers.clone(),
             snapshot: handles.snapshot.clone(),
         }),
+        Some(steering.clone()),
     ));
     let adaptive = tokio::spawn(crate::reconcile::adapt::run(
         handles.snapshot.clone(),
@@ -285,6 +290,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let _ = refresher.await;
     let _ = adaptive.await;
     let _ = tokio::time::timeout(Duration::from_secs(10), writer_task).await;
+    steering.close().await;
     stop_collector.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = collector.join();
     let _ = census.join();

@@ -66,7 +66,14 @@ fn run(cli: &Cli) -> anyhow::Result<i32> {
             {
                 wait_gone(&socket);
             }
-            let removed = dataplane::detach_instance(&cli.instance)?;
+            let mut removed = dataplane::detach_instance(&cli.instance)?;
+            // A daemon that stopped without closing it leaves its check path behind.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            if rt.block_on(dataplane::steer::remove_instance(&cli.instance)) {
+                removed.push(dataplane::steer::device_names(&cli.instance).0);
+            }
             let _ = std::fs::remove_file(config::state_path(&cli.run_dir, &cli.instance));
             if cli.json {
                 println!("{}", serde_json::json!({ "removed": removed }));

@@ -555,7 +555,13 @@ fn the_breaker_opens_half_opens_and_closes_as_configured() {
     let opened = time_until(Duration::from_secs(3), "breaker open", &d, || {
         breaker(&d) == "open"
     });
-    assert_eq!(slots(&d)["web4"]["b1"], 0, "open: no new flows");
+    // The check's view opens first; the writer's pass that takes b1 out of the tables follows.
+    time_until(
+        Duration::from_secs(1),
+        "open in the tables: no new flows",
+        &d,
+        || health_of(&d, "web4", "b1")["breaker"] == "open" && slots(&d)["web4"]["b1"] == 0,
+    );
     assert_eq!(
         health_of(&d, "web4", "b1")["state"],
         "up",
@@ -813,4 +819,112 @@ fn https_checks_pass_verify_and_fail_as_configured() {
     servers.remove("b1");
     let out = wait_until(Duration::from_secs(5), || slots(&d)["web4"]["b1"] == 0);
     assert!(out, "{}", health_of(&d, "web4", "b1"));
+}
+
+/// `through = "vip"` checks on a DSR service: web4/web6 check through the VIP, plain4 checks
+/// each backend's own address. Without the VIPs on its loopback, b2 fails the first two and
+/// passes the third; with them back it recovers.
+#[test]
+fn a_check_through_the_vip_fails_without_the_vip_on_lo_while_a_plain_check_passes() {
+    let topo = Topology::new(2).expect("topology");
+    let all = ["b1", "b2"];
+    let _health = responders(&topo, &all, Reply::Http(200, "ok".into()), None);
+    let (instance, run_dir) = Daemon::new_paths();
+    let mut text = format!(
+        "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\nneighbour_refresh_ms = 500\n",
+        run_dir.display()
+    );
+    for (name, vip, port, through) in [
+        ("web4", IpAddr::V4(VIP4), PORT, true),
+        ("web6", IpAddr::V6(VIP6), PORT, true),
+        ("plain4", IpAddr::V4(VIP4), HEALTH_PORT, false),
+    ] {
+        text.push_str(&format!(
+            "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\nprotocol = \"tcp\"\ntable_size = 1031\n\n[service.health]\n{FAST_TCP}{}",
+            if through { "through = \"vip\"\n" } else { "" }
+        ));
+        for id in all {
+            let b = topo.backend(id);
+            let addr = if vip.is_ipv4() {
+                IpAddr::V4(b.v4)
+            } else {
+                IpAddr::V6(b.v6)
+            };
+            text.push_str(&format!(
+                "\n[[service.backend]]\nid = \"{id}\"\naddress = \"{addr}\"\nweight = 100\n"
+            ));
+        }
+    }
+    let d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
+    let services = ["web4", "web6", "plain4"];
+    let state = |s: &str, id: &str| {
+        health_of(&d, s, id)["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let passing = |s: &str, id: &str| health_of(&d, s, id)["check"]["consecutive_ok"].as_u64() >= Some(5);
+    // Once the next hops are resolved, every check passes, through the VIP too (both
+    // families): the path steers them.
+    time_until(Duration::from_secs(10), "every check passing", &d, || {
+        services
+            .iter()
+            .all(|s| all.iter().all(|id| passing(s, id) && state(s, id) == "up"))
+    });
+    let failed = |s: &str, id: &str| health_of(&d, s, id)["check"]["failed"].as_u64().unwrap_or(0);
+    let plain_failed = failed("plain4", "b2");
+    assert_eq!(
+        health_of(&d, "web4", "b1")["check"]["target"],
+        format!("{VIP4}:{PORT}")
+    );
+    let steered = d.json(&["stats"])["counters"]["check_steered"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(steered >= 20, "check_steered {steered}");
+
+    let b2 = &topo.backend("b2").ns;
+    b2.sh(&format!(
+        "ip addr del {VIP4}/32 dev lo && ip addr del {VIP6}/128 dev lo"
+    ))
+    .expect("remove the VIPs");
+    let took = time_until(Duration::from_secs(3), "b2 down through the VIP", &d, || {
+        state("web4", "b2") == "down" && state("web6", "b2") == "down"
+    });
+    println!(
+        "through the VIP: b2 without its VIPs down after {} ms",
+        took.as_millis()
+    );
+    assert_eq!(slots(&d)["web4"]["b2"], 0);
+    // Steered to b2 alone: b1 (which has the VIP) never answered for it.
+    assert_eq!(state("web4", "b1"), "up");
+    assert_eq!(state("plain4", "b2"), "up", "{}", health_of(&d, "plain4", "b2"));
+    assert_eq!(
+        failed("plain4", "b2"),
+        plain_failed,
+        "the plain check kept passing: {}",
+        health_of(&d, "plain4", "b2")
+    );
+    let reason = health_of(&d, "web4", "b2")["check"]["last"]["detail"].to_string();
+    assert!(reason.contains("no answer"), "{reason}");
+
+    b2.sh(&format!(
+        "ip addr add {VIP4}/32 dev lo && ip addr add {VIP6}/128 dev lo nodad"
+    ))
+    .expect("restore the VIPs");
+    time_until(Duration::from_secs(3), "b2 back through the VIP", &d, || {
+        state("web4", "b2") == "up" && state("web6", "b2") == "up"
+    });
+    let links = topo.lb.sh("ip -o link show").expect("links");
+    assert!(links.contains("lbck-"), "no check path: {links}");
+    // A graceful stop removes the check path, its routes and rules.
+    let out = d.cli(&["detach"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let links = topo.lb.sh("ip -o link show").expect("links");
+    assert!(
+        !links.contains("lbck-"),
+        "check path left behind: {links}\n{}",
+        d.log()
+    );
+    let rules = topo.lb.sh("ip rule show; ip -6 rule show").expect("rules");
+    assert!(!rules.contains("0x4c42"), "rules left behind: {rules}");
 }

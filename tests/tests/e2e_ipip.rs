@@ -379,3 +379,143 @@ fn backend_host_replaces_an_attachment_to_a_removed_interface() {
     let v: serde_json::Value = serde_json::from_slice(&host("setup").stdout).expect("json");
     assert_eq!(v["changed"], serde_json::json!([]));
 }
+
+/// `through = "vip"` checks on IPIP and GUE services: web4/web6 check through the VIP (the
+/// check is encapsulated to its backend as client traffic is), plain4 checks each backend's own
+/// address. Without its decapsulator b2 fails the first two and passes the third; with it back
+/// it recovers.
+#[test]
+fn a_check_through_the_vip_fails_without_the_decapsulator_while_a_plain_check_passes() {
+    use lb_tests::{
+        servers::{Reply, Responder},
+        wait_until,
+    };
+    const PLAIN_PORT: u16 = 8081;
+    let mut net = Routed::new().expect("topology");
+    let both = [IpAddr::V4(VIP4), IpAddr::V6(VIP6)];
+    for i in 0..BACKENDS as usize {
+        let out = net.backend_host(i, false, "setup", &both);
+        assert!(
+            out.status.success(),
+            "setup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    net.start_servers();
+    let _plain: Vec<Responder> = (1..=BACKENDS)
+        .map(|i| {
+            let own: IpAddr = format!("10.83.{i}.2").parse().expect("address");
+            Responder::start(
+                &net.backends[i as usize - 1],
+                &[SocketAddr::new(own, PLAIN_PORT)],
+                Reply::Http(200, "ok".into()),
+                None,
+            )
+        })
+        .collect();
+    for ns in [&net.client, &net.lb, &net._router]
+        .into_iter()
+        .chain(net.backends.iter())
+    {
+        assert!(
+            ns.wait_dad(Duration::from_secs(15)),
+            "DAD did not finish in {}",
+            ns.name
+        );
+    }
+    let checks = "kind = \"tcp\"\ninterval = 0.2\ntimeout = 0.2\nfast_interval = 0.2\nerror_threshold = 2\nrecovery_threshold = 2\n";
+    for mode in ["ipip", "gue"] {
+        let (instance, run_dir) = Daemon::new_paths();
+        let mut text = format!(
+            "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\n",
+            run_dir.display()
+        );
+        for (name, vip, port, through) in [
+            ("web4", IpAddr::V4(VIP4), PORT, true),
+            ("web6", IpAddr::V6(VIP6), PORT, true),
+            ("plain4", IpAddr::V4(VIP4), PLAIN_PORT, false),
+        ] {
+            text.push_str(&format!(
+                "\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\nprotocol = \"tcp\"\nforwarding = \"{mode}\"\n\n[service.health]\n{checks}{}",
+                if through { "through = \"vip\"\n" } else { "" }
+            ));
+            for i in 1..=BACKENDS {
+                let addr = if vip.is_ipv4() {
+                    format!("10.83.{i}.2")
+                } else {
+                    format!("fd83:{i}::2")
+                };
+                text.push_str(&format!(
+                    "\n[[service.backend]]\nid = \"b{i}\"\naddress = \"{addr}\"\nweight = 100\n"
+                ));
+            }
+        }
+        let d = Daemon::start_in(&net.lb, &instance, &run_dir, &text).expect("daemon");
+        let health = |s: &str, id: &str| -> serde_json::Value {
+            d.json(&["health", s])[0]["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|b| b["id"] == id)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let up = |s: &str, id: &str| health(s, id)["state"] == "up";
+        let passing =
+            |s: &str, id: &str| up(s, id) && health(s, id)["check"]["consecutive_ok"].as_u64() >= Some(5);
+        let services = ["web4", "web6", "plain4"];
+        assert!(
+            wait_until(Duration::from_secs(15), || services
+                .iter()
+                .all(|s| ["b1", "b2"].iter().all(|id| passing(s, id)))),
+            "{mode}: checks did not all pass: {}\n{}\n{}",
+            d.json(&["health"]),
+            d.json(&["stats"])["counters"],
+            d.log()
+        );
+        let plain_failed = health("plain4", "b2")["check"]["failed"].clone();
+        let out = net.backends[1]
+            .command(lb_bin())
+            .args(["backend-host", "teardown", "--interface", "eth0"])
+            .output()
+            .expect("teardown");
+        assert!(
+            out.status.success(),
+            "teardown: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let start = std::time::Instant::now();
+        assert!(
+            wait_until(Duration::from_secs(3), || !up("web4", "b2") && !up("web6", "b2")),
+            "{mode}: b2 without its decapsulator stayed up through the VIP: {}",
+            d.json(&["health"])
+        );
+        println!(
+            "{mode}: b2 without its decapsulator down after {} ms",
+            start.elapsed().as_millis()
+        );
+        assert!(
+            up("web4", "b1") && up("web6", "b1"),
+            "{mode}: {}",
+            d.json(&["health"])
+        );
+        assert!(up("plain4", "b2"), "{mode}: {}", health("plain4", "b2"));
+        assert_eq!(
+            health("plain4", "b2")["check"]["failed"],
+            plain_failed,
+            "{mode}: the plain check kept passing"
+        );
+        let out = net.backend_host(1, false, "setup", &both);
+        assert!(
+            out.status.success(),
+            "setup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            wait_until(Duration::from_secs(3), || up("web4", "b2") && up("web6", "b2")),
+            "{mode}: b2 did not come back: {}",
+            d.json(&["health"])
+        );
+        drop(d);
+    }
+}

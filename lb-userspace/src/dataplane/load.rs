@@ -68,13 +68,7 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
     let mut program: Option<Xdp> = None;
     if !adopting {
         fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&dir)
-            .map_max_entries(maps::CONNTRACK, cfg.conntrack_size)
-            .map_max_entries(maps::NAT_FLOWS, cfg.nat.table_size)
-            .map_max_entries(maps::MAGLEV_POOL, cfg.table_pool_slots)
-            .load(crate::EBPF_OBJECT)
-            .map_err(|e| Error::dataplane(format!("load eBPF object: {e}")))?;
+        let mut ebpf = load_object(cfg, &dir)?;
         for name in maps::PINNED {
             let map = ebpf
                 .take_map(name)
@@ -233,6 +227,18 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = inner.source();
     }
     s
+}
+
+/// Loads the eBPF object with the instance's pinned maps: the ones pinned already are shared,
+/// the others are created and pinned.
+pub fn load_object(cfg: &DaemonConfig, dir: &Path) -> Result<aya::Ebpf> {
+    EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .map_max_entries(maps::CONNTRACK, cfg.conntrack_size)
+        .map_max_entries(maps::NAT_FLOWS, cfg.nat.table_size)
+        .map_max_entries(maps::MAGLEV_POOL, cfg.table_pool_slots)
+        .load(crate::EBPF_OBJECT)
+        .map_err(|e| Error::dataplane(format!("load eBPF object: {e}")))
 }
 
 /// Detaches every link and removes every pin of an instance. Returns what was removed.

@@ -8,6 +8,7 @@ pub mod census;
 mod load;
 mod mapping;
 mod pool;
+pub mod steer;
 
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues, lpm_trie::LpmTrie};
 use lb_common::{

@@ -9,6 +9,7 @@ pub mod outcome;
 pub mod passive;
 pub mod probe;
 pub mod settings;
+pub mod through;
 pub mod tracker;
 
 pub use settings::{CheckSpec, HealthSettings, validate_service};

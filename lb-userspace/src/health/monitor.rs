@@ -80,7 +80,7 @@ enum Role {
 
 #[derive(Clone, Debug, PartialEq)]
 enum Job {
-    Check(CheckSpec),
+    Check(Box<CheckSpec>),
     Agent(AgentSpec),
 }
 
@@ -98,6 +98,13 @@ struct Target {
     /// The backend's (new flows, SYN retransmits) at the last passive looks, oldest first.
     passive: std::collections::VecDeque<super::passive::Reading>,
     task: JoinHandle<()>,
+}
+
+/// A target's timer goes with it (also when the monitor itself is stopped).
+impl Drop for Target {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Where passive signals come from: the backends' per-CPU counters, by slot.
@@ -130,7 +137,7 @@ fn targets(services: &[Service]) -> BTreeMap<(BackendRef, Role), Job> {
             let Ok(checks) = resolve(s, b) else { continue };
             let key = BackendRef::new(&s.name, &b.id);
             if let Some(spec) = checks.check {
-                out.insert((key.clone(), Role::Check), Job::Check(spec));
+                out.insert((key.clone(), Role::Check), Job::Check(Box::new(spec)));
             }
             if let Some(spec) = checks.agent {
                 out.insert((key, Role::Agent), Job::Agent(spec));
@@ -158,6 +165,7 @@ pub async fn run(
     max_concurrent: usize,
     durations: Option<prometheus::HistogramVec>,
     passive: Option<PassiveSource>,
+    steering: Option<Arc<super::through::Steering>>,
 ) {
     let permits = Arc::new(Semaphore::new(max_concurrent.max(1)));
     let mut passive_tick = tokio::time::interval(super::passive::INTERVAL);
@@ -230,6 +238,7 @@ pub async fn run(
                     job.clone(),
                     permits.clone(),
                     results_tx.clone(),
+                    steering.clone(),
                 ));
                 live.insert(
                     k,
@@ -455,6 +464,7 @@ async fn schedule(
     job: Job,
     permits: Arc<Semaphore>,
     results: mpsc::Sender<Result>,
+    steering: Option<Arc<super::through::Steering>>,
 ) {
     let interval = match &job {
         Job::Check(spec) => spec.interval,
@@ -470,7 +480,22 @@ async fn schedule(
                 return;
             };
             match &job {
-                Job::Check(spec) => Observed::Check(probe::check(spec).await),
+                Job::Check(spec) => Observed::Check(match (spec.steered_to, &steering) {
+                    (None, _) => probe::check(spec, None).await,
+                    (Some(address), Some(steering)) => match steering.via(&key.0, address).await {
+                        Ok(via) => probe::check(spec, Some(via)).await,
+                        Err(detail) => Outcome {
+                            ok: false,
+                            latency: Duration::ZERO,
+                            detail,
+                        },
+                    },
+                    (Some(_), None) => Outcome {
+                        ok: false,
+                        latency: Duration::ZERO,
+                        detail: "checks through the VIP need the daemon's data plane".into(),
+                    },
+                }),
                 Job::Agent(spec) => Observed::Agent(probe::agent(spec).await),
             }
         };

@@ -1,13 +1,16 @@
 //! The active checks: one attempt each, bounded by the check's timeout.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use http_body_util::{BodyExt, Empty};
 use hyper::{Request, body::Bytes};
 use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpStream, UdpSocket},
+    net::{TcpSocket, TcpStream, UdpSocket},
 };
 
 use super::{
@@ -18,10 +21,18 @@ use super::{
 /// Largest HTTP body read for `expect_body`.
 const MAX_BODY: usize = 64 * 1024;
 
-/// Runs one check of `spec`.
-pub async fn check(spec: &CheckSpec) -> Outcome {
+/// How a check through the VIP leaves: its socket mark (which names the backend's slot, see
+/// `lb_common::steer`) and the source the backend's answer comes back to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Via {
+    pub mark: u32,
+    pub source: std::net::IpAddr,
+}
+
+/// Runs one check of `spec` (through the VIP when `via` is given).
+pub async fn check(spec: &CheckSpec, via: Option<Via>) -> Outcome {
     let start = Instant::now();
-    let result = tokio::time::timeout(spec.timeout, attempt(spec)).await;
+    let result = tokio::time::timeout(spec.timeout, attempt(spec, via)).await;
     let latency = start.elapsed();
     let (ok, detail) = match result {
         Ok(Ok(detail)) => (true, detail),
@@ -31,13 +42,36 @@ pub async fn check(spec: &CheckSpec) -> Outcome {
     Outcome { ok, latency, detail }
 }
 
-async fn attempt(spec: &CheckSpec) -> Result<String, String> {
+/// A TCP connection to the check's target, marked and bound when it goes through the VIP.
+async fn connect(spec: &CheckSpec, via: Option<Via>) -> Result<TcpStream, String> {
+    let Some(via) = via else {
+        return TcpStream::connect(spec.target)
+            .await
+            .map_err(|e| format!("connect: {}", io_text(&e)));
+    };
+    let socket = if spec.target.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("socket: {}", io_text(&e)))?;
+    socket2::SockRef::from(&socket)
+        .set_mark(via.mark)
+        .map_err(|e| format!("mark: {}", io_text(&e)))?;
+    socket
+        .bind(SocketAddr::new(via.source, 0))
+        .map_err(|e| format!("bind {}: {}", via.source, io_text(&e)))?;
+    socket
+        .connect(spec.target)
+        .await
+        .map_err(|e| format!("connect through the VIP: {}", io_text(&e)))
+}
+
+async fn attempt(spec: &CheckSpec, via: Option<Via>) -> Result<String, String> {
     match &spec.probe {
         Probe::None => Ok("not checked".into()),
         Probe::Tcp => {
-            let stream = TcpStream::connect(spec.target)
-                .await
-                .map_err(|e| format!("connect: {}", io_text(&e)))?;
+            let stream = connect(spec, via).await?;
             // Close with a reset: thousands of checks a second leave no TIME_WAIT behind.
             let _ = stream.set_zero_linger();
             Ok("connected".into())
@@ -49,9 +83,7 @@ async fn attempt(spec: &CheckSpec) -> Result<String, String> {
             body,
             tls,
         } => {
-            let stream = TcpStream::connect(spec.target)
-                .await
-                .map_err(|e| format!("connect: {}", io_text(&e)))?;
+            let stream = connect(spec, via).await?;
             match tls {
                 None => {
                     http(
@@ -83,7 +115,7 @@ async fn attempt(spec: &CheckSpec) -> Result<String, String> {
                 }
             }
         }
-        Probe::Udp { send, expect } => udp(spec, send, expect.as_deref()).await,
+        Probe::Udp { send, expect } => udp(spec, via, send, expect.as_deref()).await,
     }
 }
 
@@ -143,15 +175,25 @@ where
     result
 }
 
-async fn udp(spec: &CheckSpec, send: &[u8], expect: Option<&[u8]>) -> Result<String, String> {
-    let local: std::net::SocketAddr = if spec.target.is_ipv4() {
-        "0.0.0.0:0".parse().expect("literal")
-    } else {
-        "[::]:0".parse().expect("literal")
+async fn udp(
+    spec: &CheckSpec,
+    via: Option<Via>,
+    send: &[u8],
+    expect: Option<&[u8]>,
+) -> Result<String, String> {
+    let local: SocketAddr = match via {
+        Some(v) => SocketAddr::new(v.source, 0),
+        None if spec.target.is_ipv4() => "0.0.0.0:0".parse().expect("literal"),
+        None => "[::]:0".parse().expect("literal"),
     };
     let socket = UdpSocket::bind(local)
         .await
         .map_err(|e| format!("bind: {}", io_text(&e)))?;
+    if let Some(v) = via {
+        socket2::SockRef::from(&socket)
+            .set_mark(v.mark)
+            .map_err(|e| format!("mark: {}", io_text(&e)))?;
+    }
     // Connected, so an ICMP port unreachable comes back as ECONNREFUSED.
     socket
         .connect(spec.target)

@@ -41,6 +41,16 @@ pub enum OnPanic {
     Healthy,
 }
 
+/// Where a check goes: to the backend's own address (the default), or to the VIP, steered to
+/// this backend by the data plane as client traffic is (DSR, IPIP and GUE services).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Through {
+    #[default]
+    Backend,
+    Vip,
+}
+
 /// The keys as written. `None` = not set here.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -58,8 +68,11 @@ pub struct HealthSettings {
     pub error_threshold: Option<u32>,
     /// Consecutive successes that bring it back.
     pub recovery_threshold: Option<u32>,
-    /// Port to check (default: the backend's port).
+    /// Port to check (default: the backend's port; with `through = "vip"`, the service's).
     pub port: Option<u16>,
+    /// `"backend"` (its own address) or `"vip"` (the VIP and port, steered to this backend
+    /// through the data path: proves the backend answers for the VIP as clients reach it).
+    pub through: Option<Through>,
     /// `http`: the path to GET, and the Host header (default: the backend's address).
     pub path: Option<String>,
     pub host: Option<String>,
@@ -149,6 +162,9 @@ pub struct CheckSpec {
     pub slow_start: Duration,
     pub breaker: Option<BreakerSpec>,
     pub passive: Option<PassiveSpec>,
+    /// `through = "vip"`: the backend's address (the target is the VIP); the data path steers
+    /// the check to it.
+    pub steered_to: Option<std::net::IpAddr>,
 }
 
 /// One backend's agent check.
@@ -420,7 +436,34 @@ fn resolve_check(service: &Service, backend: &Backend) -> Result<Option<CheckSpe
     } else {
         None
     };
-    let port = pick(s, b, |h| &h.port).unwrap_or_else(|| backend.port(service));
+    let through = pick(s, b, |h| &h.through).unwrap_or_default();
+    let (address, port, steered_to) = match through {
+        Through::Backend => (
+            backend.address,
+            pick(s, b, |h| &h.port).unwrap_or_else(|| backend.port(service)),
+            None,
+        ),
+        Through::Vip => {
+            if service.forwarding == crate::model::Forwarding::Nat {
+                return Err(
+                    "through = \"vip\" is for dsr, ipip and gue services (a NAT service's check of the backend is already what clients reach)"
+                        .into(),
+                );
+            }
+            if backend.address.is_ipv4() != service.vip.is_ipv4() {
+                return Err("through = \"vip\" needs the backend in the VIP's address family".into());
+            }
+            let port = match (service.port, pick(s, b, |h| &h.port)) {
+                (0, Some(p)) => p,
+                (0, None) => 0,
+                (p, None) => p,
+                (_, Some(_)) => {
+                    return Err("health port does not apply with through = \"vip\" (the check goes to the service's port)".into());
+                }
+            };
+            (service.vip, port, Some(backend.address))
+        }
+    };
     if port == 0 {
         return Err(format!(
             "backend {} has no port to check (the service takes every port): set health port",
@@ -429,7 +472,8 @@ fn resolve_check(service: &Service, backend: &Backend) -> Result<Option<CheckSpe
     }
     Ok(Some(CheckSpec {
         probe,
-        target: SocketAddr::new(backend.address, port),
+        target: SocketAddr::new(address, port),
+        steered_to,
         interval: secs(interval),
         timeout: secs(timeout),
         fast_interval: secs(fast),

@@ -192,6 +192,7 @@ mod tests {
             min_score: 0.1,
             breaker: None,
             passive: None,
+            steered_to: None,
             slow_start: Duration::ZERO,
         }
     }

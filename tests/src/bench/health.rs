@@ -284,6 +284,7 @@ fn checks_per_second(window_s: f64) -> Result<ChecksResult> {
             1024,
             Some(durations),
             None,
+            None,
         ));
         let checks = |board: &monitor::Board| -> (u64, u64) {
             let v = board.read().expect("board");

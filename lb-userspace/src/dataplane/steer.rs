@@ -1,0 +1,299 @@
+//! The check path (`through = "vip"`): a veth pair whose first end takes the check sockets'
+//! packets (policy routing by socket mark) and whose second end runs the steering program,
+//! which forwards each packet to the one backend its mark names, as client traffic is
+//! forwarded. Made when the first such check runs; removed when the daemon stops.
+//!
+//! Why a veth: XDP sees only received frames, and a locally sent packet is received by the
+//! peer of the veth it leaves by. The egress classifier on the first end copies the socket
+//! mark (which the peer's XDP cannot see) into the source MAC.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+};
+use lb_common::{maps, steer};
+use log::info;
+use rtnetlink::{
+    Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    packet_route::{
+        route::RouteScope,
+        rule::{RuleAction, RuleAttribute, RuleMessage},
+    },
+};
+
+use crate::config::DaemonConfig;
+
+/// The check device and its peer, named after the instance (at most 15 bytes each).
+pub fn device_names(instance: &str) -> (String, String) {
+    let short: String = instance
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(9)
+        .collect();
+    (format!("lbck-{short}"), format!("lbck-{short}p"))
+}
+
+/// The made check path; `close` removes it.
+pub struct CheckPath {
+    pub device: String,
+    /// Holds the programs (and so their attachments) for as long as the path is open.
+    _ebpf: Ebpf,
+}
+
+impl CheckPath {
+    /// Makes the check path anew (any leftover of a crashed daemon is removed first).
+    pub async fn open(cfg: &DaemonConfig) -> Result<Self, String> {
+        let (device, peer) = device_names(&cfg.instance);
+        let handle = connect()?;
+        remove(&handle, &device).await;
+        let made = make(&handle, cfg, &device, &peer).await;
+        if made.is_err() {
+            remove(&handle, &device).await;
+        }
+        let ebpf = made?;
+        info!("check path {device} -> {peer} ready (checks through the VIP)");
+        Ok(Self { device, _ebpf: ebpf })
+    }
+
+    /// Removes the device pair (its routes and programs go with it) and the routing rules.
+    pub async fn close(self) {
+        match connect() {
+            Ok(handle) => {
+                if remove(&handle, &self.device).await {
+                    info!("check path {} removed", self.device);
+                }
+            }
+            Err(e) => log::warn!("{e}"),
+        }
+    }
+}
+
+/// Removes an instance's check path if one is there (`lb detach`, and before making one).
+pub async fn remove_instance(instance: &str) -> bool {
+    let Ok(handle) = connect() else { return false };
+    remove(&handle, &device_names(instance).0).await
+}
+
+fn connect() -> Result<Handle, String> {
+    let (connection, handle, _) =
+        rtnetlink::new_connection().map_err(|e| format!("check path: netlink: {e}"))?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+async fn make(handle: &Handle, cfg: &DaemonConfig, device: &str, peer: &str) -> Result<Ebpf, String> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| format!("check path {device}: {what}: {e}");
+    handle
+        .link()
+        .add(LinkVeth::new(device, peer).build())
+        .execute()
+        .await
+        .map_err(|e| fail("create veth pair", &e))?;
+    // No duplicate address detection on the pair: until the link-local address passed it (a
+    // second or more), IPv6 would not send by the device.
+    for dev in [device, peer] {
+        let path = format!("/proc/sys/net/ipv6/conf/{dev}/accept_dad");
+        std::fs::write(&path, "0").map_err(|e| fail(&format!("write {path}"), &e))?;
+    }
+    // No neighbour resolution on the sending end: the frame's MACs are the programs' to write.
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_name(device)
+                .arp(false)
+                .address(steer::DEVICE_MAC.to_vec())
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(|e| fail("set up", &e))?;
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_name(peer)
+                .address(steer::DEVICE_MAC.to_vec())
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(|e| fail("set up peer", &e))?;
+    // Full checksums: a partial one would leave with the packet, which XDP forwards as it is.
+    tx_checksum_off(device).map_err(|e| fail("turn off tx checksum offload", &e))?;
+    // bpf_fib_lookup (IPIP/GUE next hops) answers only for an interface that forwards.
+    for family in ["ipv4", "ipv6"] {
+        let path = format!("/proc/sys/net/{family}/conf/{peer}/forwarding");
+        std::fs::write(&path, "1").map_err(|e| fail(&format!("write {path}"), &e))?;
+    }
+    let index = super::ifindex(device).map_err(|e| fail("index", &e))?;
+    for v6 in [false, true] {
+        let mut rule = rule(handle);
+        rule.message_mut()
+            .attributes
+            .push(RuleAttribute::FwMask(steer::MARK_MASK));
+        let added = if v6 {
+            rule.v6().execute().await
+        } else {
+            rule.v4().execute().await
+        };
+        added.map_err(|e| fail("add routing rule", &e))?;
+        let route = if v6 {
+            RouteMessageBuilder::<Ipv6Addr>::new()
+                .output_interface(index)
+                .table_id(steer::ROUTE_TABLE)
+                .scope(RouteScope::Link)
+                .build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .output_interface(index)
+                .table_id(steer::ROUTE_TABLE)
+                .scope(RouteScope::Link)
+                .build()
+        };
+        handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| fail("add route", &e))?;
+    }
+    attach(cfg, device, peer)
+}
+
+/// Loads the two programs with the instance's pinned maps and attaches them.
+fn attach(cfg: &DaemonConfig, device: &str, peer: &str) -> Result<Ebpf, String> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| format!("check path {device}: {what}: {e}");
+    let dir = super::pin_dir(&cfg.instance);
+    if !Path::new(&dir).exists() {
+        return Err(fail("no data plane", &dir.display()));
+    }
+    let mut ebpf = super::load::load_object(cfg, &dir).map_err(|e| fail("load", &e))?;
+    let xdp: &mut Xdp = ebpf
+        .program_mut(maps::PROG_STEER)
+        .ok_or_else(|| fail("program", &maps::PROG_STEER))?
+        .try_into()
+        .map_err(|e| fail("program", &e))?;
+    xdp.load().map_err(|e| fail("verifier rejected steer", &e))?;
+    xdp.attach(peer, XdpMode::Driver)
+        .map_err(|e| fail("attach steer", &e))?;
+    tc::qdisc_add_clsact(device).map_err(|e| fail("add clsact qdisc", &e))?;
+    let cls: &mut SchedClassifier = ebpf
+        .program_mut(maps::PROG_STEER_MARK)
+        .ok_or_else(|| fail("program", &maps::PROG_STEER_MARK))?
+        .try_into()
+        .map_err(|e| fail("program", &e))?;
+    cls.load().map_err(|e| fail("verifier rejected steer_mark", &e))?;
+    cls.attach(device, TcAttachType::Egress)
+        .map_err(|e| fail("attach steer_mark", &e))?;
+    Ok(ebpf)
+}
+
+/// Removes the device (its peer, routes and programs go with it) and both rules. Returns
+/// whether a device was there.
+async fn remove(handle: &Handle, device: &str) -> bool {
+    let had = match super::ifindex(device) {
+        Ok(index) => match handle.link().del(index).execute().await {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("check path {device}: remove: {e}");
+                false
+            }
+        },
+        Err(_) => false,
+    };
+    for v6 in [false, true] {
+        let mut rule = rule(handle);
+        rule.message_mut()
+            .attributes
+            .push(RuleAttribute::FwMask(steer::MARK_MASK));
+        let message: RuleMessage = if v6 {
+            rule.v6().message_mut().clone()
+        } else {
+            rule.v4().message_mut().clone()
+        };
+        let _ = handle.rule().del(message).execute().await;
+    }
+    had
+}
+
+/// `ip rule add fwmark MARK_BASE/MARK_MASK table ROUTE_TABLE priority RULE_PRIORITY`, without
+/// its family and mask yet.
+fn rule(handle: &Handle) -> rtnetlink::RuleAddRequest {
+    handle
+        .rule()
+        .add()
+        .table_id(steer::ROUTE_TABLE)
+        .priority(steer::RULE_PRIORITY)
+        .fw_mark(steer::MARK_BASE)
+        .action(RuleAction::ToTable)
+}
+
+/// `ethtool -K DEVICE tx off`, by the ethtool ioctl.
+fn tx_checksum_off(device: &str) -> std::io::Result<()> {
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: 0,
+    };
+    // SAFETY: a zeroed ifreq is valid; the name fits (checked) and is NUL-terminated.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = device.as_bytes();
+    if name.len() >= req.ifr_name.len() {
+        return Err(std::io::Error::other("interface name too long"));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+    // SAFETY: a datagram socket for the ioctl, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCETHTOOL with a valid ifreq whose data points at a live ethtool_value.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut req) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd) };
+    if rc < 0 { Err(err) } else { Ok(()) }
+}
+
+/// The source a check through the VIP uses: the kernel's choice toward the backend itself, so
+/// the backend's answer (from the VIP, straight back) reaches this host.
+pub fn source_toward(backend: IpAddr) -> std::io::Result<IpAddr> {
+    let any: IpAddr = match backend {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let probe = std::net::UdpSocket::bind((any, 0))?;
+    // A UDP connect sends nothing: it only looks up the route.
+    probe.connect((backend, 9))?;
+    Ok(probe.local_addr()?.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_fit_an_interface_name() {
+        for instance in ["default", "a-very-long-instance-name-indeed", "x", "web.edge_1"] {
+            let (d, p) = device_names(instance);
+            assert!(d.len() <= 15 && p.len() <= 15, "{d} {p}");
+            assert_ne!(d, p);
+        }
+        assert_eq!(device_names("web.edge_1").0, "lbck-webedge1");
+    }
+}
