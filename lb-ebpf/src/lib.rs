@@ -3,6 +3,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod parse;
+pub mod tunnel;
 pub mod verdict;
 
 pub use parse::{Flow, FlowKind, Frame, parse_flow};

@@ -51,9 +51,20 @@ pub struct MaglevBackend<'a> {
 /// `Vec` if no backend has a positive weight, or if `m` is not a prime `<= MAX_TABLE_SIZE`
 /// (a prime `m` guarantees each permutation visits every slot). Never panics.
 ///
-/// Cost: O(m log m) slot probes (the table fills up like a coupon collector) plus
-/// O(m log n) for the turn order.
+/// Cost: O(m log m) slot probes (the table fills up like a coupon collector), the last
+/// sqrt(m / 3) turns a search of the free slots instead (see `Fill`), plus O(m log n) for the
+/// turn order.
 pub fn build_table(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
+    build(backends, m, true)
+}
+
+/// As `build_table`, probing every turn to the end (no tail search): the reference the tail
+/// search is checked and benchmarked against. The same table, slot for slot.
+pub fn build_table_probing(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
+    build(backends, m, false)
+}
+
+fn build(backends: &[MaglevBackend<'_>], m: u32, tail: bool) -> Vec<u32> {
     // `EMPTY` must not be a valid index.
     if m > MAX_TABLE_SIZE || !is_prime(m) || backends.len() >= EMPTY as usize {
         return Vec::new();
@@ -80,30 +91,14 @@ pub fn build_table(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
                 index: i as u32,
                 pos: siphash24(OFFSET_KEY, id) % m64,
                 skip: siphash24(SKIP_KEY, id) % (m64 - 1) + 1,
+                inverse: 0,
                 quota,
             }
         })
         .collect();
 
-    let mut table = vec![EMPTY; m as usize];
-    // Which slots are taken, one bit each: the probe loop reads this (8 KiB at m = 65537, in
-    // L1) rather than the table (32 times larger).
-    let mut taken = vec![0u64; (m as usize).div_ceil(64)];
-    // Every turn fills exactly one slot and the quotas sum to `m`, so a free slot exists at each
-    // turn; a prime `m` and `1 <= skip < m` make the walk visit every slot, so the probe loop ends.
-    let mut claim = |lane: &mut Lane| loop {
-        let slot = lane.pos as usize;
-        lane.pos += lane.skip;
-        if lane.pos >= m64 {
-            lane.pos -= m64;
-        }
-        let (word, bit) = (slot / 64, 1u64 << (slot % 64));
-        if taken[word] & bit == 0 {
-            taken[word] |= bit;
-            table[slot] = lane.index;
-            break;
-        }
-    };
+    let mut fill = Fill::new(m, tail);
+    let mut claim = |lane: &mut Lane| fill.claim(lane);
     if weights.iter().all(|&w| w == weights[0]) {
         // Equal weights: every turn time is `taken / w`, so the turn order below is rounds in
         // rank order, each rank taking one turn per round until its quota is spent. The same
@@ -114,7 +109,7 @@ pub fn build_table(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
                 claim(lane);
             }
         }
-        return table;
+        return fill.table;
     }
     let mut heap: BinaryHeap<Turn> = weights
         .iter()
@@ -135,7 +130,7 @@ pub fn build_table(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
             heap.push(turn);
         }
     }
-    table
+    fill.table
 }
 
 /// Deterministic primality test by trial division over 6k ± 1; at most ~22k divisions for any
@@ -171,7 +166,114 @@ struct Lane {
     index: u32,
     pos: u64,
     skip: u64,
+    /// `skip`'s inverse mod m, once the tail search needs it (0: not yet).
+    inverse: u64,
     quota: u64,
+}
+
+/// The table being filled. A turn claims the first free slot of its lane's walk. While many
+/// slots are free, probing finds it in a few steps; as the table fills, a probe walk takes
+/// about m / free steps (half of all probes come in the last sqrt(m) turns). From `tail_at`
+/// free slots on, the turn instead computes, for every free slot, how many steps the walk needs
+/// to reach it (`(slot - pos) * skip⁻¹ mod m`) and takes the nearest: the same slot, found in
+/// `free` steps rather than about m / free.
+struct Fill {
+    table: Vec<u32>,
+    /// Which slots are taken, one bit each: the probe loop reads this (8 KiB at m = 65537, in
+    /// L1) rather than the table (32 times larger).
+    taken: Vec<u64>,
+    m: u64,
+    free: u64,
+    tail_at: u64,
+    /// floor(2^64 / m), for `mod_by`.
+    mu: u64,
+    /// The free slots, once in the tail.
+    tail: Option<Vec<u32>>,
+}
+
+impl Fill {
+    fn new(m: u32, tail: bool) -> Self {
+        Self {
+            table: vec![EMPTY; m as usize],
+            taken: vec![0u64; (m as usize).div_ceil(64)],
+            m: u64::from(m),
+            free: u64::from(m),
+            // One tail step (a multiply-and-reduce) costs about three late probes (which hit
+            // taken bits in L1): the search pays off once m / free probes exceed 3 * free.
+            tail_at: if tail { (u64::from(m) / 3).isqrt() } else { 0 },
+            mu: u64::MAX / u64::from(m),
+            tail: None,
+        }
+    }
+
+    // Every turn fills exactly one slot and the quotas sum to `m`, so a free slot exists at
+    // each turn; a prime `m` and `1 <= skip < m` make the walk visit every slot, so the probe
+    // loop ends, and make `skip` invertible mod m.
+    fn claim(&mut self, lane: &mut Lane) {
+        let m = self.m;
+        if self.free <= self.tail_at {
+            let free = self.tail.get_or_insert_with(|| {
+                (0..m as u32)
+                    .filter(|&s| self.taken[s as usize / 64] & (1 << (s % 64)) == 0)
+                    .collect()
+            });
+            if lane.inverse == 0 {
+                lane.inverse = inverse(lane.skip, m);
+            }
+            let (mut best, mut at) = (u64::MAX, 0);
+            let (pos, inverse, mu) = (lane.pos, lane.inverse, self.mu);
+            for (i, &s) in free.iter().enumerate() {
+                let mut d = u64::from(s) + m - pos;
+                if d >= m {
+                    d -= m;
+                }
+                let steps = mod_by(d * inverse, m, mu);
+                if steps < best {
+                    (best, at) = (steps, i);
+                }
+            }
+            let slot = free.swap_remove(at) as u64;
+            self.table[slot as usize] = lane.index;
+            self.free -= 1;
+            lane.pos = (slot + lane.skip) % m;
+            return;
+        }
+        loop {
+            let slot = lane.pos as usize;
+            lane.pos += lane.skip;
+            if lane.pos >= m {
+                lane.pos -= m;
+            }
+            let (word, bit) = (slot / 64, 1u64 << (slot % 64));
+            if self.taken[word] & bit == 0 {
+                self.taken[word] |= bit;
+                self.table[slot] = lane.index;
+                self.free -= 1;
+                return;
+            }
+        }
+    }
+}
+
+/// `x mod m` for `x < 2^62` without a division (Barrett): `mu` is floor((2^64 - 1) / m), the
+/// estimated quotient is at most one short.
+#[inline(always)]
+fn mod_by(x: u64, m: u64, mu: u64) -> u64 {
+    let q = ((u128::from(x) * u128::from(mu)) >> 64) as u64;
+    let r = x - q * m;
+    if r >= m { r - m } else { r }
+}
+
+/// `a`'s inverse mod the prime `m` (`0 < a < m`), by the extended Euclidean algorithm.
+fn inverse(a: u64, m: u64) -> u64 {
+    let (mut r0, mut r1) = (m as i64, a as i64);
+    let (mut t0, mut t1) = (0i64, 1i64);
+    while r1 != 0 {
+        let q = r0 / r1;
+        (r0, r1) = (r1, r0 - q * r1);
+        (t0, t1) = (t1, t0 - q * t1);
+    }
+    t0.rem_euclid(m as i64) as u64
 }
 
 /// A backend's next turn, due at virtual time `taken / weight`; `rank` (id order) breaks ties.
@@ -527,6 +629,36 @@ mod tests {
             shuffle(&mut shuffled, seed);
             assert_ne!(shuffled, backends);
             assert_eq!(owners(&shuffled, &build_table(&shuffled, M)), expected);
+        }
+    }
+
+    #[test]
+    fn the_tail_search_takes_the_slots_probing_takes() {
+        let mut seed = 0x5eed_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for m in [2u32, 3, 13, 251, 1031, 65537] {
+            for n in [1usize, 2, 7, 100] {
+                let ids = names(n);
+                for weighted in [false, true] {
+                    let backends: Vec<_> = ids
+                        .iter()
+                        .map(|id| MaglevBackend {
+                            id,
+                            weight: if weighted { (next() % 1000) as u32 } else { 100 },
+                        })
+                        .collect();
+                    assert_eq!(
+                        build_table(&backends, m),
+                        build_table_probing(&backends, m),
+                        "m {m} n {n} weighted {weighted}"
+                    );
+                }
+            }
         }
     }
 

@@ -7,23 +7,31 @@
 //! of the frame's own length fields backs the rule that a malformed frame is never forwarded,
 //! so a parser that let one through would fail here even though the model shares its code.
 //!
-//! Scope of this step: the balancer in L2 DSR mode, with services for both families and
-//! protocols, echo replies off, IPv4 UDP fragments hashed to a backend and the others passed. `LB_FUZZ_CASES` sets the number of cases
-//! (default 100,000), `LB_FUZZ_SEED` replays a run; the seed is printed.
+//! Scope: the balancer in L2 DSR, IPIP and GUE modes (one test each, in a namespace of its
+//! own; the tunnels' backends are routed, so their frames are redirected with the outer header
+//! the model builds), with services for both families and protocols, echo replies off, IPv4
+//! UDP fragments hashed to a backend and the others passed. `LB_FUZZ_CASES` sets the number of
+//! cases per mode (default 100,000 for DSR, 25,000 for each tunnel), `LB_FUZZ_SEED` replays a
+//! run; the seed is printed. The decapsulator has a test of its own: tunnel packets of both
+//! families (IPIP and GUE, for local VIPs and others) and everything else, mutated alike,
+//! against the shared reading of a tunnel packet (`lb_ebpf::tunnel`).
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use lb_common::{
-    AddrKey, Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue, VipFilter,
-    backend::BACKEND_F_ACTIVE, maps, service::FWD_DSR_L2,
+    AddrKey, Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue, VipFilter, addr_words,
+    backend::BACKEND_F_ACTIVE,
+    dpconfig::{DataPlaneConfig, encap_variation},
+    maps,
+    service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP},
 };
 use lb_ebpf::{Flow, FlowKind, Frame, Verdict, parse_flow};
 use lb_tests::{
     NetNs, in_ns,
     packets::{
-        CLIENT_MAC, CLIENT4, CLIENT6, LB_MAC, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_TX, eth, ipv4, ipv6, tcp,
-        udp,
+        CLIENT_MAC, CLIENT4, CLIENT6, LB_MAC, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, eth,
+        fix_ipv4_checksum, ipv4, ipv6, tcp, udp,
     },
-    topology::{loaded_lb, run_lb},
+    topology::{ipip_routes, loaded_lb, run_lb},
 };
 use proptest::{
     prelude::*,
@@ -34,8 +42,23 @@ const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb1];
 const OTHER4: [u8; 4] = [10, 200, 0, 7];
 const OTHER6: [u8; 16] = [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
 const TABLE: u32 = 13;
+/// The tunnels' routed backends and what `ipip_routes` puts in front of them.
+const BACKEND4: [u8; 4] = [10, 60, 0, 5];
+const BACKEND6: [u8; 16] = [0xfd, 0x60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x50];
+const ENCAP_SRC4: [u8; 4] = [172, 16, 0, 0];
+const ENCAP_SRC6: [u8; 16] = [0xfd, 0, 0, 0x1b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+const GUE_PORT: u16 = 6080;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Dsr,
+    Ipip,
+    Gue,
+}
 
 struct Dp {
+    mode: Mode,
     ebpf: aya::Ebpf,
     filter: VipFilter,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -46,7 +69,8 @@ struct Dp {
 }
 
 impl Dp {
-    fn new() -> Self {
+    /// The services in `mode`; for the tunnels, in a namespace where `ipip_routes` may run.
+    fn new(mode: Mode) -> Self {
         let mut ebpf = loaded_lb().expect("load lb");
         let mut take = |n: &str| ebpf.take_map(n).expect(n);
         let mut services: HashMap<MapData, ServiceKey, ServiceValue> =
@@ -75,15 +99,58 @@ impl Dp {
         for i in 0..TABLE {
             pool.set(i, 1, 0).expect("pool");
         }
+        let forward = match mode {
+            Mode::Dsr => FWD_DSR_L2,
+            Mode::Ipip => FWD_IPIP,
+            Mode::Gue => FWD_GUE,
+        };
+        if mode != Mode::Dsr {
+            // Routed backends: slot 1 (IPv4) and slot 2 (IPv6, the v6 services' table at
+            // offset TABLE); the next hop comes from the FIB.
+            let egress = ipip_routes().expect("routes");
+            for (slot, family, addr) in [(1u32, 4u8, &BACKEND4[..]), (2, 6, &BACKEND6[..])] {
+                let mut a = [0u8; 16];
+                a[..addr.len()].copy_from_slice(addr);
+                let b = Backend {
+                    addr: a,
+                    family,
+                    flags: BACKEND_F_ACTIVE,
+                    generation: 1,
+                    ..Default::default()
+                };
+                backends.set(slot, b, 0).expect("backend");
+            }
+            for i in TABLE..2 * TABLE {
+                pool.set(i, 2, 0).expect("pool");
+            }
+            let mut config: Array<MapData, DataPlaneConfig> =
+                take(maps::DP_CONFIG).try_into().expect("config");
+            let mut src4 = [0u8; 16];
+            src4[..4].copy_from_slice(&ENCAP_SRC4);
+            let cfg = DataPlaneConfig {
+                encap_src4: addr_words(src4)[0],
+                encap_src6: addr_words(ENCAP_SRC6),
+                gue_port: GUE_PORT,
+                ..Default::default()
+            };
+            config.set(0, cfg, 0).expect("config");
+            let mut tx: aya::maps::DevMapHash<MapData> = take(maps::TX_PORTS).try_into().expect("tx ports");
+            tx.insert(egress, egress, None, 0).expect("tx port");
+        }
         let mut filter = VipFilter::EMPTY;
         let mut v4 = [0u8; 16];
         v4[..4].copy_from_slice(&VIP4);
         let mut vips = Vec::new();
         // Every service on the one table at offset 0, in L2 DSR.
-        let service = |id: u32| ServiceValue {
+        let service = |id: u32, family: u8| ServiceValue {
             id,
+            table_offset: if family == 6 && mode != Mode::Dsr {
+                TABLE
+            } else {
+                0
+            },
             table_size: TABLE,
-            forward: FWD_DSR_L2,
+            forward,
             ..Default::default()
         };
         for (id, (family, proto, addr, port)) in [
@@ -96,7 +163,7 @@ impl Dp {
         .enumerate()
         {
             let key = ServiceKey::new(family, proto, addr, port.to_be());
-            let value = service(id as u32);
+            let value = service(id as u32, family);
             filter.add(&key);
             vip_addrs
                 .insert(AddrKey::new(family, key.addr), 1, 0)
@@ -108,9 +175,10 @@ impl Dp {
         // IPv4 UDP fragments hash to a backend (`fragments = "hash"`); the others pass.
         let frag_key = ServiceKey::new(4, 17, v4, 0);
         fragment_services
-            .insert(frag_key, service(9), 0)
+            .insert(frag_key, service(9, 4), 0)
             .expect("fragment service");
         Self {
+            mode,
             ebpf,
             filter,
             services,
@@ -186,7 +254,7 @@ fn model(dp: &Dp, input: &[u8]) -> Expect {
                     Counter::PassIpv6Fragment
                 });
             }
-            forward(same, vec![Counter::FragmentForwarded, Counter::Tx])
+            forward(dp.mode, &flow, same, vec![Counter::FragmentForwarded])
         }
         FlowKind::Transport { .. } | FlowKind::IcmpError => {
             let mut counters = Vec::new();
@@ -203,18 +271,75 @@ fn model(dp: &Dp, input: &[u8]) -> Expect {
             if flow.kind == FlowKind::IcmpError {
                 counters.push(Counter::IcmpErrorForwarded);
             }
-            counters.push(Counter::Tx);
-            forward(same, counters)
+            forward(dp.mode, &flow, same, counters)
         }
     }
 }
 
-/// Sent back out to backend 1 by L2 DSR: the MACs rewritten, nothing else.
-fn forward(mut output: Vec<u8>, counters: Vec<Counter>) -> Expect {
-    output[..6].copy_from_slice(&B1_MAC);
-    output[6..12].copy_from_slice(&LB_MAC);
+/// Forwarded in `mode`. L2 DSR: sent back out to backend 1 with the MACs rewritten, nothing
+/// else. IPIP/GUE: redirected to the router with the outer header in front of the IP packet
+/// (any VLAN tags gone; trailing Ethernet padding kept, outside the outer lengths).
+fn forward(mode: Mode, flow: &Flow, mut output: Vec<u8>, mut counters: Vec<Counter>) -> Expect {
+    if mode == Mode::Dsr {
+        output[..6].copy_from_slice(&B1_MAC);
+        output[6..12].copy_from_slice(&LB_MAC);
+        counters.push(Counter::Tx);
+        return Expect {
+            action: XDP_TX,
+            counters,
+            output,
+        };
+    }
+    let inner = &output[flow.l3()..];
+    let key = &flow.key;
+    let v4 = key.family == 4;
+    // The inner packet's own length, as its header says (the parser checked it fits).
+    let own = if v4 {
+        u16::from_be_bytes([inner[2], inner[3]]) as usize
+    } else {
+        40 + u16::from_be_bytes([inner[4], inner[5]]) as usize
+    };
+    let variation = encap_variation(key.src_addr[0], key.src_port);
+    let gue = mode == Mode::Gue;
+    let tunnel = |proto: u8| {
+        let mut h = Vec::new();
+        if gue {
+            let sport = 0xc000 | (variation as u16 & 0x3fff);
+            h.extend_from_slice(&sport.to_be_bytes());
+            h.extend_from_slice(&GUE_PORT.to_be_bytes());
+            h.extend_from_slice(&((own + 12) as u16).to_be_bytes());
+            h.extend_from_slice(&[0, 0, 0, proto, 0, 0]);
+        }
+        h
+    };
+    let outer = if v4 {
+        let v = (variation as u16).to_be_bytes();
+        let src = [ENCAP_SRC4[0], ENCAP_SRC4[1], v[0], v[1]];
+        let t = tunnel(4);
+        let proto = if gue { 17 } else { 4 };
+        let mut h = ipv4(proto, src, BACKEND4, &vec![0u8; t.len() + own]);
+        h.truncate(20);
+        h[1] = inner[1];
+        h[4..6].copy_from_slice(&[0, 0]);
+        fix_ipv4_checksum(&mut h);
+        [h, t].concat()
+    } else {
+        let mut src = ENCAP_SRC6;
+        src[12..].copy_from_slice(&variation.to_be_bytes());
+        let t = tunnel(41);
+        let next = if gue { 17 } else { 41 };
+        let mut h = ipv6(next, src, BACKEND6, &vec![0u8; t.len() + own]);
+        h.truncate(40);
+        let tc = (inner[0] & 0x0f) << 4 | inner[1] >> 4;
+        let first = 6u32 << 28 | u32::from(tc) << 20 | (variation & 0xf_ffff);
+        h[..4].copy_from_slice(&first.to_be_bytes());
+        [h, t].concat()
+    };
+    let ethertype = if v4 { 0x0800 } else { 0x86dd };
+    let output = [eth(ROUTER_MAC, LB_MAC, ethertype), outer, inner.to_vec()].concat();
+    counters.push(Counter::Redirect);
     Expect {
-        action: XDP_TX,
+        action: XDP_REDIRECT,
         counters,
         output,
     }
@@ -455,33 +580,56 @@ fn verdict_counter(c: Counter) -> bool {
 }
 
 #[test]
-fn generated_frames_match_the_model() {
+fn generated_frames_match_the_model_in_l2_dsr() {
+    fuzz(Mode::Dsr, 100_000);
+}
+
+#[test]
+fn generated_frames_match_the_model_in_ipip() {
+    fuzz(Mode::Ipip, 25_000);
+}
+
+#[test]
+fn generated_frames_match_the_model_in_gue() {
+    fuzz(Mode::Gue, 25_000);
+}
+
+/// `LB_FUZZ_SEED`, or one from the clock.
+fn fuzz_seed() -> u64 {
+    std::env::var("LB_FUZZ_SEED")
+        .ok()
+        .map(|v| v.parse().expect("LB_FUZZ_SEED: a number"))
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        })
+}
+
+fn runner(cases: u32, seed: u64) -> TestRunner {
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters: 2000,
+        ..Config::default()
+    };
+    TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes))
+}
+
+fn fuzz(mode: Mode, default_cases: u32) {
     let ns = NetNs::new("fuzz").expect("netns");
     in_ns(&ns, || {
         let cases: u32 = std::env::var("LB_FUZZ_CASES")
             .ok()
             .map(|v| v.parse().expect("LB_FUZZ_CASES: a number"))
-            .unwrap_or(100_000);
-        let seed: u64 = std::env::var("LB_FUZZ_SEED")
-            .ok()
-            .map(|v| v.parse().expect("LB_FUZZ_SEED: a number"))
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1)
-            });
-        println!("fuzz: {cases} cases, LB_FUZZ_SEED={seed}");
-        let dp = Dp::new();
-        let mut bytes = [0u8; 32];
-        bytes[..8].copy_from_slice(&seed.to_le_bytes());
-        let config = Config {
-            cases,
-            failure_persistence: None,
-            max_shrink_iters: 2000,
-            ..Config::default()
-        };
-        let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
+            .unwrap_or(default_cases);
+        let seed = fuzz_seed();
+        println!("fuzz {mode:?}: {cases} cases, LB_FUZZ_SEED={seed}");
+        let dp = Dp::new(mode);
+        let mut runner = runner(cases, seed);
         let strategy = (template(), prop::collection::vec(mutation(), 0..3));
         let start_counters = dp.counters();
         let before = std::cell::RefCell::new(start_counters.clone());
@@ -504,7 +652,7 @@ fn generated_frames_match_the_model() {
             let mut want_moved: Vec<(Counter, u64)> = want.counters.iter().map(|&c| (c, 1)).collect();
             want_moved.sort_by_key(|(c, _)| *c as u32);
             prop_assert_eq!(&moved, &want_moved, "counters; input {:02x?}", input);
-            if action == XDP_TX {
+            if action == XDP_TX || action == XDP_REDIRECT {
                 forwarded.set(forwarded.get() + 1);
                 well_formed(&input).map_err(|e| {
                     TestCaseError::fail(format!("forwarded a malformed frame: {e}; input {input:02x?}"))
@@ -513,7 +661,7 @@ fn generated_frames_match_the_model() {
             Ok(())
         });
         if let Err(e) = result {
-            panic!("LB_FUZZ_SEED={seed}: {e}");
+            panic!("{mode:?}: LB_FUZZ_SEED={seed}: {e}");
         }
         // Over the whole run, exactly one verdict per frame.
         let (ran, forwarded) = (ran.get(), forwarded.get());
@@ -525,12 +673,211 @@ fn generated_frames_match_the_model() {
             .map(|(i, _)| end[i] - start_counters[i])
             .sum();
         assert_eq!(verdicts, ran, "verdict counters over the run");
-        println!("fuzz: {ran} frames, {forwarded} forwarded, every one as the model said");
+        println!("fuzz {mode:?}: {ran} frames, {forwarded} forwarded, every one as the model said");
         // The generator must reach both sides of the rule, or the run proves little.
         assert!(
             forwarded > ran / 50,
             "only {forwarded} of {ran} frames were forwarded"
         );
         assert!(forwarded < ran, "every frame was forwarded");
+    });
+}
+
+/// The decapsulator with VIP4 and VIP6 local and GUE on GUE_PORT (no MAC check).
+struct Decap {
+    ebpf: aya::Ebpf,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl Decap {
+    fn new() -> Self {
+        let mut ebpf = lb_tests::topology::load_object(lb_userspace::DECAP_OBJECT).expect("load decap");
+        let prog: &mut aya::programs::Xdp = ebpf
+            .program_mut(maps::PROG_DECAP)
+            .expect("decap")
+            .try_into()
+            .expect("xdp");
+        prog.load().expect("verifier accepts decap");
+        let mut take = |n: &str| ebpf.take_map(n).expect(n);
+        let mut vips: HashMap<MapData, AddrKey, u32> = take(maps::DECAP_VIPS).try_into().expect("vips");
+        let mut port: Array<MapData, u32> = take(maps::DECAP_GUE_PORT).try_into().expect("port");
+        let stats = take(maps::DECAP_STATS).try_into().expect("stats");
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&VIP4);
+        vips.insert(AddrKey::new(4, addr_words(v4)), 1, 0).expect("vip4");
+        vips.insert(AddrKey::new(6, addr_words(VIP6)), 1, 0)
+            .expect("vip6");
+        port.set(0, u32::from(GUE_PORT), 0).expect("gue port");
+        Self { ebpf, stats }
+    }
+
+    fn counts(&self) -> [u64; 2] {
+        [0u32, 1].map(|i| self.stats.get(&i, 0).expect("stat").iter().sum())
+    }
+
+    fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &aya::programs::Xdp = self
+            .ebpf
+            .program(maps::PROG_DECAP)
+            .expect("decap")
+            .try_into()
+            .expect("xdp");
+        lb_tests::topology::run_xdp(prog, input).expect("test_run")
+    }
+}
+
+/// What the decapsulator must do: strip a whole tunnel packet for a local VIP (counter 0), pass
+/// one for another address unchanged (counter 1), pass anything else unchanged (no counter).
+fn decap_model(input: &[u8]) -> (Vec<u8>, Option<usize>) {
+    let frame = Frame::new(input.as_ptr() as usize, input.as_ptr() as usize + input.len());
+    let Some(t) = lb_ebpf::tunnel::tunnel(&frame, u32::from(GUE_PORT)) else {
+        return (input.to_vec(), None);
+    };
+    let mut v4 = [0u8; 16];
+    v4[..4].copy_from_slice(&VIP4);
+    let local = (t.family == 4 && t.inner_dst == addr_words(v4))
+        || (t.family == 6 && t.inner_dst == addr_words(VIP6));
+    if !local {
+        return (input.to_vec(), Some(1));
+    }
+    let out = [
+        &input[..12],
+        &t.ethertype.to_ne_bytes()[..],
+        &input[14 + t.outer_len..],
+    ]
+    .concat();
+    (out, Some(0))
+}
+
+/// Independent of `tunnel`: whether a frame the decapsulator stripped was a whole, unfragmented
+/// tunnel packet by its outer length fields, with an inner header of its family inside.
+fn whole_tunnel(f: &[u8]) -> Result<(), String> {
+    let ip = f.get(14..).ok_or("no IP header")?;
+    let (outer_total, ip_len, proto) = match u16::from_be_bytes([f[12], f[13]]) {
+        0x0800 => {
+            let total = u16::from_be_bytes([*ip.get(2).ok_or("cut")?, *ip.get(3).ok_or("cut")?]) as usize;
+            if ip[0] != 0x45 || u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+                return Err("outer IPv4 with options or fragmented".into());
+            }
+            (total, 20, ip[9])
+        }
+        0x86dd => {
+            let payload = u16::from_be_bytes([*ip.get(4).ok_or("cut")?, *ip.get(5).ok_or("cut")?]) as usize;
+            (40 + payload, 40, *ip.get(6).ok_or("cut")?)
+        }
+        t => return Err(format!("ethertype {t:#06x} stripped")),
+    };
+    if outer_total > ip.len() {
+        return Err(format!("outer length {outer_total} in {} bytes", ip.len()));
+    }
+    let (inner_at, want) = match proto {
+        4 | 41 => (ip_len, if proto == 4 { 4 } else { 6 }),
+        17 => {
+            let u = ip.get(ip_len..ip_len + 12).ok_or("GUE cut")?;
+            let udp_len = u16::from_be_bytes([u[4], u[5]]) as usize;
+            if udp_len < 12 || ip_len + udp_len > outer_total {
+                return Err(format!("UDP length {udp_len}"));
+            }
+            (ip_len + 12, if u[9] == 4 { 4 } else { 6 })
+        }
+        p => return Err(format!("protocol {p} stripped")),
+    };
+    let inner_len = if want == 4 { 20 } else { 40 };
+    if inner_at + inner_len > outer_total || ip[inner_at] >> 4 != want {
+        return Err("inner header missing or of another family".into());
+    }
+    Ok(())
+}
+
+/// A template wrapped in an outer IPIP or GUE header of either family (or left as it is).
+fn tunnel_template() -> impl Strategy<Value = Vec<u8>> {
+    (template(), 0u8..5).prop_map(|(f, outer)| {
+        let inner = f[14..].to_vec();
+        let gue = |proto: u8| {
+            let mut h = Vec::new();
+            h.extend_from_slice(&0xc001u16.to_be_bytes());
+            h.extend_from_slice(&GUE_PORT.to_be_bytes());
+            h.extend_from_slice(&((inner.len() + 12) as u16).to_be_bytes());
+            h.extend_from_slice(&[0, 0, 0, proto, 0, 0]);
+            [h, inner.clone()].concat()
+        };
+        let from4 = [172, 16, 1, 2];
+        let mut from6 = ENCAP_SRC6;
+        from6[15] = 2;
+        let (ethertype, l3) = match outer {
+            0 => (0x0800, ipv4(4, from4, BACKEND4, &inner)),
+            1 => (0x0800, ipv4(17, from4, BACKEND4, &gue(4))),
+            2 => (0x86dd, ipv6(41, from6, BACKEND6, &inner)),
+            3 => (0x86dd, ipv6(17, from6, BACKEND6, &gue(41))),
+            _ => return f,
+        };
+        [eth(B1_MAC, ROUTER_MAC, ethertype), l3].concat()
+    })
+}
+
+#[test]
+fn generated_frames_match_the_model_in_the_decapsulator() {
+    let ns = NetNs::new("fuzzd").expect("netns");
+    in_ns(&ns, || {
+        let cases: u32 = std::env::var("LB_FUZZ_CASES")
+            .ok()
+            .map(|v| v.parse().expect("LB_FUZZ_CASES: a number"))
+            .unwrap_or(25_000);
+        let seed = fuzz_seed();
+        println!("fuzz decap: {cases} cases, LB_FUZZ_SEED={seed}");
+        let decap = Decap::new();
+        let mut runner = runner(cases, seed);
+        let start = decap.counts();
+        let before = std::cell::RefCell::new(start);
+        let (ran, stripped, tunnels) = (
+            std::cell::Cell::new(0u64),
+            std::cell::Cell::new(0u64),
+            std::cell::Cell::new(0u64),
+        );
+        let result = runner.run(
+            &(tunnel_template(), prop::collection::vec(mutation(), 0..3)),
+            |(t, muts)| {
+                let input = apply(t, &muts);
+                let (want, counter) = decap_model(&input);
+                let (action, output) = decap.run(&input);
+                let after = decap.counts();
+                let moved = [after[0] - before.borrow()[0], after[1] - before.borrow()[1]];
+                *before.borrow_mut() = after;
+                ran.set(ran.get() + 1);
+                prop_assert_eq!(action, XDP_PASS, "verdict; input {:02x?}", input);
+                prop_assert_eq!(&output, &want, "output bytes; input {:02x?}", input);
+                let mut want_moved = [0u64; 2];
+                if let Some(c) = counter {
+                    want_moved[c] = 1;
+                    tunnels.set(tunnels.get() + 1);
+                }
+                prop_assert_eq!(moved, want_moved, "counters; input {:02x?}", input);
+                if counter == Some(0) {
+                    stripped.set(stripped.get() + 1);
+                    whole_tunnel(&input).map_err(|e| {
+                        TestCaseError::fail(format!(
+                            "stripped a malformed tunnel packet: {e}; input {input:02x?}"
+                        ))
+                    })?;
+                }
+                Ok(())
+            },
+        );
+        if let Err(e) = result {
+            panic!("decap: LB_FUZZ_SEED={seed}: {e}");
+        }
+        let end = decap.counts();
+        let (ran, stripped) = (ran.get(), stripped.get());
+        assert_eq!(
+            end[0] + end[1] - start[0] - start[1],
+            tunnels.get(),
+            "counters over the run"
+        );
+        println!("fuzz decap: {ran} frames, {stripped} stripped, every one as the model said");
+        assert!(
+            stripped > ran / 50,
+            "only {stripped} of {ran} frames were stripped"
+        );
+        assert!(stripped < ran, "every frame was stripped");
     });
 }

@@ -202,7 +202,9 @@ fn control_protocol_service_bodies() {
                         Err(e) => one_line("service error", &e.to_string()),
                     }
                 }
-                Err(e) => one_line("json error", &e.to_string()),
+                // As the API answers a body it cannot read (serde quotes the field names it
+                // did not expect, control characters and all).
+                Err(e) => one_line("json error", &lb_userspace::api::server::one_line(&e.to_string())),
             }
         })?
     });

@@ -845,6 +845,25 @@ fn decap_strips_ipip_for_local_vips_only() {
         .concat();
         assert_eq!(decap.run(&plain), (XDP_PASS, plain.clone()));
         assert_eq!(decap.count(0), 3);
+        // Before the decapsulator read lengths (with the fuzzer's decapsulator model), it
+        // stripped tunnel packets whose own lengths disagree with the frame: an outer total
+        // length past the frame, one too short for the inner header, and an inner header of
+        // the other family. All are passed untouched now, uncounted.
+        let inner = ipv4(6, CLIENT4, VIP4, &tcp(40000, 8080, 2));
+        let outer = ipv4(4, [172, 16, 1, 2], [10, 60, 0, 5], &inner);
+        for (what, total, version) in [
+            ("past the frame", outer.len() + 1, 0x45),
+            ("short", 30, 0x45),
+            ("family", outer.len(), 0x65),
+        ] {
+            let mut o = outer.clone();
+            o[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            o[20] = version;
+            lb_tests::packets::fix_ipv4_checksum(&mut o);
+            let input = [eth(B1_MAC, ROUTER_MAC, 0x0800), o].concat();
+            assert_eq!(decap.run(&input), (XDP_PASS, input.clone()), "{what}");
+        }
+        assert_eq!((decap.count(0), decap.count(1)), (3, 1));
     });
 }
 

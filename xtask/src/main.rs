@@ -72,12 +72,12 @@ enum Command {
     /// Run setup, then the fuzzers with more cases than the test command runs
     ///
     /// Generated frames through the balancer with BPF_PROG_TEST_RUN, each checked against the
-    /// model (tests/tests/fuzz_dataplane.rs); then config files, CLI arguments, service bodies,
+    /// model, in L2 DSR, IPIP and GUE modes at once (tests/tests/fuzz_dataplane.rs); then config files, CLI arguments, service bodies,
     /// agent replies and geo data, each for `--input-seconds` (tests/tests/fuzz_inputs.rs).
     /// Prints the seeds; `--seed` replays a run. Needs root. A million frames take about 3
     /// minutes.
     Fuzz {
-        /// Number of generated frames
+        /// Number of generated frames per mode
         #[arg(long, default_value_t = 1_000_000)]
         cases: u32,
         /// Seconds per input target (config, CLI, service body, agent, geo CSV, geo mmdb)

@@ -58,8 +58,17 @@ pub struct Failure(StatusCode, String);
 
 impl Failure {
     fn new(status: StatusCode, detail: impl Into<String>) -> Self {
-        Self(status, detail.into().replace('\n', " "))
+        Self(status, one_line(&detail.into()))
     }
+}
+
+/// An error's detail as the API answers it: one line, every control character (a newline in a
+/// quoted field name, say) a space.
+pub fn one_line(detail: &str) -> String {
+    detail
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 impl From<Error> for Failure {

@@ -8,7 +8,7 @@ use aya::maps::{HashMap, Map, MapData};
 use lb_common::{FAMILY_V4, PROTO_TCP, ServiceKey, ServiceValue, maps};
 use lb_userspace::{
     dataplane::Pool,
-    maglev::{MaglevBackend, build_table},
+    maglev::{MaglevBackend, build_table, build_table_probing},
 };
 use serde::Serialize;
 
@@ -22,6 +22,10 @@ pub struct MaglevResult {
     /// Median over `runs`.
     pub build_us: f64,
     pub runs: Vec<f64>,
+    /// The same builds probing every turn to the end (no tail search), interleaved with the
+    /// others in this process: the before of the A/B. The tables are compared slot for slot.
+    pub probing_us: f64,
+    pub probing_runs: Vec<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -51,6 +55,7 @@ pub fn maglev(runs: usize) -> Result<Vec<MaglevResult>> {
             let ids = ids(n);
             let members: Vec<_> = ids.iter().map(|id| MaglevBackend { id, weight: 100 }).collect();
             let mut times = Vec::with_capacity(runs);
+            let mut probing = Vec::with_capacity(runs);
             for _ in 0..runs {
                 let t = Instant::now();
                 let table = std::hint::black_box(build_table(std::hint::black_box(&members), m));
@@ -60,12 +65,21 @@ pub fn maglev(runs: usize) -> Result<Vec<MaglevResult>> {
                     "M={m} N={n}: table has {} slots",
                     table.len()
                 );
+                let t = Instant::now();
+                let reference = std::hint::black_box(build_table_probing(std::hint::black_box(&members), m));
+                probing.push(t.elapsed().as_secs_f64() * 1e6);
+                ensure!(
+                    table == reference,
+                    "M={m} N={n}: the tail search changed the table"
+                );
             }
             out.push(MaglevResult {
                 m,
                 n,
                 build_us: median(times.iter().copied()).unwrap_or(f64::NAN),
                 runs: times,
+                probing_us: median(probing.iter().copied()).unwrap_or(f64::NAN),
+                probing_runs: probing,
             });
         }
     }

@@ -142,10 +142,18 @@ impl Results {
             s.push('\n');
         }
         if let Some(maglev) = &self.maglev {
-            let _ = writeln!(s, "| M | N | build (µs, median) |");
-            let _ = writeln!(s, "|---:|---:|---:|");
+            let _ = writeln!(s, "| M | N | build (µs, median) | probing only (µs) | ratio |");
+            let _ = writeln!(s, "|---:|---:|---:|---:|---:|");
             for r in maglev {
-                let _ = writeln!(s, "| {} | {} | {:.0} |", r.m, r.n, r.build_us);
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {:.0} | {:.0} | {:.2} |",
+                    r.m,
+                    r.n,
+                    r.build_us,
+                    r.probing_us,
+                    r.build_us / r.probing_us
+                );
             }
             s.push('\n');
         }
@@ -262,9 +270,13 @@ impl Results {
         }
         if let Some(maglev) = &self.maglev {
             let _ = writeln!(s, "\nMaglev table build (median)");
-            let _ = writeln!(s, "{:>8} {:>6} {:>12}", "M", "N", "build µs");
+            let _ = writeln!(s, "{:>8} {:>6} {:>12} {:>12}", "M", "N", "build µs", "probing µs");
             for r in maglev {
-                let _ = writeln!(s, "{:>8} {:>6} {:>12.0}", r.m, r.n, r.build_us);
+                let _ = writeln!(
+                    s,
+                    "{:>8} {:>6} {:>12.0} {:>12.0}",
+                    r.m, r.n, r.build_us, r.probing_us
+                );
             }
         }
         if let Some(us) = self.table_swap_us {
