@@ -323,7 +323,7 @@ pub struct ServiceSpec {
     pub resource: Option<crate::strategy::resource::ResourceSettings>,
     /// `[service.adaptive]`: when an adaptive service switches strategy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub adaptive: Option<crate::strategy::adaptive::AdaptiveSettings>,
+    pub adaptive: Option<crate::strategy::adaptive_settings::AdaptiveSettings>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendSpec>,
 }

@@ -249,7 +249,7 @@ pub struct Service {
     /// `[service.resource]`: how load becomes weight (resource-aware, and adaptive's pick).
     pub resource: Option<crate::strategy::resource::ResourceSettings>,
     /// `[service.adaptive]`: when an adaptive service switches.
-    pub adaptive: Option<crate::strategy::adaptive::AdaptiveSettings>,
+    pub adaptive: Option<crate::strategy::adaptive_settings::AdaptiveSettings>,
     pub backends: Vec<Backend>,
 }
 

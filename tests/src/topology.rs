@@ -390,6 +390,17 @@ impl Daemon {
             .expect("run lb")
     }
 
+    /// One backend's entry in `lb health SERVICE` (null when it is not there).
+    pub fn health_of(&self, service: &str, id: &str) -> serde_json::Value {
+        self.json(&["health", service])[0]["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["id"] == id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// `lb --json <args>`, which must succeed; returns the parsed output.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut all = vec!["--json"];

@@ -128,14 +128,7 @@ fn slots(d: &Daemon) -> HashMap<String, HashMap<String, u64>> {
 
 /// One backend's entry in `lb health`.
 fn health_of(d: &Daemon, service: &str, id: &str) -> serde_json::Value {
-    let h = d.json(&["health", service]);
-    h[0]["backends"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|b| b["id"] == id)
-        .cloned()
-        .unwrap_or_default()
+    d.health_of(service, id)
 }
 
 /// Waits until every checked backend has been checked at least `n` times.

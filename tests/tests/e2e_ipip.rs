@@ -451,15 +451,7 @@ fn a_check_through_the_vip_fails_without_the_decapsulator_while_a_plain_check_pa
             }
         }
         let d = Daemon::start_in(&net.lb, &instance, &run_dir, &text).expect("daemon");
-        let health = |s: &str, id: &str| -> serde_json::Value {
-            d.json(&["health", s])[0]["backends"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|b| b["id"] == id)
-                .cloned()
-                .unwrap_or_default()
-        };
+        let health = |s: &str, id: &str| d.health_of(s, id);
         let up = |s: &str, id: &str| health(s, id)["state"] == "up";
         let passing =
             |s: &str, id: &str| up(s, id) && health(s, id)["check"]["consecutive_ok"].as_u64() >= Some(5);

@@ -7,22 +7,28 @@
 //! of the frame's own length fields backs the rule that a malformed frame is never forwarded,
 //! so a parser that let one through would fail here even though the model shares its code.
 //!
-//! Scope: the balancer in L2 DSR, IPIP and GUE modes (one test each, in a namespace of its
-//! own; the tunnels' backends are routed, so their frames are redirected with the outer header
-//! the model builds), with services for both families and protocols, echo replies off, IPv4
-//! UDP fragments hashed to a backend and the others passed. `LB_FUZZ_CASES` sets the number of
-//! cases per mode (default 100,000 for DSR, 25,000 for each tunnel), `LB_FUZZ_SEED` replays a
-//! run; the seed is printed. The decapsulator has a test of its own: tunnel packets of both
+//! Scope: the balancer in L2 DSR, IPIP, GUE, NAT and SNAT modes (one test each, in a namespace
+//! of its own; the tunnels' backends are routed, so their frames are redirected with the outer
+//! header the model builds), with services for both families and protocols, echo replies off,
+//! IPv4 UDP fragments hashed to a backend (not for NAT) and the others passed. For NAT the
+//! model reads the connection entries from the kernel before each case: a request or reply of a
+//! known connection is translated to its entry's tuple, a new one (TCP only with a SYN) to the
+//! backend, from the SNAT address and the first free port of the probe sequence with SNAT; the
+//! checksums must say after translation what they said before (`checksums_follow`). NAT
+//! templates add requests from a few client ports and the backends' replies, so connections
+//! recur. ICMP errors about NAT connections are left to the golden tests. `LB_FUZZ_CASES` sets
+//! the number of cases per mode (default 100,000 for DSR, 25,000 for each other mode),
+//! `LB_FUZZ_SEED` replays a run; the seed is printed. The decapsulator has a test of its own: tunnel packets of both
 //! families (IPIP and GUE, for local VIPs and others) and everything else, mutated alike,
 //! against the shared reading of a tunnel packet (`lb_ebpf::tunnel`).
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use lb_common::{
-    AddrKey, Backend, Counter, FlowKey, FlowState, ServiceKey, ServiceValue, VipFilter, addr_words,
+    AddrKey, Backend, Counter, FlowKey, FlowState, NatEntry, ServiceKey, ServiceValue, VipFilter, addr_words,
     backend::BACKEND_F_ACTIVE,
     dpconfig::{DataPlaneConfig, encap_variation},
     maps,
-    service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP},
+    service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP, FWD_NAT, FWD_SNAT},
 };
 use lb_ebpf::{Flow, FlowKind, Frame, Verdict, parse_flow};
 use lb_tests::{
@@ -55,6 +61,31 @@ enum Mode {
     Dsr,
     Ipip,
     Gue,
+    Nat,
+    Snat,
+}
+
+/// NAT backends (port 8080), the SNAT sources and their port range.
+const NAT_B4: [u8; 4] = [10, 97, 0, 11];
+const NAT_B6: [u8; 16] = [0xfd, 0x97, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
+const SNAT4: [u8; 4] = [10, 97, 0, 1];
+const SNAT6: [u8; 16] = [0xfd, 0x97, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const SNAT_FIRST: u16 = 40000;
+const SNAT_COUNT: u32 = 64;
+const NAT_PORT: u16 = 8080;
+/// Client ports of the NAT templates: few, so connections recur and replies find entries.
+const NAT_CLIENT_PORTS: u16 = 24;
+
+impl Mode {
+    fn nat(self) -> bool {
+        matches!(self, Mode::Nat | Mode::Snat)
+    }
+}
+
+fn words(addr: &[u8]) -> [u32; 4] {
+    let mut a = [0u8; 16];
+    a[..addr.len()].copy_from_slice(addr);
+    addr_words(a)
 }
 
 struct Dp {
@@ -65,6 +96,7 @@ struct Dp {
     global: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
     fragment_services: HashMap<MapData, ServiceKey, ServiceValue>,
+    nat: HashMap<MapData, FlowKey, NatEntry>,
     vips: Vec<([u32; 4], u8)>,
 }
 
@@ -103,8 +135,43 @@ impl Dp {
             Mode::Dsr => FWD_DSR_L2,
             Mode::Ipip => FWD_IPIP,
             Mode::Gue => FWD_GUE,
+            Mode::Nat => FWD_NAT,
+            Mode::Snat => FWD_SNAT,
         };
-        if mode != Mode::Dsr {
+        let nat = take(maps::NAT_FLOWS).try_into().expect("nat flows");
+        if mode.nat() {
+            // Slot 1 the IPv4 backend, slot 2 the IPv6 one (the v6 services' table at offset
+            // TABLE), both on lo (test_run's ingress): forwarding is XDP_TX.
+            for (slot, addr) in [(1u32, &NAT_B4[..]), (2, &NAT_B6[..])] {
+                let mut a = [0u8; 16];
+                a[..addr.len()].copy_from_slice(addr);
+                let b = Backend {
+                    addr: a,
+                    family: if addr.len() == 4 { 4 } else { 6 },
+                    flags: BACKEND_F_ACTIVE,
+                    port: NAT_PORT.to_be(),
+                    generation: 1,
+                    ifindex: 1,
+                    dst_mac: B1_MAC,
+                    src_mac: LB_MAC,
+                };
+                backends.set(slot, b, 0).expect("backend");
+            }
+            for i in TABLE..2 * TABLE {
+                pool.set(i, 2, 0).expect("pool");
+            }
+            let mut config: Array<MapData, DataPlaneConfig> =
+                take(maps::DP_CONFIG).try_into().expect("config");
+            let cfg = DataPlaneConfig {
+                nat_src4: words(&SNAT4)[0],
+                nat_src6: words(&SNAT6),
+                nat_port_first: SNAT_FIRST,
+                nat_port_count: SNAT_COUNT,
+                ..Default::default()
+            };
+            config.set(0, cfg, 0).expect("config");
+        }
+        if matches!(mode, Mode::Ipip | Mode::Gue) {
             // Routed backends: slot 1 (IPv4) and slot 2 (IPv6, the v6 services' table at
             // offset TABLE); the next hop comes from the FIB.
             let egress = ipip_routes().expect("routes");
@@ -171,12 +238,20 @@ impl Dp {
             services.insert(key, value, 0).expect("service");
             vips.push((key.addr, family));
         }
+        if mode.nat() {
+            for a in [&VIP4[..], &VIP6[..], &NAT_B4[..], &NAT_B6[..]] {
+                filter.add_nat(&words(a));
+            }
+        }
         vip_filter.set(0, filter, 0).expect("filter");
-        // IPv4 UDP fragments hash to a backend (`fragments = "hash"`); the others pass.
-        let frag_key = ServiceKey::new(4, 17, v4, 0);
-        fragment_services
-            .insert(frag_key, service(9, 4), 0)
-            .expect("fragment service");
+        // IPv4 UDP fragments hash to a backend (`fragments = "hash"`); the others pass. (Not
+        // for NAT: a fragment has no ports to translate.)
+        if !mode.nat() {
+            let frag_key = ServiceKey::new(4, 17, v4, 0);
+            fragment_services
+                .insert(frag_key, service(9, 4), 0)
+                .expect("fragment service");
+        }
         Self {
             mode,
             ebpf,
@@ -185,6 +260,7 @@ impl Dp {
             global,
             conntrack,
             fragment_services,
+            nat,
             vips,
         }
     }
@@ -202,8 +278,11 @@ impl Dp {
 }
 
 /// What the program must do with a frame.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 struct Expect {
+    /// A NAT translation of this flow: its checksum fields are checked by
+    /// `checksums_follow`, not byte for byte.
+    nat: Option<Flow>,
     action: u32,
     /// The counters that move by one; every other stays still.
     counters: Vec<Counter>,
@@ -215,6 +294,7 @@ fn model(dp: &Dp, input: &[u8]) -> Expect {
     let frame = Frame::new(input.as_ptr() as usize, input.as_ptr() as usize + input.len());
     let same = input.to_vec();
     let pass = |c| Expect {
+        nat: None,
         action: XDP_PASS,
         counters: vec![c],
         output: same.clone(),
@@ -224,6 +304,7 @@ fn model(dp: &Dp, input: &[u8]) -> Expect {
         Err(Verdict::Pass(c)) => return pass(c),
         Err(Verdict::Drop(c)) => {
             return Expect {
+                nat: None,
                 action: XDP_DROP,
                 counters: vec![c],
                 output: same,
@@ -232,6 +313,37 @@ fn model(dp: &Dp, input: &[u8]) -> Expect {
         Err(v) => panic!("the parser decided {v:?} on its own"),
     };
     let key = &flow.key;
+    if dp.mode.nat()
+        && matches!(flow.kind, FlowKind::Transport { .. } | FlowKind::IcmpError)
+        && (dp.filter.may_be_nat(VipFilter::bit(&key.dst_addr))
+            || dp.filter.may_be_nat(VipFilter::bit(&key.src_addr)))
+        && let Ok(e) = dp.nat.get(key, 0)
+    {
+        let (dst_mac, src_mac) = if e.is_reply() {
+            (e.dst_mac, e.src_mac)
+        } else {
+            (B1_MAC, LB_MAC)
+        };
+        if flow.kind == FlowKind::IcmpError {
+            return Expect {
+                nat: Some(flow),
+                action: XDP_TX,
+                counters: vec![Counter::IcmpErrorForwarded, Counter::Tx],
+                output: translated_icmp(input, &flow, &e, dst_mac, src_mac),
+            };
+        }
+        let counters = if e.is_reply() {
+            vec![Counter::NatReply, Counter::Tx]
+        } else {
+            vec![Counter::Tx]
+        };
+        return Expect {
+            nat: Some(flow),
+            action: XDP_TX,
+            counters,
+            output: translated(input, &flow, &e, dst_mac, src_mac),
+        };
+    }
     let may_be_vip = dp.filter.may_be_vip(VipFilter::bit(&key.dst_addr));
     if !may_be_vip {
         return pass(Counter::PassNotVip);
@@ -268,6 +380,9 @@ fn model(dp: &Dp, input: &[u8]) -> Expect {
                 }
                 counters.push(Counter::ConntrackMiss);
             }
+            if dp.mode.nat() {
+                return nat_open(dp, input, &flow, counters);
+            }
             if flow.kind == FlowKind::IcmpError {
                 counters.push(Counter::IcmpErrorForwarded);
             }
@@ -285,6 +400,7 @@ fn forward(mode: Mode, flow: &Flow, mut output: Vec<u8>, mut counters: Vec<Count
         output[6..12].copy_from_slice(&LB_MAC);
         counters.push(Counter::Tx);
         return Expect {
+            nat: None,
             action: XDP_TX,
             counters,
             output,
@@ -339,6 +455,7 @@ fn forward(mode: Mode, flow: &Flow, mut output: Vec<u8>, mut counters: Vec<Count
     let output = [eth(ROUTER_MAC, LB_MAC, ethertype), outer, inner.to_vec()].concat();
     counters.push(Counter::Redirect);
     Expect {
+        nat: None,
         action: XDP_REDIRECT,
         counters,
         output,
@@ -594,6 +711,16 @@ fn generated_frames_match_the_model_in_gue() {
     fuzz(Mode::Gue, 25_000);
 }
 
+#[test]
+fn generated_frames_match_the_model_in_nat() {
+    fuzz(Mode::Nat, 25_000);
+}
+
+#[test]
+fn generated_frames_match_the_model_in_snat() {
+    fuzz(Mode::Snat, 25_000);
+}
+
 /// `LB_FUZZ_SEED`, or one from the clock.
 fn fuzz_seed() -> u64 {
     std::env::var("LB_FUZZ_SEED")
@@ -607,13 +734,15 @@ fn fuzz_seed() -> u64 {
         })
 }
 
-fn runner(cases: u32, seed: u64) -> TestRunner {
+/// `shrink`: off where a case leaves state behind (NAT entries), as a shrunk case would then
+/// meet what the failing one made and fail for another reason.
+fn runner(cases: u32, seed: u64, shrink: bool) -> TestRunner {
     let mut bytes = [0u8; 32];
     bytes[..8].copy_from_slice(&seed.to_le_bytes());
     let config = Config {
         cases,
         failure_persistence: None,
-        max_shrink_iters: 2000,
+        max_shrink_iters: if shrink { 2000 } else { 0 },
         ..Config::default()
     };
     TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes))
@@ -629,15 +758,42 @@ fn fuzz(mode: Mode, default_cases: u32) {
         let seed = fuzz_seed();
         println!("fuzz {mode:?}: {cases} cases, LB_FUZZ_SEED={seed}");
         let dp = Dp::new(mode);
-        let mut runner = runner(cases, seed);
-        let strategy = (template(), prop::collection::vec(mutation(), 0..3));
+        let mut runner = runner(cases, seed, !mode.nat());
+        let frames = if mode.nat() {
+            prop_oneof![template(), nat_template()].boxed()
+        } else {
+            template().boxed()
+        };
+        let strategy = (frames, prop::collection::vec(mutation(), 0..3));
         let start_counters = dp.counters();
         let before = std::cell::RefCell::new(start_counters.clone());
         let (ran, forwarded) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+        let (opened, replies) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+        let icmp_translated = std::cell::Cell::new(0u64);
         let result = runner.run(&strategy, |(template, muts)| {
             let input = apply(template, &muts);
-            let want = model(&dp, &input);
+            let mut want = model(&dp, &input);
+            opened.set(opened.get() + u64::from(want.counters.contains(&Counter::NatCreated)));
+            replies.set(replies.get() + u64::from(want.counters.contains(&Counter::NatReply)));
+            icmp_translated.set(
+                icmp_translated.get() + u64::from(want.nat.is_some_and(|f| f.kind == FlowKind::IcmpError)),
+            );
             let (action, output) = dp.run(&input);
+            if let (Some(flow), XDP_TX) = (want.nat, action) {
+                // The checksums as the program wrote them, checked for what they say.
+                let icmp = flow.kind == FlowKind::IcmpError;
+                let follow = if icmp {
+                    icmp_checksums_follow(&input, &output, &flow)
+                } else {
+                    checksums_follow(&input, &output, &flow)
+                };
+                follow.map_err(|e| TestCaseError::fail(format!("NAT checksums: {e}; input {input:02x?}")))?;
+                if icmp {
+                    copy_icmp_checksums(&output, &mut want.output, &flow);
+                } else {
+                    copy_checksums(&output, &mut want.output, &flow);
+                }
+            }
             let after = dp.counters();
             let moved: Vec<(Counter, u64)> = Counter::ALL
                 .iter()
@@ -674,6 +830,19 @@ fn fuzz(mode: Mode, default_cases: u32) {
             .sum();
         assert_eq!(verdicts, ran, "verdict counters over the run");
         println!("fuzz {mode:?}: {ran} frames, {forwarded} forwarded, every one as the model said");
+        if mode.nat() {
+            let (opened, replies) = (opened.get(), replies.get());
+            let icmp = icmp_translated.get();
+            println!(
+                "fuzz {mode:?}: {opened} connections opened, {replies} replies and {icmp} ICMP errors translated"
+            );
+            // SNAT's 64 ports per backend and protocol bound the connections (entries do not
+            // expire here): the rest of its new connections are drop_nat_no_port.
+            assert!(
+                opened >= (ran / 200).min(200) && replies > ran / 200,
+                "the NAT paths were hardly reached"
+            );
+        }
         // The generator must reach both sides of the rule, or the run proves little.
         assert!(
             forwarded > ran / 50,
@@ -826,7 +995,7 @@ fn generated_frames_match_the_model_in_the_decapsulator() {
         let seed = fuzz_seed();
         println!("fuzz decap: {cases} cases, LB_FUZZ_SEED={seed}");
         let decap = Decap::new();
-        let mut runner = runner(cases, seed);
+        let mut runner = runner(cases, seed, true);
         let start = decap.counts();
         let before = std::cell::RefCell::new(start);
         let (ran, stripped, tunnels) = (
@@ -880,4 +1049,351 @@ fn generated_frames_match_the_model_in_the_decapsulator() {
         );
         assert!(stripped < ran, "every frame was stripped");
     });
+}
+
+/// A new connection to a NAT service: TCP only with a SYN; its forward entry (client tuple to
+/// the backend, from the SNAT address and the first free port of the probe sequence with
+/// SNAT) and the reply entry must both be free; the packet goes to the backend translated.
+fn nat_open(dp: &Dp, input: &[u8], flow: &Flow, mut counters: Vec<Counter>) -> Expect {
+    let key = &flow.key;
+    let drop = |mut counters: Vec<Counter>, c| {
+        counters.push(c);
+        Expect {
+            nat: None,
+            action: XDP_DROP,
+            counters,
+            output: input.to_vec(),
+        }
+    };
+    let syn = match flow.kind {
+        FlowKind::Transport { syn, .. } => syn,
+        _ => return drop(counters, Counter::DropNatNoEntry),
+    };
+    if key.proto == 6 && !syn {
+        return drop(counters, Counter::DropNatNoEntry);
+    }
+    let v4 = key.family == 4;
+    let mut fwd = NatEntry {
+        src_addr: key.src_addr,
+        dst_addr: if v4 { words(&NAT_B4) } else { words(&NAT_B6) },
+        src_port: key.src_port,
+        dst_port: NAT_PORT.to_be(),
+        ..Default::default()
+    };
+    if dp.mode == Mode::Snat {
+        fwd.src_addr = if v4 { words(&SNAT4) } else { words(&SNAT6) };
+        let hash = lb_common::hash::flow_hash(key);
+        let free = (0..lb_common::nat::NAT_PORT_PROBES)
+            .map(|probe| lb_common::nat::snat_port(hash, probe, SNAT_FIRST, SNAT_COUNT).to_be())
+            .find(|&port| {
+                fwd.src_port = port;
+                dp.nat.get(&fwd.twin_key(key.family, key.proto), 0).is_err()
+            });
+        let Some(port) = free else {
+            return drop(counters, Counter::DropNatNoPort);
+        };
+        fwd.src_port = port;
+    } else if dp.nat.get(&fwd.twin_key(key.family, key.proto), 0).is_ok() {
+        return drop(counters, Counter::DropNatCollision);
+    }
+    counters.push(Counter::NatCreated);
+    counters.push(Counter::Tx);
+    Expect {
+        nat: Some(*flow),
+        action: XDP_TX,
+        counters,
+        output: translated(input, flow, &fwd, B1_MAC, LB_MAC),
+    }
+}
+
+/// `input` with its addresses and ports set to `to`'s tuple and the MACs given. The checksum
+/// fields are left as they came: `checksums_follow` checks them.
+fn translated(input: &[u8], flow: &Flow, to: &NatEntry, dst_mac: [u8; 6], src_mac: [u8; 6]) -> Vec<u8> {
+    let mut out = input.to_vec();
+    out[..6].copy_from_slice(&dst_mac);
+    out[6..12].copy_from_slice(&src_mac);
+    let l3 = flow.l3();
+    let bytes =
+        |w: &[u32; 4], n: usize| -> Vec<u8> { w.iter().flat_map(|x| x.to_ne_bytes()).take(n).collect() };
+    let l4 = if flow.key.family == 4 {
+        out[l3 + 12..l3 + 16].copy_from_slice(&bytes(&to.src_addr, 4));
+        out[l3 + 16..l3 + 20].copy_from_slice(&bytes(&to.dst_addr, 4));
+        l3 + (out[l3] & 0x0f) as usize * 4
+    } else {
+        out[l3 + 8..l3 + 24].copy_from_slice(&bytes(&to.src_addr, 16));
+        out[l3 + 24..l3 + 40].copy_from_slice(&bytes(&to.dst_addr, 16));
+        l3 + 40
+    };
+    out[l4..l4 + 2].copy_from_slice(&to.src_port.to_ne_bytes());
+    out[l4 + 2..l4 + 4].copy_from_slice(&to.dst_port.to_ne_bytes());
+    out
+}
+
+/// One's complement sum of `b` (16-bit big-endian words), folded; 0 and 0xffff are one value.
+fn ones_sum(b: &[u8], start: u32) -> u16 {
+    let mut sum = start;
+    for c in b.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    if sum == 0 { 0xffff } else { sum as u16 }
+}
+
+/// Whether a translated frame's checksums say what the input's said: the IPv4 header's and the
+/// TCP/UDP one (with its pseudo-header) sum to what they summed to before (so a right checksum
+/// stays right, a wrong one as wrong), and a UDP checksum of 0 stays 0.
+fn checksums_follow(input: &[u8], output: &[u8], flow: &Flow) -> Result<(), String> {
+    let l3 = flow.l3();
+    let v4 = flow.key.family == 4;
+    let proto = flow.key.proto;
+    let sums = |f: &[u8]| -> (u16, u16, u16) {
+        if v4 {
+            let ihl = (f[l3] & 0x0f) as usize * 4;
+            let total = u16::from_be_bytes([f[l3 + 2], f[l3 + 3]]) as usize;
+            let seg = &f[l3 + ihl..l3 + total];
+            let pseudo = ones_sum(&f[l3 + 12..l3 + 20], u32::from(proto) + seg.len() as u32);
+            let csum_at = if proto == 6 { 16 } else { 6 };
+            (
+                ones_sum(&f[l3..l3 + ihl], 0),
+                ones_sum(seg, u32::from(pseudo)),
+                u16::from_be_bytes([seg[csum_at], seg[csum_at + 1]]),
+            )
+        } else {
+            let payload = u16::from_be_bytes([f[l3 + 4], f[l3 + 5]]) as usize;
+            let seg = &f[l3 + 40..l3 + 40 + payload];
+            let pseudo = ones_sum(&f[l3 + 8..l3 + 40], u32::from(proto) + seg.len() as u32);
+            let csum_at = if proto == 6 { 16 } else { 6 };
+            (
+                0,
+                ones_sum(seg, u32::from(pseudo)),
+                u16::from_be_bytes([seg[csum_at], seg[csum_at + 1]]),
+            )
+        }
+    };
+    let (ip_in, l4_in, field_in) = sums(input);
+    let (ip_out, l4_out, field_out) = sums(output);
+    if ip_in != ip_out {
+        return Err(format!("IPv4 header sum {ip_in:#06x} became {ip_out:#06x}"));
+    }
+    // UDP checksum 0: none (IPv4), or invalid (IPv6, where receivers drop it): left as it is,
+    // it says the same after translation.
+    if proto == 17 && field_in == 0 {
+        return if field_out == 0 {
+            Ok(())
+        } else {
+            Err("a UDP checksum of 0 was filled in".into())
+        };
+    }
+    if l4_in != l4_out {
+        return Err(format!("TCP/UDP sum {l4_in:#06x} became {l4_out:#06x}"));
+    }
+    Ok(())
+}
+
+/// Requests from a few client ports, and the backends' replies to them (to the client, or to
+/// the SNAT address and its ports), in both families.
+fn nat_template() -> impl Strategy<Value = Vec<u8>> {
+    (
+        0u8..8,
+        0..NAT_CLIENT_PORTS,
+        0..SNAT_COUNT as u16,
+        0usize..5,
+        prop::collection::vec(any::<u8>(), 0..24),
+    )
+        .prop_map(|(kind, client_port, snat_port, flags, payload)| {
+            let flags = [0x02u8, 0x10, 0x12, 0x11, 0x04][flags];
+            let cport = 41000 + client_port;
+            let sport = SNAT_FIRST + snat_port;
+            let (ethertype, l3, src_mac) = match kind {
+                0 => (
+                    0x0800,
+                    ipv4(6, CLIENT4, VIP4, &[tcp(cport, 80, flags), payload].concat()),
+                    CLIENT_MAC,
+                ),
+                1 => (
+                    0x0800,
+                    ipv4(17, CLIENT4, VIP4, &udp(cport, 53, &payload)),
+                    CLIENT_MAC,
+                ),
+                2 => (
+                    0x86dd,
+                    ipv6(6, CLIENT6, VIP6, &[tcp(cport, 80, flags), payload].concat()),
+                    CLIENT_MAC,
+                ),
+                3 => (
+                    0x86dd,
+                    ipv6(17, CLIENT6, VIP6, &udp(cport, 53, &payload)),
+                    CLIENT_MAC,
+                ),
+                // Replies: to the client (NAT) and to the SNAT address (SNAT).
+                4 => (
+                    0x0800,
+                    ipv4(
+                        6,
+                        NAT_B4,
+                        CLIENT4,
+                        &[tcp(NAT_PORT, cport, flags), payload].concat(),
+                    ),
+                    B1_MAC,
+                ),
+                5 => (
+                    0x0800,
+                    ipv4(17, NAT_B4, SNAT4, &udp(NAT_PORT, sport, &payload)),
+                    B1_MAC,
+                ),
+                6 => (
+                    0x86dd,
+                    ipv6(6, NAT_B6, SNAT6, &[tcp(NAT_PORT, sport, flags), payload].concat()),
+                    B1_MAC,
+                ),
+                _ => (
+                    0x86dd,
+                    ipv6(17, NAT_B6, CLIENT6, &udp(NAT_PORT, cport, &payload)),
+                    B1_MAC,
+                ),
+            };
+            let mut l3 = l3;
+            fix_l4(&mut l3, ethertype == 0x0800);
+            [eth(LB_MAC, src_mac, ethertype), l3].concat()
+        })
+}
+
+/// Fills in a TCP/UDP checksum (the templates' are 0).
+fn fix_l4(ip: &mut [u8], v4: bool) {
+    let (l4, proto, pseudo) = if v4 {
+        let ihl = (ip[0] & 0x0f) as usize * 4;
+        (
+            ihl,
+            ip[9],
+            ones_sum(&ip[12..20], u32::from(ip[9]) + (ip.len() - ihl) as u32),
+        )
+    } else {
+        (
+            40,
+            ip[6],
+            ones_sum(&ip[8..40], u32::from(ip[6]) + (ip.len() - 40) as u32),
+        )
+    };
+    let at = l4 + if proto == 6 { 16 } else { 6 };
+    ip[at..at + 2].copy_from_slice(&[0, 0]);
+    let sum = !ones_sum(&ip[l4..], u32::from(pseudo));
+    ip[at..at + 2].copy_from_slice(&(if sum == 0 { 0xffff } else { sum }).to_be_bytes());
+}
+
+/// Copies the IPv4 header checksum and the TCP/UDP checksum of `from` into `to`.
+fn copy_checksums(from: &[u8], to: &mut [u8], flow: &Flow) {
+    if from.len() != to.len() {
+        return;
+    }
+    let l3 = flow.l3();
+    let l4 = if flow.key.family == 4 {
+        to[l3 + 10..l3 + 12].copy_from_slice(&from[l3 + 10..l3 + 12]);
+        l3 + (from[l3] & 0x0f) as usize * 4
+    } else {
+        l3 + 40
+    };
+    let at = l4 + if flow.key.proto == 6 { 16 } else { 6 };
+    to[at..at + 2].copy_from_slice(&from[at..at + 2]);
+}
+
+/// Where an ICMP error's parts are: (ICMP header, quoted IP header, quoted ports, end of the
+/// ICMP message), as offsets in the frame.
+fn icmp_parts(f: &[u8], flow: &Flow) -> (usize, usize, usize, usize) {
+    let l3 = flow.l3();
+    if flow.key.family == 4 {
+        let icmp = l3 + (f[l3] & 0x0f) as usize * 4;
+        let quoted = icmp + 8;
+        let ports = quoted + (f[quoted] & 0x0f) as usize * 4;
+        (
+            icmp,
+            quoted,
+            ports,
+            l3 + u16::from_be_bytes([f[l3 + 2], f[l3 + 3]]) as usize,
+        )
+    } else {
+        (
+            l3 + 40,
+            l3 + 48,
+            l3 + 88,
+            l3 + 40 + u16::from_be_bytes([f[l3 + 4], f[l3 + 5]]) as usize,
+        )
+    }
+}
+
+/// An ICMP error about a NAT connection as its translation must leave it: the outer
+/// destination takes the entry's, and its source too where the connection's source is
+/// translated; the quoted packet takes the entry's tuple turned around. Checksum fields as they
+/// came (`icmp_checksums_follow` checks them).
+fn translated_icmp(input: &[u8], flow: &Flow, to: &NatEntry, dst_mac: [u8; 6], src_mac: [u8; 6]) -> Vec<u8> {
+    let mut out = input.to_vec();
+    out[..6].copy_from_slice(&dst_mac);
+    out[6..12].copy_from_slice(&src_mac);
+    let l3 = flow.l3();
+    let key = &flow.key;
+    let n = if key.family == 4 { 4 } else { 16 };
+    let bytes = |w: &[u32; 4]| -> Vec<u8> { w.iter().flat_map(|x| x.to_ne_bytes()).take(n).collect() };
+    let (src_at, dst_at) = if key.family == 4 {
+        (l3 + 12, l3 + 16)
+    } else {
+        (l3 + 8, l3 + 24)
+    };
+    out[dst_at..dst_at + n].copy_from_slice(&bytes(&to.dst_addr));
+    if key.src_addr != to.src_addr {
+        out[src_at..src_at + n].copy_from_slice(&bytes(&to.src_addr));
+    }
+    let (_, quoted, ports, _) = icmp_parts(input, flow);
+    let (qsrc, qdst) = if key.family == 4 {
+        (quoted + 12, quoted + 16)
+    } else {
+        (quoted + 8, quoted + 24)
+    };
+    out[qsrc..qsrc + n].copy_from_slice(&bytes(&to.dst_addr));
+    out[qdst..qdst + n].copy_from_slice(&bytes(&to.src_addr));
+    out[ports..ports + 2].copy_from_slice(&to.dst_port.to_ne_bytes());
+    out[ports + 2..ports + 4].copy_from_slice(&to.src_port.to_ne_bytes());
+    out
+}
+
+/// An ICMP error's checksums after translation say what they said before: the outer and the
+/// quoted IPv4 header's, and the ICMP message's (ICMPv6 with its pseudo-header).
+fn icmp_checksums_follow(input: &[u8], output: &[u8], flow: &Flow) -> Result<(), String> {
+    let l3 = flow.l3();
+    let (icmp, quoted, _, end) = icmp_parts(input, flow);
+    let sums = |f: &[u8]| -> Vec<u16> {
+        if flow.key.family == 4 {
+            let ihl = (f[l3] & 0x0f) as usize * 4;
+            let qihl = (f[quoted] & 0x0f) as usize * 4;
+            vec![
+                ones_sum(&f[l3..l3 + ihl], 0),
+                ones_sum(&f[quoted..quoted + qihl], 0),
+                ones_sum(&f[icmp..end], 0),
+            ]
+        } else {
+            let pseudo = ones_sum(&f[l3 + 8..l3 + 40], 58 + (end - icmp) as u32);
+            vec![ones_sum(&f[icmp..end], u32::from(pseudo))]
+        }
+    };
+    let (before, after) = (sums(input), sums(output));
+    if before != after {
+        return Err(format!("ICMP error sums {before:04x?} became {after:04x?}"));
+    }
+    Ok(())
+}
+
+/// Copies an ICMP error's checksum fields (outer and quoted IPv4 header, ICMP) from `from`.
+fn copy_icmp_checksums(from: &[u8], to: &mut [u8], flow: &Flow) {
+    if from.len() != to.len() {
+        return;
+    }
+    let l3 = flow.l3();
+    let (icmp, quoted, _, _) = icmp_parts(from, flow);
+    let mut at = vec![icmp + 2];
+    if flow.key.family == 4 {
+        at.extend([l3 + 10, quoted + 10]);
+    }
+    for a in at {
+        to[a..a + 2].copy_from_slice(&from[a..a + 2]);
+    }
 }

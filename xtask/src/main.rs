@@ -72,7 +72,8 @@ enum Command {
     /// Run setup, then the fuzzers with more cases than the test command runs
     ///
     /// Generated frames through the balancer with BPF_PROG_TEST_RUN, each checked against the
-    /// model, in L2 DSR, IPIP and GUE modes at once (tests/tests/fuzz_dataplane.rs); then config files, CLI arguments, service bodies,
+    /// model, in L2 DSR, IPIP, GUE, NAT and SNAT modes and through the decapsulator, at once
+    /// (tests/tests/fuzz_dataplane.rs); then config files, CLI arguments, service bodies,
     /// agent replies and geo data, each for `--input-seconds` (tests/tests/fuzz_inputs.rs).
     /// Prints the seeds; `--seed` replays a run. Needs root. A million frames take about 3
     /// minutes.

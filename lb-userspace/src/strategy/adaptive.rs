@@ -9,81 +9,10 @@
 //! A switch waits `dwell` after the last one. `decide` is pure; `reconcile::adapt` is the
 //! task that feeds it the data plane's active-flow counts and hands its switches to the writer.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
+pub use super::adaptive_settings::{Adaptive, AdaptiveSettings};
 use crate::model::Strategy;
-
-/// `[service.adaptive]` as written; unset keys take the defaults below.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Deserialize, Serialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AdaptiveSettings {
-    /// Least seconds between two switches (default 30).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dwell: Option<f64>,
-    /// The busiest backend's active flows over its weight's share that switch to
-    /// least-connections (default 1.5).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub imbalance: Option<f64>,
-    /// Imbalance under which the service is calm again (default 1.2).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub calm: Option<f64>,
-    /// Fewest active flows for an imbalance to count (default 20).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_flows: Option<u64>,
-    /// Seconds between looks, 0.1..=60 (default 1).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interval: Option<f64>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Adaptive {
-    pub dwell: Duration,
-    pub imbalance: f64,
-    pub calm: f64,
-    pub min_flows: u64,
-    pub interval: Duration,
-}
-
-impl AdaptiveSettings {
-    pub fn resolve(&self) -> Adaptive {
-        Adaptive {
-            dwell: Duration::from_secs_f64(self.dwell.unwrap_or(30.0).clamp(0.0, 86_400.0)),
-            imbalance: self.imbalance.unwrap_or(1.5),
-            calm: self.calm.unwrap_or(1.2),
-            min_flows: self.min_flows.unwrap_or(20),
-            interval: Duration::from_secs_f64(self.interval.unwrap_or(1.0).clamp(0.1, 60.0)),
-        }
-    }
-
-    pub fn validate(&self) -> Result<(), String> {
-        if let Some(d) = self.dwell
-            && !(d.is_finite() && (0.0..=86_400.0).contains(&d))
-        {
-            return Err(format!("adaptive.dwell = {d} is out of range [0, 86400] s"));
-        }
-        if let Some(i) = self.interval
-            && !(i.is_finite() && (0.1..=60.0).contains(&i))
-        {
-            return Err(format!("adaptive.interval = {i} is out of range [0.1, 60] s"));
-        }
-        let a = self.resolve();
-        if !(a.imbalance.is_finite() && a.calm.is_finite() && a.calm >= 1.0 && a.imbalance > a.calm) {
-            return Err(format!(
-                "adaptive: need 1 <= calm < imbalance (calm = {}, imbalance = {})",
-                a.calm, a.imbalance
-            ));
-        }
-        if a.min_flows > 1_000_000_000 {
-            return Err(format!(
-                "adaptive.min_flows = {} is out of range 0..=1000000000",
-                a.min_flows
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// What one look measured.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -163,6 +92,8 @@ pub fn decide(state: &AdaptiveState, s: &Signals, a: &Adaptive, now: Instant) ->
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]

@@ -4,5 +4,6 @@
 //! arithmetic in `lb_common::strategy`.
 
 pub mod adaptive;
+pub mod adaptive_settings;
 pub mod geo;
 pub mod resource;
