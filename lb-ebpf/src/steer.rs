@@ -55,6 +55,7 @@ pub fn forward(ctx: &XdpContext, flow: &Flow) -> u32 {
         return stats::finish(Verdict::Drop(Counter::DropCheckNoTarget));
     };
     stats::count(Counter::CheckSteered);
+    // The bounds read again: held across the lookups above, they took two more stack slots.
     let frame = Frame::new(ctx.data(), ctx.data_end());
     match mode {
         FWD_IPIP => encap::encapsulate(ctx, flow, slot, backend, false),

@@ -13,6 +13,27 @@ pub const VIP6: [u8; 16] = [0xfd, 0x99, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
 pub const CLIENT4: [u8; 4] = [10, 99, 0, 1];
 pub const CLIENT6: [u8; 16] = [0xfd, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
+/// Routed backends behind `topology::ipip_routes`'s router (its MAC), and the encapsulation
+/// sources the golden tests and the fuzzer configure.
+pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x50];
+pub const BACKEND4: [u8; 4] = [10, 60, 0, 5];
+pub const BACKEND6: [u8; 16] = [0xfd, 0x60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+pub const ENCAP_SRC4: [u8; 4] = [172, 16, 0, 0];
+pub const ENCAP_SRC6: [u8; 16] = [0xfd, 0, 0, 0x1b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// NAT: backends that know nothing of the VIP, and the SNAT sources.
+pub const NAT_B4: [u8; 4] = [10, 97, 0, 11];
+pub const NAT_B6: [u8; 16] = [0xfd, 0x97, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
+pub const SNAT4: [u8; 4] = [10, 97, 0, 1];
+pub const SNAT6: [u8; 16] = [0xfd, 0x97, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// An address of 4 or 16 bytes as map words (`lb_common::addr_words`).
+pub fn words(addr: &[u8]) -> [u32; 4] {
+    let mut a = [0u8; 16];
+    a[..addr.len()].copy_from_slice(addr);
+    lb_common::addr_words(a)
+}
+
 pub fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
     let mut f = dst.to_vec();
     f.extend_from_slice(&src);
@@ -84,24 +105,34 @@ pub fn checksum(b: &[u8]) -> u16 {
 /// over the pseudo-header and the whole segment. A UDP checksum that comes out 0 is sent as
 /// 0xffff.
 pub fn fix_l4_checksum(ip: &mut [u8]) {
-    let (proto, l4, mut pseudo) = if ip[0] >> 4 == 4 {
-        let hl = ((ip[0] & 0x0f) as usize) * 4;
-        let mut p = ip[12..20].to_vec();
-        p.extend_from_slice(&[0, ip[9]]);
-        p.extend_from_slice(&((ip.len() - hl) as u16).to_be_bytes());
-        (ip[9], hl, p)
+    let (proto, l4) = if ip[0] >> 4 == 4 {
+        (ip[9], ((ip[0] & 0x0f) as usize) * 4)
     } else {
-        let mut p = ip[8..40].to_vec();
-        p.extend_from_slice(&((ip.len() - 40) as u32).to_be_bytes());
-        p.extend_from_slice(&[0, 0, 0, ip[6]]);
-        (ip[6], 40, p)
+        (ip[6], 40)
     };
     let at = l4 + if proto == 6 { 16 } else { 6 };
     ip[at..at + 2].copy_from_slice(&[0, 0]);
-    pseudo.extend_from_slice(&ip[l4..]);
-    let mut sum = checksum(&pseudo);
+    let mut sum = pseudo_checksum(ip, proto, &ip[l4..]);
     if proto == 17 && sum == 0 {
         sum = 0xffff;
     }
     ip[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// The checksum of `segment` (TCP, UDP or ICMPv6, with its own checksum field as it stands)
+/// under the pseudo-header of the IPv4 or IPv6 packet `ip` and protocol `proto`.
+pub fn pseudo_checksum(ip: &[u8], proto: u8, segment: &[u8]) -> u16 {
+    let mut p = if ip[0] >> 4 == 4 {
+        let mut p = ip[12..20].to_vec();
+        p.extend_from_slice(&[0, proto]);
+        p.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+        p
+    } else {
+        let mut p = ip[8..40].to_vec();
+        p.extend_from_slice(&(segment.len() as u32).to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, proto]);
+        p
+    };
+    p.extend_from_slice(segment);
+    checksum(&p)
 }

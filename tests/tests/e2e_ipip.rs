@@ -104,6 +104,20 @@ impl Routed {
         Ok(routed)
     }
 
+    /// Waits for every namespace's fresh addresses to leave duplicate address detection.
+    fn wait_dad(&self) {
+        for ns in [&self.client, &self.lb, &self._router]
+            .into_iter()
+            .chain(self.backends.iter())
+        {
+            assert!(
+                ns.wait_dad(Duration::from_secs(15)),
+                "DAD did not finish in {}",
+                ns.name
+            );
+        }
+    }
+
     /// `lb [--json] backend-host VERB --interface eth0 --vip ...` on backend `i`.
     fn backend_host(&self, i: usize, json: bool, verb: &str, vips: &[IpAddr]) -> std::process::Output {
         let mut cmd = self.backends[i].command(lb_bin());
@@ -238,16 +252,7 @@ fn ipip_reaches_routed_backends_that_answer_directly() {
 
     // IPv6 neighbour discovery needs the fresh links' addresses out of duplicate address
     // detection first.
-    for ns in [&net.client, &net.lb, &net._router]
-        .into_iter()
-        .chain(net.backends.iter())
-    {
-        assert!(
-            ns.wait_dad(Duration::from_secs(15)),
-            "DAD did not finish in {}",
-            ns.name
-        );
-    }
+    net.wait_dad();
     // The same backends, set up once, take IPIP and GUE alike: one daemon per mode.
     let mut decapped_before = vec![0u64; BACKENDS as usize];
     for mode in ["ipip", "gue"] {
@@ -413,16 +418,7 @@ fn a_check_through_the_vip_fails_without_the_decapsulator_while_a_plain_check_pa
             )
         })
         .collect();
-    for ns in [&net.client, &net.lb, &net._router]
-        .into_iter()
-        .chain(net.backends.iter())
-    {
-        assert!(
-            ns.wait_dad(Duration::from_secs(15)),
-            "DAD did not finish in {}",
-            ns.name
-        );
-    }
+    net.wait_dad();
     let checks = "kind = \"tcp\"\ninterval = 0.2\ntimeout = 0.2\nfast_interval = 0.2\nerror_threshold = 2\nrecovery_threshold = 2\n";
     for mode in ["ipip", "gue"] {
         let (instance, run_dir) = Daemon::new_paths();

@@ -34,8 +34,9 @@ use lb_ebpf::{Flow, FlowKind, Frame, Verdict, parse_flow};
 use lb_tests::{
     NetNs, in_ns,
     packets::{
-        CLIENT_MAC, CLIENT4, CLIENT6, LB_MAC, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, eth,
-        fix_ipv4_checksum, ipv4, ipv6, tcp, udp,
+        BACKEND4, BACKEND6, CLIENT_MAC, CLIENT4, CLIENT6, ENCAP_SRC4, ENCAP_SRC6, LB_MAC, NAT_B4, NAT_B6,
+        ROUTER_MAC, SNAT4, SNAT6, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, checksum, eth,
+        fix_ipv4_checksum, fix_l4_checksum, ipv4, ipv6, pseudo_checksum, tcp, udp, words,
     },
     topology::{ipip_routes, loaded_lb, run_lb},
 };
@@ -48,13 +49,7 @@ const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb1];
 const OTHER4: [u8; 4] = [10, 200, 0, 7];
 const OTHER6: [u8; 16] = [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
 const TABLE: u32 = 13;
-/// The tunnels' routed backends and what `ipip_routes` puts in front of them.
-const BACKEND4: [u8; 4] = [10, 60, 0, 5];
-const BACKEND6: [u8; 16] = [0xfd, 0x60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
-const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x50];
-const ENCAP_SRC4: [u8; 4] = [172, 16, 0, 0];
-const ENCAP_SRC6: [u8; 16] = [0xfd, 0, 0, 0x1b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-const GUE_PORT: u16 = 6080;
+const GUE_PORT: u16 = lb_userspace::config::DEFAULT_GUE_PORT;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -65,11 +60,7 @@ enum Mode {
     Snat,
 }
 
-/// NAT backends (port 8080), the SNAT sources and their port range.
-const NAT_B4: [u8; 4] = [10, 97, 0, 11];
-const NAT_B6: [u8; 16] = [0xfd, 0x97, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
-const SNAT4: [u8; 4] = [10, 97, 0, 1];
-const SNAT6: [u8; 16] = [0xfd, 0x97, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+/// The NAT backends' port and the SNAT port range.
 const SNAT_FIRST: u16 = 40000;
 const SNAT_COUNT: u32 = 64;
 const NAT_PORT: u16 = 8080;
@@ -80,12 +71,6 @@ impl Mode {
     fn nat(self) -> bool {
         matches!(self, Mode::Nat | Mode::Snat)
     }
-}
-
-fn words(addr: &[u8]) -> [u32; 4] {
-    let mut a = [0u8; 16];
-    a[..addr.len()].copy_from_slice(addr);
-    addr_words(a)
 }
 
 struct Dp {
@@ -721,6 +706,14 @@ fn generated_frames_match_the_model_in_snat() {
     fuzz(Mode::Snat, 25_000);
 }
 
+/// `LB_FUZZ_CASES`, or `default`.
+fn fuzz_cases(default: u32) -> u32 {
+    std::env::var("LB_FUZZ_CASES")
+        .ok()
+        .map(|v| v.parse().expect("LB_FUZZ_CASES: a number"))
+        .unwrap_or(default)
+}
+
 /// `LB_FUZZ_SEED`, or one from the clock.
 fn fuzz_seed() -> u64 {
     std::env::var("LB_FUZZ_SEED")
@@ -751,10 +744,7 @@ fn runner(cases: u32, seed: u64, shrink: bool) -> TestRunner {
 fn fuzz(mode: Mode, default_cases: u32) {
     let ns = NetNs::new("fuzz").expect("netns");
     in_ns(&ns, || {
-        let cases: u32 = std::env::var("LB_FUZZ_CASES")
-            .ok()
-            .map(|v| v.parse().expect("LB_FUZZ_CASES: a number"))
-            .unwrap_or(default_cases);
+        let cases = fuzz_cases(default_cases);
         let seed = fuzz_seed();
         println!("fuzz {mode:?}: {cases} cases, LB_FUZZ_SEED={seed}");
         let dp = Dp::new(mode);
@@ -988,10 +978,7 @@ fn tunnel_template() -> impl Strategy<Value = Vec<u8>> {
 fn generated_frames_match_the_model_in_the_decapsulator() {
     let ns = NetNs::new("fuzzd").expect("netns");
     in_ns(&ns, || {
-        let cases: u32 = std::env::var("LB_FUZZ_CASES")
-            .ok()
-            .map(|v| v.parse().expect("LB_FUZZ_CASES: a number"))
-            .unwrap_or(25_000);
+        let cases = fuzz_cases(25_000);
         let seed = fuzz_seed();
         println!("fuzz decap: {cases} cases, LB_FUZZ_SEED={seed}");
         let decap = Decap::new();
@@ -1129,18 +1116,6 @@ fn translated(input: &[u8], flow: &Flow, to: &NatEntry, dst_mac: [u8; 6], src_ma
     out
 }
 
-/// One's complement sum of `b` (16-bit big-endian words), folded; 0 and 0xffff are one value.
-fn ones_sum(b: &[u8], start: u32) -> u16 {
-    let mut sum = start;
-    for c in b.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    if sum == 0 { 0xffff } else { sum as u16 }
-}
-
 /// Whether a translated frame's checksums say what the input's said: the IPv4 header's and the
 /// TCP/UDP one (with its pseudo-header) sum to what they summed to before (so a right checksum
 /// stays right, a wrong one as wrong), and a UDP checksum of 0 stays 0.
@@ -1148,34 +1123,31 @@ fn checksums_follow(input: &[u8], output: &[u8], flow: &Flow) -> Result<(), Stri
     let l3 = flow.l3();
     let v4 = flow.key.family == 4;
     let proto = flow.key.proto;
+    // Over the data as it stands, checksum fields included: 0 when the checksum is right.
     let sums = |f: &[u8]| -> (u16, u16, u16) {
-        if v4 {
-            let ihl = (f[l3] & 0x0f) as usize * 4;
-            let total = u16::from_be_bytes([f[l3 + 2], f[l3 + 3]]) as usize;
-            let seg = &f[l3 + ihl..l3 + total];
-            let pseudo = ones_sum(&f[l3 + 12..l3 + 20], u32::from(proto) + seg.len() as u32);
-            let csum_at = if proto == 6 { 16 } else { 6 };
+        let ip = &f[l3..];
+        let (ihl, end) = if v4 {
             (
-                ones_sum(&f[l3..l3 + ihl], 0),
-                ones_sum(seg, u32::from(pseudo)),
-                u16::from_be_bytes([seg[csum_at], seg[csum_at + 1]]),
+                (ip[0] & 0x0f) as usize * 4,
+                u16::from_be_bytes([ip[2], ip[3]]) as usize,
             )
         } else {
-            let payload = u16::from_be_bytes([f[l3 + 4], f[l3 + 5]]) as usize;
-            let seg = &f[l3 + 40..l3 + 40 + payload];
-            let pseudo = ones_sum(&f[l3 + 8..l3 + 40], u32::from(proto) + seg.len() as u32);
-            let csum_at = if proto == 6 { 16 } else { 6 };
-            (
-                0,
-                ones_sum(seg, u32::from(pseudo)),
-                u16::from_be_bytes([seg[csum_at], seg[csum_at + 1]]),
-            )
-        }
+            (40, 40 + u16::from_be_bytes([ip[4], ip[5]]) as usize)
+        };
+        let seg = &ip[ihl..end];
+        let csum_at = if proto == 6 { 16 } else { 6 };
+        (
+            if v4 { checksum(&ip[..ihl]) } else { 0 },
+            pseudo_checksum(ip, proto, seg),
+            u16::from_be_bytes([seg[csum_at], seg[csum_at + 1]]),
+        )
     };
     let (ip_in, l4_in, field_in) = sums(input);
     let (ip_out, l4_out, field_out) = sums(output);
     if ip_in != ip_out {
-        return Err(format!("IPv4 header sum {ip_in:#06x} became {ip_out:#06x}"));
+        return Err(format!(
+            "IPv4 header checksum result {ip_in:#06x} became {ip_out:#06x}"
+        ));
     }
     // UDP checksum 0: none (IPv4), or invalid (IPv6, where receivers drop it): left as it is,
     // it says the same after translation.
@@ -1187,7 +1159,9 @@ fn checksums_follow(input: &[u8], output: &[u8], flow: &Flow) -> Result<(), Stri
         };
     }
     if l4_in != l4_out {
-        return Err(format!("TCP/UDP sum {l4_in:#06x} became {l4_out:#06x}"));
+        return Err(format!(
+            "TCP/UDP checksum result {l4_in:#06x} became {l4_out:#06x}"
+        ));
     }
     Ok(())
 }
@@ -1255,31 +1229,9 @@ fn nat_template() -> impl Strategy<Value = Vec<u8>> {
                 ),
             };
             let mut l3 = l3;
-            fix_l4(&mut l3, ethertype == 0x0800);
+            fix_l4_checksum(&mut l3);
             [eth(LB_MAC, src_mac, ethertype), l3].concat()
         })
-}
-
-/// Fills in a TCP/UDP checksum (the templates' are 0).
-fn fix_l4(ip: &mut [u8], v4: bool) {
-    let (l4, proto, pseudo) = if v4 {
-        let ihl = (ip[0] & 0x0f) as usize * 4;
-        (
-            ihl,
-            ip[9],
-            ones_sum(&ip[12..20], u32::from(ip[9]) + (ip.len() - ihl) as u32),
-        )
-    } else {
-        (
-            40,
-            ip[6],
-            ones_sum(&ip[8..40], u32::from(ip[6]) + (ip.len() - 40) as u32),
-        )
-    };
-    let at = l4 + if proto == 6 { 16 } else { 6 };
-    ip[at..at + 2].copy_from_slice(&[0, 0]);
-    let sum = !ones_sum(&ip[l4..], u32::from(pseudo));
-    ip[at..at + 2].copy_from_slice(&(if sum == 0 { 0xffff } else { sum }).to_be_bytes());
 }
 
 /// Copies the IPv4 header checksum and the TCP/UDP checksum of `from` into `to`.
@@ -1366,18 +1318,19 @@ fn icmp_checksums_follow(input: &[u8], output: &[u8], flow: &Flow) -> Result<(),
             let ihl = (f[l3] & 0x0f) as usize * 4;
             let qihl = (f[quoted] & 0x0f) as usize * 4;
             vec![
-                ones_sum(&f[l3..l3 + ihl], 0),
-                ones_sum(&f[quoted..quoted + qihl], 0),
-                ones_sum(&f[icmp..end], 0),
+                checksum(&f[l3..l3 + ihl]),
+                checksum(&f[quoted..quoted + qihl]),
+                checksum(&f[icmp..end]),
             ]
         } else {
-            let pseudo = ones_sum(&f[l3 + 8..l3 + 40], 58 + (end - icmp) as u32);
-            vec![ones_sum(&f[icmp..end], u32::from(pseudo))]
+            vec![pseudo_checksum(&f[l3..], 58, &f[icmp..end])]
         }
     };
     let (before, after) = (sums(input), sums(output));
     if before != after {
-        return Err(format!("ICMP error sums {before:04x?} became {after:04x?}"));
+        return Err(format!(
+            "ICMP error checksum results {before:04x?} became {after:04x?}"
+        ));
     }
     Ok(())
 }

@@ -15,8 +15,9 @@ use lb_common::{
 use lb_tests::{
     NetNs, in_ns,
     packets::{
-        CLIENT_MAC, CLIENT4, CLIENT6, LB_MAC, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, eth,
-        fix_l4_checksum, ipv4, ipv6, tcp, udp,
+        BACKEND4, BACKEND6, CLIENT_MAC, CLIENT4, CLIENT6, ENCAP_SRC4, ENCAP_SRC6, LB_MAC, NAT_B4, NAT_B6,
+        ROUTER_MAC, SNAT4, SNAT6, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, eth, fix_l4_checksum,
+        ipv4, ipv6, tcp, udp, words,
     },
     topology::{ipip_routes, load_object, loaded_lb, run_lb, run_xdp},
 };
@@ -570,10 +571,6 @@ fn backend_behind_another_interface_is_redirected() {
     });
 }
 
-const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x50];
-const ENCAP_SRC4: [u8; 4] = [172, 16, 0, 0];
-const ENCAP_SRC6: [u8; 16] = [0xfd, 0, 0, 0x1b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-
 impl Dp {
     fn encap_backend(&mut self, slot: u32, family: u8, addr: &[u8]) {
         let mut a = [0u8; 16];
@@ -620,9 +617,6 @@ fn encap_dp() -> Dp {
     dp.tx_ports.insert(ifindex, ifindex, None, 0).expect("tx port");
     dp
 }
-
-const BACKEND4: [u8; 4] = [10, 60, 0, 5];
-const BACKEND6: [u8; 16] = [0xfd, 0x60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
 
 /// The per-flow variation of a flow from CLIENT6 port 40000.
 fn variation6() -> u32 {
@@ -1224,22 +1218,12 @@ fn too_big_for_the_tunnel_is_answered_with_the_mtu_to_use() {
 
 // NAT: backends that know nothing of the VIP. Slot 7 is the IPv4 backend, slot 8 the IPv6 one,
 // both listening on port 8080; SNAT has a one-port range, so its port is known in advance.
-const NAT_B4: [u8; 4] = [10, 97, 0, 11];
-const NAT_B6: [u8; 16] = [0xfd, 0x97, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
-const SNAT4: [u8; 4] = [10, 97, 0, 1];
-const SNAT6: [u8; 16] = [0xfd, 0x97, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const SNAT_PORT: u16 = 40000;
 const NAT_BACKEND_PORT: u16 = 8080;
 const SYN: u8 = 0x02;
 const SYN_ACK: u8 = 0x12;
 const ACK: u8 = 0x10;
 const FIN_ACK: u8 = 0x11;
-
-fn words(addr: &[u8]) -> [u32; 4] {
-    let mut a = [0u8; 16];
-    a[..addr.len()].copy_from_slice(addr);
-    addr_words(a)
-}
 
 impl Dp {
     fn nat_backend(&mut self, slot: u32, addr: &[u8], generation: u32) {

@@ -133,10 +133,7 @@ async fn make(handle: &Handle, cfg: &DaemonConfig, device: &str, peer: &str) -> 
     }
     let index = super::ifindex(device).map_err(|e| fail("index", &e))?;
     for v6 in [false, true] {
-        let mut rule = rule(handle);
-        rule.message_mut()
-            .attributes
-            .push(RuleAttribute::FwMask(steer::MARK_MASK));
+        let rule = rule(handle);
         let added = if v6 {
             rule.v6().execute().await
         } else {
@@ -209,10 +206,7 @@ async fn remove(handle: &Handle, device: &str) -> bool {
         Err(_) => false,
     };
     for v6 in [false, true] {
-        let mut rule = rule(handle);
-        rule.message_mut()
-            .attributes
-            .push(RuleAttribute::FwMask(steer::MARK_MASK));
+        let rule = rule(handle);
         let message: RuleMessage = if v6 {
             rule.v6().message_mut().clone()
         } else {
@@ -224,15 +218,19 @@ async fn remove(handle: &Handle, device: &str) -> bool {
 }
 
 /// `ip rule add fwmark MARK_BASE/MARK_MASK table ROUTE_TABLE priority RULE_PRIORITY`, without
-/// its family and mask yet.
+/// its family yet.
 fn rule(handle: &Handle) -> rtnetlink::RuleAddRequest {
-    handle
+    let mut rule = handle
         .rule()
         .add()
         .table_id(steer::ROUTE_TABLE)
         .priority(steer::RULE_PRIORITY)
         .fw_mark(steer::MARK_BASE)
-        .action(RuleAction::ToTable)
+        .action(RuleAction::ToTable);
+    rule.message_mut()
+        .attributes
+        .push(RuleAttribute::FwMask(steer::MARK_MASK));
+    rule
 }
 
 /// `ethtool -K DEVICE tx off`, by the ethtool ioctl.

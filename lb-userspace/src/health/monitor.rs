@@ -458,6 +458,19 @@ fn record_check(
 }
 
 /// One check's timer: wait, take a permit, check, report; forever (aborted on removal).
+/// How a check leaves: directly (`None`), or through the VIP by the check path.
+async fn via(
+    spec: &CheckSpec,
+    backend: &BackendRef,
+    steering: Option<&super::through::Steering>,
+) -> std::result::Result<Option<probe::Via>, String> {
+    match (spec.steered_to, steering) {
+        (None, _) => Ok(None),
+        (Some(address), Some(steering)) => steering.via(backend, address).await.map(Some),
+        (Some(_), None) => Err("checks through the VIP need the daemon's data plane".into()),
+    }
+}
+
 async fn schedule(
     key: (BackendRef, Role),
     generation: u64,
@@ -480,20 +493,12 @@ async fn schedule(
                 return;
             };
             match &job {
-                Job::Check(spec) => Observed::Check(match (spec.steered_to, &steering) {
-                    (None, _) => probe::check(spec, None).await,
-                    (Some(address), Some(steering)) => match steering.via(&key.0, address).await {
-                        Ok(via) => probe::check(spec, Some(via)).await,
-                        Err(detail) => Outcome {
-                            ok: false,
-                            latency: Duration::ZERO,
-                            detail,
-                        },
-                    },
-                    (Some(_), None) => Outcome {
+                Job::Check(spec) => Observed::Check(match via(spec, &key.0, steering.as_deref()).await {
+                    Ok(via) => probe::check(spec, via).await,
+                    Err(detail) => Outcome {
                         ok: false,
                         latency: Duration::ZERO,
-                        detail: "checks through the VIP need the daemon's data plane".into(),
+                        detail,
                     },
                 }),
                 Job::Agent(spec) => Observed::Agent(probe::agent(spec).await),
