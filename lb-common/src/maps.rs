@@ -8,9 +8,10 @@ pub const FRAGMENT_SERVICES: &str = "FRAGMENT_SERVICES";
 pub const VIP_ADDRS: &str = "VIP_ADDRS";
 /// One `VipFilter` at index 0: which addresses may be VIPs.
 pub const VIP_FILTER: &str = "VIP_FILTER";
-/// Maglev lookup tables of all services, back to back: `u32` index -> backend slot.
-/// A service owns a region `[table_offset, table_offset + table_size)`; updates write a fresh
-/// region and then flip the service's offset, so no packet sees a half-written table.
+/// Maglev lookup tables of all services, back to back: 16-bit backend slots, `POOL_LANES` to
+/// an array element (8 bytes, the kernel's element stride, so nothing is padding).
+/// A service owns a region `[table_offset, table_offset + table_size)` of slots; updates write
+/// a fresh region and then flip the service's offset, so no packet sees a half-written table.
 pub const MAGLEV_POOL: &str = "MAGLEV_POOL";
 /// Backends: slot -> `Backend`.
 pub const BACKENDS: &str = "BACKENDS";
@@ -89,7 +90,14 @@ pub const MAX_TX_PORTS: u32 = 64;
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 65536;
 /// NAT entries (two per connection).
 pub const DEFAULT_NAT_SIZE: u32 = 262144;
-/// Room for 16 services of the default table size, each double-buffered.
-pub const DEFAULT_POOL_SLOTS: u32 = 32 * 65537;
+/// Room for 288 tables of the default size (36 MiB): 256 services, and spare regions that the
+/// swaps share (each swap needs one; the tables a swap replaced keep serving second chance
+/// while there is room, and give it back when another swap needs it).
+pub const DEFAULT_POOL_SLOTS: u32 = 288 * DEFAULT_TABLE_SIZE;
+/// Pool slots per array element: four 16-bit slots in an 8-byte value.
+pub const POOL_LANES: u32 = 4;
+const _: () = assert!(DEFAULT_POOL_SLOTS % POOL_LANES == 0);
+/// A backend slot fits the pool's 16-bit entries, with `u16::MAX` to spare.
+const _: () = assert!(MAX_BACKENDS < u16::MAX as u32);
 /// Default Maglev table size (prime).
 pub const DEFAULT_TABLE_SIZE: u32 = 65537;

@@ -7,8 +7,11 @@
 //! - round robin: each member's slot once, walked by a per-CPU cursor;
 //! - weighted round robin: one period of smooth weighted round robin (nginx's), walked by the
 //!   same cursor;
-//! - least connections, power of two choices: `MEMBER_STRIDE` words per member (slot,
-//!   effective weight, connection cap), compared on the active-flow counts.
+//! - least connections, power of two choices: one pool element (`MEMBER_STRIDE` slots) per
+//!   member: slot, effective weight, connection cap (low half, high half), compared on the
+//!   active-flow counts (see `member_words`).
+//!
+//! Pool entries are 16 bits (`maps::POOL_LANES` to an element); a region starts at an element.
 
 pub const STRATEGY_MAGLEV: u32 = 0;
 pub const STRATEGY_ROUND_ROBIN: u32 = 1;
@@ -19,8 +22,26 @@ pub const STRATEGY_POWER_OF_TWO: u32 = 4;
 /// that serves it; no region known, this value's own table (the default region's).
 pub const STRATEGY_GEO: u32 = 5;
 
-/// Words per member in a counting strategy's region: slot, weight, maxconn (0: none).
-pub const MEMBER_STRIDE: u32 = 3;
+/// Pool slots per member in a counting strategy's region: one element (see `member_words`).
+pub const MEMBER_STRIDE: u32 = crate::maps::POOL_LANES;
+
+/// A counting strategy's member as its pool element: backend slot, effective weight (held at
+/// 65535: only ratios of weights matter, and configured weights stop at 10,000), connection
+/// cap (0: none) in two halves.
+pub const fn member_words(slot: u16, weight: u32, cap: u32) -> [u16; 4] {
+    let weight = if weight > u16::MAX as u32 { u16::MAX } else { weight as u16 };
+    [slot, weight, cap as u16, (cap >> 16) as u16]
+}
+
+/// A member element's (slot, weight, cap), as `member_words` wrote them.
+#[inline(always)]
+pub const fn member_of(words: &[u16; 4]) -> (u32, u32, u32) {
+    (
+        words[0] as u32,
+        words[1] as u32,
+        words[2] as u32 | (words[3] as u32) << 16,
+    )
+}
 
 /// Least connections compares every member up to this many; above, it compares this many
 /// members from a hash-chosen start (a window of the list, not the whole list).
@@ -167,6 +188,15 @@ const fn gcd(a: u32, b: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_elements_round_trip() {
+        for (slot, weight, cap) in [(0u16, 0u32, 0u32), (16383, 10_000, 1_000_000_000), (7, 1, u32::MAX)] {
+            assert_eq!(member_of(&member_words(slot, weight, cap)), (slot as u32, weight, cap));
+        }
+        // Weights above 16 bits are held at the top, not wrapped.
+        assert_eq!(member_of(&member_words(1, 70_000, 5)).1, 65_535);
+    }
 
     #[test]
     fn smooth_wrr_interleaves_as_nginx_does() {

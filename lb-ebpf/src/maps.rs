@@ -11,7 +11,7 @@ use lb_common::{
     dpconfig::{DataPlaneConfig, FloodWindow, NextHop},
     geo::{GeoData, GeoKey, MAX_GEO_PREFIXES, MAX_REGIONS},
     maps::{
-        DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, MAX_SERVICES,
+        DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, POOL_LANES, MAX_SERVICES,
         MAX_TX_PORTS,
     },
     shed::ShedBucket,
@@ -61,8 +61,15 @@ pub static FRAGMENT_SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
 
 /// mmap-able so the daemon writes a whole table with memcpy instead of one syscall per slot.
+/// Four 16-bit slots to an element (`pool_slot` reads one).
 #[map]
-pub static MAGLEV_POOL: Array<u32> = Array::pinned(DEFAULT_POOL_SLOTS, BPF_F_MMAPABLE);
+pub static MAGLEV_POOL: Array<[u16; 4]> = Array::pinned(DEFAULT_POOL_SLOTS / POOL_LANES, BPF_F_MMAPABLE);
+
+/// Pool slot `i` (a backend slot, or a word of a strategy's region).
+#[inline(always)]
+pub fn pool_slot(i: u32) -> Option<u32> {
+    MAGLEV_POOL.get(i / POOL_LANES).map(|e| u32::from(e[(i % POOL_LANES) as usize]))
+}
 
 #[map]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);

@@ -14,6 +14,7 @@ use lb_common::{
     hash::{flow_hash, source_hash},
     service::{FWD_NAT, SVC_F_COUNT, SVC_F_HASH_SOURCE, SVC_F_SHED, SVC_F_SHED_DROP},
     shed::service_bucket,
+    maps::POOL_LANES,
     strategy::{self, MEMBER_STRIDE},
 };
 use lb_ebpf::{Flow, FlowKind, Verdict};
@@ -21,7 +22,7 @@ use lb_ebpf::{Flow, FlowKind, Verdict};
 use crate::{
     maps::{
         ACTIVE, BACKENDS, CONNTRACK, CURSORS, DP_CONFIG, FLOOD, FRAGMENT_SERVICES, GEO_A, GEO_B,
-        GEO_SERVICES, MAGLEV_POOL, NAT_FLOWS, SERVICES, SHED, VIP_FILTER,
+        GEO_SERVICES, MAGLEV_POOL, NAT_FLOWS, SERVICES, SHED, VIP_FILTER, pool_slot,
     },
     stats::{count, finish},
 };
@@ -353,7 +354,7 @@ fn pick(key: &FlowKey, service: &'static ServiceValue, remember: Remember) -> Re
             // Spill to the next candidates of the table, as Maglev's own order has them.
             let mut spilled = None;
             for step in 1..=SPILL_TRIES {
-                let Some(&other) = MAGLEV_POOL.get(service.table_offset + (index + step * stride) % size)
+                let Some(other) = pool_slot(service.table_offset + (index + step * stride) % size)
                 else {
                     break;
                 };
@@ -467,12 +468,12 @@ fn first_choice(service: &ServiceValue, hash: u32, second: bool, picked: u32) ->
         hash % size
     };
     let at = u64::from(i) << 32;
-    let Some(&slot) = MAGLEV_POOL.get(service.table_offset + i) else {
+    let Some(slot) = pool_slot(service.table_offset + i) else {
         return at | u64::from(u32::MAX);
     };
     if second && service.prev_size != 0 && service.strategy == strategy::STRATEGY_MAGLEV {
-        match MAGLEV_POOL.get(service.prev_offset + hash % service.prev_size) {
-            Some(&prev) if prev != slot && BACKENDS.get(prev).is_some_and(|b| b.is_active()) => {
+        match pool_slot(service.prev_offset + hash % service.prev_size) {
+            Some(prev) if prev != slot && BACKENDS.get(prev).is_some_and(|b| b.is_active()) => {
                 count(Counter::SecondChanceHit);
                 return at | u64::from(prev);
             }
@@ -571,14 +572,12 @@ extern "C" fn scan_member(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
         return 1;
     }
     let member = strategy::scan_member(s.first as u32, s.step as u32, i as u32, s.n as u32);
+    // Regions start at an element, and a member is one element.
     let word = s.offset as u32 + member * MEMBER_STRIDE;
-    let (Some(&slot), Some(&weight), Some(&cap)) = (
-        MAGLEV_POOL.get(word),
-        MAGLEV_POOL.get(word + 1),
-        MAGLEV_POOL.get(word + 2),
-    ) else {
+    let Some(words) = MAGLEV_POOL.get(word / POOL_LANES) else {
         return 1;
     };
+    let (slot, weight, cap) = strategy::member_of(words);
     let a = active(slot);
     if strategy::under_cap(a, cap)
         && (s.best == u64::from(NONE_UNDER_CAP)

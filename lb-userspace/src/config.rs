@@ -55,7 +55,8 @@ pub struct DaemonConfig {
     /// `conntrack_flood_skipped`. 0 turns the guard off.
     #[serde(default = "default_flood_guard")]
     pub flood_guard_per_cpu: u32,
-    /// Capacity of the Maglev table pool, in slots. Each service needs twice its table size.
+    /// Capacity of the Maglev table pool, in slots (2 bytes each). Each service needs its table
+    /// size, and each swap one more table's worth: the default holds 288 tables of 65537.
     #[serde(default = "default_pool")]
     pub table_pool_slots: u32,
     /// Directory of the control socket and the state file.

@@ -315,6 +315,60 @@ fn second_chance_keeps_connections_whose_entries_were_lost_across_a_table_change
     );
 }
 
+/// (family, protocol) -> whether that service's value names a previous table, read from the
+/// pinned SERVICES map.
+fn previous_tables(d: &Daemon) -> HashMap<(u8, u8), bool> {
+    let path = std::path::Path::new("/sys/fs/bpf")
+        .join(&d.instance)
+        .join(lb_common::maps::SERVICES);
+    let data = aya::maps::MapData::from_pin(&path).expect("open SERVICES");
+    let map: aya::maps::HashMap<aya::maps::MapData, lb_common::ServiceKey, lb_common::ServiceValue> =
+        aya::maps::Map::HashMap(data).try_into().expect("typed");
+    map.iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| ((k.family, k.proto), v.prev_size != 0))
+        .collect()
+}
+
+#[test]
+fn swaps_share_the_spare_room_of_the_pool() {
+    // Room for five tables: the four services' and one spare. Each swap takes the spare; the
+    // table it replaced stays for second chance until another service's swap needs the room.
+    let mut topo = Topology::new(3).expect("topology");
+    let (instance, run_dir) = Daemon::new_paths();
+    let region = lb_common::maps::DEFAULT_TABLE_SIZE.next_multiple_of(lb_common::maps::POOL_LANES);
+    let config = topo
+        .config(&instance, &run_dir, &["b1", "b2", "b3"])
+        .replace("table_pool_slots = 1048576", &format!("table_pool_slots = {}", 5 * region));
+    let d = Daemon::start(&topo, &instance, &run_dir, &config).expect("daemon starts");
+    d.wait_all_in_tables();
+    assert!(previous_tables(&d).values().all(|&p| !p), "no swap yet");
+    let b4 = topo.add_backend("b4").expect("b4");
+    let (v4, v6) = (b4.v4.to_string(), b4.v6.to_string());
+    for (service, key, address) in [
+        ("web4", (4, 6), &v4),
+        ("dns4", (4, 17), &v4),
+        ("web6", (6, 6), &v6),
+        ("dns6", (6, 17), &v6),
+    ] {
+        ok(&d, &["backend", "add", service, "b4", "--address", address]);
+        let swapped = wait_until(Duration::from_secs(10), || {
+            backends(&d, service).get("b4").is_some_and(|b| b.0 > 0)
+        });
+        assert!(swapped, "{service}: b4 not in its table: {}", d.log());
+        // Only the service that swapped last holds a previous table: the one before gave its
+        // up for this swap.
+        let previous = previous_tables(&d);
+        let holding: Vec<_> = previous.iter().filter(|&(_, &p)| p).map(|(k, _)| *k).collect();
+        assert_eq!(holding, vec![key], "after {service}'s swap");
+    }
+    // Every service still forwards, on its new table.
+    for service in ["web4", "dns4", "web6", "dns6"] {
+        let b = backends(&d, service);
+        assert!(["b1", "b2", "b3", "b4"].iter().all(|id| b.get(*id).is_some_and(|b| b.0 > 0)), "{service}: {b:?}");
+    }
+}
+
 #[test]
 fn the_disruption_preview_matches_the_change_when_it_is_applied() {
     let mut topo = Topology::new(3).expect("topology");

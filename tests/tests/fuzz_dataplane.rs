@@ -95,7 +95,10 @@ impl Dp {
         let mut vip_filter: Array<MapData, VipFilter> = take(maps::VIP_FILTER).try_into().expect("filter");
         let mut vip_addrs: HashMap<MapData, AddrKey, u32> = take(maps::VIP_ADDRS).try_into().expect("addrs");
         let mut backends: Array<MapData, Backend> = take(maps::BACKENDS).try_into().expect("backends");
-        let mut pool: Array<MapData, u32> = take(maps::MAGLEV_POOL).try_into().expect("pool");
+        let mut pool = match take(maps::MAGLEV_POOL) {
+            aya::maps::Map::Array(data) => lb_userspace::dataplane::Pool::new(data).expect("pool"),
+            _ => panic!("MAGLEV_POOL is not an array"),
+        };
         let global = take(maps::GLOBAL_STATS).try_into().expect("global");
         let conntrack = take(maps::CONNTRACK).try_into().expect("conntrack");
         let mut fragment_services: HashMap<MapData, ServiceKey, ServiceValue> = take(maps::FRAGMENT_SERVICES)
@@ -113,9 +116,7 @@ impl Dp {
             src_mac: LB_MAC,
         };
         backends.set(1, b, 0).expect("backend");
-        for i in 0..TABLE {
-            pool.set(i, 1, 0).expect("pool");
-        }
+        pool.write(0, &[1; TABLE as usize]).expect("pool");
         let forward = match mode {
             Mode::Dsr => FWD_DSR_L2,
             Mode::Ipip => FWD_IPIP,
@@ -142,9 +143,7 @@ impl Dp {
                 };
                 backends.set(slot, b, 0).expect("backend");
             }
-            for i in TABLE..2 * TABLE {
-                pool.set(i, 2, 0).expect("pool");
-            }
+            pool.write(TABLE, &[2; TABLE as usize]).expect("pool");
             let mut config: Array<MapData, DataPlaneConfig> =
                 take(maps::DP_CONFIG).try_into().expect("config");
             let cfg = DataPlaneConfig {
@@ -172,9 +171,7 @@ impl Dp {
                 };
                 backends.set(slot, b, 0).expect("backend");
             }
-            for i in TABLE..2 * TABLE {
-                pool.set(i, 2, 0).expect("pool");
-            }
+            pool.write(TABLE, &[2; TABLE as usize]).expect("pool");
             let mut config: Array<MapData, DataPlaneConfig> =
                 take(maps::DP_CONFIG).try_into().expect("config");
             let mut src4 = [0u8; 16];

@@ -25,6 +25,7 @@ use lb_tests::{
 const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb1];
 const B2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb2];
 const GUE_PORT: u16 = lb_userspace::config::DEFAULT_GUE_PORT;
+use lb_userspace::dataplane::Pool;
 
 struct Dp {
     ebpf: aya::Ebpf,
@@ -33,7 +34,7 @@ struct Dp {
     vip_filter: Array<MapData, VipFilter>,
     vip_addrs: HashMap<MapData, AddrKey, u32>,
     backends: Array<MapData, Backend>,
-    pool: Array<MapData, u32>,
+    pool: Pool,
     global: PerCpuArray<MapData, u64>,
     conntrack: HashMap<MapData, FlowKey, FlowState>,
     nat: HashMap<MapData, FlowKey, NatEntry>,
@@ -52,7 +53,10 @@ impl Dp {
         let vip_filter = take(maps::VIP_FILTER).try_into().expect("vip filter");
         let vip_addrs = take(maps::VIP_ADDRS).try_into().expect("vip addrs");
         let backends = take(maps::BACKENDS).try_into().expect("backends");
-        let pool = take(maps::MAGLEV_POOL).try_into().expect("pool");
+        let pool = match take(maps::MAGLEV_POOL) {
+            aya::maps::Map::Array(data) => Pool::new(data).expect("pool"),
+            _ => panic!("MAGLEV_POOL is not an array"),
+        };
         let global = take(maps::GLOBAL_STATS).try_into().expect("global");
         let conntrack = take(maps::CONNTRACK).try_into().expect("conntrack");
         let nat = take(maps::NAT_FLOWS).try_into().expect("nat");
@@ -110,9 +114,7 @@ impl Dp {
     ) {
         let mut a = [0u8; 16];
         a[..addr.len()].copy_from_slice(addr);
-        for i in 0..13 {
-            self.pool.set(offset + i, slot, 0).expect("pool");
-        }
+        self.pool.write(offset, &[slot as u16; 13]).expect("pool");
         let v = ServiceValue {
             id: offset / 13,
             flags: 0,
@@ -1021,9 +1023,8 @@ fn fragments_of_a_datagram_reach_one_backend_when_the_vip_hashes_them() {
         let mut dp = standard();
         // A 13-slot table alternating b1 and b2, for UDP port 5353.
         let offset = 195;
-        for i in 0..13 {
-            dp.pool.set(offset + i, 1 + i % 2, 0).expect("pool");
-        }
+        let table: Vec<u16> = (0..13).map(|i| 1 + i % 2).collect();
+        dp.pool.write(offset, &table).expect("pool");
         let mut vip = [0u8; 16];
         vip[..4].copy_from_slice(&VIP4);
         let value = ServiceValue {
@@ -1891,7 +1892,7 @@ fn nat_replies_ports_and_checksums_in_the_corners() {
 /// segment whose entry is lost to the previous table's live owner.
 #[test]
 fn strategies_pick_by_counts_and_caps_and_second_chance_takes_the_previous_table() {
-    use lb_common::strategy::{STRATEGY_LEAST_CONNECTIONS, STRATEGY_MAGLEV};
+    use lb_common::strategy::{STRATEGY_LEAST_CONNECTIONS, STRATEGY_MAGLEV, member_words};
     in_fresh_ns(|| {
         let mut dp = Dp::new();
         let mut active: Array<MapData, i64> = dp
@@ -1912,18 +1913,17 @@ fn strategies_pick_by_counts_and_caps_and_second_chance_takes_the_previous_table
             ]
             .concat()
         };
-        let set_region = |dp: &mut Dp, offset: u32, words: &[u32]| {
-            for (i, w) in words.iter().enumerate() {
-                dp.pool.set(offset + i as u32, *w, 0).expect("pool");
-            }
+        let set_region = |dp: &mut Dp, offset: u32, words: &[u16]| {
+            dp.pool.write(offset, words).expect("pool");
         };
-        // Least connections over b1 and b2 (slot, weight, cap).
-        set_region(&mut dp, 100, &[1, 100, 0, 2, 100, 0]);
+        // Least connections over b1 and b2, an element (slot, weight, cap) each.
+        let members = |caps: [u32; 2]| [member_words(1, 100, caps[0]), member_words(2, 100, caps[1])].concat();
+        set_region(&mut dp, 100, &members([0, 0]));
         let lc = ServiceValue {
             id: 20,
             flags: 0,
             table_offset: 100,
-            table_size: 6,
+            table_size: 8,
             forward: FWD_DSR_L2,
             strategy: STRATEGY_LEAST_CONNECTIONS,
             ..Default::default()
@@ -1948,7 +1948,7 @@ fn strategies_pick_by_counts_and_caps_and_second_chance_takes_the_previous_table
         assert_eq!(dp.run(&fin).0, XDP_TX);
         assert_eq!(active.get(&1, 0).unwrap(), 5, "−1 once");
         // Both at their caps (5 and 10): the new flow is dropped and counted.
-        set_region(&mut dp, 100, &[1, 100, 5, 2, 100, 10]);
+        set_region(&mut dp, 100, &members([5, 10]));
         let dropped = dp.counter(Counter::DropMaxconn);
         let syn = frame(41002, 90, 0x02);
         assert_eq!(dp.run(&syn).0, XDP_DROP);

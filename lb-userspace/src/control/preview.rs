@@ -129,6 +129,7 @@ fn current(snap: &Snapshot, readers: &Readers, s: &Service, by_slot: &HashMap<u3
             .into_iter()
             .step_by(strategy.stride())
             .map(|slot| {
+                let slot = u32::from(slot);
                 by_slot
                     .get(&slot)
                     .map_or_else(|| format!("slot {slot}"), |id| id.to_string())

@@ -204,7 +204,7 @@ impl Queries<'_> {
         let active = self.snap.assignments.services.get(name).and_then(|s| s.active);
         if let Some(table) = active.and_then(|r| self.readers.pool.read(r.offset, r.size)) {
             for slot in table.into_iter().step_by(stride) {
-                *counts.entry(slot).or_insert(0) += 1;
+                *counts.entry(u32::from(slot)).or_insert(0) += 1;
             }
         }
         counts
@@ -407,8 +407,10 @@ impl Queries<'_> {
         let (index, source) = if strategy.counts() {
             // As the data plane does it, on the counts as they are now.
             let members: Vec<(u32, u32, u32)> = region_words
-                .chunks_exact(lb_common::strategy::MEMBER_STRIDE as usize)
-                .map(|m| (m[0], m[1], m[2]))
+                .as_chunks::<{ lb_common::strategy::MEMBER_STRIDE as usize }>()
+                .0
+                .iter()
+                .map(lb_common::strategy::member_of)
                 .collect();
             let active = |slot: u32| self.readers.active.get(slot).max(0) as u64;
             let i = least_loaded(&members, hash, strategy.id(), active).ok_or_else(|| {
@@ -424,7 +426,7 @@ impl Queries<'_> {
         } else {
             (hash % region.size, "maglev")
         };
-        let slot = region_words[index as usize];
+        let slot = u32::from(region_words[index as usize]);
         let b = by_slot(slot)
             .ok_or_else(|| Error::dataplane(format!("table names unknown backend slot {slot}")))?;
         let mut answer = json!({"service": svc.name, "backend": b.id, "address": b.address, "port": b.port(svc), "source": source, "strategy": strategy.name(), "table_index": index});

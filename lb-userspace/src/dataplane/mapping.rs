@@ -28,7 +28,10 @@ impl Mapping {
     pub fn new(map: MapData, value_size: u32, what: &str) -> Result<Self> {
         let info = map.info().map_err(Error::dataplane)?;
         if info.value_size() != value_size {
-            return Err(Error::dataplane(format!("{what} value size is not {value_size}")));
+            return Err(Error::dataplane(format!(
+                "{what} value size is {}, not {value_size}: a pinned map of another version (run `lb detach`)",
+                info.value_size()
+            )));
         }
         let entries = info.max_entries();
         let stride = value_size.div_ceil(8) as usize * 8;

@@ -20,7 +20,7 @@ use lb_common::{
 use serde::Serialize;
 
 pub use load::{detach_instance, open, open_pinned, pin_dir};
-pub use pool::{Pool, RegionAllocator};
+pub use pool::{Pool, RegionAllocator, grace_period};
 
 use crate::error::{Error, Result};
 

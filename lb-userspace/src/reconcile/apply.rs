@@ -17,7 +17,7 @@ use log::debug;
 
 use super::plan::{Assignments, Plan, Region, ServiceKeyRepr, TableInput};
 use crate::{
-    dataplane::{DataPlane, RegionAllocator},
+    dataplane::{DataPlane, RegionAllocator, grace_period},
     error::{Error, Result},
     maglev::{MaglevBackend, build_table},
     model::{Forwarding, FragmentPolicy, HashMode, Service},
@@ -91,24 +91,60 @@ impl Reconciler {
     }
 
     /// Pool slots the rebuilt tables need beyond what they free (checked before touching maps).
+    /// The tables other services keep for second chance count as room: they give it up.
     fn check_pool(&self, plan: &Plan) -> Result<()> {
-        let mut need: u64 = 0;
-        let mut held: u64 = 0;
-        for (name, input) in &plan.rebuild {
-            if input.members.is_empty() {
-                continue;
-            }
-            need += input.size as u64;
-            if let Some(slot) = self.assignments.services.get(name) {
-                held += slot.previous.map_or(0, |r| r.size as u64);
-            }
-        }
+        let need: u64 = plan.rebuild.iter().map(|(_, input)| region_len(input) as u64).sum();
+        let held: u64 = self
+            .assignments
+            .services
+            .values()
+            .filter_map(|slot| slot.previous.map(|r| r.size as u64))
+            .sum();
         let free = self.regions.free_slots() + held;
         if need > free {
             return Err(Error::invalid(format!(
                 "not enough Maglev table space: {need} slots needed, {free} free of {}; raise daemon.table_pool_slots (takes effect after `lb detach`) or use smaller table_size",
                 self.regions.capacity()
             )));
+        }
+        Ok(())
+    }
+
+    /// Makes room for the rebuilt tables where free space and their own services' previous
+    /// tables fall short: other services give up their previous tables (second chance), the
+    /// largest first, each value rewritten before its region is released.
+    fn make_room(&mut self, dp: &mut DataPlane, rebuild: &[(String, TableInput)]) -> Result<()> {
+        let need: u64 = rebuild.iter().map(|(_, input)| region_len(input) as u64).sum();
+        let rebuilt: BTreeSet<&str> = rebuild.iter().map(|(name, _)| name.as_str()).collect();
+        let own: u64 = rebuilt
+            .iter()
+            .filter_map(|name| self.assignments.services.get(*name)?.previous)
+            .map(|r| r.size as u64)
+            .sum();
+        let mut room = self.regions.free_slots() + own;
+        if room >= need {
+            return Ok(());
+        }
+        let mut others: Vec<(u32, String)> = self
+            .assignments
+            .services
+            .iter()
+            .filter(|(name, _)| !rebuilt.contains(name.as_str()))
+            .filter_map(|(name, slot)| Some((slot.previous?.size, name.clone())))
+            .collect();
+        others.sort_by(|a, b| b.cmp(a));
+        for (_, name) in others {
+            if room >= need {
+                break;
+            }
+            let slot = self.assignments.services.get_mut(&name).expect("listed");
+            let Some(prev) = slot.previous.take() else { continue };
+            if let Some(key) = slot.key {
+                forget_previous(dp, &ServiceKey::from(key))?;
+            }
+            debug!("service {name} gives up its previous table ({} slots) for a swap", prev.size);
+            self.regions.release(prev.offset, prev.size);
+            room += prev.size as u64;
         }
         Ok(())
     }
@@ -130,6 +166,7 @@ impl Reconciler {
             geo_inputs.entry(name).or_default().push((region, input, serving));
         }
         self.assignments = assignments;
+        self.make_room(dp, &rebuild)?;
         let a = &mut self.assignments;
         let mut applied = Applied::default();
 
@@ -293,12 +330,14 @@ impl Reconciler {
                         None
                     } else {
                         let size = table.len() as u32;
-                        let mut offset = self.regions.alloc(size);
+                        let mut offset = self.regions.alloc_after_grace(size, grace_period);
                         if offset.is_none()
                             && let Some(prev) = old_previous.take()
                         {
+                            // The value stops naming it before it is released.
+                            forget_previous(dp, &key)?;
                             self.regions.release(prev.offset, prev.size);
-                            offset = self.regions.alloc(size);
+                            offset = self.regions.alloc_after_grace(size, grace_period);
                         }
                         let offset = offset.ok_or_else(|| {
                             Error::invalid(format!("not enough Maglev table space for service {}", s.name))
@@ -447,13 +486,22 @@ fn apply_geo(
                 None
             } else {
                 let size = table.len() as u32;
-                let mut offset = regions.alloc(size);
-                // No room beside the previous table: this region gives up its second chance.
+                let mut offset = regions.alloc_after_grace(size, grace_period);
+                // No room beside the previous table: this region gives up its second chance,
+                // its value first.
                 if offset.is_none()
                     && let Some(prev) = g.previous.take()
                 {
+                    let key = GeoKey {
+                        service: svc.id,
+                        region,
+                    };
+                    if let Ok(mut v) = dp.geo_services.get(&key, 0) {
+                        (v.prev_offset, v.prev_size) = (0, 0);
+                        dp.geo_services.insert(key, v, 0).map_err(Error::dataplane)?;
+                    }
                     regions.release(prev.offset, prev.size);
-                    offset = regions.alloc(size);
+                    offset = regions.alloc_after_grace(size, grace_period);
                 }
                 let offset = offset.ok_or_else(|| {
                     Error::invalid(format!(
@@ -528,12 +576,42 @@ pub struct Applied {
     pub build_time: std::time::Duration,
 }
 
-/// A service's pool region for a plan's members (see `lb_common::strategy`): the Maglev table,
-/// the members in turn, one period of smooth weighted round robin, or (slot, weight, cap) per
-/// member.
-pub fn build(input: &TableInput) -> Vec<u32> {
+/// Stops a service's value (and its fragment value) naming its previous table.
+fn forget_previous(dp: &mut DataPlane, key: &ServiceKey) -> Result<()> {
+    if let Ok(mut v) = dp.services.get(key, 0)
+        && v.prev_size != 0
+    {
+        (v.prev_offset, v.prev_size) = (0, 0);
+        dp.services.insert(key, v, 0).map_err(Error::dataplane)?;
+    }
+    let fkey = fragment_key(key);
+    if let Ok(mut v) = dp.fragment_services.get(&fkey, 0)
+        && v.prev_size != 0
+    {
+        (v.prev_offset, v.prev_size) = (0, 0);
+        dp.fragment_services.insert(fkey, v, 0).map_err(Error::dataplane)?;
+    }
+    Ok(())
+}
+
+/// The pool slots `build` fills for these inputs, at most (none without members).
+fn region_len(input: &TableInput) -> u32 {
     use crate::model::Strategy;
-    let slots = input.members.iter().map(|m| m.2);
+    let n = input.members.len() as u32;
+    match input.strategy {
+        _ if n == 0 => 0,
+        Strategy::RoundRobin => n,
+        Strategy::LeastConnections | Strategy::PowerOfTwo => n * lb_common::strategy::MEMBER_STRIDE,
+        _ => input.size,
+    }
+}
+
+/// A service's pool region for a plan's members (see `lb_common::strategy`): the Maglev table,
+/// the members in turn, one period of smooth weighted round robin, or one element of (slot,
+/// weight, cap) per member. Backend slots fit 16 bits (`MAX_BACKENDS`).
+pub fn build(input: &TableInput) -> Vec<u16> {
+    use crate::model::Strategy;
+    let slots = input.members.iter().map(|m| m.2 as u16);
     match input.strategy {
         Strategy::Maglev | Strategy::ResourceAware | Strategy::Adaptive | Strategy::Geo => maglev(input),
         Strategy::RoundRobin => slots.collect(),
@@ -545,19 +623,21 @@ pub fn build(input: &TableInput) -> Vec<u32> {
             let mut current = vec![0i64; weights.len()];
             let mut order = vec![0u32; total];
             let n = lb_common::strategy::smooth_wrr(&weights, &mut current, &mut order);
-            order[..n].iter().map(|&i| input.members[i as usize].2).collect()
+            order[..n].iter().map(|&i| input.members[i as usize].2 as u16).collect()
         }
         Strategy::LeastConnections | Strategy::PowerOfTwo => input
             .members
             .iter()
             .enumerate()
-            .flat_map(|(i, m)| [m.2, m.1, input.caps.get(i).copied().unwrap_or(0)])
+            .flat_map(|(i, m)| {
+                lb_common::strategy::member_words(m.2 as u16, m.1, input.caps.get(i).copied().unwrap_or(0))
+            })
             .collect(),
     }
 }
 
 /// The Maglev table of a plan's members, as backend slots.
-fn maglev(input: &TableInput) -> Vec<u32> {
+fn maglev(input: &TableInput) -> Vec<u16> {
     let members: Vec<MaglevBackend<'_>> = input
         .members
         .iter()
@@ -565,6 +645,6 @@ fn maglev(input: &TableInput) -> Vec<u32> {
         .collect();
     build_table(&members, input.size)
         .into_iter()
-        .map(|i| input.members[i as usize].2)
+        .map(|i| input.members[i as usize].2 as u16)
         .collect()
 }

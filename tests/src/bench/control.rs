@@ -100,7 +100,7 @@ pub fn table_swap(runs: usize) -> Result<(f64, Vec<f64>)> {
     ensure!(pool.slots() >= 2 * M, "pool has only {} slots", pool.slots());
     let ids = ids(100);
     let members: Vec<_> = ids.iter().map(|id| MaglevBackend { id, weight: 100 }).collect();
-    let table: Vec<u32> = build_table(&members, M).iter().map(|&i| i + 1).collect();
+    let table: Vec<u16> = build_table(&members, M).iter().map(|&i| i as u16 + 1).collect();
     let key = ServiceKey::new(
         FAMILY_V4,
         PROTO_TCP,
@@ -109,7 +109,7 @@ pub fn table_swap(runs: usize) -> Result<(f64, Vec<f64>)> {
     );
     let mut times = Vec::with_capacity(runs);
     for run in 0..runs {
-        let offset = (run as u32 % 2) * M;
+        let offset = (run as u32 % 2) * M.next_multiple_of(lb_common::maps::POOL_LANES);
         let t = Instant::now();
         pool.write(offset, &table)?;
         let value = ServiceValue {

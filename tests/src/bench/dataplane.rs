@@ -49,6 +49,8 @@ use crate::{
 
 pub const BACKENDS: u32 = 100;
 pub const TABLE_SIZE: u32 = 65537;
+/// Pool regions' stride: a table rounded up to whole pool elements, as the daemon allocates.
+const REGION: u32 = TABLE_SIZE.next_multiple_of(lb_common::maps::POOL_LANES);
 
 const GUE_PORT: u16 = lb_userspace::config::DEFAULT_GUE_PORT;
 /// The GUE services' port (same routed backends as IPIP).
@@ -491,7 +493,7 @@ impl Bench {
         let members: Vec<MaglevBackend<'_>> =
             ids.iter().map(|id| MaglevBackend { id, weight: 100 }).collect();
         // Slot 0 stays unused, as in the daemon; backend i lives in slot i + 1.
-        let table: Vec<u32> = build_table(&members, TABLE_SIZE).iter().map(|&i| i + 1).collect();
+        let table: Vec<u16> = build_table(&members, TABLE_SIZE).iter().map(|&i| i as u16 + 1).collect();
         ensure!(
             table.len() == TABLE_SIZE as usize,
             "Maglev table has {} slots",
@@ -501,11 +503,11 @@ impl Bench {
         // IPIP: 100 routed backends per family, each family on its own table.
         for (region, family) in [(1u32, FAMILY_V4), (2, FAMILY_V6)] {
             let first = region * BACKENDS + 1;
-            let table: Vec<u32> = build_table(&members, TABLE_SIZE)
+            let table: Vec<u16> = build_table(&members, TABLE_SIZE)
                 .iter()
-                .map(|&i| i + first)
+                .map(|&i| (i + first) as u16)
                 .collect();
-            pool.write(region * TABLE_SIZE, &table)?;
+            pool.write(region * REGION, &table)?;
             for i in 0..BACKENDS {
                 let mut addr = [0u8; 16];
                 if family == FAMILY_V4 {
@@ -528,7 +530,7 @@ impl Bench {
             }
         }
         // NAT: one on-link backend (slot NAT_SLOT), its table in region 3.
-        pool.write(3 * TABLE_SIZE, &vec![NAT_SLOT; TABLE_SIZE as usize])?;
+        pool.write(3 * REGION, &vec![NAT_SLOT as u16; TABLE_SIZE as usize])?;
         let mut nat_addr = [0u8; 16];
         nat_addr[..4].copy_from_slice(&NAT_BACKEND4);
         let nat_backend = Backend {
@@ -582,7 +584,7 @@ impl Bench {
             let value = ServiceValue {
                 id: id as u32,
                 flags: 0,
-                table_offset: region * TABLE_SIZE,
+                table_offset: region * REGION,
                 table_size: TABLE_SIZE,
                 forward,
                 ..Default::default()
@@ -607,7 +609,7 @@ impl Bench {
                 caps: vec![0; BACKENDS as usize],
             };
             let table = build(&input);
-            pool.write(region * TABLE_SIZE, &table)?;
+            pool.write(region * REGION, &table)?;
             let mut vip = [0u8; 16];
             vip[..4].copy_from_slice(&VIP4);
             let key = ServiceKey::new(FAMILY_V4, PROTO_TCP, vip, (STRATEGY_PORT + k as u16).to_be());
@@ -617,7 +619,7 @@ impl Bench {
                 ServiceValue {
                     id: 16 + k as u32,
                     flags: 0,
-                    table_offset: region * TABLE_SIZE,
+                    table_offset: region * REGION,
                     table_size: table.len() as u32,
                     forward: FWD_DSR_L2,
                     strategy: strategy.id(),
@@ -632,16 +634,16 @@ impl Bench {
         {
             let main = 4 + STRATEGIES.len() as u32;
             let half: Vec<MaglevBackend<'_>> = members[..BACKENDS as usize / 2].to_vec();
-            let region_table: Vec<u32> = build_table(&half, TABLE_SIZE).iter().map(|&i| i + 1).collect();
-            pool.write(main * TABLE_SIZE, &table)?;
-            pool.write((main + 1) * TABLE_SIZE, &region_table)?;
+            let region_table: Vec<u16> = build_table(&half, TABLE_SIZE).iter().map(|&i| i as u16 + 1).collect();
+            pool.write(main * REGION, &table)?;
+            pool.write((main + 1) * REGION, &region_table)?;
             let mut vip = [0u8; 16];
             vip[..4].copy_from_slice(&VIP4);
             let key = ServiceKey::new(FAMILY_V4, PROTO_TCP, vip, GEO_PORT.to_be());
             filter.add(&key);
             let value = ServiceValue {
                 id: 16 + STRATEGIES.len() as u32,
-                table_offset: main * TABLE_SIZE,
+                table_offset: main * REGION,
                 table_size: TABLE_SIZE,
                 forward: FWD_DSR_L2,
                 strategy: lb_common::strategy::STRATEGY_GEO,
@@ -667,7 +669,7 @@ impl Bench {
             }
             let mut geo: HashMap<MapData, lb_common::geo::GeoKey, ServiceValue> =
                 take(maps::GEO_SERVICES)?.try_into()?;
-            for (region, offset) in [(0, (main + 1) * TABLE_SIZE), (1, main * TABLE_SIZE)] {
+            for (region, offset) in [(0, (main + 1) * REGION), (1, main * REGION)] {
                 let v = ServiceValue {
                     table_offset: offset,
                     strategy: lb_common::strategy::STRATEGY_MAGLEV,
