@@ -11,7 +11,10 @@ pub const BENCH_TARGET_FLOOR: u32 = 1;
 /// (tests/src/bench/katran.rs), for the same-run comparison.
 pub const BENCH_TARGET_KATRAN: u32 = 2;
 pub const BENCH_TARGET_KATRAN_NO_GUARD: u32 = 3;
-pub const BENCH_TARGETS: u32 = 4;
+/// The balancer of a running daemon at scale (1,024 VIPs, 16,384 backends, an 8M-entry
+/// connection table; tests/src/bench/scale.rs), its own maps and all.
+pub const BENCH_TARGET_SCALE: u32 = 4;
+pub const BENCH_TARGETS: u32 = 5;
 
 #[repr(C)]
 #[derive(Copy, Clone, Debug)]

@@ -221,13 +221,17 @@ pub fn plan(desired: &Desired<'_>, current: &Assignments) -> Result<Plan> {
     // A retired slot is not reused in the same pass: tables may still name it until swapped.
     let reserved: BTreeSet<u32> = retired.iter().copied().collect();
     let mut fresh = BTreeSet::new();
+    // Every slot below `next` is taken (the search resumes there: 16,384 new backends cost one
+    // walk of the slots, not one each).
+    let mut next = 0;
     for (k, (s, i)) in &wanted_backends {
         if a.backends.contains_key(k) {
             continue;
         }
-        let slot = (0..MAX_BACKENDS)
+        let slot = (next..MAX_BACKENDS)
             .find(|i| !used_slots.contains(i) && !reserved.contains(i))
             .ok_or_else(|| Error::invalid("no free backend slot"))?;
+        next = slot + 1;
         used_slots.insert(slot);
         a.backends.insert(
             k.clone(),

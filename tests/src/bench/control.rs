@@ -195,19 +195,7 @@ pub fn daemon_rss(services: u32, per_service: u32) -> Result<Rss> {
         daemon.log()
     );
     let pid = daemon.pid().context("daemon pid")?;
-    // Idle: wait (bounded) until two readings a second apart agree within 64 KiB.
-    let mut last = read_rss(pid)?;
-    let mut settled = false;
-    for _ in 0..10 {
-        std::thread::sleep(Duration::from_secs(1));
-        let now = read_rss(pid)?;
-        if now.0.abs_diff(last.0) <= 64 << 10 {
-            settled = true;
-            break;
-        }
-        last = now;
-    }
-    ensure!(settled, "daemon memory kept changing for 10 s");
+    let last = settled_rss(pid)?;
     let mut scrapes = Vec::new();
     let mut samples = 0;
     for _ in 0..7 {
@@ -229,6 +217,21 @@ pub fn daemon_rss(services: u32, per_service: u32) -> Result<Rss> {
         scrape_runs_ms: scrapes,
         scrape_samples: samples,
     })
+}
+
+/// (VmRSS, RssAnon) in bytes once the process is idle: two readings a second apart agree
+/// within 64 KiB (bounded at 10 s).
+pub fn settled_rss(pid: u32) -> Result<(u64, u64)> {
+    let mut last = read_rss(pid)?;
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = read_rss(pid)?;
+        if now.0.abs_diff(last.0) <= 64 << 10 {
+            return Ok(now);
+        }
+        last = now;
+    }
+    bail!("memory of process {pid} kept changing for 10 s")
 }
 
 /// (VmRSS, RssAnon) in bytes.

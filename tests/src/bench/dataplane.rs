@@ -20,7 +20,8 @@ use lb_common::{
     addr_words,
     backend::BACKEND_F_ACTIVE,
     bench::{
-        BENCH_TARGET_FLOOR, BENCH_TARGET_KATRAN, BENCH_TARGET_KATRAN_NO_GUARD, BENCH_TARGET_LB, BenchFrame,
+        BENCH_TARGET_FLOOR, BENCH_TARGET_KATRAN, BENCH_TARGET_KATRAN_NO_GUARD, BENCH_TARGET_LB,
+        BENCH_TARGET_SCALE, BenchFrame,
     },
     dpconfig::DataPlaneConfig,
     maps,
@@ -37,6 +38,7 @@ use serde::Serialize;
 use super::{
     katran::{self, Katran},
     median,
+    scale::{self, Scale, ScaleResult, ScaleVsSmall},
 };
 use crate::{
     NetNs, in_ns,
@@ -138,6 +140,9 @@ enum Check {
     /// Katran's: the warm-up's output is IPIP (or ip6ip6) of the input to one of the reals, and
     /// each run moved Katran's counters as this path does.
     Katran(KatranPath),
+    /// The scale daemon's counters that must move by `repeat` per run (its own traffic may
+    /// move others).
+    Scale(&'static [Counter]),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -150,7 +155,13 @@ enum KatranPath {
     Pass,
 }
 
-fn cases(katran: bool) -> Vec<Case> {
+/// Our cases beside their scale counterparts (the same frames on the daemon at scale).
+const SCALE_PAIRS: [(&str, &str); 2] = [
+    ("tcp4_established_ipip", "scale_tcp4_established_ipip"),
+    ("tcp4_syn_ipip", "scale_tcp4_syn_ipip"),
+];
+
+fn cases(katran: bool, scale: bool) -> Vec<Case> {
     let v4 =
         |proto, l4: Vec<u8>, dst| [eth(LB_MAC, CLIENT_MAC, 0x0800), ipv4(proto, CLIENT4, dst, &l4)].concat();
     let v6 = |proto, l4: Vec<u8>| [eth(LB_MAC, CLIENT_MAC, 0x86dd), ipv6(proto, CLIENT6, VIP6, &l4)].concat();
@@ -272,6 +283,18 @@ fn cases(katran: bool) -> Vec<Case> {
         Case {
             guarded: false,
             unwrapped: false,
+            name: "tcp4_syn_ipip",
+            frame: v4(PROTO_TCP, tcp(40000, IPIP_PORT, TCP_SYN), VIP4),
+            setup: None,
+            target: BENCH_TARGET_LB,
+            vary_offset: IPV4_SRC,
+            verdict: XDP_REDIRECT,
+            check: Check::Ours(&[Counter::ConntrackMiss, Counter::Redirect]),
+            target_ns: None,
+        },
+        Case {
+            guarded: false,
+            unwrapped: false,
             name: "tcp6_established_ipip",
             frame: v6(PROTO_TCP, tcp(40000, IPIP_PORT, TCP_ACK)),
             setup: None,
@@ -377,6 +400,37 @@ fn cases(katran: bool) -> Vec<Case> {
             });
         }
     }
+    if scale {
+        // The middle VIP of the 1,024, on the daemon's program and maps.
+        let at = scale::VIPS / 2;
+        for (name, flags, vary_offset, counters) in [
+            (
+                "scale_tcp4_established_ipip",
+                TCP_ACK,
+                0,
+                &[Counter::ConntrackHit, Counter::Redirect][..],
+            ),
+            (
+                "scale_tcp4_syn_ipip",
+                TCP_SYN,
+                IPV4_SRC,
+                &[Counter::ConntrackMiss, Counter::Redirect][..],
+            ),
+        ] {
+            ours.push(Case {
+                guarded: false,
+                unwrapped: false,
+                name,
+                frame: scale::frame(at, flags),
+                setup: None,
+                target: BENCH_TARGET_SCALE,
+                vary_offset,
+                verdict: XDP_REDIRECT,
+                check: Check::Scale(counters),
+                target_ns: None,
+            });
+        }
+    }
     if !katran {
         return ours;
     }
@@ -471,12 +525,15 @@ struct Bench {
     _pool: Pool,
     /// Katran's default build and its build with the flood guard held open.
     katran: Option<(Katran, Katran)>,
+    /// The daemon at scale, when its cases run.
+    scale: Option<Scale>,
     /// The CPU this thread is pinned to (Katran's LRU is per CPU).
     cpu: usize,
 }
 
 impl Bench {
-    fn new(cpu: usize) -> Result<Self> {
+    /// `scale`: the namespace this thread is in, to start the daemon at scale there.
+    fn new(cpu: usize, scale: Option<&NetNs>) -> Result<Self> {
         let mut lb = loaded_lb().context("load the balancer")?;
         let mut take = |n: &str| lb.take_map(n).with_context(|| format!("map {n}"));
         let mut services: HashMap<MapData, ServiceKey, ServiceValue> = take(maps::SERVICES)?.try_into()?;
@@ -735,6 +792,20 @@ impl Bench {
             .context("BENCH_FRAME")?
             .try_into()?;
         let seq = wrapper.take_map("BENCH_SEQ").context("BENCH_SEQ")?.try_into()?;
+        let scale = match scale {
+            Some(ns) => {
+                eprintln!(
+                    "    starting the daemon at scale: {} VIPs, {} backends, {} connection entries",
+                    scale::VIPS,
+                    scale::VIPS * scale::PER_VIP,
+                    scale::CONNTRACK
+                );
+                let s = Scale::start(ns)?;
+                progs.set(BENCH_TARGET_SCALE, s.program.fd()?, 0)?;
+                Some(s)
+            }
+            None => None,
+        };
         Ok(Self {
             _lb: lb,
             _progs: progs,
@@ -746,8 +817,21 @@ impl Bench {
             cfg,
             _pool: pool,
             katran,
+            scale,
             cpu,
         })
+    }
+
+    /// Fills the scale daemon's connection table: one new flow per iteration, as many as it
+    /// holds (this CPU's share of its per-CPU LRU is then full, and every later insert evicts).
+    fn fill_scale(&mut self) -> Result<()> {
+        let frame = BenchFrame::new(&scale::frame(0, TCP_SYN), BENCH_TARGET_SCALE, IPV4_SRC)
+            .context("scale frame")?;
+        self.frame.set(0, frame, 0)?;
+        let input = frame_bytes(&frame)[..frame.len as usize].to_vec();
+        let (verdict, _, _) = self.run(&input, scale::CONNTRACK, false)?;
+        ensure!(verdict == XDP_REDIRECT, "filling the scale table: verdict {verdict}");
+        Ok(())
     }
 
     fn katran_mut(&mut self, target: u32) -> Result<&mut Katran> {
@@ -850,6 +934,25 @@ impl Bench {
                             "{}: counter {} moved by {moved} in {repeat} iterations, expected {want}",
                             case.name,
                             c.name()
+                        );
+                    }
+                }
+                Ok(ns)
+            }
+            Check::Scale(counters) => {
+                let scale = self.scale.as_ref().context("the scale daemon is not running")?;
+                let before = scale.counters()?;
+                let (verdict, ns, _) = self.run(&input, repeat, false)?;
+                let after = scale.counters()?;
+                check_verdict(case, verdict)?;
+                for (i, c) in Counter::ALL.iter().enumerate() {
+                    let moved = after[i] - before[i];
+                    if counters.contains(c) && moved != repeat as u64 {
+                        bail!(
+                            "{}: counter {} moved by {moved} in {repeat} iterations, expected {repeat}: {}",
+                            case.name,
+                            c.name(),
+                            scale.log()
                         );
                     }
                 }
@@ -977,19 +1080,29 @@ fn frame_bytes(frame: &BenchFrame) -> Vec<u8> {
 
 /// Runs every case (`repeat` iterations, `runs` times) in the current thread, which it pins to
 /// one CPU so runs don't migrate mid-measurement.
-pub fn run(repeat: u32, runs: usize, only: Option<&str>) -> Result<Vec<CaseResult>> {
+pub fn run(repeat: u32, runs: usize, only: Option<&str>) -> Result<(Vec<CaseResult>, Option<ScaleResult>)> {
     // A private namespace: the IPIP cases need routes and neighbours of their own.
     let ns = NetNs::new("bench")?;
     let only = only.map(str::to_string);
-    in_ns(&ns, move || run_here(repeat, runs, only.as_deref()))
+    in_ns(&ns, || run_here(&ns, repeat, runs, only.as_deref()))
 }
 
-fn run_here(repeat: u32, runs: usize, only: Option<&str>) -> Result<Vec<CaseResult>> {
+fn run_here(
+    ns: &NetNs,
+    repeat: u32,
+    runs: usize,
+    only: Option<&str>,
+) -> Result<(Vec<CaseResult>, Option<ScaleResult>)> {
     let cpu = pin_to_cpu(1)?;
-    let mut bench = Bench::new(cpu)?;
-    let cases: Vec<Case> = cases(bench.katran.is_some())
+    let wanted = |name: &str| only.is_none_or(|o| name.contains(o));
+    let scale = SCALE_PAIRS.iter().any(|(_, s)| wanted(s));
+    let mut bench = Bench::new(cpu, scale.then_some(ns))?;
+    if scale {
+        bench.fill_scale()?;
+    }
+    let cases: Vec<Case> = cases(bench.katran.is_some(), scale)
         .into_iter()
-        .filter(|c| c.target == BENCH_TARGET_FLOOR || only.is_none_or(|o| c.name.contains(o)))
+        .filter(|c| c.target == BENCH_TARGET_FLOOR || wanted(c.name))
         .collect();
     // Interleaved: run r of every case, then run r + 1, so that a slow spell of the machine
     // falls on all contenders alike.
@@ -1005,7 +1118,7 @@ fn run_here(repeat: u32, runs: usize, only: Option<&str>) -> Result<Vec<CaseResu
         .find(|(c, _)| c.target == BENCH_TARGET_FLOOR && !c.unwrapped)
         .and_then(|(_, ns)| median(ns.iter().map(|&v| v as f64)))
         .context("no floor case")?;
-    Ok(cases
+    let results: Vec<CaseResult> = cases
         .into_iter()
         .zip(measured)
         .map(|(case, runs_ns)| {
@@ -1020,7 +1133,23 @@ fn run_here(repeat: u32, runs: usize, only: Option<&str>) -> Result<Vec<CaseResu
                 repeat,
             }
         })
-        .collect())
+        .collect();
+    let scale = bench.scale.take().map(|s| {
+        let mut r = s.result.clone();
+        let ns_of = |name: &str| results.iter().find(|c| c.case == name).map(|c| c.ns_per_packet);
+        for (small, big) in SCALE_PAIRS {
+            if let (Some(small_ns), Some(scale_ns)) = (ns_of(small), ns_of(big)) {
+                r.per_packet.push(ScaleVsSmall {
+                    case: small.to_string(),
+                    small_ns,
+                    scale_ns,
+                    ratio: scale_ns / small_ns,
+                });
+            }
+        }
+        r
+    });
+    Ok((results, scale))
 }
 
 /// One of our cases beside Katran's, from the same run.

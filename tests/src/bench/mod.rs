@@ -8,6 +8,7 @@ pub mod e2e;
 pub mod health;
 pub mod katran;
 pub mod report;
+pub mod scale;
 pub mod spread;
 
 /// The median (the mean of the middle two for an even count); `None` for no values.

@@ -52,6 +52,9 @@ pub struct Results {
     pub table_swap_runs_us: Option<Vec<f64>>,
     pub rss_bytes: Option<u64>,
     pub rss: Option<Rss>,
+    /// The daemon at scale (1,024 VIPs, 16,384 backends, 8M connections): start-up, memory,
+    /// a change, and per-packet cost beside the small configuration's.
+    pub scale: Option<super::scale::ScaleResult>,
     pub health: Option<HealthResult>,
     /// Busiest backend ÷ mean of long-lived connections, per strategy (`spread`).
     pub spread: Option<Vec<super::spread::SpreadResult>>,

@@ -59,6 +59,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         table_swap_runs_us: None,
         rss_bytes: None,
         rss: None,
+        scale: None,
         health: None,
         spread: None,
         machine: Machine::detect(),
@@ -66,9 +67,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if wants(Part::Dataplane) {
         let (repeat, runs) = if args.quick { (100_000, 3) } else { (1_000_000, 5) };
         eprintln!("==> data plane: {runs} runs of {repeat} iterations per case");
-        let cases = dataplane::run(repeat, runs, args.case.as_deref())?;
+        let (cases, scale) = dataplane::run(repeat, runs, args.case.as_deref())?;
         results.vs_katran = Some(dataplane::vs_katran(&cases));
         results.dataplane = Some(cases);
+        results.scale = scale;
     }
     if wants(Part::Control) {
         let runs = if args.quick { 3 } else { 7 };
