@@ -96,7 +96,7 @@ pub const DEFAULT_NAT_SIZE: u32 = 262144;
 pub const DEFAULT_POOL_SLOTS: u32 = 288 * DEFAULT_TABLE_SIZE;
 /// Pool slots per array element: four 16-bit slots in an 8-byte value.
 pub const POOL_LANES: u32 = 4;
-const _: () = assert!(DEFAULT_POOL_SLOTS % POOL_LANES == 0);
+const _: () = assert!(DEFAULT_POOL_SLOTS.is_multiple_of(POOL_LANES));
 /// A backend slot fits the pool's 16-bit entries, with `u16::MAX` to spare.
 const _: () = assert!(MAX_BACKENDS < u16::MAX as u32);
 /// Default Maglev table size (prime).

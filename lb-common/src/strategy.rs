@@ -29,7 +29,11 @@ pub const MEMBER_STRIDE: u32 = crate::maps::POOL_LANES;
 /// 65535: only ratios of weights matter, and configured weights stop at 10,000), connection
 /// cap (0: none) in two halves.
 pub const fn member_words(slot: u16, weight: u32, cap: u32) -> [u16; 4] {
-    let weight = if weight > u16::MAX as u32 { u16::MAX } else { weight as u16 };
+    let weight = if weight > u16::MAX as u32 {
+        u16::MAX
+    } else {
+        weight as u16
+    };
     [slot, weight, cap as u16, (cap >> 16) as u16]
 }
 
@@ -191,8 +195,15 @@ mod tests {
 
     #[test]
     fn member_elements_round_trip() {
-        for (slot, weight, cap) in [(0u16, 0u32, 0u32), (16383, 10_000, 1_000_000_000), (7, 1, u32::MAX)] {
-            assert_eq!(member_of(&member_words(slot, weight, cap)), (slot as u32, weight, cap));
+        for (slot, weight, cap) in [
+            (0u16, 0u32, 0u32),
+            (16383, 10_000, 1_000_000_000),
+            (7, 1, u32::MAX),
+        ] {
+            assert_eq!(
+                member_of(&member_words(slot, weight, cap)),
+                (slot as u32, weight, cap)
+            );
         }
         // Weights above 16 bits are held at the top, not wrapped.
         assert_eq!(member_of(&member_words(1, 70_000, 5)).1, 65_535);

@@ -337,9 +337,10 @@ fn swaps_share_the_spare_room_of_the_pool() {
     let mut topo = Topology::new(3).expect("topology");
     let (instance, run_dir) = Daemon::new_paths();
     let region = lb_common::maps::DEFAULT_TABLE_SIZE.next_multiple_of(lb_common::maps::POOL_LANES);
-    let config = topo
-        .config(&instance, &run_dir, &["b1", "b2", "b3"])
-        .replace("table_pool_slots = 1048576", &format!("table_pool_slots = {}", 5 * region));
+    let config = topo.config(&instance, &run_dir, &["b1", "b2", "b3"]).replace(
+        "table_pool_slots = 1048576",
+        &format!("table_pool_slots = {}", 5 * region),
+    );
     let d = Daemon::start(&topo, &instance, &run_dir, &config).expect("daemon starts");
     d.wait_all_in_tables();
     assert!(previous_tables(&d).values().all(|&p| !p), "no swap yet");
@@ -365,7 +366,12 @@ fn swaps_share_the_spare_room_of_the_pool() {
     // Every service still forwards, on its new table.
     for service in ["web4", "dns4", "web6", "dns6"] {
         let b = backends(&d, service);
-        assert!(["b1", "b2", "b3", "b4"].iter().all(|id| b.get(*id).is_some_and(|b| b.0 > 0)), "{service}: {b:?}");
+        assert!(
+            ["b1", "b2", "b3", "b4"]
+                .iter()
+                .all(|id| b.get(*id).is_some_and(|b| b.0 > 0)),
+            "{service}: {b:?}"
+        );
     }
 }
 

@@ -1917,7 +1917,8 @@ fn strategies_pick_by_counts_and_caps_and_second_chance_takes_the_previous_table
             dp.pool.write(offset, words).expect("pool");
         };
         // Least connections over b1 and b2, an element (slot, weight, cap) each.
-        let members = |caps: [u32; 2]| [member_words(1, 100, caps[0]), member_words(2, 100, caps[1])].concat();
+        let members =
+            |caps: [u32; 2]| [member_words(1, 100, caps[0]), member_words(2, 100, caps[1])].concat();
         set_region(&mut dp, 100, &members([0, 0]));
         let lc = ServiceValue {
             id: 20,

@@ -154,6 +154,7 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
         attachments,
         adopted: adopting,
         program_id,
+        mirror: Default::default(),
     })
 }
 
@@ -236,7 +237,10 @@ pub fn load_object(cfg: &DaemonConfig, dir: &Path) -> Result<aya::Ebpf> {
         .default_map_pin_directory(dir)
         .map_max_entries(maps::CONNTRACK, cfg.conntrack_size)
         .map_max_entries(maps::NAT_FLOWS, cfg.nat.table_size)
-        .map_max_entries(maps::MAGLEV_POOL, cfg.table_pool_slots.div_ceil(lb_common::maps::POOL_LANES))
+        .map_max_entries(
+            maps::MAGLEV_POOL,
+            cfg.table_pool_slots.div_ceil(lb_common::maps::POOL_LANES),
+        )
         .load(crate::EBPF_OBJECT)
         .map_err(|e| Error::dataplane(format!("load eBPF object: {e}")))
 }

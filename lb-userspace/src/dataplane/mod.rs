@@ -7,6 +7,7 @@ mod batch;
 pub mod census;
 mod load;
 mod mapping;
+mod mirror;
 mod pool;
 pub mod steer;
 
@@ -57,6 +58,8 @@ pub struct DataPlane {
     pub adopted: bool,
     /// The balancer program's kernel id.
     pub program_id: Option<u32>,
+    /// What the reconciler's writes left in the maps it alone writes.
+    pub(crate) mirror: mirror::Mirror,
 }
 
 impl DataPlane {
@@ -128,15 +131,6 @@ impl DataPlane {
     }
 
     /// Sets a bucket's new-flow limit (0: none), keeping its running window when unchanged.
-    pub fn set_shed(&mut self, index: u32, rate: u32) -> Result<()> {
-        let want = lb_common::shed::ShedBucket::for_rate(rate);
-        let current = self.shed.get(&index, 0).map_err(Error::dataplane)?;
-        if !current.same_limit(&want) {
-            self.shed.set(index, want, 0).map_err(Error::dataplane)?;
-        }
-        Ok(())
-    }
-
     pub fn reset_service_traffic(&mut self, id: u32) -> Result<()> {
         let zeros = zeroed_per_cpu()?;
         self.service_stats.set(id, zeros, 0).map_err(Error::dataplane)

@@ -50,7 +50,12 @@ impl Pool {
             return None;
         }
         // SAFETY: bounds checked; reads of a shared mapping the kernel never writes.
-        Some(unsafe { std::slice::from_raw_parts(self.map.base().cast::<u16>().add(offset as usize), len as usize) }.to_vec())
+        Some(
+            unsafe {
+                std::slice::from_raw_parts(self.map.base().cast::<u16>().add(offset as usize), len as usize)
+            }
+            .to_vec(),
+        )
     }
 }
 
@@ -102,7 +107,11 @@ impl RegionAllocator {
 
     /// Free slots, counting those still cooling (an allocation waits for them if it must).
     pub fn free_slots(&self) -> u64 {
-        self.free.values().chain(self.cooling.iter().map(|(_, l)| l)).map(|&l| l as u64).sum()
+        self.free
+            .values()
+            .chain(self.cooling.iter().map(|(_, l)| l))
+            .map(|&l| l as u64)
+            .sum()
     }
 
     pub fn capacity(&self) -> u32 {
@@ -139,7 +148,7 @@ impl RegionAllocator {
     /// Marks a region as used (adopting tables found in the maps). False if it is not free.
     pub fn reserve(&mut self, offset: u32, len: u32) -> bool {
         let len = rounded(len);
-        if offset % POOL_LANES != 0 {
+        if !offset.is_multiple_of(POOL_LANES) {
             return false;
         }
         let Some((&start, &run)) = self.free.range(..=offset).next_back() else {

@@ -93,7 +93,11 @@ impl Reconciler {
     /// Pool slots the rebuilt tables need beyond what they free (checked before touching maps).
     /// The tables other services keep for second chance count as room: they give it up.
     fn check_pool(&self, plan: &Plan) -> Result<()> {
-        let need: u64 = plan.rebuild.iter().map(|(_, input)| region_len(input) as u64).sum();
+        let need: u64 = plan
+            .rebuild
+            .iter()
+            .map(|(_, input)| region_len(input) as u64)
+            .sum();
         let held: u64 = self
             .assignments
             .services
@@ -138,11 +142,16 @@ impl Reconciler {
                 break;
             }
             let slot = self.assignments.services.get_mut(&name).expect("listed");
-            let Some(prev) = slot.previous.take() else { continue };
+            let Some(prev) = slot.previous.take() else {
+                continue;
+            };
             if let Some(key) = slot.key {
                 forget_previous(dp, &ServiceKey::from(key))?;
             }
-            debug!("service {name} gives up its previous table ({} slots) for a swap", prev.size);
+            debug!(
+                "service {name} gives up its previous table ({} slots) for a swap",
+                prev.size
+            );
             self.regions.release(prev.offset, prev.size);
             room += prev.size as u64;
         }
@@ -174,7 +183,7 @@ impl Reconciler {
         // longer name it (step 3), so no packet meets a dead slot in between.
         let mut deactivate = Vec::new();
         for w in &backends {
-            let current = dp.backends.get(&w.slot, 0).map_err(Error::dataplane)?;
+            let current = dp.backend(w.slot)?;
             let generation = if w.fresh {
                 current.generation.wrapping_add(1)
             } else {
@@ -198,11 +207,7 @@ impl Reconciler {
                 if w.active {
                     entry.flags = BACKEND_F_ACTIVE;
                 }
-                if dp.tx_ports.get(hop.ifindex, 0).is_err() {
-                    dp.tx_ports
-                        .insert(hop.ifindex, hop.ifindex, None, 0)
-                        .map_err(|e| Error::dataplane(format!("add {} to TX_PORTS: {e}", hop.ifname)))?;
-                }
+                dp.ensure_tx_port(hop.ifindex, &hop.ifname)?;
             }
             if w.fresh {
                 dp.reset_backend_slot(w.slot)?;
@@ -215,7 +220,7 @@ impl Reconciler {
                 deactivate.push((w.slot, entry));
             } else {
                 debug!("backend {} slot {}: {entry:?}", w.key, w.slot);
-                dp.backends.set(w.slot, entry, 0).map_err(Error::dataplane)?;
+                dp.set_backend(w.slot, entry)?;
             }
         }
         for id in new_service_ids {
@@ -230,13 +235,12 @@ impl Reconciler {
             .map(|s| key_repr(&fragment_key(&service_key(s))))
             .collect();
         let stray_fragments: Vec<ServiceKey> = dp
-            .fragment_services
-            .keys()
-            .filter_map(|k| k.ok())
+            .fragment_keys()
+            .into_iter()
             .filter(|k| !fragment_keys.contains(&key_repr(k)))
             .collect();
         for k in stray_fragments {
-            dp.fragment_services.remove(&k).map_err(Error::dataplane)?;
+            dp.remove_fragment(&k)?;
         }
         // 2. Tables and service values.
         let live_keys: BTreeSet<ServiceKeyRepr> =
@@ -266,7 +270,7 @@ impl Reconciler {
             })
             .collect();
         for a in &wanted_addrs {
-            dp.vip_addrs.insert(a, 1, 0).map_err(Error::dataplane)?;
+            dp.add_vip_addr(*a)?;
         }
         let mut rebuild: std::collections::BTreeMap<String, TableInput> = rebuild.into_iter().collect();
         for s in services {
@@ -375,56 +379,47 @@ impl Reconciler {
                 value.prev_offset = p.offset;
                 value.prev_size = p.size;
             }
-            let current = dp.services.get(&key, 0).ok();
-            if current != Some(value) {
-                dp.services.insert(key, value, 0).map_err(Error::dataplane)?;
-            }
+            dp.set_service(key, value)?;
             if let Some(r) = release_after {
                 self.regions.release(r.offset, r.size);
             }
             if s.fragments == FragmentPolicy::Hash {
                 let fkey = fragment_key(&key);
-                if dp.fragment_services.get(&fkey, 0).ok() != Some(value) {
-                    dp.fragment_services
-                        .insert(fkey, value, 0)
-                        .map_err(Error::dataplane)?;
-                }
+                dp.set_fragment(fkey, value)?;
             }
             let inputs = geo_inputs.remove(&s.name).unwrap_or_default();
             apply_geo(dp, &mut self.regions, svc, &value, inputs, &mut applied)?;
             let old_key = svc.key.replace(key_repr(&key));
             if let Some(old) = old_key.filter(|k| !live_keys.contains(k)) {
-                let _ = dp.services.remove(&ServiceKey::from(old));
+                let _ = dp.remove_service(&ServiceKey::from(old));
             }
         }
 
         // 3. Retire what is gone: service keys, then backend slots, then service ids and tables.
         let stray: Vec<ServiceKey> = dp
-            .services
-            .keys()
-            .filter_map(|k| k.ok())
+            .service_keys()
+            .into_iter()
             .filter(|k| !live_keys.contains(&key_repr(k)))
             .collect();
         for k in stray {
-            dp.services.remove(&k).map_err(Error::dataplane)?;
+            dp.remove_service(&k)?;
         }
         dp.vip_filter.set(0, wanted_filter, 0).map_err(Error::dataplane)?;
         let stray_addrs: Vec<AddrKey> = dp
-            .vip_addrs
-            .keys()
-            .filter_map(|k| k.ok())
+            .vip_addr_keys()
+            .into_iter()
             .filter(|k| !wanted_addrs.contains(k))
             .collect();
         for a in stray_addrs {
-            dp.vip_addrs.remove(&a).map_err(Error::dataplane)?;
+            dp.remove_vip_addr(&a)?;
         }
         for (slot, entry) in deactivate {
-            dp.backends.set(slot, entry, 0).map_err(Error::dataplane)?;
+            dp.set_backend(slot, entry)?;
         }
         for slot in retired {
-            let mut entry = dp.backends.get(&slot, 0).map_err(Error::dataplane)?;
+            let mut entry = dp.backend(slot)?;
             entry.flags = 0;
-            dp.backends.set(slot, entry, 0).map_err(Error::dataplane)?;
+            dp.set_backend(slot, entry)?;
         }
         let wanted: BTreeSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
         let gone: Vec<String> = a
@@ -578,18 +573,18 @@ pub struct Applied {
 
 /// Stops a service's value (and its fragment value) naming its previous table.
 fn forget_previous(dp: &mut DataPlane, key: &ServiceKey) -> Result<()> {
-    if let Ok(mut v) = dp.services.get(key, 0)
+    if let Some(mut v) = dp.service_value(key)
         && v.prev_size != 0
     {
         (v.prev_offset, v.prev_size) = (0, 0);
-        dp.services.insert(key, v, 0).map_err(Error::dataplane)?;
+        dp.set_service(*key, v)?;
     }
     let fkey = fragment_key(key);
-    if let Ok(mut v) = dp.fragment_services.get(&fkey, 0)
+    if let Some(mut v) = dp.fragment_value(&fkey)
         && v.prev_size != 0
     {
         (v.prev_offset, v.prev_size) = (0, 0);
-        dp.fragment_services.insert(fkey, v, 0).map_err(Error::dataplane)?;
+        dp.set_fragment(fkey, v)?;
     }
     Ok(())
 }
@@ -623,7 +618,10 @@ pub fn build(input: &TableInput) -> Vec<u16> {
             let mut current = vec![0i64; weights.len()];
             let mut order = vec![0u32; total];
             let n = lb_common::strategy::smooth_wrr(&weights, &mut current, &mut order);
-            order[..n].iter().map(|&i| input.members[i as usize].2 as u16).collect()
+            order[..n]
+                .iter()
+                .map(|&i| input.members[i as usize].2 as u16)
+                .collect()
         }
         Strategy::LeastConnections | Strategy::PowerOfTwo => input
             .members

@@ -33,14 +33,24 @@ pub async fn resolve_missing(
         .filter(|(a, _)| !known.contains_key(a))
         .map(|(a, l2)| (*a, *l2))
         .collect();
-    let results = join_all(missing.iter().map(|&(a, l2)| async move {
-        if l2 {
-            resolver.resolve(a, RESOLVE_TIMEOUT).await
-        } else {
-            resolver.route_hop(a).await
-        }
-    }))
+    // Routed backends in one batch (their interfaces looked up once), L2 ones each alone.
+    let routed: Vec<IpAddr> = missing.iter().filter(|(_, l2)| !l2).map(|(a, _)| *a).collect();
+    let mut routed_hops = resolver.route_hops(&routed).await.into_iter();
+    let l2 = join_all(
+        missing
+            .iter()
+            .filter(|(_, l2)| *l2)
+            .map(|&(a, _)| resolver.resolve(a, RESOLVE_TIMEOUT)),
+    )
     .await;
+    let mut l2 = l2.into_iter();
+    let results: Vec<_> = missing
+        .iter()
+        .map(|(_, is_l2)| {
+            let next = if *is_l2 { l2.next() } else { routed_hops.next() };
+            next.expect("one result per address")
+        })
+        .collect();
     let mut found = HashMap::new();
     let mut warnings = Vec::new();
     for ((addr, _), result) in missing.iter().zip(results) {
@@ -72,18 +82,22 @@ pub async fn refresh(
         let snap = snapshot.borrow().clone();
         let wanted = backend_addresses(&snap.services);
         let resolver = &resolver;
-        let results = join_all(wanted.iter().map(|(&a, &l2)| async move {
-            let r = if !l2 {
-                resolver.route_hop(a).await
-            } else {
-                match resolver.lookup(a).await {
+        let routed: Vec<IpAddr> = wanted.iter().filter(|(_, l2)| !**l2).map(|(a, _)| *a).collect();
+        let mut results: Vec<(IpAddr, _)> = routed
+            .iter()
+            .copied()
+            .zip(resolver.route_hops(&routed).await)
+            .collect();
+        results.extend(
+            join_all(wanted.iter().filter(|(_, l2)| **l2).map(|(&a, _)| async move {
+                let r = match resolver.lookup(a).await {
                     Ok(hop) => Ok(hop),
                     Err(_) => resolver.resolve(a, Duration::from_millis(200)).await,
-                }
-            };
-            (a, r)
-        }))
-        .await;
+                };
+                (a, r)
+            }))
+            .await,
+        );
         let mut changes = Vec::new();
         for (addr, r) in results {
             let now = r.as_ref().ok();

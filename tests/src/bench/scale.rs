@@ -79,6 +79,9 @@ pub struct ScaleResult {
     /// One backend weight change, CLI call to applied: median ms over `change_runs_ms`.
     pub change_ms: f64,
     pub change_runs_ms: Vec<f64>,
+    /// Of which the reconciler's plan and map writes (`lb_map_write_duration_seconds`), mean
+    /// ms per pass over those changes.
+    pub change_map_write_ms: f64,
     /// The same cases on this configuration and on the small one, same run (filled by the
     /// data-plane bench).
     pub per_packet: Vec<ScaleVsSmall>,
@@ -105,10 +108,9 @@ impl Scale {
     /// Starts the daemon in `ns`, which the calling thread is in and where `ipip_routes` has
     /// set up the router, and measures it.
     pub fn start(ns: &NetNs) -> Result<Self> {
-        crate::netns::run(std::process::Command::new("sh").args([
-            "-c",
-            "ip route add 10.62.0.0/18 via 10.50.0.2",
-        ]))?;
+        crate::netns::run(
+            std::process::Command::new("sh").args(["-c", "ip route add 10.62.0.0/18 via 10.50.0.2"]),
+        )?;
         let (instance, run_dir) = Daemon::new_paths();
         let mut config = format!(
             "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"lbt-e\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\n\
@@ -158,7 +160,7 @@ impl Scale {
                 bytes: memlock(&data)?,
             });
         }
-        memory.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        memory.sort_by_key(|m| std::cmp::Reverse(m.bytes));
         let maps_bytes = memory.iter().map(|m| m.bytes).sum();
         let pool = memory
             .iter()
@@ -168,6 +170,7 @@ impl Scale {
         let pid = daemon.pid().context("daemon pid")?;
         let (rss_bytes, rss_anon_bytes) = super::control::settled_rss(pid)?;
 
+        let write_before = map_writes(ns)?;
         let mut change_runs_ms = Vec::new();
         for run in 0..5 {
             let weight = if run % 2 == 0 { "50" } else { "100" };
@@ -180,6 +183,10 @@ impl Scale {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        let write_after = map_writes(ns)?;
+        let passes = write_after.1 - write_before.1;
+        ensure!(passes >= 5.0, "{passes} reconciler passes for 5 changes");
+        let change_map_write_ms = (write_after.0 - write_before.0) / passes * 1e3;
         let global = match MapData::from_pin(pin.join(maps::GLOBAL_STATS)) {
             Ok(data) => PerCpuArray::try_from(Map::PerCpuArray(data))?,
             Err(e) => bail!("open GLOBAL_STATS: {e}"),
@@ -200,6 +207,7 @@ impl Scale {
                 rss_anon_bytes,
                 change_ms: median(change_runs_ms.iter().copied()).unwrap_or(f64::NAN),
                 change_runs_ms,
+                change_map_write_ms,
                 per_packet: Vec::new(),
             },
         })
@@ -230,6 +238,24 @@ fn check_ipip(input: &[u8], out: &[u8]) -> Result<()> {
         "outer destination {dst:?} is not a backend of the VIP"
     );
     Ok(())
+}
+
+/// The daemon's `lb_map_write_duration_seconds` (sum, count).
+fn map_writes(ns: &NetNs) -> Result<(f64, f64)> {
+    let (status, body) = crate::client::http_get(ns, "127.0.0.1:9464".parse()?, "/metrics", None)?;
+    ensure!(status == 200, "scrape answered {status}");
+    let value = |name: &str| -> Result<f64> {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .with_context(|| format!("{name} not in the scrape"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("parse {name}"))
+    };
+    Ok((
+        value("lb_map_write_duration_seconds_sum")?,
+        value("lb_map_write_duration_seconds_count")?,
+    ))
 }
 
 /// A map's kernel memory as its fdinfo reports it.
