@@ -11,8 +11,8 @@ use lb_common::{
     dpconfig::{DataPlaneConfig, FloodWindow, NextHop},
     geo::{GeoData, GeoKey, MAX_GEO_PREFIXES, MAX_REGIONS},
     maps::{
-        DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, POOL_LANES, MAX_SERVICES,
-        MAX_TX_PORTS,
+        DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, MAX_SERVICES,
+        MAX_TX_PORTS, POOL_LANES,
     },
     shed::ShedBucket,
     stats::COUNTER_SLOTS,
@@ -68,7 +68,9 @@ pub static MAGLEV_POOL: Array<[u16; 4]> = Array::pinned(DEFAULT_POOL_SLOTS / POO
 /// Pool slot `i` (a backend slot, or a word of a strategy's region).
 #[inline(always)]
 pub fn pool_slot(i: u32) -> Option<u32> {
-    MAGLEV_POOL.get(i / POOL_LANES).map(|e| u32::from(e[(i % POOL_LANES) as usize]))
+    MAGLEV_POOL
+        .get(i / POOL_LANES)
+        .map(|e| u32::from(e[(i % POOL_LANES) as usize]))
 }
 
 #[map]

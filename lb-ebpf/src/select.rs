@@ -12,9 +12,9 @@ use lb_common::{
     flow::{FLOW_COUNTED, SYN_RETRANSMIT_WINDOW, coarse_seconds},
     geo::GeoKey,
     hash::{flow_hash, source_hash},
+    maps::POOL_LANES,
     service::{FWD_NAT, SVC_F_COUNT, SVC_F_HASH_SOURCE, SVC_F_SHED, SVC_F_SHED_DROP},
     shed::service_bucket,
-    maps::POOL_LANES,
     strategy::{self, MEMBER_STRIDE},
 };
 use lb_ebpf::{Flow, FlowKind, Verdict};
@@ -354,8 +354,7 @@ fn pick(key: &FlowKey, service: &'static ServiceValue, remember: Remember) -> Re
             // Spill to the next candidates of the table, as Maglev's own order has them.
             let mut spilled = None;
             for step in 1..=SPILL_TRIES {
-                let Some(other) = pool_slot(service.table_offset + (index + step * stride) % size)
-                else {
+                let Some(other) = pool_slot(service.table_offset + (index + step * stride) % size) else {
                     break;
                 };
                 if other == slot {

@@ -159,7 +159,8 @@ pub fn daemon_rss(services: u32, per_service: u32) -> Result<Rss> {
         "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\n\
          conntrack_size = 65536\ntable_pool_slots = {}\nneighbour_refresh_ms = 1000\n",
         run_dir.display(),
-        services * 65537
+        // A table per service and one spare for swaps, in whole pool elements.
+        (services + 1) * 65537u32.next_multiple_of(maps::POOL_LANES)
     );
     for s in 0..services {
         config.push_str(&format!(

@@ -117,6 +117,8 @@ pub struct CaseResult {
 
 struct Case {
     name: &'static str,
+    /// The interface the frame arrives on (test_run's context).
+    ingress: Ingress,
     /// Our flood guard engaged (a limit of one new flow per window) rather than off.
     guarded: bool,
     /// Run the program in `target` itself rather than through the wrapper: only for the
@@ -130,6 +132,17 @@ struct Case {
     verdict: u32,
     check: Check,
     target_ns: Option<f64>,
+}
+
+/// Where a case's frame arrives.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ingress {
+    /// Loopback, test_run's default: an encapsulated packet leaves by another interface
+    /// (XDP_REDIRECT).
+    Lo,
+    /// The router's interface (`lbt-e`), by which the encapsulated packets leave again: one
+    /// NIC, XDP_TX, as Katran always forwards.
+    Router,
 }
 
 /// What a run must have done besides returning the verdict.
@@ -171,6 +184,7 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
         Case {
             guarded: false,
             unwrapped: true,
+            ingress: Ingress::Lo,
             name: "floor_unwrapped",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), VIP4),
             setup: None,
@@ -183,6 +197,7 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
         Case {
             guarded: false,
             unwrapped: false,
+            ingress: Ingress::Lo,
             name: "floor",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), VIP4),
             setup: None,
@@ -195,6 +210,7 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
         Case {
             guarded: false,
             unwrapped: false,
+            ingress: Ingress::Lo,
             name: "tcp4_syn",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), VIP4),
             setup: None,
@@ -207,6 +223,7 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
         Case {
             guarded: true,
             unwrapped: false,
+            ingress: Ingress::Lo,
             name: "tcp4_syn_guarded",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), VIP4),
             setup: None,
@@ -223,6 +240,7 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
         Case {
             guarded: false,
             unwrapped: false,
+            ingress: Ingress::Lo,
             name: "tcp4_established",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), VIP4),
             setup: None,
@@ -235,6 +253,7 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
         Case {
             guarded: false,
             unwrapped: false,
+            ingress: Ingress::Lo,
             name: "udp4",
             frame: v4(PROTO_UDP, udp(40000, 53, &payload), VIP4),
             setup: None,
@@ -247,6 +266,7 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
         Case {
             guarded: false,
             unwrapped: false,
+            ingress: Ingress::Lo,
             name: "tcp6_established",
             frame: v6(PROTO_TCP, tcp(40000, 80, TCP_ACK)),
             setup: None,
@@ -259,6 +279,7 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
         Case {
             guarded: false,
             unwrapped: false,
+            ingress: Ingress::Lo,
             name: "udp6",
             frame: v6(PROTO_UDP, udp(40000, 53, &payload)),
             setup: None,
@@ -271,7 +292,21 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
         Case {
             guarded: false,
             unwrapped: false,
+            ingress: Ingress::Router,
             name: "tcp4_established_ipip",
+            frame: v4(PROTO_TCP, tcp(40000, IPIP_PORT, TCP_ACK), VIP4),
+            setup: None,
+            target: BENCH_TARGET_LB,
+            vary_offset: 0,
+            verdict: XDP_TX,
+            check: Check::Ours(&[Counter::ConntrackHit, Counter::Tx]),
+            target_ns: None,
+        },
+        Case {
+            guarded: false,
+            unwrapped: false,
+            ingress: Ingress::Lo,
+            name: "tcp4_established_ipip_redirect",
             frame: v4(PROTO_TCP, tcp(40000, IPIP_PORT, TCP_ACK), VIP4),
             setup: None,
             target: BENCH_TARGET_LB,
@@ -283,54 +318,59 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
         Case {
             guarded: false,
             unwrapped: false,
+            ingress: Ingress::Router,
             name: "tcp4_syn_ipip",
             frame: v4(PROTO_TCP, tcp(40000, IPIP_PORT, TCP_SYN), VIP4),
             setup: None,
             target: BENCH_TARGET_LB,
             vary_offset: IPV4_SRC,
-            verdict: XDP_REDIRECT,
-            check: Check::Ours(&[Counter::ConntrackMiss, Counter::Redirect]),
+            verdict: XDP_TX,
+            check: Check::Ours(&[Counter::ConntrackMiss, Counter::Tx]),
             target_ns: None,
         },
         Case {
             guarded: false,
             unwrapped: false,
+            ingress: Ingress::Router,
             name: "tcp6_established_ipip",
             frame: v6(PROTO_TCP, tcp(40000, IPIP_PORT, TCP_ACK)),
             setup: None,
             target: BENCH_TARGET_LB,
             vary_offset: 0,
-            verdict: XDP_REDIRECT,
-            check: Check::Ours(&[Counter::ConntrackHit, Counter::Redirect]),
+            verdict: XDP_TX,
+            check: Check::Ours(&[Counter::ConntrackHit, Counter::Tx]),
             target_ns: None,
         },
         Case {
             guarded: false,
             unwrapped: false,
+            ingress: Ingress::Router,
             name: "tcp4_established_gue",
             frame: v4(PROTO_TCP, tcp(40000, GUE_SERVICE_PORT, TCP_ACK), VIP4),
             setup: None,
             target: BENCH_TARGET_LB,
             vary_offset: 0,
-            verdict: XDP_REDIRECT,
-            check: Check::Ours(&[Counter::ConntrackHit, Counter::Redirect]),
+            verdict: XDP_TX,
+            check: Check::Ours(&[Counter::ConntrackHit, Counter::Tx]),
             target_ns: None,
         },
         Case {
             guarded: false,
             unwrapped: false,
+            ingress: Ingress::Router,
             name: "tcp6_established_gue",
             frame: v6(PROTO_TCP, tcp(40000, GUE_SERVICE_PORT, TCP_ACK)),
             setup: None,
             target: BENCH_TARGET_LB,
             vary_offset: 0,
-            verdict: XDP_REDIRECT,
-            check: Check::Ours(&[Counter::ConntrackHit, Counter::Redirect]),
+            verdict: XDP_TX,
+            check: Check::Ours(&[Counter::ConntrackHit, Counter::Tx]),
             target_ns: None,
         },
         Case {
             guarded: false,
             unwrapped: false,
+            ingress: Ingress::Lo,
             name: "nonvip_pass",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), OTHER4),
             setup: None,
@@ -343,6 +383,7 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
         Case {
             guarded: false,
             unwrapped: false,
+            ingress: Ingress::Lo,
             name: "tcp4_established_nat",
             frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), NAT_VIP4),
             setup: Some(v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), NAT_VIP4)),
@@ -355,6 +396,7 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
         Case {
             guarded: false,
             unwrapped: false,
+            ingress: Ingress::Lo,
             name: "tcp4_nat_reply",
             frame: [
                 eth(LB_MAC, NAT_BACKEND_MAC, 0x0800),
@@ -389,6 +431,7 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
             ours.push(Case {
                 guarded: false,
                 unwrapped: false,
+                ingress: Ingress::Lo,
                 name,
                 frame: v4(PROTO_TCP, tcp(40000, port, flags), VIP4),
                 setup: None,
@@ -408,24 +451,25 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
                 "scale_tcp4_established_ipip",
                 TCP_ACK,
                 0,
-                &[Counter::ConntrackHit, Counter::Redirect][..],
+                &[Counter::ConntrackHit, Counter::Tx][..],
             ),
             (
                 "scale_tcp4_syn_ipip",
                 TCP_SYN,
                 IPV4_SRC,
-                &[Counter::ConntrackMiss, Counter::Redirect][..],
+                &[Counter::ConntrackMiss, Counter::Tx][..],
             ),
         ] {
             ours.push(Case {
                 guarded: false,
                 unwrapped: false,
+                ingress: Ingress::Router,
                 name,
                 frame: scale::frame(at, flags),
                 setup: None,
                 target: BENCH_TARGET_SCALE,
                 vary_offset,
-                verdict: XDP_REDIRECT,
+                verdict: XDP_TX,
                 check: Check::Scale(counters),
                 target_ns: None,
             });
@@ -438,6 +482,7 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
     let k = |name, frame, target, vary_offset, verdict, path| Case {
         guarded: false,
         unwrapped: false,
+        ingress: Ingress::Lo,
         name,
         frame,
         setup: None,
@@ -527,6 +572,8 @@ struct Bench {
     katran: Option<(Katran, Katran)>,
     /// The daemon at scale, when its cases run.
     scale: Option<Scale>,
+    /// The router's interface (`Ingress::Router`).
+    router: u32,
     /// The CPU this thread is pinned to (Katran's LRU is per CPU).
     cpu: usize,
 }
@@ -824,6 +871,7 @@ impl Bench {
             _pool: pool,
             katran,
             scale,
+            router: egress,
             cpu,
         })
     }
@@ -835,11 +883,8 @@ impl Bench {
             .context("scale frame")?;
         self.frame.set(0, frame, 0)?;
         let input = frame_bytes(&frame)[..frame.len as usize].to_vec();
-        let (verdict, _, _) = self.run(&input, scale::CONNTRACK, false)?;
-        ensure!(
-            verdict == XDP_REDIRECT,
-            "filling the scale table: verdict {verdict}"
-        );
+        let (verdict, _, _) = self.run(&input, scale::CONNTRACK, false, Ingress::Router)?;
+        ensure!(verdict == XDP_TX, "filling the scale table: verdict {verdict}");
         Ok(())
     }
 
@@ -870,13 +915,26 @@ impl Bench {
 
     /// One test_run of the wrapper (or of the floor alone); returns (verdict, kernel ns per
     /// iteration, the last iteration's frame).
-    fn run(&self, input: &[u8], repeat: u32, unwrapped: bool) -> Result<(u32, u64, Vec<u8>)> {
+    fn run(
+        &self,
+        input: &[u8],
+        repeat: u32,
+        unwrapped: bool,
+        ingress: Ingress,
+    ) -> Result<(u32, u64, Vec<u8>)> {
         let name = if unwrapped { "bench_floor" } else { "bench_wrap" };
         let prog: &Xdp = self.wrapper.program(name).context(name)?.try_into()?;
         let mut out = vec![0u8; 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let ctx: Vec<u8> = [0, input.len() as u32, 0, self.router, 0, 0]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
         let r = prog.test_run(TestRunOptions {
             data_in: Some(input),
             data_out: Some(&mut out),
+            ctx_in: (ingress == Ingress::Router).then_some(&ctx[..]),
             repeat,
             ..Default::default()
         })?;
@@ -901,11 +959,11 @@ impl Bench {
             let f = BenchFrame::new(setup, case.target, 0)
                 .with_context(|| format!("{}: setup frame", case.name))?;
             self.frame.set(0, f, 0)?;
-            self.run(&frame_bytes(&f)[..f.len as usize], 1, false)?;
+            self.run(&frame_bytes(&f)[..f.len as usize], 1, false, case.ingress)?;
         }
         self.frame.set(0, frame, 0)?;
         let input = frame_bytes(&frame)[..frame.len as usize].to_vec();
-        let (verdict, _, out) = self.run(&input, 1, case.unwrapped)?;
+        let (verdict, _, out) = self.run(&input, 1, case.unwrapped, case.ingress)?;
         ensure!(
             verdict == case.verdict,
             "{}: warm-up verdict {verdict}",
@@ -923,7 +981,7 @@ impl Bench {
         match case.check {
             Check::Ours(counters) => {
                 let before = self.counters()?;
-                let (verdict, ns, _) = self.run(&input, repeat, case.unwrapped)?;
+                let (verdict, ns, _) = self.run(&input, repeat, case.unwrapped, case.ingress)?;
                 let after = self.counters()?;
                 check_verdict(case, verdict)?;
                 for (i, c) in Counter::ALL.iter().enumerate() {
@@ -951,7 +1009,7 @@ impl Bench {
             Check::Scale(counters) => {
                 let scale = self.scale.as_ref().context("the scale daemon is not running")?;
                 let before = scale.counters()?;
-                let (verdict, ns, _) = self.run(&input, repeat, false)?;
+                let (verdict, ns, _) = self.run(&input, repeat, false, case.ingress)?;
                 let after = scale.counters()?;
                 check_verdict(case, verdict)?;
                 for (i, c) in Counter::ALL.iter().enumerate() {
@@ -973,7 +1031,7 @@ impl Bench {
                     self.katran_mut(case.target)?.set_flood_guard(true)?;
                 }
                 let before = self.katran(case.target)?.counters()?;
-                let (verdict, ns, _) = self.run(&input, repeat, false)?;
+                let (verdict, ns, _) = self.run(&input, repeat, false, case.ingress)?;
                 let katran = self.katran(case.target)?;
                 let moved = katran.counters()?.since(&before);
                 check_verdict(case, verdict)?;
