@@ -853,7 +853,7 @@ impl Bench {
                     scale::VIPS * scale::PER_VIP,
                     scale::CONNTRACK
                 );
-                let s = Scale::start(ns)?;
+                let s = Scale::start(ns, cpu)?;
                 progs.set(BENCH_TARGET_SCALE, s.program.fd()?, 0)?;
                 Some(s)
             }
@@ -1286,7 +1286,10 @@ pub fn vs_katran(results: &[CaseResult]) -> Vec<VsKatran> {
 
 /// Pins the calling thread to `cpu` (the last CPU if there are fewer); returns the CPU.
 pub fn pin_to_cpu(cpu: usize) -> Result<usize> {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    // Online CPUs, not available_parallelism (which is this thread's current mask: after a
+    // pin to CPU 0 it would say 1).
+    // SAFETY: sysconf has no memory effects.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
     let cpu = cpu.min(cpus - 1);
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
     unsafe {

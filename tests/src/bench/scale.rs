@@ -82,6 +82,8 @@ pub struct ScaleResult {
     /// Of which the reconciler's plan and map writes (`lb_map_write_duration_seconds`), mean
     /// ms per pass over those changes.
     pub change_map_write_ms: f64,
+    /// The daemon's CPU use at idle (its threads' share of one CPU, over 5 s).
+    pub idle_cpu: f64,
     /// The same cases on this configuration and on the small one, same run (filled by the
     /// data-plane bench).
     pub per_packet: Vec<ScaleVsSmall>,
@@ -106,8 +108,9 @@ pub struct Scale {
 
 impl Scale {
     /// Starts the daemon in `ns`, which the calling thread is in and where `ipip_routes` has
-    /// set up the router, and measures it.
-    pub fn start(ns: &NetNs) -> Result<Self> {
+    /// set up the router, and measures it. The daemon runs on CPU 0, away from the bench's
+    /// `bench_cpu` (it inherits the spawning thread's CPUs).
+    pub fn start(ns: &NetNs, bench_cpu: usize) -> Result<Self> {
         crate::netns::run(
             std::process::Command::new("sh").args(["-c", "ip route add 10.62.0.0/18 via 10.50.0.2"]),
         )?;
@@ -130,8 +133,11 @@ impl Scale {
                 ));
             }
         }
+        super::dataplane::pin_to_cpu(0)?;
         let started = Instant::now();
-        let daemon = Daemon::start_in(ns, &instance, &run_dir, &config)?;
+        let daemon = Daemon::start_in(ns, &instance, &run_dir, &config);
+        super::dataplane::pin_to_cpu(bench_cpu)?;
+        let daemon = daemon?;
         let pin = PathBuf::from("/sys/fs/bpf").join(&instance);
         // The last VIP's SYN, through the pinned program and the live maps, until it leaves
         // encapsulated to one of that VIP's backends (bounded).
@@ -184,6 +190,12 @@ impl Scale {
             );
         }
         let write_after = map_writes(ns)?;
+        // Idle: its neighbour refresh (every routed backend's route, each second) and the
+        // connection-table census are what it does then.
+        let window = Duration::from_secs(5);
+        let cpu_before = cpu_seconds(pid)?;
+        std::thread::sleep(window);
+        let idle_cpu = (cpu_seconds(pid)? - cpu_before) / window.as_secs_f64();
         let passes = write_after.1 - write_before.1;
         ensure!(passes >= 5.0, "{passes} reconciler passes for 5 changes");
         let change_map_write_ms = (write_after.0 - write_before.0) / passes * 1e3;
@@ -208,6 +220,7 @@ impl Scale {
                 change_ms: median(change_runs_ms.iter().copied()).unwrap_or(f64::NAN),
                 change_runs_ms,
                 change_map_write_ms,
+                idle_cpu,
                 per_packet: Vec::new(),
             },
         })
@@ -238,6 +251,19 @@ fn check_ipip(input: &[u8], out: &[u8]) -> Result<()> {
         "outer destination {dst:?} is not a backend of the VIP"
     );
     Ok(())
+}
+
+/// CPU seconds a process has used (its threads, user and system).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').context("/proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 =
+        f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz)
 }
 
 /// The daemon's `lb_map_write_duration_seconds` (sum, count).
