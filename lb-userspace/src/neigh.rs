@@ -230,25 +230,12 @@ impl Resolver {
         }
     }
 
-    /// The egress interface towards `addr` for encapsulated forwarding: the route may go
-    /// through a gateway and the data plane finds the next hop's MAC itself (bpf_fib_lookup),
-    /// so only the interface matters (the daemon lists it in TX_PORTS). `dst_mac` is zero.
-    pub async fn route_hop(&self, addr: IpAddr) -> Result<NextHop, ResolveError> {
-        check_unicast(addr)?;
-        let route = self.route(addr).await?;
-        let link = self.link(addr, route.ifindex).await?;
-        Ok(NextHop {
-            ifindex: route.ifindex,
-            ifname: link.name,
-            src_mac: link.mac.unwrap_or_default(),
-            dst_mac: [0; 6],
-            mtu: route.mtu.or(link.mtu).unwrap_or(0),
-        })
-    }
-
-    /// `route_hop` of many addresses: the routes concurrently, then each egress interface
-    /// once (thousands of routed backends share a few interfaces; a link query per backend
-    /// was half of the netlink work of every refresh). In the order of `addrs`.
+    /// The egress interface towards each address, for encapsulated forwarding: the route may
+    /// go through a gateway and the data plane finds the next hop's MAC itself
+    /// (bpf_fib_lookup), so only the interface matters (the daemon lists it in TX_PORTS);
+    /// `dst_mac` is zero. The routes concurrently, then each egress interface once (thousands
+    /// of routed backends share a few interfaces; a link query per backend was half of the
+    /// netlink work of every refresh). In the order of `addrs`.
     pub async fn route_hops(&self, addrs: &[IpAddr]) -> Vec<Result<NextHop, ResolveError>> {
         let routes = futures::future::join_all(addrs.iter().map(|&a| async move {
             check_unicast(a)?;
