@@ -273,7 +273,8 @@ impl Reconciler {
             dp.add_vip_addr(*a)?;
         }
         let mut rebuild: std::collections::BTreeMap<String, TableInput> = rebuild.into_iter().collect();
-        for s in services {
+        let mut prebuilt: std::collections::HashMap<String, Vec<u16>> = std::collections::HashMap::new();
+        for (i, s) in services.iter().enumerate() {
             let key = service_key(s);
             let svc = a.services.get_mut(&s.name).expect("planned");
             let shedding =
@@ -315,11 +316,22 @@ impl Reconciler {
             };
             // The previous table this pass replaces, released once the value no longer names it.
             let mut release_after = None;
-            if let Some(input) = rebuild.remove(&s.name) {
+            if rebuild.contains_key(&s.name) && !prebuilt.contains_key(&s.name) {
+                // This table and the next ones this pass rebuilds, on every CPU at once.
+                let batch: Vec<(&str, &TableInput)> = services[i..]
+                    .iter()
+                    .filter_map(|x| rebuild.get_key_value(&x.name))
+                    .take(BUILD_BATCH)
+                    .map(|(name, input)| (name.as_str(), input))
+                    .collect();
                 let started = std::time::Instant::now();
-                let table = build(&input);
-                applied.built += 1;
+                let built = build_all(&batch);
                 applied.build_time += started.elapsed();
+                prebuilt.extend(built);
+            }
+            if let Some(input) = rebuild.remove(&s.name) {
+                let table = prebuilt.remove(&s.name).unwrap_or_else(|| build(&input));
+                applied.built += 1;
                 // After a restart the inputs are unknown, but the table may be the same.
                 let unchanged = svc.active.is_some_and(|r| {
                     r.size as usize == table.len()
@@ -569,6 +581,42 @@ pub struct Applied {
     pub built: usize,
     pub swapped: usize,
     pub build_time: std::time::Duration,
+}
+
+/// Tables built ahead at most this many at a time: a pass that rebuilds many (a start, a
+/// reload, a backend of many services going down) spreads them over the CPUs, and holds no
+/// more than this many built tables at once.
+pub const BUILD_BATCH: usize = 16;
+
+/// Builds each input's region, the batch split over the CPUs (one alone: on this thread).
+pub fn build_all(batch: &[(&str, &TableInput)]) -> Vec<(String, Vec<u16>)> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(batch.len());
+    if workers <= 1 {
+        return batch
+            .iter()
+            .map(|(name, input)| (name.to_string(), build(input)))
+            .collect();
+    }
+    let per = batch.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = batch
+            .chunks(per)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|(name, input)| (name.to_string(), build(input)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 /// Stops a service's value (and its fragment value) naming its previous table.
