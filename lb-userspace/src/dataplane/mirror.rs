@@ -106,7 +106,8 @@ impl DataPlane {
         Ok(())
     }
 
-    /// A new-flow limit (`rate` per second, 0: none) for a shed bucket.
+    /// Sets a bucket's new-flow limit (`rate` per second, 0: none), keeping its running window
+    /// when unchanged.
     pub fn set_shed(&mut self, index: u32, rate: u32) -> Result<()> {
         if self.mirror.shed.get(&index) == Some(&rate) {
             return Ok(());

@@ -130,7 +130,6 @@ impl DataPlane {
         Ok(prefixes.len())
     }
 
-    /// Sets a bucket's new-flow limit (0: none), keeping its running window when unchanged.
     pub fn reset_service_traffic(&mut self, id: u32) -> Result<()> {
         let zeros = zeroed_per_cpu()?;
         self.service_stats.set(id, zeros, 0).map_err(Error::dataplane)

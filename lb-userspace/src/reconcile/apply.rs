@@ -93,11 +93,7 @@ impl Reconciler {
     /// Pool slots the rebuilt tables need beyond what they free (checked before touching maps).
     /// The tables other services keep for second chance count as room: they give it up.
     fn check_pool(&self, plan: &Plan) -> Result<()> {
-        let need: u64 = plan
-            .rebuild
-            .iter()
-            .map(|(_, input)| region_len(input) as u64)
-            .sum();
+        let need = pool_need(&plan.rebuild);
         let held: u64 = self
             .assignments
             .services
@@ -118,7 +114,7 @@ impl Reconciler {
     /// tables fall short: other services give up their previous tables (second chance), the
     /// largest first, each value rewritten before its region is released.
     fn make_room(&mut self, dp: &mut DataPlane, rebuild: &[(String, TableInput)]) -> Result<()> {
-        let need: u64 = rebuild.iter().map(|(_, input)| region_len(input) as u64).sum();
+        let need = pool_need(rebuild);
         let rebuilt: BTreeSet<&str> = rebuild.iter().map(|(name, _)| name.as_str()).collect();
         let own: u64 = rebuilt
             .iter()
@@ -635,6 +631,11 @@ fn forget_previous(dp: &mut DataPlane, key: &ServiceKey) -> Result<()> {
         dp.set_fragment(fkey, v)?;
     }
     Ok(())
+}
+
+/// The pool slots the rebuilt tables take, at most.
+fn pool_need(rebuild: &[(String, TableInput)]) -> u64 {
+    rebuild.iter().map(|(_, input)| region_len(input) as u64).sum()
 }
 
 /// The pool slots `build` fills for these inputs, at most (none without members).

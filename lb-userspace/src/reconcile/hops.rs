@@ -33,30 +33,13 @@ pub async fn resolve_missing(
         .filter(|(a, _)| !known.contains_key(a))
         .map(|(a, l2)| (*a, *l2))
         .collect();
-    // Routed backends in one batch (their interfaces looked up once), L2 ones each alone.
-    let routed: Vec<IpAddr> = missing.iter().filter(|(_, l2)| !l2).map(|(a, _)| *a).collect();
-    let mut routed_hops = resolver.route_hops(&routed).await.into_iter();
-    let l2 = join_all(
-        missing
-            .iter()
-            .filter(|(_, l2)| *l2)
-            .map(|&(a, _)| resolver.resolve(a, RESOLVE_TIMEOUT)),
-    )
-    .await;
-    let mut l2 = l2.into_iter();
-    let results: Vec<_> = missing
-        .iter()
-        .map(|(_, is_l2)| {
-            let next = if *is_l2 { l2.next() } else { routed_hops.next() };
-            next.expect("one result per address")
-        })
-        .collect();
+    let results = hops_of(resolver, &missing, |a| resolver.resolve(a, RESOLVE_TIMEOUT)).await;
     let mut found = HashMap::new();
     let mut warnings = Vec::new();
-    for ((addr, _), result) in missing.iter().zip(results) {
+    for (addr, result) in results {
         match result {
             Ok(hop) => {
-                found.insert(*addr, hop);
+                found.insert(addr, hop);
             }
             Err(e @ ResolveError::Unresolved { .. }) => warnings.push(format!(
                 "{e}; the backend stays out of the tables until it resolves"
@@ -65,6 +48,31 @@ pub async fn resolve_missing(
         }
     }
     Ok((found, warnings))
+}
+
+/// Each address's next hop, in the order given: routed ones (`false`) in one batch, each
+/// egress interface looked up once (`Resolver::route_hops`), on-link ones (`true`) each by
+/// `on_link`, concurrently.
+async fn hops_of<F, Fut>(
+    resolver: &Resolver,
+    addrs: &[(IpAddr, bool)],
+    on_link: F,
+) -> Vec<(IpAddr, std::result::Result<NextHop, ResolveError>)>
+where
+    F: Fn(IpAddr) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<NextHop, ResolveError>>,
+{
+    let routed: Vec<IpAddr> = addrs.iter().filter(|(_, l2)| !l2).map(|(a, _)| *a).collect();
+    let mut routed = resolver.route_hops(&routed).await.into_iter();
+    let l2 = join_all(addrs.iter().filter(|(_, l2)| *l2).map(|&(a, _)| on_link(a))).await;
+    let mut l2 = l2.into_iter();
+    addrs
+        .iter()
+        .map(|&(a, is_l2)| {
+            let r = if is_l2 { l2.next() } else { routed.next() };
+            (a, r.expect("one result per address"))
+        })
+        .collect()
 }
 
 /// Re-reads every backend's next hop; a change (or a backend resolving late) goes to the
@@ -82,22 +90,14 @@ pub async fn refresh(
         let snap = snapshot.borrow().clone();
         let wanted = backend_addresses(&snap.services);
         let resolver = &resolver;
-        let routed: Vec<IpAddr> = wanted.iter().filter(|(_, l2)| !**l2).map(|(a, _)| *a).collect();
-        let mut results: Vec<(IpAddr, _)> = routed
-            .iter()
-            .copied()
-            .zip(resolver.route_hops(&routed).await)
-            .collect();
-        results.extend(
-            join_all(wanted.iter().filter(|(_, l2)| **l2).map(|(&a, _)| async move {
-                let r = match resolver.lookup(a).await {
-                    Ok(hop) => Ok(hop),
-                    Err(_) => resolver.resolve(a, Duration::from_millis(200)).await,
-                };
-                (a, r)
-            }))
-            .await,
-        );
+        let wanted: Vec<(IpAddr, bool)> = wanted.into_iter().collect();
+        let results = hops_of(resolver, &wanted, |a| async move {
+            match resolver.lookup(a).await {
+                Ok(hop) => Ok(hop),
+                Err(_) => resolver.resolve(a, Duration::from_millis(200)).await,
+            }
+        })
+        .await;
         let mut changes = Vec::new();
         for (addr, r) in results {
             let now = r.as_ref().ok();
