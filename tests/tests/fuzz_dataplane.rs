@@ -36,7 +36,7 @@ use lb_tests::{
     packets::{
         BACKEND4, BACKEND6, CLIENT_MAC, CLIENT4, CLIENT6, ENCAP_SRC4, ENCAP_SRC6, LB_MAC, NAT_B4, NAT_B6,
         ROUTER_MAC, SNAT4, SNAT6, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, checksum, eth,
-        fix_ipv4_checksum, fix_l4_checksum, ipv4, ipv6, pseudo_checksum, tcp, udp, words,
+        fix_ipv4_checksum, fix_l4_checksum, ipv4, ipv6, lo_backend, pseudo_checksum, tcp, udp, words,
     },
     topology::{ipip_routes, loaded_lb, run_lb},
 };
@@ -129,19 +129,9 @@ impl Dp {
             // Slot 1 the IPv4 backend, slot 2 the IPv6 one (the v6 services' table at offset
             // TABLE), both on lo (test_run's ingress): forwarding is XDP_TX.
             for (slot, addr) in [(1u32, &NAT_B4[..]), (2, &NAT_B6[..])] {
-                let mut a = [0u8; 16];
-                a[..addr.len()].copy_from_slice(addr);
-                let b = Backend {
-                    addr: a,
-                    family: if addr.len() == 4 { 4 } else { 6 },
-                    flags: BACKEND_F_ACTIVE,
-                    port: NAT_PORT.to_be(),
-                    generation: 1,
-                    ifindex: 1,
-                    dst_mac: B1_MAC,
-                    src_mac: LB_MAC,
-                };
-                backends.set(slot, b, 0).expect("backend");
+                backends
+                    .set(slot, lo_backend(addr, NAT_PORT, 1, B1_MAC), 0)
+                    .expect("backend");
             }
             pool.write(TABLE, &[2; TABLE as usize]).expect("pool");
             let mut config: Array<MapData, DataPlaneConfig> =

@@ -17,7 +17,7 @@ use lb_tests::{
     packets::{
         BACKEND4, BACKEND6, CLIENT_MAC, CLIENT4, CLIENT6, ENCAP_SRC4, ENCAP_SRC6, LB_MAC, NAT_B4, NAT_B6,
         ROUTER_MAC, SNAT4, SNAT6, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, eth, fix_l4_checksum,
-        ipv4, ipv6, tcp, udp, words,
+        ipv4, ipv6, lo_backend, tcp, udp, words,
     },
     topology::{ipip_routes, load_object, loaded_lb, run_lb, run_xdp},
 };
@@ -1228,18 +1228,7 @@ const FIN_ACK: u8 = 0x11;
 
 impl Dp {
     fn nat_backend(&mut self, slot: u32, addr: &[u8], generation: u32) {
-        let mut a = [0u8; 16];
-        a[..addr.len()].copy_from_slice(addr);
-        let b = Backend {
-            addr: a,
-            family: if addr.len() == 4 { 4 } else { 6 },
-            flags: BACKEND_F_ACTIVE,
-            port: NAT_BACKEND_PORT.to_be(),
-            generation,
-            ifindex: 1,
-            dst_mac: B1_MAC,
-            src_mac: LB_MAC,
-        };
+        let b = lo_backend(addr, NAT_BACKEND_PORT, generation, B1_MAC);
         self.backends.set(slot, b, 0).expect("set backend");
     }
 
