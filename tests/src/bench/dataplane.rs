@@ -134,6 +134,58 @@ struct Case {
     target_ns: Option<f64>,
 }
 
+impl Case {
+    /// A case of ours: `frame` through the wrapper into the balancer, arriving on loopback, the
+    /// same frame every iteration; each run must end in `verdict` and move `counters` (and no
+    /// other) by its repeat count.
+    fn ours(name: &'static str, frame: Vec<u8>, verdict: u32, counters: &'static [Counter]) -> Self {
+        Self {
+            name,
+            ingress: Ingress::Lo,
+            guarded: false,
+            unwrapped: false,
+            frame,
+            setup: None,
+            target: BENCH_TARGET_LB,
+            vary_offset: 0,
+            verdict,
+            check: Check::Ours(counters),
+            target_ns: None,
+        }
+    }
+
+    /// Arriving on the router's interface (`Ingress::Router`).
+    fn on_router(self) -> Self {
+        Self {
+            ingress: Ingress::Router,
+            ..self
+        }
+    }
+
+    /// Every iteration a new flow: the wrapper stamps a sequence number as the source address.
+    fn new_flows(self) -> Self {
+        Self {
+            vary_offset: IPV4_SRC,
+            ..self
+        }
+    }
+
+    fn target_ns(self, ns: f64) -> Self {
+        Self {
+            target_ns: Some(ns),
+            ..self
+        }
+    }
+
+    /// Sent once before each warm-up (a NAT connection's SYN).
+    fn setup(self, frame: Vec<u8>) -> Self {
+        Self {
+            setup: Some(frame),
+            ..self
+        }
+    }
+}
+
 /// Where a case's frame arrives.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Ingress {
@@ -180,225 +232,88 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
     let v6 = |proto, l4: Vec<u8>| [eth(LB_MAC, CLIENT_MAC, 0x86dd), ipv6(proto, CLIENT6, VIP6, &l4)].concat();
     let payload = [0x5au8; 18];
     let hit: &[Counter] = &[Counter::ConntrackHit, Counter::Tx];
+    let syn4 = |port| v4(PROTO_TCP, tcp(40000, port, TCP_SYN), VIP4);
+    let ack4 = |port| v4(PROTO_TCP, tcp(40000, port, TCP_ACK), VIP4);
+    let ours = |name, frame, verdict, counters| Case::ours(name, frame, verdict, counters);
+    let miss: &[Counter] = &[Counter::ConntrackMiss, Counter::Tx];
     let mut ours = vec![
         Case {
-            guarded: false,
             unwrapped: true,
-            ingress: Ingress::Lo,
-            name: "floor_unwrapped",
-            frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), VIP4),
-            setup: None,
             target: BENCH_TARGET_FLOOR,
-            vary_offset: 0,
-            verdict: XDP_TX,
-            check: Check::Ours(&[]),
-            target_ns: None,
+            ..ours("floor_unwrapped", ack4(80), XDP_TX, &[])
         },
         Case {
-            guarded: false,
-            unwrapped: false,
-            ingress: Ingress::Lo,
-            name: "floor",
-            frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), VIP4),
-            setup: None,
             target: BENCH_TARGET_FLOOR,
-            vary_offset: 0,
-            verdict: XDP_TX,
-            check: Check::Ours(&[]),
-            target_ns: None,
+            ..ours("floor", ack4(80), XDP_TX, &[])
         },
-        Case {
-            guarded: false,
-            unwrapped: false,
-            ingress: Ingress::Lo,
-            name: "tcp4_syn",
-            frame: v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), VIP4),
-            setup: None,
-            target: BENCH_TARGET_LB,
-            vary_offset: IPV4_SRC,
-            verdict: XDP_TX,
-            check: Check::Ours(&[Counter::ConntrackMiss, Counter::Tx]),
-            target_ns: Some(100.0),
-        },
+        ours("tcp4_syn", syn4(80), XDP_TX, miss)
+            .new_flows()
+            .target_ns(100.0),
         Case {
             guarded: true,
-            unwrapped: false,
-            ingress: Ingress::Lo,
-            name: "tcp4_syn_guarded",
-            frame: v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), VIP4),
-            setup: None,
-            target: BENCH_TARGET_LB,
-            vary_offset: IPV4_SRC,
-            verdict: XDP_TX,
-            check: Check::Ours(&[
-                Counter::ConntrackMiss,
-                Counter::ConntrackFloodSkipped,
-                Counter::Tx,
-            ]),
-            target_ns: None,
+            ..ours(
+                "tcp4_syn_guarded",
+                syn4(80),
+                XDP_TX,
+                &[
+                    Counter::ConntrackMiss,
+                    Counter::ConntrackFloodSkipped,
+                    Counter::Tx,
+                ],
+            )
+            .new_flows()
         },
-        Case {
-            guarded: false,
-            unwrapped: false,
-            ingress: Ingress::Lo,
-            name: "tcp4_established",
-            frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), VIP4),
-            setup: None,
-            target: BENCH_TARGET_LB,
-            vary_offset: 0,
-            verdict: XDP_TX,
-            check: Check::Ours(hit),
-            target_ns: Some(45.0),
-        },
-        Case {
-            guarded: false,
-            unwrapped: false,
-            ingress: Ingress::Lo,
-            name: "udp4",
-            frame: v4(PROTO_UDP, udp(40000, 53, &payload), VIP4),
-            setup: None,
-            target: BENCH_TARGET_LB,
-            vary_offset: 0,
-            verdict: XDP_TX,
-            check: Check::Ours(hit),
-            target_ns: Some(50.0),
-        },
-        Case {
-            guarded: false,
-            unwrapped: false,
-            ingress: Ingress::Lo,
-            name: "tcp6_established",
-            frame: v6(PROTO_TCP, tcp(40000, 80, TCP_ACK)),
-            setup: None,
-            target: BENCH_TARGET_LB,
-            vary_offset: 0,
-            verdict: XDP_TX,
-            check: Check::Ours(hit),
-            target_ns: None,
-        },
-        Case {
-            guarded: false,
-            unwrapped: false,
-            ingress: Ingress::Lo,
-            name: "udp6",
-            frame: v6(PROTO_UDP, udp(40000, 53, &payload)),
-            setup: None,
-            target: BENCH_TARGET_LB,
-            vary_offset: 0,
-            verdict: XDP_TX,
-            check: Check::Ours(hit),
-            target_ns: None,
-        },
-        Case {
-            guarded: false,
-            unwrapped: false,
-            ingress: Ingress::Router,
-            name: "tcp4_established_ipip",
-            frame: v4(PROTO_TCP, tcp(40000, IPIP_PORT, TCP_ACK), VIP4),
-            setup: None,
-            target: BENCH_TARGET_LB,
-            vary_offset: 0,
-            verdict: XDP_TX,
-            check: Check::Ours(&[Counter::ConntrackHit, Counter::Tx]),
-            target_ns: None,
-        },
-        Case {
-            guarded: false,
-            unwrapped: false,
-            ingress: Ingress::Lo,
-            name: "tcp4_established_ipip_redirect",
-            frame: v4(PROTO_TCP, tcp(40000, IPIP_PORT, TCP_ACK), VIP4),
-            setup: None,
-            target: BENCH_TARGET_LB,
-            vary_offset: 0,
-            verdict: XDP_REDIRECT,
-            check: Check::Ours(&[Counter::ConntrackHit, Counter::Redirect]),
-            target_ns: None,
-        },
-        Case {
-            guarded: false,
-            unwrapped: false,
-            ingress: Ingress::Router,
-            name: "tcp4_syn_ipip",
-            frame: v4(PROTO_TCP, tcp(40000, IPIP_PORT, TCP_SYN), VIP4),
-            setup: None,
-            target: BENCH_TARGET_LB,
-            vary_offset: IPV4_SRC,
-            verdict: XDP_TX,
-            check: Check::Ours(&[Counter::ConntrackMiss, Counter::Tx]),
-            target_ns: None,
-        },
-        Case {
-            guarded: false,
-            unwrapped: false,
-            ingress: Ingress::Router,
-            name: "tcp6_established_ipip",
-            frame: v6(PROTO_TCP, tcp(40000, IPIP_PORT, TCP_ACK)),
-            setup: None,
-            target: BENCH_TARGET_LB,
-            vary_offset: 0,
-            verdict: XDP_TX,
-            check: Check::Ours(&[Counter::ConntrackHit, Counter::Tx]),
-            target_ns: None,
-        },
-        Case {
-            guarded: false,
-            unwrapped: false,
-            ingress: Ingress::Router,
-            name: "tcp4_established_gue",
-            frame: v4(PROTO_TCP, tcp(40000, GUE_SERVICE_PORT, TCP_ACK), VIP4),
-            setup: None,
-            target: BENCH_TARGET_LB,
-            vary_offset: 0,
-            verdict: XDP_TX,
-            check: Check::Ours(&[Counter::ConntrackHit, Counter::Tx]),
-            target_ns: None,
-        },
-        Case {
-            guarded: false,
-            unwrapped: false,
-            ingress: Ingress::Router,
-            name: "tcp6_established_gue",
-            frame: v6(PROTO_TCP, tcp(40000, GUE_SERVICE_PORT, TCP_ACK)),
-            setup: None,
-            target: BENCH_TARGET_LB,
-            vary_offset: 0,
-            verdict: XDP_TX,
-            check: Check::Ours(&[Counter::ConntrackHit, Counter::Tx]),
-            target_ns: None,
-        },
-        Case {
-            guarded: false,
-            unwrapped: false,
-            ingress: Ingress::Lo,
-            name: "nonvip_pass",
-            frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), OTHER4),
-            setup: None,
-            target: BENCH_TARGET_LB,
-            vary_offset: 0,
-            verdict: XDP_PASS,
-            check: Check::Ours(&[Counter::PassNotVip]),
-            target_ns: Some(15.0),
-        },
-        Case {
-            guarded: false,
-            unwrapped: false,
-            ingress: Ingress::Lo,
-            name: "tcp4_established_nat",
-            frame: v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), NAT_VIP4),
-            setup: Some(v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), NAT_VIP4)),
-            target: BENCH_TARGET_LB,
-            vary_offset: 0,
-            verdict: XDP_TX,
-            check: Check::Ours(&[Counter::Tx]),
-            target_ns: None,
-        },
-        Case {
-            guarded: false,
-            unwrapped: false,
-            ingress: Ingress::Lo,
-            name: "tcp4_nat_reply",
-            frame: [
+        ours("tcp4_established", ack4(80), XDP_TX, hit).target_ns(45.0),
+        ours("udp4", v4(PROTO_UDP, udp(40000, 53, &payload), VIP4), XDP_TX, hit).target_ns(50.0),
+        ours(
+            "tcp6_established",
+            v6(PROTO_TCP, tcp(40000, 80, TCP_ACK)),
+            XDP_TX,
+            hit,
+        ),
+        ours("udp6", v6(PROTO_UDP, udp(40000, 53, &payload)), XDP_TX, hit),
+        ours("tcp4_established_ipip", ack4(IPIP_PORT), XDP_TX, hit).on_router(),
+        ours(
+            "tcp4_established_ipip_redirect",
+            ack4(IPIP_PORT),
+            XDP_REDIRECT,
+            &[Counter::ConntrackHit, Counter::Redirect],
+        ),
+        ours("tcp4_syn_ipip", syn4(IPIP_PORT), XDP_TX, miss)
+            .new_flows()
+            .on_router(),
+        ours(
+            "tcp6_established_ipip",
+            v6(PROTO_TCP, tcp(40000, IPIP_PORT, TCP_ACK)),
+            XDP_TX,
+            hit,
+        )
+        .on_router(),
+        ours("tcp4_established_gue", ack4(GUE_SERVICE_PORT), XDP_TX, hit).on_router(),
+        ours(
+            "tcp6_established_gue",
+            v6(PROTO_TCP, tcp(40000, GUE_SERVICE_PORT, TCP_ACK)),
+            XDP_TX,
+            hit,
+        )
+        .on_router(),
+        ours(
+            "nonvip_pass",
+            v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), OTHER4),
+            XDP_PASS,
+            &[Counter::PassNotVip],
+        )
+        .target_ns(15.0),
+        ours(
+            "tcp4_established_nat",
+            v4(PROTO_TCP, tcp(40000, 80, TCP_ACK), NAT_VIP4),
+            XDP_TX,
+            &[Counter::Tx],
+        )
+        .setup(v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), NAT_VIP4)),
+        ours(
+            "tcp4_nat_reply",
+            [
                 eth(LB_MAC, NAT_BACKEND_MAC, 0x0800),
                 ipv4(
                     PROTO_TCP,
@@ -408,13 +323,10 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
                 ),
             ]
             .concat(),
-            setup: Some(v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), NAT_VIP4)),
-            target: BENCH_TARGET_LB,
-            vary_offset: 0,
-            verdict: XDP_TX,
-            check: Check::Ours(&[Counter::NatReply, Counter::Tx]),
-            target_ns: None,
-        },
+            XDP_TX,
+            &[Counter::NatReply, Counter::Tx],
+        )
+        .setup(v4(PROTO_TCP, tcp(40000, 80, TCP_SYN), NAT_VIP4)),
     ];
     // Each strategy's new-flow and established cost, on the same frames as tcp4_syn and
     // tcp4_established but for its own port; geo's after theirs.
@@ -424,73 +336,40 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
         .map(|(k, (_, syn, established))| (STRATEGY_PORT + k as u16, *syn, *established))
         .chain([(GEO_PORT, "tcp4_syn_geo", "tcp4_established_geo")]);
     for (port, syn, established) in ports {
-        for (name, flags, vary_offset, check) in [
-            (syn, TCP_SYN, IPV4_SRC, &[Counter::ConntrackMiss, Counter::Tx][..]),
-            (established, TCP_ACK, 0, hit),
-        ] {
-            ours.push(Case {
-                guarded: false,
-                unwrapped: false,
-                ingress: Ingress::Lo,
-                name,
-                frame: v4(PROTO_TCP, tcp(40000, port, flags), VIP4),
-                setup: None,
-                target: BENCH_TARGET_LB,
-                vary_offset,
-                verdict: XDP_TX,
-                check: Check::Ours(check),
-                target_ns: None,
-            });
-        }
+        ours.push(Case::ours(syn, syn4(port), XDP_TX, miss).new_flows());
+        ours.push(Case::ours(established, ack4(port), XDP_TX, hit));
     }
     if scale {
         // The middle VIP of the 1,024, on the daemon's program and maps.
         let at = scale::VIPS / 2;
-        for (name, flags, vary_offset, counters) in [
-            (
+        let on_scale = |case: Case, counters| Case {
+            target: BENCH_TARGET_SCALE,
+            check: Check::Scale(counters),
+            ..case.on_router()
+        };
+        ours.push(on_scale(
+            Case::ours(
                 "scale_tcp4_established_ipip",
-                TCP_ACK,
-                0,
-                &[Counter::ConntrackHit, Counter::Tx][..],
+                scale::frame(at, TCP_ACK),
+                XDP_TX,
+                &[],
             ),
-            (
-                "scale_tcp4_syn_ipip",
-                TCP_SYN,
-                IPV4_SRC,
-                &[Counter::ConntrackMiss, Counter::Tx][..],
-            ),
-        ] {
-            ours.push(Case {
-                guarded: false,
-                unwrapped: false,
-                ingress: Ingress::Router,
-                name,
-                frame: scale::frame(at, flags),
-                setup: None,
-                target: BENCH_TARGET_SCALE,
-                vary_offset,
-                verdict: XDP_TX,
-                check: Check::Scale(counters),
-                target_ns: None,
-            });
-        }
+            hit,
+        ));
+        ours.push(on_scale(
+            Case::ours("scale_tcp4_syn_ipip", scale::frame(at, TCP_SYN), XDP_TX, &[]).new_flows(),
+            miss,
+        ));
     }
     if !katran {
         return ours;
     }
     // Katran, on the same frames: its VIPs are ours (TCP 80, UDP 53 on VIP4 and VIP6).
     let k = |name, frame, target, vary_offset, verdict, path| Case {
-        guarded: false,
-        unwrapped: false,
-        ingress: Ingress::Lo,
-        name,
-        frame,
-        setup: None,
         target,
         vary_offset,
-        verdict,
         check: Check::Katran(path),
-        target_ns: None,
+        ..Case::ours(name, frame, verdict, &[])
     };
     let established = KatranPath::Established;
     ours.extend([
