@@ -93,9 +93,13 @@ pub const DEFAULT_NAT_SIZE: u32 = 262144;
 /// Room for 288 tables of the default size (36 MiB): 256 services, and spare regions that the
 /// swaps share (each swap needs one; the tables a swap replaced keep serving second chance
 /// while there is room, and give it back when another swap needs it).
-pub const DEFAULT_POOL_SLOTS: u32 = 288 * DEFAULT_TABLE_SIZE;
+pub const DEFAULT_POOL_SLOTS: u32 = 288 * pool_region(DEFAULT_TABLE_SIZE);
 /// Pool slots per array element: four 16-bit slots in an 8-byte value.
 pub const POOL_LANES: u32 = 4;
+/// The pool slots a table of `size` takes: whole elements (every region starts at one).
+pub const fn pool_region(size: u32) -> u32 {
+    size.div_ceil(POOL_LANES) * POOL_LANES
+}
 const _: () = assert!(DEFAULT_POOL_SLOTS.is_multiple_of(POOL_LANES));
 /// A backend slot fits the pool's 16-bit entries, with `u16::MAX` to spare.
 const _: () = assert!(MAX_BACKENDS < u16::MAX as u32);

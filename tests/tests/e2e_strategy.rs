@@ -336,7 +336,7 @@ fn swaps_share_the_spare_room_of_the_pool() {
     // table it replaced stays for second chance until another service's swap needs the room.
     let mut topo = Topology::new(3).expect("topology");
     let (instance, run_dir) = Daemon::new_paths();
-    let region = lb_common::maps::DEFAULT_TABLE_SIZE.next_multiple_of(lb_common::maps::POOL_LANES);
+    let region = lb_common::maps::pool_region(lb_common::maps::DEFAULT_TABLE_SIZE);
     let config = topo.config(&instance, &run_dir, &["b1", "b2", "b3"]).replace(
         "table_pool_slots = 1048576",
         &format!("table_pool_slots = {}", 5 * region),

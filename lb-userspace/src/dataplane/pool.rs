@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, sync::atomic};
 
 use aya::maps::MapData;
-use lb_common::maps::POOL_LANES;
+use lb_common::maps::{POOL_LANES, pool_region};
 
 use crate::error::{Error, Result};
 
@@ -86,11 +86,6 @@ pub struct RegionAllocator {
     capacity: u32,
 }
 
-/// A region's length in the allocator: whole elements.
-fn rounded(len: u32) -> u32 {
-    len.div_ceil(POOL_LANES) * POOL_LANES
-}
-
 impl RegionAllocator {
     pub fn new(capacity: u32) -> Self {
         let capacity = capacity / POOL_LANES * POOL_LANES;
@@ -120,7 +115,7 @@ impl RegionAllocator {
 
     /// A free region of `len` slots, from what is past its grace period.
     pub fn alloc(&mut self, len: u32) -> Option<u32> {
-        let len = rounded(len);
+        let len = pool_region(len);
         let (&offset, &run) = self.free.iter().find(|&(_, &run)| run >= len)?;
         self.free.remove(&offset);
         if run > len {
@@ -147,7 +142,7 @@ impl RegionAllocator {
 
     /// Marks a region as used (adopting tables found in the maps). False if it is not free.
     pub fn reserve(&mut self, offset: u32, len: u32) -> bool {
-        let len = rounded(len);
+        let len = pool_region(len);
         if !offset.is_multiple_of(POOL_LANES) {
             return false;
         }
@@ -169,7 +164,7 @@ impl RegionAllocator {
 
     /// A region no service value names any more: free after the next grace period.
     pub fn release(&mut self, offset: u32, len: u32) {
-        self.cooling.push((offset, rounded(len)));
+        self.cooling.push((offset, pool_region(len)));
     }
 
     fn give_back(&mut self, offset: u32, len: u32) {

@@ -97,7 +97,11 @@ pub fn table_swap(runs: usize) -> Result<(f64, Vec<f64>)> {
         Map::Array(data) => Pool::new(data)?,
         _ => bail!("MAGLEV_POOL is not an array"),
     };
-    ensure!(pool.slots() >= 2 * M, "pool has only {} slots", pool.slots());
+    ensure!(
+        pool.slots() >= maps::pool_region(M) + M,
+        "pool has only {} slots",
+        pool.slots()
+    );
     let ids = ids(100);
     let members: Vec<_> = ids.iter().map(|id| MaglevBackend { id, weight: 100 }).collect();
     let table: Vec<u16> = build_table(&members, M).iter().map(|&i| i as u16 + 1).collect();
@@ -109,7 +113,7 @@ pub fn table_swap(runs: usize) -> Result<(f64, Vec<f64>)> {
     );
     let mut times = Vec::with_capacity(runs);
     for run in 0..runs {
-        let offset = (run as u32 % 2) * M.next_multiple_of(lb_common::maps::POOL_LANES);
+        let offset = (run as u32 % 2) * maps::pool_region(M);
         let t = Instant::now();
         pool.write(offset, &table)?;
         let value = ServiceValue {
@@ -160,7 +164,7 @@ pub fn daemon_rss(services: u32, per_service: u32) -> Result<Rss> {
          conntrack_size = 65536\ntable_pool_slots = {}\nneighbour_refresh_ms = 1000\n",
         run_dir.display(),
         // A table per service and one spare for swaps, in whole pool elements.
-        (services + 1) * 65537u32.next_multiple_of(maps::POOL_LANES)
+        (services + 1) * maps::pool_region(65537)
     );
     for s in 0..services {
         config.push_str(&format!(

@@ -52,7 +52,7 @@ use crate::{
 pub const BACKENDS: u32 = 100;
 pub const TABLE_SIZE: u32 = 65537;
 /// Pool regions' stride: a table rounded up to whole pool elements, as the daemon allocates.
-const REGION: u32 = TABLE_SIZE.next_multiple_of(lb_common::maps::POOL_LANES);
+const REGION: u32 = lb_common::maps::pool_region(TABLE_SIZE);
 
 const GUE_PORT: u16 = lb_userspace::config::DEFAULT_GUE_PORT;
 /// The GUE services' port (same routed backends as IPIP).

@@ -119,7 +119,7 @@ impl Scale {
             "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"lbt-e\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\n\
              conntrack_size = {CONNTRACK}\ntable_pool_slots = {}\nflood_guard_per_cpu = 0\nneighbour_refresh_ms = 1000\n",
             run_dir.display(),
-            POOL_TABLES * maps::DEFAULT_TABLE_SIZE.next_multiple_of(maps::POOL_LANES),
+            POOL_TABLES * maps::pool_region(maps::DEFAULT_TABLE_SIZE),
         );
         for i in 0..VIPS {
             let [a, b, c, d] = vip(i);
