@@ -103,8 +103,13 @@ fn build(backends: &[MaglevBackend<'_>], m: u32, tail: bool) -> Vec<u32> {
         // Equal weights: every turn time is `taken / w`, so the turn order below is rounds in
         // rank order, each rank taking one turn per round until its quota is spent. The same
         // order without the heap.
+        // The rounds every lane takes part in run without the quota test.
         let rounds = lanes.iter().map(|l| l.quota).max().unwrap_or(0);
-        for round in 0..rounds {
+        let full = lanes.iter().map(|l| l.quota).min().unwrap_or(0);
+        for _ in 0..full {
+            lanes.iter_mut().for_each(&mut claim);
+        }
+        for round in full..rounds {
             for lane in lanes.iter_mut().filter(|l| l.quota > round) {
                 claim(lane);
             }
@@ -206,37 +211,45 @@ impl Fill {
         }
     }
 
+    /// A turn in the tail: the nearest free slot along the lane's walk, by search. Kept out of
+    /// line so that the probe loop, run for almost every turn, inlines into the turn loop.
+    #[inline(never)]
+    fn claim_tail(&mut self, lane: &mut Lane) {
+        let m = self.m;
+        let free = self.tail.get_or_insert_with(|| {
+            (0..m as u32)
+                .filter(|&s| self.taken[s as usize / 64] & (1 << (s % 64)) == 0)
+                .collect()
+        });
+        if lane.inverse == 0 {
+            lane.inverse = inverse(lane.skip, m);
+        }
+        let (mut best, mut at) = (u64::MAX, 0);
+        let (pos, inverse, mu) = (lane.pos, lane.inverse, self.mu);
+        for (i, &s) in free.iter().enumerate() {
+            let mut d = u64::from(s) + m - pos;
+            if d >= m {
+                d -= m;
+            }
+            let steps = mod_by(d * inverse, m, mu);
+            if steps < best {
+                (best, at) = (steps, i);
+            }
+        }
+        let slot = free.swap_remove(at) as u64;
+        self.table[slot as usize] = lane.index;
+        self.free -= 1;
+        lane.pos = (slot + lane.skip) % m;
+    }
+
     // Every turn fills exactly one slot and the quotas sum to `m`, so a free slot exists at
     // each turn; a prime `m` and `1 <= skip < m` make the walk visit every slot, so the probe
     // loop ends, and make `skip` invertible mod m.
+    #[inline(always)]
     fn claim(&mut self, lane: &mut Lane) {
         let m = self.m;
         if self.free <= self.tail_at {
-            let free = self.tail.get_or_insert_with(|| {
-                (0..m as u32)
-                    .filter(|&s| self.taken[s as usize / 64] & (1 << (s % 64)) == 0)
-                    .collect()
-            });
-            if lane.inverse == 0 {
-                lane.inverse = inverse(lane.skip, m);
-            }
-            let (mut best, mut at) = (u64::MAX, 0);
-            let (pos, inverse, mu) = (lane.pos, lane.inverse, self.mu);
-            for (i, &s) in free.iter().enumerate() {
-                let mut d = u64::from(s) + m - pos;
-                if d >= m {
-                    d -= m;
-                }
-                let steps = mod_by(d * inverse, m, mu);
-                if steps < best {
-                    (best, at) = (steps, i);
-                }
-            }
-            let slot = free.swap_remove(at) as u64;
-            self.table[slot as usize] = lane.index;
-            self.free -= 1;
-            lane.pos = (slot + lane.skip) % m;
-            return;
+            return self.claim_tail(lane);
         }
         loop {
             let slot = lane.pos as usize;
