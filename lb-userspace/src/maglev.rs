@@ -103,8 +103,8 @@ fn build(backends: &[MaglevBackend<'_>], m: u32, tail: bool) -> Vec<u32> {
         // Equal weights: every turn time is `taken / w`, so the turn order below is rounds in
         // rank order, each rank taking one turn per round until its quota is spent. The same
         // order without the heap.
-        // The rounds every lane takes part in run without the quota test.
         let rounds = lanes.iter().map(|l| l.quota).max().unwrap_or(0);
+        // The rounds every lane takes part in run without the quota test.
         let full = lanes.iter().map(|l| l.quota).min().unwrap_or(0);
         for _ in 0..full {
             lanes.iter_mut().for_each(&mut claim);
