@@ -58,8 +58,9 @@ pub fn build_table(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
     build(backends, m, true)
 }
 
-/// As `build_table`, probing every turn to the end (no tail search): the reference the tail
-/// search is checked and benchmarked against. The same table, slot for slot.
+/// As `build_table`, probing one slot at a time every turn to the end (no two-walk dense phase,
+/// no tail search): the reference both are checked and benchmarked against. The same table,
+/// slot for slot.
 pub fn build_table_probing(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
     build(backends, m, false)
 }
