@@ -65,7 +65,7 @@ pub fn build_table_probing(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
     build(backends, m, false)
 }
 
-fn build(backends: &[MaglevBackend<'_>], m: u32, tail: bool) -> Vec<u32> {
+fn build(backends: &[MaglevBackend<'_>], m: u32, fast: bool) -> Vec<u32> {
     // `EMPTY` must not be a valid index.
     if m > MAX_TABLE_SIZE || !is_prime(m) || backends.len() >= EMPTY as usize {
         return Vec::new();
@@ -101,7 +101,7 @@ fn build(backends: &[MaglevBackend<'_>], m: u32, tail: bool) -> Vec<u32> {
         })
         .collect();
 
-    let mut fill = Fill::new(m, tail);
+    let mut fill = Fill::new(m, fast);
     // Every turn takes one slot, so the turns where each way of claiming starts are known.
     let (dense_from, tail_from) = (fill.sparse, fill.sparse + fill.dense);
     if weights.iter().all(|&w| w == weights[0]) {
@@ -216,16 +216,17 @@ struct Fill {
 }
 
 impl Fill {
-    fn new(m: u32, tail: bool) -> Self {
+    /// `fast`: with the two-walk dense phase and the tail search; without, the reference.
+    fn new(m: u32, fast: bool) -> Self {
         // One tail step costs about three late probes (which hit taken bits in L1): the search
         // pays off once m / free probes exceed 3 * free. (Measured flat from 1 to 3 times this
         // with the vector search.) At most 2365 for MAX_TABLE_SIZE, so free slots are
         // numbered below `KEY`.
-        let tail_at = if tail { (m / 3).isqrt() } else { 0 };
+        let tail_at = if fast { (m / 3).isqrt() } else { 0 };
         // Below 1/16 free, a turn takes 16 probes or more, whose branch predicts well; two walks
         // of double steps then halve the chain of dependent position updates (measured: 0.91 of
         // the time at M = 655373; one walk is faster while more is free, four no faster).
-        let sparse = if tail { (m - m / 16).min(m - tail_at) } else { m };
+        let sparse = if fast { (m - m / 16).min(m - tail_at) } else { m };
         Self {
             table: vec![EMPTY; m as usize],
             taken: vec![0u64; (m as usize).div_ceil(64)],
@@ -278,16 +279,9 @@ impl Fill {
         // The key is an integer below 2^41 and the slot below m: both casts are exact.
         let slot = free.swap_remove((key as u64 % KEY) as usize) as u32;
         self.table[slot as usize] = lane.index;
-        lane.pos = if slot >= lane.back {
-            slot - lane.back
-        } else {
-            slot + lane.skip
-        };
+        lane.pos = step(slot, lane.skip, lane.back);
     }
 
-    // Every turn fills exactly one slot and the quotas sum to `m`, so a free slot exists at
-    // each turn; a prime `m` and `1 <= skip < m` make the walk visit every slot, so the probe
-    // loop ends, and make `skip` invertible mod m.
     /// As `probe`, testing two slots a step: the walk's even and odd steps, each advancing by
     /// `2 * skip`, so neither position waits for the other. The first free one in walk order
     /// wins, as in `probe`.
@@ -296,12 +290,11 @@ impl Fill {
         use std::hint::select_unpredictable as pick;
         let (taken, table) = (&mut self.taken[..], &mut self.table[..]);
         let (skip, back) = (lane.skip, lane.back);
-        let step = |p: u32| pick(p >= back, p.wrapping_sub(back), p + skip);
         // 2 * skip mod m; nonzero for a prime m > 2 (for m = 2 there is no dense phase).
-        let skip2 = step(skip);
+        let skip2 = step(skip, skip, back);
         let back2 = self.m - skip2;
-        let step2 = |p: u32| pick(p >= back2, p.wrapping_sub(back2), p + skip2);
-        let (mut even, mut odd) = (lane.pos, step(lane.pos));
+        let step2 = |p: u32| step(p, skip2, back2);
+        let (mut even, mut odd) = (lane.pos, step(lane.pos, skip, back));
         loop {
             let even_free = taken[even as usize / 64] & (1 << (even % 64)) == 0;
             let odd_free = taken[odd as usize / 64] & (1 << (odd % 64)) == 0;
@@ -317,6 +310,10 @@ impl Fill {
         }
     }
 
+    // Every turn fills exactly one slot and the quotas sum to `m`, so a free slot exists at
+    // each turn; a prime `m` and `1 <= skip < m` make the walk visit every slot, so the probe
+    // loop ends, and make `skip` invertible mod m.
+    /// A turn by probing: the first free slot along the lane's walk, one slot a step.
     #[inline(always)]
     fn probe(&mut self, lane: &mut Lane) {
         let (taken, table) = (&mut self.taken[..], &mut self.table[..]);
@@ -324,8 +321,7 @@ impl Fill {
         let mut pos = lane.pos;
         loop {
             let slot = pos;
-            // Whether the walk wraps is a coin flip: a branch here would mispredict.
-            pos = std::hint::select_unpredictable(pos >= back, pos.wrapping_sub(back), pos + skip);
+            pos = step(pos, skip, back);
             let word = taken[slot as usize / 64];
             if word & (1 << (slot % 64)) == 0 {
                 taken[slot as usize / 64] = word | (1 << (slot % 64));
@@ -335,6 +331,13 @@ impl Fill {
             }
         }
     }
+}
+
+/// The slot after `pos` on a walk of `skip` (`back` = m - skip): `pos - back` or `pos + skip`,
+/// both computed from `pos`. Whether the walk wraps is a coin flip: a branch would mispredict.
+#[inline(always)]
+fn step(pos: u32, skip: u32, back: u32) -> u32 {
+    std::hint::select_unpredictable(pos >= back, pos.wrapping_sub(back), pos + skip)
 }
 
 /// A key packs a free slot's distance along the walk above its index in the free list.
