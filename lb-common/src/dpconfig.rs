@@ -21,8 +21,12 @@ pub struct DataPlaneConfig {
     /// Flood guard: new flows one CPU remembers per `FLOOD_WINDOW_NS`; past that, new flows
     /// still go by the Maglev table but are not inserted. 0: no guard.
     pub flood_limit: u32,
+    /// New NAT connections one source address may open per second (`NAT_SOURCE_WINDOW_NS`);
+    /// past that they are dropped and counted. 0: no limit.
+    pub nat_source_limit: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<DataPlaneConfig>() == 56);
+const _: () = assert!(core::mem::size_of::<DataPlaneConfig>() == 64);
 
 /// The flood guard's window.
 pub const FLOOD_WINDOW_NS: u64 = 100_000_000;

@@ -30,7 +30,10 @@ pub struct NatEntry {
     pub src_mac: [u8; 6],
     /// `NAT_F_*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// Forward entries (TCP): the acknowledgement number that completes the handshake, the
+    /// backend's SYN-ACK sequence number + 1 (host order). It is the high half of the 8-byte
+    /// word the flag atomics work on, and they keep it.
+    pub ack_expect: u32,
 }
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 80);
 
@@ -43,14 +46,30 @@ pub const NAT_F_SNAT: u32 = 2;
 pub const NAT_F_FIN_CLIENT: u32 = 4;
 pub const NAT_F_FIN_BACKEND: u32 = 8;
 pub const NAT_F_RST: u32 = 16;
-/// On the reply entry: a reply has passed, so the connection was answered (until then a TCP
-/// connection gets the short SYN timeout, so a SYN flood cannot hold the table).
+/// On both entries: a reply has passed, so the connection was answered.
 pub const NAT_F_ANSWERED: u32 = 32;
 /// On the forward entry: its service counts active flows (least connections, power of two,
 /// adaptive), and the connection is in its backend's count now. It leaves the count once,
 /// when it is closing (a RST, or a FIN each way), or when its entries are removed.
 pub const NAT_F_COUNTS: u32 = 64;
 pub const NAT_F_COUNTED: u32 = 128;
+/// On the forward entry (TCP): the client acknowledged the backend's SYN-ACK (its ACK carried
+/// `ack_expect`), so the handshake is complete. Until then a connection keeps the short SYN
+/// timeout, answered or not, so clients that never complete a handshake cannot hold the table
+/// or SNAT ports; a blind ACK with a guessed number does not count.
+pub const NAT_F_ESTABLISHED: u32 = 256;
+
+/// The per-source window of new NAT connections (`NAT_SOURCES`, keyed by `AddrKey`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct SourceWindow {
+    pub start_ns: u64,
+    pub count: u32,
+    pub _pad: u32,
+}
+
+/// The window of `DataPlaneConfig::nat_source_limit`.
+pub const NAT_SOURCE_WINDOW_NS: u64 = 1_000_000_000;
 
 /// Whether a forward entry's `flags` say its TCP connection is closing: a RST, or a FIN each
 /// way. One FIN alone is a half-close, which may stay idle for long.
@@ -69,6 +88,11 @@ pub const NAT_PORT_PROBES: u32 = 16;
 impl NatEntry {
     pub const fn is_reply(&self) -> bool {
         self.flags & NAT_F_REPLY != 0
+    }
+
+    /// A forward entry's TCP handshake completed (see `NAT_F_ESTABLISHED`).
+    pub const fn is_established(&self) -> bool {
+        self.flags & NAT_F_ESTABLISHED != 0
     }
 
     /// A forward entry's TCP connection is closing: a RST, or a FIN each way. One FIN alone is

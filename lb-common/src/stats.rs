@@ -105,8 +105,11 @@ counters! {
     CheckSteered = 40, "check_steered";
     // A check's packet whose slot or service was not there (a backend removed meanwhile).
     DropCheckNoTarget = 41, "drop_check_no_target";
+    // NAT: a source address opened more new connections this second than
+    // daemon.nat.max_new_per_source allows.
+    DropNatSourceLimit = 42, "drop_nat_source_limit";
 }
 
 /// Size of the global counter map.
 pub const COUNTER_SLOTS: u32 = 48;
-const _: () = assert!((Counter::DropCheckNoTarget as u32) < COUNTER_SLOTS);
+const _: () = assert!((Counter::DropNatSourceLimit as u32) < COUNTER_SLOTS);

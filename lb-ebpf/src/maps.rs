@@ -104,6 +104,12 @@ pub static FLOOD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0)
 #[map]
 pub static NAT_FLOWS: HashMap<FlowKey, NatEntry> = HashMap::pinned(DEFAULT_NAT_SIZE, BPF_F_NO_PREALLOC);
 
+/// New NAT connections per source address in the current window (see `nat::source_allowed`).
+/// LRU, so spoofed sources only push out idle ones. Not pinned: a restart starts new windows.
+#[map]
+pub static NAT_SOURCES: LruHashMap<lb_common::AddrKey, lb_common::nat::SourceWindow> =
+    LruHashMap::with_max_entries(65536, 0);
+
 /// Per-CPU room to build a new NAT connection's entries.
 #[map]
 pub static NAT_SCRATCH: PerCpuArray<crate::nat::NatScratch> = PerCpuArray::with_max_entries(1, 0);

@@ -13,8 +13,9 @@ use lb_common::{
     Backend, Counter, FAMILY_V4, FlowKey, NatEntry, PROTO_TCP, addr_words,
     hash::flow_hash,
     nat::{
-        NAT_F_ANSWERED, NAT_F_COUNTED, NAT_F_COUNTS, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT, NAT_F_REPLY,
-        NAT_F_RST, NAT_F_SNAT, NAT_PORT_PROBES, NAT_TOUCH_NS, snat_port,
+        NAT_F_ANSWERED, NAT_F_COUNTED, NAT_F_COUNTS, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT,
+        NAT_F_REPLY, NAT_F_RST, NAT_F_SNAT, NAT_PORT_PROBES, NAT_SOURCE_WINDOW_NS, NAT_TOUCH_NS,
+        SourceWindow, snat_port,
     },
 };
 use lb_ebpf::{Flow, FlowKind, Frame, Verdict};
@@ -22,7 +23,7 @@ use lb_ebpf::{Flow, FlowKind, Frame, Verdict};
 use crate::{
     forward::send,
     headers::{copy_mac, csum_apply, half_delta, word_delta},
-    maps::{BACKENDS, DP_CONFIG, NAT_FLOWS, NAT_SCRATCH},
+    maps::{BACKENDS, DP_CONFIG, NAT_FLOWS, NAT_SCRATCH, NAT_SOURCES},
     stats::{count, finish, traffic},
 };
 
@@ -39,6 +40,9 @@ pub struct NatScratch {
     pub fwd: NatEntry,
     pub rev: NatEntry,
     pub rev_key: FlowKey,
+    /// The per-source limit's key and a new source's window.
+    pub src_key: lb_common::AddrKey,
+    pub src_window: SourceWindow,
 }
 
 /// A packet of a NAT connection, with its entry: translated and sent on; returns the counted
@@ -82,11 +86,21 @@ fn translate_verdict(
             }
         }
         let state = tcp_state(flags, NAT_F_FIN_BACKEND) | if first { NAT_F_ANSWERED } else { 0 };
-        if state != 0
+        // A SYN-ACK (the first or a retransmit, or a reopened tuple's) names the ACK that
+        // completes the handshake.
+        let syn_ack = flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK);
+        if (state != 0 || syn_ack)
             && let Some(fwd) = NAT_FLOWS.get_ptr_mut(&e.twin_key(key.family, key.proto))
         {
             // SAFETY: as above.
-            settle(unsafe { &mut *fwd }, state);
+            let fwd = unsafe { &mut *fwd };
+            if syn_ack && let Some(seq) = tcp_word(frame, flow, 4) {
+                // A whole 4-byte store beside the flags' atomics, which keep this half.
+                fwd.ack_expect = seq.wrapping_add(1);
+            }
+            if state != 0 {
+                settle(fwd, state);
+            }
         }
         if rewrite(frame, flow, e).is_none() {
             return Verdict::Drop(Counter::DropTruncatedL4);
@@ -105,8 +119,9 @@ fn translate_verdict(
         retransmit = true;
         crate::stats::syn_retransmit(e.backend);
     } else if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        // The client opens the same tuple again: the connection lives anew (and counts again).
-        e.flags &= !(NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST);
+        // The client opens the same tuple again: the connection lives anew (and counts again),
+        // half-open until its new handshake completes.
+        e.flags &= !(NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST | NAT_F_ESTABLISHED);
         if e.flags & NAT_F_COUNTS != 0 && atomic_or(&mut e.flags, NAT_F_COUNTED) & NAT_F_COUNTED == 0 {
             crate::select::active_add(e.backend, 1);
         }
@@ -114,6 +129,12 @@ fn translate_verdict(
         let state = tcp_state(flags, NAT_F_FIN_CLIENT);
         if state != 0 {
             settle(e, state);
+        } else if flags & TCP_ACK != 0
+            && e.flags & (NAT_F_ANSWERED | NAT_F_ESTABLISHED) == NAT_F_ANSWERED
+            && tcp_word(frame, flow, 8) == Some(e.ack_expect)
+        {
+            // The client acknowledged the backend's SYN-ACK: the handshake is complete.
+            atomic_or(&mut e.flags, NAT_F_ESTABLISHED);
         }
     }
     if rewrite(frame, flow, e).is_none() {
@@ -197,6 +218,9 @@ fn open_verdict(
     let v4 = key.family == FAMILY_V4;
     let now = crate::clock::now_ns();
     let (family, proto) = (key.family, key.proto);
+    if cfg.nat_source_limit != 0 && !source_allowed(s, family, &key.src_addr, cfg.nat_source_limit, now) {
+        return Verdict::Drop(Counter::DropNatSourceLimit);
+    }
     // SAFETY: a per-CPU map value of NatScratch; `eth` is 12 bounds-checked bytes.
     unsafe {
         let fwd = &mut (*s).fwd;
@@ -275,6 +299,38 @@ fn open_verdict(
         return Verdict::Drop(Counter::DropTruncatedL4);
     }
     to_backend(ctx, frame, backend)
+}
+
+/// Whether `src` may open another NAT connection in its current window (`limit` a window),
+/// counting it if so. Windows are per source address in an LRU map, so a source that stops
+/// is forgotten; counts from two CPUs at once may both pass, which only loosens the limit.
+#[inline(always)]
+fn source_allowed(s: *mut NatScratch, family: u8, src: &[u32; 4], limit: u32, now: u64) -> bool {
+    // SAFETY: `s` is the per-CPU scratch value; a window pointer is from a lookup.
+    unsafe {
+        (*s).src_key = lb_common::AddrKey::new(family, *src);
+        if let Some(w) = NAT_SOURCES.get_ptr_mut(&(*s).src_key) {
+            let w = &mut *w;
+            if now.wrapping_sub(w.start_ns) >= NAT_SOURCE_WINDOW_NS {
+                w.start_ns = now;
+                w.count = 1;
+                return true;
+            }
+            if w.count >= limit {
+                return false;
+            }
+            w.count += 1;
+            return true;
+        }
+        (*s).src_window = SourceWindow {
+            start_ns: now,
+            count: 1,
+            _pad: 0,
+        };
+        // A failed insert only forgets this source's first connection.
+        let _ = NAT_SOURCES.insert(&(*s).src_key, &(*s).src_window, 0);
+    }
+    true
 }
 
 /// Inserts the reply entry under the first free source port of the probe sequence.
@@ -362,7 +418,7 @@ fn settle(fwd: &mut NatEntry, state: u32) {
     }
 }
 
-// `flags` and `_pad` are the 8-aligned word at offset 72, `flags` its low half (little
+// `flags` and `ack_expect` are the 8-aligned word at offset 72, `flags` its low half (little
 // endian): the atomics work on that word, since BPF has 32-bit fetch atomics only from cpu v3.
 const _: () = assert!(core::mem::offset_of!(NatEntry, flags) == 72 && core::mem::align_of::<NatEntry>() == 8);
 
@@ -370,7 +426,7 @@ const _: () = assert!(core::mem::offset_of!(NatEntry, flags) == 72 && core::mem:
 #[inline(always)]
 fn atomic_or(flags: &mut u32, bits: u32) -> u32 {
     let word = (flags as *mut u32).cast::<u64>();
-    // SAFETY: `flags` starts the 8-aligned word of `flags` and `_pad` (asserted above).
+    // SAFETY: `flags` starts the 8-aligned word of `flags` and `ack_expect` (asserted above).
     unsafe {
         core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
             word,
@@ -383,7 +439,7 @@ fn atomic_or(flags: &mut u32, bits: u32) -> u32 {
 #[inline(always)]
 fn atomic_and(flags: &mut u32, bits: u32) -> u32 {
     let word = (flags as *mut u32).cast::<u64>();
-    // SAFETY: as atomic_or; the high half (`_pad`) is kept.
+    // SAFETY: as atomic_or; the high half (`ack_expect`) is kept.
     unsafe {
         core::intrinsics::atomic_and::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
             word,
@@ -426,6 +482,15 @@ fn tcp_flags(frame: &Frame, flow: &Flow) -> u8 {
         .and_then(|l4| frame.ptr_at::<[u8; 14]>(l4))
         // SAFETY: bounds-checked.
         .map_or(0, |t| unsafe { (*t)[13] })
+}
+
+/// The 32-bit TCP header word at byte `at` (4: sequence, 8: acknowledgement number), host order.
+#[inline(always)]
+fn tcp_word(frame: &Frame, flow: &Flow, at: usize) -> Option<u32> {
+    let t = frame.ptr_at::<[u8; 12]>(l4_offset(frame, flow)?)?;
+    // SAFETY: 12 bounds-checked bytes.
+    let b = unsafe { *t };
+    Some(u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]))
 }
 
 /// Translates an ICMP error whose quoted packet is `flow.key` turned around (see

@@ -22,7 +22,7 @@ use crate::{
 )]
 pub struct Cli {
     /// Daemon instance to talk to (names its socket and its pins under /sys/fs/bpf).
-    #[arg(long, global = true, default_value = "default")]
+    #[arg(long, global = true, default_value = "default", value_parser = parse_instance)]
     pub instance: String,
     /// Directory of the daemon's control socket.
     #[arg(long, global = true, default_value = "/run/lb")]
@@ -32,6 +32,11 @@ pub struct Cli {
     pub json: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Checked at parse time: `lb detach` removes files at paths made from the name.
+fn parse_instance(name: &str) -> crate::error::Result<String> {
+    config::validate_instance(name).map(|()| name.to_string())
 }
 
 #[derive(Subcommand, Debug)]
@@ -278,6 +283,7 @@ fn backend_spec(a: &BackendArgs) -> BackendSpec {
         health: None,
         max_new_flows_per_s: None,
         maxconn: None,
+        allow_link_local: false,
     }
 }
 
@@ -539,8 +545,12 @@ fn print_human(command: &Command, data: &Value) {
             }
             let nat = &data["nat"];
             println!(
-                "nat: connections={} entries={} snat_ports_in_use={} expired={}",
-                nat["connections"], nat["entries"], nat["snat_ports_in_use"], nat["expired"]
+                "nat: connections={} half_open={} entries={} snat_ports_in_use={} expired={}",
+                nat["connections"],
+                nat["half_open"],
+                nat["entries"],
+                nat["snat_ports_in_use"],
+                nat["expired"]
             );
         }
         Command::Health { .. } => {
@@ -616,4 +626,34 @@ fn print_human(command: &Command, data: &Value) {
 
 fn fmt_ip(v: &Value) -> String {
     v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn instance_is_checked_at_parse_time() {
+        let parse = |instance: &str| Cli::try_parse_from(["lb", "--instance", instance, "detach"]);
+        for good in ["default", "edge-1", "a_b", &"x".repeat(32)] {
+            assert_eq!(parse(good).expect(good).instance, good);
+        }
+        assert_eq!(Cli::try_parse_from(["lb", "detach"]).unwrap().instance, "default");
+        for bad in [
+            "/some/dir",
+            "..",
+            ".",
+            "",
+            "a.b",
+            "a b",
+            "a\u{1b}[2J",
+            &"x".repeat(33),
+        ] {
+            let e = parse(bad).expect_err(bad).to_string();
+            let first = e.lines().next().unwrap_or_default();
+            assert!(first.contains("invalid instance"), "{bad:?}: {first}");
+        }
+    }
 }

@@ -98,6 +98,68 @@ pub struct DaemonConfig {
     /// The HTTP control API on TCP (it is always on the Unix socket).
     #[serde(default)]
     pub api: ApiConfig,
+    /// Caps and timeouts of every HTTP listener (the socket, the TCP API, metrics).
+    #[serde(default)]
+    pub http: HttpLimits,
+}
+
+/// `[daemon.http]`: each listener's connection caps and timeouts.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpLimits {
+    /// Connections one listener holds at once; more are closed as they come.
+    pub max_connections: u32,
+    /// The same for one peer address (TCP listeners); 0: only the listener's cap.
+    pub max_connections_per_peer: u32,
+    /// Time to receive a request's head (and a TLS handshake).
+    pub header_read_timeout_ms: u64,
+    /// An open connection with no byte either way is closed after this.
+    pub idle_timeout_s: u64,
+    /// A request's whole time, body included; past it the answer is 503.
+    pub request_timeout_s: u64,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 256,
+            max_connections_per_peer: 32,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_s: 60,
+            request_timeout_s: 30,
+        }
+    }
+}
+
+impl HttpLimits {
+    pub fn validate(&self) -> Result<()> {
+        let checks: [(&str, u64, std::ops::RangeInclusive<u64>); 4] = [
+            ("max_connections", self.max_connections.into(), 1..=65_536),
+            (
+                "header_read_timeout_ms",
+                self.header_read_timeout_ms,
+                100..=600_000,
+            ),
+            ("idle_timeout_s", self.idle_timeout_s, 1..=86_400),
+            ("request_timeout_s", self.request_timeout_s, 1..=3_600),
+        ];
+        for (name, v, range) in checks {
+            if !range.contains(&v) {
+                return Err(Error::config(format!(
+                    "daemon.http.{name} {v} is out of range {}..={}",
+                    range.start(),
+                    range.end()
+                )));
+            }
+        }
+        if self.max_connections_per_peer > self.max_connections {
+            return Err(Error::config(format!(
+                "daemon.http.max_connections_per_peer {} is above max_connections {}",
+                self.max_connections_per_peer, self.max_connections
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// `[daemon.api]`.
@@ -108,11 +170,18 @@ pub struct ApiConfig {
     pub listen: Option<std::net::SocketAddr>,
     /// The admin token (every request); required with `listen`.
     pub token_file: Option<PathBuf>,
-    /// A token that may only read (GET).
+    /// A token that may only read (GET), but not look up a client's flow by its tuple.
     pub read_token_file: Option<PathBuf>,
+    /// A token for backends' reports about themselves: register and deregister instances,
+    /// heartbeat, set health and load; nothing else.
+    pub report_token_file: Option<PathBuf>,
+    /// The services the report token may report for (unset: all).
+    pub report_services: Option<Vec<String>>,
     /// TLS on the TCP listener: a PEM certificate chain and its private key (both, or neither).
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// Allow a non-loopback `listen` without TLS (tokens in clear on the network).
+    pub allow_plaintext: bool,
 }
 
 /// `[daemon.metrics]`.
@@ -152,7 +221,9 @@ pub struct NatConfig {
     pub table_size: u32,
     /// Idle time after which a TCP connection's entries are removed.
     pub tcp_timeout_s: u64,
-    /// The same before the backend has answered (a SYN flood cannot hold the table longer).
+    /// The same until the handshake completes: the client's ACK of the backend's SYN-ACK,
+    /// answered or not, so a SYN flood (spoofed or not) cannot hold the table or SNAT ports
+    /// longer.
     pub tcp_syn_timeout_s: u64,
     /// The same once it closes: a FIN each way, or a RST. At least the backends' TIME_WAIT
     /// (60 s on Linux), so a SNAT port is not reused while the backend still remembers it.
@@ -160,6 +231,12 @@ pub struct NatConfig {
     pub udp_timeout_s: u64,
     /// How often the daemon looks for expired entries.
     pub gc_interval_ms: u64,
+    /// New connections one client address may open per second; past that they are dropped
+    /// and counted (`drop_nat_source_limit`). 0: no limit.
+    pub max_new_per_source: u32,
+    /// Table fill (percent) from which half-open connections idle for a second are expired
+    /// at once, before their `tcp_syn_timeout_s`: under pressure they go first.
+    pub pressure_percent: u8,
 }
 
 impl Default for NatConfig {
@@ -177,6 +254,8 @@ impl Default for NatConfig {
             tcp_closing_timeout_s: 60,
             udp_timeout_s: 30,
             gc_interval_ms: 1000,
+            max_new_per_source: 1000,
+            pressure_percent: 50,
         }
     }
 }
@@ -364,6 +443,10 @@ pub struct BackendSpec {
     /// Most active flows the counting strategies (least-connections, power-of-two) give it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maxconn: Option<u32>,
+    /// A link-local address (169.254.0.0/16, fe80::/10) is refused unless this is set: cloud
+    /// metadata services answer there, and a check must not query them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_link_local: bool,
 }
 
 impl From<ServiceSpec> for Service {
@@ -402,6 +485,7 @@ impl From<BackendSpec> for Backend {
             health: b.health,
             max_new_flows_per_s: b.max_new_flows_per_s,
             maxconn: b.maxconn,
+            allow_link_local: b.allow_link_local,
         }
     }
 }
@@ -442,6 +526,7 @@ impl From<&Backend> for BackendSpec {
             health: b.health.clone(),
             max_new_flows_per_s: b.max_new_flows_per_s,
             maxconn: b.maxconn,
+            allow_link_local: b.allow_link_local,
         }
     }
 }
@@ -488,7 +573,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 impl DaemonConfig {
     pub fn validate(&self) -> Result<()> {
-        validate_name("instance", &self.instance, 32)?;
+        validate_instance(&self.instance)?;
         if let Some(g) = &self.geo {
             g.validate().map_err(Error::config)?;
         }
@@ -523,6 +608,11 @@ impl DaemonConfig {
                 "daemon.api.listen needs daemon.api.token_file: the API on TCP takes bearer tokens only",
             ));
         }
+        if self.api.report_services.is_some() && self.api.report_token_file.is_none() {
+            return Err(Error::config(
+                "daemon.api.report_services needs daemon.api.report_token_file",
+            ));
+        }
         if self.api.cert_file.is_some() != self.api.key_file.is_some() {
             return Err(Error::config("daemon.api.cert_file and key_file go together"));
         }
@@ -534,6 +624,16 @@ impl DaemonConfig {
         if self.neighbour_refresh_ms < 100 {
             return Err(Error::config("daemon.neighbour_refresh_ms must be at least 100"));
         }
+        if let Some(addr) = self.api.listen
+            && !addr.ip().is_loopback()
+            && self.api.cert_file.is_none()
+            && !self.api.allow_plaintext
+        {
+            return Err(Error::config(format!(
+                "daemon.api.listen {addr} is not loopback and has no TLS: tokens would cross the network in clear (fix: set cert_file and key_file, or allow_plaintext = true)"
+            )));
+        }
+        self.http.validate()?;
         self.nat.validate()
     }
 
@@ -543,6 +643,26 @@ impl DaemonConfig {
 
     pub fn state_path(&self) -> PathBuf {
         state_path(&self.run_dir, &self.instance)
+    }
+}
+
+/// Longest instance name (its first 9 letters and digits name the check device, see
+/// `dataplane::steer::device_names`).
+pub const MAX_INSTANCE_LEN: usize = 32;
+
+/// Instance names: 1..=32 of `[A-Za-z0-9_-]`. The name is joined into paths that `lb detach`
+/// removes (`/sys/fs/bpf/<instance>`, `<run_dir>/<instance>.state.json`), so no `/`, no dots.
+pub fn validate_instance(name: &str) -> Result<()> {
+    let ok = (1..=MAX_INSTANCE_LEN).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid instance {name:?}: use 1 to {MAX_INSTANCE_LEN} characters of letters, digits, '_' or '-'"
+        )))
     }
 }
 
@@ -566,6 +686,12 @@ impl NatConfig {
             return Err(Error::config(format!(
                 "daemon.nat.gc_interval_ms {} is out of range 10..=60000",
                 self.gc_interval_ms
+            )));
+        }
+        if !(1..=100).contains(&self.pressure_percent) {
+            return Err(Error::config(format!(
+                "daemon.nat.pressure_percent {} is out of range 1..=100",
+                self.pressure_percent
             )));
         }
         for (name, v) in [
@@ -724,6 +850,9 @@ address = "10.0.0.12"
             (GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""), "line"),
             (GOOD.replace("[\"eth0\"]", "[]"), "interfaces is empty"),
             (GOOD.replace("region", "regoin"), "unknown field"),
+            (GOOD.replace("\"t1\"", "\"..\""), "invalid instance \"..\""),
+            (GOOD.replace("\"t1\"", "\"/tmp/x\""), "invalid instance"),
+            (GOOD.replace("\"t1\"", "\"a.b\""), "invalid instance"),
             (
                 GOOD.replace("interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\n[daemon.api]\nlisten = \"127.0.0.1:1\""),
                 "needs daemon.api.token_file",
@@ -734,6 +863,35 @@ address = "10.0.0.12"
                     "interfaces = [\"eth0\"]\n[daemon.api]\nlisten = \"127.0.0.1:1\"\ntoken_file = \"/t\"\ncert_file = \"/c\"",
                 ),
                 "cert_file and key_file go together",
+            ),
+            (
+                GOOD.replace(
+                    "interfaces = [\"eth0\"]",
+                    "interfaces = [\"eth0\"]\n[daemon.api]\nlisten = \"10.0.0.1:8443\"\ntoken_file = \"/t\"",
+                ),
+                "is not loopback and has no TLS",
+            ),
+            (
+                GOOD.replace(
+                    "interfaces = [\"eth0\"]",
+                    "interfaces = [\"eth0\"]\n[daemon.api]\nreport_services = [\"web\"]",
+                ),
+                "report_services needs daemon.api.report_token_file",
+            ),
+            (
+                GOOD.replace("interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\n[daemon.http]\nmax_connections = 0"),
+                "daemon.http.max_connections 0 is out of range",
+            ),
+            (
+                GOOD.replace(
+                    "interfaces = [\"eth0\"]",
+                    "interfaces = [\"eth0\"]\n[daemon.http]\nmax_connections = 8\nmax_connections_per_peer = 9",
+                ),
+                "above max_connections",
+            ),
+            (
+                GOOD.replace("interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\n[daemon.nat]\npressure_percent = 0"),
+                "pressure_percent 0 is out of range",
             ),
         ];
         for (text, needle) in cases {
@@ -877,6 +1035,11 @@ address = "10.0.0.12"
             (with("kind = \"agent\"", ""), "needs agent_port"),
             (with("agent_port = 0", ""), "agent_port must not be 0"),
             (
+                with("agent_absolute_weights = true", ""),
+                "agent_absolute_weights needs agent_port",
+            ),
+            (with("agent_absolute_weights = 1", ""), "line"),
+            (
                 with("panic_threshold = 1.5", ""),
                 "panic_threshold 1.5 is out of range",
             ),
@@ -906,6 +1069,17 @@ address = "10.0.0.12"
         // A UDP service names its probe.
         let udp = with("", "").replace("protocol = \"tcp\"", "protocol = \"udp\"");
         assert!(err(&udp).contains("needs kind = \"udp\""));
+
+        // The agent's absolute weights: opt-in, off by default.
+        let c = Config::parse(&with("agent_port = 8082\nagent_absolute_weights = true", "")).expect("valid");
+        let s = &c.services[0];
+        assert!(crate::health::settings::agent_absolute_weights(s, &s.backends[0]));
+        let c = Config::parse(&with("agent_port = 8082", "")).expect("valid");
+        let s = &c.services[0];
+        assert!(!crate::health::settings::agent_absolute_weights(
+            s,
+            &s.backends[0]
+        ));
 
         // Through the VIP: the VIP and the service's port, steered to the backend's address.
         let c = Config::parse(&with("through = \"vip\"", "")).expect("valid");

@@ -9,13 +9,13 @@ use std::{
 };
 
 use log::{info, warn};
-use tokio::{
-    net::{UnixListener, UnixStream},
-    sync::watch,
-};
+use tokio::{net::UnixListener, sync::watch};
 
 use crate::{
-    api::server::{self, Shared, Tokens},
+    api::{
+        access::{Access, read_token},
+        server::{self, Shared},
+    },
     config::Config,
     dataplane::{self, Readers},
     error::{Error, Result},
@@ -30,13 +30,25 @@ use crate::{
 /// Checks in flight at once, over all backends.
 const MAX_CONCURRENT_CHECKS: usize = 1024;
 
-/// Runs the daemon until SIGINT/SIGTERM or a shutdown request. Forwarding continues after.
-pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
+/// What the daemon opens while it holds its start-up privileges (see `privileges`).
+pub struct Prepared {
+    config_path: PathBuf,
+    config: Config,
+    dp: dataplane::DataPlane,
+    log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    metrics_listener: Option<(std::net::TcpListener, Option<String>)>,
+    api_listener: Option<(std::net::TcpListener, Access, Option<crate::serve::SharedTls>)>,
+}
+
+/// The daemon's start-up, on the only thread, before it drops what it no longer needs: the
+/// config, the run directory, the descriptor budget, the data plane opened or adopted, its
+/// log, and the TCP listeners (a port below 1024 needs CAP_NET_BIND_SERVICE).
+pub fn prepare(config_path: PathBuf) -> anyhow::Result<Prepared> {
     let config = Config::load(&config_path)?;
-    let cfg = config.daemon.clone();
+    let cfg = &config.daemon;
     let socket = cfg.socket_path();
     prepare_run_dir(&cfg.run_dir)?;
-    if UnixStream::connect(&socket).await.is_ok() {
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
         anyhow::bail!(
             "a daemon for instance {} is already running (socket {})",
             cfg.instance,
@@ -44,9 +56,14 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         );
     }
     let _ = std::fs::remove_file(&socket);
+    let listeners = 1 + u64::from(cfg.metrics.enabled) + u64::from(cfg.api.listen.is_some());
+    crate::serve::fd_budget(
+        listeners * u64::from(cfg.http.max_connections),
+        MAX_CONCURRENT_CHECKS as u64,
+    )?;
 
-    let mut dp = dataplane::open(&cfg)?;
-    dp.set_config(&cfg)?;
+    let mut dp = dataplane::open(cfg)?;
+    dp.set_config(cfg)?;
     for a in &dp.attachments {
         info!(
             "{}: {} ({})",
@@ -55,7 +72,78 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
             if a.adopted { "adopted" } else { "attached" }
         );
     }
-    let data_plane_log = dp.program_id.and_then(|id| match spawn_data_plane_log(id) {
+    // Found by program id, which takes CAP_SYS_ADMIN: here, before it is dropped.
+    let log = dp
+        .program_id
+        .and_then(|id| match aya_log::EbpfLogger::init_from_id(id) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                warn!("data-plane events will not be logged: {e}");
+                None
+            }
+        });
+    // Bound before anything runs, so a taken port is an error at start, with its fix.
+    let bind = |addr: std::net::SocketAddr, what: &str, fix: &str| -> anyhow::Result<std::net::TcpListener> {
+        let l = std::net::TcpListener::bind(addr)
+            .map_err(|e| anyhow::anyhow!("cannot serve {what} on {addr}: {e} (fix: {fix})"))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    };
+    let metrics_listener = if cfg.metrics.enabled {
+        let token = match &cfg.metrics.token_file {
+            Some(path) => Some(read_token(path)?),
+            None => None,
+        };
+        let listener = bind(
+            cfg.metrics.listen,
+            "metrics",
+            "set [daemon.metrics] listen to a free address, or enabled = false",
+        )?;
+        Some((listener, token))
+    } else {
+        None
+    };
+    let api_listener = match cfg.api.listen {
+        Some(addr) => {
+            let access = Access::tcp(&cfg.api)?;
+            let tls = match (&cfg.api.cert_file, &cfg.api.key_file) {
+                (Some(cert), Some(key)) => {
+                    Some(Arc::new(std::sync::RwLock::new(server::tls_acceptor(cert, key)?)))
+                }
+                _ => None,
+            };
+            let listener = bind(
+                addr,
+                "the control API",
+                "set [daemon.api] listen to a free address",
+            )?;
+            Some((listener, access, tls))
+        }
+        None => None,
+    };
+    Ok(Prepared {
+        config_path,
+        config,
+        dp,
+        log,
+        metrics_listener,
+        api_listener,
+    })
+}
+
+/// Runs the daemon until SIGINT/SIGTERM or a shutdown request. Forwarding continues after.
+pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
+    let Prepared {
+        config_path,
+        config,
+        dp,
+        log,
+        metrics_listener,
+        api_listener,
+    } = prepared;
+    let cfg = config.daemon.clone();
+    let socket = cfg.socket_path();
+    let data_plane_log = log.and_then(|logger| match spawn_data_plane_log(logger) {
         Ok(task) => Some(task),
         Err(e) => {
             warn!("data-plane events will not be logged: {e}");
@@ -64,7 +152,15 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     });
     let resolver = Arc::new(Resolver::new()?);
     let persisted = if dp.adopted {
-        Persisted::load(&cfg.state_path())?
+        // Each service as an API change would be checked; one that fails stays out.
+        Persisted::restore(&cfg.state_path(), |kept, s| {
+            s.validate()?;
+            crate::health::settings::validate_service(s).map_err(Error::invalid)?;
+            let mut all = kept.to_vec();
+            all.push(s.clone());
+            crate::model::validate_services(&all)?;
+            crate::config::validate_against(&cfg, &all)
+        })
     } else {
         None
     };
@@ -75,57 +171,27 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
                 p.services.len(),
                 cfg.state_path().display()
             );
+            for w in &p.warnings {
+                warn!("{w}");
+            }
             let rec = Reconciler::adopt(&dp, p.assignments);
-            (p.services.into_iter().map(Service::from).collect(), rec)
+            (p.services, rec)
         }
         None => (config.services.clone(), Reconciler::new(&dp)),
     };
     let readers = Arc::new(Readers::open(&cfg.instance)?);
-    // Bound before anything runs, so a taken port is an error at start, with its fix.
-    let metrics_listener = if cfg.metrics.enabled {
-        let token = match &cfg.metrics.token_file {
-            Some(path) => Some(read_token(path)?),
-            None => None,
-        };
-        let listener = tokio::net::TcpListener::bind(cfg.metrics.listen).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot serve metrics on {}: {e} (fix: set [daemon.metrics] listen to a free address, or enabled = false)",
-                cfg.metrics.listen
-            )
-        })?;
-        Some((listener, token))
-    } else {
-        None
-    };
-    let api_listener = match cfg.api.listen {
-        Some(addr) => {
-            let tokens = Tokens {
-                admin: cfg
-                    .api
-                    .token_file
-                    .as_deref()
-                    .map(read_token)
-                    .transpose()?
-                    .map(Arc::new),
-                read: cfg
-                    .api
-                    .read_token_file
-                    .as_deref()
-                    .map(read_token)
-                    .transpose()?
-                    .map(Arc::new),
-            };
-            let tls = match (&cfg.api.cert_file, &cfg.api.key_file) {
-                (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key)?),
-                _ => None,
-            };
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                anyhow::anyhow!("cannot serve the control API on {addr}: {e} (fix: set [daemon.api] listen to a free address)")
-            })?;
-            Some((listener, tokens, tls))
-        }
+    let metrics_listener = match metrics_listener {
+        Some((l, token)) => Some((tokio::net::TcpListener::from_std(l)?, token)),
         None => None,
     };
+    let api_listener = match api_listener {
+        Some((l, access, tls)) => Some((tokio::net::TcpListener::from_std(l)?, access, tls)),
+        None => None,
+    };
+    // What SIGHUP reads again besides the config file: the API's tokens and certificate.
+    let credentials = api_listener
+        .as_ref()
+        .map(|(_, access, tls)| (access.clone(), tls.clone()));
     let histograms = metrics::Histograms::new();
     let (writer, handles, commands, warnings) = Writer::start(
         cfg.clone(),
@@ -209,6 +275,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
                 listener,
                 metrics,
                 token,
+                cfg.http,
                 stop_tx.subscribe(),
             )))
         }
@@ -223,10 +290,11 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         nat: nat_status,
         board,
         stop: stop_tx.clone(),
+        reloading: tokio::sync::Mutex::new(()),
     });
     let server = tokio::spawn(server::serve_unix(listener, shared.clone()));
     let tcp_api = match api_listener {
-        Some((listener, tokens, tls)) => {
+        Some((listener, access, tls)) => {
             let scheme = if tls.is_some() { "https" } else { "http" };
             info!(
                 "control API on {scheme}://{}",
@@ -235,18 +303,22 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
             Some(tokio::spawn(server::serve_tcp(
                 listener,
                 shared.clone(),
-                tokens,
+                access,
                 tls,
             )))
         }
         None => None,
     };
-    // SIGHUP reloads the config file, as `lb reload` does.
+    // SIGHUP reloads the config file, as `lb reload` does, and the API's tokens and TLS
+    // certificate (each kept as it was if its file is refused).
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let reloader = {
         let shared = shared.clone();
         tokio::spawn(async move {
             while sighup.recv().await.is_some() {
+                if let Some((access, tls)) = &credentials {
+                    reload_credentials(&shared.cfg.api, access, tls.as_ref());
+                }
                 match server::reload_config(&shared).await {
                     Ok(warnings) => {
                         info!("SIGHUP: reloaded {}", shared.config_path.display());
@@ -347,8 +419,9 @@ fn watch_config(
 }
 
 /// Forwards the data plane's rare-event records (aya-log) to this process's log.
-fn spawn_data_plane_log(program_id: u32) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let logger = aya_log::EbpfLogger::init_from_id(program_id)?;
+fn spawn_data_plane_log(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     // SAFETY: the logger owns its ring buffer's fd for as long as the AsyncFd holds it.
     let mut fd =
         unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }?;
@@ -360,19 +433,62 @@ fn spawn_data_plane_log(program_id: u32) -> anyhow::Result<tokio::task::JoinHand
     }))
 }
 
-/// A bearer token from a file: its first line, which must not be empty.
-fn read_token(path: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read token file {}: {e}", path.display()))?;
-    let token = text.lines().next().unwrap_or_default().trim().to_string();
-    if token.is_empty() {
-        anyhow::bail!("token file {} is empty", path.display());
+/// Reads the API's token files and certificate again; what fails keeps its old value.
+fn reload_credentials(
+    api: &crate::config::ApiConfig,
+    access: &Access,
+    tls: Option<&crate::serve::SharedTls>,
+) {
+    match access.reload(api) {
+        Ok(()) => info!("SIGHUP: API tokens read again"),
+        Err(e) => warn!("SIGHUP: API tokens kept as they were: {e}"),
     }
-    Ok(token)
+    if let (Some(tls), Some(cert), Some(key)) = (tls, &api.cert_file, &api.key_file) {
+        match server::tls_acceptor(cert, key) {
+            Ok(acceptor) => {
+                *tls.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
+                info!("SIGHUP: TLS certificate read again");
+            }
+            Err(e) => warn!("SIGHUP: TLS certificate kept as it was: {e}"),
+        }
+    }
 }
 
+/// The run directory holds the socket and the state file: it must be a real directory of
+/// ours. A link or another user's directory is refused, never chmod-ed.
 fn prepare_run_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        }
+        Err(e) => return Err(Error::io(format!("stat {}", dir.display()), e)),
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(Error::config(format!(
+                "run_dir {} is a symbolic link (fix: point run_dir at the directory itself)",
+                dir.display()
+            )));
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(Error::config(format!(
+                "run_dir {} is not a directory",
+                dir.display()
+            )));
+        }
+        // SAFETY: geteuid has no preconditions.
+        Ok(m) if m.uid() != unsafe { libc::geteuid() } => {
+            return Err(Error::config(format!(
+                "run_dir {} belongs to uid {}, not to this daemon's (fix: a directory of root's, as /run/lb)",
+                dir.display(),
+                m.uid()
+            )));
+        }
+        Ok(_) => {}
+    }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| Error::io(format!("chmod {}", dir.display()), e))
 }

@@ -47,11 +47,19 @@ fn main() {
 fn run(cli: &Cli) -> anyhow::Result<i32> {
     match &cli.command {
         Command::Daemon { config, .. } => {
+            // Start-up on this thread alone; then only what the daemon keeps, before the
+            // runtime's threads exist (they inherit it).
+            let prepared = lb_userspace::daemon::prepare(config.clone())?;
+            let kept = lb_userspace::privileges::drop_to_runtime()?;
+            log::info!(
+                "capabilities kept: {}",
+                kept.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(" ")
+            );
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(lb_userspace::daemon::run(config.clone()))?;
+            rt.block_on(lb_userspace::daemon::run(prepared))?;
             Ok(0)
         }
         Command::Detach => {

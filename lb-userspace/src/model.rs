@@ -284,13 +284,22 @@ pub struct Backend {
     /// Most active flows the counting strategies give it (the agent's `maxconn:N` too: the
     /// lower of the two holds).
     pub maxconn: Option<u32>,
+    /// A link-local address is allowed (see `Backend::validate`).
+    pub allow_link_local: bool,
 }
 
 /// Largest `maxconn`.
 pub const MAX_MAXCONN: u32 = 1_000_000_000;
 
-/// Names: 1..=max characters of `[A-Za-z0-9._-]`.
+/// Names: 1..=max characters of `[A-Za-z0-9._-]`, but not `.` or `..`: names are URL path
+/// segments of the API, where those two mean "this" and "the parent" (a client that
+/// normalises `/v1/services/web/instances/..` sends a DELETE of the whole service).
 pub fn validate_name(what: &str, name: &str, max: usize) -> Result<()> {
+    if matches!(name, "." | "..") {
+        return Err(Error::invalid(format!(
+            "invalid {what} {name:?}: \".\" and \"..\" are path segments, not names"
+        )));
+    }
     let ok = !name.is_empty()
         && name.len() <= max
         && name
@@ -441,6 +450,33 @@ impl Backend {
     pub fn validate(&self, service: &Service) -> Result<()> {
         validate_name("backend id", &self.id, 64)?;
         validate_weight(self.weight).map_err(|e| Error::invalid(format!("backend {}: {e}", self.id)))?;
+        // Free text, but shown on terminals: no escape sequences or line breaks.
+        let texts = [("region", &self.region), ("zone", &self.zone)]
+            .into_iter()
+            .filter_map(|(what, t)| t.as_deref().map(|t| (what, t)))
+            .chain(
+                self.labels
+                    .iter()
+                    .flat_map(|(k, v)| [("label", k.as_str()), ("label", v.as_str())]),
+            );
+        for (what, text) in texts {
+            if text.contains(char::is_control) {
+                return Err(Error::invalid(format!(
+                    "backend {}: {what} {text:?} contains a control character",
+                    self.id
+                )));
+            }
+        }
+        let link_local = match self.address {
+            std::net::IpAddr::V4(a) => a.is_link_local(),
+            std::net::IpAddr::V6(a) => a.is_unicast_link_local(),
+        };
+        if link_local && !self.allow_link_local {
+            return Err(Error::invalid(format!(
+                "backend {} address {} is link-local, where cloud metadata services answer (fix: allow_link_local = true if it really is a backend)",
+                self.id, self.address
+            )));
+        }
         if self.address.is_ipv4() != service.vip.is_ipv4() {
             return Err(Error::invalid(format!(
                 "backend {} address {} is not of the same IP family as VIP {}",
@@ -520,5 +556,108 @@ impl BackendRef {
 impl fmt::Display for BackendRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.service, self.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_refuse_dot_segments_and_control_characters() {
+        for good in ["web", "a.b", "...", ".hidden", "x-1_y"] {
+            assert!(validate_name("backend id", good, 64).is_ok(), "{good:?}");
+        }
+        for bad in [
+            ".",
+            "..",
+            "",
+            "a/b",
+            "a\u{1b}[2J",
+            "a\rb",
+            "a\u{85}b",
+            "a b",
+            "\u{e9}",
+        ] {
+            let e = validate_name("backend id", bad, 64).expect_err(bad).to_string();
+            assert!(e.starts_with("invalid backend id"), "{e}");
+            assert!(!e.contains(['\n', '\r', '\u{1b}']), "one printable line: {e:?}");
+        }
+        let e = validate_name("service name", "..", 64).unwrap_err().to_string();
+        assert!(e.contains("path segments"), "{e}");
+    }
+
+    #[test]
+    fn backend_text_refuses_control_characters() {
+        let service = Service {
+            name: "web".into(),
+            vip: "10.0.0.1".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            table_size: 251,
+            hash: HashMode::default(),
+            strategy: Strategy::default(),
+            forwarding: Forwarding::default(),
+            fragments: FragmentPolicy::default(),
+            snat: false,
+            health: None,
+            max_new_flows_per_s: None,
+            on_shed: OnShed::default(),
+            resource: None,
+            adaptive: None,
+            backends: vec![],
+        };
+        let backend = Backend {
+            id: "b1".into(),
+            address: "10.0.0.2".parse().unwrap(),
+            port: None,
+            weight: DEFAULT_WEIGHT,
+            region: Some("eu".into()),
+            zone: Some("eu-1a".into()),
+            labels: BTreeMap::from([("role".into(), "db primary".into())]),
+            health: None,
+            max_new_flows_per_s: None,
+            maxconn: None,
+            allow_link_local: false,
+        };
+        assert!(backend.validate(&service).is_ok());
+        let zone = Backend {
+            zone: Some("a\u{1b}]0;owned\u{7}".into()),
+            ..backend.clone()
+        };
+        for metadata in ["169.254.169.254", "fe80::a9fe:a9fe"] {
+            let mut b = Backend {
+                address: metadata.parse().unwrap(),
+                ..backend.clone()
+            };
+            let mut s = service.clone();
+            s.vip = if b.address.is_ipv4() {
+                "10.0.0.1"
+            } else {
+                "fd00::1"
+            }
+            .parse()
+            .unwrap();
+            let e = b.validate(&s).unwrap_err().to_string();
+            assert!(
+                e.contains("is link-local") && e.contains("allow_link_local"),
+                "{e}"
+            );
+            b.allow_link_local = true;
+            assert!(b.validate(&s).is_ok(), "{metadata} allowed when asked");
+        }
+        let e = zone.validate(&service).unwrap_err().to_string();
+        assert!(e.contains("zone") && e.contains("control character"), "{e}");
+        let label = Backend {
+            labels: BTreeMap::from([("k".into(), "v\nw".into())]),
+            ..backend
+        };
+        assert!(
+            label
+                .validate(&service)
+                .unwrap_err()
+                .to_string()
+                .contains("label")
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! NAT entry lifetime. The data plane makes a pair of entries per connection and stamps them
 //! as packets pass; this collector removes pairs that have been idle longer than their timeout
-//! (TCP, TCP after FIN/RST, UDP), and entries whose twin is missing. A removed pair frees its
+//! (TCP half-open, established, after FIN/RST; UDP), and entries whose twin is missing. A removed pair frees its
 //! SNAT port: ports are not held anywhere else.
 
 use std::{
@@ -16,7 +16,7 @@ use std::{
 use aya::maps::{HashMap, MapData};
 use lb_common::{
     FlowKey, NatEntry, PROTO_TCP,
-    nat::{NAT_F_ANSWERED, NAT_F_REPLY, NAT_F_SNAT},
+    nat::{NAT_F_REPLY, NAT_F_SNAT},
 };
 use log::warn;
 use serde::Serialize;
@@ -40,15 +40,20 @@ pub struct Census {
     pub connections: u64,
     /// Connections holding a SNAT source port.
     pub snat_ports_in_use: u64,
+    /// TCP connections whose handshake the client has not completed.
+    pub half_open: u64,
 }
 
 impl Census {
-    fn add(&mut self, e: &NatEntry) {
+    fn add(&mut self, k: &FlowKey, e: &NatEntry) {
         self.entries += 1;
         if !e.is_reply() {
             self.connections += 1;
             if e.flags & NAT_F_SNAT != 0 {
                 self.snat_ports_in_use += 1;
+            }
+            if k.proto == PROTO_TCP && !e.is_established() {
+                self.half_open += 1;
             }
         }
     }
@@ -57,8 +62,8 @@ impl Census {
 /// Counts the table now (one pass over it).
 pub fn census(map: &NatMap) -> Census {
     let mut c = Census::default();
-    for (_, e) in map.iter().filter_map(|r| r.ok()) {
-        c.add(&e);
+    for (k, e) in map.iter().filter_map(|r| r.ok()) {
+        c.add(&k, &e);
     }
     c
 }
@@ -94,10 +99,20 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn timeout_ns(cfg: &NatConfig, key: &FlowKey, forward: &NatEntry, reply: &NatEntry) -> u64 {
+/// How long a half-open connection may idle while the table is under pressure.
+const PRESSURE_HALF_OPEN_NS: u64 = 1_000_000_000;
+
+/// A connection's idle timeout. A TCP connection is half-open until the client acknowledged
+/// the backend's SYN-ACK, whether or not the backend answered: a client that never completes
+/// the handshake gets the SYN timeout, and under `pressure` (the table past
+/// `pressure_percent`) only a second, so half-open entries go first.
+fn timeout_ns(cfg: &NatConfig, key: &FlowKey, forward: &NatEntry, pressure: bool) -> u64 {
     let s = if key.proto != PROTO_TCP {
         cfg.udp_timeout_s
-    } else if reply.flags & NAT_F_ANSWERED == 0 {
+    } else if !forward.is_established() {
+        if pressure {
+            return PRESSURE_HALF_OPEN_NS.min(cfg.tcp_syn_timeout_s * 1_000_000_000);
+        }
         cfg.tcp_syn_timeout_s
     } else if forward.is_closing() {
         cfg.tcp_closing_timeout_s
@@ -105,6 +120,22 @@ fn timeout_ns(cfg: &NatConfig, key: &FlowKey, forward: &NatEntry, reply: &NatEnt
         cfg.tcp_timeout_s
     };
     s * 1_000_000_000
+}
+
+/// When the connection last showed life. A half-open TCP connection counts only the
+/// client's packets: the backend retransmits its SYN-ACK for a minute, which must not keep a
+/// handshake the client never completes.
+fn last_seen(key: &FlowKey, forward: &NatEntry, reply: &NatEntry) -> u64 {
+    if key.proto == PROTO_TCP && !forward.is_established() {
+        forward.last_seen_ns
+    } else {
+        forward.last_seen_ns.max(reply.last_seen_ns)
+    }
+}
+
+/// Whether a table holding `entries` is past the configured fill.
+fn under_pressure(cfg: &NatConfig, entries: usize) -> bool {
+    entries as u64 * 100 >= u64::from(cfg.table_size) * u64::from(cfg.pressure_percent)
 }
 
 /// The same connection: a fresh read of a key may hold a newer connection on the same tuple.
@@ -156,6 +187,7 @@ pub fn sweep(map: &mut NatMap, cfg: &NatConfig, now: u64) -> Result<Sweep> {
             .filter(|te| te.is_reply() != e.is_reply() && te.twin_key(t.family, t.proto) == *k)
             .map(|te| (t, *te))
     };
+    let pressure = under_pressure(cfg, snapshot.len());
     let mut expired = 0;
     let mut uncounted = Vec::new();
     let mut gone = std::collections::HashSet::new();
@@ -170,7 +202,7 @@ pub fn sweep(map: &mut NatMap, cfg: &NatConfig, now: u64) -> Result<Sweep> {
         if e.is_reply() {
             continue; // judged with its forward entry
         }
-        if now.saturating_sub(e.last_seen_ns.max(te.last_seen_ns)) <= timeout_ns(cfg, k, e, &te) {
+        if now.saturating_sub(last_seen(k, e, &te)) <= timeout_ns(cfg, k, e, pressure) {
             continue;
         }
         let (Ok(f), Ok(r)) = (map.get(k, 0), map.get(&tk, 0)) else {
@@ -179,7 +211,7 @@ pub fn sweep(map: &mut NatMap, cfg: &NatConfig, now: u64) -> Result<Sweep> {
         if !same(&f, e) || !same(&r, &te) {
             continue;
         }
-        if now.saturating_sub(f.last_seen_ns.max(r.last_seen_ns)) > timeout_ns(cfg, k, &f, &r) {
+        if now.saturating_sub(last_seen(k, &f, &r)) > timeout_ns(cfg, k, &f, pressure) {
             // The reply entry first: a new connection on the same tuple, opened between the
             // two removals, then never collides with the old reply entry.
             remove_if_same(map, &tk, &te)?;
@@ -194,7 +226,7 @@ pub fn sweep(map: &mut NatMap, cfg: &NatConfig, now: u64) -> Result<Sweep> {
     let mut left = Census::default();
     for (k, e) in &snapshot {
         if !gone.contains(k) {
-            left.add(e);
+            left.add(k, e);
         }
     }
     Ok(Sweep {
@@ -250,4 +282,79 @@ pub fn spawn_collector(
             }
         })
         .map_err(|e| Error::io("start the NAT expiry thread", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{
+        FAMILY_V4, PROTO_UDP,
+        nat::{NAT_F_ANSWERED, NAT_F_ESTABLISHED, NAT_F_FIN_BACKEND, NAT_F_FIN_CLIENT},
+    };
+
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn key(proto: u8) -> FlowKey {
+        FlowKey::from_words(FAMILY_V4, proto, [1, 0, 0, 0], [2, 0, 0, 0], 10, 20)
+    }
+
+    fn fwd(flags: u32) -> NatEntry {
+        NatEntry {
+            flags,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_answered_connection_is_half_open_until_the_client_acks() {
+        let cfg = NatConfig::default();
+        let tcp = key(PROTO_TCP);
+        // The backend answered every SYN, the client never ACKed: the short timeout.
+        assert_eq!(timeout_ns(&cfg, &tcp, &fwd(NAT_F_ANSWERED), false), 30 * S);
+        assert_eq!(timeout_ns(&cfg, &tcp, &fwd(0), false), 30 * S);
+        let done = NAT_F_ANSWERED | NAT_F_ESTABLISHED;
+        assert_eq!(timeout_ns(&cfg, &tcp, &fwd(done), false), 900 * S);
+        let closing = done | NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND;
+        assert_eq!(timeout_ns(&cfg, &tcp, &fwd(closing), false), 60 * S);
+        assert_eq!(timeout_ns(&cfg, &key(PROTO_UDP), &fwd(0), false), 30 * S);
+    }
+
+    #[test]
+    fn the_backends_syn_ack_retransmits_do_not_keep_a_half_open_connection() {
+        let tcp = key(PROTO_TCP);
+        let (client, backend) = (5 * S, 60 * S);
+        let reply = NatEntry {
+            last_seen_ns: backend,
+            ..fwd(NAT_F_ANSWERED)
+        };
+        let half = NatEntry {
+            last_seen_ns: client,
+            ..fwd(NAT_F_ANSWERED)
+        };
+        assert_eq!(last_seen(&tcp, &half, &reply), client);
+        let done = NatEntry {
+            last_seen_ns: client,
+            ..fwd(NAT_F_ANSWERED | NAT_F_ESTABLISHED)
+        };
+        assert_eq!(last_seen(&tcp, &done, &reply), backend);
+        assert_eq!(last_seen(&key(PROTO_UDP), &half, &reply), backend);
+    }
+
+    #[test]
+    fn under_pressure_half_open_connections_go_first() {
+        let cfg = NatConfig {
+            table_size: 1000,
+            pressure_percent: 50,
+            ..Default::default()
+        };
+        assert!(!under_pressure(&cfg, 499));
+        assert!(under_pressure(&cfg, 500));
+        let tcp = key(PROTO_TCP);
+        assert_eq!(timeout_ns(&cfg, &tcp, &fwd(NAT_F_ANSWERED), true), S);
+        // Established and UDP connections keep theirs.
+        let done = NAT_F_ANSWERED | NAT_F_ESTABLISHED;
+        assert_eq!(timeout_ns(&cfg, &tcp, &fwd(done), true), 900 * S);
+        assert_eq!(timeout_ns(&cfg, &key(PROTO_UDP), &fwd(0), true), 30 * S);
+    }
 }

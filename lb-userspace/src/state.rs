@@ -1,15 +1,29 @@
 //! The runtime state file: the services as the API last changed them, and the map slots they
 //! use. Written atomically after every change so a restarted daemon sees the same state.
+//!
+//! It is root's file in root's directory, and still treated as input: it is written through a
+//! fresh file (never through a link someone left in its place), readable by root alone, synced
+//! with its directory before the rename counts; and read back only as a regular file, each
+//! service checked as an API change would be, one that fails reported and left out, so no entry
+//! can stop the daemon from starting.
 
-use std::path::Path;
+use std::{
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     config::ServiceSpec,
     error::{Error, Result},
+    model::Service,
     reconcile::plan::Assignments,
 };
+
+/// Largest state file read back (1,024 services of 16,384 backends stay far below it).
+const MAX_STATE_BYTES: u64 = 256 * 1024 * 1024;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Persisted {
@@ -17,22 +31,171 @@ pub struct Persisted {
     pub assignments: Assignments,
 }
 
+/// What a restart takes from the state file.
+pub struct Restored {
+    pub services: Vec<Service>,
+    pub assignments: Assignments,
+    /// One line for each service left out.
+    pub warnings: Vec<String>,
+}
+
 impl Persisted {
+    /// Reads the file: none if there is none; an error (one line) if it cannot be used whole.
     pub fn load(path: &Path) -> Result<Option<Self>> {
-        match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| Error::config(format!("state file {} is corrupt: {e}", path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
-        }
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
+        };
+        drop(file);
+        let bytes = crate::files::read_regular(path, MAX_STATE_BYTES)
+            .map_err(|e| Error::config(format!("state file {e}")))?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::config(format!("state file {} is corrupt: {e}", path.display())))
     }
 
+    /// Reads the file for a restart. `accept` checks one service against those kept so far (as
+    /// an API change is checked); a service it refuses is left out and reported. A file that
+    /// cannot be read whole is reported too, and the daemon starts from its config file.
+    pub fn restore(path: &Path, accept: impl Fn(&[Service], &Service) -> Result<()>) -> Option<Restored> {
+        let p = match Self::load(path) {
+            Ok(p) => p?,
+            Err(e) => {
+                log::warn!("{e}; starting from the config file");
+                return None;
+            }
+        };
+        let mut kept = Vec::new();
+        let mut warnings = Vec::new();
+        for spec in p.services {
+            let name = spec.name.clone();
+            let service = Service::from(spec);
+            match accept(&kept, &service) {
+                Ok(()) => kept.push(service),
+                Err(e) => warnings.push(format!(
+                    "state file {}: service {name:?} left out: {e}",
+                    path.display()
+                )),
+            }
+        }
+        Some(Restored {
+            services: kept,
+            assignments: p.assignments,
+            warnings,
+        })
+    }
+
+    /// Writes the file atomically: a new temporary file (O_EXCL|O_NOFOLLOW, mode 0600), synced,
+    /// renamed over the old one, and the directory synced, so a crash leaves the old file or
+    /// the new one, whole.
     pub fn save(&self, path: &Path) -> Result<()> {
         let tmp = path.with_extension("json.tmp");
         let bytes =
             serde_json::to_vec_pretty(self).map_err(|e| Error::dataplane(format!("serialize state: {e}")))?;
-        std::fs::write(&tmp, bytes).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("rename {}", path.display()), e))
+        // A leftover of a crash, or a link planted in its place: removed, never followed.
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("remove {}", tmp.display()), e)),
+        }
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()
+        };
+        write().map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("rename {}", path.display()), e))?;
+        let dir = path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(format!("sync {}", dir.display()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "lb-state-test-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn spec(name: &str) -> ServiceSpec {
+        let text = format!(
+            "[daemon]\ninterfaces = [\"eth0\"]\n[[service]]\nname = \"{name}\"\nvip = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\n"
+        );
+        let cfg = crate::config::Config::parse(&text).expect("config");
+        ServiceSpec::from(&cfg.services[0])
+    }
+
+    #[test]
+    fn saved_private_through_a_fresh_file_never_a_link() {
+        let d = dir();
+        let path = d.join("t.state.json");
+        // A link planted where the temporary file goes must not be written through.
+        let victim = d.join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, path.with_extension("json.tmp")).unwrap();
+        let p = Persisted {
+            services: vec![spec("web")],
+            ..Default::default()
+        };
+        p.save(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(Persisted::load(&path).unwrap().unwrap().services.len(), 1);
+        // The state file itself as a link: not followed.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        assert!(Persisted::load(&path).is_err());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_refused_entry_is_left_out_and_a_corrupt_file_starts_from_the_config() {
+        let d = dir();
+        let path = d.join("t.state.json");
+        let p = Persisted {
+            services: vec![spec("web"), spec("bad"), spec("db")],
+            ..Default::default()
+        };
+        p.save(&path).unwrap();
+        let r = Persisted::restore(&path, |_, s| {
+            if s.name == "bad" {
+                Err(Error::invalid("health tls_ca /dev/zero: not a regular file"))
+            } else {
+                Ok(())
+            }
+        })
+        .expect("restored");
+        let names: Vec<&str> = r.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["web", "db"]);
+        assert_eq!(r.warnings.len(), 1);
+        assert!(r.warnings[0].contains("\"bad\" left out"), "{:?}", r.warnings);
+        std::fs::write(&path, "{ not json").unwrap();
+        assert!(Persisted::restore(&path, |_, _| Ok(())).is_none());
+        assert!(Persisted::restore(&d.join("none"), |_, _| Ok(())).is_none());
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

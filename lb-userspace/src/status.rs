@@ -19,7 +19,7 @@ use crate::{
         State,
         agent::AgentState,
         breaker::BreakerState,
-        settings::{DownFlows, OnPanic, PanicSpec, down_flows},
+        settings::{DownFlows, OnPanic, PanicSpec, agent_absolute_weights, down_flows},
         tracker::quantize,
     },
     model::{BackendRef, Service, Strategy},
@@ -128,7 +128,7 @@ pub struct ServiceWeights {
     pub strategy: Strategy,
     /// Count active flows though the strategy does not pick by them (adaptive).
     pub count: bool,
-    /// Fewer than `panic_threshold` of the backends were up.
+    /// No backend was up, or fewer than its `panic_threshold` of them.
     pub panic: bool,
 }
 
@@ -157,7 +157,9 @@ pub fn effective_weights(
         let reachable = resolved(b.address);
         let agent = st.agent.as_ref();
         let configured = match agent {
-            Some(a) if !(resource && a.percent().is_some()) => a.weight(b.weight),
+            Some(a) if !(resource && a.percent().is_some()) => {
+                a.weight_within(b.weight, agent_absolute_weights(service, b))
+            }
             _ => b.weight,
         };
         let unhealthy = st.health == State::Down || st.external_score() <= 0.0;
@@ -196,7 +198,7 @@ pub fn effective_weights(
         );
     }
     let panic = PanicSpec::of(service);
-    if candidates > 0 && (healthy as f64) < panic.threshold * candidates as f64 {
+    if panic.panics(healthy, candidates) {
         out.panic = true;
         if panic.on_panic == OnPanic::All {
             // Spread over every backend that can be reached, at its configured weight: better
@@ -205,7 +207,9 @@ pub fn effective_weights(
                 let agent = status
                     .get(&BackendRef::new(&service.name, &b.id))
                     .and_then(|s| s.agent.as_ref());
-                let configured = agent.map_or(b.weight, |a| a.weight(b.weight));
+                let configured = agent.map_or(b.weight, |a| {
+                    a.weight_within(b.weight, agent_absolute_weights(service, b))
+                });
                 let drained = agent.is_some_and(|a| a.drain || a.maint);
                 if resolved(b.address) && configured > 0 && !drained {
                     out.backends.insert(
@@ -263,6 +267,7 @@ mod tests {
                     health: None,
                     max_new_flows_per_s: None,
                     maxconn: None,
+                    allow_link_local: false,
                 })
                 .collect(),
         }
@@ -326,13 +331,36 @@ mod tests {
         let w = effective_weights(&s, s.strategy, &st, |_| true, Instant::now());
         assert!(w.panic);
         assert_eq!(weights(&w), vec![(100, true), (100, true), (100, true)]);
-        // Default threshold 0.5: one of three up is panic too; two of three is not.
-        let s = service(3, None);
+        // Envoy's 0.5, set: one of three up is panic too; two of three is not.
+        let s = service(3, Some(0.5));
         assert!(effective_weights(&s, s.strategy, &st, |_| true, Instant::now()).panic);
         st.remove(&BackendRef::new("web", "b1"));
         let w = effective_weights(&s, s.strategy, &st, |_| true, Instant::now());
         assert!(!w.panic);
         assert_eq!(weights(&w), vec![(0, false), (100, true), (100, true)]);
+        // Set to 0: never, not even with none up.
+        let s = service(3, Some(0.0));
+        let all_down: BTreeMap<_, _> = (0..3)
+            .map(|i| (BackendRef::new("web", &format!("b{i}")), down()))
+            .collect();
+        assert!(!effective_weights(&s, s.strategy, &all_down, |_| true, Instant::now()).panic);
+    }
+
+    #[test]
+    fn by_default_only_a_service_with_no_backend_up_panics() {
+        let s = service(3, None);
+        let mut st = BTreeMap::new();
+        st.insert(BackendRef::new("web", "b0"), down());
+        st.insert(BackendRef::new("web", "b1"), down());
+        // One of three up: no panic, every new flow to the healthy one.
+        let w = effective_weights(&s, s.strategy, &st, |_| true, Instant::now());
+        assert!(!w.panic);
+        assert_eq!(weights(&w), vec![(0, false), (0, false), (100, true)]);
+        // None up: spread over all three (on_panic = "all").
+        st.insert(BackendRef::new("web", "b2"), down());
+        let w = effective_weights(&s, s.strategy, &st, |_| true, Instant::now());
+        assert!(w.panic);
+        assert_eq!(weights(&w), vec![(100, true), (100, true), (100, true)]);
     }
 
     #[test]
@@ -358,6 +386,37 @@ mod tests {
                 maxconn: 0,
             }
         );
+    }
+
+    #[test]
+    fn the_agent_lifts_a_weight_at_most_256_percent_unless_absolute_weights_are_on() {
+        let mut s = service(2, Some(0.0));
+        let st: BTreeMap<_, _> = [("b0", "weight:10000"), ("b1", "weight:150")]
+            .into_iter()
+            .map(|(id, line)| {
+                let agent = crate::health::agent::apply(&Default::default(), line).unwrap();
+                (
+                    BackendRef::new("web", id),
+                    BackendStatus {
+                        agent: Some(agent),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        let w = effective_weights(&s, s.strategy, &st, |_| true, Instant::now());
+        assert_eq!(weights(&w), vec![(256, true), (150, true)]);
+        // Opted in, for the service or one backend.
+        s.health.as_mut().unwrap().agent_absolute_weights = Some(true);
+        let w = effective_weights(&s, s.strategy, &st, |_| true, Instant::now());
+        assert_eq!(weights(&w), vec![(10_000, true), (150, true)]);
+        s.health.as_mut().unwrap().agent_absolute_weights = None;
+        s.backends[0].health = Some(HealthSettings {
+            agent_absolute_weights: Some(true),
+            ..Default::default()
+        });
+        let w = effective_weights(&s, s.strategy, &st, |_| true, Instant::now());
+        assert_eq!(weights(&w), vec![(10_000, true), (150, true)]);
     }
 
     #[test]

@@ -13,6 +13,7 @@ A refused call raises a LoadBalancerError subclass that carries the API's error 
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 from urllib.parse import quote
@@ -68,6 +69,15 @@ class ServerError(LoadBalancerError):
 
 
 _BY_STATUS = {400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict}
+
+
+def _check_name(text: Any, what: str) -> None:
+    """Raises ValueError for what no service name or instance id can be (the daemon refuses
+    them too): not a string, empty, `.` or `..`, or holding a control character."""
+    if not isinstance(text, str) or text in ("", ".", ".."):
+        raise ValueError(f"invalid {what} {text!r}: empty, '.' and '..' are not names")
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        raise ValueError(f"invalid {what} {text!r}: it contains a control character")
 
 
 @dataclass
@@ -145,22 +155,31 @@ class LoadBalancer:
         )
 
     @staticmethod
-    def _seg(text: str) -> str:
+    def _seg(text: str, what: str = "name") -> str:
+        """`text` as one URL path segment, percent-encoded. `.` and `..` survive encoding and
+        URLs resolve them away (`/v1/services/web/instances/..` is `/v1/services/web`), so they
+        are refused before anything is sent, as are empty names and control characters."""
+        _check_name(text, what)
         return quote(text, safe="")
+
+    def _service(self, service_name: str) -> str:
+        return f"/v1/services/{self._seg(service_name, 'service name')}"
+
+    def _instance(self, service_name: str, instance_id: str) -> str:
+        return f"{self._service(service_name)}/instances/{self._seg(instance_id, 'instance id')}"
 
     async def register_instance(self, service_name: str, instance: ServiceInstance) -> None:
         """Adds a backend to a service."""
-        await self._call("POST", f"/v1/services/{self._seg(service_name)}/instances", instance.to_api())
+        _check_name(instance.id, "instance id")
+        await self._call("POST", f"{self._service(service_name)}/instances", instance.to_api())
 
     async def deregister_instance(self, service_name: str, instance_id: str) -> None:
-        await self._call(
-            "DELETE", f"/v1/services/{self._seg(service_name)}/instances/{self._seg(instance_id)}"
-        )
+        await self._call("DELETE", self._instance(service_name, instance_id))
 
     async def get_instance(self, service_name: str, src: Optional[str] = None) -> PickedInstance:
         """The instance a flow from `src` ("IP:PORT") gets; without it, a fresh flow's pick."""
         params = {"src": src} if src else None
-        data = await self._call("GET", f"/v1/services/{self._seg(service_name)}/pick", params=params)
+        data = await self._call("GET", f"{self._service(service_name)}/pick", params=params)
         return PickedInstance(
             id=data["backend"], address=data["address"], port=data.get("port"), source=data["source"]
         )
@@ -174,7 +193,7 @@ class LoadBalancer:
             body["ttl"] = ttl
         await self._call(
             "PUT",
-            f"/v1/services/{self._seg(service_name)}/instances/{self._seg(instance_id)}/health",
+            f"{self._instance(service_name, instance_id)}/health",
             body,
         )
 
@@ -194,14 +213,14 @@ class LoadBalancer:
         }
         await self._call(
             "PUT",
-            f"/v1/services/{self._seg(service_name)}/instances/{self._seg(instance_id)}/load",
+            f"{self._instance(service_name, instance_id)}/load",
             body,
         )
 
     async def set_weight(self, service_name: str, instance_id: str, weight: int) -> None:
         await self._call(
             "PUT",
-            f"/v1/services/{self._seg(service_name)}/instances/{self._seg(instance_id)}/weight",
+            f"{self._instance(service_name, instance_id)}/weight",
             {"weight": weight},
         )
 

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod flood;
 pub mod netns;
 pub mod packets;
 pub mod servers;
@@ -37,4 +38,16 @@ pub fn wait_until(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) 
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// Writes a token file as the daemon accepts one: readable by its owner alone (mode 0600).
+pub fn write_secret(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(text.as_bytes())
 }

@@ -307,6 +307,48 @@ pub fn load_object(object: &[u8]) -> Result<aya::Ebpf> {
 static DAEMON_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// The daemon running in the balancer namespace. Drop stops it and detaches its instance.
+/// The unit file the daemon ships with.
+pub fn unit_file() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/lb.service")
+}
+
+/// The capabilities the unit grants (its `CapabilityBoundingSet=`), as setpriv names them.
+pub fn unit_capabilities() -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(unit_file())?;
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .context("no CapabilityBoundingSet= in the unit")?;
+    Ok(line
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect())
+}
+
+/// A command line, to which the daemon's own is appended, that runs it in `ns` as the unit
+/// does: only the unit's capabilities (its bounding set; none inheritable or ambient), with
+/// no_new_privs, and /proc/sys read-only but for /proc/sys/net (ProtectKernelTunables with
+/// ReadWritePaths=/proc/sys/net), in a mount namespace of its own. The daemon's pid stays the
+/// one spawned: unshare, sh and setpriv each exec the next.
+fn as_the_unit_runs_it(ns: &NetNs) -> Result<std::process::Command> {
+    let caps = unit_capabilities()?;
+    let bounding = format!(
+        "-all,{}",
+        caps.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(",")
+    );
+    let mut cmd = ns.command("unshare");
+    cmd.args([
+        "--mount",
+        "sh",
+        "-c",
+        "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys /proc/sys && \
+         mount --bind /proc/sys/net /proc/sys/net && mount -o remount,bind,rw /proc/sys/net /proc/sys/net && \
+         exec setpriv --bounding-set=\"$0\" --inh-caps=-all --ambient-caps=-all --no-new-privs -- \"$@\"",
+        &bounding,
+    ]);
+    Ok(cmd)
+}
+
 pub struct Daemon {
     child: Option<Child>,
     pub instance: String,
@@ -347,8 +389,8 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(self.run_dir.join("daemon.log"))?;
-        let child = ns
-            .command(lb_bin())
+        let child = as_the_unit_runs_it(ns)?
+            .arg(lb_bin())
             .args(["daemon", "--config"])
             .arg(&self.config)
             .stdout(Stdio::null())

@@ -8,8 +8,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use lb_tests::{Daemon, Topology, client::http_request, wait_until};
 
 const API: &str = "127.0.0.1:8443";
-const ADMIN: &str = "admin-token-7f3a";
-const READER: &str = "read-token-91c2";
+const ADMIN: &str = "admin-token-7f3a-5c0e9d2b8a41f6037e";
+const READER: &str = "read-token-91c2-6d8e0f3a7b52c4e190";
 
 struct Api {
     topo: Topology,
@@ -26,8 +26,8 @@ fn start_with(extra: impl FnOnce(&std::path::Path) -> String) -> Api {
     let (instance, run_dir) = Daemon::new_paths();
     std::fs::create_dir_all(&run_dir).expect("run dir");
     let extra = extra(&run_dir);
-    std::fs::write(run_dir.join("admin.token"), format!("{ADMIN}\n")).expect("token");
-    std::fs::write(run_dir.join("read.token"), format!("{READER}\n")).expect("token");
+    lb_tests::write_secret(&run_dir.join("admin.token"), &format!("{ADMIN}\n")).expect("token");
+    lb_tests::write_secret(&run_dir.join("read.token"), &format!("{READER}\n")).expect("token");
     let api = format!(
         "[daemon.api]\nlisten = \"{API}\"\ntoken_file = \"{}\"\nread_token_file = \"{}\"\n{extra}",
         run_dir.join("admin.token").display(),
@@ -123,6 +123,136 @@ fn tokens_guard_tcp_and_refused_calls_change_nothing() {
     );
     assert_eq!(status, 200, "{v}");
     assert_ne!(a.dump(), before);
+}
+
+const REPORTER: &str = "report-token-5e1b-9c3d7a20f4e86b1d52";
+
+/// The report scope: a backend's own reports for the services it is given, nothing else;
+/// reads never look up a client's flow by its tuple; every change and every refusal is an
+/// audit line; SIGHUP reads the tokens again (and a refused token file keeps the old ones).
+#[test]
+fn scopes_audit_lines_and_tokens_read_again_on_sighup() {
+    let a = start_with(|dir| {
+        lb_tests::write_secret(&dir.join("report.token"), &format!("{REPORTER}\n")).expect("token");
+        format!(
+            "report_token_file = \"{}\"\nreport_services = [\"web4\"]\n",
+            dir.join("report.token").display()
+        )
+    });
+    let b = a.topo.backend("b4").v4;
+    let add = format!(r#"{{"id": "b4", "address": "{b}"}}"#);
+    let before = a.dump();
+    // What a reporter may not do: read, change weights or services, report for another service.
+    let refused = [
+        ("GET", "/v1/services".to_string(), None),
+        (
+            "PUT",
+            "/v1/services/web4/instances/b1/weight".into(),
+            Some(r#"{"weight": 1}"#.to_string()),
+        ),
+        ("DELETE", "/v1/services/web4".into(), None),
+        ("POST", "/v1/reload".into(), None),
+        ("POST", "/v1/services/dns4/instances".into(), Some(add.clone())),
+        (
+            "PUT",
+            "/v1/services/dns4/instances/b1/health".into(),
+            Some(r#"{"score": 0.5}"#.into()),
+        ),
+    ];
+    for (method, path, body) in &refused {
+        let (status, v) = a.call(method, path, Some(REPORTER), body.as_deref());
+        assert_eq!(status, 403, "{method} {path}: {v}");
+        error_line(&v);
+    }
+    assert_eq!(a.dump(), before, "refused reports changed the state");
+    // What it may: register, report health and load, deregister, for web4.
+    let allowed = [
+        (
+            "POST",
+            "/v1/services/web4/instances".to_string(),
+            Some(add.clone()),
+        ),
+        (
+            "PUT",
+            "/v1/services/web4/instances/b4/health".into(),
+            Some(r#"{"score": 0.5}"#.to_string()),
+        ),
+        (
+            "PUT",
+            "/v1/services/web4/instances/b4/load".into(),
+            Some(r#"{"cpu": 0.5}"#.into()),
+        ),
+        ("DELETE", "/v1/services/web4/instances/b4".into(), None),
+    ];
+    for (method, path, body) in &allowed {
+        let (status, v) = a.call(method, path, Some(REPORTER), body.as_deref());
+        assert_eq!(status, 200, "{method} {path}: {v}");
+    }
+    // A reader may not look up who talks to whom; the admin may.
+    let tuple = [
+        "/v1/lookup?protocol=tcp&src=10.99.0.1:5&dst=10.100.0.1:8080",
+        "/v1/services/web4/pick?src=10.99.0.1:5",
+    ];
+    for path in tuple {
+        let (status, v) = a.call("GET", path, Some(READER), None);
+        assert_eq!(status, 403, "{path}: {v}");
+        assert!(error_line(&v).contains("admin"), "{v}");
+        let (status, v) = a.call("GET", path, Some(ADMIN), None);
+        assert!(status != 401 && status != 403, "{path} as admin: {status} {v}");
+    }
+    // The audit trail: changes and refusals, with the scope and the peer.
+    let log = a.d.log();
+    for line in [
+        "POST /v1/services/web4/instances 200 transport=tcp scope=report peer=127.0.0.1",
+        "DELETE /v1/services/web4/instances/b4 200 transport=tcp scope=report peer=127.0.0.1",
+        "PUT /v1/services/web4/instances/b1/weight 403 transport=tcp scope=report peer=127.0.0.1",
+        "GET /v1/lookup 403 transport=tcp scope=read peer=127.0.0.1",
+    ] {
+        assert!(log.contains(line), "no audit line {line:?} in:\n{log}");
+    }
+    let cli = a.d.cli(&["backend", "weight", "web4", "b1", "7"]);
+    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+    assert!(
+        a.d.log().contains(
+            "PUT /v1/services/web4/instances/b1/weight 200 transport=socket scope=admin peer=local"
+        ),
+        "the socket's changes are audited too"
+    );
+
+    // SIGHUP: a new admin token replaces the old one; a refused file (world-readable) does not.
+    let pid = a.d.pid().expect("pid").to_string();
+    let token_file = a.d.run_dir.join("admin.token");
+    let fresh = "admin-token-rotated-0b6f4e2a9d17c385ff";
+    lb_tests::write_secret(&token_file, &format!("{fresh}\n")).expect("token");
+    lb_tests::netns::run(std::process::Command::new("kill").args(["-HUP", &pid])).expect("SIGHUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || a
+            .call("GET", "/v1/status", Some(fresh), None)
+            .0
+            == 200),
+        "the new token was not taken"
+    );
+    assert_eq!(
+        a.call("GET", "/v1/status", Some(ADMIN), None).0,
+        401,
+        "the old token still works"
+    );
+    std::fs::write(&token_file, "admin-token-world-readable-000000000000\n").expect("token");
+    std::fs::set_permissions(&token_file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("mode");
+    lb_tests::netns::run(std::process::Command::new("kill").args(["-HUP", &pid])).expect("SIGHUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || a
+            .d
+            .log()
+            .contains("API tokens kept as they were")),
+        "{}",
+        a.d.log()
+    );
+    assert_eq!(
+        a.call("GET", "/v1/status", Some(fresh), None).0,
+        200,
+        "a refused file kept the tokens"
+    );
 }
 
 #[test]
@@ -588,6 +718,29 @@ fn schemathesis_finds_no_server_error_and_every_response_conforms() {
     );
     let (status, _) = a.call("GET", "/v1/status", Some(READER), None);
     assert_eq!(status, 200, "the daemon still answers");
+}
+
+/// The client refuses `.`, `..` and control characters in any id before it sends anything
+/// (`deregister_instance("web", "..")` used to become `DELETE /v1/services/web`), and
+/// percent-encodes every other path segment; checked against the request httpx would send.
+#[test]
+fn the_python_client_refuses_dot_segment_ids_and_encodes_the_rest() {
+    let python = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py/bin/python"));
+    let script = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../python/tests/test_ids.py"
+    ));
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .output()
+        .expect("run python");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("test_ids: ok (httpx"), "{text}");
 }
 
 #[test]

@@ -261,14 +261,14 @@ fn exposition_passes_promtool_and_prometheus_sees_each_backends_rate() {
 fn a_token_keeps_scrapes_out() {
     let topo = Topology::new(3).expect("topology");
     let token_file = std::env::temp_dir().join(format!("lbt-token-{}", std::process::id()));
-    std::fs::write(&token_file, "s3cret-token\n").expect("token");
+    lb_tests::write_secret(&token_file, "s3cret-token-0123456789abcdef01234\n").expect("token");
     let d = start(
         &topo,
         &format!("[daemon.metrics]\ntoken_file = \"{}\"\n", token_file.display()),
     );
     assert_eq!(scrape(&topo.lb, None).0, 401);
     assert_eq!(scrape(&topo.lb, Some("wrong")).0, 401);
-    let (status, text) = scrape(&topo.lb, Some("s3cret-token"));
+    let (status, text) = scrape(&topo.lb, Some("s3cret-token-0123456789abcdef01234"));
     assert_eq!(status, 200);
     assert!(text.contains("lb_backend_packets_total"));
     drop(d);

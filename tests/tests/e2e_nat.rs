@@ -332,7 +332,8 @@ fn nat_reclaims_entries_and_ports_after_ten_thousand_connections() {
     let config = net.config(
         &instance,
         &run_dir,
-        "ports = \"40000-42047\"\ntcp_closing_timeout_s = 1\nudp_timeout_s = 1\ngc_interval_ms = 200\n",
+        "ports = \"40000-42047\"\ntcp_closing_timeout_s = 1\nudp_timeout_s = 1\ngc_interval_ms = 200\n\
+         max_new_per_source = 0\n",
     );
     let daemon = Daemon::start_in(&net.lb, &instance, &run_dir, &config).expect("daemon");
     wait_resolved(&daemon);
@@ -598,4 +599,154 @@ fn nat_passive_signals_take_out_a_refusing_and_a_blackholed_backend_long_before_
         assert!(out && took < bound, "{id} ({fault}) still in after {took:?}: {b}");
         assert!(b["check"]["passive_failures"].as_u64() > Some(0), "{b}");
     }
+}
+
+/// A SYN flood that never ACKs, with the backends answering every SYN (the attack needs no
+/// spoofing: half of it comes from one address): for 60 s, 2,000 SYN/s to a SNAT service from
+/// addresses the client does not own, so their SYN-ACKs reach no socket and nothing ever
+/// completes or resets the handshakes. Meanwhile 200 established connections see no reset,
+/// new connections succeed, the NAT table stays bounded, and the refusals are counted.
+/// Before half-open connections kept the short timeout, every answered SYN held its pair for
+/// 900 s and this table filled in about 16 s.
+#[test]
+fn a_syn_flood_that_never_acks_cannot_exhaust_nat() {
+    const TABLE: u64 = 65_536;
+    const RATE: u64 = 2_000;
+    const FLOOD: Duration = Duration::from_secs(60);
+    const ESTABLISHED: usize = 200;
+    let net = Net::new().expect("topology");
+    let (instance, run_dir) = Daemon::new_paths();
+    let config = net.config(
+        &instance,
+        &run_dir,
+        &format!("table_size = {TABLE}\nmax_new_per_source = 300\n"),
+    );
+    let daemon = Daemon::start_in(&net.lb, &instance, &run_dir, &config).expect("daemon");
+    wait_resolved(&daemon);
+    let target = SocketAddr::new(IpAddr::V4(VIP4), SNAT_PORT);
+
+    // The long-lived connections, established before the flood.
+    let mut conns = in_ns(&net.client, move || {
+        (0..ESTABLISHED)
+            .map(|i| {
+                let s = TcpStream::connect_timeout(&target, Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+                lb_tests::client::Conn {
+                    reader: BufReader::new(s.try_clone().expect("clone")),
+                    writer: s,
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    for c in &mut conns {
+        c.ask().expect("first answer");
+    }
+    let lb_mac = lb_tests::flood::mac_of(&net.lb, "eth0").expect("balancer MAC");
+    let client_mac = lb_tests::flood::mac_of(&net.client, "eth0").expect("client MAC");
+
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (flood_done, legit_done) = (done.clone(), done.clone());
+    let (peak, failures, attempts, established_failures) = std::thread::scope(|s| {
+        let client = &net.client;
+        let flood = s.spawn(move || {
+            in_ns(client, move || {
+                let sender = lb_tests::flood::RawSender::open("eth0").expect("packet socket");
+                let flood = lb_tests::flood::SynFlood {
+                    dst_mac: lb_mac,
+                    src_mac: client_mac,
+                    dst: VIP4.octets(),
+                    dport: SNAT_PORT,
+                    rate: RATE,
+                    duration: FLOOD,
+                };
+                // Every other SYN from one address (over its per-source limit), the rest
+                // from 65,536 addresses the client does not have.
+                let sent = flood.run(&sender, |i| {
+                    if i % 2 == 0 {
+                        [10, 96, 0, 1]
+                    } else {
+                        [10, 95, (i >> 9) as u8, (i >> 1) as u8]
+                    }
+                });
+                flood_done.store(true, Ordering::Relaxed);
+                sent.expect("flood")
+            })
+        });
+        // New legitimate connections, ten a second, each with the kernel's own SYN retries.
+        let legit = s.spawn(move || {
+            in_ns(client, move || {
+                let (mut tried, mut failed) = (0u64, 0u64);
+                while !legit_done.load(Ordering::Relaxed) {
+                    tried += 1;
+                    if !tcp_ask(target).is_ok_and(|a| a.ends_with(&SNAT4.to_string())) {
+                        failed += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                (tried, failed)
+            })
+        });
+        // Every 10 s each established connection asks once; the NAT table is sampled each second.
+        let mut peak = 0u64;
+        let mut established_failures = Vec::new();
+        let start = Instant::now();
+        let mut asked = Instant::now();
+        while !done.load(Ordering::Relaxed) && start.elapsed() < FLOOD + Duration::from_secs(10) {
+            let stats = daemon.json(&["stats"]);
+            peak = peak.max(stats["nat"]["entries"].as_u64().unwrap_or(0));
+            if asked.elapsed() >= Duration::from_secs(10) {
+                asked = Instant::now();
+                for (i, c) in conns.iter_mut().enumerate() {
+                    if let Err(e) = c.ask() {
+                        established_failures.push(format!("connection {i}: {e}"));
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let sent = flood.join().expect("flood thread");
+        let (tried, failed) = legit.join().expect("legit thread");
+        eprintln!("flood: {sent} SYNs in {FLOOD:?}; legitimate connections {tried}, failed {failed}");
+        (peak, failed, tried, established_failures)
+    });
+    let mut established_failures = established_failures;
+    for (i, c) in conns.iter_mut().enumerate() {
+        if let Err(e) = c.ask() {
+            established_failures.push(format!("connection {i} after the flood: {e}"));
+        }
+    }
+    let stats = daemon.json(&["stats"]);
+    eprintln!(
+        "peak NAT entries {peak} of {TABLE}; now {}; nat_reply {} drop_nat_source_limit {} \
+         drop_nat_table_full {} drop_nat_no_port {}",
+        stats["nat"],
+        counter(&stats, "nat_reply"),
+        counter(&stats, "drop_nat_source_limit"),
+        counter(&stats, "drop_nat_table_full"),
+        counter(&stats, "drop_nat_no_port"),
+    );
+    assert!(established_failures.is_empty(), "{established_failures:?}");
+    assert!(
+        failures * 100 <= attempts,
+        "{failures} of {attempts} new connections failed: {stats}"
+    );
+    // Bounded: under pressure (half the table) half-open connections idle for a second go.
+    assert!(peak <= TABLE * 3 / 4, "peak {peak} of {TABLE} entries: {stats}");
+    assert_eq!(counter(&stats, "drop_nat_table_full"), 0, "{stats}");
+    // The one loud address (1,000 SYN/s) was held to its 300 a second, and the refusals
+    // counted: about 700 a second; at least half that.
+    assert!(
+        counter(&stats, "drop_nat_source_limit") >= (RATE / 2 - 300) * FLOOD.as_secs() / 2,
+        "{stats}"
+    );
+    // And once the flood stops, its half-open connections go within their timeout.
+    let drained = wait_until(Duration::from_secs(45), || {
+        daemon.json(&["stats"])["nat"]["half_open"].as_u64() == Some(0)
+    });
+    assert!(
+        drained,
+        "half-open connections left: {}",
+        daemon.json(&["stats"])["nat"]
+    );
 }

@@ -1389,6 +1389,106 @@ fn nat_translates_both_directions_with_exact_checksums() {
     });
 }
 
+/// Sets a TCP frame's sequence and acknowledgement numbers, its checksum made right again.
+fn with_seq_ack(mut frame: Vec<u8>, seq: u32, ack: u32) -> Vec<u8> {
+    let l4 = 14 + if frame[12..14] == [0x08, 0x00] { 20 } else { 40 };
+    frame[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+    frame[l4 + 8..l4 + 12].copy_from_slice(&ack.to_be_bytes());
+    fix_l4_checksum(&mut frame[14..]);
+    frame
+}
+
+#[test]
+fn nat_connection_is_established_only_by_the_clients_ack_of_the_syn_ack() {
+    use lb_common::nat::NAT_F_ESTABLISHED;
+    in_fresh_ns(|| {
+        let dp = nat_dp(true);
+        for (client, vip, backend, snat_addr) in [
+            (&CLIENT4[..], &VIP4[..], &NAT_B4[..], &SNAT4[..]),
+            (&CLIENT6[..], &VIP6[..], &NAT_B6[..], &SNAT6[..]),
+        ] {
+            let what = format!("{}-byte addresses", client.len());
+            let forward = || {
+                let entries = dp.nat_entries();
+                let (_, e) = entries
+                    .iter()
+                    .find(|(k, e)| !e.is_reply() && k.family == if client.len() == 4 { 4 } else { 6 })
+                    .expect("forward entry");
+                *e
+            };
+            let syn = nat_frame(LB_MAC, CLIENT_MAC, 6, client, vip, (40001, 80), SYN);
+            assert_eq!(dp.run(&syn).0, XDP_TX, "{what}: SYN");
+            let syn_ack = with_seq_ack(
+                nat_frame(
+                    LB_MAC,
+                    B1_MAC,
+                    6,
+                    backend,
+                    snat_addr,
+                    (NAT_BACKEND_PORT, SNAT_PORT),
+                    SYN_ACK,
+                ),
+                0x1234_5678,
+                2,
+            );
+            assert_eq!(dp.run(&syn_ack).0, XDP_TX, "{what}: SYN-ACK");
+            // Answered, but half-open: the backend's answer alone establishes nothing.
+            assert_eq!(
+                forward().flags & NAT_F_ESTABLISHED,
+                0,
+                "{what}: after the SYN-ACK"
+            );
+            assert_eq!(forward().ack_expect, 0x1234_5679, "{what}");
+            // A blind ACK with a guessed number is forwarded (the backend judges it) but does
+            // not establish the connection.
+            let blind = with_seq_ack(
+                nat_frame(LB_MAC, CLIENT_MAC, 6, client, vip, (40001, 80), ACK),
+                2,
+                0x1234_0000,
+            );
+            assert_eq!(dp.run(&blind).0, XDP_TX, "{what}: blind ACK");
+            assert_eq!(
+                forward().flags & NAT_F_ESTABLISHED,
+                0,
+                "{what}: after a blind ACK"
+            );
+            let ack = with_seq_ack(
+                nat_frame(LB_MAC, CLIENT_MAC, 6, client, vip, (40001, 80), ACK),
+                2,
+                0x1234_5679,
+            );
+            assert_eq!(dp.run(&ack).0, XDP_TX, "{what}: ACK");
+            assert_ne!(
+                forward().flags & NAT_F_ESTABLISHED,
+                0,
+                "{what}: after the client's ACK"
+            );
+        }
+    });
+}
+
+#[test]
+fn nat_limits_new_connections_per_source_address() {
+    in_fresh_ns(|| {
+        let mut dp = nat_dp(false);
+        let mut cfg = dp.dp_config.get(&0, 0).expect("dp config");
+        cfg.nat_source_limit = 2;
+        dp.dp_config.set(0, cfg, 0).expect("dp config");
+        let syn = |src: &[u8; 4], port: u16| nat_frame(LB_MAC, CLIENT_MAC, 6, src, &VIP4, (port, 80), SYN);
+        assert_eq!(dp.run(&syn(&CLIENT4, 40001)).0, XDP_TX);
+        assert_eq!(dp.run(&syn(&CLIENT4, 40002)).0, XDP_TX);
+        // The third new connection this second from the same address: dropped and counted.
+        assert_eq!(dp.run(&syn(&CLIENT4, 40003)).0, XDP_DROP);
+        assert_eq!(dp.counter(Counter::DropNatSourceLimit), 1);
+        // Its open connections go on, and another address is not held back.
+        let ack = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &VIP4, (40001, 80), ACK);
+        assert_eq!(dp.run(&ack).0, XDP_TX);
+        assert_eq!(dp.run(&syn(&[10, 99, 0, 2], 40001)).0, XDP_TX);
+        assert_eq!(dp.counter(Counter::DropNatSourceLimit), 1);
+        assert_eq!(dp.counter(Counter::NatCreated), 3);
+    });
+}
+
 #[test]
 fn nat_drops_what_it_cannot_translate_and_never_reuses_a_port_in_use() {
     in_fresh_ns(|| {
@@ -1483,9 +1583,11 @@ fn nat_entries_close_expire_and_follow_backend_changes() {
                 .map(|(_, e)| e.is_closing())
                 .expect("forward entry")
         };
+        // The three-way handshake: the SYN-ACK's sequence number is 1, the client ACKs 2.
         let open = |dp: &Dp| {
             assert_eq!(dp.run(&syn).0, XDP_TX);
             assert_eq!(dp.run(&syn_ack).0, XDP_TX);
+            assert_eq!(dp.run(&with_seq_ack(client(ACK), 2, 2)).0, XDP_TX);
         };
         open(&dp);
         assert!(!closing(&dp));
@@ -1505,6 +1607,10 @@ fn nat_entries_close_expire_and_follow_backend_changes() {
         assert_eq!(dp.run(&client(0x14)).0, XDP_TX);
         assert!(closing(&dp));
         assert_eq!(dp.run(&syn).0, XDP_TX);
+        // The reopened connection's handshake completes: the backend's SYN-ACK (sequence 1),
+        // the client's ACK of it (2). Until then it would be half-open, with the SYN timeout.
+        assert_eq!(dp.run(&syn_ack).0, XDP_TX);
+        assert_eq!(dp.run(&with_seq_ack(client(ACK), 2, 2)).0, XDP_TX);
 
         // Expiry on the real table: idle pairs go after their timeout, not before.
         let now = monotonic_ns();
@@ -1544,6 +1650,27 @@ fn nat_entries_close_expire_and_follow_backend_changes() {
                 .expired,
             1
         );
+        // So does one the backend answered but the client never acknowledged, however often
+        // the backend retransmits its SYN-ACK (the attack that held entries for 900 s).
+        assert_eq!(dp.run(&syn).0, XDP_TX);
+        assert_eq!(dp.run(&syn_ack).0, XDP_TX);
+        let now = monotonic_ns();
+        assert_eq!(
+            sweep(&mut dp.nat, &cfg, now + syn_idle - SEC)
+                .expect("sweep")
+                .expired,
+            0
+        );
+        // A SYN-ACK retransmitted 1.5 s later stamps the reply entry; it must not count.
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        assert_eq!(dp.run(&syn_ack).0, XDP_TX, "a retransmitted SYN-ACK");
+        assert_eq!(
+            sweep(&mut dp.nat, &cfg, now + syn_idle + SEC)
+                .expect("sweep")
+                .expired,
+            1
+        );
+        assert_eq!(census(&dp.nat).entries, 0);
         // Closing connections go after the closing timeout.
         open(&dp);
         assert_eq!(dp.run(&backend(FIN_ACK)).0, XDP_TX);

@@ -3,6 +3,7 @@
 //! This module also holds what a client does: the operations ([`Request`]), how each maps to
 //! a method and path, and a blocking call over the Unix socket for the CLI.
 
+pub mod access;
 pub mod openapi;
 pub mod server;
 

@@ -13,11 +13,11 @@ use std::{
 use axum::{
     Json, Router,
     extract::{
-        Path, Query, Request as HttpRequest, State,
+        Path, Query, State,
         rejection::{JsonRejection, PathRejection, QueryRejection},
     },
-    http::{HeaderMap, Method, StatusCode, header},
-    middleware::{self, Next},
+    http::{StatusCode, header},
+    middleware,
     response::{IntoResponse, Response as HttpResponse},
     routing::{get, post, put},
 };
@@ -26,7 +26,10 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{ApiError, Envelope};
+use super::{
+    ApiError, Envelope,
+    access::{Access, guard},
+};
 use crate::control::preview::PlanChange;
 use crate::{
     config::{BackendSpec, Config, DaemonConfig, ServiceSpec},
@@ -49,6 +52,9 @@ pub struct Shared {
     pub nat: Arc<Mutex<NatStatus>>,
     pub board: Board,
     pub stop: watch::Sender<bool>,
+    /// Held through a reload: SIGHUP, the file watch and the API reload one at a time, so an
+    /// older version of the file is never applied after a newer one.
+    pub reloading: tokio::sync::Mutex<()>,
 }
 
 type Ctx = State<Arc<Shared>>;
@@ -57,7 +63,7 @@ type Ctx = State<Arc<Shared>>;
 pub struct Failure(StatusCode, String);
 
 impl Failure {
-    fn new(status: StatusCode, detail: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, detail: impl Into<String>) -> Self {
         Self(status, one_line(&detail.into()))
     }
 }
@@ -456,6 +462,7 @@ pub async fn reload(State(s): Ctx) -> Answer {
 
 /// Reads the config file again and applies it whole (only what differs is rebuilt).
 pub async fn reload_config(s: &Shared) -> crate::error::Result<Vec<String>> {
+    let _one_at_a_time = s.reloading.lock().await;
     let cfg = Config::load(&s.config_path)?;
     if cfg.daemon != s.cfg {
         warn!("reload: [daemon] changes take effect only after a restart");
@@ -533,99 +540,39 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// The tokens of the TCP listener.
-#[derive(Clone)]
-pub struct Tokens {
-    pub admin: Option<Arc<String>>,
-    pub read: Option<Arc<String>>,
-}
-
-fn same(given: &str, want: &Option<Arc<String>>) -> bool {
-    want.as_ref()
-        .is_some_and(|w| bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), w.as_bytes())))
-}
-
-/// TCP only: a read needs the read or the admin token, anything else the admin token.
-async fn authorize(
-    State(tokens): State<Tokens>,
-    headers: HeaderMap,
-    request: HttpRequest,
-    next: Next,
-) -> HttpResponse {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let Some(given) = given else {
-        return Failure::new(StatusCode::UNAUTHORIZED, "a bearer token is required").into_response();
-    };
-    let admin = same(given, &tokens.admin);
-    let read = admin || same(given, &tokens.read);
-    if !read {
-        return Failure::new(StatusCode::UNAUTHORIZED, "unknown bearer token").into_response();
-    }
-    let reading = request.method() == Method::GET || request.method() == Method::HEAD;
-    if !reading && !admin {
-        return Failure::new(StatusCode::FORBIDDEN, "this token may only read").into_response();
-    }
-    next.run(request).await
-}
-
 /// Serves on the Unix socket until `stop` is set.
 pub async fn serve_unix(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
-    let mut stop = shared.stop.subscribe();
-    let app = router(shared);
-    let done = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(done).await {
-        warn!("control socket: {e}");
-    }
+    let (stop, limits) = (shared.stop.subscribe(), shared.cfg.http);
+    let app = router(shared).layer(middleware::from_fn_with_state(Access::socket(), guard));
+    crate::serve::serve(
+        "control socket",
+        crate::serve::Listener::Unix(listener),
+        app,
+        None,
+        limits,
+        stop,
+    )
+    .await;
 }
 
-/// Serves on TCP, behind the tokens (and TLS, if given), until `stop` is set.
+/// Serves on TCP, behind the tokens' scopes (and TLS, if given), until `stop` is set.
 pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
-    tokens: Tokens,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    access: Access,
+    tls: Option<crate::serve::SharedTls>,
 ) {
-    let mut stop = shared.stop.subscribe();
-    let app = router(shared).layer(middleware::from_fn_with_state(tokens, authorize));
-    let Some(acceptor) = tls else {
-        let done = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(done).await {
-            warn!("control API: {e}");
-        }
-        return;
-    };
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!("control API: accept: {e}");
-                    continue;
-                }
-            },
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let (acceptor, app) = (acceptor.clone(), app.clone());
-        tokio::spawn(async move {
-            // A bad handshake is the client's problem; said once at debug level.
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return log::debug!("control API: TLS handshake with {peer}: {e}"),
-                Err(_) => return log::debug!("control API: TLS handshake with {peer} timed out"),
-            };
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await;
-        });
-    }
+    let (stop, limits) = (shared.stop.subscribe(), shared.cfg.http);
+    let app = router(shared).layer(middleware::from_fn_with_state(access, guard));
+    crate::serve::serve(
+        "control API",
+        crate::serve::Listener::Tcp(listener),
+        app,
+        tls,
+        limits,
+        stop,
+    )
+    .await;
 }
 
 /// A TLS acceptor from a PEM certificate chain and key. Each problem is one line naming the file.

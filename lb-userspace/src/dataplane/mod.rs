@@ -97,6 +97,8 @@ impl DataPlane {
             nat_src6: nat.source6.map_or([0; 4], |a| addr_words(a.octets())),
             nat_src4: nat.source4.map_or(0, v4_word),
             flood_limit: lb_common::dpconfig::flood_limit(cfg.flood_guard_per_cpu),
+            nat_source_limit: nat.max_new_per_source,
+            _pad: 0,
         };
         self.dp_config.set(0, value, 0).map_err(Error::dataplane)
     }

@@ -7,10 +7,35 @@
 //! to the configured one), `weight:N` (an absolute weight); `maxconn:N`. What the agent set
 //! stays until the agent itself undoes it: `up` undoes `down`, `ready` undoes `drain` and
 //! `maint`. An agent that cannot be reached changes nothing.
+//!
+//! The agent is the backend's, so what it says is bounded: its weight is at most 256 % of the
+//! configured one (HAProxy's bound) unless `agent_absolute_weights` lets `weight:N` set any,
+//! and its text is shown only after `clean` (no terminal escapes, at most `MAX_TEXT` bytes).
 
 use serde::Serialize;
 
 use crate::model::MAX_WEIGHT;
+
+/// Largest share of its configured weight the agent can give a backend, in percent.
+pub const MAX_PERCENT: u32 = 256;
+
+/// Longest agent text kept (the reply shown, a `#reason`), in bytes.
+pub const MAX_TEXT: usize = 256;
+
+/// Agent text made safe to store, log and print: each control character (Unicode Cc: ESC,
+/// CR, LF, DEL, C1 and the rest) becomes a space, so a backend cannot drive the terminal of
+/// whoever runs `lb health`; cut to `MAX_TEXT` bytes on a character boundary.
+pub fn clean(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_TEXT));
+    for c in text.chars() {
+        let c = if c.is_control() { ' ' } else { c };
+        if out.len() + c.len_utf8() > MAX_TEXT {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct AgentState {
@@ -51,14 +76,21 @@ impl AgentState {
         }
     }
 
-    /// The weight the agent asks for, from the configured one.
+    /// The weight the agent asks for, from the configured one, at most `MAX_PERCENT` of it.
     pub fn weight(&self, configured: u32) -> u32 {
+        self.weight_within(configured, false)
+    }
+
+    /// As `weight`; with `absolute` (`agent_absolute_weights = true`), `weight:N` is taken as
+    /// it is, beyond `MAX_PERCENT` of the configured weight.
+    pub fn weight_within(&self, configured: u32, absolute: bool) -> u32 {
+        let percent =
+            |p: u32| ((u64::from(configured) * u64::from(p) + 50) / 100).min(u64::from(MAX_WEIGHT)) as u32;
         match self.weight {
             None => configured,
-            Some(AgentWeight::Percent(p)) => {
-                ((u64::from(configured) * u64::from(p) + 50) / 100).min(u64::from(MAX_WEIGHT)) as u32
-            }
-            Some(AgentWeight::Absolute(w)) => w,
+            Some(AgentWeight::Percent(p)) => percent(p),
+            Some(AgentWeight::Absolute(w)) if absolute => w,
+            Some(AgentWeight::Absolute(w)) => w.min(percent(MAX_PERCENT)),
         }
     }
 }
@@ -70,7 +102,7 @@ pub fn apply(state: &AgentState, line: &str) -> Result<AgentState, String> {
         return Err("empty agent reply".into());
     }
     let (words, reason) = match line.split_once('#') {
-        Some((w, r)) => (w, Some(r.trim().to_string())),
+        Some((w, r)) => (w, Some(clean(r).trim().to_string())),
         None => (line, None),
     };
     let mut next = state.clone();
@@ -102,7 +134,7 @@ pub fn apply(state: &AgentState, line: &str) -> Result<AgentState, String> {
                 if let Some(n) = w.strip_prefix("maxconn:") {
                     next.maxconn = Some(number(n, 1_000_000_000)?);
                 } else if let Some(p) = w.strip_prefix("weight:").unwrap_or(w).strip_suffix('%') {
-                    next.weight = Some(AgentWeight::Percent(number(p, 256)?));
+                    next.weight = Some(AgentWeight::Percent(number(p, MAX_PERCENT)?));
                 } else if let Some(n) = w.strip_prefix("weight:") {
                     next.weight = Some(AgentWeight::Absolute(number(n, MAX_WEIGHT)?));
                 } else {
@@ -112,7 +144,7 @@ pub fn apply(state: &AgentState, line: &str) -> Result<AgentState, String> {
         }
     }
     if !any {
-        return Err(format!("agent reply {line:?} holds no word"));
+        return Err(format!("agent reply {:?} holds no word", clean(line)));
     }
     Ok(next)
 }
@@ -149,6 +181,41 @@ mod tests {
         assert_eq!(
             (all.weight(100), all.maxconn, all.excluded()),
             (80, Some(30), false)
+        );
+    }
+
+    #[test]
+    fn absolute_weights_are_capped_unless_allowed() {
+        let s = after(&["weight:10000"]);
+        // At most 256 % of the configured weight: 100 -> 256, 3 -> 8.
+        assert_eq!(s.weight(100), 256);
+        assert_eq!(s.weight(3), 8);
+        assert_eq!(s.weight(0), 0, "a drained backend stays drained");
+        assert_eq!(after(&["weight:150"]).weight(100), 150, "under the cap: as asked");
+        assert_eq!(after(&["weight:7"]).weight(100), 7);
+        // agent_absolute_weights = true: as asked.
+        assert_eq!(s.weight_within(100, true), 10_000);
+        assert_eq!(s.weight_within(0, true), 10_000);
+        // Relative weights are bounded by the parser already, and the same either way.
+        assert_eq!(after(&["256%"]).weight_within(100, true), 256);
+    }
+
+    #[test]
+    fn agent_text_is_cleaned_and_capped() {
+        let s = after(&["down #\u{1b}[2J\u{1b}]0;pwned\u{7}disk\rfull\u{9b}31m"]);
+        let reason = s.down.expect("down");
+        assert!(!reason.contains(char::is_control), "{reason:?}");
+        assert_eq!(reason, "agent says down: [2J ]0;pwned disk full 31m");
+        assert_eq!(clean("up\u{1b}[31m\tx\u{7f}"), "up [31m x ");
+        // Capped on a character boundary: 'é' is 2 bytes, 256 / 2 = 128 of them fit.
+        let long = "é".repeat(300);
+        assert_eq!(clean(&long).len(), MAX_TEXT);
+        assert_eq!(clean(&format!("a{long}")).len(), MAX_TEXT - 1);
+        let reason = after(&[&format!("down #{}", "x".repeat(2000))]).down.unwrap();
+        assert!(
+            reason.len() <= "agent says down: ".len() + MAX_TEXT,
+            "{}",
+            reason.len()
         );
     }
 

@@ -309,11 +309,12 @@ pub async fn run(
                         let mut view = views.agents.get_mut(&backend);
                         let (next, last) = match answer {
                             AgentAnswer::Line(line) => match agent::apply(&t.agent, &line) {
-                                Ok(next) => (Some(next), line),
+                                // The backend's text, shown by `lb health`: cleaned of escapes.
+                                Ok(next) => (Some(next), agent::clean(&line)),
                                 Err(e) => {
                                     warn!("backend {backend}: agent at {}: {e}; nothing changed", spec.target);
                                     if let Some(v) = view.as_deref_mut() { v.malformed += 1; }
-                                    (None, format!("{line:?}: {e}"))
+                                    (None, format!("{:?}: {e}", agent::clean(&line)))
                                 }
                             },
                             AgentAnswer::Malformed(e) => {

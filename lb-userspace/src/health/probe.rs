@@ -97,7 +97,7 @@ async fn attempt(spec: &CheckSpec, via: Option<Via>) -> Result<String, String> {
                     .await
                 }
                 Some(ca) => {
-                    let config = tls::client_config(ca.as_deref())?;
+                    let config = tls::client_config(ca.as_deref()).await?;
                     let name = tls::server_name(host.as_deref(), spec.target)?;
                     let stream = tokio_rustls::TlsConnector::from(config)
                         .connect(name, stream)
@@ -363,9 +363,12 @@ mod tls {
 
     type Cache = Mutex<HashMap<Option<String>, Arc<ClientConfig>>>;
 
+    /// Largest `tls_ca` file read (a CA bundle of every public root is about 200 KiB).
+    pub const MAX_CA_FILE: u64 = crate::files::MIB;
+
     /// The config for `ca` (a PEM file of CA certificates), read once; a file that cannot be
     /// read fails the check with why (and is tried again next time).
-    pub fn client_config(ca: Option<&str>) -> Result<Arc<ClientConfig>, String> {
+    pub async fn client_config(ca: Option<&str>) -> Result<Arc<ClientConfig>, String> {
         static CACHE: OnceLock<Cache> = OnceLock::new();
         let cache = CACHE.get_or_init(Default::default);
         let key = ca.map(str::to_string);
@@ -382,9 +385,16 @@ mod tls {
                 .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
                 .with_no_client_auth(),
             Some(path) => {
+                // Any path an API body names, read as root: a regular file of at most
+                // MAX_CA_FILE, off the runtime's threads.
+                let owned = std::path::PathBuf::from(path);
+                let pem =
+                    tokio::task::spawn_blocking(move || crate::files::read_regular(&owned, MAX_CA_FILE))
+                        .await
+                        .map_err(|e| format!("tls_ca {path}: {e}"))?
+                        .map_err(|e| format!("tls_ca {e}"))?;
                 let mut roots = rustls::RootCertStore::empty();
-                let certs = CertificateDer::pem_file_iter(path)
-                    .map_err(|e| format!("tls_ca {path}: {e}"))?
+                let certs = CertificateDer::pem_slice_iter(&pem)
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| format!("tls_ca {path}: {e}"))?;
                 let (added, _) = roots.add_parsable_certificates(certs);
@@ -411,5 +421,30 @@ mod tls {
             Some(h) => ServerName::try_from(h.to_string()).map_err(|e| format!("tls: host {h:?}: {e}")),
             None => Ok(ServerName::IpAddress(target.ip().into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tls_ca_is_a_regular_file_of_at_most_a_mib() {
+        let e = tls::client_config(Some("/dev/zero")).await.unwrap_err();
+        assert_eq!(e, "tls_ca /dev/zero: not a regular file");
+        let dir = std::env::temp_dir().join(format!("lb-tls-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big.pem");
+        std::fs::write(&big, vec![b'-'; tls::MAX_CA_FILE as usize + 1]).unwrap();
+        let e = tls::client_config(big.to_str()).await.unwrap_err();
+        assert_eq!(
+            e,
+            format!("tls_ca {}: larger than the limit of 1 MiB", big.display())
+        );
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = tls::client_config(empty.to_str()).await.unwrap_err();
+        assert!(e.ends_with("empty.pem: no CA certificate"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -31,8 +31,9 @@ pub enum DownFlows {
     Keep,
 }
 
-/// With fewer than `panic_threshold` of its backends up, a service spreads over all of them
-/// (`all`, Envoy's panic mode) or keeps to the healthy ones (`healthy`).
+/// In panic (no backend up, or fewer than `panic_threshold` of them when it is set), a service
+/// spreads over all of them (`all`, Envoy's panic mode) or keeps to the healthy ones
+/// (`healthy`).
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OnPanic {
@@ -94,6 +95,9 @@ pub struct HealthSettings {
     pub agent_port: Option<u16>,
     pub agent_send: Option<String>,
     pub agent_interval: Option<f64>,
+    /// The agent's `weight:N` sets the weight as it is. Unset or false: at most 256 % of the
+    /// configured weight (HAProxy's bound), so a backend cannot lift itself over the others.
+    pub agent_absolute_weights: Option<bool>,
     /// Circuit breaker: consecutive failures that open it (unset: no breaker), seconds it stays
     /// open, and the share of its normal weight it gets while half-open.
     pub breaker_failures: Option<u32>,
@@ -110,7 +114,8 @@ pub struct HealthSettings {
     pub down_flows: Option<DownFlows>,
     /// Seconds over which a recovered backend's weight ramps up linearly (0 = off).
     pub slow_start: Option<f64>,
-    /// Service only: the share of backends that must be up to leave panic mode.
+    /// Service only: the share of backends that must be up to leave panic mode (Envoy's; 0
+    /// never panics). Unset: panic only when none is up.
     pub panic_threshold: Option<f64>,
     /// Service only.
     pub on_panic: Option<OnPanic>,
@@ -123,7 +128,6 @@ pub const DEFAULT_JITTER: f64 = 0.2;
 pub const DEFAULT_ERROR_THRESHOLD: u32 = 3;
 pub const DEFAULT_RECOVERY_THRESHOLD: u32 = 2;
 pub const DEFAULT_MIN_SCORE: f64 = 0.1;
-pub const DEFAULT_PANIC_THRESHOLD: f64 = 0.5;
 pub const DEFAULT_BREAKER_COOLDOWN: f64 = 30.0;
 pub const DEFAULT_HALF_OPEN_SHARE: f64 = 0.1;
 
@@ -187,7 +191,10 @@ pub struct Checks {
 /// A service's panic settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PanicSpec {
-    pub threshold: f64,
+    /// `panic_threshold` as set. Unset is not Envoy's 0.5: with one of three backends up, that
+    /// sends two thirds of new flows to backends the checks call dead, so by default only a
+    /// service with none up (where any answer beats none) panics.
+    pub threshold: Option<f64>,
     pub on_panic: OnPanic,
 }
 
@@ -195,11 +202,18 @@ impl PanicSpec {
     pub fn of(service: &Service) -> Self {
         let s = service.health.as_ref();
         Self {
-            threshold: s
-                .and_then(|s| s.panic_threshold)
-                .unwrap_or(DEFAULT_PANIC_THRESHOLD),
+            threshold: s.and_then(|s| s.panic_threshold),
             on_panic: s.and_then(|s| s.on_panic).unwrap_or_default(),
         }
+    }
+
+    /// Whether `healthy` of `candidates` (reachable, undrained) backends up is panic.
+    pub fn panics(&self, healthy: usize, candidates: usize) -> bool {
+        candidates > 0
+            && match self.threshold {
+                Some(t) => (healthy as f64) < t * candidates as f64,
+                None => healthy == 0,
+            }
     }
 }
 
@@ -209,6 +223,15 @@ pub fn down_flows(service: &Service, backend: &Backend) -> DownFlows {
         &h.down_flows
     })
     .unwrap_or_default()
+}
+
+/// Whether the backend's agent may set any weight with `weight:N` (else at most 256 % of the
+/// configured one).
+pub fn agent_absolute_weights(service: &Service, backend: &Backend) -> bool {
+    pick(service.health.as_ref(), backend.health.as_ref(), |h| {
+        &h.agent_absolute_weights
+    })
+    .unwrap_or(false)
 }
 
 /// The backend's setting if it has one, else the service's.
@@ -251,6 +274,9 @@ pub fn resolve(service: &Service, backend: &Backend) -> Result<Checks, String> {
     let agent = match pick(s, b, |h| &h.agent_port) {
         None if pick(s, b, |h| &h.kind) == Some(CheckKind::Agent) => {
             return Err("kind = \"agent\" needs agent_port".into());
+        }
+        None if pick(s, b, |h| &h.agent_absolute_weights) == Some(true) => {
+            return Err("agent_absolute_weights needs agent_port".into());
         }
         None => None,
         Some(0) => return Err("agent_port must not be 0".into()),
@@ -508,6 +534,7 @@ pub fn validate_service(service: &Service) -> Result<(), String> {
             health: None,
             max_new_flows_per_s: None,
             maxconn: None,
+            allow_link_local: false,
         };
         resolve(service, &probe)?;
     }

@@ -248,9 +248,15 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         MetricType::GAUGE,
         &["service", "backend"],
     ),
+    (
+        "lb_nat_half_open",
+        "NAT TCP connections whose handshake the client has not completed, as of the last sweep.",
+        MetricType::GAUGE,
+        &[],
+    ),
 ];
 /// `families` names each family by its index in FAMILIES.
-const _: () = assert!(FAMILIES.len() == 35);
+const _: () = assert!(FAMILIES.len() == 36);
 
 /// One family: samples in the order the walk adds them.
 struct Family {
@@ -586,7 +592,8 @@ impl DataPlaneCollector {
             backend_load,
             backend_refused,
             backend_load_factor,
-        ]: [usize; 35] = std::array::from_fn(|i| i);
+            nat_half_open,
+        ]: [usize; 36] = std::array::from_fn(|i| i);
         let board = s.board.read().unwrap_or_else(|p| p.into_inner());
         let default = crate::status::BackendStatus::default();
         let mut services: Vec<&crate::model::Service> = snap.services.iter().collect();
@@ -732,6 +739,7 @@ impl DataPlaneCollector {
         let nat = *s.nat.lock().unwrap_or_else(|p| p.into_inner());
         f.add(nat_entries, &[], nat.census.entries as f64);
         f.add(nat_ports, &[], nat.census.snat_ports_in_use as f64);
+        f.add(nat_half_open, &[], nat.census.half_open as f64);
         f.add(nat_expired, &[], nat.expired as f64);
         f.add(nat_capacity, &[], s.nat_capacity as f64);
         f.add(conntrack_capacity, &[], s.conntrack_capacity as f64);
@@ -789,13 +797,52 @@ pub fn render(metrics: &Metrics) -> Vec<u8> {
     out
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` is set. With a token, a scrape must send
-/// `Authorization: Bearer <token>` (compared in constant time).
+/// One render at a time: scrapes that arrive while one is under way wait for it and share
+/// its body, so a crowd of scrapers costs one render, not one each.
+#[derive(Clone)]
+pub struct SharedRender {
+    metrics: Metrics,
+    /// Renders finished; read before waiting, so a waiter knows whether one finished since.
+    done: Arc<std::sync::atomic::AtomicU64>,
+    last: Arc<tokio::sync::Mutex<Arc<Vec<u8>>>>,
+}
+
+impl SharedRender {
+    pub fn new(metrics: Metrics) -> Self {
+        Self {
+            metrics,
+            done: Arc::default(),
+            last: Arc::default(),
+        }
+    }
+
+    /// The body of a render that finished after this call began: the one under way when it
+    /// came, shared, or its own.
+    pub async fn body(&self) -> Option<Arc<Vec<u8>>> {
+        use std::sync::atomic::Ordering;
+        let seen = self.done.load(Ordering::Acquire);
+        let mut last = self.last.lock().await;
+        if self.done.load(Ordering::Acquire) != seen {
+            // A render began after us and finished while we waited: it is fresh enough.
+            return Some(last.clone());
+        }
+        // Reading the maps and encoding take milliseconds: off the async workers.
+        let metrics = self.metrics.clone();
+        let body = Arc::new(tokio::task::spawn_blocking(move || render(&metrics)).await.ok()?);
+        *last = body.clone();
+        self.done.fetch_add(1, Ordering::Release);
+        Some(body)
+    }
+}
+
+/// Serves `GET /metrics` on `listener` within `limits` until `stop` is set. With a token, a
+/// scrape must send `Authorization: Bearer <token>` (compared in constant time).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Metrics,
     token: Option<String>,
-    mut stop: watch::Receiver<bool>,
+    limits: crate::config::HttpLimits,
+    stop: watch::Receiver<bool>,
 ) {
     use axum::{
         extract::State,
@@ -805,7 +852,7 @@ pub async fn serve(
     };
     #[derive(Clone)]
     struct Endpoint {
-        metrics: Metrics,
+        render: SharedRender,
         token: Option<Arc<String>>,
     }
     async fn scrape(State(e): State<Endpoint>, headers: HeaderMap) -> axum::response::Response {
@@ -819,25 +866,30 @@ pub async fn serve(
                 return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
             }
         }
-        // Reading the maps and encoding take milliseconds: off the async workers.
-        let metrics = e.metrics.clone();
-        match tokio::task::spawn_blocking(move || render(&metrics)).await {
-            Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response(),
-            Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "scrape failed\n").into_response(),
+        match e.render.body().await {
+            Some(body) => (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                body.as_ref().clone(),
+            )
+                .into_response(),
+            None => (StatusCode::INTERNAL_SERVER_ERROR, "scrape failed\n").into_response(),
         }
     }
     let app = axum::Router::new()
         .route("/metrics", get(scrape))
         .with_state(Endpoint {
-            metrics,
+            render: SharedRender::new(metrics),
             token: token.map(Arc::new),
         });
-    let shutdown = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-        log::warn!("metrics endpoint: {e}");
-    }
+    crate::serve::serve(
+        "metrics",
+        crate::serve::Listener::Tcp(listener),
+        app,
+        None,
+        limits,
+        stop,
+    )
+    .await;
 }
 
 #[cfg(test)]

@@ -688,7 +688,7 @@ impl Writer {
             let was = self.panicking.contains(name);
             if w.panic && !was {
                 warn!(
-                    "service {name}: panic: fewer than its panic_threshold of backends are up; spreading per on_panic"
+                    "service {name}: panic: no backend is up (or fewer than its panic_threshold); spreading per on_panic"
                 );
                 self.panicking.insert(name.clone());
             } else if !w.panic && was {
@@ -709,11 +709,19 @@ impl Writer {
         self.services = services;
         self.hops = next_hops;
         self.status = status;
-        Persisted {
+        // The change is in the maps already: a failed save is said, not a refused change (the
+        // next pass writes the file again).
+        if let Err(e) = (Persisted {
             services: self.services.iter().map(ServiceSpec::from).collect(),
             assignments: assignments.clone(),
+        })
+        .save(&self.state_path)
+        {
+            warn!("state file not saved (a restart would start from the one before): {e}");
+            warnings.push(format!(
+                "the change took effect but the state file was not saved: {e}"
+            ));
         }
-        .save(&self.state_path)?;
         let (attachments, adopted) = {
             let guard = self.engine.lock().unwrap_or_else(|p| p.into_inner());
             (guard.dp.attachments.clone(), guard.dp.adopted)

@@ -359,6 +359,7 @@ mod tests {
                         health: None,
                         max_new_flows_per_s: None,
                         maxconn: None,
+                        allow_link_local: false,
                     })
                     .collect(),
             })

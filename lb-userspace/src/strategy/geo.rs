@@ -99,14 +99,20 @@ pub struct GeoPrefix {
     pub region: u32,
 }
 
+/// Largest geo data file read: a MaxMind city database is about 70 MiB, a country one or a
+/// CSV of every routed prefix well under that.
+pub const MAX_DATA: u64 = 256 * crate::files::MIB;
+
 /// The data file at `path`, parsed as its extension says (`.mmdb`: MaxMind; else CSV).
+/// Blocking.
 pub fn load(path: &std::path::Path, geo: &GeoSettings) -> Result<Vec<GeoPrefix>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bytes = crate::files::read_regular(path, MAX_DATA)?;
     let parsed = if path.extension().is_some_and(|e| e == "mmdb") {
         parse_mmdb(bytes, geo)
     } else {
-        let text = String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))?;
-        parse_csv(&text, geo)
+        String::from_utf8(bytes)
+            .map_err(|e| format!("not UTF-8 text: {e}"))
+            .and_then(|text| parse_csv(&text, geo))
     };
     parsed.map_err(|e| format!("{}: {e}", path.display()))
 }
@@ -290,5 +296,36 @@ mod tests {
         }
         let e = parse_mmdb(b"not a database".to_vec(), &g).unwrap_err();
         assert!(e.starts_with("not a MaxMind database"), "{e}");
+    }
+
+    #[test]
+    fn load_reads_only_a_regular_file_of_at_most_max_data() {
+        let g = geo();
+        for path in ["/dev/zero", "/dev/zero.mmdb"] {
+            // (/dev/zero.mmdb does not exist: refused by open, not read.)
+            let e = load(std::path::Path::new(path), &g).unwrap_err();
+            assert!(e.starts_with(path) && !e.contains('\n'), "{e}");
+        }
+        assert!(
+            load(std::path::Path::new("/dev/zero"), &g)
+                .unwrap_err()
+                .ends_with("not a regular file")
+        );
+        let dir = std::env::temp_dir().join(format!("lb-geo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("geo.csv");
+        std::fs::write(&good, "10.0.0.0/8,eu\n").unwrap();
+        assert_eq!(load(&good, &g).unwrap().len(), 1);
+        // Sparse: its size is over the limit without the disk holding it.
+        let big = dir.join("big.csv");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_DATA + 1)
+            .unwrap();
+        let e = load(&big, &g).unwrap_err();
+        assert!(e.contains("big.csv: larger than the limit of 256 MiB"), "{e}");
+        std::fs::write(&good, b"\xff\n").unwrap();
+        assert!(load(&good, &g).unwrap_err().contains("geo.csv: not UTF-8"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

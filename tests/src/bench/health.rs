@@ -262,6 +262,7 @@ fn checks_per_second(window_s: f64) -> Result<ChecksResult> {
                         health: None,
                         max_new_flows_per_s: None,
                         maxconn: None,
+                        allow_link_local: false,
                     })
                     .collect(),
             })
@@ -346,6 +347,7 @@ fn flap_services(n: usize, per: usize) -> Vec<Service> {
                     health: None,
                     max_new_flows_per_s: None,
                     maxconn: None,
+                    allow_link_local: false,
                 })
                 .collect(),
         })

@@ -1,0 +1,95 @@
+//! Files that a config or an API body names and the daemon (as root) reads: a health check's
+//! `tls_ca`, the geo data. Only regular files, and only so many bytes: `/dev/zero` never ends
+//! and a FIFO never answers.
+
+use std::{io::Read, os::unix::fs::OpenOptionsExt, path::Path};
+
+pub const MIB: u64 = 1024 * 1024;
+
+/// Reads the regular file at `path`, at most `max` bytes. What it is comes from the opened
+/// file's own metadata (fstat), so the path cannot be swapped for a device between a check and
+/// the read. Blocking: call it from a blocking thread. Errors are one line naming the file.
+pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    let at = path.display();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        // Opening a FIFO must not wait for a writer, nor a terminal become ours.
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("{at}: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("{at}: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err(format!("{at}: not a regular file"));
+    }
+    let too_big = || format!("{at}: larger than the limit of {}", size(max));
+    if meta.len() > max {
+        return Err(too_big());
+    }
+    // The size is only a hint (procfs says 0, a file may grow): the read is bounded itself.
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{at}: {e}"))?;
+    if bytes.len() as u64 > max {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
+
+fn size(bytes: u64) -> String {
+    if bytes >= MIB && bytes.is_multiple_of(MIB) {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str, len: usize) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("lb-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, vec![b'a'; len]).unwrap();
+        path
+    }
+
+    #[test]
+    fn only_regular_files_within_the_limit_are_read() {
+        let ok = temp("ok", 1000);
+        assert_eq!(read_regular(&ok, 1000).unwrap().len(), 1000);
+        let e = read_regular(&ok, 999).unwrap_err();
+        assert_eq!(e, format!("{}: larger than the limit of 999 bytes", ok.display()));
+        let big = temp("big", (MIB + 1) as usize);
+        let e = read_regular(&big, MIB).unwrap_err();
+        assert!(
+            e.ends_with("larger than the limit of 1 MiB") && e.contains("big"),
+            "{e}"
+        );
+        for (path, needle) in [
+            ("/dev/zero", "/dev/zero: not a regular file"),
+            ("/dev/null", "/dev/null: not a regular file"),
+            ("/", "/: not a regular file"),
+            ("/nonexistent/ca.pem", "/nonexistent/ca.pem: "),
+        ] {
+            let e = read_regular(Path::new(path), MIB).unwrap_err();
+            assert!(e.starts_with(needle) && !e.contains('\n'), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(ok.parent().unwrap());
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = std::env::temp_dir().join(format!("lb-files-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = read_regular(&fifo, MIB).unwrap_err();
+        assert!(e.ends_with("not a regular file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
