@@ -292,7 +292,12 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         stop: stop_tx.clone(),
         reloading: tokio::sync::Mutex::new(()),
     });
-    let server = tokio::spawn(server::serve_unix(listener, shared.clone()));
+    let server = tokio::spawn(server::serve(
+        crate::serve::Listener::Unix(listener),
+        shared.clone(),
+        Access::socket(),
+        None,
+    ));
     let tcp_api = match api_listener {
         Some((listener, access, tls)) => {
             let scheme = if tls.is_some() { "https" } else { "http" };
@@ -300,8 +305,8 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
                 "control API on {scheme}://{}",
                 cfg.api.listen.map(|a| a.to_string()).unwrap_or_default()
             );
-            Some(tokio::spawn(server::serve_tcp(
-                listener,
+            Some(tokio::spawn(server::serve(
+                crate::serve::Listener::Tcp(listener),
                 shared.clone(),
                 access,
                 tls,

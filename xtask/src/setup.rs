@@ -109,7 +109,7 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
     }
     if !python_env_ready(ctx) {
         install_python_env(ctx)?;
-        done.push(format!("Python test environment ({})", PY_PACKAGES.join(" ")));
+        done.push(format!("Python test environment ({PY_REQUIREMENTS})"));
     }
 
     let secs = start.elapsed().as_secs_f64();
@@ -136,23 +136,25 @@ fn is_root() -> bool {
 
 // ---- Python test environment -------------------------------------------------
 
-/// What the API tests run: schemathesis against the live API, and the Python client's own
-/// dependency; mmdb-writer makes the MaxMind files the geo test loads. Pinned, in a virtual environment under the target directory.
-const PY_PACKAGES: &[&str] = &[
-    "schemathesis==4.32.5",
-    "httpx==0.28.1",
-    "mmdb-writer==0.2.7",
-    "netaddr==1.3.0",
-];
+/// What the API tests run (schemathesis against the live API, the Python client's httpx,
+/// mmdb-writer for the geo test's MaxMind files), every package and dependency pinned with
+/// its hash, in a virtual environment under the target directory.
+const PY_REQUIREMENTS: &str = "python/requirements-test.txt";
+
+fn py_requirements(ctx: &Ctx) -> Result<String> {
+    let path = ctx.root.join(PY_REQUIREMENTS);
+    fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
+}
 
 /// The virtual environment's directory; tests find it as `target/py`.
 pub fn python_env(ctx: &Ctx) -> std::path::PathBuf {
     ctx.target_dir().join("py")
 }
 
+/// Ready when the environment was made from the requirements as they are now.
 fn python_env_ready(ctx: &Ctx) -> bool {
     let marker = python_env(ctx).join("lb-packages");
-    fs::read_to_string(marker).is_ok_and(|m| m == PY_PACKAGES.join(" "))
+    py_requirements(ctx).is_ok_and(|want| fs::read_to_string(marker).is_ok_and(|m| m == want))
 }
 
 fn install_python_env(ctx: &Ctx) -> Result<()> {
@@ -165,10 +167,16 @@ fn install_python_env(ctx: &Ctx) -> Result<()> {
     venv.args(["-m", "venv"]).arg(&dir);
     ctx::run(&mut venv).context("create the Python test environment (fix: apt-get install python3-venv)")?;
     let mut pip = ctx.command(dir.join("bin/pip"));
-    pip.args(["install", "--quiet", "--disable-pip-version-check"])
-        .args(PY_PACKAGES);
+    pip.args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--require-hashes",
+        "-r",
+    ])
+    .arg(ctx.root.join(PY_REQUIREMENTS));
     ctx::run(&mut pip).context("install the Python test packages")?;
-    fs::write(dir.join("lb-packages"), PY_PACKAGES.join(" "))
+    fs::write(dir.join("lb-packages"), py_requirements(ctx)?)
         .with_context(|| format!("write {}", dir.display()))?;
     Ok(())
 }

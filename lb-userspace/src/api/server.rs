@@ -540,39 +540,21 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Serves on the Unix socket until `stop` is set.
-pub async fn serve_unix(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
-    let (stop, limits) = (shared.stop.subscribe(), shared.cfg.http);
-    let app = router(shared).layer(middleware::from_fn_with_state(Access::socket(), guard));
-    crate::serve::serve(
-        "control socket",
-        crate::serve::Listener::Unix(listener),
-        app,
-        None,
-        limits,
-        stop,
-    )
-    .await;
-}
-
-/// Serves on TCP, behind the tokens' scopes (and TLS, if given), until `stop` is set.
-pub async fn serve_tcp(
-    listener: tokio::net::TcpListener,
+/// Serves the API on `listener` until `stop` is set: the Unix socket (`Access::socket`) or TCP
+/// behind the tokens' scopes (and TLS, if given).
+pub async fn serve(
+    listener: crate::serve::Listener,
     shared: Arc<Shared>,
     access: Access,
     tls: Option<crate::serve::SharedTls>,
 ) {
+    let name = match listener {
+        crate::serve::Listener::Unix(_) => "control socket",
+        crate::serve::Listener::Tcp(_) => "control API",
+    };
     let (stop, limits) = (shared.stop.subscribe(), shared.cfg.http);
     let app = router(shared).layer(middleware::from_fn_with_state(access, guard));
-    crate::serve::serve(
-        "control API",
-        crate::serve::Listener::Tcp(listener),
-        app,
-        tls,
-        limits,
-        stop,
-    )
-    .await;
+    crate::serve::serve(name, listener, app, tls, limits, stop).await;
 }
 
 /// A TLS acceptor from a PEM certificate chain and key. Each problem is one line naming the file.
