@@ -71,6 +71,8 @@ pub const DECAP_VIPS: &str = "DECAP_VIPS";
 pub const DECAP_STATS: &str = "DECAP_STATS";
 pub const DECAP_GUE_PORT: &str = "DECAP_GUE_PORT";
 pub const DECAP_MAC: &str = "DECAP_MAC";
+pub const DECAP_SOURCES: &str = "DECAP_SOURCES";
+pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
 /// Its program.
 pub const PROG_DECAP: &str = "decap";
 

@@ -9,10 +9,10 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray},
     programs::XdpContext,
 };
-use lb_common::AddrKey;
+use lb_common::{AddrKey, geo::GeoData};
 use lb_ebpf::{Frame, tunnel::tunnel};
 
 /// Local VIPs (the backend setup command fills it with what it puts on loopback).
@@ -29,9 +29,21 @@ static DECAP_GUE_PORT: Array<u32> = Array::pinned(1, 0);
 #[map]
 static DECAP_MAC: Array<[u8; 8]> = Array::pinned(1, 0);
 
-/// Per-CPU: [0] decapsulated, [1] IPIP for an address that is not a local VIP (passed as is).
+/// Who may encapsulate to this host: the balancers' outer source prefixes (the setup
+/// command's `--source`). A tunnel from anywhere else is passed as it came, never stripped, so
+/// nobody on the path can hand this host's stack a packet "from" any client to a VIP.
 #[map]
-static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(2, 0);
+static DECAP_SOURCES: LpmTrie<GeoData, u32> = LpmTrie::pinned(64, 0);
+
+/// This host's own outer addresses (the setup command's `--address`, by default the
+/// interface's): a tunnel addressed to another host is not ours.
+#[map]
+static DECAP_LOCAL: HashMap<AddrKey, u32> = HashMap::pinned(64, 0);
+
+/// Per-CPU: [0] decapsulated, [1] a tunnel for an address that is not a local VIP, [2] a tunnel
+/// from a source not allowed or to an address not this host's (both passed as they came).
+#[map]
+static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(3, 0);
 
 #[xdp]
 pub fn decap(ctx: XdpContext) -> u32 {
@@ -50,6 +62,16 @@ pub fn decap(ctx: XdpContext) -> u32 {
         && mine[..6] != [0; 6]
         && mine[..6] != dst_mac
     {
+        return xdp_action::XDP_PASS;
+    }
+    // From a balancer, to this host.
+    let (len, data) = lb_common::geo::key(t.family, t.outer_src, lb_common::geo::max_prefix(t.family));
+    let from = aya_ebpf::maps::lpm_trie::Key::new(len, data);
+    // SAFETY: plain lookups; the values are not read.
+    if DECAP_SOURCES.get(&from).is_none()
+        || unsafe { DECAP_LOCAL.get(&AddrKey::new(t.family, t.outer_dst)) }.is_none()
+    {
+        count(2);
         return xdp_action::XDP_PASS;
     }
     // The inner destination must be a local VIP.

@@ -22,6 +22,9 @@ pub struct Tunnel {
     pub family: u8,
     /// The inner destination address, as map words (IPv4 in the first).
     pub inner_dst: [u32; 4],
+    /// The outer source and destination, as map words: who encapsulated it, and to whom.
+    pub outer_src: [u32; 4],
+    pub outer_dst: [u32; 4],
     /// The Ethernet type, as on the wire.
     pub ethertype: u16,
 }
@@ -37,7 +40,7 @@ pub fn tunnel(frame: &Frame, gue_port: u32) -> Option<Tunnel> {
     // SAFETY: bounds checked by ptr_at.
     let ethertype = unsafe { (eth.add(12) as *const u16).read_unaligned() };
     let after_eth = frame.len() - 14;
-    let (ip_len, family, proto, inner_proto, outer_total) = if ethertype == ETH_P_IPV4 {
+    let (ip_len, family, proto, inner_proto, outer_total, outer) = if ethertype == ETH_P_IPV4 {
         let ip = frame.ptr_at::<[u8; 20]>(14)?.cast::<u8>();
         // SAFETY: 20 bytes bounds-checked.
         let (vihl, total, frags, proto) = unsafe {
@@ -52,7 +55,15 @@ pub fn tunnel(frame: &Frame, gue_port: u32) -> Option<Tunnel> {
         if vihl != 0x45 || frags & 0x3fff != 0 {
             return None;
         }
-        (20usize, FAMILY_V4, proto, IPPROTO_IPIP, total)
+        // SAFETY: as above; the addresses are at 12 and 16.
+        let (src, dst) = unsafe {
+            (
+                (ip.add(12) as *const u32).read_unaligned(),
+                (ip.add(16) as *const u32).read_unaligned(),
+            )
+        };
+        let outer = ([src, 0, 0, 0], [dst, 0, 0, 0]);
+        (20usize, FAMILY_V4, proto, IPPROTO_IPIP, total, outer)
     } else if ethertype == ETH_P_IPV6 {
         let ip = frame.ptr_at::<[u8; 40]>(14)?.cast::<u8>();
         // SAFETY: 40 bytes bounds-checked.
@@ -66,7 +77,10 @@ pub fn tunnel(frame: &Frame, gue_port: u32) -> Option<Tunnel> {
         if vers != 6 {
             return None;
         }
-        (40usize, FAMILY_V6, next, IPPROTO_IPV6, 40 + payload)
+        // SAFETY: as above; the addresses are at 8 and 24.
+        let w = |at: usize| unsafe { (ip.add(at) as *const u32).read_unaligned() };
+        let outer = ([w(8), w(12), w(16), w(20)], [w(24), w(28), w(32), w(36)]);
+        (40usize, FAMILY_V6, next, IPPROTO_IPV6, 40 + payload, outer)
     } else {
         return None;
     };
@@ -128,6 +142,8 @@ pub fn tunnel(frame: &Frame, gue_port: u32) -> Option<Tunnel> {
         outer_len,
         family,
         inner_dst,
+        outer_src: outer.0,
+        outer_dst: outer.1,
         ethertype,
     })
 }

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
     programs::{Xdp, XdpMode, links::FdLink},
 };
 use futures::TryStreamExt;
@@ -82,9 +82,176 @@ fn validate_vips(vips: &[IpAddr]) -> Result<()> {
     Ok(())
 }
 
+/// An address prefix, written `ADDR/LEN`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not ADDRESS/LENGTH"))?;
+        let addr: IpAddr = a.parse().map_err(|_| format!("{a:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len: u8 = l
+            .parse()
+            .ok()
+            .filter(|n| *n <= max)
+            .ok_or_else(|| format!("prefix length {l:?} is not 0..={max}"))?;
+        Ok(Self { addr, len })
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl Prefix {
+    fn key(&self) -> aya::maps::lpm_trie::Key<lb_common::geo::GeoData> {
+        let (family, words) = match self.addr {
+            IpAddr::V4(a) => {
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&a.octets());
+                (lb_common::FAMILY_V4, lb_common::addr_words(b))
+            }
+            IpAddr::V6(a) => (lb_common::FAMILY_V6, lb_common::addr_words(a.octets())),
+        };
+        let (len, data) = lb_common::geo::key(family, words, u32::from(self.len));
+        aya::maps::lpm_trie::Key::new(len, data)
+    }
+}
+
+/// Who may encapsulate to this host, and at which of its addresses.
+pub struct Trust {
+    pub sources: Vec<Prefix>,
+    /// Empty: the interface's own addresses.
+    pub addresses: Vec<IpAddr>,
+}
+
+impl Trust {
+    /// As the command line gives them; no source means the balancer's default sources.
+    pub fn new(sources: &[Prefix], addresses: &[IpAddr]) -> Self {
+        let sources = if sources.is_empty() {
+            vec![
+                Prefix {
+                    addr: IpAddr::V4(std::net::Ipv4Addr::new(172, 16, 0, 0)),
+                    len: 16,
+                },
+                Prefix {
+                    addr: IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0x4c42, 0, 0, 0, 0, 0, 0)),
+                    len: 96,
+                },
+            ]
+        } else {
+            sources.to_vec()
+        };
+        Self {
+            sources,
+            addresses: addresses.to_vec(),
+        }
+    }
+
+    /// The addresses, the interface's when none were given.
+    fn addresses(&self, runtime: &tokio::runtime::Runtime, interface: &str) -> Result<Vec<IpAddr>> {
+        if !self.addresses.is_empty() {
+            return Ok(self.addresses.clone());
+        }
+        let found = runtime.block_on(addresses_of(interface))?;
+        if found.is_empty() {
+            bail!("{interface} has no address to take tunnels at (fix: add one, or name it with --address)");
+        }
+        Ok(found)
+    }
+}
+
+/// Writes the sources and addresses the decapsulator trusts, exactly these; returns what
+/// changed.
+fn set_trust(dir: &Path, sources: &[Prefix], addresses: &[IpAddr]) -> Result<Vec<String>> {
+    let mut changed = Vec::new();
+    let mut trie = open_pinned::<LpmTrie<MapData, lb_common::geo::GeoData, u32>>(dir, maps::DECAP_SOURCES)?;
+    let have: Vec<_> = trie.keys().filter_map(|k| k.ok()).collect();
+    for p in sources {
+        let k = p.key();
+        if !have
+            .iter()
+            .any(|h| h.prefix_len() == k.prefix_len() && h.data() == k.data())
+        {
+            trie.insert(&k, 1, 0)
+                .with_context(|| format!("allow tunnels from {p}"))?;
+            changed.push(format!("decapsulating tunnels from {p}"));
+        }
+    }
+    for h in have {
+        if !sources
+            .iter()
+            .map(Prefix::key)
+            .any(|k| h.prefix_len() == k.prefix_len() && h.data() == k.data())
+        {
+            trie.remove(&h).context("remove a tunnel source")?;
+            changed.push("stopped decapsulating tunnels from a source no longer listed".to_string());
+        }
+    }
+    let mut local = open_pinned::<HashMap<MapData, AddrKey, u32>>(dir, maps::DECAP_LOCAL)?;
+    for &a in addresses {
+        if local.get(&addr_key(a), 0).is_err() {
+            local
+                .insert(addr_key(a), 1, 0)
+                .with_context(|| format!("take tunnels at {a}"))?;
+            changed.push(format!("decapsulating tunnels to {a}"));
+        }
+    }
+    let stale: Vec<AddrKey> = local
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| !addresses.iter().any(|&a| addr_key(a) == *k))
+        .collect();
+    for k in stale {
+        local.remove(&k).context("remove a tunnel address")?;
+        changed.push(format!(
+            "stopped decapsulating tunnels to {}",
+            lb_common::ip_addr(k.family, k.addr)
+        ));
+    }
+    Ok(changed)
+}
+
+/// An interface's addresses (IPv6 link-local ones aside).
+async fn addresses_of(interface: &str) -> Result<Vec<IpAddr>> {
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(connection);
+    let mut stream = handle
+        .address()
+        .get()
+        .set_link_index_filter(ifindex(interface)?)
+        .execute();
+    let mut out = Vec::new();
+    while let Some(msg) = stream
+        .try_next()
+        .await
+        .with_context(|| format!("list {interface}'s addresses"))?
+    {
+        for a in &msg.attributes {
+            if let AddressAttribute::Address(x) = a
+                && !matches!(x, IpAddr::V6(v6) if v6.is_unicast_link_local())
+                && !out.contains(x)
+            {
+                out.push(*x);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Sets everything up for exactly `vips` (ones an earlier setup listed and these do not are
-/// dropped); idempotent. Returns what it changed.
-pub fn setup(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<String>> {
+/// dropped) and `trust`; idempotent. Returns what it changed.
+pub fn setup(interface: &str, vips: &[IpAddr], gue_port: u16, trust: &Trust) -> Result<Vec<String>> {
     validate_vips(vips)?;
     ifindex(interface)?;
     let mut changed = Vec::new();
@@ -157,6 +324,8 @@ pub fn setup(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Stri
             changed.push(format!("removed {vip} from lo"));
         }
     }
+    let addresses = trust.addresses(&runtime, interface)?;
+    changed.extend(set_trust(&dir, &trust.sources, &addresses)?);
     for (path, want) in sysctls(interface) {
         let have = read_sysctl(&path)?;
         if !want.satisfied_by(have) {
@@ -184,7 +353,7 @@ pub fn teardown(interface: &str) -> Result<bool> {
 }
 
 /// Looks at every setting a backend needs and says which is wrong.
-pub fn check(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Finding>> {
+pub fn check(interface: &str, vips: &[IpAddr], gue_port: u16, trust: &Trust) -> Result<Vec<Finding>> {
     validate_vips(vips)?;
     ifindex(interface)?;
     let mut out = Vec::new();
@@ -240,6 +409,28 @@ pub fn check(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Find
             }),
         });
     }
+    if attached {
+        let trie =
+            open_pinned::<LpmTrie<MapData, lb_common::geo::GeoData, u32>>(&dir, maps::DECAP_SOURCES).ok();
+        for p in &trust.sources {
+            let ok = trie.as_ref().is_some_and(|t| t.get(&p.key(), 0).is_ok());
+            out.push(Finding {
+                ok,
+                what: format!("decapsulator takes tunnels from {p}"),
+                fix: (!ok)
+                    .then(|| format!("lb backend-host setup --interface {interface} --source {p} --vip ...")),
+            });
+        }
+        let local = open_pinned::<HashMap<MapData, AddrKey, u32>>(&dir, maps::DECAP_LOCAL).ok();
+        for a in trust.addresses(&runtime, interface)? {
+            let ok = local.as_ref().is_some_and(|m| m.get(&addr_key(a), 0).is_ok());
+            out.push(Finding {
+                ok,
+                what: format!("decapsulator takes tunnels to {a}"),
+                fix: (!ok).then(|| format!("lb backend-host setup --interface {interface} --vip ...")),
+            });
+        }
+    }
     for &vip in vips {
         let known = map.as_ref().is_some_and(|m| m.get(&addr_key(vip), 0).is_ok());
         out.push(Finding {
@@ -269,7 +460,7 @@ pub fn check(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Find
     }
     if attached && let Ok(stats) = open_pinned::<PerCpuArray<MapData, u64>>(&dir, maps::DECAP_STATS) {
         let sum = |i: u32| -> u64 { stats.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
-        let (decapped, foreign) = (sum(0), sum(1));
+        let (decapped, foreign, untrusted) = (sum(0), sum(1), sum(2));
         out.push(Finding {
             ok: foreign == 0,
             what: format!(
@@ -277,6 +468,13 @@ pub fn check(interface: &str, vips: &[IpAddr], gue_port: u16) -> Result<Vec<Find
             ),
             fix: (foreign > 0)
                 .then(|| "add the VIPs the balancer sends here: lb backend-host setup ... --vip VIP".to_string()),
+        });
+        out.push(Finding {
+            ok: untrusted == 0,
+            what: format!("{untrusted} tunnel packets from a source not allowed, or to another address, passed as they came"),
+            fix: (untrusted > 0).then(|| {
+                "name the balancers' encap_source prefixes and this host's address: lb backend-host setup ... --source PREFIX --address ADDR".to_string()
+            }),
         });
     }
     Ok(out)

@@ -138,6 +138,15 @@ pub struct BackendHostArgs {
     /// UDP port of GUE encapsulation (the balancer's `gue_port`); 0 accepts IPIP only.
     #[arg(long, default_value_t = config::DEFAULT_GUE_PORT)]
     pub gue_port: u16,
+    /// A prefix the balancers' outer sources lie in (repeatable; their `encap_source4/6` with
+    /// the per-flow part: /16 and /96). Default: the balancer's defaults, 172.16.0.0/16 and
+    /// fd00:4c42::/96. Tunnels from anywhere else are never stripped.
+    #[arg(long = "source")]
+    pub sources: Vec<crate::backend_host::Prefix>,
+    /// This host's outer address the balancers send to (repeatable). Default: the interface's
+    /// addresses. Tunnels to any other address are never stripped.
+    #[arg(long = "address")]
+    pub addresses: Vec<IpAddr>,
 }
 
 #[derive(Subcommand, Debug)]

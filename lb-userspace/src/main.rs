@@ -103,7 +103,8 @@ fn backend_host(cmd: &BackendHostCmd, json: bool) -> anyhow::Result<i32> {
     use lb_userspace::backend_host as host;
     match cmd {
         BackendHostCmd::Setup(a) => {
-            let changed = host::setup(&a.interface, &a.vips, a.gue_port)?;
+            let trust = host::Trust::new(&a.sources, &a.addresses);
+            let changed = host::setup(&a.interface, &a.vips, a.gue_port, &trust)?;
             if json {
                 println!("{}", serde_json::json!({ "changed": changed }));
             } else if changed.is_empty() {
@@ -116,7 +117,8 @@ fn backend_host(cmd: &BackendHostCmd, json: bool) -> anyhow::Result<i32> {
             Ok(0)
         }
         BackendHostCmd::Check(a) => {
-            let findings = host::check(&a.interface, &a.vips, a.gue_port)?;
+            let trust = host::Trust::new(&a.sources, &a.addresses);
+            let findings = host::check(&a.interface, &a.vips, a.gue_port, &trust)?;
             let bad = findings.iter().filter(|f| !f.ok).count();
             if json {
                 println!("{}", serde_json::json!({ "ok": bad == 0, "findings": findings }));

@@ -307,6 +307,33 @@ pub fn load_object(object: &[u8]) -> Result<aya::Ebpf> {
 static DAEMON_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// The daemon running in the balancer namespace. Drop stops it and detaches its instance.
+/// Lets a loaded decapsulator strip tunnels as the lab's balancer writes them: from the
+/// encapsulation sources (172.16.0.0/16, `ENCAP_SRC6`/96) to the routed backends' addresses
+/// (`BACKEND4`, `BACKEND6`), as `lb backend-host setup` would fill its maps.
+pub fn decap_trusts_the_lab(ebpf: &mut aya::Ebpf) -> Result<()> {
+    use aya::maps::{HashMap, LpmTrie, lpm_trie::Key};
+    use lb_common::{AddrKey, addr_words, geo};
+    let mut sources: LpmTrie<_, geo::GeoData, u32> = ebpf
+        .map_mut(lb_common::maps::DECAP_SOURCES)
+        .context("DECAP_SOURCES")?
+        .try_into()?;
+    let mut v4 = [0u8; 16];
+    v4[..4].copy_from_slice(&crate::packets::ENCAP_SRC4);
+    for (family, addr, prefix) in [(4, v4, 16), (6, crate::packets::ENCAP_SRC6, 96)] {
+        let (len, data) = geo::key(family, addr_words(addr), prefix);
+        sources.insert(&Key::new(len, data), 1, 0)?;
+    }
+    let mut local: HashMap<_, AddrKey, u32> = ebpf
+        .map_mut(lb_common::maps::DECAP_LOCAL)
+        .context("DECAP_LOCAL")?
+        .try_into()?;
+    let mut b4 = [0u8; 16];
+    b4[..4].copy_from_slice(&crate::packets::BACKEND4);
+    local.insert(AddrKey::new(4, addr_words(b4)), 1, 0)?;
+    local.insert(AddrKey::new(6, addr_words(crate::packets::BACKEND6)), 1, 0)?;
+    Ok(())
+}
+
 /// The unit file the daemon ships with.
 pub fn unit_file() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/lb.service")

@@ -357,7 +357,17 @@ fn backend_host_replaces_an_attachment_to_a_removed_interface() {
     let _decap = Decap(&ns, "d0");
     let host = |verb: &str| {
         ns.command(lb_bin())
-            .args(["--json", "backend-host", verb, "--interface", "d0", "--vip"])
+            // d0 has no address of its own: the one tunnels arrive at is named.
+            .args([
+                "--json",
+                "backend-host",
+                verb,
+                "--interface",
+                "d0",
+                "--address",
+                "10.250.0.2",
+                "--vip",
+            ])
             .arg(VIP4.to_string())
             .output()
             .expect("run lb backend-host")

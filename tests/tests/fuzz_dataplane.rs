@@ -844,6 +844,7 @@ impl Decap {
             .try_into()
             .expect("xdp");
         prog.load().expect("verifier accepts decap");
+        lb_tests::topology::decap_trusts_the_lab(&mut ebpf).expect("decap sources");
         let mut take = |n: &str| ebpf.take_map(n).expect(n);
         let mut vips: HashMap<MapData, AddrKey, u32> = take(maps::DECAP_VIPS).try_into().expect("vips");
         let mut port: Array<MapData, u32> = take(maps::DECAP_GUE_PORT).try_into().expect("port");
@@ -857,8 +858,8 @@ impl Decap {
         Self { ebpf, stats }
     }
 
-    fn counts(&self) -> [u64; 2] {
-        [0u32, 1].map(|i| self.stats.get(&i, 0).expect("stat").iter().sum())
+    fn counts(&self) -> [u64; 3] {
+        [0u32, 1, 2].map(|i| self.stats.get(&i, 0).expect("stat").iter().sum())
     }
 
     fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
@@ -872,13 +873,29 @@ impl Decap {
     }
 }
 
-/// What the decapsulator must do: strip a whole tunnel packet for a local VIP (counter 0), pass
-/// one for another address unchanged (counter 1), pass anything else unchanged (no counter).
+/// What the decapsulator must do: pass a tunnel from outside the lab's encapsulation sources
+/// or to another host unchanged (counter 2); strip a whole tunnel packet for a local VIP
+/// (counter 0), pass one for another address unchanged (counter 1), pass anything else
+/// unchanged (no counter).
 fn decap_model(input: &[u8]) -> (Vec<u8>, Option<usize>) {
     let frame = Frame::new(input.as_ptr() as usize, input.as_ptr() as usize + input.len());
     let Some(t) = lb_ebpf::tunnel::tunnel(&frame, u32::from(GUE_PORT)) else {
         return (input.to_vec(), None);
     };
+    // The outer addresses, read from the bytes (not from `tunnel`).
+    let (src, dst) = if t.family == 4 {
+        (input[26..28].to_vec(), input[30..34].to_vec())
+    } else {
+        (input[22..34].to_vec(), input[38..54].to_vec())
+    };
+    let trusted = if t.family == 4 {
+        src[..] == ENCAP_SRC4[..2] && dst[..] == BACKEND4[..]
+    } else {
+        src[..] == ENCAP_SRC6[..12] && dst[..] == BACKEND6[..]
+    };
+    if !trusted {
+        return (input.to_vec(), Some(2));
+    }
     let mut v4 = [0u8; 16];
     v4[..4].copy_from_slice(&VIP4);
     let local = (t.family == 4 && t.inner_dst == addr_words(v4))
@@ -984,12 +1001,12 @@ fn generated_frames_match_the_model_in_the_decapsulator() {
                 let (want, counter) = decap_model(&input);
                 let (action, output) = decap.run(&input);
                 let after = decap.counts();
-                let moved = [after[0] - before.borrow()[0], after[1] - before.borrow()[1]];
+                let moved: [u64; 3] = std::array::from_fn(|i| after[i] - before.borrow()[i]);
                 *before.borrow_mut() = after;
                 ran.set(ran.get() + 1);
                 prop_assert_eq!(action, XDP_PASS, "verdict; input {:02x?}", input);
                 prop_assert_eq!(&output, &want, "output bytes; input {:02x?}", input);
-                let mut want_moved = [0u64; 2];
+                let mut want_moved = [0u64; 3];
                 if let Some(c) = counter {
                     want_moved[c] = 1;
                     tunnels.set(tunnels.get() + 1);
@@ -1012,7 +1029,7 @@ fn generated_frames_match_the_model_in_the_decapsulator() {
         let end = decap.counts();
         let (ran, stripped) = (ran.get(), stripped.get());
         assert_eq!(
-            end[0] + end[1] - start[0] - start[1],
+            end.iter().sum::<u64>() - start.iter().sum::<u64>(),
             tunnels.get(),
             "counters over the run"
         );

@@ -742,6 +742,7 @@ impl Decap {
             .try_into()
             .expect("xdp");
         prog.load().expect("verifier accepts decap");
+        lb_tests::topology::decap_trusts_the_lab(&mut ebpf).expect("decap sources");
         let mut take = |n: &str| ebpf.take_map(n).expect(n);
         let mut vips: HashMap<MapData, AddrKey, u32> = take(maps::DECAP_VIPS).try_into().expect("hash");
         let stats = take(maps::DECAP_STATS).try_into().expect("array");
@@ -789,7 +790,7 @@ fn decap_strips_ipip_for_local_vips_only() {
         );
 
         let inner6 = ipv6(17, CLIENT6, VIP6, &udp(40000, 8080, b"hi"));
-        let outer6 = ipv6(41, ENCAP_SRC6, CLIENT6, &inner6);
+        let outer6 = ipv6(41, ENCAP_SRC6, BACKEND6, &inner6);
         let input = [eth(B1_MAC, ROUTER_MAC, 0x86dd), outer6].concat();
         assert_eq!(
             decap.run(&input),
@@ -1134,6 +1135,54 @@ fn gue_wraps_the_packet_in_udp_to_the_configured_port() {
         );
         let want = [eth(ROUTER_MAC, LB_MAC, 0x86dd), outer6(17, &gue6)].concat();
         assert_eq!(dp.run(&input), (XDP_REDIRECT, want));
+    });
+}
+
+/// Only a balancer's tunnels to this host are stripped: one from another source, or to
+/// another host's address, would hand the stack a packet "from" any client to a VIP. Both are
+/// passed as they came and counted; before, the decapsulator stripped any source's.
+#[test]
+fn decap_strips_only_tunnels_from_the_balancers_to_this_host() {
+    in_fresh_ns(|| {
+        let decap = Decap::new();
+        let inner4 = ipv4(6, CLIENT4, VIP4, &tcp(40000, 8080, 2));
+        let inner6 = ipv6(6, CLIENT6, VIP6, &tcp(40000, 8080, 2));
+        let mut stranger6 = ENCAP_SRC6;
+        stranger6[8] = 0xee;
+        let mut elsewhere6 = BACKEND6;
+        elsewhere6[15] = 0x99;
+        for (what, outer) in [
+            (
+                "IPv4 from outside 172.16.0.0/16",
+                ipv4(4, [192, 0, 2, 7], BACKEND4, &inner4),
+            ),
+            (
+                "IPv4 to another host",
+                ipv4(4, [172, 16, 9, 9], [10, 60, 0, 99], &inner4),
+            ),
+            (
+                "IPv6 from outside the source prefix",
+                ipv6(41, stranger6, BACKEND6, &inner6),
+            ),
+            ("IPv6 to another host", ipv6(41, ENCAP_SRC6, elsewhere6, &inner6)),
+        ] {
+            let ethertype = if outer[0] >> 4 == 4 { 0x0800 } else { 0x86dd };
+            let input = [eth(B1_MAC, ROUTER_MAC, ethertype), outer].concat();
+            assert_eq!(decap.run(&input), (XDP_PASS, input.clone()), "{what}");
+        }
+        assert_eq!(decap.count(2), 4);
+        assert_eq!(decap.count(0), 0);
+        // The same inner packets from a balancer's source to this host: stripped.
+        let input = [
+            eth(B1_MAC, ROUTER_MAC, 0x0800),
+            ipv4(4, [172, 16, 200, 1], BACKEND4, &inner4),
+        ]
+        .concat();
+        assert_eq!(
+            decap.run(&input),
+            (XDP_PASS, [eth(B1_MAC, ROUTER_MAC, 0x0800), inner4].concat())
+        );
+        assert_eq!(decap.count(0), 1);
     });
 }
 

@@ -801,7 +801,7 @@ pub fn render(metrics: &Metrics) -> Vec<u8> {
 /// its body, so a crowd of scrapers costs one render, not one each.
 #[derive(Clone)]
 pub struct SharedRender {
-    metrics: Metrics,
+    render: Arc<dyn Fn() -> Vec<u8> + Send + Sync>,
     /// Renders finished; read before waiting, so a waiter knows whether one finished since.
     done: Arc<std::sync::atomic::AtomicU64>,
     last: Arc<tokio::sync::Mutex<Arc<Vec<u8>>>>,
@@ -809,8 +809,13 @@ pub struct SharedRender {
 
 impl SharedRender {
     pub fn new(metrics: Metrics) -> Self {
+        Self::with(move || render(&metrics))
+    }
+
+    /// Around any render function (the tests count its calls).
+    pub fn with(render: impl Fn() -> Vec<u8> + Send + Sync + 'static) -> Self {
         Self {
-            metrics,
+            render: Arc::new(render),
             done: Arc::default(),
             last: Arc::default(),
         }
@@ -823,12 +828,13 @@ impl SharedRender {
         let seen = self.done.load(Ordering::Acquire);
         let mut last = self.last.lock().await;
         if self.done.load(Ordering::Acquire) != seen {
-            // A render began after us and finished while we waited: it is fresh enough.
+            // A render finished while this call waited for the lock: its body is no older
+            // than the call.
             return Some(last.clone());
         }
         // Reading the maps and encoding take milliseconds: off the async workers.
-        let metrics = self.metrics.clone();
-        let body = Arc::new(tokio::task::spawn_blocking(move || render(&metrics)).await.ok()?);
+        let render = self.render.clone();
+        let body = Arc::new(tokio::task::spawn_blocking(move || render()).await.ok()?);
         *last = body.clone();
         self.done.fetch_add(1, Ordering::Release);
         Some(body)
@@ -895,6 +901,41 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_scrapes_share_one_render() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let renders = Arc::new(AtomicU64::new(0));
+        let counted = renders.clone();
+        let shared = SharedRender::with(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            b"lb_up 1\n".to_vec()
+        });
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let bodies = rt.block_on(async {
+            let scrapes: Vec<_> = (0..32)
+                .map(|_| {
+                    let s = shared.clone();
+                    tokio::spawn(async move { s.body().await })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for s in scrapes {
+                out.push(s.await.unwrap().expect("body"));
+            }
+            out
+        });
+        assert!(bodies.iter().all(|b| b.as_slice() == b"lb_up 1\n"));
+        // 32 scrapes at once: the first renders, the rest wait for it and share it (one more
+        // at most, for a scrape that came between a render's end and the next waiter).
+        let n = renders.load(Ordering::SeqCst);
+        assert!(n <= 2, "{n} renders for 32 concurrent scrapes");
+    }
 
     /// What the registry holds in the test: the families lent to it.
     struct Given(Mutex<Vec<MetricFamily>>, Vec<Desc>);
