@@ -172,13 +172,20 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
         warmup: Duration::from_millis(100),
         measure: Duration::from_millis(300),
     };
-    let none = load::udp(&topo, &generator, idle, &|| Ok(0), &[]).context("UDP without a forwarder")?;
-    if none.count > 0 {
-        bail!(
+    // The UDP load needs live-frames test runs; where the kernel refuses them, the UDP cases
+    // are skipped with the reason and the TCP cases still run.
+    let udp_load = match load::udp(&topo, &generator, idle, &|| Ok(0), &[]) {
+        Ok(none) if none.count > 0 => bail!(
             "{} UDP datagrams reached the backends with no forwarder running",
             none.count
-        );
-    }
+        ),
+        Ok(_) => true,
+        Err(e) if e.chain().any(|c| c.is::<bpf::LiveFramesRefused>()) => {
+            eprintln!("e2e: udp4_pps skipped: {e:#} (root without CAP_SYS_RESOURCE); the TCP cases run");
+            false
+        }
+        Err(e) => return Err(e.context("UDP without a forwarder")),
+    };
 
     let servers = Servers::start(&topo.backends)?;
     // Per contender: each round's measurement.
@@ -198,20 +205,22 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
             let name = NAMES[who];
             let lb = Balancer::start(&topo, nat).with_context(|| format!("start {name}"))?;
             let probe = || lb.redirects();
-            let threads = topo.pin_napi(true)?;
-            let m =
-                load::udp(&topo, &generator, w, &probe, &threads).with_context(|| format!("{name}: UDP"))?;
-            expect_delivered(&topo, name, &m)?;
-            if m.extra < m.count {
-                bail!(
-                    "{name}: the backends received {} datagrams but the balancer redirected only {}: \
-                     traffic bypassed XDP",
-                    m.count,
-                    m.extra
-                );
+            if udp_load {
+                let threads = topo.pin_napi(true)?;
+                let m = load::udp(&topo, &generator, w, &probe, &threads)
+                    .with_context(|| format!("{name}: UDP"))?;
+                expect_delivered(&topo, name, &m)?;
+                if m.extra < m.count {
+                    bail!(
+                        "{name}: the backends received {} datagrams but the balancer redirected only {}: \
+                         traffic bypassed XDP",
+                        m.count,
+                        m.extra
+                    );
+                }
+                tag("udp4_pps", who, &m, "packets/s");
+                udp[who].push(m);
             }
-            tag("udp4_pps", who, &m, "packets/s");
-            udp[who].push(m);
             tcp::ready(&topo.client).with_context(|| format!("{name}: TCP"))?;
             let threads = topo.pin_napi(false)?;
             let m =
@@ -230,11 +239,13 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
         }
         {
             let _nft = Nftables::start(&topo).context("set up nftables DNAT")?;
-            let threads = topo.pin_napi(true)?;
-            let m = load::udp(&topo, &generator, w, &|| Ok(0), &threads).context("nftables: UDP")?;
-            expect_delivered(&topo, "nftables", &m)?;
-            tag("udp4_pps", NFT, &m, "packets/s");
-            udp[NFT].push(m);
+            if udp_load {
+                let threads = topo.pin_napi(true)?;
+                let m = load::udp(&topo, &generator, w, &|| Ok(0), &threads).context("nftables: UDP")?;
+                expect_delivered(&topo, "nftables", &m)?;
+                tag("udp4_pps", NFT, &m, "packets/s");
+                udp[NFT].push(m);
+            }
             tcp::ready(&topo.client).context("nftables: TCP")?;
             let threads = topo.pin_napi(false)?;
             let m = tcp::measure(&topo, &servers, w, &|| Ok(0), &threads).context("nftables: TCP")?;
@@ -257,6 +268,9 @@ pub fn run(quick: bool) -> Result<Vec<E2eResult>> {
         ("udp4_pps", "packets/s", &udp),
         ("tcp4_conn_per_s", "connections/s", &tcp),
     ] {
+        if series.iter().all(Vec::is_empty) {
+            continue; // skipped above, with the reason
+        }
         let rate = |who: usize| median(series[who].iter().map(|m| m.rate));
         let per_cpu = |who: usize| median(series[who].iter().map(|m| m.rate / m.forwarder_cpu.max(1e-3)));
         let busy = |who: usize| median(series[who].iter().map(|m| m.forwarder_cpu));

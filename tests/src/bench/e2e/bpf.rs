@@ -85,9 +85,37 @@ impl Generator {
             attrs: TestRunAttrs::new().xdp_live_frames(LIVE_FRAMES_BATCH),
             ..Default::default()
         })
-        .context("BPF_PROG_TEST_RUN (live frames)")?;
+        .map_err(|e| {
+            if refused(&e) {
+                anyhow::Error::new(LiveFramesRefused(e.to_string()))
+            } else {
+                anyhow::Error::new(e).context("BPF_PROG_TEST_RUN (live frames)")
+            }
+        })?;
         Ok(())
     }
+}
+
+/// The kernel refused a live-frames test run for want of privilege (seen on hosts whose root
+/// lacks CAP_SYS_RESOURCE): the UDP load cannot be made here, which says nothing of the rest.
+#[derive(Debug)]
+pub struct LiveFramesRefused(pub String);
+
+impl std::fmt::Display for LiveFramesRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the kernel refuses BPF_PROG_TEST_RUN in live-frames mode here: {}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for LiveFramesRefused {}
+
+fn refused(e: &aya::programs::ProgramError) -> bool {
+    matches!(e, aya::programs::ProgramError::SyscallError(s)
+        if matches!(s.io_error.raw_os_error(), Some(libc::EPERM | libc::EACCES)))
 }
 
 /// `struct xdp_md` (uapi linux/bpf.h) as test runs take it: `data_end` is the frame's length,

@@ -41,7 +41,9 @@ impl Balancer {
         }
         let mut config = format!(
             "[daemon]\ninstance = \"{instance}\"\ninterfaces = [{}]\nxdp_mode = \"native\"\n\
-             run_dir = \"{}\"\nneighbour_refresh_ms = 1000\n",
+             run_dir = \"{}\"\nneighbour_refresh_ms = 1000\n\n\
+             # One client address makes the whole load: no per-source limit on new connections.\n\
+             [daemon.nat]\nmax_new_per_source = 0\n",
             interfaces.join(", "),
             dir.display()
         );
