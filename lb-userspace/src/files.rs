@@ -10,18 +10,29 @@ pub const MIB: u64 = 1024 * 1024;
 /// file's own metadata (fstat), so the path cannot be swapped for a device between a check and
 /// the read. Blocking: call it from a blocking thread. Errors are one line naming the file.
 pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    read_opened(path, max, 0).map(|(bytes, _)| bytes).map_err(|e| e.1)
+}
+
+/// As `read_regular`, with the opened file's metadata (its mode, say), extra `open` flags
+/// (`O_NOFOLLOW`), and the error's kind beside its line (a caller may take NotFound as none).
+pub fn read_opened(
+    path: &Path,
+    max: u64,
+    flags: libc::c_int,
+) -> Result<(Vec<u8>, std::fs::Metadata), (Option<std::io::ErrorKind>, String)> {
     let at = path.display();
+    let io = |e: std::io::Error| (Some(e.kind()), format!("{at}: {e}"));
     let file = std::fs::OpenOptions::new()
         .read(true)
         // Opening a FIFO must not wait for a writer, nor a terminal become ours.
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | flags)
         .open(path)
-        .map_err(|e| format!("{at}: {e}"))?;
-    let meta = file.metadata().map_err(|e| format!("{at}: {e}"))?;
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
     if !meta.file_type().is_file() {
-        return Err(format!("{at}: not a regular file"));
+        return Err((None, format!("{at}: not a regular file")));
     }
-    let too_big = || format!("{at}: larger than the limit of {}", size(max));
+    let too_big = || (None, format!("{at}: larger than the limit of {}", size(max)));
     if meta.len() > max {
         return Err(too_big());
     }
@@ -29,11 +40,11 @@ pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, String> {
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.take(max.saturating_add(1))
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("{at}: {e}"))?;
+        .map_err(io)?;
     if bytes.len() as u64 > max {
         return Err(too_big());
     }
-    Ok(bytes)
+    Ok((bytes, meta))
 }
 
 fn size(bytes: u64) -> String {

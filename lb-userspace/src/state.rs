@@ -42,18 +42,12 @@ pub struct Restored {
 impl Persisted {
     /// Reads the file: none if there is none; an error (one line) if it cannot be used whole.
     pub fn load(path: &Path) -> Result<Option<Self>> {
-        let file = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
+        // One open, never through a link: the state file is root's, in root's directory.
+        let bytes = match crate::files::read_opened(path, MAX_STATE_BYTES, libc::O_NOFOLLOW) {
+            Ok((bytes, _)) => bytes,
+            Err((Some(std::io::ErrorKind::NotFound), _)) => return Ok(None),
+            Err((_, e)) => return Err(Error::config(format!("state file {e}"))),
         };
-        drop(file);
-        let bytes = crate::files::read_regular(path, MAX_STATE_BYTES)
-            .map_err(|e| Error::config(format!("state file {e}")))?;
         serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| Error::config(format!("state file {} is corrupt: {e}", path.display())))

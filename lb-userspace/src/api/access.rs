@@ -140,13 +140,13 @@ impl Access {
 /// token, at least `MIN_TOKEN_LEN` bytes. Errors are one line naming the file and the fix.
 pub fn read_token(path: &Path) -> anyhow::Result<String> {
     let at = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("cannot read token file {at}: {e}"))?;
+    // The mode of the file read (fstat), not of whatever the path named a moment before.
+    let (bytes, meta) = crate::files::read_opened(path, 64 * 1024, 0)
+        .map_err(|(_, e)| anyhow::anyhow!("cannot read token file {e}"))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         anyhow::bail!("token file {at} is readable by others (mode {mode:o}; fix: chmod 600 {at})");
     }
-    let bytes = crate::files::read_regular(path, 64 * 1024)
-        .map_err(|e| anyhow::anyhow!("cannot read token file {e}"))?;
     let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("token file {at} is not UTF-8"))?;
     let token = text.lines().next().unwrap_or_default().trim().to_string();
     if token.is_empty() {
