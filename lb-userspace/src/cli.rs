@@ -383,7 +383,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
         }) => Request::ReportLoad {
             service: service.clone(),
             id: id.clone(),
-            report: crate::strategy::resource::LoadReport {
+            report: crate::status::load::LoadReport {
                 cpu: *cpu,
                 memory: *memory,
                 connections: *connections,

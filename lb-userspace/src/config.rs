@@ -11,12 +11,11 @@ use lb_common::maps::{DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLO
 use serde::{Deserialize, Serialize};
 
 pub use crate::model::{
-    DEFAULT_WEIGHT, Forwarding, FragmentPolicy, HashMode, MAX_WEIGHT, Protocol, validate_name,
-    validate_services, validate_table_size, validate_weight,
+    DEFAULT_WEIGHT, Forwarding, FragmentPolicy, HashMode, HealthSettings, MAX_WEIGHT, Protocol,
+    validate_name, validate_services, validate_table_size, validate_weight,
 };
 use crate::{
     error::{Error, Result},
-    health::HealthSettings,
     model::{Backend, Service},
 };
 
@@ -91,7 +90,7 @@ pub struct DaemonConfig {
     pub nat: NatConfig,
     /// `[daemon.geo]`: regions, their failover, the client prefix data (strategy = "geo").
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub geo: Option<crate::strategy::geo::GeoSettings>,
+    pub geo: Option<crate::model::geo_settings::GeoSettings>,
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
@@ -400,10 +399,10 @@ pub struct ServiceSpec {
     pub on_shed: crate::model::OnShed,
     /// `[service.resource]`: how the backends' load becomes weight (resource-aware).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resource: Option<crate::strategy::resource::ResourceSettings>,
+    pub resource: Option<crate::model::resource_settings::ResourceSettings>,
     /// `[service.adaptive]`: when an adaptive service switches strategy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub adaptive: Option<crate::strategy::adaptive_settings::AdaptiveSettings>,
+    pub adaptive: Option<crate::model::adaptive_settings::AdaptiveSettings>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendSpec>,
 }
@@ -982,7 +981,7 @@ address = "10.0.0.12"
         ))
         .expect("valid");
         let s = &c.services[0];
-        let checks = crate::health::settings::resolve(s, &s.backends[0]).expect("resolves");
+        let checks = crate::model::health_settings::resolve(s, &s.backends[0]).expect("resolves");
         let spec = checks.check.expect("checked");
         assert_eq!(spec.target, "10.0.0.9:9000".parse().unwrap());
         assert_eq!(
@@ -993,12 +992,12 @@ address = "10.0.0.12"
         assert_eq!(spec.timeout, std::time::Duration::from_secs(1), "the default");
         assert_eq!((spec.error_threshold, spec.recovery_threshold), (3, 2));
         assert!(
-            matches!(spec.probe, crate::health::settings::Probe::Http { ref path, status: (200, 399), .. } if path == "/hc")
+            matches!(spec.probe, crate::model::health_settings::Probe::Http { ref path, status: (200, 399), .. } if path == "/hc")
         );
         assert!(checks.agent.is_none());
         let none = Config::parse(&with("kind = \"none\"", "")).expect("valid");
         assert_eq!(
-            crate::health::settings::resolve(&none.services[0], &none.services[0].backends[0]).unwrap(),
+            crate::model::health_settings::resolve(&none.services[0], &none.services[0].backends[0]).unwrap(),
             Default::default()
         );
         let cases = [
@@ -1073,10 +1072,13 @@ address = "10.0.0.12"
         // The agent's absolute weights: opt-in, off by default.
         let c = Config::parse(&with("agent_port = 8082\nagent_absolute_weights = true", "")).expect("valid");
         let s = &c.services[0];
-        assert!(crate::health::settings::agent_absolute_weights(s, &s.backends[0]));
+        assert!(crate::model::health_settings::agent_absolute_weights(
+            s,
+            &s.backends[0]
+        ));
         let c = Config::parse(&with("agent_port = 8082", "")).expect("valid");
         let s = &c.services[0];
-        assert!(!crate::health::settings::agent_absolute_weights(
+        assert!(!crate::model::health_settings::agent_absolute_weights(
             s,
             &s.backends[0]
         ));
@@ -1084,7 +1086,7 @@ address = "10.0.0.12"
         // Through the VIP: the VIP and the service's port, steered to the backend's address.
         let c = Config::parse(&with("through = \"vip\"", "")).expect("valid");
         let s = &c.services[0];
-        let spec = crate::health::settings::resolve(s, &s.backends[0])
+        let spec = crate::model::health_settings::resolve(s, &s.backends[0])
             .expect("resolves")
             .check
             .expect("checked");
@@ -1092,7 +1094,7 @@ address = "10.0.0.12"
         assert_eq!(spec.steered_to, Some("10.0.0.9".parse().unwrap()));
         let plain = Config::parse(&with("", "")).expect("valid");
         let p = &plain.services[0];
-        let spec = crate::health::settings::resolve(p, &p.backends[0])
+        let spec = crate::model::health_settings::resolve(p, &p.backends[0])
             .unwrap()
             .check
             .unwrap();

@@ -16,15 +16,15 @@ use crate::{
         access::{Access, read_token},
         server::{self, Shared},
     },
-    config::Config,
-    dataplane::{self, Readers},
+    config::{Config, DaemonConfig},
+    dataplane::{self, DataPlane, Readers},
     error::{Error, Result},
     health::monitor,
     metrics,
     model::Service,
     neigh::Resolver,
-    reconcile::{Reconciler, Writer, hops},
-    state::Persisted,
+    reconcile::{Handles, Maps, Writer, hops, persist::Persisted},
+    status::checks::Board,
 };
 
 /// Checks in flight at once, over all backends.
@@ -37,8 +37,11 @@ pub struct Prepared {
     dp: dataplane::DataPlane,
     log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     metrics_listener: Option<(std::net::TcpListener, Option<String>)>,
-    api_listener: Option<(std::net::TcpListener, Access, Option<crate::serve::SharedTls>)>,
+    api_listener: Option<ApiListener>,
 }
+
+/// The TCP API's listener, who may call it, and its certificate.
+type ApiListener = (std::net::TcpListener, Access, Option<crate::serve::SharedTls>);
 
 /// The daemon's start-up, on the only thread, before it drops what it no longer needs: the
 /// config, the run directory, the descriptor budget, the data plane opened or adopted, its
@@ -151,20 +154,74 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         }
     });
     let resolver = Arc::new(Resolver::new()?);
+    let (services, maps) = restore(&cfg, &config.services, dp);
+    let readers = Arc::new(Readers::open(&cfg.instance)?);
+    let histograms = metrics::Histograms::new();
+    let (writer, handles, commands, warnings) =
+        Writer::start(cfg.clone(), maps, resolver.clone(), services, histograms.clone()).await?;
+    for w in warnings {
+        warn!("{w}");
+    }
+    let writer_task = tokio::spawn(writer.run(commands));
+    let background = Background::spawn(&cfg, &handles, &readers, resolver, &histograms)?;
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        config_path,
+        cfg: cfg.clone(),
+        writer: handles.commands.clone(),
+        snapshot: handles.snapshot.clone(),
+        readers: readers.clone(),
+        nat: background.nat_status.clone(),
+        board: background.board.clone(),
+        stop: stop_tx.clone(),
+        reloading: tokio::sync::Mutex::new(()),
+    });
+    let endpoints = Endpoints::serve(
+        &shared,
+        &background,
+        &handles,
+        &histograms,
+        metrics_listener,
+        api_listener,
+    )?;
+    drop(handles);
+    drop(shared);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm.recv() => {}
+        _ = stop_rx.changed() => {}
+    }
+    let _ = stop_tx.send(true);
+    endpoints.stop().await;
+    // With every sender gone, the writer finishes its pass and stops.
+    background.stop().await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), writer_task).await;
+    if let Some(t) = data_plane_log {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&socket);
+    info!("daemon stopped; the data plane stays attached (`lb detach` removes it)");
+    Ok(())
+}
+
+/// The services to start from, and the maps' book: the state file's when this daemon adopts
+/// a running data plane (each service checked as an API change would be; one that fails stays
+/// out), else the config file's on fresh maps.
+fn restore(cfg: &DaemonConfig, configured: &[Service], dp: DataPlane) -> (Vec<Service>, Maps) {
     let persisted = if dp.adopted {
-        // Each service as an API change would be checked; one that fails stays out.
         Persisted::restore(&cfg.state_path(), |kept, s| {
             s.validate()?;
-            crate::health::settings::validate_service(s).map_err(Error::invalid)?;
+            crate::model::health_settings::validate_service(s).map_err(Error::invalid)?;
             let mut all = kept.to_vec();
             all.push(s.clone());
             crate::model::validate_services(&all)?;
-            crate::config::validate_against(&cfg, &all)
+            crate::config::validate_against(cfg, &all)
         })
     } else {
         None
     };
-    let (services, rec): (Vec<Service>, _) = match persisted {
+    match persisted {
         Some(p) => {
             info!(
                 "restored {} services from {}",
@@ -174,209 +231,225 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             for w in &p.warnings {
                 warn!("{w}");
             }
-            let rec = Reconciler::adopt(&dp, p.assignments);
-            (p.services, rec)
+            (p.services, Maps::adopt(dp, p.assignments))
         }
-        None => (config.services.clone(), Reconciler::new(&dp)),
-    };
-    let readers = Arc::new(Readers::open(&cfg.instance)?);
-    let metrics_listener = match metrics_listener {
-        Some((l, token)) => Some((tokio::net::TcpListener::from_std(l)?, token)),
-        None => None,
-    };
-    let api_listener = match api_listener {
-        Some((l, access, tls)) => Some((tokio::net::TcpListener::from_std(l)?, access, tls)),
-        None => None,
-    };
-    // What SIGHUP reads again besides the config file: the API's tokens and certificate.
-    let credentials = api_listener
-        .as_ref()
-        .map(|(_, access, tls)| (access.clone(), tls.clone()));
-    let histograms = metrics::Histograms::new();
-    let (writer, handles, commands, warnings) = Writer::start(
-        cfg.clone(),
-        dp,
-        rec,
-        resolver.clone(),
-        services,
-        histograms.clone(),
-    )
-    .await?;
-    for w in warnings {
-        warn!("{w}");
+        None => (configured.to_vec(), Maps::new(dp)),
     }
-    let writer_task = tokio::spawn(writer.run(commands));
+}
 
-    let board = monitor::Board::default();
-    let steering = Arc::new(crate::health::through::Steering::new(
-        cfg.clone(),
-        handles.snapshot.clone(),
-    ));
-    let health = tokio::spawn(monitor::run(
-        handles.services.clone(),
-        handles.commands.clone(),
-        board.clone(),
-        MAX_CONCURRENT_CHECKS,
-        Some(histograms.check.clone()),
-        Some(monitor::PassiveSource {
-            readers: readers.clone(),
-            snapshot: handles.snapshot.clone(),
-        }),
-        Some(steering.clone()),
-    ));
-    let adaptive = tokio::spawn(crate::reconcile::adapt::run(
-        handles.snapshot.clone(),
-        readers.clone(),
-        handles.commands.clone(),
-    ));
-    let refresher = tokio::spawn(hops::refresh(
-        resolver,
-        handles.snapshot.clone(),
-        handles.commands.clone(),
-        Duration::from_millis(cfg.neighbour_refresh_ms),
-    ));
-    let nat_pin = dataplane::pin_dir(&cfg.instance).join(lb_common::maps::NAT_FLOWS);
-    let nat_status = Arc::<std::sync::Mutex<crate::nat::NatStatus>>::default();
-    let stop_collector = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let collector = crate::nat::spawn_collector(
-        &nat_pin,
-        cfg.nat.clone(),
-        nat_status.clone(),
-        stop_collector.clone(),
-    )?;
+/// The writer's producers and the data plane's collectors, running beside it.
+struct Background {
+    board: Board,
+    nat_status: Arc<std::sync::Mutex<crate::nat::NatStatus>>,
+    conntrack: Arc<std::sync::Mutex<dataplane::census::ConntrackCensus>>,
+    steering: Arc<crate::health::through::Steering>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop_threads: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
 
-    let conntrack = Arc::<std::sync::Mutex<dataplane::census::ConntrackCensus>>::default();
-    let census = dataplane::census::spawn(
-        &dataplane::pin_dir(&cfg.instance),
-        conntrack.clone(),
-        stop_collector.clone(),
-    )?;
-    let listener = UnixListener::bind(&socket)?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
-    info!("listening on {}", socket.display());
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let metrics_task = match metrics_listener {
-        Some((listener, token)) => {
-            let metrics = metrics::registry(
-                metrics::Sources {
-                    snapshot: handles.snapshot.clone(),
-                    readers: readers.clone(),
-                    board: board.clone(),
-                    nat: nat_status.clone(),
-                    nat_capacity: u64::from(cfg.nat.table_size),
-                    conntrack_capacity: u64::from(cfg.conntrack_size),
-                    conntrack,
-                },
-                &histograms,
-            )
-            .map_err(|e| anyhow::anyhow!("metrics registry: {e}"))?;
-            info!("metrics on http://{}/metrics", cfg.metrics.listen);
-            Some(tokio::spawn(metrics::serve(
-                listener,
-                metrics,
-                token,
-                cfg.http,
-                stop_tx.subscribe(),
-            )))
-        }
-        None => None,
-    };
-    let shared = Arc::new(Shared {
-        config_path,
-        cfg: cfg.clone(),
-        writer: handles.commands,
-        snapshot: handles.snapshot,
-        readers,
-        nat: nat_status,
-        board,
-        stop: stop_tx.clone(),
-        reloading: tokio::sync::Mutex::new(()),
-    });
-    let server = tokio::spawn(server::serve(
-        crate::serve::Listener::Unix(listener),
-        shared.clone(),
-        Access::socket(),
-        None,
-    ));
-    let tcp_api = match api_listener {
-        Some((listener, access, tls)) => {
-            let scheme = if tls.is_some() { "https" } else { "http" };
-            info!(
-                "control API on {scheme}://{}",
-                cfg.api.listen.map(|a| a.to_string()).unwrap_or_default()
-            );
-            Some(tokio::spawn(server::serve(
-                crate::serve::Listener::Tcp(listener),
-                shared.clone(),
-                access,
-                tls,
-            )))
-        }
-        None => None,
-    };
-    // SIGHUP reloads the config file, as `lb reload` does, and the API's tokens and TLS
-    // certificate (each kept as it was if its file is refused).
-    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let reloader = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            while sighup.recv().await.is_some() {
-                if let Some((access, tls)) = &credentials {
-                    reload_credentials(&shared.cfg.api, access, tls.as_ref());
-                }
-                match server::reload_config(&shared).await {
-                    Ok(warnings) => {
-                        info!("SIGHUP: reloaded {}", shared.config_path.display());
-                        for w in warnings {
-                            warn!("{w}");
-                        }
-                    }
-                    Err(e) => warn!("SIGHUP: reload refused, nothing changed: {e}"),
-                }
-            }
+impl Background {
+    fn spawn(
+        cfg: &DaemonConfig,
+        handles: &Handles,
+        readers: &Arc<Readers>,
+        resolver: Arc<Resolver>,
+        histograms: &metrics::Histograms,
+    ) -> anyhow::Result<Self> {
+        let board = Board::default();
+        let steering = Arc::new(crate::health::through::Steering::new(
+            cfg.clone(),
+            handles.snapshot.clone(),
+        ));
+        let health = tokio::spawn(monitor::run(
+            handles.services.clone(),
+            handles.commands.clone(),
+            board.clone(),
+            MAX_CONCURRENT_CHECKS,
+            Some(histograms.check.clone()),
+            Some(monitor::PassiveSource {
+                readers: readers.clone(),
+                snapshot: handles.snapshot.clone(),
+            }),
+            Some(steering.clone()),
+        ));
+        let adaptive = tokio::spawn(crate::reconcile::adapt::run(
+            handles.snapshot.clone(),
+            readers.clone(),
+            handles.commands.clone(),
+        ));
+        let refresher = tokio::spawn(hops::refresh(
+            resolver,
+            handles.snapshot.clone(),
+            handles.commands.clone(),
+            Duration::from_millis(cfg.neighbour_refresh_ms),
+        ));
+        let pins = dataplane::pin_dir(&cfg.instance);
+        let nat_status = Arc::<std::sync::Mutex<crate::nat::NatStatus>>::default();
+        let stop_threads = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let collector = crate::nat::spawn_collector(
+            &pins.join(lb_common::maps::NAT_FLOWS),
+            cfg.nat.clone(),
+            nat_status.clone(),
+            stop_threads.clone(),
+        )?;
+        let conntrack = Arc::<std::sync::Mutex<dataplane::census::ConntrackCensus>>::default();
+        let census = dataplane::census::spawn(&pins, conntrack.clone(), stop_threads.clone())?;
+        Ok(Self {
+            board,
+            nat_status,
+            conntrack,
+            steering,
+            tasks: vec![health, adaptive, refresher],
+            stop_threads,
+            threads: vec![collector, census],
         })
-    };
-    let watcher = if cfg.watch_config {
-        Some(watch_config(shared.clone())?)
-    } else {
-        None
-    };
-    drop(shared);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = sigterm.recv() => {}
-        _ = stop_rx.changed() => {}
     }
-    let _ = stop_tx.send(true);
-    reloader.abort();
-    let _ = reloader.await;
-    drop(watcher);
-    if let Some(t) = tcp_api {
-        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+
+    async fn stop(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.steering.close().await;
+        self.stop_threads
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-    if let Some(t) = metrics_task {
-        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+}
+
+/// What serves the daemon's readers and operators: the control socket, the TCP API, metrics,
+/// SIGHUP and the config watcher.
+struct Endpoints {
+    server: tokio::task::JoinHandle<()>,
+    tcp_api: Option<tokio::task::JoinHandle<()>>,
+    metrics: Option<tokio::task::JoinHandle<()>>,
+    reloader: tokio::task::JoinHandle<()>,
+    watcher: Option<(notify::RecommendedWatcher, tokio::task::JoinHandle<()>)>,
+}
+
+impl Endpoints {
+    fn serve(
+        shared: &Arc<Shared>,
+        background: &Background,
+        handles: &Handles,
+        histograms: &metrics::Histograms,
+        metrics_listener: Option<(std::net::TcpListener, Option<String>)>,
+        api_listener: Option<ApiListener>,
+    ) -> anyhow::Result<Self> {
+        let cfg = &shared.cfg;
+        let socket = cfg.socket_path();
+        let listener = UnixListener::bind(&socket)?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+        info!("listening on {}", socket.display());
+        let metrics = match metrics_listener {
+            Some((listener, token)) => {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let metrics = metrics::registry(
+                    metrics::Sources {
+                        snapshot: handles.snapshot.clone(),
+                        readers: shared.readers.clone(),
+                        board: background.board.clone(),
+                        nat: background.nat_status.clone(),
+                        nat_capacity: u64::from(cfg.nat.table_size),
+                        conntrack_capacity: u64::from(cfg.conntrack_size),
+                        conntrack: background.conntrack.clone(),
+                    },
+                    histograms,
+                )
+                .map_err(|e| anyhow::anyhow!("metrics registry: {e}"))?;
+                info!("metrics on http://{}/metrics", cfg.metrics.listen);
+                Some(tokio::spawn(metrics::serve(
+                    listener,
+                    metrics,
+                    token,
+                    cfg.http,
+                    shared.stop.subscribe(),
+                )))
+            }
+            None => None,
+        };
+        let server = tokio::spawn(server::serve(
+            crate::serve::Listener::Unix(listener),
+            shared.clone(),
+            Access::socket(),
+            None,
+        ));
+        // What SIGHUP reads again besides the config file: the API's tokens and certificate.
+        let credentials = api_listener
+            .as_ref()
+            .map(|(_, access, tls)| (access.clone(), tls.clone()));
+        let tcp_api = match api_listener {
+            Some((listener, access, tls)) => {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                info!(
+                    "control API on {scheme}://{}",
+                    cfg.api.listen.map(|a| a.to_string()).unwrap_or_default()
+                );
+                Some(tokio::spawn(server::serve(
+                    crate::serve::Listener::Tcp(listener),
+                    shared.clone(),
+                    access,
+                    tls,
+                )))
+            }
+            None => None,
+        };
+        // SIGHUP reloads the config file, as `lb reload` does, and the API's tokens and TLS
+        // certificate (each kept as it was if its file is refused).
+        let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let reloader = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                while sighup.recv().await.is_some() {
+                    if let Some((access, tls)) = &credentials {
+                        reload_credentials(&shared.cfg.api, access, tls.as_ref());
+                    }
+                    match server::reload_config(&shared).await {
+                        Ok(warnings) => {
+                            info!("SIGHUP: reloaded {}", shared.config_path.display());
+                            for w in warnings {
+                                warn!("{w}");
+                            }
+                        }
+                        Err(e) => warn!("SIGHUP: reload refused, nothing changed: {e}"),
+                    }
+                }
+            })
+        };
+        let watcher = if cfg.watch_config {
+            Some(watch_config(shared.clone())?)
+        } else {
+            None
+        };
+        Ok(Self {
+            server,
+            tcp_api,
+            metrics,
+            reloader,
+            watcher,
+        })
     }
-    health.abort();
-    refresher.abort();
-    adaptive.abort();
-    // With every sender gone, the writer finishes its pass and stops.
-    let _ = health.await;
-    let _ = refresher.await;
-    let _ = adaptive.await;
-    let _ = tokio::time::timeout(Duration::from_secs(10), writer_task).await;
-    steering.close().await;
-    stop_collector.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = collector.join();
-    let _ = census.join();
-    if let Some(t) = data_plane_log {
-        t.abort();
+
+    /// Stops reloads and lets each server finish what it is answering (2 s at most each).
+    async fn stop(self) {
+        self.reloader.abort();
+        let _ = self.reloader.await;
+        drop(self.watcher);
+        let wait = |t| tokio::time::timeout(Duration::from_secs(2), t);
+        if let Some(t) = self.tcp_api {
+            let _ = wait(t).await;
+        }
+        let _ = wait(self.server).await;
+        if let Some(t) = self.metrics {
+            let _ = wait(t).await;
+        }
     }
-    let _ = std::fs::remove_file(&socket);
-    info!("daemon stopped; the data plane stays attached (`lb detach` removes it)");
-    Ok(())
 }
 
 /// Reloads when the config file changes: watches its directory (editors replace files), and

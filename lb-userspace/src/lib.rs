@@ -1,13 +1,21 @@
-//! Control plane of the XDP load balancer.
+//! Control plane of the XDP load balancer. Data runs one way: config or API → `model` →
+//! `status` → the writer's plan → maps → XDP → counters → metrics; imports run the same way,
+//! producers (`health`, `strategy`) publishing into the value types below them.
 //!
-//! - `model`: services and backends as declared (no I/O); `config`, `api` and `state` convert
-//!   to and from it.
-//! - `health`: active checks, their schedule, each backend's state and score.
-//! - `status`: per-backend status apart from config, and the effective weights.
-//! - `reconcile`: the one writer: plan (pure), apply (maps), next hops, warnings.
-//! - `dataplane`: loading, pins, map handles, the table pool.
-//! - `control`: the control socket and the read-only answers; `cli` its client.
-//! - `neigh` (netlink), `maglev`, `nat` (expiry), `backend_host`.
+//! - `model`: services and backends as declared, and their settings (no I/O); `config` (TOML)
+//!   and `api` convert to and from it.
+//! - `status`: what producers publish about backends and services (health, agent, breaker,
+//!   load, adaptive pick, the checks' board) and the effective weights they make.
+//! - `snapshot`: what readers see after each pass: services, slots, next hops, statuses.
+//! - `health`, `strategy`: producers: checks and their schedule; resource-aware weights,
+//!   adaptive switching, geo data.
+//! - `reconcile`: the one writer: its inbox, the pure change logic and plan, the map writes
+//!   (`apply`), next hops, the state file (`persist`).
+//! - `dataplane`: loading and pins, and the map handles (`MapWrites` for the writer,
+//!   `Readers` for the rest).
+//! - `metrics`, `control`, `api`, `serve`: readers and the endpoints that serve them.
+//! - `daemon` wires it up; `cli` and `top` are the API's clients; `backend_host` prepares
+//!   backends; `neigh` (netlink), `maglev`, `nat` (expiry) are leaves.
 
 pub mod api;
 pub mod backend_host;
@@ -27,7 +35,7 @@ pub mod neigh;
 pub mod privileges;
 pub mod reconcile;
 pub mod serve;
-pub mod state;
+pub mod snapshot;
 pub mod status;
 pub mod strategy;
 pub mod top;

@@ -204,7 +204,10 @@ fn control_protocol_service_bodies() {
                 }
                 // As the API answers a body it cannot read (serde quotes the field names it
                 // did not expect, control characters and all).
-                Err(e) => one_line("json error", &lb_userspace::api::server::one_line(&e.to_string())),
+                Err(e) => one_line(
+                    "json error",
+                    &lb_userspace::api::failure::one_line(&e.to_string()),
+                ),
             }
         })?
     });
@@ -312,7 +315,7 @@ fn agent_replies() {
         ".{0,40}",
     ];
     fuzz("agent", line, |line| {
-        let state = lb_userspace::health::agent::AgentState::default();
+        let state = lb_userspace::status::AgentState::default();
         match no_panic("agent::apply", || {
             lb_userspace::health::agent::apply(&state, &line)
         })? {
@@ -330,7 +333,7 @@ fn agent_replies() {
 
 #[test]
 fn geo_data_files() {
-    let geo = lb_userspace::strategy::geo::GeoSettings {
+    let geo = lb_userspace::model::geo_settings::GeoSettings {
         data: None,
         default_region: "eu".into(),
         failover: [("eu".to_string(), vec!["us".to_string()])].into_iter().collect(),

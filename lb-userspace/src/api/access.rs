@@ -19,7 +19,7 @@ use axum::{
 };
 use log::info;
 
-use super::server::Failure;
+use super::failure::Failure;
 use crate::{config::ApiConfig, serve::Peer};
 
 /// Shortest token accepted: 32 bytes, as from `openssl rand -hex 16`.

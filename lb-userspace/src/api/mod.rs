@@ -4,6 +4,7 @@
 //! a method and path, and a blocking call over the Unix socket for the CLI.
 
 pub mod access;
+pub mod failure;
 pub mod openapi;
 pub mod server;
 
@@ -58,7 +59,7 @@ pub enum Request {
     ReportLoad {
         service: String,
         id: String,
-        report: crate::strategy::resource::LoadReport,
+        report: crate::status::load::LoadReport,
         ttl: Option<f64>,
     },
     Lookup {

@@ -18,7 +18,7 @@ use axum::{
     },
     http::{StatusCode, header},
     middleware,
-    response::{IntoResponse, Response as HttpResponse},
+    response::IntoResponse,
     routing::{get, post, put},
 };
 use log::warn;
@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{
     ApiError, Envelope,
     access::{Access, guard},
+    failure::Failure,
 };
 use crate::control::preview::PlanChange;
 use crate::{
@@ -36,10 +37,11 @@ use crate::{
     control::queries::Queries,
     dataplane::Readers,
     error::Error,
-    health::monitor::Board,
     model::{Protocol, Service},
     nat::NatStatus,
-    reconcile::{Change, Command, Snapshot},
+    reconcile::{Change, Command},
+    snapshot::Snapshot,
+    status::checks::Board,
 };
 
 /// What every request shares.
@@ -58,58 +60,6 @@ pub struct Shared {
 }
 
 type Ctx = State<Arc<Shared>>;
-
-/// An error as the API answers it.
-pub struct Failure(StatusCode, String);
-
-impl Failure {
-    pub fn new(status: StatusCode, detail: impl Into<String>) -> Self {
-        Self(status, one_line(&detail.into()))
-    }
-}
-
-/// An error's detail as the API answers it: one line, every control character (a newline in a
-/// quoted field name, say) a space.
-pub fn one_line(detail: &str) -> String {
-    detail
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
-}
-
-impl From<Error> for Failure {
-    fn from(e: Error) -> Self {
-        let status = match &e {
-            Error::Config(_) | Error::Invalid(_) | Error::Resolve(_) => StatusCode::BAD_REQUEST,
-            Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::Exists(_) => StatusCode::CONFLICT,
-            Error::DataPlane(_) | Error::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        Self::new(status, e.to_string())
-    }
-}
-
-impl IntoResponse for Failure {
-    fn into_response(self) -> HttpResponse {
-        let kind = match self.0 {
-            StatusCode::BAD_REQUEST => "invalid",
-            StatusCode::NOT_FOUND => "not-found",
-            StatusCode::CONFLICT => "exists",
-            StatusCode::UNAUTHORIZED => "unauthorized",
-            StatusCode::FORBIDDEN => "forbidden",
-            StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
-            _ => "internal",
-        };
-        (
-            self.0,
-            Json(ApiError {
-                error: kind.into(),
-                detail: self.1,
-            }),
-        )
-            .into_response()
-    }
-}
 
 type Answer = Result<Json<Envelope>, Failure>;
 
@@ -360,7 +310,7 @@ pub async fn report_load(
             ));
         }
     };
-    let report = crate::strategy::resource::LoadReport {
+    let report = crate::status::load::LoadReport {
         cpu: b.cpu,
         memory: b.memory,
         connections: b.connections,

@@ -13,11 +13,8 @@ use crate::{
     dataplane::Readers,
     error::Result,
     model::{HashMode, Service, Strategy},
-    reconcile::{
-        Change, Snapshot,
-        apply::build,
-        plan::{TableInput, backend_key},
-    },
+    reconcile::{Change, apply::build},
+    snapshot::{Snapshot, TableInput},
     status::effective_weights,
 };
 
@@ -108,12 +105,7 @@ fn proposed(
 fn slot_ids<'a>(snap: &Snapshot, s: &'a Service) -> HashMap<u32, &'a str> {
     s.backends
         .iter()
-        .filter_map(|b| {
-            Some((
-                snap.assignments.backends.get(&backend_key(&s.name, &b.id))?.slot,
-                b.id.as_str(),
-            ))
-        })
+        .filter_map(|b| Some((snap.assignments.slot(&s.name, &b.id)?.slot, b.id.as_str())))
         .collect()
 }
 
@@ -143,7 +135,7 @@ pub fn preview(cfg: &DaemonConfig, snap: &Snapshot, readers: &Readers, change: C
     let now = Instant::now();
     let mut services = snap.services.to_vec();
     let mut status = snap.status.clone();
-    crate::reconcile::change_state(cfg, &mut services, &mut status, change, now)?;
+    crate::reconcile::change::change_state(cfg, &mut services, &mut status, change, now)?;
     // An address no service had yet is not resolved yet: count it as the reconciler will
     // once it is.
     let known: std::collections::HashSet<IpAddr> = snap

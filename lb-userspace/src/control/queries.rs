@@ -12,10 +12,11 @@ use serde_json::json;
 use crate::{
     dataplane::{self, Readers},
     error::{Error, Result},
-    health::{State, monitor::Board},
     model::BackendRef,
     nat::NatStatus,
-    reconcile::{Snapshot, apply::addr_bytes, plan::backend_key},
+    reconcile::apply::addr_bytes,
+    snapshot::Snapshot,
+    status::{HealthState, checks::Board},
 };
 
 /// One request's view: the snapshot taken when it arrived.
@@ -171,7 +172,7 @@ impl Queries<'_> {
                 }));
                 backends.push(json!({
                     "id": b.id,
-                    "state": match st.health { State::Up => "up", State::Down => "down" },
+                    "state": match st.health { HealthState::Up => "up", HealthState::Down => "down" },
                     "load": load,
                     "resolved": self.snap.hops.contains_key(&b.address),
                     "health_score": st.score,
@@ -224,14 +225,13 @@ impl Queries<'_> {
                         let slot = self
                             .snap
                             .assignments
-                            .backends
-                            .get(&backend_key(&s.name, &b.id))
+                            .slot(&s.name, &b.id)
                             .map(|x| x.slot);
                         let hop = self.snap.hops.get(&b.address);
                         let effective = self.snap.weights.get(&s.name).and_then(|w| w.backends.get(&b.id));
                         let health = self.snap.status.get(&BackendRef::new(&s.name, &b.id)).map_or("up", |st| match st.health {
-                            State::Up => "up",
-                            State::Down => "down",
+                            HealthState::Up => "up",
+                            HealthState::Down => "down",
                         });
                         json!({
                             "id": b.id, "address": b.address, "port": b.port(s), "weight": b.weight,
@@ -271,7 +271,7 @@ impl Queries<'_> {
             let t = self.readers.service_traffic(slot.id)?;
             let mut backends = Vec::new();
             for b in &s.backends {
-                if let Some(bs) = self.snap.assignments.backends.get(&backend_key(&s.name, &b.id)) {
+                if let Some(bs) = self.snap.assignments.slot(&s.name, &b.id) {
                     let bt = self.readers.backend_traffic(bs.slot)?;
                     backends.push(json!({"id": b.id, "packets": bt.packets, "bytes": bt.bytes, "new_flows": bt.new_flows, "syn_retransmits": bt.syn_retransmits, "refused": bt.refused}));
                 }
@@ -333,8 +333,7 @@ impl Queries<'_> {
             svc.backends.iter().find(|b| {
                 self.snap
                     .assignments
-                    .backends
-                    .get(&backend_key(&svc.name, &b.id))
+                    .slot(&svc.name, &b.id)
                     .is_some_and(|x| x.slot == slot)
             })
         };
@@ -376,7 +375,7 @@ impl Queries<'_> {
                 .geo
                 .as_ref()
                 .and_then(|g| g.regions().get(region as usize).map(|r| r.to_string()));
-            slot_info = (value.table_size > 0).then_some(crate::reconcile::plan::Region {
+            slot_info = (value.table_size > 0).then_some(crate::snapshot::Region {
                 offset: value.table_offset,
                 size: value.table_size,
             });

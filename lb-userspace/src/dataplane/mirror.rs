@@ -14,9 +14,9 @@ use aya::{
     Pod,
     maps::{HashMap as BpfHashMap, MapData},
 };
-use lb_common::{AddrKey, Backend, ServiceKey, ServiceValue};
+use lb_common::{AddrKey, Backend, ServiceKey, ServiceValue, VipFilter, geo::GeoKey};
 
-use super::DataPlane;
+use super::{DataPlane, MapWrites, zeroed_per_cpu};
 use crate::error::{Error, Result};
 
 #[derive(Default)]
@@ -87,8 +87,8 @@ impl<K: Pod + Eq + Hash, V: Pod + PartialEq> Known<K, V> {
     }
 }
 
-impl DataPlane {
-    pub fn backend(&mut self, slot: u32) -> Result<Backend> {
+impl MapWrites for DataPlane {
+    fn backend(&mut self, slot: u32) -> Result<Backend> {
         if let Some(b) = self.mirror.backends.get(&slot) {
             return Ok(*b);
         }
@@ -97,7 +97,7 @@ impl DataPlane {
         Ok(b)
     }
 
-    pub fn set_backend(&mut self, slot: u32, entry: Backend) -> Result<()> {
+    fn set_backend(&mut self, slot: u32, entry: Backend) -> Result<()> {
         if self.mirror.backends.get(&slot) == Some(&entry) {
             return Ok(());
         }
@@ -108,7 +108,7 @@ impl DataPlane {
 
     /// Sets a bucket's new-flow limit (`rate` per second, 0: none), keeping its running window
     /// when unchanged.
-    pub fn set_shed(&mut self, index: u32, rate: u32) -> Result<()> {
+    fn set_shed(&mut self, index: u32, rate: u32) -> Result<()> {
         if self.mirror.shed.get(&index) == Some(&rate) {
             return Ok(());
         }
@@ -122,7 +122,7 @@ impl DataPlane {
     }
 
     /// Makes `ifindex` a redirect target (`name` for the error).
-    pub fn ensure_tx_port(&mut self, ifindex: u32, name: &str) -> Result<()> {
+    fn ensure_tx_port(&mut self, ifindex: u32, name: &str) -> Result<()> {
         if self.mirror.tx_ports.contains(&ifindex) {
             return Ok(());
         }
@@ -135,49 +135,92 @@ impl DataPlane {
         Ok(())
     }
 
-    pub fn service_value(&mut self, key: &ServiceKey) -> Option<ServiceValue> {
+    fn service_value(&mut self, key: &ServiceKey) -> Option<ServiceValue> {
         self.mirror.services.get(&self.services, key)
     }
 
-    pub fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
         self.mirror.services.insert(&mut self.services, key, value)
     }
 
-    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
         self.mirror.services.remove(&mut self.services, key)
     }
 
-    pub fn service_keys(&mut self) -> Vec<ServiceKey> {
+    fn service_keys(&mut self) -> Vec<ServiceKey> {
         self.mirror.services.keys(&self.services)
     }
 
-    pub fn fragment_value(&mut self, key: &ServiceKey) -> Option<ServiceValue> {
+    fn fragment_value(&mut self, key: &ServiceKey) -> Option<ServiceValue> {
         self.mirror.fragments.get(&self.fragment_services, key)
     }
 
-    pub fn set_fragment(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
+    fn set_fragment(&mut self, key: ServiceKey, value: ServiceValue) -> Result<()> {
         self.mirror
             .fragments
             .insert(&mut self.fragment_services, key, value)
     }
 
-    pub fn remove_fragment(&mut self, key: &ServiceKey) -> Result<()> {
+    fn remove_fragment(&mut self, key: &ServiceKey) -> Result<()> {
         self.mirror.fragments.remove(&mut self.fragment_services, key)
     }
 
-    pub fn fragment_keys(&mut self) -> Vec<ServiceKey> {
+    fn fragment_keys(&mut self) -> Vec<ServiceKey> {
         self.mirror.fragments.keys(&self.fragment_services)
     }
 
-    pub fn add_vip_addr(&mut self, addr: AddrKey) -> Result<()> {
+    fn add_vip_addr(&mut self, addr: AddrKey) -> Result<()> {
         self.mirror.vip_addrs.insert(&mut self.vip_addrs, addr, 1)
     }
 
-    pub fn remove_vip_addr(&mut self, addr: &AddrKey) -> Result<()> {
+    fn remove_vip_addr(&mut self, addr: &AddrKey) -> Result<()> {
         self.mirror.vip_addrs.remove(&mut self.vip_addrs, addr)
     }
 
-    pub fn vip_addr_keys(&mut self) -> Vec<AddrKey> {
+    fn vip_addr_keys(&mut self) -> Vec<AddrKey> {
         self.mirror.vip_addrs.keys(&self.vip_addrs)
+    }
+
+    fn reset_service_traffic(&mut self, id: u32) -> Result<()> {
+        let zeros = zeroed_per_cpu()?;
+        self.service_stats.set(id, zeros, 0).map_err(Error::dataplane)
+    }
+
+    fn reset_backend_slot(&mut self, slot: u32) -> Result<()> {
+        self.active.set(slot, 0, 0).map_err(Error::dataplane)?;
+        let zeros = zeroed_per_cpu()?;
+        self.backend_stats.set(slot, zeros, 0).map_err(Error::dataplane)
+    }
+
+    fn geo_value(&mut self, key: &GeoKey) -> Option<ServiceValue> {
+        self.geo_services.get(key, 0).ok()
+    }
+
+    fn set_geo_value(&mut self, key: GeoKey, value: ServiceValue) -> Result<()> {
+        self.geo_services.insert(key, value, 0).map_err(Error::dataplane)
+    }
+
+    fn remove_geo_value(&mut self, key: &GeoKey) -> Result<()> {
+        self.geo_services.remove(key).map_err(Error::dataplane)
+    }
+
+    fn vip_filter(&mut self) -> Result<VipFilter> {
+        self.vip_filter.get(&0, 0).map_err(Error::dataplane)
+    }
+
+    fn set_vip_filter(&mut self, filter: VipFilter) -> Result<()> {
+        self.vip_filter.set(0, filter, 0).map_err(Error::dataplane)
+    }
+
+    fn pool_slots(&self) -> u32 {
+        self.pool.slots()
+    }
+
+    fn read_table(&self, offset: u32, len: u32) -> Option<Vec<u16>> {
+        self.pool.read(offset, len)
+    }
+
+    fn write_table(&mut self, offset: u32, table: &[u16]) -> Result<()> {
+        self.pool.write(offset, table)
     }
 }

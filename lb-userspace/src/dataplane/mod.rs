@@ -10,6 +10,7 @@ mod mapping;
 mod mirror;
 mod pool;
 pub mod steer;
+mod writes;
 
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues, lpm_trie::LpmTrie};
 use lb_common::{
@@ -22,6 +23,7 @@ use serde::Serialize;
 
 pub use load::{detach_instance, open, open_pinned, pin_dir};
 pub use pool::{Pool, RegionAllocator, grace_period};
+pub use writes::MapWrites;
 
 use crate::error::{Error, Result};
 
@@ -106,7 +108,7 @@ impl DataPlane {
     /// Loads a geo data set atomically: fills the trie not in use (emptied first), flips
     /// `DP_F_GEO_B` so every packet after reads it, then empties the other. Returns the
     /// prefixes loaded.
-    pub fn load_geo(&mut self, prefixes: &[crate::strategy::geo::GeoPrefix]) -> Result<usize> {
+    pub fn load_geo(&mut self, prefixes: &[crate::model::geo_settings::GeoPrefix]) -> Result<usize> {
         use aya::maps::lpm_trie::Key;
         let mut cfg = self.dp_config.get(&0, 0).map_err(Error::dataplane)?;
         let in_use = usize::from(cfg.flags & DP_F_GEO_B != 0);
@@ -130,18 +132,6 @@ impl DataPlane {
         self.dp_config.set(0, cfg, 0).map_err(Error::dataplane)?;
         clear_trie(&mut self.geo[in_use])?;
         Ok(prefixes.len())
-    }
-
-    pub fn reset_service_traffic(&mut self, id: u32) -> Result<()> {
-        let zeros = zeroed_per_cpu()?;
-        self.service_stats.set(id, zeros, 0).map_err(Error::dataplane)
-    }
-
-    /// A slot given to a new backend starts with no traffic and no active flows.
-    pub fn reset_backend_slot(&mut self, slot: u32) -> Result<()> {
-        self.active.set(slot, 0, 0).map_err(Error::dataplane)?;
-        let zeros = zeroed_per_cpu()?;
-        self.backend_stats.set(slot, zeros, 0).map_err(Error::dataplane)
     }
 }
 

@@ -3,25 +3,9 @@
 //! share; half-open → closed after `recovery_threshold` successes, or back to open on a failure.
 //! Pure: the caller passes the time.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use serde::Serialize;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BreakerState {
-    Closed,
-    Open,
-    HalfOpen,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct BreakerSpec {
-    pub failures: u32,
-    pub cooldown: Duration,
-    pub half_open_share: f64,
-    pub recovery: u32,
-}
+use crate::{model::health_settings::BreakerSpec, status::signals::BreakerState};
 
 #[derive(Clone, Debug)]
 pub struct Breaker {
@@ -93,6 +77,8 @@ impl Breaker {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]

@@ -5,71 +5,33 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use log::{info, warn};
-use serde::Serialize;
 use tokio::{
     sync::{Semaphore, mpsc, oneshot, watch},
     task::JoinHandle,
 };
 
 use super::{
-    agent::{self, AgentState},
-    breaker::{Breaker, BreakerState},
-    outcome::Outcome,
+    agent,
+    breaker::Breaker,
     probe::{self, AgentAnswer},
-    settings::{AgentSpec, CheckSpec, Probe, resolve},
-    tracker::{State, Tracker},
+    tracker::Tracker,
 };
 use crate::{
-    model::{BackendRef, Service},
-    reconcile::{Command, HealthUpdate},
+    model::{
+        BackendRef, Service,
+        health_settings::{AgentSpec, CheckSpec, Probe, resolve},
+    },
+    reconcile::inbox::{Command, HealthUpdate},
+    status::{
+        AgentState, BreakerState, HealthState,
+        checks::{AgentView, Board, CheckView, Outcome},
+    },
 };
-
-/// What `lb health` shows of one backend's active checks.
-#[derive(Clone, Debug, Serialize)]
-pub struct CheckView {
-    pub kind: &'static str,
-    pub target: std::net::SocketAddr,
-    pub state: State,
-    pub score: f64,
-    /// Unix milliseconds of the last state change (or of the check's start).
-    pub since_ms: u64,
-    pub reason: String,
-    pub last: Option<Outcome>,
-    pub consecutive_ok: u32,
-    pub consecutive_failed: u32,
-    pub checks: u64,
-    pub failed: u64,
-    /// `None`: no breaker configured.
-    pub breaker: Option<BreakerState>,
-    /// Failures the passive signals (client SYN retransmits) have recorded.
-    pub passive_failures: u64,
-}
-
-/// What `lb health` shows of one backend's agent.
-#[derive(Clone, Debug, Serialize)]
-pub struct AgentView {
-    pub target: std::net::SocketAddr,
-    pub state: AgentState,
-    /// The last line the agent sent, or why there was none.
-    pub last: Option<String>,
-    pub asked: u64,
-    pub unreachable: u64,
-    pub malformed: u64,
-}
-
-/// The checks' and agents' state of every checked backend, for readers.
-#[derive(Default)]
-pub struct Views {
-    pub checks: BTreeMap<BackendRef, CheckView>,
-    pub agents: BTreeMap<BackendRef, AgentView>,
-}
-
-pub type Board = Arc<RwLock<Views>>;
 
 /// A backend's check or its agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -110,10 +72,10 @@ impl Drop for Target {
 /// Where passive signals come from: the backends' per-CPU counters, by slot.
 pub struct PassiveSource {
     pub readers: Arc<crate::dataplane::Readers>,
-    pub snapshot: watch::Receiver<Arc<crate::reconcile::Snapshot>>,
+    pub snapshot: watch::Receiver<Arc<crate::snapshot::Snapshot>>,
 }
 
-struct Result {
+struct CheckResult {
     key: (BackendRef, Role),
     generation: u64,
     observed: Observed,
@@ -170,7 +132,7 @@ pub async fn run(
     let permits = Arc::new(Semaphore::new(max_concurrent.max(1)));
     let mut passive_tick = tokio::time::interval(super::passive::INTERVAL);
     passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (results_tx, mut results) = mpsc::channel::<Result>(4096);
+    let (results_tx, mut results) = mpsc::channel::<CheckResult>(4096);
     let mut live: BTreeMap<(BackendRef, Role), Target> = BTreeMap::new();
     let mut generation = 0u64;
     let mut sync = true;
@@ -204,7 +166,7 @@ pub async fn run(
                             CheckView {
                                 kind: kind_name(&spec.probe),
                                 target: spec.target,
-                                state: State::Up,
+                                state: HealthState::Up,
                                 score: 1.0,
                                 since_ms: now_ms(),
                                 reason: "not checked yet (assumed up)".into(),
@@ -268,7 +230,7 @@ pub async fn run(
                 for ((backend, role), t) in live.iter_mut() {
                     let (Role::Check, Job::Check(spec)) = (role, &t.job) else { continue };
                     let Some(p) = spec.passive else { continue };
-                    let Some(slot) = snap.assignments.backends.get(&crate::reconcile::plan::backend_key(&backend.service, &backend.id)) else { continue };
+                    let Some(slot) = snap.assignments.slot_of(backend) else { continue };
                     let Ok(traffic) = source.readers.backend_traffic(slot.slot) else { continue };
                     let now = (traffic.new_flows, traffic.syn_retransmits, traffic.refused);
                     let before = if t.passive.len() >= super::passive::WINDOW { t.passive.pop_front() } else { t.passive.front().copied() };
@@ -382,7 +344,7 @@ fn take_outcome(
         }
     }
     if tripped {
-        change.get_or_insert(super::tracker::Change {
+        change.get_or_insert(super::tracker::Published {
             state: t.tracker.state(),
             score: t.tracker.score(),
             transition: None,
@@ -407,12 +369,12 @@ fn take_outcome(
     let command = change.map(|change| {
         if let Some(reason) = &change.transition {
             match change.state {
-                State::Down => warn!(
+                HealthState::Down => warn!(
                     "backend {backend} is down: {} check of {}: {reason}",
                     kind_name(&spec.probe),
                     spec.target
                 ),
-                State::Up => info!(
+                HealthState::Up => info!(
                     "backend {backend} is up: {} check of {}: {reason}",
                     kind_name(&spec.probe),
                     spec.target
@@ -464,7 +426,7 @@ async fn via(
     spec: &CheckSpec,
     backend: &BackendRef,
     steering: Option<&super::through::Steering>,
-) -> std::result::Result<Option<probe::Via>, String> {
+) -> Result<Option<probe::Via>, String> {
     match (spec.steered_to, steering) {
         (None, _) => Ok(None),
         (Some(address), Some(steering)) => steering.via(backend, address).await.map(Some),
@@ -477,7 +439,7 @@ async fn schedule(
     generation: u64,
     job: Job,
     permits: Arc<Semaphore>,
-    results: mpsc::Sender<Result>,
+    results: mpsc::Sender<CheckResult>,
     steering: Option<Arc<super::through::Steering>>,
 ) {
     let interval = match &job {
@@ -506,7 +468,7 @@ async fn schedule(
             }
         };
         let (ack, unsettled) = oneshot::channel();
-        let sent = Result {
+        let sent = CheckResult {
             key: key.clone(),
             generation,
             observed,

@@ -11,22 +11,12 @@
 
 use std::time::Duration;
 
-use super::outcome::Outcome;
+use crate::{model::health_settings::PassiveSpec, status::checks::Outcome};
 
 /// How often the counters are compared.
 pub const INTERVAL: Duration = Duration::from_millis(250);
 /// Readings the window spans: the interval judged is `WINDOW × INTERVAL`.
 pub const WINDOW: usize = 2;
-pub const DEFAULT_THRESHOLD: f64 = 0.3;
-pub const DEFAULT_MIN_SAMPLES: u32 = 5;
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PassiveSpec {
-    /// Retransmits per first SYN that make a failure.
-    pub threshold: f64,
-    /// First SYNs needed in an interval to judge it.
-    pub min_samples: u32,
-}
 
 /// One reading of a backend's counters: new flows, client SYN retransmits, and (NAT) refused
 /// connections.

@@ -13,9 +13,9 @@ use tokio::{
     net::{TcpSocket, TcpStream, UdpSocket},
 };
 
-use super::{
-    outcome::Outcome,
-    settings::{AgentSpec, CheckSpec, Probe},
+use crate::{
+    model::health_settings::{AgentSpec, CheckSpec, Probe},
+    status::checks::Outcome,
 };
 
 /// Largest HTTP body read for `expect_body`.

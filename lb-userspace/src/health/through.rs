@@ -13,10 +13,7 @@ use log::warn;
 use tokio::sync::{Mutex, watch};
 
 use super::probe::Via;
-use crate::{
-    config::DaemonConfig, dataplane::steer::CheckPath, model::BackendRef, reconcile::Snapshot,
-    reconcile::plan::backend_key,
-};
+use crate::{config::DaemonConfig, dataplane::steer::CheckPath, model::BackendRef, snapshot::Snapshot};
 
 /// Least time between two attempts to make the check path.
 const RETRY: Duration = Duration::from_secs(10);
@@ -78,8 +75,7 @@ impl Steering {
                 return Err(format!("next hop of {address} not resolved yet"));
             }
             snap.assignments
-                .backends
-                .get(&backend_key(&backend.service, &backend.id))
+                .slot_of(backend)
                 .map(|s| s.slot)
                 .ok_or_else(|| format!("backend {backend} has no slot in the data plane yet"))?
         };

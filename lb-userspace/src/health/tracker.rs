@@ -13,26 +13,19 @@
 
 use std::{collections::VecDeque, time::Duration};
 
-use serde::Serialize;
-
-pub use super::outcome::Outcome;
-use super::settings::CheckSpec;
+pub use crate::status::checks::Outcome;
+use crate::{
+    model::health_settings::CheckSpec,
+    status::signals::{HealthState, quantize},
+};
 
 pub const WINDOW: usize = 10;
-pub const STEP: f64 = 0.1;
 pub const HYSTERESIS: f64 = 0.15;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Up,
-    Down,
-}
 
 /// The published view changed: the reconciler needs to know.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Change {
-    pub state: State,
+pub struct Published {
+    pub state: HealthState,
     pub score: f64,
     /// Set when `state` changed: why.
     pub transition: Option<String>,
@@ -40,7 +33,7 @@ pub struct Change {
 
 #[derive(Clone, Debug)]
 pub struct Tracker {
-    state: State,
+    state: HealthState,
     fails: u32,
     oks: u32,
     window: VecDeque<(bool, Duration)>,
@@ -52,7 +45,7 @@ impl Default for Tracker {
     /// a restart or a new check never takes traffic away by itself.
     fn default() -> Self {
         Self {
-            state: State::Up,
+            state: HealthState::Up,
             fails: 0,
             oks: 0,
             window: VecDeque::with_capacity(WINDOW),
@@ -62,7 +55,7 @@ impl Default for Tracker {
 }
 
 impl Tracker {
-    pub fn state(&self) -> State {
+    pub fn state(&self) -> HealthState {
         self.state
     }
 
@@ -74,8 +67,8 @@ impl Tracker {
     /// recovery. The scheduler then uses the fast interval.
     pub fn unsettled(&self) -> bool {
         match self.state {
-            State::Up => self.fails > 0,
-            State::Down => true,
+            HealthState::Up => self.fails > 0,
+            HealthState::Down => true,
         }
     }
 
@@ -110,7 +103,7 @@ impl Tracker {
     }
 
     /// Takes one result; says what the reconciler must hear, if anything.
-    pub fn record(&mut self, outcome: &Outcome, spec: &CheckSpec) -> Option<Change> {
+    pub fn record(&mut self, outcome: &Outcome, spec: &CheckSpec) -> Option<Published> {
         if self.window.len() == WINDOW {
             self.window.pop_front();
         }
@@ -124,43 +117,43 @@ impl Tracker {
         }
         let raw = self.raw_score(spec);
         let transition = match self.state {
-            State::Up if self.fails >= spec.error_threshold => Some(format!(
+            HealthState::Up if self.fails >= spec.error_threshold => Some(format!(
                 "{} consecutive failed checks, last: {}",
                 self.fails, outcome.detail
             )),
-            State::Up if raw < spec.min_score => Some(format!(
+            HealthState::Up if raw < spec.min_score => Some(format!(
                 "score {raw:.2} below min_score {}, last: {}",
                 spec.min_score, outcome.detail
             )),
-            State::Down if self.oks >= spec.recovery_threshold => {
+            HealthState::Down if self.oks >= spec.recovery_threshold => {
                 Some(format!("{} consecutive passed checks", self.oks))
             }
             _ => None,
         };
         if let Some(reason) = transition {
             self.state = match self.state {
-                State::Up => State::Down,
-                State::Down => State::Up,
+                HealthState::Up => HealthState::Down,
+                HealthState::Down => HealthState::Up,
             };
             // A recovered backend starts over with a clean window (slow start, if set, is the
             // ramp); a down one scores 0.
-            if self.state == State::Up {
+            if self.state == HealthState::Up {
                 self.window.retain(|(ok, _)| *ok);
             }
-            self.published = if self.state == State::Up {
+            self.published = if self.state == HealthState::Up {
                 quantize(self.raw_score(spec))
             } else {
                 0.0
             };
-            return Some(Change {
+            return Some(Published {
                 state: self.state,
                 score: self.published,
                 transition: Some(reason),
             });
         }
-        if self.state == State::Up && (raw - self.published).abs() > HYSTERESIS {
+        if self.state == HealthState::Up && (raw - self.published).abs() > HYSTERESIS {
             self.published = quantize(raw);
-            return Some(Change {
+            return Some(Published {
                 state: self.state,
                 score: self.published,
                 transition: None,
@@ -170,14 +163,10 @@ impl Tracker {
     }
 }
 
-pub fn quantize(score: f64) -> f64 {
-    ((score / STEP).round() * STEP).clamp(0.0, 1.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::settings::Probe;
+    use crate::model::health_settings::Probe;
 
     fn spec(errors: u32, recoveries: u32) -> CheckSpec {
         CheckSpec {
@@ -222,11 +211,11 @@ mod tests {
         assert!(t.unsettled());
         assert_eq!(
             t.record(&fail(), &s).map(|c| c.state),
-            Some(State::Up),
+            Some(HealthState::Up),
             "score step, still up"
         );
         let down = t.record(&fail(), &s).expect("third failure");
-        assert_eq!(down.state, State::Down);
+        assert_eq!(down.state, HealthState::Down);
         assert_eq!(down.score, 0.0);
         assert!(
             down.transition
@@ -237,7 +226,7 @@ mod tests {
         assert_eq!(t.record(&fail(), &s), None, "a failure resets the count");
         assert_eq!(t.record(&ok(1), &s), None);
         let up = t.record(&ok(1), &s).expect("second success in a row");
-        assert_eq!(up.state, State::Up);
+        assert_eq!(up.state, HealthState::Up);
         assert_eq!(up.score, 1.0, "a recovered backend starts with a clean window");
         assert!(!t.unsettled());
     }
@@ -279,7 +268,7 @@ mod tests {
         }
         t.record(&fail(), &s);
         let c = t.record(&fail(), &s).expect("0.8 < 0.85");
-        assert_eq!(c.state, State::Down);
+        assert_eq!(c.state, HealthState::Down);
         assert!(c.transition.unwrap().contains("below min_score"));
     }
 }

@@ -6,10 +6,11 @@ use std::{sync::Arc, time::Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use super::{Command, Snapshot, plan::backend_key};
+use super::inbox::Command;
 use crate::{
     dataplane::Readers,
     model::{BackendRef, Strategy},
+    snapshot::Snapshot,
     strategy::adaptive::{Signals, decide, imbalance},
 };
 
@@ -42,11 +43,7 @@ pub async fn run(
                 .backends
                 .iter()
                 .map(|b| {
-                    let slot = snap
-                        .assignments
-                        .backends
-                        .get(&backend_key(&s.name, &b.id))
-                        .map(|x| x.slot);
+                    let slot = snap.assignments.slot(&s.name, &b.id).map(|x| x.slot);
                     let n = slot.map_or(0, |slot| readers.active.get(slot).max(0) as u64);
                     let w = weights
                         .and_then(|w| w.backends.get(&b.id))

@@ -12,11 +12,12 @@ use futures::future::join_all;
 use log::warn;
 use tokio::sync::{mpsc, watch};
 
-use super::{Command, Snapshot};
+use super::inbox::Command;
 use crate::{
     error::Result,
     model::backend_addresses,
     neigh::{NextHop, ResolveError, Resolver},
+    snapshot::Snapshot,
 };
 
 const RESOLVE_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -119,4 +120,28 @@ pub async fn refresh(
             }
         }
     }
+}
+
+/// The next hops after `updates` (`None`: no longer resolves), kept only for addresses still
+/// wanted, and dropped where an address's needs changed with its services' modes (so it is
+/// resolved again). Pure.
+pub fn merge(
+    current: &HashMap<IpAddr, NextHop>,
+    updates: HashMap<IpAddr, Option<NextHop>>,
+    had: &BTreeMap<IpAddr, bool>,
+    wanted: &BTreeMap<IpAddr, bool>,
+) -> HashMap<IpAddr, NextHop> {
+    let mut next = current.clone();
+    for (addr, hop) in updates {
+        match hop {
+            Some(h) => {
+                next.insert(addr, h);
+            }
+            None => {
+                next.remove(&addr);
+            }
+        }
+    }
+    next.retain(|a, _| wanted.contains_key(a) && had.get(a).is_none_or(|l2| wanted.get(a) == Some(l2)));
+    next
 }

@@ -7,124 +7,23 @@ use std::{
     net::IpAddr,
 };
 
-use lb_common::maps::{MAX_BACKENDS, MAX_SERVICES};
-use serde::{Deserialize, Serialize};
+use lb_common::{
+    Backend, FAMILY_V4, FAMILY_V6, ServiceValue,
+    backend::BACKEND_F_ACTIVE,
+    maps::{MAX_BACKENDS, MAX_SERVICES},
+    service::{
+        FWD_DSR_L2, FWD_GUE, FWD_IPIP, FWD_NAT, FWD_SNAT, SVC_F_COUNT, SVC_F_HASH_SOURCE, SVC_F_SHED,
+        SVC_F_SHED_DROP,
+    },
+};
 
 use crate::{
     error::{Error, Result},
-    model::Service,
+    model::{Forwarding, HashMode, OnShed, Service, Strategy},
     neigh::NextHop,
+    snapshot::{Assignments, BackendSlot, ServiceSlot, TableInput, backend_key},
     status::ServiceWeights,
 };
-
-/// A pool region holding one table.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Region {
-    pub offset: u32,
-    pub size: u32,
-}
-
-/// What a service's table was built from: equal inputs give an equal table, so it is not
-/// built again.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct TableInput {
-    pub size: u32,
-    /// (backend id, effective weight, backend slot) of every member, by id.
-    pub members: Vec<(String, u32, u32)>,
-    /// What the region holds (see `lb_common::strategy`).
-    #[serde(default)]
-    pub strategy: crate::model::Strategy,
-    /// Each member's connection cap (0: none), for the counting strategies; else empty.
-    #[serde(default)]
-    pub caps: Vec<u32>,
-}
-
-impl TableInput {
-    /// A service's inputs from its members (id, effective weight, slot, connection cap), in
-    /// any order: sorted by id, caps kept only for the counting strategies.
-    pub fn new(
-        s: &Service,
-        strategy: crate::model::Strategy,
-        mut members: Vec<(String, u32, u32, u32)>,
-    ) -> Self {
-        let strategy = strategy.table();
-        members.sort();
-        let caps = if strategy.counts() {
-            members.iter().map(|m| m.3).collect()
-        } else {
-            Vec::new()
-        };
-        Self {
-            size: s.table_size,
-            members: members
-                .into_iter()
-                .map(|(id, w, slot, _)| (id, w, slot))
-                .collect(),
-            strategy,
-            caps,
-        }
-    }
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ServiceSlot {
-    pub id: u32,
-    pub key: Option<ServiceKeyRepr>,
-    pub active: Option<Region>,
-    /// The table before the last swap; kept so in-flight readers never see it rewritten, and
-    /// (when it was a Maglev table) for second chance.
-    pub previous: Option<Region>,
-    /// `previous` holds a Maglev table.
-    #[serde(default)]
-    pub previous_maglev: bool,
-    /// The inputs of the active table.
-    #[serde(default)]
-    pub built: Option<TableInput>,
-    /// Tables swapped in since the service was created.
-    #[serde(default)]
-    pub generation: u64,
-    /// A geo service's table per region id (the default region's is `active`).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub geo: BTreeMap<u32, GeoSlot>,
-}
-
-/// One region's table of a geo service.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct GeoSlot {
-    pub active: Option<Region>,
-    pub previous: Option<Region>,
-    pub built: Option<TableInput>,
-    /// The region whose backends serve it (itself, or one of its failover list).
-    #[serde(default)]
-    pub serving: Option<String>,
-}
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ServiceKeyRepr {
-    pub addr: [u8; 16],
-    pub port: u16,
-    pub proto: u8,
-    pub family: u8,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct BackendSlot {
-    pub slot: u32,
-    pub address: IpAddr,
-}
-
-/// Which map slots the daemon gave to which service and backend. Persisted with the services
-/// so a restarted daemon finds its slots again.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Assignments {
-    pub services: BTreeMap<String, ServiceSlot>,
-    /// Keyed by `service/backend-id`.
-    pub backends: BTreeMap<String, BackendSlot>,
-}
-
-pub fn backend_key(service: &str, id: &str) -> String {
-    format!("{service}/{id}")
-}
 
 /// What the maps should hold.
 pub struct Desired<'a> {
@@ -133,7 +32,7 @@ pub struct Desired<'a> {
     pub weights: &'a BTreeMap<String, ServiceWeights>,
     pub hops: &'a HashMap<IpAddr, NextHop>,
     /// `[daemon.geo]`, for geo services.
-    pub geo: Option<&'a crate::strategy::geo::GeoSettings>,
+    pub geo: Option<&'a crate::model::geo_settings::GeoSettings>,
 }
 
 /// One backend entry to write.
@@ -165,6 +64,76 @@ pub struct Plan {
     pub rebuild: Vec<(String, TableInput)>,
     /// Every geo service's table per region id: the inputs, and the region that serves it.
     pub geo: Vec<(String, u32, TableInput, Option<String>)>,
+}
+
+/// A service's value before its table is placed: its id, flags and forwarding mode (the
+/// table fields are the apply's). Pure.
+pub fn service_value(s: &Service, id: u32) -> ServiceValue {
+    let shedding =
+        s.max_new_flows_per_s.is_some() || s.backends.iter().any(|b| b.max_new_flows_per_s.is_some());
+    let flag = |on: bool, f: u32| if on { f } else { 0 };
+    ServiceValue {
+        id,
+        flags: flag(s.hash == HashMode::Source, SVC_F_HASH_SOURCE)
+            | flag(shedding, SVC_F_SHED)
+            | flag(s.on_shed == OnShed::Drop, SVC_F_SHED_DROP)
+            // Adaptive services measure imbalance by the counts, whatever they run.
+            | flag(s.strategy == Strategy::Adaptive, SVC_F_COUNT),
+        table_offset: 0,
+        table_size: 0,
+        forward: match s.forwarding {
+            Forwarding::Dsr => FWD_DSR_L2,
+            Forwarding::Ipip => FWD_IPIP,
+            Forwarding::Gue => FWD_GUE,
+            Forwarding::Nat if s.snat => FWD_SNAT,
+            Forwarding::Nat => FWD_NAT,
+        },
+        strategy: 0,
+        prev_offset: 0,
+        prev_size: 0,
+    }
+}
+
+/// The entry a backend write leaves in its slot, from what the slot holds now: a fresh slot's
+/// generation moves on, so old flows pinned to it are not taken for the new backend. Pure.
+pub fn backend_entry(w: &BackendWrite, current: &Backend) -> Backend {
+    let generation = if w.fresh {
+        current.generation.wrapping_add(1)
+    } else {
+        current.generation
+    };
+    let (addr, family) = addr_bytes(w.address);
+    let mut entry = Backend {
+        addr,
+        family,
+        flags: 0,
+        port: w.port_be,
+        generation,
+        ifindex: 0,
+        dst_mac: [0; 6],
+        src_mac: [0; 6],
+    };
+    if let Some(hop) = &w.hop {
+        entry.ifindex = hop.ifindex;
+        entry.dst_mac = hop.dst_mac;
+        entry.src_mac = hop.src_mac;
+        if w.active {
+            entry.flags = BACKEND_F_ACTIVE;
+        }
+    }
+    entry
+}
+
+/// An address as the maps hold it: 16 bytes (IPv4 in the first 4) and its family.
+pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    match addr {
+        IpAddr::V4(v4) => {
+            out[..4].copy_from_slice(&v4.octets());
+            (out, FAMILY_V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
 }
 
 pub fn plan(desired: &Desired<'_>, current: &Assignments) -> Result<Plan> {
@@ -313,8 +282,8 @@ pub fn plan(desired: &Desired<'_>, current: &Assignments) -> Result<Plan> {
 mod tests {
     use super::*;
     use crate::{
-        health::State,
-        model::{Backend, Forwarding, FragmentPolicy, HashMode, Protocol},
+        model::{Backend, Protocol},
+        status::HealthState,
         status::{BackendStatus, effective_weights},
     };
     use std::time::Instant;
@@ -332,36 +301,19 @@ mod tests {
     fn services(n: usize, per: usize) -> Vec<Service> {
         (0..n)
             .map(|i| Service {
-                name: format!("svc{i}"),
-                vip: format!("10.1.{}.{}", i / 250, i % 250 + 1).parse().unwrap(),
-                port: 80,
-                protocol: Protocol::Tcp,
                 table_size: 1031,
-                hash: HashMode::FiveTuple,
-                forwarding: Forwarding::Dsr,
-                fragments: FragmentPolicy::Pass,
-                snat: false,
-                health: None,
-                max_new_flows_per_s: None,
-                on_shed: Default::default(),
-                resource: None,
-                adaptive: None,
-                strategy: Default::default(),
                 backends: (0..per)
-                    .map(|j| Backend {
-                        id: format!("b{j}"),
-                        address: format!("10.2.{}.{}", j / 250, j % 250 + 1).parse().unwrap(),
-                        port: None,
-                        weight: 100,
-                        region: None,
-                        zone: None,
-                        labels: Default::default(),
-                        health: None,
-                        max_new_flows_per_s: None,
-                        maxconn: None,
-                        allow_link_local: false,
+                    .map(|j| {
+                        let address = format!("10.2.{}.{}", j / 250, j % 250 + 1);
+                        Backend::new(format!("b{j}"), address.parse().unwrap())
                     })
                     .collect(),
+                ..Service::new(
+                    format!("svc{i}"),
+                    format!("10.1.{}.{}", i / 250, i % 250 + 1).parse().unwrap(),
+                    80,
+                    Protocol::Tcp,
+                )
             })
             .collect()
     }
@@ -420,7 +372,7 @@ mod tests {
         status.insert(
             crate::model::BackendRef::new("svc42", "b7"),
             BackendStatus {
-                health: State::Down,
+                health: HealthState::Down,
                 score: 0.0,
                 ..Default::default()
             },

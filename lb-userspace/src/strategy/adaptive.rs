@@ -11,8 +11,8 @@
 
 use std::time::Instant;
 
-pub use super::adaptive_settings::{Adaptive, AdaptiveSettings};
-use crate::model::Strategy;
+pub use crate::model::adaptive_settings::{Adaptive, AdaptiveSettings};
+use crate::{model::Strategy, status::AdaptiveState};
 
 /// What one look measured.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -39,26 +39,6 @@ pub fn imbalance(members: &[(u64, u32)]) -> (u64, f64) {
         .map(|&(n, w)| n as f64 / (total as f64 * f64::from(w) / weight as f64))
         .fold(0.0, f64::max);
     (total, worst)
-}
-
-/// The strategy in effect of an adaptive service, and why.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AdaptiveState {
-    pub current: Strategy,
-    pub reason: String,
-    pub since: Instant,
-    pub switches: u64,
-}
-
-impl AdaptiveState {
-    pub fn new(now: Instant) -> Self {
-        Self {
-            current: Strategy::Maglev,
-            reason: "start: calm until measured".into(),
-            since: now,
-            switches: 0,
-        }
-    }
 }
 
 /// Where the service should be now, and why; `None` to stay (as wanted, or within the dwell).

@@ -4,180 +4,18 @@
 //! hysteresis, and steps the applied factors towards the targets by no more than `max_move` of
 //! the service's Maglev slots. Pure: the writer keeps the state and calls these.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
-use serde::{Deserialize, Serialize};
+use log::info;
 
-use crate::maglev::{MaglevBackend, build_table};
-
-/// `[service.resource]` as written; unset keys take the defaults below.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Deserialize, Serialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ResourceSettings {
-    /// Weight of each new sample in the smoothed load, 0 < a <= 1 (default 0.5).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub smoothing: Option<f64>,
-    /// Smallest change of a backend's target factor acted on, 0..0.5 (default 0.05).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hysteresis: Option<f64>,
-    /// Most of the service's table one update may move, 0 < m <= 1 (default 0.10).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_move: Option<f64>,
-    /// The factor a fully loaded backend keeps, 0 < f <= 1 (default 0.05).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub floor: Option<f64>,
-    /// Seconds between updates, 0.1..=60 (default 1.0).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interval: Option<f64>,
-}
-
-/// `ResourceSettings` with the defaults filled in.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Resource {
-    pub smoothing: f64,
-    pub hysteresis: f64,
-    pub max_move: f64,
-    pub floor: f64,
-    pub interval: Duration,
-}
-
-impl ResourceSettings {
-    pub fn resolve(&self) -> Resource {
-        Resource {
-            smoothing: self.smoothing.unwrap_or(0.5),
-            hysteresis: self.hysteresis.unwrap_or(0.05),
-            max_move: self.max_move.unwrap_or(0.10),
-            floor: self.floor.unwrap_or(0.05),
-            interval: Duration::from_secs_f64(self.interval.unwrap_or(1.0).clamp(0.1, 60.0)),
-        }
-    }
-
-    pub fn validate(&self) -> Result<(), String> {
-        let check = |key: &str, v: Option<f64>, ok: fn(f64) -> bool, range: &str| match v {
-            Some(x) if !(x.is_finite() && ok(x)) => {
-                Err(format!("resource.{key} = {x} is out of range {range}"))
-            }
-            _ => Ok(()),
-        };
-        check("smoothing", self.smoothing, |x| x > 0.0 && x <= 1.0, "(0, 1]")?;
-        check(
-            "hysteresis",
-            self.hysteresis,
-            |x| (0.0..0.5).contains(&x),
-            "[0, 0.5)",
-        )?;
-        check("max_move", self.max_move, |x| x > 0.0 && x <= 1.0, "(0, 1]")?;
-        check("floor", self.floor, |x| x > 0.0 && x <= 1.0, "(0, 1]")?;
-        check(
-            "interval",
-            self.interval,
-            |x| (0.1..=60.0).contains(&x),
-            "[0.1, 60] s",
-        )
-    }
-}
-
-/// Most connections a report may name.
-pub const MAX_REPORTED_CONNECTIONS: u64 = 1_000_000_000;
-/// Longest a report holds.
-pub const MAX_REPORT_TTL: Duration = Duration::from_secs(3600);
-/// How long a report holds when it names no TTL.
-pub const DEFAULT_REPORT_TTL: Duration = Duration::from_secs(30);
-
-/// What a backend says of its own load (`lb backend load`, `PUT .../load`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Deserialize, Serialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LoadReport {
-    /// CPU in use, 0..1.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu: Option<f64>,
-    /// Memory in use, 0..1.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory: Option<f64>,
-    /// Open connections; a load of connections ÷ the backend's `maxconn` when it has one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub connections: Option<u64>,
-}
-
-impl LoadReport {
-    pub fn validate(&self) -> Result<(), String> {
-        for (key, v) in [("cpu", self.cpu), ("memory", self.memory)] {
-            if let Some(x) = v
-                && !(x.is_finite() && (0.0..=1.0).contains(&x))
-            {
-                return Err(format!("{key} {x} is out of range 0..=1"));
-            }
-        }
-        if let Some(c) = self.connections
-            && c > MAX_REPORTED_CONNECTIONS
-        {
-            return Err(format!(
-                "connections {c} is out of range 0..={MAX_REPORTED_CONNECTIONS}"
-            ));
-        }
-        if self.cpu.is_none() && self.memory.is_none() && self.connections.is_none() {
-            return Err("a load report needs cpu, memory or connections".into());
-        }
-        Ok(())
-    }
-
-    /// Its load, 0..1: the highest of its parts (connections count only against a cap).
-    pub fn load(&self, maxconn: u32) -> Option<f64> {
-        let conns = match (self.connections, maxconn) {
-            (Some(c), m) if m > 0 => Some((c as f64 / f64::from(m)).min(1.0)),
-            _ => None,
-        };
-        [self.cpu, self.memory, conns]
-            .into_iter()
-            .flatten()
-            .reduce(f64::max)
-    }
-}
-
-/// A backend's load as the controller keeps it.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LoadState {
-    /// The last report, and when it expires.
-    pub report: Option<(LoadReport, Instant)>,
-    /// The smoothed load, 0..1.
-    pub smoothed: f64,
-    /// The factor it moves towards, and the one in the tables.
-    pub target: f64,
-    pub factor: f64,
-}
-
-impl Default for LoadState {
-    fn default() -> Self {
-        Self {
-            report: None,
-            smoothed: 0.0,
-            target: 1.0,
-            factor: 1.0,
-        }
-    }
-}
-
-impl LoadState {
-    /// Nothing to do: no signal, and the weight is the configured one.
-    pub fn settled(&self) -> bool {
-        self.report.is_none() && self.smoothed == 0.0 && self.factor == 1.0 && self.target == 1.0
-    }
-
-    /// One update's smoothing and target, from this update's sample (`None`: no signal,
-    /// which counts as no load, so an expired report lets the weight come back).
-    pub fn observe(&mut self, sample: Option<f64>, r: &Resource) {
-        let x = sample.unwrap_or(0.0).clamp(0.0, 1.0);
-        self.smoothed += r.smoothing * (x - self.smoothed);
-        if sample.is_none() && self.smoothed < 0.01 {
-            self.smoothed = 0.0;
-        }
-        let want = (1.0 - self.smoothed).clamp(r.floor, 1.0);
-        // Small moves wait until they add up; the ends are always reached.
-        if (want - self.target).abs() >= r.hysteresis.max(1e-9) || (want == 1.0 && self.smoothed == 0.0) {
-            self.target = want;
-        }
-    }
-}
+use crate::{
+    maglev::{MaglevBackend, build_table},
+    model::{BackendRef, Service},
+    status::{AgentState, BackendStatus, load::LoadReport, maxconn},
+};
 
 /// This update's load sample of one backend: the highest of its unexpired report and its
 /// agent's `N%` (read as 1 − N/100).
@@ -271,9 +109,96 @@ pub fn bounded_step(members: &[Member<'_>], size: u32, max_move: f64) -> (Vec<f6
     (at(t), m)
 }
 
+/// One service's step to take: its members as (id, weight, factor, target).
+pub struct Job {
+    pub service: String,
+    pub size: u32,
+    pub max_move: f64,
+    pub members: Vec<(String, u32, f64, f64)>,
+}
+
+/// A step taken: each member's new factor, and the share of the table it moved.
+pub struct Step {
+    pub service: String,
+    pub factors: Vec<(String, f64)>,
+    pub moved: f64,
+}
+
+impl Job {
+    /// Builds the tables the step compares: blocking, off the async workers.
+    pub fn step(self) -> Step {
+        let view: Vec<_> = self
+            .members
+            .iter()
+            .map(|(id, w, f, t)| Member {
+                id,
+                weight: *w,
+                factor: *f,
+                target: *t,
+            })
+            .collect();
+        let (factors, moved) = bounded_step(&view, self.size, self.max_move);
+        Step {
+            factors: self.members.into_iter().map(|m| m.0).zip(factors).collect(),
+            service: self.service,
+            moved,
+        }
+    }
+}
+
+/// One update's observation of the services running resource-aware weights: expires old
+/// reports, smooths each backend's load and moves its target. Returns the services whose
+/// factors must step, and how soon the next update is due (`None`: all settled, so idle).
+pub fn observe<'a>(
+    services: impl Iterator<Item = &'a Service>,
+    status: &mut BTreeMap<BackendRef, BackendStatus>,
+    now: Instant,
+) -> (Vec<Job>, Option<Duration>) {
+    let mut jobs = Vec::new();
+    let mut next: Option<Duration> = None;
+    for s in services {
+        let r = s.resource.unwrap_or_default().resolve();
+        let mut members = Vec::new();
+        for b in &s.backends {
+            let st = status.entry(BackendRef::new(&s.name, &b.id)).or_default();
+            if st.load.report.is_some_and(|(_, exp)| exp <= now) {
+                info!("backend {}/{}: load report expired", s.name, b.id);
+                st.load.report = None;
+            }
+            let agent = st.agent.as_ref().and_then(AgentState::percent);
+            let x = sample(st.load.report.as_ref(), agent, maxconn(b, st.agent.as_ref()), now);
+            st.load.observe(x, &r);
+            members.push((b.id.clone(), b.weight, st.load.factor, st.load.target));
+        }
+        let busy = s.backends.iter().any(|b| {
+            status
+                .get(&BackendRef::new(&s.name, &b.id))
+                .is_some_and(|st| !st.load.settled())
+        });
+        if busy {
+            next = Some(next.map_or(r.interval, |n| n.min(r.interval)));
+        }
+        if members.iter().any(|m| m.2 != m.3) {
+            jobs.push(Job {
+                service: s.name.clone(),
+                size: s.table_size,
+                max_move: r.max_move,
+                members,
+            });
+        }
+    }
+    (jobs, next)
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::{
+        model::resource_settings::{Resource, ResourceSettings},
+        status::load::LoadState,
+    };
 
     fn r() -> Resource {
         ResourceSettings::default().resolve()

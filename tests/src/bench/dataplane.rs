@@ -31,7 +31,8 @@ use lb_userspace::{
     dataplane::Pool,
     maglev::{MaglevBackend, build_table},
     model::Strategy,
-    reconcile::{apply::build, plan::TableInput},
+    reconcile::apply::build,
+    snapshot::TableInput,
 };
 use serde::Serialize;
 

@@ -12,14 +12,15 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use lb_userspace::{
-    health::{HealthSettings, State, monitor},
-    model::{Backend, BackendRef, Forwarding, FragmentPolicy, HashMode, Protocol, Service},
+    health::monitor,
+    model::{Backend, BackendRef, HealthSettings, Protocol, Service},
     neigh::NextHop,
     reconcile::{
         apply::{BUILD_BATCH, build_all},
-        plan::{Assignments, Desired, TableInput, plan},
+        plan::{Desired, plan},
     },
-    status::{BackendStatus, ServiceWeights, effective_weights},
+    snapshot::{Assignments, TableInput},
+    status::{BackendStatus, HealthState, ServiceWeights, checks::Board, effective_weights},
 };
 use serde::Serialize;
 
@@ -231,40 +232,21 @@ fn checks_per_second(window_s: f64) -> Result<ChecksResult> {
         }
         let services: Vec<Service> = (0..PORTS)
             .map(|p| Service {
-                name: format!("s{p}"),
-                vip: IpAddr::from([10, 200, 0, 1]),
-                port: BASE + p,
-                protocol: Protocol::Tcp,
                 table_size: 1031,
-                hash: HashMode::FiveTuple,
-                forwarding: Forwarding::Dsr,
-                fragments: FragmentPolicy::Pass,
-                snat: false,
                 health: Some(HealthSettings {
                     interval: Some(interval),
                     timeout: Some(1.0),
                     ..Default::default()
                 }),
-                max_new_flows_per_s: None,
-                on_shed: Default::default(),
-                resource: None,
-                adaptive: None,
-                strategy: Default::default(),
                 backends: (0..ADDRS)
-                    .map(|a| Backend {
-                        id: format!("b{a}"),
-                        address: IpAddr::from([127, 0, 0, (a + 1) as u8]),
-                        port: None,
-                        weight: 100,
-                        region: None,
-                        zone: None,
-                        labels: Default::default(),
-                        health: None,
-                        max_new_flows_per_s: None,
-                        maxconn: None,
-                        allow_link_local: false,
-                    })
+                    .map(|a| Backend::new(format!("b{a}"), IpAddr::from([127, 0, 0, (a + 1) as u8])))
                     .collect(),
+                ..Service::new(
+                    format!("s{p}"),
+                    IpAddr::from([10, 200, 0, 1]),
+                    BASE + p,
+                    Protocol::Tcp,
+                )
             })
             .collect();
         let targets = services.iter().map(|s| s.backends.len()).sum::<usize>();
@@ -273,7 +255,7 @@ fn checks_per_second(window_s: f64) -> Result<ChecksResult> {
             .thread_name("hcmon")
             .enable_all()
             .build()?;
-        let board = monitor::Board::default();
+        let board = Board::default();
         let (tx, mut rx) = tokio::sync::mpsc::channel(4096);
         let (_services_tx, services_rx) = tokio::sync::watch::channel(Arc::new(services));
         checker.spawn(async move { while rx.recv().await.is_some() {} });
@@ -287,7 +269,7 @@ fn checks_per_second(window_s: f64) -> Result<ChecksResult> {
             None,
             None,
         ));
-        let checks = |board: &monitor::Board| -> (u64, u64) {
+        let checks = |board: &Board| -> (u64, u64) {
             let v = board.read().expect("board");
             let done = v.checks.values().map(|c| c.checks).sum();
             let failed = v.checks.values().map(|c| c.failed).sum();
@@ -320,36 +302,20 @@ fn checks_per_second(window_s: f64) -> Result<ChecksResult> {
 fn flap_services(n: usize, per: usize) -> Vec<Service> {
     (0..n)
         .map(|i| Service {
-            name: format!("svc{i}"),
-            vip: IpAddr::from([10, 1, (i / 250) as u8, (i % 250 + 1) as u8]),
-            port: 80,
-            protocol: Protocol::Tcp,
-            table_size: lb_common::maps::DEFAULT_TABLE_SIZE,
-            hash: HashMode::FiveTuple,
-            forwarding: Forwarding::Dsr,
-            fragments: FragmentPolicy::Pass,
-            snat: false,
-            health: None,
-            max_new_flows_per_s: None,
-            on_shed: Default::default(),
-            resource: None,
-            adaptive: None,
-            strategy: Default::default(),
             backends: (0..per)
-                .map(|j| Backend {
-                    id: format!("b{j}"),
-                    address: IpAddr::from([10, 2, (j / 250) as u8, (j % 250 + 1) as u8]),
-                    port: None,
-                    weight: 100,
-                    region: None,
-                    zone: None,
-                    labels: Default::default(),
-                    health: None,
-                    max_new_flows_per_s: None,
-                    maxconn: None,
-                    allow_link_local: false,
+                .map(|j| {
+                    Backend::new(
+                        format!("b{j}"),
+                        IpAddr::from([10, 2, (j / 250) as u8, (j % 250 + 1) as u8]),
+                    )
                 })
                 .collect(),
+            ..Service::new(
+                format!("svc{i}"),
+                IpAddr::from([10, 1, (i / 250) as u8, (i % 250 + 1) as u8]),
+                80,
+                Protocol::Tcp,
+            )
         })
         .collect()
 }
@@ -422,7 +388,7 @@ fn flap_cost(runs: usize, services: usize) -> Result<FlapResult> {
     flapped.insert(
         BackendRef::new(&format!("svc{}", services / 2), "b7"),
         BackendStatus {
-            health: State::Down,
+            health: HealthState::Down,
             score: 0.0,
             ..Default::default()
         },

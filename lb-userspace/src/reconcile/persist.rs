@@ -19,7 +19,7 @@ use crate::{
     config::ServiceSpec,
     error::{Error, Result},
     model::Service,
-    reconcile::plan::Assignments,
+    snapshot::Assignments,
 };
 
 /// Largest state file read back (1,024 services of 16,384 backends stay far below it).

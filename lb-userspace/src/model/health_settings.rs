@@ -6,8 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use super::{breaker::BreakerSpec, passive::PassiveSpec};
-use crate::model::{Backend, Protocol, Service};
+use super::{Backend, Protocol, Service};
 
 /// What the checks probe.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
@@ -130,6 +129,26 @@ pub const DEFAULT_RECOVERY_THRESHOLD: u32 = 2;
 pub const DEFAULT_MIN_SCORE: f64 = 0.1;
 pub const DEFAULT_BREAKER_COOLDOWN: f64 = 30.0;
 pub const DEFAULT_HALF_OPEN_SHARE: f64 = 0.1;
+pub const DEFAULT_PASSIVE_THRESHOLD: f64 = 0.3;
+pub const DEFAULT_PASSIVE_MIN_SAMPLES: u32 = 5;
+
+/// The circuit breaker's settings (`health::breaker`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BreakerSpec {
+    pub failures: u32,
+    pub cooldown: Duration,
+    pub half_open_share: f64,
+    pub recovery: u32,
+}
+
+/// Passive health's settings (`health::passive`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PassiveSpec {
+    /// Retransmits per first SYN that make a failure.
+    pub threshold: f64,
+    /// First SYNs needed in an interval to judge it.
+    pub min_samples: u32,
+}
 
 /// What one check does.
 #[derive(Clone, Debug, PartialEq)]
@@ -442,9 +461,8 @@ fn resolve_check(service: &Service, backend: &Backend) -> Result<Option<CheckSpe
         }
     };
     let passive = if pick(s, b, |h| &h.passive) != Some(false) && service.protocol == Protocol::Tcp {
-        let threshold = pick(s, b, |h| &h.passive_threshold).unwrap_or(super::passive::DEFAULT_THRESHOLD);
-        let min_samples =
-            pick(s, b, |h| &h.passive_min_samples).unwrap_or(super::passive::DEFAULT_MIN_SAMPLES);
+        let threshold = pick(s, b, |h| &h.passive_threshold).unwrap_or(DEFAULT_PASSIVE_THRESHOLD);
+        let min_samples = pick(s, b, |h| &h.passive_min_samples).unwrap_or(DEFAULT_PASSIVE_MIN_SAMPLES);
         if !threshold.is_finite() || !(0.01..=100.0).contains(&threshold) {
             return Err(format!(
                 "health passive_threshold {threshold} is out of range 0.01..=100"
@@ -524,17 +542,9 @@ pub fn validate_service(service: &Service) -> Result<(), String> {
     // is refused before any backend is added.
     if service.health.is_some() {
         let probe = Backend {
-            id: "probe".into(),
-            address: service.vip,
             port: Some(service.port.max(1)),
             weight: 0,
-            region: None,
-            zone: None,
-            labels: Default::default(),
-            health: None,
-            max_new_flows_per_s: None,
-            maxconn: None,
-            allow_link_local: false,
+            ..Backend::new("probe", service.vip)
         };
         resolve(service, &probe)?;
     }

@@ -14,16 +14,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    health::{
-        State,
-        agent::AgentState,
-        breaker::BreakerState,
-        settings::{DownFlows, OnPanic, PanicSpec, agent_absolute_weights, down_flows},
-        tracker::quantize,
-    },
-    model::{BackendRef, Service, Strategy},
+pub mod checks;
+pub mod load;
+pub mod signals;
+
+pub use signals::{AdaptiveState, AgentState, BreakerState, HealthState};
+
+use crate::model::{
+    BackendRef, Service, Strategy,
+    health_settings::{DownFlows, OnPanic, PanicSpec, agent_absolute_weights, down_flows},
 };
+use signals::quantize;
 
 /// Steps of the slow-start ramp: the weight changes (and tables are rebuilt) this many times.
 pub const RAMP_STEPS: u32 = 10;
@@ -37,7 +38,7 @@ pub struct External {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendStatus {
-    pub health: State,
+    pub health: HealthState,
     pub score: f64,
     /// What the backend's agent last said (`None`: no agent, or it has said nothing yet).
     pub agent: Option<AgentState>,
@@ -48,13 +49,13 @@ pub struct BackendStatus {
     pub slow_start: Duration,
     pub external: Option<External>,
     /// Its own load (reports, agent `N%`) and the factor resource-aware weighting gives it.
-    pub load: crate::strategy::resource::LoadState,
+    pub load: load::LoadState,
 }
 
 impl Default for BackendStatus {
     fn default() -> Self {
         Self {
-            health: State::Up,
+            health: HealthState::Up,
             score: 1.0,
             agent: None,
             breaker: BreakerState::Closed,
@@ -162,7 +163,7 @@ pub fn effective_weights(
             }
             _ => b.weight,
         };
-        let unhealthy = st.health == State::Down || st.external_score() <= 0.0;
+        let unhealthy = st.health == HealthState::Down || st.external_score() <= 0.0;
         // An open breaker takes no new flows; its pinned flows stay.
         let excluded =
             unhealthy || agent.is_some_and(AgentState::excluded) || st.breaker == BreakerState::Open;
@@ -230,52 +231,26 @@ pub fn effective_weights(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        health::HealthSettings,
-        model::{Backend, Forwarding, FragmentPolicy, HashMode, Protocol},
-    };
+    use crate::model::{Backend, HealthSettings, Protocol};
+    use signals::AgentWeight;
 
     fn service(n: usize, panic: Option<f64>) -> Service {
         Service {
-            name: "web".into(),
-            vip: "10.0.0.1".parse().unwrap(),
-            port: 80,
-            protocol: Protocol::Tcp,
             table_size: 13,
-            hash: HashMode::FiveTuple,
-            forwarding: Forwarding::Dsr,
-            fragments: FragmentPolicy::Pass,
-            snat: false,
             health: Some(HealthSettings {
                 panic_threshold: panic,
                 ..Default::default()
             }),
-            max_new_flows_per_s: None,
-            on_shed: Default::default(),
-            resource: None,
-            adaptive: None,
-            strategy: Default::default(),
             backends: (0..n)
-                .map(|i| Backend {
-                    id: format!("b{i}"),
-                    address: format!("10.0.1.{}", i + 1).parse().unwrap(),
-                    port: None,
-                    weight: 100,
-                    region: None,
-                    zone: None,
-                    labels: Default::default(),
-                    health: None,
-                    max_new_flows_per_s: None,
-                    maxconn: None,
-                    allow_link_local: false,
-                })
+                .map(|i| Backend::new(format!("b{i}"), format!("10.0.1.{}", i + 1).parse().unwrap()))
                 .collect(),
+            ..Service::new("web", "10.0.0.1".parse().unwrap(), 80, Protocol::Tcp)
         }
     }
 
     fn down() -> BackendStatus {
         BackendStatus {
-            health: State::Down,
+            health: HealthState::Down,
             score: 0.0,
             ..Default::default()
         }
@@ -366,17 +341,42 @@ mod tests {
     #[test]
     fn the_agent_drains_weighs_and_takes_down() {
         let s = service(3, Some(0.0));
-        let agent = |line: &str| BackendStatus {
-            agent: Some(crate::health::agent::apply(&Default::default(), line).unwrap()),
+        // What the agent's `drain`, `50%`, `maint` and `down #disk` leave (`health::agent`).
+        let agent = |state: AgentState| BackendStatus {
+            agent: Some(state),
             ..Default::default()
         };
         let mut st = BTreeMap::new();
-        st.insert(BackendRef::new("web", "b0"), agent("drain"));
-        st.insert(BackendRef::new("web", "b1"), agent("50%"));
-        st.insert(BackendRef::new("web", "b2"), agent("maint"));
+        st.insert(
+            BackendRef::new("web", "b0"),
+            agent(AgentState {
+                drain: true,
+                ..Default::default()
+            }),
+        );
+        st.insert(
+            BackendRef::new("web", "b1"),
+            agent(AgentState {
+                weight: Some(AgentWeight::Percent(50)),
+                ..Default::default()
+            }),
+        );
+        st.insert(
+            BackendRef::new("web", "b2"),
+            agent(AgentState {
+                maint: true,
+                ..Default::default()
+            }),
+        );
         let w = effective_weights(&s, s.strategy, &st, |_| true, Instant::now());
         assert_eq!(weights(&w), vec![(0, true), (50, true), (0, false)]);
-        st.insert(BackendRef::new("web", "b2"), agent("down #disk"));
+        st.insert(
+            BackendRef::new("web", "b2"),
+            agent(AgentState {
+                down: Some("disk".into()),
+                ..Default::default()
+            }),
+        );
         let w = effective_weights(&s, s.strategy, &st, |_| true, Instant::now());
         assert_eq!(
             w.backends["b2"],
@@ -391,10 +391,14 @@ mod tests {
     #[test]
     fn the_agent_lifts_a_weight_at_most_256_percent_unless_absolute_weights_are_on() {
         let mut s = service(2, Some(0.0));
-        let st: BTreeMap<_, _> = [("b0", "weight:10000"), ("b1", "weight:150")]
+        // The agent's `weight:10000` and `weight:150`.
+        let st: BTreeMap<_, _> = [("b0", 10_000), ("b1", 150)]
             .into_iter()
-            .map(|(id, line)| {
-                let agent = crate::health::agent::apply(&Default::default(), line).unwrap();
+            .map(|(id, w)| {
+                let agent = AgentState {
+                    weight: Some(AgentWeight::Absolute(w)),
+                    ..Default::default()
+                };
                 (
                     BackendRef::new("web", id),
                     BackendStatus {

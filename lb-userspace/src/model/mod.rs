@@ -7,9 +7,15 @@ use std::{collections::BTreeMap, collections::HashSet, fmt, net::IpAddr};
 use lb_common::maps::MAX_SERVICES;
 use serde::{Deserialize, Serialize};
 
+pub mod adaptive_settings;
+pub mod geo_settings;
+pub mod health_settings;
+pub mod resource_settings;
+
+pub use health_settings::HealthSettings;
+
 use crate::{
     error::{Error, Result},
-    health::HealthSettings,
     maglev::{MAX_TABLE_SIZE, is_prime},
 };
 
@@ -247,9 +253,9 @@ pub struct Service {
     /// A new flow over its backend's limit: spilled to the next candidate, or dropped.
     pub on_shed: OnShed,
     /// `[service.resource]`: how load becomes weight (resource-aware, and adaptive's pick).
-    pub resource: Option<crate::strategy::resource::ResourceSettings>,
+    pub resource: Option<resource_settings::ResourceSettings>,
     /// `[service.adaptive]`: when an adaptive service switches.
-    pub adaptive: Option<crate::strategy::adaptive_settings::AdaptiveSettings>,
+    pub adaptive: Option<adaptive_settings::AdaptiveSettings>,
     pub backends: Vec<Backend>,
 }
 
@@ -333,6 +339,29 @@ pub fn validate_table_size(size: u32) -> Result<()> {
 }
 
 impl Service {
+    /// A service as the config file's defaults make it: DSR, Maglev, the default table size,
+    /// no health settings and no backends. Tests and benches set what they care about on top.
+    pub fn new(name: impl Into<String>, vip: IpAddr, port: u16, protocol: Protocol) -> Self {
+        Self {
+            name: name.into(),
+            vip,
+            port,
+            protocol,
+            table_size: lb_common::maps::DEFAULT_TABLE_SIZE,
+            hash: HashMode::default(),
+            strategy: Strategy::default(),
+            forwarding: Forwarding::default(),
+            fragments: FragmentPolicy::default(),
+            snat: false,
+            health: None,
+            max_new_flows_per_s: None,
+            on_shed: OnShed::default(),
+            resource: None,
+            adaptive: None,
+            backends: Vec::new(),
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         validate_name("service name", &self.name, 64)?;
         validate_table_size(self.table_size)?;
@@ -412,7 +441,7 @@ impl Service {
                 )));
             }
         }
-        crate::health::validate_service(self)
+        health_settings::validate_service(self)
             .map_err(|e| Error::invalid(format!("service {}: {e}", self.name)))?;
         let mut ids = HashSet::new();
         let mut endpoints = HashSet::new();
@@ -443,6 +472,23 @@ impl Service {
 }
 
 impl Backend {
+    /// A backend of the default weight with nothing else set.
+    pub fn new(id: impl Into<String>, address: IpAddr) -> Self {
+        Self {
+            id: id.into(),
+            address,
+            port: None,
+            weight: DEFAULT_WEIGHT,
+            region: None,
+            zone: None,
+            labels: BTreeMap::new(),
+            health: None,
+            max_new_flows_per_s: None,
+            maxconn: None,
+            allow_link_local: false,
+        }
+    }
+
     pub fn port(&self, service: &Service) -> u16 {
         self.port.unwrap_or(service.port)
     }

@@ -1,0 +1,428 @@
+//! One change to the desired state, applied to copies of the services and statuses and
+//! validated whole. Pure: no maps, no I/O; the writer commits what this accepts.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use log::info;
+
+use super::inbox::{Change, HealthUpdate};
+use crate::{
+    config::{DaemonConfig, validate_against, validate_services, validate_weight},
+    error::{Error, Result},
+    model::{BackendRef, Service},
+    status::{
+        BackendStatus, External, HealthState,
+        load::{DEFAULT_REPORT_TTL, MAX_REPORT_TTL},
+    },
+};
+
+fn unknown_service(name: &str) -> Error {
+    Error::NotFound(format!("unknown service {name}"))
+}
+
+fn unknown_backend(service: &str, id: &str) -> Error {
+    Error::NotFound(format!("service {service} has no backend {id}"))
+}
+
+fn find_service<'a>(services: &'a mut [Service], name: &str) -> Result<&'a mut Service> {
+    services
+        .iter_mut()
+        .find(|s| s.name == name)
+        .ok_or_else(|| unknown_service(name))
+}
+
+/// Applies one change to copies of the services and statuses, validating the result whole.
+pub(crate) fn change_state(
+    cfg: &DaemonConfig,
+    services: &mut Vec<Service>,
+    status: &mut BTreeMap<BackendRef, BackendStatus>,
+    change: Change,
+    now: Instant,
+) -> Result<()> {
+    match change {
+        Change::Replace(next) => *services = next,
+        Change::AddService(s) => {
+            if services.iter().any(|x| x.name == s.name) {
+                return Err(Error::Exists(format!("service {} already exists", s.name)));
+            }
+            services.push(s);
+        }
+        Change::RemoveService(name) => {
+            let before = services.len();
+            services.retain(|x| x.name != name);
+            if services.len() == before {
+                return Err(unknown_service(&name));
+            }
+        }
+        Change::AddBackend { service, backend } => {
+            let svc = find_service(services, &service)?;
+            if svc.backend(&backend.id).is_some() {
+                return Err(Error::Exists(format!(
+                    "service {service} already has a backend {}",
+                    backend.id
+                )));
+            }
+            svc.backends.push(backend);
+        }
+        Change::RemoveBackend { service, id } => {
+            let svc = find_service(services, &service)?;
+            let before = svc.backends.len();
+            svc.backends.retain(|b| b.id != id);
+            if svc.backends.len() == before {
+                return Err(unknown_backend(&service, &id));
+            }
+        }
+        Change::SetWeight { service, id, weight } => {
+            validate_weight(weight)?;
+            let svc = find_service(services, &service)?;
+            let b = svc
+                .backends
+                .iter_mut()
+                .find(|b| b.id == id)
+                .ok_or_else(|| unknown_backend(&service, &id))?;
+            b.weight = weight;
+        }
+        Change::SetStrategy { service, strategy } => {
+            find_service(services, &service)?.strategy = strategy;
+        }
+        Change::SetExternal {
+            service,
+            id,
+            score,
+            ttl,
+        } => {
+            if !(score.is_finite() && (0.0..=1.0).contains(&score)) {
+                return Err(Error::invalid(format!(
+                    "health score {score} is out of range 0..=1"
+                )));
+            }
+            if let Some(t) = ttl
+                && (t.is_zero() || t > Duration::from_secs(30 * 24 * 3600))
+            {
+                return Err(Error::invalid(format!(
+                    "ttl {} s is out of range (0, 2592000]",
+                    t.as_secs_f64()
+                )));
+            }
+            let svc = find_service(services, &service)?;
+            if svc.backend(&id).is_none() {
+                return Err(unknown_backend(&service, &id));
+            }
+            let st = status.entry(BackendRef::new(&service, &id)).or_default();
+            st.external = Some(External {
+                score,
+                expires: ttl.map(|t| now + t),
+            });
+            info!(
+                "backend {service}/{id}: external score {score}{}",
+                ttl.map(|t| format!(" for {} s", t.as_secs_f64()))
+                    .unwrap_or_default()
+            );
+        }
+        // The writer loads geo data itself, before any change reaches here.
+        Change::ReloadGeo => {}
+        Change::ReportLoad {
+            service,
+            id,
+            report,
+            ttl,
+        } => {
+            report.validate().map_err(Error::invalid)?;
+            let ttl = ttl.unwrap_or(DEFAULT_REPORT_TTL);
+            if ttl.is_zero() || ttl > MAX_REPORT_TTL {
+                return Err(Error::invalid(format!(
+                    "ttl {} s is out of range (0, {}]",
+                    ttl.as_secs_f64(),
+                    MAX_REPORT_TTL.as_secs()
+                )));
+            }
+            let svc = find_service(services, &service)?;
+            if svc.backend(&id).is_none() {
+                return Err(unknown_backend(&service, &id));
+            }
+            status
+                .entry(BackendRef::new(&service, &id))
+                .or_default()
+                .load
+                .report = Some((report, now + ttl));
+            log::debug!(
+                "backend {service}/{id}: load report {report:?} for {} s",
+                ttl.as_secs_f64()
+            );
+        }
+    }
+    validate_services(services)?;
+    validate_against(cfg, services)?;
+    Ok(())
+}
+
+/// What the monitor last published about one backend, into its status; a backend back up
+/// starts its slow-start ramp now.
+pub fn record_health(status: &mut BTreeMap<BackendRef, BackendStatus>, u: HealthUpdate, now: Instant) {
+    let st = status.entry(u.backend).or_default();
+    if st.health == HealthState::Down && u.state == HealthState::Up {
+        st.up_at = Some(now);
+    }
+    st.health = u.state;
+    st.score = u.score;
+    st.slow_start = u.slow_start;
+    st.breaker = u.breaker;
+    st.half_open_share = u.half_open_share;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::{
+        config::Config,
+        model::{Backend, Protocol, Strategy},
+        status::load::LoadReport,
+    };
+
+    fn cfg() -> DaemonConfig {
+        Config::parse("[daemon]\ninterfaces = [\"eth0\"]\n")
+            .expect("config")
+            .daemon
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// Two services; `web` has backends b0 and b1.
+    fn start() -> (Vec<Service>, BTreeMap<BackendRef, BackendStatus>) {
+        let web = Service {
+            backends: vec![
+                Backend::new("b0", ip("10.0.1.1")),
+                Backend::new("b1", ip("10.0.1.2")),
+            ],
+            ..Service::new("web", ip("10.0.0.1"), 80, Protocol::Tcp)
+        };
+        let dns = Service::new("dns", ip("10.0.0.2"), 53, Protocol::Udp);
+        (vec![web, dns], BTreeMap::new())
+    }
+
+    /// Applies `change` to the start state: the result, and the state after (which must be
+    /// the start state when the change is refused).
+    fn apply(change: Change) -> (Result<()>, Vec<Service>, BTreeMap<BackendRef, BackendStatus>) {
+        let (mut services, mut status) = start();
+        let r = change_state(&cfg(), &mut services, &mut status, change, Instant::now());
+        (r, services, status)
+    }
+
+    fn refused(change: Change) -> Error {
+        let (r, ..) = apply(change);
+        r.expect_err("refused")
+    }
+
+    fn web(services: &[Service]) -> &Service {
+        services.iter().find(|s| s.name == "web").unwrap()
+    }
+
+    #[test]
+    fn services_are_added_replaced_and_removed_by_name() {
+        let (r, s, _) = apply(Change::AddService(Service::new(
+            "api",
+            ip("10.0.0.3"),
+            443,
+            Protocol::Tcp,
+        )));
+        r.unwrap();
+        assert_eq!(
+            s.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            ["web", "dns", "api"]
+        );
+        let (r, s, _) = apply(Change::RemoveService("dns".into()));
+        r.unwrap();
+        assert_eq!(s.len(), 1);
+        let (r, s, _) = apply(Change::Replace(vec![Service::new(
+            "x",
+            ip("10.0.0.9"),
+            1,
+            Protocol::Tcp,
+        )]));
+        r.unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].name, "x");
+        assert!(matches!(
+            refused(Change::AddService(Service::new(
+                "web",
+                ip("10.0.0.3"),
+                443,
+                Protocol::Tcp
+            ))),
+            Error::Exists(_)
+        ));
+        assert!(matches!(
+            refused(Change::RemoveService("nope".into())),
+            Error::NotFound(_)
+        ));
+        // Valid alone, refused whole: a second service on web's VIP and port.
+        let clash = Service::new("web2", ip("10.0.0.1"), 80, Protocol::Tcp);
+        assert!(matches!(refused(Change::AddService(clash)), Error::Invalid(_)));
+    }
+
+    #[test]
+    fn backends_are_added_removed_and_weighed() {
+        let add = |id: &str| Change::AddBackend {
+            service: "web".into(),
+            backend: Backend::new(id, ip("10.0.1.3")),
+        };
+        let (r, s, _) = apply(add("b2"));
+        r.unwrap();
+        assert_eq!(web(&s).backends.len(), 3);
+        assert!(matches!(refused(add("b0")), Error::Exists(_)));
+        assert!(matches!(
+            refused(Change::AddBackend {
+                service: "nope".into(),
+                backend: Backend::new("b2", ip("10.0.1.3")),
+            }),
+            Error::NotFound(_)
+        ));
+        let (r, s, _) = apply(Change::RemoveBackend {
+            service: "web".into(),
+            id: "b1".into(),
+        });
+        r.unwrap();
+        assert_eq!(web(&s).backends.len(), 1);
+        assert!(matches!(
+            refused(Change::RemoveBackend {
+                service: "web".into(),
+                id: "b9".into(),
+            }),
+            Error::NotFound(_)
+        ));
+        let weight = |id: &str, weight: u32| Change::SetWeight {
+            service: "web".into(),
+            id: id.into(),
+            weight,
+        };
+        let (r, s, _) = apply(weight("b1", 0));
+        r.unwrap();
+        assert_eq!(web(&s).backends[1].weight, 0);
+        assert!(matches!(refused(weight("b9", 5)), Error::NotFound(_)));
+        assert!(matches!(
+            refused(weight("b1", crate::model::MAX_WEIGHT + 1)),
+            Error::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn a_strategy_is_set_and_checked_against_the_daemon() {
+        let set = |strategy| Change::SetStrategy {
+            service: "web".into(),
+            strategy,
+        };
+        let (r, s, _) = apply(set(Strategy::RoundRobin));
+        r.unwrap();
+        assert_eq!(web(&s).strategy, Strategy::RoundRobin);
+        // Geo needs [daemon.geo], which this daemon has not.
+        assert!(matches!(refused(set(Strategy::Geo)), Error::Invalid(_)));
+        assert!(matches!(
+            refused(Change::SetStrategy {
+                service: "nope".into(),
+                strategy: Strategy::Maglev,
+            }),
+            Error::NotFound(_)
+        ));
+    }
+
+    #[test]
+    fn external_scores_are_kept_in_range_with_a_bounded_ttl() {
+        let score = |id: &str, score: f64, ttl: Option<u64>| Change::SetExternal {
+            service: "web".into(),
+            id: id.into(),
+            score,
+            ttl: ttl.map(Duration::from_secs),
+        };
+        let (r, _, st) = apply(score("b0", 0.5, Some(60)));
+        r.unwrap();
+        let e = st[&BackendRef::new("web", "b0")]
+            .external
+            .expect("external score");
+        assert_eq!(e.score, 0.5);
+        assert!(e.expires.is_some());
+        for bad in [
+            score("b0", 1.5, None),
+            score("b0", f64::NAN, None),
+            score("b0", 0.5, Some(0)),
+        ] {
+            assert!(matches!(refused(bad), Error::Invalid(_)));
+        }
+        assert!(matches!(
+            refused(score("b0", 0.5, Some(31 * 24 * 3600))),
+            Error::Invalid(_)
+        ));
+        assert!(matches!(refused(score("b9", 0.5, None)), Error::NotFound(_)));
+    }
+
+    #[test]
+    fn load_reports_are_validated_and_expire() {
+        let report = |id: &str, cpu: f64, ttl: Option<u64>| Change::ReportLoad {
+            service: "web".into(),
+            id: id.into(),
+            report: LoadReport {
+                cpu: Some(cpu),
+                ..Default::default()
+            },
+            ttl: ttl.map(Duration::from_secs),
+        };
+        let (r, _, st) = apply(report("b1", 0.7, None));
+        r.unwrap();
+        let (got, _) = st[&BackendRef::new("web", "b1")]
+            .load
+            .report
+            .expect("report kept");
+        assert_eq!(got.cpu, Some(0.7));
+        assert!(matches!(refused(report("b1", 1.7, None)), Error::Invalid(_)));
+        assert!(matches!(refused(report("b1", 0.7, Some(0))), Error::Invalid(_)));
+        assert!(matches!(
+            refused(report("b1", 0.7, Some(3601))),
+            Error::Invalid(_)
+        ));
+        assert!(matches!(refused(report("b9", 0.7, None)), Error::NotFound(_)));
+        let empty = Change::ReportLoad {
+            service: "web".into(),
+            id: "b1".into(),
+            report: LoadReport::default(),
+            ttl: None,
+        };
+        assert!(matches!(refused(empty), Error::Invalid(_)));
+    }
+
+    #[test]
+    fn a_geo_reload_changes_no_service() {
+        let (r, s, st) = apply(Change::ReloadGeo);
+        r.unwrap();
+        assert_eq!(s, start().0);
+        assert!(st.is_empty());
+    }
+
+    #[test]
+    fn a_health_update_records_the_state_and_starts_the_ramp_when_back_up() {
+        let (_, mut st) = start();
+        let b = BackendRef::new("web", "b0");
+        let update = |state, score| HealthUpdate {
+            backend: b.clone(),
+            state,
+            score,
+            slow_start: Duration::from_secs(10),
+            breaker: crate::status::BreakerState::Closed,
+            half_open_share: 1.0,
+        };
+        let now = Instant::now();
+        record_health(&mut st, update(HealthState::Up, 0.8), now);
+        assert_eq!(st[&b].score, 0.8);
+        assert_eq!(st[&b].up_at, None, "up all along: no ramp");
+        record_health(&mut st, update(HealthState::Down, 0.0), now);
+        assert_eq!(st[&b].health, HealthState::Down);
+        record_health(&mut st, update(HealthState::Up, 1.0), now);
+        assert_eq!(st[&b].up_at, Some(now));
+        assert_eq!(st[&b].slow_start, Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,90 @@
+//! What reaches the writer: one channel of commands (API changes, health, agents, next hops,
+//! adaptive switches). Producers import this; it imports nothing above the model and status.
+
+use std::{net::IpAddr, time::Duration};
+
+use tokio::sync::oneshot;
+
+use crate::{
+    error::Result,
+    model::{Backend, BackendRef, Service},
+    neigh::NextHop,
+    status::{AgentState, BreakerState, HealthState, load::LoadReport},
+};
+
+/// A change to the desired state, from the API.
+#[derive(Debug)]
+pub enum Change {
+    /// Replace every service (reload).
+    Replace(Vec<Service>),
+    AddService(Service),
+    RemoveService(String),
+    AddBackend {
+        service: String,
+        backend: Backend,
+    },
+    RemoveBackend {
+        service: String,
+        id: String,
+    },
+    SetWeight {
+        service: String,
+        id: String,
+        weight: u32,
+    },
+    /// A service's strategy (new flows only).
+    SetStrategy {
+        service: String,
+        strategy: crate::model::Strategy,
+    },
+    /// The external score of one backend (0..1), optionally for `ttl` only.
+    SetExternal {
+        service: String,
+        id: String,
+        score: f64,
+        ttl: Option<Duration>,
+    },
+    /// Read `[daemon.geo] data` again and load it whole, or refuse it and keep what runs.
+    ReloadGeo,
+    /// A backend's own load report, holding for `ttl` (default 30 s).
+    ReportLoad {
+        service: String,
+        id: String,
+        report: LoadReport,
+        ttl: Option<Duration>,
+    },
+}
+
+/// A backend's health as the monitor last published it.
+#[derive(Clone, Debug)]
+pub struct HealthUpdate {
+    pub backend: BackendRef,
+    pub state: HealthState,
+    pub score: f64,
+    pub slow_start: Duration,
+    pub breaker: BreakerState,
+    /// The weight share while half-open.
+    pub half_open_share: f64,
+}
+
+pub enum Command {
+    Change {
+        change: Box<Change>,
+        /// The warnings of the pass that applied it, or why it was refused.
+        reply: oneshot::Sender<Result<Vec<String>>>,
+    },
+    /// Next hops looked up again: `None` = no longer resolves.
+    Hops(Vec<(IpAddr, Option<NextHop>)>),
+    Health(HealthUpdate),
+    /// What a backend's agent now says.
+    Agent {
+        backend: BackendRef,
+        state: AgentState,
+    },
+    /// An adaptive service's switch (`strategy::adaptive`).
+    Adapt {
+        service: String,
+        to: crate::model::Strategy,
+        reason: String,
+    },
+}

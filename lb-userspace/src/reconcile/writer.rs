@@ -1,0 +1,558 @@
+//! The writer: one task owns the desired services, every backend's status and the maps. What
+//! queues up while a pass runs is taken together in the next pass, so a burst of flaps costs
+//! one pass; the pass rebuilds only the tables whose inputs changed, and does its map work
+//! (table builds included) on a blocking thread, off the async workers.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use log::{error, info, warn};
+use tokio::sync::{mpsc, watch};
+
+use super::{
+    apply::Maps,
+    change::{change_state, record_health},
+    hops,
+    inbox::{Change, Command},
+    persist::Persisted,
+    plan::{self, Desired},
+    warnings,
+};
+use crate::{
+    config::{DaemonConfig, ServiceSpec},
+    error::{Error, Result},
+    metrics::histograms::Histograms,
+    model::{BackendRef, Service, Strategy, backend_addresses},
+    neigh::{NextHop, Resolver},
+    snapshot::{GeoStatus, PassCounters, Snapshot, in_effect},
+    status::{AdaptiveState, BackendStatus, ServiceWeights, effective_weights},
+    strategy::{geo, resource},
+};
+
+pub struct Writer {
+    cfg: DaemonConfig,
+    maps: Arc<Mutex<Maps>>,
+    resolver: Arc<Resolver>,
+    services: Vec<Service>,
+    hops: HashMap<IpAddr, NextHop>,
+    status: BTreeMap<BackendRef, BackendStatus>,
+    panicking: std::collections::BTreeSet<String>,
+    counters: PassCounters,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    /// The services alone, for the health monitor: it wakes only when they change.
+    declared: watch::Sender<Arc<Vec<Service>>>,
+    state_path: PathBuf,
+    histograms: Histograms,
+    adaptive: BTreeMap<String, AdaptiveState>,
+    geo: Option<GeoStatus>,
+    /// The next resource-aware update, while some service has load to follow.
+    resource_due: Option<Instant>,
+    /// Health and next hops a failed pass could not apply (the monitor and the refresher say
+    /// a thing once): the next pass starts from them, and one is due after `RETRY`.
+    unapplied: Option<Unapplied>,
+}
+
+/// What a failed pass could not apply, and when to try again.
+struct Unapplied {
+    status: BTreeMap<BackendRef, BackendStatus>,
+    hops: HashMap<IpAddr, Option<NextHop>>,
+    retry_at: Instant,
+}
+
+impl Unapplied {
+    fn retry(status: BTreeMap<BackendRef, BackendStatus>, hops: HashMap<IpAddr, Option<NextHop>>) -> Self {
+        Self {
+            status,
+            hops,
+            retry_at: Instant::now() + RETRY,
+        }
+    }
+}
+
+/// How soon a failed pass's health and next hops are tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// The channels to and from a started writer.
+pub struct Handles {
+    pub commands: mpsc::Sender<Command>,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub services: watch::Receiver<Arc<Vec<Service>>>,
+}
+
+impl Writer {
+    /// Applies the first state (restored or from the config) and returns the writer, ready to
+    /// run, with its warnings.
+    pub async fn start(
+        cfg: DaemonConfig,
+        maps: Maps,
+        resolver: Arc<Resolver>,
+        services: Vec<Service>,
+        histograms: Histograms,
+    ) -> Result<(Self, Handles, mpsc::Receiver<Command>, Vec<String>)> {
+        let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (declared, declared_rx) = watch::channel(Arc::new(Vec::new()));
+        let (tx, rx) = mpsc::channel(4096);
+        let mut writer = Self {
+            state_path: cfg.state_path(),
+            cfg,
+            maps: Arc::new(Mutex::new(maps)),
+            resolver,
+            services: Vec::new(),
+            hops: HashMap::new(),
+            status: BTreeMap::new(),
+            panicking: Default::default(),
+            counters: PassCounters::default(),
+            snapshot,
+            declared,
+            histograms,
+            adaptive: BTreeMap::new(),
+            geo: None,
+            resource_due: None,
+            unapplied: None,
+        };
+        if writer.cfg.geo.as_ref().is_some_and(|g| g.data.is_some()) {
+            match writer.load_geo().await {
+                Ok(n) => info!("geo: {n} prefixes loaded"),
+                Err(e) => {
+                    warn!("geo: {e}; every client goes to the default region until `lb geo reload` succeeds")
+                }
+            }
+        }
+        let warnings = writer
+            .commit(services, writer.status.clone(), HashMap::new(), true)
+            .await?;
+        let handles = Handles {
+            commands: tx,
+            snapshot: snapshot_rx,
+            services: declared_rx,
+        };
+        Ok((writer, handles, rx, warnings))
+    }
+
+    /// Runs until every sender is gone.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        loop {
+            let timer = self.next_timer();
+            let first = tokio::select! {
+                c = rx.recv() => match c {
+                    Some(c) => Some(c),
+                    None => break,
+                },
+                _ = sleep_until(timer) => None,
+            };
+            let mut batch: Vec<Command> = first.into_iter().collect();
+            while batch.len() < 4096
+                && let Ok(c) = rx.try_recv()
+            {
+                batch.push(c);
+            }
+            self.pass(batch).await;
+        }
+    }
+
+    /// Reads, parses and loads the geo data file; on any error nothing changes.
+    async fn load_geo(&mut self) -> Result<usize> {
+        let Some(geo) = self.cfg.geo.clone() else {
+            return Err(Error::invalid("no [daemon.geo] in the config"));
+        };
+        let Some(path) = geo.data.clone() else {
+            return Err(Error::invalid("[daemon.geo] names no data file"));
+        };
+        let source = path.display().to_string();
+        let maps = self.maps.clone();
+        let (n, per_region) =
+            tokio::task::spawn_blocking(move || -> Result<(usize, BTreeMap<String, usize>)> {
+                let prefixes = geo::load(&path, &geo).map_err(|e| Error::invalid(format!("geo data {e}")))?;
+                let per_region = geo::per_region(&prefixes, &geo);
+                let mut guard = maps.lock().unwrap_or_else(|p| p.into_inner());
+                let n = guard.dp.load_geo(&prefixes)?;
+                Ok((n, per_region))
+            })
+            .await
+            .map_err(|e| Error::dataplane(format!("geo load task: {e}")))??;
+        self.geo = Some(GeoStatus {
+            source,
+            prefixes: n,
+            prefixes_per_region: per_region,
+            loaded_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        });
+        self.snapshot.send_modify(|s| {
+            let mut next = (**s).clone();
+            next.geo = self.geo.clone();
+            *s = Arc::new(next);
+        });
+        Ok(n)
+    }
+
+    /// The next TTL expiry, slow-start step or resource-aware update, if any.
+    fn next_timer(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.status
+            .values()
+            .flat_map(|s| [s.external.and_then(|e| e.expires), s.next_ramp_step(now)])
+            .flatten()
+            .chain(self.resource_due)
+            .chain(self.unapplied.as_ref().map(|u| u.retry_at))
+            .min()
+    }
+
+    /// One resource-aware update of every service running it, if due (`strategy::resource`).
+    async fn resource_update(
+        &mut self,
+        services: &[Service],
+        status: &mut BTreeMap<BackendRef, BackendStatus>,
+        reported: bool,
+        now: Instant,
+    ) {
+        let due = self.resource_due.is_some_and(|t| t <= now);
+        // Idle until a load signal arrives; then every interval while there is load to follow.
+        let wake = reported && self.resource_due.is_none();
+        if !(due || wake) {
+            return;
+        }
+        let running = services
+            .iter()
+            .filter(|s| in_effect(&self.adaptive, s) == Strategy::ResourceAware);
+        let (jobs, next) = resource::observe(running, status, now);
+        self.resource_due = next.map(|d| now + d);
+        if jobs.is_empty() {
+            return;
+        }
+        let steps = tokio::task::spawn_blocking(move || {
+            jobs.into_iter().map(resource::Job::step).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for step in steps {
+            for (id, f) in step.factors {
+                if let Some(st) = status.get_mut(&BackendRef::new(&step.service, &id)) {
+                    st.load.factor = f;
+                }
+            }
+            self.counters.resource_steps += 1;
+            log::debug!(
+                "service {}: resource-aware step moves {:.1}% of the table",
+                step.service,
+                step.moved * 100.0
+            );
+        }
+    }
+
+    async fn pass(&mut self, batch: Vec<Command>) {
+        self.counters.commands += batch.len() as u64;
+        let mut services = self.services.clone();
+        let (mut status, mut hop_updates) = match self.unapplied.take() {
+            Some(u) => (u.status, u.hops),
+            None => (self.status.clone(), HashMap::new()),
+        };
+        let mut replies = Vec::new();
+        let now = Instant::now();
+        // A load signal arrived: start the resource-aware updates if they are idle.
+        let mut reported = false;
+        for command in batch {
+            match command {
+                Command::Change { change, reply } if matches!(*change, Change::ReloadGeo) => {
+                    let answer = match self.load_geo().await {
+                        Ok(n) => {
+                            info!("geo: reloaded, {n} prefixes");
+                            Ok(vec![])
+                        }
+                        Err(e) => {
+                            warn!("geo: reload refused, the running data stays: {e}");
+                            Err(e)
+                        }
+                    };
+                    let _ = reply.send(answer);
+                }
+                Command::Change { change, reply } => {
+                    reported |= matches!(*change, Change::ReportLoad { .. });
+                    let mut next = services.clone();
+                    let mut next_status = status.clone();
+                    match change_state(&self.cfg, &mut next, &mut next_status, *change, now) {
+                        Ok(()) => {
+                            services = next;
+                            status = next_status;
+                            replies.push(reply);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Command::Hops(updates) => hop_updates.extend(updates),
+                Command::Health(u) => record_health(&mut status, u, now),
+                Command::Agent { backend, state } => {
+                    reported |= state.percent().is_some();
+                    status.entry(backend).or_default().agent = Some(state);
+                }
+                Command::Adapt { service, to, reason } => {
+                    let Some(s) = services
+                        .iter()
+                        .find(|s| s.name == service && s.strategy == Strategy::Adaptive)
+                    else {
+                        continue;
+                    };
+                    let st = self
+                        .adaptive
+                        .entry(s.name.clone())
+                        .or_insert_with(|| AdaptiveState::new(now));
+                    if st.current != to {
+                        info!(
+                            "service {service}: adaptive: {} -> {} ({reason})",
+                            st.current.name(),
+                            to.name()
+                        );
+                        self.histograms
+                            .switches
+                            .with_label_values(&[service.as_str(), st.current.name(), to.name()])
+                            .inc();
+                        *st = AdaptiveState {
+                            current: to,
+                            reason,
+                            since: now,
+                            switches: st.switches + 1,
+                        };
+                    }
+                }
+            }
+        }
+        // Adaptive services start calm, on Maglev; the others have no pick.
+        self.adaptive.retain(|n, _| {
+            services
+                .iter()
+                .any(|s| &s.name == n && s.strategy == Strategy::Adaptive)
+        });
+        for s in services.iter().filter(|s| s.strategy == Strategy::Adaptive) {
+            self.adaptive
+                .entry(s.name.clone())
+                .or_insert_with(|| AdaptiveState::new(now));
+        }
+        self.resource_update(&services, &mut status, reported, now).await;
+        for (b, st) in status.iter_mut() {
+            if let Some(e) = st.external
+                && e.expires.is_some_and(|t| t <= now)
+            {
+                info!("backend {b}: external score {} expired", e.score);
+                st.external = None;
+            }
+            if st.up_at.is_some() && st.next_ramp_step(now).is_none() {
+                st.up_at = None;
+            }
+        }
+        let changed = services != self.services;
+        // Only a change's answer carries warnings: a pass for health or next hops alone skips
+        // their sysctl reads, netlink queries and socket binds.
+        let answering = !replies.is_empty();
+        let mut result = self
+            .commit(services, status.clone(), hop_updates.clone(), answering)
+            .await;
+        if result.is_err() && changed {
+            // The changes were refused; health and next hops still apply.
+            if let Err(e) = self
+                .commit(self.services.clone(), status.clone(), hop_updates.clone(), false)
+                .await
+            {
+                warn!("reconcile: {e}; health and next hops are tried again in {RETRY:?}");
+                self.unapplied = Some(Unapplied::retry(status, hop_updates));
+            }
+        } else if result.is_err() {
+            self.unapplied = Some(Unapplied::retry(status, hop_updates));
+        }
+        if let Err(e) = &mut result {
+            *e = Error::invalid(e.to_string());
+        }
+        for reply in replies {
+            let _ = reply.send(match &result {
+                Ok(w) => Ok(w.clone()),
+                Err(e) => Err(Error::invalid(e.to_string())),
+            });
+        }
+        if let (Err(e), false) = (&result, changed) {
+            warn!("reconcile: {e}; health and next hops are tried again in {RETRY:?}");
+        }
+    }
+
+    /// Makes `services` with `status` the applied state: resolves new backends, plans, applies,
+    /// persists and publishes. On error the applied state stays as it was.
+    async fn commit(
+        &mut self,
+        services: Vec<Service>,
+        mut status: BTreeMap<BackendRef, BackendStatus>,
+        hop_updates: HashMap<IpAddr, Option<NextHop>>,
+        with_warnings: bool,
+    ) -> Result<Vec<String>> {
+        let mut warnings = Vec::new();
+        let wanted = backend_addresses(&services);
+        let mut next_hops = hops::merge(
+            &self.hops,
+            hop_updates,
+            &backend_addresses(&self.services),
+            &wanted,
+        );
+        let (found, unresolved) = hops::resolve_missing(&self.resolver, &wanted, &next_hops).await?;
+        next_hops.extend(found);
+        warnings.extend(unresolved);
+        let live: std::collections::BTreeSet<BackendRef> = services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| BackendRef::new(&s.name, &b.id)))
+            .collect();
+        status.retain(|b, _| live.contains(b));
+
+        let now = Instant::now();
+        let weights: BTreeMap<String, ServiceWeights> = services
+            .iter()
+            .map(|s| {
+                let w = effective_weights(
+                    s,
+                    in_effect(&self.adaptive, s),
+                    &status,
+                    |a| next_hops.contains_key(&a),
+                    now,
+                );
+                (s.name.clone(), w)
+            })
+            .collect();
+        let maps = self.maps.clone();
+        let (plan_services, plan_weights, plan_hops) = (services.clone(), weights.clone(), next_hops.clone());
+        let (old_services, old_weights, old_hops) =
+            (self.services.clone(), self.last_weights(), self.hops.clone());
+        let started = Instant::now();
+        let geo = self.cfg.geo.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            let mut guard = maps.lock().unwrap_or_else(|p| p.into_inner());
+            let Maps { dp, slots } = &mut *guard;
+            let desired = Desired {
+                services: &plan_services,
+                weights: &plan_weights,
+                hops: &plan_hops,
+                geo: geo.as_ref(),
+            };
+            let result =
+                plan::plan(&desired, &slots.assignments).and_then(|p| slots.apply(dp, &plan_services, p));
+            if let Err(e) = &result {
+                // Put the maps back as they were.
+                let old = Desired {
+                    services: &old_services,
+                    weights: &old_weights,
+                    hops: &old_hops,
+                    geo: geo.as_ref(),
+                };
+                if let Err(undo) =
+                    plan::plan(&old, &slots.assignments).and_then(|p| slots.apply(dp, &old_services, p))
+                {
+                    error!("rollback after \"{e}\" failed: {undo}");
+                }
+            }
+            result.map(|a| {
+                (
+                    a,
+                    slots.assignments.clone(),
+                    slots.regions.capacity(),
+                    slots.regions.free_slots(),
+                )
+            })
+        })
+        .await
+        .map_err(|e| Error::dataplane(format!("reconcile task: {e}")))?;
+        let (applied, assignments, capacity, free) = applied?;
+        self.counters.passes += 1;
+        self.counters.tables_built += applied.built as u64;
+        self.counters.tables_swapped += applied.swapped as u64;
+        self.histograms
+            .map_write
+            .with_label_values(&[] as &[&str])
+            .observe(started.elapsed().as_secs_f64());
+        if applied.built > 0 {
+            self.histograms
+                .rebuild
+                .with_label_values(&[] as &[&str])
+                .observe(applied.build_time.as_secs_f64());
+            log::debug!(
+                "pass: {} tables built in {:?}, {} swapped, {:?} in all",
+                applied.built,
+                applied.build_time,
+                applied.swapped,
+                started.elapsed()
+            );
+        }
+        for (name, w) in &weights {
+            let was = self.panicking.contains(name);
+            if w.panic && !was {
+                warn!(
+                    "service {name}: panic: no backend is up (or fewer than its panic_threshold); spreading per on_panic"
+                );
+                self.panicking.insert(name.clone());
+            } else if !w.panic && was {
+                info!("service {name}: out of panic");
+                self.panicking.remove(name);
+            }
+        }
+        self.panicking.retain(|n| weights.contains_key(n));
+
+        if with_warnings {
+            warnings.extend(warnings::forwarding(&self.cfg.interfaces, &services));
+            warnings.extend(
+                warnings::encap_mtu(&self.resolver, &self.cfg.interfaces, &services, &next_hops).await,
+            );
+            warnings.extend(warnings::nat(&self.cfg, &services));
+        }
+        let declared_changed = services != self.services;
+        self.services = services;
+        self.hops = next_hops;
+        self.status = status;
+        // The change is in the maps already: a failed save is said, not a refused change (the
+        // next pass writes the file again).
+        if let Err(e) = (Persisted {
+            services: self.services.iter().map(ServiceSpec::from).collect(),
+            assignments: assignments.clone(),
+        })
+        .save(&self.state_path)
+        {
+            warn!("state file not saved (a restart would start from the one before): {e}");
+            warnings.push(format!(
+                "the change took effect but the state file was not saved: {e}"
+            ));
+        }
+        let (attachments, adopted) = {
+            let guard = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+            (guard.dp.attachments.clone(), guard.dp.adopted)
+        };
+        let services = Arc::new(self.services.clone());
+        if declared_changed || self.declared.borrow().is_empty() {
+            self.declared.send_replace(services.clone());
+        }
+        self.snapshot.send_replace(Arc::new(Snapshot {
+            services,
+            assignments,
+            hops: self.hops.clone(),
+            status: self.status.clone(),
+            weights,
+            pool_capacity: capacity,
+            pool_free: free,
+            attachments,
+            adopted,
+            counters: self.counters,
+            adaptive: self.adaptive.clone(),
+            geo: self.geo.clone(),
+        }));
+        Ok(warnings)
+    }
+
+    fn last_weights(&self) -> BTreeMap<String, ServiceWeights> {
+        self.snapshot.borrow().weights.clone()
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
