@@ -1,107 +1,62 @@
 //! Golden packets through BPF_PROG_TEST_RUN: exact output bytes and verdict for each case, on
 //! the real kernel with real maps. Each test runs in a fresh network namespace.
 
-use aya::{
-    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
-    programs::Xdp,
-};
 use lb_common::{
-    AddrKey, Backend, Counter, FlowKey, FlowState, NatEntry, ServiceKey, ServiceValue, VipFilter, addr_words,
+    Counter, FlowKey, NatEntry, ServiceKey, ServiceValue,
     backend::BACKEND_F_ACTIVE,
-    dpconfig::{DataPlaneConfig, encap_variation},
-    maps,
+    dpconfig::encap_variation,
     service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP, FWD_NAT, FWD_SNAT},
 };
 use lb_tests::{
-    NetNs, in_ns,
+    NetNs,
+    fixture::{Balancer, Decapsulator, dsr_backend, nat_backend, routed_backend},
+    in_ns,
     packets::{
         BACKEND4, BACKEND6, CLIENT_MAC, CLIENT4, CLIENT6, ENCAP_SRC4, ENCAP_SRC6, LB_MAC, NAT_B4, NAT_B6,
         ROUTER_MAC, SNAT4, SNAT6, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, eth, fix_l4_checksum,
-        ipv4, ipv6, lo_backend, tcp, udp, words,
+        ipv4, ipv6, tcp, udp,
     },
-    topology::{ipip_routes, load_object, loaded_lb, run_lb, run_xdp},
 };
 
 const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb1];
 const B2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb2];
 const GUE_PORT: u16 = lb_userspace::config::DEFAULT_GUE_PORT;
-use lb_userspace::dataplane::Pool;
 
-struct Dp {
-    ebpf: aya::Ebpf,
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
-    fragment_services: HashMap<MapData, ServiceKey, ServiceValue>,
-    vip_filter: Array<MapData, VipFilter>,
-    vip_addrs: HashMap<MapData, AddrKey, u32>,
-    backends: Array<MapData, Backend>,
-    pool: Pool,
-    global: PerCpuArray<MapData, u64>,
-    conntrack: HashMap<MapData, FlowKey, FlowState>,
-    nat: HashMap<MapData, FlowKey, NatEntry>,
-    tx_ports: DevMapHash<MapData>,
-    dp_config: Array<MapData, DataPlaneConfig>,
+/// The golden tests' shorthand for filling the fixture's maps (a failed write panics).
+trait Golden {
+    /// An L2 DSR backend in `slot`, reached through `ifindex`.
+    fn backend(&mut self, slot: u32, mac: [u8; 6], ifindex: u32);
+    /// A service whose 13-slot table at `offset` names `slot` everywhere.
+    fn service(&mut self, family: u8, proto: u8, addr: &[u8], port: u16, offset: u32, slot: u32);
+    #[allow(clippy::too_many_arguments)]
+    fn service_mode(
+        &mut self,
+        family: u8,
+        proto: u8,
+        addr: &[u8],
+        port: u16,
+        offset: u32,
+        slot: u32,
+        forward: u32,
+    );
+    /// A routed backend (IPIP, GUE) in `slot`.
+    fn encap_backend(&mut self, slot: u32, addr: &[u8]);
+    /// A NAT backend in `slot` on NAT_BACKEND_PORT, reached through lo.
+    fn nat_backend(&mut self, slot: u32, addr: &[u8], generation: u32);
+    fn nat_entries(&self) -> Vec<(FlowKey, NatEntry)>;
 }
 
-impl Dp {
-    fn new() -> Self {
-        let mut ebpf = loaded_lb().expect("load lb");
-        let mut take = |n: &str| ebpf.take_map(n).expect(n);
-        let services = take(maps::SERVICES).try_into().expect("services");
-        let fragment_services = take(maps::FRAGMENT_SERVICES)
-            .try_into()
-            .expect("fragment services");
-        let vip_filter = take(maps::VIP_FILTER).try_into().expect("vip filter");
-        let vip_addrs = take(maps::VIP_ADDRS).try_into().expect("vip addrs");
-        let backends = take(maps::BACKENDS).try_into().expect("backends");
-        let pool = match take(maps::MAGLEV_POOL) {
-            aya::maps::Map::Array(data) => Pool::new(data).expect("pool"),
-            _ => panic!("MAGLEV_POOL is not an array"),
-        };
-        let global = take(maps::GLOBAL_STATS).try_into().expect("global");
-        let conntrack = take(maps::CONNTRACK).try_into().expect("conntrack");
-        let nat = take(maps::NAT_FLOWS).try_into().expect("nat");
-        let tx_ports = take(maps::TX_PORTS).try_into().expect("tx ports");
-        let dp_config = take(maps::DP_CONFIG).try_into().expect("dp config");
-        let mut dp = Self {
-            ebpf,
-            services,
-            fragment_services,
-            vip_filter,
-            vip_addrs,
-            backends,
-            pool,
-            global,
-            conntrack,
-            nat,
-            tx_ports,
-            dp_config,
-        };
-        // Backend slot 1 -> b1, slot 2 -> b2, both reached through ifindex 1 (lo: test_run's ingress).
-        dp.backend(1, B1_MAC, 1);
-        dp.backend(2, B2_MAC, 1);
-        dp
-    }
-
+impl Golden for Balancer {
     fn backend(&mut self, slot: u32, mac: [u8; 6], ifindex: u32) {
-        let b = Backend {
-            addr: [0; 16],
-            family: 4,
-            flags: BACKEND_F_ACTIVE,
-            port: 0,
-            generation: 1,
-            ifindex,
-            dst_mac: mac,
-            src_mac: LB_MAC,
-        };
-        self.backends.set(slot, b, 0).expect("set backend");
+        self.backends
+            .set(slot, dsr_backend(mac, ifindex), 0)
+            .expect("set backend");
     }
 
-    /// A service whose 13-slot table at `offset` names `slot` everywhere.
     fn service(&mut self, family: u8, proto: u8, addr: &[u8], port: u16, offset: u32, slot: u32) {
         self.service_mode(family, proto, addr, port, offset, slot, FWD_DSR_L2);
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn service_mode(
         &mut self,
         family: u8,
@@ -123,27 +78,33 @@ impl Dp {
             forward,
             ..Default::default()
         };
-        self.insert_service(ServiceKey::new(family, proto, a, port.to_be()), v);
+        self.add_service(ServiceKey::new(family, proto, a, port.to_be()), v)
+            .expect("service");
     }
 
-    /// As the daemon does it: the VIP filter learns the address, then the service appears.
-    fn insert_service(&mut self, key: ServiceKey, value: ServiceValue) {
-        let mut filter = self.vip_filter.get(&0, 0).expect("filter");
-        filter.add(&key);
-        self.vip_filter.set(0, filter, 0).expect("filter");
-        self.vip_addrs
-            .insert(AddrKey::new(key.family, key.addr), 1, 0)
-            .expect("vip addr");
-        self.services.insert(key, value, 0).expect("service");
+    fn encap_backend(&mut self, slot: u32, addr: &[u8]) {
+        self.backends
+            .set(slot, routed_backend(addr), 0)
+            .expect("set backend");
     }
 
-    fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
-        run_lb(&self.ebpf, input).expect("test_run")
+    fn nat_backend(&mut self, slot: u32, addr: &[u8], generation: u32) {
+        let b = nat_backend(addr, NAT_BACKEND_PORT, generation, B1_MAC);
+        self.backends.set(slot, b, 0).expect("set backend");
     }
 
-    fn counter(&self, c: Counter) -> u64 {
-        self.global.get(&(c as u32), 0).expect("counter").iter().sum()
+    fn nat_entries(&self) -> Vec<(FlowKey, NatEntry)> {
+        self.nat.iter().map(|r| r.expect("entry")).collect()
     }
+}
+
+/// The balancer with backend slot 1 -> b1, slot 2 -> b2, both reached through ifindex 1 (lo:
+/// test_run's ingress).
+fn with_two_backends() -> Balancer {
+    let mut dp = Balancer::load().expect("load lb");
+    dp.backend(1, B1_MAC, 1);
+    dp.backend(2, B2_MAC, 1);
+    dp
 }
 
 /// The expected DSR output: the same bytes with the MACs rewritten.
@@ -154,18 +115,13 @@ fn rewritten(input: &[u8], dst: [u8; 6]) -> Vec<u8> {
     out
 }
 
-/// One test_run: the verdict and the frame as the program left it.
-fn run_once(prog: &Xdp, input: &[u8]) -> (u32, Vec<u8>) {
-    run_xdp(prog, input).expect("test_run")
-}
-
 fn in_fresh_ns(f: impl FnOnce() + Send + 'static) {
     let ns = NetNs::new("golden").expect("netns");
     in_ns(&ns, f);
 }
 
-fn standard() -> Dp {
-    let mut dp = Dp::new();
+fn standard() -> Balancer {
+    let mut dp = with_two_backends();
     dp.service(4, 6, &VIP4, 80, 0, 1);
     dp.service(4, 17, &VIP4, 53, 13, 1);
     dp.service(6, 6, &VIP6, 80, 26, 1);
@@ -460,7 +416,7 @@ fn flood_guard_forwards_new_flows_past_its_limit_without_remembering_them() {
             ]
             .concat()
         };
-        let set_limit = |dp: &mut Dp, flood_limit| {
+        let set_limit = |dp: &mut Balancer, flood_limit| {
             let mut cfg = dp.dp_config.get(&0, 0).expect("dp config");
             cfg.flood_limit = flood_limit;
             dp.dp_config.set(0, cfg, 0).expect("set dp config");
@@ -531,7 +487,8 @@ fn wildcard_port_service_and_empty_table() {
             forward: 0,
             ..Default::default()
         };
-        dp.insert_service(ServiceKey::new(4, 6, key, 80u16.to_be()), empty);
+        dp.add_service(ServiceKey::new(4, 6, key, 80u16.to_be()), empty)
+            .expect("service");
         let input = [
             eth(LB_MAC, CLIENT_MAC, 0x0800),
             ipv4(6, CLIENT4, [10, 100, 0, 7], &tcp(1, 80, 2)),
@@ -573,37 +530,6 @@ fn backend_behind_another_interface_is_redirected() {
     });
 }
 
-impl Dp {
-    fn encap_backend(&mut self, slot: u32, family: u8, addr: &[u8]) {
-        let mut a = [0u8; 16];
-        a[..addr.len()].copy_from_slice(addr);
-        let b = Backend {
-            addr: a,
-            family,
-            flags: BACKEND_F_ACTIVE,
-            port: 0,
-            generation: 1,
-            ifindex: 0,
-            dst_mac: [0; 6],
-            src_mac: [0; 6],
-        };
-        self.backends.set(slot, b, 0).expect("set backend");
-    }
-
-    fn encap_config(&mut self) {
-        let mut src4 = [0u8; 16];
-        src4[..4].copy_from_slice(&ENCAP_SRC4);
-        let cfg = DataPlaneConfig {
-            encap_src4: addr_words(src4)[0],
-            flags: 0,
-            encap_src6: addr_words(ENCAP_SRC6),
-            gue_port: GUE_PORT,
-            ..Default::default()
-        };
-        self.dp_config.set(0, cfg, 0).expect("dp config");
-    }
-}
-
 /// The outer source a flow gets: the prefix with the flow's variation in the last 16 bits.
 fn outer_src4(client: [u8; 4], sport: u16) -> [u8; 4] {
     let v = encap_variation(u32::from_ne_bytes(client), sport.to_be()) as u16;
@@ -612,11 +538,9 @@ fn outer_src4(client: [u8; 4], sport: u16) -> [u8; 4] {
 
 /// The standard services plus what encapsulation needs: routed backends (`ipip_routes`), the
 /// encapsulation sources, and the egress in TX_PORTS.
-fn encap_dp() -> Dp {
-    let ifindex = ipip_routes().expect("routes");
+fn encap_dp() -> Balancer {
     let mut dp = standard();
-    dp.encap_config();
-    dp.tx_ports.insert(ifindex, ifindex, None, 0).expect("tx port");
+    dp.route_tunnels().expect("tunnels");
     dp
 }
 
@@ -655,8 +579,8 @@ fn outer6(next: u8, payload: &[u8]) -> Vec<u8> {
 fn ipip_wraps_the_packet_for_a_routed_backend() {
     in_fresh_ns(|| {
         let mut dp = encap_dp();
-        dp.encap_backend(5, 4, &BACKEND4);
-        dp.encap_backend(6, 6, &BACKEND6);
+        dp.encap_backend(5, &BACKEND4);
+        dp.encap_backend(6, &BACKEND6);
         dp.service_mode(4, 6, &VIP4, 8080, 91, 5, FWD_IPIP);
         dp.service_mode(4, 17, &VIP4, 8080, 104, 5, FWD_IPIP);
         dp.service_mode(6, 6, &VIP6, 8080, 117, 6, FWD_IPIP);
@@ -691,9 +615,9 @@ fn ipip_wraps_the_packet_for_a_routed_backend() {
 fn ipip_without_route_neighbour_or_mtu_is_counted() {
     in_fresh_ns(|| {
         let mut dp = encap_dp();
-        dp.encap_backend(5, 4, &[10, 70, 0, 5]); // no route
-        dp.encap_backend(6, 4, &[10, 50, 0, 7]); // on link, no neighbour entry
-        dp.encap_backend(7, 4, &[10, 61, 0, 5]); // route MTU 100
+        dp.encap_backend(5, &[10, 70, 0, 5]); // no route
+        dp.encap_backend(6, &[10, 50, 0, 7]); // on link, no neighbour entry
+        dp.encap_backend(7, &[10, 61, 0, 5]); // route MTU 100
         dp.service_mode(4, 6, &VIP4, 1000, 91, 5, FWD_IPIP);
         dp.service_mode(4, 6, &VIP4, 1001, 104, 6, FWD_IPIP);
         dp.service_mode(4, 6, &VIP4, 1002, 117, 7, FWD_IPIP);
@@ -725,62 +649,10 @@ fn ipip_without_route_neighbour_or_mtu_is_counted() {
     });
 }
 
-/// The backend's decapsulator, loaded with VIP4 and VIP6 as its local VIPs.
-struct Decap {
-    ebpf: aya::Ebpf,
-    stats: PerCpuArray<MapData, u64>,
-    mac: Array<MapData, [u8; 8]>,
-    gue_port: Array<MapData, u32>,
-}
-
-impl Decap {
-    fn new() -> Self {
-        let mut ebpf = load_object(lb_userspace::DECAP_OBJECT).expect("load decap object");
-        let prog: &mut Xdp = ebpf
-            .program_mut(maps::PROG_DECAP)
-            .expect("decap")
-            .try_into()
-            .expect("xdp");
-        prog.load().expect("verifier accepts decap");
-        lb_tests::topology::decap_trusts_the_lab(&mut ebpf).expect("decap sources");
-        let mut take = |n: &str| ebpf.take_map(n).expect(n);
-        let mut vips: HashMap<MapData, AddrKey, u32> = take(maps::DECAP_VIPS).try_into().expect("hash");
-        let stats = take(maps::DECAP_STATS).try_into().expect("array");
-        let mac = take(maps::DECAP_MAC).try_into().expect("array");
-        let gue_port = take(maps::DECAP_GUE_PORT).try_into().expect("array");
-        let mut v4 = [0u8; 16];
-        v4[..4].copy_from_slice(&VIP4);
-        vips.insert(AddrKey::new(4, addr_words(v4)), 1, 0).expect("vip4");
-        vips.insert(AddrKey::new(6, addr_words(VIP6)), 1, 0)
-            .expect("vip6");
-        Self {
-            ebpf,
-            stats,
-            mac,
-            gue_port,
-        }
-    }
-
-    fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &Xdp = self
-            .ebpf
-            .program(maps::PROG_DECAP)
-            .expect("decap")
-            .try_into()
-            .expect("xdp");
-        run_once(prog, input)
-    }
-
-    /// Per-CPU counter `i` summed: 0 decapsulated, 1 IPIP for an address that is no local VIP.
-    fn count(&self, i: u32) -> u64 {
-        self.stats.get(&i, 0).expect("stat").iter().sum()
-    }
-}
-
 #[test]
 fn decap_strips_ipip_for_local_vips_only() {
     in_fresh_ns(|| {
-        let mut decap = Decap::new();
+        let mut decap = Decapsulator::load().expect("load decap");
         let inner4 = ipv4(6, CLIENT4, VIP4, &tcp(40000, 8080, 2));
         let outer4 = ipv4(4, [172, 16, 1, 2], [10, 60, 0, 5], &inner4);
         let input = [eth(B1_MAC, ROUTER_MAC, 0x0800), outer4].concat();
@@ -937,7 +809,7 @@ fn icmp_errors_reach_the_backend_that_owns_the_flow() {
 fn icmp_error_for_an_ipip_flow_is_encapsulated_to_its_backend() {
     in_fresh_ns(|| {
         let mut dp = encap_dp();
-        dp.encap_backend(5, 4, &BACKEND4);
+        dp.encap_backend(5, &BACKEND4);
         dp.service_mode(4, 6, &VIP4, 8080, 91, 5, FWD_IPIP);
         let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0x00];
         icmp.extend_from_slice(&ipv4(6, VIP4, CLIENT4, &tcp(8080, 40000, 0x12))[..28]);
@@ -1036,7 +908,8 @@ fn fragments_of_a_datagram_reach_one_backend_when_the_vip_hashes_them() {
             forward: FWD_DSR_L2,
             ..Default::default()
         };
-        dp.insert_service(ServiceKey::new(4, 17, vip, 5353u16.to_be()), value);
+        dp.add_service(ServiceKey::new(4, 17, vip, 5353u16.to_be()), value)
+            .expect("service");
         let datagram = |client: [u8; 4]| {
             let mut l4 = udp(40000, 5353, &[7u8; 40]);
             let first = ipv4(17, client, VIP4, &l4[..24]);
@@ -1112,8 +985,8 @@ fn fragments_of_a_datagram_reach_one_backend_when_the_vip_hashes_them() {
 fn gue_wraps_the_packet_in_udp_to_the_configured_port() {
     in_fresh_ns(|| {
         let mut dp = encap_dp();
-        dp.encap_backend(5, 4, &BACKEND4);
-        dp.encap_backend(6, 6, &BACKEND6);
+        dp.encap_backend(5, &BACKEND4);
+        dp.encap_backend(6, &BACKEND6);
         dp.service_mode(4, 6, &VIP4, 8443, 91, 5, FWD_GUE);
         dp.service_mode(6, 17, &VIP6, 8443, 104, 6, FWD_GUE);
 
@@ -1144,7 +1017,7 @@ fn gue_wraps_the_packet_in_udp_to_the_configured_port() {
 #[test]
 fn decap_strips_only_tunnels_from_the_balancers_to_this_host() {
     in_fresh_ns(|| {
-        let decap = Decap::new();
+        let decap = Decapsulator::load().expect("load decap");
         let inner4 = ipv4(6, CLIENT4, VIP4, &tcp(40000, 8080, 2));
         let inner6 = ipv6(6, CLIENT6, VIP6, &tcp(40000, 8080, 2));
         let mut stranger6 = ENCAP_SRC6;
@@ -1189,7 +1062,7 @@ fn decap_strips_only_tunnels_from_the_balancers_to_this_host() {
 #[test]
 fn decap_strips_gue_on_its_port_only() {
     in_fresh_ns(|| {
-        let mut decap = Decap::new();
+        let mut decap = Decapsulator::load().expect("load decap");
         let inner = ipv4(6, CLIENT4, VIP4, &tcp(40000, 8443, 2));
         let gue = udp(0xc123, GUE_PORT, &[&[0u8, 4, 0, 0][..], &inner].concat());
         let input = [
@@ -1226,8 +1099,8 @@ fn too_big_for_the_tunnel_is_answered_with_the_mtu_to_use() {
         let mut cfg = dp.dp_config.get(&0, 0).expect("cfg");
         cfg.flags = lb_common::dpconfig::DP_F_TOO_BIG_ICMP;
         dp.dp_config.set(0, cfg, 0).expect("cfg");
-        dp.encap_backend(5, 4, &[10, 61, 0, 5]); // route MTU 100
-        dp.encap_backend(6, 6, &[0xfd, 0x61, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5]); // 1280
+        dp.encap_backend(5, &[10, 61, 0, 5]); // route MTU 100
+        dp.encap_backend(6, &[0xfd, 0x61, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5]); // 1280
         dp.service_mode(4, 6, &VIP4, 9000, 91, 5, FWD_IPIP);
         dp.service_mode(6, 6, &VIP6, 9000, 104, 6, FWD_IPIP);
 
@@ -1275,28 +1148,9 @@ const SYN_ACK: u8 = 0x12;
 const ACK: u8 = 0x10;
 const FIN_ACK: u8 = 0x11;
 
-impl Dp {
-    fn nat_backend(&mut self, slot: u32, addr: &[u8], generation: u32) {
-        let b = lo_backend(addr, NAT_BACKEND_PORT, generation, B1_MAC);
-        self.backends.set(slot, b, 0).expect("set backend");
-    }
-
-    fn mark_nat(&mut self, addrs: &[&[u8]]) {
-        let mut filter = self.vip_filter.get(&0, 0).expect("filter");
-        for a in addrs {
-            filter.add_nat(&words(a));
-        }
-        self.vip_filter.set(0, filter, 0).expect("filter");
-    }
-
-    fn nat_entries(&self) -> Vec<(FlowKey, NatEntry)> {
-        self.nat.iter().map(|r| r.expect("entry")).collect()
-    }
-}
-
 /// TCP and UDP services on both VIPs, forwarded by NAT (`snat`: full NAT).
-fn nat_dp(snat: bool) -> Dp {
-    let mut dp = Dp::new();
+fn nat_dp(snat: bool) -> Balancer {
+    let mut dp = with_two_backends();
     dp.nat_backend(7, &NAT_B4, 1);
     dp.nat_backend(8, &NAT_B6, 1);
     let mode = if snat { FWD_SNAT } else { FWD_NAT };
@@ -1304,15 +1158,8 @@ fn nat_dp(snat: bool) -> Dp {
     dp.service_mode(4, 17, &VIP4, 53, 13, 7, mode);
     dp.service_mode(6, 6, &VIP6, 80, 26, 8, mode);
     dp.service_mode(6, 17, &VIP6, 53, 39, 8, mode);
-    dp.mark_nat(&[&VIP4, &VIP6, &NAT_B4, &NAT_B6]);
-    let cfg = DataPlaneConfig {
-        nat_src4: words(&SNAT4)[0],
-        nat_src6: words(&SNAT6),
-        nat_port_first: SNAT_PORT,
-        nat_port_count: 1,
-        ..Default::default()
-    };
-    dp.dp_config.set(0, cfg, 0).expect("dp config");
+    dp.mark_nat(&[&VIP4, &VIP6, &NAT_B4, &NAT_B6]).expect("filter");
+    dp.snat_ports(SNAT_PORT, 1).expect("dp config");
     dp
 }
 
@@ -1574,7 +1421,7 @@ fn nat_drops_what_it_cannot_translate_and_never_reuses_a_port_in_use() {
         let mut dp = nat_dp(false);
         let vip2 = [10, 100, 0, 2];
         dp.service_mode(4, 6, &vip2, 80, 52, 7, FWD_NAT);
-        dp.mark_nat(&[&vip2]);
+        dp.mark_nat(&[&vip2]).expect("filter");
         let to_vip1 = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &VIP4, (40001, 80), SYN);
         assert_eq!(dp.run(&to_vip1).0, XDP_TX);
         let to_vip2 = nat_frame(LB_MAC, CLIENT_MAC, 6, &CLIENT4, &vip2, (40001, 80), SYN);
@@ -1616,7 +1463,7 @@ fn nat_entries_close_expire_and_follow_backend_changes() {
                 flags,
             )
         };
-        let closing = |dp: &Dp| {
+        let closing = |dp: &Balancer| {
             dp.nat_entries()
                 .iter()
                 .find(|(_, e)| !e.is_reply())
@@ -1624,7 +1471,7 @@ fn nat_entries_close_expire_and_follow_backend_changes() {
                 .expect("forward entry")
         };
         // The three-way handshake: the SYN-ACK's sequence number is 1, the client ACKs 2.
-        let open = |dp: &Dp| {
+        let open = |dp: &Balancer| {
             assert_eq!(dp.run(&syn).0, XDP_TX);
             assert_eq!(dp.run(&syn_ack).0, XDP_TX);
             assert_eq!(dp.run(&with_seq_ack(client(ACK), 2, 2)).0, XDP_TX);
@@ -2050,13 +1897,7 @@ fn nat_replies_ports_and_checksums_in_the_corners() {
 fn strategies_pick_by_counts_and_caps_and_second_chance_takes_the_previous_table() {
     use lb_common::strategy::{STRATEGY_LEAST_CONNECTIONS, STRATEGY_MAGLEV, member_words};
     in_fresh_ns(|| {
-        let mut dp = Dp::new();
-        let mut active: Array<MapData, i64> = dp
-            .ebpf
-            .take_map(maps::ACTIVE)
-            .expect("ACTIVE")
-            .try_into()
-            .expect("typed");
+        let mut dp = with_two_backends();
         let key = |port: u16| {
             let mut a = [0u8; 16];
             a[..4].copy_from_slice(&VIP4);
@@ -2069,7 +1910,7 @@ fn strategies_pick_by_counts_and_caps_and_second_chance_takes_the_previous_table
             ]
             .concat()
         };
-        let set_region = |dp: &mut Dp, offset: u32, words: &[u16]| {
+        let set_region = |dp: &mut Balancer, offset: u32, words: &[u16]| {
             dp.pool.write(offset, words).expect("pool");
         };
         // Least connections over b1 and b2, an element (slot, weight, cap) each.
@@ -2085,25 +1926,25 @@ fn strategies_pick_by_counts_and_caps_and_second_chance_takes_the_previous_table
             strategy: STRATEGY_LEAST_CONNECTIONS,
             ..Default::default()
         };
-        dp.insert_service(key(90), lc);
-        active.set(1, 5, 0).unwrap();
-        active.set(2, 3, 0).unwrap();
+        dp.add_service(key(90), lc).expect("service");
+        dp.active.set(1, 5, 0).unwrap();
+        dp.active.set(2, 3, 0).unwrap();
         let syn = frame(41000, 90, 0x02);
         assert_eq!(
             dp.run(&syn),
             (XDP_TX, rewritten(&syn, B2_MAC)),
             "the less loaded b2"
         );
-        assert_eq!(active.get(&2, 0).unwrap(), 4, "+1 for the pinned flow");
-        active.set(2, 10, 0).unwrap();
+        assert_eq!(dp.active.get(&2, 0).unwrap(), 4, "+1 for the pinned flow");
+        dp.active.set(2, 10, 0).unwrap();
         let syn = frame(41001, 90, 0x02);
         assert_eq!(dp.run(&syn), (XDP_TX, rewritten(&syn, B1_MAC)), "now b1 is");
-        assert_eq!(active.get(&1, 0).unwrap(), 6);
+        assert_eq!(dp.active.get(&1, 0).unwrap(), 6);
         // Its client's FIN takes it off b1's count, once.
         let fin = frame(41001, 90, 0x11);
         assert_eq!(dp.run(&fin).0, XDP_TX);
         assert_eq!(dp.run(&fin).0, XDP_TX);
-        assert_eq!(active.get(&1, 0).unwrap(), 5, "−1 once");
+        assert_eq!(dp.active.get(&1, 0).unwrap(), 5, "−1 once");
         // Both at their caps (5 and 10): the new flow is dropped and counted.
         set_region(&mut dp, 100, &members([5, 10]));
         let dropped = dp.counter(Counter::DropMaxconn);
@@ -2124,7 +1965,7 @@ fn strategies_pick_by_counts_and_caps_and_second_chance_takes_the_previous_table
             prev_offset: 213,
             prev_size: 13,
         };
-        dp.insert_service(key(91), maglev);
+        dp.add_service(key(91), maglev).expect("service");
         let hits = dp.counter(Counter::SecondChanceHit);
         let lost = frame(42000, 91, 0x10);
         assert_eq!(
