@@ -110,6 +110,7 @@ fn in_fresh_ns(f: impl FnOnce() + Send + 'static) {
     in_ns(&ns, f);
 }
 
+/// TCP port 80 and UDP port 53 on VIP4 and VIP6, every table naming b1.
 fn standard() -> Balancer {
     let mut dp = with_two_backends();
     dp.service(4, 6, &VIP4, 80, 0, 1);
