@@ -2,8 +2,10 @@
 //! bench drive it: each XDP program loaded through the verifier with typed handles to its maps,
 //! and thin helpers that fill them as the daemon and `lb backend-host setup` would.
 //!
-//! Setup returns errors, so the bench can report them; running a frame and reading a counter
-//! panic instead, as only tests do that and a failure there is the host's, never a verdict.
+//! Setup returns errors, so the bench can report them. `run`, `counter` and `count` panic
+//! instead: the tests call them on every frame, and a failure there is the host's, never a
+//! verdict to check.
+//!
 //! A map the three need is a field of `Balancer` (or `Decapsulator`) and its line in `load`.
 
 use anyhow::{Context, Result, bail};
