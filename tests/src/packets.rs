@@ -27,23 +27,6 @@ pub const NAT_B6: [u8; 16] = [0xfd, 0x97, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
 pub const SNAT4: [u8; 4] = [10, 97, 0, 1];
 pub const SNAT6: [u8; 16] = [0xfd, 0x97, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
-/// An active backend entry at `addr` (4 or 16 bytes) and `port`, reached through loopback
-/// (test_run's ingress, so forwarding is XDP_TX) from the balancer's MAC to `dst_mac`.
-pub fn lo_backend(addr: &[u8], port: u16, generation: u32, dst_mac: [u8; 6]) -> lb_common::Backend {
-    let mut a = [0u8; 16];
-    a[..addr.len()].copy_from_slice(addr);
-    lb_common::Backend {
-        addr: a,
-        family: if addr.len() == 4 { 4 } else { 6 },
-        flags: lb_common::backend::BACKEND_F_ACTIVE,
-        port: port.to_be(),
-        generation,
-        ifindex: 1,
-        dst_mac,
-        src_mac: LB_MAC,
-    }
-}
-
 /// An address of 4 or 16 bytes as map words (`lb_common::addr_words`).
 pub fn words(addr: &[u8]) -> [u32; 4] {
     let mut a = [0u8; 16];

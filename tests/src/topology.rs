@@ -255,42 +255,6 @@ pub fn empty_ebpf() -> Result<aya::Ebpf> {
     load_object(lb_userspace::EBPF_OBJECT)
 }
 
-/// The balancer object with its `lb` program loaded (through the verifier), as the golden
-/// tests, the fuzzer and the bench use it.
-pub fn loaded_lb() -> Result<aya::Ebpf> {
-    let mut ebpf = empty_ebpf()?;
-    let prog: &mut aya::programs::Xdp = ebpf
-        .program_mut(lb_common::maps::PROG_LB)
-        .context("no lb program")?
-        .try_into()?;
-    prog.load().context("verifier rejected lb")?;
-    Ok(ebpf)
-}
-
-/// One BPF_PROG_TEST_RUN of `prog` on `input`: the verdict and the frame as the program left
-/// it (room for the largest encapsulation).
-pub fn run_xdp(prog: &aya::programs::Xdp, input: &[u8]) -> Result<(u32, Vec<u8>)> {
-    use aya::programs::{TestRun, TestRunOptions};
-    let mut out = vec![0u8; input.len() + 256];
-    let r = prog.test_run(TestRunOptions {
-        data_in: Some(input),
-        data_out: Some(&mut out),
-        repeat: 1,
-        ..Default::default()
-    })?;
-    out.truncate(r.data_size_out as usize);
-    Ok((r.return_value, out))
-}
-
-/// One test run of the balancer program of `ebpf` (as `loaded_lb` returns it).
-pub fn run_lb(ebpf: &aya::Ebpf, input: &[u8]) -> Result<(u32, Vec<u8>)> {
-    let prog: &aya::programs::Xdp = ebpf
-        .program(lb_common::maps::PROG_LB)
-        .context("the lb program")?
-        .try_into()?;
-    run_xdp(prog, input)
-}
-
 /// Loads any of our objects with its pinned maps in a private directory removed at once.
 pub fn load_object(object: &[u8]) -> Result<aya::Ebpf> {
     let dir = PathBuf::from(format!(
@@ -305,34 +269,6 @@ pub fn load_object(object: &[u8]) -> Result<aya::Ebpf> {
 }
 
 static DAEMON_COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// The daemon running in the balancer namespace. Drop stops it and detaches its instance.
-/// Lets a loaded decapsulator strip tunnels as the lab's balancer writes them: from the
-/// encapsulation sources (172.16.0.0/16, `ENCAP_SRC6`/96) to the routed backends' addresses
-/// (`BACKEND4`, `BACKEND6`), as `lb backend-host setup` would fill its maps.
-pub fn decap_trusts_the_lab(ebpf: &mut aya::Ebpf) -> Result<()> {
-    use aya::maps::{HashMap, LpmTrie, lpm_trie::Key};
-    use lb_common::{AddrKey, addr_words, geo};
-    let mut sources: LpmTrie<_, geo::GeoData, u32> = ebpf
-        .map_mut(lb_common::maps::DECAP_SOURCES)
-        .context("DECAP_SOURCES")?
-        .try_into()?;
-    let mut v4 = [0u8; 16];
-    v4[..4].copy_from_slice(&crate::packets::ENCAP_SRC4);
-    for (family, addr, prefix) in [(4, v4, 16), (6, crate::packets::ENCAP_SRC6, 96)] {
-        let (len, data) = geo::key(family, addr_words(addr), prefix);
-        sources.insert(&Key::new(len, data), 1, 0)?;
-    }
-    let mut local: HashMap<_, AddrKey, u32> = ebpf
-        .map_mut(lb_common::maps::DECAP_LOCAL)
-        .context("DECAP_LOCAL")?
-        .try_into()?;
-    let mut b4 = [0u8; 16];
-    b4[..4].copy_from_slice(&crate::packets::BACKEND4);
-    local.insert(AddrKey::new(4, addr_words(b4)), 1, 0)?;
-    local.insert(AddrKey::new(6, addr_words(crate::packets::BACKEND6)), 1, 0)?;
-    Ok(())
-}
 
 /// The unit file the daemon ships with.
 pub fn unit_file() -> std::path::PathBuf {
@@ -376,6 +312,7 @@ fn as_the_unit_runs_it(ns: &NetNs) -> Result<std::process::Command> {
     Ok(cmd)
 }
 
+/// The daemon running in the balancer namespace. Drop stops it and detaches its instance.
 pub struct Daemon {
     child: Option<Child>,
     pub instance: String,

@@ -22,23 +22,21 @@
 //! families (IPIP and GUE, for local VIPs and others) and everything else, mutated alike,
 //! against the shared reading of a tunnel packet (`lb_ebpf::tunnel`).
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use lb_common::{
-    AddrKey, Backend, Counter, FlowKey, FlowState, NatEntry, ServiceKey, ServiceValue, VipFilter, addr_words,
-    backend::BACKEND_F_ACTIVE,
-    dpconfig::{DataPlaneConfig, encap_variation},
-    maps,
+    Counter, NatEntry, ServiceKey, ServiceValue, VipFilter, addr_words,
+    dpconfig::encap_variation,
     service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP, FWD_NAT, FWD_SNAT},
 };
 use lb_ebpf::{Flow, FlowKind, Frame, Verdict, parse_flow};
 use lb_tests::{
-    NetNs, in_ns,
+    NetNs,
+    fixture::{Balancer, Decapsulator, dsr_backend, nat_backend, routed_backend},
+    in_ns,
     packets::{
         BACKEND4, BACKEND6, CLIENT_MAC, CLIENT4, CLIENT6, ENCAP_SRC4, ENCAP_SRC6, LB_MAC, NAT_B4, NAT_B6,
         ROUTER_MAC, SNAT4, SNAT6, VIP4, VIP6, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, checksum, eth,
-        fix_ipv4_checksum, fix_l4_checksum, ipv4, ipv6, lo_backend, pseudo_checksum, tcp, udp, words,
+        fix_ipv4_checksum, fix_l4_checksum, ipv4, ipv6, pseudo_checksum, tcp, udp, words,
     },
-    topology::{ipip_routes, loaded_lb, run_lb},
 };
 use proptest::{
     prelude::*,
@@ -73,50 +71,22 @@ impl Mode {
     }
 }
 
-struct Dp {
+/// The balancer set up for one mode, and what the model knows of that setup.
+struct Subject {
     mode: Mode,
-    ebpf: aya::Ebpf,
+    lb: Balancer,
+    /// The VIP filter as written, which the model asks as the program does.
     filter: VipFilter,
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
-    global: PerCpuArray<MapData, u64>,
-    conntrack: HashMap<MapData, FlowKey, FlowState>,
-    fragment_services: HashMap<MapData, ServiceKey, ServiceValue>,
-    nat: HashMap<MapData, FlowKey, NatEntry>,
     vips: Vec<([u32; 4], u8)>,
 }
 
-impl Dp {
+impl Subject {
     /// The services in `mode`; for the tunnels, in a namespace where `ipip_routes` may run.
     fn new(mode: Mode) -> Self {
-        let mut ebpf = loaded_lb().expect("load lb");
-        let mut take = |n: &str| ebpf.take_map(n).expect(n);
-        let mut services: HashMap<MapData, ServiceKey, ServiceValue> =
-            take(maps::SERVICES).try_into().expect("services");
-        let mut vip_filter: Array<MapData, VipFilter> = take(maps::VIP_FILTER).try_into().expect("filter");
-        let mut vip_addrs: HashMap<MapData, AddrKey, u32> = take(maps::VIP_ADDRS).try_into().expect("addrs");
-        let mut backends: Array<MapData, Backend> = take(maps::BACKENDS).try_into().expect("backends");
-        let mut pool = match take(maps::MAGLEV_POOL) {
-            aya::maps::Map::Array(data) => lb_userspace::dataplane::Pool::new(data).expect("pool"),
-            _ => panic!("MAGLEV_POOL is not an array"),
-        };
-        let global = take(maps::GLOBAL_STATS).try_into().expect("global");
-        let conntrack = take(maps::CONNTRACK).try_into().expect("conntrack");
-        let mut fragment_services: HashMap<MapData, ServiceKey, ServiceValue> = take(maps::FRAGMENT_SERVICES)
-            .try_into()
-            .expect("fragment services");
+        let mut lb = Balancer::load().expect("load lb");
         // Slot 1: a backend on lo (test_run's ingress), so forwarding is XDP_TX.
-        let b = Backend {
-            addr: [0; 16],
-            family: 4,
-            flags: BACKEND_F_ACTIVE,
-            port: 0,
-            generation: 1,
-            ifindex: 1,
-            dst_mac: B1_MAC,
-            src_mac: LB_MAC,
-        };
-        backends.set(1, b, 0).expect("backend");
-        pool.write(0, &[1; TABLE as usize]).expect("pool");
+        lb.backends.set(1, dsr_backend(B1_MAC, 1), 0).expect("backend");
+        lb.pool.write(0, &[1; TABLE as usize]).expect("pool");
         let forward = match mode {
             Mode::Dsr => FWD_DSR_L2,
             Mode::Ipip => FWD_IPIP,
@@ -124,59 +94,26 @@ impl Dp {
             Mode::Nat => FWD_NAT,
             Mode::Snat => FWD_SNAT,
         };
-        let nat = take(maps::NAT_FLOWS).try_into().expect("nat flows");
         if mode.nat() {
             // Slot 1 the IPv4 backend, slot 2 the IPv6 one (the v6 services' table at offset
             // TABLE), both on lo (test_run's ingress): forwarding is XDP_TX.
             for (slot, addr) in [(1u32, &NAT_B4[..]), (2, &NAT_B6[..])] {
-                backends
-                    .set(slot, lo_backend(addr, NAT_PORT, 1, B1_MAC), 0)
+                lb.backends
+                    .set(slot, nat_backend(addr, NAT_PORT, 1, B1_MAC), 0)
                     .expect("backend");
             }
-            pool.write(TABLE, &[2; TABLE as usize]).expect("pool");
-            let mut config: Array<MapData, DataPlaneConfig> =
-                take(maps::DP_CONFIG).try_into().expect("config");
-            let cfg = DataPlaneConfig {
-                nat_src4: words(&SNAT4)[0],
-                nat_src6: words(&SNAT6),
-                nat_port_first: SNAT_FIRST,
-                nat_port_count: SNAT_COUNT,
-                ..Default::default()
-            };
-            config.set(0, cfg, 0).expect("config");
+            lb.pool.write(TABLE, &[2; TABLE as usize]).expect("pool");
+            lb.snat_ports(SNAT_FIRST, SNAT_COUNT).expect("config");
         }
         if matches!(mode, Mode::Ipip | Mode::Gue) {
             // Routed backends: slot 1 (IPv4) and slot 2 (IPv6, the v6 services' table at
             // offset TABLE); the next hop comes from the FIB.
-            let egress = ipip_routes().expect("routes");
-            for (slot, family, addr) in [(1u32, 4u8, &BACKEND4[..]), (2, 6, &BACKEND6[..])] {
-                let mut a = [0u8; 16];
-                a[..addr.len()].copy_from_slice(addr);
-                let b = Backend {
-                    addr: a,
-                    family,
-                    flags: BACKEND_F_ACTIVE,
-                    generation: 1,
-                    ..Default::default()
-                };
-                backends.set(slot, b, 0).expect("backend");
+            for (slot, addr) in [(1u32, &BACKEND4[..]), (2, &BACKEND6[..])] {
+                lb.backends.set(slot, routed_backend(addr), 0).expect("backend");
             }
-            pool.write(TABLE, &[2; TABLE as usize]).expect("pool");
-            let mut config: Array<MapData, DataPlaneConfig> =
-                take(maps::DP_CONFIG).try_into().expect("config");
-            let mut src4 = [0u8; 16];
-            src4[..4].copy_from_slice(&ENCAP_SRC4);
-            let cfg = DataPlaneConfig {
-                encap_src4: addr_words(src4)[0],
-                encap_src6: addr_words(ENCAP_SRC6),
-                gue_port: GUE_PORT,
-                ..Default::default()
-            };
-            config.set(0, cfg, 0).expect("config");
-            let mut tx: aya::maps::DevMapHash<MapData> = take(maps::TX_PORTS).try_into().expect("tx ports");
-            tx.insert(egress, egress, None, 0).expect("tx port");
+            lb.pool.write(TABLE, &[2; TABLE as usize]).expect("pool");
+            lb.route_tunnels().expect("tunnels");
         }
-        let mut filter = VipFilter::EMPTY;
         let mut v4 = [0u8; 16];
         v4[..4].copy_from_slice(&VIP4);
         let mut vips = Vec::new();
@@ -202,50 +139,27 @@ impl Dp {
         .enumerate()
         {
             let key = ServiceKey::new(family, proto, addr, port.to_be());
-            let value = service(id as u32, family);
-            filter.add(&key);
-            vip_addrs
-                .insert(AddrKey::new(family, key.addr), 1, 0)
-                .expect("vip addr");
-            services.insert(key, value, 0).expect("service");
+            lb.add_service(key, service(id as u32, family)).expect("service");
             vips.push((key.addr, family));
         }
         if mode.nat() {
-            for a in [&VIP4[..], &VIP6[..], &NAT_B4[..], &NAT_B6[..]] {
-                filter.add_nat(&words(a));
-            }
+            lb.mark_nat(&[&VIP4, &VIP6, &NAT_B4, &NAT_B6]).expect("filter");
         }
-        vip_filter.set(0, filter, 0).expect("filter");
         // IPv4 UDP fragments hash to a backend (`fragments = "hash"`); the others pass. (Not
         // for NAT: a fragment has no ports to translate.)
         if !mode.nat() {
             let frag_key = ServiceKey::new(4, 17, v4, 0);
-            fragment_services
+            lb.fragment_services
                 .insert(frag_key, service(9, 4), 0)
                 .expect("fragment service");
         }
+        let filter = lb.vip_filter.get(&0, 0).expect("filter");
         Self {
             mode,
-            ebpf,
+            lb,
             filter,
-            services,
-            global,
-            conntrack,
-            fragment_services,
-            nat,
             vips,
         }
-    }
-
-    fn counters(&self) -> Vec<u64> {
-        Counter::ALL
-            .iter()
-            .map(|&c| self.global.get(&(c as u32), 0).expect("counter").iter().sum())
-            .collect()
-    }
-
-    fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
-        run_lb(&self.ebpf, input).expect("test_run")
     }
 }
 
@@ -262,7 +176,7 @@ struct Expect {
     output: Vec<u8>,
 }
 
-fn model(dp: &Dp, input: &[u8]) -> Expect {
+fn model(dp: &Subject, input: &[u8]) -> Expect {
     let frame = Frame::new(input.as_ptr() as usize, input.as_ptr() as usize + input.len());
     let same = input.to_vec();
     let pass = |c| Expect {
@@ -289,7 +203,7 @@ fn model(dp: &Dp, input: &[u8]) -> Expect {
         && matches!(flow.kind, FlowKind::Transport { .. } | FlowKind::IcmpError)
         && (dp.filter.may_be_nat(VipFilter::bit(&key.dst_addr))
             || dp.filter.may_be_nat(VipFilter::bit(&key.src_addr)))
-        && let Ok(e) = dp.nat.get(key, 0)
+        && let Ok(e) = dp.lb.nat.get(key, 0)
     {
         let (dst_mac, src_mac) = if e.is_reply() {
             (e.dst_mac, e.src_mac)
@@ -331,7 +245,7 @@ fn model(dp: &Dp, input: &[u8]) -> Expect {
         }
         FlowKind::Fragment => {
             let fkey = ServiceKey::from_words(key.family, key.proto, key.dst_addr, 0);
-            if dp.fragment_services.get(&fkey, 0).is_err() {
+            if dp.lb.fragment_services.get(&fkey, 0).is_err() {
                 return pass(if key.family == 4 {
                     Counter::PassIpv4Fragment
                 } else {
@@ -343,11 +257,11 @@ fn model(dp: &Dp, input: &[u8]) -> Expect {
         FlowKind::Transport { .. } | FlowKind::IcmpError => {
             let mut counters = Vec::new();
             let searched = !matches!(flow.kind, FlowKind::Transport { syn: true, .. });
-            if searched && dp.conntrack.get(key, 0).is_ok() {
+            if searched && dp.lb.conntrack.get(key, 0).is_ok() {
                 counters.push(Counter::ConntrackHit);
             } else {
                 let skey = ServiceKey::from_words(key.family, key.proto, key.dst_addr, key.dst_port);
-                if dp.services.get(&skey, 0).is_err() {
+                if dp.lb.services.get(&skey, 0).is_err() {
                     return pass(Counter::PassNotVip);
                 }
                 counters.push(Counter::ConntrackMiss);
@@ -734,7 +648,7 @@ fn fuzz(mode: Mode, default_cases: u32) {
         let cases = fuzz_cases(default_cases);
         let seed = fuzz_seed();
         println!("fuzz {mode:?}: {cases} cases, LB_FUZZ_SEED={seed}");
-        let dp = Dp::new(mode);
+        let dp = Subject::new(mode);
         let mut runner = runner(cases, seed, !mode.nat());
         let frames = if mode.nat() {
             prop_oneof![template(), nat_template()].boxed()
@@ -742,7 +656,7 @@ fn fuzz(mode: Mode, default_cases: u32) {
             template().boxed()
         };
         let strategy = (frames, prop::collection::vec(mutation(), 0..3));
-        let start_counters = dp.counters();
+        let start_counters = dp.lb.counters();
         let before = std::cell::RefCell::new(start_counters.clone());
         let (ran, forwarded) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
         let (opened, replies) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
@@ -755,7 +669,7 @@ fn fuzz(mode: Mode, default_cases: u32) {
             icmp_translated.set(
                 icmp_translated.get() + u64::from(want.nat.is_some_and(|f| f.kind == FlowKind::IcmpError)),
             );
-            let (action, output) = dp.run(&input);
+            let (action, output) = dp.lb.run(&input);
             if let (Some(flow), XDP_TX) = (want.nat, action) {
                 // The checksums as the program wrote them, checked for what they say.
                 let icmp = flow.kind == FlowKind::IcmpError;
@@ -771,7 +685,7 @@ fn fuzz(mode: Mode, default_cases: u32) {
                     copy_checksums(&output, &mut want.output, &flow);
                 }
             }
-            let after = dp.counters();
+            let after = dp.lb.counters();
             let moved: Vec<(Counter, u64)> = Counter::ALL
                 .iter()
                 .zip(after.iter().zip(before.borrow().iter()))
@@ -798,7 +712,7 @@ fn fuzz(mode: Mode, default_cases: u32) {
         }
         // Over the whole run, exactly one verdict per frame.
         let (ran, forwarded) = (ran.get(), forwarded.get());
-        let end = dp.counters();
+        let end = dp.lb.counters();
         let verdicts: u64 = Counter::ALL
             .iter()
             .enumerate()
@@ -827,50 +741,6 @@ fn fuzz(mode: Mode, default_cases: u32) {
         );
         assert!(forwarded < ran, "every frame was forwarded");
     });
-}
-
-/// The decapsulator with VIP4 and VIP6 local and GUE on GUE_PORT (no MAC check).
-struct Decap {
-    ebpf: aya::Ebpf,
-    stats: PerCpuArray<MapData, u64>,
-}
-
-impl Decap {
-    fn new() -> Self {
-        let mut ebpf = lb_tests::topology::load_object(lb_userspace::DECAP_OBJECT).expect("load decap");
-        let prog: &mut aya::programs::Xdp = ebpf
-            .program_mut(maps::PROG_DECAP)
-            .expect("decap")
-            .try_into()
-            .expect("xdp");
-        prog.load().expect("verifier accepts decap");
-        lb_tests::topology::decap_trusts_the_lab(&mut ebpf).expect("decap sources");
-        let mut take = |n: &str| ebpf.take_map(n).expect(n);
-        let mut vips: HashMap<MapData, AddrKey, u32> = take(maps::DECAP_VIPS).try_into().expect("vips");
-        let mut port: Array<MapData, u32> = take(maps::DECAP_GUE_PORT).try_into().expect("port");
-        let stats = take(maps::DECAP_STATS).try_into().expect("stats");
-        let mut v4 = [0u8; 16];
-        v4[..4].copy_from_slice(&VIP4);
-        vips.insert(AddrKey::new(4, addr_words(v4)), 1, 0).expect("vip4");
-        vips.insert(AddrKey::new(6, addr_words(VIP6)), 1, 0)
-            .expect("vip6");
-        port.set(0, u32::from(GUE_PORT), 0).expect("gue port");
-        Self { ebpf, stats }
-    }
-
-    fn counts(&self) -> [u64; 3] {
-        [0u32, 1, 2].map(|i| self.stats.get(&i, 0).expect("stat").iter().sum())
-    }
-
-    fn run(&self, input: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &aya::programs::Xdp = self
-            .ebpf
-            .program(maps::PROG_DECAP)
-            .expect("decap")
-            .try_into()
-            .expect("xdp");
-        lb_tests::topology::run_xdp(prog, input).expect("test_run")
-    }
 }
 
 /// What the decapsulator must do: pass a tunnel from outside the lab's encapsulation sources
@@ -985,9 +855,12 @@ fn generated_frames_match_the_model_in_the_decapsulator() {
         let cases = fuzz_cases(25_000);
         let seed = fuzz_seed();
         println!("fuzz decap: {cases} cases, LB_FUZZ_SEED={seed}");
-        let decap = Decap::new();
+        // VIP4 and VIP6 local, GUE on GUE_PORT, no MAC check.
+        let mut decap = Decapsulator::load().expect("load decap");
+        decap.gue_port.set(0, u32::from(GUE_PORT), 0).expect("gue port");
+        let counts = || [0u32, 1, 2].map(|i| decap.count(i));
         let mut runner = runner(cases, seed, true);
-        let start = decap.counts();
+        let start = counts();
         let before = std::cell::RefCell::new(start);
         let (ran, stripped, tunnels) = (
             std::cell::Cell::new(0u64),
@@ -1000,7 +873,7 @@ fn generated_frames_match_the_model_in_the_decapsulator() {
                 let input = apply(t, &muts);
                 let (want, counter) = decap_model(&input);
                 let (action, output) = decap.run(&input);
-                let after = decap.counts();
+                let after = counts();
                 let moved: [u64; 3] = std::array::from_fn(|i| after[i] - before.borrow()[i]);
                 *before.borrow_mut() = after;
                 ran.set(ran.get() + 1);
@@ -1026,7 +899,7 @@ fn generated_frames_match_the_model_in_the_decapsulator() {
         if let Err(e) = result {
             panic!("decap: LB_FUZZ_SEED={seed}: {e}");
         }
-        let end = decap.counts();
+        let end = counts();
         let (ran, stripped) = (ran.get(), stripped.get());
         assert_eq!(
             end.iter().sum::<u64>() - start.iter().sum::<u64>(),
@@ -1045,7 +918,7 @@ fn generated_frames_match_the_model_in_the_decapsulator() {
 /// A new connection to a NAT service: TCP only with a SYN; its forward entry (client tuple to
 /// the backend, from the SNAT address and the first free port of the probe sequence with
 /// SNAT) and the reply entry must both be free; the packet goes to the backend translated.
-fn nat_open(dp: &Dp, input: &[u8], flow: &Flow, mut counters: Vec<Counter>) -> Expect {
+fn nat_open(dp: &Subject, input: &[u8], flow: &Flow, mut counters: Vec<Counter>) -> Expect {
     let key = &flow.key;
     let drop = |mut counters: Vec<Counter>, c| {
         counters.push(c);
@@ -1078,13 +951,13 @@ fn nat_open(dp: &Dp, input: &[u8], flow: &Flow, mut counters: Vec<Counter>) -> E
             .map(|probe| lb_common::nat::snat_port(hash, probe, SNAT_FIRST, SNAT_COUNT).to_be())
             .find(|&port| {
                 fwd.src_port = port;
-                dp.nat.get(&fwd.twin_key(key.family, key.proto), 0).is_err()
+                dp.lb.nat.get(&fwd.twin_key(key.family, key.proto), 0).is_err()
             });
         let Some(port) = free else {
             return drop(counters, Counter::DropNatNoPort);
         };
         fwd.src_port = port;
-    } else if dp.nat.get(&fwd.twin_key(key.family, key.proto), 0).is_ok() {
+    } else if dp.lb.nat.get(&fwd.twin_key(key.family, key.proto), 0).is_ok() {
         return drop(counters, Counter::DropNatCollision);
     }
     counters.push(Counter::NatCreated);

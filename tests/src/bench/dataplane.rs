@@ -12,23 +12,19 @@
 use anyhow::{Context, Result, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, ProgramArray},
+    maps::{Array, MapData, ProgramArray},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use lb_common::{
-    Backend, Counter, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue, VipFilter,
-    addr_words,
-    backend::BACKEND_F_ACTIVE,
+    Counter, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue, addr_words,
     bench::{
         BENCH_TARGET_FLOOR, BENCH_TARGET_KATRAN, BENCH_TARGET_KATRAN_NO_GUARD, BENCH_TARGET_LB,
         BENCH_TARGET_SCALE, BenchFrame,
     },
     dpconfig::DataPlaneConfig,
-    maps,
     service::{FWD_DSR_L2, FWD_GUE, FWD_IPIP, FWD_NAT},
 };
 use lb_userspace::{
-    dataplane::Pool,
     maglev::{MaglevBackend, build_table},
     model::Strategy,
     reconcile::apply::build,
@@ -42,12 +38,13 @@ use super::{
     scale::{self, Scale, ScaleResult, ScaleVsSmall},
 };
 use crate::{
-    NetNs, in_ns,
+    NetNs,
+    fixture::{Balancer, dsr_backend, nat_backend, routed_backend},
+    in_ns,
     packets::{
         CLIENT_MAC, CLIENT4, CLIENT6, LB_MAC, VIP4, VIP6, XDP_PASS, XDP_REDIRECT, XDP_TX, eth, ipv4, ipv6,
         tcp, udp,
     },
-    topology::{ipip_routes, loaded_lb},
 };
 
 pub const BACKENDS: u32 = 100;
@@ -55,7 +52,6 @@ pub const TABLE_SIZE: u32 = 65537;
 /// Pool regions' stride: a table rounded up to whole pool elements, as the daemon allocates.
 const REGION: u32 = lb_common::maps::pool_region(TABLE_SIZE);
 
-const GUE_PORT: u16 = lb_userspace::config::DEFAULT_GUE_PORT;
 /// The GUE services' port (same routed backends as IPIP).
 const GUE_SERVICE_PORT: u16 = 8443;
 /// The IPIP services' port; their backends are routed (crate::topology::ipip_routes).
@@ -437,17 +433,15 @@ fn cases(katran: bool, scale: bool) -> Vec<Case> {
 /// The balancer loaded with one service per family and protocol, each on the same 100-backend
 /// Maglev table of 65537 slots, and the wrapper pointing at it.
 struct Bench {
-    _lb: Ebpf,
+    /// The balancer and its maps (the service tables stay mapped while it is held).
+    lb: Balancer,
     // The kernel clears a program array when its last user-space fd closes: keep it open.
     _progs: ProgramArray<MapData>,
     wrapper: Ebpf,
-    global: PerCpuArray<MapData, u64>,
     frame: Array<MapData, BenchFrame>,
     seq: Array<MapData, u32>,
-    dp_config: Array<MapData, DataPlaneConfig>,
+    /// The data-plane settings `warm` starts each case from.
     cfg: DataPlaneConfig,
-    // Held so the service tables stay mapped for the whole run.
-    _pool: Pool,
     /// Katran's default build and its build with the flood guard held open.
     katran: Option<(Katran, Katran)>,
     /// The daemon at scale, when its cases run.
@@ -461,18 +455,7 @@ struct Bench {
 impl Bench {
     /// `scale`: the namespace this thread is in, to start the daemon at scale there.
     fn new(cpu: usize, scale: Option<&NetNs>) -> Result<Self> {
-        let mut lb = loaded_lb().context("load the balancer")?;
-        let mut take = |n: &str| lb.take_map(n).with_context(|| format!("map {n}"));
-        let mut services: HashMap<MapData, ServiceKey, ServiceValue> = take(maps::SERVICES)?.try_into()?;
-        let mut backends: Array<MapData, Backend> = take(maps::BACKENDS)?.try_into()?;
-        let global: PerCpuArray<MapData, u64> = take(maps::GLOBAL_STATS)?.try_into()?;
-        let mut vip_filter: Array<MapData, VipFilter> = take(maps::VIP_FILTER)?.try_into()?;
-        let mut filter = VipFilter::EMPTY;
-        let mut pool = match take(maps::MAGLEV_POOL)? {
-            aya::maps::Map::Array(data) => Pool::new(data)?,
-            _ => bail!("MAGLEV_POOL is not an array"),
-        };
-
+        let mut lb = Balancer::load().context("load the balancer")?;
         let ids: Vec<String> = (1..=BACKENDS).map(|i| format!("b{i}")).collect();
         let members: Vec<MaglevBackend<'_>> =
             ids.iter().map(|id| MaglevBackend { id, weight: 100 }).collect();
@@ -486,7 +469,7 @@ impl Bench {
             "Maglev table has {} slots",
             table.len()
         );
-        pool.write(0, &table)?;
+        lb.pool.write(0, &table)?;
         // IPIP: 100 routed backends per family, each family on its own table.
         for (region, family) in [(1u32, FAMILY_V4), (2, FAMILY_V6)] {
             let first = region * BACKENDS + 1;
@@ -494,57 +477,30 @@ impl Bench {
                 .iter()
                 .map(|&i| (i + first) as u16)
                 .collect();
-            pool.write(region * REGION, &table)?;
+            lb.pool.write(region * REGION, &table)?;
             for i in 0..BACKENDS {
-                let mut addr = [0u8; 16];
-                if family == FAMILY_V4 {
-                    addr[..4].copy_from_slice(&[10, 60, (i >> 8) as u8, i as u8 + 1]);
+                let addr = if family == FAMILY_V4 {
+                    vec![10, 60, (i >> 8) as u8, i as u8 + 1]
                 } else {
-                    addr[..2].copy_from_slice(&[0xfd, 0x60]);
-                    addr[15] = i as u8 + 1;
-                }
-                let b = Backend {
-                    addr,
-                    family,
-                    flags: BACKEND_F_ACTIVE,
-                    port: 0,
-                    generation: 1,
-                    ifindex: 0,
-                    dst_mac: [0; 6],
-                    src_mac: [0; 6],
+                    let mut a = vec![0u8; 16];
+                    a[..2].copy_from_slice(&[0xfd, 0x60]);
+                    a[15] = i as u8 + 1;
+                    a
                 };
-                backends.set(first + i, b, 0)?;
+                lb.backends.set(first + i, routed_backend(&addr), 0)?;
             }
         }
-        // NAT: one on-link backend (slot NAT_SLOT), its table in region 3.
-        pool.write(3 * REGION, &vec![NAT_SLOT as u16; TABLE_SIZE as usize])?;
-        let mut nat_addr = [0u8; 16];
-        nat_addr[..4].copy_from_slice(&NAT_BACKEND4);
-        let nat_backend = Backend {
-            addr: nat_addr,
-            family: FAMILY_V4,
-            flags: BACKEND_F_ACTIVE,
-            port: NAT_BACKEND_PORT.to_be(),
-            generation: 1,
-            ifindex: 1,
-            dst_mac: NAT_BACKEND_MAC,
-            src_mac: LB_MAC,
-        };
-        backends.set(NAT_SLOT, nat_backend, 0)?;
-        filter.add_nat(&addr_words(nat_addr));
+        // NAT: one on-link backend (slot NAT_SLOT), its table in region 3; replies from it and
+        // requests to its VIP may have NAT entries.
+        lb.pool
+            .write(3 * REGION, &vec![NAT_SLOT as u16; TABLE_SIZE as usize])?;
+        let nat = nat_backend(&NAT_BACKEND4, NAT_BACKEND_PORT, 1, NAT_BACKEND_MAC);
+        lb.backends.set(NAT_SLOT, nat, 0)?;
+        lb.mark_nat(&[&NAT_BACKEND4, &NAT_VIP4])?;
         for slot in 1..=BACKENDS {
-            let b = Backend {
-                addr: [0; 16],
-                family: FAMILY_V4,
-                flags: BACKEND_F_ACTIVE,
-                port: 0,
-                generation: 1,
-                // lo: test_run's ingress interface, so the verdict is XDP_TX.
-                ifindex: 1,
-                dst_mac: [0x02, 0, 0, 0, (slot >> 8) as u8, slot as u8],
-                src_mac: LB_MAC,
-            };
-            backends.set(slot, b, 0)?;
+            // lo: test_run's ingress interface, so the verdict is XDP_TX.
+            let b = dsr_backend([0x02, 0, 0, 0, (slot >> 8) as u8, slot as u8], 1);
+            lb.backends.set(slot, b, 0)?;
         }
         for (id, (family, proto, port, region, forward)) in [
             (FAMILY_V4, PROTO_TCP, 80u16, 0u32, FWD_DSR_L2),
@@ -576,12 +532,7 @@ impl Bench {
                 forward,
                 ..Default::default()
             };
-            let key = ServiceKey::new(family, proto, addr, port.to_be());
-            filter.add(&key);
-            if forward == FWD_NAT {
-                filter.add_nat(&key.addr);
-            }
-            services.insert(key, value, 0)?;
+            lb.add_service(ServiceKey::new(family, proto, addr, port.to_be()), value)?;
         }
         // The other strategies' regions, built as the daemon builds them: uneven weights
         // (1..=4 × 25) so weighted round robin has a real period.
@@ -596,12 +547,11 @@ impl Bench {
                 caps: vec![0; BACKENDS as usize],
             };
             let table = build(&input);
-            pool.write(region * REGION, &table)?;
+            lb.pool.write(region * REGION, &table)?;
             let mut vip = [0u8; 16];
             vip[..4].copy_from_slice(&VIP4);
             let key = ServiceKey::new(FAMILY_V4, PROTO_TCP, vip, (STRATEGY_PORT + k as u16).to_be());
-            filter.add(&key);
-            services.insert(
+            lb.add_service(
                 key,
                 ServiceValue {
                     id: 16 + k as u32,
@@ -612,7 +562,6 @@ impl Bench {
                     strategy: strategy.id(),
                     ..Default::default()
                 },
-                0,
             )?;
         }
         // Geo: every client matches a region (0.0.0.0/0 → region 0, beside 10,000 /24s of
@@ -625,12 +574,11 @@ impl Bench {
                 .iter()
                 .map(|&i| i as u16 + 1)
                 .collect();
-            pool.write(main * REGION, &table)?;
-            pool.write((main + 1) * REGION, &region_table)?;
+            lb.pool.write(main * REGION, &table)?;
+            lb.pool.write((main + 1) * REGION, &region_table)?;
             let mut vip = [0u8; 16];
             vip[..4].copy_from_slice(&VIP4);
             let key = ServiceKey::new(FAMILY_V4, PROTO_TCP, vip, GEO_PORT.to_be());
-            filter.add(&key);
             let value = ServiceValue {
                 id: 16 + STRATEGIES.len() as u32,
                 table_offset: main * REGION,
@@ -639,33 +587,29 @@ impl Bench {
                 strategy: lb_common::strategy::STRATEGY_GEO,
                 ..Default::default()
             };
-            services.insert(key, value, 0)?;
-            let mut trie: aya::maps::lpm_trie::LpmTrie<MapData, lb_common::geo::GeoData, u32> =
-                take(maps::GEO_A)?.try_into()?;
+            lb.add_service(key, value)?;
             let entry = |addr: [u8; 4], len: u32| {
                 let mut b = [0u8; 16];
                 b[..4].copy_from_slice(&addr);
                 let (len, data) = lb_common::geo::key(FAMILY_V4, addr_words(b), len);
                 aya::maps::lpm_trie::Key::new(len, data)
             };
-            trie.insert(&entry([0; 4], 0), 0, 0)?;
+            lb.geo_a.insert(&entry([0; 4], 0), 0, 0)?;
             for i in 0..GEO_PREFIXES {
                 let x = i.wrapping_mul(2_654_435_761);
-                trie.insert(
+                lb.geo_a.insert(
                     &entry([(x >> 24) as u8, (x >> 16) as u8, (x >> 8) as u8, 0], 24),
                     1,
                     0,
                 )?;
             }
-            let mut geo: HashMap<MapData, lb_common::geo::GeoKey, ServiceValue> =
-                take(maps::GEO_SERVICES)?.try_into()?;
             for (region, offset) in [(0, (main + 1) * REGION), (1, main * REGION)] {
                 let v = ServiceValue {
                     table_offset: offset,
                     strategy: lb_common::strategy::STRATEGY_MAGLEV,
                     ..value
                 };
-                geo.insert(
+                lb.geo_services.insert(
                     lb_common::geo::GeoKey {
                         service: value.id,
                         region,
@@ -675,20 +619,9 @@ impl Bench {
                 )?;
             }
         }
-        vip_filter.set(0, filter, 0)?;
-        let egress = ipip_routes()?;
-        let mut tx_ports: DevMapHash<MapData> = take(maps::TX_PORTS)?.try_into()?;
-        tx_ports.insert(egress, egress, None, 0)?;
-        let mut dp_config: Array<MapData, DataPlaneConfig> = take(maps::DP_CONFIG)?.try_into()?;
+        let egress = lb.route_tunnels()?;
         // No flood guard, so every SYN of `tcp4_syn` inserts; `warm` engages it per case.
-        let cfg = DataPlaneConfig {
-            encap_src4: u32::from_ne_bytes([172, 16, 0, 0]),
-            flags: 0,
-            encap_src6: addr_words([0xfd, 0, 0, 0x1b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
-            gue_port: GUE_PORT,
-            ..Default::default()
-        };
-        dp_config.set(0, cfg, 0)?;
+        let cfg = lb.dp_config.get(&0, 0)?;
 
         let mut wrapper = EbpfLoader::new()
             .load(lb_userspace::BENCH_OBJECT)
@@ -701,8 +634,7 @@ impl Bench {
             .take_map("BENCH_PROGS")
             .context("BENCH_PROGS")?
             .try_into()?;
-        let lb_prog: &Xdp = lb.program(maps::PROG_LB).context("lb")?.try_into()?;
-        progs.set(BENCH_TARGET_LB, lb_prog.fd()?, 0)?;
+        progs.set(BENCH_TARGET_LB, lb.program()?.fd()?, 0)?;
         let floor: &Xdp = wrapper.program("bench_floor").context("floor")?.try_into()?;
         progs.set(BENCH_TARGET_FLOOR, floor.fd()?, 0)?;
         let katran = match katran::find_dir() {
@@ -740,15 +672,12 @@ impl Bench {
             None => None,
         };
         Ok(Self {
-            _lb: lb,
+            lb,
             _progs: progs,
             wrapper,
-            global,
             frame,
             seq,
-            dp_config,
             cfg,
-            _pool: pool,
             katran,
             scale,
             router: egress,
@@ -789,7 +718,7 @@ impl Bench {
     fn counters(&self) -> Result<Vec<u64>> {
         Counter::ALL
             .iter()
-            .map(|&c| Ok(self.global.get(&(c as u32), 0)?.iter().sum()))
+            .map(|&c| Ok(self.lb.global.get(&(c as u32), 0)?.iter().sum()))
             .collect()
     }
 
@@ -829,7 +758,7 @@ impl Bench {
             flood_limit: u32::from(case.guarded),
             ..self.cfg
         };
-        self.dp_config.set(0, cfg, 0)?;
+        self.lb.dp_config.set(0, cfg, 0)?;
         if let Check::Katran(_) = case.check {
             self.katran_mut(case.target)?.set_flood_guard(false)?;
         }

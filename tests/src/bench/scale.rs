@@ -24,8 +24,9 @@ use serde::Serialize;
 use super::median;
 use crate::{
     NetNs,
+    fixture::run_xdp,
     packets::{CLIENT_MAC, CLIENT4, LB_MAC, XDP_REDIRECT, eth, ipv4, tcp},
-    topology::{Daemon, run_xdp},
+    topology::Daemon,
 };
 
 pub const VIPS: u32 = 1024;
