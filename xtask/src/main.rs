@@ -63,9 +63,9 @@ enum Command {
     /// HAProxy, control-plane speed, health and the spread of long-lived
     /// connections. Prints a table and writes to target/bench: results.json,
     /// results.md (the run's machine, kernel, commit, date and a table per part)
-    /// and dataplane.svg. About 10 minutes; `--quick` (the CI smoke test, no
-    /// thresholds) about 4. Only `--page` changes files outside target/. Needs
-    /// root.
+    /// and dataplane.svg. About 4 minutes once built (2 vCPUs); `--quick` is
+    /// the CI smoke test, no thresholds. Only `--page` changes files outside
+    /// target/. Needs root.
     Bench {
         /// Short runs: fewer repeats and shorter windows
         #[arg(long)]
@@ -240,7 +240,7 @@ fn bench(ctx: &Ctx, quick: bool, only: &[String], page: bool) -> Result<()> {
     // What the build below compiles: the page and results.md name it.
     let checkout = page::Checkout::detect(ctx);
     if page {
-        // Before a 10-minute run, not after it.
+        // Before the run, not after it.
         page::check(ctx, checkout.as_ref().map_err(|e| anyhow!("{e:#}"))?)?;
     }
 
