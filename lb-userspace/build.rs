@@ -14,6 +14,7 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
+    quiet_ebpf_build();
     aya_build::build_ebpf(
         [aya_build::Package {
             name: ebpf.name.as_str(),
@@ -22,4 +23,25 @@ fn main() -> anyhow::Result<()> {
         }],
         Toolchain::default(),
     )
+}
+
+/// aya-build runs a second cargo for the eBPF crate and turns every line that cargo writes to
+/// stderr into a `cargo:warning`, so its progress lines ("Compiling lb-ebpf", "Finished") show
+/// up as warnings of this package on every build that compiles the eBPF crate. aya-build 0.2.0
+/// has no option for that; the inner cargo inherits this process's environment, so cargo's own
+/// `term.quiet` setting, as `CARGO_TERM_QUIET`, silences its status lines. Compiler errors and
+/// warnings still come through (aya-build reads them from the JSON messages on stdout and a
+/// failed build still fails this script). `CARGO_TERM_VERBOSE=true` keeps the progress lines
+/// (cargo refuses quiet and verbose together, and a verbose build asked for them).
+fn quiet_ebpf_build() {
+    const QUIET: &str = "CARGO_TERM_QUIET";
+    const VERBOSE: &str = "CARGO_TERM_VERBOSE";
+    println!("cargo:rerun-if-env-changed={QUIET}");
+    println!("cargo:rerun-if-env-changed={VERBOSE}");
+    let verbose = std::env::var(VERBOSE).is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    if !verbose && std::env::var_os(QUIET).is_none() {
+        // SAFETY: a build script's main thread, before aya-build starts any thread or child;
+        // nothing else reads or writes the environment concurrently.
+        unsafe { std::env::set_var(QUIET, "true") };
+    }
 }

@@ -4,6 +4,7 @@
 //! builds on a fresh machine, before bpf-linker or the nightly toolchain exist.
 
 mod ctx;
+mod page;
 mod setup;
 
 use std::ffi::OsString;
@@ -11,7 +12,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 
 use crate::ctx::Ctx;
@@ -56,11 +57,15 @@ enum Command {
     /// Run setup, build in release, run the benchmarks
     ///
     /// Builds `lb-bench` (lb-tests) and `lb` (lb-userspace) in release and
-    /// runs lb-bench: data-plane cost per packet through BPF_PROG_TEST_RUN,
-    /// end-to-end forwarding through veth against nftables and HAProxy, and
-    /// control-plane speed. Prints a table and writes results.json and
-    /// dataplane.svg to target/bench. About 5 minutes; `--quick` (the CI smoke
-    /// test, no thresholds) well under one. Needs root.
+    /// runs lb-bench: data-plane cost per packet through BPF_PROG_TEST_RUN
+    /// (Katran beside ours when ../shared/katran is there, and the scale
+    /// configuration), end-to-end forwarding through veth against nftables and
+    /// HAProxy, control-plane speed, health and the spread of long-lived
+    /// connections. Prints a table and writes to target/bench: results.json,
+    /// results.md (the run's machine, kernel, commit, date and a table per part)
+    /// and dataplane.svg. About 4 minutes once built (2 vCPUs); `--quick` is
+    /// the CI smoke test, no thresholds. Only `--page` changes files outside
+    /// target/. Needs root.
     Bench {
         /// Short runs: fewer repeats and shorter windows
         #[arg(long)]
@@ -68,6 +73,13 @@ enum Command {
         /// Run only this part (repeatable): dataplane, e2e, control, health, spread
         #[arg(long, value_name = "PART")]
         only: Vec<String>,
+        /// Then put the run on BENCHMARKS.md: results.md between its `results:begin`
+        /// and `results:end` markers, the chart as docs/bench-dataplane.svg. A full
+        /// run only (no --quick, no --only), from a checkout whose tracked files
+        /// match its commit (the page names the commit it measured); checked before
+        /// the run starts
+        #[arg(long, conflicts_with_all = ["quick", "only"])]
+        page: bool,
     },
     /// Run setup, then the fuzzers with more cases than the test command runs
     ///
@@ -124,7 +136,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Setup => setup::setup(&ctx),
         Command::Test { args } => test(&ctx, args),
         Command::Demo => demo(&ctx),
-        Command::Bench { quick, only } => bench(&ctx, quick, &only),
+        Command::Bench { quick, only, page } => bench(&ctx, quick, &only, page),
         Command::Fuzz {
             cases,
             input_seconds,
@@ -223,26 +235,39 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
     Ok(())
 }
 
-fn bench(ctx: &Ctx, quick: bool, only: &[String]) -> Result<()> {
-    const STEPS: usize = 3;
+fn bench(ctx: &Ctx, quick: bool, only: &[String], page: bool) -> Result<()> {
+    let steps = if page { 4 } else { 3 };
+    // What the build below compiles: the page and results.md name it.
+    let checkout = page::Checkout::detect(ctx);
+    if page {
+        // Before the run, not after it.
+        page::check(ctx, checkout.as_ref().map_err(|e| anyhow!("{e:#}"))?)?;
+    }
 
-    header(1, STEPS, "setup");
+    header(1, steps, "setup");
     setup::setup(ctx)?;
 
-    let (bench_bin, lb_bin) = build_with_lb(ctx, "lb-bench", true, 2, STEPS)?;
+    let (bench_bin, lb_bin) = build_with_lb(ctx, "lb-bench", true, 2, steps)?;
+    let out = ctx.target_dir().join("bench");
     let mut bench = ctx.command(&bench_bin);
-    bench
-        .env("LB_BIN", &lb_bin)
-        .arg("--out")
-        .arg(ctx.target_dir().join("bench"));
+    bench.env("LB_BIN", &lb_bin).arg("--out").arg(&out);
+    if let Ok(checkout) = &checkout {
+        bench.envs(checkout.env());
+    }
     if quick {
         bench.arg("--quick");
     }
     for part in only {
         bench.args(["--only", part]);
     }
-    header(3, STEPS, &ctx::display(&bench));
-    ctx::run(&mut bench)
+    header(3, steps, &ctx::display(&bench));
+    ctx::run(&mut bench)?;
+
+    if page {
+        header(4, steps, &format!("{} and {}", page::PAGE, page::CHART));
+        page::update(ctx, &out)?;
+    }
+    Ok(())
 }
 
 /// Builds lb-tests' binary `tool` and the `lb` binary (in release or debug, as step `step` of
