@@ -92,6 +92,10 @@ pub enum Command {
     Geo(GeoCmd),
     /// Stop the daemon (the data plane keeps forwarding).
     Shutdown,
+    /// This node in a tier of balancers: withdraw its VIPs from the routers, or announce them
+    /// again (`[daemon.bgp]`).
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Show what a change would do before applying it: per service, the table entries that
     /// would change owner and the live flows that would change backend if their entry were lost.
     #[command(subcommand)]
@@ -99,6 +103,21 @@ pub enum Command {
     /// On a backend: set up, check or undo what IPIP forwarding needs (no daemon involved).
     #[command(subcommand)]
     BackendHost(BackendHostCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCmd {
+    /// Withdraw every VIP; flows that still arrive are forwarded as before. Reports the
+    /// traffic still arriving; with --wait, waits until none arrives for a second (or the
+    /// bound passes: exit status 1).
+    Drain {
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
+    },
+    /// Announce the VIPs again.
+    Undrain,
+    /// The BGP sessions, which VIPs are announced and why not the others.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -340,6 +359,7 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
                 on_shed: Default::default(),
                 resource: None,
                 adaptive: None,
+                announce: Default::default(),
                 strategy: a.strategy,
                 backends: Vec::new(),
             },
@@ -403,6 +423,9 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
         Command::Geo(GeoCmd::Show) => Request::Geo,
         Command::Geo(GeoCmd::Reload) => Request::GeoReload,
         Command::Shutdown => Request::Shutdown,
+        Command::Node(NodeCmd::Drain { wait }) => return drain(cli, *wait),
+        Command::Node(NodeCmd::Undrain) => Request::Undrain,
+        Command::Node(NodeCmd::Status) => Request::Node,
         Command::Plan(p) => {
             use crate::control::preview::PlanChange;
             Request::Plan {
@@ -449,8 +472,100 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// `lb node drain`: withdraws, then (with `wait`) watches the VIPs' packet counters until a
+/// second passes with none, or the bound.
+fn drain(cli: &Cli, wait: Option<u64>) -> anyhow::Result<i32> {
+    let socket = config::socket_path(&cli.run_dir, &cli.instance);
+    let call = |r: &Request| -> anyhow::Result<Value> {
+        let response = api::call(&socket, r, Duration::from_secs(30))?;
+        for w in &response.warnings {
+            eprintln!("warning: {w}");
+        }
+        if !response.ok {
+            anyhow::bail!("{}", response.error.as_deref().unwrap_or("unknown error"));
+        }
+        Ok(response.data)
+    };
+    let data = call(&Request::Drain)?;
+    let packets = |d: &Value| d["vip_packets"].as_u64().unwrap_or(0);
+    let mut last = packets(&data);
+    let mut arriving = None;
+    if let Some(bound) = wait {
+        let until = std::time::Instant::now() + Duration::from_secs(bound);
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let now = packets(&call(&Request::Node)?);
+            let per_s = now.saturating_sub(last);
+            last = now;
+            arriving = Some(per_s);
+            if per_s == 0 || std::time::Instant::now() >= until {
+                break;
+            }
+        }
+    }
+    let announced = data["bgp"]["announced"].as_array().map_or(0, Vec::len);
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({ "draining": true, "announced": announced, "packets_per_s": arriving, "node": data })
+        );
+    } else {
+        println!("draining: {announced} VIPs still announced");
+        if let Some(p) = arriving {
+            println!("{p} packets/s still arriving for the VIPs");
+        }
+    }
+    Ok(i32::from(arriving.is_some_and(|p| p > 0)))
+}
+
+fn print_bgp(bgp: &Value) {
+    if bgp["enabled"] != true {
+        println!("bgp: off (no [daemon.bgp])");
+        return;
+    }
+    println!(
+        "bgp: bird {}{}{}",
+        if bgp["bird_running"] == true {
+            "running"
+        } else {
+            "not running"
+        },
+        if bgp["draining"] == true {
+            ", node draining"
+        } else {
+            ""
+        },
+        bgp["error"]
+            .as_str()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default()
+    );
+    for s in bgp["sessions"].as_array().into_iter().flatten() {
+        println!(
+            "  peer {:<24} {:<6} {}",
+            fmt_ip(&s["peer"]),
+            if s["up"] == true { "up" } else { "down" },
+            s["info"].as_str().unwrap_or_default()
+        );
+    }
+    if let Some(services) = bgp["services"].as_object() {
+        for (name, a) in services {
+            println!(
+                "  {name:<16} {:<24} {}",
+                fmt_ip(&a["vip"]),
+                if a["announced"] == true {
+                    "announced".to_string()
+                } else {
+                    format!("withdrawn: {}", a["reason"].as_str().unwrap_or_default())
+                }
+            );
+        }
+    }
+}
+
 fn print_human(command: &Command, data: &Value) {
     match command {
+        Command::Node(_) => print_bgp(&data["bgp"]),
         Command::Service(ServiceCmd::List) => {
             for s in data.as_array().into_iter().flatten() {
                 let strategy = s["strategy"].as_str().unwrap_or("maglev");

@@ -100,6 +100,9 @@ pub struct DaemonConfig {
     /// Caps and timeouts of every HTTP listener (the socket, the TCP API, metrics).
     #[serde(default)]
     pub http: HttpLimits,
+    /// `[daemon.bgp]`: announce the VIPs to routers through BIRD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<crate::model::bgp_settings::BgpSettings>,
 }
 
 /// `[daemon.http]`: each listener's connection caps and timeouts.
@@ -403,6 +406,10 @@ pub struct ServiceSpec {
     /// `[service.adaptive]`: when an adaptive service switches strategy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adaptive: Option<crate::model::adaptive_settings::AdaptiveSettings>,
+    /// When this node announces the VIP over BGP: `healthy` (while a backend takes new flows)
+    /// or `always`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub announce: crate::model::bgp_settings::Announce,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendSpec>,
 }
@@ -466,6 +473,7 @@ impl From<ServiceSpec> for Service {
             on_shed: s.on_shed,
             resource: s.resource,
             adaptive: s.adaptive,
+            announce: s.announce,
             backends: s.backends.into_iter().map(Backend::from).collect(),
         }
     }
@@ -507,6 +515,7 @@ impl From<&Service> for ServiceSpec {
             on_shed: s.on_shed,
             resource: s.resource,
             adaptive: s.adaptive,
+            announce: s.announce,
             backends: s.backends.iter().map(BackendSpec::from).collect(),
         }
     }
@@ -631,6 +640,9 @@ impl DaemonConfig {
             return Err(Error::config(format!(
                 "daemon.api.listen {addr} is not loopback and has no TLS: tokens would cross the network in clear (fix: set cert_file and key_file, or allow_plaintext = true)"
             )));
+        }
+        if let Some(b) = &self.bgp {
+            b.validate().map_err(Error::config)?;
         }
         self.http.validate()?;
         self.nat.validate()

@@ -43,6 +43,17 @@ pub struct Prepared {
 /// The TCP API's listener, who may call it, and its certificate.
 type ApiListener = (std::net::TcpListener, Access, Option<crate::serve::SharedTls>);
 
+impl Prepared {
+    /// What the daemon keeps beyond `privileges::RUNTIME`: BIRD takes the daemon's set.
+    pub fn keeps(&self) -> Vec<caps::Capability> {
+        if self.config.daemon.bgp.is_some() {
+            vec![caps::Capability::CAP_NET_BIND_SERVICE]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
 /// The daemon's start-up, on the only thread, before it drops what it no longer needs: the
 /// config, the run directory, the descriptor budget, the data plane opened or adopted, its
 /// log, and the TCP listeners (a port below 1024 needs CAP_NET_BIND_SERVICE).
@@ -173,6 +184,8 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         readers: readers.clone(),
         nat: background.nat_status.clone(),
         board: background.board.clone(),
+        bgp: background.bgp.clone(),
+        drain: background.drain.clone(),
         stop: stop_tx.clone(),
         reloading: tokio::sync::Mutex::new(()),
     });
@@ -243,6 +256,8 @@ struct Background {
     nat_status: Arc<std::sync::Mutex<crate::nat::NatStatus>>,
     conntrack: Arc<std::sync::Mutex<dataplane::census::ConntrackCensus>>,
     steering: Arc<crate::health::through::Steering>,
+    bgp: Arc<std::sync::Mutex<crate::status::bgp::BgpStatus>>,
+    drain: Arc<watch::Sender<bool>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     stop_threads: Arc<std::sync::atomic::AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -295,12 +310,33 @@ impl Background {
         )?;
         let conntrack = Arc::<std::sync::Mutex<dataplane::census::ConntrackCensus>>::default();
         let census = dataplane::census::spawn(&pins, conntrack.clone(), stop_threads.clone())?;
+        let draining = crate::bgp::drain_path(&cfg.run_dir, &cfg.instance).exists();
+        let (drain, drain_rx) = watch::channel(draining);
+        let bgp = Arc::<std::sync::Mutex<crate::status::bgp::BgpStatus>>::default();
+        let mut tasks = vec![health, adaptive, refresher];
+        if let Some(settings) = cfg.bgp.clone() {
+            let announcer = crate::bgp::Announcer {
+                settings,
+                instance: cfg.instance.clone(),
+                interfaces: cfg.interfaces.clone(),
+                run_dir: cfg.run_dir.clone(),
+            };
+            tasks.push(tokio::spawn(announcer.run(
+                handles.snapshot.clone(),
+                drain_rx,
+                bgp.clone(),
+            )));
+        } else {
+            bgp.lock().unwrap_or_else(|p| p.into_inner()).draining = draining;
+        }
         Ok(Self {
             board,
             nat_status,
             conntrack,
             steering,
-            tasks: vec![health, adaptive, refresher],
+            bgp,
+            drain: Arc::new(drain),
+            tasks,
             stop_threads,
             threads: vec![collector, census],
         })
@@ -358,6 +394,7 @@ impl Endpoints {
                         nat_capacity: u64::from(cfg.nat.table_size),
                         conntrack_capacity: u64::from(cfg.conntrack_size),
                         conntrack: background.conntrack.clone(),
+                        bgp: background.bgp.clone(),
                     },
                     histograms,
                 )

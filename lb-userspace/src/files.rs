@@ -1,6 +1,7 @@
 //! Files that a config or an API body names and the daemon (as root) reads: a health check's
 //! `tls_ca`, the geo data. Only regular files, and only so many bytes: `/dev/zero` never ends
-//! and a FIFO never answers.
+//! and a FIFO never answers. And the files it writes itself (the state file, BIRD's config),
+//! privately and atomically.
 
 use std::{io::Read, os::unix::fs::OpenOptionsExt, path::Path};
 
@@ -53,6 +54,35 @@ fn size(bytes: u64) -> String {
     } else {
         format!("{bytes} bytes")
     }
+}
+
+/// Replaces `path` with `bytes`, atomically and privately: written to a fresh `.tmp` beside it
+/// (0600, created new, never through a link: a leftover or a planted link is removed first),
+/// synced, renamed over `path`, and the directory synced.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

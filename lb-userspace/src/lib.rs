@@ -13,12 +13,14 @@
 //!   (`apply`), next hops, the state file (`persist`).
 //! - `dataplane`: loading and pins, and the map handles (`MapWrites` for the writer,
 //!   `Readers` for the rest).
-//! - `metrics`, `control`, `api`, `serve`: readers and the endpoints that serve them.
+//! - `metrics`, `control`, `api`, `serve`: readers and the endpoints that serve them; `bgp`
+//!   a reader too, announcing the VIPs through BIRD.
 //! - `daemon` wires it up; `cli` and `top` are the API's clients; `backend_host` prepares
 //!   backends; `neigh` (netlink), `maglev`, `nat` (expiry) are leaves.
 
 pub mod api;
 pub mod backend_host;
+pub mod bgp;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -50,7 +50,7 @@ fn run(cli: &Cli) -> anyhow::Result<i32> {
             // Start-up on this thread alone; then only what the daemon keeps, before the
             // runtime's threads exist (they inherit it).
             let prepared = lb_userspace::daemon::prepare(config.clone())?;
-            let kept = lb_userspace::privileges::drop_to_runtime()?;
+            let kept = lb_userspace::privileges::drop_to_runtime(&prepared.keeps())?;
             log::info!(
                 "capabilities kept: {}",
                 kept.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(" ")
@@ -73,6 +73,12 @@ fn run(cli: &Cli) -> anyhow::Result<i32> {
                 .is_ok()
             {
                 wait_gone(&socket);
+            }
+            // Withdraw first: BIRD's sessions close and the routers stop sending here before
+            // the program goes.
+            let bird = lb_userspace::bgp::bird::Paths::new(&cli.run_dir, &cli.instance);
+            if lb_userspace::bgp::bird::stop(&bird).map_err(|e| anyhow::anyhow!("{e}"))? {
+                log::info!("stopped BIRD: this node's VIPs are withdrawn");
             }
             let mut removed = dataplane::detach_instance(&cli.instance)?;
             // A daemon that stopped without closing it leaves its check path behind.

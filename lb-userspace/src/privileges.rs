@@ -10,6 +10,9 @@
 //!   routes, XDP and tc attach), SO_MARK on checks through the VIP, /proc/sys/net writes;
 //! - CAP_PERFMON: the verifier accepts the check path's programs only with it.
 //!
+//! Kept as well when `[daemon.bgp]` is set: CAP_NET_BIND_SERVICE, for the BIRD the daemon runs
+//! (it takes the daemon's set): BGP listens on port 179 and BFD on 3784.
+//!
 //! Needed at start only, then dropped: CAP_SYS_ADMIN (the data-plane log finds its ring
 //! buffer by program id: BPF_PROG_GET_FD_BY_ID and BPF_MAP_GET_FD_BY_ID), CAP_NET_BIND_SERVICE
 //! (a listener on a port below 1024), CAP_SETPCAP (to shrink the bounding set).
@@ -23,11 +26,11 @@ pub const RUNTIME: [Capability; 3] = [
     Capability::CAP_PERFMON,
 ];
 
-/// Drops every capability but `RUNTIME` from the calling thread's bounding, inheritable,
+/// Drops every capability but `RUNTIME` and `extra` from the calling thread's bounding, inheritable,
 /// ambient, permitted and effective sets, and sets no_new_privs. Call it from the only thread.
 /// Returns the capabilities kept (those of `RUNTIME` it had).
-pub fn drop_to_runtime() -> anyhow::Result<Vec<Capability>> {
-    let keep: CapsHashSet = RUNTIME.into_iter().collect();
+pub fn drop_to_runtime(extra: &[Capability]) -> anyhow::Result<Vec<Capability>> {
+    let keep: CapsHashSet = RUNTIME.into_iter().chain(extra.iter().copied()).collect();
     let fail = |what: &str, e: caps::errors::CapsError| anyhow::anyhow!("drop capabilities: {what}: {e}");
     // The bounding set first: shrinking it takes CAP_SETPCAP, which goes with the rest below.
     // Without it (a unit that left it out) the unit's own bounding set stands.

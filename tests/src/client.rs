@@ -175,3 +175,72 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// A connection to `vip` from source address `src` (bound before connecting), made in the
+/// calling thread's namespace.
+pub fn connect_from(src: IpAddr, vip: IpAddr) -> std::io::Result<Conn> {
+    let domain = if vip.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.bind(&SocketAddr::new(src, 0).into())?;
+    s.connect_timeout(&SocketAddr::new(vip, PORT).into(), TIMEOUT)?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(TIMEOUT))?;
+    Ok(Conn {
+        reader: BufReader::new(s.try_clone()?),
+        writer: s,
+    })
+}
+
+/// Long-lived connections, each from its own source address, with the backend that answered
+/// first: `check` asks on every one again.
+pub struct Held {
+    pub conns: Vec<(Conn, String)>,
+}
+
+/// What one round of asking found.
+#[derive(Debug, Default, PartialEq)]
+pub struct Round {
+    pub answered: usize,
+    /// Closed, reset or timed out.
+    pub broken: Vec<String>,
+    /// Answered by another backend than the first time.
+    pub moved: usize,
+}
+
+impl Held {
+    /// Opens one connection from each source, in the client namespace.
+    pub fn open(client: &crate::NetNs, sources: &[IpAddr], vip: IpAddr) -> std::io::Result<Self> {
+        let sources = sources.to_vec();
+        in_ns(client, move || {
+            let mut conns = Vec::with_capacity(sources.len());
+            for src in sources {
+                let mut c = connect_from(src, vip)?;
+                let first = c.ask()?;
+                conns.push((c, first));
+            }
+            Ok(Self { conns })
+        })
+    }
+
+    /// Asks on every connection once.
+    pub fn check(&mut self) -> Round {
+        let mut r = Round::default();
+        for (c, first) in &mut self.conns {
+            let src = c.writer.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            match c.ask() {
+                Ok(id) if id == *first => r.answered += 1,
+                Ok(id) => {
+                    r.answered += 1;
+                    r.moved += 1;
+                    r.broken.push(format!("{src}: {first} -> {id}"));
+                }
+                Err(e) => r.broken.push(format!("{src}: {e}")),
+            }
+        }
+        r
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod cluster;
 pub mod fixture;
 pub mod flood;
 pub mod netns;

@@ -198,7 +198,7 @@ fn vip_addrs() -> [SocketAddr; 2] {
 }
 
 /// Joins `ns` to the switch: `eth0` inside, port `p<N>` on the bridge.
-fn join(switch: &NetNs, next_port: &mut u32, ns: &NetNs, v4: &str, v6: &str) -> Result<()> {
+pub fn join(switch: &NetNs, next_port: &mut u32, ns: &NetNs, v4: &str, v6: &str) -> Result<()> {
     let port = format!("p{next_port}");
     *next_port += 1;
     switch.sh(&format!(

@@ -21,8 +21,16 @@ const LLVM_PACKAGES: &[&str] = &[
 ];
 /// Tools used by the integration tests and the demo, the bench's contenders (nftables,
 /// HAProxy; its load generator is our own XDP program), and Prometheus with promtool (the
-/// metrics tests scrape the daemon with a real server).
-const TOOL_PACKAGES: &[&str] = &["iproute2", "ethtool", "nftables", "haproxy", "prometheus"];
+/// metrics tests scrape the daemon with a real server), and BIRD 2 (the daemon announces VIPs
+/// through it; the cluster tests run a router with it too).
+const TOOL_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "nftables",
+    "haproxy",
+    "prometheus",
+    "bird2",
+];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
 

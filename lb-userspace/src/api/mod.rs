@@ -75,6 +75,11 @@ pub enum Request {
     GeoReload,
     /// Stop the daemon; the data plane stays attached.
     Shutdown,
+    /// This node's announcements, BGP sessions, drain flag and VIP traffic.
+    Node,
+    /// Withdraw every VIP (`lb node drain`), or announce them again.
+    Drain,
+    Undrain,
     /// What a change would do, applied to nothing (disruption preview).
     Plan {
         change: crate::control::preview::PlanChange,
@@ -196,6 +201,9 @@ impl Request {
             Self::Geo => ("GET", "/v1/geo".into(), None),
             Self::GeoReload => ("POST", "/v1/geo/reload".into(), None),
             Self::Shutdown => ("POST", "/v1/shutdown".into(), None),
+            Self::Node => ("GET", "/v1/node".into(), None),
+            Self::Drain => ("POST", "/v1/node/drain".into(), None),
+            Self::Undrain => ("POST", "/v1/node/undrain".into(), None),
             Self::Plan { change } => ("POST", "/v1/plan".into(), Some(json!(change))),
         }
     }

@@ -53,6 +53,9 @@ pub struct Shared {
     pub readers: Arc<Readers>,
     pub nat: Arc<Mutex<NatStatus>>,
     pub board: Board,
+    /// The announcer's state, and the node's drain flag (`lb node drain`).
+    pub bgp: Arc<Mutex<crate::status::bgp::BgpStatus>>,
+    pub drain: Arc<watch::Sender<bool>>,
     pub stop: watch::Sender<bool>,
     /// Held through a reload: SIGHUP, the file watch and the API reload one at a time, so an
     /// older version of the file is never applied after a newer one.
@@ -96,6 +99,7 @@ fn queries(s: &Shared) -> Queries<'_> {
         readers: &s.readers,
         nat: &s.nat,
         board: &s.board,
+        bgp: &s.bgp,
     }
 }
 
@@ -442,6 +446,68 @@ pub async fn shutdown(State(s): Ctx) -> Answer {
     ok(json!("stopping"), vec![])
 }
 
+#[utoipa::path(get, path = "/v1/node", tag = "node",
+    responses((status = 200, description = "This node's BGP sessions, announced VIPs (and why the others are not), drain flag, and the packets its VIPs received", body = Envelope)))]
+pub async fn node(State(s): Ctx) -> Answer {
+    ok(queries(&s).node()?, vec![])
+}
+
+#[utoipa::path(post, path = "/v1/node/drain", tag = "node",
+    responses((status = 200, description = "Every VIP withdrawn; flows that still arrive are forwarded", body = Envelope),
+        (status = 400, description = "No [daemon.bgp]", body = ApiError)))]
+pub async fn drain(State(s): Ctx) -> Answer {
+    set_drain(&s, true).await
+}
+
+#[utoipa::path(post, path = "/v1/node/undrain", tag = "node",
+    responses((status = 200, description = "The VIPs announced again (those that can serve)", body = Envelope),
+        (status = 400, description = "No [daemon.bgp]", body = ApiError)))]
+pub async fn undrain(State(s): Ctx) -> Answer {
+    set_drain(&s, false).await
+}
+
+/// Sets the drain flag (kept in the run directory, so a restart keeps it) and answers once
+/// the announcer has acted on it, 2 s at most.
+async fn set_drain(s: &Shared, on: bool) -> Answer {
+    if s.cfg.bgp.is_none() {
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "this node announces nothing: no [daemon.bgp] in its config",
+        ));
+    }
+    let path = crate::bgp::drain_path(&s.cfg.run_dir, &s.cfg.instance);
+    let written = if on {
+        crate::files::write_private(&path, b"draining\n")
+    } else {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    };
+    written.map_err(|e| Failure::from(Error::io(format!("drain flag {}", path.display()), e)))?;
+    s.drain.send_replace(on);
+    log::info!(target: "audit", "node {}", if on { "drained" } else { "undrained" });
+    let acted = {
+        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let done = {
+                let b = s.bgp.lock().unwrap_or_else(|p| p.into_inner());
+                b.draining == on && (!on || b.announced.is_empty())
+            };
+            if done || tokio::time::Instant::now() >= until {
+                break done;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let warnings = if acted {
+        vec![]
+    } else {
+        vec!["the announcer has not acted on it yet (see lb node status)".to_string()]
+    };
+    ok(queries(s).node()?, warnings)
+}
+
 pub async fn openapi_json() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/json")],
@@ -484,6 +550,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/geo", get(geo))
         .route("/v1/geo/reload", post(geo_reload))
         .route("/v1/shutdown", post(shutdown))
+        .route("/v1/node", get(node))
+        .route("/v1/node/drain", post(drain))
+        .route("/v1/node/undrain", post(undrain))
         .route("/v1/openapi.json", get(openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -27,6 +27,7 @@ pub struct Queries<'a> {
     pub readers: &'a Readers,
     pub nat: &'a Mutex<NatStatus>,
     pub board: &'a Board,
+    pub bgp: &'a Mutex<crate::status::bgp::BgpStatus>,
 }
 
 impl Queries<'_> {
@@ -40,7 +41,32 @@ impl Queries<'_> {
             "backends": self.snap.services.iter().map(|s| s.backends.len()).sum::<usize>(),
             "table_pool": { "capacity": self.snap.pool_capacity, "free": self.snap.pool_free },
             "reconciler": self.snap.counters,
+            "bgp": self.bgp(),
         })
+    }
+
+    /// `lb node status`: the announcer's state and the packets the VIPs received (their total,
+    /// so a caller sees whether traffic still arrives after a drain).
+    pub fn node(&self) -> Result<serde_json::Value> {
+        let ids = self.snap.assignments.services.values().map(|s| s.id);
+        let mut packets = 0u64;
+        for id in ids {
+            packets += self.readers.service_traffic(id)?.packets;
+        }
+        Ok(json!({
+            "bgp": self.bgp(),
+            "vip_packets": packets,
+        }))
+    }
+
+    /// The announcer's state (`null` without `[daemon.bgp]`), and the drain flag.
+    pub fn bgp(&self) -> serde_json::Value {
+        let bgp = self.bgp.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if bgp.enabled {
+            json!(bgp)
+        } else {
+            json!({ "enabled": false, "draining": bgp.draining })
+        }
     }
 
     /// The backend a flow from `src` to `dst` gets in service `name` (`get_instance`). Without

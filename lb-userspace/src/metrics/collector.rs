@@ -188,7 +188,10 @@ impl DataPlaneCollector {
             backend_refused,
             backend_load_factor,
             nat_half_open,
-        ]: [usize; 36] = std::array::from_fn(|i| i);
+            bgp_session_up,
+            vip_announced,
+            node_draining,
+        ]: [usize; 39] = std::array::from_fn(|i| i);
         let board = s.board.read().unwrap_or_else(|p| p.into_inner());
         let default = crate::status::BackendStatus::default();
         let mut services: Vec<&crate::model::Service> = snap.services.iter().collect();
@@ -344,5 +347,18 @@ impl DataPlaneCollector {
         f.add(active_corrections, &[], census.active_corrections_total as f64);
         f.add(census_duration, &[], census.took.as_secs_f64());
         f.add(build_info, &[env!("CARGO_PKG_VERSION")], 1.0);
+        let bgp = s.bgp.lock().unwrap_or_else(|p| p.into_inner());
+        f.add(node_draining, &[], f64::from(u8::from(bgp.draining)));
+        for session in &bgp.sessions {
+            let peer = session.peer.to_string();
+            f.shape(peer.as_bytes());
+            f.shape(&[0]);
+            f.add(bgp_session_up, &[&peer], f64::from(u8::from(session.up)));
+        }
+        for (service, a) in &bgp.services {
+            f.shape(service.as_bytes());
+            f.shape(&[0]);
+            f.add(vip_announced, &[service], f64::from(u8::from(a.announced)));
+        }
     }
 }

@@ -220,6 +220,24 @@ pub(super) const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         MetricType::GAUGE,
         &[],
     ),
+    (
+        "lb_bgp_session_up",
+        "1 while this node's BGP session to the peer is established ([daemon.bgp]).",
+        MetricType::GAUGE,
+        &["peer"],
+    ),
+    (
+        "lb_vip_announced",
+        "1 while this node announces the service's VIP over BGP.",
+        MetricType::GAUGE,
+        &["service"],
+    ),
+    (
+        "lb_node_draining",
+        "1 while the node is drained (lb node drain): no VIP announced.",
+        MetricType::GAUGE,
+        &[],
+    ),
 ];
 /// `families` names each family by its index in FAMILIES.
-const _: () = assert!(FAMILIES.len() == 36);
+const _: () = assert!(FAMILIES.len() == 39);

@@ -33,6 +33,7 @@ pub struct Sources {
     pub nat_capacity: u64,
     pub conntrack_capacity: u64,
     pub conntrack: Arc<Mutex<crate::dataplane::census::ConntrackCensus>>,
+    pub bgp: Arc<Mutex<crate::status::bgp::BgpStatus>>,
 }
 
 /// The registry the endpoint serves.

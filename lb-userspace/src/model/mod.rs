@@ -8,6 +8,7 @@ use lb_common::maps::MAX_SERVICES;
 use serde::{Deserialize, Serialize};
 
 pub mod adaptive_settings;
+pub mod bgp_settings;
 pub mod geo_settings;
 pub mod health_settings;
 pub mod resource_settings;
@@ -256,6 +257,8 @@ pub struct Service {
     pub resource: Option<resource_settings::ResourceSettings>,
     /// `[service.adaptive]`: when an adaptive service switches.
     pub adaptive: Option<adaptive_settings::AdaptiveSettings>,
+    /// When this node announces the VIP over BGP (`[daemon.bgp]`).
+    pub announce: bgp_settings::Announce,
     pub backends: Vec<Backend>,
 }
 
@@ -358,6 +361,7 @@ impl Service {
             on_shed: OnShed::default(),
             resource: None,
             adaptive: None,
+            announce: Default::default(),
             backends: Vec::new(),
         }
     }
@@ -651,6 +655,7 @@ mod tests {
             on_shed: OnShed::default(),
             resource: None,
             adaptive: None,
+            announce: Default::default(),
             backends: vec![],
         };
         let backend = Backend {

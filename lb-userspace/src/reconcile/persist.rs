@@ -7,11 +7,7 @@
 //! service checked as an API change would be, one that fails reported and left out, so no entry
 //! can stop the daemon from starting.
 
-use std::{
-    io::Write,
-    os::unix::fs::OpenOptionsExt,
-    path::{Path, PathBuf},
-};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -88,39 +84,16 @@ impl Persisted {
     /// renamed over the old one, and the directory synced, so a crash leaves the old file or
     /// the new one, whole.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("json.tmp");
         let bytes =
             serde_json::to_vec_pretty(self).map_err(|e| Error::dataplane(format!("serialize state: {e}")))?;
-        // A leftover of a crash, or a link planted in its place: removed, never followed.
-        match std::fs::remove_file(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("remove {}", tmp.display()), e)),
-        }
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()
-        };
-        write().map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("rename {}", path.display()), e))?;
-        let dir = path
-            .parent()
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io(format!("sync {}", dir.display()), e))
+        crate::files::write_private(path, &bytes)
+            .map_err(|e| Error::io(format!("write {}", path.display()), e))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
+    use std::{os::unix::fs::PermissionsExt, path::PathBuf};
 
     use super::*;
 

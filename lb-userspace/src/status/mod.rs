@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod bgp;
 pub mod checks;
 pub mod load;
 pub mod signals;

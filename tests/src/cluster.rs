@@ -1,0 +1,277 @@
+//! The tier lab: a client namespace with many source addresses, a router namespace running
+//! BIRD 2 with ECMP over the balancer nodes it learns by BGP, the nodes (each an `lb daemon`
+//! announcing the VIP through its own BIRD), and backends on the nodes' L2 segment answering
+//! the client directly (DSR). Everything it starts (namespaces, BIRDs, daemons) goes on drop.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    netns::NetNs,
+    servers::Servers,
+    topology::{Daemon, PORT, VIP4, attach_pass, join},
+    wait_until,
+};
+
+pub const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+pub const ROUTER_AS: u32 = 65000;
+pub const NODE_AS: u32 = 65001;
+/// Client sources are 10.97.x.y, routed to the client by the router.
+const CLIENT_LINK: &str = "10.98.0";
+
+pub struct Node {
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub ns: NetNs,
+    pub daemon: Option<Daemon>,
+    /// The bridge port's pass program (so XDP_TX frames reach the bridge).
+    _pass: aya::Ebpf,
+}
+
+pub struct Lab {
+    // Drop order: daemons (their BIRDs), the router's BIRD, servers, then the namespaces.
+    pub nodes: Vec<Node>,
+    router_bird: RouterBird,
+    _servers: Vec<Servers>,
+    pub backends: Vec<(String, Ipv4Addr, NetNs)>,
+    pub client: NetNs,
+    pub router: NetNs,
+    pub switch: NetNs,
+    pub sources: Vec<Ipv4Addr>,
+    next_port: u32,
+    /// The sessions run BFD.
+    bfd: bool,
+}
+
+/// The router's BIRD: its files in a directory of their own; stopped on drop.
+struct RouterBird {
+    dir: PathBuf,
+}
+
+impl RouterBird {
+    fn sock(&self) -> PathBuf {
+        self.dir.join("bird.ctl")
+    }
+}
+
+impl Drop for RouterBird {
+    fn drop(&mut self) {
+        let paths = lb_userspace::bgp::bird::Paths {
+            config: self.dir.join("bird.conf"),
+            socket: self.sock(),
+            pid: self.dir.join("bird.pid"),
+            log: self.dir.join("bird.log"),
+        };
+        let _ = lb_userspace::bgp::bird::stop(&paths);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The router's config: a session to each node, ECMP over the routes they announce into the
+/// kernel, BFD where `bfd` is set.
+fn router_config(nodes: &[Ipv4Addr], bfd: bool) -> String {
+    let mut c = format!(
+        "router id {ROUTER};\nprotocol device {{ scan time 10; }}\n\
+         protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n"
+    );
+    if bfd {
+        c.push_str("protocol bfd { interface \"*\" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }; }\n");
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        c.push_str(&format!(
+            "protocol bgp node{i} {{ local {ROUTER} as {ROUTER_AS}; neighbor {n} as {NODE_AS}; \
+             hold time 3; keepalive time 1; connect retry time 1; error wait time 1, 5;{} \
+             ipv4 {{ import all; export none; }}; }}\n",
+            if bfd { " bfd on;" } else { "" }
+        ));
+    }
+    c
+}
+
+impl Lab {
+    /// The lab with `nodes` balancer nodes (their daemons not started) and `backends`
+    /// backends, and `sources` client addresses.
+    pub fn new(nodes: usize, backends: usize, sources: usize, bfd: bool) -> Result<Self> {
+        let switch = NetNs::new("csw")?;
+        switch.sh("ip link add br0 type bridge && ip link set br0 up")?;
+        let client = NetNs::new("ccl")?;
+        let router = NetNs::new("crt")?;
+        let mut next_port = 0;
+        // The router: on the fabric, and on its own link to the client.
+        join(&switch, &mut next_port, &router, &ROUTER.to_string(), "fd99::1")?;
+        client.veth("eth0", &router, "cl0")?;
+        router.sh(&format!(
+            "ip addr add {CLIENT_LINK}.1/24 dev cl0 && ip route add 10.97.0.0/16 via {CLIENT_LINK}.2 && \
+             sysctl -qw net.ipv4.ip_forward=1 net.ipv4.fib_multipath_hash_policy=1 \
+             net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0"
+        ))?;
+        let sources: Vec<Ipv4Addr> = (0..sources)
+            .map(|i| Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250 + 1) as u8))
+            .collect();
+        let mut script = format!(
+            "ip addr add {CLIENT_LINK}.2/24 dev eth0 && ip route add default via {CLIENT_LINK}.1 && \
+             ethtool -K eth0 tx off >/dev/null"
+        );
+        for s in &sources {
+            script.push_str(&format!(" && ip addr add {s}/32 dev lo"));
+        }
+        client.sh(&script)?;
+        let mut lab_backends = Vec::new();
+        let mut servers = Vec::new();
+        for i in 0..backends {
+            let id = format!("b{}", i + 1);
+            let addr = Ipv4Addr::new(10, 99, 0, 11 + i as u8);
+            let ns = NetNs::new(&id)?;
+            join(
+                &switch,
+                &mut next_port,
+                &ns,
+                &addr.to_string(),
+                &format!("fd99::{}", 11 + i),
+            )?;
+            ns.sh(&format!(
+                "ip addr add {VIP4}/32 dev lo && ip route add default via {ROUTER} && \
+                 sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2 && \
+                 ethtool -K eth0 tx off >/dev/null"
+            ))?;
+            servers.push(Servers::start(
+                &ns,
+                &id,
+                &[SocketAddr::new(IpAddr::V4(VIP4), PORT)],
+            ));
+            lab_backends.push((id, addr, ns));
+        }
+        let mut lab_nodes = Vec::new();
+        for i in 0..nodes {
+            let name = format!("n{}", i + 1);
+            let addr = Ipv4Addr::new(10, 99, 0, 2 + i as u8);
+            let ns = NetNs::new(&name)?;
+            join(
+                &switch,
+                &mut next_port,
+                &ns,
+                &addr.to_string(),
+                &format!("fd99::{}", 2 + i),
+            )?;
+            ns.sh("sysctl -qw net.ipv4.ip_forward=0 && ethtool -K eth0 tx off >/dev/null")?;
+            let pass = attach_pass(&switch, &format!("p{}", next_port - 1))?;
+            lab_nodes.push(Node {
+                name,
+                addr,
+                ns,
+                daemon: None,
+                _pass: pass,
+            });
+        }
+        let dir = std::env::temp_dir().join(format!("{}-router", router.name));
+        std::fs::create_dir_all(&dir)?;
+        let router_bird = RouterBird { dir };
+        let node_addrs: Vec<Ipv4Addr> = lab_nodes.iter().map(|n| n.addr).collect();
+        std::fs::write(router_bird.dir.join("bird.conf"), router_config(&node_addrs, bfd))?;
+        let out = router
+            .command("bird")
+            .arg("-c")
+            .arg(router_bird.dir.join("bird.conf"))
+            .arg("-s")
+            .arg(router_bird.sock())
+            .arg("-P")
+            .arg(router_bird.dir.join("bird.pid"))
+            .output()
+            .context("start the router's BIRD (apt install bird2)")?;
+        if !out.status.success() {
+            bail!("router BIRD: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(Self {
+            nodes: lab_nodes,
+            router_bird,
+            _servers: servers,
+            backends: lab_backends,
+            client,
+            router,
+            switch,
+            sources,
+            next_port,
+            bfd,
+        })
+    }
+
+    /// A node's daemon config: the VIP on every backend, by DSR, announced to the router.
+    pub fn node_config(&self, instance: &str, run_dir: &std::path::Path, extra_bgp: &str) -> String {
+        let mut c = format!(
+            "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\n\
+             run_dir = \"{}\"\nconntrack_size = 65536\ntable_pool_slots = 1048576\nneighbour_refresh_ms = 500\n\
+             [daemon.bgp]\nlocal_as = {NODE_AS}\nhold_time = 3\n{extra_bgp}\n\
+             [[daemon.bgp.peer]]\naddress = \"{ROUTER}\"\nas = {ROUTER_AS}\nbfd = {}\n\n\
+             [[service]]\nname = \"web\"\nvip = \"{VIP4}\"\nport = {PORT}\nprotocol = \"tcp\"\ntable_size = 4093\n",
+            run_dir.display(),
+            self.bfd
+        );
+        for (id, addr, _) in &self.backends {
+            c.push_str(&format!(
+                "[[service.backend]]\nid = \"{id}\"\naddress = \"{addr}\"\n"
+            ));
+        }
+        c
+    }
+
+    /// Starts node `i`'s daemon with `node_config`; waits until its backends are in its tables.
+    pub fn start_node(&mut self, i: usize) -> Result<()> {
+        let (instance, run_dir) = Daemon::new_paths();
+        let config = self.node_config(&instance, &run_dir, "");
+        let d = Daemon::start_in(&self.nodes[i].ns, &instance, &run_dir, &config)?;
+        d.wait_all_in_tables();
+        self.nodes[i].daemon = Some(d);
+        Ok(())
+    }
+
+    pub fn daemon(&self, i: usize) -> &Daemon {
+        self.nodes[i].daemon.as_ref().expect("node started")
+    }
+
+    /// The router's next hops for the VIP, as its kernel has them.
+    pub fn next_hops(&self) -> Vec<Ipv4Addr> {
+        let out = self
+            .router
+            .sh(&format!("ip -4 route show {VIP4}/32"))
+            .unwrap_or_default();
+        let mut hops: Vec<Ipv4Addr> = out
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "via")
+            .filter_map(|w| w[1].parse().ok())
+            .collect();
+        hops.sort();
+        hops.dedup();
+        hops
+    }
+
+    /// Waits (bounded) until the router's next hops for the VIP are exactly `want`.
+    pub fn wait_next_hops(&self, want: &[Ipv4Addr], bound: Duration) -> bool {
+        let mut want = want.to_vec();
+        want.sort();
+        wait_until(bound, || self.next_hops() == want)
+    }
+
+    /// `birdc show protocols` on the router, for failure messages.
+    pub fn router_protocols(&self) -> String {
+        Command::new("birdc")
+            .arg("-s")
+            .arg(self.router_bird.sock())
+            .args(["show", "protocols"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// How many ports of the fabric bridge this lab uses (for a node added later).
+    pub fn ports(&self) -> u32 {
+        self.next_port
+    }
+}

@@ -1,0 +1,281 @@
+//! A tier of balancer nodes behind one router: each node announces the VIP over BGP through
+//! its own BIRD, the router spreads flows over them by ECMP, and long-lived connections from
+//! many client addresses survive a node's drain, its loss and its return with no reset
+//! (every node builds the same Maglev table, so a flow that moves node keeps its backend).
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{client::Held, cluster::Lab, topology::VIP4, wait_until};
+
+/// How long the router may take to follow a change (BIRD's withdrawal reaches its kernel in
+/// milliseconds; the bound is for a loaded CI machine).
+const ROUTER_BOUND: Duration = Duration::from_secs(10);
+
+fn vip_packets(lab: &Lab, i: usize) -> u64 {
+    lab.daemon(i).json(&["node", "status"])["vip_packets"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Asks on every held connection and fails with what broke, naming the step.
+fn all_answer(held: &mut Held, step: &str, lab: &Lab) {
+    let r = held.check();
+    assert!(
+        r.broken.is_empty(),
+        "{step}: {} of {} connections broke or moved backend: {:?}\nrouter: {}",
+        r.broken.len(),
+        held.conns.len(),
+        &r.broken[..r.broken.len().min(10)],
+        lab.router_protocols()
+    );
+}
+
+#[test]
+fn three_nodes_serve_one_vip_and_keep_every_flow_through_drain_loss_and_return() {
+    let mut lab = Lab::new(3, 3, 240, false).expect("lab");
+    for i in 0..3 {
+        lab.start_node(i).expect("node");
+    }
+    let all: Vec<_> = lab.nodes.iter().map(|n| n.addr).collect();
+    assert!(
+        lab.wait_next_hops(&all, Duration::from_secs(30)),
+        "the router never had all three nodes: {:?}\n{}\n{}",
+        lab.next_hops(),
+        lab.router_protocols(),
+        lab.daemon(0).log()
+    );
+    let status = lab.daemon(0).json(&["node", "status"]);
+    assert_eq!(status["bgp"]["sessions"][0]["up"], true, "{status}");
+    assert_eq!(status["bgp"]["services"]["web"]["announced"], true, "{status}");
+
+    // 240 long-lived connections, one per client address, spread over the nodes by the router.
+    let before: Vec<u64> = (0..3).map(|i| vip_packets(&lab, i)).collect();
+    let sources: Vec<IpAddr> = lab.sources.iter().map(|s| IpAddr::V4(*s)).collect();
+    let mut held = Held::open(&lab.client, &sources, IpAddr::V4(VIP4)).expect("connections");
+    all_answer(&mut held, "opened", &lab);
+    for (i, was) in before.iter().enumerate() {
+        assert!(
+            vip_packets(&lab, i) > *was,
+            "node {} took none of 240 flows: the router does not spread them",
+            lab.nodes[i].name
+        );
+    }
+
+    // Drain n1: withdrawn at once, its flows go to n2 and n3 and keep their backends.
+    let started = Instant::now();
+    let out = lab.daemon(0).cli(&["node", "drain"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        lab.wait_next_hops(&all[1..], ROUTER_BOUND),
+        "n1 still announced: {:?}",
+        lab.next_hops()
+    );
+    eprintln!("drain: route gone on the router after {:?}", started.elapsed());
+    let status = lab.daemon(0).json(&["node", "status"]);
+    assert_eq!(status["bgp"]["draining"], true);
+    assert_eq!(
+        status["bgp"]["services"]["web"]["reason"], "the node is draining",
+        "{status}"
+    );
+    all_answer(&mut held, "n1 drained", &lab);
+    // With --wait, the drain reports no traffic left once the router sends n1 nothing.
+    let out = lab.daemon(0).cli(&["node", "drain", "--wait", "10"]);
+    assert!(
+        out.status.success(),
+        "traffic still arrives at a drained node: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 packets/s still arriving"));
+
+    // Undrain: announced again, flows spread back.
+    let out = lab.daemon(0).cli(&["node", "undrain"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        lab.wait_next_hops(&all, ROUTER_BOUND),
+        "n1 not back: {:?}",
+        lab.next_hops()
+    );
+    all_answer(&mut held, "n1 back", &lab);
+
+    // n2 dies: its daemon killed, then its program detached and its BIRD stopped (`lb detach`),
+    // as a crashed host would look to the router.
+    let started = Instant::now();
+    let n2 = lab.nodes[1].daemon.take().expect("n2");
+    drop(n2);
+    assert!(
+        lab.wait_next_hops(&[all[0], all[2]], ROUTER_BOUND),
+        "n2 still a next hop: {:?}",
+        lab.next_hops()
+    );
+    eprintln!(
+        "node loss: route gone on the router after {:?}",
+        started.elapsed()
+    );
+    all_answer(&mut held, "n2 lost", &lab);
+
+    // n2 comes back (a fresh daemon): it joins, takes flows, and breaks none.
+    lab.start_node(1).expect("n2 again");
+    assert!(
+        lab.wait_next_hops(&all, Duration::from_secs(30)),
+        "n2 did not rejoin: {:?}",
+        lab.next_hops()
+    );
+    let joined = vip_packets(&lab, 1);
+    all_answer(&mut held, "n2 rejoined", &lab);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            held.check();
+            vip_packets(&lab, 1) > joined
+        }),
+        "the rejoined node takes no flow"
+    );
+    all_answer(&mut held, "after rejoin", &lab);
+}
+
+#[test]
+fn a_vip_no_backend_can_serve_is_withdrawn_and_bad_bgp_settings_are_said() {
+    let mut lab = Lab::new(1, 2, 0, false).expect("lab");
+    lab.start_node(0).expect("node");
+    let d = lab.daemon(0);
+    let me = [lab.nodes[0].addr];
+    assert!(
+        lab.wait_next_hops(&me, Duration::from_secs(30)),
+        "{}",
+        lab.router_protocols()
+    );
+    // Both backends drained: no backend takes new flows, so the VIP goes.
+    for b in ["b1", "b2"] {
+        let out = d.cli(&["backend", "weight", "web", b, "0"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(
+        lab.wait_next_hops(&[], ROUTER_BOUND),
+        "still announced: {:?}",
+        lab.next_hops()
+    );
+    let s = d.json(&["node", "status"]);
+    assert_eq!(
+        s["bgp"]["services"]["web"]["reason"], "no backend takes new flows",
+        "{s}"
+    );
+    let out = d.cli(&["backend", "weight", "web", "b2", "100"]);
+    assert!(out.status.success());
+    assert!(
+        lab.wait_next_hops(&me, ROUTER_BOUND),
+        "not announced again: {:?}",
+        lab.next_hops()
+    );
+
+    // Bad settings are refused at start with one line.
+    let (instance, run_dir) = lb_tests::Daemon::new_paths();
+    for (from, to, says) in [
+        ("local_as = 65001", "local_as = 0", "local_as must not be 0"),
+        ("hold_time = 3", "hold_time = 2", "hold_time 2 is out of range"),
+        ("as = 65000", "as = 0", "as must not be 0"),
+    ] {
+        let config = lab.node_config(&instance, &run_dir, "").replace(from, to);
+        let r = lb_tests::Daemon::start_in(&lab.nodes[0].ns, &instance, &run_dir, &config);
+        let e = r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains(says), "{to}: {e}");
+    }
+    let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+/// The node's view of its sessions and BIRD, once `cond` holds (bounded).
+fn node_status_when(lab: &Lab, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let ok = wait_until(Duration::from_secs(20), || {
+        last = lab.daemon(0).json(&["node", "status"]);
+        cond(&last)
+    });
+    assert!(ok, "never: {last}\n{}", lab.daemon(0).log());
+    last
+}
+
+#[test]
+fn a_missing_bird_a_wrong_as_and_an_unreachable_peer_are_each_said_and_change_nothing_else() {
+    let mut lab = Lab::new(1, 1, 0, false).expect("lab");
+    let (instance, run_dir) = lb_tests::Daemon::new_paths();
+
+    // BIRD not installed where the config says: the daemon forwards, and says why it
+    // announces nothing.
+    let config = lab.node_config(&instance, &run_dir, "bird = \"/nonexistent/bird\"");
+    let d = lb_tests::Daemon::start_in(&lab.nodes[0].ns, &instance, &run_dir, &config).expect("daemon");
+    lab.nodes[0].daemon = Some(d);
+    let s = node_status_when(&lab, |s| s["bgp"]["error"].is_string());
+    let e = s["bgp"]["error"].as_str().unwrap();
+    assert!(e.contains("/nonexistent/bird not found"), "{e}");
+    assert!(!e.contains('\n'));
+    assert_eq!(s["bgp"]["services"]["web"]["announced"], false);
+    assert!(lab.next_hops().is_empty());
+    lab.nodes[0].daemon = None;
+
+    // The wrong AS for the router, and a peer nobody answers at: each session says why it is
+    // down; the VIP is announced to the peer that takes it once the AS is right.
+    let (instance, run_dir) = lb_tests::Daemon::new_paths();
+    let unreachable = "\n[[daemon.bgp.peer]]\naddress = \"10.99.0.250\"\nas = 65000\n";
+    let config = lab
+        .node_config(&instance, &run_dir, "")
+        .replace("as = 65000\n", "as = 65099\n")
+        + "";
+    let config = config.replacen("\n\n[[service]]", &format!("{unreachable}\n[[service]]"), 1);
+    let d = lb_tests::Daemon::start_in(&lab.nodes[0].ns, &instance, &run_dir, &config).expect("daemon");
+    lab.nodes[0].daemon = Some(d);
+    let s = node_status_when(&lab, |s| {
+        s["bgp"]["sessions"][0]["info"]
+            .as_str()
+            .is_some_and(|i| i.contains("Error"))
+    });
+    let sessions = &s["bgp"]["sessions"];
+    assert_eq!(sessions[0]["up"], false, "{s}");
+    assert_eq!(sessions[1]["up"], false, "{s}");
+    assert!(lab.next_hops().is_empty(), "announced through a refused session");
+    let text = String::from_utf8_lossy(&lab.daemon(0).cli(&["node", "status"]).stdout).to_string();
+    assert!(text.contains("peer 10.99.0.1") && text.contains("down"), "{text}");
+    // The daemon forwards on: BGP is beside it.
+    assert_eq!(lab.daemon(0).json(&["service", "list"])[0]["name"], "web");
+}
+
+#[test]
+fn with_bfd_a_pulled_link_is_dropped_by_the_router_and_the_flows_live_on() {
+    let mut lab = Lab::new(2, 2, 60, true).expect("lab");
+    for i in 0..2 {
+        lab.start_node(i).expect("node");
+    }
+    let all: Vec<_> = lab.nodes.iter().map(|n| n.addr).collect();
+    assert!(
+        lab.wait_next_hops(&all, Duration::from_secs(30)),
+        "{}",
+        lab.router_protocols()
+    );
+    let sources: Vec<IpAddr> = lab.sources.iter().map(|s| IpAddr::V4(*s)).collect();
+    let mut held = Held::open(&lab.client, &sources, IpAddr::V4(VIP4)).expect("connections");
+    all_answer(&mut held, "opened", &lab);
+    // n2's link goes down under it: no session closes, so only BFD (or the hold time) tells.
+    let started = Instant::now();
+    lab.nodes[1]
+        .ns
+        .sh("ip link set eth0 down")
+        .expect("pull the link");
+    assert!(
+        lab.wait_next_hops(&all[..1], ROUTER_BOUND),
+        "n2 still a next hop: {:?}",
+        lab.next_hops()
+    );
+    eprintln!(
+        "pulled link, BFD: route gone on the router after {:?}",
+        started.elapsed()
+    );
+    // The flows n2 had move to n1 and keep their backends; TCP resends what was lost meanwhile.
+    all_answer(&mut held, "n2's link pulled", &lab);
+    lab.nodes[1].ns.sh("ip link set eth0 up").expect("link back");
+    assert!(
+        lab.wait_next_hops(&all, Duration::from_secs(30)),
+        "n2 not back: {:?}",
+        lab.next_hops()
+    );
+    all_answer(&mut held, "n2's link back", &lab);
+}
