@@ -96,6 +96,9 @@ pub enum Command {
     /// again (`[daemon.bgp]`).
     #[command(subcommand)]
     Node(NodeCmd),
+    /// The tier's shared state in etcd (`[cluster]`).
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Show what a change would do before applying it: per service, the table entries that
     /// would change owner and the live flows that would change backend if their entry were lost.
     #[command(subcommand)]
@@ -103,6 +106,15 @@ pub enum Command {
     /// On a backend: set up, check or undo what IPIP forwarding needs (no daemon involved).
     #[command(subcommand)]
     BackendHost(BackendHostCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// The nodes (each while its lease lives), the revision each applied, and each service's
+    /// table digest per node: equal digests, equal tables.
+    Status,
+    /// Check a config file whole and make its services the cluster's state.
+    Push { file: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -426,6 +438,13 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
         Command::Node(NodeCmd::Drain { wait }) => return drain(cli, *wait),
         Command::Node(NodeCmd::Undrain) => Request::Undrain,
         Command::Node(NodeCmd::Status) => Request::Node,
+        Command::Cluster(ClusterCmd::Status) => Request::Cluster,
+        Command::Cluster(ClusterCmd::Push { file }) => {
+            let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            // Checked here first, so a bad file says where without a daemon.
+            config::Config::parse(&text)?;
+            Request::ClusterPush { text }
+        }
         Command::Plan(p) => {
             use crate::control::preview::PlanChange;
             Request::Plan {
@@ -563,8 +582,34 @@ fn print_bgp(bgp: &Value) {
     }
 }
 
+fn print_cluster(data: &Value) {
+    println!(
+        "cluster {} node {}: etcd {}, applied revision {}{}",
+        data["name"].as_str().unwrap_or_default(),
+        data["node"].as_str().unwrap_or_default(),
+        if data["connected"] == true { "connected" } else { "unreachable" },
+        data["applied_revision"],
+        data["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default()
+    );
+    for n in data["nodes"].as_array().into_iter().flatten() {
+        let digests: Vec<String> = n["digests"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(s, d)| format!("{s}={}", d.as_str().unwrap_or_default()))
+            .collect();
+        println!(
+            "  {:<16} revision {:<8} {}",
+            n["node"].as_str().unwrap_or_default(),
+            n["applied_revision"],
+            digests.join(" ")
+        );
+    }
+}
+
 fn print_human(command: &Command, data: &Value) {
     match command {
+        Command::Cluster(ClusterCmd::Status) => print_cluster(data),
         Command::Node(_) => print_bgp(&data["bgp"]),
         Command::Service(ServiceCmd::List) => {
             for s in data.as_array().into_iter().flatten() {

@@ -31,6 +31,8 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     daemon: DaemonConfig,
+    #[serde(default)]
+    cluster: Option<crate::model::cluster_settings::ClusterSettings>,
     #[serde(default, rename = "service")]
     services: Vec<ServiceSpec>,
 }
@@ -103,6 +105,9 @@ pub struct DaemonConfig {
     /// `[daemon.bgp]`: announce the VIPs to routers through BIRD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bgp: Option<crate::model::bgp_settings::BgpSettings>,
+    /// `[cluster]` (a top-level table of the file): the desired state lives in etcd.
+    #[serde(skip)]
+    pub cluster: Option<crate::model::cluster_settings::ClusterSettings>,
 }
 
 /// `[daemon.http]`: each listener's connection caps and timeouts.
@@ -564,8 +569,10 @@ impl Config {
                 .unwrap_or_default();
             Error::config(format!("{at}{}", msg.lines().next().unwrap_or("invalid TOML")))
         })?;
+        let mut daemon = file.daemon;
+        daemon.cluster = file.cluster;
         let cfg = Config {
-            daemon: file.daemon,
+            daemon,
             services: file.services.into_iter().map(Service::from).collect(),
         };
         cfg.daemon.validate()?;
@@ -643,6 +650,9 @@ impl DaemonConfig {
         }
         if let Some(b) = &self.bgp {
             b.validate().map_err(Error::config)?;
+        }
+        if let Some(c) = &self.cluster {
+            c.validate().map_err(Error::config)?;
         }
         self.http.validate()?;
         self.nat.validate()

@@ -186,6 +186,8 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         board: background.board.clone(),
         bgp: background.bgp.clone(),
         drain: background.drain.clone(),
+        cluster: background.cluster.clone(),
+        cluster_status: background.cluster_status.clone(),
         stop: stop_tx.clone(),
         reloading: tokio::sync::Mutex::new(()),
     });
@@ -258,6 +260,8 @@ struct Background {
     steering: Arc<crate::health::through::Steering>,
     bgp: Arc<std::sync::Mutex<crate::status::bgp::BgpStatus>>,
     drain: Arc<watch::Sender<bool>>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+    cluster_status: Arc<std::sync::Mutex<crate::status::cluster::ClusterStatus>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     stop_threads: Arc<std::sync::atomic::AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -329,6 +333,17 @@ impl Background {
         } else {
             bgp.lock().unwrap_or_else(|p| p.into_inner()).draining = draining;
         }
+        let cluster_status = Arc::<std::sync::Mutex<crate::status::cluster::ClusterStatus>>::default();
+        let cluster = cfg.cluster.clone().map(|settings| {
+            let cluster = Arc::new(crate::cluster::Cluster::new(settings, cluster_status.clone()));
+            let owner = format!("{}/{}", host_id(), cfg.instance);
+            tasks.push(tokio::spawn(cluster.clone().run(
+                handles.commands.clone(),
+                handles.snapshot.clone(),
+                owner,
+            )));
+            cluster
+        });
         Ok(Self {
             board,
             nat_status,
@@ -336,6 +351,8 @@ impl Background {
             steering,
             bgp,
             drain: Arc::new(drain),
+            cluster,
+            cluster_status,
             tasks,
             stop_threads,
             threads: vec![collector, census],
@@ -487,6 +504,16 @@ impl Endpoints {
             let _ = wait(t).await;
         }
     }
+}
+
+/// This host, as the cluster's node keys name their owners: its machine id, else its name.
+fn host_id() -> String {
+    std::fs::read_to_string("/etc/machine-id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| "unknown-host".into())
 }
 
 /// Reloads when the config file changes: watches its directory (editors replace files), and

@@ -14,7 +14,8 @@
 //! - `dataplane`: loading and pins, and the map handles (`MapWrites` for the writer,
 //!   `Readers` for the rest).
 //! - `metrics`, `control`, `api`, `serve`: readers and the endpoints that serve them; `bgp`
-//!   a reader too, announcing the VIPs through BIRD.
+//!   a reader too, announcing the VIPs through BIRD; `cluster` feeds the writer the tier's
+//!   desired state from etcd and writes API changes back there.
 //! - `daemon` wires it up; `cli` and `top` are the API's clients; `backend_host` prepares
 //!   backends; `neigh` (netlink), `maglev`, `nat` (expiry) are leaves.
 
@@ -22,6 +23,7 @@ pub mod api;
 pub mod backend_host;
 pub mod bgp;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;

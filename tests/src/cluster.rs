@@ -275,3 +275,125 @@ impl Lab {
         self.next_port
     }
 }
+
+/// A real etcd server in the lab's router namespace, answering on the fabric at
+/// `ROUTER:2379`; its data in a directory of its own. Stopped (and its data removed) on drop.
+pub struct Etcd {
+    child: Option<std::process::Child>,
+    dir: PathBuf,
+}
+
+pub const ETCD: &str = "http://10.99.0.1:2379";
+
+impl Etcd {
+    pub fn start(lab: &Lab) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{}-etcd", lab.router.name));
+        std::fs::create_dir_all(&dir)?;
+        let mut e = Self {
+            child: None,
+            dir,
+        };
+        e.spawn(lab)?;
+        Ok(e)
+    }
+
+    fn spawn(&mut self, lab: &Lab) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join("etcd.log"))?;
+        let child = lab
+            .router
+            .command("etcd")
+            .args(["--name", "lbt", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .args([
+                "--listen-client-urls",
+                ETCD,
+                "--advertise-client-urls",
+                ETCD,
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "lbt=http://127.0.0.1:2380",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start etcd (apt install etcd-server)")?;
+        self.child = Some(child);
+        let up = wait_until(Duration::from_secs(20), || {
+            crate::in_ns(&lab.router, || std::net::TcpStream::connect((ROUTER, 2379)).is_ok())
+        });
+        if !up {
+            bail!("etcd did not answer within 20 s: {}", self.log());
+        }
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+    }
+
+    /// Stops it (its data stays, for `restart`).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self, lab: &Lab) -> Result<()> {
+        self.stop();
+        self.spawn(lab)
+    }
+
+    /// Writes `value` at `key` directly, as a tool other than lb would.
+    pub fn put(&self, lab: &Lab, key: &str, value: &[u8]) -> Result<()> {
+        crate::in_ns(&lab.router, || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(async {
+                        let mut c = etcd_client::Client::connect([ETCD], None).await?;
+                        c.put(key, value, None).await?;
+                        Ok::<(), etcd_client::Error>(())
+                    })
+                    .map_err(anyhow::Error::from)
+                })
+        })
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Lab {
+    /// A node's config in cluster mode: no services of its own, the cluster's from etcd.
+    pub fn cluster_node_config(&self, instance: &str, run_dir: &std::path::Path, node: &str) -> String {
+        let full = self.node_config(instance, run_dir, "");
+        let daemon = full.split("\n[[service]]").next().unwrap_or_default();
+        format!("{daemon}\n[cluster]\netcd = [\"{ETCD}\"]\nname = \"edge\"\nnode = \"{node}\"\n")
+    }
+
+    /// Starts node `i` in cluster mode as `node`.
+    pub fn start_cluster_node(&mut self, i: usize, node: &str) -> Result<()> {
+        let (instance, run_dir) = Daemon::new_paths();
+        let config = self.cluster_node_config(&instance, &run_dir, node);
+        let d = Daemon::start_in(&self.nodes[i].ns, &instance, &run_dir, &config)?;
+        self.nodes[i].daemon = Some(d);
+        Ok(())
+    }
+
+    /// The lab's services as a config file for `lb cluster push`.
+    pub fn services_file(&self) -> String {
+        let full = self.node_config("x", std::path::Path::new("/tmp"), "");
+        let services = full.split("\n[[service]]").nth(1).unwrap_or_default();
+        format!("[daemon]\ninterfaces = [\"eth0\"]\n\n[[service]]{services}")
+    }
+}

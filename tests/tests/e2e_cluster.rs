@@ -8,7 +8,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{client::Held, cluster::Lab, topology::VIP4, wait_until};
+use lb_tests::{
+    client::Held,
+    cluster::{Etcd, Lab},
+    topology::VIP4,
+    wait_until,
+};
 
 /// How long the router may take to follow a change (BIRD's withdrawal reaches its kernel in
 /// milliseconds; the bound is for a loaded CI machine).
@@ -278,4 +283,122 @@ fn with_bfd_a_pulled_link_is_dropped_by_the_router_and_the_flows_live_on() {
         lab.next_hops()
     );
     all_answer(&mut held, "n2's link back", &lab);
+}
+
+/// Every started node's view of the cluster.
+fn cluster_views(lab: &Lab) -> Vec<serde_json::Value> {
+    lab.nodes
+        .iter()
+        .filter_map(|n| n.daemon.as_ref())
+        .map(|d| d.json(&["cluster", "status"]))
+        .collect()
+}
+
+/// Each node's digest of service `web` as the cluster's node keys say (from node 0's view).
+fn web_digests(lab: &Lab) -> Vec<String> {
+    let v = lab.daemon(0).json(&["cluster", "status"]);
+    v["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| n["digests"]["web"].as_str().unwrap_or("none").to_string())
+        .collect()
+}
+
+/// All three nodes registered, each with `web`'s table digest, all equal.
+fn agreed(lab: &Lab) -> bool {
+    let d = web_digests(lab);
+    d.len() == 3 && d.iter().all(|x| x != "none" && *x == d[0])
+}
+
+#[test]
+fn three_nodes_share_one_state_in_etcd_and_keep_it_through_an_etcd_outage() {
+    let mut lab = Lab::new(4, 3, 60, false).expect("lab");
+    let mut etcd = Etcd::start(&lab).expect("etcd");
+    for (i, name) in ["n1", "n2", "n3"].into_iter().enumerate() {
+        lab.start_cluster_node(i, name).expect("node");
+    }
+    // The file's services become the cluster's, through any node.
+    let file = std::env::temp_dir().join(format!("{}-services.toml", lab.router.name));
+    std::fs::write(&file, lab.services_file()).expect("file");
+    let out = lab.daemon(0).cli(&["cluster", "push", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        wait_until(Duration::from_secs(15), || agreed(&lab)),
+        "nodes do not agree: {:?}\n{}",
+        cluster_views(&lab),
+        lab.daemon(1).log()
+    );
+    let all: Vec<_> = lab.nodes[..3].iter().map(|n| n.addr).collect();
+    assert!(lab.wait_next_hops(&all, Duration::from_secs(30)), "{}", lab.router_protocols());
+    let sources: Vec<IpAddr> = lab.sources.iter().map(|s| IpAddr::V4(*s)).collect();
+    let mut held = Held::open(&lab.client, &sources, IpAddr::V4(VIP4)).expect("connections");
+    all_answer(&mut held, "opened", &lab);
+
+    // A change on n2 reaches every node's tables.
+    let before = web_digests(&lab)[0].clone();
+    let started = Instant::now();
+    let out = lab.daemon(1).cli(&["backend", "weight", "web", "b1", "50"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        wait_until(Duration::from_secs(10), || agreed(&lab) && web_digests(&lab)[0] != before),
+        "the change did not reach every node: {:?}",
+        cluster_views(&lab)
+    );
+    eprintln!("API change on one node -> identical tables on all three: {:?}", started.elapsed());
+    for i in 0..3 {
+        let b1 = &lab.daemon(i).backends_of("web")[0];
+        assert_eq!(b1["weight"], 50, "node {i}: {b1}");
+    }
+    all_answer(&mut held, "weight changed", &lab);
+
+    // A second daemon naming itself n2 is refused: it joins nothing.
+    lab.start_cluster_node(3, "n2").expect("daemon");
+    let s = lab.daemon(3).json(&["cluster", "status"]);
+    let refused = wait_until(Duration::from_secs(10), || {
+        let s = lab.daemon(3).json(&["cluster", "status"]);
+        s["error"].as_str().is_some_and(|e| e.contains("is registered by"))
+    });
+    assert!(refused, "a duplicate node name was not refused: {s}");
+    assert!(lab.daemon(3).json(&["service", "list"]).as_array().is_some_and(|a| a.is_empty()));
+    lab.nodes[3].daemon = None;
+
+    // An invalid value written to etcd by another tool: counted on every node, the rest kept.
+    etcd.put(&lab, "/lb/edge/services/broken", b"{not json").expect("put");
+    assert!(
+        wait_until(Duration::from_secs(10), || cluster_views(&lab)
+            .iter()
+            .all(|v| v["invalid_entries"].as_u64() > Some(0))),
+        "{:?}",
+        cluster_views(&lab)
+    );
+    assert_eq!(lab.daemon(2).backends_of("web").len(), 3);
+
+    // etcd goes away: changes are refused in one line, forwarding goes on.
+    etcd.stop();
+    let out = lab.daemon(0).cli(&["backend", "weight", "web", "b2", "50"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("etcd unavailable") && err.trim().lines().count() == 1, "{err}");
+    assert!(
+        wait_until(Duration::from_secs(10), || lab.daemon(0).json(&["cluster", "status"])["connected"] == false),
+        "the node does not see etcd gone"
+    );
+    all_answer(&mut held, "etcd down", &lab);
+    // etcd back: the nodes reconnect, a change goes through and reaches all.
+    etcd.restart(&lab).expect("etcd back");
+    assert!(
+        wait_until(Duration::from_secs(20), || cluster_views(&lab).iter().all(|v| v["connected"] == true)),
+        "{:?}",
+        cluster_views(&lab)
+    );
+    let out = lab.daemon(2).cli(&["backend", "weight", "web", "b2", "50"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        wait_until(Duration::from_secs(10), || (0..3).all(|i| lab.daemon(i).backends_of("web")[1]["weight"] == 50)),
+        "{:?}",
+        cluster_views(&lab)
+    );
+    all_answer(&mut held, "after the outage", &lab);
 }

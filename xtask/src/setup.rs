@@ -22,7 +22,9 @@ const LLVM_PACKAGES: &[&str] = &[
 /// Tools used by the integration tests and the demo, the bench's contenders (nftables,
 /// HAProxy; its load generator is our own XDP program), and Prometheus with promtool (the
 /// metrics tests scrape the daemon with a real server), and BIRD 2 (the daemon announces VIPs
-/// through it; the cluster tests run a router with it too).
+/// through it; the cluster tests run a router with it too), etcd (the cluster's desired state,
+/// a real server in the tests) and protoc with its well-known types (the etcd client's
+/// protocol is compiled from .proto files).
 const TOOL_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -30,6 +32,9 @@ const TOOL_PACKAGES: &[&str] = &[
     "haproxy",
     "prometheus",
     "bird2",
+    "etcd-server",
+    "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";

@@ -80,6 +80,12 @@ pub enum Request {
     /// Withdraw every VIP (`lb node drain`), or announce them again.
     Drain,
     Undrain,
+    /// The cluster's nodes, revisions and digests.
+    Cluster,
+    /// Make a config file's services the cluster's state.
+    ClusterPush {
+        text: String,
+    },
     /// What a change would do, applied to nothing (disruption preview).
     Plan {
         change: crate::control::preview::PlanChange,
@@ -204,6 +210,8 @@ impl Request {
             Self::Node => ("GET", "/v1/node".into(), None),
             Self::Drain => ("POST", "/v1/node/drain".into(), None),
             Self::Undrain => ("POST", "/v1/node/undrain".into(), None),
+            Self::Cluster => ("GET", "/v1/cluster".into(), None),
+            Self::ClusterPush { text } => ("POST", "/v1/cluster/push".into(), Some(json!({ "text": text }))),
             Self::Plan { change } => ("POST", "/v1/plan".into(), Some(json!(change))),
         }
     }

@@ -35,6 +35,8 @@ use super::{ApiError, Envelope, server};
         server::node,
         server::drain,
         server::undrain,
+        server::cluster_status,
+        server::cluster_push,
     ),
     components(schemas(Envelope, ApiError, server::WeightBody, server::HealthBody, server::LoadBody)),
     modifiers(&Bearer),

@@ -56,6 +56,9 @@ pub struct Shared {
     /// The announcer's state, and the node's drain flag (`lb node drain`).
     pub bgp: Arc<Mutex<crate::status::bgp::BgpStatus>>,
     pub drain: Arc<watch::Sender<bool>>,
+    /// `[cluster]`: changes go to etcd, and come back through the node's sync.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    pub cluster_status: Arc<Mutex<crate::status::cluster::ClusterStatus>>,
     pub stop: watch::Sender<bool>,
     /// Held through a reload: SIGHUP, the file watch and the API reload one at a time, so an
     /// older version of the file is never applied after a newer one.
@@ -119,8 +122,63 @@ pub async fn submit(writer: &mpsc::Sender<Command>, change: Change) -> crate::er
 }
 
 async fn change(s: &Shared, c: Change) -> Answer {
+    let shared_state = matches!(
+        c,
+        Change::Replace(_)
+            | Change::AddService(_)
+            | Change::RemoveService(_)
+            | Change::AddBackend { .. }
+            | Change::RemoveBackend { .. }
+            | Change::SetWeight { .. }
+            | Change::SetStrategy { .. }
+    );
+    if let (Some(cluster), true) = (&s.cluster, shared_state) {
+        let revision = cluster.store.change(&s.cfg, c).await?;
+        return ok(json!("ok"), applied_here(cluster, revision).await);
+    }
     let warnings = submit(&s.writer, c).await?;
     ok(json!("ok"), warnings)
+}
+
+/// Waits (2 s at most) for this node to apply a cluster revision it wrote; a warning if not.
+async fn applied_here(cluster: &crate::cluster::Cluster, revision: i64) -> Vec<String> {
+    if cluster.wait_applied(revision, Duration::from_secs(2)).await {
+        vec![]
+    } else {
+        vec![format!(
+            "written to the cluster (revision {revision}) but not yet applied on this node"
+        )]
+    }
+}
+
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster",
+    responses((status = 200, description = "The cluster: etcd reachable, the revision this node applied, refused entries, and every node with its revision and table digests", body = Envelope)))]
+pub async fn cluster_status(State(s): Ctx) -> Answer {
+    let status = s.cluster_status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    ok(json!(status), vec![])
+}
+
+/// `lb cluster push`: a config file's services, to become the cluster's state whole.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct PushBody {
+    /// The whole TOML file; only its services are pushed, checked whole against this node's
+    /// `[daemon]`.
+    pub text: String,
+}
+
+#[utoipa::path(post, path = "/v1/cluster/push", tag = "cluster", request_body = PushBody,
+    responses((status = 200, description = "The file's services are the cluster's state", body = Envelope),
+        (status = 400, description = "Invalid file, no [cluster], or etcd unavailable", body = ApiError)))]
+pub async fn cluster_push(State(s): Ctx, body: Result<Json<PushBody>, JsonRejection>) -> Answer {
+    let Json(body) = body.map_err(bad_body)?;
+    let Some(cluster) = &s.cluster else {
+        return Err(Failure::new(StatusCode::BAD_REQUEST, "this node has no [cluster] in its config"));
+    };
+    let cfg = Config::parse(&body.text)?;
+    crate::config::validate_against(&s.cfg, &cfg.services)?;
+    let revision = cluster.store.push(&cfg.services).await?;
+    log::info!(target: "audit", "cluster push: {} services at revision {revision}", cfg.services.len());
+    ok(json!({ "revision": revision, "services": cfg.services.len() }), applied_here(cluster, revision).await)
 }
 
 #[utoipa::path(get, path = "/v1/status", tag = "daemon",
@@ -416,6 +474,11 @@ pub async fn reload(State(s): Ctx) -> Answer {
 
 /// Reads the config file again and applies it whole (only what differs is rebuilt).
 pub async fn reload_config(s: &Shared) -> crate::error::Result<Vec<String>> {
+    if s.cluster.is_some() {
+        return Err(Error::invalid(
+            "this node takes its services from the cluster: push the file with lb cluster push",
+        ));
+    }
     let _one_at_a_time = s.reloading.lock().await;
     let cfg = Config::load(&s.config_path)?;
     if cfg.daemon != s.cfg {
@@ -551,6 +614,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/geo/reload", post(geo_reload))
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/node", get(node))
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/push", post(cluster_push))
         .route("/v1/node/drain", post(drain))
         .route("/v1/node/undrain", post(undrain))
         .route("/v1/openapi.json", get(openapi_json))

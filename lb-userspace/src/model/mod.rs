@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod adaptive_settings;
 pub mod bgp_settings;
+pub mod cluster_settings;
 pub mod geo_settings;
 pub mod health_settings;
 pub mod resource_settings;

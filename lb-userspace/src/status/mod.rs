@@ -16,6 +16,7 @@ use std::{
 
 pub mod bgp;
 pub mod checks;
+pub mod cluster;
 pub mod load;
 pub mod signals;
 

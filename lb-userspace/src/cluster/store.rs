@@ -1,0 +1,251 @@
+//! The cluster's etcd, through the etcd-client crate: the services under the prefix, changes
+//! written with revision checks, the node keys under leases, the watch.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeeper, PutOptions, Txn, TxnOp, WatchOptions,
+    WatchStream,
+};
+use tokio::sync::Mutex;
+
+use super::keys::{Services, encode};
+use crate::{
+    config::DaemonConfig,
+    error::{Error, Result},
+    model::{Service, cluster_settings::ClusterSettings},
+    reconcile::{Change, change::change_state},
+    status::cluster::NodeEntry,
+};
+
+/// How long one etcd call may take before the node says etcd is unavailable.
+const CALL: Duration = Duration::from_secs(2);
+
+pub struct Store {
+    settings: ClusterSettings,
+    client: Mutex<Option<Client>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Error {
+    Error::invalid(format!(
+        "etcd unavailable ({e}): cluster changes are refused until it returns"
+    ))
+}
+
+impl Store {
+    pub fn new(settings: ClusterSettings) -> Self {
+        Self {
+            settings,
+            client: Mutex::new(None),
+        }
+    }
+
+    fn key(&self, kind: &str, name: &str) -> String {
+        format!("{}{kind}/{name}", self.settings.prefix())
+    }
+
+    fn dir(&self, kind: &str) -> String {
+        format!("{}{kind}/", self.settings.prefix())
+    }
+
+    /// A connected client (cheap to clone), connecting on first use or after a failure.
+    async fn client(&self) -> std::result::Result<Client, String> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(CALL)
+            .with_timeout(CALL)
+            .with_keep_alive(Duration::from_secs(1), CALL);
+        let c = tokio::time::timeout(CALL * 2, Client::connect(&self.settings.etcd, Some(options)))
+            .await
+            .map_err(|_| format!("no answer from {} within {:?}", self.settings.etcd.join(", "), CALL * 2))?
+            .map_err(|e| format!("{}: {e}", self.settings.etcd.join(", ")))?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Forgets the client after an error, so the next call connects again.
+    async fn reset(&self) {
+        *self.client.lock().await = None;
+    }
+
+    async fn call<T, F: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>>(
+        &self,
+        f: impl FnOnce(Client) -> F,
+    ) -> std::result::Result<T, String> {
+        let client = self.client().await?;
+        match tokio::time::timeout(CALL, f(client)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.reset().await;
+                Err(e.to_string())
+            }
+            Err(_) => {
+                self.reset().await;
+                Err(format!("etcd did not answer within {CALL:?}"))
+            }
+        }
+    }
+
+    /// Every service under the prefix, and the revision they are at.
+    pub async fn services(&self) -> std::result::Result<(Services, i64), String> {
+        let dir = self.dir("services");
+        let resp = self
+            .call(|mut c| async move { c.get(dir, Some(GetOptions::new().with_prefix())).await })
+            .await?;
+        let mut s = Services::default();
+        for kv in resp.kvs() {
+            s.insert(&String::from_utf8_lossy(kv.key()), kv.value(), kv.mod_revision());
+        }
+        let revision = resp.header().map_or(0, |h| h.revision());
+        Ok((s, revision))
+    }
+
+    pub async fn watch_services(&self, from: i64) -> std::result::Result<WatchStream, String> {
+        let dir = self.dir("services");
+        let options = WatchOptions::new().with_prefix().with_start_revision(from);
+        self.call(|mut c| async move { c.watch(dir, Some(options)).await }).await
+    }
+
+    /// Takes this node's name under a lease: refused when a daemon of another host or
+    /// instance holds it (its lease alive); the same owner restarting takes its key back.
+    pub async fn register(&self, owner: &str, ttl: i64) -> std::result::Result<i64, String> {
+        let key = self.key("nodes", &self.settings.node);
+        let k = key.clone();
+        let held = self.call(|mut c| async move { c.get(k, None).await }).await?;
+        if let Some(kv) = held.kvs().first() {
+            let other: Option<NodeEntry> = serde_json::from_slice(kv.value()).ok();
+            let holder = other.map(|o| o.owner).unwrap_or_else(|| "something else".into());
+            if holder != owner {
+                return Err(format!(
+                    "node name {:?} is registered by {holder}: refused (each node needs its own cluster.node)",
+                    self.settings.node
+                ));
+            }
+        }
+        let lease = self
+            .call(|mut c| async move { c.lease_grant(ttl, None).await })
+            .await?
+            .id();
+        let entry = NodeEntry {
+            node: self.settings.node.clone(),
+            owner: owner.to_string(),
+            applied_revision: 0,
+            digests: BTreeMap::new(),
+        };
+        self.publish(&entry, lease).await?;
+        Ok(lease)
+    }
+
+    /// The lease's keeper and the stream of its answers (both held while the session lives).
+    pub async fn keep_alive(
+        &self,
+        lease: i64,
+    ) -> std::result::Result<(LeaseKeeper, etcd_client::LeaseKeepAliveStream), String> {
+        self.call(|mut c| async move { c.lease_keep_alive(lease).await }).await
+    }
+
+    pub async fn publish(&self, entry: &NodeEntry, lease: i64) -> std::result::Result<(), String> {
+        let key = self.key("nodes", &entry.node);
+        let value = serde_json::to_vec(entry).expect("an entry serializes");
+        self.call(|mut c| async move { c.put(key, value, Some(PutOptions::new().with_lease(lease))).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// The nodes whose keys live.
+    pub async fn nodes(&self) -> std::result::Result<Vec<NodeEntry>, String> {
+        let dir = self.dir("nodes");
+        let resp = self
+            .call(|mut c| async move { c.get(dir, Some(GetOptions::new().with_prefix())).await })
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect())
+    }
+
+    /// An API change made to the cluster's state: the services read, changed and validated
+    /// whole, then written back in one transaction that holds only if no key it read changed
+    /// meanwhile. Returns the revision that holds it.
+    pub async fn change(&self, cfg: &DaemonConfig, change: Change) -> Result<i64> {
+        let (current, _) = self.services().await.map_err(unavailable)?;
+        let before: BTreeMap<String, (Service, i64)> = current
+            .by_key
+            .into_values()
+            .map(|(s, rev)| (s.name.clone(), (s, rev)))
+            .collect();
+        let mut after: Vec<Service> = before.values().map(|(s, _)| s.clone()).collect();
+        let mut status = BTreeMap::new();
+        change_state(cfg, &mut after, &mut status, change, Instant::now())?;
+        let mut when = Vec::new();
+        let mut ops = Vec::new();
+        let kept: BTreeSet<&str> = after.iter().map(|s| s.name.as_str()).collect();
+        for s in &after {
+            let key = self.key("services", &s.name);
+            match before.get(&s.name) {
+                Some((old, _)) if old == s => {}
+                Some((_, rev)) => {
+                    when.push(Compare::mod_revision(key.clone(), CompareOp::Equal, *rev));
+                    ops.push(TxnOp::put(key, encode(s), None));
+                }
+                None => {
+                    when.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+                    ops.push(TxnOp::put(key, encode(s), None));
+                }
+            }
+        }
+        for (name, (_, rev)) in &before {
+            if !kept.contains(name.as_str()) {
+                let key = self.key("services", name);
+                when.push(Compare::mod_revision(key.clone(), CompareOp::Equal, *rev));
+                ops.push(TxnOp::delete(key, None));
+            }
+        }
+        if ops.is_empty() {
+            let (_, revision) = self.services().await.map_err(unavailable)?;
+            return Ok(revision);
+        }
+        let txn = Txn::new().when(when).and_then(ops);
+        let resp = self
+            .call(|mut c| async move { c.txn(txn).await })
+            .await
+            .map_err(unavailable)?;
+        if !resp.succeeded() {
+            return Err(Error::Exists(
+                "the cluster's state changed on another node while this change was made: nothing written, try again"
+                    .into(),
+            ));
+        }
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Makes `services` the cluster's state whole (`lb cluster push`), in one transaction.
+    pub async fn push(&self, services: &[Service]) -> Result<i64> {
+        let (current, _) = self.services().await.map_err(unavailable)?;
+        let wanted: BTreeSet<String> = services.iter().map(|s| self.key("services", &s.name)).collect();
+        let mut ops: Vec<TxnOp> = current
+            .by_key
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .map(|k| TxnOp::delete(k.clone(), None))
+            .collect();
+        ops.extend(
+            services
+                .iter()
+                .map(|s| TxnOp::put(self.key("services", &s.name), encode(s), None)),
+        );
+        let txn = Txn::new().and_then(ops);
+        let resp = self
+            .call(|mut c| async move { c.txn(txn).await })
+            .await
+            .map_err(unavailable)?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+}
