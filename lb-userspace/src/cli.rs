@@ -440,7 +440,8 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
         Command::Node(NodeCmd::Status) => Request::Node,
         Command::Cluster(ClusterCmd::Status) => Request::Cluster,
         Command::Cluster(ClusterCmd::Push { file }) => {
-            let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
             // Checked here first, so a bad file says where without a daemon.
             config::Config::parse(&text)?;
             Request::ClusterPush { text }
@@ -587,9 +588,16 @@ fn print_cluster(data: &Value) {
         "cluster {} node {}: etcd {}, applied revision {}{}",
         data["name"].as_str().unwrap_or_default(),
         data["node"].as_str().unwrap_or_default(),
-        if data["connected"] == true { "connected" } else { "unreachable" },
+        if data["connected"] == true {
+            "connected"
+        } else {
+            "unreachable"
+        },
         data["applied_revision"],
-        data["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default()
+        data["error"]
+            .as_str()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default()
     );
     for n in data["nodes"].as_array().into_iter().flatten() {
         let digests: Vec<String> = n["digests"]

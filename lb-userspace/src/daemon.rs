@@ -412,6 +412,7 @@ impl Endpoints {
                         conntrack_capacity: u64::from(cfg.conntrack_size),
                         conntrack: background.conntrack.clone(),
                         bgp: background.bgp.clone(),
+                        cluster: background.cluster_status.clone(),
                     },
                     histograms,
                 )
@@ -512,7 +513,11 @@ fn host_id() -> String {
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown-host".into())
 }
 

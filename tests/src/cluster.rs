@@ -289,10 +289,7 @@ impl Etcd {
     pub fn start(lab: &Lab) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("{}-etcd", lab.router.name));
         std::fs::create_dir_all(&dir)?;
-        let mut e = Self {
-            child: None,
-            dir,
-        };
+        let mut e = Self { child: None, dir };
         e.spawn(lab)?;
         Ok(e)
     }
@@ -322,7 +319,9 @@ impl Etcd {
             .context("start etcd (apt install etcd-server)")?;
         self.child = Some(child);
         let up = wait_until(Duration::from_secs(20), || {
-            crate::in_ns(&lab.router, || std::net::TcpStream::connect((ROUTER, 2379)).is_ok())
+            crate::in_ns(&lab.router, || {
+                std::net::TcpStream::connect((ROUTER, 2379)).is_ok()
+            })
         });
         if !up {
             bail!("etcd did not answer within 20 s: {}", self.log());

@@ -331,7 +331,11 @@ fn three_nodes_share_one_state_in_etcd_and_keep_it_through_an_etcd_outage() {
         lab.daemon(1).log()
     );
     let all: Vec<_> = lab.nodes[..3].iter().map(|n| n.addr).collect();
-    assert!(lab.wait_next_hops(&all, Duration::from_secs(30)), "{}", lab.router_protocols());
+    assert!(
+        lab.wait_next_hops(&all, Duration::from_secs(30)),
+        "{}",
+        lab.router_protocols()
+    );
     let sources: Vec<IpAddr> = lab.sources.iter().map(|s| IpAddr::V4(*s)).collect();
     let mut held = Held::open(&lab.client, &sources, IpAddr::V4(VIP4)).expect("connections");
     all_answer(&mut held, "opened", &lab);
@@ -342,11 +346,15 @@ fn three_nodes_share_one_state_in_etcd_and_keep_it_through_an_etcd_outage() {
     let out = lab.daemon(1).cli(&["backend", "weight", "web", "b1", "50"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        wait_until(Duration::from_secs(10), || agreed(&lab) && web_digests(&lab)[0] != before),
+        wait_until(Duration::from_secs(10), || agreed(&lab)
+            && web_digests(&lab)[0] != before),
         "the change did not reach every node: {:?}",
         cluster_views(&lab)
     );
-    eprintln!("API change on one node -> identical tables on all three: {:?}", started.elapsed());
+    eprintln!(
+        "API change on one node -> identical tables on all three: {:?}",
+        started.elapsed()
+    );
     for i in 0..3 {
         let b1 = &lab.daemon(i).backends_of("web")[0];
         assert_eq!(b1["weight"], 50, "node {i}: {b1}");
@@ -358,14 +366,22 @@ fn three_nodes_share_one_state_in_etcd_and_keep_it_through_an_etcd_outage() {
     let s = lab.daemon(3).json(&["cluster", "status"]);
     let refused = wait_until(Duration::from_secs(10), || {
         let s = lab.daemon(3).json(&["cluster", "status"]);
-        s["error"].as_str().is_some_and(|e| e.contains("is registered by"))
+        s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("is registered by"))
     });
     assert!(refused, "a duplicate node name was not refused: {s}");
-    assert!(lab.daemon(3).json(&["service", "list"]).as_array().is_some_and(|a| a.is_empty()));
+    assert!(
+        lab.daemon(3)
+            .json(&["service", "list"])
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+    );
     lab.nodes[3].daemon = None;
 
     // An invalid value written to etcd by another tool: counted on every node, the rest kept.
-    etcd.put(&lab, "/lb/edge/services/broken", b"{not json").expect("put");
+    etcd.put(&lab, "/lb/edge/services/broken", b"{not json")
+        .expect("put");
     assert!(
         wait_until(Duration::from_secs(10), || cluster_views(&lab)
             .iter()
@@ -380,23 +396,32 @@ fn three_nodes_share_one_state_in_etcd_and_keep_it_through_an_etcd_outage() {
     let out = lab.daemon(0).cli(&["backend", "weight", "web", "b2", "50"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(err.contains("etcd unavailable") && err.trim().lines().count() == 1, "{err}");
     assert!(
-        wait_until(Duration::from_secs(10), || lab.daemon(0).json(&["cluster", "status"])["connected"] == false),
+        err.contains("etcd unavailable") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || lab
+            .daemon(0)
+            .json(&["cluster", "status"])["connected"]
+            == false),
         "the node does not see etcd gone"
     );
     all_answer(&mut held, "etcd down", &lab);
     // etcd back: the nodes reconnect, a change goes through and reaches all.
     etcd.restart(&lab).expect("etcd back");
     assert!(
-        wait_until(Duration::from_secs(20), || cluster_views(&lab).iter().all(|v| v["connected"] == true)),
+        wait_until(Duration::from_secs(20), || cluster_views(&lab)
+            .iter()
+            .all(|v| v["connected"] == true)),
         "{:?}",
         cluster_views(&lab)
     );
     let out = lab.daemon(2).cli(&["backend", "weight", "web", "b2", "50"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        wait_until(Duration::from_secs(10), || (0..3).all(|i| lab.daemon(i).backends_of("web")[1]["weight"] == 50)),
+        wait_until(Duration::from_secs(10), || (0..3)
+            .all(|i| lab.daemon(i).backends_of("web")[1]["weight"] == 50)),
         "{:?}",
         cluster_views(&lab)
     );

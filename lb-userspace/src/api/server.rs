@@ -172,13 +172,19 @@ pub struct PushBody {
 pub async fn cluster_push(State(s): Ctx, body: Result<Json<PushBody>, JsonRejection>) -> Answer {
     let Json(body) = body.map_err(bad_body)?;
     let Some(cluster) = &s.cluster else {
-        return Err(Failure::new(StatusCode::BAD_REQUEST, "this node has no [cluster] in its config"));
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "this node has no [cluster] in its config",
+        ));
     };
     let cfg = Config::parse(&body.text)?;
     crate::config::validate_against(&s.cfg, &cfg.services)?;
     let revision = cluster.store.push(&cfg.services).await?;
     log::info!(target: "audit", "cluster push: {} services at revision {revision}", cfg.services.len());
-    ok(json!({ "revision": revision, "services": cfg.services.len() }), applied_here(cluster, revision).await)
+    ok(
+        json!({ "revision": revision, "services": cfg.services.len() }),
+        applied_here(cluster, revision).await,
+    )
 }
 
 #[utoipa::path(get, path = "/v1/status", tag = "daemon",

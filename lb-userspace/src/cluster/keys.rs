@@ -19,7 +19,8 @@ pub struct Services {
 /// A value under `services/` as a service: JSON of the config file's service spec, whose name
 /// must be the key's last segment. Checked as a service added through the API would be.
 pub fn decode(key: &str, value: &[u8]) -> Result<Service, String> {
-    let spec: ServiceSpec = serde_json::from_slice(value).map_err(|e| format!("{key}: not a service: {e}"))?;
+    let spec: ServiceSpec =
+        serde_json::from_slice(value).map_err(|e| format!("{key}: not a service: {e}"))?;
     let name = key.rsplit('/').next().unwrap_or_default();
     if spec.name != name {
         return Err(format!("{key}: names service {:?}", spec.name));

@@ -108,7 +108,12 @@ impl Cluster {
     }
 
     /// The sync loop: register, load, watch; again from the start after any error.
-    pub async fn run(self: Arc<Self>, writer: mpsc::Sender<Command>, snapshot: watch::Receiver<Arc<Snapshot>>, owner: String) {
+    pub async fn run(
+        self: Arc<Self>,
+        writer: mpsc::Sender<Command>,
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        owner: String,
+    ) {
         let mut backoff = Duration::from_millis(250);
         loop {
             match self.session(&writer, snapshot.clone(), &owner).await {
@@ -146,7 +151,10 @@ impl Cluster {
             s.error = None;
             s.invalid_entries += cache.invalid;
         });
-        info!("cluster {}: node {} at revision {revision}", self.settings.name, self.settings.node);
+        info!(
+            "cluster {}: node {} at revision {revision}",
+            self.settings.name, self.settings.node
+        );
         self.apply(writer, cache.services(), revision).await;
         let mut watch = self.store.watch_services(revision + 1).await?;
         let (mut keeper, _answers) = self.store.keep_alive(lease).await?;

@@ -7,8 +7,8 @@ use std::{
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeeper, PutOptions, Txn, TxnOp, WatchOptions,
-    WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeeper, PutOptions, Txn, TxnOp,
+    WatchOptions, WatchStream,
 };
 use tokio::sync::Mutex;
 
@@ -63,7 +63,13 @@ impl Store {
             .with_keep_alive(Duration::from_secs(1), CALL);
         let c = tokio::time::timeout(CALL * 2, Client::connect(&self.settings.etcd, Some(options)))
             .await
-            .map_err(|_| format!("no answer from {} within {:?}", self.settings.etcd.join(", "), CALL * 2))?
+            .map_err(|_| {
+                format!(
+                    "no answer from {} within {:?}",
+                    self.settings.etcd.join(", "),
+                    CALL * 2
+                )
+            })?
             .map_err(|e| format!("{}: {e}", self.settings.etcd.join(", ")))?;
         *slot = Some(c.clone());
         Ok(c)
@@ -109,7 +115,8 @@ impl Store {
     pub async fn watch_services(&self, from: i64) -> std::result::Result<WatchStream, String> {
         let dir = self.dir("services");
         let options = WatchOptions::new().with_prefix().with_start_revision(from);
-        self.call(|mut c| async move { c.watch(dir, Some(options)).await }).await
+        self.call(|mut c| async move { c.watch(dir, Some(options)).await })
+            .await
     }
 
     /// Takes this node's name under a lease: refused when a daemon of another host or
@@ -147,7 +154,8 @@ impl Store {
         &self,
         lease: i64,
     ) -> std::result::Result<(LeaseKeeper, etcd_client::LeaseKeepAliveStream), String> {
-        self.call(|mut c| async move { c.lease_keep_alive(lease).await }).await
+        self.call(|mut c| async move { c.lease_keep_alive(lease).await })
+            .await
     }
 
     pub async fn publish(&self, entry: &NodeEntry, lease: i64) -> std::result::Result<(), String> {

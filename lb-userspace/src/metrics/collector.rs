@@ -191,7 +191,10 @@ impl DataPlaneCollector {
             bgp_session_up,
             vip_announced,
             node_draining,
-        ]: [usize; 39] = std::array::from_fn(|i| i);
+            cluster_connected,
+            cluster_revision,
+            cluster_invalid,
+        ]: [usize; 42] = std::array::from_fn(|i| i);
         let board = s.board.read().unwrap_or_else(|p| p.into_inner());
         let default = crate::status::BackendStatus::default();
         let mut services: Vec<&crate::model::Service> = snap.services.iter().collect();
@@ -359,6 +362,14 @@ impl DataPlaneCollector {
             f.shape(service.as_bytes());
             f.shape(&[0]);
             f.add(vip_announced, &[service], f64::from(u8::from(a.announced)));
+        }
+        drop(bgp);
+        let cluster = s.cluster.lock().unwrap_or_else(|p| p.into_inner());
+        if cluster.enabled {
+            f.shape(b"cluster");
+            f.add(cluster_connected, &[], f64::from(u8::from(cluster.connected)));
+            f.add(cluster_revision, &[], cluster.applied_revision as f64);
+            f.add(cluster_invalid, &[], cluster.invalid_entries as f64);
         }
     }
 }

@@ -238,6 +238,24 @@ pub(super) const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         MetricType::GAUGE,
         &[],
     ),
+    (
+        "lb_cluster_connected",
+        "1 while etcd answers this node ([cluster]).",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_cluster_applied_revision",
+        "The etcd revision of the cluster's services this node applied last.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_cluster_invalid_entries_total",
+        "Values under the cluster's services/ that were not valid services and were left out.",
+        MetricType::COUNTER,
+        &[],
+    ),
 ];
 /// `families` names each family by its index in FAMILIES.
-const _: () = assert!(FAMILIES.len() == 39);
+const _: () = assert!(FAMILIES.len() == 42);

@@ -34,6 +34,7 @@ pub struct Sources {
     pub conntrack_capacity: u64,
     pub conntrack: Arc<Mutex<crate::dataplane::census::ConntrackCensus>>,
     pub bgp: Arc<Mutex<crate::status::bgp::BgpStatus>>,
+    pub cluster: Arc<Mutex<crate::status::cluster::ClusterStatus>>,
 }
 
 /// The registry the endpoint serves.
