@@ -38,20 +38,27 @@ fn all_answer(held: &mut Held, step: &str, lab: &Lab) {
     );
 }
 
-#[test]
-fn three_nodes_serve_one_vip_and_keep_every_flow_through_drain_loss_and_return() {
-    let mut lab = Lab::new(3, 3, 240, false).expect("lab");
-    for i in 0..3 {
+/// A lab of `nodes` nodes (as many backends), every node started and a next hop of the
+/// router's; the nodes' addresses.
+fn tier(nodes: usize, sources: usize, bfd: bool) -> (Lab, Vec<std::net::Ipv4Addr>) {
+    let mut lab = Lab::new(nodes, nodes, sources, bfd).expect("lab");
+    for i in 0..nodes {
         lab.start_node(i).expect("node");
     }
     let all: Vec<_> = lab.nodes.iter().map(|n| n.addr).collect();
     assert!(
         lab.wait_next_hops(&all, Duration::from_secs(30)),
-        "the router never had all three nodes: {:?}\n{}\n{}",
+        "the router never had all {nodes} nodes: {:?}\n{}\n{}",
         lab.next_hops(),
         lab.router_protocols(),
         lab.daemon(0).log()
     );
+    (lab, all)
+}
+
+#[test]
+fn three_nodes_serve_one_vip_and_keep_every_flow_through_drain_loss_and_return() {
+    let (mut lab, all) = tier(3, 240, false);
     let status = lab.daemon(0).json(&["node", "status"]);
     assert_eq!(status["bgp"]["sessions"][0]["up"], true, "{status}");
     assert_eq!(status["bgp"]["services"]["web"]["announced"], true, "{status}");
@@ -246,16 +253,7 @@ fn a_missing_bird_a_wrong_as_and_an_unreachable_peer_are_each_said_and_change_no
 
 #[test]
 fn with_bfd_a_pulled_link_is_dropped_by_the_router_and_the_flows_live_on() {
-    let mut lab = Lab::new(2, 2, 60, true).expect("lab");
-    for i in 0..2 {
-        lab.start_node(i).expect("node");
-    }
-    let all: Vec<_> = lab.nodes.iter().map(|n| n.addr).collect();
-    assert!(
-        lab.wait_next_hops(&all, Duration::from_secs(30)),
-        "{}",
-        lab.router_protocols()
-    );
+    let (lab, all) = tier(2, 60, true);
     let sources: Vec<IpAddr> = lab.sources.iter().map(|s| IpAddr::V4(*s)).collect();
     let mut held = Held::open(&lab.client, &sources, IpAddr::V4(VIP4)).expect("connections");
     all_answer(&mut held, "opened", &lab);
