@@ -316,6 +316,12 @@ impl Background {
         let census = dataplane::census::spawn(&pins, conntrack.clone(), stop_threads.clone())?;
         let draining = crate::bgp::drain_path(&cfg.run_dir, &cfg.instance).exists();
         let (drain, drain_rx) = watch::channel(draining);
+        // Enabled from the start, so the announcer never takes a node in cluster mode for a
+        // standalone one before the sync has begun.
+        let cluster_status = Arc::new(std::sync::Mutex::new(crate::status::cluster::ClusterStatus {
+            enabled: cfg.cluster.is_some(),
+            ..Default::default()
+        }));
         let bgp = Arc::<std::sync::Mutex<crate::status::bgp::BgpStatus>>::default();
         let mut tasks = vec![health, adaptive, refresher];
         if let Some(settings) = cfg.bgp.clone() {
@@ -333,7 +339,6 @@ impl Background {
         } else {
             bgp.lock().unwrap_or_else(|p| p.into_inner()).draining = draining;
         }
-        let cluster_status = Arc::<std::sync::Mutex<crate::status::cluster::ClusterStatus>>::default();
         let cluster = cfg.cluster.clone().map(|settings| {
             let cluster = Arc::new(crate::cluster::Cluster::new(settings, cluster_status.clone()));
             let owner = format!("{}/{}", host_id(), cfg.instance);

@@ -467,8 +467,13 @@ impl Daemon {
     }
 
     pub fn restart(&mut self, topo: &Topology) -> Result<()> {
+        self.restart_in(&topo.lb)
+    }
+
+    /// SIGKILL, then the same instance started again in `ns` (it adopts its pins).
+    pub fn restart_in(&mut self, ns: &NetNs) -> Result<()> {
         self.kill9();
-        self.spawn(&topo.lb)
+        self.spawn(ns)
     }
 }
 

@@ -145,6 +145,26 @@ fn three_nodes_serve_one_vip_and_keep_every_flow_through_drain_loss_and_return()
         "the rejoined node takes no flow"
     );
     all_answer(&mut held, "after rejoin", &lab);
+
+    // A rolling upgrade of n3: drain, restart (the same instance: it adopts its program and
+    // the BIRD that runs, and stays drained), undrain.
+    let out = lab.daemon(2).cli(&["node", "drain"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(lab.wait_next_hops(&all[..2], ROUTER_BOUND), "n3 still announced: {:?}", lab.next_hops());
+    let bird_pid = std::fs::read_to_string(lab.daemon(2).run_dir.join(format!("{}.bird.pid", lab.daemon(2).instance)))
+        .expect("BIRD's pid file");
+    let node = &mut lab.nodes[2];
+    node.daemon.as_mut().expect("n3").restart_in(&node.ns).expect("n3 restarted");
+    let s = lab.daemon(2).json(&["node", "status"]);
+    assert_eq!(s["bgp"]["draining"], true, "the drain did not outlive the restart: {s}");
+    all_answer(&mut held, "n3 restarted drained", &lab);
+    let out = lab.daemon(2).cli(&["node", "undrain"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(lab.wait_next_hops(&all, ROUTER_BOUND), "n3 not back after its upgrade: {:?}", lab.next_hops());
+    let again = std::fs::read_to_string(lab.daemon(2).run_dir.join(format!("{}.bird.pid", lab.daemon(2).instance)))
+        .expect("BIRD's pid file");
+    assert_eq!(bird_pid, again, "the restarted daemon started a new BIRD instead of adopting it");
+    all_answer(&mut held, "n3 upgraded", &lab);
 }
 
 #[test]
@@ -196,14 +216,18 @@ fn a_vip_no_backend_can_serve_is_withdrawn_and_bad_bgp_settings_are_said() {
     let _ = std::fs::remove_dir_all(&run_dir);
 }
 
-/// The node's view of its sessions and BIRD, once `cond` holds (bounded).
+/// Node 0's view of its sessions and BIRD, once `cond` holds (bounded).
 fn node_status_when(lab: &Lab, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    node_status_when_on(lab, 0, cond)
+}
+
+fn node_status_when_on(lab: &Lab, i: usize, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let mut last = serde_json::Value::Null;
     let ok = wait_until(Duration::from_secs(20), || {
-        last = lab.daemon(0).json(&["node", "status"]);
+        last = lab.daemon(i).json(&["node", "status"]);
         cond(&last)
     });
-    assert!(ok, "never: {last}\n{}", lab.daemon(0).log());
+    assert!(ok, "never: {last}\n{}", lab.daemon(i).log());
     last
 }
 
@@ -406,8 +430,29 @@ fn three_nodes_share_one_state_in_etcd_and_keep_it_through_an_etcd_outage() {
         "the node does not see etcd gone"
     );
     all_answer(&mut held, "etcd down", &lab);
-    // etcd back: the nodes reconnect, a change goes through and reaches all.
+    // n3 restarts meanwhile, from a file whose services are not the cluster's: it must not
+    // take traffic before it has caught up with the cluster (loxilb #565).
+    lab.nodes[2].daemon = None;
+    assert!(lab.wait_next_hops(&all[..2], ROUTER_BOUND), "n3 still announced: {:?}", lab.next_hops());
+    all_answer(&mut held, "n3 gone", &lab);
+    let (instance, run_dir) = lb_tests::Daemon::new_paths();
+    let stale = format!(
+        "{}\n[cluster]\netcd = [\"{}\"]\nname = \"edge\"\nnode = \"n3\"\n",
+        lab.node_config(&instance, &run_dir, ""),
+        lb_tests::cluster::ETCD
+    );
+    let d = lb_tests::Daemon::start_in(&lab.nodes[2].ns, &instance, &run_dir, &stale).expect("n3 again");
+    lab.nodes[2].daemon = Some(d);
+    let s = node_status_when_on(&lab, 2, |s| {
+        s["bgp"]["services"]["web"]["reason"] == "not caught up with the cluster's state yet"
+    });
+    assert_eq!(s["bgp"]["announced"], serde_json::json!([]), "{s}");
+    assert_eq!(lab.next_hops(), all[..2].to_vec(), "a node behind the cluster announced");
+    // etcd back: the nodes reconnect (n3 catches up and announces), a change goes through
+    // and reaches all.
     etcd.restart(&lab).expect("etcd back");
+    assert!(lab.wait_next_hops(&all[..3], Duration::from_secs(20)), "n3 never caught up: {:?}", lab.next_hops());
+    all_answer(&mut held, "n3 caught up", &lab);
     assert!(
         wait_until(Duration::from_secs(20), || cluster_views(&lab)
             .iter()

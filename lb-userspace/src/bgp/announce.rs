@@ -18,6 +18,9 @@ use crate::{
 pub struct Node {
     pub attached: bool,
     pub draining: bool,
+    /// In cluster mode, the node has applied the cluster's state since it started (a node
+    /// that lost etcd later keeps what it had, and keeps announcing).
+    pub caught_up: bool,
 }
 
 /// Why a service cannot take new flows, if it cannot.
@@ -54,6 +57,8 @@ pub fn decide(
 ) -> (BTreeSet<IpAddr>, BTreeMap<String, Announcement>) {
     let node_reason = if !node.attached {
         Some("the data plane is not attached")
+    } else if !node.caught_up {
+        Some("not caught up with the cluster's state yet")
     } else if node.draining {
         Some("the node is draining")
     } else {
@@ -145,6 +150,7 @@ mod tests {
     const UP: Node = Node {
         attached: true,
         draining: false,
+        caught_up: true,
     };
 
     #[test]
@@ -184,17 +190,22 @@ mod tests {
     }
 
     #[test]
-    fn nothing_is_announced_while_draining_or_detached() {
+    fn nothing_is_announced_while_draining_detached_or_behind_the_cluster() {
         let mut s = services();
         s[0].announce = Announce::Always;
         for node in [
             Node {
-                attached: true,
                 draining: true,
+                ..UP
             },
             Node {
                 attached: false,
-                draining: false,
+                ..UP
+            },
+            // A node that has not applied the cluster's state since it started.
+            Node {
+                caught_up: false,
+                ..UP
             },
         ] {
             let (vips, per) = run(&s, &BTreeMap::new(), node);

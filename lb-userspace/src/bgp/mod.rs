@@ -54,6 +54,7 @@ impl Announcer {
         self,
         mut snapshot: watch::Receiver<Arc<Snapshot>>,
         mut draining: watch::Receiver<bool>,
+        cluster: Arc<Mutex<crate::status::cluster::ClusterStatus>>,
         out: Arc<Mutex<BgpStatus>>,
     ) {
         let bird = Bird::new(Paths::new(&self.run_dir, &self.instance), &self.settings);
@@ -72,6 +73,10 @@ impl Announcer {
             let node = Node {
                 attached: attached(&self.instance, &self.interfaces),
                 draining: *draining.borrow_and_update(),
+                caught_up: {
+                    let c = cluster.lock().unwrap_or_else(|p| p.into_inner());
+                    !c.enabled || c.caught_up
+                },
             };
             let (vips, services) = decide(&snap.services, &snap.weights, &snap.status, node);
             // BIRD that died (or was stopped) takes the config again, from a fresh start.

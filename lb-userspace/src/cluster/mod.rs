@@ -156,6 +156,9 @@ impl Cluster {
             self.settings.name, self.settings.node
         );
         self.apply(writer, cache.services(), revision).await;
+        if *self.applied.borrow() >= revision {
+            self.set(|s| s.caught_up = true);
+        }
         let mut watch = self.store.watch_services(revision + 1).await?;
         let (mut keeper, _answers) = self.store.keep_alive(lease).await?;
         let mut tick = tokio::time::interval(TICK);

@@ -13,6 +13,8 @@ pub struct ClusterStatus {
     pub error: Option<String>,
     /// The etcd revision of the services this node applied last (0: none yet).
     pub applied_revision: i64,
+    /// The node applied the cluster's state since it started (it announces only then).
+    pub caught_up: bool,
     /// Entries under `services/` that were not valid and were left out.
     pub invalid_entries: u64,
     pub nodes: Vec<NodeEntry>,
