@@ -334,6 +334,7 @@ impl Background {
             tasks.push(tokio::spawn(announcer.run(
                 handles.snapshot.clone(),
                 drain_rx,
+                cluster_status.clone(),
                 bgp.clone(),
             )));
         } else {

@@ -150,20 +150,46 @@ fn three_nodes_serve_one_vip_and_keep_every_flow_through_drain_loss_and_return()
     // the BIRD that runs, and stays drained), undrain.
     let out = lab.daemon(2).cli(&["node", "drain"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(lab.wait_next_hops(&all[..2], ROUTER_BOUND), "n3 still announced: {:?}", lab.next_hops());
-    let bird_pid = std::fs::read_to_string(lab.daemon(2).run_dir.join(format!("{}.bird.pid", lab.daemon(2).instance)))
-        .expect("BIRD's pid file");
+    assert!(
+        lab.wait_next_hops(&all[..2], ROUTER_BOUND),
+        "n3 still announced: {:?}",
+        lab.next_hops()
+    );
+    let bird_pid = std::fs::read_to_string(
+        lab.daemon(2)
+            .run_dir
+            .join(format!("{}.bird.pid", lab.daemon(2).instance)),
+    )
+    .expect("BIRD's pid file");
     let node = &mut lab.nodes[2];
-    node.daemon.as_mut().expect("n3").restart_in(&node.ns).expect("n3 restarted");
+    node.daemon
+        .as_mut()
+        .expect("n3")
+        .restart_in(&node.ns)
+        .expect("n3 restarted");
     let s = lab.daemon(2).json(&["node", "status"]);
-    assert_eq!(s["bgp"]["draining"], true, "the drain did not outlive the restart: {s}");
+    assert_eq!(
+        s["bgp"]["draining"], true,
+        "the drain did not outlive the restart: {s}"
+    );
     all_answer(&mut held, "n3 restarted drained", &lab);
     let out = lab.daemon(2).cli(&["node", "undrain"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(lab.wait_next_hops(&all, ROUTER_BOUND), "n3 not back after its upgrade: {:?}", lab.next_hops());
-    let again = std::fs::read_to_string(lab.daemon(2).run_dir.join(format!("{}.bird.pid", lab.daemon(2).instance)))
-        .expect("BIRD's pid file");
-    assert_eq!(bird_pid, again, "the restarted daemon started a new BIRD instead of adopting it");
+    assert!(
+        lab.wait_next_hops(&all, ROUTER_BOUND),
+        "n3 not back after its upgrade: {:?}",
+        lab.next_hops()
+    );
+    let again = std::fs::read_to_string(
+        lab.daemon(2)
+            .run_dir
+            .join(format!("{}.bird.pid", lab.daemon(2).instance)),
+    )
+    .expect("BIRD's pid file");
+    assert_eq!(
+        bird_pid, again,
+        "the restarted daemon started a new BIRD instead of adopting it"
+    );
     all_answer(&mut held, "n3 upgraded", &lab);
 }
 
@@ -433,7 +459,11 @@ fn three_nodes_share_one_state_in_etcd_and_keep_it_through_an_etcd_outage() {
     // n3 restarts meanwhile, from a file whose services are not the cluster's: it must not
     // take traffic before it has caught up with the cluster (loxilb #565).
     lab.nodes[2].daemon = None;
-    assert!(lab.wait_next_hops(&all[..2], ROUTER_BOUND), "n3 still announced: {:?}", lab.next_hops());
+    assert!(
+        lab.wait_next_hops(&all[..2], ROUTER_BOUND),
+        "n3 still announced: {:?}",
+        lab.next_hops()
+    );
     all_answer(&mut held, "n3 gone", &lab);
     let (instance, run_dir) = lb_tests::Daemon::new_paths();
     let stale = format!(
@@ -447,11 +477,19 @@ fn three_nodes_share_one_state_in_etcd_and_keep_it_through_an_etcd_outage() {
         s["bgp"]["services"]["web"]["reason"] == "not caught up with the cluster's state yet"
     });
     assert_eq!(s["bgp"]["announced"], serde_json::json!([]), "{s}");
-    assert_eq!(lab.next_hops(), all[..2].to_vec(), "a node behind the cluster announced");
+    assert_eq!(
+        lab.next_hops(),
+        all[..2].to_vec(),
+        "a node behind the cluster announced"
+    );
     // etcd back: the nodes reconnect (n3 catches up and announces), a change goes through
     // and reaches all.
     etcd.restart(&lab).expect("etcd back");
-    assert!(lab.wait_next_hops(&all[..3], Duration::from_secs(20)), "n3 never caught up: {:?}", lab.next_hops());
+    assert!(
+        lab.wait_next_hops(&all[..3], Duration::from_secs(20)),
+        "n3 never caught up: {:?}",
+        lab.next_hops()
+    );
     all_answer(&mut held, "n3 caught up", &lab);
     assert!(
         wait_until(Duration::from_secs(20), || cluster_views(&lab)

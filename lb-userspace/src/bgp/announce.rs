@@ -194,10 +194,7 @@ mod tests {
         let mut s = services();
         s[0].announce = Announce::Always;
         for node in [
-            Node {
-                draining: true,
-                ..UP
-            },
+            Node { draining: true, ..UP },
             Node {
                 attached: false,
                 ..UP
