@@ -202,18 +202,12 @@ impl Bird {
         call(&self.birdc, &all).await
     }
 
-    /// BIRD answers on its socket.
-    pub async fn running(&self) -> bool {
-        self.birdc(&["show", "status"])
-            .await
-            .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("Daemon is up"))
-    }
-
-    /// Writes `config` and makes BIRD run it: reconfigures the one that runs, or starts one.
-    pub async fn apply(&self, config: &str) -> Result<(), String> {
+    /// Writes `config` and makes BIRD run it: reconfigures the one that runs (`running`: it
+    /// answered on its socket just now), or starts one.
+    pub async fn apply(&self, config: &str, running: bool) -> Result<(), String> {
         crate::files::write_private(&self.paths.config, config.as_bytes())
             .map_err(|e| format!("write {}: {e}", self.paths.config.display()))?;
-        if self.running().await {
+        if running {
             let out = self.birdc(&["configure"]).await?;
             let text = String::from_utf8_lossy(&out.stdout);
             if text.contains("Reconfigured") || text.contains("Reconfiguration in progress") {

@@ -79,11 +79,13 @@ impl Announcer {
                 },
             };
             let (vips, services) = decide(&snap.services, &snap.weights, &snap.status, node);
-            // BIRD that died (or was stopped) takes the config again, from a fresh start.
-            let running = bird.running().await;
+            // One `birdc` call a tick tells both whether BIRD answers and how its sessions are;
+            // a BIRD that died (or was stopped) takes the config again, from a fresh start.
+            let mut protocols = bird.protocols().await;
+            let running = protocols.is_some();
             if applied.as_ref() != Some(&vips) || !running {
                 let config = bird::render(&self.settings, &bird.paths.log, &vips);
-                match bird.apply(&config).await {
+                match bird.apply(&config, running).await {
                     Ok(()) => {
                         if applied.as_ref() != Some(&vips) {
                             info!("bgp: announcing {} VIPs: {vips:?}", vips.len());
@@ -99,8 +101,9 @@ impl Announcer {
                         error = Some(e);
                     }
                 }
+                // The sessions as the new config left them.
+                protocols = bird.protocols().await;
             }
-            let protocols = bird.protocols().await;
             let sessions = self
                 .settings
                 .peers

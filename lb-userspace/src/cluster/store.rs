@@ -183,7 +183,7 @@ impl Store {
     /// whole, then written back in one transaction that holds only if no key it read changed
     /// meanwhile. Returns the revision that holds it.
     pub async fn change(&self, cfg: &DaemonConfig, change: Change) -> Result<i64> {
-        let (current, _) = self.services().await.map_err(unavailable)?;
+        let (current, read_at) = self.services().await.map_err(unavailable)?;
         let before: BTreeMap<String, (Service, i64)> = current
             .by_key
             .into_values()
@@ -217,8 +217,8 @@ impl Store {
             }
         }
         if ops.is_empty() {
-            let (_, revision) = self.services().await.map_err(unavailable)?;
-            return Ok(revision);
+            // Nothing changes: the state read is the one to wait for.
+            return Ok(read_at);
         }
         let txn = Txn::new().when(when).and_then(ops);
         let resp = self
