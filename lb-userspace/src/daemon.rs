@@ -322,7 +322,12 @@ impl Background {
             enabled: cfg.cluster.is_some(),
             ..Default::default()
         }));
-        let bgp = Arc::<std::sync::Mutex<crate::status::bgp::BgpStatus>>::default();
+        // The drain flag as the file says, before the announcer's first tick: a node restarted
+        // drained says so from its first answer.
+        let bgp = Arc::new(std::sync::Mutex::new(crate::status::bgp::BgpStatus {
+            draining,
+            ..Default::default()
+        }));
         let mut tasks = vec![health, adaptive, refresher];
         if let Some(settings) = cfg.bgp.clone() {
             let announcer = crate::bgp::Announcer {
@@ -337,8 +342,6 @@ impl Background {
                 cluster_status.clone(),
                 bgp.clone(),
             )));
-        } else {
-            bgp.lock().unwrap_or_else(|p| p.into_inner()).draining = draining;
         }
         let cluster = cfg.cluster.clone().map(|settings| {
             let cluster = Arc::new(crate::cluster::Cluster::new(settings, cluster_status.clone()));

@@ -24,7 +24,10 @@ pub struct Snapshot {
     pub assignments: Assignments,
     pub hops: HashMap<IpAddr, NextHop>,
     pub status: BTreeMap<BackendRef, BackendStatus>,
+    /// The weights the tables use: this node's own, or in a cluster the ones the nodes agree on.
     pub weights: BTreeMap<String, ServiceWeights>,
+    /// In a cluster, this node's own weights before agreement (what it votes).
+    pub votes: crate::status::cluster::Votes,
     pub pool_capacity: u32,
     pub pool_free: u64,
     pub attachments: Vec<Attachment>,

@@ -22,6 +22,9 @@ use crate::{
 pub const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 pub const ROUTER_AS: u32 = 65000;
 pub const NODE_AS: u32 = 65001;
+/// Each backend also listens on its own address at this port, for health checks that one node
+/// alone can be kept from (`Lab::block_checks`).
+pub const CHECK_PORT: u16 = 8081;
 /// Client sources are 10.97.x.y, routed to the client by the router.
 const CLIENT_LINK: &str = "10.98.0";
 
@@ -143,7 +146,10 @@ impl Lab {
             servers.push(Servers::start(
                 &ns,
                 &id,
-                &[SocketAddr::new(IpAddr::V4(VIP4), PORT)],
+                &[
+                    SocketAddr::new(IpAddr::V4(VIP4), PORT),
+                    SocketAddr::new(IpAddr::V4(addr), CHECK_PORT),
+                ],
             ));
             lab_backends.push((id, addr, ns));
         }
@@ -394,5 +400,35 @@ impl Lab {
         let full = self.node_config("x", std::path::Path::new("/tmp"), "");
         let services = full.split("\n[[service]]").nth(1).unwrap_or_default();
         format!("[daemon]\ninterfaces = [\"eth0\"]\n\n[[service]]{services}")
+    }
+
+    /// As `services_file` with only the first `backends` backends, and `health` (the lines of
+    /// a `[service.health]` table) appended.
+    pub fn services_file_with(&self, backends: usize, health: &str) -> String {
+        let file = self.services_file();
+        let mut parts = file.split("[[service.backend]]");
+        let mut out = parts.next().unwrap_or_default().to_string();
+        for b in parts.take(backends) {
+            out.push_str("[[service.backend]]");
+            out.push_str(b);
+        }
+        format!("{out}\n[service.health]\n{health}\n")
+    }
+
+    /// Node `node`'s health checks to backend `backend` (index) are dropped on the node's way
+    /// out, or let through again: that node alone sees the backend down.
+    pub fn block_checks(&self, node: usize, backend: usize, blocked: bool) -> Result<()> {
+        let addr = self.backends[backend].1;
+        let ns = &self.nodes[node].ns;
+        if blocked {
+            ns.sh(&format!(
+                "nft add table inet lbtest && \
+                 nft 'add chain inet lbtest out {{ type filter hook output priority 0; }}' && \
+                 nft add rule inet lbtest out ip daddr {addr} tcp dport {CHECK_PORT} drop"
+            ))
+            .map(drop)
+        } else {
+            ns.sh("nft delete table inet lbtest").map(drop)
+        }
     }
 }

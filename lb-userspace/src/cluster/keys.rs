@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use etcd_client::{Event, EventType};
 use log::warn;
 
-use crate::{config::ServiceSpec, model::Service};
+use crate::{config::ServiceSpec, model::Service, status::cluster::NodeEntry};
 
 /// The services as the cluster holds them, by key, each with its mod revision.
 #[derive(Debug, Default)]
@@ -48,26 +48,119 @@ impl Services {
         }
     }
 
-    /// Applies a watch response's events; returns how many values were refused.
-    pub fn update(&mut self, events: &[Event]) -> u64 {
-        let before = self.invalid;
-        for e in events {
-            let Some(kv) = e.kv() else { continue };
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            match e.event_type() {
-                EventType::Put => self.insert(&key, kv.value(), kv.mod_revision()),
-                EventType::Delete => {
-                    self.by_key.remove(&key);
-                }
-            }
-        }
-        self.invalid - before
-    }
-
     /// The services, in key order (the same on every node).
     pub fn services(&self) -> Vec<Service> {
         self.by_key.values().map(|(s, _)| s.clone()).collect()
     }
+}
+
+/// The nodes' keys (`nodes/<node>`, each under its node's lease), by key. A value that does not
+/// parse (written by something else) is no node.
+#[derive(Debug, Default)]
+pub struct Nodes {
+    pub by_key: BTreeMap<String, NodeEntry>,
+}
+
+impl Nodes {
+    pub fn put(&mut self, key: &[u8], value: &[u8]) {
+        let key = String::from_utf8_lossy(key).into_owned();
+        match serde_json::from_slice(value) {
+            Ok(n) => {
+                self.by_key.insert(key, n);
+            }
+            Err(e) => {
+                warn!("cluster: {key}: not a node entry ({e}); left out");
+                self.by_key.remove(&key);
+            }
+        }
+    }
+
+    pub fn entries(&self) -> Vec<NodeEntry> {
+        self.by_key.values().cloned().collect()
+    }
+}
+
+/// The cluster's keys as one node reads them, routed by their directory under the prefix.
+#[derive(Debug, Default)]
+pub struct Tree {
+    prefix: String,
+    pub services: Services,
+    pub nodes: Nodes,
+}
+
+/// Which part of the tree a key touched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Services,
+    Nodes,
+    /// A key this build does not read.
+    Other,
+}
+
+impl Tree {
+    pub fn new(prefix: String) -> Self {
+        Self {
+            prefix,
+            ..Default::default()
+        }
+    }
+
+    fn part(&self, key: &[u8]) -> Part {
+        let rest = key.strip_prefix(self.prefix.as_bytes()).unwrap_or_default();
+        if rest.starts_with(b"services/") {
+            Part::Services
+        } else if rest.starts_with(b"nodes/") {
+            Part::Nodes
+        } else {
+            Part::Other
+        }
+    }
+
+    pub fn put(&mut self, key: &[u8], value: &[u8], revision: i64) -> Part {
+        let part = self.part(key);
+        match part {
+            Part::Services => self
+                .services
+                .insert(&String::from_utf8_lossy(key), value, revision),
+            Part::Nodes => self.nodes.put(key, value),
+            Part::Other => {}
+        }
+        part
+    }
+
+    /// One watch event; which part it touched.
+    pub fn apply(&mut self, e: &Event) -> Part {
+        let Some(kv) = e.kv() else { return Part::Other };
+        match e.event_type() {
+            EventType::Put => self.put(kv.key(), kv.value(), kv.mod_revision()),
+            EventType::Delete => {
+                let part = self.part(kv.key());
+                let key = String::from_utf8_lossy(kv.key());
+                match part {
+                    Part::Services => drop(self.services.by_key.remove(key.as_ref())),
+                    Part::Nodes => drop(self.nodes.by_key.remove(key.as_ref())),
+                    Part::Other => {}
+                }
+                part
+            }
+        }
+    }
+}
+
+/// A watch answer's events, grouped by the revision that made them, in order: a node applies
+/// every revision in turn, as every other node does, so all pass through the same tables and
+/// keep the same previous one for second chance.
+pub fn by_revision(events: &[Event]) -> Vec<(i64, &[Event])> {
+    let rev = |e: &Event| e.kv().map_or(0, |kv| kv.mod_revision());
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=events.len() {
+        if i == events.len() || rev(&events[i]) != rev(&events[start]) {
+            out.push((rev(&events[start]), &events[start..i]));
+            start = i;
+        }
+    }
+    out
 }
 
 #[cfg(test)]

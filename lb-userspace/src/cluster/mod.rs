@@ -26,13 +26,14 @@ use crate::{
     model::{Service, cluster_settings::ClusterSettings},
     reconcile::{Change, Command},
     snapshot::Snapshot,
-    status::cluster::{ClusterStatus, NodeEntry},
+    status::cluster::{ClusterStatus, NodeEntry, View},
 };
+use keys::Part;
 use store::Store;
 
 /// How long a node's key outlives its daemon.
 const LEASE_TTL: i64 = 5;
-/// How often the lease is kept alive, the node key refreshed and the node list read.
+/// How often the lease is kept alive.
 const TICK: Duration = Duration::from_secs(1);
 
 /// The cluster as the API and the sync loop share it.
@@ -145,42 +146,60 @@ impl Cluster {
         owner: &str,
     ) -> Result<(), String> {
         let lease = self.store.register(owner, LEASE_TTL).await?;
-        let (mut cache, revision) = self.store.services().await?;
+        let (mut tree, revision) = self.store.load().await?;
         self.set(|s| {
             s.connected = true;
             s.error = None;
-            s.invalid_entries += cache.invalid;
+            s.invalid_entries += tree.services.invalid;
         });
         info!(
             "cluster {}: node {} at revision {revision}",
             self.settings.name, self.settings.node
         );
-        self.apply(writer, cache.services(), revision).await;
+        let mut view = None;
+        self.send_view(writer, &tree, &mut view).await;
+        self.apply(writer, tree.services.services(), revision).await;
         if *self.applied.borrow() >= revision {
             self.set(|s| s.caught_up = true);
         }
-        let mut watch = self.store.watch_services(revision + 1).await?;
+        let mut watch = self.store.watch(revision + 1).await?;
         let (mut keeper, _answers) = self.store.keep_alive(lease).await?;
         let mut tick = tokio::time::interval(TICK);
         let mut published: Option<NodeEntry> = None;
         loop {
+            let overruled = overruled(&snapshot.borrow());
+            let entries = tree.nodes.entries();
+            self.set(|s| {
+                s.nodes = entries;
+                s.overruled = overruled;
+            });
+            let entry = NodeEntry {
+                node: self.settings.node.clone(),
+                owner: owner.to_string(),
+                applied_revision: *self.applied.borrow(),
+                digests: digests(&snapshot.borrow()),
+                votes: snapshot.borrow().votes.clone(),
+            };
+            if published.as_ref() != Some(&entry) {
+                self.store.publish(&entry, lease).await?;
+                published = Some(entry);
+            }
             tokio::select! {
                 event = watch.message() => {
-                    let Some(resp) = event.map_err(|e| format!("watch: {e}"))? else {
-                        return Err("etcd closed the watch".into());
-                    };
-                    if resp.canceled() {
-                        return Err(format!("etcd cancelled the watch (compacted at {})", resp.compact_revision()));
+                    let resp = watched(event)?;
+                    for (rev, events) in keys::by_revision(resp.events()) {
+                        let invalid = tree.services.invalid;
+                        let parts: Vec<Part> = events.iter().map(|e| tree.apply(e)).collect();
+                        if tree.services.invalid > invalid {
+                            self.set(|s| s.invalid_entries += tree.services.invalid - invalid);
+                        }
+                        if parts.contains(&Part::Services) {
+                            self.apply(writer, tree.services.services(), rev).await;
+                        }
+                        if parts.contains(&Part::Nodes) {
+                            self.send_view(writer, &tree, &mut view).await;
+                        }
                     }
-                    let Some(rev) = resp.header().map(|h| h.revision()) else { continue };
-                    if resp.events().is_empty() {
-                        continue;
-                    }
-                    let invalid = cache.update(resp.events());
-                    if invalid > 0 {
-                        self.set(|s| s.invalid_entries += invalid);
-                    }
-                    self.apply(writer, cache.services(), rev).await;
                 }
                 r = snapshot.changed() => {
                     if r.is_err() {
@@ -189,25 +208,55 @@ impl Cluster {
                 }
                 _ = tick.tick() => {
                     keeper.keep_alive().await.map_err(|e| format!("lease keep-alive: {e}"))?;
-                    let nodes = self.store.nodes().await?;
-                    self.set(|s| s.nodes = nodes);
                 }
             }
             if writer.is_closed() {
                 return Ok(());
             }
-            let entry = NodeEntry {
-                node: self.settings.node.clone(),
-                owner: owner.to_string(),
-                applied_revision: *self.applied.borrow(),
-                digests: digests(&snapshot.borrow()),
-            };
-            if published.as_ref() != Some(&entry) {
-                self.store.publish(&entry, lease).await?;
-                published = Some(entry);
+        }
+    }
+
+    /// Hands the writer the live nodes' votes when they changed.
+    async fn send_view(&self, writer: &mpsc::Sender<Command>, tree: &keys::Tree, last: &mut Option<View>) {
+        let now = View::of(&tree.nodes.entries());
+        if last.as_ref() != Some(&now) && writer.send(Command::View(now.clone())).await.is_ok() {
+            *last = Some(now);
+        }
+    }
+}
+
+/// A watch's next answer, or why the watch ended.
+fn watched(
+    event: std::result::Result<Option<etcd_client::WatchResponse>, etcd_client::Error>,
+) -> Result<etcd_client::WatchResponse, String> {
+    let Some(resp) = event.map_err(|e| format!("watch: {e}"))? else {
+        return Err("etcd closed the watch".into());
+    };
+    if resp.canceled() {
+        return Err(format!(
+            "etcd cancelled the watch (compacted at {})",
+            resp.compact_revision()
+        ));
+    }
+    Ok(resp)
+}
+
+/// The backends whose weight the cluster's view sets other than this node's own vote.
+fn overruled(snap: &Snapshot) -> BTreeMap<String, (u32, u32)> {
+    let mut out = BTreeMap::new();
+    for (service, own) in &snap.votes {
+        let Some(agreed) = snap.weights.get(service) else {
+            continue;
+        };
+        for (id, vote) in own {
+            if let Some(e) = agreed.backends.get(id)
+                && e.weight != *vote
+            {
+                out.insert(format!("{service}/{id}"), (*vote, e.weight));
             }
         }
     }
+    out
 }
 
 /// Each service's table digest: its strategy, size, and members (id and effective weight) in

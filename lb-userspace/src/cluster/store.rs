@@ -12,7 +12,7 @@ use etcd_client::{
 };
 use tokio::sync::Mutex;
 
-use super::keys::{Services, encode};
+use super::keys::{Services, Tree, encode};
 use crate::{
     config::DaemonConfig,
     error::{Error, Result},
@@ -112,8 +112,24 @@ impl Store {
         Ok((s, revision))
     }
 
-    pub async fn watch_services(&self, from: i64) -> std::result::Result<WatchStream, String> {
-        let dir = self.dir("services");
+    /// Every key of the cluster, read at one revision.
+    pub async fn load(&self) -> std::result::Result<(Tree, i64), String> {
+        let prefix = self.settings.prefix();
+        let p = prefix.clone();
+        let resp = self
+            .call(|mut c| async move { c.get(p, Some(GetOptions::new().with_prefix())).await })
+            .await?;
+        let mut tree = Tree::new(prefix);
+        for kv in resp.kvs() {
+            tree.put(kv.key(), kv.value(), kv.mod_revision());
+        }
+        Ok((tree, resp.header().map_or(0, |h| h.revision())))
+    }
+
+    /// Watches every key of the cluster from revision `from` on (one stream: every node sees
+    /// services and votes change in the same order).
+    pub async fn watch(&self, from: i64) -> std::result::Result<WatchStream, String> {
+        let dir = self.settings.prefix();
         let options = WatchOptions::new().with_prefix().with_start_revision(from);
         self.call(|mut c| async move { c.watch(dir, Some(options)).await })
             .await
@@ -144,6 +160,7 @@ impl Store {
             owner: owner.to_string(),
             applied_revision: 0,
             digests: BTreeMap::new(),
+            votes: BTreeMap::new(),
         };
         self.publish(&entry, lease).await?;
         Ok(lease)
@@ -164,19 +181,6 @@ impl Store {
         self.call(|mut c| async move { c.put(key, value, Some(PutOptions::new().with_lease(lease))).await })
             .await
             .map(|_| ())
-    }
-
-    /// The nodes whose keys live.
-    pub async fn nodes(&self) -> std::result::Result<Vec<NodeEntry>, String> {
-        let dir = self.dir("nodes");
-        let resp = self
-            .call(|mut c| async move { c.get(dir, Some(GetOptions::new().with_prefix())).await })
-            .await?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
-            .collect())
     }
 
     /// An API change made to the cluster's state: the services read, changed and validated

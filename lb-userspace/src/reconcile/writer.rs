@@ -30,7 +30,7 @@ use crate::{
     model::{BackendRef, Service, Strategy, backend_addresses},
     neigh::{NextHop, Resolver},
     snapshot::{GeoStatus, PassCounters, Snapshot, in_effect},
-    status::{AdaptiveState, BackendStatus, ServiceWeights, effective_weights},
+    status::{AdaptiveState, BackendStatus, ServiceWeights, agree, cluster::View, effective_weights, votes},
     strategy::{geo, resource},
 };
 
@@ -55,6 +55,8 @@ pub struct Writer {
     /// Health and next hops a failed pass could not apply (the monitor and the refresher say
     /// a thing once): the next pass starts from them, and one is due after `RETRY`.
     unapplied: Option<Unapplied>,
+    /// In a cluster, the nodes' votes: the tables take the weights they agree on.
+    view: Option<View>,
 }
 
 /// What a failed pass could not apply, and when to try again.
@@ -114,6 +116,7 @@ impl Writer {
             geo: None,
             resource_due: None,
             unapplied: None,
+            view: None,
         };
         if writer.cfg.geo.as_ref().is_some_and(|g| g.data.is_some()) {
             match writer.load_geo().await {
@@ -287,6 +290,7 @@ impl Writer {
                     }
                 }
                 Command::Hops(updates) => hop_updates.extend(updates),
+                Command::View(view) => self.view = Some(view),
                 Command::Health(u) => record_health(&mut status, u, now),
                 Command::Agent { backend, state } => {
                     reported |= state.percent().is_some();
@@ -406,7 +410,7 @@ impl Writer {
         status.retain(|b, _| live.contains(b));
 
         let now = Instant::now();
-        let weights: BTreeMap<String, ServiceWeights> = services
+        let mut weights: BTreeMap<String, ServiceWeights> = services
             .iter()
             .map(|s| {
                 let w = effective_weights(
@@ -419,6 +423,19 @@ impl Writer {
                 (s.name.clone(), w)
             })
             .collect();
+        let own = votes(&weights);
+        if let Some(view) = &self.view {
+            for s in &services {
+                if let Some(w) = weights.get_mut(&s.name) {
+                    let reachable = |id: &str| {
+                        s.backends
+                            .iter()
+                            .any(|b| b.id == id && next_hops.contains_key(&b.address))
+                    };
+                    agree(w, &s.name, view, reachable);
+                }
+            }
+        }
         let maps = self.maps.clone();
         let (plan_services, plan_weights, plan_hops) = (services.clone(), weights.clone(), next_hops.clone());
         let (old_services, old_weights, old_hops) =
@@ -534,6 +551,7 @@ impl Writer {
             hops: self.hops.clone(),
             status: self.status.clone(),
             weights,
+            votes: own,
             pool_capacity: capacity,
             pool_free: free,
             attachments,

@@ -230,6 +230,34 @@ pub fn effective_weights(
     out
 }
 
+/// One service's weights as the cluster agrees on them (`cluster::View`): each backend this
+/// node can reach takes the agreed weight; one it cannot reach (no next hop) keeps none here.
+pub fn agree(
+    weights: &mut ServiceWeights,
+    service: &str,
+    view: &cluster::View,
+    reachable: impl Fn(&str) -> bool,
+) {
+    for (id, e) in weights.backends.iter_mut() {
+        if let Some(w) = view.agreed(service, id)
+            && reachable(id)
+        {
+            e.weight = w;
+        }
+    }
+}
+
+/// Each service's backends' weights, as this node votes them in a cluster.
+pub fn votes(weights: &BTreeMap<String, ServiceWeights>) -> cluster::Votes {
+    weights
+        .iter()
+        .map(|(name, w)| {
+            let v = w.backends.iter().map(|(id, e)| (id.clone(), e.weight)).collect();
+            (name.clone(), v)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
