@@ -386,6 +386,13 @@ impl Daemon {
         std::fs::read_to_string(self.run_dir.join("daemon.log")).unwrap_or_default()
     }
 
+    /// The last `n` lines of the daemon's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     /// Runs `lb <args>` against this daemon.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(lb_bin())
@@ -414,8 +421,9 @@ impl Daemon {
         let out = self.cli(&all);
         assert!(
             out.status.success(),
-            "lb {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "lb {args:?} failed: {}\nthe daemon's log ends:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail(30)
         );
         serde_json::from_slice(&out.stdout).expect("json output")
     }
@@ -484,6 +492,12 @@ impl Drop for Daemon {
             .args(["--instance", &self.instance, "--run-dir"])
             .arg(&self.run_dir)
             .arg("detach")
+            .output();
+        // A BIRD the daemon started but had not yet named in its pid file when it was killed
+        // escapes `lb detach`: its command line names the run directory.
+        let _ = Command::new("pkill")
+            .arg("-f")
+            .arg(format!("^bird .*{}/", self.run_dir.display()))
             .output();
         let _ = std::fs::remove_dir_all(&self.run_dir);
     }

@@ -612,6 +612,27 @@ fn nodes_agree_on_health_and_a_backend_change_then_a_node_loss_resets_nothing() 
         weights_of(&lab, "b2")
     );
 
+    // An external score set through one node is the cluster's, not that node's vote: every
+    // node takes b3 out (its flows kept), and the score's ttl (an etcd lease) ends it on all.
+    let out = lab
+        .daemon(2)
+        .cli(&["backend", "health", "web", "b3", "0", "--ttl", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        wait_until(Duration::from_secs(5), || weights_of(&lab, "b3") == vec![0, 0, 0]
+            && agreed(&lab)),
+        "a score set on n3 did not reach every node: {:?}",
+        weights_of(&lab, "b3")
+    );
+    all_answer(&mut held, "b3 scored 0", &lab);
+    assert!(
+        wait_until(Duration::from_secs(15), || weights_of(&lab, "b3")
+            == vec![100, 100, 100]
+            && agreed(&lab)),
+        "the score's ttl did not end it on every node: {:?}",
+        weights_of(&lab, "b3")
+    );
+
     // A backend change, then a node loss within 10 s (Maglev's and Katran's known failure):
     // b4 joins, moving a share of the hash space to it; n1 dies; its flows land on n2 and n3,
     // which have no entry for them, and second chance sends each to the owner the previous

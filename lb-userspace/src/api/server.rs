@@ -132,6 +132,11 @@ async fn change(s: &Shared, c: Change) -> Answer {
             | Change::SetWeight { .. }
             | Change::SetStrategy { .. }
     );
+    if let (Some(cluster), Change::SetExternal { .. }) = (&s.cluster, &c) {
+        let revision = cluster.store.set_score(&s.cfg, c).await?;
+        log::debug!("cluster: score written at revision {revision}");
+        return ok(json!("ok"), vec![]);
+    }
     if let (Some(cluster), true) = (&s.cluster, shared_state) {
         let revision = cluster.store.change(&s.cfg, c).await?;
         return ok(json!("ok"), applied_here(cluster, revision).await);

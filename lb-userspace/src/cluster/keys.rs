@@ -6,7 +6,11 @@ use std::collections::BTreeMap;
 use etcd_client::{Event, EventType};
 use log::warn;
 
-use crate::{config::ServiceSpec, model::Service, status::cluster::NodeEntry};
+use crate::{
+    config::ServiceSpec,
+    model::{BackendRef, Service},
+    status::cluster::NodeEntry,
+};
 
 /// The services as the cluster holds them, by key, each with its mod revision.
 #[derive(Debug, Default)]
@@ -80,12 +84,63 @@ impl Nodes {
     }
 }
 
+/// External health scores (`lb backend health`) as the cluster holds them: the key
+/// `scores/<service>/<id>`, the value `{"score": 0..1}`, under a lease when it has a ttl.
+#[derive(Debug, Default)]
+pub struct Scores {
+    pub by_backend: BTreeMap<BackendRef, f64>,
+    /// Values refused.
+    pub invalid: u64,
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreValue {
+    pub score: f64,
+}
+
+impl Scores {
+    fn backend(rest: &[u8]) -> Option<BackendRef> {
+        let rest = std::str::from_utf8(rest).ok()?;
+        let (service, id) = rest.split_once('/')?;
+        (!service.is_empty() && !id.is_empty() && !id.contains('/')).then(|| BackendRef::new(service, id))
+    }
+
+    /// `rest` is the key after `scores/`.
+    fn put(&mut self, key: &str, rest: &[u8], value: &[u8]) {
+        let parsed = serde_json::from_slice::<ScoreValue>(value)
+            .map_err(|e| e.to_string())
+            .and_then(|v| {
+                if v.score.is_finite() && (0.0..=1.0).contains(&v.score) {
+                    Ok(v.score)
+                } else {
+                    Err(format!("score {} is out of range 0..=1", v.score))
+                }
+            });
+        match (Self::backend(rest), parsed) {
+            (Some(b), Ok(score)) => {
+                self.by_backend.insert(b, score);
+            }
+            (None, _) => {
+                warn!("cluster: {key}: not scores/<service>/<id>; left out");
+                self.invalid += 1;
+            }
+            (Some(b), Err(e)) => {
+                warn!("cluster: {key}: not a score ({e}); left out");
+                self.by_backend.remove(&b);
+                self.invalid += 1;
+            }
+        }
+    }
+}
+
 /// The cluster's keys as one node reads them, routed by their directory under the prefix.
 #[derive(Debug, Default)]
 pub struct Tree {
     prefix: String,
     pub services: Services,
     pub nodes: Nodes,
+    pub scores: Scores,
 }
 
 /// Which part of the tree a key touched.
@@ -93,6 +148,7 @@ pub struct Tree {
 pub enum Part {
     Services,
     Nodes,
+    Scores,
     /// A key this build does not read.
     Other,
 }
@@ -111,6 +167,8 @@ impl Tree {
             Part::Services
         } else if rest.starts_with(b"nodes/") {
             Part::Nodes
+        } else if rest.starts_with(b"scores/") {
+            Part::Scores
         } else {
             Part::Other
         }
@@ -123,9 +181,18 @@ impl Tree {
                 .services
                 .insert(&String::from_utf8_lossy(key), value, revision),
             Part::Nodes => self.nodes.put(key, value),
+            Part::Scores => {
+                let rest = &key[self.prefix.len() + "scores/".len()..];
+                self.scores.put(&String::from_utf8_lossy(key), rest, value)
+            }
             Part::Other => {}
         }
         part
+    }
+
+    /// Values refused so far, of every kind.
+    pub fn invalid(&self) -> u64 {
+        self.services.invalid + self.scores.invalid
     }
 
     /// One watch event; which part it touched.
@@ -139,6 +206,12 @@ impl Tree {
                 match part {
                     Part::Services => drop(self.services.by_key.remove(key.as_ref())),
                     Part::Nodes => drop(self.nodes.by_key.remove(key.as_ref())),
+                    Part::Scores => {
+                        let rest = &kv.key()[self.prefix.len() + "scores/".len()..];
+                        if let Some(b) = Scores::backend(rest) {
+                            self.scores.by_backend.remove(&b);
+                        }
+                    }
                     Part::Other => {}
                 }
                 part
@@ -173,6 +246,24 @@ mod tests {
             backends: vec![Backend::new("b1", "10.0.1.1".parse().unwrap())],
             ..Service::new("web", "10.0.0.1".parse().unwrap(), 80, Protocol::Tcp)
         }
+    }
+
+    #[test]
+    fn scores_are_read_by_backend_and_bad_ones_counted() {
+        let mut t = Tree::new("/lb/edge/".into());
+        assert_eq!(
+            t.put(b"/lb/edge/scores/web/b1", br#"{"score":0.25}"#, 3),
+            Part::Scores
+        );
+        assert_eq!(t.scores.by_backend[&BackendRef::new("web", "b1")], 0.25);
+        // Out of range, not JSON, a key without an id: counted, and a bad value drops the
+        // backend's score rather than keeping a stale one.
+        t.put(b"/lb/edge/scores/web/b1", br#"{"score":2}"#, 4);
+        t.put(b"/lb/edge/scores/web/b2", b"zero", 5);
+        t.put(b"/lb/edge/scores/web", br#"{"score":0}"#, 6);
+        assert_eq!(t.invalid(), 3);
+        assert!(t.scores.by_backend.is_empty());
+        assert_eq!(t.put(b"/lb/edge/other/x", b"", 7), Part::Other);
     }
 
     #[test]

@@ -80,6 +80,7 @@ impl Cluster {
     /// Hands the cluster's services at `revision` to the writer; records the revision when
     /// the writer took them.
     async fn apply(&self, writer: &mpsc::Sender<Command>, services: Vec<Service>, revision: i64) {
+        let received = std::time::Instant::now();
         let applied = *self.applied.borrow();
         if revision <= applied {
             if revision < applied {
@@ -98,7 +99,11 @@ impl Cluster {
                     warn!("cluster: revision {revision}: {w}");
                 }
                 self.applied.send_replace(revision);
-                self.set(|s| s.applied_revision = revision);
+                let took = received.elapsed().as_secs_f64() * 1e3;
+                self.set(|s| {
+                    s.applied_revision = revision;
+                    s.last_apply_ms = Some(took);
+                });
             }
             Ok(Err(e)) => {
                 warn!("cluster: revision {revision} refused, the running state stays: {e}");
@@ -150,7 +155,7 @@ impl Cluster {
         self.set(|s| {
             s.connected = true;
             s.error = None;
-            s.invalid_entries += tree.services.invalid;
+            s.invalid_entries += tree.invalid();
         });
         info!(
             "cluster {}: node {} at revision {revision}",
@@ -158,6 +163,13 @@ impl Cluster {
         );
         let mut view = None;
         self.send_view(writer, &tree, &mut view).await;
+        if writer
+            .send(Command::Externals(tree.scores.by_backend.clone()))
+            .await
+            .is_err()
+        {
+            return Ok(());
+        }
         self.apply(writer, tree.services.services(), revision).await;
         if *self.applied.borrow() >= revision {
             self.set(|s| s.caught_up = true);
@@ -167,7 +179,10 @@ impl Cluster {
         let mut tick = tokio::time::interval(TICK);
         let mut published: Option<NodeEntry> = None;
         loop {
-            let overruled = overruled(&snapshot.borrow());
+            // One borrow, let go at once: a second borrow while the writer waits to publish
+            // would deadlock both (the watch's lock favours the writer).
+            let snap = snapshot.borrow().clone();
+            let overruled = overruled(&snap);
             let entries = tree.nodes.entries();
             self.set(|s| {
                 s.nodes = entries;
@@ -177,8 +192,8 @@ impl Cluster {
                 node: self.settings.node.clone(),
                 owner: owner.to_string(),
                 applied_revision: *self.applied.borrow(),
-                digests: digests(&snapshot.borrow()),
-                votes: snapshot.borrow().votes.clone(),
+                digests: digests(&snap),
+                votes: snap.votes.clone(),
             };
             if published.as_ref() != Some(&entry) {
                 self.store.publish(&entry, lease).await?;
@@ -188,10 +203,16 @@ impl Cluster {
                 event = watch.message() => {
                     let resp = watched(event)?;
                     for (rev, events) in keys::by_revision(resp.events()) {
-                        let invalid = tree.services.invalid;
+                        let invalid = tree.invalid();
                         let parts: Vec<Part> = events.iter().map(|e| tree.apply(e)).collect();
-                        if tree.services.invalid > invalid {
-                            self.set(|s| s.invalid_entries += tree.services.invalid - invalid);
+                        if tree.invalid() > invalid {
+                            self.set(|s| s.invalid_entries += tree.invalid() - invalid);
+                        }
+                        if parts.contains(&Part::Scores) {
+                            let scores = tree.scores.by_backend.clone();
+                            if writer.send(Command::Externals(scores)).await.is_err() {
+                                return Ok(());
+                            }
                         }
                         if parts.contains(&Part::Services) {
                             self.apply(writer, tree.services.services(), rev).await;

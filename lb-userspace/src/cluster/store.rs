@@ -12,7 +12,7 @@ use etcd_client::{
 };
 use tokio::sync::Mutex;
 
-use super::keys::{Services, Tree, encode};
+use super::keys::{ScoreValue, Services, Tree, encode};
 use crate::{
     config::DaemonConfig,
     error::{Error, Result},
@@ -235,6 +235,50 @@ impl Store {
                     .into(),
             ));
         }
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    /// An external health score, for every node (`lb backend health` in cluster mode): checked
+    /// against the cluster's services as one node would check it, then written to
+    /// `scores/<service>/<id>`, under a lease of its ttl when it has one (etcd deletes it then).
+    pub async fn set_score(&self, cfg: &DaemonConfig, change: Change) -> Result<i64> {
+        let Change::SetExternal {
+            service,
+            id,
+            score,
+            ttl,
+        } = change
+        else {
+            return Err(Error::invalid("not a score"));
+        };
+        let (current, _) = self.services().await.map_err(unavailable)?;
+        let mut services = current.services();
+        let check = Change::SetExternal {
+            service: service.clone(),
+            id: id.clone(),
+            score,
+            ttl,
+        };
+        change_state(cfg, &mut services, &mut BTreeMap::new(), check, Instant::now())?;
+        let key = self.key("scores", &format!("{service}/{id}"));
+        let value = serde_json::to_vec(&ScoreValue { score }).expect("a score serializes");
+        let options = match ttl {
+            Some(t) => {
+                // etcd's leases count whole seconds.
+                let secs = t.as_secs_f64().ceil() as i64;
+                let lease = self
+                    .call(|mut c| async move { c.lease_grant(secs, None).await })
+                    .await
+                    .map_err(unavailable)?
+                    .id();
+                Some(PutOptions::new().with_lease(lease))
+            }
+            None => None,
+        };
+        let resp = self
+            .call(|mut c| async move { c.put(key, value, options).await })
+            .await
+            .map_err(unavailable)?;
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 

@@ -81,6 +81,8 @@ pub enum Command {
         backend: BackendRef,
         state: AgentState,
     },
+    /// The cluster's external scores, whole (they replace every backend's).
+    Externals(std::collections::BTreeMap<BackendRef, f64>),
     /// The cluster's health view changed: the live nodes' votes (`status::cluster`).
     View(crate::status::cluster::View),
     /// An adaptive service's switch (`strategy::adaptive`).

@@ -30,7 +30,10 @@ use crate::{
     model::{BackendRef, Service, Strategy, backend_addresses},
     neigh::{NextHop, Resolver},
     snapshot::{GeoStatus, PassCounters, Snapshot, in_effect},
-    status::{AdaptiveState, BackendStatus, ServiceWeights, agree, cluster::View, effective_weights, votes},
+    status::{
+        AdaptiveState, BackendStatus, External, ServiceWeights, agree, cluster::View, effective_weights,
+        votes,
+    },
     strategy::{geo, resource},
 };
 
@@ -57,6 +60,8 @@ pub struct Writer {
     unapplied: Option<Unapplied>,
     /// In a cluster, the nodes' votes: the tables take the weights they agree on.
     view: Option<View>,
+    /// In a cluster, the external scores it holds (they replace the node's own).
+    externals: Option<BTreeMap<BackendRef, f64>>,
 }
 
 /// What a failed pass could not apply, and when to try again.
@@ -117,6 +122,7 @@ impl Writer {
             resource_due: None,
             unapplied: None,
             view: None,
+            externals: None,
         };
         if writer.cfg.geo.as_ref().is_some_and(|g| g.data.is_some()) {
             match writer.load_geo().await {
@@ -291,6 +297,7 @@ impl Writer {
                 }
                 Command::Hops(updates) => hop_updates.extend(updates),
                 Command::View(view) => self.view = Some(view),
+                Command::Externals(set) => self.externals = Some(set),
                 Command::Health(u) => record_health(&mut status, u, now),
                 Command::Agent { backend, state } => {
                     reported |= state.percent().is_some();
@@ -337,6 +344,9 @@ impl Writer {
             self.adaptive
                 .entry(s.name.clone())
                 .or_insert_with(|| AdaptiveState::new(now));
+        }
+        if let Some(set) = &self.externals {
+            cluster_scores(&services, &mut status, set);
         }
         self.resource_update(&services, &mut status, reported, now).await;
         for (b, st) in status.iter_mut() {
@@ -565,6 +575,34 @@ impl Writer {
 
     fn last_weights(&self) -> BTreeMap<String, ServiceWeights> {
         self.snapshot.borrow().weights.clone()
+    }
+}
+
+/// The cluster's external scores on every backend: set where it holds one, gone elsewhere
+/// (its expiry is etcd's: a lease deletes the key).
+fn cluster_scores(
+    services: &[Service],
+    status: &mut BTreeMap<BackendRef, BackendStatus>,
+    set: &BTreeMap<BackendRef, f64>,
+) {
+    for s in services {
+        for b in &s.backends {
+            let r = BackendRef::new(&s.name, &b.id);
+            let want = set.get(&r).map(|&score| External { score, expires: None });
+            match status.get_mut(&r) {
+                Some(st) => st.external = want,
+                None if want.is_some() => {
+                    status.insert(
+                        r,
+                        BackendStatus {
+                            external: want,
+                            ..Default::default()
+                        },
+                    );
+                }
+                None => {}
+            }
+        }
     }
 }
 

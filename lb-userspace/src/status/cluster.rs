@@ -31,6 +31,9 @@ pub struct ClusterStatus {
     pub applied_revision: i64,
     /// The node applied the cluster's state since it started (it announces only then).
     pub caught_up: bool,
+    /// From the watch's answer to the writer's: how long the last revision took to reach
+    /// this node's tables (decode, plan, build, swap), in ms.
+    pub last_apply_ms: Option<f64>,
     /// Entries under `services/` that were not valid and were left out.
     pub invalid_entries: u64,
     pub nodes: Vec<NodeEntry>,

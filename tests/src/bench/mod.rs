@@ -2,6 +2,7 @@
 //! HAProxy, and control-plane speed. Each part returns plain records; the runner prints them and
 //! writes `target/bench/results.json`.
 
+pub mod cluster;
 pub mod control;
 pub mod dataplane;
 pub mod e2e;

@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::{
+    cluster::ClusterResult,
     control::{MaglevResult, Rss},
     dataplane::{CaseResult, VsKatran},
     e2e::E2eResult,
@@ -194,6 +195,8 @@ pub struct Results {
     pub health: Option<HealthResult>,
     /// Busiest backend ÷ mean of long-lived connections, per strategy (`spread`).
     pub spread: Option<Vec<SpreadResult>>,
+    /// The tier: a lost node, a change across nodes, a watch to a swap (`cluster`).
+    pub cluster: Option<ClusterResult>,
     pub machine: Machine,
 }
 
@@ -251,6 +254,7 @@ impl Results {
         self.md_control(&mut s);
         self.md_health(&mut s);
         self.md_spread(&mut s);
+        self.md_cluster(&mut s);
         while s.ends_with("\n\n") {
             s.pop();
         }
@@ -265,6 +269,7 @@ impl Results {
             ("control", self.maglev.is_none()),
             ("health", self.health.is_none()),
             ("spread", self.spread.is_none()),
+            ("cluster", self.cluster.is_none()),
         ]
         .into_iter()
         .filter_map(|(part, missing)| missing.then_some(part))
@@ -360,6 +365,13 @@ impl Results {
         }
         if let Some(sc) = &self.scale {
             out.push(format!("a change at scale {} runs", sc.change_runs_ms.len()));
+        }
+        if let Some(c) = &self.cluster {
+            out.push(format!(
+                "cluster {} runs per node loss, {} changes",
+                c.kill_runs_ms.len(),
+                c.change_runs_ms.len()
+            ));
         }
         out
     }
@@ -745,6 +757,55 @@ impl Results {
         s.push('\n');
     }
 
+    fn md_cluster(&self, s: &mut String) {
+        let Some(c) = &self.cluster else {
+            return;
+        };
+        let _ = writeln!(
+            s,
+            "## 6. A tier of nodes
+"
+        );
+        let _ = writeln!(
+            s,
+            "The cluster lab: a router running BIRD 2 with ECMP, three nodes each running `lb \
+             daemon` and its BIRD, a real etcd (see docs/cluster.md). Times are read by polling \
+             every 20 ms, so each is good to about ±25 ms.\n"
+        );
+        let _ = writeln!(s, "| what | median | runs (ms) |\n|---|---:|---|");
+        for (what, m, runs) in [
+            (
+                "a node's daemon SIGKILLed, then `lb detach` (BIRD stopped: a dead host) → the router's route without it",
+                c.kill_ms,
+                &c.kill_runs_ms,
+            ),
+            (
+                "a node's link pulled → route gone, BGP hold time 3 s, no BFD",
+                c.link_hold_ms,
+                &c.link_hold_runs_ms,
+            ),
+            (
+                "a node's link pulled → route gone, with BFD (100 ms × 3)",
+                c.link_bfd_ms,
+                &c.link_bfd_runs_ms,
+            ),
+            (
+                "an API change on one node → identical tables holding it on all three",
+                c.change_ms,
+                &c.change_runs_ms,
+            ),
+            (
+                "etcd's watch answer → the node's tables swapped (every node, every change)",
+                c.watch_swap_ms,
+                &c.watch_swap_runs_ms,
+            ),
+        ] {
+            let list: Vec<String> = runs.iter().map(|v| format!("{v:.0}")).collect();
+            let _ = writeln!(s, "| {what} | {m:.0} ms | {} |", list.join(", "));
+        }
+        s.push('\n');
+    }
+
     pub fn table(&self) -> String {
         let mut s = String::new();
         let m = &self.machine;
@@ -861,6 +922,14 @@ impl Results {
         if let Some(h) = &self.health {
             s.push_str("\nhealth\n");
             s.push_str(&health_lines(h, ""));
+        }
+        if let Some(c) = &self.cluster {
+            let _ = writeln!(
+                s,
+                "\ncluster (median ms): node killed -> route gone {:.0}, link pulled {:.0} (BFD {:.0}), \
+                 API change -> identical tables {:.0}, watch -> swap {:.1}",
+                c.kill_ms, c.link_hold_ms, c.link_bfd_ms, c.change_ms, c.watch_swap_ms
+            );
         }
         s
     }
@@ -1176,6 +1245,18 @@ mod tests {
                 max_over_mean_p95: 1.641,
                 max_over_mean_worst: 1.939,
             }]),
+            cluster: Some(ClusterResult {
+                kill_ms: 48.0,
+                kill_runs_ms: vec![48.0],
+                link_hold_ms: 3050.0,
+                link_hold_runs_ms: vec![3050.0],
+                link_bfd_ms: 310.0,
+                link_bfd_runs_ms: vec![310.0],
+                change_ms: 130.0,
+                change_runs_ms: vec![120.0, 130.0, 140.0],
+                watch_swap_ms: 4.2,
+                watch_swap_runs_ms: vec![4.2],
+            }),
             machine: Machine {
                 cpu: "AMD EPYC".into(),
                 cores: 2,
@@ -1247,6 +1328,8 @@ mod tests {
             "132.7 ms: one flap costs 9× less",
             "## 5. Spread",
             "| maglev | 3,000 | 36.2 | 1.340 | 1.641 | 1.939 |",
+            "## 6. A tier of nodes",
+            "| an API change on one node → identical tables holding it on all three | 130 ms | 120, 130, 140 |",
         ] {
             assert!(md.contains(needle), "missing {needle:?} in\n{md}");
         }

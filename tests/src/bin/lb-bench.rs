@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, ValueEnum};
 use lb_tests::bench::{
-    control, dataplane, e2e, health,
+    cluster, control, dataplane, e2e, health,
     report::{Machine, Results},
     spread,
 };
@@ -34,6 +34,7 @@ enum Part {
     Control,
     Health,
     Spread,
+    Cluster,
 }
 
 fn main() -> ExitCode {
@@ -62,6 +63,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         scale: None,
         health: None,
         spread: None,
+        cluster: None,
         machine: Machine::detect(),
     };
     if wants(Part::Dataplane) {
@@ -90,6 +92,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if wants(Part::Spread) {
         eprintln!("==> spread of long-lived connections: maglev, least connections, power of two");
         results.spread = Some(spread::run(args.quick)?);
+    }
+    if wants(Part::Cluster) {
+        eprintln!("==> cluster: a lost node, a change across nodes, a watch to a swap");
+        results.cluster = Some(cluster::run(args.quick)?);
     }
     if wants(Part::E2e) {
         eprintln!("==> end to end through veth: lb, nftables, HAProxy");
