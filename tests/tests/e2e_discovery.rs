@@ -297,3 +297,57 @@ fn a_registration_that_stops_heartbeating_is_drained_then_removed() {
     let out = d.cli(&["backend", "heartbeat", "web4", "b3"]);
     assert!(!out.status.success());
 }
+
+/// The Python client from the package `cargo xtask setup` installed: `registration()` keeps an
+/// instance registered past its TTL and deregisters it on exit, on cancellation and when a
+/// heartbeat is refused (raised in the block); `watch_instances()` sees each change by long
+/// polls; the synchronous wrapper does the same; bad terms are refused in one line.
+#[test]
+fn the_python_client_registers_with_heartbeats_and_watches() {
+    let topo = Topology::new(3).expect("topology");
+    let (instance, run_dir) = Daemon::new_paths();
+    let d = Daemon::start(
+        &topo,
+        &instance,
+        &run_dir,
+        &topo.config(&instance, &run_dir, &["b1", "b2"]),
+    )
+    .expect("daemon starts");
+    d.wait_all_in_tables();
+    let python = lb_tests::python();
+    assert!(
+        python.exists(),
+        "{} is missing: `cargo xtask setup` makes it",
+        python.display()
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../python/tests/test_discovery.py");
+    let socket = d.run_dir.join(format!("{}.sock", d.instance));
+    let out = topo
+        .lb
+        .command(&python)
+        .arg(script)
+        .arg(&socket)
+        .arg("web4")
+        .arg(topo.backend("b3").v4.to_string())
+        // Not the source tree: the installed package.
+        .current_dir(&d.run_dir)
+        .output()
+        .expect("run python");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    assert!(
+        text.lines().last().is_some_and(|l| l.ends_with(" 0 failed")),
+        "{text}"
+    );
+    assert!(
+        d.backends_of("web4")
+            .iter()
+            .all(|b| b["id"] != "auth-1" && b["id"] != "sync-1")
+    );
+}
