@@ -265,19 +265,13 @@ class LoadBalancer:
         block = asyncio.current_task()
         failed: list[BaseException] = []
 
-        async def beat() -> None:
-            try:
-                while True:
-                    await asyncio.sleep(every)
-                    await self.heartbeat(service_name, instance.id)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # raised in the block, below
-                failed.append(e)
-                if block is not None:
-                    block.cancel()
+        def refused(e: Exception) -> None:
+            # Raised in the block, below.
+            failed.append(e)
+            if block is not None:
+                block.cancel()
 
-        heart = asyncio.create_task(beat())
+        heart = asyncio.create_task(_heartbeats(self, service_name, instance.id, every, refused))
 
         async def leave() -> None:
             heart.cancel()
@@ -421,6 +415,21 @@ class LoadBalancer:
         return await self._call("GET", "/v1/stats")
 
 
+async def _heartbeats(
+    lb: LoadBalancer, service_name: str, instance_id: str, every: float, refused: Any
+) -> None:
+    """Heartbeats every `every` seconds until cancelled; the first refusal goes to `refused`
+    and ends it."""
+    try:
+        while True:
+            await asyncio.sleep(every)
+            await lb.heartbeat(service_name, instance_id)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        refused(e)
+
+
 class SyncLoadBalancer:
     """The same calls, blocking, for scripts: a LoadBalancer on an event loop of its own in a
     background thread. Use `with SyncLoadBalancer(...) as lb:` or call `close()`.
@@ -480,17 +489,8 @@ class SyncLoadBalancer:
         every = ttl / 3 if interval is None else interval
         self._run(self._lb.register_instance(service_name, instance, ttl=ttl, deregister_after=deregister_after))
 
-        async def beat() -> None:
-            try:
-                while True:
-                    await asyncio.sleep(every)
-                    await self._lb.heartbeat(service_name, instance.id)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                self._failed.append(e)
-
-        heart = asyncio.run_coroutine_threadsafe(beat(), self._loop)
+        beats = _heartbeats(self._lb, service_name, instance.id, every, self._failed.append)
+        heart = asyncio.run_coroutine_threadsafe(beats, self._loop)
         try:
             yield
         finally:
