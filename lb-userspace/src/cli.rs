@@ -231,8 +231,21 @@ pub struct ServiceArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BackendCmd {
-    /// Register a backend with a service.
-    Add(BackendArgs),
+    /// Register a backend with a service; with --ttl it must heartbeat
+    /// (`lb backend heartbeat`) within that many seconds, or it is drained, then removed.
+    Add {
+        #[command(flatten)]
+        backend: BackendArgs,
+        /// Seconds (1..=86400) within which the backend must heartbeat.
+        #[arg(long)]
+        ttl: Option<f64>,
+        /// Seconds (1..=86400) a drained registration is kept before it is removed (default:
+        /// the daemon's deregister_after, 60). Needs --ttl.
+        #[arg(long, requires = "ttl")]
+        deregister_after: Option<f64>,
+    },
+    /// Renew the TTL of a backend registered with --ttl (a drained one takes new flows again).
+    Heartbeat { service: String, id: String },
     /// Deregister a backend.
     Remove { service: String, id: String },
     /// Change a backend's weight (0 drains it: no new flows).
@@ -381,9 +394,19 @@ pub fn run_client(cli: &Cli) -> anyhow::Result<i32> {
             service: name.clone(),
             strategy: *strategy,
         },
-        Command::Backend(BackendCmd::Add(a)) => Request::AddBackend {
+        Command::Backend(BackendCmd::Add {
+            backend: a,
+            ttl,
+            deregister_after,
+        }) => Request::AddBackend {
             service: a.service.clone(),
             backend: backend_spec(a),
+            ttl: *ttl,
+            deregister_after: *deregister_after,
+        },
+        Command::Backend(BackendCmd::Heartbeat { service, id }) => Request::Heartbeat {
+            service: service.clone(),
+            id: id.clone(),
         },
         Command::Backend(BackendCmd::Remove { service, id }) => Request::RemoveBackend {
             service: service.clone(),
@@ -648,12 +671,13 @@ fn print_human(command: &Command, data: &Value) {
                 );
                 for b in s["backends"].as_array().into_iter().flatten() {
                     println!(
-                        "  {:<16} {:<24} port={:<5} weight={:<5} slots={:<6} {}{}",
+                        "  {:<16} {:<24} port={:<5} weight={:<5} slots={:<6} {}{}{}",
                         b["id"].as_str().unwrap_or_default(),
                         fmt_ip(&b["address"]),
                         b["port"],
                         b["weight"],
                         b["table_slots"],
+                        fmt_registration(&b["registration"]),
                         if counting {
                             format!("active={:<6} ", b["active_flows"])
                         } else {
@@ -777,12 +801,13 @@ fn print_human(command: &Command, data: &Value) {
                         )
                     };
                     println!(
-                        "  {:<16} {:<5} score={:<4} weight={}/{}{external}{breaker}{agent} {last}",
+                        "  {:<16} {:<5} score={:<4} weight={}/{}{external}{breaker}{agent} {}{last}",
                         b["id"].as_str().unwrap_or_default(),
                         b["state"].as_str().unwrap_or_default(),
                         b["health_score"],
                         b["effective_weight"],
                         b["weight"],
+                        fmt_registration(&b["registration"]),
                     );
                 }
             }
@@ -798,6 +823,22 @@ fn print_human(command: &Command, data: &Value) {
             Value::String(s) => println!("{s}"),
             other => println!("{}", serde_json::to_string_pretty(other).unwrap_or_default()),
         },
+    }
+}
+
+/// A registration with a TTL, for the human listings: when the heartbeat is due, or why the
+/// backend is drained. Empty without one.
+fn fmt_registration(r: &Value) -> String {
+    if r.is_null() {
+        return String::new();
+    }
+    match r["reason"].as_str() {
+        Some(reason) => format!("drained: {reason}; "),
+        None => format!(
+            "ttl={}s heartbeat due in {:.1} s; ",
+            r["ttl_s"],
+            r["heartbeat_due_in_s"].as_f64().unwrap_or(0.0)
+        ),
     }
 }
 

@@ -69,6 +69,10 @@ pub struct DaemonConfig {
     /// How often backend MACs are re-read from the neighbour table.
     #[serde(default = "default_refresh")]
     pub neighbour_refresh_ms: u64,
+    /// Seconds an instance registered with a `ttl` stays, drained, after its heartbeat is
+    /// late, before it is removed (a registration may ask for its own).
+    #[serde(default = "default_deregister_after")]
+    pub deregister_after: f64,
     /// Outer source of IPIP packets: its first two bytes are kept, the last two vary per flow
     /// (receivers spread flows over queues by it). Backends never answer it.
     #[serde(default = "default_encap_source4")]
@@ -357,6 +361,9 @@ pub fn default_run_dir() -> PathBuf {
 fn default_refresh() -> u64 {
     1000
 }
+fn default_deregister_after() -> f64 {
+    crate::status::lease::DEFAULT_DEREGISTER_AFTER.as_secs_f64()
+}
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -587,6 +594,15 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 impl DaemonConfig {
+    /// A registration's terms: its `ttl`, and its own `deregister_after` or this daemon's.
+    pub fn registration_terms(
+        &self,
+        ttl: f64,
+        deregister_after: Option<f64>,
+    ) -> std::result::Result<crate::status::lease::Terms, String> {
+        crate::status::lease::Terms::from_secs(ttl, deregister_after.unwrap_or(self.deregister_after))
+    }
+
     pub fn validate(&self) -> Result<()> {
         validate_instance(&self.instance)?;
         if let Some(g) = &self.geo {
@@ -639,6 +655,8 @@ impl DaemonConfig {
         if self.neighbour_refresh_ms < 100 {
             return Err(Error::config("daemon.neighbour_refresh_ms must be at least 100"));
         }
+        crate::status::lease::deregister_after_secs(self.deregister_after)
+            .map_err(|e| Error::config(format!("daemon.{e}")))?;
         if let Some(addr) = self.api.listen
             && !addr.ip().is_loopback()
             && self.api.cert_file.is_none()

@@ -165,11 +165,18 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         }
     });
     let resolver = Arc::new(Resolver::new()?);
-    let (services, maps) = restore(&cfg, &config.services, dp);
+    let (services, leases, maps) = restore(&cfg, &config.services, dp);
     let readers = Arc::new(Readers::open(&cfg.instance)?);
     let histograms = metrics::Histograms::new();
-    let (writer, handles, commands, warnings) =
-        Writer::start(cfg.clone(), maps, resolver.clone(), services, histograms.clone()).await?;
+    let (writer, handles, commands, warnings) = Writer::start(
+        cfg.clone(),
+        maps,
+        resolver.clone(),
+        services,
+        leases,
+        histograms.clone(),
+    )
+    .await?;
     for w in warnings {
         warn!("{w}");
     }
@@ -223,7 +230,15 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
 /// The services to start from, and the maps' book: the state file's when this daemon adopts
 /// a running data plane (each service checked as an API change would be; one that fails stays
 /// out), else the config file's on fresh maps.
-fn restore(cfg: &DaemonConfig, configured: &[Service], dp: DataPlane) -> (Vec<Service>, Maps) {
+fn restore(
+    cfg: &DaemonConfig,
+    configured: &[Service],
+    dp: DataPlane,
+) -> (
+    Vec<Service>,
+    Vec<(crate::model::BackendRef, crate::status::lease::Terms)>,
+    Maps,
+) {
     let persisted = if dp.adopted {
         Persisted::restore(&cfg.state_path(), |kept, s| {
             s.validate()?;
@@ -246,9 +261,9 @@ fn restore(cfg: &DaemonConfig, configured: &[Service], dp: DataPlane) -> (Vec<Se
             for w in &p.warnings {
                 warn!("{w}");
             }
-            (p.services, Maps::adopt(dp, p.assignments))
+            (p.services, p.leases, Maps::adopt(dp, p.assignments))
         }
-        None => (configured.to_vec(), Maps::new(dp)),
+        None => (configured.to_vec(), Vec::new(), Maps::new(dp)),
     }
 }
 

@@ -37,6 +37,72 @@ pub struct Snapshot {
     pub adaptive: BTreeMap<String, AdaptiveState>,
     /// The geo data in use.
     pub geo: Option<GeoStatus>,
+    /// Each service's instances as watchers see them, and the pass that last changed them.
+    pub instances: BTreeMap<String, Instances>,
+}
+
+/// One instance as a watcher sees it (`GET /v1/services/{name}/instances`): where it is, and
+/// whether it takes new flows. Effective weights are left out: a slow-start ramp would wake
+/// every watcher ten times.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct InstanceView {
+    pub id: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+    /// `up`, `down` or `drained` (a late heartbeat).
+    pub state: &'static str,
+    /// It takes new flows (an effective weight above 0).
+    pub serving: bool,
+}
+
+/// A service's instances and their watch index: the writer's pass that last changed them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Instances {
+    pub index: u64,
+    pub instances: Vec<InstanceView>,
+}
+
+/// A service's instances as of `status` and `weights`.
+pub fn instance_views(
+    s: &Service,
+    status: &BTreeMap<BackendRef, BackendStatus>,
+    weights: Option<&ServiceWeights>,
+) -> Vec<InstanceView> {
+    s.backends
+        .iter()
+        .map(|b| InstanceView {
+            id: b.id.clone(),
+            address: b.address,
+            port: b.port(s),
+            weight: b.weight,
+            state: status
+                .get(&BackendRef::new(&s.name, &b.id))
+                .map_or("up", BackendStatus::state_name),
+            serving: weights
+                .and_then(|w| w.backends.get(&b.id))
+                .is_some_and(|e| e.weight > 0),
+        })
+        .collect()
+}
+
+/// Every service's instances, each keeping its index from `before` unless its view changed
+/// (then `pass` is its index). A removed service is left out.
+pub fn next_instances(
+    before: &BTreeMap<String, Instances>,
+    views: impl IntoIterator<Item = (String, Vec<InstanceView>)>,
+    pass: u64,
+) -> BTreeMap<String, Instances> {
+    views
+        .into_iter()
+        .map(|(name, instances)| {
+            let index = match before.get(&name) {
+                Some(b) if b.instances == instances => b.index,
+                _ => pass,
+            };
+            (name, Instances { index, instances })
+        })
+        .collect()
 }
 
 /// The geo data set in the data plane: counts only (no client is ever named).
@@ -189,4 +255,44 @@ impl Assignments {
 /// The key of a backend in `Assignments::backends` (and the state file).
 pub fn backend_key(service: &str, id: &str) -> String {
     format!("{service}/{id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(id: &str, state: &'static str) -> InstanceView {
+        InstanceView {
+            id: id.into(),
+            address: "10.0.1.1".parse().unwrap(),
+            port: 80,
+            weight: 100,
+            state,
+            serving: state == "up",
+        }
+    }
+
+    #[test]
+    fn a_service_keeps_its_index_until_its_instances_change() {
+        let first = next_instances(
+            &BTreeMap::new(),
+            [("web".into(), vec![view("b1", "up")]), ("dns".into(), vec![])],
+            1,
+        );
+        assert_eq!((first["web"].index, first["dns"].index), (1, 1));
+        // Pass 7 changes web's only: dns keeps index 1.
+        let next = next_instances(
+            &first,
+            [
+                ("web".into(), vec![view("b1", "drained")]),
+                ("dns".into(), vec![]),
+            ],
+            7,
+        );
+        assert_eq!((next["web"].index, next["dns"].index), (7, 1));
+        // Removed: gone from the map.
+        let last = next_instances(&next, [("web".into(), vec![view("b1", "drained")])], 9);
+        assert_eq!(last["web"].index, 7);
+        assert!(!last.contains_key("dns"));
+    }
 }

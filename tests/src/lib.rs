@@ -28,6 +28,17 @@ pub fn lb_bin() -> std::path::PathBuf {
     dir.join("lb")
 }
 
+/// The test environment's Python (`cargo xtask setup` makes it in the target directory's
+/// `py`): `CARGO_TARGET_DIR` as the build had it, else the workspace's `target`.
+pub fn python() -> std::path::PathBuf {
+    let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    // A relative directory is the workspace's, as cargo reads it.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| root.join("target"), |d| root.join(d));
+    target.join("py/bin/python")
+}
+
 /// Waits for `cond` up to `timeout`, polling; returns whether it became true.
 pub fn wait_until(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + timeout;

@@ -663,10 +663,7 @@ fn bad_input_over_api_cli_and_config_gets_one_line_errors_and_changes_nothing() 
 #[test]
 fn schemathesis_finds_no_server_error_and_every_response_conforms() {
     let a = start();
-    let st = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../target/py/bin/schemathesis"
-    ));
+    let st = lb_tests::python().with_file_name("schemathesis");
     assert!(
         st.exists(),
         "{} is missing: `cargo xtask setup` installs it",
@@ -725,7 +722,7 @@ fn schemathesis_finds_no_server_error_and_every_response_conforms() {
 /// percent-encodes every other path segment; checked against the request httpx would send.
 #[test]
 fn the_python_client_refuses_dot_segment_ids_and_encodes_the_rest() {
-    let python = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py/bin/python"));
+    let python = lb_tests::python();
     let script = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../python/tests/test_ids.py"
@@ -746,7 +743,7 @@ fn the_python_client_refuses_dot_segment_ids_and_encodes_the_rest() {
 #[test]
 fn the_python_client_runs_the_seeds_usage_example() {
     let a = start();
-    let python = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py/bin/python"));
+    let python = lb_tests::python();
     let script = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../python/tests/seed_usage.py"
@@ -882,7 +879,7 @@ fn tls_on_tcp_serves_the_api_behind_the_tokens() {
         plain.map_or(true, |(status, _)| status != 200),
         "plain HTTP was served"
     );
-    let python = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py/bin/python"));
+    let python = lb_tests::python();
     let client = concat!(env!("CARGO_MANIFEST_DIR"), "/../python");
     let script = format!(
         r#"

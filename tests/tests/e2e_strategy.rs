@@ -805,7 +805,7 @@ w.insert_network(IPSet(["fd99::4/126"]), {"country": {"iso_code": "CA"}, "contin
 w.insert_network(IPSet(["192.0.2.0/24"]), {"country": {"iso_code": "JP"}, "continent": {"code": "AS"}})
 w.to_db_file(sys.argv[1])
 "#;
-    let python = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/py/bin/python"));
+    let python = lb_tests::python();
     let tmp = std::env::temp_dir().join(format!("lb-geo-{}.mmdb", std::process::id()));
     let made = std::process::Command::new(&python)
         .args(["-c", script])

@@ -164,10 +164,25 @@ pub fn python_env(ctx: &Ctx) -> std::path::PathBuf {
     ctx.target_dir().join("py")
 }
 
-/// Ready when the environment was made from the requirements as they are now.
+/// The client package `python/`, installed into the environment beside the requirements.
+const PY_CLIENT: &str = "python";
+
+/// What the environment was made from: the requirements and the client package's files, so
+/// either changing installs again.
+fn py_marker(ctx: &Ctx) -> Result<String> {
+    let mut marker = py_requirements(ctx)?;
+    for file in ["pyproject.toml", "lbclient/__init__.py", "lbclient/py.typed"] {
+        let path = ctx.root.join(PY_CLIENT).join(file);
+        marker.push_str(&format!("\n# {file}\n"));
+        marker.push_str(&fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?);
+    }
+    Ok(marker)
+}
+
+/// Ready when the environment was made from the requirements and the client as they are now.
 fn python_env_ready(ctx: &Ctx) -> bool {
     let marker = python_env(ctx).join("lb-packages");
-    py_requirements(ctx).is_ok_and(|want| fs::read_to_string(marker).is_ok_and(|m| m == want))
+    py_marker(ctx).is_ok_and(|want| fs::read_to_string(marker).is_ok_and(|m| m == want))
 }
 
 fn install_python_env(ctx: &Ctx) -> Result<()> {
@@ -189,7 +204,21 @@ fn install_python_env(ctx: &Ctx) -> Result<()> {
     ])
     .arg(ctx.root.join(PY_REQUIREMENTS));
     ctx::run(&mut pip).context("install the Python test packages")?;
-    fs::write(dir.join("lb-packages"), py_requirements(ctx)?)
+    // The client as `pip install ./python` installs it, built with the setuptools the
+    // environment has (no download: the build backend is not fetched in isolation).
+    let mut client = ctx.command(dir.join("bin/pip"));
+    client
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--no-build-isolation",
+            "--force-reinstall",
+        ])
+        .arg(ctx.root.join(PY_CLIENT));
+    ctx::run(&mut client).context("install the Python client (python/)")?;
+    fs::write(dir.join("lb-packages"), py_marker(ctx)?)
         .with_context(|| format!("write {}", dir.display()))?;
     Ok(())
 }

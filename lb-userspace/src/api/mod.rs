@@ -26,9 +26,17 @@ pub enum Request {
     RemoveService {
         name: String,
     },
+    /// Register a backend; with `ttl` (seconds) it must heartbeat within it.
     AddBackend {
         service: String,
         backend: BackendSpec,
+        ttl: Option<f64>,
+        deregister_after: Option<f64>,
+    },
+    /// Renew the TTL of a backend registered with one.
+    Heartbeat {
+        service: String,
+        id: String,
     },
     RemoveBackend {
         service: String,
@@ -139,10 +147,28 @@ impl Request {
             Self::ListServices => ("GET", "/v1/services".into(), None),
             Self::AddService { service } => ("POST", "/v1/services".into(), Some(json!(service))),
             Self::RemoveService { name } => ("DELETE", format!("/v1/services/{}", seg(name)), None),
-            Self::AddBackend { service, backend } => (
-                "POST",
-                format!("/v1/services/{}/instances", seg(service)),
-                Some(json!(backend)),
+            Self::AddBackend {
+                service,
+                backend,
+                ttl,
+                deregister_after,
+            } => {
+                let mut body = json!(backend);
+                for (key, v) in [("ttl", ttl), ("deregister_after", deregister_after)] {
+                    if let Some(v) = v {
+                        body[key] = json!(v);
+                    }
+                }
+                (
+                    "POST",
+                    format!("/v1/services/{}/instances", seg(service)),
+                    Some(body),
+                )
+            }
+            Self::Heartbeat { service, id } => (
+                "PUT",
+                format!("/v1/services/{}/instances/{}/heartbeat", seg(service), seg(id)),
+                None,
             ),
             Self::RemoveBackend { service, id } => (
                 "DELETE",

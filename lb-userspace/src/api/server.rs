@@ -233,24 +233,146 @@ pub async fn remove_service(State(s): Ctx, name: Result<Path<String>, PathReject
     change(&s, Change::RemoveService(name)).await
 }
 
-#[utoipa::path(post, path = "/v1/services/{name}/instances", tag = "instances", request_body = BackendSpec,
+/// A registration: an instance as in the config file, optionally with a lifetime. Its fields
+/// are a backend's and these two (the daemon reads them out, then the rest as a backend,
+/// whose unknown keys are refused as ever).
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct InstanceBody {
+    #[serde(flatten)]
+    pub backend: BackendSpec,
+    /// Seconds (1..=86400): the instance must heartbeat (`PUT .../heartbeat`) within it, or it
+    /// is drained (no new flows), then removed `deregister_after` later.
+    #[serde(default)]
+    pub ttl: Option<f64>,
+    /// Seconds (1..=86400) a drained registration is kept before it is removed (default: the
+    /// daemon's `deregister_after`, 60). Only with `ttl`.
+    #[serde(default)]
+    pub deregister_after: Option<f64>,
+}
+
+/// Splits a registration's body into its backend and its lifetime, each checked.
+fn registration(
+    cfg: &DaemonConfig,
+    mut body: serde_json::Value,
+) -> Result<(BackendSpec, Option<crate::status::lease::Terms>), Failure> {
+    let invalid = |m: String| Failure::new(StatusCode::BAD_REQUEST, m);
+    let mut take = |key: &str| -> Result<Option<f64>, Failure> {
+        match body.as_object_mut().and_then(|o| o.remove(key)) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                invalid(format!(
+                    "malformed request body: {key} must be a number of seconds"
+                ))
+            }),
+        }
+    };
+    let (ttl, deregister_after) = (take("ttl")?, take("deregister_after")?);
+    let backend: BackendSpec =
+        serde_json::from_value(body).map_err(|e| invalid(format!("malformed request body: {e}")))?;
+    let terms = match (ttl, deregister_after) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(invalid("deregister_after needs a ttl".into())),
+        (Some(t), d) => Some(cfg.registration_terms(t, d).map_err(invalid)?),
+    };
+    Ok((backend, terms))
+}
+
+#[utoipa::path(post, path = "/v1/services/{name}/instances", tag = "instances", request_body = InstanceBody,
     params(("name" = String, Path, description = "Service name")),
     responses((status = 200, body = Envelope), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn add_instance(
     State(s): Ctx,
     name: Result<Path<String>, PathRejection>,
-    body: Result<Json<BackendSpec>, JsonRejection>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Answer {
     let Path(service) = name.map_err(bad_path)?;
-    let Json(backend) = body.map_err(bad_body)?;
+    let Json(body) = body.map_err(bad_body)?;
+    let (backend, lease) = registration(&s.cfg, body)?;
+    if lease.is_some() && s.cluster.is_some() {
+        // The cluster's state in etcd has no place for a heartbeat yet (etcd leases: to come).
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "a registration with a ttl is not supported with [cluster] yet: register without ttl",
+        ));
+    }
     change(
         &s,
         Change::AddBackend {
             service,
             backend: backend.into(),
+            lease,
         },
     )
     .await
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct InstancesQuery {
+    /// Watch: answer once the instances' index is above this one (the `index` of an earlier
+    /// answer), or when `wait` runs out with the same one. Without it, answer now.
+    pub index: Option<u64>,
+    /// Seconds a watch waits at most (default 20; at most the request timeout less a second).
+    pub wait: Option<f64>,
+}
+
+#[utoipa::path(get, path = "/v1/services/{name}/instances", tag = "instances",
+    params(("name" = String, Path, description = "Service name"), InstancesQuery),
+    responses((status = 200, description = "`{index, instances: [{id, address, port, weight, state, serving}]}`; with `index`, a long poll that answers when they change", body = Envelope),
+        (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn list_instances(
+    State(s): Ctx,
+    name: Result<Path<String>, PathRejection>,
+    q: Result<Query<InstancesQuery>, QueryRejection>,
+) -> Answer {
+    let Path(name) = name.map_err(bad_path)?;
+    let Query(q) = q.map_err(bad_query)?;
+    // Below the request timeout, so a watch answers rather than being cut off.
+    let most = s.cfg.http.request_timeout_s.saturating_sub(1).max(1) as f64;
+    let wait = match q.wait {
+        None => DEFAULT_WATCH_WAIT.min(most),
+        Some(w) if w.is_finite() && w > 0.0 && w <= most => w,
+        Some(w) => {
+            return Err(Failure::new(
+                StatusCode::BAD_REQUEST,
+                format!("wait {w} s is out of range (0, {most}]"),
+            ));
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
+    let mut snapshots = s.snapshot.clone();
+    loop {
+        let snap = snapshots.borrow_and_update().clone();
+        let found = snap
+            .instances
+            .get(&name)
+            .ok_or_else(|| Failure::new(StatusCode::NOT_FOUND, format!("unknown service {name}")))?;
+        // An index from before a restart (above every pass so far) is answered at once too.
+        let changed = q
+            .index
+            .is_none_or(|i| found.index > i || i > snap.counters.passes);
+        if changed {
+            return ok(json!(found), vec![]);
+        }
+        match tokio::time::timeout_at(deadline, snapshots.changed()).await {
+            Ok(Ok(())) => continue,
+            // Timed out, or the writer stopped: the same index again.
+            _ => return ok(json!(found), vec![]),
+        }
+    }
+}
+
+/// How long a watch waits for a change by default, in seconds.
+const DEFAULT_WATCH_WAIT: f64 = 20.0;
+
+#[utoipa::path(put, path = "/v1/services/{name}/instances/{id}/heartbeat", tag = "instances",
+    params(("name" = String, Path, description = "Service name"), ("id" = String, Path, description = "Instance (backend) id")),
+    responses((status = 200, description = "The registration's TTL starts again; a drained instance takes new flows again", body = Envelope),
+        (status = 400, description = "The instance was registered without a ttl", body = ApiError),
+        (status = 404, body = ApiError)))]
+pub async fn heartbeat(State(s): Ctx, path: Result<Path<(String, String)>, PathRejection>) -> Answer {
+    let Path((service, id)) = path.map_err(bad_path)?;
+    change(&s, Change::Heartbeat { service, id }).await
 }
 
 #[utoipa::path(delete, path = "/v1/services/{name}/instances/{id}", tag = "instances",
@@ -606,7 +728,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/services", get(list_services).post(add_service))
         .route("/v1/services/{name}", get(get_service).delete(remove_service))
-        .route("/v1/services/{name}/instances", post(add_instance))
+        .route(
+            "/v1/services/{name}/instances",
+            get(list_instances).post(add_instance),
+        )
         .route(
             "/v1/services/{name}/instances/{id}",
             axum::routing::delete(remove_instance),
@@ -616,6 +741,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/plan", post(plan))
         .route("/v1/services/{name}/instances/{id}/health", put(set_health))
         .route("/v1/services/{name}/instances/{id}/load", put(report_load))
+        .route("/v1/services/{name}/instances/{id}/heartbeat", put(heartbeat))
         .route("/v1/services/{name}/pick", get(pick))
         .route("/v1/health", get(health))
         .route("/v1/stats", get(stats))

@@ -55,6 +55,7 @@ impl PlanChange {
             Self::AddBackend { service, backend } => Change::AddBackend {
                 service,
                 backend: (*backend).into(),
+                lease: None,
             },
             Self::RemoveBackend { service, id } => Change::RemoveBackend { service, id },
             Self::Strategy { service, strategy } => Change::SetStrategy { service, strategy },

@@ -16,7 +16,7 @@ use crate::{
     nat::NatStatus,
     reconcile::apply::addr_bytes,
     snapshot::Snapshot,
-    status::{HealthState, checks::Board},
+    status::checks::Board,
 };
 
 /// One request's view: the snapshot taken when it arrived.
@@ -198,7 +198,8 @@ impl Queries<'_> {
                 }));
                 backends.push(json!({
                     "id": b.id,
-                    "state": match st.health { HealthState::Up => "up", HealthState::Down => "down" },
+                    "state": st.state_name(),
+                    "registration": registration(st, now),
                     "load": load,
                     "resolved": self.snap.hops.contains_key(&b.address),
                     "health_score": st.score,
@@ -255,13 +256,13 @@ impl Queries<'_> {
                             .map(|x| x.slot);
                         let hop = self.snap.hops.get(&b.address);
                         let effective = self.snap.weights.get(&s.name).and_then(|w| w.backends.get(&b.id));
-                        let health = self.snap.status.get(&BackendRef::new(&s.name, &b.id)).map_or("up", |st| match st.health {
-                            HealthState::Up => "up",
-                            HealthState::Down => "down",
-                        });
+                        let now = std::time::Instant::now();
+                        let st = self.snap.status.get(&BackendRef::new(&s.name, &b.id));
+                        let health = st.map_or("up", crate::status::BackendStatus::state_name);
                         json!({
                             "id": b.id, "address": b.address, "port": b.port(s), "weight": b.weight,
                             "effective_weight": effective.map_or(0, |e| e.weight), "health": health,
+                            "registration": st.map(|st| registration(st, now)),
                             "region": b.region, "zone": b.zone, "labels": b.labels,
                             "resolved": hop.is_some(),
                             "mac": hop.map(|h| mac_string(&h.dst_mac)),
@@ -492,6 +493,20 @@ pub fn least_loaded(
 /// A NAT entry's address words and network-order port as a socket address.
 fn socket_of(words: [u32; 4], port_be: u16, family: u8) -> std::net::SocketAddr {
     std::net::SocketAddr::new(lb_common::ip_addr(family, words), u16::from_be(port_be))
+}
+
+/// A registration with a TTL: its terms, when the heartbeat is due (negative: late by), and
+/// why it takes no new flows; `null` for a backend registered without one.
+fn registration(st: &crate::status::BackendStatus, now: std::time::Instant) -> serde_json::Value {
+    st.lease.map_or(serde_json::Value::Null, |l| {
+        json!({
+            "ttl_s": l.terms.ttl.as_secs_f64(),
+            "deregister_after_s": l.terms.deregister_after.as_secs_f64(),
+            "heartbeat_due_in_s": l.left_s(now),
+            "drained": l.drained,
+            "reason": l.reason(now),
+        })
+    })
 }
 
 pub fn mac_string(mac: &[u8; 6]) -> String {

@@ -15,6 +15,12 @@ pub struct Histograms {
     pub map_write: HistogramVec,
     /// `lb_strategy_switches_total{service,from,to}`: adaptive services' switches.
     pub switches: prometheus::IntCounterVec,
+    /// `lb_registration_heartbeats_total{service}`: heartbeats of instances registered with a
+    /// TTL, accepted.
+    pub heartbeats: prometheus::IntCounterVec,
+    /// `lb_registration_expiries_total{service,outcome}`: late heartbeats that drained
+    /// (`drained`) or removed (`removed`) an instance.
+    pub expiries: prometheus::IntCounterVec,
 }
 
 impl Histograms {
@@ -48,6 +54,22 @@ impl Histograms {
                     "Strategy switches of adaptive services (the reason is in the log and in lb service list).",
                 ),
                 &["service", "from", "to"],
+            )
+            .expect("valid counter"),
+            heartbeats: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "lb_registration_heartbeats_total",
+                    "Heartbeats accepted from instances registered with a ttl.",
+                ),
+                &["service"],
+            )
+            .expect("valid counter"),
+            expiries: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "lb_registration_expiries_total",
+                    "Instances registered with a ttl whose heartbeat was late: drained (no new flows), then removed.",
+                ),
+                &["service", "outcome"],
             )
             .expect("valid counter"),
         }

@@ -46,6 +46,8 @@ pub fn registry(sources: Sources, histograms: &Histograms) -> prometheus::Result
     registry.register(Box::new(histograms.rebuild.clone()))?;
     registry.register(Box::new(histograms.map_write.clone()))?;
     registry.register(Box::new(histograms.switches.clone()))?;
+    registry.register(Box::new(histograms.heartbeats.clone()))?;
+    registry.register(Box::new(histograms.expiries.clone()))?;
     registry.register(Box::new(
         prometheus::process_collector::ProcessCollector::for_self(),
     ))?;

@@ -15,6 +15,7 @@ use crate::{
     model::{BackendRef, Service},
     status::{
         BackendStatus, External, HealthState,
+        lease::Lease,
         load::{DEFAULT_REPORT_TTL, MAX_REPORT_TTL},
     },
 };
@@ -43,7 +44,7 @@ pub(crate) fn change_state(
     now: Instant,
 ) -> Result<()> {
     match change {
-        Change::Replace(next) => *services = next,
+        Change::Replace(next) => *services = keep_registrations(services, status, next),
         Change::AddService(s) => {
             if services.iter().any(|x| x.name == s.name) {
                 return Err(Error::Exists(format!("service {} already exists", s.name)));
@@ -57,7 +58,11 @@ pub(crate) fn change_state(
                 return Err(unknown_service(&name));
             }
         }
-        Change::AddBackend { service, backend } => {
+        Change::AddBackend {
+            service,
+            backend,
+            lease,
+        } => {
             let svc = find_service(services, &service)?;
             if svc.backend(&backend.id).is_some() {
                 return Err(Error::Exists(format!(
@@ -65,7 +70,35 @@ pub(crate) fn change_state(
                     backend.id
                 )));
             }
+            let key = BackendRef::new(&service, &backend.id);
             svc.backends.push(backend);
+            // A status left by a backend of that id removed earlier in this pass starts over.
+            status.insert(
+                key,
+                BackendStatus {
+                    lease: lease.map(|t| Lease::new(t, now)),
+                    ..Default::default()
+                },
+            );
+        }
+        Change::Heartbeat { service, id } => {
+            let svc = find_service(services, &service)?;
+            if svc.backend(&id).is_none() {
+                return Err(unknown_backend(&service, &id));
+            }
+            let st = status.get_mut(&BackendRef::new(&service, &id));
+            let Some((lease, up_at)) = st.and_then(|st| st.lease.as_mut().map(|l| (l, &mut st.up_at))) else {
+                return Err(Error::invalid(format!(
+                    "backend {service}/{id} was registered without a ttl: it has no heartbeat to renew"
+                )));
+            };
+            lease.renewed = now;
+            if lease.drained {
+                lease.drained = false;
+                // Back as from a health recovery: its weight ramps over slow_start.
+                *up_at = Some(now);
+                info!("backend {service}/{id}: heartbeat again, takes new flows");
+            }
         }
         Change::RemoveBackend { service, id } => {
             let svc = find_service(services, &service)?;
@@ -157,6 +190,40 @@ pub(crate) fn change_state(
     validate_services(services)?;
     validate_against(cfg, services)?;
     Ok(())
+}
+
+/// A reload's services, with the backends registered with a TTL kept: they belong to the
+/// instances that heartbeat, not to the file. One the file now declares itself (same id or
+/// same address and port) is the file's from then on, without a lease.
+fn keep_registrations(
+    services: &[Service],
+    status: &mut BTreeMap<BackendRef, BackendStatus>,
+    mut next: Vec<Service>,
+) -> Vec<Service> {
+    for (key, st) in status.iter_mut().filter(|(_, st)| st.lease.is_some()) {
+        let Some(old) = services
+            .iter()
+            .find(|s| s.name == key.service)
+            .and_then(|s| s.backend(&key.id))
+        else {
+            continue;
+        };
+        let Some(svc) = next.iter_mut().find(|s| s.name == key.service) else {
+            continue;
+        };
+        let port = old.port(svc);
+        if svc
+            .backends
+            .iter()
+            .any(|b| b.id == old.id || (b.address == old.address && b.port(svc) == port))
+        {
+            info!("backend {key}: now declared in the config file; its registration's ttl no longer applies");
+            st.lease = None;
+            continue;
+        }
+        svc.backends.push(old.clone());
+    }
+    next
 }
 
 /// What the monitor last published about one backend, into its status; a backend back up
@@ -272,6 +339,7 @@ mod tests {
         let add = |id: &str| Change::AddBackend {
             service: "web".into(),
             backend: Backend::new(id, ip("10.0.1.3")),
+            lease: None,
         };
         let (r, s, _) = apply(add("b2"));
         r.unwrap();
@@ -281,6 +349,7 @@ mod tests {
             refused(Change::AddBackend {
                 service: "nope".into(),
                 backend: Backend::new("b2", ip("10.0.1.3")),
+                lease: None,
             }),
             Error::NotFound(_)
         ));
@@ -424,5 +493,92 @@ mod tests {
         record_health(&mut st, update(HealthState::Up, 1.0), now);
         assert_eq!(st[&b].up_at, Some(now));
         assert_eq!(st[&b].slow_start, Duration::from_secs(10));
+    }
+
+    fn terms() -> crate::status::lease::Terms {
+        crate::status::lease::Terms {
+            ttl: Duration::from_secs(2),
+            deregister_after: Duration::from_secs(5),
+        }
+    }
+
+    /// The start state with `web/r1` registered with a TTL.
+    fn registered() -> (Vec<Service>, BTreeMap<BackendRef, BackendStatus>) {
+        let (mut services, mut status) = start();
+        let add = Change::AddBackend {
+            service: "web".into(),
+            backend: Backend::new("r1", ip("10.0.1.9")),
+            lease: Some(terms()),
+        };
+        change_state(&cfg(), &mut services, &mut status, add, Instant::now()).unwrap();
+        (services, status)
+    }
+
+    #[test]
+    fn a_heartbeat_renews_a_lease_and_undrains_and_is_refused_without_one() {
+        let (mut services, mut status) = registered();
+        let r1 = BackendRef::new("web", "r1");
+        status.get_mut(&r1).unwrap().lease.as_mut().unwrap().drained = true;
+        let later = Instant::now() + Duration::from_secs(3);
+        let beat = |id: &str| Change::Heartbeat {
+            service: "web".into(),
+            id: id.into(),
+        };
+        change_state(&cfg(), &mut services, &mut status, beat("r1"), later).unwrap();
+        let lease = status[&r1].lease.unwrap();
+        assert_eq!((lease.renewed, lease.drained), (later, false));
+        assert_eq!(status[&r1].up_at, Some(later), "back: the usual ramp");
+        // Unknown id, unknown service, a backend without a ttl: refused, nothing changed.
+        let before = (services.clone(), status.clone());
+        let e = change_state(&cfg(), &mut services, &mut status, beat("nope"), later).unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+        let e = change_state(
+            &cfg(),
+            &mut services,
+            &mut status,
+            Change::Heartbeat {
+                service: "nope".into(),
+                id: "r1".into(),
+            },
+            later,
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+        let e = change_state(&cfg(), &mut services, &mut status, beat("b0"), later).unwrap_err();
+        assert!(
+            matches!(&e, Error::Invalid(m) if m.contains("without a ttl")),
+            "{e}"
+        );
+        assert_eq!((services, status), before);
+    }
+
+    #[test]
+    fn a_reload_keeps_registrations_unless_the_file_declares_them() {
+        let (services, status) = registered();
+        let file = start().0;
+        // The file as it was: r1 kept, with its lease.
+        let (mut s, mut st) = (services.clone(), status.clone());
+        change_state(
+            &cfg(),
+            &mut s,
+            &mut st,
+            Change::Replace(file.clone()),
+            Instant::now(),
+        )
+        .unwrap();
+        assert!(web(&s).backend("r1").is_some());
+        assert!(st[&BackendRef::new("web", "r1")].lease.is_some());
+        // The file now declares r1's address and port under another id: the file's, no lease.
+        let mut declares = file.clone();
+        declares[0].backends.push(Backend::new("static", ip("10.0.1.9")));
+        let (mut s, mut st) = (services.clone(), status.clone());
+        change_state(&cfg(), &mut s, &mut st, Change::Replace(declares), Instant::now()).unwrap();
+        assert!(web(&s).backend("r1").is_none());
+        assert!(st.values().all(|x| x.lease.is_none()));
+        // The service is gone from the file: so is the registration.
+        let (mut s, mut st) = (services, status);
+        let only_dns = file.into_iter().filter(|x| x.name == "dns").collect();
+        change_state(&cfg(), &mut s, &mut st, Change::Replace(only_dns), Instant::now()).unwrap();
+        assert_eq!(s.len(), 1);
     }
 }

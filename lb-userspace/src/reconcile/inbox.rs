@@ -9,7 +9,7 @@ use crate::{
     error::Result,
     model::{Backend, BackendRef, Service},
     neigh::NextHop,
-    status::{AgentState, BreakerState, HealthState, load::LoadReport},
+    status::{AgentState, BreakerState, HealthState, lease::Terms, load::LoadReport},
 };
 
 /// A change to the desired state, from the API.
@@ -19,9 +19,16 @@ pub enum Change {
     Replace(Vec<Service>),
     AddService(Service),
     RemoveService(String),
+    /// Register a backend; with `lease`, it must heartbeat within its TTL (`status::lease`).
     AddBackend {
         service: String,
         backend: Backend,
+        lease: Option<Terms>,
+    },
+    /// A heartbeat of a backend registered with a TTL.
+    Heartbeat {
+        service: String,
+        id: String,
     },
     RemoveBackend {
         service: String,

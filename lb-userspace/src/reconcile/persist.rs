@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::ServiceSpec,
     error::{Error, Result},
-    model::Service,
+    model::{BackendRef, Service},
     snapshot::Assignments,
+    status::lease::Terms,
 };
 
 /// Largest state file read back (1,024 services of 16,384 backends stay far below it).
@@ -25,12 +26,37 @@ const MAX_STATE_BYTES: u64 = 256 * 1024 * 1024;
 pub struct Persisted {
     pub services: Vec<ServiceSpec>,
     pub assignments: Assignments,
+    /// The terms of backends registered with a TTL (their heartbeats are not kept: a restarted
+    /// daemon gives each a whole TTL to heartbeat again).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<SavedLease>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedLease {
+    pub service: String,
+    pub id: String,
+    pub ttl_s: f64,
+    pub deregister_after_s: f64,
+}
+
+impl SavedLease {
+    pub fn new(b: &BackendRef, t: Terms) -> Self {
+        Self {
+            service: b.service.clone(),
+            id: b.id.clone(),
+            ttl_s: t.ttl.as_secs_f64(),
+            deregister_after_s: t.deregister_after.as_secs_f64(),
+        }
+    }
 }
 
 /// What a restart takes from the state file.
 pub struct Restored {
     pub services: Vec<Service>,
     pub assignments: Assignments,
+    /// Registrations with a TTL, of backends kept.
+    pub leases: Vec<(BackendRef, Terms)>,
     /// One line for each service left out.
     pub warnings: Vec<String>,
 }
@@ -73,9 +99,26 @@ impl Persisted {
                 )),
             }
         }
+        // Terms out of range are checked as an API registration's; one that fails is left out.
+        let mut leases = Vec::new();
+        for l in p.leases {
+            let key = BackendRef::new(&l.service, &l.id);
+            let known = kept
+                .iter()
+                .any(|s| s.name == l.service && s.backend(&l.id).is_some());
+            match Terms::from_secs(l.ttl_s, l.deregister_after_s) {
+                Ok(t) if known => leases.push((key, t)),
+                Ok(_) => {}
+                Err(e) => warnings.push(format!(
+                    "state file {}: registration {key} left without its ttl: {e}",
+                    path.display()
+                )),
+            }
+        }
         Some(Restored {
             services: kept,
             assignments: p.assignments,
+            leases,
             warnings,
         })
     }

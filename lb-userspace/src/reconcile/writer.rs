@@ -19,7 +19,7 @@ use super::{
     change::{change_state, record_health},
     hops,
     inbox::{Change, Command},
-    persist::Persisted,
+    persist::{Persisted, SavedLease},
     plan::{self, Desired},
     warnings,
 };
@@ -29,9 +29,10 @@ use crate::{
     metrics::histograms::Histograms,
     model::{BackendRef, Service, Strategy, backend_addresses},
     neigh::{NextHop, Resolver},
-    snapshot::{GeoStatus, PassCounters, Snapshot, in_effect},
+    snapshot::{GeoStatus, PassCounters, Snapshot, in_effect, instance_views, next_instances},
     status::{
         AdaptiveState, BackendStatus, External, ServiceWeights, agree, cluster::View, effective_weights,
+        lease::{Lease, Step, Terms},
         votes,
     },
     strategy::{geo, resource},
@@ -99,6 +100,7 @@ impl Writer {
         maps: Maps,
         resolver: Arc<Resolver>,
         services: Vec<Service>,
+        leases: Vec<(BackendRef, Terms)>,
         histograms: Histograms,
     ) -> Result<(Self, Handles, mpsc::Receiver<Command>, Vec<String>)> {
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
@@ -132,9 +134,19 @@ impl Writer {
                 }
             }
         }
-        let warnings = writer
-            .commit(services, writer.status.clone(), HashMap::new(), true)
-            .await?;
+        // Restored registrations: a whole TTL from now to heartbeat this daemon.
+        let now = Instant::now();
+        let status = leases
+            .into_iter()
+            .map(|(b, terms)| {
+                let st = BackendStatus {
+                    lease: Some(Lease::new(terms, now)),
+                    ..Default::default()
+                };
+                (b, st)
+            })
+            .collect();
+        let warnings = writer.commit(services, status, HashMap::new(), true).await?;
         let handles = Handles {
             commands: tx,
             snapshot: snapshot_rx,
@@ -205,7 +217,13 @@ impl Writer {
         let now = Instant::now();
         self.status
             .values()
-            .flat_map(|s| [s.external.and_then(|e| e.expires), s.next_ramp_step(now)])
+            .flat_map(|s| {
+                [
+                    s.external.and_then(|e| e.expires),
+                    s.next_ramp_step(now),
+                    s.lease.map(|l| l.next_due()),
+                ]
+            })
             .flatten()
             .chain(self.resource_due)
             .chain(self.unapplied.as_ref().map(|u| u.retry_at))
@@ -282,6 +300,10 @@ impl Writer {
                 }
                 Command::Change { change, reply } => {
                     reported |= matches!(*change, Change::ReportLoad { .. });
+                    let heartbeat = match &*change {
+                        Change::Heartbeat { service, .. } => Some(service.clone()),
+                        _ => None,
+                    };
                     let mut next = services.clone();
                     let mut next_status = status.clone();
                     match change_state(&self.cfg, &mut next, &mut next_status, *change, now) {
@@ -289,6 +311,12 @@ impl Writer {
                             services = next;
                             status = next_status;
                             replies.push(reply);
+                            if let Some(service) = heartbeat {
+                                self.histograms
+                                    .heartbeats
+                                    .with_label_values(&[service.as_str()])
+                                    .inc();
+                            }
                         }
                         Err(e) => {
                             let _ = reply.send(Err(e));
@@ -360,6 +388,7 @@ impl Writer {
                 st.up_at = None;
             }
         }
+        self.expire_leases(&mut services, &mut status, now);
         let changed = services != self.services;
         // Only a change's answer carries warnings: a pass for health or next hops alone skips
         // their sysctl reads, netlink queries and socket binds.
@@ -390,6 +419,50 @@ impl Writer {
         }
         if let (Err(e), false) = (&result, changed) {
             warn!("reconcile: {e}; health and next hops are tried again in {RETRY:?}");
+        }
+    }
+
+    /// Drains the backends whose heartbeat is late by their TTL and removes those late by
+    /// `deregister_after` more, as `Lease::step` decides; each once, logged and counted.
+    fn expire_leases(
+        &self,
+        services: &mut [Service],
+        status: &mut BTreeMap<BackendRef, BackendStatus>,
+        now: Instant,
+    ) {
+        let mut removed = Vec::new();
+        for (b, st) in status.iter_mut() {
+            let Some(lease) = &mut st.lease else { continue };
+            let outcome = match lease.step(now) {
+                Step::Keep => continue,
+                Step::Drain => {
+                    lease.drained = true;
+                    warn!(
+                        "backend {b}: no heartbeat for {:.1} s (ttl {} s): drained, no new flows",
+                        now.saturating_duration_since(lease.renewed).as_secs_f64(),
+                        lease.terms.ttl.as_secs_f64()
+                    );
+                    "drained"
+                }
+                Step::Remove => {
+                    warn!(
+                        "backend {b}: no heartbeat for {:.1} s: deregistered",
+                        now.saturating_duration_since(lease.renewed).as_secs_f64()
+                    );
+                    removed.push(b.clone());
+                    "removed"
+                }
+            };
+            self.histograms
+                .expiries
+                .with_label_values(&[b.service.as_str(), outcome])
+                .inc();
+        }
+        for b in removed {
+            if let Some(s) = services.iter_mut().find(|s| s.name == b.service) {
+                s.backends.retain(|x| x.id != b.id);
+            }
+            status.remove(&b);
         }
     }
 
@@ -539,6 +612,11 @@ impl Writer {
         if let Err(e) = (Persisted {
             services: self.services.iter().map(ServiceSpec::from).collect(),
             assignments: assignments.clone(),
+            leases: self
+                .status
+                .iter()
+                .filter_map(|(b, st)| st.lease.map(|l| SavedLease::new(b, l.terms)))
+                .collect(),
         })
         .save(&self.state_path)
         {
@@ -551,6 +629,14 @@ impl Writer {
             let guard = self.maps.lock().unwrap_or_else(|p| p.into_inner());
             (guard.dp.attachments.clone(), guard.dp.adopted)
         };
+        let instances = next_instances(
+            &self.snapshot.borrow().instances,
+            self.services.iter().map(|s| {
+                let views = instance_views(s, &self.status, weights.get(&s.name));
+                (s.name.clone(), views)
+            }),
+            self.counters.passes,
+        );
         let services = Arc::new(self.services.clone());
         if declared_changed || self.declared.borrow().is_empty() {
             self.declared.send_replace(services.clone());
@@ -569,6 +655,7 @@ impl Writer {
             counters: self.counters,
             adaptive: self.adaptive.clone(),
             geo: self.geo.clone(),
+            instances,
         }));
         Ok(warnings)
     }

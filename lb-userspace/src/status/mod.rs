@@ -17,6 +17,7 @@ use std::{
 pub mod bgp;
 pub mod checks;
 pub mod cluster;
+pub mod lease;
 pub mod load;
 pub mod signals;
 
@@ -52,6 +53,8 @@ pub struct BackendStatus {
     pub external: Option<External>,
     /// Its own load (reports, agent `N%`) and the factor resource-aware weighting gives it.
     pub load: load::LoadState,
+    /// Registered with a `ttl`: its heartbeats, and whether a late one drained it.
+    pub lease: Option<lease::Lease>,
 }
 
 impl Default for BackendStatus {
@@ -66,6 +69,7 @@ impl Default for BackendStatus {
             slow_start: Duration::ZERO,
             external: None,
             load: Default::default(),
+            lease: None,
         }
     }
 }
@@ -96,6 +100,16 @@ impl BackendStatus {
         let step = self.slow_start / RAMP_STEPS;
         let done = now.saturating_duration_since(at).as_nanos() / step.as_nanos().max(1);
         Some(at + step * (done as u32 + 1))
+    }
+
+    /// Its state for readers: `drained` while a late heartbeat keeps new flows away (the
+    /// reason is in its lease), else its health.
+    pub fn state_name(&self) -> &'static str {
+        match (self.lease.is_some_and(|l| l.drained), self.health) {
+            (true, _) => "drained",
+            (false, HealthState::Up) => "up",
+            (false, HealthState::Down) => "down",
+        }
     }
 
     fn external_score(&self) -> f64 {
@@ -169,8 +183,10 @@ pub fn effective_weights(
         // An open breaker takes no new flows; its pinned flows stay.
         let excluded =
             unhealthy || agent.is_some_and(AgentState::excluded) || st.breaker == BreakerState::Open;
-        // Drained (weight 0 or the agent's drain) backends are no panic candidates.
-        let candidate = reachable && configured > 0 && !agent.is_some_and(|a| a.drain || a.maint);
+        // Drained (weight 0, the agent's drain, a late heartbeat) backends are no panic
+        // candidates.
+        let late = st.lease.is_some_and(|l| l.drained);
+        let candidate = reachable && configured > 0 && !late && !agent.is_some_and(|a| a.drain || a.maint);
         candidates += usize::from(candidate);
         healthy += usize::from(candidate && !excluded);
         let half_open = if st.breaker == BreakerState::HalfOpen {
@@ -213,7 +229,10 @@ pub fn effective_weights(
                 let configured = agent.map_or(b.weight, |a| {
                     a.weight_within(b.weight, agent_absolute_weights(service, b))
                 });
-                let drained = agent.is_some_and(|a| a.drain || a.maint);
+                let drained = agent.is_some_and(|a| a.drain || a.maint)
+                    || status
+                        .get(&BackendRef::new(&service.name, &b.id))
+                        .is_some_and(|s| s.lease.is_some_and(|l| l.drained));
                 if resolved(b.address) && configured > 0 && !drained {
                     out.backends.insert(
                         b.id.clone(),
@@ -451,6 +470,37 @@ mod tests {
         });
         let w = effective_weights(&s, s.strategy, &st, |_| true, Instant::now());
         assert_eq!(weights(&w), vec![(10_000, true), (150, true)]);
+    }
+
+    #[test]
+    fn a_late_heartbeat_drains_new_flows_keeps_pinned_ones_and_is_no_panic_candidate() {
+        let s = service(2, None);
+        let now = Instant::now();
+        let terms = lease::Terms {
+            ttl: Duration::from_secs(2),
+            deregister_after: Duration::from_secs(60),
+        };
+        let mut st = BTreeMap::new();
+        let late = BackendStatus {
+            lease: Some(lease::Lease {
+                drained: true,
+                ..lease::Lease::new(terms, now)
+            }),
+            ..Default::default()
+        };
+        st.insert(BackendRef::new("web", "b0"), late);
+        let w = effective_weights(&s, s.strategy, &st, |_| true, now);
+        assert_eq!(weights(&w), vec![(0, true), (100, true)]);
+        // With the other one down, panic spreads over neither of the two: the late one is
+        // drained, not unhealthy.
+        st.insert(BackendRef::new("web", "b1"), down());
+        let w = effective_weights(&s, s.strategy, &st, |_| true, now);
+        assert!(w.panic);
+        assert_eq!(w.backends["b0"].weight, 0, "{w:?}");
+        // Live lease: as if it had none.
+        st.get_mut(&BackendRef::new("web", "b0")).unwrap().lease = Some(lease::Lease::new(terms, now));
+        let w = effective_weights(&s, s.strategy, &st, |_| true, now);
+        assert_eq!(w.backends["b0"].weight, 100);
     }
 
     #[test]
