@@ -31,12 +31,15 @@ use crate::{
     neigh::{NextHop, Resolver},
     snapshot::{GeoStatus, PassCounters, Snapshot, in_effect, instance_views, next_instances},
     status::{
-        AdaptiveState, BackendStatus, External, ServiceWeights, agree, cluster::View, effective_weights,
-        lease::{Lease, Step, Terms},
+        AdaptiveState, BackendStatus, ServiceWeights, agree,
+        cluster::View,
+        effective_weights,
+        lease::{Lease, Terms},
         votes,
     },
-    strategy::{geo, resource},
 };
+
+mod inputs;
 
 pub struct Writer {
     cfg: DaemonConfig,
@@ -63,6 +66,8 @@ pub struct Writer {
     view: Option<View>,
     /// In a cluster, the external scores it holds (they replace the node's own).
     externals: Option<BTreeMap<BackendRef, f64>>,
+    /// Heartbeats renewed apart from a pass (`inputs::renew`): a pass is due then to show them.
+    renewals_due: Option<Instant>,
 }
 
 /// What a failed pass could not apply, and when to try again.
@@ -81,6 +86,9 @@ impl Unapplied {
         }
     }
 }
+
+/// How soon heartbeats renewed apart from a pass reach the snapshot.
+const RENEWALS_SHOWN: Duration = Duration::from_secs(1);
 
 /// How soon a failed pass's health and next hops are tried again.
 const RETRY: Duration = Duration::from_secs(1);
@@ -125,6 +133,7 @@ impl Writer {
             unapplied: None,
             view: None,
             externals: None,
+            renewals_due: None,
         };
         if writer.cfg.geo.as_ref().is_some_and(|g| g.data.is_some()) {
             match writer.load_geo().await {
@@ -176,42 +185,6 @@ impl Writer {
         }
     }
 
-    /// Reads, parses and loads the geo data file; on any error nothing changes.
-    async fn load_geo(&mut self) -> Result<usize> {
-        let Some(geo) = self.cfg.geo.clone() else {
-            return Err(Error::invalid("no [daemon.geo] in the config"));
-        };
-        let Some(path) = geo.data.clone() else {
-            return Err(Error::invalid("[daemon.geo] names no data file"));
-        };
-        let source = path.display().to_string();
-        let maps = self.maps.clone();
-        let (n, per_region) =
-            tokio::task::spawn_blocking(move || -> Result<(usize, BTreeMap<String, usize>)> {
-                let prefixes = geo::load(&path, &geo).map_err(|e| Error::invalid(format!("geo data {e}")))?;
-                let per_region = geo::per_region(&prefixes, &geo);
-                let mut guard = maps.lock().unwrap_or_else(|p| p.into_inner());
-                let n = guard.dp.load_geo(&prefixes)?;
-                Ok((n, per_region))
-            })
-            .await
-            .map_err(|e| Error::dataplane(format!("geo load task: {e}")))??;
-        self.geo = Some(GeoStatus {
-            source,
-            prefixes: n,
-            prefixes_per_region: per_region,
-            loaded_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        });
-        self.snapshot.send_modify(|s| {
-            let mut next = (**s).clone();
-            next.geo = self.geo.clone();
-            *s = Arc::new(next);
-        });
-        Ok(n)
-    }
-
     /// The next TTL expiry, slow-start step or resource-aware update, if any.
     fn next_timer(&self) -> Option<Instant> {
         let now = Instant::now();
@@ -226,54 +199,19 @@ impl Writer {
             })
             .flatten()
             .chain(self.resource_due)
+            .chain(self.renewals_due)
             .chain(self.unapplied.as_ref().map(|u| u.retry_at))
             .min()
     }
 
-    /// One resource-aware update of every service running it, if due (`strategy::resource`).
-    async fn resource_update(
-        &mut self,
-        services: &[Service],
-        status: &mut BTreeMap<BackendRef, BackendStatus>,
-        reported: bool,
-        now: Instant,
-    ) {
-        let due = self.resource_due.is_some_and(|t| t <= now);
-        // Idle until a load signal arrives; then every interval while there is load to follow.
-        let wake = reported && self.resource_due.is_none();
-        if !(due || wake) {
-            return;
-        }
-        let running = services
-            .iter()
-            .filter(|s| in_effect(&self.adaptive, s) == Strategy::ResourceAware);
-        let (jobs, next) = resource::observe(running, status, now);
-        self.resource_due = next.map(|d| now + d);
-        if jobs.is_empty() {
-            return;
-        }
-        let steps = tokio::task::spawn_blocking(move || {
-            jobs.into_iter().map(resource::Job::step).collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        for step in steps {
-            for (id, f) in step.factors {
-                if let Some(st) = status.get_mut(&BackendRef::new(&step.service, &id)) {
-                    st.load.factor = f;
-                }
-            }
-            self.counters.resource_steps += 1;
-            log::debug!(
-                "service {}: resource-aware step moves {:.1}% of the table",
-                step.service,
-                step.moved * 100.0
-            );
-        }
-    }
-
     async fn pass(&mut self, batch: Vec<Command>) {
         self.counters.commands += batch.len() as u64;
+        let renewing = !batch.is_empty();
+        let batch = self.renew(batch, Instant::now());
+        if renewing && batch.is_empty() {
+            return;
+        }
+        self.renewals_due = None;
         let mut services = self.services.clone();
         let (mut status, mut hop_updates) = match self.unapplied.take() {
             Some(u) => (u.status, u.hops),
@@ -374,7 +312,7 @@ impl Writer {
                 .or_insert_with(|| AdaptiveState::new(now));
         }
         if let Some(set) = &self.externals {
-            cluster_scores(&services, &mut status, set);
+            inputs::cluster_scores(&services, &mut status, set);
         }
         self.resource_update(&services, &mut status, reported, now).await;
         for (b, st) in status.iter_mut() {
@@ -419,50 +357,6 @@ impl Writer {
         }
         if let (Err(e), false) = (&result, changed) {
             warn!("reconcile: {e}; health and next hops are tried again in {RETRY:?}");
-        }
-    }
-
-    /// Drains the backends whose heartbeat is late by their TTL and removes those late by
-    /// `deregister_after` more, as `Lease::step` decides; each once, logged and counted.
-    fn expire_leases(
-        &self,
-        services: &mut [Service],
-        status: &mut BTreeMap<BackendRef, BackendStatus>,
-        now: Instant,
-    ) {
-        let mut removed = Vec::new();
-        for (b, st) in status.iter_mut() {
-            let Some(lease) = &mut st.lease else { continue };
-            let outcome = match lease.step(now) {
-                Step::Keep => continue,
-                Step::Drain => {
-                    lease.drained = true;
-                    warn!(
-                        "backend {b}: no heartbeat for {:.1} s (ttl {} s): drained, no new flows",
-                        now.saturating_duration_since(lease.renewed).as_secs_f64(),
-                        lease.terms.ttl.as_secs_f64()
-                    );
-                    "drained"
-                }
-                Step::Remove => {
-                    warn!(
-                        "backend {b}: no heartbeat for {:.1} s: deregistered",
-                        now.saturating_duration_since(lease.renewed).as_secs_f64()
-                    );
-                    removed.push(b.clone());
-                    "removed"
-                }
-            };
-            self.histograms
-                .expiries
-                .with_label_values(&[b.service.as_str(), outcome])
-                .inc();
-        }
-        for b in removed {
-            if let Some(s) = services.iter_mut().find(|s| s.name == b.service) {
-                s.backends.retain(|x| x.id != b.id);
-            }
-            status.remove(&b);
         }
     }
 
@@ -662,34 +556,6 @@ impl Writer {
 
     fn last_weights(&self) -> BTreeMap<String, ServiceWeights> {
         self.snapshot.borrow().weights.clone()
-    }
-}
-
-/// The cluster's external scores on every backend: set where it holds one, gone elsewhere
-/// (its expiry is etcd's: a lease deletes the key).
-fn cluster_scores(
-    services: &[Service],
-    status: &mut BTreeMap<BackendRef, BackendStatus>,
-    set: &BTreeMap<BackendRef, f64>,
-) {
-    for s in services {
-        for b in &s.backends {
-            let r = BackendRef::new(&s.name, &b.id);
-            let want = set.get(&r).map(|&score| External { score, expires: None });
-            match status.get_mut(&r) {
-                Some(st) => st.external = want,
-                None if want.is_some() => {
-                    status.insert(
-                        r,
-                        BackendStatus {
-                            external: want,
-                            ..Default::default()
-                        },
-                    );
-                }
-                None => {}
-            }
-        }
     }
 }
 
