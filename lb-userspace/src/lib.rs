@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod model;
 pub mod nat;
 pub mod neigh;
+pub mod preflight;
 pub mod privileges;
 pub mod reconcile;
 pub mod serve;

@@ -5,6 +5,7 @@
 mod backend;
 mod backend_host;
 mod cluster;
+mod config;
 mod detach;
 mod geo;
 mod health;
@@ -24,6 +25,7 @@ pub use self::{
     backend::{BackendArgs, BackendCmd},
     backend_host::{BackendHostArgs, BackendHostCmd},
     cluster::ClusterCmd,
+    config::ConfigCmd,
     geo::GeoCmd,
     health::HealthArgs,
     lookup::LookupArgs,
@@ -73,6 +75,10 @@ pub enum Command {
     Detach,
     /// Show the daemon's instance, interfaces and attach modes.
     Status,
+    /// Check a config file as the daemon would (no daemon needed), or show the running
+    /// daemon's effective config.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// List, add and remove services.
     #[command(subcommand)]
     Service(ServiceCmd),
@@ -131,6 +137,8 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
             return Ok(0);
         }
         Command::Node(NodeCmd::Drain { wait }) => return node::drain(&socket, cli.json, *wait),
+        Command::Config(ConfigCmd::Check { file }) => return config::check(file, cli.json),
+        Command::Config(ConfigCmd::Show) => Request::Config,
         Command::Status => Request::Status,
         Command::Service(cmd) => service::request(cmd),
         Command::Backend(cmd) => backend::request(cmd),
@@ -157,6 +165,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
         Command::Node(_) => node::print(&data),
         Command::Cluster(cmd) => cluster::print(cmd, &data),
         Command::Plan(_) => plan::print(&data),
+        Command::Config(_) => config::print(&data)?,
         _ => print_plain(&data),
     }
     Ok(0)
