@@ -1,10 +1,15 @@
 //! `lb`: the daemon and its CLI in one binary.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use lb_userspace::cli::{self, Cli, Command};
 
 fn main() {
-    let cli = Cli::try_parse();
+    // Leaked once: clap takes a 'static version, and this one is made at run time.
+    let version: &'static str = Box::leak(lb_userspace::version().into_boxed_str());
+    let cli = Cli::command()
+        .version(version)
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
     let json_logs =
         matches!(&cli, Ok(Cli { command: Command::Daemon { log_format, .. }, .. }) if log_format == "json");
     let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
@@ -24,9 +29,7 @@ fn main() {
     let cli = match cli {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
-            // One line: clap's first line says what is wrong.
-            let text = e.to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("error: invalid arguments"));
+            eprintln!("{}", usage_error(&e.to_string()));
             std::process::exit(2);
         }
         Err(e) => e.exit(),
@@ -69,4 +72,47 @@ fn one_line(e: &anyhow::Error) -> String {
         .collect::<Vec<_>>()
         .join(": ")
         .replace('\n', " ")
+}
+
+/// Clap's error on one line: its first paragraph, which says what is wrong and, for missing
+/// arguments, names them on the lines beneath (the usage and tips after it are left out).
+fn usage_error(text: &str) -> String {
+    let line = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ");
+    if line.is_empty() {
+        "error: invalid arguments".to_string()
+    } else {
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn error_of(args: &[&str]) -> String {
+        usage_error(&Cli::try_parse_from(args).expect_err("refused").to_string())
+    }
+
+    #[test]
+    fn usage_errors_are_one_line_naming_what_is_missing() {
+        assert_eq!(
+            error_of(&["lb", "backend", "add", "web", "b1"]),
+            "error: the following required arguments were not provided: --address <ADDRESS>"
+        );
+        assert_eq!(
+            error_of(&["lb", "backend", "add"]),
+            "error: the following required arguments were not provided: --address <ADDRESS> <SERVICE> <ID>"
+        );
+        assert_eq!(
+            error_of(&["lb", "status", "--bogus"]),
+            "error: unexpected argument '--bogus' found"
+        );
+    }
 }

@@ -43,10 +43,10 @@ use crate::api::Request;
 )]
 pub struct Cli {
     /// Daemon instance to talk to (names its socket and its pins under /sys/fs/bpf).
-    #[arg(long, global = true, default_value = "default", value_parser = parse_instance)]
+    #[arg(long, global = true, env = "LB_INSTANCE", default_value = "default", value_parser = parse_instance)]
     pub instance: String,
     /// Directory of the daemon's control socket.
-    #[arg(long, global = true, default_value = "/run/lb")]
+    #[arg(long, global = true, env = "LB_RUN_DIR", default_value = "/run/lb")]
     pub run_dir: PathBuf,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
