@@ -14,6 +14,7 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
+    git_commit();
     quiet_ebpf_build();
     aya_build::build_ebpf(
         [aya_build::Package {
@@ -44,4 +45,22 @@ fn quiet_ebpf_build() {
         // nothing else reads or writes the environment concurrently.
         unsafe { std::env::set_var(QUIET, "true") };
     }
+}
+
+/// The commit this is built from, for `lb --version` (`LB_GIT_COMMIT`; "unknown" outside a git
+/// checkout). Built again when HEAD moves (its reflog changes on every commit and checkout).
+fn git_commit() {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    if let Some(log) = git(&["rev-parse", "--path-format=absolute", "--git-path", "logs/HEAD"]) {
+        println!("cargo:rerun-if-changed={log}");
+    }
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=LB_GIT_COMMIT={commit}");
 }

@@ -20,7 +20,7 @@ pub fn reply(ctx: &XdpContext, flow: &Flow) -> u32 {
 
 #[inline(always)]
 fn reply_verdict(ctx: &XdpContext, flow: &Flow) -> Verdict {
-    let frame = &crate::forward::frame_of(ctx);
+    let frame = &crate::tx::frame_of(ctx);
     let key = &flow.key;
     let filter = VIP_FILTER.get(0);
     if !filter.is_some_and(|f| f.may_be_vip(VipFilter::bit(&key.dst_addr))) {

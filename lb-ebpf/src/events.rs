@@ -3,7 +3,7 @@
 
 use aya_log_ebpf::warn;
 
-use crate::maps::EVENT_NEXT;
+use crate::maps::{EVENT_NEXT, EVENTS};
 
 #[derive(Clone, Copy)]
 #[repr(u32)]
@@ -14,8 +14,8 @@ pub enum Event {
     Shed = 1,
 }
 
-/// Kinds of event, the size of `EVENT_NEXT`.
-pub const EVENTS: u32 = 2;
+// Every kind has its slot in EVENT_NEXT.
+const _: () = assert!((Event::Shed as u32) < EVENTS);
 
 const SECOND_NS: u64 = 1_000_000_000;
 

@@ -1,22 +1,20 @@
 //! XDP entry points. Thin: parse, select, forward live in their own modules.
 #![no_std]
 #![no_main]
-// Atomic adds (`select::active_add`): the BPF target has no atomic RMW in core::sync.
+// Atomic adds (`maps::active_add`): the BPF target has no atomic RMW in core::sync.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
 mod clock;
 mod echo;
-mod encap;
 mod events;
 mod forward;
 mod headers;
 mod maps;
-mod nat;
 mod select;
 mod stats;
 mod steer;
-mod too_big;
+mod tx;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -52,7 +50,7 @@ pub fn lb(ctx: XdpContext) -> u32 {
     }
     let chosen = match select::choose(flow) {
         Choice::Backend(chosen) => chosen,
-        Choice::Nat { entry, backend } => return nat::translate(&ctx, flow, entry, backend),
+        Choice::Nat { entry, backend } => return forward::nat::translate(&ctx, flow, entry, backend),
         Choice::Done(action) => return action,
     };
     // A NAT connection counts once its entries exist (nat::open).
@@ -74,7 +72,7 @@ const PARSED: u32 = u32::MAX;
 /// counted action.
 #[inline(never)]
 fn parse(ctx: &XdpContext, out: &mut MaybeUninit<Flow>) -> u32 {
-    match parse_flow(&forward::frame_of(ctx)) {
+    match parse_flow(&tx::frame_of(ctx)) {
         Ok(flow) => {
             out.write(flow);
             PARSED

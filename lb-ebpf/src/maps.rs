@@ -14,6 +14,7 @@ use lb_common::{
         DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, MAX_SERVICES,
         MAX_TX_PORTS, POOL_LANES,
     },
+    nat::SourceWindow,
     shed::ShedBucket,
     stats::COUNTER_SLOTS,
 };
@@ -76,11 +77,28 @@ pub fn pool_slot(i: u32) -> Option<u32> {
 #[map]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 
+/// The live backend of a NAT request entry, if its slot still serves the connection.
+#[inline(always)]
+pub fn backend_of(e: &NatEntry) -> Option<&'static Backend> {
+    BACKENDS.get(e.backend).filter(|b| b.serves(e.generation))
+}
+
 /// Active flows per backend slot, for the counting strategies: +1 when a new flow is pinned,
 /// −1 at the client's FIN or RST, by atomic adds from every CPU. mmap-able so the daemon can
 /// correct drift (flows evicted from the connection table) with atomic adds of its own.
 #[map]
 pub static ACTIVE: Array<i64> = Array::pinned(MAX_BACKENDS, BPF_F_MMAPABLE);
+
+/// Adds `delta` to a backend slot's active-flow count, atomically (every CPU adds to it).
+#[inline(always)]
+pub fn active_add(slot: u32, delta: i64) {
+    if let Some(p) = ACTIVE.get_ptr_mut(slot) {
+        // SAFETY: a pointer into an array slot of an i64; the add is one atomic instruction.
+        unsafe {
+            core::intrinsics::atomic_xadd::<i64, i64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, delta)
+        };
+    }
+}
 
 /// Round robin's cursor, per service and per CPU. Not pinned: a restart only restarts the walk.
 #[map]
@@ -107,12 +125,23 @@ pub static NAT_FLOWS: HashMap<FlowKey, NatEntry> = HashMap::pinned(DEFAULT_NAT_S
 /// New NAT connections per source address in the current window (see `nat::source_allowed`).
 /// LRU, so spoofed sources only push out idle ones. Not pinned: a restart starts new windows.
 #[map]
-pub static NAT_SOURCES: LruHashMap<lb_common::AddrKey, lb_common::nat::SourceWindow> =
-    LruHashMap::with_max_entries(65536, 0);
+pub static NAT_SOURCES: LruHashMap<AddrKey, SourceWindow> = LruHashMap::with_max_entries(65536, 0);
+
+/// Room for a new NAT connection's two entries and the reply key. A map value, not the stack:
+/// the verifier rejects the misaligned stack stores the compiler may merge these fields into.
+#[repr(C)]
+pub struct NatScratch {
+    pub fwd: NatEntry,
+    pub rev: NatEntry,
+    pub rev_key: FlowKey,
+    /// The per-source limit's key and a new source's window.
+    pub src_key: AddrKey,
+    pub src_window: SourceWindow,
+}
 
 /// Per-CPU room to build a new NAT connection's entries.
 #[map]
-pub static NAT_SCRATCH: PerCpuArray<crate::nat::NatScratch> = PerCpuArray::with_max_entries(1, 0);
+pub static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::pinned(MAX_TX_PORTS, 0);
@@ -123,9 +152,12 @@ pub static SERVICE_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_SE
 #[map]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);
 
+/// Kinds of rare event (`events::Event`), the size of `EVENT_NEXT`.
+pub const EVENTS: u32 = 2;
+
 /// When each CPU may next log each kind of rare event (see `events`).
 #[map]
-pub static EVENT_NEXT: PerCpuArray<u64> = PerCpuArray::with_max_entries(crate::events::EVENTS, 0);
+pub static EVENT_NEXT: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENTS, 0);
 
 /// New-flow limits (see `lb_common::shed`).
 #[map]

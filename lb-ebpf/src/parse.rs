@@ -12,7 +12,7 @@ use network_types::{
     vlan::VlanHdr,
 };
 
-use crate::Verdict;
+use crate::verdict::Verdict;
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;

@@ -22,7 +22,7 @@ use lb_ebpf::{Flow, FlowKind, Verdict};
 use crate::{
     maps::{
         ACTIVE, BACKENDS, CONNTRACK, CURSORS, DP_CONFIG, FLOOD, FRAGMENT_SERVICES, GEO_A, GEO_B,
-        GEO_SERVICES, MAGLEV_POOL, NAT_FLOWS, SERVICES, SHED, VIP_FILTER, pool_slot,
+        GEO_SERVICES, MAGLEV_POOL, NAT_FLOWS, SERVICES, SHED, VIP_FILTER, active_add, backend_of, pool_slot,
     },
     stats::{count, finish},
 };
@@ -221,7 +221,7 @@ fn nat_backend(key: &FlowKey, entry: *mut NatEntry) -> NatHit {
     if e.is_reply() {
         return NatHit::Reply;
     }
-    if let Some(b) = crate::nat::backend_of(e) {
+    if let Some(b) = backend_of(e) {
         return NatHit::Request(b);
     }
     forget(key, e);
@@ -480,17 +480,6 @@ fn first_choice(service: &ServiceValue, hash: u32, second: bool, picked: u32) ->
         }
     }
     at | u64::from(slot)
-}
-
-/// Adds `delta` to a backend slot's active-flow count, atomically (every CPU adds to it).
-#[inline(always)]
-pub fn active_add(slot: u32, delta: i64) {
-    if let Some(p) = ACTIVE.get_ptr_mut(slot) {
-        // SAFETY: a pointer into an array slot of an i64; the add is one atomic instruction.
-        unsafe {
-            core::intrinsics::atomic_xadd::<i64, i64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, delta)
-        };
-    }
 }
 
 /// A slot's active flows (a race with a FIN on another CPU may leave it briefly below 0).

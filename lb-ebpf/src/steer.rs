@@ -15,7 +15,11 @@ use lb_common::{
 };
 use lb_ebpf::{Flow, Frame, Verdict};
 
-use crate::{encap, forward, maps::BACKENDS, select, stats};
+use crate::{
+    forward::{dsr, encap},
+    maps::BACKENDS,
+    select, stats, tx,
+};
 
 /// The check device's egress: a check socket's packet gets its slot in the source MAC;
 /// anything else on the device (the kernel's own neighbour discovery) is dropped.
@@ -38,7 +42,7 @@ pub fn mark(ctx: &TcContext) -> i32 {
 /// The check device's peer: forwards a marked check packet to the backend its slot names.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext, flow: &Flow) -> u32 {
-    let frame = forward::frame_of(ctx);
+    let frame = tx::frame_of(ctx);
     let Some(src) = frame.ptr_at::<[u8; 6]>(6) else {
         return stats::finish(Verdict::Drop(Counter::DropTruncatedL2));
     };
@@ -61,6 +65,6 @@ pub fn forward(ctx: &XdpContext, flow: &Flow) -> u32 {
         FWD_IPIP => encap::encapsulate(ctx, flow, slot, backend, false),
         FWD_GUE => encap::encapsulate(ctx, flow, slot, backend, true),
         FWD_NAT | FWD_SNAT => stats::finish(Verdict::Drop(Counter::DropCheckNoTarget)),
-        _ => stats::finish(forward::dsr_l2(ctx, &frame, backend)),
+        _ => stats::finish(dsr::l2(ctx, &frame, backend)),
     }
 }

@@ -26,15 +26,26 @@ pub struct Config {
     pub services: Vec<Service>,
 }
 
-/// The file as written.
-#[derive(Deserialize)]
+/// The file as written; and, from a running daemon, as it runs (`lb config show`).
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct ConfigFile {
-    daemon: DaemonConfig,
-    #[serde(default)]
-    cluster: Option<crate::model::cluster_settings::ClusterSettings>,
+pub struct ConfigFile {
+    pub daemon: DaemonConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::model::cluster_settings::ClusterSettings>,
     #[serde(default, rename = "service")]
-    services: Vec<ServiceSpec>,
+    pub services: Vec<ServiceSpec>,
+}
+
+impl ConfigFile {
+    /// A daemon's settings and services as a file: every default of `[daemon]` filled in.
+    pub fn effective(daemon: &DaemonConfig, services: &[Service]) -> Self {
+        Self {
+            daemon: daemon.clone(),
+            cluster: daemon.cluster.clone(),
+            services: services.iter().map(ServiceSpec::from).collect(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -557,9 +568,18 @@ fn default_weight() -> u32 {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::config(format!("cannot read {}: {e}", path.display())))?;
-        Self::parse(&text).map_err(|e| match e {
+        Self::parse_file(&Self::read(path)?, path)
+    }
+
+    /// The file's text (`load`'s first half).
+    pub fn read(path: &Path) -> Result<String> {
+        std::fs::read_to_string(path)
+            .map_err(|e| Error::config(format!("cannot read {}: {e}", path.display())))
+    }
+
+    /// `text`, read from `path`, parsed and validated; errors name the file (`load`'s second half).
+    pub fn parse_file(text: &str, path: &Path) -> Result<Self> {
+        Self::parse(text).map_err(|e| match e {
             Error::Config(m) | Error::Invalid(m) => Error::config(format!("{}: {m}", path.display())),
             other => Error::config(format!("{}: {other}", path.display())),
         })

@@ -76,8 +76,9 @@ pub fn prepare(config_path: PathBuf) -> anyhow::Result<Prepared> {
         MAX_CONCURRENT_CHECKS as u64,
     )?;
 
-    let mut dp = dataplane::open(cfg)?;
-    dp.set_config(cfg)?;
+    let settings = data_plane_settings(cfg);
+    let mut dp = dataplane::open(&settings)?;
+    dp.set_config(&settings.interfaces, &settings.forwarding)?;
     for a in &dp.attachments {
         info!(
             "{}: {} ({})",
@@ -143,6 +144,36 @@ pub fn prepare(config_path: PathBuf) -> anyhow::Result<Prepared> {
         metrics_listener,
         api_listener,
     })
+}
+
+/// The data plane's settings, from `[daemon]`: the one place the data plane meets the config.
+pub fn data_plane_settings(cfg: &DaemonConfig) -> dataplane::Settings {
+    use crate::config::{EchoPolicy, TooBigPolicy, XdpModeSetting};
+    dataplane::Settings {
+        instance: cfg.instance.clone(),
+        interfaces: cfg.interfaces.clone(),
+        attach: match cfg.xdp_mode {
+            XdpModeSetting::Auto => dataplane::AttachMode::Auto,
+            XdpModeSetting::Native => dataplane::AttachMode::Native,
+            XdpModeSetting::Generic => dataplane::AttachMode::Generic,
+        },
+        conntrack_size: cfg.conntrack_size,
+        nat_table_size: cfg.nat.table_size,
+        table_pool_slots: cfg.table_pool_slots,
+        forwarding: dataplane::Forwarding {
+            encap_source4: cfg.encap_source4,
+            encap_source6: cfg.encap_source6,
+            gue_port: cfg.gue_port,
+            echo_reply: cfg.icmp_echo == EchoPolicy::Reply,
+            too_big_icmp: cfg.encap_too_big == TooBigPolicy::Icmp,
+            nat_source4: cfg.nat.source4,
+            nat_source6: cfg.nat.source6,
+            nat_port_first: cfg.nat.ports.first,
+            nat_port_count: cfg.nat.ports.len(),
+            nat_max_new_per_source: cfg.nat.max_new_per_source,
+            flood_guard_per_cpu: cfg.flood_guard_per_cpu,
+        },
+    }
 }
 
 /// Runs the daemon until SIGINT/SIGTERM or a shutdown request. Forwarding continues after.
@@ -292,7 +323,7 @@ impl Background {
     ) -> anyhow::Result<Self> {
         let board = Board::default();
         let steering = Arc::new(crate::health::through::Steering::new(
-            cfg.clone(),
+            data_plane_settings(cfg),
             handles.snapshot.clone(),
         ));
         let health = tokio::spawn(monitor::run(

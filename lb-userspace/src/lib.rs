@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod model;
 pub mod nat;
 pub mod neigh;
+pub mod preflight;
 pub mod privileges;
 pub mod reconcile;
 pub mod serve;
@@ -45,6 +46,20 @@ pub mod strategy;
 pub mod top;
 /// The compiled data plane, embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// What `lb --version` says: the package version, the commit built and the data plane's object
+/// (FNV-1a 64 of its bytes), so two binaries with the same version can still be told apart.
+pub fn version() -> String {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(EBPF_OBJECT);
+    format!(
+        "{} (commit {}, eBPF object {:016x})",
+        env!("CARGO_PKG_VERSION"),
+        env!("LB_GIT_COMMIT"),
+        h.finish()
+    )
+}
 
 /// The benchmark wrapper and floor programs (`cargo xtask bench`); not used by the daemon.
 pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench-ebpf"));

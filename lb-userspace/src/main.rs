@@ -1,13 +1,15 @@
 //! `lb`: the daemon and its CLI in one binary.
 
-use clap::Parser;
-use lb_userspace::{
-    cli::{BackendHostCmd, Cli, Command, run_client},
-    config, dataplane,
-};
+use clap::{CommandFactory, FromArgMatches};
+use lb_userspace::cli::{self, Cli, Command};
 
 fn main() {
-    let cli = Cli::try_parse();
+    // Leaked once: clap takes a 'static version, and this one is made at run time.
+    let version: &'static str = Box::leak(lb_userspace::version().into_boxed_str());
+    let cli = Cli::command()
+        .version(version)
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
     let json_logs =
         matches!(&cli, Ok(Cli { command: Command::Daemon { log_format, .. }, .. }) if log_format == "json");
     let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
@@ -27,9 +29,7 @@ fn main() {
     let cli = match cli {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
-            // One line: clap's first line says what is wrong.
-            let text = e.to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("error: invalid arguments"));
+            eprintln!("{}", usage_error(&e.to_string()));
             std::process::exit(2);
         }
         Err(e) => e.exit(),
@@ -62,101 +62,7 @@ fn run(cli: &Cli) -> anyhow::Result<i32> {
             rt.block_on(lb_userspace::daemon::run(prepared))?;
             Ok(0)
         }
-        Command::Detach => {
-            let socket = config::socket_path(&cli.run_dir, &cli.instance);
-            if socket.exists()
-                && lb_userspace::api::call(
-                    &socket,
-                    &lb_userspace::api::Request::Shutdown,
-                    std::time::Duration::from_secs(5),
-                )
-                .is_ok()
-            {
-                wait_gone(&socket);
-            }
-            // Withdraw first: BIRD's sessions close and the routers stop sending here before
-            // the program goes.
-            let bird = lb_userspace::bgp::bird::Paths::new(&cli.run_dir, &cli.instance);
-            if lb_userspace::bgp::bird::stop(&bird).map_err(|e| anyhow::anyhow!("{e}"))? {
-                log::info!("stopped BIRD: this node's VIPs are withdrawn");
-            }
-            let mut removed = dataplane::detach_instance(&cli.instance)?;
-            // A daemon that stopped without closing it leaves its check path behind.
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            if rt.block_on(dataplane::steer::remove_instance(&cli.instance)) {
-                removed.push(dataplane::steer::device_names(&cli.instance).0);
-            }
-            let _ = std::fs::remove_file(config::state_path(&cli.run_dir, &cli.instance));
-            if cli.json {
-                println!("{}", serde_json::json!({ "removed": removed }));
-            } else {
-                println!(
-                    "detached instance {} ({} pins removed)",
-                    cli.instance,
-                    removed.len()
-                );
-            }
-            Ok(0)
-        }
-        Command::BackendHost(cmd) => backend_host(cmd, cli.json),
-        _ => run_client(cli),
-    }
-}
-
-fn backend_host(cmd: &BackendHostCmd, json: bool) -> anyhow::Result<i32> {
-    use lb_userspace::backend_host as host;
-    match cmd {
-        BackendHostCmd::Setup(a) => {
-            let trust = host::Trust::new(&a.sources, &a.addresses);
-            let changed = host::setup(&a.interface, &a.vips, a.gue_port, &trust)?;
-            if json {
-                println!("{}", serde_json::json!({ "changed": changed }));
-            } else if changed.is_empty() {
-                println!("{}: already set up", a.interface);
-            } else {
-                for c in changed {
-                    println!("{c}");
-                }
-            }
-            Ok(0)
-        }
-        BackendHostCmd::Check(a) => {
-            let trust = host::Trust::new(&a.sources, &a.addresses);
-            let findings = host::check(&a.interface, &a.vips, a.gue_port, &trust)?;
-            let bad = findings.iter().filter(|f| !f.ok).count();
-            if json {
-                println!("{}", serde_json::json!({ "ok": bad == 0, "findings": findings }));
-            } else {
-                for f in &findings {
-                    match &f.fix {
-                        Some(fix) if !f.ok => println!("FAIL {} (fix: {fix})", f.what),
-                        _ => println!("{} {}", if f.ok { "ok  " } else { "FAIL" }, f.what),
-                    }
-                }
-            }
-            Ok(if bad == 0 { 0 } else { 1 })
-        }
-        BackendHostCmd::Teardown { interface } => {
-            let removed = host::teardown(interface)?;
-            if json {
-                println!("{}", serde_json::json!({ "removed": removed }));
-            } else if removed {
-                println!("{interface}: decapsulator detached");
-            } else {
-                println!("{interface}: no decapsulator was set up");
-            }
-            Ok(0)
-        }
-    }
-}
-
-/// Waits (bounded) for a stopping daemon to remove its socket.
-fn wait_gone(socket: &std::path::Path) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while socket.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        _ => cli::run(cli),
     }
 }
 
@@ -166,4 +72,47 @@ fn one_line(e: &anyhow::Error) -> String {
         .collect::<Vec<_>>()
         .join(": ")
         .replace('\n', " ")
+}
+
+/// Clap's error on one line: its first paragraph, which says what is wrong and, for missing
+/// arguments, names them on the lines beneath (the usage and tips after it are left out).
+fn usage_error(text: &str) -> String {
+    let line = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ");
+    if line.is_empty() {
+        "error: invalid arguments".to_string()
+    } else {
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn error_of(args: &[&str]) -> String {
+        usage_error(&Cli::try_parse_from(args).expect_err("refused").to_string())
+    }
+
+    #[test]
+    fn usage_errors_are_one_line_naming_what_is_missing() {
+        assert_eq!(
+            error_of(&["lb", "backend", "add", "web", "b1"]),
+            "error: the following required arguments were not provided: --address <ADDRESS>"
+        );
+        assert_eq!(
+            error_of(&["lb", "backend", "add"]),
+            "error: the following required arguments were not provided: --address <ADDRESS> <SERVICE> <ID>"
+        );
+        assert_eq!(
+            error_of(&["lb", "status", "--bogus"]),
+            "error: unexpected argument '--bogus' found"
+        );
+    }
 }

@@ -301,6 +301,23 @@ fn bad_input_gets_one_line_errors_and_changes_nothing() {
             !std::path::Path::new("/sys/fs/bpf").join(&instance).exists(),
             "no pins left after a refused start"
         );
+        // `lb config check` says what the daemon said, without starting one (the file again
+        // where the daemon read it: the message names it).
+        std::fs::create_dir_all(&run_dir).expect("run dir");
+        std::fs::write(run_dir.join("lb.toml"), &text).expect("config");
+        let check = topo
+            .lb
+            .command(lb_tests::lb_bin())
+            .args(["config", "check"])
+            .arg(run_dir.join("lb.toml"))
+            .output()
+            .expect("lb config check");
+        assert_eq!(check.status.code(), Some(1), "{check:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&check.stderr).trim_end(),
+            last,
+            "config check"
+        );
     }
     let _ = std::fs::remove_dir_all(&run_dir);
 }

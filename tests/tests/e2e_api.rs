@@ -642,8 +642,24 @@ fn bad_input_over_api_cli_and_config_gets_one_line_errors_and_changes_nothing() 
         assert!(error_line(&v).contains(needle), "{v} should mention {needle:?}");
         let out = a.d.cli(&["reload"]);
         assert!(!out.status.success());
-        assert!(String::from_utf8_lossy(&out.stderr).contains(needle));
+        let refused = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+        assert!(refused.contains(needle));
         assert_eq!(a.dump(), before, "a bad file changed the state");
+        // `lb config check` refuses the file with the daemon's words, and no daemon.
+        let config = a.d.config.to_str().expect("path");
+        let check = a
+            .topo
+            .lb
+            .command(lb_tests::lb_bin())
+            .args(["config", "check", config])
+            .output()
+            .expect("lb");
+        assert_eq!(check.status.code(), Some(1), "{check:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&check.stderr).trim_end(),
+            refused,
+            "config check"
+        );
     }
     // SIGHUP with a bad file: refused, logged, nothing changed.
     let pid = a.d.pid().expect("pid");
@@ -658,6 +674,61 @@ fn bad_input_over_api_cli_and_config_gets_one_line_errors_and_changes_nothing() 
     let total = api.len() + cli.len() + 2 * bad_files.len() + 1;
     println!("{total} bad inputs refused with one line, state unchanged after each");
     assert!(total >= 50, "{total}");
+}
+
+/// `lb config show` prints the running config as a file: every default of `[daemon]` filled
+/// in, and the services as they run (a change through the API included). The file it prints
+/// passes `lb config check` and parses to the daemon's own settings; a read token may ask.
+#[test]
+fn config_show_prints_the_effective_config_as_a_valid_file() {
+    let a = start();
+    let out = a.d.cli(&["backend", "weight", "web4", "b1", "7"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = a.d.cli(&["config", "show"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = String::from_utf8_lossy(&out.stdout).to_string();
+    // Defaults the test's file does not set are there.
+    for key in [
+        "conntrack_size = ",
+        "gue_port = ",
+        "[daemon.nat]",
+        "[daemon.http]",
+        "max_connections = ",
+    ] {
+        assert!(shown.contains(key), "{key:?} missing:\n{shown}");
+    }
+    let file = a.d.run_dir.join("shown.toml");
+    std::fs::write(&file, &shown).expect("write");
+    let check = a
+        .topo
+        .lb
+        .command(lb_tests::lb_bin())
+        .args(["config", "check"])
+        .arg(&file)
+        .output()
+        .expect("lb");
+    assert_eq!(check.status.code(), Some(0), "{check:?}\n{shown}");
+    let shown = lb_userspace::config::Config::parse(&shown).expect("parses");
+    let written = lb_userspace::config::Config::load(&a.d.config).expect("the test's file");
+    assert_eq!(shown.daemon, written.daemon, "the daemon's settings");
+    let weight = |c: &lb_userspace::config::Config| {
+        c.services
+            .iter()
+            .find(|s| s.name == "web4")
+            .and_then(|s| s.backends.iter().find(|b| b.id == "b1"))
+            .map(|b| b.weight)
+    };
+    assert_eq!(weight(&shown), Some(7), "the running weight, not the file's");
+    assert_eq!(shown.services.len(), written.services.len());
+    // Read scope; the same tables as JSON.
+    let (status, v) = a.call("GET", "/v1/config", Some(READER), None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["data"]["daemon"]["instance"], a.d.instance.as_str(), "{v}");
+    assert_eq!(
+        v["data"]["service"].as_array().map(Vec::len),
+        Some(written.services.len()),
+        "{v}"
+    );
 }
 
 #[test]

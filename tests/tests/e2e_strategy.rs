@@ -786,6 +786,100 @@ fn geo_sends_each_region_to_its_backends_and_fails_over() {
     assert_eq!(d.json(&["geo", "show"])["data"]["prefixes"], 1);
 }
 
+/// Geo from the CLI as the other strategies: `lb service add --strategy geo` and `lb backend
+/// add --region R --zone Z` make a service whose regions are each served by their own
+/// backends; a backend without a region of `[daemon.geo]` is refused in one line and changes
+/// nothing.
+#[test]
+fn geo_services_and_backends_are_added_from_the_cli() {
+    let topo = Topology::new(3).expect("topology");
+    let (d, _health, _data) = start_geo(&topo, "geo.csv", b"10.99.0.0/30,eu\n10.99.0.4/30,us\n", "");
+    let vip = VIP4.to_string();
+    let address = |id: &str| topo.backend(id).v4.to_string();
+    ok(
+        &d,
+        &[
+            "service",
+            "add",
+            "geo-cli",
+            "--vip",
+            &vip,
+            "--port",
+            "9090",
+            "-p",
+            "udp",
+            "--strategy",
+            "geo",
+        ],
+    );
+    for (id, region, zone) in [("b1", "eu", "eu-1"), ("b3", "us", "us-1")] {
+        ok(
+            &d,
+            &[
+                "backend",
+                "add",
+                "geo-cli",
+                id,
+                "--address",
+                &address(id),
+                "--region",
+                region,
+                "--zone",
+                zone,
+            ],
+        );
+    }
+    let listed = d.cli(&["service", "list"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("geo-cli ") && l.ends_with(" strategy=geo")),
+        "{listed}"
+    );
+    let backends = d.backends_of("geo-cli");
+    let zones: Vec<_> = backends
+        .iter()
+        .map(|b| (&b["id"], &b["region"], &b["zone"]))
+        .collect();
+    assert_eq!(
+        format!("{zones:?}"),
+        r#"[(String("b1"), String("eu"), String("eu-1")), (String("b3"), String("us"), String("us-1"))]"#
+    );
+    // Each region served by its own backend.
+    let served = wait_until(Duration::from_secs(10), || {
+        let g = d.json(&["geo", "show"]);
+        g["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["service"] == "geo-cli")
+            .is_some_and(|s| {
+                let regions = s["regions"].as_array().cloned().unwrap_or_default();
+                regions.len() == 2
+                    && regions.iter().all(|r| {
+                        let want = if r["region"] == "us" { "b3" } else { "b1" };
+                        r["serving"] == r["region"] && r["backends"] == serde_json::json!([want])
+                    })
+            })
+    });
+    assert!(served, "{}", d.json(&["geo", "show"]));
+    // A backend of no region of [daemon.geo]: refused, nothing changed.
+    let before = d.json(&["service", "list"]);
+    for extra in [&[][..], &["--region", "mars"][..]] {
+        let mut args = vec!["backend", "add", "geo-cli", "b2", "--address"];
+        let b2 = address("b2");
+        args.push(&b2);
+        args.extend_from_slice(extra);
+        let out = d.cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(err.contains("needs a region of [daemon.geo]"), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    assert_eq!(d.json(&["service", "list"]), before);
+}
+
 #[test]
 fn geo_reads_a_maxmind_database_through_countries_and_continents() {
     let mut topo = Topology::new(3).expect("topology");

@@ -19,6 +19,8 @@ use crate::config::{BackendSpec, Protocol, ServiceSpec};
 #[derive(Debug, Clone)]
 pub enum Request {
     Status,
+    /// The effective config: `[daemon]` with its defaults, and the services as they run.
+    Config,
     ListServices,
     AddService {
         service: ServiceSpec,
@@ -231,6 +233,7 @@ impl Request {
             ),
             Self::Reload => ("POST", "/v1/reload".into(), None),
             Self::Geo => ("GET", "/v1/geo".into(), None),
+            Self::Config => ("GET", "/v1/config".into(), None),
             Self::GeoReload => ("POST", "/v1/geo/reload".into(), None),
             Self::Shutdown => ("POST", "/v1/shutdown".into(), None),
             Self::Node => ("GET", "/v1/node".into(), None),

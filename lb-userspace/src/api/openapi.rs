@@ -13,6 +13,7 @@ use super::{ApiError, Envelope, server};
     info(title = "lb control API", description = "Services, instances (backends), health, stats and lookups of the XDP load balancer. On TCP every request needs a bearer token: the read token for GET, the admin token for changes."),
     paths(
         server::status,
+        server::config,
         server::list_services,
         server::get_service,
         server::add_service,

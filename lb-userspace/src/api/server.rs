@@ -33,7 +33,7 @@ use super::{
 };
 use crate::control::preview::PlanChange;
 use crate::{
-    config::{BackendSpec, Config, DaemonConfig, ServiceSpec},
+    config::{BackendSpec, Config, ConfigFile, DaemonConfig, ServiceSpec},
     control::queries::Queries,
     dataplane::Readers,
     error::Error,
@@ -196,6 +196,16 @@ pub async fn cluster_push(State(s): Ctx, body: Result<Json<PushBody>, JsonReject
     responses((status = 200, description = "Instance, interfaces and attach modes, table pool, reconciler counters", body = Envelope)))]
 pub async fn status(State(s): Ctx) -> Answer {
     ok(queries(&s).status(), vec![])
+}
+
+#[utoipa::path(get, path = "/v1/config", tag = "daemon",
+    responses((status = 200, description = "The effective config as the file's tables: [daemon] with every default filled in, [cluster], and the services as they run now (changes through the API included)", body = Envelope)))]
+pub async fn config(State(s): Ctx) -> Answer {
+    let services = s.snapshot.borrow().services.clone();
+    let file = ConfigFile::effective(&s.cfg, &services);
+    let data =
+        serde_json::to_value(file).map_err(|e| Failure::from(Error::invalid(format!("config: {e}"))))?;
+    ok(data, vec![])
 }
 
 #[utoipa::path(get, path = "/v1/services", tag = "services",
@@ -726,6 +736,7 @@ async fn method_not_allowed() -> Failure {
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/config", get(config))
         .route("/v1/services", get(list_services).post(add_service))
         .route("/v1/services/{name}", get(get_service).delete(remove_service))
         .route(

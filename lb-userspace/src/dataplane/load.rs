@@ -21,11 +21,8 @@ use aya_obj::programs::XdpAttachType;
 use lb_common::maps;
 use log::{info, warn};
 
-use super::{Attachment, DataPlane, Pool};
-use crate::{
-    config::{DaemonConfig, XdpModeSetting},
-    error::{Error, Result},
-};
+use super::{AttachMode, Attachment, DataPlane, Pool, Settings};
+use crate::error::{Error, Result};
 
 pub const BPFFS: &str = "/sys/fs/bpf";
 
@@ -42,7 +39,7 @@ fn link_pin(dir: &Path, iface: &str) -> PathBuf {
 }
 
 /// Opens the instance's data plane: adopts pinned state when present, else loads and attaches.
-pub fn open(cfg: &DaemonConfig) -> Result<DataPlane> {
+pub fn open(cfg: &Settings) -> Result<DataPlane> {
     for iface in &cfg.interfaces {
         super::ifindex(iface)?;
     }
@@ -56,7 +53,7 @@ pub fn open(cfg: &DaemonConfig) -> Result<DataPlane> {
     result
 }
 
-fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlane> {
+fn open_inner(cfg: &Settings, dir: &Path, adopting: bool) -> Result<DataPlane> {
     let dir = dir.to_path_buf();
     let mut maps_by_name = if adopting {
         info!("adopting pinned data plane in {}", dir.display());
@@ -106,7 +103,7 @@ fn open_inner(cfg: &DaemonConfig, dir: &Path, adopting: bool) -> Result<DataPlan
             );
         }
         let prog = program.as_mut().expect("set above");
-        let mode = attach(prog, iface, cfg.xdp_mode, &pin)?;
+        let mode = attach(prog, iface, cfg.attach, &pin)?;
         attachments.push(Attachment {
             interface: iface.clone(),
             mode,
@@ -186,11 +183,11 @@ pub fn pool_of(map: Map) -> Result<Pool> {
 }
 
 /// Attaches in the configured mode (auto: native, then generic with a warning) and pins the link.
-fn attach(prog: &mut Xdp, iface: &str, setting: XdpModeSetting, pin: &Path) -> Result<&'static str> {
+fn attach(prog: &mut Xdp, iface: &str, setting: AttachMode, pin: &Path) -> Result<&'static str> {
     let tries: &[(XdpMode, &'static str)] = match setting {
-        XdpModeSetting::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
-        XdpModeSetting::Native => &[(XdpMode::Driver, "native")],
-        XdpModeSetting::Generic => &[(XdpMode::Skb, "generic")],
+        AttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+        AttachMode::Native => &[(XdpMode::Driver, "native")],
+        AttachMode::Generic => &[(XdpMode::Skb, "generic")],
     };
     let mut last_error = String::new();
     for &(mode, name) in tries {
@@ -232,11 +229,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Loads the eBPF object with the instance's pinned maps: the ones pinned already are shared,
 /// the others are created and pinned.
-pub fn load_object(cfg: &DaemonConfig, dir: &Path) -> Result<aya::Ebpf> {
+pub fn load_object(cfg: &Settings, dir: &Path) -> Result<aya::Ebpf> {
     EbpfLoader::new()
         .default_map_pin_directory(dir)
         .map_max_entries(maps::CONNTRACK, cfg.conntrack_size)
-        .map_max_entries(maps::NAT_FLOWS, cfg.nat.table_size)
+        .map_max_entries(maps::NAT_FLOWS, cfg.nat_table_size)
         .map_max_entries(
             maps::MAGLEV_POOL,
             cfg.table_pool_slots.div_ceil(lb_common::maps::POOL_LANES),

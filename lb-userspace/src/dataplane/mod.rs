@@ -9,6 +9,7 @@ mod load;
 mod mapping;
 mod mirror;
 mod pool;
+mod settings;
 pub mod steer;
 mod writes;
 
@@ -23,6 +24,7 @@ use serde::Serialize;
 
 pub use load::{detach_instance, open, open_pinned, pin_dir};
 pub use pool::{Pool, RegionAllocator, grace_period};
+pub use settings::{AttachMode, Forwarding, Settings};
 pub use writes::MapWrites;
 
 use crate::error::{Error, Result};
@@ -68,8 +70,8 @@ impl DataPlane {
     /// Writes the daemon-wide data-plane settings (encapsulation and NAT sources, echo policy)
     /// and lists the attached interfaces as redirect targets (NAT replies leave by the
     /// interface their client's packets came in on).
-    pub fn set_config(&mut self, cfg: &crate::config::DaemonConfig) -> Result<()> {
-        for iface in &cfg.interfaces {
+    pub fn set_config(&mut self, interfaces: &[String], cfg: &Forwarding) -> Result<()> {
+        for iface in interfaces {
             let index = ifindex(iface)?;
             self.tx_ports
                 .insert(index, index, None, 0)
@@ -80,26 +82,22 @@ impl DataPlane {
             b[..4].copy_from_slice(&a.octets());
             addr_words(b)[0]
         };
-        let nat = &cfg.nat;
+        let flag = |on: bool, bit: u32| if on { bit } else { 0 };
         // Which region trie is in use is the geo loader's to say.
         let geo_b = self.dp_config.get(&0, 0).map_or(0, |c| c.flags & DP_F_GEO_B);
         let value = DataPlaneConfig {
             encap_src4: v4_word(cfg.encap_source4),
-            flags: match cfg.icmp_echo {
-                crate::config::EchoPolicy::Reply => lb_common::dpconfig::DP_F_ECHO_REPLY,
-                crate::config::EchoPolicy::Pass => 0,
-            } | match cfg.encap_too_big {
-                crate::config::TooBigPolicy::Icmp => lb_common::dpconfig::DP_F_TOO_BIG_ICMP,
-                crate::config::TooBigPolicy::Drop => 0,
-            } | geo_b,
+            flags: flag(cfg.echo_reply, lb_common::dpconfig::DP_F_ECHO_REPLY)
+                | flag(cfg.too_big_icmp, lb_common::dpconfig::DP_F_TOO_BIG_ICMP)
+                | geo_b,
             encap_src6: addr_words(cfg.encap_source6.octets()),
             gue_port: cfg.gue_port,
-            nat_port_first: nat.ports.first,
-            nat_port_count: nat.ports.len(),
-            nat_src6: nat.source6.map_or([0; 4], |a| addr_words(a.octets())),
-            nat_src4: nat.source4.map_or(0, v4_word),
+            nat_port_first: cfg.nat_port_first,
+            nat_port_count: cfg.nat_port_count,
+            nat_src6: cfg.nat_source6.map_or([0; 4], |a| addr_words(a.octets())),
+            nat_src4: cfg.nat_source4.map_or(0, v4_word),
             flood_limit: lb_common::dpconfig::flood_limit(cfg.flood_guard_per_cpu),
-            nat_source_limit: nat.max_new_per_source,
+            nat_source_limit: cfg.nat_max_new_per_source,
             _pad: 0,
         };
         self.dp_config.set(0, value, 0).map_err(Error::dataplane)

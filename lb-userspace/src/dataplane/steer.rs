@@ -26,8 +26,6 @@ use rtnetlink::{
     },
 };
 
-use crate::config::DaemonConfig;
-
 /// The check device and its peer, named after the instance (at most 15 bytes each).
 pub fn device_names(instance: &str) -> (String, String) {
     let short: String = instance
@@ -47,7 +45,7 @@ pub struct CheckPath {
 
 impl CheckPath {
     /// Makes the check path anew (any leftover of a crashed daemon is removed first).
-    pub async fn open(cfg: &DaemonConfig) -> Result<Self, String> {
+    pub async fn open(cfg: &super::Settings) -> Result<Self, String> {
         let (device, peer) = device_names(&cfg.instance);
         let handle = connect()?;
         remove(&handle, &device).await;
@@ -86,7 +84,7 @@ fn connect() -> Result<Handle, String> {
     Ok(handle)
 }
 
-async fn make(handle: &Handle, cfg: &DaemonConfig, device: &str, peer: &str) -> Result<Ebpf, String> {
+async fn make(handle: &Handle, cfg: &super::Settings, device: &str, peer: &str) -> Result<Ebpf, String> {
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("check path {device}: {what}: {e}");
     handle
         .link()
@@ -165,7 +163,7 @@ async fn make(handle: &Handle, cfg: &DaemonConfig, device: &str, peer: &str) -> 
 }
 
 /// Loads the two programs with the instance's pinned maps and attaches them.
-fn attach(cfg: &DaemonConfig, device: &str, peer: &str) -> Result<Ebpf, String> {
+fn attach(cfg: &super::Settings, device: &str, peer: &str) -> Result<Ebpf, String> {
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("check path {device}: {what}: {e}");
     let dir = super::pin_dir(&cfg.instance);
     if !Path::new(&dir).exists() {

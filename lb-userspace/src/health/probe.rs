@@ -298,6 +298,11 @@ pub fn next_delay(spec: &CheckSpec, unsettled: bool, draw: f64) -> Duration {
 }
 
 /// HTTPS checks' TLS: a client config per CA file (or none: not verified), built once.
+/// Reads and parses a `tls_ca` file as a check does (`lb config check`).
+pub async fn load_tls_ca(ca: &str) -> Result<(), String> {
+    tls::client_config(Some(ca)).await.map(drop)
+}
+
 mod tls {
     use std::{
         collections::HashMap,

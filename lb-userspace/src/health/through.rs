@@ -13,13 +13,18 @@ use log::warn;
 use tokio::sync::{Mutex, watch};
 
 use super::probe::Via;
-use crate::{config::DaemonConfig, dataplane::steer::CheckPath, model::BackendRef, snapshot::Snapshot};
+use crate::{
+    dataplane::{self, steer::CheckPath},
+    model::BackendRef,
+    snapshot::Snapshot,
+};
 
 /// Least time between two attempts to make the check path.
 const RETRY: Duration = Duration::from_secs(10);
 
 pub struct Steering {
-    cfg: DaemonConfig,
+    /// What making the check path needs: the instance's pins and its maps' sizes.
+    data_plane: dataplane::Settings,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     path: Mutex<Path>,
 }
@@ -34,9 +39,9 @@ struct Path {
 }
 
 impl Steering {
-    pub fn new(cfg: DaemonConfig, snapshot: watch::Receiver<Arc<Snapshot>>) -> Self {
+    pub fn new(data_plane: dataplane::Settings, snapshot: watch::Receiver<Arc<Snapshot>>) -> Self {
         Self {
-            cfg,
+            data_plane,
             snapshot,
             path: Mutex::new(Path::default()),
         }
@@ -55,7 +60,7 @@ impl Steering {
                 {
                     return Err(why.clone());
                 }
-                match CheckPath::open(&self.cfg).await {
+                match CheckPath::open(&self.data_plane).await {
                     Ok(p) => {
                         path.open = Some(p);
                         path.failed = None;

@@ -25,6 +25,11 @@ pub fn load(path: &std::path::Path, geo: &GeoSettings) -> Result<Vec<GeoPrefix>,
     parsed.map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// `[daemon.geo] data` loaded as the daemon loads it, the error as it says it. Blocking.
+pub fn load_configured(path: &std::path::Path, geo: &GeoSettings) -> Result<Vec<GeoPrefix>, String> {
+    load(path, geo).map_err(|e| format!("geo data {e}"))
+}
+
 /// How many prefixes each region has: what status shows (never a client's).
 pub fn per_region(prefixes: &[GeoPrefix], geo: &GeoSettings) -> BTreeMap<String, usize> {
     let regions = geo.regions();

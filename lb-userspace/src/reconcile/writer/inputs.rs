@@ -28,7 +28,7 @@ impl Writer {
         let maps = self.maps.clone();
         let (n, per_region) =
             tokio::task::spawn_blocking(move || -> Result<(usize, BTreeMap<String, usize>)> {
-                let prefixes = geo::load(&path, &geo).map_err(|e| Error::invalid(format!("geo data {e}")))?;
+                let prefixes = geo::load_configured(&path, &geo).map_err(Error::invalid)?;
                 let per_region = geo::per_region(&prefixes, &geo);
                 let mut guard = maps.lock().unwrap_or_else(|p| p.into_inner());
                 let n = guard.dp.load_geo(&prefixes)?;

@@ -11,7 +11,10 @@ use aya_ebpf::{
 use lb_common::{Counter, FAMILY_V4};
 use lb_ebpf::{Flow, Frame, Verdict, parse::PROTO_ICMP};
 
-use crate::headers::{TTL, fold, sum_words, write_eth, write_ipv4};
+use crate::{
+    headers::{TTL, fold, sum_words, write_eth, write_ipv4},
+    tx::frame_of,
+};
 
 /// What an IPv4 answer quotes: an option-less header and the first 8 bytes after it.
 const QUOTE4: usize = 28;
@@ -22,7 +25,7 @@ const QUOTE6: usize = 48;
 #[inline(always)]
 pub fn answer(ctx: &XdpContext, flow: &Flow, mtu: u32) -> Verdict {
     let too_big = Verdict::Drop(Counter::DropEncapTooBig);
-    let frame = crate::forward::frame_of(ctx);
+    let frame = frame_of(ctx);
     let l3 = flow.l3();
     // The answer is built untagged: a VLAN-tagged client would not get it.
     if l3 != 14 {

@@ -17,12 +17,12 @@ use lb_common::{
 };
 use lb_ebpf::{Flow, FlowKind, Frame, Verdict};
 
+use super::too_big;
 use crate::{
-    forward::send,
     headers::{IPV4_DF, TTL, write_eth, write_ipv4},
     maps::{DP_CONFIG, FIB_SCRATCH, HOP_SCRATCH, NEXT_HOPS},
     stats::finish,
-    too_big,
+    tx::{frame_of, send},
 };
 
 const AF_INET: u8 = 2;
@@ -47,7 +47,7 @@ pub fn encapsulate(ctx: &XdpContext, flow: &Flow, slot: u32, backend: &Backend, 
 
 #[inline(always)]
 fn encapsulate_verdict(ctx: &XdpContext, flow: &Flow, slot: u32, backend: &Backend, gue: bool) -> Verdict {
-    let frame = &crate::forward::frame_of(ctx);
+    let frame = &frame_of(ctx);
     let Some(cfg) = DP_CONFIG.get(0) else {
         return Verdict::Pass(Counter::PassNoRoute);
     };

@@ -21,10 +21,10 @@ use lb_common::{
 use lb_ebpf::{Flow, FlowKind, Frame, Verdict};
 
 use crate::{
-    forward::send,
     headers::{copy_mac, csum_apply, half_delta, word_delta},
-    maps::{BACKENDS, DP_CONFIG, NAT_FLOWS, NAT_SCRATCH, NAT_SOURCES},
+    maps::{BACKENDS, DP_CONFIG, NAT_FLOWS, NAT_SCRATCH, NAT_SOURCES, NatScratch, active_add, backend_of},
     stats::{count, finish, traffic},
+    tx::{frame_of, send},
 };
 
 const EEXIST: i32 = 17;
@@ -32,18 +32,6 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-
-/// Room for a new connection's two entries and the reply key. A map value, not the stack: the
-/// verifier rejects the misaligned stack stores the compiler may merge these fields into.
-#[repr(C)]
-pub struct NatScratch {
-    pub fwd: NatEntry,
-    pub rev: NatEntry,
-    pub rev_key: FlowKey,
-    /// The per-source limit's key and a new source's window.
-    pub src_key: lb_common::AddrKey,
-    pub src_window: SourceWindow,
-}
 
 /// A packet of a NAT connection, with its entry: translated and sent on; returns the counted
 /// XDP action. `backend` is the request's backend when the caller has already checked it. A
@@ -60,7 +48,7 @@ fn translate_verdict(
     entry: *mut NatEntry,
     backend: Option<&Backend>,
 ) -> Verdict {
-    let frame = &crate::forward::frame_of(ctx);
+    let frame = &frame_of(ctx);
     let key = &flow.key;
     // SAFETY: a pointer from a successful lookup; plain data. Concurrent writers only store
     // whole fields (the timestamp, flag bits), which a torn read at worst sees one update late.
@@ -123,7 +111,7 @@ fn translate_verdict(
         // half-open until its new handshake completes.
         e.flags &= !(NAT_F_FIN_CLIENT | NAT_F_FIN_BACKEND | NAT_F_RST | NAT_F_ESTABLISHED);
         if e.flags & NAT_F_COUNTS != 0 && atomic_or(&mut e.flags, NAT_F_COUNTED) & NAT_F_COUNTED == 0 {
-            crate::select::active_add(e.backend, 1);
+            active_add(e.backend, 1);
         }
     } else {
         let state = tcp_state(flags, NAT_F_FIN_CLIENT);
@@ -196,7 +184,7 @@ fn open_verdict(
 ) -> Verdict {
     let snat = how & OPEN_SNAT != 0;
     let counts = how & OPEN_COUNT != 0;
-    let frame = &crate::forward::frame_of(ctx);
+    let frame = &frame_of(ctx);
     // Read again from its slot: five arguments are all a call takes.
     let Some(backend) = BACKENDS.get(slot).filter(|b| b.is_active()) else {
         return Verdict::Drop(Counter::DropBackendMissing);
@@ -291,7 +279,7 @@ fn open_verdict(
     }
     count(Counter::NatCreated);
     if counts {
-        crate::select::active_add(slot, 1);
+        active_add(slot, 1);
     }
     traffic(service, slot, frame.len() as u64, true);
     // SAFETY: as above.
@@ -370,12 +358,6 @@ fn place(key: &FlowKey, entry: &NatEntry, taken: Counter) -> Result<(), Verdict>
     }
 }
 
-/// The live backend of a request entry, if its slot still serves the connection.
-#[inline(always)]
-pub fn backend_of(e: &NatEntry) -> Option<&'static Backend> {
-    BACKENDS.get(e.backend).filter(|b| b.serves(e.generation))
-}
-
 /// A reply goes out where the client's packets came in, to the MAC they came from.
 #[inline(always)]
 fn to_client(ctx: &XdpContext, frame: &Frame, reply: &NatEntry) -> Verdict {
@@ -414,7 +396,7 @@ fn settle(fwd: &mut NatEntry, state: u32) {
         && flags & NAT_F_COUNTED != 0
         && atomic_and(&mut fwd.flags, !NAT_F_COUNTED) & NAT_F_COUNTED != 0
     {
-        crate::select::active_add(fwd.backend, -1);
+        active_add(fwd.backend, -1);
     }
 }
 

@@ -1,0 +1,168 @@
+//! `lb backend`: register, deregister and reweight backends; report their health score and
+//! their own load.
+
+use std::net::IpAddr;
+
+use clap::{Args, Subcommand};
+
+use crate::{
+    api::Request,
+    config::{self, BackendSpec},
+    status::load::LoadReport,
+};
+
+#[derive(Subcommand, Debug)]
+pub enum BackendCmd {
+    /// Register a backend with a service; with --ttl it must heartbeat
+    /// (`lb backend heartbeat`) within that many seconds, or it is drained, then removed.
+    Add {
+        #[command(flatten)]
+        backend: BackendArgs,
+        /// Seconds (1..=86400) within which the backend must heartbeat.
+        #[arg(long)]
+        ttl: Option<f64>,
+        /// Seconds (1..=86400) a drained registration is kept before it is removed (default:
+        /// the daemon's deregister_after, 60). Needs --ttl.
+        #[arg(long, requires = "ttl")]
+        deregister_after: Option<f64>,
+    },
+    /// Renew the TTL of a backend registered with --ttl (a drained one takes new flows again).
+    Heartbeat { service: String, id: String },
+    /// Deregister a backend.
+    Remove { service: String, id: String },
+    /// Change a backend's weight (0 drains it: no new flows).
+    Weight {
+        service: String,
+        id: String,
+        weight: u32,
+    },
+    /// Set a backend's external health score, 0..1 (0 excludes it); it multiplies the score
+    /// of the active checks.
+    Health {
+        service: String,
+        id: String,
+        #[arg(value_parser = parse_score)]
+        score: f64,
+        /// Seconds until the score expires (default: never).
+        #[arg(long)]
+        ttl: Option<f64>,
+    },
+    /// Report a backend's own load (resource-aware services weigh by it): CPU and memory in
+    /// use (0..1), open connections (against its maxconn).
+    Load {
+        service: String,
+        id: String,
+        #[arg(long, value_parser = parse_score)]
+        cpu: Option<f64>,
+        #[arg(long, value_parser = parse_score)]
+        memory: Option<f64>,
+        #[arg(long)]
+        connections: Option<u64>,
+        /// Seconds the report holds (default 30, at most 3600).
+        #[arg(long)]
+        ttl: Option<f64>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct BackendArgs {
+    pub service: String,
+    pub id: String,
+    #[arg(long)]
+    pub address: IpAddr,
+    /// Defaults to the service port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    #[arg(long, default_value_t = config::DEFAULT_WEIGHT)]
+    pub weight: u32,
+    /// The backend's region: a geo service serves the region's clients from its backends
+    /// (one of `[daemon.geo]`'s regions; required by geo services).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// The backend's zone within its region: kept and listed (`--json`), not used to pick.
+    #[arg(long)]
+    pub zone: Option<String>,
+}
+
+impl BackendArgs {
+    pub fn spec(&self) -> BackendSpec {
+        BackendSpec {
+            id: self.id.clone(),
+            address: self.address,
+            port: self.port,
+            weight: self.weight,
+            region: self.region.clone(),
+            zone: self.zone.clone(),
+            labels: Default::default(),
+            health: None,
+            max_new_flows_per_s: None,
+            maxconn: None,
+            allow_link_local: false,
+        }
+    }
+}
+
+/// A health score: a number in 0..=1 (JSON has no NaN, so it is refused here).
+fn parse_score(text: &str) -> Result<f64, String> {
+    let v: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
+    if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
+        return Err(format!("{text} is out of range 0..=1"));
+    }
+    Ok(v)
+}
+
+pub fn request(cmd: &BackendCmd) -> Request {
+    match cmd {
+        BackendCmd::Add {
+            backend: a,
+            ttl,
+            deregister_after,
+        } => Request::AddBackend {
+            service: a.service.clone(),
+            backend: a.spec(),
+            ttl: *ttl,
+            deregister_after: *deregister_after,
+        },
+        BackendCmd::Heartbeat { service, id } => Request::Heartbeat {
+            service: service.clone(),
+            id: id.clone(),
+        },
+        BackendCmd::Remove { service, id } => Request::RemoveBackend {
+            service: service.clone(),
+            id: id.clone(),
+        },
+        BackendCmd::Weight { service, id, weight } => Request::SetWeight {
+            service: service.clone(),
+            id: id.clone(),
+            weight: *weight,
+        },
+        BackendCmd::Health {
+            service,
+            id,
+            score,
+            ttl,
+        } => Request::SetHealth {
+            service: service.clone(),
+            id: id.clone(),
+            score: *score,
+            ttl: *ttl,
+        },
+        BackendCmd::Load {
+            service,
+            id,
+            cpu,
+            memory,
+            connections,
+            ttl,
+        } => Request::ReportLoad {
+            service: service.clone(),
+            id: id.clone(),
+            report: LoadReport {
+                cpu: *cpu,
+                memory: *memory,
+                connections: *connections,
+            },
+            ttl: *ttl,
+        },
+    }
+}

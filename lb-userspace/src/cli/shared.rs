@@ -1,0 +1,51 @@
+//! What the verbs share: one call to the daemon, reading a file they send, and printing.
+
+use std::{path::Path, time::Duration};
+
+use serde_json::Value;
+
+use crate::api::{self, Request};
+
+/// One request to the daemon; its warnings go to stderr, a refusal is the error.
+pub fn call(socket: &Path, request: &Request) -> anyhow::Result<Value> {
+    let response = api::call(socket, request, Duration::from_secs(30))?;
+    for w in &response.warnings {
+        eprintln!("warning: {w}");
+    }
+    if !response.ok {
+        anyhow::bail!("{}", response.error.as_deref().unwrap_or("unknown error"));
+    }
+    Ok(response.data)
+}
+
+/// An answer no verb prints its own way: a message as it is, anything else as JSON.
+pub fn print_plain(data: &Value) {
+    match data {
+        Value::String(s) => println!("{s}"),
+        other => println!("{}", serde_json::to_string_pretty(other).unwrap_or_default()),
+    }
+}
+
+pub fn read_file(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+}
+
+pub fn fmt_ip(v: &Value) -> String {
+    v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())
+}
+
+/// A registration with a TTL, for the human listings: when the heartbeat is due, or why the
+/// backend is drained. Empty without one.
+pub fn fmt_registration(r: &Value) -> String {
+    if r.is_null() {
+        return String::new();
+    }
+    match r["reason"].as_str() {
+        Some(reason) => format!("drained: {reason}; "),
+        None => format!(
+            "ttl={}s heartbeat due in {:.1} s; ",
+            r["ttl_s"],
+            r["heartbeat_due_in_s"].as_f64().unwrap_or(0.0)
+        ),
+    }
+}

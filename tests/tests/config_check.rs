@@ -1,0 +1,256 @@
+//! `lb config check FILE` without a daemon: the daemon's errors in the daemon's words (the
+//! file's own, then the files it names and the interfaces), the warnings about legal but
+//! suspect settings, `--json`, and the exit statuses (0 valid, 1 invalid, 2 unreadable). The
+//! end-to-end suites also run it on every config file a daemon refuses (e2e, e2e_api).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Output,
+};
+
+use lb_userspace::config::Config;
+
+/// A directory of its own per test, removed when dropped.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("lb-config-check-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn check(path: &Path, json: bool) -> Output {
+    let mut cmd = std::process::Command::new(lb_tests::lb_bin());
+    if json {
+        cmd.arg("--json");
+    }
+    cmd.args(["config", "check"]).arg(path).output().expect("run lb")
+}
+
+fn stderr_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+const DAEMON: &str = "[daemon]\ninterfaces = [\"lo\"]\n";
+
+fn service(extra: &str) -> String {
+    format!(
+        "[[service]]\nname = \"web\"\nvip = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\n{extra}\n[[service.backend]]\nid = \"b1\"\naddress = \"10.0.1.1\"\n"
+    )
+}
+
+#[test]
+fn a_valid_file_passes_with_status_0() {
+    let dir = Dir::new("valid");
+    let path = dir.write("lb.toml", &format!("{DAEMON}{}", service("")));
+    let out = check(&path, false);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(out.stderr.is_empty(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{}: valid (0 warnings)", path.display())
+    );
+    let json: serde_json::Value = serde_json::from_slice(&check(&path, true).stdout).expect("JSON");
+    assert_eq!(json["valid"], true, "{json}");
+    assert_eq!(json["errors"], serde_json::json!([]), "{json}");
+}
+
+/// Errors of the file itself: exactly the daemon's (`Config::load`, what `lb daemon` and a
+/// reload refuse with), one line, status 1.
+#[test]
+fn the_files_errors_are_the_daemons_with_status_1() {
+    let dir = Dir::new("invalid");
+    let cases = [
+        // a service
+        service("table_size = 100"),
+        format!("{}{}", service(""), service("")),
+        // a strategy
+        service("strategy = \"fastest\""),
+        service("strategy = \"geo\""),
+        // a health check
+        service("[service.health]\nkind = \"http\""),
+        service("[service.health]\ninterval = 1.0\ntimeout = 2.0"),
+        service("[service.health]\nkind = \"http\"\npath = \"/\"\ntls_ca = \"/etc/ca.pem\""),
+        // a port range
+        "[daemon.nat]\nports = \"3000-2000\"\n".to_string(),
+        // TLS keys that do not go together
+        "[daemon.api]\ncert_file = \"/etc/cert.pem\"\n".to_string(),
+        // TOML itself
+        "[[service]\n".to_string(),
+    ];
+    for (i, extra) in cases.iter().enumerate() {
+        let path = dir.write(&format!("{i}.toml"), &format!("{DAEMON}{extra}"));
+        let daemon = Config::load(&path).expect_err(extra).to_string();
+        let out = check(&path, false);
+        assert_eq!(out.status.code(), Some(1), "{extra}: {out:?}");
+        assert_eq!(stderr_lines(&out), vec![format!("error: {daemon}")], "{extra}");
+        assert!(out.stdout.is_empty(), "{extra}: {out:?}");
+    }
+}
+
+/// What the daemon reads besides the file, each failure on its own line: the interfaces,
+/// token files, the API's certificate, the geo data and the checks' CA file.
+#[test]
+fn named_files_and_interfaces_are_checked_each_on_a_line() {
+    let dir = Dir::new("files");
+    let geo = dir.write("geo.csv", "10.0.0.0/8,eu\n10.0.0.0/33,eu\n");
+    let ca = dir.write("ca.pem", "not a certificate\n");
+    let token = dir.write("token", "secret\n");
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod");
+    let text = format!(
+        "[daemon]\ninterfaces = [\"lo\", \"nosuch0\"]\n\
+         [daemon.api]\nlisten = \"127.0.0.1:9\"\ntoken_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
+         [daemon.geo]\ndefault_region = \"eu\"\ndata = \"{}\"\n{}",
+        token.display(),
+        dir.0.join("cert.pem").display(),
+        dir.0.join("key.pem").display(),
+        geo.display(),
+        service(&format!(
+            "[service.health]\nkind = \"http\"\npath = \"/\"\nhttps = true\ntls_ca = \"{}\"",
+            ca.display()
+        ))
+    );
+    let path = dir.write("lb.toml", &text);
+    Config::load(&path).expect("the file itself is valid");
+    let out = check(&path, false);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let lines = stderr_lines(&out);
+    let want = [
+        "error: unknown interface nosuch0".to_string(),
+        format!(
+            "error: token file {} is readable by others (mode 644; fix: chmod 600 {})",
+            token.display(),
+            token.display()
+        ),
+        format!(
+            "error: cannot read certificates from {}",
+            dir.0.join("cert.pem").display()
+        ),
+        format!("error: geo data {}: line 2", geo.display()),
+        format!(
+            "error: service web: health tls_ca {}: no CA certificate",
+            ca.display()
+        ),
+    ];
+    assert_eq!(lines.len(), want.len(), "{lines:#?}");
+    for (line, want) in lines.iter().zip(&want) {
+        assert!(
+            line.starts_with(want.as_str()),
+            "{line:?} should start with {want:?}"
+        );
+    }
+}
+
+/// Legal but suspect: said, and the file is still valid (status 0).
+#[test]
+fn suspect_settings_are_warnings_with_status_0() {
+    let dir = Dir::new("warnings");
+    let token = dir.join_secret("token");
+    let mut text = format!(
+        "{DAEMON}[daemon.api]\nlisten = \"0.0.0.0:9443\"\nallow_plaintext = true\ntoken_file = \"{}\"\n",
+        token.display()
+    );
+    text.push_str(&service(
+        "[service.health]\nkind = \"http\"\npath = \"/\"\nhttps = true\ninterval = 1.0\ntimeout = 0.9",
+    ));
+    // 251 table entries over 100 backends: some hold 3 where 2.51 is fair.
+    text.push_str(
+        "[[service]]\nname = \"wide\"\nvip = \"10.0.0.2\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 251\n",
+    );
+    for i in 0..100 {
+        text.push_str(&format!(
+            "[[service.backend]]\nid = \"w{i}\"\naddress = \"10.0.2.{}\"\n",
+            i + 1
+        ));
+    }
+    let path = dir.write("lb.toml", &text);
+    let out = check(&path, false);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let lines = stderr_lines(&out);
+    let want = [
+        "warning: daemon.api.listen 0.0.0.0:9443 is not loopback and has no TLS",
+        "warning: service web: health https = true without tls_ca",
+        "warning: service web: health timeout 0.9 is 90% of the interval 1",
+        "warning: service wide: table_size 251 for 100 backends: one may take 19.5% more than its share",
+    ];
+    assert_eq!(lines.len(), want.len(), "{lines:#?}");
+    for want in want {
+        assert!(
+            lines.iter().any(|l| l.starts_with(want)),
+            "{want:?} not in {lines:#?}"
+        );
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{}: valid (4 warnings)", path.display())
+    );
+    let json: serde_json::Value = serde_json::from_slice(&check(&path, true).stdout).expect("JSON");
+    assert_eq!(json["valid"], true, "{json}");
+    assert_eq!(json["warnings"].as_array().map(Vec::len), Some(4), "{json}");
+    // The same settings within bounds: no warning.
+    let calm = text
+        .replace("0.0.0.0:9443", "127.0.0.1:9443")
+        .replace("https = true\n", "")
+        .replace("timeout = 0.9", "timeout = 0.5")
+        .replace("table_size = 251", "table_size = 65537");
+    let out = check(&dir.write("calm.toml", &calm), false);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn an_unreadable_file_is_status_2_and_an_invalid_one_1() {
+    let dir = Dir::new("unreadable");
+    for path in [dir.0.join("missing.toml"), dir.0.clone()] {
+        let out = check(&path, false);
+        assert_eq!(out.status.code(), Some(2), "{}: {out:?}", path.display());
+        let lines = stderr_lines(&out);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with(&format!("error: invalid config: cannot read {}", path.display())),
+            "{lines:?}"
+        );
+        let json: serde_json::Value = serde_json::from_slice(&check(&path, true).stdout).expect("JSON");
+        assert_eq!(
+            (&json["valid"], &json["readable"]),
+            (&false.into(), &false.into()),
+            "{json}"
+        );
+    }
+    let out = check(&dir.write("bad.toml", "not toml ["), true);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        (&json["valid"], &json["readable"]),
+        (&false.into(), &true.into()),
+        "{json}"
+    );
+    assert_eq!(json["errors"].as_array().map(Vec::len), Some(1), "{json}");
+}
+
+impl Dir {
+    /// A token file as the daemon wants it: mode 600.
+    fn join_secret(&self, name: &str) -> PathBuf {
+        let path = self.0.join(name);
+        lb_tests::write_secret(&path, "token-of-the-test-0123456789abcdef0123\n").expect("token");
+        path
+    }
+}
