@@ -194,8 +194,12 @@ fn header(step: usize, total: usize, what: &str) {
     eprintln!("==> [{step}/{total}] {what}");
 }
 
+/// Tests whose names hold this run two at a time, after the rest: each builds a lab of its
+/// own (router, nodes, etcd) and mostly waits on BGP and etcd, so a second one costs little.
+const TWO_AT_A_TIME: &str = "cluster_lab::";
+
 fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
-    const STEPS: usize = 4;
+    const STEPS: usize = 5;
 
     header(1, STEPS, "setup");
     setup::setup(ctx)?;
@@ -218,12 +222,32 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
     let has_threads = extra
         .iter()
         .any(|a| a.to_string_lossy().starts_with("--test-threads"));
+    // Without the caller's own filters or threads, the lab tests go in a lane of their own.
+    let lanes = extra.is_empty();
     if !has_threads {
         test.arg("--test-threads=1");
     }
+    if lanes {
+        test.args(["--skip", TWO_AT_A_TIME]);
+    }
     test.args(&extra);
     header(4, STEPS, &ctx::display(&test));
-    let result = ctx::run_tests(&mut test, &mut totals);
+    let mut result = ctx::run_tests(&mut test, &mut totals);
+    if lanes && result.is_ok() {
+        let mut labs = ctx.cargo();
+        labs.args([
+            "test",
+            "-p",
+            "lb-tests",
+            "--test",
+            "e2e_cluster",
+            "--",
+            "--test-threads=2",
+            TWO_AT_A_TIME,
+        ]);
+        header(5, STEPS, &ctx::display(&labs));
+        result = ctx::run_tests(&mut labs, &mut totals);
+    }
     // One summary over every test binary, as the last line.
     println!(
         "{} passed, {} failed, {} skipped",
