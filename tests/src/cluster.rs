@@ -395,6 +395,24 @@ impl Lab {
         Ok(())
     }
 
+    /// Each registered node's digest of service `web`, as node `from` reads the node keys
+    /// ("none" for a node without one).
+    pub fn web_digests(&self, from: usize) -> Vec<String> {
+        let v = self.daemon(from).json(&["cluster", "status"]);
+        v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| n["digests"]["web"].as_str().unwrap_or("none").to_string())
+            .collect()
+    }
+
+    /// Node `i`'s BIRD pid, as its pid file says.
+    pub fn bird_pid(&self, i: usize) -> String {
+        let d = self.daemon(i);
+        std::fs::read_to_string(d.run_dir.join(format!("{}.bird.pid", d.instance))).expect("BIRD's pid file")
+    }
+
     /// The lab's services as a config file for `lb cluster push`.
     pub fn services_file(&self) -> String {
         let full = self.node_config("x", std::path::Path::new("/tmp"), "");

@@ -159,12 +159,7 @@ mod cluster_lab {
             "n3 still announced: {:?}",
             lab.next_hops()
         );
-        let bird_pid = std::fs::read_to_string(
-            lab.daemon(2)
-                .run_dir
-                .join(format!("{}.bird.pid", lab.daemon(2).instance)),
-        )
-        .expect("BIRD's pid file");
+        let bird_pid = lab.bird_pid(2);
         let node = &mut lab.nodes[2];
         node.daemon
             .as_mut()
@@ -184,12 +179,7 @@ mod cluster_lab {
             "n3 not back after its upgrade: {:?}",
             lab.next_hops()
         );
-        let again = std::fs::read_to_string(
-            lab.daemon(2)
-                .run_dir
-                .join(format!("{}.bird.pid", lab.daemon(2).instance)),
-        )
-        .expect("BIRD's pid file");
+        let again = lab.bird_pid(2);
         assert_eq!(
             bird_pid, again,
             "the restarted daemon started a new BIRD instead of adopting it"
@@ -352,13 +342,7 @@ mod cluster_lab {
 
     /// Each node's digest of service `web` as the cluster's node keys say (from node 0's view).
     fn web_digests(lab: &Lab) -> Vec<String> {
-        let v = lab.daemon(0).json(&["cluster", "status"]);
-        v["nodes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|n| n["digests"]["web"].as_str().unwrap_or("none").to_string())
-            .collect()
+        lab.web_digests(0)
     }
 
     /// All three nodes registered, each with `web`'s table digest, all equal.

@@ -49,19 +49,8 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// All started nodes' digests of `web` as node `from` reads the node keys; equal and `n` long.
-fn digests(lab: &Lab, from: usize) -> Vec<String> {
-    let v = lab.daemon(from).json(&["cluster", "status"]);
-    v["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|n| n["digests"]["web"].as_str().unwrap_or("none").to_string())
-        .collect()
-}
-
 fn agreed(lab: &Lab, from: usize, n: usize, not: &str) -> bool {
-    let d = digests(lab, from);
+    let d = lab.web_digests(from);
     d.len() == n && d.iter().all(|x| x != "none" && x != not && *x == d[0])
 }
 
@@ -99,7 +88,7 @@ pub fn run(quick: bool) -> Result<ClusterResult> {
     // An API change on one node (a weight, back and forth) to identical tables on all three.
     let (mut change, mut swap) = (Vec::new(), Vec::new());
     for r in 0..runs.max(3) {
-        let before = digests(&lab, 0)[0].clone();
+        let before = lab.web_digests(0)[0].clone();
         let weight = if r % 2 == 0 { "50" } else { "100" };
         let node = r % 3;
         let started = Instant::now();
