@@ -413,6 +413,21 @@ impl Lab {
         std::fs::read_to_string(d.run_dir.join(format!("{}.bird.pid", d.instance))).expect("BIRD's pid file")
     }
 
+    /// `lb cluster push` of `text` (a config file) through node `from`: an error with the CLI's
+    /// line if refused.
+    pub fn push(&self, from: usize, text: &str) -> Result<()> {
+        let file = std::env::temp_dir().join(format!("{}-push-{from}.toml", self.router.name));
+        std::fs::write(&file, text)?;
+        let out = self
+            .daemon(from)
+            .cli(&["cluster", "push", file.to_str().unwrap_or_default()]);
+        let _ = std::fs::remove_file(&file);
+        if !out.status.success() {
+            bail!("cluster push: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
     /// The lab's services as a config file for `lb cluster push`.
     pub fn services_file(&self) -> String {
         let full = self.node_config("x", std::path::Path::new("/tmp"), "");

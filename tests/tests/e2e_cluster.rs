@@ -345,6 +345,29 @@ mod cluster_lab {
         lab.web_digests(0)
     }
 
+    /// Pushes `file` as the cluster's state through n1, waits until the three first nodes agree
+    /// and are the router's next hops, then opens one connection per client address; the three
+    /// nodes' addresses and the connections.
+    fn pushed_and_held(lab: &Lab, file: &str) -> (Vec<std::net::Ipv4Addr>, Held) {
+        lab.push(0, file).expect("push");
+        assert!(
+            wait_until(Duration::from_secs(15), || agreed(lab)),
+            "nodes do not agree: {:?}\n{}",
+            cluster_views(lab),
+            lab.daemon(1).log()
+        );
+        let all: Vec<_> = lab.nodes[..3].iter().map(|n| n.addr).collect();
+        assert!(
+            lab.wait_next_hops(&all, Duration::from_secs(30)),
+            "{}",
+            lab.router_protocols()
+        );
+        let sources: Vec<IpAddr> = lab.sources.iter().map(|s| IpAddr::V4(*s)).collect();
+        let mut held = Held::open(&lab.client, &sources, IpAddr::V4(VIP4)).expect("connections");
+        all_answer(&mut held, "opened", lab);
+        (all, held)
+    }
+
     /// All three nodes registered, each with `web`'s table digest, all equal.
     fn agreed(lab: &Lab) -> bool {
         let d = web_digests(lab);
@@ -359,26 +382,7 @@ mod cluster_lab {
             lab.start_cluster_node(i, name).expect("node");
         }
         // The file's services become the cluster's, through any node.
-        let file = std::env::temp_dir().join(format!("{}-services.toml", lab.router.name));
-        std::fs::write(&file, lab.services_file()).expect("file");
-        let out = lab.daemon(0).cli(&["cluster", "push", file.to_str().unwrap()]);
-        let _ = std::fs::remove_file(&file);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert!(
-            wait_until(Duration::from_secs(15), || agreed(&lab)),
-            "nodes do not agree: {:?}\n{}",
-            cluster_views(&lab),
-            lab.daemon(1).log()
-        );
-        let all: Vec<_> = lab.nodes[..3].iter().map(|n| n.addr).collect();
-        assert!(
-            lab.wait_next_hops(&all, Duration::from_secs(30)),
-            "{}",
-            lab.router_protocols()
-        );
-        let sources: Vec<IpAddr> = lab.sources.iter().map(|s| IpAddr::V4(*s)).collect();
-        let mut held = Held::open(&lab.client, &sources, IpAddr::V4(VIP4)).expect("connections");
-        all_answer(&mut held, "opened", &lab);
+        let (all, mut held) = pushed_and_held(&lab, &lab.services_file());
 
         // A change on n2 reaches every node's tables.
         let before = web_digests(&lab)[0].clone();
@@ -501,15 +505,21 @@ mod cluster_lab {
         all_answer(&mut held, "after the outage", &lab);
     }
 
+    /// Node `i`'s listing of `web`'s backend `id` (null if it has none).
+    fn backend_on(lab: &Lab, i: usize, id: &str) -> serde_json::Value {
+        lab.daemon(i)
+            .backends_of("web")
+            .into_iter()
+            .find(|b| b["id"] == id)
+            .unwrap_or_default()
+    }
+
     /// Each node's effective weight of `web`'s backend `id` (its tables' weight).
     fn weights_of(lab: &Lab, id: &str) -> Vec<u64> {
         (0..3)
             .map(|i| {
-                lab.daemon(i)
-                    .backends_of("web")
-                    .iter()
-                    .find(|b| b["id"] == id)
-                    .and_then(|b| b["effective_weight"].as_u64())
+                backend_on(lab, i, id)["effective_weight"]
+                    .as_u64()
                     .unwrap_or(u64::MAX)
             })
             .collect()
@@ -517,12 +527,10 @@ mod cluster_lab {
 
     /// Node `i`'s own check verdict on `web`'s backend `id`.
     fn health_on(lab: &Lab, i: usize, id: &str) -> String {
-        lab.daemon(i)
-            .backends_of("web")
-            .iter()
-            .find(|b| b["id"] == id)
-            .map(|b| b["health"].as_str().unwrap_or("").to_string())
+        backend_on(lab, i, id)["health"]
+            .as_str()
             .unwrap_or_default()
+            .to_string()
     }
 
     #[test]
@@ -538,25 +546,7 @@ mod cluster_lab {
             "kind = \"tcp\"\nport = {}\ninterval = 0.2\ntimeout = 0.15\nerror_threshold = 2\nrecovery_threshold = 1\ndown_flows = \"keep\"",
             lb_tests::cluster::CHECK_PORT
         );
-        let file = std::env::temp_dir().join(format!("{}-services.toml", lab.router.name));
-        std::fs::write(&file, lab.services_file_with(3, &health)).expect("file");
-        let out = lab.daemon(0).cli(&["cluster", "push", file.to_str().unwrap()]);
-        let _ = std::fs::remove_file(&file);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert!(
-            wait_until(Duration::from_secs(15), || agreed(&lab)),
-            "nodes do not agree: {:?}",
-            cluster_views(&lab)
-        );
-        let all: Vec<_> = lab.nodes.iter().map(|n| n.addr).collect();
-        assert!(
-            lab.wait_next_hops(&all, Duration::from_secs(30)),
-            "{}",
-            lab.router_protocols()
-        );
-        let sources: Vec<IpAddr> = lab.sources.iter().map(|s| IpAddr::V4(*s)).collect();
-        let mut held = Held::open(&lab.client, &sources, IpAddr::V4(VIP4)).expect("connections");
-        all_answer(&mut held, "opened", &lab);
+        let (all, mut held) = pushed_and_held(&lab, &lab.services_file_with(3, &health));
 
         // n1 alone loses its checks to b2: it sees b2 down, and is overruled; every node keeps
         // b2 in its tables and the tables stay identical.

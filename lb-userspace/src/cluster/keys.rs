@@ -161,30 +161,29 @@ impl Tree {
         }
     }
 
-    fn part(&self, key: &[u8]) -> Part {
+    /// Which part a key belongs to, and the rest of the key after its directory.
+    fn part<'k>(&self, key: &'k [u8]) -> (Part, &'k [u8]) {
         let rest = key.strip_prefix(self.prefix.as_bytes()).unwrap_or_default();
-        if rest.starts_with(b"services/") {
-            Part::Services
-        } else if rest.starts_with(b"nodes/") {
-            Part::Nodes
-        } else if rest.starts_with(b"scores/") {
-            Part::Scores
-        } else {
-            Part::Other
+        for (dir, part) in [
+            (&b"services/"[..], Part::Services),
+            (b"nodes/", Part::Nodes),
+            (b"scores/", Part::Scores),
+        ] {
+            if let Some(rest) = rest.strip_prefix(dir) {
+                return (part, rest);
+            }
         }
+        (Part::Other, rest)
     }
 
     pub fn put(&mut self, key: &[u8], value: &[u8], revision: i64) -> Part {
-        let part = self.part(key);
+        let (part, rest) = self.part(key);
         match part {
             Part::Services => self
                 .services
                 .insert(&String::from_utf8_lossy(key), value, revision),
             Part::Nodes => self.nodes.put(key, value),
-            Part::Scores => {
-                let rest = &key[self.prefix.len() + "scores/".len()..];
-                self.scores.put(&String::from_utf8_lossy(key), rest, value)
-            }
+            Part::Scores => self.scores.put(&String::from_utf8_lossy(key), rest, value),
             Part::Other => {}
         }
         part
@@ -201,13 +200,12 @@ impl Tree {
         match e.event_type() {
             EventType::Put => self.put(kv.key(), kv.value(), kv.mod_revision()),
             EventType::Delete => {
-                let part = self.part(kv.key());
+                let (part, rest) = self.part(kv.key());
                 let key = String::from_utf8_lossy(kv.key());
                 match part {
                     Part::Services => drop(self.services.by_key.remove(key.as_ref())),
                     Part::Nodes => drop(self.nodes.by_key.remove(key.as_ref())),
                     Part::Scores => {
-                        let rest = &kv.key()[self.prefix.len() + "scores/".len()..];
                         if let Some(b) = Scores::backend(rest) {
                             self.scores.by_backend.remove(&b);
                         }

@@ -400,7 +400,12 @@ impl Writer {
                 (s.name.clone(), w)
             })
             .collect();
-        let own = votes(&weights);
+        // Only a node of a cluster votes; a standalone one keeps no copy of its weights.
+        let own = if self.cfg.cluster.is_some() {
+            votes(&weights)
+        } else {
+            Default::default()
+        };
         if let Some(view) = &self.view {
             for s in &services {
                 if let Some(w) = weights.get_mut(&s.name) {

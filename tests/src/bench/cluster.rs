@@ -64,17 +64,7 @@ pub fn run(quick: bool) -> Result<ClusterResult> {
     for (i, name) in ["n1", "n2", "n3"].into_iter().enumerate() {
         lab.start_cluster_node(i, name)?;
     }
-    let file = std::env::temp_dir().join(format!("{}-bench.toml", lab.router.name));
-    std::fs::write(&file, lab.services_file())?;
-    let out = lab
-        .daemon(0)
-        .cli(&["cluster", "push", file.to_str().unwrap_or_default()]);
-    let _ = std::fs::remove_file(&file);
-    ensure!(
-        out.status.success(),
-        "cluster push: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    lab.push(0, &lab.services_file())?;
     ensure!(
         wait_until(bound, || agreed(&lab, 0, 3, "")),
         "the nodes never agreed"
@@ -116,10 +106,7 @@ pub fn run(quick: bool) -> Result<ClusterResult> {
     for r in 0..runs {
         let started = Instant::now();
         drop(lab.nodes[2].daemon.take());
-        ensure!(
-            wait_until(bound, || lab.next_hops() == all[..2]),
-            "a killed node stayed a next hop"
-        );
+        time_until(bound, || lab.next_hops() == all[..2]).context("a killed node stayed a next hop")?;
         kill.push(ms(started.elapsed()));
         if r + 1 < runs {
             lab.start_cluster_node(2, "n3")?;
