@@ -1,13 +1,10 @@
 //! `lb`: the daemon and its CLI in one binary.
 
-use clap::{CommandFactory, FromArgMatches};
+use clap::FromArgMatches;
 use lb_userspace::cli::{self, Cli, Command};
 
 fn main() {
-    // Leaked once: clap takes a 'static version, and this one is made at run time.
-    let version: &'static str = Box::leak(lb_userspace::version().into_boxed_str());
-    let cli = Cli::command()
-        .version(version)
+    let cli = cli::command()
         .try_get_matches()
         .and_then(|m| Cli::from_arg_matches(&m));
     let json_logs =

@@ -20,12 +20,22 @@ pub fn lb_bin() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("LB_BIN") {
         return p.into();
     }
+    built("lb")
+}
+
+/// The `xtask` binary (`cargo xtask`), built beside the tests (target/debug/xtask).
+pub fn xtask_bin() -> std::path::PathBuf {
+    built("xtask")
+}
+
+/// A binary of this build: next to the test executable's directory.
+fn built(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let mut dir = exe.parent().expect("exe dir").to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
-    dir.join("lb")
+    dir.join(name)
 }
 
 /// The test environment's Python (`cargo xtask setup` makes it in the target directory's

@@ -4,6 +4,7 @@
 //! builds on a fresh machine, before bpf-linker or the nightly toolchain exist.
 
 mod ctx;
+mod package;
 mod page;
 mod setup;
 
@@ -100,6 +101,30 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Build the Debian package: target/package/lb_<version>-1_<arch>.deb
+    ///
+    /// Runs setup and builds `lb` in release (unless `--lb-bin`), then stages the package as
+    /// debhelper would and builds it with dpkg-deb: the stripped binary in /usr/sbin, the
+    /// systemd unit (installed, not enabled), /etc/lb/lb.toml as a commented conffile, man pages
+    /// lb(8) and one per verb and bash, zsh and fish completions (written by the binary itself,
+    /// `lb generate`), the docs, copyright and changelog under /usr/share/doc/lb. Depends comes
+    /// from dpkg-shlibdeps. Prints the package's path. `lintian` checks it
+    /// (tests/tests/package.rs does, and installs it into a throwaway root).
+    Package {
+        /// Build and package the debug binary instead (quick to build, large)
+        #[arg(long, conflicts_with = "lb_bin")]
+        debug: bool,
+        /// Package this already-built `lb` binary: no setup, no build
+        #[arg(long, value_name = "PATH")]
+        lb_bin: Option<PathBuf>,
+        /// Directory for the package and its staging tree [default: target/package]
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Compress lightly (xz -1 instead of -6): seconds instead of half a minute for a
+        /// debug binary
+        #[arg(long)]
+        fast: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -142,7 +167,51 @@ fn run(cli: Cli) -> Result<()> {
             input_seconds,
             seed,
         } => fuzz(&ctx, cases, input_seconds, seed),
+        Command::Package {
+            debug,
+            lb_bin,
+            out,
+            fast,
+        } => package(
+            &ctx,
+            &package::Options {
+                debug,
+                lb_bin,
+                out,
+                fast,
+            },
+        ),
     }
+}
+
+fn package(ctx: &Ctx, opts: &package::Options) -> Result<()> {
+    let lb = match &opts.lb_bin {
+        Some(path) if path.is_file() => path.clone(),
+        Some(path) => bail!("--lb-bin {}: no such file", path.display()),
+        None => {
+            header(1, 3, "setup");
+            setup::setup(ctx)?;
+            let mut build = ctx.cargo();
+            build.args(["build", "--package", "lb-userspace", "--bin", "lb"]);
+            if !opts.debug {
+                build.arg("--release");
+            }
+            header(2, 3, &ctx::display(&build));
+            ctx::run(&mut build)?;
+            let lb = ctx
+                .target_dir()
+                .join(if opts.debug { "debug" } else { "release" })
+                .join("lb");
+            if !lb.is_file() {
+                bail!("{} was not produced by the build", lb.display());
+            }
+            header(3, 3, "stage and build the package");
+            lb
+        }
+    };
+    let deb = package::package(ctx, opts, &lb)?;
+    println!("{}", deb.display());
+    Ok(())
 }
 
 fn fuzz(ctx: &Ctx, cases: u32, input_seconds: u32, seed: Option<u64>) -> Result<()> {

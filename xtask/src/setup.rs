@@ -24,7 +24,8 @@ const LLVM_PACKAGES: &[&str] = &[
 /// metrics tests scrape the daemon with a real server), and BIRD 2 (the daemon announces VIPs
 /// through it; the cluster tests run a router with it too), etcd (the cluster's desired state,
 /// a real server in the tests) and protoc with its well-known types (the etcd client's
-/// protocol is compiled from .proto files).
+/// protocol is compiled from .proto files), and what `cargo xtask package` builds and checks
+/// the Debian package with (dpkg-dev's dpkg-shlibdeps, binutils' strip, lintian).
 const TOOL_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -35,6 +36,9 @@ const TOOL_PACKAGES: &[&str] = &[
     "etcd-server",
     "protobuf-compiler",
     "libprotobuf-dev",
+    "dpkg-dev",
+    "binutils",
+    "lintian",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";

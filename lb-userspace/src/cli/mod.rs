@@ -7,6 +7,7 @@ mod backend_host;
 mod cluster;
 mod config;
 mod detach;
+mod generate;
 mod geo;
 mod health;
 mod lookup;
@@ -18,7 +19,7 @@ mod stats;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use self::shared::{call, print_plain};
 pub use self::{
@@ -26,6 +27,7 @@ pub use self::{
     backend_host::{BackendHostArgs, BackendHostCmd},
     cluster::ClusterCmd,
     config::ConfigCmd,
+    generate::{GenerateArgs, Generated},
     geo::GeoCmd,
     health::HealthArgs,
     lookup::LookupArgs,
@@ -53,6 +55,13 @@ pub struct Cli {
     pub json: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// The CLI's definition as `lb` runs it, with its version (built at run time: the commit and the
+/// eBPF object's hash); the man pages and completions are made from this too.
+pub fn command() -> clap::Command {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    Cli::command().version(VERSION.get_or_init(crate::version).as_str())
 }
 
 /// Checked at parse time: `lb detach` removes files at paths made from the name.
@@ -119,6 +128,9 @@ pub enum Command {
     /// On a backend: set up, check or undo what IPIP forwarding needs (no daemon involved).
     #[command(subcommand)]
     BackendHost(BackendHostCmd),
+    /// Write the man pages (section 8) or the bash, zsh and fish completions into a directory,
+    /// made from this CLI's own definition (the Debian package ships them).
+    Generate(GenerateArgs),
 }
 
 /// Runs every verb but `daemon`. Returns the process exit code.
@@ -128,6 +140,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
         Command::Daemon { .. } => unreachable!("handled by main"),
         Command::Detach => return detach::run(&cli.run_dir, &cli.instance, cli.json),
         Command::BackendHost(cmd) => return backend_host::run(cmd, cli.json),
+        Command::Generate(args) => return generate::run(args, command()),
         Command::Top { once } => {
             if *once {
                 print!("{}", crate::top::once(&socket)?);

@@ -18,19 +18,12 @@ pub enum PlanCmd {
     },
     /// A new backend.
     AddBackend(BackendArgs),
-    RemoveBackend {
-        service: String,
-        id: String,
-    },
+    /// A backend removed.
+    RemoveBackend { service: String, id: String },
     /// A service's new strategy.
-    Strategy {
-        service: String,
-        strategy: Strategy,
-    },
+    Strategy { service: String, strategy: Strategy },
     /// A whole config file (its services; [daemon] is not previewed).
-    Config {
-        file: PathBuf,
-    },
+    Config { file: PathBuf },
 }
 
 pub fn request(cmd: &PlanCmd) -> anyhow::Result<Request> {
