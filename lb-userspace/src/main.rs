@@ -9,6 +9,8 @@ fn main() {
         .and_then(|m| Cli::from_arg_matches(&m));
     let json_logs =
         matches!(&cli, Ok(Cli { command: Command::Daemon { log_format, .. }, .. }) if log_format == "json");
+    // Colour (the text log's levels) as env_logger's auto-color decides it: only when standard
+    // error is a terminal, never when NO_COLOR is set (tests/tests/cli.rs checks both).
     let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     if json_logs {
         logger.format(|buf, record| {

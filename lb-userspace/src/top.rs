@@ -191,9 +191,23 @@ pub fn once(socket: &Path) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// The live view until `q` (or Esc, or Ctrl-C).
+/// The live view until `q` (or Esc, or Ctrl-C). Drawn only on a terminal: into a pipe or a
+/// file its cursor moves and styles would be noise, so it refuses in one line there.
 pub fn live(socket: &Path) -> anyhow::Result<()> {
-    let mut terminal = ratatui::init();
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        anyhow::bail!(
+            "lb top draws on a terminal and standard output is not one (fix: `lb top --once` prints a frame as plain text)"
+        );
+    }
+    let mut terminal = match ratatui::try_init() {
+        Ok(terminal) => terminal,
+        Err(e) => {
+            // Raw mode may be on already: give the terminal back as it was.
+            ratatui::restore();
+            anyhow::bail!("cannot draw on the terminal: {e}");
+        }
+    };
     let result = (|| -> anyhow::Result<()> {
         let mut last = sample(socket)?;
         let mut shown: Option<Frame> = None;

@@ -1,6 +1,7 @@
 //! The CLI without a daemon: usage errors on one line that name what is missing;
 //! `LB_INSTANCE` / `LB_RUN_DIR` standing in for `--instance` / `--run-dir` (the flags win);
-//! `--version` naming the commit and the eBPF object.
+//! `--version` naming the commit and the eBPF object; colour only on a terminal, and never with
+//! `NO_COLOR`.
 
 use std::process::{Command, Output};
 
@@ -87,4 +88,82 @@ fn version_names_the_commit_and_the_ebpf_object() {
         assert!(hex(commit, 12) || commit == "unknown", "{text}");
         assert!(hex(object, 16), "{text}");
     }
+}
+
+/// A clean environment for the colour checks: none of the variables that force or forbid
+/// colour (CI, CLICOLOR, CLICOLOR_FORCE, RUST_LOG_STYLE, NO_COLOR) unless given, and a TERM
+/// that supports it.
+fn plain_env(cmd: &mut Command, env: &[(&str, &str)]) {
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TERM", "xterm-256color")
+        .envs(env.iter().copied());
+}
+
+/// Runs lb on a pseudo-terminal (util-linux's `script`, in every Debian system); what it
+/// wrote there, standard output and error together.
+fn on_a_terminal(env: &[(&str, &str)], args: &[&str]) -> String {
+    let line = std::iter::once(lb_tests::lb_bin().display().to_string())
+        .chain(args.iter().map(|a| a.to_string()))
+        .map(|a| {
+            assert!(!a.contains('\''), "{a}");
+            format!("'{a}'")
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut cmd = Command::new("script");
+    plain_env(&mut cmd, env);
+    let out = cmd
+        .args(["--quiet", "--command", &line, "/dev/null"])
+        .output()
+        .expect("script (Debian: bsdutils)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Colour (the daemon's log levels) only on a terminal, and not there when `NO_COLOR` is set;
+/// `lb top`'s live view, which draws with escape codes, refuses a pipe in one line.
+#[test]
+fn colour_only_on_a_terminal_and_never_with_no_color() {
+    const ESC: char = '\u{1b}';
+    let dir = std::env::temp_dir().join(format!("lb-colour-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    // A daemon that logs a line at start, then stops at its interface, which does not exist.
+    let config = dir.join("lb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\ninstance = \"colour\"\ninterfaces = [\"lbnocolour0\"]\nrun_dir = \"{}\"\n",
+            dir.join("run").display()
+        ),
+    )
+    .expect("config");
+    let daemon = ["daemon", "--config", config.to_str().expect("path")];
+
+    let shown = on_a_terminal(&[], &daemon);
+    let with_no_color = on_a_terminal(&[("NO_COLOR", "1")], &daemon);
+    let mut piped = Command::new(lb_tests::lb_bin());
+    plain_env(&mut piped, &[]);
+    let piped = piped.args(daemon).output().expect("run lb");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert!(shown.contains("unknown interface lbnocolour0"), "{shown:?}");
+    assert!(shown.contains(ESC), "a terminal gets colour: {shown:?}");
+    assert!(with_no_color.contains(" INFO "), "{with_no_color:?}");
+    assert!(!with_no_color.contains(ESC), "NO_COLOR: {with_no_color:?}");
+    let piped_err = stderr(&piped);
+    assert!(piped_err.contains(" INFO "), "{piped_err:?}");
+    assert!(!piped_err.contains(ESC), "a pipe: {piped_err:?}");
+
+    let mut top = Command::new(lb_tests::lb_bin());
+    plain_env(&mut top, &[]);
+    let top = top
+        .args(["--run-dir", "/nonexistent-lb-run", "top"])
+        .output()
+        .expect("run lb");
+    assert_eq!(top.status.code(), Some(1), "{top:?}");
+    assert_eq!(
+        stderr(&top),
+        "error: lb top draws on a terminal and standard output is not one (fix: `lb top --once` prints a frame as plain text)"
+    );
+    assert!(top.stdout.is_empty(), "{top:?}");
 }
