@@ -88,3 +88,24 @@ fn completions(mut cmd: clap::Command, dir: &Path) -> anyhow::Result<Vec<PathBuf
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every verb and sub-verb says what it does: that line is its man page's NAME (lintian's
+    /// `bad-whatis-entry` without it) and its line in `--help`.
+    #[test]
+    fn every_verb_has_a_description() {
+        fn check(cmd: &clap::Command, path: &str, bare: &mut Vec<String>) {
+            for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    bare.push(path.clone());
+                }
+                check(sub, &path, bare);
+            }
+        }
+        let mut bare = Vec::new();
+        check(&super::super::command(), "lb", &mut bare);
+        assert!(bare.is_empty(), "verbs without a description: {bare:?}");
+    }
+}

@@ -41,7 +41,11 @@ use crate::api::Request;
 #[command(
     name = "lb",
     version,
-    about = "XDP layer-4 load balancer: daemon and control CLI"
+    about = "XDP layer-4 load balancer: daemon and control CLI",
+    after_long_help = "Files: /etc/lb/lb.toml, the config (`lb config check` validates it); \
+        /run/lb/INSTANCE.sock and INSTANCE.state.json, the daemon's socket and state; \
+        /sys/fs/bpf/INSTANCE, its pins. \
+        Each verb has a man page, lb-VERB(8). Documentation: /usr/share/doc/lb, docs/ in the source."
 )]
 pub struct Cli {
     /// Daemon instance to talk to (names its socket and its pins under /sys/fs/bpf).
