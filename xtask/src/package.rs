@@ -16,8 +16,10 @@ use crate::ctx::{self, Ctx};
 pub const NAME: &str = "lb";
 /// The Debian revision: the package is built from upstream's tree, not a Debian source.
 const REVISION: &str = "1";
-/// Who answers for the package when DEBFULLNAME / DEBEMAIL (dch's variables) are not set.
-const MAINTAINER: &str = "lb developers <lb@users.noreply.github.com>";
+/// Who answers for the package when DEBFULLNAME / DEBEMAIL (dch's variables) are not set: a
+/// reserved domain, since the project has no address of its own yet; whoever publishes the
+/// package sets theirs.
+const MAINTAINER: &str = "lb developers <maintainers@lb.invalid>";
 const SECTION: &str = "net";
 const SYNOPSIS: &str = "layer-4 TCP/UDP load balancer with an XDP data plane";
 const DESCRIPTION: &str = "\
