@@ -92,6 +92,18 @@ impl FlowState {
 /// `FlowState::opened` (about 3 s) is a retransmit: the backend did not answer the first one.
 pub const SYN_RETRANSMIT_WINDOW: u16 = 3;
 
+/// An embryonic entry (a flow that has sent one packet) older than this many units of
+/// `FlowState::opened` (about 32 s) is removed by the daemon's census and stops counting toward
+/// least connections and `maxconn`: a TCP client whose handshake has not completed by then has
+/// given up or retries from scratch, and a UDP flow of one datagram is over.
+pub const EMBRYONIC_TTL: u16 = 30;
+
+/// Whether an embryonic entry opened at `opened` has outlived `EMBRYONIC_TTL` at `now` (both
+/// `coarse_seconds`, wrapping).
+pub const fn embryonic_expired(opened: u16, now: u16) -> bool {
+    now.wrapping_sub(opened) > EMBRYONIC_TTL
+}
+
 /// `opened`'s clock from a nanosecond time.
 pub const fn coarse_seconds(ns: u64) -> u16 {
     (ns >> 30) as u16

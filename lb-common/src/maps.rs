@@ -22,8 +22,12 @@ pub const GEO_A: &str = "GEO_A";
 pub const GEO_B: &str = "GEO_B";
 /// `GeoKey` (service id, region id) -> that region's `ServiceValue`.
 pub const GEO_SERVICES: &str = "GEO_SERVICES";
-/// Connection table: `FlowKey` -> `FlowState` (LRU).
+/// Connection table: `FlowKey` -> `FlowState` (LRU), for flows past their first packet.
 pub const CONNTRACK: &str = "CONNTRACK";
+/// Flows that have sent one packet (a TCP SYN, a UDP flow's first datagram): `FlowKey` ->
+/// `FlowState` (LRU). A flow moves to `CONNTRACK` at its client's next packet that is not a SYN,
+/// so a flood of first packets churns this table only (see docs/design.md).
+pub const EMBRYONIC: &str = "EMBRYONIC";
 /// NAT entries, both directions of each connection: `FlowKey` -> `NatEntry` (see `nat`).
 pub const NAT_FLOWS: &str = "NAT_FLOWS";
 /// Egress interfaces for XDP_REDIRECT: ifindex -> ifindex (devmap hash).
@@ -45,7 +49,7 @@ pub const DP_CONFIG: &str = "DP_CONFIG";
 pub const NEXT_HOPS: &str = "NEXT_HOPS";
 
 /// Every map that is pinned under `/sys/fs/bpf/<instance>/maps/`.
-pub const PINNED: [&str; 18] = [
+pub const PINNED: [&str; 19] = [
     GEO_A,
     GEO_B,
     GEO_SERVICES,
@@ -59,6 +63,7 @@ pub const PINNED: [&str; 18] = [
     MAGLEV_POOL,
     BACKENDS,
     CONNTRACK,
+    EMBRYONIC,
     NAT_FLOWS,
     TX_PORTS,
     SERVICE_STATS,
@@ -90,6 +95,7 @@ pub const MAX_BACKENDS: u32 = 16384;
 pub const MAX_TX_PORTS: u32 = 64;
 /// Compile-time defaults; the daemon resizes these from its config before loading.
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 65536;
+pub const DEFAULT_EMBRYONIC_SIZE: u32 = 65536;
 /// NAT entries (two per connection).
 pub const DEFAULT_NAT_SIZE: u32 = 262144;
 /// Room for 288 tables of the default size (36 MiB): 256 services, and spare regions that the

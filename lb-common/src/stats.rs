@@ -108,8 +108,13 @@ counters! {
     // NAT: a source address opened more new connections this second than
     // daemon.nat.max_new_per_source allows.
     DropNatSourceLimit = 42, "drop_nat_source_limit";
+    // A flow's first packet (a SYN, a UDP flow's first datagram), remembered in the embryonic
+    // table.
+    EmbryonicInsert = 43, "embryonic_insert";
+    // A flow's next packet found it in the embryonic table and moved it to the connection table.
+    EmbryonicPromoted = 44, "embryonic_promoted";
 }
 
 /// Size of the global counter map.
 pub const COUNTER_SLOTS: u32 = 48;
-const _: () = assert!((Counter::DropNatSourceLimit as u32) < COUNTER_SLOTS);
+const _: () = assert!((Counter::EmbryonicPromoted as u32) < COUNTER_SLOTS);

@@ -11,8 +11,8 @@ use lb_common::{
     dpconfig::{DataPlaneConfig, FloodWindow, NextHop},
     geo::{GeoData, GeoKey, MAX_GEO_PREFIXES, MAX_REGIONS},
     maps::{
-        DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS, MAX_SERVICES,
-        MAX_TX_PORTS, POOL_LANES,
+        DEFAULT_CONNTRACK_SIZE, DEFAULT_EMBRYONIC_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, MAX_BACKENDS,
+        MAX_SERVICES, MAX_TX_PORTS, POOL_LANES,
     },
     nat::SourceWindow,
     shed::ShedBucket,
@@ -110,6 +110,15 @@ pub static CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICE
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
     LruHashMap::pinned(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// Flows that have sent only their first packet (a SYN, a UDP flow's first datagram). Apart
+/// from CONNTRACK so that a flood of first packets, each a fresh tuple, evicts only its own
+/// kind: a flow moves to CONNTRACK at its client's next packet that is not a SYN (`select`).
+/// Per-CPU LRU lists, as CONNTRACK; the daemon's census removes entries older than
+/// `lb_common::flow::EMBRYONIC_TTL` and takes them off the active counts.
+#[map]
+pub static EMBRYONIC: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::pinned(DEFAULT_EMBRYONIC_SIZE, BPF_F_NO_COMMON_LRU);
 
 /// The flood guard's window, per CPU (see `select::flooded`). Not pinned: a restart only
 /// starts a new window.

@@ -1,4 +1,10 @@
 //! Backend selection: VIP filter, connection table, then the service's Maglev table.
+//!
+//! Two tables remember flows. A flow's first packet (a SYN, a UDP flow's first datagram, a
+//! segment of a connection no table knows) goes into EMBRYONIC; its client's next packet that
+//! is not a SYN moves it to CONNTRACK. A flood of first packets, each a fresh tuple, so only
+//! evicts other first packets, never a flow that has completed its handshake, whatever the
+//! strategy.
 
 use core::mem::MaybeUninit;
 
@@ -21,7 +27,7 @@ use lb_ebpf::{Flow, FlowKind, Verdict};
 
 use crate::{
     maps::{
-        ACTIVE, BACKENDS, CONNTRACK, CURSORS, DP_CONFIG, FLOOD, FRAGMENT_SERVICES, GEO_A, GEO_B,
+        ACTIVE, BACKENDS, CONNTRACK, CURSORS, DP_CONFIG, EMBRYONIC, FLOOD, FRAGMENT_SERVICES, GEO_A, GEO_B,
         GEO_SERVICES, MAGLEV_POOL, NAT_FLOWS, SERVICES, SHED, VIP_FILTER, active_add, backend_of, pool_slot,
     },
     stats::{count, finish},
@@ -103,10 +109,24 @@ fn choice(flow: &Flow) -> Result<Choice, Verdict> {
         return Err(not_vip);
     }
     let mut stale = false;
-    if !matches!(flow.kind, FlowKind::Transport { syn: true, .. })
-        && flow.kind != FlowKind::Fragment
-        && let Some(state) = CONNTRACK.get_ptr_mut(key)
-    {
+    let searched =
+        !matches!(flow.kind, FlowKind::Transport { syn: true, .. }) && flow.kind != FlowKind::Fragment;
+    let mut known = if searched {
+        CONNTRACK.get_ptr_mut(key)
+    } else {
+        None
+    };
+    if searched && known.is_none() {
+        if flow.kind == FlowKind::IcmpError {
+            // An error about a flow of one packet (a UDP query's answer) follows it too.
+            known = EMBRYONIC.get_ptr_mut(key);
+        } else if promote(flow) {
+            // Read again after a promotion: the verifier then meets one kind of pointer here,
+            // and prunes the hit path's states instead of walking them twice.
+            known = CONNTRACK.get_ptr_mut(key);
+        }
+    }
+    if let Some(state) = known {
         // SAFETY: pointer from a successful lookup; FlowState is plain data.
         let state = unsafe { &mut *state };
         let slot = state.backend;
@@ -129,7 +149,8 @@ fn choice(flow: &Flow) -> Result<Choice, Verdict> {
                 forward: u32::from(state.mode()),
             }));
         }
-        // The backend was removed or its slot reused: pick again.
+        // The backend was removed or its slot reused: pick again, as a flow of one packet.
+        let _ = CONNTRACK.remove(key);
         stale = true;
     }
     let mut picked = Picked(MaybeUninit::uninit());
@@ -149,6 +170,42 @@ fn choice(flow: &Flow) -> Result<Choice, Verdict> {
         service: picked.service,
         forward: u32::from(picked.forward),
     }))
+}
+
+/// A flow CONNTRACK does not know, looked up in EMBRYONIC. A TCP or UDP packet that finds it
+/// there is the client's second (a SYN never comes here): the entry moves to CONNTRACK, with
+/// its active-flow count; true if it did. Out of line: a flow's second packet is rare next to
+/// the packets that hit CONNTRACK.
+#[inline(never)]
+fn promote(flow: &Flow) -> bool {
+    let key = &flow.key;
+    let Some(entry) = EMBRYONIC.get_ptr(key) else {
+        return false;
+    };
+    // SAFETY: a pointer from a successful lookup; plain data.
+    if CONNTRACK.insert(key, unsafe { &*entry }, 0).is_err() {
+        // The flow is picked as new; its next packet finds the embryonic entry again.
+        count(Counter::ConntrackInsertFailed);
+        return false;
+    }
+    let _ = EMBRYONIC.remove(key);
+    count(Counter::EmbryonicPromoted);
+    true
+}
+
+/// A SYN's tuple may still have an entry in CONNTRACK, from an earlier connection (the client
+/// reused its port): it goes, with its active-flow count, or the new connection's ACK would
+/// find the old connection's backend. Out of line: one lookup that nearly always misses.
+#[inline(never)]
+fn forget_established(key: &FlowKey) {
+    let Some(old) = CONNTRACK.get_ptr(key) else {
+        return;
+    };
+    // SAFETY: a pointer from a successful lookup; plain data.
+    let (slot, counted) = unsafe { ((*old).backend, (*old).forward & FLOW_COUNTED != 0) };
+    if CONNTRACK.remove(key).is_ok() && counted {
+        active_add(slot, -1);
+    }
 }
 
 /// Room in the caller's frame for what `pick_new` picked. 8-aligned: LLVM merges neighbouring
@@ -197,11 +254,14 @@ fn service_pick(flow: &Flow, stale: bool) -> Result<FlowState, Verdict> {
     pick(key, service, remember)
 }
 
-/// Whether `pick` pins the flow, and whether it is a SYN (which may be a retransmit).
+/// Whether `pick` pins the flow (in EMBRYONIC), and whether it is a SYN.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Remember {
     No,
+    /// A packet that is not a SYN, of a flow no table knows (a UDP flow's first datagram, a TCP
+    /// segment whose entry was lost, a flow whose backend was removed): EMBRYONIC.
     Yes,
+    /// A SYN (which may be a retransmit): EMBRYONIC.
     Syn,
 }
 
@@ -393,33 +453,42 @@ fn pick(key: &FlowKey, service: &'static ServiceValue, remember: Remember) -> Re
             ..state
         });
     }
-    if flooded(now_ns) {
+    // The guard only where a flow's hash alone picks its backend again: a flow of a cursor or
+    // counting strategy that is not remembered moves at its next packet.
+    if !counting && !strategy::cursor(service.strategy) && flooded(now_ns) {
         count(Counter::ConntrackFloodSkipped);
         return Ok(state);
     }
-    // A SYN inserts only where there is no entry, so the common case costs one insert; one
-    // that finds a fresh entry of its own backend is the client retrying: counted for passive
-    // health, and the entry (and its age) stays.
     let counting = counting || service.flags & SVC_F_COUNT != 0;
     let counted = if counting { FLOW_COUNTED } else { 0 };
     let entry = FlowState {
         forward: state.forward | counted,
         ..state
     };
-    if remember == Remember::Syn && CONNTRACK.insert(key, entry, BPF_NOEXIST as u64).is_ok() {
+    // A SYN inserts only where there is no entry, so the common case costs one insert; one
+    // that finds a fresh entry of its own backend is the client retrying: counted for passive
+    // health, and the entry (and its age) stays.
+    if remember == Remember::Syn {
+        forget_established(key);
+        if EMBRYONIC.insert(key, entry, BPF_NOEXIST as u64).is_ok() {
+            count(Counter::EmbryonicInsert);
+            if counting {
+                active_add(slot, 1);
+            }
+            return Ok(state);
+        }
+        if retransmit(key, slot, state.generation, now) {
+            return Ok(state);
+        }
+    }
+    if EMBRYONIC.insert(key, entry, 0).is_err() {
+        count(Counter::ConntrackInsertFailed);
+        crate::events::note(crate::events::Event::ConntrackInsertFailed, slot);
+    } else {
+        count(Counter::EmbryonicInsert);
         if counting {
             active_add(slot, 1);
         }
-        return Ok(state);
-    }
-    if remember == Remember::Syn && retransmit(key, slot, state.generation, now) {
-        return Ok(state);
-    }
-    if CONNTRACK.insert(key, entry, 0).is_err() {
-        count(Counter::ConntrackInsertFailed);
-        crate::events::note(crate::events::Event::ConntrackInsertFailed, slot);
-    } else if counting {
-        active_add(slot, 1);
     }
     Ok(state)
 }
@@ -608,7 +677,7 @@ const SPILL_TRIES: u32 = 3;
 /// for passive health).
 #[inline(always)]
 fn retransmit(key: &FlowKey, slot: u32, generation: u32, now: u16) -> bool {
-    let Some(old) = CONNTRACK.get_ptr(key) else {
+    let Some(old) = EMBRYONIC.get_ptr(key) else {
         return false;
     };
     // SAFETY: a pointer from a successful lookup; plain data.

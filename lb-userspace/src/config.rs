@@ -7,7 +7,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use lb_common::maps::{DEFAULT_CONNTRACK_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, DEFAULT_TABLE_SIZE};
+use lb_common::maps::{
+    DEFAULT_CONNTRACK_SIZE, DEFAULT_EMBRYONIC_SIZE, DEFAULT_NAT_SIZE, DEFAULT_POOL_SLOTS, DEFAULT_TABLE_SIZE,
+};
 use serde::{Deserialize, Serialize};
 
 pub use crate::model::{
@@ -61,6 +63,11 @@ pub struct DaemonConfig {
     /// Connection-table capacity (flows).
     #[serde(default = "default_conntrack")]
     pub conntrack_size: u32,
+    /// Capacity (flows) of the table for flows that have sent one packet (a SYN, a UDP
+    /// flow's first datagram); they move to the connection table at their client's next
+    /// packet, so a flood of first packets evicts only its own kind.
+    #[serde(default = "default_embryonic")]
+    pub embryonic_size: u32,
     /// Flood guard: new flows per second one CPU inserts into the connection table. Past it
     /// (a SYN flood), new flows still go to their Maglev table's backend but are not
     /// remembered, so the flood does not evict live flows; counted as
@@ -358,6 +365,9 @@ fn default_instance() -> String {
 fn default_conntrack() -> u32 {
     DEFAULT_CONNTRACK_SIZE
 }
+fn default_embryonic() -> u32 {
+    DEFAULT_EMBRYONIC_SIZE
+}
 /// Twice Katran's 125,000: far above what one CPU's legitimate new connections reach.
 pub const DEFAULT_FLOOD_GUARD_PER_CPU: u32 = 250_000;
 fn default_flood_guard() -> u32 {
@@ -649,6 +659,12 @@ impl DaemonConfig {
             return Err(Error::config(format!(
                 "daemon.conntrack_size {} is too small (minimum 1024)",
                 self.conntrack_size
+            )));
+        }
+        if self.embryonic_size < 1024 {
+            return Err(Error::config(format!(
+                "daemon.embryonic_size {} is too small (minimum 1024)",
+                self.embryonic_size
             )));
         }
         if self.table_pool_slots < 2 * 3 {

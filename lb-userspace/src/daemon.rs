@@ -158,6 +158,7 @@ pub fn data_plane_settings(cfg: &DaemonConfig) -> dataplane::Settings {
             XdpModeSetting::Generic => dataplane::AttachMode::Generic,
         },
         conntrack_size: cfg.conntrack_size,
+        embryonic_size: cfg.embryonic_size,
         nat_table_size: cfg.nat.table_size,
         table_pool_slots: cfg.table_pool_slots,
         forwarding: dataplane::Forwarding {

@@ -120,7 +120,8 @@ class ServiceInstance:
 @dataclass
 class PickedInstance(ServiceInstance):
     """The instance a flow gets, and where the answer came from: `maglev` (a fresh flow),
-    `connection-table` or `nat-table` (a flow already pinned)."""
+    `connection-table`, `embryonic-table` (a flow that has sent one packet) or `nat-table`
+    (a flow already pinned)."""
 
     source: str = "maglev"
 

@@ -41,6 +41,8 @@ pub struct Balancer {
     pub pool: Pool,
     pub global: PerCpuArray<MapData, u64>,
     pub conntrack: HashMap<MapData, FlowKey, FlowState>,
+    /// Flows that have sent one packet.
+    pub embryonic: HashMap<MapData, FlowKey, FlowState>,
     pub nat: HashMap<MapData, FlowKey, NatEntry>,
     pub tx_ports: DevMapHash<MapData>,
     pub dp_config: Array<MapData, DataPlaneConfig>,
@@ -71,6 +73,7 @@ impl Balancer {
             pool,
             global: take(e, maps::GLOBAL_STATS)?,
             conntrack: take(e, maps::CONNTRACK)?,
+            embryonic: take(e, maps::EMBRYONIC)?,
             nat: take(e, maps::NAT_FLOWS)?,
             tx_ports: take(e, maps::TX_PORTS)?,
             dp_config: take(e, maps::DP_CONFIG)?,

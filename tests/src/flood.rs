@@ -96,6 +96,19 @@ impl SynFlood {
     }
 }
 
+/// Pins the calling thread to one CPU (a flood's share of a receive queue).
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// An interface's MAC in `ns` (sysfs would show the host's, so ask `ip`).
 pub fn mac_of(ns: &crate::NetNs, ifname: &str) -> anyhow::Result<[u8; 6]> {
     let out = ns.sh(&format!("ip -j link show dev {ifname}"))?;

@@ -938,3 +938,98 @@ w.to_db_file(sys.argv[1])
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert_eq!(share(&udp_flows_from(&far, IpAddr::V4(VIP4), 20), "b3"), 20);
 }
+
+/// A SYN flood of fresh tuples, ten times what the connection table holds, resets no
+/// established connection, whatever the strategy: a flow's first packet goes to the embryonic
+/// table, and only its client's next packet moves it to the connection table, so the flood
+/// evicts only its own kind. Before that table, the same flood into a table of 4,096 entries
+/// reset most connections of the strategies that pick a flow's backend by anything but its hash
+/// (their evicted flows were picked again, onto another backend); Maglev kept them.
+#[test]
+fn a_syn_flood_resets_no_established_connection_whatever_the_strategy() {
+    const HELD: usize = 60;
+    const SYNS: u64 = 40_000;
+    let topo = Topology::new(3).expect("topology");
+    let (instance, run_dir) = Daemon::new_paths();
+    let mut text = String::new();
+    for line in topo.config(&instance, &run_dir, &["b1", "b2", "b3"]).lines() {
+        text.push_str(&line.replace("conntrack_size = 65536", "conntrack_size = 4096"));
+        text.push('\n');
+    }
+    let d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
+    d.wait_all_in_tables();
+    let lb_mac = lb_tests::flood::mac_of(&topo.lb, "eth0").expect("balancer MAC");
+    let client_mac = lb_tests::flood::mac_of(&topo.client, "eth0").expect("client MAC");
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
+    let strategies = [
+        "round-robin",
+        "weighted-round-robin",
+        "least-connections",
+        "power-of-two",
+        "maglev",
+    ];
+    let mut held: Vec<(&str, Vec<(lb_tests::client::Conn, String)>)> = Vec::new();
+    for (round, strategy) in strategies.into_iter().enumerate() {
+        ok(&d, &["service", "strategy", "web4", strategy]);
+        let (_, conns) = tcp_flows(&topo, IpAddr::V4(VIP4), HELD, true);
+        held.push((strategy, conns));
+        // From every CPU, as a flood arrives on every receive queue: each CPU's part of the
+        // table (its own LRU list) sees its share.
+        let sent = in_ns(&topo.client, move || {
+            std::thread::scope(|scope| {
+                let floods: Vec<_> = (0..cpus)
+                    .map(|cpu| {
+                        scope.spawn(move || {
+                            lb_tests::flood::pin_to_cpu(cpu).expect("pin the flood thread");
+                            let sender = lb_tests::flood::RawSender::open("eth0").expect("packet socket");
+                            let flood = lb_tests::flood::SynFlood {
+                                dst_mac: lb_mac,
+                                src_mac: client_mac,
+                                dst: VIP4.octets(),
+                                dport: lb_tests::topology::PORT,
+                                rate: SYNS / cpus as u64,
+                                duration: Duration::from_secs(1),
+                            };
+                            // Addresses the client does not have: no RST ever answers the
+                            // SYN-ACKs. Each round and CPU its own, so every SYN is a fresh tuple.
+                            let net = 16 + round as u8 * 8 + cpu as u8;
+                            flood
+                                .run(&sender, |i| [10, net, (i >> 8) as u8, i as u8])
+                                .expect("flood")
+                        })
+                    })
+                    .collect();
+                floods
+                    .into_iter()
+                    .map(|f| f.join().expect("flood thread"))
+                    .sum::<u64>()
+            })
+        });
+        assert!(sent >= SYNS * 9 / 10, "{strategy}: {sent} SYNs sent");
+        // Every connection held so far (this strategy's and the earlier ones') still answers,
+        // from its own backend.
+        for (s, conns) in &mut held {
+            let lost = in_ns(&topo.client, || {
+                let mut lost = 0;
+                for (c, id) in conns.iter_mut() {
+                    if c.ask().ok().as_deref() != Some(id.as_str()) {
+                        lost += 1;
+                    }
+                }
+                lost
+            });
+            println!("after {strategy}'s flood of {sent} SYNs: {s} lost {lost} of {HELD}");
+            assert_eq!(
+                lost, 0,
+                "{s}: {lost} of {HELD} connections reset by {strategy}'s flood"
+            );
+        }
+    }
+    let counters = &d.json(&["stats"])["counters"];
+    println!("{counters}");
+    // The floods went to the embryonic table; the held connections' second packets moved them.
+    let inserted = counters["embryonic_insert"].as_u64().unwrap_or(0);
+    assert!(inserted >= 5 * SYNS * 9 / 10, "embryonic inserts: {inserted}");
+    let promoted = counters["embryonic_promoted"].as_u64().unwrap_or(0);
+    assert!(promoted >= (5 * HELD) as u64, "promotions: {promoted}");
+}

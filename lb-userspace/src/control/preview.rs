@@ -147,7 +147,12 @@ pub fn preview(cfg: &DaemonConfig, snap: &Snapshot, readers: &Readers, change: C
     let resolved = |a: IpAddr| snap.hops.contains_key(&a) || !known.contains(&a);
     // Live flows by service id: (key, current backend id).
     let mut flows: HashMap<u32, Vec<(lb_common::FlowKey, u32)>> = HashMap::new();
-    for (k, v) in readers.conntrack.iter().flatten() {
+    for (k, v) in readers
+        .conntrack
+        .iter()
+        .flatten()
+        .chain(readers.embryonic.iter().flatten())
+    {
         flows.entry(v.service).or_default().push((k, v.backend));
     }
     let mut out = Vec::new();

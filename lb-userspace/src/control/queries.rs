@@ -377,7 +377,15 @@ impl Queries<'_> {
                 "translated": {"source": src, "destination": dst},
             }));
         }
-        if let Ok(state) = self.readers.conntrack.get(&key, 0) {
+        // As the data plane reads them: the connection table, then the flows of one packet.
+        let known = [
+            (&self.readers.conntrack, "connection-table"),
+            (&self.readers.embryonic, "embryonic-table"),
+        ];
+        for (table, source) in known {
+            let Ok(state) = table.get(&key, 0) else {
+                continue;
+            };
             let live = self
                 .readers
                 .backends
@@ -385,9 +393,10 @@ impl Queries<'_> {
                 .is_ok_and(|b| b.serves(state.generation));
             if let (true, Some(b)) = (live, by_slot(state.backend)) {
                 return Ok(
-                    json!({"service": svc.name, "backend": b.id, "address": b.address, "port": b.port(svc), "source": "connection-table"}),
+                    json!({"service": svc.name, "backend": b.id, "address": b.address, "port": b.port(svc), "source": source}),
                 );
             }
+            break;
         }
         let slot = self.snap.assignments.services.get(&svc.name);
         let mut slot_info = slot.and_then(|s| s.active);

@@ -3,7 +3,9 @@
 //! per entry, so the walk is spaced out: every 10 s, or 20 times its own duration if longer.
 //! The same walk counts each backend's counted flows (connection-table entries, and NAT
 //! connections' forward entries) and corrects the data plane's active-flow counts (`active`)
-//! to it.
+//! to it. It also walks the embryonic table (flows that have sent one packet) and removes the
+//! entries older than `EMBRYONIC_TTL`, so a burst of SYNs that never complete, or of one-packet
+//! UDP flows, stops counting toward least connections and `maxconn` within about 40 s.
 
 use std::{
     path::Path,
@@ -15,7 +17,10 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData};
-use lb_common::{FlowKey, FlowState};
+use lb_common::{
+    FlowKey, FlowState,
+    flow::{coarse_seconds, embryonic_expired},
+};
 
 use crate::error::{Error, Result};
 
@@ -29,6 +34,38 @@ pub struct ConntrackCensus {
     pub took: Duration,
     /// Active-flow counts corrected since the daemon started.
     pub active_corrections_total: u64,
+    /// Embryonic entries left after this census removed the expired ones.
+    pub embryonic: u64,
+    /// The oldest one's age (coarse seconds, about 1.07 s each).
+    pub embryonic_oldest_s: u16,
+    /// Expired embryonic entries removed since the daemon started.
+    pub embryonic_expired_total: u64,
+}
+
+/// CLOCK_MONOTONIC_COARSE, the data plane's clock (`bpf_ktime_get_coarse_ns`), in ns.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Which embryonic entries (their `opened`) the census removes at `now`, and the oldest age of
+/// those it keeps. Pure, for the unit test.
+fn sort_embryonic(opened: &[u16], now: u16) -> (Vec<usize>, u16) {
+    let mut expired = Vec::new();
+    let mut oldest = 0;
+    for (i, &o) in opened.iter().enumerate() {
+        if embryonic_expired(o, now) {
+            expired.push(i);
+        } else {
+            oldest = oldest.max(now.wrapping_sub(o));
+        }
+    }
+    (expired, oldest)
 }
 
 pub fn spawn(
@@ -40,6 +77,10 @@ pub fn spawn(
         super::open_pinned(&pins.join(lb_common::maps::CONNTRACK))?
             .try_into()
             .map_err(|e| Error::dataplane(format!("connection table type: {e}")))?;
+    let mut embryonic: HashMap<MapData, FlowKey, FlowState> =
+        super::open_pinned(&pins.join(lb_common::maps::EMBRYONIC))?
+            .try_into()
+            .map_err(|e| Error::dataplane(format!("embryonic table type: {e}")))?;
     let nat: HashMap<MapData, FlowKey, lb_common::NatEntry> =
         super::open_pinned(&pins.join(lb_common::maps::NAT_FLOWS))?
             .try_into()
@@ -67,6 +108,23 @@ pub fn spawn(
                         *truth.entry(state.backend).or_default() += 1;
                     }
                 }
+                // Flows of one packet: the expired go (and so leave the truth); the rest count.
+                let young: Vec<(FlowKey, FlowState)> = embryonic.iter().flatten().collect();
+                let opened: Vec<u16> = young.iter().map(|(_, s)| s.opened).collect();
+                let (expired, oldest) = sort_embryonic(&opened, coarse_seconds(coarse_now_ns()));
+                let mut removed = 0u64;
+                for &i in &expired {
+                    removed += u64::from(embryonic.remove(&young[i].0).is_ok());
+                }
+                let mut gone = expired.iter().peekable();
+                for (i, (_, state)) in young.iter().enumerate() {
+                    if gone.next_if(|&&g| g == i).is_some() {
+                        continue;
+                    }
+                    if state.forward & lb_common::flow::FLOW_COUNTED != 0 {
+                        *truth.entry(state.backend).or_default() += 1;
+                    }
+                }
                 // NAT connections count on their forward entries.
                 for (_, e) in nat.iter().flatten() {
                     if e.flags & lb_common::nat::NAT_F_COUNTED != 0 {
@@ -84,10 +142,31 @@ pub fn spawn(
                     at: Some(Instant::now()),
                     took,
                     active_corrections_total: o.active_corrections_total + fixes.len() as u64,
+                    embryonic: young.len() as u64 - removed,
+                    embryonic_oldest_s: oldest,
+                    embryonic_expired_total: o.embryonic_expired_total + removed,
                 };
                 drop(o);
                 next = Instant::now() + (took * 20).max(Duration::from_secs(10));
             }
         })
         .map_err(|e| Error::io("start the connection-table census thread", e))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn embryonic_entries_past_their_ttl_go_and_the_oldest_kept_is_reported() {
+        let now = 5u16;
+        // Opened 2 units ago, exactly at the TTL, one past it, and long ago across the wrap.
+        let opened = [
+            3,
+            now.wrapping_sub(lb_common::flow::EMBRYONIC_TTL),
+            now.wrapping_sub(31),
+            40_000,
+        ];
+        let (expired, oldest) = super::sort_embryonic(&opened, now);
+        assert_eq!(expired, vec![2, 3]);
+        assert_eq!(oldest, lb_common::flow::EMBRYONIC_TTL);
+    }
 }

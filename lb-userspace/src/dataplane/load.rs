@@ -135,6 +135,7 @@ fn open_inner(cfg: &Settings, dir: &Path, adopting: bool) -> Result<DataPlane> {
         dp_config: take(maps::DP_CONFIG)?.try_into().map_err(typed)?,
         backends: take(maps::BACKENDS)?.try_into().map_err(typed)?,
         conntrack: take(maps::CONNTRACK)?.try_into().map_err(typed)?,
+        embryonic: take(maps::EMBRYONIC)?.try_into().map_err(typed)?,
         nat: take(maps::NAT_FLOWS)?.try_into().map_err(typed)?,
         tx_ports: take(maps::TX_PORTS)?.try_into().map_err(typed)?,
         service_stats: take(maps::SERVICE_STATS)?.try_into().map_err(typed)?,
@@ -156,6 +157,15 @@ fn open_inner(cfg: &Settings, dir: &Path, adopting: bool) -> Result<DataPlane> {
 }
 
 fn open_pinned_maps(dir: &Path) -> Result<Vec<(&'static str, Map)>> {
+    // A map this build has and the pins lack: they were made by an older build, whose program
+    // cannot use it. Said as such, with the way out, rather than as a missing file.
+    if let Some(name) = maps::PINNED.iter().find(|&&name| !dir.join(name).exists()) {
+        return Err(Error::dataplane(format!(
+            "the pinned data plane in {} predates this build (it has no map {name}); `lb detach` \
+             removes it (its flows are dropped), then start again",
+            dir.display()
+        )));
+    }
     maps::PINNED
         .iter()
         .map(|&name| Ok((name, open_pinned(&dir.join(name))?)))
@@ -233,6 +243,7 @@ pub fn load_object(cfg: &Settings, dir: &Path) -> Result<aya::Ebpf> {
     EbpfLoader::new()
         .default_map_pin_directory(dir)
         .map_max_entries(maps::CONNTRACK, cfg.conntrack_size)
+        .map_max_entries(maps::EMBRYONIC, cfg.embryonic_size)
         .map_max_entries(maps::NAT_FLOWS, cfg.nat_table_size)
         .map_max_entries(
             maps::MAGLEV_POOL,

@@ -46,6 +46,7 @@ pub struct DataPlane {
     pub dp_config: Array<MapData, DataPlaneConfig>,
     pub backends: Array<MapData, Backend>,
     pub conntrack: HashMap<MapData, FlowKey, FlowState>,
+    pub embryonic: HashMap<MapData, FlowKey, FlowState>,
     pub nat: HashMap<MapData, FlowKey, NatEntry>,
     pub tx_ports: DevMapHash<MapData>,
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
@@ -144,6 +145,8 @@ fn clear_trie(t: &mut LpmTrie<MapData, GeoData, u32>) -> Result<()> {
 /// Read-only handles of a running instance's maps, opened from its pins.
 pub struct Readers {
     pub conntrack: HashMap<MapData, FlowKey, FlowState>,
+    /// Flows that have sent one packet (see `lb_common::maps::EMBRYONIC`).
+    pub embryonic: HashMap<MapData, FlowKey, FlowState>,
     pub nat: HashMap<MapData, FlowKey, NatEntry>,
     pub backends: Array<MapData, Backend>,
     pub service_stats: PerCpuArray<MapData, TrafficStats>,
@@ -189,6 +192,7 @@ impl Readers {
         let pool = pool_of(map(maps::MAGLEV_POOL)?)?;
         Ok(Self {
             conntrack: map(maps::CONNTRACK)?.try_into().map_err(typed)?,
+            embryonic: map(maps::EMBRYONIC)?.try_into().map_err(typed)?,
             nat: map(maps::NAT_FLOWS)?.try_into().map_err(typed)?,
             backends: map(maps::BACKENDS)?.try_into().map_err(typed)?,
             service_stats: map(maps::SERVICE_STATS)?.try_into().map_err(typed)?,

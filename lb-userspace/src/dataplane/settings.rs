@@ -20,6 +20,7 @@ pub struct Settings {
     pub interfaces: Vec<String>,
     pub attach: AttachMode,
     pub conntrack_size: u32,
+    pub embryonic_size: u32,
     pub nat_table_size: u32,
     /// The Maglev table pool's capacity, in slots.
     pub table_pool_slots: u32,

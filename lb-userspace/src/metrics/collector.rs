@@ -194,7 +194,10 @@ impl DataPlaneCollector {
             cluster_connected,
             cluster_revision,
             cluster_invalid,
-        ]: [usize; 42] = std::array::from_fn(|i| i);
+            embryonic_entries,
+            embryonic_oldest,
+            embryonic_expired,
+        ]: [usize; 45] = std::array::from_fn(|i| i);
         let board = s.board.read().unwrap_or_else(|p| p.into_inner());
         let default = crate::status::BackendStatus::default();
         let mut services: Vec<&crate::model::Service> = snap.services.iter().collect();
@@ -349,6 +352,9 @@ impl DataPlaneCollector {
         f.add(conntrack_entries, &[], census.entries as f64);
         f.add(active_corrections, &[], census.active_corrections_total as f64);
         f.add(census_duration, &[], census.took.as_secs_f64());
+        f.add(embryonic_entries, &[], census.embryonic as f64);
+        f.add(embryonic_oldest, &[], f64::from(census.embryonic_oldest_s));
+        f.add(embryonic_expired, &[], census.embryonic_expired_total as f64);
         f.add(build_info, &[env!("CARGO_PKG_VERSION")], 1.0);
         let bgp = s.bgp.lock().unwrap_or_else(|p| p.into_inner());
         f.add(node_draining, &[], f64::from(u8::from(bgp.draining)));

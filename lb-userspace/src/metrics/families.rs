@@ -256,6 +256,24 @@ pub(super) const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         MetricType::COUNTER,
         &[],
     ),
+    (
+        "lb_embryonic_entries",
+        "Flows that have sent one packet (a SYN, a UDP flow's first datagram), as of the last census.",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_embryonic_oldest_seconds",
+        "Age of the oldest flow that has sent one packet, as of the last census (entries older than about 32 s are removed).",
+        MetricType::GAUGE,
+        &[],
+    ),
+    (
+        "lb_embryonic_expired_total",
+        "Flows of one packet the census removed (and took off their backends' active counts) once older than about 32 s.",
+        MetricType::COUNTER,
+        &[],
+    ),
 ];
 /// `families` names each family by its index in FAMILIES.
-const _: () = assert!(FAMILIES.len() == 42);
+const _: () = assert!(FAMILIES.len() == 45);

@@ -268,13 +268,19 @@ fn connection_table_keeps_flows_after_the_table_changes() {
         ]
         .concat();
         assert_eq!(dp.run(&other).1, rewritten(&other, B2_MAC));
-        assert_eq!(dp.conntrack.keys().count(), 2);
+        // The established flow in the connection table; the SYN, a flow of one packet, apart.
+        assert_eq!(dp.conntrack.keys().count(), 1);
+        assert_eq!(dp.embryonic.keys().count(), 1);
         // b1 is retired: its flow is picked again from the current table.
         let mut b1 = dp.backends.get(&1, 0).expect("b1");
         b1.flags = 0;
         dp.backends.set(1, b1, 0).expect("retire b1");
         assert_eq!(dp.run(&flow).1, rewritten(&flow, B2_MAC));
         assert_eq!(dp.counter(Counter::ConntrackStale), 1);
+
+        // Picked again as a flow of one packet: out of the connection table.
+        assert_eq!(dp.conntrack.keys().count(), 0);
+        assert_eq!(dp.embryonic.keys().count(), 2);
 
         // A SYN opens a flow: it is not searched for, it picks from the current table and its
         // entry replaces the old one. Bring b1 back and point the table at it again.
@@ -284,8 +290,19 @@ fn connection_table_keeps_flows_after_the_table_changes() {
         let misses = dp.counter(Counter::ConntrackMiss);
         assert_eq!(dp.run(&syn).1, rewritten(&syn, B1_MAC));
         assert_eq!(dp.counter(Counter::ConntrackMiss), misses + 1);
+        // The client's next packet moves it to the connection table.
+        let promoted = dp.counter(Counter::EmbryonicPromoted);
         assert_eq!(dp.run(&flow).1, rewritten(&flow, B1_MAC));
-        assert_eq!(dp.conntrack.keys().count(), 2);
+        assert_eq!(dp.counter(Counter::EmbryonicPromoted), promoted + 1);
+        assert_eq!(dp.conntrack.keys().count(), 1);
+        assert_eq!(dp.embryonic.keys().count(), 1);
+
+        // A new connection on the same tuple (the client reused its port) after the table moved
+        // to b2: its SYN takes the old connection's entry out, so its ACK follows the SYN.
+        dp.service(4, 6, &VIP4, 80, 52, 2);
+        assert_eq!(dp.run(&syn).1, rewritten(&syn, B2_MAC));
+        assert_eq!(dp.conntrack.keys().count(), 0);
+        assert_eq!(dp.run(&flow).1, rewritten(&flow, B2_MAC));
     });
 }
 
@@ -311,7 +328,7 @@ fn flood_guard_forwards_new_flows_past_its_limit_without_remembering_them() {
         let mut done = false;
         for attempt in 0..5u16 {
             let skipped = dp.counter(Counter::ConntrackFloodSkipped);
-            let entries = dp.conntrack.keys().count();
+            let entries = dp.embryonic.keys().count();
             let start = std::time::Instant::now();
             for i in 0..5 {
                 let input = syn(41000 + attempt * 10 + i);
@@ -323,7 +340,7 @@ fn flood_guard_forwards_new_flows_past_its_limit_without_remembering_them() {
                 continue;
             }
             let now_skipped = dp.counter(Counter::ConntrackFloodSkipped) - skipped;
-            let now_entries = dp.conntrack.keys().count() - entries;
+            let now_entries = dp.embryonic.keys().count() - entries;
             assert_eq!(now_skipped + now_entries as u64, 5);
             if now_entries == 2 {
                 assert_eq!(now_skipped, 3);
@@ -340,12 +357,12 @@ fn flood_guard_forwards_new_flows_past_its_limit_without_remembering_them() {
         // Off (0): every new flow is remembered.
         set_limit(&mut dp, 0);
         let skipped = dp.counter(Counter::ConntrackFloodSkipped);
-        let entries = dp.conntrack.keys().count();
+        let entries = dp.embryonic.keys().count();
         for i in 0..5 {
             dp.run(&syn(42000 + i));
         }
         assert_eq!(dp.counter(Counter::ConntrackFloodSkipped), skipped);
-        assert_eq!(dp.conntrack.keys().count(), entries + 5);
+        assert_eq!(dp.embryonic.keys().count(), entries + 5);
     });
 }
 

@@ -18,7 +18,8 @@ fn icmp_errors_reach_the_backend_that_owns_the_flow() {
         let mut dp = standard();
         const ROUTER4: [u8; 4] = [192, 0, 2, 1];
         const ROUTER6: [u8; 16] = [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-        // Flows pinned to b1, then both tables moved to b2: only the connection table knows.
+        // Flows pinned to b1 by their first packet, then both tables moved to b2: only the
+        // embryonic table knows.
         let tcp4 = [
             eth(LB_MAC, CLIENT_MAC, 0x0800),
             ipv4(6, CLIENT4, VIP4, &tcp(40000, 80, 2)),
@@ -66,10 +67,13 @@ fn icmp_errors_reach_the_backend_that_owns_the_flow() {
 
         // An error about a flow nobody has seen goes where the flow would go: the table (b2).
         let fresh = error4(3, 4, quote4(6, tcp(80, 40999, 0x12)));
-        let entries = dp.conntrack.keys().count();
+        let entries = (dp.conntrack.keys().count(), dp.embryonic.keys().count());
         assert_eq!(dp.run(&fresh), (XDP_TX, rewritten(&fresh, B2_MAC)));
-        // ... without creating an entry: spoofed errors must not fill the table.
-        assert_eq!(dp.conntrack.keys().count(), entries);
+        // ... without creating an entry: spoofed errors must not fill the tables.
+        assert_eq!(
+            (dp.conntrack.keys().count(), dp.embryonic.keys().count()),
+            entries
+        );
         // Errors not about a VIP flow pass untouched.
         let unrelated = error4(
             3,
