@@ -26,7 +26,10 @@ pub struct BenchFrame {
     /// When non-zero, a per-iteration sequence number is written as a u32 at this byte offset,
     /// so every iteration is a new flow.
     pub vary_offset: u32,
-    pub _pad: u32,
+    /// Non-zero: each sequence number is written on two iterations in a row (half the count),
+    /// so every flow sends two packets: the first is remembered in the embryonic table, the
+    /// second moves it to the connection table.
+    pub twice: u32,
     pub words: [u64; BENCH_FRAME_WORDS],
 }
 const _: () = assert!(core::mem::size_of::<BenchFrame>() == 16 + 8 * BENCH_FRAME_WORDS);
@@ -48,7 +51,7 @@ impl BenchFrame {
             len: len as u32,
             target,
             vary_offset,
-            _pad: 0,
+            twice: 0,
             words,
         })
     }

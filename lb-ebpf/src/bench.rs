@@ -72,7 +72,8 @@ pub fn bench_wrap(ctx: XdpContext) -> u32 {
         // SAFETY: one test_run at a time writes the slot; packet bounds checked above.
         unsafe {
             *seq = (*seq).wrapping_add(1);
-            (p as *mut u32).write_unaligned(*seq);
+            let v = if frame.twice != 0 { *seq >> 1 } else { *seq };
+            (p as *mut u32).write_unaligned(v);
         }
     }
     // SAFETY: on success control never comes back.

@@ -1033,3 +1033,56 @@ fn a_syn_flood_resets_no_established_connection_whatever_the_strategy() {
     let promoted = counters["embryonic_promoted"].as_u64().unwrap_or(0);
     assert!(promoted >= (5 * HELD) as u64, "promotions: {promoted}");
 }
+
+/// SYNs that never complete count toward least connections only until the census removes
+/// their embryonic entries, about 32 s after the first packet; aged here by rewriting their
+/// `opened` in the pinned map, so the test waits one census (every 10 s), not 32 s.
+#[test]
+fn syns_that_never_complete_stop_counting_once_the_census_ages_them() {
+    const SYNS: u64 = 50;
+    let topo = Topology::new(3).expect("topology");
+    let d = start(&topo, "least-connections");
+    let active = |d: &Daemon| backends(d, "web4").values().map(|c| c.1).sum::<i64>();
+    assert_eq!(active(&d), 0, "{:?}", backends(&d, "web4"));
+    let lb_mac = lb_tests::flood::mac_of(&topo.lb, "eth0").expect("balancer MAC");
+    let client_mac = lb_tests::flood::mac_of(&topo.client, "eth0").expect("client MAC");
+    let sent = in_ns(&topo.client, move || {
+        let sender = lb_tests::flood::RawSender::open("eth0").expect("packet socket");
+        let flood = lb_tests::flood::SynFlood {
+            dst_mac: lb_mac,
+            src_mac: client_mac,
+            dst: VIP4.octets(),
+            dport: lb_tests::topology::PORT,
+            rate: 1000,
+            duration: Duration::from_millis(SYNS),
+        };
+        flood.run(&sender, |i| [10, 77, 0, 1 + i as u8]).expect("SYNs")
+    });
+    let counted = wait_until(Duration::from_secs(5), || active(&d) == sent as i64);
+    assert!(
+        counted,
+        "{sent} SYNs sent, active flows {:?}",
+        backends(&d, "web4")
+    );
+
+    // Each SYN's entry, aged past the TTL in place.
+    let path = std::path::Path::new("/sys/fs/bpf")
+        .join(&d.instance)
+        .join(lb_common::maps::EMBRYONIC);
+    let data = aya::maps::MapData::from_pin(&path).expect("open EMBRYONIC");
+    let mut map: aya::maps::HashMap<aya::maps::MapData, lb_common::FlowKey, lb_common::FlowState> =
+        aya::maps::Map::LruHashMap(data).try_into().expect("typed");
+    let entries: Vec<_> = map.iter().filter_map(Result::ok).collect();
+    assert_eq!(entries.len() as u64, sent, "one embryonic entry per SYN");
+    for (k, mut v) in entries {
+        v.opened = v.opened.wrapping_sub(lb_common::flow::EMBRYONIC_TTL + 2);
+        map.insert(k, v, 0).expect("age the entry");
+    }
+    // The next census (at most 10 s away) removes them and corrects the counts to 0.
+    let mut left = (0, 0);
+    let aged = wait_until(Duration::from_secs(15), || {
+        left = (map.keys().count(), active(&d));
+        left == (0, 0)
+    });
+    assert!(aged, "(embryonic entries, active flows) left: {left:?}");
+}

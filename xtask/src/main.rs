@@ -42,7 +42,8 @@ enum Command {
     /// Runs `cargo build --all-targets`, the host unit tests of the eBPF
     /// crate's parser (`cargo test -p lb-ebpf --lib`), then `cargo test
     /// -- --test-threads=1` over the default members (integration tests share
-    /// kernel state, so one thread). Needs root.
+    /// kernel state, so one thread), then two lanes two at a time: the golden
+    /// packets and the data-plane fuzzer, then the cluster labs. Needs root.
     Test {
         /// Extra arguments for the test binaries, e.g. `cargo xtask test -- --nocapture NAME`
         #[arg(last = true, value_name = "TEST_ARGS")]
@@ -267,8 +268,16 @@ fn header(step: usize, total: usize, what: &str) {
 /// own (router, nodes, etcd) and mostly waits on BGP and etcd, so a second one costs little.
 const TWO_AT_A_TIME: &str = "cluster_lab::";
 
+/// Test binaries whose tests are the verifier's and BPF_PROG_TEST_RUN's work, with nothing
+/// timed and nothing shared (each in a network namespace of its own), and the name each of
+/// their tests holds: they run two at a time, one per core, after the rest.
+const CPU_LANE: [(&str, &str); 2] = [
+    ("golden", "golden_"),
+    ("fuzz_dataplane", "generated_frames_match_the_model"),
+];
+
 fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
-    const STEPS: usize = 5;
+    const STEPS: usize = 6;
 
     header(1, STEPS, "setup");
     setup::setup(ctx)?;
@@ -298,10 +307,23 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
     }
     if lanes {
         test.args(["--skip", TWO_AT_A_TIME]);
+        for (_, name) in CPU_LANE {
+            test.args(["--skip", name]);
+        }
     }
     test.args(&extra);
     header(4, STEPS, &ctx::display(&test));
     let mut result = ctx::run_tests(&mut test, &mut totals);
+    if lanes && result.is_ok() {
+        let mut cpu = ctx.cargo();
+        cpu.args(["test", "-p", "lb-tests"]);
+        for (binary, _) in CPU_LANE {
+            cpu.args(["--test", binary]);
+        }
+        cpu.args(["--", "--test-threads=2"]);
+        header(5, STEPS, &ctx::display(&cpu));
+        result = ctx::run_tests(&mut cpu, &mut totals);
+    }
     if lanes && result.is_ok() {
         let mut labs = ctx.cargo();
         labs.args([
@@ -314,7 +336,7 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
             "--test-threads=2",
             TWO_AT_A_TIME,
         ]);
-        header(5, STEPS, &ctx::display(&labs));
+        header(6, STEPS, &ctx::display(&labs));
         result = ctx::run_tests(&mut labs, &mut totals);
     }
     // One summary over every test binary, as the last line.

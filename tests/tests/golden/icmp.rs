@@ -8,8 +8,8 @@ use lb_tests::packets::{
 };
 
 use super::{
-    B1_MAC, B2_MAC, Golden, encap_dp, encapsulation::outer_src4, icmp6_checksum, in_fresh_ns, rewritten,
-    standard,
+    B1_MAC, B2_MAC, Golden, encap_dp, golden_encapsulation::outer_src4, icmp6_checksum, in_fresh_ns,
+    rewritten, standard,
 };
 
 #[test]
