@@ -121,6 +121,32 @@ impl Access {
         }
     }
 
+    /// The scope of a request: its bearer token's on TCP (refused without a known one), all
+    /// on the socket.
+    fn caller(&self, headers: &axum::http::HeaderMap) -> Result<Scope, Failure> {
+        if !self.tcp {
+            return Ok(Scope::Admin);
+        }
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Failure::new(StatusCode::UNAUTHORIZED, "a bearer token is required"))?;
+        self.scope_of(given)
+            .ok_or_else(|| Failure::new(StatusCode::UNAUTHORIZED, "unknown bearer token"))
+    }
+
+    /// Whether a request with these headers may read, as `guard` decides a GET: what the
+    /// status page's data asks, outside the API's routes.
+    pub fn may_read(&self, headers: &axum::http::HeaderMap) -> Result<(), Failure> {
+        let scope = self.caller(headers)?;
+        if self.allows(scope, &Need::Read) {
+            Ok(())
+        } else {
+            Err(refusal(scope, Need::Read, &Method::GET))
+        }
+    }
+
     fn allows(&self, scope: Scope, need: &Need) -> bool {
         match (scope, need) {
             (Scope::Admin, _) => true,
@@ -202,6 +228,22 @@ fn need(method: &Method, path: &str, query: Option<&str>) -> Need {
     }
 }
 
+/// Why `scope` may not do what `need`s more.
+fn refusal(scope: Scope, need: Need, method: &Method) -> Failure {
+    let why = match (scope, need) {
+        (Scope::Read, Need::Admin) if *method == Method::GET => {
+            "looking up a client's flow needs the admin token".to_string()
+        }
+        (Scope::Read, _) => "this token may only read".to_string(),
+        (Scope::Report, Need::Report(s)) => format!("this token may not report for service {s}"),
+        (Scope::Report, _) => {
+            "this token may only register, deregister, heartbeat and report health and load".to_string()
+        }
+        _ => "not allowed".to_string(),
+    };
+    Failure::new(StatusCode::FORBIDDEN, why)
+}
+
 /// Checks the caller's scope for the request, runs it, and writes the audit line: every
 /// change and every refusal, with verb, path, status, transport, scope and peer.
 pub async fn guard(State(access): State<Access>, request: Request, next: Next) -> Response {
@@ -213,41 +255,18 @@ pub async fn guard(State(access): State<Access>, request: Request, next: Next) -
         let peer = peer.map_or_else(|| "local".to_string(), |p| p.to_string());
         info!(target: "audit", "{method} {path} {} transport={transport} scope={scope} peer={peer}", status.as_u16());
     };
-    let scope = if access.tcp {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let Some(given) = given else {
+    let scope = match access.caller(request.headers()) {
+        Ok(scope) => scope,
+        Err(refused) => {
             audit(StatusCode::UNAUTHORIZED, "none");
-            return Failure::new(StatusCode::UNAUTHORIZED, "a bearer token is required").into_response();
-        };
-        let Some(scope) = access.scope_of(given) else {
-            audit(StatusCode::UNAUTHORIZED, "none");
-            return Failure::new(StatusCode::UNAUTHORIZED, "unknown bearer token").into_response();
-        };
-        let need = need(&method, &path, request.uri().query());
-        if !access.allows(scope, &need) {
-            audit(StatusCode::FORBIDDEN, scope.name());
-            let why = match (scope, need) {
-                (Scope::Read, Need::Admin) if method == Method::GET => {
-                    "looking up a client's flow needs the admin token".to_string()
-                }
-                (Scope::Read, _) => "this token may only read".to_string(),
-                (Scope::Report, Need::Report(s)) => format!("this token may not report for service {s}"),
-                (Scope::Report, _) => {
-                    "this token may only register, deregister, heartbeat and report health and load"
-                        .to_string()
-                }
-                _ => "not allowed".to_string(),
-            };
-            return Failure::new(StatusCode::FORBIDDEN, why).into_response();
+            return refused.into_response();
         }
-        scope
-    } else {
-        Scope::Admin
     };
+    let need = need(&method, &path, request.uri().query());
+    if !access.allows(scope, &need) {
+        audit(StatusCode::FORBIDDEN, scope.name());
+        return refusal(scope, need, &method).into_response();
+    }
     let response = next.run(request).await;
     if method != Method::GET && method != Method::HEAD {
         audit(response.status(), scope.name());

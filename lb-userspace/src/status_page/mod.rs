@@ -1,0 +1,220 @@
+//! The live status page (`/status`): one page of HTML, CSS and JavaScript built into the
+//! binary, and the JSON it fetches every second (`/status/data`), which is the API's own
+//! answers (`GET /v1/services`, `/v1/health`, `/v1/stats`, the announcer's state) taken from
+//! one snapshot. The page computes rates from two samples, as `lb top` does.
+//!
+//! The page itself holds no data, so it is served to anyone who can reach the listener; its
+//! data needs what the listener needs (`Gate`): the metrics token, if the metrics listener has
+//! one, or a read or admin token on the TCP API. A browser cannot send a bearer header with a
+//! page load, so the page takes the token from the URL's fragment (`/status#token=...`,
+//! which is never sent to the server) and sends it with each fetch.
+//!
+//! What backends control (agent replies, labels) reaches the page as JSON strings and is put
+//! in the DOM as text only; the Content-Security-Policy lets no inline script or outside
+//! resource run or load even if something slipped through.
+
+use std::sync::{Arc, Mutex};
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State, rejection::QueryRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::{
+    api::failure::Failure,
+    config::DaemonConfig,
+    control::queries::Queries,
+    dataplane::Readers,
+    nat::NatStatus,
+    snapshot::Snapshot,
+    status::{bgp::BgpStatus, checks::Board},
+};
+
+const PAGE: &str = include_str!("status.html");
+const SCRIPT: &str = include_str!("status.js");
+const STYLE: &str = include_str!("status.css");
+
+/// How often the page fetches its data, in milliseconds (the page reads it from the data).
+pub const REFRESH_MS: u64 = 1000;
+
+/// Scripts and styles from this origin only, no inline script or style attribute run, no
+/// outside fetch, image or frame (`data:` images: the page's empty icon, so the browser asks
+/// for no /favicon.ico).
+const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// What the page's data is read from: the daemon's readers, as the API has them.
+pub struct Source {
+    pub cfg: DaemonConfig,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub readers: Arc<Readers>,
+    pub nat: Arc<Mutex<NatStatus>>,
+    pub board: Board,
+    pub bgp: Arc<Mutex<BgpStatus>>,
+}
+
+impl Source {
+    fn queries(&self) -> Queries<'_> {
+        Queries {
+            instance: &self.cfg.instance,
+            cfg: &self.cfg,
+            snap: self.snapshot.borrow().clone(),
+            readers: &self.readers,
+            nat: &self.nat,
+            board: &self.board,
+            bgp: &self.bgp,
+        }
+    }
+}
+
+/// Who may read the page's data on a listener: the listener's own rule, given the request's
+/// headers (the metrics token, or the API's scopes).
+#[derive(Clone)]
+pub struct Gate(Arc<Check>);
+
+type Check = dyn Fn(&HeaderMap) -> Result<(), Failure> + Send + Sync;
+
+impl Gate {
+    pub fn new(check: impl Fn(&HeaderMap) -> Result<(), Failure> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(check))
+    }
+
+    /// No token: the metrics listener without `token_file`.
+    pub fn open() -> Self {
+        Self::new(|_| Ok(()))
+    }
+}
+
+#[derive(Clone)]
+struct Ctx {
+    source: Arc<Source>,
+    gate: Gate,
+}
+
+/// The page's routes, for a listener whose rule is `gate`.
+pub fn router(source: Arc<Source>, gate: Gate) -> Router {
+    Router::new()
+        .route("/status", get(page))
+        .route("/status/", get(page))
+        .route("/status/service/{name}", get(service_page))
+        .route("/status/app.js", get(script))
+        .route("/status/app.css", get(style))
+        .route("/status/data", get(data))
+        .with_state(Ctx { source, gate })
+}
+
+/// A static body with the page's headers.
+fn asset(kind: &'static str, body: &'static str) -> Response {
+    let mut r = ([(header::CONTENT_TYPE, kind)], body).into_response();
+    secure(&mut r);
+    r
+}
+
+fn secure(r: &mut Response) {
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(POLICY));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+async fn page() -> Response {
+    asset("text/html; charset=utf-8", PAGE)
+}
+
+async fn script() -> Response {
+    asset("text/javascript; charset=utf-8", SCRIPT)
+}
+
+async fn style() -> Response {
+    asset("text/css; charset=utf-8", STYLE)
+}
+
+/// One service's page: 404 for a service that does not exist, to a caller who may read. To
+/// one who may not (no token yet: a browser's page load), the page whatever the name, so a
+/// request without a token learns nothing of which services exist; its data fetch, with the
+/// token, gets the 404 and the page says so.
+async fn service_page(State(c): State<Ctx>, name: Path<String>, headers: HeaderMap) -> Response {
+    if (c.gate.0)(&headers).is_ok()
+        && !c
+            .source
+            .snapshot
+            .borrow()
+            .services
+            .iter()
+            .any(|s| s.name == *name)
+    {
+        let mut r = Failure::new(StatusCode::NOT_FOUND, format!("unknown service {}", *name)).into_response();
+        secure(&mut r);
+        return r;
+    }
+    page().await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataQuery {
+    /// Only this service (404 if there is none).
+    service: Option<String>,
+}
+
+async fn data(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    q: Result<Query<DataQuery>, QueryRejection>,
+) -> Response {
+    let answer = (|| {
+        (c.gate.0)(&headers)?;
+        let Query(q) = q.map_err(|r| {
+            Failure::new(
+                StatusCode::BAD_REQUEST,
+                format!("malformed query: {}", r.body_text()),
+            )
+        })?;
+        Ok::<_, Failure>(snapshot(&c.source.queries(), q.service.as_deref())?)
+    })();
+    let mut r = match answer {
+        Ok(v) => Json(v).into_response(),
+        Err(f) => f.into_response(),
+    };
+    secure(&mut r);
+    r
+}
+
+/// The page's data: the API's answers for the services (all, or `only`), from one snapshot,
+/// with the clocks the page needs: `at_ms` (monotonic, for rates) and `now_ms` (Unix, for
+/// how long ago a check's `since_ms` was).
+pub fn snapshot(q: &Queries, only: Option<&str>) -> crate::error::Result<Value> {
+    // Health answers 404 for an unknown service: the others are filtered to agree.
+    let health = q.health(only)?;
+    let keep = |v: Value, key: &str| match (v, only) {
+        (Value::Array(items), Some(name)) => {
+            Value::Array(items.into_iter().filter(|s| s[key] == name).collect())
+        }
+        (v, _) => v,
+    };
+    let services = keep(q.list(), "name");
+    let mut stats = q.stats()?;
+    stats["services"] = keep(stats["services"].take(), "name");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Ok(json!({
+        "instance": q.instance,
+        "refresh_ms": REFRESH_MS,
+        "at_ms": crate::nat::monotonic_ns() / 1_000_000,
+        "now_ms": now_ms,
+        "services": services,
+        "health": health,
+        "stats": stats,
+        "bgp": q.bgp(),
+    }))
+}
