@@ -482,8 +482,8 @@ impl Endpoints {
                 );
                 let gate = match token.clone() {
                     None => status_page::Gate::open(),
-                    Some(token) => status_page::Gate::new(move |headers| {
-                        if metrics::bearer_matches(headers, &token) {
+                    Some(token) => status_page::Gate::new(move |request| {
+                        if metrics::bearer_matches(&request.headers, &token) {
                             Ok(())
                         } else {
                             Err(Failure::new(
@@ -524,7 +524,7 @@ impl Endpoints {
                 info!("control API on {scheme}://{at}, the status page on {scheme}://{at}/status");
                 let gate = {
                     let access = access.clone();
-                    status_page::Gate::new(move |headers| access.may_read(headers))
+                    status_page::Gate::new(move |request| access.may_read(request))
                 };
                 let page = status_page::router(status_source(shared), gate);
                 Some(tokio::spawn(server::serve(

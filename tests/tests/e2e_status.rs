@@ -207,10 +207,19 @@ fn the_status_page_shows_every_backend_and_a_stopped_one_going_down_live() {
         // Without a token the service's page does not say whether the service exists.
         ("/status/service/nope", None, 200),
         ("/status/service/nope", Some(READER), 404),
+        ("/status/service/nope", Some("not-a-token"), 401),
         ("/status/service/web4", Some(READER), 200),
     ] {
         let (status, head, body) = get(&topo, API, path, token);
         assert_eq!(status, want, "{path} with {token:?}: {head}\n{body}");
+    }
+    // Refused as the API's own calls are: in the audit log.
+    let log = d.log();
+    for line in [
+        "GET /status/data 401 transport=tcp scope=none",
+        "GET /status/data 403 transport=tcp scope=report",
+    ] {
+        assert!(log.contains(line), "no audit line {line:?} in:\n{log}");
     }
 
     // Traffic: UDP to dns4 from the client, paced, until the browser is done (2 minutes at

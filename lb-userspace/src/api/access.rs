@@ -136,15 +136,31 @@ impl Access {
             .ok_or_else(|| Failure::new(StatusCode::UNAUTHORIZED, "unknown bearer token"))
     }
 
-    /// Whether a request with these headers may read, as `guard` decides a GET: what the
-    /// status page's data asks, outside the API's routes.
-    pub fn may_read(&self, headers: &axum::http::HeaderMap) -> Result<(), Failure> {
-        let scope = self.caller(headers)?;
-        if self.allows(scope, &Need::Read) {
-            Ok(())
-        } else {
-            Err(refusal(scope, Need::Read, &Method::GET))
-        }
+    /// Whether a request may read, as `guard` decides a GET, and a refusal audited as its
+    /// are: what the status page asks, outside the API's routes.
+    pub fn may_read(&self, request: &axum::http::request::Parts) -> Result<(), Failure> {
+        let (refused, scope) = match self.caller(&request.headers) {
+            Ok(scope) if self.allows(scope, &Need::Read) => return Ok(()),
+            Ok(scope) => (refusal(scope, Need::Read, &Method::GET), scope.name()),
+            Err(refused) => (refused, "none"),
+        };
+        let peer = request.extensions.get::<Peer>().and_then(|p| p.0);
+        self.audit(&request.method, request.uri.path(), refused.status(), scope, peer);
+        Err(refused)
+    }
+
+    /// The audit line of a change or a refusal.
+    fn audit(
+        &self,
+        method: &Method,
+        path: &str,
+        status: StatusCode,
+        scope: &str,
+        peer: Option<std::net::IpAddr>,
+    ) {
+        let transport = if self.tcp { "tcp" } else { "socket" };
+        let peer = peer.map_or_else(|| "local".to_string(), |p| p.to_string());
+        info!(target: "audit", "{method} {path} {} transport={transport} scope={scope} peer={peer}", status.as_u16());
     }
 
     fn allows(&self, scope: Scope, need: &Need) -> bool {
@@ -250,11 +266,7 @@ pub async fn guard(State(access): State<Access>, request: Request, next: Next) -
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let peer = request.extensions().get::<Peer>().and_then(|p| p.0);
-    let transport = if access.tcp { "tcp" } else { "socket" };
-    let audit = |status: StatusCode, scope: &str| {
-        let peer = peer.map_or_else(|| "local".to_string(), |p| p.to_string());
-        info!(target: "audit", "{method} {path} {} transport={transport} scope={scope} peer={peer}", status.as_u16());
-    };
+    let audit = |status: StatusCode, scope: &str| access.audit(&method, &path, status, scope, peer);
     let scope = match access.caller(request.headers()) {
         Ok(scope) => scope,
         Err(refused) => {

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use axum::{
     Json, Router,
     extract::{Path, Query, State, rejection::QueryRejection},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{HeaderValue, StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -72,21 +72,30 @@ impl Source {
     }
 }
 
-/// Who may read the page's data on a listener: the listener's own rule, given the request's
-/// headers (the metrics token, or the API's scopes).
+/// Who may read the page's data on a listener: the listener's own rule, given the request
+/// (the metrics token, or the API's scopes, which audit a refusal as the API's guard does).
 #[derive(Clone)]
-pub struct Gate(Arc<Check>);
+pub struct Gate {
+    /// Anyone may: the metrics listener without `token_file`.
+    open: bool,
+    check: Arc<Check>,
+}
 
-type Check = dyn Fn(&HeaderMap) -> Result<(), Failure> + Send + Sync;
+type Check = dyn Fn(&Parts) -> Result<(), Failure> + Send + Sync;
 
 impl Gate {
-    pub fn new(check: impl Fn(&HeaderMap) -> Result<(), Failure> + Send + Sync + 'static) -> Self {
-        Self(Arc::new(check))
+    pub fn new(check: impl Fn(&Parts) -> Result<(), Failure> + Send + Sync + 'static) -> Self {
+        Self {
+            open: false,
+            check: Arc::new(check),
+        }
     }
 
-    /// No token: the metrics listener without `token_file`.
     pub fn open() -> Self {
-        Self::new(|_| Ok(()))
+        Self {
+            open: true,
+            check: Arc::new(|_| Ok(())),
+        }
     }
 }
 
@@ -138,23 +147,26 @@ async fn style() -> Response {
     asset("text/css; charset=utf-8", STYLE)
 }
 
-/// One service's page: 404 for a service that does not exist, to a caller who may read. To
-/// one who may not (no token yet: a browser's page load), the page whatever the name, so a
-/// request without a token learns nothing of which services exist; its data fetch, with the
-/// token, gets the 404 and the page says so.
-async fn service_page(State(c): State<Ctx>, name: Path<String>, headers: HeaderMap) -> Response {
-    if (c.gate.0)(&headers).is_ok()
-        && !c
-            .source
-            .snapshot
-            .borrow()
-            .services
-            .iter()
-            .any(|s| s.name == *name)
-    {
-        let mut r = Failure::new(StatusCode::NOT_FOUND, format!("unknown service {}", *name)).into_response();
-        secure(&mut r);
-        return r;
+/// One service's page: 404 for a service that does not exist, to a caller who may read (and
+/// 401 or 403 for a token that may not). Without a token on a listener that needs one (a
+/// browser's page load), the page whatever the name, so such a request learns nothing of
+/// which services exist; the page's data fetch, with the token, gets the 404 and says so.
+async fn service_page(State(c): State<Ctx>, name: Path<String>, request: Parts) -> Response {
+    if c.gate.open || request.headers.contains_key(header::AUTHORIZATION) {
+        let known = |name: &str| c.source.snapshot.borrow().services.iter().any(|s| s.name == name);
+        let refused = match (c.gate.check)(&request) {
+            Err(refused) => Some(refused),
+            Ok(()) if !known(&name) => Some(Failure::new(
+                StatusCode::NOT_FOUND,
+                format!("unknown service {}", *name),
+            )),
+            Ok(()) => None,
+        };
+        if let Some(refused) = refused {
+            let mut r = refused.into_response();
+            secure(&mut r);
+            return r;
+        }
     }
     page().await
 }
@@ -166,27 +178,24 @@ struct DataQuery {
     service: Option<String>,
 }
 
-async fn data(
-    State(c): State<Ctx>,
-    headers: HeaderMap,
-    q: Result<Query<DataQuery>, QueryRejection>,
-) -> Response {
-    let answer = (|| {
-        (c.gate.0)(&headers)?;
-        let Query(q) = q.map_err(|r| {
-            Failure::new(
-                StatusCode::BAD_REQUEST,
-                format!("malformed query: {}", r.body_text()),
-            )
-        })?;
-        Ok::<_, Failure>(snapshot(&c.source.queries(), q.service.as_deref())?)
-    })();
-    let mut r = match answer {
+async fn data(State(c): State<Ctx>, request: Parts, q: Result<Query<DataQuery>, QueryRejection>) -> Response {
+    let mut r = match answer(&c, &request, q) {
         Ok(v) => Json(v).into_response(),
         Err(f) => f.into_response(),
     };
     secure(&mut r);
     r
+}
+
+fn answer(c: &Ctx, request: &Parts, q: Result<Query<DataQuery>, QueryRejection>) -> Result<Value, Failure> {
+    (c.gate.check)(request)?;
+    let Query(q) = q.map_err(|r| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            format!("malformed query: {}", r.body_text()),
+        )
+    })?;
+    Ok(snapshot(&c.source.queries(), q.service.as_deref())?)
 }
 
 /// The page's data: the API's answers for the services (all, or `only`), from one snapshot,
