@@ -195,7 +195,8 @@ fn the_status_page_shows_every_backend_and_a_stopped_one_going_down_live() {
     let data: serde_json::Value = serde_json::from_str(&data).expect("json");
     assert_eq!(data["services"].as_array().map(Vec::len), Some(4), "{data}");
     assert_eq!(data["health"].as_array().map(Vec::len), Some(4), "{data}");
-    assert!(data["stats"]["counters"]["drop_no_backend"].is_u64(), "{data}");
+    assert!(data["counters"]["drop_no_backend"].is_u64(), "{data}");
+    assert!(data["services"][0]["backends"][0]["packets"].is_u64(), "{data}");
     // The TCP API: the page for anyone (it holds no data), the data for a token that may read.
     for (path, token, want) in [
         ("/status", None, 200),

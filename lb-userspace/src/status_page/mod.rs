@@ -1,7 +1,8 @@
 //! The live status page (`/status`): one page of HTML, CSS and JavaScript built into the
-//! binary, and the JSON it fetches every second (`/status/data`), which is the API's own
-//! answers (`GET /v1/services`, `/v1/health`, `/v1/stats`, the announcer's state) taken from
-//! one snapshot. The page computes rates from two samples, as `lb top` does.
+//! binary, and the JSON it fetches every second (`/status/data`): the API's own fields
+//! (`GET /v1/services` less its table slot counts, `/v1/health` whole, `/v1/stats`'s counters,
+//! the announcer's state) taken from one snapshot. The page computes rates from two samples,
+//! as `lb top` does.
 //!
 //! The page itself holds no data, so it is served to anyone who can reach the listener; its
 //! data needs what the listener needs (`Gate`): the metrics token, if the metrics listener has
@@ -16,7 +17,7 @@
 use std::sync::{Arc, Mutex};
 
 use axum::{
-    Json, Router,
+    Router,
     extract::{Path, Query, State, rejection::QueryRejection},
     http::{HeaderValue, StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
@@ -179,15 +180,19 @@ struct DataQuery {
 }
 
 async fn data(State(c): State<Ctx>, request: Parts, q: Result<Query<DataQuery>, QueryRejection>) -> Response {
-    let mut r = match answer(&c, &request, q) {
-        Ok(v) => Json(v).into_response(),
+    let mut r = match answer(&c, &request, q).await {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(f) => f.into_response(),
     };
     secure(&mut r);
     r
 }
 
-fn answer(c: &Ctx, request: &Parts, q: Result<Query<DataQuery>, QueryRejection>) -> Result<Value, Failure> {
+async fn answer(
+    c: &Ctx,
+    request: &Parts,
+    q: Result<Query<DataQuery>, QueryRejection>,
+) -> Result<Vec<u8>, Failure> {
     (c.gate.check)(request)?;
     let Query(q) = q.map_err(|r| {
         Failure::new(
@@ -195,24 +200,90 @@ fn answer(c: &Ctx, request: &Parts, q: Result<Query<DataQuery>, QueryRejection>)
             format!("malformed query: {}", r.body_text()),
         )
     })?;
-    Ok(snapshot(&c.source.queries(), q.service.as_deref())?)
+    // Reading the maps and encoding take milliseconds: off the async workers.
+    let source = c.source.clone();
+    let body = tokio::task::spawn_blocking(move || {
+        let data = snapshot(&source.queries(), q.service.as_deref())?;
+        serde_json::to_vec(&data).map_err(|e| crate::error::Error::invalid(format!("status data: {e}")))
+    })
+    .await
+    .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, format!("status data: {e}")))??;
+    Ok(body)
 }
 
-/// The page's data: the API's answers for the services (all, or `only`), from one snapshot,
-/// with the clocks the page needs: `at_ms` (monotonic, for rates) and `now_ms` (Unix, for
-/// how long ago a check's `since_ms` was).
+/// The page's data, from one snapshot: per service (all, or `only`: 404 if there is none) what
+/// `GET /v1/services` says of it and its backends, less the table slot counts (which read
+/// every table: too much once a second), with their traffic counters; every backend's health
+/// as `GET /v1/health` gives it; the data plane's counters as `GET /v1/stats` gives them; the
+/// announcer's state. And the clocks the page needs: `at_ms` (monotonic, for rates) and
+/// `now_ms` (Unix, for how long ago a check changed).
 pub fn snapshot(q: &Queries, only: Option<&str>) -> crate::error::Result<Value> {
-    // Health answers 404 for an unknown service: the others are filtered to agree.
     let health = q.health(only)?;
-    let keep = |v: Value, key: &str| match (v, only) {
-        (Value::Array(items), Some(name)) => {
-            Value::Array(items.into_iter().filter(|s| s[key] == name).collect())
-        }
-        (v, _) => v,
+    let snap = &q.snap;
+    let services: Vec<_> = snap
+        .services
+        .iter()
+        .filter(|s| only.is_none_or(|n| n == s.name))
+        .collect();
+    // Traffic: one read of each per-CPU map, as a scrape does.
+    let most = |ids: &mut dyn Iterator<Item = u32>| ids.map(|i| i + 1).max().unwrap_or(0);
+    let slots = most(&mut services.iter().flat_map(|s| {
+        s.backends
+            .iter()
+            .filter_map(|b| snap.assignments.slot(&s.name, &b.id).map(|x| x.slot))
+    }));
+    let ids = most(
+        &mut services
+            .iter()
+            .filter_map(|s| snap.assignments.services.get(&s.name).map(|x| x.id)),
+    );
+    let backend_traffic = q.readers.backends_traffic(slots)?;
+    let service_traffic = q.readers.services_traffic(ids)?;
+    let counts = q.readers.counters()?;
+    let traffic = |all: &[lb_common::TrafficStats], i: Option<u32>| {
+        i.and_then(|i| all.get(i as usize)).map_or(
+            json!({"packets": null, "new_flows": null}),
+            |t| json!({"packets": t.packets, "new_flows": t.new_flows}),
+        )
     };
-    let services = keep(q.list(), "name");
-    let mut stats = q.stats()?;
-    stats["services"] = keep(stats["services"].take(), "name");
+    let services: Vec<Value> = services
+        .iter()
+        .map(|s| {
+            let weights = snap.weights.get(&s.name);
+            let backends: Vec<Value> = s
+                .backends
+                .iter()
+                .map(|b| {
+                    let slot = snap.assignments.slot(&s.name, &b.id).map(|x| x.slot);
+                    let e = weights.and_then(|w| w.backends.get(&b.id));
+                    let mut v = json!({
+                        "id": b.id, "address": b.address, "port": b.port(s), "weight": b.weight,
+                        "effective_weight": e.map_or(0, |e| e.weight), "maxconn": e.map_or(0, |e| e.maxconn),
+                        "labels": b.labels, "active_flows": slot.map(|x| q.readers.active.get(x)),
+                    });
+                    merge(&mut v, traffic(&backend_traffic, slot));
+                    v
+                })
+                .collect();
+            let id = snap.assignments.services.get(&s.name).map(|x| x.id);
+            let mut v = json!({
+                "name": s.name, "vip": s.vip, "port": s.port, "protocol": s.protocol,
+                "strategy": s.strategy, "in_effect": snap.in_effect(s), "forwarding": s.forwarding,
+                "panic": weights.is_some_and(|w| w.panic), "backends": backends,
+            });
+            merge(&mut v, traffic(&service_traffic, id));
+            v
+        })
+        .collect();
+    let counters: serde_json::Map<String, Value> = lb_common::Counter::ALL
+        .iter()
+        .map(|&c| {
+            (
+                c.name().to_string(),
+                json!(counts.get(c as usize).copied().unwrap_or(0)),
+            )
+        })
+        .collect();
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -223,7 +294,14 @@ pub fn snapshot(q: &Queries, only: Option<&str>) -> crate::error::Result<Value> 
         "now_ms": now_ms,
         "services": services,
         "health": health,
-        "stats": stats,
+        "counters": counters,
         "bgp": q.bgp(),
     }))
+}
+
+/// `extra`'s keys into `v` (both objects).
+fn merge(v: &mut Value, extra: Value) {
+    if let (Value::Object(v), Value::Object(extra)) = (v, extra) {
+        v.extend(extra);
+    }
 }

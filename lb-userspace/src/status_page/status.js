@@ -6,6 +6,9 @@
 const TOKEN_KEY = 'lb-status-token';
 const CHANGED_MS = 60 * 1000;
 const TIMEOUT_MS = 5000;
+// Rows drawn at most, after sorting and filtering: a redraw a second stays cheap for the
+// browser on a node with thousands of backends (the filter or a service's page shows the rest).
+const MAX_ROWS = 500;
 
 // The per-service page: /status/service/NAME.
 const SERVICE_PREFIX = '/status/service/';
@@ -89,34 +92,28 @@ async function fetchData() {
   }
 }
 
-// Per backend: the API's list, health and stats entries joined, with rates from the last
-// sample.
+// Counters per second between two samples (null without both, or after a restart).
+function per(now, then, field, secs) {
+  if (!now || !then || secs <= 0 || typeof now[field] !== 'number' || now[field] < then[field]) return null;
+  return (now[field] - then[field]) / secs;
+}
+
+// Per backend: the service's entry and its health joined, with rates from the last sample.
 function backendRows(d, prev) {
   const secs = prev ? (d.at_ms - prev.at_ms) / 1000 : 0;
   const before = new Map();
-  if (prev) {
-    for (const s of prev.stats.services || []) {
-      for (const b of s.backends || []) before.set(key(s.name, b.id), b);
-    }
-  }
-  const traffic = new Map();
-  for (const s of d.stats.services || []) {
-    for (const b of s.backends || []) traffic.set(key(s.name, b.id), b);
+  for (const s of prev ? prev.services : []) {
+    for (const b of s.backends || []) before.set(key(s.name, b.id), b);
   }
   const health = new Map();
   for (const s of d.health || []) {
     for (const b of s.backends || []) health.set(key(s.service, b.id), b);
   }
-  const per = (now, then, field) => {
-    if (!now || !then || secs <= 0 || now[field] < then[field]) return null;
-    return (now[field] - then[field]) / secs;
-  };
   const rows = [];
   for (const s of d.services || []) {
     for (const b of s.backends || []) {
       const k = key(s.name, b.id);
       const h = health.get(k) || {};
-      const t = traffic.get(k);
       rows.push({
         key: k,
         service: s.name,
@@ -129,8 +126,8 @@ function backendRows(d, prev) {
         maxconn: b.maxconn,
         active: b.active_flows,
         labels: Object.entries(b.labels || {}).map(([name, value]) => name + '=' + value),
-        pps: per(t, before.get(k), 'packets'),
-        fps: per(t, before.get(k), 'new_flows'),
+        pps: per(b, before.get(k), 'packets', secs),
+        fps: per(b, before.get(k), 'new_flows', secs),
       });
     }
   }
@@ -290,7 +287,7 @@ function drawBackends() {
   const rows = view.rows.filter(visible).sort(cmp);
   const body = $('backends').tBodies[0];
   body.replaceChildren(
-    ...rows.map((r) => {
+    ...rows.slice(0, MAX_ROWS).map((r) => {
       const tr = el('tr', {
         'data-service': r.service,
         'data-backend': r.id,
@@ -302,19 +299,18 @@ function drawBackends() {
       return tr;
     }),
   );
-  $('shown').textContent = rows.length + ' of ' + view.rows.length + ' backends shown';
+  $('shown').textContent =
+    Math.min(rows.length, MAX_ROWS) + ' of ' + view.rows.length + ' backends shown' +
+    (rows.length > MAX_ROWS ? ' (the first ' + MAX_ROWS + ' as sorted: filter, or open a service, for the others)' : '');
 }
 
 // ---- services and drops -------------------------------------------------------------------
 
 function drawServices(d, prev) {
   const secs = prev ? (d.at_ms - prev.at_ms) / 1000 : 0;
-  const before = new Map((prev ? prev.stats.services : []).map((s) => [s.name, s]));
-  const traffic = new Map((d.stats.services || []).map((s) => [s.name, s]));
+  const before = new Map((prev ? prev.services : []).map((s) => [s.name, s]));
   const health = new Map((d.health || []).map((s) => [s.service, s]));
   const bgp = d.bgp || {};
-  const per = (now, then, field) =>
-    now && then && secs > 0 && now[field] >= then[field] ? (now[field] - then[field]) / secs : null;
   const body = $('services').tBodies[0];
   body.replaceChildren(
     ...(d.services || []).map((s) => {
@@ -328,7 +324,6 @@ function drawServices(d, prev) {
         state.append(' ', b);
       }
       const strategy = s.strategy === 'adaptive' && s.in_effect ? 'adaptive → ' + s.in_effect : s.strategy;
-      const t = traffic.get(s.name);
       return el(
         'tr',
         { 'data-service': s.name },
@@ -338,8 +333,8 @@ function drawServices(d, prev) {
         el('td', { 'data-col': 'forwarding', text: s.forwarding }),
         state,
         el('td', { 'data-col': 'up', class: 'num', text: up + ' / ' + s.backends.length }),
-        el('td', { 'data-col': 'fps', class: 'num', text: rate(per(t, before.get(s.name), 'new_flows')) }),
-        el('td', { 'data-col': 'pps', class: 'num', text: rate(per(t, before.get(s.name), 'packets')) }),
+        el('td', { 'data-col': 'fps', class: 'num', text: rate(per(s, before.get(s.name), 'new_flows', secs)) }),
+        el('td', { 'data-col': 'pps', class: 'num', text: rate(per(s, before.get(s.name), 'packets', secs)) }),
       );
     }),
   );
@@ -353,8 +348,8 @@ function drawDrops(d, prev) {
   }
   const secs = (d.at_ms - prev.at_ms) / 1000;
   const drops = [];
-  for (const [name, v] of Object.entries(d.stats.counters || {})) {
-    const was = prev.stats.counters[name];
+  for (const [name, v] of Object.entries(d.counters || {})) {
+    const was = prev.counters[name];
     if (name.startsWith('drop_') && secs > 0 && v > was) drops.push([name.slice(5), (v - was) / secs]);
   }
   drops.sort((a, b) => b[1] - a[1]);
