@@ -9,6 +9,7 @@ use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr},
+    os::unix::process::CommandExt,
     process::Stdio,
     sync::{
         Arc,
@@ -38,6 +39,21 @@ const AGENT: &str = "down #<img src=x onerror=window.__pwned=2><script>window.__
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const DRIVER: &str = "/usr/bin/chromedriver";
+
+/// The browser test's process group, killed on drop (the test failing or not).
+struct Group(std::process::Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        kill_group(&mut self.0);
+    }
+}
+
+fn kill_group(child: &mut std::process::Child) {
+    // SAFETY: a signal to the group the child leads (its pid), which it made at spawn.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let _ = child.wait();
+}
 
 /// What the browser test needs, or one line naming the fix.
 fn browser_missing() -> Option<String> {
@@ -267,16 +283,20 @@ fn the_status_page_shows_every_backend_and_a_stopped_one_going_down_live() {
     });
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../python/tests/status_page.py");
     let browser_started = Instant::now();
-    let mut child = topo
-        .lb
-        .command(lb_tests::python())
-        .arg(script)
-        .arg(args.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run python");
+    let mut child = Group(
+        topo.lb
+            .command(lb_tests::python())
+            .arg(script)
+            .arg(args.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group: chromedriver and Chromium go with it, whatever happens.
+            .process_group(0)
+            .spawn()
+            .expect("run python"),
+    );
+    let child = &mut child.0;
     let mut to_script = child.stdin.take().expect("stdin");
     let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     // The script's lines as they come; the stop is answered when it asks for it.
@@ -305,7 +325,8 @@ fn the_status_page_shows_every_backend_and_a_stopped_one_going_down_live() {
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                let _ = child.kill();
+                output.push("(the browser test took more than 90 s: stopped)".into());
+                kill_group(child);
                 break;
             }
         }
