@@ -8,14 +8,12 @@ use std::{
     time::Duration,
 };
 
-use axum::http::StatusCode;
 use log::{info, warn};
 use tokio::{net::UnixListener, sync::watch};
 
 use crate::{
     api::{
         access::{Access, read_token},
-        failure::Failure,
         server::{self, Shared},
     },
     config::{Config, DaemonConfig},
@@ -480,19 +478,7 @@ impl Endpoints {
                     "metrics on http://{0}/metrics, the status page on http://{0}/status",
                     cfg.metrics.listen
                 );
-                let gate = match token.clone() {
-                    None => status_page::Gate::open(),
-                    Some(token) => status_page::Gate::new(move |request| {
-                        if metrics::bearer_matches(&request.headers, &token) {
-                            Ok(())
-                        } else {
-                            Err(Failure::new(
-                                StatusCode::UNAUTHORIZED,
-                                "missing or wrong bearer token (the metrics token)",
-                            ))
-                        }
-                    }),
-                };
+                let gate = status_page::Gate::metrics(token.clone());
                 let page = status_page::router(status_source(shared), gate);
                 Some(tokio::spawn(metrics::serve(
                     listener,

@@ -336,6 +336,38 @@ mod tests {
     }
 
     #[test]
+    fn the_status_page_reads_with_a_read_or_admin_token_only() {
+        let a = Access {
+            tcp: true,
+            tokens: Arc::new(RwLock::new(TokenSet {
+                admin: Some("admin".into()),
+                read: Some("read".into()),
+                report: Some("report".into()),
+            })),
+            report_services: Arc::default(),
+        };
+        let request = |token: Option<&str>| {
+            let mut r = axum::http::Request::builder().uri("/status/data");
+            if let Some(t) = token {
+                r = r.header(header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            r.body(()).unwrap().into_parts().0
+        };
+        for (token, want) in [
+            (None, Some(StatusCode::UNAUTHORIZED)),
+            (Some("nope"), Some(StatusCode::UNAUTHORIZED)),
+            (Some("report"), Some(StatusCode::FORBIDDEN)),
+            (Some("read"), None),
+            (Some("admin"), None),
+        ] {
+            let got = a.may_read(&request(token)).err().map(|f| f.status());
+            assert_eq!(got, want, "{token:?}");
+        }
+        // The socket is root's: no token.
+        assert!(Access::socket().may_read(&request(None)).is_ok());
+    }
+
+    #[test]
     fn token_files_must_be_private_and_long() {
         let dir = std::env::temp_dir().join(format!("lb-token-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -92,10 +92,23 @@ impl Gate {
         }
     }
 
-    pub fn open() -> Self {
-        Self {
-            open: true,
-            check: Arc::new(|_| Ok(())),
+    /// The metrics listener's rule: its token, if it has one (as a scrape's).
+    pub fn metrics(token: Option<String>) -> Self {
+        match token {
+            None => Self {
+                open: true,
+                check: Arc::new(|_| Ok(())),
+            },
+            Some(token) => Self::new(move |request| {
+                if crate::metrics::bearer_matches(&request.headers, &token) {
+                    Ok(())
+                } else {
+                    Err(Failure::new(
+                        StatusCode::UNAUTHORIZED,
+                        "missing or wrong bearer token (the metrics token)",
+                    ))
+                }
+            }),
         }
     }
 }
@@ -303,5 +316,32 @@ pub fn snapshot(q: &Queries, only: Option<&str>) -> crate::error::Result<Value> 
 fn merge(v: &mut Value, extra: Value) {
     if let (Value::Object(v), Value::Object(extra)) = (v, extra) {
         v.extend(extra);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(authorization: Option<&str>) -> Parts {
+        let mut r = axum::http::Request::builder().uri("/status/data");
+        if let Some(a) = authorization {
+            r = r.header(header::AUTHORIZATION, a);
+        }
+        r.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn the_metrics_listener_asks_its_token_if_it_has_one() {
+        let open = Gate::metrics(None);
+        assert!(open.open && (open.check)(&request(None)).is_ok());
+        let token = "0123456789abcdef0123456789abcdef";
+        let gate = Gate::metrics(Some(token.into()));
+        assert!(!gate.open);
+        for refused in [None, Some("Bearer wrong"), Some(&*format!("Basic {token}"))] {
+            let e = (gate.check)(&request(refused)).expect_err("refused");
+            assert_eq!(e.status(), StatusCode::UNAUTHORIZED, "{refused:?}");
+        }
+        assert!((gate.check)(&request(Some(&format!("Bearer {token}")))).is_ok());
     }
 }
