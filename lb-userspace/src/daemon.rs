@@ -25,6 +25,7 @@ use crate::{
     neigh::Resolver,
     reconcile::{Handles, Maps, Writer, hops, persist::Persisted},
     status::checks::Board,
+    status_page,
 };
 
 /// Checks in flight at once, over all backends.
@@ -473,11 +474,17 @@ impl Endpoints {
                     histograms,
                 )
                 .map_err(|e| anyhow::anyhow!("metrics registry: {e}"))?;
-                info!("metrics on http://{}/metrics", cfg.metrics.listen);
+                info!(
+                    "metrics on http://{0}/metrics, the status page on http://{0}/status",
+                    cfg.metrics.listen
+                );
+                let gate = status_page::Gate::metrics(token.clone());
+                let page = status_page::router(status_source(shared), gate);
                 Some(tokio::spawn(metrics::serve(
                     listener,
                     metrics,
                     token,
+                    Some(page),
                     cfg.http,
                     shared.stop.subscribe(),
                 )))
@@ -489,6 +496,7 @@ impl Endpoints {
             shared.clone(),
             Access::socket(),
             None,
+            None,
         ));
         // What SIGHUP reads again besides the config file: the API's tokens and certificate.
         let credentials = api_listener
@@ -498,15 +506,19 @@ impl Endpoints {
             Some((listener, access, tls)) => {
                 let listener = tokio::net::TcpListener::from_std(listener)?;
                 let scheme = if tls.is_some() { "https" } else { "http" };
-                info!(
-                    "control API on {scheme}://{}",
-                    cfg.api.listen.map(|a| a.to_string()).unwrap_or_default()
-                );
+                let at = cfg.api.listen.map(|a| a.to_string()).unwrap_or_default();
+                info!("control API on {scheme}://{at}, the status page on {scheme}://{at}/status");
+                let gate = {
+                    let access = access.clone();
+                    status_page::Gate::new(move |request| access.may_read(request))
+                };
+                let page = status_page::router(status_source(shared), gate);
                 Some(tokio::spawn(server::serve(
                     crate::serve::Listener::Tcp(listener),
                     shared.clone(),
                     access,
                     tls,
+                    Some(page),
                 )))
             }
             None => None,
@@ -561,6 +573,18 @@ impl Endpoints {
             let _ = wait(t).await;
         }
     }
+}
+
+/// What the status page reads: the API's readers.
+fn status_source(shared: &Shared) -> Arc<status_page::Source> {
+    Arc::new(status_page::Source {
+        cfg: shared.cfg.clone(),
+        snapshot: shared.snapshot.clone(),
+        readers: shared.readers.clone(),
+        nat: shared.nat.clone(),
+        board: shared.board.clone(),
+        bgp: shared.bgp.clone(),
+    })
 }
 
 /// This host, as the cluster's node keys name their owners: its machine id, else its name.

@@ -13,7 +13,8 @@
 //!   (`apply`), next hops, the state file (`persist`).
 //! - `dataplane`: loading and pins, and the map handles (`MapWrites` for the writer,
 //!   `Readers` for the rest).
-//! - `metrics`, `control`, `api`, `serve`: readers and the endpoints that serve them; `bgp`
+//! - `metrics`, `control`, `api`, `status_page`, `serve`: readers and the endpoints that serve
+//!   them (`status_page` on the metrics listener and the TCP API); `bgp`
 //!   a reader too, announcing the VIPs through BIRD; `cluster` feeds the writer the tier's
 //!   desired state from etcd and writes API changes back there.
 //! - `daemon` wires it up; `cli` and `top` are the API's clients; `backend_host` prepares
@@ -42,6 +43,7 @@ pub mod reconcile;
 pub mod serve;
 pub mod snapshot;
 pub mod status;
+pub mod status_page;
 pub mod strategy;
 pub mod top;
 /// The compiled data plane, embedded at build time.

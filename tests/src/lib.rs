@@ -38,15 +38,20 @@ fn built(name: &str) -> std::path::PathBuf {
     dir.join(name)
 }
 
-/// The test environment's Python (`cargo xtask setup` makes it in the target directory's
-/// `py`): `CARGO_TARGET_DIR` as the build had it, else the workspace's `target`.
-pub fn python() -> std::path::PathBuf {
+/// The target directory: `CARGO_TARGET_DIR` as the build had it, else the workspace's
+/// `target`. Tests keep their artifacts (screenshots) under it.
+pub fn target_dir() -> std::path::PathBuf {
     let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
     // A relative directory is the workspace's, as cargo reads it.
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+    std::env::var_os("CARGO_TARGET_DIR")
         .filter(|d| !d.is_empty())
-        .map_or_else(|| root.join("target"), |d| root.join(d));
-    target.join("py/bin/python")
+        .map_or_else(|| root.join("target"), |d| root.join(d))
+}
+
+/// The test environment's Python (`cargo xtask setup` makes it in the target directory's
+/// `py`).
+pub fn python() -> std::path::PathBuf {
+    target_dir().join("py/bin/python")
 }
 
 /// Waits for `cond` up to `timeout`, polling; returns whether it became true.

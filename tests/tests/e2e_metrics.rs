@@ -1,6 +1,7 @@
 //! Metrics end to end: the daemon's exposition passes `promtool check metrics`, a real
 //! Prometheus server scrapes it in the balancer's namespace while UDP flows, and PromQL gives
-//! each backend's packet rate within 20% of what the test sent. A token keeps scrapes out.
+//! each backend's packet rate within 20% of what the test sent. A token keeps scrapes (and the
+//! status page's data) out.
 
 use std::{
     collections::HashMap,
@@ -271,6 +272,20 @@ fn a_token_keeps_scrapes_out() {
     let (status, text) = scrape(&topo.lb, Some("s3cret-token-0123456789abcdef01234"));
     assert_eq!(status, 200);
     assert!(text.contains("lb_backend_packets_total"));
+    // The status page's data takes the same token; the page itself holds none, and a service's
+    // page does not say without a token whether the service exists.
+    let get = |path: &str, token: Option<&str>| {
+        http_get(&topo.lb, METRICS.parse().unwrap(), path, token)
+            .expect("status page")
+            .0
+    };
+    let token = Some("s3cret-token-0123456789abcdef01234");
+    assert_eq!(get("/status/data", None), 401);
+    assert_eq!(get("/status/data", Some("wrong")), 401);
+    assert_eq!(get("/status/data", token), 200);
+    assert_eq!(get("/status", None), 200);
+    assert_eq!(get("/status/service/nope", None), 200);
+    assert_eq!(get("/status/service/nope", token), 404);
     drop(d);
     let _ = std::fs::remove_file(&token_file);
 }

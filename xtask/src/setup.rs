@@ -23,9 +23,11 @@ const LLVM_PACKAGES: &[&str] = &[
 /// HAProxy; its load generator is our own XDP program), and Prometheus with promtool (the
 /// metrics tests scrape the daemon with a real server), and BIRD 2 (the daemon announces VIPs
 /// through it; the cluster tests run a router with it too), etcd (the cluster's desired state,
-/// a real server in the tests) and protoc with its well-known types (the etcd client's
-/// protocol is compiled from .proto files), and what `cargo xtask package` builds and checks
-/// the Debian package with (dpkg-dev's dpkg-shlibdeps, binutils' strip, lintian).
+/// a real server in the tests), protoc with its well-known types (the etcd client's
+/// protocol is compiled from .proto files), what `cargo xtask package` builds and checks
+/// the Debian package with (dpkg-dev's dpkg-shlibdeps, binutils' strip, lintian), and
+/// Chromium with its WebDriver (the status page is tested in a real browser, driven by
+/// Selenium from the Python environment).
 const TOOL_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -39,6 +41,8 @@ const TOOL_PACKAGES: &[&str] = &[
     "dpkg-dev",
     "binutils",
     "lintian",
+    "chromium",
+    "chromium-driver",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";

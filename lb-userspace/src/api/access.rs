@@ -121,6 +121,48 @@ impl Access {
         }
     }
 
+    /// The scope of a request: its bearer token's on TCP (refused without a known one), all
+    /// on the socket.
+    fn caller(&self, headers: &axum::http::HeaderMap) -> Result<Scope, Failure> {
+        if !self.tcp {
+            return Ok(Scope::Admin);
+        }
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Failure::new(StatusCode::UNAUTHORIZED, "a bearer token is required"))?;
+        self.scope_of(given)
+            .ok_or_else(|| Failure::new(StatusCode::UNAUTHORIZED, "unknown bearer token"))
+    }
+
+    /// Whether a request may read, as `guard` decides a GET, and a refusal audited as its
+    /// are: what the status page asks, outside the API's routes.
+    pub fn may_read(&self, request: &axum::http::request::Parts) -> Result<(), Failure> {
+        let (refused, scope) = match self.caller(&request.headers) {
+            Ok(scope) if self.allows(scope, &Need::Read) => return Ok(()),
+            Ok(scope) => (refusal(scope, Need::Read, &Method::GET), scope.name()),
+            Err(refused) => (refused, "none"),
+        };
+        let peer = request.extensions.get::<Peer>().and_then(|p| p.0);
+        self.audit(&request.method, request.uri.path(), refused.status(), scope, peer);
+        Err(refused)
+    }
+
+    /// The audit line of a change or a refusal.
+    fn audit(
+        &self,
+        method: &Method,
+        path: &str,
+        status: StatusCode,
+        scope: &str,
+        peer: Option<std::net::IpAddr>,
+    ) {
+        let transport = if self.tcp { "tcp" } else { "socket" };
+        let peer = peer.map_or_else(|| "local".to_string(), |p| p.to_string());
+        info!(target: "audit", "{method} {path} {} transport={transport} scope={scope} peer={peer}", status.as_u16());
+    }
+
     fn allows(&self, scope: Scope, need: &Need) -> bool {
         match (scope, need) {
             (Scope::Admin, _) => true,
@@ -202,52 +244,41 @@ fn need(method: &Method, path: &str, query: Option<&str>) -> Need {
     }
 }
 
+/// Why `scope` may not do what `need`s more.
+fn refusal(scope: Scope, need: Need, method: &Method) -> Failure {
+    let why = match (scope, need) {
+        (Scope::Read, Need::Admin) if *method == Method::GET => {
+            "looking up a client's flow needs the admin token".to_string()
+        }
+        (Scope::Read, _) => "this token may only read".to_string(),
+        (Scope::Report, Need::Report(s)) => format!("this token may not report for service {s}"),
+        (Scope::Report, _) => {
+            "this token may only register, deregister, heartbeat and report health and load".to_string()
+        }
+        _ => "not allowed".to_string(),
+    };
+    Failure::new(StatusCode::FORBIDDEN, why)
+}
+
 /// Checks the caller's scope for the request, runs it, and writes the audit line: every
 /// change and every refusal, with verb, path, status, transport, scope and peer.
 pub async fn guard(State(access): State<Access>, request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let peer = request.extensions().get::<Peer>().and_then(|p| p.0);
-    let transport = if access.tcp { "tcp" } else { "socket" };
-    let audit = |status: StatusCode, scope: &str| {
-        let peer = peer.map_or_else(|| "local".to_string(), |p| p.to_string());
-        info!(target: "audit", "{method} {path} {} transport={transport} scope={scope} peer={peer}", status.as_u16());
-    };
-    let scope = if access.tcp {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let Some(given) = given else {
+    let audit = |status: StatusCode, scope: &str| access.audit(&method, &path, status, scope, peer);
+    let scope = match access.caller(request.headers()) {
+        Ok(scope) => scope,
+        Err(refused) => {
             audit(StatusCode::UNAUTHORIZED, "none");
-            return Failure::new(StatusCode::UNAUTHORIZED, "a bearer token is required").into_response();
-        };
-        let Some(scope) = access.scope_of(given) else {
-            audit(StatusCode::UNAUTHORIZED, "none");
-            return Failure::new(StatusCode::UNAUTHORIZED, "unknown bearer token").into_response();
-        };
-        let need = need(&method, &path, request.uri().query());
-        if !access.allows(scope, &need) {
-            audit(StatusCode::FORBIDDEN, scope.name());
-            let why = match (scope, need) {
-                (Scope::Read, Need::Admin) if method == Method::GET => {
-                    "looking up a client's flow needs the admin token".to_string()
-                }
-                (Scope::Read, _) => "this token may only read".to_string(),
-                (Scope::Report, Need::Report(s)) => format!("this token may not report for service {s}"),
-                (Scope::Report, _) => {
-                    "this token may only register, deregister, heartbeat and report health and load"
-                        .to_string()
-                }
-                _ => "not allowed".to_string(),
-            };
-            return Failure::new(StatusCode::FORBIDDEN, why).into_response();
+            return refused.into_response();
         }
-        scope
-    } else {
-        Scope::Admin
     };
+    let need = need(&method, &path, request.uri().query());
+    if !access.allows(scope, &need) {
+        audit(StatusCode::FORBIDDEN, scope.name());
+        return refusal(scope, need, &method).into_response();
+    }
     let response = next.run(request).await;
     if method != Method::GET && method != Method::HEAD {
         audit(response.status(), scope.name());
@@ -302,6 +333,38 @@ mod tests {
         assert!(!a.allows(Scope::Read, &Need::Report("web".into())));
         assert!(!a.allows(Scope::Read, &Need::Admin));
         assert!(a.allows(Scope::Admin, &Need::Admin));
+    }
+
+    #[test]
+    fn the_status_page_reads_with_a_read_or_admin_token_only() {
+        let a = Access {
+            tcp: true,
+            tokens: Arc::new(RwLock::new(TokenSet {
+                admin: Some("admin".into()),
+                read: Some("read".into()),
+                report: Some("report".into()),
+            })),
+            report_services: Arc::default(),
+        };
+        let request = |token: Option<&str>| {
+            let mut r = axum::http::Request::builder().uri("/status/data");
+            if let Some(t) = token {
+                r = r.header(header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            r.body(()).unwrap().into_parts().0
+        };
+        for (token, want) in [
+            (None, Some(StatusCode::UNAUTHORIZED)),
+            (Some("nope"), Some(StatusCode::UNAUTHORIZED)),
+            (Some("report"), Some(StatusCode::FORBIDDEN)),
+            (Some("read"), None),
+            (Some("admin"), None),
+        ] {
+            let got = a.may_read(&request(token)).err().map(|f| f.status());
+            assert_eq!(got, want, "{token:?}");
+        }
+        // The socket is root's: no token.
+        assert!(Access::socket().may_read(&request(None)).is_ok());
     }
 
     #[test]

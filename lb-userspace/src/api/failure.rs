@@ -16,6 +16,10 @@ impl Failure {
     pub fn new(status: StatusCode, detail: impl Into<String>) -> Self {
         Self(status, one_line(&detail.into()))
     }
+
+    pub fn status(&self) -> StatusCode {
+        self.0
+    }
 }
 
 /// An error's detail as the API answers it: one line, every control character (a newline in a

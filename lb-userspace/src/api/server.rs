@@ -773,19 +773,23 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// Serves the API on `listener` until `stop` is set: the Unix socket (`Access::socket`) or TCP
-/// behind the tokens' scopes (and TLS, if given).
+/// behind the tokens' scopes (and TLS, if given). `also` (the status page) is served beside
+/// it, outside the scopes' guard: it checks its own.
 pub async fn serve(
     listener: crate::serve::Listener,
     shared: Arc<Shared>,
     access: Access,
     tls: Option<crate::serve::SharedTls>,
+    also: Option<Router>,
 ) {
     let name = match listener {
         crate::serve::Listener::Unix(_) => "control socket",
         crate::serve::Listener::Tcp(_) => "control API",
     };
     let (stop, limits) = (shared.stop.subscribe(), shared.cfg.http);
-    let app = router(shared).layer(middleware::from_fn_with_state(access, guard));
+    let app = router(shared)
+        .layer(middleware::from_fn_with_state(access, guard))
+        .merge(also.unwrap_or_default());
     crate::serve::serve(name, listener, app, tls, limits, stop).await;
 }
 

@@ -184,7 +184,7 @@ impl Queries<'_> {
                         "kind": v.kind, "target": v.target, "checks": v.checks, "failed": v.failed,
                         "consecutive_ok": v.consecutive_ok, "consecutive_failed": v.consecutive_failed,
                         "last": v.last.as_ref().map(|o| json!({"ok": o.ok, "latency_ms": o.latency.as_secs_f64() * 1000.0, "detail": o.detail})),
-                        "since_ms": v.since_ms, "reason": v.reason, "breaker": v.breaker, "passive_failures": v.passive_failures,
+                        "since_ms": v.since_ms, "transitions": v.transitions, "reason": v.reason, "breaker": v.breaker, "passive_failures": v.passive_failures,
                     })
                 });
                 let external = st.external.map(|x| {

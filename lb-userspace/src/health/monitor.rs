@@ -169,6 +169,7 @@ pub async fn run(
                                 state: HealthState::Up,
                                 score: 1.0,
                                 since_ms: now_ms(),
+                                transitions: 0,
                                 reason: "not checked yet (assumed up)".into(),
                                 last: None,
                                 consecutive_ok: 0,
@@ -413,6 +414,7 @@ fn record_check(
     v.state = tracker.state();
     if let Some(reason) = transition {
         v.since_ms = now_ms();
+        v.transitions += 1;
         v.reason = reason;
     } else if v.last.is_none() {
         v.reason = "checked".into();

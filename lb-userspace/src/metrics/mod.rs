@@ -19,7 +19,7 @@ mod layout;
 mod serve;
 
 pub use histograms::Histograms;
-pub use serve::{SharedRender, serve};
+pub use serve::{SharedRender, bearer_matches, serve};
 
 use crate::{dataplane::Readers, nat::NatStatus, snapshot::Snapshot, status::checks::Board};
 use collector::DataPlaneCollector;

@@ -51,12 +51,23 @@ impl SharedRender {
     }
 }
 
-/// Serves `GET /metrics` on `listener` within `limits` until `stop` is set. With a token, a
-/// scrape must send `Authorization: Bearer <token>` (compared in constant time).
+/// Whether the request sends `Authorization: Bearer <token>` (compared in constant time).
+pub fn bearer_matches(headers: &axum::http::HeaderMap, token: &str) -> bool {
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes()))
+}
+
+/// Serves `GET /metrics`, and `also` (the status page), on `listener` within `limits` until
+/// `stop` is set. With a token, a scrape must send `Authorization: Bearer <token>`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Metrics,
     token: Option<String>,
+    also: Option<axum::Router>,
     limits: crate::config::HttpLimits,
     stop: watch::Receiver<bool>,
 ) {
@@ -72,15 +83,10 @@ pub async fn serve(
         token: Option<Arc<String>>,
     }
     async fn scrape(State(e): State<Endpoint>, headers: HeaderMap) -> axum::response::Response {
-        if let Some(token) = &e.token {
-            let given = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or_default();
-            if !bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes())) {
-                return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
-            }
+        if let Some(token) = &e.token
+            && !bearer_matches(&headers, token)
+        {
+            return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
         }
         match e.render.body().await {
             Some(body) => (
@@ -96,7 +102,8 @@ pub async fn serve(
         .with_state(Endpoint {
             render: SharedRender::new(metrics),
             token: token.map(Arc::new),
-        });
+        })
+        .merge(also.unwrap_or_default());
     crate::serve::serve(
         "metrics",
         crate::serve::Listener::Tcp(listener),

@@ -31,6 +31,8 @@ pub struct CheckView {
     pub score: f64,
     /// Unix milliseconds of the last state change (or of the check's start).
     pub since_ms: u64,
+    /// State changes since the check started (0: `since_ms` is its start, not a change).
+    pub transitions: u64,
     pub reason: String,
     pub last: Option<Outcome>,
     pub consecutive_ok: u32,
