@@ -237,14 +237,18 @@ fn power_of_two_choices_keeps_the_most_loaded_backend_lower_than_maglev() {
     );
 }
 
+type FlowTable = aya::maps::HashMap<aya::maps::MapData, lb_common::FlowKey, lb_common::FlowState>;
+
+/// The daemon's pinned flow table `name` (CONNTRACK or EMBRYONIC).
+fn flow_table(d: &Daemon, name: &str) -> FlowTable {
+    let path = std::path::Path::new("/sys/fs/bpf").join(&d.instance).join(name);
+    let data = aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("open {name}: {e}"));
+    aya::maps::Map::LruHashMap(data).try_into().expect("typed")
+}
+
 /// Empties the daemon's connection table (as an eviction storm or a lost pin would).
 fn flush_conntrack(d: &Daemon) -> usize {
-    let path = std::path::Path::new("/sys/fs/bpf")
-        .join(&d.instance)
-        .join(lb_common::maps::CONNTRACK);
-    let data = aya::maps::MapData::from_pin(&path).expect("open CONNTRACK");
-    let mut map: aya::maps::HashMap<aya::maps::MapData, lb_common::FlowKey, lb_common::FlowState> =
-        aya::maps::Map::LruHashMap(data).try_into().expect("typed");
+    let mut map = flow_table(d, lb_common::maps::CONNTRACK);
     let keys: Vec<_> = map.keys().filter_map(Result::ok).collect();
     // Packets in flight may add an entry meanwhile; each of these is gone.
     keys.iter().filter(|k| map.remove(k).is_ok()).count()
@@ -1066,12 +1070,7 @@ fn syns_that_never_complete_stop_counting_once_the_census_ages_them() {
     );
 
     // Each SYN's entry, aged past the TTL in place.
-    let path = std::path::Path::new("/sys/fs/bpf")
-        .join(&d.instance)
-        .join(lb_common::maps::EMBRYONIC);
-    let data = aya::maps::MapData::from_pin(&path).expect("open EMBRYONIC");
-    let mut map: aya::maps::HashMap<aya::maps::MapData, lb_common::FlowKey, lb_common::FlowState> =
-        aya::maps::Map::LruHashMap(data).try_into().expect("typed");
+    let mut map = flow_table(&d, lb_common::maps::EMBRYONIC);
     let entries: Vec<_> = map.iter().filter_map(Result::ok).collect();
     assert_eq!(entries.len() as u64, sent, "one embryonic entry per SYN");
     for (k, mut v) in entries {
