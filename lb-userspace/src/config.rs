@@ -38,12 +38,20 @@ pub struct ConfigFile {
 }
 
 impl ConfigFile {
-    /// A daemon's settings and services as a file: every default of `[daemon]` filled in.
+    /// A daemon's settings and services as a file: every default of `[daemon]` filled in. A
+    /// service with a source is written without the backends it found: they are the source's.
     pub fn effective(daemon: &DaemonConfig, services: &[Service]) -> Self {
+        let spec = |s: &Service| {
+            let mut spec = ServiceSpec::from(s);
+            if s.discovery.is_some() {
+                spec.backends.clear();
+            }
+            spec
+        };
         Self {
             daemon: daemon.clone(),
             cluster: daemon.cluster.clone(),
-            services: services.iter().map(ServiceSpec::from).collect(),
+            services: services.iter().map(spec).collect(),
         }
     }
 }
@@ -433,6 +441,10 @@ pub struct ServiceSpec {
     /// or `always`.
     #[serde(default, skip_serializing_if = "is_default")]
     pub announce: crate::model::bgp_settings::Announce,
+    /// `[service.discovery]`: the backends come from a registry (a file, DNS or etcd); the
+    /// service then declares none itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<Box<crate::model::discovery_settings::DiscoverySettings>>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendSpec>,
 }
@@ -497,6 +509,7 @@ impl From<ServiceSpec> for Service {
             resource: s.resource,
             adaptive: s.adaptive,
             announce: s.announce,
+            discovery: s.discovery,
             backends: s.backends.into_iter().map(Backend::from).collect(),
         }
     }
@@ -539,6 +552,7 @@ impl From<&Service> for ServiceSpec {
             resource: s.resource,
             adaptive: s.adaptive,
             announce: s.announce,
+            discovery: s.discovery.clone(),
             backends: s.backends.iter().map(BackendSpec::from).collect(),
         }
     }
@@ -603,6 +617,9 @@ impl Config {
             services: file.services.into_iter().map(Service::from).collect(),
         };
         cfg.daemon.validate()?;
+        for s in &cfg.services {
+            s.declares_none_beside_its_source()?;
+        }
         validate_services(&cfg.services)?;
         validate_against(&cfg.daemon, &cfg.services)?;
         Ok(cfg)
@@ -793,6 +810,18 @@ impl NatConfig {
 
 /// Checks services against the daemon settings they depend on (SNAT needs a source address).
 pub fn validate_against(daemon: &DaemonConfig, services: &[Service]) -> Result<()> {
+    for s in services {
+        if let Some(d) = &s.discovery
+            && d.kind == crate::model::discovery_settings::SourceKind::Etcd
+            && d.etcd.is_none()
+            && daemon.cluster.is_none()
+        {
+            return Err(Error::invalid(format!(
+                "service {}: discovery kind = \"etcd\" reads [cluster]'s etcd: add [cluster], or name discovery.etcd and discovery.cluster",
+                s.name
+            )));
+        }
+    }
     for s in services
         .iter()
         .filter(|s| s.strategy == crate::model::Strategy::Geo)

@@ -1,0 +1,399 @@
+//! Registries as sources end to end (`[service.discovery]`): a service's backends come from a
+//! watched file, and nobody calls the API. Real daemon, real sockets, every wait bounded; the
+//! drain and the shrink hold are set short (1 s and 1.5 s) to keep the test to seconds.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    Daemon, Topology,
+    client::{http_get, tcp_flows},
+    topology::{PORT, VIP4},
+    wait_until,
+};
+
+const DRAIN: Duration = Duration::from_secs(1);
+const CONFIRM: Duration = Duration::from_millis(1500);
+
+/// A daemon with one TCP service on VIP4 whose backends come from `source` (the lines of its
+/// `[service.discovery]`).
+fn start(topo: &Topology, source: &str) -> Daemon {
+    let (instance, run_dir) = Daemon::new_paths();
+    let text = format!(
+        "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\nconntrack_size = 65536\ntable_pool_slots = 1048576\nneighbour_refresh_ms = 500\n\n\
+         [[service]]\nname = \"web4\"\nvip = \"{VIP4}\"\nport = {PORT}\nprotocol = \"tcp\"\n\
+         [service.discovery]\n{source}\ndrain_before_remove = {}\nconfirm_shrink = {}\n",
+        run_dir.display(),
+        DRAIN.as_secs_f64(),
+        CONFIRM.as_secs_f64(),
+    );
+    Daemon::start(topo, &instance, &run_dir, &text).expect("daemon starts")
+}
+
+/// Each backend of web4 as `lb service list --json` has it, by id.
+fn backends(d: &Daemon) -> Vec<serde_json::Value> {
+    d.backends_of("web4")
+}
+
+fn backend(d: &Daemon, id: &str) -> serde_json::Value {
+    backends(d)
+        .into_iter()
+        .find(|b| b["id"] == id)
+        .unwrap_or_default()
+}
+
+/// The ids in web4 that take new flows (table slots above 0), sorted.
+fn serving(d: &Daemon) -> Vec<String> {
+    let mut ids: Vec<String> = backends(d)
+        .iter()
+        .filter(|b| b["resolved"] == true && b["table_slots"].as_u64() > Some(0))
+        .filter_map(|b| b["id"].as_str().map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn listed(d: &Daemon) -> Vec<String> {
+    let mut ids: Vec<String> = backends(d)
+        .iter()
+        .filter_map(|b| b["id"].as_str().map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn discovery(d: &Daemon) -> serde_json::Value {
+    d.json(&["service", "list"])
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"] == "web4")
+        .map(|s| s["discovery"].clone())
+        .unwrap_or_default()
+}
+
+/// A sample of the daemon's metrics (0 when the series is not there).
+fn metric(topo: &Topology, series: &str) -> f64 {
+    let (status, body) =
+        http_get(&topo.lb, "127.0.0.1:9464".parse().unwrap(), "/metrics", None).expect("scrape");
+    assert_eq!(status, 200);
+    body.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn ids(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// Writes the list through a fresh file renamed into place, as config management does.
+fn write_list(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write the list");
+    std::fs::rename(&tmp, path).expect("rename the list into place");
+}
+
+/// JSON entries for backends of the topology: (id, backend, weight, extra keys).
+fn json_list(topo: &Topology, entries: &[(&str, &str, u32, &str)]) -> String {
+    let items: Vec<String> = entries
+        .iter()
+        .map(|(id, b, weight, extra)| {
+            format!(
+                "{{\"id\": \"{id}\", \"address\": \"{}\", \"weight\": {weight}{extra}}}",
+                topo.backend(b).v4
+            )
+        })
+        .collect();
+    format!("[{}]", items.join(",\n"))
+}
+
+#[test]
+fn a_watched_file_adds_moves_drains_and_removes_backends() {
+    let topo = Topology::new(3).expect("topology");
+    let dir: PathBuf = std::env::temp_dir().join(format!("lbt-sources-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let _cleanup = Cleanup(dir.clone());
+    let list = dir.join("web.json");
+    let d = start(&topo, &format!("kind = \"file\"\npath = \"{}\"", list.display()));
+
+    // No file yet: the source says why, counted; the service waits with no backend.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            discovery(&d)["error"]["reason"] == "unreadable"
+        }),
+        "{}\n{}",
+        discovery(&d),
+        d.log()
+    );
+    assert!(
+        metric(
+            &topo,
+            "lb_discovery_errors_total{reason=\"unreadable\",service=\"web4\",source=\"file\"}"
+        ) >= 1.0
+    );
+    assert!(listed(&d).is_empty());
+
+    // Written: its instances appear, each with its source, labels and weight.
+    let written = Instant::now();
+    write_list(
+        &list,
+        &json_list(
+            &topo,
+            &[("b1", "b1", 100, ""), ("b2", "b2", 100, ", \"zone\": \"z1\"")],
+        ),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || serving(&d) == ids(&["b1", "b2"])),
+        "{}\n{}",
+        d.json(&["service", "list"]),
+        d.log()
+    );
+    println!(
+        "file written -> backends in the table: {} ms",
+        written.elapsed().as_millis()
+    );
+    let b2 = backend(&d, "b2");
+    assert_eq!(
+        (b2["source"].as_str(), b2["zone"].as_str()),
+        (Some("file"), Some("z1")),
+        "{b2}"
+    );
+    assert_eq!(discovery(&d)["error"], serde_json::Value::Null);
+    let (counts, open) = tcp_flows(&topo, IpAddr::V4(VIP4), 40, true);
+    assert_eq!(counts.keys().count(), 2, "{counts:?}");
+    let mut on_b1: Vec<_> = open.into_iter().filter(|(_, id)| id == "b1").collect();
+    assert!(!on_b1.is_empty());
+
+    // By hand: refused in one line, nothing changed.
+    let b3 = topo.backend("b3").v4.to_string();
+    for args in [
+        vec!["backend", "add", "web4", "b3", "--address", &b3],
+        vec!["backend", "remove", "web4", "b1"],
+        vec!["backend", "weight", "web4", "b1", "5"],
+    ] {
+        let out = d.cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(
+            err.contains("service web4 takes its backends from its file source"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    assert_eq!(listed(&d), ids(&["b1", "b2"]));
+
+    // Edited: b3 added with labels, b2 reweighted; b1 is left as it was (its connections too).
+    let updates = metric(
+        &topo,
+        "lb_discovery_updates_total{service=\"web4\",source=\"file\"}",
+    );
+    write_list(
+        &list,
+        &json_list(
+            &topo,
+            &[
+                ("b1", "b1", 100, ""),
+                ("b2", "b2", 50, ", \"zone\": \"z1\""),
+                ("b3", "b3", 100, ", \"labels\": {\"role\": \"canary\"}"),
+            ],
+        ),
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || serving(&d) == ids(&["b1", "b2", "b3"])),
+        "{}",
+        d.log()
+    );
+    assert_eq!(backend(&d, "b2")["weight"], 50);
+    assert!(
+        d.log()
+            .contains("service web4: file source: 1 added, 1 changed, 0 back, 0 draining, 0 removed"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(
+        metric(
+            &topo,
+            "lb_discovery_updates_total{service=\"web4\",source=\"file\"}"
+        ),
+        updates + 1.0
+    );
+    assert_eq!(metric(&topo, "lb_discovery_backends{service=\"web4\"}"), 3.0);
+    for (conn, id) in on_b1.iter_mut() {
+        assert_eq!(&conn.ask().expect("b1's connection kept"), id);
+    }
+    // Labels filter the listing; they are never metric labels.
+    let canary = d.json(&["backend", "list", "web4", "--label", "role=canary"]);
+    let found: Vec<&str> = canary
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b["id"].as_str())
+        .collect();
+    assert_eq!(found, ["b3"], "{canary}");
+    let human =
+        String::from_utf8_lossy(&d.cli(&["backend", "list", "--label", "role=canary"]).stdout).to_string();
+    assert!(
+        human.contains("b3") && human.contains("source=file") && human.contains("role=canary"),
+        "{human}"
+    );
+    let (_, body) = http_get(&topo.lb, "127.0.0.1:9464".parse().unwrap(), "/metrics", None).expect("scrape");
+    assert!(!body.contains("canary"), "a label reached the metrics");
+
+    // b3 removed: drained (listed, no new flows, its connection kept), then gone.
+    let (_, open) = tcp_flows(&topo, IpAddr::V4(VIP4), 60, true);
+    let mut on_b3: Vec<_> = open.into_iter().filter(|(_, id)| id == "b3").collect();
+    assert!(!on_b3.is_empty());
+    let removed = Instant::now();
+    write_list(
+        &list,
+        &json_list(
+            &topo,
+            &[("b1", "b1", 100, ""), ("b2", "b2", 50, ", \"zone\": \"z1\"")],
+        ),
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            let b = backend(&d, "b3");
+            b["health"] == "drained" && b["table_slots"] == 0
+        }),
+        "{}",
+        d.log()
+    );
+    let b = backend(&d, "b3");
+    assert!(
+        b["departure"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("gone from its file source")),
+        "{b}"
+    );
+    for (conn, id) in on_b3.iter_mut() {
+        assert_eq!(&conn.ask().expect("b3's connection kept while draining"), id);
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || listed(&d) == ids(&["b1", "b2"])),
+        "{}",
+        d.log()
+    );
+    let took = removed.elapsed();
+    println!(
+        "removed from the file -> gone: {} ms (drain {} ms)",
+        took.as_millis(),
+        DRAIN.as_millis()
+    );
+    assert!(took >= DRAIN, "removed before its drain: {took:?}");
+
+    // A bad entry is skipped and counted; the rest apply.
+    write_list(
+        &list,
+        &format!(
+            "[{{\"id\": \"b1\", \"address\": \"{}\"}}, {{\"id\": \"b2\", \"address\": \"{}\", \"weight\": 50, \"zone\": \"z1\"}}, \
+             {{\"id\": \"b3\", \"address\": \"{}\"}}, {{\"id\": \"bad\", \"address\": \"10.99.0.300\"}}, {{\"id\": \"b1\", \"address\": \"{}\"}}]",
+            topo.backend("b1").v4,
+            topo.backend("b2").v4,
+            topo.backend("b3").v4,
+            topo.backend("b3").v4,
+        ),
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || serving(&d) == ids(&["b1", "b2", "b3"])),
+        "{}",
+        d.log()
+    );
+    let skipped = discovery(&d)["skipped"].clone();
+    let reasons: Vec<(&str, &str)> = skipped
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| Some((s["entry"].as_str()?, s["reason"].as_str()?)))
+        .collect();
+    assert_eq!(
+        reasons,
+        [("bad", "bad-address"), ("b1", "duplicate-id")],
+        "{skipped}"
+    );
+    assert_eq!(
+        metric(
+            &topo,
+            "lb_discovery_errors_total{reason=\"bad-address\",service=\"web4\",source=\"file\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &topo,
+            "lb_discovery_errors_total{reason=\"duplicate-id\",service=\"web4\",source=\"file\"}"
+        ),
+        1.0
+    );
+    assert!(d.log().contains(
+        "service web4: file source: bad: address \"10.99.0.300\" is not an IP address: skipped (bad-address)"
+    ));
+
+    // A file that does not parse: refused whole, counted, the set kept.
+    write_list(&list, "[{\"id\": ");
+    assert!(
+        wait_until(Duration::from_secs(5), || discovery(&d)["error"]["reason"]
+            == "parse"),
+        "{}",
+        d.log()
+    );
+    assert!(
+        metric(
+            &topo,
+            "lb_discovery_errors_total{reason=\"parse\",service=\"web4\",source=\"file\"}"
+        ) >= 1.0
+    );
+    assert_eq!(serving(&d), ids(&["b1", "b2", "b3"]));
+
+    // Down to one of three: held as suspect (all three keep serving), applied once it has
+    // persisted confirm_shrink; the two left drain, then go.
+    let shrunk = Instant::now();
+    write_list(&list, &json_list(&topo, &[("b1", "b1", 100, "")]));
+    assert!(
+        wait_until(Duration::from_secs(3), || discovery(&d)["held"]["wanted"] == 1),
+        "{}",
+        d.log()
+    );
+    let held_at = shrunk.elapsed();
+    assert_eq!(
+        serving(&d),
+        ids(&["b1", "b2", "b3"]),
+        "a held shrink changed the tables"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || serving(&d) == ids(&["b1"])),
+        "{}",
+        d.log()
+    );
+    let applied = shrunk.elapsed();
+    println!(
+        "shrink to 1 of 3: held from {} ms, applied at {} ms (confirm_shrink {} ms)",
+        held_at.as_millis(),
+        applied.as_millis(),
+        CONFIRM.as_millis()
+    );
+    assert!(
+        applied >= CONFIRM,
+        "a suspect shrink applied before confirm_shrink: {applied:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || listed(&d) == ids(&["b1"])),
+        "{}",
+        d.log()
+    );
+    assert_eq!(discovery(&d)["held"], serde_json::Value::Null);
+}
+
+/// Removes the test's directory, also when it fails.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
