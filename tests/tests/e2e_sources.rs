@@ -397,3 +397,148 @@ impl Drop for Cleanup {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// SRV records of a DNS server (dnsmasq) in a namespace on the switch, at 10.99.0.5.
+const DNS: &str = "10.99.0.5";
+
+/// b1 and b2 at priority 10 (weights 10 and 20), b3 at priority 20 (a fallback: not used).
+const RECORDS_1: &str = "srv-host=_web._tcp.svc.example,b1.svc.example,8080,10,10\n\
+    srv-host=_web._tcp.svc.example,b2.svc.example,8080,10,20\n\
+    srv-host=_web._tcp.svc.example,b3.svc.example,8080,20,100\n\
+    host-record=b1.svc.example,10.99.0.11\nhost-record=b2.svc.example,10.99.0.12\nhost-record=b3.svc.example,10.99.0.13\n";
+
+/// b1 gone (but for a record of port 0), b2 reweighted, b3 now at priority 10, and a target
+/// with no address.
+const RECORDS_2: &str = "srv-host=_web._tcp.svc.example,b1.svc.example,0,10,10\n\
+    srv-host=_web._tcp.svc.example,b2.svc.example,8080,10,30\n\
+    srv-host=_web._tcp.svc.example,b3.svc.example,8080,10,100\n\
+    srv-host=_web._tcp.svc.example,ghost.svc.example,8080,10,100\n\
+    host-record=b1.svc.example,10.99.0.11\nhost-record=b2.svc.example,10.99.0.12\nhost-record=b3.svc.example,10.99.0.13\n";
+
+#[test]
+fn srv_records_from_a_real_dns_server_are_followed_and_kept_when_it_dies() {
+    let mut topo = Topology::new(3).expect("topology");
+    assert_eq!(
+        topo.backend("b1").v4.to_string(),
+        "10.99.0.11",
+        "the records name the lab's backends"
+    );
+    let ns = topo.add_client("dns", DNS, "fd99::5").expect("dns namespace");
+    let mut dnsmasq = lb_tests::dns::Dnsmasq::start(&ns, DNS.parse().unwrap(), RECORDS_1).expect("dnsmasq");
+    let started = Instant::now();
+    let d = start(
+        &topo,
+        &format!(
+            "kind = \"dns\"\nname = \"_web._tcp.svc.example\"\nserver = \"{DNS}:53\"\nmin_interval = 0.5\nmax_interval = 5.0"
+        ),
+    );
+    // The lowest priority's records, each at its record's weight, named by address and port.
+    let (a, b, c) = ("10.99.0.11-8080", "10.99.0.12-8080", "10.99.0.13-8080");
+    assert!(
+        wait_until(Duration::from_secs(10), || serving(&d) == ids(&[a, b])),
+        "{}\n{}\n{}",
+        d.json(&["service", "list"]),
+        d.log(),
+        dnsmasq.log()
+    );
+    println!(
+        "daemon start -> SRV backends in the table: {} ms",
+        started.elapsed().as_millis()
+    );
+    let first = backend(&d, b);
+    assert_eq!(
+        (
+            first["weight"].as_u64(),
+            first["source"].as_str(),
+            first["labels"]["target"].as_str()
+        ),
+        (Some(20), Some("dns"), Some("b2.svc.example")),
+        "{first}"
+    );
+    assert_eq!(backend(&d, a)["weight"], 10);
+    let (counts, _) = tcp_flows(&topo, IpAddr::V4(VIP4), 60, false);
+    assert_eq!(
+        counts
+            .keys()
+            .map(String::as_str)
+            .collect::<std::collections::BTreeSet<_>>(),
+        ["b1", "b2"].into_iter().collect(),
+        "{counts:?}"
+    );
+
+    // New records: the set follows at the records' TTL (1 s); b1 drains, then goes.
+    let changed = Instant::now();
+    dnsmasq.serve(&ns, RECORDS_2).expect("dnsmasq with new records");
+    assert!(
+        wait_until(Duration::from_secs(10), || serving(&d) == ids(&[b, c])),
+        "{}\n{}",
+        d.json(&["service", "list"]),
+        d.log()
+    );
+    println!(
+        "records changed -> the new set in the table: {} ms",
+        changed.elapsed().as_millis()
+    );
+    assert_eq!(backend(&d, b)["weight"], 30);
+    assert!(
+        wait_until(Duration::from_secs(5), || listed(&d) == ids(&[b, c])),
+        "{}",
+        d.log()
+    );
+    let skipped = discovery(&d)["skipped"].clone();
+    let reasons: Vec<(&str, &str)> = skipped
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| Some((s["entry"].as_str()?, s["reason"].as_str()?)))
+        .collect();
+    assert_eq!(
+        reasons,
+        [("10.99.0.11-0", "bad-port"), ("ghost.svc.example", "malformed")],
+        "{skipped}"
+    );
+    for reason in ["bad-port", "malformed"] {
+        assert_eq!(
+            metric(
+                &topo,
+                &format!("lb_discovery_errors_total{{reason=\"{reason}\",service=\"web4\",source=\"dns\"}}")
+            ),
+            1.0,
+            "{reason}: {}",
+            d.log()
+        );
+    }
+
+    // The server dies: the error is said and counted, the last set stays.
+    dnsmasq.stop();
+    let died = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(10), || !discovery(&d)["error"].is_null()),
+        "{}",
+        d.log()
+    );
+    let error = discovery(&d)["error"].clone();
+    let reason = error["reason"].as_str().unwrap_or_default().to_string();
+    println!(
+        "server killed -> error said: {} ms ({error})",
+        died.elapsed().as_millis()
+    );
+    assert!(matches!(reason.as_str(), "resolve" | "timeout"), "{error}");
+    // Failed again (each counted), and the set still there.
+    let failures =
+        format!("lb_discovery_errors_total{{reason=\"{reason}\",service=\"web4\",source=\"dns\"}}");
+    assert!(
+        wait_until(Duration::from_secs(10), || metric(&topo, &failures) >= 2.0),
+        "{}",
+        d.log()
+    );
+    assert_eq!(serving(&d), ids(&[b, c]), "a dead resolver emptied the service");
+    let (counts, _) = tcp_flows(&topo, IpAddr::V4(VIP4), 40, false);
+    assert_eq!(counts.values().sum::<usize>(), 40);
+    assert!(
+        d.log()
+            .contains("service web4: dns source: _web._tcp.svc.example."),
+        "{}",
+        d.log()
+    );
+}

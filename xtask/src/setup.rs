@@ -23,8 +23,9 @@ const LLVM_PACKAGES: &[&str] = &[
 /// HAProxy; its load generator is our own XDP program), and Prometheus with promtool (the
 /// metrics tests scrape the daemon with a real server), and BIRD 2 (the daemon announces VIPs
 /// through it; the cluster tests run a router with it too), etcd (the cluster's desired state,
-/// a real server in the tests) and protoc with its well-known types (the etcd client's
-/// protocol is compiled from .proto files).
+/// a real server in the tests), protoc with its well-known types (the etcd client's
+/// protocol is compiled from .proto files) and dnsmasq's binary (the DNS discovery tests serve
+/// SRV records from it; `-base` has no system service that would start on install).
 const TOOL_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -35,6 +36,7 @@ const TOOL_PACKAGES: &[&str] = &[
     "etcd-server",
     "protobuf-compiler",
     "libprotobuf-dev",
+    "dnsmasq-base",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";

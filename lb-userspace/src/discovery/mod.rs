@@ -7,6 +7,7 @@
 //! `run` keeps one task per service with a source, started, replaced or stopped as the
 //! declared services change.
 
+pub mod dns;
 pub mod file;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -93,8 +94,9 @@ pub async fn run(mut services: watch::Receiver<Arc<Vec<Service>>>, writer: mpsc:
             };
             let task = match w.settings.kind {
                 SourceKind::File => tasks.spawn(file::run(reporter)),
-                // Refused by the config's validation until they are built.
-                SourceKind::Dns | SourceKind::Etcd => continue,
+                SourceKind::Dns => tasks.spawn(dns::run(reporter, w.v6)),
+                // Refused by the config's validation until it is built.
+                SourceKind::Etcd => continue,
             };
             running.insert(name, (w, task));
         }

@@ -131,7 +131,7 @@ impl DiscoverySettings {
     /// One line naming the key and its bound when something is off.
     pub fn validate(&self) -> Result<(), String> {
         let kind = self.kind.name();
-        if self.kind != SourceKind::File {
+        if self.kind == SourceKind::Etcd {
             return Err(format!("discovery kind = \"{kind}\" is not in this build yet"));
         }
         for (key, v) in [
@@ -257,7 +257,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_file_source_needs_an_absolute_json_or_toml_path_and_refuses_other_keys() {
+    fn each_kind_needs_its_keys_and_refuses_the_others() {
         let mut file = DiscoverySettings::new(SourceKind::File);
         assert!(file.validate().unwrap_err().contains("needs a path"));
         file.path = Some("/etc/lb/web.json".into());
@@ -281,11 +281,73 @@ mod tests {
             "discovery.name is for kind = \"dns\", not \"file\""
         );
 
+        let mut dns = DiscoverySettings::new(SourceKind::Dns);
+        assert!(dns.validate().unwrap_err().contains("needs a name"));
+        dns.name = Some("_web._tcp.svc.example".into());
+        dns.validate().unwrap();
+        assert!(dns.is_srv());
+        let cases = [
+            (
+                DiscoverySettings {
+                    port: Some(80),
+                    ..dns.clone()
+                },
+                "an SRV record names its port",
+            ),
+            (
+                DiscoverySettings {
+                    name: Some("web..example".into()),
+                    ..dns.clone()
+                },
+                "is not a DNS name",
+            ),
+            (
+                DiscoverySettings {
+                    min_interval: Some(0.0),
+                    ..dns.clone()
+                },
+                "min_interval 0 is out of range",
+            ),
+            (
+                DiscoverySettings {
+                    min_interval: Some(60.0),
+                    max_interval: Some(10.0),
+                    ..dns.clone()
+                },
+                "above max_interval",
+            ),
+            (
+                DiscoverySettings {
+                    drain_before_remove: -1.0,
+                    ..dns.clone()
+                },
+                "drain_before_remove -1 is out of range",
+            ),
+            (
+                DiscoverySettings {
+                    confirm_shrink: f64::NAN,
+                    ..dns.clone()
+                },
+                "confirm_shrink NaN is out of range",
+            ),
+        ];
+        for (bad, needle) in cases {
+            let e = bad.validate().unwrap_err();
+            assert!(e.contains(needle) && !e.contains('\n'), "{e}");
+        }
+        let host = DiscoverySettings {
+            name: Some("web.svc.example.".into()),
+            port: Some(8080),
+            ..dns
+        };
+        host.validate().unwrap();
+        assert!(!host.is_srv());
+
         // Not built yet: refused in one line.
-        let dns = DiscoverySettings::new(SourceKind::Dns);
+        let etcd = DiscoverySettings::new(SourceKind::Etcd);
         assert_eq!(
-            dns.validate().unwrap_err(),
-            "discovery kind = \"dns\" is not in this build yet"
+            etcd.validate().unwrap_err(),
+            "discovery kind = \"etcd\" is not in this build yet"
         );
     }
 }
