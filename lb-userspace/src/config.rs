@@ -600,6 +600,15 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Self> {
+        let cfg = Self::parse_pushed(text)?;
+        validate_against(&cfg.daemon, &cfg.services)?;
+        Ok(cfg)
+    }
+
+    /// A file as `lb cluster push` sends it: checked whole, its services against each other
+    /// but not against the file's own `[daemon]`: each node checks them against its own (a
+    /// service reading the cluster's etcd, for one, needs the node's `[cluster]`).
+    pub fn parse_pushed(text: &str) -> Result<Self> {
         let file: ConfigFile = toml::from_str(text).map_err(|e| {
             // toml's messages span several lines (with a source excerpt); keep the first.
             let msg = e.message().to_string();
@@ -621,7 +630,6 @@ impl Config {
             s.declares_none_beside_its_source()?;
         }
         validate_services(&cfg.services)?;
-        validate_against(&cfg.daemon, &cfg.services)?;
         Ok(cfg)
     }
 }

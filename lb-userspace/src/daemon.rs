@@ -377,6 +377,7 @@ impl Background {
         let sources = tokio::spawn(crate::discovery::run(
             handles.services.clone(),
             handles.commands.clone(),
+            cfg.cluster.clone(),
         ));
         let mut tasks = vec![health, adaptive, refresher, sources];
         if let Some(settings) = cfg.bgp.clone() {

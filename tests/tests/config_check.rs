@@ -285,6 +285,11 @@ fn a_discovery_source_is_checked_and_its_file_read() {
             "drain_before_remove -1 is out of range",
         ),
         (source("kind = \"zookeeper\""), "unknown variant `zookeeper`"),
+        (source("kind = \"etcd\""), "reads [cluster]'s etcd"),
+        (
+            source("kind = \"dns\"\nname = \"_web._tcp.x\"\nport = 80"),
+            "an SRV record names its port",
+        ),
         (
             source(&format!("kind = \"file\"\npath = \"{}\"", list.display()))
                 + "[[service.backend]]\nid = \"b1\"\naddress = \"10.0.1.1\"\n",

@@ -542,3 +542,146 @@ fn srv_records_from_a_real_dns_server_are_followed_and_kept_when_it_dies() {
         d.log()
     );
 }
+
+/// The instance's value in etcd, as a registrant writes it.
+fn value_of(topo: &Topology, b: &str, extra: &str) -> Vec<u8> {
+    format!("{{\"address\": \"{}\"{extra}}}", topo.backend(b).v4).into_bytes()
+}
+
+/// A daemon in cluster mode on the lab's etcd, its services pushed there: web4's instances are
+/// keys in the same etcd, each under its registrant's lease. A lease that ends is a
+/// deregistration: drained, then removed.
+#[test]
+fn instances_in_the_clusters_etcd_come_and_go_with_their_leases() {
+    let mut topo = Topology::new(2).expect("topology");
+    let ns = topo
+        .add_client("etcd", "10.99.0.6", "fd99::6")
+        .expect("etcd namespace");
+    let etcd = lb_tests::cluster::Etcd::start_in(&ns, "10.99.0.6".parse().unwrap()).expect("etcd");
+    let (instance, run_dir) = Daemon::new_paths();
+    let text = format!(
+        "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\nconntrack_size = 65536\ntable_pool_slots = 1048576\nneighbour_refresh_ms = 500\n\n\
+         [cluster]\netcd = [\"{}\"]\nname = \"edge\"\nnode = \"n1\"\n",
+        run_dir.display(),
+        etcd.url
+    );
+    let d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
+    let services = run_dir.join("services.toml");
+    std::fs::write(
+        &services,
+        format!(
+            "[daemon]\ninterfaces = [\"eth0\"]\n[[service]]\nname = \"web4\"\nvip = \"{VIP4}\"\nport = {PORT}\nprotocol = \"tcp\"\n\
+             [service.discovery]\nkind = \"etcd\"\ndrain_before_remove = {}\nconfirm_shrink = {}\n",
+            DRAIN.as_secs_f64(),
+            CONFIRM.as_secs_f64()
+        ),
+    )
+    .expect("services file");
+    let out = d.cli(&["cluster", "push", services.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // b1 registers under a lease that outlives the test.
+    let put = Instant::now();
+    etcd.put_in(
+        &ns,
+        "/lb/edge/instances/web4/b1",
+        &value_of(&topo, "b1", ", \"zone\": \"z1\""),
+        Some(60),
+    )
+    .expect("put b1");
+    assert!(
+        wait_until(Duration::from_secs(10), || serving(&d) == ids(&["b1"])),
+        "{}\n{}",
+        d.json(&["service", "list"]),
+        d.log()
+    );
+    println!(
+        "key put -> backend in the table: {} ms",
+        put.elapsed().as_millis()
+    );
+    let b1 = backend(&d, "b1");
+    assert_eq!(
+        (b1["source"].as_str(), b1["zone"].as_str()),
+        (Some("etcd"), Some("z1")),
+        "{b1}"
+    );
+    // By hand: refused (in a cluster too), in one line.
+    let out = d.cli(&["backend", "remove", "web4", "b1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("takes its backends from its etcd source"),
+        "{err}"
+    );
+    // A change of the service rewrites it in etcd (a new revision, applied whole): its
+    // instances stay.
+    let out = d.cli(&["service", "strategy", "web4", "round-robin"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let svc = d.json(&["service", "list"]);
+    assert_eq!(svc[0]["strategy"], "round-robin", "{svc}");
+    assert_eq!(
+        serving(&d),
+        ids(&["b1"]),
+        "a cluster revision dropped the source's backends"
+    );
+    // A value that is no instance: skipped and counted once; the rest stays.
+    etcd.put_in(&ns, "/lb/edge/instances/web4/junk", b"{not json", None)
+        .expect("put junk");
+    assert!(
+        wait_until(Duration::from_secs(5), || discovery(&d)["skipped"][0]["entry"]
+            == "junk"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(discovery(&d)["skipped"][0]["reason"], "malformed");
+
+    // b2 registers under a 2 s lease it never renews: in, then drained when etcd ends the
+    // lease (its key deleted), then removed drain_before_remove later.
+    let registered = Instant::now();
+    etcd.put_in(
+        &ns,
+        "/lb/edge/instances/web4/b2",
+        &value_of(&topo, "b2", ""),
+        Some(2),
+    )
+    .expect("put b2");
+    assert!(
+        wait_until(Duration::from_secs(2), || serving(&d) == ids(&["b1", "b2"])),
+        "{}",
+        d.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(6), || backend(&d, "b2")["health"]
+            == "drained"),
+        "{}",
+        d.log()
+    );
+    let drained = registered.elapsed();
+    assert!(
+        wait_until(Duration::from_secs(5), || listed(&d) == ids(&["b1"])),
+        "{}",
+        d.log()
+    );
+    let gone = registered.elapsed();
+    println!(
+        "2 s lease not renewed -> drained at {} ms, removed at {} ms (drain {} ms)",
+        drained.as_millis(),
+        gone.as_millis(),
+        DRAIN.as_millis()
+    );
+    assert!(
+        drained >= Duration::from_secs(2),
+        "drained before its lease ended: {drained:?}"
+    );
+    assert!(
+        gone >= drained + DRAIN / 2,
+        "removed without its drain: {drained:?} {gone:?}"
+    );
+    assert_eq!(
+        metric(
+            &topo,
+            "lb_discovery_errors_total{reason=\"malformed\",service=\"web4\",source=\"etcd\"}"
+        ),
+        1.0
+    );
+    assert_eq!(serving(&d), ids(&["b1"]));
+}

@@ -8,6 +8,7 @@
 //! declared services change.
 
 pub mod dns;
+pub mod etcd;
 pub mod file;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -20,6 +21,7 @@ use tokio::{
 use crate::{
     model::{
         Service,
+        cluster_settings::ClusterSettings,
         discovery_settings::{DiscoverySettings, SourceKind},
     },
     reconcile::inbox::Command,
@@ -56,8 +58,13 @@ struct Wanted {
 
 /// Keeps one source task per service with a source, until the services' channel closes.
 /// The tasks live in a set owned here: when this task stops (or is aborted), they stop too,
-/// and with them their senders to the writer.
-pub async fn run(mut services: watch::Receiver<Arc<Vec<Service>>>, writer: mpsc::Sender<Command>) {
+/// and with them their senders to the writer. `cluster`: `[cluster]`, whose etcd an etcd
+/// source reads unless it names its own.
+pub async fn run(
+    mut services: watch::Receiver<Arc<Vec<Service>>>,
+    writer: mpsc::Sender<Command>,
+    cluster: Option<ClusterSettings>,
+) {
     let mut tasks = JoinSet::new();
     let mut running: BTreeMap<String, (Wanted, AbortHandle)> = BTreeMap::new();
     loop {
@@ -95,8 +102,23 @@ pub async fn run(mut services: watch::Receiver<Arc<Vec<Service>>>, writer: mpsc:
             let task = match w.settings.kind {
                 SourceKind::File => tasks.spawn(file::run(reporter)),
                 SourceKind::Dns => tasks.spawn(dns::run(reporter, w.v6)),
-                // Refused by the config's validation until it is built.
-                SourceKind::Etcd => continue,
+                SourceKind::Etcd => {
+                    let endpoints = w
+                        .settings
+                        .etcd
+                        .clone()
+                        .or_else(|| cluster.as_ref().map(|c| c.etcd.clone()));
+                    let name = w
+                        .settings
+                        .cluster
+                        .clone()
+                        .or_else(|| cluster.as_ref().map(|c| c.name.clone()));
+                    match endpoints.zip(name) {
+                        Some((endpoints, name)) => tasks.spawn(etcd::run(reporter, endpoints, name)),
+                        // Refused by the config's validation (`validate_against`).
+                        None => continue,
+                    }
+                }
             };
             running.insert(name, (w, task));
         }

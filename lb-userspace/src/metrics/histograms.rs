@@ -25,7 +25,7 @@ pub struct Histograms {
     /// from its last one.
     pub discovery_updates: prometheus::IntCounterVec,
     /// `lb_discovery_errors_total{service,source,reason}`: reads that failed (the last set
-    /// kept) and entries skipped, by reason.
+    /// kept) and entries skipped (each once while it stays in its source as it is), by reason.
     pub discovery_errors: prometheus::IntCounterVec,
 }
 

@@ -131,9 +131,6 @@ impl DiscoverySettings {
     /// One line naming the key and its bound when something is off.
     pub fn validate(&self) -> Result<(), String> {
         let kind = self.kind.name();
-        if self.kind == SourceKind::Etcd {
-            return Err(format!("discovery kind = \"{kind}\" is not in this build yet"));
-        }
         for (key, v) in [
             ("drain_before_remove", self.drain_before_remove),
             ("confirm_shrink", self.confirm_shrink),
@@ -343,11 +340,13 @@ mod tests {
         host.validate().unwrap();
         assert!(!host.is_srv());
 
-        // Not built yet: refused in one line.
-        let etcd = DiscoverySettings::new(SourceKind::Etcd);
-        assert_eq!(
-            etcd.validate().unwrap_err(),
-            "discovery kind = \"etcd\" is not in this build yet"
-        );
+        let mut etcd = DiscoverySettings::new(SourceKind::Etcd);
+        etcd.validate().unwrap();
+        etcd.etcd = Some(vec!["http://10.0.0.1:2379".into()]);
+        assert!(etcd.validate().unwrap_err().contains("go together"));
+        etcd.cluster = Some("edge".into());
+        etcd.validate().unwrap();
+        etcd.etcd = Some(vec!["10.0.0.1:2379".into()]);
+        assert!(etcd.validate().unwrap_err().contains("not an http://"));
     }
 }

@@ -74,7 +74,8 @@ impl Writer {
             .with_label_values(&[name.as_str(), kind])
             .inc();
         let checked = discovered::check(&services[i], &self.cfg, entries);
-        for s in &checked.skipped {
+        // Said and counted once while it stays bad: not again with every set that has it.
+        for s in checked.skipped.iter().filter(|s| !state.skipped.contains(s)) {
             self.histograms
                 .discovery_errors
                 .with_label_values(&[name.as_str(), kind, s.reason.name()])
