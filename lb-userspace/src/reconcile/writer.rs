@@ -212,7 +212,7 @@ impl Writer {
     async fn pass(&mut self, batch: Vec<Command>) {
         self.counters.commands += batch.len() as u64;
         let renewing = !batch.is_empty();
-        let batch = self.renew(batch, Instant::now());
+        let batch = sources::latest_reads(self.renew(batch, Instant::now()));
         if renewing && batch.is_empty() {
             return;
         }

@@ -12,6 +12,7 @@ use crate::{
     config::{validate_against, validate_services},
     model::{Backend, BackendRef, Service},
     reconcile::discovered::{self, Guard},
+    reconcile::inbox::Command,
     status::{
         BackendStatus,
         discovery::{Held, Report, SourceState, digest},
@@ -41,6 +42,10 @@ impl Writer {
             .sources
             .entry(name.clone())
             .or_insert_with(|| SourceState::new(report.settings.clone()));
+        // The service's settings changed in this pass: its new source starts afresh.
+        if state.settings != report.settings {
+            *state = SourceState::new(report.settings.clone());
+        }
         let entries = match report.outcome {
             Err(e) => {
                 self.histograms
@@ -253,4 +258,86 @@ pub(super) fn follow(sources: &mut BTreeMap<String, SourceState>, services: &[Se
             .iter()
             .any(|s| &s.name == name && s.discovery.as_deref() == Some(&state.settings))
     });
+}
+
+/// A batch with each service's superseded reads left out: a read is a whole set, so of the
+/// good reads a source sent while the last pass ran only its last one counts (an etcd source
+/// in a burst of puts sends one per revision). Failed reads all stay, to be counted.
+pub(super) fn latest_reads(batch: Vec<Command>) -> Vec<Command> {
+    let mut seen = std::collections::HashSet::new();
+    let mut keep = vec![true; batch.len()];
+    for (i, c) in batch.iter().enumerate().rev() {
+        if let Command::Discovered(r) = c
+            && r.outcome.is_ok()
+            && !seen.insert(r.service.as_str())
+        {
+            keep[i] = false;
+        }
+    }
+    let mut keep = keep.into_iter();
+    batch
+        .into_iter()
+        .filter(|_| keep.next().unwrap_or(true))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::discovery_settings::{DiscoverySettings, SourceKind},
+        status::discovery::{ErrorReason, SourceError},
+    };
+
+    fn read(service: &str, n: usize) -> Command {
+        let entries = (0..n)
+            .map(|i| {
+                Ok(crate::status::discovery::Entry {
+                    id: format!("b{i}"),
+                    address: format!("10.0.1.{}", i + 1),
+                    port: None,
+                    weight: None,
+                    zone: None,
+                    region: None,
+                    labels: BTreeMap::new(),
+                })
+            })
+            .collect();
+        Command::Discovered(Report {
+            service: service.into(),
+            settings: DiscoverySettings::new(SourceKind::Etcd),
+            outcome: Ok(entries),
+        })
+    }
+
+    #[test]
+    fn of_a_burst_of_reads_only_each_services_last_good_one_is_taken() {
+        let failed = Command::Discovered(Report {
+            service: "web".into(),
+            settings: DiscoverySettings::new(SourceKind::Etcd),
+            outcome: Err(SourceError::new(ErrorReason::Unavailable, "gone")),
+        });
+        let batch = vec![
+            read("web", 1),
+            read("api", 1),
+            failed,
+            read("web", 2),
+            read("web", 3),
+        ];
+        let kept: Vec<(String, Option<usize>)> = latest_reads(batch)
+            .into_iter()
+            .filter_map(|c| match c {
+                Command::Discovered(r) => Some((r.service, r.outcome.ok().map(|e| e.len()))),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("api".to_string(), Some(1)),
+                ("web".to_string(), None),
+                ("web".to_string(), Some(3))
+            ]
+        );
+    }
 }
