@@ -40,12 +40,20 @@ pub struct ConfigFile {
 }
 
 impl ConfigFile {
-    /// A daemon's settings and services as a file: every default of `[daemon]` filled in.
+    /// A daemon's settings and services as a file: every default of `[daemon]` filled in. A
+    /// service with a source is written without the backends it found: they are the source's.
     pub fn effective(daemon: &DaemonConfig, services: &[Service]) -> Self {
+        let spec = |s: &Service| {
+            let mut spec = ServiceSpec::from(s);
+            if s.discovery.is_some() {
+                spec.backends.clear();
+            }
+            spec
+        };
         Self {
             daemon: daemon.clone(),
             cluster: daemon.cluster.clone(),
-            services: services.iter().map(ServiceSpec::from).collect(),
+            services: services.iter().map(spec).collect(),
         }
     }
 }
@@ -443,6 +451,10 @@ pub struct ServiceSpec {
     /// or `always`.
     #[serde(default, skip_serializing_if = "is_default")]
     pub announce: crate::model::bgp_settings::Announce,
+    /// `[service.discovery]`: the backends come from a registry (a file, DNS or etcd); the
+    /// service then declares none itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<Box<crate::model::discovery_settings::DiscoverySettings>>,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendSpec>,
 }
@@ -507,6 +519,7 @@ impl From<ServiceSpec> for Service {
             resource: s.resource,
             adaptive: s.adaptive,
             announce: s.announce,
+            discovery: s.discovery,
             backends: s.backends.into_iter().map(Backend::from).collect(),
         }
     }
@@ -549,6 +562,7 @@ impl From<&Service> for ServiceSpec {
             resource: s.resource,
             adaptive: s.adaptive,
             announce: s.announce,
+            discovery: s.discovery.clone(),
             backends: s.backends.iter().map(BackendSpec::from).collect(),
         }
     }
@@ -596,6 +610,15 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Self> {
+        let cfg = Self::parse_pushed(text)?;
+        validate_against(&cfg.daemon, &cfg.services)?;
+        Ok(cfg)
+    }
+
+    /// A file as `lb cluster push` sends it: checked whole, its services against each other
+    /// but not against the file's own `[daemon]`: each node checks them against its own (a
+    /// service reading the cluster's etcd, for one, needs the node's `[cluster]`).
+    pub fn parse_pushed(text: &str) -> Result<Self> {
         let file: ConfigFile = toml::from_str(text).map_err(|e| {
             // toml's messages span several lines (with a source excerpt); keep the first.
             let msg = e.message().to_string();
@@ -613,8 +636,10 @@ impl Config {
             services: file.services.into_iter().map(Service::from).collect(),
         };
         cfg.daemon.validate()?;
+        for s in &cfg.services {
+            s.declares_none_beside_its_source()?;
+        }
         validate_services(&cfg.services)?;
-        validate_against(&cfg.daemon, &cfg.services)?;
         Ok(cfg)
     }
 }
@@ -809,6 +834,18 @@ impl NatConfig {
 
 /// Checks services against the daemon settings they depend on (SNAT needs a source address).
 pub fn validate_against(daemon: &DaemonConfig, services: &[Service]) -> Result<()> {
+    for s in services {
+        if let Some(d) = &s.discovery
+            && d.kind == crate::model::discovery_settings::SourceKind::Etcd
+            && d.etcd.is_none()
+            && daemon.cluster.is_none()
+        {
+            return Err(Error::invalid(format!(
+                "service {}: discovery kind = \"etcd\" reads [cluster]'s etcd: add [cluster], or name discovery.etcd and discovery.cluster",
+                s.name
+            )));
+        }
+    }
     for s in services
         .iter()
         .filter(|s| s.strategy == crate::model::Strategy::Geo)

@@ -376,7 +376,12 @@ impl Background {
             draining,
             ..Default::default()
         }));
-        let mut tasks = vec![health, adaptive, refresher];
+        let sources = tokio::spawn(crate::discovery::run(
+            handles.services.clone(),
+            handles.commands.clone(),
+            cfg.cluster.clone(),
+        ));
+        let mut tasks = vec![health, adaptive, refresher, sources];
         if let Some(settings) = cfg.bgp.clone() {
             let announcer = crate::bgp::Announcer {
                 settings,

@@ -7,8 +7,9 @@
 //! - `status`: what producers publish about backends and services (health, agent, breaker,
 //!   load, adaptive pick, the checks' board) and the effective weights they make.
 //! - `snapshot`: what readers see after each pass: services, slots, next hops, statuses.
-//! - `health`, `strategy`: producers: checks and their schedule; resource-aware weights,
-//!   adaptive switching, geo data.
+//! - `health`, `strategy`, `discovery`: producers: checks and their schedule; resource-aware
+//!   weights, adaptive switching, geo data; the instances of services with a registry as
+//!   their source (a file, DNS, etcd).
 //! - `reconcile`: the one writer: its inbox, the pure change logic and plan, the map writes
 //!   (`apply`), next hops, the state file (`persist`).
 //! - `dataplane`: loading and pins, and the map handles (`MapWrites` for the writer,
@@ -29,6 +30,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod discovery;
 pub mod error;
 pub mod files;
 pub mod health;

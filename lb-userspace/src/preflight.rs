@@ -14,6 +14,7 @@ use crate::{
     health::probe,
     model::{
         Service, Strategy,
+        discovery_settings::SourceKind,
         health_settings::{self, Probe},
     },
     strategy::geo,
@@ -134,8 +135,40 @@ pub fn warnings(config: &Config) -> Vec<String> {
         if let Some(w) = maglev_imbalance(s) {
             out.push(w);
         }
+        file_source(&config.daemon, s, &mut out);
     }
     out
+}
+
+/// A file source read and checked as the daemon would: a file it cannot use leaves the service
+/// without backends until it can (a warning: the daemon starts anyway), and each entry it
+/// would skip.
+fn file_source(cfg: &DaemonConfig, s: &Service, out: &mut Vec<String>) {
+    let Some(path) = s
+        .discovery
+        .as_ref()
+        .filter(|d| d.kind == SourceKind::File)
+        .and_then(|d| d.path.as_ref())
+    else {
+        return;
+    };
+    match crate::discovery::file::load(path) {
+        Err(e) => out.push(format!(
+            "service {}: discovery: {} (the service has no backends until it can be read)",
+            s.name, e.message
+        )),
+        Ok(entries) => {
+            for skipped in crate::reconcile::discovered::check(s, cfg, entries).skipped {
+                out.push(format!(
+                    "service {}: discovery: {}: {}: would be skipped ({})",
+                    s.name,
+                    skipped.entry,
+                    skipped.why,
+                    skipped.reason.name()
+                ));
+            }
+        }
+    }
 }
 
 fn plaintext_api(cfg: &DaemonConfig, out: &mut Vec<String>) {

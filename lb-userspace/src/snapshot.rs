@@ -39,6 +39,8 @@ pub struct Snapshot {
     pub geo: Option<GeoStatus>,
     /// Each service's instances as watchers see them, and the pass that last changed them.
     pub instances: BTreeMap<String, Instances>,
+    /// Each discovery source's state, by service.
+    pub discovery: BTreeMap<String, crate::status::discovery::SourceState>,
 }
 
 /// One instance as a watcher sees it (`GET /v1/services/{name}/instances`): where it is, and

@@ -283,35 +283,48 @@ impl Lab {
 }
 
 /// A real etcd server in the lab's router namespace, answering on the fabric at
-/// `ROUTER:2379`; its data in a directory of its own. Stopped (and its data removed) on drop.
+/// `ROUTER:2379` (or in any namespace, `start_in`); its data in a directory of its own.
+/// Stopped (and its data removed) on drop.
 pub struct Etcd {
     child: Option<std::process::Child>,
     dir: PathBuf,
+    /// Its client URL.
+    pub url: String,
+    addr: Ipv4Addr,
 }
 
 pub const ETCD: &str = "http://10.99.0.1:2379";
 
 impl Etcd {
     pub fn start(lab: &Lab) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("{}-etcd", lab.router.name));
+        Self::start_in(&lab.router, ROUTER)
+    }
+
+    /// An etcd in `ns`, answering on `addr`:2379.
+    pub fn start_in(ns: &NetNs, addr: Ipv4Addr) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{}-etcd", ns.name));
         std::fs::create_dir_all(&dir)?;
-        let mut e = Self { child: None, dir };
-        e.spawn(lab)?;
+        let mut e = Self {
+            child: None,
+            dir,
+            url: format!("http://{addr}:2379"),
+            addr,
+        };
+        e.spawn(ns)?;
         Ok(e)
     }
 
-    fn spawn(&mut self, lab: &Lab) -> Result<()> {
+    fn spawn(&mut self, ns: &NetNs) -> Result<()> {
         let log = std::fs::File::create(self.dir.join("etcd.log"))?;
-        let child = lab
-            .router
+        let child = ns
             .command("etcd")
             .args(["--name", "lbt", "--data-dir"])
             .arg(self.dir.join("data"))
             .args([
                 "--listen-client-urls",
-                ETCD,
+                &self.url,
                 "--advertise-client-urls",
-                ETCD,
+                &self.url,
                 "--listen-peer-urls",
                 "http://127.0.0.1:2380",
                 "--initial-advertise-peer-urls",
@@ -324,10 +337,9 @@ impl Etcd {
             .spawn()
             .context("start etcd (apt install etcd-server)")?;
         self.child = Some(child);
+        let addr = self.addr;
         let up = wait_until(Duration::from_secs(20), || {
-            crate::in_ns(&lab.router, || {
-                std::net::TcpStream::connect((ROUTER, 2379)).is_ok()
-            })
+            crate::in_ns(ns, || std::net::TcpStream::connect((addr, 2379)).is_ok())
         });
         if !up {
             bail!("etcd did not answer within 20 s: {}", self.log());
@@ -349,21 +361,33 @@ impl Etcd {
 
     pub fn restart(&mut self, lab: &Lab) -> Result<()> {
         self.stop();
-        self.spawn(lab)
+        self.spawn(&lab.router)
     }
 
     /// Writes `value` at `key` directly, as a tool other than lb would.
     pub fn put(&self, lab: &Lab, key: &str, value: &[u8]) -> Result<()> {
-        crate::in_ns(&lab.router, || {
+        self.put_in(&lab.router, key, value, None).map(drop)
+    }
+
+    /// Writes `value` at `key` from `ns`, under a fresh lease of `lease_ttl` seconds if given
+    /// (never renewed: the key goes when it ends); returns the lease.
+    pub fn put_in(&self, ns: &NetNs, key: &str, value: &[u8], lease_ttl: Option<i64>) -> Result<Option<i64>> {
+        let url = self.url.clone();
+        crate::in_ns(ns, || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| {
                     rt.block_on(async {
-                        let mut c = etcd_client::Client::connect([ETCD], None).await?;
-                        c.put(key, value, None).await?;
-                        Ok::<(), etcd_client::Error>(())
+                        let mut c = etcd_client::Client::connect([url], None).await?;
+                        let lease = match lease_ttl {
+                            Some(ttl) => Some(c.lease_grant(ttl, None).await?.id()),
+                            None => None,
+                        };
+                        let options = lease.map(|l| etcd_client::PutOptions::new().with_lease(l));
+                        c.put(key, value, options).await?;
+                        Ok::<Option<i64>, etcd_client::Error>(lease)
                     })
                     .map_err(anyhow::Error::from)
                 })

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod client;
 pub mod cluster;
+pub mod dns;
 pub mod fixture;
 pub mod flood;
 pub mod netns;

@@ -254,3 +254,88 @@ impl Dir {
         path
     }
 }
+
+/// `[service.discovery]`: its settings refused in the daemon's words (status 1); the file it
+/// names read as the source reads it, a file it cannot use and each entry it would skip said
+/// as warnings (status 0: the daemon starts, the service waits for its file).
+#[test]
+fn a_discovery_source_is_checked_and_its_file_read() {
+    let dir = Dir::new("discovery");
+    let source = |extra: &str| {
+        format!(
+            "{DAEMON}[[service]]\nname = \"web\"\nvip = \"10.0.0.1\"\nport = 80\nprotocol = \"tcp\"\n[service.discovery]\n{extra}\n"
+        )
+    };
+    let list = dir.0.join("web.json");
+    for (i, (text, needle)) in [
+        (source("kind = \"file\""), "needs a path"),
+        (source("kind = \"file\"\npath = \"web.json\""), "must be absolute"),
+        (
+            source(&format!(
+                "kind = \"file\"\npath = \"{}\"\nname = \"x\"",
+                list.display()
+            )),
+            "discovery.name is for kind = \"dns\"",
+        ),
+        (
+            source(&format!(
+                "kind = \"file\"\npath = \"{}\"\ndrain_before_remove = -1.0",
+                list.display()
+            )),
+            "drain_before_remove -1 is out of range",
+        ),
+        (source("kind = \"zookeeper\""), "unknown variant `zookeeper`"),
+        (source("kind = \"etcd\""), "reads [cluster]'s etcd"),
+        (
+            source("kind = \"dns\"\nname = \"_web._tcp.x\"\nport = 80"),
+            "an SRV record names its port",
+        ),
+        (
+            source(&format!("kind = \"file\"\npath = \"{}\"", list.display()))
+                + "[[service.backend]]\nid = \"b1\"\naddress = \"10.0.1.1\"\n",
+            "declare none here",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = dir.write(&format!("bad{i}.toml"), &text);
+        let daemon = Config::load(&path).expect_err(&text).to_string();
+        assert!(daemon.contains(needle), "{daemon:?} should mention {needle:?}");
+        let out = check(&path, false);
+        assert_eq!(out.status.code(), Some(1), "{text}: {out:?}");
+        assert_eq!(stderr_lines(&out), vec![format!("error: {daemon}")], "{text}");
+    }
+    let path = dir.write(
+        "lb.toml",
+        &source(&format!("kind = \"file\"\npath = \"{}\"", list.display())),
+    );
+    let out = check(&path, false);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "warning: service web: discovery: cannot read {}",
+            list.display()
+        )) && lines[0].ends_with("(the service has no backends until it can be read)"),
+        "{lines:#?}"
+    );
+    std::fs::write(
+        &list,
+        r#"[{"id": "a", "address": "10.0.1.1"}, {"id": "b", "address": "10.0.1.300"}, {"id": "c", "address": "10.0.1.3", "port": 0}]"#,
+    )
+    .expect("write the list");
+    let lines = stderr_lines(&check(&path, false));
+    assert_eq!(
+        lines,
+        [
+            "warning: service web: discovery: b: address \"10.0.1.300\" is not an IP address: would be skipped (bad-address)",
+            "warning: service web: discovery: c: port 0: would be skipped (bad-port)",
+        ],
+        "{lines:#?}"
+    );
+    std::fs::write(&list, r#"[{"id": "a", "address": "10.0.1.1"}]"#).expect("write the list");
+    let out = check(&path, false);
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}

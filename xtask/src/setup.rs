@@ -25,9 +25,10 @@ const LLVM_PACKAGES: &[&str] = &[
 /// through it; the cluster tests run a router with it too), etcd (the cluster's desired state,
 /// a real server in the tests), protoc with its well-known types (the etcd client's
 /// protocol is compiled from .proto files), what `cargo xtask package` builds and checks
-/// the Debian package with (dpkg-dev's dpkg-shlibdeps, binutils' strip, lintian), and
+/// the Debian package with (dpkg-dev's dpkg-shlibdeps, binutils' strip, lintian),
 /// Chromium with its WebDriver (the status page is tested in a real browser, driven by
-/// Selenium from the Python environment).
+/// Selenium from the Python environment), and dnsmasq's binary (the DNS discovery tests serve
+/// SRV records from it; `-base` has no system service that would start on install).
 const TOOL_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -43,6 +44,7 @@ const TOOL_PACKAGES: &[&str] = &[
     "lintian",
     "chromium",
     "chromium-driver",
+    "dnsmasq-base",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";

@@ -182,7 +182,7 @@ pub async fn cluster_push(State(s): Ctx, body: Result<Json<PushBody>, JsonReject
             "this node has no [cluster] in its config",
         ));
     };
-    let cfg = Config::parse(&body.text)?;
+    let cfg = Config::parse_pushed(&body.text)?;
     crate::config::validate_against(&s.cfg, &cfg.services)?;
     let revision = cluster.store.push(&cfg.services).await?;
     log::info!(target: "audit", "cluster push: {} services at revision {revision}", cfg.services.len());
@@ -299,10 +299,10 @@ pub async fn add_instance(
     let Json(body) = body.map_err(bad_body)?;
     let (backend, lease) = registration(&s.cfg, body)?;
     if lease.is_some() && s.cluster.is_some() {
-        // The cluster's state in etcd has no place for a heartbeat yet (etcd leases: to come).
+        // In a cluster an instance's lifetime is its etcd lease: its key in the cluster's etcd.
         return Err(Failure::new(
             StatusCode::BAD_REQUEST,
-            "a registration with a ttl is not supported with [cluster] yet: register without ttl",
+            "with [cluster], an instance with a lifetime registers in etcd under its own lease (a service with [service.discovery] kind = \"etcd\"): register here without ttl",
         ));
     }
     change(

@@ -4,7 +4,9 @@
 use std::net::IpAddr;
 
 use clap::{Args, Subcommand};
+use serde_json::Value;
 
+use super::shared::{fmt_departure, fmt_ip};
 use crate::{
     api::Request,
     config::{self, BackendSpec},
@@ -13,6 +15,14 @@ use crate::{
 
 #[derive(Subcommand, Debug)]
 pub enum BackendCmd {
+    /// List backends (of one service, or all), with where each comes from and its labels;
+    /// --label keeps those whose labels have every pair given.
+    List {
+        service: Option<String>,
+        /// A label the backend must have, `key=value` (repeatable: all must match).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
     /// Register a backend with a service; with --ttl it must heartbeat
     /// (`lb backend heartbeat`) within that many seconds, or it is drained, then removed.
     Add {
@@ -102,6 +112,60 @@ impl BackendArgs {
     }
 }
 
+/// `key=value`, both non-empty.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{text:?} is not key=value")),
+    }
+}
+
+/// `lb backend list`: every backend of the listed services, flattened with its service's
+/// name, kept when it matches the service and every label asked for.
+pub fn list(service: Option<&str>, labels: &[(String, String)], services: &Value) -> anyhow::Result<Value> {
+    let all = services.as_array().cloned().unwrap_or_default();
+    if let Some(name) = service
+        && !all.iter().any(|s| s["name"] == name)
+    {
+        anyhow::bail!("unknown service {name}");
+    }
+    let mut out = Vec::new();
+    for s in all.iter().filter(|s| service.is_none_or(|n| s["name"] == n)) {
+        for b in s["backends"].as_array().into_iter().flatten() {
+            if labels.iter().all(|(k, v)| b["labels"][k] == v.as_str()) {
+                let mut b = b.clone();
+                b["service"] = s["name"].clone();
+                out.push(b);
+            }
+        }
+    }
+    Ok(Value::Array(out))
+}
+
+/// One line a backend: service, id, where it is, weight, state, source, labels.
+pub fn print_list(data: &Value) {
+    for b in data.as_array().into_iter().flatten() {
+        let labels: Vec<String> = b["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+            .collect();
+        println!(
+            "{:<16} {:<16} {:<24} port={:<5} weight={:<5} {:<8} source={:<12} {}{}",
+            b["service"].as_str().unwrap_or_default(),
+            b["id"].as_str().unwrap_or_default(),
+            fmt_ip(&b["address"]),
+            b["port"],
+            b["weight"],
+            b["health"].as_str().unwrap_or_default(),
+            b["source"].as_str().unwrap_or_default(),
+            fmt_departure(&b["departure"]),
+            labels.join(","),
+        );
+    }
+}
+
 /// A health score: a number in 0..=1 (JSON has no NaN, so it is refused here).
 fn parse_score(text: &str) -> Result<f64, String> {
     let v: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
@@ -113,6 +177,7 @@ fn parse_score(text: &str) -> Result<f64, String> {
 
 pub fn request(cmd: &BackendCmd) -> Request {
     match cmd {
+        BackendCmd::List { .. } => Request::ListServices,
         BackendCmd::Add {
             backend: a,
             ttl,
@@ -164,5 +229,52 @@ pub fn request(cmd: &BackendCmd) -> Request {
             },
             ttl: *ttl,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn backend_list_keeps_a_service_and_every_label_asked_for() {
+        let services = json!([
+            {"name": "web", "backends": [
+                {"id": "a", "labels": {"role": "canary", "zone": "z1"}},
+                {"id": "b", "labels": {"role": "main"}},
+                {"id": "c", "labels": {}},
+            ]},
+            {"name": "api", "backends": [{"id": "d", "labels": {"role": "canary"}}]},
+        ]);
+        let ids = |service: Option<&str>, labels: &[(&str, &str)]| -> Vec<String> {
+            let labels: Vec<(String, String)> = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            list(service, &labels, &services)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| format!("{}/{}", b["service"].as_str().unwrap(), b["id"].as_str().unwrap()))
+                .collect()
+        };
+        assert_eq!(ids(None, &[]), ["web/a", "web/b", "web/c", "api/d"]);
+        assert_eq!(ids(None, &[("role", "canary")]), ["web/a", "api/d"]);
+        assert_eq!(ids(Some("web"), &[("role", "canary"), ("zone", "z1")]), ["web/a"]);
+        assert!(ids(Some("web"), &[("role", "canary"), ("zone", "z2")]).is_empty());
+        assert_eq!(
+            list(Some("nope"), &[], &services).unwrap_err().to_string(),
+            "unknown service nope"
+        );
+        assert_eq!(parse_label("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        for bad in ["a", "=b", "a="] {
+            assert!(
+                parse_label(bad).unwrap_err().contains("is not key=value"),
+                "{bad}"
+            );
+        }
     }
 }

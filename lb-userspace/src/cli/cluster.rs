@@ -23,7 +23,7 @@ pub fn request(cmd: &ClusterCmd) -> anyhow::Result<Request> {
         ClusterCmd::Push { file } => {
             let text = read_file(file)?;
             // Checked here first, so a bad file says where without a daemon.
-            Config::parse(&text)?;
+            Config::parse_pushed(&text)?;
             Request::ClusterPush { text }
         }
     })

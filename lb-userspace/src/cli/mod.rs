@@ -169,7 +169,10 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
         Command::Cluster(cmd) => cluster::request(cmd)?,
         Command::Plan(cmd) => plan::request(cmd)?,
     };
-    let data = call(&socket, &request)?;
+    let mut data = call(&socket, &request)?;
+    if let Command::Backend(BackendCmd::List { service, labels }) = &cli.command {
+        data = backend::list(service.as_deref(), labels, &data)?;
+    }
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&data)?);
         return Ok(0);
@@ -183,6 +186,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
         Command::Cluster(cmd) => cluster::print(cmd, &data),
         Command::Plan(_) => plan::print(&data),
         Command::Config(_) => config::print(&data)?,
+        Command::Backend(BackendCmd::List { .. }) => backend::print_list(&data),
         _ => print_plain(&data),
     }
     Ok(0)

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use super::shared::{fmt_ip, fmt_registration};
+use super::shared::{fmt_departure, fmt_ip, fmt_registration};
 use crate::{
     api::Request,
     config::{Forwarding, FragmentPolicy, HashMode, Protocol, ServiceSpec},
@@ -83,6 +83,7 @@ pub fn request(cmd: &ServiceCmd) -> Request {
                 resource: None,
                 adaptive: None,
                 announce: Default::default(),
+                discovery: None,
                 strategy: a.strategy,
                 backends: Vec::new(),
             },
@@ -128,15 +129,31 @@ fn print_list(data: &Value) {
                 _ => format!(" strategy={strategy}"),
             },
         );
+        if let Some(d) = s["discovery"].as_object() {
+            println!("  {}", fmt_discovery(d));
+        }
         for b in s["backends"].as_array().into_iter().flatten() {
+            let labels: Vec<String> = b["labels"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect();
             println!(
-                "  {:<16} {:<24} port={:<5} weight={:<5} slots={:<6} {}{}{}",
+                "  {:<16} {:<24} port={:<5} weight={:<5} slots={:<6} source={} {}{}{}{}{}",
                 b["id"].as_str().unwrap_or_default(),
                 fmt_ip(&b["address"]),
                 b["port"],
                 b["weight"],
                 b["table_slots"],
+                b["source"].as_str().unwrap_or_default(),
+                if labels.is_empty() {
+                    String::new()
+                } else {
+                    format!("labels={} ", labels.join(","))
+                },
                 fmt_registration(&b["registration"]),
+                fmt_departure(&b["departure"]),
                 if counting {
                     format!("active={:<6} ", b["active_flows"])
                 } else {
@@ -154,4 +171,43 @@ fn print_list(data: &Value) {
             );
         }
     }
+}
+
+/// A service's source on one line: kind, backends, updates, and what is wrong if anything.
+fn fmt_discovery(d: &serde_json::Map<String, Value>) -> String {
+    let mut line = format!(
+        "discovery={} backends={} updates={}",
+        d["kind"].as_str().unwrap_or_default(),
+        d["backends"],
+        d["updates"]
+    );
+    if let Some(e) = d["error"].as_object() {
+        line.push_str(&format!(
+            " error ({}): {}",
+            e["reason"].as_str().unwrap_or_default(),
+            e["message"].as_str().unwrap_or_default()
+        ));
+    }
+    if let Some(h) = d["held"].as_object() {
+        line.push_str(&format!(
+            " held: {} of {} backends, applied in {:.1} s unless it recovers",
+            h["wanted"],
+            h["live"],
+            h["applies_in_s"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    if let Some(skipped) = d["skipped"].as_array().filter(|s| !s.is_empty()) {
+        let list: Vec<String> = skipped
+            .iter()
+            .map(|x| {
+                format!(
+                    "{} ({})",
+                    x["entry"].as_str().unwrap_or_default(),
+                    x["reason"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        line.push_str(&format!(" skipped: {}", list.join(", ")));
+    }
+    line
 }

@@ -49,3 +49,12 @@ pub fn fmt_registration(r: &Value) -> String {
         ),
     }
 }
+
+/// A backend gone from its source, for the human listings: why it takes no new flows and when
+/// it goes. Empty for any other.
+pub fn fmt_departure(d: &Value) -> String {
+    match d["reason"].as_str() {
+        Some(reason) => format!("drained: {reason}; "),
+        None => String::new(),
+    }
+}

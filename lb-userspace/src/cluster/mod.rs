@@ -10,6 +10,7 @@
 //! While etcd is unreachable the node forwards and checks with what it has, refuses changes
 //! with one line, and converges again when etcd returns.
 
+pub mod connection;
 pub mod keys;
 pub mod store;
 

@@ -3,14 +3,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeeper, PutOptions, Txn, TxnOp,
-    WatchOptions, WatchStream,
+    Client, Compare, CompareOp, GetOptions, LeaseKeeper, PutOptions, Txn, TxnOp, WatchOptions, WatchStream,
 };
-use tokio::sync::Mutex;
 
 use super::keys::{ScoreValue, Services, Tree, encode};
 use crate::{
@@ -21,12 +19,11 @@ use crate::{
     status::cluster::NodeEntry,
 };
 
-/// How long one etcd call may take before the node says etcd is unavailable.
-const CALL: Duration = Duration::from_secs(2);
+use super::connection::Connection;
 
 pub struct Store {
     settings: ClusterSettings,
-    client: Mutex<Option<Client>>,
+    etcd: Connection,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Error {
@@ -38,8 +35,8 @@ fn unavailable(e: impl std::fmt::Display) -> Error {
 impl Store {
     pub fn new(settings: ClusterSettings) -> Self {
         Self {
+            etcd: Connection::new(settings.etcd.clone()),
             settings,
-            client: Mutex::new(None),
         }
     }
 
@@ -51,51 +48,11 @@ impl Store {
         format!("{}{kind}/", self.settings.prefix())
     }
 
-    /// A connected client (cheap to clone), connecting on first use or after a failure.
-    async fn client(&self) -> std::result::Result<Client, String> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let options = ConnectOptions::new()
-            .with_connect_timeout(CALL)
-            .with_timeout(CALL)
-            .with_keep_alive(Duration::from_secs(1), CALL);
-        let c = tokio::time::timeout(CALL * 2, Client::connect(&self.settings.etcd, Some(options)))
-            .await
-            .map_err(|_| {
-                format!(
-                    "no answer from {} within {:?}",
-                    self.settings.etcd.join(", "),
-                    CALL * 2
-                )
-            })?
-            .map_err(|e| format!("{}: {e}", self.settings.etcd.join(", ")))?;
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-
-    /// Forgets the client after an error, so the next call connects again.
-    async fn reset(&self) {
-        *self.client.lock().await = None;
-    }
-
     async fn call<T, F: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>>(
         &self,
         f: impl FnOnce(Client) -> F,
     ) -> std::result::Result<T, String> {
-        let client = self.client().await?;
-        match tokio::time::timeout(CALL, f(client)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                self.reset().await;
-                Err(e.to_string())
-            }
-            Err(_) => {
-                self.reset().await;
-                Err(format!("etcd did not answer within {CALL:?}"))
-            }
-        }
+        self.etcd.call(f).await
     }
 
     /// Every service under the prefix, and the revision they are at.

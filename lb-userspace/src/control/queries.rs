@@ -199,7 +199,9 @@ impl Queries<'_> {
                 backends.push(json!({
                     "id": b.id,
                     "state": st.state_name(),
+                    "source": source(s, Some(st)),
                     "registration": registration(st, now),
+                    "departure": departure(s, st, now),
                     "load": load,
                     "resolved": self.snap.hops.contains_key(&b.address),
                     "health_score": st.score,
@@ -262,7 +264,9 @@ impl Queries<'_> {
                         json!({
                             "id": b.id, "address": b.address, "port": b.port(s), "weight": b.weight,
                             "effective_weight": effective.map_or(0, |e| e.weight), "health": health,
+                            "source": source(s, st),
                             "registration": st.map(|st| registration(st, now)),
+                            "departure": st.map(|st| departure(s, st, now)),
                             "region": b.region, "zone": b.zone, "labels": b.labels,
                             "resolved": hop.is_some(),
                             "mac": hop.map(|h| mac_string(&h.dst_mac)),
@@ -282,11 +286,37 @@ impl Queries<'_> {
                         "current": a.current, "reason": a.reason, "switches": a.switches,
                         "for_s": a.since.elapsed().as_secs_f64(),
                     })),
+                    "discovery": self.discovery(s),
                     "backends": backends,
                 })
             })
             .collect();
         json!(services)
+    }
+
+    /// A service's source: what it last read, what it skipped, what it holds; `null` for a
+    /// service without one.
+    fn discovery(&self, s: &crate::model::Service) -> serde_json::Value {
+        let Some(d) = &s.discovery else {
+            return serde_json::Value::Null;
+        };
+        let now = std::time::Instant::now();
+        let live = crate::status::discovery::live(s, &self.snap.status);
+        let state = self.snap.discovery.get(&s.name);
+        json!({
+            "kind": d.kind,
+            "settings": d,
+            "backends": live,
+            "updates": state.map_or(0, |x| x.updates),
+            "updated_s_ago": state.and_then(|x| x.updated_at).map(|t| now.saturating_duration_since(t).as_secs_f64()),
+            "error": state.and_then(|x| x.error.as_ref()).map(|e| json!({"reason": e.reason, "message": e.message})),
+            "skipped": state.map(|x| x.skipped.clone()).unwrap_or_default(),
+            "held": state.and_then(|x| x.held.as_ref()).map(|h| json!({
+                "wanted": h.set.len(), "live": h.live,
+                "for_s": now.saturating_duration_since(h.since).as_secs_f64(),
+                "applies_in_s": h.until.saturating_duration_since(now).as_secs_f64(),
+            })),
+        })
     }
 
     pub fn stats(&self) -> Result<serde_json::Value> {
@@ -502,6 +532,32 @@ pub fn least_loaded(
 /// A NAT entry's address words and network-order port as a socket address.
 fn socket_of(words: [u32; 4], port_be: u16, family: u8) -> std::net::SocketAddr {
     std::net::SocketAddr::new(lb_common::ip_addr(family, words), u16::from_be(port_be))
+}
+
+/// Where a backend comes from: its service's source (`file`, `dns`, `etcd`), a registration
+/// with a TTL (`registration`), or the config file and the API (`static`).
+fn source(s: &crate::model::Service, st: Option<&crate::status::BackendStatus>) -> &'static str {
+    match (&s.discovery, st.and_then(|st| st.lease)) {
+        (Some(d), _) => d.kind.name(),
+        (None, Some(_)) => "registration",
+        (None, None) => "static",
+    }
+}
+
+/// A backend gone from its source, drained until its removal: why, and when it goes; `null`
+/// for any other.
+fn departure(
+    s: &crate::model::Service,
+    st: &crate::status::BackendStatus,
+    now: std::time::Instant,
+) -> serde_json::Value {
+    let kind = s.discovery.as_ref().map_or("discovery", |d| d.kind.name());
+    st.departing.map_or(serde_json::Value::Null, |at| {
+        json!({
+            "removed_in_s": at.saturating_duration_since(now).as_secs_f64(),
+            "reason": st.departure(kind, now),
+        })
+    })
 }
 
 /// A registration with a TTL: its terms, when the heartbeat is due (negative: late by), and

@@ -197,7 +197,8 @@ impl DataPlaneCollector {
             embryonic_entries,
             embryonic_oldest,
             embryonic_expired,
-        ]: [usize; 45] = std::array::from_fn(|i| i);
+            discovery_backends,
+        ]: [usize; 46] = std::array::from_fn(|i| i);
         let board = s.board.read().unwrap_or_else(|p| p.into_inner());
         let default = crate::status::BackendStatus::default();
         let mut services: Vec<&crate::model::Service> = snap.services.iter().collect();
@@ -217,8 +218,13 @@ impl DataPlaneCollector {
                 0,
                 u8::from(traffic.services.get(slot.id as usize).is_some())
                     | u8::from(counting) << 1
-                    | u8::from(resource) << 2,
+                    | u8::from(resource) << 2
+                    | u8::from(svc.discovery.is_some()) << 3,
             ]);
+            if svc.discovery.is_some() {
+                let live = crate::status::discovery::live(svc, &snap.status);
+                f.add(discovery_backends, &[name], live as f64);
+            }
             if adaptive {
                 for c in [
                     crate::model::Strategy::Maglev,

@@ -274,6 +274,12 @@ pub(super) const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         MetricType::COUNTER,
         &[],
     ),
+    (
+        "lb_discovery_backends",
+        "Backends a service's discovery source gives it now (those draining after leaving it not counted).",
+        MetricType::GAUGE,
+        &["service"],
+    ),
 ];
 /// `families` names each family by its index in FAMILIES.
-const _: () = assert!(FAMILIES.len() == 45);
+const _: () = assert!(FAMILIES.len() == 46);

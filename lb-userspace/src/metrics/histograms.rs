@@ -21,6 +21,12 @@ pub struct Histograms {
     /// `lb_registration_expiries_total{service,outcome}`: late heartbeats that drained
     /// (`drained`) or removed (`removed`) an instance.
     pub expiries: prometheus::IntCounterVec,
+    /// `lb_discovery_updates_total{service,source}`: sets a discovery source read that differed
+    /// from its last one.
+    pub discovery_updates: prometheus::IntCounterVec,
+    /// `lb_discovery_errors_total{service,source,reason}`: reads that failed (the last set
+    /// kept) and entries skipped (each once while it stays in its source as it is), by reason.
+    pub discovery_errors: prometheus::IntCounterVec,
 }
 
 impl Histograms {
@@ -70,6 +76,22 @@ impl Histograms {
                     "Instances registered with a ttl whose heartbeat was late: drained (no new flows), then removed.",
                 ),
                 &["service", "outcome"],
+            )
+            .expect("valid counter"),
+            discovery_updates: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "lb_discovery_updates_total",
+                    "Sets of instances a service's discovery source read that differed from its last one.",
+                ),
+                &["service", "source"],
+            )
+            .expect("valid counter"),
+            discovery_errors: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "lb_discovery_errors_total",
+                    "Discovery reads that failed (the last known set stays) and entries skipped, by reason.",
+                ),
+                &["service", "source", "reason"],
             )
             .expect("valid counter"),
         }

@@ -48,6 +48,8 @@ pub fn registry(sources: Sources, histograms: &Histograms) -> prometheus::Result
     registry.register(Box::new(histograms.switches.clone()))?;
     registry.register(Box::new(histograms.heartbeats.clone()))?;
     registry.register(Box::new(histograms.expiries.clone()))?;
+    registry.register(Box::new(histograms.discovery_updates.clone()))?;
+    registry.register(Box::new(histograms.discovery_errors.clone()))?;
     registry.register(Box::new(
         prometheus::process_collector::ProcessCollector::for_self(),
     ))?;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 pub mod adaptive_settings;
 pub mod bgp_settings;
 pub mod cluster_settings;
+pub mod discovery_settings;
 pub mod geo_settings;
 pub mod health_settings;
 pub mod resource_settings;
@@ -260,6 +261,9 @@ pub struct Service {
     pub adaptive: Option<adaptive_settings::AdaptiveSettings>,
     /// When this node announces the VIP over BGP (`[daemon.bgp]`).
     pub announce: bgp_settings::Announce,
+    /// `[service.discovery]`: the backends come from a registry, not from the file or the API.
+    /// Boxed: most services have none, and a service is moved whole in every change.
+    pub discovery: Option<Box<discovery_settings::DiscoverySettings>>,
     pub backends: Vec<Backend>,
 }
 
@@ -363,12 +367,17 @@ impl Service {
             resource: None,
             adaptive: None,
             announce: Default::default(),
+            discovery: None,
             backends: Vec::new(),
         }
     }
 
     pub fn validate(&self) -> Result<()> {
         validate_name("service name", &self.name, 64)?;
+        if let Some(d) = &self.discovery {
+            d.validate()
+                .map_err(|e| Error::invalid(format!("service {}: {e}", self.name)))?;
+        }
         validate_table_size(self.table_size)?;
         if self.vip.is_unspecified() || self.vip.is_multicast() {
             return Err(Error::invalid(format!(
@@ -473,6 +482,31 @@ impl Service {
 
     pub fn backend(&self, id: &str) -> Option<&Backend> {
         self.backends.iter().find(|b| b.id == id)
+    }
+
+    /// A service whose backends come from a source takes none by hand: refused in one line
+    /// naming the source.
+    pub fn set_by_hand(&self) -> Result<()> {
+        match &self.discovery {
+            Some(d) => Err(Error::invalid(format!(
+                "service {} takes its backends from its {} source ([service.discovery]): change them there",
+                self.name,
+                d.kind.name()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Declared backends beside a source are refused: the source's set replaces them.
+    pub fn declares_none_beside_its_source(&self) -> Result<()> {
+        match &self.discovery {
+            Some(d) if !self.backends.is_empty() => Err(Error::invalid(format!(
+                "service {}: its backends come from [service.discovery] (kind = \"{}\"): declare none here",
+                self.name,
+                d.kind.name()
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -657,6 +691,7 @@ mod tests {
             resource: None,
             adaptive: None,
             announce: Default::default(),
+            discovery: None,
             backends: vec![],
         };
         let backend = Backend {

@@ -44,8 +44,13 @@ pub(crate) fn change_state(
     now: Instant,
 ) -> Result<()> {
     match change {
-        Change::Replace(next) => *services = keep_registrations(services, status, next),
+        Change::Replace(next) => {
+            let mut next = keep_registrations(services, status, next);
+            super::discovered::keep(cfg, services, &mut next);
+            *services = next;
+        }
         Change::AddService(s) => {
+            s.declares_none_beside_its_source()?;
             if services.iter().any(|x| x.name == s.name) {
                 return Err(Error::Exists(format!("service {} already exists", s.name)));
             }
@@ -64,6 +69,7 @@ pub(crate) fn change_state(
             lease,
         } => {
             let svc = find_service(services, &service)?;
+            svc.set_by_hand()?;
             if svc.backend(&backend.id).is_some() {
                 return Err(Error::Exists(format!(
                     "service {service} already has a backend {}",
@@ -102,6 +108,7 @@ pub(crate) fn change_state(
         }
         Change::RemoveBackend { service, id } => {
             let svc = find_service(services, &service)?;
+            svc.set_by_hand()?;
             let before = svc.backends.len();
             svc.backends.retain(|b| b.id != id);
             if svc.backends.len() == before {
@@ -111,6 +118,7 @@ pub(crate) fn change_state(
         Change::SetWeight { service, id, weight } => {
             validate_weight(weight)?;
             let svc = find_service(services, &service)?;
+            svc.set_by_hand()?;
             let b = svc
                 .backends
                 .iter_mut()
@@ -194,7 +202,8 @@ pub(crate) fn change_state(
 
 /// A reload's services, with the backends registered with a TTL kept: they belong to the
 /// instances that heartbeat, not to the file. One the file now declares itself (same id or
-/// same address and port) is the file's from then on, without a lease.
+/// same address and port) is the file's from then on, without a lease. A service with a
+/// source keeps all its backends instead (`discovered::keep`).
 fn keep_registrations(
     services: &[Service],
     status: &mut BTreeMap<BackendRef, BackendStatus>,
@@ -208,7 +217,10 @@ fn keep_registrations(
         else {
             continue;
         };
-        let Some(svc) = next.iter_mut().find(|s| s.name == key.service) else {
+        let Some(svc) = next
+            .iter_mut()
+            .find(|s| s.name == key.service && s.discovery.is_none())
+        else {
             continue;
         };
         let port = old.port(svc);
@@ -580,5 +592,67 @@ mod tests {
         let only_dns = file.into_iter().filter(|x| x.name == "dns").collect();
         change_state(&cfg(), &mut s, &mut st, Change::Replace(only_dns), Instant::now()).unwrap();
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn a_service_with_a_source_takes_no_backend_by_hand_and_a_reload_keeps_its_own() {
+        use crate::model::discovery_settings::{DiscoverySettings, SourceKind};
+        let source = DiscoverySettings {
+            path: Some("/etc/lb/web.json".into()),
+            ..DiscoverySettings::new(SourceKind::File)
+        };
+        let (mut services, mut status) = start();
+        services[0].discovery = Some(Box::new(source.clone()));
+        let before = (services.clone(), status.clone());
+        for change in [
+            Change::AddBackend {
+                service: "web".into(),
+                backend: Backend::new("b2", ip("10.0.1.3")),
+                lease: None,
+            },
+            Change::RemoveBackend {
+                service: "web".into(),
+                id: "b0".into(),
+            },
+            Change::SetWeight {
+                service: "web".into(),
+                id: "b0".into(),
+                weight: 5,
+            },
+        ] {
+            let e = change_state(&cfg(), &mut services, &mut status, change, Instant::now()).unwrap_err();
+            assert!(
+                matches!(&e, Error::Invalid(m) if m == "service web takes its backends from its file source ([service.discovery]): change them there"),
+                "{e}"
+            );
+        }
+        assert_eq!((services.clone(), status.clone()), before);
+        // A service added with a source and backends of its own: refused.
+        let mut api = Service::new("api", ip("10.0.0.3"), 443, Protocol::Tcp);
+        api.discovery = Some(Box::new(source.clone()));
+        api.backends.push(Backend::new("x", ip("10.0.1.9")));
+        let e = change_state(
+            &cfg(),
+            &mut services,
+            &mut status,
+            Change::AddService(api),
+            Instant::now(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("declare none here"), "{e}");
+        // The file, reloaded, declares no backends for web: web keeps those its source gave.
+        let mut file = start().0;
+        file[0].discovery = Some(Box::new(source));
+        file[0].backends.clear();
+        change_state(
+            &cfg(),
+            &mut services,
+            &mut status,
+            Change::Replace(file),
+            Instant::now(),
+        )
+        .unwrap();
+        assert_eq!(web(&services).backends, before.0[0].backends);
     }
 }

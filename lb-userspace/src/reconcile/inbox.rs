@@ -1,5 +1,5 @@
 //! What reaches the writer: one channel of commands (API changes, health, agents, next hops,
-//! adaptive switches). Producers import this; it imports nothing above the model and status.
+//! discovery sources' sets, adaptive switches). Producers import this; it imports nothing above the model and status.
 
 use std::{net::IpAddr, time::Duration};
 
@@ -92,6 +92,8 @@ pub enum Command {
     Externals(std::collections::BTreeMap<BackendRef, f64>),
     /// The cluster's health view changed: the live nodes' votes (`status::cluster`).
     View(crate::status::cluster::View),
+    /// A discovery source's read of its service's instances (`discovery`).
+    Discovered(crate::status::discovery::Report),
     /// An adaptive service's switch (`strategy::adaptive`).
     Adapt {
         service: String,

@@ -1,11 +1,12 @@
 //! The one writer of the control plane and what it needs: its inbox (`inbox`), the pure
-//! change logic (`change`) and plan (`plan`), the map writes (`apply`), next hops (`hops`),
+//! change logic (`change`), a discovery source's set (`discovered`) and the plan (`plan`), the map writes (`apply`), next hops (`hops`),
 //! the state file (`persist`), warnings, and the adaptive strategy's sampler (`adapt`).
 //! Readers work from the snapshot it publishes after each pass, and their own map handles.
 
 pub mod adapt;
 pub mod apply;
 pub mod change;
+pub mod discovered;
 pub mod hops;
 pub mod inbox;
 pub mod persist;

@@ -40,6 +40,7 @@ use crate::{
 };
 
 mod inputs;
+mod sources;
 
 pub struct Writer {
     cfg: DaemonConfig,
@@ -68,6 +69,8 @@ pub struct Writer {
     externals: Option<BTreeMap<BackendRef, f64>>,
     /// Heartbeats renewed apart from a pass (`inputs::renew`): a pass is due then to show them.
     renewals_due: Option<Instant>,
+    /// Each discovery source's state: its last read, skipped entries, a shrink it holds.
+    sources: BTreeMap<String, crate::status::discovery::SourceState>,
 }
 
 /// What a failed pass could not apply, and when to try again.
@@ -134,6 +137,7 @@ impl Writer {
             view: None,
             externals: None,
             renewals_due: None,
+            sources: BTreeMap::new(),
         };
         if writer.cfg.geo.as_ref().is_some_and(|g| g.data.is_some()) {
             match writer.load_geo().await {
@@ -200,6 +204,7 @@ impl Writer {
             .flatten()
             .chain(self.resource_due)
             .chain(self.renewals_due)
+            .chain(self.sources_next())
             .chain(self.unapplied.as_ref().map(|u| u.retry_at))
             .min()
     }
@@ -207,7 +212,7 @@ impl Writer {
     async fn pass(&mut self, batch: Vec<Command>) {
         self.counters.commands += batch.len() as u64;
         let renewing = !batch.is_empty();
-        let batch = self.renew(batch, Instant::now());
+        let batch = sources::latest_reads(self.renew(batch, Instant::now()));
         if renewing && batch.is_empty() {
             return;
         }
@@ -218,6 +223,8 @@ impl Writer {
             None => (self.status.clone(), HashMap::new()),
         };
         let mut replies = Vec::new();
+        // Sources whose read this pass took, forgotten if it fails.
+        let mut read = Vec::new();
         let now = Instant::now();
         // A load signal arrived: start the resource-aware updates if they are idle.
         let mut reported = false;
@@ -262,6 +269,12 @@ impl Writer {
                     }
                 }
                 Command::Hops(updates) => hop_updates.extend(updates),
+                Command::Discovered(report) => {
+                    let name = report.service.clone();
+                    if self.discovered(report, &mut services, &mut status, now) {
+                        read.push(name);
+                    }
+                }
                 Command::View(view) => self.view = Some(view),
                 Command::Externals(set) => self.externals = Some(set),
                 Command::Health(u) => record_health(&mut status, u, now),
@@ -327,6 +340,7 @@ impl Writer {
             }
         }
         self.expire_leases(&mut services, &mut status, now);
+        self.sources_due(&mut services, &mut status, now);
         let changed = services != self.services;
         // Only a change's answer carries warnings: a pass for health or next hops alone skips
         // their sysctl reads, netlink queries and socket binds.
@@ -345,6 +359,9 @@ impl Writer {
             }
         } else if result.is_err() {
             self.unapplied = Some(Unapplied::retry(status, hop_updates));
+        }
+        if result.is_err() {
+            self.sources_unread(&read);
         }
         if let Err(e) = &mut result {
             *e = Error::invalid(e.to_string());
@@ -504,6 +521,7 @@ impl Writer {
         }
         let declared_changed = services != self.services;
         self.services = services;
+        sources::follow(&mut self.sources, &self.services);
         self.hops = next_hops;
         self.status = status;
         // The change is in the maps already: a failed save is said, not a refused change (the
@@ -555,6 +573,7 @@ impl Writer {
             adaptive: self.adaptive.clone(),
             geo: self.geo.clone(),
             instances,
+            discovery: self.sources.clone(),
         }));
         Ok(warnings)
     }

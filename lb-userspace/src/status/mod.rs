@@ -17,6 +17,7 @@ use std::{
 pub mod bgp;
 pub mod checks;
 pub mod cluster;
+pub mod discovery;
 pub mod lease;
 pub mod load;
 pub mod signals;
@@ -55,6 +56,9 @@ pub struct BackendStatus {
     pub load: load::LoadState,
     /// Registered with a `ttl`: its heartbeats, and whether a late one drained it.
     pub lease: Option<lease::Lease>,
+    /// Gone from its service's discovery source: drained (no new flows) until this moment,
+    /// then removed (`drain_before_remove`).
+    pub departing: Option<Instant>,
 }
 
 impl Default for BackendStatus {
@@ -70,6 +74,7 @@ impl Default for BackendStatus {
             external: None,
             load: Default::default(),
             lease: None,
+            departing: None,
         }
     }
 }
@@ -102,14 +107,31 @@ impl BackendStatus {
         Some(at + step * (done as u32 + 1))
     }
 
-    /// Its state for readers: `drained` while a late heartbeat keeps new flows away (the
-    /// reason is in its lease), else its health.
+    /// Its state for readers: `drained` while a late heartbeat or its source's removal keeps
+    /// new flows away (the reason is in its lease or its departure), else its health.
     pub fn state_name(&self) -> &'static str {
-        match (self.lease.is_some_and(|l| l.drained), self.health) {
+        match (self.drained(), self.health) {
             (true, _) => "drained",
             (false, HealthState::Up) => "up",
             (false, HealthState::Down) => "down",
         }
+    }
+
+    /// Takes no new flows for its registration's or its source's sake (not its health's): no
+    /// panic candidate either.
+    pub fn drained(&self) -> bool {
+        self.lease.is_some_and(|l| l.drained) || self.departing.is_some()
+    }
+
+    /// Why a backend gone from its source takes no new flows, for `lb health` and `lb service
+    /// list`.
+    pub fn departure(&self, source: &str, now: Instant) -> Option<String> {
+        self.departing.map(|at| {
+            format!(
+                "gone from its {source} source; removed in {:.1} s",
+                at.saturating_duration_since(now).as_secs_f64()
+            )
+        })
     }
 
     fn external_score(&self) -> f64 {
@@ -183,9 +205,9 @@ pub fn effective_weights(
         // An open breaker takes no new flows; its pinned flows stay.
         let excluded =
             unhealthy || agent.is_some_and(AgentState::excluded) || st.breaker == BreakerState::Open;
-        // Drained (weight 0, the agent's drain, a late heartbeat) backends are no panic
-        // candidates.
-        let late = st.lease.is_some_and(|l| l.drained);
+        // Drained (weight 0, the agent's drain, a late heartbeat, gone from its source)
+        // backends are no panic candidates.
+        let late = st.drained();
         let candidate = reachable && configured > 0 && !late && !agent.is_some_and(|a| a.drain || a.maint);
         candidates += usize::from(candidate);
         healthy += usize::from(candidate && !excluded);
@@ -232,7 +254,7 @@ pub fn effective_weights(
                 let drained = agent.is_some_and(|a| a.drain || a.maint)
                     || status
                         .get(&BackendRef::new(&service.name, &b.id))
-                        .is_some_and(|s| s.lease.is_some_and(|l| l.drained));
+                        .is_some_and(BackendStatus::drained);
                 if resolved(b.address) && configured > 0 && !drained {
                     out.backends.insert(
                         b.id.clone(),
@@ -501,6 +523,33 @@ mod tests {
         st.get_mut(&BackendRef::new("web", "b0")).unwrap().lease = Some(lease::Lease::new(terms, now));
         let w = effective_weights(&s, s.strategy, &st, |_| true, now);
         assert_eq!(w.backends["b0"].weight, 100);
+    }
+
+    #[test]
+    fn a_backend_gone_from_its_source_drains_like_a_late_heartbeat() {
+        let s = service(2, None);
+        let now = Instant::now();
+        let mut st = BTreeMap::new();
+        st.insert(
+            BackendRef::new("web", "b0"),
+            BackendStatus {
+                departing: Some(now + Duration::from_secs(10)),
+                ..Default::default()
+            },
+        );
+        let w = effective_weights(&s, s.strategy, &st, |_| true, now);
+        assert_eq!(weights(&w), vec![(0, true), (100, true)]);
+        let b0 = &st[&BackendRef::new("web", "b0")];
+        assert_eq!(b0.state_name(), "drained");
+        assert_eq!(
+            b0.departure("file", now).as_deref(),
+            Some("gone from its file source; removed in 10.0 s")
+        );
+        // With the other one down, the departing one is no panic candidate.
+        st.insert(BackendRef::new("web", "b1"), down());
+        let w = effective_weights(&s, s.strategy, &st, |_| true, now);
+        assert!(w.panic);
+        assert_eq!(w.backends["b0"].weight, 0);
     }
 
     #[test]
