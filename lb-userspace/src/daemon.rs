@@ -611,23 +611,9 @@ fn host_id() -> String {
 fn watch_config(
     shared: Arc<Shared>,
 ) -> anyhow::Result<(notify::RecommendedWatcher, tokio::task::JoinHandle<()>)> {
-    use notify::Watcher;
     let path = std::fs::canonicalize(&shared.config_path)?;
-    let dir = path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/"));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let file = path.clone();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(e) = event
-            && e.paths.iter().any(|p| p == &file)
-            && !matches!(e.kind, notify::EventKind::Access(_))
-        {
-            let _ = tx.send(());
-        }
-    })?;
-    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    let watcher = crate::files::watch(&path, tx)?;
     let task = tokio::spawn(async move {
         while rx.recv().await.is_some() {
             // Coalesce the burst of events one save makes.

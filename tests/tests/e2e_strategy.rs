@@ -944,6 +944,19 @@ w.to_db_file(sys.argv[1])
     assert_eq!(share(&udp_flows_from(&far, IpAddr::V4(VIP4), 20), "b3"), 20);
 }
 
+/// SYNs from the client to web4 (VIP4, PORT) through the balancer, at `rate` a second for
+/// `duration`.
+fn syn_flood(topo: &Topology, rate: u64, duration: Duration) -> lb_tests::flood::SynFlood {
+    lb_tests::flood::SynFlood {
+        dst_mac: lb_tests::flood::mac_of(&topo.lb, "eth0").expect("balancer MAC"),
+        src_mac: lb_tests::flood::mac_of(&topo.client, "eth0").expect("client MAC"),
+        dst: VIP4.octets(),
+        dport: lb_tests::topology::PORT,
+        rate,
+        duration,
+    }
+}
+
 /// A SYN flood of fresh tuples, ten times what the connection table holds, resets no
 /// established connection, whatever the strategy: a flow's first packet goes to the embryonic
 /// table, and only its client's next packet moves it to the connection table, so the flood
@@ -963,9 +976,8 @@ fn a_syn_flood_resets_no_established_connection_whatever_the_strategy() {
     }
     let d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
     d.wait_all_in_tables();
-    let lb_mac = lb_tests::flood::mac_of(&topo.lb, "eth0").expect("balancer MAC");
-    let client_mac = lb_tests::flood::mac_of(&topo.client, "eth0").expect("client MAC");
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get()).min(8);
+    let flood = &syn_flood(&topo, SYNS / cpus as u64, Duration::from_secs(1));
     let strategies = [
         "round-robin",
         "weighted-round-robin",
@@ -987,14 +999,6 @@ fn a_syn_flood_resets_no_established_connection_whatever_the_strategy() {
                         scope.spawn(move || {
                             lb_tests::flood::pin_to_cpu(cpu).expect("pin the flood thread");
                             let sender = lb_tests::flood::RawSender::open("eth0").expect("packet socket");
-                            let flood = lb_tests::flood::SynFlood {
-                                dst_mac: lb_mac,
-                                src_mac: client_mac,
-                                dst: VIP4.octets(),
-                                dport: lb_tests::topology::PORT,
-                                rate: SYNS / cpus as u64,
-                                duration: Duration::from_secs(1),
-                            };
                             // Addresses the client does not have: no RST ever answers the
                             // SYN-ACKs. Each round and CPU its own, so every SYN is a fresh tuple.
                             let net = 16 + round as u8 * 8 + cpu as u8;
@@ -1049,18 +1053,9 @@ fn syns_that_never_complete_stop_counting_once_the_census_ages_them() {
     let d = start(&topo, "least-connections");
     let active = |d: &Daemon| backends(d, "web4").values().map(|c| c.1).sum::<i64>();
     assert_eq!(active(&d), 0, "{:?}", backends(&d, "web4"));
-    let lb_mac = lb_tests::flood::mac_of(&topo.lb, "eth0").expect("balancer MAC");
-    let client_mac = lb_tests::flood::mac_of(&topo.client, "eth0").expect("client MAC");
+    let flood = syn_flood(&topo, 1000, Duration::from_millis(SYNS));
     let sent = in_ns(&topo.client, move || {
         let sender = lb_tests::flood::RawSender::open("eth0").expect("packet socket");
-        let flood = lb_tests::flood::SynFlood {
-            dst_mac: lb_mac,
-            src_mac: client_mac,
-            dst: VIP4.octets(),
-            dport: lb_tests::topology::PORT,
-            rate: 1000,
-            duration: Duration::from_millis(SYNS),
-        };
         flood.run(&sender, |i| [10, 77, 0, 1 + i as u8]).expect("SYNs")
     });
     let counted = wait_until(Duration::from_secs(5), || active(&d) == sent as i64);

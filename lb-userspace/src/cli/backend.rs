@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use super::shared::{fmt_departure, fmt_ip};
+use super::shared::{fmt_departure, fmt_ip, fmt_labels};
 use crate::{
     api::Request,
     config::{self, BackendSpec},
@@ -145,12 +145,6 @@ pub fn list(service: Option<&str>, labels: &[(String, String)], services: &Value
 /// One line a backend: service, id, where it is, weight, state, source, labels.
 pub fn print_list(data: &Value) {
     for b in data.as_array().into_iter().flatten() {
-        let labels: Vec<String> = b["labels"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-            .collect();
         println!(
             "{:<16} {:<16} {:<24} port={:<5} weight={:<5} {:<8} source={:<12} {}{}",
             b["service"].as_str().unwrap_or_default(),
@@ -161,7 +155,7 @@ pub fn print_list(data: &Value) {
             b["health"].as_str().unwrap_or_default(),
             b["source"].as_str().unwrap_or_default(),
             fmt_departure(&b["departure"]),
-            labels.join(","),
+            fmt_labels(&b["labels"]),
         );
     }
 }

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use super::shared::{fmt_departure, fmt_ip, fmt_registration};
+use super::shared::{fmt_departure, fmt_ip, fmt_labels, fmt_registration};
 use crate::{
     api::Request,
     config::{Forwarding, FragmentPolicy, HashMode, Protocol, ServiceSpec},
@@ -133,12 +133,7 @@ fn print_list(data: &Value) {
             println!("  {}", fmt_discovery(d));
         }
         for b in s["backends"].as_array().into_iter().flatten() {
-            let labels: Vec<String> = b["labels"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                .collect();
+            let labels = fmt_labels(&b["labels"]);
             println!(
                 "  {:<16} {:<24} port={:<5} weight={:<5} slots={:<6} source={} {}{}{}{}{}",
                 b["id"].as_str().unwrap_or_default(),
@@ -150,7 +145,7 @@ fn print_list(data: &Value) {
                 if labels.is_empty() {
                     String::new()
                 } else {
-                    format!("labels={} ", labels.join(","))
+                    format!("labels={labels} ")
                 },
                 fmt_registration(&b["registration"]),
                 fmt_departure(&b["departure"]),

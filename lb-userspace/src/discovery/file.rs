@@ -36,7 +36,7 @@ pub async fn run(reporter: Reporter) {
     };
     loop {
         let (tx, mut events) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let watcher = match watch(&path, tx) {
+        let watcher = match crate::files::watch(&path, tx) {
             Ok(w) => w,
             Err(e) => {
                 let e = SourceError::new(
@@ -73,25 +73,6 @@ pub async fn run(reporter: Reporter) {
     }
 }
 
-/// Watches the file's directory for anything that touches the file.
-fn watch(
-    path: &Path,
-    tx: tokio::sync::mpsc::UnboundedSender<()>,
-) -> notify::Result<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let file = path.to_path_buf();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(e) = event
-            && e.paths.iter().any(|p| p == &file)
-            && !matches!(e.kind, notify::EventKind::Access(_))
-        {
-            let _ = tx.send(());
-        }
-    })?;
-    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
-    Ok(watcher)
-}
 
 /// The file, read and parsed off the async workers.
 async fn read(path: &Path) -> Result<Entries, SourceError> {
