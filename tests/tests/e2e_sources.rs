@@ -488,7 +488,11 @@ fn srv_records_from_a_real_dns_server_are_followed_and_kept_when_it_dies() {
         d.log()
     );
     let (reasons, skipped) = skipped(&d);
-    assert_eq!(reasons, ["10.99.0.11-0:bad-port", "ghost.svc.example:malformed"], "{skipped}");
+    assert_eq!(
+        reasons,
+        ["10.99.0.11-0:bad-port", "ghost.svc.example:malformed"],
+        "{skipped}"
+    );
     for reason in ["bad-port", "malformed"] {
         assert_eq!(
             metric(

@@ -73,7 +73,6 @@ pub async fn run(reporter: Reporter) {
     }
 }
 
-
 /// The file, read and parsed off the async workers.
 async fn read(path: &Path) -> Result<Entries, SourceError> {
     let owned = path.to_path_buf();
