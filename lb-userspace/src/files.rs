@@ -85,6 +85,27 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Watches `path`'s directory for anything that touches the file (an edit, or a rename over it,
+/// as config management writes files), sending a unit on `tx` for each event.
+pub fn watch(
+    path: &Path,
+    tx: tokio::sync::mpsc::UnboundedSender<()>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let file = path.to_path_buf();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(e) = event
+            && e.paths.iter().any(|p| p == &file)
+            && !matches!(e.kind, notify::EventKind::Access(_))
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,25 +154,4 @@ mod tests {
         assert!(e.ends_with("not a regular file"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
-}
-
-/// Watches `path`'s directory for anything that touches the file (an edit, or a rename over it,
-/// as config management writes files), sending a unit on `tx` for each event.
-pub fn watch(
-    path: &Path,
-    tx: tokio::sync::mpsc::UnboundedSender<()>,
-) -> notify::Result<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let file = path.to_path_buf();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(e) = event
-            && e.paths.iter().any(|p| p == &file)
-            && !matches!(e.kind, notify::EventKind::Access(_))
-        {
-            let _ = tx.send(());
-        }
-    })?;
-    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
-    Ok(watcher)
 }
