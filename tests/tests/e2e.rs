@@ -139,6 +139,13 @@ fn sigkill_restart_keeps_connections_and_state() {
     let status = d.json(&["status"]);
     assert_eq!(status["adopted"], true, "{status}");
     assert!(status["interfaces"][0]["adopted"] == true, "{status}");
+    // The same, as text: one line a thing.
+    let text = String::from_utf8_lossy(&d.cli(&["status"]).stdout).to_string();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("attached") && l.contains("eth0") && l.contains("(adopted)")),
+        "{text}"
+    );
     assert_eq!(
         d.json(&["service", "list"]),
         before,

@@ -16,6 +16,7 @@ mod plan;
 mod service;
 mod shared;
 mod stats;
+mod status;
 
 use std::path::PathBuf;
 
@@ -180,6 +181,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<i32> {
     match &cli.command {
         Command::Service(cmd) => service::print(cmd, &data),
         Command::Stats => stats::print(&data),
+        Command::Status => status::print(&data),
         Command::Health(_) => health::print(&data),
         Command::Lookup(_) => lookup::print(&data),
         Command::Node(_) => node::print(&data),
