@@ -142,6 +142,7 @@ fn idle_and_slow_http_clients_change_nothing() {
         checks(&d)
     );
     let before = checks(&d);
+    let checked_from = Instant::now();
     let fds_before = open_fds(pid);
 
     let started = Instant::now();
@@ -188,6 +189,10 @@ fn idle_and_slow_http_clients_change_nothing() {
     });
     assert!(done, "{shut} of {all} attack connections closed by the daemon");
     let after = checks(&d);
+    // The schedule (every 0.2 s) over the time the attack lasted, less a quarter for a check's
+    // own time and a scheduler's lag: the connections close when their timeouts say, so the
+    // window's length is measured, not assumed.
+    let due = (checked_from.elapsed().as_millis() / 200) as u64 * 3 / 4;
     for ((id, b), a) in ids.iter().zip(&before).zip(&after) {
         assert_eq!(a.0, "up", "{id}: {after:?}");
         assert_eq!(
@@ -195,8 +200,8 @@ fn idle_and_slow_http_clients_change_nothing() {
             "{id}: a check failed during the attack: {before:?} -> {after:?}"
         );
         assert!(
-            a.1 >= b.1 + 20,
-            "{id}: checks fell behind their schedule: {before:?} -> {after:?}"
+            a.1 >= b.1 + due,
+            "{id}: checks fell behind their schedule ({due} due): {before:?} -> {after:?}"
         );
     }
     let log = d.log();
