@@ -42,30 +42,26 @@ pub struct ConntrackCensus {
     pub embryonic_expired_total: u64,
 }
 
-/// CLOCK_MONOTONIC_COARSE, the data plane's clock (`bpf_ktime_get_coarse_ns`), in ns.
-fn coarse_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+/// The embryonic entries a census keeps, those it removes (past `EMBRYONIC_TTL` at `now`, in
+/// `coarse_seconds`), and the oldest kept one's age.
+#[derive(Default)]
+struct Young<'a> {
+    kept: Vec<&'a FlowState>,
+    expired: Vec<&'a FlowKey>,
+    oldest: u16,
 }
 
-/// Which embryonic entries (their `opened`) the census removes at `now`, and the oldest age of
-/// those it keeps. Pure, for the unit test.
-fn sort_embryonic(opened: &[u16], now: u16) -> (Vec<usize>, u16) {
-    let mut expired = Vec::new();
-    let mut oldest = 0;
-    for (i, &o) in opened.iter().enumerate() {
-        if embryonic_expired(o, now) {
-            expired.push(i);
+fn split_embryonic(entries: &[(FlowKey, FlowState)], now: u16) -> Young<'_> {
+    let mut young = Young::default();
+    for (key, state) in entries {
+        if embryonic_expired(state.opened, now) {
+            young.expired.push(key);
         } else {
-            oldest = oldest.max(now.wrapping_sub(o));
+            young.oldest = young.oldest.max(now.wrapping_sub(state.opened));
+            young.kept.push(state);
         }
     }
-    (expired, oldest)
+    young
 }
 
 pub fn spawn(
@@ -102,29 +98,24 @@ pub fn spawn(
                 let before: Vec<i64> = (0..active.slots()).map(|s| active.get(s)).collect();
                 let mut entries = 0u64;
                 let mut truth = std::collections::HashMap::<u32, i64>::new();
+                let mut count = |state: &FlowState| {
+                    if state.forward & lb_common::flow::FLOW_COUNTED != 0 {
+                        *truth.entry(state.backend).or_default() += 1;
+                    }
+                };
                 for (_, state) in map.iter().flatten() {
                     entries += 1;
-                    if state.forward & lb_common::flow::FLOW_COUNTED != 0 {
-                        *truth.entry(state.backend).or_default() += 1;
-                    }
+                    count(&state);
                 }
                 // Flows of one packet: the expired go (and so leave the truth); the rest count.
-                let young: Vec<(FlowKey, FlowState)> = embryonic.iter().flatten().collect();
-                let opened: Vec<u16> = young.iter().map(|(_, s)| s.opened).collect();
-                let (expired, oldest) = sort_embryonic(&opened, coarse_seconds(coarse_now_ns()));
+                let all: Vec<(FlowKey, FlowState)> = embryonic.iter().flatten().collect();
+                let now_coarse = coarse_seconds(super::clock_ns(libc::CLOCK_MONOTONIC_COARSE));
+                let young = split_embryonic(&all, now_coarse);
                 let mut removed = 0u64;
-                for &i in &expired {
-                    removed += u64::from(embryonic.remove(&young[i].0).is_ok());
+                for key in &young.expired {
+                    removed += u64::from(embryonic.remove(key).is_ok());
                 }
-                let mut gone = expired.iter().peekable();
-                for (i, (_, state)) in young.iter().enumerate() {
-                    if gone.next_if(|&&g| g == i).is_some() {
-                        continue;
-                    }
-                    if state.forward & lb_common::flow::FLOW_COUNTED != 0 {
-                        *truth.entry(state.backend).or_default() += 1;
-                    }
-                }
+                young.kept.iter().for_each(|state| count(state));
                 // NAT connections count on their forward entries.
                 for (_, e) in nat.iter().flatten() {
                     if e.flags & lb_common::nat::NAT_F_COUNTED != 0 {
@@ -142,8 +133,8 @@ pub fn spawn(
                     at: Some(Instant::now()),
                     took,
                     active_corrections_total: o.active_corrections_total + fixes.len() as u64,
-                    embryonic: young.len() as u64 - removed,
-                    embryonic_oldest_s: oldest,
+                    embryonic: all.len() as u64 - removed,
+                    embryonic_oldest_s: young.oldest,
                     embryonic_expired_total: o.embryonic_expired_total + removed,
                 };
                 drop(o);
@@ -165,8 +156,27 @@ mod tests {
             now.wrapping_sub(31),
             40_000,
         ];
-        let (expired, oldest) = super::sort_embryonic(&opened, now);
-        assert_eq!(expired, vec![2, 3]);
-        assert_eq!(oldest, lb_common::flow::EMBRYONIC_TTL);
+        let entries: Vec<(lb_common::FlowKey, lb_common::FlowState)> = opened
+            .iter()
+            .enumerate()
+            .map(|(i, &opened)| {
+                let key = lb_common::FlowKey {
+                    src_port: i as u16,
+                    ..Default::default()
+                };
+                (
+                    key,
+                    lb_common::FlowState {
+                        opened,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        let young = super::split_embryonic(&entries, now);
+        let ports: Vec<u16> = young.expired.iter().map(|k| k.src_port).collect();
+        assert_eq!(ports, vec![2, 3]);
+        assert_eq!(young.kept.len(), 2);
+        assert_eq!(young.oldest, lb_common::flow::EMBRYONIC_TTL);
     }
 }

@@ -251,6 +251,18 @@ impl Readers {
     }
 }
 
+/// A monotonic clock's time in nanoseconds: CLOCK_MONOTONIC_COARSE is the data plane's own
+/// (`bpf_ktime_get_coarse_ns`), CLOCK_MONOTONIC the precise one on the same base.
+pub fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 pub fn ifindex(iface: &str) -> Result<u32> {
     let name = std::ffi::CString::new(iface)
         .map_err(|_| Error::invalid(format!("invalid interface name {iface:?}")))?;
