@@ -484,7 +484,7 @@ impl Endpoints {
                     cfg.metrics.listen
                 );
                 let gate = status_page::Gate::metrics(token.clone());
-                let page = status_page::router(status_source(shared), gate);
+                let page = status_page::router(shared.clone(), gate);
                 Some(tokio::spawn(metrics::serve(
                     listener,
                     metrics,
@@ -517,7 +517,7 @@ impl Endpoints {
                     let access = access.clone();
                     status_page::Gate::new(move |request| access.may_read(request))
                 };
-                let page = status_page::router(status_source(shared), gate);
+                let page = status_page::router(shared.clone(), gate);
                 Some(tokio::spawn(server::serve(
                     crate::serve::Listener::Tcp(listener),
                     shared.clone(),
@@ -578,18 +578,6 @@ impl Endpoints {
             let _ = wait(t).await;
         }
     }
-}
-
-/// What the status page reads: the API's readers.
-fn status_source(shared: &Shared) -> Arc<status_page::Source> {
-    Arc::new(status_page::Source {
-        cfg: shared.cfg.clone(),
-        snapshot: shared.snapshot.clone(),
-        readers: shared.readers.clone(),
-        nat: shared.nat.clone(),
-        board: shared.board.clone(),
-        bgp: shared.bgp.clone(),
-    })
 }
 
 /// This host, as the cluster's node keys name their owners: its machine id, else its name.

@@ -316,6 +316,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 /// the state file, netlink, the log, the check path.
 pub const DAEMON_FDS: u64 = 256;
 
+/// The token a request sends as `Authorization: Bearer <token>`, if it sends one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
 /// Raises the soft descriptor limit to the hard one and checks the budget: every listener's
 /// cap, `checks` (the most health checks in flight at once, each one socket) and `DAEMON_FDS`
 /// must fit, so no crowd of HTTP clients can take a check's descriptor. Returns the limit, or

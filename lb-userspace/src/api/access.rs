@@ -13,7 +13,7 @@ use std::{
 
 use axum::{
     extract::{Request, State},
-    http::{Method, StatusCode, header},
+    http::{Method, StatusCode},
     middleware::Next,
     response::{IntoResponse, Response},
 };
@@ -127,10 +127,7 @@ impl Access {
         if !self.tcp {
             return Ok(Scope::Admin);
         }
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+        let given = crate::serve::bearer(headers)
             .ok_or_else(|| Failure::new(StatusCode::UNAUTHORIZED, "a bearer token is required"))?;
         self.scope_of(given)
             .ok_or_else(|| Failure::new(StatusCode::UNAUTHORIZED, "unknown bearer token"))
@@ -288,6 +285,8 @@ pub async fn guard(State(access): State<Access>, request: Request, next: Next) -
 
 #[cfg(test)]
 mod tests {
+    use axum::http::header;
+
     use super::*;
 
     #[test]

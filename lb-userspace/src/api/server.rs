@@ -94,7 +94,8 @@ fn bad_query(r: QueryRejection) -> Failure {
     )
 }
 
-fn queries(s: &Shared) -> Queries<'_> {
+/// The read side of the API's state, as every query (and the status page) reads it.
+pub fn queries(s: &Shared) -> Queries<'_> {
     Queries {
         instance: &s.cfg.instance,
         cfg: &s.cfg,

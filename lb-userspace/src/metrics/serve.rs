@@ -53,11 +53,7 @@ impl SharedRender {
 
 /// Whether the request sends `Authorization: Bearer <token>` (compared in constant time).
 pub fn bearer_matches(headers: &axum::http::HeaderMap, token: &str) -> bool {
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+    let given = crate::serve::bearer(headers).unwrap_or_default();
     bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes()))
 }
 

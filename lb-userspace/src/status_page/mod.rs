@@ -14,7 +14,7 @@
 //! in the DOM as text only; the Content-Security-Policy lets no inline script or outside
 //! resource run or load even if something slipped through.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::{
     Router,
@@ -25,16 +25,13 @@ use axum::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::watch;
 
 use crate::{
-    api::failure::Failure,
-    config::DaemonConfig,
+    api::{
+        failure::Failure,
+        server::{Shared, queries},
+    },
     control::queries::Queries,
-    dataplane::Readers,
-    nat::NatStatus,
-    snapshot::Snapshot,
-    status::{bgp::BgpStatus, checks::Board},
 };
 
 const PAGE: &str = include_str!("status.html");
@@ -48,30 +45,6 @@ pub const REFRESH_MS: u64 = 1000;
 /// outside fetch, image or frame (`data:` images: the page's empty icon, so the browser asks
 /// for no /favicon.ico).
 const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
-
-/// What the page's data is read from: the daemon's readers, as the API has them.
-pub struct Source {
-    pub cfg: DaemonConfig,
-    pub snapshot: watch::Receiver<Arc<Snapshot>>,
-    pub readers: Arc<Readers>,
-    pub nat: Arc<Mutex<NatStatus>>,
-    pub board: Board,
-    pub bgp: Arc<Mutex<BgpStatus>>,
-}
-
-impl Source {
-    fn queries(&self) -> Queries<'_> {
-        Queries {
-            instance: &self.cfg.instance,
-            cfg: &self.cfg,
-            snap: self.snapshot.borrow().clone(),
-            readers: &self.readers,
-            nat: &self.nat,
-            board: &self.board,
-            bgp: &self.bgp,
-        }
-    }
-}
 
 /// Who may read the page's data on a listener: the listener's own rule, given the request
 /// (the metrics token, or the API's scopes, which audit a refusal as the API's guard does).
@@ -113,14 +86,15 @@ impl Gate {
     }
 }
 
+/// The page's data is read as the API's queries read theirs.
 #[derive(Clone)]
 struct Ctx {
-    source: Arc<Source>,
+    shared: Arc<Shared>,
     gate: Gate,
 }
 
 /// The page's routes, for a listener whose rule is `gate`.
-pub fn router(source: Arc<Source>, gate: Gate) -> Router {
+pub fn router(shared: Arc<Shared>, gate: Gate) -> Router {
     Router::new()
         .route("/status", get(page))
         .route("/status/", get(page))
@@ -128,7 +102,7 @@ pub fn router(source: Arc<Source>, gate: Gate) -> Router {
         .route("/status/app.js", get(script))
         .route("/status/app.css", get(style))
         .route("/status/data", get(data))
-        .with_state(Ctx { source, gate })
+        .with_state(Ctx { shared, gate })
 }
 
 /// A static body with the page's headers.
@@ -167,7 +141,7 @@ async fn style() -> Response {
 /// which services exist; the page's data fetch, with the token, gets the 404 and says so.
 async fn service_page(State(c): State<Ctx>, name: Path<String>, request: Parts) -> Response {
     if c.gate.open || request.headers.contains_key(header::AUTHORIZATION) {
-        let known = |name: &str| c.source.snapshot.borrow().services.iter().any(|s| s.name == name);
+        let known = |name: &str| c.shared.snapshot.borrow().services.iter().any(|s| s.name == name);
         let refused = match (c.gate.check)(&request) {
             Err(refused) => Some(refused),
             Ok(()) if !known(&name) => Some(Failure::new(
@@ -214,9 +188,9 @@ async fn answer(
         )
     })?;
     // Reading the maps and encoding take milliseconds: off the async workers.
-    let source = c.source.clone();
+    let shared = c.shared.clone();
     let body = tokio::task::spawn_blocking(move || {
-        let data = snapshot(&source.queries(), q.service.as_deref())?;
+        let data = snapshot(&queries(&shared), q.service.as_deref())?;
         serde_json::to_vec(&data).map_err(|e| crate::error::Error::invalid(format!("status data: {e}")))
     })
     .await
