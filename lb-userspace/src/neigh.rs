@@ -64,6 +64,11 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// only guards against a reply that cannot be decoded (netlink-proto drops those, and the
 /// request would otherwise wait forever).
 const NETLINK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most requests on the socket at once. The connection task sends one request per turn, so
+/// thousands queued together (the routes of 16,384 backends) waited their turn inside their own
+/// [`NETLINK_TIMEOUT`], and the last ones timed out (30,000 routes: 3,190 failed); bounded, each
+/// request's time starts when it is sent, and its answer has room in the receive buffer.
+const MAX_IN_FLIGHT: usize = 16;
 /// The discard service (RFC 863): the target of the fallback resolution trigger.
 const DISCARD_PORT: u16 = 9;
 
@@ -144,6 +149,8 @@ pub struct Resolver {
     handle: Handle,
     /// Set once the kernel has refused `NTF_USE`, so the fallback is logged once, not per backend.
     ntf_use_refused: AtomicBool,
+    /// Bounds the requests in flight ([`MAX_IN_FLIGHT`]), whoever asks.
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl Resolver {
@@ -160,6 +167,7 @@ impl Resolver {
         Ok(Self {
             handle,
             ntf_use_refused: AtomicBool::new(false),
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
         })
     }
 
@@ -514,6 +522,11 @@ impl Resolver {
     ) -> Result<Vec<RouteNetlinkMessage>, Failure> {
         let mut request = NetlinkMessage::from(msg);
         request.header.flags = flags;
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| Failure::Broken("the resolver is closing".to_string()))?;
         let mut handle = self.handle.clone();
         let responses = handle
             .request(request)
@@ -1174,6 +1187,39 @@ mod tests {
                     "{a}"
                 );
             }
+        });
+    }
+
+    /// The bench's scale case asks the routes of 16,384 backends at once; with every request
+    /// sent at once, the last ones timed out waiting for their turn.
+    #[test]
+    fn routes_of_thirty_thousand_backends_all_answer() {
+        let Some(topo) = Topology::new("many") else {
+            return;
+        };
+        ip(&["-n", &topo.a, "route", "add", "10.210.0.0/16", "via", GATEWAY4]);
+        let want = topo.expected();
+        topo.run_in_a(move || async move {
+            let r = Resolver::new().expect("resolver");
+            let addrs: Vec<IpAddr> = (0..30_000u32)
+                .map(|i| IpAddr::V4(Ipv4Addr::from(0x0ad2_0000 + 1 + i % 65_000)))
+                .collect();
+            let start = StdInstant::now();
+            let hops = r.route_hops(&addrs).await;
+            eprintln!("{} routes in {:?}", addrs.len(), start.elapsed());
+            let failed: Vec<String> = hops
+                .iter()
+                .zip(&addrs)
+                .filter_map(|(h, a)| h.as_ref().err().map(|e| format!("{a}: {e}")))
+                .collect();
+            assert!(
+                failed.is_empty(),
+                "{} of {} routes failed, the first: {}",
+                failed.len(),
+                addrs.len(),
+                failed[0]
+            );
+            assert!(hops.iter().all(|h| h.as_ref().unwrap().ifindex == want.ifindex));
         });
     }
 }
