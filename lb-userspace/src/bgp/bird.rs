@@ -247,21 +247,15 @@ impl Bird {
 /// Stops the BIRD of `paths`, if one runs: its sessions close, so every peer drops this node's
 /// routes at once. Waits for it to go, at most 5 s. Blocking.
 pub fn stop(paths: &Paths) -> Result<bool, String> {
-    let Ok(text) = std::fs::read_to_string(&paths.pid) else {
-        return Ok(false);
+    let pid = match pid_from_file(paths)? {
+        Some(pid) => pid,
+        // No pid file (removed by hand, or a BIRD started without `-P`): the process that
+        // serves this instance's control socket is still ours to stop.
+        None => match serving(&paths.socket) {
+            Some(pid) => pid,
+            None => return Ok(false),
+        },
     };
-    let Ok(pid) = text.trim().parse::<i32>() else {
-        return Err(format!("{} holds no pid", paths.pid.display()));
-    };
-    if pid <= 1 {
-        return Err(format!("{} holds pid {pid}", paths.pid.display()));
-    }
-    // Only a BIRD: a stale file may name a process that has nothing to do with it.
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    if comm.trim() != "bird" {
-        let _ = std::fs::remove_file(&paths.pid);
-        return Ok(false);
-    }
     // SAFETY: kill with a checked pid and a constant signal.
     if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
         return Err(format!(
@@ -270,7 +264,7 @@ pub fn stop(paths: &Paths) -> Result<bool, String> {
         ));
     }
     let until = std::time::Instant::now() + Duration::from_secs(5);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    while is_bird(pid) {
         if std::time::Instant::now() > until {
             return Err(format!("BIRD (pid {pid}) still runs 5 s after SIGTERM"));
         }
@@ -279,6 +273,57 @@ pub fn stop(paths: &Paths) -> Result<bool, String> {
     let _ = std::fs::remove_file(&paths.socket);
     let _ = std::fs::remove_file(&paths.pid);
     Ok(true)
+}
+
+/// The pid in `paths.pid` if it names a running BIRD; a stale file is removed.
+fn pid_from_file(paths: &Paths) -> Result<Option<i32>, String> {
+    let Ok(text) = std::fs::read_to_string(&paths.pid) else {
+        return Ok(None);
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return Err(format!("{} holds no pid", paths.pid.display()));
+    };
+    if pid <= 1 {
+        return Err(format!("{} holds pid {pid}", paths.pid.display()));
+    }
+    // Only a BIRD: a stale file may name a process that has nothing to do with it.
+    if !is_bird(pid) {
+        let _ = std::fs::remove_file(&paths.pid);
+        return Ok(None);
+    }
+    Ok(Some(pid))
+}
+
+/// Whether `pid` is a live BIRD (a zombie has exited: its state is `Z`).
+fn is_bird(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) state ...": comm may hold spaces, so split at the last ')'.
+    let Some((head, tail)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    head.ends_with("(bird") && !tail.trim_start().starts_with(['Z', 'X'])
+}
+
+/// The BIRD whose command line names `socket` as its control socket (`-s`), if one runs.
+fn serving(socket: &Path) -> Option<i32> {
+    let want = socket.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+        if pid <= 1 || !is_bird(pid) {
+            return None;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let mut args = cmdline.split(|b| *b == 0);
+        let mut names_it = false;
+        while let Some(arg) = args.next() {
+            if arg == b"-s" && args.next() == Some(want) {
+                names_it = true;
+            }
+        }
+        names_it.then_some(pid)
+    })
 }
 
 #[cfg(test)]
@@ -353,5 +398,65 @@ mod tests {
         assert_eq!(p[1].state, "start");
         assert_eq!(p[1].info, "Active Socket: Connection refused");
         assert_eq!(p[2].info, "Error: No listening socket");
+    }
+
+    /// `lb detach` stopped no BIRD whose pid file was gone; it stops the one serving the
+    /// instance's socket, and never a process a stale pid file names.
+    #[test]
+    fn stop_finds_the_bird_of_the_socket_without_its_pid_file() {
+        if std::process::Command::new("bird")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipping: no bird on PATH (cargo xtask setup installs bird2)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path(), "t");
+        // No peers: this BIRD sends nothing anywhere.
+        std::fs::write(&paths.config, "router id 10.9.9.9;\nprotocol device {}\n").unwrap();
+        // Stopped whatever the test's outcome (it holds the test's descriptors, locks included).
+        struct Kill(PathBuf);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                if let Some(pid) = serving(&self.0) {
+                    // SAFETY: the BIRD this test started, found by its socket.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        let _kill = Kill(paths.socket.clone());
+        let started = std::process::Command::new("bird")
+            .arg("-c")
+            .arg(&paths.config)
+            .arg("-s")
+            .arg(&paths.socket)
+            .arg("-P")
+            .arg(&paths.pid)
+            .status()
+            .unwrap();
+        assert!(started.success());
+        // BIRD writes its pid file after it forks into the background.
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        let pid: i32 = loop {
+            let text = std::fs::read_to_string(&paths.pid).unwrap_or_default();
+            if let Ok(pid) = text.trim().parse() {
+                break pid;
+            }
+            assert!(std::time::Instant::now() < until, "BIRD wrote no pid file in 5 s");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(is_bird(pid));
+
+        // A stale pid file naming another process: that process is left alone.
+        std::fs::write(&paths.pid, format!("{}\n", std::process::id())).unwrap();
+        assert_eq!(pid_from_file(&paths), Ok(None));
+        assert!(!paths.pid.exists(), "the stale pid file stays");
+
+        assert_eq!(stop(&paths), Ok(true));
+        assert!(!is_bird(pid), "BIRD {pid} still runs");
+        assert!(!paths.socket.exists());
+        assert_eq!(stop(&paths), Ok(false));
     }
 }
