@@ -49,6 +49,12 @@ enum Command {
         #[arg(last = true, value_name = "TEST_ARGS")]
         args: Vec<OsString>,
     },
+    /// Run setup, then cargo deny over the dependency tree (deny.toml)
+    ///
+    /// Licenses, bans and sources always; advisories from the RustSec database when it can
+    /// be fetched from GitHub, and a line saying they were skipped, and why, when it cannot.
+    /// `cargo xtask test` runs this as its second step.
+    Deny,
     /// Run setup, build the demo and the daemon, run the end-to-end demo
     ///
     /// Builds `lb-demo` (lb-tests) and `lb` (lb-userspace), then runs lb-demo
@@ -161,6 +167,10 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Setup => setup::setup(&ctx),
         Command::Test { args } => test(&ctx, args),
+        Command::Deny => {
+            setup::setup(&ctx)?;
+            deny(&ctx)
+        }
         Command::Demo => demo(&ctx),
         Command::Bench { quick, only, page } => bench(&ctx, quick, &only, page),
         Command::Fuzz {
@@ -276,21 +286,53 @@ const CPU_LANE: [(&str, &str); 2] = [
     ("fuzz_dataplane", "generated_frames_match_the_model"),
 ];
 
+/// cargo deny: licenses, bans and sources from deny.toml (offline), then advisories if the
+/// RustSec database can be fetched (it lives on GitHub, which not every host reaches).
+fn deny(ctx: &Ctx) -> Result<()> {
+    let mut check = ctx.command("cargo-deny");
+    check
+        .current_dir(&ctx.root)
+        .args(["--locked", "check", "bans", "licenses", "sources"]);
+    ctx::run(&mut check)?;
+    let mut fetch = ctx.command("cargo-deny");
+    fetch.current_dir(&ctx.root).args(["fetch", "db"]);
+    let fetched = ctx::output(&mut fetch)?;
+    if !fetched.status.success() {
+        let why = String::from_utf8_lossy(&fetched.stderr)
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("no output")
+            .to_string();
+        eprintln!("deny: advisories skipped: the RustSec database could not be fetched ({why})");
+        return Ok(());
+    }
+    let mut advisories = ctx.command("cargo-deny");
+    advisories
+        .current_dir(&ctx.root)
+        .args(["--locked", "check", "--disable-fetch", "advisories"]);
+    ctx::run(&mut advisories)
+}
+
 fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
-    const STEPS: usize = 6;
+    const STEPS: usize = 7;
 
     header(1, STEPS, "setup");
     setup::setup(ctx)?;
 
+    header(2, STEPS, "cargo deny (deny.toml)");
+    deny(ctx)?;
+
     let mut build = ctx.cargo();
     // Not --workspace: lb-ebpf only builds for the bpf target (lb-userspace's build.rs does that).
     build.args(["build", "--all-targets"]);
-    header(2, STEPS, &ctx::display(&build));
+    header(3, STEPS, &ctx::display(&build));
     ctx::run(&mut build)?;
 
     let mut parser = ctx.cargo();
     parser.args(["test", "-p", "lb-ebpf", "--lib"]);
-    header(3, STEPS, &ctx::display(&parser));
+    header(4, STEPS, &ctx::display(&parser));
     let mut totals = ctx::TestTotals::default();
     ctx::run_tests(&mut parser, &mut totals)?;
 
@@ -312,7 +354,7 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
         }
     }
     test.args(&extra);
-    header(4, STEPS, &ctx::display(&test));
+    header(5, STEPS, &ctx::display(&test));
     let mut result = ctx::run_tests(&mut test, &mut totals);
     if lanes && result.is_ok() {
         let mut cpu = ctx.cargo();
@@ -321,7 +363,7 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
             cpu.args(["--test", binary]);
         }
         cpu.args(["--", "--test-threads=2"]);
-        header(5, STEPS, &ctx::display(&cpu));
+        header(6, STEPS, &ctx::display(&cpu));
         result = ctx::run_tests(&mut cpu, &mut totals);
     }
     if lanes && result.is_ok() {
@@ -336,7 +378,7 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
             "--test-threads=2",
             TWO_AT_A_TIME,
         ]);
-        header(6, STEPS, &ctx::display(&labs));
+        header(7, STEPS, &ctx::display(&labs));
         result = ctx::run_tests(&mut labs, &mut totals);
     }
     // One summary over every test binary, as the last line.

@@ -47,6 +47,8 @@ const TOOL_PACKAGES: &[&str] = &[
     "dnsmasq-base",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// The cargo-deny `cargo xtask deny` runs (pinned: its checks and config format change).
+const CARGO_DENY: &str = "0.20.2";
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// What is missing, found before anything is installed.
@@ -107,6 +109,12 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
     };
 
     let mut done = Vec::new();
+    // cargo-deny compiles for minutes: alongside the downloads below, which wait on the network.
+    let deny = if cargo_deny_runs(ctx) {
+        None
+    } else {
+        Some(start_cargo_deny_install(ctx)?)
+    };
     if !plan.packages.is_empty() {
         install_packages(ctx, &plan.packages)?;
         done.push(format!("Debian packages ({})", plan.packages.join(" ")));
@@ -133,6 +141,10 @@ pub fn setup(ctx: &Ctx) -> Result<()> {
     if !python_env_ready(ctx) {
         install_python_env(ctx)?;
         done.push(format!("Python test environment ({PY_REQUIREMENTS})"));
+    }
+    if let Some(install) = deny {
+        finish_cargo_deny_install(ctx, install)?;
+        done.push(format!("cargo-deny {CARGO_DENY}"));
     }
 
     let secs = start.elapsed().as_secs_f64();
@@ -399,6 +411,50 @@ fn install_bpf_linker(ctx: &Ctx, force: bool) -> Result<()> {
     ctx::run(&mut cmd).with_context(|| format!("bpf-linker missing (fix: {shown})"))?;
     if !bpf_linker_runs(ctx) {
         bail!("bpf-linker was installed but `bpf-linker --version` fails (fix: {shown} --force)");
+    }
+    Ok(())
+}
+
+// ---- cargo-deny ----------------------------------------------------------------
+
+fn cargo_deny_runs(ctx: &Ctx) -> bool {
+    let mut version = ctx.command("cargo-deny");
+    version.arg("--version");
+    ctx::output(&mut version).is_ok_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == format!("cargo-deny {CARGO_DENY}")
+    })
+}
+
+/// The running install and how to show it.
+struct DenyInstall {
+    child: std::process::Child,
+    shown: String,
+}
+
+fn start_cargo_deny_install(ctx: &Ctx) -> Result<DenyInstall> {
+    let mut cmd = ctx.cargo();
+    cmd.args([
+        "install",
+        "cargo-deny",
+        "--locked",
+        "--force",
+        "--version",
+        CARGO_DENY,
+    ]);
+    let shown = ctx::display(&cmd);
+    eprintln!("setup: installing cargo-deny in the background, it compiles for a few minutes ({shown})");
+    let child = cmd.spawn().with_context(|| format!("cannot start `{shown}`"))?;
+    Ok(DenyInstall { child, shown })
+}
+
+fn finish_cargo_deny_install(ctx: &Ctx, mut install: DenyInstall) -> Result<()> {
+    let shown = &install.shown;
+    let status = install
+        .child
+        .wait()
+        .with_context(|| format!("wait for `{shown}`"))?;
+    if !status.success() || !cargo_deny_runs(ctx) {
+        bail!("cargo-deny {CARGO_DENY} missing: `{shown}` failed ({status})");
     }
     Ok(())
 }
