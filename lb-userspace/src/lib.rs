@@ -32,6 +32,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod discovery;
 pub mod error;
+pub mod failpoints;
 pub mod files;
 pub mod health;
 pub mod maglev;

@@ -46,6 +46,7 @@ fn main() {
 fn run(cli: &Cli) -> anyhow::Result<i32> {
     match &cli.command {
         Command::Daemon { config, .. } => {
+            lb_userspace::failpoints::from_env()?;
             // Start-up on this thread alone; then only what the daemon keeps, before the
             // runtime's threads exist (they inherit it).
             let prepared = lb_userspace::daemon::prepare(config.clone())?;

@@ -318,6 +318,8 @@ pub struct Daemon {
     pub instance: String,
     pub run_dir: PathBuf,
     pub config: PathBuf,
+    /// `FAILPOINTS` for every start of this daemon (restarts included), if set.
+    failpoints: Option<String>,
 }
 
 impl Daemon {
@@ -335,6 +337,18 @@ impl Daemon {
 
     /// As `start`, in any namespace.
     pub fn start_in(ns: &NetNs, instance: &str, run_dir: &std::path::Path, config: &str) -> Result<Self> {
+        Self::start_with_failpoints(ns, instance, run_dir, config, None)
+    }
+
+    /// As `start_in`, with the daemon's failpoints set (`FAILPOINTS`, the `fail` crate's syntax:
+    /// `name=actions;...`; see `lb_userspace::failpoints`).
+    pub fn start_with_failpoints(
+        ns: &NetNs,
+        instance: &str,
+        run_dir: &std::path::Path,
+        config: &str,
+        failpoints: Option<&str>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(run_dir)?;
         let path = run_dir.join("lb.toml");
         std::fs::write(&path, config)?;
@@ -343,6 +357,7 @@ impl Daemon {
             instance: instance.into(),
             run_dir: run_dir.into(),
             config: path,
+            failpoints: failpoints.map(str::to_string),
         };
         d.spawn(ns)?;
         Ok(d)
@@ -353,7 +368,11 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(self.run_dir.join("daemon.log"))?;
-        let child = as_the_unit_runs_it(ns)?
+        let mut command = as_the_unit_runs_it(ns)?;
+        if let Some(failpoints) = &self.failpoints {
+            command.env("FAILPOINTS", failpoints);
+        }
+        let child = command
             .arg(lb_bin())
             .args(["daemon", "--config"])
             .arg(&self.config)

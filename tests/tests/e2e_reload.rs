@@ -169,3 +169,84 @@ fn a_watched_reload_keeps_every_connection_and_an_invalid_file_changes_nothing()
         .contains("reload refused, nothing changed")));
     assert_eq!(d.json(&["service", "list"]), before);
 }
+
+/// The file with web4's backend b1 at `weight`.
+fn with_b1_weight(text: &str, weight: u32) -> String {
+    let mut out = String::new();
+    let (mut service, mut backend) = (String::new(), String::new());
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("name = ") {
+            service = name.trim_matches('"').to_string();
+        }
+        if let Some(id) = line.strip_prefix("id = ") {
+            backend = id.trim_matches('"').to_string();
+        }
+        if line.starts_with("weight = ") && service == "web4" && backend == "b1" {
+            out.push_str(&format!("weight = {weight}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    assert!(out.contains(&format!("weight = {weight}\n")), "{out}");
+    out
+}
+
+fn b1_weight(d: &Daemon) -> u64 {
+    d.backends_of("web4")
+        .into_iter()
+        .find(|b| b["id"] == "b1")
+        .and_then(|b| b["weight"].as_u64())
+        .unwrap_or_else(|| panic!("web4/b1 has no weight: {:?}", d.backends_of("web4")))
+}
+
+/// Reloads one at a time, whoever asks: a SIGHUP reload that read the file and then stalled
+/// (a failpoint: 2 s) finishes before an `lb reload` of a newer file starts, so the newer file
+/// is applied last. Without the one-at-a-time lock, the stalled reload applied its older file
+/// after the newer one.
+#[test]
+fn an_older_file_version_is_never_applied_last() {
+    let topo = Topology::new(2).expect("topology");
+    let (instance, run_dir) = Daemon::new_paths();
+    let v1 = topo.config(&instance, &run_dir, &["b1", "b2"]);
+    let d = Daemon::start_with_failpoints(
+        &topo.lb,
+        &instance,
+        &run_dir,
+        &v1,
+        Some("reload-read=1*print(the first reload read the file);reload-apply=1*return(2000)"),
+    )
+    .expect("daemon starts");
+    assert_eq!(b1_weight(&d), 100);
+
+    std::fs::write(&d.config, with_b1_weight(&v1, 50)).expect("write v2");
+    // SAFETY: kill with the daemon's pid and a constant signal.
+    assert_eq!(unsafe { libc::kill(d.pid().unwrap() as i32, libc::SIGHUP) }, 0);
+    assert!(
+        // The `fail` crate logs the print (the start-up line naming the failpoints holds the
+        // same words, after a '(').
+        wait_until(Duration::from_secs(10), || d
+            .log()
+            .contains("fail] the first reload read the file")),
+        "the SIGHUP reload did not read the file: {}",
+        d.log_tail(20)
+    );
+    std::fs::write(&d.config, with_b1_weight(&v1, 20)).expect("write v3");
+    let out = d.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "lb reload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || d.log().contains("SIGHUP: reloaded")),
+        "the SIGHUP reload did not finish: {}",
+        d.log_tail(20)
+    );
+    assert_eq!(
+        b1_weight(&d),
+        20,
+        "the older file was applied last: {}",
+        d.log_tail(20)
+    );
+}

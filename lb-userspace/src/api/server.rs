@@ -625,8 +625,12 @@ pub async fn reload_config(s: &Shared) -> crate::error::Result<Vec<String>> {
     }
     let _one_at_a_time = s.reloading.lock().await;
     let cfg = Config::load(&s.config_path)?;
+    fail::fail_point!("reload-read");
     if cfg.daemon != s.cfg {
         warn!("reload: [daemon] changes take effect only after a restart");
+    }
+    if let Some(stall) = crate::failpoints::stall("reload-apply") {
+        tokio::time::sleep(stall).await;
     }
     submit(&s.writer, Change::Replace(cfg.services)).await
 }
