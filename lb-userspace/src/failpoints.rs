@@ -1,7 +1,7 @@
 //! Named failpoints (the `fail` crate) at the steps of a change, compiled in only with the
 //! `failpoints` feature, which the tests crate turns on: `FAILPOINTS="name=actions;..."` in the
 //! daemon's environment logs (`print(msg)`), stalls (`return(ms)` at a [`stall`]) or crashes it
-//! (`return` at a [`crash_point!`]) there. A build without the feature ignores the variable, and says so.
+//! (`return` at a [`crash_point!`]) there, or fails a call (`return` at an [`io_error`]). A build without the feature ignores the variable, and says so.
 
 use anyhow::{Result, anyhow};
 
@@ -31,6 +31,13 @@ pub fn stall(name: &str) -> Option<std::time::Duration> {
     fail::fail_point!(name, |ms: Option<String>| ms
         .and_then(|ms| ms.parse().ok())
         .map(std::time::Duration::from_millis));
+    None
+}
+
+/// An I/O error to return at `name` (`return`: "Too many open files", the error a daemon out of
+/// descriptors sees), in place of the call it stands before.
+pub fn io_error(name: &str) -> Option<std::io::Error> {
+    fail::fail_point!(name, |_| Some(std::io::Error::from_raw_os_error(libc::EMFILE)));
     None
 }
 

@@ -65,9 +65,16 @@ pub async fn serve(
     let peers = Arc::new(Mutex::new(HashMap::<IpAddr, u32>::new()));
     let refusals = Refusals::default();
     loop {
-        let accepted = tokio::select! {
-            a = accept(&listener) => a,
-            _ = stop.wait_for(|s| *s) => return,
+        let failed = tls
+            .is_some()
+            .then(|| crate::failpoints::io_error("tls-accept"))
+            .flatten();
+        let accepted = match failed {
+            Some(e) => Err(e),
+            None => tokio::select! {
+                a = accept(&listener) => a,
+                _ = stop.wait_for(|s| *s) => return,
+            },
         };
         let (io, peer) = match accepted {
             Ok(a) => a,
@@ -75,8 +82,10 @@ pub async fn serve(
                 // Out of descriptors, say: back off so the loop does not spin, and say so
                 // once a while rather than per attempt.
                 refusals.note(name, &format!("accept: {e}"));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {

@@ -22,6 +22,10 @@ fn start() -> Api {
 
 /// As `start`, with more `[daemon.api]` keys, made from the run directory.
 fn start_with(extra: impl FnOnce(&std::path::Path) -> String) -> Api {
+    start_with_failpoints(extra, None)
+}
+
+fn start_with_failpoints(extra: impl FnOnce(&std::path::Path) -> String, failpoints: Option<&str>) -> Api {
     let topo = Topology::new(4).expect("topology");
     let (instance, run_dir) = Daemon::new_paths();
     std::fs::create_dir_all(&run_dir).expect("run dir");
@@ -38,7 +42,8 @@ fn start_with(extra: impl FnOnce(&std::path::Path) -> String) -> Api {
         &format!("neighbour_refresh_ms = 500\n{api}"),
         1,
     );
-    let d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
+    let d = Daemon::start_with_failpoints(&topo.lb, &instance, &run_dir, &text, failpoints)
+        .expect("daemon starts");
     d.wait_all_in_tables();
     Api { topo, d }
 }
@@ -904,38 +909,9 @@ fn top_once_prints_a_frame_sorted_by_rate() {
 fn tls_on_tcp_serves_the_api_behind_the_tokens() {
     let mut cert = PathBuf::new();
     let a = start_with(|dir| {
-        cert = dir.join("cert.pem");
-        let key = dir.join("key.pem");
-        let out = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-days",
-                "1",
-            ])
-            .args([
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-                "-keyout",
-            ])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("openssl");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        format!(
-            "cert_file = \"{}\"\nkey_file = \"{}\"\n",
-            cert.display(),
-            key.display()
-        )
+        let (api, made) = tls_settings(dir);
+        cert = made;
+        api
     });
     // Plain HTTP to the TLS port gets no answer.
     let plain = http_request(
@@ -995,4 +971,82 @@ asyncio.run(main())
         a.d.log()
     );
     assert!(a.d.log().contains("control API on https://"));
+}
+
+/// A self-signed certificate for 127.0.0.1 in `dir`: the `[daemon.api]` lines naming it, and
+/// the certificate's path.
+fn tls_settings(dir: &std::path::Path) -> (String, PathBuf) {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let api = format!(
+        "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    (api, cert)
+}
+
+/// The CPU time `pid` has used, in clock ticks (user + system, /proc/PID/stat).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = stat.rsplit_once(')').expect("stat's comm").1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the comm: state is field 3, utime 14 and stime 15 (1-based, man 5 proc).
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// An accept loop whose every accept fails (a failpoint: "Too many open files", as when the
+/// daemon is out of descriptors) backs off instead of spinning a runtime thread, says so in the
+/// log, and leaves the other listeners working. Before the back-off, the TLS listener's loop
+/// spun: about one CPU second per second.
+#[test]
+fn a_failing_tls_accept_backs_off_instead_of_spinning() {
+    let a = start_with_failpoints(|dir| tls_settings(dir).0, Some("tls-accept=return"));
+    assert!(
+        wait_until(Duration::from_secs(10), || a
+            .d
+            .log()
+            .contains("accept: Too many open files")),
+        "no refusal logged: {}",
+        a.d.log_tail(20)
+    );
+    let pid = a.d.pid().expect("daemon pid");
+    // A window, not a wait: CPU spent over 2 s of failing accepts (100 ticks a second).
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(pid) - before;
+    println!("failing TLS accepts: {spent} ticks of CPU in 2 s");
+    assert!(spent < 40, "the accept loop spins: {spent} ticks of CPU in 2 s");
+    // The control socket still answers.
+    let status = a.d.cli(&["status", "--json"]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
 }
