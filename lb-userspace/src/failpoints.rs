@@ -27,6 +27,7 @@ pub fn from_env() -> Result<()> {
 /// How long to stall at `name` (`return(ms)`), for the caller to await: the runtime's other
 /// tasks go on meanwhile, as they would while a step waits on a slow disk or kernel (the crate's
 /// own `sleep` would block a runtime thread instead).
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
 pub fn stall(name: &str) -> Option<std::time::Duration> {
     fail::fail_point!(name, |ms: Option<String>| ms
         .and_then(|ms| ms.parse().ok())
@@ -36,6 +37,7 @@ pub fn stall(name: &str) -> Option<std::time::Duration> {
 
 /// An I/O error to return at `name` (`return`: "Too many open files", the error a daemon out of
 /// descriptors sees), in place of the call it stands before.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
 pub fn io_error(name: &str) -> Option<std::io::Error> {
     fail::fail_point!(name, |_| Some(std::io::Error::from_raw_os_error(libc::EMFILE)));
     None

@@ -77,6 +77,8 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
+    // The new file is whole beside the old one.
+    crate::crash_point!("file-written-before-rename");
     std::fs::rename(&tmp, path)?;
     let dir = path
         .parent()

@@ -244,6 +244,16 @@ pub struct Assignments {
 }
 
 impl Assignments {
+    /// Pool slots the services' previous tables hold for second chance (given up when a swap
+    /// needs the room).
+    pub fn second_chance_slots(&self) -> u64 {
+        self.services
+            .values()
+            .filter_map(|s| s.previous)
+            .map(|r| u64::from(lb_common::maps::pool_region(r.size)))
+            .sum()
+    }
+
     /// The slot of service `service`'s backend `id`, if it has one.
     pub fn slot(&self, service: &str, id: &str) -> Option<&BackendSlot> {
         self.backends.get(&backend_key(service, id))

@@ -498,6 +498,21 @@ impl Daemon {
     }
 
     /// SIGKILL, then the same instance started again in `ns` (it adopts its pins).
+    /// Waits, at most `timeout`, for the daemon to exit by itself (a crash point, say): its
+    /// status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let mut status = None;
+        wait_until(timeout, || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
     pub fn restart_in(&mut self, ns: &NetNs) -> Result<()> {
         self.kill9();
         self.spawn(ns)

@@ -739,7 +739,12 @@ async fn method_not_allowed() -> Failure {
 
 /// Every route.
 pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+    let router = Router::new();
+    // Tests arm a failpoint just before the change it is for (`failpoints` builds only; not in
+    // the API's document).
+    #[cfg(feature = "failpoints")]
+    let router = router.route("/v1/failpoints/{name}", put(set_failpoint));
+    router
         .route("/v1/status", get(status))
         .route("/v1/config", get(config))
         .route("/v1/services", get(list_services).post(add_service))
@@ -775,6 +780,15 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)
+}
+
+/// `PUT /v1/failpoints/{name}` with the actions as the body (the `fail` crate's syntax).
+#[cfg(feature = "failpoints")]
+async fn set_failpoint(axum::extract::Path(name): axum::extract::Path<String>, actions: String) -> Answer {
+    fail::cfg(name.as_str(), actions.trim())
+        .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, format!("failpoint {name}: {e}")))?;
+    log::warn!("failpoint {name} set: {}", actions.trim());
+    ok(json!("set"), vec![])
 }
 
 /// Serves the API on `listener` until `stop` is set: the Unix socket (`Access::socket`) or TCP

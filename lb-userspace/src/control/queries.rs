@@ -39,7 +39,11 @@ impl Queries<'_> {
             "interfaces": self.snap.attachments,
             "services": self.snap.services.len(),
             "backends": self.snap.services.iter().map(|s| s.backends.len()).sum::<usize>(),
-            "table_pool": { "capacity": self.snap.pool_capacity, "free": self.snap.pool_free },
+            "table_pool": {
+                "capacity": self.snap.pool_capacity,
+                "free": self.snap.pool_free,
+                "second_chance": self.snap.assignments.second_chance_slots(),
+            },
             "reconciler": self.snap.counters,
             "bgp": self.bgp(),
         })

@@ -340,6 +340,11 @@ impl DataPlaneCollector {
         f.add(tables_built, &[], snap.counters.tables_built as f64);
         f.add(pool_slots, &["capacity"], f64::from(snap.pool_capacity));
         f.add(pool_slots, &["free"], snap.pool_free as f64);
+        f.add(
+            pool_slots,
+            &["second_chance"],
+            snap.assignments.second_chance_slots() as f64,
+        );
         for a in &snap.attachments {
             f.shape(a.interface.as_bytes());
             f.shape(&[0]);

@@ -85,6 +85,7 @@ impl Slots {
         for slot in assignments.services.values_mut() {
             // Only the table a live service value points at is known to be in use.
             slot.previous = None;
+            let saved = slot.active;
             slot.active = slot.key.and_then(|k| {
                 let v = dp.service_value(&ServiceKey::from(k))?;
                 (v.table_size > 0 && regions.reserve(v.table_offset, v.table_size)).then_some(Region {
@@ -92,6 +93,12 @@ impl Slots {
                     size: v.table_size,
                 })
             });
+            // A crash between a pass and its save leaves a table the state file does not
+            // describe: its inputs are unknown, so the next pass builds it again (and keeps
+            // the region if the table comes out the same).
+            if slot.active != saved {
+                slot.built = None;
+            }
         }
         Self { assignments, regions }
     }
@@ -187,11 +194,15 @@ impl Slots {
         self.make_room(dp, &rebuild)?;
         let mut applied = Applied::default();
         let deactivate = backends::write(dp, &backends)?;
+        crate::crash_point!("apply-backends-written");
         for id in new_service_ids {
             dp.reset_service_traffic(id)?;
         }
         let wanted = services::write(self, dp, services, rebuild, geo_inputs, &mut applied)?;
+        crate::crash_point!("apply-services-written");
         retire::run(self, dp, services, wanted, deactivate, retired)?;
+        // The maps are done; the state file does not know yet.
+        crate::crash_point!("apply-retired");
         Ok(applied)
     }
 }

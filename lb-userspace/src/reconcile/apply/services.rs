@@ -137,6 +137,8 @@ pub fn write<M: MapWrites>(
                         Error::invalid(format!("not enough Maglev table space for service {}", s.name))
                     })?;
                     dp.write_table(offset, &table)?;
+                    // The region is written and given out; no value names it yet.
+                    crate::crash_point!("apply-table-written");
                     Some(Region { offset, size })
                 };
                 release_after = old_previous;
