@@ -23,7 +23,10 @@ use crate::{
     metrics,
     model::Service,
     neigh::Resolver,
-    reconcile::{Handles, Maps, Writer, hops, persist::Persisted},
+    reconcile::{
+        Handles, Maps, Writer, hops,
+        persist::{KeptStatus, Persisted},
+    },
     status::checks::Board,
     status_page,
 };
@@ -198,7 +201,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         }
     });
     let resolver = Arc::new(Resolver::new()?);
-    let (services, leases, maps) = restore(&cfg, &config.services, dp);
+    let (services, kept, maps) = restore(&cfg, &config.services, dp);
     let readers = Arc::new(Readers::open(&cfg.instance)?);
     let histograms = metrics::Histograms::new();
     let (writer, handles, commands, warnings) = Writer::start(
@@ -206,7 +209,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         maps,
         resolver.clone(),
         services,
-        leases,
+        kept,
         histograms.clone(),
     )
     .await?;
@@ -263,15 +266,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
 /// The services to start from, and the maps' book: the state file's when this daemon adopts
 /// a running data plane (each service checked as an API change would be; one that fails stays
 /// out), else the config file's on fresh maps.
-fn restore(
-    cfg: &DaemonConfig,
-    configured: &[Service],
-    dp: DataPlane,
-) -> (
-    Vec<Service>,
-    Vec<(crate::model::BackendRef, crate::status::lease::Terms)>,
-    Maps,
-) {
+fn restore(cfg: &DaemonConfig, configured: &[Service], dp: DataPlane) -> (Vec<Service>, KeptStatus, Maps) {
     let persisted = if dp.adopted {
         Persisted::restore(&cfg.state_path(), |kept, s| {
             s.validate()?;
@@ -294,9 +289,9 @@ fn restore(
             for w in &p.warnings {
                 warn!("{w}");
             }
-            (p.services, p.leases, Maps::adopt(dp, p.assignments))
+            (p.services, p.kept, Maps::adopt(dp, p.assignments))
         }
-        None => (configured.to_vec(), Vec::new(), Maps::new(dp)),
+        None => (configured.to_vec(), KeptStatus::default(), Maps::new(dp)),
     }
 }
 

@@ -52,7 +52,7 @@ pub struct InstanceView {
     pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
-    /// `up`, `down` or `drained` (a late heartbeat).
+    /// `up`, `down` or `drained` (by the operator, a late heartbeat, gone from its source).
     pub state: &'static str,
     /// It takes new flows (an effective weight above 0).
     pub serving: bool,

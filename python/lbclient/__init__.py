@@ -406,6 +406,16 @@ class LoadBalancer:
             {"weight": weight},
         )
 
+    async def drain_instance(self, service_name: str, instance_id: str) -> None:
+        """Drains the instance: no new flows, its established flows go on, its weight is kept
+        (over a reload and a restart too) until `undrain_instance`. Needs the admin token."""
+        await self._call("POST", f"{self._instance(service_name, instance_id)}/drain")
+
+    async def undrain_instance(self, service_name: str, instance_id: str) -> None:
+        """Lifts `drain_instance`: new flows at the instance's weight again (through its slow
+        start, as after a recovery)."""
+        await self._call("POST", f"{self._instance(service_name, instance_id)}/undrain")
+
     async def services(self) -> list[dict[str, Any]]:
         return await self._call("GET", "/v1/services")
 

@@ -49,9 +49,22 @@ async def main():
     auth1 = [b for b in (await lb.health(service))[0]["backends"] if b["id"] == "auth-1"][0]
     check("report_load stored the report", auth1["load"]["report"]["cpu"] == 0.7, str(auth1.get("load")))
 
+    await lb.drain_instance(service, "auth-1")
+    auth1 = [b for b in (await lb.health(service))[0]["backends"] if b["id"] == "auth-1"][0]
+    check(
+        "drain_instance drained it, its weight kept",
+        auth1["state"] == "drained" and auth1["drain"]["reason"] == "operator"
+        and auth1["effective_weight"] == 0 and auth1["weight"] == 100,
+        str(auth1),
+    )
+    await lb.undrain_instance(service, "auth-1")
+    auth1 = [b for b in (await lb.health(service))[0]["backends"] if b["id"] == "auth-1"][0]
+    check("undrain_instance lifted it", auth1["drain"] is None and auth1["state"] != "drained", str(auth1))
+
     for call, exc, needle in [
         (lb.get_instance("no-such-service"), NotFound, "unknown service"),
         (lb.update_instance_health(service, "nope", 0.5), NotFound, "has no backend nope"),
+        (lb.drain_instance(service, "nope"), NotFound, "has no backend nope"),
         (lb.update_instance_health(service, "auth-1", 1.5), InvalidRequest, "out of range"),
         (lb.report_load(service, "auth-1", cpu=1.5), InvalidRequest, "cpu 1.5 is out of range"),
         (lb.report_load(service, "auth-1"), InvalidRequest, "needs cpu, memory or connections"),

@@ -7,9 +7,11 @@ traffic. One argument: a JSON object with
   backends    [[service, backend], ...]: every row the page must show
   markup      {"label": text, "agent": text}: what a backend controls, holding markup
   stop        [service, backend]: the backend whose server the test stops when told
+  drain       [service, backend]: the backend the test drains (lb backend drain) when told
   screenshot  where to save the screenshot
 The script prints `READY TO STOP` and waits for a line on stdin once the page is live; the test
-stops the backend's server and answers. Every wait is bounded. The last line says
+stops the backend's server and answers. Then `READY TO DRAIN`, answered once the test has
+drained the other backend. Every wait is bounded. The last line says
 `status page: N passed, 0 failed`, or the script exits non-zero with the failure.
 """
 
@@ -175,6 +177,24 @@ def main():
         if same != "yes" or updates <= updates_before:
             raise Failed(f"the page reloaded or stopped updating (same load: {same}, updates {updates_before} -> {updates})")
         print(f"down: {service}/{backend} shown down {took:.2f} s after its server stopped, marked as changed, same page load ({updates - updates_before} updates)")
+        passed += 1
+
+        # 4b. The operator drains a backend: the page shows the state and its reason, live.
+        dservice, dbackend = args["drain"]
+        print("READY TO DRAIN", flush=True)
+        if sys.stdin.readline().strip() != "drained":
+            raise Failed("the test did not say it drained the backend")
+        drained_at = time.monotonic()
+
+        def drained():
+            return [
+                r for r in rows()
+                if r["service"] == dservice and r["backend"] == dbackend and r["state"] == "drained"
+                and "by the operator" in r["cells"].get("state", "")
+            ]
+
+        row = wait(f"{dservice}/{dbackend} shown drained by the operator", drained, 10, show)[0]
+        print(f"drain: {dservice}/{dbackend} shown drained {time.monotonic() - drained_at:.2f} s after lb backend drain: {row['cells'].get('state')!r}")
         passed += 1
 
         # 5. Sorting and filtering, as lb top: by backend name, then only one backend's rows.

@@ -92,6 +92,14 @@ impl Topology {
         Ok(topo)
     }
 
+    /// Detaches the pass program from the balancer's switch port, as on a host whose peer runs
+    /// no XDP: frames sent to it by native XDP (XDP_TX, redirects) are then lost; generic XDP's
+    /// go through the device's ordinary transmit and arrive.
+    pub fn remove_pass(&mut self) -> Result<()> {
+        self._pass = empty_ebpf()?;
+        Ok(())
+    }
+
     /// Adds a backend namespace with the VIPs on loopback and its servers running.
     pub fn add_backend(&mut self, id: &str) -> Result<&Backend> {
         let host = self.next_host;

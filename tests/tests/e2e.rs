@@ -5,7 +5,7 @@ use std::{collections::HashMap, net::IpAddr};
 
 use lb_tests::{
     Daemon, Topology,
-    client::{tcp_flows, udp_flows},
+    client::{http_get, tcp_flows, udp_flows},
     topology::{PORT, VIP4, VIP6},
 };
 
@@ -156,6 +156,157 @@ fn sigkill_restart_keeps_connections_and_state() {
     }
     let (counts, _) = tcp_flows(&topo, IpAddr::V4(VIP4), 30, false);
     assert_eq!(counts.values().sum::<usize>(), 30);
+}
+
+/// `lb backend drain`: b2 takes no new connection while the ones it has go on, its configured
+/// weight stays, and every reader says why. A reload of the unchanged file and a restart keep
+/// the drain (operator intent); `undrain` brings b2 back at its weight.
+#[test]
+fn a_drained_backend_keeps_its_connections_and_weight_over_a_reload_and_a_restart() {
+    let (topo, mut d) = start(&["b1", "b2", "b3"], 3);
+    let (_, mut open) = tcp_flows(&topo, IpAddr::V4(VIP4), 60, true);
+    assert!(
+        open.iter().filter(|(_, id)| id == "b2").count() >= 5,
+        "enough connections on b2"
+    );
+    let ok = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    ok(d.cli(&["backend", "drain", "web4", "b2"]));
+    // Drained again: no change, no error.
+    ok(d.cli(&["backend", "drain", "web4", "b2"]));
+    let drained = |d: &Daemon, what: &str| {
+        let h = d.health_of("web4", "b2");
+        assert_eq!(h["state"], "drained", "{what}: {h}");
+        assert_eq!(h["drain"]["reason"], "operator", "{what}: {h}");
+        assert_eq!(
+            (&h["weight"], &h["effective_weight"]),
+            (&100.into(), &0.into()),
+            "{what}: {h}"
+        );
+        assert_eq!(d.health_of("web6", "b2")["state"], "up", "{what}: only web4's b2");
+    };
+    drained(&d, "drained");
+    // No new connection reaches b2; each established one still answers from where it was.
+    let new_flows = |d: &Daemon, what: &str| {
+        let (counts, _) = tcp_flows(&topo, IpAddr::V4(VIP4), 150, false);
+        assert!(
+            !counts.contains_key("b2"),
+            "{what}: new flows reach b2: {counts:?}\n{}",
+            d.log_tail(20)
+        );
+        assert_eq!(counts.values().sum::<usize>(), 150, "{what}");
+    };
+    let established = |open: &mut Vec<(lb_tests::client::Conn, String)>, what: &str| {
+        for (conn, id) in open.iter_mut() {
+            let answer = conn
+                .ask()
+                .unwrap_or_else(|e| panic!("{what}: a connection on {id} broke: {e}"));
+            assert_eq!(&answer, id, "{what}: a connection moved");
+        }
+    };
+    new_flows(&d, "drained");
+    established(&mut open, "drained");
+
+    // Every reader says it: lb health, lb service list, lb backend list, the metrics.
+    // b2's line in web4's part of a listing (a service's line, then its backends indented).
+    let line_of = |text: &str| {
+        let mut in_web4 = false;
+        for l in text.lines() {
+            if !l.starts_with(' ') {
+                in_web4 = l.split_whitespace().next() == Some("web4");
+            }
+            let b2 = l.trim_start().starts_with("b2 ") || (l.starts_with("web4 ") && l.contains(" b2 "));
+            if b2 && (in_web4 || l.starts_with("web4 ")) {
+                return l.to_string();
+            }
+        }
+        panic!("no line for web4's b2 in {text}");
+    };
+    let health = ok(d.cli(&["health", "web4"]));
+    let line = line_of(&health);
+    assert!(
+        line.contains("drained") && line.contains("weight=0/100") && line.contains("by the operator"),
+        "{health}"
+    );
+    let listed = ok(d.cli(&["service", "list"]));
+    let line = line_of(&listed);
+    assert!(
+        line.contains(" drained ") && line.contains("weight=0/100") && line.contains("by the operator"),
+        "{listed}"
+    );
+    let line = line_of(&ok(d.cli(&["backend", "list", "web4"])));
+    assert!(
+        line.contains(" drained ") && line.contains("weight=0/100"),
+        "{line}"
+    );
+    let (_, metrics) =
+        http_get(&topo.lb, "127.0.0.1:9464".parse().unwrap(), "/metrics", None).expect("scrape");
+    assert!(
+        metrics.contains("lb_backend_drained{service=\"web4\",backend=\"b2\",reason=\"operator\"} 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("drained"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        metrics.matches("lb_backend_drained{").count(),
+        1,
+        "only b2 of web4"
+    );
+
+    // A reload of the unchanged file keeps the drain.
+    ok(d.cli(&["reload"]));
+    drained(&d, "after a reload");
+    new_flows(&d, "after a reload");
+
+    // So does a restart (the state file has it); the connections go on through both.
+    d.restart(&topo).expect("restart");
+    // Restored: every backend resolved, and in its tables but for the drained one.
+    let restored = lb_tests::wait_until(std::time::Duration::from_secs(15), || {
+        let list = d.json(&["service", "list"]);
+        list.as_array().into_iter().flatten().all(|s| {
+            s["backends"].as_array().into_iter().flatten().all(|b| {
+                let held = s["name"] == "web4" && b["id"] == "b2";
+                b["resolved"] == true && held == (b["table_slots"] == 0)
+            })
+        })
+    });
+    assert!(restored, "{}\n{}", d.json(&["service", "list"]), d.log_tail(20));
+    drained(&d, "after a restart");
+    new_flows(&d, "after a restart");
+    established(&mut open, "after a restart");
+
+    // Undrained: b2 takes new flows at its weight again.
+    ok(d.cli(&["backend", "undrain", "web4", "b2"]));
+    let h = d.health_of("web4", "b2");
+    assert_eq!(
+        (&h["state"], &h["drain"]),
+        (&"up".into(), &serde_json::Value::Null),
+        "{h}"
+    );
+    assert_eq!(h["effective_weight"], 100, "{h}");
+    let (counts, _) = tcp_flows(&topo, IpAddr::V4(VIP4), 300, false);
+    assert_fair(&counts, &["b1", "b2", "b3"], 300, "after undrain");
+    established(&mut open, "after undrain");
+    let (_, metrics) =
+        http_get(&topo.lb, "127.0.0.1:9464".parse().unwrap(), "/metrics", None).expect("scrape");
+    assert!(!metrics.contains("lb_backend_drained{"), "undrained: no series");
+
+    // Bad input: one line, nothing changed.
+    for (args, needle) in [
+        (
+            ["backend", "drain", "web4", "b9"],
+            "service web4 has no backend b9",
+        ),
+        (["backend", "drain", "nope", "b2"], "unknown service nope"),
+    ] {
+        assert_one_line_error(&d.cli(&args), needle, "drain of an unknown backend");
+    }
+    assert_eq!(d.health_of("web4", "b2")["state"], "up");
 }
 
 fn assert_one_line_error(out: &std::process::Output, needle: &str, what: &str) {

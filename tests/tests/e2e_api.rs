@@ -101,6 +101,7 @@ fn tokens_guard_tcp_and_refused_calls_change_nothing() {
         ("DELETE", "/v1/services/web4", None),
         ("POST", "/v1/shutdown", None),
         ("POST", "/v1/reload", None),
+        ("POST", "/v1/services/web4/instances/b1/drain", None),
     ];
     for (method, path, body) in change {
         for (token, want) in [(None, 401), (Some("wrong-token"), 401), (Some(READER), 403)] {
@@ -157,6 +158,8 @@ fn scopes_audit_lines_and_tokens_read_again_on_sighup() {
         ),
         ("DELETE", "/v1/services/web4".into(), None),
         ("POST", "/v1/reload".into(), None),
+        // Draining is the operator's, not a backend's report about itself.
+        ("POST", "/v1/services/web4/instances/b1/drain".into(), None),
         ("POST", "/v1/services/dns4/instances".into(), Some(add.clone())),
         (
             "PUT",

@@ -822,11 +822,27 @@ fn https_checks_pass_verify_and_fail_as_configured() {
 #[test]
 fn a_check_through_the_vip_fails_without_the_vip_on_lo_while_a_plain_check_passes() {
     let topo = Topology::new(2).expect("topology");
+    checks_through_the_vip(topo, "native");
+}
+
+/// The same in generic mode, on a host whose interface's peer runs no XDP (as a new operator's
+/// namespaces were, generic mode being the way around that for client traffic): the checks'
+/// steering program runs in the data plane's mode, so its packets leave through the device's
+/// ordinary transmit as the clients' do. Steered natively they were lost at the peer, and every
+/// backend went down ("no answer within 200 ms").
+#[test]
+fn checks_through_the_vip_pass_in_generic_mode_without_xdp_on_the_peer() {
+    let mut topo = Topology::new(2).expect("topology");
+    topo.remove_pass().expect("detach the peer's pass program");
+    checks_through_the_vip(topo, "generic");
+}
+
+fn checks_through_the_vip(topo: Topology, mode: &str) {
     let all = ["b1", "b2"];
     let _health = responders(&topo, &all, Reply::Http(200, "ok".into()), None);
     let (instance, run_dir) = Daemon::new_paths();
     let mut text = format!(
-        "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\nneighbour_refresh_ms = 500\n",
+        "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"{mode}\"\nrun_dir = \"{}\"\nneighbour_refresh_ms = 500\n",
         run_dir.display()
     );
     for (name, vip, port, through) in [
@@ -866,6 +882,14 @@ fn a_check_through_the_vip_fails_without_the_vip_on_lo_while_a_plain_check_passe
             .iter()
             .all(|s| all.iter().all(|id| passing(s, id) && state(s, id) == "up"))
     });
+    assert!(
+        d.log().contains(&format!("checks through the VIP, {mode} mode")),
+        "the steering program runs in the data plane's mode:\n{}",
+        d.log_tail(20)
+    );
+    // And the clients' connections get through, in this mode, to both.
+    let (counts, _) = tcp_flows(&topo, IpAddr::V4(VIP4), 20, false);
+    assert_eq!(counts.values().sum::<usize>(), 20, "{counts:?}");
     let failed = |s: &str, id: &str| health_of(&d, s, id)["check"]["failed"].as_u64().unwrap_or(0);
     let plain_failed = failed("plain4", "b2");
     assert_eq!(

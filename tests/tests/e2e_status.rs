@@ -1,9 +1,9 @@
 //! The status page end to end: its HTTP surface (404 for an unknown service, tokens on the TCP
 //! API, the Content-Security-Policy), then Debian's Chromium, driven by Selenium
 //! (`python/tests/status_page.py`), against a live daemon under traffic: every backend shown,
-//! markup from a label and an agent reply shown as text, a stopped server seen going down
-//! without a reload, sorting and filtering, one service's page, and a screenshot kept under the
-//! target directory.
+//! markup from a label and an agent reply shown as text, a stopped server seen going down and
+//! a backend `lb backend drain` drained shown drained by the operator, both without a reload,
+//! sorting and filtering, one service's page, and a screenshot kept under the target directory.
 
 use std::{
     collections::HashMap,
@@ -279,6 +279,7 @@ fn the_status_page_shows_every_backend_and_a_stopped_one_going_down_live() {
         "markup": {"label": LABEL, "agent": AGENT.trim_start_matches("down #")},
         "busy": "dns4",
         "stop": ["web4", "b2"],
+        "drain": ["web6", "b1"],
         "screenshot": screenshot,
     });
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../python/tests/status_page.py");
@@ -320,6 +321,11 @@ fn the_status_page_shows_every_backend_and_a_stopped_one_going_down_live() {
                     topo.stop_servers("b2");
                     drop(responders.remove("b2"));
                     writeln!(to_script, "stopped").expect("tell the script");
+                }
+                if line == "READY TO DRAIN" {
+                    let out = d.cli(&["backend", "drain", "web6", "b1"]);
+                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                    writeln!(to_script, "drained").expect("tell the script");
                 }
                 output.push(line);
             }

@@ -316,6 +316,13 @@ mod tests {
             report(Method::PUT, "/v1/services/web/instances/b1/weight"),
             Need::Admin
         );
+        // The operator's drain is the admin's, not a backend's report about itself.
+        for verb in ["drain", "undrain"] {
+            assert_eq!(
+                report(Method::POST, &format!("/v1/services/web/instances/b1/{verb}")),
+                Need::Admin
+            );
+        }
         assert_eq!(report(Method::DELETE, "/v1/services/web"), Need::Admin);
         assert_eq!(report(Method::POST, "/v1/services"), Need::Admin);
         assert_eq!(report(Method::POST, "/v1/reload"), Need::Admin);

@@ -49,6 +49,13 @@ pub enum Request {
         id: String,
         weight: u32,
     },
+    /// The operator's drain of a backend: no new flows, its weight kept; `drained: false`
+    /// lifts it.
+    DrainBackend {
+        service: String,
+        id: String,
+        drained: bool,
+    },
     SetStrategy {
         service: String,
         strategy: crate::model::Strategy,
@@ -181,6 +188,16 @@ impl Request {
                 "PUT",
                 format!("/v1/services/{}/instances/{}/weight", seg(service), seg(id)),
                 Some(json!({ "weight": weight })),
+            ),
+            Self::DrainBackend { service, id, drained } => (
+                "POST",
+                format!(
+                    "/v1/services/{}/instances/{}/{}",
+                    seg(service),
+                    seg(id),
+                    if *drained { "drain" } else { "undrain" }
+                ),
+                None,
             ),
             Self::SetStrategy { service, strategy } => (
                 "PUT",

@@ -22,6 +22,8 @@ use super::{ApiError, Envelope, server};
         server::list_instances,
         server::remove_instance,
         server::set_weight,
+        server::drain_instance,
+        server::undrain_instance,
         server::set_strategy,
         server::plan,
         server::set_health,

@@ -415,6 +415,41 @@ pub async fn set_weight(
     change(&s, Change::SetWeight { service, id, weight }).await
 }
 
+#[utoipa::path(post, path = "/v1/services/{name}/instances/{id}/drain", tag = "instances",
+    params(("name" = String, Path, description = "Service name"), ("id" = String, Path, description = "Instance (backend) id")),
+    responses((status = 200, description = "The instance takes no new flows; its established flows go on and its configured weight is kept. Kept over a reload and a restart, until undrained", body = Envelope),
+        (status = 400, description = "A node of a cluster: its tables take the weights the nodes agree on", body = ApiError),
+        (status = 404, body = ApiError)))]
+pub async fn drain_instance(State(s): Ctx, path: Result<Path<(String, String)>, PathRejection>) -> Answer {
+    set_backend_drain(&s, path, true).await
+}
+
+#[utoipa::path(post, path = "/v1/services/{name}/instances/{id}/undrain", tag = "instances",
+    params(("name" = String, Path, description = "Service name"), ("id" = String, Path, description = "Instance (backend) id")),
+    responses((status = 200, description = "The operator's drain lifted: the instance takes new flows at its configured weight (through slow start, as after a recovery); a late heartbeat or its source's removal still drains it", body = Envelope),
+        (status = 400, description = "A node of a cluster", body = ApiError),
+        (status = 404, body = ApiError)))]
+pub async fn undrain_instance(State(s): Ctx, path: Result<Path<(String, String)>, PathRejection>) -> Answer {
+    set_backend_drain(&s, path, false).await
+}
+
+async fn set_backend_drain(
+    s: &Shared,
+    path: Result<Path<(String, String)>, PathRejection>,
+    drained: bool,
+) -> Answer {
+    let Path((service, id)) = path.map_err(bad_path)?;
+    if s.cluster.is_some() {
+        // Each node votes its own weights and the tables take the nodes' median: one node's
+        // drain would be outvoted.
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "a node of a cluster cannot drain a backend alone (the nodes' agreed weights outvote it): set its weight to 0 in the cluster's services",
+        ));
+    }
+    change(s, Change::SetDrain { service, id, drained }).await
+}
+
 /// A new strategy.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -758,6 +793,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
             axum::routing::delete(remove_instance),
         )
         .route("/v1/services/{name}/instances/{id}/weight", put(set_weight))
+        .route("/v1/services/{name}/instances/{id}/drain", post(drain_instance))
+        .route(
+            "/v1/services/{name}/instances/{id}/undrain",
+            post(undrain_instance),
+        )
         .route("/v1/services/{name}/strategy", put(set_strategy))
         .route("/v1/plan", post(plan))
         .route("/v1/services/{name}/instances/{id}/health", put(set_health))

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use super::shared::{fmt_departure, fmt_ip, fmt_labels};
+use super::shared::{fmt_drain, fmt_ip, fmt_labels, fmt_weight};
 use crate::{
     api::Request,
     config::{self, BackendSpec},
@@ -40,7 +40,13 @@ pub enum BackendCmd {
     Heartbeat { service: String, id: String },
     /// Deregister a backend.
     Remove { service: String, id: String },
-    /// Change a backend's weight (0 drains it: no new flows).
+    /// Drain a backend: no new flows, its established flows go on, its weight is kept (a
+    /// reload and a restart keep the drain too) until `lb backend undrain`.
+    Drain { service: String, id: String },
+    /// Lift `lb backend drain`: the backend takes new flows at its weight again, through its
+    /// slow start as after a recovery.
+    Undrain { service: String, id: String },
+    /// Change a backend's weight (0: no new flows; `lb backend drain` keeps the weight).
     Weight {
         service: String,
         id: String,
@@ -142,19 +148,20 @@ pub fn list(service: Option<&str>, labels: &[(String, String)], services: &Value
     Ok(Value::Array(out))
 }
 
-/// One line a backend: service, id, where it is, weight, state, source, labels.
+/// One line a backend: service, id, where it is, state, weight (effective/configured),
+/// source, why it is drained, labels.
 pub fn print_list(data: &Value) {
     for b in data.as_array().into_iter().flatten() {
         println!(
-            "{:<16} {:<16} {:<24} port={:<5} weight={:<5} {:<8} source={:<12} {}{}",
+            "{:<16} {:<16} {:<24} port={:<5} {:<7} weight={:<11} source={:<12} {}{}",
             b["service"].as_str().unwrap_or_default(),
             b["id"].as_str().unwrap_or_default(),
             fmt_ip(&b["address"]),
             b["port"],
-            b["weight"],
             b["health"].as_str().unwrap_or_default(),
+            fmt_weight(b),
             b["source"].as_str().unwrap_or_default(),
-            fmt_departure(&b["departure"]),
+            fmt_drain(&b["drain"]),
             fmt_labels(&b["labels"]),
         );
     }
@@ -189,6 +196,11 @@ pub fn request(cmd: &BackendCmd) -> Request {
         BackendCmd::Remove { service, id } => Request::RemoveBackend {
             service: service.clone(),
             id: id.clone(),
+        },
+        BackendCmd::Drain { service, id } | BackendCmd::Undrain { service, id } => Request::DrainBackend {
+            service: service.clone(),
+            id: id.clone(),
+            drained: matches!(cmd, BackendCmd::Drain { .. }),
         },
         BackendCmd::Weight { service, id, weight } => Request::SetWeight {
             service: service.clone(),

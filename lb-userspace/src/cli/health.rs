@@ -3,7 +3,7 @@
 use clap::Args;
 use serde_json::Value;
 
-use super::shared::{fmt_departure, fmt_registration};
+use super::shared::{fmt_drain, fmt_registration, fmt_weight};
 use crate::api::Request;
 
 #[derive(Args, Debug)]
@@ -71,13 +71,12 @@ fn print_backend(b: &Value) {
         )
     };
     println!(
-        "  {:<16} {:<5} score={:<4} weight={}/{}{external}{breaker}{agent} {}{}{last}",
+        "  {:<16} {:<7} score={:<4} weight={}{external}{breaker}{agent} {}{}{last}",
         b["id"].as_str().unwrap_or_default(),
         b["state"].as_str().unwrap_or_default(),
         b["health_score"],
-        b["effective_weight"],
-        b["weight"],
+        fmt_weight(b),
         fmt_registration(&b["registration"]),
-        fmt_departure(&b["departure"]),
+        fmt_drain(&b["drain"]),
     );
 }

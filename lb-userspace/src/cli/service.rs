@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use super::shared::{fmt_departure, fmt_ip, fmt_labels, fmt_registration};
+use super::shared::{fmt_drain, fmt_ip, fmt_labels, fmt_registration, fmt_weight};
 use crate::{
     api::Request,
     config::{Forwarding, FragmentPolicy, HashMode, Protocol, ServiceSpec},
@@ -109,8 +109,9 @@ fn print_list(data: &Value) {
         let in_effect = s["in_effect"].as_str().unwrap_or(strategy);
         let counting = matches!(in_effect, "least-connections" | "power-of-two") || strategy == "adaptive";
         println!(
-            "{} {}:{}/{} table={} hash={} forwarding={}{}{}",
+            "{}{} {}:{}/{} table={} hash={} forwarding={}{}{}",
             s["name"].as_str().unwrap_or_default(),
+            if s["panic"] == true { " PANIC" } else { "" },
             fmt_ip(&s["vip"]),
             s["port"],
             s["protocol"].as_str().unwrap_or_default(),
@@ -135,11 +136,12 @@ fn print_list(data: &Value) {
         for b in s["backends"].as_array().into_iter().flatten() {
             let labels = fmt_labels(&b["labels"]);
             println!(
-                "  {:<16} {:<24} port={:<5} weight={:<5} slots={:<6} source={} {}{}{}{}{}",
+                "  {:<16} {:<24} port={:<5} {:<7} weight={:<11} slots={:<6} source={} {}{}{}{}{}",
                 b["id"].as_str().unwrap_or_default(),
                 fmt_ip(&b["address"]),
                 b["port"],
-                b["weight"],
+                b["health"].as_str().unwrap_or_default(),
+                fmt_weight(b),
                 b["table_slots"],
                 b["source"].as_str().unwrap_or_default(),
                 if labels.is_empty() {
@@ -148,7 +150,7 @@ fn print_list(data: &Value) {
                     format!("labels={labels} ")
                 },
                 fmt_registration(&b["registration"]),
-                fmt_departure(&b["departure"]),
+                fmt_drain(&b["drain"]),
                 if counting {
                     format!("active={:<6} ", b["active_flows"])
                 } else {

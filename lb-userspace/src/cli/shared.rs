@@ -45,27 +45,30 @@ pub fn fmt_ip(v: &Value) -> String {
     v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())
 }
 
-/// A registration with a TTL, for the human listings: when the heartbeat is due, or why the
-/// backend is drained. Empty without one.
+/// A registration with a TTL, for the human listings: when the heartbeat is due (a late one
+/// is a drain: `fmt_drain` says it). Empty without one, or when drained.
 pub fn fmt_registration(r: &Value) -> String {
-    if r.is_null() {
+    if r.is_null() || r["drained"] == true {
         return String::new();
     }
-    match r["reason"].as_str() {
-        Some(reason) => format!("drained: {reason}; "),
-        None => format!(
-            "ttl={}s heartbeat due in {:.1} s; ",
-            r["ttl_s"],
-            r["heartbeat_due_in_s"].as_f64().unwrap_or(0.0)
-        ),
+    format!(
+        "ttl={}s heartbeat due in {:.1} s; ",
+        r["ttl_s"],
+        r["heartbeat_due_in_s"].as_f64().unwrap_or(0.0)
+    )
+}
+
+/// Why a backend takes no new flows though its health may be fine (the operator's drain, a
+/// late heartbeat, gone from its source), for the human listings. Empty when it is not.
+pub fn fmt_drain(d: &Value) -> String {
+    match d["detail"].as_str() {
+        Some(detail) => format!("drained: {detail}; "),
+        None => String::new(),
     }
 }
 
-/// A backend gone from its source, for the human listings: why it takes no new flows and when
-/// it goes. Empty for any other.
-pub fn fmt_departure(d: &Value) -> String {
-    match d["reason"].as_str() {
-        Some(reason) => format!("drained: {reason}; "),
-        None => String::new(),
-    }
+/// A backend's weight as `effective/configured`: what its table gives it now, of what it is
+/// configured with.
+pub fn fmt_weight(b: &Value) -> String {
+    format!("{}/{}", b["effective_weight"], b["weight"])
 }

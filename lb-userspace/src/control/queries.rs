@@ -206,6 +206,7 @@ impl Queries<'_> {
                     "source": source(s, Some(st)),
                     "registration": registration(st, now),
                     "departure": departure(s, st, now),
+                    "drain": drain(s, st, now),
                     "load": load,
                     "resolved": self.snap.hops.contains_key(&b.address),
                     "health_score": st.score,
@@ -271,6 +272,7 @@ impl Queries<'_> {
                             "source": source(s, st),
                             "registration": st.map(|st| registration(st, now)),
                             "departure": st.map(|st| departure(s, st, now)),
+                            "drain": st.map(|st| drain(s, st, now)),
                             "region": b.region, "zone": b.zone, "labels": b.labels,
                             "resolved": hop.is_some(),
                             "mac": hop.map(|h| mac_string(&h.dst_mac)),
@@ -548,6 +550,11 @@ fn source(s: &crate::model::Service, st: Option<&crate::status::BackendStatus>) 
     }
 }
 
+/// The name of a service's discovery source, for the lines that say a backend left it.
+fn source_kind(s: &crate::model::Service) -> &'static str {
+    s.discovery.as_ref().map_or("discovery", |d| d.kind.name())
+}
+
 /// A backend gone from its source, drained until its removal: why, and when it goes; `null`
 /// for any other.
 fn departure(
@@ -555,11 +562,27 @@ fn departure(
     st: &crate::status::BackendStatus,
     now: std::time::Instant,
 ) -> serde_json::Value {
-    let kind = s.discovery.as_ref().map_or("discovery", |d| d.kind.name());
     st.departing.map_or(serde_json::Value::Null, |at| {
         json!({
             "removed_in_s": at.saturating_duration_since(now).as_secs_f64(),
-            "reason": st.departure(kind, now),
+            "reason": st.departure(source_kind(s), now),
+        })
+    })
+}
+
+/// Why a backend takes no new flows though its health may be fine: `reason` (`operator`,
+/// `heartbeat`, `source`) and a line that says it; `null` when it is not drained.
+fn drain(
+    s: &crate::model::Service,
+    st: &crate::status::BackendStatus,
+    now: std::time::Instant,
+) -> serde_json::Value {
+    st.drain().map_or(serde_json::Value::Null, |reason| {
+        json!({
+            "reason": reason,
+            "detail": st.drain_detail(source_kind(s), now),
+            "since_s": st.held.filter(|_| reason == crate::status::Drain::Operator)
+                .map(|at| now.saturating_duration_since(at).as_secs_f64()),
         })
     })
 }

@@ -6,6 +6,9 @@
 //! Why a veth: XDP sees only received frames, and a locally sent packet is received by the
 //! peer of the veth it leaves by. The egress classifier on the first end copies the socket
 //! mark (which the peer's XDP cannot see) into the source MAC.
+//!
+//! The steering program runs in the data plane's mode (`steer_mode`): its packets then leave
+//! the balancer's interface the way the clients' do, and a check fails where they would.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -44,17 +47,20 @@ pub struct CheckPath {
 }
 
 impl CheckPath {
-    /// Makes the check path anew (any leftover of a crashed daemon is removed first).
-    pub async fn open(cfg: &super::Settings) -> Result<Self, String> {
+    /// Makes the check path anew (any leftover of a crashed daemon is removed first), its
+    /// program in the mode of the data plane's `attached` interfaces.
+    pub async fn open(cfg: &super::Settings, attached: &[super::Attachment]) -> Result<Self, String> {
         let (device, peer) = device_names(&cfg.instance);
         let handle = connect()?;
         remove(&handle, &device).await;
-        let made = make(&handle, cfg, &device, &peer).await;
+        let mode = steer_mode(cfg.attach, attached);
+        let made = make(&handle, cfg, &device, &peer, mode).await;
         if made.is_err() {
             remove(&handle, &device).await;
         }
         let ebpf = made?;
-        info!("check path {device} -> {peer} ready (checks through the VIP)");
+        let mode = if mode == XdpMode::Skb { "generic" } else { "native" };
+        info!("check path {device} -> {peer} ready (checks through the VIP, {mode} mode)");
         Ok(Self { device, _ebpf: ebpf })
     }
 
@@ -84,7 +90,27 @@ fn connect() -> Result<Handle, String> {
     Ok(handle)
 }
 
-async fn make(handle: &Handle, cfg: &super::Settings, device: &str, peer: &str) -> Result<Ebpf, String> {
+/// The mode the steering program runs in: the data plane's. A native program's redirect goes
+/// through the target driver's own XDP transmit, which a driver run in generic mode may lack
+/// and which a veth refuses unless its peer runs XDP: every check was lost there while the
+/// clients' traffic, generic, passed. A generic program's redirect goes through the device's
+/// ordinary transmit, as generic client traffic does. Generic when the daemon is set to it or
+/// any interface took it (`auto` falling back); native otherwise.
+pub fn steer_mode(setting: super::AttachMode, attached: &[super::Attachment]) -> XdpMode {
+    if setting == super::AttachMode::Generic || attached.iter().any(|a| a.mode == "generic") {
+        XdpMode::Skb
+    } else {
+        XdpMode::Driver
+    }
+}
+
+async fn make(
+    handle: &Handle,
+    cfg: &super::Settings,
+    device: &str,
+    peer: &str,
+    mode: XdpMode,
+) -> Result<Ebpf, String> {
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("check path {device}: {what}: {e}");
     handle
         .link()
@@ -159,11 +185,11 @@ async fn make(handle: &Handle, cfg: &super::Settings, device: &str, peer: &str) 
             .await
             .map_err(|e| fail("add route", &e))?;
     }
-    attach(cfg, device, peer)
+    attach(cfg, device, peer, mode)
 }
 
 /// Loads the two programs with the instance's pinned maps and attaches them.
-fn attach(cfg: &super::Settings, device: &str, peer: &str) -> Result<Ebpf, String> {
+fn attach(cfg: &super::Settings, device: &str, peer: &str, mode: XdpMode) -> Result<Ebpf, String> {
     let fail = |what: &str, e: &dyn std::fmt::Display| format!("check path {device}: {what}: {e}");
     let dir = super::pin_dir(&cfg.instance);
     if !Path::new(&dir).exists() {
@@ -176,8 +202,7 @@ fn attach(cfg: &super::Settings, device: &str, peer: &str) -> Result<Ebpf, Strin
         .try_into()
         .map_err(|e| fail("program", &e))?;
     xdp.load().map_err(|e| fail("verifier rejected steer", &e))?;
-    xdp.attach(peer, XdpMode::Driver)
-        .map_err(|e| fail("attach steer", &e))?;
+    xdp.attach(peer, mode).map_err(|e| fail("attach steer", &e))?;
     tc::qdisc_add_clsact(device).map_err(|e| fail("add clsact qdisc", &e))?;
     let cls: &mut SchedClassifier = ebpf
         .program_mut(maps::PROG_STEER_MARK)
@@ -291,5 +316,24 @@ mod tests {
             assert_ne!(d, p);
         }
         assert_eq!(device_names("web.edge_1").0, "lbck-webedge1");
+    }
+
+    #[test]
+    fn the_steering_program_runs_in_the_data_planes_mode() {
+        use super::super::{AttachMode, Attachment};
+        let on = |mode: &'static str| Attachment {
+            interface: "eth0".into(),
+            mode,
+            adopted: mode == "pinned",
+        };
+        assert_eq!(steer_mode(AttachMode::Generic, &[]), XdpMode::Skb);
+        assert_eq!(steer_mode(AttachMode::Generic, &[on("pinned")]), XdpMode::Skb);
+        assert_eq!(steer_mode(AttachMode::Auto, &[on("generic")]), XdpMode::Skb);
+        assert_eq!(
+            steer_mode(AttachMode::Auto, &[on("native"), on("generic")]),
+            XdpMode::Skb
+        );
+        assert_eq!(steer_mode(AttachMode::Auto, &[on("native")]), XdpMode::Driver);
+        assert_eq!(steer_mode(AttachMode::Native, &[on("pinned")]), XdpMode::Driver);
     }
 }

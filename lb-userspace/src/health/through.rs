@@ -60,7 +60,8 @@ impl Steering {
                 {
                     return Err(why.clone());
                 }
-                match CheckPath::open(&self.data_plane).await {
+                let attached = self.snapshot.borrow().attachments.clone();
+                match CheckPath::open(&self.data_plane, &attached).await {
                     Ok(p) => {
                         path.open = Some(p);
                         path.failed = None;

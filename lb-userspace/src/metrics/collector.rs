@@ -198,7 +198,8 @@ impl DataPlaneCollector {
             embryonic_oldest,
             embryonic_expired,
             discovery_backends,
-        ]: [usize; 46] = std::array::from_fn(|i| i);
+            backend_drained,
+        ]: [usize; 47] = std::array::from_fn(|i| i);
         let board = s.board.read().unwrap_or_else(|p| p.into_inner());
         let default = crate::status::BackendStatus::default();
         let mut services: Vec<&crate::model::Service> = snap.services.iter().collect();
@@ -289,6 +290,7 @@ impl DataPlaneCollector {
                 }
                 let check = board.checks.get(&key);
                 let agent_view = board.agents.get(&key);
+                let drain = st.drain();
                 f.shape(id.as_bytes());
                 f.shape(&[
                     0,
@@ -296,7 +298,12 @@ impl DataPlaneCollector {
                         | u8::from(check.is_some()) << 1
                         | u8::from(check.is_some_and(|c| c.breaker.is_some())) << 2
                         | u8::from(agent_view.is_some()) << 3,
+                    // The reason is a label: a new one is a new series.
+                    drain.map_or(0, |d| d as u8 + 1),
                 ]);
+                if let Some(d) = drain {
+                    f.add(backend_drained, &[name, id, d.name()], 1.0);
+                }
                 if let Some(c) = check {
                     f.add(passive_failures, &labels, c.passive_failures as f64);
                     f.add(checks, &[name, id, "failed"], c.failed as f64);

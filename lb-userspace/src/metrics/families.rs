@@ -280,6 +280,12 @@ pub(super) const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         MetricType::GAUGE,
         &["service"],
     ),
+    (
+        "lb_backend_drained",
+        "1 while a backend takes no new flows for a reason other than its health: the operator's drain (operator), a late heartbeat (heartbeat), gone from its source (source). Absent when it is not drained.",
+        MetricType::GAUGE,
+        &["service", "backend", "reason"],
+    ),
 ];
 /// `families` names each family by its index in FAMILIES.
-const _: () = assert!(FAMILIES.len() == 46);
+const _: () = assert!(FAMILIES.len() == 47);

@@ -126,6 +126,14 @@ pub(crate) fn change_state(
                 .ok_or_else(|| unknown_backend(&service, &id))?;
             b.weight = weight;
         }
+        Change::SetDrain { service, id, drained } => {
+            let svc = find_service(services, &service)?;
+            if svc.backend(&id).is_none() {
+                return Err(unknown_backend(&service, &id));
+            }
+            let st = status.entry(BackendRef::new(&service, &id)).or_default();
+            hold(st, &service, &id, drained, now);
+        }
         Change::SetStrategy { service, strategy } => {
             find_service(services, &service)?.strategy = strategy;
         }
@@ -198,6 +206,26 @@ pub(crate) fn change_state(
     validate_services(services)?;
     validate_against(cfg, services)?;
     Ok(())
+}
+
+/// Sets or lifts the operator's drain of one backend; again is a no-op (its `since` stays).
+/// Lifted, a backend that is up comes back as from a health recovery: its weight ramps over
+/// its slow start.
+fn hold(st: &mut BackendStatus, service: &str, id: &str, drained: bool, now: Instant) {
+    match (drained, st.held.is_some()) {
+        (true, false) => {
+            st.held = Some(now);
+            info!("backend {service}/{id}: drained by the operator: no new flows, established ones go on");
+        }
+        (false, true) => {
+            st.held = None;
+            if st.health == HealthState::Up {
+                st.up_at = Some(now);
+            }
+            info!("backend {service}/{id}: undrained by the operator: takes new flows");
+        }
+        _ => {}
+    }
 }
 
 /// A reload's services, with the backends registered with a TTL kept: they belong to the
@@ -505,6 +533,82 @@ mod tests {
         record_health(&mut st, update(HealthState::Up, 1.0), now);
         assert_eq!(st[&b].up_at, Some(now));
         assert_eq!(st[&b].slow_start, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn an_operator_drain_is_set_lifted_and_kept_by_a_reload() {
+        let (mut services, mut status) = start();
+        let drain = |id: &str, drained: bool| Change::SetDrain {
+            service: "web".into(),
+            id: id.into(),
+            drained,
+        };
+        let b0 = BackendRef::new("web", "b0");
+        let t0 = Instant::now();
+        change_state(&cfg(), &mut services, &mut status, drain("b0", true), t0).unwrap();
+        assert_eq!(status[&b0].held, Some(t0));
+        assert_eq!(web(&services).backends[0].weight, 100, "its weight is kept");
+        // Again: nothing changes, not even since when.
+        let t1 = t0 + Duration::from_secs(1);
+        change_state(&cfg(), &mut services, &mut status, drain("b0", true), t1).unwrap();
+        assert_eq!(status[&b0].held, Some(t0));
+        // A reload of the file as it was keeps it (the backend is still declared).
+        change_state(&cfg(), &mut services, &mut status, Change::Replace(start().0), t1).unwrap();
+        assert_eq!(status[&b0].held, Some(t0));
+        // Unknown service or backend: refused, nothing changed.
+        let before = (services.clone(), status.clone());
+        let e = change_state(&cfg(), &mut services, &mut status, drain("b9", true), t1).unwrap_err();
+        assert!(
+            matches!(&e, Error::NotFound(m) if m == "service web has no backend b9"),
+            "{e}"
+        );
+        let e = change_state(
+            &cfg(),
+            &mut services,
+            &mut status,
+            Change::SetDrain {
+                service: "nope".into(),
+                id: "b0".into(),
+                drained: true,
+            },
+            t1,
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+        assert_eq!((services.clone(), status.clone()), before);
+        // Lifted: back as from a recovery (the ramp starts), the weight as configured.
+        let t2 = t0 + Duration::from_secs(2);
+        change_state(&cfg(), &mut services, &mut status, drain("b0", false), t2).unwrap();
+        assert_eq!((status[&b0].held, status[&b0].up_at), (None, Some(t2)));
+        // Lifting it again, or lifting b1's (never drained): no change, no ramp.
+        change_state(&cfg(), &mut services, &mut status, drain("b1", false), t2).unwrap();
+        assert_eq!(
+            status.get(&BackendRef::new("web", "b1")).and_then(|s| s.up_at),
+            None
+        );
+        // Lifted while down: the recovery starts the ramp, not the undrain.
+        status.get_mut(&b0).unwrap().health = HealthState::Down;
+        status.get_mut(&b0).unwrap().up_at = None;
+        change_state(&cfg(), &mut services, &mut status, drain("b0", true), t2).unwrap();
+        change_state(&cfg(), &mut services, &mut status, drain("b0", false), t2).unwrap();
+        assert_eq!(status[&b0].up_at, None);
+    }
+
+    #[test]
+    fn a_service_with_a_source_takes_an_operator_drain() {
+        use crate::model::discovery_settings::{DiscoverySettings, SourceKind};
+        let (mut services, mut status) = start();
+        services[0].discovery = Some(Box::new(DiscoverySettings {
+            path: Some("/etc/lb/web.json".into()),
+            ..DiscoverySettings::new(SourceKind::File)
+        }));
+        let drain = Change::SetDrain {
+            service: "web".into(),
+            id: "b1".into(),
+            drained: true,
+        };
+        change_state(&cfg(), &mut services, &mut status, drain, Instant::now()).unwrap();
+        assert!(status[&BackendRef::new("web", "b1")].held.is_some());
     }
 
     fn terms() -> crate::status::lease::Terms {

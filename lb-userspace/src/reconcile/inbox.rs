@@ -39,6 +39,13 @@ pub enum Change {
         id: String,
         weight: u32,
     },
+    /// The operator's drain of a backend (`lb backend drain`/`undrain`): no new flows while
+    /// set, its weight kept.
+    SetDrain {
+        service: String,
+        id: String,
+        drained: bool,
+    },
     /// A service's strategy (new flows only).
     SetStrategy {
         service: String,

@@ -7,7 +7,11 @@
 //! service checked as an API change would be, one that fails reported and left out, so no entry
 //! can stop the daemon from starting.
 
-use std::path::Path;
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, Instant, SystemTime},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +20,10 @@ use crate::{
     error::{Error, Result},
     model::{BackendRef, Service},
     snapshot::Assignments,
-    status::lease::Terms,
+    status::{
+        BackendStatus,
+        lease::{Lease, Terms},
+    },
 };
 
 /// Largest state file read back (1,024 services of 16,384 backends stay far below it).
@@ -30,6 +37,68 @@ pub struct Persisted {
     /// daemon gives each a whole TTL to heartbeat again).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub leases: Vec<SavedLease>,
+    /// Backends the operator drained (`lb backend drain`): operator intent, kept over a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drains: Vec<SavedDrain>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedDrain {
+    pub service: String,
+    pub id: String,
+    /// Since when, in seconds since the Unix epoch.
+    pub since_s: f64,
+}
+
+impl SavedDrain {
+    /// `at` on the wall clock, as `now` (monotonic) and `wall` (its wall-clock reading) place it.
+    pub fn new(b: &BackendRef, at: Instant, now: Instant, wall: SystemTime) -> Self {
+        let since = wall
+            .checked_sub(now.saturating_duration_since(at))
+            .unwrap_or(wall);
+        Self {
+            service: b.service.clone(),
+            id: b.id.clone(),
+            since_s: since
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        }
+    }
+
+    /// Since when, on the monotonic clock (`now`, read at `wall`); a time in the future or not a
+    /// number is taken as now.
+    fn since(&self, now: Instant, wall: SystemTime) -> Instant {
+        let saved = Duration::try_from_secs_f64(self.since_s)
+            .ok()
+            .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d));
+        let ago = saved
+            .and_then(|t| wall.duration_since(t).ok())
+            .unwrap_or_default();
+        now.checked_sub(ago).unwrap_or(now)
+    }
+}
+
+/// What a restart keeps of the backends' status, beside their services: registrations' terms
+/// and the operator's drains.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KeptStatus {
+    pub leases: Vec<(BackendRef, Terms)>,
+    pub drains: Vec<(BackendRef, Instant)>,
+}
+
+impl KeptStatus {
+    /// The statuses the writer starts from: a registration has a whole TTL from `now` to
+    /// heartbeat this daemon; a drain holds as it was.
+    pub fn status(self, now: Instant) -> BTreeMap<BackendRef, BackendStatus> {
+        let mut status: BTreeMap<BackendRef, BackendStatus> = BTreeMap::new();
+        for (b, terms) in self.leases {
+            status.entry(b).or_default().lease = Some(Lease::new(terms, now));
+        }
+        for (b, since) in self.drains {
+            status.entry(b).or_default().held = Some(since);
+        }
+        status
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -55,8 +124,8 @@ impl SavedLease {
 pub struct Restored {
     pub services: Vec<Service>,
     pub assignments: Assignments,
-    /// Registrations with a TTL, of backends kept.
-    pub leases: Vec<(BackendRef, Terms)>,
+    /// Registrations with a TTL and operator drains, of backends kept.
+    pub kept: KeptStatus,
     /// One line for each service left out.
     pub warnings: Vec<String>,
 }
@@ -115,10 +184,20 @@ impl Persisted {
                 )),
             }
         }
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let drains = p
+            .drains
+            .iter()
+            .filter(|d| {
+                kept.iter()
+                    .any(|s| s.name == d.service && s.backend(&d.id).is_some())
+            })
+            .map(|d| (BackendRef::new(&d.service, &d.id), d.since(now, wall)))
+            .collect();
         Some(Restored {
             services: kept,
             assignments: p.assignments,
-            leases,
+            kept: KeptStatus { leases, drains },
             warnings,
         })
     }
@@ -206,6 +285,63 @@ mod tests {
         std::fs::write(&path, "{ not json").unwrap();
         assert!(Persisted::restore(&path, |_, _| Ok(())).is_none());
         assert!(Persisted::restore(&d.join("none"), |_, _| Ok(())).is_none());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn operator_drains_are_kept_with_their_time_for_backends_still_there() {
+        let d = dir();
+        let path = d.join("t.state.json");
+        let mut model = Service::new(
+            "web",
+            "10.0.0.1".parse().unwrap(),
+            80,
+            crate::model::Protocol::Tcp,
+        );
+        model
+            .backends
+            .push(crate::model::Backend::new("b1", "10.0.1.1".parse().unwrap()));
+        let web = ServiceSpec::from(&model);
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let b1 = BackendRef::new("web", "b1");
+        let drained_at = now - Duration::from_secs(30);
+        let p = Persisted {
+            services: vec![web],
+            drains: vec![
+                SavedDrain::new(&b1, drained_at, now, wall),
+                // A backend no longer there, and a time that is not one: left out, taken as now.
+                SavedDrain::new(&BackendRef::new("web", "gone"), now, now, wall),
+            ],
+            ..Default::default()
+        };
+        p.save(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"drains\""), "{text}");
+        let r = Persisted::restore(&path, |_, _| Ok(())).expect("restored");
+        assert_eq!(r.kept.drains.len(), 1, "{:?}", r.kept);
+        let (b, since) = r.kept.drains[0].clone();
+        assert_eq!(b, b1);
+        let ago = now.saturating_duration_since(since).as_secs_f64();
+        assert!((29.0..32.0).contains(&ago), "drained {ago} s ago");
+        let status = r.kept.status(now);
+        assert_eq!(status[&b1].held, Some(since));
+        assert_eq!(status[&b1].state_name(), "drained");
+        let odd = SavedDrain {
+            since_s: f64::NAN,
+            ..SavedDrain::new(&b1, now, now, wall)
+        };
+        assert_eq!(odd.since(now, wall), now);
+        let future = SavedDrain {
+            since_s: 1e12,
+            ..SavedDrain::new(&b1, now, now, wall)
+        };
+        assert_eq!(future.since(now, wall), now);
+        // A file without drains (an older daemon's) reads as none.
+        let older = serde_json::to_string(&Persisted::default()).unwrap();
+        assert!(!older.contains("drains"), "{older}");
+        std::fs::write(&path, older).unwrap();
+        let r = Persisted::restore(&path, |_, _| Ok(())).expect("restored");
+        assert!(r.kept.drains.is_empty());
         let _ = std::fs::remove_dir_all(&d);
     }
 }

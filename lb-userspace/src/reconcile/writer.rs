@@ -19,7 +19,7 @@ use super::{
     change::{change_state, record_health},
     hops,
     inbox::{Change, Command},
-    persist::{Persisted, SavedLease},
+    persist::{KeptStatus, Persisted, SavedDrain, SavedLease},
     plan::{self, Desired},
     warnings,
 };
@@ -30,13 +30,7 @@ use crate::{
     model::{BackendRef, Service, Strategy, backend_addresses},
     neigh::{NextHop, Resolver},
     snapshot::{GeoStatus, PassCounters, Snapshot, in_effect, instance_views, next_instances},
-    status::{
-        AdaptiveState, BackendStatus, ServiceWeights, agree,
-        cluster::View,
-        effective_weights,
-        lease::{Lease, Terms},
-        votes,
-    },
+    status::{AdaptiveState, BackendStatus, ServiceWeights, agree, cluster::View, effective_weights, votes},
 };
 
 mod inputs;
@@ -111,7 +105,7 @@ impl Writer {
         maps: Maps,
         resolver: Arc<Resolver>,
         services: Vec<Service>,
-        leases: Vec<(BackendRef, Terms)>,
+        kept: KeptStatus,
         histograms: Histograms,
     ) -> Result<(Self, Handles, mpsc::Receiver<Command>, Vec<String>)> {
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
@@ -147,18 +141,7 @@ impl Writer {
                 }
             }
         }
-        // Restored registrations: a whole TTL from now to heartbeat this daemon.
-        let now = Instant::now();
-        let status = leases
-            .into_iter()
-            .map(|(b, terms)| {
-                let st = BackendStatus {
-                    lease: Some(Lease::new(terms, now)),
-                    ..Default::default()
-                };
-                (b, st)
-            })
-            .collect();
+        let status = kept.status(Instant::now());
         let warnings = writer.commit(services, status, HashMap::new(), true).await?;
         let handles = Handles {
             commands: tx,
@@ -534,6 +517,13 @@ impl Writer {
                 .iter()
                 .filter_map(|(b, st)| st.lease.map(|l| SavedLease::new(b, l.terms)))
                 .collect(),
+            drains: {
+                let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+                self.status
+                    .iter()
+                    .filter_map(|(b, st)| st.held.map(|at| SavedDrain::new(b, at, now, wall)))
+                    .collect()
+            },
         })
         .save(&self.state_path)
         {

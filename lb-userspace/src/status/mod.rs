@@ -5,7 +5,8 @@
 //! Effective weight = weight (the configured one, or the agent's) × health score × external
 //! score × slow-start ramp × half-open share, rounded, at least 1 while all are positive. A
 //! backend gets none (no new flows) when it is unresolved, down (checks, agent or an external
-//! score of 0), drained (weight 0, or the agent's drain or maint) or its breaker is open. Its
+//! score of 0), drained (weight 0, the agent's drain or maint, or a [`Drain`]: the operator's,
+//! a late heartbeat's, its source's) or its breaker is open. Its
 //! slot keeps serving pinned flows unless it is unresolved, in maintenance, or down with
 //! `down_flows = "repick"` (the default).
 
@@ -59,6 +60,30 @@ pub struct BackendStatus {
     /// Gone from its service's discovery source: drained (no new flows) until this moment,
     /// then removed (`drain_before_remove`).
     pub departing: Option<Instant>,
+    /// Drained by the operator (`lb backend drain`) since then, until `lb backend undrain`:
+    /// operator intent, so a reload and a restart keep it.
+    pub held: Option<Instant>,
+}
+
+/// Why a backend takes no new flows while its health may be fine. The reasons end apart: the
+/// operator's with `undrain`, a late heartbeat's with the next heartbeat, its source's with
+/// its removal (or its return to the source).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Drain {
+    Operator,
+    Heartbeat,
+    Source,
+}
+
+impl Drain {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Operator => "operator",
+            Self::Heartbeat => "heartbeat",
+            Self::Source => "source",
+        }
+    }
 }
 
 impl Default for BackendStatus {
@@ -75,6 +100,7 @@ impl Default for BackendStatus {
             load: Default::default(),
             lease: None,
             departing: None,
+            held: None,
         }
     }
 }
@@ -107,8 +133,7 @@ impl BackendStatus {
         Some(at + step * (done as u32 + 1))
     }
 
-    /// Its state for readers: `drained` while a late heartbeat or its source's removal keeps
-    /// new flows away (the reason is in its lease or its departure), else its health.
+    /// Its state for readers: `drained` while a [`Drain`] keeps new flows away, else its health.
     pub fn state_name(&self) -> &'static str {
         match (self.drained(), self.health) {
             (true, _) => "drained",
@@ -117,10 +142,39 @@ impl BackendStatus {
         }
     }
 
-    /// Takes no new flows for its registration's or its source's sake (not its health's): no
-    /// panic candidate either.
+    /// Why it takes no new flows for a reason other than its health, if it does: the one that
+    /// decides its fate first (its source's removal, then a late heartbeat's, then the
+    /// operator's, which only the operator ends).
+    pub fn drain(&self) -> Option<Drain> {
+        if self.departing.is_some() {
+            Some(Drain::Source)
+        } else if self.lease.is_some_and(|l| l.drained) {
+            Some(Drain::Heartbeat)
+        } else if self.held.is_some() {
+            Some(Drain::Operator)
+        } else {
+            None
+        }
+    }
+
+    /// Takes no new flows for a [`Drain`] (not for its health): no panic candidate either.
     pub fn drained(&self) -> bool {
-        self.lease.is_some_and(|l| l.drained) || self.departing.is_some()
+        self.drain().is_some()
+    }
+
+    /// Why it takes no new flows, in one line for `lb health`, `lb service list` and the
+    /// status page; `source` names its service's discovery source.
+    pub fn drain_detail(&self, source: &str, now: Instant) -> Option<String> {
+        match self.drain()? {
+            Drain::Source => self.departure(source, now),
+            Drain::Heartbeat => self.lease.and_then(|l| l.reason(now)),
+            Drain::Operator => self.held.map(|at| {
+                format!(
+                    "by the operator {:.0} s ago (lb backend undrain ends it)",
+                    now.saturating_duration_since(at).as_secs_f64()
+                )
+            }),
+        }
     }
 
     /// Why a backend gone from its source takes no new flows, for `lb health` and `lb service
@@ -205,10 +259,10 @@ pub fn effective_weights(
         // An open breaker takes no new flows; its pinned flows stay.
         let excluded =
             unhealthy || agent.is_some_and(AgentState::excluded) || st.breaker == BreakerState::Open;
-        // Drained (weight 0, the agent's drain, a late heartbeat, gone from its source)
-        // backends are no panic candidates.
-        let late = st.drained();
-        let candidate = reachable && configured > 0 && !late && !agent.is_some_and(|a| a.drain || a.maint);
+        // Drained (weight 0, the agent's drain, the operator's, a late heartbeat, gone from
+        // its source) backends are no panic candidates.
+        let drained = st.drained();
+        let candidate = reachable && configured > 0 && !drained && !agent.is_some_and(|a| a.drain || a.maint);
         candidates += usize::from(candidate);
         healthy += usize::from(candidate && !excluded);
         let half_open = if st.breaker == BreakerState::HalfOpen {
@@ -550,6 +604,85 @@ mod tests {
         let w = effective_weights(&s, s.strategy, &st, |_| true, now);
         assert!(w.panic);
         assert_eq!(w.backends["b0"].weight, 0);
+    }
+
+    #[test]
+    fn an_operator_drain_takes_no_new_flows_keeps_pinned_ones_and_its_weight() {
+        let s = service(3, None);
+        let now = Instant::now();
+        let held = BackendStatus {
+            held: Some(now - Duration::from_secs(5)),
+            ..Default::default()
+        };
+        let mut st = BTreeMap::new();
+        st.insert(BackendRef::new("web", "b0"), held.clone());
+        let w = effective_weights(&s, s.strategy, &st, |_| true, now);
+        // No new flows, its pinned flows kept; the others keep theirs.
+        assert_eq!(weights(&w), vec![(0, true), (100, true), (100, true)]);
+        assert_eq!(s.backends[0].weight, 100, "the configured weight is not touched");
+        assert_eq!(held.state_name(), "drained");
+        assert_eq!(held.drain(), Some(Drain::Operator));
+        assert_eq!(
+            held.drain_detail("file", now).as_deref(),
+            Some("by the operator 5 s ago (lb backend undrain ends it)")
+        );
+        // No panic candidate: the other two down, the service panics and spreads over neither
+        // the drained one (on_panic = "all" keeps drained backends out).
+        st.insert(BackendRef::new("web", "b1"), down());
+        st.insert(BackendRef::new("web", "b2"), down());
+        let w = effective_weights(&s, s.strategy, &st, |_| true, now);
+        assert!(w.panic);
+        assert_eq!(w.backends["b0"].weight, 0);
+        assert_eq!(w.backends["b1"].weight, 100);
+        // Undrained, healthy: its weight again, through the ramp when it has slow start.
+        let back = BackendStatus {
+            up_at: Some(now),
+            slow_start: Duration::from_secs(10),
+            ..Default::default()
+        };
+        st.insert(BackendRef::new("web", "b0"), back);
+        st.remove(&BackendRef::new("web", "b1"));
+        st.remove(&BackendRef::new("web", "b2"));
+        let w = effective_weights(&s, s.strategy, &st, |_| true, now);
+        assert_eq!(weights(&w), vec![(10, true), (100, true), (100, true)]);
+    }
+
+    #[test]
+    fn each_drain_keeps_its_own_reason_and_the_one_that_ends_first_shows() {
+        let now = Instant::now();
+        let terms = lease::Terms {
+            ttl: Duration::from_secs(2),
+            deregister_after: Duration::from_secs(60),
+        };
+        let late = lease::Lease {
+            drained: true,
+            ..lease::Lease::new(terms, now)
+        };
+        let mut st = BackendStatus {
+            held: Some(now),
+            ..Default::default()
+        };
+        assert_eq!(st.drain(), Some(Drain::Operator));
+        st.lease = Some(late);
+        assert_eq!(st.drain(), Some(Drain::Heartbeat));
+        assert!(
+            st.drain_detail("file", now)
+                .unwrap()
+                .starts_with("heartbeat late")
+        );
+        st.departing = Some(now + Duration::from_secs(3));
+        assert_eq!(st.drain(), Some(Drain::Source));
+        assert_eq!(
+            st.drain_detail("dns", now).as_deref(),
+            Some("gone from its dns source; removed in 3.0 s")
+        );
+        // A heartbeat again, the source's entry back: the operator's drain is still there.
+        st.departing = None;
+        st.lease = Some(lease::Lease::new(terms, now));
+        assert_eq!(st.drain(), Some(Drain::Operator));
+        st.held = None;
+        assert_eq!((st.drain(), st.drain_detail("file", now)), (None, None));
+        assert_eq!(st.state_name(), "up");
     }
 
     #[test]

@@ -167,7 +167,8 @@ function stateCell(r) {
     if (a.drain) why.push('agent: drain');
     if (a.maint) why.push('agent: maint');
   }
-  if (h.registration && h.registration.reason) why.push(h.registration.reason);
+  // The operator's drain, a late heartbeat or gone from its source: said apart from health.
+  if (h.drain && h.drain.detail) why.push(h.drain.detail);
   const idle = r.state === 'up' && r.effective === 0;
   return el(
     'td',
