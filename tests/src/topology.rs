@@ -92,6 +92,13 @@ impl Topology {
         Ok(topo)
     }
 
+    /// Takes the pass program off the balancer's switch port, as a new operator's lab would
+    /// have it: the kernel then drops every frame the balancer sends back out (XDP_TX).
+    pub fn detach_pass(&mut self) -> Result<()> {
+        self._pass = empty_ebpf()?;
+        Ok(())
+    }
+
     /// Adds a backend namespace with the VIPs on loopback and its servers running.
     pub fn add_backend(&mut self, id: &str) -> Result<&Backend> {
         let host = self.next_host;

@@ -139,6 +139,15 @@ fn sigkill_restart_keeps_connections_and_state() {
     let status = d.json(&["status"]);
     assert_eq!(status["adopted"], true, "{status}");
     assert!(status["interfaces"][0]["adopted"] == true, "{status}");
+    // The census counts the open connections (its first count is at start): the fill.
+    let counted = lb_tests::wait_until(std::time::Duration::from_secs(12), || {
+        d.json(&["status"])["conntrack"]["entries"].as_u64() >= Some(50)
+    });
+    let status = d.json(&["status"]);
+    assert!(counted, "{status}");
+    assert_eq!(status["conntrack"]["size"], 65536, "{status}");
+    assert!(status["conntrack"]["embryonic_entries"].is_u64(), "{status}");
+    assert_eq!(status["backends_unhealthy"], 0, "{status}");
     // The same, as text: one line a thing.
     let text = String::from_utf8_lossy(&d.cli(&["status"]).stdout).to_string();
     assert!(
@@ -146,6 +155,13 @@ fn sigkill_restart_keeps_connections_and_state() {
             .any(|l| l.starts_with("attached") && l.contains("eth0") && l.contains("(adopted)")),
         "{text}"
     );
+    let entries = status["conntrack"]["entries"].as_u64().unwrap_or(0);
+    assert!(
+        text.lines().any(|l| l.starts_with(&format!("conntrack  {entries} of 65536 ("))
+            && l.contains(", embryonic ")),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l == "unhealthy  none"), "{text}");
     assert_eq!(
         d.json(&["service", "list"]),
         before,

@@ -52,6 +52,8 @@ pub struct Shared {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub readers: Arc<Readers>,
     pub nat: Arc<Mutex<NatStatus>>,
+    /// The connection-table census's last count.
+    pub conntrack: Arc<Mutex<crate::dataplane::census::ConntrackCensus>>,
     pub board: Board,
     /// The announcer's state, and the node's drain flag (`lb node drain`).
     pub bgp: Arc<Mutex<crate::status::bgp::BgpStatus>>,
@@ -102,6 +104,7 @@ pub fn queries(s: &Shared) -> Queries<'_> {
         snap: s.snapshot.borrow().clone(),
         readers: &s.readers,
         nat: &s.nat,
+        conntrack: &s.conntrack,
         board: &s.board,
         bgp: &s.bgp,
     }
