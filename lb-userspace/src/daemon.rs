@@ -60,6 +60,9 @@ impl Prepared {
 /// log, and the TCP listeners (a port below 1024 needs CAP_NET_BIND_SERVICE).
 pub fn prepare(config_path: PathBuf) -> anyhow::Result<Prepared> {
     let config = Config::load(&config_path)?;
+    // Refused at start as a change would be (the services a restart restores from the state
+    // file were accepted already).
+    crate::config::check_own_addresses(&[], &config.services)?;
     let cfg = &config.daemon;
     let socket = cfg.socket_path();
     prepare_run_dir(&cfg.run_dir)?;

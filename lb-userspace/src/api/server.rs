@@ -126,6 +126,7 @@ pub async fn submit(writer: &mpsc::Sender<Command>, change: Change) -> crate::er
 }
 
 async fn change(s: &Shared, c: Change) -> Answer {
+    refuse_own_addresses(s, &c)?;
     let shared_state = matches!(
         c,
         Change::Replace(_)
@@ -142,11 +143,25 @@ async fn change(s: &Shared, c: Change) -> Answer {
         return ok(json!("ok"), vec![]);
     }
     if let (Some(cluster), true) = (&s.cluster, shared_state) {
-        let revision = cluster.store.change(&s.cfg, c).await?;
-        return ok(json!("ok"), applied_here(cluster, revision).await);
+        let (revision, mut warnings) = cluster.store.change(&s.cfg, c).await?;
+        warnings.extend(applied_here(cluster, revision).await);
+        return ok(json!("ok"), warnings);
     }
     let warnings = submit(&s.writer, c).await?;
     ok(json!("ok"), warnings)
+}
+
+/// Refuses a change that would make one of this host's addresses a VIP without
+/// `allow_own_address`. Checked where an operator's change comes in, against this node's
+/// addresses (a cluster's nodes apply what the node that took the change accepted).
+fn refuse_own_addresses(s: &Shared, c: &Change) -> crate::error::Result<()> {
+    let after: &[Service] = match c {
+        Change::AddService(svc) => std::slice::from_ref(svc),
+        Change::Replace(all) => all,
+        _ => return Ok(()),
+    };
+    let before = s.snapshot.borrow().services.clone();
+    crate::config::check_own_addresses(&before, after)
 }
 
 /// Waits (2 s at most) for this node to apply a cluster revision it wrote; a warning if not.
@@ -188,6 +203,8 @@ pub async fn cluster_push(State(s): Ctx, body: Result<Json<PushBody>, JsonReject
     };
     let cfg = Config::parse_pushed(&body.text)?;
     crate::config::validate_against(&s.cfg, &cfg.services)?;
+    let before = s.snapshot.borrow().services.clone();
+    crate::config::check_own_addresses(&before, &cfg.services)?;
     let revision = cluster.store.push(&cfg.services).await?;
     log::info!(target: "audit", "cluster push: {} services at revision {revision}", cfg.services.len());
     ok(
@@ -631,7 +648,9 @@ pub async fn reload_config(s: &Shared) -> crate::error::Result<Vec<String>> {
     if cfg.daemon != s.cfg {
         warn!("reload: [daemon] changes take effect only after a restart");
     }
-    submit(&s.writer, Change::Replace(cfg.services)).await
+    let change = Change::Replace(cfg.services);
+    refuse_own_addresses(s, &change)?;
+    submit(&s.writer, change).await
 }
 
 #[utoipa::path(post, path = "/v1/plan", tag = "services", request_body = PlanChange,

@@ -253,9 +253,10 @@ impl Writer {
                     let mut next_status = status.clone();
                     match change_state(&self.cfg, &mut next, &mut next_status, *change, now) {
                         Ok(()) => {
+                            let risky = warnings::risky(&services, &next);
                             services = next;
                             status = next_status;
-                            replies.push(reply);
+                            replies.push((reply, risky));
                             if let Some(service) = heartbeat {
                                 self.histograms
                                     .heartbeats
@@ -366,9 +367,15 @@ impl Writer {
         if let Err(e) = &mut result {
             *e = Error::invalid(e.to_string());
         }
-        for reply in replies {
+        for (reply, risky) in replies {
             let _ = reply.send(match &result {
-                Ok(w) => Ok(w.clone()),
+                Ok(w) => {
+                    // Said in the log too: the change is in effect, whoever asked for it.
+                    for r in &risky {
+                        warn!("{r}");
+                    }
+                    Ok(w.iter().cloned().chain(risky).collect())
+                }
                 Err(e) => Err(Error::invalid(e.to_string())),
             });
         }
