@@ -214,7 +214,7 @@ pub async fn cluster_push(State(s): Ctx, body: Result<Json<PushBody>, JsonReject
 }
 
 #[utoipa::path(get, path = "/v1/status", tag = "daemon",
-    responses((status = 200, description = "Instance, interfaces and attach modes, table pool, reconciler counters", body = Envelope)))]
+    responses((status = 200, description = "Instance, interfaces with their attach modes and XDP transmit errors, services, backends and how many are unhealthy, table pool, conntrack fill, reconciler counters", body = Envelope)))]
 pub async fn status(State(s): Ctx) -> Answer {
     ok(queries(&s).status(), vec![])
 }
