@@ -18,6 +18,7 @@ use crate::{
         discovery_settings::SourceKind,
         health_settings::{self, Probe},
     },
+    reconcile::warnings::{Touched, risky},
     strategy::geo,
 };
 
@@ -137,7 +138,7 @@ pub fn warnings(config: &Config) -> Vec<String> {
     plaintext_api(&config.daemon, &mut out);
     // What a change to these services would be warned about (every weight 0, a port 0 that
     // takes the other ports of a VIP in use).
-    out.extend(crate::reconcile::warnings::risky(&[], &config.services));
+    out.extend(risky(&[], &config.services, &Touched::All));
     for s in &config.services {
         health(s, &mut out);
         if let Some(w) = maglev_imbalance(s) {

@@ -15,7 +15,11 @@ use crate::{
     config::DaemonConfig,
     error::{Error, Result},
     model::{Service, cluster_settings::ClusterSettings},
-    reconcile::{Change, change::change_state},
+    reconcile::{
+        Change,
+        change::change_state,
+        warnings::{Touched, risky},
+    },
     status::cluster::NodeEntry,
 };
 
@@ -153,9 +157,10 @@ impl Store {
             .collect();
         let mut after: Vec<Service> = before.values().map(|(s, _)| s.clone()).collect();
         let mut status = BTreeMap::new();
+        let touched = Touched::of(&change);
         change_state(cfg, &mut after, &mut status, change, Instant::now())?;
         let was: Vec<Service> = before.values().map(|(s, _)| s.clone()).collect();
-        let risky = crate::reconcile::warnings::risky(&was, &after);
+        let risky = risky(&was, &after, &touched);
         let mut when = Vec::new();
         let mut ops = Vec::new();
         let kept: BTreeSet<&str> = after.iter().map(|s| s.name.as_str()).collect();

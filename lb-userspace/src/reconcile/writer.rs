@@ -251,9 +251,10 @@ impl Writer {
                     };
                     let mut next = services.clone();
                     let mut next_status = status.clone();
+                    let touched = warnings::Touched::of(&change);
                     match change_state(&self.cfg, &mut next, &mut next_status, *change, now) {
                         Ok(()) => {
-                            let risky = warnings::risky(&services, &next);
+                            let risky = warnings::risky(&services, &next, &touched);
                             services = next;
                             status = next_status;
                             replies.push((reply, risky));
