@@ -411,12 +411,24 @@ fn dangerous_changes_are_refused_or_warned_about() {
         ),
         "{said}"
     );
-    // Each in the daemon's log too.
+    // A reload that leaves web6 without backends: said in its answer too.
+    let (head, rest) = good.split_once("name = \"web6\"").expect("web6");
+    let (web6, tail) = rest.split_once("\n[[service]]").expect("dns6 after web6");
+    let web6 = web6.split_once("\n[[service.backend]]").expect("a backend").0;
+    let bare = format!("{head}name = \"web6\"{web6}\n\n[[service]]{tail}");
+    std::fs::write(&d.config, &bare).expect("write");
+    let said = stderr(&d.cli(&["reload"]));
+    assert!(
+        said.starts_with("warning: service web6: its last backend was removed"),
+        "{said}"
+    );
+    // Each in the daemon's log too, once.
     let log = d.log();
     for needle in [
         "service web4: every backend has weight 0",
         "service dns4: its last backend was removed",
         "service all4: port 0 takes every other tcp port",
+        "service web6: its last backend was removed",
     ] {
         assert_eq!(log.matches(needle).count(), 1, "{needle}: {log}");
     }

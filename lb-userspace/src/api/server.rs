@@ -633,6 +633,10 @@ pub async fn geo_reload(State(s): Ctx) -> Answer {
     responses((status = 200, body = Envelope), (status = 400, body = ApiError)))]
 pub async fn reload(State(s): Ctx) -> Answer {
     let warnings = reload_config(&s).await?;
+    // Logged as SIGHUP's and the file watch's are.
+    for w in &warnings {
+        warn!("reload: {w}");
+    }
     ok(json!("reloaded"), warnings)
 }
 

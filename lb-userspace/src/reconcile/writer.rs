@@ -255,9 +255,12 @@ impl Writer {
                     match change_state(&self.cfg, &mut next, &mut next_status, *change, now) {
                         Ok(()) => {
                             let risky = warnings::risky(&services, &next, &touched);
+                            // A reload's and a cluster revision's warnings are logged by
+                            // whoever asked (the reload paths, cluster::apply), with the rest.
+                            let log = !matches!(touched, warnings::Touched::All);
                             services = next;
                             status = next_status;
-                            replies.push((reply, risky));
+                            replies.push((reply, risky, log));
                             if let Some(service) = heartbeat {
                                 self.histograms
                                     .heartbeats
@@ -368,11 +371,11 @@ impl Writer {
         if let Err(e) = &mut result {
             *e = Error::invalid(e.to_string());
         }
-        for (reply, risky) in replies {
+        for (reply, risky, log) in replies {
             let _ = reply.send(match &result {
                 Ok(w) => {
                     // Said in the log too: the change is in effect, whoever asked for it.
-                    for r in &risky {
+                    for r in risky.iter().filter(|_| log) {
                         warn!("{r}");
                     }
                     Ok(w.iter().cloned().chain(risky).collect())
