@@ -432,6 +432,10 @@ pub struct ServiceSpec {
     /// so replies return through the balancer whatever the backends' routes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub snat: bool,
+    /// The VIP may be one of the balancer host's own addresses: that address's port (every
+    /// port, for port 0) then goes to the backends, not to the host's own services.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_own_address: bool,
     /// `[service.health]`: active checks and what health does to traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthSettings>,
@@ -513,6 +517,7 @@ impl From<ServiceSpec> for Service {
             forwarding: s.forwarding,
             fragments: s.fragments,
             snat: s.snat,
+            allow_own_address: s.allow_own_address,
             health: s.health,
             max_new_flows_per_s: s.max_new_flows_per_s,
             on_shed: s.on_shed,
@@ -556,6 +561,7 @@ impl From<&Service> for ServiceSpec {
             forwarding: s.forwarding,
             fragments: s.fragments,
             snat: s.snat,
+            allow_own_address: s.allow_own_address,
             health: s.health.clone(),
             max_new_flows_per_s: s.max_new_flows_per_s,
             on_shed: s.on_shed,
@@ -830,6 +836,13 @@ impl NatConfig {
             IpAddr::V6(_) => self.source6.map(IpAddr::V6),
         }
     }
+}
+
+/// `model::check_own_addresses` against this host's addresses as they are now (in the calling
+/// thread's network namespace).
+pub fn check_own_addresses(before: &[Service], after: &[Service]) -> Result<()> {
+    let own = crate::link::addresses().map_err(|e| Error::io("read this host's addresses", e))?;
+    crate::model::check_own_addresses(before, after, &own)
 }
 
 /// Checks services against the daemon settings they depend on (SNAT needs a source address).

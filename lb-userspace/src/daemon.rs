@@ -63,6 +63,9 @@ impl Prepared {
 /// log, and the TCP listeners (a port below 1024 needs CAP_NET_BIND_SERVICE).
 pub fn prepare(config_path: PathBuf) -> anyhow::Result<Prepared> {
     let config = Config::load(&config_path)?;
+    // Refused at start as a change would be (the services a restart restores from the state
+    // file were accepted already).
+    crate::config::check_own_addresses(&[], &config.services)?;
     let cfg = &config.daemon;
     let socket = cfg.socket_path();
     prepare_run_dir(&cfg.run_dir)?;
@@ -200,6 +203,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             None
         }
     });
+    check_veth_peers(&cfg.interfaces).await;
     let resolver = Arc::new(Resolver::new()?);
     let (services, kept, maps) = restore(&cfg, &config.services, dp);
     let readers = Arc::new(Readers::open(&cfg.instance)?);
@@ -226,6 +230,7 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         snapshot: handles.snapshot.clone(),
         readers: readers.clone(),
         nat: background.nat_status.clone(),
+        conntrack: background.conntrack.clone(),
         board: background.board.clone(),
         bgp: background.bgp.clone(),
         drain: background.drain.clone(),
@@ -261,6 +266,18 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     info!("daemon stopped; the data plane stays attached (`lb detach` removes it)");
     Ok(())
+}
+
+/// Says which attached interfaces lose what the program sends out of them: a veth in native
+/// mode whose peer runs no XDP program (adopted attachments included: netlink tells the mode).
+async fn check_veth_peers(interfaces: &[String]) {
+    for iface in interfaces {
+        match crate::link::veth_peer_without_xdp(iface).await {
+            Ok(Some(warning)) => warn!("{warning}"),
+            Ok(None) => {}
+            Err(e) => info!("{iface}: cannot tell whether it is a veth whose peer runs XDP: {e}"),
+        }
+    }
 }
 
 /// The services to start from, and the maps' book: the state file's when this daemon adopts

@@ -19,7 +19,8 @@
 //!   a reader too, announcing the VIPs through BIRD; `cluster` feeds the writer the tier's
 //!   desired state from etcd and writes API changes back there.
 //! - `daemon` wires it up; `cli` and `top` are the API's clients; `backend_host` prepares
-//!   backends; `neigh` (netlink), `maglev`, `nat` (expiry) are leaves.
+//!   backends; `neigh` (netlink), `link` (interfaces: addresses, veth peers, ethtool
+//!   statistics), `maglev`, `nat` (expiry) are leaves.
 
 pub mod api;
 pub mod backend_host;
@@ -35,6 +36,7 @@ pub mod error;
 pub mod failpoints;
 pub mod files;
 pub mod health;
+pub mod link;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

@@ -2,8 +2,9 @@
 //! code in the daemon's order, without a daemon or root; and what is legal but suspect.
 //!
 //! Errors: the file's validation (`Config::parse_file`, the first error it finds, as the daemon
-//! says it), then what the daemon reads at start or on demand: the interfaces, the token
-//! files, the API's certificate and key, the geo data and each health check's `tls_ca`.
+//! says it), then what the daemon reads at start or on demand: this host's addresses (a VIP
+//! that is one of them), the interfaces, the token files, the API's certificate and key, the
+//! geo data and each health check's `tls_ca`.
 
 use std::{collections::BTreeSet, path::Path};
 
@@ -17,6 +18,7 @@ use crate::{
         discovery_settings::SourceKind,
         health_settings::{self, Probe},
     },
+    reconcile::warnings::{Touched, risky},
     strategy::geo,
 };
 
@@ -60,7 +62,11 @@ pub fn check(path: &Path) -> Result<Report, Unreadable> {
 fn host_and_files(config: &Config) -> Vec<String> {
     let cfg = &config.daemon;
     let mut errors = Vec::new();
-    // dataplane::open, first thing at start.
+    // At start, before anything else: this host's addresses as VIPs.
+    if let Err(e) = crate::config::check_own_addresses(&[], &config.services) {
+        errors.push(e.to_string());
+    }
+    // dataplane::open.
     for iface in &cfg.interfaces {
         if let Err(e) = dataplane::ifindex(iface) {
             errors.push(e.to_string());
@@ -130,6 +136,9 @@ fn load_tls_ca(ca: &str) -> Result<(), String> {
 pub fn warnings(config: &Config) -> Vec<String> {
     let mut out = Vec::new();
     plaintext_api(&config.daemon, &mut out);
+    // What a change to these services would be warned about (every weight 0, a port 0 that
+    // takes the other ports of a VIP in use).
+    out.extend(risky(&[], &config.services, &Touched::All));
     for s in &config.services {
         health(s, &mut out);
         if let Some(w) = maglev_imbalance(s) {

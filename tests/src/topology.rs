@@ -92,10 +92,9 @@ impl Topology {
         Ok(topo)
     }
 
-    /// Detaches the pass program from the balancer's switch port, as on a host whose peer runs
-    /// no XDP: frames sent to it by native XDP (XDP_TX, redirects) are then lost; generic XDP's
-    /// go through the device's ordinary transmit and arrive.
-    pub fn remove_pass(&mut self) -> Result<()> {
+    /// Takes the pass program off the balancer's switch port, as a new operator's lab would
+    /// have it: the kernel then drops every frame the balancer sends back out (XDP_TX).
+    pub fn detach_pass(&mut self) -> Result<()> {
         self._pass = empty_ebpf()?;
         Ok(())
     }

@@ -339,3 +339,45 @@ fn a_discovery_source_is_checked_and_its_file_read() {
     let out = check(&path, false);
     assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// What a change would be warned about, the file says too: a service whose backends all have
+/// weight 0, and a port-0 service over a VIP another service uses (status 0). A VIP that is
+/// an address of this host is the daemon's error, in its words (status 1).
+#[test]
+fn dangerous_services_are_warned_about_and_an_own_address_refused() {
+    let dir = Dir::new("dangerous");
+    let text = format!(
+        "{DAEMON}{}[[service]]\nname = \"all\"\nvip = \"10.0.0.1\"\nport = 0\nprotocol = \"tcp\"\n",
+        service("").replace("address = \"10.0.1.1\"\n", "address = \"10.0.1.1\"\nweight = 0\n")
+    );
+    let out = check(&dir.write("lb.toml", &text), false);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        stderr_lines(&out),
+        [
+            "warning: service web: every backend has weight 0: its new flows are dropped (drop_no_backend), established ones stay (fix: give a backend a weight above 0)",
+            "warning: service all: port 0 takes every other tcp port of 10.0.0.1, which web (port 80) also uses: flows to any other port of that VIP now go to all's backends",
+        ]
+    );
+    // 127.0.0.1 is an address of every host (lo).
+    let own = dir.write(
+        "own.toml",
+        &format!("{DAEMON}{}", service("").replace("10.0.0.1", "127.0.0.1")),
+    );
+    let out = check(&own, false);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        stderr_lines(&out),
+        [
+            "error: service web: VIP 127.0.0.1 is an address of this host: its port 80/tcp would go to the backends, not to this host's own services (fix: another VIP, or allow_own_address = true (lb service add --allow-own-address) if that is meant)"
+        ]
+    );
+    let allowed = dir.write(
+        "allowed.toml",
+        &format!(
+            "{DAEMON}{}",
+            service("allow_own_address = true").replace("10.0.0.1", "127.0.0.1")
+        ),
+    );
+    assert_eq!(check(&allowed, false).status.code(), Some(0));
+}

@@ -139,6 +139,15 @@ fn sigkill_restart_keeps_connections_and_state() {
     let status = d.json(&["status"]);
     assert_eq!(status["adopted"], true, "{status}");
     assert!(status["interfaces"][0]["adopted"] == true, "{status}");
+    // The census counts the open connections (its first count is at start): the fill.
+    let counted = lb_tests::wait_until(std::time::Duration::from_secs(12), || {
+        d.json(&["status"])["conntrack"]["entries"].as_u64() >= Some(50)
+    });
+    let status = d.json(&["status"]);
+    assert!(counted, "{status}");
+    assert_eq!(status["conntrack"]["size"], 65536, "{status}");
+    assert!(status["conntrack"]["embryonic_entries"].is_u64(), "{status}");
+    assert_eq!(status["backends_unhealthy"], 0, "{status}");
     // The same, as text: one line a thing.
     let text = String::from_utf8_lossy(&d.cli(&["status"]).stdout).to_string();
     assert!(
@@ -146,6 +155,13 @@ fn sigkill_restart_keeps_connections_and_state() {
             .any(|l| l.starts_with("attached") && l.contains("eth0") && l.contains("(adopted)")),
         "{text}"
     );
+    let entries = status["conntrack"]["entries"].as_u64().unwrap_or(0);
+    assert!(
+        text.lines().any(|l| l.starts_with(&format!("conntrack  {entries} of 65536 ("))
+            && l.contains(", embryonic ")),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l == "unhealthy  none"), "{text}");
     assert_eq!(
         d.json(&["service", "list"]),
         before,
@@ -439,6 +455,11 @@ fn bad_input_gets_one_line_errors_and_changes_nothing() {
             base.replace("protocol = \"udp\"", "protocol = \"udp\"\ntable_size = 100"),
             "prime",
         ),
+        // The balancer's own address as a VIP (10.99.0.2 is its eth0's).
+        (
+            base.replace("vip = \"10.100.0.1\"", "vip = \"10.99.0.2\""),
+            "allow_own_address = true",
+        ),
     ] {
         let err = Daemon::start(&topo, &instance, &run_dir, &text)
             .err()
@@ -478,4 +499,88 @@ fn bad_input_gets_one_line_errors_and_changes_nothing() {
         );
     }
     let _ = std::fs::remove_dir_all(&run_dir);
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Changes an operator rarely means: a VIP that is the balancer's own address is refused
+/// (one line naming the flag) unless the flag is given, by the API and by a reload; every
+/// backend at weight 0, a service's last backend removed and a port-0 service over a VIP in
+/// use are applied, with a warning in the answer and the log.
+#[test]
+fn dangerous_changes_are_refused_or_warned_about() {
+    let (_topo, d) = start(&["b1", "b2"], 2);
+    let before = d.json(&["service", "list"]);
+    // `lb service add ssh --vip <balancer address> --port 22`: refused, nothing changed.
+    let ssh = ["service", "add", "ssh", "--vip", "10.99.0.2", "--port", "22"];
+    assert_one_line_error(&d.cli(&ssh), "--allow-own-address", "an own address as VIP");
+    assert_eq!(d.json(&["service", "list"]), before);
+    // A reload that brings one: refused whole.
+    let good = std::fs::read_to_string(&d.config).expect("config");
+    let own =
+        format!("{good}\n[[service]]\nname = \"ssh\"\nvip = \"10.99.0.2\"\nport = 22\nprotocol = \"tcp\"\n");
+    std::fs::write(&d.config, &own).expect("write");
+    assert_one_line_error(&d.cli(&["reload"]), "allow_own_address = true", "reload");
+    assert_eq!(d.json(&["service", "list"]), before);
+    // Allowed when asked, in the file or by the flag.
+    std::fs::write(
+        &d.config,
+        own.replace("port = 22\n", "port = 22\nallow_own_address = true\n"),
+    )
+    .expect("write");
+    assert_eq!(stderr(&d.cli(&["reload"])), "");
+    std::fs::write(&d.config, &good).expect("restore");
+    assert_eq!(stderr(&d.cli(&["reload"])), "");
+    let mut allowed = ssh.to_vec();
+    allowed.push("--allow-own-address");
+    assert_eq!(stderr(&d.cli(&allowed)), "");
+    assert_eq!(stderr(&d.cli(&["service", "remove", "ssh"])), "");
+
+    // The first backend at weight 0: nothing to say; the last: said.
+    assert_eq!(stderr(&d.cli(&["backend", "weight", "web4", "b1", "0"])), "");
+    let said = stderr(&d.cli(&["backend", "weight", "web4", "b2", "0"]));
+    assert!(
+        said.starts_with("warning: service web4: every backend has weight 0: its new flows are dropped"),
+        "{said}"
+    );
+    assert_eq!(said.lines().count(), 1, "{said}");
+    // The last backend removed.
+    assert_eq!(stderr(&d.cli(&["backend", "remove", "dns4", "b1"])), "");
+    let said = stderr(&d.cli(&["backend", "remove", "dns4", "b2"]));
+    assert!(
+        said.starts_with("warning: service dns4: its last backend was removed"),
+        "{said}"
+    );
+    // Port 0 on a VIP web4 uses.
+    let said = stderr(&d.cli(&["service", "add", "all4", "--vip", "10.100.0.1", "--port", "0"]));
+    assert!(
+        said.starts_with(
+            "warning: service all4: port 0 takes every other tcp port of 10.100.0.1, which web4 (port 8080) also uses"
+        ),
+        "{said}"
+    );
+    // A reload that leaves web6 without backends: said in its answer too.
+    let (head, rest) = good.split_once("name = \"web6\"").expect("web6");
+    let (web6, tail) = rest.split_once("\n[[service]]").expect("dns6 after web6");
+    let web6 = web6.split_once("\n[[service.backend]]").expect("a backend").0;
+    let bare = format!("{head}name = \"web6\"{web6}\n\n[[service]]{tail}");
+    std::fs::write(&d.config, &bare).expect("write");
+    let said = stderr(&d.cli(&["reload"]));
+    assert!(
+        said.starts_with("warning: service web6: its last backend was removed"),
+        "{said}"
+    );
+    // Each in the daemon's log too, once.
+    let log = d.log();
+    for needle in [
+        "service web4: every backend has weight 0",
+        "service dns4: its last backend was removed",
+        "service all4: port 0 takes every other tcp port",
+        "service web6: its last backend was removed",
+    ] {
+        assert_eq!(log.matches(needle).count(), 1, "{needle}: {log}");
+    }
 }

@@ -205,6 +205,11 @@ fn a_stopped_server_is_out_within_a_second_and_back_after_recovery() {
         d.log().contains("backend web4/b2 is down"),
         "logged once with its reason"
     );
+    // `lb status` counts it, once per service it serves (web4, web6).
+    let status = d.json(&["status"]);
+    assert_eq!(status["backends_unhealthy"], 2, "{status}");
+    let text = String::from_utf8_lossy(&d.cli(&["status"]).stdout).into_owned();
+    assert!(text.lines().any(|l| l == "unhealthy  2 backends down"), "{text}");
 
     // The other backends' open connections are untouched, and new flows all succeed.
     for (conn, id) in open.iter_mut().filter(|(_, id)| id != "b2") {
@@ -254,6 +259,7 @@ fn a_stopped_server_is_out_within_a_second_and_back_after_recovery() {
     assert!(ramp.len() >= 3, "the weight ramps in steps: {seen:?}");
     assert!(ramp.windows(2).all(|w| w[0] < w[1]), "and only up: {seen:?}");
     assert!(slots(&d)["web4"]["b2"] > 0);
+    assert_eq!(d.json(&["status"])["backends_unhealthy"], 0);
 }
 
 #[test]
@@ -833,7 +839,7 @@ fn a_check_through_the_vip_fails_without_the_vip_on_lo_while_a_plain_check_passe
 #[test]
 fn checks_through_the_vip_pass_in_generic_mode_without_xdp_on_the_peer() {
     let mut topo = Topology::new(2).expect("topology");
-    topo.remove_pass().expect("detach the peer's pass program");
+    topo.detach_pass().expect("detach the peer's pass program");
     checks_through_the_vip(topo, "generic");
 }
 

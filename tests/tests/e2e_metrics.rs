@@ -395,3 +395,80 @@ fn the_dashboard_queries_only_what_the_daemon_exports_and_prometheus_accepts_the
         let _ = prom.query(&topo.lb, &q);
     }
 }
+
+/// `lb_interface_xdp_tx_errors_total` for `iface` in an exposition (None: no such series).
+fn tx_errors(text: &str, iface: &str) -> Option<f64> {
+    let prefix = format!("lb_interface_xdp_tx_errors_total{{interface=\"{iface}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// UDP flows from the client, each asking up to 5 times (100 ms apart); how many were answered.
+fn udp_answered(topo: &Topology, flows: usize) -> usize {
+    in_ns(&topo.client, move || {
+        (0..flows)
+            .filter(|_| {
+                let s = udp_socket(
+                    SocketAddr::new(IpAddr::V4(VIP4), PORT),
+                    Duration::from_millis(100),
+                )
+                .expect("UDP socket");
+                udp_ask(&s).is_some()
+            })
+            .count()
+    })
+}
+
+/// The loss a new operator hit: in native mode, a veth whose peer runs no XDP program drops
+/// every frame the balancer sends back out (XDP_TX). With the lab's pass program on the peer:
+/// no warning, traffic answered, the driver's transmit errors at 0. Without it (the daemon
+/// restarted, adopting its pins): the warning at start with the fix, no answer, and the loss
+/// counted in the metric and in `lb status`.
+#[test]
+fn a_veth_whose_peer_runs_no_xdp_is_warned_about_and_its_losses_counted() {
+    let mut topo = Topology::new(1).expect("topology");
+    let (instance, run_dir) = Daemon::new_paths();
+    let text = topo.config(&instance, &run_dir, &["b1"]);
+    let mut d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
+    d.wait_all_in_tables();
+    const WARNING: &str =
+        "eth0: a veth in native XDP mode whose peer p1 in another network namespace runs no XDP program";
+    assert_eq!(udp_answered(&topo, 5), 5);
+    assert!(!d.log().contains("runs no XDP program"), "{}", d.log());
+    let (_, text) = scrape(&topo.lb, None);
+    assert_eq!(tx_errors(&text, "eth0"), Some(0.0), "{text}");
+    let status = d.json(&["status"]);
+    assert_eq!(status["interfaces"][0]["xdp_tx_errors"], 0, "{status}");
+
+    topo.detach_pass().expect("detach the pass program");
+    d.restart(&topo).expect("restart");
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(WARNING))
+        .unwrap_or_else(|| panic!("no warning: {log}"));
+    assert!(
+        line.ends_with(
+            "(fix: attach an XDP program to p1 (a pass program will do), or set xdp_mode = \"generic\")"
+        ),
+        "{line}"
+    );
+    d.wait_all_in_tables();
+    assert_eq!(udp_answered(&topo, 5), 0, "the kernel drops what XDP sends out");
+    let (_, text) = scrape(&topo.lb, None);
+    let lost = tx_errors(&text, "eth0").unwrap_or(0.0);
+    // Each flow asked 5 times, each ask one frame sent back out.
+    assert!(lost >= 25.0, "lb_interface_xdp_tx_errors_total {lost}: {text}");
+    let status = d.json(&["status"]);
+    assert!(
+        status["interfaces"][0]["xdp_tx_errors"].as_u64() >= Some(25),
+        "{status}"
+    );
+    let out = d.cli(&["status"]);
+    let lines = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        lines.lines().any(|l| l.starts_with("tx errors  eth0 ")),
+        "{lines}"
+    );
+}

@@ -52,6 +52,8 @@ pub struct Shared {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub readers: Arc<Readers>,
     pub nat: Arc<Mutex<NatStatus>>,
+    /// The connection-table census's last count.
+    pub conntrack: Arc<Mutex<crate::dataplane::census::ConntrackCensus>>,
     pub board: Board,
     /// The announcer's state, and the node's drain flag (`lb node drain`).
     pub bgp: Arc<Mutex<crate::status::bgp::BgpStatus>>,
@@ -102,6 +104,7 @@ pub fn queries(s: &Shared) -> Queries<'_> {
         snap: s.snapshot.borrow().clone(),
         readers: &s.readers,
         nat: &s.nat,
+        conntrack: &s.conntrack,
         board: &s.board,
         bgp: &s.bgp,
     }
@@ -123,6 +126,7 @@ pub async fn submit(writer: &mpsc::Sender<Command>, change: Change) -> crate::er
 }
 
 async fn change(s: &Shared, c: Change) -> Answer {
+    refuse_own_addresses(s, &c)?;
     let shared_state = matches!(
         c,
         Change::Replace(_)
@@ -139,11 +143,25 @@ async fn change(s: &Shared, c: Change) -> Answer {
         return ok(json!("ok"), vec![]);
     }
     if let (Some(cluster), true) = (&s.cluster, shared_state) {
-        let revision = cluster.store.change(&s.cfg, c).await?;
-        return ok(json!("ok"), applied_here(cluster, revision).await);
+        let (revision, mut warnings) = cluster.store.change(&s.cfg, c).await?;
+        warnings.extend(applied_here(cluster, revision).await);
+        return ok(json!("ok"), warnings);
     }
     let warnings = submit(&s.writer, c).await?;
     ok(json!("ok"), warnings)
+}
+
+/// Refuses a change that would make one of this host's addresses a VIP without
+/// `allow_own_address`. Checked where an operator's change comes in, against this node's
+/// addresses (a cluster's nodes apply what the node that took the change accepted).
+fn refuse_own_addresses(s: &Shared, c: &Change) -> crate::error::Result<()> {
+    let after: &[Service] = match c {
+        Change::AddService(svc) => std::slice::from_ref(svc),
+        Change::Replace(all) => all,
+        _ => return Ok(()),
+    };
+    let before = s.snapshot.borrow().services.clone();
+    crate::config::check_own_addresses(&before, after)
 }
 
 /// Waits (2 s at most) for this node to apply a cluster revision it wrote; a warning if not.
@@ -185,6 +203,8 @@ pub async fn cluster_push(State(s): Ctx, body: Result<Json<PushBody>, JsonReject
     };
     let cfg = Config::parse_pushed(&body.text)?;
     crate::config::validate_against(&s.cfg, &cfg.services)?;
+    let before = s.snapshot.borrow().services.clone();
+    crate::config::check_own_addresses(&before, &cfg.services)?;
     let revision = cluster.store.push(&cfg.services).await?;
     log::info!(target: "audit", "cluster push: {} services at revision {revision}", cfg.services.len());
     ok(
@@ -194,7 +214,7 @@ pub async fn cluster_push(State(s): Ctx, body: Result<Json<PushBody>, JsonReject
 }
 
 #[utoipa::path(get, path = "/v1/status", tag = "daemon",
-    responses((status = 200, description = "Instance, interfaces and attach modes, table pool, reconciler counters", body = Envelope)))]
+    responses((status = 200, description = "Instance, interfaces with their attach modes and XDP transmit errors, services, backends and how many are unhealthy, table pool, conntrack fill, reconciler counters", body = Envelope)))]
 pub async fn status(State(s): Ctx) -> Answer {
     ok(queries(&s).status(), vec![])
 }
@@ -648,6 +668,10 @@ pub async fn geo_reload(State(s): Ctx) -> Answer {
     responses((status = 200, body = Envelope), (status = 400, body = ApiError)))]
 pub async fn reload(State(s): Ctx) -> Answer {
     let warnings = reload_config(&s).await?;
+    // Logged as SIGHUP's and the file watch's are.
+    for w in &warnings {
+        warn!("reload: {w}");
+    }
     ok(json!("reloaded"), warnings)
 }
 
@@ -667,7 +691,9 @@ pub async fn reload_config(s: &Shared) -> crate::error::Result<Vec<String>> {
     if let Some(stall) = crate::failpoints::stall("reload-apply") {
         tokio::time::sleep(stall).await;
     }
-    submit(&s.writer, Change::Replace(cfg.services)).await
+    let change = Change::Replace(cfg.services);
+    refuse_own_addresses(s, &change)?;
+    submit(&s.writer, change).await
 }
 
 #[utoipa::path(post, path = "/v1/plan", tag = "services", request_body = PlanChange,

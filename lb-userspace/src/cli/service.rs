@@ -57,6 +57,10 @@ pub struct ServiceArgs {
     /// region, `[daemon.geo]`: each backend then needs `lb backend add --region`).
     #[arg(long, default_value = "maglev")]
     pub strategy: Strategy,
+    /// Allow a VIP that is one of the balancer host's own addresses: its port (every port, for
+    /// port 0) then goes to the backends, not to the host's own services (SSH, the API).
+    #[arg(long)]
+    pub allow_own_address: bool,
 }
 
 pub fn request(cmd: &ServiceCmd) -> Request {
@@ -77,6 +81,7 @@ pub fn request(cmd: &ServiceCmd) -> Request {
                 forwarding: a.forwarding,
                 fragments: a.fragments,
                 snat: a.snat,
+                allow_own_address: a.allow_own_address,
                 health: None,
                 max_new_flows_per_s: None,
                 on_shed: Default::default(),

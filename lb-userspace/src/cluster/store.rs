@@ -15,7 +15,11 @@ use crate::{
     config::DaemonConfig,
     error::{Error, Result},
     model::{Service, cluster_settings::ClusterSettings},
-    reconcile::{Change, change::change_state},
+    reconcile::{
+        Change,
+        change::change_state,
+        warnings::{Touched, risky},
+    },
     status::cluster::NodeEntry,
 };
 
@@ -142,8 +146,9 @@ impl Store {
 
     /// An API change made to the cluster's state: the services read, changed and validated
     /// whole, then written back in one transaction that holds only if no key it read changed
-    /// meanwhile. Returns the revision that holds it.
-    pub async fn change(&self, cfg: &DaemonConfig, change: Change) -> Result<i64> {
+    /// meanwhile. Returns the revision that holds it, and what the change did that is likely a
+    /// mistake (`warnings::risky`).
+    pub async fn change(&self, cfg: &DaemonConfig, change: Change) -> Result<(i64, Vec<String>)> {
         let (current, read_at) = self.services().await.map_err(unavailable)?;
         let before: BTreeMap<String, (Service, i64)> = current
             .by_key
@@ -152,7 +157,10 @@ impl Store {
             .collect();
         let mut after: Vec<Service> = before.values().map(|(s, _)| s.clone()).collect();
         let mut status = BTreeMap::new();
+        let touched = Touched::of(&change);
         change_state(cfg, &mut after, &mut status, change, Instant::now())?;
+        let was: Vec<Service> = before.values().map(|(s, _)| s.clone()).collect();
+        let risky = risky(&was, &after, &touched);
         let mut when = Vec::new();
         let mut ops = Vec::new();
         let kept: BTreeSet<&str> = after.iter().map(|s| s.name.as_str()).collect();
@@ -179,7 +187,7 @@ impl Store {
         }
         if ops.is_empty() {
             // Nothing changes: the state read is the one to wait for.
-            return Ok(read_at);
+            return Ok((read_at, risky));
         }
         let txn = Txn::new().when(when).and_then(ops);
         let resp = self
@@ -192,7 +200,7 @@ impl Store {
                     .into(),
             ));
         }
-        Ok(resp.header().map_or(0, |h| h.revision()))
+        Ok((resp.header().map_or(0, |h| h.revision()), risky))
     }
 
     /// An external health score, for every node (`lb backend health` in cluster mode): checked

@@ -26,23 +26,62 @@ pub struct Queries<'a> {
     pub snap: Arc<Snapshot>,
     pub readers: &'a Readers,
     pub nat: &'a Mutex<NatStatus>,
+    pub conntrack: &'a Mutex<crate::dataplane::census::ConntrackCensus>,
     pub board: &'a Board,
     pub bgp: &'a Mutex<crate::status::bgp::BgpStatus>,
 }
 
 impl Queries<'_> {
     pub fn status(&self) -> serde_json::Value {
+        let interfaces: Vec<_> = self
+            .snap
+            .attachments
+            .iter()
+            .map(|a| {
+                // The driver's own counters: frames the program sent out that it dropped.
+                let tx_errors = crate::link::xdp_tx_errors(&a.interface).ok().flatten();
+                json!({
+                    "interface": a.interface,
+                    "mode": a.mode,
+                    "adopted": a.adopted,
+                    "xdp_tx_errors": tx_errors,
+                })
+            })
+            .collect();
+        let unhealthy = self
+            .snap
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| BackendRef::new(&s.name, &b.id)))
+            .filter(|b| {
+                self.snap
+                    .status
+                    .get(b)
+                    .is_some_and(|st| st.health == crate::status::HealthState::Down)
+            })
+            .count();
+        let census = *self.conntrack.lock().unwrap_or_else(|p| p.into_inner());
+        let counted = census.at.is_some();
         json!({
             "instance": self.instance,
             "pin_dir": dataplane::pin_dir(self.instance),
             "adopted": self.snap.adopted,
-            "interfaces": self.snap.attachments,
+            "interfaces": interfaces,
             "services": self.snap.services.len(),
             "backends": self.snap.services.iter().map(|s| s.backends.len()).sum::<usize>(),
+            "backends_unhealthy": unhealthy,
             "table_pool": {
                 "capacity": self.snap.pool_capacity,
                 "free": self.snap.pool_free,
                 "second_chance": self.snap.assignments.second_chance_slots(),
+            },
+            // As of the census (every 10 s or more); null until its first count.
+            "conntrack": {
+                "entries": counted.then_some(census.entries),
+                "size": self.cfg.conntrack_size,
+                "embryonic_entries": counted.then_some(census.embryonic),
+                "embryonic_size": self.cfg.embryonic_size,
+                "age_s": census.at.map(|t| t.elapsed().as_secs_f64()),
             },
             "reconciler": self.snap.counters,
             "bgp": self.bgp(),

@@ -149,7 +149,7 @@ async fn make(
         .await
         .map_err(|e| fail("set up peer", &e))?;
     // Full checksums: a partial one would leave with the packet, which XDP forwards as it is.
-    tx_checksum_off(device).map_err(|e| fail("turn off tx checksum offload", &e))?;
+    crate::link::tx_checksum_off(device).map_err(|e| fail("turn off tx checksum offload", &e))?;
     // bpf_fib_lookup (IPIP/GUE next hops) answers only for an interface that forwards.
     for family in ["ipv4", "ipv6"] {
         let path = format!("/proc/sys/net/{family}/conf/{peer}/forwarding");
@@ -254,41 +254,6 @@ fn rule(handle: &Handle) -> rtnetlink::RuleAddRequest {
         .attributes
         .push(RuleAttribute::FwMask(steer::MARK_MASK));
     rule
-}
-
-/// `ethtool -K DEVICE tx off`, by the ethtool ioctl.
-fn tx_checksum_off(device: &str) -> std::io::Result<()> {
-    const ETHTOOL_STXCSUM: u32 = 0x17;
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    let mut value = EthtoolValue {
-        cmd: ETHTOOL_STXCSUM,
-        data: 0,
-    };
-    // SAFETY: a zeroed ifreq is valid; the name fits (checked) and is NUL-terminated.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    let name = device.as_bytes();
-    if name.len() >= req.ifr_name.len() {
-        return Err(std::io::Error::other("interface name too long"));
-    }
-    for (d, s) in req.ifr_name.iter_mut().zip(name) {
-        *d = *s as libc::c_char;
-    }
-    req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
-    // SAFETY: a datagram socket for the ioctl, closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: SIOCETHTOOL with a valid ifreq whose data points at a live ethtool_value.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut req) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: our own descriptor.
-    unsafe { libc::close(fd) };
-    if rc < 0 { Err(err) } else { Ok(()) }
 }
 
 /// The source a check through the VIP uses: the kernel's choice toward the backend itself, so

@@ -199,7 +199,8 @@ impl DataPlaneCollector {
             embryonic_expired,
             discovery_backends,
             backend_drained,
-        ]: [usize; 47] = std::array::from_fn(|i| i);
+            interface_tx_errors,
+        ]: [usize; 48] = std::array::from_fn(|i| i);
         let board = s.board.read().unwrap_or_else(|p| p.into_inner());
         let default = crate::status::BackendStatus::default();
         let mut services: Vec<&crate::model::Service> = snap.services.iter().collect();
@@ -358,6 +359,12 @@ impl DataPlaneCollector {
             f.shape(a.mode.as_bytes());
             f.shape(&[0]);
             f.add(xdp_attached, &[&a.interface, a.mode], 1.0);
+            // Read now: the driver's counters, whatever mode or program is attached.
+            let tx_errors = crate::link::xdp_tx_errors(&a.interface).ok().flatten();
+            f.shape(&[u8::from(tx_errors.is_some())]);
+            if let Some(n) = tx_errors {
+                f.add(interface_tx_errors, &[&a.interface], n as f64);
+            }
         }
         let nat = *s.nat.lock().unwrap_or_else(|p| p.into_inner());
         f.add(nat_entries, &[], nat.census.entries as f64);

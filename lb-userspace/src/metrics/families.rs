@@ -286,6 +286,12 @@ pub(super) const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
         MetricType::GAUGE,
         &["service", "backend", "reason"],
     ),
+    (
+        "lb_interface_xdp_tx_errors_total",
+        "Frames the program sent out of an attached interface (XDP_TX, redirects) that its driver dropped, from its ethtool statistics (a veth whose peer runs no XDP drops them all).",
+        MetricType::COUNTER,
+        &["interface"],
+    ),
 ];
 /// `families` names each family by its index in FAMILIES.
-const _: () = assert!(FAMILIES.len() == 47);
+const _: () = assert!(FAMILIES.len() == 48);

@@ -249,6 +249,8 @@ pub struct Service {
     pub forwarding: Forwarding,
     pub fragments: FragmentPolicy,
     pub snat: bool,
+    /// The VIP may be one of this host's own addresses (see `check_own_addresses`).
+    pub allow_own_address: bool,
     /// `[service.health]` as written; each backend's own settings override it key by key.
     pub health: Option<HealthSettings>,
     /// Load shedding: new flows per second the whole service takes (beyond: dropped).
@@ -361,6 +363,7 @@ impl Service {
             forwarding: Forwarding::default(),
             fragments: FragmentPolicy::default(),
             snat: false,
+            allow_own_address: false,
             health: None,
             max_new_flows_per_s: None,
             on_shed: OnShed::default(),
@@ -610,6 +613,37 @@ pub fn validate_services(services: &[Service]) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a service of `after` whose VIP is one of this host's addresses (`own`) unless it
+/// sets `allow_own_address`: the balancer would take that address's port (every port, for
+/// port 0) from the host's own services (SSH, the API). Only services new, or whose VIP, port
+/// or protocol changed since `before`, are checked, so an address the host gains later does
+/// not block unrelated changes.
+pub fn check_own_addresses(before: &[Service], after: &[Service], own: &[IpAddr]) -> Result<()> {
+    for s in after {
+        if s.allow_own_address || !own.contains(&s.vip) {
+            continue;
+        }
+        let kept = before
+            .iter()
+            .any(|b| b.name == s.name && b.vip == s.vip && b.port == s.port && b.protocol == s.protocol);
+        if kept {
+            continue;
+        }
+        let ports = if s.port == 0 {
+            format!("all its {} ports", s.protocol)
+        } else {
+            format!("its port {}/{}", s.port, s.protocol)
+        };
+        return Err(Error::invalid(format!(
+            "service {}: VIP {} is an address of this host: {ports} would go to the backends, \
+             not to this host's own services (fix: another VIP, or allow_own_address = true \
+             (lb service add --allow-own-address) if that is meant)",
+            s.name, s.vip
+        )));
+    }
+    Ok(())
+}
+
 /// Every backend address, and whether it must be resolved at L2 (some DSR or NAT service uses
 /// it) or only needs a route (encapsulation).
 pub fn backend_addresses(services: &[Service]) -> BTreeMap<IpAddr, bool> {
@@ -685,6 +719,7 @@ mod tests {
             forwarding: Forwarding::default(),
             fragments: FragmentPolicy::default(),
             snat: false,
+            allow_own_address: false,
             health: None,
             max_new_flows_per_s: None,
             on_shed: OnShed::default(),
@@ -746,5 +781,41 @@ mod tests {
                 .to_string()
                 .contains("label")
         );
+    }
+
+    #[test]
+    fn a_vip_of_this_host_is_refused_unless_allowed_and_only_when_new_or_moved() {
+        let own: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+        let ssh = Service::new("ssh", "10.0.0.5".parse().unwrap(), 22, Protocol::Tcp);
+        let e = check_own_addresses(&[], std::slice::from_ref(&ssh), &own)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "service ssh: VIP 10.0.0.5 is an address of this host: its port 22/tcp would go to the \
+             backends, not to this host's own services (fix: another VIP, or allow_own_address = true \
+             (lb service add --allow-own-address) if that is meant)"
+        );
+        let all = Service::new("all", "fd00::5".parse().unwrap(), 0, Protocol::Udp);
+        let e = check_own_addresses(&[], &[all], &own).unwrap_err().to_string();
+        assert!(
+            e.contains("fd00::5 is an address of this host: all its udp ports would go"),
+            "{e}"
+        );
+        let allowed = Service {
+            allow_own_address: true,
+            ..ssh.clone()
+        };
+        check_own_addresses(&[], &[allowed], &own).unwrap();
+        let elsewhere = Service::new("web", "10.0.0.6".parse().unwrap(), 80, Protocol::Tcp);
+        check_own_addresses(&[], std::slice::from_ref(&elsewhere), &own).unwrap();
+        // Running already (the host took the address since): kept through other changes.
+        check_own_addresses(std::slice::from_ref(&ssh), &[ssh.clone(), elsewhere], &own).unwrap();
+        // Moved to another port of the address: checked again.
+        let moved = Service {
+            port: 2222,
+            ..ssh.clone()
+        };
+        assert!(check_own_addresses(&[ssh], &[moved], &own).is_err());
     }
 }

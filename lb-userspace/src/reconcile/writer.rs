@@ -234,11 +234,16 @@ impl Writer {
                     };
                     let mut next = services.clone();
                     let mut next_status = status.clone();
+                    let touched = warnings::Touched::of(&change);
                     match change_state(&self.cfg, &mut next, &mut next_status, *change, now) {
                         Ok(()) => {
+                            let risky = warnings::risky(&services, &next, &touched);
+                            // A reload's and a cluster revision's warnings are logged by
+                            // whoever asked (the reload paths, cluster::apply), with the rest.
+                            let log = !matches!(touched, warnings::Touched::All);
                             services = next;
                             status = next_status;
-                            replies.push(reply);
+                            replies.push((reply, risky, log));
                             if let Some(service) = heartbeat {
                                 self.histograms
                                     .heartbeats
@@ -349,9 +354,15 @@ impl Writer {
         if let Err(e) = &mut result {
             *e = Error::invalid(e.to_string());
         }
-        for reply in replies {
+        for (reply, risky, log) in replies {
             let _ = reply.send(match &result {
-                Ok(w) => Ok(w.clone()),
+                Ok(w) => {
+                    // Said in the log too: the change is in effect, whoever asked for it.
+                    for r in risky.iter().filter(|_| log) {
+                        warn!("{r}");
+                    }
+                    Ok(w.iter().cloned().chain(risky).collect())
+                }
                 Err(e) => Err(Error::invalid(e.to_string())),
             });
         }
