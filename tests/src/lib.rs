@@ -69,6 +69,32 @@ pub fn wait_until(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) 
     }
 }
 
+/// A self-signed P-256 certificate and its key (openssl), for subject `cn`, with `extensions`
+/// (`-addext` values: the subjectAltName, say). Panics with openssl's words if it fails.
+pub fn self_signed(cert: &std::path::Path, key: &std::path::Path, cn: &str, extensions: &[&str]) {
+    let mut req = std::process::Command::new("openssl");
+    req.args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+    ])
+    .args(["-nodes", "-days", "1", "-subj", &format!("/CN={cn}")]);
+    for e in extensions {
+        req.args(["-addext", e]);
+    }
+    let out = req
+        .arg("-keyout")
+        .arg(key)
+        .arg("-out")
+        .arg(cert)
+        .output()
+        .expect("openssl req");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Writes a token file as the daemon accepts one: readable by its owner alone (mode 0600).
 pub fn write_secret(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};

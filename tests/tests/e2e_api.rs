@@ -981,31 +981,7 @@ asyncio.run(main())
 fn tls_settings(dir: &std::path::Path) -> (String, PathBuf) {
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    lb_tests::self_signed(&cert, &key, "127.0.0.1", &["subjectAltName=IP:127.0.0.1"]);
     let api = format!(
         "cert_file = \"{}\"\nkey_file = \"{}\"\n",
         cert.display(),

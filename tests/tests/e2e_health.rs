@@ -710,29 +710,16 @@ impl TlsServer {
         port: u16,
     ) -> (Self, std::path::PathBuf) {
         let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
-        let made = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-days",
-                "1",
-            ])
-            .args(["-subj", &format!("/CN={name}")])
-            .args(["-addext", &format!("subjectAltName=DNS:{name}")])
-            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-            .args(["-addext", "extendedKeyUsage=serverAuth"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("openssl req");
-        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        lb_tests::self_signed(
+            &cert,
+            &key,
+            name,
+            &[
+                &format!("subjectAltName=DNS:{name}"),
+                "basicConstraints=critical,CA:FALSE",
+                "extendedKeyUsage=serverAuth",
+            ],
+        );
         let child = ns
             .command("openssl")
             .args(["s_server", "-quiet", "-www", "-accept", &port.to_string()])
