@@ -210,6 +210,21 @@ fn a_stopped_server_is_out_within_a_second_and_back_after_recovery() {
     assert_eq!(status["backends_unhealthy"], 2, "{status}");
     let text = String::from_utf8_lossy(&d.cli(&["status"]).stdout).into_owned();
     assert!(text.lines().any(|l| l == "unhealthy  2 backends down"), "{text}");
+    // `lb health` says how long each backend has been in its state, and why.
+    let text = String::from_utf8_lossy(&d.cli(&["health", "web4"]).stdout).into_owned();
+    let b2 = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("b2 "))
+        .unwrap_or_else(|| panic!("no b2 in {text}"));
+    assert!(
+        b2.contains("in this state for ") && b2.contains("connection refused") && !b2.contains("since"),
+        "{b2}"
+    );
+    let b1 = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("b1 "))
+        .unwrap_or_else(|| panic!("no b1 in {text}"));
+    assert!(b1.contains("checked for ") && !b1.contains("since"), "{b1}");
 
     // The other backends' open connections are untouched, and new flows all succeed.
     for (conn, id) in open.iter_mut().filter(|(_, id)| id != "b2") {

@@ -3,7 +3,7 @@
 use clap::Args;
 use serde_json::Value;
 
-use super::shared::{fmt_drain, fmt_registration, fmt_weight};
+use super::shared::{fmt_age, fmt_drain, fmt_registration, fmt_weight};
 use crate::api::Request;
 
 #[derive(Args, Debug)]
@@ -37,13 +37,28 @@ fn print_backend(b: &Value) {
         "not checked".to_string()
     } else {
         let l = &check["last"];
+        // The daemon's wall clock, read on the same host.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let age = check["since_ms"]
+            .as_u64()
+            .map(|since| fmt_age(now_ms.saturating_sub(since) as f64 / 1000.0))
+            .unwrap_or_else(|| "?".to_string());
+        // Until a first change, `since_ms` is when checking started, and the reason says only
+        // that it checks.
+        let reason = check["reason"].as_str().unwrap_or_default();
+        let state = match (check["transitions"].as_u64().unwrap_or(0), reason) {
+            (0, "checked") => format!("checked for {age}"),
+            (0, _) => format!("checked for {age}: {reason}"),
+            (_, _) => format!("in this state for {age}: {reason}"),
+        };
         format!(
-            "{} {}: {} ({:.1} ms) since {}",
+            "{} {}: {} ({:.1} ms), {state}",
             check["kind"].as_str().unwrap_or_default(),
             check["target"].as_str().unwrap_or_default(),
             l["detail"].as_str().unwrap_or("no result yet"),
             l["latency_ms"].as_f64().unwrap_or(0.0),
-            check["reason"].as_str().unwrap_or_default(),
         )
     };
     let breaker = check["breaker"]

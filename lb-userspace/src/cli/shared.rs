@@ -67,8 +67,34 @@ pub fn fmt_drain(d: &Value) -> String {
     }
 }
 
+/// A duration for people: "0.4 s", "12 s", "5 min", "3 h", "2 d".
+pub fn fmt_age(secs: f64) -> String {
+    match secs.max(0.0) {
+        s if s < 10.0 => format!("{s:.1} s"),
+        s if s < 120.0 => format!("{s:.0} s"),
+        s if s < 7_200.0 => format!("{:.0} min", s / 60.0),
+        s if s < 172_800.0 => format!("{:.0} h", s / 3_600.0),
+        s => format!("{:.0} d", s / 86_400.0),
+    }
+}
+
 /// A backend's weight as `effective/configured`: what its table gives it now, of what it is
 /// configured with.
 pub fn fmt_weight(b: &Value) -> String {
     format!("{}/{}", b["effective_weight"], b["weight"])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fmt_age;
+
+    #[test]
+    fn ages_read_as_people_say_them() {
+        assert_eq!(fmt_age(0.42), "0.4 s");
+        assert_eq!(fmt_age(-3.0), "0.0 s");
+        assert_eq!(fmt_age(42.0), "42 s");
+        assert_eq!(fmt_age(600.0), "10 min");
+        assert_eq!(fmt_age(10_800.0), "3 h");
+        assert_eq!(fmt_age(3.0 * 86_400.0), "3 d");
+    }
 }
