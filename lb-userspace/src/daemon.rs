@@ -204,6 +204,8 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
         }
     });
     check_veth_peers(&cfg.interfaces).await;
+    let mut dp = dp;
+    adopted_modes(&cfg, &mut dp.attachments).await;
     let resolver = Arc::new(Resolver::new()?);
     let (services, kept, maps) = restore(&cfg, &config.services, dp);
     let readers = Arc::new(Readers::open(&cfg.instance)?);
@@ -266,6 +268,40 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&socket);
     info!("daemon stopped; the data plane stays attached (`lb detach` removes it)");
     Ok(())
+}
+
+/// The real mode of each adopted attachment (status and metrics said "pinned"), and one line
+/// where it is not the mode the file asks for: changing it takes a re-attach, which adopting
+/// never does.
+async fn adopted_modes(cfg: &DaemonConfig, attachments: &mut [dataplane::Attachment]) {
+    for a in attachments.iter_mut().filter(|a| a.adopted) {
+        match crate::link::xdp_attach_mode(&a.interface).await {
+            Ok(Some(mode)) => a.mode = mode,
+            Ok(None) => warn!(
+                "{}: a pinned attachment was adopted, but the kernel shows no XDP program on it",
+                a.interface
+            ),
+            Err(e) => info!("{}: cannot read the adopted attachment's mode: {e}", a.interface),
+        }
+        if let Some(wanted) = mode_mismatch(cfg.xdp_mode, a.mode) {
+            warn!(
+                "{}: the adopted program runs in {} mode, the config file says xdp_mode = \"{wanted}\": \
+                 the mode changes only with a re-attach (fix: lb detach, then start the daemon; \
+                 established flows are lost with the connection table)",
+                a.interface, a.mode
+            );
+        }
+    }
+}
+
+/// The mode the file asks for, when an attachment in `running` mode is not in it.
+fn mode_mismatch(setting: crate::config::XdpModeSetting, running: &str) -> Option<&'static str> {
+    use crate::config::XdpModeSetting;
+    match (setting, running) {
+        (XdpModeSetting::Native, "generic") => Some("native"),
+        (XdpModeSetting::Generic, "native" | "offload") => Some("generic"),
+        _ => None,
+    }
 }
 
 /// Says which attached interfaces lose what the program sends out of them: a veth in native

@@ -135,6 +135,26 @@ async fn one_link(request: rtnetlink::LinkGetRequest) -> Result<LinkMessage, Str
         .ok_or_else(|| "netlink: no such link".to_string())
 }
 
+/// The mode `iface`'s XDP program is attached in, as the kernel says ("native", "generic",
+/// "offload"); `None` when it runs none. A restarted daemon adopts pinned attachments without
+/// attaching, so this is how it knows what runs.
+pub async fn xdp_attach_mode(iface: &str) -> Result<Option<&'static str>, String> {
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| format!("netlink: {e}"))?;
+    let task = tokio::spawn(connection);
+    let link = one_link(handle.link().get().match_name(iface)).await;
+    task.abort();
+    Ok(link?.attributes.iter().find_map(|a| match a {
+        // Programs in several modes at once: each mode's program id says which runs.
+        LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+            LinkXdp::Attached(XdpAttached::Driver) | LinkXdp::DrvProgId(_) => Some("native"),
+            LinkXdp::Attached(XdpAttached::SocketBuffer) | LinkXdp::SkbProgId(_) => Some("generic"),
+            LinkXdp::Attached(XdpAttached::Hardware) | LinkXdp::HwProgId(_) => Some("offload"),
+            _ => None,
+        }),
+        _ => None,
+    }))
+}
+
 /// Whether a link runs an XDP program in native (driver) mode.
 fn native_xdp(link: &LinkMessage) -> bool {
     link.attributes.iter().any(|a| match a {

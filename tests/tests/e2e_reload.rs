@@ -250,3 +250,36 @@ fn an_older_file_version_is_never_applied_last() {
         d.log_tail(20)
     );
 }
+
+/// A restarted daemon adopts its pinned attachment as it runs: status says the kernel's mode
+/// (it said "pinned"), and a file that now asks for another mode is told, in one line, that
+/// the change takes a re-attach (it was ignored without a word).
+#[test]
+fn an_adopted_attachment_shows_its_real_mode_and_a_changed_mode_is_reported() {
+    let topo = Topology::new(1).expect("topology");
+    let (instance, run_dir) = Daemon::new_paths();
+    let text = topo.config(&instance, &run_dir, &["b1"]);
+    assert!(text.contains("xdp_mode = \"native\""), "{text}");
+    let mut d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
+    let mode = |d: &Daemon| d.json(&["status"])["interfaces"][0].clone();
+    assert_eq!(mode(&d)["mode"], "native", "{}", mode(&d));
+
+    std::fs::write(
+        &d.config,
+        text.replace("xdp_mode = \"native\"", "xdp_mode = \"generic\""),
+    )
+    .expect("write");
+    d.restart(&topo).expect("restart");
+    let m = mode(&d);
+    assert_eq!(
+        (m["mode"].as_str(), m["adopted"].as_bool()),
+        (Some("native"), Some(true)),
+        "{m}"
+    );
+    assert!(
+        d.log()
+            .contains("the adopted program runs in native mode, the config file says xdp_mode = \"generic\""),
+        "{}",
+        d.log_tail(20)
+    );
+}
