@@ -203,9 +203,8 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
             None
         }
     });
-    check_veth_peers(&cfg.interfaces).await;
     let mut dp = dp;
-    adopted_modes(&cfg, &mut dp.attachments).await;
+    check_attachments(&cfg, &mut dp.attachments).await;
     let resolver = Arc::new(Resolver::new()?);
     let (services, kept, maps) = restore(&cfg, &config.services, dp);
     let readers = Arc::new(Readers::open(&cfg.instance)?);
@@ -270,18 +269,32 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The real mode of each adopted attachment (status and metrics said "pinned"), and one line
-/// where it is not the mode the file asks for: changing it takes a re-attach, which adopting
-/// never does.
-async fn adopted_modes(cfg: &DaemonConfig, attachments: &mut [dataplane::Attachment]) {
-    for a in attachments.iter_mut().filter(|a| a.adopted) {
-        match crate::link::xdp_attach_mode(&a.interface).await {
-            Ok(Some(mode)) => a.mode = mode,
-            Ok(None) => warn!(
+/// What the kernel says of each attached interface, read once: a veth in native mode whose
+/// peer runs no XDP program loses what the program sends out of it (said in one line); an
+/// adopted attachment gets its real mode (status and metrics said "pinned"), and one line where
+/// it is not the mode the file asks for: changing it takes a re-attach, which adopting never
+/// does.
+async fn check_attachments(cfg: &DaemonConfig, attachments: &mut [dataplane::Attachment]) {
+    for a in attachments.iter_mut() {
+        let state = match crate::link::xdp_state(&a.interface).await {
+            Ok(state) => state,
+            Err(e) => {
+                info!("{}: cannot read its XDP state from the kernel: {e}", a.interface);
+                continue;
+            }
+        };
+        if let Some(warning) = state.lossy_peer {
+            warn!("{warning}");
+        }
+        if !a.adopted {
+            continue;
+        }
+        match state.mode {
+            Some(mode) => a.mode = mode,
+            None => warn!(
                 "{}: a pinned attachment was adopted, but the kernel shows no XDP program on it",
                 a.interface
             ),
-            Err(e) => info!("{}: cannot read the adopted attachment's mode: {e}", a.interface),
         }
         if let Some(wanted) = mode_mismatch(cfg.xdp_mode, a.mode) {
             warn!(
@@ -301,18 +314,6 @@ fn mode_mismatch(setting: crate::config::XdpModeSetting, running: &str) -> Optio
         (XdpModeSetting::Native, "generic") => Some("native"),
         (XdpModeSetting::Generic, "native" | "offload") => Some("generic"),
         _ => None,
-    }
-}
-
-/// Says which attached interfaces lose what the program sends out of them: a veth in native
-/// mode whose peer runs no XDP program (adopted attachments included: netlink tells the mode).
-async fn check_veth_peers(interfaces: &[String]) {
-    for iface in interfaces {
-        match crate::link::veth_peer_without_xdp(iface).await {
-            Ok(Some(warning)) => warn!("{warning}"),
-            Ok(None) => {}
-            Err(e) => info!("{iface}: cannot tell whether it is a veth whose peer runs XDP: {e}"),
-        }
     }
 }
 

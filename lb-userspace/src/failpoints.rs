@@ -1,7 +1,8 @@
 //! Named failpoints (the `fail` crate) at the steps of a change, compiled in only with the
 //! `failpoints` feature, which the tests crate turns on: `FAILPOINTS="name=actions;..."` in the
 //! daemon's environment logs (`print(msg)`), stalls (`return(ms)` at a [`stall`]) or crashes it
-//! (`return` at a [`crash_point!`]) there, or fails a call (`return` at an [`io_error`]). A build without the feature ignores the variable, and says so.
+//! (`return` at a [`crash_point!`]) there, or fails a call (`return` at an [`io_error`]). A
+//! build without the feature ignores the variable, and says so.
 
 use anyhow::{Result, anyhow};
 

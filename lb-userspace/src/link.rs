@@ -44,33 +44,48 @@ pub fn addresses() -> io::Result<Vec<IpAddr>> {
     Ok(out)
 }
 
-/// A veth whose XDP program runs in native mode while its peer runs none: the kernel drops
-/// every frame the program sends back out of it (XDP_TX, redirects), since a veth hands such
-/// frames only to a peer that runs XDP itself. The warning that says so, with the fix; `None`
-/// for anything else (no veth, no native program here, a peer that runs one).
-pub async fn veth_peer_without_xdp(iface: &str) -> Result<Option<String>, String> {
+/// What the kernel says of an interface's XDP, read once at start.
+pub struct XdpState {
+    /// The mode its program is attached in ("native", "generic", "offload"); `None` when it
+    /// runs none. A restarted daemon adopts pinned attachments without attaching, so this is
+    /// how it knows what runs.
+    pub mode: Option<&'static str>,
+    /// For a veth in native mode whose peer runs no XDP program, the warning that says the
+    /// kernel drops every frame the program sends back out of it (XDP_TX, redirects), since
+    /// a veth hands such frames only to a peer that runs XDP itself, with the fix.
+    pub lossy_peer: Option<String>,
+}
+
+/// `iface`'s [`XdpState`], over one netlink connection.
+pub async fn xdp_state(iface: &str) -> Result<XdpState, String> {
     let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| format!("netlink: {e}"))?;
     let task = tokio::spawn(connection);
-    let found = peer_of(&handle, iface).await;
+    let state = xdp_state_of(&handle, iface).await;
     task.abort();
-    let Some(peer) = found? else {
-        return Ok(None);
+    state
+}
+
+async fn xdp_state_of(handle: &rtnetlink::Handle, iface: &str) -> Result<XdpState, String> {
+    let link = one_link(handle.link().get().match_name(iface)).await?;
+    let mode = attached_modes(&link).next();
+    let lossy_peer = match peer_of(handle, &link).await? {
+        Some(peer) if !peer.native_xdp => {
+            let place = if peer.other_namespace {
+                " in another network namespace"
+            } else {
+                ""
+            };
+            Some(format!(
+                "{iface}: a veth in native XDP mode whose peer {}{place} runs no XDP program: the \
+                 kernel drops every frame the balancer sends back out of {iface} (DSR, NAT replies; \
+                 counted in lb_interface_xdp_tx_errors_total) (fix: attach an XDP program to {} (a \
+                 pass program will do), or set xdp_mode = \"generic\")",
+                peer.name, peer.name
+            ))
+        }
+        _ => None,
     };
-    if peer.native_xdp {
-        return Ok(None);
-    }
-    let place = if peer.other_namespace {
-        " in another network namespace"
-    } else {
-        ""
-    };
-    Ok(Some(format!(
-        "{iface}: a veth in native XDP mode whose peer {}{place} runs no XDP program: the kernel \
-         drops every frame the balancer sends back out of {iface} (DSR, NAT replies; counted in \
-         lb_interface_xdp_tx_errors_total) (fix: attach an XDP program to {} (a pass program \
-         will do), or set xdp_mode = \"generic\")",
-        peer.name, peer.name
-    )))
+    Ok(XdpState { mode, lossy_peer })
 }
 
 /// A veth's peer, as netlink describes it.
@@ -80,14 +95,13 @@ struct Peer {
     native_xdp: bool,
 }
 
-/// The peer of `iface` when `iface` is a veth running XDP in native mode.
-async fn peer_of(handle: &rtnetlink::Handle, iface: &str) -> Result<Option<Peer>, String> {
-    let link = one_link(handle.link().get().match_name(iface)).await?;
+/// The peer of `link` when `link` is a veth running XDP in native mode.
+async fn peer_of(handle: &rtnetlink::Handle, link: &LinkMessage) -> Result<Option<Peer>, String> {
     let is_veth = link.attributes.iter().any(|a| {
         matches!(a, LinkAttribute::LinkInfo(info)
             if info.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
     });
-    if !is_veth || !native_xdp(&link) {
+    if !is_veth || !native_xdp(link) {
         return Ok(None);
     }
     let mut peer_index = None;
@@ -135,34 +149,27 @@ async fn one_link(request: rtnetlink::LinkGetRequest) -> Result<LinkMessage, Str
         .ok_or_else(|| "netlink: no such link".to_string())
 }
 
-/// The mode `iface`'s XDP program is attached in, as the kernel says ("native", "generic",
-/// "offload"); `None` when it runs none. A restarted daemon adopts pinned attachments without
-/// attaching, so this is how it knows what runs.
-pub async fn xdp_attach_mode(iface: &str) -> Result<Option<&'static str>, String> {
-    let (connection, handle, _) = rtnetlink::new_connection().map_err(|e| format!("netlink: {e}"))?;
-    let task = tokio::spawn(connection);
-    let link = one_link(handle.link().get().match_name(iface)).await;
-    task.abort();
-    Ok(link?.attributes.iter().find_map(|a| match a {
-        // Programs in several modes at once: each mode's program id says which runs.
-        LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+/// The modes a link's XDP programs are attached in, as netlink lists them (programs in several
+/// modes at once: each mode's program id says which runs).
+fn attached_modes(link: &LinkMessage) -> impl Iterator<Item = &'static str> + '_ {
+    link.attributes
+        .iter()
+        .filter_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => Some(xdp),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|x| match x {
             LinkXdp::Attached(XdpAttached::Driver) | LinkXdp::DrvProgId(_) => Some("native"),
             LinkXdp::Attached(XdpAttached::SocketBuffer) | LinkXdp::SkbProgId(_) => Some("generic"),
             LinkXdp::Attached(XdpAttached::Hardware) | LinkXdp::HwProgId(_) => Some("offload"),
             _ => None,
-        }),
-        _ => None,
-    }))
+        })
 }
 
 /// Whether a link runs an XDP program in native (driver) mode.
 fn native_xdp(link: &LinkMessage) -> bool {
-    link.attributes.iter().any(|a| match a {
-        LinkAttribute::Xdp(xdp) => xdp
-            .iter()
-            .any(|x| matches!(x, LinkXdp::Attached(XdpAttached::Driver) | LinkXdp::DrvProgId(_))),
-        _ => false,
-    })
+    attached_modes(link).any(|m| m == "native")
 }
 
 /// The ethtool statistics' names that count frames an XDP program sent out of the interface

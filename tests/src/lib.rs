@@ -95,6 +95,20 @@ pub fn self_signed(cert: &std::path::Path, key: &std::path::Path, cn: &str, exte
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// CPU seconds a process has used (its threads, user and system).
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    use anyhow::Context;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').context("/proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 =
+        f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz)
+}
+
 /// Writes a token file as the daemon accepts one: readable by its owner alone (mode 0600).
 pub fn write_secret(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};

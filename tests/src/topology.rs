@@ -466,6 +466,19 @@ impl Daemon {
             .collect()
     }
 
+    /// Each backend of `service` and the table slots it owns.
+    pub fn table_slots(&self, service: &str) -> std::collections::HashMap<String, u64> {
+        self.backends_of(service)
+            .into_iter()
+            .map(|b| {
+                (
+                    b["id"].as_str().unwrap_or_default().to_string(),
+                    b["table_slots"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
     pub fn all_in_tables(&self) -> bool {
         self.json(&["service", "list"])
             .as_array()

@@ -42,15 +42,7 @@ fn arm(d: &Daemon, name: &str, actions: &str) {
 
 /// web4's backends and their table slots, as the daemon reports them.
 fn shares(d: &Daemon) -> HashMap<String, u64> {
-    d.backends_of("web4")
-        .into_iter()
-        .map(|b| {
-            (
-                b["id"].as_str().unwrap_or_default().to_string(),
-                b["table_slots"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect()
+    d.table_slots("web4")
 }
 
 /// The pool's free slots, counting those previous tables hold for second chance (a clean start

@@ -32,18 +32,6 @@ fn drops(d: &Daemon) -> HashMap<String, u64> {
         .collect()
 }
 
-fn slots(d: &Daemon, service: &str) -> HashMap<String, u64> {
-    d.backends_of(service)
-        .into_iter()
-        .map(|b| {
-            (
-                b["id"].as_str().unwrap_or_default().to_string(),
-                b["table_slots"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn a_watched_reload_keeps_every_connection_and_an_invalid_file_changes_nothing() {
     let topo = Topology::new(4).expect("topology");
@@ -57,7 +45,7 @@ fn a_watched_reload_keeps_every_connection_and_an_invalid_file_changes_nothing()
     assert!(wait_until(Duration::from_secs(15), || {
         ["web4", "dns4"]
             .iter()
-            .all(|s| slots(&d, s).values().all(|&n| n > 0))
+            .all(|s| d.table_slots(s).values().all(|&n| n > 0))
     }));
     let (_, mut open) = tcp_flows(&topo, IpAddr::V4(VIP4), 100, true);
 
@@ -100,7 +88,7 @@ fn a_watched_reload_keeps_every_connection_and_an_invalid_file_changes_nothing()
         })
     };
     let drops_before = drops(&d);
-    let web4_before = slots(&d, "web4");
+    let web4_before = d.table_slots("web4");
 
     // The edit: web4's b1 to half weight, b4 into dns4.
     let b4 = topo.backend("b4").v4;
@@ -132,10 +120,10 @@ fn a_watched_reload_keeps_every_connection_and_an_invalid_file_changes_nothing()
     );
     std::fs::write(&d.config, &edited).expect("write config");
     let applied = wait_until(Duration::from_secs(10), || {
-        slots(&d, "dns4").get("b4").is_some_and(|&n| n > 0) && slots(&d, "web4") != web4_before
+        d.table_slots("dns4").get("b4").is_some_and(|&n| n > 0) && d.table_slots("web4") != web4_before
     });
     assert!(applied, "the watched file was not applied: {}", d.log());
-    let web4 = slots(&d, "web4");
+    let web4 = d.table_slots("web4");
     assert!(web4["b1"] < web4["b2"], "b1 at half weight: {web4:?}");
     // Let UDP flow a little past the change.
     let seen = asked.load(Ordering::Relaxed);

@@ -194,9 +194,9 @@ impl Scale {
         // Idle: its neighbour refresh (every routed backend's route, each second) and the
         // connection-table census are what it does then.
         let window = Duration::from_secs(5);
-        let cpu_before = cpu_seconds(pid)?;
+        let cpu_before = crate::cpu_seconds(pid)?;
         std::thread::sleep(window);
-        let idle_cpu = (cpu_seconds(pid)? - cpu_before) / window.as_secs_f64();
+        let idle_cpu = (crate::cpu_seconds(pid)? - cpu_before) / window.as_secs_f64();
         let passes = write_after.1 - write_before.1;
         ensure!(passes >= 5.0, "{passes} reconciler passes for 5 changes");
         let change_map_write_ms = (write_after.0 - write_before.0) / passes * 1e3;
@@ -252,19 +252,6 @@ fn check_ipip(input: &[u8], out: &[u8]) -> Result<()> {
         "outer destination {dst:?} is not a backend of the VIP"
     );
     Ok(())
-}
-
-/// CPU seconds a process has used (its threads, user and system).
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
-    let rest = stat.rsplit_once(')').context("/proc stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 =
-        f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / hz)
 }
 
 /// The daemon's `lb_map_write_duration_seconds` (sum, count).
