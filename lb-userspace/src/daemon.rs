@@ -24,7 +24,7 @@ use crate::{
     model::Service,
     neigh::Resolver,
     reconcile::{
-        Handles, Maps, Writer, hops,
+        Handles, Maps, Start, Writer, hops,
         persist::{KeptStatus, Persisted},
     },
     status::checks::Board,
@@ -206,18 +206,11 @@ pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     let mut dp = dp;
     check_attachments(&cfg, &mut dp.attachments).await;
     let resolver = Arc::new(Resolver::new()?);
-    let (services, kept, maps) = restore(&cfg, &config.services, dp);
+    let (start, maps) = restore(&cfg, &config.services, dp);
     let readers = Arc::new(Readers::open(&cfg.instance)?);
     let histograms = metrics::Histograms::new();
-    let (writer, handles, commands, warnings) = Writer::start(
-        cfg.clone(),
-        maps,
-        resolver.clone(),
-        services,
-        kept,
-        histograms.clone(),
-    )
-    .await?;
+    let (writer, handles, commands, warnings) =
+        Writer::start(cfg.clone(), maps, resolver.clone(), start, histograms.clone()).await?;
     for w in warnings {
         warn!("{w}");
     }
@@ -317,10 +310,11 @@ fn mode_mismatch(setting: crate::config::XdpModeSetting, running: &str) -> Optio
     }
 }
 
-/// The services to start from, and the maps' book: the state file's when this daemon adopts
-/// a running data plane (each service checked as an API change would be; one that fails stays
-/// out), else the config file's on fresh maps.
-fn restore(cfg: &DaemonConfig, configured: &[Service], dp: DataPlane) -> (Vec<Service>, KeptStatus, Maps) {
+/// What the writer starts from, and the maps' book: the state file's services (each checked as
+/// an API change would be; one that fails stays out) and the config file as it was when they
+/// were saved, when this daemon adopts a running data plane; else the config file's on fresh
+/// maps. The writer lays the config file over a kept state (`reconcile::layers`).
+fn restore(cfg: &DaemonConfig, configured: &[Service], dp: DataPlane) -> (Start, Maps) {
     let persisted = if dp.adopted {
         Persisted::restore(&cfg.state_path(), |kept, s| {
             s.validate()?;
@@ -343,9 +337,23 @@ fn restore(cfg: &DaemonConfig, configured: &[Service], dp: DataPlane) -> (Vec<Se
             for w in &p.warnings {
                 warn!("{w}");
             }
-            (p.services, p.kept, Maps::adopt(dp, p.assignments))
+            let start = Start {
+                services: p.services,
+                kept: p.kept,
+                file_before: p.file.unwrap_or_else(|| configured.to_vec()),
+                file: configured.to_vec(),
+            };
+            (start, Maps::adopt(dp, p.assignments))
         }
-        None => (configured.to_vec(), KeptStatus::default(), Maps::new(dp)),
+        None => {
+            let start = Start {
+                services: configured.to_vec(),
+                kept: KeptStatus::default(),
+                file_before: configured.to_vec(),
+                file: configured.to_vec(),
+            };
+            (start, Maps::new(dp))
+        }
     }
 }
 

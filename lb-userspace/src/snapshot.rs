@@ -21,6 +21,8 @@ use crate::{
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub services: Arc<Vec<Service>>,
+    /// The config file's services as last loaded (`reconcile::layers`).
+    pub file: Arc<Vec<Service>>,
     pub assignments: Assignments,
     pub hops: HashMap<IpAddr, NextHop>,
     pub status: BTreeMap<BackendRef, BackendStatus>,

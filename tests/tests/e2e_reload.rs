@@ -160,6 +160,11 @@ fn a_watched_reload_keeps_every_connection_and_an_invalid_file_changes_nothing()
 
 /// The file with web4's backend b1 at `weight`.
 fn with_b1_weight(text: &str, weight: u32) -> String {
+    with_weight(text, "b1", weight)
+}
+
+/// The file with web4's backend `id` at `weight`.
+fn with_weight(text: &str, id: &str, weight: u32) -> String {
     let mut out = String::new();
     let (mut service, mut backend) = (String::new(), String::new());
     for line in text.lines() {
@@ -169,7 +174,7 @@ fn with_b1_weight(text: &str, weight: u32) -> String {
         if let Some(id) = line.strip_prefix("id = ") {
             backend = id.trim_matches('"').to_string();
         }
-        if line.starts_with("weight = ") && service == "web4" && backend == "b1" {
+        if line.starts_with("weight = ") && service == "web4" && backend == id {
             out.push_str(&format!("weight = {weight}\n"));
             continue;
         }
@@ -267,6 +272,64 @@ fn an_adopted_attachment_shows_its_real_mode_and_a_changed_mode_is_reported() {
     assert!(
         d.log()
             .contains("the adopted program runs in native mode, the config file says xdp_mode = \"generic\""),
+        "{}",
+        d.log_tail(20)
+    );
+}
+
+/// The file against what was changed at run time, on a reload and on a restart alike: a
+/// backend registered through the API (no TTL) stays; a weight set through the API on a
+/// backend the file declares goes back to the file's, and the reload's answer (or the
+/// restart's log) says so; a weight edited in the file while the daemon was down applies.
+/// Before: the reload dropped the registration without a word, and the restart restored the
+/// state whole, the file's new weight ignored.
+#[test]
+fn run_time_registrations_stay_and_the_file_wins_what_it_declares() {
+    let topo = Topology::new(3).expect("topology");
+    let (instance, run_dir) = Daemon::new_paths();
+    let text = topo.config(&instance, &run_dir, &["b1", "b2"]);
+    let mut d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
+    let b3 = topo.backend("b3").v4.to_string();
+    let ok = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    ok(d.cli(&["backend", "add", "web4", "b3", "--address", &b3]));
+    ok(d.cli(&["backend", "weight", "web4", "b1", "50"]));
+    let ids = |d: &Daemon| -> Vec<String> {
+        d.backends_of("web4")
+            .iter()
+            .filter_map(|b| b["id"].as_str().map(String::from))
+            .collect()
+    };
+    let said = ok(d.cli(&["reload"]));
+    assert!(
+        said.contains("backend web4/b1: weight 50 (set through the API) reverted to the file's 100"),
+        "the reload did not say what it reverted: {said:?}"
+    );
+    assert_eq!(b1_weight(&d), 100);
+    assert_eq!(ids(&d), ["b1", "b2", "b3"], "the registration was dropped");
+
+    ok(d.cli(&["backend", "weight", "web4", "b1", "30"]));
+    std::fs::write(&d.config, with_weight(&text, "b2", 60)).expect("write");
+    d.restart(&topo).expect("restart");
+    let weight = |id: &str| {
+        d.backends_of("web4")
+            .into_iter()
+            .find(|b| b["id"] == id)
+            .and_then(|b| b["weight"].as_u64())
+    };
+    assert_eq!(
+        weight("b2"),
+        Some(60),
+        "the file's new weight, ignored on restart: {}",
+        d.log_tail(20)
+    );
+    assert_eq!(weight("b1"), Some(100));
+    assert_eq!(ids(&d), ["b1", "b2", "b3"]);
+    assert!(
+        d.log()
+            .contains("restart: backend web4/b1: weight 30 (set through the API) reverted to the file's 100"),
         "{}",
         d.log_tail(20)
     );

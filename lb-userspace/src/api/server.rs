@@ -130,6 +130,7 @@ async fn change(s: &Shared, c: Change) -> Answer {
     let shared_state = matches!(
         c,
         Change::Replace(_)
+            | Change::Reload(_)
             | Change::AddService(_)
             | Change::RemoveService(_)
             | Change::AddBackend { .. }
@@ -157,7 +158,7 @@ async fn change(s: &Shared, c: Change) -> Answer {
 fn refuse_own_addresses(s: &Shared, c: &Change) -> crate::error::Result<()> {
     let after: &[Service] = match c {
         Change::AddService(svc) => std::slice::from_ref(svc),
-        Change::Replace(all) => all,
+        Change::Replace(all) | Change::Reload(all) => all,
         _ => return Ok(()),
     };
     let before = s.snapshot.borrow().services.clone();
@@ -691,7 +692,7 @@ pub async fn reload_config(s: &Shared) -> crate::error::Result<Vec<String>> {
     if let Some(stall) = crate::failpoints::stall("reload-apply") {
         tokio::time::sleep(stall).await;
     }
-    let change = Change::Replace(cfg.services);
+    let change = Change::Reload(cfg.services);
     refuse_own_addresses(s, &change)?;
     submit(&s.writer, change).await
 }

@@ -59,7 +59,7 @@ impl PlanChange {
             },
             Self::RemoveBackend { service, id } => Change::RemoveBackend { service, id },
             Self::Strategy { service, strategy } => Change::SetStrategy { service, strategy },
-            Self::Config { text } => Change::Replace(Config::parse(&text)?.services),
+            Self::Config { text } => Change::Reload(Config::parse(&text)?.services),
         })
     }
 }
@@ -136,7 +136,8 @@ pub fn preview(cfg: &DaemonConfig, snap: &Snapshot, readers: &Readers, change: C
     let now = Instant::now();
     let mut services = snap.services.to_vec();
     let mut status = snap.status.clone();
-    crate::reconcile::change::change_state(cfg, &mut services, &mut status, change, now)?;
+    let mut file = snap.file.clone();
+    crate::reconcile::change::change_with_file(cfg, &mut file, &mut services, &mut status, change, now)?;
     // An address no service had yet is not resolved yet: count it as the reconciler will
     // once it is.
     let known: std::collections::HashSet<IpAddr> = snap

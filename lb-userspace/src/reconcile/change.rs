@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -35,6 +36,25 @@ fn find_service<'a>(services: &'a mut [Service], name: &str) -> Result<&'a mut S
         .ok_or_else(|| unknown_service(name))
 }
 
+/// A change with the config file as last loaded (`file`): a reload is laid over what runs
+/// (`layers::reload`) and becomes the file; the answer is what it reverted, one line each.
+pub(crate) fn change_with_file(
+    cfg: &DaemonConfig,
+    file: &mut Arc<Vec<Service>>,
+    services: &mut Vec<Service>,
+    status: &mut BTreeMap<BackendRef, BackendStatus>,
+    change: Change,
+    now: Instant,
+) -> Result<Vec<String>> {
+    let Change::Reload(after) = change else {
+        return change_state(cfg, services, status, change, now).map(|()| Vec::new());
+    };
+    let laid = super::layers::reload(file, services, status, &after);
+    change_state(cfg, services, status, Change::Replace(laid.services), now)?;
+    *file = Arc::new(after);
+    Ok(laid.notes)
+}
+
 /// Applies one change to copies of the services and statuses, validating the result whole.
 pub(crate) fn change_state(
     cfg: &DaemonConfig,
@@ -44,8 +64,8 @@ pub(crate) fn change_state(
     now: Instant,
 ) -> Result<()> {
     match change {
-        Change::Replace(next) => {
-            let mut next = keep_registrations(services, status, next);
+        // Without the file as last loaded (`change_with_file`), a reload replaces.
+        Change::Replace(mut next) | Change::Reload(mut next) => {
             super::discovered::keep(cfg, services, &mut next);
             *services = next;
         }
@@ -226,44 +246,6 @@ fn hold(st: &mut BackendStatus, service: &str, id: &str, drained: bool, now: Ins
         }
         _ => {}
     }
-}
-
-/// A reload's services, with the backends registered with a TTL kept: they belong to the
-/// instances that heartbeat, not to the file. One the file now declares itself (same id or
-/// same address and port) is the file's from then on, without a lease. A service with a
-/// source keeps all its backends instead (`discovered::keep`).
-fn keep_registrations(
-    services: &[Service],
-    status: &mut BTreeMap<BackendRef, BackendStatus>,
-    mut next: Vec<Service>,
-) -> Vec<Service> {
-    for (key, st) in status.iter_mut().filter(|(_, st)| st.lease.is_some()) {
-        let Some(old) = services
-            .iter()
-            .find(|s| s.name == key.service)
-            .and_then(|s| s.backend(&key.id))
-        else {
-            continue;
-        };
-        let Some(svc) = next
-            .iter_mut()
-            .find(|s| s.name == key.service && s.discovery.is_none())
-        else {
-            continue;
-        };
-        let port = old.port(svc);
-        if svc
-            .backends
-            .iter()
-            .any(|b| b.id == old.id || (b.address == old.address && b.port(svc) == port))
-        {
-            info!("backend {key}: now declared in the config file; its registration's ttl no longer applies");
-            st.lease = None;
-            continue;
-        }
-        svc.backends.push(old.clone());
-    }
-    next
 }
 
 /// What the monitor last published about one backend, into its status; a backend back up
@@ -672,8 +654,38 @@ mod tests {
     fn a_reload_keeps_registrations_unless_the_file_declares_them() {
         let (services, status) = registered();
         let file = start().0;
+        let reload = |s: &mut Vec<Service>, st: &mut BTreeMap<_, _>, next: Vec<Service>| {
+            let mut layer = Arc::new(file.clone());
+            change_with_file(
+                &cfg(),
+                &mut layer,
+                s,
+                st,
+                Change::Reload(next.clone()),
+                Instant::now(),
+            )
+            .unwrap();
+            assert_eq!(*layer, next, "the file as loaded now");
+        };
         // The file as it was: r1 kept, with its lease.
         let (mut s, mut st) = (services.clone(), status.clone());
+        reload(&mut s, &mut st, file.clone());
+        assert!(web(&s).backend("r1").is_some());
+        assert!(st[&BackendRef::new("web", "r1")].lease.is_some());
+        // The file now declares r1's address and port under another id: the file's, no lease.
+        let mut declares = file.clone();
+        declares[0].backends.push(Backend::new("static", ip("10.0.1.9")));
+        let (mut s, mut st) = (services.clone(), status.clone());
+        reload(&mut s, &mut st, declares);
+        assert!(web(&s).backend("r1").is_none());
+        assert!(st.values().all(|x| x.lease.is_none()));
+        // The service is gone from the file: so is the registration.
+        let (mut s, mut st) = (services.clone(), status.clone());
+        let only_dns = file.iter().filter(|x| x.name == "dns").cloned().collect();
+        reload(&mut s, &mut st, only_dns);
+        assert_eq!(s.len(), 1);
+        // The cluster's state replaces whole: what it does not hold is gone.
+        let (mut s, mut st) = (services, status);
         change_state(
             &cfg(),
             &mut s,
@@ -682,20 +694,7 @@ mod tests {
             Instant::now(),
         )
         .unwrap();
-        assert!(web(&s).backend("r1").is_some());
-        assert!(st[&BackendRef::new("web", "r1")].lease.is_some());
-        // The file now declares r1's address and port under another id: the file's, no lease.
-        let mut declares = file.clone();
-        declares[0].backends.push(Backend::new("static", ip("10.0.1.9")));
-        let (mut s, mut st) = (services.clone(), status.clone());
-        change_state(&cfg(), &mut s, &mut st, Change::Replace(declares), Instant::now()).unwrap();
         assert!(web(&s).backend("r1").is_none());
-        assert!(st.values().all(|x| x.lease.is_none()));
-        // The service is gone from the file: so is the registration.
-        let (mut s, mut st) = (services, status);
-        let only_dns = file.into_iter().filter(|x| x.name == "dns").collect();
-        change_state(&cfg(), &mut s, &mut st, Change::Replace(only_dns), Instant::now()).unwrap();
-        assert_eq!(s.len(), 1);
     }
 
     #[test]

@@ -15,8 +15,11 @@ use crate::{
 /// A change to the desired state, from the API.
 #[derive(Debug)]
 pub enum Change {
-    /// Replace every service (reload).
+    /// Replace every service (the cluster's state, as etcd holds it).
     Replace(Vec<Service>),
+    /// The config file's services, read again: laid over what runs (`layers`), the run-time
+    /// registrations kept and the file's values restored.
+    Reload(Vec<Service>),
     AddService(Service),
     RemoveService(String),
     /// Register a backend; with `lease`, it must heartbeat within its TTL (`status::lease`).

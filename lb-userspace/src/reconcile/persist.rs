@@ -32,6 +32,9 @@ const MAX_STATE_BYTES: u64 = 256 * 1024 * 1024;
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Persisted {
     pub services: Vec<ServiceSpec>,
+    /// The config file's services when these were saved (`layers`).
+    #[serde(default)]
+    pub file: FileLayer,
     pub assignments: Assignments,
     /// The terms of backends registered with a TTL (their heartbeats are not kept: a restarted
     /// daemon gives each a whole TTL to heartbeat again).
@@ -40,6 +43,29 @@ pub struct Persisted {
     /// Backends the operator drained (`lb backend drain`): operator intent, kept over a restart.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drains: Vec<SavedDrain>,
+}
+
+/// The config file's services as last loaded, beside the services saved. Most states hold
+/// nothing beyond the file (or nothing from it), so "the same" and "none" are written as such.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileLayer {
+    /// A state file written before the layers were kept: the config file is taken as it is now.
+    #[default]
+    Unknown,
+    /// The file declared exactly the services saved.
+    Same,
+    Services(Vec<ServiceSpec>),
+}
+
+impl FileLayer {
+    pub fn of(file: &[Service], services: &[Service]) -> Self {
+        if file == services {
+            Self::Same
+        } else {
+            Self::Services(file.iter().map(ServiceSpec::from).collect())
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -123,6 +149,8 @@ impl SavedLease {
 /// What a restart takes from the state file.
 pub struct Restored {
     pub services: Vec<Service>,
+    /// The config file's services when the state was saved, if the state says.
+    pub file: Option<Vec<Service>>,
     pub assignments: Assignments,
     /// Registrations with a TTL and operator drains, of backends kept.
     pub kept: KeptStatus,
@@ -157,6 +185,11 @@ impl Persisted {
         };
         let mut kept = Vec::new();
         let mut warnings = Vec::new();
+        let file = match p.file {
+            FileLayer::Unknown => None,
+            FileLayer::Same => Some(p.services.iter().cloned().map(Service::from).collect()),
+            FileLayer::Services(specs) => Some(specs.into_iter().map(Service::from).collect()),
+        };
         for spec in p.services {
             let name = spec.name.clone();
             let service = Service::from(spec);
@@ -196,6 +229,7 @@ impl Persisted {
             .collect();
         Some(Restored {
             services: kept,
+            file,
             assignments: p.assignments,
             kept: KeptStatus { leases, drains },
             warnings,

@@ -134,7 +134,7 @@ pub enum Touched {
 impl Touched {
     pub fn of(change: &Change) -> Self {
         match change {
-            Change::Replace(_) => Self::All,
+            Change::Replace(_) | Change::Reload(_) => Self::All,
             Change::AddService(s) => Self::Service(s.name.clone()),
             Change::AddBackend { service, .. }
             | Change::RemoveBackend { service, .. }

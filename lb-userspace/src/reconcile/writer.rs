@@ -16,10 +16,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::{
     apply::Maps,
-    change::{change_state, record_health},
+    change::{change_with_file, record_health},
     hops,
     inbox::{Change, Command},
-    persist::{KeptStatus, Persisted, SavedDrain, SavedLease},
+    persist::{FileLayer, KeptStatus, Persisted, SavedDrain, SavedLease},
     plan::{self, Desired},
     warnings,
 };
@@ -41,6 +41,8 @@ pub struct Writer {
     maps: Arc<Mutex<Maps>>,
     resolver: Arc<Resolver>,
     services: Vec<Service>,
+    /// The config file's services as last loaded: which of `services` are the file's (`layers`).
+    file: Arc<Vec<Service>>,
     hops: HashMap<IpAddr, NextHop>,
     status: BTreeMap<BackendRef, BackendStatus>,
     panicking: std::collections::BTreeSet<String>,
@@ -90,6 +92,20 @@ const RENEWALS_SHOWN: Duration = Duration::from_secs(1);
 /// How soon a failed pass's health and next hops are tried again.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// What the writer starts from (`Writer::start`).
+pub struct Start {
+    /// The services in effect: the state file's when the data plane was adopted, else the
+    /// config file's.
+    pub services: Vec<Service>,
+    /// Registrations' terms and drains kept over a restart.
+    pub kept: KeptStatus,
+    /// The config file's services when `services` were last saved (the config file's own
+    /// when unknown).
+    pub file_before: Vec<Service>,
+    /// The config file's services now.
+    pub file: Vec<Service>,
+}
+
 /// The channels to and from a started writer.
 pub struct Handles {
     pub commands: mpsc::Sender<Command>,
@@ -98,14 +114,14 @@ pub struct Handles {
 }
 
 impl Writer {
-    /// Applies the first state (restored or from the config) and returns the writer, ready to
-    /// run, with its warnings.
+    /// Applies the first state and returns the writer, ready to run, with its warnings. A
+    /// restart that adopted the data plane starts from the state it kept, with the config
+    /// file laid over it as a reload would (`layers`); a fresh start from the file alone.
     pub async fn start(
         cfg: DaemonConfig,
         maps: Maps,
         resolver: Arc<Resolver>,
-        services: Vec<Service>,
-        kept: KeptStatus,
+        start: Start,
         histograms: Histograms,
     ) -> Result<(Self, Handles, mpsc::Receiver<Command>, Vec<String>)> {
         let (snapshot, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
@@ -117,6 +133,7 @@ impl Writer {
             maps: Arc::new(Mutex::new(maps)),
             resolver,
             services: Vec::new(),
+            file: Arc::new(Vec::new()),
             hops: HashMap::new(),
             status: BTreeMap::new(),
             panicking: Default::default(),
@@ -141,7 +158,7 @@ impl Writer {
                 }
             }
         }
-        let status = kept.status(Instant::now());
+        let (services, status) = writer.lay_file(start);
         let warnings = writer.commit(services, status, HashMap::new(), true).await?;
         let handles = Handles {
             commands: tx,
@@ -149,6 +166,48 @@ impl Writer {
             services: declared_rx,
         };
         Ok((writer, handles, rx, warnings))
+    }
+
+    /// The first services and statuses: the kept state with the config file laid over it.
+    /// Laying it is checked as a reload is; if the file cannot go over the state, the state
+    /// runs as it was, and says why.
+    fn lay_file(&mut self, start: Start) -> (Vec<Service>, BTreeMap<BackendRef, BackendStatus>) {
+        let now = Instant::now();
+        let status = start.kept.status(now);
+        let (services, before, file) = (start.services, start.file_before, start.file);
+        if services == file && before == file {
+            self.file = Arc::new(file);
+            return (services, status);
+        }
+        let mut layer = Arc::new(before);
+        let (mut next, mut next_status) = (services.clone(), status.clone());
+        let laid = change_with_file(
+            &self.cfg,
+            &mut layer,
+            &mut next,
+            &mut next_status,
+            Change::Reload(file),
+            now,
+        );
+        self.file = layer;
+        match laid {
+            Ok(reverted) => {
+                info!(
+                    "the config file laid over the kept state: {} services",
+                    next.len()
+                );
+                for r in reverted {
+                    warn!("restart: {r}");
+                }
+                (next, next_status)
+            }
+            Err(e) => {
+                warn!(
+                    "restart: the config file was not laid over the kept state, which runs as it was until a reload: {e}"
+                );
+                (services, status)
+            }
+        }
     }
 
     /// Runs until every sender is gone.
@@ -201,6 +260,7 @@ impl Writer {
         }
         self.renewals_due = None;
         let mut services = self.services.clone();
+        let mut file = self.file.clone();
         let (mut status, mut hop_updates) = match self.unapplied.take() {
             Some(u) => (u.status, u.hops),
             None => (self.status.clone(), HashMap::new()),
@@ -234,10 +294,20 @@ impl Writer {
                     };
                     let mut next = services.clone();
                     let mut next_status = status.clone();
+                    let mut next_file = file.clone();
                     let touched = warnings::Touched::of(&change);
-                    match change_state(&self.cfg, &mut next, &mut next_status, *change, now) {
-                        Ok(()) => {
-                            let risky = warnings::risky(&services, &next, &touched);
+                    match change_with_file(
+                        &self.cfg,
+                        &mut next_file,
+                        &mut next,
+                        &mut next_status,
+                        *change,
+                        now,
+                    ) {
+                        Ok(reverted) => {
+                            let mut risky = warnings::risky(&services, &next, &touched);
+                            risky.extend(reverted);
+                            file = next_file;
                             // A reload's and a cluster revision's warnings are logged by
                             // whoever asked (the reload paths, cluster::apply), with the rest.
                             let log = !matches!(touched, warnings::Touched::All);
@@ -333,9 +403,13 @@ impl Writer {
         // Only a change's answer carries warnings: a pass for health or next hops alone skips
         // their sysctl reads, netlink queries and socket binds.
         let answering = !replies.is_empty();
+        let file_before = std::mem::replace(&mut self.file, file);
         let mut result = self
             .commit(services, status.clone(), hop_updates.clone(), answering)
             .await;
+        if result.is_err() {
+            self.file = file_before;
+        }
         if result.is_err() && changed {
             // The changes were refused; health and next hops still apply.
             if let Err(e) = self
@@ -522,6 +596,7 @@ impl Writer {
         // next pass writes the file again).
         if let Err(e) = (Persisted {
             services: self.services.iter().map(ServiceSpec::from).collect(),
+            file: FileLayer::of(&self.file, &self.services),
             assignments: assignments.clone(),
             leases: self
                 .status
@@ -561,6 +636,7 @@ impl Writer {
         }
         self.snapshot.send_replace(Arc::new(Snapshot {
             services,
+            file: self.file.clone(),
             assignments,
             hops: self.hops.clone(),
             status: self.status.clone(),
