@@ -80,11 +80,15 @@ pub struct FlowState {
 /// no FIN or RST has taken it off yet.
 pub const FLOW_COUNTED: u16 = 0x8000;
 
+/// `FlowState::forward` bit of a pick, never stored: the SYN was its client's retransmit of a
+/// flow already pinned (not a new flow, and no connection-table miss).
+pub const FLOW_RETRANSMIT: u16 = 0x4000;
+
 impl FlowState {
     /// The forwarding mode without the flag bits.
     #[inline(always)]
     pub const fn mode(&self) -> u16 {
-        self.forward & !FLOW_COUNTED
+        self.forward & !(FLOW_COUNTED | FLOW_RETRANSMIT)
     }
 }
 

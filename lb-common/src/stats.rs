@@ -113,8 +113,11 @@ counters! {
     EmbryonicInsert = 43, "embryonic_insert";
     // A flow's next packet found it in the embryonic table and moved it to the connection table.
     EmbryonicPromoted = 44, "embryonic_promoted";
+    // A SYN that found its flow freshly pinned to the same backend: the client's retransmit,
+    // counted here instead of as a miss (and not as a new flow).
+    SynRetransmit = 45, "syn_retransmit";
 }
 
 /// Size of the global counter map.
 pub const COUNTER_SLOTS: u32 = 48;
-const _: () = assert!((Counter::EmbryonicPromoted as u32) < COUNTER_SLOTS);
+const _: () = assert!((Counter::SynRetransmit as u32) < COUNTER_SLOTS);

@@ -15,7 +15,7 @@ use lb_common::{
     ServiceValue, VipFilter,
     dpconfig::DP_F_GEO_B,
     dpconfig::FLOOD_WINDOW_NS,
-    flow::{FLOW_COUNTED, SYN_RETRANSMIT_WINDOW, coarse_seconds},
+    flow::{FLOW_COUNTED, FLOW_RETRANSMIT, SYN_RETRANSMIT_WINDOW, coarse_seconds},
     geo::GeoKey,
     hash::{flow_hash, source_hash},
     maps::POOL_LANES,
@@ -166,9 +166,9 @@ fn choice(flow: &Flow) -> Result<Choice, Verdict> {
     Ok(Choice::Backend(Chosen {
         slot: picked.backend,
         backend,
-        new_flow: true,
+        new_flow: picked.forward & FLOW_RETRANSMIT == 0,
         service: picked.service,
-        forward: u32::from(picked.forward),
+        forward: u32::from(picked.mode()),
     }))
 }
 
@@ -398,7 +398,7 @@ fn pick(key: &FlowKey, service: &'static ServiceValue, remember: Remember) -> Re
                 backend: slot,
                 generation: backend.generation,
                 service: service.id,
-                forward: service.forward as u16,
+                forward: service.forward as u16 | FLOW_RETRANSMIT,
                 opened: now,
             });
         }
@@ -478,7 +478,10 @@ fn pick(key: &FlowKey, service: &'static ServiceValue, remember: Remember) -> Re
             return Ok(state);
         }
         if retransmit(key, slot, state.generation, now) {
-            return Ok(state);
+            return Ok(FlowState {
+                forward: state.forward | FLOW_RETRANSMIT,
+                ..state
+            });
         }
     }
     if EMBRYONIC.insert(key, entry, 0).is_err() {
@@ -687,6 +690,8 @@ fn retransmit(key: &FlowKey, slot: u32, generation: u32, now: u16) -> bool {
         && now.wrapping_sub(old.opened) <= SYN_RETRANSMIT_WINDOW;
     if fresh {
         crate::stats::syn_retransmit(slot);
+        // A SYN was counted a miss before its pick (`service_pick`): it is a retransmit.
+        crate::stats::recount(Counter::ConntrackMiss, Counter::SynRetransmit);
     }
     fresh
 }

@@ -14,6 +14,17 @@ pub fn count(counter: Counter) {
     }
 }
 
+/// Moves this packet's count from one counter to another: both per-CPU slots are this CPU's,
+/// and `from` was counted earlier in the same run of the program.
+#[inline(always)]
+pub fn recount(from: Counter, to: Counter) {
+    if let Some(c) = GLOBAL_STATS.get_ptr_mut(from as u32) {
+        // SAFETY: per-CPU slot, no other writer while we run.
+        unsafe { *c = (*c).wrapping_sub(1) };
+    }
+    count(to);
+}
+
 #[inline(always)]
 pub fn traffic(service: u32, backend: u32, bytes: u64, new_flow: bool) {
     let new = new_flow as u64;

@@ -40,6 +40,8 @@ pub struct Balancer {
     /// Every service's table, mapped; held so the tables stay mapped while the program runs.
     pub pool: Pool,
     pub global: PerCpuArray<MapData, u64>,
+    /// Each backend slot's traffic (packets, bytes, new flows, SYN retransmits).
+    pub backend_stats: PerCpuArray<MapData, lb_common::TrafficStats>,
     pub conntrack: HashMap<MapData, FlowKey, FlowState>,
     /// Flows that have sent one packet.
     pub embryonic: HashMap<MapData, FlowKey, FlowState>,
@@ -72,6 +74,7 @@ impl Balancer {
             backends: take(e, maps::BACKENDS)?,
             pool,
             global: take(e, maps::GLOBAL_STATS)?,
+            backend_stats: take(e, maps::BACKEND_STATS)?,
             conntrack: take(e, maps::CONNTRACK)?,
             embryonic: take(e, maps::EMBRYONIC)?,
             nat: take(e, maps::NAT_FLOWS)?,
@@ -156,6 +159,19 @@ impl Balancer {
     /// A global counter, summed over the CPUs.
     pub fn counter(&self, c: Counter) -> u64 {
         self.global.get(&(c as u32), 0).expect("counter").iter().sum()
+    }
+
+    /// A backend slot's traffic, summed over the CPUs.
+    pub fn backend_traffic(&self, slot: u32) -> lb_common::TrafficStats {
+        let per_cpu = self.backend_stats.get(&slot, 0).expect("backend stats");
+        per_cpu
+            .iter()
+            .fold(lb_common::TrafficStats::default(), |mut t, c| {
+                t.packets += c.packets;
+                t.new_flows += c.new_flows;
+                t.syn_retransmits += c.syn_retransmits;
+                t
+            })
     }
 
     /// Every global counter, in `Counter::ALL`'s order.

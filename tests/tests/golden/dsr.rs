@@ -521,3 +521,26 @@ fn fragments_of_a_datagram_reach_one_backend_when_the_vip_hashes_them() {
         );
     });
 }
+
+/// A client's SYN retransmit (the same tuple again within `SYN_RETRANSMIT_WINDOW`, to the
+/// backend its first SYN was given) goes to that backend and is counted as a retransmit: not a
+/// new flow and not a connection-table miss, so new flows/s means new flows.
+#[test]
+fn a_syn_retransmit_is_no_new_flow() {
+    in_fresh_ns(|| {
+        let dp = standard();
+        let syn = [
+            eth(LB_MAC, CLIENT_MAC, 0x0800),
+            ipv4(6, CLIENT4, VIP4, &tcp(40000, 80, 0x02)),
+        ]
+        .concat();
+        for _ in 0..3 {
+            assert_eq!(dp.run(&syn).1, rewritten(&syn, B1_MAC));
+        }
+        assert_eq!(dp.counter(Counter::ConntrackMiss), 1);
+        assert_eq!(dp.counter(Counter::EmbryonicInsert), 1);
+        assert_eq!(dp.counter(Counter::SynRetransmit), 2);
+        let t = dp.backend_traffic(1);
+        assert_eq!((t.packets, t.new_flows, t.syn_retransmits), (3, 1, 2));
+    });
+}
