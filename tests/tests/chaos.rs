@@ -27,3 +27,30 @@ fn chaos_under_continuous_traffic_keeps_every_invariant() {
         panic!("{text}");
     }
 }
+
+/// The proof that the judge catches a failure it should: a run whose stopped servers and
+/// downed links the judge is not told of must report their connections' failures. About 2
+/// minutes; run with `--ignored` (CI runs the run above).
+#[test]
+#[ignore]
+fn a_fault_the_judge_is_not_told_of_is_reported() {
+    let seed = env("LB_CHAOS_SEED").unwrap_or(SEED);
+    for kind in ["server stopped", "link down"] {
+        let mut opts = Options::new(seed, Duration::from_secs(60));
+        opts.unexcused = Some(kind);
+        let report = chaos::run(opts).expect("the chaos lab runs");
+        println!("{kind} left unexcused:\n{}", report.summary());
+        assert!(
+            report.timeline.iter().any(|d| d.fault.kind() == kind),
+            "seed {seed}: no {kind} in 60 s"
+        );
+        let text = report
+            .verdict()
+            .expect_err("the failures it caused were reported");
+        assert!(
+            text.contains("its backend healthy and in the service"),
+            "{kind}: {text}"
+        );
+        println!("{}", text.lines().take(4).collect::<Vec<_>>().join("\n"));
+    }
+}

@@ -76,8 +76,8 @@ pub struct Options {
     pub new_per_s: f64,
     /// UDP flows per UDP service (two services).
     pub udp_flows: usize,
-    /// Faults the schedule must not hold (a run that shows the harness catches one left
-    /// unexcused, say, leaves none out; see `Options::unexcused`).
+    /// A fault kind (`Fault::kind`) whose disturbances the judge is not told of, so the
+    /// failures it causes count as failures: the proof that the invariants catch one.
     pub unexcused: Option<&'static str>,
 }
 
@@ -101,9 +101,19 @@ struct Disturbance {
     backend: String,
     /// `None`: every service (a stopped server, a downed link).
     service: Option<String>,
+    /// What a new connection to it sees: refused (a stopped server), no answer (a downed
+    /// link), or nothing (out of the service: no new flow goes there).
+    cause: Cause,
     from: Duration,
     until: Option<Duration>,
     grace: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Cause {
+    Stopped,
+    Link,
+    Out,
 }
 
 /// One fault as it ran.
@@ -199,7 +209,11 @@ struct Run<'a> {
     restarts: Vec<(Duration, Duration)>,
     timeline: Vec<Done>,
     violations: Vec<String>,
+    /// The pool's free space (with second chance) after a clean start.
     pool_free: u64,
+    /// The same, as first seen for each set of services (strategies, members, weights): a
+    /// table's size depends on them, so the same set must find the same free space again.
+    pool_seen: BTreeMap<String, u64>,
 }
 
 /// Runs the chaos schedule of `opts` in a fresh lab; the report says what held and what did not.
@@ -222,6 +236,7 @@ pub fn run(opts: Options) -> Result<Report> {
         restarts: Vec::new(),
         timeline: Vec::new(),
         violations: Vec::new(),
+        pool_seen: BTreeMap::new(),
     };
     run.go()
 }
@@ -238,10 +253,7 @@ impl Run<'_> {
             members: &MEMBERS,
             spare: SPARE,
         };
-        let mut steps: Vec<Step> = schedule::schedule(self.opts.seed, self.opts.length, quiet, &lab);
-        if let Some(kind) = self.opts.unexcused {
-            steps.retain(|s| s.fault.kind() != kind);
-        }
+        let steps: Vec<Step> = schedule::schedule(self.opts.seed, self.opts.length, quiet, &lab);
         // The spare starts in no service: out of each, since the start.
         for (service, backend) in self.out.clone() {
             self.disturb(&service, &backend);
@@ -302,7 +314,11 @@ impl Run<'_> {
     /// Runs one fault and records it (a fault that fails is a violation: it says why).
     fn fault(&mut self, fault: Fault) {
         let at = self.now();
+        let known = self.disturbances.len();
         let result = self.apply(&fault);
+        if self.opts.unexcused == Some(fault.kind()) {
+            self.disturbances.truncate(known);
+        }
         let took = self.now() - at;
         if let Fault::KillDaemon = fault {
             self.restarts.push((at, at + took));
@@ -323,7 +339,7 @@ impl Run<'_> {
         let grace = detection_window();
         match fault {
             Fault::StopServer(b) => {
-                self.open(b, None);
+                self.open(b, None, Cause::Stopped);
                 self.topo.stop_servers(b);
             }
             Fault::StartServer(b) => {
@@ -331,7 +347,7 @@ impl Run<'_> {
                 self.close(b, None, grace);
             }
             Fault::LinkDown(b) => {
-                self.open(b, None);
+                self.open(b, None, Cause::Link);
                 self.topo.backend(b).ns.sh("ip link set eth0 down")?;
             }
             Fault::LinkUp(b) => {
@@ -413,14 +429,15 @@ impl Run<'_> {
     }
 
     fn disturb(&mut self, service: &str, backend: &str) {
-        self.open(backend, Some(service));
+        self.open(backend, Some(service), Cause::Out);
     }
 
-    fn open(&mut self, backend: &str, service: Option<&str>) {
+    fn open(&mut self, backend: &str, service: Option<&str>, cause: Cause) {
         let from = self.now();
         self.disturbances.push(Disturbance {
             backend: backend.into(),
             service: service.map(str::to_string),
+            cause,
             from,
             until: None,
             grace: Duration::ZERO,
@@ -445,22 +462,15 @@ impl Run<'_> {
         }
     }
 
-    /// Whether a failure of a flow of `service` on `backend`, alive from `from` to `to`, is
-    /// excused: the backend was out of that service, or down, during that time (or within the
-    /// detection window after; longer if the daemon was down meanwhile, since its checks were).
     fn excused(&self, service: &str, backend: &str, from: Duration, to: Duration) -> bool {
-        self.disturbances.iter().any(|d| {
-            if d.backend != backend || d.service.as_deref().is_some_and(|s| s != service) {
-                return false;
-            }
-            let mut until = d.until.unwrap_or(Duration::MAX) + d.grace;
-            for &(down, up) in &self.restarts {
-                if down <= until && up >= d.from {
-                    until = until.max(up + detection_window());
-                }
-            }
-            d.from <= to && from <= until
-        })
+        excused(
+            &self.disturbances,
+            &self.restarts,
+            service,
+            Backend::Known(backend),
+            from,
+            to,
+        )
     }
 
     fn address(&self, service: &str, backend: &str) -> String {
@@ -477,21 +487,28 @@ impl Run<'_> {
     /// the tables).
     fn check(&mut self, shared: &Arc<Shared>) {
         let at = self.now().as_secs_f64();
-        match pool_free(self.daemon) {
-            Ok(free) if free == self.pool_free => {}
-            Ok(free) => {
-                // A change may be in flight: its new region is taken before the old is retired.
+        let key = format!("{:?}", self.model.services);
+        match (pool_free(self.daemon), self.pool_seen.get(&key).copied()) {
+            (Ok(free), Some(seen)) if free != seen => {
+                // A change may be in flight, or a released region cooling: let it settle.
                 let settled = wait_until(Duration::from_secs(3), || {
-                    pool_free(self.daemon).is_ok_and(|f| f == self.pool_free)
+                    pool_free(self.daemon).is_ok_and(|f| f == seen)
                 });
                 if !settled {
                     self.violations.push(format!(
-                        "{at:.2}s: the table pool's free space (and second chance) is {free}, a clean start's {}",
-                        self.pool_free
+                        "{at:.2}s: the table pool's free space (and second chance) is {free}, {seen} when the services were the same before"
                     ));
                 }
             }
-            Err(e) => self.violations.push(format!("{at:.2}s: status: {e:#}")),
+            (Ok(free), None) => {
+                // The first time: kept once two reads half a second apart agree.
+                std::thread::sleep(Duration::from_millis(500));
+                if pool_free(self.daemon).is_ok_and(|f| f == free) {
+                    self.pool_seen.insert(key, free);
+                }
+            }
+            (Ok(_), Some(_)) => {}
+            (Err(e), _) => self.violations.push(format!("{at:.2}s: status: {e:#}")),
         }
         for (service, backend, n) in active_flows(self.daemon) {
             if n < 0 {
@@ -547,16 +564,6 @@ impl Run<'_> {
     /// After the traffic stopped and every connection closed: the pool back to a clean start's,
     /// each active-flow count what the tables count, and the counters against what was sent.
     fn final_checks(&mut self, shared: &Arc<Shared>, before: &serde_json::Value) -> Result<()> {
-        let settled = wait_until(Duration::from_secs(5), || {
-            pool_free(self.daemon).is_ok_and(|f| f == self.pool_free)
-        });
-        if !settled {
-            self.violations.push(format!(
-                "end: the table pool's free space (and second chance) is {}, a clean start's {}",
-                pool_free(self.daemon)?,
-                self.pool_free
-            ));
-        }
         // The FINs of the closed connections take them off their counts: the counts settle
         // on what the tables hold.
         let mut last = String::new();
@@ -616,6 +623,24 @@ impl Run<'_> {
                 ));
             }
         }
+        drop(t);
+        // Back to the first file: the pool must be as a clean start of it left it.
+        let first = Model::new(&SERVICES, &MEMBERS);
+        std::fs::write(
+            &self.daemon.config,
+            config(self.topo, &self.daemon.instance, &self.daemon.run_dir, &first),
+        )?;
+        cli(self.daemon, &["reload"])?;
+        let settled = wait_until(Duration::from_secs(10), || {
+            pool_free(self.daemon).is_ok_and(|f| f == self.pool_free)
+        });
+        if !settled {
+            self.violations.push(format!(
+                "end: back to the first file, the table pool's free space (and second chance) is {}, a clean start's {}",
+                pool_free(self.daemon)?,
+                self.pool_free
+            ));
+        }
         for (name, value) in after["counters"].as_object().into_iter().flatten() {
             let moved = value.as_u64().unwrap_or(0) - before["counters"][name].as_u64().unwrap_or(0);
             if name.starts_with("drop_") && moved > 0 {
@@ -651,15 +676,35 @@ impl Run<'_> {
         let long_excused = judge(&t.long_broken, "long-lived connection", &mut v);
         let udp_excused = judge(&t.udp_broken, "UDP flow", &mut v);
         let ok: u64 = t.new_ok.values().sum();
-        let (mut excused, mut unattributed, mut failed) = (0u64, 0u64, Vec::new());
+        let (mut n_excused, mut unattributed, mut failed) = (0u64, 0u64, Vec::new());
         for r in &t.new_failed {
-            match &r.backend {
-                Some(Some(b)) if self.excused(r.service, b, r.started, r.at) => excused += 1,
-                Some(None) | None => {
+            let backend = match &r.backend {
+                Some(Some(b)) => Backend::Known(b),
+                _ => {
                     unattributed += 1;
-                    failed.push(r);
+                    // The error says which outage it could be: a refusal a stopped server's,
+                    // a timeout a downed link's.
+                    if r.why.contains("refused") {
+                        Backend::Unknown(Cause::Stopped)
+                    } else if r.why.contains("timed out") || r.why.contains("Resource temporarily") {
+                        Backend::Unknown(Cause::Link)
+                    } else {
+                        failed.push(r);
+                        continue;
+                    }
                 }
-                Some(Some(_)) => failed.push(r),
+            };
+            if excused(
+                &self.disturbances,
+                &self.restarts,
+                r.service,
+                backend,
+                r.started,
+                r.at,
+            ) {
+                n_excused += 1;
+            } else {
+                failed.push(r);
             }
         }
         let judged = ok + failed.len() as u64;
@@ -670,7 +715,7 @@ impl Run<'_> {
                 rate * 100.0,
                 failed
                     .iter()
-                    .take(10)
+                    .take(40)
                     .map(|r| format!(
                         "{:.2}s {} {} -> {} ({}): {}",
                         r.at.as_secs_f64(),
@@ -698,7 +743,7 @@ impl Run<'_> {
                 long_excused
             ),
             format!(
-                "new TCP connections: {ok} succeeded, {} failed ({excused} excused: their backend within its detection window; {unattributed} with no table entry left); {:.3}% of {judged} successful",
+                "new TCP connections: {ok} succeeded, {} failed ({n_excused} excused: their backend within its detection window; {unattributed} with no live table entry left, judged by their error); {:.3}% of {judged} successful",
                 t.new_failed.len(),
                 rate * 100.0
             ),
@@ -729,6 +774,45 @@ impl Run<'_> {
             violations: v,
         }
     }
+}
+
+/// The backend a failed flow had: known, or for a new connection whose tuple the tables no
+/// longer pin to a live backend, only what the client saw (refused: a stopped server; no
+/// answer: a downed link).
+#[derive(Clone, Copy)]
+enum Backend<'a> {
+    Known(&'a str),
+    Unknown(Cause),
+}
+
+/// Whether a failure of a flow of `service` on `backend`, alive from `from` to `to`, is
+/// excused: the backend was out of that service, or down, during that time, or within its grace
+/// after (the detection window after an outage; longer if the daemon was down meanwhile, since
+/// its checks were too).
+fn excused(
+    disturbances: &[Disturbance],
+    restarts: &[(Duration, Duration)],
+    service: &str,
+    backend: Backend,
+    from: Duration,
+    to: Duration,
+) -> bool {
+    disturbances.iter().any(|d| {
+        let mine = match backend {
+            Backend::Known(b) => d.backend == b,
+            Backend::Unknown(cause) => d.cause == cause,
+        };
+        if !mine || d.service.as_deref().is_some_and(|s| s != service) {
+            return false;
+        }
+        let mut until = d.until.unwrap_or(Duration::MAX).saturating_add(d.grace);
+        for &(down, up) in restarts {
+            if down <= until && up >= d.from {
+                until = until.max(up + detection_window());
+            }
+        }
+        d.from <= to && from <= until
+    })
 }
 
 /// (service, backend) pairs out of their service, or at weight 0, of every backend the lab has.
@@ -877,4 +961,73 @@ fn active_against_tables(d: &Daemon) -> Result<Vec<String>> {
             (have != want).then(|| format!("slot {slot}: {have} counted, the tables hold {want}"))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(secs: f64) -> Duration {
+        Duration::from_secs_f64(secs)
+    }
+
+    fn outage(service: Option<&str>, from: f64, until: f64, grace: f64) -> Disturbance {
+        Disturbance {
+            backend: "b2".into(),
+            service: service.map(str::to_string),
+            cause: Cause::Stopped,
+            from: s(from),
+            until: Some(s(until)),
+            grace: s(grace),
+        }
+    }
+
+    #[test]
+    fn a_failure_is_excused_only_by_its_own_backends_disturbance_in_its_life() {
+        let d = [
+            outage(None, 10.0, 12.0, 0.8),
+            outage(Some("web4"), 20.0, 25.0, 0.25),
+        ];
+        // b2 stopped from 10 s to 12 s (+0.8 s): its flows alive then are excused, in any service.
+        assert!(excused(&d, &[], "web6", Backend::Known("b2"), s(5.0), s(10.5)));
+        assert!(excused(&d, &[], "web4", Backend::Known("b2"), s(12.5), s(13.0)));
+        // Another backend's flows, or b2's before or well after, are not.
+        assert!(!excused(&d, &[], "web4", Backend::Known("b1"), s(5.0), s(11.0)));
+        assert!(!excused(&d, &[], "web4", Backend::Known("b2"), s(1.0), s(9.0)));
+        assert!(!excused(&d, &[], "web4", Backend::Known("b2"), s(13.0), s(14.0)));
+        // Out of web4 only: web6's b2 flows are not excused.
+        assert!(excused(&d, &[], "web4", Backend::Known("b2"), s(21.0), s(22.0)));
+        assert!(!excused(&d, &[], "web6", Backend::Known("b2"), s(21.0), s(22.0)));
+        // A daemon down during the outage (11–14 s) stretches it: its checks were down too.
+        let restarts = [(s(11.0), s(14.0))];
+        assert!(excused(
+            &d,
+            &restarts,
+            "web4",
+            Backend::Known("b2"),
+            s(14.5),
+            s(14.6)
+        ));
+        assert!(!excused(
+            &d,
+            &restarts,
+            "web4",
+            Backend::Known("b2"),
+            s(16.0),
+            s(17.0)
+        ));
+        // Still open: excused from its start on.
+        let open = [Disturbance {
+            until: None,
+            ..outage(None, 30.0, 0.0, 0.0)
+        }];
+        assert!(excused(
+            &open,
+            &[],
+            "dns4",
+            Backend::Known("b2"),
+            s(40.0),
+            s(41.0)
+        ));
+    }
 }

@@ -21,6 +21,8 @@ pub const ASK_EVERY: Duration = Duration::from_millis(50);
 pub const MISS_AFTER: Duration = Duration::from_secs(1);
 /// A UDP flow asks this often (20 flows a family: 400 datagrams a second in all).
 pub const UDP_EVERY: Duration = Duration::from_millis(100);
+/// Threads opening long-lived connections.
+const OPENERS: usize = 8;
 /// A new connection's connect and first answer may take this (two SYN retransmits).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -190,40 +192,49 @@ pub fn long_lived(shared: Arc<Shared>, targets: Vec<Target>, per_target: usize) 
     // Opening is blocking (a refused backend's SYN may wait seconds): a thread of its own
     // feeds the poll loop.
     let (want_tx, want_rx) = mpsc::channel::<usize>();
+    let want_rx = Arc::new(Mutex::new(want_rx));
     let (conn_tx, conn_rx) = mpsc::channel::<Live>();
-    let opener = {
-        let (shared, targets) = (shared.clone(), targets.clone());
-        let ns = std::fs::File::open("/proc/thread-self/ns/net").expect("own namespace");
-        std::thread::spawn(move || {
-            crate::netns::enter(&ns).expect("enter the client namespace");
-            while let Ok(i) = want_rx.recv() {
-                // Until it opens: a failure is a new connection that failed, judged as such.
-                while !shared.stopped() {
-                    let started = shared.now();
-                    let r = open(targets[i].addr);
-                    shared.record_new(&targets[i], started, &r);
-                    if let Ok((stream, backend)) = r {
-                        shared.tally().long_opened += 1;
-                        let now = shared.now();
-                        let live = Live {
-                            stream,
-                            buf: Vec::new(),
-                            target: i,
-                            backend,
-                            since: now,
-                            sent: None,
-                            due: now + ASK_EVERY,
-                        };
-                        if conn_tx.send(live).is_err() {
-                            return;
+    // Several openers: a connect to a blackholed backend waits seconds, and the others go on.
+    let openers: Vec<_> = (0..OPENERS)
+        .map(|_| {
+            let (shared, targets, want_rx, conn_tx) =
+                (shared.clone(), targets.clone(), want_rx.clone(), conn_tx.clone());
+            let ns = std::fs::File::open("/proc/thread-self/ns/net").expect("own namespace");
+            std::thread::spawn(move || {
+                crate::netns::enter(&ns).expect("enter the client namespace");
+                loop {
+                    let Ok(i) = want_rx.lock().unwrap_or_else(|p| p.into_inner()).recv() else {
+                        return;
+                    };
+                    // Until it opens: a failure is a new connection that failed, judged as such.
+                    while !shared.stopped() {
+                        let started = shared.now();
+                        let r = open(targets[i].addr);
+                        shared.record_new(&targets[i], started, &r);
+                        if let Ok((stream, backend)) = r {
+                            shared.tally().long_opened += 1;
+                            let now = shared.now();
+                            let live = Live {
+                                stream,
+                                buf: Vec::new(),
+                                target: i,
+                                backend,
+                                since: now,
+                                sent: None,
+                                due: now + ASK_EVERY,
+                            };
+                            if conn_tx.send(live).is_err() {
+                                return;
+                            }
+                            break;
                         }
-                        break;
+                        std::thread::sleep(Duration::from_millis(100));
                     }
-                    std::thread::sleep(Duration::from_millis(100));
                 }
-            }
+            })
         })
-    };
+        .collect();
+    drop(conn_tx);
     for i in 0..targets.len() {
         for _ in 0..per_target {
             want_tx.send(i).expect("opener");
@@ -332,7 +343,10 @@ pub fn long_lived(shared: Arc<Shared>, targets: Vec<Target>, per_target: usize) 
         }
     }
     drop(want_tx);
-    let _ = opener.join();
+    drop(conn_rx);
+    for o in openers {
+        let _ = o.join();
+    }
     // Closed with a FIN each (dropped), so the data plane takes them off the active counts.
     drop(live);
 }
