@@ -222,6 +222,13 @@ pub fn run(opts: Options) -> Result<Report> {
     let (instance, run_dir) = Daemon::new_paths();
     let model = Model::new(&SERVICES, &MEMBERS);
     let text = config(&topo, &instance, &run_dir, &model);
+    // A link taken down would lose its IPv6 addresses (and their routes) for good, which a
+    // link that comes back up on a real host keeps.
+    for b in MEMBERS.iter().chain([&SPARE]) {
+        topo.backend(b)
+            .ns
+            .sh("sysctl -qw net.ipv6.conf.eth0.keep_addr_on_down=1")?;
+    }
     let mut daemon = Daemon::start(&topo, &instance, &run_dir, &text).context("daemon starts")?;
     daemon.wait_all_in_tables();
     let mut run = Run {
@@ -487,7 +494,7 @@ impl Run<'_> {
     /// the tables).
     fn check(&mut self, shared: &Arc<Shared>) {
         let at = self.now().as_secs_f64();
-        let key = format!("{:?}", self.model.services);
+        let key = pool_key(self.daemon);
         match (pool_free(self.daemon), self.pool_seen.get(&key).copied()) {
             (Ok(free), Some(seen)) if free != seen => {
                 // A change may be in flight, or a released region cooling: let it settle.
@@ -903,6 +910,24 @@ fn pool_free(d: &Daemon) -> Result<u64> {
         (Some(free), Some(held)) => Ok(free + held),
         _ => bail!("no table_pool.free and .second_chance in {status}"),
     }
+}
+
+/// What the tables' sizes follow, as `lb service list` shows it: each service's strategy and
+/// table size, and its backends' effective weights (round robin's table holds a backend per
+/// weight share, so a backend down shrinks it).
+fn pool_key(d: &Daemon) -> String {
+    let Ok(list) = cli_json(d, &["service", "list"]) else {
+        return String::new();
+    };
+    let mut key = String::new();
+    for s in list.as_array().into_iter().flatten() {
+        let _ = write!(key, "{} {} {}:", s["name"], s["strategy"], s["table_size"]);
+        for b in s["backends"].as_array().into_iter().flatten() {
+            let _ = write!(key, " {}={}", b["id"], b["effective_weight"]);
+        }
+        key.push('\n');
+    }
+    key
 }
 
 /// Every backend's active-flow count, as `lb service list` shows it.

@@ -22,7 +22,7 @@ pub const MISS_AFTER: Duration = Duration::from_secs(1);
 /// A UDP flow asks this often (20 flows a family: 400 datagrams a second in all).
 pub const UDP_EVERY: Duration = Duration::from_millis(100);
 /// Threads opening long-lived connections.
-const OPENERS: usize = 8;
+const OPENERS: usize = 16;
 /// A new connection's connect and first answer may take this (two SYN retransmits).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
