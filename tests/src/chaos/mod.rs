@@ -876,30 +876,14 @@ pub fn config(topo: &Topology, instance: &str, run_dir: &std::path::Path, model:
 
 /// `lb <args>`, which must succeed.
 fn cli(d: &Daemon, args: &[&str]) -> Result<()> {
-    let out = d.cli(args);
-    if !out.status.success() {
-        bail!(
-            "lb {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    d.try_cli(args).map(drop)
 }
 
 /// `lb --json <args>`, parsed.
 fn cli_json(d: &Daemon, args: &[&str]) -> Result<serde_json::Value> {
     let mut all = vec!["--json"];
     all.extend_from_slice(args);
-    let out = d.cli(&all);
-    if !out.status.success() {
-        bail!(
-            "lb {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(serde_json::from_slice(&out.stdout)?)
+    Ok(serde_json::from_str(&d.try_cli(&all)?)?)
 }
 
 /// The pool's free slots, counting those previous tables hold for second chance.
