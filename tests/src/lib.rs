@@ -3,6 +3,7 @@
 //! a test panics).
 
 pub mod bench;
+pub mod chaos;
 pub mod client;
 pub mod cluster;
 pub mod dns;

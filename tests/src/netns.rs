@@ -89,15 +89,40 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
+/// Moves the calling thread into the network namespace `file` names (a `/run/netns` or
+/// `/proc/.../ns/net` file).
+pub fn enter(file: &File) -> std::io::Result<()> {
+    // SAFETY: setns on this thread only.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread of its own, named `name`, that has entered `ns`, and returns at once
+/// (`in_ns` waits): for traffic that runs while the test goes on.
+pub fn spawn_in<T: Send + 'static>(
+    ns: &NetNs,
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let file = File::open(ns.path()).expect("netns file");
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            enter(&file).expect("setns");
+            f()
+        })
+        .expect("spawn a thread")
+}
+
 /// Runs `f` on a fresh thread that has entered `ns`. Sockets made there stay in `ns`. The thread
 /// is scoped, so `f` may borrow (to attach a program it does not own, for example).
 pub fn in_ns<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
     let file = File::open(ns.path()).expect("netns file");
     std::thread::scope(|s| {
         s.spawn(move || {
-            // SAFETY: setns on this thread only.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            enter(&file).expect("setns");
             f()
         })
         .join()

@@ -429,6 +429,19 @@ impl Daemon {
             .expect("run lb")
     }
 
+    /// `lb <args>`, which must succeed: its output, or one line with what it said.
+    pub fn try_cli(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args);
+        if !out.status.success() {
+            bail!(
+                "lb {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// One backend's entry in `lb health SERVICE` (null when it is not there).
     pub fn health_of(&self, service: &str, id: &str) -> serde_json::Value {
         self.json(&["health", service])[0]["backends"]

@@ -108,6 +108,24 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Run setup, then the chaos run for `--minutes` (tests/tests/chaos.rs)
+    ///
+    /// Steady traffic through the daemon in namespaces (240 long-lived TCP connections asking
+    /// every 50 ms, 50 new connections a second, 40 UDP flows) while a seeded schedule of faults
+    /// runs: servers stopped and started, links down and up, backends removed and added,
+    /// weights, strategies, reloads, the daemon SIGKILLed and restarted. Checks that no flow
+    /// whose backend stayed healthy and in its service fails, new connections >= 99.9 %
+    /// successful, active-flow counts, the table pool and the counters. Prints the seed (random
+    /// unless given) and, on a failure, the fault timeline; `--seed` replays it. `cargo xtask
+    /// test` runs a 2-minute one with a fixed seed. Needs root.
+    Chaos {
+        /// Length of the run
+        #[arg(long, default_value_t = 2)]
+        minutes: u32,
+        /// Replay a run's seed (default: a random one, printed)
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Build the Debian package: target/package/lb_<version>-1_<arch>.deb
     ///
     /// Runs setup and builds `lb` in release (unless `--lb-bin`), then stages the package as
@@ -178,6 +196,7 @@ fn run(cli: Cli) -> Result<()> {
             input_seconds,
             seed,
         } => fuzz(&ctx, cases, input_seconds, seed),
+        Command::Chaos { minutes, seed } => chaos(&ctx, minutes, seed),
         Command::Package {
             debug,
             lb_bin,
@@ -268,6 +287,47 @@ fn fuzz(ctx: &Ctx, cases: u32, input_seconds: u32, seed: Option<u64>) -> Result<
         &format!("LB_FUZZ_INPUT_SECONDS={input_seconds} {}", ctx::display(&inputs)),
     );
     ctx::run(&mut inputs)
+}
+
+fn chaos(ctx: &Ctx, minutes: u32, seed: Option<u64>) -> Result<()> {
+    const STEPS: usize = 2;
+    if minutes == 0 {
+        bail!("--minutes 0: a run needs at least a minute");
+    }
+    header(1, STEPS, "setup");
+    setup::setup(ctx)?;
+    // A random seed unless given: from the clock, printed so the run replays.
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64 % 1_000_000_007)
+    });
+    eprintln!(
+        "chaos: seed={seed} minutes={minutes} (replay: cargo xtask chaos --minutes {minutes} --seed {seed})"
+    );
+    let mut run = ctx.cargo();
+    run.args([
+        "test",
+        "-p",
+        "lb-tests",
+        "--test",
+        "chaos",
+        "--",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    run.env("LB_CHAOS_SEED", seed.to_string())
+        .env("LB_CHAOS_SECONDS", (u64::from(minutes) * 60).to_string());
+    header(
+        2,
+        STEPS,
+        &format!(
+            "LB_CHAOS_SEED={seed} LB_CHAOS_SECONDS={} {}",
+            u64::from(minutes) * 60,
+            ctx::display(&run)
+        ),
+    );
+    ctx::run(&mut run)
 }
 
 fn header(step: usize, total: usize, what: &str) {

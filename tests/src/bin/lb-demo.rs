@@ -23,15 +23,7 @@ fn main() {
 }
 
 fn lb(d: &Daemon, args: &[&str]) -> Result<String> {
-    let out = d.cli(args);
-    if !out.status.success() {
-        bail!(
-            "lb {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    d.try_cli(args)
 }
 
 fn show(title: &str, counts: &std::collections::HashMap<String, usize>) {
