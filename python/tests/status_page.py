@@ -127,6 +127,15 @@ def main():
             show,
         )
         print(f"page: every backend shown {time.monotonic() - started:.2f} s after the load")
+        # The attached interfaces, each with its mode and XDP TX error count.
+        want_ifaces = [tuple(x) for x in args["interfaces"]]
+        ifaces = drv.execute_script(
+            "return [...document.querySelectorAll('#interfaces .iface')]"
+            ".map(e => [e.dataset.interface, e.dataset.mode, e.dataset.txErrors ?? null])"
+        )
+        if [tuple(i[:2]) for i in ifaces] != want_ifaces or any(i[2] is None for i in ifaces):
+            raise Failed(f"interfaces shown {ifaces}, want {want_ifaces} with their XDP TX errors")
+        print(f"page: interfaces {ifaces}")
         passed += 1
         # A reload would clear this; the end checks it is still there.
         drv.execute_script("window.__sameLoad = 'yes'")

@@ -213,6 +213,11 @@ fn the_status_page_shows_every_backend_and_a_stopped_one_going_down_live() {
     assert_eq!(data["health"].as_array().map(Vec::len), Some(4), "{data}");
     assert!(data["counters"]["drop_no_backend"].is_u64(), "{data}");
     assert!(data["services"][0]["backends"][0]["packets"].is_u64(), "{data}");
+    assert_eq!(data["interfaces"][0]["interface"], "eth0", "{data}");
+    assert!(
+        data["interfaces"][0]["xdp_tx_errors"].is_u64(),
+        "veth counts them: {data}"
+    );
     // The TCP API: the page for anyone (it holds no data), the data for a token that may read.
     for (path, token, want) in [
         ("/status", None, 200),
@@ -277,6 +282,7 @@ fn the_status_page_shows_every_backend_and_a_stopped_one_going_down_live() {
         "read_token": READER,
         "backends": rows,
         "markup": {"label": LABEL, "agent": AGENT.trim_start_matches("down #")},
+        "interfaces": [["eth0", "native"]],
         "busy": "dns4",
         "stop": ["web4", "b2"],
         "drain": ["web6", "b1"],

@@ -32,13 +32,13 @@ pub struct Queries<'a> {
 }
 
 impl Queries<'_> {
-    pub fn status(&self) -> serde_json::Value {
-        let interfaces: Vec<_> = self
-            .snap
+    /// Each attached interface: its mode, whether adopted, and the frames the program sent
+    /// out that the driver dropped (its own counter; null where the driver has none).
+    pub fn interfaces(&self) -> Vec<serde_json::Value> {
+        self.snap
             .attachments
             .iter()
             .map(|a| {
-                // The driver's own counters: frames the program sent out that it dropped.
                 let tx_errors = crate::link::xdp_tx_errors(&a.interface).ok().flatten();
                 json!({
                     "interface": a.interface,
@@ -47,7 +47,11 @@ impl Queries<'_> {
                     "xdp_tx_errors": tx_errors,
                 })
             })
-            .collect();
+            .collect()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let interfaces = self.interfaces();
         let unhealthy = self
             .snap
             .services

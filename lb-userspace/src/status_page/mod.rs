@@ -202,6 +202,7 @@ async fn answer(
 /// `GET /v1/services` says of it and its backends, less the table slot counts (which read
 /// every table: too much once a second), with their traffic counters; every backend's health
 /// as `GET /v1/health` gives it; the data plane's counters as `GET /v1/stats` gives them; the
+/// attached interfaces as `GET /v1/status` gives them (XDP TX errors included); the
 /// announcer's state. And the clocks the page needs: `at_ms` (monotonic, for rates) and
 /// `now_ms` (Unix, for how long ago a check changed).
 pub fn snapshot(q: &Queries, only: Option<&str>) -> crate::error::Result<Value> {
@@ -282,6 +283,7 @@ pub fn snapshot(q: &Queries, only: Option<&str>) -> crate::error::Result<Value> 
         "services": services,
         "health": health,
         "counters": counters,
+        "interfaces": q.interfaces(),
         "bgp": q.bgp(),
     }))
 }

@@ -361,6 +361,28 @@ function drawDrops(d, prev) {
   );
 }
 
+function drawInterfaces(d, prev) {
+  const secs = prev ? (d.at_ms - prev.at_ms) / 1000 : 0;
+  const before = new Map(((prev && prev.interfaces) || []).map((i) => [i.interface, i]));
+  $('interfaces').replaceChildren(
+    ...(d.interfaces || []).map((i) => {
+      const errors = i.xdp_tx_errors;
+      const was = before.get(i.interface);
+      const growing = secs > 0 && was && typeof errors === 'number' && errors > was.xdp_tx_errors;
+      let text = i.interface + ': ' + i.mode + (i.adopted ? ' (adopted)' : '');
+      text += ', XDP TX errors ' + (typeof errors === 'number' ? errors : 'not counted by the driver');
+      if (growing) text += ' (' + rate((errors - was.xdp_tx_errors) / secs) + '/s)';
+      return el('span', {
+        class: growing ? 'iface rising' : 'iface',
+        'data-interface': i.interface,
+        'data-mode': i.mode,
+        'data-tx-errors': typeof errors === 'number' ? errors : null,
+        text,
+      });
+    }),
+  );
+}
+
 // ---- the loop -------------------------------------------------------------------------------
 
 function problem(text) {
@@ -376,6 +398,7 @@ function draw(d) {
   $('instance').textContent = 'instance ' + d.instance;
   drawServices(d, prev);
   drawDrops(d, prev);
+  drawInterfaces(d, prev);
   drawBackends();
   view.prev = d;
   view.updates += 1;
