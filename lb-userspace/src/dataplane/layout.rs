@@ -217,8 +217,16 @@ pub fn shape(map: &MapData) -> Result<Shape> {
     })
 }
 
-/// What the pinned record says: the build, and each map's version. `None` without a record.
-pub fn read_record(dir: &Path) -> Result<Option<(u64, Vec<(String, u32)>)>> {
+/// What the pinned record says.
+pub struct Record {
+    /// The eBPF object that wrote the pins (`crate::object_id`).
+    pub build: u64,
+    /// Each map's layout version.
+    pub versions: Vec<(String, u32)>,
+}
+
+/// The pinned record; `None` without one.
+pub fn read_record(dir: &Path) -> Result<Option<Record>> {
     let path = dir.join(LAYOUT);
     if !path.exists() {
         return Ok(None);
@@ -236,7 +244,7 @@ pub fn read_record(dir: &Path) -> Result<Option<(u64, Vec<(String, u32)>)>> {
             versions.push((name, u32::try_from(v).unwrap_or(u32::MAX)));
         }
     }
-    Ok(Some((build, versions)))
+    Ok(Some(Record { build, versions }))
 }
 
 /// Writes this build's record: whole under `LAYOUT_next` (bpffs refuses dots in names), then renamed over `LAYOUT`.

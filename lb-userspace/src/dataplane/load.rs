@@ -73,7 +73,7 @@ pub fn open(cfg: &Settings) -> Result<DataPlane> {
 fn upgrade(cfg: &Settings, dir: &Path) -> Result<Option<Upgrade>> {
     let this = crate::object_id();
     let record = layout::read_record(dir)?;
-    if record.as_ref().is_some_and(|(build, _)| *build == this) {
+    if record.as_ref().is_some_and(|r| r.build == this) {
         return Ok(None);
     }
     let wanted = layout::wanted(crate::EBPF_OBJECT)?;
@@ -87,8 +87,11 @@ fn upgrade(cfg: &Settings, dir: &Path) -> Result<Option<Upgrade>> {
         }
         let data = MapData::from_pin(&path)
             .map_err(|e| Error::dataplane(format!("open pinned map {}: {e}", path.display())))?;
-        let version = record.as_ref().map_or(1, |(_, versions)| {
-            versions.iter().find(|(n, _)| n == w.name).map_or(1, |(_, v)| *v)
+        let version = record.as_ref().map_or(1, |r| {
+            r.versions
+                .iter()
+                .find(|(n, _)| n == w.name)
+                .map_or(1, |(_, v)| *v)
         });
         found.push((
             w.name,
@@ -99,7 +102,7 @@ fn upgrade(cfg: &Settings, dir: &Path) -> Result<Option<Upgrade>> {
         ));
         ids.push((w.name, map_id(&data)?));
     }
-    let plan = layout::plan(&wanted, &found, record.map(|r| r.0), this).map_err(|why| {
+    let plan = layout::plan(&wanted, &found, record.map(|r| r.build), this).map_err(|why| {
         Error::dataplane(format!(
             "cannot upgrade the pinned data plane in {}: {why}; nothing was changed and the pinned \
              program keeps forwarding (`lb detach` removes the pins, dropping their flows)",
