@@ -159,13 +159,7 @@ fn replace(
     let mut ebpf = loader
         .load(crate::EBPF_OBJECT)
         .map_err(|e| Error::dataplane(format!("load eBPF object: {e}")))?;
-    let prog: &mut Xdp = ebpf
-        .program_mut(maps::PROG_LB)
-        .ok_or_else(|| Error::dataplane("program lb missing from the eBPF object"))?
-        .try_into()
-        .map_err(Error::dataplane)?;
-    prog.load()
-        .map_err(|e| Error::dataplane(format!("verifier rejected lb: {e}")))?;
+    let prog = load_lb(&mut ebpf)?;
     let new_id = prog.info().map_err(Error::dataplane)?.id();
     let old = Xdp::from_pin(prog_pin(dir), XdpAttachType::Interface)
         .map_err(|e| Error::dataplane(format!("open pinned program: {e}")))?;
@@ -258,6 +252,18 @@ fn move_links(dir: &Path, prog: &mut Xdp) -> Result<()> {
     Ok(())
 }
 
+/// The object's balancer program, through the verifier.
+fn load_lb(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(maps::PROG_LB)
+        .ok_or_else(|| Error::dataplane("program lb missing from the eBPF object"))?
+        .try_into()
+        .map_err(Error::dataplane)?;
+    prog.load()
+        .map_err(|e| Error::dataplane(format!("verifier rejected lb: {e}")))?;
+    Ok(prog)
+}
+
 fn map_id(data: &MapData) -> Result<u32> {
     Ok(data
         .info()
@@ -284,13 +290,7 @@ fn open_inner(cfg: &Settings, dir: &Path, adopting: bool) -> Result<DataPlane> {
                 .ok_or_else(|| Error::dataplane(format!("map {name} missing from the eBPF object")))?;
             maps_by_name.push((name, map));
         }
-        let prog: &mut Xdp = ebpf
-            .program_mut(maps::PROG_LB)
-            .ok_or_else(|| Error::dataplane("program lb missing from the eBPF object"))?
-            .try_into()
-            .map_err(Error::dataplane)?;
-        prog.load()
-            .map_err(|e| Error::dataplane(format!("verifier rejected lb: {e}")))?;
+        let prog = load_lb(&mut ebpf)?;
         prog.pin(prog_pin(&dir))
             .map_err(|e| Error::dataplane(format!("pin program: {e}")))?;
         program = Some(
