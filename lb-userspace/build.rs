@@ -16,10 +16,17 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("no parent for {}", ebpf.manifest_path))?;
     git_commit();
     quiet_ebpf_build();
+    // The upgrade test's build carries its `FlowState` into the data plane too.
+    let features: &[&str] = if std::env::var_os("CARGO_FEATURE_FLOW_V2").is_some() {
+        &["flow-v2"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: ebpf.name.as_str(),
             root_dir: root_dir.as_str(),
+            features,
             ..Default::default()
         }],
         Toolchain::default(),

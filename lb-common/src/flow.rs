@@ -74,7 +74,18 @@ pub struct FlowState {
     /// When the flow's SYN opened the entry, in units of 2^30 ns (about a second), wrapping:
     /// a SYN that finds its own entry this fresh is the client's retransmit.
     pub opened: u16,
+    /// The test build's extra field (feature `flow-v2`, layout version 2): nothing reads it; a
+    /// migration from version 1 sets it to 0.
+    #[cfg(feature = "flow-v2")]
+    pub extra: u32,
 }
+
+/// The layout version of `FlowState` (the value of `CONNTRACK` and `EMBRYONIC`): bumped on any
+/// change of its fields' meaning or place. Version 1 is the 16-byte value; version 2 is the
+/// `flow-v2` test build's, 20 bytes: version 1 and `extra` after it.
+pub const FLOW_STATE_VERSION: u32 = if cfg!(feature = "flow-v2") { 2 } else { 1 };
+/// `FlowState`'s size at each layout version, by version - 1.
+pub const FLOW_STATE_SIZES: [usize; 2] = [16, 20];
 
 /// `FlowState::forward` bit: the flow was counted in its backend's active flows (`ACTIVE`) and
 /// no FIN or RST has taken it off yet.
@@ -112,4 +123,4 @@ pub const fn embryonic_expired(opened: u16, now: u16) -> bool {
 pub const fn coarse_seconds(ns: u64) -> u16 {
     (ns >> 30) as u16
 }
-const _: () = assert!(core::mem::size_of::<FlowState>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowState>() == FLOW_STATE_SIZES[FLOW_STATE_VERSION as usize - 1]);

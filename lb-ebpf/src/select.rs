@@ -400,6 +400,8 @@ fn pick(key: &FlowKey, service: &'static ServiceValue, remember: Remember) -> Re
                 service: service.id,
                 forward: service.forward as u16 | FLOW_RETRANSMIT,
                 opened: now,
+                #[cfg(feature = "flow-v2")]
+                extra: 0,
             });
         }
         if !take(service_bucket(service.id), now_ns) {
@@ -440,6 +442,8 @@ fn pick(key: &FlowKey, service: &'static ServiceValue, remember: Remember) -> Re
         service: service.id,
         forward: service.forward as u16,
         opened: now,
+        #[cfg(feature = "flow-v2")]
+        extra: 0,
     };
     if remember == Remember::No {
         return Ok(state);

@@ -57,15 +57,21 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 /// What `lb --version` says: the package version, the commit built and the data plane's object
 /// (FNV-1a 64 of its bytes), so two binaries with the same version can still be told apart.
 pub fn version() -> String {
-    use std::hash::Hasher;
-    let mut h = fnv::FnvHasher::default();
-    h.write(EBPF_OBJECT);
     format!(
         "{} (commit {}, eBPF object {:016x})",
         env!("CARGO_PKG_VERSION"),
         env!("LB_GIT_COMMIT"),
-        h.finish()
+        object_id()
     )
+}
+
+/// The data plane's object: FNV-1a 64 of its bytes. The pins record it (`dataplane::layout`):
+/// a start whose object differs replaces the pinned program.
+pub fn object_id() -> u64 {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(EBPF_OBJECT);
+    h.finish()
 }
 
 /// The benchmark wrapper and floor programs (`cargo xtask bench`); not used by the daemon.

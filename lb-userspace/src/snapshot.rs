@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub pool_free: u64,
     pub attachments: Vec<Attachment>,
     pub adopted: bool,
+    /// What the start did with another build's pins (`dataplane::layout::Upgrade::summary`).
+    pub upgrade: Option<String>,
     pub counters: PassCounters,
     /// Each adaptive service's pick, and why.
     pub adaptive: BTreeMap<String, AdaptiveState>,

@@ -244,3 +244,80 @@ impl Held {
         r
     }
 }
+
+/// Held connections asked without a pause, in a thread of their own, while the test does
+/// something else (Cilium's upgrade test: clients send every 50 ms, no flow may break).
+pub struct Steady {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Steadied>>,
+}
+
+/// What a steady run saw.
+#[derive(Debug)]
+pub struct Steadied {
+    pub connections: usize,
+    pub rounds: usize,
+    /// Each connection that failed (closed, reset, no answer within 1 s) or moved, once.
+    pub broken: Vec<String>,
+}
+
+impl Steady {
+    /// Asks on every connection of `held`, a round every 50 ms at most, until `finish`.
+    pub fn start(held: Held) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut conns: Vec<(Conn, String, bool)> =
+                held.conns.into_iter().map(|(c, id)| (c, id, true)).collect();
+            for (c, _, _) in &conns {
+                let _ = c.writer.set_read_timeout(Some(Duration::from_secs(1)));
+            }
+            let mut out = Steadied {
+                connections: conns.len(),
+                rounds: 0,
+                broken: Vec::new(),
+            };
+            while !flag.load(Ordering::Relaxed) {
+                let started = std::time::Instant::now();
+                for (c, first, alive) in conns.iter_mut().filter(|(_, _, alive)| *alive) {
+                    let src = c.writer.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    match c.ask() {
+                        Ok(id) if id == *first => {}
+                        Ok(id) => {
+                            *alive = false;
+                            out.broken.push(format!("{src}: moved {first} -> {id}"));
+                        }
+                        Err(e) => {
+                            *alive = false;
+                            out.broken.push(format!("{src}: {e}"));
+                        }
+                    }
+                }
+                out.rounds += 1;
+                std::thread::sleep(Duration::from_millis(50).saturating_sub(started.elapsed()));
+            }
+            out
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops asking; what the rounds saw.
+    pub fn finish(mut self) -> Steadied {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("steady thread")
+    }
+}
+
+impl Drop for Steady {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -25,6 +25,16 @@ pub fn lb_bin() -> std::path::PathBuf {
     built("lb")
 }
 
+/// The upgrade test's second `lb`: built with feature `flow-v2` (its connection-table value has
+/// one more field, layout version 2). `LB_FLOW_V2_BIN`, else `lb-flow-v2` beside `lb`, where
+/// `cargo xtask test` puts it.
+pub fn lb_flow_v2_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("LB_FLOW_V2_BIN") {
+        return p.into();
+    }
+    built("lb-flow-v2")
+}
+
 /// The `xtask` binary (`cargo xtask`), built beside the tests (target/debug/xtask).
 pub fn xtask_bin() -> std::path::PathBuf {
     built("xtask")

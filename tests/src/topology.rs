@@ -327,6 +327,8 @@ pub struct Daemon {
     pub config: PathBuf,
     /// `FAILPOINTS` for every start of this daemon (restarts included), if set.
     failpoints: Option<String>,
+    /// The `lb` binary it runs (and `cli` runs): `lb_bin()` unless an upgrade test changed it.
+    bin: PathBuf,
 }
 
 impl Daemon {
@@ -365,6 +367,7 @@ impl Daemon {
             run_dir: run_dir.into(),
             config: path,
             failpoints: failpoints.map(str::to_string),
+            bin: lb_bin(),
         };
         d.spawn(ns)?;
         Ok(d)
@@ -380,7 +383,7 @@ impl Daemon {
             command.env("FAILPOINTS", failpoints);
         }
         let child = command
-            .arg(lb_bin())
+            .arg(&self.bin)
             .args(["daemon", "--config"])
             .arg(&self.config)
             .stdout(Stdio::null())
@@ -421,7 +424,7 @@ impl Daemon {
 
     /// Runs `lb <args>` against this daemon.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(lb_bin())
+        Command::new(&self.bin)
             .args(["--instance", &self.instance, "--run-dir"])
             .arg(&self.run_dir)
             .args(args)
@@ -549,6 +552,13 @@ impl Daemon {
     pub fn restart_in(&mut self, ns: &NetNs) -> Result<()> {
         self.kill9();
         self.spawn(ns)
+    }
+
+    /// SIGKILL, then the same instance started in `ns` from another build's binary `bin` (an
+    /// upgrade or a downgrade), which `cli` then runs too.
+    pub fn restart_as(&mut self, ns: &NetNs, bin: &std::path::Path) -> Result<()> {
+        self.bin = bin.to_path_buf();
+        self.restart_in(ns)
     }
 }
 

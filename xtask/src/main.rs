@@ -39,7 +39,8 @@ enum Command {
     Setup,
     /// Run setup, build all workspace targets, run all tests
     ///
-    /// Runs `cargo build --all-targets`, the host unit tests of the eBPF
+    /// Builds the upgrade test's second `lb` (feature flow-v2, copied to target/debug/lb-flow-v2),
+    /// runs `cargo build --all-targets`, the host unit tests of the eBPF
     /// crate's parser (`cargo test -p lb-ebpf --lib`), then `cargo test
     /// -- --test-threads=1` over the default members (integration tests share
     /// kernel state, so one thread), then two lanes two at a time: the golden
@@ -383,6 +384,23 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
 
     header(2, STEPS, "cargo deny (deny.toml)");
     deny(ctx)?;
+
+    // First the upgrade test's second `lb` (tests/tests/e2e_upgrade.rs): the same binary name
+    // with feature flow-v2, copied aside as lb-flow-v2; the build below puts the plain one back.
+    let mut flow_v2 = ctx.cargo();
+    flow_v2.args([
+        "build",
+        "--package",
+        "lb-userspace",
+        "--bin",
+        "lb",
+        "--features",
+        "lb-userspace/flow-v2",
+    ]);
+    header(3, STEPS, &ctx::display(&flow_v2));
+    ctx::run(&mut flow_v2)?;
+    let debug = ctx.target_dir().join("debug");
+    std::fs::copy(debug.join("lb"), debug.join("lb-flow-v2")).context("copy lb to lb-flow-v2")?;
 
     let mut build = ctx.cargo();
     // Not --workspace: lb-ebpf only builds for the bpf target (lb-userspace's build.rs does that).

@@ -10,6 +10,10 @@ pub fn lines(data: &Value) -> Vec<String> {
         data["pin_dir"].as_str().unwrap_or_default(),
         if data["adopted"] == true { ", adopted" } else { "" }
     )];
+    // Another build's pins, taken over at start.
+    if let Some(upgrade) = data["upgrade"].as_str() {
+        out.push(format!("upgrade    {upgrade}"));
+    }
     let attached: Vec<String> = data["interfaces"]
         .as_array()
         .into_iter()
@@ -125,6 +129,7 @@ mod tests {
     fn status_is_one_line_a_thing() {
         let data = serde_json::json!({
             "instance": "edge1", "pin_dir": "/sys/fs/bpf/edge1", "adopted": true,
+            "upgrade": "reused 17 maps, migrated CONNTRACK v1→v2 (200 entries), program replaced (id 41 → 57)",
             "interfaces": [
                 {"interface": "eth0", "mode": "native", "adopted": true, "xdp_tx_errors": 12},
                 {"interface": "eth1", "mode": "native", "adopted": false, "xdp_tx_errors": 0},
@@ -140,6 +145,7 @@ mod tests {
             super::lines(&data),
             [
                 "instance   edge1 (pins /sys/fs/bpf/edge1, adopted)",
+                "upgrade    reused 17 maps, migrated CONNTRACK v1→v2 (200 entries), program replaced (id 41 → 57)",
                 "attached   eth0 native (adopted), eth1 native, eth2 native",
                 "tx errors  eth0 12 (frames XDP sent out that the driver dropped; see the daemon's log)",
                 "services   4, backends 12",

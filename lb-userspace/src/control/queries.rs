@@ -70,6 +70,7 @@ impl Queries<'_> {
             "instance": self.instance,
             "pin_dir": dataplane::pin_dir(self.instance),
             "adopted": self.snap.adopted,
+            "upgrade": self.snap.upgrade,
             "interfaces": interfaces,
             "services": self.snap.services.len(),
             "backends": self.snap.services.iter().map(|s| s.backends.len()).sum::<usize>(),

@@ -5,6 +5,7 @@
 pub mod active;
 mod batch;
 pub mod census;
+pub mod layout;
 mod load;
 mod mapping;
 mod mirror;
@@ -63,6 +64,9 @@ pub struct DataPlane {
     pub adopted: bool,
     /// The balancer program's kernel id.
     pub program_id: Option<u32>,
+    /// What this start did with pins of another build: maps reused and migrated, the program
+    /// replaced (`None`: a fresh load, or the same build's pins adopted).
+    pub upgrade: Option<layout::Upgrade>,
     /// What the reconciler's writes left in the maps it alone writes.
     pub(crate) mirror: mirror::Mirror,
 }

@@ -618,9 +618,10 @@ impl Writer {
                 "the change took effect but the state file was not saved: {e}"
             ));
         }
-        let (attachments, adopted) = {
+        let (attachments, adopted, upgrade) = {
             let guard = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-            (guard.dp.attachments.clone(), guard.dp.adopted)
+            let upgrade = guard.dp.upgrade.as_ref().map(|u| u.summary());
+            (guard.dp.attachments.clone(), guard.dp.adopted, upgrade)
         };
         let instances = next_instances(
             &self.snapshot.borrow().instances,
@@ -646,6 +647,7 @@ impl Writer {
             pool_free: free,
             attachments,
             adopted,
+            upgrade,
             counters: self.counters,
             adaptive: self.adaptive.clone(),
             geo: self.geo.clone(),
