@@ -249,6 +249,8 @@ impl Held {
 /// something else (Cilium's upgrade test: clients send every 50 ms, no flow may break).
 pub struct Steady {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Rounds done so far.
+    rounds: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     thread: Option<std::thread::JoinHandle<Steadied>>,
 }
 
@@ -267,6 +269,8 @@ impl Steady {
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
+        let rounds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let done = rounds.clone();
         let thread = std::thread::spawn(move || {
             let mut conns: Vec<(Conn, String, bool)> =
                 held.conns.into_iter().map(|(c, id)| (c, id, true)).collect();
@@ -295,14 +299,25 @@ impl Steady {
                     }
                 }
                 out.rounds += 1;
+                done.store(out.rounds, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(50).saturating_sub(started.elapsed()));
             }
             out
         });
         Self {
             stop,
+            rounds,
             thread: Some(thread),
         }
+    }
+
+    /// Waits (bounded) until `more` rounds past the current one are done: every connection
+    /// was asked since the caller's last step. False if the bound passed first.
+    pub fn wait_rounds(&self, more: usize, bound: Duration) -> bool {
+        let at = self.rounds.load(std::sync::atomic::Ordering::Relaxed);
+        crate::wait_until(bound, || {
+            self.rounds.load(std::sync::atomic::Ordering::Relaxed) >= at + more
+        })
     }
 
     /// Stops asking; what the rounds saw.

@@ -750,3 +750,81 @@ fn a_syn_flood_that_never_acks_cannot_exhaust_nat() {
         daemon.json(&["stats"])["nat"]
     );
 }
+
+/// NAT connections across a program upgrade and back (issue 27 §4): 25 plain-NAT and 25 SNAT
+/// long-lived connections, asked every 50 ms while the daemon is replaced by the build whose
+/// connection-table value has one more field (`lb-flow-v2`) and then by this one again. The
+/// NAT table is reused as it is (its layout did not change), the program replaced under the
+/// pinned links: not one connection breaks or moves, and new ones open after each step.
+#[test]
+fn nat_connections_survive_an_upgrade_and_a_downgrade() {
+    let v2 = lb_tests::lb_flow_v2_bin();
+    assert!(
+        v2.is_file(),
+        "{} is missing: `cargo xtask test` builds it",
+        v2.display()
+    );
+    let net = Net::new().expect("net");
+    net.route_clients_via_balancer(true).expect("routes");
+    let (instance, run_dir) = Daemon::new_paths();
+    let config = net.config(&instance, &run_dir, "");
+    let mut d = Daemon::start_in(&net.lb, &instance, &run_dir, &config).expect("daemon");
+    wait_resolved(&d);
+    let held = in_ns(&net.client, || {
+        let conns = [NAT_PORT, SNAT_PORT]
+            .into_iter()
+            .flat_map(|port| std::iter::repeat_n(port, 25))
+            .map(|port| {
+                let target = SocketAddr::new(IpAddr::V4(VIP4), port);
+                let s = TcpStream::connect_timeout(&target, Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("TCP to {target}: {e}"));
+                s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+                let mut c = client::Conn {
+                    reader: BufReader::new(s.try_clone().expect("clone")),
+                    writer: s,
+                };
+                let id = c.ask().expect("first answer");
+                (c, id)
+            })
+            .collect();
+        client::Held { conns }
+    });
+    let steady = client::Steady::start(held);
+    let fresh = |d: &Daemon| {
+        for (port, peer) in [(NAT_PORT, IpAddr::V4(CLIENT4)), (SNAT_PORT, IpAddr::V4(SNAT4))] {
+            let [tcp, _] = traffic(&net, SocketAddr::new(IpAddr::V4(VIP4), port), 3, peer);
+            assert_eq!(tcp.values().sum::<usize>(), 3, "{}", d.log_tail(20));
+        }
+    };
+    for bin in [v2, lb_tests::lb_bin()] {
+        d.restart_as(&net.lb, &bin).expect("daemon");
+        let line = d.json(&["status"])["upgrade"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        eprintln!("{}: {line}", bin.display());
+        assert!(
+            line.starts_with("reused 17 maps") && line.contains("program replaced"),
+            "{line}\n{}",
+            d.log_tail(20)
+        );
+        assert!(
+            !line.contains("NAT_FLOWS"),
+            "the NAT table is reused as it is: {line}"
+        );
+        assert!(
+            steady.wait_rounds(3, Duration::from_secs(10)),
+            "the rounds stalled"
+        );
+        fresh(&d);
+    }
+    let seen = steady.finish();
+    eprintln!(
+        "{} NAT connections, {} rounds, {} broken",
+        seen.connections,
+        seen.rounds,
+        seen.broken.len()
+    );
+    assert_eq!(seen.connections, 50);
+    assert!(seen.broken.is_empty(), "broken connections: {:?}", seen.broken);
+}

@@ -150,7 +150,11 @@ fn an_upgrade_and_a_downgrade_keep_every_connection_and_an_unknown_layout_change
     assert_eq!(upgrade_line(&d), "", "the same build adopts");
     assert_eq!(program_id(&instance), pinned);
 
-    std::thread::sleep(Duration::from_millis(300));
+    // Every connection asked again through the program that runs now.
+    assert!(
+        steady.wait_rounds(3, Duration::from_secs(10)),
+        "the rounds stalled"
+    );
     let seen = steady.finish();
     eprintln!(
         "{} connections, {} rounds, {} broken",
