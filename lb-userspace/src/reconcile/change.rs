@@ -37,7 +37,8 @@ fn find_service<'a>(services: &'a mut [Service], name: &str) -> Result<&'a mut S
 }
 
 /// A change with the config file as last loaded (`file`): a reload is laid over what runs
-/// (`layers::reload`) and becomes the file; the answer is what it reverted, one line each.
+/// (`layers::reload`) and becomes the file; the answer is the run-time changes its new values
+/// replaced, one line each.
 pub(crate) fn change_with_file(
     cfg: &DaemonConfig,
     file: &mut Arc<Vec<Service>>,

@@ -17,8 +17,8 @@ use crate::{
 pub enum Change {
     /// Replace every service (the cluster's state, as etcd holds it).
     Replace(Vec<Service>),
-    /// The config file's services, read again: laid over what runs (`layers`), the run-time
-    /// registrations kept and the file's values restored.
+    /// The config file's services, read again: the run-time layer laid over them (`layers`):
+    /// run-time changes kept, the file's new values applied.
     Reload(Vec<Service>),
     AddService(Service),
     RemoveService(String),

@@ -1,15 +1,17 @@
-//! The desired state's two layers: what the config file declares, and what was added at run
-//! time (API calls, the Python client, registrations with a TTL). The rule, for a reload and
-//! for a restart that adopts the running data plane alike:
-//! - the file is the truth for what it declares: a value it declares that was changed through
-//!   the API (a weight, a strategy, a backend or service removed) goes back to the file's, and
-//!   each such revert is said in one line;
+//! The desired state's two layers: what the config file declares, and what was changed at run
+//! time (API calls, the Python client, registrations with a TTL). One rule, for a reload and for
+//! a restart that adopts the running data plane alike (HAProxy's, with its server-state file):
 //! - what the file does not declare (services and backends added at run time) is kept, until
-//!   the file declares it itself (then it is the file's) or removes its service.
+//!   the file declares it itself (then it is the file's) or removes its service;
+//! - a value the file declares that was changed through the API (a weight, a strategy, a
+//!   backend or service removed) stays as the API left it while the file still says what it
+//!   said when last loaded; once the file says something new there, the file's value applies,
+//!   and the run-time change it replaced is said in one line.
 //!
-//! Which items are the file's is known from the file as last loaded (the writer keeps it, and
-//! the state file carries it over a restart); a service with a discovery source keeps its
-//! source's backends instead (`discovered::keep`).
+//! So a crash and restart, or a reload of an unchanged file, changes nothing, and an edit to the
+//! file always takes effect. Which items are the file's, and what it said, is known from the
+//! file as last loaded (the writer keeps it, and the state file carries it over a restart); a
+//! service with a discovery source keeps its source's backends instead (`discovered::keep`).
 
 use std::collections::BTreeMap;
 
@@ -20,16 +22,16 @@ use crate::{
     status::BackendStatus,
 };
 
-/// The services a reload (or a restart) leads to, and what it reverted or dropped.
+/// The services a reload (or a restart) leads to, and the run-time changes it replaced.
 #[derive(Debug)]
 pub struct Reloaded {
     pub services: Vec<Service>,
-    /// One line per change made through the API that the file undid.
+    /// One line per change made through the API that a new value in the file replaced.
     pub notes: Vec<String>,
 }
 
-/// Lays what was added at run time over the file's new services (`after`). `before` is the
-/// file as last loaded, `running` the services in effect. A run-time registration the file now
+/// Lays the run-time layer over the file's new services (`after`). `before` is the file as
+/// last loaded, `running` the services in effect. A run-time registration the file now
 /// declares (same id, or same address and port) loses its TTL: it is the file's from then on.
 pub fn reload(
     before: &[Service],
@@ -57,14 +59,12 @@ pub fn reload(
             }
             continue;
         };
-        if declared.is_none() {
-            info!(
+        match declared {
+            None => info!(
                 "service {}: added at run time, now declared in the config file: the file's settings apply",
                 r.name
-            );
-        }
-        if let Some(d) = declared {
-            reverts(d, r, a, &mut notes);
+            ),
+            Some(d) => keep_api_changes(d, r, a, &mut notes),
         }
         if a.discovery.is_some() || r.discovery.is_some() {
             continue;
@@ -87,43 +87,70 @@ pub fn reload(
             }
         }
     }
-    for d in before {
-        if !running.iter().any(|r| r.name == d.name) && next.iter().any(|a| a.name == d.name) {
+    // Services of the file removed through the API stay removed while the file says the same.
+    next.retain(|a| {
+        let Some(d) = before.iter().find(|d| d.name == a.name) else {
+            return true;
+        };
+        if running.iter().any(|r| r.name == a.name) {
+            return true;
+        }
+        let changed = d != a;
+        if changed {
             notes.push(format!(
-                "service {}: removed through the API, restored by the config file",
-                d.name
+                "service {}: removed through the API, restored by the config file's new settings",
+                a.name
             ));
         }
-    }
+        changed
+    });
     Reloaded {
         services: next,
         notes,
     }
 }
 
-/// What the API changed in a service the file declared (`declared`, as the file said then;
-/// `running`, as it is) that the file's new version (`after`) undoes.
-fn reverts(declared: &Service, running: &Service, after: &Service, notes: &mut Vec<String>) {
-    let name = &running.name;
-    if running.strategy != declared.strategy && after.strategy != running.strategy {
-        notes.push(format!(
-            "service {name}: strategy {} (set through the API) reverted to the file's {}",
-            running.strategy.name(),
-            after.strategy.name()
-        ));
+/// In a service the file declared (`declared`, as the file said then; `running`, as it is;
+/// `next`, the file's new version, edited here): the API's changes to what the file declared
+/// stay where the file still says the same, and are replaced, with a note, where it does not.
+fn keep_api_changes(declared: &Service, running: &Service, next: &mut Service, notes: &mut Vec<String>) {
+    let name = running.name.clone();
+    if running.strategy != declared.strategy {
+        if next.strategy == declared.strategy {
+            next.strategy = running.strategy;
+        } else if next.strategy != running.strategy {
+            notes.push(format!(
+                "service {name}: strategy {} (set through the API) replaced by the file's new {}",
+                running.strategy.name(),
+                next.strategy.name()
+            ));
+        }
     }
     for d in &declared.backends {
-        let now = after.backend(&d.id);
-        match (running.backend(&d.id), now) {
-            (None, Some(_)) => notes.push(format!(
-                "backend {name}/{}: removed through the API, restored by the config file",
+        let Some(i) = next.backends.iter().position(|a| a.id == d.id) else {
+            continue;
+        };
+        let unchanged = next.backends[i] == *d;
+        match running.backend(&d.id) {
+            None if unchanged => {
+                next.backends.remove(i);
+            }
+            None => notes.push(format!(
+                "backend {name}/{}: removed through the API, restored by the config file's new settings",
                 d.id
             )),
-            (Some(r), Some(a)) if r.weight != d.weight && a.weight != r.weight => notes.push(format!(
-                "backend {name}/{}: weight {} (set through the API) reverted to the file's {}",
-                d.id, r.weight, a.weight
-            )),
-            _ => {}
+            Some(r) if r.weight != d.weight => {
+                let a = &mut next.backends[i];
+                if a.weight == d.weight {
+                    a.weight = r.weight;
+                } else if a.weight != r.weight {
+                    notes.push(format!(
+                        "backend {name}/{}: weight {} (set through the API) replaced by the file's new {}",
+                        d.id, r.weight, a.weight
+                    ));
+                }
+            }
+            Some(_) => {}
         }
     }
 }
@@ -157,12 +184,10 @@ mod tests {
         s.iter().find(|s| s.name == name).expect("service")
     }
 
-    #[test]
-    fn run_time_services_and_backends_stay_and_api_changes_to_the_file_revert() {
-        let before = file(WEB);
-        let mut running = before.clone();
-        // Through the API: a backend added without a TTL, b1's weight, b2 removed, the
-        // strategy, and a service of its own.
+    /// Through the API: a backend added without a TTL, b1's weight, b2 removed, the strategy,
+    /// and a service of its own.
+    fn changed_at_run_time(before: &[Service]) -> Vec<Service> {
+        let mut running = before.to_vec();
         running[0].backends.push(backend("py1", "10.1.0.9"));
         running[0].backends[0].weight = 7;
         running[0].backends.retain(|b| b.id != "b2");
@@ -172,8 +197,28 @@ mod tests {
         api.port = 81;
         api.backends = vec![backend("a1", "10.2.0.1")];
         running.push(api);
+        running
+    }
 
+    #[test]
+    fn run_time_changes_stay_while_the_file_says_the_same() {
+        let before = file(WEB);
+        let running = changed_at_run_time(&before);
+        // A crash and restart, or a reload of the same file: nothing moves, nothing is said.
         let r = reload(&before, &running, &mut BTreeMap::new(), &before);
+        assert_eq!(r.services, running);
+        assert!(r.notes.is_empty(), "{:?}", r.notes);
+    }
+
+    #[test]
+    fn a_new_value_in_the_file_replaces_the_api_change_and_says_so() {
+        let before = file(WEB);
+        let running = changed_at_run_time(&before);
+        let mut after = before.clone();
+        after[0].backends[0].weight = 20;
+        after[0].backends[1].weight = 3;
+        after[0].strategy = Strategy::PowerOfTwo;
+        let r = reload(&before, &running, &mut BTreeMap::new(), &after);
         let web = svc(&r.services, "web");
         let ids: Vec<&str> = web.backends.iter().map(|b| b.id.as_str()).collect();
         assert_eq!(
@@ -181,8 +226,8 @@ mod tests {
             ["b1", "b2", "py1"],
             "the file's two, and the registration kept"
         );
-        assert_eq!(web.backends[0].weight, 100, "the file's weight");
-        assert_eq!(web.strategy, before[0].strategy);
+        assert_eq!((web.backends[0].weight, web.backends[1].weight), (20, 3));
+        assert_eq!(web.strategy, Strategy::PowerOfTwo);
         assert_eq!(
             svc(&r.services, "api").backends.len(),
             1,
@@ -191,9 +236,9 @@ mod tests {
         assert_eq!(
             r.notes,
             [
-                "service web: strategy round-robin (set through the API) reverted to the file's maglev",
-                "backend web/b1: weight 7 (set through the API) reverted to the file's 100",
-                "backend web/b2: removed through the API, restored by the config file",
+                "service web: strategy round-robin (set through the API) replaced by the file's new power-of-two",
+                "backend web/b1: weight 7 (set through the API) replaced by the file's new 20",
+                "backend web/b2: removed through the API, restored by the config file's new settings",
             ]
         );
     }
@@ -243,13 +288,17 @@ mod tests {
     }
 
     #[test]
-    fn a_service_removed_through_the_api_comes_back_with_the_file() {
+    fn a_service_removed_through_the_api_comes_back_only_with_new_settings() {
         let before = file(WEB);
         let r = reload(&before, &[], &mut BTreeMap::new(), &before);
-        assert_eq!(r.services, before);
+        assert!(r.services.is_empty() && r.notes.is_empty(), "{r:?}");
+        let mut after = before.clone();
+        after[0].port = 8080;
+        let r = reload(&before, &[], &mut BTreeMap::new(), &after);
+        assert_eq!(r.services, after);
         assert_eq!(
             r.notes,
-            ["service web: removed through the API, restored by the config file"]
+            ["service web: removed through the API, restored by the config file's new settings"]
         );
         // Nothing run-time and nothing changed: the file, as it is, and no word.
         let r = reload(&before, &before, &mut BTreeMap::new(), &before);
