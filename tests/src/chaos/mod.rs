@@ -937,7 +937,7 @@ fn active_flows(d: &Daemon) -> Vec<(String, String, i64)> {
 /// Each backend slot whose active-flow count (`ACTIVE`) differs from the flows the tables count
 /// for it (connection-table entries still counted, and embryonic ones not yet expired), read
 /// from the daemon's pinned maps.
-fn active_against_tables(d: &Daemon) -> Result<Vec<String>> {
+pub fn active_against_tables(d: &Daemon) -> Result<Vec<String>> {
     use aya::maps::{HashMap, MapData};
     use lb_common::{FlowKey, FlowState, flow};
     let pins = lb_userspace::dataplane::pin_dir(&d.instance);
