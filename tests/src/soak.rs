@@ -392,7 +392,7 @@ impl Report {
 /// the live flows) and the pool's free space; the warm-up shaded.
 pub fn plot(samples: &[Sample], warmup: Duration) -> String {
     type Series = (&'static str, &'static str, fn(&Sample) -> f64);
-    let panels: [(&str, Vec<Series>); 4] = [
+    let panels: [(&str, Vec<Series>); 5] = [
         ("RSS (MB)", vec![("VmRSS", "#2b6cb0", |s| s.rss as f64 / 1e6)]),
         (
             "descriptors and threads",
@@ -402,22 +402,25 @@ pub fn plot(samples: &[Sample], warmup: Duration) -> String {
             ],
         ),
         (
-            "occupancy (entries, flows)",
+            "flows: counted by the backends, held by the traffic; embryonic and NAT entries",
             vec![
-                ("conntrack entries", "#2b6cb0", |s| s.conntrack as f64),
-                ("embryonic", "#805ad5", |s| s.embryonic as f64),
-                ("NAT", "#999", |s| s.nat as f64),
                 ("flows counted", "#dd6b20", |s| s.counted as f64),
                 ("live flows (traffic)", "#38a169", |s| s.live as f64),
+                ("embryonic", "#805ad5", |s| s.embryonic as f64),
+                ("NAT", "#999", |s| s.nat as f64),
             ],
+        ),
+        (
+            "connection table entries (a closed connection's stays until the LRU needs room)",
+            vec![("entries", "#2b6cb0", |s| s.conntrack as f64)],
         ),
         (
             "table pool free slots (with second chance)",
             vec![("free", "#2b6cb0", |s| s.pool_free as f64)],
         ),
     ];
-    let (left, right, width, panel_h, gap, top) = (70.0, 180.0, 900.0, 150.0, 50.0, 40.0);
-    let height = top + panels.len() as f64 * (panel_h + gap);
+    let (left, right, width, panel_h, gap, top) = (70.0, 180.0, 900.0, 120.0, 50.0, 40.0);
+    let height = top + panels.len() as f64 * (panel_h + gap) + 10.0;
     let t_max = samples.last().map_or(1.0, |s| s.t).max(1.0);
     let x = |t: f64| left + t / t_max * (width - left - right);
     let mut svg = Svg::new(width, height);
@@ -480,7 +483,7 @@ pub fn plot(samples: &[Sample], warmup: Duration) -> String {
             svg.text(width - right + 32.0, ly, "", name);
         }
     }
-    let bottom = height - gap + 24.0;
+    let bottom = height - gap + 36.0;
     svg.text(x(0.0), bottom, r##"fill="#555""##, "0 s");
     svg.text(
         x(t_max),
@@ -754,14 +757,15 @@ pub fn metric_sum(exposition: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// `GET /v1/status` from the API on TCP.
+/// `GET /v1/status` from the API on TCP: its `data`.
 fn api_status(topo: &Topology) -> Result<serde_json::Value> {
     let addr: SocketAddr = API.parse()?;
     let (code, body) = http_get(&topo.lb, addr, "/v1/status", Some(TOKEN))?;
     if code != 200 {
         bail!("GET /v1/status: {code}: {body}");
     }
-    Ok(serde_json::from_str(&body)?)
+    let mut answer: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(answer["data"].take())
 }
 
 fn pool_free(topo: &Topology) -> Result<u64> {
@@ -829,7 +833,13 @@ mod tests {
                     39e6 + (t % 30.0) * 0.01e6
                 }
             },
-            |t| 40.0 + if (t as u64 / 10) % 3 == 0 { 2.0 } else { 0.0 },
+            |t| {
+                40.0 + if (t as u64 / 10).is_multiple_of(3) {
+                    2.0
+                } else {
+                    0.0
+                }
+            },
         );
         let v = judge(&s, warmup(Duration::from_secs(180)), &BOUNDS);
         assert!(v.violations.is_empty(), "{:?}", v.violations);
