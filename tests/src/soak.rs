@@ -133,9 +133,14 @@ pub struct Bounds {
     /// start (the goal: under 5 % over 60 minutes).
     pub rss_growth: f64,
     /// Descriptors: the fitted line's rise over the window, and the spread of the samples
-    /// (highest less lowest): a scrape or CLI connection open at a sample is one more.
+    /// (highest less lowest): a health check's socket open at each of a sample's reads is one
+    /// more.
     pub fd_rise: f64,
     pub fd_spread: u64,
+    /// Flows counted against live flows at each sample: the larger of an absolute count (a new
+    /// connection in flight, a flow between its answer and its count) and a fraction.
+    pub flows_slack: u64,
+    pub flows_fraction: f64,
     /// Samples the fit needs (fewer: the run was too short to judge).
     pub min_samples: usize,
 }
@@ -144,6 +149,8 @@ pub const BOUNDS: Bounds = Bounds {
     rss_growth: 0.05,
     fd_rise: 2.0,
     fd_spread: 6,
+    flows_slack: 5,
+    flows_fraction: 0.02,
     min_samples: 6,
 };
 
@@ -234,6 +241,17 @@ pub fn judge(samples: &[Sample], warmup: Duration, bounds: &Bounds) -> Verdict {
             "descriptors spread over {} after the warm-up (highest less lowest sample), the bound is {}",
             v.fd_spread, bounds.fd_spread
         ));
+    }
+    for s in &after {
+        let tolerance = bounds
+            .flows_slack
+            .max((s.live as f64 * bounds.flows_fraction) as u64);
+        if s.counted.unsigned_abs().abs_diff(s.live) > tolerance || s.counted < 0 {
+            v.violations.push(format!(
+                "{:.0} s: the backends count {} flows, the traffic holds {} (tolerance {tolerance})",
+                s.t, s.counted, s.live
+            ));
+        }
     }
     v
 }
@@ -721,9 +739,18 @@ pub fn run(opts: Options) -> Result<Report> {
 /// One sample of the daemon `pid` and the traffic.
 fn sample(topo: &Topology, pid: u32, shared: &Shared, steps: u64, live: u64) -> Result<Sample> {
     let t = shared.now().as_secs_f64();
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .context("/proc/PID/fd")?
-        .count() as u64;
+    // The fewest of three reads 50 ms apart: the descriptors the daemon holds, not a health
+    // check's socket open for a moment.
+    let mut fds = u64::MAX;
+    for i in 0..3 {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let n = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .context("/proc/PID/fd")?
+            .count() as u64;
+        fds = fds.min(n);
+    }
     let (code, metrics) = http_get(&topo.lb, METRICS.parse()?, "/metrics", None)?;
     if code != 200 {
         bail!("GET /metrics: {code}");
@@ -883,6 +910,26 @@ mod tests {
         // A single descriptor more, kept: within the bounds (not a leak that grows).
         let s = series(180, |_| 40e6, |t| if t > 120.0 { 41.0 } else { 40.0 });
         assert!(judge(&s, Duration::from_secs(60), &BOUNDS).violations.is_empty());
+    }
+
+    #[test]
+    fn counted_flows_must_track_the_live_ones() {
+        let mut s = series(180, |_| 40e6, |_| 40.0);
+        for x in &mut s {
+            x.live = 280;
+            x.counted = 282;
+        }
+        assert!(judge(&s, Duration::from_secs(60), &BOUNDS).violations.is_empty());
+        // Counts that leak (never taken off at the FIN) drift away from the live flows.
+        for (i, x) in s.iter_mut().enumerate() {
+            x.counted = 280 + 2 * i as i64;
+        }
+        let v = judge(&s, Duration::from_secs(60), &BOUNDS);
+        assert_eq!(v.violations.len(), 13, "{:?}", v.violations);
+        assert_eq!(
+            v.violations[0],
+            "60 s: the backends count 292 flows, the traffic holds 280 (tolerance 5)"
+        );
     }
 
     #[test]

@@ -372,11 +372,7 @@ fn soak(ctx: &Ctx, minutes: u32) -> Result<()> {
         "soak_memory_and_descriptors_stay_flat_under_churn",
     ]);
     run.env("LB_SOAK_SECONDS", seconds.to_string());
-    header(
-        2,
-        STEPS,
-        &format!("LB_SOAK_SECONDS={seconds} {}", ctx::display(&run)),
-    );
+    header(2, STEPS, &ctx::display(&run));
     ctx::run(&mut run)
 }
 
