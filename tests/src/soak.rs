@@ -569,7 +569,7 @@ pub fn run(opts: Options) -> Result<Report> {
             .map(|b| (b.id.clone(), b.v6.to_string()))
             .collect(),
     };
-    let pool_start = pool_free(&topo)?;
+    let pool_start = chaos::pool_free(&daemon)?;
 
     let shared = Shared::new(Instant::now());
     let tcp = vec![target("web4", IpAddr::V4(VIP4)), target("web6", IpAddr::V6(VIP6))];
@@ -679,7 +679,7 @@ pub fn run(opts: Options) -> Result<Report> {
     }
     let mut pool_end = 0;
     if !wait_until(Duration::from_secs(10), || {
-        pool_end = pool_free(&topo).unwrap_or(0);
+        pool_end = chaos::pool_free(&daemon).unwrap_or(0);
         pool_end == pool_start
     }) {
         report.violations.push(format!(
@@ -755,8 +755,7 @@ fn sample(topo: &Topology, pid: u32, shared: &Shared, steps: u64, live: u64) -> 
     if code != 200 {
         bail!("GET /metrics: {code}");
     }
-    let status = api_status(topo)?;
-    let pool = &status["table_pool"];
+    let pool_free = chaos::pool_free_of(&api_status(topo)?)?;
     Ok(Sample {
         t,
         rss: crate::proc_status(pid, "VmRSS")?,
@@ -766,7 +765,7 @@ fn sample(topo: &Topology, pid: u32, shared: &Shared, steps: u64, live: u64) -> 
         embryonic: metric_sum(&metrics, "lb_embryonic_entries") as u64,
         nat: metric_sum(&metrics, "lb_nat_entries") as u64,
         counted: metric_sum(&metrics, "lb_backend_active_flows") as i64,
-        pool_free: pool["free"].as_u64().unwrap_or(0) + pool["second_chance"].as_u64().unwrap_or(0),
+        pool_free,
         live,
         steps,
     })
@@ -793,15 +792,6 @@ fn api_status(topo: &Topology) -> Result<serde_json::Value> {
     }
     let mut answer: serde_json::Value = serde_json::from_str(&body)?;
     Ok(answer["data"].take())
-}
-
-fn pool_free(topo: &Topology) -> Result<u64> {
-    let status = api_status(topo)?;
-    let pool = &status["table_pool"];
-    match (pool["free"].as_u64(), pool["second_chance"].as_u64()) {
-        (Some(free), Some(held)) => Ok(free + held),
-        _ => bail!("no table_pool.free and .second_chance in {status}"),
-    }
 }
 
 /// Entries of the daemon's connection table that count in their backend's active flows,

@@ -325,28 +325,10 @@ fn chaos(ctx: &Ctx, minutes: u32, seed: Option<u64>) -> Result<()> {
     eprintln!(
         "chaos: seed={seed} minutes={minutes} (replay: cargo xtask chaos --minutes {minutes} --seed {seed})"
     );
-    let mut run = ctx.cargo();
-    run.args([
-        "test",
-        "-p",
-        "lb-tests",
-        "--test",
-        "chaos",
-        "--",
-        "--nocapture",
-        "--test-threads=1",
-    ]);
+    let mut run = long_run(ctx, "chaos");
     run.env("LB_CHAOS_SEED", seed.to_string())
         .env("LB_CHAOS_SECONDS", (u64::from(minutes) * 60).to_string());
-    header(
-        2,
-        STEPS,
-        &format!(
-            "LB_CHAOS_SEED={seed} LB_CHAOS_SECONDS={} {}",
-            u64::from(minutes) * 60,
-            ctx::display(&run)
-        ),
-    );
+    header(2, STEPS, &ctx::display(&run));
     ctx::run(&mut run)
 }
 
@@ -359,21 +341,28 @@ fn soak(ctx: &Ctx, minutes: u32) -> Result<()> {
     header(1, STEPS, "setup");
     setup::setup(ctx)?;
     let seconds = u64::from(minutes) * 60;
+    let mut run = long_run(ctx, "soak");
+    run.arg("soak_memory_and_descriptors_stay_flat_under_churn");
+    run.env("LB_SOAK_SECONDS", seconds.to_string());
+    header(2, STEPS, &ctx::display(&run));
+    ctx::run(&mut run)
+}
+
+/// `cargo test` of lb-tests' test binary `name` (a chaos or soak run): its output as it goes,
+/// one test at a time.
+fn long_run(ctx: &Ctx, name: &str) -> std::process::Command {
     let mut run = ctx.cargo();
     run.args([
         "test",
         "-p",
         "lb-tests",
         "--test",
-        "soak",
+        name,
         "--",
         "--nocapture",
         "--test-threads=1",
-        "soak_memory_and_descriptors_stay_flat_under_churn",
     ]);
-    run.env("LB_SOAK_SECONDS", seconds.to_string());
-    header(2, STEPS, &ctx::display(&run));
-    ctx::run(&mut run)
+    run
 }
 
 fn header(step: usize, total: usize, what: &str) {
