@@ -649,8 +649,7 @@ pub fn run(opts: Options) -> Result<Report> {
     }
 
     // The end, traffic still running and the churn stopped: the flows the connection table
-    // counts are the live ones, each active count is what the tables hold, and the pool is
-    // back to the start's (a cycle leaves the services as it found them).
+    // counts are the live ones.
     let live_now = live(&shared);
     let counted_ct = counted_in_conntrack(&daemon)?;
     let tolerance = (live_now / 100).max(3);
@@ -658,6 +657,13 @@ pub fn run(opts: Options) -> Result<Report> {
         report.violations.push(format!(
             "end: the connection table counts {counted_ct} flows, the traffic holds {live_now} (tolerance {tolerance})"
         ));
+    }
+    // Then the traffic stops (a FIN each): with no flow opening while the maps are read, each
+    // backend's active count must settle on what the tables hold.
+    shared.stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a traffic thread panicked"))?;
     }
     let mut last = String::new();
     let settled = wait_until(Duration::from_secs(5), || {
@@ -677,6 +683,7 @@ pub fn run(opts: Options) -> Result<Report> {
             .violations
             .push(format!("end: active-flow counts differ from the tables: {last}"));
     }
+    // The pool back to the start's: a cycle leaves the services as it found them.
     let mut pool_end = 0;
     if !wait_until(Duration::from_secs(10), || {
         pool_end = chaos::pool_free(&daemon).unwrap_or(0);
@@ -685,11 +692,6 @@ pub fn run(opts: Options) -> Result<Report> {
         report.violations.push(format!(
             "end: the table pool's free space (with second chance) is {pool_end}, {pool_start} at the start"
         ));
-    }
-    shared.stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join()
-            .map_err(|_| anyhow::anyhow!("a traffic thread panicked"))?;
     }
 
     report.verdict = judge(&report.samples, report.warmup, &BOUNDS);
