@@ -44,6 +44,17 @@ pub fn io_error(name: &str) -> Option<std::io::Error> {
     None
 }
 
+/// A descriptor leaked at `name` when it is set to `return`: /dev/null opened and never closed,
+/// a leak the soak's judge must catch (`lb_tests::soak`). Nothing else changes.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+pub fn leak_descriptor(name: &str) {
+    fail::fail_point!(name, |_| {
+        if let Ok(file) = std::fs::File::open("/dev/null") {
+            std::mem::forget(file);
+        }
+    });
+}
+
 /// A failpoint that kills the process when set to `return`: a crash between two steps, with
 /// nothing unwound and nothing saved, as a power cut or `kill -9` would leave it.
 #[macro_export]

@@ -12,6 +12,8 @@ pub mod flood;
 pub mod netns;
 pub mod packets;
 pub mod servers;
+pub mod soak;
+pub mod svg;
 pub mod topology;
 
 pub use netns::{NetNs, in_ns};
@@ -118,6 +120,23 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     // SAFETY: sysconf has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok(ticks / hz)
+}
+
+/// A number from `/proc/PID/status`: `VmRSS` and other sizes in bytes (the file gives kB),
+/// counts (`Threads`) as they are.
+pub fn proc_status(pid: u32, name: &str) -> anyhow::Result<u64> {
+    use anyhow::Context;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .with_context(|| format!("{name} missing in /proc/{pid}/status"))?;
+    let (value, kb) = match line.trim().strip_suffix("kB") {
+        Some(v) => (v.trim(), 1024),
+        None => (line.trim(), 1),
+    };
+    let n: u64 = value.parse().with_context(|| format!("parse {name}: {line}"))?;
+    Ok(n * kb)
 }
 
 /// Writes a token file as the daemon accepts one: readable by its owner alone (mode 0600).

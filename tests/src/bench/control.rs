@@ -241,19 +241,8 @@ pub fn settled_rss(pid: u32) -> Result<(u64, u64)> {
 
 /// (VmRSS, RssAnon) in bytes.
 fn read_rss(pid: u32) -> Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Result<u64> {
-        let line = status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .with_context(|| format!("{name} missing in /proc/{pid}/status"))?;
-        let kb: u64 = line[name.len()..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .with_context(|| format!("parse {line}"))?;
-        Ok(kb * 1024)
-    };
-    Ok((field("VmRSS:")?, field("RssAnon:")?))
+    Ok((
+        crate::proc_status(pid, "VmRSS")?,
+        crate::proc_status(pid, "RssAnon")?,
+    ))
 }

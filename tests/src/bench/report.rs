@@ -20,6 +20,7 @@ use super::{
     scale::ScaleResult,
     spread::SpreadResult,
 };
+use crate::svg::Svg;
 
 #[derive(Debug, Serialize)]
 pub struct Machine {
@@ -1004,22 +1005,21 @@ fn svg_chart(cases: &[CaseResult], machine: &Machine) -> String {
         .max(cases.first().map_or(1.0, |c| c.floor_ns_per_packet));
     let scale = (width - left - 80.0) / max;
     let height = top + cases.len() as f64 * (bar_h + gap) + 40.0;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="13">"#
+    let mut s = Svg::new(width, height);
+    s.text(
+        10.0,
+        20.0,
+        r#"font-size="15""#,
+        "ns per packet (BPF_PROG_TEST_RUN, median); orange: Katran, same run; dashed line: floor",
     );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="10" y="20" font-size="15">ns per packet (BPF_PROG_TEST_RUN, median); orange: Katran, same run; dashed line: floor</text>"#
-    );
-    let _ = writeln!(
-        s,
-        r##"<text x="10" y="38" fill="#555">{} ({} cores), kernel {}</text>"##,
-        xml(&machine.cpu),
-        machine.cores,
-        xml(&machine.kernel)
+    s.text(
+        10.0,
+        38.0,
+        r##"fill="#555""##,
+        &format!(
+            "{} ({} cores), kernel {}",
+            machine.cpu, machine.cores, machine.kernel
+        ),
     );
     for (i, c) in cases.iter().enumerate() {
         let y = top + i as f64 * (bar_h + gap);
@@ -1031,41 +1031,20 @@ fn svg_chart(cases: &[CaseResult], machine: &Machine) -> String {
         } else {
             "#2b6cb0"
         };
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
-            left - 8.0,
-            y + 16.0,
-            xml(&c.case)
-        );
-        let _ = writeln!(
-            s,
-            r#"<rect x="{left}" y="{y}" width="{w:.1}" height="{bar_h}" fill="{fill}"/>"#
-        );
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.1}" y="{}">{:.0} ns ({:.2}x)</text>"#,
+        s.text(left - 8.0, y + 16.0, r#"text-anchor="end""#, &c.case);
+        s.rect(left, y, w, bar_h, fill);
+        s.text(
             left + w + 6.0,
             y + 16.0,
-            c.ns_per_packet,
-            c.ratio_to_floor
+            "",
+            &format!("{:.0} ns ({:.2}x)", c.ns_per_packet, c.ratio_to_floor),
         );
     }
     if let Some(floor) = cases.first().map(|c| c.floor_ns_per_packet) {
         let x = left + floor * scale;
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" y1="{}" x2="{x:.1}" y2="{}" stroke="#c53030" stroke-dasharray="4 3"/>"##,
-            top - 6.0,
-            height - 34.0
-        );
+        s.line((x, top - 6.0), (x, height - 34.0), "#c53030", Some("4 3"));
     }
-    s.push_str("</svg>\n");
-    s
-}
-
-fn xml(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.finish()
 }
 
 const MIB: f64 = 1024.0 * 1024.0;

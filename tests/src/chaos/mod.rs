@@ -887,8 +887,12 @@ fn cli_json(d: &Daemon, args: &[&str]) -> Result<serde_json::Value> {
 }
 
 /// The pool's free slots, counting those previous tables hold for second chance.
-fn pool_free(d: &Daemon) -> Result<u64> {
-    let status = cli_json(d, &["status"])?;
+pub fn pool_free(d: &Daemon) -> Result<u64> {
+    pool_free_of(&cli_json(d, &["status"])?)
+}
+
+/// The same, from a status answer (`lb --json status`, `GET /v1/status`'s data).
+pub fn pool_free_of(status: &serde_json::Value) -> Result<u64> {
     let pool = &status["table_pool"];
     match (pool["free"].as_u64(), pool["second_chance"].as_u64()) {
         (Some(free), Some(held)) => Ok(free + held),
@@ -937,7 +941,7 @@ fn active_flows(d: &Daemon) -> Vec<(String, String, i64)> {
 /// Each backend slot whose active-flow count (`ACTIVE`) differs from the flows the tables count
 /// for it (connection-table entries still counted, and embryonic ones not yet expired), read
 /// from the daemon's pinned maps.
-fn active_against_tables(d: &Daemon) -> Result<Vec<String>> {
+pub fn active_against_tables(d: &Daemon) -> Result<Vec<String>> {
     use aya::maps::{HashMap, MapData};
     use lb_common::{FlowKey, FlowState, flow};
     let pins = lb_userspace::dataplane::pin_dir(&d.instance);

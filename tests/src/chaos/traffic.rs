@@ -79,6 +79,8 @@ pub struct Tally {
     pub served: BTreeMap<String, u64>,
     /// Most long-lived connections open at once (the goal is at least 200).
     pub long_open_min_after_start: Option<usize>,
+    /// Long-lived connections open now (the soak compares the daemon's counted flows to it).
+    pub long_open_now: usize,
 }
 
 /// What the traffic threads share: the run's clock, the stop flag, the tally.
@@ -251,6 +253,7 @@ pub fn long_lived(shared: Arc<Shared>, targets: Vec<Target>, per_target: usize) 
         if live.len() == want_total {
             all_open = true;
         }
+        shared.tally().long_open_now = live.len();
         if all_open {
             let mut t = shared.tally();
             t.long_open_min_after_start = Some(

@@ -178,6 +178,7 @@ impl Slots {
     /// whose order keeps every packet safe.
     pub fn apply<M: MapWrites>(&mut self, dp: &mut M, services: &[Service], plan: Plan) -> Result<Applied> {
         self.check_pool(&plan)?;
+        crate::failpoints::leak_descriptor("apply-leak-descriptor");
         let Plan {
             assignments,
             new_service_ids,
