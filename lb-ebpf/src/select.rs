@@ -168,7 +168,8 @@ fn choice(flow: &Flow) -> Result<Choice, Verdict> {
         backend,
         new_flow: picked.forward & FLOW_RETRANSMIT == 0,
         service: picked.service,
-        forward: u32::from(picked.mode()),
+        // FLOW_COUNTED stays: a NAT pick tells the NAT path to count the connection with it.
+        forward: u32::from(picked.forward & !FLOW_RETRANSMIT),
     }))
 }
 
