@@ -32,13 +32,24 @@ impl Conn {
     }
 }
 
-pub fn connect(vip: IpAddr) -> Conn {
-    let s = TcpStream::connect_timeout(&SocketAddr::new(vip, PORT), TIMEOUT).expect("connect to VIP");
-    s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
-    Conn {
-        reader: BufReader::new(s.try_clone().expect("clone")),
-        writer: s,
+impl Conn {
+    /// A connected stream as a `Conn`, its reads bounded by `TIMEOUT`.
+    fn over(s: TcpStream) -> std::io::Result<Self> {
+        s.set_read_timeout(Some(TIMEOUT))?;
+        Ok(Conn {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+        })
     }
+}
+
+pub fn connect(vip: IpAddr) -> Conn {
+    connect_to(SocketAddr::new(vip, PORT)).expect("connect to VIP")
+}
+
+/// A connection to `target` (any VIP and port), made in the calling thread's namespace.
+pub fn connect_to(target: SocketAddr) -> std::io::Result<Conn> {
+    Conn::over(TcpStream::connect_timeout(&target, TIMEOUT)?)
 }
 
 /// Opens `n` connections from the client namespace; each asks 3 times and must get one answer.
@@ -187,12 +198,7 @@ pub fn connect_from(src: IpAddr, vip: IpAddr) -> std::io::Result<Conn> {
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     s.bind(&SocketAddr::new(src, 0).into())?;
     s.connect_timeout(&SocketAddr::new(vip, PORT).into(), TIMEOUT)?;
-    let s: TcpStream = s.into();
-    s.set_read_timeout(Some(TIMEOUT))?;
-    Ok(Conn {
-        reader: BufReader::new(s.try_clone()?),
-        writer: s,
-    })
+    Conn::over(s.into())
 }
 
 /// Long-lived connections, each from its own source address, with the backend that answered

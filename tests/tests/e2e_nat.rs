@@ -776,13 +776,7 @@ fn nat_connections_survive_an_upgrade_and_a_downgrade() {
             .flat_map(|port| std::iter::repeat_n(port, 25))
             .map(|port| {
                 let target = SocketAddr::new(IpAddr::V4(VIP4), port);
-                let s = TcpStream::connect_timeout(&target, Duration::from_secs(10))
-                    .unwrap_or_else(|e| panic!("TCP to {target}: {e}"));
-                s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-                let mut c = client::Conn {
-                    reader: BufReader::new(s.try_clone().expect("clone")),
-                    writer: s,
-                };
+                let mut c = client::connect_to(target).unwrap_or_else(|e| panic!("TCP to {target}: {e}"));
                 let id = c.ask().expect("first answer");
                 (c, id)
             })
