@@ -494,28 +494,33 @@ impl Run<'_> {
     /// the tables).
     fn check(&mut self, shared: &Arc<Shared>) {
         let at = self.now().as_secs_f64();
-        let key = pool_key(self.daemon);
-        match (pool_free(self.daemon), self.pool_seen.get(&key).copied()) {
-            (Ok(free), Some(seen)) if free != seen => {
-                // A change may be in flight, or a released region cooling: let it settle.
-                let settled = wait_until(Duration::from_secs(3), || {
-                    pool_free(self.daemon).is_ok_and(|f| f == seen)
-                });
-                if !settled {
-                    self.violations.push(format!(
-                        "{at:.2}s: the table pool's free space (and second chance) is {free}, {seen} when the services were the same before"
-                    ));
+        match pool_reading(self.daemon) {
+            Ok(Some((key, free))) => match self.pool_seen.get(&key).copied() {
+                Some(seen) if free != seen => {
+                    // A change may be in flight, or a released region cooling: let it settle.
+                    // The services changing meanwhile (a health verdict) ends the comparison.
+                    let settled = wait_until(
+                        Duration::from_secs(3),
+                        || matches!(pool_reading(self.daemon), Ok(Some((k, f))) if k != key || f == seen),
+                    );
+                    if !settled {
+                        self.violations.push(format!(
+                            "{at:.2}s: the table pool's free space (and second chance) is {free}, {seen} when the services were the same before"
+                        ));
+                    }
                 }
-            }
-            (Ok(free), None) => {
-                // The first time: kept once two reads half a second apart agree.
-                std::thread::sleep(Duration::from_millis(500));
-                if pool_free(self.daemon).is_ok_and(|f| f == free) {
-                    self.pool_seen.insert(key, free);
+                None => {
+                    // The first time: kept once two readings half a second apart agree.
+                    std::thread::sleep(Duration::from_millis(500));
+                    if pool_reading(self.daemon).is_ok_and(|r| r == Some((key.clone(), free))) {
+                        self.pool_seen.insert(key, free);
+                    }
                 }
-            }
-            (Ok(_), Some(_)) => {}
-            (Err(e), _) => self.violations.push(format!("{at:.2}s: status: {e:#}")),
+                Some(_) => {}
+            },
+            // The services changed while they were read: nothing to compare.
+            Ok(None) => {}
+            Err(e) => self.violations.push(format!("{at:.2}s: status: {e:#}")),
         }
         for (service, backend, n) in active_flows(self.daemon) {
             if n < 0 {
@@ -898,6 +903,15 @@ pub fn pool_free_of(status: &serde_json::Value) -> Result<u64> {
         (Some(free), Some(held)) => Ok(free + held),
         _ => bail!("no table_pool.free and .second_chance in {status}"),
     }
+}
+
+/// The services' key (`pool_key`) and the pool's free space as one reading: `None` when the
+/// key changed between its two reads around the free space (the two come from separate
+/// answers, and a health verdict between them would pair one state's space with another's key).
+fn pool_reading(d: &Daemon) -> Result<Option<(String, u64)>> {
+    let before = pool_key(d);
+    let free = pool_free(d)?;
+    Ok((pool_key(d) == before).then_some((before, free)))
 }
 
 /// What the tables' sizes follow, as `lb service list` shows it: each service's strategy and

@@ -13,7 +13,7 @@ mod tables;
 
 use std::collections::BTreeSet;
 
-use lb_common::ServiceKey;
+use lb_common::{ServiceKey, geo::GeoKey};
 use log::debug;
 
 use super::plan::Plan;
@@ -36,6 +36,12 @@ impl From<ServiceKeyRepr> for ServiceKey {
 pub fn service_key(spec: &Service) -> ServiceKey {
     let (addr, family) = addr_bytes(spec.vip);
     ServiceKey::new(family, spec.protocol.number(), addr, spec.port.to_be())
+}
+
+/// The region a live value names, reserved; `None` for no table, or one overlapping a
+/// reserved region.
+fn reserve(regions: &mut RegionAllocator, offset: u32, size: u32) -> Option<Region> {
+    (size > 0 && regions.reserve(offset, size)).then_some(Region { offset, size })
 }
 
 /// The key of a VIP's fragment service: its address and protocol, port 0.
@@ -79,26 +85,45 @@ pub struct Slots {
 }
 
 impl Slots {
-    /// Rebuilds allocator state from persisted assignments and what the maps hold now.
+    /// Rebuilds allocator state from persisted assignments and what the maps hold now: every
+    /// region a live value names (its table, its previous table for second chance, and a geo
+    /// service's per-region tables) is reserved, so no later table is written over one that
+    /// packets still read.
     pub fn adopt<M: MapWrites>(dp: &mut M, mut assignments: Assignments) -> Self {
         let mut regions = RegionAllocator::new(dp.pool_slots());
         for slot in assignments.services.values_mut() {
-            // Only the table a live service value points at is known to be in use.
-            slot.previous = None;
             let saved = slot.active;
-            slot.active = slot.key.and_then(|k| {
-                let v = dp.service_value(&ServiceKey::from(k))?;
-                (v.table_size > 0 && regions.reserve(v.table_offset, v.table_size)).then_some(Region {
-                    offset: v.table_offset,
-                    size: v.table_size,
-                })
-            });
+            let value = slot.key.and_then(|k| dp.service_value(&ServiceKey::from(k)));
+            slot.active = value.and_then(|v| reserve(&mut regions, v.table_offset, v.table_size));
             // A crash between a pass and its save leaves a table the state file does not
             // describe: its inputs are unknown, so the next pass builds it again (and keeps
             // the region if the table comes out the same).
             if slot.active != saved {
                 slot.built = None;
             }
+            // The value names a previous table only when it is a Maglev one (second chance).
+            slot.previous = value.and_then(|v| reserve(&mut regions, v.prev_offset, v.prev_size));
+            slot.previous_maglev = slot.previous.is_some();
+            if slot.previous.is_none()
+                && value.is_some_and(|v| v.prev_size != 0)
+                && let Some(k) = slot.key
+            {
+                // Overlapping what is reserved already: the value must stop naming it.
+                let _ = forget_previous(dp, &ServiceKey::from(k));
+            }
+            let id = slot.id;
+            slot.geo.retain(|&region, g| {
+                let Some(v) = dp.geo_value(&GeoKey { service: id, region }) else {
+                    return false;
+                };
+                let saved = g.active;
+                g.active = reserve(&mut regions, v.table_offset, v.table_size);
+                g.previous = reserve(&mut regions, v.prev_offset, v.prev_size);
+                if g.active != saved || g.active.is_none() {
+                    g.built = None;
+                }
+                true
+            });
         }
         Self { assignments, regions }
     }

@@ -397,3 +397,78 @@ fn a_removed_service_goes_before_its_vip_is_filtered_out_and_its_slots_retire() 
     assert!(removed < retired, "{log:#?}");
     assert!(!slots.assignments.services.contains_key("web"));
 }
+
+/// Whether `a` and `b` (offset, length) share a slot.
+fn overlap(a: (u32, u32), b: (u32, u32)) -> bool {
+    a.0 < b.0 + b.1 && b.0 < a.0 + a.1
+}
+
+#[test]
+fn a_restarted_writer_never_writes_a_table_over_one_a_value_still_names() {
+    let mut dp = Recorder::default();
+    let mut slots = Slots::new(&dp);
+    pass(&mut slots, &mut dp, &[web(&["b0", "b1", "b2"])]);
+    pass(&mut slots, &mut dp, &[web(&["b0", "b1"])]);
+    let key = service_key(&web(&[]));
+    let value = dp.services[&key];
+    assert_ne!(
+        value.prev_size, 0,
+        "the swap keeps the table before for second chance"
+    );
+    let held = slots.regions.free_slots() + slots.assignments.second_chance_slots();
+
+    // A geo region's own table, named by its value only.
+    let id = slots.assignments.services["web"].id;
+    let region = (1 << 15, 251);
+    dp.geo.insert(
+        GeoKey {
+            service: id,
+            region: 7,
+        },
+        ServiceValue {
+            table_offset: region.0,
+            table_size: region.1,
+            ..value
+        },
+    );
+    let mut assignments = slots.assignments.clone();
+    assignments.services.get_mut("web").unwrap().geo.insert(
+        7,
+        crate::snapshot::GeoSlot {
+            active: Some(crate::snapshot::Region {
+                offset: region.0,
+                size: region.1,
+            }),
+            ..Default::default()
+        },
+    );
+
+    // The daemon restarts: the same state, the same maps.
+    let mut adopted = Slots::adopt(&mut dp, assignments);
+    assert_eq!(
+        adopted.regions.free_slots() + adopted.assignments.second_chance_slots() + 252,
+        held,
+        "second chance and the geo table stay reserved over a restart"
+    );
+    assert_eq!(
+        adopted.assignments.services["web"]
+            .previous
+            .map(|r| (r.offset, r.size)),
+        Some((value.prev_offset, value.prev_size))
+    );
+    let log = pass(&mut adopted, &mut dp, &[web(&["b0"])]);
+    for w in &log {
+        if let Write::Table { offset, len } = *w {
+            for named in [
+                (value.prev_offset, value.prev_size),
+                (value.table_offset, value.table_size),
+                region,
+            ] {
+                assert!(
+                    !overlap((offset, len), named),
+                    "table {offset}+{len} written over {named:?}, which a value still names: {log:#?}"
+                );
+            }
+        }
+    }
+}
