@@ -659,17 +659,24 @@ pub fn run(opts: Options) -> Result<Report> {
         ));
     }
     // Then the traffic stops (a FIN each): with no flow opening while the maps are read, each
-    // backend's active count must settle on what the tables hold. Within a census interval and
-    // a pass (10 s and more): a census pass that meets the 240 FINs between its read of the
-    // counts and its walk of the tables takes them off twice, and the next pass puts them back
-    // (seen: IPv6 slots at -5 to -20 for some seconds).
+    // backend's active count must settle on what the tables hold, within a census interval
+    // and a pass (10 s and more), and never go below zero meanwhile (a census pass that met
+    // the FINs between its read of the counts and its walk of the tables once took them off
+    // twice: -5 to -20 on the IPv6 slots).
     shared.stop.store(true, Ordering::Relaxed);
     for t in threads {
         t.join()
             .map_err(|_| anyhow::anyhow!("a traffic thread panicked"))?;
     }
     let mut last = String::new();
+    let mut negative = Vec::new();
     let settled = wait_until(Duration::from_secs(30), || {
+        negative.extend(
+            chaos::active_flows(&daemon)
+                .into_iter()
+                .filter(|(_, _, n)| *n < 0)
+                .map(|(s, b, n)| format!("{s}/{b} {n}")),
+        );
         match chaos::active_against_tables(&daemon) {
             Ok(diff) => {
                 last = diff.join("; ");
@@ -681,6 +688,13 @@ pub fn run(opts: Options) -> Result<Report> {
             }
         }
     });
+    if !negative.is_empty() {
+        negative.dedup();
+        report.violations.push(format!(
+            "end: negative active-flow counts after the traffic stopped: {}",
+            negative.join(", ")
+        ));
+    }
     if !settled {
         report
             .violations

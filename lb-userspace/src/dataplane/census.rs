@@ -2,8 +2,8 @@
 //! handle to the pin. The LRU map has no count the kernel keeps, and walking it is one syscall
 //! per entry, so the walk is spaced out: every 10 s, or 20 times its own duration if longer.
 //! The same walk counts each backend's counted flows (connection-table entries, and NAT
-//! connections' forward entries) and corrects the data plane's active-flow counts (`active`)
-//! to it. It also walks the embryonic table (flows that have sent one packet) and removes the
+//! connections' forward entries) and corrects the data plane's active-flow counts to it, each
+//! only when that is safe (`active::settle`). It also walks the embryonic table (flows that have sent one packet) and removes the
 //! entries older than `EMBRYONIC_TTL`, so a burst of SYNs that never complete, or of one-packet
 //! UDP flows, stops counting toward least connections and `maxconn` within about 40 s.
 
@@ -89,6 +89,8 @@ pub fn spawn(
         .name("conntrack-census".into())
         .spawn(move || {
             let mut next = Instant::now();
+            // Per slot, the walks its count has been busy through (`active::settle`).
+            let mut waited = vec![0u8; active.slots() as usize];
             while !stop.load(Ordering::Relaxed) {
                 let now = Instant::now();
                 if now < next {
@@ -122,9 +124,9 @@ pub fn spawn(
                         *truth.entry(e.backend).or_default() += 1;
                     }
                 }
-                let fixes = super::active::corrections(&before, &truth);
-                for &(slot, delta) in &fixes {
-                    active.add(slot, delta);
+                let mut fixed = 0u64;
+                for (slot, was, found) in super::active::corrections(&before, &truth) {
+                    fixed += u64::from(active.settle(slot, was, found, &mut waited[slot as usize]));
                 }
                 let took = now.elapsed();
                 let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
@@ -132,7 +134,7 @@ pub fn spawn(
                     entries,
                     at: Some(Instant::now()),
                     took,
-                    active_corrections_total: o.active_corrections_total + fixes.len() as u64,
+                    active_corrections_total: o.active_corrections_total + fixed,
                     embryonic: all.len() as u64 - removed,
                     embryonic_oldest_s: young.oldest,
                     embryonic_expired_total: o.embryonic_expired_total + removed,

@@ -933,7 +933,7 @@ fn pool_key(d: &Daemon) -> String {
 }
 
 /// Every backend's active-flow count, as `lb service list` shows it.
-fn active_flows(d: &Daemon) -> Vec<(String, String, i64)> {
+pub fn active_flows(d: &Daemon) -> Vec<(String, String, i64)> {
     let Ok(list) = cli_json(d, &["service", "list"]) else {
         return Vec::new();
     };
