@@ -65,6 +65,16 @@ pub fn build_table_probing(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
     build(backends, m, false)
 }
 
+#[cfg(test)]
+fn build_heap_fast(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
+    HEAP.with(|h| h.set(true));
+    let t = build(backends, m, true);
+    HEAP.with(|h| h.set(false));
+    t
+}
+#[cfg(test)]
+thread_local!(static HEAP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+
 fn build(backends: &[MaglevBackend<'_>], m: u32, fast: bool) -> Vec<u32> {
     // `EMPTY` must not be a valid index.
     if m > MAX_TABLE_SIZE || !is_prime(m) || backends.len() >= EMPTY as usize {
@@ -133,9 +143,46 @@ fn build(backends: &[MaglevBackend<'_>], m: u32, fast: bool) -> Vec<u32> {
         }
         return fill.table;
     }
+    #[cfg(test)]
+    if HEAP.with(|h| h.get()) {
+        heap_turns(&weights, &quotas, |rank| fill.claim(&mut lanes[rank]));
+        return fill.table;
+    }
+    if fast {
+        // Unequal weights: the same turn order, a window of it at a time, each window's turns
+        // run through the phase probes directly where they lie wholly in one phase.
+        let mut turn = 0;
+        weighted_turns(&weights, &quotas, |turns| {
+            let mut rest = turns;
+            while let Some(&(first, _)) = rest.first() {
+                if turn < dense_from {
+                    let (now, later) = rest.split_at(rest.len().min((dense_from - turn) as usize));
+                    now.iter().for_each(|&(r, _)| fill.probe(&mut lanes[r as usize]));
+                    (turn, rest) = (turn + now.len() as u32, later);
+                    fill.sparse -= now.len() as u32;
+                } else if turn < tail_from {
+                    let (now, later) = rest.split_at(rest.len().min((tail_from - turn) as usize));
+                    now.iter().for_each(|&(r, _)| fill.probe_dense(&mut lanes[r as usize]));
+                    (turn, rest) = (turn + now.len() as u32, later);
+                    fill.dense -= now.len() as u32;
+                } else {
+                    fill.claim_tail(&mut lanes[first as usize]);
+                    (turn, rest) = (turn + 1, &rest[1..]);
+                }
+            }
+        });
+    } else {
+        heap_turns(&weights, &quotas, |rank| fill.claim(&mut lanes[rank]));
+    }
+    fill.table
+}
+
+/// The turn order by a heap of each backend's next turn: one pop per turn. The reference the
+/// windowed order (`weighted_turns`) is checked against; `build_table_probing` uses it.
+fn heap_turns(weights: &[u32], quotas: &[u64], mut run: impl FnMut(usize)) {
     let mut heap: BinaryHeap<Turn> = weights
         .iter()
-        .zip(&quotas)
+        .zip(quotas)
         .enumerate()
         .filter(|&(_, (_, &quota))| quota > 0)
         .map(|(rank, (&weight, _))| Turn {
@@ -145,14 +192,134 @@ fn build(backends: &[MaglevBackend<'_>], m: u32, fast: bool) -> Vec<u32> {
         })
         .collect();
     while let Some(mut turn) = heap.pop() {
-        let lane = &mut lanes[turn.rank];
-        fill.claim(lane);
+        run(turn.rank);
         turn.taken += 1;
-        if turn.taken < u64::from(lane.quota) {
+        if turn.taken < quotas[turn.rank] {
             heap.push(turn);
         }
     }
-    fill.table
+}
+
+/// Scaled turn times per turn: `scale` is this times the total weight, so the `m` turns spread
+/// over about this many times `m` keys (measured: TODO).
+const KEYS_PER_TURN: u64 = 2;
+
+/// Where a backend's turns are on the scaled time line: turn `k` (0-based) is due at key
+/// `floor(k * scale / weight)`, a monotone image of its time `k / weight`: an earlier time never
+/// gets a later key, equal times get equal keys.
+struct Clock {
+    /// The next turn's key; `u64::MAX` once the quota is spent.
+    key: u64,
+    /// `taken * scale mod weight`.
+    rem: u64,
+    /// `scale / weight` (at least 1: scale >= total weight) and `scale mod weight`.
+    step: u64,
+    step_rem: u64,
+    weight: u64,
+    taken: u32,
+    quota: u32,
+}
+
+/// The heap's turn order (earliest `taken / weight`, then rank; see `Turn`) without a heap:
+/// turns are bucketed by their key a window of keys at a time (a counting sort: lanes emit in
+/// rank order, so a bucket's turns are in rank order), and a bucket holding different times is
+/// sorted by the exact time. A backend's keys are at least 1 apart (`scale` >= every weight),
+/// so a bucket holds at most one turn per backend. Calls `run` with each window's turns in
+/// order, each as (rank, the backend's turns before it).
+fn weighted_turns(weights: &[u32], quotas: &[u64], mut run: impl FnMut(&[(u32, u32)])) {
+    let total: u128 = weights.iter().map(|&w| u128::from(w)).sum();
+    // Keys stay below KEYS_PER_TURN * m (a turn's time is below m / total), far inside u64.
+    let scale = (total * u128::from(KEYS_PER_TURN)).min(u128::from(u64::MAX)) as u64;
+    let mut clocks: Vec<Clock> = weights
+        .iter()
+        .zip(quotas)
+        .map(|(&w, &quota)| {
+            let weight = u64::from(w);
+            Clock {
+                key: if quota > 0 { 0 } else { u64::MAX },
+                rem: 0,
+                step: scale / weight,
+                step_rem: scale % weight,
+                weight,
+                taken: 0,
+                // At most m.
+                quota: quota as u32,
+            }
+        })
+        .collect();
+    let turns: u64 = quotas.iter().sum();
+    // Turns per window: enough that each backend has several in each (the loop over the
+    // backends per window is overhead), few enough to stay in L2.
+    let window = (KEYS_PER_TURN * (weights.len() as u64 * 8).max(4096)) as usize;
+    let mut counts = vec![0u32; window + 1];
+    let mut emitted: Vec<(u32, u32, u32)> = Vec::new();
+    let mut sorted: Vec<(u32, u32)> = Vec::new();
+    let mut done = 0u64;
+    let mut base = 0u64;
+    while done < turns {
+        let end = base + window as u64;
+        counts.fill(0);
+        emitted.clear();
+        for (rank, clock) in clocks.iter_mut().enumerate() {
+            while clock.key < end {
+                let bucket = (clock.key - base) as u32;
+                counts[bucket as usize + 1] += 1;
+                // rank < EMPTY, checked by `build`.
+                emitted.push((rank as u32, clock.taken, bucket));
+                clock.taken += 1;
+                clock.rem += clock.step_rem;
+                let carry = u64::from(clock.rem >= clock.weight);
+                clock.rem -= carry * clock.weight;
+                clock.key = if clock.taken < clock.quota {
+                    clock.key + clock.step + carry
+                } else {
+                    u64::MAX
+                };
+            }
+        }
+        // counts[b] becomes where bucket b starts.
+        for b in 1..=window {
+            counts[b] += counts[b - 1];
+        }
+        sorted.clear();
+        sorted.resize(emitted.len(), (0, 0));
+        for &(rank, taken, bucket) in &emitted {
+            let at = &mut counts[bucket as usize];
+            sorted[*at as usize] = (rank, taken);
+            *at += 1;
+        }
+        // counts[b] is now where bucket b ends; buckets of two or more turns may hold
+        // different times: order them by time, stably (equal times stay in rank order).
+        let mut start = 0;
+        for &end in &counts[..window] {
+            let (start_, end) = (start as usize, end as usize);
+            if end - start_ > 1 {
+                sort_by_time(&mut sorted[start_..end], weights);
+            }
+            start = end as u32;
+        }
+        done += sorted.len() as u64;
+        run(&sorted);
+        base = end;
+    }
+}
+
+/// Stable insertion sort of one bucket's turns (each its backend's latest emitted turn, at
+/// most one per backend) by exact time `k / weight`, cross-multiplied in u64 (k < 2^25).
+fn sort_by_time(turns: &mut [(u32, u32)], weights: &[u32]) {
+    let time = |&(rank, k): &(u32, u32)| (u64::from(k), u64::from(weights[rank as usize]));
+    for i in 1..turns.len() {
+        let (k, w) = time(&turns[i]);
+        let mut j = i;
+        // Strictly later times move up; equal ones keep their (rank) order.
+        while j > 0 && {
+            let (k0, w0) = time(&turns[j - 1]);
+            k0 * w > k * w0
+        } {
+            turns.swap(j - 1, j);
+            j -= 1;
+        }
+    }
 }
 
 /// Deterministic primality test by trial division over 6k ± 1; at most ~22k divisions for any
@@ -810,6 +977,91 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_windowed_turn_order_is_the_heap_order() {
+        let mut seed = 0x7e1e_5c0b_u64;
+        let mut next = |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        let mut sets = 0;
+        for m in [2u32, 13, 251, 1031, 65537, 655_373] {
+            for n in [1u64, 2, 3, 7, 100, 1000] {
+                // Weights spread 1..=100, 1..=2, over all of u32, and equal.
+                for bound in [100u64, 2, u64::from(u32::MAX), 1] {
+                    if m > 65537 && n < 100 {
+                        continue;
+                    }
+                    let weights: Vec<u32> = (0..n).map(|_| 1 + next(bound) as u32).collect();
+                    let quotas = apportion(&weights, m);
+                    let mut heap = Vec::new();
+                    heap_turns(&weights, &quotas, |rank| heap.push(rank as u32));
+                    let mut windowed = Vec::new();
+                    let mut taken = vec![0u32; weights.len()];
+                    weighted_turns(&weights, &quotas, |turns| {
+                        for &(rank, k) in turns {
+                            // Each turn says how many its backend took before it.
+                            assert_eq!(k, taken[rank as usize]);
+                            taken[rank as usize] += 1;
+                            windowed.push(rank);
+                        }
+                    });
+                    assert_eq!(heap.len(), m as usize);
+                    assert!(heap == windowed, "m {m} n {n} weights {weights:?}");
+                    sets += 1;
+                }
+            }
+        }
+        // And extremes: one heavy backend among light ones, weights near u32::MAX.
+        for weights in [vec![1, 1000, 1, 1], vec![u32::MAX, u32::MAX - 1, 1, 3], vec![7; 5]] {
+            let quotas = apportion(&weights, 65537);
+            let mut heap = Vec::new();
+            heap_turns(&weights, &quotas, |rank| heap.push(rank as u32));
+            let mut windowed = Vec::new();
+            weighted_turns(&weights, &quotas, |turns| windowed.extend(turns.iter().map(|t| t.0)));
+            assert!(heap == windowed, "weights {weights:?}");
+            sets += 1;
+        }
+        eprintln!("{sets} weight sets in heap order");
+    }
+
+    /// Timing scratch (removed before commit).
+    #[test]
+    #[ignore]
+    fn timing_scratch() {
+        let mut seed = 0x5eed_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for (m, n) in [(65537u32, 100usize), (655_373, 1000), (65537, 10), (655_373, 10)] {
+            let ids = names(n);
+            let eq: Vec<_> = ids.iter().map(|id| MaglevBackend { id, weight: 100 }).collect();
+            let wt: Vec<_> = ids.iter().map(|id| MaglevBackend { id, weight: 1 + (next() % 100) as u32 }).collect();
+            let (mut a, mut b, mut c) = (vec![], vec![], vec![]);
+            for _ in 0..15 {
+                let t = std::time::Instant::now();
+                std::hint::black_box(build_table(&eq, m));
+                a.push(t.elapsed().as_secs_f64() * 1e6);
+                let t = std::time::Instant::now();
+                let x = std::hint::black_box(build_table(&wt, m));
+                b.push(t.elapsed().as_secs_f64() * 1e6);
+                let t = std::time::Instant::now();
+                let y = std::hint::black_box(build_heap_fast(&wt, m));
+                c.push(t.elapsed().as_secs_f64() * 1e6);
+                assert!(x == y);
+            }
+            for v in [&mut a, &mut b, &mut c] {
+                v.sort_by(f64::total_cmp);
+            }
+            eprintln!("m {m} n {n}: equal {:.0} weighted {:.0} heap {:.0} ratio {:.2}", a[7], b[7], c[7], b[7] / a[7]);
         }
     }
 
