@@ -894,7 +894,13 @@ impl Results {
                 let _ = writeln!(
                     s,
                     "{:>8} {:>6} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>9.2}",
-                    r.m, r.n, r.build_us, r.probing_us, r.weighted_us, r.weighted_probing_us, r.weighted_ratio
+                    r.m,
+                    r.n,
+                    r.build_us,
+                    r.probing_us,
+                    r.weighted_us,
+                    r.weighted_probing_us,
+                    r.weighted_ratio
                 );
             }
         }
