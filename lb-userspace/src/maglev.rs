@@ -13,6 +13,8 @@
 //!    ties broken by id. This is a credit scheme: a backend of weight 2 takes two turns for each
 //!    turn of a backend of weight 1, interleaved evenly. A backend's turn times depend only on
 //!    its own weight, so adding or removing a backend does not reorder the others' turns.
+//!    The build generates this order without a heap (see `weighted_turns`); a heap of each
+//!    backend's next turn, one pop per turn, is kept as the reference it is checked against.
 //!
 //! With equal weights this is exactly classic Maglev: round-robin over the backends (sorted by
 //! id), each taking one turn per round until the table is full.
@@ -52,15 +54,15 @@ pub struct MaglevBackend<'a> {
 /// (a prime `m` guarantees each permutation visits every slot). Never panics.
 ///
 /// Cost: O(m log m) slot probes (the table fills up like a coupon collector), the last
-/// sqrt(m / 3) turns a search of the free slots instead (see `Fill`), plus O(m log n) for the
-/// turn order.
+/// sqrt(m / 3) turns a search of the free slots instead (see `Fill`), plus O(m) for the turn
+/// order (a counting sort, see `weighted_turns`).
 pub fn build_table(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
     build(backends, m, true)
 }
 
 /// As `build_table`, probing one slot at a time every turn to the end (no two-walk dense phase,
-/// no tail search): the reference both are checked and benchmarked against. The same table,
-/// slot for slot.
+/// no tail search) and, for unequal weights, taking the turns from a heap: the reference the
+/// build is checked and benchmarked against. The same table, slot for slot.
 pub fn build_table_probing(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
     build(backends, m, false)
 }
@@ -133,9 +135,42 @@ fn build(backends: &[MaglevBackend<'_>], m: u32, fast: bool) -> Vec<u32> {
         }
         return fill.table;
     }
+    if fast {
+        // Unequal weights: the same turn order, a window of it at a time, each window's turns
+        // run through the phase probes directly where they lie wholly in one phase.
+        let mut turn = 0;
+        weighted_turns(&weights, &quotas, |turns| {
+            let mut rest = turns;
+            while let Some(&(first, _)) = rest.first() {
+                if turn < dense_from {
+                    let (now, later) = rest.split_at(rest.len().min((dense_from - turn) as usize));
+                    now.iter().for_each(|&(r, _)| fill.probe(&mut lanes[r as usize]));
+                    (turn, rest) = (turn + now.len() as u32, later);
+                    fill.sparse -= now.len() as u32;
+                } else if turn < tail_from {
+                    let (now, later) = rest.split_at(rest.len().min((tail_from - turn) as usize));
+                    now.iter()
+                        .for_each(|&(r, _)| fill.probe_dense(&mut lanes[r as usize]));
+                    (turn, rest) = (turn + now.len() as u32, later);
+                    fill.dense -= now.len() as u32;
+                } else {
+                    fill.claim_tail(&mut lanes[first as usize]);
+                    (turn, rest) = (turn + 1, &rest[1..]);
+                }
+            }
+        });
+    } else {
+        heap_turns(&weights, &quotas, |rank| fill.claim(&mut lanes[rank]));
+    }
+    fill.table
+}
+
+/// The turn order by a heap of each backend's next turn: one pop per turn. The reference the
+/// windowed order (`weighted_turns`) is checked against; `build_table_probing` uses it.
+fn heap_turns(weights: &[u32], quotas: &[u64], mut run: impl FnMut(usize)) {
     let mut heap: BinaryHeap<Turn> = weights
         .iter()
-        .zip(&quotas)
+        .zip(quotas)
         .enumerate()
         .filter(|&(_, (_, &quota))| quota > 0)
         .map(|(rank, (&weight, _))| Turn {
@@ -145,14 +180,142 @@ fn build(backends: &[MaglevBackend<'_>], m: u32, fast: bool) -> Vec<u32> {
         })
         .collect();
     while let Some(mut turn) = heap.pop() {
-        let lane = &mut lanes[turn.rank];
-        fill.claim(lane);
+        run(turn.rank);
         turn.taken += 1;
-        if turn.taken < u64::from(lane.quota) {
+        if turn.taken < quotas[turn.rank] {
             heap.push(turn);
         }
     }
-    fill.table
+}
+
+/// Keys per turn: `scale` is this times the total weight, so the `m` turns spread over about
+/// this many times `m` keys. Measured: 1 is slower (more buckets hold several turns and need
+/// sorting), 2 is what the bench runs.
+const KEYS_PER_TURN: u64 = 2;
+
+/// Where a backend's turns are on the scaled time line: turn `k` (0-based) is due at key
+/// `floor(k * scale / weight)`, a monotone image of its time `k / weight`: an earlier time never
+/// gets a later key, equal times get equal keys.
+struct Clock {
+    /// The next turn's key; `u64::MAX` once the quota is spent.
+    key: u64,
+    /// `taken * scale mod weight`.
+    rem: u64,
+    /// `scale / weight` (at least 1: scale >= total weight) and `scale mod weight`.
+    step: u64,
+    step_rem: u64,
+    weight: u64,
+    taken: u32,
+    quota: u32,
+}
+
+/// The heap's turn order (earliest `taken / weight`, then rank; see `Turn`) without a heap:
+/// turns are bucketed by their key a window of keys at a time (a counting sort: lanes emit in
+/// rank order, so a bucket's turns are in rank order), and a bucket holding different times is
+/// sorted by the exact time. A backend's keys are at least 1 apart (`scale` >= every weight),
+/// so a bucket holds at most one turn per backend. Calls `run` with each window's turns in
+/// order, each as (rank, the backend's turns before it).
+fn weighted_turns(weights: &[u32], quotas: &[u64], mut run: impl FnMut(&[(u32, u32)])) {
+    let total: u128 = weights.iter().map(|&w| u128::from(w)).sum();
+    // Keys stay below KEYS_PER_TURN * m (a turn's time is below m / total), far inside u64.
+    let scale = (total * u128::from(KEYS_PER_TURN)).min(u128::from(u64::MAX)) as u64;
+    let mut clocks: Vec<Clock> = weights
+        .iter()
+        .zip(quotas)
+        .map(|(&w, &quota)| {
+            let weight = u64::from(w);
+            Clock {
+                key: if quota > 0 { 0 } else { u64::MAX },
+                rem: 0,
+                step: scale / weight,
+                step_rem: scale % weight,
+                weight,
+                taken: 0,
+                // At most m.
+                quota: quota as u32,
+            }
+        })
+        .collect();
+    let turns: u64 = quotas.iter().sum();
+    // Turns per window: enough that each backend has several in each (the loop over the
+    // backends per window is overhead), few enough to stay in L2.
+    let window = (KEYS_PER_TURN * (weights.len() as u64 * 8).max(4096)) as usize;
+    let mut counts = vec![0u32; window];
+    let mut emitted: Vec<(u32, u32, u32)> = Vec::with_capacity(window);
+    let mut sorted: Vec<(u32, u32)> = Vec::with_capacity(window);
+    // The buckets that got a second turn, recorded without a branch (a bucket's count reaches
+    // two once): only these can need sorting. At most half the window's turns.
+    let mut shared = vec![0u32; window];
+    let mut done = 0u64;
+    let mut base = 0u64;
+    while done < turns {
+        let end = base + window as u64;
+        counts.fill(0);
+        emitted.clear();
+        let mut nshared = 0;
+        for (rank, clock) in clocks.iter_mut().enumerate() {
+            while clock.key < end {
+                let bucket = (clock.key - base) as u32;
+                let count = &mut counts[bucket as usize];
+                *count += 1;
+                // Overwritten unless this is the bucket's second turn; nshared < window / 2.
+                shared[nshared] = bucket;
+                nshared += usize::from(*count == 2);
+                // rank < EMPTY, checked by `build`.
+                emitted.push((rank as u32, clock.taken, bucket));
+                clock.taken += 1;
+                clock.rem += clock.step_rem;
+                let carry = u64::from(clock.rem >= clock.weight);
+                clock.rem -= carry * clock.weight;
+                clock.key = if clock.taken < clock.quota {
+                    clock.key + clock.step + carry
+                } else {
+                    u64::MAX
+                };
+            }
+        }
+        // counts[b] becomes where bucket b starts (the sum kept in a register: summing in
+        // place waits on each store, measured 14 % of the weighted build).
+        let mut sum = 0;
+        for count in counts.iter_mut() {
+            (*count, sum) = (sum, sum + *count);
+        }
+        sorted.clear();
+        sorted.resize(emitted.len(), (0, 0));
+        for &(rank, taken, bucket) in &emitted {
+            let at = &mut counts[bucket as usize];
+            sorted[*at as usize] = (rank, taken);
+            *at += 1;
+        }
+        // counts[b] is now where bucket b ends; buckets of two or more turns may hold
+        // different times: order them by time, stably (equal times stay in rank order).
+        for &bucket in &shared[..nshared] {
+            let b = bucket as usize;
+            let start = if b == 0 { 0 } else { counts[b - 1] as usize };
+            sort_by_time(&mut sorted[start..counts[b] as usize], weights);
+        }
+        done += sorted.len() as u64;
+        run(&sorted);
+        base = end;
+    }
+}
+
+/// Stable insertion sort of one bucket's turns (each its backend's latest emitted turn, at
+/// most one per backend) by exact time `k / weight`, cross-multiplied in u64 (k < 2^25).
+fn sort_by_time(turns: &mut [(u32, u32)], weights: &[u32]) {
+    let time = |&(rank, k): &(u32, u32)| (u64::from(k), u64::from(weights[rank as usize]));
+    for i in 1..turns.len() {
+        let (k, w) = time(&turns[i]);
+        let mut j = i;
+        // Strictly later times move up; equal ones keep their (rank) order.
+        while j > 0 && {
+            let (k0, w0) = time(&turns[j - 1]);
+            k0 * w > k * w0
+        } {
+            turns.swap(j - 1, j);
+            j -= 1;
+        }
+    }
 }
 
 /// Deterministic primality test by trial division over 6k ± 1; at most ~22k divisions for any
@@ -811,6 +974,62 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_windowed_turn_order_is_the_heap_order() {
+        let mut seed = 0x7e1e_5c0b_u64;
+        let mut next = |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        let mut sets = 0;
+        for m in [2u32, 13, 251, 1031, 65537, 655_373] {
+            for n in [1u64, 2, 3, 7, 100, 1000] {
+                // Weights spread 1..=100, 1..=2, over all of u32, and equal.
+                for bound in [100u64, 2, u64::from(u32::MAX), 1] {
+                    if m > 65537 && n < 100 {
+                        continue;
+                    }
+                    let weights: Vec<u32> = (0..n).map(|_| 1 + next(bound) as u32).collect();
+                    let quotas = apportion(&weights, m);
+                    let mut heap = Vec::new();
+                    heap_turns(&weights, &quotas, |rank| heap.push(rank as u32));
+                    let mut windowed = Vec::new();
+                    let mut taken = vec![0u32; weights.len()];
+                    weighted_turns(&weights, &quotas, |turns| {
+                        for &(rank, k) in turns {
+                            // Each turn says how many its backend took before it.
+                            assert_eq!(k, taken[rank as usize]);
+                            taken[rank as usize] += 1;
+                            windowed.push(rank);
+                        }
+                    });
+                    assert_eq!(heap.len(), m as usize);
+                    assert!(heap == windowed, "m {m} n {n} weights {weights:?}");
+                    sets += 1;
+                }
+            }
+        }
+        // And extremes: one heavy backend among light ones, weights near u32::MAX.
+        for weights in [
+            vec![1, 1000, 1, 1],
+            vec![u32::MAX, u32::MAX - 1, 1, 3],
+            vec![7; 5],
+        ] {
+            let quotas = apportion(&weights, 65537);
+            let mut heap = Vec::new();
+            heap_turns(&weights, &quotas, |rank| heap.push(rank as u32));
+            let mut windowed = Vec::new();
+            weighted_turns(&weights, &quotas, |turns| {
+                windowed.extend(turns.iter().map(|t| t.0))
+            });
+            assert!(heap == windowed, "weights {weights:?}");
+            sets += 1;
+        }
+        eprintln!("{sets} weight sets in heap order");
     }
 
     #[test]

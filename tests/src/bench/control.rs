@@ -19,14 +19,26 @@ use crate::{NetNs, topology::Daemon, topology::empty_ebpf, wait_until};
 pub struct MaglevResult {
     pub m: u32,
     pub n: u32,
-    /// Median over `runs`.
+    /// Equal weights; median over `runs`.
     pub build_us: f64,
     pub runs: Vec<f64>,
     /// The same builds probing every turn to the end (no tail search), interleaved with the
     /// others in this process: the before of the A/B. The tables are compared slot for slot.
     pub probing_us: f64,
     pub probing_runs: Vec<f64>,
+    /// The same backends with weights spread 1..=100 (seeded, `WEIGHT_SEED`), built
+    /// interleaved with the equal ones; median over `weighted_runs`.
+    pub weighted_us: f64,
+    pub weighted_runs: Vec<f64>,
+    /// Its reference build (probing to the end, turns from a heap), checked equal slot for slot.
+    pub weighted_probing_us: f64,
+    pub weighted_probing_runs: Vec<f64>,
+    /// `weighted_us / build_us`; the goal is at most 1.5.
+    pub weighted_ratio: f64,
 }
+
+/// Seeds the weights of the weighted Maglev builds (one weight set per M and N).
+pub const WEIGHT_SEED: u64 = 0x6d61_676c_6576;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Rss {
@@ -50,36 +62,54 @@ fn ids(n: u32) -> Vec<String> {
 
 pub fn maglev(runs: usize) -> Result<Vec<MaglevResult>> {
     let mut out = Vec::new();
+    let mut rng = fastrand::Rng::with_seed(WEIGHT_SEED);
     for m in [65537u32, 655373] {
         for n in [10u32, 100, 1000] {
             let ids = ids(n);
-            let members: Vec<_> = ids.iter().map(|id| MaglevBackend { id, weight: 100 }).collect();
-            let mut times = Vec::with_capacity(runs);
-            let mut probing = Vec::with_capacity(runs);
+            let equal: Vec<_> = ids.iter().map(|id| MaglevBackend { id, weight: 100 }).collect();
+            let weighted: Vec<_> = ids
+                .iter()
+                .map(|id| MaglevBackend {
+                    id,
+                    weight: rng.u32(1..=100),
+                })
+                .collect();
+            // [equal, its reference, weighted, its reference], each run in that order.
+            let mut times: [Vec<f64>; 4] = Default::default();
             for _ in 0..runs {
-                let t = Instant::now();
-                let table = std::hint::black_box(build_table(std::hint::black_box(&members), m));
-                times.push(t.elapsed().as_secs_f64() * 1e6);
-                ensure!(
-                    table.len() == m as usize,
-                    "M={m} N={n}: table has {} slots",
-                    table.len()
-                );
-                let t = Instant::now();
-                let reference = std::hint::black_box(build_table_probing(std::hint::black_box(&members), m));
-                probing.push(t.elapsed().as_secs_f64() * 1e6);
-                ensure!(
-                    table == reference,
-                    "M={m} N={n}: the tail search changed the table"
-                );
+                for (members, what, at) in [(&equal, "equal", 0), (&weighted, "weighted", 2)] {
+                    let t = Instant::now();
+                    let table = std::hint::black_box(build_table(std::hint::black_box(members), m));
+                    times[at].push(t.elapsed().as_secs_f64() * 1e6);
+                    ensure!(
+                        table.len() == m as usize,
+                        "M={m} N={n} {what}: table has {} slots",
+                        table.len()
+                    );
+                    let t = Instant::now();
+                    let reference =
+                        std::hint::black_box(build_table_probing(std::hint::black_box(members), m));
+                    times[at + 1].push(t.elapsed().as_secs_f64() * 1e6);
+                    ensure!(
+                        table == reference,
+                        "M={m} N={n} {what}: the build's table differs from the reference's"
+                    );
+                }
             }
+            let [runs, probing_runs, weighted_runs, weighted_probing_runs] = times;
+            let med = |runs: &[f64]| median(runs.iter().copied()).unwrap_or(f64::NAN);
             out.push(MaglevResult {
                 m,
                 n,
-                build_us: median(times.iter().copied()).unwrap_or(f64::NAN),
-                runs: times,
-                probing_us: median(probing.iter().copied()).unwrap_or(f64::NAN),
-                probing_runs: probing,
+                build_us: med(&runs),
+                probing_us: med(&probing_runs),
+                weighted_us: med(&weighted_runs),
+                weighted_probing_us: med(&weighted_probing_runs),
+                weighted_ratio: med(&weighted_runs) / med(&runs),
+                runs,
+                probing_runs,
+                weighted_runs,
+                weighted_probing_runs,
             });
         }
     }
