@@ -1,6 +1,7 @@
 //! A crash at any step of a change: with 60 TCP connections open, the daemon is killed at each
 //! crash point of the writer's apply and of the state file's save (a failpoint armed just
-//! before the change, `abort()` there), then restarted. Each time: the daemon adopts what it
+//! before the change, `abort()` there), then restarted. The change is an API call, or a reload
+//! of an edited file (after which the restart must apply the file). Each time: the daemon adopts what it
 //! finds, no established connection is reset or moved, no pool region leaks (the pool's free
 //! space is what a clean start of the same set has), and the tables hold what a clean pass of
 //! the set the daemon reports writes (each backend's share of the table, compared with the
@@ -82,9 +83,26 @@ fn a_crash_at_any_step_of_a_change_loses_no_flow_and_leaks_nothing() {
     );
 
     let (_, mut open) = tcp_flows(&topo, IpAddr::V4(VIP4), 60, true);
-    for point in POINTS {
-        for adding in [true, false] {
-            // The change needs b4 out (adding) or in (removing): made so cleanly first.
+    let files = [
+        topo.config(&instance, &run_dir, &["b1", "b2", "b3"]),
+        topo.config(&instance, &run_dir, &["b1", "b2", "b3", "b4"]),
+    ];
+    // Each point: a backend added and removed through the API, and one change (adding at the
+    // even points, removing at the odd ones) through a reload of an edited file.
+    let cases = POINTS.iter().enumerate().flat_map(|(i, point)| {
+        [
+            (point, true, false),
+            (point, false, false),
+            (point, i % 2 == 0, true),
+        ]
+    });
+    for (point, adding, reload) in cases {
+        {
+            // The change needs b4 out (adding) or in (removing), and the file loaded saying
+            // so: made so cleanly first (the API mends a run-time change the reload keeps).
+            std::fs::write(&d.config, &files[usize::from(!adding)]).expect("config");
+            let out = d.cli(&["reload"]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             if shares(&d).contains_key("b4") == adding {
                 let out = if adding {
                     d.cli(&["backend", "remove", "web4", "b4"])
@@ -92,12 +110,15 @@ fn a_crash_at_any_step_of_a_change_loses_no_flow_and_leaks_nothing() {
                     d.cli(&["backend", "add", "web4", "b4", "--address", &b4])
                 };
                 assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-                let n = if adding { 3 } else { 4 };
-                assert!(wait_until(Duration::from_secs(10), || shares(&d).len() == n));
             }
+            let n = if adding { 3 } else { 4 };
+            assert!(wait_until(Duration::from_secs(10), || shares(&d).len() == n));
             arm(&d, point, "return");
             // The change dies with the daemon: its answer is not awaited.
-            let _ = if adding {
+            let _ = if reload {
+                std::fs::write(&d.config, &files[usize::from(adding)]).expect("config");
+                d.cli(&["reload"])
+            } else if adding {
                 d.cli(&["backend", "add", "web4", "b4", "--address", &b4])
             } else {
                 d.cli(&["backend", "remove", "web4", "b4"])
@@ -109,6 +130,14 @@ fn a_crash_at_any_step_of_a_change_loses_no_flow_and_leaks_nothing() {
             d.restart(&topo)
                 .unwrap_or_else(|e| panic!("{point}: restart: {e}"));
             d.wait_all_in_tables();
+            if reload {
+                // The restart reads the edited file: its set, whatever the crash left.
+                assert_eq!(
+                    shares(&d).contains_key("b4"),
+                    adding,
+                    "{point}: after a crash in a reload, the restart did not apply the file"
+                );
+            }
 
             for (conn, id) in open.iter_mut() {
                 let answer = conn
@@ -129,8 +158,9 @@ fn a_crash_at_any_step_of_a_change_loses_no_flow_and_leaks_nothing() {
                 "{point}: new connections reached {counts:?}, the set is {now:?}"
             );
             println!(
-                "{point} ({}): restarted with {} backends, 60 connections kept",
+                "{point} ({} {}): restarted with {} backends, 60 connections kept",
                 if adding { "adding b4" } else { "removing b4" },
+                if reload { "by a reload" } else { "through the API" },
                 now.len()
             );
         }
