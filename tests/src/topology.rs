@@ -554,6 +554,11 @@ impl Daemon {
         self.spawn(ns)
     }
 
+    /// The `lb` binary it runs.
+    pub fn bin(&self) -> &std::path::Path {
+        &self.bin
+    }
+
     /// SIGKILL, then the same instance started in `ns` from another build's binary `bin` (an
     /// upgrade or a downgrade), which `cli` then runs too.
     pub fn restart_as(&mut self, ns: &NetNs, bin: &std::path::Path) -> Result<()> {

@@ -310,7 +310,7 @@ fn fuzz(ctx: &Ctx, cases: u32, input_seconds: u32, seed: Option<u64>) -> Result<
 }
 
 fn chaos(ctx: &Ctx, minutes: u32, seed: Option<u64>) -> Result<()> {
-    const STEPS: usize = 2;
+    const STEPS: usize = 3;
     if minutes == 0 {
         bail!("--minutes 0: a run needs at least a minute");
     }
@@ -325,10 +325,16 @@ fn chaos(ctx: &Ctx, minutes: u32, seed: Option<u64>) -> Result<()> {
     eprintln!(
         "chaos: seed={seed} minutes={minutes} (replay: cargo xtask chaos --minutes {minutes} --seed {seed})"
     );
+    // The second build the schedule's program upgrades switch to, then the plain `lb` back.
+    build_flow_v2(ctx, |what| header(2, STEPS, what))?;
+    let mut plain = ctx.cargo();
+    plain.args(["build", "--package", "lb-userspace", "--bin", "lb"]);
+    header(2, STEPS, &ctx::display(&plain));
+    ctx::run(&mut plain)?;
     let mut run = long_run(ctx, "chaos");
     run.env("LB_CHAOS_SEED", seed.to_string())
         .env("LB_CHAOS_SECONDS", (u64::from(minutes) * 60).to_string());
-    header(2, STEPS, &ctx::display(&run));
+    header(3, STEPS, &ctx::display(&run));
     ctx::run(&mut run)
 }
 
@@ -363,6 +369,27 @@ fn long_run(ctx: &Ctx, name: &str) -> std::process::Command {
         "--test-threads=1",
     ]);
     run
+}
+
+/// The upgrade test's and the chaos lab's second `lb` (tests/tests/e2e_upgrade.rs): the same
+/// binary name with feature flow-v2, copied aside as lb-flow-v2. The caller's next build of
+/// `lb` puts the plain one back.
+fn build_flow_v2(ctx: &Ctx, header: impl Fn(&str)) -> Result<()> {
+    let mut flow_v2 = ctx.cargo();
+    flow_v2.args([
+        "build",
+        "--package",
+        "lb-userspace",
+        "--bin",
+        "lb",
+        "--features",
+        "lb-userspace/flow-v2",
+    ]);
+    header(&ctx::display(&flow_v2));
+    ctx::run(&mut flow_v2)?;
+    let debug = ctx.target_dir().join("debug");
+    std::fs::copy(debug.join("lb"), debug.join("lb-flow-v2")).context("copy lb to lb-flow-v2")?;
+    Ok(())
 }
 
 fn header(step: usize, total: usize, what: &str) {
@@ -419,22 +446,7 @@ fn test(ctx: &Ctx, extra: Vec<OsString>) -> Result<()> {
     header(2, STEPS, "cargo deny (deny.toml)");
     deny(ctx)?;
 
-    // First the upgrade test's second `lb` (tests/tests/e2e_upgrade.rs): the same binary name
-    // with feature flow-v2, copied aside as lb-flow-v2; the build below puts the plain one back.
-    let mut flow_v2 = ctx.cargo();
-    flow_v2.args([
-        "build",
-        "--package",
-        "lb-userspace",
-        "--bin",
-        "lb",
-        "--features",
-        "lb-userspace/flow-v2",
-    ]);
-    header(3, STEPS, &ctx::display(&flow_v2));
-    ctx::run(&mut flow_v2)?;
-    let debug = ctx.target_dir().join("debug");
-    std::fs::copy(debug.join("lb"), debug.join("lb-flow-v2")).context("copy lb to lb-flow-v2")?;
+    build_flow_v2(ctx, |what| header(3, STEPS, what))?;
 
     let mut build = ctx.cargo();
     // Not --workspace: lb-ebpf only builds for the bpf target (lb-userspace's build.rs does that).

@@ -207,6 +207,8 @@ struct Run<'a> {
     disturbances: Vec<Disturbance>,
     /// When the daemon was down: from its SIGKILL to its socket answering again.
     restarts: Vec<(Duration, Duration)>,
+    /// The build `UpgradeProgram` switches to and from (`lb-flow-v2`), if there is one.
+    second_build: Option<std::path::PathBuf>,
     timeline: Vec<Done>,
     violations: Vec<String>,
     /// The pool's free space (with second chance) after a clean start.
@@ -231,7 +233,16 @@ pub fn run(opts: Options) -> Result<Report> {
     }
     let mut daemon = Daemon::start(&topo, &instance, &run_dir, &text).context("daemon starts")?;
     daemon.wait_all_in_tables();
+    let second = crate::lb_flow_v2_bin();
+    let second_build = second.exists().then_some(second);
+    if second_build.is_none() {
+        println!(
+            "chaos: no second build at {} (`cargo xtask test` and `cargo xtask chaos` make it): program upgrades not scheduled",
+            crate::lb_flow_v2_bin().display()
+        );
+    }
     let mut run = Run {
+        second_build,
         pool_free: pool_free(&daemon)?,
         topo: &mut topo,
         daemon: &mut daemon,
@@ -259,6 +270,7 @@ impl Run<'_> {
             services: &SERVICES,
             members: &MEMBERS,
             spare: SPARE,
+            upgrades: self.second_build.is_some(),
         };
         let steps: Vec<Step> = schedule::schedule(self.opts.seed, self.opts.length, quiet, &lab);
         // The spare starts in no service: out of each, since the start.
@@ -327,7 +339,7 @@ impl Run<'_> {
             self.disturbances.truncate(known);
         }
         let took = self.now() - at;
-        if let Fault::KillDaemon = fault {
+        if let Fault::KillDaemon | Fault::UpgradeProgram = fault {
             self.restarts.push((at, at + took));
         }
         if let Err(e) = &result {
@@ -413,9 +425,17 @@ impl Run<'_> {
                 self.daemon.restart(self.topo)?;
             }
             Fault::UpgradeProgram => {
-                // The hook for issue 27 §4: the program upgraded in place under traffic. Never
-                // scheduled until upgrades exist.
-                bail!("program upgrades are not implemented yet (issue 27 §4)");
+                // To the other build and back, in turn: each start migrates the flow tables
+                // and replaces the program under the pinned links, with traffic running.
+                let plain = crate::lb_bin();
+                let other = self.second_build.clone().context("no second build")?;
+                let to = if self.daemon.bin() == plain { other } else { plain };
+                self.daemon.restart_as(&self.topo.lb, &to)?;
+                let status = self.daemon.try_cli(&["--json", "status"])?;
+                let status: serde_json::Value = serde_json::from_str(&status)?;
+                if status["upgrade"].is_null() {
+                    bail!("the start from {} says no upgrade: {status}", to.display());
+                }
             }
         }
         Ok(())

@@ -50,8 +50,8 @@ pub enum Fault {
     },
     /// SIGKILL, then the same instance started again (it adopts its pins).
     KillDaemon,
-    /// The program upgraded in place (issue 27 §4). Never scheduled until upgrades exist: the
-    /// runner's hook for them says so.
+    /// The daemon restarted from the other build (`lb` and `lb-flow-v2`, whose flow tables'
+    /// values differ): the maps migrated and the program replaced under traffic (issue 27 §4).
     UpgradeProgram,
 }
 
@@ -171,6 +171,8 @@ pub struct Lab<'a> {
     pub members: &'a [&'a str],
     /// A backend in no service at the start, added and removed again.
     pub spare: &'a str,
+    /// A second build is there to upgrade to (`UpgradeProgram` is scheduled).
+    pub upgrades: bool,
 }
 
 /// The faults of a run of `length`: one every 1.5–4.5 s from `quiet` on, none in the last
@@ -297,6 +299,7 @@ pub fn schedule(seed: u64, length: Duration, quiet: Duration, lab: &Lab) -> Vec<
                 }
             }
             6 => Fault::KillDaemon,
+            7 if lab.upgrades => Fault::UpgradeProgram,
             _ => continue,
         };
         model.apply(&fault);
@@ -315,7 +318,27 @@ mod tests {
         services: &["web4", "web6", "dns4", "dns6"],
         members: &["b1", "b2", "b3", "b4"],
         spare: "b5",
+        upgrades: true,
     };
+
+    #[test]
+    fn upgrades_are_scheduled_only_with_a_second_build() {
+        let (len, q) = (Duration::from_secs(120), Duration::from_secs(5));
+        let upgrades = |lab: &Lab| {
+            schedule(27, len, q, lab)
+                .iter()
+                .filter(|s| s.fault == Fault::UpgradeProgram)
+                .count()
+        };
+        assert!(upgrades(&LAB) >= 1);
+        assert_eq!(
+            upgrades(&Lab {
+                upgrades: false,
+                ..LAB
+            }),
+            0
+        );
+    }
 
     #[test]
     fn a_seed_replays_and_another_differs() {
