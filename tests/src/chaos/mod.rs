@@ -219,6 +219,23 @@ struct Run<'a> {
 }
 
 /// Runs the chaos schedule of `opts` in a fresh lab; the report says what held and what did not.
+/// The faults a run of `length` with `seed` meets (`upgrades`: a second build is there).
+pub fn faults(seed: u64, length: Duration, upgrades: bool) -> Vec<Step> {
+    let lab = Lab {
+        services: &SERVICES,
+        members: &MEMBERS,
+        spare: SPARE,
+        upgrades,
+    };
+    schedule::schedule(seed, length, Duration::from_secs(5), &lab)
+}
+
+/// The build `UpgradeProgram` switches to and from, if it was built.
+pub fn second_build() -> Option<std::path::PathBuf> {
+    let second = crate::lb_flow_v2_bin();
+    second.exists().then_some(second)
+}
+
 pub fn run(opts: Options) -> Result<Report> {
     let mut topo = Topology::new(MEMBERS.len() + 1).context("topology")?;
     let (instance, run_dir) = Daemon::new_paths();
@@ -233,8 +250,7 @@ pub fn run(opts: Options) -> Result<Report> {
     }
     let mut daemon = Daemon::start(&topo, &instance, &run_dir, &text).context("daemon starts")?;
     daemon.wait_all_in_tables();
-    let second = crate::lb_flow_v2_bin();
-    let second_build = second.exists().then_some(second);
+    let second_build = second_build();
     if second_build.is_none() {
         println!(
             "chaos: no second build at {} (`cargo xtask test` and `cargo xtask chaos` make it): program upgrades not scheduled",
@@ -265,14 +281,7 @@ impl Run<'_> {
     }
 
     fn go(&mut self) -> Result<Report> {
-        let quiet = Duration::from_secs(5);
-        let lab = Lab {
-            services: &SERVICES,
-            members: &MEMBERS,
-            spare: SPARE,
-            upgrades: self.second_build.is_some(),
-        };
-        let steps: Vec<Step> = schedule::schedule(self.opts.seed, self.opts.length, quiet, &lab);
+        let steps = faults(self.opts.seed, self.opts.length, self.second_build.is_some());
         // The spare starts in no service: out of each, since the start.
         for (service, backend) in self.out.clone() {
             self.disturb(&service, &backend);
@@ -324,6 +333,10 @@ impl Run<'_> {
         }
         let run_end = self.now();
         self.close_disturbances(run_end);
+        // The checks read the flow tables with this build's layout: back from the second build.
+        if self.daemon.bin() != crate::lb_bin() {
+            self.daemon.restart_as(&self.topo.lb, &crate::lb_bin())?;
+        }
         // The remaining failed connections' backends, while the tables still hold their tuples.
         self.look_up(&shared);
         self.final_checks(&shared, &stats_before)?;
@@ -663,6 +676,20 @@ impl Run<'_> {
             config(self.topo, &self.daemon.instance, &self.daemon.run_dir, &first),
         )?;
         cli(self.daemon, &["reload"])?;
+        // A change made through the API since the last reload stays over a reload of a file
+        // that says what it said (docs/config.md): put those back through the API.
+        for s in cli_json(self.daemon, &["service", "list"])?.as_array().into_iter().flatten() {
+            let name = s["name"].as_str().unwrap_or_default();
+            if s["strategy"] != "maglev" {
+                cli(self.daemon, &["service", "strategy", name, "maglev"])?;
+            }
+            for b in s["backends"].as_array().into_iter().flatten() {
+                if b["weight"] != 100 {
+                    let id = b["id"].as_str().unwrap_or_default();
+                    cli(self.daemon, &["backend", "weight", name, id, "100"])?;
+                }
+            }
+        }
         let settled = wait_until(Duration::from_secs(10), || {
             pool_free(self.daemon).is_ok_and(|f| f == self.pool_free)
         });
