@@ -136,6 +136,7 @@ fn load_tls_ca(ca: &str) -> Result<(), String> {
 pub fn warnings(config: &Config) -> Vec<String> {
     let mut out = Vec::new();
     plaintext_api(&config.daemon, &mut out);
+    unannounced(config, &mut out);
     // What a change to these services would be warned about (every weight 0, a port 0 that
     // takes the other ports of a VIP in use).
     out.extend(risky(&[], &config.services, &Touched::All));
@@ -176,6 +177,30 @@ fn file_source(cfg: &DaemonConfig, s: &Service, out: &mut Vec<String>) {
                     skipped.reason.name()
                 ));
             }
+        }
+    }
+}
+
+/// With BGP set up, a VIP of a family no peer's session carries is never announced.
+fn unannounced(config: &Config, out: &mut Vec<String>) {
+    let Some(bgp) = &config.daemon.bgp else {
+        return;
+    };
+    for (v6, family) in [(false, "IPv4"), (true, "IPv6")] {
+        if bgp.peers.iter().any(|p| p.address.is_ipv6() == v6) {
+            continue;
+        }
+        let names: Vec<&str> = config
+            .services
+            .iter()
+            .filter(|s| s.vip.is_ipv6() == v6)
+            .map(|s| s.name.as_str())
+            .collect();
+        if !names.is_empty() {
+            out.push(format!(
+                "service {}: {family} VIP and no {family} [[daemon.bgp.peer]]: never announced (fix: add a peer of that family)",
+                names.join(", ")
+            ));
         }
     }
 }

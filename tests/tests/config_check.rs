@@ -381,3 +381,34 @@ fn dangerous_services_are_warned_about_and_an_own_address_refused() {
     );
     assert_eq!(check(&allowed, false).status.code(), Some(0));
 }
+
+/// With BGP set up, a VIP whose family no peer carries is never announced: said per family.
+#[test]
+fn a_vip_no_bgp_peer_can_carry_is_a_warning() {
+    let dir = Dir::new("bgp-family");
+    let mut text = format!(
+        "{DAEMON}[daemon.bgp]\nlocal_as = 65001\nrouter_id = \"10.0.0.2\"\n[[daemon.bgp.peer]]\naddress = \"10.0.9.1\"\nas = 65000\n"
+    );
+    text.push_str(&service(""));
+    text.push_str(
+        "[[service]]\nname = \"web6\"\nvip = \"2001:db8::1\"\nport = 80\nprotocol = \"tcp\"\n[[service.backend]]\nid = \"b1\"\naddress = \"2001:db8:1::1\"\n",
+    );
+    let path = dir.write("lb.toml", &text);
+    let out = check(&path, false);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        stderr_lines(&out),
+        vec![
+            "warning: service web6: IPv6 VIP and no IPv6 [[daemon.bgp.peer]]: never announced (fix: add a peer of that family)"
+                .to_string()
+        ]
+    );
+    // An IPv6 peer as well: nothing to say.
+    let both = text.replace(
+        "[[service]]\nname = \"web\"",
+        "[[daemon.bgp.peer]]\naddress = \"fd00:9::1\"\nas = 65000\n[[service]]\nname = \"web\"",
+    );
+    let out = check(&dir.write("both.toml", &both), false);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -21,6 +21,9 @@ pub struct Node {
     /// In cluster mode, the node has applied the cluster's state since it started (a node
     /// that lost etcd later keeps what it had, and keeps announcing).
     pub caught_up: bool,
+    /// Some peer's session carries IPv4 routes (an IPv4 peer), and IPv6 routes (an IPv6 one).
+    pub peer_v4: bool,
+    pub peer_v6: bool,
 }
 
 /// Why a service cannot take new flows, if it cannot.
@@ -67,7 +70,17 @@ pub fn decide(
     let mut vips = BTreeSet::new();
     let mut reasons: BTreeMap<&str, Option<&'static str>> = BTreeMap::new();
     for s in services {
-        let reason = node_reason.or_else(|| match s.announce {
+        let carried = if s.vip.is_ipv6() {
+            node.peer_v6
+        } else {
+            node.peer_v4
+        };
+        let no_peer = (!carried).then_some(if s.vip.is_ipv6() {
+            "no IPv6 BGP peer to carry it"
+        } else {
+            "no IPv4 BGP peer to carry it"
+        });
+        let reason = node_reason.or(no_peer).or_else(|| match s.announce {
             Announce::Always => None,
             Announce::Healthy => unserving(s, weights.get(&s.name), status),
         });
@@ -151,7 +164,21 @@ mod tests {
         attached: true,
         draining: false,
         caught_up: true,
+        peer_v4: true,
+        peer_v6: true,
     };
+
+    #[test]
+    fn a_vip_no_peer_can_carry_is_not_announced_and_says_why() {
+        let mut s = services();
+        s[2].vip = ip("2001:db8::53");
+        let (vips, per) = run(&s, &BTreeMap::new(), Node { peer_v6: false, ..UP });
+        assert_eq!(vips, BTreeSet::from([ip("10.100.0.1")]));
+        assert_eq!(per["dns"].reason.as_deref(), Some("no IPv6 BGP peer to carry it"));
+        let (vips, per) = run(&s, &BTreeMap::new(), Node { peer_v4: false, ..UP });
+        assert_eq!(vips, BTreeSet::from([ip("2001:db8::53")]));
+        assert_eq!(per["web"].reason.as_deref(), Some("no IPv4 BGP peer to carry it"));
+    }
 
     #[test]
     fn a_vip_is_announced_while_one_of_its_services_can_take_new_flows() {

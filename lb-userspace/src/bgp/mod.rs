@@ -77,6 +77,8 @@ impl Announcer {
                     let c = cluster.lock().unwrap_or_else(|p| p.into_inner());
                     !c.enabled || c.caught_up
                 },
+                peer_v4: self.settings.peers.iter().any(|p| p.address.is_ipv4()),
+                peer_v6: self.settings.peers.iter().any(|p| p.address.is_ipv6()),
             };
             let (vips, services) = decide(&snap.services, &snap.weights, &snap.status, node);
             // One `birdc` call a tick tells both whether BIRD answers and how its sessions are;

@@ -678,7 +678,11 @@ impl Run<'_> {
         cli(self.daemon, &["reload"])?;
         // A change made through the API since the last reload stays over a reload of a file
         // that says what it said (docs/config.md): put those back through the API.
-        for s in cli_json(self.daemon, &["service", "list"])?.as_array().into_iter().flatten() {
+        for s in cli_json(self.daemon, &["service", "list"])?
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             let name = s["name"].as_str().unwrap_or_default();
             if s["strategy"] != "maglev" {
                 cli(self.daemon, &["service", "strategy", name, "maglev"])?;
