@@ -872,14 +872,18 @@ pub fn validate_against(daemon: &DaemonConfig, services: &[Service]) -> Result<(
         if let Some(b) = s
             .backends
             .iter()
-            .find(|b| b.region.as_deref().is_none_or(|r| geo.id(r).is_none()))
+            .find(|b| geo.place(b.region.as_deref(), b.zone.as_deref()).is_none())
         {
             return Err(Error::invalid(format!(
-                "service {}: backend {} needs a region of [daemon.geo] ({}), not {:?}",
+                "service {}: backend {} needs a region (or zone) of [daemon.geo] ({}), not {:?}{}",
                 s.name,
                 b.id,
                 geo.regions().join(", "),
-                b.region.as_deref().unwrap_or("none")
+                b.region.as_deref().unwrap_or("none"),
+                b.zone
+                    .as_deref()
+                    .map(|z| format!(" (zone {z:?})"))
+                    .unwrap_or_default()
             )));
         }
     }

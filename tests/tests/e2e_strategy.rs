@@ -879,7 +879,10 @@ fn geo_services_and_backends_are_added_from_the_cli() {
         let out = d.cli(&args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}");
-        assert!(err.contains("needs a region of [daemon.geo]"), "{args:?}: {err}");
+        assert!(
+            err.contains("needs a region (or zone) of [daemon.geo]"),
+            "{args:?}: {err}"
+        );
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
     assert_eq!(d.json(&["service", "list"]), before);

@@ -49,6 +49,13 @@ impl GeoSettings {
         r
     }
 
+    /// Where a geo service's backend serves: its region when that is one of these, else its
+    /// zone when that is (so the regions may name zones: clients' subnets per zone), else none.
+    pub fn place<'a>(&self, region: Option<&'a str>, zone: Option<&'a str>) -> Option<&'a str> {
+        let regions = self.regions();
+        [region, zone].into_iter().flatten().find(|p| regions.contains(p))
+    }
+
     pub fn id(&self, region: &str) -> Option<u32> {
         self.regions().iter().position(|r| *r == region).map(|i| i as u32)
     }

@@ -243,7 +243,12 @@ pub fn plan(desired: &Desired<'_>, current: &Assignments) -> Result<Plan> {
         if s.strategy == crate::model::Strategy::Geo
             && let Some(g) = desired.geo
         {
-            let region_of = |id: &str| s.backend(id).and_then(|b| b.region.as_deref());
+            let places: std::collections::BTreeMap<&str, &str> = s
+                .backends
+                .iter()
+                .filter_map(|b| Some((b.id.as_str(), g.place(b.region.as_deref(), b.zone.as_deref())?)))
+                .collect();
+            let region_of = |id: &str| places.get(id).copied();
             let live = |r: &str| members.iter().any(|m| region_of(&m.0) == Some(r));
             let of = |serving: Option<&str>| -> Vec<(String, u32, u32, u32)> {
                 members
@@ -352,6 +357,48 @@ mod tests {
             p.assignments.services.get_mut(&name).unwrap().built = Some(input);
         }
         p.assignments
+    }
+
+    #[test]
+    fn a_geo_service_places_a_backend_by_its_zone_when_the_regions_name_zones() {
+        let geo: crate::model::geo_settings::GeoSettings =
+            toml::from_str("default_region = \"a\"\nfailover = { a = [\"b\"], b = [\"a\"] }").expect("geo");
+        let mut svcs = services(1, 3);
+        svcs[0].strategy = crate::model::Strategy::Geo;
+        // Region "eu" is no region of these: the zone places b0 and b1; b2 has only a zone.
+        for (b, (region, zone)) in
+            svcs[0]
+                .backends
+                .iter_mut()
+                .zip([(Some("eu"), "a"), (Some("eu"), "b"), (None, "b")])
+        {
+            b.region = region.map(str::to_string);
+            b.zone = Some(zone.to_string());
+        }
+        let hops: HashMap<IpAddr, NextHop> = svcs[0].backends.iter().map(|b| (b.address, hop())).collect();
+        let weights: BTreeMap<String, ServiceWeights> = svcs
+            .iter()
+            .map(|s| {
+                let w = effective_weights(s, s.strategy, &BTreeMap::new(), |_| true, Instant::now());
+                (s.name.clone(), w)
+            })
+            .collect();
+        let p = plan(
+            &Desired {
+                services: &svcs,
+                weights: &weights,
+                hops: &hops,
+                geo: Some(&geo),
+            },
+            &Assignments::default(),
+        )
+        .expect("plan");
+        let members = |region: u32| -> Vec<String> {
+            let (_, _, input, _) = p.geo.iter().find(|g| g.1 == region).expect("region's table");
+            input.members.iter().map(|m| m.0.clone()).collect()
+        };
+        assert_eq!(members(geo.id("a").unwrap()), ["b0"]);
+        assert_eq!(members(geo.id("b").unwrap()), ["b1", "b2"]);
     }
 
     #[test]
