@@ -886,6 +886,34 @@ fn geo_services_and_backends_are_added_from_the_cli() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
     assert_eq!(d.json(&["service", "list"]), before);
+    // A region geo does not know, and a zone it does (its regions may name zones): placed by
+    // the zone, us served by b2 and b3.
+    ok(
+        &d,
+        &[
+            "backend",
+            "add",
+            "geo-cli",
+            "b2",
+            "--address",
+            &address("b2"),
+            "--region",
+            "mars",
+            "--zone",
+            "us",
+        ],
+    );
+    let by_zone = wait_until(Duration::from_secs(10), || {
+        let g = d.json(&["geo", "show"]);
+        g["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["service"] == "geo-cli")
+            .flat_map(|s| s["regions"].as_array().cloned().unwrap_or_default())
+            .any(|r| r["region"] == "us" && r["backends"] == serde_json::json!(["b2", "b3"]))
+    });
+    assert!(by_zone, "{}", d.json(&["geo", "show"]));
 }
 
 #[test]
