@@ -928,13 +928,14 @@ fn etcd_over_tls_with_a_user_serves_the_state_and_a_wrong_password_or_ca_is_said
         .add_client("etcd", &addr.to_string(), "fd99::6")
         .expect("etcd namespace");
     let (instance, run_dir) = Daemon::new_paths();
-    let pki = Pki::new(&run_dir.with_extension("pki"), addr);
+    // Everything the test writes is under the daemon's run directory, which its drop removes.
+    let pki = Pki::new(&run_dir.join("pki"), addr);
     let etcd = Etcd::start_tls_in(&ns, addr, pki.etcd.clone()).expect("etcd");
     block_on_in(&ns, enable_auth(&etcd.url, &pki, "lb-password")).expect("auth on");
 
-    let password = run_dir.with_extension("password");
+    let password = run_dir.join("etcd.password");
     lb_tests::write_secret(&password, "lb-password\n").expect("password file");
-    let ca = run_dir.with_extension("ca.pem");
+    let ca = run_dir.join("etcd-ca.pem");
     std::fs::copy(&pki.ca, &ca).expect("ca");
     let text = format!(
         "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\nconntrack_size = 65536\ntable_pool_slots = 1048576\nneighbour_refresh_ms = 500\n\n\
@@ -1018,9 +1019,5 @@ fn etcd_over_tls_with_a_user_serves_the_state_and_a_wrong_password_or_ca_is_said
         println!("{case}: {error}");
     }
     drop(d);
-    let _ = std::fs::remove_dir_all(run_dir.with_extension("pki"));
-    for f in [&password, &ca] {
-        let _ = std::fs::remove_file(f);
-    }
     println!("etcd TLS and auth: {} ms", took.elapsed().as_millis());
 }
