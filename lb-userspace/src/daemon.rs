@@ -83,6 +83,13 @@ pub fn prepare(config_path: PathBuf) -> anyhow::Result<Prepared> {
         MAX_CONCURRENT_CHECKS as u64,
     )?;
 
+    // Read again at each connect; here so a missing or bad one is an error at start.
+    if let Some(c) = &cfg.cluster {
+        crate::cluster::connection::Security::of(c)
+            .check()
+            .map_err(anyhow::Error::msg)?;
+    }
+
     let settings = data_plane_settings(cfg);
     let mut dp = dataplane::open(&settings)?;
     dp.set_config(&settings.interfaces, &settings.forwarding)?;

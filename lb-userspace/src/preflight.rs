@@ -3,8 +3,8 @@
 //!
 //! Errors: the file's validation (`Config::parse_file`, the first error it finds, as the daemon
 //! says it), then what the daemon reads at start or on demand: this host's addresses (a VIP
-//! that is one of them), the interfaces, the token files, the API's certificate and key, the
-//! geo data and each health check's `tls_ca`.
+//! that is one of them), the interfaces, the token files, the API's certificate and key, etcd's
+//! CA, client certificate and password file, the geo data and each health check's `tls_ca`.
 
 use std::{collections::BTreeSet, path::Path};
 
@@ -88,6 +88,12 @@ fn host_and_files(config: &Config) -> Vec<String> {
             errors.push(format!("{e:#}"));
         }
     }
+    // At start, and at each connect to etcd.
+    if let Some(c) = &cfg.cluster
+        && let Err(e) = crate::cluster::connection::Security::of(c).check()
+    {
+        errors.push(e);
+    }
     // The writer loads it at start (a bad file leaves every client in the default region) and
     // `lb geo reload` refuses it.
     if let Some(g) = &cfg.geo
@@ -137,6 +143,7 @@ pub fn warnings(config: &Config) -> Vec<String> {
     let mut out = Vec::new();
     plaintext_api(&config.daemon, &mut out);
     unannounced(config, &mut out);
+    plaintext_etcd(&config.daemon, &mut out);
     // What a change to these services would be warned about (every weight 0, a port 0 that
     // takes the other ports of a VIP in use).
     out.extend(risky(&[], &config.services, &Touched::All));
@@ -212,6 +219,16 @@ fn plaintext_api(cfg: &DaemonConfig, out: &mut Vec<String>) {
     {
         out.push(format!(
             "daemon.api.listen {addr} is not loopback and has no TLS (allow_plaintext = true): tokens cross the network in clear (fix: cert_file and key_file)"
+        ));
+    }
+}
+
+fn plaintext_etcd(cfg: &DaemonConfig, out: &mut Vec<String>) {
+    let Some(c) = &cfg.cluster else { return };
+    for e in c.plaintext_remote() {
+        out.push(format!(
+            "cluster.etcd {e} is plaintext and not on this host: the cluster's state{} crosses the network in clear (fix: an https:// endpoint with etcd_ca)",
+            if c.etcd_user.is_some() { " and etcd_user's password" } else { "" }
         ));
     }
 }

@@ -291,6 +291,16 @@ pub struct Etcd {
     /// Its client URL.
     pub url: String,
     addr: Ipv4Addr,
+    tls: Option<EtcdTls>,
+}
+
+/// etcd's side of TLS: its certificate and key (PEM), and the CA its clients' certificates
+/// must chain to (`--client-cert-auth`).
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 pub const ETCD: &str = "http://10.99.0.1:2379";
@@ -302,13 +312,25 @@ impl Etcd {
 
     /// An etcd in `ns`, answering on `addr`:2379.
     pub fn start_in(ns: &NetNs, addr: Ipv4Addr) -> Result<Self> {
+        Self::start_with(ns, addr, None)
+    }
+
+    /// An etcd in `ns` answering on `https://addr:2379` only to clients with a certificate
+    /// of `tls.client_ca`.
+    pub fn start_tls_in(ns: &NetNs, addr: Ipv4Addr, tls: EtcdTls) -> Result<Self> {
+        Self::start_with(ns, addr, Some(tls))
+    }
+
+    fn start_with(ns: &NetNs, addr: Ipv4Addr, tls: Option<EtcdTls>) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("{}-etcd", ns.name));
         std::fs::create_dir_all(&dir)?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut e = Self {
             child: None,
             dir,
-            url: format!("http://{addr}:2379"),
+            url: format!("{scheme}://{addr}:2379"),
             addr,
+            tls,
         };
         e.spawn(ns)?;
         Ok(e)
@@ -316,8 +338,17 @@ impl Etcd {
 
     fn spawn(&mut self, ns: &NetNs) -> Result<()> {
         let log = std::fs::File::create(self.dir.join("etcd.log"))?;
-        let child = ns
-            .command("etcd")
+        let mut etcd = ns.command("etcd");
+        if let Some(tls) = &self.tls {
+            etcd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&tls.client_ca);
+        }
+        let child = etcd
             .args(["--name", "lbt", "--data-dir"])
             .arg(self.dir.join("data"))
             .args([

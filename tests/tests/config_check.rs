@@ -412,3 +412,154 @@ fn a_vip_no_bgp_peer_can_carry_is_a_warning() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `[cluster]`'s etcd over TLS and with a user: settings that do not go together are the
+/// file's errors; the files they name are read and checked as each connect reads them, each
+/// problem one line; a plaintext endpoint off this host is a warning.
+#[test]
+fn etcd_tls_and_auth_settings_and_files_are_checked_each_in_one_line() {
+    use rcgen::{CertificateParams, KeyPair};
+    let dir = Dir::new("etcd");
+    let cluster = |lines: &str| format!("{DAEMON}[cluster]\nname = \"edge\"\nnode = \"n1\"\n{lines}");
+    // The file's own errors: the daemon's line, status 1.
+    let refused = [
+        (
+            "etcd = [\"https://10.0.0.1:2379\"]\n",
+            "is https:// but cluster.etcd_ca is not set",
+        ),
+        (
+            "etcd = [\"https://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]\netcd_ca = \"/ca.pem\"\n",
+            "mixes http:// and https://",
+        ),
+        (
+            "etcd = [\"http://10.0.0.1:2379\"]\netcd_ca = \"/ca.pem\"\n",
+            "etcd_ca is set but",
+        ),
+        (
+            "etcd = [\"https://10.0.0.1:2379\"]\netcd_ca = \"/ca.pem\"\netcd_cert = \"/c.pem\"\n",
+            "etcd_cert and etcd_key go together",
+        ),
+        (
+            "etcd = [\"http://127.0.0.1:2379\"]\netcd_user = \"lb\"\n",
+            "etcd_user and etcd_password_file go together",
+        ),
+    ];
+    for (i, (lines, said)) in refused.iter().enumerate() {
+        let path = dir.write(&format!("refused{i}.toml"), &cluster(lines));
+        let daemon = Config::load(&path).expect_err(lines).to_string();
+        assert!(daemon.contains(said), "{daemon}");
+        let out = check(&path, false);
+        assert_eq!(out.status.code(), Some(1), "{lines}: {out:?}");
+        assert_eq!(stderr_lines(&out), vec![format!("error: {daemon}")], "{lines}");
+    }
+
+    // The files: a CA, a client certificate and its key, another key, a password file.
+    let ca_key = KeyPair::generate().expect("key");
+    let ca = dir.write(
+        "ca.pem",
+        &CertificateParams::new(Vec::<String>::new())
+            .expect("params")
+            .self_signed(&ca_key)
+            .expect("CA")
+            .pem(),
+    );
+    let key = dir.join_secret("key.pem");
+    std::fs::write(&key, ca_key.serialize_pem()).expect("key");
+    let other_key = dir.join_secret("other-key.pem");
+    std::fs::write(&other_key, KeyPair::generate().expect("key").serialize_pem()).expect("key");
+    let password = dir.join_secret("password");
+    let open_password = dir.write("open-password", "secret\n");
+    std::fs::set_permissions(
+        &open_password,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod");
+    let empty_password = dir.join_secret("empty-password");
+    std::fs::write(&empty_password, "\n").expect("empty");
+    let junk = dir.write("junk.pem", "not a certificate\n");
+    let missing = dir.0.join("missing.pem");
+    let tls = |ca: &Path, cert: &Path, key: &Path, password: &Path| {
+        cluster(&format!(
+            "etcd = [\"https://10.0.0.1:2379\"]\netcd_ca = \"{}\"\netcd_cert = \"{}\"\netcd_key = \"{}\"\netcd_user = \"lb\"\netcd_password_file = \"{}\"\n",
+            ca.display(),
+            cert.display(),
+            key.display(),
+            password.display()
+        ))
+    };
+    let good = dir.write("good.toml", &tls(&ca, &ca, &key, &password));
+    let out = check(&good, false);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cases = [
+        (
+            tls(&missing, &ca, &key, &password),
+            format!("error: cluster.etcd_ca: cannot read {}", missing.display()),
+        ),
+        (
+            tls(&junk, &ca, &key, &password),
+            format!("error: cluster.etcd_ca: no certificate in {}", junk.display()),
+        ),
+        (
+            tls(&ca, &missing, &key, &password),
+            format!("error: cluster.etcd_cert: cannot read {}", missing.display()),
+        ),
+        (
+            tls(&ca, &ca, &junk, &password),
+            format!("error: cluster.etcd_key: no private key in {}", junk.display()),
+        ),
+        (
+            tls(&ca, &ca, &other_key, &password),
+            format!("error: cluster.etcd_key {} does not fit", other_key.display()),
+        ),
+        (
+            tls(&ca, &ca, &key, &missing),
+            format!(
+                "error: cluster.etcd_password_file: cannot read {}",
+                missing.display()
+            ),
+        ),
+        (
+            tls(&ca, &ca, &key, &open_password),
+            format!(
+                "error: cluster.etcd_password_file {} is readable by others",
+                open_password.display()
+            ),
+        ),
+        (
+            tls(&ca, &ca, &key, &empty_password),
+            format!(
+                "error: cluster.etcd_password_file {} is empty",
+                empty_password.display()
+            ),
+        ),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let path = dir.write(&format!("files{i}.toml"), text);
+        Config::load(&path).expect("the file itself is valid");
+        let out = check(&path, false);
+        assert_eq!(out.status.code(), Some(1), "{want}: {out:?}");
+        let lines = stderr_lines(&out);
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(
+            lines[0].starts_with(want.as_str()),
+            "{:?} should start with {want:?}",
+            lines[0]
+        );
+    }
+
+    // Plaintext off this host: a warning; on loopback, none.
+    let plain = dir.write(
+        "plain.toml",
+        &cluster("etcd = [\"http://10.0.0.1:2379\", \"http://127.0.0.1:2379\"]\n"),
+    );
+    let out = check(&plain, false);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        stderr_lines(&out),
+        vec!["warning: cluster.etcd http://10.0.0.1:2379 is plaintext and not on this host: the cluster's state crosses the network in clear (fix: an https:// endpoint with etcd_ca)".to_string()]
+    );
+    let local = dir.write("local.toml", &cluster("etcd = [\"http://[::1]:2379\"]\n"));
+    let out = check(&local, false);
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}

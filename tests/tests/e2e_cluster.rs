@@ -674,3 +674,350 @@ mod cluster_lab {
         last
     }
 }
+
+// Outside the lab: etcd alone, in a namespace of its own.
+
+use std::{net::Ipv4Addr, path::Path, time::Duration};
+
+use lb_tests::{
+    cluster::{Etcd, EtcdTls},
+    in_ns,
+    netns::NetNs,
+};
+use lb_userspace::{
+    cluster::store::{Prepared, Store},
+    config::Config,
+    model::{Service, cluster_settings::ClusterSettings},
+    reconcile::Change,
+};
+
+/// Runs `f` on a runtime of its own in `ns` (the etcd client's sockets are made there).
+fn block_on_in<T: Send>(ns: &NetNs, f: impl std::future::Future<Output = T> + Send) -> T {
+    in_ns(ns, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    })
+}
+
+fn sorted(mut services: Vec<Service>) -> Vec<Service> {
+    services.sort_by(|a, b| a.name.cmp(&b.name));
+    services
+}
+
+/// Commits `a` and `b` at once, each through its own node's store: exactly one is written
+/// whole, the other refused whole with the conflict's line; returns the winner's services.
+async fn one_wins(sa: &Store, a: Prepared, sb: &Store, b: Prepared) -> Vec<Service> {
+    assert_eq!(a.read_at, b.read_at, "both prepared from one revision");
+    let (read_at, after_a, after_b) = (a.read_at, a.after.clone(), b.after.clone());
+    let (ra, rb) = tokio::join!(sa.commit(a), sb.commit(b));
+    let (won, lost) = match (&ra, &rb) {
+        (Ok(_), Err(e)) => (after_a, e.to_string()),
+        (Err(e), Ok(_)) => (after_b, e.to_string()),
+        _ => panic!("not exactly one written: {ra:?} / {rb:?}"),
+    };
+    assert!(
+        lost.contains("changed on another node") && lost.contains("nothing written, try again"),
+        "{lost}"
+    );
+    let (now, revision) = sa.services().await.expect("read");
+    assert_eq!(revision, read_at + 1, "one transaction written");
+    assert_eq!(
+        sorted(now.services()),
+        sorted(won.clone()),
+        "the winner's state, whole"
+    );
+    won
+}
+
+/// Two nodes prepare changes from the same revision, then write them at the same moment:
+/// exactly one is written, whole; the other is refused, with nothing of it written. Changes to
+/// one service (one would be lost), and changes to two services that are each valid but not
+/// together (two services on one VIP and port). A push meets a change made after its read:
+/// its write is refused, and `push` reads again and makes the file the state whole.
+#[test]
+fn two_changes_prepared_from_one_revision_one_is_written_whole_the_other_refused_whole() {
+    let ns = NetNs::new("etcd").expect("namespace");
+    let etcd = Etcd::start_in(&ns, Ipv4Addr::LOCALHOST).expect("etcd");
+    let service = |name: &str, vip: &str, backends: &[&str]| {
+        let mut s =
+            format!("[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\n");
+        for b in backends {
+            s.push_str(&format!(
+                "[[service.backend]]\nid = \"{b}\"\naddress = \"10.1.0.{}\"\n",
+                b.trim_start_matches('b')
+            ));
+        }
+        s
+    };
+    let file = |services: &[String]| {
+        format!(
+            "[daemon]\ninterfaces = [\"eth0\"]\n\n[cluster]\netcd = [\"{}\"]\nname = \"edge\"\nnode = \"n1\"\n\n{}",
+            etcd.url,
+            services.concat()
+        )
+    };
+    let parse = |services: &[String]| Config::parse(&file(services)).expect("valid file");
+    let start = parse(&[
+        service("web", "10.0.0.10", &["b1", "b2"]),
+        service("api", "10.0.0.11", &["b3"]),
+    ]);
+    let settings = start.daemon.cluster.clone().expect("[cluster]");
+    let node = |n: &str| {
+        Store::new(ClusterSettings {
+            node: n.into(),
+            ..settings.clone()
+        })
+    };
+    let cfg = &start.daemon;
+    let took = std::time::Instant::now();
+    block_on_in(&ns, async {
+        let (n1, n2) = (node("n1"), node("n2"));
+        n1.push(&start.services).await.expect("push");
+
+        // One service: n1 replaces the state (web's b2 gone, api's b3 weight 5), n2 adds b4 to web.
+        let mut replaced = start.services.clone();
+        replaced[0].backends.retain(|b| b.id != "b2");
+        replaced[1].backends[0].weight = 5;
+        let a = n1
+            .prepare(cfg, Change::Replace(replaced))
+            .await
+            .expect("prepare a");
+        let b4 = parse(&[service("web", "10.0.0.10", &["b4"])]).services[0].backends[0].clone();
+        let b = n2
+            .prepare(
+                cfg,
+                Change::AddBackend {
+                    service: "web".into(),
+                    backend: b4,
+                    lease: None,
+                },
+            )
+            .await
+            .expect("prepare b");
+        one_wins(&n1, a, &n2, b).await;
+
+        // Two services, each valid alone, not together: both on 10.0.0.20:80.
+        let x = parse(&[service("x", "10.0.0.20", &["b5"])]).services.remove(0);
+        let y = parse(&[service("y", "10.0.0.20", &["b6"])]).services.remove(0);
+        let a = n1.prepare(cfg, Change::AddService(x)).await.expect("prepare x");
+        let b = n2.prepare(cfg, Change::AddService(y)).await.expect("prepare y");
+        let won = one_wins(&n1, a, &n2, b).await;
+        lb_userspace::config::validate_services(&won).expect("the state etcd holds is valid");
+
+        // A push whose read is overtaken by a change: its write is refused whole...
+        let pushed = start.services.clone();
+        let p = n1.prepare_push(&pushed).await.expect("prepare push");
+        let z = parse(&[service("z", "10.0.0.30", &["b7"])]).services.remove(0);
+        n2.change(cfg, Change::AddService(z)).await.expect("z added");
+        let e = n1
+            .commit(p)
+            .await
+            .expect_err("a push read before z would leave z in place");
+        assert!(e.to_string().contains("changed on another node"), "{e}");
+        // ... and `push` reads again: the file is the state, z and the rest gone.
+        n1.push(&pushed).await.expect("push");
+        let (now, _) = n1.services().await.expect("read");
+        assert_eq!(sorted(now.services()), sorted(pushed));
+    });
+    println!("forced conflicts: {} ms", took.elapsed().as_millis());
+    drop(etcd);
+}
+
+/// A throwaway PKI (rcgen): a CA, etcd's certificate for `etcd_addr` signed by it, the
+/// daemon's client certificate (CN `lb`, etcd's user for a client without a password) signed by
+/// it, and another CA that signed neither. Written under `dir`, keys mode 0600.
+struct Pki {
+    ca: std::path::PathBuf,
+    other_ca: std::path::PathBuf,
+    etcd: EtcdTls,
+    client_cert: std::path::PathBuf,
+    client_key: std::path::PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &Path, etcd_addr: Ipv4Addr) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        };
+        std::fs::create_dir_all(dir).expect("pki dir");
+        let ca = |cn: &str| {
+            let key = KeyPair::generate().expect("CA key");
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, cn);
+            let cert = p.self_signed(&key).expect("CA");
+            (cert.pem(), Issuer::new(p, key))
+        };
+        let leaf = |issuer: &Issuer<'_, KeyPair>, sans: Vec<String>, cn: &str, usage| {
+            let key = KeyPair::generate().expect("key");
+            let mut p = CertificateParams::new(sans).expect("params");
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p.extended_key_usages = vec![usage];
+            (
+                p.signed_by(&key, issuer).expect("signed").pem(),
+                key.serialize_pem(),
+            )
+        };
+        let (ca_pem, issuer) = ca("lbt ca");
+        let (other_pem, _) = ca("lbt other ca");
+        let (etcd_pem, etcd_key) = leaf(
+            &issuer,
+            vec![etcd_addr.to_string()],
+            "etcd",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (lb_pem, lb_key) = leaf(&issuer, vec![], "lb", ExtendedKeyUsagePurpose::ClientAuth);
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            lb_tests::write_secret(&path, text).expect("write pki file");
+            path
+        };
+        let ca = write("ca.pem", &ca_pem);
+        Self {
+            other_ca: write("other-ca.pem", &other_pem),
+            etcd: EtcdTls {
+                cert: write("etcd.pem", &etcd_pem),
+                key: write("etcd-key.pem", &etcd_key),
+                client_ca: ca.clone(),
+            },
+            client_cert: write("lb.pem", &lb_pem),
+            client_key: write("lb-key.pem", &lb_key),
+            ca,
+        }
+    }
+}
+
+/// Turns etcd's auth on: root, and a user `lb` (password `password`) whose role may read and
+/// write `/lb/` and nothing else.
+async fn enable_auth(url: &str, pki: &Pki, password: &str) -> Result<(), etcd_client::Error> {
+    use etcd_client::{Certificate, ConnectOptions, Identity, Permission, TlsOptions};
+    let read = |p: &Path| std::fs::read(p).expect("pki file");
+    let tls = TlsOptions::new()
+        .ca_certificate(Certificate::from_pem(read(&pki.ca)))
+        .identity(Identity::from_pem(read(&pki.client_cert), read(&pki.client_key)));
+    let mut c = etcd_client::Client::connect([url], Some(ConnectOptions::new().with_tls(tls))).await?;
+    c.user_add("root", "root-password", None).await?;
+    c.user_grant_role("root", "root").await?;
+    c.role_add("lb").await?;
+    c.role_grant_permission("lb", Permission::read_write("/lb/").with_prefix())
+        .await?;
+    c.user_add("lb", password, None).await?;
+    c.user_grant_role("lb", "lb").await?;
+    c.auth_enable().await?;
+    Ok(())
+}
+
+/// etcd over TLS with client certificates and RBAC: a daemon with the CA, its certificate and
+/// its user's password pushes a state and serves it. Restarted with a wrong password, then
+/// with a CA that did not sign etcd's certificate, it says why in one line (log and
+/// `lb cluster status`) and keeps forwarding with the tables it has.
+#[test]
+fn etcd_over_tls_with_a_user_serves_the_state_and_a_wrong_password_or_ca_is_said_in_one_line() {
+    use lb_tests::{
+        client::tcp_flows,
+        topology::{Daemon, PORT, Topology, VIP4},
+        wait_until,
+    };
+    let took = std::time::Instant::now();
+    let mut topo = Topology::new(1).expect("topology");
+    let addr = Ipv4Addr::new(10, 99, 0, 6);
+    let ns = topo
+        .add_client("etcd", &addr.to_string(), "fd99::6")
+        .expect("etcd namespace");
+    let (instance, run_dir) = Daemon::new_paths();
+    // Everything the test writes is under the daemon's run directory, which its drop removes.
+    let pki = Pki::new(&run_dir.join("pki"), addr);
+    let etcd = Etcd::start_tls_in(&ns, addr, pki.etcd.clone()).expect("etcd");
+    block_on_in(&ns, enable_auth(&etcd.url, &pki, "lb-password")).expect("auth on");
+
+    let password = run_dir.join("etcd.password");
+    lb_tests::write_secret(&password, "lb-password\n").expect("password file");
+    let ca = run_dir.join("etcd-ca.pem");
+    std::fs::copy(&pki.ca, &ca).expect("ca");
+    let text = format!(
+        "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\nconntrack_size = 65536\ntable_pool_slots = 1048576\nneighbour_refresh_ms = 500\n\n\
+         [cluster]\netcd = [\"{}\"]\nname = \"edge\"\nnode = \"n1\"\netcd_ca = \"{}\"\netcd_cert = \"{}\"\netcd_key = \"{}\"\netcd_user = \"lb\"\netcd_password_file = \"{}\"\n",
+        run_dir.display(),
+        etcd.url,
+        ca.display(),
+        pki.client_cert.display(),
+        pki.client_key.display(),
+        password.display()
+    );
+    let mut d = Daemon::start(&topo, &instance, &run_dir, &text).expect("daemon starts");
+    let status = |d: &Daemon| d.json(&["cluster", "status"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || status(&d)["connected"] == true),
+        "{}\n{}",
+        status(&d),
+        d.log()
+    );
+    let services = run_dir.join("services.toml");
+    std::fs::write(
+        &services,
+        format!(
+            "[daemon]\ninterfaces = [\"eth0\"]\n[[service]]\nname = \"web\"\nvip = \"{VIP4}\"\nport = {PORT}\nprotocol = \"tcp\"\n\
+             [[service.backend]]\nid = \"b1\"\naddress = \"{}\"\n",
+            topo.backend("b1").v4
+        ),
+    )
+    .expect("services file");
+    let out = d.cli(&["cluster", "push", services.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    d.wait_all_in_tables();
+    let (counts, _) = tcp_flows(&topo, std::net::IpAddr::V4(VIP4), 5, false);
+    assert_eq!(counts.values().sum::<usize>(), 5, "{counts:?}");
+
+    // The same daemon, restarted with a password etcd does not take; then with the right one
+    // but a CA that did not sign etcd's certificate.
+    let cases = [
+        (
+            "a wrong password",
+            "etcdserver: authentication failed, invalid user ID or password",
+        ),
+        ("a wrong CA", "invalid peer certificate: UnknownIssuer"),
+    ];
+    for (case, said) in cases {
+        if case == "a wrong password" {
+            lb_tests::write_secret(&password, "not-the-password\n").expect("password file");
+        } else {
+            lb_tests::write_secret(&password, "lb-password\n").expect("password file");
+            std::fs::copy(&pki.other_ca, &ca).expect("other ca");
+        }
+        d.restart(&topo).expect("restart");
+        assert!(
+            wait_until(Duration::from_secs(10), || status(&d)["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(said))),
+            "{case}: {}\n{}",
+            status(&d),
+            d.log_tail(20)
+        );
+        // etcd's reason alone, not the gRPC status's code, metadata and sources around it.
+        let error = status(&d)["error"].as_str().unwrap_or_default().to_string();
+        assert_eq!(error, format!("{}: {said}", etcd.url), "{case}");
+        assert_eq!(status(&d)["connected"], false, "{case}");
+        let plain = d.cli(&["cluster", "status"]);
+        let first = String::from_utf8_lossy(&plain.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        assert!(first.contains(said), "{case}: {first}");
+        // Said once in the log, not once per retry.
+        let logged = d.log().matches(&format!("cluster: {error}")).count();
+        assert_eq!(logged, 1, "{case}: {}", d.log_tail(20));
+        let (counts, _) = tcp_flows(&topo, std::net::IpAddr::V4(VIP4), 5, false);
+        assert_eq!(
+            counts.values().sum::<usize>(),
+            5,
+            "{case}: forwarding stopped: {counts:?}"
+        );
+        println!("{case}: {error}");
+    }
+    drop(d);
+    println!("etcd TLS and auth: {} ms", took.elapsed().as_millis());
+}

@@ -41,10 +41,11 @@ fn print_status(data: &Value) {
         "cluster {} node {}: etcd {}, applied revision {}{}",
         data["name"].as_str().unwrap_or_default(),
         data["node"].as_str().unwrap_or_default(),
+        // Not "unreachable": etcd may answer and refuse this node (a wrong password or CA).
         if data["connected"] == true {
             "connected"
         } else {
-            "unreachable"
+            "not connected"
         },
         data["applied_revision"],
         data["error"]

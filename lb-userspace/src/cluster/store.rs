@@ -23,11 +23,22 @@ use crate::{
     status::cluster::NodeEntry,
 };
 
-use super::connection::Connection;
+use super::connection::{Connection, Security};
 
 pub struct Store {
     settings: ClusterSettings,
     etcd: Connection,
+}
+
+/// A change to the cluster's state, checked and ready to write (`Store::prepare`).
+pub struct Prepared {
+    /// None when the change changes nothing.
+    txn: Option<Txn>,
+    /// The revision the services were read at.
+    pub read_at: i64,
+    /// Every service as the change leaves them.
+    pub after: Vec<Service>,
+    risky: Vec<String>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Error {
@@ -39,7 +50,7 @@ fn unavailable(e: impl std::fmt::Display) -> Error {
 impl Store {
     pub fn new(settings: ClusterSettings) -> Self {
         Self {
-            etcd: Connection::new(settings.etcd.clone()),
+            etcd: Connection::new(settings.etcd.clone(), Security::of(&settings)),
             settings,
         }
     }
@@ -144,11 +155,17 @@ impl Store {
             .map(|_| ())
     }
 
-    /// An API change made to the cluster's state: the services read, changed and validated
-    /// whole, then written back in one transaction that holds only if no key it read changed
-    /// meanwhile. Returns the revision that holds it, and what the change did that is likely a
-    /// mistake (`warnings::risky`).
+    /// An API change made to the cluster's state: `prepare`, then `commit`.
     pub async fn change(&self, cfg: &DaemonConfig, change: Change) -> Result<(i64, Vec<String>)> {
+        let prepared = self.prepare(cfg, change).await?;
+        self.commit(prepared).await
+    }
+
+    /// The services read, changed and validated whole, and the transaction that writes what
+    /// changed back only if no service changed since they were read: not the ones it writes
+    /// (a change made meanwhile on another node would be lost), nor any other (two changes
+    /// each valid alone, say two services on one VIP and port, may not be valid together).
+    pub async fn prepare(&self, cfg: &DaemonConfig, change: Change) -> Result<Prepared> {
         let (current, read_at) = self.services().await.map_err(unavailable)?;
         let before: BTreeMap<String, (Service, i64)> = current
             .by_key
@@ -161,9 +178,11 @@ impl Store {
         change_state(cfg, &mut after, &mut status, change, Instant::now())?;
         let was: Vec<Service> = before.values().map(|(s, _)| s.clone()).collect();
         let risky = risky(&was, &after, &touched);
-        let mut when = Vec::new();
+        // Nothing under services/ written after the read (a key made or changed since)...
+        let mut when = vec![self.unchanged_since(read_at)];
         let mut ops = Vec::new();
         let kept: BTreeSet<&str> = after.iter().map(|s| s.name.as_str()).collect();
+        // ... and each key written still as read (a key deleted since has none).
         for s in &after {
             let key = self.key("services", &s.name);
             match before.get(&s.name) {
@@ -185,11 +204,25 @@ impl Store {
                 ops.push(TxnOp::delete(key, None));
             }
         }
-        if ops.is_empty() {
-            // Nothing changes: the state read is the one to wait for.
+        // Nothing changes: the state read is the one to wait for.
+        let txn = (!ops.is_empty()).then(|| Txn::new().when(when).and_then(ops));
+        Ok(Prepared {
+            txn,
+            read_at,
+            after,
+            risky,
+        })
+    }
+
+    /// Writes a prepared change: the revision that holds it, and its `risky` warnings; refused
+    /// whole, nothing written, if the services changed since `prepare` read them.
+    pub async fn commit(&self, prepared: Prepared) -> Result<(i64, Vec<String>)> {
+        let Prepared {
+            txn, read_at, risky, ..
+        } = prepared;
+        let Some(txn) = txn else {
             return Ok((read_at, risky));
-        }
-        let txn = Txn::new().when(when).and_then(ops);
+        };
         let resp = self
             .call(|mut c| async move { c.txn(txn).await })
             .await
@@ -247,9 +280,26 @@ impl Store {
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
-    /// Makes `services` the cluster's state whole (`lb cluster push`), in one transaction.
+    /// Makes `services` the cluster's state whole (`lb cluster push`), in one transaction. A
+    /// push replaces whatever it meets, so a change made between its read and its write is
+    /// no reason to refuse it: it reads again and retries, a few times.
     pub async fn push(&self, services: &[Service]) -> Result<i64> {
-        let (current, _) = self.services().await.map_err(unavailable)?;
+        const TRIES: usize = 3;
+        for _ in 0..TRIES {
+            match self.commit(self.prepare_push(services).await?).await {
+                Err(Error::Exists(_)) => continue,
+                done => return done.map(|(revision, _)| revision),
+            }
+        }
+        Err(Error::Exists(format!(
+            "the cluster's state changed on other nodes during each of {TRIES} tries: nothing written, try again"
+        )))
+    }
+
+    /// A push's transaction: it deletes the services read that `services` lacks, so it holds
+    /// only if none was made or changed since the read (one made meanwhile would outlive it).
+    pub async fn prepare_push(&self, services: &[Service]) -> Result<Prepared> {
+        let (current, read_at) = self.services().await.map_err(unavailable)?;
         let wanted: BTreeSet<String> = services.iter().map(|s| self.key("services", &s.name)).collect();
         let mut ops: Vec<TxnOp> = current
             .by_key
@@ -262,11 +312,16 @@ impl Store {
                 .iter()
                 .map(|s| TxnOp::put(self.key("services", &s.name), encode(s), None)),
         );
-        let txn = Txn::new().and_then(ops);
-        let resp = self
-            .call(|mut c| async move { c.txn(txn).await })
-            .await
-            .map_err(unavailable)?;
-        Ok(resp.header().map_or(0, |h| h.revision()))
+        Ok(Prepared {
+            txn: Some(Txn::new().when([self.unchanged_since(read_at)]).and_then(ops)),
+            read_at,
+            after: services.to_vec(),
+            risky: Vec::new(),
+        })
+    }
+
+    /// Holds while no key under services/ was made or changed after revision `read_at`.
+    fn unchanged_since(&self, read_at: i64) -> Compare {
+        Compare::mod_revision(self.dir("services"), CompareOp::Less, read_at + 1).with_prefix()
     }
 }

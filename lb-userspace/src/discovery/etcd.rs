@@ -4,7 +4,8 @@
 //! alive. A lease that ends (the instance died, or stopped renewing) makes etcd delete the
 //! key: a deregistration, which the writer drains, then removes.
 //!
-//! The etcd is the cluster's (`[cluster] etcd` and `name`) unless the source names its own.
+//! The etcd is the cluster's (`[cluster] etcd` and `name`, with its TLS and user) unless the
+//! source names its own, which it reaches in plaintext without a user.
 //! The source reads the service's directory whole, then watches it from the revision read,
 //! handing the writer the whole set after every revision; when etcd cannot be reached it says
 //! so (the writer keeps the last set) and starts over, reading the directory again.
@@ -16,7 +17,7 @@ use serde::Deserialize;
 
 use super::Reporter;
 use crate::{
-    cluster::connection::Connection,
+    cluster::connection::{Connection, Security},
     status::discovery::{Entry, ErrorReason, Malformed, SourceError},
 };
 
@@ -30,8 +31,8 @@ pub fn dir(cluster: &str, service: &str) -> String {
 }
 
 /// Reads and watches the service's directory until the writer is gone.
-pub async fn run(reporter: Reporter, endpoints: Vec<String>, cluster: String) {
-    let etcd = Connection::new(endpoints);
+pub async fn run(reporter: Reporter, endpoints: Vec<String>, security: Security, cluster: String) {
+    let etcd = Connection::new(endpoints, security);
     let dir = dir(&cluster, &reporter.service);
     let mut backoff = BACKOFF;
     loop {

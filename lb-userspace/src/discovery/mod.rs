@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::{
+    cluster::connection::Security,
     model::{
         Service,
         cluster_settings::ClusterSettings,
@@ -103,18 +104,19 @@ pub async fn run(
                 SourceKind::File => tasks.spawn(file::run(reporter)),
                 SourceKind::Dns => tasks.spawn(dns::run(reporter, w.v6)),
                 SourceKind::Etcd => {
-                    let endpoints = w
-                        .settings
-                        .etcd
-                        .clone()
-                        .or_else(|| cluster.as_ref().map(|c| c.etcd.clone()));
-                    let name = w
-                        .settings
-                        .cluster
-                        .clone()
-                        .or_else(|| cluster.as_ref().map(|c| c.name.clone()));
-                    match endpoints.zip(name) {
-                        Some((endpoints, name)) => tasks.spawn(etcd::run(reporter, endpoints, name)),
+                    // A source's own etcd is plaintext without a user; [cluster]'s comes with
+                    // its TLS and user.
+                    let own = w.settings.etcd.clone().zip(w.settings.cluster.clone());
+                    let target = match own {
+                        Some((endpoints, name)) => Some((endpoints, Security::default(), name)),
+                        None => cluster
+                            .as_ref()
+                            .map(|c| (c.etcd.clone(), Security::of(c), c.name.clone())),
+                    };
+                    match target {
+                        Some((endpoints, security, name)) => {
+                            tasks.spawn(etcd::run(reporter, endpoints, security, name))
+                        }
                         // Refused by the config's validation (`validate_against`).
                         None => continue,
                     }

@@ -211,9 +211,15 @@ impl DiscoverySettings {
                         return Err("discovery.etcd names no endpoint".into());
                     }
                     for e in endpoints {
-                        let rest = e.strip_prefix("http://").or_else(|| e.strip_prefix("https://"));
+                        if e.starts_with("https://") {
+                            // Its TLS and user are [cluster]'s settings (etcd_ca, ...).
+                            return Err(format!(
+                                "discovery.etcd {e:?}: a source's own etcd is reached in plaintext only (fix: an http:// endpoint, or leave discovery.etcd and cluster unset to use [cluster]'s etcd with its TLS)"
+                            ));
+                        }
+                        let rest = e.strip_prefix("http://");
                         if rest.is_none_or(|r| r.is_empty() || r.contains(char::is_whitespace)) {
-                            return Err(format!("discovery.etcd {e:?} is not an http:// or https:// URL"));
+                            return Err(format!("discovery.etcd {e:?} is not an http:// URL"));
                         }
                     }
                 }
@@ -348,5 +354,7 @@ mod tests {
         etcd.validate().unwrap();
         etcd.etcd = Some(vec!["10.0.0.1:2379".into()]);
         assert!(etcd.validate().unwrap_err().contains("not an http://"));
+        etcd.etcd = Some(vec!["https://10.0.0.1:2379".into()]);
+        assert!(etcd.validate().unwrap_err().contains("plaintext only"));
     }
 }
