@@ -37,7 +37,8 @@ use crate::{maps::VIP_FILTER, select::Choice};
 #[xdp]
 pub fn lb(ctx: XdpContext) -> u32 {
     // Read before the parse, which asks it right after the IP header: traffic to other
-    // addresses goes no further. Read in the parser, it held the addresses across the lookup.
+    // addresses goes no further. Here, not in the parser: there the lookup (a call, to LLVM)
+    // would come after the addresses' loads, which would have to outlive it.
     let Some(vips) = VIP_FILTER.get(0) else {
         return stats::finish(Verdict::Pass(Counter::PassNotVip));
     };
