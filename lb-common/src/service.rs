@@ -136,6 +136,16 @@ impl VipFilter {
         self.nat[(bit >> 6) & (VIP_FILTER_WORDS - 1)] & (1 << (bit & 63)) != 0
     }
 
+    /// Whether a packet from `src` to `dst` may be the balancer's: to an address that may be a
+    /// VIP or, while NAT services exist, from or to one that NAT entries may be keyed by. The
+    /// parser asks right after the IP header, so anything else goes to the kernel unparsed.
+    #[inline(always)]
+    pub const fn may_be_ours(&self, src: &[u32; 4], dst: &[u32; 4]) -> bool {
+        let bit = Self::bit(dst);
+        self.may_be_vip(bit)
+            || (self.nat_in_use() && (self.may_be_nat(bit) || self.may_be_nat(Self::bit(src))))
+    }
+
     /// Marks an address that NAT entries may be keyed by (a NAT VIP or a NAT backend).
     pub fn add_nat(&mut self, addr: &[u32; 4]) {
         let bit = Self::bit(addr);
@@ -194,6 +204,26 @@ mod tests {
         let mut g = VipFilter::EMPTY;
         g.union(&f);
         assert_eq!(f, g);
+    }
+
+    /// A packet may be ours if it goes to a VIP or, once NAT is in use, comes from or goes to a
+    /// NAT address (a backend's reply goes to a client or the SNAT address, neither a VIP).
+    #[test]
+    fn packets_may_be_ours_by_vip_or_nat_address() {
+        let word = |last: u8| [u32::from_ne_bytes([10, 0, 0, last]), 0, 0, 0];
+        let (vip, backend, client, other) = (word(1), word(2), word(3), word(4));
+        let mut f = VipFilter::EMPTY;
+        f.add(&ServiceKey::from_words(4, 6, vip, 80u16.to_be()));
+        assert!(f.may_be_ours(&client, &vip));
+        assert!(
+            !f.may_be_ours(&backend, &client),
+            "no NAT service: replies are not ours"
+        );
+        assert!(!f.may_be_ours(&client, &other));
+        f.add_nat(&backend);
+        assert!(f.may_be_ours(&backend, &client), "a NAT backend's reply");
+        assert!(f.may_be_ours(&client, &backend));
+        assert!(!f.may_be_ours(&client, &other));
     }
 
     #[test]

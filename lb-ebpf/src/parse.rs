@@ -1,9 +1,12 @@
 //! Header parsing: Ethernet (one 802.1Q/802.1ad tag), IPv4 with options, IPv6 without extension
-//! headers, TCP and UDP. Malformed headers are dropped; anything we do not balance is passed.
+//! headers, TCP and UDP. The VIP filter is asked right after the fixed IP header: a packet to
+//! another address goes to the kernel unparsed, malformed or not (the kernel judges it).
+//! Malformed headers of packets that may be ours are dropped; anything we do not balance is
+//! passed.
 
 use core::mem::size_of;
 
-use lb_common::{Counter, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP};
+use lb_common::{Counter, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, VipFilter};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -101,8 +104,14 @@ impl Flow {
 }
 
 /// Parses a frame into its flow, or says why it is not balanced.
+///
+/// `vips`: the VIP filter, asked right after the IP header (`None`: every address may be ours).
+/// A TCP, UDP or other non-ICMP packet whose addresses it clears is passed as `pass_not_vip`
+/// without a look past the fixed IP header: IHL, lengths and the L4 header are the kernel's to
+/// judge. ICMP is parsed first: an error's flow is the one it quotes, whose addresses
+/// `select` asks the filter about.
 #[inline(always)]
-pub fn parse_flow(frame: &Frame) -> Result<Flow, Verdict> {
+pub fn parse_flow(frame: &Frame, vips: Option<&VipFilter>) -> Result<Flow, Verdict> {
     let eth: *const EthHdr = frame.ptr_at(0).ok_or(Verdict::Drop(Counter::DropTruncatedL2))?;
     // SAFETY: bounds checked by ptr_at.
     let mut ether_type = unsafe { (*eth).ether_type };
@@ -118,21 +127,34 @@ pub fn parse_flow(frame: &Frame) -> Result<Flow, Verdict> {
         }
     }
     match ether_type {
-        ETH_P_IPV4 => parse_ipv4(frame, offset),
-        ETH_P_IPV6 => parse_ipv6(frame, offset),
+        ETH_P_IPV4 => parse_ipv4(frame, offset, vips),
+        ETH_P_IPV6 => parse_ipv6(frame, offset, vips),
         _ => Err(Verdict::Pass(Counter::PassNotIp)),
     }
 }
 
+/// Whether the filter lets a packet from `src` to `dst` on to the rest of the parse.
 #[inline(always)]
-fn parse_ipv4(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
+fn may_be_ours(vips: Option<&VipFilter>, src: &[u32; 4], dst: &[u32; 4]) -> bool {
+    vips.is_none_or(|f| f.may_be_ours(src, dst))
+}
+
+#[inline(always)]
+fn parse_ipv4(frame: &Frame, offset: usize, vips: Option<&VipFilter>) -> Result<Flow, Verdict> {
     let ip: *const Ipv4Hdr = frame
         .ptr_at(offset)
         .ok_or(Verdict::Drop(Counter::DropTruncatedL3))?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
+    // Another version is no IPv4 header, so it has no addresses to ask the filter about.
     if ip.vihl >> 4 != 4 {
         return Err(Verdict::Drop(Counter::DropBadIpHeader));
+    }
+    let proto = ip.proto;
+    let src = [load_word(ip.src_addr.as_ptr()), 0, 0, 0];
+    let dst = [load_word(ip.dst_addr.as_ptr()), 0, 0, 0];
+    if proto != PROTO_ICMP && !may_be_ours(vips, &src, &dst) {
+        return Err(Verdict::Pass(Counter::PassNotVip));
     }
     let header_len = ((ip.vihl & 0x0f) as usize) << 2;
     let total_len = u16::from_be_bytes(ip.tot_len) as usize;
@@ -144,9 +166,6 @@ fn parse_ipv4(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
         return Err(Verdict::Drop(Counter::DropTruncatedL3));
     }
     let end = offset + total_len;
-    let proto = ip.proto;
-    let src = [load_word(ip.src_addr.as_ptr()), 0, 0, 0];
-    let dst = [load_word(ip.dst_addr.as_ptr()), 0, 0, 0];
     // MF set or a non-zero offset: a fragment. Only the first one has ports.
     if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
         if proto != PROTO_TCP && proto != PROTO_UDP {
@@ -287,7 +306,7 @@ fn icmp6_error(
 }
 
 #[inline(always)]
-fn parse_ipv6(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
+fn parse_ipv6(frame: &Frame, offset: usize, vips: Option<&VipFilter>) -> Result<Flow, Verdict> {
     let ip: *const Ipv6Hdr = frame
         .ptr_at(offset)
         .ok_or(Verdict::Drop(Counter::DropTruncatedL3))?;
@@ -295,6 +314,15 @@ fn parse_ipv6(frame: &Frame, offset: usize) -> Result<Flow, Verdict> {
     let ip = unsafe { &*ip };
     if ip.vcf[0] >> 4 != 6 {
         return Err(Verdict::Drop(Counter::DropBadIpHeader));
+    }
+    if ip.next_hdr != PROTO_ICMPV6
+        && !may_be_ours(
+            vips,
+            &load_words(ip.src_addr.as_ptr()),
+            &load_words(ip.dst_addr.as_ptr()),
+        )
+    {
+        return Err(Verdict::Pass(Counter::PassNotVip));
     }
     let end = offset + Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize;
     if end > frame.len() {
@@ -450,7 +478,7 @@ mod tests {
 
     fn run(bytes: &[u8]) -> Result<FlowKey, Verdict> {
         let start = bytes.as_ptr() as usize;
-        parse_flow(&Frame::new(start, start + bytes.len())).map(|f| f.key)
+        parse_flow(&Frame::new(start, start + bytes.len()), None).map(|f| f.key)
     }
 
     fn frame(parts: &[&[u8]]) -> Vec<u8> {
@@ -517,7 +545,7 @@ mod tests {
         // A fragment header whose upper protocol is UDP: a portless fragment key.
         let f = frame(&[&eth(0x86dd), &ip6, &[17, 0, 0, 1, 0, 0, 0, 7], &udp(7, 9)]);
         let start = f.as_ptr() as usize;
-        let flow = parse_flow(&Frame::new(start, start + f.len())).expect("fragment");
+        let flow = parse_flow(&Frame::new(start, start + f.len()), None).expect("fragment");
         assert_eq!(flow.kind, FlowKind::Fragment);
         assert_eq!((flow.key.proto, flow.key.src_port, flow.key.dst_port), (17, 0, 0));
         let f = frame(&[&eth(0x86dd), &ip6, &[58, 0, 0, 1, 0, 0, 0, 7]]);
@@ -628,6 +656,71 @@ mod tests {
         );
     }
 
+    /// With the VIP filter: what goes to another address passes right after the IP header,
+    /// however malformed the rest; to a VIP the same packet is a counted drop. ICMP is read
+    /// first whatever its address (an error's flow is the one it quotes).
+    #[test]
+    fn the_vip_filter_passes_other_addresses_after_the_ip_header() {
+        let vip = [10, 0, 0, 100];
+        let mut vips = VipFilter::EMPTY;
+        vips.add(&lb_common::ServiceKey::new(
+            4,
+            6,
+            [10, 0, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            0,
+        ));
+        let mut vip6 = [0u8; 16];
+        vip6[15] = 0x64;
+        vips.add(&lb_common::ServiceKey::new(6, 17, vip6, 0));
+        let ours = |bytes: &[u8]| {
+            let start = bytes.as_ptr() as usize;
+            parse_flow(&Frame::new(start, start + bytes.len()), Some(&vips)).map(|f| f.key)
+        };
+        let to = |dst: [u8; 4], mut packet: Vec<u8>| {
+            packet[16..20].copy_from_slice(&dst);
+            frame(&[&eth(0x0800), &packet])
+        };
+        let other = [10, 0, 0, 7];
+        let short_tcp = ipv4(6, 5, 0, &tcp(1, 2)[..10]);
+        assert_eq!(
+            ours(&to(vip, short_tcp.clone())),
+            Err(Verdict::Drop(Counter::DropTruncatedL4))
+        );
+        assert_eq!(
+            ours(&to(other, short_tcp)),
+            Err(Verdict::Pass(Counter::PassNotVip))
+        );
+        let mut bad_ihl = ipv4(17, 5, 0, &udp(1, 2));
+        bad_ihl[0] = 0x44;
+        assert_eq!(
+            ours(&to(vip, bad_ihl.clone())),
+            Err(Verdict::Drop(Counter::DropBadIpHeader))
+        );
+        assert_eq!(ours(&to(other, bad_ihl)), Err(Verdict::Pass(Counter::PassNotVip)));
+        // No IPv4 header (another version, or cut short): no address to ask about.
+        let mut v5 = ipv4(6, 5, 0, &tcp(1, 2));
+        v5[0] = 0x55;
+        assert_eq!(ours(&to(other, v5)), Err(Verdict::Drop(Counter::DropBadIpHeader)));
+        assert_eq!(
+            ours(&to(other, ipv4(6, 5, 0, &[]))[..30]),
+            Err(Verdict::Drop(Counter::DropTruncatedL3))
+        );
+        assert!(ours(&to(vip, ipv4(6, 5, 0, &tcp(1, 2)))).is_ok());
+        // ICMP to another address is still read (select asks the filter about the quote).
+        assert!(ours(&to(other, ipv4(1, 5, 0, &[8, 0, 0, 0, 0, 0, 0, 0]))).is_ok());
+        // IPv6: the same cut UDP header, to another address and to a VIP.
+        let v6 = |last: u8| {
+            let mut ip6 = vec![0u8; 40];
+            ip6[0] = 0x60;
+            ip6[4..6].copy_from_slice(&4u16.to_be_bytes());
+            ip6[6] = 17;
+            ip6[39] = last;
+            frame(&[&eth(0x86dd), &ip6, &[0, 1, 0, 2]])
+        };
+        assert_eq!(ours(&v6(0x64)), Err(Verdict::Drop(Counter::DropTruncatedL4)));
+        assert_eq!(ours(&v6(0x65)), Err(Verdict::Pass(Counter::PassNotVip)));
+    }
+
     #[test]
     fn icmp_errors_map_to_the_quoted_flow_reversed() {
         // The backend's reply VIP:8080 -> client:40000, quoted in a fragmentation-needed
@@ -641,7 +734,7 @@ mod tests {
         outer[12..16].copy_from_slice(&[192, 0, 2, 1]);
         let f = frame(&[&eth(0x0800), &outer]);
         let start = f.as_ptr() as usize;
-        let flow = parse_flow(&Frame::new(start, start + f.len())).expect("parsed");
+        let flow = parse_flow(&Frame::new(start, start + f.len()), None).expect("parsed");
         assert_eq!(flow.kind, FlowKind::IcmpError);
         let k = flow.key;
         assert_eq!(lb_common::addr_bytes(k.src_addr)[..4], [10, 0, 0, 1]);
@@ -673,7 +766,7 @@ mod tests {
         echo[21] = 0;
         let f = frame(&[&eth(0x0800), &echo]);
         let start = f.as_ptr() as usize;
-        let flow = parse_flow(&Frame::new(start, start + f.len())).expect("echo");
+        let flow = parse_flow(&Frame::new(start, start + f.len()), None).expect("echo");
         assert_eq!(flow.kind, FlowKind::Echo);
         assert_eq!(lb_common::addr_bytes(flow.key.dst_addr)[..4], [10, 0, 0, 100]);
         echo[20] = 0;

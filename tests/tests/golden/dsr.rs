@@ -242,6 +242,98 @@ fn malformed_packets_are_dropped_unchanged_and_counted() {
     });
 }
 
+/// The VIP filter is asked right after the IP header: a malformed packet to another address is
+/// the kernel's to judge (passed unchanged, `pass_not_vip`, no drop counted); the same packet to a
+/// VIP is still a counted drop.
+#[test]
+fn malformed_packets_to_other_addresses_pass_to_the_kernel() {
+    in_fresh_ns(|| {
+        let dp = standard();
+        const OTHER4: [u8; 4] = [10, 100, 0, 2];
+        const OTHER6: [u8; 16] = [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+        // A TCP header cut by the total length (the frame holds all of it), a data offset below
+        // 5, a UDP header cut by the IPv6 payload length, and a total length past the frame.
+        let cut_tcp4 = |dst| {
+            let mut f = [
+                eth(LB_MAC, CLIENT_MAC, 0x0800),
+                ipv4(6, CLIENT4, dst, &tcp(40000, 80, 0x10)),
+            ]
+            .concat();
+            f[16..18].copy_from_slice(&30u16.to_be_bytes());
+            f
+        };
+        let bad_doff4 = |dst| {
+            let mut f = [
+                eth(LB_MAC, CLIENT_MAC, 0x0800),
+                ipv4(6, CLIENT4, dst, &tcp(40000, 80, 0x10)),
+            ]
+            .concat();
+            f[14 + 20 + 12] = 0x30;
+            f
+        };
+        let cut_udp6 = |dst| {
+            [
+                eth(LB_MAC, CLIENT_MAC, 0x86dd),
+                ipv6(17, CLIENT6, dst, &[0, 1, 0]),
+            ]
+            .concat()
+        };
+        let long6 = |dst| {
+            let mut f = [
+                eth(LB_MAC, CLIENT_MAC, 0x86dd),
+                ipv6(6, CLIENT6, dst, &tcp(40000, 80, 0x10)),
+            ]
+            .concat();
+            f[14 + 4..14 + 6].copy_from_slice(&21u16.to_be_bytes());
+            f
+        };
+        let cases = [
+            (
+                "cut tcp header",
+                cut_tcp4(VIP4),
+                cut_tcp4(OTHER4),
+                Counter::DropTruncatedL4,
+            ),
+            (
+                "tcp data offset below 5",
+                bad_doff4(VIP4),
+                bad_doff4(OTHER4),
+                Counter::DropBadL4Header,
+            ),
+            (
+                "cut udp header, ipv6",
+                cut_udp6(VIP6),
+                cut_udp6(OTHER6),
+                Counter::DropTruncatedL4,
+            ),
+            (
+                "payload length past the frame, ipv6",
+                long6(VIP6),
+                long6(OTHER6),
+                Counter::DropTruncatedL3,
+            ),
+        ];
+        for (name, to_vip, to_other, drop) in cases {
+            let (before, dropped) = (dp.counters(), dp.counter(drop));
+            assert_eq!(
+                dp.run(&to_other),
+                (XDP_PASS, to_other.clone()),
+                "{name}, to another address"
+            );
+            let after = dp.counters();
+            let moved: Vec<&str> = Counter::ALL
+                .iter()
+                .zip(after.iter().zip(&before))
+                .filter(|(_, (a, b))| a != b)
+                .map(|(c, _)| c.name())
+                .collect();
+            assert_eq!(moved, ["pass_not_vip"], "{name}, to another address: counted as");
+            assert_eq!(dp.run(&to_vip), (XDP_DROP, to_vip.clone()), "{name}, to a VIP");
+            assert_eq!(dp.counter(drop), dropped + 1, "{name}, to a VIP: {}", drop.name());
+        }
+    });
+}
+
 #[test]
 fn connection_table_keeps_flows_after_the_table_changes() {
     in_fresh_ns(|| {
