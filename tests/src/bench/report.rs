@@ -1457,7 +1457,7 @@ mod tests {
             "| an API change on one node → identical tables holding it on all three | 130 ms | 120, 130, 140 |",
             "cluster 1 runs per node loss, 3 changes; discovery heartbeats over 30 s, 3 bulk changes in etcd |",
             "## 7. Service discovery at scale",
-            "| heartbeats answered, over 30 s | 1,000 /s of 1,000 scheduled | |",
+            "| heartbeats answered, over 30 s | 1,000 /s of 1,000 scheduled |  |",
             "| the daemon's CPU while they heartbeat | 8.3 % of one core | < 10 % met |",
             "| etcd source: the bulk change's last write → every service shows it | 2,400 ms (median of 3, 2300–2500) | < 2,000 ms missed |",
         ] {
