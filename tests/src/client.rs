@@ -143,14 +143,7 @@ pub fn http_request(
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
     use std::io::Read;
-    let body = body.unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n{body}",
-        body.len(),
-        token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default()
-    );
+    let request = request_text(addr, method, path, token, body, true);
     in_ns(ns, move || {
         let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -169,6 +162,91 @@ pub fn http_request(
             .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked"));
         Ok((status, if chunked { dechunk(body) } else { body.to_string() }))
     })
+}
+
+/// An HTTP/1.1 request's bytes, the body sent as JSON; `close` asks the server to close after
+/// its answer.
+fn request_text(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+    close: bool,
+) -> String {
+    let body = body.unwrap_or_default();
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n{body}",
+        if close { "close" } else { "keep-alive" },
+        body.len(),
+        token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default()
+    )
+}
+
+/// An HTTP/1.1 connection kept open for many requests, one at a time, as an instance's
+/// client keeps one to heartbeat. Answers must carry a `Content-Length` (the daemon's do).
+pub struct KeepAlive {
+    addr: SocketAddr,
+    token: Option<String>,
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl KeepAlive {
+    /// Connects from the calling thread's namespace; every read waits at most 10 s.
+    pub fn connect(addr: SocketAddr, token: Option<&str>) -> std::io::Result<Self> {
+        let s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_nodelay(true)?;
+        Ok(Self {
+            addr,
+            token: token.map(str::to_string),
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+        })
+    }
+
+    /// One request and its answer: the status and the body.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> std::io::Result<(u16, String)> {
+        use std::io::Read;
+        let request = request_text(self.addr, method, path, self.token.as_deref(), body, false);
+        self.writer.write_all(request.as_bytes())?;
+        let mut status = None;
+        let mut length = None;
+        // The head, bounded: a status line and at most 64 header lines.
+        for _ in 0..65 {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            match status {
+                None => status = line.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()),
+                Some(_) => {
+                    if let Some((name, value)) = line.split_once(':')
+                        && name.eq_ignore_ascii_case("content-length")
+                    {
+                        length = value.trim().parse::<usize>().ok();
+                    }
+                }
+            }
+        }
+        let status = status.ok_or_else(|| std::io::Error::other("no HTTP status line"))?;
+        let length = length.ok_or_else(|| std::io::Error::other("an answer without Content-Length"))?;
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body)?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
 }
 
 /// The data of a chunked HTTP body.

@@ -79,7 +79,8 @@ enum Command {
         /// Short runs: fewer repeats and shorter windows
         #[arg(long)]
         quick: bool,
-        /// Run only this part (repeatable): dataplane, e2e, control, health, spread
+        /// Run only this part (repeatable): dataplane, e2e, control, health, spread, cluster,
+        /// discovery (not in --quick unless named: about 4 minutes)
         #[arg(long, value_name = "PART")]
         only: Vec<String>,
         /// Then put the run on BENCHMARKS.md: results.md between its `results:begin`

@@ -1,7 +1,11 @@
 //! Control-plane speed: Maglev table builds, writing and swapping a table into the live maps,
 //! and the daemon's memory at idle with 100 services of 100 backends.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail, ensure};
 use aya::maps::{HashMap, Map, MapData};
@@ -168,26 +172,8 @@ pub fn table_swap(runs: usize) -> Result<(f64, Vec<f64>)> {
 /// resolved through permanent neighbour entries), waits until every table is built, then reads
 /// its memory once it has settled.
 pub fn daemon_rss(services: u32, per_service: u32) -> Result<Rss> {
-    let ns = NetNs::new("rss")?;
-    ns.sh(
-        "ip link add eth0 type veth peer name peer0 && ip link set peer0 up && ip link set eth0 up && \
-           ip addr add 10.97.0.1/16 dev eth0",
-    )?;
-    let mut neigh = String::new();
-    for i in 1..=per_service {
-        neigh.push_str(&format!(
-            "neigh add 10.97.{}.{} lladdr 02:00:00:00:{:02x}:{:02x} dev eth0 nud permanent\n",
-            1 + i / 250,
-            1 + i % 250,
-            i >> 8,
-            i & 0xff
-        ));
-    }
     let (instance, run_dir) = Daemon::new_paths();
-    std::fs::create_dir_all(&run_dir)?;
-    let batch = run_dir.join("neigh.batch");
-    std::fs::write(&batch, neigh)?;
-    ns.sh(&format!("ip -batch {}", batch.display()))?;
+    let ns = neighbours("rss", per_service, &run_dir)?;
 
     let mut config = format!(
         "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\nrun_dir = \"{}\"\n\
@@ -203,9 +189,8 @@ pub fn daemon_rss(services: u32, per_service: u32) -> Result<Rss> {
         ));
         for i in 1..=per_service {
             config.push_str(&format!(
-                "[[service.backend]]\nid = \"b{i}\"\naddress = \"10.97.{}.{}\"\n",
-                1 + i / 250,
-                1 + i % 250
+                "[[service.backend]]\nid = \"b{i}\"\naddress = \"{}\"\n",
+                neighbour(i)
             ));
         }
     }
@@ -252,6 +237,36 @@ pub fn daemon_rss(services: u32, per_service: u32) -> Result<Rss> {
         scrape_runs_ms: scrapes,
         scrape_samples: samples,
     })
+}
+
+/// Address `i` (1..=65535) of a `neighbours` namespace: 10.97.0.0/16, 250 to a /24.
+pub fn neighbour(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 97, (1 + i / 250) as u8, (1 + i % 250) as u8)
+}
+
+/// A namespace whose `eth0` (10.97.0.1/16, a veth with its peer up) holds permanent neighbour
+/// entries for `neighbour(1..=n)`: backends that resolve with no host behind them. The
+/// `ip -batch` file goes in `dir`.
+pub fn neighbours(tag: &str, n: u32, dir: &Path) -> Result<NetNs> {
+    let ns = NetNs::new(tag)?;
+    ns.sh(
+        "ip link add eth0 type veth peer name peer0 && ip link set peer0 up && ip link set eth0 up && \
+           ip addr add 10.97.0.1/16 dev eth0",
+    )?;
+    let mut neigh = String::new();
+    for i in 1..=n {
+        neigh.push_str(&format!(
+            "neigh add {} lladdr 02:00:00:00:{:02x}:{:02x} dev eth0 nud permanent\n",
+            neighbour(i),
+            i >> 8,
+            i & 0xff
+        ));
+    }
+    std::fs::create_dir_all(dir)?;
+    let batch = dir.join("neigh.batch");
+    std::fs::write(&batch, neigh)?;
+    ns.sh(&format!("ip -batch {}", batch.display()))?;
+    Ok(ns)
 }
 
 /// (VmRSS, RssAnon) in bytes once the process is idle: two readings a second apart agree

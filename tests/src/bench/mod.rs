@@ -1,10 +1,11 @@
 //! `cargo xtask bench`: data-plane cost per packet, end-to-end forwarding against nftables and
-//! HAProxy, and control-plane speed. Each part returns plain records; the runner prints them and
+//! HAProxy, control-plane speed, and service discovery at scale. Each part returns plain records; the runner prints them and
 //! writes `target/bench/results.json`.
 
 pub mod cluster;
 pub mod control;
 pub mod dataplane;
+pub mod discovery;
 pub mod e2e;
 pub mod health;
 pub mod katran;

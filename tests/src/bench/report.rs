@@ -15,6 +15,7 @@ use super::{
     cluster::ClusterResult,
     control::{MaglevResult, Rss},
     dataplane::{CaseResult, VsKatran},
+    discovery::{self, DiscoveryResult},
     e2e::E2eResult,
     health::HealthResult,
     scale::ScaleResult,
@@ -198,6 +199,9 @@ pub struct Results {
     pub spread: Option<Vec<SpreadResult>>,
     /// The tier: a lost node, a change across nodes, a watch to a swap (`cluster`).
     pub cluster: Option<ClusterResult>,
+    /// Service discovery at scale: 10,000 instances' heartbeats, an etcd source's bulk change
+    /// (`discovery`).
+    pub discovery: Option<DiscoveryResult>,
     pub machine: Machine,
 }
 
@@ -256,6 +260,7 @@ impl Results {
         self.md_health(&mut s);
         self.md_spread(&mut s);
         self.md_cluster(&mut s);
+        self.md_discovery(&mut s);
         while s.ends_with("\n\n") {
             s.pop();
         }
@@ -271,6 +276,7 @@ impl Results {
             ("health", self.health.is_none()),
             ("spread", self.spread.is_none()),
             ("cluster", self.cluster.is_none()),
+            ("discovery", self.discovery.is_none()),
         ]
         .into_iter()
         .filter_map(|(part, missing)| missing.then_some(part))
@@ -372,6 +378,13 @@ impl Results {
                 "cluster {} runs per node loss, {} changes",
                 c.kill_runs_ms.len(),
                 c.change_runs_ms.len()
+            ));
+        }
+        if let Some(d) = &self.discovery {
+            out.push(format!(
+                "discovery heartbeats over {:.0} s, {} bulk changes in etcd",
+                d.heartbeat.window_s,
+                d.etcd.converge_runs_ms.len()
             ));
         }
         out
@@ -816,6 +829,89 @@ impl Results {
         s.push('\n');
     }
 
+    fn md_discovery(&self, s: &mut String) {
+        let Some(d) = &self.discovery else {
+            return;
+        };
+        let (h, e) = (&d.heartbeat, &d.etcd);
+        let _ = writeln!(s, "## 7. Service discovery at scale\n");
+        let _ = writeln!(
+            s,
+            "The real daemon with {} instances in {} services (a service takes at most 4,096). \
+             Heartbeats: each instance registered over the TCP API with a ttl of {} s, then \
+             heartbeating every {:.0} s over {} kept-alive connections; CPU is the daemon's, \
+             from /proc, per second of wall time (1.0 is one core). The etcd source: the same \
+             instances as keys in a real etcd; a bulk change is {} weights in {} transactions, \
+             timed from the last transaction's answer to every service's instance watch showing \
+             it.\n",
+            int(h.instances as f64),
+            h.services,
+            h.ttl_s,
+            h.interval_s,
+            h.connections,
+            int(e.changed as f64),
+            e.txns
+        );
+        let _ = writeln!(s, "| what | figure | target |\n|---|---|---|");
+        let met = |ok: bool| if ok { "met" } else { "missed" };
+        let rows = [
+            (
+                format!("registering {} instances with a ttl", int(h.instances as f64)),
+                format!("{:.1} s", h.register_s),
+                String::new(),
+            ),
+            (
+                format!("heartbeats answered, over {:.0} s", h.window_s),
+                format!(
+                    "{} /s of {} scheduled",
+                    int(h.heartbeats_per_s),
+                    int(h.scheduled_per_s)
+                ),
+                String::new(),
+            ),
+            (
+                "a heartbeat's latency, p50 / p99 / worst".into(),
+                format!(
+                    "{:.2} / {:.2} / {:.1} ms",
+                    h.latency_p50_ms, h.latency_p99_ms, h.latency_max_ms
+                ),
+                String::new(),
+            ),
+            (
+                "the daemon's CPU while they heartbeat".into(),
+                format!("{:.1} % of one core", h.cpu_cores * 100.0),
+                format!(
+                    "< {:.0} % {}",
+                    discovery::CPU_GOAL * 100.0,
+                    met(h.cpu_cores < discovery::CPU_GOAL)
+                ),
+            ),
+            (
+                "the same daemon at rest (no heartbeat, 5 s)".into(),
+                format!("{:.1} % of one core", h.rest_cpu_cores * 100.0),
+                String::new(),
+            ),
+            (
+                format!("etcd source: start to all {} serving", int(e.instances as f64)),
+                format!("{:.2} s", e.first_read_ms / 1e3),
+                String::new(),
+            ),
+            (
+                "etcd source: the bulk change's last write → every service shows it".into(),
+                format!("{} ms ({})", int(e.converge_ms), span(&e.converge_runs_ms, 0)),
+                format!(
+                    "< {} ms {}",
+                    int(discovery::CONVERGE_GOAL_MS),
+                    met(e.converge_ms < discovery::CONVERGE_GOAL_MS)
+                ),
+            ),
+        ];
+        for (what, figure, target) in rows {
+            let _ = writeln!(s, "| {what} | {figure} | {target} |");
+        }
+        s.push('\n');
+    }
+
     pub fn table(&self) -> String {
         let mut s = String::new();
         let m = &self.machine;
@@ -949,6 +1045,27 @@ impl Results {
                 "\ncluster (median ms): node killed -> route gone {:.0}, link pulled {:.0} (BFD {:.0}), \
                  API change -> identical tables {:.0}, watch -> swap {:.1}",
                 c.kill_ms, c.link_hold_ms, c.link_bfd_ms, c.change_ms, c.watch_swap_ms
+            );
+        }
+        if let Some(d) = &self.discovery {
+            let (h, e) = (&d.heartbeat, &d.etcd);
+            let _ = writeln!(
+                s,
+                "\ndiscovery: {} instances, registered in {:.1} s; {:.0} heartbeats/s of {:.0} (p50 {:.2} ms, p99 {:.2} ms) \
+                 on {:.1}% of a core ({:.1}% at rest); etcd: start -> all serving {:.0} ms, \
+                 {} weights -> shown {:.0} ms (median of {:?})",
+                h.instances,
+                h.register_s,
+                h.heartbeats_per_s,
+                h.scheduled_per_s,
+                h.latency_p50_ms,
+                h.latency_p99_ms,
+                h.cpu_cores * 100.0,
+                h.rest_cpu_cores * 100.0,
+                e.first_read_ms,
+                e.changed,
+                e.converge_ms,
+                e.converge_runs_ms.iter().map(|v| v.round()).collect::<Vec<_>>()
             );
         }
         s
@@ -1111,6 +1228,7 @@ mod tests {
     use super::*;
     use crate::bench::{
         dataplane::vs_katran,
+        discovery::{EtcdResult, HeartbeatResult},
         e2e::PerContender,
         health::{ChecksResult, FlapResult},
         scale::{MapMemory, ScaleVsSmall},
@@ -1260,6 +1378,34 @@ mod tests {
                 watch_swap_ms: 4.2,
                 watch_swap_runs_ms: vec![4.2],
             }),
+            discovery: Some(DiscoveryResult {
+                heartbeat: HeartbeatResult {
+                    instances: 10_000,
+                    services: 4,
+                    ttl_s: 30,
+                    interval_s: 10.0,
+                    connections: 8,
+                    register_s: 12.3,
+                    window_s: 30.0,
+                    scheduled_per_s: 1000.0,
+                    heartbeats_per_s: 999.6,
+                    latency_p50_ms: 0.31,
+                    latency_p99_ms: 2.5,
+                    latency_max_ms: 40.0,
+                    cpu_cores: 0.083,
+                    rest_cpu_cores: 0.02,
+                },
+                etcd: EtcdResult {
+                    instances: 10_000,
+                    services: 4,
+                    first_read_ms: 2500.0,
+                    changed: 1000,
+                    txns: 10,
+                    converge_ms: 2400.0,
+                    converge_runs_ms: vec![2300.0, 2400.0, 2500.0],
+                    write_runs_ms: vec![30.0, 31.0, 29.0],
+                },
+            }),
             machine: Machine {
                 cpu: "AMD EPYC".into(),
                 cores: 2,
@@ -1334,6 +1480,11 @@ mod tests {
             "| maglev | 3,000 | 36.2 | 1.340 | 1.641 | 1.939 |",
             "## 6. A tier of nodes",
             "| an API change on one node → identical tables holding it on all three | 130 ms | 120, 130, 140 |",
+            "cluster 1 runs per node loss, 3 changes; discovery heartbeats over 30 s, 3 bulk changes in etcd |",
+            "## 7. Service discovery at scale",
+            "| heartbeats answered, over 30 s | 1,000 /s of 1,000 scheduled |  |",
+            "| the daemon's CPU while they heartbeat | 8.3 % of one core | < 10 % met |",
+            "| etcd source: the bulk change's last write → every service shows it | 2,400 ms (median of 3, 2300–2500) | < 2,000 ms missed |",
         ] {
             assert!(md.contains(needle), "missing {needle:?} in\n{md}");
         }
@@ -1350,6 +1501,7 @@ mod tests {
         r.quick = true;
         r.e2e = None;
         r.spread = None;
+        r.discovery = None;
         r.vs_katran = Some(Vec::new());
         let mut info = run();
         info.dirty = true;
@@ -1361,13 +1513,13 @@ mod tests {
         );
         assert!(
             md.contains(
-                "| run | `cargo xtask bench --quick` (short runs, no thresholds), without e2e, spread;"
+                "| run | `cargo xtask bench --quick` (short runs, no thresholds), without e2e, spread, discovery;"
             ),
             "{md}"
         );
         assert!(md.contains("| Katran | not found"), "{md}");
         assert!(
-            !md.contains("## 2. End to end") && !md.contains("## 5. Spread"),
+            !md.contains("## 2. End to end") && !md.contains("## 5. Spread") && !md.contains("## 7."),
             "{md}"
         );
         assert!(!md.contains("### Against Katran"), "{md}");

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, ValueEnum};
 use lb_tests::bench::{
-    cluster, control, dataplane, e2e, health,
+    cluster, control, dataplane, discovery, e2e, health,
     report::{Machine, Results},
     spread,
 };
@@ -35,6 +35,9 @@ enum Part {
     Health,
     Spread,
     Cluster,
+    /// Heartbeats of 10,000 instances and an etcd source of 10,000: not in `--quick` (about
+    /// 2 minutes) unless named
+    Discovery,
 }
 
 fn main() -> ExitCode {
@@ -64,6 +67,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         health: None,
         spread: None,
         cluster: None,
+        discovery: None,
         machine: Machine::detect(),
     };
     if wants(Part::Dataplane) {
@@ -96,6 +100,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if wants(Part::Cluster) {
         eprintln!("==> cluster: a lost node, a change across nodes, a watch to a swap");
         results.cluster = Some(cluster::run(args.quick)?);
+    }
+    if wants(Part::Discovery) && (!args.quick || args.only.contains(&Part::Discovery)) {
+        let (runs, window) = if args.quick { (1, 10) } else { (5, 30) };
+        eprintln!(
+            "==> discovery: {} instances heartbeating for {window} s, an etcd source's bulk change",
+            discovery::INSTANCES
+        );
+        results.discovery = Some(discovery::run(runs, std::time::Duration::from_secs(window))?);
     }
     if wants(Part::E2e) {
         eprintln!("==> end to end through veth: lb, nftables, HAProxy");
