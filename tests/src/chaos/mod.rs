@@ -610,9 +610,12 @@ impl Run<'_> {
     /// each active-flow count what the tables count, and the counters against what was sent.
     fn final_checks(&mut self, shared: &Arc<Shared>, before: &serde_json::Value) -> Result<()> {
         // The FINs of the closed connections take them off their counts: the counts settle
-        // on what the tables hold.
+        // on what the tables hold. A count that drifted under the churn (a flow gone without a
+        // FIN: an eviction, a flow that closed while a restart or upgrade copied the tables)
+        // is the census's to correct, and it corrects a count only in a walk it stays still
+        // through (docs/strategies.md): so within a census interval and a walk of the quiet.
         let mut last = String::new();
-        let ok = wait_until(Duration::from_secs(5), || {
+        let ok = wait_until(Duration::from_secs(25), || {
             match active_against_tables(self.daemon) {
                 Ok(diff) if diff.is_empty() => true,
                 Ok(diff) => {
