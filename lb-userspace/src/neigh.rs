@@ -48,7 +48,7 @@ use futures::StreamExt;
 use log::{debug, warn};
 use rtnetlink::{
     Handle,
-    packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
+    packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
         link::{LinkAttribute, LinkLayerType, LinkMessage},
@@ -300,26 +300,128 @@ impl Resolver {
         check_unicast(addr)?;
         let route = self.route(addr).await?;
         let link = self.link(addr, route.ifindex).await?;
-        if let Some(gateway) = route.gateway {
-            return Err(ResolveError::NotOnLink {
-                addr,
-                gateway,
-                ifname: link.name,
-            });
-        }
-        let Some(mac) = link.mac else {
-            return Err(ResolveError::NoLinkAddress {
-                addr,
-                ifname: link.name,
-            });
-        };
-        Ok(Egress {
-            ifindex: route.ifindex,
-            name: link.name,
-            mac,
-        })
+        egress_of(addr, &route, link)
     }
 
+    /// `lookup` for many addresses at once, for the periodic refresh: the routes concurrently,
+    /// each egress interface once, and the neighbour table in one dump per family instead of
+    /// one query per backend (with 10,000 backends, three round trips each made 30,000 a
+    /// second at the default refresh). In the order of `addrs`.
+    pub async fn lookup_all(&self, addrs: &[IpAddr]) -> Vec<Result<NextHop, ResolveError>> {
+        let routes = futures::future::join_all(addrs.iter().map(|&a| async move {
+            check_unicast(a)?;
+            self.route(a).await
+        }))
+        .await;
+        let mut links: std::collections::HashMap<u32, Result<Link, String>> =
+            std::collections::HashMap::new();
+        for (addr, route) in addrs.iter().zip(&routes) {
+            if let Ok(r) = route
+                && !links.contains_key(&r.ifindex)
+            {
+                let link = self.link(*addr, r.ifindex).await.map_err(|e| e.to_string());
+                links.insert(r.ifindex, link);
+            }
+        }
+        let mut table = std::collections::HashMap::new();
+        let mut dump_error = None;
+        for v6 in [false, true] {
+            if addrs.iter().any(|a| a.is_ipv6() == v6) {
+                match self.neighbour_table(v6).await {
+                    Ok(t) => table.extend(t),
+                    Err(e) => dump_error = Some(e),
+                }
+            }
+        }
+        addrs
+            .iter()
+            .zip(routes)
+            .map(|(&addr, route)| {
+                let route = route?;
+                let link = match links.get(&route.ifindex) {
+                    Some(Ok(link)) => link.clone(),
+                    Some(Err(e)) => return Err(ResolveError::Netlink(e.clone())),
+                    None => {
+                        return Err(ResolveError::Netlink(format!(
+                            "interface #{} not looked up",
+                            route.ifindex
+                        )));
+                    }
+                };
+                let egress = egress_of(addr, &route, link)?;
+                if let Some(e) = &dump_error {
+                    return Err(ResolveError::Netlink(e.clone()));
+                }
+                match table.get(&(egress.ifindex, addr)).and_then(Neighbour::usable_mac) {
+                    Some(mac) => Ok(egress.next_hop(mac)),
+                    None => Err(egress.unresolved(addr, Duration::ZERO)),
+                }
+            })
+            .collect()
+    }
+
+    /// `ip neigh show`: every entry of one family, by interface and address (one dump).
+    async fn neighbour_table(
+        &self,
+        v6: bool,
+    ) -> Result<std::collections::HashMap<(u32, IpAddr), Neighbour>, String> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = if v6 {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        let replies = self
+            .exchange(RouteNetlinkMessage::GetNeighbour(msg), NLM_F_REQUEST | NLM_F_DUMP)
+            .await
+            .map_err(|f| format!("neighbour table dump: {f}"))?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) => {
+                    let addr = n.attributes.iter().find_map(|a| match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+                        _ => None,
+                    })?;
+                    let entry = Neighbour {
+                        state: u16::from(n.header.state),
+                        mac: n.attributes.iter().find_map(|a| match a {
+                            NeighbourAttribute::LinkLayerAddress(l) => ethernet_unicast(l),
+                            _ => None,
+                        }),
+                    };
+                    Some(((n.header.ifindex, addr), entry))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+/// The on-link egress towards `addr` from its route and the route's interface.
+fn egress_of(addr: IpAddr, route: &Route, link: Link) -> Result<Egress, ResolveError> {
+    if let Some(gateway) = route.gateway {
+        return Err(ResolveError::NotOnLink {
+            addr,
+            gateway,
+            ifname: link.name,
+        });
+    }
+    let Some(mac) = link.mac else {
+        return Err(ResolveError::NoLinkAddress {
+            addr,
+            ifname: link.name,
+        });
+    };
+    Ok(Egress {
+        ifindex: route.ifindex,
+        name: link.name,
+        mac,
+    })
+}
+
+impl Resolver {
     /// `ip route get ADDR`: the kernel's own forwarding decision, policy rules included.
     async fn route(&self, addr: IpAddr) -> Result<Route, ResolveError> {
         let mut msg = RouteMessage::default();

@@ -584,3 +584,76 @@ fn dangerous_changes_are_refused_or_warned_about() {
         assert_eq!(log.matches(needle).count(), 1, "{needle}: {log}");
     }
 }
+
+/// A backend whose MAC changes (its host replaced, its address kept) is followed: the
+/// neighbour refresh reads the new entry (one dump of the table per family, not a query per
+/// backend) and new connections reach the backend at its new MAC.
+#[test]
+fn a_backend_whose_mac_changes_is_followed_by_the_refresh() {
+    let (topo, d) = start(&["b1", "b2"], 2);
+    let b1 = topo.backend("b1");
+    let new = "02:00:00:00:99:01";
+    let macs = || -> Vec<serde_json::Value> {
+        ["web4", "web6"]
+            .iter()
+            .flat_map(|s| d.backends_of(s))
+            .filter(|b| b["id"] == "b1")
+            .map(|b| b["mac"].clone())
+            .collect()
+    };
+    assert!(macs().iter().all(|m| m != new), "{:?}", macs());
+    b1.ns
+        .sh(&format!("ip link set dev eth0 address {new}"))
+        .expect("new MAC");
+    topo.lb
+        .sh(&format!(
+            "ip neigh replace {} lladdr {new} dev eth0 nud reachable && ip -6 neigh replace {} lladdr {new} dev eth0 nud reachable",
+            b1.v4, b1.v6
+        ))
+        .expect("neighbour entries");
+    let followed = lb_tests::wait_until(std::time::Duration::from_secs(10), || {
+        let m = macs();
+        m.len() == 2 && m.iter().all(|m| m == new)
+    });
+    assert!(followed, "{:?}\n{}", macs(), d.log_tail(10));
+    // The batched lookup itself, in the balancer's namespace: each on-link address from the
+    // one dump, and an address with no entry unresolved (the refresh then resolves it).
+    let b2 = topo.backend("b2");
+    let addrs = [
+        IpAddr::V4(b1.v4),
+        IpAddr::V6(b1.v6),
+        IpAddr::V4(b2.v4),
+        "10.99.0.250".parse().unwrap(),
+    ];
+    let b2_mac = b2.ns.sh("ip -br link show dev eth0 | awk '{print $3}'").expect("b2's MAC");
+    let looked = lb_tests::netns::spawn_in(&topo.lb, "lookup-all", move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let r = lb_userspace::neigh::Resolver::new().expect("resolver");
+            r.lookup_all(&addrs)
+                .await
+                .into_iter()
+                .map(|h| {
+                    h.map(|h| lb_userspace::control::queries::mac_string(&h.dst_mac))
+                        .map_err(|e| e.to_string())
+                })
+                .collect::<Vec<_>>()
+        })
+    })
+    .join()
+    .expect("lookup thread");
+    assert_eq!(looked[0].as_deref(), Ok(new), "{looked:?}");
+    assert_eq!(looked[1].as_deref(), Ok(new), "{looked:?}");
+    assert_eq!(looked[2].as_deref(), Ok(b2_mac.trim()), "{looked:?}");
+    assert!(looked[3].is_err(), "{looked:?}");
+    for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        let (counts, _) = tcp_flows(&topo, vip, 40, false);
+        assert!(
+            counts.get("b1").copied().unwrap_or(0) > 0,
+            "{vip}: no new connection reached b1 at its new MAC: {counts:?}"
+        );
+    }
+}

@@ -76,6 +76,44 @@ where
         .collect()
 }
 
+/// Each address's next hop again, in the order given: routed ones as `hops_of` does, on-link ones from the
+/// neighbour table read whole (`Resolver::lookup_all`), and those it has no usable entry for
+/// resolved (ARP/ND, briefly).
+async fn refreshed(
+    resolver: &Resolver,
+    addrs: &[(IpAddr, bool)],
+) -> Vec<(IpAddr, std::result::Result<NextHop, ResolveError>)> {
+    let on_link: Vec<IpAddr> = addrs.iter().filter(|(_, l2)| *l2).map(|(a, _)| *a).collect();
+    let mut found: HashMap<IpAddr, std::result::Result<NextHop, ResolveError>> = on_link
+        .iter()
+        .copied()
+        .zip(resolver.lookup_all(&on_link).await)
+        .collect();
+    let again: Vec<IpAddr> = found
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(a, _)| *a)
+        .collect();
+    let resolved = join_all(
+        again
+            .iter()
+            .map(|&a| resolver.resolve(a, Duration::from_millis(200))),
+    )
+    .await;
+    found.extend(again.into_iter().zip(resolved));
+    let routed: Vec<IpAddr> = addrs.iter().filter(|(_, l2)| !l2).map(|(a, _)| *a).collect();
+    found.extend(routed.iter().copied().zip(resolver.route_hops(&routed).await));
+    addrs
+        .iter()
+        .map(|&(a, _)| {
+            let r = found
+                .remove(&a)
+                .unwrap_or_else(|| Err(ResolveError::Netlink(format!("backend {a}: not looked up"))));
+            (a, r)
+        })
+        .collect()
+}
+
 /// Re-reads every backend's next hop; a change (or a backend resolving late) goes to the
 /// writer. Runs until the writer is gone.
 pub async fn refresh(
@@ -92,13 +130,7 @@ pub async fn refresh(
         let wanted = backend_addresses(&snap.services);
         let resolver = &resolver;
         let wanted: Vec<(IpAddr, bool)> = wanted.into_iter().collect();
-        let results = hops_of(resolver, &wanted, |a| async move {
-            match resolver.lookup(a).await {
-                Ok(hop) => Ok(hop),
-                Err(_) => resolver.resolve(a, Duration::from_millis(200)).await,
-            }
-        })
-        .await;
+        let results = refreshed(resolver, &wanted).await;
         let mut changes = Vec::new();
         for (addr, r) in results {
             let now = r.as_ref().ok();
