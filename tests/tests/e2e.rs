@@ -625,7 +625,10 @@ fn a_backend_whose_mac_changes_is_followed_by_the_refresh() {
         IpAddr::V4(b2.v4),
         "10.99.0.250".parse().unwrap(),
     ];
-    let b2_mac = b2.ns.sh("ip -br link show dev eth0 | awk '{print $3}'").expect("b2's MAC");
+    let b2_mac = b2
+        .ns
+        .sh("ip -br link show dev eth0 | awk '{print $3}'")
+        .expect("b2's MAC");
     let looked = lb_tests::netns::spawn_in(&topo.lb, "lookup-all", move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
