@@ -245,6 +245,25 @@ impl Resolver {
     /// of routed backends share a few interfaces; a link query per backend was half of the
     /// netlink work of every refresh). In the order of `addrs`.
     pub async fn route_hops(&self, addrs: &[IpAddr]) -> Vec<Result<NextHop, ResolveError>> {
+        self.routes_and_links(addrs)
+            .await
+            .into_iter()
+            .map(|r| {
+                let (route, link) = r?;
+                Ok(NextHop {
+                    ifindex: route.ifindex,
+                    ifname: link.name,
+                    src_mac: link.mac.unwrap_or_default(),
+                    dst_mac: [0; 6],
+                    mtu: route.mtu.or(link.mtu).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
+    /// Each address's route and its interface: the routes concurrently, then each interface
+    /// once (thousands of backends share a few). In the order of `addrs`.
+    async fn routes_and_links(&self, addrs: &[IpAddr]) -> Vec<Result<(Route, Link), ResolveError>> {
         let routes = futures::future::join_all(addrs.iter().map(|&a| async move {
             check_unicast(a)?;
             self.route(a).await
@@ -268,23 +287,14 @@ impl Resolver {
             .into_iter()
             .map(|route| {
                 let route = route?;
-                let link = match links.get(&route.ifindex) {
-                    Some(Ok(link)) => link.clone(),
-                    Some(Err(e)) => return Err(ResolveError::Netlink(e.clone())),
-                    None => {
-                        return Err(ResolveError::Netlink(format!(
-                            "interface #{} not looked up",
-                            route.ifindex
-                        )));
-                    }
-                };
-                Ok(NextHop {
-                    ifindex: route.ifindex,
-                    ifname: link.name,
-                    src_mac: link.mac.unwrap_or_default(),
-                    dst_mac: [0; 6],
-                    mtu: route.mtu.or(link.mtu).unwrap_or(0),
-                })
+                match links.get(&route.ifindex) {
+                    Some(Ok(link)) => Ok((route, link.clone())),
+                    Some(Err(e)) => Err(ResolveError::Netlink(e.clone())),
+                    None => Err(ResolveError::Netlink(format!(
+                        "interface #{} not looked up",
+                        route.ifindex
+                    ))),
+                }
             })
             .collect()
     }
@@ -308,21 +318,7 @@ impl Resolver {
     /// one query per backend (with 10,000 backends, three round trips each made 30,000 a
     /// second at the default refresh). In the order of `addrs`.
     pub async fn lookup_all(&self, addrs: &[IpAddr]) -> Vec<Result<NextHop, ResolveError>> {
-        let routes = futures::future::join_all(addrs.iter().map(|&a| async move {
-            check_unicast(a)?;
-            self.route(a).await
-        }))
-        .await;
-        let mut links: std::collections::HashMap<u32, Result<Link, String>> =
-            std::collections::HashMap::new();
-        for (addr, route) in addrs.iter().zip(&routes) {
-            if let Ok(r) = route
-                && !links.contains_key(&r.ifindex)
-            {
-                let link = self.link(*addr, r.ifindex).await.map_err(|e| e.to_string());
-                links.insert(r.ifindex, link);
-            }
-        }
+        let pairs = self.routes_and_links(addrs).await;
         let mut table = std::collections::HashMap::new();
         let mut dump_error = None;
         for v6 in [false, true] {
@@ -335,19 +331,9 @@ impl Resolver {
         }
         addrs
             .iter()
-            .zip(routes)
-            .map(|(&addr, route)| {
-                let route = route?;
-                let link = match links.get(&route.ifindex) {
-                    Some(Ok(link)) => link.clone(),
-                    Some(Err(e)) => return Err(ResolveError::Netlink(e.clone())),
-                    None => {
-                        return Err(ResolveError::Netlink(format!(
-                            "interface #{} not looked up",
-                            route.ifindex
-                        )));
-                    }
-                };
+            .zip(pairs)
+            .map(|(&addr, pair)| {
+                let (route, link) = pair?;
                 let egress = egress_of(addr, &route, link)?;
                 if let Some(e) = &dump_error {
                     return Err(ResolveError::Netlink(e.clone()));
