@@ -370,14 +370,7 @@ impl Resolver {
                         NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
                         _ => None,
                     })?;
-                    let entry = Neighbour {
-                        state: u16::from(n.header.state),
-                        mac: n.attributes.iter().find_map(|a| match a {
-                            NeighbourAttribute::LinkLayerAddress(l) => ethernet_unicast(l),
-                            _ => None,
-                        }),
-                    };
-                    Some(((n.header.ifindex, addr), entry))
+                    Some(((n.header.ifindex, addr), Neighbour::of(&n)))
                 }
                 _ => None,
             })
@@ -548,13 +541,7 @@ impl Resolver {
             }
         };
         Ok(replies.into_iter().find_map(|m| match m {
-            RouteNetlinkMessage::NewNeighbour(n) => Some(Neighbour {
-                state: u16::from(n.header.state),
-                mac: n.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::LinkLayerAddress(l) => ethernet_unicast(l),
-                    _ => None,
-                }),
-            }),
+            RouteNetlinkMessage::NewNeighbour(n) => Some(Neighbour::of(&n)),
             _ => None,
         }))
     }
@@ -749,6 +736,16 @@ struct Neighbour {
 }
 
 impl Neighbour {
+    fn of(n: &NeighbourMessage) -> Self {
+        Self {
+            state: u16::from(n.header.state),
+            mac: n.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLayerAddress(l) => ethernet_unicast(l),
+                _ => None,
+            }),
+        }
+    }
+
     fn usable_mac(&self) -> Option<[u8; 6]> {
         if self.state & USABLE_STATES != 0 {
             self.mac

@@ -3,9 +3,10 @@
 //! per entry, so the walk is spaced out: every 10 s, or 20 times its own duration if longer.
 //! The same walk counts each backend's counted flows (connection-table entries, and NAT
 //! connections' forward entries) and corrects the data plane's active-flow counts to it, each
-//! only when that is safe (`active::settle`). It also walks the embryonic table (flows that have sent one packet) and removes the
-//! entries older than `EMBRYONIC_TTL`, so a burst of SYNs that never complete, or of one-packet
-//! UDP flows, stops counting toward least connections and `maxconn` within about 40 s.
+//! only when that is safe (`active::settle`). It also walks the embryonic table (flows that
+//! have sent one packet) and removes the entries older than `EMBRYONIC_TTL`, so a burst of
+//! SYNs that never complete, or of one-packet UDP flows, stops counting toward least
+//! connections and `maxconn` within about 40 s.
 
 use std::{
     path::Path,

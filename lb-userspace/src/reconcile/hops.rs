@@ -34,7 +34,10 @@ pub async fn resolve_missing(
         .filter(|(a, _)| !known.contains_key(a))
         .map(|(a, l2)| (*a, *l2))
         .collect();
-    let results = hops_of(resolver, &missing, |a| resolver.resolve(a, RESOLVE_TIMEOUT)).await;
+    let results = hops_of(resolver, &missing, |l2| {
+        join_all(l2.into_iter().map(|a| resolver.resolve(a, RESOLVE_TIMEOUT)))
+    })
+    .await;
     let mut found = HashMap::new();
     let mut warnings = Vec::new();
     for (addr, result) in results {
@@ -52,20 +55,20 @@ pub async fn resolve_missing(
 }
 
 /// Each address's next hop, in the order given: routed ones (`false`) in one batch, each
-/// egress interface looked up once (`Resolver::route_hops`), on-link ones (`true`) each by
-/// `on_link`, concurrently.
+/// egress interface looked up once (`Resolver::route_hops`), on-link ones (`true`) by
+/// `on_link`, given them all at once.
 async fn hops_of<F, Fut>(
     resolver: &Resolver,
     addrs: &[(IpAddr, bool)],
     on_link: F,
 ) -> Vec<(IpAddr, std::result::Result<NextHop, ResolveError>)>
 where
-    F: Fn(IpAddr) -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<NextHop, ResolveError>>,
+    F: FnOnce(Vec<IpAddr>) -> Fut,
+    Fut: std::future::Future<Output = Vec<std::result::Result<NextHop, ResolveError>>>,
 {
     let routed: Vec<IpAddr> = addrs.iter().filter(|(_, l2)| !l2).map(|(a, _)| *a).collect();
     let mut routed = resolver.route_hops(&routed).await.into_iter();
-    let l2 = join_all(addrs.iter().filter(|(_, l2)| *l2).map(|&(a, _)| on_link(a))).await;
+    let l2 = on_link(addrs.iter().filter(|(_, l2)| *l2).map(|(a, _)| *a).collect()).await;
     let mut l2 = l2.into_iter();
     addrs
         .iter()
@@ -76,42 +79,24 @@ where
         .collect()
 }
 
-/// Each address's next hop again, in the order given: routed ones as `hops_of` does, on-link ones from the
-/// neighbour table read whole (`Resolver::lookup_all`), and those it has no usable entry for
-/// resolved (ARP/ND, briefly).
-async fn refreshed(
+/// On-link addresses looked up again: from the neighbour table read whole
+/// (`Resolver::lookup_all`), and those it has no usable entry for resolved (ARP/ND, briefly).
+async fn relooked(
     resolver: &Resolver,
-    addrs: &[(IpAddr, bool)],
-) -> Vec<(IpAddr, std::result::Result<NextHop, ResolveError>)> {
-    let on_link: Vec<IpAddr> = addrs.iter().filter(|(_, l2)| *l2).map(|(a, _)| *a).collect();
-    let mut found: HashMap<IpAddr, std::result::Result<NextHop, ResolveError>> = on_link
-        .iter()
-        .copied()
-        .zip(resolver.lookup_all(&on_link).await)
-        .collect();
-    let again: Vec<IpAddr> = found
-        .iter()
-        .filter(|(_, r)| r.is_err())
-        .map(|(a, _)| *a)
-        .collect();
+    addrs: Vec<IpAddr>,
+) -> Vec<std::result::Result<NextHop, ResolveError>> {
+    let mut found = resolver.lookup_all(&addrs).await;
+    let again: Vec<usize> = (0..found.len()).filter(|&i| found[i].is_err()).collect();
     let resolved = join_all(
         again
             .iter()
-            .map(|&a| resolver.resolve(a, Duration::from_millis(200))),
+            .map(|&i| resolver.resolve(addrs[i], Duration::from_millis(200))),
     )
     .await;
-    found.extend(again.into_iter().zip(resolved));
-    let routed: Vec<IpAddr> = addrs.iter().filter(|(_, l2)| !l2).map(|(a, _)| *a).collect();
-    found.extend(routed.iter().copied().zip(resolver.route_hops(&routed).await));
-    addrs
-        .iter()
-        .map(|&(a, _)| {
-            let r = found
-                .remove(&a)
-                .unwrap_or_else(|| Err(ResolveError::Netlink(format!("backend {a}: not looked up"))));
-            (a, r)
-        })
-        .collect()
+    for (i, r) in again.into_iter().zip(resolved) {
+        found[i] = r;
+    }
+    found
 }
 
 /// Re-reads every backend's next hop; a change (or a backend resolving late) goes to the
@@ -130,7 +115,7 @@ pub async fn refresh(
         let wanted = backend_addresses(&snap.services);
         let resolver = &resolver;
         let wanted: Vec<(IpAddr, bool)> = wanted.into_iter().collect();
-        let results = refreshed(resolver, &wanted).await;
+        let results = hops_of(resolver, &wanted, |l2| relooked(resolver, l2)).await;
         let mut changes = Vec::new();
         for (addr, r) in results {
             let now = r.as_ref().ok();
