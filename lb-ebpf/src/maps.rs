@@ -100,6 +100,16 @@ pub fn active_add(slot: u32, delta: i64) {
     }
 }
 
+/// Takes a flow pinned to `slot` at `generation` off the slot's active-flow count, unless the
+/// slot has since gone to another backend: its count was zeroed then (`reset_backend_slot`),
+/// and the old flow's −1 would take one off the new backend's (below 0 in chaos runs).
+#[inline(always)]
+pub fn active_release(slot: u32, generation: u32) {
+    if BACKENDS.get(slot).is_some_and(|b| b.generation == generation) {
+        active_add(slot, -1);
+    }
+}
+
 /// Round robin's cursor, per service and per CPU. Not pinned: a restart only restarts the walk.
 #[map]
 pub static CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);

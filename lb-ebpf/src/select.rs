@@ -28,7 +28,8 @@ use lb_ebpf::{Flow, FlowKind, Verdict};
 use crate::{
     maps::{
         ACTIVE, BACKENDS, CONNTRACK, CURSORS, DP_CONFIG, EMBRYONIC, FLOOD, FRAGMENT_SERVICES, GEO_A, GEO_B,
-        GEO_SERVICES, MAGLEV_POOL, NAT_FLOWS, SERVICES, SHED, VIP_FILTER, active_add, backend_of, pool_slot,
+        GEO_SERVICES, MAGLEV_POOL, NAT_FLOWS, SERVICES, SHED, VIP_FILTER, active_add, active_release,
+        backend_of, pool_slot,
     },
     stats::{count, finish},
 };
@@ -203,9 +204,15 @@ fn forget_established(key: &FlowKey) {
         return;
     };
     // SAFETY: a pointer from a successful lookup; plain data.
-    let (slot, counted) = unsafe { ((*old).backend, (*old).forward & FLOW_COUNTED != 0) };
+    let (slot, generation, counted) = unsafe {
+        (
+            (*old).backend,
+            (*old).generation,
+            (*old).forward & FLOW_COUNTED != 0,
+        )
+    };
     if CONNTRACK.remove(key).is_ok() && counted {
-        active_add(slot, -1);
+        active_release(slot, generation);
     }
 }
 
@@ -295,7 +302,7 @@ fn nat_backend(key: &FlowKey, entry: *mut NatEntry) -> NatHit {
 fn forget(key: &FlowKey, e: &NatEntry) {
     let _ = NAT_FLOWS.remove(&e.twin_key(key.family, key.proto));
     if NAT_FLOWS.remove(key).is_ok() && e.flags & lb_common::nat::NAT_F_COUNTED != 0 {
-        active_add(e.backend, -1);
+        active_release(e.backend, e.generation);
     }
 }
 

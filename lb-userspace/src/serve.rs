@@ -114,7 +114,11 @@ pub async fn serve(
             },
             None => None,
         };
-        let app = app.clone().layer(axum::Extension(Peer(peer)));
+        let phase = Arc::new(Phase::default());
+        let app = app
+            .clone()
+            .layer(axum::Extension(Peer(peer)))
+            .layer(middleware::from_fn_with_state(phase.clone(), in_request));
         let tls = tls
             .as_ref()
             .map(|t| t.read().unwrap_or_else(|p| p.into_inner()).clone());
@@ -126,13 +130,13 @@ pub async fn serve(
                 (Stream::Tcp(tcp), Some(acceptor)) => {
                     // The handshake is bounded as the request head is.
                     match tokio::time::timeout(header, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => connection(tls, app, &limits, stop).await,
+                        Ok(Ok(tls)) => connection(tls, app, phase, &limits, stop).await,
                         Ok(Err(e)) => log::debug!("{name}: TLS handshake with {peer:?}: {e}"),
                         Err(_) => log::debug!("{name}: TLS handshake with {peer:?} timed out"),
                     }
                 }
-                (Stream::Tcp(tcp), None) => connection(tcp, app, &limits, stop).await,
-                (Stream::Unix(unix), _) => connection(unix, app, &limits, stop).await,
+                (Stream::Tcp(tcp), None) => connection(tcp, app, phase, &limits, stop).await,
+                (Stream::Unix(unix), _) => connection(unix, app, phase, &limits, stop).await,
             }
         });
     }
@@ -154,30 +158,42 @@ async fn accept(listener: &Listener) -> std::io::Result<(Stream, Option<IpAddr>)
     }
 }
 
-/// One HTTP/1.1 connection: hyper's header-read timeout (with a timer, which axum's own serve
-/// loop never gives it) for each request head, the idle timeout between requests (no byte
-/// either way), and a graceful end when the daemon stops.
-async fn connection<T>(io: T, app: Router, limits: &HttpLimits, mut stop: watch::Receiver<bool>)
-where
+/// One HTTP/1.1 connection: the header-read timeout for each request head, the idle timeout
+/// between requests (no byte either way), and a graceful end when the daemon stops.
+///
+/// The head's clock is ours, not hyper's: hyper starts its `header_read_timeout` as soon as it
+/// waits for a head, so a kept-alive connection quiet for that long between two requests was
+/// closed (at 10 s, under the 60 s idle timeout). As HAProxy's `timeout http-request` and
+/// Envoy's `request_headers_timeout` do, the clock starts at the connection's accept for its
+/// first request and at the first byte of each later one; between requests only the idle
+/// timeout runs.
+async fn connection<T>(
+    io: T,
+    app: Router,
+    phase: Arc<Phase>,
+    limits: &HttpLimits,
+    mut stop: watch::Receiver<bool>,
+) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    phase.head_since.store(0, Ordering::Relaxed);
     let io = Watched {
         inner: io,
         started,
-        last: activity.clone(),
+        phase: phase.clone(),
     };
     let service = hyper_util::service::TowerToHyperService::new(app);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
+        .header_read_timeout(None)
         .serve_connection(hyper_util::rt::TokioIo::new(io), service);
     tokio::pin!(conn);
     let idle = Duration::from_secs(limits.idle_timeout_s);
+    let head = Duration::from_millis(limits.header_read_timeout_ms);
     let mut closing: Option<Instant> = None;
     loop {
-        let tick = tokio::time::sleep(Duration::from_millis(500).min(idle));
+        let tick = tokio::time::sleep(Duration::from_millis(500).min(idle).min(head / 2));
         tokio::select! {
             _ = &mut conn => return,
             _ = stop.wait_for(|s| *s), if closing.is_none() => {
@@ -185,10 +201,19 @@ where
                 closing = Some(Instant::now());
             }
             _ = tick => {
-                let quiet = started.elapsed().saturating_sub(Duration::from_millis(activity.load(Ordering::Relaxed)));
+                let now = started.elapsed();
+                let since = |at: &AtomicU64| now.saturating_sub(Duration::from_millis(at.load(Ordering::Relaxed)));
+                let quiet = since(&phase.last);
+                let heading = phase.head_since.load(Ordering::Relaxed) != NOT_READING;
                 match closing {
                     // A request still running after the request timeout and a grace: drop it.
                     Some(at) if at.elapsed() > Duration::from_secs(limits.request_timeout_s) + Duration::from_secs(1) => return,
+                    // A head that has not come whole in time (a slow client): drop it, as
+                    // hyper's own timeout did, with no answer.
+                    _ if heading && since(&phase.head_since) >= head => {
+                        log::debug!("an HTTP request head took longer than {} ms (header_read_timeout_ms)", limits.header_read_timeout_ms);
+                        return;
+                    }
                     Some(_) => {}
                     None if quiet >= idle => {
                         conn.as_mut().graceful_shutdown();
@@ -199,6 +224,38 @@ where
             }
         }
     }
+}
+
+/// `Phase::head_since` when no head is being read.
+const NOT_READING: u64 = u64::MAX;
+
+/// Where one connection is between its requests, in milliseconds since its accept: when a
+/// byte last moved either way, and since when a request head has been coming (`NOT_READING`
+/// while a request runs or the connection waits between requests).
+#[derive(Default)]
+struct Phase {
+    last: AtomicU64,
+    head_since: AtomicU64,
+    requests: std::sync::atomic::AtomicU32,
+}
+
+/// A request's head is whole once it reaches the service: its clock stops until the next
+/// request's first byte.
+async fn in_request(
+    axum::extract::State(phase): axum::extract::State<Arc<Phase>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    struct Running(Arc<Phase>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.requests.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    phase.requests.fetch_add(1, Ordering::Relaxed);
+    phase.head_since.store(NOT_READING, Ordering::Relaxed);
+    let _running = Running(phase.clone());
+    next.run(request).await
 }
 
 /// A request that runs past its timeout is answered 503 (its handler is dropped).
@@ -270,17 +327,19 @@ impl Refusals {
     }
 }
 
-/// An I/O stream that notes when a byte last moved either way (milliseconds since `started`).
+/// An I/O stream that notes when a byte last moved either way, and when a request head's first
+/// byte came (`Phase`).
 struct Watched<T> {
     inner: T,
     started: Instant,
-    last: Arc<AtomicU64>,
+    phase: Arc<Phase>,
 }
 
 impl<T> Watched<T> {
-    fn touch(&self) {
-        self.last
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    fn touch(&self) -> u64 {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.phase.last.store(now, Ordering::Relaxed);
+        now
     }
 }
 
@@ -293,7 +352,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.touch();
+            let now = self.touch();
+            // Bytes while no request runs begin the next head (a body's bytes do not).
+            if self.phase.requests.load(Ordering::Relaxed) == 0 {
+                let _ = self.phase.head_since.compare_exchange(
+                    NOT_READING,
+                    now,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
         }
         r
     }

@@ -212,4 +212,65 @@ fn idle_and_slow_http_clients_change_nothing() {
         "descriptors back to {fds_before}: {}",
         open_fds(pid)
     );
+
+    // A kept-alive client between two requests is under the idle timeout (5 s), not the
+    // head's (2 s): hyper's own head timer closed it at 2 s. A second request 3 s after the
+    // first is answered on the same connection; a head begun after that and left unfinished
+    // is still closed by the head's timeout, counted from its first byte.
+    let mut kept = in_ns(&topo.lb, || TcpStream::connect(API)).expect("connect");
+    assert_eq!(exchange(&mut kept).expect("first request"), 200);
+    std::thread::sleep(Duration::from_secs(3)); // the gap under test
+    assert_eq!(
+        exchange(&mut kept).expect("a second request after 3 s on the kept-alive connection"),
+        200
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    kept.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+        .expect("a head begun");
+    let begun = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(4), || closed(std::slice::from_mut(&mut kept))
+            == 1),
+        "an unfinished head is closed"
+    );
+    assert!(
+        begun.elapsed() >= Duration::from_millis(1_500),
+        "closed {:?} after the head's first byte: its clock began before it",
+        begun.elapsed()
+    );
+}
+
+/// One `GET /v1/status` on `s`, kept alive: the answer's status code, its body read whole.
+fn exchange(s: &mut TcpStream) -> std::io::Result<u16> {
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(
+        format!("GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n\r\n").as_bytes(),
+    )?;
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    loop {
+        let n = s.read(&mut b)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the daemon closed the connection",
+            ));
+        }
+        got.extend_from_slice(&b[..n]);
+        let text = String::from_utf8_lossy(&got);
+        let Some(end) = text.find("\r\n\r\n") else {
+            continue;
+        };
+        let length: usize = text[..end]
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        if got.len() >= end + 4 + length {
+            return Ok(text[9..12].parse().unwrap_or(0));
+        }
+    }
 }

@@ -65,6 +65,26 @@ fn split_embryonic(entries: &[(FlowKey, FlowState)], now: u16) -> Young<'_> {
     young
 }
 
+/// Counted flows per backend slot, as a census finds them. A flow pinned to a slot at an
+/// older generation belongs to a backend removed since: the slot's count was zeroed when it
+/// went to the new one, and the data plane takes such a flow off no count
+/// (`active_release`), so it is not the new backend's.
+#[derive(Default)]
+struct Truth {
+    per_slot: std::collections::HashMap<u32, i64>,
+    /// Each slot's generation now, read once per census (`None`: no such slot).
+    generations: std::collections::HashMap<u32, Option<u32>>,
+}
+
+impl Truth {
+    fn count(&mut self, slot: u32, generation: u32, now: impl Fn(u32) -> Option<u32>) {
+        let current = *self.generations.entry(slot).or_insert_with(|| now(slot));
+        if current == Some(generation) {
+            *self.per_slot.entry(slot).or_default() += 1;
+        }
+    }
+}
+
 pub fn spawn(
     pins: &Path,
     out: Arc<Mutex<ConntrackCensus>>,
@@ -82,6 +102,10 @@ pub fn spawn(
         super::open_pinned(&pins.join(lb_common::maps::NAT_FLOWS))?
             .try_into()
             .map_err(|e| Error::dataplane(format!("NAT table type: {e}")))?;
+    let backends: aya::maps::Array<MapData, lb_common::Backend> =
+        super::open_pinned(&pins.join(lb_common::maps::BACKENDS))?
+            .try_into()
+            .map_err(|e| Error::dataplane(format!("backend table type: {e}")))?;
     let active = match super::open_pinned(&pins.join(lb_common::maps::ACTIVE))? {
         aya::maps::Map::Array(data) => super::active::ActiveCounts::new(data)?,
         _ => return Err(Error::dataplane("ACTIVE is not an array")),
@@ -100,10 +124,11 @@ pub fn spawn(
                 }
                 let before: Vec<i64> = (0..active.slots()).map(|s| active.get(s)).collect();
                 let mut entries = 0u64;
-                let mut truth = std::collections::HashMap::<u32, i64>::new();
+                let mut truth = Truth::default();
+                let generation = |slot: u32| backends.get(&slot, 0).ok().map(|b| b.generation);
                 let mut count = |state: &FlowState| {
                     if state.forward & lb_common::flow::FLOW_COUNTED != 0 {
-                        *truth.entry(state.backend).or_default() += 1;
+                        truth.count(state.backend, state.generation, generation);
                     }
                 };
                 for (_, state) in map.iter().flatten() {
@@ -122,11 +147,11 @@ pub fn spawn(
                 // NAT connections count on their forward entries.
                 for (_, e) in nat.iter().flatten() {
                     if e.flags & lb_common::nat::NAT_F_COUNTED != 0 {
-                        *truth.entry(e.backend).or_default() += 1;
+                        truth.count(e.backend, e.generation, generation);
                     }
                 }
                 let mut fixed = 0u64;
-                for (slot, was, found) in super::active::corrections(&before, &truth) {
+                for (slot, was, found) in super::active::corrections(&before, &truth.per_slot) {
                     fixed += u64::from(active.settle(slot, was, found, &mut waited[slot as usize]));
                 }
                 let took = now.elapsed();
@@ -149,6 +174,23 @@ pub fn spawn(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_flow_of_a_slots_earlier_backend_does_not_count_for_the_new_one() {
+        // Slot 3 went to a new backend (generation 8); slot 5 has kept its generation 2.
+        let now = |slot: u32| match slot {
+            3 => Some(8),
+            5 => Some(2),
+            _ => None,
+        };
+        let mut truth = super::Truth::default();
+        for (slot, generation) in [(3, 7), (3, 8), (3, 8), (5, 2), (9, 1)] {
+            truth.count(slot, generation, now);
+        }
+        assert_eq!(truth.per_slot.get(&3), Some(&2));
+        assert_eq!(truth.per_slot.get(&5), Some(&1));
+        assert_eq!(truth.per_slot.get(&9), None);
+    }
+
     #[test]
     fn embryonic_entries_past_their_ttl_go_and_the_oldest_kept_is_reported() {
         let now = 5u16;

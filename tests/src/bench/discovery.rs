@@ -247,7 +247,7 @@ fn heartbeats(window: Duration) -> Result<HeartbeatResult> {
         register_s < f64::from(TTL_S) - INTERVAL.as_secs_f64(),
         "registering took {register_s:.1} s: the first instances would be late before their first heartbeat"
     );
-    // A connection for each read: the daemon closes one idle for its header_read_timeout.
+    // A connection for each read, as a monitoring client makes one.
     let reader = || -> Result<KeepAlive> { connect(&ns, 1, ADMIN_TOKEN)?.pop().context("a connection") };
     ensure!(
         all_serving(&mut reader()?)?,
@@ -402,7 +402,7 @@ fn etcd(runs: usize) -> Result<EtcdResult> {
     let first_read_ms = started.elapsed().as_secs_f64() * 1e3;
 
     let (mut converge, mut write) = (Vec::new(), Vec::new());
-    // Kept busy from here on: the daemon closes one idle for its header_read_timeout.
+    // One connection per service, kept alive through the runs.
     let mut conns = connect(&ns, SERVICES as usize, ADMIN_TOKEN)?;
     for r in 0..runs {
         // A weight none of them has yet (they start at 100), on 250 instances of each service

@@ -748,9 +748,10 @@ impl Run<'_> {
                 Some(Some(b)) => Backend::Known(b),
                 _ => {
                     unattributed += 1;
-                    // The error says which outage it could be: a refusal a stopped server's,
-                    // a timeout a downed link's.
-                    if r.why.contains("refused") {
+                    // The error says which outage it could be: a refusal a stopped server's
+                    // (and a reset: the connections in its accept queue when it closed its
+                    // listener, whose table entries the reset took), a timeout a downed link's.
+                    if r.why.contains("refused") || r.why.contains("reset by peer") {
                         Backend::Unknown(Cause::Stopped)
                     } else if r.why.contains("timed out") || r.why.contains("Resource temporarily") {
                         Backend::Unknown(Cause::Link)

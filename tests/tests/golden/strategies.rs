@@ -108,3 +108,58 @@ fn strategies_pick_by_counts_and_caps_and_second_chance_takes_the_previous_table
         assert_eq!(dp.counter(Counter::SecondChanceHit), hits + 1);
     });
 }
+
+/// A counted flow's entry outlives its backend: the slot goes to a new backend (the next
+/// generation, its count zeroed, as the daemon does), then the client opens the same tuple
+/// again. The SYN takes the old entry out without taking one off the new backend's count:
+/// before, that −1 left a re-added backend at −1 active flows (chaos seed 31, 30 minutes).
+#[test]
+fn an_entry_of_a_slots_earlier_backend_takes_nothing_off_the_new_ones_count() {
+    use lb_common::strategy::{STRATEGY_LEAST_CONNECTIONS, member_words};
+    in_fresh_ns(|| {
+        let mut dp = with_two_backends();
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&VIP4);
+        let frame = |flags: u8| {
+            [
+                eth(LB_MAC, CLIENT_MAC, 0x0800),
+                ipv4(6, CLIENT4, VIP4, &tcp(43000, 92, flags)),
+            ]
+            .concat()
+        };
+        dp.pool
+            .write(300, &[member_words(1, 100, 0), member_words(2, 100, 0)].concat())
+            .expect("pool");
+        let lc = ServiceValue {
+            id: 22,
+            flags: 0,
+            table_offset: 300,
+            table_size: 8,
+            forward: FWD_DSR_L2,
+            strategy: STRATEGY_LEAST_CONNECTIONS,
+            ..Default::default()
+        };
+        dp.add_service(ServiceKey::new(4, 6, a, 92u16.to_be()), lc)
+            .expect("service");
+        dp.active.set(1, 0, 0).unwrap();
+        dp.active.set(2, 5, 0).unwrap();
+        assert_eq!(dp.run(&frame(0x02)).1, rewritten(&frame(0x02), B1_MAC));
+        assert_eq!(dp.run(&frame(0x10)).1, rewritten(&frame(0x10), B1_MAC));
+        assert_eq!(dp.conntrack.keys().count(), 1, "established");
+        assert_eq!(dp.active.get(&1, 0).unwrap(), 1);
+        // Slot 1 goes to another backend; its count starts at 0.
+        let mut b = dp.backends.get(&1, 0).unwrap();
+        b.generation = b.generation.wrapping_add(1);
+        dp.backends.set(1, b, 0).unwrap();
+        dp.active.set(1, 0, 0).unwrap();
+        dp.active.set(2, 0, 0).unwrap();
+        // The same tuple opened again: one new counted flow, on whichever of the two.
+        assert_eq!(dp.run(&frame(0x02)).0, XDP_TX);
+        assert_eq!(dp.conntrack.keys().count(), 0, "the old entry went");
+        let counts = [dp.active.get(&1, 0).unwrap(), dp.active.get(&2, 0).unwrap()];
+        assert!(
+            counts.iter().all(|&c| c >= 0) && counts.iter().sum::<i64>() == 1,
+            "active counts of the new backend and b2: {counts:?}"
+        );
+    });
+}
