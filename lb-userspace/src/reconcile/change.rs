@@ -229,6 +229,36 @@ pub(crate) fn change_state(
     Ok(())
 }
 
+/// A change of one backend (`Change::backend_scope`), applied to copies of its service and of
+/// that backend's status alone, then put in place: its cost is that service's, not every
+/// service's. What `change_state` checks of the whole holds for one service (names, VIPs and
+/// ports are not what such a change moves). Returns its warnings.
+pub(crate) fn change_one(
+    cfg: &DaemonConfig,
+    services: &mut [Service],
+    status: &mut BTreeMap<BackendRef, BackendStatus>,
+    key: BackendRef,
+    touched: &super::warnings::Touched,
+    change: Change,
+    now: Instant,
+) -> Result<Vec<String>> {
+    let at = services.iter().position(|s| s.name == key.service);
+    let before = at.map_or(&[][..], |i| &services[i..=i]);
+    let mut next = before.to_vec();
+    let mut next_status: BTreeMap<BackendRef, BackendStatus> = status
+        .get(&key)
+        .map(|st| (key.clone(), st.clone()))
+        .into_iter()
+        .collect();
+    change_state(cfg, &mut next, &mut next_status, change, now)?;
+    let risky = super::warnings::risky(before, &next, touched);
+    if let (Some(i), Some(s)) = (at, next.pop()) {
+        services[i] = s;
+    }
+    status.extend(next_status);
+    Ok(risky)
+}
+
 /// Sets or lifts the operator's drain of one backend; again is a no-op (its `since` stays).
 /// Lifted, a backend that is up comes back as from a health recovery: its weight ramps over
 /// its slow start.
@@ -611,6 +641,108 @@ mod tests {
         };
         change_state(&cfg(), &mut services, &mut status, add, Instant::now()).unwrap();
         (services, status)
+    }
+
+    /// A change of one backend applied to its service alone (`change_one`, the writer's path
+    /// for them) leaves the same services and statuses, or the same refusal, as on the whole.
+    #[test]
+    fn a_change_of_one_backend_does_on_its_service_what_it_does_on_the_whole() {
+        let changes = || {
+            let id = |s: &str| s.to_string();
+            vec![
+                Change::AddBackend {
+                    service: id("web"),
+                    backend: Backend::new("r2", ip("10.0.1.10")),
+                    lease: Some(terms()),
+                },
+                Change::AddBackend {
+                    service: id("web"),
+                    backend: Backend::new("b0", ip("10.0.1.11")),
+                    lease: None,
+                },
+                Change::AddBackend {
+                    service: id("nope"),
+                    backend: Backend::new("x", ip("10.0.1.12")),
+                    lease: None,
+                },
+                Change::AddBackend {
+                    service: id("web"),
+                    backend: Backend::new("bad", ip("0.0.0.0")),
+                    lease: None,
+                },
+                Change::Heartbeat {
+                    service: id("web"),
+                    id: id("r1"),
+                },
+                Change::Heartbeat {
+                    service: id("web"),
+                    id: id("b0"),
+                },
+                Change::RemoveBackend {
+                    service: id("web"),
+                    id: id("b1"),
+                },
+                Change::RemoveBackend {
+                    service: id("dns"),
+                    id: id("b1"),
+                },
+                Change::SetWeight {
+                    service: id("web"),
+                    id: id("b0"),
+                    weight: 7,
+                },
+                Change::SetWeight {
+                    service: id("web"),
+                    id: id("b0"),
+                    weight: 1_000_000,
+                },
+                Change::SetDrain {
+                    service: id("web"),
+                    id: id("r1"),
+                    drained: true,
+                },
+                Change::SetExternal {
+                    service: id("web"),
+                    id: id("b1"),
+                    score: 0.5,
+                    ttl: None,
+                },
+                Change::SetExternal {
+                    service: id("web"),
+                    id: id("b1"),
+                    score: 2.0,
+                    ttl: None,
+                },
+            ]
+        };
+        let now = Instant::now();
+        let start = registered();
+        let (mut refused, mut applied) = (0, 0);
+        for (whole, one) in changes().into_iter().zip(changes()) {
+            let what = format!("{whole:?}");
+            let (mut services, mut status) = start.clone();
+            let whole = change_state(&cfg(), &mut services, &mut status, whole, now);
+            let (mut services1, mut status1) = start.clone();
+            let (service, id) = one.backend_scope().expect("a change of one backend");
+            let key = BackendRef::new(service, id);
+            let touched = super::super::warnings::Touched::of(&one);
+            let one = change_one(&cfg(), &mut services1, &mut status1, key, &touched, one, now);
+            match (whole, one) {
+                (Ok(()), Ok(_)) => {
+                    applied += 1;
+                    assert_eq!(services1, services, "{what}");
+                    assert_eq!(format!("{status1:?}"), format!("{status:?}"), "{what}");
+                }
+                (Err(a), Err(b)) => {
+                    refused += 1;
+                    assert_eq!(a.to_string(), b.to_string(), "{what}");
+                    assert_eq!(services1, start.0, "{what}: refused, nothing changed");
+                    assert_eq!(format!("{status1:?}"), format!("{:?}", start.1), "{what}");
+                }
+                (a, b) => panic!("{what}: on the whole {a:?}, on its service {b:?}"),
+            }
+        }
+        assert_eq!((applied, refused), (6, 7));
     }
 
     #[test]

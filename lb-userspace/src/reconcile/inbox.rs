@@ -72,6 +72,30 @@ pub enum Change {
     },
 }
 
+impl Change {
+    /// The one service a change reads and writes, and the one backend whose status it may set,
+    /// for a change of one backend: it is applied to copies of those alone (`Writer::pass`),
+    /// not of every service and status, which made 10,000 registrations quadratic. `None`: a
+    /// change that may touch any service.
+    pub fn backend_scope(&self) -> Option<(&str, &str)> {
+        match self {
+            Change::AddBackend { service, backend, .. } => Some((service, &backend.id)),
+            Change::Heartbeat { service, id }
+            | Change::RemoveBackend { service, id }
+            | Change::SetWeight { service, id, .. }
+            | Change::SetDrain { service, id, .. }
+            | Change::SetExternal { service, id, .. }
+            | Change::ReportLoad { service, id, .. } => Some((service, id)),
+            Change::Replace(_)
+            | Change::Reload(_)
+            | Change::AddService(_)
+            | Change::RemoveService(_)
+            | Change::SetStrategy { .. }
+            | Change::ReloadGeo => None,
+        }
+    }
+}
+
 /// A backend's health as the monitor last published it.
 #[derive(Clone, Debug)]
 pub struct HealthUpdate {

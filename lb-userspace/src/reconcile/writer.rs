@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::{
     apply::Maps,
-    change::{change_with_file, record_health},
+    change::{change_one, change_with_file, record_health},
     hops,
     inbox::{Change, Command},
     persist::{FileLayer, KeptStatus, Persisted, SavedDrain, SavedLease},
@@ -67,6 +67,10 @@ pub struct Writer {
     renewals_due: Option<Instant>,
     /// Each discovery source's state: its last read, skipped entries, a shrink it holds.
     sources: BTreeMap<String, crate::status::discovery::SourceState>,
+    /// The earliest timer the statuses and sources hold (`status_due`), found after each pass
+    /// rather than at each wake: heartbeats wake the writer a thousand times a second at 10,000
+    /// instances, and a renewal only moves a lease's due later (such a wake finds nothing due).
+    due: Option<Instant>,
 }
 
 /// What a failed pass could not apply, and when to try again.
@@ -149,6 +153,7 @@ impl Writer {
             externals: None,
             renewals_due: None,
             sources: BTreeMap::new(),
+            due: None,
         };
         if writer.cfg.geo.as_ref().is_some_and(|g| g.data.is_some()) {
             match writer.load_geo().await {
@@ -212,6 +217,7 @@ impl Writer {
 
     /// Runs until every sender is gone.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        self.due = self.status_due();
         loop {
             let timer = self.next_timer();
             let first = tokio::select! {
@@ -227,12 +233,25 @@ impl Writer {
             {
                 batch.push(c);
             }
-            self.pass(batch).await;
+            if self.pass(batch).await {
+                self.due = self.status_due();
+            }
         }
     }
 
-    /// The next TTL expiry, slow-start step or resource-aware update, if any.
+    /// The next TTL expiry, slow-start step, resource-aware update, source's hold, retry or
+    /// renewals to show, if any.
     fn next_timer(&self) -> Option<Instant> {
+        [self.due, self.resource_due, self.renewals_due]
+            .into_iter()
+            .flatten()
+            .chain(self.unapplied.as_ref().map(|u| u.retry_at))
+            .min()
+    }
+
+    /// The earliest timer in the statuses (a score's expiry, a slow-start step, a lease's due,
+    /// a departure) and the sources' holds: one walk of every status.
+    fn status_due(&self) -> Option<Instant> {
         let now = Instant::now();
         self.status
             .values()
@@ -244,19 +263,46 @@ impl Writer {
                 ]
             })
             .flatten()
-            .chain(self.resource_due)
-            .chain(self.renewals_due)
             .chain(self.sources_next())
-            .chain(self.unapplied.as_ref().map(|u| u.retry_at))
             .min()
     }
 
-    async fn pass(&mut self, batch: Vec<Command>) {
+    /// A timer's wake with nothing due but renewals to show: the snapshot takes the renewed
+    /// leases, with no pass (no plan, map write or state file: renewals change none of them).
+    /// True when a pass is due after all.
+    fn wake(&mut self, now: Instant) -> bool {
+        self.due = self.status_due();
+        let other = [self.due, self.resource_due]
+            .into_iter()
+            .flatten()
+            .chain(self.unapplied.as_ref().map(|u| u.retry_at))
+            .min();
+        if other.is_some_and(|t| t <= now) {
+            return true;
+        }
+        if self.renewals_due.is_some_and(|t| t <= now) {
+            self.renewals_due = None;
+            let status = self.status.clone();
+            self.snapshot.send_modify(|s| {
+                let mut next = (**s).clone();
+                next.status = status;
+                *s = Arc::new(next);
+            });
+        }
+        false
+    }
+
+    /// One pass over what queued; false when it changed nothing a timer follows (renewals
+    /// alone, or a wake with nothing due).
+    async fn pass(&mut self, batch: Vec<Command>) -> bool {
         self.counters.commands += batch.len() as u64;
         let renewing = !batch.is_empty();
         let batch = sources::latest_reads(self.renew(batch, Instant::now()));
         if renewing && batch.is_empty() {
-            return;
+            return false;
+        }
+        if !renewing && !self.wake(Instant::now()) {
+            return false;
         }
         self.renewals_due = None;
         let mut services = self.services.clone();
@@ -292,27 +338,39 @@ impl Writer {
                         Change::Heartbeat { service, .. } => Some(service.clone()),
                         _ => None,
                     };
-                    let mut next = services.clone();
-                    let mut next_status = status.clone();
-                    let mut next_file = file.clone();
                     let touched = warnings::Touched::of(&change);
-                    match change_with_file(
-                        &self.cfg,
-                        &mut next_file,
-                        &mut next,
-                        &mut next_status,
-                        *change,
-                        now,
-                    ) {
-                        Ok(reverted) => {
-                            let mut risky = warnings::risky(&services, &next, &touched);
-                            risky.extend(reverted);
-                            file = next_file;
+                    let applied = match change.backend_scope() {
+                        Some((service, id)) => {
+                            let key = BackendRef::new(service, id);
+                            change_one(&self.cfg, &mut services, &mut status, key, &touched, *change, now)
+                        }
+                        None => {
+                            let mut next = services.clone();
+                            let mut next_status = status.clone();
+                            let mut next_file = file.clone();
+                            change_with_file(
+                                &self.cfg,
+                                &mut next_file,
+                                &mut next,
+                                &mut next_status,
+                                *change,
+                                now,
+                            )
+                            .map(|reverted| {
+                                let mut risky = warnings::risky(&services, &next, &touched);
+                                risky.extend(reverted);
+                                file = next_file;
+                                services = next;
+                                status = next_status;
+                                risky
+                            })
+                        }
+                    };
+                    match applied {
+                        Ok(risky) => {
                             // A reload's and a cluster revision's warnings are logged by
                             // whoever asked (the reload paths, cluster::apply), with the rest.
                             let log = !matches!(touched, warnings::Touched::All);
-                            services = next;
-                            status = next_status;
                             replies.push((reply, risky, log));
                             if let Some(service) = heartbeat {
                                 self.histograms
@@ -443,6 +501,7 @@ impl Writer {
         if let (Err(e), false) = (&result, changed) {
             warn!("reconcile: {e}; health and next hops are tried again in {RETRY:?}");
         }
+        true
     }
 
     /// Makes `services` with `status` the applied state: resolves new backends, plans, applies,
