@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use crate::{
     netns::NetNs,
     servers::Servers,
-    topology::{Daemon, PORT, VIP4, attach_pass, join},
+    topology::{Daemon, PORT, VIP4, VIP6, attach_pass, join},
     wait_until,
 };
 
@@ -50,7 +50,13 @@ pub struct Lab {
     next_port: u32,
     /// The sessions run BFD.
     bfd: bool,
+    /// Nodes started from here on also peer with the router over IPv6 (`ROUTER6`) and serve
+    /// `web6` on VIP6, announced over that session.
+    pub v6: bool,
 }
+
+/// The router's address on the fabric for IPv6 sessions; node `i` is fd99::{2 + i}.
+pub const ROUTER6: &str = "fd99::1";
 
 /// The router's BIRD: its files in a directory of their own; stopped on drop.
 struct RouterBird {
@@ -81,8 +87,19 @@ impl Drop for RouterBird {
 fn router_config(nodes: &[Ipv4Addr], bfd: bool) -> String {
     let mut c = format!(
         "router id {ROUTER};\nprotocol device {{ scan time 10; }}\n\
-         protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n"
+         protocol kernel k4 {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
+         protocol kernel k6 {{ ipv6 {{ import none; export all; }}; merge paths on; }}\n"
     );
+    // A session over IPv6 to every node too; it comes up only for a node that peers back
+    // (`Lab::v6`).
+    for i in 0..nodes.len() {
+        c.push_str(&format!(
+            "protocol bgp node{i}v6 {{ local {ROUTER6} as {ROUTER_AS}; neighbor fd99::{} as {NODE_AS}; \
+             hold time 3; keepalive time 1; connect retry time 1; error wait time 1, 5; \
+             ipv6 {{ import all; export none; }}; }}\n",
+            2 + i
+        ));
+    }
     if bfd {
         c.push_str("protocol bfd { interface \"*\" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }; }\n");
     }
@@ -204,6 +221,7 @@ impl Lab {
             sources,
             next_port,
             bfd,
+            v6: false,
         })
     }
 
@@ -222,6 +240,24 @@ impl Lab {
             c.push_str(&format!(
                 "[[service.backend]]\nid = \"{id}\"\naddress = \"{addr}\"\n"
             ));
+        }
+        if self.v6 {
+            // The peer after the first ([[daemon.bgp.peer]] entries are read in order, and
+            // TOML takes this one into the table above only before another [[service]]).
+            c = c.replacen(
+                "\n[[service]]\n",
+                &format!("[[daemon.bgp.peer]]\naddress = \"{ROUTER6}\"\nas = {ROUTER_AS}\n\n[[service]]\n"),
+                1,
+            );
+            c.push_str(&format!(
+                "\n[[service]]\nname = \"web6\"\nvip = \"{VIP6}\"\nport = {PORT}\nprotocol = \"tcp\"\ntable_size = 4093\n"
+            ));
+            for (i, (id, _, _)) in self.backends.iter().enumerate() {
+                c.push_str(&format!(
+                    "[[service.backend]]\nid = \"{id}\"\naddress = \"fd99::{}\"\n",
+                    11 + i
+                ));
+            }
         }
         c
     }
@@ -256,6 +292,25 @@ impl Lab {
         hops.sort();
         hops.dedup();
         hops
+    }
+
+    /// How many next hops the router's kernel has for VIP6 (learnt over the IPv6 sessions;
+    /// the addresses may be the nodes' link-local ones, so only counted).
+    pub fn next_hops6(&self) -> usize {
+        let out = self
+            .router
+            .sh(&format!("ip -6 route show {VIP6}/128"))
+            .unwrap_or_default();
+        let mut hops: Vec<&str> = out
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "via")
+            .map(|w| w[1])
+            .collect();
+        hops.sort();
+        hops.dedup();
+        hops.len()
     }
 
     /// Waits (bounded) until the router's next hops for the VIP are exactly `want`.

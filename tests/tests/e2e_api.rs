@@ -196,6 +196,18 @@ fn scopes_audit_lines_and_tokens_read_again_on_sighup() {
         let (status, v) = a.call(method, path, Some(REPORTER), body.as_deref());
         assert_eq!(status, 200, "{method} {path}: {v}");
     }
+    // A heartbeat that renews is counted, not audited (a thousand a second at scale); a
+    // refused one is audited.
+    let ttl = format!(r#"{{"id": "hb", "address": "{b}", "ttl": 30}}"#);
+    let (status, v) = a.call("POST", "/v1/services/web4/instances", Some(REPORTER), Some(&ttl));
+    assert_eq!(status, 200, "{v}");
+    for id in ["hb", "hb", "nope"] {
+        let path = format!("/v1/services/web4/instances/{id}/heartbeat");
+        let (status, v) = a.call("PUT", &path, Some(REPORTER), None);
+        assert_eq!(status, if id == "hb" { 200 } else { 404 }, "{path}: {v}");
+    }
+    let (status, v) = a.call("DELETE", "/v1/services/web4/instances/hb", Some(REPORTER), None);
+    assert_eq!(status, 200, "{v}");
     // A reader may not look up who talks to whom; the admin may.
     let tuple = [
         "/v1/lookup?protocol=tcp&src=10.99.0.1:5&dst=10.100.0.1:8080",
@@ -215,9 +227,15 @@ fn scopes_audit_lines_and_tokens_read_again_on_sighup() {
         "DELETE /v1/services/web4/instances/b4 200 transport=tcp scope=report peer=127.0.0.1",
         "PUT /v1/services/web4/instances/b1/weight 403 transport=tcp scope=report peer=127.0.0.1",
         "GET /v1/lookup 403 transport=tcp scope=read peer=127.0.0.1",
+        "PUT /v1/services/web4/instances/nope/heartbeat 404 transport=tcp scope=report peer=127.0.0.1",
+        "DELETE /v1/services/web4/instances/hb 200 transport=tcp scope=report peer=127.0.0.1",
     ] {
         assert!(log.contains(line), "no audit line {line:?} in:\n{log}");
     }
+    assert!(
+        !log.contains("/instances/hb/heartbeat"),
+        "a renewing heartbeat was audited:\n{log}"
+    );
     let cli = a.d.cli(&["backend", "weight", "web4", "b1", "7"]);
     assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
     assert!(

@@ -44,8 +44,9 @@ mod cluster_lab {
 
     /// A lab of `nodes` nodes (as many backends), every node started and a next hop of the
     /// router's; the nodes' addresses.
-    fn tier(nodes: usize, sources: usize, bfd: bool) -> (Lab, Vec<std::net::Ipv4Addr>) {
+    fn tier(nodes: usize, sources: usize, bfd: bool, v6: bool) -> (Lab, Vec<std::net::Ipv4Addr>) {
         let mut lab = Lab::new(nodes, nodes, sources, bfd).expect("lab");
+        lab.v6 = v6;
         for i in 0..nodes {
             lab.start_node(i).expect("node");
         }
@@ -62,10 +63,22 @@ mod cluster_lab {
 
     #[test]
     fn three_nodes_serve_one_vip_and_keep_every_flow_through_drain_loss_and_return() {
-        let (mut lab, all) = tier(3, 240, false);
+        let (mut lab, all) = tier(3, 240, false, true);
         let status = lab.daemon(0).json(&["node", "status"]);
         assert_eq!(status["bgp"]["sessions"][0]["up"], true, "{status}");
         assert_eq!(status["bgp"]["services"]["web"]["announced"], true, "{status}");
+        // VIP6 goes over the IPv6 sessions: each node a next hop of the router's for it.
+        let v6_hops = |lab: &Lab, n: usize| wait_until(ROUTER_BOUND, || lab.next_hops6() == n);
+        assert!(
+            v6_hops(&lab, 3),
+            "the router has {} next hops for VIP6, not 3: {}\n{}",
+            lab.next_hops6(),
+            lab.router_protocols(),
+            lab.daemon(0).json(&["node", "status"])
+        );
+        let status = lab.daemon(0).json(&["node", "status"]);
+        assert_eq!(status["bgp"]["sessions"][1]["up"], true, "{status}");
+        assert_eq!(status["bgp"]["services"]["web6"]["announced"], true, "{status}");
 
         // 240 long-lived connections, one per client address, spread over the nodes by the router.
         let before: Vec<u64> = (0..3).map(|i| vip_packets(&lab, i)).collect();
@@ -90,6 +103,11 @@ mod cluster_lab {
             lab.next_hops()
         );
         eprintln!("drain: route gone on the router after {:?}", started.elapsed());
+        assert!(
+            v6_hops(&lab, 2),
+            "n1 still announces VIP6: {} next hops",
+            lab.next_hops6()
+        );
         let status = lab.daemon(0).json(&["node", "status"]);
         assert_eq!(status["bgp"]["draining"], true);
         assert_eq!(
@@ -113,6 +131,11 @@ mod cluster_lab {
             lab.wait_next_hops(&all, ROUTER_BOUND),
             "n1 not back: {:?}",
             lab.next_hops()
+        );
+        assert!(
+            v6_hops(&lab, 3),
+            "n1's VIP6 not back: {} next hops",
+            lab.next_hops6()
         );
         all_answer(&mut held, "n1 back", &lab);
 
@@ -301,7 +324,7 @@ mod cluster_lab {
 
     #[test]
     fn with_bfd_a_pulled_link_is_dropped_by_the_router_and_the_flows_live_on() {
-        let (lab, all) = tier(2, 60, true);
+        let (lab, all) = tier(2, 60, true, false);
         let sources: Vec<IpAddr> = lab.sources.iter().map(|s| IpAddr::V4(*s)).collect();
         let mut held = Held::open(&lab.client, &sources, IpAddr::V4(VIP4)).expect("connections");
         all_answer(&mut held, "opened", &lab);

@@ -709,7 +709,10 @@ impl Run<'_> {
         }
         for (name, value) in after["counters"].as_object().into_iter().flatten() {
             let moved = value.as_u64().unwrap_or(0) - before["counters"][name].as_u64().unwrap_or(0);
-            if name.starts_with("drop_") && moved > 0 {
+            // A health check through the data path to a slot just removed, or whose next hop
+            // a downed link took, is dropped as drop_check_no_target: the check's failure, not
+            // the traffic's (seed 31, 30 minutes: once in 825 faults).
+            if name.starts_with("drop_") && name != "drop_check_no_target" && moved > 0 {
                 self.violations.push(format!(
                     "end: {name} moved by {moved} (nothing this traffic sends is to be dropped)"
                 ));
@@ -1025,15 +1028,24 @@ pub fn active_against_tables(d: &Daemon) -> Result<Vec<String>> {
         aya::maps::Map::Array(data) => lb_userspace::dataplane::active::ActiveCounts::new(data)?,
         _ => bail!("ACTIVE is not an array"),
     };
+    // A flow pinned at an earlier generation of its slot belongs to a backend removed since,
+    // whose count went with it: it is no one's now (the data plane's and the census's rule).
+    let backends: aya::maps::Array<MapData, lb_common::Backend> =
+        lb_userspace::dataplane::open_pinned(&pins.join(lb_common::maps::BACKENDS))?.try_into()?;
+    let current = |s: &FlowState| {
+        backends
+            .get(&s.backend, 0)
+            .is_ok_and(|b| b.generation == s.generation)
+    };
     let mut truth: BTreeMap<u32, i64> = BTreeMap::new();
     for (_, s) in conntrack.iter().flatten() {
-        if s.forward & flow::FLOW_COUNTED != 0 {
+        if s.forward & flow::FLOW_COUNTED != 0 && current(&s) {
             *truth.entry(s.backend).or_default() += 1;
         }
     }
     let now = flow::coarse_seconds(lb_userspace::dataplane::clock_ns(libc::CLOCK_MONOTONIC_COARSE));
     for (_, s) in embryonic.iter().flatten() {
-        if s.forward & flow::FLOW_COUNTED != 0 && !flow::embryonic_expired(s.opened, now) {
+        if s.forward & flow::FLOW_COUNTED != 0 && !flow::embryonic_expired(s.opened, now) && current(&s) {
             *truth.entry(s.backend).or_default() += 1;
         }
     }
