@@ -151,7 +151,30 @@ pub struct Resolver {
     ntf_use_refused: AtomicBool,
     /// Bounds the requests in flight ([`MAX_IN_FLIGHT`]), whoever asks.
     in_flight: tokio::sync::Semaphore,
+    /// Routes already read, kept while the kernel reports no route, rule, address or link
+    /// change (`RouteWatch`): a refresh of 10,000 backends read 10,000 routes a second.
+    routes: std::sync::Mutex<RouteCache>,
+    watch: std::sync::Arc<RouteWatch>,
 }
+
+/// The kernel's route, rule, next-hop, address and link notifications, counted: any one of
+/// them may move a backend's route. `live` is false when they could not be had, or stopped.
+#[derive(Default)]
+struct RouteWatch {
+    changes: std::sync::atomic::AtomicU64,
+    live: AtomicBool,
+}
+
+/// Routes read at one count of `RouteWatch::changes`, at most `ROUTES_KEPT` ago (a bound in
+/// case a notification is lost: a full socket drops them).
+#[derive(Default)]
+struct RouteCache {
+    changes: u64,
+    filled: Option<Instant>,
+    routes: std::collections::HashMap<IpAddr, Route>,
+}
+
+const ROUTES_KEPT: Duration = Duration::from_secs(30);
 
 impl Resolver {
     /// Opens a route netlink socket and spawns its connection task on the current tokio runtime
@@ -164,11 +187,44 @@ impl Resolver {
         let (connection, handle, _unsolicited) = rtnetlink::new_connection()
             .map_err(|e| ResolveError::Netlink(format!("cannot open a route netlink socket: {e}")))?;
         runtime.spawn(connection);
+        let watch = std::sync::Arc::new(RouteWatch::default());
+        watch_routes(&runtime, watch.clone());
         Ok(Self {
             handle,
             ntf_use_refused: AtomicBool::new(false),
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+            routes: Default::default(),
+            watch,
         })
+    }
+
+    /// `route`, from the routes read since the kernel last reported a change that could move
+    /// one (or read now, and kept).
+    async fn kept_route(&self, addr: IpAddr) -> Result<Route, ResolveError> {
+        if !self.watch.live.load(Ordering::Acquire) {
+            return self.route(addr).await;
+        }
+        let changes = self.watch.changes.load(Ordering::Acquire);
+        {
+            let mut c = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+            if c.changes != changes || c.filled.is_none_or(|t| t.elapsed() > ROUTES_KEPT) {
+                *c = RouteCache {
+                    changes,
+                    filled: Some(Instant::now()),
+                    routes: Default::default(),
+                };
+            }
+            if let Some(r) = c.routes.get(&addr) {
+                return Ok(r.clone());
+            }
+        }
+        let route = self.route(addr).await?;
+        let mut c = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        // Kept only if nothing changed while it was read.
+        if c.changes == changes && self.watch.changes.load(Ordering::Acquire) == changes {
+            c.routes.insert(addr, route.clone());
+        }
+        Ok(route)
     }
 
     /// The next hop of `addr`, asking the kernel to resolve its MAC (ARP or ND) if the neighbour
@@ -266,7 +322,7 @@ impl Resolver {
     async fn routes_and_links(&self, addrs: &[IpAddr]) -> Vec<Result<(Route, Link), ResolveError>> {
         let routes = futures::future::join_all(addrs.iter().map(|&a| async move {
             check_unicast(a)?;
-            self.route(a).await
+            self.kept_route(a).await
         }))
         .await;
         // (Link errors are netlink failures, kept as their message for each backend.)
@@ -669,6 +725,42 @@ impl fmt::Display for Failure {
     }
 }
 
+/// Counts the kernel's notifications into `watch` on a multicast netlink socket of their own
+/// (the calling thread's network namespace). Without them (refused, or the socket gone), every
+/// refresh reads each route again, as before, and says so once.
+fn watch_routes(runtime: &tokio::runtime::Handle, watch: std::sync::Arc<RouteWatch>) {
+    use rtnetlink::MulticastGroup as G;
+    let groups = [
+        G::Link,
+        G::Ipv4Ifaddr,
+        G::Ipv6Ifaddr,
+        G::Ipv4Route,
+        G::Ipv6Route,
+        G::Ipv4Rule,
+        G::Ipv6Rule,
+        G::Nexthop,
+    ];
+    let (connection, handle, mut notes) = match rtnetlink::new_multicast_connection(&groups) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("route notifications unavailable ({e}): each refresh reads every backend's route");
+            return;
+        }
+    };
+    runtime.spawn(connection);
+    watch.live.store(true, Ordering::Release);
+    runtime.spawn(async move {
+        // The connection ends when its last handle goes.
+        let _handle = handle;
+        while notes.next().await.is_some() {
+            watch.changes.fetch_add(1, Ordering::AcqRel);
+        }
+        watch.live.store(false, Ordering::Release);
+        warn!("route notifications stopped: each refresh reads every backend's route");
+    });
+}
+
+#[derive(Clone)]
 struct Route {
     ifindex: u32,
     gateway: Option<IpAddr>,
@@ -1271,6 +1363,62 @@ mod tests {
                     (want.ifindex, want.a_mac, want.b_mac),
                     "{a}"
                 );
+            }
+        });
+    }
+
+    async fn route_mtu(r: &Resolver, addr: IpAddr) -> Option<u32> {
+        r.route_hops(&[addr]).await[0].as_ref().map(|h| h.mtu).ok()
+    }
+
+    /// A route read once is kept (the refresh then makes no route query per backend) until
+    /// the kernel reports a change: a replaced route is read again at once, not after
+    /// `ROUTES_KEPT`.
+    #[test]
+    fn a_kept_route_is_read_again_when_the_kernel_reports_a_change() {
+        let Some(topo) = Topology::new("kept") else {
+            return;
+        };
+        ip(&[
+            "-n",
+            &topo.a,
+            "route",
+            "add",
+            "10.211.0.0/16",
+            "via",
+            GATEWAY4,
+            "mtu",
+            "lock",
+            "1400",
+        ]);
+        let a = topo.a.clone();
+        topo.run_in_a(move || async move {
+            let r = Resolver::new().expect("resolver");
+            let addr = IpAddr::V4(Ipv4Addr::new(10, 211, 0, 5));
+            assert_eq!(route_mtu(&r, addr).await, Some(1400));
+            assert!(r.watch.live.load(Ordering::Acquire), "no route notifications");
+            assert_eq!(route_mtu(&r, addr).await, Some(1400));
+            let kept = r.routes.lock().unwrap().routes.len();
+            assert_eq!(kept, 1, "the route is kept");
+            ip(&[
+                "-n",
+                &a,
+                "route",
+                "replace",
+                "10.211.0.0/16",
+                "via",
+                GATEWAY4,
+                "mtu",
+                "lock",
+                "1300",
+            ]);
+            let start = StdInstant::now();
+            while route_mtu(&r, addr).await != Some(1300) {
+                assert!(
+                    start.elapsed() < Duration::from_secs(3),
+                    "the replaced route was not read again"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });
     }
