@@ -267,17 +267,19 @@ impl Writer {
             .min()
     }
 
-    /// A timer's wake with nothing due but renewals to show: the snapshot takes the renewed
-    /// leases, with no pass (no plan, map write or state file: renewals change none of them).
-    /// True when a pass is due after all.
+    /// A timer's wake: a pass if a timer the last pass found has come (a slow-start step, a
+    /// lease, a score's expiry; one a renewal has since moved later costs a pass, which finds
+    /// the new one), or the retry or a resource-aware update; else, with renewals to show, the
+    /// snapshot takes the renewed leases, with no pass (no plan, map write or state file:
+    /// renewals change none of them). True when a pass is due.
     fn wake(&mut self, now: Instant) -> bool {
-        self.due = self.status_due();
-        let other = [self.due, self.resource_due]
+        let fired = [self.due, self.resource_due]
             .into_iter()
             .flatten()
             .chain(self.unapplied.as_ref().map(|u| u.retry_at))
-            .min();
-        if other.is_some_and(|t| t <= now) {
+            .min()
+            .is_some_and(|t| t <= now);
+        if fired {
             return true;
         }
         if self.renewals_due.is_some_and(|t| t <= now) {
