@@ -227,11 +227,16 @@ impl Lab {
 
     /// A node's daemon config: the VIP on every backend, by DSR, announced to the router.
     pub fn node_config(&self, instance: &str, run_dir: &std::path::Path, extra_bgp: &str) -> String {
+        let peer6 = if self.v6 {
+            format!("[[daemon.bgp.peer]]\naddress = \"{ROUTER6}\"\nas = {ROUTER_AS}\n")
+        } else {
+            String::new()
+        };
         let mut c = format!(
             "[daemon]\ninstance = \"{instance}\"\ninterfaces = [\"eth0\"]\nxdp_mode = \"native\"\n\
              run_dir = \"{}\"\nconntrack_size = 65536\ntable_pool_slots = 1048576\nneighbour_refresh_ms = 500\n\
              [daemon.bgp]\nlocal_as = {NODE_AS}\nhold_time = 3\n{extra_bgp}\n\
-             [[daemon.bgp.peer]]\naddress = \"{ROUTER}\"\nas = {ROUTER_AS}\nbfd = {}\n\n\
+             [[daemon.bgp.peer]]\naddress = \"{ROUTER}\"\nas = {ROUTER_AS}\nbfd = {}\n{peer6}\n\
              [[service]]\nname = \"web\"\nvip = \"{VIP4}\"\nport = {PORT}\nprotocol = \"tcp\"\ntable_size = 4093\n",
             run_dir.display(),
             self.bfd
@@ -242,13 +247,6 @@ impl Lab {
             ));
         }
         if self.v6 {
-            // The peer after the first ([[daemon.bgp.peer]] entries are read in order, and
-            // TOML takes this one into the table above only before another [[service]]).
-            c = c.replacen(
-                "\n[[service]]\n",
-                &format!("[[daemon.bgp.peer]]\naddress = \"{ROUTER6}\"\nas = {ROUTER_AS}\n\n[[service]]\n"),
-                1,
-            );
             c.push_str(&format!(
                 "\n[[service]]\nname = \"web6\"\nvip = \"{VIP6}\"\nport = {PORT}\nprotocol = \"tcp\"\ntable_size = 4093\n"
             ));
@@ -278,39 +276,34 @@ impl Lab {
 
     /// The router's next hops for the VIP, as its kernel has them.
     pub fn next_hops(&self) -> Vec<Ipv4Addr> {
-        let out = self
-            .router
-            .sh(&format!("ip -4 route show {VIP4}/32"))
-            .unwrap_or_default();
-        let mut hops: Vec<Ipv4Addr> = out
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .windows(2)
-            .filter(|w| w[0] == "via")
-            .filter_map(|w| w[1].parse().ok())
+        let mut hops: Vec<Ipv4Addr> = self
+            .vias(&format!("-4 route show {VIP4}/32"))
+            .iter()
+            .filter_map(|v| v.parse().ok())
             .collect();
         hops.sort();
-        hops.dedup();
         hops
     }
 
     /// How many next hops the router's kernel has for VIP6 (learnt over the IPv6 sessions;
     /// the addresses may be the nodes' link-local ones, so only counted).
     pub fn next_hops6(&self) -> usize {
-        let out = self
-            .router
-            .sh(&format!("ip -6 route show {VIP6}/128"))
-            .unwrap_or_default();
-        let mut hops: Vec<&str> = out
+        self.vias(&format!("-6 route show {VIP6}/128")).len()
+    }
+
+    /// The distinct `via` addresses of `ip ARGS` in the router.
+    fn vias(&self, args: &str) -> Vec<String> {
+        let out = self.router.sh(&format!("ip {args}")).unwrap_or_default();
+        let mut hops: Vec<String> = out
             .split_whitespace()
             .collect::<Vec<_>>()
             .windows(2)
             .filter(|w| w[0] == "via")
-            .map(|w| w[1])
+            .map(|w| w[1].to_string())
             .collect();
         hops.sort();
         hops.dedup();
-        hops.len()
+        hops
     }
 
     /// Waits (bounded) until the router's next hops for the VIP are exactly `want`.

@@ -242,7 +242,13 @@ impl Writer {
     /// The next TTL expiry, slow-start step, resource-aware update, source's hold, retry or
     /// renewals to show, if any.
     fn next_timer(&self) -> Option<Instant> {
-        [self.due, self.resource_due, self.renewals_due]
+        self.pass_due().into_iter().chain(self.renewals_due).min()
+    }
+
+    /// The next timer that takes a pass: the statuses' (as the last pass found them), the
+    /// resource-aware update's, or the retry's.
+    fn pass_due(&self) -> Option<Instant> {
+        [self.due, self.resource_due]
             .into_iter()
             .flatten()
             .chain(self.unapplied.as_ref().map(|u| u.retry_at))
@@ -273,13 +279,7 @@ impl Writer {
     /// snapshot takes the renewed leases, with no pass (no plan, map write or state file:
     /// renewals change none of them). True when a pass is due.
     fn wake(&mut self, now: Instant) -> bool {
-        let fired = [self.due, self.resource_due]
-            .into_iter()
-            .flatten()
-            .chain(self.unapplied.as_ref().map(|u| u.retry_at))
-            .min()
-            .is_some_and(|t| t <= now);
-        if fired {
+        if self.pass_due().is_some_and(|t| t <= now) {
             return true;
         }
         if self.renewals_due.is_some_and(|t| t <= now) {
