@@ -24,7 +24,9 @@ pub struct DataPlaneConfig {
     /// New NAT connections one source address may open per second (`NAT_SOURCE_WINDOW_NS`);
     /// past that they are dropped and counted. 0: no limit.
     pub nat_source_limit: u32,
-    pub _pad: u32,
+    /// Bumped by the daemon after the kernel reports a route, neighbour, address or link
+    /// change: each CPU's cached next hops (`NextHop::epoch`) are looked up again.
+    pub hop_epoch: u32,
 }
 const _: () = assert!(core::mem::size_of::<DataPlaneConfig>() == 64);
 
@@ -67,7 +69,12 @@ pub const fn encap_variation(src_word0: u32, src_port: u16) -> u32 {
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct NextHop {
-    pub expires_ns: u64,
+    /// `DataPlaneConfig::hop_epoch` when learnt: a later epoch looks the hop up again.
+    pub epoch: u32,
+    /// Packets this hop may still be used for before the FIB is asked again (0: not usable),
+    /// so a change the daemon does not report (the daemon stopped, a notification lost) is
+    /// taken up anyway, without a clock read per packet.
+    pub uses: u32,
     /// The backend's generation when learnt: a reused slot is looked up again.
     pub generation: u32,
     pub ifindex: u32,
@@ -78,7 +85,7 @@ pub struct NextHop {
     /// `HOP_F_*`.
     pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<NextHop>() == 40);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 36);
 
 /// The neighbour is resolved: `dmac` is the next hop's.
 pub const HOP_F_RESOLVED: u32 = 1;

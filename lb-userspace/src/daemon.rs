@@ -409,6 +409,7 @@ impl Background {
             readers.clone(),
             handles.commands.clone(),
         ));
+        let epochs = tokio::spawn(hops::epochs(resolver.clone(), handles.commands.clone()));
         let refresher = tokio::spawn(hops::refresh(
             resolver,
             handles.snapshot.clone(),
@@ -445,7 +446,7 @@ impl Background {
             handles.commands.clone(),
             cfg.cluster.clone(),
         ));
-        let mut tasks = vec![health, adaptive, refresher, sources];
+        let mut tasks = vec![health, adaptive, refresher, epochs, sources];
         if let Some(settings) = cfg.bgp.clone() {
             let announcer = crate::bgp::Announcer {
                 settings,

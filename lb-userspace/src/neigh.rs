@@ -159,10 +159,13 @@ pub struct Resolver {
 
 /// The kernel's route, rule, next-hop, address and link notifications, counted: any one of
 /// them may move a backend's route. `live` is false when they could not be had, or stopped.
+/// Neighbour notifications are not counted (they move no route, and come far more often), but
+/// they, like the rest, wake `any`: the data plane's cached next hops hold MACs.
 #[derive(Default)]
 struct RouteWatch {
     changes: std::sync::atomic::AtomicU64,
     live: AtomicBool,
+    any: tokio::sync::Notify,
 }
 
 /// Routes read at one count of `RouteWatch::changes`, at most `ROUTES_KEPT` ago (a bound in
@@ -196,6 +199,18 @@ impl Resolver {
             routes: Default::default(),
             watch,
         })
+    }
+
+    /// Whether the kernel's route, neighbour, address and link notifications are being had
+    /// (`changed` waits for them).
+    pub fn watching(&self) -> bool {
+        self.watch.live.load(Ordering::Acquire)
+    }
+
+    /// Returns after the kernel's next route, rule, next-hop, neighbour, address or link
+    /// notification (at once if one came since the last call), or when the notifications stop.
+    pub async fn changed(&self) {
+        self.watch.any.notified().await;
     }
 
     /// `route`, from the routes read since the kernel last reported a change that could move
@@ -739,6 +754,7 @@ fn watch_routes(runtime: &tokio::runtime::Handle, watch: std::sync::Arc<RouteWat
         G::Ipv4Rule,
         G::Ipv6Rule,
         G::Nexthop,
+        G::Neigh,
     ];
     let (connection, handle, mut notes) = match rtnetlink::new_multicast_connection(&groups) {
         Ok(c) => c,
@@ -752,10 +768,20 @@ fn watch_routes(runtime: &tokio::runtime::Handle, watch: std::sync::Arc<RouteWat
     runtime.spawn(async move {
         // The connection ends when its last handle goes.
         let _handle = handle;
-        while notes.next().await.is_some() {
-            watch.changes.fetch_add(1, Ordering::AcqRel);
+        while let Some((note, _)) = notes.next().await {
+            use rtnetlink::packet_core::NetlinkPayload::InnerMessage;
+            use rtnetlink::packet_route::RouteNetlinkMessage as M;
+            let neighbour = matches!(
+                note.payload,
+                InnerMessage(M::NewNeighbour(_) | M::DelNeighbour(_) | M::GetNeighbour(_))
+            );
+            if !neighbour {
+                watch.changes.fetch_add(1, Ordering::AcqRel);
+            }
+            watch.any.notify_one();
         }
         watch.live.store(false, Ordering::Release);
+        watch.any.notify_one();
         warn!("route notifications stopped: each refresh reads every backend's route");
     });
 }
@@ -1374,6 +1400,39 @@ mod tests {
     /// A route read once is kept (the refresh then makes no route query per backend) until
     /// the kernel reports a change: a replaced route is read again at once, not after
     /// `ROUTES_KEPT`.
+    #[test]
+    fn a_neighbour_change_wakes_the_watch_and_keeps_the_routes() {
+        let Some(topo) = Topology::new("nwake") else {
+            return;
+        };
+        let a = topo.a.clone();
+        topo.run_in_a(move || async move {
+            let r = Resolver::new().expect("resolver");
+            assert!(r.watching(), "no notifications");
+            ip(&[
+                "-n",
+                &a,
+                "neigh",
+                "replace",
+                GATEWAY4,
+                "lladdr",
+                "02:00:00:00:00:77",
+                "dev",
+                "va",
+                "nud",
+                "permanent",
+            ]);
+            tokio::time::timeout(Duration::from_secs(3), r.changed())
+                .await
+                .expect("a neighbour change wakes the watch");
+            assert_eq!(
+                r.watch.changes.load(Ordering::Acquire),
+                0,
+                "a neighbour change is not a route change: the kept routes stay"
+            );
+        });
+    }
+
     #[test]
     fn a_kept_route_is_read_again_when_the_kernel_reports_a_change() {
         let Some(topo) = Topology::new("kept") else {

@@ -2,7 +2,10 @@
 //! addressed to the backend. The next hop comes from the kernel's FIB (bpf_fib_lookup), never
 //! from configuration: no route passes the packet untouched, an unresolved neighbour passes it
 //! encapsulated so the kernel resolves it. Each CPU caches a backend's next hop (egress, MACs,
-//! route MTU) for NEXT_HOP_TTL_NS: two FIB lookups per packet would cost more than the rest.
+//! route MTU): two FIB lookups per packet would cost more than the rest. A cached hop holds
+//! until the daemon bumps `hop_epoch` (it does on the kernel's route, neighbour, address and
+//! link notifications, at most every 100 ms) or for NEXT_HOP_USES packets, with no clock read
+//! per packet.
 
 use aya_ebpf::{
     bindings::{
@@ -31,9 +34,10 @@ const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_IPV6: u8 = 41;
 const IPPROTO_UDP: u8 = 17;
 
-/// How long a CPU trusts a cached next hop before asking the FIB again: route and neighbour
-/// changes take effect within this.
-const NEXT_HOP_TTL_NS: u64 = 100_000_000;
+/// Packets a CPU sends by a cached next hop before asking the FIB again, whatever the epoch:
+/// the bound on a change the daemon does not report (it is stopped, or lost a notification).
+/// Two FIB lookups per this many packets cost well under a nanosecond each.
+const NEXT_HOP_USES: u32 = 4096;
 
 /// Bytes of UDP + GUE header (version 0, no options) in front of the inner packet.
 const GUE_LEN: usize = 12;
@@ -70,7 +74,7 @@ fn encapsulate_verdict(ctx: &XdpContext, flow: &Flow, slot: u32, backend: &Backe
         cfg.encap_src6[2],
         (variation as u32).to_be(),
     ];
-    let hop = match next_hop(ctx, slot, backend, v4, src4, &src6, &dst) {
+    let hop = match next_hop(ctx, slot, backend, cfg.hop_epoch, v4, src4, &src6, &dst) {
         // SAFETY: a per-CPU map value; nothing else on this CPU touches it meanwhile.
         Ok(hop) => unsafe { &mut *hop },
         Err(verdict) => return verdict,
@@ -158,8 +162,9 @@ fn inner_length(frame: &Frame, flow: &Flow) -> Option<usize> {
     Some(len.min(frame.len() - flow.l3()))
 }
 
-/// The backend's next hop from this CPU's cache, or from the FIB (and then cached). An
-/// unresolved neighbour is not cached: the kernel is resolving it and the next packet asks again.
+/// The backend's next hop from this CPU's cache (learnt in this `epoch`, for this backend
+/// generation, with uses left), or from the FIB (and then cached). An unresolved neighbour is
+/// not cached: the kernel is resolving it and the next packet asks again.
 ///
 /// The answer stays in map memory (the cache slot, or this CPU's HOP_SCRATCH for an unresolved
 /// one) and is used through the pointer: as a value, its MAC bytes took a stack slot each.
@@ -169,17 +174,19 @@ fn next_hop(
     ctx: &XdpContext,
     slot: u32,
     backend: &Backend,
+    epoch: u32,
     v4: bool,
     src4: u32,
     src6: &[u32; 4],
     dst: &[u32; 4],
 ) -> Result<*mut NextHop, Verdict> {
-    let now = crate::clock::now_ns();
     let cached = NEXT_HOPS.get_ptr_mut(slot);
     if let Some(c) = cached
         // SAFETY: per-CPU slot, only this CPU touches it.
-        && unsafe { (*c).expires_ns > now && (*c).generation == backend.generation }
+        && unsafe { (*c).uses != 0 && (*c).epoch == epoch && (*c).generation == backend.generation }
     {
+        // SAFETY: as above.
+        unsafe { (*c).uses -= 1 };
         return Ok(c);
     }
     let no_route = Verdict::Pass(Counter::PassNoRoute);
@@ -193,10 +200,10 @@ fn next_hop(
         Some(c) if resolved => c,
         _ => HOP_SCRATCH.get_ptr_mut(0).ok_or(no_route)?,
     };
-    // SAFETY: a per-CPU slot of either map, only this CPU touches it. Until expires_ns is
-    // written below, a cache slot being refilled is still expired.
+    // SAFETY: a per-CPU slot of either map, only this CPU touches it. Until uses is written
+    // below, a cache slot being refilled is not usable.
     unsafe {
-        (*hop).expires_ns = 0;
+        (*hop).uses = 0;
         fib.result_into(&mut *hop);
         (*hop).generation = backend.generation;
         (*hop).flags = if resolved { HOP_F_RESOLVED } else { 0 };
@@ -212,7 +219,8 @@ fn next_hop(
     // SAFETY: as above.
     unsafe {
         (*hop).mtu = mtu;
-        (*hop).expires_ns = now + NEXT_HOP_TTL_NS;
+        (*hop).epoch = epoch;
+        (*hop).uses = NEXT_HOP_USES;
     }
     Ok(hop)
 }

@@ -88,8 +88,11 @@ impl DataPlane {
             addr_words(b)[0]
         };
         let flag = |on: bool, bit: u32| if on { bit } else { 0 };
-        // Which region trie is in use is the geo loader's to say.
-        let geo_b = self.dp_config.get(&0, 0).map_or(0, |c| c.flags & DP_F_GEO_B);
+        // Which region trie is in use is the geo loader's to say. The next-hop epoch moves on:
+        // routes and neighbours may have changed while no daemon watched them.
+        let current = self.dp_config.get(&0, 0).ok();
+        let geo_b = current.map_or(0, |c| c.flags & DP_F_GEO_B);
+        let hop_epoch = current.map_or(0, |c| c.hop_epoch.wrapping_add(1));
         let value = DataPlaneConfig {
             encap_src4: v4_word(cfg.encap_source4),
             flags: flag(cfg.echo_reply, lb_common::dpconfig::DP_F_ECHO_REPLY)
@@ -103,9 +106,17 @@ impl DataPlane {
             nat_src4: cfg.nat_source4.map_or(0, v4_word),
             flood_limit: lb_common::dpconfig::flood_limit(cfg.flood_guard_per_cpu),
             nat_source_limit: cfg.nat_max_new_per_source,
-            _pad: 0,
+            hop_epoch,
         };
         self.dp_config.set(0, value, 0).map_err(Error::dataplane)
+    }
+
+    /// Moves the next-hop epoch: every CPU asks the FIB again for each backend's next hop
+    /// before it next encapsulates for it.
+    pub fn next_hop_epoch(&mut self) -> Result<()> {
+        let mut cfg = self.dp_config.get(&0, 0).map_err(Error::dataplane)?;
+        cfg.hop_epoch = cfg.hop_epoch.wrapping_add(1);
+        self.dp_config.set(0, cfg, 0).map_err(Error::dataplane)
     }
 
     /// Loads a geo data set atomically: fills the trie not in use (emptied first), flips

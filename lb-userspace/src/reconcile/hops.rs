@@ -99,6 +99,27 @@ async fn relooked(
     found
 }
 
+/// At most how often the data plane's cached next hops are sent back to the FIB: each epoch
+/// makes every CPU look up every backend it forwards to again (two FIB lookups each), and
+/// neighbour notifications come in bursts.
+const EPOCH_EVERY: Duration = Duration::from_millis(100);
+
+/// Has the writer move the data plane's next-hop epoch (`Command::HopEpoch`) after the
+/// kernel reports a route, neighbour, address or link change, at most every `EPOCH_EVERY`
+/// (changes meanwhile are one epoch); without the kernel's notifications, every `EPOCH_EVERY`.
+/// Runs until the writer is gone.
+pub async fn epochs(resolver: Arc<Resolver>, writer: mpsc::Sender<Command>) {
+    loop {
+        if resolver.watching() {
+            resolver.changed().await;
+        }
+        if writer.send(Command::HopEpoch).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(EPOCH_EVERY).await;
+    }
+}
+
 /// Re-reads every backend's next hop; a change (or a backend resolving late) goes to the
 /// writer. Runs until the writer is gone.
 pub async fn refresh(

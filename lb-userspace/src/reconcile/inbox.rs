@@ -116,6 +116,9 @@ pub enum Command {
     },
     /// Next hops looked up again: `None` = no longer resolves.
     Hops(Vec<(IpAddr, Option<NextHop>)>),
+    /// The kernel reported a route, neighbour, address or link change: the data plane's
+    /// cached next hops (IPIP, GUE) are to be looked up again (`DataPlane::next_hop_epoch`).
+    HopEpoch,
     Health(HealthUpdate),
     /// What a backend's agent now says.
     Agent {

@@ -299,6 +299,7 @@ impl Writer {
     async fn pass(&mut self, batch: Vec<Command>) -> bool {
         self.counters.commands += batch.len() as u64;
         let renewing = !batch.is_empty();
+        let batch = self.hop_epochs(batch);
         let batch = sources::latest_reads(self.renew(batch, Instant::now()));
         if renewing && batch.is_empty() {
             return false;
@@ -387,6 +388,8 @@ impl Writer {
                     }
                 }
                 Command::Hops(updates) => hop_updates.extend(updates),
+                // Taken out before the pass (`hop_epochs`).
+                Command::HopEpoch => {}
                 Command::Discovered(report) => {
                     let name = report.service.clone();
                     if self.discovered(report, &mut services, &mut status, now) {

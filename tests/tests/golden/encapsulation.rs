@@ -86,6 +86,73 @@ fn ipip_wraps_the_packet_for_a_routed_backend() {
     });
 }
 
+/// Packets a CPU sends by a cached next hop before it asks the FIB again (`NEXT_HOP_USES` in
+/// lb-ebpf's encap.rs).
+const NEXT_HOP_USES: usize = 4096;
+
+#[test]
+fn a_cached_next_hop_holds_until_the_epoch_moves_or_its_uses_run_out() {
+    in_fresh_ns(|| {
+        // Every run on one CPU: the cache is per CPU, and a thread may move between runs.
+        // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0);
+        }
+        let mut dp = encap_dp();
+        dp.encap_backend(5, &BACKEND4);
+        dp.service_mode(4, 6, &VIP4, 8080, 91, 5, FWD_IPIP);
+        let input = [
+            eth(LB_MAC, CLIENT_MAC, 0x0800),
+            ipv4(6, CLIENT4, VIP4, &tcp(40000, 8080, 2)),
+        ]
+        .concat();
+        let dst = |dp: &lb_tests::fixture::Balancer| {
+            let (verdict, out) = dp.run(&input);
+            assert_eq!(verdict, XDP_REDIRECT);
+            <[u8; 6]>::try_from(&out[..6]).expect("a MAC")
+        };
+        assert_eq!(dst(&dp), ROUTER_MAC);
+        // The router's MAC changes: the kernel knows at once, the cached hop does not, and no
+        // clock expires it (it held for 100 ms before).
+        let moved = [0x02, 0, 0, 0, 0, 0x51];
+        let replace = |mac: &str| {
+            lb_tests::netns::run(std::process::Command::new("ip").args([
+                "neigh",
+                "replace",
+                "10.50.0.2",
+                "lladdr",
+                mac,
+                "dev",
+                "lbt-e",
+                "nud",
+                "permanent",
+            ]))
+            .expect("neigh replace")
+        };
+        replace("02:00:00:00:00:51");
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        assert_eq!(
+            dst(&dp),
+            ROUTER_MAC,
+            "the cached hop is used until the epoch moves"
+        );
+        // The daemon's bump after the kernel's notification.
+        dp.edit_config(|c| c.hop_epoch = c.hop_epoch.wrapping_add(1))
+            .expect("bump");
+        assert_eq!(dst(&dp), moved, "a new epoch looks the hop up again");
+        // With no bump (no daemon), the hop is looked up again after its uses: the first
+        // packet above filled it and used none, so NEXT_HOP_USES more go the old way. All run
+        // on this thread's CPU (test runs are per CPU, the cache too).
+        replace("02:00:00:00:00:50");
+        for i in 0..NEXT_HOP_USES {
+            assert_eq!(dst(&dp), moved, "packet {i} of the cached hop's uses");
+        }
+        assert_eq!(dst(&dp), ROUTER_MAC, "looked up again once its uses ran out");
+    });
+}
+
 #[test]
 fn ipip_without_route_neighbour_or_mtu_is_counted() {
     in_fresh_ns(|| {
