@@ -13,8 +13,10 @@
 //!    ties broken by id. This is a credit scheme: a backend of weight 2 takes two turns for each
 //!    turn of a backend of weight 1, interleaved evenly. A backend's turn times depend only on
 //!    its own weight, so adding or removing a backend does not reorder the others' turns.
-//!    The build generates this order without a heap (see `weighted_turns`); a heap of each
-//!    backend's next turn, one pop per turn, is kept as the reference it is checked against.
+//!    The build generates this order without a heap (see `turn_order`): the order repeats
+//!    every period in which each backend takes `weight / gcd` turns, so one period is sorted
+//!    and replayed. A heap of each backend's next turn, one pop per turn, is kept as the
+//!    reference it is checked against.
 //!
 //! With equal weights this is exactly classic Maglev: round-robin over the backends (sorted by
 //! id), each taking one turn per round until the table is full.
@@ -55,7 +57,7 @@ pub struct MaglevBackend<'a> {
 ///
 /// Cost: O(m log m) slot probes (the table fills up like a coupon collector), the last
 /// sqrt(m / 3) turns a search of the free slots instead (see `Fill`), plus O(m) for the turn
-/// order (a counting sort, see `weighted_turns`).
+/// order (a counting sort of one period, replayed; see `turn_order`).
 pub fn build_table(backends: &[MaglevBackend<'_>], m: u32) -> Vec<u32> {
     build(backends, m, true)
 }
@@ -139,18 +141,17 @@ fn build(backends: &[MaglevBackend<'_>], m: u32, fast: bool) -> Vec<u32> {
         // Unequal weights: the same turn order, a window of it at a time, each window's turns
         // run through the phase probes directly where they lie wholly in one phase.
         let mut turn = 0;
-        weighted_turns(&weights, &quotas, |turns| {
+        turn_order(&weights, &quotas, |turns| {
             let mut rest = turns;
-            while let Some(&(first, _)) = rest.first() {
+            while let Some(&first) = rest.first() {
                 if turn < dense_from {
                     let (now, later) = rest.split_at(rest.len().min((dense_from - turn) as usize));
-                    now.iter().for_each(|&(r, _)| fill.probe(&mut lanes[r as usize]));
+                    now.iter().for_each(|&r| fill.probe(&mut lanes[r as usize]));
                     (turn, rest) = (turn + now.len() as u32, later);
                     fill.sparse -= now.len() as u32;
                 } else if turn < tail_from {
                     let (now, later) = rest.split_at(rest.len().min((tail_from - turn) as usize));
-                    now.iter()
-                        .for_each(|&(r, _)| fill.probe_dense(&mut lanes[r as usize]));
+                    now.iter().for_each(|&r| fill.probe_dense(&mut lanes[r as usize]));
                     (turn, rest) = (turn + now.len() as u32, later);
                     fill.dense -= now.len() as u32;
                 } else {
@@ -166,7 +167,7 @@ fn build(backends: &[MaglevBackend<'_>], m: u32, fast: bool) -> Vec<u32> {
 }
 
 /// The turn order by a heap of each backend's next turn: one pop per turn. The reference the
-/// windowed order (`weighted_turns`) is checked against; `build_table_probing` uses it.
+/// build's order (`turn_order`) is checked against; `build_table_probing` uses it.
 fn heap_turns(weights: &[u32], quotas: &[u64], mut run: impl FnMut(usize)) {
     let mut heap: BinaryHeap<Turn> = weights
         .iter()
@@ -186,6 +187,79 @@ fn heap_turns(weights: &[u32], quotas: &[u64], mut run: impl FnMut(usize)) {
             heap.push(turn);
         }
     }
+}
+
+/// Turns per chunk handed to the build when a short period is replayed: the build's loop over
+/// a chunk has a fixed cost per call.
+const REPLAY_CHUNK: usize = 4096;
+
+/// The heap's turn order (see `Turn`), each turn as its backend's rank, in chunks.
+///
+/// Backend `i`'s turn `k` is due at `k / w_i`. With `g` the weights' gcd, every backend takes
+/// exactly `w_i / g` turns in each period of `1 / g`, at the same offsets in every period, so
+/// the order within a period is the same in all of them. One period (`sum(w_i) / g` turns) is
+/// sorted by `weighted_turns` and replayed: the full periods as they are, the last few, where
+/// quotas run out, with each backend's turns past its quota left out. A quota is the floor or
+/// ceiling of `m * w_i / sum(w)`, so every backend reaches it within about two periods of the
+/// others. Where a period is not much shorter than the table (weights nearly coprime and
+/// large), the whole order is sorted instead.
+fn turn_order(weights: &[u32], quotas: &[u64], mut run: impl FnMut(&[u32])) {
+    let turns: u64 = quotas.iter().sum();
+    let g = weights.iter().fold(0u32, |g, &w| gcd(g, w)).max(1);
+    let reduced: Vec<u32> = weights.iter().map(|&w| w / g).collect();
+    let period: u64 = reduced.iter().map(|&w| u64::from(w)).sum();
+    if period.saturating_mul(4) > turns {
+        weighted_turns(weights, quotas, |ranks, _| run(ranks));
+        return;
+    }
+    let mut order = Vec::with_capacity(period as usize);
+    let one: Vec<u64> = reduced.iter().map(|&w| u64::from(w)).collect();
+    weighted_turns(&reduced, &one, |ranks, _| order.extend_from_slice(ranks));
+    // Periods in which no backend reaches its quota.
+    let full = reduced
+        .iter()
+        .zip(quotas)
+        .map(|(&w, &q)| q / u64::from(w))
+        .min()
+        .unwrap_or(0);
+    // Full periods, as many to a chunk as fit.
+    let per_chunk = (REPLAY_CHUNK / order.len()).max(1) as u64;
+    let chunk: Vec<u32> = order.repeat(per_chunk as usize);
+    let mut left = full;
+    while left > 0 {
+        let n = left.min(per_chunk);
+        run(&chunk[..n as usize * order.len()]);
+        left -= n;
+    }
+    // The rest: each backend's turns counted through the periods, those past its quota left out.
+    let mut taken: Vec<u64> = reduced.iter().map(|&w| full * u64::from(w)).collect();
+    let mut done = full * period;
+    let mut kept = Vec::with_capacity(order.len());
+    while done < turns {
+        kept.clear();
+        for &rank in &order {
+            let r = rank as usize;
+            if taken[r] < quotas[r] {
+                kept.push(rank);
+            }
+            taken[r] += 1;
+        }
+        // Every quota is reached within a few periods, so this ends; a period that kept
+        // nothing would mean quotas summing to more than they do.
+        debug_assert!(!kept.is_empty());
+        if kept.is_empty() {
+            break;
+        }
+        done += kept.len() as u64;
+        run(&kept);
+    }
+}
+
+fn gcd(mut a: u32, mut b: u32) -> u32 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// Keys per turn: `scale` is this times the total weight, so the `m` turns spread over about
@@ -214,8 +288,8 @@ struct Clock {
 /// rank order, so a bucket's turns are in rank order), and a bucket holding different times is
 /// sorted by the exact time. A backend's keys are at least 1 apart (`scale` >= every weight),
 /// so a bucket holds at most one turn per backend. Calls `run` with each window's turns in
-/// order, each as (rank, the backend's turns before it).
-fn weighted_turns(weights: &[u32], quotas: &[u64], mut run: impl FnMut(&[(u32, u32)])) {
+/// order: their ranks, and beside each, how many turns its backend took before it.
+fn weighted_turns(weights: &[u32], quotas: &[u64], mut run: impl FnMut(&[u32], &[u32])) {
     let total: u128 = weights.iter().map(|&w| u128::from(w)).sum();
     // Keys stay below KEYS_PER_TURN * m (a turn's time is below m / total), far inside u64.
     let scale = (total * u128::from(KEYS_PER_TURN)).min(u128::from(u64::MAX)) as u64;
@@ -242,7 +316,8 @@ fn weighted_turns(weights: &[u32], quotas: &[u64], mut run: impl FnMut(&[(u32, u
     let window = (KEYS_PER_TURN * (weights.len() as u64 * 8).max(4096)) as usize;
     let mut counts = vec![0u32; window];
     let mut emitted: Vec<(u32, u32, u32)> = Vec::with_capacity(window);
-    let mut sorted: Vec<(u32, u32)> = Vec::with_capacity(window);
+    let mut ranks: Vec<u32> = Vec::with_capacity(window);
+    let mut taken: Vec<u32> = Vec::with_capacity(window);
     // The buckets that got a second turn, recorded without a branch (a bucket's count reaches
     // two once): only these can need sorting. At most half the window's turns.
     let mut shared = vec![0u32; window];
@@ -280,11 +355,14 @@ fn weighted_turns(weights: &[u32], quotas: &[u64], mut run: impl FnMut(&[(u32, u
         for count in counts.iter_mut() {
             (*count, sum) = (sum, sum + *count);
         }
-        sorted.clear();
-        sorted.resize(emitted.len(), (0, 0));
-        for &(rank, taken, bucket) in &emitted {
+        ranks.clear();
+        ranks.resize(emitted.len(), 0);
+        taken.clear();
+        taken.resize(emitted.len(), 0);
+        for &(rank, k, bucket) in &emitted {
             let at = &mut counts[bucket as usize];
-            sorted[*at as usize] = (rank, taken);
+            ranks[*at as usize] = rank;
+            taken[*at as usize] = k;
             *at += 1;
         }
         // counts[b] is now where bucket b ends; buckets of two or more turns may hold
@@ -292,27 +370,29 @@ fn weighted_turns(weights: &[u32], quotas: &[u64], mut run: impl FnMut(&[(u32, u
         for &bucket in &shared[..nshared] {
             let b = bucket as usize;
             let start = if b == 0 { 0 } else { counts[b - 1] as usize };
-            sort_by_time(&mut sorted[start..counts[b] as usize], weights);
+            let end = counts[b] as usize;
+            sort_by_time(&mut ranks[start..end], &mut taken[start..end], weights);
         }
-        done += sorted.len() as u64;
-        run(&sorted);
+        done += ranks.len() as u64;
+        run(&ranks, &taken);
         base = end;
     }
 }
 
 /// Stable insertion sort of one bucket's turns (each its backend's latest emitted turn, at
 /// most one per backend) by exact time `k / weight`, cross-multiplied in u64 (k < 2^25).
-fn sort_by_time(turns: &mut [(u32, u32)], weights: &[u32]) {
-    let time = |&(rank, k): &(u32, u32)| (u64::from(k), u64::from(weights[rank as usize]));
-    for i in 1..turns.len() {
-        let (k, w) = time(&turns[i]);
+fn sort_by_time(ranks: &mut [u32], taken: &mut [u32], weights: &[u32]) {
+    let time = |rank: u32, k: u32| (u64::from(k), u64::from(weights[rank as usize]));
+    for i in 1..ranks.len() {
+        let (k, w) = time(ranks[i], taken[i]);
         let mut j = i;
         // Strictly later times move up; equal ones keep their (rank) order.
         while j > 0 && {
-            let (k0, w0) = time(&turns[j - 1]);
+            let (k0, w0) = time(ranks[j - 1], taken[j - 1]);
             k0 * w > k * w0
         } {
-            turns.swap(j - 1, j);
+            ranks.swap(j - 1, j);
+            taken.swap(j - 1, j);
             j -= 1;
         }
     }
@@ -977,7 +1057,29 @@ mod tests {
     }
 
     #[test]
-    fn the_windowed_turn_order_is_the_heap_order() {
+    fn the_turn_orders_are_the_heap_order() {
+        // Both the windowed sort of the whole order and the build's (one period sorted and
+        // replayed where periods are short) against the heap, turn for turn.
+        let check = |weights: &[u32], m: u32| {
+            let quotas = apportion(weights, m);
+            let mut heap = Vec::new();
+            heap_turns(weights, &quotas, |rank| heap.push(rank as u32));
+            assert_eq!(heap.len(), m as usize);
+            let mut windowed = Vec::new();
+            let mut taken = vec![0u32; weights.len()];
+            weighted_turns(weights, &quotas, |ranks, ks| {
+                for (&rank, &k) in ranks.iter().zip(ks) {
+                    // Each turn says how many its backend took before it.
+                    assert_eq!(k, taken[rank as usize]);
+                    taken[rank as usize] += 1;
+                    windowed.push(rank);
+                }
+            });
+            assert!(heap == windowed, "windowed: m {m} weights {weights:?}");
+            let mut order = Vec::new();
+            turn_order(weights, &quotas, |ranks| order.extend_from_slice(ranks));
+            assert!(heap == order, "turn_order: m {m} weights {weights:?}");
+        };
         let mut seed = 0x7e1e_5c0b_u64;
         let mut next = |bound: u64| {
             seed ^= seed << 13;
@@ -988,46 +1090,32 @@ mod tests {
         let mut sets = 0;
         for m in [2u32, 13, 251, 1031, 65537, 655_373] {
             for n in [1u64, 2, 3, 7, 100, 1000] {
-                // Weights spread 1..=100, 1..=2, over all of u32, and equal.
-                for bound in [100u64, 2, u64::from(u32::MAX), 1] {
+                // Weights spread 1..=100, the same times 6 (a period of 1/6), 1..=2, over all
+                // of u32, and equal.
+                for (bound, factor) in [(100u64, 1), (100, 6), (2, 1), (u64::from(u32::MAX), 1), (1, 1)] {
                     if m > 65537 && n < 100 {
                         continue;
                     }
-                    let weights: Vec<u32> = (0..n).map(|_| 1 + next(bound) as u32).collect();
-                    let quotas = apportion(&weights, m);
-                    let mut heap = Vec::new();
-                    heap_turns(&weights, &quotas, |rank| heap.push(rank as u32));
-                    let mut windowed = Vec::new();
-                    let mut taken = vec![0u32; weights.len()];
-                    weighted_turns(&weights, &quotas, |turns| {
-                        for &(rank, k) in turns {
-                            // Each turn says how many its backend took before it.
-                            assert_eq!(k, taken[rank as usize]);
-                            taken[rank as usize] += 1;
-                            windowed.push(rank);
-                        }
-                    });
-                    assert_eq!(heap.len(), m as usize);
-                    assert!(heap == windowed, "m {m} n {n} weights {weights:?}");
+                    let weights: Vec<u32> = (0..n)
+                        .map(|_| (1 + next(bound) as u32).saturating_mul(factor))
+                        .collect();
+                    check(&weights, m);
                     sets += 1;
                 }
             }
         }
-        // And extremes: one heavy backend among light ones, weights near u32::MAX.
+        // And extremes: one heavy backend among light ones, weights near u32::MAX, a short
+        // period ending with a partial one (quotas 9362 or 9363 of weight 1 lanes).
         for weights in [
             vec![1, 1000, 1, 1],
             vec![u32::MAX, u32::MAX - 1, 1, 3],
             vec![7; 5],
+            vec![1, 2, 1, 1, 2],
+            vec![4, 6, 10, 2],
         ] {
-            let quotas = apportion(&weights, 65537);
-            let mut heap = Vec::new();
-            heap_turns(&weights, &quotas, |rank| heap.push(rank as u32));
-            let mut windowed = Vec::new();
-            weighted_turns(&weights, &quotas, |turns| {
-                windowed.extend(turns.iter().map(|t| t.0))
-            });
-            assert!(heap == windowed, "weights {weights:?}");
-            sets += 1;
+            check(&weights, 65537);
+            check(&weights, 13);
+            sets += 2;
         }
         eprintln!("{sets} weight sets in heap order");
     }
