@@ -164,6 +164,8 @@ pub struct Resolver {
 #[derive(Default)]
 struct RouteWatch {
     changes: std::sync::atomic::AtomicU64,
+    /// Every notification, neighbours' too.
+    notes: std::sync::atomic::AtomicU64,
     live: AtomicBool,
     any: tokio::sync::Notify,
 }
@@ -205,6 +207,12 @@ impl Resolver {
     /// (`changed` waits for them).
     pub fn watching(&self) -> bool {
         self.watch.live.load(Ordering::Acquire)
+    }
+
+    /// How many route, rule, next-hop, neighbour, address and link notifications the kernel
+    /// has sent; `None` while they are not being had (`watching`).
+    pub fn notifications(&self) -> Option<u64> {
+        self.watching().then(|| self.watch.notes.load(Ordering::Acquire))
     }
 
     /// Returns after the kernel's next route, rule, next-hop, neighbour, address or link
@@ -778,6 +786,7 @@ fn watch_routes(runtime: &tokio::runtime::Handle, watch: std::sync::Arc<RouteWat
             if !neighbour {
                 watch.changes.fetch_add(1, Ordering::AcqRel);
             }
+            watch.notes.fetch_add(1, Ordering::AcqRel);
             watch.any.notify_one();
         }
         watch.live.store(false, Ordering::Release);

@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::future::join_all;
@@ -120,8 +120,41 @@ pub async fn epochs(resolver: Arc<Resolver>, writer: mpsc::Sender<Command>) {
     }
 }
 
+/// The longest a refresh skips reading the kernel's tables while it reports no change: a
+/// notification can be lost (a full socket drops them).
+const READ_AT_LEAST: Duration = Duration::from_secs(30);
+
+/// A refresh's read of the kernel's tables: the count of its notifications before it, the
+/// addresses read, and when.
+struct Read {
+    notes: u64,
+    wanted: Vec<(IpAddr, bool)>,
+    at: Instant,
+}
+
+/// Whether a refresh reads the kernel's tables again. It may skip when the kernel has sent
+/// no notification since the last read (`notes`: `None` when they are not being had), the
+/// same addresses are wanted, every one of them resolved (a backend that has not must be
+/// asked again), and the last read is under `READ_AT_LEAST` old. Pure.
+fn must_read(
+    last: Option<&Read>,
+    notes: Option<u64>,
+    wanted: &[(IpAddr, bool)],
+    resolved: impl Fn(&IpAddr) -> bool,
+    now: Instant,
+) -> bool {
+    let Some((last, notes)) = last.zip(notes) else {
+        return true;
+    };
+    last.notes != notes
+        || last.wanted != wanted
+        || now.duration_since(last.at) >= READ_AT_LEAST
+        || !wanted.iter().all(|(a, _)| resolved(a))
+}
+
 /// Re-reads every backend's next hop; a change (or a backend resolving late) goes to the
-/// writer. Runs until the writer is gone.
+/// writer. A tick with nothing the kernel reported and nothing new to resolve reads nothing
+/// (`must_read`). Runs until the writer is gone.
 pub async fn refresh(
     resolver: Arc<Resolver>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
@@ -130,12 +163,18 @@ pub async fn refresh(
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<Read> = None;
     loop {
         tick.tick().await;
         let snap = snapshot.borrow().clone();
         let wanted = backend_addresses(&snap.services);
         let resolver = &resolver;
         let wanted: Vec<(IpAddr, bool)> = wanted.into_iter().collect();
+        // Counted before the read: a change during it is read at the next tick.
+        let (notes, now) = (resolver.notifications(), Instant::now());
+        if !must_read(last.as_ref(), notes, &wanted, |a| snap.hops.contains_key(a), now) {
+            continue;
+        }
         let results = hops_of(resolver, &wanted, |l2| relooked(resolver, l2)).await;
         let mut changes = Vec::new();
         for (addr, r) in results {
@@ -157,6 +196,11 @@ pub async fn refresh(
                 return;
             }
         }
+        last = notes.map(|notes| Read {
+            notes,
+            wanted,
+            at: now,
+        });
     }
 }
 
@@ -182,4 +226,44 @@ pub fn merge(
     }
     next.retain(|a, _| wanted.contains_key(a) && had.get(a).is_none_or(|l2| wanted.get(a) == Some(l2)));
     next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refresh_reads_only_after_a_notification_a_new_address_an_unresolved_one_or_30_s() {
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let wanted = vec![(a, true), (b, false)];
+        let t0 = Instant::now();
+        let last = Read {
+            notes: 7,
+            wanted: wanted.clone(),
+            at: t0,
+        };
+        let all = |_: &IpAddr| true;
+        let soon = t0 + Duration::from_secs(1);
+        // Nothing reported, the same addresses, all resolved: skipped.
+        assert!(!must_read(Some(&last), Some(7), &wanted, all, soon));
+        // The first read, and every read without notifications.
+        assert!(must_read(None, Some(7), &wanted, all, soon));
+        assert!(must_read(Some(&last), None, &wanted, all, soon));
+        // A notification since.
+        assert!(must_read(Some(&last), Some(8), &wanted, all, soon));
+        // Another address wanted, or one's needs changed (on link now).
+        assert!(must_read(Some(&last), Some(7), &wanted[..1], all, soon));
+        assert!(must_read(
+            Some(&last),
+            Some(7),
+            &[(a, true), (b, true)],
+            all,
+            soon
+        ));
+        // A backend not resolved yet is asked again at each tick.
+        assert!(must_read(Some(&last), Some(7), &wanted, |x| *x != b, soon));
+        // A lost notification is caught within READ_AT_LEAST.
+        assert!(must_read(Some(&last), Some(7), &wanted, all, t0 + READ_AT_LEAST));
+    }
 }
