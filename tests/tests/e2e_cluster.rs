@@ -173,41 +173,59 @@ mod cluster_lab {
         );
         all_answer(&mut held, "after rejoin", &lab);
 
-        // A rolling upgrade of n3: drain, restart (the same instance: it adopts its program and
-        // the BIRD that runs, and stays drained), undrain.
-        let out = lab.daemon(2).cli(&["node", "drain"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // A rolling upgrade, node by node: drain, restart the same instance from the other
+        // build (`lb-flow-v2`: its flow tables are migrated and its program replaced under
+        // the pinned links; it adopts the BIRD that runs and stays drained), undrain.
+        let v2 = lb_tests::lb_flow_v2_bin();
         assert!(
-            lab.wait_next_hops(&all[..2], ROUTER_BOUND),
-            "n3 still announced: {:?}",
-            lab.next_hops()
+            v2.is_file(),
+            "{} is missing: `cargo xtask test` builds it",
+            v2.display()
         );
-        let bird_pid = lab.bird_pid(2);
-        let node = &mut lab.nodes[2];
-        node.daemon
-            .as_mut()
-            .expect("n3")
-            .restart_in(&node.ns)
-            .expect("n3 restarted");
-        let s = lab.daemon(2).json(&["node", "status"]);
-        assert_eq!(
-            s["bgp"]["draining"], true,
-            "the drain did not outlive the restart: {s}"
-        );
-        all_answer(&mut held, "n3 restarted drained", &lab);
-        let out = lab.daemon(2).cli(&["node", "undrain"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert!(
-            lab.wait_next_hops(&all, ROUTER_BOUND),
-            "n3 not back after its upgrade: {:?}",
-            lab.next_hops()
-        );
-        let again = lab.bird_pid(2);
-        assert_eq!(
-            bird_pid, again,
-            "the restarted daemon started a new BIRD instead of adopting it"
-        );
-        all_answer(&mut held, "n3 upgraded", &lab);
+        for i in 0..lab.nodes.len() {
+            let name = format!("n{}", i + 1);
+            let others: Vec<_> = all
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, a)| *a)
+                .collect();
+            let out = lab.daemon(i).cli(&["node", "drain"]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                lab.wait_next_hops(&others, ROUTER_BOUND),
+                "{name} still announced: {:?}",
+                lab.next_hops()
+            );
+            let bird_pid = lab.bird_pid(i);
+            let node = &mut lab.nodes[i];
+            node.daemon
+                .as_mut()
+                .expect("node")
+                .restart_as(&node.ns, &v2)
+                .expect("restarted from the other build");
+            let s = lab.daemon(i).json(&["status"]);
+            assert!(!s["upgrade"].is_null(), "{name}: the start says no upgrade: {s}");
+            let s = lab.daemon(i).json(&["node", "status"]);
+            assert_eq!(
+                s["bgp"]["draining"], true,
+                "{name}: the drain did not outlive the upgrade: {s}"
+            );
+            all_answer(&mut held, &format!("{name} upgraded, drained"), &lab);
+            let out = lab.daemon(i).cli(&["node", "undrain"]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                lab.wait_next_hops(&all, ROUTER_BOUND),
+                "{name} not back after its upgrade: {:?}",
+                lab.next_hops()
+            );
+            assert_eq!(
+                bird_pid,
+                lab.bird_pid(i),
+                "{name}: the upgraded daemon started a new BIRD instead of adopting it"
+            );
+            all_answer(&mut held, &format!("{name} upgraded"), &lab);
+        }
     }
 
     #[test]
