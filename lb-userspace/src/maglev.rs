@@ -138,8 +138,8 @@ fn build(backends: &[MaglevBackend<'_>], m: u32, fast: bool) -> Vec<u32> {
         return fill.table;
     }
     if fast {
-        // Unequal weights: the same turn order, a window of it at a time, each window's turns
-        // run through the phase probes directly where they lie wholly in one phase.
+        // Unequal weights: the same turn order, a chunk of it at a time (`turn_order`), each
+        // chunk's turns run through the phase probes directly where they lie wholly in one phase.
         let mut turn = 0;
         turn_order(&weights, &quotas, |turns| {
             let mut rest = turns;
