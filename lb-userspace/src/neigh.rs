@@ -159,8 +159,8 @@ pub struct Resolver {
 
 /// The kernel's route, rule, next-hop, address and link notifications, counted: any one of
 /// them may move a backend's route. `live` is false when they could not be had, or stopped.
-/// Neighbour notifications are not counted (they move no route, and come far more often), but
-/// they, like the rest, wake `any`: the data plane's cached next hops hold MACs.
+/// Neighbour notifications are not in `changes` (they move no route, and come far more often),
+/// but they are in `notes` and, like the rest, wake `any`: the next hops hold MACs.
 #[derive(Default)]
 struct RouteWatch {
     changes: std::sync::atomic::AtomicU64,

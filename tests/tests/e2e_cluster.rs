@@ -42,6 +42,19 @@ mod cluster_lab {
         );
     }
 
+    /// `lb node VERB` (drain or undrain) on node `i`, then waits (bounded) for the router's
+    /// next hops to be `want`.
+    fn set_drain(lab: &Lab, i: usize, verb: &str, want: &[std::net::Ipv4Addr]) {
+        let out = lab.daemon(i).cli(&["node", verb]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            lab.wait_next_hops(want, ROUTER_BOUND),
+            "n{} {verb}: the router's next hops are {:?}, not {want:?}",
+            i + 1,
+            lab.next_hops()
+        );
+    }
+
     /// A lab of `nodes` nodes (as many backends), every node started and a next hop of the
     /// router's; the nodes' addresses.
     fn tier(nodes: usize, sources: usize, bfd: bool, v6: bool) -> (Lab, Vec<std::net::Ipv4Addr>) {
@@ -95,13 +108,7 @@ mod cluster_lab {
 
         // Drain n1: withdrawn at once, its flows go to n2 and n3 and keep their backends.
         let started = Instant::now();
-        let out = lab.daemon(0).cli(&["node", "drain"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert!(
-            lab.wait_next_hops(&all[1..], ROUTER_BOUND),
-            "n1 still announced: {:?}",
-            lab.next_hops()
-        );
+        set_drain(&lab, 0, "drain", &all[1..]);
         eprintln!("drain: route gone on the router after {:?}", started.elapsed());
         assert!(
             v6_hops(&lab, 2),
@@ -125,13 +132,7 @@ mod cluster_lab {
         assert!(String::from_utf8_lossy(&out.stdout).contains("0 packets/s still arriving"));
 
         // Undrain: announced again, flows spread back.
-        let out = lab.daemon(0).cli(&["node", "undrain"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert!(
-            lab.wait_next_hops(&all, ROUTER_BOUND),
-            "n1 not back: {:?}",
-            lab.next_hops()
-        );
+        set_drain(&lab, 0, "undrain", &all);
         assert!(
             v6_hops(&lab, 3),
             "n1's VIP6 not back: {} next hops",
@@ -190,13 +191,7 @@ mod cluster_lab {
                 .filter(|&(j, _)| j != i)
                 .map(|(_, a)| *a)
                 .collect();
-            let out = lab.daemon(i).cli(&["node", "drain"]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            assert!(
-                lab.wait_next_hops(&others, ROUTER_BOUND),
-                "{name} still announced: {:?}",
-                lab.next_hops()
-            );
+            set_drain(&lab, i, "drain", &others);
             let bird_pid = lab.bird_pid(i);
             let node = &mut lab.nodes[i];
             node.daemon
@@ -212,13 +207,7 @@ mod cluster_lab {
                 "{name}: the drain did not outlive the upgrade: {s}"
             );
             all_answer(&mut held, &format!("{name} upgraded, drained"), &lab);
-            let out = lab.daemon(i).cli(&["node", "undrain"]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            assert!(
-                lab.wait_next_hops(&all, ROUTER_BOUND),
-                "{name} not back after its upgrade: {:?}",
-                lab.next_hops()
-            );
+            set_drain(&lab, i, "undrain", &all);
             assert_eq!(
                 bird_pid,
                 lab.bird_pid(i),

@@ -140,19 +140,16 @@ impl Writer {
 
     /// The next-hop epochs of the batch, taken before the pass: one move of the data plane's
     /// epoch for them all (no plan, no table). The rest of the batch is returned.
-    pub(super) fn hop_epochs(&mut self, batch: Vec<Command>) -> Vec<Command> {
+    pub(super) fn hop_epochs(&mut self, mut batch: Vec<Command>) -> Vec<Command> {
         let before = batch.len();
-        let rest: Vec<Command> = batch
-            .into_iter()
-            .filter(|c| !matches!(c, Command::HopEpoch))
-            .collect();
-        if rest.len() < before {
+        batch.retain(|c| !matches!(c, Command::HopEpoch));
+        if batch.len() < before {
             let mut guard = self.maps.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = guard.dp.next_hop_epoch() {
                 warn!("the data plane's cached next hops were not renewed: {e}");
             }
         }
-        rest
+        batch
     }
 
     /// Heartbeats that only renew a live lease, taken before the pass: they change no table,
